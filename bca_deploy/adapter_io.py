@@ -1,0 +1,242 @@
+"""Adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors``; no pickle anywhere.
+
+``load_adapter`` reads bca-deploy directories and PEFT C3A directories alike, checks the adapter
+against the model it is loaded into (every missing, unexpected or mis-shaped tensor is reported at
+once), and only then changes the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import CONFIG_FILE, KERNEL_SUFFIX, WEIGHTS_FILE, AdapterConfig, read_json
+from .errors import AdapterFormatError, AdapterMismatchError, format_problems
+from .inject import adapter_configs, freeze_base, inject_modules, register_adapter, bca_layers
+from .layers import BCALinear, is_adaptable, layer_dims, layer_type_of
+from .peft_compat import from_peft, is_peft_config, to_peft
+
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "adapter_state",
+    "check_adapter_fits",
+    "write_adapter_dir",
+]
+
+
+def adapter_state(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name``: ``<path>.bca_kernel`` (fp32) and modules_to_save params."""
+    config = adapter_configs(model).get(adapter_name)
+    if config is None:
+        raise ValueError(f"model has no adapter named {adapter_name!r}; it has {sorted(adapter_configs(model))}")
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in bca_layers(model):
+        if adapter_name in layer.bca_kernels:
+            state[name + KERNEL_SUFFIX] = layer.bca_kernels[adapter_name].detach().float().cpu().contiguous()
+    for module_path in config.modules_to_save:
+        module = model.get_submodule(module_path)
+        for pname, param in module.named_parameters():
+            state[f"{module_path}.{pname}"] = param.detach().cpu().contiguous()
+    return state
+
+
+def write_adapter_dir(
+    directory: str | Path, config_dict: dict[str, Any], state: dict[str, torch.Tensor], overwrite: bool = True
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
+
+    Files are written in a temporary directory beside ``directory`` and moved into place with
+    ``os.replace``, so a crash leaves either the old files or the new ones, never half of one.
+    """
+    import json
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AdapterFormatError(f"{directory}: exists and is not a directory")
+    if directory.exists() and not overwrite and any(
+        (directory / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)
+    ):
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(f"{directory}: already holds an adapter; pass overwrite=True to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+        if not directory.exists():
+            os.replace(tmp, directory)
+            return directory
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str = "default",
+    format: str = "bca",
+    task_type: str | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Save adapter ``adapter_name`` of ``model`` to ``directory``.
+
+    Args:
+        model: a model adapted with :func:`bca_deploy.inject` or :func:`load_adapter`.
+        directory: output directory (created; existing adapter files are replaced atomically).
+        adapter_name: which adapter to save.
+        format: ``"bca"`` (bca-deploy format) or ``"peft"`` (PEFT C3A, loadable with
+            ``peft.PeftModel.from_pretrained``; Linear targets only).
+        task_type: PEFT ``task_type`` to record with ``format="peft"`` (e.g. ``"SEQ_CLS"``).
+        overwrite: if False, refuse a directory that already holds an adapter.
+
+    Returns:
+        The directory path.
+    """
+    config = adapter_configs(model).get(adapter_name)
+    if config is None:
+        raise ValueError(f"model has no adapter named {adapter_name!r}; it has {sorted(adapter_configs(model))}")
+    state = adapter_state(model, adapter_name)
+    for key, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"tensor {key} has NaN/Inf values; refusing to save a broken adapter")
+    if format == "bca":
+        return write_adapter_dir(directory, config.to_dict(), state, overwrite=overwrite)
+    if format == "peft":
+        peft_config, peft_state = to_peft(config, state, task_type=task_type)
+        return write_adapter_dir(directory, peft_config, peft_state, overwrite=overwrite)
+    raise ValueError(f"format must be 'bca' or 'peft', got {format!r}")
+
+
+def read_adapter(directory: str | Path, model: nn.Module | None = None) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory (bca-deploy or PEFT C3A) into a config and bca-deploy-keyed tensors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFormatError(f"{directory}: adapter directory not found")
+    data = read_json(directory / CONFIG_FILE)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        hint = " (adapter_model.bin is a pickle; bca-deploy loads safetensors only)" if (directory / "adapter_model.bin").exists() else ""
+        raise AdapterFormatError(f"{weights}: no such file{hint}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise AdapterFormatError(f"{weights}: cannot read safetensors file ({exc})") from exc
+    if is_peft_config(data):
+        layer_types = None
+        if model is not None:
+            layer_types = {n: layer_type_of(m if not isinstance(m, BCALinear) else m.base_layer)
+                           for n, m in model.named_modules() if n and (is_adaptable(m) or isinstance(m, BCALinear))}
+        return from_peft(data, state, layer_types, source=str(directory))
+    return AdapterConfig.from_dict(data, source=str(directory / CONFIG_FILE)), state
+
+
+def check_adapter_fits(
+    config: AdapterConfig, state: dict[str, torch.Tensor], model: nn.Module, source: str = "adapter"
+) -> None:
+    """Raise :class:`AdapterMismatchError` listing every way ``config``/``state`` do not fit ``model``."""
+    problems: list[str] = []
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.base_model_type and model_type and config.base_model_type != model_type:
+        problems.append(f"base model_type is {config.base_model_type!r} but the model is {model_type!r}")
+    for name, spec in sorted(config.modules.items()):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"module {name}: not found in this {type(model).__name__}")
+            continue
+        base = module.base_layer if isinstance(module, BCALinear) else module
+        if not is_adaptable(base):
+            problems.append(f"module {name}: is a {type(base).__name__}, expected a Linear or Conv1D")
+            continue
+        d_in, d_out = layer_dims(base)
+        if (d_in, d_out) != (spec.in_features, spec.out_features):
+            problems.append(
+                f"module {name}: weight {tuple(base.weight.shape)} (in={d_in}, out={d_out}) but the adapter "
+                f"was trained on in={spec.in_features}, out={spec.out_features}"
+            )
+        key = name + KERNEL_SUFFIX
+        if key not in state:
+            problems.append(f"tensor {key}: missing from {WEIGHTS_FILE}")
+        elif tuple(state[key].shape) != spec.kernel_shape:
+            problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, expected {spec.kernel_shape}")
+    for key, tensor in state.items():
+        if key.endswith(KERNEL_SUFFIX):
+            if key[: -len(KERNEL_SUFFIX)] not in config.modules:
+                problems.append(f"tensor {key}: unexpected (its module is not in the config's 'modules')")
+            continue
+        module_path, _, pname = key.rpartition(".")
+        if module_path not in config.modules_to_save:
+            problems.append(f"tensor {key}: unexpected (not a kernel, and {module_path!r} is not in modules_to_save)")
+            continue
+        try:
+            target = model.get_submodule(module_path)
+            param = dict(target.named_parameters())[pname]
+        except (AttributeError, KeyError):
+            problems.append(f"tensor {key}: no such parameter in this {type(model).__name__}")
+            continue
+        if tuple(param.shape) != tuple(tensor.shape):
+            problems.append(f"tensor {key}: shape {tuple(tensor.shape)}, the model's is {tuple(param.shape)}")
+    if problems:
+        raise AdapterMismatchError(format_problems(f"{source} does not fit the model:", problems))
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+) -> nn.Module:
+    """Load a bca-deploy or PEFT C3A adapter directory into ``model`` and return it ready to use.
+
+    The adapter is checked against the model first (model type, module paths, layer shapes, tensor
+    names and shapes); on any mismatch nothing is changed and :class:`AdapterMismatchError` lists
+    every problem. PEFT C3A kernels are converted exactly (layout flip, 1/in_features scale).
+
+    Args:
+        model: the base model (a fresh transformers model, or one already holding other adapters).
+        directory: the adapter directory.
+        adapter_name: name to give the adapter in the model.
+        is_trainable: keep kernels trainable and the model in train mode; default is inference
+            (``model.eval()``, kernels frozen).
+
+    Returns:
+        The same ``model``, adapted.
+    """
+    config, state = read_adapter(directory, model)
+    check_adapter_fits(config, state, model, source=str(directory))
+    inject_modules(model, config.modules, adapter_name=adapter_name, init="zeros")
+    with torch.no_grad():
+        for name, layer in bca_layers(model):
+            key = name + KERNEL_SUFFIX
+            if key in state and adapter_name in layer.bca_kernels:
+                layer.bca_kernels[adapter_name].copy_(state[key].to(torch.float32))
+        for key, tensor in state.items():
+            if key.endswith(KERNEL_SUFFIX):
+                continue
+            module_path, _, pname = key.rpartition(".")
+            param = dict(model.get_submodule(module_path).named_parameters())[pname]
+            param.copy_(tensor.to(param.dtype))
+    register_adapter(model, adapter_name, config)
+    freeze_base(model)
+    if is_trainable:
+        model.train()
+    else:
+        for param in model.parameters():
+            param.requires_grad = False
+        model.eval()
+    return model

@@ -1,0 +1,49 @@
+"""The error hierarchy. Every error subclasses a built-in so callers can catch it the usual way.
+
+Messages name the thing (module path, tensor, shape, file), what came in, what was expected, and
+the fix; validators collect every failure and report them together.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BCAError",
+    "BlockSizeError",
+    "TargetModuleError",
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "OutputExistsError",
+]
+
+
+class BCAError(Exception):
+    """Base class of every error bca-deploy raises on purpose."""
+
+
+class BlockSizeError(BCAError, ValueError):
+    """A block size does not divide a target module's dimensions."""
+
+
+class TargetModuleError(BCAError, ValueError):
+    """A target-module pattern matched nothing, or matched a module that cannot be adapted."""
+
+
+class AdapterFormatError(BCAError, ValueError):
+    """An adapter directory or config is malformed (missing file, bad JSON, unknown version...)."""
+
+
+class AdapterMismatchError(BCAError, ValueError):
+    """An adapter does not fit the model or checkpoint it is applied to."""
+
+
+class OutputExistsError(BCAError, FileExistsError):
+    """An output path exists and overwriting was not asked for."""
+
+
+def format_problems(header: str, problems: list[str], limit: int = 50) -> str:
+    """One message listing every problem found, most important first, capped at ``limit`` lines."""
+    lines = [header]
+    lines += [f"  - {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)

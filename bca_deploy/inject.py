@@ -1,0 +1,327 @@
+"""Find target modules in a model and wrap them in :class:`BCALinear`; enable, disable, remove.
+
+Every check (pattern matched nothing, wrong layer type, block size that does not divide) runs over
+all targets before the model is touched, so a refused call leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, ModuleSpec, block_size_for
+from .errors import BlockSizeError, TargetModuleError, format_problems
+from .layers import BCALinear, block_size_message, is_adaptable, layer_dims, layer_type_of
+
+__all__ = [
+    "inject",
+    "inject_modules",
+    "check_injectable",
+    "match_target_modules",
+    "bca_layers",
+    "adapter_configs",
+    "set_adapter",
+    "enable_adapters",
+    "disable_adapters",
+    "adapters_disabled",
+    "remove_adapters",
+    "trainable_parameters",
+]
+
+_CONFIGS_ATTR = "bca_adapter_configs"
+
+
+def _matches(name: str, target_modules: Sequence[str] | str) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, BCALinear) else module
+
+
+def match_target_modules(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
+    """Paths of the modules selected by ``target_modules``, in model order.
+
+    A list selects modules whose path equals an entry or ends with ``"." + entry`` (``"query"``
+    selects every ``...attention.self.query``); a string is a regex that must match the whole path.
+
+    Raises:
+        TargetModuleError: nothing matched (the message lists the adaptable modules), or a match
+            is not a Linear/Conv1D.
+    """
+    if not target_modules:
+        raise TargetModuleError("target_modules is empty: name the modules to adapt, e.g. ['query', 'value']")
+    names, problems = [], []
+    for name, module in model.named_modules():
+        if isinstance(_parent_module(model, name), BCALinear):
+            continue  # the wrapped base layer itself
+        if not name or not _matches(name, target_modules):
+            continue
+        if not is_adaptable(_base_of(module)):
+            problems.append(
+                f"{name} is a {type(module).__name__}, not a Linear or Conv1D; narrow target_modules"
+            )
+            continue
+        names.append(name)
+    if problems:
+        raise TargetModuleError(format_problems("target_modules selected modules that cannot be adapted:", problems))
+    if not names:
+        adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_adaptable(m)})
+        raise TargetModuleError(
+            f"target_modules {target_modules!r} matched no module of this {type(model).__name__}; "
+            f"its Linear/Conv1D module names are: {', '.join(adaptable) or '(none)'}"
+        )
+    return names
+
+
+def _parent_module(model: nn.Module, name: str) -> nn.Module | None:
+    if not name:
+        return None
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def check_injectable(model: nn.Module, specs: dict[str, ModuleSpec], adapter_name: str = "default") -> None:
+    """Raise if any module in ``specs`` is missing, of the wrong type or shape, or refuses its block size.
+
+    Every problem is collected and reported in one error; the model is not touched.
+    """
+    problems: list[str] = []
+    block_problems: list[str] = []
+    for name, spec in specs.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: no such module in this {type(model).__name__}")
+            continue
+        base = _base_of(module)
+        if not is_adaptable(base):
+            problems.append(f"{name}: is a {type(base).__name__}, expected a Linear or Conv1D")
+            continue
+        if isinstance(module, BCALinear) and adapter_name in module.bca_kernels:
+            problems.append(f"{name}: already has an adapter named {adapter_name!r}")
+            continue
+        d_in, d_out = layer_dims(base)
+        kind = layer_type_of(base)
+        if (d_in, d_out, kind) != (spec.in_features, spec.out_features, spec.layer_type):
+            problems.append(
+                f"{name}: is a {kind} with in_features={d_in}, out_features={d_out}; expected a "
+                f"{spec.layer_type} with in_features={spec.in_features}, out_features={spec.out_features}"
+            )
+            continue
+        p = spec.block_size
+        if p < 1 or d_in % p or d_out % p:
+            block_problems.append(block_size_message(name, d_in, d_out, p))
+    if problems:
+        raise TargetModuleError(format_problems("cannot inject BCA adapters:", problems + block_problems))
+    if block_problems:
+        raise BlockSizeError(format_problems("block size does not fit:", block_problems))
+
+
+def inject_modules(
+    model: nn.Module,
+    specs: dict[str, ModuleSpec],
+    adapter_name: str = "default",
+    init: str = "zeros",
+    init_std: float = 0.02,
+    seed: int | None = None,
+) -> None:
+    """Wrap each module path in ``specs`` (if not already) and add adapter ``adapter_name``.
+
+    All paths, layer types, shapes and block sizes are checked (:func:`check_injectable`) before
+    the model changes.
+    """
+    check_injectable(model, specs, adapter_name)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    for name in sorted(specs):
+        module = model.get_submodule(name)
+        if not isinstance(module, BCALinear):
+            module = BCALinear(module, name=name)
+            _set_submodule(model, name, module)
+        spec = specs[name]
+        module.add_adapter(adapter_name, spec.block_size, spec.scaling, init=init, init_std=init_std,
+                           generator=generator)
+
+
+def inject(
+    model: nn.Module,
+    target_modules: Sequence[str] | str,
+    block_size: int = 64,
+    block_size_pattern: dict[str, int] | None = None,
+    scaling: float = 1.0,
+    init: str = "zeros",
+    init_std: float = 0.02,
+    adapter_name: str = "default",
+    seed: int | None = None,
+    modules_to_save: Sequence[str] = (),
+) -> nn.Module:
+    """Add a block-circulant adapter to the selected Linear/Conv1D modules of ``model`` (in place).
+
+    The base model's parameters are frozen (``requires_grad=False``); only the new kernels and the
+    parameters of ``modules_to_save`` (e.g. a classification head) are trainable.
+
+    Args:
+        model: any ``nn.Module``, typically a transformers model.
+        target_modules: module names matched as path suffixes (``["query", "value"]``) or one regex
+            matched against the full path (``r".*\\.(q|v)_proj"``).
+        block_size: p, the circulant block size; must divide d_in and d_out of every target.
+        block_size_pattern: per-module overrides ``{name or regex: p}`` (PEFT C3A semantics).
+        scaling: ΔW = scaling · BlockCirculant(w).
+        init: ``zeros`` (default; the adapted model equals the base exactly), ``normal``,
+            ``xavier_uniform`` or ``kaiming_uniform``.
+        init_std: std for ``init="normal"``.
+        adapter_name: name of the adapter (a layer can hold several).
+        seed: seed for non-zero inits (kernels are drawn in sorted module order).
+        modules_to_save: module paths (or suffixes) trained and saved whole beside the adapter.
+
+    Returns:
+        The same ``model``, adapted.
+
+    Raises:
+        TargetModuleError: a pattern matched nothing or matched a non-Linear module.
+        BlockSizeError: p does not divide a target (the message lists valid sizes per module).
+    """
+    pattern = dict(block_size_pattern or {})
+    names = match_target_modules(model, target_modules)
+    specs = {}
+    for name in names:
+        d_in, d_out = layer_dims(_base_of(model.get_submodule(name)))
+        specs[name] = ModuleSpec(
+            block_size=block_size_for(name, block_size, pattern),
+            scaling=float(scaling),
+            in_features=d_in,
+            out_features=d_out,
+            layer_type=layer_type_of(_base_of(model.get_submodule(name))),
+        )
+    check_injectable(model, specs, adapter_name)
+    save_paths = _resolve_modules_to_save(model, modules_to_save)
+    config = AdapterConfig(
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        block_size=block_size,
+        block_size_pattern=pattern,
+        scaling=float(scaling),
+        init=init,
+        modules=specs,
+        modules_to_save=save_paths,
+        base_model_type=getattr(getattr(model, "config", None), "model_type", None),
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+    )
+    inject_modules(model, specs, adapter_name=adapter_name, init=init, init_std=init_std, seed=seed)
+    register_adapter(model, adapter_name, config)
+    freeze_base(model)
+    return model
+
+
+def _resolve_modules_to_save(model: nn.Module, modules_to_save: Sequence[str]) -> list[str]:
+    paths: list[str] = []
+    for entry in modules_to_save:
+        found = [n for n, _ in model.named_modules() if n and (n == entry or n.endswith("." + entry))]
+        found = [n for n in found if not isinstance(_parent_module(model, n), BCALinear)]
+        if not found:
+            raise TargetModuleError(f"modules_to_save entry {entry!r} matched no module of this {type(model).__name__}")
+        paths.extend(n for n in found if n not in paths)
+    return paths
+
+
+def register_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig) -> None:
+    """Remember ``config`` on the model so :func:`save_adapter` can write it later."""
+    configs = model.__dict__.setdefault(_CONFIGS_ATTR, {})
+    configs[adapter_name] = config
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The :class:`AdapterConfig` of every adapter injected into ``model``, by adapter name."""
+    return dict(model.__dict__.get(_CONFIGS_ATTR, {}))
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze everything but BCA kernels and the parameters of each adapter's ``modules_to_save``."""
+    trainable_prefixes = tuple(
+        p + "." for cfg in adapter_configs(model).values() for p in cfg.modules_to_save
+    )
+    for name, param in model.named_parameters():
+        param.requires_grad = ".bca_kernels." in f".{name}" or name.startswith(trainable_prefixes)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(adapter kernel parameters that require grad, all other trainable parameters)."""
+    kernels = other = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if ".bca_kernels." in f".{name}":
+            kernels += param.numel()
+        else:
+            other += param.numel()
+    return kernels, other
+
+
+def bca_layers(model: nn.Module) -> Iterator[tuple[str, BCALinear]]:
+    """(path, layer) for every :class:`BCALinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, BCALinear):
+            yield name, module
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapter(s) on every layer that has them (others deactivated)."""
+    wanted = [names] if isinstance(names, str) else list(names)
+    known = set(adapter_configs(model)) | {n for _, layer in bca_layers(model) for n in layer.bca_kernels}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
+    for _, layer in bca_layers(model):
+        layer.set_active_adapters([n for n in wanted if n in layer.bca_kernels])
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Make every adapted layer compute the base layer only (kernels are kept)."""
+    for _, layer in bca_layers(model):
+        layer.adapters_disabled = True
+
+
+def enable_adapters(model: nn.Module) -> None:
+    for _, layer in bca_layers(model):
+        layer.adapters_disabled = False
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``with adapters_disabled(model): base_out = model(x)``; restores the previous state."""
+    previous = {name: layer.adapters_disabled for name, layer in bca_layers(model)}
+    disable_adapters(model)
+    try:
+        yield model
+    finally:
+        for name, layer in bca_layers(model):
+            layer.adapters_disabled = previous.get(name, False)
+
+
+def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Unwrap every :class:`BCALinear` back to its base layer, optionally merging active adapters first.
+
+    With ``merge=True`` this is "merge and unload": the result is a plain model whose weights carry
+    the adapters. Without it, the base weights are restored (unmerged) and the adapters dropped.
+    """
+    for name, layer in list(bca_layers(model)):
+        if merge:
+            layer.merge(keep_original=False)
+        else:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    model.__dict__.pop(_CONFIGS_ATTR, None)
+    return model

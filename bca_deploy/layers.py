@@ -1,0 +1,245 @@
+"""``BCALinear``: a frozen ``nn.Linear`` (or transformers ``Conv1D``) plus named block-circulant adapters.
+
+Each adapter is a kernel tensor of shape (d_out/p, d_in/p, p), fp32 whatever the base dtype, held in
+an ``nn.ParameterDict`` keyed by adapter name. Several active adapters **sum** their deltas (each
+sees the layer's input; none is fed into the next).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .config import INITS, ModuleSpec, valid_block_sizes
+from .errors import BlockSizeError, TargetModuleError
+from .ops import block_circulant_matmul, materialize
+
+__all__ = ["BCALinear", "is_adaptable", "layer_type_of", "layer_dims"]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers is only imported by callers that use it; if it is not loaded, no Conv1D exists.
+    if "transformers" not in sys.modules:
+        return False
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """True for the layer types bca-deploy can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def layer_type_of(module: nn.Module) -> str:
+    """``"linear"`` or ``"conv1d"``; raises :class:`TargetModuleError` for anything else."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if _is_conv1d(module):
+        return "conv1d"
+    raise TargetModuleError(
+        f"{type(module).__name__} cannot be adapted: bca-deploy wraps torch.nn.Linear and "
+        "transformers.pytorch_utils.Conv1D"
+    )
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D (whose weight is stored (in, out))."""
+    if layer_type_of(module) == "conv1d":
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    return int(module.in_features), int(module.out_features)
+
+
+class BCALinear(nn.Module):
+    """A frozen base layer plus named block-circulant adapters.
+
+    ``forward(x) = base(x) + Σ_{a active, not merged} scaling_a · ΔW_a x`` with
+    ΔW_a = materialize(kernel_a), computed by :func:`bca_deploy.ops.block_circulant_matmul`.
+
+    Args:
+        base_layer: the ``nn.Linear`` or ``Conv1D`` to wrap (kept as ``self.base_layer``).
+        name: the module's path in its model, used in error messages.
+    """
+
+    def __init__(self, base_layer: nn.Module, name: str = "") -> None:
+        super().__init__()
+        self.layer_type = layer_type_of(base_layer)
+        self.base_layer = base_layer
+        self.module_name = name
+        self.in_features, self.out_features = layer_dims(base_layer)
+        self.bca_kernels = nn.ParameterDict()
+        self.block_sizes: dict[str, int] = {}
+        self.scalings: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.adapters_disabled = False
+        self.merged_adapters: list[str] = []
+        # Exact copy of the base weight taken at the first merge, so unmerge restores it bit for bit.
+        self._weight_before_merge: torch.Tensor | None = None
+
+    # ---- adapters ---------------------------------------------------------------------------
+
+    def spec(self, adapter_name: str) -> ModuleSpec:
+        return ModuleSpec(
+            block_size=self.block_sizes[adapter_name],
+            scaling=self.scalings[adapter_name],
+            in_features=self.in_features,
+            out_features=self.out_features,
+            layer_type=self.layer_type,
+        )
+
+    def check_block_size(self, block_size: int) -> None:
+        """Raise :class:`BlockSizeError` naming this module if ``block_size`` does not fit it."""
+        if block_size < 1 or self.in_features % block_size or self.out_features % block_size:
+            raise BlockSizeError(block_size_message(self.module_name, self.in_features, self.out_features, block_size))
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        block_size: int,
+        scaling: float = 1.0,
+        init: str = "zeros",
+        init_std: float = 0.02,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Create adapter ``adapter_name`` with fp32 kernels (d_out/p, d_in/p, p) on the base's device.
+
+        ``init``: ``zeros`` (ΔW = 0, the default: the adapted model equals the base model),
+        ``normal`` (std ``init_std``), ``xavier_uniform`` or ``kaiming_uniform`` (bounds from the
+        base layer's fan-in/fan-out, as PEFT's C3A).
+        """
+        if adapter_name in self.bca_kernels:
+            raise ValueError(f"{self.module_name}: adapter {adapter_name!r} already exists")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+        self.check_block_size(block_size)
+        p = block_size
+        device = self.base_layer.weight.device
+        kernel = torch.zeros(self.out_features // p, self.in_features // p, p, dtype=torch.float32)
+        if init == "normal":
+            kernel.normal_(0.0, init_std, generator=generator)
+        elif init == "xavier_uniform":
+            bound = math.sqrt(6.0 / (self.in_features + self.out_features))
+            kernel.uniform_(-bound, bound, generator=generator)
+        elif init == "kaiming_uniform":
+            bound = math.sqrt(1.0 / self.in_features)
+            kernel.uniform_(-bound, bound, generator=generator)
+        self.bca_kernels[adapter_name] = nn.Parameter(kernel.to(device))
+        self.block_sizes[adapter_name] = p
+        self.scalings[adapter_name] = float(scaling)
+        if adapter_name not in self.active_adapters:
+            self.active_adapters.append(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it first")
+        del self.bca_kernels[adapter_name]
+        del self.block_sizes[adapter_name]
+        del self.scalings[adapter_name]
+        if adapter_name in self.active_adapters:
+            self.active_adapters.remove(adapter_name)
+
+    def set_active_adapters(self, names: Iterable[str]) -> None:
+        names = list(names)
+        unknown = [n for n in names if n not in self.bca_kernels]
+        if unknown:
+            raise ValueError(
+                f"{self.module_name}: unknown adapter(s) {unknown}; this layer has {sorted(self.bca_kernels)}"
+            )
+        self.active_adapters = names
+
+    def scaled_kernel(self, adapter_name: str) -> torch.Tensor:
+        """scaling · kernel, (d_out/p, d_in/p, p) fp32. Scaling a kernel scales ΔW by linearity."""
+        kernel = self.bca_kernels[adapter_name]
+        scaling = self.scalings[adapter_name]
+        return kernel if scaling == 1.0 else kernel * scaling
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW of one adapter as a dense fp32 matrix **in the base weight's storage layout**.
+
+        Returns:
+            (d_out, d_in) for ``Linear``; (d_in, d_out) for ``Conv1D``.
+        """
+        with torch.no_grad():
+            kernel = self.bca_kernels[adapter_name].detach()
+            delta = materialize(kernel.float())
+            scaling = self.scalings[adapter_name]
+            if scaling != 1.0:
+                delta = delta * scaling
+        return delta.T if self.layer_type == "conv1d" else delta
+
+    # ---- merge (in place; the model-level API is bca_deploy.merge) -----------------------------
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Iterable[str] | None = None, keep_original: bool = True) -> None:
+        """Add the ΔW of ``adapter_names`` (default: active adapters) into the base weight.
+
+        The sum is formed in fp32 and rounded once to the base dtype. With ``keep_original`` the
+        pre-merge weight is kept so :meth:`unmerge` restores it exactly.
+        """
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                 if n not in self.merged_adapters]
+        if not names:
+            return
+        weight = self.base_layer.weight
+        if keep_original and self._weight_before_merge is None and not self.merged_adapters:
+            self._weight_before_merge = weight.detach().clone()
+        merged = weight.detach().float()
+        for name in names:
+            merged = merged + self.delta_weight(name).to(weight.device)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"{self.module_name}: merging {names} gives non-finite weights (NaN/Inf in the kernels?)")
+        weight.data.copy_(merged.to(weight.dtype))
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Remove every merged ΔW: exact restore if the original was kept, else subtract in fp32."""
+        if not self.merged_adapters:
+            return
+        weight = self.base_layer.weight
+        if self._weight_before_merge is not None:
+            weight.data.copy_(self._weight_before_merge)
+            self._weight_before_merge = None
+        else:
+            restored = weight.detach().float()
+            for name in self.merged_adapters:
+                restored = restored - self.delta_weight(name).to(weight.device)
+            weight.data.copy_(restored.to(weight.dtype))
+        self.merged_adapters = []
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d_in) -> (..., d_out) in the base layer's output dtype."""
+        result = self.base_layer(x)
+        if self.adapters_disabled:
+            if self.merged_adapters:
+                raise RuntimeError(
+                    f"{self.module_name}: adapters are disabled but {self.merged_adapters} are merged into "
+                    "the base weight; unmerge first"
+                )
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            delta = block_circulant_matmul(x, self.scaled_kernel(name))  # (..., d_out), x's dtype
+            result = result + delta.to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(p={self.block_sizes[n]})" for n in self.bca_kernels)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
+
+
+def block_size_message(module_name: str, in_features: int, out_features: int, block_size: int) -> str:
+    valid = valid_block_sizes(in_features, out_features)
+    return (
+        f"block size {block_size} does not divide module {module_name or '<module>'} "
+        f"(in_features={in_features}, out_features={out_features}); "
+        f"valid block sizes for it: {', '.join(map(str, valid))}"
+    )

@@ -1,0 +1,190 @@
+"""PEFT C3A interop: read an adapter saved by ``peft.C3AConfig`` and write one PEFT can load.
+
+PEFT's C3A (peft 0.21) stores ``base_model.model.<path>.c3a_kernel`` of shape (d_out/b, d_in/b, b)
+in **first-row** layout, and its ΔW is scaled by **1/in_features**:
+
+    ΔW_peft = BlockCirculant_first_row(k) / in_features
+
+bca-deploy's ΔW = scaling · BlockCirculant_first_column(w), so ``w = flip_circulant_layout(k)`` and
+``scaling = 1 / in_features`` reproduce it exactly (the kernel values are moved, never rounded).
+Going back, ``k = flip(w) · (scaling · in_features)``, and the multiplication is skipped when that
+factor is 1, so a PEFT → bca-deploy → PEFT round trip is bit-exact.
+
+peft itself is not imported here: conversion works on files and tensors only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import KERNEL_SUFFIX, AdapterConfig, ModuleSpec
+from .errors import AdapterFormatError, format_problems
+from .ops import flip_circulant_layout
+
+__all__ = ["is_peft_config", "from_peft", "to_peft", "PEFT_PREFIX", "PEFT_KERNEL_SUFFIX"]
+
+PEFT_PREFIX = "base_model.model."
+PEFT_KERNEL_SUFFIX = ".c3a_kernel"
+_PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release this writer was verified against
+
+
+def is_peft_config(data: dict[str, Any]) -> bool:
+    return "peft_type" in data
+
+
+def from_peft(
+    peft_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    model_layer_types: dict[str, str] | None = None,
+    source: str = "PEFT adapter",
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Convert a PEFT C3A config + state dict to a bca-deploy config + tensors.
+
+    Args:
+        peft_config: the parsed ``adapter_config.json``.
+        state: the tensors of ``adapter_model.safetensors``.
+        model_layer_types: optional ``{path: "linear"|"conv1d"}`` from the target model (PEFT's C3A
+            only supports Linear, so this only matters for error messages).
+        source: name used in error messages (the directory).
+
+    Returns:
+        (config, tensors) where tensors are keyed as in bca-deploy files: ``<path>.bca_kernel`` in
+        first-column layout, plus ``<module>.<param>`` for PEFT's ``modules_to_save``.
+    """
+    peft_type = peft_config.get("peft_type")
+    if peft_type != "C3A":
+        raise AdapterFormatError(
+            f"{source}: is a PEFT {peft_type} adapter; bca-deploy reads PEFT adapters of type C3A only"
+        )
+    if peft_config.get("bias", "none") != "none":
+        raise AdapterFormatError(
+            f"{source}: bias={peft_config['bias']!r} is not supported (bca-deploy adapters train no biases)"
+        )
+    problems: list[str] = []
+    specs: dict[str, ModuleSpec] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    extra_modules: list[str] = []
+    for key, tensor in state.items():
+        if not key.startswith(PEFT_PREFIX):
+            problems.append(f"tensor {key!r}: expected a name starting with {PEFT_PREFIX!r}")
+            continue
+        path = key[len(PEFT_PREFIX):]
+        if path.endswith(PEFT_KERNEL_SUFFIX):
+            module = path[: -len(PEFT_KERNEL_SUFFIX)]
+            if tensor.ndim != 3:
+                problems.append(f"tensor {key!r}: shape {tuple(tensor.shape)}, expected (d_out/b, d_in/b, b)")
+                continue
+            o, q, b = tensor.shape
+            specs[module] = ModuleSpec(
+                block_size=int(b),
+                scaling=1.0 / (q * b),
+                in_features=int(q * b),
+                out_features=int(o * b),
+                layer_type=(model_layer_types or {}).get(module, "linear"),
+            )
+            tensors[module + KERNEL_SUFFIX] = flip_circulant_layout(tensor.float())
+        else:
+            # modules_to_save: PEFT stores the trained copy under the plain module path.
+            tensors[path] = tensor
+            module = path.rpartition(".")[0]
+            if module not in extra_modules:
+                extra_modules.append(module)
+    if problems:
+        raise AdapterFormatError(format_problems(f"{source}: unexpected tensors in a PEFT C3A adapter:", problems))
+    if not specs:
+        raise AdapterFormatError(f"{source}: no '*{PEFT_KERNEL_SUFFIX}' tensors found; is this a C3A adapter?")
+    target = peft_config.get("target_modules")
+    config = AdapterConfig(
+        target_modules=sorted(target) if isinstance(target, (list, set)) else (target or sorted(specs)),
+        block_size=int(peft_config.get("block_size", next(iter(specs.values())).block_size)),
+        block_size_pattern={k: int(v) for k, v in (peft_config.get("block_size_pattern") or {}).items()},
+        scaling=1.0,
+        init="zeros" if peft_config.get("init_weights") is True else _peft_init_name(peft_config.get("init_weights")),
+        modules=specs,
+        modules_to_save=extra_modules,
+        base_model_type=None,
+        base_model_name_or_path=peft_config.get("base_model_name_or_path"),
+    )
+    return config, tensors
+
+
+def _peft_init_name(init: Any) -> str:
+    return {"gaussian": "normal", "kaiming_uniform": "kaiming_uniform"}.get(init, "xavier_uniform")
+
+
+def to_peft(
+    config: AdapterConfig,
+    tensors: dict[str, torch.Tensor],
+    task_type: str | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Convert a bca-deploy config + tensors to PEFT C3A's ``adapter_config.json`` + state dict.
+
+    Raises:
+        AdapterFormatError: an adapted module is a ``Conv1D`` (PEFT's C3A supports Linear only).
+    """
+    conv = [n for n, s in config.modules.items() if s.layer_type != "linear"]
+    if conv:
+        raise AdapterFormatError(
+            "PEFT's C3A supports torch.nn.Linear only; these adapted modules are Conv1D: " + ", ".join(sorted(conv))
+        )
+    state: dict[str, torch.Tensor] = {}
+    for name, spec in config.modules.items():
+        kernel = tensors[name + KERNEL_SUFFIX].float()
+        factor = spec.scaling * spec.in_features
+        k = flip_circulant_layout(kernel)
+        if abs(factor - 1.0) > 1e-12:
+            k = k * factor
+        state[PEFT_PREFIX + name + PEFT_KERNEL_SUFFIX] = k.contiguous()
+    for key, tensor in tensors.items():
+        if not key.endswith(KERNEL_SUFFIX):
+            state[PEFT_PREFIX + key] = tensor.contiguous()
+    block_sizes = {n: s.block_size for n, s in config.modules.items()}
+    default = max(set(block_sizes.values()), key=list(block_sizes.values()).count)
+    peft_config = {
+        "auto_mapping": None,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "bias": "none",
+        "block_size": default,
+        # Exact paths as targets: PEFT matches a list entry equal to the module path.
+        "block_size_pattern": _peft_block_size_pattern(block_sizes, default),
+        "inference_mode": True,
+        "init_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "peft_type": "C3A",
+        "peft_version": _PEFT_VERSION_WRITTEN,
+        "revision": None,
+        "target_modules": sorted(config.modules),
+        "task_type": task_type,
+    }
+    return peft_config, state
+
+
+def _peft_block_size_pattern(block_sizes: dict[str, int], default: int) -> dict[str, int]:
+    """Per-module overrides PEFT will apply to exactly the intended modules.
+
+    PEFT tests ``re.match(rf".*\\.{key}$", path)``, which needs a dot before the key, so a full path
+    never matches itself; the path minus its first component does, and is escaped so it matches
+    nothing else among the adapted modules.
+    """
+    import re
+
+    pattern: dict[str, int] = {}
+    for name, p in sorted(block_sizes.items()):
+        if p == default:
+            continue
+        head, dot, tail = name.partition(".")
+        if not dot:
+            raise AdapterFormatError(
+                f"module {name!r} is at the top level with block size {p} != default {default}; "
+                "PEFT's block_size_pattern cannot select it"
+            )
+        key = re.escape(tail)
+        clashes = [n for n in block_sizes if n != name and re.match(rf".*\.{key}$", n) and block_sizes[n] != p]
+        if clashes:
+            raise AdapterFormatError(f"cannot write a PEFT block_size_pattern for {name!r}: it would also match {clashes}")
+        pattern[key] = p
+    return pattern

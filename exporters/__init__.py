@@ -1,0 +1,1 @@
+"""ONNX exporters for BCA-adapted models (installed as ``bca_deploy.exporters``)."""

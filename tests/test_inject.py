@@ -1,0 +1,172 @@
+"""Injection into tiny random BERT, Llama and GPT-2 (Conv1D): exactness, freezing, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bca_deploy as bd
+from bca_deploy.errors import BlockSizeError, TargetModuleError
+from bca_deploy.layers import BCALinear
+from conftest import TINY_MODELS, model_output, tiny_bert, tiny_llama
+
+
+def dense_reference(factory, adapted):
+    """A fresh copy of the base model with W0 + ΔW written into each adapted weight (dense math)."""
+    ref = factory()
+    with torch.no_grad():
+        for name, layer in bd.bca_layers(adapted):
+            base = ref.get_submodule(name)
+            for adapter in layer.active_adapters:
+                delta = layer.scalings[adapter] * bd.materialize(layer.bca_kernels[adapter].detach())
+                base.weight += delta.T if layer.layer_type == "conv1d" else delta
+    return ref
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_zero_init_is_bit_exact_base(arch, input_ids):
+    factory, targets, p = TINY_MODELS[arch]
+    base_out = model_output(factory(), input_ids)
+    model = bd.inject(factory(), targets, block_size=p)
+    assert torch.equal(model_output(model, input_ids), base_out)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_nonzero_kernels_equal_dense_delta(arch, input_ids):
+    factory, targets, p = TINY_MODELS[arch]
+    model = bd.inject(factory(), targets, block_size=p, init="normal", init_std=0.1, seed=0, scaling=0.5)
+    out = model_output(model, input_ids)
+    ref = model_output(dense_reference(factory, model), input_ids)
+    base = model_output(factory(), input_ids)
+    assert (out - base).abs().max() > 1e-2  # the adapter really changes the model
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_every_target_wrapped_and_base_frozen():
+    model = bd.inject(tiny_llama(), ["q_proj", "v_proj"], block_size=8)
+    wrapped = dict(bd.bca_layers(model))
+    assert sorted(wrapped) == [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".bca_kernels.default" in n for n in trainable)
+    kernels, other = bd.trainable_parameters(model)
+    # q_proj 32->32, v_proj 32->16 (2 key-value heads of 8): d_out*d_in/p each, 2 layers
+    assert kernels == 2 * (32 * 32 // 8) + 2 * (16 * 32 // 8) and other == 0
+
+
+def test_regex_targets_and_block_size_override():
+    model = bd.inject(tiny_llama(), r".*\.(q|down)_proj", block_size=8,
+                      block_size_pattern={"layers.0.self_attn.q_proj": 4, "down_proj": 16})
+    layers = dict(bd.bca_layers(model))
+    assert set(layers) == {f"model.layers.{i}.{m}" for i in range(2)
+                           for m in ("self_attn.q_proj", "mlp.down_proj")}
+    assert layers["model.layers.0.self_attn.q_proj"].bca_kernels["default"].shape == (8, 8, 4)
+    assert layers["model.layers.1.self_attn.q_proj"].bca_kernels["default"].shape == (4, 4, 8)
+    assert layers["model.layers.0.mlp.down_proj"].bca_kernels["default"].shape == (2, 4, 16)
+
+
+def test_kernels_are_fp32_on_bf16_base(input_ids):
+    model = bd.inject(tiny_llama().to(torch.bfloat16), ["q_proj"], block_size=8, init="normal", seed=0)
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.bca_kernels["default"].dtype == torch.float32
+    assert model(input_ids=input_ids).logits.dtype == torch.bfloat16
+
+
+def test_disable_and_enable(input_ids):
+    base = model_output(tiny_bert(), input_ids)
+    model = bd.inject(tiny_bert(), ["query"], block_size=8, init="normal", init_std=0.1, seed=0)
+    adapted = model_output(model, input_ids)
+    with bd.adapters_disabled(model):
+        assert torch.equal(model_output(model, input_ids), base)
+    assert torch.equal(model_output(model, input_ids), adapted)
+    bd.disable_adapters(model)
+    assert torch.equal(model_output(model, input_ids), base)
+    bd.enable_adapters(model)
+    assert torch.equal(model_output(model, input_ids), adapted)
+
+
+def test_two_active_adapters_sum_their_deltas(input_ids):
+    model = bd.inject(tiny_bert(), ["query", "value"], block_size=8, init="normal", init_std=0.1, seed=0)
+    bd.inject(model, ["query"], block_size=4, init="normal", init_std=0.1, seed=1, adapter_name="second")
+    bd.set_adapter(model, ["default", "second"])
+    out = model_output(model, input_ids)
+    ref = model_output(dense_reference(tiny_bert, model), input_ids)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    bd.set_adapter(model, "second")
+    only_second = model_output(model, input_ids)
+    torch.testing.assert_close(only_second, model_output(dense_reference(tiny_bert, model), input_ids),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        bd.set_adapter(model, "nope")
+
+
+def test_gradients_through_adapted_layers_match_dense(input_ids):
+    """The input gradient flows through ΔWᵀ exactly (PEFT's C3A gets this wrong for p ≥ 3)."""
+    model = bd.inject(tiny_bert(), ["query", "value"], block_size=8, init="normal", init_std=0.1, seed=0)
+    ref = dense_reference(tiny_bert, model).double()
+    model.double()  # float64 so the comparison is about the math, not rounding
+    grads = []
+    for m in (model, ref):
+        embeds = m.embeddings.word_embeddings(input_ids).detach().requires_grad_()
+        m(inputs_embeds=embeds).last_hidden_state.square().sum().backward()
+        grads.append(embeds.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+    kernel = model.get_submodule("encoder.layer.0.attention.self.query").bca_kernels["default"]
+    assert kernel.grad is not None and kernel.grad.abs().sum() > 0
+
+
+def test_remove_adapters_restores_plain_model(input_ids):
+    base = model_output(tiny_llama(), input_ids)
+    model = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", init_std=0.1, seed=0)
+    bd.remove_adapters(model)
+    assert not list(bd.bca_layers(model))
+    assert torch.equal(model_output(model, input_ids), base)
+
+
+# ---- refusals: clear message, model untouched -----------------------------------------------------
+
+
+def test_unknown_target_lists_available_names():
+    model = tiny_llama()
+    with pytest.raises(TargetModuleError) as err:
+        bd.inject(model, ["query"], block_size=8)
+    assert "matched no module" in str(err.value) and "q_proj" in str(err.value)
+    assert not list(bd.bca_layers(model))
+
+
+def test_non_linear_target_refused():
+    with pytest.raises(TargetModuleError, match="LayerNorm.*not a Linear"):
+        bd.inject(tiny_bert(), ["LayerNorm"], block_size=8)
+
+
+def test_block_size_not_dividing_refused_up_front():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BlockSizeError) as err:
+        bd.inject(model, ["q_proj", "gate_proj"], block_size=8, block_size_pattern={"gate_proj": 12})
+    msg = str(err.value)
+    assert "model.layers.0.mlp.gate_proj" in msg and "in_features=32, out_features=64" in msg
+    assert "valid block sizes for it: 1, 2, 4, 8, 16, 32" in msg
+    # nothing was wrapped, not even the q_proj modules that would have fitted
+    assert not list(bd.bca_layers(model))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_empty_targets_refused():
+    with pytest.raises(TargetModuleError, match="empty"):
+        bd.inject(tiny_bert(), [], block_size=8)
+
+
+def test_duplicate_adapter_name_refused():
+    model = bd.inject(tiny_bert(), ["query"], block_size=8)
+    with pytest.raises(TargetModuleError, match="already has an adapter named 'default'"):
+        bd.inject(model, ["query"], block_size=8)
+
+
+def test_unknown_init_refused():
+    with pytest.raises(ValueError, match="init must be one of"):
+        bd.inject(tiny_bert(), ["query"], block_size=8, init="ones")
+
+
+def test_bcalinear_rejects_other_layers():
+    with pytest.raises(TargetModuleError, match="Conv2d cannot be adapted"):
+        BCALinear(torch.nn.Conv2d(2, 2, 1))
