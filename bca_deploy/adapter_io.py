@@ -31,6 +31,7 @@ __all__ = [
     "adapter_state",
     "check_adapter_fits",
     "write_adapter_dir",
+    "convert_adapter",
 ]
 
 
@@ -68,7 +69,7 @@ def write_adapter_dir(
     ):
         from .errors import OutputExistsError
 
-        raise OutputExistsError(f"{directory}: already holds an adapter; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{directory}: already holds an adapter; pass overwrite=True (CLI: --overwrite) to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -240,3 +241,34 @@ def load_adapter(
             param.requires_grad = False
         model.eval()
     return model
+
+
+def convert_adapter(
+    source: str | Path,
+    destination: str | Path,
+    to: str,
+    model: nn.Module | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert an adapter directory between the bca-deploy and PEFT C3A formats, file to file.
+
+    Args:
+        source: a bca-deploy or PEFT C3A adapter directory.
+        destination: the output directory (refused if it holds an adapter, unless ``overwrite``).
+        to: ``"bca"`` or ``"peft"``.
+        model: optional base model; when given, the adapter is checked against it first and the
+            bca-deploy config records its ``model_type``.
+        overwrite: replace an existing adapter in ``destination``.
+    """
+    if to not in ("bca", "peft"):
+        raise ValueError(f"to must be 'bca' or 'peft', got {to!r}")
+    if Path(source).resolve() == Path(destination).resolve():
+        raise ValueError(f"{destination}: the output directory must differ from the source")
+    config, state = read_adapter(source, model)
+    if model is not None:
+        check_adapter_fits(config, state, model, source=str(source))
+        config.base_model_type = config.base_model_type or getattr(getattr(model, "config", None), "model_type", None)
+    if to == "bca":
+        return write_adapter_dir(destination, config.to_dict(), state, overwrite=overwrite)
+    peft_config, peft_state = to_peft(config, state)
+    return write_adapter_dir(destination, peft_config, peft_state, overwrite=overwrite)

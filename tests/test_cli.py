@@ -1,0 +1,57 @@
+"""The click layer: every command has --help; errors are one clean line with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import bca_deploy as bd
+from bca_deploy.cli import main
+from conftest import tiny_llama
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    model = bd.inject(tiny_llama(), ["q_proj", "v_proj"], block_size=8, init="normal", seed=0, scaling=1 / 32)
+    return bd.save_adapter(model, tmp_path / "adapter")
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for name in main.commands:
+        sub = runner.invoke(main, [name, "--help"])
+        assert sub.exit_code == 0, (name, sub.output)
+        assert "Usage:" in sub.output
+
+
+def test_inspect(adapter_dir):
+    result = CliRunner().invoke(main, ["inspect", str(adapter_dir)])
+    assert result.exit_code == 0, result.output
+    assert "base model:   llama" in result.output
+    assert "kernel parameters: 384" in result.output
+    assert "model.layers.1.self_attn.v_proj  linear      32      16     8  0.03125" in result.output
+
+
+def test_convert_to_peft_and_back_is_exact(adapter_dir, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["convert", "--adapter", str(adapter_dir), "--to", "peft", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["convert", "--adapter", str(tmp_path / "p"), "--to", "bca", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    before = load_file(adapter_dir / "adapter_model.safetensors")
+    after = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_existing_output_is_a_clean_error(adapter_dir, tmp_path):
+    runner = CliRunner()
+    args = ["convert", "--adapter", str(adapter_dir), "--to", "peft", "--out", str(tmp_path / "p")]
+    assert runner.invoke(main, args).exit_code == 0
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2
+    assert "already holds an adapter" in result.output and "Traceback" not in result.output
+    assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
