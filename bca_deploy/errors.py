@@ -13,6 +13,7 @@ __all__ = [
     "AdapterFormatError",
     "AdapterMismatchError",
     "OutputExistsError",
+    "NonFiniteError",
 ]
 
 
@@ -34,6 +35,10 @@ class AdapterFormatError(BCAError, ValueError):
 
 class AdapterMismatchError(BCAError, ValueError):
     """An adapter does not fit the model or checkpoint it is applied to."""
+
+
+class NonFiniteError(BCAError, ValueError):
+    """NaN or Inf found in kernels or in a merged weight."""
 
 
 class OutputExistsError(BCAError, FileExistsError):

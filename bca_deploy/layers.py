@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .config import INITS, ModuleSpec, valid_block_sizes
-from .errors import BlockSizeError, TargetModuleError
+from .errors import BlockSizeError, NonFiniteError, TargetModuleError
 from .ops import block_circulant_matmul, materialize
 
-__all__ = ["BCALinear", "is_adaptable", "layer_type_of", "layer_dims"]
+__all__ = ["BCALinear", "dense_delta", "is_adaptable", "layer_type_of", "layer_dims"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -53,6 +53,34 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
         d_in, d_out = module.weight.shape
         return int(d_in), int(d_out)
     return int(module.in_features), int(module.out_features)
+
+
+def dense_delta(kernel: torch.Tensor, spec: ModuleSpec, weight: float = 1.0) -> torch.Tensor:
+    """``weight · spec.scaling · ΔW`` of one module as a dense matrix in the base weight's storage layout.
+
+    This is the one definition of a module's dense delta: ``materialize`` (an exact gather), one fp32
+    multiply by the combined scale, then a transpose for ``Conv1D`` (whose weight is stored (in, out)).
+    :meth:`BCALinear.delta_weight`, the in-memory and the streaming merge all use it.
+
+    Args:
+        kernel: (d_out/p, d_in/p, p), first-column layout, any float dtype (computed in fp32, or fp64
+            if the kernel is fp64).
+        spec: the module's :class:`ModuleSpec` (block size, scaling, dims, layer type).
+        weight: extra factor (the adapter's weight in a weighted merge).
+
+    Returns:
+        (d_out, d_in) for ``linear``, (d_in, d_out) for ``conv1d``; fp32 (fp64 for fp64 kernels).
+    """
+    if tuple(kernel.shape) != spec.kernel_shape:
+        raise ValueError(f"kernel shape {tuple(kernel.shape)} does not match the spec's {spec.kernel_shape}")
+    k = kernel.detach()
+    if k.dtype != torch.float64:
+        k = k.float()
+    delta = materialize(k)  # (d_out, d_in)
+    factor = float(weight) * float(spec.scaling)
+    if factor != 1.0:
+        delta = delta * factor
+    return delta.T if spec.layer_type == "conv1d" else delta
 
 
 class BCALinear(nn.Module):
@@ -165,12 +193,7 @@ class BCALinear(nn.Module):
             (d_out, d_in) for ``Linear``; (d_in, d_out) for ``Conv1D``.
         """
         with torch.no_grad():
-            kernel = self.bca_kernels[adapter_name].detach()
-            delta = materialize(kernel.float())
-            scaling = self.scalings[adapter_name]
-            if scaling != 1.0:
-                delta = delta * scaling
-        return delta.T if self.layer_type == "conv1d" else delta
+            return dense_delta(self.bca_kernels[adapter_name], self.spec(adapter_name))
 
     # ---- merge (in place; the model-level API is bca_deploy.merge) -----------------------------
 
@@ -192,7 +215,10 @@ class BCALinear(nn.Module):
         for name in names:
             merged = merged + self.delta_weight(name).to(weight.device)
         if not torch.isfinite(merged).all():
-            raise ValueError(f"{self.module_name}: merging {names} gives non-finite weights (NaN/Inf in the kernels?)")
+            raise NonFiniteError(
+                f"{self.module_name}: merging {names} gives non-finite weights (NaN/Inf in the kernels?); "
+                "the base weight was left unchanged"
+            )
         weight.data.copy_(merged.to(weight.dtype))
         self.merged_adapters.extend(names)
 

@@ -55,3 +55,27 @@ def test_existing_output_is_a_clean_error(adapter_dir, tmp_path):
     assert result.exit_code == 2
     assert "already holds an adapter" in result.output and "Traceback" not in result.output
     assert runner.invoke(main, args + ["--overwrite"]).exit_code == 0
+
+
+def test_merge_command_matches_in_memory_merge(adapter_dir, tmp_path, input_ids):
+    from transformers import LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    runner = CliRunner()
+    out = tmp_path / "merged"
+    args = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(adapter_dir), "--adapter", str(adapter_dir),
+            "--weight", "0.5", "--weight", "0.25", "--out", str(out), "--no-progress"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    merged = LlamaForCausalLM.from_pretrained(out).eval()
+    adapted = bd.load_adapter(tiny_llama(), adapter_dir)
+    for _, layer in bd.bca_layers(adapted):
+        layer.scalings["default"] *= 0.75  # 0.5 + 0.25 of the same adapter
+    torch.testing.assert_close(merged(input_ids=input_ids).logits, adapted(input_ids=input_ids).logits,
+                               rtol=1e-5, atol=1e-5)
+    again = runner.invoke(main, args)
+    assert again.exit_code == 2 and "exists" in again.output
+    bad = runner.invoke(main, ["merge", "--model", str(tmp_path / "base"), "--adapter", str(adapter_dir),
+                               "--adapter", str(adapter_dir), "--weight", "1.0", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "got 1 --weight for 2 --adapter" in bad.output
+    assert not (tmp_path / "x").exists()
