@@ -1,0 +1,261 @@
+"""Shared helpers for the benchmarks in ``bench/``: machine description, timing, peak memory, writers.
+
+Every benchmark script measures with these helpers and writes ``bench/results/<name>.json`` and
+``bench/results/<name>.md`` through :func:`write_results`, so all results carry the machine they ran on
+and the exact command that produced them.
+
+Memory is measured two ways (see :func:`peak_memory`):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` over the measured call, minus what was allocated before it:
+  the peak of everything the caching allocator handed out during the call (outputs, saved activations,
+  gradients, temporaries).
+* CPU: PyTorch has no CPU peak counter, so the call runs once under ``torch.profiler`` with
+  ``profile_memory=True``; every allocation and free through PyTorch's CPU allocator is recorded with its
+  size and time, and the peak is the maximum of their running sum. Like the CUDA number it counts outputs,
+  saved activations, gradients and temporaries allocated by ATen ops; scratch that a third-party library
+  (e.g. the FFT backend) allocates with its own ``malloc`` is not seen. The profiler slows the call down,
+  so this run is separate from the timed runs.
+
+Both are complemented by :func:`saved_tensor_bytes`, which counts the bytes autograd keeps for the
+backward (unique storages, via ``torch.autograd.graph.saved_tensors_hooks``), split into storages that
+belong to the given inputs/parameters and "extra" ones (activations the method adds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+__all__ = [
+    "RESULTS_DIR",
+    "machine_info",
+    "command_line",
+    "synchronize",
+    "time_fn",
+    "time_interleaved",
+    "peak_memory",
+    "saved_tensor_bytes",
+    "markdown_table",
+    "write_results",
+]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A JSON-able description of the machine a measurement ran on."""
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # other processes on a shared machine slow every measurement down: record how busy it was
+        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cuda_device": None,
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(torch.device(device) if str(device).startswith("cuda") else 0)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def command_line() -> str:
+    """The command that started this process (with its PYTHONPATH, if set), shell-quoted for pasting back."""
+    env = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
+    return env + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued kernels on ``device`` (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {
+        "median_ms": statistics.median(times),
+        "q1_ms": q[0],
+        "q3_ms": q[2],
+        "min_ms": min(times),
+        "repeats": len(times),
+    }
+
+
+def _timed(fn: Callable[[], Any], device: str | torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_fn(
+    fn: Callable[[], Any], device: str | torch.device = "cpu", *, warmup: int = 3, repeats: int = 20
+) -> dict[str, float]:
+    """Wall-clock time of ``fn()`` in milliseconds: median (and quartiles, min) over ``repeats`` runs.
+
+    Each run is synchronized on CUDA before and after, so the time covers the kernels, not just their
+    launch. The median is reported because the machines are shared: it ignores the occasional run that
+    lost its core to another process.
+    """
+    return time_interleaved({"fn": fn}, device, warmup=warmup, repeats=repeats)["fn"]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: str | torch.device = "cpu", *, warmup: int = 3, repeats: int = 20
+) -> dict[str, dict[str, float]]:
+    """Like :func:`time_fn` for several functions, run round-robin (one run of each per round).
+
+    On a shared machine the load changes over a benchmark; interleaving exposes every function to the
+    same conditions, so the ratios between them are fair even when the absolute times drift.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, device))
+    return {name: _summary(t) for name, t in times.items()}
+
+
+def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak bytes allocated by PyTorch during one call of ``fn()``, above what was live before it.
+
+    See the module docstring for how this is measured on CUDA and on CPU and what it does not see.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    events.sort()
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], owned: Iterable[torch.Tensor] = ()) -> dict[str, int]:
+    """Bytes autograd saves for the backward while running ``fn()`` (which should build the graph only).
+
+    Storages are counted once. ``owned`` are tensors whose storage exists anyway (the layer input, the
+    parameters); saved tensors sharing their storage are reported separately from the "extra" ones a
+    method adds to the activation memory.
+    """
+    owned_ptrs = {t.untyped_storage().data_ptr() for t in owned}
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = (storage.nbytes(), storage.data_ptr() in owned_ptrs)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    extra = sum(n for n, is_owned in seen.values() if not is_owned)
+    total = sum(n for n, _ in seen.values())
+    return {"saved_bytes": total, "saved_extra_bytes": extra}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` (dicts), columns in the given order (default: first row's keys)."""
+    if not rows:
+        return "_no rows_\n"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    device: str | torch.device = "cpu",
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+    notes: str = "",
+    extra: dict[str, Any] | None = None,
+    results_dir: Path = RESULTS_DIR,
+) -> tuple[Path, Path]:
+    """Write ``<results_dir>/<name>.json`` and ``<name>.md`` atomically (temp file, then ``os.replace``).
+
+    The JSON holds the rows, the machine description, the command line and ``extra``; the markdown holds
+    a table of the rows (``columns`` selects and orders them), the notes, the machine and the command.
+
+    Returns:
+        The paths of the JSON and markdown files.
+    """
+    machine = machine_info(device)
+    cmd = command_line()
+    payload = {"name": name, "command": cmd, "machine": machine, "rows": list(rows), **(extra or {})}
+    json_path = results_dir / f"{name}.json"
+    md_path = results_dir / f"{name}.md"
+    md = [f"# {title or name}", "", markdown_table(rows, columns)]
+    if notes:
+        md += [notes.strip(), ""]
+    md += ["## Machine", ""]
+    md += [f"- {k}: {v}" for k, v in machine.items() if v is not None]
+    md += ["", "## Command", "", "```", f"cd {Path.cwd()} && {cmd}", "```", ""]
+    _atomic_write(json_path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    _atomic_write(md_path, "\n".join(md))
+    return json_path, md_path
