@@ -180,9 +180,10 @@ def check_adapter_fits(
             if key[: -len(KERNEL_SUFFIX)] not in config.modules:
                 problems.append(f"tensor {key}: unexpected (its module is not in the config's 'modules')")
             continue
-        module_path, _, pname = key.rpartition(".")
-        if module_path not in config.modules_to_save:
-            problems.append(f"tensor {key}: unexpected (not a kernel, and {module_path!r} is not in modules_to_save)")
+        module_path, pname = _split_saved_key(key, config.modules_to_save)
+        if module_path is None:
+            problems.append(f"tensor {key}: unexpected (not a kernel, and not under any of modules_to_save "
+                            f"{config.modules_to_save})")
             continue
         try:
             target = model.get_submodule(module_path)
@@ -194,6 +195,15 @@ def check_adapter_fits(
             problems.append(f"tensor {key}: shape {tuple(tensor.shape)}, the model's is {tuple(param.shape)}")
     if problems:
         raise AdapterMismatchError(format_problems(f"{source} does not fit the model:", problems))
+
+
+def _split_saved_key(key: str, modules_to_save: list[str]) -> tuple[str | None, str]:
+    """('classifier', 'out_proj.weight') for 'classifier.out_proj.weight': the longest saved module owning it."""
+    owners = [m for m in modules_to_save if key.startswith(m + ".")]
+    if not owners:
+        return None, key
+    owner = max(owners, key=len)
+    return owner, key[len(owner) + 1:]
 
 
 def load_adapter(
@@ -229,7 +239,7 @@ def load_adapter(
         for key, tensor in state.items():
             if key.endswith(KERNEL_SUFFIX):
                 continue
-            module_path, _, pname = key.rpartition(".")
+            module_path, pname = _split_saved_key(key, config.modules_to_save)
             param = dict(model.get_submodule(module_path).named_parameters())[pname]
             param.copy_(tensor.to(param.dtype))
     register_adapter(model, adapter_name, config)

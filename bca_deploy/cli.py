@@ -97,6 +97,75 @@ def merge(model_dir: Path, adapters: tuple[Path, ...], weights: tuple[float, ...
     click.echo(f"wrote merged model to {path}")
 
 
+_CASES_HELP = "Validation shapes as BATCHxSEQ, comma-separated (e.g. 1x5,2x11,3x16); default: the exporter's."
+
+
+def _parse_cases(cases: str | None):
+    if not cases:
+        return None
+    parsed = []
+    for item in cases.split(","):
+        try:
+            batch, seq = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not BATCHxSEQ (e.g. 2x16)", param_hint="--cases") from None
+        parsed.append((batch, seq))
+    return parsed
+
+
+@main.command()
+@click.option("--model", "model_dir", type=_EXISTING_DIR, required=True, help="Base transformers model directory.")
+@click.option("--adapter", "adapters", type=_EXISTING_DIR, multiple=True,
+              help="Adapter directory (bca-deploy or PEFT C3A); repeat for several (they sum).")
+@click.option("--merge/--no-merge", default=False, show_default=True,
+              help="Fold the adapters into the weights (a plain graph) or keep them as BCA subgraphs.")
+@click.option("--task", default=None, help="optimum task (feature-extraction, text-classification, "
+              "text-generation-with-past, ...); default: inferred from the model's config.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (unmerged --fft dft needs >= 20).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--fft", type=click.Choice(["matmul", "dft"]), default="matmul", show_default=True,
+              help="Unmerged graphs: transforms as MatMuls with cos/sin bases (fast on CPU, runs on CUDA) or "
+                   "ONNX DFT ops (CPU only in onnxruntime).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider used for validation.")
+@click.option("--cases", default=None, help=_CASES_HELP)
+@click.option("--atol", type=float, default=None, help="Override the validation tolerance (absolute).")
+@click.option("--no-validate", is_flag=True, help="Skip validation (not recommended).")
+@click.option("--out", type=_PATH, required=True, help="Output directory for the ONNX model.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str | None, opset: int | None, dtype: str,
+           fft: str, provider: str, cases: str | None, atol: float | None, no_validate: bool, out: Path,
+           overwrite: bool) -> None:
+    """Export the adapted model to ONNX and validate it against PyTorch under onnxruntime.
+
+    Exits non-zero if any output differs from PyTorch by more than the tolerance; the validated
+    directory loads with optimum.onnxruntime.ORTModelFor*.
+    """
+    from .exporters import export as export_model
+
+    path = export_model(model_dir, out, list(adapters), merge=merge, task=task, opset=opset, dtype=dtype, fft=fft,
+                        overwrite=overwrite, validate=not no_validate, provider=provider,
+                        cases=_parse_cases(cases), atol=atol, verbose=True)
+    click.echo(f"wrote {'merged' if merge else 'unmerged'} ONNX model to {path}")
+
+
+@main.command()
+@click.option("--onnx", "onnx_dir", type=_EXISTING_DIR, required=True, help="An exported ONNX directory.")
+@click.option("--model", "model_dir", type=_EXISTING_DIR, required=True, help="Base transformers model directory.")
+@click.option("--adapter", "adapters", type=_EXISTING_DIR, multiple=True, help="Adapter directories applied in PyTorch.")
+@click.option("--task", default=None, help="optimum task; default: recorded at export or inferred.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--cases", default=None, help=_CASES_HELP)
+@click.option("--atol", type=float, default=None, help="Override the absolute tolerance.")
+def validate(onnx_dir: Path, model_dir: Path, adapters: tuple[Path, ...], task: str | None, provider: str,
+             cases: str | None, atol: float | None) -> None:
+    """Compare an existing ONNX export with the PyTorch model (adapters applied); non-zero exit on failure."""
+    from .exporters import validate as validate_export
+
+    validate_export(onnx_dir, model_dir, list(adapters), task=task, provider=provider, cases=_parse_cases(cases),
+                    atol=atol, verbose=True)
+
+
 @main.command()
 @click.option("--out", type=_PATH, default=Path("bca-demo"), show_default=True, help="Where to write every artefact.")
 @click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,

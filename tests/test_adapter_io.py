@@ -185,3 +185,21 @@ def test_unknown_adapter_name(tmp_path):
     model = bd.inject(tiny_bert(), ["query"], block_size=8)
     with pytest.raises(ValueError, match="no adapter named 'x'"):
         bd.save_adapter(model, tmp_path / "a", adapter_name="x")
+
+
+def test_nested_modules_to_save_round_trip(tmp_path, input_ids):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    def factory():
+        torch.manual_seed(0)
+        return RobertaForSequenceClassification(RobertaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+            max_position_embeddings=64, num_labels=3)).eval()
+
+    model = bd.inject(factory(), ["query"], block_size=8, init="normal", seed=0, modules_to_save=["classifier"])
+    with torch.no_grad():
+        model.classifier.out_proj.weight.normal_()  # nested: classifier.dense and classifier.out_proj
+    bd.save_adapter(model, tmp_path / "a")
+    assert "classifier.out_proj.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    loaded = bd.load_adapter(factory(), tmp_path / "a")
+    assert torch.equal(loaded(input_ids=input_ids + 2).logits, model(input_ids=input_ids + 2).logits)

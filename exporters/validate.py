@@ -1,0 +1,468 @@
+"""Validate an exported graph against the PyTorch model (adapters applied, unmerged) under onnxruntime.
+
+One onnxruntime session runs several (batch, sequence) cases; every graph output of every case is
+compared with PyTorch and reported (max absolute and relative difference, tolerance, pass); all
+failures are collected and raised together as one :class:`ValidationError`. For decoders exported
+with past key values each case has two steps: a prefill with an empty past, then new tokens fed with
+the past each side produced itself, comparing the logits (or hidden states) and every present
+key/value of both steps.
+
+The reference is always the **fp32, unmerged** model: what was trained. So a merged graph is checked
+for its merge too, and an fp16 graph for its rounding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bca_deploy.errors import format_problems
+
+from .errors import UnsupportedExportError, ValidationError
+
+__all__ = [
+    "Tolerance",
+    "TOLERANCES",
+    "DEFAULT_CASES",
+    "Case",
+    "ValidationRow",
+    "ValidationReport",
+    "validate",
+    "validate_model",
+    "onnx_providers",
+    "ONNX_FILE",
+    "METADATA_FILE",
+]
+
+ONNX_FILE = "model.onnx"
+METADATA_FILE = "bca_export.json"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An output passes when ``|onnx − torch| ≤ atol + rtol·|torch|`` element-wise (``numpy.allclose``)."""
+
+    atol: float
+    rtol: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.atol:.0e}" + (f"+{self.rtol:.0e}·|ref|" if self.rtol else "")
+
+
+#: Tolerances by exported dtype, applied to every output (logits, hidden states, present key/values).
+#:
+#: - ``fp32``: 1e-4 absolute. The graph computes what PyTorch computes in the same precision; what is
+#:   left is summation order (GEMM blocking, the DFT as a MatMul vs. an FFT), typically 1e-6..1e-5.
+#: - ``fp16``: 1e-2 absolute + 1e-2 relative. The graph rounds weights and activations to fp16 (11-bit
+#:   mantissa, ~5e-4 relative per rounding) and is compared with the **fp32** model; rounding errors
+#:   add up over layers. The BCA subgraph itself runs in fp32 between Casts. Real fp16 deployments
+#:   should also be judged on task metrics; this catches broken graphs, not the last ulp.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One validation input: ``batch`` rows of ``seq`` tokens; decoders with past then feed ``new_tokens``."""
+
+    batch: int
+    seq: int
+    new_tokens: int = 1
+
+    @classmethod
+    def of(cls, value: Case | Sequence[int]) -> Case:
+        if isinstance(value, Case):
+            return value
+        values = tuple(int(v) for v in value)
+        if len(values) not in (2, 3) or min(values) < 1:
+            raise ValueError(f"a validation case is (batch, seq) or (batch, seq, new_tokens), all >= 1; got {value!r}")
+        return cls(*values)
+
+
+DEFAULT_CASES: tuple[Case, ...] = (Case(1, 5, 1), Case(2, 11, 3), Case(3, 16, 1))
+
+
+@dataclass
+class ValidationRow:
+    output: str
+    case: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: str
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class ValidationReport:
+    """Every compared output of every case. ``str(report)`` is the printable table.
+
+    ``max_rel_diff`` is ``max|onnx − torch| / max|torch|`` over the output: relative to the output's
+    scale, so it stays meaningful where individual values cross zero.
+    """
+
+    onnx_path: str
+    task: str
+    dtype: str
+    provider: str
+    tolerance: str
+    rows: list[ValidationRow] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    @property
+    def failures(self) -> list[ValidationRow]:
+        return [r for r in self.rows if not r.passed]
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((r.max_abs_diff for r in self.rows), default=float("nan"))
+
+    def table(self) -> str:
+        header = ("output", "case", "shape", "max abs diff", "max rel diff", "tolerance", "result")
+        lines = [
+            (r.output, r.case, "x".join(map(str, r.shape)), f"{r.max_abs_diff:.2e}", f"{r.max_rel_diff:.2e}",
+             r.tolerance, ("pass" if r.passed else "FAIL") + (f" ({r.note})" if r.note else ""))
+            for r in self.rows
+        ]
+        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [f"ONNX validation of {self.onnx_path} ({self.task}, {self.dtype}, {self.provider}) vs PyTorch fp32, unmerged adapters",
+               fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*line) for line in lines]
+        verdict = "all passed" if self.passed else f"{len(self.failures)} of {len(self.rows)} FAILED"
+        out.append(f"{len(self.rows)} comparisons, max abs diff {self.max_abs_diff:.2e}: {verdict}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return data
+
+    def raise_for_failures(self) -> None:
+        """Raise :class:`ValidationError` listing every failed comparison (no-op if all passed)."""
+        if self.passed:
+            return
+        problems = [
+            f"{r.output} [{r.case}]: max abs diff {r.max_abs_diff:.3e}, tolerance {r.tolerance}"
+            + (f" ({r.note})" if r.note else "")
+            for r in self.failures
+        ] or ["no output was compared"]
+        raise ValidationError(
+            format_problems(f"{self.onnx_path} does not match PyTorch ({self.task}, {self.dtype}, {self.provider}):",
+                            problems),
+            self,
+        )
+
+
+# ---- onnxruntime ----------------------------------------------------------------------------------
+
+
+def onnx_providers(provider: str) -> list[str]:
+    """onnxruntime execution providers for ``provider`` (``"cpu"`` or ``"cuda"``, with CPU fallback)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UnsupportedExportError(
+                f"provider='cuda' but this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu instead of onnxruntime, or use provider='cpu'"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise UnsupportedExportError(f"provider must be 'cpu' or 'cuda'; got {provider!r}")
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+_PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def _text_inputs(session, config, batch: int, seq: int, rng: np.random.Generator, pad: bool) -> dict[str, np.ndarray]:
+    """Feeds for a no-past graph: random ids, a mask with the last row right-padded when ``pad``."""
+    feeds: dict[str, np.ndarray] = {}
+    vocab = int(getattr(config, "vocab_size", 100))
+    for inp in session.get_inputs():
+        dtype = _NP_TYPES.get(inp.type, np.int64)
+        if inp.name == "input_ids":
+            feeds[inp.name] = rng.integers(0, vocab, size=(batch, seq)).astype(dtype)
+        elif inp.name == "attention_mask":
+            mask = np.ones((batch, seq), dtype=dtype)
+            if pad and batch > 1 and seq > 2:
+                mask[-1, seq - seq // 3:] = 0
+            feeds[inp.name] = mask
+        elif inp.name == "token_type_ids":
+            types = max(int(getattr(config, "type_vocab_size", 1) or 1), 1)
+            feeds[inp.name] = rng.integers(0, types, size=(batch, seq)).astype(dtype)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
+        else:
+            raise UnsupportedExportError(
+                f"validation does not know how to feed graph input {inp.name!r} ({inp.type}, {inp.shape}); "
+                "bca-deploy validates text models (input_ids, attention_mask, token_type_ids, position_ids, past)"
+            )
+    return feeds
+
+
+def _empty_past(session, batch: int) -> dict[str, np.ndarray]:
+    feeds = {}
+    for inp in session.get_inputs():
+        if _PAST.fullmatch(inp.name):
+            shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(inp.shape)]
+            feeds[inp.name] = np.zeros(shape, dtype=_NP_TYPES[inp.type])
+    return feeds
+
+
+def _torch_kwargs(model: nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    accepted = set(inspect.signature(model.forward).parameters)
+    kwargs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()
+              if not _PAST.fullmatch(k) and k in accepted}
+    return kwargs
+
+
+# ---- outputs ------------------------------------------------------------------------------------
+
+
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (key, value) of a transformers cache (``Cache`` object or legacy tuples), cloned."""
+    if cache is None:
+        return []
+    if hasattr(cache, "self_attention_cache"):  # EncoderDecoderCache
+        cache = cache.self_attention_cache
+    if hasattr(cache, "layers"):
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
+    else:
+        pairs = [(kv[0], kv[1]) for kv in cache]
+    return [(k.detach().clone(), v.detach().clone()) for k, v in pairs]
+
+
+def _reference_outputs(out: Any, names: Sequence[str]) -> dict[str, torch.Tensor | None]:
+    cache = _cache_layers(getattr(out, "past_key_values", None)) if any(_PRESENT.fullmatch(n) for n in names) else []
+    refs: dict[str, torch.Tensor | None] = {}
+    for name in names:
+        match = _PRESENT.fullmatch(name)
+        if match:
+            i = int(match.group(1))
+            refs[name] = cache[i][0 if match.group(2) == "key" else 1] if i < len(cache) else None
+        else:
+            value = out.get(name) if hasattr(out, "get") else None
+            refs[name] = value if isinstance(value, torch.Tensor) else None
+    return refs
+
+
+def _compare(name: str, case: str, got: np.ndarray, ref: torch.Tensor | None, tol: Tolerance) -> ValidationRow:
+    if ref is None:
+        return ValidationRow(name, case, tuple(got.shape), float("inf"), float("inf"), str(tol), False,
+                             "PyTorch has no such output")
+    expected = ref.detach().to(torch.float64).cpu().numpy()
+    actual = np.asarray(got, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return ValidationRow(name, case, tuple(actual.shape), float("inf"), float("inf"), str(tol), False,
+                             f"shape {tuple(actual.shape)}, PyTorch {tuple(expected.shape)}")
+    if actual.size == 0:
+        return ValidationRow(name, case, tuple(actual.shape), 0.0, 0.0, str(tol), True)
+    diff = np.abs(actual - expected)
+    max_abs = float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf")
+    scale = float(np.max(np.abs(expected)))
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    finite = bool(np.isfinite(actual).all())
+    passed = finite and bool(np.allclose(actual, expected, atol=tol.atol, rtol=tol.rtol, equal_nan=False))
+    return ValidationRow(name, case, tuple(actual.shape), max_abs, max_rel, str(tol), passed,
+                         "" if finite else "NaN/Inf in ONNX output")
+
+
+# ---- the checks ---------------------------------------------------------------------------------
+
+
+def _graph_dtype(session) -> str:
+    types = {o.type for o in session.get_outputs()}
+    return "fp16" if "tensor(float16)" in types else "fp32"
+
+
+def validate_model(
+    onnx_path: str | Path,
+    reference: nn.Module,
+    task: str,
+    *,
+    dtype: str | None = None,
+    cases: Sequence[Case | Sequence[int]] | None = None,
+    provider: str = "cpu",
+    tolerance: Tolerance | None = None,
+    seed: int = 0,
+) -> ValidationReport:
+    """Compare the graph at ``onnx_path`` with a live PyTorch ``reference`` (adapters applied, unmerged).
+
+    Args:
+        onnx_path: the ``model.onnx`` file.
+        reference: the PyTorch model the graph should reproduce (fp32, in eval mode, on CPU).
+        task: the optimum task it was exported for (``...-with-past`` decoders get two steps).
+        dtype: ``"fp32"`` or ``"fp16"`` (default: read from the graph's output types); picks the
+            tolerance from :data:`TOLERANCES` unless ``tolerance`` is given.
+        cases: ``(batch, seq)`` or ``(batch, seq, new_tokens)`` tuples; default :data:`DEFAULT_CASES`.
+        provider: ``"cpu"`` or ``"cuda"`` (onnxruntime's CUDA execution provider).
+        tolerance: overrides the table.
+        seed: seed of the random token ids.
+
+    Returns:
+        The :class:`ValidationReport` (not raised on failure: call ``report.raise_for_failures()``).
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=onnx_providers(provider))
+    dtype = dtype or _graph_dtype(session)
+    if dtype not in TOLERANCES:
+        raise UnsupportedExportError(f"dtype must be one of {', '.join(TOLERANCES)}; got {dtype!r}")
+    tol = tolerance or TOLERANCES[dtype]
+    report = ValidationReport(str(onnx_path), task, dtype, provider, str(tol))
+    output_names = [o.name for o in session.get_outputs()]
+    with_past = any(_PAST.fullmatch(i.name) for i in session.get_inputs())
+    rng = np.random.default_rng(seed)
+    config = getattr(reference, "config", None)
+    reference = reference.eval()
+    for case in (Case.of(c) for c in (cases or DEFAULT_CASES)):
+        label = f"b={case.batch} s={case.seq}"
+        with torch.inference_mode():
+            if not with_past:
+                feeds = _text_inputs(session, config, case.batch, case.seq, rng, pad=True)
+                kwargs = _torch_kwargs(reference, feeds)
+                if "use_cache" in inspect.signature(reference.forward).parameters:
+                    # graphs without past inputs may still output the present key/values
+                    kwargs["use_cache"] = any(_PRESENT.fullmatch(n) for n in output_names)
+                got = session.run(output_names, feeds)
+                refs = _reference_outputs(reference(**kwargs), output_names)
+                report.rows += [_compare(n, label, g, refs[n], tol) for n, g in zip(output_names, got, strict=True)]
+                continue
+            # step 1: prefill with an empty past
+            non_past = [i for i in session.get_inputs() if not _PAST.fullmatch(i.name)]
+            feeds = _text_inputs(_InputsView(non_past), config, case.batch, case.seq, rng, pad=False)
+            feeds.update(_empty_past(session, case.batch))
+            kwargs = _torch_kwargs(reference, feeds)
+            out = reference(**kwargs, use_cache=True)
+            refs = _reference_outputs(out, output_names)
+            got = session.run(output_names, feeds)
+            report.rows += [_compare(n, f"{label} step 1", g, refs[n], tol) for n, g in zip(output_names, got, strict=True)]
+            # step 2: new tokens with the past each side computed
+            n_new, total = case.new_tokens, case.seq + case.new_tokens
+            feeds2 = _text_inputs(_InputsView(non_past), config, case.batch, n_new, rng, pad=False)
+            if "attention_mask" in feeds2:
+                feeds2["attention_mask"] = np.ones((case.batch, total), dtype=feeds2["attention_mask"].dtype)
+            if "position_ids" in feeds2:
+                feeds2["position_ids"] = feeds2["position_ids"] + case.seq
+            for name, value in zip(output_names, got, strict=True):
+                match = _PRESENT.fullmatch(name)
+                if match:
+                    feeds2[f"past_key_values.{match.group(1)}.{match.group(2)}"] = value
+            kwargs2 = _torch_kwargs(reference, feeds2)
+            out2 = reference(**kwargs2, past_key_values=out.past_key_values, use_cache=True)
+            refs2 = _reference_outputs(out2, output_names)
+            got2 = session.run(output_names, feeds2)
+            label2 = f"{label} step 2 (+{n_new})"
+            report.rows += [_compare(n, label2, g, refs2[n], tol) for n, g in zip(output_names, got2, strict=True)]
+    return report
+
+
+class _InputsView:
+    """A session stand-in exposing a subset of its inputs to :func:`_text_inputs`."""
+
+    def __init__(self, inputs):
+        self._inputs = inputs
+
+    def get_inputs(self):
+        return self._inputs
+
+
+def _read_metadata(onnx_dir: Path) -> dict[str, Any]:
+    path = onnx_dir / METADATA_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def validate(
+    onnx_dir: str | Path,
+    model_dir: str | Path,
+    adapter_dirs: Sequence[str | Path] = (),
+    *,
+    task: str | None = None,
+    dtype: str | None = None,
+    cases: Sequence[Case | Sequence[int]] | None = None,
+    provider: str = "cpu",
+    atol: float | None = None,
+    rtol: float | None = None,
+    raise_on_failure: bool = True,
+    verbose: bool = True,
+) -> ValidationReport:
+    """Validate an exported directory against the PyTorch model built from ``model_dir`` + ``adapter_dirs``.
+
+    The reference is loaded in fp32 with every adapter applied and **unmerged**, whatever the export
+    did; the graph runs under onnxruntime on each case (see :func:`validate_model`).
+
+    Args:
+        onnx_dir: a directory written by :func:`bca_deploy.exporters.export` (or optimum) holding
+            ``model.onnx``.
+        model_dir: the base model (a transformers checkpoint directory).
+        adapter_dirs: the adapters the graph was exported with, in the same order.
+        task: default: from ``bca_export.json`` in ``onnx_dir``, else inferred from ``model_dir``.
+        dtype: ``"fp32"``/``"fp16"``; default: from the graph. Selects the tolerance in :data:`TOLERANCES`.
+        cases: validation shapes; default :data:`DEFAULT_CASES` ((1, 5), (2, 11), (3, 16)).
+        provider: ``"cpu"`` or ``"cuda"``.
+        atol, rtol: override the tolerance table.
+        raise_on_failure: raise :class:`ValidationError` if any comparison fails.
+        verbose: print the table.
+
+    Returns:
+        The :class:`ValidationReport`.
+
+    Raises:
+        ValidationError: some output differs beyond tolerance or has the wrong shape (with
+            ``raise_on_failure``); ``err.report`` holds every row.
+    """
+    from .loading import load_model, resolve_task
+
+    onnx_dir = Path(onnx_dir)
+    onnx_path = onnx_dir / ONNX_FILE if onnx_dir.is_dir() else onnx_dir
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: no ONNX model there (expected {ONNX_FILE} in an export directory)")
+    metadata = _read_metadata(onnx_path.parent)
+    task = task or metadata.get("task")
+    task, _ = resolve_task(model_dir, task)
+    tolerance = None
+    if atol is not None or rtol is not None:
+        base = TOLERANCES.get(dtype or metadata.get("dtype") or "fp32", TOLERANCES["fp32"])
+        tolerance = Tolerance(atol=base.atol if atol is None else atol, rtol=base.rtol if rtol is None else rtol)
+    reference = load_model(model_dir, task, adapter_dirs)
+    report = validate_model(onnx_path, reference, task, dtype=dtype, cases=cases, provider=provider,
+                            tolerance=tolerance)
+    if verbose:
+        print(report.table())
+    if raise_on_failure:
+        report.raise_for_failures()
+    return report

@@ -1,0 +1,131 @@
+"""Tiny random transformers models, BCA adapters and shared exports for the exporter tests.
+
+The fixtures ``tiny`` and ``exported`` live here, not in a ``conftest.py``: ``tests/conftest.py`` is
+imported by other test modules as ``conftest``, and a second ``conftest.py`` in this folder would
+shadow it. Test modules import the fixtures they use (``from exporters_helpers import exported, tiny``);
+the caches are module-level, so each model is written and each export is done once per session.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from bca_deploy import inject, save_adapter
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """One architecture under test: how to build it, what to adapt, which task to export."""
+
+    name: str
+    task: str
+    targets: tuple[str, ...]
+    block_size: int = 8
+    block_size_pattern: dict[str, int] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
+    adapter_format: str = "bca"
+    second_adapter: tuple[str, ...] = ()  # targets of a second adapter (p=16), exported together with the first
+
+
+VARIANTS = ("merged", "dft", "matmul")  # merged graph; unmerged with DFT-20 nodes; unmerged with MatMul DFTs
+
+SPECS = {
+    "bert": TinySpec("bert", "feature-extraction", ("query", "value", "intermediate.dense"), block_size_pattern={"value": 16}),
+    "roberta": TinySpec("roberta", "text-classification", ("query", "key", "value"), modules_to_save=("classifier.out_proj",)),
+    "llama": TinySpec("llama", "text-generation-with-past",
+                      ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                      second_adapter=("q_proj", "v_proj")),
+    "qwen2": TinySpec("qwen2", "text-generation-with-past", ("q_proj", "k_proj", "v_proj", "o_proj"), adapter_format="peft"),
+    "gpt2": TinySpec("gpt2", "text-generation-with-past", ("c_attn", "c_proj", "c_fc")),
+}
+
+
+def build_model(name: str) -> torch.nn.Module:
+    """A 2-layer random model with hidden size 32, vocabulary 128 (seeded: the same every time)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "bert":
+        cfg = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64)
+        return tf.BertModel(cfg, add_pooling_layer=False)
+    if name == "roberta":
+        cfg = tf.RobertaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=66, num_labels=3)
+        return tf.RobertaForSequenceClassification(cfg)
+    if name == "llama":
+        cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return tf.LlamaForCausalLM(cfg)
+    if name == "qwen2":
+        cfg = tf.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return tf.Qwen2ForCausalLM(cfg)
+    if name == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        return tf.GPT2LMHeadModel(cfg)
+    raise KeyError(name)
+
+
+def write_model_and_adapters(name: str, root: Path) -> tuple[Path, list[Path]]:
+    """Save the base model and its adapter(s) (non-zero kernels) under ``root``; return their directories."""
+    spec = SPECS[name]
+    model_dir, adapter_dirs = root / "model", [root / "adapter"]
+    model = build_model(name)
+    model.save_pretrained(model_dir)
+    inject(model, list(spec.targets), block_size=spec.block_size, block_size_pattern=dict(spec.block_size_pattern),
+           init="normal", init_std=0.05, seed=0, modules_to_save=list(spec.modules_to_save))
+    if spec.modules_to_save:  # make the saved head differ from the checkpoint's, so loading it matters
+        with torch.no_grad():
+            for path in spec.modules_to_save:
+                for param in model.get_submodule(path).parameters():
+                    param.add_(0.1)
+    save_adapter(model, adapter_dirs[0], format=spec.adapter_format)
+    if spec.second_adapter:
+        inject(model, list(spec.second_adapter), block_size=16, init="normal", init_std=0.05, seed=1,
+               adapter_name="second")
+        adapter_dirs.append(root / "adapter_second")
+        save_adapter(model, adapter_dirs[1], adapter_name="second")
+    return model_dir, adapter_dirs
+
+
+_MODELS: dict[str, tuple[Path, list[Path]]] = {}
+_EXPORTS: dict[tuple[str, str], Path] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """``tiny(name) -> (model_dir, adapter_dirs)``: a saved tiny model and its adapter directories."""
+
+    def get(name: str) -> tuple[Path, list[Path]]:
+        if name not in _MODELS:
+            _MODELS[name] = write_model_and_adapters(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+        return _MODELS[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(tiny, tmp_path_factory):
+    """``exported(name, variant) -> out_dir``: the validated export of a tiny model (done once per session)."""
+    from bca_deploy.exporters import export
+
+    def get(name: str, variant: str) -> Path:
+        key = (name, variant)
+        if key not in _EXPORTS:
+            model_dir, adapter_dirs = tiny(name)
+            out = tmp_path_factory.mktemp(f"onnx-{name}-{variant}") / "onnx"
+            merge = variant == "merged"
+            _EXPORTS[key] = export(model_dir, out, adapter_dirs, merge=merge, fft="matmul" if merge else variant,
+                                   task=SPECS[name].task, verbose=False)
+        return _EXPORTS[key]
+
+    return get

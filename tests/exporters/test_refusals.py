@@ -1,0 +1,145 @@
+"""Refusals: each comes before anything is written, with a message that says what would work."""
+
+from __future__ import annotations
+
+import pytest
+
+from bca_deploy.errors import AdapterMismatchError, BCAError, OutputExistsError
+from bca_deploy.exporters import (
+    RuntimeVersionError,
+    UnsupportedExportError,
+    ValidationError,
+    export,
+    supported_tasks,
+    validate,
+)
+from bca_deploy.exporters.export import check_runtime
+from exporters_helpers import exported, tiny  # noqa: F401  (fixtures)
+
+
+def _siblings(path):
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_unsupported_architecture_lists_what_optimum_exports(tmp_path):
+    from transformers import CTRLConfig
+
+    CTRLConfig(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "ctrl")
+    with pytest.raises(UnsupportedExportError, match=r"cannot export model_type 'ctrl'.*llama") as err:
+        export(tmp_path / "ctrl", tmp_path / "out", merge=True)
+    assert isinstance(err.value, BCAError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_task_lists_the_architecture_tasks(tiny, tmp_path):
+    model_dir, adapters = tiny("bert")
+    with pytest.raises(UnsupportedExportError) as err:
+        export(model_dir, tmp_path / "out", adapters, merge=True, task="text-generation-with-past")
+    message = str(err.value)
+    assert "'text-generation-with-past'" in message and "feature-extraction" in message and "fill-mask" in message
+    assert supported_tasks("bert") == sorted(supported_tasks("bert"))
+
+
+def test_encoder_decoder_is_refused(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64).save_pretrained(tmp_path / "t5")
+    with pytest.raises(UnsupportedExportError, match="encoder-decoder"):
+        export(tmp_path / "t5", tmp_path / "out", merge=True)
+
+
+def test_old_onnxruntime_is_refused_for_dft_only(monkeypatch, tiny, tmp_path):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.26.1")
+    model_dir, adapters = tiny("llama")
+    with pytest.raises(RuntimeVersionError, match=r"1\.27.*fft='matmul'"):
+        export(model_dir, tmp_path / "out", adapters, merge=False, fft="dft")
+    assert not (tmp_path / "out").exists()
+    check_runtime("matmul", validate=True)  # MatMul transforms run on any version
+    check_runtime(None, validate=True)
+
+
+def test_adapter_that_does_not_fit_surfaces_before_writing(tiny, tmp_path):
+    model_dir, _ = tiny("qwen2")
+    _, llama_adapters = tiny("llama")
+    with pytest.raises(AdapterMismatchError, match="model_type"):
+        export(model_dir, tmp_path / "out", llama_adapters[:1], merge=False)
+    assert _siblings(tmp_path / "out") == []
+
+
+def test_existing_output_needs_overwrite(exported, tiny, tmp_path):
+    model_dir, adapters = tiny("gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        export(model_dir, out, adapters, merge=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    export(model_dir, out, adapters, merge=True, overwrite=True, verbose=False, cases=[(1, 3, 1)])
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert _siblings(out) == ["out"]  # no temporary directory left beside it
+    with pytest.raises(OutputExistsError, match="input"):
+        export(model_dir, model_dir, adapters, merge=True, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(merge=False, fft="dft", opset=18), r"opset 18 is too low.*>= 20"),
+        (dict(merge=False, fft="matmul", opset=11), r"opset 11 is too low.*>= 13"),
+        (dict(merge=True, opset=21), r"opset 21 is above 20"),
+        (dict(merge=True, dtype="bf16"), r"dtype must be one of fp32, fp16"),
+        (dict(merge=False, fft="cufft"), r"fft must be one of dft, matmul"),
+        (dict(merge=True, provider="tpu"), r"provider must be 'cpu' or 'cuda'"),
+    ],
+)
+def test_bad_arguments(tiny, tmp_path, kwargs, match):
+    model_dir, adapters = tiny("llama")
+    with pytest.raises(UnsupportedExportError, match=match):
+        export(model_dir, tmp_path / "out", adapters, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unmerged_without_adapters_is_refused(tiny, tmp_path):
+    model_dir, _ = tiny("llama")
+    with pytest.raises(UnsupportedExportError, match="at least one adapter"):
+        export(model_dir, tmp_path / "out", [], merge=False)
+
+
+def test_cuda_provider_without_cuda_ep(monkeypatch, tiny, tmp_path):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    model_dir, adapters = tiny("llama")
+    with pytest.raises(UnsupportedExportError, match="onnxruntime-gpu"):
+        export(model_dir, tmp_path / "out", adapters, merge=True, provider="cuda")
+
+
+def test_validation_catches_a_graph_without_the_adapters(exported, tiny):
+    """The merged Llama graph against the base model alone: every output fails, all reported at once."""
+    out = exported("llama", "merged")
+    model_dir, _ = tiny("llama")
+    with pytest.raises(ValidationError) as err:
+        validate(out, model_dir, [], cases=[(1, 5, 1)], verbose=False)
+    report = err.value.report
+    assert len(report.failures) == len(report.rows) == 10
+    assert "logits [b=1 s=5 step 1]" in str(err.value) and "present.1.value [b=1 s=5 step 2 (+1)]" in str(err.value)
+    assert "FAIL" in report.table()
+
+
+def test_failed_validation_leaves_nothing(tiny, tmp_path):
+    model_dir, adapters = tiny("gpt2")
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError) as err:  # atol=0: float summation order alone fails it
+        export(model_dir, out, adapters, merge=False, fft="matmul", atol=0.0, verbose=False, cases=[(1, 4, 1)])
+    assert err.value.report.failures
+    assert _siblings(out) == []
+
+
+def test_task_head_missing_from_the_checkpoint_is_refused(tiny, tmp_path):
+    """A BertModel checkpoint exported for text-classification would get a random classifier."""
+    model_dir, adapters = tiny("bert")
+    with pytest.raises(UnsupportedExportError, match=r"classifier\.weight.*initialized them at random"):
+        export(model_dir, tmp_path / "out", adapters, merge=True, task="text-classification")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,93 @@
+"""The validation report, the tolerance table, fp16 and external-data exports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from bca_deploy.exporters import (
+    TOLERANCES,
+    Case,
+    ValidationReport,
+    ValidationRow,
+    export,
+    validate,
+)
+from exporters_helpers import exported, tiny  # noqa: F401  (fixtures)
+
+
+def test_tolerance_table():
+    assert TOLERANCES["fp32"].atol == 1e-4 and TOLERANCES["fp32"].rtol == 0
+    assert TOLERANCES["fp16"].atol > TOLERANCES["fp32"].atol
+    assert Case.of((2, 3)) == Case(2, 3, 1) and Case.of((2, 3, 4)).new_tokens == 4
+    with pytest.raises(ValueError, match="batch, seq"):
+        Case.of((0, 3))
+
+
+def test_report_table_and_failures():
+    report = ValidationReport("m.onnx", "feature-extraction", "fp32", "cpu", "1e-04")
+    report.rows.append(ValidationRow("last_hidden_state", "b=1 s=5", (1, 5, 32), 2e-7, 1e-7, "1e-04", True))
+    assert report.passed and "all passed" in str(report)
+    report.rows.append(ValidationRow("last_hidden_state", "b=2 s=11", (2, 11, 32), 0.5, 0.1, "1e-04", False))
+    assert not report.passed and len(report.failures) == 1
+    assert "1 of 2 FAILED" in report.table()
+    assert json.loads(json.dumps(report.to_dict()))["passed"] is False
+
+
+def test_validate_an_existing_directory(exported, tiny, capsys):
+    out = exported("qwen2", "matmul")
+    model_dir, adapters = tiny("qwen2")
+    report = validate(out, model_dir, adapters, cases=[(2, 4, 2)])
+    assert report.passed and report.task == "text-generation-with-past"  # read from bca_export.json
+    assert len(report.rows) == 10
+    assert "present.1.value" in capsys.readouterr().out
+
+
+def test_fp16_export(tiny, tmp_path):
+    model_dir, adapters = tiny("llama")
+    out = export(model_dir, tmp_path / "fp16", adapters, merge=False, fft="matmul", dtype="fp16", verbose=False,
+                 cases=[(2, 7, 2)])
+    meta = json.loads((out / "bca_export.json").read_text())
+    assert meta["dtype"] == "fp16" and meta["validation"]["passed"]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {o.type for o in session.get_outputs()} == {"tensor(float16)"}
+    # the kernels were not rounded to fp16 on the way: the constant is rfft(fp32 kernel), in fp32
+    import onnx
+
+    from bca_deploy import read_adapter
+    from bca_deploy.exporters import frequency_kernels
+
+    name = "model.layers.0.self_attn.o_proj"
+    _, state = read_adapter(adapters[0])
+    graph = onnx.load(str(out / "model.onnx")).graph
+    constant = next(onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name == f"{name}.bca_freq_p8")
+    assert constant.dtype == np.float32
+    np.testing.assert_allclose(constant, frequency_kernels(state[f"{name}.bca_kernel"]).numpy(), rtol=0, atol=1e-7)
+
+
+def test_external_data_export_keeps_the_bca_constants(monkeypatch, tiny, tmp_path):
+    """Graphs over 2 GB are saved with external data; force that path on a tiny model."""
+    import onnx
+
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    model_dir, adapters = tiny("llama")
+    out = export(model_dir, tmp_path / "ext", adapters, merge=False, fft="dft", verbose=False, cases=[(1, 6, 2)])
+    assert (out / "model.onnx_data").is_file()
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    freq = [i for i in graph.initializer if ".bca_freq_p" in i.name]
+    assert freq and all(i.data_location == onnx.TensorProto.EXTERNAL for i in freq)
+
+
+@pytest.mark.parametrize("task", ["text-generation", "feature-extraction-with-past"])
+def test_other_decoder_tasks(tiny, tmp_path, task):
+    """No-past decoders validate one step; hidden-state decoders with past compare hidden states and presents."""
+    model_dir, adapters = tiny("llama")
+    out = export(model_dir, tmp_path / task, adapters, merge=False, fft="matmul", task=task, verbose=False,
+                 cases=[(2, 5, 2)])
+    rows = json.loads((out / "bca_export.json").read_text())["validation"]["rows"]
+    outputs = {r["output"] for r in rows}
+    assert ("logits" if task == "text-generation" else "last_hidden_state") in outputs
+    assert all(r["passed"] for r in rows)
