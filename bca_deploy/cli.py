@@ -70,6 +70,61 @@ def convert(source: Path, to: str, out: Path, overwrite: bool) -> None:
 
 
 @main.command()
+@click.option("--model", "model_dir", type=_EXISTING_DIR, required=True, help="Base transformers model directory.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help="Training data: TSV/CSV/JSONL (seq-cls: text column(s) + label; causal-lm: prompt/response or text).")
+@click.option("--eval-data", "eval_path", type=click.Path(path_type=Path), default=None,
+              help="Held-out data for evaluation every --eval-every steps and at the end.")
+@click.option("--task", type=click.Choice(["seq-cls", "causal-lm"]), default="seq-cls", show_default=True)
+@click.option("--out", "out_dir", type=_PATH, required=True, help="Output directory (best/, last/, train_log.jsonl).")
+@click.option("--targets", default=None, help="Comma-separated target modules (default: query/value-type projections).")
+@click.option("--block-size", type=int, default=64, show_default=True, help="Circulant block size p.")
+@click.option("--optimizer", type=click.Choice(["adadelta", "adamw"]), default="adadelta", show_default=True,
+              help="adadelta is the paper's recipe (lr 0.1, divided by p for the kernels).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: 0.1 adadelta, 1e-3 adamw).")
+@click.option("--head-lr", type=float, default=None, help="Learning rate of the trained head (default: --lr, undivided).")
+@click.option("--lr-divide-by-block-size/--no-lr-divide-by-block-size", default=None,
+              help="Divide the kernels' lr by p (default: on for adadelta, off for adamw).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--max-steps", type=int, default=1000, show_default=True)
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every N steps (0: at the end).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--resume", is_flag=True, help="Continue from --out/last after an interruption.")
+@click.option("--overwrite", is_flag=True, help="Start over in a non-empty --out.")
+def train(model_dir: Path, data_path: Path, eval_path: Path | None, task: str, out_dir: Path, targets: str | None,
+          block_size: int, optimizer: str, lr: float | None, head_lr: float | None,
+          lr_divide_by_block_size: bool | None, batch_size: int, max_length: int, max_steps: int, eval_every: int,
+          seed: int, gradient_checkpointing: bool, resume: bool, overwrite: bool) -> None:
+    """Fine-tune a model with a BCA adapter (CUDA when present); DDP under torchrun -m bca_deploy.training."""
+    from .training import train as run_training
+
+    result = run_training(
+        model_dir, data_path, task=task, out_dir=out_dir, eval_path=eval_path,
+        targets=[t.strip() for t in targets.split(",")] if targets else None, block_size=block_size,
+        optimizer=optimizer, lr=lr, head_lr=head_lr, lr_divide_by_block_size=lr_divide_by_block_size,
+        batch_size=batch_size, max_length=max_length, max_steps=max_steps, eval_every=eval_every, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, resume=resume, overwrite=overwrite,
+    )
+    click.echo(f"done: {result.step} steps; final {result.final_metrics}; adapters in {out_dir}/best and {out_dir}/last")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=_EXISTING_DIR, required=True, help="Base transformers model directory.")
+@click.option("--adapter", "adapter_dir", type=_EXISTING_DIR, required=True, help="Adapter written by train.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True, help="Data file (same formats).")
+@click.option("--batch-size", type=int, default=None, help="Default: the training batch size.")
+def evaluate(model_dir: Path, adapter_dir: Path, data_path: Path, batch_size: int | None) -> None:
+    """Print the task metric of a base model + adapter on a data file."""
+    from .training import evaluate as run_evaluation
+
+    metrics = run_evaluation(model_dir, adapter_dir, data_path, batch_size=batch_size)
+    for name, value in metrics.items():
+        click.echo(f"{name}: {value}")
+
+
+@main.command()
 @click.option("--model", "model_dir", type=_EXISTING_DIR, required=True,
               help="Base transformers model directory (safetensors weights, sharded or not).")
 @click.option("--adapter", "adapters", type=_EXISTING_DIR, multiple=True, required=True,

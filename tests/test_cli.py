@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -101,3 +103,30 @@ def test_export_and_validate_commands(tmp_path):
     assert strict.exit_code == 2 and "Error:" in strict.output
     bad = runner.invoke(main, ["export", *common, "--cases", "2by9", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "'2by9' is not BATCHxSEQ" in bad.output
+
+
+def test_train_and_evaluate_commands(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "training"))
+    from training_helpers import make_data, sst2_rows, tiny_model_dir
+
+    data = make_data(tmp_path)
+    model_dir = tiny_model_dir(tmp_path / "model", "bert", [t for t, _ in sst2_rows("train", 64)])
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--model", str(model_dir), "--data", str(data["train"]),
+                                  "--eval-data", str(data["dev"]), "--out", str(tmp_path / "run"),
+                                  "--targets", "query,value", "--block-size", "8", "--optimizer", "adamw",
+                                  "--lr", "1e-2", "--batch-size", "8", "--max-length", "32", "--max-steps", "4"])
+    assert result.exit_code == 0, result.output
+    assert "done: 4 steps" in result.output
+    ev = runner.invoke(main, ["evaluate", "--model", str(model_dir), "--adapter", str(tmp_path / "run" / "last"),
+                              "--data", str(data["dev"])])
+    assert ev.exit_code == 0, ev.output
+    final = json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert "accuracy" in ev.output, (ev.output, final)
+    missing = runner.invoke(main, ["train", "--model", str(model_dir), "--data", str(tmp_path / "nope.tsv"),
+                                   "--out", str(tmp_path / "run2")])
+    assert missing.exit_code == 2 and "nope.tsv" in missing.output
+    assert not (tmp_path / "run2").exists()

@@ -1,0 +1,502 @@
+"""Data files for training and evaluation: read, check, tokenize, batch.
+
+Formats, chosen by extension:
+
+- ``.tsv`` / ``.tab``: tab-separated with a header row, no quoting (the GLUE files);
+- ``.csv``: comma-separated with a header row, standard CSV quoting;
+- ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line.
+
+Tasks:
+
+- ``seq-cls``: one text column (or two, for sentence pairs) and a label column. Integer labels are
+  classes ``0..K-1``; float labels (e.g. STS-B) mean regression (one output, MSE loss).
+- ``causal-lm``: ``prompt`` + ``response`` columns (loss on the response tokens only, an EOS token is
+  appended) or one ``text`` column (loss on every token).
+
+Every reader collects all problems (missing columns with the columns found, unparsable labels with
+their line numbers, an empty file) and raises one :class:`~bca_deploy.training.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import format_problems
+from .errors import DataError, DataFileNotFoundError
+
+__all__ = [
+    "TASKS",
+    "TEXT_COLUMN_CANDIDATES",
+    "IGNORE_INDEX",
+    "read_records",
+    "SeqClsExamples",
+    "LMExamples",
+    "load_seq_cls",
+    "load_causal_lm",
+    "check_label_range",
+    "TokenizedDataset",
+    "tokenize_seq_cls",
+    "tokenize_causal_lm",
+    "load_dataset",
+]
+
+TASKS = ("seq-cls", "causal-lm")
+# Text columns looked for, in order, when ``text_columns`` is not given (GLUE/SuperGLUE names).
+TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("sentence",),
+    ("text",),
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("question1", "question2"),
+    ("premise", "hypothesis"),
+    ("question", "passage"),
+)
+IGNORE_INDEX = -100  # label id that the loss skips (prompt tokens, padding)
+_EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    """Read a TSV/CSV/JSONL file.
+
+    Returns:
+        ``(records, columns, line_numbers)``: one dict per row, the column names (the header, or the
+        union of JSON keys in first-seen order), and the 1-based line of each record in the file.
+
+    Raises:
+        DataFileNotFoundError: ``path`` does not exist.
+        DataError: unknown extension, a row with the wrong number of fields, a line that is not a
+            JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileNotFoundError(f"{path}: data file not found" + (" (it is a directory)" if path.is_dir() else ""))
+    kind = _EXTENSIONS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"{path}: unknown data format {path.suffix!r}; use .tsv, .csv or .jsonl "
+            "(a header row for TSV/CSV, one JSON object per line for JSONL)"
+        )
+    if kind == "jsonl":
+        return _read_jsonl(path)
+    return _read_delimited(path, kind)
+
+
+def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    problems: list[str] = []
+    records, lines = [], []
+    with path.open(newline="", encoding="utf-8") as f:
+        if kind == "tsv":
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: the file is empty (expected a header row and examples)") from None
+        columns = [c.strip() for c in header]
+        for row in reader:
+            line = reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if len(row) != len(columns):
+                problems.append(f"line {line}: {len(row)} fields, the header has {len(columns)}")
+                continue
+            records.append(dict(zip(columns, row)))
+            lines.append(line)
+    if problems:
+        raise DataError(format_problems(f"{path}: malformed {kind.upper()} rows:", problems, limit=10))
+    return records, columns, lines
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    problems: list[str] = []
+    records, lines, columns = [], [], {}
+    with path.open(encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                problems.append(f"line {number}: not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"line {number}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            records.append(obj)
+            lines.append(number)
+            columns.update(dict.fromkeys(obj))
+    if problems:
+        raise DataError(format_problems(f"{path}: malformed JSON lines:", problems, limit=10))
+    return records, list(columns), lines
+
+
+def _columns_message(path: Path, columns: Sequence[str]) -> str:
+    return f"columns found in {path}: {', '.join(repr(c) for c in columns) or '(none)'}"
+
+
+# ---- examples -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SeqClsExamples:
+    """Sequence-classification examples.
+
+    Attributes:
+        texts: per text column, the list of strings (one or two columns).
+        labels: ints (classification) or floats (regression), or None when the file has no labels.
+        regression: whether labels are real-valued.
+        text_columns / label_column: the columns used.
+        lines: 1-based line of each example in its file (for messages).
+        path: the file.
+    """
+
+    texts: list[list[str]]
+    labels: list[int] | list[float] | None
+    regression: bool
+    text_columns: list[str]
+    label_column: str
+    lines: list[int]
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.texts[0])
+
+
+@dataclass
+class LMExamples:
+    """Causal-LM examples: ``prompts``/``responses`` (instruction format) or ``texts`` (plain)."""
+
+    prompts: list[str] | None
+    responses: list[str] | None
+    texts: list[str] | None
+    lines: list[int]
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.texts if self.texts is not None else self.prompts)  # type: ignore[arg-type]
+
+    @property
+    def format(self) -> str:
+        return "text" if self.texts is not None else "prompt-response"
+
+
+def _parse_label(value: Any, regression: bool | None) -> int | float | None:
+    """int for a class id, float for a regression target, None when unparsable."""
+    if isinstance(value, bool):
+        return int(value) if regression is not True else float(value)
+    if isinstance(value, int):
+        return float(value) if regression else value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if regression is False:
+            return int(value) if value.is_integer() else None
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            as_int = int(text)
+            return float(as_int) if regression else as_int
+        except ValueError:
+            pass
+        try:
+            as_float = float(text)
+        except ValueError:
+            return None
+        return _parse_label(as_float, regression)
+    return None
+
+
+def load_seq_cls(
+    path: str | Path,
+    text_columns: Sequence[str] | None = None,
+    label_column: str = "label",
+    regression: bool | None = None,
+    require_labels: bool = True,
+) -> SeqClsExamples:
+    """Read a sequence-classification file and check it.
+
+    Args:
+        path: TSV/CSV/JSONL file.
+        text_columns: one or two text columns; default: the first of :data:`TEXT_COLUMN_CANDIDATES`
+            present in the file.
+        label_column: the label column.
+        regression: force regression (float labels) or classification (int labels); default: decided
+            from the labels (all integers → classification, else regression).
+        require_labels: refuse a file without the label column.
+
+    Raises:
+        DataFileNotFoundError, DataError: see :func:`read_records`; also missing columns (the message
+            lists the columns found), no examples, empty texts, labels that are not numbers.
+    """
+    path = Path(path)
+    records, columns, lines = read_records(path)
+    problems: list[str] = []
+    if text_columns is None:
+        found = next((c for c in TEXT_COLUMN_CANDIDATES if all(x in columns for x in c)), None)
+        if found is None:
+            problems.append(
+                "no text column: pass text_columns (CLI: --text-columns); looked for "
+                + " / ".join("+".join(c) for c in TEXT_COLUMN_CANDIDATES)
+            )
+            text_columns = []
+        else:
+            text_columns = list(found)
+    else:
+        text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
+        if not 1 <= len(text_columns) <= 2:
+            problems.append(f"text_columns must name one or two columns, got {text_columns}")
+        problems += [f"text column {c!r} not found" for c in text_columns if c not in columns]
+    has_labels = label_column in columns
+    if require_labels and not has_labels:
+        problems.append(f"label column {label_column!r} not found (pass label_column / --label-column)")
+    if problems:
+        problems.append(_columns_message(path, columns))
+        raise DataError(format_problems(f"{path}: cannot read sequence-classification data:", problems))
+    if not records:
+        raise DataError(f"{path}: the data set is empty (a header but no examples)")
+
+    texts: list[list[str]] = [[] for _ in text_columns]
+    raw_labels: list[Any] = []
+    for record, line in zip(records, lines):
+        for k, column in enumerate(text_columns):
+            value = record.get(column)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                problems.append(f"line {line}: empty text in column {column!r}")
+            texts[k].append("" if value is None else str(value))
+        if has_labels:
+            raw_labels.append(record.get(label_column))
+
+    labels = None
+    if has_labels:
+        if regression is None:
+            parsed = [_parse_label(v, None) for v in raw_labels]
+            regression = any(isinstance(v, float) for v in parsed)
+        labels = []
+        for value, line in zip(raw_labels, lines):
+            label = _parse_label(value, regression)
+            if label is None:
+                expected = "a number" if regression else "an integer class id 0..K-1"
+                problems.append(f"line {line}: label {value!r} in column {label_column!r} is not {expected}")
+            labels.append(label)
+    if problems:
+        raise DataError(format_problems(f"{path}: bad examples:", problems, limit=10))
+    return SeqClsExamples(
+        texts=texts,
+        labels=labels,
+        regression=bool(regression),
+        text_columns=list(text_columns),
+        label_column=label_column,
+        lines=lines,
+        path=path,
+    )
+
+
+def check_label_range(examples: SeqClsExamples, num_labels: int) -> None:
+    """Raise :class:`DataError` if a class label is outside ``0..num_labels-1`` (lists the offenders)."""
+    if examples.regression or examples.labels is None:
+        return
+    bad = [(line, y) for line, y in zip(examples.lines, examples.labels) if not 0 <= y < num_labels]
+    if bad:
+        shown = [f"line {line}: label {y}" for line, y in bad]
+        raise DataError(format_problems(
+            f"{examples.path}: {len(bad)} label(s) outside the classification head's range 0..{num_labels - 1} "
+            f"(num_labels={num_labels}); fix the labels or pass a larger num_labels (--num-labels):",
+            shown, limit=10,
+        ))
+
+
+def load_causal_lm(
+    path: str | Path,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    text_column: str = "text",
+) -> LMExamples:
+    """Read a causal-LM file: prompt/response pairs if both columns exist, else a text column."""
+    path = Path(path)
+    records, columns, lines = read_records(path)
+    if prompt_column in columns and response_column in columns:
+        fields = [prompt_column, response_column]
+    elif text_column in columns:
+        fields = [text_column]
+    else:
+        raise DataError(
+            f"{path}: causal-lm data needs columns {prompt_column!r} + {response_column!r} (loss on the response) "
+            f"or {text_column!r} (loss on every token); {_columns_message(path, columns)}"
+        )
+    if not records:
+        raise DataError(f"{path}: the data set is empty (no examples)")
+    values: dict[str, list[str]] = {f: [] for f in fields}
+    problems = []
+    for record, line in zip(records, lines):
+        for field_name in fields:
+            value = record.get(field_name)
+            if value is None or (field_name != prompt_column and not str(value).strip()):
+                problems.append(f"line {line}: empty {field_name!r}")
+            values[field_name].append("" if value is None else str(value))
+    if problems:
+        raise DataError(format_problems(f"{path}: bad examples:", problems, limit=10))
+    if len(fields) == 2:
+        return LMExamples(values[prompt_column], values[response_column], None, lines, path)
+    return LMExamples(None, None, values[text_column], lines, path)
+
+
+# ---- tokenized data -----------------------------------------------------------------------------
+
+
+class TokenizedDataset:
+    """Token ids per example and a ``collate`` that pads a batch on the right.
+
+    Attributes:
+        input_ids: per example, its token ids (no padding).
+        token_type_ids: per example (BERT-style sentence pairs), or None.
+        labels: seq-cls: one int/float per example; causal-lm: per example, one id per token
+            (:data:`IGNORE_INDEX` where no loss is taken).
+        pad_id: id used to pad ``input_ids``.
+    """
+
+    def __init__(self, input_ids, labels, pad_id: int, token_type_ids=None, task: str = "seq-cls",
+                 regression: bool = False) -> None:
+        self.input_ids = input_ids
+        self.labels = labels
+        self.pad_id = int(pad_id)
+        self.token_type_ids = token_type_ids
+        self.task = task
+        self.regression = regression
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def num_tokens(self, indices: Sequence[int]) -> int:
+        return sum(len(self.input_ids[i]) for i in indices)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Batch of ``indices``: ``input_ids``, ``attention_mask`` (B, T), ``token_type_ids`` if any,
+        ``labels`` ((B,) long/float for seq-cls, (B, T) long for causal-lm), T = longest example."""
+        seqs = [self.input_ids[i] for i in indices]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.token_type_ids is not None:
+            types = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, i in enumerate(indices):
+                types[row, : len(self.token_type_ids[i])] = torch.tensor(self.token_type_ids[i], dtype=torch.long)
+            batch["token_type_ids"] = types
+        if self.labels is not None:
+            if self.task == "causal-lm":
+                labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+                for row, i in enumerate(indices):
+                    labels[row, : len(self.labels[i])] = torch.tensor(self.labels[i], dtype=torch.long)
+                batch["labels"] = labels
+            else:
+                dtype = torch.float32 if self.regression else torch.long
+                batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=dtype)  # (B,)
+        return batch
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else EOS, else 0 (models without a pad token get EOS, as usual)."""
+    for attr in ("pad_token_id", "eos_token_id", "sep_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _eos_token_id(tokenizer) -> int | None:
+    for attr in ("eos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def tokenize_seq_cls(examples: SeqClsExamples, tokenizer, max_length: int) -> TokenizedDataset:
+    """Tokenize with truncation to ``max_length`` (pairs: longest-first), no padding."""
+    encoded = tokenizer(*examples.texts, truncation=True, max_length=max_length, padding=False)
+    token_types = encoded.get("token_type_ids") if len(examples.texts) == 2 else None
+    return TokenizedDataset(encoded["input_ids"], examples.labels, pad_token_id(tokenizer), token_types,
+                            task="seq-cls", regression=examples.regression)
+
+
+def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tuple[TokenizedDataset, int]:
+    """Tokenize for next-token prediction, truncated on the right to ``max_length``.
+
+    prompt/response: ``prompt ids (with the tokenizer's special tokens) + response ids + EOS``, labels
+    :data:`IGNORE_INDEX` on the prompt. text: every token is a target. Examples left with no target
+    token after truncation (a prompt longer than ``max_length``) are dropped.
+
+    Returns:
+        The dataset and how many examples were dropped.
+    """
+    eos = _eos_token_id(tokenizer)
+    input_ids, labels = [], []
+    dropped = 0
+    if examples.format == "text":
+        encoded = tokenizer(examples.texts, truncation=True, max_length=max_length)["input_ids"]
+        for ids in encoded:
+            if len(ids) < 2:
+                dropped += 1
+                continue
+            input_ids.append(ids)
+            labels.append(list(ids))
+    else:
+        prompts = tokenizer(examples.prompts, add_special_tokens=True)["input_ids"]
+        responses = tokenizer(examples.responses, add_special_tokens=False)["input_ids"]
+        for p_ids, r_ids in zip(prompts, responses):
+            # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
+            ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
+            target = ([IGNORE_INDEX] * len(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
+            if all(t == IGNORE_INDEX for t in target[1:]):
+                dropped += 1
+                continue
+            input_ids.append(ids)
+            labels.append(target)
+    return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm"), dropped
+
+
+def load_dataset(
+    path: str | Path,
+    task: str,
+    tokenizer,
+    max_length: int,
+    *,
+    text_columns: Sequence[str] | None = None,
+    label_column: str = "label",
+    regression: bool | None = None,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    text_column: str = "text",
+):
+    """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``."""
+    if task == "seq-cls":
+        examples = load_seq_cls(path, text_columns, label_column, regression)
+        return examples, tokenize_seq_cls(examples, tokenizer, max_length)
+    if task == "causal-lm":
+        examples = load_causal_lm(path, prompt_column, response_column, text_column)
+        dataset, dropped = tokenize_causal_lm(examples, tokenizer, max_length)
+        if len(dataset) == 0:
+            raise DataError(
+                f"{path}: no example has a target token within max_length={max_length} "
+                f"({dropped} dropped: prompts too long); raise max_length"
+            )
+        return examples, dataset
+    raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

@@ -1,0 +1,25 @@
+"""Errors the trainer raises before the first step, on top of :mod:`bca_deploy.errors`.
+
+Each subclasses :class:`bca_deploy.errors.BCAError` and a built-in (``ValueError``, and
+``FileNotFoundError`` for a missing file) so callers catch them the usual way and the CLI prints them as
+one clean message. Validators collect every problem and raise once (see
+:func:`bca_deploy.errors.format_problems`).
+"""
+
+from __future__ import annotations
+
+from ..errors import BCAError
+
+__all__ = ["DataError", "DataFileNotFoundError", "TrainingConfigError"]
+
+
+class DataError(BCAError, ValueError):
+    """A data file cannot be used: unknown format, missing column, empty, bad or out-of-range label."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file does not exist."""
+
+
+class TrainingConfigError(BCAError, ValueError):
+    """An option of :func:`bca_deploy.training.train` / :func:`evaluate` is invalid or inconsistent."""

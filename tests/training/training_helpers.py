@@ -1,0 +1,125 @@
+"""Shared pieces for the training tests: SST-2 rows from ../shared, a word-level tokenizer, tiny models on disk."""
+
+from __future__ import annotations
+
+import collections
+import csv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def sst2_rows(split: str, n: int, offset: int = 0) -> list[tuple[str, int]]:
+    """The first ``n`` (sentence, label) rows of SST-2 ``split`` after ``offset``."""
+    rows = []
+    with open(SST2 / f"{split}.tsv", newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        for i, (sentence, label) in enumerate(reader):
+            if i < offset:
+                continue
+            if len(rows) == n:
+                break
+            rows.append((sentence.strip(), int(label)))
+    return rows
+
+
+def write_tsv(path: Path, rows, header=("sentence", "label")) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\t".join(header) + "\n")
+        f.writelines("\t".join(str(v) for v in row) + "\n" for row in rows)
+    return path
+
+
+def word_tokenizer(directory: Path, texts, vocab_size: int = 100):
+    """A BertTokenizerFast over the ``vocab_size - 5`` most frequent words of ``texts``."""
+    from transformers import BertTokenizerFast
+
+    counts = collections.Counter(w for t in texts for w in t.lower().split())
+    words = [w for w, _ in counts.most_common() if w not in SPECIALS][: vocab_size - len(SPECIALS)]
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(SPECIALS + words) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+
+
+def tiny_model_dir(directory: Path, kind: str, texts, num_labels: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
+    """Save a tiny random ``bert`` (sequence classification) or ``llama`` (causal LM) with a tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = word_tokenizer(directory, texts)
+    torch.manual_seed(seed)
+    if kind == "bert":
+        cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100, max_position_embeddings=64, num_labels=num_labels,
+                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        model = BertForSequenceClassification(cfg)
+    else:
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+                          pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path: Path, records) -> Path:
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    return path
+
+
+def read_tensors(directory: Path) -> dict:
+    """Every tensor an adapter directory (or trainer state) holds, by name."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in ("adapter_model.safetensors", "trainable_parameters.safetensors"):
+        if (directory / name).is_file():
+            out.update(load_file(str(directory / name)))
+    state = directory / "trainer_state.pt"
+    if state.is_file():
+        out.update({f"state.{k}": v for k, v in torch.load(state, weights_only=True)["trainable"].items()})
+    return out
+
+
+def make_data(directory: Path) -> dict[str, Path]:
+    """SST-2 subsets in ``directory``: train (256 rows), small (64 rows), dev (128 rows)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return {
+        "train": write_tsv(directory / "train.tsv", sst2_rows("train", 256)),
+        "small": write_tsv(directory / "small.tsv", sst2_rows("train", 64)),
+        "dev": write_tsv(directory / "dev.tsv", sst2_rows("dev", 128)),
+    }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run the training tests with one intra-op thread, restored afterwards.
+
+    On a shared 2-core machine, two threads made these tiny steps ~19x slower than one (the threads
+    wait for each other at every small parallel region while other processes hold the cores), and
+    results are only bit-reproducible between processes with the same thread count.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def subprocess_env() -> dict:
+    """Environment for child processes: one thread each, like the tests themselves, offline."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
