@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             msg = f"skipped (tokens={tokens}, d_in={d_in}, d_out={d_out}, p={p}): p does not divide d_in and d_out"
             print(msg)
             skipped.append(msg)
+    default_threads = torch.get_num_threads()
     for threads in thread_counts:
         torch.set_num_threads(threads)
         for tokens, d_in, d_out, p in SHAPES:
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"tokens={tokens} d_in={d_in} d_out={d_out} p={p} on {device}, {threads} thread(s)", flush=True)
             rows += bench_shape(tokens, d_in, d_out, p, device, args)
+    torch.set_num_threads(default_threads)  # the machine description reports the default; rows carry their own
 
     summary = ratios(rows)
     columns = ["threads", "tokens", "d_in", "d_out", "p", "method", "fwd_bwd_ms", "fwd_ms", "peak_mib", "saved_extra_mib", "params"]
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
             "On a shared machine, a run with more threads than idle cores is dominated by threads waiting for "
             "each other at the end of every parallel op (a descheduled OpenMP thread stalls the others); ops "
             "made of many small parallel steps (ours: a few per token chunk) suffer most. Compare rows of the "
-            "same thread count, and prefer the 1-thread rows when the load average exceeds the core count.",
+            "same thread count, and prefer the 1-thread rows when the load average exceeds the core count. "
+            f"Load average (1, 5, 15 min) when this run started: {load_at_start}; when it ended: see Machine.",
             *skipped,
         ]
     )
