@@ -7,6 +7,7 @@ once), and only then changes the model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ __all__ = [
     "check_adapter_fits",
     "write_adapter_dir",
     "convert_adapter",
+    "align_module_paths",
 ]
 
 
@@ -206,6 +208,52 @@ def _split_saved_key(key: str, modules_to_save: list[str]) -> tuple[str | None, 
     return owner, key[len(owner) + 1:]
 
 
+def align_module_paths(
+    config: AdapterConfig, state: dict[str, torch.Tensor], model: nn.Module
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Add or drop the model's ``base_model_prefix`` on every adapter path when that makes them all fit.
+
+    An adapter trained on ``LlamaForCausalLM`` names ``model.layers.0.self_attn.q_proj``; ``LlamaModel``
+    calls that module ``layers.0.self_attn.q_proj`` (and the other way round for an adapter trained on a
+    bare encoder and loaded into one with a task head). Only an all-or-nothing rename is applied; if
+    neither direction makes **every** path resolve, the inputs are returned unchanged and
+    :func:`check_adapter_fits` reports the mismatch.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    paths = list(config.modules) + list(config.modules_to_save)
+
+    def exists(path: str) -> bool:
+        try:
+            model.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    if not prefix or not paths or all(exists(p) for p in paths):
+        return config, state
+    head = prefix + "."
+    for rename in (lambda p: p[len(head):] if p.startswith(head) else None, lambda p: head + p):
+        renamed = {p: rename(p) for p in paths}
+        if all(r is not None and exists(r) for r in renamed.values()):
+            break
+    else:
+        return config, state
+    owners = sorted(paths, key=len, reverse=True)  # most specific module first
+    new_state: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith(KERNEL_SUFFIX) and key[: -len(KERNEL_SUFFIX)] in renamed:
+            new_state[renamed[key[: -len(KERNEL_SUFFIX)]] + KERNEL_SUFFIX] = tensor
+            continue
+        owner = next((p for p in owners if key.startswith(p + ".")), None)
+        new_state[key if owner is None else renamed[owner] + key[len(owner):]] = tensor
+    config = dataclasses.replace(
+        config,
+        modules={renamed[p]: spec for p, spec in config.modules.items()},
+        modules_to_save=[renamed[p] for p in config.modules_to_save],
+    )
+    return config, new_state
+
+
 def load_adapter(
     model: nn.Module,
     directory: str | Path,
@@ -214,8 +262,9 @@ def load_adapter(
 ) -> nn.Module:
     """Load a bca-deploy or PEFT C3A adapter directory into ``model`` and return it ready to use.
 
-    The adapter is checked against the model first (model type, module paths, layer shapes, tensor
-    names and shapes); on any mismatch nothing is changed and :class:`AdapterMismatchError` lists
+    Module paths that differ only by the model's ``base_model_prefix`` (an adapter trained on
+    ``LlamaForCausalLM`` loaded into ``LlamaModel``, or the reverse) are aligned first. The adapter
+    is then checked against the model (model type, module paths, layer shapes, tensor names and shapes); on any mismatch nothing is changed and :class:`AdapterMismatchError` lists
     every problem. PEFT C3A kernels are converted exactly (layout flip, 1/in_features scale).
 
     Args:
@@ -228,7 +277,7 @@ def load_adapter(
     Returns:
         The same ``model``, adapted.
     """
-    config, state = read_adapter(directory, model)
+    config, state = align_module_paths(*read_adapter(directory, model), model)
     check_adapter_fits(config, state, model, source=str(directory))
     inject_modules(model, config.modules, adapter_name=adapter_name, init="zeros")
     with torch.no_grad():

@@ -5,7 +5,6 @@ optimum-onnx is imported inside the functions, so importing this module stays ch
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -165,10 +164,9 @@ def load_model(
         )
     if dtype != torch.float32:
         model = model.to(dtype)
-    with tempfile.TemporaryDirectory(prefix="bca-remapped-") as scratch:
-        for directory, name in zip(adapter_dirs, adapter_names(adapter_dirs), strict=True):
-            directory = _with_model_paths(model, directory, Path(scratch) / name)
-            load_adapter(model, directory, adapter_name=name)
+    # load_adapter aligns paths that differ by base_model_prefix (LlamaForCausalLM vs LlamaModel).
+    for directory, name in zip(adapter_dirs, adapter_names(adapter_dirs), strict=True):
+        load_adapter(model, directory, adapter_name=name)
     _check_no_random_weights(model, model_dir, task, info.get("missing_keys", []))
     return model.eval()
 
@@ -196,53 +194,3 @@ def _check_no_random_weights(model: nn.Module, model_dir: str | Path, task: str,
         )
     warnings.warn(f"{model_dir}: no weights for {', '.join(random)} (initialized by transformers); they are "
                   "exported as initialized", stacklevel=3)
-
-
-def _with_model_paths(model: nn.Module, directory: str | Path, scratch: Path) -> Path:
-    """``directory``, or a copy whose module paths carry or drop the model's ``base_model_prefix``.
-
-    An adapter trained on ``LlamaForCausalLM`` names ``model.layers.0.self_attn.q_proj``; the task
-    ``feature-extraction`` loads ``LlamaModel``, where that module is ``layers.0.self_attn.q_proj``
-    (and the other way round for an adapter trained on a bare encoder loaded with a task head). When
-    adding or removing the prefix makes **every** adapted path resolve, the adapter is rewritten
-    that way into ``scratch``; otherwise ``directory`` is returned unchanged and ``load_adapter``
-    reports the mismatch.
-    """
-    from bca_deploy.adapter_io import read_adapter, write_adapter_dir
-    from bca_deploy.config import KERNEL_SUFFIX
-
-    config, state = read_adapter(directory, model)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-
-    def exists(path: str) -> bool:
-        try:
-            model.get_submodule(path)
-            return True
-        except AttributeError:
-            return False
-
-    paths = list(config.modules) + list(config.modules_to_save)
-    if not prefix or not paths or all(exists(p) for p in paths):
-        return Path(directory)
-    prefixed = prefix + "."
-    for rename in (lambda p: p[len(prefixed):] if p.startswith(prefixed) else None, lambda p: prefixed + p):
-        renamed = {p: rename(p) for p in paths}
-        if all(r is not None and exists(r) for r in renamed.values()):
-            break
-    else:
-        return Path(directory)
-    config.modules = {renamed[p]: spec for p, spec in config.modules.items()}
-    config.modules_to_save = [renamed[p] for p in config.modules_to_save]
-    new_state = {}
-    for key, tensor in state.items():
-        if key.endswith(KERNEL_SUFFIX):
-            new_state[renamed[key[: -len(KERNEL_SUFFIX)]] + KERNEL_SUFFIX] = tensor
-        else:
-            owner = next(p for p in config_paths_sorted(paths) if key.startswith(p + "."))
-            new_state[renamed[owner] + key[len(owner):]] = tensor
-    return write_adapter_dir(scratch, config.to_dict(), new_state)
-
-
-def config_paths_sorted(paths: Sequence[str]) -> list[str]:
-    """Longest first, so a tensor key is matched to its most specific module path."""
-    return sorted(paths, key=len, reverse=True)

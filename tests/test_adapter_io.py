@@ -203,3 +203,20 @@ def test_nested_modules_to_save_round_trip(tmp_path, input_ids):
     assert "classifier.out_proj.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
     loaded = bd.load_adapter(factory(), tmp_path / "a")
     assert torch.equal(loaded(input_ids=input_ids + 2).logits, model(input_ids=input_ids + 2).logits)
+
+
+def test_paths_differing_by_base_model_prefix_are_aligned(tmp_path, input_ids):
+    from transformers import LlamaModel
+
+    causal = bd.inject(tiny_llama(), ["q_proj", "v_proj"], block_size=8, init="normal", init_std=0.1, seed=0)
+    bd.save_adapter(causal, tmp_path / "a")  # paths "model.layers.N..."
+    bare = tiny_llama().model  # a LlamaModel: paths "layers.N..."
+    loaded = bd.load_adapter(bare, tmp_path / "a")
+    assert sorted(dict(bd.bca_layers(loaded))) == [f"layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    assert isinstance(loaded, LlamaModel)
+    expected = causal.model(input_ids=input_ids).last_hidden_state
+    assert torch.equal(loaded(input_ids=input_ids).last_hidden_state, expected)
+    # and back: saved from the bare model, loaded into the causal-LM class
+    bd.save_adapter(loaded, tmp_path / "b")
+    again = bd.load_adapter(tiny_llama(), tmp_path / "b")
+    assert torch.equal(again(input_ids=input_ids).logits, causal(input_ids=input_ids).logits)
