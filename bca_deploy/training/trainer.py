@@ -814,6 +814,11 @@ def _train(**a: Any) -> TrainResult:
                 (out_dir / LOG_FILE).unlink()
     _barrier(d)
 
+    def write_adapter(tmp: Path, metrics: dict[str, float] | None) -> None:
+        """The adapter (or trainable tensors) plus the training info evaluate() needs, into tmp."""
+        _save_adapter_files(model, tmp, method)
+        _write_json(tmp / TRAINING_FILE, {**training_info, "step": step, "metrics": metrics})
+
     def save_last(metrics: dict[str, float] | None) -> None:
         rngs = [rng_state()]
         if d.active:
@@ -823,11 +828,9 @@ def _train(**a: Any) -> TrainResult:
             dist.all_gather_object(rngs, rng_state())
         if not d.is_main:
             return
-        info = {**training_info, "step": step, "metrics": metrics}
 
         def build(tmp: Path) -> None:
-            _save_adapter_files(model, tmp, method)
-            _write_json(tmp / TRAINING_FILE, info)
+            write_adapter(tmp, metrics)
             save_state(tmp, {
                 "step": step, "micro_step": micro, "run_config": run_config,
                 "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
@@ -840,13 +843,7 @@ def _train(**a: Any) -> TrainResult:
     def save_best(metrics: dict[str, float]) -> None:
         if not d.is_main:
             return
-        info = {**training_info, "step": step, "metrics": metrics}
-
-        def build(tmp: Path) -> None:
-            _save_adapter_files(model, tmp, method)
-            _write_json(tmp / TRAINING_FILE, info)
-
-        write_dir_atomically(out_dir / "best", build)
+        write_dir_atomically(out_dir / "best", lambda tmp: write_adapter(tmp, metrics))
 
     # -- loop -----------------------------------------------------------------------------------
     from tqdm.auto import tqdm
