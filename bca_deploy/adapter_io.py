@@ -8,6 +8,7 @@ once), and only then changes the model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import CONFIG_FILE, KERNEL_SUFFIX, WEIGHTS_FILE, AdapterConfig, read_json
-from .errors import AdapterFormatError, AdapterMismatchError, format_problems
+from .errors import AdapterFormatError, AdapterMismatchError, OutputExistsError, format_problems
 from .inject import adapter_configs, freeze_base, inject_modules, register_adapter, bca_layers
 from .layers import BCALinear, is_adaptable, layer_dims, layer_type_of
 from .peft_compat import from_peft, is_peft_config, to_peft
@@ -61,16 +62,12 @@ def write_adapter_dir(
     Files are written in a temporary directory beside ``directory`` and moved into place with
     ``os.replace``, so a crash leaves either the old files or the new ones, never half of one.
     """
-    import json
-
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AdapterFormatError(f"{directory}: exists and is not a directory")
     if directory.exists() and not overwrite and any(
         (directory / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)
     ):
-        from .errors import OutputExistsError
-
         raise OutputExistsError(f"{directory}: already holds an adapter; pass overwrite=True (CLI: --overwrite) to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

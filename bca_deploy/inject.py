@@ -144,6 +144,13 @@ def inject_modules(
     the model changes.
     """
     check_injectable(model, specs, adapter_name)
+    _add_adapters(model, specs, adapter_name, init, init_std, seed)
+
+
+def _add_adapters(
+    model: nn.Module, specs: dict[str, ModuleSpec], adapter_name: str, init: str, init_std: float, seed: int | None
+) -> None:
+    """Wrap and add, for specs already passed by :func:`check_injectable`."""
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -220,7 +227,7 @@ def inject(
         base_model_type=getattr(getattr(model, "config", None), "model_type", None),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
-    inject_modules(model, specs, adapter_name=adapter_name, init=init, init_std=init_std, seed=seed)
+    _add_adapters(model, specs, adapter_name, init, init_std, seed)  # specs checked above
     register_adapter(model, adapter_name, config)
     freeze_base(model)
     return model
