@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "write_adapter_dir",
     "convert_adapter",
     "align_module_paths",
+    "align_paths",
 ]
 
 
@@ -216,9 +218,6 @@ def align_module_paths(
     neither direction makes **every** path resolve, the inputs are returned unchanged and
     :func:`check_adapter_fits` reports the mismatch.
     """
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    paths = list(config.modules) + list(config.modules_to_save)
-
     def exists(path: str) -> bool:
         try:
             model.get_submodule(path)
@@ -226,6 +225,17 @@ def align_module_paths(
         except AttributeError:
             return False
 
+    return align_paths(config, state, getattr(model, "base_model_prefix", "") or "", exists)
+
+
+def align_paths(
+    config: AdapterConfig, state: dict[str, torch.Tensor], prefix: str, exists: Callable[[str], bool]
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """:func:`align_module_paths` against any set of module paths: ``exists(path)`` says if one is known.
+
+    Used where no PyTorch model is at hand (the serving runtime checks adapters against an exported graph).
+    """
+    paths = list(config.modules) + list(config.modules_to_save)
     if not prefix or not paths or all(exists(p) for p in paths):
         return config, state
     head = prefix + "."

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import AdapterConfig, ModuleSpec, block_size_for
 from .errors import BlockSizeError, TargetModuleError, format_problems
-from .layers import BCALinear, block_size_message, is_adaptable, layer_dims, layer_type_of
+from .layers import BASE_ADAPTER, BCALinear, RowAdapters, block_size_message, is_adaptable, layer_dims, layer_type_of
 
 __all__ = [
     "inject",
@@ -30,6 +30,8 @@ __all__ = [
     "adapters_disabled",
     "remove_adapters",
     "trainable_parameters",
+    "mixed_adapters",
+    "adapter_names",
 ]
 
 _CONFIGS_ATTR = "bca_adapter_configs"
@@ -332,3 +334,50 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     model.__dict__.pop(_CONFIGS_ATTR, None)
     return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name ``model`` holds (registered configs and layer kernels), sorted."""
+    names = set(adapter_configs(model)) | {n for _, layer in bca_layers(model) for n in layer.bca_kernels}
+    return sorted(names)
+
+
+@contextlib.contextmanager
+def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Route row b of every batch run inside the block through adapter ``names[b]`` only.
+
+    ``None`` or :data:`~bca_deploy.layers.BASE_ADAPTER` (``"__base__"``) selects the base model for
+    that row. Each row's output equals running that row alone with its adapter active; the active
+    adapter set is ignored inside the block and restored after it. Works for any forward whose
+    activations keep the batch as their first dimension, ``model.generate`` with greedy or sampled
+    decoding included (not beam search, which expands the batch)::
+
+        with mixed_adapters(model, ["support", "legal", None]):
+            logits = model(**batch).logits            # 3 rows, 3 adapters (the last: base only)
+
+    Raises:
+        ValueError: an unknown adapter name (the message lists the model's adapters), an empty list,
+            or an adapter merged into the base weights (checked before anything runs).
+    """
+    names = [BASE_ADAPTER if n is None else str(n) for n in names]
+    if not names:
+        raise ValueError("mixed_adapters needs one adapter name per row; got an empty list")
+    layers = [layer for _, layer in bca_layers(model)]
+    known = adapter_names(model)
+    unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {known} (or {BASE_ADAPTER!r} / None for "
+                         "the base model)")
+    merged = sorted({f"{layer.module_name}: {m}" for layer in layers for m in layer.merged_adapters})
+    if merged:
+        raise ValueError(f"cannot route rows while adapters are merged into the base weights ({merged[:3]}...); "
+                         "unmerge first")
+    rows = RowAdapters(names)
+    previous = [layer.row_adapters for layer in layers]
+    for layer in layers:
+        layer.row_adapters = rows
+    try:
+        yield model
+    finally:
+        for layer, before in zip(layers, previous):
+            layer.row_adapters = before

@@ -3,6 +3,10 @@
 Each adapter is a kernel tensor of shape (d_out/p, d_in/p, p), fp32 whatever the base dtype, held in
 an ``nn.ParameterDict`` keyed by adapter name. Several active adapters **sum** their deltas (each
 sees the layer's input; none is fed into the next).
+
+A layer can also route **each row of a batch to its own adapter** (multi-adapter serving): while
+``row_adapters`` is set (by :func:`bca_deploy.inject.mixed_adapters`), row b of the input gets the
+delta of adapter ``row_adapters[b]`` only, or none for :data:`BASE_ADAPTER`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,34 @@ from .config import INITS, ModuleSpec, valid_block_sizes
 from .errors import BlockSizeError, NonFiniteError, TargetModuleError
 from .ops import block_circulant_matmul, materialize
 
-__all__ = ["BCALinear", "dense_delta", "is_adaptable", "layer_type_of", "layer_dims"]
+__all__ = ["BCALinear", "BASE_ADAPTER", "RowAdapters", "dense_delta", "is_adaptable", "layer_type_of", "layer_dims"]
+
+#: The adapter name that selects the base model alone for a row of a mixed batch (as in PEFT).
+BASE_ADAPTER = "__base__"
+
+
+class RowAdapters:
+    """Which rows of a batch use which adapter: ``groups[name]`` = row indices (LongTensor, sorted).
+
+    Built once per batch by :func:`bca_deploy.inject.mixed_adapters` and shared by every layer.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.batch_size = len(self.names)
+        order: dict[str, list[int]] = {}
+        for row, name in enumerate(self.names):
+            order.setdefault(name, []).append(row)
+        self.rows = order
+        self._on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def groups(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{adapter name: row indices}`` as int64 tensors on ``device`` (cached per device)."""
+        if device not in self._on_device:
+            self._on_device[device] = {
+                name: torch.tensor(rows, dtype=torch.long, device=device) for name, rows in self.rows.items()
+            }
+        return self._on_device[device]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -108,6 +139,8 @@ class BCALinear(nn.Module):
         self.merged_adapters: list[str] = []
         # Exact copy of the base weight taken at the first merge, so unmerge restores it bit for bit.
         self._weight_before_merge: torch.Tensor | None = None
+        # Per-row adapter choice of the current batch (None: every row gets the active adapters).
+        self.row_adapters: RowAdapters | None = None
 
     # ---- adapters ---------------------------------------------------------------------------
 
@@ -243,6 +276,8 @@ class BCALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d_in) -> (..., d_out) in the base layer's output dtype."""
         result = self.base_layer(x)
+        if self.row_adapters is not None:  # an explicit per-row choice overrides active/disabled state
+            return self._forward_rows(x, result, self.row_adapters)
         if self.adapters_disabled:
             if self.merged_adapters:
                 raise RuntimeError(
@@ -255,6 +290,34 @@ class BCALinear(nn.Module):
                 continue
             delta = block_circulant_matmul(x, self.scaled_kernel(name))  # (..., d_out), x's dtype
             result = result + delta.to(result.dtype)
+        return result
+
+    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """base(x) + ΔW_{a(b)} x_b for each row b: each adapter's rows are gathered, mixed, added back.
+
+        x (B, ..., d_in), result = base(x) (B, ..., d_out). Rows of adapters this layer does not
+        hold (and :data:`BASE_ADAPTER` rows) keep the base output: their adapter has no delta here.
+        """
+        if x.dim() < 2 or x.shape[0] != rows.batch_size:
+            raise ValueError(
+                f"{self.module_name}: a mixed-adapter batch names {rows.batch_size} rows but this layer got an "
+                f"input of shape {tuple(x.shape)} (its first dimension must be the batch); generation that "
+                "expands the batch (beam search, num_return_sequences > 1) cannot route rows"
+            )
+        if self.merged_adapters:
+            raise RuntimeError(
+                f"{self.module_name}: adapters {self.merged_adapters} are merged into the base weight, so every row "
+                "would carry them; unmerge before running a mixed-adapter batch"
+            )
+        groups = rows.groups(x.device)
+        for name, index in groups.items():
+            if name not in self.bca_kernels:
+                continue
+            kernel = self.scaled_kernel(name)
+            if len(groups) == 1:  # every row uses this adapter: no gather needed
+                return result + block_circulant_matmul(x, kernel).to(result.dtype)
+            delta = block_circulant_matmul(x.index_select(0, index), kernel)
+            result = result.index_add(0, index, delta.to(result.dtype))
         return result
 
     def extra_repr(self) -> str:

@@ -134,6 +134,7 @@ def export(
     cases: Sequence[Case | Sequence[int]] | None = None,
     atol: float | None = None,
     verbose: bool = True,
+    bank: bool = False,
 ) -> Path:
     """Export ``model_dir`` with ``adapter_dirs`` applied to an ONNX directory, validated against PyTorch.
 
@@ -163,6 +164,12 @@ def export(
         cases: validation shapes (see :func:`bca_deploy.exporters.validate.validate_model`).
         atol: overrides the absolute tolerance of :data:`~bca_deploy.exporters.validate.TOLERANCES`.
         verbose: print the validation table.
+        bank: export an **adapter-bank graph** (needs ``merge=False``): every adapter keeps its own
+            slot, and an ``adapter_ids`` input picks each row's adapter (0 = base model only; i = the
+            i-th adapter of ``adapter_dirs``). The frequency-domain kernels are graph inputs (with
+            these adapters as defaults) that a runtime can replace to serve any adapter fitting the
+            same modules and block sizes; ``adapters/<name>.onnx_adapter`` holds one onnxruntime
+            ``AdapterFormat`` file per adapter. See :mod:`bca_deploy.exporters.bank`.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -188,6 +195,9 @@ def export(
         raise UnsupportedExportError(f"fft must be one of {', '.join(FFT_MODES)}; got {fft!r}")
     if not merge and not adapter_dirs:
         raise UnsupportedExportError("merge=False needs at least one adapter directory (there is nothing to keep unmerged)")
+    if bank and merge:
+        raise UnsupportedExportError("bank=True keeps every adapter in its own slot, selected per row; it cannot be "
+                                     "combined with merge=True (a merged graph holds one fixed adapter sum)")
     _check_out_dir(out_dir, overwrite, [model_dir, *adapter_dirs])
     check_runtime(None if merge else fft, validate)
     if validate:
@@ -198,6 +208,7 @@ def export(
 
     model = load_model(model_dir, task, adapter_dirs)  # AdapterMismatchError surfaces here
     opset = _resolve_opset(opset, merge, fft, _default_opset(model, task))
+    bank_plan = _plan_bank(model, adapter_dirs) if bank else None
     if merge:
         from bca_deploy.inject import remove_adapters
 
@@ -211,7 +222,10 @@ def export(
     _chmod_like_mkdir(tmp)
     try:
         export_start = time.perf_counter()
-        _run_optimum_export(model, tmp, task, opset, None if merge else fft)
+        _run_optimum_export(model, tmp, task, opset, None if merge else fft,
+                            kernels=None if bank_plan is None else bank_plan.placeholders)
+        if bank_plan is not None:
+            bank_plan.write(tmp)
         export_s = time.perf_counter() - export_start
         report = None
         if validate:
@@ -224,21 +238,93 @@ def export(
             if atol is not None:
                 tolerance = Tolerance(atol=atol, rtol=TOLERANCES[dtype].rtol)
             report = validate_model(tmp / ONNX_FILE, reference, task, dtype=dtype, cases=cases, provider=provider,
-                                    tolerance=tolerance)
+                                    tolerance=tolerance, slots=None if bank_plan is None else bank_plan.slots)
+            if bank_plan is not None:
+                report.rows += bank_plan.validate_files(tmp, reference, task, dtype, provider, tolerance)
             report.onnx_path = str(out_dir / ONNX_FILE)
             if verbose:
                 print(report.table())
             report.raise_for_failures()
-        _write_metadata(tmp, model_dir, adapter_dirs, task, opset, dtype, merge, fft, export_s, report)
+        _write_metadata(tmp, model_dir, adapter_dirs, task, opset, dtype, merge, fft, export_s, report,
+                        bank=None if bank_plan is None else bank_plan.metadata())
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if verbose:
         kind = "merged" if merge else f"unmerged ({fft})"
+        if bank_plan is not None:
+            kind = f"adapter-bank ({fft}, {len(bank_plan.names)} adapters)"
         print(f"exported {kind} {task} graph to {out_dir} ({_graph_size(out_dir) / 1e6:.1f} MB) "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir
+
+
+class _BankPlan:
+    """What an adapter-bank export needs: the layout, each adapter's slot, and the steps that use them."""
+
+    #: one small mixed case per adapter file: its row, then a base row
+    FILE_CASE = (2, 7)
+
+    def __init__(self, model, adapter_dirs: Sequence[Path]) -> None:
+        from .bank import bank_layout, model_adapter_tensors, placeholder_kernels
+        from .loading import adapter_names
+
+        self.names = adapter_names(adapter_dirs)
+        self.layout = bank_layout(model, self.names)
+        self.placeholders = placeholder_kernels(self.layout)
+        self.tensors = {name: model_adapter_tensors(model, name, self.layout) for name in self.names}
+        self.slots: list[str | None] = [None, *self.names]
+        self.base_model_prefix = getattr(model, "base_model_prefix", "") or ""
+        self.model_type = getattr(getattr(model, "config", None), "model_type", None)
+
+    def adapter_file(self, directory: Path, name: str) -> Path:
+        from .bank import ADAPTER_FILE_SUFFIX, ADAPTERS_DIR
+
+        return directory / ADAPTERS_DIR / f"{name}{ADAPTER_FILE_SUFFIX}"
+
+    def write(self, directory: Path) -> None:
+        from .bank import rewrite_as_bank, stack_bank, write_adapter_file
+
+        rewrite_as_bank(directory / ONNX_FILE, self.layout,
+                        stack_bank([None, *(self.tensors[n] for n in self.names)], self.layout))
+        for name in self.names:
+            write_adapter_file(self.adapter_file(directory, name), self.tensors[name], self.layout)
+
+    def validate_files(self, directory: Path, reference, task: str, dtype: str, provider: str, tolerance):
+        """Each adapter file, activated with ``RunOptions.add_active_adapter``: ids (1, 0) against (adapter, base)."""
+        import onnxruntime as ort
+
+        rows = []
+        for name in self.names:
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(self.adapter_file(directory, name)))
+            options = ort.RunOptions()
+            options.add_active_adapter(adapter)
+            report = validate_model(directory / ONNX_FILE, reference, task, dtype=dtype, cases=[self.FILE_CASE],
+                                    provider=provider, tolerance=tolerance, slots=[None, name], run_options=options)
+            for row in report.rows:
+                row.case = f"{row.case} file={name}"
+            rows += report.rows
+        return rows
+
+    def metadata(self) -> dict:
+        from .bank import ADAPTERS_DIR, BASE_SLOT, layout_to_dict
+        from .validate import ADAPTER_IDS
+
+        return {
+            "ids_input": ADAPTER_IDS,
+            "base_slot": BASE_SLOT,
+            "slots": self.slots,
+            "adapter_files": {n: str(self.adapter_file(Path(ADAPTERS_DIR).parent, n)) for n in self.names},
+            "base_model_prefix": self.base_model_prefix,
+            "model_type": self.model_type,
+            "tensors": layout_to_dict(self.layout),
+        }
+
+
+def _plan_bank(model, adapter_dirs: Sequence[Path]) -> _BankPlan:
+    return _BankPlan(model, adapter_dirs)
 
 
 def _cast_base(model, dtype: torch.dtype) -> None:
@@ -254,7 +340,7 @@ def _cast_base(model, dtype: torch.dtype) -> None:
             param.data = kernels[(name, key)]
 
 
-def _run_optimum_export(model, directory: Path, task: str, opset: int, fft: str | None) -> None:
+def _run_optimum_export(model, directory: Path, task: str, opset: int, fft: str | None, kernels=None) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
 
     with warnings.catch_warnings():
@@ -264,7 +350,7 @@ def _run_optimum_export(model, directory: Path, task: str, opset: int, fft: str 
             if fft is None:
                 onnx_export_from_model(model, directory, task=task, opset=opset, do_validation=False)
             else:
-                with exportable_adapters(model, fft):
+                with exportable_adapters(model, fft, kernels=kernels):
                     onnx_export_from_model(model, directory, task=task, opset=opset, do_validation=False)
         except (UnsupportedExportError, RuntimeVersionError):
             raise
@@ -276,7 +362,7 @@ def _run_optimum_export(model, directory: Path, task: str, opset: int, fft: str 
 
 
 def _write_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequence[Path], task: str, opset: int,
-                    dtype: str, merge: bool, fft: str, export_s: float, report) -> None:
+                    dtype: str, merge: bool, fft: str, export_s: float, report, bank: dict | None = None) -> None:
     import bca_deploy
 
     data = {
@@ -292,6 +378,7 @@ def _write_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequence[Pat
         "adapters": [str(d) for d in adapter_dirs],
         "export_seconds": round(export_s, 3),
         "validation": report.to_dict() if report is not None else None,
+        "bank": bank,
     }
     (directory / METADATA_FILE).write_text(json.dumps(data, indent=2) + "\n")
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -264,7 +264,11 @@ def _export_forward(self: BCALinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def exportable_adapters(model: nn.Module, fft: str = "matmul") -> Iterator[nn.Module]:
+def exportable_adapters(
+    model: nn.Module,
+    fft: str = "matmul",
+    kernels: Callable[[str, BCALinear], dict[int, torch.Tensor]] | None = None,
+) -> Iterator[nn.Module]:
     """Make every :class:`BCALinear` of ``model`` exportable by the TorchScript ONNX exporter (in place).
 
     Inside the context each adapted layer holds its frequency-domain constant as a buffer named
@@ -278,6 +282,9 @@ def exportable_adapters(model: nn.Module, fft: str = "matmul") -> Iterator[nn.Mo
     Args:
         model: a model carrying BCA adapters (e.g. after :func:`bca_deploy.load_adapter`).
         fft: ``"dft"`` (DFT-20 nodes; opset >= 20) or ``"matmul"`` (MatMuls by cos/sin bases).
+        kernels: ``kernels(path, layer) -> {p: kernel (o, q, p)}``, the kernels to export per layer;
+            default :func:`folded_kernels` (the active adapters). The adapter-bank export passes
+            placeholders here and replaces them with graph inputs afterwards.
     """
     if fft not in FFT_MODES:
         raise ValueError(f"fft must be one of {FFT_MODES}; got {fft!r}")
@@ -285,12 +292,13 @@ def exportable_adapters(model: nn.Module, fft: str = "matmul") -> Iterator[nn.Mo
     spectra: dict = {}
     patched: list[tuple[BCALinear, list[str]]] = []
     try:
-        for _, layer in bca_layers(model):
+        for path, layer in bca_layers(model):
             device = layer.base_layer.weight.device
             names: list[str] = []
             sizes: list[int] = []
             patched.append((layer, names))  # before any change, so a failure part-way is undone too
-            for p, kernel in sorted(folded_kernels(layer).items()):
+            layer_kernels = folded_kernels(layer) if kernels is None else kernels(path, layer)
+            for p, kernel in sorted(layer_kernels.items()):
                 if p not in bases:
                     bases[p] = tuple(b.to(device) for b in dft_bases(p))  # type: ignore[assignment]
                 # Persistent buffers, so the exporter makes them named initializers (it collects the

@@ -13,6 +13,7 @@ for its merge too, and an fp16 graph for its rounding.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
@@ -26,8 +27,12 @@ import torch
 from torch import nn
 
 from bca_deploy.errors import format_problems
+from bca_deploy.inject import mixed_adapters
 
 from .errors import UnsupportedExportError, ValidationError
+
+#: The adapter-bank graph's per-row slot input (see bca_deploy.exporters.bank; defined here to avoid an import cycle).
+ADAPTER_IDS = "adapter_ids"
 
 __all__ = [
     "Tolerance",
@@ -201,8 +206,10 @@ _PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
 # ---- inputs -------------------------------------------------------------------------------------
 
 
-def _text_inputs(session, config, batch: int, seq: int, rng: np.random.Generator, pad: bool) -> dict[str, np.ndarray]:
-    """Feeds for a no-past graph: random ids, a mask with the last row right-padded when ``pad``."""
+def _text_inputs(session, config, batch: int, seq: int, rng: np.random.Generator, pad: bool,
+                 adapter_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Feeds for a no-past graph: random ids, a mask with the last row right-padded when ``pad``;
+    ``adapter_ids`` (one slot per row) for a bank graph."""
     feeds: dict[str, np.ndarray] = {}
     vocab = int(getattr(config, "vocab_size", 100))
     for inp in session.get_inputs():
@@ -219,6 +226,13 @@ def _text_inputs(session, config, batch: int, seq: int, rng: np.random.Generator
             feeds[inp.name] = rng.integers(0, types, size=(batch, seq)).astype(dtype)
         elif inp.name == "position_ids":
             feeds[inp.name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
+        elif inp.name == ADAPTER_IDS:
+            if adapter_ids is None:
+                raise UnsupportedExportError(
+                    f"the graph has an {ADAPTER_IDS!r} input (an adapter-bank graph): pass slots= (the adapter "
+                    "name of each bank slot) to validate it"
+                )
+            feeds[inp.name] = adapter_ids.astype(dtype)
         else:
             raise UnsupportedExportError(
                 f"validation does not know how to feed graph input {inp.name!r} ({inp.type}, {inp.shape}); "
@@ -314,6 +328,8 @@ def validate_model(
     provider: str = "cpu",
     tolerance: Tolerance | None = None,
     seed: int = 0,
+    slots: Sequence[str | None] | None = None,
+    run_options: Any = None,
 ) -> ValidationReport:
     """Compare the graph at ``onnx_path`` with a live PyTorch ``reference`` (adapters applied, unmerged).
 
@@ -327,13 +343,21 @@ def validate_model(
         provider: ``"cpu"`` or ``"cuda"`` (onnxruntime's CUDA execution provider).
         tolerance: overrides the table.
         seed: seed of the random token ids.
+        slots: for an adapter-bank graph (:mod:`bca_deploy.exporters.bank`): the adapter name of each
+            slot (``None`` for the base slot 0). Rows are spread over the slots (``adapter_ids``
+            cycles through them, shifted per case) and the reference runs the same mixed batch with
+            :func:`bca_deploy.inject.mixed_adapters`.
+        run_options: ``onnxruntime.RunOptions`` for every run (e.g. with an active adapter file).
 
     Returns:
         The :class:`ValidationReport` (not raised on failure: call ``report.raise_for_failures()``).
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=onnx_providers(provider))
+    options = ort.SessionOptions()
+    # Errors only: a bank graph's overridable initializers make onnxruntime warn once per input.
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=onnx_providers(provider))
     dtype = dtype or _graph_dtype(session)
     if dtype not in TOLERANCES:
         raise UnsupportedExportError(f"dtype must be one of {', '.join(TOLERANCES)}; got {dtype!r}")
@@ -344,31 +368,36 @@ def validate_model(
     rng = np.random.default_rng(seed)
     config = getattr(reference, "config", None)
     reference = reference.eval()
-    for case in (Case.of(c) for c in (cases or DEFAULT_CASES)):
+    for index, case in enumerate(Case.of(c) for c in (cases or DEFAULT_CASES)):
         label = f"b={case.batch} s={case.seq}"
-        with torch.inference_mode():
+        ids, routing = None, contextlib.nullcontext()
+        if slots is not None:
+            ids = (np.arange(case.batch) + index) % len(slots)
+            routing = mixed_adapters(reference, [slots[i] for i in ids])
+            label += " ids=" + ",".join(map(str, ids))
+        with torch.inference_mode(), routing:
             if not with_past:
-                feeds = _text_inputs(session, config, case.batch, case.seq, rng, pad=True)
+                feeds = _text_inputs(session, config, case.batch, case.seq, rng, pad=True, adapter_ids=ids)
                 kwargs = _torch_kwargs(reference, feeds)
                 if "use_cache" in inspect.signature(reference.forward).parameters:
                     # graphs without past inputs may still output the present key/values
                     kwargs["use_cache"] = any(_PRESENT.fullmatch(n) for n in output_names)
-                got = session.run(output_names, feeds)
+                got = session.run(output_names, feeds, run_options)
                 refs = _reference_outputs(reference(**kwargs), output_names)
                 report.rows += [_compare(n, label, g, refs[n], tol) for n, g in zip(output_names, got, strict=True)]
                 continue
             # step 1: prefill with an empty past
             non_past = [i for i in session.get_inputs() if not _PAST.fullmatch(i.name)]
-            feeds = _text_inputs(_InputsView(non_past), config, case.batch, case.seq, rng, pad=False)
+            feeds = _text_inputs(_InputsView(non_past), config, case.batch, case.seq, rng, pad=False, adapter_ids=ids)
             feeds.update(_empty_past(session, case.batch))
             kwargs = _torch_kwargs(reference, feeds)
             out = reference(**kwargs, use_cache=True)
             refs = _reference_outputs(out, output_names)
-            got = session.run(output_names, feeds)
+            got = session.run(output_names, feeds, run_options)
             report.rows += [_compare(n, f"{label} step 1", g, refs[n], tol) for n, g in zip(output_names, got, strict=True)]
             # step 2: new tokens with the past each side computed
             n_new, total = case.new_tokens, case.seq + case.new_tokens
-            feeds2 = _text_inputs(_InputsView(non_past), config, case.batch, n_new, rng, pad=False)
+            feeds2 = _text_inputs(_InputsView(non_past), config, case.batch, n_new, rng, pad=False, adapter_ids=ids)
             if "attention_mask" in feeds2:
                 feeds2["attention_mask"] = np.ones((case.batch, total), dtype=feeds2["attention_mask"].dtype)
             if "position_ids" in feeds2:
@@ -380,7 +409,7 @@ def validate_model(
             kwargs2 = _torch_kwargs(reference, feeds2)
             out2 = reference(**kwargs2, past_key_values=out.past_key_values, use_cache=True)
             refs2 = _reference_outputs(out2, output_names)
-            got2 = session.run(output_names, feeds2)
+            got2 = session.run(output_names, feeds2, run_options)
             label2 = f"{label} step 2 (+{n_new})"
             report.rows += [_compare(n, label2, g, refs2[n], tol) for n, g in zip(output_names, got2, strict=True)]
     return report
