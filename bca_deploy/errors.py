@@ -14,6 +14,9 @@ __all__ = [
     "AdapterMismatchError",
     "OutputExistsError",
     "NonFiniteError",
+    "UnknownAdapterError",
+    "AdapterNameError",
+    "ServingError",
 ]
 
 
@@ -43,6 +46,21 @@ class NonFiniteError(BCAError, ValueError):
 
 class OutputExistsError(BCAError, FileExistsError):
     """An output path exists and overwriting was not asked for."""
+
+
+class UnknownAdapterError(BCAError, KeyError):
+    """A request names an adapter that is not loaded."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterNameError(BCAError, ValueError):
+    """An adapter name is not allowed (characters, length, reserved, or outside the adapter store)."""
+
+
+class ServingError(BCAError, RuntimeError):
+    """A serving runtime cannot do what was asked (wrong kind of graph, task, or request)."""
 
 
 def format_problems(header: str, problems: list[str], limit: int = 50) -> str:
