@@ -186,22 +186,61 @@ def _parse_cases(cases: str | None):
 @click.option("--cases", default=None, help=_CASES_HELP)
 @click.option("--atol", type=float, default=None, help="Override the validation tolerance (absolute).")
 @click.option("--no-validate", is_flag=True, help="Skip validation (not recommended).")
+@click.option("--bank", is_flag=True,
+              help="Unmerged adapter-bank graph for multi-adapter serving: each --adapter keeps its own slot, "
+                   "chosen per row by an adapter_ids input (0 = base model); writes adapters/<name>.onnx_adapter "
+                   "files too. Serve it with bca-deploy serve.")
 @click.option("--out", type=_PATH, required=True, help="Output directory for the ONNX model.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str | None, opset: int | None, dtype: str,
-           fft: str, provider: str, cases: str | None, atol: float | None, no_validate: bool, out: Path,
+           fft: str, provider: str, cases: str | None, atol: float | None, no_validate: bool, bank: bool, out: Path,
            overwrite: bool) -> None:
     """Export the adapted model to ONNX and validate it against PyTorch under onnxruntime.
 
     Exits non-zero if any output differs from PyTorch by more than the tolerance; the validated
-    directory loads with optimum.onnxruntime.ORTModelFor*.
+    directory loads with optimum.onnxruntime.ORTModelFor* (bank graphs: with bca-deploy serve).
     """
     from .exporters import export as export_model
 
     path = export_model(model_dir, out, list(adapters), merge=merge, task=task, opset=opset, dtype=dtype, fft=fft,
                         overwrite=overwrite, validate=not no_validate, provider=provider,
-                        cases=_parse_cases(cases), atol=atol, verbose=True)
-    click.echo(f"wrote {'merged' if merge else 'unmerged'} ONNX model to {path}")
+                        cases=_parse_cases(cases), atol=atol, verbose=True, bank=bank)
+    kind = "adapter-bank" if bank else ("merged" if merge else "unmerged")
+    click.echo(f"wrote {kind} ONNX model to {path}")
+
+
+@main.command()
+@click.argument("export_dir", type=_EXISTING_DIR)
+@click.option("--adapter-store", type=_EXISTING_DIR, default=None,
+              help="Directory of adapter directories; POST /v1/adapters loads <store>/<name> by name.")
+@click.option("--load", "load", multiple=True, help="Adapter name in the store to load at start; repeatable.")
+@click.option("--no-exported-adapters", is_flag=True,
+              help="Do not serve the adapters the graph was exported with (only --load and runtime loads).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 for all).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's).")
+@click.option("--max-batch-rows", type=int, default=64, show_default=True,
+              help="Most rows in one micro-batch (requests are batched together, each row with its adapter).")
+@click.option("--max-wait-ms", type=float, default=5.0, show_default=True,
+              help="How long a request waits for others to join its batch.")
+def serve(export_dir: Path, adapter_store: Path | None, load: tuple[str, ...], no_exported_adapters: bool, host: str,
+          port: int, provider: str, threads: int | None, max_batch_rows: int, max_wait_ms: float) -> None:
+    """Serve an adapter-bank export (bca-deploy export --bank) over HTTP, one adapter per request.
+
+    Endpoints: GET /health, GET|POST /v1/adapters, DELETE /v1/adapters/NAME, POST /v1/embeddings,
+    /v1/classify or /v1/generate (by the graph's task). One JSON log line per request on stderr.
+    """
+    try:
+        from .serving.http import run_server
+    except ImportError as exc:
+        raise click.ClickException(f"bca-deploy serve needs the serve extra ({exc.name} is missing): "
+                                   "pip install 'bca-deploy[serve]'") from None
+    click.echo(f"serving {export_dir} on http://{host}:{port} (Ctrl-C to stop)", err=True)
+    run_server(export_dir, host=host, port=port, adapter_store=adapter_store, load=load, provider=provider,
+               threads=threads, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms,
+               load_exported=not no_exported_adapters)
 
 
 @main.command()

@@ -404,7 +404,7 @@ class MultiAdapterSession:
         return feeds
 
     def embed(self, inputs: Sequence[str] | Sequence[Sequence[int]], adapters: Sequence[str | None],
-              pooling: str = "mean", normalize: bool = False) -> np.ndarray:
+              pooling: str = "mean", normalize: bool = False, snapshot: BankSnapshot | None = None) -> np.ndarray:
         """Sentence embeddings (B, hidden) of texts or token-id lists, each row through its adapter.
 
         ``pooling``: ``"mean"`` over non-padding tokens (sentence-transformers' default), ``"cls"`` (first
@@ -414,7 +414,7 @@ class MultiAdapterSession:
             raise ServingError(f"pooling must be 'mean', 'cls' or 'last'; got {pooling!r}")
         feeds = self._feeds(inputs)
         name = "last_hidden_state" if "last_hidden_state" in self.output_names else self.output_names[0]
-        hidden = self.run(feeds, adapters, [name])[name].astype(np.float32)  # (B, T, H)
+        hidden = self.run(feeds, adapters, [name], snapshot)[name].astype(np.float32)  # (B, T, H)
         mask = feeds.get("attention_mask", np.ones(feeds["input_ids"].shape, dtype=np.int64)).astype(np.float32)
         if pooling == "mean":
             vectors = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1.0)
@@ -426,11 +426,12 @@ class MultiAdapterSession:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors
 
-    def classify(self, inputs: Sequence[str] | Sequence[Sequence[int]], adapters: Sequence[str | None]) -> list[dict[str, Any]]:
+    def classify(self, inputs: Sequence[str] | Sequence[Sequence[int]], adapters: Sequence[str | None],
+                 snapshot: BankSnapshot | None = None) -> list[dict[str, Any]]:
         """Sequence classification: per row ``{"label", "score", "scores"}`` (softmax over the labels)."""
         if "logits" not in self.output_names or self.with_past:
             raise ServingError(f"this graph was exported for {self.task!r}; classification needs a text-classification export")
-        logits = self.run(self._feeds(inputs), adapters, ["logits"])["logits"].astype(np.float64)
+        logits = self.run(self._feeds(inputs), adapters, ["logits"], snapshot)["logits"].astype(np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         labels = getattr(self.config, "id2label", None) or {}
@@ -440,6 +441,34 @@ class MultiAdapterSession:
             results.append({"label": labels.get(best, str(best)), "score": float(row[best]),
                             "scores": {labels.get(i, str(i)): float(p) for i, p in enumerate(row)}})
         return results
+
+    def check_inputs(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> int:
+        """Check a request's rows before it joins a batch; return the longest row's token count.
+
+        Raises:
+            ServingError: no rows, a mix of texts and token ids, an empty row, texts without a
+                tokenizer, token ids outside the vocabulary, or rows (plus ``max_new_tokens``) longer
+                than the model's ``max_position_embeddings``.
+        """
+        if not inputs:
+            raise ServingError("no inputs given")
+        texts = [isinstance(x, str) for x in inputs]
+        if any(texts) and not all(texts):
+            raise ServingError("inputs must be all texts or all token-id lists, not a mix")
+        if all(texts):
+            lengths = [len(self.tokenizer(x)["input_ids"]) for x in inputs]
+            limit_note = " (texts are truncated for encoders)"
+        else:
+            rows = [list(x) for x in inputs]
+            self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
+            lengths = [len(r) for r in rows]
+            limit_note = ""
+        longest = max(lengths)
+        limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        if limit and (self.with_past or not all(texts)) and longest + max_new_tokens > int(limit):
+            raise ServingError(f"{longest} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                               f"{int(limit)} positions{limit_note}")
+        return longest
 
     def _feeds(self, inputs) -> dict[str, np.ndarray]:
         if self.with_past:
