@@ -74,7 +74,9 @@ def run_demo(
     2. ``save_adapter`` and ``load_adapter`` into a fresh model (must be bit-exact);
     3. write it in PEFT's C3A format and load that back (exact layout/scale conversion);
     4. stream-merge it into a standalone checkpoint and load that with plain transformers;
-    5. export merged and unmerged ONNX graphs, validated under onnxruntime (if installed).
+    5. export merged and unmerged ONNX graphs, validated under onnxruntime (if installed);
+    6. export an adapter-bank graph with this adapter and a second one, and serve a mixed batch
+       (adapter, second adapter, base model, adapter) through :class:`~bca_deploy.serving.MultiAdapterSession`.
 
     Returns:
         The :class:`DemoStep` of every stage.
@@ -138,4 +140,18 @@ def run_demo(
                           task="feature-extraction", verbose=False)
             record(f"ONNX export ({'merged' if merge_flag else 'unmerged BCA subgraphs'}), validated", start,
                    None, path)
+        start = time.perf_counter()
+        second = inject(AutoModel.from_pretrained(model_dir).eval(), list(targets), block_size=block_size,
+                        init="normal", init_std=0.01, seed=1)
+        second_dir = save_adapter(second, out_dir / "adapter-second")
+        bank_dir = export(model_dir, out_dir / "onnx-bank", [adapter_dir, second_dir], merge=False, bank=True,
+                          task="feature-extraction", verbose=False)
+        from .serving import MultiAdapterSession
+
+        session = MultiAdapterSession(bank_dir)
+        rows = [adapter_dir.name, second_dir.name, None, adapter_dir.name]
+        served = torch.from_numpy(session.embed(SENTENCES, rows))
+        expected = torch.stack([adapted[0], _mean_pooled(second, batch)[1], base_embeddings[2], adapted[3]])
+        record("adapter-bank ONNX graph, mixed batch (2 adapters + base) through MultiAdapterSession", start,
+               (served - expected).abs().max().item(), bank_dir)
     return steps

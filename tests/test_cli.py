@@ -130,3 +130,34 @@ def test_train_and_evaluate_commands(tmp_path):
                                    "--out", str(tmp_path / "run2")])
     assert missing.exit_code == 2 and "nope.tsv" in missing.output
     assert not (tmp_path / "run2").exists()
+
+
+def test_export_bank_and_its_refusals(tmp_path):
+    import json
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    adapters = []
+    for seed, targets in enumerate((["q_proj", "v_proj"], ["gate_proj"])):
+        model = bd.inject(tiny_llama(), targets, block_size=8, init="normal", seed=seed)
+        adapters.append(bd.save_adapter(model, tmp_path / f"ad{seed}"))
+    runner = CliRunner()
+    common = ["export", "--model", str(tmp_path / "base"), "--adapter", str(adapters[0]), "--adapter", str(adapters[1]),
+              "--cases", "2x5"]
+    refused = runner.invoke(main, common + ["--merge", "--bank", "--out", str(tmp_path / "onnx")])
+    assert refused.exit_code == 2 and "merge" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "onnx").exists()
+    result = runner.invoke(main, common + ["--bank", "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert "wrote adapter-bank ONNX model" in result.output
+    bank = json.loads((tmp_path / "onnx" / "bca_export.json").read_text())["bank"]
+    assert bank["slots"] == [None, "ad0", "ad1"]
+    assert {t["module"].rsplit(".", 1)[-1] for t in bank["tensors"]} == {"q_proj", "v_proj", "gate_proj"}
+    for name in ("ad0", "ad1"):
+        assert (tmp_path / "onnx" / bank["adapter_files"][name]).is_file()
+    # serve refuses a graph that is not a bank, as a clean error, before binding any port
+    plain = runner.invoke(main, ["export", "--model", str(tmp_path / "base"), "--adapter", str(adapters[0]),
+                                 "--cases", "1x4", "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    served = runner.invoke(main, ["serve", str(tmp_path / "plain"), "--port", "1"])
+    assert served.exit_code == 2 and "not an adapter-bank graph" in served.output and "--bank" in served.output
