@@ -357,7 +357,8 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
 
     Raises:
         ValueError: an unknown adapter name (the message lists the model's adapters), an empty list,
-            or an adapter merged into the base weights (checked before anything runs).
+            an adapter merged into the base weights, or an adapter with ``modules_to_save`` (a head
+            every row shares) mixed with other choices (checked before anything runs).
     """
     names = [BASE_ADAPTER if n is None else str(n) for n in names]
     if not names:
@@ -372,6 +373,14 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     if merged:
         raise ValueError(f"cannot route rows while adapters are merged into the base weights ({merged[:3]}...); "
                          "unmerge first")
+    chosen = sorted(set(names))
+    configs = adapter_configs(model)
+    saving = [n for n in chosen if n in configs and configs[n].modules_to_save]
+    if saving and len(chosen) > 1:
+        raise ValueError(
+            f"adapter(s) {saving} save whole modules ({', '.join(configs[saving[0]].modules_to_save)}) that every row "
+            "of a batch shares, so they cannot be mixed with other adapters or the base model in one batch"
+        )
     rows = RowAdapters(names)
     previous = [layer.row_adapters for layer in layers]
     for layer in layers:

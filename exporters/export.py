@@ -270,7 +270,18 @@ class _BankPlan:
         from .bank import bank_layout, model_adapter_tensors, placeholder_kernels
         from .loading import adapter_names
 
+        from bca_deploy.inject import adapter_configs
+
         self.names = adapter_names(adapter_dirs)
+        configs = adapter_configs(model)
+        saved = [f"{directory} ({', '.join(configs[name].modules_to_save)})"
+                 for directory, name in zip(adapter_dirs, self.names, strict=True)
+                 if name in configs and configs[name].modules_to_save]
+        if saved:
+            raise UnsupportedExportError(
+                "an adapter-bank graph shares every whole module among its rows, but these adapters save whole "
+                f"modules of their own: {'; '.join(saved)}. Export each of them on its own (merged or unmerged)"
+            )
         self.layout = bank_layout(model, self.names)
         self.placeholders = placeholder_kernels(self.layout)
         self.tensors = {name: model_adapter_tensors(model, name, self.layout) for name in self.names}
