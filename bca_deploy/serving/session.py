@@ -355,15 +355,18 @@ class MultiAdapterSession:
     def tokenizer(self):
         """The tokenizer saved with the export (raises :class:`ServingError` if there is none)."""
         if self._tokenizer is None:
+            files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                     "spiece.model")
+            if not any((self.export_dir / f).is_file() for f in files):
+                raise ServingError(f"{self.export_dir} has no tokenizer files; send token ids, or export a model "
+                                   "directory that includes its tokenizer")
             try:
                 from transformers import AutoTokenizer
 
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
-            except (OSError, ValueError) as exc:
-                raise ServingError(
-                    f"{self.export_dir} has no tokenizer files ({exc.__class__.__name__}); send token ids, or export "
-                    "a model directory that includes its tokenizer"
-                ) from None
+            except Exception as exc:  # transformers raises many types for incomplete tokenizer files
+                raise ServingError(f"cannot load the tokenizer saved in {self.export_dir}: "
+                                   f"{exc.__class__.__name__}: {exc}") from exc
         return self._tokenizer
 
     def encode(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:

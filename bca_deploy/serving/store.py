@@ -37,23 +37,27 @@ class AdapterStore:
             AdapterNameError: an invalid name, or one that resolves outside the store (a symbolic link out).
             UnknownAdapterError: no adapter directory of that name in the store.
         """
-        check_adapter_name(name)
-        candidate = (self.root / name).resolve()
-        if candidate.parent != self.root and self.root not in candidate.parents:
-            raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store {self.root}")
-        if not (candidate / CONFIG_FILE).is_file():
+        candidate = self._resolve(name)
+        if candidate is None:
             raise UnknownAdapterError(f"no adapter {name!r} in the store {self.root} (available: "
                                       f"{', '.join(self.names()) or '(none)'})")
         return candidate
 
+    def _resolve(self, name: str) -> Path | None:
+        """The checked directory of ``name``, or None if the store has no adapter directory of that name."""
+        check_adapter_name(name)
+        candidate = (self.root / name).resolve()
+        if candidate.parent != self.root and self.root not in candidate.parents:
+            raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store {self.root}")
+        return candidate if (candidate / CONFIG_FILE).is_file() else None
+
     def names(self) -> list[str]:
-        """Adapter names available in the store (sub-directories with an adapter config and a valid name)."""
+        """Adapter names that :meth:`path` accepts: valid names of adapter directories inside the store."""
         names = []
         for child in sorted(self.root.iterdir()):
             try:
-                check_adapter_name(child.name)
+                if self._resolve(child.name) is not None:
+                    names.append(child.name)
             except AdapterNameError:
                 continue
-            if (child / CONFIG_FILE).is_file():
-                names.append(child.name)
         return names

@@ -1,0 +1,329 @@
+"""Adapter-bank exports (``export(..., merge=False, bank=True)``) on tiny BERT and Llama, three adapters each.
+
+The bank graph is checked against references that do not share its bank code:
+
+- each adapter's **single-adapter unmerged export** (``export(model_dir, out, [adapter], merge=False)``,
+  itself validated against PyTorch), run on the same inputs with every bank row set to that adapter;
+- the PyTorch model row by row (a row alone, its adapter active) for mixed batches;
+- the PyTorch model under ``mixed_adapters`` for the per-adapter ``.onnx_adapter`` files activated with
+  ``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter``.
+
+The banks come from ``tests/serving/serving_helpers.py`` (shared with the serving tests: exported once
+per session); the single-adapter exports are cached here, module-level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
+from bca_deploy.exporters import export
+from bca_deploy.exporters.bank import (
+    ADAPTER_FILE_SUFFIX,
+    ADAPTERS_DIR,
+    BASE_SLOT,
+    SLOT_AXIS,
+    adapter_tensors,
+    bank_layout,
+    layout_from_dict,
+    stack_bank,
+)
+from bca_deploy.exporters.errors import ExportError, UnsupportedExportError
+from serving_helpers import (  # noqa: F401
+    EXPORTED,
+    TASKS,
+    banks,
+    row_alone,
+    save_tiny_adapter,
+    torch_model,
+)
+
+from bca_deploy import read_adapter
+from bca_deploy.errors import AdapterMismatchError
+from bca_deploy.inject import mixed_adapters
+
+ATOL = 1e-4
+NAMES = ["bert", "llama"]
+LAYERS = 2  # build_model's layer count
+
+_SINGLE: dict[tuple[str, str], Path] = {}
+
+
+@pytest.fixture(scope="session")
+def single(banks, tmp_path_factory):
+    """``single(model, adapter) -> out_dir``: the validated single-adapter unmerged export of one bank adapter."""
+
+    def get(name: str, adapter: str) -> Path:
+        key = (name, adapter)
+        if key not in _SINGLE:
+            art = banks(name)
+            out = tmp_path_factory.mktemp(f"single-{name}-{adapter}") / "onnx"
+            _SINGLE[key] = export(art["model"], out, [art["adapters"][adapter]], merge=False, task=TASKS[name],
+                                  cases=[(2, 5)], verbose=False)  # validated on one shape: it is a reference
+        return _SINGLE[key]
+
+    return get
+
+
+def ort_session(directory: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def base_feeds(session, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for unpadded rows ``ids`` (B, T): mask of ones, zero token types, positions, empty past."""
+    feeds = {"input_ids": ids.astype(np.int64)}
+    for inp in session.get_inputs():
+        if inp.name == "attention_mask":
+            feeds[inp.name] = np.ones_like(feeds["input_ids"])
+        elif inp.name == "token_type_ids":
+            feeds[inp.name] = np.zeros_like(feeds["input_ids"])
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int64).copy()
+        elif inp.name.startswith("past_key_values."):
+            shape = [ids.shape[0] if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(inp.shape)]
+            feeds[inp.name] = np.zeros(shape, dtype=np.float32)
+    return feeds
+
+
+def step_feeds(session, outputs: dict[str, np.ndarray], new: np.ndarray, past_len: int) -> dict[str, np.ndarray]:
+    """Inputs of one decoding step (``new`` (B, 1)) after a prefill of ``past_len`` tokens."""
+    feeds = {"input_ids": new.astype(np.int64), "attention_mask": np.ones((new.shape[0], past_len + 1), dtype=np.int64),
+             "position_ids": np.full((new.shape[0], 1), past_len, dtype=np.int64)}
+    for name, value in outputs.items():
+        if name.startswith("present."):
+            feeds[name.replace("present", "past_key_values", 1)] = value
+    return {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+
+
+def run(session, feeds, run_options=None) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds, run_options), strict=True))
+
+
+def random_ids(batch: int, length: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, 128, size=(batch, length)).astype(np.int64)
+
+
+def bank_meta(art: dict) -> dict:
+    return json.loads((art["onnx"] / "bca_export.json").read_text())["bank"]
+
+
+def main_output(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    return outputs["logits"] if "logits" in outputs else outputs["last_hidden_state"]
+
+
+# ---- what the export wrote ------------------------------------------------------------------------------
+
+
+def _expected_layout(name: str) -> set[tuple[str, int]]:
+    """(module leaf name, block size) pairs the bank must hold, from the adapters' specs (not from the export)."""
+    return {(t.rsplit(".", 1)[-1] if name == "llama" else t, p) for t, p in
+            ((t, p) for targets, p, _ in EXPORTED[name].values() for t in targets)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bank_metadata_and_files(name, banks):
+    import onnxruntime as ort
+
+    art = banks(name)
+    meta = json.loads((art["onnx"] / "bca_export.json").read_text())
+    assert meta["merged"] is False and meta["task"] == TASKS[name]
+    rows = meta["validation"]["rows"]
+    assert rows and all(r["passed"] for r in rows)
+    assert any("file=" in r["case"] for r in rows)  # the adapter files were validated too
+    bank = meta["bank"]
+    assert bank["ids_input"] == "adapter_ids" and bank["base_slot"] == BASE_SLOT == 0
+    assert bank["slots"] == [None, *EXPORTED[name]]
+    layout = layout_from_dict(bank["tensors"])
+    # one bank input per (adapted module, block size); 'intermediate.dense' and 'query' are BERT leaf paths
+    got = set()
+    for entry in layout.values():
+        leaf = entry.module.rsplit(".", 1)[-1]
+        if name == "bert" and entry.module.endswith("intermediate.dense"):
+            leaf = "intermediate.dense"
+        got.add((leaf, entry.block_size))
+    assert got == _expected_layout(name)
+    assert len(layout) == LAYERS * len(got)
+    assert set(bank["adapter_files"]) == set(EXPORTED[name])
+    for adapter, relative in bank["adapter_files"].items():
+        path = art["onnx"] / relative
+        assert path.is_file() and path.parent.name == ADAPTERS_DIR and path.name == adapter + ADAPTER_FILE_SUFFIX
+        params = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+        assert set(params) == set(layout)  # every bank input, zeros where the adapter does not touch it
+        for key, value in params.items():
+            assert value.shape == layout[key].bank_shape(2)
+            assert not np.take(value, 0, axis=SLOT_AXIS).any()  # slot 0: the base model
+        touched = {k for k, v in params.items() if np.take(v, 1, axis=SLOT_AXIS).any()}
+        targets, p, _ = EXPORTED[name][adapter]
+        assert touched == {k for k, e in layout.items() if e.block_size == p and any(
+            e.module.endswith("." + t) for t in targets)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bank_graph_inputs(name, banks):
+    art = banks(name)
+    model = onnx.load(str(art["onnx"] / "model.onnx"))
+    layout = layout_from_dict(bank_meta(art)["tensors"])
+    inputs = {i.name: i for i in model.graph.input}
+    ids = inputs["adapter_ids"].type.tensor_type
+    assert ids.elem_type == onnx.TensorProto.INT64 and len(ids.shape.dim) == 1
+    initializers = {t.name: t for t in model.graph.initializer}
+    for key, entry in layout.items():
+        assert key in inputs and key in initializers  # overridable: an input with a default
+        dims = inputs[key].type.tensor_type.shape.dim
+        two, two_f, q, o = entry.slot_shape
+        assert [d.dim_value for d in dims[:2]] == [two, two_f] and dims[SLOT_AXIS].dim_param
+        assert [d.dim_value for d in dims[3:]] == [q, o]
+        assert list(initializers[key].dims) == [two, two_f, len(EXPORTED[name]) + 1, q, o]
+
+
+# ---- parity ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,adapter", [(n, a) for n in NAMES for a in ("a0", "a1", "a2")])
+def test_every_row_on_one_adapter_equals_its_single_export(name, adapter, banks, single):
+    art = banks(name)
+    bank, alone = ort_session(art["onnx"]), ort_session(single(name, adapter))
+    slot = bank_meta(art)["slots"].index(adapter)
+    ids = random_ids(3, 6, seed=1)
+    feeds = base_feeds(alone, ids)
+    want = run(alone, feeds)
+    got = run(bank, {**feeds, "adapter_ids": np.full(3, slot, dtype=np.int64)})
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=ATOL, rtol=0, err_msg=key)
+    if name == "llama":  # one decoding step with the past each graph produced
+        new = random_ids(3, 1, seed=2)
+        want2 = run(alone, step_feeds(alone, want, new, 6))
+        got2 = run(bank, {**step_feeds(bank, got, new, 6), "adapter_ids": np.full(3, slot, dtype=np.int64)})
+        for key in want2:
+            np.testing.assert_allclose(got2[key], want2[key], atol=ATOL, rtol=0, err_msg=f"step 2 {key}")
+    # the adapter changes the output (the comparison could fail)
+    base = run(bank, {**feeds, "adapter_ids": np.zeros(3, dtype=np.int64)})
+    assert np.abs(main_output(base) - main_output(want)).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mixed_batch_rows_equal_each_row_alone(name, banks, single):
+    art = banks(name)
+    bank = ort_session(art["onnx"])
+    slots = bank_meta(art)["slots"]
+    choice = ["a0", None, "a2", "a1", "a1", None, "a0", "a2", "a0"]
+    ids = random_ids(len(choice), 5, seed=3)
+    got = main_output(run(bank, {**base_feeds(bank, ids),
+                                 "adapter_ids": np.array([slots.index(c) for c in choice], dtype=np.int64)}))
+    base_model = torch_model(name)
+    for b, adapter in enumerate(choice):
+        if adapter is None:
+            want = row_alone(base_model, ids[b].tolist(), None).numpy()
+        else:
+            sess = ort_session(single(name, adapter))
+            want = main_output(run(sess, base_feeds(sess, ids[b:b + 1])))[0]
+        np.testing.assert_allclose(got[b], want, atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_files_with_lora_adapter_equal_pytorch(name, banks):
+    import onnxruntime as ort
+
+    art = banks(name)
+    session = ort_session(art["onnx"])
+    model = torch_model(name)
+    ids = random_ids(4, 6, seed=4)
+    feeds = base_feeds(session, ids)
+    for adapter, relative in bank_meta(art)["adapter_files"].items():
+        lora = ort.LoraAdapter()
+        lora.Load(str(art["onnx"] / relative))
+        options = ort.RunOptions()
+        options.add_active_adapter(lora)
+        got = main_output(run(session, {**feeds, "adapter_ids": np.array([1, 0, 0, 1], dtype=np.int64)}, options))
+        with torch.no_grad(), mixed_adapters(model, [adapter, None, None, adapter]):
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(4, 6, dtype=torch.long))
+        want = (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=adapter)
+        # the file really replaced the embedded bank: slot 1 of the graph's default bank is a0
+        if adapter != "a0":
+            default = main_output(run(session, {**feeds, "adapter_ids": np.array([1, 0, 0, 1], dtype=np.int64)}))
+            assert np.abs(default[0] - got[0]).max() > 1e-3
+
+
+def test_fed_bank_serves_an_adapter_that_was_not_exported(banks):
+    """adapter_tensors + stack_bank on an adapter read from disk, fed as the bank inputs: PyTorch parity."""
+    art = banks("llama")
+    session = ort_session(art["onnx"])
+    layout = layout_from_dict(bank_meta(art)["tensors"])
+    config, state = read_adapter(art["extra"]["extra"])
+    tensors = adapter_tensors(config, state, layout, "model")
+    feeds = stack_bank([None, None, tensors], layout)  # slot 1 left empty: zeros = base as well
+    ids = random_ids(3, 5, seed=5)
+    got = run(session, {**base_feeds(session, ids), **feeds, "adapter_ids": np.array([2, 0, 1], dtype=np.int64)})
+    model = torch_model("llama")
+    for b, adapter in enumerate(["extra", None, None]):
+        np.testing.assert_allclose(got["logits"][b], row_alone(model, ids[b].tolist(), adapter).numpy(), atol=ATOL,
+                                   rtol=0, err_msg=f"row {b}")
+
+
+def test_bank_layout_of_a_model(banks):
+    art = banks("bert")
+    layout = bank_layout(torch_model("bert"), list(EXPORTED["bert"]))
+    assert layout == layout_from_dict(bank_meta(art)["tensors"])
+    with pytest.raises(ExportError, match="nothing to bank"):
+        bank_layout(torch_model("bert"), ["not-there"])
+
+
+# ---- refusals -------------------------------------------------------------------------------------------
+
+
+def test_bank_with_merge_is_refused_before_anything_is_written(banks, tmp_path):
+    art = banks("bert")
+    out = tmp_path / "out"
+    with pytest.raises(UnsupportedExportError, match="merge"):
+        export(art["model"], out, list(art["adapters"].values()), merge=True, bank=True, task=TASKS["bert"],
+               verbose=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UnsupportedExportError):  # refused before the model is even read
+        export(tmp_path / "no-such-model", out, [tmp_path / "no-such-adapter"], merge=True, bank=True, verbose=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_modules_to_save_adapter_is_refused(banks, tmp_path):
+    from bca_deploy.serving import MultiAdapterSession
+
+    art = banks("bert")
+    head = save_tiny_adapter("bert", tmp_path / "adapters" / "head", ["query"], 8, 40,
+                             modules_to_save=["encoder.layer.1.output.LayerNorm"])
+    config, state = read_adapter(head)
+    layout = layout_from_dict(bank_meta(art)["tensors"])
+    with pytest.raises(AdapterMismatchError, match="whole modules"):
+        adapter_tensors(config, state, layout)
+    session = MultiAdapterSession(art["onnx"])
+    before, snapshot = session.adapters(), session.snapshot()
+    with pytest.raises(AdapterMismatchError, match="LayerNorm"):
+        session.register("head", head)
+    assert session.adapters() == before and session.snapshot() is snapshot
+    out = tmp_path / "out"
+    with pytest.raises(UnsupportedExportError, match="whole modules"):
+        export(art["model"], out, [art["adapters"]["a0"], head], merge=False, bank=True, task=TASKS["bert"],
+               verbose=False)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+
+
+def test_misfit_adapter_tensors_list_every_problem(banks):
+    art = banks("llama")
+    layout = layout_from_dict(bank_meta(art)["tensors"])
+    for misfit, needle in (("misfit-module", "not adapted in the bank graph"), ("misfit-block", "block size 4")):
+        config, state = read_adapter(art["extra"][misfit])
+        with pytest.raises(AdapterMismatchError, match=needle) as err:
+            adapter_tensors(config, state, layout, "model")
+        assert "model.layers.0." in str(err.value) and "model.layers.1." in str(err.value)  # both layers listed

@@ -1,0 +1,137 @@
+"""Adapter-bank exports of tiny models and their PyTorch references, shared by the serving and bank tests.
+
+Not a ``conftest.py`` (``tests/conftest.py`` is imported elsewhere as ``conftest``; a second one would
+shadow it): test modules put this folder on ``sys.path`` and import what they use. The caches are
+module-level, so within one pytest session each bank is exported once, whichever test module asks first
+(``tests/exporters/test_bank.py`` imports this module too).
+
+Two banks, each exported from three adapters with different targets and block sizes:
+
+- ``llama`` (``text-generation-with-past``): a0 q/v p8, a1 q/v/gate p8, a2 q/v/down p16;
+- ``bert`` (``feature-extraction``): a0 query/value p8, a1 query/intermediate p8, a2 query/value p16;
+
+plus adapters that were **not** exported (registered at run time): ones that fit the bank (also in
+PEFT's C3A format) and misfits (a module the bank does not adapt, a block size it does not hold).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
+from exporters_helpers import build_model
+
+from bca_deploy import inject, load_adapter, save_adapter, set_adapter
+from bca_deploy.inject import adapters_disabled
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 128  # build_model's vocabulary
+TASKS = {"llama": "text-generation-with-past", "bert": "feature-extraction"}
+TORCH_TASKS = {"llama": "text-generation", "bert": "feature-extraction"}
+
+# name -> (targets, block size, seed); exported together into one bank graph, slots 1..3 in this order.
+EXPORTED = {
+    "llama": {
+        "a0": (["q_proj", "v_proj"], 8, 0),
+        "a1": (["q_proj", "v_proj", "gate_proj"], 8, 1),
+        "a2": (["q_proj", "v_proj", "down_proj"], 16, 2),
+    },
+    "bert": {
+        "a0": (["query", "value"], 8, 0),
+        "a1": (["query", "intermediate.dense"], 8, 1),
+        "a2": (["query", "value"], 16, 2),
+    },
+}
+# Adapters saved beside the export, not in it: name -> (targets, block size, seed, format).
+EXTRA = {
+    "llama": {
+        "extra": (["q_proj", "gate_proj"], 8, 10, "bca"),  # fits: q_proj p8 (a0/a1), gate_proj p8 (a1)
+        "peftish": (["v_proj", "down_proj"], 16, 11, "peft"),  # PEFT C3A format; fits (a2's block size)
+        "misfit-module": (["k_proj"], 8, 12, "bca"),  # the bank holds no k_proj kernels
+        "misfit-block": (["q_proj"], 4, 13, "bca"),  # the bank holds q_proj at p=8 and p=16, not 4
+    },
+    "bert": {
+        "bext": (["value", "intermediate.dense"], 8, 20, "bca"),  # value p8 (a0), intermediate.dense p8 (a1)
+        "bpeft": (["query", "value"], 16, 21, "peft"),
+        "misfit-block": (["value"], 4, 22, "bca"),
+    },
+}
+
+
+def save_tiny_adapter(name: str, directory: Path, targets, block_size: int, seed: int, fmt: str = "bca",
+                      **kwargs) -> Path:
+    """Inject one adapter (non-zero kernels) into a fresh tiny ``name`` model and save it."""
+    model = build_model(name)
+    inject(model, targets, block_size=block_size, init="normal", init_std=0.05, seed=seed, **kwargs)
+    save_adapter(model, directory, format=fmt)
+    return directory
+
+
+def _make(name: str, root: Path) -> dict:
+    from bca_deploy.exporters import export
+
+    model_dir = root / "model"
+    build_model(name).save_pretrained(model_dir)
+    adapters = {n: save_tiny_adapter(name, root / "adapters" / n, t, p, s) for n, (t, p, s) in EXPORTED[name].items()}
+    extra = {n: save_tiny_adapter(name, root / "extra" / n, t, p, s, fmt)
+             for n, (t, p, s, fmt) in EXTRA[name].items()}
+    onnx = export(model_dir, root / "onnx", list(adapters.values()), merge=False, bank=True, task=TASKS[name],
+                  verbose=False)
+    return {"name": name, "root": root, "model": model_dir, "adapters": adapters, "extra": extra, "onnx": onnx}
+
+
+_BANKS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def banks(tmp_path_factory):
+    """``banks(name) -> dict``: ``model``, ``adapters`` {name: dir}, ``extra`` {name: dir}, ``onnx`` (the bank)."""
+
+    def get(name: str) -> dict:
+        if name not in _BANKS:
+            _BANKS[name] = _make(name, tmp_path_factory.mktemp(f"bank-{name}"))
+        return _BANKS[name]
+
+    return get
+
+
+# ---- PyTorch references ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def torch_model(name: str):
+    """The PyTorch model of bank ``name`` with every exported and fitting extra adapter loaded (by name)."""
+    art = _BANKS[name]
+    model = build_model(name)  # seeded: the weights saved to art["model"]
+    for n, directory in {**art["adapters"], **art["extra"]}.items():
+        if not n.startswith("misfit"):
+            load_adapter(model, directory, adapter_name=n)
+    return model.eval()
+
+
+def row_alone(model, ids: list[int], adapter: str | None) -> torch.Tensor:
+    """Model output for one unpadded row through ``adapter`` alone (the layers' non-routing path)."""
+    x = torch.tensor([list(ids)])
+    with torch.no_grad():
+        if adapter is None or adapter == "__base__":
+            with adapters_disabled(model):
+                out = model(input_ids=x, attention_mask=torch.ones_like(x))
+        else:
+            set_adapter(model, adapter)
+            out = model(input_ids=x, attention_mask=torch.ones_like(x))
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state)[0]
+
+
+def token_rows(n: int, seed: int, low: int = 2, high: int = 9) -> list[list[int]]:
+    """``n`` random token-id rows of lengths in [low, high), ids in [3, VOCAB) (no bos/eos/pad ids)."""
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, VOCAB, size=int(rng.integers(low, high)))] for _ in range(n)]

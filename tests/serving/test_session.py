@@ -1,0 +1,505 @@
+"""``MultiAdapterSession`` and ``AdapterStore`` on tiny adapter-bank exports, checked against PyTorch.
+
+The banks (tiny BERT for ``run``/``embed``, tiny Llama for ``generate``; three exported adapters each,
+plus fitting and misfit adapters that were not exported) come from ``serving_helpers.py``. References:
+
+- ``run``/``embed``: the PyTorch model with every adapter loaded, each row run **alone** with its adapter
+  active (``set_adapter``; ``adapters_disabled`` for base rows), i.e. not through the per-row routing;
+- greedy ``generate``: PyTorch ``model.generate(do_sample=False)`` on the left-padded mixed batch under
+  ``mixed_adapters`` (itself checked against dense references in ``tests/test_mixed_adapters.py``), and
+  each prompt generated alone.
+
+Tests that register or unregister adapters use a session of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving_helpers import (
+    EXPORTED,
+    EXTRA,
+    VOCAB,
+    banks,  # noqa: F401  (fixture)
+    row_alone,
+    save_tiny_adapter,
+    token_rows,
+    torch_model,
+)
+
+from bca_deploy.errors import (
+    AdapterMismatchError,
+    AdapterNameError,
+    ServingError,
+    UnknownAdapterError,
+)
+from bca_deploy.inject import mixed_adapters
+from bca_deploy.serving import MultiAdapterSession
+from bca_deploy.serving.store import AdapterStore
+
+ATOL = 1e-4
+CHOICES = ["a0", "a1", "a2", None]
+
+
+@pytest.fixture(scope="module")
+def bert(banks):
+    return banks("bert")
+
+
+@pytest.fixture(scope="module")
+def llama(banks):
+    return banks("llama")
+
+
+@pytest.fixture(scope="module")
+def bert_session(bert):
+    """A shared BERT session: never registered into or unregistered from."""
+    return MultiAdapterSession(bert["onnx"])
+
+
+@pytest.fixture(scope="module")
+def llama_session(llama):
+    """A shared Llama session: never registered into or unregistered from."""
+    return MultiAdapterSession(llama["onnx"])
+
+
+def ref_embedding(ids: list[int], adapter: str | None) -> np.ndarray:
+    """Mean-pooled last_hidden_state of one unpadded row in PyTorch."""
+    return row_alone(torch_model("bert"), ids, adapter).mean(0).numpy()
+
+
+def check_embeddings(session, rows, adapters, **kwargs):
+    got = session.embed(rows, adapters, **kwargs)
+    assert got.shape == (len(rows), 32)
+    for b, (row, adapter) in enumerate(zip(rows, adapters)):
+        np.testing.assert_allclose(got[b], ref_embedding(row, adapter), atol=ATOL, rtol=0,
+                                   err_msg=f"row {b} ({adapter})")
+    return got
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+
+def test_exported_adapters_are_registered(bert, bert_session):
+    from bca_deploy.exporters.bank import adapter_tensors
+
+    from bca_deploy import read_adapter
+
+    assert [a.name for a in bert_session.adapters()] == sorted(EXPORTED["bert"])
+    snapshot = bert_session.snapshot()
+    assert sorted(snapshot.slots) == sorted(EXPORTED["bert"]) and sorted(snapshot.slots.values()) == [1, 2, 3]
+    for info in bert_session.adapters():
+        assert info.block_sizes == (EXPORTED["bert"][info.name][1],)
+    # the slots loaded from the .onnx_adapter files hold what the adapter directories give
+    for name, directory in bert["adapters"].items():
+        config, state = read_adapter(directory)
+        want = adapter_tensors(config, state, bert_session.layout)
+        slot = snapshot.slots[name]
+        for key, bank in snapshot.feeds.items():
+            value = np.take(bank.numpy(), slot, axis=2)
+            if key in want:
+                np.testing.assert_allclose(value, want[key], rtol=0, atol=1e-7)
+            else:
+                assert not value.any()
+        assert not any(np.take(b.numpy(), 0, axis=2).any() for b in snapshot.feeds.values())  # slot 0: base
+    assert bert_session.describe()["adapters"] == sorted(EXPORTED["bert"])
+
+
+def test_not_a_bank_export_is_refused(tmp_path, bert):
+    with pytest.raises(ServingError, match="model.onnx"):
+        MultiAdapterSession(tmp_path)
+    shutil.copy(bert["onnx"] / "model.onnx", tmp_path / "model.onnx")
+    (tmp_path / "bca_export.json").write_text('{"task": "feature-extraction", "merged": true, "bank": null}')
+    with pytest.raises(ServingError, match="--bank"):
+        MultiAdapterSession(tmp_path)
+
+
+# ---- run / embed parity ----------------------------------------------------------------------------------
+
+
+def test_embed_mixed_batch_matches_pytorch(bert_session):
+    rows = token_rows(10, seed=1)
+    adapters = [CHOICES[b % 4] for b in range(len(rows))][::-1]
+    adapters[3] = "__base__"
+    got = check_embeddings(bert_session, rows, adapters)
+    # adapters make a difference, so the comparison could fail
+    same_row = bert_session.embed([rows[0]] * 4, CHOICES)
+    assert min(np.abs(same_row[i] - same_row[j]).max() for i in range(4) for j in range(i)) > 1e-3
+    np.testing.assert_allclose(got[0], same_row[CHOICES.index(adapters[0])], atol=ATOL, rtol=0)
+
+
+def test_embed_pooling_options(bert_session):
+    rows = token_rows(4, seed=2)
+    adapters = ["a2", None, "a0", "a1"]
+    cls = bert_session.embed(rows, adapters, pooling="cls")
+    last = bert_session.embed(rows, adapters, pooling="last")
+    normed = bert_session.embed(rows, adapters, normalize=True)
+    model = torch_model("bert")
+    for b, (row, adapter) in enumerate(zip(rows, adapters)):
+        hidden = row_alone(model, row, adapter).numpy()
+        np.testing.assert_allclose(cls[b], hidden[0], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(last[b], hidden[-1], atol=ATOL, rtol=0)
+        mean = hidden.mean(0)
+        np.testing.assert_allclose(normed[b], mean / np.linalg.norm(mean), atol=ATOL, rtol=0)
+    with pytest.raises(ServingError, match="pooling"):
+        bert_session.embed(rows, adapters, pooling="max")
+
+
+def test_run_mixed_batch_matches_pytorch(bert_session):
+    rows = token_rows(9, seed=3)
+    adapters = ["a1", None, "a0", "a2", "a2", "a0", None, "a1", "a0"]
+    feeds = bert_session.pad_ids(rows)
+    out = bert_session.run(feeds, adapters)
+    assert set(out) == set(bert_session.output_names)
+    hidden = out["last_hidden_state"]
+    for b, (row, adapter) in enumerate(zip(rows, adapters)):
+        want = row_alone(torch_model("bert"), row, adapter).numpy()
+        np.testing.assert_allclose(hidden[b, :len(row)], want, atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
+
+
+def test_run_llama_prefill_matches_pytorch(llama_session):
+    rows = token_rows(5, seed=4, low=4, high=5)  # equal lengths: no padding
+    adapters = ["a2", "a0", None, "a1", "a0"]
+    feeds = llama_session.pad_ids(rows)
+    for name, inp in llama_session.inputs.items():
+        if name.startswith("past_key_values."):
+            feeds[name] = np.zeros((len(rows), inp.shape[1], 0, inp.shape[3]), dtype=np.float32)
+    logits = llama_session.run(feeds, adapters, ["logits"])["logits"]
+    for b, (row, adapter) in enumerate(zip(rows, adapters)):
+        want = row_alone(torch_model("llama"), row, adapter).numpy()
+        np.testing.assert_allclose(logits[b], want, atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
+
+
+def test_run_refuses_bad_requests(bert_session, llama_session):
+    rows = token_rows(3, seed=5)
+    with pytest.raises(ServingError, match="3 rows"):
+        bert_session.run(bert_session.pad_ids(rows), ["a0", None])
+    with pytest.raises(UnknownAdapterError) as err:
+        bert_session.embed(rows, ["a0", "nope", "zzz"])
+    assert "'nope'" in str(err.value) and "'zzz'" in str(err.value)
+    assert all(n in str(err.value) for n in EXPORTED["bert"])
+    with pytest.raises(ServingError):
+        bert_session.pad_ids([[1, 2], []])
+    with pytest.raises(ServingError, match="token ids"):
+        bert_session.pad_ids([[1, VOCAB]])
+    with pytest.raises(ServingError, match="generate"):
+        llama_session.embed(rows, [None] * 3)
+    with pytest.raises(ServingError, match="generation"):
+        bert_session.generate(rows, [None] * 3)
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_texts_without_a_tokenizer_give_a_serving_error(model, bert_session, llama_session):
+    session = bert_session if model == "bert" else llama_session
+    assert not any((session.export_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    with pytest.raises(ServingError, match="tokenizer"):
+        if model == "bert":
+            session.embed(["some text"], [None])
+        else:
+            session.generate(["some text"], [None], max_new_tokens=2)
+
+
+# ---- registering at run time -----------------------------------------------------------------------------
+
+
+def test_register_a_new_adapter_without_re_export(bert, llama):
+    session = MultiAdapterSession(bert["onnx"])
+    info = session.register("bext", bert["extra"]["bext"])
+    assert info.name == "bext" and info.block_sizes == (8,) and info.modules == 4
+    # a name sorting first shifts every slot: each adapter must still get its own kernels
+    session.register("0first", bert["extra"]["bext"])
+    assert [a.name for a in session.adapters()] == ["0first", "a0", "a1", "a2", "bext"]
+    rows = token_rows(8, seed=6)
+    adapters = ["bext", "a0", None, "0first", "a2", "bext", "a1", "a0"]
+    want = [ref_embedding(r, "bext" if a == "0first" else a) for r, a in zip(rows, adapters)]
+    got = session.embed(rows, adapters)
+    for b in range(len(rows)):
+        np.testing.assert_allclose(got[b], want[b], atol=ATOL, rtol=0, err_msg=f"row {b} ({adapters[b]})")
+    with pytest.raises(ValueError, match="already loaded"):
+        session.register("bext", bert["extra"]["bext"])
+    session.register("bext", bert["extra"]["bpeft"], replace=True)
+    np.testing.assert_allclose(session.embed(rows[:1], ["bext"])[0], ref_embedding(rows[0], "bpeft"), atol=ATOL, rtol=0)
+
+
+def test_peft_format_adapter_registers_and_matches(bert, llama):
+    assert EXTRA["bert"]["bpeft"][3] == "peft" and EXTRA["llama"]["peftish"][3] == "peft"
+    assert (bert["extra"]["bpeft"] / "adapter_config.json").read_text().count('"C3A"') == 1
+    session = MultiAdapterSession(bert["onnx"])
+    session.register("p", bert["extra"]["bpeft"])
+    rows = token_rows(4, seed=7)
+    got = session.embed(rows, ["p", None, "p", "a2"])
+    for b, adapter in enumerate(["bpeft", None, "bpeft", "a2"]):
+        np.testing.assert_allclose(got[b], ref_embedding(rows[b], adapter), atol=ATOL, rtol=0)
+    gen = MultiAdapterSession(llama["onnx"])
+    gen.register("peftish", llama["extra"]["peftish"])
+    prompt = token_rows(1, seed=8, low=4, high=5)[0]
+    assert gen.generate([prompt], ["peftish"], max_new_tokens=6)[0] == ref_generate_alone(prompt, "peftish", 6)
+
+
+def test_unregister_then_use(bert):
+    session = MultiAdapterSession(bert["onnx"])
+    info = session.unregister("a1")
+    assert info.name == "a1" and [a.name for a in session.adapters()] == ["a0", "a2"]
+    with pytest.raises(UnknownAdapterError) as err:
+        session.embed(token_rows(2, seed=9), ["a1", None])
+    assert "'a1'" in str(err.value) and "a0, a2" in str(err.value)
+    with pytest.raises(UnknownAdapterError, match="a0, a2"):
+        session.unregister("a1")
+    rows = token_rows(2, seed=9)  # the others still answer correctly after the slots moved
+    check_embeddings(session, rows, ["a2", "a0"])
+
+
+@pytest.mark.parametrize("misfit,needle", [
+    ("misfit-block", "block size 4"),
+    ("misfit-module", "not adapted in the bank graph"),
+    ("wrong-model", "bert"),
+    ("nan", "NaN"),
+])
+def test_misfit_adapter_is_refused_before_any_change(misfit, needle, llama, bert, tmp_path):
+    if misfit in ("misfit-block", "misfit-module"):
+        directory = llama["extra"][misfit]
+    elif misfit == "wrong-model":
+        directory = bert["adapters"]["a0"]  # a BERT adapter for the Llama graph
+    else:
+        directory = tmp_path / "nan"
+        shutil.copytree(llama["extra"]["extra"], directory)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+        key = min(k for k in tensors if k.endswith("gate_proj.bca_kernel"))
+        tensors[key][0, 0, 0] = float("nan")
+        save_file(tensors, str(directory / "adapter_model.safetensors"))
+    session = MultiAdapterSession(llama["onnx"])
+    before, snapshot = session.adapters(), session.snapshot()
+    with pytest.raises(AdapterMismatchError, match=needle):
+        session.register("new", directory)
+    assert session.adapters() == before and session.snapshot() is snapshot
+    with pytest.raises(UnknownAdapterError):
+        session.snapshot().ids(["new"])
+
+
+def test_register_tensors_refuses_misfits(bert):
+    session = MultiAdapterSession(bert["onnx"])
+    key, entry = next(iter(session.layout.items()))
+    before = session.snapshot()
+    for tensors, needle in (({key: np.zeros((1, 2, 3), np.float32)}, "shape"),
+                            ({"nope.bca_freq_p8": np.zeros(entry.slot_shape, np.float32)}, "not a bank input"),
+                            ({key: np.full(entry.slot_shape, np.nan, np.float32)}, "NaN")):
+        with pytest.raises(AdapterMismatchError, match=needle):
+            session.register_tensors("t", tensors)
+    assert session.snapshot() is before
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "__base__", ".hidden", "x" * 200, "a..b", "-x", "a b", None])
+def test_invalid_adapter_names(name, bert):
+    session = MultiAdapterSession(bert["onnx"], load_exported=False)
+    with pytest.raises(AdapterNameError):
+        session.register(name, bert["extra"]["bext"])
+    with pytest.raises(AdapterNameError):
+        session.register_tensors(name, {})
+    assert session.adapters() == []
+
+
+def test_valid_unusual_names(bert):
+    session = MultiAdapterSession(bert["onnx"], load_exported=False)
+    for name in ("x" * 128, "A.b_c-9", "7"):
+        session.register(name, bert["extra"]["bext"])
+    assert len(session.adapters()) == 3
+
+
+# ---- consistency --------------------------------------------------------------------------------------------
+
+
+def test_snapshot_keeps_serving_an_unregistered_adapter(bert, llama):
+    session = MultiAdapterSession(bert["onnx"])
+    rows = token_rows(3, seed=10)
+    snapshot = session.snapshot()
+    before = session.embed(rows, ["a1", "a0", None])
+    session.unregister("a1")
+    session.register("a1", bert["extra"]["bext"])  # same name, different adapter
+    kept = session.embed(rows, ["a1", "a0", None], snapshot=snapshot)
+    np.testing.assert_array_equal(kept, before)
+    np.testing.assert_allclose(session.embed(rows[:1], ["a1"])[0], ref_embedding(rows[0], "bext"), atol=ATOL, rtol=0)
+    session.unregister("a1")
+    with pytest.raises(UnknownAdapterError):
+        session.embed(rows[:1], ["a1"])
+    np.testing.assert_array_equal(session.embed(rows, ["a1", "a0", None], snapshot=snapshot), before)
+    gen = MultiAdapterSession(llama["onnx"])
+    prompt = token_rows(1, seed=11, low=3, high=4)[0]
+    snap = gen.snapshot()
+    gen.unregister("a2")
+    assert gen.generate([prompt], ["a2"], max_new_tokens=5, snapshot=snap)[0] == ref_generate_alone(prompt, "a2", 5)
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+
+
+def ref_generate_alone(prompt: list[int], adapter: str | None, new: int) -> list[int]:
+    model = torch_model("llama")
+    ids = torch.tensor([prompt])
+    with torch.no_grad(), mixed_adapters(model, [adapter]):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_generation_matches_pytorch(llama_session):
+    model = torch_model("llama")
+    rows = token_rows(6, seed=12, low=2, high=9)
+    adapters = ["a0", None, "a2", "a1", "a2", "a0"]
+    new = 10
+    got = llama_session.generate(rows, adapters, max_new_tokens=new)
+    pad = model.config.eos_token_id
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), pad)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r):] = torch.tensor(r)
+        mask[b, length - len(r):] = 1
+    with torch.no_grad(), mixed_adapters(model, adapters):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad)
+    for b in range(len(rows)):
+        ref = out[b, length:].tolist()
+        assert got[b] == ref[:len(got[b])], f"row {b} ({adapters[b]})"
+        assert len(got[b]) == new or got[b][-1] == model.config.eos_token_id
+        assert got[b] == ref_generate_alone(rows[b], adapters[b], new), f"row {b} alone (PyTorch)"
+        assert llama_session.generate([rows[b]], [adapters[b]], max_new_tokens=new)[0] == got[b], f"row {b} alone"
+    assert len({tuple(g) for g in got}) > 3  # rows differ, so a mix-up would show
+
+
+def test_generation_with_a_runtime_registered_adapter(llama):
+    session = MultiAdapterSession(llama["onnx"])
+    session.register("extra", llama["extra"]["extra"])
+    rows = token_rows(3, seed=13)
+    got = session.generate(rows, ["extra", "a1", "extra"], max_new_tokens=6)
+    for b, adapter in enumerate(["extra", "a1", "extra"]):
+        assert got[b] == ref_generate_alone(rows[b], adapter, 6)
+
+
+def test_per_row_max_new_tokens_and_eos(llama_session):
+    rows = token_rows(3, seed=14)
+    got = llama_session.generate(rows, ["a0", None, "a2"], max_new_tokens=[2, 5, 3])
+    eos = llama_session.config.eos_token_id
+    assert all(len(g) == n or (len(g) < n and g[-1] == eos) for g, n in zip(got, [2, 5, 3]))
+    full = llama_session.generate(rows, ["a0", None, "a2"], max_new_tokens=5)
+    for g, f in zip(got, full):
+        assert g == f[:len(g)]
+    # stopping at a chosen end token: the row ends with it
+    stop = full[1][2]
+    stopped = llama_session.generate(rows, ["a0", None, "a2"], max_new_tokens=5, eos_token_id=stop)
+    assert stopped[1] == full[1][:full[1].index(stop) + 1]
+
+
+def test_sampling_is_seeded_and_independent_of_the_batch(llama_session):
+    rows = token_rows(4, seed=15)
+    adapters = ["a1", None, "a0", "a2"]
+    kwargs = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.3, "top_k": 50, "top_p": 0.95}
+    first = llama_session.generate(rows, adapters, seed=[1, 2, 3, 4], **kwargs)
+    again = llama_session.generate(rows, adapters, seed=[1, 2, 3, 4], **kwargs)
+    assert first == again
+    for b in range(4):
+        alone = llama_session.generate([rows[b]], [adapters[b]], seed=[b + 1], **kwargs)[0]
+        assert alone == first[b], f"row {b}"
+    # the same row in another batch, another position, next to greedy rows
+    mixed = llama_session.generate([rows[0], rows[2]], [None, "a1"], max_new_tokens=8, do_sample=[False, True],
+                                   temperature=[1.0, 1.3], top_k=[0, 50], top_p=[1.0, 0.95], seed=[None, 1])
+    assert mixed[1] == llama_session.generate([rows[2]], ["a1"], seed=1, **kwargs)[0]
+    assert mixed[0] == llama_session.generate([rows[0]], [None], max_new_tokens=8)[0]
+    other = llama_session.generate(rows, adapters, seed=[5, 6, 7, 8], **kwargs)
+    assert other != first  # sampling really samples
+    greedy = llama_session.generate(rows, adapters, max_new_tokens=8)
+    assert greedy != first
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"do_sample": True, "temperature": 0.0}, "temperature"),
+    ({"do_sample": True, "temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"seed": [1, 2, 3]}, "seed"),
+    ({"temperature": [1.0]}, "temperature"),
+])
+def test_bad_sampling_parameters(kwargs, needle, llama_session):
+    with pytest.raises(ServingError, match=needle):
+        llama_session.generate([[5, 6], [7]], ["a0", None], **kwargs)
+
+
+def test_bad_generation_requests(llama_session):
+    with pytest.raises(ServingError, match="adapter names"):
+        llama_session.generate([[5, 6], [7]], ["a0"])
+    with pytest.raises(ServingError):
+        llama_session.generate([], [])
+    with pytest.raises(UnknownAdapterError, match="nope"):
+        llama_session.generate([[5, 6]], ["nope"])
+    with pytest.raises(ServingError, match="positions"):
+        llama_session.check_inputs([[5] * 60], max_new_tokens=10)
+
+
+# ---- the adapter store --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    (root / "store").mkdir()
+    for name in ("extra", "peftish"):
+        shutil.copytree(llama["extra"][name], root / "store" / name)
+    (root / "store" / "not-an-adapter").mkdir()
+    outside = save_tiny_adapter("llama", root / "outside" / "escaped", ["q_proj"], 8, 50)
+    (root / "store" / "link-out").symlink_to(outside, target_is_directory=True)
+    (root / "store" / "link-in").symlink_to(root / "store" / "extra", target_is_directory=True)
+    return root
+
+
+def test_store_paths(store):
+    s = AdapterStore(store / "store")
+    assert s.path("extra") == (store / "store" / "extra").resolve()
+    assert s.path("peftish") == (store / "store" / "peftish").resolve()
+    assert s.path("link-in") == (store / "store" / "extra").resolve()  # a link inside the store is fine
+    assert {"extra", "link-in", "peftish"} <= set(s.names()) and "not-an-adapter" not in s.names()
+
+
+@pytest.mark.parametrize("name", ["../outside/escaped", "..", "a/b", "/etc", "", "__base__", ".hidden", "x" * 200])
+def test_store_refuses_traversal_names(name, store):
+    with pytest.raises(AdapterNameError):
+        AdapterStore(store / "store").path(name)
+
+
+def test_store_refuses_a_link_out_of_the_store(store):
+    assert (store / "store" / "link-out" / "adapter_config.json").is_file()  # it would load
+    with pytest.raises(AdapterNameError, match="outside"):
+        AdapterStore(store / "store").path("link-out")
+
+
+def test_store_names_only_lists_loadable_adapters(store):
+    s = AdapterStore(store / "store")
+    assert "link-out" not in s.names()
+
+
+def test_store_unknown_name_lists_available(store):
+    s = AdapterStore(store / "store")
+    for name in ("missing", "not-an-adapter"):
+        with pytest.raises(UnknownAdapterError) as err:
+            s.path(name)
+        assert "extra" in str(err.value) and "peftish" in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        AdapterStore(store / "nope")
+
+
+def test_store_then_session(store, llama):
+    session = MultiAdapterSession(llama["onnx"])
+    s = AdapterStore(store / "store")
+    session.register("extra", s.path("extra"))
+    prompt = token_rows(1, seed=16)[0]
+    assert session.generate([prompt], ["extra"], max_new_tokens=5)[0] == ref_generate_alone(prompt, "extra", 5)
+    assert os.path.realpath(session.adapters()[-1].source) == str(s.path("extra"))
