@@ -316,6 +316,14 @@ def create_app(
             return None, error(404, "unknown_adapter", str(exc))
         except ServingError as exc:
             return None, error(400, "bad_request", str(exc))
+        except Exception as exc:  # a failed batch: answer in JSON, keep serving, log the traceback once
+            import traceback
+
+            _log.error(json.dumps({"ts": round(time.time(), 3), "event": "batch_failed",
+                                   "error": f"{type(exc).__name__}: {exc}",
+                                   "traceback": "".join(traceback.format_exception(exc))}, separators=(",", ":")))
+            request.state.log["error"] = f"{type(exc).__name__}: {exc}"
+            return None, error(500, "internal_error", f"{type(exc).__name__}: {exc}")
         request.state.log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,
                                   "queue_ms": round((job.started - job.enqueued) * 1000, 3)})
         return result, None

@@ -850,3 +850,31 @@ def test_cli_serve_help_mentions_endpoints():
     for word in ("/health", "/v1/adapters", "/v1/embeddings", "/v1/classify", "/v1/generate", "--adapter-store",
                  "--max-wait-ms", "--max-batch-rows", "--load"):
         assert word in result.output, word
+
+
+def test_a_failing_batch_is_a_json_500_and_the_server_keeps_serving(artefacts, log_capture):
+    from bca_deploy.serving.http import ServerThread, build
+
+    app = build(artefacts["bert"]["onnx"], max_wait_ms=5, threads=1)
+    session = app.state.session
+    real_embed = session.embed
+    failures = {"left": 1}
+
+    def embed_failing_once(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("simulated onnxruntime failure")
+        return real_embed(*args, **kwargs)
+
+    session.embed = embed_failing_once
+    rows = prompts(1, seed=900, low=3, high=6)
+    with ServerThread(app, startup_timeout=TIMEOUT) as server:
+        status, body = call(server.url + "/v1/embeddings", "POST", {"input": rows, "adapter": "a0"}, request_id="fail-1")
+        assert_error(status, body, 500, "internal_error", words=("simulated onnxruntime failure",))
+        status, body = call(server.url + "/v1/embeddings", "POST", {"input": rows, "adapter": "a0"}, request_id="fail-2")
+    assert status == 200, body
+    np.testing.assert_allclose(np.array(body["data"][0]["embedding"]), ref_embed(rows[0], "a0"), atol=1e-4, rtol=0)
+    logged = log_capture.by_id(["fail-1", "fail-2"])
+    assert logged["fail-1"]["status"] == 500 and "simulated" in logged["fail-1"]["error"]
+    assert logged["fail-2"]["status"] == 200
+    assert any(e.get("event") == "batch_failed" and "simulated" in e["traceback"] for e in log_capture.entries)
