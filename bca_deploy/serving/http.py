@@ -77,8 +77,8 @@ class _Job:
     def group(self) -> tuple:
         # Jobs of one group can share a batch: generation takes per-row parameters, embeddings share pooling.
         if self.kind == "embed":
-            return (self.kind, self.params["pooling"], self.params["normalize"], isinstance(self.rows[0], str))
-        return (self.kind, isinstance(self.rows[0], str))
+            return (self.kind, self.params["pooling"], self.params["normalize"])
+        return (self.kind,)
 
 
 class MicroBatcher:
@@ -310,8 +310,8 @@ def create_app(
             if adapter is not None and adapter not in session.snapshot().slots:
                 raise UnknownAdapterError(f"unknown adapter {adapter!r}; loaded: "
                                           f"{', '.join(sorted(session.snapshot().slots)) or '(none)'}")
-            await run_in_threadpool(session.check_inputs, rows, max_new_tokens)
-            result, job = await batcher.submit(kind, rows, adapter, params)
+            token_rows = await run_in_threadpool(session.prepare, rows, max_new_tokens)  # texts tokenized once, here
+            result, job = await batcher.submit(kind, token_rows, adapter, params)
         except UnknownAdapterError as exc:
             return None, error(404, "unknown_adapter", str(exc))
         except ServingError as exc:
@@ -409,7 +409,7 @@ def create_app(
         for i, tokens in enumerate(result):
             item: dict[str, Any] = {"index": i, "token_ids": tokens}
             if isinstance(body.input, str) or (isinstance(body.input, list) and body.input and isinstance(body.input[0], str)):
-                item["text"] = session.tokenizer.decode(tokens, skip_special_tokens=True)
+                item["text"] = session.decode(tokens)
             data.append(item)
         return {"adapter": adapter_of(body), "data": data}
 
@@ -476,7 +476,9 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0) -> None:
         import uvicorn
 
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets of that protocol, and uvicorn writes
+        # headers and body separately, so with Nagle on every keep-alive response waits ~40 ms for an ACK.
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.host, self.port = self._socket.getsockname()[:2]

@@ -172,6 +172,8 @@ class MultiAdapterSession:
         self.with_past = any(_PAST.fullmatch(n) for n in self.inputs)
         self._config = None
         self._tokenizer = None
+        # Hugging Face fast tokenizers are not safe to call from several threads at once ("Already borrowed").
+        self._tokenizer_lock = threading.Lock()
         self._lock = threading.Lock()
         self._adapters: dict[str, _Adapter] = {}
         self._versions = itertools.count(1)
@@ -369,14 +371,28 @@ class MultiAdapterSession:
                                    f"{exc.__class__.__name__}: {exc}") from exc
         return self._tokenizer
 
-    def encode(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
-        """Tokenize ``texts`` into the graph's inputs (right padding; truncation at ``max_length``)."""
+    def tokenize(self, texts: Sequence[str], truncate: bool | None = None) -> list[list[int]]:
+        """Token ids of each text (thread-safe). ``truncate`` (default: for encoders, not for decoders)
+        cuts each text at the model's maximum length."""
+        if truncate is None:
+            truncate = not self.with_past
         tok = self.tokenizer
-        limit = max_length or min(int(getattr(tok, "model_max_length", 512) or 512),
-                                  int(getattr(self.config, "max_position_embeddings", 512) or 512))
-        enc = tok(list(texts), padding=True, truncation=True, max_length=limit, return_tensors="np")
-        return self.pad_ids([list(row[mask.astype(bool)]) for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)],
-                            token_type_ids=None)
+        with self._tokenizer_lock:
+            if truncate:
+                limit = min(int(getattr(tok, "model_max_length", 512) or 512),
+                            int(getattr(self.config, "max_position_embeddings", 512) or 512))
+                return [list(tok(t, truncation=True, max_length=limit)["input_ids"]) for t in texts]
+            return [list(tok(t)["input_ids"]) for t in texts]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` without special tokens (thread-safe)."""
+        tok = self.tokenizer
+        with self._tokenizer_lock:
+            return tok.decode(list(token_ids), skip_special_tokens=True)
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Tokenize ``texts`` into the graph's inputs (right padding; encoders truncate at the maximum length)."""
+        return self.pad_ids(self.tokenize(texts))
 
     def pad_ids(self, input_ids: Sequence[Sequence[int]], token_type_ids=None, side: str = "right") -> dict[str, np.ndarray]:
         """Token-id lists → padded ``input_ids``/``attention_mask`` (+ ``token_type_ids``, ``position_ids`` if the graph takes them)."""
@@ -445,8 +461,11 @@ class MultiAdapterSession:
                             "scores": {labels.get(i, str(i)): float(p) for i, p in enumerate(row)}})
         return results
 
-    def check_inputs(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> int:
-        """Check a request's rows before it joins a batch; return the longest row's token count.
+    def prepare(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> list[list[int]]:
+        """Check a request's rows before it joins a batch and return them as token-id lists.
+
+        Texts are tokenized here, once (encoders truncate them at the model's maximum length), so a
+        batch never waits on the tokenizer.
 
         Raises:
             ServingError: no rows, a mix of texts and token ids, an empty row, texts without a
@@ -458,20 +477,18 @@ class MultiAdapterSession:
         texts = [isinstance(x, str) for x in inputs]
         if any(texts) and not all(texts):
             raise ServingError("inputs must be all texts or all token-id lists, not a mix")
-        if all(texts):
-            lengths = [len(self.tokenizer(x)["input_ids"]) for x in inputs]
-            limit_note = " (texts are truncated for encoders)"
-        else:
-            rows = [list(x) for x in inputs]
-            self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
-            lengths = [len(r) for r in rows]
-            limit_note = ""
-        longest = max(lengths)
+        rows = self.tokenize(inputs) if all(texts) else [list(x) for x in inputs]
+        self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
+        longest = max(len(r) for r in rows)
         limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
-        if limit and (self.with_past or not all(texts)) and longest + max_new_tokens > int(limit):
+        if limit and longest + max_new_tokens > int(limit):
             raise ServingError(f"{longest} prompt tokens + {max_new_tokens} new tokens exceed the model's "
-                               f"{int(limit)} positions{limit_note}")
-        return longest
+                               f"{int(limit)} positions")
+        return rows
+
+    def check_inputs(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> int:
+        """:meth:`prepare`, returning the longest row's token count."""
+        return max(len(r) for r in self.prepare(inputs, max_new_tokens))
 
     def _feeds(self, inputs) -> dict[str, np.ndarray]:
         if self.with_past:
@@ -514,7 +531,7 @@ class MultiAdapterSession:
             raise ServingError(f"this graph was exported for {self.task!r}; generation needs a text-generation-with-past export")
         if not inputs:
             raise ServingError("no prompts given")
-        prompts = [list(self.tokenizer(x)["input_ids"]) if isinstance(x, str) else list(x) for x in inputs]
+        prompts = [self.tokenize([x], truncate=False)[0] if isinstance(x, str) else list(x) for x in inputs]
         rows = len(prompts)
         if len(adapters) != rows:
             raise ServingError(f"{rows} prompts but {len(adapters)} adapter names (one per prompt)")

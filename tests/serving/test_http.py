@@ -539,6 +539,37 @@ def test_text_embeddings_match_pytorch(bert_url, artefacts):
     np.testing.assert_allclose(body["data"][0]["embedding"], reference, atol=1e-4, rtol=0)
 
 
+def test_concurrent_text_requests_share_the_tokenizer_safely(bert_url, artefacts):
+    # Fast tokenizers raise "Already borrowed" when two threads use one at once; the server tokenizes
+    # under a lock while requests are checked, so a burst of text requests all succeed.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(artefacts["bert"]["onnx"])
+    jobs = [([" ".join(WORDS[i % 7: i % 7 + 3 + i % 5])] * (1 + i % 2), CHOICES[i % len(CHOICES)]) for i in range(32)]
+
+    def embed(texts, adapter):
+        return call(bert_url + "/v1/embeddings", "POST", {"input": texts, "adapter": adapter})
+
+    answers = _burst(embed, jobs, workers=16)
+    # The race itself, without HTTP in between: many threads tokenizing long texts (with truncation,
+    # which reconfigures the tokenizer) through one session at once.
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(artefacts["bert"]["onnx"], load_exported=False)
+    long_texts = [" ".join(WORDS * 30)] * 4 + ["zebra"] * 4
+    expected = {True: [tokenizer(t, truncation=True, max_length=MAX_POSITIONS)["input_ids"] for t in long_texts],
+                False: [tokenizer(t)["input_ids"] for t in long_texts]}
+    # alternating truncation on and off makes the tokenizer reconfigure itself between calls
+    results = _burst(lambda k: session.tokenize(long_texts, truncate=k % 2 == 0), [(k,) for k in range(64)],
+                     workers=16)
+    assert all(r == expected[k % 2 == 0] for k, r in enumerate(results))
+    for (texts, adapter), (status, body) in zip(jobs, answers, strict=True):
+        assert status == 200, body
+        ids = [tokenizer(t, truncation=True, max_length=MAX_POSITIONS)["input_ids"] for t in texts]
+        got = np.array([d["embedding"] for d in body["data"]])
+        np.testing.assert_allclose(got, np.stack([ref_embed(i, adapter) for i in ids]), atol=1e-4, rtol=0)
+
+
 def test_runtime_loaded_adapters_match_pytorch(llama_url, bert_url):
     rows = prompts(3, seed=4)
     try:
