@@ -6,6 +6,7 @@ Public API (stable):
 - :func:`materialize` — the dense ``(d_out, d_in)`` ΔW of a kernel tensor, by index gather.
 - :func:`inject` — add a BCA adapter to a model's Linear/Conv1D modules.
 - :func:`save_adapter` / :func:`load_adapter` — adapter directories (bca-deploy or PEFT C3A).
+- :func:`mixed_adapters` — run each row of a batch through its own adapter (multi-adapter serving).
 """
 
 from .adapter_io import load_adapter, read_adapter, save_adapter
@@ -25,6 +26,7 @@ from .inject import (
     disable_adapters,
     enable_adapters,
     inject,
+    mixed_adapters,
     remove_adapters,
     set_adapter,
     trainable_parameters,
@@ -52,6 +54,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "remove_adapters",
+    "mixed_adapters",
     "set_adapter",
     "trainable_parameters",
     "BCAError",

@@ -144,6 +144,31 @@ def time_interleaved(
     return {name: _summary(t) for name, t in times.items()}
 
 
+def time_round_robin(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, gap_s: float = 0.0
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """Wall time in ms of each ``fns[k]()`` (CPU work, e.g. onnxruntime runs): summaries and raw per-round times.
+
+    One run of each per round, the order rotating every round (so no function always runs right after
+    the same other one). ``gap_s``: an untimed pause before every call, so the worker threads of the
+    previous call (onnxruntime's spin for a while after a run) have gone idle and do not take the cores
+    from the next one.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for k in names:
+            fns[k]()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: _summary(ts) for k, ts in times.items()}, times
+
+
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
     """Peak bytes allocated by PyTorch during one call of ``fn()``, above what was live before it.
 

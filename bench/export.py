@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,32 +36,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_results
+from common import markdown_table, time_round_robin, write_results
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ---- timing -------------------------------------------------------------------------------------
-
-
-def time_round_robin(fns: dict[str, callable], warmup: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Median (and quartiles, min) wall time in ms of each ``fns[k]()``, interleaved across variants."""
-    names = list(fns)
-    for _ in range(warmup):
-        for k in names:
-            fns[k]()
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for k in order:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for k, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        out[k] = {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "min_ms": min(ts), "repeats": len(ts)}
-    return out
 
 
 def _session(path: Path, threads: int):
@@ -158,7 +137,7 @@ def bench_minilm(work: Path, args) -> list[dict]:
              "attention_mask": np.ones((batch, seq), dtype=np.int64),
              "token_type_ids": np.zeros((batch, seq), dtype=np.int64)}
     fns = {k: (lambda s=s: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})) for k, s in sessions.items()}
-    stats = time_round_robin(fns, warmup=3, repeats=args.repeats * 4)
+    stats, _ = time_round_robin(fns, warmup=3, repeats=args.repeats * 4)
     rows = []
     for name in variants:
         share = None
@@ -265,7 +244,7 @@ def bench_llama(work: Path, args) -> list[dict]:
         fns = {k: (lambda s=s, x=x: s.run(None, {"hidden_states": x})) for k, s in sessions.items()}
         repeats = args.repeats if tokens > 64 else args.repeats * 4
         print(f"  timing Llama layer, {tokens} token(s), {repeats} rounds of {len(fns)} graphs...", flush=True)
-        stats = time_round_robin(fns, warmup=1 if tokens > 64 else 3, repeats=repeats)
+        stats, _ = time_round_robin(fns, warmup=1 if tokens > 64 else 3, repeats=repeats)
         shares = {}
         if tokens > 64:
             del fns

@@ -131,32 +131,6 @@ def client_main(spec_path: str) -> None:
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def _summary(ts: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-    return {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "min_ms": min(ts), "repeats": len(ts)}
-
-
-def time_round_robin(fns: dict, warmup: int, repeats: int, gap_s: float = 0.0
-                     ) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
-    """Wall time in ms of each ``fns[k]()``: summaries and the raw per-round times (order rotates every round).
-
-    ``gap_s``: an untimed pause before every call, so the previous session's onnxruntime worker threads
-    (which spin for a while after a run) have gone idle and do not take the cores from the next one.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for k in names:
-            fns[k]()
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            time.sleep(gap_s)
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: _summary(ts) for k, ts in times.items()}, times
-
-
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -296,6 +270,8 @@ def bench_throughput(exports: dict, adapter_names: list[str], batches: dict, arg
     shapes = " and ".join(f"{b['seq']} tokens ({k})" for k, b in batches.items())
     print(f"  timing {rows} rows, {shapes}: "
           f"{args.repeats} rounds of {len(fns)} runs (every graph and batch once a round)...", flush=True)
+    from common import time_round_robin
+
     stats, raw = time_round_robin(fns, warmup=args.warmup, repeats=args.repeats, gap_s=args.gap_ms / 1e3)
     for label, batch in batches.items():
         mixed = raw[f"{label}/bank mixed"]
