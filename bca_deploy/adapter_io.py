@@ -37,7 +37,23 @@ __all__ = [
     "convert_adapter",
     "align_module_paths",
     "align_paths",
+    "kernel_problem",
 ]
+
+
+def kernel_problem(state: dict[str, torch.Tensor], module: str, spec, check_finite: bool = True) -> str | None:
+    """What is wrong with module ``module``'s kernel in an adapter's tensors ``state``, or None.
+
+    Checks that ``<module>.bca_kernel`` exists, has ``spec.kernel_shape``, and (``check_finite``) holds no NaN/Inf.
+    """
+    kernel = state.get(module + KERNEL_SUFFIX)
+    if kernel is None:
+        return f"kernel tensor {module + KERNEL_SUFFIX} is missing from the adapter"
+    if tuple(kernel.shape) != spec.kernel_shape:
+        return f"kernel shape {tuple(kernel.shape)}, expected {spec.kernel_shape}"
+    if check_finite and not torch.isfinite(kernel).all():
+        return "kernel has NaN/Inf values"
+    return None
 
 
 def adapter_state(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -51,7 +51,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
-from .adapter_io import read_adapter
+from .adapter_io import kernel_problem, read_adapter
 from .config import KERNEL_SUFFIX, AdapterConfig, ModuleSpec
 from .errors import (
     AdapterFormatError,
@@ -672,13 +672,11 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
             continue
         for module, spec in sorted(cfg.modules.items()):
             where = f"{a.directory}: module {module}"
-            kernel = a.tensors.get(module + KERNEL_SUFFIX)
-            if kernel is None:
-                problems.append(f"{where}: kernel tensor {module + KERNEL_SUFFIX} is missing from the adapter")
+            problem = kernel_problem(a.tensors, module, spec, check_finite=False)  # NaN/Inf: checked per tensor above
+            if problem is not None:
+                problems.append(f"{where}: {problem}")
                 continue
-            if tuple(kernel.shape) != spec.kernel_shape:
-                problems.append(f"{where}: kernel shape {tuple(kernel.shape)}, expected {spec.kernel_shape}")
-                continue
+            kernel = a.tensors[module + KERNEL_SUFFIX]
             key, candidates = _find_key(module + ".weight", locations, keys)
             if key is None:
                 if candidates:

@@ -188,7 +188,7 @@ def adapter_tensors(
             not hold, a missing or non-finite kernel, or ``modules_to_save`` (whole modules, e.g. a
             classifier head, cannot differ per row of one graph).
     """
-    from bca_deploy.adapter_io import align_paths
+    from bca_deploy.adapter_io import align_paths, kernel_problem
 
     modules = {entry.module for entry in layout.values()}
     config, state = align_paths(config, dict(state), base_model_prefix, lambda path: path in modules)
@@ -215,17 +215,11 @@ def adapter_tensors(
             problems.append(f"{path}: {spec.layer_type} {spec.in_features}→{spec.out_features}; the graph's module is "
                             f"{bank_entry.layer_type} {bank_entry.in_features}→{bank_entry.out_features}")
             continue
-        kernel = state.get(path + KERNEL_SUFFIX)
-        if kernel is None:
-            problems.append(f"{path}: no tensor {path}{KERNEL_SUFFIX} in the adapter's weights")
+        problem = kernel_problem(state, path, spec)
+        if problem is not None:
+            problems.append(f"{path}: {problem}")
             continue
-        if tuple(kernel.shape) != spec.kernel_shape:
-            problems.append(f"{path}: kernel shape {tuple(kernel.shape)}, expected {spec.kernel_shape}")
-            continue
-        if not torch.isfinite(kernel).all():
-            problems.append(f"{path}: kernel has NaN/Inf values")
-            continue
-        tensors[entry.name] = _frequency(kernel, spec.scaling)
+        tensors[entry.name] = _frequency(state[path + KERNEL_SUFFIX], spec.scaling)
     if problems:
         raise AdapterMismatchError(format_problems(f"{source} does not fit the bank graph:", problems))
     return tensors
