@@ -454,7 +454,7 @@ def build(
         raise ServingError("loading adapters by name needs an adapter store (--adapter-store DIR)")
     for name in load:
         session.register(name, store.path(name), replace=True)  # type: ignore[union-attr]
-    session.config  # noqa: B018  (read config.json now, not during the first request)
+    session.warm_up()  # config, tokenizer and onnxruntime's first run now, not during the first request
     return create_app(session, store, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms)
 
 

@@ -14,6 +14,7 @@ Adapters are checked against the graph when registered; nothing is exported or r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -577,6 +578,19 @@ class MultiAdapterSession:
                 shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(inp.shape)]
                 feeds[name] = np.zeros(shape, dtype=_NP_TYPES.get(inp.type, np.float32))
         return feeds
+
+    def warm_up(self) -> float:
+        """Load the tokenizer (if the export has one) and run one 1-token row on the base model, so the
+        first request does not pay for them. Returns the seconds it took."""
+        start = time.perf_counter()
+        with contextlib.suppress(ServingError):
+            self.tokenizer  # noqa: B018
+        token = [min(1, int(getattr(self.config, "vocab_size", 2) or 2) - 1)]
+        if self.with_past:
+            self.generate([token], [None], max_new_tokens=1)
+        else:
+            self.run(self.pad_ids([token]), [None])
+        return time.perf_counter() - start
 
     def describe(self) -> dict[str, Any]:
         """What this session serves: task, model type, graph inputs/outputs, bank size, adapters."""
