@@ -289,10 +289,10 @@ def bca_layers(model: nn.Module) -> Iterator[tuple[str, BCALinear]]:
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapter(s) on every layer that has them (others deactivated)."""
     wanted = [names] if isinstance(names, str) else list(names)
-    known = set(adapter_configs(model)) | {n for _, layer in bca_layers(model) for n in layer.bca_kernels}
+    known = adapter_names(model)
     unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {known}")
     for _, layer in bca_layers(model):
         layer.set_active_adapters([n for n in wanted if n in layer.bca_kernels])
 

@@ -29,7 +29,8 @@ BASE_ADAPTER = "__base__"
 
 
 class RowAdapters:
-    """Which rows of a batch use which adapter: ``groups[name]`` = row indices (LongTensor, sorted).
+    """Which rows of a batch use which adapter: ``rows[name]`` = its row indices, in order;
+    :meth:`groups` gives them as int64 tensors on a device.
 
     Built once per batch by :func:`bca_deploy.inject.mixed_adapters` and shared by every layer.
     """

@@ -23,9 +23,24 @@ from pathlib import Path
 
 import torch
 
+from bca_deploy.inject import adapter_configs
+
+from .bank import (
+    ADAPTER_FILE_SUFFIX,
+    ADAPTERS_DIR,
+    BASE_SLOT,
+    bank_layout,
+    layout_to_dict,
+    model_adapter_tensors,
+    placeholder_kernels,
+    rewrite_as_bank,
+    stack_bank,
+    write_adapter_file,
+)
 from .errors import ExportError, RuntimeVersionError, UnsupportedExportError
 from .graph import DFT_MIN_OPSET, FFT_MODES, MATMUL_MIN_OPSET, exportable_adapters
 from .validate import (
+    ADAPTER_IDS,
     METADATA_FILE,
     ONNX_FILE,
     TOLERANCES,
@@ -208,7 +223,7 @@ def export(
 
     model = load_model(model_dir, task, adapter_dirs)  # AdapterMismatchError surfaces here
     opset = _resolve_opset(opset, merge, fft, _default_opset(model, task))
-    bank_plan = _plan_bank(model, adapter_dirs) if bank else None
+    bank_plan = _BankPlan(model, adapter_dirs) if bank else None
     if merge:
         from bca_deploy.inject import remove_adapters
 
@@ -267,10 +282,7 @@ class _BankPlan:
     FILE_CASE = (2, 7)
 
     def __init__(self, model, adapter_dirs: Sequence[Path]) -> None:
-        from .bank import bank_layout, model_adapter_tensors, placeholder_kernels
         from .loading import adapter_names
-
-        from bca_deploy.inject import adapter_configs
 
         self.names = adapter_names(adapter_dirs)
         configs = adapter_configs(model)
@@ -290,13 +302,9 @@ class _BankPlan:
         self.model_type = getattr(getattr(model, "config", None), "model_type", None)
 
     def adapter_file(self, directory: Path, name: str) -> Path:
-        from .bank import ADAPTER_FILE_SUFFIX, ADAPTERS_DIR
-
         return directory / ADAPTERS_DIR / f"{name}{ADAPTER_FILE_SUFFIX}"
 
     def write(self, directory: Path) -> None:
-        from .bank import rewrite_as_bank, stack_bank, write_adapter_file
-
         rewrite_as_bank(directory / ONNX_FILE, self.layout,
                         stack_bank([None, *(self.tensors[n] for n in self.names)], self.layout))
         for name in self.names:
@@ -320,9 +328,6 @@ class _BankPlan:
         return rows
 
     def metadata(self) -> dict:
-        from .bank import ADAPTERS_DIR, BASE_SLOT, layout_to_dict
-        from .validate import ADAPTER_IDS
-
         return {
             "ids_input": ADAPTER_IDS,
             "base_slot": BASE_SLOT,
@@ -332,10 +337,6 @@ class _BankPlan:
             "model_type": self.model_type,
             "tensors": layout_to_dict(self.layout),
         }
-
-
-def _plan_bank(model, adapter_dirs: Sequence[Path]) -> _BankPlan:
-    return _BankPlan(model, adapter_dirs)
 
 
 def _cast_base(model, dtype: torch.dtype) -> None:

@@ -30,8 +30,9 @@ import logging
 import socket
 import threading
 import time
+import traceback
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -47,7 +48,7 @@ from ..errors import AdapterFormatError, AdapterMismatchError, AdapterNameError,
 from .session import BASE, MultiAdapterSession
 from .store import AdapterStore
 
-__all__ = ["create_app", "run_server", "ServerThread", "MicroBatcher", "LOGGER_NAME"]
+__all__ = ["create_app", "build", "run_server", "configure_logging", "ServerThread", "MicroBatcher", "LOGGER_NAME"]
 
 LOGGER_NAME = "bca_deploy.serve"
 _log = logging.getLogger(LOGGER_NAME)
@@ -317,8 +318,6 @@ def create_app(
         except ServingError as exc:
             return None, error(400, "bad_request", str(exc))
         except Exception as exc:  # a failed batch: answer in JSON, keep serving, log the traceback once
-            import traceback
-
             _log.error(json.dumps({"ts": round(time.time(), 3), "event": "batch_failed",
                                    "error": f"{type(exc).__name__}: {exc}",
                                    "traceback": "".join(traceback.format_exception(exc))}, separators=(",", ":")))
@@ -502,10 +501,3 @@ class ServerThread:
         self.server.should_exit = True
         self._thread.join(timeout=30)
         self._socket.close()
-
-
-@contextlib.contextmanager
-def serving(app, **kwargs) -> Iterator[ServerThread]:
-    """``with serving(app) as server:`` — :class:`ServerThread` as a context manager function."""
-    with ServerThread(app, **kwargs) as server:
-        yield server
