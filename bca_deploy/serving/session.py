@@ -548,7 +548,7 @@ class MultiAdapterSession:
         pad = _pad_id(self.config, self._tokenizer)
         logits_name = "logits"
         present = [n for n in self.output_names if _PRESENT.fullmatch(n)]
-        for step in range(int(params.max_new_tokens.max())):
+        for _ in range(int(params.max_new_tokens.max())):
             out = self.run_ortvalues(feeds, adapters, [logits_name, *present], snapshot)
             logits = out[logits_name].numpy()[:, -1, :].astype(np.float32)
             tokens = params.choose(logits)
