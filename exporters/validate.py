@@ -199,8 +199,9 @@ def onnx_providers(provider: str) -> list[str]:
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
-_PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
+#: Names optimum gives a decoder graph's past key/value inputs and present outputs.
+PAST_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+PRESENT_OUTPUT = re.compile(r"present\.(\d+)\.(key|value)")
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -241,10 +242,11 @@ def _text_inputs(session, config, batch: int, seq: int, rng: np.random.Generator
     return feeds
 
 
-def _empty_past(session, batch: int) -> dict[str, np.ndarray]:
+def empty_past(session, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past key/value feeds (batch, heads, 0, head_dim) for every past input of ``session``."""
     feeds = {}
     for inp in session.get_inputs():
-        if _PAST.fullmatch(inp.name):
+        if PAST_INPUT.fullmatch(inp.name):
             shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(inp.shape)]
             feeds[inp.name] = np.zeros(shape, dtype=_NP_TYPES[inp.type])
     return feeds
@@ -253,7 +255,7 @@ def _empty_past(session, batch: int) -> dict[str, np.ndarray]:
 def _torch_kwargs(model: nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     accepted = set(inspect.signature(model.forward).parameters)
     kwargs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()
-              if not _PAST.fullmatch(k) and k in accepted}
+              if not PAST_INPUT.fullmatch(k) and k in accepted}
     return kwargs
 
 
@@ -276,10 +278,10 @@ def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _reference_outputs(out: Any, names: Sequence[str]) -> dict[str, torch.Tensor | None]:
-    cache = _cache_layers(getattr(out, "past_key_values", None)) if any(_PRESENT.fullmatch(n) for n in names) else []
+    cache = _cache_layers(getattr(out, "past_key_values", None)) if any(PRESENT_OUTPUT.fullmatch(n) for n in names) else []
     refs: dict[str, torch.Tensor | None] = {}
     for name in names:
-        match = _PRESENT.fullmatch(name)
+        match = PRESENT_OUTPUT.fullmatch(name)
         if match:
             i = int(match.group(1))
             refs[name] = cache[i][0 if match.group(2) == "key" else 1] if i < len(cache) else None
@@ -364,7 +366,7 @@ def validate_model(
     tol = tolerance or TOLERANCES[dtype]
     report = ValidationReport(str(onnx_path), task, dtype, provider, str(tol))
     output_names = [o.name for o in session.get_outputs()]
-    with_past = any(_PAST.fullmatch(i.name) for i in session.get_inputs())
+    with_past = any(PAST_INPUT.fullmatch(i.name) for i in session.get_inputs())
     rng = np.random.default_rng(seed)
     config = getattr(reference, "config", None)
     reference = reference.eval()
@@ -381,15 +383,15 @@ def validate_model(
                 kwargs = _torch_kwargs(reference, feeds)
                 if "use_cache" in inspect.signature(reference.forward).parameters:
                     # graphs without past inputs may still output the present key/values
-                    kwargs["use_cache"] = any(_PRESENT.fullmatch(n) for n in output_names)
+                    kwargs["use_cache"] = any(PRESENT_OUTPUT.fullmatch(n) for n in output_names)
                 got = session.run(output_names, feeds, run_options)
                 refs = _reference_outputs(reference(**kwargs), output_names)
                 report.rows += [_compare(n, label, g, refs[n], tol) for n, g in zip(output_names, got, strict=True)]
                 continue
             # step 1: prefill with an empty past
-            non_past = [i for i in session.get_inputs() if not _PAST.fullmatch(i.name)]
+            non_past = [i for i in session.get_inputs() if not PAST_INPUT.fullmatch(i.name)]
             feeds = _text_inputs(_InputsView(non_past), config, case.batch, case.seq, rng, pad=False, adapter_ids=ids)
-            feeds.update(_empty_past(session, case.batch))
+            feeds.update(empty_past(session, case.batch))
             kwargs = _torch_kwargs(reference, feeds)
             out = reference(**kwargs, use_cache=True)
             refs = _reference_outputs(out, output_names)
@@ -403,7 +405,7 @@ def validate_model(
             if "position_ids" in feeds2:
                 feeds2["position_ids"] = feeds2["position_ids"] + case.seq
             for name, value in zip(output_names, got, strict=True):
-                match = _PRESENT.fullmatch(name)
+                match = PRESENT_OUTPUT.fullmatch(name)
                 if match:
                     feeds2[f"past_key_values.{match.group(1)}.{match.group(2)}"] = value
             kwargs2 = _torch_kwargs(reference, feeds2)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AdapterMismatchError, AdapterNameError, ServingError, UnknownAdapterError
+from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
 
 __all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "check_adapter_name", "BASE", "ADAPTER_NAME_PATTERN"]
 
@@ -35,11 +36,6 @@ __all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "check_adapter_
 BASE = "__base__"
 #: Adapter names: a letter or digit, then letters, digits, ``.``, ``_``, ``-``; at most 128 characters.
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
-_PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def check_adapter_name(name: str) -> str:
@@ -170,7 +166,7 @@ class MultiAdapterSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if self.ids_input not in self.inputs:
             raise ServingError(f"{onnx_path}: the graph has no {self.ids_input!r} input; re-export it with --bank")
-        self.with_past = any(_PAST.fullmatch(n) for n in self.inputs)
+        self.with_past = any(PAST_INPUT.fullmatch(n) for n in self.inputs)
         self._config = None
         self._tokenizer = None
         # Hugging Face fast tokenizers are not safe to call from several threads at once ("Already borrowed").
@@ -542,12 +538,12 @@ class MultiAdapterSession:
         snapshot.ids(adapters)  # unknown names fail before any work
         feeds = self.pad_ids(prompts, side="left")
         mask = feeds["attention_mask"]
-        feeds.update(self._empty_past(rows))
+        feeds.update(empty_past(self.session, rows))
         generated: list[list[int]] = [[] for _ in range(rows)]
         done = np.zeros(rows, dtype=bool)
         pad = _pad_id(self.config, self._tokenizer)
         logits_name = "logits"
-        present = [n for n in self.output_names if _PRESENT.fullmatch(n)]
+        present = [n for n in self.output_names if PRESENT_OUTPUT.fullmatch(n)]
         for _ in range(int(params.max_new_tokens.max())):
             out = self.run_ortvalues(feeds, adapters, [logits_name, *present], snapshot)
             logits = out[logits_name].numpy()[:, -1, :].astype(np.float32)
@@ -570,14 +566,6 @@ class MultiAdapterSession:
             for name in present:
                 feeds[name.replace("present", "past_key_values", 1)] = out[name]
         return generated
-
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        feeds = {}
-        for name, inp in self.inputs.items():
-            if _PAST.fullmatch(name):
-                shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(inp.shape)]
-                feeds[name] = np.zeros(shape, dtype=_NP_TYPES.get(inp.type, np.float32))
-        return feeds
 
     def warm_up(self) -> float:
         """Load the tokenizer (if the export has one) and run one 1-token row on the base model, so the
