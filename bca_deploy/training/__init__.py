@@ -1,45 +1,62 @@
 """Training and evaluation of block-circulant adapters (``bca-deploy train`` / ``evaluate``).
 
-- :func:`train` — fine-tune a transformers model with a BCA adapter (the paper's recipe by default:
-  Adadelta, lr 0.1 / p for the kernels, the head trained fully at lr 0.1), on CPU, one GPU, or under
-  ``torchrun`` (DDP); checkpoints ``best/`` and ``last/``, exact resume.
-- :func:`evaluate` — the task metric of a base model + adapter on a data file.
+- :class:`TrainConfig` — every option of a run (typed, with help text; validation lists every problem);
+  :data:`RECIPES` — the named optimisation defaults (``default``, chosen by measurement; ``paper``).
+- :func:`train` — ``train(config, *, model=None, tokenizer=None, on_step=None)``: fine-tune a transformers
+  model with a BCA adapter on CPU, one GPU, or under ``torchrun`` (DDP); checkpoints ``best/`` and
+  ``last/``, exact resume; the adapter records its task, head and labels.
+- :func:`evaluate` — ``evaluate(EvaluateConfig(...))``: the task metric of a base model + adapter on a file.
 
-Run as a module for ``torchrun``: ``torchrun --nproc_per_node 2 -m bca_deploy.training train ...``.
+Run as a module for ``torchrun``: ``torchrun --nproc_per_node 2 -m bca_deploy.training train ...`` (the same
+command as ``bca-deploy train``).
+
+Names are imported on first use, so ``import bca_deploy.training.config`` (what ``--help`` needs) does not
+import torch.
 """
 
-from .data import TASKS, load_causal_lm, load_seq_cls, read_records
-from .errors import DataError, DataFileNotFoundError, TrainingConfigError
-from .metrics import MetricAccumulator, primary_metric
-from .trainer import (
-    DEFAULT_LR,
-    DEFAULT_TARGETS,
-    METHODS,
-    OPTIMIZERS,
-    PRECISIONS,
-    SCHEDULERS,
-    TrainResult,
-    evaluate,
-    train,
-)
+from __future__ import annotations
 
-__all__ = [
-    "train",
-    "evaluate",
-    "TrainResult",
-    "TASKS",
-    "METHODS",
-    "OPTIMIZERS",
-    "SCHEDULERS",
-    "PRECISIONS",
-    "DEFAULT_LR",
-    "DEFAULT_TARGETS",
-    "DataError",
-    "DataFileNotFoundError",
-    "TrainingConfigError",
-    "MetricAccumulator",
-    "primary_metric",
-    "read_records",
-    "load_seq_cls",
-    "load_causal_lm",
-]
+import importlib
+from typing import Any
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "TrainConfig": "config",
+    "EvaluateConfig": "config",
+    "Recipe": "config",
+    "RECIPES": "config",
+    "recipe_for": "config",
+    "TASKS": "config",
+    "METHODS": "config",
+    "OPTIMIZERS": "config",
+    "SCHEDULERS": "config",
+    "PRECISIONS": "config",
+    "DataError": "errors",
+    "DataFileNotFoundError": "errors",
+    "TrainingConfigError": "errors",
+    "CheckpointError": "errors",
+    "train": "trainer",
+    "evaluate": "trainer",
+    "TrainResult": "trainer",
+    "DEFAULT_TARGETS": "trainer",
+    "MetricAccumulator": "metrics",
+    "primary_metric": "metrics",
+    "read_records": "data",
+    "load_seq_cls": "data",
+    "load_causal_lm": "data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,33 +1,39 @@
-"""Checkpoint directories written atomically, and the trainer state that makes a resume exact.
+"""Checkpoint and run directories written so that a kill at any instant loses nothing the user had.
 
-A checkpoint is a directory (``out_dir/last``, ``out_dir/best``) built in a temporary directory beside
-it and swapped in with ``os.replace``. Replacing a non-empty directory takes two renames (old → aside,
-new → in place); a crash between them leaves the previous checkpoint under ``.<name>.old-*``, which
-:func:`recover_dir` puts back. A crash while the temporary directory is being written leaves the
-previous checkpoint untouched.
+Checkpoints (``out/last``, ``out/best``) are written by bca-deploy's one atomic directory writer
+(:mod:`bca_deploy.atomic`): built in a temporary sibling, fsynced, and swapped in, so ``last`` is the previous
+checkpoint or the new one at every instant. A whole training run is built the same way
+(:class:`RunDirectory`): until its first checkpoint it lives in the writer's hidden temporary sibling of
+``--out``, and only then replaces what ``--out`` held, so an earlier run there stays intact until the new one
+has a checkpoint, and a run killed before that leaves ``--out`` as it was. Leftovers of killed writers are
+cleaned up (or an interrupted swap restored) by the next run into the same place (:func:`recover_dir`).
 
 The trainer state (``trainer_state.pt``) holds plain tensors, numbers, strings, lists and dicts only,
 saved with ``torch.save`` and read with ``torch.load(weights_only=True)`` (no arbitrary unpickling):
 the exact fp32 trainable parameters, optimizer and scheduler state, every rank's RNG states, the data
-position and the run's options.
+position and the run's options. A damaged state is refused with :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import fcntl
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_dir, recover, write_dir
+from ..errors import format_problems
+from .errors import CheckpointError, TrainingConfigError
+
 __all__ = [
     "STATE_FILE",
     "write_dir_atomically",
     "recover_dir",
+    "RunDirectory",
     "save_state",
     "load_state",
     "rng_state",
@@ -39,50 +45,129 @@ STATE_VERSION = 1
 
 
 def write_dir_atomically(target: str | Path, build: Callable[[Path], None]) -> Path:
-    """Build a directory with ``build(tmp_dir)`` and move it to ``target`` (replacing it) atomically."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        _fsync_dir_files(tmp)
-        if target.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, aside / target.name)  # aside/<name>: os.replace onto an empty dir is refused
-            os.replace(tmp, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Build a directory with ``build(tmp_dir)`` and put it at ``target`` (replacing it) atomically.
 
-
-def _fsync_dir_files(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+    :func:`bca_deploy.atomic.write_dir` with ``overwrite=True``, kept here for the trainer.
+    """
+    return write_dir(target, build, overwrite=True)
 
 
 def recover_dir(target: str | Path) -> Path | None:
-    """Return ``target`` if it exists; else restore the newest copy left aside by an interrupted swap.
+    """Return ``target`` if it exists after cleaning up killed writers (:func:`bca_deploy.atomic.recover`)."""
+    return recover(target)
 
-    Stale temporary directories (``.<name>.tmp-*``) from an interrupted write are removed.
+
+class RunDirectory:
+    """Where a training run writes: ``--out`` itself (resume), or a staging directory until the first checkpoint.
+
+    A fresh run and an ``--overwrite`` run write into ``.<out>.run-*`` beside ``--out``;
+    :meth:`first_checkpoint_written` swaps it into place, so an earlier run in ``--out`` stays intact until
+    the new one has a checkpoint, and a run killed earlier leaves ``--out`` as it was. A lock file beside
+    ``--out`` keeps a second run from using the same ``--out`` at the same time.
+
+    Open it with :meth:`open`, which also enforces the rules for a non-empty ``--out``.
     """
-    target = Path(target)
-    parent = target.parent
-    if not parent.is_dir():
-        return None
-    for stale in parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    asides = sorted(parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not target.exists() and asides and (asides[-1] / target.name).is_dir():
-        os.replace(asides[-1] / target.name, target)
-    for aside in parent.glob(f".{target.name}.old-*"):
-        shutil.rmtree(aside, ignore_errors=True)
-    return target if target.exists() else None
+
+    def __init__(self, out: Path, lock: Any, staging: contextlib.ExitStack | None = None,
+                 staging_path: Path | None = None) -> None:
+        self.out = out
+        self._stack = staging  # holds the atomic writer's context until the first checkpoint
+        self.staging = staging_path
+        self._lock = lock
+        self._lock_path = out.parent / f".{out.name}.lock"
+
+    @classmethod
+    def open(cls, out: str | Path, resume: bool, overwrite: bool) -> RunDirectory:
+        """Lock ``out``, repair an interrupted swap, and check it may be used.
+
+        Raises:
+            OutputExistsError: ``out`` is not empty and neither ``resume`` nor ``overwrite`` is set.
+            CheckpointError: ``resume`` but ``out`` holds nothing resumable (the message says what is missing).
+            TrainingConfigError: ``out`` is a file, or another run holds the lock.
+        """
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise TrainingConfigError(f"--out {out}: exists and is not a directory")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(out.parent / f".{out.name}.lock", "w")
+        except OSError as exc:
+            raise TrainingConfigError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise TrainingConfigError(f"--out {out}: another training run is writing there now") from None
+        try:
+            recover(out)
+            if out.is_dir():
+                recover(out / "last")
+            contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+            if resume:
+                _check_resumable(out, contents)
+                return cls(out, lock, None)
+            if contents and not overwrite:
+                from ..errors import OutputExistsError
+
+                raise OutputExistsError(
+                    f"--out {out} is not empty ({_listing(contents)}); pass --resume to continue the run there, "
+                    "--overwrite to replace it (the earlier run is kept until the new one writes its first "
+                    "checkpoint), or choose another --out"
+                )
+            stack = contextlib.ExitStack()
+            staging = stack.enter_context(atomic_dir(out, overwrite=True))
+        except BaseException:
+            cls(out, lock).close()
+            raise
+        return cls(out, lock, stack, staging)
+
+    @property
+    def path(self) -> Path:
+        """The directory to write into now."""
+        return self.staging if self.staging is not None else self.out
+
+    def first_checkpoint_written(self) -> None:
+        """Put the run in place of ``--out`` (replacing an earlier run there); later writes go to ``--out``."""
+        if self._stack is None:
+            return
+        stack, self._stack, self.staging = self._stack, None, None
+        stack.close()  # the atomic writer installs the staged tree (an exchange on Linux)
+
+    def close(self) -> None:
+        """Drop a staging directory that never reached a checkpoint, and release the lock."""
+        if self._stack is not None:
+            stack, self._stack, self.staging = self._stack, None, None
+            with contextlib.suppress(_Abandoned):
+                stack.__exit__(_Abandoned, _Abandoned(), None)  # the writer deletes its temporary tree
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self._lock_path.unlink()  # while still held, so no other run is between open and lock
+            self._lock.close()
+            self._lock = None
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return f"holds {shown}" + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_resumable(out: Path, contents: list[str]) -> None:
+    """Raise :class:`CheckpointError` saying what is missing when ``out`` holds no resumable run."""
+    start_fresh = "run without --resume to start a new run"
+    if not out.is_dir():
+        raise CheckpointError(f"--resume: {out} does not exist, so there is no run to continue; {start_fresh}")
+    if "last" not in contents:
+        what = _listing(contents) if contents else "is empty"
+        raise CheckpointError(f"--resume: {out} has no checkpoint to continue (no last/ directory; it {what}); "
+                              f"{start_fresh}, or --overwrite to replace what is there")
+    if not (out / "last" / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume: {out / 'last'} has no {STATE_FILE} (it holds "
+                              f"{', '.join(sorted(p.name for p in (out / 'last').iterdir())) or 'nothing'}); "
+                              "pass --overwrite to start the run over")
+
+
+class _Abandoned(Exception):
+    """Raised into the atomic writer to make it drop a run that never reached its first checkpoint."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -110,5 +195,53 @@ def save_state(directory: Path, state: dict[str, Any]) -> None:
     torch.save({"version": STATE_VERSION, **state}, directory / STATE_FILE)
 
 
+# key -> (type, what it is) of every entry a trainer state must hold
+_STATE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "version": (int, "an integer"),
+    "step": (int, "an integer"),
+    "micro_step": (int, "an integer"),
+    "run_config": (dict, "a mapping"),
+    "trainable": (dict, "a mapping of tensors"),
+    "optimizer": (dict, "a mapping"),
+    "scheduler": (dict, "a mapping"),
+    "rng": (list, "a list"),
+    "history_json": (str, "a string"),
+}
+
+
 def load_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    """Read and check ``directory/trainer_state.pt``.
+
+    Raises:
+        CheckpointError: the file is missing, not a torch checkpoint, holds something other than plain
+            data (``weights_only`` refuses it), or lacks an entry the trainer needs.
+    """
+    path = directory / STATE_FILE
+    fix = "pass --overwrite to start the run over (the damaged checkpoint is replaced only once the new run " \
+          "has written its first one)"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no trainer state to resume from; {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... for a damaged file
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read the trainer state ({message[:300]}); {fix}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the trainer state is {type(state).__name__}, expected a mapping; {fix}")
+    problems = []
+    for key, (kind, what) in _STATE_KEYS.items():
+        if key not in state:
+            problems.append(f"{key!r} is missing")
+        elif not isinstance(state[key], kind) or isinstance(state[key], bool):
+            problems.append(f"{key!r} is {type(state[key]).__name__}, expected {what}")
+    if not problems:
+        if state["version"] != STATE_VERSION:
+            problems.append(f"'version' is {state['version']}, this bca-deploy reads {STATE_VERSION}")
+        if state["step"] < 0 or state["micro_step"] < 0:
+            problems.append("'step' and 'micro_step' must be >= 0")
+        bad = [k for k, v in state["trainable"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            problems.append(f"'trainable' holds entries that are not named tensors: {bad[:5]}")
+    if problems:
+        raise CheckpointError(format_problems(f"{path}: the trainer state is damaged; {fix}:", problems))
+    return state

@@ -6,10 +6,13 @@ Formats, chosen by extension:
 - ``.csv``: comma-separated with a header row, standard CSV quoting;
 - ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line.
 
+Files are UTF-8, with or without a byte-order mark; other bytes are refused with the line they are on.
+
 Tasks:
 
 - ``seq-cls``: one text column (or two, for sentence pairs) and a label column. Integer labels are
-  classes ``0..K-1``; float labels (e.g. STS-B) mean regression (one output, MSE loss).
+  classes ``0..K-1``; string labels are class names (ids in sorted order unless names are given);
+  float labels (e.g. STS-B) mean regression (one output, MSE loss).
 - ``causal-lm``: ``prompt`` + ``response`` columns (loss on the response tokens only, an EOS token is
   appended) or one ``text`` column (loss on every token).
 
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..config import MAX_NUM_LABELS
 from ..errors import format_problems
 from .errors import DataError, DataFileNotFoundError
 
@@ -43,6 +47,7 @@ __all__ = [
     "load_seq_cls",
     "load_causal_lm",
     "check_label_range",
+    "classes_needed",
     "TokenizedDataset",
     "tokenize_seq_cls",
     "tokenize_causal_lm",
@@ -68,7 +73,7 @@ _EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", "
 
 
 def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
-    """Read a TSV/CSV/JSONL file.
+    """Read a TSV/CSV/JSONL file (UTF-8, with or without a byte-order mark).
 
     Returns:
         ``(records, columns, line_numbers)``: one dict per row, the column names (the header, or the
@@ -76,8 +81,8 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str], lis
 
     Raises:
         DataFileNotFoundError: ``path`` does not exist.
-        DataError: unknown extension, a row with the wrong number of fields, a line that is not a
-            JSON object.
+        DataError: unknown extension, bytes that are not UTF-8 (the message gives the line and byte), a row
+            with the wrong number of fields, a line that is not a JSON object or is nested too deeply.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,16 +93,35 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str], lis
             f"{path}: unknown data format {path.suffix!r}; use .tsv, .csv or .jsonl "
             "(a header row for TSV/CSV, one JSON object per line for JSONL)"
         )
-    if kind == "jsonl":
-        return _read_jsonl(path)
-    return _read_delimited(path, kind)
+    try:
+        if kind == "jsonl":
+            return _read_jsonl(path)
+        return _read_delimited(path, kind)
+    except UnicodeDecodeError:
+        raise DataError(_not_utf8(path)) from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def _not_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 is: found by decoding the file line by line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = raw[exc.start]
+                return (f"{path}: line {number} is not UTF-8 text (byte 0x{byte:02x} at column {exc.start + 1}); "
+                        "save the file as UTF-8")
+    return f"{path}: the file is not UTF-8 text; save it as UTF-8"
 
 
 def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[str], list[int]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     problems: list[str] = []
     records, lines = [], []
-    with path.open(newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (as some editors write) is not part of the first column's name
+    with path.open(newline="", encoding="utf-8-sig") as f:
         if kind == "tsv":
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
@@ -106,8 +130,22 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
             header = next(reader)
         except StopIteration:
             raise DataError(f"{path}: the file is empty (expected a header row and examples)") from None
+        except csv.Error as exc:
+            raise DataError(f"{path}: line 1: malformed header ({exc})") from None
         columns = [c.strip() for c in header]
-        for row in reader:
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, repeated))} more than once")
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                problems.append(f"line {reader.line_num}: malformed {kind.upper()} ({exc})")
+                if len(problems) > 10:
+                    break
+                continue
             line = reader.line_num
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line
@@ -124,17 +162,20 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
     problems: list[str] = []
     records, lines, columns = [], [], {}
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
-                problems.append(f"line {number}: not valid JSON ({exc.msg})")
+                problems.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except RecursionError:
+                problems.append(f"line {number}: JSON nested too deeply")
                 continue
             if not isinstance(obj, dict):
-                problems.append(f"line {number}: expected a JSON object, got {type(obj).__name__}")
+                problems.append(f"line {number}: expected a JSON object, got {_json_type(obj)}")
                 continue
             records.append(obj)
             lines.append(number)
@@ -144,8 +185,37 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]
     return records, list(columns), lines
 
 
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type (for messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def _columns_message(path: Path, columns: Sequence[str]) -> str:
     return f"columns found in {path}: {', '.join(repr(c) for c in columns) or '(none)'}"
+
+
+def _text_problem(value: Any, column: str, allow_empty: bool = False) -> str | None:
+    """Why ``value`` cannot be a text of ``column`` (None when it can)."""
+    if value is None:
+        return f"no value in column {column!r}"
+    if not isinstance(value, str):
+        return f"column {column!r} holds {_json_type(value)}, expected a string"
+    if not allow_empty and not value.strip():
+        return f"empty text in column {column!r}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form
+        return (f"column {column!r} holds a lone surrogate {value[exc.start]!r} at character {exc.start + 1} "
+                "(not valid Unicode text)")
+    return None
 
 
 # ---- examples -----------------------------------------------------------------------------------
@@ -157,11 +227,13 @@ class SeqClsExamples:
 
     Attributes:
         texts: per text column, the list of strings (one or two columns).
-        labels: ints (classification) or floats (regression), or None when the file has no labels.
+        labels: class ids (ints) or regression targets (floats), or None when the file has no labels.
         regression: whether labels are real-valued.
         text_columns / label_column: the columns used.
         lines: 1-based line of each example in its file (for messages).
         path: the file.
+        label_names: when the file's labels are names (``positive``...) or names were given: the class
+            names in id order (``labels`` holds their ids); None for plain integer labels.
     """
 
     texts: list[list[str]]
@@ -171,6 +243,7 @@ class SeqClsExamples:
     label_column: str
     lines: list[int]
     path: Path
+    label_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts[0])
@@ -194,31 +267,32 @@ class LMExamples:
         return "text" if self.texts is not None else "prompt-response"
 
 
-def _parse_label(value: Any, regression: bool | None) -> int | float | None:
-    """int for a class id, float for a regression target, None when unparsable."""
+class _Name(str):
+    """A label that is a class name, not a number (keeps names apart from numeric strings)."""
+
+
+def _parse_label(value: Any) -> int | float | _Name | str:
+    """int (class id), float (regression target), :class:`_Name` (class name), or a problem message (str)."""
     if isinstance(value, bool):
-        return int(value) if regression is not True else float(value)
+        return int(value)
     if isinstance(value, int):
-        return float(value) if regression else value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        if regression is False:
-            return int(value) if value.is_integer() else None
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else f"{value!r} is not a finite number"
     if isinstance(value, str):
         text = value.strip()
+        if not text:
+            return "empty label"
         try:
-            as_int = int(text)
-            return float(as_int) if regression else as_int
+            return int(text)
         except ValueError:
             pass
         try:
-            as_float = float(text)
+            number = float(text)
         except ValueError:
-            return None
-        return _parse_label(as_float, regression)
-    return None
+            return _Name(text)
+        return number if math.isfinite(number) else f"{value!r} is not a finite number"
+    return f"{_json_type(value)} is not a label"
 
 
 def load_seq_cls(
@@ -227,21 +301,27 @@ def load_seq_cls(
     label_column: str = "label",
     regression: bool | None = None,
     require_labels: bool = True,
+    label_names: Sequence[str] | None = None,
 ) -> SeqClsExamples:
     """Read a sequence-classification file and check it.
+
+    Labels may be integer class ids ``0..K-1``, class names (``positive``; mapped to ids in sorted order,
+    or in the order of ``label_names``) or real numbers (regression).
 
     Args:
         path: TSV/CSV/JSONL file.
         text_columns: one or two text columns; default: the first of :data:`TEXT_COLUMN_CANDIDATES`
             present in the file.
         label_column: the label column.
-        regression: force regression (float labels) or classification (int labels); default: decided
-            from the labels (all integers → classification, else regression).
+        regression: force regression (float labels) or classification; default: decided from the labels
+            (integers or names → classification, any other number → regression).
         require_labels: refuse a file without the label column.
+        label_names: the class names, in id order; a name label outside them is refused.
 
     Raises:
         DataFileNotFoundError, DataError: see :func:`read_records`; also missing columns (the message
-            lists the columns found), no examples, empty texts, labels that are not numbers.
+            lists the columns found), no examples, empty or non-string texts, labels that are neither
+            numbers nor names, more than :data:`~bca_deploy.config.MAX_NUM_LABELS` classes.
     """
     path = Path(path)
     records, columns, lines = read_records(path)
@@ -271,28 +351,23 @@ def load_seq_cls(
         raise DataError(f"{path}: the data set is empty (a header but no examples)")
 
     texts: list[list[str]] = [[] for _ in text_columns]
-    raw_labels: list[Any] = []
+    parsed: list[Any] = []
     for record, line in zip(records, lines):
         for k, column in enumerate(text_columns):
             value = record.get(column)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                problems.append(f"line {line}: empty text in column {column!r}")
-            texts[k].append("" if value is None else str(value))
+            problem = _text_problem(value, column)
+            if problem:
+                problems.append(f"line {line}: {problem}")
+            texts[k].append(value if isinstance(value, str) else "")
         if has_labels:
-            raw_labels.append(record.get(label_column))
-
-    labels = None
-    if has_labels:
-        if regression is None:
-            parsed = [_parse_label(v, None) for v in raw_labels]
-            regression = any(isinstance(v, float) for v in parsed)
-        labels = []
-        for value, line in zip(raw_labels, lines):
-            label = _parse_label(value, regression)
-            if label is None:
-                expected = "a number" if regression else "an integer class id 0..K-1"
-                problems.append(f"line {line}: label {value!r} in column {label_column!r} is not {expected}")
-            labels.append(label)
+            label = _parse_label(record.get(label_column))
+            if type(label) is str:  # a problem message, not a label
+                problems.append(f"line {line}: label in column {label_column!r}: {label}")
+            parsed.append(label)
+    labels: list[Any] | None = None
+    names = list(label_names) if label_names is not None else None
+    if has_labels and not problems:
+        labels, names, regression = _labels(parsed, lines, label_column, regression, names, problems)
     if problems:
         raise DataError(format_problems(f"{path}: bad examples:", problems, limit=10))
     return SeqClsExamples(
@@ -303,21 +378,88 @@ def load_seq_cls(
         label_column=label_column,
         lines=lines,
         path=path,
+        label_names=names,
     )
 
 
-def check_label_range(examples: SeqClsExamples, num_labels: int) -> None:
-    """Raise :class:`DataError` if a class label is outside ``0..num_labels-1`` (lists the offenders)."""
+def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool | None, names: list[str] | None,
+            problems: list[str]) -> tuple[list[Any], list[str] | None, bool]:
+    """Turn parsed labels into ids (or floats), deciding the label kind; appends problems."""
+    is_name = [isinstance(v, _Name) for v in parsed]
+    if regression is None:
+        regression = not any(is_name) and any(isinstance(v, float) and not v.is_integer() for v in parsed)
+    if regression:
+        bad = [f"line {line}: label {str(v)!r} in column {column!r} is not a number (regression needs real-valued "
+               "labels)" for v, line in zip(parsed, lines) if isinstance(v, _Name)]
+        problems += bad
+        return ([] if bad else [float(v) for v in parsed]), None, True
+    if any(is_name) and not all(is_name):
+        # one stray word in a column of class ids (or one id among names) is a mistake, not a new class
+        minority = [x for x in zip(parsed, lines, is_name) if x[2] == (sum(is_name) < len(is_name) / 2)]
+        problems += [f"line {line}: label {str(v)!r} in column {column!r} mixes class names with numbers"
+                     for v, line, _ in minority]
+        return [], None, False
+    if any(is_name):  # a column of class names
+        as_text = [str(v) for v in parsed]
+        if names is None:
+            names = sorted(set(as_text))
+            if len(names) > MAX_NUM_LABELS:
+                problems.append(f"{len(names):,} distinct label names in column {column!r}; at most "
+                                f"{MAX_NUM_LABELS:,} classes are supported")
+                return [], None, False
+        index = {name: i for i, name in enumerate(names)}
+        problems += [f"line {line}: label {t!r} is not one of the classes {_shown(names)}"
+                     for line, t in zip(lines, as_text) if t not in index]
+        return [index.get(t, -1) for t in as_text], names, False
+    ids = []
+    for value, line in zip(parsed, lines):
+        if isinstance(value, float) and not value.is_integer():
+            problems.append(f"line {line}: label {value!r} in column {column!r} is not an integer class id")
+        ids.append(int(value))
+    return ids, names, False
+
+
+def _shown(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(map(repr, names[:limit]))
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_label_range(examples: SeqClsExamples, num_labels: int, head: str = "the classification head",
+                      fix: str = "fix the labels or pass a larger --num-labels") -> None:
+    """Raise :class:`DataError` if a class id is outside ``0..num_labels-1`` (lists the offenders).
+
+    ``head`` names what has ``num_labels`` outputs and ``fix`` says what to do, for the message.
+    """
     if examples.regression or examples.labels is None:
         return
     bad = [(line, y) for line, y in zip(examples.lines, examples.labels) if not 0 <= y < num_labels]
     if bad:
         shown = [f"line {line}: label {y}" for line, y in bad]
         raise DataError(format_problems(
-            f"{examples.path}: {len(bad)} label(s) outside the classification head's range 0..{num_labels - 1} "
-            f"(num_labels={num_labels}); fix the labels or pass a larger num_labels (--num-labels):",
-            shown, limit=10,
+            f"{examples.path}: {len(bad)} label(s) outside {head}'s range 0..{num_labels - 1} "
+            f"(num_labels={num_labels}); {fix}:", shown, limit=10,
         ))
+
+
+def classes_needed(examples: SeqClsExamples) -> int:
+    """How many classes the labels of ``examples`` imply: the names, else the largest id + 1 (at least 2).
+
+    Raises:
+        DataError: more than :data:`~bca_deploy.config.MAX_NUM_LABELS` (the line with the largest label is
+            named), so one stray label cannot ask for a huge head.
+    """
+    if examples.label_names is not None:
+        return len(examples.label_names)
+    if not examples.labels:
+        return 2
+    largest = max(examples.labels)
+    if largest >= MAX_NUM_LABELS:
+        line = examples.lines[examples.labels.index(largest)]
+        raise DataError(
+            f"{examples.path}: line {line}: label {largest} implies {largest + 1:,} classes; at most "
+            f"{MAX_NUM_LABELS:,} are supported (labels are class ids 0..K-1)"
+        )
+    return max(2, largest + 1)
 
 
 def load_causal_lm(
@@ -345,9 +487,10 @@ def load_causal_lm(
     for record, line in zip(records, lines):
         for field_name in fields:
             value = record.get(field_name)
-            if value is None or (field_name != prompt_column and not str(value).strip()):
-                problems.append(f"line {line}: empty {field_name!r}")
-            values[field_name].append("" if value is None else str(value))
+            problem = _text_problem(value, field_name, allow_empty=field_name == prompt_column)
+            if problem:
+                problems.append(f"line {line}: {problem}")
+            values[field_name].append(value if isinstance(value, str) else "")
     if problems:
         raise DataError(format_problems(f"{path}: bad examples:", problems, limit=10))
     if len(fields) == 2:
@@ -485,10 +628,14 @@ def load_dataset(
     prompt_column: str = "prompt",
     response_column: str = "response",
     text_column: str = "text",
+    label_names: Sequence[str] | None = None,
 ):
-    """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``."""
+    """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``.
+
+    ``label_names`` (seq-cls): the class names in id order, when known (see :func:`load_seq_cls`).
+    """
     if task == "seq-cls":
-        examples = load_seq_cls(path, text_columns, label_column, regression)
+        examples = load_seq_cls(path, text_columns, label_column, regression, label_names=label_names)
         return examples, tokenize_seq_cls(examples, tokenizer, max_length)
     if task == "causal-lm":
         examples = load_causal_lm(path, prompt_column, response_column, text_column)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..errors import BCAError
 
-__all__ = ["DataError", "DataFileNotFoundError", "TrainingConfigError"]
+__all__ = ["DataError", "DataFileNotFoundError", "TrainingConfigError", "CheckpointError"]
 
 
 class DataError(BCAError, ValueError):
@@ -23,3 +23,7 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 
 class TrainingConfigError(BCAError, ValueError):
     """An option of :func:`bca_deploy.training.train` / :func:`evaluate` is invalid or inconsistent."""
+
+
+class CheckpointError(BCAError, ValueError):
+    """A training checkpoint cannot be resumed: missing, damaged, or written by a run with other options."""

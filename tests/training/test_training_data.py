@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -84,7 +85,10 @@ def test_bad_labels_listed_with_lines(tmp_path):
     with pytest.raises(DataError) as info:
         load_seq_cls(path)
     msg = str(info.value)
-    assert "line 3: label 'positive'" in msg and "line 5: empty text in column 'sentence'" in msg
+    assert "line 5: empty text in column 'sentence'" in msg
+    path = write_tsv(tmp_path / "e.tsv", [("a", 1), ("b", "positive"), ("c", 0), ("d", 1)])
+    with pytest.raises(DataError, match="line 3: label 'positive' in column 'label' mixes class names with numbers"):
+        load_seq_cls(path)
 
 
 def test_label_range(tmp_path):
@@ -192,3 +196,114 @@ def test_atomic_directory_write(tmp_path):
     assert recover_dir(target) == target
     assert (target / "b.txt").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+# ---- hostile and careless files: every problem a typed error naming the line ----------------------------
+
+
+def test_utf8_with_or_without_bom(tmp_path):
+    plain = tmp_path / "plain.tsv"
+    plain.write_bytes("sentence\tlabel\ncafé crème\t1\n".encode("utf-8"))
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes(b"\xef\xbb\xbf" + "sentence\tlabel\ncafé crème\t1\n".encode("utf-8"))
+    a, b = load_seq_cls(plain), load_seq_cls(bom)
+    assert a.text_columns == b.text_columns == ["sentence"] and a.texts == b.texts == [["café crème"]]
+    jl = tmp_path / "bom.jsonl"
+    jl.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "x", "label": 0}).encode() + b"\n")
+    assert load_seq_cls(jl).labels == [0]
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_undecodable_bytes_name_the_line(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    good = '{"sentence": "fine", "label": 1}\n' if suffix == ".jsonl" else "fine\t1\n".replace("\t", "," if suffix == ".csv" else "\t")
+    header = "" if suffix == ".jsonl" else ("sentence,label\n" if suffix == ".csv" else "sentence\tlabel\n")
+    bad = good.replace("fine", "caf\xe9").encode("latin-1")
+    path.write_bytes(header.encode() + good.encode() + bad)
+    line, column = (2, 18) if suffix == ".jsonl" else (3, 4)
+    with pytest.raises(DataError, match=rf"line {line} is not UTF-8 text \(byte 0xe9 at column {column}\)"):
+        load_seq_cls(path)
+
+
+def test_odd_json_values_are_refused_with_their_lines(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = [
+        json.dumps({"text": "fine", "label": 1}),
+        json.dumps({"text": {"nested": "object"}, "label": 0}),
+        json.dumps({"text": ["a", "list"], "label": 0}),
+        json.dumps({"text": 3.5, "label": 0}),
+        json.dumps({"text": None, "label": 1}),
+        json.dumps({"text": "ok", "label": [1]}),
+        json.dumps({"text": "ok", "label": {"x": 1}}),
+        '{"text": "ok", "label": NaN}',
+        json.dumps({"text": "ok", "label": None}),
+        '{"text": "lone \\ud800 surrogate", "label": 1}',
+    ]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        load_seq_cls(path)
+    msg = str(info.value)
+    for part in ("line 2: column 'text' holds an object, expected a string",
+                 "line 3: column 'text' holds an array", "line 4: column 'text' holds a number",
+                 "line 5: no value in column 'text'", "line 6: label in column 'label': an array is not a label",
+                 "line 7: label in column 'label': an object is not a label",
+                 "line 8: label in column 'label': nan is not a finite number",
+                 "line 9: label in column 'label': null is not a label",
+                 "line 10: column 'text' holds a lone surrogate '\\ud800' at character 6"):
+        assert part in msg, (part, msg)
+    (tmp_path / "deep.jsonl").write_text(deep + "\n" + json.dumps({"text": "x", "label": 1}) + "\n")
+    with pytest.raises(DataError, match="line 1: (JSON nested too deeply|expected a JSON object)"):
+        load_seq_cls(tmp_path / "deep.jsonl")
+    (tmp_path / "deep2.jsonl").write_text('{"text": ' + deep + ', "label": 1}\n')
+    with pytest.raises(DataError, match="line 1: JSON nested too deeply"):
+        load_seq_cls(tmp_path / "deep2.jsonl")
+    (tmp_path / "lm.jsonl").write_text('{"prompt": "a", "response": "b \\udfff"}\n{"prompt": 1, "response": "x"}\n')
+    with pytest.raises(DataError) as info:
+        load_causal_lm(tmp_path / "lm.jsonl")
+    assert "line 1: column 'response' holds a lone surrogate" in str(info.value)
+    assert "line 2: column 'prompt' holds a number" in str(info.value)
+
+
+def test_string_labels_are_class_names(tmp_path):
+    path = write_tsv(tmp_path / "d.tsv", [("a", "positive"), ("b", "negative"), ("c", "positive")])
+    ex = load_seq_cls(path)
+    assert ex.label_names == ["negative", "positive"] and ex.labels == [1, 0, 1] and not ex.regression
+    ex = load_seq_cls(path, label_names=["positive", "negative"])
+    assert ex.labels == [0, 1, 0]
+    with pytest.raises(DataError, match="line 3: label 'negative' is not one of the classes 'positive', 'meh'"):
+        load_seq_cls(path, label_names=["positive", "meh"])
+    # a stray number among names (or a stray name among class ids) is refused, not made a class
+    mixed = write_jsonl(tmp_path / "m.jsonl", [{"text": t, "label": "good"} for t in "abc"] + [{"text": "d", "label": 2}])
+    with pytest.raises(DataError, match="line 4: label '2' in column 'label' mixes class names with numbers"):
+        load_seq_cls(mixed)
+    with pytest.raises(DataError, match="line 3: label 'good' in column 'label' is not a number"):
+        load_seq_cls(write_tsv(tmp_path / "r.tsv", [("a", 0.5), ("b", "good")]), regression=True)
+
+
+def test_number_of_classes_is_bounded(tmp_path):
+    from bca_deploy.config import MAX_NUM_LABELS
+    from bca_deploy.training.data import classes_needed
+
+    ex = load_seq_cls(write_tsv(tmp_path / "d.tsv", [("a", 0), ("b", 4)]))
+    assert classes_needed(ex) == 5
+    ex = load_seq_cls(write_tsv(tmp_path / "h.tsv", [("a", 0), ("b", MAX_NUM_LABELS)]))
+    with pytest.raises(DataError, match=f"line 3: label {MAX_NUM_LABELS} implies"):
+        classes_needed(ex)
+    names = write_tsv(tmp_path / "n.tsv", [(f"t{i}", f"class{i}") for i in range(MAX_NUM_LABELS + 1)])
+    with pytest.raises(DataError, match="distinct label names"):
+        load_seq_cls(names)
+
+
+def test_malformed_csv_and_headers(tmp_path):
+    dup = tmp_path / "dup.tsv"
+    dup.write_text("sentence\tsentence\nx\ty\n")
+    with pytest.raises(DataError, match="names column\\(s\\) 'sentence' more than once"):
+        load_seq_cls(dup)
+    nul = tmp_path / "nul.csv"
+    nul.write_text('sentence,label\n"unterminated,1\n')
+    with pytest.raises(DataError):
+        load_seq_cls(nul)
+    (tmp_path / "dir.tsv").mkdir()
+    with pytest.raises(DataError, match="it is a directory"):
+        load_seq_cls(tmp_path / "dir.tsv")

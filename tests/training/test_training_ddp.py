@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bca_deploy as bd
-from bca_deploy.training import evaluate
+from bca_deploy.training import EvaluateConfig, evaluate
 from training_helpers import (  # noqa: F401 - one_thread is an autouse fixture
     REPO,
     make_data,
@@ -32,7 +32,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
            "--batch-size", "8", "--max-length", "32", "--max-steps", "4", "--save-every", "2", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])  # printed once, by rank 0
+    assert proc.stdout.count("done: 4 steps") == 1  # the summary is printed once, by rank 0
+    result = json.loads((out / "train_result.json").read_text())
     assert result["world_size"] == 2 and result["step"] == 4
     assert result["config"]["world_size"] == 2
     # 2 processes x batch 8 = 16 examples a step
@@ -41,10 +42,10 @@ def test_torchrun_two_cpu_processes(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     model = bd.load_adapter(AutoModelForSequenceClassification.from_pretrained(model_dir), out / "last")
-    assert len(list(bd.bca_layers(model))) == 4
+    assert len(list(bd.bca_layers(model))) == 2 * 6  # the default targets: every linear layer of 2
     assert any(layer.bca_kernels["default"].abs().sum() > 0 for _, layer in bd.bca_layers(model))
     # the metric both ranks computed together equals one process evaluating everything
-    metrics = evaluate(model_dir, out / "last", data["dev"])
+    metrics = evaluate(EvaluateConfig(model=model_dir, adapter=out / "last", data=data["dev"]))
     assert metrics["accuracy"] == result["final_metrics"]["accuracy"]
     assert metrics["n"] == result["final_metrics"]["n"] == 128
     assert metrics["loss"] == pytest.approx(result["final_metrics"]["loss"], rel=1e-5)

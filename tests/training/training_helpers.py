@@ -37,28 +37,38 @@ def write_tsv(path: Path, rows, header=("sentence", "label")) -> Path:
 
 def word_tokenizer(directory: Path, texts, vocab_size: int = 100):
     """A BertTokenizerFast over the ``vocab_size - 5`` most frequent words of ``texts``."""
-    from transformers import BertTokenizerFast
+    from conftest import wordpiece_tokenizer
 
     counts = collections.Counter(w for t in texts for w in t.lower().split())
     words = [w for w, _ in counts.most_common() if w not in SPECIALS][: vocab_size - len(SPECIALS)]
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(SPECIALS + words) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    return wordpiece_tokenizer(SPECIALS + words)  # (not vocab_file=: transformers 5.x ignores it)
 
 
-def tiny_model_dir(directory: Path, kind: str, texts, num_labels: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
-    """Save a tiny random ``bert`` (sequence classification) or ``llama`` (causal LM) with a tokenizer."""
+def tiny_model_dir(directory: Path, kind: str, texts, num_labels: int = 2, seed: int = 0, dropout: float = 0.1,
+                   id2label: dict[int, str] | None = None, initializer_range: float = 0.02) -> Path:
+    """Save a tiny random model with a tokenizer: ``bert`` (BertForSequenceClassification, its head saved),
+    ``bert-bare`` (BertModel: an encoder without a head, like all-MiniLM-L6-v2) or ``llama`` (causal LM).
+
+    ``initializer_range`` (BERT): at the usual 0.02 a random tiny encoder's attention is near uniform, so its
+    [CLS] output barely depends on the input (differences ~1e-3) and nothing can be learnt from it; 0.2 gives
+    features that differ between inputs, for tests that check that training learns."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = word_tokenizer(directory, texts)
     torch.manual_seed(seed)
-    if kind == "bert":
+    if kind.startswith("bert"):
         cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                          vocab_size=100, max_position_embeddings=64, num_labels=num_labels,
-                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-        model = BertForSequenceClassification(cfg)
+                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                         initializer_range=initializer_range)
+        if id2label is not None:
+            cfg.id2label = dict(id2label)
+            cfg.label2id = {v: k for k, v in id2label.items()}
+        model = BertModel(cfg) if kind == "bert-bare" else BertForSequenceClassification(cfg)
     else:
         cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
@@ -116,6 +126,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def config(model, data, out, **options):
+    """A :class:`TrainConfig` with the small, fast settings the tests use (``options`` override them)."""
+    from bca_deploy.training import TrainConfig
+
+    return TrainConfig(model=model, data=data, out=out, **{**FAST, **options})
+
+
+FAST = dict(block_size=8, batch_size=16, max_length=32, progress=False)
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (relative name -> bytes), to check that a directory was left untouched."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def subprocess_env() -> dict:

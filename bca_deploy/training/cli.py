@@ -1,0 +1,160 @@
+"""The ``train`` and ``evaluate`` commands, generated from :class:`TrainConfig` / :class:`EvaluateConfig`.
+
+``bca-deploy train`` and ``python -m bca_deploy.training train`` (what ``torchrun`` launches) are the same
+click command object, so they have the same options, help, checks and output. Each option is a dataclass
+field: its flag, help, type and choices come from the field's metadata (:mod:`bca_deploy.training.config`).
+Nothing here imports torch until a command runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .config import EvaluateConfig, TrainConfig, option_flag
+
+__all__ = ["train_command", "evaluate_command", "config_options"]
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _pattern(value: str | None) -> dict[str, int] | None:
+    if value is None:
+        return None
+    out = {}
+    for item in _split(value) or []:
+        name, sep, p = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = int(p)
+        except ValueError:
+            raise click.BadParameter(f"expected NAME=P[,NAME=P...], got {item!r}") from None
+    return out
+
+
+def _scale(value: str | None) -> float | str | None:
+    if value is None or value.strip() == "p":
+        return None if value is None else "p"
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number or 'p' (each module's block size), got {value!r}") from None
+
+
+def _option(f) -> tuple[Callable[[Callable], Callable], Callable[[Any], Any]]:
+    """A click option decorator for dataclass field ``f`` and the converter from click's value to the field's."""
+    meta = f.metadata
+    kind, flag, help_text = meta["kind"], option_flag(f.name), meta["help"]
+    default = None if f.default is MISSING else f.default
+    convert: Callable[[Any], Any] = lambda v: v  # noqa: E731
+    if kind == "flag":
+        if default is True:  # an on-by-default switch: the flag turns it off
+            decorator = click.option(f"--no-{f.name.replace('_', '-')}", f.name, is_flag=True, flag_value=False,
+                                     default=True,
+                                     help=f"Turn off (on by default): {help_text[0].lower()}{help_text[1:]}")
+        else:
+            decorator = click.option(flag, f.name, is_flag=True, default=False, help=help_text)
+    elif kind == "tristate":
+        decorator = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
+    else:
+        types = {"path": click.Path(path_type=Path), "int": int, "float": float, "str": str, "list": str,
+                 "pattern": str, "scale": str, "choice": click.Choice(meta["choices"]) if meta["choices"] else str}
+        shown = default is not None and kind in ("int", "float", "str", "choice")
+        decorator = click.option(flag, f.name, type=types[kind], default=default, show_default=shown,
+                                 help=help_text, required=False)
+        if kind == "list":
+            convert = _split
+        elif kind == "pattern":
+            convert = _pattern
+        elif kind == "scale":
+            convert = _scale
+    return decorator, convert
+
+
+def config_options(cls: type) -> tuple[Callable[[Callable], Callable], Callable[[dict[str, Any]], Any]]:
+    """Decorate a click command with one option per field of dataclass ``cls``; build ``cls`` from its kwargs.
+
+    Required fields are checked by the config's own validation (with every other problem at once), not by
+    click, so a command with three mistakes reports all three.
+    """
+    specs = [(f, *_option(f)) for f in fields(cls) if not f.metadata.get("library_only")]
+
+    def decorate(fn: Callable) -> Callable:
+        for _, decorator, _ in reversed(specs):
+            fn = decorator(fn)
+        return fn
+
+    def build(kwargs: dict[str, Any]) -> Any:
+        return cls(**{f.name: convert(kwargs[f.name]) for f, _, convert in specs})
+
+    return decorate, build
+
+
+_train_options, _build_train = config_options(TrainConfig)
+_evaluate_options, _build_evaluate = config_options(EvaluateConfig)
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@_train_options
+def train_command(**kwargs: Any) -> None:
+    """Fine-tune a model with a block-circulant adapter (CUDA when present; DDP under torchrun).
+
+    \b
+    bca-deploy train --model MODEL_DIR --data train.tsv --eval-data heldout.tsv --out runs/sst2
+    torchrun --nproc_per_node 2 -m bca_deploy.training train ...   (same options)
+
+    Optimisation options left unset come from --recipe (default: AdamW, chosen by measurement; paper: the
+    BCA paper's Adadelta recipe). The adapter records its task, head and labels, so merge, export and
+    serve need no --task.
+    """
+    config: TrainConfig = _build_train(kwargs)
+    config.validate()  # before torch is imported: a typo is reported at once
+    from .report import final_summary
+    from .trainer import train
+
+    result = train(config)
+    if _rank() == 0:
+        click.echo(final_summary(result, config.model, config.eval_data))
+
+
+@click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@_evaluate_options
+def evaluate_command(**kwargs: Any) -> None:
+    """Print the task metrics of a base model + adapter on a labelled data file.
+
+    Options left unset are those the adapter was trained with (recorded beside it), so the numbers equal
+    what train logged for that checkpoint.
+    """
+    config: EvaluateConfig = _build_evaluate(kwargs)
+    config.validate()
+    from .report import format_metrics
+    from .trainer import evaluate
+
+    metrics = evaluate(config)
+    if _rank() == 0:
+        click.echo(format_metrics(metrics))
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def module_main(argv: list[str] | None = None) -> None:
+    """``python -m bca_deploy.training``: the same commands as ``bca-deploy train`` / ``evaluate``."""
+    from ..cli import _Group
+
+    group = _Group(name="python -m bca_deploy.training", commands=[train_command, evaluate_command],
+                   context_settings={"help_option_names": ["-h", "--help"]},
+                   help="Training commands for torchrun (the same as bca-deploy train / evaluate).")
+    group.main(args=argv if argv is not None else sys.argv[1:], prog_name="python -m bca_deploy.training")

@@ -1,0 +1,142 @@
+"""``bca-deploy evaluate``: the task metrics of a base model + adapter on a labelled file.
+
+The base model is loaded for the adapter's recorded task by :func:`bca_deploy.models.load_model` (the one
+loader every stage uses); adapters written by ``--method head-only``/``custom`` (trainable tensors, not a
+bca-deploy adapter) are restored here. The numbers equal what ``train`` logged for the same checkpoint:
+the same tokenization, batching and metric code (:func:`bca_deploy.training.runtime.run_eval`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TaskSpec, run_adapter_dir
+from .config import EvaluateConfig
+from .data import TASKS, check_label_range, load_dataset, pad_token_id
+from .errors import DataError, TrainingConfigError
+from .loading import Labels, load_for_training, load_tokenizer, load_trained, quiet_loading
+from .runtime import destroy, init_distributed, place_model, resolve_precision, run_eval
+
+__all__ = ["evaluate", "TRAINING_FILE"]
+
+TRAINING_FILE = "bca_training.json"
+
+
+def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, float]:
+    """The task metrics of ``config.model`` + ``config.adapter`` on ``config.data``.
+
+    Options left as None come from the adapter's ``bca_training.json`` (written by :func:`train`) and its
+    task entry, so the result equals the metric :func:`train` logged for that checkpoint. Without an
+    adapter the base model is evaluated (for seq-cls it must have a trained head).
+
+    Returns:
+        The metrics (``accuracy``, ``f1``, ``mcc``, ``loss``, ``n`` for classification; ``pearson``,
+        ``mse`` for regression; ``loss``, ``perplexity``, ``tokens`` for causal-lm).
+    """
+    if not isinstance(config, EvaluateConfig):
+        raise TrainingConfigError(f"evaluate() takes an EvaluateConfig, got {type(config).__name__}")
+    config.validate(has_model=model is not None)
+    if config.model is None and (model is None or tokenizer is None):
+        raise TrainingConfigError("pass --model, or both model= and tokenizer= to evaluate()")
+    adapter = run_adapter_dir(config.adapter) if config.adapter is not None else None
+    info: dict[str, Any] = {}
+    spec: TaskSpec | None = None
+    if adapter is not None:
+        info = _read_training_info(adapter)
+        spec = _adapter_task(adapter)
+    task = config.task or info.get("task") or (spec.type if spec is not None and spec.type in TASKS else None) \
+        or "seq-cls"
+
+    def pick(given, key, default):
+        return given if given is not None else info.get(key, default)
+
+    d, dev = init_distributed(config.device)
+    try:
+        precision = resolve_precision(pick(config.precision, "precision", "auto"), dev)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        names = info.get("label_names") or (list(spec.head.id2label[i] for i in range(spec.head.num_labels))
+                                            if spec is not None and spec.head is not None else None)
+        regression = info.get("regression")
+        examples, data = load_dataset(
+            config.data, task, tokenizer, pick(config.max_length, "max_length", 128),
+            text_columns=pick(config.text_columns, "text_columns", None),
+            label_column=pick(config.label_column, "label_column", "label"),
+            regression=regression, prompt_column=pick(config.prompt_column, "prompt_column", "prompt"),
+            response_column=pick(config.response_column, "response_column", "response"),
+            text_column=pick(config.text_column, "text_column", "text"),
+            label_names=names if names and not regression else None,
+        )
+        regression = bool(task == "seq-cls" and examples.regression)
+        if model is None:
+            model = _load_for_evaluation(config, adapter, task, info, spec, precision, regression)
+        num_labels = getattr(model.config, "num_labels", 1) if task == "seq-cls" else 1
+        if task == "seq-cls":
+            if examples.labels is None:
+                raise DataError(f"{config.data}: no label column to evaluate against")
+            check_label_range(examples, num_labels, "the model's head", "fix the labels")
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = pad_token_id(tokenizer)
+        for param in model.parameters():
+            param.requires_grad = False
+        keep_fp32 = {n for n, _ in model.named_parameters() if ".bca_kernels." in f".{n}"}
+        for path in info.get("modules_to_save") or []:
+            with contextlib.suppress(AttributeError):
+                keep_fp32 |= {f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()}
+        place_model(model, dev, precision, keep_fp32)
+        batch_size = pick(config.batch_size, "eval_batch_size", 32)
+        return run_eval(model, data, task, num_labels, regression, batch_size, dev, precision, d)
+    finally:
+        destroy(d)
+
+
+def _read_training_info(adapter: Path) -> dict[str, Any]:
+    path = adapter / TRAINING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TrainingConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise TrainingConfigError(f"{path}: expected a JSON object")
+    return info
+
+
+def _adapter_task(adapter: Path) -> TaskSpec | None:
+    if not (adapter / "adapter_config.json").is_file():
+        return None
+    from ..adapter_io import read_adapter
+
+    return read_adapter(adapter)[0].task
+
+
+def _load_for_evaluation(config: EvaluateConfig, adapter: Path | None, task: str, info: dict[str, Any],
+                         spec: TaskSpec | None, precision: str, regression: bool) -> nn.Module:
+    """The base model for the adapter's task with the adapter (and its head) applied.
+
+    bca-deploy and PEFT adapters (and no adapter) go through :func:`bca_deploy.models.load_model`, which
+    refuses a head that nothing restores; ``head-only``/``custom`` runs saved their trainable tensors, which
+    are restored into the model their ``bca_training.json`` describes.
+    """
+    if adapter is None or (adapter / "adapter_config.json").is_file():
+        from ..models import load_model
+
+        with quiet_loading():
+            return load_model(config.model, [adapter] if adapter is not None else [], task)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    head = None
+    if task == "seq-cls":
+        num = int(info.get("num_labels") or 0)
+        if not num:
+            raise TrainingConfigError(f"{adapter / TRAINING_FILE}: no num_labels recorded; cannot rebuild the head")
+        names = info.get("label_names") or [f"LABEL_{i}" for i in range(num)]
+        head = Labels(num, list(names), bool(info.get("regression")), "adapter")
+    model, _ = load_for_training(config.model, task, dtype, head)
+    load_trained(model, adapter, info.get("method", "bca"))
+    return model.eval()

@@ -1,0 +1,251 @@
+"""Loading what a run trains: tokenizer, the base model for the task, its head; saving and restoring what
+a run trained. The head rules (trained or new, refused when random) live here."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import format_problems
+from .errors import TrainingConfigError
+
+__all__ = ["DEFAULT_TARGETS", "HEAD_MODULE_NAMES", "TRAINABLE_FILE", "quiet_loading", "load_tokenizer",
+           "load_model_config", "load_for_training", "head_paths", "default_modules_to_save", "default_targets",
+           "head_param_names", "kernel_block_sizes", "Labels", "BaseHead", "base_head", "load_trained",
+           "save_adapter_files"]
+
+# Target modules per model_type. BERT family: every linear layer of the encoder (query, key, value, the
+# attention output and both feed-forward layers; "output.dense" matches attention.output.dense and the
+# feed-forward output.dense), which beat query+value by 1.3 points of held-out accuracy at the same budget
+# with the default recipe's kernel lr (all-MiniLM-L6-v2, SST-2, p=128, 300 x 32: 86.8% vs 85.5%, mean of 2
+# seeds; bench/results/train_sweep_seq-cls.md, stage 4) at 6x the kernel parameters; p must divide the
+# intermediate size too. Others: the query and value projections (the paper's choice).
+_BERT_LINEAR = ["query", "key", "value", "output.dense", "intermediate.dense"]
+DEFAULT_TARGETS = {
+    "bert": list(_BERT_LINEAR),
+    "roberta": list(_BERT_LINEAR),
+    "xlm-roberta": list(_BERT_LINEAR),
+    "electra": list(_BERT_LINEAR),
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+}
+HEAD_MODULE_NAMES = ("classifier", "score")
+TRAINABLE_FILE = "trainable_parameters.safetensors"
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence transformers' "newly initialized ... You should probably TRAIN this model" while loading.
+
+    On our paths that warning is wrong or redundant: a new head is trained (and reported in the start-up
+    summary), or the head is restored from the adapter right after loading.
+    """
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingConfigError(
+            f"--model {model_dir}: cannot load a tokenizer ({str(exc).splitlines()[0][:200]}); save one there "
+            "or pass tokenizer= to train()"
+        ) from None
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else tokenizer.unk_token
+    return tokenizer
+
+
+def load_model_config(model_dir):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingConfigError(f"--model {model_dir}: cannot read its config.json "
+                                  f"({str(exc).splitlines()[0][:200]})") from None
+
+
+def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | None = None,
+                new_head: bool = False) -> tuple[nn.Module, list[str]]:
+    """The transformers model for ``task`` and the parameter names it had to initialise (missing or resized).
+
+    seq-cls: ``AutoModelForSequenceClassification`` with ``head``'s classes, names and problem type; a
+    trained head of another size is replaced only when ``new_head`` (checked by the caller before).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+    try:
+        with quiet_loading():
+            if task == "seq-cls":
+                assert head is not None
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    str(model_dir), num_labels=head.num_labels, id2label=dict(enumerate(head.names)),
+                    label2id={n: i for i, n in enumerate(head.names)}, problem_type=head.problem_type,
+                    ignore_mismatched_sizes=new_head, **kwargs)
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} "
+                                  f"({str(exc).splitlines()[0][:300]})") from None
+    new = list(info.get("missing_keys", []))
+    new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
+    return model, new
+
+
+def head_paths(model: nn.Module) -> list[str]:
+    """The outermost ``classifier``/``score`` modules of a classification model."""
+    paths = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in HEAD_MODULE_NAMES]
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
+
+
+def default_modules_to_save(model: nn.Module, task: str, missing_keys: Sequence[str]) -> list[str]:
+    """Modules to train fully: the task head (``classifier``/``score``) and any module the checkpoint lacked."""
+    candidates = {k.rpartition(".")[0] for k in missing_keys if "." in k}
+    if task == "seq-cls":
+        candidates |= set(head_paths(model))
+    present = {n for n, _ in model.named_modules() if n}
+    paths = sorted(c for c in candidates if c in present)
+    # keep outermost modules only ("classifier" covers "classifier.dense")
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return list(DEFAULT_TARGETS[model_type])
+    raise TrainingConfigError(
+        f"no default target modules for model_type {model_type!r}: pass --targets, e.g. the query and value "
+        f"projections; defaults exist for {', '.join(sorted(DEFAULT_TARGETS))}"
+    )
+
+
+def head_param_names(model: nn.Module, modules_to_save: Sequence[str]) -> set[str]:
+    """Trainable parameters inside a ``modules_to_save`` module (matched as a path component run)."""
+    names = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        parts = name.split(".")
+        for entry in modules_to_save:
+            e = entry.split(".")
+            if any(parts[i : i + len(e)] == e for i in range(len(parts) - len(e) + 1)):
+                names.add(name)
+                break
+    return names
+
+
+def kernel_block_sizes(model: nn.Module) -> dict[str, int]:
+    """Kernel parameter name -> its block size p."""
+    from ..inject import bca_layers
+
+    out = {}
+    for path, layer in bca_layers(model):
+        for adapter in layer.bca_kernels:
+            out[f"{path}.bca_kernels.{adapter}"] = layer.block_sizes[adapter]
+    return out
+
+
+@dataclass
+class Labels:
+    """The classes of a seq-cls run: how many, their names (id order), and the head they train."""
+
+    num_labels: int
+    names: list[str]
+    regression: bool
+    head: str  # "new", "trained" (the base model's, trained further), "base" (--no-head), "given" (model=)
+
+    @property
+    def problem_type(self) -> str:
+        return "regression" if self.regression else "single_label_classification"
+
+
+@dataclass
+class BaseHead:
+    """What the base model brings for seq-cls: a trained classification head or none."""
+
+    trained: bool
+    num_labels: int | None
+    names: list[str] | None  # real class names from its config (not LABEL_i), if any
+    architecture: str | None
+
+
+def base_head(model_config: Any, model: nn.Module | None) -> BaseHead:
+    architectures = list(getattr(model_config, "architectures", None) or [])
+    if model is not None:
+        architectures = [type(model).__name__]
+    trained = any(a.endswith("ForSequenceClassification") for a in architectures)
+    names = None
+    raw = dict(getattr(model_config, "id2label", None) or {})
+    num = getattr(model_config, "num_labels", None) if trained else None
+    if trained and num and len(raw) == num:
+        id2label = {int(k): str(v) for k, v in raw.items()}
+        if sorted(id2label) == list(range(num)) and any(v != f"LABEL_{k}" for k, v in id2label.items()):
+            names = [id2label[i] for i in range(num)]
+    return BaseHead(trained, num, names, architectures[0] if architectures else None)
+
+
+def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> None:
+    """Apply what :func:`train` saved: a BCA adapter, or the trainable parameters (head-only/custom)."""
+    if (adapter_dir / "adapter_config.json").is_file():
+        from ..adapter_io import load_adapter
+
+        load_adapter(model, adapter_dir)
+        return
+    path = adapter_dir / TRAINABLE_FILE
+    if not path.is_file():
+        raise TrainingConfigError(f"{adapter_dir}: neither adapter_config.json nor {TRAINABLE_FILE} found")
+    from safetensors.torch import load_file
+
+    from ..errors import AdapterMismatchError
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise TrainingConfigError(f"{path}: cannot read safetensors file ({exc})") from None
+    params = dict(model.named_parameters())
+    problems = [f"{k}: no such parameter in {type(model).__name__}" for k in state if k not in params]
+    problems += [f"{k}: shape {tuple(t.shape)}, the model's is {tuple(params[k].shape)}"
+                 for k, t in state.items() if k in params and params[k].shape != t.shape]
+    if problems:
+        raise AdapterMismatchError(format_problems(f"{path} does not fit the model:", problems))
+    with torch.no_grad():
+        for key, tensor in state.items():
+            params[key].copy_(tensor.to(params[key].dtype))
+    model.eval()
+
+def save_adapter_files(model: nn.Module, directory: Path, method: str) -> None:
+    if method == "bca":
+        from ..adapter_io import save_adapter
+
+        save_adapter(model, directory)
+        return
+    from safetensors.torch import save_file
+
+    state = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(state, str(directory / TRAINABLE_FILE), metadata={"format": "pt"})

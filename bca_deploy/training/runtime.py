@@ -1,0 +1,163 @@
+"""What training and evaluation share at run time: processes (torchrun), devices and precision, the loss,
+and the evaluation loop whose numbers ``train`` logs and ``evaluate`` reproduces exactly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BCAError
+from .data import IGNORE_INDEX, TokenizedDataset
+from .errors import TrainingConfigError
+from .metrics import MetricAccumulator
+
+__all__ = ["Dist", "init_distributed", "barrier", "on_main", "destroy", "resolve_precision", "autocast",
+           "place_model", "model_inputs", "task_loss", "to_device", "run_eval"]
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_request: str | None) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when ``WORLD_SIZE > 1``; pick this rank's device."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and (device_request is None or str(device_request).startswith("cuda"))
+    try:
+        if world <= 1:
+            if device_request is not None:
+                return Dist(), torch.device(device_request)
+            return Dist(), torch.device("cuda" if use_cuda else "cpu")
+    except RuntimeError as exc:
+        raise TrainingConfigError(f"--device {device_request!r}: {exc}") from None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns), device
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def on_main(d: Dist, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0; a BCAError it raises is raised on every rank (so none waits forever)."""
+    result, error = None, None
+    if d.is_main:
+        try:
+            result = fn()
+        except BCAError as exc:
+            error = exc
+    if d.active:
+        import torch.distributed as dist
+
+        box = [None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            raise TrainingConfigError(f"rank 0 refused the run: {box[0][1]}")
+    if error is not None:
+        raise error
+    return result
+
+
+def destroy(d: Dist) -> None:
+    if d.owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def place_model(model: nn.Module, device: torch.device, precision: str, fp32_names: set[str]) -> None:
+    """Move to ``device``; bf16: frozen floating parameters in bf16, the ``fp32_names`` ones in fp32."""
+    model.to(device)
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            continue
+        if name in fp32_names or param.requires_grad:
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+        elif precision == "bf16" and param.dtype != torch.bfloat16:
+            param.data = param.data.to(torch.bfloat16)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, regression: bool) -> torch.Tensor:
+    logits = logits.float()
+    if task == "causal-lm":
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B·(T-1), V)
+        shift_labels = labels[:, 1:].reshape(-1)  # (B·(T-1),)
+        return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+    if regression:
+        return nn.functional.mse_loss(logits.reshape(-1), labels.float())
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def run_eval(model: nn.Module, dataset: TokenizedDataset, task: str, num_labels: int, regression: bool,
+              batch_size: int, device: torch.device, precision: str, d: Dist) -> dict[str, float]:
+    """Metrics over ``dataset``: each rank takes every world_size-th example (no padding), sums are all-reduced.
+
+    Examples are batched in order of length (stable), so a given dataset and batch size always gives the
+    same batches, in :func:`train` and in :func:`evaluate` alike.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
+    shard = order[d.rank :: d.world_size]
+    acc = MetricAccumulator(task, num_labels=num_labels, regression=regression, device=device)
+    for start in range(0, len(shard), batch_size):
+        batch = to_device(dataset.collate(shard[start : start + batch_size]), device)
+        with autocast(device, precision):
+            logits = model(**model_inputs(batch)).logits
+        acc.update(logits, batch["labels"])
+    acc.all_reduce()
+    model.train(was_training)
+    return acc.compute()

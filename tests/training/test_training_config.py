@@ -1,0 +1,186 @@
+"""One training command: the typed config, its validation (every problem at once), the recipes, and the
+commands generated from it (bca-deploy train == python -m bca_deploy.training train)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+from click.testing import CliRunner
+
+from bca_deploy.cli import main
+from bca_deploy.training import RECIPES, EvaluateConfig, TrainConfig, TrainingConfigError
+from bca_deploy.training.cli import evaluate_command, train_command
+from training_helpers import REPO, make_data, one_thread, sst2_rows, subprocess_env, tiny_model_dir  # noqa: F401
+
+
+def test_validation_reports_every_problem_at_once(tmp_path):
+    cfg = TrainConfig(model=tmp_path / "nope", data=None, out=tmp_path / "o", lr=-1.0, batch_size=0,
+                      optimizer="sgd", eval_every=5, warmup_ratio=1.5, resume=True, overwrite=True,
+                      max_grad_norm=float("nan"), label_names=["a", "a"], num_labels=3, targets="query")
+    with pytest.raises(TrainingConfigError) as info:
+        cfg.validate()
+    msg = str(info.value)
+    for part in ("--data is required", f"--model {tmp_path / 'nope'}: directory not found", "--lr must be > 0",
+                 "--batch-size must be >= 1", "--optimizer 'sgd': choose one of adamw, adadelta",
+                 "--eval-every is set but there is no evaluation data", "--warmup-ratio must be in [0, 1)",
+                 "--resume and --overwrite both given", "--max-grad-norm must be a finite number",
+                 "--label-names must be distinct, repeated: 'a'", "--label-names gives 2 names but --num-labels is 3",
+                 "--targets must be a non-empty list of names"):
+        assert part in msg, (part, msg)
+    assert msg.count("\n  - ") >= 12
+    assert TrainConfig(model=tmp_path, data="d.tsv", out="o").problems() == []
+
+
+def test_options_that_belong_to_another_task_or_conflict(tmp_path):
+    cfg = TrainConfig(model=tmp_path, data="d", out="o", task="causal-lm", num_labels=2, no_head=True)
+    problems = cfg.problems()
+    assert "--num-labels is for seq-cls; --task is causal-lm" in problems
+    assert any("--no-head/--new-head are for seq-cls" in p for p in problems)
+    cfg = TrainConfig(model=tmp_path, data="d", out="o", no_head=True, new_head=True, modules_to_save=["x"])
+    assert len(cfg.problems()) == 2
+
+
+def test_recipes_fill_only_what_was_not_given():
+    default = TrainConfig(model="m", data="d", out="o").resolved()
+    r = RECIPES["default"]["seq-cls"]
+    assert (default.optimizer, default.lr, default.head_lr, default.scheduler) == (r.optimizer, r.lr, r.head_lr,
+                                                                                   r.scheduler)
+    paper = TrainConfig(model="m", data="d", out="o", recipe="paper", lr=0.5, warmup_steps=3).resolved()
+    assert paper.optimizer == "adadelta" and paper.lr == 0.5 and paper.lr_divide_by_block_size is True
+    assert paper.warmup_steps == 3 and paper.warmup_ratio is None and paper.warmup == 3
+    assert TrainConfig(model="m", data="d", out="o", lr=0.5, warmup_steps=3).overrides() == {"lr": 0.5,
+                                                                                               "warmup_steps": 3}
+    with pytest.raises(TrainingConfigError, match="--recipe 'nope'"):
+        TrainConfig(model="m", data="d", out="o", recipe="nope").resolved()
+
+
+def test_default_recipe_and_targets_are_the_measured_ones():
+    """The defaults bench/train_sweep.py chose on held-out training rows (bench/results/train_sweep_seq-cls.md,
+    stages 1 and 4); change them only with a sweep that beats them."""
+    from bca_deploy.training.loading import DEFAULT_TARGETS
+
+    r = RECIPES["default"]["seq-cls"]
+    assert (r.optimizer, r.lr, r.head_lr, r.lr_divide_by_block_size, r.weight_decay) == ("adamw", 1e-3, 3e-3, False, 0.0)
+    assert (r.scheduler, r.warmup_ratio, r.max_grad_norm, r.scaling) == ("linear", 0.06, 1.0, 1.0)
+    # every linear layer of a BERT encoder ("output.dense" matches the attention and the feed-forward output)
+    assert DEFAULT_TARGETS["bert"] == ["query", "key", "value", "output.dense", "intermediate.dense"]
+    assert DEFAULT_TARGETS["llama"] == ["q_proj", "v_proj"]
+    lm = RECIPES["default"]["causal-lm"]  # bench/results/train_sweep_causal-lm.md, stages 1 and 2
+    assert (lm.optimizer, lm.lr, lm.head_lr, lm.scheduler, lm.warmup_ratio) == ("adamw", 3e-2, 3e-3, "linear", 0.06)
+    paper = RECIPES["paper"]["seq-cls"]  # the paper's recipe as printed, kernels scaled by p so that it trains
+    assert (paper.optimizer, paper.lr, paper.head_lr, paper.lr_divide_by_block_size) == ("adadelta", 0.1, 0.1, True)
+    assert (paper.scheduler, paper.max_grad_norm, paper.scaling, paper.adadelta_eps) == ("constant", 0.0, "p", 1e-6)
+
+
+def test_every_field_is_an_option_of_both_commands():
+    """bca-deploy train and python -m bca_deploy.training train are one command object, generated from TrainConfig."""
+    assert main.commands["train"] is train_command and main.commands["evaluate"] is evaluate_command
+    from bca_deploy.training.cli import module_main  # noqa: F401 - builds its group from the same commands
+
+    options = {name for param in train_command.params for name in [param.name]}
+    assert options == {f.name for f in fields(TrainConfig)}
+    assert {p.name for p in evaluate_command.params} == {f.name for f in fields(EvaluateConfig)}
+    flags = {opt for param in train_command.params for opt in param.opts + param.secondary_opts}
+    for needed in ("--label-column", "--text-columns", "--num-labels", "--init", "--scheduler", "--warmup-ratio",
+                   "--grad-accum-steps", "--weight-decay", "--no-head", "--label-names", "--recipe",
+                   "--no-progress", "--regression", "--no-regression", "--no-group-by-length"):
+        assert needed in flags, needed
+    every_help = [param.help for param in train_command.params]
+    assert all(h and len(h) > 10 for h in every_help)
+
+
+def test_help_is_the_same_from_both_entry_points():
+    direct = CliRunner().invoke(main, ["train", "--help"])
+    assert direct.exit_code == 0
+    module = subprocess.run([sys.executable, "-m", "bca_deploy.training", "train", "--help"], capture_output=True,
+                            text=True, cwd=REPO, env={**subprocess_env(), "COLUMNS": "80"}, timeout=120)
+    assert module.returncode == 0, module.stderr
+    strip = lambda text: "".join(text.split("Options:", 1)[1].split())  # noqa: E731 - usage lines name the program
+    assert strip(module.stdout) == strip(direct.output)
+
+
+def test_cli_reports_several_mistakes_at_once_and_writes_nothing(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "o"),
+                                       "--lr", "-1", "--batch-size", "0", "--resume", "--overwrite"])
+    assert result.exit_code == 2
+    for part in ("--model is required", "--lr must be > 0", "--batch-size must be >= 1", "--resume and --overwrite"):
+        assert part in result.output, result.output
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+    bad = CliRunner().invoke(main, ["train", "--block-size-pattern", "value", "--data", "d", "--out", "o"])
+    assert bad.exit_code == 2 and "expected NAME=P" in bad.output
+
+
+def test_same_run_same_output_from_both_entry_points(tmp_path):
+    data = make_data(tmp_path / "data")
+    model = tiny_model_dir(tmp_path / "bert", "bert", [s for s, _ in sst2_rows("train", 64)])
+    args = ["--model", str(model), "--data", str(data["small"]), "--eval-data", str(data["small"]),
+            "--block-size", "8", "--batch-size", "16", "--max-length", "32", "--max-steps", "2", "--lr", "0.01"]
+    direct = CliRunner().invoke(main, ["train", *args, "--out", str(tmp_path / "a")])
+    assert direct.exit_code == 0, direct.output
+    module = subprocess.run([sys.executable, "-m", "bca_deploy.training", "train", *args, "--out", str(tmp_path / "b")],
+                            capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=300)
+    assert module.returncode == 0, module.stderr
+
+    def shape(text):  # the lines, with the numbers that differ between two runs (time, speed) and paths removed
+        import re
+
+        text = text.replace(str(tmp_path / "a"), "OUT").replace(str(tmp_path / "b"), "OUT")
+        return [re.sub(r"\d+(\.\d+)?", "N", line) for line in text.splitlines() if line.strip()]
+
+    assert shape(module.stdout) == shape(direct.stdout)
+    summary = direct.stdout
+    assert summary.startswith("done: 2 steps") and "eval at step 2: accuracy" in summary
+    assert f"adapter: {tmp_path / 'a' / 'best'} (seq-cls, BertForSequenceClassification, 2 labels" in summary
+    assert f"bca-deploy merge --model {model} --adapter {tmp_path / 'a' / 'best'}" in summary
+    assert "bca-deploy export" in summary and "bca-deploy serve" in summary
+    start = module.stderr
+    for part in ("bca-deploy train: seq-cls, recipe 'default'", "64 rows", "12 modules", "classifier:",
+                 "2 labels: LABEL_0, LABEL_1", "recipe    default: adamw", "overridden: lr=0.01", "device    cpu",
+                 "lr kernels"):
+        assert part in start, (part, start)
+    assert "You should probably TRAIN" not in start + direct.output and "Traceback" not in start
+    ev = CliRunner().invoke(main, ["evaluate", "--model", str(model), "--adapter", str(tmp_path / "a" / "best"),
+                                   "--data", str(data["small"])])
+    assert ev.exit_code == 0 and ev.output.startswith("accuracy ") and "You should probably" not in ev.output
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from bca_deploy.cli import main; from bca_deploy.training.__main__ import module_main; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=subprocess_env(),
+                         timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_progress_bar_is_drawn_on_a_terminal_of_size_zero(monkeypatch):
+    """A pty nobody sized (``script``, some CI runners) reports 0 x 0; tqdm's own sizing then prints blank lines."""
+    import pty
+
+    from bca_deploy.training.trainer import _Printer
+
+    master, slave = pty.openpty()  # a fresh pty: 0 columns, 0 rows
+    assert tuple(os.get_terminal_size(slave)) == (0, 0)
+    with os.fdopen(slave, "w") as term:
+        monkeypatch.setattr(sys, "stderr", term)
+        printer = _Printer(True)
+        bar = printer.bar(2, 0)
+        for _ in range(2):
+            printer.update(bar, 0.5, {"bca_p8": 3e-3, "head": 1e-2})
+        printer.close(bar)
+        term.flush()
+    import select
+
+    chunks = []
+    while select.select([master], [], [], 0.5)[0]:
+        try:
+            chunks.append(os.read(master, 65536))
+        except OSError:  # EIO: everything written before the slave closed has been read
+            break
+    os.close(master)
+    text = b"".join(chunks).decode()
+    assert "2/2" in text and "loss 0.5000, lr kernels 3.0e-03, head 1.0e-02" in text, text

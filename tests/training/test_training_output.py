@@ -1,0 +1,269 @@
+"""Never lose a user's run: refusals of a non-empty --out, --resume with nothing to resume, --overwrite that
+keeps the earlier run until the new one has a checkpoint, damaged checkpoints, real kills, exact resume."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bca_deploy.errors import OutputExistsError
+from bca_deploy.training import CheckpointError, TrainingConfigError, train
+from bca_deploy.training.checkpoint import RunDirectory, recover_dir
+from training_helpers import (  # noqa: F401 - one_thread is an autouse fixture
+    REPO,
+    config,
+    make_data,
+    one_thread,
+    read_tensors,
+    sst2_rows,
+    subprocess_env,
+    tiny_model_dir,
+    tree,
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("output")
+    paths = make_data(root / "data")
+    paths["bert"] = tiny_model_dir(root / "bert", "bert", [s for s, _ in sst2_rows("train", 256)])
+    paths["root"] = root
+    return paths
+
+
+@pytest.fixture
+def earlier(files, tmp_path):
+    """An --out holding a finished run (best/, last/, log), and a snapshot of every byte in it."""
+    out = tmp_path / "run"
+    train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2))
+    return out, tree(out)
+
+
+def _never(step, logs):
+    raise AssertionError(f"training started (step {step}) although it must be refused")
+
+
+def _leftovers(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and
+                  not p.name.endswith(".lock"))
+
+
+# ---- refusals: the earlier run is untouched ---------------------------------------------------------
+
+
+def test_non_empty_out_is_refused(files, earlier):
+    out, before = earlier
+    with pytest.raises(OutputExistsError, match="is not empty .*pass --resume .* --overwrite") as info:
+        train(config(files["bert"], files["small"], out, max_steps=2), on_step=_never)
+    assert "best, last, train_log.jsonl" in str(info.value)
+    assert tree(out) == before and not _leftovers(out)
+    # any file counts, not only an earlier run
+    other = out.parent / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="holds mine.txt"):
+        train(config(files["bert"], files["small"], other, max_steps=2), on_step=_never)
+    assert (other / "mine.txt").read_text() == "keep me"
+
+
+def test_resume_with_nothing_to_resume_says_what_is_missing(files, tmp_path, earlier):
+    out, before = earlier
+    with pytest.raises(CheckpointError, match="does not exist, so there is no run to continue"):
+        train(config(files["bert"], files["small"], tmp_path / "absent", resume=True), on_step=_never)
+    assert not (tmp_path / "absent").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no last/ directory; it is empty"):
+        train(config(files["bert"], files["small"], empty, resume=True), on_step=_never)
+    (empty / "x.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="no last/ directory; it holds x.txt"):
+        train(config(files["bert"], files["small"], empty, resume=True), on_step=_never)
+    (out / "last" / "trainer_state.pt").rename(tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="has no trainer_state.pt .*adapter_config.json"):
+        train(config(files["bert"], files["small"], out, resume=True), on_step=_never)
+    (tmp_path / "state.pt").rename(out / "last" / "trainer_state.pt")
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-mapping", "missing-key", "wrong-shape"])
+def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
+    out, _ = earlier
+    state_path = out / "last" / "trainer_state.pt"
+    raw = state_path.read_bytes()
+    if damage == "truncated":
+        state_path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        state_path.write_bytes(b"\x00\x01not a checkpoint" * 10)
+    else:
+        state = torch.load(state_path, weights_only=True)
+        if damage == "not-a-mapping":
+            state = [1, 2, 3]
+        elif damage == "missing-key":
+            del state["optimizer"]
+        else:
+            name = next(iter(state["trainable"]))
+            state["trainable"][name] = torch.zeros(3)
+        torch.save(state, state_path)
+    damaged = tree(out)
+    match = {"truncated": "cannot read the trainer state", "garbage": "cannot read the trainer state",
+             "not-a-mapping": "expected a mapping", "missing-key": "'optimizer' is missing",
+             "wrong-shape": "does not fit this run"}[damage]
+    with pytest.raises(CheckpointError, match=match) as info:
+        train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2,
+                     resume=True), on_step=_never)
+    assert "--overwrite" in str(info.value)
+    assert tree(out) == damaged and not _leftovers(out)
+
+
+def test_resume_and_overwrite_together_and_a_second_run_on_the_same_out(files, earlier):
+    out, before = earlier
+    with pytest.raises(TrainingConfigError, match="--resume and --overwrite both given"):
+        train(config(files["bert"], files["small"], out, resume=True, overwrite=True), on_step=_never)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # as another run holding --out would
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(TrainingConfigError, match="another training run is writing there now"):
+            train(config(files["bert"], files["small"], out, overwrite=True), on_step=_never)
+    assert tree(out) == before
+
+
+# ---- --overwrite keeps the earlier run until the new one has a checkpoint ------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_overwrite_replaces_only_at_the_first_checkpoint(files, earlier):
+    out, before = earlier
+    seen = []
+
+    def watch(step, logs):
+        seen.append((step, tree(out) == before))
+        if step == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(config(files["bert"], files["small"], out, max_steps=10, save_every=2, lr=1e-2, overwrite=True),
+              on_step=watch)
+    assert seen == [(1, True), (2, False), (3, False)]  # the old run stayed until step 2's checkpoint
+    info = json.loads((out / "last" / "bca_training.json").read_text())
+    assert info["step"] == 2 and not (out / "best").exists()  # the new run (no eval data: no best/)
+    assert not _leftovers(out)
+
+
+def test_overwrite_stopped_before_its_first_checkpoint_keeps_the_earlier_run(files, earlier):
+    out, before = earlier
+
+    def stop(step, logs):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        train(config(files["bert"], files["small"], out, max_steps=10, save_every=5, overwrite=True), on_step=stop)
+    assert tree(out) == before and not _leftovers(out)
+
+
+def test_kills_during_overwrite_leave_the_old_run_or_the_new(files, earlier):
+    """Real SIGKILLs at several moments of an --overwrite run; after recovery --out is either run, whole."""
+    out, before = earlier
+    cmd = [sys.executable, "-m", "bca_deploy.training", "train", "--model", str(files["bert"]), "--data",
+           str(files["small"]), "--out", str(out), "--overwrite", "--block-size", "8", "--batch-size", "16",
+           "--max-length", "32", "--save-every", "1", "--max-steps", "100000", "--no-progress", "--lr", "0.01"]
+    outcomes = []
+    for delay in (0.5, 4.0, None):  # early (loading), mid-start, and right after the first checkpoint swap
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+                                env=subprocess_env())
+        deadline = time.time() + (delay if delay is not None else 120)
+        while time.time() < deadline and proc.poll() is None:
+            if delay is None and (out / "last" / "bca_training.json").exists() and tree(out) != before:
+                break
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+        RunDirectory.open(out, resume=False, overwrite=True).close()  # what the next run does first
+        if tree(out) == before:
+            outcomes.append("old")
+        else:
+            info = json.loads((out / "last" / "bca_training.json").read_text())
+            assert info["step"] >= 1 and (out / "last" / "trainer_state.pt").is_file()
+            assert not (out / "best").exists()  # the new run has no eval data, the old one had
+            outcomes.append("new")
+        assert not _leftovers(out)
+    assert outcomes[-1] == "new" and "old" in outcomes
+
+
+# ---- resume -----------------------------------------------------------------------------------------
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_reaches_the_same_weights(files, tmp_path):
+    options = dict(max_steps=6, save_every=2, eval_data=files["small"], eval_every=3)
+    reference = train(config(files["bert"], files["small"], tmp_path / "ref", **options))
+
+    def kill_at_5(step, logs):
+        if step == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(config(files["bert"], files["small"], tmp_path / "run", **options), on_step=kill_at_5)
+    assert json.loads((tmp_path / "run" / "last" / "bca_training.json").read_text())["step"] == 4
+    with pytest.raises(CheckpointError, match="batch_size: checkpoint has 16, this run has 8"):
+        train(config(files["bert"], files["small"], tmp_path / "run", resume=True, **{**options, "batch_size": 8}))
+    resumed = train(config(files["bert"], files["small"], tmp_path / "run", resume=True, **options))
+    assert resumed.resumed_from == 4 and resumed.step == 6
+    # 64 rows / batch 16 = 4 batches an epoch: the data position crossed an epoch boundary
+    ref, got = read_tensors(reference.last_dir), read_tensors(resumed.last_dir)
+    assert ref.keys() == got.keys() and any(".bca_kernel" in k for k in ref)
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+    assert resumed.history == reference.history and resumed.best_step == reference.best_step
+    ref_opt = torch.load(reference.last_dir / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    got_opt = torch.load(resumed.last_dir / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    for key in ref_opt:
+        for buf in ref_opt[key]:
+            assert torch.equal(ref_opt[key][buf], got_opt[key][buf])
+
+
+def test_resume_after_sigkill(files, tmp_path):
+    """A real process killed at an arbitrary moment (maybe mid-checkpoint) resumes to the same weights."""
+    args = ["--model", str(files["bert"]), "--data", str(files["small"]), "--block-size", "8", "--batch-size", "16",
+            "--max-length", "32", "--save-every", "1", "--no-progress", "--scheduler", "constant", "--warmup-ratio", "0"]
+    cmd = [sys.executable, "-m", "bca_deploy.training", "train", *args, "--out", str(tmp_path / "run"),
+           "--max-steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=subprocess_env())
+    info = tmp_path / "run" / "last" / "bca_training.json"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(info.read_text())["step"] >= 3:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    last = recover_dir(tmp_path / "run" / "last")  # the kill may have hit between the two renames of a swap
+    killed_at = json.loads((last / "bca_training.json").read_text())["step"]
+    target = killed_at + 3
+    constant = dict(save_every=1, max_steps=target, scheduler="constant", warmup_ratio=0.0)
+    resumed = train(config(files["bert"], files["small"], tmp_path / "run", resume=True, **constant))
+    reference = train(config(files["bert"], files["small"], tmp_path / "ref", **constant))
+    assert resumed.resumed_from == killed_at
+    ref, got = read_tensors(reference.last_dir), read_tensors(resumed.last_dir)
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
