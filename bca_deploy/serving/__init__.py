@@ -3,20 +3,52 @@
 - :class:`MultiAdapterSession` — the runtime over an adapter-bank export (``bca-deploy export --bank``):
   register/unregister adapters while serving, ``run``/``embed``/``classify``/``generate`` with one
   adapter (or the base model) per row.
+- :class:`GenerationEngine` — continuous batching for generation: requests join and leave a running
+  batch at every step, each streaming :class:`TokenEvent` s (:mod:`bca_deploy.serving.engine`).
 - :class:`AdapterStore` — a directory of adapter directories, addressed by name only.
 - :mod:`bca_deploy.serving.http` — ``bca-deploy serve``: the HTTP front (FastAPI + uvicorn) with
-  micro-batching into mixed batches (imported on use: it needs the ``serve`` extra).
+  micro-batching into mixed batches, the OpenAI-compatible routes (:mod:`~bca_deploy.serving.openai`),
+  limits and errors (:mod:`~bca_deploy.serving.options`, :mod:`~bca_deploy.serving.wire`) and metrics
+  (:mod:`~bca_deploy.serving.metrics`); :mod:`bca_deploy.serving.ray` — the same on Ray Serve replicas.
+  Each is imported on use (they need the ``serve`` / ``ray`` extras).
+
+Names are imported on first use (PEP 562), so the CLI can read :mod:`bca_deploy.serving.options` for
+``--help`` without importing onnxruntime or torch.
 """
 
-from .session import ADAPTER_NAME_PATTERN, BASE, AdapterInfo, BankSnapshot, MultiAdapterSession, check_adapter_name
-from .store import AdapterStore
+from __future__ import annotations
 
-__all__ = [
-    "MultiAdapterSession",
-    "AdapterInfo",
-    "BankSnapshot",
-    "AdapterStore",
-    "check_adapter_name",
-    "BASE",
-    "ADAPTER_NAME_PATTERN",
-]
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "MultiAdapterSession": ".session",
+    "AdapterInfo": ".session",
+    "BankSnapshot": ".session",
+    "check_adapter_name": ".session",
+    "BASE": ".session",
+    "ADAPTER_NAME_PATTERN": ".session",
+    "AdapterStore": ".store",
+    "GenerationEngine": ".engine",
+    "GenerationStream": ".engine",
+    "TokenEvent": ".engine",
+    "SamplingParams": ".engine",
+    "SamplingParamsError": ".engine",
+    "EngineOverloadedError": ".engine",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,23 +1,36 @@
 """``bca-deploy serve``: an HTTP front for :class:`~bca_deploy.serving.MultiAdapterSession` (FastAPI on uvicorn).
 
-Endpoints (JSON in and out; errors are ``{"error": {"type", "message"}}`` with a 4xx/5xx status):
+Native endpoints (JSON in and out):
 
-    GET    /health                     status, task, loaded adapters
-    GET    /v1/adapters                loaded adapters (+ names available in the adapter store)
+    GET    /health                     status, task, number of loaded adapters
+    GET    /v1/adapters                loaded adapters (+ names available in the store)     403 if listing is off
     POST   /v1/adapters                {"name", "replace"?}: load <store>/<name>            201 / 404 / 409 / 422
     DELETE /v1/adapters/{name}         unload                                               200 / 404
     POST   /v1/embeddings              {"input", "adapter"?, "pooling"?, "normalize"?}      encoders
+                                       (or OpenAI's {"model", "input", ...}: see below)
     POST   /v1/classify                {"input", "adapter"?}                                text-classification
     POST   /v1/generate                {"input", "adapter"?, "max_new_tokens"?, "do_sample"?,
                                         "temperature"?, "top_k"?, "top_p"?, "seed"?}       decoders with past
+    GET    /metrics                    Prometheus metrics (:mod:`bca_deploy.serving.metrics`)
+
+and the OpenAI-compatible ones of :mod:`bca_deploy.serving.openai` (``/v1/models``,
+``/v1/embeddings`` with ``model``, ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``).
 
 ``input`` is a text, a list of texts, or a list of token-id lists; ``adapter`` is a loaded adapter's
-name, or null for the base model. Concurrent requests are **micro-batched**: requests of one kind
-that arrive within ``max_wait_ms`` of each other (up to ``max_batch_rows`` rows) run as one mixed
-batch, each row through its own adapter. A batch runs on one snapshot of the adapter bank, so
-loading or unloading during traffic never mixes adapters; a request whose adapter is gone by then
-gets a 404 and the others in its batch are unaffected. Every request writes one JSON log line
-(logger ``bca_deploy.serve``).
+name, or null for the base model. Errors follow :mod:`bca_deploy.serving.wire` (one status per error
+type, OpenAI's JSON shape, no paths or internal text).
+
+Every request is checked in full before it joins a batch (body size and timeout while it arrives,
+JSON, fields, rows, text lengths, token ids and positions, the adapter, room in the queue), so a bad
+request fails alone. Concurrent embedding/classification requests are **micro-batched**: requests of
+one kind that arrive within ``max_wait_ms`` of each other run as one mixed batch of at most
+``max_batch_rows`` rows, each row through its own adapter; a larger request runs in several batches,
+and requests take turns (the least-served first), so a big request neither holds a batch's memory
+beyond ``max_batch_rows`` nor makes a small one wait for all of it. A batch runs on one snapshot of
+the adapter bank, so loading or unloading during traffic never mixes adapters. If a batch of several
+requests fails, each request is run alone once, so only the one that fails alone gets the error.
+Every request writes one JSON log line (logger ``bca_deploy.serve``).
 """
 
 from __future__ import annotations
@@ -25,8 +38,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import logging
+import os
+import re
 import socket
 import threading
 import time
@@ -40,38 +56,69 @@ from typing import Any, Literal, Union
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import AdapterFormatError, AdapterMismatchError, AdapterNameError, ServingError, UnknownAdapterError
-from .session import BASE, MultiAdapterSession
+from ..errors import BCAError, ServingError
+from .options import ServeOptions
+from .session import BASE, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore
+from .wire import (
+    AdapterExistsError,
+    InvalidHTTPError,
+    ForbiddenError,
+    InternalServerError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    RequestTimeoutError,
+    ServerBusyError,
+    WrongTaskError,
+    body_too_large,
+    body_too_slow,
+    check_rows,
+    error_body,
+    error_status,
+    read_body,
+    validate,
+)
 
-__all__ = ["create_app", "build", "run_server", "configure_logging", "ServerThread", "MicroBatcher", "LOGGER_NAME"]
+__all__ = ["create_app", "build", "run_server", "configure_logging", "ServerThread", "MicroBatcher", "Server",
+           "LOGGER_NAME"]
 
 LOGGER_NAME = "bca_deploy.serve"
 _log = logging.getLogger(LOGGER_NAME)
 
-Inputs = Union[str, list[str], list[list[int]]]
+Inputs = Union[StrictStr, list[StrictStr], list[list[StrictInt]]]
 
 
 def _rows(inputs: Inputs) -> list:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
+def _log_json(entry: dict[str, Any], level: int = logging.INFO) -> None:
+    _log.log(level, json.dumps(entry, separators=(",", ":"), default=str))
+
+
 # ---- micro-batching -------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     kind: str
     rows: list
     adapter: str | None
     params: dict[str, Any]
     future: asyncio.Future
+    seq: int
     enqueued: float = field(default_factory=time.perf_counter)
-    batch_rows: int = 0
+    taken: int = 0  # rows handed to batches so far
+    finished: int = 0  # rows answered so far
+    turns: int = 0  # batches this job has been part of (the least-served job goes first)
+    parts: dict[int, list] = field(default_factory=dict)  # first row -> results of that piece
+    batch_rows: int = 0  # of its first batch (the request log)
     batch_requests: int = 0
     started: float = 0.0
 
@@ -82,28 +129,42 @@ class _Job:
         return (self.kind,)
 
 
+@dataclass(eq=False)
+class _Piece:
+    job: _Job
+    start: int
+    end: int
+
+
 class MicroBatcher:
     """Collects concurrent jobs into mixed-adapter batches and runs them one at a time off the event loop.
 
-    A batch is closed when it holds ``max_batch_rows`` rows or ``max_wait_ms`` after its first job
-    arrived. Jobs whose adapter is unknown when the batch starts fail alone (404).
+    A batch is closed when it holds ``max_batch_rows`` rows (or ``max_batch_tokens`` padded tokens) or
+    ``max_wait_ms`` after its first job arrived. A job of more rows runs in pieces over several batches; when jobs compete, the one that
+    has been in the fewest batches goes first (then the oldest). A job whose adapter is unknown when
+    its batch starts fails alone (404). ``on_batch(kind, rows, queue_seconds)`` is called after each
+    batch that ran (``queue_seconds``: for the jobs that started in it).
     """
 
-    def __init__(self, session: MultiAdapterSession, max_batch_rows: int = 64, max_wait_ms: float = 5.0) -> None:
-        if max_batch_rows < 1:
-            raise ValueError("max_batch_rows must be >= 1")
+    def __init__(self, session: MultiAdapterSession, max_batch_rows: int = 64, max_wait_ms: float = 5.0,
+                 on_batch=None, max_batch_tokens: int | None = None) -> None:
+        if max_batch_rows < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
+            raise ServingError("max_batch_rows and max_batch_tokens must be >= 1")
         self.session = session
         self.max_batch_rows = int(max_batch_rows)
+        self.max_batch_tokens = max_batch_tokens
         self.max_wait = max(float(max_wait_ms), 0.0) / 1000.0
-        self._queue: asyncio.Queue[_Job] | None = None
+        self.on_batch = on_batch
+        self._pending: list[_Job] = []
+        self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._seq = itertools.count()
         # One inference thread: batches run one after another (onnxruntime uses its own intra-op threads).
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bca-infer")
-        self._held: list[_Job] = []
         self.batches = 0
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._arrived = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="bca-microbatcher")
 
     async def stop(self) -> None:
@@ -114,218 +175,660 @@ class MicroBatcher:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def submit(self, kind: str, rows: list, adapter: str | None, params: dict[str, Any]) -> tuple[Any, _Job]:
-        if self._queue is None:
+        """Queue ``rows`` and wait for their results (a list, one item per row)."""
+        if self._arrived is None:
             raise ServingError("the batcher is not running")
-        job = _Job(kind, rows, adapter, params, asyncio.get_running_loop().create_future())
-        await self._queue.put(job)
+        job = _Job(kind, rows, adapter, params, asyncio.get_running_loop().create_future(), next(self._seq))
+        self._pending.append(job)
+        self._arrived.set()
         return await job.future, job
 
-    async def _next_batch(self) -> list[_Job]:
-        assert self._queue is not None
-        first = self._held.pop(0) if self._held else await self._queue.get()
-        batch, rows = [first], len(first.rows)
-        group = first.group()
-        # Held jobs (a different group than the batch they met) go first, in arrival order.
-        for job in list(self._held):
-            if rows >= self.max_batch_rows:
+    async def _next_batch(self) -> list[_Piece]:
+        assert self._arrived is not None
+        while True:
+            self._pending = [j for j in self._pending if not j.future.done()]  # cancelled by their clients
+            if self._pending:
                 break
-            if job.group() == group and rows + len(job.rows) <= self.max_batch_rows:
-                self._held.remove(job)
-                batch.append(job)
-                rows += len(job.rows)
-        deadline = first.enqueued + self.max_wait
-        while rows < self.max_batch_rows:
+            self._arrived.clear()
+            await self._arrived.wait()
+        first = min(self._pending, key=lambda j: (j.turns, j.seq))
+        group, deadline = first.group(), first.enqueued + self.max_wait
+        pieces: list[_Piece] = []
+        rows, longest, members = 0, 0, set()
+        while True:
+            for job in sorted(self._pending, key=lambda j: (j.turns, j.seq)):
+                if rows >= self.max_batch_rows:
+                    break
+                if job.group() != group or id(job) in members or job.future.done():
+                    continue
+                n, longest = self._fit(job, rows, longest)
+                if n == 0:
+                    continue  # its next row would take the batch over max_batch_tokens: a later batch
+                pieces.append(_Piece(job, job.taken, job.taken + n))
+                job.taken += n
+                job.turns += 1
+                rows += n
+                members.add(id(job))
+                if job.taken == len(job.rows):
+                    self._pending.remove(job)
             timeout = deadline - time.perf_counter()
+            if rows >= self.max_batch_rows or timeout <= 0:
+                return pieces
+            self._arrived.clear()
             try:
-                job = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
-            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                return pieces
+
+    def _fit(self, job: _Job, rows: int, longest: int) -> tuple[int, int]:
+        """How many of ``job``'s next rows fit a batch of ``rows`` rows padded to ``longest`` tokens, and the new
+        longest: at most ``max_batch_rows`` rows and ``max_batch_tokens`` padded tokens (a first row always fits)."""
+        room = min(len(job.rows) - job.taken, self.max_batch_rows - rows)
+        if self.max_batch_tokens is None:
+            return room, longest
+        n = 0
+        while n < room:
+            length = max(longest, len(job.rows[job.taken + n]))
+            if rows + n > 0 and (rows + n + 1) * length > self.max_batch_tokens:
                 break
-            if job.group() != group or rows + len(job.rows) > self.max_batch_rows:
-                self._held.append(job)
-                if job.group() == group:
-                    break  # full: this one starts the next batch
-                continue
-            batch.append(job)
-            rows += len(job.rows)
-        return batch
+            longest, n = length, n + 1
+        return n, longest
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            pieces = await self._next_batch()
             snapshot = self.session.snapshot()
             runnable = []
-            for job in batch:
-                if job.adapter is not None and job.adapter not in snapshot.slots:
-                    job.future.set_exception(UnknownAdapterError(
-                        f"unknown adapter {job.adapter!r}; loaded: {', '.join(sorted(snapshot.slots)) or '(none)'}"))
+            for piece in pieces:
+                job = piece.job
+                if job.future.done():
+                    continue
+                # an unknown adapter (unloaded meanwhile: the session's not_loaded), or classify on an adapter
+                # without a head: refused alone, never its batch
+                refusal = snapshot.refusal(job.adapter, job.kind)
+                if refusal is not None:
+                    job.future.set_exception(refusal)
                 else:
-                    runnable.append(job)
+                    runnable.append(piece)
             if not runnable:
                 continue
-            rows = sum(len(j.rows) for j in runnable)
+            rows = sum(p.end - p.start for p in runnable)
             started = time.perf_counter()
-            for job in runnable:
-                job.batch_rows, job.batch_requests, job.started = rows, len(runnable), started
+            waits = []
+            for piece in runnable:
+                job = piece.job
+                if not job.started:
+                    job.batch_rows, job.batch_requests, job.started = rows, len(runnable), started
+                    waits.append(started - job.enqueued)
             try:
                 results = await loop.run_in_executor(self._executor, self._run, runnable, snapshot)
-            except Exception as exc:  # the whole batch failed: every job gets the error
-                for job in runnable:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
+            except Exception as exc:
+                if len({id(p.job) for p in runnable}) == 1:
+                    self._fail(runnable[0].job, exc)
+                    continue
+                # Several requests failed together: run each alone once, so only the culprit gets the error.
+                results = []
+                for piece in runnable:
+                    try:
+                        results.append((await loop.run_in_executor(self._executor, self._run, [piece], snapshot))[0])
+                    except Exception as alone:
+                        self._fail(piece.job, alone)
+                        results.append(None)
             self.batches += 1
-            for job, result in zip(runnable, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(result)
+            if self.on_batch is not None:
+                self.on_batch(runnable[0].job.kind, rows, waits)
+            for piece, result in zip(runnable, results, strict=True):
+                job = piece.job
+                if result is None or job.future.done():
+                    continue
+                job.parts[piece.start] = result
+                job.finished += piece.end - piece.start
+                if job.finished == len(job.rows):
+                    job.future.set_result([r for start in sorted(job.parts) for r in job.parts[start]])
 
-    def _run(self, jobs: list[_Job], snapshot) -> list[Any]:
-        """One mixed batch (in the inference thread): concatenate rows, run, split per job."""
-        rows = [r for job in jobs for r in job.rows]
-        adapters = [job.adapter for job in jobs for _ in job.rows]
-        kind = jobs[0].kind
+    @staticmethod
+    def _fail(job: _Job, exc: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _run(self, pieces: list[_Piece], snapshot) -> list[list]:
+        """One mixed batch (in the inference thread): concatenate rows, run, split per piece."""
+        rows = [r for p in pieces for r in p.job.rows[p.start:p.end]]
+        adapters = [p.job.adapter for p in pieces for _ in range(p.start, p.end)]
+        kind = pieces[0].job.kind
         if kind == "embed":
-            params = jobs[0].params
+            params = pieces[0].job.params
             out: Any = self.session.embed(rows, adapters, pooling=params["pooling"], normalize=params["normalize"],
                                           snapshot=snapshot)
         elif kind == "classify":
             out = self.session.classify(rows, adapters, snapshot=snapshot)
         elif kind == "generate":
-            per_row = {key: [job.params[key] for job in jobs for _ in job.rows]
+            per_row = {key: [p.job.params[key] for p in pieces for _ in range(p.start, p.end)]
                        for key in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")}
             # Each row of a request gets its own generator: seed + row index, so rows differ but stay reproducible.
-            per_row["seed"] = [None if job.params["seed"] is None else job.params["seed"] + i
-                               for job in jobs for i in range(len(job.rows))]
+            per_row["seed"] = [None if p.job.params["seed"] is None else p.job.params["seed"] + i
+                               for p in pieces for i in range(p.start, p.end)]
             out = self.session.generate(rows, adapters, snapshot=snapshot, **per_row)
         else:  # pragma: no cover - kinds are fixed by the endpoints
             raise ServingError(f"unknown job kind {kind!r}")
         results, start = [], 0
-        for job in jobs:
-            results.append(out[start:start + len(job.rows)])
-            start += len(job.rows)
+        for p in pieces:
+            results.append(list(out[start:start + p.end - p.start]))
+            start += p.end - p.start
         return results
 
 
-# ---- the app --------------------------------------------------------------------------------------
+# ---- admission ---------------------------------------------------------------------------------------
+
+
+class _Admission:
+    """Rows admitted and not yet answered, over all requests; a request that would exceed the limit is refused."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rows = 0
+
+    def take(self, rows: int):
+        """Admit ``rows`` (or raise :class:`ServerBusyError`); returns the function that releases them (once)."""
+        if self.rows + rows > self.limit:
+            raise ServerBusyError(f"the server's queue is full ({self.rows} of {self.limit} rows waiting); "
+                                  "retry in a moment")
+        self.rows += rows
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.rows -= rows
+
+        return release
+
+    @contextlib.contextmanager
+    def hold(self, rows: int):
+        release = self.take(rows)
+        try:
+            yield
+        finally:
+            release()
+
+
+# ---- native request bodies ----------------------------------------------------------------------------
 
 
 class _Request(BaseModel):
-    """Fields every inference request has."""
+    """Fields every native inference request has."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     input: Inputs = Field(description="a text, a list of texts, or a list of token-id lists")
-    adapter: str | None = Field(default=None, description="a loaded adapter's name; null: the base model")
+    adapter: StrictStr | None = Field(default=None, description="a loaded adapter's name; null: the base model")
 
 
 class EmbedRequest(_Request):
     """``POST /v1/embeddings``: one vector per input row."""
 
     pooling: Literal["mean", "cls", "last"] = "mean"
-    normalize: bool = False
+    normalize: StrictBool = False
 
 
 class ClassifyRequest(_Request):
     """``POST /v1/classify``: label, score and per-label scores per input row."""
 
 
+#: The largest seed a request may give (seeds of a request's rows are seed, seed+1, ...: all stay in int64).
+MAX_SEED = 2**62
+
+
 class GenerateRequest(_Request):
     """``POST /v1/generate``: new tokens per prompt (greedy by default; sampled with ``do_sample``)."""
 
-    max_new_tokens: int = Field(default=32, ge=1, le=4096)
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    top_k: int = Field(default=0, ge=0)
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1, description="default: 32, or the server's limit "
+                                                                              "if lower")
+    do_sample: StrictBool = False
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    top_k: StrictInt = Field(default=0, ge=0, le=1_000_000)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 class LoadRequest(BaseModel):
     """``POST /v1/adapters``: load ``<adapter store>/<name>``."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str
-    replace: bool = False
+    name: StrictStr
+    replace: StrictBool = False
+
+
+# ---- the server's state, shared by the native and OpenAI routes -------------------------------------
+
+
+class Server:
+    """One served session: its store, options, batcher, queue and metrics, and the checks every route uses."""
+
+    def __init__(self, session: MultiAdapterSession, store: AdapterStore | None, options: ServeOptions) -> None:
+        from .metrics import ServerMetrics
+
+        self.session, self.store, self.options = session, store, options
+        self.admission = _Admission(options.max_queued_rows)
+        self.metrics = ServerMetrics(lambda: session.snapshot().slots, lambda: self.admission.rows,
+                                     show_adapters=options.list_adapters)
+        self.batcher = MicroBatcher(session, max_batch_rows=options.max_batch_rows, max_wait_ms=options.max_wait_ms,
+                                    on_batch=self._on_batch, max_batch_tokens=options.max_batch_tokens)
+        self.model_name = options.served_model_name or default_model_name(session.export_dir)
+        self.engine = None
+        if session.with_past:  # generation: continuous batching (rows join and leave the running batch every step)
+            from .engine import GenerationEngine
+
+            self.engine = GenerationEngine(session, max_batch_rows=options.max_batch_rows,
+                                           max_queued_rows=options.max_queued_rows, observer=self._on_generation)
+        self._load_lock: asyncio.Lock | None = None
+        self._roots = sorted({str(p) for p in (session.export_dir, session.export_dir.absolute(),
+                                               session.export_dir.resolve())}, key=len, reverse=True)
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        self._load_lock = asyncio.Lock()
+        await self.batcher.start()
+        if self.engine is not None:
+            await self.engine.start()
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
+        await self.batcher.stop()
+
+    def _on_generation(self, event: str, values) -> None:
+        """The engine's observer (its thread): generation metrics, measured where the tokens are made."""
+        metrics = self.metrics
+        if event == "step":
+            metrics.batch_rows.labels("generate").observe(values["rows"])
+            for gap in values.get("inter_token_s") or ():
+                metrics.itl.observe(gap)
+        elif event == "started":
+            metrics.queue_time.labels("generate").observe(values["queue_s"])
+        elif event == "first_token":
+            metrics.ttft.observe(values["ttft_s"])
+        elif event == "finished":
+            adapter = metrics.adapter_label(values["adapter"] or BASE)
+            metrics.generated_tokens.labels(adapter).inc(values["completion_tokens"])
+            metrics.prompt_tokens.labels(adapter).inc(values["prompt_tokens"])
+
+    def _on_batch(self, kind: str, rows: int, waits: list[float]) -> None:
+        self.metrics.batch_rows.labels(kind).observe(rows)
+        for wait in waits:
+            self.metrics.queue_time.labels(kind).observe(wait)
+
+    # -- messages --
+    def redact(self, message: str) -> str:
+        """``message`` without the export's or the store's location."""
+        for root in self._roots:
+            message = message.replace(root + os.sep, "").replace(root, "<export>")
+        return self.store.redact(message) if self.store is not None else message
+
+    def public_info(self, info: AdapterInfo) -> dict[str, Any]:
+        """An adapter's description for clients: where it came from as a word, never a path."""
+        out = info.to_dict()
+        source = Path(info.source)
+        if self.store is not None and (source == self.store.root or self.store.root in source.parents):
+            out["source"] = "store"
+        elif source.is_relative_to(self.session.export_dir) or source.is_relative_to(self.session.export_dir.resolve()):
+            out["source"] = "export"
+        else:
+            out["source"] = "python"
+        out["block_sizes"] = list(info.block_sizes)
+        return out
+
+    # -- checks --
+    def require(self, kind: str) -> None:
+        """Refuse an endpoint the graph's task cannot serve (:class:`WrongTaskError`)."""
+        session = self.session
+        ok = {"embed": not session.with_past and "last_hidden_state" in session.output_names,
+              "classify": not session.with_past and "logits" in session.output_names,
+              "generate": session.with_past}[kind]
+        if not ok:
+            raise WrongTaskError(f"this server's graph was exported for {session.task!r}; {kind} is not available")
+
+    def adapter(self, name: str | None, param: str = "adapter") -> str | None:
+        """The adapter a request names (``None``: the base model), which must be loaded now."""
+        if name is None or name == BASE or name == self.model_name:
+            return None
+        if name not in self.session.snapshot().slots:
+            raise not_loaded(name, param)
+        return name
+
+    def select(self, request: Request, name: str | None, param: str = "adapter") -> str | None:
+        """:meth:`adapter`, with the request's log entry and metrics label set first (a 404 is logged too)."""
+        request.state.log["adapter"] = name
+        base = name is None or name in (BASE, self.model_name)
+        request.state.adapter_label = self.metrics.adapter_label(BASE if base else name)
+        return self.adapter(name, param)
+
+    def check_rows(self, rows: int, param: str = "input") -> None:
+        check_rows(rows, self.options.max_request_rows, param)
+
+    def check_new_tokens(self, n: int, param: str = "max_new_tokens") -> None:
+        if n > self.options.max_new_tokens:
+            raise InvalidRequestError(f"{param}: {n} is above this server's limit of {self.options.max_new_tokens}",
+                                      param=param)
+
+    async def read(self, request: Request, model: type[BaseModel]) -> Any:
+        """The request's JSON body checked against ``model`` (limits first, then every field)."""
+        return validate(model, read_body(await request.body(), self.options))
+
+    async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input") -> list[list[int]]:
+        """Token-id rows of a request (texts tokenized here, once), checked against the vocabulary and positions
+        (``param``: the field that holds the rows, named by a :class:`ContextLengthError`)."""
+        return await run_in_threadpool(self.session.prepare, rows, max_new_tokens, param)
+
+    async def infer(self, request: Request, kind: str, rows: list, adapter: str | None, params: dict[str, Any],
+                    max_new_tokens: int = 0) -> tuple[list, list[list[int]]]:
+        """Admit, tokenize and run ``rows`` through the batcher; (results, token rows)."""
+        log = request.state.log
+        log.update({"rows": len(rows), "kind": kind})
+        self.check_rows(len(rows))
+        with self.admission.hold(len(rows)):
+            token_rows = await self.prepare(rows, max_new_tokens)
+            result, job = await self.batcher.submit(kind, token_rows, adapter, params)
+        log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,
+                    "queue_ms": round((job.started - job.enqueued) * 1000, 3)})
+        self.metrics.prompt_tokens.labels(self.metrics.adapter_label(adapter or BASE)).inc(
+            sum(len(r) for r in token_rows))
+        return result, token_rows
+
+    async def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` through the tokenizer's chat template (with the generation prompt)."""
+        return await run_in_threadpool(self._chat_prompt, messages)
+
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self.session.tokenizer  # ServingError if the export has none
+        if not getattr(tokenizer, "chat_template", None):
+            raise ServingError("this model's tokenizer has no chat template, so chat messages cannot be turned into "
+                               "a prompt; use /v1/completions with a prompt instead")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template's own refusal (e.g. roles that must alternate) is the message
+            from jinja2 import TemplateError
+
+            why = str(exc)[:300] if isinstance(exc, TemplateError) else type(exc).__name__
+            raise InvalidRequestError(f"messages: the chat template refused them ({why})", param="messages") from None
+        # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
+        # as transformers' apply_chat_template(tokenize=True) does; under the session's tokenizer lock.
+        with self.session._tokenizer_lock:
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.session.prepare([ids], input_param="messages")[0]
+
+    def sampling(self, **fields: Any):
+        """:class:`~bca_deploy.serving.engine.SamplingParams`, its problems as :class:`InvalidRequestError`."""
+        from .engine import SamplingParams, SamplingParamsError
+
+        try:
+            return SamplingParams(**fields)
+        except SamplingParamsError as exc:
+            raise InvalidRequestError(str(exc), param=exc.field) from None
+
+    def submit(self, request: Request, prompts: list[list[int]], adapter: str | None, params: list) -> tuple[list, Any]:
+        """Check every row (all before any is queued), then queue them on the engine; (streams, release).
+
+        ``release`` frees the rows' place in the server's queue; call it once the streams are done (also on error).
+        """
+        from .engine import EngineOverloadedError, SamplingParamsError
+
+        if self.engine is None:
+            raise WrongTaskError(f"this server's graph was exported for {self.session.task!r}; generation is not "
+                                 "available")
+        for prompt, p in zip(prompts, params, strict=True):
+            try:
+                self.engine.check(prompt, adapter, p)
+            except SamplingParamsError as exc:
+                raise InvalidRequestError(str(exc), param=exc.field) from None
+        release = self.admission.take(len(prompts))
+        streams = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                streams.append(self.engine.submit(prompt, adapter, p, request_id=request.state.request_id))
+        except BaseException as exc:
+            for stream in streams:
+                stream.cancel()
+            release()
+            if isinstance(exc, EngineOverloadedError):
+                raise ServerBusyError(str(exc)) from None
+            raise
+        request.state.log.update({"rows": len(prompts), "kind": "generate"})
+        return streams, release
+
+    @staticmethod
+    def log_streams(request: Request, streams: list) -> None:
+        """The request log's batching and timing fields of finished streams."""
+        started = [s for s in streams if s.started_at is not None]
+        first = [s for s in streams if s.first_token_at is not None]
+        request.state.log.update({
+            "batch_rows": max((s.batch_rows for s in streams), default=0),
+            "batch_requests": max((s.batch_requests for s in streams), default=0),
+            "queue_ms": round(max((s.started_at - s.queued_at for s in started), default=0.0) * 1000, 3),
+            "ttft_ms": round(max((s.first_token_at - s.queued_at for s in first), default=0.0) * 1000, 3),
+            "prompt_tokens": sum(s.prompt_tokens for s in streams),
+            "completion_tokens": sum(s.completion_tokens for s in streams)})
+
+    # -- adapters --
+    async def load(self, name: str, entry: str | None = None, replace: bool = False) -> dict[str, Any]:
+        """Load store entry ``entry`` (default: ``name``) as adapter ``name``; its public description."""
+        if self.store is None:
+            raise ServingError("this server has no adapter store (start it with --adapter-store DIR)")
+        check_adapter_name(name)
+        if entry is not None:
+            check_adapter_name(entry)
+        if name == self.model_name:
+            raise InvalidRequestError(f"{name!r} is the base model's name on this server; pick another adapter name",
+                                      param="name")
+        assert self._load_lock is not None
+        async with self._load_lock:  # one load at a time: "already loaded" is decided here, not raced
+            if name in self.session.snapshot().slots and not replace:
+                raise AdapterExistsError(f"adapter {name!r} is already loaded; pass \"replace\": true to reload it")
+            path = self.store.path(entry or name)
+            try:
+                info = await run_in_threadpool(self.session.register, name, path, replace=replace)
+            except BCAError:
+                raise
+            except Exception as exc:  # a store entry the readers do not turn into a BCAError: say which, log why
+                _log_json({"ts": round(time.time(), 3), "event": "adapter_load_failed", "adapter": name,
+                           "error": f"{type(exc).__name__}: {exc}",
+                           "traceback": "".join(traceback.format_exception(exc))}, logging.ERROR)
+                from ..errors import AdapterFormatError
+
+                raise AdapterFormatError(f"adapter {entry or name!r} in the store cannot be read "
+                                         f"({type(exc).__name__})") from None
+        self.metrics.adapter_changes.labels("load").inc()
+        return self.public_info(info)
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        if name in (BASE, self.model_name) or name not in self.session.snapshot().slots:
+            raise not_loaded(name)
+        info = await run_in_threadpool(self.session.unregister, name)  # not_loaded if unloaded concurrently
+        self.metrics.adapter_changes.labels("unload").inc()
+        return self.public_info(info)
+
+
+def default_model_name(export_dir: Path) -> str:
+    """The base model's name in the OpenAI API when none is given: the export directory's name, made a valid name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", Path(export_dir).resolve().name).lstrip("._-")[:128] or "base"
+    return name.replace("..", "-") if name != BASE else "base"
+
+
+# ---- middleware: request id, limits, timeouts, errors, log, metrics -------------------------------------
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class _Guard:
+    """Pure ASGI middleware around the whole app.
+
+    Gives each request an id (``x-request-id``, echoed), refuses bodies over ``max_body_bytes`` (by
+    ``content-length`` at once, else while they arrive) and bodies not complete within
+    ``body_timeout_s``, turns any exception the app did not answer into the JSON 500 (the traceback
+    goes to the log, never to the client), and writes the request's log line and metrics.
+    """
+
+    def __init__(self, app, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        server, options = self.server, self.server.options
+        start = time.perf_counter()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        given = headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state.update({"log": {}, "request_id": request_id})
+        sent = {"status": None}
+
+        async def guarded_send(message) -> None:
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            try:
+                await asyncio.wait_for(send(message), options.body_timeout_s)
+            except asyncio.TimeoutError:  # a client that stopped reading: give its task back
+                raise RequestTimeoutError("the client did not read the response in time") from None
+
+        async def answer(exc: BaseException) -> None:
+            status, kind = error_status(exc)
+            state["error_type"] = kind
+            message = server.redact(str(exc)) if isinstance(exc, BCAError) else ""
+            if isinstance(exc, InternalServerError) or not isinstance(exc, BCAError):
+                message = f"internal error (request id {request_id}); the server log has the details"
+            body = json.dumps(error_body(status, kind, message, getattr(exc, "param", None))).encode()
+            await guarded_send({"type": "http.response.start", "status": status,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})
+            await guarded_send({"type": "http.response.body", "body": body})
+
+        try:
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
+                raise body_too_large(options.max_body_bytes, length)
+            receive = self._guard_receive(receive, start)
+            await self.app(scope, receive, guarded_send)
+        except Exception as exc:
+            if not isinstance(exc, BCAError):
+                state["log"]["error"] = f"{type(exc).__name__}: {exc}"
+                _log_json({"ts": round(time.time(), 3), "event": "request_failed", "request_id": request_id,
+                           "error": f"{type(exc).__name__}: {exc}",
+                           "traceback": "".join(traceback.format_exception(exc))}, logging.ERROR)
+            if sent["status"] is None:
+                with contextlib.suppress(Exception):
+                    await answer(exc)
+        finally:
+            self._record(scope, state, request_id, sent["status"] or 500, start)
+
+    def _guard_receive(self, receive, start: float):
+        options = self.server.options
+        deadline = start + options.body_timeout_s
+        progress = {"bytes": 0, "done": False}
+
+        async def guarded_receive():
+            if progress["done"]:  # the body is in: later receives wait for a disconnect, without a deadline
+                return await receive()
+            timeout = deadline - time.perf_counter()
+            try:
+                if timeout <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                raise body_too_slow(options.body_timeout_s) from None
+            if message["type"] == "http.request":
+                progress["bytes"] += len(message.get("body", b""))
+                if progress["bytes"] > options.max_body_bytes:
+                    raise body_too_large(options.max_body_bytes)
+                progress["done"] = not message.get("more_body", False)
+            else:
+                progress["done"] = True
+            return message
+
+        return guarded_receive
+
+    def _record(self, scope, state, request_id: str, status: int, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        log = state.get("log", {})
+        metrics = self.server.metrics
+        adapter = state.get("adapter_label", "")
+        metrics.requests.labels(endpoint, scope["method"], str(status), adapter).inc()
+        if status >= 400:
+            metrics.errors.labels(endpoint, str(status), state.get("error_type", "unknown"), adapter).inc()
+        metrics.latency.labels(endpoint).observe(elapsed)
+        entry = {"ts": round(time.time(), 3), "request_id": request_id, "method": scope["method"],
+                 "path": scope["path"][:256], "status": status, "latency_ms": round(elapsed * 1000, 3), **log}
+        if "error_type" in state:
+            entry["error_type"] = state["error_type"]
+        _log_json(entry)
+
+
+# ---- the app --------------------------------------------------------------------------------------
 
 
 def create_app(
     session: MultiAdapterSession,
     store: AdapterStore | None = None,
-    *,
-    max_batch_rows: int = 64,
-    max_wait_ms: float = 5.0,
+    options: ServeOptions | None = None,
+    **overrides: Any,
 ):
     """The FastAPI application serving ``session`` (see the module docstring for the endpoints).
 
     Args:
         session: the runtime (its registered adapters are served as they are).
-        store: where ``POST /v1/adapters`` loads adapters from, by name; without a store, adapters
-            can only be registered from Python and the endpoint answers 400.
-        max_batch_rows: the most rows one mixed batch holds (a larger request runs alone).
-        max_wait_ms: how long the first request of a batch waits for others to join.
+        store: where adapters are loaded from, by name; without a store, adapters can only be
+            registered from Python and the load endpoints answer 400.
+        options: limits, batching and what the server shows (:class:`ServeOptions`; default: its defaults).
+        **overrides: single :class:`ServeOptions` fields to change (``max_batch_rows=8``).
     """
-    batcher = MicroBatcher(session, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms)
+    options = (options or ServeOptions()).replace(**overrides) if overrides else (options or ServeOptions())
+    server = Server(session, store, options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await batcher.start()
+        await server.start()
         yield
-        await batcher.stop()
+        await server.stop()
 
-    app = FastAPI(title="bca-deploy serve", version=_version(), lifespan=lifespan,
-                  description="Many block-circulant adapters on one base model, chosen per request.")
-    app.state.session, app.state.store, app.state.batcher = session, store, batcher
+    app = FastAPI(title="bca-deploy serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None, description="Many block-circulant adapters on one base model, chosen per request.")
+    app.state.server, app.state.session, app.state.store = server, session, store
+    app.state.batcher, app.state.engine, app.state.options = server.batcher, server.engine, options
 
-    def error(status: int, kind: str, message: str) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}})
+    def error_response(request: Request, exc: BaseException) -> JSONResponse:
+        status, kind = error_status(exc)
+        request.state.error_type = kind
+        message = server.redact(str(exc)) if isinstance(exc, BCAError) else "internal error"
+        return JSONResponse(status_code=status, content=error_body(status, kind, message, getattr(exc, "param", None)))
+
+    @app.exception_handler(BCAError)
+    async def _bca_error(request: Request, exc: BCAError):
+        return error_response(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(request, NotFoundError(f"no endpoint {request.method} {request.url.path[:128]}"))
+        if exc.status_code == 405:
+            return error_response(request, MethodNotAllowedError(
+                f"{request.url.path[:128]} does not take {request.method} requests"))
+        return error_response(request, ServingError(f"HTTP {exc.status_code}"))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in exc.errors())
-        return error(422, "invalid_request", problems)
+        return error_response(request, InvalidRequestError(problems))
 
-    @app.middleware("http")
-    async def _log_request(request: Request, call_next):
-        start = time.perf_counter()
-        request.state.log = {}
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-        finally:
-            entry = {"ts": round(time.time(), 3), "request_id": request_id, "method": request.method,
-                     "path": request.url.path, "status": status,
-                     "latency_ms": round((time.perf_counter() - start) * 1000, 3), **request.state.log}
-            _log.info(json.dumps(entry, separators=(",", ":")))
-        response.headers["x-request-id"] = request_id
-        return response
+    app.add_middleware(_Guard, server=server)
 
-    def adapter_of(body: _Request) -> str | None:
-        return None if body.adapter in (None, BASE) else body.adapter
-
-    async def infer(request: Request, kind: str, body: _Request, params: dict[str, Any], max_new_tokens: int = 0):
-        rows = _rows(body.input)
-        adapter = adapter_of(body)
-        request.state.log.update({"adapter": adapter, "rows": len(rows), "kind": kind})
-        try:
-            if adapter is not None and adapter not in session.snapshot().slots:
-                raise UnknownAdapterError(f"unknown adapter {adapter!r}; loaded: "
-                                          f"{', '.join(sorted(session.snapshot().slots)) or '(none)'}")
-            token_rows = await run_in_threadpool(session.prepare, rows, max_new_tokens)  # texts tokenized once, here
-            result, job = await batcher.submit(kind, token_rows, adapter, params)
-        except UnknownAdapterError as exc:
-            return None, error(404, "unknown_adapter", str(exc))
-        except ServingError as exc:
-            return None, error(400, "bad_request", str(exc))
-        except Exception as exc:  # a failed batch: answer in JSON, keep serving, log the traceback once
-            _log.error(json.dumps({"ts": round(time.time(), 3), "event": "batch_failed",
-                                   "error": f"{type(exc).__name__}: {exc}",
-                                   "traceback": "".join(traceback.format_exception(exc))}, separators=(",", ":")))
-            request.state.log["error"] = f"{type(exc).__name__}: {exc}"
-            return None, error(500, "internal_error", f"{type(exc).__name__}: {exc}")
-        request.state.log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,
-                                  "queue_ms": round((job.started - job.enqueued) * 1000, 3)})
-        return result, None
+    def label(request: Request, name: str | None) -> None:
+        request.state.adapter_label = server.metrics.adapter_label(name if name is not None else BASE)
 
     @app.get("/health")
     async def health():
@@ -335,84 +838,90 @@ def create_app(
 
     @app.get("/v1/adapters")
     async def list_adapters():
-        return {"adapters": [a.to_dict() for a in session.adapters()],
+        if not options.list_adapters:
+            raise ForbiddenError("this server does not list its adapters")
+        return {"adapters": [server.public_info(a) for a in session.adapters()],
                 "available": store.names() if store is not None else None}
 
     @app.post("/v1/adapters", status_code=201)
-    async def load_adapter(request: Request, body: LoadRequest):
+    async def load_adapter(request: Request):
+        body = await server.read(request, LoadRequest)
         request.state.log["adapter"] = body.name
-        if store is None:
-            return error(400, "no_store", "this server has no adapter store (start it with --adapter-store DIR)")
-        try:
-            path = store.path(body.name)
-            if body.name in session.snapshot().slots and not body.replace:
-                return error(409, "adapter_exists", f"adapter {body.name!r} is already loaded; pass \"replace\": true "
-                                                    "to reload it")
-            info = await run_in_threadpool(session.register, body.name, path, replace=body.replace)
-        except AdapterNameError as exc:
-            return error(422, "invalid_adapter_name", str(exc))
-        except UnknownAdapterError as exc:
-            return error(404, "unknown_adapter", str(exc))
-        except (AdapterMismatchError, AdapterFormatError) as exc:
-            return error(422, "adapter_does_not_fit", str(exc))
-        except ValueError as exc:  # loaded concurrently by another request
-            return error(409, "adapter_exists", str(exc))
-        return info.to_dict()
+        info = await server.load(body.name, replace=body.replace)
+        label(request, body.name)
+        return info
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(request: Request, name: str):
         request.state.log["adapter"] = name
-        try:
-            info = await run_in_threadpool(session.unregister, name)
-        except UnknownAdapterError as exc:
-            return error(404, "unknown_adapter", str(exc))
-        return info.to_dict()
-
-    def require(kind: str):
-        ok = {"embed": not session.with_past and "last_hidden_state" in session.output_names,
-              "classify": not session.with_past and "logits" in session.output_names,
-              "generate": session.with_past}[kind]
-        if not ok:
-            return error(400, "wrong_task", f"this server's graph was exported for {session.task!r}; "
-                                            f"{kind} is not available")
-        return None
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request, body: EmbedRequest):
-        if (refused := require("embed")) is not None:
-            return refused
-        result, refused = await infer(request, "embed", body, {"pooling": body.pooling, "normalize": body.normalize})
-        if refused is not None:
-            return refused
-        return {"adapter": adapter_of(body), "data": [{"index": i, "embedding": np.asarray(v).tolist()}
-                                                      for i, v in enumerate(result)]}
+        label(request, name)
+        return await server.unload(name)
 
     @app.post("/v1/classify")
-    async def classify(request: Request, body: ClassifyRequest):
-        if (refused := require("classify")) is not None:
-            return refused
-        result, refused = await infer(request, "classify", body, {})
-        if refused is not None:
-            return refused
-        return {"adapter": adapter_of(body), "data": [{"index": i, **r} for i, r in enumerate(result)]}
+    async def classify(request: Request):
+        server.require("classify")
+        body = await server.read(request, ClassifyRequest)
+        adapter = server.select(request, body.adapter)
+        result, _ = await server.infer(request, "classify", _rows(body.input), adapter, {})
+        return {"adapter": adapter, "data": [{"index": i, **r} for i, r in enumerate(result)]}
 
     @app.post("/v1/generate")
-    async def generate(request: Request, body: GenerateRequest):
-        if (refused := require("generate")) is not None:
-            return refused
-        params = body.model_dump(include={"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed"})
-        result, refused = await infer(request, "generate", body, params, max_new_tokens=body.max_new_tokens)
-        if refused is not None:
-            return refused
+    async def generate(request: Request):
+        server.require("generate")
+        body = await server.read(request, GenerateRequest)
+        max_new_tokens = body.max_new_tokens if body.max_new_tokens is not None else min(32, options.max_new_tokens)
+        server.check_new_tokens(max_new_tokens)
+        adapter = server.select(request, body.adapter)
+        rows = _rows(body.input)
+        server.check_rows(len(rows))
+        prompts = await server.prepare(rows, max_new_tokens)
+        # each row of a request gets its own generator: seed + row index, so rows differ but stay reproducible
+        params = [server.sampling(max_new_tokens=max_new_tokens, do_sample=body.do_sample, temperature=body.temperature,
+                                  top_k=body.top_k, top_p=body.top_p, seed=None if body.seed is None else body.seed + i)
+                  for i in range(len(rows))]
+        streams, release = server.submit(request, prompts, adapter, params)
+        try:
+            results = await asyncio.gather(*(s.collect() for s in streams))
+        finally:
+            for stream in streams:  # a failed row or a gone client: the other rows stop too
+                stream.cancel()
+            release()
+        server.log_streams(request, streams)
+        texts = isinstance(body.input, str) or bool(rows and isinstance(rows[0], str))
         data = []
-        for i, tokens in enumerate(result):
-            item: dict[str, Any] = {"index": i, "token_ids": tokens}
-            if isinstance(body.input, str) or (isinstance(body.input, list) and body.input and isinstance(body.input[0], str)):
-                item["text"] = session.decode(tokens)
+        for i, result in enumerate(results):
+            item: dict[str, Any] = {"index": i, "token_ids": result.token_ids}
+            if texts:
+                item["text"] = session.decode(result.token_ids)
             data.append(item)
-        return {"adapter": adapter_of(body), "data": data}
+        return {"adapter": adapter, "data": data}
 
+    @app.get("/metrics")
+    async def metrics():
+        if not options.metrics:
+            raise NotFoundError("no endpoint GET /metrics (metrics are off on this server)")
+        from .metrics import CONTENT_TYPE
+
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    from .openai import add_routes
+
+    add_routes(app, server, native_embeddings=_native_embeddings(server))
     return app
+
+
+def _native_embeddings(server: Server):
+    """The native ``/v1/embeddings`` handler (the OpenAI route dispatches to it for native bodies)."""
+
+    async def embed(request: Request, data: dict[str, Any]):
+        body = validate(EmbedRequest, data)
+        adapter = server.select(request, body.adapter)
+        result, _ = await server.infer(request, "embed", _rows(body.input), adapter,
+                                       {"pooling": body.pooling, "normalize": body.normalize})
+        return {"adapter": adapter, "data": [{"index": i, "embedding": np.asarray(v).tolist()}
+                                             for i, v in enumerate(result)]}
+
+    return embed
 
 
 def _version() -> str:
@@ -440,30 +949,120 @@ def build(
     *,
     adapter_store: str | Path | None = None,
     load: Sequence[str] = (),
-    provider: str = "cpu",
-    threads: int | None = None,
-    max_batch_rows: int = 64,
-    max_wait_ms: float = 5.0,
     load_exported: bool = True,
+    options: ServeOptions | None = None,
+    **overrides: Any,
 ):
-    """Session + store + app, with ``load`` (names in the store) registered up front. Errors surface before serving."""
-    session = MultiAdapterSession(export_dir, provider=provider, intra_op_threads=threads, load_exported=load_exported)
+    """Session + store + app, with ``load`` (names in the store) registered up front. Errors surface before serving.
+
+    ``options`` (or single fields of it as keyword arguments: ``threads=1, max_wait_ms=25``) set the
+    provider, threads, batching and limits.
+    """
+    options = (options or ServeOptions()).replace(**overrides) if overrides else (options or ServeOptions())
+    session = MultiAdapterSession(export_dir, provider=options.provider, intra_op_threads=options.threads,
+                                  load_exported=load_exported)
     store = AdapterStore(adapter_store) if adapter_store is not None else None
     if load and store is None:
         raise ServingError("loading adapters by name needs an adapter store (--adapter-store DIR)")
     for name in load:
         session.register(name, store.path(name), replace=True)  # type: ignore[union-attr]
     session.warm_up()  # config, tokenizer and onnxruntime's first run now, not during the first request
-    return create_app(session, store, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms)
+    return create_app(session, store, options)
 
 
-def run_server(export_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
-    """Build the app (see :func:`build`) and serve it with uvicorn until interrupted."""
+def uvicorn_config(app, **kwargs):
+    """A ``uvicorn.Config`` for ``app`` with its :class:`ServeOptions` timeouts and limits applied."""
     import uvicorn
 
-    app = build(export_dir, **kwargs)
+    options: ServeOptions = app.state.options
+    return uvicorn.Config(app, http=_guarded_h11(options.header_timeout_s, options.max_connections,
+                                                 options.max_header_bytes),
+                          timeout_keep_alive=options.keep_alive_s,
+                          h11_max_incomplete_event_size=options.max_header_bytes, access_log=False,
+                          log_level="warning", lifespan="on", **kwargs)
+
+
+def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: int):
+    """uvicorn's h11 protocol with a deadline and a size limit for each request's head (uvicorn has neither
+    for a head that arrives whole or byte by byte), a connection limit, and the documented JSON error for
+    what never reaches the app (malformed HTTP, a head too large, too many connections)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    def raw_error(exc: ServingError) -> bytes:
+        status, kind = error_status(exc)
+        body = json.dumps(error_body(status, kind, str(exc))).encode()
+        reason = {400: b"Bad Request", 503: b"Service Unavailable"}[status]
+        return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close"
+                b"\r\n\r\n" % (status, reason, len(body))) + body
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(raw_error(ServerBusyError(f"the server holds its limit of {max_connections} "
+                                                          "connections; retry in a moment")))
+                transport.close()
+                return
+            self._arm()
+
+        _head_bytes = 0
+        _tail = b""
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:
+                if self._head_timer is None:
+                    self._arm()  # a new request head starts on a kept-alive connection
+                # the head ends at the first blank line (searched across chunk boundaries)
+                end = (self._tail + data).find(b"\r\n\r\n")
+                size = self._head_bytes + (len(data) if end < 0 else end + 4 - len(self._tail))
+                if size > max_header_bytes:
+                    self.send_400_response(f"a request head over {max_header_bytes} bytes")
+                    return
+                self._head_bytes, self._tail = (0, b"") if end >= 0 else (size, (self._tail + data)[-3:])
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:  # malformed HTTP: uvicorn's plain-text 400, as JSON
+            self._disarm()
+            if not self.transport.is_closing():
+                self.transport.write(raw_error(InvalidHTTPError(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}); "
+                                                                "request heads are limited in size")))
+                self.transport.close()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = None, load: Sequence[str] = (),
+               load_exported: bool = True, options: ServeOptions | None = None) -> None:
+    """Build the app (see :func:`build`) and serve it with uvicorn on ``options.host:options.port`` until interrupted."""
+    import uvicorn
+
+    options = options or ServeOptions()
+    app = build(export_dir, adapter_store=adapter_store, load=load, load_exported=load_exported, options=options)
     configure_logging()
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    uvicorn.Server(uvicorn_config(app, host=options.host, port=options.port)).run()
 
 
 class ServerThread:
@@ -482,8 +1081,7 @@ class ServerThread:
         self._socket.bind((host, port))
         self.host, self.port = self._socket.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(app, access_log=False, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name="bca-serve", daemon=True)
         self._startup_timeout = startup_timeout

@@ -2,14 +2,17 @@
 
 The graph is an adapter-bank export (``bca-deploy export --bank``, see
 :mod:`bca_deploy.exporters.bank`): one base model whose adapted layers gather each row's
-frequency-domain kernels from bank inputs by ``adapter_ids``. The session keeps one bank holding
-every registered adapter (slot 0 = zeros = base model) as ready-made ``OrtValue`` s and feeds it to
-every run; a run only reads the slots its rows name, so the bank's size does not cost time.
+frequency-domain kernels from bank inputs by ``adapter_ids``; a text-classification bank gathers
+each row's classifier head the same way. The session keeps one bank holding every registered
+adapter (slot 0 = base model) as ready-made ``OrtValue`` s and feeds it to every run; a run only reads
+the slots its rows name, so the bank's size does not cost time.
 
-Registering or unregistering an adapter builds a **new** bank and swaps it in atomically. A batch
-takes a snapshot of the bank when it starts and uses it to the end (all steps of a generation), so a
-load or unload during traffic never changes an answer half-way and never mixes two adapters.
-Adapters are checked against the graph when registered; nothing is exported or restarted.
+Registering writes the adapter into one free slot of the bank (:mod:`bca_deploy.serving.slots`: a slot
+is written only while no live snapshot can read it; the bank is reallocated, with room doubling, when
+none is free) and publishes a new snapshot; unregistering only publishes a snapshot without it. A
+batch takes a snapshot when it starts and uses it to the end (all steps of a generation), so a load or
+unload during traffic never changes an answer half-way and never mixes two adapters. Adapters are
+checked against the graph when registered; nothing is exported or restarted.
 """
 
 from __future__ import annotations
@@ -21,16 +24,27 @@ import json
 import re
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import AdapterMismatchError, AdapterNameError, ServingError, UnknownAdapterError
+from ..errors import (
+    AdapterExistsError,
+    AdapterMismatchError,
+    AdapterNameError,
+    ContextLengthError,
+    ServingError,
+    UnknownAdapterError,
+)
+from ..exporters.bank import LABEL_PAD, HeadLabels, HeadLayout, HeadWeights
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
+from .slots import SlotBank, SlotSpec
 
-__all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "check_adapter_name", "BASE", "ADAPTER_NAME_PATTERN"]
+__all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "check_adapter_name", "not_loaded", "BASE",
+           "ADAPTER_NAME_PATTERN"]
 
 #: Names that select the base model alone for a row (``None`` works too).
 BASE = "__base__"
@@ -54,9 +68,31 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
+def not_loaded(names: str | Sequence[str], param: str | None = None) -> UnknownAdapterError:
+    """The refusal of a request that names adapters not loaded now (HTTP 404 ``unknown_adapter``).
+
+    The one definition of that refusal: the session, the generation engine, the micro-batcher, the native
+    and OpenAI routes and the Ray replicas all raise it. It names the adapters the request asked for and
+    nothing else: never the other loaded adapters (other tenants' names), paths or internal text (the
+    promise of :mod:`bca_deploy.serving.wire`). ``param`` is the request field that named them
+    (``"adapter"``, ``"model"``...): the message's first word and the error JSON's ``param``.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    shown = ", ".join(repr(n if len(n) <= 128 else n[:128] + "...") for n in names)
+    noun, verb = ("adapter", "is") if len(names) == 1 else ("adapters", "are")
+    error = UnknownAdapterError(f"{param or noun} {shown} {verb} not loaded on this server")
+    error.param = param  # type: ignore[attr-defined]  # the field to fix, in the error's JSON
+    return error
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterInfo:
-    """A registered adapter: its name, where it came from, its size, and when it was registered."""
+    """A registered adapter: its name, where it came from, its size, and when it was registered.
+
+    ``head`` says which classifier head its rows use in a text-classification bank: ``"own"`` (saved with
+    the adapter), ``"base"`` (the checkpoint's) or None (none: its rows cannot be classified, or the graph
+    does not classify); ``labels`` are that head's label names by index.
+    """
 
     name: str
     source: str
@@ -64,42 +100,76 @@ class AdapterInfo:
     block_sizes: tuple[int, ...]
     modules: int
     registered_at: float
+    head: str | None = None
+    labels: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class BankSnapshot:
-    """The adapters of one moment: slot of each name, and the bank inputs (slot 0 = base) to feed.
+    """The adapters of one moment: slot of each name, their classifier labels, and the bank inputs to feed.
 
-    Immutable: a batch holds one from start to finish.
+    Immutable, and so is what it reads: the slots it maps are never written while it is alive (see
+    :mod:`bca_deploy.serving.slots`). A batch holds one from start to finish.
     """
 
     version: int
     slots: Mapping[str, int]
     infos: Mapping[str, AdapterInfo]
-    feeds: Mapping[str, Any]  # bank input name -> OrtValue (2, 2F, S, q, o)
+    feeds: Mapping[str, Any]  # bank input name -> OrtValue: kernels (S, 1, R, q, o), heads (S, in, out)
+    labels: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # name (BASE: base) -> HeadLabels | None
+
+    def labels_of(self, names: Sequence[str | None]) -> list[Any]:
+        """The classifier labels (:class:`~bca_deploy.exporters.bank.HeadLabels`) of each row's adapter.
+
+        Raises:
+            UnknownAdapterError: a name is not registered.
+            ServingError: a row's adapter (or the base model) has no classifier head (every one listed).
+        """
+        self.ids(names)
+        keys = [BASE if n is None else n for n in names]
+        headless = sorted({k for k in keys if self.labels.get(k) is None})
+        if headless:
+            raise ServingError(
+                f"no classifier head for {', '.join(map(repr, headless))}: "
+                + ("the base checkpoint has none (a bare encoder); classify rows with an adapter that saves its "
+                   "head, or export a checkpoint with a trained head" if BASE in headless else
+                   "it saves no head and the base checkpoint has none")
+            )
+        return [self.labels[k] for k in keys]
+
+    def refusal(self, adapter: str | None, kind: str) -> Exception | None:
+        """Why a request of ``kind`` (``"classify"``, ``"embed"``, ``"generate"``) on ``adapter`` cannot join a
+        batch on this snapshot (unknown adapter; no classifier head), or None."""
+        try:
+            if kind == "classify":
+                self.labels_of([adapter])
+            else:
+                self.ids([adapter])
+        except (UnknownAdapterError, ServingError) as exc:
+            return exc
+        return None
 
     def ids(self, names: Sequence[str | None]) -> np.ndarray:
         """Slot of each row's adapter (``None``/``"__base__"`` → 0) as int64 (batch,).
 
         Raises:
-            UnknownAdapterError: a name is not registered (every unknown name is listed).
+            UnknownAdapterError: a name is not registered (:func:`not_loaded`: every unknown name, and no other).
         """
         unknown = sorted({n for n in names if n is not None and n != BASE and n not in self.slots})
         if unknown:
-            raise UnknownAdapterError(
-                f"unknown adapter(s) {', '.join(map(repr, unknown))}; loaded: {', '.join(sorted(self.slots)) or '(none)'} "
-                f"(use null or {BASE!r} for the base model)"
-            )
+            raise not_loaded(unknown)
         return np.array([0 if n is None or n == BASE else self.slots[n] for n in names], dtype=np.int64)
 
 
 @dataclasses.dataclass
 class _Adapter:
     info: AdapterInfo
-    tensors: dict[str, np.ndarray]  # bank input name -> (2, 2F, q, o)
+    tensors: dict[str, np.ndarray]  # bank input name -> (1, R, q, o)
+    head: Any = None  # HeadWeights of its own head; None: the base head (if any)
+    slot: int = 0
 
 
 class MultiAdapterSession:
@@ -131,7 +201,7 @@ class MultiAdapterSession:
     ) -> None:
         import onnxruntime as ort
 
-        from bca_deploy.exporters.bank import layout_from_dict
+        from bca_deploy.exporters.bank import SLOT_AXIS, layout_from_dict
         from bca_deploy.exporters.validate import ONNX_FILE, onnx_providers
 
         self.export_dir = Path(export_dir)
@@ -149,6 +219,10 @@ class MultiAdapterSession:
                 f"{self.export_dir} is not an adapter-bank graph (exported {'merged' if metadata.get('merged') else 'unmerged'} "
                 "without --bank); re-export it with: bca-deploy export --no-merge --bank --adapter ... --out ..."
             )
+        if bank.get("slot_axis") != SLOT_AXIS:
+            raise ServingError(f"{self.export_dir} was exported by an older bca-deploy (bank slots on axis "
+                               f"{bank.get('slot_axis', 2)}, this runtime expects {SLOT_AXIS}); re-export it with "
+                               "bca-deploy export --bank")
         self.metadata = metadata
         self.task: str = metadata["task"]
         self.layout = layout_from_dict(bank["tensors"])
@@ -174,7 +248,21 @@ class MultiAdapterSession:
         self._lock = threading.Lock()
         self._adapters: dict[str, _Adapter] = {}
         self._versions = itertools.count(1)
-        self._snapshot = self._build_snapshot({})
+        # Versions of the snapshots still alive: a slot freed at version v is written again only when
+        # none older than v is left (bca_deploy.serving.slots). Its own lock: a snapshot may die anywhere.
+        self._live: set[int] = set()
+        self._live_lock = threading.Lock()
+        head_meta = bank.get("head") or None
+        self.head = None if head_meta is None else HeadLayout.from_dict(head_meta)
+        self._base_head = self._read_base_head(head_meta)
+        self._shared_labels = None
+        if self.head is None and "logits" in self.output_names and not self.with_past:
+            config = self.config  # every row shares the checkpoint's head and labels
+            self._shared_labels = HeadLabels.of(int(config.num_labels), getattr(config, "id2label", None),
+                                                getattr(config, "problem_type", None))
+        self._bank = self._new_bank()
+        self._ortvalues: dict[str, tuple[np.ndarray, Any]] = {}
+        self._snapshot = self._publish({})
         if load_exported:
             self._register_exported(bank)
 
@@ -184,8 +272,9 @@ class MultiAdapterSession:
         """Load the adapter directory ``adapter_dir`` (bca-deploy or PEFT C3A) as ``name``.
 
         The adapter is read and checked against the graph (modules, block sizes, shapes, model type,
-        finite values) before anything changes; then a new bank is swapped in. Batches already
-        running finish with the bank they started with.
+        finite values; in a text-classification bank its head: layers, shapes, labels) before anything
+        changes; then it is written into a free slot and a new snapshot is published. Batches already
+        running finish with the snapshot they started with.
 
         Raises:
             AdapterNameError: ``name`` is not a valid adapter name.
@@ -194,37 +283,32 @@ class MultiAdapterSession:
             AdapterMismatchError: the adapter does not fit the graph (every problem listed).
         """
         from bca_deploy.adapter_io import read_adapter
-        from bca_deploy.exporters.bank import adapter_tensors
+        from bca_deploy.exporters.bank import adapter_slot
 
         check_adapter_name(name)
         if name in self._adapters and not replace:
-            raise ValueError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
-        config, state = read_adapter(adapter_dir)
-        if config.base_model_type and self.model_type and config.base_model_type != self.model_type:
-            raise AdapterMismatchError(
-                f"{adapter_dir} was trained on a {config.base_model_type} model; this graph is a {self.model_type}"
-            )
-        tensors = adapter_tensors(config, state, self.layout, self.base_model_prefix, source=str(adapter_dir))
+            raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
+        config, state = read_adapter(adapter_dir, validate=False)  # adapter_slot runs the one fit check
+        tensors, head = adapter_slot(config, state, self.layout, self.base_model_prefix, source=str(adapter_dir),
+                                     head=self.head, base_head=self._base_head, model_type=self.model_type)
         info = AdapterInfo(name=name, source=str(adapter_dir), num_parameters=config.num_parameters,
                            block_sizes=tuple(sorted({s.block_size for s in config.modules.values()})),
-                           modules=len(config.modules), registered_at=time.time())
-        self._add(_Adapter(info, tensors), replace)
+                           modules=len(config.modules), registered_at=time.time(), **self._head_info(head))
+        self._add(_Adapter(info, tensors, head), replace)
         return info
 
     def register_tensors(self, name: str, tensors: Mapping[str, np.ndarray], source: str = "tensors",
-                         *, replace: bool = False) -> AdapterInfo:
-        """Register bank slots computed elsewhere (``{bank input: (2, 2F, q, o)}``, e.g. from an adapter file)."""
+                         *, replace: bool = False, head: HeadWeights | None = None) -> AdapterInfo:
+        """Register bank slots computed elsewhere (``{bank input: (1, R, q, o)}``, e.g. from an adapter file),
+        with ``head`` (:class:`~bca_deploy.exporters.bank.HeadWeights`, complete) as its own classifier head."""
         check_adapter_name(name)
         if name in self._adapters and not replace:
-            raise ValueError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
-        problems = []
-        for key, value in tensors.items():
-            if key not in self.layout:
-                problems.append(f"{key}: not a bank input of this graph")
-            elif tuple(np.shape(value)) != self.layout[key].slot_shape:
-                problems.append(f"{key}: shape {tuple(np.shape(value))}, expected {self.layout[key].slot_shape}")
-            elif not np.isfinite(value).all():
-                problems.append(f"{key}: NaN/Inf values")
+            raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
+        from bca_deploy.fit import slot_problems
+
+        problems = slot_problems(tensors, self.layout)
+        if head is not None:
+            problems += self._head_problems(head)
         if problems:
             from bca_deploy.errors import format_problems
 
@@ -232,24 +316,28 @@ class MultiAdapterSession:
         sizes = tuple(sorted({self.layout[k].block_size for k in tensors}))
         n = sum(self.layout[k].in_features * self.layout[k].out_features // self.layout[k].block_size for k in tensors)
         info = AdapterInfo(name=name, source=source, num_parameters=n, block_sizes=sizes,
-                           modules=len({self.layout[k].module for k in tensors}), registered_at=time.time())
-        self._add(_Adapter(info, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}), replace)
+                           modules=len({self.layout[k].module for k in tensors}), registered_at=time.time(),
+                           **self._head_info(head))
+        self._add(_Adapter(info, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}, head), replace)
         return info
 
     def unregister(self, name: str) -> AdapterInfo:
         """Remove adapter ``name``; running batches that use it finish with it.
 
+        Nothing is copied: the new snapshot no longer maps the adapter's slot, and the slot is written
+        again only once no older snapshot is alive.
+
         Raises:
-            UnknownAdapterError: no adapter of that name is loaded.
+            UnknownAdapterError: no adapter of that name is loaded (:func:`not_loaded`).
         """
         with self._lock:
             if name not in self._adapters:
-                raise UnknownAdapterError(
-                    f"adapter {name!r} is not loaded; loaded: {', '.join(sorted(self._adapters)) or '(none)'}")
+                raise not_loaded(name)
             adapters = dict(self._adapters)
             removed = adapters.pop(name)
-            self._snapshot = self._build_snapshot(adapters)
-            self._adapters = adapters
+            snapshot = self._publish(adapters)
+            self._bank.release(removed.slot, snapshot.version)
+            self._snapshot, self._adapters = snapshot, adapters
         return removed.info
 
     def adapters(self) -> list[AdapterInfo]:
@@ -260,40 +348,177 @@ class MultiAdapterSession:
         """The current bank (what a batch started now would use)."""
         return self._snapshot
 
+    def bank_memory(self) -> dict[str, int]:
+        """The bank's size: ``capacity`` and ``used`` slots (base included), ``bytes_per_slot``,
+        ``allocated_bytes`` (every bank array) and ``used_bytes`` (slots in use)."""
+        with self._lock:
+            return self._bank.memory()
+
     def _add(self, adapter: _Adapter, replace: bool) -> None:
         with self._lock:
-            if adapter.info.name in self._adapters and not replace:
-                raise ValueError(f"adapter {adapter.info.name!r} is already loaded; unregister it first or pass replace=True")
+            name = adapter.info.name
+            if name in self._adapters and not replace:
+                raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
+            self._fit_label_width(adapter.head)
+            slot = self._bank.allocate(self._oldest_live())
+            self._bank.write(slot, self._slot_values(adapter))
+            self._bank.commit(slot)
+            adapter.slot = slot
             adapters = dict(self._adapters)
-            adapters[adapter.info.name] = adapter
-            self._snapshot = self._build_snapshot(adapters)  # built before the swap: a failure changes nothing
-            self._adapters = adapters
+            replaced = adapters.get(name)
+            adapters[name] = adapter
+            snapshot = self._publish(adapters)
+            if replaced is not None:  # batches on older snapshots keep reading its slot
+                self._bank.release(replaced.slot, snapshot.version)
+            self._snapshot, self._adapters = snapshot, adapters
 
-    def _build_snapshot(self, adapters: Mapping[str, _Adapter]) -> BankSnapshot:
+    # ---- the bank --------------------------------------------------------------------------------------
+
+    def _new_bank(self) -> SlotBank:
+        from bca_deploy.exporters.bank import SLOT_AXIS
+
+        specs = {name: SlotSpec(SLOT_AXIS, entry.slot_shape) for name, entry in self.layout.items()}
+        base: dict[str, np.ndarray] = {}
+        if self.head is not None:
+            width = 1 if self._base_head is None else max(
+                [v.shape[1] for k, v in self._base_head.tensors.items() if k == self.head.label_layer.weight_name] or [1])
+            specs.update({name: SlotSpec(0, shape) for name, shape in self.head.slot_shapes(width).items()})
+            base = self.head.slot_values(self._base_head, width)
+        return SlotBank(specs, base)
+
+    @property
+    def _label_width(self) -> int:
+        return self._bank.specs[self.head.label_layer.bias_name].slot_shape[0]
+
+    def _fit_label_width(self, head: HeadWeights | None) -> None:
+        """Widen the label layer's bank (new arrays; one copy of that layer) for a head with more labels."""
+        if self.head is None or head is None or head.labels.num_labels <= self._label_width:
+            return
+        layer, old = self.head.label_layer, self._label_width
+
+        def weight(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+            wide = np.zeros(shape, dtype=np.float32)
+            wide[..., :old] = array
+            return wide
+
+        def bias(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+            # new labels: -inf for slots with a head, NaN for slots without one (their column 0 is NaN)
+            wide = np.empty(shape, dtype=np.float32)
+            wide[:, :old] = array
+            wide[:, old:] = np.where(np.isnan(array[:, :1]), np.nan, LABEL_PAD)
+            return wide
+
+        width = head.labels.num_labels
+        self._bank.resize(layer.weight_name, (layer.in_features, width), weight)
+        self._bank.resize(layer.bias_name, (width,), bias)
+
+    def _slot_values(self, adapter: _Adapter) -> dict[str, np.ndarray]:
+        values = dict(adapter.tensors)
+        if self.head is not None:
+            values.update(self.head.slot_values(adapter.head or self._base_head, self._label_width))
+        return values
+
+    def _oldest_live(self) -> int | None:
+        with self._live_lock:
+            return min(self._live) if self._live else None
+
+    def _forget(self, version: int) -> None:
+        with self._live_lock:
+            self._live.discard(version)
+
+    def _publish(self, adapters: Mapping[str, _Adapter]) -> BankSnapshot:
+        """A snapshot of ``adapters`` over the bank as it is now (slots already written), tracked while alive."""
+        version = next(self._versions)
+        names = sorted(adapters)
+        labels = {BASE: self._labels(None), **{n: self._labels(adapters[n].head) for n in names}}
+        snapshot = BankSnapshot(version=version, slots={n: adapters[n].slot for n in names},
+                                infos={n: adapters[n].info for n in names}, feeds=self._bank_feeds(), labels=labels)
+        with self._live_lock:
+            self._live.add(version)
+        weakref.finalize(snapshot, self._forget, version)
+        return snapshot
+
+    def _bank_feeds(self) -> dict[str, Any]:
+        """An ``OrtValue`` per bank array. On CPU it wraps the array (no copy), so slot writes show in it and
+        one is made per array; on a GPU it is a device copy, made again at every change."""
         import onnxruntime as ort
 
-        from bca_deploy.exporters.bank import stack_bank
-
-        names = sorted(adapters)
-        banks = stack_bank([None, *(adapters[n].tensors for n in names)], self.layout)
         device, device_id = self._device
-        feeds = {k: ort.OrtValue.ortvalue_from_numpy(v, device, device_id) for k, v in banks.items()}
-        return BankSnapshot(version=next(self._versions), slots={n: i + 1 for i, n in enumerate(names)},
-                            infos={n: adapters[n].info for n in names}, feeds=feeds)
+        feeds = {}
+        for name, array in self._bank.arrays.items():
+            cached = self._ortvalues.get(name)
+            if cached is None or cached[0] is not array or device != "cpu":
+                cached = (array, ort.OrtValue.ortvalue_from_numpy(array, device, device_id))
+                self._ortvalues[name] = cached
+            feeds[name] = cached[1]
+        return feeds
+
+    # ---- heads -----------------------------------------------------------------------------------------
+
+    def _read_base_head(self, head_meta: Mapping[str, Any] | None) -> HeadWeights | None:
+        if not head_meta or not head_meta.get("base_file"):
+            return None
+        path = self.export_dir / head_meta["base_file"]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                tensors = {k: np.asarray(data[k], dtype=np.float32) for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise ServingError(f"{path}: cannot read the base model's head ({exc})") from exc
+        labels = HeadLabels.from_dict(head_meta["base"]) if head_meta.get("base") else None
+        return HeadWeights(tensors, labels)
+
+    def _labels(self, head: HeadWeights | None) -> HeadLabels | None:
+        """The labels rows of an adapter with ``head`` (None: its own is none, or the base model) classify with."""
+        if self.head is None:
+            return self._shared_labels
+        head = head if head is not None else self._base_head
+        return None if head is None else head.labels
+
+    def _head_info(self, head: HeadWeights | None) -> dict[str, Any]:
+        labels = self._labels(head)
+        if labels is None:
+            return {"head": None, "labels": None}
+        return {"head": "own" if head is not None else "base", "labels": labels.id2label}
+
+    def _head_problems(self, head: HeadWeights) -> list[str]:
+        if self.head is None:
+            return ["it has a classifier head, but this bank graph has no per-adapter head"]
+        if head.labels is None:
+            return ["its head has no labels (an incomplete head cannot be registered)"]
+        problems = []
+        for layer in self.head.layers:
+            for name, shape in layer.slot_shapes(head.labels.num_labels).items():
+                value = head.tensors.get(name)
+                if value is None or tuple(np.shape(value)) != shape:
+                    problems.append(f"{name}: {'missing' if value is None else np.shape(value)}, expected {shape}")
+                elif not np.isfinite(value).all():
+                    problems.append(f"{name}: NaN/Inf values")
+        return problems
 
     def _register_exported(self, bank: Mapping[str, Any]) -> None:
         import onnxruntime as ort
 
         from bca_deploy.exporters.bank import SLOT_AXIS
 
+        own_heads = (bank.get("head") or {}).get("adapters") or {}
         for name, relative in (bank.get("adapter_files") or {}).items():
             path = self.export_dir / relative
             if not path.is_file():
                 raise ServingError(f"{path}: adapter file listed in bca_export.json is missing")
-            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-            tensors = {k: np.take(v.numpy(), 1, axis=SLOT_AXIS) for k, v in params.items()}
+            adapter = ort.AdapterFormat.read_adapter(str(path))
+            # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns
+            params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+            del adapter
+            tensors = {k: np.take(params[k], 1, axis=SLOT_AXIS) for k in self.layout if k in params}
             tensors = {k: v for k, v in tensors.items() if np.any(v)}
-            self.register_tensors(name, tensors, source=str(path))
+            head = None
+            if self.head is not None and own_heads.get(name) is not None:
+                labels = HeadLabels.from_dict(own_heads[name])
+                head = HeadWeights({k: params[k][1] for k in self.head.names()}, labels)
+                label = self.head.label_layer  # the file's label axis is as wide as its widest slot
+                head.tensors[label.weight_name] = head.tensors[label.weight_name][:, :labels.num_labels]
+                head.tensors[label.bias_name] = head.tensors[label.bias_name][:labels.num_labels]
+            self.register_tensors(name, tensors, source=str(path), head=head)
 
     # ---- running -------------------------------------------------------------------------------------
 
@@ -319,8 +544,18 @@ class MultiAdapterSession:
             UnknownAdapterError: an adapter name is not registered.
             ServingError: ``adapters`` does not have one entry per row.
         """
-        values = self.run_ortvalues(feeds, adapters, output_names, snapshot)
-        return {name: value.numpy() for name, value in values.items()}
+        snapshot = snapshot or self._snapshot
+        order = _grouping_order(snapshot.ids(adapters), feeds)
+        if order is None:
+            values = self.run_ortvalues(feeds, adapters, output_names, snapshot)
+            return {name: value.numpy() for name, value in values.items()}
+        # Rows grouped by adapter: each layer's slot Gather then reads the bank in runs, which measured ~5%
+        # faster than interleaved rows (bench/results/bank_scaling.md, "grouped"); every row's numbers are its own.
+        values = self.run_ortvalues({k: np.ascontiguousarray(v[order]) for k, v in feeds.items()},
+                                    [adapters[i] for i in order], output_names, snapshot)
+        restore = np.empty_like(order)
+        restore[order] = np.arange(len(order))
+        return {name: _rows_restored(value.numpy(), restore) for name, value in values.items()}
 
     def run_ortvalues(self, feeds, adapters, output_names=None, snapshot=None) -> dict[str, Any]:
         """:meth:`run` returning onnxruntime ``OrtValue`` s (no copy; feed them back as past key values)."""
@@ -444,21 +679,35 @@ class MultiAdapterSession:
 
     def classify(self, inputs: Sequence[str] | Sequence[Sequence[int]], adapters: Sequence[str | None],
                  snapshot: BankSnapshot | None = None) -> list[dict[str, Any]]:
-        """Sequence classification: per row ``{"label", "score", "scores"}`` (softmax over the labels)."""
+        """Sequence classification, each row with its adapter's head and labels.
+
+        Returns per row ``{"label", "score", "scores", "logits"}``: the best label's name (``id2label`` of
+        the head the row used: its adapter's own, or the checkpoint's), its score, every label's score
+        (softmax; sigmoid for ``multi_label_classification``; the raw value for ``regression``) and the
+        row's logits, ``num_labels`` of them (the bank's padding labels are never part of an answer).
+
+        Raises:
+            UnknownAdapterError: an adapter name is not registered.
+            ServingError: the graph does not classify, or a row's adapter (or the base model) has no
+                classifier head (checked before anything runs).
+        """
         if "logits" not in self.output_names or self.with_past:
             raise ServingError(f"this graph was exported for {self.task!r}; classification needs a text-classification export")
+        snapshot = snapshot or self._snapshot
+        heads = snapshot.labels_of(adapters)
         logits = self.run(self._feeds(inputs), adapters, ["logits"], snapshot)["logits"].astype(np.float64)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        labels = getattr(self.config, "id2label", None) or {}
         results = []
-        for row in probs:
-            best = int(row.argmax())
-            results.append({"label": labels.get(best, str(best)), "score": float(row[best]),
-                            "scores": {labels.get(i, str(i)): float(p) for i, p in enumerate(row)}})
+        for row, labels in zip(logits, heads, strict=True):
+            values = row[:labels.num_labels]
+            scores = _label_scores(values, labels.problem_type)
+            best = int(values.argmax())
+            results.append({"label": labels.id2label[best], "score": float(scores[best]),
+                            "scores": {name: float(s) for name, s in zip(labels.id2label, scores, strict=True)},
+                            "logits": [float(v) for v in values]})
         return results
 
-    def prepare(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> list[list[int]]:
+    def prepare(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0,
+                input_param: str = "input") -> list[list[int]]:
         """Check a request's rows before it joins a batch and return them as token-id lists.
 
         Texts are tokenized here, once (encoders truncate them at the model's maximum length), so a
@@ -466,8 +715,9 @@ class MultiAdapterSession:
 
         Raises:
             ServingError: no rows, a mix of texts and token ids, an empty row, texts without a
-                tokenizer, token ids outside the vocabulary, or rows (plus ``max_new_tokens``) longer
-                than the model's ``max_position_embeddings``.
+                tokenizer, token ids outside the vocabulary.
+            ContextLengthError: rows (plus ``max_new_tokens``) longer than the model's positions
+                (:meth:`check_positions`; ``input_param``: the request field that holds the rows).
         """
         if not inputs:
             raise ServingError("no inputs given")
@@ -476,12 +726,26 @@ class MultiAdapterSession:
             raise ServingError("inputs must be all texts or all token-id lists, not a mix")
         rows = self.tokenize(inputs) if all(texts) else [list(x) for x in inputs]
         self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
-        longest = max(len(r) for r in rows)
-        limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
-        if limit and longest + max_new_tokens > int(limit):
-            raise ServingError(f"{longest} prompt tokens + {max_new_tokens} new tokens exceed the model's "
-                               f"{int(limit)} positions")
+        self.check_positions(max(len(r) for r in rows), max_new_tokens, input_param)
         return rows
+
+    def check_positions(self, prompt_tokens: int, max_new_tokens: int = 0, input_param: str = "input") -> None:
+        """Refuse a row of ``prompt_tokens`` that would grow beyond the model's positions with ``max_new_tokens``.
+
+        The one rule for every path (native and OpenAI routes, the generation engine): a
+        :class:`~bca_deploy.errors.ContextLengthError` (HTTP 422) whose ``param`` is ``input_param`` when
+        the prompt alone is too long, else ``"max_new_tokens"``.
+        """
+        limit = self.max_positions
+        if not limit or prompt_tokens + max_new_tokens <= limit:
+            return
+        if prompt_tokens >= limit or max_new_tokens == 0:
+            raise ContextLengthError(f"{input_param}: {prompt_tokens} tokens; the model has {limit} positions"
+                                     + (f", and {max_new_tokens} new tokens were asked for" if max_new_tokens else ""),
+                                     param=input_param)
+        raise ContextLengthError(f"max_new_tokens: {prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed "
+                                 f"the model's {limit} positions; ask for at most {limit - prompt_tokens} new tokens",
+                                 param="max_new_tokens")
 
     def check_inputs(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> int:
         """:meth:`prepare`, returning the longest row's token count."""
@@ -514,16 +778,30 @@ class MultiAdapterSession:
     ) -> list[list[int]]:
         """Generate up to ``max_new_tokens`` per row, row b through adapter ``adapters[b]``, with past key values.
 
-        Prompts are left-padded into one batch; every step runs all unfinished rows together. Every
-        sampling parameter is a scalar or one value per row, so requests with different settings
-        share a batch: greedy rows take the argmax (PyTorch's ``generate(do_sample=False)`` token for
-        token); sampled rows draw from softmax(logits / temperature) after top-k and top-p filtering,
-        from their own generator seeded by ``seed`` (so a row's tokens do not depend on its batch).
+        The rows start together (prompts left-padded into one prefill run) and step together; a row that
+        is done leaves the batch at once (see :class:`~bca_deploy.serving.decoding.DecodeBatch` for the
+        padding, which keeps every row's logits equal to the row run alone). For requests that arrive at
+        different times, :class:`~bca_deploy.serving.engine.GenerationEngine` lets rows join a running batch.
+        Every sampling parameter is a scalar or one value per row: greedy rows take the argmax (PyTorch's
+        ``generate(do_sample=False)`` token for token); sampled rows draw from softmax(logits / temperature)
+        after top-k and top-p filtering, from their own generator seeded by ``seed`` (so a row's tokens do
+        not depend on its batch).
+
+        Args:
+            eos_token_id: the id(s) that end a row (default: the model config's end-of-sequence id(s)).
+            snapshot: the bank to use (default: the current one) for every step.
 
         Returns:
             The new token ids of each row (without the prompt), ending at its first end-of-sequence
             token (included) or after its ``max_new_tokens``.
+
+        Raises:
+            SamplingParamsError: a sampling parameter is invalid (every bad field named).
+            UnknownAdapterError: an adapter is not in the bank (before any work).
+            ServingError: not a decoder graph, no prompts, one adapter name per prompt missing, bad token ids.
         """
+        from .decoding import DecodeBatch, DecodeRow, Sampler, SamplingParams, choose_tokens
+
         if not self.with_past:
             raise ServingError(f"this graph was exported for {self.task!r}; generation needs a text-generation-with-past export")
         if not inputs:
@@ -532,40 +810,51 @@ class MultiAdapterSession:
         rows = len(prompts)
         if len(adapters) != rows:
             raise ServingError(f"{rows} prompts but {len(adapters)} adapter names (one per prompt)")
-        params = _RowParams.of(rows, max_new_tokens, do_sample, temperature, top_k, top_p, seed)
-        eos = _eos_ids(self.config, eos_token_id)
+        per_row = {name: _per_row(value, name, rows) for name, value in (
+            ("max_new_tokens", max_new_tokens), ("do_sample", do_sample), ("temperature", temperature),
+            ("top_k", top_k), ("top_p", top_p), ("seed", seed))}
+        params = [SamplingParams(**{k: v[b] for k, v in per_row.items()}) for b in range(rows)]
+        samplers = [Sampler(p) for p in params]
+        eos = self.eos_token_ids if eos_token_id is None else set(_per_row(eos_token_id, "eos_token_id", None))
         snapshot = snapshot or self._snapshot
         snapshot.ids(adapters)  # unknown names fail before any work
-        feeds = self.pad_ids(prompts, side="left")
-        mask = feeds["attention_mask"]
-        feeds.update(empty_past(self.session, rows))
+        self.pad_ids(prompts)  # empty rows and ids outside the vocabulary fail before any work
+        batch = DecodeBatch(self)
+        todo = [DecodeRow(prompt, adapter, snapshot, owner=b) for b, (prompt, adapter) in enumerate(zip(prompts, adapters))]
         generated: list[list[int]] = [[] for _ in range(rows)]
-        done = np.zeros(rows, dtype=bool)
-        pad = _pad_id(self.config, self._tokenizer)
-        logits_name = "logits"
-        present = [n for n in self.output_names if PRESENT_OUTPUT.fullmatch(n)]
-        for _ in range(int(params.max_new_tokens.max())):
-            out = self.run_ortvalues(feeds, adapters, [logits_name, *present], snapshot)
-            logits = out[logits_name].numpy()[:, -1, :].astype(np.float32)
-            tokens = params.choose(logits)
-            for b in range(rows):
-                if done[b]:
-                    continue
-                generated[b].append(int(tokens[b]))
-                if int(tokens[b]) in eos or len(generated[b]) >= params.max_new_tokens[b]:
-                    done[b] = True
-            if done.all():
-                break
-            tokens = np.where(done, pad, tokens).astype(np.int64)
-            mask = np.concatenate([mask, np.ones((rows, 1), dtype=mask.dtype)], axis=1)
-            feeds = {"input_ids": tokens[:, None]}
-            if "attention_mask" in self.inputs:
-                feeds["attention_mask"] = mask
-            if "position_ids" in self.inputs:
-                feeds["position_ids"] = _position_ids(mask)[:, -1:]
-            for name in present:
-                feeds[name.replace("present", "past_key_values", 1)] = out[name]
-        return generated
+        running = todo
+        logits, failures = batch.prefill(todo)
+        while True:
+            if failures:
+                raise next(iter(failures.values()))
+            done = []
+            for row, token in zip(running, choose_tokens(logits, [samplers[r.owner] for r in running]), strict=True):
+                out = generated[row.owner]
+                out.append(token)
+                if token in eos or len(out) >= params[row.owner].max_new_tokens:
+                    done.append(row)
+                else:
+                    row.next_token = token
+            batch.remove(done)
+            if not batch.joined:
+                return generated
+            running, logits, failures = batch.step()
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id padding positions get (tokenizer's or config's pad id, else its end-of-sequence id, else 0)."""
+        return _pad_id(self.config, self._tokenizer)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """The model config's end-of-sequence id(s): a generated row ends with one of them."""
+        return _eos_ids(self.config, None)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The most tokens (prompt + generated) one row can hold: the config's position limit (None: unknown)."""
+        limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        return int(limit) if limit else None
 
     def warm_up(self) -> float:
         """Load the tokenizer (if the export has one) and run one 1-token row on the base model, so the
@@ -589,71 +878,44 @@ class MultiAdapterSession:
             "provider": self.provider,
             "bank_inputs": len(self.layout),
             "block_sizes": sorted({t.block_size for t in self.layout.values()}),
+            "head_layers": None if self.head is None else [layer.module for layer in self.head.layers],
+            "bank": self.bank_memory(),
             "adapters": [a.name for a in self.adapters()],
         }
 
 
-@dataclasses.dataclass
-class _RowParams:
-    max_new_tokens: np.ndarray
-    do_sample: np.ndarray
-    temperature: np.ndarray
-    top_k: np.ndarray
-    top_p: np.ndarray
-    generators: list[np.random.Generator | None]
+def _per_row(value, name: str, rows: int | None) -> list:
+    """``value`` as one entry per row: a scalar repeats; a sequence must have ``rows`` entries (any if None)."""
+    values = list(value) if isinstance(value, (list, tuple, set, np.ndarray)) else [value] * (rows or 1)
+    if rows is not None and len(values) != rows:
+        raise ServingError(f"{name}: {len(values)} values for {rows} rows")
+    return values
 
-    @classmethod
-    def of(cls, rows: int, max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> _RowParams:
-        def per_row(value, name):
-            values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * rows
-            if len(values) != rows:
-                raise ServingError(f"{name}: {len(values)} values for {rows} rows")
-            return values
 
-        params = cls(
-            max_new_tokens=np.array(per_row(max_new_tokens, "max_new_tokens"), dtype=np.int64),
-            do_sample=np.array(per_row(do_sample, "do_sample"), dtype=bool),
-            temperature=np.array(per_row(temperature, "temperature"), dtype=np.float64),
-            top_k=np.array(per_row(top_k, "top_k"), dtype=np.int64),
-            top_p=np.array(per_row(top_p, "top_p"), dtype=np.float64),
-            generators=[],
-        )
-        problems = []
-        if (params.max_new_tokens < 1).any():
-            problems.append("max_new_tokens must be >= 1")
-        if (params.do_sample & (params.temperature <= 0)).any():
-            problems.append("temperature must be > 0 when sampling")
-        if (params.top_k < 0).any():
-            problems.append("top_k must be >= 0 (0: no top-k filtering)")
-        if ((params.top_p <= 0) | (params.top_p > 1)).any():
-            problems.append("top_p must be in (0, 1]")
-        if problems:
-            raise ServingError("; ".join(problems))
-        seeds = per_row(seed, "seed")
-        params.generators = [np.random.default_rng(s) if sample else None
-                             for s, sample in zip(seeds, params.do_sample, strict=True)]
-        return params
+def _label_scores(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
+    """Scores of one row's labels (float64): softmax; sigmoid for multi-label; the logits for regression."""
+    if problem_type == "regression":
+        return logits
+    if problem_type == "multi_label_classification":
+        return 1.0 / (1.0 + np.exp(-logits))
+    probs = np.exp(logits - logits.max())
+    return probs / probs.sum()
 
-    def choose(self, logits: np.ndarray) -> np.ndarray:
-        """Next token per row from logits (B, V): argmax, or a draw after temperature/top-k/top-p."""
-        tokens = logits.argmax(-1)
-        for b in np.flatnonzero(self.do_sample):
-            scores = logits[b].astype(np.float64) / self.temperature[b]
-            k = int(self.top_k[b])
-            if 0 < k < scores.size:
-                cutoff = np.partition(scores, -k)[-k]
-                scores = np.where(scores < cutoff, -np.inf, scores)
-            probs = np.exp(scores - scores.max())
-            probs /= probs.sum()
-            if self.top_p[b] < 1.0:
-                order = np.argsort(-probs, kind="stable")
-                cumulative = np.cumsum(probs[order])
-                keep = cumulative - probs[order] < self.top_p[b]  # smallest prefix reaching top_p (first always kept)
-                filtered = np.zeros_like(probs)
-                filtered[order[keep]] = probs[order[keep]]
-                probs = filtered / filtered.sum()
-            tokens[b] = self.generators[b].choice(probs.size, p=probs)
-        return tokens
+
+def _grouping_order(ids: np.ndarray, feeds: Mapping[str, Any]) -> np.ndarray | None:
+    """The row order that groups rows by adapter slot (stable), or None when there is nothing to reorder: the rows
+    are already grouped, or a feed is not a numpy array with one row per adapter (OrtValues, past key values)."""
+    runs = 1 + int(np.count_nonzero(ids[1:] != ids[:-1])) if len(ids) else 0
+    if runs == len(np.unique(ids)):  # every adapter's rows are contiguous already
+        return None
+    if not all(isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == len(ids) for v in feeds.values()):
+        return None
+    return np.argsort(ids, kind="stable")
+
+
+def _rows_restored(array: np.ndarray, restore: np.ndarray) -> np.ndarray:
+    """``array``'s rows back in request order (outputs without one row per request are returned as they are)."""
+    return array[restore] if array.ndim >= 1 and array.shape[0] == len(restore) else array
 
 
 def _batch_of(feeds: Mapping[str, Any]) -> int | None:
@@ -671,12 +933,15 @@ def _position_ids(mask: np.ndarray) -> np.ndarray:
 
 
 def _pad_id(config, tokenizer) -> int:
+    # Padding positions are masked, so any id inside the vocabulary does; a config's pad/eos id can lie outside
+    # it (tiny test configs keep GPT-2's 50256), which the embedding lookup would refuse.
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
     for source in (tokenizer, config):
         for attr in ("pad_token_id", "eos_token_id"):
             value = getattr(source, attr, None) if source is not None else None
             if isinstance(value, list):
                 value = value[0] if value else None
-            if value is not None:
+            if value is not None and 0 <= int(value) and (not vocab or int(value) < vocab):
                 return int(value)
     return 0
 

@@ -1,24 +1,32 @@
 """``AdapterStore``: adapter directories under one root, addressed by name, never by path.
 
-A server loads adapters by name from its store (``<root>/<name>/``); the name is checked against
-:data:`~bca_deploy.serving.session.ADAPTER_NAME_PATTERN` (one path component, no ``..``) and the
-resolved directory (symbolic links followed) must still lie inside the root, so a request can never
-make the server read outside the store.
+A server loads adapters by name from its store (``<root>/<name>/``). Everything in an entry is
+resolved and must stay inside the store: the name is checked against
+:data:`~bca_deploy.serving.session.ADAPTER_NAME_PATTERN` (one path component, no ``..``), the entry
+directory with symbolic links followed must lie inside the root, and so must every file and folder in
+it (a ``adapter_config.json`` that is a link to ``/etc/passwd`` is refused before it is opened).
+Errors name the adapter, never the store's location, and never list the store's other entries.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from ..config import CONFIG_FILE
+from ..config import CONFIG_FILE, run_adapter_dir
 from ..errors import AdapterNameError, UnknownAdapterError
 from .session import check_adapter_name
 
-__all__ = ["AdapterStore"]
+__all__ = ["AdapterStore", "MAX_ENTRY_FILES"]
+
+#: The most files and folders one store entry may hold (an adapter directory has two or three).
+MAX_ENTRY_FILES = 64
 
 
 class AdapterStore:
-    """A directory whose sub-directories are adapter directories (bca-deploy or PEFT C3A).
+    """A directory whose sub-directories are adapter directories (bca-deploy or PEFT C3A), or training runs
+    (``bca-deploy train --out <store>/<name>``), which stand for their ``best/`` adapter (``last/`` when
+    the run has no ``best/``; :func:`bca_deploy.config.run_adapter_dir`).
 
     Args:
         root: the store's directory (must exist).
@@ -28,36 +36,66 @@ class AdapterStore:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: adapter store directory not found")
+        self.given = root
         self.root = root.resolve()
 
     def path(self, name: str) -> Path:
-        """The directory of adapter ``name``.
+        """The checked directory of adapter ``name``, every file in it resolved inside the store.
 
         Raises:
-            AdapterNameError: an invalid name, or one that resolves outside the store (a symbolic link out).
+            AdapterNameError: an invalid name, or an entry that is (or holds) a symbolic link out of the store.
             UnknownAdapterError: no adapter directory of that name in the store.
         """
         candidate = self._resolve(name)
         if candidate is None:
-            raise UnknownAdapterError(f"no adapter {name!r} in the store {self.root} (available: "
-                                      f"{', '.join(self.names()) or '(none)'})")
+            raise UnknownAdapterError(f"no adapter {name!r} in the adapter store")
+        self._check_contents(name, candidate)
         return candidate
 
     def _resolve(self, name: str) -> Path | None:
         """The checked directory of ``name``, or None if the store has no adapter directory of that name."""
         check_adapter_name(name)
         candidate = (self.root / name).resolve()
-        if candidate.parent != self.root and self.root not in candidate.parents:
-            raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store {self.root}")
-        return candidate if (candidate / CONFIG_FILE).is_file() else None
+        if not self._inside(candidate):
+            raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
+        # an adapter directory, or a training run (bca-deploy train --out <store>/<name>): its best/ or last/
+        adapter = run_adapter_dir(candidate).resolve()
+        if not self._inside(adapter):
+            raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
+        return adapter if (adapter / CONFIG_FILE).is_file() else None
+
+    def _inside(self, path: Path) -> bool:
+        return path == self.root or self.root in path.parents
+
+    def _check_contents(self, name: str, directory: Path) -> None:
+        # Every entry (files, folders, links at any depth) must resolve inside the store; nothing is opened.
+        seen = 0
+        for current, dirs, files in os.walk(directory, followlinks=False):
+            for child in (*dirs, *files):
+                seen += 1
+                if seen > MAX_ENTRY_FILES:
+                    raise AdapterNameError(f"adapter {name!r} holds more than {MAX_ENTRY_FILES} files; an adapter "
+                                           "directory holds its config and weights")
+                path = Path(current, child)
+                if not self._inside(path.resolve()):
+                    relative = path.relative_to(directory)
+                    raise AdapterNameError(f"adapter {name!r}: {relative} is a link to a file outside the adapter "
+                                           "store; store entries must be self-contained")
 
     def names(self) -> list[str]:
-        """Adapter names that :meth:`path` accepts: valid names of adapter directories inside the store."""
+        """Adapter names that :meth:`path` accepts: valid names of self-contained adapter directories in the store."""
         names = []
         for child in sorted(self.root.iterdir()):
             try:
-                if self._resolve(child.name) is not None:
+                if (path := self._resolve(child.name)) is not None:
+                    self._check_contents(child.name, path)
                     names.append(child.name)
             except AdapterNameError:
                 continue
         return names
+
+    def redact(self, message: str) -> str:
+        """``message`` with the store's location removed (paths become relative to the store)."""
+        for root in sorted({str(self.root), str(self.given), str(self.given.absolute())}, key=len, reverse=True):
+            message = message.replace(root + os.sep, "").replace(root, "<store>")
+        return message

@@ -1,24 +1,44 @@
-"""Sequence classification through an adapter-bank graph: ``MultiAdapterSession.classify`` and ``/v1/classify``.
+"""Sequence classification through adapter-bank graphs: ``MultiAdapterSession.classify`` and ``/v1/classify``.
 
-The classifier head comes from the checkpoint (shared by every row); the adapters adapt the encoder. Each
-row's label scores are compared with the PyTorch model run on that row alone with its adapter active.
+Two set-ups:
+
+- **shared head**: a ``BertForSequenceClassification`` checkpoint (its head) with kernel-only adapters;
+  every row classifies with the checkpoint's head, through its adapter's kernels;
+- **per-adapter heads**: a bare ``BertModel`` (no classifier) with classifier adapters that each save
+  their own head, with different label sets (2 and 3 labels; one also saves the pooler), plus one
+  kernel-only adapter (no head anywhere: its rows cannot be classified).
+
+References never touch bank code: each row is run alone through its adapter's **own** PyTorch model
+(``AutoModelForSequenceClassification.from_pretrained(base, num_labels=...)`` + ``load_adapter``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import threading
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import bca_deploy as bd
-from bca_deploy.errors import ServingError
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from head_helpers import own_logits, own_model, save_base, save_head_adapter, token_rows
 
+import bca_deploy as bd
+from bca_deploy.errors import AdapterMismatchError, ServingError
+
+ATOL = 1e-4
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 ROWS = [[5, 9, 2, 7], [3, 3, 8], [11, 4, 6, 1, 2], [7], [2, 9, 9, 4], [6, 6]]
 CHOICES = ["a0", "a1", None, "a1", "a0", None]
+
+
+# ---- shared head (the checkpoint's) ----------------------------------------------------------------------
 
 
 def _tiny_classifier():
@@ -66,6 +86,7 @@ def test_classify_mixed_batch_matches_each_row_alone(classifier):
 
     root, adapters, onnx_dir = classifier
     session = MultiAdapterSession(onnx_dir)
+    assert {a.head for a in session.adapters()} == {"base"}
     results = session.classify(ROWS, CHOICES)
     references = [_reference(root, adapters, row, a) for row, a in zip(ROWS, CHOICES, strict=True)]
     for result, reference in zip(results, references, strict=True):
@@ -86,12 +107,235 @@ def test_http_classify(classifier):
 
     root, adapters, onnx_dir = classifier
     with ServerThread(build(onnx_dir, max_wait_ms=2, threads=1)) as server:
-        request = urllib.request.Request(server.url + "/v1/classify", method="POST",
-                                         data=json.dumps({"input": ROWS[:3], "adapter": "a1"}).encode(),
-                                         headers={"content-type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            body = json.loads(response.read())
-    assert body["adapter"] == "a1" and [d["index"] for d in body["data"]] == [0, 1, 2]
+        status, body = _post(server.url, {"input": ROWS[:3], "adapter": "a1"})
+    assert status == 200 and body["adapter"] == "a1" and [d["index"] for d in body["data"]] == [0, 1, 2]
     for item, row in zip(body["data"], ROWS[:3], strict=True):
         reference = _reference(root, adapters, row, "a1")
         np.testing.assert_allclose([item["scores"][LABELS[i]] for i in range(3)], reference, atol=1e-5, rtol=0)
+
+
+# ---- per-adapter heads ----------------------------------------------------------------------------------
+
+# name -> (labels, targets, block size, seed, modules_to_save); exported into one bank, slots 1.. in this order
+HEADS = {
+    "pos2": (["neg", "pos"], ["query", "value"], 8, 1, None),
+    "tri3": (["red", "green", "blue"], ["key", "intermediate.dense"], 16, 2, ["bert.pooler", "classifier"]),
+}
+LATE = {"late5": (["a", "b", "c", "d", "e"], ["query", "value"], 8, 3, None)}  # registered at run time
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    from bca_deploy.exporters import export
+
+    root = tmp_path_factory.mktemp("heads")
+    base = save_base("bert", root / "base")
+    dirs = {n: save_head_adapter(base, root / n, *spec) for n, spec in {**HEADS, **LATE}.items()}
+    plain = bd.inject(_bare_bert(base), ["query"], block_size=8, init="normal", init_std=0.1, seed=4)
+    dirs["plain"] = bd.save_adapter(plain, root / "plain")  # kernels only: no head, and the base has none
+    onnx_dir = export(base, root / "onnx", [dirs["pos2"], dirs["tri3"], dirs["plain"]], merge=False, bank=True,
+                      task="text-classification", cases=[(4, 6)], verbose=False)
+    models = {n: own_model(base, d) for n, d in dirs.items() if n != "plain"}
+    return {"root": root, "base": base, "dirs": dirs, "onnx": onnx_dir, "models": models}
+
+
+def _bare_bert(base: Path):
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(base)
+
+
+def _check_rows(results, rows, choices, models, labels):
+    for b, (result, row, adapter) in enumerate(zip(results, rows, choices, strict=True)):
+        want = own_logits(models[adapter], row)
+        np.testing.assert_allclose(result["logits"], want, atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
+        assert result["label"] == labels[adapter][int(want.argmax())]
+        assert list(result["scores"]) == labels[adapter]
+        probs = np.exp(want - want.max()) / np.exp(want - want.max()).sum()
+        np.testing.assert_allclose([result["scores"][k] for k in labels[adapter]], probs, atol=1e-5, rtol=0)
+
+
+def test_each_row_gets_its_own_head_and_labels(heads):
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(heads["onnx"])
+    infos = {a.name: a for a in session.adapters()}
+    assert infos["pos2"].head == "own" and infos["pos2"].labels == ("neg", "pos")
+    assert infos["tri3"].labels == ("red", "green", "blue") and infos["plain"].head is None
+    rows = token_rows(8, seed=1)
+    choices = ["pos2", "tri3", "tri3", "pos2", "tri3", "pos2", "pos2", "tri3"]
+    results = session.classify(rows, choices)
+    _check_rows(results, rows, choices, heads["models"], {n: spec[0] for n, spec in HEADS.items()})
+    # the heads matter: the same row through both adapters' kernels and heads differs beyond the label count
+    assert {len(r["logits"]) for r in results} == {2, 3}
+    # in the raw graph the 2-label rows carry one padding label, -inf: it never wins an argmax
+    logits = session.run(session.pad_ids(rows[:2]), choices[:2], ["logits"])["logits"]
+    assert logits.shape == (2, 3) and logits[0, 2] == -np.inf and np.isfinite(logits[1]).all()
+
+
+def test_rows_without_a_head_are_refused_before_running(heads):
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(heads["onnx"])
+    rows = token_rows(3, seed=2)
+    for choices, needle in (([None, "pos2", "pos2"], "base checkpoint has none"),
+                            (["pos2", "plain", "tri3"], "'plain'")):
+        with pytest.raises(ServingError, match=needle):
+            session.classify(rows, choices)
+    # the graph itself answers NaN for them: no head, no number
+    logits = session.run(session.pad_ids(rows[:2]), [None, "plain"], ["logits"])["logits"]
+    assert np.isnan(logits).all()
+    # embeddings-like access to the same rows is untouched: run still works for every row
+    assert session.snapshot().refusal("plain", "embed") is None
+    assert session.snapshot().refusal("plain", "classify") is not None
+
+
+def test_a_head_registered_at_run_time(heads):
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(heads["onnx"])
+    info = session.register("late5", heads["dirs"]["late5"])
+    assert info.head == "own" and info.labels == tuple(LATE["late5"][0])
+    rows = token_rows(6, seed=3)
+    choices = ["late5", "pos2", "tri3", "late5", "pos2", "tri3"]
+    labels = {n: spec[0] for n, spec in {**HEADS, **LATE}.items()}
+    _check_rows(session.classify(rows, choices), rows, choices, heads["models"], labels)
+    # the bank's label axis grew to 5: the 2- and 3-label rows are padded with -inf
+    logits = session.run(session.pad_ids(rows[:3]), choices[:3], ["logits"])["logits"]
+    assert logits.shape == (3, 5) and (logits[1, 2:] == -np.inf).all() and (logits[2, 3:] == -np.inf).all()
+    # an adapter's head replaced under the same name: the new labels from the next batch on
+    session.register("pos2", heads["dirs"]["late5"], replace=True)
+    _check_rows(session.classify(rows[:1], ["pos2"]), rows[:1], ["late5"], heads["models"], labels)
+
+
+def _misfits(heads, root: Path) -> list[tuple[Path, str]]:
+    """Adapters whose head the BERT head bank cannot hold, each with the text its refusal must contain."""
+    from bca_deploy.adapter_io import write_adapter_dir
+
+    base = heads["base"]
+    out = []
+    norm = save_head_adapter(base, root / "norm", ["x", "y"], ["query"], 8, 5,
+                             modules_to_save=["classifier", "bert.encoder.layer.1.output.LayerNorm"])
+    out.append((norm, "bert.encoder.layer.1.output.LayerNorm"))
+    config, state = bd.read_adapter(heads["dirs"]["pos2"])
+    narrow = dict(state)
+    narrow["classifier.weight"] = state["classifier.weight"][:, :16].contiguous()
+    out.append((write_adapter_dir(root / "narrow", config.to_dict(), narrow), "classifier.weight: shape (2, 16)"))
+    broken = dict(state)
+    broken["classifier.bias"] = torch.tensor([0.0, float("nan")])
+    out.append((write_adapter_dir(root / "nan", config.to_dict(), broken), "classifier.bias: has NaN/Inf"))
+    embed = save_head_adapter(base, root / "embed", ["x", "y"], ["query"], 8, 6,
+                              modules_to_save=["classifier", "bert.embeddings.word_embeddings"])
+    out.append((embed, "bert.embeddings.word_embeddings"))
+    data = json.loads((heads["dirs"]["pos2"] / "adapter_config.json").read_text())
+    data["task"]["head"]["num_labels"] = 3
+    data["task"]["head"]["id2label"]["2"] = "odd"
+    data["task"]["head"]["label2id"]["odd"] = 2
+    lying = root / "lying"
+    shutil.copytree(heads["dirs"]["pos2"], lying)
+    (lying / "adapter_config.json").write_text(json.dumps(data))
+    out.append((lying, "task.head.num_labels is 3 but no head weight has 3 rows"))
+    return out
+
+
+def test_misfit_heads_are_refused_and_nothing_changes(heads, tmp_path):
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(heads["onnx"])
+    before, snapshot, memory = session.adapters(), session.snapshot(), session.bank_memory()
+    for directory, needle in _misfits(heads, tmp_path):
+        with pytest.raises(AdapterMismatchError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            session.register("misfit", directory)
+        assert session.adapters() == before and session.snapshot() is snapshot
+    assert session.bank_memory() == memory
+
+
+def test_export_refuses_heads_it_cannot_bank(heads, tmp_path):
+    import dataclasses
+
+    from bca_deploy.adapter_io import write_adapter_dir
+    from bca_deploy.exporters import export
+    from bca_deploy.exporters.errors import UnsupportedExportError
+    from bca_deploy.models import TaskError
+
+    misfits = dict((needle.split(":")[0], d) for d, needle in _misfits(heads, tmp_path / "adapters"))
+    out = tmp_path / "out"
+    with pytest.raises(UnsupportedExportError, match="bert.encoder.layer.1.output.LayerNorm: a LayerNorm"):
+        export(heads["base"], out, [heads["dirs"]["pos2"], misfits["bert.encoder.layer.1.output.LayerNorm"]],
+               merge=False, bank=True, task="text-classification", verbose=False)
+    with pytest.raises(TaskError, match="contradicts"):  # the adapter was trained for seq-cls
+        export(heads["base"], out, [heads["dirs"]["pos2"]], merge=False, bank=True, task="feature-extraction",
+               verbose=False)
+    config, state = bd.read_adapter(heads["dirs"]["pos2"])  # the same head without the task recorded
+    untasked = write_adapter_dir(tmp_path / "untasked", dataclasses.replace(config, task=None).to_dict(), state)
+    with pytest.raises(UnsupportedExportError, match="feature-extraction bank graph shares every whole module"):
+        export(heads["base"], out, [untasked], merge=False, bank=True, task="feature-extraction", verbose=False)
+    with pytest.raises(UnsupportedExportError, match="no slot of this bank can classify"):
+        export(heads["base"], out, [heads["dirs"]["plain"]], merge=False, bank=True, task="text-classification",
+               verbose=False)
+    assert not out.exists()
+
+
+def test_snapshot_answers_unchanged_across_register_and_unregister(heads):
+    """A batch's snapshot gives bit-identical logits while adapters come and go, slots are reused and the
+    bank grows (its arrays reallocated) and widens (more labels)."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(heads["onnx"])
+    rows = token_rows(4, seed=4)
+    choices = ["pos2", "tri3", "pos2", "tri3"]
+    snapshot = session.snapshot()
+    feeds = session.pad_ids(rows)
+    before = session.run(feeds, choices, ["logits"], snapshot)["logits"]
+    capacity = session.bank_memory()["capacity"]
+    session.unregister("pos2")
+    session.register("pos2", heads["dirs"]["late5"])  # same name, other kernels and a 5-label head
+    for i in range(capacity + 2):  # fills every free slot, then grows the bank
+        session.register(f"x{i}", heads["dirs"]["tri3"])
+        if i % 3 == 0:
+            session.unregister(f"x{i}")
+    assert session.bank_memory()["capacity"] > capacity
+    after = session.run(feeds, choices, ["logits"], snapshot)["logits"]
+    np.testing.assert_array_equal(after, before)
+    labels = {"pos2": LATE["late5"][0], "tri3": HEADS["tri3"][0]}
+    models = {"pos2": heads["models"]["late5"], "tri3": heads["models"]["tri3"]}
+    _check_rows(session.classify(rows, choices), rows, choices, models, labels)
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------------------
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/v1/classify", method="POST", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_classify_with_per_adapter_heads(heads):
+    from bca_deploy.serving.http import ServerThread, build
+
+    rows = token_rows(3, seed=5)
+    labels = {n: spec[0] for n, spec in HEADS.items()}
+    with ServerThread(build(heads["onnx"], max_wait_ms=50, threads=1)) as server:
+        results: dict[str | None, tuple[int, dict]] = {}
+
+        def send(adapter):
+            results[adapter] = _post(server.url, {"input": rows, "adapter": adapter})
+
+        # sent together, so they can share a batch: the headless request is refused alone
+        threads = [threading.Thread(target=send, args=(a,)) for a in ("pos2", "tri3", None, "plain")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for adapter in ("pos2", "tri3"):
+        status, body = results[adapter]
+        assert status == 200 and body["adapter"] == adapter
+        _check_rows(body["data"], rows, [adapter] * 3, heads["models"], labels)
+    for adapter in (None, "plain"):
+        status, body = results[adapter]
+        assert status == 400 and "no classifier head" in body["error"]["message"], body

@@ -38,6 +38,9 @@ pytest.importorskip("uvicorn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
 from exporters_helpers import build_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from http_helpers import WORDS, write_wordpiece_tokenizer
+
 from bca_deploy import inject, load_adapter, save_adapter
 from bca_deploy.inject import mixed_adapters
 
@@ -82,40 +85,13 @@ def _save_adapter(name: str, directory: Path, targets, block_size: int, seed: in
     return directory
 
 
-WORDS = (
-    "the", "a", "an", "is", "of", "to", "and", "in", "it", "you", "that", "he", "was", "for", "on", "are", "with",
-    "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "hot", "word", "but", "what",
-    "some", "we", "can", "out", "other", "were", "all", "there", "when", "up", "use", "your", "how", "said", "each",
-    "she", "which", "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write", "would",
-    "like", "so", "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day",
-    "could", "go", "come", "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water", "than",
-    "call", "first", "who", "may", "down",
-)
-
-
-def _write_tokenizer(directory: Path) -> None:
-    """A WordPiece tokenizer for the tiny BERT (128 tokens, built locally): texts reach the server's text path."""
-    import string
-
-    from transformers import BertTokenizerFast
-
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
-              *("##" + c for c in string.ascii_lowercase)]
-    tokens += [w for w in WORDS if w not in tokens][:VOCAB - len(tokens)]
-    assert len(tokens) == VOCAB
-    vocab = directory / "vocab-src.txt"
-    vocab.write_text("\n".join(tokens) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
-    vocab.unlink()
-
-
 def _make(name: str, task: str, exported: dict, store: dict, root: Path) -> dict:
     from bca_deploy.exporters import export
 
     model_dir = root / "model"
     build_model(name).save_pretrained(model_dir)
     if name == "bert":  # the llama export stays without a tokenizer (texts must be refused there)
-        _write_tokenizer(model_dir)
+        write_wordpiece_tokenizer(model_dir)
     adapter_dirs = [_save_adapter(name, root / "adapters" / n, t, p, s) for n, (t, p, s) in exported.items()]
     store_dir = root / "store"
     store_dir.mkdir()
@@ -325,8 +301,10 @@ def _burst(fn, jobs, workers: int = 8):
 
 def assert_error(status: int, body: dict, expected_status: int, kind: str | None = None, words=()) -> None:
     assert status == expected_status, body
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param", "code"}, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    assert body["error"]["code"] == expected_status, body
+    assert "/tmp" not in body["error"]["message"] and "pytest" not in body["error"]["message"], body  # no paths
     if kind is not None:
         assert body["error"]["type"] == kind, body
     for word in words:
@@ -372,7 +350,7 @@ def test_load_replace_unload_lifecycle(llama_url):
     assert status == 201, body
     assert body["name"] == "extra" and body["block_sizes"] == [8] and body["modules"] == 4
     assert body["num_parameters"] == (32 * 32 + 32 * 64) // 8 * 2  # q_proj 32x32 + gate_proj 32x64, 2 layers
-    assert body["source"].endswith("extra")
+    assert body["source"] == "store"  # where it came from, never its path
     assert loaded(llama_url) == ["a0", "a1", "a2", "extra"]
     health = call(llama_url + "/health")[1]
     assert health["adapters"] == 4 and health["bank_version"] > before
@@ -466,7 +444,7 @@ def test_load_without_store_is_400(artefacts):
     app = build(artefacts["bert"]["onnx"], threads=1)
     with ServerThread(app, startup_timeout=TIMEOUT) as server:
         status, body = call(server.url + "/v1/adapters", "POST", {"name": "bext"})
-        assert_error(status, body, 400, "no_store")
+        assert_error(status, body, 400, "bad_request", ["adapter store"])
         status, body = call(server.url + "/v1/adapters")
         assert status == 200 and body["available"] is None
 
@@ -643,7 +621,8 @@ def test_unknown_adapter_fails_alone_in_a_burst(llama_url, log_capture):
     answers = _burst(lambda job, rid: generate(llama_url, *job, request_id=rid), list(zip(jobs, ids, strict=True)))
     for (inputs, adapter), (status, body) in zip(jobs, answers, strict=True):
         if adapter == "no-such-adapter":
-            assert_error(status, body, 404, "unknown_adapter", ["no-such-adapter", "a0"])
+            assert_error(status, body, 404, "unknown_adapter", ["no-such-adapter"])
+            assert "a0" not in body["error"]["message"]  # other adapters' names are not shown
         else:
             assert status == 200, body
             assert token_ids(body) == [ref_generate(tuple(inputs[0]), adapter, 6)]
@@ -804,8 +783,7 @@ def test_small_batches_and_mixed_embedding_settings(artefacts, log_capture):
     for rid, (rows, *_rest) in zip(ids, jobs, strict=True):
         entry = entries[rid]
         assert entry["status"] == 200 and entry["rows"] == len(rows)
-        assert entry["batch_rows"] <= 2 or entry["batch_requests"] == 1, entry  # 3 rows: alone
-        assert entry["batch_rows"] >= len(rows)
+        assert 1 <= entry["batch_rows"] <= 2, entry  # a 3-row request runs in two batches
     assert max(e["batch_requests"] for e in entries.values()) > 1
 
 
@@ -828,7 +806,7 @@ def test_small_batches_and_mixed_embedding_settings(artefacts, log_capture):
         pytest.param({"input": [[]]}, 400, id="empty-row"),
         pytest.param({"input": [[5, VOCAB]]}, 400, id="token-id-vocab-size"),
         pytest.param({"input": [[5, -1]]}, 400, id="token-id-negative"),
-        pytest.param({"input": [[5] * 60], "max_new_tokens": 10}, 400, id="beyond-64-positions"),
+        pytest.param({"input": [[5] * 60], "max_new_tokens": 10}, 422, id="beyond-64-positions"),
         pytest.param({"input": "hello"}, 400, id="text-without-tokenizer"),  # the llama export has no tokenizer
     ],
 )
@@ -837,17 +815,54 @@ def test_invalid_generate_requests(llama_url, body, status):
     assert_error(got_status, got, status)
 
 
-def test_malformed_json_is_422(llama_url):
+def test_too_long_for_the_model_is_the_same_422_on_every_route(llama_url):
+    # one rule (session.check_positions): native and OpenAI routes answer the same status, type and field
+    answers = {
+        "generate": call(llama_url + "/v1/generate", "POST", {"input": [[5] * 60], "max_new_tokens": 10}),
+        "completions": call(llama_url + "/v1/completions", "POST", {"model": "a0", "prompt": [5] * 60,
+                                                                    "max_tokens": 10}),
+    }
+    for route, (status, body) in answers.items():
+        assert_error(status, body, 422, "context_length_exceeded", ["60 prompt tokens + 10 new tokens",
+                                                                     "64 positions", "at most 4 new tokens"])
+    assert answers["generate"][1]["error"]["param"] == "max_new_tokens"
+    assert answers["completions"][1]["error"]["param"] == "max_tokens"
+    for path, body, param in (("/v1/generate", {"input": [[5] * 65]}, "input"),
+                              ("/v1/completions", {"model": "a0", "prompt": [5] * 65}, "prompt")):
+        status, got = call(llama_url + path, "POST", body)  # the prompt alone is too long: its own field is named
+        assert_error(status, got, 422, "context_length_exceeded", ["65 tokens", "64 positions"])
+        assert got["error"]["param"] == param
+
+
+def test_malformed_json_is_400(llama_url):
     status, body = call(llama_url + "/v1/generate", "POST", raw=b"{not json")
-    assert_error(status, body, 422, "invalid_request")
+    assert_error(status, body, 400, "invalid_json")
 
 
 def test_invalid_embedding_requests(bert_url):
     for body, expected in (({"input": [[5, 6]], "pooling": "max"}, 422), ({"input": [[5, 6]], "adapter": "nope"}, 404),
-                           ({"input": [[1] * 65]}, 400), ({"input": [[5, 600]]}, 400),
+                           ({"input": [[1] * 65]}, 422), ({"input": [[5, 600]]}, 400),
                            ({"input": ["some text", [5, 6]]}, 422)):
         status, got = call(bert_url + "/v1/embeddings", "POST", body)
         assert_error(status, got, expected)
+
+
+def test_text_length_and_row_count_are_enforced_exactly_and_separately(artefacts):
+    # --max-text-chars below --max-request-rows: each limit holds exactly, on its own; a 413 names its option
+    from bca_deploy.serving.http import ServerThread, build
+
+    app = build(artefacts["bert"]["onnx"], threads=1, max_text_chars=10, max_request_rows=300, max_queued_rows=300)
+    with ServerThread(app) as server:
+        url = server.url + "/v1/embeddings"
+        for body in ({"input": "x" * 10}, {"model": "a0", "input": ["x" * 10] * 300}, {"input": [[5] * 40]}):
+            status, got = call(url, "POST", body)  # 10 characters, 300 rows, and a token row longer than 10: fine
+            assert status == 200, got
+        for body in ({"input": "x" * 11}, {"input": ["ok", "x" * 11]}, {"model": "a0", "input": "x" * 11}):
+            status, got = call(url, "POST", body)
+            assert_error(status, got, 413, "request_too_large", ["11 characters", "limit is 10", "--max-text-chars"])
+        for body in ({"input": [[5, 6]] * 301}, {"model": "a0", "input": ["ok"] * 301}):
+            status, got = call(url, "POST", body)
+            assert_error(status, got, 413, "request_too_large", ["301 rows", "limit is 300", "--max-request-rows"])
 
 
 def test_wrong_endpoint_for_the_task_is_400(llama_url, bert_url):
@@ -901,11 +916,35 @@ def test_a_failing_batch_is_a_json_500_and_the_server_keeps_serving(artefacts, l
     rows = prompts(1, seed=900, low=3, high=6)
     with ServerThread(app, startup_timeout=TIMEOUT) as server:
         status, body = call(server.url + "/v1/embeddings", "POST", {"input": rows, "adapter": "a0"}, request_id="fail-1")
-        assert_error(status, body, 500, "internal_error", words=("simulated onnxruntime failure",))
+        assert_error(status, body, 500, "internal_error", words=("fail-1",))  # the request id, for the log
+        assert "simulated" not in body["error"]["message"]  # internal text stays in the log
         status, body = call(server.url + "/v1/embeddings", "POST", {"input": rows, "adapter": "a0"}, request_id="fail-2")
     assert status == 200, body
     np.testing.assert_allclose(np.array(body["data"][0]["embedding"]), ref_embed(rows[0], "a0"), atol=1e-4, rtol=0)
     logged = log_capture.by_id(["fail-1", "fail-2"])
     assert logged["fail-1"]["status"] == 500 and "simulated" in logged["fail-1"]["error"]
     assert logged["fail-2"]["status"] == 200
-    assert any(e.get("event") == "batch_failed" and "simulated" in e["traceback"] for e in log_capture.entries)
+    assert any(e.get("event") == "request_failed" and "simulated" in e["traceback"] for e in log_capture.entries)
+
+
+def test_batches_stay_within_the_token_budget(artefacts):
+    # max_batch_tokens=16: rows of 9 tokens run alone, rows of 4 share a batch; a long request runs in pieces
+    from bca_deploy.serving.http import ServerThread, build
+
+    app = build(artefacts["bert"]["onnx"], max_batch_tokens=16, max_wait_ms=20, threads=1)
+    session = app.state.session
+    real_embed, shapes = session.embed, []
+
+    def recording_embed(rows, adapters, **kwargs):
+        shapes.append((len(rows), max(len(r) for r in rows)))
+        return real_embed(rows, adapters, **kwargs)
+
+    session.embed = recording_embed
+    rows = prompts(6, seed=901, low=9, high=10) + prompts(6, seed=902, low=4, high=5)
+    with ServerThread(app, startup_timeout=TIMEOUT) as server:
+        status, body = call(server.url + "/v1/embeddings", "POST", {"input": rows, "adapter": "a1"})
+    assert status == 200, body
+    got = np.array([d["embedding"] for d in body["data"]])
+    np.testing.assert_allclose(got, np.stack([ref_embed(r, "a1") for r in rows]), atol=1e-4, rtol=0)
+    assert all(n == 1 or n * longest <= 16 for n, longest in shapes), shapes
+    assert sum(n for n, _ in shapes) == 12 and max(n for n, _ in shapes) == 4, shapes

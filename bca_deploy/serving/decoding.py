@@ -1,0 +1,452 @@
+"""The per-step machinery of generation: sampling settings, samplers, and a decoder batch rows join and leave.
+
+:class:`DecodeBatch` holds the rows that decode together on a ``text-generation-with-past`` adapter-bank
+graph. Rows join between steps (their prompts prefilled in one run) and leave between steps (finished,
+cancelled or failed); :meth:`MultiAdapterSession.generate` and the continuous-batching
+:class:`~bca_deploy.serving.engine.GenerationEngine` both step one.
+
+Layout (exact, not approximate). Every row's real tokens are right-aligned in one past of width ``P``::
+
+    past  (B, kv_heads, P, head_dim)   row b's L_b real positions in columns P-L_b .. P-1, zeros before
+    mask  (B, P + 1)                   1 on those columns and on the new token, 0 on the padding
+    position_ids (B, 1)                L_b: the row's own count of real tokens, whatever P is
+
+A padded key gets exactly zero attention weight (the graph adds the dtype's minimum to masked scores
+before the softmax; ``exp`` underflows to 0.0 in fp32) and positions ignore the padding, so a row's
+logits are those of the row run alone up to the summation order of the longer (zero) reductions.
+A row that leaves frees its slot; a newcomer is written into a free slot in place (its past
+right-aligned, the columns before it zeroed); the past is copied whole only to grow the batch or to
+drop waste (free slots, columns that are padding for every row) once it reaches ``compact_at``.
+
+Adapters: a row keeps the bank snapshot (:class:`~bca_deploy.serving.session.BankSnapshot`) it started
+with to its last token. A run feeds one bank, so when rows of different snapshots share a step the run
+gets a *composite* bank holding slot 0 (zeros: the base model) plus exactly the (snapshot, slot) pairs
+the rows use, each copied from its own snapshot; row ids point into it. Rows of one snapshot (the usual
+case) use that snapshot's bank as it is, without a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ServingError
+from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
+from .limits import MAX_NEW_TOKENS
+
+__all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "DecodeRow", "DecodeBatch", "MAX_NEW_TOKENS",
+           "choose_tokens"]
+
+_MAX_STOP = 16  # stop strings / stop token ids per request
+_MAX_STOP_CHARS = 256
+
+
+class SamplingParamsError(ServingError, ValueError):
+    """Sampling settings are invalid. ``fields`` names every offending field (first: ``field``)."""
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        self.problems = dict(problems)
+        self.fields = list(self.problems)
+        self.field = self.fields[0] if self.fields else None
+        lines = "; ".join(f"{name}: {why}" for name, why in self.problems.items())
+        super().__init__(f"invalid sampling parameters: {lines}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one row generates. Validated in full on construction (:class:`SamplingParamsError` names every bad field).
+
+    Greedy by default (``do_sample=False``: the argmax, PyTorch ``generate(do_sample=False)`` token for
+    token). Sampling draws from softmax(logits / ``temperature``) after top-k and top-p filtering, from the
+    row's own generator seeded by ``seed`` (``None``: fresh entropy), so a row's tokens never depend on the
+    rows it shares a batch with.
+    """
+
+    max_new_tokens: int = dataclasses.field(default=32, metadata={"help": f"new tokens at most (1..{MAX_NEW_TOKENS}; "
+                                                                           "prompt + new tokens <= the graph's context)"})
+    do_sample: bool = dataclasses.field(default=False, metadata={"help": "sample instead of taking the argmax"})
+    temperature: float = dataclasses.field(default=1.0, metadata={"help": "> 0; divides the logits when sampling"})
+    top_k: int = dataclasses.field(default=0, metadata={"help": ">= 0; keep the k most likely tokens (0: all)"})
+    top_p: float = dataclasses.field(default=1.0, metadata={"help": "in (0, 1]; keep the smallest set reaching p"})
+    seed: int | None = dataclasses.field(default=None, metadata={"help": ">= 0; the row's own generator seed"})
+    stop: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "help": "strings that end the row; the text is cut before the first one (needs a tokenizer)"})
+    stop_token_ids: tuple[int, ...] = dataclasses.field(default=(), metadata={
+        "help": "token ids that end the row besides the model's end-of-sequence id (the token is kept)"})
+
+    def __post_init__(self) -> None:
+        problems: dict[str, str] = {}
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            problems["max_new_tokens"] = f"must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens!r}"
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            problems["do_sample"] = f"must be true or false, got {self.do_sample!r}"
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+            problems["temperature"] = f"must be a finite number > 0, got {self.temperature!r}"
+        if not _is_int(self.top_k) or self.top_k < 0:
+            problems["top_k"] = f"must be an integer >= 0 (0: no top-k filtering), got {self.top_k!r}"
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            problems["top_p"] = f"must be in (0, 1], got {self.top_p!r}"
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            problems["seed"] = f"must be null or an integer in [0, 2**63), got {self.seed!r}"
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            problems["stop"] = f"must be a list of strings, got {self.stop!r}"
+        elif len(stop) > _MAX_STOP or any(not s or len(s) > _MAX_STOP_CHARS for s in stop):
+            problems["stop"] = (f"at most {_MAX_STOP} non-empty strings of at most {_MAX_STOP_CHARS} characters, "
+                                f"got {list(stop)!r}")
+        else:
+            object.__setattr__(self, "stop", tuple(stop))
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids) or len(ids) > _MAX_STOP:
+            problems["stop_token_ids"] = f"must be a list of at most {_MAX_STOP} token ids >= 0, got {ids!r}"
+        else:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        if problems:
+            raise SamplingParamsError(problems)
+        object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
+        object.__setattr__(self, "do_sample", bool(self.do_sample))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
+
+
+class Sampler:
+    """One row's token chooser: the argmax, or a draw from the row's own generator (seeded once)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = np.random.default_rng(params.seed) if params.do_sample else None
+
+    def draw(self, logits: np.ndarray) -> int:
+        """A token drawn from softmax(logits (V,) / temperature) after top-k and top-p filtering."""
+        p = self.params
+        scores = logits.astype(np.float64) / p.temperature
+        if 0 < p.top_k < scores.size:
+            cutoff = np.partition(scores, -p.top_k)[-p.top_k]
+            scores = np.where(scores < cutoff, -np.inf, scores)
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            keep = cumulative - probs[order] < p.top_p  # smallest prefix reaching top_p (the first is always kept)
+            filtered = np.zeros_like(probs)
+            filtered[order[keep]] = probs[order[keep]]
+            probs = filtered / filtered.sum()
+        assert self.generator is not None
+        return int(self.generator.choice(probs.size, p=probs))
+
+
+def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> list[int]:
+    """Next token of each row from its last-position logits (B, V): argmax, or its sampler's draw."""
+    tokens = logits.argmax(-1)
+    return [s.draw(logits[b]) if s.generator is not None else int(tokens[b]) for b, s in enumerate(samplers)]
+
+
+@dataclasses.dataclass(eq=False)
+class DecodeRow:
+    """One row of a :class:`DecodeBatch`.
+
+    ``prompt``: its token ids; ``adapter``: a name in ``snapshot`` or ``None`` (base model);
+    ``length``: tokens in its past so far; ``next_token``: the token the next step feeds (set by the
+    caller after each prefill/step); ``owner``: anything the caller wants to find the row's request by.
+    """
+
+    prompt: list[int]
+    adapter: str | None
+    snapshot: Any  # BankSnapshot
+    owner: Any = None
+    length: int = 0
+    next_token: int | None = None
+
+
+class DecodeBatch:
+    """Rows decoding together on one session: :meth:`prefill` newcomers, :meth:`step` everyone, :meth:`remove`.
+
+    The batch is a list of *slots* (the past's batch dimension). A row that leaves frees its slot
+    without moving anyone (a free slot still runs, on a pad token that attends only to itself, until it
+    is reused or dropped); a newcomer whose tokens fit the current width is written into a free slot in
+    place. Only a batch that must grow (no free slot, or a newcomer longer than the width) or that
+    carries much waste (free slots or all-padding columns at least ``compact_at`` of the batch) is
+    rebuilt: one copy of the past. So the usual step, where one row leaves and another joins, copies
+    just the newcomer's past.
+
+    Not thread-safe: one thread steps a batch. Runs go through ``session.run_ortvalues``; a run that
+    raises is retried row by row, so a row that breaks the graph fails alone (``failures`` of the
+    result) and every other row gets its logits. ``before_run`` is called right before each run.
+    """
+
+    def __init__(self, session, *, compact_at: float = 0.25, before_run: Callable[[], None] | None = None) -> None:
+        if not session.with_past:
+            raise ServingError(f"this graph was exported for {session.task!r}; generation needs a "
+                               "text-generation-with-past export")
+        self.session = session
+        self.compact_at = float(compact_at)
+        self.slots: list[DecodeRow | None] = []
+        self.width = 0  # P: columns of the past
+        self._past: dict[str, np.ndarray] = {}  # past input -> (slots, kv_heads, P, head_dim)
+        self._presents = [n for n in session.output_names if PRESENT_OUTPUT.fullmatch(n)]
+        self._past_of = {n: n.replace("present", "past_key_values", 1) for n in self._presents}
+        missing = sorted(set(self._past_of.values()) - {n for n in session.inputs if PAST_INPUT.fullmatch(n)})
+        if missing:
+            raise ServingError(f"the graph's present outputs have no matching past inputs: {', '.join(missing)}")
+        self._outputs = ["logits", *self._presents]
+        self._pending: list[tuple[list[DecodeRow], dict[str, np.ndarray], int]] = []  # prefilled, not joined yet
+        self._leaving: set[int] = set()  # id() of rows to drop before the next step
+        self._composite: tuple[tuple, Any] | None = None  # (key, BankSnapshot) for rows of several snapshots
+        self._pad = session.pad_token_id
+        self.rebuilds = 0  # times the past was copied whole (growth or compaction)
+        self.before_run = before_run  # called right before each onnxruntime run (which releases the GIL)
+
+    @property
+    def rows(self) -> list[DecodeRow]:
+        """The rows in the batch's slots (not counting prefilled rows that join at the next step)."""
+        return [r for r in self.slots if r is not None]
+
+    @property
+    def joined(self) -> list[DecodeRow]:
+        """Every row that takes part in the next step (in slots or prefilled, minus removed)."""
+        return [r for r in [*self.rows, *(r for g, _, _ in self._pending for r in g)] if id(r) not in self._leaving]
+
+    def __len__(self) -> int:
+        return len(self.joined)
+
+    # ---- rows in and out ---------------------------------------------------------------------------------
+
+    def prefill(self, rows: Sequence[DecodeRow]) -> tuple[np.ndarray, dict[int, Exception]]:
+        """Run the prompts of ``rows`` (left-padded into one run, empty past); they join at the next step.
+
+        Returns:
+            ``(logits, failures)``: last-position logits (len(rows), V) as float32 (rows that failed: NaN),
+            and ``{index in rows: exception}`` for rows that failed alone (they do not join).
+        """
+        rows = list(rows)
+        if not rows:
+            return np.zeros((0, 0), np.float32), {}
+        width = max(len(r.prompt) for r in rows)
+
+        def feeds(subset: list[int]) -> dict[str, Any]:
+            # one row alone (isolating a failure) is padded to the group's width, so its past lines up
+            out = self.session.pad_ids([rows[i].prompt for i in subset], side="left")  # checks ids and empty rows
+            pad = width - out["input_ids"].shape[1]
+            if pad:
+                fill = {"input_ids": self._pad, "position_ids": 1}
+                out = {k: np.pad(v, ((0, 0), (pad, 0)), constant_values=fill.get(k, 0)) for k, v in out.items()}
+            out.update(empty_past(self.session.session, len(subset)))
+            return out
+
+        logits, presents, failures = self._run_isolated(rows, feeds)
+        ok = [i for i in range(len(rows)) if i not in failures]
+        for i in ok:
+            rows[i].length = len(rows[i].prompt)
+        if ok:
+            index = np.array(ok)
+            past = {self._past_of[k]: (v if len(ok) == len(rows) else v[index]) for k, v in presents.items()}
+            self._pending.append(([rows[i] for i in ok], past, width))
+        return logits, failures
+
+    def remove(self, rows: Iterable[DecodeRow]) -> None:
+        """Rows leave the batch (finished, cancelled): their slots are freed before the next step."""
+        self._leaving.update(id(row) for row in rows)
+
+    def _prepare(self) -> None:
+        """Apply removals and joins before a step: free slots, write newcomers in place, or rebuild."""
+        if self._leaving:
+            self.slots = [None if r is not None and id(r) in self._leaving else r for r in self.slots]
+        newcomers = [(r, past, i, w) for group, past, w in self._pending for i, r in enumerate(group)
+                     if id(r) not in self._leaving]
+        self._pending, self._leaving = [], set()
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        if len(newcomers) > len(free) or any(r.length > self.width for r, *_ in newcomers):
+            self._rebuild(newcomers)
+            return
+        for (row, past, i, w), slot in zip(newcomers, free):  # in place: one row's past each
+            for name, value in self._past.items():
+                value[slot, :, :self.width - row.length] = 0
+                value[slot, :, self.width - row.length:] = past[name][i, :, w - row.length:]
+            self.slots[slot] = row
+        active = self.rows
+        waste_rows = len(self.slots) - len(active)
+        waste_columns = self.width - max((r.length for r in active), default=0)
+        if active and ((waste_rows and waste_rows >= self.compact_at * len(self.slots))
+                       or (waste_columns and waste_columns >= self.compact_at * self.width)):
+            self._rebuild([])
+
+    def _rebuild(self, newcomers) -> None:
+        """One new past: the rows in slots, then ``newcomers``, right-aligned, without free slots or padding columns."""
+        keep = [s for s, r in enumerate(self.slots) if r is not None]
+        rows = [self.slots[s] for s in keep] + [r for r, *_ in newcomers]
+        width = max((r.length for r in rows), default=0)
+        past: dict[str, np.ndarray] = {}
+        for name in self._past_of.values():
+            if not rows:
+                break
+            like = self._past[name] if keep else newcomers[0][1][name]
+            merged = np.zeros((len(rows), like.shape[1], width, like.shape[3]), dtype=like.dtype)
+            for b, s in enumerate(keep):
+                length = self.slots[s].length
+                merged[b, :, width - length:] = self._past[name][s, :, self.width - length:]
+            for b, (row, new_past, i, w) in enumerate(newcomers, start=len(keep)):
+                merged[b, :, width - row.length:] = new_past[name][i, :, w - row.length:]
+            past[name] = merged
+        self.slots, self._past, self.width = rows, past, width
+        self.rebuilds += 1
+
+    # ---- a decoding step ---------------------------------------------------------------------------------------
+
+    def step(self) -> tuple[list[DecodeRow], np.ndarray, dict[int, Exception]]:
+        """Feed every row (:attr:`joined`) its ``next_token`` in one run over the batch.
+
+        Returns:
+            ``(rows, logits, failures)``: the rows that ran, their last-position logits (len(rows), V)
+            (rows that failed: NaN), and ``{index in rows: exception}`` for rows that failed alone; those
+            leave the batch.
+        """
+        self._prepare()
+        slots, width = self.slots, self.width
+        active = [s for s, r in enumerate(slots) if r is not None]
+        if not active:
+            return [], np.zeros((0, 0), np.float32), {}
+        missing = [slots[s].prompt for s in active if slots[s].next_token is None]
+        if missing:
+            raise ServingError(f"{len(missing)} row(s) have no next token to feed")
+
+        def feeds(subset: list[int]) -> dict[str, Any]:
+            n = len(subset)
+            # a free slot: a pad token at position 0 attending only to itself (its output is ignored)
+            ids = np.full((n, 1), self._pad, dtype=np.int64)
+            mask = np.zeros((n, width + 1), dtype=np.int64)
+            positions = np.zeros((n, 1), dtype=np.int64)
+            mask[:, width] = 1
+            for i, s in enumerate(subset):
+                row = slots[s]
+                if row is not None:
+                    ids[i, 0], positions[i, 0] = row.next_token, row.length
+                    mask[i, width - row.length:] = 1
+            out: dict[str, Any] = {"input_ids": ids}
+            if "attention_mask" in self.session.inputs:
+                out["attention_mask"] = mask
+            if "position_ids" in self.session.inputs:
+                out["position_ids"] = positions
+            if n == len(slots):
+                out.update(self._past)
+            else:
+                index = np.array(subset)
+                out.update({k: v[index] for k, v in self._past.items()})
+            return out
+
+        logits, presents, failures = self._run_isolated(slots, feeds)
+        rows = [slots[s] for s in active]
+        failed = {active.index(s): exc for s, exc in failures.items()}
+        for s in active:
+            if s in failures:
+                slots[s] = None
+            else:
+                slots[s].length += 1
+                slots[s].next_token = None
+        if presents:
+            self._past = {self._past_of[k]: v for k, v in presents.items()}
+            self.width = width + 1
+        else:  # every row failed: the batch is empty, the next rows start a new past
+            self.slots, self._past, self.width = [], {}, 0
+        return rows, logits[np.array(active)], failed
+
+    # ---- running ------------------------------------------------------------------------------------------------
+
+    def _run_isolated(self, slots: Sequence[DecodeRow | None], feeds: Callable[[list[int]], dict[str, Any]]
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, Exception]]:
+        """One run over every slot; if it raises, one run per row, so only the rows that fail alone fail.
+
+        Returns ``(logits (slots, V) float32, presents (slots, ...) as numpy, {slot: exception})``; free
+        and failed slots get NaN logits and zero presents. When every row fails alone too, the logits have
+        no columns and ``presents`` is empty: the caller drops those rows and nothing else (a prefill of
+        bad prompts alone must not fail the rows already decoding).
+        """
+        everyone = list(range(len(slots)))
+        try:
+            out = self._run(slots, feeds(everyone))
+        except Exception:  # noqa: BLE001, S110 - isolated below: each row is run alone
+            pass
+        else:  # numpy views of onnxruntime's outputs (no copy): the next step feeds them back
+            return _last(out["logits"].numpy()), {k: out[k].numpy() for k in self._presents}, {}
+        failures: dict[int, Exception] = {}
+        done: dict[int, dict[str, Any]] = {}
+        for s, row in enumerate(slots):
+            if row is None:
+                continue
+            try:
+                done[s] = self._run([row], feeds([s]))
+            except Exception as exc:  # noqa: BLE001 - this row fails alone
+                failures[s] = exc
+        if not done:
+            return np.full((len(slots), 0), np.nan, dtype=np.float32), {}, failures
+        first = next(iter(done.values()))
+        vocab = first["logits"].numpy().shape[-1]
+        logits = np.full((len(slots), vocab), np.nan, dtype=np.float32)
+        presents = {k: np.zeros((len(slots), *first[k].numpy().shape[1:]), first[k].numpy().dtype)
+                    for k in self._presents}
+        for s, out in done.items():
+            logits[s] = _last(out["logits"].numpy())[0]
+            for k in self._presents:
+                presents[k][s] = out[k].numpy()[0]
+        return logits, presents, failures
+
+    def _run(self, slots: Sequence[DecodeRow | None], feeds: dict[str, Any]) -> dict[str, Any]:
+        snapshot, names = self._bank(slots)
+        if self.before_run is not None:
+            self.before_run()
+        return self.session.run_ortvalues(feeds, names, self._outputs, snapshot)
+
+    def _bank(self, slots: Sequence[DecodeRow | None]) -> tuple[Any, list[str | None]]:
+        """The bank snapshot one run over ``slots`` feeds, and each slot's adapter name in it (free: base)."""
+        rows = [r for r in slots if r is not None]
+        first = rows[0].snapshot
+        if all(r.snapshot is first for r in rows):
+            return first, [r.adapter if r is not None else None for r in slots]
+        pairs = [(r.snapshot, int(r.snapshot.ids([r.adapter])[0])) if r is not None else None for r in slots]
+        used = tuple(dict.fromkeys((s.version, slot) for s, slot in filter(None, pairs) if slot))
+        if self._composite is None or self._composite[0] != used:
+            snapshots = {s.version: s for s, _ in filter(None, pairs)}
+            self._composite = (used, _composite_snapshot(self.session, first, snapshots, used))
+        return self._composite[1], [f"{p[0].version}/{p[1]}" if p and p[1] else None for p in pairs]
+
+
+def _composite_snapshot(session, like, snapshots: Mapping[int, Any], used: Sequence[tuple[int, int]]):
+    """A bank of slot 0 (zeros) then the ``used`` (snapshot version, slot) pairs, each copied from its snapshot.
+
+    Named ``"<version>/<slot>"``; shaped like ``like`` (a BankSnapshot) but for these slots only.
+    """
+    import onnxruntime as ort
+
+    from ..exporters.bank import SLOT_AXIS
+
+    device, device_id = getattr(session, "_device", ("cpu", 0))
+    feeds = {}
+    for name, value in like.feeds.items():
+        template = value.numpy()
+        zero = np.zeros_like(np.take(template, [0], axis=SLOT_AXIS))
+        slices = [np.take(snapshots[version].feeds[name].numpy() if version != like.version else template, [slot],
+                          axis=SLOT_AXIS) for version, slot in used]
+        stacked = np.ascontiguousarray(np.concatenate([zero, *slices], axis=SLOT_AXIS))
+        feeds[name] = ort.OrtValue.ortvalue_from_numpy(stacked, device, device_id)
+    slots = {f"{version}/{slot}": i + 1 for i, (version, slot) in enumerate(used)}
+    return dataclasses.replace(like, version=-1, slots=slots, infos={}, feeds=feeds)
+
+
+def _last(logits: np.ndarray) -> np.ndarray:
+    """(B, T, V) or (B, V) logits -> the last position's (B, V), float32."""
+    return (logits[:, -1, :] if logits.ndim == 3 else logits).astype(np.float32, copy=False)

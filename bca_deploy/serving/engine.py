@@ -1,0 +1,679 @@
+"""Continuous batching for generation: rows join and leave a running batch at every step.
+
+:class:`GenerationEngine` schedules at the iteration level, as vLLM, TGI and LoRAX do, on an
+adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.serving.MultiAdapterSession`:
+
+- a request submitted while others decode joins the running batch at the next step: the prompts of
+  the newcomers are prefilled together in one run (left-padded), their first tokens are sent at once,
+  and their past key values are padded into the running batch's past (see
+  :class:`~bca_deploy.serving.decoding.DecodeBatch`; every row's logits stay those of the row alone);
+- every step then feeds each running row its last token, in one run over the batch;
+- a row that is done (an end-of-sequence or stop token, a stop string, ``max_new_tokens``) leaves at once
+  and its stream ends; a cancelled stream's row leaves at the next step;
+- every row keeps its own adapter, sampling settings and generator (its tokens never depend on its batch),
+  and the bank snapshot it started with, to its last token: a load or unload while it decodes changes
+  nothing for it, while rows that start afterwards use the new bank (rows of several snapshots share a
+  run through a composite bank of exactly the slots they use);
+- at most ``max_batch_rows`` rows run at once; at most ``max_queued_rows`` wait (then
+  :class:`EngineOverloadedError`); newcomers admitted in one step are bounded by ``max_prefill_tokens``
+  (padded prompt tokens), so a burst of long prompts does not stall the running rows for long.
+
+One thread steps the batch (onnxruntime uses its own intra-op threads) and never waits for consumers:
+each step's tokens are handed to the asyncio loop that started the engine right before the next run
+(which releases the GIL), through a small waker thread, so the loop serves the streams while the next
+step computes.
+
+Example::
+
+    engine = GenerationEngine(session, max_batch_rows=32)
+    await engine.start()
+    stream = engine.submit([1, 306, 4966], "support", SamplingParams(max_new_tokens=64, stop=["\\n\\n"]))
+    async for event in stream:          # TokenEvent(token_id, text)
+        print(event.text, end="")
+    print(stream.finish_reason, stream.prompt_tokens, stream.completion_tokens)
+    await engine.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ServingError
+from .decoding import MAX_NEW_TOKENS, DecodeBatch, DecodeRow, Sampler, SamplingParams, SamplingParamsError, choose_tokens
+from .session import BASE, MultiAdapterSession, not_loaded
+
+__all__ = ["GenerationEngine", "GenerationStream", "GenerationResult", "TokenEvent", "SamplingParams",
+           "SamplingParamsError", "EngineOverloadedError", "MAX_NEW_TOKENS", "Observer"]
+
+_log = logging.getLogger("bca_deploy.serve")
+
+#: ``observer(event, values)``; see :class:`GenerationEngine` for the events and their values.
+Observer = Callable[[str, Mapping[str, Any]], None]
+
+
+class EngineOverloadedError(ServingError):
+    """The engine's queue is full (``max_queued_rows`` rows waiting): try again later (HTTP 503)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it adds (stop strings removed; may be empty, e.g. mid-character)."""
+
+    token_id: int
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """A whole generation: every token id, the text, why it ended, and the token counts."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_END = object()
+
+
+class GenerationStream:
+    """The tokens of one submitted row, as they are generated: ``async for event in stream``.
+
+    After the last event, :attr:`finish_reason` is ``"stop"`` (an end-of-sequence or stop token, or a
+    stop string) or ``"length"`` (``max_new_tokens``), or ``"cancelled"`` after :meth:`cancel`;
+    :attr:`prompt_tokens` and :attr:`completion_tokens` count the tokens (the end token included). If
+    the row fails (its adapter was unloaded before it started, the graph refused it), iterating raises
+    the error. Timestamps (``time.perf_counter()``): ``queued_at``, ``started_at`` (admitted into the
+    batch), ``first_token_at``, ``finished_at``; ``batch_rows`` / ``batch_requests``: the most rows /
+    distinct ``request_id`` s of one step this row took part in.
+    """
+
+    def __init__(self, engine: GenerationEngine, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
+                 request_id: str | None, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._loop = loop
+        self.prompt_ids = tuple(prompt_ids)
+        self.adapter = adapter
+        self.params = params
+        self.request_id = request_id
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.queued_at = time.perf_counter()
+        self.started_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.batch_rows = 0
+        self.batch_requests = 0
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self._ended = False  # the end (or an error) was delivered
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        """True once the row has finished, failed or been cancelled."""
+        return self._ended
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        while not self._items:
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
+        if item is _END:
+            self._items.appendleft(_END)  # iterating again ends again
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._items.appendleft(item)
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away): the stream ends now, the row leaves at the next step."""
+        if self._ended:
+            return
+        self.cancelled = True
+        self.finish_reason = "cancelled"
+        self._items.clear()  # tokens delivered but not read yet are dropped: the consumer asked to stop
+        self._finish(None)
+        self._engine._cancel(self)
+
+    async def aclose(self) -> None:
+        """Same as :meth:`cancel` (for ``contextlib.aclosing``)."""
+        self.cancel()
+
+    async def collect(self) -> GenerationResult:
+        """Wait for the whole generation (raises the row's error if it failed)."""
+        async for _ in self:
+            pass
+        assert self.finish_reason is not None
+        return GenerationResult(list(self.token_ids), self.text, self.finish_reason, self.prompt_tokens,
+                                self.completion_tokens)
+
+    # ---- called on the loop by the engine's deliveries ----------------------------------------------------
+
+    def _push(self, event: TokenEvent) -> None:
+        if self._ended:
+            return
+        self.token_ids.append(event.token_id)
+        self.text += event.text
+        self.completion_tokens += 1
+        self._items.append(event)
+        self._wake()
+
+    def _finish(self, reason: str | None, error: BaseException | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if error is not None:
+            self.error = error
+            self._items.append(error)
+        else:
+            if reason is not None:
+                self.finish_reason = reason
+            self._items.append(_END)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Detokenizer:
+    """A row's text, token by token: only whole characters are sent, stop strings are held back and cut.
+
+    Decodes a short window of ids (TGI/vLLM's prefix/read offsets), not the whole sequence each time.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str] | None, stop: Sequence[str]) -> None:
+        self._decode = decode
+        self._stop = tuple(stop)
+        self._longest = max((len(s) for s in stop), default=0)
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+        self._held = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Text to send after one more token, and whether a stop string ended the row (text cut before it)."""
+        if self._decode is None:
+            return "", False
+        self._ids.append(token)
+        delta = self._delta(final=False)
+        return self._cut(delta)
+
+    def flush(self) -> str:
+        """The text not sent yet (held back for a stop string, or an unfinished character) at the row's end."""
+        if self._decode is None:
+            return ""
+        text, _ = self._cut(self._delta(final=True), final=True)
+        return text
+
+    def _delta(self, final: bool) -> str:
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""  # nothing new, or a character whose bytes have not all arrived
+        self._prefix, self._read = self._read, len(self._ids)
+        return after[len(before):]
+
+    def _cut(self, delta: str, final: bool = False) -> tuple[str, bool]:
+        text = self._held + delta
+        self._held = ""
+        if not self._stop:
+            return text, False
+        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            return text[:min(hits)], True
+        if final:
+            return text, False
+        # hold back the longest tail that could begin a stop string
+        for k in range(min(len(text), self._longest - 1), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self._stop):
+                self._held = tail
+                return text[:-k], False
+        return text, False
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    stream: GenerationStream
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    sampler: Sampler
+    detokenizer: _Detokenizer
+    stop_ids: frozenset[int]
+    generated: int = 0
+    last_token_at: float = 0.0
+    row: DecodeRow | None = None
+
+
+class GenerationEngine:
+    """Continuous batching over a :class:`MultiAdapterSession` with a decoder graph (see the module docstring).
+
+    Args:
+        session: the runtime (a ``text-generation-with-past`` adapter-bank export).
+        max_batch_rows: the most rows decoding at once.
+        max_queued_rows: the most rows waiting to join; beyond it :meth:`submit` raises
+            :class:`EngineOverloadedError`.
+        max_prefill_tokens: the most padded prompt tokens (rows x longest prompt) admitted in one step;
+            one row is always admitted, however long.
+        observer: called from the engine's thread as ``observer(event, values)`` (exceptions are logged,
+            never raised). Events and values (times in seconds):
+
+            - ``"queued"``: adapter, prompt_tokens, queued_rows
+            - ``"rejected"``: adapter, reason (the queue was full)
+            - ``"started"``: adapter, queue_s (submitted → admitted into the batch)
+            - ``"first_token"``: adapter, ttft_s (submitted → first token)
+            - ``"prefill"``: rows, tokens (padded prompt tokens), seconds
+            - ``"step"``: rows, requests, seconds, tokens (new tokens), inter_token_s (one per token that
+              is not a row's first)
+            - ``"finished"``: adapter, finish_reason (stop, length, cancelled), prompt_tokens,
+              completion_tokens, queue_s, ttft_s, seconds (submitted → end)
+            - ``"failed"``: adapter, error
+    """
+
+    def __init__(self, session: MultiAdapterSession, *, max_batch_rows: int = 32, max_queued_rows: int = 256,
+                 max_prefill_tokens: int = 4096, observer: Observer | None = None) -> None:
+        problems = {name: f"must be an integer >= 1, got {value!r}" for name, value in
+                    (("max_batch_rows", max_batch_rows), ("max_queued_rows", max_queued_rows),
+                     ("max_prefill_tokens", max_prefill_tokens)) if not isinstance(value, int) or value < 1}
+        if problems:
+            raise ServingError("invalid engine settings: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
+        if not session.with_past:
+            raise ServingError(f"this graph was exported for {session.task!r}; generation needs a "
+                               "text-generation-with-past export")
+        self.session = session
+        self.max_batch_rows = max_batch_rows
+        self.max_queued_rows = max_queued_rows
+        self.max_prefill_tokens = max_prefill_tokens
+        self.observer = observer
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []  # admitted, not finished (engine thread; read by stop())
+        self._cancelled: set[int] = set()  # id() of cancelled streams whose rows still run
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._outbox: list[tuple[GenerationStream, Any]] = []  # this step's deliveries (engine thread only)
+        self._handed: list[tuple[GenerationStream, Any]] = []  # handed to the loop, not yet delivered
+        self._hand_lock = threading.Lock()
+        self._wakeup_pending = False
+        self._wake = threading.Lock()
+        self._waker_thread: threading.Thread | None = None
+        self._observer_failed: set[str] = set()
+        self.steps = 0  # decode steps run
+        self.prefills = 0  # prefill runs
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        """Start the engine's thread; streams are delivered on the calling event loop."""
+        if self.running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._wakeup_pending = False
+        self._waker_thread = threading.Thread(target=self._waker, name="bca-generation-waker", daemon=True)
+        self._waker_thread.start()
+        self._thread = threading.Thread(target=self._main, name="bca-generation", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the thread; rows still waiting or running end with a :class:`ServingError`."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        with contextlib.suppress(RuntimeError):  # held by the waker: let it see _stopping and end
+            self._wake.release()
+        if self._waker_thread is not None:
+            await asyncio.to_thread(self._waker_thread.join)
+            self._waker_thread = None
+        self._drain()
+        self._deliver(self._take_outbox())
+        error = ServingError("the generation engine stopped before this row finished")
+        with self._cond:
+            left = [*self._waiting, *self._running]
+            self._waiting.clear()
+            self._running = []
+        for request in left:
+            request.stream._finish(None, error)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+
+    def check(self, prompt_ids: Sequence[int], adapter: str | None = None,
+              params: SamplingParams | None = None) -> list[int]:
+        """Everything :meth:`submit` checks, without submitting; returns the prompt as a list of ints.
+
+        Raises:
+            ServingError: an empty prompt or token ids outside the vocabulary.
+            UnknownAdapterError: ``adapter`` is not loaded now.
+            ContextLengthError: prompt + ``max_new_tokens`` exceed the graph's positions
+                (:meth:`MultiAdapterSession.check_positions`).
+            SamplingParamsError: ``params`` is not a SamplingParams; stop strings without a tokenizer (``stop``).
+        """
+        if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
+            raise ServingError(f"the prompt must be a list of token ids, got {type(prompt_ids).__name__}")
+        prompt = list(prompt_ids)
+        self.session.pad_ids([prompt])  # every row needs a token; ids must be integers inside the vocabulary
+        prompt = [int(t) for t in prompt]
+        if adapter is not None and adapter != BASE and adapter not in self.session.snapshot().slots:
+            raise not_loaded(adapter)
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsError({"params": f"must be a SamplingParams, got {type(params).__name__}"})
+        self.session.check_positions(len(prompt), params.max_new_tokens, input_param="prompt")
+        if params.stop and self._decoder() is None:
+            raise SamplingParamsError({"stop": "stop strings need a tokenizer, and this export has none; use "
+                                               "stop_token_ids"})
+        return prompt
+
+    def submit(self, prompt_ids: Sequence[int], adapter: str | None = None, params: SamplingParams | None = None,
+               *, request_id: str | None = None) -> GenerationStream:
+        """Queue one row; it joins the running batch at the next step. Call on the engine's event loop.
+
+        Args:
+            prompt_ids: the prompt's token ids.
+            adapter: a loaded adapter's name, or ``None`` / ``"__base__"`` for the base model.
+            params: sampling settings (default: greedy, 32 new tokens).
+            request_id: rows with the same id count as one request in ``batch_requests``.
+
+        Raises:
+            EngineOverloadedError: ``max_queued_rows`` rows are waiting already.
+            ServingError: the engine is not running; and what :meth:`check` raises.
+        """
+        if not self.running or self._loop is None:
+            raise ServingError("the generation engine is not running (await engine.start() first)")
+        params = params if params is not None else SamplingParams()
+        prompt = self.check(prompt_ids, adapter, params)
+        adapter = None if adapter == BASE else adapter
+        stream = GenerationStream(self, prompt, adapter, params, request_id, self._loop)
+        request = _Request(stream, prompt, adapter, params, Sampler(params),
+                           _Detokenizer(self._decoder(), params.stop),
+                           frozenset(self.session.eos_token_ids | set(params.stop_token_ids)))
+        with self._cond:
+            if len(self._waiting) >= self.max_queued_rows:
+                queued = len(self._waiting)
+                self._observe("rejected", adapter=adapter, reason="queue full")
+                raise EngineOverloadedError(f"the generation queue is full ({queued} rows waiting, "
+                                            f"max_queued_rows={self.max_queued_rows}); try again later")
+            self._waiting.append(request)
+            queued = len(self._waiting)
+            self._cond.notify_all()
+        self._observe("queued", adapter=adapter, prompt_tokens=len(prompt), queued_rows=queued)
+        return stream
+
+    def stats(self) -> dict[str, int]:
+        """Rows waiting and running now, and the runs so far."""
+        with self._cond:
+            return {"queued_rows": len(self._waiting), "running_rows": len(self._running), "steps": self.steps,
+                    "prefills": self.prefills}
+
+    def _cancel(self, stream: GenerationStream) -> None:
+        with self._cond:
+            for request in self._waiting:
+                if request.stream is stream:
+                    self._waiting.remove(request)
+                    self._observe_finished(request, "cancelled")
+                    return
+            self._cancelled.add(id(stream))
+            self._cond.notify_all()
+
+    def _decoder(self) -> Callable[[list[int]], str] | None:
+        try:
+            self.session.tokenizer  # noqa: B018
+        except ServingError:
+            return None
+        return self.session.decode
+
+    # ---- the engine's thread ---------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        # Tokens go to the event loop right before the next onnxruntime run, which releases the GIL: the loop
+        # thread then handles them while the run computes, instead of competing with this thread for the GIL
+        # between runs (on a busy machine each such hand-over can cost an OS scheduling slice).
+        batch = DecodeBatch(self.session, before_run=self._deliver_later)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                cancelled = [r for r in self._running if id(r.stream) in self._cancelled]
+                self._cancelled.clear()
+                admitted = self._admit(len(self._running) - len(cancelled))
+            try:
+                self._leave(batch, cancelled, "cancelled")
+                if admitted:
+                    self._prefill(batch, admitted)
+                if batch.joined:
+                    self._step(batch)
+            except Exception as exc:  # noqa: BLE001 - a failure of every row: they fail, the engine goes on
+                _log.error("generation step failed: %s", "".join(traceback.format_exception(exc)))
+                for request in list(self._running):
+                    self._fail(request, exc)
+                batch = DecodeBatch(self.session, before_run=self._deliver_later)
+            if not batch.joined:  # no run follows soon: deliver now
+                self._deliver_later()
+
+    def _admit(self, running: int) -> list[_Request]:
+        """Waiting rows that join now (under the lock): up to the free rows and the prefill token budget."""
+        admitted: list[_Request] = []
+        longest = 0
+        while self._waiting and running + len(admitted) < self.max_batch_rows:
+            longest_if = max(longest, len(self._waiting[0].prompt))
+            if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            admitted.append(self._waiting.popleft())
+            longest = longest_if
+        self._running.extend(admitted)
+        return admitted
+
+    def _prefill(self, batch: DecodeBatch, admitted: list[_Request]) -> None:
+        snapshot = self.session.snapshot()  # every row admitted now starts on the bank of this moment
+        rows = []
+        now = time.perf_counter()
+        for request in admitted:
+            request.stream.started_at = now
+            self._observe("started", adapter=request.adapter, queue_s=now - request.stream.queued_at)
+            if request.adapter is not None and request.adapter not in snapshot.slots:  # unloaded since it was queued
+                self._fail(request, not_loaded(request.adapter))
+                continue
+            request.row = DecodeRow(request.prompt, request.adapter, snapshot, owner=request)
+            rows.append(request.row)
+        if not rows:
+            return
+        start = time.perf_counter()
+        logits, failures = batch.prefill(rows)
+        self.prefills += 1
+        self._count_batch(rows, len(rows))
+        self._observe("prefill", rows=len(rows), tokens=len(rows) * max(len(r.prompt) for r in rows),
+                      seconds=time.perf_counter() - start)
+        self._emit(batch, rows, logits, failures, first=True)
+
+    def _step(self, batch: DecodeBatch) -> None:
+        start = time.perf_counter()
+        rows, logits, failures = batch.step()
+        self.steps += 1
+        seconds = time.perf_counter() - start
+        requests = self._count_batch(rows, len(rows))
+        gaps = self._emit(batch, rows, logits, failures, first=False)
+        self._observe("step", rows=len(rows), requests=requests, seconds=seconds, tokens=len(rows) - len(failures),
+                      inter_token_s=gaps)
+
+    @staticmethod
+    def _count_batch(rows: list[DecodeRow], batch_rows: int) -> int:
+        """Record on each row's stream the largest batch it was part of; returns the distinct requests."""
+        requests = len({r.owner.stream.request_id or id(r.owner) for r in rows})
+        for row in rows:
+            stream = row.owner.stream
+            stream.batch_rows = max(stream.batch_rows, batch_rows)
+            stream.batch_requests = max(stream.batch_requests, requests)
+        return requests
+
+    def _emit(self, batch: DecodeBatch, rows: list[DecodeRow], logits: np.ndarray, failures: Mapping[int, Exception],
+              first: bool) -> list[float]:
+        """Choose, send and account each row's next token; rows that are done leave. Returns inter-token gaps."""
+        for index, exc in failures.items():
+            self._fail(rows[index].owner, exc)
+        ok = [b for b in range(len(rows)) if b not in failures]
+        if not ok:
+            return []
+        tokens = choose_tokens(logits[ok], [rows[b].owner.sampler for b in ok])
+        now = time.perf_counter()
+        gaps, done = [], []
+        for b, token in zip(ok, tokens, strict=True):
+            request: _Request = rows[b].owner
+            stream = request.stream
+            if first:
+                stream.first_token_at = now
+                self._observe("first_token", adapter=request.adapter, ttft_s=now - stream.queued_at)
+            else:
+                gaps.append(now - request.last_token_at)
+            request.last_token_at = now
+            request.generated += 1
+            reason = None
+            if token in request.stop_ids:
+                text, reason = request.detokenizer.flush(), "stop"
+            else:
+                text, hit = request.detokenizer.push(token)
+                if hit:
+                    reason = "stop"
+                elif request.generated >= request.params.max_new_tokens:
+                    text, reason = text + request.detokenizer.flush(), "length"
+            self._outbox.append((stream, TokenEvent(int(token), text)))
+            if reason is None:
+                rows[b].next_token = int(token)
+            else:
+                done.append(rows[b])
+                self._end(request, reason)
+        batch.remove(done)
+        return gaps
+
+    def _leave(self, batch: DecodeBatch, requests: list[_Request], reason: str) -> None:
+        rows = [r.row for r in requests if r.row is not None]
+        batch.remove(rows)
+        for request in requests:
+            self._end(request, reason)
+
+    def _end(self, request: _Request, reason: str) -> None:
+        request.stream.finished_at = time.perf_counter()
+        with self._cond:
+            if request in self._running:
+                self._running.remove(request)
+        if reason != "cancelled":
+            self._outbox.append((request.stream, reason))
+        self._observe_finished(request, reason)
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        request.stream.finished_at = time.perf_counter()
+        with self._cond:
+            if request in self._running:
+                self._running.remove(request)
+        self._outbox.append((request.stream, error))
+        self._observe("failed", adapter=request.adapter, error=f"{type(error).__name__}: {error}")
+
+    # ---- delivery and metrics ------------------------------------------------------------------------------
+
+    def _take_outbox(self) -> list[tuple[GenerationStream, Any]]:
+        items, self._outbox = self._outbox, []
+        return items
+
+    def _deliver_later(self) -> None:
+        """Hand this step's deliveries to the event loop. One wake-up at a time: while the loop has not run the
+        last one, new items join it (fewer thread hand-overs when the loop is busy, no added delay when not)."""
+        items = self._take_outbox()
+        if not items or self._loop is None:
+            return
+        with self._hand_lock:
+            self._handed.extend(items)
+            if self._wakeup_pending:
+                return
+            self._wakeup_pending = True
+        self._wake.release()  # a C lock: no GIL hand-over here (see _waker)
+
+    def _waker(self) -> None:
+        """Wakes the event loop for the engine thread.
+
+        Writing the loop's wake-up byte releases the GIL around the system call, and the woken loop thread takes
+        it; done in the engine thread, that thread would then queue for the GIL (on a busy machine, for an OS
+        time slice) before its next run. Done here, the engine thread is already inside onnxruntime (GIL free)
+        while the loop handles the tokens. ``_wake`` is a binary semaphore: released once per pending wake-up.
+        """
+        while True:
+            self._wake.acquire()
+            if self._stopping:
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _drain(self) -> None:
+        with self._hand_lock:
+            items, self._handed = self._handed, []
+            self._wakeup_pending = False
+        self._deliver(items)
+
+    @staticmethod
+    def _deliver(items: list[tuple[GenerationStream, Any]]) -> None:
+        for stream, item in items:
+            if isinstance(item, TokenEvent):
+                stream._push(item)
+            elif isinstance(item, BaseException):
+                stream._finish(None, item)
+            else:
+                stream._finish(item)
+
+    def _observe_finished(self, request: _Request, reason: str) -> None:
+        stream = request.stream
+        end = stream.finished_at or time.perf_counter()
+        self._observe("finished", adapter=request.adapter, finish_reason=reason, prompt_tokens=stream.prompt_tokens,
+                      completion_tokens=request.generated,
+                      queue_s=(stream.started_at - stream.queued_at) if stream.started_at else end - stream.queued_at,
+                      ttft_s=(stream.first_token_at - stream.queued_at) if stream.first_token_at else None,
+                      seconds=end - stream.queued_at)
+
+    def _observe(self, event: str, **values: Any) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer(event, values)
+        except Exception:  # noqa: BLE001 - metrics must never break generation; log once per event kind
+            if event not in self._observer_failed:
+                self._observer_failed.add(event)
+                _log.warning("generation observer failed on %r: %s", event, traceback.format_exc())

@@ -1,0 +1,90 @@
+"""Prometheus metrics of ``bca-deploy serve`` (``GET /metrics``, the ``prometheus-client`` library).
+
+Every server owns its own :class:`~prometheus_client.CollectorRegistry` (several apps in one process,
+as in tests, do not share counters). Label values are bounded: ``endpoint`` is a route template of
+the app (``"unmatched"`` for any other path), ``status`` an HTTP status, ``type`` an error type of
+:data:`bca_deploy.serving.wire.ERRORS`, and ``adapter`` the name of an adapter that was loaded when
+the request named it, ``"__base__"`` for the base model, ``""`` for requests that name none, and
+``"__unknown__"`` for every other name (so a client cannot grow the label set by inventing names).
+
+A server that does not list its adapters (``--no-list-adapters``) does not show their names here
+either: every loaded adapter's requests are labelled ``"__adapter__"`` (the label set, and so every
+dashboard query, stays the same; only the adapter names are gone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["ServerMetrics", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER", "HIDDEN_ADAPTER"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+UNKNOWN_ADAPTER = "__unknown__"
+BASE_ADAPTER = "__base__"
+#: The ``adapter`` label of every loaded adapter on a server that does not show adapter names.
+HIDDEN_ADAPTER = "__adapter__"
+
+# Seconds: from sub-millisecond steps of tiny models to minutes-long generations.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServerMetrics:
+    """The server's metrics, in one registry.
+
+    Args:
+        loaded_adapters: returns the names of the adapters loaded now (read when a label is made and
+            when ``bca_adapters_loaded`` is scraped).
+        queued_rows: returns the rows admitted and not yet answered (scraped as ``bca_queued_rows``).
+        show_adapters: label requests with their adapter's name; False: :data:`HIDDEN_ADAPTER` for all
+            (``ServeOptions.list_adapters``).
+    """
+
+    def __init__(self, loaded_adapters: Callable[[], Collection[str]], queued_rows: Callable[[], int],
+                 show_adapters: bool = True) -> None:
+        self._loaded = loaded_adapters
+        self.show_adapters = show_adapters
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("bca_requests", "HTTP requests answered, by endpoint, method, status and adapter.",
+                                ["endpoint", "method", "status", "adapter"], registry=r)
+        self.errors = Counter("bca_request_errors", "Requests answered with an error (status >= 400), by type.",
+                              ["endpoint", "status", "type", "adapter"], registry=r)
+        self.latency = Histogram("bca_request_duration_seconds", "Time from request start to the last byte sent.",
+                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("bca_time_to_first_token_seconds", "Generation: a row's submission to its first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("bca_inter_token_latency_seconds", "Generation: time between consecutive tokens of a row.",
+                             buckets=_TOKEN_BUCKETS, registry=r)
+        self.batch_rows = Histogram("bca_batch_rows", "Rows per batch run (embeddings/classification: one "
+                                    "micro-batch; generation: one decoding step).", ["kind"],
+                                    buckets=_ROW_BUCKETS, registry=r)
+        self.queue_time = Histogram("bca_queue_time_seconds", "Time a request waited before its rows ran.",
+                                    ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.generated_tokens = Counter("bca_generated_tokens", "Tokens generated, by adapter.", ["adapter"],
+                                        registry=r)
+        self.prompt_tokens = Counter("bca_prompt_tokens", "Input tokens of answered inference requests, by adapter.",
+                                     ["adapter"], registry=r)
+        self.adapter_changes = Counter("bca_adapter_changes", "Adapter loads and unloads that succeeded.", ["action"],
+                                       registry=r)
+        loaded = Gauge("bca_adapters_loaded", "Adapters loaded now (the base model not counted).", registry=r)
+        loaded.set_function(lambda: len(self._loaded()))
+        queued = Gauge("bca_queued_rows", "Rows admitted and not yet answered.", registry=r)
+        queued.set_function(queued_rows)
+
+    def adapter_label(self, name: str | None, loaded: Collection[str] | None = None) -> str:
+        """The ``adapter`` label of a request that named ``name`` (see the module docstring)."""
+        if name is None:
+            return ""
+        if name == BASE_ADAPTER:
+            return BASE_ADAPTER
+        if name not in (self._loaded() if loaded is None else loaded):
+            return UNKNOWN_ADAPTER
+        return name if self.show_adapters else HIDDEN_ADAPTER
+
+    def render(self) -> bytes:
+        """The text exposition format of every metric."""
+        return generate_latest(self.registry)

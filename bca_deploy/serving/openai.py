@@ -1,0 +1,469 @@
+"""OpenAI-compatible routes of ``bca-deploy serve``, beside the native ones.
+
+The official ``openai`` client (and anything that speaks its API: vLLM, LoRAX and TGI clients, LangChain)
+works against the server with ``base_url="http://HOST:PORT/v1"``; the request's ``model`` picks the
+adapter, as with vLLM's ``--lora-modules``:
+
+    GET  /v1/models                 the base model (its served name) and every loaded adapter
+    GET  /v1/models/{model}         one of them
+    POST /v1/embeddings             {"model", "input", "encoding_format"?, "dimensions"?}      encoders
+    POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?,
+                                     "stop"?, "stream"?, "stream_options"?}                    decoders
+    POST /v1/chat/completions       {"model", "messages", ...same...}                          decoders with
+                                                                                               a chat template
+    POST /v1/load_lora_adapter      {"lora_name", "lora_path"?}: load a store entry (vLLM's shape)
+    POST /v1/unload_lora_adapter    {"lora_name"}
+
+``model`` is an adapter's name, or the base model's served name (``--served-model-name``, default: the
+export directory's name) or ``"__base__"`` for no adapter. ``temperature`` 0 is greedy decoding
+(token-equal to PyTorch's ``generate``); otherwise tokens are sampled (OpenAI's default temperature is
+1). ``lora_path`` is a name in the adapter store, never a filesystem path.
+
+Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
+``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
+are refused with 422 unless they hold their neutral value (``n`` > 1, ``best_of`` > 1, ``logprobs``,
+``echo``, ``suffix``, penalties != 0, ``logit_bias``, ``tools``, ``response_format`` other than text,
+...). Fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see
+:mod:`bca_deploy.serving.wire`), so the client raises its typed exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+from ..errors import BCAError, ContextLengthError
+from .session import BASE
+from .wire import InvalidRequestError, error_body, error_status, read_body, validate
+
+if TYPE_CHECKING:
+    from .http import Server
+
+__all__ = ["add_routes", "EmbeddingsRequest", "CompletionRequest", "ChatCompletionRequest"]
+
+_Number = Union[StrictInt, float]
+
+
+class _OpenAIRequest(BaseModel):
+    """Fields outside OpenAI's schema are refused; harmless ones of the schema are ignored."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: StrictStr
+    user: StrictStr | None = None  # ignored: OpenAI uses it for abuse monitoring
+
+
+def _refuse(problems: list[str], name: str, value: Any, neutral: Any, why: str) -> None:
+    if value is not None and value != neutral and not (isinstance(neutral, tuple) and value in neutral):
+        problems.append(f"{name}: {value!r} is not supported ({why})")
+
+
+class EmbeddingsRequest(_OpenAIRequest):
+    """``POST /v1/embeddings`` in OpenAI's shape."""
+
+    input: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(default=None, ge=1)
+
+
+class _Sampling(_OpenAIRequest):
+    """What completions and chat completions share."""
+
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: _Number = Field(default=1.0, ge=0, le=2)
+    top_p: _Number = Field(default=1.0, gt=0, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=-1)  # vLLM's extension (-1 or 0: off)
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**62)
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    n: StrictInt = 1
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: _Number | None = None
+    frequency_penalty: _Number | None = None
+    logit_bias: dict[str, Any] | None = None
+    # OpenAI fields that do not change the answer: accepted, ignored.
+    metadata: dict[str, Any] | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+
+    def unsupported(self) -> list[str]:
+        problems: list[str] = []
+        _refuse(problems, "n", self.n, 1, "one choice per prompt; send the request again for another")
+        _refuse(problems, "logprobs", self.logprobs, (False, 0), "log-probabilities are not returned")
+        _refuse(problems, "top_logprobs", self.top_logprobs, 0, "log-probabilities are not returned")
+        _refuse(problems, "presence_penalty", self.presence_penalty, 0, "penalties are not implemented")
+        _refuse(problems, "frequency_penalty", self.frequency_penalty, 0, "penalties are not implemented")
+        _refuse(problems, "logit_bias", self.logit_bias or None, None, "logit bias is not implemented")
+        if self.stream_options is not None:
+            extra = set(self.stream_options) - {"include_usage", "include_obfuscation"}
+            if extra:
+                problems.append(f"stream_options: unknown keys {sorted(extra)}")
+            elif not self.stream:
+                problems.append("stream_options: only with stream: true")
+        return problems
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions`` (OpenAI's legacy completions): one choice per prompt."""
+
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    best_of: StrictInt | None = None
+    echo: StrictBool | None = None
+    suffix: StrictStr | None = None
+
+    def unsupported(self) -> list[str]:
+        problems = super().unsupported()
+        _refuse(problems, "best_of", self.best_of, 1, "one candidate per prompt")
+        _refuse(problems, "echo", self.echo, False, "the prompt is not repeated in the answer")
+        _refuse(problems, "suffix", self.suffix, "", "no insertion mode")
+        return problems
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One chat message: a role and its text (a string, or text parts)."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, list[_TextPart], None] = None
+    name: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None:
+            raise ValueError("content: a message needs text (tool calls are not supported)")
+        return self
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``: messages through the tokenizer's chat template, one choice."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None  # ignored without tools
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[StrictStr] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    def unsupported(self) -> list[str]:
+        problems = super().unsupported()
+        _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
+        _refuse(problems, "tool_choice", self.tool_choice, ("none", "auto"), "tool calling is not implemented")
+        _refuse(problems, "functions", self.functions or None, None, "function calling is not implemented")
+        _refuse(problems, "function_call", self.function_call, ("none", "auto"), "function calling is not implemented")
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            problems.append(f"response_format: {self.response_format!r} is not supported (text only)")
+        _refuse(problems, "modalities", self.modalities, (["text"],), "text only")
+        for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
+            _refuse(problems, name, getattr(self, name), None, "not implemented")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            problems.append("max_tokens and max_completion_tokens disagree; send one")
+        return problems
+
+
+class LoadLoraRequest(BaseModel):
+    """``POST /v1/load_lora_adapter`` (vLLM's shape): ``lora_path`` is a store name, never a path."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: StrictStr
+    lora_path: StrictStr | None = None
+    load_inplace: StrictBool = False  # vLLM: replace an adapter of that name
+
+
+class UnloadLoraRequest(BaseModel):
+    """``POST /v1/unload_lora_adapter``."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: StrictStr
+    lora_int_id: StrictInt | None = None  # vLLM sends it; names identify adapters here
+
+
+def _as_rows(value: Any) -> list:
+    """OpenAI's input/prompt shapes as rows: a text, texts, one token list, or token lists."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(t, int) for t in value):
+        return [list(value)]
+    return list(value)
+
+
+def add_routes(app, server: Server, native_embeddings) -> None:
+    """Add the OpenAI-compatible routes to ``app`` (``native_embeddings``: the handler of native embedding bodies)."""
+    options = server.options
+    created = int(time.time())
+
+    def check(body: _Sampling | EmbeddingsRequest) -> None:
+        problems = body.unsupported() if isinstance(body, _Sampling) else []
+        if problems:
+            raise InvalidRequestError("; ".join(problems), param=problems[0].split(":")[0])
+
+    def model_card(name: str, parent: str | None) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "bca-deploy", "root": name,
+                "parent": parent}
+
+    @app.get("/v1/models")
+    async def list_models():
+        cards = [model_card(server.model_name, None)]
+        if options.list_adapters:
+            cards += [model_card(name, server.model_name) for name in sorted(server.session.snapshot().slots)]
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(model: str):
+        if model in (server.model_name, BASE):
+            return model_card(server.model_name, None)
+        server.adapter(model, param="model")
+        return model_card(model, server.model_name)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        server.require("embed")
+        data = read_body(await request.body(), options)
+        if not (isinstance(data, dict) and "model" in data):
+            return await native_embeddings(request, data)
+        req = validate(EmbeddingsRequest, data)
+        adapter = server.select(request, req.model, param="model")
+        hidden = int(getattr(server.session.config, "hidden_size", 0) or 0)
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise InvalidRequestError(f"dimensions: {req.dimensions} is not supported; this model's embeddings have "
+                                      f"{hidden} dimensions", param="dimensions")
+        rows = _as_rows(req.input)
+        vectors, token_rows = await server.infer(request, "embed", rows, adapter,
+                                                 {"pooling": options.embedding_pooling,
+                                                  "normalize": options.embedding_normalize})
+        tokens = sum(len(r) for r in token_rows)
+        if req.encoding_format == "base64":
+            items = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            items = [np.asarray(v, dtype=np.float32).tolist() for v in vectors]
+        return {"object": "list", "model": req.model,
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        server.require("generate")
+        req = await server.read(request, CompletionRequest)
+        check(req)
+        adapter = server.select(request, req.model, param="model")
+        rows = _as_rows(req.prompt)
+        server.check_rows(len(rows), "prompt")
+        prompts = await server.prepare(rows, param="prompt")
+        return await _generate(request, server, req, adapter, prompts, "text_completion", default_max_tokens=16)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        server.require("generate")
+        req = await server.read(request, ChatCompletionRequest)
+        check(req)
+        adapter = server.select(request, req.model, param="model")
+        prompt = await server.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request):
+        req = await server.read(request, LoadLoraRequest)
+        request.state.log["adapter"] = req.lora_name
+        entry = req.lora_name if req.lora_path is None else _store_name(req.lora_path)
+        info = await server.load(req.lora_name, entry, replace=req.load_inplace)
+        request.state.adapter_label = server.metrics.adapter_label(req.lora_name)
+        return {"status": "ok", "message": f"adapter {req.lora_name!r} loaded", "adapter": info}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request):
+        req = await server.read(request, UnloadLoraRequest)
+        request.state.log["adapter"] = req.lora_name
+        request.state.adapter_label = server.metrics.adapter_label(req.lora_name)
+        info = await server.unload(req.lora_name)
+        return {"status": "ok", "message": f"adapter {req.lora_name!r} unloaded", "adapter": info}
+
+
+def _store_name(lora_path: str) -> str:
+    """vLLM's ``lora_path`` as a store entry name; anything path-like is refused."""
+    from .session import check_adapter_name
+
+    if "/" in lora_path or "\\" in lora_path or lora_path.startswith("~"):
+        raise InvalidRequestError("lora_path: this server loads adapters from its adapter store by name only; "
+                                  "send the entry's name (or leave lora_path out to use lora_name)",
+                                  param="lora_path")
+    return check_adapter_name(lora_path)
+
+
+# ---- generation ----------------------------------------------------------------------------------------
+
+
+def _sampling_params(server: Server, req: _Sampling, prompt_len: int, index: int, default_max_tokens: int | None):
+    """The engine's settings for prompt ``index`` of ``req`` (OpenAI's temperature 0 is greedy decoding)."""
+    param = _max_tokens_param(req)
+    asked = req.max_completion_tokens if param == "max_completion_tokens" else req.max_tokens
+    if asked is not None:
+        server.check_new_tokens(asked, param)
+        max_new = asked
+    else:  # OpenAI's default: 16 for completions, as much as fits for chat (here: up to the server's limit)
+        limit = server.session.max_positions
+        room = (limit - prompt_len) if limit else server.options.max_new_tokens
+        max_new = max(1, min(default_max_tokens or server.options.max_new_tokens, server.options.max_new_tokens, room))
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    greedy = req.temperature == 0
+    try:
+        return server.sampling(max_new_tokens=max_new, do_sample=not greedy,
+                               temperature=1.0 if greedy else float(req.temperature),
+                               top_k=req.top_k if req.top_k is not None and req.top_k > 0 else 0,
+                               top_p=float(req.top_p), seed=None if req.seed is None else req.seed + index,
+                               stop=tuple(stop))
+    except InvalidRequestError as exc:
+        raise _renamed(exc, param) from None
+
+
+def _max_tokens_param(req: _Sampling) -> str:
+    chat = isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None
+    return "max_completion_tokens" if chat else "max_tokens"
+
+
+def _renamed(exc: InvalidRequestError | ContextLengthError, param: str) -> InvalidRequestError | ContextLengthError:
+    """The engine's ``max_new_tokens`` under the name the client sent (``max_tokens``...)."""
+    if exc.param != "max_new_tokens":
+        return exc
+    return type(exc)(str(exc).replace("max_new_tokens", param), param=param)
+
+
+async def _generate(request: Request, server: Server, req: _Sampling, adapter: str | None, prompts: list[list[int]],
+                    kind: str, default_max_tokens: int | None):
+    """Check every prompt, submit them all to the engine, then answer whole or as server-sent events."""
+    params = [_sampling_params(server, req, len(p), i, default_max_tokens) for i, p in enumerate(prompts)]
+    try:
+        streams, release = server.submit(request, prompts, adapter, params)
+    except (InvalidRequestError, ContextLengthError) as exc:
+        raise _renamed(exc, _max_tokens_param(req)) from None
+    ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        events = _stream_events(request, server, streams, release, kind, ident, created, req.model, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    try:
+        results = await asyncio.gather(*(s.collect() for s in streams))
+    finally:
+        for stream in streams:
+            stream.cancel()
+        release()
+    server.log_streams(request, streams)
+    choices = []
+    for i, result in enumerate(results):
+        if kind == "chat.completion":
+            choices.append({"index": i, "message": {"role": "assistant", "content": result.text},
+                            "logprobs": None, "finish_reason": result.finish_reason})
+        else:
+            choices.append({"index": i, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason})
+    return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": choices,
+            "usage": _usage(streams)}
+
+
+def _usage(streams) -> dict[str, int]:
+    prompt = sum(s.prompt_tokens for s in streams)
+    completion = sum(s.completion_tokens for s in streams)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _stream_events(request: Request, server: Server, streams, release, kind: str, ident: str, created: int,
+                         model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: a chunk per token and choice, a last chunk per choice with its finish_reason, [DONE].
+
+    A failure after the answer started is sent as an ``{"error": ...}`` event (the status line is out
+    already). When the client goes away, the rows are cancelled and leave the batch at the next step.
+    """
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+
+    def event(payload: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> bytes:
+        if kind == "chat.completion":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else \
+                ({"content": text} if text is not None else {})
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        payload = {"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
+        if include_usage:
+            payload["usage"] = None
+        return event(payload)
+
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for token in stream:
+                if token.text:
+                    await queue.put((index, token.text, None))
+            await queue.put((index, None, stream.finish_reason))
+        except Exception as exc:  # noqa: BLE001 - sent to the client as an error event
+            await queue.put((index, exc, "error"))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        if kind == "chat.completion":
+            for i in range(len(streams)):
+                yield chunk(i, None, None, first=True)
+        left = len(streams)
+        while left:
+            index, text, finish = await queue.get()
+            if finish == "error":
+                status, error_type = error_status(text)
+                message = server.redact(str(text)) if isinstance(text, BCAError) else \
+                    f"internal error (request id {request.state.request_id}); the server log has the details"
+                request.state.log["error"] = f"{type(text).__name__}: {text}"
+                yield event(error_body(status, error_type, message))
+                break
+            if finish is None:
+                yield chunk(index, text, None)
+            else:
+                left -= 1
+                yield chunk(index, None, finish)
+        else:
+            if include_usage:
+                yield event({"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],
+                             "usage": _usage(streams)})
+        yield b"data: [DONE]\n\n"
+        server.log_streams(request, streams)
+    finally:  # the end, or the client went away: free the rows at once
+        for stream in streams:
+            stream.cancel()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        release()

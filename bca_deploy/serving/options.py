@@ -1,0 +1,210 @@
+"""``ServeOptions``: every setting of ``bca-deploy serve`` in one typed, validated dataclass.
+
+The CLI builds its options from these fields (:func:`click_options`), the library takes the
+dataclass (:func:`bca_deploy.serving.http.build`), and the Ray deployment forwards it: one list of
+names, defaults and help texts. Validation collects every problem and reports them together.
+
+Fields marked ``ray=False`` (:data:`NOT_ON_RAY`) set ``bca-deploy serve``'s own HTTP protocol (uvicorn's
+connection handling); Ray Serve's HTTP proxy has its own, so ``serve-ray`` does not offer them and the
+Ray deployment refuses them rather than ignore them.
+
+Limits are checked before a request does any work (body bytes while it arrives, then rows, text
+lengths and ``max_new_tokens`` after parsing, then the queue): a request over a limit is refused with
+413 (size) or 422 (a parameter out of range) and a queue already full answers 503.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ServingError, format_problems
+from .limits import MAX_NEW_TOKENS
+
+__all__ = ["ServeOptions", "click_options", "NOT_ON_RAY"]
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Settings of one server: where it listens, how it batches, what it refuses, what it shows."""
+
+    host: str = _opt("127.0.0.1", "Interface to bind (0.0.0.0 for all).")
+    port: int = _opt(8000, "TCP port (1-65535).")
+    provider: str = _opt("cpu", "onnxruntime execution provider.", choices=("cpu", "cuda"))
+    threads: int | None = _opt(None, "onnxruntime intra-op threads (default: onnxruntime's).")
+    max_batch_rows: int = _opt(64, "Most rows in one batch (requests are batched together, each row with its "
+                                   "adapter; a larger request runs in several batches).")
+    max_batch_tokens: int = _opt(8192, "Most padded tokens (rows x longest row) in one embedding/classification "
+                                       "batch: bounds the memory of a batch of long texts (a longer row runs alone).")
+    max_wait_ms: float = _opt(5.0, "How long a request waits for others to join its batch.")
+    served_model_name: str | None = _opt(None, "The base model's name in the OpenAI-compatible API ('model'); "
+                                               "default: the export directory's name.")
+    list_adapters: bool = _opt(True, "Let clients list the loaded adapters (GET /v1/adapters, adapters in "
+                                     "GET /v1/models) and see their names in GET /metrics; off: each client must "
+                                     "know its adapter's name, and metrics label every adapter's requests "
+                                     "'__adapter__'.")
+    metrics: bool = _opt(True, "Serve Prometheus metrics on GET /metrics.")
+    embedding_pooling: str = _opt("mean", "Pooling of the OpenAI /v1/embeddings route.",
+                                  choices=("mean", "cls", "last"))
+    embedding_normalize: bool = _opt(True, "L2-normalize the vectors of the OpenAI /v1/embeddings route.")
+    # ---- limits (refused before any work) ----
+    max_request_rows: int = _opt(256, "Most inputs (texts, token lists, prompts) in one request (413 above).")
+    max_body_bytes: int = _opt(4 * 1024 * 1024, "Largest request body in bytes (413 above).")
+    max_text_chars: int = _opt(32_768, "Longest text of one input or chat message (any string in a body), in "
+                                       "characters (413 above).")
+    max_new_tokens: int = _opt(1024, "Largest max_new_tokens / max_tokens a request may ask for (422 above); at "
+                                     f"most {MAX_NEW_TOKENS}, the most one row can generate.")
+    max_queued_rows: int = _opt(2048, "Most rows admitted and not yet answered, over all requests; a request "
+                                      "that would go beyond is answered 503 at once.")
+    max_json_depth: int = _opt(16, "Deepest nesting of JSON arrays/objects in a body (413 above).")
+    # ---- slow or stalled clients ----
+    header_timeout_s: float = _opt(10.0, "Seconds a new connection has to send its request headers.", ray=False)
+    body_timeout_s: float = _opt(30.0, "Seconds a request has to send its whole body (408 after).")
+    keep_alive_s: float = _opt(5.0, "Seconds an idle keep-alive connection stays open.")
+    max_connections: int = _opt(512, "Most concurrent connections; more are answered 503.", ray=False)
+    max_header_bytes: int = _opt(16 * 1024, "Largest request head (request line + headers) in bytes.", ray=False)
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ServingError(format_problems("invalid server options:", problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, one line each (empty when all are valid)."""
+        problems: list[str] = []
+        mistyped: set[str] = set()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            kind = _kind(f)
+            before = len(problems)
+            if kind is bool:
+                if not isinstance(value, bool):
+                    problems.append(f"{f.name}: expected true or false, got {value!r}")
+            elif kind is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    problems.append(f"{f.name}: expected an integer, got {value!r}")
+            elif kind is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    problems.append(f"{f.name}: expected a finite number, got {value!r}")
+            elif not isinstance(value, str):
+                problems.append(f"{f.name}: expected a string, got {value!r}")
+            elif "choices" in f.metadata and value not in f.metadata["choices"]:
+                problems.append(f"{f.name}: {value!r} is not one of {', '.join(f.metadata['choices'])}")
+            if len(problems) > before:
+                mistyped.add(f.name)
+
+        def at_least(name: str, low: float, high: float | None = None) -> None:
+            value = getattr(self, name)
+            if name not in mistyped and value is not None and (value < low or (high is not None and value > high)):
+                span = f">= {low}" if high is None else f"in [{low}, {high}]"
+                problems.append(f"{name}: {value} is out of range; expected {span}")
+
+        at_least("port", 1, 65535)
+        at_least("threads", 1, 1024)
+        at_least("max_batch_rows", 1, 65536)
+        at_least("max_batch_tokens", 1)
+        at_least("max_wait_ms", 0, 60_000)
+        at_least("max_request_rows", 1)
+        at_least("max_body_bytes", 64)
+        at_least("max_text_chars", 1)
+        at_least("max_new_tokens", 1, MAX_NEW_TOKENS)  # what SamplingParams allows one row
+        at_least("max_queued_rows", 1)
+        at_least("max_json_depth", 2, 1000)
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            at_least(name, 0.001, 86_400)
+        at_least("max_connections", 1)
+        at_least("max_header_bytes", 1024)
+        if "host" not in mistyped and not self.host:
+            problems.append("host: empty; expected an interface address such as 127.0.0.1")
+        if self.served_model_name is not None and "served_model_name" not in mistyped:
+            from .session import BASE, check_adapter_name
+
+            try:
+                check_adapter_name(self.served_model_name)
+            except Exception:
+                problems.append(f"served_model_name: {self.served_model_name!r} is not a valid name (1-128 letters, "
+                                "digits, '.', '_' or '-', starting with a letter or digit)")
+            if self.served_model_name == BASE:
+                problems.append(f"served_model_name: {BASE!r} is reserved (it already selects the base model)")
+        if not mistyped & {"max_request_rows", "max_queued_rows"} and self.max_request_rows > self.max_queued_rows:
+            problems.append(f"max_request_rows ({self.max_request_rows}) is larger than max_queued_rows "
+                            f"({self.max_queued_rows}): such a request could never be admitted")
+        return problems
+
+    def replace(self, **changes: Any) -> ServeOptions:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+#: Fields Ray Serve's HTTP proxy does not apply (see the module docstring): not offered by ``serve-ray``.
+NOT_ON_RAY: frozenset[str] = frozenset(f.name for f in dataclasses.fields(ServeOptions) if f.metadata.get("ray") is False)
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The field's value type from its annotation (``"int | None"`` -> int)."""
+    return {"bool": bool, "int": int, "float": float, "str": str}[str(f.type).split("|")[0].strip()]
+
+
+def _options_from_flags(values: dict[str, Any]) -> ServeOptions:
+    """ServeOptions from the command line's values (fields not given: their defaults); problems name the
+    ``--flags`` the user typed."""
+    unchecked = object.__new__(ServeOptions)  # the same fields, not validated yet
+    for f in dataclasses.fields(ServeOptions):
+        object.__setattr__(unchecked, f.name, values.get(f.name, f.default))
+    problems = unchecked.problems()
+    if problems:
+        fields = sorted(values, key=len, reverse=True)  # longest first: max_batch_rows before max_batch
+        named = []
+        for line in problems:
+            for name in fields:
+                if line.startswith(name + ":") or line.startswith(name + " "):
+                    line = "--" + name.replace("_", "-") + line[len(name):]
+                    break
+            named.append(line)
+        raise ServingError(format_problems("invalid server options:", named))
+    return ServeOptions(**values)
+
+
+def click_options(command=None, *, ray: bool = False):
+    """Decorate a click command with one ``--option`` per :class:`ServeOptions` field (``ray``: the fields
+    Ray Serve applies, without :data:`NOT_ON_RAY`).
+
+    The command receives ``options=ServeOptions(...)``; an invalid combination raises
+    :class:`~bca_deploy.errors.ServingError` (the CLI prints it without a traceback).
+    """
+    import functools
+
+    import click
+
+    if command is None:
+        return functools.partial(click_options, ray=ray)
+    offered = [f for f in dataclasses.fields(ServeOptions) if not (ray and f.name in NOT_ON_RAY)]
+    names = [f.name for f in offered]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in names}
+        return command(*args, options=_options_from_flags(values), **kwargs)
+
+    for f in reversed(offered):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if _kind(f) is bool:
+            negative = "--no-" + f.name.replace("_", "-")
+            wrapper = click.option(f"{flag}/{negative}", f.name, default=f.default, show_default=True,
+                                   help=help_text)(wrapper)
+        elif "choices" in f.metadata:
+            wrapper = click.option(flag, f.name, type=click.Choice(f.metadata["choices"]), default=f.default,
+                                   show_default=True, help=help_text)(wrapper)
+        else:
+            wrapper = click.option(flag, f.name, type=_kind(f), default=f.default, show_default=f.default is not None,
+                                   help=help_text)(wrapper)
+    return wrapper

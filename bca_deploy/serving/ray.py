@@ -1,0 +1,404 @@
+"""Scale-out on Ray Serve: one adapter-bank export served by many replicas, adapters multiplexed over them.
+
+Two deployments (``pip install 'bca-deploy[onnx,ray]'``):
+
+- :class:`AdapterReplicas` (``replicas`` copies): each holds the export in a
+  :class:`~bca_deploy.serving.MultiAdapterSession` and runs the same app as ``bca-deploy serve``
+  (:func:`bca_deploy.serving.http.create_app`: native and OpenAI routes, limits, errors, batching,
+  metrics) in-process. Store adapters are Ray Serve **multiplexed models**: ``get_adapter`` (decorated
+  with ``serve.multiplexed``) registers ``<store>/<name>`` in the replica's bank on first use and
+  unregisters the least recently used one beyond ``max_adapters_per_replica`` (after the requests using
+  it have finished). The adapters the graph was exported with are in every replica's bank.
+- :class:`Router` (the HTTP ingress): reads each request once (with the body-size limit), finds the
+  adapter it names (``model``, ``adapter`` or ``lora_name`` in the JSON body), and forwards it with
+  ``multiplexed_model_id=<adapter>``, so Ray sends it to a replica that holds the adapter (and loads it
+  on one otherwise); base-model requests go to any replica. Answers, streamed ones included, come back
+  unchanged. ``GET /v1/models`` lists the base model, the exported adapters and the store's entries
+  (all can be served, each loaded on demand).
+
+The load routes answer as a single server does (201/200, or 409 ``adapter_exists`` when the replica the
+request reaches holds the adapter already, as every replica holds the exported ones); replacing an
+adapter in place (``replace`` / ``load_inplace``) and unloading by hand are refused (each replica
+loads from the store on its own, so a replacement would reach one replica only). A request naming an
+adapter that is neither exported nor in the store gets the single server's 404 (naming that adapter
+alone). ``bca-deploy serve``'s own HTTP-protocol settings (:data:`~bca_deploy.serving.options.NOT_ON_RAY`:
+head timeout, connection limit, head size) are not offered: Ray Serve's proxy has its own.
+
+Started with one command on a local Ray instance (``bca-deploy serve-ray EXPORT --adapter-store DIR
+--replicas 2``), or on a running cluster with Ray's own CLI, the same code::
+
+    RAY_ADDRESS=auto serve run bca_deploy.serving.ray:build_app \\
+        export_dir=/shared/onnx-bank adapter_store=/shared/adapters replicas=4
+
+(``export_dir`` and ``adapter_store`` must be readable at the same paths on every node.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from ..errors import BCAError, ServingError, UnknownAdapterError
+from .options import NOT_ON_RAY, ServeOptions
+from .session import BASE, ADAPTER_NAME_PATTERN, not_loaded
+from .wire import (
+    AdapterExistsError,
+    InvalidRequestError,
+    body_too_large,
+    body_too_slow,
+    error_body,
+    error_status,
+    read_body,
+    validate,
+)
+
+__all__ = ["AdapterReplicas", "Router", "build_app", "run", "REPLICA_HEADER"]
+
+#: Response header naming the replica that answered (for routing checks and debugging).
+REPLICA_HEADER = "x-bca-replica"
+#: Routes that load an adapter (route -> success status): on Ray, the multiplexed load on the chosen replica.
+_LOAD_ROUTES = {"/v1/adapters": 201, "/v1/load_lora_adapter": 200}
+#: How long an evicted adapter waits for the requests still using it before it is unloaded anyway.
+_EVICT_WAIT_S = 60.0
+
+
+class _StoreAdapter:
+    """A store adapter registered in one replica's bank; Ray calls ``__del__`` when it evicts it (LRU)."""
+
+    def __init__(self, replica: AdapterReplicas, name: str) -> None:
+        self.replica, self.name = replica, name
+
+    async def __del__(self) -> None:
+        await self.replica._evict(self.name)
+
+
+class _Resident:
+    """An adapter exported into the graph: in every replica's bank for good; eviction changes nothing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+@serve.deployment
+class AdapterReplicas:
+    """One replica: the export in onnxruntime and the ``bca-deploy serve`` app, run in-process."""
+
+    def __init__(self, export_dir: str, adapter_store: str | None, options: Mapping[str, Any],
+                 max_adapters_per_replica: int = 16) -> None:
+        from .http import create_app
+        from .session import MultiAdapterSession
+        from .store import AdapterStore
+
+        self.options = ServeOptions(**options)
+        self.session = MultiAdapterSession(export_dir, provider=self.options.provider,
+                                           intra_op_threads=self.options.threads)
+        self.exported = frozenset(self.session.snapshot().slots)
+        self.store = AdapterStore(adapter_store) if adapter_store else None
+        self.session.warm_up()
+        self.app = create_app(self.session, self.store, self.options)
+        self.server = self.app.state.server
+        self._started: asyncio.Task | None = None
+        self._in_use: Counter[str] = Counter()
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id if context is not None else "local"
+
+        async def get_adapter(name: str):
+            return await self._load(name)
+
+        # Ray Serve's multiplexed loader, made here so that its LRU size is this deployment's setting.
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)(get_adapter)
+
+    async def _start(self) -> None:
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.server.start())
+        await self._started
+
+    async def _load(self, name: str):
+        """The adapter ``name`` in this replica's bank (from the store on first use); Ray caches the result."""
+        await self._start()
+        if name in self.exported:
+            return _Resident(name)
+        if name not in self.session.snapshot().slots:
+            if self.store is None:  # nothing to load it from: the single server's refusal of an unknown adapter
+                raise not_loaded(name)
+            await self.server.load(name)
+        return _StoreAdapter(self, name)
+
+    async def _evict(self, name: str) -> None:
+        waited = 0.0
+        while self._in_use[name] and waited < _EVICT_WAIT_S:  # let running requests finish with it
+            await asyncio.sleep(0.01)
+            waited += 0.01
+        with contextlib.suppress(BCAError):
+            await self.server.unload(name)
+
+    async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
+                     body: bytes) -> AsyncIterator[Any]:
+        """Run one HTTP request through the app; yields ``{"status", "headers"}`` first, then body chunks."""
+        await self._start()
+        name = serve.get_multiplexed_model_id()
+        load_route = method == "POST" and path in _LOAD_ROUTES
+        loading = bool(name) and load_route and self.store is not None  # without a store: the app's own refusal
+        self._in_use[name] += 1
+        try:
+            if name and (loading or not load_route):
+                held = name in self.session.snapshot().slots  # before this request: exported, or loaded here
+                try:
+                    if loading:
+                        _check_load(path, name, body, held)
+                    await self.get_adapter(name)
+                except BCAError as exc:  # the same answer as a single server's
+                    if isinstance(exc, UnknownAdapterError) and not loading:  # not in the store: name it alone
+                        exc = not_loaded(name)
+                    status, kind = error_status(exc)
+                    yield {"status": status, "headers": [(b"content-type", b"application/json")]}
+                    yield json.dumps(error_body(status, kind, self.server.redact(str(exc)),
+                                                getattr(exc, "param", None))).encode()
+                    return
+            if loading:  # the multiplexed load above was the load
+                info = self.server.public_info(self.session.snapshot().infos[name])
+                answer = info if path == "/v1/adapters" else {"status": "ok", "message": f"adapter {name!r} loaded",
+                                                              "adapter": info}
+                yield {"status": _LOAD_ROUTES[path], "headers": [(b"content-type", b"application/json"),
+                                                                  (REPLICA_HEADER.encode(), self.replica_id.encode())]}
+                yield json.dumps(answer).encode()
+                return
+            async for item in _call_asgi(self.app, method, path, query, headers, body):
+                if isinstance(item, dict):
+                    item["headers"] = [*item["headers"], (REPLICA_HEADER.encode(), self.replica_id.encode())]
+                yield item
+        finally:
+            self._in_use[name] -= 1
+
+
+def _check_load(path: str, name: str, body: bytes, held: bool) -> None:
+    """Check a load route's body as a single server does (its fields; 409 when the adapter is held already), and
+    refuse what Ray cannot do (replacing in place)."""
+    from .http import LoadRequest
+    from .openai import LoadLoraRequest
+
+    model, field = (LoadRequest, "replace") if path == "/v1/adapters" else (LoadLoraRequest, "load_inplace")
+    request = validate(model, json.loads(body))  # the router parsed it already (read_body's limits)
+    if getattr(request, field):
+        raise InvalidRequestError(f"{field}: on Ray Serve, an adapter cannot be replaced in place (each replica "
+                                  "loads it from the store on its own, so a replacement would reach one replica "
+                                  "only); store the new weights under a new name", param=field)
+    if held:
+        raise AdapterExistsError(f"adapter {name!r} is already loaded on the replica this request reached")
+
+
+async def _call_asgi(app, method: str, path: str, query: bytes, headers, body: bytes) -> AsyncIterator[Any]:
+    """One request through an ASGI app in this process: the response start, then its body chunks."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
+             "root_path": "", "headers": [(bytes(k), bytes(v)) for k, v in headers],
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {}}
+    sent: asyncio.Queue = asyncio.Queue()
+    delivered = asyncio.Event()
+    done = asyncio.Event()
+
+    async def receive():
+        if not delivered.is_set():
+            delivered.set()
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()  # the response was consumed (or abandoned): the client is gone
+        return {"type": "http.disconnect"}
+
+    async def send(message) -> None:
+        await sent.put(message)
+
+    task = asyncio.create_task(app(scope, receive, send))
+    task.add_done_callback(lambda _: sent.put_nowait(None))
+    try:
+        while True:
+            message = await sent.get()
+            if message is None:
+                break
+            if message["type"] == "http.response.start":
+                yield {"status": message["status"], "headers": list(message.get("headers", []))}
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield message["body"]
+                if not message.get("more_body", False):
+                    break
+    finally:
+        done.set()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Router:
+    """The HTTP ingress: reads the request once, picks the adapter, forwards it multiplexed (see the module docstring)."""
+
+    def __init__(self, replicas, export_dir: str, adapter_store: str | None, options: Mapping[str, Any]) -> None:
+        from .http import default_model_name
+
+        self.replicas = replicas
+        self.options = ServeOptions(**options)
+        metadata = json.loads((Path(export_dir) / "bca_export.json").read_text())
+        self.exported = sorted((metadata.get("bank") or {}).get("adapter_files") or {})
+        self.store_dir = adapter_store
+        self.model_name = self.options.served_model_name or default_model_name(Path(export_dir))
+
+    async def __call__(self, request: Request):
+        try:
+            body = await self._body(request)
+            if request.method == "GET" and request.url.path == "/v1/models":
+                return JSONResponse(self._models())
+            adapter = self._adapter(request, body)
+        except BCAError as exc:
+            status, kind = error_status(exc)
+            return JSONResponse(error_body(status, kind, str(exc)), status_code=status)
+        handle = self.replicas.options(multiplexed_model_id=adapter, stream=True)
+        stream = handle.handle.remote(request.method, request.url.path, request.url.query.encode(),
+                                      list(request.headers.raw), body)
+        start = await stream.__anext__()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
+                   if k.lower() not in (b"content-length", b"transfer-encoding")}
+        return StreamingResponse(_rest(stream), status_code=start["status"], headers=headers)
+
+    async def _body(self, request: Request) -> bytes:
+        """The whole body, within ``max_body_bytes`` and ``body_timeout_s`` (as a single server reads it)."""
+        limit, seconds = self.options.max_body_bytes, self.options.body_timeout_s
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise body_too_large(limit, length)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        chunks, size = [], 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0.0))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise body_too_slow(seconds) from None
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _adapter(self, request: Request, body: bytes) -> str:
+        """The adapter a request names ("" for the base model or none): the multiplexed model id."""
+        path = request.url.path
+        if (request.method == "DELETE" and path.startswith("/v1/adapters/")) or path == "/v1/unload_lora_adapter":
+            raise ServingError("on Ray Serve, adapters load on demand on the replicas that serve them and the least "
+                               "recently used ones are unloaded; there is nothing to unload by hand")
+        name: Any = None
+        if request.method == "POST" and body:
+            data = read_body(body, self.options)
+            if isinstance(data, dict):
+                name = next((data[k] for k in ("model", "adapter", "lora_name", "name") if k in data), None)
+                lora_path = data.get("lora_path")
+                if path == "/v1/load_lora_adapter" and lora_path is not None and lora_path != name:
+                    raise InvalidRequestError("lora_path: on Ray Serve, adapters are served under their names in the "
+                                              "store; send lora_name alone", param="lora_path")
+        if not isinstance(name, str) or name in (BASE, self.model_name) or not ADAPTER_NAME_PATTERN.fullmatch(name):
+            return ""  # the replica answers (base model, or the documented error for a bad name)
+        return name
+
+    def _models(self) -> dict[str, Any]:
+        from .store import AdapterStore
+
+        cards = [{"id": self.model_name, "object": "model", "owned_by": "bca-deploy", "root": self.model_name,
+                  "parent": None}]
+        if self.options.list_adapters:
+            names = set(self.exported) | set(AdapterStore(self.store_dir).names() if self.store_dir else ())
+            cards += [{"id": n, "object": "model", "owned_by": "bca-deploy", "root": n, "parent": self.model_name}
+                      for n in sorted(names)]
+        return {"object": "list", "data": cards}
+
+
+async def _rest(stream) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        yield chunk
+
+
+def build_app(args: Mapping[str, Any]):
+    """Ray Serve application builder (``serve run bca_deploy.serving.ray:build_app export_dir=... ...``).
+
+    Args (strings from the command line, or values from Python):
+        export_dir: the adapter-bank export (required). adapter_store: the store directory.
+        replicas: number of replicas (default 2). max_adapters_per_replica: store adapters one replica
+        holds at once (default 16). replica_cpus: CPUs Ray reserves per replica (default 1).
+        Any :class:`ServeOptions` field (``served_model_name``, ``max_batch_rows``, limits...) but those of
+        :data:`~bca_deploy.serving.options.NOT_ON_RAY`, which are refused.
+    """
+    args = dict(args)
+    export_dir = str(Path(args.pop("export_dir")).resolve())
+    store = args.pop("adapter_store", None)
+    store = str(Path(store).resolve()) if store else None
+    replicas = int(args.pop("replicas", 2))
+    per_replica = int(args.pop("max_adapters_per_replica", 16))
+    cpus = float(args.pop("replica_cpus", 1))
+    fields = _ray_fields(_options_from(args))
+    deployment = AdapterReplicas.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus})
+    return Router.bind(deployment.bind(export_dir, store, fields, per_replica), export_dir, store, fields)
+
+
+def _options_from(args: Mapping[str, Any]) -> ServeOptions:
+    """``ServeOptions`` from builder arguments (strings from ``serve run`` are converted by the field's type)."""
+    from .options import _kind
+
+    unapplied = sorted(NOT_ON_RAY & set(args))
+    if unapplied:
+        raise ServingError(f"{', '.join(unapplied)}: not applied on Ray Serve (they set bca-deploy serve's own HTTP "
+                           "protocol; Ray Serve's HTTP proxy has its own settings); leave them out")
+    values = {}
+    for f in ServeOptions.__dataclass_fields__.values():
+        if f.name not in args:
+            continue
+        value, kind = args[f.name], _kind(f)
+        if isinstance(value, str) and kind is not str:
+            value = {"true": True, "false": False}.get(value.lower(), value) if kind is bool else kind(value)
+        values[f.name] = value
+    unknown = set(args) - set(ServeOptions.__dataclass_fields__)
+    if unknown:
+        raise ServingError(f"unknown serve-ray arguments: {', '.join(sorted(unknown))}")
+    return ServeOptions(**values)
+
+
+def _ray_fields(options: ServeOptions) -> dict[str, Any]:
+    """The fields of ``options`` that Ray Serve applies; a changed :data:`NOT_ON_RAY` field is refused."""
+    import dataclasses
+
+    changed = sorted(f.name for f in dataclasses.fields(options)
+                     if f.name in NOT_ON_RAY and getattr(options, f.name) != f.default)
+    if changed:
+        raise ServingError(f"{', '.join(changed)}: not applied on Ray Serve (they set bca-deploy serve's own HTTP "
+                           "protocol; Ray Serve's HTTP proxy has its own settings); leave them at their defaults")
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in NOT_ON_RAY}
+
+
+def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, replicas: int = 2,
+        max_adapters_per_replica: int = 16, replica_cpus: float = 1.0, options: ServeOptions | None = None,
+        address: str | None = None, blocking: bool = True):
+    """Start (or join, with ``address``) a Ray instance and serve the export on ``options.host:options.port``.
+
+    Returns the application's handle when ``blocking`` is False (tests); otherwise serves until interrupted.
+    """
+    import ray
+
+    options = options or ServeOptions()
+    fields = _ray_fields(options)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    serve.start(http_options={"host": options.host, "port": options.port,
+                              "keep_alive_timeout_s": max(1, int(options.keep_alive_s))})
+    app = build_app({"export_dir": export_dir, "adapter_store": adapter_store, "replicas": replicas,
+                     "max_adapters_per_replica": max_adapters_per_replica, "replica_cpus": replica_cpus, **fields})
+    return serve.run(app, name="bca-deploy", route_prefix="/", blocking=blocking)

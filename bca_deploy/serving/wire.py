@@ -1,0 +1,297 @@
+"""What crosses the wire: request bodies in, errors out.
+
+**Errors.** Every error a client can cause is a :class:`~bca_deploy.errors.BCAError` subclass, and
+:data:`ERRORS` maps each type to one HTTP status and one ``type`` string (the most specific class in an
+exception's MRO wins). Every error answer, on every route (404 routes and body parse errors too), has
+the OpenAI shape::
+
+    {"error": {"message": "...", "type": "unknown_adapter", "param": "model" | null, "code": 404}}
+
+Messages name the field and what was expected; they never carry filesystem paths, the store's
+location, internal exception text, or the names of adapters the request did not name.
+
+**Bodies.** :func:`read_body` turns the raw bytes of a request into Python values with the limits
+of :class:`~bca_deploy.serving.options.ServeOptions` that apply to any JSON applied before the body's
+content is used: UTF-8 only, no NaN/Infinity, no lone surrogates, nesting up to ``max_json_depth``,
+every string (a text, a chat message, a key) up to ``max_text_chars`` characters. Arrays are bounded by
+the body's size here and by their meaning later: a request's inputs by ``max_request_rows``
+(:func:`check_rows`), a token-id input by the model's positions. :func:`validate` then checks the values
+against a pydantic model and reports every problem at once. Each 413 names the option that sets its limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from ..errors import (
+    AdapterExistsError,
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterNameError,
+    BCAError,
+    ContextLengthError,
+    NonFiniteError,
+    ServingError,
+    UnknownAdapterError,
+)
+
+__all__ = [
+    "ERRORS",
+    "error_status",
+    "error_body",
+    "read_json",
+    "read_body",
+    "check_rows",
+    "body_too_large",
+    "body_too_slow",
+    "validate",
+    "InvalidRequestError",
+    "InvalidJSONError",
+    "InvalidHTTPError",
+    "RequestTooLargeError",
+    "RequestTimeoutError",
+    "ServerBusyError",
+    "AdapterExistsError",
+    "NotFoundError",
+    "MethodNotAllowedError",
+    "ForbiddenError",
+    "WrongTaskError",
+    "InternalServerError",
+]
+
+
+class InvalidRequestError(ServingError, ValueError):
+    """A request's fields do not pass validation (types, ranges, unknown fields, OpenAI options not supported)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidJSONError(ServingError, ValueError):
+    """A request body that is not a JSON document in UTF-8."""
+
+
+class InvalidHTTPError(ServingError, ValueError):
+    """A request that is not valid HTTP/1.1 (a malformed or oversized request head); answered before the app."""
+
+
+class RequestTooLargeError(ServingError, ValueError):
+    """A request over a size limit (body bytes, rows, string length, nesting)."""
+
+
+class RequestTimeoutError(ServingError, TimeoutError):
+    """A client that did not send its whole body in time."""
+
+
+class ServerBusyError(ServingError):
+    """The server's queue is full; retry later."""
+
+
+class NotFoundError(ServingError, LookupError):
+    """No route of this server has that path."""
+
+
+class MethodNotAllowedError(ServingError):
+    """The route exists but not with this HTTP method."""
+
+
+class ForbiddenError(ServingError, PermissionError):
+    """The operator turned this endpoint off (e.g. adapter listing)."""
+
+
+class WrongTaskError(ServingError):
+    """The endpoint needs a graph of another task (e.g. generation on an encoder export)."""
+
+
+class InternalServerError(ServingError):
+    """A failure inside the server: the client sees only this type and the request id; the log has the rest."""
+
+
+#: Error type -> (HTTP status, the ``type`` string of the answer). Documented in the README.
+ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
+    InvalidJSONError: (400, "invalid_json"),
+    InvalidHTTPError: (400, "invalid_http"),
+    ServingError: (400, "bad_request"),
+    WrongTaskError: (400, "wrong_task"),
+    ForbiddenError: (403, "forbidden"),
+    UnknownAdapterError: (404, "unknown_adapter"),
+    NotFoundError: (404, "not_found"),
+    MethodNotAllowedError: (405, "method_not_allowed"),
+    RequestTimeoutError: (408, "request_timeout"),
+    AdapterExistsError: (409, "adapter_exists"),
+    RequestTooLargeError: (413, "request_too_large"),
+    InvalidRequestError: (422, "invalid_request"),
+    ContextLengthError: (422, "context_length_exceeded"),
+    AdapterNameError: (422, "invalid_adapter_name"),
+    AdapterMismatchError: (422, "adapter_does_not_fit"),
+    AdapterFormatError: (422, "invalid_adapter"),
+    NonFiniteError: (422, "invalid_adapter"),
+    BCAError: (400, "bad_request"),
+    InternalServerError: (500, "internal_error"),
+    ServerBusyError: (503, "server_busy"),
+}
+
+
+def error_status(exc: BaseException) -> tuple[int, str]:
+    """(status, type) of ``exc``: the entry of the most specific class in its MRO; 500 for anything else."""
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            return ERRORS[cls]
+    return ERRORS[InternalServerError]
+
+
+def error_body(status: int, kind: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """The JSON of an error answer (OpenAI's shape; ``code`` is the HTTP status)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+# ---- request bodies ---------------------------------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_constant(name: str):
+    raise InvalidJSONError(f"the body contains {name}; JSON numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidJSONError(f"the number {text[:32]} is out of range for a 64-bit float")
+    return value
+
+
+def read_body(body: bytes, options) -> Any:
+    """:func:`read_json` with the limits of ``options`` (a :class:`~bca_deploy.serving.options.ServeOptions`):
+    what every route (native, OpenAI, the Ray router) uses to read a body."""
+    return read_json(body, max_depth=options.max_json_depth, max_chars=options.max_text_chars)
+
+
+def read_json(body: bytes, *, max_depth: int, max_chars: int) -> Any:
+    """Parse a request body into Python values, refusing what the server will not handle.
+
+    Args:
+        body: the raw bytes (the body-size limit is applied while they arrive).
+        max_depth: the deepest nesting of arrays/objects allowed (the top level is depth 1).
+        max_chars: the longest string allowed, in characters (texts, chat messages, object keys).
+
+    Raises:
+        InvalidJSONError: not UTF-8, not JSON, NaN/Infinity, a number out of range, a lone surrogate.
+        RequestTooLargeError: nested deeper than ``max_depth`` (``--max-json-depth``), or a string over
+            ``max_chars`` (``--max-text-chars``).
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJSONError(f"the body is not UTF-8 (invalid byte at offset {exc.start}); send JSON in "
+                               "UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
+    except json.JSONDecodeError as exc:
+        raise InvalidJSONError(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
+            from None
+    except InvalidJSONError:
+        raise
+    except ValueError:  # e.g. an integer of more than 4300 digits
+        raise InvalidJSONError("the body holds a number too large to parse") from None
+    _check_values(value, max_depth, max_chars)
+    return value
+
+
+def check_rows(rows: int, limit: int, param: str = "input") -> None:
+    """Refuse a request of more than ``limit`` inputs (``max_request_rows``) with a 413 naming the option."""
+    if rows > limit:
+        raise RequestTooLargeError(f"{param}: {rows} rows; this server's limit is {limit} per request "
+                                   "(--max-request-rows)")
+
+
+def body_too_large(limit: int, length: str | None = None) -> RequestTooLargeError:
+    """The 413 of a body over ``max_body_bytes`` (``length``: its content-length, when it announced one)."""
+    size = f"has {length} bytes" if length is not None else "is larger than that"
+    return RequestTooLargeError(f"the body {size}; this server's limit is {limit} bytes (--max-body-bytes)")
+
+
+def body_too_slow(seconds: float) -> RequestTimeoutError:
+    """The 408 of a body not received within ``body_timeout_s``."""
+    return RequestTimeoutError(f"the request body did not arrive within {seconds:g} s (--body-timeout-s)")
+
+
+def _too_deep(max_depth: int, where: str | None = None) -> RequestTooLargeError:
+    at = f" (at {where})" if where else ""
+    return RequestTooLargeError(f"the body is nested deeper than {max_depth} levels{at}; this server's limit is "
+                                f"{max_depth} (--max-json-depth)")
+
+
+def _check_values(value: Any, max_depth: int, max_chars: int) -> None:
+    # Iterative walk (no recursion limit to trip), one visit per value.
+    stack: list[tuple[Any, int, str]] = [(value, 1, "body")]
+    while stack:
+        item, depth, where = stack.pop()
+        if isinstance(item, str):
+            _check_string(item, where, max_chars)
+        elif isinstance(item, (list, dict)):
+            if depth > max_depth:
+                raise _too_deep(max_depth, where)
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_string(key, f"{where} key", max_chars)
+                    if isinstance(child, (str, list, dict)):
+                        stack.append((child, depth + 1, _join(where, key)))
+            else:
+                for i, child in enumerate(item):
+                    if isinstance(child, (str, list, dict)):
+                        stack.append((child, depth + 1, f"{where}[{i}]"))
+
+
+def _join(where: str, key: str) -> str:
+    key = key if len(key) <= 40 else key[:40] + "..."
+    return key if where == "body" else f"{where}.{key}"
+
+
+def _check_string(text: str, where: str, max_chars: int) -> None:
+    if len(text) > max_chars:
+        raise RequestTooLargeError(f"{where}: a string of {len(text)} characters; this server's limit is "
+                                   f"{max_chars} (--max-text-chars)")
+    match = _SURROGATE.search(text)
+    if match is not None:
+        raise InvalidJSONError(f"{where}: a lone surrogate (\\u{ord(match.group()):04x}) at character "
+                               f"{match.start()}; strings must be valid Unicode")
+
+
+Model = TypeVar("Model")
+
+
+def validate(model: type[Model], data: Any) -> Model:
+    """``model.model_validate(data)``, every problem in one :class:`InvalidRequestError` (``param``: the first field)."""
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"the body must be a JSON object, got {_json_type(data)}")
+    try:
+        return model.model_validate(data)  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        problems, first = [], None
+        for e in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(p) for p in e["loc"]) or "body"
+            first = first or where
+            problems.append(f"{where}: {_message(e)}")
+        raise InvalidRequestError("; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more"
+                                                              if len(problems) > 20 else ""), param=first) from None
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    # pydantic's own text, except for its wrapped ValueErrors ("Value error, ...") where ours is the message.
+    message = str(error.get("msg", "invalid"))
+    return message.removeprefix("Value error, ")
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            type(None): "null"}.get(type(value), type(value).__name__)

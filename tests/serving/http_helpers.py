@@ -1,0 +1,237 @@
+"""Servers for the HTTP tests: tiny adapter-bank exports with tokenizers, and ``bca-deploy serve`` processes.
+
+Not a ``conftest.py`` (``tests/conftest.py`` is imported elsewhere as ``conftest``): test modules put this
+folder on ``sys.path`` and import what they use. Exports are cached per pytest session.
+
+- :func:`bert_bank`: the tiny BERT (``feature-extraction``) with a 128-token WordPiece tokenizer, three
+  exported adapters (a0, a1, a2) and a store (``bext`` fits, ``misfit`` does not);
+- :func:`llama_bank`: a tiny Llama (``text-generation-with-past``, 128 positions) with a word-level
+  tokenizer carrying a chat template, three exported adapters and a store (``extra`` fits); its
+  ``no_template`` copy is the same export without the chat template.
+- :class:`ServeProcess`: ``python -m bca_deploy.cli serve ...`` on 127.0.0.1 and a free port, as a user
+  runs it; stopped (SIGINT, then SIGKILL) on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's tokenizer builder
+from exporters_helpers import build_model
+
+from bca_deploy import inject, save_adapter
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 128
+WORDS = (
+    "the", "a", "an", "is", "of", "to", "and", "in", "it", "you", "that", "he", "was", "for", "on", "are", "with",
+    "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "hot", "word", "but", "what",
+    "some", "we", "can", "out", "other", "were", "all", "there", "when", "up", "use", "your", "how", "said", "each",
+    "she", "which", "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write", "would",
+    "like", "so", "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day",
+    "could", "go", "come", "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water", "than",
+    "call", "first", "who", "may", "down",
+)
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+TIMEOUT = 60.0
+
+
+def write_wordpiece_tokenizer(directory: Path) -> None:
+    """A WordPiece tokenizer for the tiny BERT (128 tokens, built locally): texts reach the server's text path."""
+    from conftest import wordpiece_tokenizer  # tests/conftest.py (not vocab_file=: transformers 5.x ignores it)
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+              *("##" + c for c in string.ascii_lowercase)]
+    tokens += [w for w in WORDS if w not in tokens][:VOCAB - len(tokens)]
+    assert len(tokens) == VOCAB
+    wordpiece_tokenizer(tokens).save_pretrained(directory)
+
+
+def write_word_tokenizer(directory: Path, chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """A word-level tokenizer for the tiny Llama: <unk>=0, <s>=1, </s>=2, chat words, then common words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "system", "user", "assistant", ":", ".", ",", "!", "?"]
+    words += [w for w in WORDS if w not in words][:VOCAB - len(words)]
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    assert len(words) == VOCAB
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(directory)
+
+
+def tiny_llama(positions: int = 128):
+    """A 2-layer random Llama (hidden 32, vocabulary 128, ``positions`` positions); seeded."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                         bos_token_id=1, eos_token_id=2)
+    return tf.LlamaForCausalLM(cfg)
+
+
+def _save_adapter(model_factory, directory: Path, targets, block_size: int, seed: int) -> Path:
+    model = model_factory()
+    inject(model, targets, block_size=block_size, init="normal", init_std=0.05, seed=seed)
+    save_adapter(model, directory)
+    return directory
+
+
+_BANKS: dict[str, dict] = {}
+
+
+def _make(name: str, root: Path) -> dict:
+    from bca_deploy.exporters import export
+
+    if name == "bert":
+        factory, task = (lambda: build_model("bert")), "feature-extraction"
+        exported = {"a0": (["query", "value"], 8, 0), "a1": (["query", "intermediate.dense"], 8, 1),
+                    "a2": (["query", "value"], 16, 2)}
+        store = {"bext": (["value", "intermediate.dense"], 8, 20), "misfit": (["value"], 4, 21)}
+    else:
+        factory, task = tiny_llama, "text-generation-with-past"
+        exported = {"a0": (["q_proj", "v_proj"], 8, 0), "a1": (["q_proj", "v_proj", "gate_proj"], 8, 1),
+                    "a2": (["q_proj", "v_proj", "down_proj"], 16, 2)}
+        store = {"extra": (["q_proj", "gate_proj"], 8, 10), "misfit": (["k_proj"], 8, 11)}
+    model_dir = root / "model"
+    factory().save_pretrained(model_dir)
+    (write_wordpiece_tokenizer if name == "bert" else write_word_tokenizer)(model_dir)
+    adapters = [_save_adapter(factory, root / "adapters" / n, t, p, s) for n, (t, p, s) in exported.items()]
+    for n, (t, p, s) in store.items():
+        _save_adapter(factory, root / "store" / n, t, p, s)
+    onnx = export(model_dir, root / "onnx", adapters, merge=False, bank=True, task=task, verbose=False)
+    art = {"name": name, "root": root, "model": model_dir, "onnx": Path(onnx), "store": root / "store"}
+    if name == "llama":  # the same export without a chat template
+        plain = root / "no-template"
+        shutil.copytree(onnx, plain)
+        write_word_tokenizer(plain, chat_template=None)
+        for leftover in plain.glob("chat_template.*"):
+            leftover.unlink()
+        art["no_template"] = plain
+    return art
+
+
+def bank(name: str, tmp_path_factory) -> dict:
+    """The cached artefacts of ``"bert"`` or ``"llama"`` (see the module docstring)."""
+    if name not in _BANKS:
+        _BANKS[name] = _make(name, tmp_path_factory.mktemp(f"http-{name}"))
+    return _BANKS[name]
+
+
+# ---- a real server process ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """``bca-deploy serve EXPORT [args]`` on 127.0.0.1:<free port>, in a child process; ``url`` once it answers."""
+
+    def __init__(self, export_dir: Path, *args: str, log: Path, startup_timeout: float = 180.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "bca_deploy.cli", "serve", str(export_dir), "--host", "127.0.0.1",
+                        "--port", str(self.port), "--threads", "1", *args]
+        self.log = log
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServeProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in __exit__
+        self.process = subprocess.Popen(self.command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bca-deploy serve exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"bca-deploy serve did not answer within {self.startup_timeout} s")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=20)
+        self._log_file.close()
+
+    def log_entries(self) -> list[dict]:
+        """The JSON lines the server wrote so far."""
+        entries = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    continue
+        return entries
+
+
+def call(url: str, method: str = "GET", body=None, raw: bytes | None = None, headers: dict | None = None,
+         timeout: float = TIMEOUT) -> tuple[int, dict]:
+    """(status, JSON body) of one request; HTTP errors are returned, not raised."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, _json(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, _json(exc.read())
+
+
+def _json(data: bytes):
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"not_json": data.decode("utf-8", "replace")}
+
+
+def assert_error(status: int, body: dict, expected_status: int, kind: str | None = None, words=()) -> None:
+    """An error answer in the documented shape, with no filesystem path in it."""
+    assert status == expected_status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param", "code"}, body
+    message = body["error"]["message"]
+    assert isinstance(message, str) and message, body
+    assert body["error"]["code"] == expected_status, body
+    assert "/tmp" not in message and "pytest-of" not in message and "Traceback" not in message, body
+    if kind is not None:
+        assert body["error"]["type"] == kind, body
+    for word in words:
+        assert word in message, body

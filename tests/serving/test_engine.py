@@ -1,0 +1,868 @@
+"""Continuous batching (``GenerationEngine``, ``DecodeBatch``) on tiny adapter-bank decoders, checked against PyTorch.
+
+Banks: the tiny Llama of ``serving_helpers.py`` (three exported adapters + fitting extras), a tiny GPT-2
+exported here (absolute position embeddings, so wrong position ids would show), and a copy of the Llama
+export with a small byte-fallback tokenizer (for text, incremental detokenization and stop strings).
+
+References are independent of the serving code: PyTorch ``model.generate(do_sample=False)`` of each
+prompt **alone** (no padding) under :func:`bca_deploy.inject.mixed_adapters`, and the PyTorch logits of
+each row's whole sequence alone (``set_adapter``; the layers' non-routing path).
+
+Timing never decides an assertion: rows join mid-decoding because the test pauses the engine's thread
+at chosen steps (a blocking observer, ``StepGate``) and submits while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
+from exporters_helpers import build_model
+from serving_helpers import VOCAB, banks, row_alone, save_tiny_adapter, token_rows, torch_model  # noqa: F401
+
+from bca_deploy import load_adapter
+from bca_deploy.errors import ContextLengthError, ServingError, UnknownAdapterError
+from bca_deploy.inject import mixed_adapters
+from bca_deploy.serving import MultiAdapterSession
+from bca_deploy.serving.decoding import DecodeBatch, DecodeRow
+from bca_deploy.serving.engine import (
+    EngineOverloadedError,
+    GenerationEngine,
+    SamplingParams,
+    SamplingParamsError,
+    TokenEvent,
+    _Detokenizer,
+)
+
+TIMEOUT = 60.0
+ATOL = 1e-4
+GPT2_EXPORTED = {"g0": (["c_attn"], 8, 30), "g1": (["c_attn", "c_fc"], 8, 31), "g2": (["c_proj"], 16, 32)}
+
+
+# ---- banks and references ------------------------------------------------------------------------------------
+
+
+_ARTS: dict[str, dict] = {}  # bank name -> artefacts, for the references
+
+
+@pytest.fixture(scope="module")
+def llama(banks):
+    _ARTS["llama"] = banks("llama")
+    return _ARTS["llama"]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    from bca_deploy.exporters import export
+
+    root = tmp_path_factory.mktemp("engine-gpt2")
+    build_model("gpt2").save_pretrained(root / "model")
+    adapters = {n: save_tiny_adapter("gpt2", root / "adapters" / n, t, p, s) for n, (t, p, s) in GPT2_EXPORTED.items()}
+    onnx = export(root / "model", root / "onnx", list(adapters.values()), merge=False, bank=True,
+                  task="text-generation-with-past", verbose=False)
+    _ARTS["gpt2"] = {"name": "gpt2", "model": root / "model", "adapters": adapters, "onnx": onnx}
+    return _ARTS["gpt2"]
+
+
+@functools.cache
+def reference_model(name: str):
+    """The PyTorch model of bank ``name`` with its adapters loaded (Llama: the exported ones and the fitting extras)."""
+    if name == "llama":
+        return torch_model("llama")
+    model = build_model(name)
+    for adapter, directory in _ARTS[name]["adapters"].items():
+        load_adapter(model, directory, adapter_name=adapter)
+    return model.eval()
+
+
+def ref_generate(art: dict, prompt: list[int], adapter: str | None, new: int) -> list[int]:
+    """Greedy new tokens of ``prompt`` alone (no padding) through ``adapter`` in PyTorch."""
+    return _ref_generate(art["name"], tuple(prompt), adapter, new)
+
+
+@functools.cache
+def _ref_generate(name: str, prompt: tuple[int, ...], adapter: str | None, new: int) -> list[int]:
+    model = reference_model(name)
+    ids = torch.tensor([list(prompt)])
+    with torch.no_grad(), mixed_adapters(model, [adapter]):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+CHOICES = {"llama": ["a0", "a1", "a2", None], "gpt2": [*GPT2_EXPORTED, None]}
+
+
+@pytest.fixture(params=["llama", "gpt2"], scope="module")
+def decoder(request, llama, gpt2):
+    return llama if request.param == "llama" else gpt2
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, TIMEOUT * 2))
+
+
+class StepGate:
+    """An engine observer that records events and pauses the engine's thread after chosen decode steps.
+
+    ``await gate.paused()`` returns once the engine waits after one of ``steps``; ``gate.go()`` lets it on.
+    """
+
+    def __init__(self, steps=()) -> None:
+        self.steps = set(steps)
+        self.count = 0
+        self.events: list[tuple[str, dict]] = []
+        self._paused = threading.Event()
+        self._release = threading.Event()
+
+    def __call__(self, event: str, values) -> None:
+        self.events.append((event, dict(values)))
+        if event == "step":
+            self.count += 1
+            if self.count in self.steps:
+                self._release.clear()
+                self._paused.set()
+                self._release.wait(TIMEOUT)
+
+    async def paused(self) -> None:
+        assert await asyncio.to_thread(self._paused.wait, TIMEOUT), "the engine never paused"
+        self._paused.clear()
+
+    def go(self) -> None:
+        self._release.set()
+
+    def of(self, kind: str) -> list[dict]:
+        return [v for e, v in self.events if e == kind]
+
+
+# ---- the padding: every row's logits are those of the row alone ---------------------------------------------
+
+
+@pytest.mark.parametrize("compact_at", [0.0, 1.0], ids=["compact-always", "reuse-slots"])
+def test_rows_joining_and_leaving_keep_the_logits_of_rows_alone(decoder, compact_at):
+    """DecodeBatch directly: rows of different lengths join at steps 0, 2, 4 and 6 and leave at 3 and 5; at every
+    step each row's logits equal PyTorch's for its whole sequence alone (fp32, 1e-4). ``compact_at=0``: the past
+    is rebuilt whenever a slot or column is wasted; ``1``: leavers' slots are reused in place by newcomers."""
+    session = MultiAdapterSession(decoder["onnx"])
+    model = reference_model(decoder["name"])
+    snapshot = session.snapshot()
+    choices = CHOICES[decoder["name"]]
+    prompts = token_rows(7, seed=40, low=2, high=13)
+    joins = {0: [0, 1, 2], 2: [3, 4], 4: [5], 6: [6]}
+    leaves = {3: [1, 2], 5: [3]}
+    batch = DecodeBatch(session, compact_at=compact_at)
+    sequences: dict[int, list[int]] = {}
+    rows: dict[int, DecodeRow] = {}
+    checked = 0
+
+    def check(row: DecodeRow, logits: np.ndarray) -> None:
+        nonlocal checked
+        want = row_alone(model, sequences[row.owner], row.adapter)[-1].numpy()
+        np.testing.assert_allclose(logits, want, atol=ATOL, rtol=0, err_msg=f"row {row.owner} at {len(sequences[row.owner])}")
+        checked += 1
+        token = int(logits.argmax())
+        sequences[row.owner].append(token)
+        row.next_token = token
+
+    for step in range(8):
+        if step in joins:
+            new = [DecodeRow(prompts[i], choices[i % len(choices)], snapshot, owner=i) for i in joins[step]]
+            for row in new:
+                sequences[row.owner] = list(row.prompt)
+                rows[row.owner] = row
+            logits, failures = batch.prefill(new)
+            assert not failures
+            for row, row_logits in zip(new, logits, strict=True):
+                check(row, row_logits)
+        if step in leaves:
+            batch.remove(rows[i] for i in leaves[step])
+        ran, logits, failures = batch.step()
+        assert not failures
+        assert {r.owner for r in ran} == {i for s, ids in joins.items() if s <= step for i in ids} - {
+            i for s, ids in leaves.items() if s <= step for i in ids}
+        if compact_at == 0.0:  # nothing wasted: every slot a row, the width its longest row's
+            assert len(batch.slots) == len(ran) and batch.width == max(r.length for r in ran)
+        for row, row_logits in zip(ran, logits, strict=True):
+            check(row, row_logits)
+    assert checked == 7 + 3 + 3 + 5 + 3 + 4 + 3 + 4 + 4  # prefills + rows of each step
+    # reuse-slots: the past was copied whole only to start and to grow (steps 0 and 2); rows 5, 6 took freed slots
+    assert batch.rebuilds == (2 if compact_at == 1.0 else 6)
+    assert len({len(p) for p in prompts}) > 3  # really different lengths, so rows really are padded
+
+
+# ---- the engine against PyTorch ----------------------------------------------------------------------------------
+
+
+def test_staggered_requests_match_pytorch_alone(decoder):
+    """Requests with different prompt lengths, output lengths and adapters, submitted while others decode: each
+    row's greedy tokens equal PyTorch's generate for that prompt alone."""
+    session = MultiAdapterSession(decoder["onnx"])
+    choices = CHOICES[decoder["name"]]
+    prompts = token_rows(12, seed=41, low=2, high=13)
+    jobs = [(p, choices[i % len(choices)], 4 + (7 * i) % 15) for i, p in enumerate(prompts)]
+    waves = {0: jobs[:3], 2: jobs[3:6], 5: jobs[6:9], 9: jobs[9:]}  # joined after decode step k
+    gate = StepGate(steps=[k for k in waves if k])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=8, observer=gate)
+        await engine.start()
+        streams = []
+        try:
+            for k in sorted(waves):
+                if k:
+                    await gate.paused()
+                    running = [s for s in streams if not s.done]
+                streams += [engine.submit(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in waves[k]]
+                if k:
+                    assert running, f"nothing was decoding at step {k}"
+                    gate.go()
+            results = [await s.collect() for s in streams]
+        finally:
+            gate.go()
+            await engine.stop()
+        return streams, results
+
+    streams, results = run(main())
+    for (prompt, adapter, n), stream, result in zip(jobs, streams, results, strict=True):
+        assert result.token_ids == ref_generate(decoder, prompt, adapter, n), (prompt, adapter)
+        assert result.prompt_tokens == len(prompt) and result.completion_tokens == len(result.token_ids)
+        assert result.finish_reason == ("stop" if result.token_ids[-1] in session.eos_token_ids else "length")
+        assert result.finish_reason == "stop" or len(result.token_ids) == n
+    # later waves really shared steps with rows that started before them
+    for wave_start in (3, 6, 9):
+        joined = streams[wave_start]
+        assert any(s.started_at < joined.started_at < s.finished_at for s in streams[:wave_start])
+        assert joined.batch_rows > 3
+    assert max(s.batch_rows for s in streams) <= 8
+    assert len({tuple(r.token_ids) for r in results}) > 6  # the rows differ, so a mix-up would show
+
+
+def test_sampled_rows_are_reproducible_and_independent_of_the_batch(llama):
+    session = MultiAdapterSession(llama["onnx"])
+    prompt = token_rows(1, seed=42, low=5, high=6)[0]
+    sampled = SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.4, top_k=40, top_p=0.95, seed=7)
+    others = token_rows(6, seed=43)
+
+    async def main(company: bool, params: SamplingParams):
+        gate = StepGate(steps=[3] if company else [])
+        engine = GenerationEngine(session, max_batch_rows=8, observer=gate)
+        await engine.start()
+        try:
+            streams = [engine.submit(p, a, SamplingParams(max_new_tokens=14)) for p, a in
+                       zip(others[:3], ["a0", None, "a2"])] if company else []
+            if company:  # the sampled row joins a running batch mid-way, next to greedy and other sampled rows
+                await gate.paused()
+                streams.append(engine.submit(others[3], "a1", SamplingParams(max_new_tokens=9, do_sample=True, seed=1)))
+            mine = engine.submit(prompt, "a1", params)
+            gate.go()
+            result = await mine.collect()
+            for s in streams:
+                await s.collect()
+            return result.token_ids, mine.batch_rows
+        finally:
+            gate.go()
+            await engine.stop()
+
+    alone, rows_alone = run(main(False, sampled))
+    together, rows_together = run(main(True, sampled))
+    assert rows_alone == 1 and rows_together > 1
+    assert together == alone
+    assert run(main(False, sampled))[0] == alone  # reproducible
+    assert session.generate([prompt], ["a1"], max_new_tokens=12, do_sample=True, temperature=1.4, top_k=40, top_p=0.95,
+                            seed=7)[0] == alone
+    other_seed = dataclasses_replace(sampled, seed=8)
+    assert run(main(False, other_seed))[0] != alone  # sampling really samples
+    assert alone != ref_generate(llama, prompt, "a1", 12)
+
+
+def dataclasses_replace(params: SamplingParams, **changes) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)
+
+
+def test_load_and_unload_during_decoding(llama):
+    """Rows that started keep their adapter to the end; rows that start afterwards see the new bank."""
+    session = MultiAdapterSession(llama["onnx"])
+    session.register("extra", llama["extra"]["extra"])
+    prompts = token_rows(5, seed=44, low=3, high=10)
+    gate = StepGate(steps=[2, 5])
+    old_version = session.snapshot().version
+    runs: list[list] = []
+    real_run = session.run_ortvalues
+
+    def recording_run(feeds, adapters, output_names=None, snapshot=None):
+        runs.append([snapshot.version, list(adapters)])
+        return real_run(feeds, adapters, output_names, snapshot)
+
+    session.run_ortvalues = recording_run
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=8, observer=gate)
+        await engine.start()
+        try:
+            first = [engine.submit(prompts[0], "extra", SamplingParams(max_new_tokens=16)),
+                     engine.submit(prompts[1], "a1", SamplingParams(max_new_tokens=16))]
+            await gate.paused()  # both decoding: replace "extra" by other weights, unload a1, load "peftish"
+            await asyncio.to_thread(session.register, "extra", llama["extra"]["peftish"], replace=True)
+            await asyncio.to_thread(session.unregister, "a1")
+            await asyncio.to_thread(session.register, "peftish", llama["extra"]["peftish"])
+            with pytest.raises(UnknownAdapterError, match="a1"):
+                engine.submit(prompts[2], "a1", SamplingParams(max_new_tokens=4))
+            second = [engine.submit(prompts[2], "extra", SamplingParams(max_new_tokens=8)),
+                      engine.submit(prompts[3], "peftish", SamplingParams(max_new_tokens=8)),
+                      engine.submit(prompts[4], "a0", SamplingParams(max_new_tokens=8))]
+            gate.go()
+            await gate.paused()  # the new rows decode next to the old ones; unload "peftish" under them too
+            await asyncio.to_thread(session.unregister, "peftish")
+            gate.go()
+            return [await s.collect() for s in first], [await s.collect() for s in second], first, second
+        finally:
+            gate.go()
+            await engine.stop()
+
+    old, new, first, second = run(main())
+    assert [r.token_ids for r in old] == [ref_generate(llama, prompts[0], "extra", 16),
+                                          ref_generate(llama, prompts[1], "a1", 16)]
+    assert [r.token_ids for r in new] == [ref_generate(llama, prompts[2], "peftish", 8),  # "extra" now holds peftish
+                                          ref_generate(llama, prompts[3], "peftish", 8),
+                                          ref_generate(llama, prompts[4], "a0", 8)]
+    assert ref_generate(llama, prompts[0], "extra", 16) != ref_generate(llama, prompts[0], "peftish", 16)
+    # old and new rows shared runs: through a composite bank holding the slots of both snapshots
+    assert all(s.finished_at > second[0].started_at for s in first)
+    mixed = [adapters for version, adapters in runs if version == -1]
+    assert mixed and all(len(a) > 1 for a in mixed)
+    assert {v for v, _ in runs} >= {old_version, -1}
+
+
+def test_a_queued_row_whose_adapter_is_unloaded_fails_alone(llama):
+    session = MultiAdapterSession(llama["onnx"])
+    session.register("extra", llama["extra"]["extra"])
+    prompts = token_rows(3, seed=45)
+    gate = StepGate(steps=[1])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=1, observer=gate)
+        await engine.start()
+        try:
+            running = engine.submit(prompts[0], "a0", SamplingParams(max_new_tokens=6))
+            await gate.paused()
+            queued = engine.submit(prompts[1], "extra", SamplingParams(max_new_tokens=6))  # waits: batch full
+            after = engine.submit(prompts[2], None, SamplingParams(max_new_tokens=6))
+            session.unregister("extra")
+            gate.go()
+            with pytest.raises(UnknownAdapterError) as refused:
+                await queued.collect()
+            # tenant isolation: the refusal names the adapter the row asked for, never the other loaded ones
+            assert str(refused.value) == "adapter 'extra' is not loaded on this server"
+            return await running.collect(), await after.collect()
+        finally:
+            gate.go()
+            await engine.stop()
+
+    first, last = run(main())
+    assert first.token_ids == ref_generate(llama, prompts[0], "a0", 6)
+    assert last.token_ids == ref_generate(llama, prompts[2], None, 6)
+
+
+# ---- cancellation, backpressure, failures ------------------------------------------------------------------------
+
+
+def test_cancellation_frees_the_row_at_the_next_step(llama):
+    session = MultiAdapterSession(llama["onnx"])
+    eos = session.eos_token_ids
+    # the row to cancel must not end by itself first: a prompt whose 40 greedy tokens hold no end-of-sequence id
+    doomed_prompt = next(p for p in token_rows(20, seed=46) if not eos & set(ref_generate(llama, p, "a2", 40)))
+    prompts = [doomed_prompt, *token_rows(2, seed=146)]
+    gate = StepGate(steps=[3])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=2, observer=gate)
+        await engine.start()
+        try:
+            doomed = engine.submit(prompts[0], "a2", SamplingParams(max_new_tokens=40))
+            keep = engine.submit(prompts[1], "a0", SamplingParams(max_new_tokens=12))
+            queued = engine.submit(prompts[2], "a1", SamplingParams(max_new_tokens=5))  # waits: 2 rows run
+            await gate.paused()
+            seen = []
+            async for event in doomed:
+                seen.append(event)
+                if len(seen) == 2:
+                    break
+            doomed.cancel()
+            queued.cancel()  # never starts
+            assert doomed.done and doomed.finish_reason == "cancelled" and queued.finish_reason == "cancelled"
+            assert engine.stats()["queued_rows"] == 0
+            steps_at_cancel = gate.count
+            gate.go()
+            result = await keep.collect()
+            leftover = [e async for e in doomed]
+            return seen, leftover, result, steps_at_cancel, engine.stats(), queued
+        finally:
+            gate.go()
+            await engine.stop()
+
+    seen, leftover, kept, steps_at_cancel, stats, queued = run(main())
+    assert all(isinstance(e, TokenEvent) for e in seen) and leftover == []
+    assert kept.token_ids == ref_generate(llama, prompts[1], "a0", 12)
+    assert queued.started_at is None and queued.token_ids == []
+    finished = {v["finish_reason"] for v in gate.of("finished")}
+    assert finished == {"cancelled", "length"} or finished == {"cancelled", "length", "stop"}
+    # the cancelled row left at the first step after the cancel: every later step ran 1 row
+    later = gate.of("step")[steps_at_cancel:]
+    assert later and all(v["rows"] == 1 for v in later)
+    assert stats["running_rows"] == 0 and stats["queued_rows"] == 0
+
+
+def test_backpressure_refuses_beyond_the_queue_bound(llama):
+    session = MultiAdapterSession(llama["onnx"])
+    prompts = token_rows(4, seed=47)
+    gate = StepGate(steps=[1])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=1, max_queued_rows=2, observer=gate)
+        await engine.start()
+        try:
+            streams = [engine.submit(prompts[0], "a0", SamplingParams(max_new_tokens=4))]
+            await gate.paused()  # row 0 runs; rows 1 and 2 wait; row 3 is one too many
+            streams += [engine.submit(p, "a1", SamplingParams(max_new_tokens=4)) for p in prompts[1:3]]
+            with pytest.raises(EngineOverloadedError, match="max_queued_rows=2"):
+                engine.submit(prompts[3], "a2", SamplingParams(max_new_tokens=4))
+            gate.go()
+            results = [await s.collect() for s in streams]
+            late = await engine.submit(prompts[3], "a2", SamplingParams(max_new_tokens=4)).collect()  # room again
+            return results, late
+        finally:
+            gate.go()
+            await engine.stop()
+
+    results, late = run(main())
+    assert [r.token_ids for r in results] == [ref_generate(llama, p, a, 4) for p, a in
+                                              zip(prompts[:3], ["a0", "a1", "a1"])]
+    assert late.token_ids == ref_generate(llama, prompts[3], "a2", 4)
+    assert [v["reason"] for v in gate.of("rejected")] == ["queue full"]
+
+
+def test_a_failing_row_fails_alone(llama):
+    """A row the graph refuses (simulated: any run holding token 99 in a prompt, or adapter a2 at a decoding step)
+    fails with its error; the rows it shared runs with get their tokens."""
+    session = MultiAdapterSession(llama["onnx"])
+    real_run = session.run_ortvalues
+
+    def picky_run(feeds, adapters, output_names=None, snapshot=None):
+        ids = feeds["input_ids"]
+        if ids.shape[1] > 1 and (ids == 99).any():
+            raise RuntimeError("simulated: the graph refuses token 99")
+        if ids.shape[1] == 1 and "a2" in adapters:
+            raise RuntimeError("simulated: a2 fails while decoding")
+        return real_run(feeds, adapters, output_names, snapshot)
+
+    session.run_ortvalues = picky_run
+    prompts = [[98 if t == 99 else t for t in p] for p in token_rows(4, seed=48, low=3, high=8)]
+    bad_prompt = [5, 99, 7]
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=8)
+        await engine.start()
+        try:
+            with pytest.raises(ServingError, match="token ids"):  # refused before it reaches the batch
+                engine.submit([5, VOCAB + 3], "a0", SamplingParams())
+            streams = [engine.submit(p, a, SamplingParams(max_new_tokens=6))
+                       for p, a in zip([*prompts, bad_prompt], ["a0", "a2", None, "a1", "a0"])]
+            outcomes = []
+            for s in streams:
+                try:
+                    outcomes.append(await s.collect())
+                except RuntimeError as exc:
+                    outcomes.append(exc)
+            # the engine keeps serving
+            again = await engine.submit(prompts[0], "a1", SamplingParams(max_new_tokens=3)).collect()
+            return outcomes, again, streams
+        finally:
+            await engine.stop()
+
+    outcomes, again, streams = run(main())
+    assert outcomes[0].token_ids == ref_generate(llama, prompts[0], "a0", 6)
+    assert isinstance(outcomes[1], RuntimeError) and "a2 fails" in str(outcomes[1])
+    assert len(streams[1].token_ids) == 1  # its first token (from the prefill) came before the failure
+    assert outcomes[2].token_ids == ref_generate(llama, prompts[2], None, 6)
+    assert outcomes[3].token_ids == ref_generate(llama, prompts[3], "a1", 6)
+    assert isinstance(outcomes[4], RuntimeError) and "token 99" in str(outcomes[4]) and streams[4].token_ids == []
+    assert again.token_ids == ref_generate(llama, prompts[0], "a1", 3)
+
+
+def test_bad_prompts_prefilled_alone_fail_alone_and_an_emptied_batch_restarts(llama):
+    """Bad prompts that arrive while rows decode are prefilled on their own: that run fails for each of them, and
+    the rows already decoding carry on. A step where every row fails empties the batch; the next row starts anew."""
+    session = MultiAdapterSession(llama["onnx"])
+    real_run = session.run_ortvalues
+
+    def picky_run(feeds, adapters, output_names=None, snapshot=None):
+        ids = feeds["input_ids"]
+        if ids.shape[1] > 1 and (ids == 99).any():
+            raise RuntimeError("simulated: the graph refuses token 99")
+        if ids.shape[1] == 1 and "a2" in adapters:
+            raise RuntimeError("simulated: a2 fails while decoding")
+        return real_run(feeds, adapters, output_names, snapshot)
+
+    session.run_ortvalues = picky_run
+    prompts = [[98 if t == 99 else t for t in p] for p in token_rows(2, seed=49, low=3, high=8)]
+    gate = StepGate(steps=[2])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=8, observer=gate)
+        await engine.start()
+        try:
+            good = [engine.submit(p, a, SamplingParams(max_new_tokens=6)) for p, a in zip(prompts, ["a0", None])]
+            await gate.paused()  # the good rows decode; the bad prompts join in a prefill of their own
+            bad = [engine.submit(p, "a1", SamplingParams(max_new_tokens=6)) for p in ([5, 99, 7], [99, 4])]
+            gate.go()
+            outcomes = []
+            for s in [*good, *bad]:
+                try:
+                    outcomes.append(await s.collect())
+                except RuntimeError as exc:
+                    outcomes.append(exc)
+            # a step whose only row fails (a2 at its first decoding step) leaves an empty batch behind
+            with pytest.raises(RuntimeError, match="a2 fails"):
+                await engine.submit(prompts[0], "a2", SamplingParams(max_new_tokens=4)).collect()
+            again = await engine.submit(prompts[1], "a1", SamplingParams(max_new_tokens=4)).collect()
+            return outcomes, again, bad
+        finally:
+            gate.go()
+            await engine.stop()
+
+    outcomes, again, bad = run(main())
+    assert outcomes[0].token_ids == ref_generate(llama, prompts[0], "a0", 6)
+    assert outcomes[1].token_ids == ref_generate(llama, prompts[1], None, 6)
+    for outcome, stream in zip(outcomes[2:], bad):
+        assert isinstance(outcome, RuntimeError) and "token 99" in str(outcome) and stream.token_ids == []
+    assert again.token_ids == ref_generate(llama, prompts[1], "a1", 4)
+
+
+# ---- text, stop strings, stop tokens -----------------------------------------------------------------------------
+
+
+SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: LlamaConfig's default bos/eos ids
+BYTES = [f"<0x{b:02X}>" for b in (0xC3, 0xA9, 0xE2, 0x82, 0xAC)]  # é = C3 A9, € = E2 82 AC
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A 128-token byte-fallback BPE tokenizer (printable ASCII, a few UTF-8 bytes, some pairs), built locally."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = [*SPECIALS, *BYTES, *(chr(c) for c in range(0x20, 0x7F))]
+    pairs = [a + b for a in "etaoin" for b in "snhrd"][:VOCAB - len(tokens)]
+    tokens += pairs
+    assert len(tokens) == VOCAB
+    bpe = models.BPE({t: i for i, t in enumerate(tokens)}, [(p[0], p[1]) for p in pairs], unk_token="<unk>",
+                     byte_fallback=True)
+    tokenizer = Tokenizer(bpe)
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def llama_text(llama, tmp_path_factory):
+    """The Llama bank export plus a tokenizer."""
+    root = tmp_path_factory.mktemp("engine-text") / "onnx"
+    shutil.copytree(llama["onnx"], root)
+    write_tokenizer(root)
+    return root
+
+
+def test_detokenizer_sends_whole_characters(llama_text):
+    session = MultiAdapterSession(llama_text)
+    tok = session.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in ["a", "<0xC3>", "<0xA9>", "b", "<0xE2>", "<0x82>", "<0xAC>", "th"]]
+    detok = _Detokenizer(session.decode, ())
+    texts = [detok.push(t)[0] for t in ids]
+    assert texts == ["a", "", "é", "b", "", "", "€", "th"]
+    assert "".join(texts) + detok.flush() == session.decode(ids) == "aéb€th"
+    cut = _Detokenizer(session.decode, ())  # ends mid-character: the replacement character, as decode gives
+    assert "".join(cut.push(t)[0] for t in ids[:2]) + cut.flush() == session.decode(ids[:2]) == "a\ufffd"
+    stop = _Detokenizer(session.decode, ["b€"])
+    sent = [stop.push(t) for t in ids]
+    assert [t for t, _ in sent[:7]] == ["a", "", "é", "", "", "", ""] and sent[6][1]  # "b" held back, then cut
+
+
+def test_text_stop_strings_and_stop_tokens(llama_text):
+    session = MultiAdapterSession(llama_text)
+    prompts = token_rows(6, seed=49, low=3, high=8)
+    adapters = ["a0", "a1", "a2", None, "a0", "a1"]
+
+    async def main(params_of):
+        engine = GenerationEngine(session, max_batch_rows=4)
+        await engine.start()
+        try:
+            streams = [engine.submit(p, a, params_of(i)) for i, (p, a) in enumerate(zip(prompts, adapters))]
+            events = []
+            for s in streams:
+                events.append([e async for e in s])
+            return streams, events
+        finally:
+            await engine.stop()
+
+    full, full_events = run(main(lambda i: SamplingParams(max_new_tokens=24)))
+    for s, events in zip(full, full_events, strict=True):
+        assert [e.token_id for e in events] == s.token_ids
+        assert "".join(e.text for e in events) == s.text == session.decode(s.token_ids)
+    # a stop string from the middle of each row's text (2 printable characters: spans two tokens or more)
+    stops = []
+    for s in full:
+        text = s.text
+        k = next(k for k in range(len(text) // 3, len(text) - 1) if text[k:k + 2].isascii() and text[k:k + 2].isprintable())
+        stops.append(text[k:k + 2])
+    stopped, stopped_events = run(main(lambda i: SamplingParams(max_new_tokens=24, stop=[stops[i], "\x00never"])))
+    for s, ref, stop, events in zip(stopped, full, stops, stopped_events, strict=True):
+        cut = ref.text.index(stop)
+        assert s.finish_reason == "stop" and s.text == ref.text[:cut], (stop, ref.text)
+        assert all(stop not in e.text for e in events)
+        # tokens up to the one that completed the stop string
+        n = next(n for n in range(1, len(ref.token_ids) + 1) if stop in session.decode(ref.token_ids[:n]))
+        assert s.token_ids == ref.token_ids[:n]
+    # a stop token: the row ends with it (kept in the ids, not in the text)
+    stop_token = full[0].token_ids[5]
+    (ended, *_), _ = run(main(lambda i: SamplingParams(max_new_tokens=24, stop_token_ids=[stop_token])))
+    first = full[0].token_ids.index(stop_token)
+    assert ended.token_ids == full[0].token_ids[:first + 1] and ended.finish_reason == "stop"
+    assert ended.text == session.decode(full[0].token_ids[:first])
+
+
+# ---- parameters and the engine's settings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,fields", [
+    ({"max_new_tokens": 0}, ["max_new_tokens"]),
+    ({"max_new_tokens": 5000}, ["max_new_tokens"]),
+    ({"max_new_tokens": True}, ["max_new_tokens"]),
+    ({"temperature": 0.0}, ["temperature"]),
+    ({"temperature": -1.0}, ["temperature"]),
+    ({"temperature": float("nan")}, ["temperature"]),
+    ({"top_p": 0.0}, ["top_p"]),
+    ({"top_p": 1.5}, ["top_p"]),
+    ({"top_k": -1}, ["top_k"]),
+    ({"seed": -1}, ["seed"]),
+    ({"seed": 1.5}, ["seed"]),
+    ({"stop": [""]}, ["stop"]),
+    ({"stop": [3]}, ["stop"]),
+    ({"stop_token_ids": [-2]}, ["stop_token_ids"]),
+    ({"do_sample": "yes"}, ["do_sample"]),
+    ({"temperature": 0, "top_p": 2, "seed": -5, "max_new_tokens": -1}, ["max_new_tokens", "temperature", "top_p", "seed"]),
+])
+def test_sampling_params_name_every_bad_field(kwargs, fields):
+    with pytest.raises(SamplingParamsError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.fields == fields and err.value.field == fields[0]
+    assert all(f"{f}:" in str(err.value) for f in fields)
+    assert isinstance(err.value, ServingError) and isinstance(err.value, ValueError)
+
+
+def test_sampling_params_normalize():
+    params = SamplingParams(stop="\n", stop_token_ids=[np.int64(4)], max_new_tokens=np.int64(3))
+    assert params.stop == ("\n",) and params.stop_token_ids == (4,) and type(params.max_new_tokens) is int
+
+
+def test_submit_checks_against_the_graph(llama):
+    session = MultiAdapterSession(llama["onnx"])
+
+    async def main():
+        engine = GenerationEngine(session)
+        with pytest.raises(ServingError, match="not running"):
+            engine.submit([5, 6], None, SamplingParams())
+        await engine.start()
+        try:
+            with pytest.raises(ContextLengthError, match="64 positions") as err:
+                engine.submit([5] * 60, None, SamplingParams(max_new_tokens=10))
+            assert err.value.param == "max_new_tokens"
+            with pytest.raises(SamplingParamsError, match="tokenizer") as err:
+                engine.submit([5], None, SamplingParams(stop=["x"]))  # this export has no tokenizer
+            assert err.value.field == "stop"
+            with pytest.raises(UnknownAdapterError) as refused:
+                engine.submit([5], "nope", SamplingParams())
+            assert str(refused.value) == "adapter 'nope' is not loaded on this server"  # no other adapter named
+            with pytest.raises(ServingError):
+                engine.submit([], None, SamplingParams())
+            with pytest.raises(ServingError):
+                engine.submit("some text", None, SamplingParams())
+            with pytest.raises(SamplingParamsError, match="params"):
+                engine.submit([5], None, {"max_new_tokens": 3})
+            assert engine.stats()["queued_rows"] == 0
+            ok = await engine.submit([5, 6, 7], "__base__", SamplingParams(max_new_tokens=5)).collect()
+            assert ok.token_ids == ref_generate(llama, [5, 6, 7], None, 5)
+        finally:
+            await engine.stop()
+
+    run(main())
+    with pytest.raises(ServingError, match="max_batch_rows"):
+        GenerationEngine(session, max_batch_rows=0)
+
+
+def test_engine_refuses_an_encoder_graph(banks):
+    session = MultiAdapterSession(banks("bert")["onnx"])
+    with pytest.raises(ServingError, match="text-generation-with-past"):
+        GenerationEngine(session)
+
+
+def test_observer_reports_the_metrics_and_its_failures_do_not_matter(llama):
+    session = MultiAdapterSession(llama["onnx"])
+    seen: list[tuple[str, dict]] = []
+
+    def observer(event, values):
+        seen.append((event, dict(values)))
+        raise RuntimeError("a broken metrics backend")
+
+    prompts = token_rows(5, seed=50)
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=3, observer=observer)
+        await engine.start()
+        try:
+            streams = [engine.submit(p, "a0", SamplingParams(max_new_tokens=3 + i)) for i, p in enumerate(prompts)]
+            return [await s.collect() for s in streams]
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    assert [r.token_ids for r in results] == [ref_generate(llama, p, "a0", 3 + i) for i, p in enumerate(prompts)]
+    kinds = [e for e, _ in seen]
+    assert kinds.count("queued") == kinds.count("started") == kinds.count("first_token") == kinds.count("finished") == 5
+    finished = [v for e, v in seen if e == "finished"]
+    assert sorted(v["completion_tokens"] for v in finished) == sorted(len(r.token_ids) for r in results)
+    steps = [v for e, v in seen if e == "step"]
+    assert max(v["rows"] for v in steps) == 3
+    generated = sum(len(r.token_ids) for r in results)
+    assert sum(v["tokens"] for v in steps) + 5 == generated  # each row's first token comes from its prefill
+    assert sum(len(v["inter_token_s"]) for v in steps) == generated - 5
+    assert all(v["ttft_s"] >= v["queue_s"] >= 0 for v in finished)
+
+
+def test_stop_ends_running_and_waiting_rows_with_an_error(llama):
+    session = MultiAdapterSession(llama["onnx"])
+    gate = StepGate(steps=[2])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=1, observer=gate)
+        await engine.start()
+        running = engine.submit([5, 6, 7], "a0", SamplingParams(max_new_tokens=30))
+        await gate.paused()
+        waiting = engine.submit([8, 9], "a1", SamplingParams(max_new_tokens=3))
+        gate.go()
+        await engine.stop()
+        outcomes = []
+        for stream in (running, waiting):
+            with pytest.raises(ServingError, match="stopped"):
+                await stream.collect()
+            outcomes.append(stream.done)
+        # started again, it serves again
+        await engine.start()
+        try:
+            again = await engine.submit([5, 6, 7], "a0", SamplingParams(max_new_tokens=4)).collect()
+        finally:
+            await engine.stop()
+        return outcomes, again
+
+    done, again = run(main())
+    assert done == [True, True]
+    assert again.token_ids == ref_generate(llama, [5, 6, 7], "a0", 4)
+
+
+def test_http_generate_joins_the_running_batch(llama):
+    """/v1/generate on the engine: a short request sent while a long one decodes answers first; both are right."""
+    import concurrent.futures as cf
+    import json
+    import urllib.request
+
+    from bca_deploy.serving.http import ServerThread, build
+
+    app = build(llama["onnx"], threads=1)
+    gate = StepGate(steps=[2])
+    app.state.engine.observer = gate
+    eos = app.state.session.eos_token_ids
+    long_prompt = next(p for p in token_rows(20, seed=51, low=4, high=9) if not eos & set(ref_generate(llama, p, "a2", 30)))
+    short_prompt = token_rows(1, seed=52)[0]
+    finished: list[str] = []
+
+    def generate(url, prompt, adapter, n, label):
+        body = json.dumps({"input": [prompt], "adapter": adapter, "max_new_tokens": n}).encode()
+        request = urllib.request.Request(url + "/v1/generate", data=body, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            answer = json.loads(response.read())
+        finished.append(label)
+        return answer["data"][0]["token_ids"]
+
+    with ServerThread(app, startup_timeout=TIMEOUT) as server, cf.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(generate, server.url, long_prompt, "a2", 30, "long")
+        assert gate._paused.wait(TIMEOUT)  # the long request is decoding (paused after its 2nd step)
+        gate._paused.clear()
+        short = pool.submit(generate, server.url, short_prompt, "a1", 3, "short")
+        while app.state.engine.stats()["queued_rows"] == 0:  # the short request reached the engine
+            threading.Event().wait(0.01)
+        gate.go()
+        assert short.result(TIMEOUT) == ref_generate(llama, short_prompt, "a1", 3)
+        assert long.result(TIMEOUT) == ref_generate(llama, long_prompt, "a2", 30)
+    assert finished == ["short", "long"]
+    assert max(v["rows"] for v in gate.of("step")) == 2  # they shared steps
+
+
+def test_http_rows_whose_adapter_is_unloaded_while_queued_name_only_their_adapter(llama):
+    """Tenant isolation on the wire: /v1/generate (JSON 404) and a streamed /v1/completions (an error event) whose
+    adapter is unloaded after their rows were queued and before they started never name the other adapters."""
+    import concurrent.futures as cf
+    import json
+    import urllib.error
+    import urllib.request
+
+    from bca_deploy.serving.http import ServerThread, build
+
+    app = build(llama["onnx"], threads=1, max_batch_rows=1)  # one row runs: the others wait in the queue
+    session = app.state.session
+    session.register("extra", llama["extra"]["extra"])
+    gate = StepGate(steps=[2])
+    app.state.engine.observer = gate
+
+    def post(url, path, body):
+        request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    with ServerThread(app, startup_timeout=TIMEOUT) as server, cf.ThreadPoolExecutor(3) as pool:
+        running = pool.submit(post, server.url, "/v1/generate", {"input": [[5, 6, 7]], "adapter": "a0",
+                                                                 "max_new_tokens": 8})
+        assert gate._paused.wait(TIMEOUT)  # decoding, paused after its 2nd step
+        gate._paused.clear()
+        native = pool.submit(post, server.url, "/v1/generate", {"input": [[8, 9]], "adapter": "extra"})
+        streamed = pool.submit(post, server.url, "/v1/completions", {"model": "extra", "prompt": [8, 9],
+                                                                     "max_tokens": 4, "stream": True})
+        while app.state.engine.stats()["queued_rows"] < 2:  # both rows are queued behind the running one
+            threading.Event().wait(0.01)
+        session.unregister("extra")
+        gate.steps.clear()
+        gate.go()
+        assert running.result(TIMEOUT)[0] == 200
+        status, text = native.result(TIMEOUT)
+        stream_status, stream_text = streamed.result(TIMEOUT)
+    assert status == 404 and json.loads(text)["error"] == {
+        "message": "adapter 'extra' is not loaded on this server", "type": "unknown_adapter", "param": None,
+        "code": 404}
+    events = [json.loads(line[len("data: "):]) for line in stream_text.splitlines()
+              if line.startswith("data: {")]
+    assert stream_status == 200 and events[-1]["error"]["type"] == "unknown_adapter", stream_text
+    assert events[-1]["error"]["message"] == "adapter 'extra' is not loaded on this server"  # no other adapter named

@@ -1,0 +1,177 @@
+"""Ray Serve scale-out: a local Ray instance, two replicas, adapters multiplexed over them.
+
+The tiny BERT bank (exported adapters a0..a2) with a store of three more adapters (s1..s3, each loaded
+on demand by the replica a request is routed to; at most two per replica, so the least recently used
+one is evicted): embeddings through the official ``openai`` client against Ray's HTTP proxy on
+127.0.0.1 are checked against the in-process :class:`~bca_deploy.serving.MultiAdapterSession`, and
+consecutive requests for one store adapter are answered by the replica that holds it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
+from exporters_helpers import build_model
+from http_helpers import assert_error, bank, call, free_port
+
+from bca_deploy import inject, save_adapter
+from bca_deploy.serving import MultiAdapterSession
+
+TEXTS = ["the water is hot", "you can see the day", "zebra"]
+STORE = {"s1": (["query", "value"], 8, 31), "s2": (["value", "intermediate.dense"], 8, 32),
+         "s3": (["query", "value"], 16, 33), "s4": (["query", "value"], 8, 34)}  # s4: loaded by the load routes only
+BODY_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def ray_app(tmp_path_factory):
+    from bca_deploy.serving.options import ServeOptions
+    from bca_deploy.serving.ray import run
+
+    art = bank("bert", tmp_path_factory)
+    store = tmp_path_factory.mktemp("ray-store")
+    for name, (targets, p, seed) in STORE.items():
+        model = build_model("bert")
+        inject(model, targets, block_size=p, init="normal", init_std=0.05, seed=seed)
+        save_adapter(model, store / name)
+    (store / "misfit").symlink_to(art["store"] / "misfit", target_is_directory=True)  # a link out of this store
+    port = free_port()
+    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to start: a busy machine can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    try:
+        options = ServeOptions(host="127.0.0.1", port=port, threads=1, max_wait_ms=2, served_model_name="tiny-bert",
+                               body_timeout_s=BODY_TIMEOUT_S)
+        run(art["onnx"], adapter_store=store, replicas=2, max_adapters_per_replica=2, replica_cpus=0.5,
+            options=options, blocking=False)  # what bca-deploy serve-ray runs (blocking)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:  # serve.run returns once the application is ready; the proxy may take a moment more
+            try:
+                if call(url + "/health", timeout=10)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the Ray application did not come up"
+            time.sleep(0.5)
+        session = MultiAdapterSession(art["onnx"], intra_op_threads=1)
+        for name in STORE:
+            session.register(name, store / name)
+        yield {"url": url, "session": session}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_adapters_are_routed_loaded_on_demand_and_answered_correctly(ray_app):
+    url, session = ray_app["url"], ray_app["session"]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["tiny-bert", "a0", "a1", "a2", "s1", "s2", "s3", "s4"]
+    holders: dict[str, list[str]] = {}
+
+    def embed(model: str) -> None:
+        raw = client.embeddings.with_raw_response.create(model=model, input=TEXTS)
+        answer = raw.parse()
+        adapter = None if model == "tiny-bert" else model
+        expected = session.embed(TEXTS, [adapter] * len(TEXTS), normalize=True)
+        np.testing.assert_allclose([d.embedding for d in answer.data], expected, atol=1e-5, rtol=0)
+        holders.setdefault(model, []).append(raw.headers["x-bca-replica"])
+
+    for model in ("s1", "a0", "s2", "tiny-bert", "s3", "a1", "s1", "a2"):
+        embed(model)
+        if model.startswith("s"):
+            # Replicas report the adapters they hold to Ray's controller every 0.1 s, and the controller tells the
+            # router: give it that time, then every request for the adapter goes to the replica holding it.
+            time.sleep(2.0)
+            for _ in range(3):
+                embed(model)
+            assert len(set(holders[model][-4:])) == 1, holders
+    # a new adapter goes to the replica holding the fewest: the store adapters spread over both replicas
+    assert len({holders[m][0] for m in ("s1", "s2", "s3")}) == 2, holders
+    assert np.abs(session.embed(TEXTS, ["s1"] * 3) - session.embed(TEXTS, ["s2"] * 3)).max() > 1e-2
+
+
+def test_errors_through_ray_are_the_single_servers(ray_app):
+    url = ray_app["url"]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.embeddings.create(model="nothing-here", input="hi")
+    assert caught.value.body["type"] == "unknown_adapter"
+    assert caught.value.body["message"] == "adapter 'nothing-here' is not loaded on this server"  # as a single server
+    status, body = call(url + "/v1/embeddings", "POST", {"model": "misfit", "input": "hi"})
+    assert_error(status, body, 422, "invalid_adapter_name", ["outside the adapter store"])
+    status, body = call(url + "/v1/embeddings", "POST", {"model": "a0", "input": ["x"] * 300})
+    assert_error(status, body, 413, "request_too_large")
+    status, body = call(url + "/v1/embeddings", "POST", raw=b"{not json")
+    assert_error(status, body, 400, "invalid_json")
+
+
+def test_load_routes_load_on_a_replica_and_unloading_is_lrus_job(ray_app):
+    url = ray_app["url"]
+    status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "s4"})  # held by no replica yet
+    assert status == 200 and body["adapter"]["name"] == "s4" and body["adapter"]["source"] == "store", body
+    time.sleep(2.0)  # the router learns which replica holds s4 (see above): the next load goes there
+    for path, payload in (("/v1/load_lora_adapter", {"lora_name": "s4"}), ("/v1/adapters", {"name": "s4"}),
+                          ("/v1/adapters", {"name": "a1"})):  # a1: exported, in every replica's bank
+        status, body = call(url + path, "POST", payload)  # loaded already: the single server's 409
+        assert_error(status, body, 409, "adapter_exists", [repr(payload.get("name", payload.get("lora_name")))])
+    for path, payload, field in (("/v1/load_lora_adapter", {"lora_name": "s4", "load_inplace": True}, "load_inplace"),
+                                 ("/v1/adapters", {"name": "s4", "replace": True}, "replace"),
+                                 ("/v1/adapters", {"name": "s1", "bogus": 1}, "bogus")):
+        status, body = call(url + path, "POST", payload)  # replacing would reach one replica only: refused
+        assert_error(status, body, 422, "invalid_request", [field])
+        assert body["error"]["param"] == field
+    status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "copy", "lora_path": "s2"})
+    assert_error(status, body, 422, "invalid_request", ["lora_path"])
+    for method, path, payload in (("POST", "/v1/unload_lora_adapter", {"lora_name": "s2"}),
+                                  ("DELETE", "/v1/adapters/s2", None)):
+        status, body = call(url + path, method, payload)
+        assert_error(status, body, 400, "bad_request", ["least recently used"])
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(ray_app):
+    import socket
+
+    port = int(ray_app["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100\r\n\r\n{\"input\"")  # 9 of the 100 bytes announced, then nothing
+        start = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - start < BODY_TIMEOUT_S + 30, time.monotonic() - start
+
+
+def test_options_ray_does_not_apply_are_refused_not_ignored():
+    from bca_deploy.errors import ServingError
+    from bca_deploy.serving.options import NOT_ON_RAY, ServeOptions
+    from bca_deploy.serving.ray import _options_from, _ray_fields
+
+    assert not NOT_ON_RAY & set(_ray_fields(ServeOptions()))
+    with pytest.raises(ServingError, match="max_connections: not applied on Ray Serve"):
+        _ray_fields(ServeOptions(max_connections=3))
+    with pytest.raises(ServingError, match="header_timeout_s, max_header_bytes: not applied on Ray Serve"):
+        _options_from({"header_timeout_s": "5", "max_header_bytes": "2048", "max_batch_rows": "8"})
+    assert _options_from({"max_batch_rows": "8", "list_adapters": "false"}).list_adapters is False

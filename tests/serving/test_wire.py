@@ -1,0 +1,226 @@
+"""Request bodies, the error table, the server options and the adapter store's containment, without a server."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from bca_deploy.errors import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterNameError,
+    BCAError,
+    ContextLengthError,
+    NonFiniteError,
+    ServingError,
+    UnknownAdapterError,
+)
+from bca_deploy.serving.options import ServeOptions
+from bca_deploy.serving.store import AdapterStore
+from bca_deploy.serving.wire import (
+    ERRORS,
+    InvalidJSONError,
+    InvalidRequestError,
+    RequestTooLargeError,
+    ServerBusyError,
+    error_body,
+    error_status,
+    read_json,
+    validate,
+)
+
+
+def parse(body: bytes, depth: int = 8, chars: int = 100):
+    return read_json(body, max_depth=depth, max_chars=chars)
+
+
+# ---- read_json -------------------------------------------------------------------------------------------
+
+
+def test_read_json_accepts_ordinary_bodies():
+    assert parse(b'{"input": ["h\\u00e9llo", [1, 2]], "x": 1.5, "y": null}') == \
+        {"input": ["héllo", [1, 2]], "x": 1.5, "y": None}
+    assert parse('{"t": "\U0001F600 ok"}'.encode()) == {"t": "\U0001F600 ok"}  # a real pair is fine
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "words"),
+    [
+        (b"\xff\xfe{}", InvalidJSONError, ["UTF-8", "offset 0"]),
+        (b'{"a": "\xc3\x28"}', InvalidJSONError, ["UTF-8"]),
+        (b"{not json", InvalidJSONError, ["not valid JSON", "line 1"]),
+        (b"", InvalidJSONError, ["not valid JSON"]),
+        (b'{"t": NaN}', InvalidJSONError, ["NaN"]),
+        (b'{"t": -Infinity}', InvalidJSONError, ["-Infinity"]),
+        (b'{"t": 1e400}', InvalidJSONError, ["out of range"]),
+        (b'{"t": ' + b"9" * 5000 + b"}", InvalidJSONError, ["too large"]),
+        (b'{"t": "\\ud800"}', InvalidJSONError, ["lone surrogate", "t"]),
+        (b'{"a": {"\\udfff": 1}}', InvalidJSONError, ["lone surrogate"]),
+        (b"[" * 9 + b"]" * 9, RequestTooLargeError, ["deeper than 8"]),
+        (b"[" * 100_000 + b"]" * 100_000, RequestTooLargeError, ["deeper than 8"]),
+        (json.dumps({"t": "x" * 101}).encode(), RequestTooLargeError, ["t:", "101 characters", "100",
+                                                                        "--max-text-chars"]),
+        (json.dumps({"input": [["x" * 101]]}).encode(), RequestTooLargeError, ["input[0][0]", "101 characters"]),
+        (json.dumps({"k" * 101: 1}).encode(), RequestTooLargeError, ["key", "--max-text-chars"]),
+    ],
+)
+def test_read_json_refusals(body, error, words):
+    with pytest.raises(error) as caught:
+        parse(body)
+    assert isinstance(caught.value, BCAError)
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_read_body_limits_strings_by_max_text_chars_alone():
+    # the string limit is max_text_chars exactly, whatever max_request_rows is; arrays are not cut by it
+    # (a request's rows are counted by check_rows, a token-id row by the model's positions)
+    from bca_deploy.serving.options import ServeOptions
+    from bca_deploy.serving.wire import check_rows, read_body
+
+    options = ServeOptions(max_text_chars=10, max_request_rows=256)
+    assert read_body(json.dumps({"input": ["x" * 10], "ids": list(range(1000))}).encode(), options)
+    with pytest.raises(RequestTooLargeError, match="11 characters; this server's limit is 10 \\(--max-text-chars\\)"):
+        read_body(json.dumps({"input": "x" * 11}).encode(), options)
+    check_rows(256, options.max_request_rows)
+    with pytest.raises(RequestTooLargeError, match="prompt: 257 rows; this server's limit is 256 per request "
+                                                   "\\(--max-request-rows\\)"):
+        check_rows(257, options.max_request_rows, "prompt")
+
+
+def test_validate_reports_every_problem_and_the_first_field():
+    from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+    class Body(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        a: StrictInt = Field(ge=0)
+        b: StrictInt
+
+    with pytest.raises(InvalidRequestError) as caught:
+        validate(Body, {"a": -1, "b": "2", "c": 3})
+    message = str(caught.value)
+    assert "a: " in message and "b: " in message and "c: " in message
+    assert caught.value.param == "a"
+    with pytest.raises(InvalidRequestError, match="JSON object, got an array"):
+        validate(Body, [1])
+    assert validate(Body, {"a": 1, "b": 2}).b == 2
+
+
+# ---- the error table ---------------------------------------------------------------------------------------
+
+
+def test_every_error_type_has_one_status():
+    expected = {
+        UnknownAdapterError: (404, "unknown_adapter"),
+        AdapterNameError: (422, "invalid_adapter_name"),
+        AdapterMismatchError: (422, "adapter_does_not_fit"),
+        AdapterFormatError: (422, "invalid_adapter"),
+        NonFiniteError: (422, "invalid_adapter"),
+        InvalidJSONError: (400, "invalid_json"),
+        InvalidRequestError: (422, "invalid_request"),
+        ContextLengthError: (422, "context_length_exceeded"),
+        RequestTooLargeError: (413, "request_too_large"),
+        ServerBusyError: (503, "server_busy"),
+        ServingError: (400, "bad_request"),
+        BCAError: (400, "bad_request"),
+    }
+    for cls, answer in expected.items():
+        assert error_status(cls("x")) == answer, cls
+    assert error_status(ValueError("x")) == (500, "internal_error")  # not a BCAError: a bug, answered as such
+    assert error_status(UnicodeDecodeError("utf-8", b"", 0, 1, "x")) == (500, "internal_error")
+    statuses = {status for status, _ in ERRORS.values()}
+    assert statuses <= {400, 403, 404, 405, 408, 409, 413, 422, 500, 503}
+    assert error_body(404, "unknown_adapter", "m", "model") == \
+        {"error": {"message": "m", "type": "unknown_adapter", "param": "model", "code": 404}}
+
+
+# ---- options ---------------------------------------------------------------------------------------------
+
+
+def test_options_report_every_problem_at_once():
+    with pytest.raises(ServingError) as caught:
+        ServeOptions(port=99999, max_batch_rows=0, threads=0, max_wait_ms=float("nan"), list_adapters="yes",
+                     served_model_name="../x", max_request_rows=10, max_queued_rows=5, provider="tpu")
+    message = str(caught.value)
+    for word in ("port: 99999", "max_batch_rows: 0", "threads: 0", "max_wait_ms: expected a finite number",
+                 "list_adapters: expected true or false", "served_model_name: '../x'", "max_request_rows (10)",
+                 "provider: 'tpu'"):
+        assert word in message, word
+    assert ServeOptions().replace(port=1).port == 1
+    with pytest.raises(ServingError, match="max_json_depth"):
+        ServeOptions().replace(max_json_depth=1)
+
+
+def test_cli_serve_refuses_bad_numbers_without_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    # the command line's problems name the --flags the user typed
+    for args, word in ((["--port", "99999"], "--port: 99999"), (["--max-batch-rows", "0"], "--max-batch-rows: 0"),
+                       (["--max-wait-ms", "nan"], "--max-wait-ms"), (["--port", "0x10"], "0x10"),
+                       (["--body-timeout-s", "-1"], "--body-timeout-s")):
+        result = CliRunner().invoke(main, ["serve", str(tmp_path), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert word in result.output and "Traceback" not in result.output, (args, result.output)
+
+
+# ---- the adapter store: everything in an entry stays inside the store ---------------------------------
+
+
+def _entry(directory, config: str = '{"x": 1}'):
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(config)
+    (directory / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+    return directory
+
+
+def test_store_refuses_file_links_out_and_never_shows_its_location(tmp_path):
+    store = tmp_path / "store"
+    _entry(store / "good")
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"modules": "TOP-SECRET"}')
+    linked = store / "linked-config"
+    linked.mkdir()
+    (linked / "adapter_config.json").symlink_to(secret)
+    (linked / "adapter_model.safetensors").write_bytes(b"\0")
+    weights = _entry(tmp_path / "outside-weights")
+    deep = _entry(store / "linked-weights")
+    (deep / "adapter_model.safetensors").unlink()
+    (deep / "adapter_model.safetensors").symlink_to(weights / "adapter_model.safetensors")
+    nested = _entry(store / "nested")
+    (nested / "sub").mkdir()
+    (nested / "sub" / "x").symlink_to(secret)
+    (store / "dir-out").symlink_to(weights, target_is_directory=True)
+    (store / "inside").symlink_to(store / "good", target_is_directory=True)
+    shared = _entry(store / "shared-file")  # a file link to another entry of the same store is inside
+    (shared / "adapter_model.safetensors").unlink()
+    (shared / "adapter_model.safetensors").symlink_to(store / "good" / "adapter_model.safetensors")
+
+    s = AdapterStore(store)
+    assert s.names() == ["good", "inside", "shared-file"]
+    assert s.path("inside") == (store / "good").resolve()
+    for name in ("linked-config", "linked-weights", "nested", "dir-out"):
+        with pytest.raises(AdapterNameError) as caught:
+            s.path(name)
+        message = str(caught.value)
+        assert name in message and "outside the adapter store" in message
+        assert str(tmp_path) not in message and "TOP-SECRET" not in message
+    with pytest.raises(UnknownAdapterError) as caught:
+        s.path("missing")
+    assert "good" not in str(caught.value) and str(tmp_path) not in str(caught.value)
+    assert s.redact(f"{store}/good/adapter_config.json: bad") == "good/adapter_config.json: bad"
+    assert s.redact(f"at {store}") == "at <store>"
+
+
+def test_store_bounds_an_entrys_file_count(tmp_path):
+    entry = _entry(tmp_path / "store" / "many")
+    for i in range(70):
+        (entry / f"f{i}").write_text("")
+    with pytest.raises(AdapterNameError, match="more than 64 files"):
+        AdapterStore(tmp_path / "store").path("many")
+    assert os.path.isdir(entry)
