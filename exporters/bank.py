@@ -1,20 +1,23 @@
 """Adapter-bank graphs: one unmerged graph that serves many adapters, chosen per row by ``adapter_ids``.
 
 An unmerged export (:mod:`bca_deploy.exporters.graph`) mixes the spectra of a layer's input with one
-frequency-domain constant ``W`` of shape (2, 2F, q, o). A bank graph replaces every such constant by
+frequency-domain constant ``W`` of shape (1, R, q, o). A bank graph replaces every such constant by
 a **graph input** holding a stack of them, one slot per adapter::
 
-    <module>.bca_freq_p<p>   (2, 2F, S, q, o)  float32   slot s = adapter s; slot 0 = zeros (base only)
+    <module>.bca_freq_p<p>   (S, 1, R, q, o)  float32   slot s = adapter s; slot 0 = zeros (base only)
     adapter_ids              (batch,)          int64     the slot of each row
 
 and each layer gathers its rows' slots before the mix, so row b is multiplied by slot
 ``adapter_ids[b]`` only::
 
-    Wb = Gather(bank, adapter_ids, axis=2)       (2, 2F, B, q, o)
-    P  = X.view(1, 2F, B, T, q) @ Wb             (2, 2F, B, T, o)   (was (1, 2F, N, q) @ W)
+    Wb = Transpose(Gather(bank, adapter_ids, axis=0))   (1, R, B, q, o)
+    P  = X.view(1, R, B, T, q) @ Wb                     (1, R, B, T, o)   (was (1, R, N, q) @ W)
 
-Everything before and after the mix is the single-adapter graph unchanged, so a bank costs a Gather of
-``B`` small kernels per layer over the single-adapter graph. The bank tensors are initializers listed
+Everything before and after the mix is the single-adapter graph unchanged, so a bank costs a Gather and
+a Transpose of ``B`` small kernels per layer over the single-adapter graph. The slot axis comes first so
+that each slot is one contiguous block: gathering 64 rows' slots out of 1,025 reads 64 blocks (measured
+under onnxruntime, 12 MiniLM inputs: +4 ms over a 17-slot bank), where a slot axis in the middle read
+8,448 scattered 144-byte pieces (+52 ms, as much as 8% of a 64-row batch). The bank tensors are initializers listed
 as graph inputs: run the graph with only ``adapter_ids`` and the adapters it was exported with are
 used (slot i = the i-th adapter, in export order); feed the bank inputs to serve any other set of
 adapters (what :class:`bca_deploy.serving.MultiAdapterSession` does, with only the slots a batch
@@ -22,16 +25,28 @@ needs); or activate one adapter file per run (``adapters/<name>.onnx_adapter``, 
 ``AdapterFormat`` file holding every bank tensor as two slots: zeros and the adapter) with
 ``RunOptions.add_active_adapter``, then ``adapter_ids`` is 1 for adapted rows and 0 for base rows.
 
-The graph is rewritten with ``onnx`` after optimum-onnx has exported the single-adapter graph with
-placeholder constants; nothing here depends on how optimum names other tensors.
+A **text-classification** bank holds each slot's classifier head as well (see "classification heads"
+below): every Linear layer of the head (BERT's ``classifier``, RoBERTa's ``classifier.dense`` and
+``classifier.out_proj``, a decoder's ``score``; whatever Linear layers an adapter saves whole) becomes
+bank inputs ``(S, in, out)`` / ``(S, out)`` gathered per row, the label layer with a dynamic label axis:
+slot 0 holds the checkpoint's head (or none), slot i adapter i's own head (or the checkpoint's when it
+saves none). Each row's logits are exactly its own model's; labels a slot does not have are -inf.
+
+The graph is rewritten with ``onnx`` after the single-adapter graph was exported with placeholder
+constants (:func:`placeholder_kernels`, :func:`exportable_heads`); nothing here depends on how the
+exporter names other tensors. :class:`BankPlan` is the export's side: load, plan, write, validate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import threading
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,9 +57,12 @@ from bca_deploy.errors import AdapterMismatchError, format_problems
 from bca_deploy.inject import bca_layers
 from bca_deploy.layers import BCALinear
 
-from .errors import ExportError
-from .graph import _FREQ_PREFIX, frequency_kernels
-from .validate import ADAPTER_IDS
+from .errors import ExportError, UnsupportedExportError
+from .graph import _FREQ_PREFIX, _scalar_type, frequency_kernels, frequency_shape
+from .validate import ADAPTER_IDS, ONNX_FILE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .validate import ValidationReport
 
 __all__ = [
     "ADAPTER_IDS",
@@ -57,17 +75,34 @@ __all__ = [
     "placeholder_kernels",
     "model_adapter_tensors",
     "adapter_tensors",
+    "adapter_slot",
     "stack_bank",
     "rewrite_as_bank",
     "write_adapter_file",
     "layout_to_dict",
     "layout_from_dict",
+    "HEAD_WEIGHT",
+    "HEAD_BIAS",
+    "LABELS_DIM",
+    "LABEL_PAD",
+    "HEAD_BASE_FILE",
+    "HeadLayer",
+    "HeadLabels",
+    "HeadWeights",
+    "HeadLayout",
+    "model_head_modules",
+    "head_layout_problems",
+    "model_head_weights",
+    "adapter_head",
+    "exportable_heads",
+    "stack_head",
+    "BankPlan",
 ]
 
 #: Slot 0 of every bank is zeros: the base model alone.
 BASE_SLOT = 0
-#: The slot axis of a bank tensor (2, 2F, S, q, o).
-SLOT_AXIS = 2
+#: The slot axis of a bank tensor (S, 1, R, q, o) and of a head bank tensor (S, in, out), (S, out).
+SLOT_AXIS = 0
 #: Sub-directory of an export holding one onnxruntime AdapterFormat file per adapter.
 ADAPTERS_DIR = "adapters"
 ADAPTER_FILE_SUFFIX = ".onnx_adapter"
@@ -92,13 +127,11 @@ class BankTensor:
 
     @property
     def slot_shape(self) -> tuple[int, int, int, int]:
-        """(2, 2F, q, o): one slot, as :func:`~bca_deploy.exporters.graph.frequency_kernels` returns it."""
-        p = self.block_size
-        return (2, 2 * (p // 2 + 1), self.in_features // p, self.out_features // p)
+        """(1, R, q, o): one slot, as :func:`~bca_deploy.exporters.graph.frequency_kernels` returns it."""
+        return frequency_shape(self.block_size, self.in_features, self.out_features)
 
     def bank_shape(self, slots: int) -> tuple[int, int, int, int, int]:
-        two, two_f, q, o = self.slot_shape
-        return (two, two_f, slots, q, o)
+        return (slots, *self.slot_shape)
 
 
 def layout_to_dict(layout: Mapping[str, BankTensor]) -> list[dict]:
@@ -148,6 +181,26 @@ def placeholder_kernels(layout: Mapping[str, BankTensor]):
     return kernels
 
 
+_ONE_THREAD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run PyTorch single-threaded inside the block (process-wide, serialized by a lock).
+
+    A kernel's transform is a few dozen 64-point FFTs: with 2 intra-op threads each call waits for a second
+    thread to wake up, which on the shared 2-core machine took 12 ms per ``rfft`` against 0.1 ms on one
+    thread (measured while other jobs ran): registering a MiniLM q/v adapter took ~200 ms instead of ~5.
+    """
+    with _ONE_THREAD:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _frequency(kernel: torch.Tensor, scaling: float) -> np.ndarray:
     # scaling · kernel in fp32 exactly as BCALinear.scaled_kernel computes it, then the float64 transform.
     k = kernel.detach().float()
@@ -157,7 +210,7 @@ def _frequency(kernel: torch.Tensor, scaling: float) -> np.ndarray:
 
 
 def model_adapter_tensors(model: nn.Module, adapter_name: str, layout: Mapping[str, BankTensor]) -> dict[str, np.ndarray]:
-    """The slot of adapter ``adapter_name`` (held by ``model``) in every bank input it touches: ``{name: (2, 2F, q, o)}``."""
+    """The slot of adapter ``adapter_name`` (held by ``model``) in every bank input it touches: ``{name: (1, R, q, o)}``."""
     tensors: dict[str, np.ndarray] = {}
     for path, layer in bca_layers(model):
         if adapter_name not in layer.bca_kernels:
@@ -170,71 +223,456 @@ def model_adapter_tensors(model: nn.Module, adapter_name: str, layout: Mapping[s
     return tensors
 
 
+def head_params(head: HeadLayout):
+    """The head layers' parameters as the one fit check sees them (:class:`bca_deploy.fit.ParamInfo`, PyTorch
+    shapes); the label layer's are resizable (any number of labels), checked by :func:`adapter_head`."""
+    from bca_deploy.fit import ParamInfo
+
+    params, resizable = {}, set()
+    for layer in head.layers:
+        params[f"{layer.module}.weight"] = ParamInfo((layer.out_features, layer.in_features), "float32")
+        if layer.bias or layer.labels:
+            params[f"{layer.module}.bias"] = ParamInfo((layer.out_features,), "float32")
+        if layer.labels:
+            resizable |= {f"{layer.module}.weight", f"{layer.module}.bias"}
+    return params, frozenset(resizable)
+
+
+def adapter_slot(
+    config: AdapterConfig,
+    state: Mapping[str, torch.Tensor],
+    layout: Mapping[str, BankTensor],
+    base_model_prefix: str = "",
+    source: str = "adapter",
+    head: HeadLayout | None = None,
+    base_head: HeadWeights | None = None,
+    model_type: str | None = None,
+) -> tuple[dict[str, np.ndarray], HeadWeights | None]:
+    """An adapter read from disk (:func:`bca_deploy.read_adapter`) → its slot: kernels and classifier head.
+
+    The adapter is checked against the graph by the one fit check (:func:`bca_deploy.fit.check_adapter`
+    on :func:`bca_deploy.fit.bank_target`, the head layers as the parameters whole modules may replace):
+    module paths that differ from the graph's only by ``base_model_prefix`` are aligned, and every
+    problem (with those of :func:`adapter_head`) is collected and raised at once.
+
+    Args:
+        head: the graph's per-slot classifier head (None: the graph has none, and an adapter saving
+            whole modules is refused).
+        base_head: the base checkpoint's head layers (fill the layers an adapter does not save).
+        model_type: the graph's ``model_type`` (an adapter trained on another is refused).
+
+    Returns:
+        ``({bank input: (1, R, q, o)}, head)``: the frequency-domain kernels of every bank input the
+        adapter touches, and its own head (see :func:`adapter_head`; None: its rows use the base head).
+
+    Raises:
+        AdapterMismatchError: a module the graph does not adapt, a block size or shape the bank does
+            not hold, a missing, mis-typed or non-finite tensor, another ``model_type``, or
+            ``modules_to_save`` that are not a head the bank holds (each named).
+    """
+    from bca_deploy.fit import adapter_problems, align_to_target, bank_target, target_problems
+
+    params, resizable = (None, frozenset()) if head is None else head_params(head)
+    target = dataclasses.replace(bank_target(layout, model_type, base_model_prefix, params=params),
+                                 resizable=resizable)
+    config, state = align_to_target(config, state, target)
+    problems = adapter_problems(config, state) + target_problems(config, state, target)
+    tensors: dict[str, np.ndarray] = {}
+    with _one_torch_thread():
+        own_head, head_problems = adapter_head(config, state, head, base_head)
+        if not problems:
+            for path, spec in sorted(config.modules.items()):
+                entry = BankTensor(path, spec.block_size, spec.in_features, spec.out_features, spec.layer_type)
+                tensors[entry.name] = _frequency(state[path + KERNEL_SUFFIX], spec.scaling)
+    problems += head_problems
+    if problems:
+        raise AdapterMismatchError(format_problems(f"{source} does not fit {target.description}:", problems))
+    return tensors, own_head
+
+
 def adapter_tensors(
     config: AdapterConfig,
     state: Mapping[str, torch.Tensor],
     layout: Mapping[str, BankTensor],
     base_model_prefix: str = "",
     source: str = "adapter",
+    model_type: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """An adapter read from disk (:func:`bca_deploy.read_adapter`) → its slot in every bank input it touches.
-
-    Module paths that differ from the graph's only by ``base_model_prefix`` are aligned (an adapter
-    trained on ``LlamaForCausalLM`` served by a ``LlamaModel`` graph). Every problem is collected and
-    raised at once.
-
-    Raises:
-        AdapterMismatchError: a module the graph does not adapt, a block size or shape the bank does
-            not hold, a missing or non-finite kernel, or ``modules_to_save`` (whole modules, e.g. a
-            classifier head, cannot differ per row of one graph).
-    """
-    from bca_deploy.adapter_io import align_paths, kernel_problem
-
-    modules = {entry.module for entry in layout.values()}
-    config, state = align_paths(config, dict(state), base_model_prefix, lambda path: path in modules)
-    problems: list[str] = []
-    if config.modules_to_save:
-        problems.append(
-            f"it saves whole modules ({', '.join(config.modules_to_save)}), which every row of a bank graph shares; "
-            "serve it merged (bca-deploy export --merge) or exported on its own"
-        )
-    tensors: dict[str, np.ndarray] = {}
-    for path, spec in sorted(config.modules.items()):
-        entry = BankTensor(path, spec.block_size, spec.in_features, spec.out_features, spec.layer_type)
-        if entry.name not in layout:
-            held = sorted(e.block_size for e in layout.values() if e.module == path)
-            if held:
-                problems.append(f"{path}: block size {spec.block_size}; the bank graph holds block size(s) "
-                                f"{', '.join(map(str, held))} for this module")
-            else:
-                problems.append(f"{path}: not adapted in the bank graph (it adapts {len(modules)} modules, e.g. "
-                                f"{', '.join(sorted(modules)[:3])})")
-            continue
-        bank_entry = layout[entry.name]
-        if bank_entry != entry:
-            problems.append(f"{path}: {spec.layer_type} {spec.in_features}→{spec.out_features}; the graph's module is "
-                            f"{bank_entry.layer_type} {bank_entry.in_features}→{bank_entry.out_features}")
-            continue
-        problem = kernel_problem(state, path, spec)
-        if problem is not None:
-            problems.append(f"{path}: {problem}")
-            continue
-        tensors[entry.name] = _frequency(state[path + KERNEL_SUFFIX], spec.scaling)
-    if problems:
-        raise AdapterMismatchError(format_problems(f"{source} does not fit the bank graph:", problems))
-    return tensors
+    """The kernels of :func:`adapter_slot` for a graph without a per-slot head (``modules_to_save`` refused)."""
+    return adapter_slot(config, state, layout, base_model_prefix, source, model_type=model_type)[0]
 
 
 def stack_bank(slots: Sequence[Mapping[str, np.ndarray] | None], layout: Mapping[str, BankTensor]) -> dict[str, np.ndarray]:
-    """Bank inputs for ``slots`` (``None`` = zeros): ``{name: (2, 2F, S, q, o) float32}``, S = len(slots)."""
+    """Bank inputs for ``slots`` (``None`` = zeros): ``{name: (S, 1, R, q, o) float32}``, S = len(slots)."""
     banks: dict[str, np.ndarray] = {}
     for name, entry in layout.items():
         bank = np.zeros(entry.bank_shape(len(slots)), dtype=np.float32)
         for s, tensors in enumerate(slots):
             if tensors is not None and name in tensors:
-                bank[:, :, s] = tensors[name]
+                bank[s] = tensors[name]
         banks[name] = bank
     return banks
+
+
+# ---- classification heads --------------------------------------------------------------------------
+#
+# A text-classification bank holds each slot's classifier head as well: every Linear layer of the head
+# becomes two more bank inputs, gathered per row like the kernels,
+#
+#     <module>.bca_head_weight   (S, in, out)   float32   the Linear's weight, transposed
+#     <module>.bca_head_bias     (S, out)       float32
+#
+# and the layer computes ``y[b] = x[b] @ W[ids[b]] + bias[ids[b]]`` (x batch-first, any middle axes).
+# The **label layer** (the head's last Linear, whose outputs are the logits) has a dynamic output axis
+# ``bca_labels``: each slot's weights fill its own ``num_labels`` columns and the rest of the bank's
+# width is padding (weights 0, bias -inf), so a padding label never wins an argmax and gets probability
+# 0 under softmax or sigmoid. A slot without a head (the base model of a bare-encoder checkpoint) has a
+# NaN bias: its logits are NaN, and ``MultiAdapterSession.classify`` refuses such rows.
+
+#: Buffer / bank input names of a head Linear: ``<module>.bca_head_weight`` and ``<module>.bca_head_bias``.
+HEAD_WEIGHT = "bca_head_weight"
+HEAD_BIAS = "bca_head_bias"
+#: dim_param of the label axis of the label layer's bank inputs and of the logits.
+LABELS_DIM = "bca_labels"
+#: File of an export holding the base checkpoint's head layers (numpy ``.npz``; absent layers are absent).
+HEAD_BASE_FILE = "bca_head_base.npz"
+#: What fills a label column a slot does not have: its weight column is 0, its bias this.
+LABEL_PAD = -np.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayer:
+    """One Linear layer of the classifier head, held per slot.
+
+    Attributes:
+        module: the Linear's path in the graph's model (``classifier``, ``classifier.out_proj``...).
+        in_features: its input width.
+        out_features: its output width; for the label layer, the width of the exported default bank
+            (the axis is dynamic: each slot has its own number of labels).
+        labels: whether this is the label layer (the head's last Linear; its outputs are the logits).
+        bias: whether the layer has a bias (the label layer always gets a bias input, for the padding).
+    """
+
+    module: str
+    in_features: int
+    out_features: int
+    labels: bool
+    bias: bool
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.module}.{HEAD_WEIGHT}"
+
+    @property
+    def bias_name(self) -> str:
+        return f"{self.module}.{HEAD_BIAS}"
+
+    def slot_shapes(self, width: int | None = None) -> dict[str, tuple[int, ...]]:
+        """``{weight_name: (in, out), bias_name: (out,)}`` with ``out = width`` for the label layer."""
+        out = (width or self.out_features) if self.labels else self.out_features
+        return {self.weight_name: (self.in_features, out), self.bias_name: (out,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLabels:
+    """What ``classify`` needs of a slot's head: its label names (by index) and how to score them."""
+
+    id2label: tuple[str, ...]
+    problem_type: str | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_labels": self.num_labels, "id2label": {str(i): v for i, v in enumerate(self.id2label)},
+                "problem_type": self.problem_type}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HeadLabels:
+        id2label = {int(k): str(v) for k, v in data["id2label"].items()}
+        return cls(tuple(id2label[i] for i in range(int(data["num_labels"]))), data.get("problem_type"))
+
+    @classmethod
+    def of(cls, num_labels: int, id2label: Mapping[Any, str] | None, problem_type: str | None) -> HeadLabels:
+        """Labels from a transformers config / HeadSpec; indexes without a name become ``LABEL_<i>``."""
+        names = {int(k): str(v) for k, v in (id2label or {}).items()}
+        return cls(tuple(names.get(i, f"LABEL_{i}") for i in range(num_labels)), problem_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadWeights:
+    """One slot's head: the tensors of (some of) the head layers and, if complete, its labels.
+
+    ``tensors`` maps ``weight_name`` to (in, out) and ``bias_name`` to (out,), float32, the label layer
+    with its own ``num_labels`` columns. ``labels`` is None when the head is incomplete (the base model
+    of a bare encoder has no label layer): rows of such a slot cannot be classified.
+    """
+
+    tensors: Mapping[str, np.ndarray]
+    labels: HeadLabels | None
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """The classifier head a bank graph holds per slot: its modules and their Linear layers, in module order."""
+
+    modules: tuple[str, ...]
+    layers: tuple[HeadLayer, ...]
+
+    @property
+    def label_layer(self) -> HeadLayer:
+        return next(layer for layer in self.layers if layer.labels)
+
+    def names(self) -> list[str]:
+        return [n for layer in self.layers for n in (layer.weight_name, layer.bias_name)]
+
+    def slot_shapes(self, width: int) -> dict[str, tuple[int, ...]]:
+        return {k: v for layer in self.layers for k, v in layer.slot_shapes(width).items()}
+
+    def slot_values(self, head: HeadWeights | None, width: int) -> dict[str, np.ndarray]:
+        """The bank slot of ``head`` at label width ``width``: every head input, padded; layers ``head``
+        lacks (or ``head=None``) are zeros with a NaN bias, so rows of an incomplete head give NaN logits."""
+        tensors = {} if head is None else head.tensors
+        values: dict[str, np.ndarray] = {}
+        for layer in self.layers:
+            weight_shape, bias_shape = layer.slot_shapes(width).values()
+            weight = np.zeros(weight_shape, dtype=np.float32)
+            bias = np.full(bias_shape, np.nan if layer.weight_name not in tensors else (
+                LABEL_PAD if layer.labels else 0.0), dtype=np.float32)
+            if layer.weight_name in tensors:
+                w, b = tensors[layer.weight_name], tensors[layer.bias_name]
+                weight[:, :w.shape[1]] = w
+                bias[:b.shape[0]] = b
+            values[layer.weight_name], values[layer.bias_name] = weight, bias
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modules": list(self.modules), "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HeadLayout:
+        fields = [f.name for f in dataclasses.fields(HeadLayer)]
+        return cls(tuple(data["modules"]), tuple(HeadLayer(**{f: e[f] for f in fields}) for e in data["layers"]))
+
+
+def _outermost(paths: Sequence[str]) -> list[str]:
+    paths = sorted(set(paths))
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
+
+
+def model_head_modules(model: nn.Module) -> list[str]:
+    """The task head of a transformers model: its top-level children with parameters other than the base model
+    (``classifier`` of ``BertForSequenceClassification``, ``score`` of ``LlamaForSequenceClassification``...)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return [name for name, child in model.named_children()
+            if name != prefix and any(True for _ in child.parameters())]
+
+
+def head_layout_problems(model: nn.Module, modules: Sequence[str]) -> tuple[HeadLayout | None, list[str]]:
+    """The :class:`HeadLayout` of ``modules`` in ``model`` (their Linear layers), or the reasons there is none.
+
+    Every parameter of the modules must belong to an ``nn.Linear`` (weight and bias): a bank holds
+    per-slot Linear layers, nothing else (a LayerNorm or an embedding saved whole cannot differ per row).
+    The label layer is the last Linear in module order; its outputs must be ``config.num_labels`` wide.
+    """
+    problems: list[str] = []
+    layers: list[tuple[str, nn.Linear]] = []
+    modules = _outermost(modules)
+    for path in modules:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            problems.append(f"{path}: no such module in this {type(model).__name__}")
+            continue
+        owned: set[str] = set()
+        for name, sub in module.named_modules(prefix=path):
+            if isinstance(sub, BCALinear):
+                problems.append(f"{name}: adapted by BCA and saved whole at once; a bank cannot hold both")
+            elif type(sub) is nn.Linear:
+                layers.append((name, sub))
+                owned.update(f"{name}.{p}" for p, _ in sub.named_parameters(recurse=False))
+        for pname, _ in module.named_parameters(prefix=path):
+            if pname not in owned:
+                owner = pname.rsplit(".", 1)[0]
+                kind = type(model.get_submodule(owner)).__name__
+                problems.append(f"{owner}: a {kind} (parameter {pname}); a bank graph holds per-adapter Linear "
+                                "layers only, so this module cannot differ per row")
+    if problems or not layers:
+        return None, problems or [f"{', '.join(modules)}: no Linear layer to hold per slot"]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers.sort(key=lambda item: order[item[0]])
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    last_name, last = layers[-1]
+    if num_labels is not None and last.out_features != num_labels:
+        return None, [f"{last_name}: the head's last Linear has {last.out_features} outputs but the model has "
+                      f"{num_labels} labels; cannot tell which layer gives the labels"]
+    return HeadLayout(tuple(modules), tuple(
+        HeadLayer(name, linear.in_features, linear.out_features, labels=name == last_name,
+                  bias=linear.bias is not None) for name, linear in layers)), []
+
+
+def model_head_weights(model: nn.Module, layout: HeadLayout, missing: Sequence[str] = ()) -> HeadWeights | None:
+    """The head ``model`` holds, as slot tensors: layers with any parameter in ``missing`` (not in the
+    checkpoint, initialized at random by transformers) are left out; labels from ``model.config`` when
+    every layer is there. None when no layer is."""
+    missing = set(missing)
+    tensors: dict[str, np.ndarray] = {}
+    for layer in layout.layers:
+        linear = model.get_submodule(layer.module)
+        params = [f"{layer.module}.weight"] + ([f"{layer.module}.bias"] if linear.bias is not None else [])
+        if missing.intersection(params):
+            continue
+        tensors[layer.weight_name] = linear.weight.detach().float().T.contiguous().numpy().copy()
+        tensors[layer.bias_name] = (linear.bias.detach().float().numpy().copy() if linear.bias is not None
+                                    else np.zeros(linear.out_features, dtype=np.float32))
+    if not tensors:
+        return None
+    labels = None
+    if len(tensors) == 2 * len(layout.layers):
+        config = model.config
+        labels = HeadLabels.of(layout.label_layer.out_features, getattr(config, "id2label", None),
+                               getattr(config, "problem_type", None))
+    return HeadWeights(tensors, labels)
+
+
+def adapter_head(
+    config: AdapterConfig,
+    state: Mapping[str, torch.Tensor],
+    layout: HeadLayout | None,
+    base: HeadWeights | None,
+) -> tuple[HeadWeights | None, list[str]]:
+    """The head an adapter (paths aligned to the graph) brings to its slot, and what the fit check cannot see.
+
+    Its ``modules_to_save`` tensors are the weights and biases of (some of) the graph's head layers:
+    whether each is one, of the graph's shape and finite is the one fit check's business (the head layers
+    are its target parameters). This adds the label layer's rules (its size is the adapter's: weight
+    ``(num_labels, in)`` and bias ``(num_labels,)`` agreeing, ``1 <= num_labels <=``
+    :data:`~bca_deploy.config.MAX_NUM_LABELS`) and fills the layers the adapter does not save from
+    ``base`` (the checkpoint's head; a layer neither has is a problem). Labels: ``task.head``'s names if
+    recorded, else ``LABEL_<i>``; the base's when the adapter does not save the label layer.
+
+    Returns:
+        ``(head, problems)``; ``(None, [])`` for an adapter without ``modules_to_save`` (its rows use the
+        base head) or a graph without a per-slot head (the fit check refuses whole modules there).
+    """
+    from bca_deploy.config import MAX_NUM_LABELS
+
+    saved = {k: v for k, v in state.items() if not k.endswith(KERNEL_SUFFIX)}
+    if layout is None or (not config.modules_to_save and not saved):
+        return None, []
+    problems: list[str] = []
+    tensors: dict[str, np.ndarray] = {}
+    label = layout.label_layer
+    num_labels = None
+    for layer in layout.layers:
+        weight, bias = saved.get(f"{layer.module}.weight"), saved.get(f"{layer.module}.bias")
+        if layer.labels and (weight is not None or bias is not None):
+            rows = {tuple(t.shape)[0] for t in (weight, bias) if t is not None and t.ndim >= 1}
+            num_labels = min(rows) if rows else 0
+            bad = [f"tensor {layer.module}.{kind}: shape {tuple(t.shape)}" for kind, t, want in
+                   (("weight", weight, (num_labels, layer.in_features)), ("bias", bias, (num_labels,)))
+                   if t is not None and tuple(t.shape) != want]
+            if bad or len(rows) != 1 or not 1 <= num_labels <= MAX_NUM_LABELS:
+                problems.append(f"{', '.join(bad) or layer.module}; the label layer {layer.module} takes weight "
+                                f"(num_labels, {layer.in_features}) and bias (num_labels,) with one num_labels in "
+                                f"1..{MAX_NUM_LABELS}")
+                continue
+        if weight is not None and bias is None and layer.bias and not layer.labels:
+            problems.append(f"{layer.module}.bias: missing (the adapter saves {layer.module}.weight)")
+        elif bias is not None and weight is None:
+            problems.append(f"{layer.module}.weight: missing (the adapter saves {layer.module}.bias)")
+        elif weight is not None:
+            out = weight.shape[0]
+            tensors[layer.weight_name] = weight.detach().to(torch.float32).T.contiguous().numpy()
+            tensors[layer.bias_name] = (np.zeros(out, dtype=np.float32) if bias is None
+                                        else bias.detach().to(torch.float32).numpy())
+        elif base is not None and layer.weight_name in base.tensors:
+            tensors[layer.weight_name] = base.tensors[layer.weight_name]
+            tensors[layer.bias_name] = base.tensors[layer.bias_name]
+        else:
+            problems.append(f"{layer.module}: the adapter saves no weights for this head layer and the base "
+                            "checkpoint has none either")
+    if problems:
+        return None, problems
+    head_spec = config.task.head if config.task is not None else None
+    if num_labels is None:  # the label layer is the checkpoint's
+        if base is None or base.labels is None:
+            return None, [f"{label.module}: the adapter saves no weights for the label layer and the base "
+                          "checkpoint has none either"]
+        labels = base.labels
+    elif head_spec is not None and head_spec.num_labels == num_labels:
+        labels = HeadLabels.of(num_labels, head_spec.id2label, head_spec.problem_type)
+    else:  # no task recorded (the fit check refuses a task.head that disagrees with the weights)
+        labels = HeadLabels.of(num_labels, None, None)
+    return HeadWeights(tensors, labels), []
+
+
+class _HeadLinear(torch.autograd.Function):
+    """``x @ weight + bias`` in fp32, emitted as ``MatMul(x, <module>.bca_head_weight)`` + ``Add(bias)`` so the
+    bank rewrite finds both placeholders by name. Export only: not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        return (x.float() @ weight + bias).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias):  # pragma: no cover - run by the ONNX exporter
+        from torch.onnx import symbolic_helper as sym
+
+        x_type = _scalar_type(x)
+        if x_type not in (None, "Float"):
+            x = g.op("Cast", x, to_i=torch.onnx.TensorProtoDataType.FLOAT)
+        y = g.op("Add", g.op("MatMul", x, weight), bias)
+        if x_type not in (None, "Float"):
+            y = g.op("Cast", y, to_i=sym.cast_pytorch_to_onnx[x_type])
+        return y
+
+
+def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    batch = self._bca_head_batch[0]
+    if batch is not None and (x.dim() < 2 or int(x.shape[0]) != batch):
+        raise ExportError(f"{self._bca_head_path}: its input has shape {tuple(x.shape)}, not batch-first "
+                          f"(batch {batch}); a bank can hold a head layer only if each row's input is its own")
+    return _HeadLinear.apply(x, getattr(self, HEAD_WEIGHT), getattr(self, HEAD_BIAS))
+
+
+@contextlib.contextmanager
+def exportable_heads(model: nn.Module, head: HeadLayout, width: int) -> Iterator[nn.Module]:
+    """Make the head layers of ``model`` export as bank placeholders (in place; restored on exit).
+
+    Each layer of ``head`` gets the buffers ``bca_head_weight`` (in, out) and ``bca_head_bias`` (out,)
+    (the label layer ``width`` wide), distinct random values the bank rewrite replaces by graph inputs,
+    and a forward computing ``x @ weight + bias`` through :class:`_HeadLinear`. A layer whose input is
+    not batch-first during the export raises :class:`ExportError`.
+    """
+    batch: list[int | None] = [None]
+
+    def remember_batch(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch[0] = int(ids.shape[0]) if isinstance(ids, torch.Tensor) else None
+
+    hook = model.register_forward_pre_hook(remember_batch, with_kwargs=True)
+    patched: list[nn.Module] = []
+    try:
+        for index, layer in enumerate(head.layers):
+            linear = model.get_submodule(layer.module)
+            patched.append(linear)
+            generator = torch.Generator().manual_seed(2_000_003 + index)
+            for name, shape in zip((HEAD_WEIGHT, HEAD_BIAS), layer.slot_shapes(width).values(), strict=True):
+                linear.register_buffer(name, torch.randn(shape, generator=generator), persistent=True)
+            linear._bca_head_batch = batch
+            linear._bca_head_path = layer.module
+            linear.forward = types.MethodType(_head_forward, linear)
+        yield model
+    finally:
+        hook.remove()
+        for linear in patched:
+            for name in (HEAD_WEIGHT, HEAD_BIAS):
+                if name in linear._buffers:
+                    delattr(linear, name)
+            for attr in ("forward", "_bca_head_batch", "_bca_head_path"):
+                linear.__dict__.pop(attr, None)
 
 
 # ---- the graph rewrite -----------------------------------------------------------------------------
@@ -255,17 +693,26 @@ def _uses_external_data(model) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def rewrite_as_bank(onnx_path: str | Path, layout: Mapping[str, BankTensor], defaults: Mapping[str, np.ndarray]) -> None:
+def rewrite_as_bank(
+    onnx_path: str | Path,
+    layout: Mapping[str, BankTensor],
+    defaults: Mapping[str, np.ndarray],
+    head: HeadLayout | None = None,
+) -> None:
     """Turn the single-adapter graph at ``onnx_path`` (exported with :func:`placeholder_kernels`) into a bank graph.
 
-    Each ``<module>.bca_freq_p<p>`` initializer of shape (2, 2F, q, o) becomes a graph input of shape
-    (2, 2F, ``bca_slots``, q, o) with ``defaults[name]`` as its initializer, gathered by
-    ``adapter_ids`` on the slot axis; the Reshape in front of each mix gains the batch axis. The file
-    is rewritten in place (external data too, if the graph used it).
+    Each ``<module>.bca_freq_p<p>`` initializer of shape (1, R, q, o) becomes a graph input of shape
+    (``bca_slots``, 1, R, q, o) with ``defaults[name]`` as its initializer, gathered by
+    ``adapter_ids`` on the slot axis (then transposed to (1, R, B, q, o)); the Reshape in front of each
+    mix gains the batch axis. With
+    ``head`` (a graph exported under :func:`exportable_heads`), each head layer's placeholders become
+    the inputs ``<module>.bca_head_weight`` (``bca_slots``, in, out) and ``<module>.bca_head_bias``
+    (``bca_slots``, out), gathered per row; the label layer's ``out`` and the logits' last axis become
+    ``bca_labels``. The file is rewritten in place (external data too, if the graph used it).
 
     Raises:
         ExportError: the graph does not have the expected structure (a bank input missing, or not
-            consumed by a MatMul fed by a Reshape).
+            consumed by a MatMul fed by a Reshape; a head placeholder not consumed by one MatMul + Add).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -275,7 +722,8 @@ def rewrite_as_bank(onnx_path: str | Path, layout: Mapping[str, BankTensor], def
     graph = model.graph
     external = _uses_external_data(model) or sum(np.asarray(d).nbytes for d in defaults.values()) > 1 << 30
     initializers = {t.name: t for t in graph.initializer}
-    missing = [name for name in layout if name not in initializers]
+    head_names = [] if head is None else head.names()
+    missing = [name for name in [*layout, *head_names] if name not in initializers]
     if missing:
         raise ExportError(f"the exported graph has no initializer {missing[0]} (and {len(missing) - 1} more bank "
                           "inputs missing); cannot build the bank")
@@ -293,7 +741,7 @@ def rewrite_as_bank(onnx_path: str | Path, layout: Mapping[str, BankTensor], def
     reshaped_outputs: set[str] = set()
     for name, entry in layout.items():
         _, two_f, q, _ = entry.slot_shape
-        gathered = f"{name}/bank_gather"
+        rows, gathered = f"{name}/bank_rows", f"{name}/bank_gather"
         users = consumers.get(name, [])
         if not users:
             raise ExportError(f"bank input {name} is not used by the exported graph")
@@ -317,30 +765,48 @@ def rewrite_as_bank(onnx_path: str | Path, layout: Mapping[str, BankTensor], def
                                  name=f"{name}/BankShape_{k}"),
                 helper.make_node("Reshape", [reshape.input[0], shape5], [reshaped], name=f"{name}/BankReshape_{k}"),
             ]
-            if k == 0:
-                nodes.append(helper.make_node("Gather", [name, ADAPTER_IDS], [gathered], axis=SLOT_AXIS,
+            if k == 0:  # (B, 1, R, q, o) -> (1, R, B, q, o): one contiguous slot per row read
+                nodes.append(helper.make_node("Gather", [name, ADAPTER_IDS], [rows], axis=SLOT_AXIS,
                                               name=f"{name}/BankGather"))
+                nodes.append(helper.make_node("Transpose", [rows], [gathered], perm=[1, 2, 0, 3, 4],
+                                              name=f"{name}/BankTranspose"))
             new_nodes_before.setdefault(id(node), []).extend(nodes)
             reshaped_outputs.update(node.output)  # rank 4 → 5: drop any recorded shape
             node.input[0] = reshaped
             node.input[1] = gathered
 
+    new_nodes_after: dict[int, list] = {}
+    label_outputs = [] if head is None else _rewrite_head(head, consumers, batch_shape, new_nodes_before,
+                                                          new_nodes_after, extra_inits, reshaped_outputs)
     ordered = [helper.make_node("Shape", [ADAPTER_IDS], [batch_shape], name="bca_bank/Shape")]
     for node in graph.node:
         ordered.extend(new_nodes_before.get(id(node), []))
         ordered.append(node)
+        ordered.extend(new_nodes_after.get(id(node), []))
     del graph.node[:]
     graph.node.extend(_prune_dead(ordered, {o.name for o in graph.output}))
+    if label_outputs:  # everything computed from the logits has a dynamic label axis now
+        reached = _downstream(graph.node, label_outputs)
+        reshaped_outputs.update(reached)
+        for value in graph.output:
+            if value.name in reached and value.type.tensor_type.shape.dim:
+                value.type.tensor_type.shape.dim[-1].dim_param = LABELS_DIM
 
-    kept = [t for t in graph.initializer if t.name not in layout]
+    kept = [t for t in graph.initializer if t.name not in layout and t.name not in head_names]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     graph.initializer.extend(extra_inits)
     for name, entry in layout.items():
         value = np.ascontiguousarray(defaults[name], dtype=np.float32)
-        if value.shape[:SLOT_AXIS] + value.shape[SLOT_AXIS + 1:] != entry.slot_shape:
+        if value.shape[1:] != entry.slot_shape:
             raise ExportError(f"default bank for {name} has shape {value.shape}; expected {entry.bank_shape(-1)}")
         graph.initializer.append(numpy_helper.from_array(value, name))
+    for layer in () if head is None else head.layers:
+        for name, shape in layer.slot_shapes().items():
+            value = np.ascontiguousarray(defaults[name], dtype=np.float32)
+            if value.shape[1:-1] != shape[:-1] or (not layer.labels and value.shape[1:] != shape):
+                raise ExportError(f"default bank for {name} has shape {value.shape}; expected (slots, *{shape})")
+            graph.initializer.append(numpy_helper.from_array(value, name))
     produced = {out for node in graph.node for out in node.output}
     stale = [v for v in graph.value_info if v.name not in produced or v.name in reshaped_outputs]
     for v in stale:
@@ -349,7 +815,12 @@ def rewrite_as_bank(onnx_path: str | Path, layout: Mapping[str, BankTensor], def
     graph.input.append(helper.make_tensor_value_info(ADAPTER_IDS, TensorProto.INT64, [batch_dim]))
     for name, entry in layout.items():
         two, two_f, q, o = entry.slot_shape
-        graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [two, two_f, SLOTS_DIM, q, o]))
+        graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [SLOTS_DIM, two, two_f, q, o]))
+    for layer in () if head is None else head.layers:
+        out = LABELS_DIM if layer.labels else layer.out_features
+        graph.input.append(helper.make_tensor_value_info(layer.weight_name, TensorProto.FLOAT,
+                                                         [SLOTS_DIM, layer.in_features, out]))
+        graph.input.append(helper.make_tensor_value_info(layer.bias_name, TensorProto.FLOAT, [SLOTS_DIM, out]))
 
     data_file = onnx_path.name + "_data"
     if external:
@@ -363,6 +834,74 @@ def rewrite_as_bank(onnx_path: str | Path, layout: Mapping[str, BankTensor], def
         onnx.save_model(model, str(tmp))
         os.replace(tmp, onnx_path)
     onnx.checker.check_model(str(onnx_path))
+
+
+def _rewrite_head(head: HeadLayout, consumers: Mapping[str, list], batch_shape: str, before: dict[int, list],
+                  after: dict[int, list], extra_inits: list, reshaped: set[str]) -> list[str]:
+    """Rewire each head layer ``MatMul(x, W) + b`` to per-row weights; returns the label layer's output names.
+
+    Per layer (x: (..., in), batch-first)::
+
+        xs = Reshape(x, [B, -1, in])                        (B, T', in)
+        y  = xs @ Gather(W_bank, ids, 0)                    (B, T', out)
+           + Unsqueeze(Gather(b_bank, ids, 0), 1)           (B, 1, out)
+        out = Reshape(y, shape(x)[:-1] + [-1])              (..., out)
+    """
+    from onnx import helper, numpy_helper
+
+    constants = {"bca_bank/axes_1": [1], "bca_bank/minus_one": [-1], "bca_bank/zero": [0]}
+    for name, values in constants.items():
+        extra_inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    tails: set[int] = set()
+    label_outputs = []
+    for layer in head.layers:
+        w, b = layer.weight_name, layer.bias_name
+        users_w, users_b = consumers.get(w, []), consumers.get(b, [])
+        if len(users_w) != 1 or users_w[0].op_type != "MatMul" or list(users_w[0].input).index(w) != 1:
+            raise ExportError(f"head input {w} is not the B input of exactly one MatMul "
+                              f"({[n.op_type for n in users_w]}); cannot bank the head")
+        matmul = users_w[0]
+        if len(users_b) != 1 or users_b[0].op_type != "Add" or matmul.output[0] not in users_b[0].input:
+            raise ExportError(f"head input {b} is not added to the output of {matmul.name}; cannot bank the head")
+        add = users_b[0]
+        x, final, p = matmul.input[0], add.output[0], f"{layer.module}/bank_head"
+        tail = f"bca_bank/head_tail_{layer.in_features}"
+        if layer.in_features not in tails:
+            tails.add(layer.in_features)
+            extra_inits.append(numpy_helper.from_array(np.array([-1, layer.in_features], dtype=np.int64), tail))
+        before.setdefault(id(matmul), []).extend([
+            helper.make_node("Concat", [batch_shape, tail], [f"{p}/x_shape"], axis=0, name=f"{p}/XShape"),
+            helper.make_node("Reshape", [x, f"{p}/x_shape"], [f"{p}/x"], name=f"{p}/XRows"),
+            helper.make_node("Gather", [w, ADAPTER_IDS], [f"{p}/weight"], axis=0, name=f"{p}/WeightGather"),
+        ])
+        matmul.input[0], matmul.input[1] = f"{p}/x", f"{p}/weight"
+        before.setdefault(id(add), []).extend([
+            helper.make_node("Gather", [b, ADAPTER_IDS], [f"{p}/bias_rows"], axis=0, name=f"{p}/BiasGather"),
+            helper.make_node("Unsqueeze", [f"{p}/bias_rows", "bca_bank/axes_1"], [f"{p}/bias"], name=f"{p}/BiasRows"),
+        ])
+        add.input[list(add.input).index(b)] = f"{p}/bias"
+        add.output[0] = f"{p}/y"
+        after.setdefault(id(add), []).extend([
+            helper.make_node("Shape", [x], [f"{p}/in_shape"], name=f"{p}/InShape"),
+            helper.make_node("Slice", [f"{p}/in_shape", "bca_bank/zero", "bca_bank/minus_one"], [f"{p}/lead"],
+                             name=f"{p}/Lead"),
+            helper.make_node("Concat", [f"{p}/lead", "bca_bank/minus_one"], [f"{p}/y_shape"], axis=0,
+                             name=f"{p}/YShape"),
+            helper.make_node("Reshape", [f"{p}/y", f"{p}/y_shape"], [final], name=f"{p}/YRows"),
+        ])
+        reshaped.update({matmul.output[0], final})
+        if layer.labels:
+            label_outputs.append(final)
+    return label_outputs
+
+
+def _downstream(nodes, names: Sequence[str]) -> set[str]:
+    """Every tensor computed (transitively) from ``names``, ``names`` included (``nodes`` in topological order)."""
+    reached = set(names)
+    for node in nodes:
+        if any(i in reached for i in node.input):
+            reached.update(node.output)
+    return reached
 
 
 def _prune_dead(nodes: list, graph_outputs: set[str]) -> list:
@@ -380,16 +919,19 @@ def _prune_dead(nodes: list, graph_outputs: set[str]) -> list:
 # ---- per-adapter files ---------------------------------------------------------------------------
 
 
-def write_adapter_file(path: str | Path, tensors: Mapping[str, np.ndarray], layout: Mapping[str, BankTensor]) -> Path:
+def write_adapter_file(path: str | Path, tensors: Mapping[str, np.ndarray], layout: Mapping[str, BankTensor],
+                       heads: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write an onnxruntime ``AdapterFormat`` file activating one adapter on a bank graph.
 
-    It holds every bank input as a two-slot bank, ``[zeros, adapter]``: with it active
+    It holds every bank input as a two-slot bank, ``[zeros, adapter]``, and, for a graph with a
+    per-slot head, ``heads`` (:func:`stack_head` of ``[base head, adapter's head]``): with it active
     (``RunOptions.add_active_adapter``), ``adapter_ids`` 1 selects the adapter and 0 the base model.
     """
     import onnxruntime as ort
 
     path = Path(path)
     banks = stack_bank([None, tensors], layout)
+    banks.update(heads or {})
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(1)
     adapter.set_model_version(1)
@@ -399,3 +941,343 @@ def write_adapter_file(path: str | Path, tensors: Mapping[str, np.ndarray], layo
     adapter.export_adapter(str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def stack_head(slots: Sequence[HeadWeights | None], head: HeadLayout) -> dict[str, np.ndarray]:
+    """Head bank inputs for ``slots`` (``None``: no head): ``{name: (S, in, out)}`` and ``{name: (S, out)}``.
+
+    The label layer is as wide as the widest head among ``slots`` (at least 1).
+    """
+    label = head.label_layer.weight_name
+    width = max([h.tensors[label].shape[1] for h in slots if h is not None and label in h.tensors] or [1])
+    values = [head.slot_values(h, width) for h in slots]
+    return {name: np.stack([v[name] for v in values]) for name in head.names()}
+
+
+# ---- the export plan ------------------------------------------------------------------------------
+
+
+def _load_kernels(model: nn.Module, name: str, config: AdapterConfig, state: Mapping[str, torch.Tensor],
+                  source: str) -> None:
+    """Load only the kernels of an adapter (paths aligned) into ``model`` as ``name``; its head is the bank's business."""
+    from bca_deploy.adapter_io import check_adapter_fits
+    from bca_deploy.inject import inject_modules, register_adapter
+
+    kernels = {k: v for k, v in state.items() if k.endswith(KERNEL_SUFFIX)}
+    task = None if config.task is None else dataclasses.replace(config.task, head=None)
+    config = dataclasses.replace(config, modules_to_save=[], task=task)
+    check_adapter_fits(config, kernels, model, source=source)
+    inject_modules(model, config.modules, adapter_name=name, init="zeros")
+    with torch.no_grad():
+        for path, layer in bca_layers(model):
+            if name in layer.bca_kernels:
+                layer.bca_kernels[name].copy_(kernels[path + KERNEL_SUFFIX].to(torch.float32))
+    register_adapter(model, name, config)
+
+
+def _head_fit_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], head: HeadLayout) -> list[str]:
+    """The one fit check of an adapter's saved modules against the head layers alone (its kernels are checked
+    against the model when they are loaded)."""
+    from bca_deploy.fit import Target, target_problems
+
+    params, resizable = head_params(head)
+    target = Target("the bank graph's head", modules={}, params=params, resizable=resizable)
+    saved = {k: v for k, v in state.items() if not k.endswith(KERNEL_SUFFIX)}
+    return target_problems(dataclasses.replace(config, modules={}), saved, target)
+
+
+def _plan_head(model: nn.Module, task: str, adapter_dirs: Sequence[Path], configs: Sequence[AdapterConfig]) -> HeadLayout | None:
+    """The per-slot head of a bank for ``task``: the model's head plus every adapter's ``modules_to_save``.
+
+    None for tasks without a classifier head, and for a classifier whose head is not made of Linear
+    layers when no adapter brings its own (every row then shares the checkpoint's head).
+
+    Raises:
+        UnsupportedExportError: adapters save whole modules the bank cannot hold per row (each named).
+    """
+    saving = [f"{d} ({', '.join(c.modules_to_save)})" for d, c in zip(adapter_dirs, configs, strict=True)
+              if c.modules_to_save]
+    if task != "text-classification":
+        if saving:
+            raise UnsupportedExportError(
+                f"these adapters save whole modules of their own: {'; '.join(saving)}. A {task} bank graph shares "
+                "every whole module among its rows (per-adapter classifier heads are held by text-classification "
+                "banks): export them for text-classification, or each on its own (merged or unmerged)"
+            )
+        return None
+    modules = model_head_modules(model) + [m for c in configs for m in c.modules_to_save]
+    head, problems = head_layout_problems(model, modules)
+    if head is None and saving:
+        raise UnsupportedExportError(format_problems(
+            f"an adapter-bank graph cannot hold these adapters' whole modules per row ({'; '.join(saving)}):", problems))
+    return head
+
+
+def _compare_logits(case: str, got: np.ndarray, want: np.ndarray, tolerance):
+    """One validation row for head-bank logits: real labels within ``tolerance``, padding -inf, headless rows NaN."""
+    from .validate import ValidationRow
+
+    if got.shape != want.shape:
+        return ValidationRow("logits", case, tuple(got.shape), float("inf"), float("inf"), str(tolerance), False,
+                             f"shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    real, pad, none = np.isfinite(want), np.isneginf(want), np.isnan(want)
+    diff = np.abs(got[real] - want[real])
+    max_abs = float(diff.max()) if diff.size and np.isfinite(diff).all() else (0.0 if not diff.size else float("inf"))
+    scale = float(np.abs(want[real]).max()) if real.any() else 0.0
+    notes = []
+    if not np.isneginf(got[pad]).all():
+        notes.append("padding labels are not -inf")
+    if not np.isnan(got[none]).all():
+        notes.append("rows without a head are not NaN")
+    headless = int(none.all(axis=-1).sum())
+    passed = not notes and bool(np.isfinite(got[real]).all()) and bool(
+        np.allclose(got[real], want[real], atol=tolerance.atol, rtol=tolerance.rtol))
+    if headless:
+        notes.append(f"{headless} row(s) without a head: NaN")
+    return ValidationRow("logits", case, tuple(got.shape), max_abs, max_abs / scale if scale > 0 else 0.0,
+                         str(tolerance), passed, "; ".join(notes))
+
+
+@contextlib.contextmanager
+def _head_swapped(model: nn.Module, head: HeadLayout, weights: HeadWeights) -> Iterator[nn.Module]:
+    """``model`` with ``weights`` as its head layers (the label layer ``num_labels`` wide): that slot's own
+    PyTorch model while the block runs; the model's own head is restored after."""
+    saved = []
+    try:
+        for layer in head.layers:
+            linear = model.get_submodule(layer.module)
+            saved.append((linear, linear.weight, linear.bias, linear.out_features))
+            weight = torch.from_numpy(np.ascontiguousarray(weights.tensors[layer.weight_name].T))
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            linear.bias = nn.Parameter(torch.from_numpy(weights.tensors[layer.bias_name].copy()), requires_grad=False)
+            linear.out_features = weight.shape[0]
+        yield model
+    finally:
+        for linear, weight, bias, out_features in saved:
+            linear.weight, linear.out_features = weight, out_features
+            if bias is None:
+                del linear.bias
+                linear.register_parameter("bias", None)
+            else:
+                linear.bias = bias
+
+
+class BankPlan:
+    """What an adapter-bank export needs: the model, the layout, each adapter's slot, and the steps that use them.
+
+    Built by :meth:`load` from the base checkpoint and the adapter directories: the model holds every
+    adapter's kernels (for tracing and as the validation reference); a text-classification bank also
+    holds each slot's classifier head (:class:`HeadLayout`): slot 0 the checkpoint's own (or none, for
+    a bare encoder), slot i adapter i's ``modules_to_save`` head, or the checkpoint's where it saves none.
+    """
+
+    #: one small mixed case per adapter file: its row, then a base row
+    FILE_CASE = (2, 7)
+
+    def __init__(self, model: nn.Module, names: Sequence[str], task: str, *, head: HeadLayout | None = None,
+                 base_head: HeadWeights | None = None, heads: Mapping[str, HeadWeights | None] | None = None,
+                 source: tuple[Path, Sequence[Path]] | None = None, model_task: Any = None) -> None:
+        self.model = model
+        self.model_task = model_task  # the bca_deploy.models.ModelTask the model was loaded for
+        self.names = list(names)
+        self.task = task
+        self.layout = bank_layout(model, self.names)
+        self.placeholders = placeholder_kernels(self.layout)
+        self.tensors = {name: model_adapter_tensors(model, name, self.layout) for name in self.names}
+        self.slots: list[str | None] = [None, *self.names]
+        self.head = head
+        self.base_head = base_head
+        self.heads = dict(heads or {})
+        self.source = source
+        self.base_model_prefix = getattr(model, "base_model_prefix", "") or ""
+        self.model_type = getattr(getattr(model, "config", None), "model_type", None)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, adapter_dirs: Sequence[str | Path], task: Any = None) -> BankPlan:
+        """Load ``model_dir`` with every adapter's kernels for the bank's task, and plan the bank (heads included).
+
+        ``task``: a :class:`bca_deploy.models.ModelTask`, or a task name / None resolved by
+        :func:`~bca_deploy.exporters.loading.resolve_export_task` with ``bank=True`` (adapters may bring
+        different heads: the bank keeps one per slot). The model is :func:`bca_deploy.models.load_base`'s,
+        with the checkpoint's own head (if any); each adapter's kernels are checked (the one fit check) and
+        loaded, its head planned.
+
+        Raises:
+            bca_deploy.errors.AdapterFormatError: an adapter directory is malformed.
+            bca_deploy.errors.AdapterMismatchError: an adapter's kernels or head do not fit (every problem).
+            bca_deploy.models.TaskError: adapters of different tasks, or a task contradicting them.
+            UnsupportedExportError: whole modules a bank cannot hold per row (named), or no slot with a
+                classifier head.
+        """
+        from bca_deploy.adapter_io import align_module_paths, read_adapter
+        from bca_deploy.models import ModelTask, _check_missing, adapter_names, load_base
+
+        from .loading import resolve_export_task
+
+        model_dir, adapter_dirs = Path(model_dir), [Path(d) for d in adapter_dirs]
+        names = adapter_names(adapter_dirs)
+        model_task = task if isinstance(task, ModelTask) else resolve_export_task(model_dir, adapter_dirs, task, bank=True)
+        model_task = dataclasses.replace(model_task, head=None)  # the checkpoint's head; the adapters' go in the bank
+        model, missing = load_base(model_dir, model_task)
+        adapters = [align_module_paths(*read_adapter(d, model), model) for d in adapter_dirs]
+        head = _plan_head(model, model_task.export_task, adapter_dirs, [config for config, _ in adapters])
+        head_params = set()
+        if head is not None:
+            both = sorted({layer.module for layer in head.layers} & {m for c, _ in adapters for m in c.modules})
+            if both:
+                raise UnsupportedExportError(f"{', '.join(both)}: adapted by BCA and part of the classifier head; a "
+                                             "bank holds a head layer per slot or a kernel per slot, not both")
+            head_params = {f"{layer.module}.{p}" for layer in head.layers for p in ("weight", "bias")}
+        _check_missing(model, model_dir, model_task, [k for k in missing if k not in head_params], [])
+        base_head = None if head is None else model_head_weights(model, head, missing)
+        heads: dict[str, HeadWeights | None] = {}
+        problems: list[str] = []
+        for directory, name, (config, state) in zip(adapter_dirs, names, adapters, strict=True):
+            found = [] if head is None else _head_fit_problems(config, state, head)
+            if not found:
+                heads[name], found = adapter_head(config, state, head, base_head)
+            problems += [f"{directory}: {p}" for p in found]
+        if problems:
+            raise AdapterMismatchError(format_problems("adapter heads that do not fit the bank graph:", problems))
+        if head is not None and (base_head is None or base_head.labels is None) and all(
+                h is None for h in heads.values()):
+            absent = sorted(k for k in missing if k in head_params)
+            raise UnsupportedExportError(
+                f"no slot of this bank can classify: {model_dir} has no trained head ({', '.join(absent)} missing) "
+                "and no adapter saves one. Export adapters trained with their head (modules_to_save), or a "
+                "checkpoint that has a classifier head"
+            )
+        for directory, name, (config, state) in zip(adapter_dirs, names, adapters, strict=True):
+            _load_kernels(model, name, config, state, str(directory))
+        model.requires_grad_(False)
+        return cls(model.eval(), names, model_task.export_task, head=head, base_head=base_head, heads=heads,
+                   source=(model_dir, adapter_dirs), model_task=model_task)
+
+    def reference_model(self) -> nn.Module:
+        """The fp32 PyTorch model to validate against: :attr:`model` unless it was cast, else a fresh load."""
+        if all(p.dtype == torch.float32 for p in self.model.parameters()) or self.source is None:
+            return self.model
+        return BankPlan.load(self.source[0], self.source[1], self.model_task).model
+
+    def slot_head(self, name: str | None) -> HeadWeights | None:
+        """The head rows of adapter ``name`` (None: the base model) use."""
+        own = self.heads.get(name) if name is not None else None
+        return own if own is not None else self.base_head
+
+    def adapter_file(self, directory: Path, name: str) -> Path:
+        return directory / ADAPTERS_DIR / f"{name}{ADAPTER_FILE_SUFFIX}"
+
+    @contextlib.contextmanager
+    def exportable(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The head layers of ``model`` as placeholders for the export (no-op without a per-slot head)."""
+        if self.head is None:
+            yield model
+            return
+        width = stack_head([self.slot_head(n) for n in self.slots], self.head)[self.head.label_layer.bias_name].shape[1]
+        with exportable_heads(model, self.head, width):
+            yield model
+
+    def write(self, directory: Path) -> None:
+        defaults = stack_bank([None, *(self.tensors[n] for n in self.names)], self.layout)
+        if self.head is not None:
+            defaults.update(stack_head([self.slot_head(n) for n in self.slots], self.head))
+        rewrite_as_bank(directory / ONNX_FILE, self.layout, defaults, self.head)
+        for name in self.names:
+            heads = None if self.head is None else stack_head([self.base_head, self.slot_head(name)], self.head)
+            write_adapter_file(self.adapter_file(directory, name), self.tensors[name], self.layout, heads)
+        if self.base_head is not None:
+            np.savez(directory / HEAD_BASE_FILE, **self.base_head.tensors)
+
+    def validate(self, directory: Path, reference: nn.Module, dtype: str, provider: str, tolerance=None,
+                 cases=None) -> ValidationReport:
+        """The bank graph against PyTorch: mixed batches over every slot, then each adapter file activated.
+
+        Without a per-slot head, :func:`~bca_deploy.exporters.validate.validate_model` with ``slots``
+        (the reference runs the mixed batch under ``mixed_adapters``). With one, each row's logits are
+        compared with its slot's own model (adapter active, that slot's head swapped in): real labels
+        within tolerance, padding labels -inf, rows of a slot without a head NaN.
+        """
+        import onnxruntime as ort
+
+        from .validate import TOLERANCES, ValidationReport, validate_model
+
+        onnx_path = directory / ONNX_FILE
+        tol = tolerance or TOLERANCES[dtype]
+        if self.head is None:
+            report = validate_model(onnx_path, reference, self.task, dtype=dtype, cases=cases, provider=provider,
+                                    tolerance=tolerance, slots=self.slots)
+        else:
+            report = ValidationReport(str(onnx_path), self.task, dtype, provider, str(tol))
+            report.rows += self._validate_heads(onnx_path, reference, self.slots, cases, provider, tol)
+        for name in self.names:
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(self.adapter_file(directory, name)))
+            options = ort.RunOptions()
+            options.add_active_adapter(adapter)
+            if self.head is None:
+                rows = validate_model(onnx_path, reference, self.task, dtype=dtype, cases=[self.FILE_CASE],
+                                      provider=provider, tolerance=tolerance, slots=[None, name],
+                                      run_options=options).rows
+            else:
+                rows = self._validate_heads(onnx_path, reference, [None, name], [self.FILE_CASE], provider, tol,
+                                            run_options=options)
+            for row in rows:
+                row.case = f"{row.case} file={name}"
+            report.rows += rows
+        return report
+
+    def _validate_heads(self, onnx_path: Path, reference: nn.Module, slots: Sequence[str | None], cases,
+                        provider: str, tolerance, run_options=None) -> list:
+        import onnxruntime as ort
+
+        from bca_deploy.inject import mixed_adapters
+
+        from .validate import DEFAULT_CASES, Case, _text_inputs, _torch_kwargs, onnx_providers
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(onnx_path), options, providers=onnx_providers(provider))
+        rng = np.random.default_rng(0)
+        rows = []
+        for index, case in enumerate(Case.of(c) for c in (cases or DEFAULT_CASES)):
+            ids = (np.arange(case.batch) + index) % len(slots)
+            feeds = _text_inputs(session, reference.config, case.batch, case.seq, rng, pad=True, adapter_ids=ids)
+            got = session.run(["logits"], feeds, run_options)[0].astype(np.float64)
+            heads = [self.slot_head(name) for name in slots]
+            width = max([got.shape[-1]] + [h.labels.num_labels for h in heads if h is not None and h.labels])
+            want = np.full((case.batch, width), LABEL_PAD)
+            kwargs = _torch_kwargs(reference, feeds)
+            for s in sorted(set(ids.tolist())):
+                picked = np.flatnonzero(ids == s)
+                if heads[s] is None or heads[s].labels is None:
+                    want[picked] = np.nan
+                    continue
+                with torch.inference_mode(), _head_swapped(reference, self.head, heads[s]), \
+                        mixed_adapters(reference, [slots[s]] * len(picked)):
+                    logits = reference(**{k: v[torch.from_numpy(picked)] for k, v in kwargs.items()}).logits
+                want[picked, :heads[s].labels.num_labels] = logits.double().numpy()
+            label = f"b={case.batch} s={case.seq} ids=" + ",".join(map(str, ids))
+            rows.append(_compare_logits(label, got, want, tolerance))
+        return rows
+
+    def metadata(self) -> dict:
+        head = None
+        if self.head is not None:
+            base = self.base_head
+            head = {
+                **self.head.to_dict(),
+                "base": None if base is None or base.labels is None else base.labels.to_dict(),
+                "base_file": None if base is None else HEAD_BASE_FILE,
+                "adapters": {n: None if h is None else h.labels.to_dict() for n, h in self.heads.items()},
+            }
+        return {
+            "ids_input": ADAPTER_IDS,
+            "base_slot": BASE_SLOT,
+            "slot_axis": SLOT_AXIS,
+            "slots": self.slots,
+            "adapter_files": {n: str(self.adapter_file(Path(ADAPTERS_DIR).parent, n)) for n in self.names},
+            "base_model_prefix": self.base_model_prefix,
+            "model_type": self.model_type,
+            "tensors": layout_to_dict(self.layout),
+            "head": head,
+        }

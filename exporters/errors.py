@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from bca_deploy.errors import BCAError
@@ -9,7 +11,8 @@ from bca_deploy.errors import BCAError
 if TYPE_CHECKING:  # pragma: no cover
     from .validate import ValidationReport
 
-__all__ = ["ExportError", "UnsupportedExportError", "RuntimeVersionError", "ValidationError"]
+__all__ = ["ExportError", "UnsupportedExportError", "RuntimeVersionError", "ValidationError", "MissingExtraError",
+           "require"]
 
 
 class ExportError(BCAError, RuntimeError):
@@ -38,3 +41,17 @@ class ValidationError(BCAError, ValueError):
     def __init__(self, message: str, report: ValidationReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class MissingExtraError(BCAError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, feature: str) -> ModuleType:
+    """Import ``module``, or raise :class:`MissingExtraError`: "<feature> needs <module> ... pip install 'bca-deploy[<extra>]'"."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f"{feature} needs {module}, which is not installed: pip install 'bca-deploy[{extra}]'"
+        ) from None

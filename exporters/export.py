@@ -1,9 +1,14 @@
 """Export a transformers model with BCA adapters to ONNX: merged (plain graph) or unmerged (base + BCA subgraph).
 
-Both go through optimum-onnx's ``onnx_export_from_model`` (the TorchScript exporter), so every task
-optimum supports for the architecture works, including decoders with past key values, and the output
-directory loads with ``optimum.onnxruntime.ORTModelFor*``. Unmerged graphs carry each adapter as the
-frequency-domain subgraph of :mod:`bca_deploy.exporters.graph`.
+Both go through ``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``), on transformers
+4.x and 5.x alike, without optimum: :func:`_trace_export` wraps the model so the graph has optimum's
+layout (inputs ``input_ids``, ``attention_mask``, ``token_type_ids``/``position_ids`` where the model
+takes them, ``past_key_values.N.key/value``; outputs ``last_hidden_state`` or ``logits``,
+``present.N.key/value``; the same dynamic axis names), so the directory also loads with
+``optimum.onnxruntime.ORTModelFor*`` wherever optimum is installed. Unmerged graphs carry each adapter
+as the frequency-domain subgraph of :mod:`bca_deploy.exporters.graph` (emitted by its TorchScript
+symbolics). Why not optimum's exporter, and why not the dynamo exporter: see the README's ONNX section
+(``bench/export_paths.py`` measures optimum's path against this one).
 
 The export is written to a temporary directory beside ``out_dir``, validated there against PyTorch
 (see :mod:`bca_deploy.exporters.validate`), and only then moved into place: a refused, failed or
@@ -12,35 +17,27 @@ invalid export leaves ``out_dir`` as it was.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import inspect
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from bca_deploy.inject import adapter_configs
+from bca_deploy.atomic import atomic_dir
 
-from .bank import (
-    ADAPTER_FILE_SUFFIX,
-    ADAPTERS_DIR,
-    BASE_SLOT,
-    bank_layout,
-    layout_to_dict,
-    model_adapter_tensors,
-    placeholder_kernels,
-    rewrite_as_bank,
-    stack_bank,
-    write_adapter_file,
-)
-from .errors import ExportError, RuntimeVersionError, UnsupportedExportError
+from .bank import BankPlan
+from .errors import ExportError, RuntimeVersionError, UnsupportedExportError, require
 from .graph import DFT_MIN_OPSET, FFT_MODES, MATMUL_MIN_OPSET, exportable_adapters
 from .validate import (
-    ADAPTER_IDS,
     METADATA_FILE,
     ONNX_FILE,
     TOLERANCES,
@@ -49,13 +46,22 @@ from .validate import (
     validate_model,
 )
 
-__all__ = ["export", "DTYPES", "MIN_ORT_FOR_DFT", "MAX_OPSET", "check_runtime"]
+__all__ = ["export", "DTYPES", "MIN_ORT_FOR_DFT", "MAX_OPSET", "DEFAULT_OPSET", "check_runtime"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 #: onnxruntime runs a one-sided inverse DFT correctly from 1.27 (1.25-1.26 give a wrong shape silently).
 MIN_ORT_FOR_DFT = (1, 27)
-#: The TorchScript exporter (which optimum-onnx uses) goes up to opset 20.
+#: The TorchScript exporter goes up to opset 20.
 MAX_OPSET = 20
+#: The default opset of merged and unmerged-MatMul graphs (optimum's for these architectures; fft="dft" needs 20).
+DEFAULT_OPSET = 18
+#: Graphs whose initializers exceed this many bytes are saved with their tensors in ``model.onnx_data``
+#: (protobuf files cannot exceed 2 GiB).
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
+#: Files copied from the base model directory into an export (tokenizer and generation settings).
+_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                 "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -67,20 +73,19 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def check_runtime(fft: str | None, validate: bool) -> None:
-    """Refuse an onnxruntime that cannot run (or is missing for validating) the requested graph.
+    """Refuse a missing onnx, or an onnxruntime that cannot run (or is missing for validating) the requested graph.
 
     Raises:
-        RuntimeVersionError: ``fft="dft"`` with onnxruntime older than 1.27, or no onnxruntime
-            while ``validate=True``.
+        MissingExtraError: onnx is not installed, or onnxruntime is not while ``validate=True``
+            (the message names the ``onnx`` extra).
+        RuntimeVersionError: ``fft="dft"`` with onnxruntime older than 1.27.
     """
+    require("onnx", "onnx", "ONNX export")
     try:
         import onnxruntime
     except ImportError:
         if validate:
-            raise RuntimeVersionError(
-                "validation needs onnxruntime, which is not installed: pip install 'bca-deploy[onnx]' "
-                "(or pass validate=False)"
-            ) from None
+            require("onnxruntime", "onnx", "validating an ONNX export (pass validate=False / --no-validate to skip it)")
         return
     if fft == "dft" and _version_tuple(onnxruntime.__version__) < MIN_ORT_FOR_DFT:
         raise RuntimeVersionError(
@@ -96,9 +101,7 @@ def _resolve_opset(opset: int | None, merge: bool, fft: str, default: int) -> in
     if opset is None:
         return max(default, low)
     if opset > MAX_OPSET:
-        raise UnsupportedExportError(
-            f"opset {opset} is above {MAX_OPSET}, the highest the TorchScript exporter (used by optimum-onnx) emits"
-        )
+        raise UnsupportedExportError(f"opset {opset} is above {MAX_OPSET}, the highest the TorchScript exporter emits")
     if opset < low:
         what = "fft='dft' (DFT-20 with a one-sided inverse)" if fft == "dft" else "an unmerged BCA subgraph"
         raise UnsupportedExportError(f"opset {opset} is too low for {what}: use opset >= {low}"
@@ -107,26 +110,16 @@ def _resolve_opset(opset: int | None, merge: bool, fft: str, default: int) -> in
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool, protected: Sequence[Path]) -> None:
+    from bca_deploy.atomic import check_target, recover
     from bca_deploy.errors import OutputExistsError
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out_dir}: exists and is not empty; pass overwrite=True to replace it")
+    recover(out_dir)  # an export killed earlier: its temporary tree removed, a replaced tree restored
+    check_target(out_dir, overwrite)
     resolved = out_dir.resolve()
     for path in protected:
         path = Path(path).resolve()
         if resolved == path or resolved in path.parents:
             raise OutputExistsError(f"{out_dir}: is (or contains) the input {path}; choose another output directory")
-
-
-def _default_opset(model, task: str) -> int:
-    from optimum.exporters.tasks import TasksManager
-
-    constructor = TasksManager.get_exporter_config_constructor(
-        exporter="onnx", model=model, task=task, library_name="transformers"
-    )
-    return int(constructor(model.config).DEFAULT_ONNX_OPSET)
 
 
 def _graph_size(directory: Path) -> int:
@@ -154,19 +147,26 @@ def export(
     """Export ``model_dir`` with ``adapter_dirs`` applied to an ONNX directory, validated against PyTorch.
 
     Args:
-        model_dir: a transformers checkpoint directory (or hub id) of an architecture optimum-onnx exports.
-        out_dir: output directory: ``model.onnx`` (+ ``model.onnx_data`` above 2 GB), ``config.json``,
-            tokenizer files if ``model_dir`` has them, and ``bca_export.json`` (how it was exported and
-            the validation table). Loads with ``optimum.onnxruntime.ORTModelFor<task>``.
+        model_dir: a transformers checkpoint directory of an architecture listed by
+            :func:`~bca_deploy.exporters.supported_tasks` (a bare encoder such as all-MiniLM-L6-v2's
+            ``BertModel``, a ``*ForSequenceClassification``, a ``*ForCausalLM``...).
+        out_dir: output directory: ``model.onnx`` (+ ``model.onnx_data`` above 2 GB), ``config.json``
+            (for text-classification: ``architectures``, ``num_labels``, ``id2label``/``label2id`` of
+            the adapter's head), tokenizer and generation files if ``model_dir`` has them, and
+            ``bca_export.json`` (how it was exported and the validation table). Loads with plain
+            onnxruntime, :class:`~bca_deploy.serving.MultiAdapterSession` (bank graphs) and
+            ``optimum.onnxruntime.ORTModelFor<task>``.
         adapter_dirs: bca-deploy or PEFT C3A adapter directories; all are applied (their deltas sum).
         merge: ``True``: merge the adapters into the base weights and export a plain graph (fastest;
             one adapter set per graph). ``False``: keep each adapted layer as base MatMul + BCA
             subgraph with the kernels stored in the frequency domain as named initializers
             ``<module>.bca_freq_p<p>`` (swappable per adapter at load time).
-        task: an optimum task (``feature-extraction``, ``text-classification``,
-            ``text-generation-with-past``...); default: inferred from the checkpoint, with past
-            key values for decoders.
-        opset: ONNX opset; default: optimum's for the architecture (18), at least 20 with ``fft="dft"``.
+        task: ``feature-extraction``, ``text-classification``, ``text-generation-with-past``,
+            ``text-generation`` or ``feature-extraction-with-past`` (or ``seq-cls``/``causal-lm``);
+            default: the task the adapters record (seq-cls → text-classification with the adapter's
+            head, causal-lm → text-generation-with-past), else the checkpoint's architecture. A task
+            that contradicts the adapters' is refused.
+        opset: ONNX opset; default 18, 20 with ``fft="dft"``.
         dtype: ``"fp32"`` or ``"fp16"`` (weights and activations; the BCA subgraph computes in fp32).
         fft: for unmerged graphs, how the per-block real FFTs are written: ``"matmul"`` (default;
             MatMuls by precomputed cos/sin bases, fast on CPU and runs on every execution provider) or
@@ -184,21 +184,27 @@ def export(
             i-th adapter of ``adapter_dirs``). The frequency-domain kernels are graph inputs (with
             these adapters as defaults) that a runtime can replace to serve any adapter fitting the
             same modules and block sizes; ``adapters/<name>.onnx_adapter`` holds one onnxruntime
-            ``AdapterFormat`` file per adapter. See :mod:`bca_deploy.exporters.bank`.
+            ``AdapterFormat`` file per adapter. For ``text-classification`` the classifier head is
+            banked too: each adapter's own head (its ``modules_to_save``, any number of labels) or the
+            checkpoint's, chosen per row like the kernels. See :mod:`bca_deploy.exporters.bank`.
 
     Returns:
         ``out_dir`` as a ``Path``.
 
     Raises:
-        UnsupportedExportError: architecture or task optimum cannot export (the message lists what
-            it can), bad ``dtype``/``fft``/``opset``/``provider`` (before anything is loaded or written).
+        UnsupportedExportError: an architecture or task bca-deploy does not export (the message lists
+            what it does), bad ``dtype``/``fft``/``opset``/``provider`` (before anything is loaded or written).
+        bca_deploy.models.TaskError: ``task`` contradicts the adapters, or the task's head is in neither
+            the checkpoint nor an adapter.
         RuntimeVersionError: ``fft="dft"`` with onnxruntime < 1.27.
         bca_deploy.errors.OutputExistsError: ``out_dir`` exists and is not empty, without ``overwrite``.
         bca_deploy.errors.AdapterMismatchError: an adapter does not fit the model (nothing written).
         ValidationError: the graph does not match PyTorch (nothing is left at ``out_dir``;
             ``err.report`` has the table; re-run with ``validate=False`` to inspect the graph).
     """
-    from .loading import load_model, resolve_task
+    from bca_deploy.models import load_model
+
+    from .loading import resolve_export_task
     from .validate import onnx_providers
 
     start = time.perf_counter()
@@ -219,11 +225,12 @@ def export(
         onnx_providers(provider)
     if opset is not None:
         _resolve_opset(opset, merge, fft, default=opset)
-    task, _ = resolve_task(model_dir, task)
-
-    model = load_model(model_dir, task, adapter_dirs)  # AdapterMismatchError surfaces here
-    opset = _resolve_opset(opset, merge, fft, _default_opset(model, task))
-    bank_plan = _BankPlan(model, adapter_dirs) if bank else None
+    model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank)
+    # AdapterMismatchError surfaces here; a bank holds each adapter's own head in its slot (bank.BankPlan)
+    bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
+    model = bank_plan.model if bank_plan is not None else load_model(model_dir, adapter_dirs, model_task)
+    task = model_task.export_task
+    opset = _resolve_opset(opset, merge, fft, DEFAULT_OPSET)
     if merge:
         from bca_deploy.inject import remove_adapters
 
@@ -232,13 +239,12 @@ def export(
     if dtype != "fp32":
         _cast_base(model, DTYPES[dtype])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    _chmod_like_mkdir(tmp)
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # moved into place only if everything below succeeds
         export_start = time.perf_counter()
-        _run_optimum_export(model, tmp, task, opset, None if merge else fft,
-                            kernels=None if bank_plan is None else bank_plan.placeholders)
+        with contextlib.nullcontext() if bank_plan is None else bank_plan.exportable(model):
+            _trace_export(model, tmp, task, opset, None if merge else fft,
+                          kernels=None if bank_plan is None else bank_plan.placeholders)
+        _write_model_files(model, model_dir, tmp)
         if bank_plan is not None:
             bank_plan.write(tmp)
         export_s = time.perf_counter() - export_start
@@ -246,26 +252,25 @@ def export(
         if validate:
             if keep_reference:
                 reference = model
+            elif bank_plan is not None:
+                reference = bank_plan.reference_model()
             else:
                 del model
-                reference = load_model(model_dir, task, adapter_dirs)
+                reference = load_model(model_dir, adapter_dirs, model_task)
             tolerance = None
             if atol is not None:
                 tolerance = Tolerance(atol=atol, rtol=TOLERANCES[dtype].rtol)
-            report = validate_model(tmp / ONNX_FILE, reference, task, dtype=dtype, cases=cases, provider=provider,
-                                    tolerance=tolerance, slots=None if bank_plan is None else bank_plan.slots)
             if bank_plan is not None:
-                report.rows += bank_plan.validate_files(tmp, reference, task, dtype, provider, tolerance)
+                report = bank_plan.validate(tmp, reference, dtype, provider, tolerance, cases)
+            else:
+                report = validate_model(tmp / ONNX_FILE, reference, task, dtype=dtype, cases=cases,
+                                        provider=provider, tolerance=tolerance)
             report.onnx_path = str(out_dir / ONNX_FILE)
             if verbose:
                 print(report.table())
             report.raise_for_failures()
         _write_metadata(tmp, model_dir, adapter_dirs, task, opset, dtype, merge, fft, export_s, report,
                         bank=None if bank_plan is None else bank_plan.metadata())
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if verbose:
         kind = "merged" if merge else f"unmerged ({fft})"
         if bank_plan is not None:
@@ -273,70 +278,6 @@ def export(
         print(f"exported {kind} {task} graph to {out_dir} ({_graph_size(out_dir) / 1e6:.1f} MB) "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir
-
-
-class _BankPlan:
-    """What an adapter-bank export needs: the layout, each adapter's slot, and the steps that use them."""
-
-    #: one small mixed case per adapter file: its row, then a base row
-    FILE_CASE = (2, 7)
-
-    def __init__(self, model, adapter_dirs: Sequence[Path]) -> None:
-        from .loading import adapter_names
-
-        self.names = adapter_names(adapter_dirs)
-        configs = adapter_configs(model)
-        saved = [f"{directory} ({', '.join(configs[name].modules_to_save)})"
-                 for directory, name in zip(adapter_dirs, self.names, strict=True)
-                 if name in configs and configs[name].modules_to_save]
-        if saved:
-            raise UnsupportedExportError(
-                "an adapter-bank graph shares every whole module among its rows, but these adapters save whole "
-                f"modules of their own: {'; '.join(saved)}. Export each of them on its own (merged or unmerged)"
-            )
-        self.layout = bank_layout(model, self.names)
-        self.placeholders = placeholder_kernels(self.layout)
-        self.tensors = {name: model_adapter_tensors(model, name, self.layout) for name in self.names}
-        self.slots: list[str | None] = [None, *self.names]
-        self.base_model_prefix = getattr(model, "base_model_prefix", "") or ""
-        self.model_type = getattr(getattr(model, "config", None), "model_type", None)
-
-    def adapter_file(self, directory: Path, name: str) -> Path:
-        return directory / ADAPTERS_DIR / f"{name}{ADAPTER_FILE_SUFFIX}"
-
-    def write(self, directory: Path) -> None:
-        rewrite_as_bank(directory / ONNX_FILE, self.layout,
-                        stack_bank([None, *(self.tensors[n] for n in self.names)], self.layout))
-        for name in self.names:
-            write_adapter_file(self.adapter_file(directory, name), self.tensors[name], self.layout)
-
-    def validate_files(self, directory: Path, reference, task: str, dtype: str, provider: str, tolerance):
-        """Each adapter file, activated with ``RunOptions.add_active_adapter``: ids (1, 0) against (adapter, base)."""
-        import onnxruntime as ort
-
-        rows = []
-        for name in self.names:
-            adapter = ort.LoraAdapter()
-            adapter.Load(str(self.adapter_file(directory, name)))
-            options = ort.RunOptions()
-            options.add_active_adapter(adapter)
-            report = validate_model(directory / ONNX_FILE, reference, task, dtype=dtype, cases=[self.FILE_CASE],
-                                    provider=provider, tolerance=tolerance, slots=[None, name], run_options=options)
-            for row in report.rows:
-                row.case = f"{row.case} file={name}"
-            rows += report.rows
-        return rows
-
-    def metadata(self) -> dict:
-        return {
-            "ids_input": ADAPTER_IDS,
-            "base_slot": BASE_SLOT,
-            "slots": self.slots,
-            "adapter_files": {n: str(self.adapter_file(Path(ADAPTERS_DIR).parent, n)) for n in self.names},
-            "base_model_prefix": self.base_model_prefix,
-            "model_type": self.model_type,
-            "tensors": layout_to_dict(self.layout),
-        }
 
 
 def _cast_base(model, dtype: torch.dtype) -> None:
@@ -352,25 +293,265 @@ def _cast_base(model, dtype: torch.dtype) -> None:
             param.data = kernels[(name, key)]
 
 
-def _run_optimum_export(model, directory: Path, task: str, opset: int, fft: str | None, kernels=None) -> None:
-    from optimum.exporters.onnx import onnx_export_from_model
+# ---- the TorchScript export ------------------------------------------------------------------------
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*You are using the default legacy behaviour.*")
+
+@dataclasses.dataclass
+class _GraphSpec:
+    """What the traced graph takes and returns, in optimum's names and dynamic axes."""
+
+    inputs: list[str]  # the non-past inputs, in order
+    outputs: list[str]
+    main_output: str  # the model output behind outputs[0] (``last_hidden_state`` or ``logits``)
+    layers: int  # past/present key-value pairs (0 without past)
+    dummy: tuple[torch.Tensor, ...]  # example values: the inputs, then key, value of each layer's past
+    dynamic_axes: dict[str, dict[int, str]]
+    takes_use_cache: bool
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.inputs + [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+
+_BATCH, _SEQ, _PAST = "batch_size", "sequence_length", "past_sequence_length"
+_TOTAL = "past_sequence_length + sequence_length"
+
+
+def _graph_spec(model: nn.Module, task: str, decoder: bool) -> _GraphSpec:
+    """The inputs and outputs of ``task``'s graph for ``model``, with example values to trace it with.
+
+    Encoders take ``input_ids``, ``attention_mask`` and ``token_type_ids`` (where the model has more
+    than one token type); decoders ``input_ids``, ``attention_mask``, ``position_ids`` and, with past,
+    a ``past_key_values.N.key/value`` pair per layer, whose example values come from a real forward (so
+    head counts and sizes are the model's own). The example mask has a padded position, so no "every
+    token is attended" shortcut can be traced into the graph.
+    """
+    from bca_deploy.models import cache_tensors, output_cache
+
+    config = model.config
+    parameters = inspect.signature(model.forward).parameters
+    with_past = task.endswith("-with-past")
+    batch, seq, past = 2, 5, (4 if with_past else 0)
+    generator = torch.Generator().manual_seed(0)
+    vocab = int(getattr(config, "vocab_size", 100) or 100)
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
+              "attention_mask": torch.ones(batch, past + seq, dtype=torch.int64)}
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: _BATCH, 1: _SEQ},
+                                       "attention_mask": {0: _BATCH, 1: _TOTAL if with_past else _SEQ}}
+    if decoder:
+        inputs["attention_mask"][1, 0] = 0  # left padding, as batched generation has
+        if "position_ids" in parameters:
+            inputs["position_ids"] = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+            axes["position_ids"] = {0: _BATCH, 1: _SEQ}
+    else:
+        inputs["attention_mask"][1, -2:] = 0  # right padding
+        if "token_type_ids" in parameters and int(getattr(config, "type_vocab_size", 1) or 1) > 1:
+            inputs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.int64)
+            axes["token_type_ids"] = {0: _BATCH, 1: _SEQ}
+    main = "logits" if task.startswith(("text-generation", "text-classification")) else "last_hidden_state"
+    outputs = [main]
+    axes[main] = {0: _BATCH} if task == "text-classification" else {0: _BATCH, 1: _SEQ}
+    pasts: list[torch.Tensor] = []
+    if with_past:
+        with torch.no_grad():
+            prefix = torch.randint(0, vocab, (batch, past), generator=generator)
+            pasts = [t for pair in cache_tensors(output_cache(model(input_ids=prefix, use_cache=True))) for t in pair]
+        for i in range(len(pasts) // 2):
+            for kv in ("key", "value"):
+                axes[f"past_key_values.{i}.{kv}"] = {0: _BATCH, 2: _PAST}
+                axes[f"present.{i}.{kv}"] = {0: _BATCH, 2: _TOTAL}
+                outputs.append(f"present.{i}.{kv}")
+    return _GraphSpec(list(inputs), outputs, main, len(pasts) // 2, (*inputs.values(), *pasts), axes,
+                      "use_cache" in parameters)
+
+
+def _new_cache(config, flat: Sequence[torch.Tensor]):
+    """A transformers ``DynamicCache`` holding the past key/values ``flat`` = (key 0, value 0, key 1, ...)."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=config)
+    except TypeError:  # transformers < 4.56
+        cache = DynamicCache()
+    for i in range(0, len(flat), 2):
+        cache.update(flat[i], flat[i + 1], i // 2)
+    return cache
+
+
+@contextlib.contextmanager
+def _graph_forward(model: nn.Module, spec: _GraphSpec) -> Iterator[nn.Module]:
+    """Give ``model`` (in place, restored on exit) a forward taking and returning the graph's flat tensors.
+
+    The model itself is traced (not a wrapper), so initializer names are its own parameter paths:
+    ``<module>.bca_freq_p<p>``, what the bank rewrite and adapter swapping look for.
+    """
+    from bca_deploy.models import cache_argument, cache_tensors, output_cache
+
+    original = model.forward
+    cache_keyword = cache_argument(model)
+
+    def forward(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kwargs: dict = dict(zip(spec.inputs, args[: len(spec.inputs)], strict=True))
+        if spec.layers:
+            kwargs[cache_keyword] = _new_cache(model.config, args[len(spec.inputs):])
+        if spec.takes_use_cache:
+            kwargs["use_cache"] = bool(spec.layers)
+        out = original(**kwargs)
+        flat = [out[spec.main_output]]
+        if spec.layers:
+            flat += [t for pair in cache_tensors(output_cache(out)) for t in pair]
+        return tuple(flat)
+
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        model.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def _traceable_masks() -> Iterator[None]:
+    """On transformers 4.53-4.57, build attention masks without ``torch.vmap`` while tracing.
+
+    Those versions expand their mask functions (causal, padding, sliding window...) over (batch, head,
+    query, key) indices with ``vmap``, which the TorchScript tracer cannot follow; transformers 5.x
+    broadcasts index tensors instead, and so does this replacement (the same mask functions, applied
+    to broadcast indices). Other versions are left alone.
+    """
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:  # transformers < 4.53: masks are built without vmap
+        yield
+        return
+    if not hasattr(mu, "sdpa_mask_recent_torch"):
+        yield
+        return
+
+    def sdpa_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=mu.causal_mask_function,
+                  attention_mask=None, local_size=None, allow_is_causal_skip=True, **_):
+        q_length = cache_position.shape[0]
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
+        if allow_is_causal_skip and mu._ignore_causal_mask_sdpa(padding, q_length, kv_length, kv_offset, local_size):
+            return None
+        if padding is not None:
+            mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding))
+        device = cache_position.device
+        batch = torch.arange(batch_size, device=device)[:, None, None, None]
+        head = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+        kv = (torch.arange(kv_length, device=device) + kv_offset)[None, None, None, :]
+        mask = mask_function(batch, head, cache_position[None, None, :, None], kv)  # (B|1, 1, q, kv)
+        return mask.expand(batch_size, 1, q_length, kv_length)
+
+    def eager_mask(*args, dtype=torch.float32, **kwargs):
+        kwargs.pop("allow_is_causal_skip", None)
+        mask = sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+        return torch.where(mask, torch.tensor(0.0, dtype=dtype), torch.finfo(dtype).min)
+
+    registry = mu.ALL_MASK_ATTENTION_FUNCTIONS
+    saved = {name: registry[name] for name in ("sdpa", "eager")}
+    registry.register("sdpa", sdpa_mask)
+    registry.register("eager", eager_mask)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            registry.register(name, function)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence what the tracer says that means nothing to a user of a validated export.
+
+    TracerWarnings (a Python value baked into the trace: shapes, flags), the TorchScript exporter's
+    note on advanced indexing with negative indices (transformers indexes with non-negative ones), and
+    transformers' advice logged while tracing. Real problems still surface: the export is validated.
+    """
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=r".*aten::index operator of advanced indexing.*")
+            warnings.filterwarnings("ignore", message=r".*Found different candidate ONNX initializers.*")
+            # torch >= 2.9 calls this exporter "legacy"; it is the one whose symbolics emit the BCA subgraph.
+            warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _trace_export(model: nn.Module, directory: Path, task: str, opset: int, fft: str | None, kernels=None) -> None:
+    """Write ``directory/model.onnx``: ``model`` traced for ``task`` by ``torch.onnx.export(dynamo=False)``.
+
+    ``fft=None`` exports the model as it is (merged adapters); otherwise its BCA layers export as the
+    subgraph of :mod:`~bca_deploy.exporters.graph` (``kernels`` as in
+    :func:`~bca_deploy.exporters.graph.exportable_adapters`). Graphs whose initializers exceed
+    :data:`EXTERNAL_DATA_BYTES` keep their tensors in one ``model.onnx_data`` file.
+    """
+    from .loading import is_decoder
+
+    spec = _graph_spec(model, task, is_decoder(model.config.model_type))
+    scratch = directory / ".trace"
+    scratch.mkdir()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_quiet_export())
+        stack.enter_context(_traceable_masks())
+        if fft is not None:
+            stack.enter_context(exportable_adapters(model, fft, kernels=kernels))
+        stack.enter_context(_graph_forward(model, spec))
         try:
-            if fft is None:
-                onnx_export_from_model(model, directory, task=task, opset=opset, do_validation=False)
-            else:
-                with exportable_adapters(model, fft, kernels=kernels):
-                    onnx_export_from_model(model, directory, task=task, opset=opset, do_validation=False)
-        except (UnsupportedExportError, RuntimeVersionError):
-            raise
+            torch.onnx.export(model, spec.dummy, str(scratch / ONNX_FILE), input_names=spec.input_names,
+                              output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
         except Exception as exc:
-            raise ExportError(f"optimum-onnx failed to export the {type(model).__name__} for {task!r}: {exc}") from exc
-    if not (directory / ONNX_FILE).is_file():
-        written = ", ".join(sorted(p.name for p in directory.iterdir()))
-        raise ExportError(f"optimum-onnx wrote no {ONNX_FILE} (it wrote: {written}); several-graph exports are not supported")
+            raise ExportError(f"torch.onnx.export failed on the {type(model).__name__} for {task!r}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    _save_graph(scratch, directory)
+    shutil.rmtree(scratch)
+
+
+def _save_graph(scratch: Path, directory: Path) -> None:
+    """Move the traced graph into ``directory``: one file, or ``model.onnx`` + ``model.onnx_data`` when large.
+
+    The TorchScript exporter writes a graph over 2 GiB as one file per tensor; those are gathered here.
+    """
+    source = scratch / ONNX_FILE
+    tensor_bytes = sum(p.stat().st_size for p in scratch.iterdir())
+    if tensor_bytes <= EXTERNAL_DATA_BYTES and [p.name for p in scratch.iterdir()] == [ONNX_FILE]:
+        os.replace(source, directory / ONNX_FILE)
+        return
+    import onnx
+
+    graph = onnx.load(str(source))  # with its external tensors
+    onnx.save_model(graph, str(directory / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=ONNX_FILE + "_data", size_threshold=1024)
+
+
+def _write_model_files(model: nn.Module, model_dir: Path, directory: Path) -> None:
+    """``config.json`` of the exported model (its class in ``architectures``; a classifier's labels), the
+    generation config of a decoder, and the tokenizer files of ``model_dir``."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(directory))
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        # transformers derives num_labels from id2label and does not write it; readers other than
+        # transformers (and people) look for it.
+        path = directory / "config.json"
+        data = json.loads(path.read_text())
+        data["num_labels"] = len(data.get("id2label") or {}) or int(config.num_labels)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and not (model_dir / "generation_config.json").is_file():
+        with contextlib.suppress(ValueError):  # a generation config transformers refuses to save is left out
+            if model.can_generate():
+                generation.save_pretrained(str(directory))
+    for name in _COPIED_FILES:
+        source = model_dir / name
+        if source.is_file():
+            shutil.copyfile(source, directory / name)
 
 
 def _write_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequence[Path], task: str, opset: int,
@@ -395,25 +576,3 @@ def _write_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequence[Pat
     (directory / METADATA_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp creates 0700; give the directory the mode a plain mkdir would (0777 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp``: the old directory is renamed aside first, then removed."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old / out_dir.name, out_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,7 @@
-"""What the exporters can export (asked of optimum's ``TasksManager``), and loading a model with its adapters.
+"""What the exporters export, and the task of an export (from the adapters, the checkpoint or the caller).
 
-optimum-onnx is imported inside the functions, so importing this module stays cheap.
+Loading the model itself is :func:`bca_deploy.models.load_model` (one loader for every stage). Nothing
+here imports optimum: exports run on transformers 4.x and 5.x through ``torch.onnx.export``.
 """
 
 from __future__ import annotations
@@ -11,186 +12,94 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bca_deploy.adapter_io import load_adapter
+from bca_deploy.models import ModelTask, adapter_names
+from bca_deploy.models import load_model as _load_for_task
+from bca_deploy.models import resolve_task as _resolve_model_task
 
 from .errors import UnsupportedExportError
 
-__all__ = ["supported_tasks", "resolve_task", "load_model", "adapter_names"]
+__all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MODEL_TYPES", "supported_tasks",
+           "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names"]
+
+#: Tasks of an encoder graph (no past): the last hidden state, or a classifier's logits.
+ENCODER_TASKS = ("feature-extraction", "text-classification")
+#: Tasks of a decoder graph: logits or hidden states, each with or without past key/values.
+DECODER_TASKS = ("feature-extraction", "feature-extraction-with-past", "text-generation", "text-generation-with-past")
+#: Architectures (``config.model_type``) whose export is tested on transformers 4.57 and 5.x, both merged
+#: and unmerged (see tests/exporters). Others are refused rather than exported untested.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert")
+DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
-def _tasks_manager():
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
-    from optimum.exporters.tasks import TasksManager
-
-    return TasksManager
-
-
-def _model_config(model_dir: str | Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(model_dir))
+def is_decoder(model_type: str) -> bool:
+    """Whether ``model_type`` exports as a decoder (causal attention, position ids, past key/values)."""
+    return model_type in DECODER_MODEL_TYPES
 
 
 def supported_tasks(model_type: str) -> list[str]:
-    """The ONNX tasks optimum-onnx can export for ``model_type`` (e.g. ``"llama"``), sorted.
+    """The ONNX tasks bca-deploy exports for ``model_type`` (e.g. ``"llama"``), sorted.
 
     Raises:
-        UnsupportedExportError: optimum-onnx cannot export this architecture at all (the message
-            lists the model types it can export).
+        UnsupportedExportError: an architecture bca-deploy does not export (the message lists those it does).
     """
-    manager = _tasks_manager()
-    try:
-        tasks = manager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
-    except KeyError:
-        known = sorted(manager._SUPPORTED_MODEL_TYPE)  # the registry optimum itself reads
-        raise UnsupportedExportError(
-            f"optimum-onnx cannot export model_type {model_type!r} to ONNX. It exports these model types: "
-            f"{', '.join(known)}"
-        ) from None
-    return sorted(tasks)
+    if model_type in ENCODER_MODEL_TYPES:
+        return sorted(ENCODER_TASKS)
+    if model_type in DECODER_MODEL_TYPES:
+        return sorted(DECODER_TASKS)
+    raise UnsupportedExportError(
+        f"bca-deploy cannot export model_type {model_type!r} to ONNX. It exports these model types: "
+        f"{', '.join(sorted(ENCODER_MODEL_TYPES + DECODER_MODEL_TYPES))}"
+    )
 
 
-def resolve_task(model_dir: str | Path, task: str | None = None) -> tuple[str, str]:
-    """Check that optimum-onnx can export ``model_dir`` for ``task`` and return ``(task, model_type)``.
+def resolve_export_task(
+    model_dir: str | Path, adapter_dirs: Sequence[str | Path] = (), task: str | None = None, *, bank: bool = False
+) -> ModelTask:
+    """The task to export ``model_dir`` with ``adapter_dirs`` for, checked against what the architecture supports.
 
-    With ``task=None`` the task is inferred from the checkpoint's architecture as optimum does
-    (``LlamaForCausalLM`` → ``text-generation``), upgraded to ``<task>-with-past`` where the
-    architecture supports it. Synonyms (``causal-lm``, ``sequence-classification``...) are mapped.
+    ``task`` (if given) must agree with the adapters' recorded task; without it the adapters' task is
+    used (seq-cls → ``text-classification`` with the adapter's head; causal-lm →
+    ``text-generation-with-past``), else the checkpoint's architecture (decoders with past). ``bank``:
+    adapters may bring different heads (a bank graph holds one per adapter).
 
     Raises:
-        UnsupportedExportError: unknown architecture, a task this architecture cannot be exported
-            for (the message lists those it can), or an encoder-decoder model (several graphs; not
-            supported by bca-deploy's exporter).
+        UnsupportedExportError: an architecture or task bca-deploy does not export (the message lists
+            what it does), or an encoder-decoder model.
+        bca_deploy.models.TaskError: ``task`` contradicts the adapters (see :func:`bca_deploy.models.resolve_task`).
     """
-    config = _model_config(model_dir)
-    model_type = config.model_type
-    tasks = supported_tasks(model_type)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedExportError(
-            f"{model_dir}: {model_type} is an encoder-decoder model, which optimum exports as several graphs; "
-            "bca-deploy exports single-graph encoder or decoder models (BERT, RoBERTa, Llama, Qwen2, GPT-2...)"
+            f"{model_dir}: {config.model_type} is an encoder-decoder model (several graphs); bca-deploy exports "
+            "single-graph encoder or decoder models (BERT, RoBERTa, Llama, Qwen2, GPT-2...)"
         )
-    manager = _tasks_manager()
-    if task is None:
-        task = _infer_task(config)
-        if task is None:
-            raise UnsupportedExportError(
-                f"{model_dir}: cannot infer the task from its config (architectures={config.architectures}); "
-                f"pass task=, one of: {', '.join(tasks)}"
-            )
-        if f"{task}-with-past" in tasks:
-            task = f"{task}-with-past"
-    else:
-        task = manager.map_from_synonym(task)
-    if task not in tasks:
+    tasks = supported_tasks(config.model_type)
+    resolved = _resolve_model_task(model_dir, adapter_dirs, task, model_config=config, one_head=not bank)
+    if resolved.export_task not in tasks:
         raise UnsupportedExportError(
-            f"optimum-onnx cannot export a {model_type} model for task {task!r}; tasks it supports for "
-            f"{model_type}: {', '.join(tasks)}"
+            f"bca-deploy cannot export a {config.model_type} model for task {resolved.export_task!r} (from "
+            f"{resolved.source}); tasks it exports for {config.model_type}: {', '.join(tasks)}"
         )
-    return task, model_type
+    return resolved
 
 
-_TASK_BY_SUFFIX = (
-    ("ForCausalLM", "text-generation"),
-    ("LMHeadModel", "text-generation"),
-    ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForMultipleChoice", "multiple-choice"),
-    ("Model", "feature-extraction"),
-)
+def resolve_task(model_dir: str | Path, task: str | None = None,
+                 adapter_dirs: Sequence[str | Path] = ()) -> tuple[str, str]:
+    """``(export task, model_type)`` of :func:`resolve_export_task`."""
+    from transformers import AutoConfig
 
-
-def _infer_task(config) -> str | None:
-    """The task of ``config.architectures[0]``, as optimum infers it from a model class.
-
-    optimum cannot infer a task from a local directory, so the class named in config.json is looked
-    up in transformers and handed to optimum; a suffix table covers classes optimum does not map.
-    """
-    architectures = getattr(config, "architectures", None) or []
-    if not architectures:
-        return None
-    name = architectures[0]
-    import transformers
-
-    model_class = getattr(transformers, name, None)
-    if model_class is not None:
-        try:
-            return _tasks_manager()._infer_task_from_model_or_model_class(model_class=model_class)
-        except (KeyError, ValueError, RuntimeError):
-            pass
-    for suffix, task in _TASK_BY_SUFFIX:
-        if name.endswith(suffix):
-            return task
-    return None
-
-
-def adapter_names(adapter_dirs: Sequence[str | Path]) -> list[str]:
-    """One adapter name per directory: its folder name, made unique with a suffix where needed."""
-    names: list[str] = []
-    for directory in adapter_dirs:
-        base = Path(directory).name or "adapter"
-        name, k = base, 1
-        while name in names:
-            k += 1
-            name = f"{base}_{k}"
-        names.append(name)
-    return names
+    resolved = resolve_export_task(model_dir, adapter_dirs, task)
+    return resolved.export_task, AutoConfig.from_pretrained(str(model_dir)).model_type
 
 
 def load_model(
     model_dir: str | Path,
-    task: str,
+    task: str | ModelTask | None,
     adapter_dirs: Sequence[str | Path] = (),
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Load ``model_dir`` with the transformers class optimum uses for ``task``, then every adapter.
-
-    All adapters are active and sum (unmerged). The model is in eval mode on CPU.
-
-    Raises:
-        bca_deploy.errors.AdapterMismatchError: an adapter does not fit the model (nothing loaded).
-        bca_deploy.errors.AdapterFormatError: an adapter directory is malformed.
-    """
-    manager = _tasks_manager()
-    # No dtype argument: transformers 4.x loads fp32 by default (and renamed torch_dtype to dtype).
-    with torch.random.fork_rng():
-        # Weights missing from the checkpoint get the same "random" values in every load, so the model
-        # that is exported and the reference it is validated against are the same model.
-        torch.manual_seed(0)
-        model, info = manager.get_model_from_task(
-            task, str(model_dir), framework="pt", library_name="transformers", output_loading_info=True
-        )
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    # load_adapter aligns paths that differ by base_model_prefix (LlamaForCausalLM vs LlamaModel).
-    for directory, name in zip(adapter_dirs, adapter_names(adapter_dirs), strict=True):
-        load_adapter(model, directory, adapter_name=name)
-    _check_no_random_weights(model, model_dir, task, info.get("missing_keys", []))
-    return model.eval()
-
-
-def _check_no_random_weights(model: nn.Module, model_dir: str | Path, task: str, missing: Sequence[str]) -> None:
-    """Refuse a task head that transformers had to initialize at random (the checkpoint lacks it and no
-    adapter's ``modules_to_save`` supplied it): such a graph would compute noise. Random weights
-    inside the base model (e.g. a pooler a checkpoint was saved without) only get a warning."""
-    import warnings
-
-    from bca_deploy.inject import adapter_configs
-
-    supplied = tuple(p + "." for config in adapter_configs(model).values() for p in config.modules_to_save)
-    random = sorted(k for k in missing if not k.startswith(supplied))
-    if not random:
-        return
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    is_head_model = bool(prefix) and hasattr(model, prefix)
-    head = [k for k in random if is_head_model and not k.startswith(prefix + ".")]
-    if head:
-        raise UnsupportedExportError(
-            f"{model_dir} has no weights for {', '.join(head)}: transformers initialized them at random for "
-            f"task {task!r}. Export a task the checkpoint was saved for, or train and save that head with the "
-            "adapter (modules_to_save)"
-        )
-    warnings.warn(f"{model_dir}: no weights for {', '.join(random)} (initialized by transformers); they are "
-                  "exported as initialized", stacklevel=3)
+    """:func:`bca_deploy.models.load_model` with the exporters' argument order: the model a graph is
+    exported from and validated against (fp32, eval mode, every adapter active and unmerged)."""
+    return _load_for_task(model_dir, adapter_dirs, task, dtype=dtype)

@@ -28,8 +28,9 @@ from torch import nn
 
 from bca_deploy.errors import format_problems
 from bca_deploy.inject import mixed_adapters
+from bca_deploy.models import cache_argument, cache_tensors, output_cache
 
-from .errors import UnsupportedExportError, ValidationError
+from .errors import UnsupportedExportError, ValidationError, require
 
 #: The adapter-bank graph's per-row slot input (see bca_deploy.exporters.bank; defined here to avoid an import cycle).
 ADAPTER_IDS = "adapter_ids"
@@ -182,7 +183,7 @@ class ValidationReport:
 
 def onnx_providers(provider: str) -> list[str]:
     """onnxruntime execution providers for ``provider`` (``"cpu"`` or ``"cuda"``, with CPU fallback)."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "onnx", "running an ONNX graph")
 
     available = ort.get_available_providers()
     if provider == "cpu":
@@ -264,21 +265,11 @@ def _torch_kwargs(model: nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, A
 
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (key, value) of a transformers cache (``Cache`` object or legacy tuples), cloned."""
-    if cache is None:
-        return []
-    if hasattr(cache, "self_attention_cache"):  # EncoderDecoderCache
-        cache = cache.self_attention_cache
-    if hasattr(cache, "layers"):
-        pairs = [(layer.keys, layer.values) for layer in cache.layers]
-    elif hasattr(cache, "key_cache"):
-        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
-    else:
-        pairs = [(kv[0], kv[1]) for kv in cache]
-    return [(k.detach().clone(), v.detach().clone()) for k, v in pairs]
+    return [(k.detach().clone(), v.detach().clone()) for k, v in cache_tensors(cache)]
 
 
 def _reference_outputs(out: Any, names: Sequence[str]) -> dict[str, torch.Tensor | None]:
-    cache = _cache_layers(getattr(out, "past_key_values", None)) if any(PRESENT_OUTPUT.fullmatch(n) for n in names) else []
+    cache = _cache_layers(output_cache(out)) if any(PRESENT_OUTPUT.fullmatch(n) for n in names) else []
     refs: dict[str, torch.Tensor | None] = {}
     for name in names:
         match = PRESENT_OUTPUT.fullmatch(name)
@@ -354,8 +345,7 @@ def validate_model(
     Returns:
         The :class:`ValidationReport` (not raised on failure: call ``report.raise_for_failures()``).
     """
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "onnx", "validating an ONNX export")
     options = ort.SessionOptions()
     # Errors only: a bank graph's overridable initializers make onnxruntime warn once per input.
     options.log_severity_level = 3
@@ -409,7 +399,7 @@ def validate_model(
                 if match:
                     feeds2[f"past_key_values.{match.group(1)}.{match.group(2)}"] = value
             kwargs2 = _torch_kwargs(reference, feeds2)
-            out2 = reference(**kwargs2, past_key_values=out.past_key_values, use_cache=True)
+            out2 = reference(**kwargs2, **{cache_argument(reference): output_cache(out)}, use_cache=True)
             refs2 = _reference_outputs(out2, output_names)
             got2 = session.run(output_names, feeds2, run_options)
             label2 = f"{label} step 2 (+{n_new})"
@@ -461,7 +451,8 @@ def validate(
             ``model.onnx``.
         model_dir: the base model (a transformers checkpoint directory).
         adapter_dirs: the adapters the graph was exported with, in the same order.
-        task: default: from ``bca_export.json`` in ``onnx_dir``, else inferred from ``model_dir``.
+        task: default: from ``bca_export.json`` in ``onnx_dir``, else the adapters' task, else
+            inferred from ``model_dir``.
         dtype: ``"fp32"``/``"fp16"``; default: from the graph. Selects the tolerance in :data:`TOLERANCES`.
         cases: validation shapes; default :data:`DEFAULT_CASES` ((1, 5), (2, 11), (3, 16)).
         provider: ``"cpu"`` or ``"cuda"``.
@@ -476,20 +467,22 @@ def validate(
         ValidationError: some output differs beyond tolerance or has the wrong shape (with
             ``raise_on_failure``); ``err.report`` holds every row.
     """
-    from .loading import load_model, resolve_task
+    from bca_deploy.models import load_model
+
+    from .loading import resolve_export_task
 
     onnx_dir = Path(onnx_dir)
     onnx_path = onnx_dir / ONNX_FILE if onnx_dir.is_dir() else onnx_dir
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path}: no ONNX model there (expected {ONNX_FILE} in an export directory)")
     metadata = _read_metadata(onnx_path.parent)
-    task = task or metadata.get("task")
-    task, _ = resolve_task(model_dir, task)
+    model_task = resolve_export_task(model_dir, adapter_dirs, task or metadata.get("task"))
+    task = model_task.export_task
     tolerance = None
     if atol is not None or rtol is not None:
         base = TOLERANCES.get(dtype or metadata.get("dtype") or "fp32", TOLERANCES["fp32"])
         tolerance = Tolerance(atol=base.atol if atol is None else atol, rtol=base.rtol if rtol is None else rtol)
-    reference = load_model(model_dir, task, adapter_dirs)
+    reference = load_model(model_dir, adapter_dirs, model_task)
     report = validate_model(onnx_path, reference, task, dtype=dtype, cases=cases, provider=provider,
                             tolerance=tolerance)
     if verbose:

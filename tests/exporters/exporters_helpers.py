@@ -129,3 +129,31 @@ def exported(tiny, tmp_path_factory):
         return _EXPORTS[key]
 
     return get
+
+
+def ort_greedy(onnx_dir: Path, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with plain onnxruntime on a text-generation-with-past graph (no optimum, no bca-deploy
+    runtime): the prompt once, then one token per step, each step feeding back the graph's own present
+    key/values. Position ids follow the mask, as transformers' ``generate`` computes them (left padding)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    past = {i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), dtype=np.float32)
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    mask = mask.numpy().astype(np.int64)
+    tokens = ids.numpy().astype(np.int64)
+    step_ids = tokens
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    for _ in range(new_tokens):
+        feeds = {"input_ids": step_ids, "attention_mask": mask, **past}
+        if any(i.name == "position_ids" for i in session.get_inputs()):
+            feeds["position_ids"] = positions[:, -step_ids.shape[1]:]
+        outputs = dict(zip(names, session.run(names, feeds), strict=True))
+        step_ids = outputs["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        tokens = np.concatenate([tokens, step_ids], axis=1)
+        past = {f"past_key_values.{n[len('present.'):]}": v for n, v in outputs.items() if n.startswith("present.")}
+        mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
+        positions = np.concatenate([positions, positions[:, -1:] + 1], axis=1)
+    return torch.from_numpy(tokens)

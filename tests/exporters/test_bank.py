@@ -159,7 +159,8 @@ def test_bank_metadata_and_files(name, banks):
     for adapter, relative in bank["adapter_files"].items():
         path = art["onnx"] / relative
         assert path.is_file() and path.parent.name == ADAPTERS_DIR and path.name == adapter + ADAPTER_FILE_SUFFIX
-        params = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+        adapter_file = ort.AdapterFormat.read_adapter(str(path))  # owns the parameters' memory: keep it alive
+        params = {k: np.array(v.numpy(), copy=True) for k, v in adapter_file.get_parameters().items()}
         assert set(params) == set(layout)  # every bank input, zeros where the adapter does not touch it
         for key, value in params.items():
             assert value.shape == layout[key].bank_shape(2)
@@ -183,9 +184,9 @@ def test_bank_graph_inputs(name, banks):
         assert key in inputs and key in initializers  # overridable: an input with a default
         dims = inputs[key].type.tensor_type.shape.dim
         two, two_f, q, o = entry.slot_shape
-        assert [d.dim_value for d in dims[:2]] == [two, two_f] and dims[SLOT_AXIS].dim_param
-        assert [d.dim_value for d in dims[3:]] == [q, o]
-        assert list(initializers[key].dims) == [two, two_f, len(EXPORTED[name]) + 1, q, o]
+        assert dims[SLOT_AXIS].dim_param and SLOT_AXIS == 0
+        assert [d.dim_value for d in dims[1:]] == [two, two_f, q, o]
+        assert list(initializers[key].dims) == [len(EXPORTED[name]) + 1, two, two_f, q, o]
 
 
 # ---- parity ---------------------------------------------------------------------------------------------
@@ -327,3 +328,98 @@ def test_misfit_adapter_tensors_list_every_problem(banks):
         with pytest.raises(AdapterMismatchError, match=needle) as err:
             adapter_tensors(config, state, layout, "model")
         assert "model.layers.0." in str(err.value) and "model.layers.1." in str(err.value)  # both layers listed
+
+
+# ---- per-adapter classifier heads: RoBERTa (dense + tanh + out_proj on <s>) ---------------------------------
+# (BERT's one-Linear head with a pooler: tests/serving/test_classify.py. Decoders' ``score`` head would bank the
+# same way, but the exporter does not export decoders for text-classification: see exporters/loading.py.)
+
+# arch -> adapter -> (labels, targets, block size, seed, modules_to_save); labels None: kernels only (no head)
+HEAD_BANKS = {
+    "roberta": {
+        "r2": (["no", "yes"], ["query", "value"], 8, 1, None),  # its whole head: dense and out_proj
+        "r5": (["a", "b", "c", "d", "e"], ["query", "value"], 16, 2, ["classifier.out_proj"]),  # dense: the base's
+        "rk": (None, ["key"], 8, 3, None),  # no head: the checkpoint's (3 labels)
+    },
+}
+
+
+@pytest.fixture(scope="module", params=sorted(HEAD_BANKS))
+def head_bank(request, tmp_path_factory):
+    from head_helpers import save_base, save_head_adapter, save_kernel_adapter
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"heads-{arch}")
+    base = save_base(arch, root / "base")
+    dirs = {}
+    for name, (labels, targets, p, seed, saved) in HEAD_BANKS[arch].items():
+        if labels is None:
+            dirs[name] = save_kernel_adapter(base, root / name, targets, p, seed)
+        else:
+            dirs[name] = save_head_adapter(base, root / name, labels, targets, p, seed, saved)
+    onnx_dir = export(base, root / "onnx", list(dirs.values()), merge=False, bank=True, task="text-classification",
+                      cases=[(4, 6)], verbose=False)
+    return arch, base, dirs, onnx_dir
+
+
+def test_head_bank_rows_equal_their_own_models(head_bank):
+    """Every row's logits against its adapter's own PyTorch model; padding labels -inf. Through the raw graph
+    (adapter_ids) and through MultiAdapterSession.classify."""
+    from head_helpers import BASE_LABELS, own_logits, own_model, token_rows
+
+    from bca_deploy.serving import MultiAdapterSession
+
+    arch, base, dirs, onnx_dir = head_bank
+    meta = json.loads((onnx_dir / "bca_export.json").read_text())["bank"]
+    assert [layer["module"] for layer in meta["head"]["layers"]] == ["classifier.dense", "classifier.out_proj"]
+    base_labels = BASE_LABELS[arch]
+    labels = {n: spec[0] or list(base_labels.values()) for n, spec in HEAD_BANKS[arch].items()}
+    models = {n: own_model(base, d) for n, d in dirs.items()}
+    width = max(len(v) for v in labels.values())
+    session = ort_session(onnx_dir)
+    slots = meta["slots"]
+    choice = [*dirs, None, *dirs]
+    rows = token_rows(len(choice), seed=6, low=5, high=6)  # equal lengths: the raw graph needs no padding
+    ids = np.array(rows, dtype=np.int64)
+    got = run(session, {**base_feeds(session, ids),
+                        "adapter_ids": np.array([slots.index(c) for c in choice], dtype=np.int64)})["logits"]
+    assert got.shape == (len(choice), width)
+    for b, adapter in enumerate(choice):
+        if adapter is None:
+            want = own_logits(own_model(base), rows[b])
+        else:
+            want = own_logits(models[adapter], rows[b])
+        n = len(want)
+        np.testing.assert_allclose(got[b, :n], want, atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
+        assert (got[b, n:] == -np.inf).all()
+    # the session answers each row with its own labels, rows of any length in one batch
+    mixed = MultiAdapterSession(onnx_dir)
+    rows = token_rows(2 * len(dirs), seed=7)
+    choice = [*dirs, *dirs]
+    for b, (result, adapter) in enumerate(zip(mixed.classify(rows, choice), choice, strict=True)):
+        want = own_logits(models[adapter], rows[b])
+        np.testing.assert_allclose(result["logits"], want, atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
+        assert result["label"] == labels[adapter][int(want.argmax())] and list(result["scores"]) == labels[adapter]
+
+
+def test_head_adapter_files_carry_the_head(head_bank):
+    """``adapters/<name>.onnx_adapter`` activated with onnxruntime's LoraAdapter: id 1 = the adapter with its
+    head, id 0 = the base model with the checkpoint's head."""
+    import onnxruntime as ort
+    from head_helpers import own_logits, own_model, token_rows
+
+    arch, base, dirs, onnx_dir = head_bank
+    meta = json.loads((onnx_dir / "bca_export.json").read_text())["bank"]
+    session = ort_session(onnx_dir)
+    rows = token_rows(2, seed=8, low=6, high=7)
+    feeds = {**base_feeds(session, np.array(rows, dtype=np.int64)), "adapter_ids": np.array([1, 0], dtype=np.int64)}
+    for name, relative in meta["adapter_files"].items():
+        lora = ort.LoraAdapter()
+        lora.Load(str(onnx_dir / relative))
+        options = ort.RunOptions()
+        options.add_active_adapter(lora)
+        got = run(session, feeds, options)["logits"]
+        want = own_logits(own_model(base, dirs[name]), rows[0])
+        np.testing.assert_allclose(got[0, :len(want)], want, atol=ATOL, rtol=0, err_msg=name)
+        base_want = own_logits(own_model(base), rows[1])
+        np.testing.assert_allclose(got[1, :3], base_want, atol=ATOL, rtol=0)
