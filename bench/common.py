@@ -45,10 +45,17 @@ __all__ = [
     "synchronize",
     "time_fn",
     "time_interleaved",
+    "time_round_robin",
     "peak_memory",
     "saved_tensor_bytes",
     "markdown_table",
     "write_results",
+    "OP_SHAPES",
+    "OP_PRECISIONS",
+    "LORA_RANK",
+    "op_methods",
+    "bench_op_shape",
+    "op_ratios",
 ]
 
 
@@ -96,7 +103,7 @@ def synchronize(device: str | torch.device) -> None:
 
 
 def _summary(times: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else [times[0]] * 3
     return {
         "median_ms": statistics.median(times),
         "q1_ms": q[0],
@@ -127,20 +134,32 @@ def time_fn(
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], device: str | torch.device = "cpu", *, warmup: int = 3, repeats: int = 20
+    fns: dict[str, Callable[[], Any]],
+    device: str | torch.device = "cpu",
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    inner: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Like :func:`time_fn` for several functions, run round-robin (one run of each per round).
 
     On a shared machine the load changes over a benchmark; interleaving exposes every function to the
     same conditions, so the ratios between them are fair even when the absolute times drift.
+    ``inner``: calls per timed sample (the time per call is reported), so that on a GPU the
+    synchronization around each sample does not weigh on sub-millisecond calls.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def calls(fn: Callable[[], Any]) -> None:
+        for _ in range(inner):
+            fn()
+
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_timed(fn, device))
+            times[name].append(_timed(lambda: calls(fn), device) / inner)
     return {name: _summary(t) for name, t in times.items()}
 
 
@@ -284,3 +303,156 @@ def write_results(
     _atomic_write(json_path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     _atomic_write(md_path, "\n".join(md))
     return json_path, md_path
+
+
+# ---- the op benchmark: bench/op.py, and the op section of bench/gpu.py ----------------------------
+
+#: (tokens, d_in, d_out, p): a BERT-base layer, a Llama-7B attention projection, a Llama-7B MLP projection.
+OP_SHAPES = [(2048, 768, 768, 64), (2048, 4096, 4096, 256), (2048, 4096, 11008, 128)]
+LORA_RANK = 8
+#: How the adapter paths run: "fp32" (input and parameters fp32, no autocast) or "bf16" (a bf16 base's
+#: activations: input bf16, parameters fp32, under bf16 autocast as a mixed-precision training step is).
+OP_PRECISIONS = ("fp32", "bf16")
+
+
+def op_methods(
+    d_in: int, d_out: int, p: int, device: torch.device, gen: torch.Generator, precision: str = "fp32"
+) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]]:
+    """The three adapter paths of one layer: name -> (function of x, its parameters); parameters fp32.
+
+    * ``ours``: ``bca_deploy.ops.block_circulant_matmul(x, w)``, w (d_out/p, d_in/p, p) (fp32 math inside,
+      autocast off, output in x's dtype);
+    * ``lora``: ``(x @ A.T) @ B.T``, A (8, d_in), B (d_out, 8) (under bf16 autocast: bf16 GEMMs);
+    * ``peft_c3a``: ``BlockCircularConvolution.apply(x.float(), k) / d_in`` cast back to x's dtype, as PEFT's
+      C3A layer calls it. ``ours`` and ``peft_c3a`` compute the same ΔW x (first-column vs first-row layout).
+    """
+    from bca_deploy.ops import block_circulant_matmul, flip_circulant_layout
+    from peft.tuners.c3a.utils import BlockCircularConvolution
+
+    if precision not in OP_PRECISIONS:
+        raise ValueError(f"precision must be one of {OP_PRECISIONS}; got {precision!r}")
+    kw = {"device": device, "dtype": torch.float32}
+    k = torch.randn(d_out // p, d_in // p, p, generator=gen, **kw)  # PEFT first-row kernels
+    w = (flip_circulant_layout(k) / d_in).requires_grad_()  # same ΔW in our first-column layout
+    k.requires_grad_()
+    a = (torch.randn(LORA_RANK, d_in, generator=gen, **kw) / d_in**0.5).requires_grad_()
+    b = (torch.randn(d_out, LORA_RANK, generator=gen, **kw) / LORA_RANK**0.5).requires_grad_()
+
+    def peft_c3a(x: torch.Tensor) -> torch.Tensor:
+        return (BlockCircularConvolution.apply(x.float(), k) / d_in).to(x.dtype)
+
+    methods = {
+        "ours": (lambda x: block_circulant_matmul(x, w), [w]),
+        "lora": (lambda x: (x @ a.T) @ b.T, [a, b]),
+        "peft_c3a": (peft_c3a, [k]),
+    }
+    if precision == "fp32":
+        return methods
+
+    def autocast(f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                return f(x)
+
+        return run
+
+    return {name: (autocast(f), params) for name, (f, params) in methods.items()}
+
+
+def bench_op_shape(
+    tokens: int,
+    d_in: int,
+    d_out: int,
+    p: int,
+    device: str | torch.device,
+    *,
+    precision: str = "fp32",
+    warmup: int = 3,
+    repeats: int = 20,
+    inner: int = 1,
+    memory: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Time forward+backward and forward-only of the three :func:`op_methods` on one shape, round-robin.
+
+    ``x`` (tokens, d_in) requires grad (grad_x is computed, as in a real adapted layer) and a fixed random
+    upstream gradient is fed with ``y.backward(g)``. With ``memory``, also the peak memory of one
+    forward+backward and the activation bytes autograd saves beyond x and the parameters.
+
+    Returns:
+        One row per method: times (median and quartiles, ms), memory (MiB), parameter count, and
+        ``ours_vs_peft_rel_diff`` (the relative difference of the two circulant paths' outputs).
+    """
+    device = torch.device(device)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, d_in, generator=gen, device=device).to(dtype).requires_grad_()
+    g = torch.randn(tokens, d_out, generator=gen, device=device).to(dtype)
+    methods = op_methods(d_in, d_out, p, device, gen, precision)
+
+    with torch.no_grad():  # ours and PEFT's op must compute the same thing, or the timings mean nothing
+        y_ours, y_peft = methods["ours"][0](x).float(), methods["peft_c3a"][0](x).float()
+        agree = ((y_ours - y_peft).norm() / y_peft.norm()).item()
+
+    def clear_grads(params: list[torch.Tensor]) -> None:
+        for t in (x, *params):
+            t.grad = None
+
+    def fwd_bwd(f, params) -> Callable[[], None]:
+        def run() -> None:
+            clear_grads(params)
+            f(x).backward(g)
+
+        return run
+
+    def fwd(f) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                f(x)
+
+        return run
+
+    # The methods run round-robin, so that a change in the machine's load hits all of them alike.
+    t_fb = time_interleaved({name: fwd_bwd(f, params) for name, (f, params) in methods.items()}, device,
+                            warmup=warmup, repeats=repeats, inner=inner)
+    t_f = time_interleaved({name: fwd(f) for name, (f, _) in methods.items()}, device,
+                           warmup=warmup, repeats=repeats, inner=inner)
+    rows = []
+    for name, (f, params) in methods.items():
+        peak = saved = None
+        if memory:
+            clear_grads(params)  # so that the measured call allocates the gradients and frees nothing older
+            peak = peak_memory(lambda: f(x).backward(g), device) / 2**20
+            saved = saved_tensor_bytes(lambda: f(x), owned=[x, *params])["saved_extra_bytes"] / 2**20
+        fb, fo = t_fb[name], t_f[name]
+        rows.append({
+            "threads": torch.get_num_threads(), "precision": precision, "tokens": tokens, "d_in": d_in,
+            "d_out": d_out, "p": p, "method": name,
+            "fwd_bwd_ms": fb["median_ms"], "fwd_bwd_q1_ms": fb["q1_ms"], "fwd_bwd_q3_ms": fb["q3_ms"],
+            "fwd_bwd_min_ms": fb["min_ms"],
+            "fwd_ms": fo["median_ms"], "fwd_q1_ms": fo["q1_ms"], "fwd_q3_ms": fo["q3_ms"], "fwd_min_ms": fo["min_ms"],
+            "peak_mib": peak, "saved_extra_mib": saved, "params": sum(t.numel() for t in params),
+            "ours_vs_peft_rel_diff": agree,
+        })
+        log(f"  {name:9s} fwd+bwd {fb['median_ms']:9.3f} ms  fwd {fo['median_ms']:9.3f} ms"
+            + (f"  peak {peak:8.1f} MiB  saved extra {saved:6.2f} MiB" if memory else ""))
+    return rows
+
+
+def op_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (threads, precision, shape): ours/LoRA and PEFT/ours, forward+backward and forward-only."""
+    keys = ("threads", "precision", "tokens", "d_in", "d_out", "p")
+    out = []
+    for key in dict.fromkeys(tuple(r.get(k) for k in keys) for r in rows):
+        by = {r["method"]: r for r in rows if tuple(r.get(k) for k in keys) == key}
+        peak = (by["peft_c3a"]["peak_mib"] / by["ours"]["peak_mib"]
+                if by["ours"].get("peak_mib") and by["peft_c3a"].get("peak_mib") else None)
+        out.append({
+            **dict(zip(keys, key)),
+            "fwd_bwd ours/lora": by["ours"]["fwd_bwd_ms"] / by["lora"]["fwd_bwd_ms"],
+            "fwd_bwd peft/ours": by["peft_c3a"]["fwd_bwd_ms"] / by["ours"]["fwd_bwd_ms"],
+            "fwd ours/lora": by["ours"]["fwd_ms"] / by["lora"]["fwd_ms"],
+            "fwd peft/ours": by["peft_c3a"]["fwd_ms"] / by["ours"]["fwd_ms"],
+            "peak peft/ours": peak,
+        })
+    return out

@@ -10,9 +10,11 @@ Two workloads:
     ``torch.onnx.export(dynamo=False)`` through :func:`bca_deploy.exporters.exportable_adapters`, timed on
     1 and 512 tokens. The merged graph is the dense layer (W + ΔW): its cost does not depend on p.
 
-Each workload's graphs are loaded together and timed round-robin (the order rotates every round) so a
-shared machine's load hits all variants alike; medians are reported. Writes ``bench/results/export.json``
-and ``export.md``.
+Each workload's graphs are loaded together, with the same onnxruntime session options (threads, default
+graph optimizations), and timed round-robin (the order rotates every round) so a shared machine's load hits
+all variants alike. The ratio to the merged graph is the median over rounds of the per-round ratio (paired),
+next to the ratio of medians. For every unmerged graph, onnxruntime's profiler gives the share of kernel time
+spent in the BCA nodes and how it splits by operator. Writes ``bench/results/export.json`` and ``export.md``.
 
     python3 bench/export.py                 # the full run (~10-15 min on 2 cores)
     python3 bench/export.py --repeats 3 --skip-llama
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -52,8 +55,9 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def bca_time_share(path: Path, feeds: dict, threads: int, runs: int = 2) -> float:
-    """Fraction of onnxruntime kernel time spent in BCA nodes, from its profiler (one session, ``runs`` runs).
+def bca_time_share(path: Path, feeds: dict, threads: int, runs: int = 2) -> tuple[float, dict[str, float]]:
+    """Share of onnxruntime kernel time spent in BCA nodes, from its profiler (one session, ``runs`` runs),
+    and how the BCA time splits by operator type (``{op: share of the BCA time}``).
 
     Unlike a ratio of two latencies, this comes from a single run of a single graph, so machine load
     that changes between runs does not enter it. BCA nodes are those inside an adapted module's scope
@@ -77,12 +81,27 @@ def bca_time_share(path: Path, feeds: dict, threads: int, runs: int = 2) -> floa
     profile.unlink()
     scope = re.compile(r"/(" + "|".join(LLAMA_TARGETS + ["query", "value"]) + r")/(?!base_layer/)")
     total = bca = 0.0
+    by_op: dict[str, float] = {}
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             total += event["dur"]
             if scope.search(event["name"]):
                 bca += event["dur"]
-    return bca / total if total else float("nan")
+                op = event.get("args", {}).get("op_name", "?")
+                by_op[op] = by_op.get(op, 0.0) + event["dur"]
+    ops = {op: t / bca for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])} if bca else {}
+    return (bca / total if total else float("nan")), ops
+
+
+def _top_ops(ops: dict[str, float] | None, n: int = 3) -> str | None:
+    if not ops:
+        return None
+    return ", ".join(f"{op} {share:.0%}" for op, share in list(ops.items())[:n])
+
+
+def _paired(raw: dict[str, list[float]], name: str, reference: str = "merged") -> float:
+    """Median over rounds of time[name] / time[reference] in the same round."""
+    return statistics.median(a / b for a, b in zip(raw[name], raw[reference]))
 
 
 def _size_mb(path: Path) -> float:
@@ -137,17 +156,17 @@ def bench_minilm(work: Path, args) -> list[dict]:
              "attention_mask": np.ones((batch, seq), dtype=np.int64),
              "token_type_ids": np.zeros((batch, seq), dtype=np.int64)}
     fns = {k: (lambda s=s: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})) for k, s in sessions.items()}
-    stats, _ = time_round_robin(fns, warmup=3, repeats=args.repeats * 4)
+    stats, raw = time_round_robin(fns, warmup=3, repeats=args.repeats * 4)
     rows = []
     for name in variants:
-        share = None
+        share = ops = None
         if name != "merged":
             path = work / f"minilm_{name}" / "model.onnx"
-            share = bca_time_share(path, {i.name: feeds[i.name] for i in sessions[name].get_inputs()}, args.threads)
+            share, ops = bca_time_share(path, {i.name: feeds[i.name] for i in sessions[name].get_inputs()}, args.threads)
         rows.append({"workload": "all-MiniLM-L6-v2 (q,v)", "p": 64, "tokens": f"{batch}x{seq}", "variant": name,
-                     **stats[name], "ratio_vs_merged": stats[name]["median_ms"] / stats["merged"]["median_ms"],
-                     "ratio_min": stats[name]["min_ms"] / stats["merged"]["min_ms"], "bca_share": share,
-                     **info[name]})
+                     **stats[name], "ratio_vs_merged": _paired(raw, name),
+                     "ratio_of_medians": stats[name]["median_ms"] / stats["merged"]["median_ms"],
+                     "bca_share": share, "bca_top_ops": _top_ops(ops), "bca_ops": ops, **info[name]})
     return rows
 
 
@@ -244,18 +263,19 @@ def bench_llama(work: Path, args) -> list[dict]:
         fns = {k: (lambda s=s, x=x: s.run(None, {"hidden_states": x})) for k, s in sessions.items()}
         repeats = args.repeats if tokens > 64 else args.repeats * 4
         print(f"  timing Llama layer, {tokens} token(s), {repeats} rounds of {len(fns)} graphs...", flush=True)
-        stats, _ = time_round_robin(fns, warmup=1 if tokens > 64 else 3, repeats=repeats)
+        stats, raw = time_round_robin(fns, warmup=1 if tokens > 64 else 3, repeats=repeats)
         shares = {}
         if tokens > 64:
             del fns
             for name in [n for n in paths if n != "merged"]:
                 shares[name] = bca_time_share(paths[name], {"hidden_states": x}, args.threads)
         for name in paths:
+            share, ops = shares.get(name, (None, None))
             rows.append({"workload": "Llama-7B layer (q,k,v,o,gate,up,down)", "p": info[name]["p"], "tokens": tokens,
                          "variant": name.split(" ")[-1], **stats[name],
-                         "ratio_vs_merged": stats[name]["median_ms"] / stats["merged"]["median_ms"],
-                         "ratio_min": stats[name]["min_ms"] / stats["merged"]["min_ms"],
-                         "bca_share": shares.get(name),
+                         "ratio_vs_merged": _paired(raw, name),
+                         "ratio_of_medians": stats[name]["median_ms"] / stats["merged"]["median_ms"],
+                         "bca_share": share, "bca_top_ops": _top_ops(ops), "bca_ops": ops,
                          "export_s": info[name]["export_s"], "graph_mb": info[name]["graph_mb"],
                          "max_abs_diff": info[name]["max_abs_diff"]})
     return rows
@@ -290,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bca-export-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    load_start = [round(v, 2) for v in os.getloadavg()]
     start = time.perf_counter()
     rows: list[dict] = []
     try:
@@ -302,36 +323,41 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    columns = ["workload", "p", "tokens", "variant", "median_ms", "q1_ms", "q3_ms", "min_ms", "ratio_vs_merged",
-               "ratio_min", "bca_share", "export_s", "graph_mb", "max_abs_diff"]
+    columns = ["workload", "p", "tokens", "variant", "median_ms", "q1_ms", "q3_ms", "ratio_vs_merged",
+               "ratio_of_medians", "bca_share", "bca_top_ops", "graph_mb", "max_abs_diff"]
     print()
     print(markdown_table(rows, columns))
     total = time.perf_counter() - start
     print(f"total {total / 60:.1f} min")
     if args.no_write:
         return
+    load_end = [round(v, 2) for v in os.getloadavg()]
     notes = f"""
-`ratio_vs_merged` = median latency of the graph / median latency of the merged graph of the same workload
-and input (goal for the best unmerged variant: <= 1.10 at the Llama shape, <= 1.3 for MiniLM); `ratio_min`
-the same with the fastest run of each (the least disturbed by other processes on a shared machine).
-`bca_share`: fraction of onnxruntime's kernel time spent in the BCA nodes of the unmerged graph, from its
-profiler in one session (immune to load changing between runs); 1 / (1 − bca_share) is the slowdown those
-nodes alone cause. onnxruntime
-CPUExecutionProvider, default graph optimizations, {args.threads} intra-op threads; the graphs of a workload
-are loaded together and timed round-robin (rotating order) so machine load hits them alike; `q1_ms`/`q3_ms`
-are quartiles. `export_s`: MiniLM — optimum-onnx export alone (validation not included); Llama layer —
-`torch.onnx.export` of the block. `graph_mb`: ONNX file(s) on disk. `max_abs_diff`: max |onnxruntime −
-PyTorch (adapters unmerged)| — MiniLM over the export's validation cases, Llama layer on 8 tokens.
-The merged Llama graph is the dense layer with W + ΔW(p=64); its cost does not depend on p.
+`ratio_vs_merged`: the median over rounds of (this graph's time / the merged graph's time in the same round),
+same workload and input (goal for the best unmerged variant: <= 1.10 at the Llama shape and for MiniLM);
+`ratio_of_medians` divides the two medians instead. `bca_share`: fraction of onnxruntime's kernel time spent
+in the BCA nodes of the unmerged graph, from its profiler in one session (immune to load changing between
+runs; 1 / (1 − bca_share) is the slowdown those nodes alone cause); `bca_top_ops`: how that time splits by
+operator (the JSON has all of them). onnxruntime CPUExecutionProvider, default graph optimizations,
+{args.threads} intra-op threads, the same session options for every graph; the graphs of a workload are
+loaded together and timed round-robin (rotating order) so machine load hits them alike; `q1_ms`/`q3_ms` are
+quartiles. `graph_mb`: ONNX file(s) on disk. `max_abs_diff`: max |onnxruntime − PyTorch (adapters
+unmerged)|: MiniLM over the export's validation cases, Llama layer on 8 tokens. The merged Llama graph is
+the dense layer with W + ΔW(p=64); its cost does not depend on p. Load average (1, 5, 15 min) at the start
+{load_start}, at the end {load_end} (2 cores: anything above ~1 means other processes shared them).
 
-unmerged-dft: DFT-20 nodes (onnxruntime's CPU DFT loops per transform). unmerged-matmul: the real DFTs as
-MatMuls by cos/sin bases, frequency-major layout (no activation Transpose; inverse DFT and residual add
-in one Gemm; q/k/v and gate/up share one forward transform). Total bench time: {total / 60:.1f} min.
+unmerged-matmul: the real DFTs as MatMuls: spectral rows by Gauss's trick (3 real GEMMs per frequency bin,
+no sum afterwards), packed real bins; for p >= 64 two-stage (Cooley-Tukey) transforms with two 2-D
+transposes; for smaller p one MatMul each way, the inverse and the residual add in one Gemm; q/k/v and
+gate/up share one forward transform. unmerged-dft: the same mix between one-sided DFT-20 nodes (onnxruntime's
+CPU DFT runs its transforms one after another on one thread), the spectral rows picked by Gathers. Total
+bench time: {total / 60:.1f} min.
 
 Versions: {", ".join(f"{k} {v}" for k, v in _versions().items())}.
 """
     write_results("export", rows, columns=columns, title="ONNX export: merged vs unmerged BCA graphs (onnxruntime CPU)",
-                  notes=notes, extra={"versions": _versions(), "threads": args.threads, "total_minutes": total / 60})
+                  notes=notes, extra={"versions": _versions(), "threads": args.threads, "total_minutes": total / 60,
+                                      "load_start": load_start, "load_end": load_end})
     print("wrote bench/results/export.json and export.md")
 
 

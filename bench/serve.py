@@ -548,6 +548,27 @@ def bench_http(exports: dict, sentences: list[str], token_ids: list[list[int]], 
     return sorted(rows, key=lambda r: order[r["server"]])  # stable: levels in order within a server
 
 
+# ---- 4. generation ------------------------------------------------------------------------------------------
+
+
+def run_generation(args) -> None:
+    """Continuous vs request-level batching (bench/serve_generation.py); writes serve_generation.{json,md}."""
+    import serve_generation
+
+    start = time.perf_counter()
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    work = (args.work_dir / "generation") if args.work_dir else Path(tempfile.mkdtemp(prefix="bca-serve-gen-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print("4. generation: continuous vs request-level batching", flush=True)
+    try:
+        result = serve_generation.run(args, work)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    load_end = [round(v, 2) for v in os.getloadavg()]
+    serve_generation.report(result, args, load_start, load_end, time.perf_counter() - start)
+
+
 # ---- main ----------------------------------------------------------------------------------------------------
 
 
@@ -581,6 +602,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="serve", help="results file name (<out>/<name>.json, .md)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where adapters/graphs go (default: temp, removed)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--parts", nargs="+", choices=["embeddings", "generation"], default=["embeddings", "generation"],
+                        help="embeddings: sections 1-3 (serve.json); generation: continuous vs request-level batching "
+                             "(serve_generation.json, see bench/serve_generation.py)")
+    parser.add_argument("--gen-models", nargs="+", choices=["tiny", "minilm"], default=["tiny", "minilm"])
+    parser.add_argument("--gen-adapters", type=int, default=16, help="adapters in each decoder's bank")
+    parser.add_argument("--gen-max-positions", type=int, default=256, help="the decoders' context")
+    parser.add_argument("--gen-prompt", type=int, nargs=2, default=[8, 64], help="prompt tokens: min max")
+    parser.add_argument("--gen-new", type=int, nargs=2, default=[8, 64], help="new tokens: min max")
+    parser.add_argument("--gen-requests-min", type=int, default=16, help="requests per level at least")
+    parser.add_argument("--gen-requests-per-client", type=int, default=3, help="requests per client per level")
+    parser.add_argument("--gen-repeats", type=int, default=2, help="times each level runs (schedulers alternate)")
+    parser.add_argument("--gen-max-batch-rows", type=int, default=32, help="rows per batch, both schedulers")
+    parser.add_argument("--gen-check", type=int, default=4, help="requests checked against PyTorch per model")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
@@ -589,10 +623,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.adapters, args.rows, args.repeats, args.warmup = min(args.adapters, 4), min(args.rows, 16), 3, 1
         args.concurrency, args.http_requests, args.profile_runs = [1, 4], 16, min(args.profile_runs, 1)
+        args.gen_models, args.gen_adapters, args.gen_repeats, args.gen_requests_min = ["tiny"], 4, 1, 4
+        args.gen_requests_per_client, args.gen_new, args.gen_check = 2, [4, 12], 2
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.out is None:
         args.no_write = args.no_write or args.quick  # a smoke run does not replace the real results
         args.out = REPO / "bench" / "results"
+
+    if "generation" in args.parts:
+        run_generation(args)
+    if "embeddings" not in args.parts:
+        return
 
     from common import markdown_table, write_results
     from transformers import AutoTokenizer

@@ -1,0 +1,478 @@
+"""Generation under concurrent clients: continuous batching (``GenerationEngine``) vs request-level batching.
+
+Part of ``bench/serve.py`` (``--parts generation``); writes ``bench/results/serve_generation.json`` and ``.md``.
+
+Models (random weights from a config, nothing downloaded), each exported as an adapter-bank
+``text-generation-with-past`` graph (``fft="matmul"``) with ``--gen-adapters`` (16) distinct BCA adapters on
+``q_proj``/``v_proj`` and served by ``MultiAdapterSession`` (onnxruntime CPU, ``--threads`` intra-op threads):
+
+* **tiny**: Llama, hidden 32, 2 layers, 4 heads (2 KV heads), vocabulary 512, block size 8;
+* **minilm**: Llama at all-MiniLM-L6-v2's size: hidden 384, 6 layers, 12 heads, intermediate 1536,
+  vocabulary 30522, block size 64.
+
+Workload: C concurrent clients (closed loop, in-process asyncio tasks), each sending its share of the level's
+requests one after another: a prompt of uniform random length in [``--gen-prompt``] token ids, a greedy
+generation of uniform random length in [``--gen-new``] tokens (no end-of-sequence id in these configs, so every
+row runs its full length), a uniformly random adapter of the 16. The same requests (fixed seed per level) go
+to both schedulers:
+
+* **continuous**: ``GenerationEngine(max_batch_rows=32)``: rows join the running batch at the next step and
+  leave when done; the client reads a stream, so it sees each token when it is made;
+* **request-level (today)** (what ``/v1/generate`` did before the engine): requests arriving within
+  ``max_wait_ms`` (5 ms) of the first, up to 32 rows, form one batch; every row steps until the batch's longest
+  row is done; every request answers when the batch ends, and requests that arrive meanwhile wait for the next
+  batch. Its client sees all tokens at once: time to first token = its latency; ``ttft_computed``: when the
+  batch's first (prefill) run ended, i.e. the server-side first token;
+* **request-level**: the same, but finished rows leave the batch's steps (``MultiAdapterSession.generate``).
+
+Per level and scheduler: generated tokens/s (all tokens / wall time of the level), time to first token p50/p99,
+inter-token latency p50/p99 (gaps between a stream's tokens, client side; continuous only), request latency
+p50/p99, and the engine's decode-step time and rows per step. Levels run ``--gen-repeats`` times with the
+schedulers in alternating order; the ratio is the median of the per-repeat (paired) ratios.
+Correctness in the same run: every request's tokens are the same under both schedulers, and a few requests
+equal PyTorch ``generate`` of the prompt alone with its adapter (``mixed_adapters``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+GOAL_SPEEDUP = 2.0  # continuous / today's request-level tokens/s at the highest concurrency
+CONTINUOUS, REQUEST_LEVEL, TODAY = "continuous", "request-level", "request-level (today)"
+VARIANTS = (CONTINUOUS, REQUEST_LEVEL, TODAY)
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
+
+MODELS = {
+    "tiny": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, block_size=8, init_std=0.05),
+    "minilm": dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                   num_attention_heads=12, num_key_value_heads=12, block_size=64, init_std=0.02),
+}
+
+
+def build_decoder(kind: str, work: Path, adapters: int, max_positions: int) -> dict[str, Any]:
+    """A random Llama of ``kind`` saved with ``adapters`` BCA adapters and exported as a validated bank graph."""
+    import torch
+    import transformers as tf
+
+    from bca_deploy import inject, save_adapter
+    from bca_deploy.exporters import export
+
+    spec = dict(MODELS[kind])
+    block_size, init_std = spec.pop("block_size"), spec.pop("init_std")
+    config = tf.LlamaConfig(**spec, max_position_embeddings=max_positions, bos_token_id=None, eos_token_id=None,
+                            pad_token_id=None)
+    root = work / f"decoder-{kind}"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(root / "model")
+    dirs = []
+    model = tf.LlamaForCausalLM.from_pretrained(root / "model")
+    for i in range(adapters):
+        name = f"a{i:02d}"
+        inject(model, ["q_proj", "v_proj"], block_size=block_size, init="normal", init_std=init_std, seed=i,
+               adapter_name=name)
+        dirs.append(Path(save_adapter(model, root / "adapters" / name, adapter_name=name)))
+    start = time.perf_counter()
+    onnx = export(root / "model", root / "onnx", dirs, merge=False, bank=True, task="text-generation-with-past",
+                  fft="matmul", cases=[(3, 8)], verbose=False)
+    meta = json.loads((Path(onnx) / "bca_export.json").read_text())
+    rows = meta.get("validation", {}).get("rows", [])
+    return {"kind": kind, "model": root / "model", "adapters": dirs, "onnx": Path(onnx),
+            "export_s": time.perf_counter() - start,
+            "validation_max_abs_diff": max((r["max_abs_diff"] for r in rows), default=None)}
+
+
+# ---- the request-level scheduler (the baseline) -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Job:
+    prompt: list[int]
+    adapter: str | None
+    new: int
+    future: asyncio.Future
+    enqueued: float
+
+
+class RequestLevelBatcher:
+    """Request-level batching: a batch forms from requests arriving within ``max_wait_ms`` of its first (up to
+    ``max_batch_rows``), runs to its end, then the next batch forms.
+
+    ``rows_leave=True``: through ``MultiAdapterSession.generate`` (finished rows leave its steps);
+    ``False``: today's ``generate`` on main before the engine: every row steps until the batch's longest row is
+    done (finished rows are fed a pad token), the same ``DecodeBatch`` runs otherwise.
+    """
+
+    def __init__(self, session, max_batch_rows: int = 32, max_wait_ms: float = 5.0, rows_leave: bool = True) -> None:
+        self.session = session
+        self.rows_leave = rows_leave
+        self.max_batch_rows = max_batch_rows
+        self.max_wait = max_wait_ms / 1000.0
+        self.first_run_end: list[float] = []  # end of each batch's first (prefill) run: the server-side first token
+        self.batches: list[int] = []  # rows per batch
+        real_run = session.run_ortvalues
+        self._in_batch = threading.local()
+
+        def recording_run(*args, **kwargs):
+            out = real_run(*args, **kwargs)
+            if getattr(self._in_batch, "first", False):
+                self._in_batch.first = False
+                self.first_run_end.append(time.perf_counter())
+            return out
+
+        session.run_ortvalues = recording_run
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def generate(self, prompt: list[int], adapter: str | None, new: int) -> tuple[list[int], float]:
+        """The new tokens and the server-side first-token time of their batch."""
+        assert self._queue is not None
+        job = _Job(prompt, adapter, new, asyncio.get_running_loop().create_future(), time.perf_counter())
+        await self._queue.put(job)
+        return await job.future
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        held: list[_Job] = []
+        while True:
+            batch = [held.pop(0) if held else await self._queue.get()]
+            deadline = batch[0].enqueued + self.max_wait
+            while len(batch) < self.max_batch_rows:
+                timeout = deadline - time.perf_counter()
+                try:
+                    job = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+                batch.append(job)
+            try:
+                tokens, first = await loop.run_in_executor(None, self._run, batch)
+            except Exception as exc:  # noqa: BLE001 - every job of the batch gets it
+                for job in batch:
+                    job.future.set_exception(exc)
+                continue
+            for job, out in zip(batch, tokens, strict=True):
+                job.future.set_result((out, first))
+
+    def _run(self, batch: list[_Job]) -> tuple[list[list[int]], float]:
+        self._in_batch.first = True
+        self.batches.append(len(batch))
+        if self.rows_leave:
+            out = self.session.generate([j.prompt for j in batch], [j.adapter for j in batch],
+                                        max_new_tokens=[j.new for j in batch])
+        else:
+            out = self._generate_to_the_end(batch)
+        return out, self.first_run_end[-1]
+
+    def _generate_to_the_end(self, batch: list[_Job]) -> list[list[int]]:
+        """Greedy generation where every row steps until the longest is done (as main's generate did)."""
+        from bca_deploy.serving.decoding import DecodeBatch, DecodeRow
+
+        snapshot = self.session.snapshot()
+        decode = DecodeBatch(self.session)
+        rows = [DecodeRow(j.prompt, j.adapter, snapshot) for j in batch]
+        logits, _ = decode.prefill(rows)
+        out: list[list[int]] = [[] for _ in batch]
+        pad = self.session.pad_token_id
+        for _ in range(max(j.new for j in batch)):
+            for b, token in enumerate(logits.argmax(-1)):
+                if len(out[b]) < batch[b].new:
+                    out[b].append(int(token))
+                rows[b].next_token = int(token) if len(out[b]) < batch[b].new else pad
+            if all(len(o) == j.new for o, j in zip(out, batch)):
+                break
+            rows, logits, _ = decode.step()
+        return out
+
+
+# ---- clients --------------------------------------------------------------------------------------------------
+
+
+def make_requests(count: int, vocab: int, adapters: list[str], prompt: tuple[int, int], new: tuple[int, int],
+                  seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [{"prompt": [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt))],
+             "adapter": rng.choice(adapters), "new": rng.randint(*new)} for _ in range(count)]
+
+
+async def _run_level(variant: str, server, requests: list[dict], clients: int) -> dict[str, Any]:
+    from bca_deploy.serving.engine import SamplingParams
+
+    shares = [requests[k::clients] for k in range(clients)]
+    records: list[dict[str, Any]] = []
+
+    async def client(jobs: list[dict]) -> None:
+        for job in jobs:
+            t0 = time.perf_counter()
+            if variant == "continuous":
+                stream = server.submit(job["prompt"], job["adapter"], SamplingParams(max_new_tokens=job["new"]))
+                times = []
+                async for _ in stream:
+                    times.append(time.perf_counter())
+                records.append({"job": job, "tokens": list(stream.token_ids), "ttft": times[0] - t0,
+                                "ttft_computed": stream.first_token_at - t0, "latency": times[-1] - t0,
+                                "gaps": [b - a for a, b in zip(times, times[1:])]})
+            else:
+                tokens, first = await server.generate(job["prompt"], job["adapter"], job["new"])
+                end = time.perf_counter()
+                records.append({"job": job, "tokens": tokens, "ttft": end - t0, "ttft_computed": first - t0,
+                                "latency": end - t0, "gaps": []})
+
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(client(jobs) for jobs in shares))
+    wall = time.perf_counter() - start
+    return {"records": records, "wall_s": wall, "cpu_s": time.process_time() - cpu,
+            "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _summary(model: str, variant: str, clients: int, result: dict, steps: list[dict]) -> dict[str, Any]:
+    records = result["records"]
+    tokens = sum(len(r["tokens"]) for r in records)
+    gaps = [g for r in records for g in r["gaps"]]
+    ms = 1e3
+    row = {"model": model, "clients": clients, "scheduler": variant, "requests": len(records), "tokens": tokens,
+           "wall_s": result["wall_s"], "tokens_per_s": tokens / result["wall_s"],
+           "tokens_per_cpu_s": tokens / result["cpu_s"], "load_1min": result["load_1min"],
+           "ttft_p50_ms": _pct([r["ttft"] for r in records], 50) * ms,
+           "ttft_p99_ms": _pct([r["ttft"] for r in records], 99) * ms,
+           "ttft_computed_p50_ms": _pct([r["ttft_computed"] for r in records], 50) * ms,
+           "ttft_computed_p99_ms": _pct([r["ttft_computed"] for r in records], 99) * ms,
+           "itl_p50_ms": (_pct(gaps, 50) or 0) * ms if gaps else None,
+           "itl_p99_ms": (_pct(gaps, 99) or 0) * ms if gaps else None,
+           "latency_p50_ms": _pct([r["latency"] for r in records], 50) * ms,
+           "latency_p99_ms": _pct([r["latency"] for r in records], 99) * ms}
+    if steps:
+        row["step_p50_ms"] = _pct([s["seconds"] for s in steps], 50) * ms
+        row["rows_per_step"] = statistics.mean(s["rows"] for s in steps)
+    return row
+
+
+# ---- the whole comparison -------------------------------------------------------------------------------------
+
+
+def run(args, work: Path) -> dict[str, Any]:
+    """Every model x level x repeat, both schedulers; returns rows, goals, correctness and settings."""
+    from bca_deploy.serving import MultiAdapterSession
+    from bca_deploy.serving.engine import GenerationEngine
+
+    rows, paired, checks, models_info = [], {}, [], []
+    for kind in args.gen_models:
+        print(f"  generation: exporting the {kind} decoder with {args.gen_adapters} adapters...", flush=True)
+        art = build_decoder(kind, work, args.gen_adapters, args.gen_max_positions)
+        names = [d.name for d in art["adapters"]]
+        models_info.append({"model": kind, "export_validate_s": round(art["export_s"], 1),
+                            "validation_max_abs_diff": art["validation_max_abs_diff"], **MODELS[kind]})
+        print(f"    exported in {art['export_s']:.0f} s (validation max |diff| {art['validation_max_abs_diff']})",
+              flush=True)
+        engine_session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
+        batch_session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
+        vocab = MODELS[kind]["vocab_size"]
+        steps: list[dict] = []
+
+        def observer(event: str, values) -> None:
+            if event == "step":
+                steps.append({"seconds": values["seconds"], "rows": values["rows"]})
+
+        async def one(variant: str, requests: list[dict], clients: int) -> tuple[dict, list[dict]]:
+            if variant == "continuous":
+                server = GenerationEngine(engine_session, max_batch_rows=args.gen_max_batch_rows,
+                                          max_queued_rows=4 * max(args.concurrency), observer=observer)
+            else:
+                server = RequestLevelBatcher(batch_session, max_batch_rows=args.gen_max_batch_rows,
+                                             max_wait_ms=args.max_wait_ms, rows_leave=variant == REQUEST_LEVEL)
+            await server.start()
+            steps.clear()
+            try:
+                result = await _run_level(variant, server, requests, clients)
+            finally:
+                await server.stop()
+            return result, list(steps)
+
+        warm = make_requests(4, vocab, names, tuple(args.gen_prompt), (4, 8), seed=999)
+        for variant in VARIANTS:
+            asyncio.run(one(variant, warm, 4))
+        tokens_of: dict[str, dict[int, list[int]]] = {}
+        for level, clients in enumerate(args.concurrency):
+            count = max(args.gen_requests_min, args.gen_requests_per_client * clients)
+            requests = make_requests(count, vocab, names, tuple(args.gen_prompt), tuple(args.gen_new), seed=level)
+            for rep in range(args.gen_repeats):
+                shift = (level + rep) % len(VARIANTS)
+                order = VARIANTS[shift:] + VARIANTS[:shift]  # rotating, so load drifts hit every scheduler alike
+                got = {}
+                for variant in order:
+                    result, level_steps = asyncio.run(one(variant, requests, clients))
+                    row = _summary(kind, variant, clients, result, level_steps)
+                    row["repeat"] = rep
+                    rows.append(row)
+                    got[variant] = row
+                    by_job = {id(r["job"]): r["tokens"] for r in result["records"]}
+                    tokens_of.setdefault(variant, {}).update({(level, i): by_job[id(job)]
+                                                              for i, job in enumerate(requests)})
+                    print(f"    {kind} C={clients} rep {rep} {variant}: {row['tokens_per_s']:.0f} tok/s, "
+                          f"TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms"
+                          + (f", ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms"
+                             if row["itl_p50_ms"] is not None else "")
+                          + (f", {row['rows_per_step']:.1f} rows/step" if "rows_per_step" in row else ""), flush=True)
+                for baseline in VARIANTS[1:]:
+                    paired.setdefault((kind, clients, baseline), []).append(
+                        got["continuous"]["tokens_per_s"] / got[baseline]["tokens_per_s"])
+            # correctness, same run: every scheduler gave every request the same tokens
+            for baseline in VARIANTS[1:]:
+                same = sum(tokens_of["continuous"][(level, i)] == tokens_of[baseline][(level, i)]
+                           for i in range(len(requests)))
+                checks.append({"model": kind, "clients": clients, "check": f"continuous == {baseline} (every request)",
+                               "equal": same, "of": len(requests)})
+        checks.append(_check_against_pytorch(art, tokens_of["continuous"], args))
+        del engine_session, batch_session
+    return {"rows": rows, "paired": paired, "checks": checks, "models": models_info}
+
+
+def _check_against_pytorch(art: dict, tokens: dict, args) -> dict[str, Any]:
+    """The first few requests of the first level against PyTorch generate of the prompt alone."""
+    import torch
+
+    from bca_deploy.exporters.loading import load_model
+    from bca_deploy.inject import mixed_adapters
+
+    model = load_model(art["model"], "text-generation", art["adapters"]).eval()
+    vocab = MODELS[art["kind"]]["vocab_size"]
+    names = [d.name for d in art["adapters"]]
+    clients = args.concurrency[0]
+    count = max(args.gen_requests_min, args.gen_requests_per_client * clients)
+    requests = make_requests(count, vocab, names, tuple(args.gen_prompt), tuple(args.gen_new), seed=0)[:args.gen_check]
+    equal = 0
+    for i, job in enumerate(requests):
+        ids = torch.tensor([job["prompt"]])
+        with torch.no_grad(), mixed_adapters(model, [job["adapter"]]):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=job["new"],
+                                 do_sample=False, pad_token_id=0)
+        equal += out[0, len(job["prompt"]):].tolist() == tokens[(0, i)]
+    return {"model": art["kind"], "clients": clients, "check": "continuous == PyTorch generate alone (mixed_adapters)",
+            "equal": equal, "of": len(requests)}
+
+
+def report(result: dict[str, Any], args, load_start, load_end, total_s: float) -> None:
+    """Tables, goals, and bench/results/serve_generation.{json,md}."""
+    from common import markdown_table, write_results
+
+    rows = result["rows"]
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "load_1min", "ttft_p50_ms", "ttft_p99_ms", "ttft_computed_p50_ms", "ttft_computed_p99_ms",
+            "itl_p50_ms", "itl_p99_ms", "latency_p50_ms", "latency_p99_ms", "step_p50_ms", "rows_per_step")
+    table = []
+    levels = dict.fromkeys((kind, clients) for kind, clients, _ in result["paired"])
+    for kind, clients in levels:
+        for variant in VARIANTS:
+            reps = [r for r in rows if r["model"] == kind and r["clients"] == clients and r["scheduler"] == variant]
+            out = {"model": kind, "clients": clients, "scheduler": variant, "requests": reps[0]["requests"],
+                   "tokens": reps[0]["tokens"], "repeats": len(reps)}
+            for key in keys:
+                values = [r[key] for r in reps if r.get(key) is not None]
+                out[key] = statistics.median(values) if values else None
+            for baseline, column in ((TODAY, "speedup_vs_today"), (REQUEST_LEVEL, "speedup_vs_rows_leave")):
+                out[column] = statistics.median(result["paired"][(kind, clients, baseline)]) \
+                    if variant == CONTINUOUS else None
+            table.append(out)
+    goals = []
+    top, one = max(args.concurrency), min(args.concurrency)
+    for kind in args.gen_models:
+        for baseline in (TODAY, REQUEST_LEVEL):
+            ratio = statistics.median(result["paired"][(kind, top, baseline)])
+            goals.append({"model": kind, "goal": f"tokens/s continuous / {baseline} at {top} clients >= {GOAL_SPEEDUP}",
+                          "value": ratio, "status": ("met" if ratio >= GOAL_SPEEDUP else "NOT met")
+                          if baseline == TODAY else "(for comparison)"})
+        base = next(r for r in table if r["model"] == kind and r["clients"] == one and r["scheduler"] == TODAY)
+        for clients in args.concurrency:
+            cont = next(r for r in table if r["model"] == kind and r["clients"] == clients and r["scheduler"] == CONTINUOUS)
+            step = cont["step_p50_ms"] or 0.0
+            for label, reference in (("as delivered", base["ttft_p99_ms"]), ("as computed", base["ttft_computed_p99_ms"])):
+                bound = reference + step
+                goals.append({"model": kind, "goal": f"TTFT p99 at {clients} clients <= today's at {one} client "
+                                                     f"({label}) + one decode step at {clients}",
+                              "value": cont["ttft_p99_ms"], "bound": bound,
+                              "status": "met" if cont["ttft_p99_ms"] <= bound else "NOT met"})
+    columns = ["model", "clients", "scheduler", "requests", "tokens", "tokens_per_s", "speedup_vs_today",
+               "speedup_vs_rows_leave", "tokens_per_cpu_s", "ttft_p50_ms",
+               "ttft_p99_ms", "ttft_computed_p50_ms", "ttft_computed_p99_ms", "itl_p50_ms", "itl_p99_ms",
+               "latency_p50_ms", "latency_p99_ms", "step_p50_ms", "rows_per_step", "load_1min", "repeats"]
+    print()
+    print(markdown_table(table, columns))
+    print(markdown_table(goals))
+    print(markdown_table(result["checks"]))
+    if args.no_write:
+        return
+    notes = f"""
+Medians over {args.gen_repeats} repeat(s) per level, the three schedulers back to back in rotating order;
+`speedup_vs_today` / `speedup_vs_rows_leave` = median over repeats of continuous tokens/s / that scheduler's
+tokens/s in the same repeat (paired). Requests per level: max({args.gen_requests_min}, {args.gen_requests_per_client}
+x clients); prompts {args.gen_prompt[0]}-{args.gen_prompt[1]} tokens, {args.gen_new[0]}-{args.gen_new[1]} new tokens
+(greedy, no end-of-sequence id: every row runs its length), adapters uniform over {args.gen_adapters};
+`max_batch_rows` {args.gen_max_batch_rows} for every scheduler; request-level `max_wait_ms` {args.max_wait_ms};
+onnxruntime CPU, {args.threads} intra-op threads; clients are asyncio tasks in the benchmark process (no HTTP).
+
+- **continuous**: `GenerationEngine`; rows join at the next step, leave when done; clients read streams.
+- **request-level (today)**: what `/v1/generate` did before the engine: a batch forms (requests within
+  `max_wait_ms` of its first), every row steps until the batch's longest row is done, all answer together.
+- **request-level**: the same batches, but finished rows leave the batch's steps (today's
+  `MultiAdapterSession.generate`, which now shares the engine's `DecodeBatch`).
+- `ttft_*`: submit → first token seen by the client; request-level clients get every token with the answer, so
+  their TTFT is their latency. `ttft_computed_*`: submit → the end of the run that computed the first token (the
+  batch's or the row's prefill): the best streaming could show.
+- `itl_*`: gaps between consecutive tokens of one stream at the client (continuous only).
+- `step_p50_ms`, `rows_per_step`: the engine's decode steps (its observer), continuous only.
+- `tokens_per_cpu_s`: tokens / CPU seconds of the benchmark process during the level (all its threads): how
+  much work each token cost, whatever share of the machine the process got; `load_1min`: the machine's 1-minute
+  load average at the end of the level (2 cores: anything above 2 means the process waited for a CPU).
+
+## Goals
+
+{markdown_table(goals)}
+## Correctness (same run)
+
+{markdown_table(result["checks"])}
+## Models
+
+{markdown_table(result["models"])}
+Load average (1, 5, 15 min) at the start {load_start} and at the end {load_end} on {os.cpu_count()} cores; total
+{total_s / 60:.1f} min.
+"""
+    extra = {"goals": goals, "correctness": result["checks"], "models": result["models"], "raw_rows": rows,
+             "paired_ratios": {f"{k}/{c}/{b}": v for (k, c, b), v in result["paired"].items()},
+             "load_average_start": load_start, "load_average_end": load_end,
+             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "client"}}
+    json_path, md_path = write_results("serve_generation", table, columns=columns, notes=notes, extra=extra,
+                                       results_dir=args.out,
+                                       title="Generation: continuous batching vs request-level batching "
+                                             f"({args.gen_adapters} adapters, onnxruntime CPU)")
+    print(f"wrote {json_path} and {md_path}")
