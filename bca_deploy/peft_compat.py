@@ -19,19 +19,49 @@ from typing import Any
 
 import torch
 
-from .config import KERNEL_SUFFIX, AdapterConfig, ModuleSpec
+from .config import FORMAT_NAME, KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec
 from .errors import AdapterFormatError, format_problems
 from .ops import flip_circulant_layout
 
-__all__ = ["is_peft_config", "from_peft", "to_peft", "PEFT_PREFIX", "PEFT_KERNEL_SUFFIX"]
+__all__ = ["is_peft_config", "from_peft", "to_peft", "describe_format", "format_name", "PEFT_PREFIX", "PEFT_KERNEL_SUFFIX",
+           "PEFT_TASK_TYPES"]
 
 PEFT_PREFIX = "base_model.model."
 PEFT_KERNEL_SUFFIX = ".c3a_kernel"
 _PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release this writer was verified against
+#: bca-deploy task type -> PEFT ``task_type`` (what ``AutoPeftModelFor*`` and ``PeftModel.from_pretrained`` read).
+PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
 
 
 def is_peft_config(data: dict[str, Any]) -> bool:
     return "peft_type" in data
+
+
+def format_name(data: dict[str, Any]) -> str:
+    """``"bca-deploy adapter"``, ``"PEFT C3A adapter"``, ``"PEFT LORA adapter"``... for a parsed ``adapter_config.json``."""
+    if is_peft_config(data):
+        return f"PEFT {data.get('peft_type')} adapter"
+    return "bca-deploy adapter" if data.get("format") == FORMAT_NAME else "adapter of unknown format"
+
+
+def describe_format(data: dict[str, Any], directory: str = "DIR") -> str:
+    """Which format an ``adapter_config.json`` (parsed) is in, and what loads or converts it, in one line.
+
+    PEFT cannot read bca-deploy's own format (``PeftModel.from_pretrained`` fails on it with its own
+    error), so this line says so and gives the conversion command.
+    """
+    if is_peft_config(data):
+        peft_type = data.get("peft_type")
+        if peft_type != "C3A":
+            return (f"PEFT {peft_type} adapter: bca-deploy reads PEFT adapters of type C3A only")
+        task = data.get("task_type") or "no task_type"
+        return (f"PEFT C3A adapter ({task}): loads with peft.PeftModel.from_pretrained and with bca_deploy.load_adapter; "
+                f"bca-deploy convert --adapter {directory} --to bca --out OUT writes bca-deploy's format")
+    if data.get("format") == FORMAT_NAME:
+        return (f"bca-deploy adapter (format version {data.get('format_version')}): loads with bca_deploy.load_adapter; "
+                f"PEFT cannot read it: bca-deploy convert --adapter {directory} --to peft --out OUT writes a PEFT C3A "
+                "copy (Linear targets only)")
+    return "unknown adapter format: neither bca-deploy's ('format': 'bca-deploy') nor PEFT's ('peft_type')"
 
 
 def from_peft(
@@ -63,6 +93,14 @@ def from_peft(
             f"{source}: bias={peft_config['bias']!r} is not supported (bca-deploy adapters train no biases)"
         )
     problems: list[str] = []
+    for name in ("block_size",):
+        value = peft_config.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    pattern = peft_config.get("block_size_pattern")
+    if pattern is not None and not (isinstance(pattern, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pattern.values())):
+        problems.append(f"block_size_pattern must map names to positive integers, got {pattern!r}"[:200])
     specs: dict[str, ModuleSpec] = {}
     tensors: dict[str, torch.Tensor] = {}
     extra_modules: list[str] = []
@@ -75,6 +113,10 @@ def from_peft(
             module = path[: -len(PEFT_KERNEL_SUFFIX)]
             if tensor.ndim != 3:
                 problems.append(f"tensor {key!r}: shape {tuple(tensor.shape)}, expected (d_out/b, d_in/b, b)")
+                continue
+            if min(tensor.shape) < 1 or not tensor.dtype.is_floating_point:
+                problems.append(f"tensor {key!r}: {tensor.dtype} {tuple(tensor.shape)}; expected a non-empty real "
+                                "floating-point kernel")
                 continue
             o, q, b = tensor.shape
             specs[module] = ModuleSpec(
@@ -92,7 +134,7 @@ def from_peft(
             if module not in extra_modules:
                 extra_modules.append(module)
     if problems:
-        raise AdapterFormatError(format_problems(f"{source}: unexpected tensors in a PEFT C3A adapter:", problems))
+        raise AdapterFormatError(format_problems(f"{source}: not a valid PEFT C3A adapter:", problems))
     if not specs:
         raise AdapterFormatError(f"{source}: no '*{PEFT_KERNEL_SUFFIX}' tensors found; is this a C3A adapter?")
     target = peft_config.get("target_modules")
@@ -106,8 +148,18 @@ def from_peft(
         modules_to_save=extra_modules,
         base_model_type=None,
         base_model_name_or_path=peft_config.get("base_model_name_or_path"),
+        task=_task_from_peft(peft_config.get("task_type")),
     )
     return config, tensors
+
+
+def _task_from_peft(task_type: Any) -> TaskSpec | None:
+    """A PEFT ``task_type`` as a :class:`TaskSpec` (no head record: a saved classifier stays in
+    ``modules_to_save`` and the base model's config gives its labels)."""
+    for ours, theirs in PEFT_TASK_TYPES.items():
+        if task_type == theirs:
+            return TaskSpec(type=ours)
+    return None
 
 
 def _peft_init_name(init: Any) -> str:
@@ -118,12 +170,24 @@ def to_peft(
     config: AdapterConfig,
     tensors: dict[str, torch.Tensor],
     task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Convert a bca-deploy config + tensors to PEFT C3A's ``adapter_config.json`` + state dict.
+
+    The result loads with ``peft.AutoPeftModelFor*.from_pretrained(directory)``, which reads
+    ``task_type`` (which class) and ``base_model_name_or_path`` (which base model).
+
+    Args:
+        config, tensors: the adapter.
+        task_type: PEFT's ``task_type`` (``SEQ_CLS``, ``CAUSAL_LM``, ``FEATURE_EXTRACTION``...); default:
+            from the adapter's recorded task (:data:`PEFT_TASK_TYPES`), else none.
+        base_model_name_or_path: default: the base model the adapter records.
 
     Raises:
         AdapterFormatError: an adapted module is a ``Conv1D`` (PEFT's C3A supports Linear only).
     """
+    if task_type is None and config.task is not None:
+        task_type = PEFT_TASK_TYPES.get(config.task.type)
     conv = [n for n, s in config.modules.items() if s.layer_type != "linear"]
     if conv:
         raise AdapterFormatError(
@@ -144,7 +208,7 @@ def to_peft(
     default = max(set(block_sizes.values()), key=list(block_sizes.values()).count)
     peft_config = {
         "auto_mapping": None,
-        "base_model_name_or_path": config.base_model_name_or_path,
+        "base_model_name_or_path": base_model_name_or_path or config.base_model_name_or_path,
         "bias": "none",
         "block_size": default,
         # Exact paths as targets: PEFT matches a list entry equal to the module path.

@@ -51,3 +51,23 @@ def model_output(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def wordpiece_tokenizer(tokens: list[str], lowercase: bool = True):
+    """A BERT-style fast tokenizer over exactly ``tokens`` (the first five: [PAD] [UNK] [CLS] [SEP] [MASK]).
+
+    Built from a ``tokenizers`` WordPiece model, not from ``vocab_file=``: transformers 5.x ignores that
+    argument (the tokenizer then has only the 5 special tokens), 4.x honours it; this works on both.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", do_lower_case=lowercase)

@@ -94,7 +94,7 @@ def test_wrong_model_lists_every_problem(llama_adapter):
     with pytest.raises(AdapterMismatchError) as err:
         bd.load_adapter(model, directory)
     msg = str(err.value)
-    assert "base model_type is 'llama' but the model is 'bert'" in msg
+    assert "base model_type is 'llama' but this BertModel is 'bert'" in msg
     assert "module model.layers.0.self_attn.q_proj: not found in this BertModel" in msg
     assert not list(bd.bca_layers(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

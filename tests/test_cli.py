@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,15 @@ def test_inspect(adapter_dir):
     assert "base model:   llama" in result.output
     assert "kernel parameters: 384" in result.output
     assert "model.layers.1.self_attn.v_proj  linear      32      16     8  0.03125" in result.output
+
+
+def test_commands_take_a_training_run_for_its_adapter(adapter_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(adapter_dir, tmp_path / "run" / "last")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert f"adapter:      {tmp_path / 'run' / 'last'}" in result.output
 
 
 def test_convert_to_peft_and_back_is_exact(adapter_dir, tmp_path):
@@ -161,3 +172,186 @@ def test_export_bank_and_its_refusals(tmp_path):
     assert plain.exit_code == 0, plain.output
     served = runner.invoke(main, ["serve", str(tmp_path / "plain"), "--port", "1"])
     assert served.exit_code == 2 and "not an adapter-bank graph" in served.output and "--bank" in served.output
+
+
+# ---- error handling, parameter types, import cost -------------------------------------------------
+
+
+def test_help_imports_no_heavy_module():
+    """``bca-deploy --help`` and every subcommand's ``--help`` import neither torch nor transformers/onnx."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from bca_deploy.cli import main\n"
+        "runner = CliRunner()\n"
+        "codes = [runner.invoke(main, ['--help']).exit_code]\n"
+        "codes += [runner.invoke(main, [name, '--help']).exit_code for name in main.commands]\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'optimum', 'safetensors', 'numpy')"
+        " if m in sys.modules)\n"
+        "print(set(codes), heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{0} []", out
+
+
+def test_bca_error_is_one_clean_line_with_exit_code_2(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_bytes(b"\xff\xfe not utf-8")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "adapter")])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "not UTF-8" in last and "Traceback" not in result.output
+
+
+def test_os_error_exit_code_1(adapter_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(adapter_dir), "--to", "peft",
+                                       "--out", str(tmp_path / "file" / "sub")])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
+
+
+def test_reader_that_goes_away_stops_quietly(adapter_dir):
+    """`bca-deploy inspect X | head -1`: the closed pipe is no error message and no traceback."""
+    code = "import sys; from bca_deploy.cli import main; sys.argv[0] = 'bca-deploy'; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "inspect", str(adapter_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has imported its modules, so its first write meets a closed pipe
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 1, stderr
+    assert stderr == "", stderr
+
+
+def test_unexpected_error_asks_for_a_report_and_debug_shows_it(adapter_dir, monkeypatch):
+    import bca_deploy.adapter_io
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(bca_deploy.adapter_io, "read_adapter", broken)
+    result = CliRunner().invoke(main, ["inspect", str(adapter_dir)])
+    assert result.exit_code == 70 and "Traceback" not in result.output
+    assert "Internal error (ZeroDivisionError: a bug)" in result.output and "please report" in result.output
+    assert "--debug" in result.output
+    shown = CliRunner().invoke(main, ["--debug", "inspect", str(adapter_dir)])
+    assert isinstance(shown.exception, ZeroDivisionError)  # raised through: Python prints the traceback
+    monkeypatch.setenv("BCA_DEPLOY_DEBUG", "1")
+    assert isinstance(CliRunner().invoke(main, ["inspect", str(adapter_dir)]).exception, ZeroDivisionError)
+
+
+def test_interrupt_exits_130(adapter_dir, monkeypatch):
+    import bca_deploy.adapter_io
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bca_deploy.adapter_io, "read_adapter", interrupted)
+    result = CliRunner().invoke(main, ["inspect", str(adapter_dir)])
+    assert result.exit_code == 130 and "Interrupted" in result.output
+
+
+def test_undecodable_path_in_a_message_is_printed(tmp_path):
+    """A file name that is not UTF-8 (a lone surrogate in Python) is shown escaped, not a crash."""
+    import os
+    import subprocess
+    import sys
+
+    bad = os.fsencode(tmp_path) + b"/adapter-\xff"
+    os.mkdir(bad)
+    with open(bad + b"/adapter_config.json", "wb") as f:
+        f.write(b"{")
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"bca_deploy.cli", b"inspect", bad], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 2, proc.stderr
+    assert b"Traceback" not in proc.stderr and b"not valid JSON" in proc.stderr and b"\\udcff" in proc.stderr
+    assert b"\\udcff" in proc.stdout  # inspect's own lines name the directory too
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--weight", "nan"], "not a finite number"),
+    (["--weight", "inf"], "not a finite number"),
+    (["--weight", "1e999"], "not a finite number"),
+    (["--weight", "half"], "is not a number"),
+])
+def test_merge_weight_must_be_finite(adapter_dir, tmp_path, args, needle):
+    result = CliRunner().invoke(main, ["merge", "--model", str(tmp_path), "--adapter", str(adapter_dir), *args,
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and needle in result.output and "--weight" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cases, needle", [
+    ("0x0", "must be in 1..4096"), ("2x0", "must be in 1..4096"), ("1x99999", "must be in 1..4096"),
+    ("2by9", "is not BATCHxSEQ"), ("1x5,", "is not BATCHxSEQ"), ("-1x3", "is not BATCHxSEQ"),
+    ("１x3", "is not BATCHxSEQ"), ("1.5x2", "is not BATCHxSEQ"),
+])
+def test_cases_are_checked_by_their_type(tmp_path, cases, needle):
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path), "--cases", cases, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and needle in result.output and "--cases" in result.output
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--port", "0"), ("--port", "99999"), ("--port", "-1"), ("--port", "http"), ("--max-batch-rows", "0"),
+    ("--max-batch-rows", "-3"), ("--threads", "0"), ("--max-wait-ms", "nan"), ("--max-wait-ms", "-1"),
+])
+def test_serve_numbers_are_checked_before_anything_starts(tmp_path, option, value):
+    result = CliRunner().invoke(main, ["serve", str(tmp_path), option, value])
+    assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output
+
+
+def test_shared_parameter_types():
+    import click
+
+    from bca_deploy.cli import CASES, FINITE_FLOAT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PORT
+
+    assert FINITE_FLOAT.convert("-2.5", None, None) == -2.5
+    assert POSITIVE_FLOAT.convert("1e-3", None, None) == 1e-3
+    assert NON_NEGATIVE_FLOAT.convert("0", None, None) == 0.0
+    assert CASES.convert("1x5, 2x11", None, None) == [(1, 5), (2, 11)]
+    assert PORT.convert("8080", None, None) == 8080
+    for kind, value in ((POSITIVE_FLOAT, "0"), (NON_NEGATIVE_FLOAT, "-0.5"), (FINITE_FLOAT, "-inf")):
+        with pytest.raises(click.BadParameter):
+            kind.convert(value, None, None)
+
+
+def test_serve_max_new_tokens_is_bounded_by_what_one_row_can_generate(tmp_path):
+    from bca_deploy.serving.limits import MAX_NEW_TOKENS
+    from bca_deploy.serving.options import ServeOptions
+
+    assert ServeOptions(max_new_tokens=MAX_NEW_TOKENS).max_new_tokens == MAX_NEW_TOKENS
+    for command in ("serve", "serve-ray"):
+        result = CliRunner().invoke(main, [command, str(tmp_path), "--max-new-tokens", str(MAX_NEW_TOKENS + 1)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"--max-new-tokens: {MAX_NEW_TOKENS + 1} is out of range; expected in [1, {MAX_NEW_TOKENS}]" \
+            in result.output, result.output
+
+
+def test_serve_ray_offers_only_the_options_ray_applies(tmp_path):
+    from bca_deploy.serving.options import NOT_ON_RAY
+
+    assert NOT_ON_RAY == {"header_timeout_s", "max_connections", "max_header_bytes"}
+    flags = ["--header-timeout-s", "--max-connections", "--max-header-bytes"]
+    serve_help = CliRunner().invoke(main, ["serve", "--help"]).output
+    ray_help = CliRunner().invoke(main, ["serve-ray", "--help"]).output
+    assert all(flag in serve_help for flag in flags)
+    assert not any(flag in ray_help for flag in flags), ray_help
+    assert "--max-text-chars" in ray_help and "--body-timeout-s" in ray_help  # what Ray applies stays
+    refused = CliRunner().invoke(main, ["serve-ray", str(tmp_path), "--max-connections", "3"])
+    assert refused.exit_code == 2 and "No such option" in refused.output and "--max-connections" in refused.output
+
+
+def test_export_help_says_what_several_adapters_do():
+    text = " ".join(CliRunner().invoke(main, ["export", "--help"]).output.split())
+    assert "they sum (merged or unmerged graphs), or each gets its own slot (--bank)" in text, text
+
+
+@pytest.mark.parametrize("command, extra", [("serve", "serve"), ("serve-ray", "ray")])
+def test_serve_without_onnxruntime_names_the_whole_install(tmp_path, monkeypatch, command, extra):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    result = CliRunner().invoke(main, [command, str(tmp_path)])
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert "onnxruntime is missing" in result.output and f"pip install 'bca-deploy[onnx,{extra}]'" in result.output

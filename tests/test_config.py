@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bca_deploy.config import AdapterConfig, ModuleSpec, block_size_for, valid_block_sizes
+from bca_deploy.config import AdapterConfig, ModuleSpec, block_size_for, run_adapter_dir, valid_block_sizes
 from bca_deploy.errors import AdapterFormatError
 
 
@@ -60,5 +60,104 @@ def test_wrong_format_names_the_file(tmp_path):
     with pytest.raises(AdapterFormatError, match=f"{path}: 'format' is 'something-else'"):
         AdapterConfig.load(path)
     path.write_text("[1, 2]")
-    with pytest.raises(AdapterFormatError, match="expected a JSON object, got list"):
+    with pytest.raises(AdapterFormatError, match="expected a JSON object, got a list"):
         AdapterConfig.load(path)
+
+
+def _head(**overrides):
+    from bca_deploy.config import HeadSpec
+
+    fields = {"modules": ["classifier"], "num_labels": 2, "id2label": {0: "neg", 1: "pos"},
+              "label2id": {"neg": 0, "pos": 1}, "problem_type": "single_label_classification"}
+    return HeadSpec(**{**fields, **overrides})
+
+
+def test_task_spec_round_trip(tmp_path):
+    from bca_deploy.config import TaskSpec
+
+    config = AdapterConfig(
+        target_modules=["query"], block_size=8, modules={"bert.q": ModuleSpec(8, 1.0, 32, 32)},
+        modules_to_save=["classifier"],
+        task=TaskSpec("seq-cls", "BertForSequenceClassification", _head()),
+    )
+    config.save(tmp_path / "c.json")
+    loaded = AdapterConfig.load(tmp_path / "c.json")
+    assert loaded == config
+    assert loaded.task.export_task == "text-classification"
+    assert loaded.task.head.id2label == {0: "neg", 1: "pos"}
+
+
+def test_adapters_without_task_still_load(tmp_path):
+    config = AdapterConfig(target_modules=["q"], block_size=8, modules={"q": ModuleSpec(8, 1.0, 32, 32)})
+    data = config.to_dict()
+    del data["task"]  # files written before the task entry existed
+    assert AdapterConfig.from_dict(data).task is None
+
+
+@pytest.mark.parametrize(
+    "head, message",
+    [
+        ({"num_labels": 0}, "num_labels must be an integer in 1..100000"),
+        ({"num_labels": 10**9}, "num_labels must be an integer"),
+        ({"id2label": {0: "neg"}, "label2id": {"neg": 0}}, r"id2label must name every class 0..1"),
+        ({"label2id": {"neg": 1, "pos": 0}}, "label2id must be the inverse of id2label"),
+        ({"modules": ["score"]}, r"task.head.modules \['score'\] are not in modules_to_save"),
+        ({"problem_type": "ranking"}, "problem_type 'ranking'"),
+    ],
+)
+def test_invalid_task_head_refused(head, message):
+    from bca_deploy.config import TaskSpec
+
+    with pytest.raises(ValueError, match=message):
+        AdapterConfig(target_modules=["q"], block_size=8, modules_to_save=["classifier"],
+                      task=TaskSpec("seq-cls", None, _head(**head)))
+
+
+def test_malformed_task_entry_names_the_file(tmp_path):
+    config = AdapterConfig(target_modules=["q"], block_size=8, modules={"q": ModuleSpec(8, 1.0, 32, 32)})
+    data = config.to_dict()
+    path = tmp_path / "adapter_config.json"
+    import json
+
+    for task, message in (("seq-cls", "'task' must be an object"),
+                          ({"type": "seq-cls", "head": [1]}, "'task.head' must be an object"),
+                          ({"type": "translation"}, "task.type 'translation'"),
+                          ({"type": "seq-cls", "head": {"modules": ["classifier"], "num_labels": 2,
+                                                         "id2label": {"a": "x", "1": "y"}}}, "key 'a' is not an integer")):
+        path.write_text(json.dumps({**data, "task": task}))
+        with pytest.raises(AdapterFormatError, match=message) as info:
+            AdapterConfig.load(path)
+        assert str(path) in str(info.value)
+
+
+def test_task_spec_from_transformers_config():
+    from transformers import BertConfig
+
+    from bca_deploy.config import task_spec_from_config
+
+    cfg = BertConfig(num_labels=3, architectures=["BertForSequenceClassification"])
+    spec = task_spec_from_config("seq-cls", cfg, ["classifier"])
+    assert spec.architecture == "BertForSequenceClassification"
+    assert spec.head.num_labels == 3 and spec.head.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    cfg.id2label = {0: "neg", 1: "neu", 2: "pos"}
+    assert task_spec_from_config("seq-cls", cfg, ["classifier"]).head.label2id == {"neg": 0, "neu": 1, "pos": 2}
+    assert task_spec_from_config("seq-cls", cfg, None).head is None  # the base model's head, shared
+    assert task_spec_from_config("causal-lm", cfg, None).type == "causal-lm"
+
+
+def test_a_training_run_stands_for_its_best_else_its_last_adapter(tmp_path):
+    def adapter(path):
+        path.mkdir(parents=True)
+        (path / "adapter_config.json").write_text("{}")
+        return path
+
+    run = tmp_path / "run"
+    assert run_adapter_dir(run) == run  # nothing there: returned as given, for the reader's error
+    last = adapter(run / "last")
+    assert run_adapter_dir(run) == last  # no --eval-data: no best/
+    best = adapter(run / "best")
+    assert run_adapter_dir(run) == best
+    assert run_adapter_dir(best) == best and run_adapter_dir(last) == last
+    plain = adapter(tmp_path / "plain")
+    adapter(plain / "best")  # an adapter directory stands for itself, whatever it holds
+    assert run_adapter_dir(plain) == plain

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from peft import C3AConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import bca_deploy as bd
+from bca_deploy.cli import main
 from bca_deploy.errors import AdapterFormatError
 from conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -91,3 +93,110 @@ def test_conv1d_cannot_be_written_for_peft(tmp_path):
     with pytest.raises(AdapterFormatError, match="PEFT's C3A supports torch.nn.Linear only.*c_attn"):
         bd.save_adapter(model, tmp_path / "x", format="peft")
     assert not (tmp_path / "x").exists()
+
+
+# ---- PEFT-shaped artifacts: AutoPeftModelFor* loads a converted adapter by itself ------------------
+
+
+def _saved(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+def _from_disk(cls, path, **kwargs):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(str(path), **kwargs).eval()
+    finally:
+        transformers.logging.set_verbosity_warning()
+
+
+def test_converted_classifier_loads_with_auto_peft_model(tmp_path, input_ids):
+    """A seq-cls adapter (recorded task, head with 3 labels) on a bare BertModel checkpoint → convert --to peft →
+    ``AutoPeftModelForSequenceClassification.from_pretrained(dir, num_labels=3)`` gives our logits."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import BertForSequenceClassification
+
+    from bca_deploy.config import task_spec_from_config
+    from bca_deploy.inject import adapter_configs
+
+    base = _saved(tiny_bert(), tmp_path / "bert")  # a BertModel checkpoint, like all-MiniLM-L6-v2
+    ours = _from_disk(BertForSequenceClassification, base, num_labels=3)
+    bd.inject(ours, ["query", "value"], block_size=8, init="normal", init_std=0.1, seed=0, modules_to_save=["classifier"])
+    with torch.no_grad():
+        ours.classifier.weight.normal_()
+    adapter_configs(ours)["default"].task = task_spec_from_config("seq-cls", ours.config, ["classifier"])
+    bd.save_adapter(ours, tmp_path / "native")
+    expected = model_output(ours, input_ids)
+
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "native"), "--to", "peft",
+                                       "--out", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == str(base)
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "peft"), num_labels=3).eval()
+    torch.testing.assert_close(model_output(loaded, input_ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_causal_lm_loads_with_auto_peft_model(tmp_path, input_ids):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from bca_deploy.adapter_io import convert_adapter
+    from bca_deploy.config import TaskSpec
+    from bca_deploy.inject import adapter_configs
+
+    base = _saved(tiny_llama(), tmp_path / "llama")
+    ours = bd.inject(_from_disk(LlamaForCausalLM, base), ["q_proj", "v_proj"], block_size=8, init="normal",
+                     init_std=0.1, seed=0)
+    adapter_configs(ours)["default"].task = TaskSpec(type="causal-lm", architecture="LlamaForCausalLM")
+    bd.save_adapter(ours, tmp_path / "native")
+    convert_adapter(tmp_path / "native", tmp_path / "peft", to="peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(model_output(loaded, input_ids), model_output(ours, input_ids), rtol=1e-5, atol=1e-5)
+    # and back: the PEFT task type becomes the adapter's task again
+    assert bd.read_adapter(tmp_path / "peft")[0].task.type == "causal-lm"
+
+
+def test_explicit_task_type_and_base_model(tmp_path):
+    ours = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0)
+    bd.save_adapter(ours, tmp_path / "native")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "native"), "--to", "peft", "--out",
+                                       str(tmp_path / "peft"), "--task-type", "CAUSAL_LM", "--base-model", "/models/x"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["task_type"], config["base_model_name_or_path"]) == ("CAUSAL_LM", "/models/x")
+    bd.save_adapter(ours, tmp_path / "bare")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "bare"), "--to", "peft", "--out",
+                                       str(tmp_path / "peft2")])
+    assert "pass --task-type" in result.output and "pass --base-model" in result.output
+
+
+def test_inspect_names_the_format_and_the_conversion(tmp_path):
+    """PEFT fails on bca-deploy's own format with its own error; inspect says which format and what to run."""
+    ours = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0)
+    bd.save_adapter(ours, tmp_path / "native")
+    bd.save_adapter(ours, tmp_path / "peft", format="peft")
+    native = CliRunner().invoke(main, ["inspect", str(tmp_path / "native")])
+    assert native.exit_code == 0, native.output
+    assert "format:       bca-deploy adapter (format version 1)" in native.output
+    assert f"PEFT cannot read it: bca-deploy convert --adapter {tmp_path / 'native'} --to peft" in native.output
+    peft = CliRunner().invoke(main, ["inspect", str(tmp_path / "peft")])
+    assert "format:       PEFT C3A adapter" in peft.output and "--to bca" in peft.output
+    with pytest.raises(KeyError, match="peft_type"):  # what a user sees when PEFT meets the native format
+        PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "native"))
+
+
+def test_load_errors_name_the_format(tmp_path):
+    from bca_deploy.errors import AdapterMismatchError
+
+    ours = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0)
+    bd.save_adapter(ours, tmp_path / "native")
+    bd.save_adapter(ours, tmp_path / "peft", format="peft")
+    with pytest.raises(AdapterMismatchError, match=rf"^bca-deploy adapter {tmp_path / 'native'} does not fit"):
+        bd.load_adapter(tiny_bert(), tmp_path / "native")
+    with pytest.raises(AdapterMismatchError, match=rf"^PEFT C3A adapter {tmp_path / 'peft'} does not fit"):
+        bd.load_adapter(tiny_bert(), tmp_path / "peft")

@@ -1,0 +1,350 @@
+"""Directories written atomically: the one writer for adapters, checkpoints, merged models and exports.
+
+A directory is built in a hidden temporary sibling (``.<name>.bca-tmp-<pid>-<id>``), every file and
+directory in it is fsynced, and it is then put in place:
+
+* ``target`` absent: one ``rename`` (``renameat2(RENAME_NOREPLACE)`` on Linux, so a directory created
+  meanwhile by someone else is never replaced by accident);
+* ``target`` present (``overwrite``): Linux swaps the two trees in one atomic step
+  (``renameat2(RENAME_EXCHANGE)``), so ``target`` is the old tree or the new one at every instant, never
+  missing; the old tree, now at the temporary name, is then deleted. Where the exchange is not available
+  (another OS, a filesystem without it), the old tree is renamed aside (``.<name>.bca-old-<pid>-<id>``)
+  and the new one renamed in; a crash between the two renames leaves ``target`` missing for an instant,
+  and :func:`recover` (run by every write to the same ``target``) renames the old tree back.
+
+Leftovers of a killed writer (temporary trees, trees set aside) carry the writer's pid; :func:`recover`
+removes those whose process is gone, restoring a tree set aside when ``target`` is missing, and leaves
+the ones of live writers alone. Directories are created with ``0o777`` masked by the umask (the mode
+``mkdir`` gives), not the ``0o700`` of :func:`tempfile.mkdtemp`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+__all__ = ["AtomicDir", "atomic_dir", "write_dir", "check_target", "recover", "TMP_TAG", "OLD_TAG"]
+
+#: Infixes of the hidden siblings a writer creates: ``.<name><TAG><pid>-<hex>``.
+TMP_TAG = ".bca-tmp-"
+OLD_TAG = ".bca-old-"
+
+_LEGACY_TMP_TAGS = (".tmp-", ".merging-")
+_LEGACY_OLD_TAG = ".old-"
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+#: Whether an atomic exchange is tried at all (tests turn it off to exercise the two-rename fallback).
+USE_EXCHANGE = True
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False when the call (or the flag) is not supported here."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_target(target: str | Path, overwrite: bool) -> None:
+    """Refuse a ``target`` that cannot be written: a file, or a non-empty directory without ``overwrite``.
+
+    Raises:
+        OutputExistsError: naming ``target`` and the fix.
+    """
+    target = Path(target)
+    if target.is_symlink() and not target.is_dir():
+        raise OutputExistsError(f"{target}: is a symbolic link to something that is not a directory; remove it first")
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{target}: exists and is not a directory")
+    if target.is_dir() and not overwrite and not _is_empty_dir(target):
+        raise OutputExistsError(f"{target}: exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
+
+
+def _owner_alive(name: str, tag: str) -> bool:
+    """Whether the process that created ``.<x><tag><pid>-<hex>`` still runs (ours counts as alive)."""
+    try:
+        pid = int(name.rsplit(tag, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _leftovers(target: Path, tag: str) -> list[Path]:
+    pattern = glob.escape(str(target.parent / f".{target.name}{tag}")) + "*"
+    return [Path(p) for p in glob.glob(pattern)]
+
+
+def recover(target: str | Path) -> Path | None:
+    """Clean up after writers of ``target`` that were killed; return ``target`` if it exists then.
+
+    Temporary trees of dead writers are deleted. A tree set aside by a dead writer is renamed back to
+    ``target`` when ``target`` is missing (the swap never finished: the old tree is restored), and is
+    deleted otherwise. Leftovers of live writers are not touched.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return None
+    for tmp in _leftovers(target, TMP_TAG):
+        if not _owner_alive(tmp.name, TMP_TAG):
+            _remove(tmp)
+    asides = [p for p in _leftovers(target, OLD_TAG) if not _owner_alive(p.name, OLD_TAG)]
+    # Writers before bca-deploy 0.2 left ".<name>.tmp-*" / ".<name>.merging-*" trees and ".<name>.old-*/<name>".
+    for tag in _LEGACY_TMP_TAGS:
+        for tmp in _leftovers(target, tag):
+            _remove(tmp)
+    for holder in _leftovers(target, _LEGACY_OLD_TAG):
+        if (holder / target.name).is_dir() and not _exists(target):
+            asides.append(holder / target.name)
+        else:
+            _remove(holder)
+    asides.sort(key=lambda p: p.lstat().st_mtime)
+    if asides and not _exists(target):
+        newest = asides.pop()
+        if not _renameat2(newest, target, _RENAME_NOREPLACE):
+            os.rename(newest, target)
+        _fsync_dir(target.parent)
+    for aside in asides:
+        _remove(aside)
+    for holder in _leftovers(target, _LEGACY_OLD_TAG):
+        _remove(holder)
+    return target if _exists(target) else None
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    return target.parent / f".{target.name}{tag}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root``, then every directory, deepest first."""
+    dirs = []
+    for current, _, files in os.walk(root):
+        dirs.append(current)
+        for name in files:
+            path = os.path.join(current, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for current in reversed(dirs):
+        _fsync_dir(Path(current))
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy into ``new`` every entry of ``old`` that ``new`` does not have (hard links where possible)."""
+    for entry in old.iterdir():
+        dest = new / entry.name
+        if _exists(dest):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dest)
+        elif entry.is_dir():
+            shutil.copytree(entry, dest, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, dest)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _install(tmp: Path, target: Path, overwrite: bool, fsync: bool) -> None:
+    if fsync:
+        _fsync_tree(tmp)
+    if _is_empty_dir(target):
+        os.rename(tmp, target)  # rename(2) replaces an empty directory in one step
+        if fsync:
+            _fsync_dir(target.parent)
+        return
+    if not _exists(target):
+        try:
+            if not _renameat2(tmp, target, _RENAME_NOREPLACE):
+                os.rename(tmp, target)
+            if fsync:
+                _fsync_dir(target.parent)
+            return
+        except FileExistsError:
+            pass  # created meanwhile by someone else
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if not overwrite:
+            raise OutputExistsError(f"{target}: was created by someone else while this was written; nothing replaced")
+    elif not overwrite:
+        raise OutputExistsError(f"{target}: exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
+    if USE_EXCHANGE and _renameat2(tmp, target, _RENAME_EXCHANGE):
+        # One atomic step: target is the new tree, tmp the old one.
+        if fsync:
+            _fsync_dir(target.parent)
+        _remove(tmp)
+        return
+    aside = _sibling(target, OLD_TAG)
+    os.rename(target, aside)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    if fsync:
+        _fsync_dir(target.parent)
+    _remove(aside)
+
+
+class AtomicDir:
+    """A directory built beside ``target`` and put in place by :meth:`commit` (or dropped by :meth:`abort`).
+
+    For writes that span more than one block of code (a training run staged until its first checkpoint);
+    as a context manager it commits when the block succeeds and aborts when it raises::
+
+        with AtomicDir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text(...)
+
+    On creation, leftovers of killed writers of ``target`` are cleaned up (:func:`recover`) and ``target``
+    is checked (:func:`check_target`).
+
+    Args:
+        target: the directory to create or replace.
+        overwrite: replace a non-empty ``target`` (an empty directory is always replaced).
+        keep_existing: with an existing ``target``, carry over its entries the new tree does not
+            write (hard links, else copies), e.g. other files beside an adapter.
+        fsync: fsync every file and directory before the swap, and the parent after it.
+
+    Attributes:
+        path: the temporary directory to fill (same filesystem as ``target``, mode ``0o777 & ~umask``).
+        target: the absolute ``target``.
+    """
+
+    def __init__(self, target: str | Path, *, overwrite: bool = False, keep_existing: bool = False,
+                 fsync: bool = True) -> None:
+        self.target = Path(os.path.abspath(target))
+        self.overwrite, self.keep_existing, self.fsync = overwrite, keep_existing, fsync
+        recover(self.target)
+        check_target(self.target, overwrite)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path: Path | None = _sibling(self.target, TMP_TAG)
+        os.mkdir(self.path)  # mode 0o777 & ~umask, unlike mkdtemp's 0o700
+
+    def commit(self) -> Path:
+        """Put the built tree at ``target`` (atomically, see the module docstring); returns ``target``."""
+        if self.path is None:
+            raise RuntimeError(f"{self.target}: this AtomicDir was already committed or aborted")
+        try:
+            if self.keep_existing and self.target.is_dir():
+                _carry_over(self.target, self.path)
+            _install(self.path, self.target, self.overwrite, self.fsync)
+        except BaseException:
+            self.abort()
+            raise
+        self.path = None
+        return self.target
+
+    def abort(self) -> None:
+        """Drop the temporary tree; ``target`` is untouched."""
+        if self.path is not None:
+            _remove(self.path)
+            self.path = None
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def atomic_dir(
+    target: str | Path, *, overwrite: bool = False, keep_existing: bool = False, fsync: bool = True
+) -> AtomicDir:
+    """``with atomic_dir(target, overwrite=...) as tmp: ...``: fill ``tmp``; it replaces ``target`` when the
+    block succeeds, and is deleted (``target`` untouched) when it raises. See :class:`AtomicDir`."""
+    return AtomicDir(target, overwrite=overwrite, keep_existing=keep_existing, fsync=fsync)
+
+
+def write_dir(
+    target: str | Path,
+    build: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    keep_existing: bool = False,
+    fsync: bool = True,
+) -> Path:
+    """Call ``build(tmp)`` to fill a temporary directory, then put it at ``target`` atomically.
+
+    See :func:`atomic_dir` for the arguments; returns ``target``.
+    """
+    with atomic_dir(target, overwrite=overwrite, keep_existing=keep_existing, fsync=fsync) as tmp:
+        build(tmp)
+    return Path(target)

@@ -1,0 +1,471 @@
+"""Does an adapter fit a target? The one check, used by every path that applies an adapter.
+
+``load_adapter`` (a PyTorch model), the streaming merge (a safetensors checkpoint), the adapter-bank
+export and serving registration (a bank graph's layout) all describe what they apply an adapter to as a
+:class:`Target` and call :func:`check_adapter`, which reports every problem at once:
+
+* **the adapter itself** (:func:`adapter_problems`, no target needed): each kernel present, of its
+  module's ``(d_out/p, d_in/p, p)`` shape, a real floating dtype (fp16/bf16/fp32/fp64: complex, bool and
+  integer kernels are refused), non-empty and finite; each other tensor under one of ``modules_to_save``,
+  floating and finite; no tensor the config does not account for (a ``modules: {}`` config with kernels
+  present is refused, not merged as nothing); something to apply; a task head whose output layer has
+  ``num_labels`` rows. The config's own types and values (block sizes, finite positive scaling, paths)
+  are checked when it is parsed (:meth:`bca_deploy.config.AdapterConfig.problems`).
+* **against the target** (:func:`target_problems`): the base ``model_type``; every adapted module found,
+  of the layer type the adapter declares (``linear`` vs ``conv1d``: a ``conv1d`` adapter on a square
+  Linear would add ΔWᵀ; an embedding table or anything else is refused), with the same in/out features
+  and stored weight shape, a block size the target holds (bank graphs), a weight dtype the target can
+  add to (checkpoints); every ``modules_to_save`` tensor a parameter of the target with the same shape
+  (or a target that takes no whole modules says so).
+
+Module paths that differ from the target's only by its ``base_model_prefix`` (``bert.``, ``model.``,
+``transformer.``...) are aligned first, all or nothing (:func:`align_to_target`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import KERNEL_SUFFIX, LAYER_TYPES, AdapterConfig, ModuleSpec
+from .errors import AdapterFormatError, AdapterMismatchError, format_problems
+from .layers import BCALinear, is_adaptable, layer_dims, layer_type_of
+
+__all__ = [
+    "REAL_FLOAT_DTYPES",
+    "ModuleInfo",
+    "ParamInfo",
+    "Target",
+    "model_target",
+    "bank_target",
+    "adapter_problems",
+    "target_problems",
+    "module_problem",
+    "check_adapter",
+    "align_paths",
+    "align_to_target",
+    "split_saved_key",
+    "tensor_problem",
+    "slot_problems",
+]
+
+#: The dtypes an adapter tensor may have: real floating point.
+REAL_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One module of a target, as far as the target knows it.
+
+    Attributes:
+        kind: ``"linear"``, ``"conv1d"``, or what else the module is (``"Embedding"``, ``"LayerNorm"``...);
+            ``"unknown"`` when the target cannot tell (a checkpoint without a usable config.json).
+        in_features: d_in, when known.
+        out_features: d_out, when known.
+        weight_shape: the weight's stored shape ((out, in) for Linear, (in, out) for Conv1D), when known.
+        dtype: the stored weight's dtype name, when it matters (checkpoints: ``"F32"``...).
+        block_sizes: the block sizes the target holds for this module (bank graphs); None: any.
+        key: where the weight is in the target (a checkpoint tensor name), when that differs from the path.
+    """
+
+    kind: str
+    in_features: int | None = None
+    out_features: int | None = None
+    weight_shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    block_sizes: tuple[int, ...] | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter a ``modules_to_save`` tensor may replace.
+
+    Attributes:
+        shape: its shape in the target.
+        dtype: its dtype name (for messages).
+        floating: whether it is floating point (only floating parameters are replaced).
+        key: its name in the target (a checkpoint tensor name); None when the target does not hold it yet
+            (a head that a classification checkpoint written by merge adds).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str = ""
+    floating: bool = True
+    key: str | None = None
+
+
+@dataclass
+class Target:
+    """What an adapter is applied to, described abstractly (a model, a checkpoint, a bank graph).
+
+    Attributes:
+        description: names the target in messages (``"this BertModel"``, ``"checkpoint /m"``...).
+        modules: adaptable and other modules by path, in the target's own naming.
+        params: the parameters ``modules_to_save`` tensors may replace, by name; None when the target takes
+            no whole modules (then ``no_params_reason`` says why).
+        model_type: ``config.model_type`` of the target, when known.
+        prefixes: ``base_model_prefix`` candidates tried when aligning adapter paths (usually one).
+        weight_dtypes: the stored weight dtypes an adapted module may have; None: any.
+        resizable: parameter names whose shape an adapter may change (a classification head written with
+            the adapter's own number of labels).
+        no_params_reason: why ``params`` is None.
+    """
+
+    description: str
+    modules: Mapping[str, ModuleInfo]
+    params: Mapping[str, ParamInfo] | None = None
+    model_type: str | None = None
+    prefixes: tuple[str, ...] = ()
+    weight_dtypes: tuple[str, ...] | None = None
+    resizable: frozenset[str] = frozenset()
+    no_params_reason: str = "it takes no whole modules"
+    absent: str = "not found in"
+    _owners: set[str] | None = field(default=None, repr=False, compare=False)
+
+    def has_path(self, path: str) -> bool:
+        """Whether ``path`` names a module of the target (or a module owning some of its parameters)."""
+        if path in self.modules:
+            return True
+        if self._owners is None:
+            owners: set[str] = set()
+            for name in self.params or {}:
+                parts = name.split(".")
+                owners.update(".".join(parts[:i]) for i in range(1, len(parts)))
+            self._owners = owners
+        return path in self._owners
+
+
+# ---- targets ------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_target(model: nn.Module, description: str | None = None) -> Target:
+    """The :class:`Target` of a PyTorch model (real or on the ``meta`` device), BCA layers seen through.
+
+    Every module is listed with its kind (Linear/Conv1D with their dims; other modules by class name) and
+    every parameter (adapter kernels and the wrapped layers' own ``base_layer`` naming excepted) as a
+    parameter ``modules_to_save`` tensors may replace.
+    """
+    modules: dict[str, ModuleInfo] = {}
+    inside: set[str] = set()  # BCALinear layers and everything under them (their base layer, their kernels)
+    for name, module in model.named_modules():  # parents come before their children
+        if not name:
+            continue
+        if name.rpartition(".")[0] in inside:
+            inside.add(name)
+            continue
+        base = module.base_layer if isinstance(module, BCALinear) else module
+        if isinstance(module, BCALinear):
+            inside.add(name)
+        if is_adaptable(base):
+            d_in, d_out = layer_dims(base)
+            modules[name] = ModuleInfo(layer_type_of(base), d_in, d_out, tuple(base.weight.shape))
+        else:
+            modules[name] = ModuleInfo(type(base).__name__)
+    params: dict[str, ParamInfo] = {}
+    for name, param in model.named_parameters():
+        if ".bca_kernels." in f".{name}":
+            continue
+        params[name.replace(".base_layer.", ".")] = ParamInfo(
+            tuple(param.shape), _dtype_name(param.dtype), param.is_floating_point(), name)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return Target(
+        description=description or f"this {type(model).__name__}",
+        modules=modules,
+        params=params,
+        model_type=getattr(getattr(model, "config", None), "model_type", None),
+        prefixes=(prefix,) if prefix else (),
+    )
+
+
+def bank_target(
+    layout: Mapping[str, object],
+    model_type: str | None = None,
+    base_model_prefix: str = "",
+    description: str = "the bank graph",
+    params: Mapping[str, ParamInfo] | None = None,
+) -> Target:
+    """The :class:`Target` of an adapter-bank graph from its layout.
+
+    Args:
+        layout: ``{bank input name: entry}``; each entry has ``module``, ``block_size``, ``in_features``,
+            ``out_features`` and ``layer_type`` (:class:`bca_deploy.exporters.bank.BankTensor`).
+        model_type: the exported model's ``model_type``.
+        base_model_prefix: the exported model's ``base_model_prefix``.
+        description: names the graph in messages.
+        params: whole-module tensors the graph can take per adapter (a head bank); None: none.
+    """
+    sizes: dict[str, list[int]] = {}
+    dims: dict[str, tuple[str, int, int]] = {}
+    for entry in layout.values():
+        sizes.setdefault(entry.module, []).append(int(entry.block_size))
+        dims[entry.module] = (entry.layer_type, int(entry.in_features), int(entry.out_features))
+    modules = {}
+    for path, (kind, d_in, d_out) in dims.items():
+        shape = (d_in, d_out) if kind == "conv1d" else (d_out, d_in)
+        modules[path] = ModuleInfo(kind, d_in, d_out, shape, block_sizes=tuple(sorted(sizes[path])))
+    return Target(
+        description=description,
+        modules=modules,
+        params=params,
+        model_type=model_type,
+        prefixes=(base_model_prefix,) if base_model_prefix else (),
+        no_params_reason="every row of a bank graph shares its whole modules; serve it merged (bca-deploy export "
+                         "--merge) or exported on its own",
+        absent="not adapted in",
+    )
+
+
+# ---- path alignment -----------------------------------------------------------------------------
+
+
+def split_saved_key(key: str, modules_to_save: Sequence[str]) -> tuple[str | None, str]:
+    """``('classifier', 'out_proj.weight')`` for ``'classifier.out_proj.weight'``: the longest saved module owning it."""
+    owners = [m for m in modules_to_save if key.startswith(m + ".")]
+    if not owners:
+        return None, key
+    owner = max(owners, key=len)
+    return owner, key[len(owner) + 1:]
+
+
+def align_paths(
+    config: AdapterConfig, state: Mapping[str, torch.Tensor], prefix: str | Iterable[str], exists: Callable[[str], bool]
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Add or drop a ``base_model_prefix`` on every adapter path when that makes them all known to ``exists``.
+
+    An adapter trained on ``LlamaForCausalLM`` names ``model.layers.0.self_attn.q_proj``; ``LlamaModel``
+    calls that module ``layers.0.self_attn.q_proj`` (and the other way round for an adapter trained on a
+    bare encoder applied to a model with a task head). Only an all-or-nothing rename is applied; when no
+    prefix (``prefix`` may list several candidates) makes **every** path resolve, the inputs are returned
+    unchanged and the fit check reports what is not found.
+    """
+    paths = list(config.modules) + list(config.modules_to_save)
+    state = dict(state)
+    prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
+    if not paths or all(exists(p) for p in paths):
+        return config, state
+    renamed: dict[str, str] | None = None
+    for candidate in (p for p in prefixes if p):
+        head = candidate + "."
+        for rename in (lambda p: p[len(head):] if p.startswith(head) else None, lambda p: head + p):
+            attempt = {p: rename(p) for p in paths}
+            if all(r is not None and exists(r) for r in attempt.values()):
+                renamed = attempt
+                break
+        if renamed is not None:
+            break
+    if renamed is None:
+        return config, state
+    owners = sorted(paths, key=len, reverse=True)  # most specific module first
+    new_state: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith(KERNEL_SUFFIX) and key[: -len(KERNEL_SUFFIX)] in renamed:
+            new_state[renamed[key[: -len(KERNEL_SUFFIX)]] + KERNEL_SUFFIX] = tensor
+            continue
+        owner = next((p for p in owners if key.startswith(p + ".")), None)
+        new_state[key if owner is None else renamed[owner] + key[len(owner):]] = tensor
+    task = config.task
+    if task is not None and task.head is not None:
+        task = dataclasses.replace(task, head=dataclasses.replace(
+            task.head, modules=[renamed.get(m, m) for m in task.head.modules]))
+    config = dataclasses.replace(
+        config,
+        modules={renamed[p]: spec for p, spec in config.modules.items()},
+        modules_to_save=[renamed[p] for p in config.modules_to_save],
+        task=task,
+    )
+    return config, new_state
+
+
+def align_to_target(
+    config: AdapterConfig, state: Mapping[str, torch.Tensor], target: Target
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """:func:`align_paths` against ``target`` (its prefixes, its modules and parameters)."""
+    return align_paths(config, state, target.prefixes, target.has_path)
+
+
+# ---- the checks ---------------------------------------------------------------------------------
+
+
+def tensor_problem(tensor: torch.Tensor) -> str | None:
+    """What makes ``tensor`` unusable as an adapter tensor (dtype, emptiness, NaN/Inf), or None."""
+    if tensor.dtype not in REAL_FLOAT_DTYPES:
+        return f"dtype {_dtype_name(tensor.dtype)}; adapter tensors must be real floating point (float16, bfloat16, " \
+               "float32 or float64)"
+    if tensor.numel() == 0:
+        return f"is empty (shape {tuple(tensor.shape)})"
+    if not torch.isfinite(tensor).all():
+        return "has NaN/Inf values"
+    return None
+
+
+def adapter_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every way ``state`` does not match ``config`` or holds unusable values (no target needed)."""
+    problems: list[str] = []
+    for name, spec in sorted(config.modules.items()):
+        key = name + KERNEL_SUFFIX
+        kernel = state.get(key)
+        if kernel is None:
+            problems.append(f"tensor {key}: missing from the adapter (module {name} is in the config's 'modules')")
+            continue
+        bad = tensor_problem(kernel)
+        if bad is None and tuple(kernel.shape) != spec.kernel_shape:
+            bad = f"shape {tuple(kernel.shape)}, expected {spec.kernel_shape} (d_out/p, d_in/p, p) for " \
+                  f"in_features={spec.in_features}, out_features={spec.out_features}, p={spec.block_size}"
+        if bad is not None:
+            problems.append(f"tensor {key}: {bad}")
+    saved_seen: set[str] = set()
+    for key, tensor in sorted(state.items()):
+        if key.endswith(KERNEL_SUFFIX):
+            if key[: -len(KERNEL_SUFFIX)] not in config.modules:
+                problems.append(f"tensor {key}: unexpected (its module is not in the config's 'modules'"
+                                + (", which is empty)" if not config.modules else ")"))
+            continue
+        owner, _ = split_saved_key(key, config.modules_to_save)
+        if owner is None:
+            problems.append(f"tensor {key}: unexpected (not a kernel, and not under any of modules_to_save "
+                            f"{config.modules_to_save})")
+            continue
+        saved_seen.add(owner)
+        bad = tensor_problem(tensor)
+        if bad is not None:
+            problems.append(f"tensor {key}: {bad}")
+    for entry in config.modules_to_save:
+        if entry not in saved_seen:
+            problems.append(f"modules_to_save entry {entry}: no tensors of it in the adapter")
+    if not config.modules and not config.modules_to_save:
+        problems.append("the adapter has no modules and no modules_to_save: nothing to apply")
+    head = config.task.head if config.task is not None else None
+    if head is not None:
+        weights = {k: tuple(t.shape) for k, t in state.items()
+                   if any(k.startswith(m + ".") for m in head.modules) and k.endswith("weight") and t.ndim == 2}
+        if weights and not any(shape[0] == head.num_labels for shape in weights.values()):
+            problems.append(f"task.head.num_labels is {head.num_labels} but no head weight has {head.num_labels} "
+                            f"rows: {', '.join(f'{k} {list(s)}' for k, s in sorted(weights.items()))}")
+    return problems
+
+
+def module_problem(
+    name: str, spec: ModuleSpec, info: ModuleInfo | None, target: str, absent: str = "not found in"
+) -> str | None:
+    """What keeps adapted module ``name`` (its ``spec``) from fitting the target's module ``info``, or None."""
+    where = f"module {name}"
+    if info is None:
+        return f"{where}: {absent} {target}"
+    if info.kind == "unknown":
+        if info.weight_shape is not None and tuple(info.weight_shape) != spec.weight_shape:
+            return (f"{where}: weight {list(info.weight_shape)} in {target}, the adapter expects "
+                    f"{list(spec.weight_shape)} ({spec.layer_type}, in={spec.in_features}, out={spec.out_features})")
+        return None
+    if info.kind not in LAYER_TYPES:
+        return f"{where}: is a {info.kind} in {target}, expected a Linear or Conv1D"
+    if info.kind != spec.layer_type:
+        return (f"{where}: is a {_kind_name(info.kind)} in {target}, but the adapter declares it a "
+                f"{_kind_name(spec.layer_type)} (its ΔW would be applied transposed)")
+    if (info.in_features, info.out_features) != (spec.in_features, spec.out_features):
+        shape = f"weight {tuple(info.weight_shape)} " if info.weight_shape is not None else ""
+        return (f"{where}: {shape}(in={info.in_features}, out={info.out_features}) but the adapter was "
+                f"trained on in={spec.in_features}, out={spec.out_features}")
+    if info.weight_shape is not None and tuple(info.weight_shape) != spec.weight_shape:
+        return (f"{where}: weight stored as {list(info.weight_shape)} in {target}, expected "
+                f"{list(spec.weight_shape)} for a {_kind_name(spec.layer_type)}")
+    if info.block_sizes is not None and spec.block_size not in info.block_sizes:
+        return (f"{where}: block size {spec.block_size}; {target} holds block size(s) "
+                f"{', '.join(map(str, info.block_sizes))} for this module")
+    return None
+
+
+def _kind_name(kind: str) -> str:
+    return {"linear": "Linear", "conv1d": "Conv1D"}.get(kind, kind)
+
+
+def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], target: Target) -> list[str]:
+    """Every way ``config``/``state`` do not fit ``target`` (paths already aligned)."""
+    problems: list[str] = []
+    if config.base_model_type and target.model_type and config.base_model_type != target.model_type:
+        problems.append(f"base model_type is {config.base_model_type!r} but {target.description} is "
+                        f"{target.model_type!r}")
+    for name, spec in sorted(config.modules.items()):
+        info = target.modules.get(name)
+        problem = module_problem(name, spec, info, target.description, target.absent)
+        if problem is None and info is not None and target.weight_dtypes is not None \
+                and info.dtype not in target.weight_dtypes:
+            problem = (f"module {name}: its weight is {info.dtype} in {target.description}; adapters are added to "
+                       f"{', '.join(target.weight_dtypes)} weights only")
+        if problem is not None:
+            problems.append(problem)
+    saved = sorted(k for k in state if not k.endswith(KERNEL_SUFFIX))
+    if saved and target.params is None:
+        problems.append(f"it saves whole modules ({', '.join(config.modules_to_save)}) and {target.description} "
+                        f"cannot take them: {target.no_params_reason}")
+    elif saved:
+        for key in saved:
+            info = target.params.get(key)
+            if info is None:
+                problems.append(f"tensor {key}: no such parameter in {target.description}")
+            elif not info.floating:
+                problems.append(f"tensor {key}: {target.description} holds it as {info.dtype}, not floating point")
+            elif tuple(state[key].shape) != tuple(info.shape) and key not in target.resizable:
+                problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, {target.description} has "
+                                f"{tuple(info.shape)}")
+    return problems
+
+
+def check_adapter(
+    config: AdapterConfig,
+    state: Mapping[str, torch.Tensor],
+    target: Target | None = None,
+    source: str = "adapter",
+) -> None:
+    """Raise if the adapter is unusable, or does not fit ``target``, listing every problem at once.
+
+    Args:
+        config: the adapter's config (paths aligned to the target, see :func:`align_to_target`).
+        state: its tensors, keyed as in bca-deploy files.
+        target: what it is applied to; None checks the adapter alone.
+        source: names the adapter in the message (its directory).
+
+    Raises:
+        AdapterFormatError: without a target, the adapter's tensors are missing, unexpected, of a wrong
+            shape or dtype, empty or non-finite.
+        AdapterMismatchError: with a target, any of the above or a misfit (every problem listed).
+    """
+    problems = adapter_problems(config, state)
+    if target is None:
+        if problems:
+            raise AdapterFormatError(format_problems(f"{source} is not a usable adapter:", problems))
+        return
+    problems += target_problems(config, state, target)
+    if problems:
+        raise AdapterMismatchError(format_problems(f"{source} does not fit {target.description}:", problems))
+
+
+def slot_problems(tensors: Mapping[str, object], layout: Mapping[str, object]) -> list[str]:
+    """Problems of bank slots computed elsewhere (``{bank input: (1, R, q, o)}`` arrays) against a layout.
+
+    Each key must be a bank input of ``layout`` (entries with ``slot_shape``), each value a real floating
+    array of that shape with finite values.
+    """
+    import numpy as np
+
+    problems: list[str] = []
+    for key, value in tensors.items():
+        entry = layout.get(key)
+        array = np.asarray(value)
+        if entry is None:
+            problems.append(f"{key}: not a bank input of this graph")
+        elif array.dtype.kind != "f":
+            problems.append(f"{key}: dtype {array.dtype}, expected real floating point")
+        elif tuple(array.shape) != tuple(entry.slot_shape):
+            problems.append(f"{key}: shape {tuple(array.shape)}, expected {tuple(entry.slot_shape)}")
+        elif not np.isfinite(array).all():
+            problems.append(f"{key}: NaN/Inf values")
+    return problems

@@ -1,0 +1,417 @@
+"""Loading a base model for an adapter's task: the one place that picks the transformers class.
+
+An adapter records what it was trained for (:class:`bca_deploy.config.TaskSpec`: ``seq-cls`` with its
+head's ``num_labels``/``id2label``, ``causal-lm``, ``feature-extraction``). Every later stage (export,
+evaluation, serving tests, the demo) loads the base model the same way, through :func:`load_model`:
+
+1. :func:`resolve_task` decides the task: an explicit ``task`` (which must agree with the adapters),
+   else the adapters' ``TaskSpec``, else the base checkpoint's ``architectures``.
+2. :func:`load_base` loads ``AutoModel`` / ``AutoModelForSequenceClassification`` (with the head's
+   label count and names) / ``AutoModelForCausalLM`` in float32, without transformers' "newly
+   initialized ... You should probably TRAIN this model" warning when the adapters restore those
+   weights; a head that nothing restores is refused, since it would compute noise.
+3. Every adapter is checked against the model before any is loaded (all-or-nothing), then loaded.
+
+Works on transformers 4.45+ and 5.x; nothing here imports optimum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import EXPORT_TASKS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec
+from .errors import AdapterMismatchError, BCAError
+
+__all__ = [
+    "TaskError",
+    "ModelTask",
+    "EXPORT_TASK_TYPES",
+    "TASK_SYNONYMS",
+    "resolve_task",
+    "task_from_architecture",
+    "load_base",
+    "load_model",
+    "adapter_name_of",
+    "adapter_names",
+    "cache_argument",
+    "output_cache",
+    "cache_tensors",
+]
+
+
+class TaskError(BCAError, ValueError):
+    """The task asked for, the adapters' recorded tasks and the base checkpoint do not agree."""
+
+
+#: Each export task and the adapter task type (:data:`bca_deploy.config.TASK_TYPES`) it serves.
+EXPORT_TASK_TYPES: dict[str, str] = {
+    "feature-extraction": "feature-extraction",
+    "feature-extraction-with-past": "feature-extraction",
+    "text-classification": "seq-cls",
+    "text-generation": "causal-lm",
+    "text-generation-with-past": "causal-lm",
+}
+
+#: Other names users type for a task (optimum's synonyms and the adapter task types).
+TASK_SYNONYMS: dict[str, str] = {
+    "seq-cls": "text-classification",
+    "sequence-classification": "text-classification",
+    "sentiment-analysis": "text-classification",
+    "causal-lm": "text-generation-with-past",
+    "causal-lm-with-past": "text-generation-with-past",
+    "default": "feature-extraction",
+    "default-with-past": "feature-extraction-with-past",
+}
+
+#: Architecture name suffix -> adapter task type, for checkpoints whose adapters record no task.
+_TYPE_BY_SUFFIX = (
+    ("ForCausalLM", "causal-lm"),
+    ("LMHeadModel", "causal-lm"),
+    ("ForSequenceClassification", "seq-cls"),
+    ("Model", "feature-extraction"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelTask:
+    """The task a model is loaded for.
+
+    Attributes:
+        type: the adapter task type (``seq-cls``, ``causal-lm``, ``feature-extraction``).
+        export_task: the ONNX export task (``text-classification``, ``text-generation-with-past``...).
+        head: the classifier head the adapters bring (its labels set the model's config); None when the
+            model keeps the checkpoint's own head or has none.
+        source: where the task came from, for messages (``"task='...'"``, an adapter directory, the config).
+    """
+
+    type: str
+    export_task: str
+    head: HeadSpec | None = None
+    source: str = ""
+
+
+def _normalize(task: str) -> str:
+    """An explicit task name → an export task (``seq-cls`` → ``text-classification``...)."""
+    name = TASK_SYNONYMS.get(task, task)
+    if name not in EXPORT_TASK_TYPES:
+        known = sorted(set(EXPORT_TASK_TYPES) | set(TASK_SYNONYMS))
+        raise TaskError(f"task {task!r} is not one bca-deploy loads or exports; use one of: {', '.join(known)}")
+    return name
+
+
+def task_from_architecture(config: Any) -> str | None:
+    """The adapter task type of a checkpoint's ``architectures[0]`` (``BertModel`` → ``feature-extraction``), or None."""
+    architectures = getattr(config, "architectures", None) or []
+    for name in architectures[:1]:
+        for suffix, task_type in _TYPE_BY_SUFFIX:
+            if name.endswith(suffix):
+                return task_type
+    return None
+
+
+def _adapter_tasks(adapter_dirs: Sequence[Path]) -> list[tuple[Path, TaskSpec]]:
+    from .adapter_io import read_adapter
+
+    found = []
+    for directory in adapter_dirs:
+        config, _ = read_adapter(directory)
+        if config.task is not None:
+            found.append((directory, config.task))
+    return found
+
+
+def resolve_task(
+    model_dir: str | Path,
+    adapter_dirs: Sequence[str | Path] = (),
+    task: str | None = None,
+    *,
+    model_config: Any = None,
+    one_head: bool = True,
+) -> ModelTask:
+    """Decide what to load ``model_dir`` as: ``task`` if given, else the adapters' task, else the checkpoint's.
+
+    Args:
+        model_dir: the base checkpoint directory.
+        adapter_dirs: the adapters that will be applied; their ``TaskSpec`` (if recorded) decides the task.
+        task: an explicit task: an export task (``text-classification``, ``text-generation-with-past``,
+            ``text-generation``, ``feature-extraction``, ``feature-extraction-with-past``), an adapter task
+            type (``seq-cls``, ``causal-lm``), or a synonym.
+        model_config: the checkpoint's config, if already loaded.
+        one_head: refuse adapters that bring different classifier heads (one model holds one head). An
+            adapter bank, which keeps a head per adapter, passes False; the result then has no ``head``.
+
+    Raises:
+        TaskError: an unknown task; adapters recording different tasks; an explicit task that
+            contradicts an adapter's; no task given, recorded or inferable.
+        AdapterMismatchError: several adapters bring different classifier heads (one model holds one head).
+    """
+    adapter_dirs = [Path(d) for d in adapter_dirs]
+    recorded = _adapter_tasks(adapter_dirs)
+    types = sorted({spec.type for _, spec in recorded})
+    if len(types) > 1:
+        listed = "; ".join(f"{d} ({spec.type})" for d, spec in recorded)
+        raise TaskError(f"these adapters were trained for different tasks: {listed}. Apply adapters of one task together")
+    heads = [(d, spec.head) for d, spec in recorded if spec.head is not None]
+    head = heads[0][1] if heads else None
+    different = [d for d, h in heads if (h.num_labels, h.id2label) != (head.num_labels, head.id2label)]
+    if different and not one_head:
+        head = None
+    elif different:
+        raise AdapterMismatchError(
+            f"{heads[0][0]} and {', '.join(map(str, different))} each bring their own classifier head, with different "
+            "labels; one model holds one head. Export them as an adapter bank (export --bank), which keeps a head per "
+            "adapter, or apply one at a time"
+        )
+    if task is not None:
+        export_task = _normalize(task)
+        wanted = EXPORT_TASK_TYPES[export_task]
+        if recorded and wanted != types[0]:
+            directory, spec = recorded[0]
+            raise TaskError(
+                f"task {task!r} contradicts {directory}, which was trained for {spec.type} (exported as "
+                f"{spec.export_task!r}); leave the task out to use the adapter's"
+            )
+        return ModelTask(wanted, export_task, head if wanted == "seq-cls" else None, f"task={task!r}")
+    if recorded:
+        directory, spec = recorded[0]
+        return ModelTask(spec.type, EXPORT_TASKS[spec.type], head, f"adapter {directory}")
+    if model_config is None:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(str(model_dir))
+    task_type = task_from_architecture(model_config)
+    if task_type is None:
+        raise TaskError(
+            f"{model_dir}: cannot tell the task: no adapter records one and config.json's architectures "
+            f"({getattr(model_config, 'architectures', None)}) name no known head; pass a task "
+            f"({', '.join(sorted(EXPORT_TASK_TYPES))})"
+        )
+    return ModelTask(task_type, EXPORT_TASKS[task_type], None, f"{model_dir}/config.json architectures")
+
+
+def adapter_name_of(directory: str | Path) -> str:
+    """The name an adapter directory goes by: its folder name, or the run's name for ``RUN/best`` / ``RUN/last``.
+
+    ``runs/sentiment/best`` is ``sentiment`` (what the user called the run), not ``best``.
+    """
+    path = Path(directory)
+    name = path.name
+    if name in RUN_ADAPTER_FOLDERS:
+        run = path.parent.name
+        if run in ("", ".", ".."):  # "best" given from inside the run: the run's own folder name
+            run = path.resolve().parent.name
+        name = run or name
+    return name or "adapter"
+
+
+def adapter_names(adapter_dirs: Sequence[str | Path]) -> list[str]:
+    """One adapter name per directory (:func:`adapter_name_of`), made unique with a suffix where needed."""
+    names: list[str] = []
+    for directory in adapter_dirs:
+        base = adapter_name_of(directory)
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    return names
+
+
+def _auto_class(task_type: str):
+    import transformers
+
+    return {"seq-cls": transformers.AutoModelForSequenceClassification,
+            "causal-lm": transformers.AutoModelForCausalLM,
+            "feature-extraction": transformers.AutoModel}[task_type]
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` (transformers >= 4.56; 5.x loads the checkpoint's dtype by default) or ``torch_dtype=``."""
+    import transformers
+
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def load_base(
+    model_dir: str | Path,
+    task: ModelTask | str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    head_from_adapters: bool | None = None,
+) -> tuple[nn.Module, list[str]]:
+    """Load the base model for ``task`` and return it with the names of the weights the checkpoint lacked.
+
+    A seq-cls task with a head from the adapters gets that head's ``num_labels``, ``id2label``,
+    ``label2id`` and ``problem_type`` (a checkpoint head of another size is dropped: the adapter's
+    replaces it). Weights the checkpoint lacks are initialized with a fixed seed (every load gives the
+    same values) and transformers' warning about them is silenced: the caller decides (see
+    :func:`load_model`).
+
+    Args:
+        model_dir: the checkpoint directory.
+        task: a :class:`ModelTask` or an export task / adapter task type.
+        dtype: weights' dtype (default float32 on both transformers lines).
+        head_from_adapters: whether the classifier head will be restored from the adapters (default:
+            ``task.head is not None``).
+
+    Returns:
+        ``(model in eval mode, missing weight names)``.
+    """
+    import transformers
+
+    if isinstance(task, str):
+        export_task = _normalize(task)
+        task = ModelTask(EXPORT_TASK_TYPES[export_task], export_task)
+    kwargs: dict[str, Any] = _dtype_kwarg(dtype)
+    head = task.head if task.type == "seq-cls" else None
+    if head is not None:
+        kwargs.update(num_labels=head.num_labels, id2label=dict(head.id2label), label2id=dict(head.label2id))
+        if head.problem_type is not None:
+            kwargs["problem_type"] = head.problem_type
+    if head_from_adapters if head_from_adapters is not None else head is not None:
+        kwargs["ignore_mismatched_sizes"] = True
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # 5.x draws a "Loading weights" bar for every load
+    try:
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(newly initialized|TRAIN this model).*")
+            torch.manual_seed(0)
+            model, info = _auto_class(task.type).from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
+    missing = list(info.get("missing_keys") or []) + [m[0] if isinstance(m, tuple) else m
+                                                       for m in info.get("mismatched_keys") or []]
+    return model.eval(), sorted(set(missing))
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes outside the base model (``classifier.``, ``lm_head.``, ``score.``...)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or not hasattr(model, prefix):
+        return ()
+    return tuple(f"{name}." for name, _ in model.named_children() if name != prefix)
+
+
+def _check_missing(model: nn.Module, model_dir: Path, task: ModelTask, missing: Sequence[str],
+                   supplied: Sequence[str]) -> None:
+    """Refuse a head nothing restores; warn about other weights the checkpoint lacks that the task uses."""
+    owners = tuple(p + "." for p in supplied)
+    left = [k for k in missing if not k.startswith(owners)]
+    if task.type == "feature-extraction":
+        # A feature-extraction model outputs the last hidden state: a pooler (BertModel's) is never used.
+        left = [k for k in left if not (k.startswith("pooler.") or ".pooler." in k)]
+    if not left:
+        return
+    heads = _head_prefixes(model)
+    head = [k for k in left if k.startswith(heads)]
+    if head:
+        raise TaskError(
+            f"{model_dir} has no weights for {', '.join(head)} and no adapter restores them: the "
+            f"{type(model).__name__} ({task.export_task}) would compute noise. Use adapters trained with their "
+            "head (saved with the adapter), a checkpoint saved with that head, or another task"
+        )
+    warnings.warn(f"{model_dir}: no weights for {', '.join(left)} (initialized with a fixed seed); "
+                  "they are used as initialized", stacklevel=3)
+
+
+def load_model(
+    model_dir: str | Path,
+    adapter_dirs: Sequence[str | Path] = (),
+    task: str | ModelTask | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    is_trainable: bool = False,
+) -> nn.Module:
+    """Load ``model_dir`` for its adapters' task and apply every adapter (all active; their deltas sum).
+
+    Args:
+        model_dir: the base checkpoint directory (a bare encoder such as ``BertModel``, a
+            ``*ForSequenceClassification``, a ``*ForCausalLM``...).
+        adapter_dirs: bca-deploy or PEFT C3A adapter directories.
+        task: see :func:`resolve_task` (default: from the adapters, else the checkpoint).
+        names: the adapter names in the model (default: :func:`adapter_names` of the directories).
+        dtype: weights' dtype.
+        is_trainable: keep the adapters trainable (default: inference, eval mode).
+
+    Returns:
+        The model, in eval mode unless ``is_trainable``.
+
+    Raises:
+        TaskError: see :func:`resolve_task`; or the task's head is in neither the checkpoint nor an adapter.
+        bca_deploy.errors.AdapterMismatchError: an adapter does not fit (every adapter is checked, and
+            every problem listed, before any is loaded).
+        bca_deploy.errors.AdapterFormatError: an adapter directory is malformed.
+    """
+    from .adapter_io import align_module_paths, check_adapter_fits, load_adapter, read_adapter
+
+    model_dir = Path(model_dir)
+    adapter_dirs = [Path(d) for d in adapter_dirs]
+    names = list(names) if names is not None else adapter_names(adapter_dirs)
+    if len(names) != len(adapter_dirs):
+        raise ValueError(f"got {len(names)} names for {len(adapter_dirs)} adapter directories")
+    resolved = task if isinstance(task, ModelTask) else resolve_task(model_dir, adapter_dirs, task)
+    model, missing = load_base(model_dir, resolved)
+    problems: list[str] = []
+    supplied: list[str] = []
+    for directory in adapter_dirs:
+        config, state = align_module_paths(*read_adapter(directory, model), model)
+        supplied += config.modules_to_save
+        try:
+            check_adapter_fits(config, state, model, source=str(directory))
+        except AdapterMismatchError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise AdapterMismatchError("\n".join(problems))
+    _check_missing(model, model_dir, resolved, missing, supplied)
+    for directory, name in zip(adapter_dirs, names, strict=True):
+        load_adapter(model, directory, adapter_name=name, is_trainable=is_trainable)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model if is_trainable else model.eval()
+
+
+# ---- transformers 4.x / 5.x differences the exporter and validator share -------------------------
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword that passes a KV cache to ``model.forward``: ``cache`` (transformers 5.x) or ``past_key_values``."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``output.cache`` on 5.x, ``output.past_key_values`` on 4.x), or None."""
+    if hasattr(output, "get"):
+        for key in ("cache", "past_key_values"):
+            value = output.get(key)
+            if value is not None:
+                return value
+    return None
+
+
+def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(key, value)`` of a transformers cache: a ``Cache`` object (4.56+: ``.layers``; older:
+    ``key_cache``/``value_cache``), an encoder-decoder cache's self-attention part, or legacy tuples."""
+    if cache is None:
+        return []
+    if hasattr(cache, "self_attention_cache"):
+        cache = cache.self_attention_cache
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache, strict=True))
+    return [(kv[0], kv[1]) for kv in cache]

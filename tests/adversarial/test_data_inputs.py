@@ -1,0 +1,67 @@
+"""Malformed training data files through train's data reader: a DataError with a message, never a traceback.
+
+Bytes that are not UTF-8, a byte-order mark (accepted), broken and deeply nested JSON lines, lone
+surrogates, empty and binary files, a directory. (Labels against the head and the bound on the number of
+classes are checked when training starts: tests/training.)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adversarial_helpers import assert_bca_error, count, figures_fixture  # noqa: E402
+
+from bca_deploy.training.data import load_seq_cls, read_records  # noqa: E402
+
+figures = figures_fixture("test_data_inputs.py")
+
+GOOD_TSV = "sentence\tlabel\nit was great\t1\nit was awful\t0\n"
+
+# file name -> (content, needle in the message)
+BAD: dict[str, tuple[bytes, str]] = {
+    "latin1.tsv": ("sentence\tlabel\ncaf\xe9 au lait\t1\n".encode("latin-1"), "UTF-8"),
+    "latin1.jsonl": ('{"sentence": "caf\xe9", "label": 1}\n'.encode("latin-1"), "UTF-8"),
+    "utf16.csv": ("sentence,label\nhello,1\n".encode("utf-16"), "UTF-8"),
+    "binary.tsv": (bytes(range(256)) * 8, "UTF-8"),
+    "nested.jsonl": (b'{"sentence": ' + b"[" * 100_000 + b"]" * 100_000 + b', "label": 1}\n', "line 1"),
+    "broken.jsonl": (b'{"sentence": "x", "label": 1}\n{"sentence": \n', "line 2"),
+    "not-objects.jsonl": (b"[1, 2]\n3\n", "line 1"),
+    "lone-surrogate.jsonl": (b'{"sentence": "bad \\ud800 text", "label": 1}\n', "line 1"),
+    "empty.tsv": (b"", "empty"),
+    "header-only.tsv": (b"sentence\tlabel\n", "no examples"),
+    "ragged.tsv": (b"sentence\tlabel\nx\t1\textra\n", "line 2"),
+    "no-label-column.tsv": (b"sentence\tscore\nx\t1\n", "label"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_malformed_data_file_refused(tmp_path, name):
+    content, needle = BAD[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    error = assert_bca_error(lambda: load_seq_cls(path), f"load_seq_cls({name})")
+    assert str(path) in str(error) and needle.lower() in str(error).lower(), (name, str(error))
+    assert path.read_bytes() == content
+    count("train data reader")
+
+
+def test_directory_and_missing_file_refused(tmp_path):
+    for path in (tmp_path, tmp_path / "missing.tsv"):
+        assert_bca_error(lambda: read_records(path), f"read_records({path})")
+        count("train data reader")
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_TSV.encode())
+    examples = load_seq_cls(path)
+    assert list(examples.labels) == [1, 0]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"sentence": s, "label": y})
+                                                for s, y in (("good", 1), ("bad", 0))).encode())
+    assert list(load_seq_cls(jsonl).labels) == [1, 0]

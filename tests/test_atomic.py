@@ -1,0 +1,165 @@
+"""The atomic directory writer: modes, refusals, recovery, and SIGKILL at the two worst moments of a swap."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import bca_deploy.atomic as atomic
+from bca_deploy.atomic import OLD_TAG, TMP_TAG, AtomicDir, atomic_dir, check_target, recover, write_dir
+from bca_deploy.errors import OutputExistsError
+
+
+def files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def siblings(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+def test_new_directory_gets_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0o700
+    assert (out / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert files(out) == {"a.txt": "one"} and siblings(out) == []
+
+
+def test_existing_output_refused_without_overwrite_and_replaced_with_it(tmp_path):
+    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
+    with pytest.raises(OutputExistsError, match="not empty; pass overwrite=True"):
+        write_dir(out, lambda d: (d / "b.txt").write_text("two"))
+    assert files(out) == {"a.txt": "one"}
+    write_dir(out, lambda d: (d / "b.txt").write_text("two"), overwrite=True)
+    assert files(out) == {"b.txt": "two"} and siblings(out) == []
+    (tmp_path / "empty").mkdir()  # an empty directory is not an output to protect
+    write_dir(tmp_path / "empty", lambda d: (d / "c.txt").write_text("three"))
+    assert files(tmp_path / "empty") == {"c.txt": "three"}
+
+
+def test_file_target_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a directory"):
+        check_target(tmp_path / "f", overwrite=True)
+
+
+def test_failed_build_leaves_target_and_no_temporary_tree(tmp_path):
+    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
+
+    def broken(d: Path) -> None:
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("failed while writing")
+
+    with pytest.raises(RuntimeError):
+        write_dir(out, broken, overwrite=True)
+    assert files(out) == {"a.txt": "one"} and siblings(out) == []
+
+
+def test_keep_existing_carries_other_files_over(tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "README.md").write_text("notes")
+    (out / "sub").mkdir()
+    (out / "sub" / "x.txt").write_text("x")
+    (out / "weights").write_text("old")
+    write_dir(out, lambda d: (d / "weights").write_text("new"), overwrite=True, keep_existing=True)
+    assert files(out) == {"README.md": "notes", "sub/x.txt": "x", "weights": "new"}
+
+
+def test_symlinked_target_is_replaced_not_followed(tmp_path):
+    real = write_dir(tmp_path / "real", lambda d: (d / "a.txt").write_text("one"))
+    (tmp_path / "link").symlink_to(real)
+    write_dir(tmp_path / "link", lambda d: (d / "b.txt").write_text("two"), overwrite=True)
+    assert not (tmp_path / "link").is_symlink() and files(tmp_path / "link") == {"b.txt": "two"}
+    assert files(real) == {"a.txt": "one"}  # what the link pointed to is untouched
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replacement_without_exchange_uses_two_renames(tmp_path, monkeypatch, exchange):
+    monkeypatch.setattr(atomic, "USE_EXCHANGE", exchange)
+    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
+    write_dir(out, lambda d: (d / "b.txt").write_text("two"), overwrite=True)
+    assert files(out) == {"b.txt": "two"} and siblings(out) == []
+
+
+def test_committed_or_aborted_once(tmp_path):
+    staged = AtomicDir(tmp_path / "run", overwrite=True)
+    (staged.path / "x").write_text("1")
+    assert staged.commit() == tmp_path / "run"
+    with pytest.raises(RuntimeError, match="already committed"):
+        staged.commit()
+    dropped = AtomicDir(tmp_path / "run2")
+    dropped.abort()
+    assert not (tmp_path / "run2").exists() and siblings(tmp_path / "run2") == []
+
+
+def test_recover_leaves_live_writers_alone(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:  # our own temporary tree, being written: recover must not touch it
+        (tmp / "a.txt").write_text("one")
+        assert recover(out) is None and tmp.is_dir()
+    dead = tmp_path / f".out{TMP_TAG}999999999-abc"  # no such pid
+    dead.mkdir()
+    assert recover(out) == out and not dead.exists()
+
+
+def test_recover_restores_a_tree_set_aside_by_a_dead_writer(tmp_path):
+    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("old"))
+    aside = tmp_path / f".out{OLD_TAG}999999999-abc"
+    out.rename(aside)
+    (tmp_path / f".out{TMP_TAG}999999999-def").mkdir()
+    assert recover(out) == out
+    assert files(out) == {"a.txt": "old"} and siblings(out) == []
+
+
+_KILL_AT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import bca_deploy.atomic as atomic
+
+    target, moment = Path(sys.argv[1]), sys.argv[2]
+    if moment == "between-renames":  # the two-rename fallback, killed after the old tree went aside
+        atomic.USE_EXCHANGE = False
+        real_rename = os.rename
+
+        def rename(src, dst):
+            real_rename(src, dst)
+            if atomic.OLD_TAG in str(dst):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        atomic.os.rename = rename
+    else:  # after the exchange, before the old tree (now at the temporary name) is deleted
+        def remove(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        atomic._remove = remove
+    atomic.write_dir(target, lambda d: (d / "a.txt").write_text("new"), overwrite=True)
+""")
+
+
+@pytest.mark.parametrize("moment", ["between-renames", "after-exchange"])
+def test_sigkill_at_the_worst_moment_is_recovered(tmp_path, moment):
+    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("old"))
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT, str(out), moment], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if moment == "between-renames":
+        assert not out.exists() and any(OLD_TAG in name for name in siblings(out))  # the window itself
+        assert recover(out) == out  # what the next writer of out does first
+        assert files(out) == {"a.txt": "old"}  # the new tree never landed: the old one is back
+    else:
+        assert files(out) == {"a.txt": "new"}  # the exchange landed: out is the new tree
+        assert any(TMP_TAG in name for name in siblings(out))  # the old tree, left at the temporary name
+        recover(out)
+    assert siblings(out) == []
+    write_dir(out, lambda d: (d / "a.txt").write_text("next"), overwrite=True)
+    assert files(out) == {"a.txt": "next"} and siblings(out) == []
