@@ -33,7 +33,7 @@ from .inject import (
     register_adapter,
 )
 from .layers import BCALinear, is_adaptable, layer_type_of
-from .peft_compat import format_name, from_peft, is_peft_config, to_peft
+from .peft_compat import format_name, from_peft, is_peft_config, peft_metadata, to_peft
 
 __all__ = [
     "save_adapter",
@@ -69,9 +69,12 @@ def adapter_state(model: nn.Module, adapter_name: str = "default") -> dict[str, 
 
 
 def write_adapter_dir(
-    directory: str | Path, config_dict: dict[str, Any], state: dict[str, torch.Tensor], overwrite: bool = True
+    directory: str | Path, config_dict: dict[str, Any], state: dict[str, torch.Tensor], overwrite: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``, atomically.
+
+    ``metadata``: the safetensors file's metadata (default ``{"format": "pt"}``, as transformers and PEFT write).
 
     The directory is built beside ``directory`` and swapped in whole (:func:`bca_deploy.atomic.write_dir`),
     so a crash leaves the old adapter or the new one, never a mix; other files already in ``directory``
@@ -86,7 +89,7 @@ def write_adapter_dir(
         raise OutputExistsError(f"{directory}: already holds an adapter; pass overwrite=True (CLI: --overwrite) to replace it")
 
     def build(tmp: Path) -> None:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata or {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
 
     return write_dir(directory, build, overwrite=True, keep_existing=True)
@@ -125,7 +128,7 @@ def save_adapter(
         return write_adapter_dir(directory, config.to_dict(), state, overwrite=overwrite)
     if format == "peft":
         peft_config, peft_state = to_peft(config, state, task_type=task_type)
-        return write_adapter_dir(directory, peft_config, peft_state, overwrite=overwrite)
+        return write_adapter_dir(directory, peft_config, peft_state, overwrite=overwrite, metadata=peft_metadata(config))
     raise AdapterFormatError(f"format must be 'bca' or 'peft', got {format!r}")
 
 
@@ -153,13 +156,13 @@ def read_adapter(
     if not weights.is_file():
         hint = " (adapter_model.bin is a pickle; bca-deploy loads safetensors only)" if (directory / "adapter_model.bin").exists() else ""
         raise AdapterFormatError(f"{weights}: no such file{hint}")
-    state = _read_tensors(weights)
+    state, metadata = _read_tensors(weights)
     if is_peft_config(data):
         layer_types = None
         if model is not None:
             layer_types = {n: layer_type_of(m if not isinstance(m, BCALinear) else m.base_layer)
                            for n, m in model.named_modules() if n and (is_adaptable(m) or isinstance(m, BCALinear))}
-        config, state = from_peft(data, state, layer_types, source=str(directory))
+        config, state = from_peft(data, state, layer_types, source=str(directory), metadata=metadata)
     else:
         config = AdapterConfig.from_dict(data, source=str(directory / CONFIG_FILE))
     if validate:
@@ -167,7 +170,8 @@ def read_adapter(
     return config, state
 
 
-def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and its metadata (``{}`` when it has none)."""
     try:
         size = weights.stat().st_size
     except OSError as exc:
@@ -176,7 +180,7 @@ def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"{weights}: {size} bytes; adapters over {MAX_ADAPTER_BYTES} bytes are refused")
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types (and OSError) for corrupt files
         raise AdapterFormatError(f"{weights}: cannot read safetensors file ({type(exc).__name__}: {exc})") from exc
 
@@ -343,4 +347,4 @@ def convert_adapter(
     if to == "bca":
         return write_adapter_dir(destination, config.to_dict(), state, overwrite=overwrite)
     peft_config, peft_state = to_peft(config, state, task_type, base_model_name_or_path)
-    return write_adapter_dir(destination, peft_config, peft_state, overwrite=overwrite)
+    return write_adapter_dir(destination, peft_config, peft_state, overwrite=overwrite, metadata=peft_metadata(config))

@@ -13,6 +13,7 @@ __all__ = [
     "AdapterFormatError",
     "AdapterMismatchError",
     "OutputExistsError",
+    "InputNotFoundError",
     "NonFiniteError",
     "UnknownAdapterError",
     "AdapterNameError",
@@ -51,6 +52,10 @@ class NonFiniteError(BCAError, ValueError):
 
 class OutputExistsError(BCAError, FileExistsError):
     """An output path exists and overwriting was not asked for."""
+
+
+class InputNotFoundError(BCAError, FileNotFoundError):
+    """An input directory or file does not exist (a model, an adapter, an adapter store)."""
 
 
 class UnknownAdapterError(BCAError, KeyError):

@@ -10,11 +10,16 @@ bca-deploy's ΔW = scaling · BlockCirculant_first_column(w), so ``w = flip_circ
 Going back, ``k = flip(w) · (scaling · in_features)``, and the multiplication is skipped when that
 factor is 1, so a PEFT → bca-deploy → PEFT round trip is bit-exact.
 
+PEFT's config has no place for bca-deploy's task record (the head's modules, ``num_labels``, ``id2label``):
+a PEFT copy keeps it in the safetensors file's metadata (:data:`TASK_METADATA_KEY`, which PEFT never
+reads), so a bca-deploy → PEFT → bca-deploy round trip keeps the labels.
+
 peft itself is not imported here: conversion works on files and tensors only.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -23,14 +28,17 @@ from .config import FORMAT_NAME, KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskS
 from .errors import AdapterFormatError, format_problems
 from .ops import flip_circulant_layout
 
-__all__ = ["is_peft_config", "from_peft", "to_peft", "describe_format", "format_name", "PEFT_PREFIX", "PEFT_KERNEL_SUFFIX",
-           "PEFT_TASK_TYPES"]
+__all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "describe_format", "format_name", "PEFT_PREFIX",
+           "PEFT_KERNEL_SUFFIX", "PEFT_TASK_TYPES", "TASK_METADATA_KEY"]
 
 PEFT_PREFIX = "base_model.model."
 PEFT_KERNEL_SUFFIX = ".c3a_kernel"
 _PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release this writer was verified against
 #: bca-deploy task type -> PEFT ``task_type`` (what ``AutoPeftModelFor*`` and ``PeftModel.from_pretrained`` read).
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
+#: safetensors metadata key of a PEFT copy's bca-deploy task record (JSON of :meth:`TaskSpec.to_dict`).
+TASK_METADATA_KEY = "bca_deploy.task"
+_MAX_TASK_METADATA_CHARS = 1 << 20  # a task record with a label map of MAX_NUM_LABELS short names fits
 
 
 def is_peft_config(data: dict[str, Any]) -> bool:
@@ -69,6 +77,7 @@ def from_peft(
     state: dict[str, torch.Tensor],
     model_layer_types: dict[str, str] | None = None,
     source: str = "PEFT adapter",
+    metadata: dict[str, str] | None = None,
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Convert a PEFT C3A config + state dict to a bca-deploy config + tensors.
 
@@ -78,6 +87,9 @@ def from_peft(
         model_layer_types: optional ``{path: "linear"|"conv1d"}`` from the target model (PEFT's C3A
             only supports Linear, so this only matters for error messages).
         source: name used in error messages (the directory).
+        metadata: the safetensors file's metadata; a task record written by :func:`peft_metadata` is used
+            when it is for the same task as PEFT's ``task_type`` (a copy whose ``task_type`` was edited
+            since keeps the edit).
 
     Returns:
         (config, tensors) where tensors are keyed as in bca-deploy files: ``<path>.bca_kernel`` in
@@ -137,6 +149,10 @@ def from_peft(
         raise AdapterFormatError(format_problems(f"{source}: not a valid PEFT C3A adapter:", problems))
     if not specs:
         raise AdapterFormatError(f"{source}: no '*{PEFT_KERNEL_SUFFIX}' tensors found; is this a C3A adapter?")
+    task = _task_from_peft(peft_config.get("task_type"))
+    recorded = _recorded_task(metadata, extra_modules, source)
+    if recorded is not None and (task is None or recorded.type == task.type):
+        task = recorded
     target = peft_config.get("target_modules")
     config = AdapterConfig(
         target_modules=sorted(target) if isinstance(target, (list, set)) else (target or sorted(specs)),
@@ -148,9 +164,36 @@ def from_peft(
         modules_to_save=extra_modules,
         base_model_type=None,
         base_model_name_or_path=peft_config.get("base_model_name_or_path"),
-        task=_task_from_peft(peft_config.get("task_type")),
+        task=task,
     )
     return config, tensors
+
+
+def _recorded_task(metadata: dict[str, str] | None, modules_to_save: list[str], source: str) -> TaskSpec | None:
+    """The task record a PEFT copy carries in its safetensors metadata, checked like a bca-deploy config's."""
+    raw = (metadata or {}).get(TASK_METADATA_KEY)
+    if raw is None:
+        return None
+    where = f"{source}: safetensors metadata {TASK_METADATA_KEY!r}"
+    if not isinstance(raw, str) or len(raw) > _MAX_TASK_METADATA_CHARS:
+        raise AdapterFormatError(f"{where}: expected a JSON object of at most {_MAX_TASK_METADATA_CHARS} characters")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise AdapterFormatError(f"{where}: not valid JSON ({exc})") from None
+    task = TaskSpec.from_dict(data, where)
+    problems = task.problems(modules_to_save)
+    if problems:
+        raise AdapterFormatError(format_problems(f"{where}: invalid task record:", problems))
+    return task
+
+
+def peft_metadata(config: AdapterConfig) -> dict[str, str]:
+    """The safetensors metadata of a PEFT copy of an adapter with ``config``: PEFT's own, plus the task record."""
+    metadata = {"format": "pt"}
+    if config.task is not None:
+        metadata[TASK_METADATA_KEY] = json.dumps(config.task.to_dict(), sort_keys=True)
+    return metadata
 
 
 def _task_from_peft(task_type: Any) -> TaskSpec | None:

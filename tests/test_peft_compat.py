@@ -138,6 +138,53 @@ def test_converted_classifier_loads_with_auto_peft_model(tmp_path, input_ids):
     assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == str(base)
     loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "peft"), num_labels=3).eval()
     torch.testing.assert_close(model_output(loaded, input_ids), expected, rtol=1e-5, atol=1e-5)
+    # and back: the task record (head modules, labels) survives the PEFT copy, in its safetensors metadata
+    back = bd.read_adapter(tmp_path / "peft")[0].task
+    assert back == adapter_configs(ours)["default"].task and back.head.num_labels == 3
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), "--to", "bca",
+                                       "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())["task"]
+    assert again == adapter_configs(ours)["default"].task.to_dict()
+
+
+def _peft_copy_with_task_metadata(tmp_path, value):
+    """A PEFT copy of a seq-cls adapter whose safetensors task record is replaced by ``value``."""
+    from safetensors.torch import save_file
+
+    from bca_deploy.config import task_spec_from_config
+    from bca_deploy.inject import adapter_configs
+    from bca_deploy.peft_compat import TASK_METADATA_KEY
+
+    model = bd.inject(tiny_bert(num_labels=2), ["query"], block_size=8, init="normal", seed=0,
+                      modules_to_save=["classifier"])
+    adapter_configs(model)["default"].task = task_spec_from_config("seq-cls", model.config, ["classifier"])
+    bd.save_adapter(model, tmp_path / "peft", format="peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file(load_file(weights), str(weights), metadata={"format": "pt", TASK_METADATA_KEY: value})
+    return tmp_path / "peft"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "'task' must be an object"),
+    ('{"type": "seq-cls", "head": {"modules": ["elsewhere"], "num_labels": 2, "id2label": {"0": "a", "1": "b"}, '
+     '"label2id": {"a": 0, "b": 1}}}', "elsewhere"),
+    ('{"type": "seq-cls", "head": {"modules": ["classifier"], "num_labels": 99999999}}', "num_labels"),
+    ("[" * 100000 + "]" * 100000, "not valid JSON"),
+])
+def test_a_hostile_task_record_in_a_peft_copy_is_refused_by_name(tmp_path, value, message):
+    directory = _peft_copy_with_task_metadata(tmp_path, value)
+    with pytest.raises(AdapterFormatError, match="bca_deploy.task") as err:
+        bd.read_adapter(directory)
+    assert message in str(err.value)
+
+
+def test_a_task_record_for_another_task_than_peft_task_type_is_not_used(tmp_path):
+    directory = _peft_copy_with_task_metadata(tmp_path, '{"type": "seq-cls", "architecture": null, "head": null}')
+    config_path = directory / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "task_type": "FEATURE_EXTRACTION"}))
+    assert bd.read_adapter(directory)[0].task.type == "feature-extraction"  # the edited task_type wins
 
 
 def test_converted_causal_lm_loads_with_auto_peft_model(tmp_path, input_ids):

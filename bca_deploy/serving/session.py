@@ -545,25 +545,29 @@ class MultiAdapterSession:
             ServingError: ``adapters`` does not have one entry per row.
         """
         snapshot = snapshot or self._snapshot
-        order = _grouping_order(snapshot.ids(adapters), feeds)
+        ids = snapshot.ids(adapters)
+        order = _grouping_order(ids, feeds)
         if order is None:
-            values = self.run_ortvalues(feeds, adapters, output_names, snapshot)
+            values = self._run_ids(feeds, ids, output_names, snapshot)
             return {name: value.numpy() for name, value in values.items()}
         # Rows grouped by adapter: each layer's slot Gather then reads the bank in runs, which measured ~5%
         # faster than interleaved rows (bench/results/bank_scaling.md, "grouped"); every row's numbers are its own.
-        values = self.run_ortvalues({k: np.ascontiguousarray(v[order]) for k, v in feeds.items()},
-                                    [adapters[i] for i in order], output_names, snapshot)
+        values = self._run_ids({k: np.ascontiguousarray(v[order]) for k, v in feeds.items()}, ids[order],
+                               output_names, snapshot)
         restore = np.empty_like(order)
         restore[order] = np.arange(len(order))
         return {name: _rows_restored(value.numpy(), restore) for name, value in values.items()}
 
     def run_ortvalues(self, feeds, adapters, output_names=None, snapshot=None) -> dict[str, Any]:
         """:meth:`run` returning onnxruntime ``OrtValue`` s (no copy; feed them back as past key values)."""
+        snapshot = snapshot or self._snapshot
+        return self._run_ids(feeds, snapshot.ids(adapters), output_names, snapshot)
+
+    def _run_ids(self, feeds, ids: np.ndarray, output_names, snapshot: BankSnapshot) -> dict[str, Any]:
+        """One onnxruntime run with the bank slots ``ids`` (int64, one per row) of ``snapshot``."""
         import onnxruntime as ort
 
-        snapshot = snapshot or self._snapshot
         names = list(output_names or self.output_names)
-        ids = snapshot.ids(adapters)
         batch = _batch_of(feeds)
         if batch is not None and batch != len(ids):
             raise ServingError(f"the batch has {batch} rows but {len(ids)} adapter names were given (one per row)")

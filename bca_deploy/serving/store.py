@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..config import CONFIG_FILE, run_adapter_dir
-from ..errors import AdapterNameError, UnknownAdapterError
+from ..errors import AdapterNameError, InputNotFoundError, UnknownAdapterError
 from .session import check_adapter_name
 
 __all__ = ["AdapterStore", "MAX_ENTRY_FILES"]
@@ -35,7 +35,7 @@ class AdapterStore:
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: adapter store directory not found")
+            raise InputNotFoundError(f"{root}: adapter store directory not found (expected an existing directory)")
         self.given = root
         self.root = root.resolve()
 

@@ -40,6 +40,7 @@ from bca_deploy.errors import (
     AdapterMismatchError,
     AdapterNameError,
     ContextLengthError,
+    InputNotFoundError,
     ServingError,
     UnknownAdapterError,
 )
@@ -175,20 +176,22 @@ def test_run_groups_rows_by_adapter_and_answers_in_request_order(bert_session, m
     feeds = bert_session.pad_ids(rows)
     as_given = {k: v.numpy() for k, v in bert_session.run_ortvalues(feeds, adapters).items()}
     seen = []
-    original = bert_session.run_ortvalues
+    original = bert_session._run_ids
+    slots = bert_session.snapshot().ids
 
-    def spy(feeds, adapters, *args, **kwargs):
-        seen.append(list(adapters))
-        return original(feeds, adapters, *args, **kwargs)
+    def spy(feeds, ids, *args, **kwargs):
+        seen.append(list(ids))
+        return original(feeds, ids, *args, **kwargs)
 
-    monkeypatch.setattr(bert_session, "run_ortvalues", spy)
+    monkeypatch.setattr(bert_session, "_run_ids", spy)
     out = bert_session.run(feeds, adapters)
-    assert seen == [[None, None, "a0", "a0", "a1", "a1", "a1"]]  # grouped by slot (base = 0 first), stable
+    # grouped by slot (base = 0 first), stable
+    assert seen == [list(slots([None, None, "a0", "a0", "a1", "a1", "a1"]))]
     for name, value in out.items():
         np.testing.assert_allclose(value, as_given[name], atol=1e-6, rtol=0, err_msg=name)
     seen.clear()
     bert_session.run(feeds, sorted(adapters, key=str))  # already grouped: passed through as given
-    assert seen == [sorted(adapters, key=str)]
+    assert seen == [list(slots(sorted(adapters, key=str)))]
 
 
 def test_run_llama_prefill_matches_pytorch(llama_session):
@@ -539,8 +542,11 @@ def test_store_unknown_name_names_only_the_request(store):
             s.path(name)
         assert name in str(err.value)
         assert "extra" not in str(err.value) and "peftish" not in str(err.value) and str(store) not in str(err.value)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputNotFoundError, match="adapter store directory not found"):  # a FileNotFoundError too
         AdapterStore(store / "nope")
+    (store / "a-file").write_text("")
+    with pytest.raises(FileNotFoundError, match="expected an existing directory"):
+        AdapterStore(store / "a-file")
 
 
 def test_store_then_session(store, llama):
