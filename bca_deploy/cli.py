@@ -267,8 +267,12 @@ main.add_command(evaluate_command)
 @click.option("--out", type=_PATH, required=True, help="Output model directory (absent or empty; --overwrite to replace a non-empty one).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--no-fsync", is_flag=True,
+              help="Do not wait for the output to reach the disk before putting it in place (as a plain copy or "
+                   "save_pretrained): faster where the disk is slower than the merge; a kill still never leaves a "
+                   "half-written --out, but a power cut or OS crash soon after may.")
 def merge(model_dir: Path, adapters: tuple[Path, ...], weights: tuple[float, ...], out: Path, overwrite: bool,
-          no_progress: bool) -> None:
+          no_progress: bool, no_fsync: bool) -> None:
     """Stream-merge adapters into a standalone transformers checkpoint: W + Σ weight·ΔW.
 
     Walks the safetensors shards tensor by tensor (memory stays near one tensor), keeps the input's
@@ -281,7 +285,7 @@ def merge(model_dir: Path, adapters: tuple[Path, ...], weights: tuple[float, ...
         raise click.BadParameter(f"got {len(weights)} --weight for {len(adapters)} --adapter; give one per adapter "
                                  "or none", param_hint="--weight")
     pairs = list(zip(adapters, weights or [1.0] * len(adapters)))
-    path = merge_checkpoint(model_dir, pairs, out, overwrite=overwrite, progress=not no_progress)
+    path = merge_checkpoint(model_dir, pairs, out, overwrite=overwrite, progress=not no_progress, fsync=not no_fsync)
     click.echo(f"wrote merged model to {path}")
 
 

@@ -150,7 +150,7 @@ def build_adapter(directory: Path, size: str, block_size: int, seed: int = 1) ->
     return {"block_size": block_size, "modules": len(specs), "kernel_parameters": config.num_parameters}
 
 
-def child_merge(model_dir: str, adapter_dir: str, out_dir: str) -> None:
+def child_merge(model_dir: str, adapter_dir: str, out_dir: str, fsync: str = "fsync") -> None:
     """Run in the subprocess: one merge, then print a JSON line with its times and memory.
 
     transformers and the checkpoint's model class (LlamaForCausalLM: its module imports transformers'
@@ -184,7 +184,7 @@ def child_merge(model_dir: str, adapter_dir: str, out_dir: str) -> None:
     merge_module._plan_merge = timed_plan
     rss_before = psutil.Process().memory_info().rss
     t0, c0 = time.perf_counter(), time.process_time()
-    merge_module.merge_checkpoint(model_dir, [(adapter_dir, 1.0)], out_dir, progress=False)
+    merge_module.merge_checkpoint(model_dir, [(adapter_dir, 1.0)], out_dir, progress=False, fsync=fsync == "fsync")
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     # VmHWM: this process's peak resident set since exec. (ru_maxrss is not used: after fork + exec it
     # still counts the parent's RSS at fork time.)
@@ -314,11 +314,11 @@ def plain_copy(src: Path, dst: Path, durable: bool = False) -> tuple[float, floa
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_merge(src: Path, adapter: Path, dst: Path) -> dict:
+def run_merge(src: Path, adapter: Path, dst: Path, fsync: bool = True) -> dict:
     os.sync()
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, __file__, "--child-merge", str(src), str(adapter), str(dst)],
+        [sys.executable, __file__, "--child-merge", str(src), str(adapter), str(dst), "fsync" if fsync else "no-fsync"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     wall = time.perf_counter() - t0
@@ -343,7 +343,7 @@ def main() -> None:
                              "for sizes other than 1b)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
-    parser.add_argument("--child-merge", nargs=3, metavar=("MODEL", "ADAPTER", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-merge", nargs=4, metavar=("MODEL", "ADAPTER", "OUT", "FSYNC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_merge:
         child_merge(*args.child_merge)
@@ -382,6 +382,8 @@ def main() -> None:
             shutil.rmtree(work / "copy")
             m = run_merge(work / "model", work / "adapter", work / "merged")
             shutil.rmtree(work / "merged")
+            fast = run_merge(work / "model", work / "adapter", work / "merged", fsync=False)
+            shutil.rmtree(work / "merged")
             row = {
                 "round": r + 1,
                 "copy_s": copy_s,
@@ -393,6 +395,8 @@ def main() -> None:
                 "durable_copy_s": durable_s,
                 "merge/durable_copy": m["merge_s"] / durable_s,
                 "write/copy": (m["merge_s"] - m["plan_s"]) / copy_s,
+                "merge_no_fsync_s": fast["merge_s"],
+                "merge_no_fsync/copy": fast["merge_s"] / copy_s,
                 "copy_cpu_s": copy_cpu,
                 "merge_cpu_s": m["merge_cpu_s"],
                 "plan_cpu_s": m["plan_cpu_s"],
@@ -418,6 +422,7 @@ def main() -> None:
             "ratio_met": summary["merge/copy"] <= 1.5,
             "write_ratio_met": summary["write/copy"] <= 1.5,
             "durable_ratio_met": summary["merge/durable_copy"] <= 1.5,
+            "no_fsync_ratio_met": summary["merge_no_fsync/copy"] <= 1.5,
             "rss_goal_GiB": largest_gib + 1.0,
             "rss_met": summary["peak_rss_GiB"] <= largest_gib + 1.0,
         }
@@ -464,12 +469,15 @@ def _notes(args, ckpt: dict, adapter: dict, goals: dict, stages: list[dict], loa
         "fsyncs every file and directory of its output before putting it in place (bca_deploy.atomic: a kill or "
         "a power cut never leaves a half-written --out); the plain copy does not fsync, durable_copy_s is the "
         "same copy followed by an fsync of every file and of the directory, so merge/durable_copy compares "
-        "outputs that are equally durable. merge/copy is per round (paired), the summary row the median of each column. *_cpu_s: "
+        "outputs that are equally durable. merge_no_fsync_s: the same merge with `fsync=False` (CLI `--no-fsync`: "
+        "still atomic against a kill, not against a power cut), run last in each round, so "
+        "merge_no_fsync/copy compares outputs that are equally (not) durable. merge/copy is per round (paired), the summary row the median of each column. *_cpu_s: "
         "CPU time (user + system, all threads) of the copying process / of the merge call. peak_rss is "
         "the merge process's VmHWM (peak resident set since exec; includes the Python + torch baseline, "
         "rss_before_merge).\n\n"
         f"Goals: merge/copy ≤ {goals['ratio_goal']} — {'met' if goals['ratio_met'] else 'NOT met'} (against the "
-        f"durable copy: {'met' if goals['durable_ratio_met'] else 'NOT met'}; the write path "
+        f"durable copy: {'met' if goals['durable_ratio_met'] else 'NOT met'}; without fsync against the plain "
+        f"copy, merge_no_fsync/copy: {'met' if goals['no_fsync_ratio_met'] else 'NOT met'}; the write path "
         f"alone, write/copy: {'met' if goals['write_ratio_met'] else 'NOT met'}); "
         f"peak RSS ≤ largest shard + 1 GiB = {goals['rss_goal_GiB']:.2f} GiB — "
         f"{'met' if goals['rss_met'] else 'NOT met'}.\n\n"

@@ -240,3 +240,33 @@ def test_mapped_and_read_rows_give_the_dense_reference_aligned_or_not(tmp_path, 
         assert calls == {"mapped": 24, "read": 12}  # BF16 and F16 mapped; F32, not aligned for 4 bytes, read
     else:
         assert calls == {"mapped": 0, "read": 36}
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_merge_fsyncs_its_output_unless_told_not_to_and_writes_the_same_bytes(tmp_path, monkeypatch, fsync):
+    """``fsync=False`` (CLI ``--no-fsync``) skips every fsync of the output; the files are the same either way."""
+    import os
+
+    from click.testing import CliRunner
+
+    import bca_deploy.atomic as atomic_mod
+    from bca_deploy.cli import main
+
+    gen = torch.Generator().manual_seed(3)
+    base = {"model.q_proj.weight": torch.randn(24, 48, generator=gen), "model.norm.weight": torch.randn(24, generator=gen)}
+    write_checkpoint(tmp_path / "base", base)
+    a, _ = _specs(gen)
+    write_adapter(tmp_path / "a", {"model.q_proj": a["model.q_proj"]})
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(atomic_mod.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    args = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "out"),
+            "--no-progress"]
+    result = CliRunner().invoke(main, args + ([] if fsync else ["--no-fsync"]))
+    assert result.exit_code == 0, result.output
+    assert bool(synced) == fsync  # the files and directories of the output, then its parent
+    reference = merge_checkpoint(tmp_path / "base", [(tmp_path / "a", 1.0)], tmp_path / "reference", progress=False)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (reference / name).read_bytes(), name
+    expected = base["model.q_proj.weight"] + dense_delta(a["model.q_proj"][1], a["model.q_proj"][0], 1.0)
+    assert torch.equal(read_all(tmp_path / "out" / "model.safetensors")["model.q_proj.weight"], expected)

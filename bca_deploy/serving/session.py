@@ -243,6 +243,7 @@ class MultiAdapterSession:
         self.with_past = any(PAST_INPUT.fullmatch(n) for n in self.inputs)
         self._config = None
         self._tokenizer = None
+        self._no_tokenizer: str | None = None  # why there is none, once looked for
         # Hugging Face fast tokenizers are not safe to call from several threads at once ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -593,11 +594,14 @@ class MultiAdapterSession:
     def tokenizer(self):
         """The tokenizer saved with the export (raises :class:`ServingError` if there is none)."""
         if self._tokenizer is None:
+            if self._no_tokenizer is not None:  # looked for once: every request would stat the files again
+                raise ServingError(self._no_tokenizer)
             files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                      "spiece.model")
             if not any((self.export_dir / f).is_file() for f in files):
-                raise ServingError(f"{self.export_dir} has no tokenizer files; send token ids, or export a model "
-                                   "directory that includes its tokenizer")
+                self._no_tokenizer = (f"{self.export_dir} has no tokenizer files; send token ids, or export a model "
+                                      "directory that includes its tokenizer")
+                raise ServingError(self._no_tokenizer)
             try:
                 from transformers import AutoTokenizer
 
