@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+RUN_COLUMNS = ("wall_s", "prefill_runs", "prefill_tokens", "prefill_s", "decode_runs", "decode_row_steps", "decode_s",
+               "decode_ms_per_row_step", "outside_runs_s")
 GOAL_SPEEDUP = 2.0  # continuous / today's request-level tokens/s at the highest concurrency
 CONTINUOUS, REQUEST_LEVEL, TODAY = "continuous", "request-level", "request-level (today)"
 VARIANTS = (CONTINUOUS, REQUEST_LEVEL, TODAY)
@@ -276,7 +278,39 @@ def _summary(model: str, variant: str, clients: int, result: dict, steps: list[d
     if steps:
         row["step_p50_ms"] = _pct([s["seconds"] for s in steps], 50) * ms
         row["rows_per_step"] = statistics.mean(s["rows"] for s in steps)
+    runs = result.get("runs")
+    if runs:
+        row.update(runs)
+        row["decode_ms_per_row_step"] = runs["decode_s"] / max(1, runs["decode_row_steps"]) * ms
+        row["outside_runs_s"] = result["wall_s"] - runs["prefill_s"] - runs["decode_s"]
     return row
+
+
+class RunMeter:
+    """Times every onnxruntime run of a session (wraps its ``run_ortvalues``): prefills (more than one input
+    position) and decode steps (one), with their rows and tokens, so a level's wall time splits into where
+    it went. Both schedulers run through ``run_ortvalues``."""
+
+    def __init__(self, session) -> None:
+        self.runs: list[tuple[int, int, float]] = []  # (rows, positions, seconds)
+        real = session.run_ortvalues
+
+        def timed(feeds, *args, **kwargs):
+            start = time.perf_counter()
+            out = real(feeds, *args, **kwargs)
+            rows, positions = feeds["input_ids"].shape
+            self.runs.append((int(rows), int(positions), time.perf_counter() - start))
+            return out
+
+        session.run_ortvalues = timed
+
+    def take(self) -> dict[str, float]:
+        runs, self.runs = self.runs, []
+        prefill = [r for r in runs if r[1] > 1]
+        decode = [r for r in runs if r[1] == 1]
+        return {"prefill_runs": len(prefill), "prefill_tokens": sum(r * n for r, n, _ in prefill),
+                "prefill_s": sum(t for *_, t in prefill), "decode_runs": len(decode),
+                "decode_row_steps": sum(r for r, *_ in decode), "decode_s": sum(t for *_, t in decode)}
 
 
 # ---- the whole comparison -------------------------------------------------------------------------------------
@@ -298,6 +332,7 @@ def run(args, work: Path) -> dict[str, Any]:
               flush=True)
         engine_session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
         batch_session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
+        meters = {CONTINUOUS: RunMeter(engine_session), REQUEST_LEVEL: RunMeter(batch_session)}
         vocab = MODELS[kind]["vocab_size"]
         steps: list[dict] = []
 
@@ -314,10 +349,13 @@ def run(args, work: Path) -> dict[str, Any]:
                                              max_wait_ms=args.max_wait_ms, rows_leave=variant == REQUEST_LEVEL)
             await server.start()
             steps.clear()
+            meter = meters[CONTINUOUS if variant == CONTINUOUS else REQUEST_LEVEL]
+            meter.take()
             try:
                 result = await _run_level(variant, server, requests, clients)
             finally:
                 await server.stop()
+            result["runs"] = meter.take()
             return result, list(steps)
 
         warm = make_requests(4, vocab, names, tuple(args.gen_prompt), (4, 8), seed=999)
@@ -389,7 +427,8 @@ def report(result: dict[str, Any], args, load_start, load_end, total_s: float) -
 
     rows = result["rows"]
     keys = ("tokens_per_s", "tokens_per_cpu_s", "load_1min", "ttft_p50_ms", "ttft_p99_ms", "ttft_computed_p50_ms", "ttft_computed_p99_ms",
-            "itl_p50_ms", "itl_p99_ms", "latency_p50_ms", "latency_p99_ms", "step_p50_ms", "rows_per_step")
+            "itl_p50_ms", "itl_p99_ms", "latency_p50_ms", "latency_p99_ms", "step_p50_ms", "rows_per_step",
+            *RUN_COLUMNS)
     table = []
     levels = dict.fromkeys((kind, clients) for kind, clients, _ in result["paired"])
     for kind, clients in levels:
@@ -426,8 +465,10 @@ def report(result: dict[str, Any], args, load_start, load_end, total_s: float) -
                "speedup_vs_rows_leave", "tokens_per_cpu_s", "ttft_p50_ms",
                "ttft_p99_ms", "ttft_computed_p50_ms", "ttft_computed_p99_ms", "itl_p50_ms", "itl_p99_ms",
                "latency_p50_ms", "latency_p99_ms", "step_p50_ms", "rows_per_step", "load_1min", "repeats"]
+    time_columns = ["model", "clients", "scheduler", "tokens", *RUN_COLUMNS]
     print()
     print(markdown_table(table, columns))
+    print(markdown_table(table, time_columns))
     print(markdown_table(goals))
     print(markdown_table(result["checks"]))
     if args.no_write:
@@ -455,6 +496,17 @@ onnxruntime CPU, {args.threads} intra-op threads; clients are asyncio tasks in t
   much work each token cost, whatever share of the machine the process got; `load_1min`: the machine's 1-minute
   load average at the end of the level (2 cores: anything above 2 means the process waited for a CPU).
 
+## Where the time goes
+
+Every onnxruntime run of each scheduler's session, timed around `run_ortvalues` (medians over repeats):
+`prefill_*`: runs over prompts (several positions; `prefill_tokens` counts padded positions too);
+`decode_*`: one-position steps, `decode_row_steps` their rows summed (today's scheduler keeps stepping finished rows
+until its batch's longest is done); `outside_runs_s` = wall − prefill − decode: scheduling, delivery, the clients.
+On a CPU a run's cost grows with its rows and positions, so continuous batching saves the row-steps of finished rows
+and the padding of prompts, not runs: the speedup it can reach here is bounded by how much of today's run time those
+are.
+
+{markdown_table(table, time_columns)}
 ## Goals
 
 {markdown_table(goals)}

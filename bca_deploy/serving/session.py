@@ -244,6 +244,10 @@ class MultiAdapterSession:
         self._config = None
         self._tokenizer = None
         self._no_tokenizer: str | None = None  # why there is none, once looked for
+        # The config and the tokenizer load on first use, which can come from two threads at once (a generation
+        # engine's thread and the event loop's); transformers' lazy module raises ImportError ("cannot import
+        # name 'AutoConfig'") when two threads import through it at the same moment.
+        self._load_lock = threading.RLock()
         # Hugging Face fast tokenizers are not safe to call from several threads at once ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -585,14 +589,22 @@ class MultiAdapterSession:
     def config(self):
         """The model's transformers config (``config.json`` of the export)."""
         if self._config is None:
-            from transformers import AutoConfig
+            with self._load_lock:  # first use may come from two threads at once (see _load_lock)
+                if self._config is None:
+                    from transformers import AutoConfig
 
-            self._config = AutoConfig.from_pretrained(str(self.export_dir))
+                    self._config = AutoConfig.from_pretrained(str(self.export_dir))
         return self._config
 
     @property
     def tokenizer(self):
         """The tokenizer saved with the export (raises :class:`ServingError` if there is none)."""
+        if self._tokenizer is None:
+            with self._load_lock:
+                return self._load_tokenizer()
+        return self._tokenizer
+
+    def _load_tokenizer(self):
         if self._tokenizer is None:
             if self._no_tokenizer is not None:  # looked for once: every request would stat the files again
                 raise ServingError(self._no_tokenizer)

@@ -557,3 +557,33 @@ def test_store_then_session(store, llama):
     prompt = token_rows(1, seed=16)[0]
     assert session.generate([prompt], ["extra"], max_new_tokens=5)[0] == ref_generate_alone(prompt, "extra", 5)
     assert os.path.realpath(session.adapters()[-1].source) == str(s.path("extra"))
+
+
+_FIRST_USE_FROM_THREADS = """
+import sys, threading
+from bca_deploy.serving import MultiAdapterSession
+session = MultiAdapterSession(sys.argv[1])
+barrier, errors = threading.Barrier(4), []
+def first_use():
+    barrier.wait()
+    try:
+        session.config, session.pad_token_id
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=first_use) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_first_use_of_the_config_from_several_threads_at_once(llama_session):
+    """A generation engine's thread and the event loop's can both be the first to read the config; in a fresh
+    process (transformers not imported yet) that used to raise ImportError in one of them (2 of 3 runs)."""
+    import subprocess
+
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", _FIRST_USE_FROM_THREADS, str(llama_session.export_dir)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr[-2000:]
