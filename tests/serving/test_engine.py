@@ -453,9 +453,8 @@ def test_backpressure_refuses_beyond_the_queue_bound(llama):
     assert [v["reason"] for v in gate.of("rejected")] == ["queue full"]
 
 
-def test_a_failing_row_fails_alone(llama):
-    """A row the graph refuses (simulated: any run holding token 99 in a prompt, or adapter a2 at a decoding step)
-    fails with its error; the rows it shared runs with get their tokens."""
+def picky_session(llama) -> MultiAdapterSession:
+    """A session whose graph refuses (simulated) any prompt run holding token 99, and adapter a2 at a decoding step."""
     session = MultiAdapterSession(llama["onnx"])
     real_run = session.run_ortvalues
 
@@ -468,6 +467,13 @@ def test_a_failing_row_fails_alone(llama):
         return real_run(feeds, adapters, output_names, snapshot)
 
     session.run_ortvalues = picky_run
+    return session
+
+
+def test_a_failing_row_fails_alone(llama):
+    """A row the graph refuses (simulated: any run holding token 99 in a prompt, or adapter a2 at a decoding step)
+    fails with its error; the rows it shared runs with get their tokens."""
+    session = picky_session(llama)
     prompts = [[98 if t == 99 else t for t in p] for p in token_rows(4, seed=48, low=3, high=8)]
     bad_prompt = [5, 99, 7]
 
@@ -504,18 +510,7 @@ def test_a_failing_row_fails_alone(llama):
 def test_bad_prompts_prefilled_alone_fail_alone_and_an_emptied_batch_restarts(llama):
     """Bad prompts that arrive while rows decode are prefilled on their own: that run fails for each of them, and
     the rows already decoding carry on. A step where every row fails empties the batch; the next row starts anew."""
-    session = MultiAdapterSession(llama["onnx"])
-    real_run = session.run_ortvalues
-
-    def picky_run(feeds, adapters, output_names=None, snapshot=None):
-        ids = feeds["input_ids"]
-        if ids.shape[1] > 1 and (ids == 99).any():
-            raise RuntimeError("simulated: the graph refuses token 99")
-        if ids.shape[1] == 1 and "a2" in adapters:
-            raise RuntimeError("simulated: a2 fails while decoding")
-        return real_run(feeds, adapters, output_names, snapshot)
-
-    session.run_ortvalues = picky_run
+    session = picky_session(llama)
     prompts = [[98 if t == 99 else t for t in p] for p in token_rows(2, seed=49, low=3, high=8)]
     gate = StepGate(steps=[2])
 
