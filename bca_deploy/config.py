@@ -34,6 +34,7 @@ __all__ = [
     "MAX_FEATURES",
     "MAX_JSON_BYTES",
     "read_json",
+    "parse_json_object",
     "path_problem",
     "ModuleSpec",
     "HeadSpec",
@@ -559,16 +560,24 @@ def read_json(path: Path, what: str = "file", allow_nan: bool = False) -> dict[s
     except UnicodeDecodeError as exc:
         raise AdapterFormatError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
                                  "JSON files must be UTF-8") from exc
+    return parse_json_object(text, str(path), what, allow_nan)
+
+
+def parse_json_object(text: str, source: str, what: str = "file", allow_nan: bool = False) -> dict[str, Any]:
+    """The JSON object in ``text`` (read from ``source``), with :func:`read_json`'s rules and errors: at most
+    :data:`MAX_JSON_BYTES` characters, valid and not too deeply nested, no NaN/Infinity unless ``allow_nan``."""
+    if len(text) > MAX_JSON_BYTES:
+        raise AdapterFormatError(f"{source}: {len(text)} characters; a {what} of more than {MAX_JSON_BYTES} is refused")
     try:
         data = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
-        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+        raise AdapterFormatError(f"{source}: not valid JSON ({exc})") from exc
     except RecursionError:
-        raise AdapterFormatError(f"{path}: JSON nested too deeply to be a {what}") from None
+        raise AdapterFormatError(f"{source}: JSON nested too deeply to be a {what}") from None
     except ValueError as exc:  # NaN / Infinity literals
-        raise AdapterFormatError(f"{path}: {exc}") from exc
+        raise AdapterFormatError(f"{source}: {exc}") from exc
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object, got {_show(data)}")
+        raise AdapterFormatError(f"{source}: expected a JSON object, got {_show(data)}")
     return data
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import FORMAT_NAME, KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec
+from .config import FORMAT_NAME, KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, parse_json_object
 from .errors import AdapterFormatError, format_problems
 from .ops import flip_circulant_layout
 
@@ -38,7 +38,6 @@ _PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release this writer was verified ag
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
 #: safetensors metadata key of a PEFT copy's bca-deploy task record (JSON of :meth:`TaskSpec.to_dict`).
 TASK_METADATA_KEY = "bca_deploy.task"
-_MAX_TASK_METADATA_CHARS = 1 << 20  # a task record with a label map of MAX_NUM_LABELS short names fits
 
 
 def is_peft_config(data: dict[str, Any]) -> bool:
@@ -175,13 +174,7 @@ def _recorded_task(metadata: dict[str, str] | None, modules_to_save: list[str], 
     if raw is None:
         return None
     where = f"{source}: safetensors metadata {TASK_METADATA_KEY!r}"
-    if not isinstance(raw, str) or len(raw) > _MAX_TASK_METADATA_CHARS:
-        raise AdapterFormatError(f"{where}: expected a JSON object of at most {_MAX_TASK_METADATA_CHARS} characters")
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise AdapterFormatError(f"{where}: not valid JSON ({exc})") from None
-    task = TaskSpec.from_dict(data, where)
+    task = TaskSpec.from_dict(parse_json_object(str(raw), where, "task record"), where)
     problems = task.problems(modules_to_save)
     if problems:
         raise AdapterFormatError(format_problems(f"{where}: invalid task record:", problems))

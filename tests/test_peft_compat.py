@@ -167,11 +167,12 @@ def _peft_copy_with_task_metadata(tmp_path, value):
 
 @pytest.mark.parametrize("value, message", [
     ("{not json", "not valid JSON"),
-    ("[1, 2]", "'task' must be an object"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"type": "seq-cls", "architecture": NaN, "head": null}', "NaN is not valid JSON"),
     ('{"type": "seq-cls", "head": {"modules": ["elsewhere"], "num_labels": 2, "id2label": {"0": "a", "1": "b"}, '
      '"label2id": {"a": 0, "b": 1}}}', "elsewhere"),
     ('{"type": "seq-cls", "head": {"modules": ["classifier"], "num_labels": 99999999}}', "num_labels"),
-    ("[" * 100000 + "]" * 100000, "not valid JSON"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
 ])
 def test_a_hostile_task_record_in_a_peft_copy_is_refused_by_name(tmp_path, value, message):
     directory = _peft_copy_with_task_metadata(tmp_path, value)
