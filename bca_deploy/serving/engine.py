@@ -88,6 +88,14 @@ class GenerationResult:
 _END = object()
 
 
+#: Decode steps at least this long hand their tokens to the event loop during the next onnxruntime run (the loop's
+#: work overlaps the run); shorter ones hand them over right after the step. Measured on a 2-core EPYC, 32 clients
+#: reading streams, onnxruntime with 2 intra-op threads: a tiny decoder's ~2 ms steps ran 28% slower per row with
+#: the loop working during them (5,933 vs 7,735 tokens/s), a MiniLM-sized decoder's ~37 ms steps gained 8% from
+#: the overlap (391 vs 362 tokens/s).
+OVERLAP_MIN_STEP_S = 0.01
+
+
 class GenerationStream:
     """The tokens of one submitted row, as they are generated: ``async for event in stream``.
 
@@ -329,6 +337,7 @@ class GenerationEngine:
         self._observer_failed: set[str] = set()
         self.steps = 0  # decode steps run
         self.prefills = 0  # prefill runs
+        self._overlapping = False  # hand tokens over during the next run (the last step took OVERLAP_MIN_STEP_S or more)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -463,10 +472,10 @@ class GenerationEngine:
     # ---- the engine's thread ---------------------------------------------------------------------------------
 
     def _main(self) -> None:
-        # Tokens go to the event loop right before the next onnxruntime run, which releases the GIL: the loop
-        # thread then handles them while the run computes, instead of competing with this thread for the GIL
-        # between runs (on a busy machine each such hand-over can cost an OS scheduling slice).
-        batch = DecodeBatch(self.session, before_run=self._deliver_later)
+        # Where tokens go to the event loop (see OVERLAP_MIN_STEP_S): right before the next onnxruntime run, which
+        # releases the GIL, so the loop thread handles them while the run computes, when steps are long; right after
+        # each step when they are short, so the loop's work does not stall the run's intra-op threads.
+        batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._running:
@@ -480,15 +489,21 @@ class GenerationEngine:
                 self._leave(batch, cancelled, "cancelled")
                 if admitted:
                     self._prefill(batch, admitted)
+                    if not self._overlapping:  # first tokens now, not after the step
+                        self._deliver_later()
                 if batch.joined:
                     self._step(batch)
             except Exception as exc:  # noqa: BLE001 - a failure of every row: they fail, the engine goes on
                 _log.error("generation step failed: %s", "".join(traceback.format_exception(exc)))
                 for request in list(self._running):
                     self._fail(request, exc)
-                batch = DecodeBatch(self.session, before_run=self._deliver_later)
-            if not batch.joined:  # no run follows soon: deliver now
+                batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
+            if not batch.joined or not self._overlapping:  # no run follows soon, or runs are short: deliver now
                 self._deliver_later()
+
+    def _deliver_if_overlapping(self) -> None:
+        if self._overlapping:
+            self._deliver_later()
 
     def _admit(self, running: int) -> list[_Request]:
         """Waiting rows that join now (under the lock): up to the free rows and the prefill token budget."""
@@ -530,6 +545,7 @@ class GenerationEngine:
         rows, logits, failures = batch.step()
         self.steps += 1
         seconds = time.perf_counter() - start
+        self._overlapping = seconds >= OVERLAP_MIN_STEP_S
         requests = self._count_batch(rows, len(rows))
         gaps = self._emit(batch, rows, logits, failures, first=False)
         self._observe("step", rows=len(rows), requests=requests, seconds=seconds, tokens=len(rows) - len(failures),

@@ -247,6 +247,40 @@ def test_staggered_requests_match_pytorch_alone(decoder):
     assert len({tuple(r.token_ids) for r in results}) > 6  # the rows differ, so a mix-up would show
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_tokens_reach_the_streams_during_the_next_run_or_right_after_the_step(llama, monkeypatch, overlap):
+    """Steps of at least OVERLAP_MIN_STEP_S hand their tokens to the event loop right before the next run (the loop
+    works while onnxruntime computes); shorter ones right after the step. Both give every stream all its tokens."""
+    import bca_deploy.serving.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "OVERLAP_MIN_STEP_S", 0.0 if overlap else float("inf"))
+    callers: list[str] = []
+    real_deliver = GenerationEngine._deliver_later
+
+    def deliver(self):
+        if self._outbox:  # a hand-over with tokens in it
+            callers.append(sys._getframe(1).f_code.co_name)
+        real_deliver(self)
+
+    monkeypatch.setattr(GenerationEngine, "_deliver_later", deliver)
+    session = MultiAdapterSession(llama["onnx"])
+    jobs = list(zip(token_rows(3, seed=52, low=2, high=9), ["a0", None, "a1"], [5, 9, 3]))
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=4)
+        await engine.start()
+        try:
+            streams = [engine.submit(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in jobs]
+            return [[event.token_id async for event in stream] for stream in streams]
+        finally:
+            await engine.stop()
+
+    streamed = run(main())
+    assert streamed == [ref_generate(llama, p, a, n) for p, a, n in jobs]
+    during_runs = callers.count("_deliver_if_overlapping")
+    assert (during_runs > 0) == overlap, callers
+
+
 def test_sampled_rows_are_reproducible_and_independent_of_the_batch(llama):
     session = MultiAdapterSession(llama["onnx"])
     prompt = token_rows(1, seed=42, low=5, high=6)[0]

@@ -1,0 +1,117 @@
+"""When a generation step's tokens go to the event loop: during the next onnxruntime run, or right after the step.
+
+``GenerationEngine`` hands a step's tokens to the event loop right before the next run (the loop then works while
+onnxruntime computes) when steps take at least ``OVERLAP_MIN_STEP_S``, and right after the step when they are
+shorter. This benchmark forces each way (``OVERLAP_MIN_STEP_S`` = 0: always during the run; infinity: always after
+the step) on the decoders of ``bench/serve_generation.py`` (tiny and MiniLM-sized Llama, 16 adapters, onnxruntime
+CPU), with the same closed-loop clients reading streams, and reports tokens/s and the decode runs' time per
+row-step, the two ways alternating in each round; the ratio is the median of the per-round (paired) ratios.
+
+    python bench/serve_handover.py                 # both models, 32 clients, 5 rounds -> bench/results/serve_handover.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, bench/serve_generation.py
+
+WAYS = {"during the next run": 0.0, "after the step": float("inf")}
+
+
+def measure(kind: str, args, work: Path) -> list[dict]:
+    import serve_generation as sg
+
+    from bca_deploy.serving import MultiAdapterSession
+    from bca_deploy.serving import engine as engine_module
+
+    art = sg.build_decoder(kind, work, args.adapters, 256)
+    session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
+    meter = sg.RunMeter(session)
+    names = [d.name for d in art["adapters"]]
+    requests = sg.make_requests(3 * args.clients, sg.MODELS[kind]["vocab_size"], names, (8, 64), (8, 64), seed=0)
+
+    async def level() -> dict:
+        engine = engine_module.GenerationEngine(session, max_batch_rows=32, max_queued_rows=4 * args.clients)
+        await engine.start()
+        try:
+            return await sg._run_level(sg.CONTINUOUS, engine, requests, args.clients)
+        finally:
+            await engine.stop()
+
+    samples: dict[str, list[tuple[float, float]]] = {way: [] for way in WAYS}
+    for way, threshold in WAYS.items():  # warm-up, both ways
+        engine_module.OVERLAP_MIN_STEP_S = threshold
+        asyncio.run(level())
+    default = engine_module.OVERLAP_MIN_STEP_S
+    try:
+        for round_ in range(args.rounds):
+            order = list(WAYS) if round_ % 2 == 0 else list(WAYS)[::-1]
+            for way in order:
+                engine_module.OVERLAP_MIN_STEP_S = WAYS[way]
+                meter.take()
+                result = asyncio.run(level())
+                runs = meter.take()
+                tokens = sum(len(r["tokens"]) for r in result["records"])
+                samples[way].append((tokens / result["wall_s"], runs["decode_s"] / max(1, runs["decode_row_steps"])))
+    finally:
+        engine_module.OVERLAP_MIN_STEP_S = default
+    during, after = (samples[w] for w in WAYS)
+    rows = []
+    for way, values in samples.items():
+        rows.append({"model": kind, "clients": args.clients, "tokens handed to the loop": way,
+                     "tokens_per_s": statistics.median(v[0] for v in values),
+                     "decode_ms_per_row_step": 1e3 * statistics.median(v[1] for v in values),
+                     "after/during (paired tokens/s)": statistics.median(a[0] / d[0] for a, d in zip(after, during))
+                     if way == "after the step" else None,
+                     "rounds": len(values)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=["tiny", "minilm"], default=["tiny", "minilm"])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
+    args = parser.parse_args()
+    from common import markdown_table, write_results
+
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bca-bench-handover-") as tmp:
+        for kind in args.models:
+            rows += measure(kind, args, Path(tmp))
+            print(markdown_table(rows), flush=True)
+    load_end = [round(v, 2) for v in os.getloadavg()]
+    if args.no_write:
+        return
+    from bca_deploy.serving.engine import OVERLAP_MIN_STEP_S
+
+    notes = f"""
+{args.clients} closed-loop clients (asyncio tasks reading streams), {3 * args.clients} requests per level (prompts
+8-64 tokens, 8-64 new tokens, adapters uniform over {args.adapters}), `max_batch_rows` 32, onnxruntime CPU with
+{args.threads} intra-op threads; the two ways alternate in each of {args.rounds} rounds (after a warm-up of each).
+`decode_ms_per_row_step`: the decode runs' onnxruntime time per row. The engine's default picks "during the next
+run" for steps of at least `OVERLAP_MIN_STEP_S` = {OVERLAP_MIN_STEP_S} s and "after the step" for shorter ones.
+
+Load average (1, 5, 15 min) at the start {load_start} and at the end {load_end} on {os.cpu_count()} cores; total
+{(time.perf_counter() - start) / 60:.1f} min.
+"""
+    paths = write_results("serve_handover", rows, notes=notes,
+                          title="Generation: tokens handed to the event loop during the next run vs after the step")
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
