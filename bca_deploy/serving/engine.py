@@ -89,10 +89,10 @@ _END = object()
 
 
 #: Decode steps at least this long hand their tokens to the event loop during the next onnxruntime run (the loop's
-#: work overlaps the run); shorter ones hand them over right after the step. Measured on a 2-core EPYC, 32 clients
-#: reading streams, onnxruntime with 2 intra-op threads: a tiny decoder's ~2 ms steps ran 28% slower per row with
-#: the loop working during them (5,933 vs 7,735 tokens/s), a MiniLM-sized decoder's ~37 ms steps gained 8% from
-#: the overlap (391 vs 362 tokens/s).
+#: work overlaps the run); shorter ones hand them over right after the step. Measured (bench/serve_handover.py, 2-core
+#: EPYC, 32 clients reading streams, onnxruntime with 2 intra-op threads): a tiny decoder's ~2 ms steps ran slower
+#: with the loop working during them (0.106 vs 0.091 ms per row-step; 1.04x tokens/s handing over after the step);
+#: a MiniLM-sized decoder's ~37 ms steps gained 1.07x tokens/s from the overlap.
 OVERLAP_MIN_STEP_S = 0.01
 
 
