@@ -19,9 +19,10 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
   (padded prompt tokens), so a burst of long prompts does not stall the running rows for long.
 
 One thread steps the batch (onnxruntime uses its own intra-op threads) and never waits for consumers:
-each step's tokens are handed to the asyncio loop that started the engine right before the next run
-(which releases the GIL), through a small waker thread, so the loop serves the streams while the next
-step computes.
+each step's tokens are handed to the asyncio loop that started the engine through a small waker thread,
+right before the next run (which releases the GIL) when steps are long, so the loop serves the streams
+while the next step computes; right after the step when steps are short (:data:`OVERLAP_MIN_STEP_S`),
+where the loop's work would stall the run's intra-op threads.
 
 Example::
 
