@@ -16,47 +16,36 @@ import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
-# name -> submodule that defines it
+# name -> module that defines it (relative to this package)
 _EXPORTS = {
-    "TrainConfig": "config",
-    "EvaluateConfig": "config",
-    "Recipe": "config",
-    "RECIPES": "config",
-    "recipe_for": "config",
-    "TASKS": "config",
-    "METHODS": "config",
-    "OPTIMIZERS": "config",
-    "SCHEDULERS": "config",
-    "PRECISIONS": "config",
-    "DataError": "errors",
-    "DataFileNotFoundError": "errors",
-    "TrainingConfigError": "errors",
-    "CheckpointError": "errors",
-    "train": "trainer",
-    "evaluate": "trainer",
-    "TrainResult": "trainer",
-    "DEFAULT_TARGETS": "trainer",
-    "MetricAccumulator": "metrics",
-    "primary_metric": "metrics",
-    "read_records": "data",
-    "load_seq_cls": "data",
-    "load_causal_lm": "data",
+    "TrainConfig": ".config",
+    "EvaluateConfig": ".config",
+    "Recipe": ".config",
+    "RECIPES": ".config",
+    "recipe_for": ".config",
+    "TASKS": ".config",
+    "METHODS": ".config",
+    "OPTIMIZERS": ".config",
+    "SCHEDULERS": ".config",
+    "PRECISIONS": ".config",
+    "DataError": ".errors",
+    "DataFileNotFoundError": ".errors",
+    "TrainingConfigError": ".errors",
+    "CheckpointError": ".errors",
+    "train": ".trainer",
+    "evaluate": ".trainer",
+    "TrainResult": ".trainer",
+    "DEFAULT_TARGETS": ".trainer",
+    "MetricAccumulator": ".metrics",
+    "primary_metric": ".metrics",
+    "read_records": ".data",
+    "load_seq_cls": ".data",
+    "load_causal_lm": ".data",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
