@@ -607,20 +607,21 @@ class GenerationEngine:
         for request in requests:
             self._end(request, reason)
 
-    def _end(self, request: _Request, reason: str) -> None:
+    def _retire(self, request: _Request) -> None:
+        """The row is over (ended or failed): its time is taken and it no longer counts as running."""
         request.stream.finished_at = time.perf_counter()
         with self._cond:
             if request in self._running:
                 self._running.remove(request)
+
+    def _end(self, request: _Request, reason: str) -> None:
+        self._retire(request)
         if reason != "cancelled":
             self._outbox.append((request.stream, reason))
         self._observe_finished(request, reason)
 
     def _fail(self, request: _Request, error: BaseException) -> None:
-        request.stream.finished_at = time.perf_counter()
-        with self._cond:
-            if request in self._running:
-                self._running.remove(request)
+        self._retire(request)
         self._outbox.append((request.stream, error))
         self._observe("failed", adapter=request.adapter, error=f"{type(error).__name__}: {error}")
 
