@@ -251,6 +251,46 @@ async def _run_level(variant: str, server, requests: list[dict], clients: int) -
             "load_1min": round(os.getloadavg()[0], 2)}
 
 
+def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """``GenerationEngine`` levels on ``kind``'s decoder, one per way per round, for paired A/B benchmarks.
+
+    ``ways[name](session)`` sets a way up right before its level (and may change module state: the caller restores
+    it). ``args``: ``adapters``, ``threads``, ``clients``, ``rounds``. Each way runs once as a warm-up, then
+    ``rounds`` times in alternating order over the same 3·clients requests (prompts 8-64 tokens, 8-64 new).
+    Returns per way a list of ``{"result": _run_level's result, "runs": RunMeter.take()}``, one per round.
+    """
+    import asyncio
+
+    from bca_deploy.serving import MultiAdapterSession
+    from bca_deploy.serving.engine import GenerationEngine
+
+    art = build_decoder(kind, work, args.adapters, 256)
+    session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
+    meter = RunMeter(session)
+    names = [d.name for d in art["adapters"]]
+    requests = make_requests(3 * args.clients, MODELS[kind]["vocab_size"], names, (8, 64), (8, 64), seed=0)
+
+    async def level() -> dict:
+        engine = GenerationEngine(session, max_batch_rows=32, max_queued_rows=4 * args.clients)
+        await engine.start()
+        try:
+            return await _run_level(CONTINUOUS, engine, requests, args.clients)
+        finally:
+            await engine.stop()
+
+    for setup in ways.values():  # warm-up, every way
+        setup(session)
+        asyncio.run(level())
+    samples: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
+    for round_ in range(args.rounds):
+        for way in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
+            ways[way](session)
+            meter.take()
+            result = asyncio.run(level())
+            samples[way].append({"result": result, "runs": meter.take()})
+    return samples
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None

@@ -13,7 +13,6 @@ row-step, the two ways alternating in each round; the ratio is the median of the
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -29,48 +28,27 @@ WAYS = {"during the next run": 0.0, "after the step": float("inf")}
 def measure(kind: str, args, work: Path) -> list[dict]:
     import serve_generation as sg
 
-    from bca_deploy.serving import MultiAdapterSession
     from bca_deploy.serving import engine as engine_module
 
-    art = sg.build_decoder(kind, work, args.adapters, 256)
-    session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
-    meter = sg.RunMeter(session)
-    names = [d.name for d in art["adapters"]]
-    requests = sg.make_requests(3 * args.clients, sg.MODELS[kind]["vocab_size"], names, (8, 64), (8, 64), seed=0)
+    def way(threshold: float):
+        return lambda session: setattr(engine_module, "OVERLAP_MIN_STEP_S", threshold)
 
-    async def level() -> dict:
-        engine = engine_module.GenerationEngine(session, max_batch_rows=32, max_queued_rows=4 * args.clients)
-        await engine.start()
-        try:
-            return await sg._run_level(sg.CONTINUOUS, engine, requests, args.clients)
-        finally:
-            await engine.stop()
-
-    samples: dict[str, list[tuple[float, float]]] = {way: [] for way in WAYS}
-    for way, threshold in WAYS.items():  # warm-up, both ways
-        engine_module.OVERLAP_MIN_STEP_S = threshold
-        asyncio.run(level())
     default = engine_module.OVERLAP_MIN_STEP_S
     try:
-        for round_ in range(args.rounds):
-            order = list(WAYS) if round_ % 2 == 0 else list(WAYS)[::-1]
-            for way in order:
-                engine_module.OVERLAP_MIN_STEP_S = WAYS[way]
-                meter.take()
-                result = asyncio.run(level())
-                runs = meter.take()
-                tokens = sum(len(r["tokens"]) for r in result["records"])
-                samples[way].append((tokens / result["wall_s"], runs["decode_s"] / max(1, runs["decode_row_steps"])))
+        rounds = sg.paired_engine_rounds(kind, args, work, {name: way(t) for name, t in WAYS.items()})
     finally:
         engine_module.OVERLAP_MIN_STEP_S = default
+    samples = {name: [(sum(len(r["tokens"]) for r in s["result"]["records"]) / s["result"]["wall_s"],
+                       s["runs"]["decode_s"] / max(1, s["runs"]["decode_row_steps"])) for s in runs]
+               for name, runs in rounds.items()}
     during, after = (samples[w] for w in WAYS)
     rows = []
-    for way, values in samples.items():
-        rows.append({"model": kind, "clients": args.clients, "tokens handed to the loop": way,
+    for way_name, values in samples.items():
+        rows.append({"model": kind, "clients": args.clients, "tokens handed to the loop": way_name,
                      "tokens_per_s": statistics.median(v[0] for v in values),
                      "decode_ms_per_row_step": 1e3 * statistics.median(v[1] for v in values),
                      "after/during (paired tokens/s)": statistics.median(a[0] / d[0] for a, d in zip(after, during))
-                     if way == "after the step" else None,
+                     if way_name == "after the step" else None,
                      "rounds": len(values)})
     return rows
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ServingError
+from ..exporters.bank import LOGITS_TO_KEEP
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
 from .limits import MAX_NEW_TOKENS
 
@@ -247,6 +248,8 @@ class DecodeBatch:
                 fill = {"input_ids": self._pad, "position_ids": 1}
                 out = {k: np.pad(v, ((0, 0), (pad, 0)), constant_values=fill.get(k, 0)) for k, v in out.items()}
             out.update(empty_past(self.session.session, len(subset)))
+            if self.session.keeps_last_logits:  # the output layer on the last position only
+                out[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)
             return out
 
         logits, presents, failures = self._run_isolated(rows, feeds)

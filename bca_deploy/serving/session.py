@@ -201,7 +201,7 @@ class MultiAdapterSession:
     ) -> None:
         import onnxruntime as ort
 
-        from bca_deploy.exporters.bank import SLOT_AXIS, layout_from_dict
+        from bca_deploy.exporters.bank import LOGITS_TO_KEEP, SLOT_AXIS, layout_from_dict
         from bca_deploy.exporters.validate import ONNX_FILE, onnx_providers
 
         self.export_dir = Path(export_dir)
@@ -241,6 +241,8 @@ class MultiAdapterSession:
         if self.ids_input not in self.inputs:
             raise ServingError(f"{onnx_path}: the graph has no {self.ids_input!r} input; re-export it with --bank")
         self.with_past = any(PAST_INPUT.fullmatch(n) for n in self.inputs)
+        # Generation banks exported since logits_to_keep: a prefill asks for the last position's logits only.
+        self.keeps_last_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self._config = None
         self._tokenizer = None
         self._no_tokenizer: str | None = None  # why there is none, once looked for

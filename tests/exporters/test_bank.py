@@ -275,6 +275,85 @@ def test_fed_bank_serves_an_adapter_that_was_not_exported(banks):
                                    rtol=0, err_msg=f"row {b}")
 
 
+def test_generation_bank_computes_the_last_positions_logits_when_asked(banks):
+    """``logits_to_keep`` = k: the logits of the last k positions only, equal to PyTorch's for each row (left-padded
+    rows of different lengths and adapters); the default 0 keeps every position. An encoder bank has no such input."""
+    art = banks("llama")
+    bank = ort_session(art["onnx"])
+    assert "logits_to_keep" in {i.name for i in bank.get_overridable_initializers()}
+    assert "logits_to_keep" not in {i.name for i in ort_session(banks("bert")["onnx"]).get_overridable_initializers()}
+    slots = bank_meta(art)["slots"]
+    choice, lengths = ["a0", None, "a2", "a1"], [7, 3, 5, 7]
+    rows = [random_ids(1, n, seed=20 + b)[0] for b, n in enumerate(lengths)]
+    ids = np.zeros((len(rows), 7), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, 7 - len(row):], mask[b, 7 - len(row):] = row, 1
+    feeds = {**base_feeds(bank, ids), "attention_mask": mask,
+             "position_ids": np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1),
+             "adapter_ids": np.array([slots.index(c) for c in choice], dtype=np.int64)}
+    every = bank.run(["logits"], feeds)[0]
+    last = bank.run(["logits"], {**feeds, "logits_to_keep": np.array(1, dtype=np.int64)})[0]
+    two = bank.run(["logits"], {**feeds, "logits_to_keep": np.array(2, dtype=np.int64)})[0]
+    assert every.shape[:2] == (4, 7) and last.shape[:2] == (4, 1) and two.shape[:2] == (4, 2)
+    np.testing.assert_array_equal(two, every[:, -2:])
+    model = torch_model("llama")
+    for b, (row, adapter) in enumerate(zip(rows, choice, strict=True)):
+        want = row_alone(model, row.tolist(), adapter).numpy()
+        np.testing.assert_allclose(last[b, 0], want[-1], atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
+    # the present key/values do not depend on it: the next step still sees the whole prompt
+    outputs = [o.name for o in bank.get_outputs()]
+    np.testing.assert_array_equal(bank.run(outputs[1:2], feeds)[0],
+                                  bank.run(outputs[1:2], {**feeds, "logits_to_keep": np.array(1)})[0])
+
+
+def _logits_graph(lm_head_delta: bool):
+    """A tiny graph ``logits = tanh(norm(x) @ W + b)`` (plus ``x @ V(x)``, a weight that is not constant)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 6), dtype=np.float32), "W")
+    b = numpy_helper.from_array(np.zeros(6, dtype=np.float32), "b")
+    nodes = [helper.make_node("Mul", ["x", "x"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["y"]),
+             helper.make_node("Add", ["y", "b"], ["z"])]
+    if lm_head_delta:  # an output layer whose second operand is computed from the activations
+        nodes += [helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+                  helper.make_node("MatMul", ["ht", "h"], ["v"]),
+                  helper.make_node("MatMul", ["h", "v"], ["d"]),
+                  helper.make_node("Slice", ["d", "starts", "ends", "axes"], ["d6"]),
+                  helper.make_node("Add", ["z", "d6"], ["z2"])]
+        extra = [numpy_helper.from_array(np.array(v, dtype=np.int64), n)
+                 for n, v in (("starts", [0]), ("ends", [6]), ("axes", [2]))]
+    else:
+        extra = []
+    nodes.append(helper.make_node("Tanh", [nodes[-1].output[0]], ["logits"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", 6])],
+                              [w, b, *extra])
+    return graph
+
+
+@pytest.mark.parametrize("lm_head_delta", [False, True])
+def test_logits_to_keep_is_added_only_where_the_logits_are_positionwise(lm_head_delta):
+    """The slice goes in front of an output layer reached from ``logits`` through position-wise ops with one
+    activation input; a graph that mixes positions on the way (here: a weight computed from every position) is
+    left as it was, computing every position."""
+    from bca_deploy.exporters.bank import _keep_last_logits
+
+    graph = _logits_graph(lm_head_delta)
+    producers = {out: node for node in graph.node for out in node.output}
+    before, extra, reshaped = {}, [], set()
+    added = _keep_last_logits(graph, producers, {t.name: t for t in graph.initializer}, before, extra, reshaped)
+    assert added is not lm_head_delta
+    if added:
+        (matmul,) = [n for n in graph.node if n.op_type == "MatMul"]
+        assert [n.op_type for n in before[id(matmul)]] == ["Neg", "Reshape", "Slice"]
+        assert matmul.input[0] == before[id(matmul)][-1].output[0]
+        assert {"y", "z", "logits"} <= reshaped
+    else:
+        assert not before and not extra and not reshaped
+
+
 def test_bank_layout_of_a_model(banks):
     art = banks("bert")
     layout = bank_layout(torch_model("bert"), list(EXPORTED["bert"]))

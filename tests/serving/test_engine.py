@@ -152,8 +152,20 @@ class StepGate:
 def test_rows_joining_and_leaving_keep_the_logits_of_rows_alone(decoder, compact_at):
     """DecodeBatch directly: rows of different lengths join at steps 0, 2, 4 and 6 and leave at 3 and 5; at every
     step each row's logits equal PyTorch's for its whole sequence alone (fp32, 1e-4). ``compact_at=0``: the past
-    is rebuilt whenever a slot or column is wasted; ``1``: leavers' slots are reused in place by newcomers."""
+    is rebuilt whenever a slot or column is wasted; ``1``: leavers' slots are reused in place by newcomers.
+    Prefills ask the graph for the last position's logits only (``logits_to_keep``)."""
     session = MultiAdapterSession(decoder["onnx"])
+    assert session.keeps_last_logits
+    prefill_logits: list[tuple[int, ...]] = []  # (prompt width, *logits shape) of each prefill run
+    real_run = session.run_ortvalues
+
+    def recording_run(feeds, adapters, output_names=None, snapshot=None):
+        out = real_run(feeds, adapters, output_names, snapshot)
+        if feeds["input_ids"].shape[1] > 1:
+            prefill_logits.append((feeds["input_ids"].shape[1], *out["logits"].shape()))
+        return out
+
+    session.run_ortvalues = recording_run
     model = reference_model(decoder["name"])
     snapshot = session.snapshot()
     choices = CHOICES[decoder["name"]]
@@ -198,6 +210,8 @@ def test_rows_joining_and_leaving_keep_the_logits_of_rows_alone(decoder, compact
     # reuse-slots: the past was copied whole only to start and to grow (steps 0 and 2); rows 5, 6 took freed slots
     assert batch.rebuilds == (2 if compact_at == 1.0 else 6)
     assert len({len(p) for p in prompts}) > 3  # really different lengths, so rows really are padded
+    assert len(prefill_logits) == len(joins)
+    assert all(width > 1 and positions == 1 for width, _, positions, _ in prefill_logits), prefill_logits
 
 
 # ---- the engine against PyTorch ----------------------------------------------------------------------------------
