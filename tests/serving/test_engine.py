@@ -214,6 +214,21 @@ def test_rows_joining_and_leaving_keep_the_logits_of_rows_alone(decoder, compact
     assert all(width > 1 and positions == 1 for width, _, positions, _ in prefill_logits), prefill_logits
 
 
+def test_a_graph_without_logits_to_keep_prefills_every_position_with_the_same_result(llama):
+    """Graphs exported before ``logits_to_keep`` (simulated: the session told it has none) are fed no such input and
+    give the same last-position logits from their every-position output."""
+    session = MultiAdapterSession(llama["onnx"])
+    prompts = token_rows(4, seed=61, low=2, high=11)
+    got = {}
+    for keeps in (True, False):
+        session.keeps_last_logits = keeps
+        rows = [DecodeRow(p, a, session.snapshot()) for p, a in zip(prompts, CHOICES["llama"], strict=True)]
+        logits, failures = DecodeBatch(session).prefill(rows)
+        assert not failures and logits.shape == (4, VOCAB)
+        got[keeps] = logits
+    np.testing.assert_allclose(got[True], got[False], atol=1e-6, rtol=0)
+
+
 # ---- the engine against PyTorch ----------------------------------------------------------------------------------
 
 
