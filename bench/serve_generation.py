@@ -291,6 +291,53 @@ def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any]) -> d
     return samples
 
 
+def paired_engine_notes(args, specific: str, load_start, load_end, minutes: float) -> str:
+    """A paired engine benchmark's results text: the shared workload and load lines around ``specific``."""
+    return f"""
+{args.clients} closed-loop clients (asyncio tasks reading streams), {3 * args.clients} requests per level (prompts
+8-64 tokens, 8-64 new tokens, greedy, adapters uniform over {args.adapters}), `max_batch_rows` 32, onnxruntime CPU
+with {args.threads} intra-op threads; the two ways alternate in each of {args.rounds} rounds (after a warm-up of
+each). {specific}
+
+Load average (1, 5, 15 min) at the start {load_start} and at the end {load_end} on {os.cpu_count()} cores; total
+{minutes:.1f} min.
+"""
+
+
+def paired_engine_main(doc: str, measure, results_name: str, title: str, notes) -> None:
+    """The command line of a paired engine benchmark (``bench/serve_handover.py``, ``bench/serve_prefill_logits.py``).
+
+    ``measure(kind, args, work)`` returns the result rows of one model; ``notes(args, load_start, load_end,
+    minutes)`` the results file's text. Options: ``--models``, ``--clients``, ``--rounds``, ``--adapters``,
+    ``--threads``, ``--no-write``.
+    """
+    import argparse
+    import tempfile
+
+    from common import markdown_table, write_results
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
+    args = parser.parse_args()
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=f"bca-bench-{results_name}-") as tmp:
+        for kind in args.models:
+            rows += measure(kind, args, Path(tmp))
+            print(markdown_table(rows), flush=True)
+    load_end = [round(v, 2) for v in os.getloadavg()]
+    if args.no_write:
+        return
+    text = notes(args, load_start, load_end, (time.perf_counter() - start) / 60)
+    print("wrote", *write_results(results_name, rows, notes=text, title=title))
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None

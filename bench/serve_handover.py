@@ -12,12 +12,8 @@ row-step, the two ways alternating in each round; the ratio is the median of the
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, bench/serve_generation.py
@@ -53,42 +49,21 @@ def measure(kind: str, args, work: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=["tiny", "minilm"], default=["tiny", "minilm"])
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--adapters", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
-    args = parser.parse_args()
-    from common import markdown_table, write_results
+def notes(args, load_start, load_end, minutes: float) -> str:
+    import serve_generation as sg
 
-    load_start = [round(v, 2) for v in os.getloadavg()]
-    start = time.perf_counter()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bca-bench-handover-") as tmp:
-        for kind in args.models:
-            rows += measure(kind, args, Path(tmp))
-            print(markdown_table(rows), flush=True)
-    load_end = [round(v, 2) for v in os.getloadavg()]
-    if args.no_write:
-        return
     from bca_deploy.serving.engine import OVERLAP_MIN_STEP_S
 
-    notes = f"""
-{args.clients} closed-loop clients (asyncio tasks reading streams), {3 * args.clients} requests per level (prompts
-8-64 tokens, 8-64 new tokens, adapters uniform over {args.adapters}), `max_batch_rows` 32, onnxruntime CPU with
-{args.threads} intra-op threads; the two ways alternate in each of {args.rounds} rounds (after a warm-up of each).
-`decode_ms_per_row_step`: the decode runs' onnxruntime time per row. The engine's default picks "during the next
-run" for steps of at least `OVERLAP_MIN_STEP_S` = {OVERLAP_MIN_STEP_S} s and "after the step" for shorter ones.
+    return sg.paired_engine_notes(args, f"""`decode_ms_per_row_step`: the decode runs' onnxruntime time per row. The
+engine's default picks "during the next run" for steps of at least `OVERLAP_MIN_STEP_S` = {OVERLAP_MIN_STEP_S} s and
+"after the step" for shorter ones.""", load_start, load_end, minutes)
 
-Load average (1, 5, 15 min) at the start {load_start} and at the end {load_end} on {os.cpu_count()} cores; total
-{(time.perf_counter() - start) / 60:.1f} min.
-"""
-    paths = write_results("serve_handover", rows, notes=notes,
-                          title="Generation: tokens handed to the event loop during the next run vs after the step")
-    print("wrote", *paths)
+
+def main() -> None:
+    import serve_generation as sg
+
+    sg.paired_engine_main(__doc__, measure, "serve_handover",
+                          "Generation: tokens handed to the event loop during the next run vs after the step", notes)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,8 @@ Every request's tokens are checked equal under both ways.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, bench/serve_generation.py
@@ -63,41 +59,20 @@ def measure(kind: str, args, work: Path) -> list[dict]:
     return rows
 
 
+def notes(args, load_start, load_end, minutes: float) -> str:
+    import serve_generation as sg
+
+    return sg.paired_engine_notes(args, """Every request's tokens were equal both ways. `prefill_us_per_position`: the
+prefill runs' onnxruntime time per prompt position (padding included); `prefill_share`: the prefill runs' share of
+the level's wall time. Vocabularies: tiny 512, MiniLM-sized 30,522 (hidden 384: the output layer is 45% of a
+position's multiply-adds).""", load_start, load_end, minutes)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=["tiny", "minilm"], default=["tiny", "minilm"])
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--adapters", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
-    args = parser.parse_args()
-    from common import markdown_table, write_results
+    import serve_generation as sg
 
-    load_start = [round(v, 2) for v in os.getloadavg()]
-    start = time.perf_counter()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bca-bench-prefill-logits-") as tmp:
-        for kind in args.models:
-            rows += measure(kind, args, Path(tmp))
-            print(markdown_table(rows), flush=True)
-    load_end = [round(v, 2) for v in os.getloadavg()]
-    if args.no_write:
-        return
-    notes = f"""
-{args.clients} closed-loop clients (asyncio tasks reading streams), {3 * args.clients} requests per level (prompts
-8-64 tokens, 8-64 new tokens, greedy, adapters uniform over {args.adapters}), `max_batch_rows` 32, onnxruntime CPU
-with {args.threads} intra-op threads; the two ways alternate in each of {args.rounds} rounds (after a warm-up of
-each); every request's tokens were equal under both. `prefill_us_per_position`: the prefill runs' onnxruntime time
-per prompt position (padding included); `prefill_share`: the prefill runs' share of the level's wall time.
-Vocabularies: tiny 512, MiniLM-sized 30,522 (hidden 384: the output layer is 45% of a position's multiply-adds).
-
-Load average (1, 5, 15 min) at the start {load_start} and at the end {load_end} on {os.cpu_count()} cores; total
-{(time.perf_counter() - start) / 60:.1f} min.
-"""
-    paths = write_results("serve_prefill_logits", rows, notes=notes,
-                          title="Generation: prefill logits of the last position only vs every position")
-    print("wrote", *paths)
+    sg.paired_engine_main(__doc__, measure, "serve_prefill_logits",
+                          "Generation: prefill logits of the last position only vs every position", notes)
 
 
 if __name__ == "__main__":
