@@ -868,13 +868,10 @@ def _keep_last_logits(graph, producers: Mapping[str, Any], initializers: Mapping
     """
     from onnx import helper, numpy_helper
 
-    constant: dict[str, bool] = {}
-
-    def is_constant(name: str) -> bool:
-        if name not in constant:
-            node = producers.get(name)
-            constant[name] = name in initializers or (node is not None and all(is_constant(i) for i in node.input if i))
-        return constant[name]
+    constant = set(initializers)  # and every output computed from constants alone (nodes in topological order)
+    for node in graph.node:
+        if all(i in constant for i in node.input if i):
+            constant.update(node.output)
 
     if "logits" not in {o.name for o in graph.output}:
         return False
@@ -883,7 +880,7 @@ def _keep_last_logits(graph, producers: Mapping[str, Any], initializers: Mapping
         node = producers.get(name)
         if node is None:
             return False
-        variable = [i for i in node.input if i and not is_constant(i)]
+        variable = [i for i in node.input if i and i not in constant]
         if len(variable) != 1:
             return False
         chain.append(node)
