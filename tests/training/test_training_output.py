@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +171,15 @@ def test_overwrite_stopped_before_its_first_checkpoint_keeps_the_earlier_run(fil
     assert tree(out) == before and not _leftovers(out)
 
 
+def _changed(out: Path, before: dict[str, bytes]) -> bool:
+    """Whether ``out`` differs from ``before``, read while a run writes it (a file can go between listing and
+    reading it: the run is swapping a directory in, so not settled yet)."""
+    try:
+        return tree(out) != before
+    except FileNotFoundError:
+        return False
+
+
 def test_kills_during_overwrite_leave_the_old_run_or_the_new(files, earlier):
     """Real SIGKILLs at several moments of an --overwrite run; after recovery --out is either run, whole."""
     out, before = earlier
@@ -182,7 +192,7 @@ def test_kills_during_overwrite_leave_the_old_run_or_the_new(files, earlier):
                                 env=subprocess_env())
         deadline = time.time() + (delay if delay is not None else 120)
         while time.time() < deadline and proc.poll() is None:
-            if delay is None and (out / "last" / "bca_training.json").exists() and tree(out) != before:
+            if delay is None and (out / "last" / "bca_training.json").exists() and _changed(out, before):
                 break
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
