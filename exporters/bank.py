@@ -868,13 +868,12 @@ def _keep_last_logits(graph, producers: Mapping[str, Any], initializers: Mapping
     """
     from onnx import helper, numpy_helper
 
+    if "logits" not in {o.name for o in graph.output}:
+        return False
     constant = set(initializers)  # and every output computed from constants alone (nodes in topological order)
     for node in graph.node:
         if all(i in constant for i in node.input if i):
             constant.update(node.output)
-
-    if "logits" not in {o.name for o in graph.output}:
-        return False
     chain, name = [], "logits"
     while True:
         node = producers.get(name)
@@ -893,13 +892,12 @@ def _keep_last_logits(graph, producers: Mapping[str, Any], initializers: Mapping
         name = variable[0]
     matmul = chain[-1]
     p = "bca_bank/logits_to_keep"
-    extra_inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{p}/shape"))
+    extra_inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{p}/one"))  # shape [1]; axis 1
     extra_inits.append(numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), f"{p}/ends"))
-    extra_inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{p}/axes"))
     before.setdefault(id(matmul), []).extend([
         helper.make_node("Neg", [LOGITS_TO_KEEP], [f"{p}/minus_k"], name=f"{p}/Neg"),
-        helper.make_node("Reshape", [f"{p}/minus_k", f"{p}/shape"], [f"{p}/starts"], name=f"{p}/Starts"),
-        helper.make_node("Slice", [matmul.input[0], f"{p}/starts", f"{p}/ends", f"{p}/axes"], [f"{p}/x"],
+        helper.make_node("Reshape", [f"{p}/minus_k", f"{p}/one"], [f"{p}/starts"], name=f"{p}/Starts"),
+        helper.make_node("Slice", [matmul.input[0], f"{p}/starts", f"{p}/ends", f"{p}/one"], [f"{p}/x"],
                          name=f"{p}/Slice"),
     ])
     matmul.input[0] = f"{p}/x"
