@@ -50,7 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 LOCK = Path("/work/bench.lock")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
-from common import minilm_dir, sst2_sentences  # noqa: E402
+from common import minilm_dir, ort_profile_after_warmup, sst2_sentences  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -263,8 +263,6 @@ def profile_bank(onnx_dir: Path, plan: dict, keys: list[str], work: Path, args) 
     One profiling session per variant (same graph, same threads), run round-robin; the first run of each
     is a warm-up and is left out.
     """
-    import json
-
     import numpy as np
     import onnxruntime as ort
 
@@ -286,17 +284,13 @@ def profile_bank(onnx_dir: Path, plan: dict, keys: list[str], work: Path, args) 
             sessions[key].run_with_ort_values(["logits"], inputs[key])
     rows = []
     for key in keys:
-        events = json.loads(Path(sessions[key].end_profiling()).read_text())
-        runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-        start = sorted(e["ts"] for e in runs)[1] if len(runs) > 1 else 0  # skip the warm-up run
-        nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
-                 and e["ts"] >= start]
+        nodes, runs = ort_profile_after_warmup(sessions[key])
         total = sum(e["dur"] for e in nodes) / 1e3 / args.profile_runs
         bank = sum(e["dur"] for e in nodes if _is_bank_node(e["name"])) / 1e3 / args.profile_runs
         gather = sum(e["dur"] for e in nodes if _is_bank_node(e["name"]) and e["args"].get("op_name") == "Gather")
         rows.append({"variant": key, "kernel_ms": total, "bank_nodes_ms": bank,
                      "bank_gather_ms": gather / 1e3 / args.profile_runs, "bank_share": bank / total if total else None,
-                     "model_run_ms": float(np.median([e["dur"] for e in runs[1:]])) / 1e3 if len(runs) > 1 else None})
+                     "model_run_ms": float(np.median([e["dur"] for e in runs])) / 1e3 if runs else None})
     return rows
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "saved_tensor_bytes",
     "markdown_table",
     "write_results",
+    "ort_profile_after_warmup",
     "OP_SHAPES",
     "OP_PRECISIONS",
     "LORA_RANK",
@@ -257,6 +258,24 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def ort_profile_after_warmup(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """End an onnxruntime session's profiling; its events without the first (warm-up) run.
+
+    The profile file is read and removed. Returns ``(kernels, runs)``: the node ``*_kernel_time`` events
+    that started after the first ``model_run`` began, and the ``model_run`` events after the first. A
+    session's first run allocates its arena and packs weights, so counting it skews shares and times.
+    """
+    path = Path(session.end_profiling())
+    events = json.loads(path.read_text())
+    path.unlink()
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    keep_from = runs[1]["ts"] if len(runs) > 1 else 0
+    kernels = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
+               and e["ts"] >= keep_from]
+    return kernels, runs[1:]
 
 
 def _atomic_write(path: Path, text: str) -> None:

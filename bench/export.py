@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, time_round_robin, write_results
+from common import markdown_table, ort_profile_after_warmup, time_round_robin, write_results
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -63,7 +63,6 @@ def bca_time_share(path: Path, feeds: dict, threads: int, runs: int = 2) -> tupl
     that changes between runs does not enter it. BCA nodes are those inside an adapted module's scope
     (``.../q_proj/...``) but not in its ``base_layer``.
     """
-    import json
     import re
 
     import onnxruntime as ort
@@ -73,22 +72,19 @@ def bca_time_share(path: Path, feeds: dict, threads: int, runs: int = 2) -> tupl
     options.enable_profiling = True
     options.profile_file_prefix = str(path.parent / "ort_profile")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)  # warm-up, profiled too but counted alike
+    session.run(None, feeds)  # warm-up: profiled, then dropped by ort_profile_after_warmup
     for _ in range(runs):
         session.run(None, feeds)
-    profile = Path(session.end_profiling())
-    events = json.loads(profile.read_text())
-    profile.unlink()
+    kernels, _ = ort_profile_after_warmup(session)
     scope = re.compile(r"/(" + "|".join(LLAMA_TARGETS + ["query", "value"]) + r")/(?!base_layer/)")
     total = bca = 0.0
     by_op: dict[str, float] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            total += event["dur"]
-            if scope.search(event["name"]):
-                bca += event["dur"]
-                op = event.get("args", {}).get("op_name", "?")
-                by_op[op] = by_op.get(op, 0.0) + event["dur"]
+    for event in kernels:
+        total += event["dur"]
+        if scope.search(event["name"]):
+            bca += event["dur"]
+            op = event.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + event["dur"]
     ops = {op: t / bca for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])} if bca else {}
     return (bca / total if total else float("nan")), ops
 
@@ -305,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=None, help="where graphs go (default: a temp dir, removed)")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/export.*")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/NAME.*")
+    parser.add_argument("--name", default="export",
+                        help="results file name (a partial run, e.g. --skip-minilm, should not overwrite export.*)")
     args = parser.parse_args(argv)
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bca-export-bench-"))
@@ -355,10 +353,10 @@ bench time: {total / 60:.1f} min.
 
 Versions: {", ".join(f"{k} {v}" for k, v in _versions().items())}.
 """
-    write_results("export", rows, columns=columns, title="ONNX export: merged vs unmerged BCA graphs (onnxruntime CPU)",
+    write_results(args.name, rows, columns=columns, title="ONNX export: merged vs unmerged BCA graphs (onnxruntime CPU)",
                   notes=notes, extra={"versions": _versions(), "threads": args.threads, "total_minutes": total / 60,
                                       "load_start": load_start, "load_end": load_end})
-    print("wrote bench/results/export.json and export.md")
+    print(f"wrote bench/results/{args.name}.json and {args.name}.md")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (bca_deploy: the installed package)
-from common import minilm_dir, sst2_sentences  # noqa: E402
+from common import minilm_dir, ort_profile_after_warmup, sst2_sentences  # noqa: E402
 
 OUTPUT = "last_hidden_state"
 
@@ -350,17 +350,11 @@ def profile_graphs(exports: dict, bank_session, feeds: dict, mixed_names: list[s
             runs_of[name]()
     out = []
     for name, _ in variants:
-        path = Path(sessions[name].end_profiling())
-        events = json.loads(path.read_text())
-        path.unlink()
-        runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-        keep_from = runs[1]["ts"] if len(runs) > 1 else 0  # skip the warm-up run
+        kernels, runs = ort_profile_after_warmup(sessions[name])  # the warm-up run dropped
         by_op: dict[str, float] = {}
         parts = {"base": 0.0, "bca": 0.0, "mix": 0.0, "bank-only": 0.0}
         total = 0.0
-        for e in events:
-            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < keep_from:
-                continue
+        for e in kernels:
             dur = e["dur"] / 1e3 / args.profile_runs  # ms per run
             op = e.get("args", {}).get("op_name", "?")
             node = e["name"][: -len("_kernel_time")]
@@ -375,7 +369,7 @@ def profile_graphs(exports: dict, bank_session, feeds: dict, mixed_names: list[s
                 parts["bca"] += dur
             else:
                 parts["base"] += dur
-        model_run = statistics.median(e["dur"] / 1e3 for e in runs[1:]) if len(runs) > 1 else None
+        model_run = statistics.median(e["dur"] / 1e3 for e in runs) if runs else None
         top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
         out.append({"variant": name, "model_run_ms": model_run, "kernel_ms": total,
                     **{f"{k}_ms": v for k, v in parts.items()},
