@@ -133,13 +133,25 @@ class Sampler:
         self.generator = np.random.default_rng(params.seed) if params.do_sample else None
 
     def draw(self, logits: np.ndarray) -> int:
-        """A token drawn from softmax(logits (V,) / temperature) after top-k and top-p filtering."""
+        """A token drawn from softmax(logits (V,) / temperature) after top-k and top-p filtering.
+
+        Raises:
+            FloatingPointError: the row's logits hold NaN or +Inf (the model's output overflowed): nothing
+                can be drawn. The caller fails this row alone.
+        """
         p = self.params
-        scores = logits.astype(np.float64) / p.temperature
+        scores = logits.astype(np.float64)
+        top = scores.max()
+        if not np.isfinite(top):  # NaN anywhere makes the max NaN; +Inf: an overflowed output
+            raise FloatingPointError(f"the model's logits for this row are not finite (largest: {top}); "
+                                     "no token can be sampled")
+        # shift before dividing: any temperature > 0, however small, gives scores in [-inf, 0] (never inf - inf)
+        with np.errstate(over="ignore"):  # a tiny temperature sends the other scores to -inf, as it should
+            scores = (scores - top) / p.temperature
         if 0 < p.top_k < scores.size:
             cutoff = np.partition(scores, -p.top_k)[-p.top_k]
             scores = np.where(scores < cutoff, -np.inf, scores)
-        probs = np.exp(scores - scores.max())
+        probs = np.exp(scores)  # the largest score is 0: the sum is at least 1
         probs /= probs.sum()
         if p.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
@@ -152,10 +164,26 @@ class Sampler:
         return int(self.generator.choice(probs.size, p=probs))
 
 
-def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> list[int]:
-    """Next token of each row from its last-position logits (B, V): argmax, or its sampler's draw."""
-    tokens = logits.argmax(-1)
-    return [s.draw(logits[b]) if s.generator is not None else int(tokens[b]) for b, s in enumerate(samplers)]
+def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list[int], dict[int, Exception]]:
+    """Next token of each row from its last-position logits (B, V): argmax, or its sampler's draw.
+
+    Returns:
+        ``(tokens, failures)``: one token per row (-1 for a row that failed), and ``{row: exception}`` for
+        rows whose draw raised. A row that cannot be sampled fails alone, never the rows beside it.
+    """
+    greedy = logits.argmax(-1)
+    tokens: list[int] = []
+    failures: dict[int, Exception] = {}
+    for b, sampler in enumerate(samplers):
+        if sampler.generator is None:
+            tokens.append(int(greedy[b]))
+            continue
+        try:
+            tokens.append(sampler.draw(logits[b]))
+        except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its request alone
+            tokens.append(-1)
+            failures[b] = exc
+    return tokens, failures
 
 
 @dataclasses.dataclass(eq=False)

@@ -570,10 +570,15 @@ class GenerationEngine:
         ok = [b for b in range(len(rows)) if b not in failures]
         if not ok:
             return []
-        tokens = choose_tokens(logits[ok], [rows[b].owner.sampler for b in ok])
+        tokens, unsampled = choose_tokens(logits[ok], [rows[b].owner.sampler for b in ok])
+        for i, exc in unsampled.items():  # e.g. non-finite logits: that row fails and leaves, no other
+            self._fail(rows[ok[i]].owner, exc)
+        batch.remove(rows[ok[i]] for i in unsampled)
         now = time.perf_counter()
         gaps, done = [], []
-        for b, token in zip(ok, tokens, strict=True):
+        for i, (b, token) in enumerate(zip(ok, tokens, strict=True)):
+            if i in unsampled:
+                continue
             request: _Request = rows[b].owner
             stream = request.stream
             if first:

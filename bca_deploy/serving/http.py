@@ -2,7 +2,7 @@
 
 Native endpoints (JSON in and out):
 
-    GET    /health                     status, task, number of loaded adapters
+    GET    /health                     status, task, number of loaded adapters (HEAD: the status alone)
     GET    /v1/adapters                loaded adapters (+ names available in the store)     403 if listing is off
     POST   /v1/adapters                {"name", "replace"?}: load <store>/<name>            201 / 404 / 409 / 422
     DELETE /v1/adapters/{name}         unload                                               200 / 404
@@ -67,6 +67,7 @@ from .session import BASE, AdapterInfo, MultiAdapterSession, check_adapter_name,
 from .store import AdapterStore
 from .wire import (
     AdapterExistsError,
+    ClientClosedRequestError,
     InvalidHTTPError,
     ForbiddenError,
     InternalServerError,
@@ -76,8 +77,10 @@ from .wire import (
     RequestTimeoutError,
     ServerBusyError,
     WrongTaskError,
+    JSONNumber,
     body_too_large,
     body_too_slow,
+    field_errors,
     check_rows,
     error_body,
     error_status,
@@ -386,9 +389,9 @@ class GenerateRequest(_Request):
     max_new_tokens: StrictInt | None = Field(default=None, ge=1, description="default: 32, or the server's limit "
                                                                               "if lower")
     do_sample: StrictBool = False
-    temperature: float = Field(default=1.0, gt=0, le=100)
+    temperature: JSONNumber = Field(default=1.0, gt=0, le=100)
     top_k: StrictInt = Field(default=0, ge=0, le=1_000_000)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_p: JSONNumber = Field(default=1.0, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
@@ -519,7 +522,8 @@ class Server:
     async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input") -> list[list[int]]:
         """Token-id rows of a request (texts tokenized here, once), checked against the vocabulary and positions
         (``param``: the field that holds the rows, named by a :class:`ContextLengthError`)."""
-        return await run_in_threadpool(self.session.prepare, rows, max_new_tokens, param)
+        with field_errors(param):  # empty rows, token ids outside the vocabulary: the field is named
+            return await run_in_threadpool(self.session.prepare, rows, max_new_tokens, param)
 
     async def infer(self, request: Request, kind: str, rows: list, adapter: str | None, params: dict[str, Any],
                     max_new_tokens: int = 0) -> tuple[list, list[list[int]]]:
@@ -611,16 +615,22 @@ class Server:
             "completion_tokens": sum(s.completion_tokens for s in streams)})
 
     # -- adapters --
-    async def load(self, name: str, entry: str | None = None, replace: bool = False) -> dict[str, Any]:
-        """Load store entry ``entry`` (default: ``name``) as adapter ``name``; its public description."""
+    async def load(self, name: str, entry: str | None = None, replace: bool = False, name_param: str = "name",
+                   entry_param: str = "name") -> dict[str, Any]:
+        """Load store entry ``entry`` (default: ``name``) as adapter ``name``; its public description.
+
+        ``name_param``/``entry_param``: the request fields that gave them (named by the errors).
+        """
         if self.store is None:
             raise ServingError("this server has no adapter store (start it with --adapter-store DIR)")
-        check_adapter_name(name)
+        with field_errors(name_param):
+            check_adapter_name(name)
         if entry is not None:
-            check_adapter_name(entry)
+            with field_errors(entry_param):
+                check_adapter_name(entry)
         if name == self.model_name:
             raise InvalidRequestError(f"{name!r} is the base model's name on this server; pick another adapter name",
-                                      param="name")
+                                      param=name_param)
         assert self._load_lock is not None
         async with self._load_lock:  # one load at a time: "already loaded" is decided here, not raced
             if name in self.session.snapshot().slots and not replace:
@@ -707,6 +717,7 @@ class _Guard:
                                             (b"content-length", str(len(body)).encode())]})
             await guarded_send({"type": "http.response.body", "body": body})
 
+        failed = 500  # the status to record when no answer could be sent
         try:
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
@@ -719,11 +730,12 @@ class _Guard:
                 _log_json({"ts": round(time.time(), 3), "event": "request_failed", "request_id": request_id,
                            "error": f"{type(exc).__name__}: {exc}",
                            "traceback": "".join(traceback.format_exception(exc))}, logging.ERROR)
+            failed, state["error_type"] = error_status(exc)
             if sent["status"] is None:
                 with contextlib.suppress(Exception):
                     await answer(exc)
         finally:
-            self._record(scope, state, request_id, sent["status"] or 500, start)
+            self._record(scope, state, request_id, sent["status"] or failed, start)
 
     def _guard_receive(self, receive, start: float):
         options = self.server.options
@@ -745,6 +757,9 @@ class _Guard:
                 if progress["bytes"] > options.max_body_bytes:
                     raise body_too_large(options.max_body_bytes)
                 progress["done"] = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":  # gone before its body was whole: the client's doing
+                raise ClientClosedRequestError(f"the client closed the connection after {progress['bytes']} bytes "
+                                               "of its body")
             else:
                 progress["done"] = True
             return message
@@ -830,7 +845,7 @@ def create_app(
     def label(request: Request, name: str | None) -> None:
         request.state.adapter_label = server.metrics.adapter_label(name if name is not None else BASE)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and uptime checkers' probe
     async def health():
         snapshot = session.snapshot()
         return {"status": "ok", "task": session.task, "model_type": session.model_type,
@@ -1033,8 +1048,7 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP: uvicorn's plain-text 400, as JSON
             self._disarm()
             if not self.transport.is_closing():
-                self.transport.write(raw_error(InvalidHTTPError(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}); "
-                                                                "request heads are limited in size")))
+                self.transport.write(raw_error(InvalidHTTPError(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})")))
                 self.transport.close()
 
         def _arm(self) -> None:

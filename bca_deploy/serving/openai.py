@@ -45,14 +45,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..errors import BCAError, ContextLengthError
 from .session import BASE
-from .wire import InvalidRequestError, error_body, error_status, read_body, validate
+from .wire import InvalidRequestError, JSONNumber, error_body, error_status, field_errors, read_body, validate
 
 if TYPE_CHECKING:
     from .http import Server
 
 __all__ = ["add_routes", "EmbeddingsRequest", "CompletionRequest", "ChatCompletionRequest"]
-
-_Number = Union[StrictInt, float]
 
 
 class _OpenAIRequest(BaseModel):
@@ -80,8 +78,8 @@ class _Sampling(_OpenAIRequest):
     """What completions and chat completions share."""
 
     max_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: _Number = Field(default=1.0, ge=0, le=2)
-    top_p: _Number = Field(default=1.0, gt=0, le=1)
+    temperature: JSONNumber = Field(default=1.0, ge=0, le=2)
+    top_p: JSONNumber = Field(default=1.0, gt=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=-1)  # vLLM's extension (-1 or 0: off)
     seed: StrictInt | None = Field(default=None, ge=0, le=2**62)
     stop: Union[StrictStr, list[StrictStr], None] = None
@@ -90,8 +88,8 @@ class _Sampling(_OpenAIRequest):
     n: StrictInt = 1
     logprobs: Any = None
     top_logprobs: Any = None
-    presence_penalty: _Number | None = None
-    frequency_penalty: _Number | None = None
+    presence_penalty: JSONNumber | None = None
+    frequency_penalty: JSONNumber | None = None
     logit_bias: dict[str, Any] | None = None
     # OpenAI fields that do not change the answer: accepted, ignored.
     metadata: dict[str, Any] | None = None
@@ -110,8 +108,11 @@ class _Sampling(_OpenAIRequest):
         _refuse(problems, "logit_bias", self.logit_bias or None, None, "logit bias is not implemented")
         if self.stream_options is not None:
             extra = set(self.stream_options) - {"include_usage", "include_obfuscation"}
+            flags = [k for k, v in self.stream_options.items() if k not in extra and not isinstance(v, bool)]
             if extra:
                 problems.append(f"stream_options: unknown keys {sorted(extra)}")
+            elif flags:
+                problems.append(f"stream_options: {', '.join(flags)} must be true or false")
             elif not self.stream:
                 problems.append("stream_options: only with stream: true")
         return problems
@@ -188,7 +189,7 @@ class ChatCompletionRequest(_Sampling):
             _refuse(problems, name, getattr(self, name), None, "not implemented")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
-            problems.append("max_tokens and max_completion_tokens disagree; send one")
+            problems.append("max_completion_tokens: disagrees with max_tokens; send one of them")
         return problems
 
 
@@ -226,7 +227,8 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     def check(body: _Sampling | EmbeddingsRequest) -> None:
         problems = body.unsupported() if isinstance(body, _Sampling) else []
         if problems:
-            raise InvalidRequestError("; ".join(problems), param=problems[0].split(":")[0])
+            field = problems[0].split(":")[0]
+            raise InvalidRequestError("; ".join(problems), param=field if field.isidentifier() else None)
 
     def model_card(name: str, parent: str | None) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "bca-deploy", "root": name,
@@ -295,8 +297,10 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     async def load_lora(request: Request):
         req = await server.read(request, LoadLoraRequest)
         request.state.log["adapter"] = req.lora_name
-        entry = req.lora_name if req.lora_path is None else _store_name(req.lora_path)
-        info = await server.load(req.lora_name, entry, replace=req.load_inplace)
+        with field_errors("lora_path"):
+            entry = req.lora_name if req.lora_path is None else _store_name(req.lora_path)
+        info = await server.load(req.lora_name, entry, replace=req.load_inplace, name_param="lora_name",
+                                 entry_param="lora_path" if req.lora_path is not None else "lora_name")
         request.state.adapter_label = server.metrics.adapter_label(req.lora_name)
         return {"status": "ok", "message": f"adapter {req.lora_name!r} loaded", "adapter": info}
 

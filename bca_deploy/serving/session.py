@@ -850,7 +850,10 @@ class MultiAdapterSession:
             if failures:
                 raise next(iter(failures.values()))
             done = []
-            for row, token in zip(running, choose_tokens(logits, [samplers[r.owner] for r in running]), strict=True):
+            tokens, failures = choose_tokens(logits, [samplers[r.owner] for r in running])
+            if failures:
+                raise next(iter(failures.values()))
+            for row, token in zip(running, tokens, strict=True):
                 out = generated[row.owner]
                 out.append(token)
                 if token in eos or len(out) >= params[row.owner].max_new_tokens:

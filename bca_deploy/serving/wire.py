@@ -21,11 +21,14 @@ against a pydantic model and reports every problem at once. Each 413 names the o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BeforeValidator
 
 from ..errors import (
     AdapterExistsError,
@@ -54,6 +57,7 @@ __all__ = [
     "InvalidHTTPError",
     "RequestTooLargeError",
     "RequestTimeoutError",
+    "ClientClosedRequestError",
     "ServerBusyError",
     "AdapterExistsError",
     "NotFoundError",
@@ -61,7 +65,19 @@ __all__ = [
     "ForbiddenError",
     "WrongTaskError",
     "InternalServerError",
+    "JSONNumber",
+    "field_errors",
 ]
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, not {type(value).__name__} {value!r}"[:200])
+    return value
+
+
+#: A JSON number in a request, as a float: an integer or a decimal, never a boolean or a numeric string (pydantic's
+#: lax ``float`` would take ``true`` as 1.0 and ``"0.5"`` as 0.5, changing the answer without a word).
+JSONNumber = Annotated[float, BeforeValidator(_json_number)]
 
 
 class InvalidRequestError(ServingError, ValueError):
@@ -86,6 +102,11 @@ class RequestTooLargeError(ServingError, ValueError):
 
 class RequestTimeoutError(ServingError, TimeoutError):
     """A client that did not send its whole body in time."""
+
+
+class ClientClosedRequestError(ServingError, ConnectionError):
+    """The client closed the connection before its whole body arrived (logged as 499, as nginx does; no answer
+    can reach it, and it is not a server failure)."""
 
 
 class ServerBusyError(ServingError):
@@ -123,6 +144,7 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
     NotFoundError: (404, "not_found"),
     MethodNotAllowedError: (405, "method_not_allowed"),
     RequestTimeoutError: (408, "request_timeout"),
+    ClientClosedRequestError: (499, "client_closed_request"),
     AdapterExistsError: (409, "adapter_exists"),
     RequestTooLargeError: (413, "request_too_large"),
     InvalidRequestError: (422, "invalid_request"),
@@ -143,6 +165,18 @@ def error_status(exc: BaseException) -> tuple[int, str]:
         if cls in ERRORS:
             return ERRORS[cls]
     return ERRORS[InternalServerError]
+
+
+@contextlib.contextmanager
+def field_errors(param: str) -> Iterator[None]:
+    """Errors raised inside (:class:`~bca_deploy.errors.BCAError`) name the request field ``param`` in their
+    answer, unless they name one already: the library's checks know values, the route knows field names."""
+    try:
+        yield
+    except BCAError as exc:
+        if getattr(exc, "param", None) is None:
+            exc.param = param  # type: ignore[attr-defined]
+        raise
 
 
 def error_body(status: int, kind: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -195,7 +229,8 @@ def read_json(body: bytes, *, max_depth: int, max_chars: int) -> Any:
     except RecursionError:
         raise _too_deep(max_depth) from None
     except json.JSONDecodeError as exc:
-        raise InvalidJSONError(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
+        what = exc.msg.removesuffix(" at")  # json's own text may end in "at" (e.g. "Invalid control character at")
+        raise InvalidJSONError(f"the body is not valid JSON: {what} at line {exc.lineno} column {exc.colno}") \
             from None
     except InvalidJSONError:
         raise

@@ -167,6 +167,9 @@ GENERATE_REFUSALS = [
     ({"input": [[5, 6]], "temperature": 0, "do_sample": True}, 422, "temperature"),
     ({"input": [[5, 6]], "do_sample": "yes"}, 422, "do_sample"),
     ({"input": [[5, 6]], "max_new_tokens": "4"}, 422, "max_new_tokens"),
+    ({"input": [[5, 6]], "temperature": True, "do_sample": True}, 422, "temperature"),  # lax float took it as 1.0
+    ({"input": [[5, 6]], "temperature": "0.5", "do_sample": True}, 422, "temperature"),
+    ({"input": [[5, 6]], "top_p": "0.5", "do_sample": True}, 422, "top_p"),
     ({"input": [[5, 6.5]]}, 422, "input"),
     ({"input": [[5, True]]}, 422, "input"),
     ({"input": {"a": 1}}, 422, "input"),
@@ -316,6 +319,18 @@ def test_oversized_chunked_body_and_client_that_leaves_midway(traffic, servers):
     sock = _connect(url)
     sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"input\": [\"the")
     sock.close()
+    HOSTILE["malformed chunk"] += 1
+    sock = _connect(url)
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+    data, _ = _read_all(sock, 10)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    # a body the client abandoned is the client's doing: counted as 499 (nginx's "client closed request"), never
+    # as a server error (it was a 500 with a traceback in the log, so anyone could set off 5xx alerts)
+    deadline = time.monotonic() + 20
+    while (statuses := _statuses(url, "/v1/embeddings"))["499"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert statuses["499"] >= 2 and not any(code.startswith("5") for code in statuses), statuses
     HOSTILE["content-length lies"] += 1
     sock = _connect(url)
     sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n{}")
@@ -323,6 +338,22 @@ def test_oversized_chunked_body_and_client_that_leaves_midway(traffic, servers):
     sock.close()
     assert data.startswith(b"HTTP/1.1 413"), data[:200]
     assert call(url + "/health")[0] == 200
+
+
+def _statuses(url: str, endpoint: str) -> Counter:
+    """Requests to ``endpoint`` by status, from the server's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "bca_requests_total" and sample.labels.get("endpoint") == endpoint:
+                counts[sample.labels["status"]] += int(sample.value)
+    return counts
 
 
 # ---- property-based: random JSON on every POST route ----------------------------------------------------------

@@ -34,7 +34,7 @@ from bca_deploy import load_adapter
 from bca_deploy.errors import ContextLengthError, ServingError, UnknownAdapterError
 from bca_deploy.inject import mixed_adapters
 from bca_deploy.serving import MultiAdapterSession
-from bca_deploy.serving.decoding import DecodeBatch, DecodeRow
+from bca_deploy.serving.decoding import DecodeBatch, DecodeRow, Sampler, choose_tokens
 from bca_deploy.serving.engine import (
     EngineOverloadedError,
     GenerationEngine,
@@ -606,6 +606,100 @@ def test_bad_prompts_prefilled_alone_fail_alone_and_an_emptied_batch_restarts(ll
     for outcome, stream in zip(outcomes[2:], bad):
         assert isinstance(outcome, RuntimeError) and "token 99" in str(outcome) and stream.token_ids == []
     assert again.token_ids == ref_generate(llama, prompts[1], "a1", 4)
+
+
+def test_a_vanishing_temperature_samples_the_argmax_and_breaks_no_neighbour(llama):
+    """temperature 5e-324 (the smallest float above 0) is a valid setting: its row samples the argmax, token-equal
+    to greedy decoding. Dividing the raw logits by it overflowed to inf - inf = NaN, and the draw's error failed
+    every row of the step (the hostile-input probe found it through /v1/completions)."""
+    session = MultiAdapterSession(llama["onnx"])
+    prompts = token_rows(3, seed=52, low=3, high=7)
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=8)
+        await engine.start()
+        try:
+            streams = [engine.submit(prompts[0], "a0", SamplingParams(max_new_tokens=6)),
+                       engine.submit(prompts[1], "a1", SamplingParams(max_new_tokens=6, do_sample=True,
+                                                                      temperature=5e-324, seed=3)),
+                       engine.submit(prompts[2], None, SamplingParams(max_new_tokens=6))]
+            return [(await s.collect()).token_ids for s in streams]
+        finally:
+            await engine.stop()
+
+    got = run(main())
+    assert got == [ref_generate(llama, p, a, 6) for p, a in zip(prompts, ["a0", "a1", None])]
+
+
+def test_a_row_whose_logits_are_not_finite_fails_alone(llama):
+    """A sampled row whose logits come out NaN (simulated: adapter a2's rows) cannot be drawn from: it fails with
+    a FloatingPointError that says so, and the rows beside it, greedy and sampled, get their tokens."""
+    session = MultiAdapterSession(llama["onnx"])
+    real_run = session.run_ortvalues
+    keep_alive = []  # an OrtValue made from a numpy array does not own its memory
+
+    def nan_for_a2(feeds, adapters, output_names=None, snapshot=None):
+        import onnxruntime as ort
+
+        out = dict(real_run(feeds, adapters, output_names, snapshot))
+        logits = np.array(out["logits"].numpy())
+        for b, name in enumerate(adapters):
+            if name == "a2":
+                logits[b] = np.nan
+        keep_alive.append(logits)
+        out["logits"] = ort.OrtValue.ortvalue_from_numpy(logits)
+        return out
+
+    session.run_ortvalues = nan_for_a2
+    prompts = token_rows(3, seed=53, low=3, high=7)
+    sampled = SamplingParams(max_new_tokens=5, do_sample=True, temperature=0.7, seed=11)
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=8)
+        await engine.start()
+        try:
+            streams = [engine.submit(prompts[0], "a0", SamplingParams(max_new_tokens=5)),
+                       engine.submit(prompts[1], "a2", sampled),
+                       engine.submit(prompts[2], "a1", sampled)]
+            outcomes = []
+            for s in streams:
+                try:
+                    outcomes.append((await s.collect()).token_ids)
+                except Exception as exc:  # noqa: BLE001 - the failing row's error is the point
+                    outcomes.append(exc)
+            return outcomes
+        finally:
+            await engine.stop()
+
+    outcomes = run(main())
+    assert outcomes[0] == ref_generate(llama, prompts[0], "a0", 5)
+    assert isinstance(outcomes[1], FloatingPointError) and "not finite" in str(outcomes[1])
+    alone = MultiAdapterSession(llama["onnx"]).generate([prompts[2]], ["a1"], max_new_tokens=5, do_sample=True,
+                                                         temperature=0.7, seed=11)[0]
+    assert outcomes[2] == alone
+
+
+def test_sampler_draws_at_any_temperature_and_refuses_non_finite_logits():
+    logits = np.array([0.5, 3.0, -1.0, 2.999], dtype=np.float32)
+    for temperature in (5e-324, 1e-300, 1e-30):
+        sampler = Sampler(SamplingParams(do_sample=True, temperature=temperature, seed=0))
+        assert [sampler.draw(logits) for _ in range(20)] == [1] * 20
+    hot = Sampler(SamplingParams(do_sample=True, temperature=100.0, seed=0))
+    assert len({hot.draw(logits) for _ in range(200)}) == 4  # near-uniform: every token comes up
+    for bad in (np.nan, np.inf):
+        broken = logits.copy()
+        broken[2] = bad
+        with pytest.raises(FloatingPointError, match="not finite"):
+            Sampler(SamplingParams(do_sample=True, seed=0)).draw(broken)
+    masked = np.array([-np.inf, 1.0, -np.inf], dtype=np.float32)  # -inf logits are masked tokens, not an error
+    assert Sampler(SamplingParams(do_sample=True, seed=0)).draw(masked) == 1
+    # choose_tokens: the broken row fails alone; the greedy row takes the argmax even of broken logits
+    rows = np.stack([logits, np.full(4, np.nan, np.float32), np.full(4, np.nan, np.float32)])
+    samplers = [Sampler(SamplingParams(do_sample=True, seed=0)), Sampler(SamplingParams(do_sample=True, seed=0)),
+                Sampler(SamplingParams())]
+    tokens, failures = choose_tokens(rows, samplers)
+    assert list(failures) == [1] and isinstance(failures[1], FloatingPointError)
+    assert tokens[1] == -1 and tokens[0] in range(4) and tokens[2] == 0
 
 
 # ---- text, stop strings, stop tokens -----------------------------------------------------------------------------

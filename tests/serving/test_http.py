@@ -322,6 +322,10 @@ def test_health(llama_url, bert_url):
     status, body = call(bert_url + "/health")
     assert status == 200
     assert body["task"] == "feature-extraction" and body["model_type"] == "bert" and body["adapters"] == 3
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(bert_url + "/health", method="HEAD"), timeout=30) as response:
+        assert response.status == 200 and response.read() == b""  # load balancers probe with HEAD
 
 
 def test_list_adapters_shows_exported_and_store(llama_url, bert_url):

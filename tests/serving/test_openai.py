@@ -175,6 +175,11 @@ def test_load_and_unload_lora_adapter_aliases(client, bert_server, bert_session)
     for path in (str(Path(bert_server.url).parent), "/etc", "../store/bext", "~/x", "bext/../bext"):
         status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "x", "lora_path": path})
         assert_error(status, body, 422)
+    for body, field in (({"lora_name": "x", "lora_path": ".."}, "lora_path"), ({"lora_name": "x", "lora_path": ""}, "lora_path"),
+                        ({"lora_name": ".."}, "lora_name"), ({"lora_name": "tiny-bert"}, "lora_name")):
+        status, answer = call(url + "/v1/load_lora_adapter", "POST", body)
+        assert_error(status, answer, 422)
+        assert answer["error"]["param"] == field, (body, answer)  # vLLM's field names, not the native route's
     status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "misfit"})
     assert_error(status, body, 422, "adapter_does_not_fit")
     status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "nothing-here"})
@@ -337,11 +342,31 @@ def test_sampling_is_seeded_and_differs_from_greedy(llm):
     assert len(others | {first}) > 1
 
 
+def test_a_vanishing_temperature_is_greedy_and_fails_no_other_request(llm):
+    """temperature 1e-310 is in OpenAI's range [0, 2]: its row samples the argmax (the same text as temperature 0),
+    and requests decoding beside it are answered (it used to fail every row of its steps with a 500)."""
+    import concurrent.futures
+
+    def ask(temperature, prompt, model):
+        return llm.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=temperature,
+                                      seed=5).choices[0].text
+
+    jobs = [(1e-310, PROMPTS[0], "a1"), (0, PROMPTS[1], "a0"), (0, PROMPTS[2], None), (5e-324, PROMPTS[3], "a2")]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(lambda job: ask(job[0], job[1], job[2] or "tiny-llama"), jobs))
+    assert texts == [ask(0, prompt, model or "tiny-llama") for _, prompt, model in jobs]
+
+
 def test_generation_refusals_are_typed(llm, llama, tmp_path_factory):
     for extra, field in (({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
                          ({"logit_bias": {"5": 10}}, "logit_bias"), ({"echo": True}, "echo"),
                          ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"), ({"max_tokens": 5000}, "max_tokens"),
-                         ({"max_tokens": 127}, "max_tokens"), ({"top_p": 0}, "top_p")):
+                         ({"max_tokens": 127}, "max_tokens"), ({"top_p": 0}, "top_p"),
+                         # a JSON number is a number: not a boolean (lax float took true as 1.0), not a string
+                         ({"extra_body": {"temperature": True}}, "temperature"),
+                         ({"extra_body": {"temperature": "0.5"}}, "temperature"),
+                         ({"extra_body": {"top_p": "0.5"}}, "top_p"),
+                         ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options")):
         with pytest.raises(openai.UnprocessableEntityError) as caught:
             llm.completions.create(model="a0", prompt="the day", temperature=0, **extra)
         assert caught.value.body["param"] == field, (extra, caught.value.body)
@@ -349,6 +374,14 @@ def test_generation_refusals_are_typed(llm, llama, tmp_path_factory):
         llm.chat.completions.create(model="a0", messages=[{"role": "user", "content": "hi"}],
                                     tools=[{"type": "function", "function": {"name": "f"}}])
     assert caught.value.body["param"] == "tools"
+    with pytest.raises(openai.UnprocessableEntityError) as caught:  # the message used to be the param
+        llm.chat.completions.create(model="a0", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                    max_completion_tokens=4)
+    assert caught.value.body["param"] == "max_completion_tokens"
+    for prompt in ([5, 10**6], [[5], []]):  # token ids outside the vocabulary, an empty row: the field is named
+        with pytest.raises(openai.BadRequestError) as caught:
+            llm.completions.create(model="a0", prompt=prompt, max_tokens=2)
+        assert caught.value.body["param"] == "prompt", caught.value.body
     # neutral values of unsupported fields and harmless OpenAI fields are accepted
     answer = llm.completions.create(model="a0", prompt="the day", max_tokens=3, temperature=0, n=1, presence_penalty=0,
                                     frequency_penalty=0, logprobs=None, user="someone", extra_body={"metadata": {}})

@@ -23,6 +23,7 @@ from bca_deploy.serving.options import ServeOptions
 from bca_deploy.serving.store import AdapterStore
 from bca_deploy.serving.wire import (
     ERRORS,
+    ClientClosedRequestError,
     InvalidJSONError,
     InvalidRequestError,
     RequestTooLargeError,
@@ -53,6 +54,7 @@ def test_read_json_accepts_ordinary_bodies():
         (b"\xff\xfe{}", InvalidJSONError, ["UTF-8", "offset 0"]),
         (b'{"a": "\xc3\x28"}', InvalidJSONError, ["UTF-8"]),
         (b"{not json", InvalidJSONError, ["not valid JSON", "line 1"]),
+        (b'{"a": "x\x01"}', InvalidJSONError, ["Invalid control character at line 1 column 9"]),  # one "at"
         (b"", InvalidJSONError, ["not valid JSON"]),
         (b'{"t": NaN}', InvalidJSONError, ["NaN"]),
         (b'{"t": -Infinity}', InvalidJSONError, ["-Infinity"]),
@@ -133,7 +135,8 @@ def test_every_error_type_has_one_status():
     assert error_status(ValueError("x")) == (500, "internal_error")  # not a BCAError: a bug, answered as such
     assert error_status(UnicodeDecodeError("utf-8", b"", 0, 1, "x")) == (500, "internal_error")
     statuses = {status for status, _ in ERRORS.values()}
-    assert statuses <= {400, 403, 404, 405, 408, 409, 413, 422, 500, 503}
+    assert statuses <= {400, 403, 404, 405, 408, 409, 413, 422, 499, 500, 503}
+    assert error_status(ClientClosedRequestError("x")) == (499, "client_closed_request")
     assert error_body(404, "unknown_adapter", "m", "model") == \
         {"error": {"message": "m", "type": "unknown_adapter", "param": "model", "code": 404}}
 
