@@ -320,10 +320,7 @@ def test_oversized_chunked_body_and_client_that_leaves_midway(traffic, servers):
     sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"input\": [\"the")
     sock.close()
     HOSTILE["malformed chunk"] += 1
-    sock = _connect(url)
-    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
-    data, _ = _read_all(sock, 10)
-    sock.close()
+    data = _exchange(url, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400"), data[:200]
     # a body the client abandoned is the client's doing: counted as 499 (nginx's "client closed request"), never
     # as a server error (it was a 500 with a traceback in the log, so anyone could set off 5xx alerts)
@@ -332,12 +329,18 @@ def test_oversized_chunked_body_and_client_that_leaves_midway(traffic, servers):
         time.sleep(0.2)
     assert statuses["499"] >= 2 and not any(code.startswith("5") for code in statuses), statuses
     HOSTILE["content-length lies"] += 1
-    sock = _connect(url)
-    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n{}")
-    data, _ = _read_all(sock, 10)
-    sock.close()
+    data = _exchange(url, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n{}")
     assert data.startswith(b"HTTP/1.1 413"), data[:200]
     assert call(url + "/health")[0] == 200
+
+
+def _exchange(url: str, raw: bytes) -> bytes:
+    """Send ``raw`` on a new connection; what came back within 10 s."""
+    sock = _connect(url)
+    sock.sendall(raw)
+    data, _ = _read_all(sock, 10)
+    sock.close()
+    return data
 
 
 def _statuses(url: str, endpoint: str) -> Counter:
