@@ -376,9 +376,8 @@ def serve(export_dir: Path, adapter_store: Path | None, load: tuple[str, ...], n
     /v1/load_lora_adapter, /v1/unload_lora_adapter. One JSON log line per request on stderr.
     """
     run_server = _import_serving("serve", "http", "run_server", extra="serve")
-    click.echo(f"serving {export_dir} on http://{options.host}:{options.port} (Ctrl-C to stop)", err=True)
     run_server(export_dir, adapter_store=adapter_store, load=load, load_exported=not no_exported_adapters,
-               options=options)
+               options=options, on_ready=lambda line: click.echo(line, err=True))
 
 
 @main.command(name="serve-ray")

@@ -417,6 +417,26 @@ class _InputsView:
         return self._inputs
 
 
+def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequence[str | Path], metadata: dict[str, Any],
+                   *, task: str | None, dtype: str | None, cases, provider: str, tolerance) -> ValidationReport:
+    """An adapter-bank export re-checked as its export checked it: mixed batches over every slot, then each
+    adapter file (:meth:`~bca_deploy.exporters.bank.BankPlan.validate`), against the same adapters in slot order."""
+    from bca_deploy.models import adapter_names
+
+    from .bank import BankPlan
+
+    slots = [s for s in metadata["bank"].get("slots", []) if s is not None]
+    given = adapter_names([Path(d) for d in adapter_dirs]) if adapter_dirs else []
+    if given != slots:
+        raise UnsupportedExportError(
+            f"{onnx_path.parent} is an adapter bank of slots {slots}; pass the adapters it was exported with, in that "
+            f"order, with --adapter (got {given or 'none'})"
+        )
+    plan = BankPlan.load(model_dir, adapter_dirs, task or metadata.get("task"))
+    return plan.validate(onnx_path.parent, plan.reference_model(), dtype or metadata.get("dtype") or "fp32", provider,
+                         tolerance=tolerance, cases=cases)
+
+
 def _read_metadata(onnx_dir: Path) -> dict[str, Any]:
     path = onnx_dir / METADATA_FILE
     if path.is_file():
@@ -476,15 +496,18 @@ def validate(
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path}: no ONNX model there (expected {ONNX_FILE} in an export directory)")
     metadata = _read_metadata(onnx_path.parent)
-    model_task = resolve_export_task(model_dir, adapter_dirs, task or metadata.get("task"))
-    task = model_task.export_task
     tolerance = None
     if atol is not None or rtol is not None:
         base = TOLERANCES.get(dtype or metadata.get("dtype") or "fp32", TOLERANCES["fp32"])
         tolerance = Tolerance(atol=base.atol if atol is None else atol, rtol=base.rtol if rtol is None else rtol)
-    reference = load_model(model_dir, adapter_dirs, model_task)
-    report = validate_model(onnx_path, reference, task, dtype=dtype, cases=cases, provider=provider,
-                            tolerance=tolerance)
+    if isinstance(metadata.get("bank"), dict):
+        report = _validate_bank(onnx_path, model_dir, adapter_dirs, metadata, task=task, dtype=dtype, cases=cases,
+                                provider=provider, tolerance=tolerance)
+    else:
+        model_task = resolve_export_task(model_dir, adapter_dirs, task or metadata.get("task"))
+        reference = load_model(model_dir, adapter_dirs, model_task)
+        report = validate_model(onnx_path, reference, model_task.export_task, dtype=dtype, cases=cases,
+                                provider=provider, tolerance=tolerance)
     if verbose:
         print(report.table())
     if raise_on_failure:

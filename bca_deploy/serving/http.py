@@ -40,6 +40,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import json
+import errno
 import logging
 import os
 import re
@@ -48,7 +49,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -1068,15 +1069,47 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
     return GuardedH11Protocol
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port), for uvicorn to listen on.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not an address of this machine), with a message saying
+            which and what to do; so ``serve`` fails at once, not after loading the model.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets of that protocol, and uvicorn writes
+    # headers and body separately, so with Nagle on every keep-alive response waits ~40 ms for an ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = " (another server has it: stop that one or pick another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return sock
+
+
 def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = None, load: Sequence[str] = (),
-               load_exported: bool = True, options: ServeOptions | None = None) -> None:
-    """Build the app (see :func:`build`) and serve it with uvicorn on ``options.host:options.port`` until interrupted."""
+               load_exported: bool = True, options: ServeOptions | None = None,
+               on_ready: Callable[[str], None] | None = None) -> None:
+    """Build the app (see :func:`build`) and serve it with uvicorn on ``options.host:options.port`` until interrupted.
+
+    The address is bound first (a port in use fails before the model loads); ``on_ready`` gets the server's
+    URL line once the export is loaded and checked, just before requests are taken.
+    """
     import uvicorn
 
     options = options or ServeOptions()
-    app = build(export_dir, adapter_store=adapter_store, load=load, load_exported=load_exported, options=options)
-    configure_logging()
-    uvicorn.Server(uvicorn_config(app, host=options.host, port=options.port)).run()
+    sock = listening_socket(options.host, options.port)
+    try:
+        app = build(export_dir, adapter_store=adapter_store, load=load, load_exported=load_exported, options=options)
+        configure_logging()
+        if on_ready is not None:
+            on_ready(f"serving {export_dir} on http://{options.host}:{sock.getsockname()[1]} (Ctrl-C to stop)")
+        uvicorn.Server(uvicorn_config(app, host=options.host, port=options.port)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class ServerThread:
@@ -1088,11 +1121,7 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0) -> None:
         import uvicorn
 
-        # IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets of that protocol, and uvicorn writes
-        # headers and body separately, so with Nagle on every keep-alive response waits ~40 ms for an ACK.
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
+        self._socket = listening_socket(host, port)
         self.host, self.port = self._socket.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
         self.server = uvicorn.Server(uvicorn_config(app))

@@ -49,7 +49,8 @@ TRAINABLE_FILE = "trainable_parameters.safetensors"
 
 @contextlib.contextmanager
 def quiet_loading():
-    """Silence transformers' "newly initialized ... You should probably TRAIN this model" while loading.
+    """Silence transformers' "newly initialized ... You should probably TRAIN this model" (and its progress bars)
+    while loading.
 
     On our paths that warning is wrong or redundant: a new head is trained (and reported in the start-up
     summary), or the head is restored from the adapter right after loading.
@@ -57,11 +58,15 @@ def quiet_loading():
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # 5.x draws a "Loading weights" bar even for a tiny model (and under --no-progress)
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(model_dir):

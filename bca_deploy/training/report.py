@@ -98,7 +98,8 @@ def start_summary(run: _TrainingRun) -> str:
     clip = f", clip {r.max_grad_norm:g}" if r.max_grad_norm else ""
     if cfg.method == "bca" and r.scaling not in (None, 1, 1.0):
         clip += ", kernels scaled by p" if r.scaling == "p" else f", kernels scaled by {r.scaling:g}"
-    lines.append(f"  recipe    {r.recipe}: {r.optimizer}, lr {r.lr:g}{divided} (head {r.head_lr:g}), {r.scheduler}"
+    head_lr = f" (head {r.head_lr:g})" if head_n else ""  # a causal-lm run trains no head
+    lines.append(f"  recipe    {r.recipe}: {r.optimizer}, lr {r.lr:g}{divided}{head_lr}, {r.scheduler}"
                  f" schedule, warmup {r.warmup} steps{clip}{over}")
     epochs = r.max_steps * r.batch_size * r.grad_accum_steps * run.d.world_size / max(1, len(run.train_data))
     start = f", resuming at step {run.step}" if run.resumed_from is not None else ""

@@ -354,6 +354,32 @@ def test_logits_to_keep_is_added_only_where_the_logits_are_positionwise(lm_head_
         assert not before and not extra and not reshaped
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_rechecks_a_bank_export_with_its_adapters(name, banks, tmp_path):
+    """``bca-deploy validate`` of a ``--bank`` export (it used to ask for a ``slots=`` no caller could pass): mixed
+    batches over every slot and each adapter file, as the export checked them; adapters missing or out of slot
+    order are refused with the slots named."""
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+    from bca_deploy.exporters import validate
+
+    art = banks(name)
+    adapter_dirs = [art["adapters"][n] for n in EXPORTED[name]]  # slot order
+    report = validate(art["onnx"], art["model"], adapter_dirs, cases=[(3, 5)], verbose=False)
+    assert report.passed and any("file=" in row.case for row in report.rows)
+    assert {row.case.split(" file=")[1] for row in report.rows if "file=" in row.case} == set(EXPORTED[name])
+    for wrong in ([], adapter_dirs[::-1], adapter_dirs[:1]):
+        with pytest.raises(UnsupportedExportError, match="adapter bank of slots") as caught:
+            validate(art["onnx"], art["model"], wrong, verbose=False)
+        assert all(n in str(caught.value) for n in EXPORTED[name])
+    args = ["validate", "--onnx", str(art["onnx"]), "--model", str(art["model"]), "--cases", "2x4"]
+    result = CliRunner().invoke(main, [*args, *(f"--adapter={d}" for d in adapter_dirs)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output and "in that order" in result.output
+
+
 def test_bank_layout_of_a_model(banks):
     art = banks("bert")
     layout = bank_layout(torch_model("bert"), list(EXPORTED["bert"]))
@@ -479,6 +505,14 @@ def test_head_bank_rows_equal_their_own_models(head_bank):
         want = own_logits(models[adapter], rows[b])
         np.testing.assert_allclose(result["logits"], want, atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
         assert result["label"] == labels[adapter][int(want.argmax())] and list(result["scores"]) == labels[adapter]
+
+
+def test_validate_rechecks_a_head_bank(head_bank):
+    from bca_deploy.exporters import validate
+
+    _, base, dirs, onnx_dir = head_bank
+    report = validate(onnx_dir, base, list(dirs.values()), cases=[(3, 6)], verbose=False)
+    assert report.passed and len(report.rows) > len(dirs)
 
 
 def test_head_adapter_files_carry_the_head(head_bank):

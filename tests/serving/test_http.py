@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
 from exporters_helpers import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import WORDS, write_wordpiece_tokenizer
+from http_helpers import WORDS, free_port, write_wordpiece_tokenizer
 
 from bca_deploy import inject, load_adapter, save_adapter
 from bca_deploy.inject import mixed_adapters
@@ -900,6 +901,42 @@ def test_cli_serve_help_mentions_endpoints():
     for word in ("/health", "/v1/adapters", "/v1/embeddings", "/v1/classify", "/v1/generate", "--adapter-store",
                  "--max-wait-ms", "--max-batch-rows", "--load"):
         assert word in result.output, word
+
+
+def test_cli_serve_on_a_port_in_use_fails_at_once_with_one_line(artefacts, monkeypatch):
+    """A taken port is an OS error named with the address, before the export is loaded (it was uvicorn's own
+    log line and exit 3 after several seconds of loading); the "serving ..." line only comes once it can serve."""
+    import socket
+
+    from click.testing import CliRunner
+
+    import bca_deploy.serving.http as http
+    from bca_deploy.cli import EXIT_OS_ERROR, main
+
+    loaded = []
+    monkeypatch.setattr(http, "build", lambda *a, **k: loaded.append(a) or pytest.fail("loaded before binding"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", str(artefacts["bert"]["onnx"]), "--port", str(port)])
+    assert result.exit_code == EXIT_OS_ERROR, result.output
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "--port" in result.output
+    assert "Traceback" not in result.output and "serving" not in result.output and not loaded
+
+
+def test_cli_serve_refuses_an_export_that_is_not_a_bank_before_announcing_it(artefacts, tmp_path):
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import EXIT_USER_ERROR, main
+
+    not_bank = tmp_path / "onnx"
+    shutil.copytree(artefacts["bert"]["onnx"], not_bank)
+    meta = json.loads((not_bank / "bca_export.json").read_text())
+    (not_bank / "bca_export.json").write_text(json.dumps({**meta, "bank": None}))
+    result = CliRunner().invoke(main, ["serve", str(not_bank), "--port", str(free_port())])
+    assert result.exit_code == EXIT_USER_ERROR, result.output
+    assert "adapter-bank" in result.output and "serving" not in result.output and "Traceback" not in result.output
 
 
 def test_a_failing_batch_is_a_json_500_and_the_server_keeps_serving(artefacts, log_capture):

@@ -135,13 +135,15 @@ def test_regression_sentence_pairs(files, tmp_path):
     assert _evaluate(files["bare"], result.out_dir / "last", path) == result.final_metrics
 
 
-def test_causal_lm_prompt_response(files, tmp_path):
+def test_causal_lm_prompt_response(files, tmp_path, capsys):
     rows = sst2_rows("train", 64)
     records = [{"prompt": f"review : {s} sentiment :", "response": "good" if y else "bad"} for s, y in rows]
     path = write_jsonl(tmp_path / "lm.jsonl", records)
     llama = tiny_model_dir(tmp_path / "llama", "llama", [r["prompt"] + " " + r["response"] for r in records])
     result = train(config(llama, path, tmp_path / "out", task="causal-lm", eval_data=path, max_steps=20,
-                          eval_every=10, lr=1e-2))
+                          eval_every=10, lr=1e-2, progress=True))
+    recipe = next(line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("recipe"))
+    assert "lr 0.01" in recipe and "head" not in recipe  # no head is trained, so no head rate is shown
     assert result.config["targets"] == ["q_proj", "v_proj"] and result.metric == "perplexity"
     assert result.history[-1]["perplexity"] < result.history[0]["perplexity"]
     task = bd.read_adapter(result.last_dir)[0].task
