@@ -55,7 +55,7 @@ from torch import nn
 
 from .adapter_io import read_adapter
 from .atomic import atomic_dir, check_target, recover
-from .config import KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, read_json
+from .config import KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, parse_json_object, read_json
 from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -290,12 +290,12 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointFormatError(f"{path}: cannot read ({exc})") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(f"{path}: header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{path}: header is not a JSON object")
+    try:  # the one JSON rule (nesting, NaN/Infinity, number sizes, a top-level object), errors as this file's
+        header = parse_json_object(raw.decode("utf-8"), f"{path}: header", "safetensors header")
+    except UnicodeDecodeError as exc:
+        raise CheckpointFormatError(f"{path}: header is not valid JSON (not UTF-8 at byte {exc.start})") from exc
+    except AdapterFormatError as exc:
+        raise CheckpointFormatError(str(exc)) from None
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (
         isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
@@ -305,12 +305,16 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
     for name, entry in header.items():
         try:
             dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(v) for v in entry["data_offsets"])
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and isinstance(offsets, list)
+                    and all(type(v) is int for v in [*shape, *offsets])):  # JSON integers: not 2.7, true or "3"
+                raise TypeError("shape and data_offsets must be lists of integers")
+            shape = tuple(shape)
+            begin, end = offsets
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointFormatError(f"{path}: tensor {name}: malformed header entry {entry!r}") from exc
+            raise CheckpointFormatError(f"{path}: tensor {name}: malformed header entry {str(entry)[:300]}") from exc
         if not isinstance(dtype, str) or any(d < 0 for d in shape) or not 0 <= begin <= end:
-            raise CheckpointFormatError(f"{path}: tensor {name}: malformed header entry {entry!r}")
+            raise CheckpointFormatError(f"{path}: tensor {name}: malformed header entry {str(entry)[:300]}")
         if dtype in _DTYPE_BYTES and end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
             raise CheckpointFormatError(
                 f"{path}: tensor {name}: {end - begin} bytes for shape {list(shape)} of {dtype} "
@@ -664,11 +668,11 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
         if not isinstance(weight_map, dict):
             raise CheckpointFormatError(f"{index_path}: 'weight_map' must be an object mapping tensor names to shard "
                                         f"files, got {type(weight_map).__name__}")
-        shards = list(dict.fromkeys(weight_map.values()))
-        bad = [s for s in shards if not isinstance(s, str) or not s or "/" in s or "\\" in s or s.startswith(".")]
+        bad = [s for s in weight_map.values() if not isinstance(s, str) or not s or "/" in s or "\\" in s
+               or s.startswith(".")]
         if bad:
-            raise CheckpointFormatError(f"{index_path}: shard names must be plain file names, got {bad[:3]}")
-        shards.sort()
+            raise CheckpointFormatError(f"{index_path}: shard names must be plain file names, got {str(bad[:3])[:300]}")
+        shards = sorted(set(weight_map.values()))
     else:
         others = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
         hint = (f"; it has {', '.join(others)}: convert the checkpoint to safetensors first "

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import FORMAT_NAME, KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, parse_json_object
+from .config import FORMAT_NAME, KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, _show, parse_json_object
 from .errors import AdapterFormatError, format_problems
 from .ops import flip_circulant_layout
 
@@ -108,11 +108,21 @@ def from_peft(
         value = peft_config.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             problems.append(f"{name} must be a positive integer, got {value!r}")
+    target = peft_config.get("target_modules")
+    if target is not None and not isinstance(target, str) and not (
+            isinstance(target, list) and all(isinstance(t, str) for t in target)):
+        problems.append(f"target_modules must be a string (a regex) or a list of module names, got {_show(target)}")
+    init = peft_config.get("init_weights")
+    if init is not None and not isinstance(init, (bool, str)):
+        problems.append(f"init_weights must be true, false or a method name such as 'gaussian', got {_show(init)}")
+    if not isinstance(peft_config.get("base_model_name_or_path"), (str, type(None))):
+        problems.append(f"base_model_name_or_path must be a string, got {_show(peft_config['base_model_name_or_path'])}")
     pattern = peft_config.get("block_size_pattern")
     if pattern is not None and not (isinstance(pattern, dict) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pattern.values())):
         problems.append(f"block_size_pattern must map names to positive integers, got {pattern!r}"[:200])
     specs: dict[str, ModuleSpec] = {}
+    kernels: dict[str, torch.Tensor] = {}  # PEFT's first-row kernels, converted once every check has passed
     tensors: dict[str, torch.Tensor] = {}
     extra_modules: list[str] = []
     for key, tensor in state.items():
@@ -137,7 +147,11 @@ def from_peft(
                 out_features=int(o * b),
                 layer_type=(model_layer_types or {}).get(module, "linear"),
             )
-            tensors[module + KERNEL_SUFFIX] = flip_circulant_layout(tensor.float())
+            found = specs[module].problems(key)
+            if found:  # checked before converting: a sparse file must not make us allocate its apparent size
+                problems += found
+                continue
+            kernels[module] = tensor
         else:
             # modules_to_save: PEFT stores the trained copy under the plain module path.
             tensors[path] = tensor
@@ -152,7 +166,6 @@ def from_peft(
     recorded = _recorded_task(metadata, extra_modules, source)
     if recorded is not None and (task is None or recorded.type == task.type):
         task = recorded
-    target = peft_config.get("target_modules")
     config = AdapterConfig(
         target_modules=sorted(target) if isinstance(target, (list, set)) else (target or sorted(specs)),
         block_size=int(peft_config.get("block_size", next(iter(specs.values())).block_size)),
@@ -165,6 +178,8 @@ def from_peft(
         base_model_name_or_path=peft_config.get("base_model_name_or_path"),
         task=task,
     )
+    for module, kernel in kernels.items():
+        tensors[module + KERNEL_SUFFIX] = flip_circulant_layout(kernel.float())
     return config, tensors
 
 

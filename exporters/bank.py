@@ -148,7 +148,24 @@ def layout_to_dict(layout: Mapping[str, BankTensor]) -> list[dict]:
 
 
 def layout_from_dict(entries: Sequence[Mapping]) -> dict[str, BankTensor]:
-    tensors = [BankTensor(**{f.name: e[f.name] for f in dataclasses.fields(BankTensor)}) for e in entries]
+    """The layout a bank's metadata records (:func:`layout_to_dict`), every field checked.
+
+    Raises:
+        ValueError: an entry that is not such a record (a field missing or of the wrong type or range).
+    """
+    from bca_deploy.config import MAX_FEATURES
+
+    tensors = []
+    for e in entries:
+        if not isinstance(e, Mapping):
+            raise ValueError(f"a bank tensor must be an object, got {type(e).__name__}")
+        t = BankTensor(**{f.name: e.get(f.name) for f in dataclasses.fields(BankTensor)})
+        sizes = (t.block_size, t.in_features, t.out_features)
+        if not (isinstance(t.module, str) and t.module and t.layer_type in ("linear", "conv1d")
+                and all(type(v) is int and 1 <= v <= MAX_FEATURES for v in sizes)
+                and t.in_features % t.block_size == 0 and t.out_features % t.block_size == 0):
+            raise ValueError(f"malformed bank tensor {str(dict(e))[:200]}")
+        tensors.append(t)
     return {t.name: t for t in tensors}
 
 

@@ -438,13 +438,16 @@ def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequenc
 
 
 def _read_metadata(onnx_dir: Path) -> dict[str, Any]:
+    """``bca_export.json`` (by the one JSON rule: a malformed file is an error naming it), or {} for an export
+    without one (optimum's); fields of the wrong type are dropped, so the export is checked as an unknown one."""
+    from bca_deploy.config import read_json
+
     path = onnx_dir / METADATA_FILE
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return {}
-    return {}
+    if not path.exists():
+        return {}
+    metadata = read_json(path, what="export metadata")
+    types = {"task": str, "dtype": str, "bank": dict}
+    return {k: v for k, v in metadata.items() if k not in types or isinstance(v, types[k])}
 
 
 def validate(

@@ -172,6 +172,45 @@ class _Adapter:
     slot: int = 0
 
 
+def _export_metadata(path: Path) -> dict[str, Any]:
+    """``bca_export.json`` of a bank export, read by the one JSON rule and its fields' types checked before use.
+
+    Raises:
+        AdapterFormatError: not a readable, bounded JSON object (see :func:`bca_deploy.config.read_json`).
+        ServingError: a field of the wrong type, or a file it names that lies outside the export directory.
+    """
+    from bca_deploy.config import read_json
+
+    metadata = read_json(path, what="export metadata")
+    bank = metadata.get("bank")
+    problems = []
+    if not isinstance(metadata.get("task"), str):
+        problems.append(f"task must be a string, got {type(metadata.get('task')).__name__}")
+    if bank:
+        if not isinstance(bank, dict):
+            problems.append(f"bank must be an object, got {type(bank).__name__}")
+        else:
+            if not isinstance(bank.get("tensors"), list):
+                problems.append("bank.tensors must be a list")
+            if not isinstance(bank.get("ids_input"), str):
+                problems.append("bank.ids_input must be a string")
+            for key in ("base_model_prefix", "model_type"):
+                if not isinstance(bank.get(key), (str, type(None))):
+                    problems.append(f"bank.{key} must be a string")
+            files = bank.get("adapter_files") or {}
+            head = bank.get("head") or {}
+            if not isinstance(files, dict) or not isinstance(head, dict):
+                problems.append("bank.adapter_files and bank.head must be objects")
+            else:
+                named = [*files.values(), *([head["base_file"]] if head.get("base_file") else [])]
+                for relative in named:  # files of the export itself: never a path out of it
+                    if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts:
+                        problems.append(f"bank files must be paths inside the export, got {str(relative)[:100]!r}")
+    if problems:
+        raise ServingError(f"{path}: malformed export metadata: {'; '.join(problems)}; re-export the bank")
+    return metadata
+
+
 class MultiAdapterSession:
     """One base graph in onnxruntime serving any number of BCA adapters, a different one per row.
 
@@ -209,10 +248,7 @@ class MultiAdapterSession:
         onnx_path = self.export_dir / ONNX_FILE
         if not onnx_path.is_file():
             raise ServingError(f"{self.export_dir}: no {ONNX_FILE}; expected a directory written by bca-deploy export --bank")
-        try:
-            metadata = json.loads(metadata_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ServingError(f"{metadata_path}: cannot read the export metadata ({exc})") from exc
+        metadata = _export_metadata(metadata_path)
         bank = metadata.get("bank")
         if not bank:
             raise ServingError(
@@ -225,7 +261,11 @@ class MultiAdapterSession:
                                "bca-deploy export --bank")
         self.metadata = metadata
         self.task: str = metadata["task"]
-        self.layout = layout_from_dict(bank["tensors"])
+        try:
+            self.layout = layout_from_dict(bank["tensors"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServingError(f"{metadata_path}: bank.tensors is malformed ({type(exc).__name__}: "
+                               f"{str(exc)[:200]}); re-export the bank") from None
         self.ids_input: str = bank["ids_input"]
         self.base_model_prefix: str = bank.get("base_model_prefix") or ""
         self.model_type: str | None = bank.get("model_type")
@@ -260,7 +300,11 @@ class MultiAdapterSession:
         self._live: set[int] = set()
         self._live_lock = threading.Lock()
         head_meta = bank.get("head") or None
-        self.head = None if head_meta is None else HeadLayout.from_dict(head_meta)
+        try:
+            self.head = None if head_meta is None else HeadLayout.from_dict(head_meta)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ServingError(f"{metadata_path}: bank.head is malformed ({type(exc).__name__}: {str(exc)[:200]}); "
+                               "re-export the bank") from None
         self._base_head = self._read_base_head(head_meta)
         self._shared_labels = None
         if self.head is None and "logits" in self.output_names and not self.with_past:

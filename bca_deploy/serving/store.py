@@ -52,14 +52,21 @@ class AdapterStore:
         self._check_contents(name, candidate)
         return candidate
 
+    def _resolved(self, path: Path, name: str) -> Path:
+        """``path.resolve()``; a symbolic-link loop (RuntimeError on Python < 3.13, OSError after) is the entry's fault."""
+        try:
+            return path.resolve()
+        except (RuntimeError, OSError):
+            raise AdapterNameError(f"adapter {name!r}: {path.name} is a symbolic-link loop") from None
+
     def _resolve(self, name: str) -> Path | None:
         """The checked directory of ``name``, or None if the store has no adapter directory of that name."""
         check_adapter_name(name)
-        candidate = (self.root / name).resolve()
+        candidate = self._resolved(self.root / name, name)
         if not self._inside(candidate):
             raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
         # an adapter directory, or a training run (bca-deploy train --out <store>/<name>): its best/ or last/
-        adapter = run_adapter_dir(candidate).resolve()
+        adapter = self._resolved(run_adapter_dir(candidate), name)
         if not self._inside(adapter):
             raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
         return adapter if (adapter / CONFIG_FILE).is_file() else None
@@ -77,7 +84,7 @@ class AdapterStore:
                     raise AdapterNameError(f"adapter {name!r} holds more than {MAX_ENTRY_FILES} files; an adapter "
                                            "directory holds its config and weights")
                 path = Path(current, child)
-                if not self._inside(path.resolve()):
+                if not self._inside(self._resolved(path, name)):
                     relative = path.relative_to(directory)
                     raise AdapterNameError(f"adapter {name!r}: {relative} is a link to a file outside the adapter "
                                            "store; store entries must be self-contained")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,6 +175,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]
             except RecursionError:
                 problems.append(f"line {number}: JSON nested too deeply")
                 continue
+            except ValueError as exc:  # e.g. an integer of more than 4,300 digits (Python's conversion limit)
+                problems.append(f"line {number}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})")
+                continue
             if not isinstance(obj, dict):
                 problems.append(f"line {number}: expected a JSON object, got {_json_type(obj)}")
                 continue
@@ -267,6 +271,10 @@ class LMExamples:
         return "text" if self.texts is not None else "prompt-response"
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 class _Name(str):
     """A label that is a class name, not a number (keeps names apart from numeric strings)."""
 
@@ -283,15 +291,17 @@ def _parse_label(value: Any) -> int | float | _Name | str:
         text = value.strip()
         if not text:
             return "empty label"
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            number = float(text)
-        except ValueError:
+        # Plain ASCII numerals only: Python's int()/float() would also take "1_0" (10), other scripts' digits
+        # and "nan"/"inf", turning what the file calls a name into a silently different class.
+        if _INTEGER.fullmatch(text):
+            try:
+                return int(text)
+            except ValueError:  # more digits than Python converts
+                return f"{text[:20]}... ({len(text)} digits) is not a class id"
+        if not _DECIMAL.fullmatch(text):
             return _Name(text)
-        return number if math.isfinite(number) else f"{value!r} is not a finite number"
+        number = float(text)
+        return number if math.isfinite(number) else f"{text[:40]!r} is not a finite number"
     return f"{_json_type(value)} is not a label"
 
 

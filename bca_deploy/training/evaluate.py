@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,15 @@ from ..config import TaskSpec, run_adapter_dir
 from .config import EvaluateConfig
 from .data import TASKS, check_label_range, load_dataset, pad_token_id
 from .errors import DataError, TrainingConfigError
-from .loading import Labels, load_for_training, load_tokenizer, load_trained, quiet_loading
+from .loading import (
+    Labels,
+    fit_max_length,
+    load_for_training,
+    load_model_config,
+    load_tokenizer,
+    load_trained,
+    quiet_loading,
+)
 from .runtime import destroy, init_distributed, place_model, resolve_precision, run_eval
 
 __all__ = ["evaluate", "TRAINING_FILE"]
@@ -63,8 +72,11 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
         names = info.get("label_names") or (list(spec.head.id2label[i] for i in range(spec.head.num_labels))
                                             if spec is not None and spec.head is not None else None)
         regression = info.get("regression")
+        model_config = model.config if model is not None else load_model_config(config.model)
+        max_length = fit_max_length(pick(config.max_length, "max_length", 128), model_config, tokenizer,
+                                    warn=lambda line: print(f"note: {line}", file=sys.stderr))
         examples, data = load_dataset(
-            config.data, task, tokenizer, pick(config.max_length, "max_length", 128),
+            config.data, task, tokenizer, max_length,
             text_columns=pick(config.text_columns, "text_columns", None),
             label_column=pick(config.label_column, "label_column", "label"),
             regression=regression, prompt_column=pick(config.prompt_column, "prompt_column", "prompt"),

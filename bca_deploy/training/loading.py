@@ -85,6 +85,27 @@ def load_tokenizer(model_dir):
     return tokenizer
 
 
+def position_limit(model_config, tokenizer=None) -> int | None:
+    """The most tokens one example can have in this model: its position table (``max_position_embeddings``,
+    GPT-2's ``n_positions``), or the tokenizer's ``model_max_length`` where that is lower (RoBERTa's table holds
+    two offset rows). None when neither says."""
+    limits = [getattr(model_config, key, None) for key in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [int(v) for v in limits if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**7]
+    return min(limits) if limits else None
+
+
+def fit_max_length(max_length: int, model_config, tokenizer=None, warn=None) -> int:
+    """``max_length``, or the model's :func:`position_limit` where that is lower (one example longer than the
+    position table fails in the forward pass); ``warn`` gets a line saying so."""
+    limit = position_limit(model_config, tokenizer)
+    if limit is None or max_length <= limit:
+        return max_length
+    if warn is not None:
+        warn(f"max_length {max_length} is more than the model's {limit} positions: examples are cut at {limit} tokens")
+    return limit
+
+
 def load_model_config(model_dir):
     from transformers import AutoConfig
 

@@ -57,6 +57,7 @@ from .loading import (
     base_head,
     default_modules_to_save,
     default_targets,
+    fit_max_length,
     head_param_names,
     head_paths,
     kernel_block_sizes,
@@ -370,8 +371,8 @@ class _TrainingRun:
             self.tokenizer.pad_token = getattr(self.tokenizer, "eos_token", None) or self.tokenizer.unk_token
         self.base = None
         names_to_read = cfg.label_names
+        model_config = self.model.config if self.model_given else load_model_config(cfg.model)
         if cfg.task == "seq-cls":
-            model_config = self.model.config if self.model_given else load_model_config(cfg.model)
             self.base = base_head(model_config, self.model)
             if cfg.no_head and not self.base.trained:
                 raise TrainingConfigError(
@@ -384,6 +385,10 @@ class _TrainingRun:
         kwargs = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, regression=cfg.regression,
                       prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                       text_column=cfg.text_column)
+        fitted = fit_max_length(cfg.max_length, model_config, self.tokenizer,
+                                warn=lambda line: self.d.is_main and print(f"note: {line}", file=sys.stderr))
+        if fitted != cfg.max_length:
+            cfg = self.cfg = dataclasses.replace(cfg, max_length=fitted)
         train_ex, self.train_data, errors = None, None, []
         try:
             train_ex, self.train_data = load_dataset(cfg.data, cfg.task, self.tokenizer, cfg.max_length,

@@ -394,6 +394,14 @@ MALFORMATIONS: list[Malformation] = [
     Malformation("peft-kernel-int", "format", _peft(lambda c, s: s.__setitem__(
         sorted(s)[0], s[sorted(s)[0]].to(torch.int64))), "floating"),
     Malformation("peft-lora", "format", _peft(lambda c, s: c.__setitem__("peft_type", "LORA")), "LORA"),
+    # the fuzz report's: a TypeError each, before the fields were checked
+    Malformation("peft-init-weights-list", "format", _peft(lambda c, s: c.__setitem__("init_weights", ["x"])),
+                 "init_weights"),
+    Malformation("peft-target-modules-with-null", "format", _peft(lambda c, s: c.__setitem__(
+        "target_modules", ["query", None])), "target_modules"),
+    # a kernel far past the size limit is refused from its shape, before any conversion allocates for it
+    Malformation("peft-kernel-too-wide", "format", _peft(lambda c, s: s.__setitem__(
+        sorted(s)[0], torch.zeros(1, 1, 2**25, dtype=torch.float16))), "out_features"),
     # -- valid adapters that do not fit the model
     Malformation("conv1d-declared-on-linear", "misfit", edit_config(
         lambda d: [spec.__setitem__("layer_type", "conv1d") for spec in d["modules"].values()]), "Conv1D"),

@@ -107,7 +107,20 @@ BROKEN: dict[str, tuple[bool, Callable[[Path], None], str]] = {
                               "not valid JSON"),
     "shard-header-entry-without-dtype": (False, lambda d: _header(d, {"x": {"shape": [1], "data_offsets": [0, 4]}}),
                                          "malformed header entry"),
-    "shard-header-is-list": (False, lambda d: _header(d, [1]), "not a JSON object"),
+    "shard-header-is-list": (False, lambda d: _header(d, [1]), "JSON object"),
+    # the fuzz report's: each was an "Internal error" (RecursionError, ValueError, OverflowError, TypeError)
+    "shard-header-nested": (False, _write("model.safetensors", struct.pack("<Q", 400_000) + b"[" * 200_000
+                                          + b"]" * 200_000), "nested"),
+    "shard-header-huge-integer": (False, _write("model.safetensors", struct.pack("<Q", 5_060) + b'{"a": {"shape": ['
+                                                + b"9" * 5_000 + b'], "dtype": "F32", "data_offsets": [0, 4]}}'),
+                                  "header"),
+    "shard-header-infinite-shape": (False, _write("model.safetensors", struct.pack("<Q", 72) + b'{"a": {"dtype": "F32", '
+                                                  b'"shape": [Infinity], "data_offsets": [0, 4]}}    '), "Infinity"),
+    "shard-header-float-shape": (False, lambda d: _header(d, {"a": {"dtype": "F32", "shape": [1.0],
+                                                                    "data_offsets": [0, 4]}}), "malformed header entry"),
+    "index-shard-is-list": (True, _edit_index(lambda i: i["weight_map"].__setitem__(QUERY, ["x"])), "plain file names"),
+    "index-shard-is-object": (True, _edit_index(lambda i: i["weight_map"].__setitem__(QUERY, {"a": 1})),
+                              "plain file names"),
     "shard-offsets-overlap": (False, lambda d: _header(d, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
                                                           "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}),
                               "contiguous"),

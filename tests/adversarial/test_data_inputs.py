@@ -31,6 +31,10 @@ BAD: dict[str, tuple[bytes, str]] = {
     "nested.jsonl": (b'{"sentence": ' + b"[" * 100_000 + b"]" * 100_000 + b', "label": 1}\n', "line 1"),
     "broken.jsonl": (b'{"sentence": "x", "label": 1}\n{"sentence": \n', "line 2"),
     "not-objects.jsonl": (b"[1, 2]\n3\n", "line 1"),
+    # int() would read "1_0" as class 10 and "١" (Arabic-Indic one) as 1: they are names, and names mixed with numbers
+    "underscore-label.tsv": (b"sentence\tlabel\nx\t1_0\ny\t0\n", "mixes class names with numbers"),
+    "other-script-digit.tsv": ("sentence\tlabel\nx\t\u0661\ny\t0\n".encode(), "mixes class names with numbers"),
+    "huge-integer.jsonl": (b'{"sentence": "x", "label": 1, "id": ' + b"1" * 4_400 + b"}\n", "line 1"),
     "lone-surrogate.jsonl": (b'{"sentence": "bad \\ud800 text", "label": 1}\n', "line 1"),
     "empty.tsv": (b"", "empty"),
     "header-only.tsv": (b"sentence\tlabel\n", "no examples"),

@@ -125,6 +125,47 @@ def test_not_a_bank_export_is_refused(tmp_path, bert):
         MultiAdapterSession(tmp_path)
 
 
+def _hostile_metadata(good: dict) -> dict[str, bytes]:
+    import json
+
+    bank = good["bank"]
+    return {
+        "not-utf8": b"\xff\xfe{}",
+        "nested": b"[" * 100_000 + b"]" * 100_000,
+        "top-level-list": b"[1]",
+        "bank-is-list": json.dumps({**good, "bank": [1]}).encode(),
+        "no-task": json.dumps({k: v for k, v in good.items() if k != "task"}).encode(),
+        "no-tensors": json.dumps({**good, "bank": {k: v for k, v in bank.items() if k != "tensors"}}).encode(),
+        "tensors-is-object": json.dumps({**good, "bank": {**bank, "tensors": {"x": [1e308, -5]}}}).encode(),
+        "tensor-entry-wrong": json.dumps({**good, "bank": {**bank, "tensors": [{"module": 3}]}}).encode(),
+        "block-size-string": json.dumps({**good, "bank": {**bank, "tensors": [
+            {**bank["tensors"][0], "block_size": "8"}]}}).encode(),
+        "adapter-file-outside": json.dumps({**good, "bank": {**bank, "adapter_files": {"a0": "../../x.onnx_adapter"}}}
+                                           ).encode(),
+    }
+
+
+def test_hostile_export_metadata_is_refused_naming_the_file(tmp_path, bert):
+    """A bca_export.json that is not what export writes: an error naming the file, never an internal error
+    (each of these was an AttributeError, KeyError, TypeError, RecursionError or UnicodeDecodeError)."""
+    import json
+
+    from bca_deploy.errors import BCAError
+    from bca_deploy.exporters import validate
+
+    good = json.loads((bert["onnx"] / "bca_export.json").read_text())
+    for name, raw in _hostile_metadata(good).items():
+        directory = tmp_path / name
+        shutil.copytree(bert["onnx"], directory)
+        (directory / "bca_export.json").write_bytes(raw)
+        with pytest.raises(BCAError) as caught:
+            MultiAdapterSession(directory)
+        assert "bca_export.json" in str(caught.value), (name, str(caught.value))
+        if name in ("not-utf8", "nested", "top-level-list"):
+            with pytest.raises(BCAError, match="bca_export.json"):
+                validate(directory, bert["model"], verbose=False)
+
+
 # ---- run / embed parity ----------------------------------------------------------------------------------
 
 

@@ -220,6 +220,21 @@ def test_store_refuses_file_links_out_and_never_shows_its_location(tmp_path):
     assert s.redact(f"at {store}") == "at <store>"
 
 
+def test_store_skips_and_refuses_symbolic_link_loops(tmp_path):
+    """A loop (Path.resolve raises RuntimeError on Python < 3.13) used to be a 500 for every listing."""
+    store = tmp_path / "store"
+    _entry(store / "good")
+    (store / "loop").symlink_to(store / "loop")
+    looping = _entry(store / "looping-inside")
+    (looping / "self").symlink_to(looping / "self")
+    s = AdapterStore(store)
+    assert s.names() == ["good"]
+    for name in ("loop", "looping-inside"):
+        with pytest.raises(AdapterNameError, match="symbolic-link loop") as caught:
+            s.path(name)
+        assert str(tmp_path) not in str(caught.value)
+
+
 def test_store_bounds_an_entrys_file_count(tmp_path):
     entry = _entry(tmp_path / "store" / "many")
     for i in range(70):

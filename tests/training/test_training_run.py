@@ -152,6 +152,18 @@ def test_causal_lm_prompt_response(files, tmp_path, capsys):
     assert _evaluate(llama, result.out_dir / "best", path) == last
 
 
+def test_examples_longer_than_the_models_positions_are_cut_at_its_limit(files, tmp_path, capsys):
+    """max_length 128 against a model of 64 positions: one long example used to fail the forward pass (an
+    internal error); examples are cut at 64, a note says so, and evaluate reads the file the same way."""
+    rows = sst2_rows("train", 32)
+    long = " ".join(s for s, _ in rows)  # far more than 64 tokens
+    path = write_tsv(tmp_path / "long.tsv", [(long, 1), *rows])
+    result = train(config(files["bert"], path, tmp_path / "out", eval_data=path, max_steps=2, max_length=128))
+    assert result.config["max_length"] == 64
+    assert "max_length 128 is more than the model's 64 positions" in capsys.readouterr().err
+    assert _evaluate(files["bert"], result.out_dir / "last", path) == result.final_metrics
+
+
 # ---- the head: kept, replaced, left out --------------------------------------------------------------
 
 
