@@ -445,7 +445,7 @@ def _read_metadata(onnx_dir: Path) -> dict[str, Any]:
     path = onnx_dir / METADATA_FILE
     if not path.exists():
         return {}
-    metadata = read_json(path, what="export metadata")
+    metadata = read_json(path, what="metadata file")
     types = {"task": str, "dtype": str, "bank": dict}
     return {k: v for k, v in metadata.items() if k not in types or isinstance(v, types[k])}
 

@@ -181,7 +181,7 @@ def _export_metadata(path: Path) -> dict[str, Any]:
     """
     from bca_deploy.config import read_json
 
-    metadata = read_json(path, what="export metadata")
+    metadata = read_json(path, what="metadata file")
     bank = metadata.get("bank")
     problems = []
     if not isinstance(metadata.get("task"), str):
