@@ -425,7 +425,11 @@ def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequenc
 
     from .bank import BankPlan
 
-    slots = [s for s in metadata["bank"].get("slots", []) if s is not None]
+    recorded = metadata["bank"].get("slots")
+    if not (isinstance(recorded, list) and all(isinstance(s, str) or s is None for s in recorded)):
+        raise UnsupportedExportError(f"{onnx_path.parent / METADATA_FILE}: bank.slots must be a list of adapter names, "
+                                     f"got {str(recorded)[:100]}; re-export the bank")
+    slots = [s for s in recorded if s is not None]
     given = adapter_names([Path(d) for d in adapter_dirs]) if adapter_dirs else []
     if given != slots:
         raise UnsupportedExportError(

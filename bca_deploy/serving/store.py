@@ -10,6 +10,7 @@ Errors name the adapter, never the store's location, and never list the store's 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -56,8 +57,11 @@ class AdapterStore:
         """``path.resolve()``; a symbolic-link loop (RuntimeError on Python < 3.13, OSError after) is the entry's fault."""
         try:
             return path.resolve()
-        except (RuntimeError, OSError):
+        except RuntimeError:
             raise AdapterNameError(f"adapter {name!r}: {path.name} is a symbolic-link loop") from None
+        except OSError as exc:  # ELOOP from Python 3.13 on; anything else is named as what it is
+            what = "is a symbolic-link loop" if exc.errno == errno.ELOOP else f"cannot be resolved ({exc.strerror})"
+            raise AdapterNameError(f"adapter {name!r}: {path.name} {what}") from None
 
     def _resolve(self, name: str) -> Path | None:
         """The checked directory of ``name``, or None if the store has no adapter directory of that name."""

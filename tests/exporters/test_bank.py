@@ -15,6 +15,7 @@ per session); the single-adapter exports are cached here, module-level.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -373,6 +374,12 @@ def test_validate_rechecks_a_bank_export_with_its_adapters(name, banks, tmp_path
         with pytest.raises(UnsupportedExportError, match="adapter bank of slots") as caught:
             validate(art["onnx"], art["model"], wrong, verbose=False)
         assert all(n in str(caught.value) for n in EXPORTED[name])
+    hostile = tmp_path / "hostile-slots"
+    shutil.copytree(art["onnx"], hostile)
+    meta = json.loads((hostile / "bca_export.json").read_text())
+    (hostile / "bca_export.json").write_text(json.dumps({**meta, "bank": {**meta["bank"], "slots": 5}}))
+    with pytest.raises(UnsupportedExportError, match="bank.slots must be a list"):
+        validate(hostile, art["model"], adapter_dirs, verbose=False)
     args = ["validate", "--onnx", str(art["onnx"]), "--model", str(art["model"]), "--cases", "2x4"]
     result = CliRunner().invoke(main, [*args, *(f"--adapter={d}" for d in adapter_dirs)])
     assert result.exit_code == 0, result.output
