@@ -401,11 +401,9 @@ def serve_ray(export_dir: Path, adapter_store: Path | None, replicas: int, max_a
     connection limit and head-size options are not offered here.
     """
     run_ray = _import_serving("serve-ray", "ray", "run", extra="ray")
-    click.echo(f"serving {export_dir} on Ray Serve ({replicas} replicas) at http://{options.host}:{options.port}",
-               err=True)
     run_ray(export_dir, adapter_store=adapter_store, replicas=replicas,
             max_adapters_per_replica=max_adapters_per_replica, replica_cpus=replica_cpus, options=options,
-            address=address)
+            address=address, on_ready=lambda line: click.echo(line, err=True))
 
 
 @main.command()

@@ -366,7 +366,9 @@ def _predict(model, tokenizer, texts: Sequence[str]):
 
 def _validation_max_abs_diff(export_dir: Path) -> float:
     """The largest |onnxruntime − PyTorch| of an export's validation (recorded in ``bca_export.json``)."""
-    rows = json.loads((export_dir / "bca_export.json").read_text())["validation"]["rows"]
+    from .exporters.metadata import read_export_metadata
+
+    rows = read_export_metadata(export_dir).fields["validation"]["rows"]
     return max(r["max_abs_diff"] for r in rows)
 
 
@@ -574,11 +576,12 @@ class _Demo:
     def export(self, classifier: Classifier) -> None:
         """Export merged and unmerged (no task given: it comes from the adapter); report the validation."""
         from .exporters import export
+        from .exporters.metadata import read_export_metadata
 
         for merge, key in ((True, "merged"), (False, "unmerged")):
             path = export(self.model_dir, self.tmp / f"onnx-{key}", [self.staged[classifier.name][0]], merge=merge,
                           cases=EXPORT_CASES, verbose=False)
-            task = json.loads((path / "bca_export.json").read_text())["task"]
+            task = read_export_metadata(path).task
             diff = _validation_max_abs_diff(path)
             self.result.onnx_max_abs_diff[key] = diff
             self.log(f"  {key:>8}: {task} (task from the adapter); onnxruntime vs PyTorch logits max |diff| "

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bca_deploy.config import KERNEL_SUFFIX, AdapterConfig
+from bca_deploy.config import KERNEL_SUFFIX, PROBLEM_TYPES, AdapterConfig
 from bca_deploy.errors import AdapterMismatchError, format_problems
 from bca_deploy.inject import bca_layers
 from bca_deploy.layers import BCALinear
@@ -91,6 +91,7 @@ __all__ = [
     "HeadLabels",
     "HeadWeights",
     "HeadLayout",
+    "BankRecord",
     "model_head_modules",
     "head_layout_problems",
     "model_head_weights",
@@ -415,9 +416,27 @@ class HeadLabels:
                 "problem_type": self.problem_type}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HeadLabels:
-        id2label = {int(k): str(v) for k, v in data["id2label"].items()}
-        return cls(tuple(id2label[i] for i in range(int(data["num_labels"]))), data.get("problem_type"))
+    def from_dict(cls, data: Any) -> HeadLabels:
+        """The labels :meth:`to_dict` wrote, every field checked.
+
+        Raises:
+            ValueError: naming the field: ``num_labels`` not a positive integer, ``id2label`` not an object
+                whose keys are exactly ``"0"``..``str(num_labels - 1)`` and whose values are strings, or a
+                ``problem_type`` transformers does not define.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"labels must be an object, got {type(data).__name__}")
+        count, names, problem_type = data.get("num_labels"), data.get("id2label"), data.get("problem_type")
+        if type(count) is not int or count < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {str(count)[:40]!r}")
+        # the length first: a huge num_labels is refused without building its key set
+        if not (isinstance(names, Mapping) and len(names) == count and set(names) == {str(i) for i in range(count)}
+                and all(isinstance(v, str) for v in names.values())):
+            raise ValueError(f"id2label must map each of \"0\"..\"{count - 1}\" to a label name")
+        if problem_type not in (None, *PROBLEM_TYPES):
+            raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)} or null, "
+                             f"got {str(problem_type)[:40]!r}")
+        return cls(tuple(names[str(i)] for i in range(count)), problem_type)
 
     @classmethod
     def of(cls, num_labels: int, id2label: Mapping[Any, str] | None, problem_type: str | None) -> HeadLabels:
@@ -477,9 +496,160 @@ class HeadLayout:
         return {"modules": list(self.modules), "layers": [dataclasses.asdict(layer) for layer in self.layers]}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HeadLayout:
-        fields = [f.name for f in dataclasses.fields(HeadLayer)]
-        return cls(tuple(data["modules"]), tuple(HeadLayer(**{f: e[f] for f in fields}) for e in data["layers"]))
+    def from_dict(cls, data: Any) -> HeadLayout:
+        """The layout :meth:`to_dict` wrote, every field checked.
+
+        Raises:
+            ValueError: naming the field: ``modules`` not a list of module paths, a layer that is not a
+                :class:`HeadLayer` record (paths, sizes in 1..MAX_FEATURES, booleans), or not exactly one
+                label layer.
+        """
+        from bca_deploy.config import MAX_FEATURES
+
+        if not isinstance(data, Mapping):
+            raise ValueError(f"head must be an object, got {type(data).__name__}")
+        modules, entries = data.get("modules"), data.get("layers")
+        if not (isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
+            raise ValueError("head.modules must be a non-empty list of module paths")
+        if not (isinstance(entries, list) and entries):
+            raise ValueError("head.layers must be a non-empty list")
+        layers = []
+        for entry in entries:
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"a head layer must be an object, got {type(entry).__name__}")
+            layer = HeadLayer(**{f.name: entry.get(f.name) for f in dataclasses.fields(HeadLayer)})
+            if not (isinstance(layer.module, str) and layer.module
+                    and all(type(v) is int and 1 <= v <= MAX_FEATURES for v in (layer.in_features, layer.out_features))
+                    and type(layer.labels) is bool and type(layer.bias) is bool):
+                raise ValueError(f"malformed head layer {str(dict(entry))[:200]}")
+            layers.append(layer)
+        if sum(layer.labels for layer in layers) != 1:
+            raise ValueError("head.layers must hold exactly one label layer (labels: true)")
+        return cls(tuple(modules), tuple(layers))
+
+
+def _export_file(value: Any, field: str, problems: list[str]) -> str | None:
+    """A file of the export its metadata names: a relative path that stays inside the export directory."""
+    if isinstance(value, str) and value and not Path(value).is_absolute() and ".." not in Path(value).parts:
+        return value
+    problems.append(f"{field} must be a path inside the export, got {str(value)[:100]!r}")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BankRecord:
+    """What an export's ``bca_export.json`` records about its adapter-bank graph (written by
+    :meth:`BankPlan.metadata`): the one reader of it, for serving, ``validate`` and the Ray deployment.
+
+    Attributes:
+        ids_input: the graph's per-row slot input (:data:`ADAPTER_IDS`).
+        slots: the exported adapters by slot; slot 0 (:data:`BASE_SLOT`) is None, the base model.
+        adapter_files: adapter name -> its AdapterFormat file, relative to the export directory.
+        layout: bank input name -> :class:`BankTensor`.
+        base_model_prefix: the transformers model's ``base_model_prefix`` ("" when it has none).
+        model_type: the model's ``config.model_type``.
+        head: the per-slot classifier head, or None for a graph without one.
+        base_head_file: the base checkpoint's head layers (:data:`HEAD_BASE_FILE`), relative; None: none.
+        base_labels: the base checkpoint's labels, or None.
+        adapter_labels: adapter name -> the labels of its own head (None: it uses the base head).
+    """
+
+    ids_input: str
+    slots: tuple[str | None, ...]
+    adapter_files: Mapping[str, str]
+    layout: Mapping[str, BankTensor]
+    base_model_prefix: str = ""
+    model_type: str | None = None
+    head: HeadLayout | None = None
+    base_head_file: str | None = None
+    base_labels: HeadLabels | None = None
+    adapter_labels: Mapping[str, HeadLabels | None] = dataclasses.field(default_factory=dict)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The exported adapters' names, in slot order."""
+        return [s for s in self.slots if s is not None]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BankRecord:
+        """Read the ``bank`` field of ``bca_export.json``, checking every field before any is used.
+
+        Raises:
+            ValueError: every problem found, each naming its field (``bank.slots``, ``bank.tensors``...),
+                ending with how to fix it (re-export).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"bank must be an object, got {type(data).__name__}; re-export the bank")
+        problems: list[str] = []
+        if type(data.get("slot_axis")) is not int or data["slot_axis"] != SLOT_AXIS:
+            problems.append(f"bank.slot_axis is {str(data.get('slot_axis'))[:20]}, this bca-deploy reads banks with "
+                            f"slots on axis {SLOT_AXIS} (exported by an older bca-deploy?)")
+        ids_input = data.get("ids_input")
+        if not (isinstance(ids_input, str) and ids_input):
+            problems.append("bank.ids_input must be the name of the graph's slot input")
+        slots = data.get("slots")
+        names: list[str] = []
+        if not (isinstance(slots, list) and slots and slots[BASE_SLOT] is None
+                and all(isinstance(s, str) and s for s in slots[1:])):
+            problems.append(f"bank.slots must be a list of adapter names after null (the base model's slot), "
+                            f"got {str(slots)[:100]}")
+        else:
+            names = slots[1:]
+            if len(set(names)) != len(names):
+                problems.append(f"bank.slots names an adapter twice: {str(names)[:200]}")
+        files = data.get("adapter_files")
+        adapter_files: dict[str, str] = {}
+        if not isinstance(files, Mapping):
+            problems.append(f"bank.adapter_files must be an object, got {type(files).__name__}")
+        else:
+            for name, relative in files.items():
+                checked = _export_file(relative, f"bank.adapter_files[{name[:40]!r}]", problems)
+                if checked is not None:
+                    adapter_files[name] = checked
+            if names and set(files) != set(names):
+                problems.append(f"bank.adapter_files must have one file per slot's adapter ({str(names)[:200]}), "
+                                f"has {str(sorted(files))[:200]}")
+        tensors = data.get("tensors")
+        layout: dict[str, BankTensor] = {}
+        if not (isinstance(tensors, list) and tensors):
+            problems.append("bank.tensors must be a non-empty list")
+        else:
+            try:
+                layout = layout_from_dict(tensors)
+            except ValueError as exc:
+                problems.append(f"bank.tensors: {exc}")
+        prefix, model_type = data.get("base_model_prefix"), data.get("model_type")
+        for field, value in (("base_model_prefix", prefix), ("model_type", model_type)):
+            if not isinstance(value, (str, type(None))):
+                problems.append(f"bank.{field} must be a string or null, got {type(value).__name__}")
+        head = base_labels = base_file = None
+        adapter_labels: dict[str, HeadLabels | None] = {}
+        raw_head = data.get("head")
+        if raw_head is not None:
+            try:
+                head = HeadLayout.from_dict(raw_head)
+            except ValueError as exc:
+                problems.append(f"bank.{exc}" if str(exc).startswith("head") else f"bank.head: {exc}")
+            if isinstance(raw_head, Mapping):
+                if raw_head.get("base_file") is not None:
+                    base_file = _export_file(raw_head["base_file"], "bank.head.base_file", problems)
+                try:
+                    base_labels = None if raw_head.get("base") is None else HeadLabels.from_dict(raw_head["base"])
+                except ValueError as exc:
+                    problems.append(f"bank.head.base: {exc}")
+                own = raw_head.get("adapters") or {}
+                if not isinstance(own, Mapping):
+                    problems.append(f"bank.head.adapters must be an object, got {type(own).__name__}")
+                else:
+                    for name, labels in own.items():
+                        try:
+                            adapter_labels[name] = None if labels is None else HeadLabels.from_dict(labels)
+                        except ValueError as exc:
+                            problems.append(f"bank.head.adapters[{name[:40]!r}]: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems) + "; re-export the bank (bca-deploy export --bank)")
+        return cls(ids_input, tuple(slots), adapter_files, layout, prefix or "", model_type, head, base_file,
+                   base_labels, adapter_labels)
 
 
 def _outermost(paths: Sequence[str]) -> list[str]:

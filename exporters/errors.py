@@ -11,8 +11,8 @@ from bca_deploy.errors import BCAError
 if TYPE_CHECKING:  # pragma: no cover
     from .validate import ValidationReport
 
-__all__ = ["ExportError", "UnsupportedExportError", "RuntimeVersionError", "ValidationError", "MissingExtraError",
-           "require"]
+__all__ = ["ExportError", "UnsupportedExportError", "RuntimeVersionError", "ExportMetadataError", "ValidationError",
+           "MissingExtraError", "require"]
 
 
 class ExportError(BCAError, RuntimeError):
@@ -28,6 +28,11 @@ class UnsupportedExportError(BCAError, ValueError):
 
 class RuntimeVersionError(UnsupportedExportError):
     """The installed onnxruntime cannot run the requested graph correctly (e.g. one-sided inverse DFT < 1.27)."""
+
+
+class ExportMetadataError(BCAError, ValueError):
+    """An export directory's ``bca_export.json`` is not what the exporter writes (a field of the wrong type, a
+    bank record from another version, a file named outside the export); the message names the file and fields."""
 
 
 class ValidationError(BCAError, ValueError):

@@ -37,8 +37,8 @@ from bca_deploy.atomic import atomic_dir
 from .bank import BankPlan
 from .errors import ExportError, RuntimeVersionError, UnsupportedExportError, require
 from .graph import DFT_MIN_OPSET, FFT_MODES, MATMUL_MIN_OPSET, exportable_adapters
+from .metadata import write_export_metadata
 from .validate import (
-    METADATA_FILE,
     ONNX_FILE,
     TOLERANCES,
     Case,
@@ -269,8 +269,8 @@ def export(
             if verbose:
                 print(report.table())
             report.raise_for_failures()
-        _write_metadata(tmp, model_dir, adapter_dirs, task, opset, dtype, merge, fft, export_s, report,
-                        bank=None if bank_plan is None else bank_plan.metadata())
+        write_export_metadata(tmp, model_dir, adapter_dirs, task, opset, dtype, merge, fft, export_s, report,
+                              bank=None if bank_plan is None else bank_plan.metadata())
     if verbose:
         kind = "merged" if merge else f"unmerged ({fft})"
         if bank_plan is not None:
@@ -552,27 +552,3 @@ def _write_model_files(model: nn.Module, model_dir: Path, directory: Path) -> No
         source = model_dir / name
         if source.is_file():
             shutil.copyfile(source, directory / name)
-
-
-def _write_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequence[Path], task: str, opset: int,
-                    dtype: str, merge: bool, fft: str, export_s: float, report, bank: dict | None = None) -> None:
-    import bca_deploy
-
-    data = {
-        "format": "bca-deploy-onnx",
-        "bca_deploy_version": bca_deploy.__version__,
-        "torch_version": torch.__version__,
-        "task": task,
-        "merged": merge,
-        "fft": None if merge else fft,
-        "opset": opset,
-        "dtype": dtype,
-        "base_model": str(model_dir),
-        "adapters": [str(d) for d in adapter_dirs],
-        "export_seconds": round(export_s, 3),
-        "validation": report.to_dict() if report is not None else None,
-        "bank": bank,
-    }
-    (directory / METADATA_FILE).write_text(json.dumps(data, indent=2) + "\n")
-
-

@@ -31,6 +31,7 @@ from bca_deploy.inject import mixed_adapters
 from bca_deploy.models import cache_argument, cache_tensors, output_cache
 
 from .errors import UnsupportedExportError, ValidationError, require
+from .metadata import ExportMetadata, read_export_metadata
 
 #: The adapter-bank graph's per-row slot input (see bca_deploy.exporters.bank; defined here to avoid an import cycle).
 ADAPTER_IDS = "adapter_ids"
@@ -46,11 +47,9 @@ __all__ = [
     "validate_model",
     "onnx_providers",
     "ONNX_FILE",
-    "METADATA_FILE",
 ]
 
 ONNX_FILE = "model.onnx"
-METADATA_FILE = "bca_export.json"
 
 
 @dataclass(frozen=True)
@@ -417,7 +416,7 @@ class _InputsView:
         return self._inputs
 
 
-def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequence[str | Path], metadata: dict[str, Any],
+def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequence[str | Path], metadata: ExportMetadata,
                    *, task: str | None, dtype: str | None, cases, provider: str, tolerance) -> ValidationReport:
     """An adapter-bank export re-checked as its export checked it: mixed batches over every slot, then each
     adapter file (:meth:`~bca_deploy.exporters.bank.BankPlan.validate`), against the same adapters in slot order."""
@@ -425,33 +424,16 @@ def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequenc
 
     from .bank import BankPlan
 
-    recorded = metadata["bank"].get("slots")
-    if not (isinstance(recorded, list) and all(isinstance(s, str) or s is None for s in recorded)):
-        raise UnsupportedExportError(f"{onnx_path.parent / METADATA_FILE}: bank.slots must be a list of adapter names, "
-                                     f"got {str(recorded)[:100]}; re-export the bank")
-    slots = [s for s in recorded if s is not None]
+    slots = metadata.bank.adapters
     given = adapter_names([Path(d) for d in adapter_dirs]) if adapter_dirs else []
     if given != slots:
         raise UnsupportedExportError(
             f"{onnx_path.parent} is an adapter bank of slots {slots}; pass the adapters it was exported with, in that "
             f"order, with --adapter (got {given or 'none'})"
         )
-    plan = BankPlan.load(model_dir, adapter_dirs, task or metadata.get("task"))
-    return plan.validate(onnx_path.parent, plan.reference_model(), dtype or metadata.get("dtype") or "fp32", provider,
+    plan = BankPlan.load(model_dir, adapter_dirs, task or metadata.task)
+    return plan.validate(onnx_path.parent, plan.reference_model(), dtype or metadata.dtype or "fp32", provider,
                          tolerance=tolerance, cases=cases)
-
-
-def _read_metadata(onnx_dir: Path) -> dict[str, Any]:
-    """``bca_export.json`` (by the one JSON rule: a malformed file is an error naming it), or {} for an export
-    without one (optimum's); fields of the wrong type are dropped, so the export is checked as an unknown one."""
-    from bca_deploy.config import read_json
-
-    path = onnx_dir / METADATA_FILE
-    if not path.exists():
-        return {}
-    metadata = read_json(path, what="metadata file")
-    types = {"task": str, "dtype": str, "bank": dict}
-    return {k: v for k, v in metadata.items() if k not in types or isinstance(v, types[k])}
 
 
 def validate(
@@ -502,16 +484,17 @@ def validate(
     onnx_path = onnx_dir / ONNX_FILE if onnx_dir.is_dir() else onnx_dir
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{onnx_path}: no ONNX model there (expected {ONNX_FILE} in an export directory)")
-    metadata = _read_metadata(onnx_path.parent)
+    metadata = read_export_metadata(onnx_path.parent)
+    recorded_dtype = None if metadata is None else metadata.dtype
     tolerance = None
     if atol is not None or rtol is not None:
-        base = TOLERANCES.get(dtype or metadata.get("dtype") or "fp32", TOLERANCES["fp32"])
+        base = TOLERANCES.get(dtype or recorded_dtype or "fp32", TOLERANCES["fp32"])
         tolerance = Tolerance(atol=base.atol if atol is None else atol, rtol=base.rtol if rtol is None else rtol)
-    if isinstance(metadata.get("bank"), dict):
+    if metadata is not None and metadata.bank is not None:
         report = _validate_bank(onnx_path, model_dir, adapter_dirs, metadata, task=task, dtype=dtype, cases=cases,
                                 provider=provider, tolerance=tolerance)
     else:
-        model_task = resolve_export_task(model_dir, adapter_dirs, task or metadata.get("task"))
+        model_task = resolve_export_task(model_dir, adapter_dirs, task or (metadata.task if metadata else None))
         reference = load_model(model_dir, adapter_dirs, model_task)
         report = validate_model(onnx_path, reference, model_task.export_task, dtype=dtype, cases=cases,
                                 provider=provider, tolerance=tolerance)

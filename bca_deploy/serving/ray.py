@@ -38,8 +38,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..errors import BCAError, ServingError, UnknownAdapterError
 from .options import NOT_ON_RAY, ServeOptions
-from .session import BASE, ADAPTER_NAME_PATTERN, not_loaded
+from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
     AdapterExistsError,
     InvalidRequestError,
@@ -247,8 +249,7 @@ class Router:
 
         self.replicas = replicas
         self.options = ServeOptions(**options)
-        metadata = json.loads((Path(export_dir) / "bca_export.json").read_text())
-        self.exported = sorted((metadata.get("bank") or {}).get("adapter_files") or {})
+        self.exported = sorted(bank_metadata(export_dir).bank.adapters)
         self.store_dir = adapter_store
         self.model_name = self.options.served_model_name or default_model_name(Path(export_dir))
 
@@ -339,15 +340,35 @@ def build_app(args: Mapping[str, Any]):
         :data:`~bca_deploy.serving.options.NOT_ON_RAY`, which are refused.
     """
     args = dict(args)
+    if not args.get("export_dir"):
+        raise ServingError("export_dir: required (the adapter-bank export to serve)")
     export_dir = str(Path(args.pop("export_dir")).resolve())
+    bank_metadata(export_dir)  # refused here, not in every replica Ray would start and restart
     store = args.pop("adapter_store", None)
     store = str(Path(store).resolve()) if store else None
-    replicas = int(args.pop("replicas", 2))
-    per_replica = int(args.pop("max_adapters_per_replica", 16))
-    cpus = float(args.pop("replica_cpus", 1))
+    if store is not None and not Path(store).is_dir():
+        raise ServingError(f"adapter_store: {store} is not a directory")
+    replicas = _builder_number(args, "replicas", int, 2, 1)
+    per_replica = _builder_number(args, "max_adapters_per_replica", int, 16, 1)
+    cpus = _builder_number(args, "replica_cpus", float, 1.0, 0)
     fields = _ray_fields(_options_from(args))
     deployment = AdapterReplicas.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus})
     return Router.bind(deployment.bind(export_dir, store, fields, per_replica), export_dir, store, fields)
+
+
+def _builder_number(args: dict[str, Any], name: str, kind: type, default: float, least: float) -> Any:
+    """``args.pop(name)`` as ``kind`` (a string from ``serve run`` or a number), at least ``least``."""
+    raw = args.pop(name, default)
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = kind(raw)
+        if not (value >= least and math.isfinite(value)) or (kind is int and isinstance(raw, float) and raw != value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ServingError(f"{name}: expected {'an integer' if kind is int else 'a number'} >= {least}, "
+                           f"got {str(raw)[:40]!r}") from None
+    return value
 
 
 def _options_from(args: Mapping[str, Any]) -> ServeOptions:
@@ -364,7 +385,11 @@ def _options_from(args: Mapping[str, Any]) -> ServeOptions:
             continue
         value, kind = args[f.name], _kind(f)
         if isinstance(value, str) and kind is not str:
-            value = {"true": True, "false": False}.get(value.lower(), value) if kind is bool else kind(value)
+            try:
+                value = {"true": True, "false": False}.get(value.lower(), value) if kind is bool else kind(value)
+            except ValueError:
+                raise ServingError(f"{f.name}: expected {'an integer' if kind is int else 'a number'}, "
+                                   f"got {value[:40]!r}") from None
         values[f.name] = value
     unknown = set(args) - set(ServeOptions.__dataclass_fields__)
     if unknown:
@@ -386,19 +411,37 @@ def _ray_fields(options: ServeOptions) -> dict[str, Any]:
 
 def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, replicas: int = 2,
         max_adapters_per_replica: int = 16, replica_cpus: float = 1.0, options: ServeOptions | None = None,
-        address: str | None = None, blocking: bool = True):
+        address: str | None = None, blocking: bool = True, on_ready: Callable[[str], None] | None = None):
     """Start (or join, with ``address``) a Ray instance and serve the export on ``options.host:options.port``.
 
-    Returns the application's handle when ``blocking`` is False (tests); otherwise serves until interrupted.
+    The export, the options and (on a local instance) the address are checked before Ray starts, so a wrong
+    directory or a port in use fails at once with one message. ``on_ready`` gets the URL line once the
+    application is deployed. Returns the application's handle when ``blocking`` is False (tests);
+    otherwise serves until interrupted, then shuts the application down.
     """
     import ray
 
+    from .http import listening_socket
+
     options = options or ServeOptions()
     fields = _ray_fields(options)
+    bank_metadata(export_dir)
+    if address is None and not ray.is_initialized():
+        listening_socket(options.host, options.port).close()  # Ray's proxy binds it; fail now if it cannot
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="WARNING")
     serve.start(http_options={"host": options.host, "port": options.port,
                               "keep_alive_timeout_s": max(1, int(options.keep_alive_s))})
     app = build_app({"export_dir": export_dir, "adapter_store": adapter_store, "replicas": replicas,
                      "max_adapters_per_replica": max_adapters_per_replica, "replica_cpus": replica_cpus, **fields})
-    return serve.run(app, name="bca-deploy", route_prefix="/", blocking=blocking)
+    handle = serve.run(app, name="bca-deploy", route_prefix="/", blocking=False)
+    if on_ready is not None:
+        on_ready(f"serving {export_dir} on Ray Serve ({replicas} replicas) at http://{options.host}:{options.port} "
+                 "(Ctrl-C to stop)")
+    if not blocking:
+        return handle
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()

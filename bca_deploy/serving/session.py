@@ -25,6 +25,7 @@ import re
 import threading
 import time
 import weakref
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,15 @@ from ..errors import (
     ContextLengthError,
     ServingError,
     UnknownAdapterError,
+    format_problems,
 )
-from ..exporters.bank import LABEL_PAD, HeadLabels, HeadLayout, HeadWeights
+from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
+from ..exporters.metadata import ExportMetadata
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
 from .slots import SlotBank, SlotSpec
 
-__all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "check_adapter_name", "not_loaded", "BASE",
-           "ADAPTER_NAME_PATTERN"]
+__all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "bank_metadata", "check_adapter_name", "not_loaded",
+           "BASE", "ADAPTER_NAME_PATTERN"]
 
 #: Names that select the base model alone for a row (``None`` works too).
 BASE = "__base__"
@@ -172,42 +175,27 @@ class _Adapter:
     slot: int = 0
 
 
-def _export_metadata(path: Path) -> dict[str, Any]:
-    """``bca_export.json`` of a bank export, read by the one JSON rule and its fields' types checked before use.
+def bank_metadata(export_dir: str | Path) -> ExportMetadata:
+    """The metadata of an adapter-bank export (``bca-deploy export --bank``), its bank record checked.
 
     Raises:
-        AdapterFormatError: not a readable, bounded JSON object (see :func:`bca_deploy.config.read_json`).
-        ServingError: a field of the wrong type, or a file it names that lies outside the export directory.
+        ServingError: no graph or no ``bca_export.json`` there, or an export without ``--bank``.
+        ExportMetadataError, AdapterFormatError: a malformed ``bca_export.json`` (see
+            :func:`~bca_deploy.exporters.metadata.read_export_metadata`).
     """
-    from bca_deploy.config import read_json
+    from bca_deploy.exporters.metadata import METADATA_FILE, read_export_metadata
+    from bca_deploy.exporters.validate import ONNX_FILE
 
-    metadata = read_json(path, what="metadata file")
-    bank = metadata.get("bank")
-    problems = []
-    if not isinstance(metadata.get("task"), str):
-        problems.append(f"task must be a string, got {type(metadata.get('task')).__name__}")
-    if bank:
-        if not isinstance(bank, dict):
-            problems.append(f"bank must be an object, got {type(bank).__name__}")
-        else:
-            if not isinstance(bank.get("tensors"), list):
-                problems.append("bank.tensors must be a list")
-            if not isinstance(bank.get("ids_input"), str):
-                problems.append("bank.ids_input must be a string")
-            for key in ("base_model_prefix", "model_type"):
-                if not isinstance(bank.get(key), (str, type(None))):
-                    problems.append(f"bank.{key} must be a string")
-            files = bank.get("adapter_files") or {}
-            head = bank.get("head") or {}
-            if not isinstance(files, dict) or not isinstance(head, dict):
-                problems.append("bank.adapter_files and bank.head must be objects")
-            else:
-                named = [*files.values(), *([head["base_file"]] if head.get("base_file") else [])]
-                for relative in named:  # files of the export itself: never a path out of it
-                    if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts:
-                        problems.append(f"bank files must be paths inside the export, got {str(relative)[:100]!r}")
-    if problems:
-        raise ServingError(f"{path}: malformed export metadata: {'; '.join(problems)}; re-export the bank")
+    export_dir = Path(export_dir)
+    for name in (ONNX_FILE, METADATA_FILE):
+        if not (export_dir / name).is_file():
+            raise ServingError(f"{export_dir}: no {name}; expected a directory written by bca-deploy export --bank")
+    metadata = read_export_metadata(export_dir)
+    if metadata.bank is None:
+        raise ServingError(
+            f"{export_dir} is not an adapter-bank graph (exported {metadata.kind} without --bank); re-export "
+            "it with: bca-deploy export --no-merge --bank --adapter ... --out ..."
+        )
     return metadata
 
 
@@ -240,35 +228,19 @@ class MultiAdapterSession:
     ) -> None:
         import onnxruntime as ort
 
-        from bca_deploy.exporters.bank import LOGITS_TO_KEEP, SLOT_AXIS, layout_from_dict
+        from bca_deploy.exporters.bank import LOGITS_TO_KEEP
         from bca_deploy.exporters.validate import ONNX_FILE, onnx_providers
 
         self.export_dir = Path(export_dir)
-        metadata_path = self.export_dir / "bca_export.json"
         onnx_path = self.export_dir / ONNX_FILE
-        if not onnx_path.is_file():
-            raise ServingError(f"{self.export_dir}: no {ONNX_FILE}; expected a directory written by bca-deploy export --bank")
-        metadata = _export_metadata(metadata_path)
-        bank = metadata.get("bank")
-        if not bank:
-            raise ServingError(
-                f"{self.export_dir} is not an adapter-bank graph (exported {'merged' if metadata.get('merged') else 'unmerged'} "
-                "without --bank); re-export it with: bca-deploy export --no-merge --bank --adapter ... --out ..."
-            )
-        if bank.get("slot_axis") != SLOT_AXIS:
-            raise ServingError(f"{self.export_dir} was exported by an older bca-deploy (bank slots on axis "
-                               f"{bank.get('slot_axis', 2)}, this runtime expects {SLOT_AXIS}); re-export it with "
-                               "bca-deploy export --bank")
+        metadata = bank_metadata(self.export_dir)
+        bank = metadata.bank
         self.metadata = metadata
-        self.task: str = metadata["task"]
-        try:
-            self.layout = layout_from_dict(bank["tensors"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ServingError(f"{metadata_path}: bank.tensors is malformed ({type(exc).__name__}: "
-                               f"{str(exc)[:200]}); re-export the bank") from None
-        self.ids_input: str = bank["ids_input"]
-        self.base_model_prefix: str = bank.get("base_model_prefix") or ""
-        self.model_type: str | None = bank.get("model_type")
+        self.task: str = metadata.task
+        self.layout = bank.layout
+        self.ids_input: str = bank.ids_input
+        self.base_model_prefix: str = bank.base_model_prefix
+        self.model_type: str | None = bank.model_type
         self.provider = provider
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the bank's overridable initializers warn once per input otherwise
@@ -299,13 +271,9 @@ class MultiAdapterSession:
         # none older than v is left (bca_deploy.serving.slots). Its own lock: a snapshot may die anywhere.
         self._live: set[int] = set()
         self._live_lock = threading.Lock()
-        head_meta = bank.get("head") or None
-        try:
-            self.head = None if head_meta is None else HeadLayout.from_dict(head_meta)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ServingError(f"{metadata_path}: bank.head is malformed ({type(exc).__name__}: {str(exc)[:200]}); "
-                               "re-export the bank") from None
-        self._base_head = self._read_base_head(head_meta)
+        self.head = bank.head
+        self._check_graph_inputs(onnx_path)
+        self._base_head = self._read_base_head(bank)
         self._shared_labels = None
         if self.head is None and "logits" in self.output_names and not self.with_past:
             config = self.config  # every row shares the checkpoint's head and labels
@@ -361,8 +329,6 @@ class MultiAdapterSession:
         if head is not None:
             problems += self._head_problems(head)
         if problems:
-            from bca_deploy.errors import format_problems
-
             raise AdapterMismatchError(format_problems(f"{source} does not fit the bank graph:", problems))
         sizes = tuple(sorted({self.layout[k].block_size for k in tensors}))
         n = sum(self.layout[k].in_features * self.layout[k].out_features // self.layout[k].block_size for k in tensors)
@@ -506,16 +472,63 @@ class MultiAdapterSession:
 
     # ---- heads -----------------------------------------------------------------------------------------
 
-    def _read_base_head(self, head_meta: Mapping[str, Any] | None) -> HeadWeights | None:
-        if not head_meta or not head_meta.get("base_file"):
+    def _check_graph_inputs(self, onnx_path: Path) -> None:
+        """Every bank input the metadata records is an input of the graph, of the shape it records (dynamic axes
+        aside): a metadata file that does not belong to its graph is refused at load, not by a request's run."""
+        expected = {name: entry.slot_shape for name, entry in self.layout.items()}
+        if self.head is not None:
+            expected.update(self.head.slot_shapes(1))  # the label axis is dynamic in the graph
+        # bank tensors are initializers listed as inputs: onnxruntime lists them as overridable initializers
+        declared = {i.name: i for i in (*self.session.get_overridable_initializers(), *self.session.get_inputs())}
+        problems = []
+        for name, slot_shape in expected.items():
+            graph_input = declared.get(name)
+            if graph_input is None:
+                problems.append(f"{name}: not an input of the graph")
+                continue
+            dims = list(graph_input.shape)[1:]  # after the slot axis
+            if len(dims) != len(slot_shape) or any(isinstance(d, int) and d != want for d, want in zip(dims, slot_shape)):
+                problems.append(f"{name}: the graph declares {graph_input.shape}, the metadata records "
+                                f"(slots, {', '.join(map(str, slot_shape))})")
+        if problems:
+            from bca_deploy.exporters.metadata import METADATA_FILE
+
+            raise ServingError(format_problems(
+                f"{onnx_path} does not match the bank its {METADATA_FILE} records (re-export the bank):", problems))
+
+    def _read_base_head(self, bank: BankRecord) -> HeadWeights | None:
+        """The base checkpoint's head layers (slot 0 and adapters without a head of their own), checked against
+        the graph's head layout: each present layer whole, of its shape, finite; the label layer as wide as the
+        base labels recorded (and present exactly when they are)."""
+        if self.head is None or bank.base_head_file is None:
             return None
-        path = self.export_dir / head_meta["base_file"]
+        path = self.export_dir / bank.base_head_file
         try:
             with np.load(path, allow_pickle=False) as data:
                 tensors = {k: np.asarray(data[k], dtype=np.float32) for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise ServingError(f"{path}: cannot read the base model's head ({exc})") from exc
-        labels = HeadLabels.from_dict(head_meta["base"]) if head_meta.get("base") else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ServingError(f"{path}: cannot read the base model's head ({exc})") from None
+        labels = bank.base_labels
+        problems = [f"{name}: not a head input of this graph" for name in sorted(set(tensors) - set(self.head.names()))]
+        for layer in self.head.layers:
+            present = [n for n in (layer.weight_name, layer.bias_name) if n in tensors]
+            if layer.labels and (labels is None) != (not present):
+                problems.append(f"{layer.module}: the label layer must be present exactly when base labels are "
+                                f"recorded ({'present' if present else 'absent'}, labels "
+                                f"{'recorded' if labels is not None else 'not recorded'})")
+                continue
+            if not present:
+                continue
+            width = labels.num_labels if layer.labels and labels is not None else None
+            for name, shape in layer.slot_shapes(width).items():
+                value = tensors.get(name)
+                if value is None or value.shape != shape:
+                    problems.append(f"{name}: {'missing' if value is None else value.shape}, expected {shape}")
+                elif not np.isfinite(value).all():
+                    problems.append(f"{name}: NaN/Inf values")
+        if problems:
+            raise ServingError(format_problems(f"{path}: the base model's head does not fit this bank graph "
+                                               "(re-export the bank):", problems))
         return HeadWeights(tensors, labels)
 
     def _labels(self, head: HeadWeights | None) -> HeadLabels | None:
@@ -546,29 +559,39 @@ class MultiAdapterSession:
                     problems.append(f"{name}: NaN/Inf values")
         return problems
 
-    def _register_exported(self, bank: Mapping[str, Any]) -> None:
+    def _register_exported(self, bank: BankRecord) -> None:
         import onnxruntime as ort
 
         from bca_deploy.exporters.bank import SLOT_AXIS
 
-        own_heads = (bank.get("head") or {}).get("adapters") or {}
-        for name, relative in (bank.get("adapter_files") or {}).items():
-            path = self.export_dir / relative
+        for name in bank.adapters:
+            path = self.export_dir / bank.adapter_files[name]
             if not path.is_file():
                 raise ServingError(f"{path}: adapter file listed in bca_export.json is missing")
-            adapter = ort.AdapterFormat.read_adapter(str(path))
-            # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns
-            params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+            try:
+                adapter = ort.AdapterFormat.read_adapter(str(path))
+                # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns
+                params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+            except Exception as exc:  # onnxruntime raises RuntimeError/Fail (pybind) for a file it cannot parse
+                raise ServingError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]})") from None
             del adapter
+            # each parameter holds two slots (zeros, then this adapter) on the slot axis
+            short = sorted(k for k, v in params.items() if v.ndim == 0 or v.shape[SLOT_AXIS] != 2)
+            own = bank.adapter_labels.get(name)
+            missing = [k for k in self.head.names() if k not in params] if self.head is not None and own else []
+            if short or missing:
+                raise ServingError(format_problems(f"{path}: not the adapter file this bank exported:", [
+                    *(f"{k}: shape {params[k].shape}, expected two slots on axis {SLOT_AXIS}" for k in short[:10]),
+                    *(f"{k}: missing (the adapter's own head)" for k in missing[:10])]))
             tensors = {k: np.take(params[k], 1, axis=SLOT_AXIS) for k in self.layout if k in params}
             tensors = {k: v for k, v in tensors.items() if np.any(v)}
             head = None
-            if self.head is not None and own_heads.get(name) is not None:
-                labels = HeadLabels.from_dict(own_heads[name])
-                head = HeadWeights({k: params[k][1] for k in self.head.names()}, labels)
+            if self.head is not None and own is not None:
+                head = HeadWeights({k: params[k][1] for k in self.head.names()}, own)
                 label = self.head.label_layer  # the file's label axis is as wide as its widest slot
-                head.tensors[label.weight_name] = head.tensors[label.weight_name][:, :labels.num_labels]
-                head.tensors[label.bias_name] = head.tensors[label.bias_name][:labels.num_labels]
+                head.tensors[label.weight_name] = head.tensors[label.weight_name][:, :own.num_labels]
+                head.tensors[label.bias_name] = head.tensors[label.bias_name][:own.num_labels]
             self.register_tensors(name, tensors, source=str(path), head=head)
 
     # ---- running -------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from bca_deploy.exporters.bank import (
     layout_from_dict,
     stack_bank,
 )
-from bca_deploy.exporters.errors import ExportError, UnsupportedExportError
+from bca_deploy.exporters.errors import ExportError, ExportMetadataError, UnsupportedExportError
 from serving_helpers import (  # noqa: F401
     EXPORTED,
     TASKS,
@@ -378,7 +378,7 @@ def test_validate_rechecks_a_bank_export_with_its_adapters(name, banks, tmp_path
     shutil.copytree(art["onnx"], hostile)
     meta = json.loads((hostile / "bca_export.json").read_text())
     (hostile / "bca_export.json").write_text(json.dumps({**meta, "bank": {**meta["bank"], "slots": 5}}))
-    with pytest.raises(UnsupportedExportError, match="bank.slots must be a list"):
+    with pytest.raises(ExportMetadataError, match="bank.slots must be a list"):
         validate(hostile, art["model"], adapter_dirs, verbose=False)
     args = ["validate", "--onnx", str(art["onnx"]), "--model", str(art["model"]), "--cases", "2x4"]
     result = CliRunner().invoke(main, [*args, *(f"--adapter={d}" for d in adapter_dirs)])

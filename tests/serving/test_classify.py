@@ -250,6 +250,88 @@ def test_misfit_heads_are_refused_and_nothing_changes(heads, tmp_path):
     assert session.bank_memory() == memory
 
 
+def _edited_export(source: Path, directory: Path, edit) -> Path:
+    """A copy of the export ``source`` whose bca_export.json ``edit(metadata)`` changed in place."""
+    shutil.copytree(source, directory)
+    metadata = json.loads((directory / "bca_export.json").read_text())
+    edit(metadata)
+    (directory / "bca_export.json").write_text(json.dumps(metadata))
+    return directory
+
+
+def test_hostile_head_records_and_files_are_refused_naming_them(heads, classifier, tmp_path):
+    """A head-bank export whose head record or files are not what export wrote: one error naming the field or file
+    (each was an AttributeError, KeyError, StopIteration, an onnxruntime error or a broadcast error in a request)."""
+    from bca_deploy.errors import BCAError
+    from bca_deploy.serving import MultiAdapterSession
+
+    def head(edit):
+        return lambda m: edit(m["bank"]["head"])
+
+    def set_labels(name, value):
+        return head(lambda h: h["adapters"].__setitem__(name, value))
+
+    cases = {
+        "adapters-is-list": (head(lambda h: h.__setitem__("adapters", ["pos2"])), "bank.head.adapters must be an object"),
+        "labels-missing-one": (set_labels("pos2", {"num_labels": 2, "id2label": {"0": "neg"}}), "id2label must map"),
+        "labels-huge-count": (set_labels("pos2", {"num_labels": 10**12, "id2label": {"0": "neg"}}), "id2label must map"),
+        "labels-count-string": (set_labels("tri3", {"num_labels": "3", "id2label": {}}), "num_labels must be"),
+        "labels-problem-type": (set_labels("tri3", {"num_labels": 1, "id2label": {"0": "x"}, "problem_type": "ranking"}),
+                                "problem_type must be one of"),
+        "no-label-layer": (head(lambda h: [layer.__setitem__("labels", False) for layer in h["layers"]]),
+                           "exactly one label layer"),
+        "layers-empty": (head(lambda h: h.__setitem__("layers", [])), "bank.head.layers must be"),
+        "modules-string": (head(lambda h: h.__setitem__("modules", "classifier")), "bank.head.modules must be"),
+        "layer-size-float": (head(lambda h: h["layers"][0].__setitem__("in_features", 32.0)), "malformed head layer"),
+        "layer-not-in-graph": (head(lambda h: h["layers"][-1].__setitem__("module", "scorer")),
+                               "scorer.bca_head_weight: not an input of the graph"),
+        "tensor-not-in-graph": (lambda m: m["bank"]["tensors"][0].__setitem__("module", "bert.nope"),
+                                "bert.nope.bca_freq_p8: not an input of the graph"),
+        "tensor-wrong-size": (lambda m: m["bank"]["tensors"][0].__setitem__("in_features", 64),
+                              "the graph declares"),
+        "slot-without-file": (lambda m: m["bank"]["adapter_files"].pop("tri3"), "one file per slot's adapter"),
+        "slots-not-base-first": (lambda m: m["bank"].__setitem__("slots", ["pos2", None]), "bank.slots must be"),
+        "slot-twice": (lambda m: m["bank"].__setitem__("slots", [None, "pos2", "pos2", "plain"]), "names an adapter twice"),
+    }
+    for name, (edit, needle) in cases.items():
+        directory = _edited_export(heads["onnx"], tmp_path / name, edit)
+        with pytest.raises(BCAError) as caught:
+            MultiAdapterSession(directory)
+        assert needle in str(caught.value), (name, str(caught.value))
+    # the files the record names
+    broken = _edited_export(heads["onnx"], tmp_path / "adapter-file-garbage", lambda m: None)
+    (broken / "adapters" / "pos2.onnx_adapter").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ServingError, match="pos2.onnx_adapter: not a readable onnxruntime adapter file"):
+        MultiAdapterSession(broken)
+    _, _, shared = classifier
+    base_file = json.loads((shared / "bca_export.json").read_text())["bank"]["head"]["base_file"]
+    assert base_file
+    cases = {
+        "garbage": (b"PK\x03\x04 not a zip", "cannot read the base model's head"),
+        "wrong-shape": ({"classifier.bca_head_weight": np.zeros((32, 2), np.float32),
+                         "classifier.bca_head_bias": np.zeros(2, np.float32)}, "(32, 2), expected (32, 3)"),
+        "foreign-tensor": ({"classifier.bca_head_weight": np.zeros((32, 3), np.float32),
+                            "classifier.bca_head_bias": np.zeros(3, np.float32),
+                            "pooler.bca_head_weight": np.zeros((32, 32), np.float32)}, "not a head input of this graph"),
+        "non-finite": ({"classifier.bca_head_weight": np.full((32, 3), np.nan, np.float32),
+                        "classifier.bca_head_bias": np.zeros(3, np.float32)}, "NaN/Inf values"),
+        "label-layer-missing": ({}, "the label layer must be present exactly when base labels are recorded"),
+    }
+    for name, (content, needle) in cases.items():
+        directory = _edited_export(shared, tmp_path / f"base-{name}", lambda m: None)
+        if isinstance(content, bytes):
+            (directory / base_file).write_bytes(content)
+        else:
+            np.savez(directory / base_file, **content)
+        with pytest.raises(ServingError) as caught:
+            MultiAdapterSession(directory)
+        assert needle in str(caught.value) and base_file in str(caught.value), (name, str(caught.value))
+    outside = _edited_export(shared, tmp_path / "base-outside",
+                             head(lambda h: h.__setitem__("base_file", "/etc/passwd")))
+    with pytest.raises(BCAError, match="bank.head.base_file must be a path inside the export"):
+        MultiAdapterSession(outside)
+
+
 def test_export_refuses_heads_it_cannot_bank(heads, tmp_path):
     import dataclasses
 

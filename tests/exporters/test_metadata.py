@@ -1,0 +1,94 @@
+"""bca_export.json: the one reader (what serve, validate and the Ray deployment use) against what export writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bca_deploy.errors import AdapterFormatError
+from bca_deploy.exporters.bank import SLOT_AXIS, BankRecord, BankTensor, HeadLabels, HeadLayer, HeadLayout, layout_to_dict
+from bca_deploy.exporters.errors import ExportMetadataError
+from bca_deploy.exporters.metadata import METADATA_FILE, read_export_metadata
+
+LAYOUT = {t.name: t for t in (BankTensor("encoder.layer.0.attention.self.query", 8, 32, 32, "linear"),
+                              BankTensor("h.0.attn.c_attn", 16, 32, 96, "conv1d"))}
+HEAD = HeadLayout(("classifier",), (HeadLayer("classifier", 32, 3, True, True),))
+LABELS = HeadLabels(("neg", "neutral", "pos"), "single_label_classification")
+
+
+def _bank(**changes) -> dict:
+    bank = {"ids_input": "adapter_ids", "base_slot": 0, "slot_axis": SLOT_AXIS, "slots": [None, "a", "b"],
+            "adapter_files": {"a": "adapters/a.onnx_adapter", "b": "adapters/b.onnx_adapter"},
+            "base_model_prefix": "bert", "model_type": "bert", "tensors": layout_to_dict(LAYOUT),
+            "head": {**HEAD.to_dict(), "base": LABELS.to_dict(), "base_file": "bca_head_base.npz",
+                     "adapters": {"a": None, "b": HeadLabels(("x", "y")).to_dict()}}}
+    return {**bank, **changes}
+
+
+def _write(directory, data) -> None:
+    (directory / METADATA_FILE).write_text(json.dumps(data))
+
+
+def test_what_export_writes_reads_back_typed(tmp_path):
+    assert read_export_metadata(tmp_path) is None  # optimum's exports have none
+    _write(tmp_path, {"format": "bca-deploy-onnx", "task": "text-classification", "merged": False, "dtype": "fp32",
+                      "bank": _bank(), "validation": {"rows": []}})
+    metadata = read_export_metadata(tmp_path)
+    assert (metadata.task, metadata.dtype, metadata.merged, metadata.kind) == ("text-classification", "fp32", False,
+                                                                              "adapter-bank")
+    bank = metadata.bank
+    assert bank.adapters == ["a", "b"] and bank.slots == (None, "a", "b") and bank.layout == LAYOUT
+    assert bank.head == HEAD and bank.base_labels == LABELS and bank.base_head_file == "bca_head_base.npz"
+    assert bank.adapter_labels == {"a": None, "b": HeadLabels(("x", "y"))}
+    assert metadata.fields["validation"] == {"rows": []}
+    _write(tmp_path, {"task": "feature-extraction", "merged": True, "bank": None})
+    assert read_export_metadata(tmp_path).kind == "merged" and read_export_metadata(tmp_path).bank is None
+
+
+def test_every_problem_is_reported_at_once_naming_the_file_and_fields(tmp_path):
+    _write(tmp_path, {"task": 3, "merged": "yes", "dtype": ["fp32"],
+                      "bank": _bank(slots=5, tensors=[], slot_axis=2, model_type=7,
+                                    adapter_files={"a": "../../etc/passwd"})})
+    with pytest.raises(ExportMetadataError) as caught:
+        read_export_metadata(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / METADATA_FILE))
+    for needle in ("task must be a task name", "merged must be true or false", "dtype must be a string",
+                   "bank.slots must be a list", "bank.tensors must be a non-empty list", "bank.slot_axis is 2",
+                   "bank.model_type must be a string", "bank.adapter_files['a'] must be a path inside the export",
+                   "re-export the bank"):
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b"\xff{}", "not UTF-8 text"),
+    (b"[" * 50_000 + b"]" * 50_000, "nested"),
+    (b'{"task": "x", "bank": {"slots": [null, "a"], "tensors": [{"module": "q", "block_size": 1e400}]}}', "Infinity"),
+])
+def test_unreadable_files_are_refused_naming_them(tmp_path, raw, needle):
+    (tmp_path / METADATA_FILE).write_bytes(raw)
+    with pytest.raises((AdapterFormatError, ExportMetadataError), match=needle) as caught:
+        read_export_metadata(tmp_path)
+    assert METADATA_FILE in str(caught.value)
+
+
+def test_head_labels_and_layout_are_checked_field_by_field():
+    assert HeadLabels.from_dict(LABELS.to_dict()) == LABELS
+    assert HeadLayout.from_dict(HEAD.to_dict()) == HEAD
+    for data, needle in (({"num_labels": 0, "id2label": {}}, "num_labels must be a positive integer"),
+                         ({"num_labels": True, "id2label": {"0": "a"}}, "num_labels must be a positive integer"),
+                         ({"num_labels": 2, "id2label": {"0": "a", "01": "b"}}, "id2label must map"),
+                         ({"num_labels": 1, "id2label": {"0": 5}}, "id2label must map"),
+                         ([1], "labels must be an object")):
+        with pytest.raises(ValueError, match=needle):
+            HeadLabels.from_dict(data)
+    two_label_layers = {**HEAD.to_dict(), "layers": [HEAD.to_dict()["layers"][0]] * 2}
+    for data, needle in ((two_label_layers, "exactly one label layer"),
+                         ({"modules": [], "layers": []}, "head.modules"),
+                         ({**HEAD.to_dict(), "layers": [{"module": "c", "in_features": 0, "out_features": 3,
+                                                         "labels": True, "bias": True}]}, "malformed head layer")):
+        with pytest.raises(ValueError, match=needle):
+            HeadLayout.from_dict(data)
+    with pytest.raises(ValueError, match="one file per slot's adapter"):
+        BankRecord.from_dict(_bank(adapter_files={"a": "adapters/a.onnx_adapter"}))
