@@ -18,6 +18,7 @@ from .errors import AdapterFormatError, format_problems
 
 __all__ = [
     "RUN_ADAPTER_FOLDERS",
+    "show_json_value",
     "run_adapter_dir",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -105,10 +106,10 @@ class ModuleSpec:
         for attr in ("in_features", "out_features"):
             value = getattr(self, attr)
             if not _is_int(value) or not 1 <= value <= MAX_FEATURES:
-                out.append(f"{where}: {attr} must be an integer in 1..{MAX_FEATURES}, got {_show(value)}")
+                out.append(f"{where}: {attr} must be an integer in 1..{MAX_FEATURES}, got {show_json_value(value)}")
         p = self.block_size
         if not _is_int(p) or p < 1:
-            out.append(f"{where}: block_size must be a positive integer, got {_show(p)}")
+            out.append(f"{where}: block_size must be a positive integer, got {show_json_value(p)}")
         elif not out and (self.in_features % p or self.out_features % p):
             out.append(
                 f"{where}: block size {p} does not divide its shape (in_features={self.in_features}, "
@@ -116,9 +117,9 @@ class ModuleSpec:
                 f"{', '.join(map(str, valid_block_sizes(self.in_features, self.out_features)[:12]))}"
             )
         if not _is_positive_number(self.scaling):
-            out.append(f"{where}: scaling must be a finite positive number, got {_show(self.scaling)}")
+            out.append(f"{where}: scaling must be a finite positive number, got {show_json_value(self.scaling)}")
         if not isinstance(self.layer_type, str) or self.layer_type not in LAYER_TYPES:
-            out.append(f"{where}: layer_type must be one of {', '.join(LAYER_TYPES)}, got {_show(self.layer_type)}")
+            out.append(f"{where}: layer_type must be one of {', '.join(LAYER_TYPES)}, got {show_json_value(self.layer_type)}")
         return out
 
 
@@ -169,7 +170,7 @@ class TaskSpec:
             out.append(f"task.type {self.type!r}: expected one of {', '.join(TASK_TYPES)}")
         arch = self.architecture
         if arch is not None and not (isinstance(arch, str) and arch.isidentifier() and arch.isascii()):
-            out.append(f"task.architecture must be a transformers class name or null, got {_show(arch)}")
+            out.append(f"task.architecture must be a transformers class name or null, got {show_json_value(arch)}")
         head = self.head
         if head is None:
             return out
@@ -363,41 +364,41 @@ class AdapterConfig:
         out: list[str] = []
         tm = self.target_modules
         if not (isinstance(tm, str) and tm) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
-            out.append(f"target_modules must be a non-empty string or a list of strings, got {_show(tm)}")
+            out.append(f"target_modules must be a non-empty string or a list of strings, got {show_json_value(tm)}")
         if not _is_int(self.block_size) or self.block_size < 1:
-            out.append(f"block_size must be a positive integer, got {_show(self.block_size)}")
+            out.append(f"block_size must be a positive integer, got {show_json_value(self.block_size)}")
         if not isinstance(self.block_size_pattern, dict):
-            out.append(f"block_size_pattern must be an object mapping names to block sizes, got {_show(self.block_size_pattern)}")
+            out.append(f"block_size_pattern must be an object mapping names to block sizes, got {show_json_value(self.block_size_pattern)}")
         else:
             for key, value in self.block_size_pattern.items():
                 if not _is_int(value) or value < 1:
-                    out.append(f"block_size_pattern[{key!r}] must be a positive integer, got {_show(value)}")
+                    out.append(f"block_size_pattern[{key!r}] must be a positive integer, got {show_json_value(value)}")
         if not _is_finite_number(self.scaling):
-            out.append(f"scaling must be finite, got {_show(self.scaling)}")
+            out.append(f"scaling must be finite, got {show_json_value(self.scaling)}")
         elif self.scaling <= 0:
             out.append(f"scaling must be positive, got {self.scaling!r}")
         if not isinstance(self.init, str) or self.init not in INITS:
-            out.append(f"init must be one of {', '.join(INITS)}; got {_show(self.init)}")
+            out.append(f"init must be one of {', '.join(INITS)}; got {show_json_value(self.init)}")
         if not isinstance(self.modules, dict):
-            out.append(f"modules must be an object mapping module paths to their specs, got {_show(self.modules)}")
+            out.append(f"modules must be an object mapping module paths to their specs, got {show_json_value(self.modules)}")
         else:
             for name, spec in self.modules.items():
                 bad = path_problem(name)
                 if bad:
-                    out.append(f"modules key {_show(name)}: {bad}")
+                    out.append(f"modules key {show_json_value(name)}: {bad}")
                 elif not isinstance(spec, ModuleSpec):
-                    out.append(f"module {name}: expected a module spec, got {_show(spec)}")
+                    out.append(f"module {name}: expected a module spec, got {show_json_value(spec)}")
                 else:
                     out.extend(spec.problems(name))
         saved_ok = isinstance(self.modules_to_save, list)
         if not saved_ok:
-            out.append(f"modules_to_save must be a list of module paths, got {_show(self.modules_to_save)}")
+            out.append(f"modules_to_save must be a list of module paths, got {show_json_value(self.modules_to_save)}")
         else:
             seen: set[str] = set()
             for entry in self.modules_to_save:
                 bad = path_problem(entry)
                 if bad:
-                    out.append(f"modules_to_save entry {_show(entry)}: {bad}")
+                    out.append(f"modules_to_save entry {show_json_value(entry)}: {bad}")
                     saved_ok = False
                     continue  # (not hashable, perhaps: a list)
                 if entry in seen:
@@ -413,10 +414,10 @@ class AdapterConfig:
         for attr in ("base_model_type", "base_model_name_or_path"):
             value = getattr(self, attr)
             if value is not None and not (isinstance(value, str) and _encodable(value)):
-                out.append(f"{attr} must be a string or null, got {_show(value)}")
+                out.append(f"{attr} must be a string or null, got {show_json_value(value)}")
         if self.task is not None:
             if not isinstance(self.task, TaskSpec):
-                out.append(f"task must be a TaskSpec or null, got {_show(self.task)}")
+                out.append(f"task must be a TaskSpec or null, got {show_json_value(self.task)}")
             else:
                 out.extend(self.task.problems(self.modules_to_save if saved_ok else None))
         return out
@@ -456,20 +457,20 @@ class AdapterConfig:
             AdapterFormatError: naming ``source``, each field, what came in and what was expected.
         """
         if not isinstance(data, dict):
-            raise AdapterFormatError(f"{source}: expected a JSON object, got {_show(data)}")
+            raise AdapterFormatError(f"{source}: expected a JSON object, got {show_json_value(data)}")
         if data.get("format") != FORMAT_NAME:
             raise AdapterFormatError(
-                f"{source}: 'format' is {_show(data.get('format'))}, expected {FORMAT_NAME!r} "
+                f"{source}: 'format' is {show_json_value(data.get('format'))}, expected {FORMAT_NAME!r} "
                 "(for a PEFT C3A adapter, use load_adapter, which converts it)"
             )
         version = data.get("format_version")
         if version != FORMAT_VERSION or isinstance(version, bool):
             raise AdapterFormatError(
-                f"{source}: format_version {_show(version)} is not supported by this bca-deploy "
+                f"{source}: format_version {show_json_value(version)} is not supported by this bca-deploy "
                 f"(it reads version {FORMAT_VERSION}); upgrade bca-deploy to read newer adapters"
             )
         if data.get("layout") != LAYOUT:
-            raise AdapterFormatError(f"{source}: layout {_show(data.get('layout'))}, expected {LAYOUT!r}")
+            raise AdapterFormatError(f"{source}: layout {show_json_value(data.get('layout'))}, expected {LAYOUT!r}")
         problems: list[str] = []
         for key in ("target_modules", "block_size", "modules"):
             if key not in data:
@@ -482,13 +483,13 @@ class AdapterConfig:
             required = fields - {"layer_type"}
             for name, spec in raw_modules.items():
                 if not isinstance(spec, dict):
-                    problems.append(f"module {_show(name)}: expected an object with {', '.join(sorted(required))}, "
-                                    f"got {_show(spec)}")
+                    problems.append(f"module {show_json_value(name)}: expected an object with {', '.join(sorted(required))}, "
+                                    f"got {show_json_value(spec)}")
                     continue
                 unknown = sorted(set(spec) - fields)
                 missing = sorted(required - set(spec))
                 if unknown or missing:
-                    problems.append(f"module {_show(name)}: " + "; ".join(
+                    problems.append(f"module {show_json_value(name)}: " + "; ".join(
                         ([f"unknown key(s) {unknown}"] if unknown else [])
                         + ([f"missing key(s) {missing}"] if missing else [])))
                     continue
@@ -497,7 +498,7 @@ class AdapterConfig:
         if base is None:
             base = {}
         if not isinstance(base, dict):
-            problems.append(f"base_model must be an object or null, got {_show(base)}")
+            problems.append(f"base_model must be an object or null, got {show_json_value(base)}")
             base = {}
         task: TaskSpec | None = None
         if data.get("task") is not None:
@@ -565,11 +566,13 @@ def read_json(path: Path, what: str = "file", allow_nan: bool = False) -> dict[s
 
 def parse_json_object(text: str, source: str, what: str = "file", allow_nan: bool = False) -> dict[str, Any]:
     """The JSON object in ``text`` (read from ``source``), with :func:`read_json`'s rules and errors: at most
-    :data:`MAX_JSON_BYTES` characters, valid and not too deeply nested, no NaN/Infinity unless ``allow_nan``."""
+    :data:`MAX_JSON_BYTES` characters, valid and not too deeply nested, no NaN/Infinity (nor a number too large
+    to be finite, such as 1e400) unless ``allow_nan``."""
     if len(text) > MAX_JSON_BYTES:
         raise AdapterFormatError(f"{source}: {len(text)} characters; a {what} of more than {MAX_JSON_BYTES} is refused")
     try:
-        data = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant,
+                                                              parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{source}: not valid JSON ({exc})") from exc
     except RecursionError:
@@ -577,12 +580,19 @@ def parse_json_object(text: str, source: str, what: str = "file", allow_nan: boo
     except ValueError as exc:  # NaN / Infinity literals
         raise AdapterFormatError(f"{source}: {exc}") from exc
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{source}: expected a JSON object, got {_show(data)}")
+        raise AdapterFormatError(f"{source}: expected a JSON object, got {show_json_value(data)}")
     return data
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON (write a finite number)")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e400: valid JSON that Python reads as Infinity
+        raise ValueError(f"{literal[:40]} is too large for a number (Infinity is not valid JSON)")
+    return value
 
 
 def _is_int(value: Any) -> bool:
@@ -620,7 +630,7 @@ def path_problem(path: Any) -> str | None:
     at most 1,000 characters, encodable as UTF-8.
     """
     if not isinstance(path, str):
-        return f"a module path must be a string, got {_show(path)}"
+        return f"a module path must be a string, got {show_json_value(path)}"
     if not path or len(path) > 1000:
         return f"a module path must have 1..1000 characters, got {len(path)}"
     if not _encodable(path):
@@ -630,7 +640,7 @@ def path_problem(path: Any) -> str | None:
     return None
 
 
-def _show(value: Any, limit: int = 80) -> str:
+def show_json_value(value: Any, limit: int = 80) -> str:
     """A short description of a JSON value for messages: scalars as written, containers by kind."""
     if value is None:
         return "null"

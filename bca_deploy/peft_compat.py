@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from .config import FORMAT_NAME, KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, _show, parse_json_object
+from .config import (
+    FORMAT_NAME,
+    KERNEL_SUFFIX,
+    AdapterConfig,
+    ModuleSpec,
+    TaskSpec,
+    parse_json_object,
+    show_json_value,
+)
 from .errors import AdapterFormatError, format_problems
 from .ops import flip_circulant_layout
 
@@ -111,12 +119,14 @@ def from_peft(
     target = peft_config.get("target_modules")
     if target is not None and not isinstance(target, str) and not (
             isinstance(target, list) and all(isinstance(t, str) for t in target)):
-        problems.append(f"target_modules must be a string (a regex) or a list of module names, got {_show(target)}")
+        problems.append(f"target_modules must be a string (a regex) or a list of module names, "
+                        f"got {show_json_value(target)}")
     init = peft_config.get("init_weights")
     if init is not None and not isinstance(init, (bool, str)):
-        problems.append(f"init_weights must be true, false or a method name such as 'gaussian', got {_show(init)}")
+        problems.append(f"init_weights must be true, false or a method name such as 'gaussian', "
+                        f"got {show_json_value(init)}")
     if not isinstance(peft_config.get("base_model_name_or_path"), (str, type(None))):
-        problems.append(f"base_model_name_or_path must be a string, got {_show(peft_config['base_model_name_or_path'])}")
+        problems.append(f"base_model_name_or_path must be a string, got {show_json_value(peft_config['base_model_name_or_path'])}")
     pattern = peft_config.get("block_size_pattern")
     if pattern is not None and not (isinstance(pattern, dict) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pattern.values())):

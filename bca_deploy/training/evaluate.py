@@ -9,7 +9,6 @@ the same tokenization, batching and metric code (:func:`bca_deploy.training.runt
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TaskSpec, run_adapter_dir
-from .config import EvaluateConfig
+from ..config import MAX_NUM_LABELS, TaskSpec, show_json_value, read_json, run_adapter_dir
+from ..errors import format_problems
+from .config import METHODS, PRECISIONS, EvaluateConfig
 from .data import TASKS, check_label_range, load_dataset, pad_token_id
 from .errors import DataError, TrainingConfigError
 from .loading import (
@@ -107,16 +107,45 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
         destroy(d)
 
 
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_count(value: Any, most: int) -> bool:
+    return type(value) is int and 1 <= value <= most
+
+
+# The fields of bca_training.json that evaluate uses: a check and what it expects (null is always allowed).
+_INFO_FIELDS: dict[str, tuple[Any, str]] = {
+    "task": (lambda v: v in TASKS, f"one of {', '.join(TASKS)}"),
+    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "num_labels": (lambda v: _is_count(v, MAX_NUM_LABELS), f"an integer in 1..{MAX_NUM_LABELS}"),
+    "regression": (lambda v: type(v) is bool, "true or false"),
+    "label_names": (_is_names, "a list of label names"),
+    "text_columns": (lambda v: _is_names(v) and 1 <= len(v) <= 2, "a list of one or two column names"),
+    "modules_to_save": (_is_names, "a list of module paths"),
+    "max_length": (lambda v: _is_count(v, 1 << 20), "a positive integer"),
+    "eval_batch_size": (lambda v: _is_count(v, 1 << 20), "a positive integer"),
+    **{key: (lambda v: isinstance(v, str) and bool(v), "a column name")
+       for key in ("label_column", "prompt_column", "response_column", "text_column")},
+}
+
+
 def _read_training_info(adapter: Path) -> dict[str, Any]:
+    """``bca_training.json`` of a run's checkpoint ({} when there is none), by the one JSON rule, with every
+    field :func:`evaluate` uses typed (all problems at once, naming the file and the fields)."""
     path = adapter / TRAINING_FILE
     if not path.is_file():
         return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise TrainingConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(info, dict):
-        raise TrainingConfigError(f"{path}: expected a JSON object")
+    info = read_json(path, what="training record")
+    problems = [f"{key}: expected {expected}, got {show_json_value(info[key])}"
+                for key, (ok, expected) in _INFO_FIELDS.items() if info.get(key) is not None and not ok(info[key])]
+    names, count = info.get("label_names"), info.get("num_labels")
+    if not problems and names is not None and count is not None and len(names) != count:
+        problems.append(f"label_names: {len(names)} names for num_labels {count}")
+    if problems:
+        raise TrainingConfigError(format_problems(f"{path} is not a training record bca-deploy wrote:", problems))
     return info
 
 

@@ -104,6 +104,40 @@ def test_saved_adapter_reproduces_metrics_exactly(learned, files):
     assert result["step"] == 40 and result["final_metrics"] == learned.final_metrics
 
 
+def test_a_training_record_that_is_not_what_train_wrote_is_refused_naming_its_fields(learned, files, tmp_path):
+    """evaluate reads bca_training.json (the options it falls back to) by the one JSON rule, every field it uses
+    typed: one TrainingConfigError naming the file and each field (these were TypeErrors, a RecursionError,
+    a tokenizer error deep in the run, or an evaluation at a wrong length)."""
+    import shutil
+
+    from bca_deploy.errors import AdapterFormatError
+
+    good = json.loads((learned.out_dir / "best" / "bca_training.json").read_text())
+    cases = {
+        "fields": ({**good, "max_length": "128", "task": "seq2seq", "text_columns": "sentence", "num_labels": 1e9,
+                    "label_names": ["a", 3], "regression": "no"},
+                   ["max_length: expected a positive integer, got '128'", "task: expected one of seq-cls, causal-lm",
+                    "text_columns: expected a list of one or two column names", "num_labels: expected an integer",
+                    "label_names: expected a list of label names", "regression: expected true or false"]),
+        "names-vs-count": ({**good, "label_names": ["a", "b", "c"]}, ["label_names: 3 names for num_labels 2"]),
+        "columns": ({**good, "label_column": 7, "modules_to_save": [None]}, ["label_column: expected a column name",
+                                                                             "modules_to_save: expected a list"]),
+    }
+    for name, (info, needles) in cases.items():
+        adapter = tmp_path / name
+        shutil.copytree(learned.out_dir / "best", adapter)
+        (adapter / "bca_training.json").write_text(json.dumps(info))
+        with pytest.raises(TrainingConfigError) as caught:
+            _evaluate(files["bare"], adapter, files["cue"])
+        assert "bca_training.json is not a training record" in str(caught.value)
+        assert all(n in str(caught.value) for n in needles), (name, str(caught.value))
+    adapter = tmp_path / "nested"
+    shutil.copytree(learned.out_dir / "best", adapter)
+    (adapter / "bca_training.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterFormatError, match="bca_training.json: JSON nested too deeply"):
+        _evaluate(files["bare"], adapter, files["cue"])
+
+
 def test_label_names_string_labels_and_regression(files, tmp_path):
     rows = sst2_rows("train", 48)
     named = write_tsv(tmp_path / "named.tsv", [(s, "positive" if y else "negative") for s, y in rows])
