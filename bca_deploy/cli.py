@@ -180,11 +180,17 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("adapter", type=_ADAPTER_DIR)
 def inspect(adapter: Path) -> None:
-    """Print what an adapter directory (bca-deploy or PEFT C3A) holds, and which format it is in."""
+    """Print what an adapter directory (bca-deploy or PEFT C3A) or an ONNX export directory holds."""
     from .adapter_io import read_adapter
     from .config import CONFIG_FILE, read_json
     from .peft_compat import describe_format
 
+    if not (adapter / CONFIG_FILE).exists() and (adapter / "model.onnx").is_file():
+        from .exporters.metadata import describe_export
+
+        for line in describe_export(adapter):
+            click.echo(line)
+        return
     click.echo(f"adapter:      {adapter}")
     click.echo(f"format:       {describe_format(read_json(adapter / CONFIG_FILE), str(adapter))}")
     config, state = read_adapter(adapter)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .bank import BankRecord
     from .validate import ValidationReport
 
-__all__ = ["METADATA_FILE", "FORMAT", "ExportMetadata", "read_export_metadata", "write_export_metadata"]
+__all__ = ["METADATA_FILE", "FORMAT", "ExportMetadata", "read_export_metadata", "write_export_metadata", "describe_export"]
 
 METADATA_FILE = "bca_export.json"
 #: The ``format`` field of every ``bca_export.json`` this package writes.
@@ -116,3 +116,70 @@ def write_export_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequen
         "bank": bank,
     }
     (directory / METADATA_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def describe_export(export_dir: str | Path) -> list[str]:
+    """What an export directory holds, in lines for ``bca-deploy inspect``: how it was exported, the task, the
+    adapters (a bank's slots), the validation recorded at export, its files, and how to serve it.
+
+    Raises:
+        ExportMetadataError, AdapterFormatError: a malformed ``bca_export.json`` (as every reader refuses it).
+    """
+    from .validate import ONNX_FILE
+
+    export_dir = Path(export_dir)
+    metadata = read_export_metadata(export_dir)
+    graph = [p for p in (export_dir / ONNX_FILE, export_dir / f"{ONNX_FILE}_data") if p.is_file()]
+    adapter_files = sorted((export_dir / "adapters").glob("*.onnx_adapter"))
+    size = sum(p.stat().st_size for p in (*graph, *adapter_files))
+    lines = [f"export:       {export_dir}"]
+    if metadata is None:
+        return lines + ["kind:         an ONNX directory without bca_export.json (not written by bca-deploy export; "
+                        "optimum's?)", f"files:        {' + '.join(p.name for p in graph)} ({size / 1e6:.1f} MB)"]
+    fields = metadata.fields
+    how = "merged" if metadata.merged else f"unmerged ({fields.get('fft')} transforms)"
+    if metadata.bank is not None:
+        how = f"adapter bank, {how}"
+    lines.append(f"kind:         {how}; opset {fields.get('opset')}, {metadata.dtype or 'dtype not recorded'}")
+    lines.append(f"task:         {metadata.task}")
+    if metadata.bank is not None:
+        bank = metadata.bank
+        names = bank.adapters
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        lines.append(f"adapters:     {shown or 'none'} (slots 1..{len(names)}; slot 0 is the base model)")
+        modules = len({t.module for t in bank.layout.values()})
+        sizes = sorted({t.block_size for t in bank.layout.values()})
+        lines.append(f"bank inputs:  {len(bank.layout)} ({modules} modules, block sizes {', '.join(map(str, sizes))})")
+        if bank.head is not None:
+            own = sorted(n for n, labels in bank.adapter_labels.items() if labels is not None)
+            base = f"{bank.base_labels.num_labels} labels" if bank.base_labels is not None else "none"
+            lines.append(f"heads:        per slot ({', '.join(bank.head.modules)}); base: {base}; own head: "
+                         f"{', '.join(own) or 'none'}")
+    else:
+        adapters = fields.get("adapters")
+        if isinstance(adapters, list) and all(isinstance(a, str) for a in adapters):
+            lines.append(f"adapters:     {', '.join(adapters) or 'none (the base model)'}")
+    lines.append(_validation_line(fields.get("validation")))
+    version = fields.get("bca_deploy_version")
+    if isinstance(version, str):
+        lines.append(f"exported by:  bca-deploy {version[:40]}, torch {str(fields.get('torch_version'))[:40]}")
+    held = " + ".join([*(p.name for p in graph), *([f"{len(adapter_files)} adapter file{'s' if len(adapter_files) > 1 else ''}"] if adapter_files else [])])
+    lines.append(f"files:        {held or 'no graph'} ({size / 1e6:.1f} MB)")
+    if metadata.bank is not None:
+        lines.append(f"serve with:   bca-deploy serve {export_dir}")
+    else:
+        lines.append("serve with:   onnxruntime / optimum's ORTModel* (bca-deploy serve needs export --bank)")
+    return lines
+
+
+def _validation_line(validation: Any) -> str:
+    """The validation recorded at export, in one line (display only: whatever is malformed reads as absent)."""
+    rows = validation.get("rows") if isinstance(validation, Mapping) else None
+    if not isinstance(rows, list) or not rows:
+        return "validated:    not recorded"
+    diffs = [r.get("max_abs_diff") for r in rows if isinstance(r, Mapping)]
+    diffs = [d for d in diffs if isinstance(d, (int, float)) and not isinstance(d, bool)]
+    passed = sum(1 for r in rows if isinstance(r, Mapping) and r.get("passed") is True)
+    worst = f", max |onnxruntime - PyTorch| {max(diffs):.2e}" if diffs else ""
+    return (f"validated:    {passed} of {len(rows)} comparisons passed at export{worst} "
+            f"(tolerance {str(validation.get('tolerance'))[:20]}, {str(validation.get('provider'))[:20]})")

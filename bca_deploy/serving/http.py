@@ -706,9 +706,7 @@ class _Guard:
             except asyncio.TimeoutError:  # a client that stopped reading: give its task back
                 raise RequestTimeoutError("the client did not read the response in time") from None
 
-        async def answer(exc: BaseException) -> None:
-            status, kind = error_status(exc)
-            state["error_type"] = kind
+        async def answer(exc: BaseException, status: int, kind: str) -> None:
             message = server.redact(str(exc)) if isinstance(exc, BCAError) else ""
             if isinstance(exc, InternalServerError) or not isinstance(exc, BCAError):
                 message = f"internal error (request id {request_id}); the server log has the details"
@@ -734,7 +732,7 @@ class _Guard:
             failed, state["error_type"] = error_status(exc)
             if sent["status"] is None:
                 with contextlib.suppress(Exception):
-                    await answer(exc)
+                    await answer(exc, failed, state["error_type"])
         finally:
             self._record(scope, state, request_id, sent["status"] or failed, start)
 

@@ -92,3 +92,39 @@ def test_head_labels_and_layout_are_checked_field_by_field():
             HeadLayout.from_dict(data)
     with pytest.raises(ValueError, match="one file per slot's adapter"):
         BankRecord.from_dict(_bank(adapter_files={"a": "adapters/a.onnx_adapter"}))
+
+
+def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tmp_path):
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    (tmp_path / "model.onnx").write_bytes(b"\0" * 1000)
+    (tmp_path / "adapters").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "adapters" / f"{name}.onnx_adapter").write_bytes(b"\0" * 500)
+    rows = [{"max_abs_diff": 2.5e-7, "passed": True}, {"max_abs_diff": 1e-8, "passed": True}]
+    _write(tmp_path, {"task": "text-classification", "merged": False, "fft": "matmul", "opset": 18, "dtype": "fp32",
+                      "bank": _bank(), "bca_deploy_version": "0.1.0", "torch_version": "2.13.0",
+                      "validation": {"rows": rows, "tolerance": "1e-04", "provider": "cpu"}})
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for needle in ("kind:         adapter bank, unmerged (matmul transforms); opset 18, fp32",
+                   "adapters:     a, b (slots 1..2; slot 0 is the base model)",
+                   "bank inputs:  2 (2 modules, block sizes 8, 16)",
+                   "heads:        per slot (classifier); base: 3 labels; own head: b",
+                   "validated:    2 of 2 comparisons passed at export, max |onnxruntime - PyTorch| 2.50e-07",
+                   "files:        model.onnx + 2 adapter files (0.0 MB)", f"serve with:   bca-deploy serve {tmp_path}"):
+        assert needle in result.output, (needle, result.output)
+    # display-only fields of any shape read as absent; a malformed typed field is the reader's one error
+    _write(tmp_path, {"task": "feature-extraction", "merged": True, "validation": {"rows": [1, {"passed": "yes"}]},
+                      "adapters": [3], "bca_deploy_version": 7})
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0 and "validated:    0 of 2 comparisons passed at export (" in result.output, \
+        result.output
+    _write(tmp_path, {"task": "feature-extraction", "bank": {"slots": "a"}})
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "bank.slots must be a list" in result.output, result.output
+    (tmp_path / METADATA_FILE).unlink()
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0 and "without bca_export.json" in result.output, result.output
