@@ -123,7 +123,7 @@ class _Group(click.Group):
     """Turns errors into a message and an exit code instead of a traceback (see the module docstring)."""
 
     def invoke(self, ctx: click.Context):
-        from .errors import BCAError
+        from .errors import BCAError, first_line
 
         debug = bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:
@@ -153,7 +153,7 @@ class _Group(click.Group):
         except Exception as exc:  # a bug: say so briefly, keep the traceback for --debug
             if debug:
                 raise
-            text = str(exc).splitlines()[0][:300] if str(exc) else ""
+            text = first_line(exc) if str(exc).strip() else ""
             _echo_error(
                 f"Internal error ({type(exc).__name__}{': ' + text if text else ''}).\n"
                 f"This is a bug in bca-deploy; please report it at {ISSUES_URL} with the command you ran.\n"

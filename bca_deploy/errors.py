@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointFormatError",
     "InvalidOptionError",
     "format_problems",
+    "first_line",
 ]
 
 
@@ -102,3 +103,10 @@ def format_problems(header: str, problems: list[str], limit: int = 50) -> str:
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(lines)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message for a one-line error naming the cause: its first non-empty line, cut at
+    ``limit`` characters, else the exception's type (for exceptions raised without a message)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(exc).__name__

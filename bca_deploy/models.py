@@ -31,6 +31,7 @@ from .config import EXPORT_TASKS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec
 from .errors import AdapterMismatchError, BCAError
 
 __all__ = [
+    "load_config",
     "TaskError",
     "ModelTask",
     "EXPORT_TASK_TYPES",
@@ -45,6 +46,37 @@ __all__ = [
     "output_cache",
     "cache_tensors",
 ]
+
+
+def load_config(model_dir: str | Path):
+    """The transformers config of ``model_dir``: its ``config.json`` read first by the one JSON rule
+    (:func:`bca_deploy.config.read_json`; NaN allowed, as some configs hold it), then by transformers.
+
+    Every stage that reads a model's or an export's config goes through here, so a malformed one is the same
+    error everywhere (train, evaluate, export, validate, serve), never transformers' own exception.
+
+    Raises:
+        InputNotFoundError: no ``config.json`` in ``model_dir``.
+        CheckpointFormatError: not a bounded JSON object, or transformers cannot build a config from it (an
+            unknown ``model_type``, a field of the wrong type...), naming the file.
+    """
+    from transformers import AutoConfig
+
+    from .config import read_json
+    from .errors import AdapterFormatError, CheckpointFormatError, InputNotFoundError, first_line
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise InputNotFoundError(f"{model_dir}: no config.json (expected a transformers model directory)")
+    try:
+        read_json(path, what="model config", allow_nan=True)
+    except AdapterFormatError as exc:
+        raise CheckpointFormatError(str(exc)) from None
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise CheckpointFormatError(f"{path}: transformers cannot read this config ({type(exc).__name__}: "
+                                    f"{first_line(exc)})") from None
 
 
 class TaskError(BCAError, ValueError):
@@ -184,9 +216,7 @@ def resolve_task(
         directory, spec = recorded[0]
         return ModelTask(spec.type, EXPORT_TASKS[spec.type], head, f"adapter {directory}")
     if model_config is None:
-        from transformers import AutoConfig
-
-        model_config = AutoConfig.from_pretrained(str(model_dir))
+        model_config = load_config(model_dir)
     task_type = task_from_architecture(model_config)
     if task_type is None:
         raise TaskError(

@@ -67,9 +67,9 @@ def resolve_export_task(
             what it does), or an encoder-decoder model.
         bca_deploy.models.TaskError: ``task`` contradicts the adapters (see :func:`bca_deploy.models.resolve_task`).
     """
-    from transformers import AutoConfig
+    from bca_deploy.models import load_config
 
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = load_config(model_dir)
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedExportError(
             f"{model_dir}: {config.model_type} is an encoder-decoder model (several graphs); bca-deploy exports "
@@ -88,10 +88,10 @@ def resolve_export_task(
 def resolve_task(model_dir: str | Path, task: str | None = None,
                  adapter_dirs: Sequence[str | Path] = ()) -> tuple[str, str]:
     """``(export task, model_type)`` of :func:`resolve_export_task`."""
-    from transformers import AutoConfig
+    from bca_deploy.models import load_config
 
     resolved = resolve_export_task(model_dir, adapter_dirs, task)
-    return resolved.export_task, AutoConfig.from_pretrained(str(model_dir)).model_type
+    return resolved.export_task, load_config(model_dir).model_type
 
 
 def load_model(

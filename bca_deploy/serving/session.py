@@ -271,6 +271,7 @@ class MultiAdapterSession:
         # none older than v is left (bca_deploy.serving.slots). Its own lock: a snapshot may die anywhere.
         self._live: set[int] = set()
         self._live_lock = threading.Lock()
+        self.config  # noqa: B018 - read at load: a malformed config.json is refused here, not by a request
         self.head = bank.head
         self._check_graph_inputs(onnx_path)
         self._base_head = self._read_base_head(bank)
@@ -660,9 +661,9 @@ class MultiAdapterSession:
         if self._config is None:
             with self._load_lock:  # first use may come from two threads at once (see _load_lock)
                 if self._config is None:
-                    from transformers import AutoConfig
+                    from bca_deploy.models import load_config
 
-                    self._config = AutoConfig.from_pretrained(str(self.export_dir))
+                    self._config = load_config(self.export_dir)
         return self._config
 
     @property

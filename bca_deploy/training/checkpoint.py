@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_dir, recover, write_dir
-from ..errors import format_problems
+from ..errors import first_line, format_problems
 from .errors import CheckpointError, TrainingConfigError
 
 __all__ = [
@@ -224,8 +224,7 @@ def load_state(directory: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... for a damaged file
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read the trainer state ({message[:300]}); {fix}") from None
+        raise CheckpointError(f"{path}: cannot read the trainer state ({first_line(exc)}); {fix}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: the trainer state is {type(state).__name__}, expected a mapping; {fix}")
     problems = []

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import format_problems
+from ..errors import first_line, format_problems
 from .errors import TrainingConfigError
 
 __all__ = ["DEFAULT_TARGETS", "HEAD_MODULE_NAMES", "TRAINABLE_FILE", "quiet_loading", "load_tokenizer",
@@ -72,12 +72,14 @@ def quiet_loading():
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 
+    if (Path(model_dir) / "config.json").is_file():
+        load_model_config(model_dir)  # AutoTokenizer reads config.json too: a malformed one is named as such
     try:
         with quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise TrainingConfigError(
-            f"--model {model_dir}: cannot load a tokenizer ({str(exc).splitlines()[0][:200]}); save one there "
+            f"--model {model_dir}: cannot load a tokenizer ({first_line(exc, 200)}); save one there "
             "or pass tokenizer= to train()"
         ) from None
     if getattr(tokenizer, "pad_token_id", None) is None:
@@ -107,13 +109,10 @@ def fit_max_length(max_length: int, model_config, tokenizer=None, warn=None) -> 
 
 
 def load_model_config(model_dir):
-    from transformers import AutoConfig
+    """``--model``'s transformers config (:func:`bca_deploy.models.load_config`: the one reader)."""
+    from ..models import load_config
 
-    try:
-        return AutoConfig.from_pretrained(str(model_dir))
-    except (OSError, ValueError, KeyError) as exc:
-        raise TrainingConfigError(f"--model {model_dir}: cannot read its config.json "
-                                  f"({str(exc).splitlines()[0][:200]})") from None
+    return load_config(model_dir)
 
 
 def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | None = None,
@@ -136,9 +135,8 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
                     ignore_mismatched_sizes=new_head, **kwargs)
             else:
                 model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} "
-                                  f"({str(exc).splitlines()[0][:300]})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} ({first_line(exc)})") from None
     new = list(info.get("missing_keys", []))
     new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
     return model, new

@@ -1,0 +1,64 @@
+"""bca_deploy.models.load_config: the one reader of a model's (or an export's) config.json, for every stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from bca_deploy.cli import main
+from bca_deploy.errors import CheckpointFormatError, InputNotFoundError
+from bca_deploy.models import load_config
+from conftest import tiny_bert
+
+BROKEN = {
+    "nested": ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    "list": ("[1, 2]", "expected a JSON object"),
+    "not-json": ("{model_type: bert}", "not valid JSON"),
+    "unknown-model-type": (json.dumps({"model_type": "no-such-architecture"}), "transformers cannot read this config"),
+    "bad-labels": (json.dumps({"model_type": "bert", "id2label": {"x": "a"}}), "transformers cannot read this config"),
+}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bert")
+    tiny_bert(num_labels=2).save_pretrained(directory)
+    return directory
+
+
+def test_a_model_config_reads_as_transformers_does(bert_dir):
+    from transformers import AutoConfig
+
+    assert load_config(bert_dir).to_dict() == AutoConfig.from_pretrained(bert_dir).to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_malformed_config_is_one_error_naming_the_file(tmp_path, bert_dir, name):
+    text, needle = BROKEN[name]
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointFormatError, match=needle) as caught:
+        load_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(caught.value)
+
+
+def test_every_stage_refuses_a_malformed_model_config_the_same_way(tmp_path, bert_dir):
+    """export and train read --model's config.json through load_config: one Error line, exit 2, nothing written
+    (a nested config was a RecursionError: 'Internal error', exit 70)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(bert_dir, model)
+    (model / "config.json").write_text(BROKEN["nested"][0])
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(8)))
+    for args in (["export", "--model", str(model), "--merge", "--out", str(tmp_path / "onnx"), "--task", "text-classification"],
+                 ["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args[0], result.output)
+        assert f"{model / 'config.json'}: JSON nested too deeply" in result.output, (args[0], result.output)
+        assert "Traceback" not in result.output and "Internal error" not in result.output
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "run").exists()
+    with pytest.raises(InputNotFoundError, match="no config.json"):
+        load_config(tmp_path)
