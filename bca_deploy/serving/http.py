@@ -42,7 +42,6 @@ import itertools
 import json
 import errno
 import logging
-import os
 import re
 import socket
 import threading
@@ -65,7 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import BCAError, ServingError
 from .options import ServeOptions
 from .session import BASE, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
-from .store import AdapterStore
+from .store import AdapterStore, redact_roots
 from .wire import (
     AdapterExistsError,
     ClientClosedRequestError,
@@ -466,8 +465,7 @@ class Server:
     # -- messages --
     def redact(self, message: str) -> str:
         """``message`` without the export's or the store's location."""
-        for root in self._roots:
-            message = message.replace(root + os.sep, "").replace(root, "<export>")
+        message = redact_roots(message, self._roots, "<export>")
         return self.store.redact(message) if self.store is not None else message
 
     def public_info(self, info: AdapterInfo) -> dict[str, Any]:
@@ -1104,7 +1102,9 @@ def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = Non
         app = build(export_dir, adapter_store=adapter_store, load=load, load_exported=load_exported, options=options)
         configure_logging()
         if on_ready is not None:
-            on_ready(f"serving {export_dir} on http://{options.host}:{sock.getsockname()[1]} (Ctrl-C to stop)")
+            problem = app.state.server.session.tokenizer_problem
+            on_ready(f"serving {export_dir} on http://{options.host}:{sock.getsockname()[1]} (Ctrl-C to stop)"
+                     + (f"\nnote: text inputs will be refused: {problem}" if problem else ""))
         uvicorn.Server(uvicorn_config(app, host=options.host, port=options.port)).run(sockets=[sock])
     finally:
         sock.close()

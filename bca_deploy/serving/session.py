@@ -39,6 +39,7 @@ from ..errors import (
     ContextLengthError,
     ServingError,
     UnknownAdapterError,
+    first_line,
     format_problems,
 )
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
@@ -689,9 +690,17 @@ class MultiAdapterSession:
 
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
             except Exception as exc:  # transformers raises many types for incomplete tokenizer files
-                raise ServingError(f"cannot load the tokenizer saved in {self.export_dir}: "
-                                   f"{exc.__class__.__name__}: {exc}") from exc
+                # remembered, as a missing one is: a broken tokenizer is not loaded again for every request
+                self._no_tokenizer = (f"cannot load the tokenizer saved in {self.export_dir} "
+                                      f"({type(exc).__name__}: {first_line(exc, 200)}); send token ids, or "
+                                      "re-export with the model's tokenizer")
+                raise ServingError(self._no_tokenizer) from None
         return self._tokenizer
+
+    @property
+    def tokenizer_problem(self) -> str | None:
+        """Why text inputs are refused (no tokenizer files, or files that do not load), once looked for; else None."""
+        return self._no_tokenizer
 
     def tokenize(self, texts: Sequence[str], truncate: bool | None = None) -> list[list[int]]:
         """Token ids of each text (thread-safe). ``truncate`` (default: for encoders, not for decoders)

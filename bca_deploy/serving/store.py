@@ -12,16 +12,32 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import CONFIG_FILE, run_adapter_dir
 from ..errors import AdapterNameError, InputNotFoundError, UnknownAdapterError
 from .session import check_adapter_name
 
-__all__ = ["AdapterStore", "MAX_ENTRY_FILES"]
+__all__ = ["AdapterStore", "MAX_ENTRY_FILES", "redact_roots"]
 
 #: The most files and folders one store entry may hold (an adapter directory has two or three).
 MAX_ENTRY_FILES = 64
+
+
+def redact_roots(message: str, roots: Iterable[str], placeholder: str) -> str:
+    """``message`` with each directory in ``roots`` removed where it appears as a path: ``root/x`` becomes ``x``,
+    ``root`` alone becomes ``placeholder``. Only whole path occurrences count (not preceded or followed by a
+    path character), so a short relative root such as ``tok`` or ``.`` leaves "tokenizer" and full stops alone.
+    Longer roots go first (an absolute path before the relative one inside it)."""
+    for root in sorted(set(roots), key=len, reverse=True):
+        if not root:
+            continue
+        edge = r"(?<![\w./~-])" + re.escape(root)
+        message = re.sub(edge + re.escape(os.sep) + r"(?=[\w.~-])", "", message)
+        message = re.sub(edge + r"(?![\w./~-])", placeholder.replace("\\", "\\\\"), message)
+    return message
 
 
 class AdapterStore:
@@ -107,6 +123,4 @@ class AdapterStore:
 
     def redact(self, message: str) -> str:
         """``message`` with the store's location removed (paths become relative to the store)."""
-        for root in sorted({str(self.root), str(self.given), str(self.given.absolute())}, key=len, reverse=True):
-            message = message.replace(root + os.sep, "").replace(root, "<store>")
-        return message
+        return redact_roots(message, (str(self.root), str(self.given), str(self.given.absolute())), "<store>")

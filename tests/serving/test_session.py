@@ -277,6 +277,28 @@ def test_texts_without_a_tokenizer_give_a_serving_error(model, bert_session, lla
                 session.generate(["some text"], [None], max_new_tokens=2)
 
 
+def test_a_tokenizer_that_does_not_load_is_named_once_and_token_ids_still_work(tmp_path, bert, monkeypatch):
+    """Tokenizer files transformers cannot load: text inputs get one ServingError naming the export (the failure is
+    remembered: not loaded again per request), token ids are served, and ``tokenizer_problem`` says why (serve
+    prints it at start)."""
+    import transformers
+
+    directory = tmp_path / "export"
+    shutil.copytree(bert["onnx"], directory)
+    (directory / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizerFast"}')
+    session = MultiAdapterSession(directory)
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(a) or real(*a, **k))
+    session.warm_up()
+    assert session.tokenizer_problem is not None and "cannot load the tokenizer saved in" in session.tokenizer_problem
+    for _ in range(3):
+        with pytest.raises(ServingError, match="cannot load the tokenizer saved in .*; send token ids"):
+            session.embed(["some text"], [None])
+    assert len(calls) == 1
+    assert session.embed([[5, 6, 7]], [None]).shape[0] == 1
+
+
 # ---- registering at run time -----------------------------------------------------------------------------
 
 

@@ -220,6 +220,20 @@ def test_store_refuses_file_links_out_and_never_shows_its_location(tmp_path):
     assert s.redact(f"at {store}") == "at <store>"
 
 
+def test_redaction_removes_roots_only_where_they_are_paths():
+    """A short relative export directory (``serve tok``, ``serve .``) used to be replaced inside words: "tokenizer"
+    came back as "<export>enizer" and every full stop as "<export>"."""
+    from bca_deploy.serving.store import redact_roots
+
+    roots = ["tok", "/srv/exports/tok", "."]
+    assert redact_roots("cannot load the tokenizer saved in tok (x); send token ids.", roots, "<export>") == \
+        "cannot load the tokenizer saved in <export> (x); send token ids."
+    assert redact_roots("/srv/exports/tok/config.json: bad; tok/a.onnx too; tok-2 and stock stay", roots, "<export>") \
+        == "config.json: bad; a.onnx too; tok-2 and stock stay"
+    assert redact_roots("./model.onnx is missing. Re-export.", roots, "<export>") == "model.onnx is missing. Re-export."
+    assert redact_roots("C:\\x in tok", ["tok"], "<e\\x>") == "C:\\x in <e\\x>"
+
+
 def test_store_skips_and_refuses_symbolic_link_loops(tmp_path):
     """A loop (Path.resolve raises RuntimeError on Python < 3.13) used to be a 500 for every listing."""
     store = tmp_path / "store"
