@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import write_dir
+from .atomic import check_inputs_outside, write_dir
 from .config import CONFIG_FILE, KERNEL_SUFFIX, WEIGHTS_FILE, AdapterConfig, read_json
 from .errors import AdapterFormatError, AdapterNameError, NonFiniteError, OutputExistsError
 from .fit import align_paths, align_to_target, check_adapter, model_target, split_saved_key
@@ -89,7 +89,7 @@ def write_adapter_dir(
         raise OutputExistsError(f"{directory}: already holds an adapter; pass overwrite=True (CLI: --overwrite) to replace it")
 
     def build(tmp: Path) -> None:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata or {"format": "pt"})
+        save_safetensors(state, tmp / WEIGHTS_FILE, metadata or {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
 
     return write_dir(directory, build, overwrite=True, keep_existing=True)
@@ -170,6 +170,42 @@ def read_adapter(
     return config, state
 
 
+def _utf8_path(path: Path) -> bool:
+    """Whether safetensors (which takes paths as UTF-8 strings) can open ``path`` by name."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 reaches Python as lone surrogates
+        return False
+    return True
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and its metadata (``{}`` when it has none), under any file name.
+
+    Raises:
+        Whatever safetensors raises for a damaged file (callers name the file).
+    """
+    if _utf8_path(path):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    from safetensors.torch import load
+
+    from .merge import read_safetensors_header
+
+    metadata = read_safetensors_header(path).metadata or {}
+    return load(path.read_bytes()), dict(metadata)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` under any file name (one that is not UTF-8 is written from bytes)."""
+    if _utf8_path(path):
+        save_file(state, str(path), metadata=metadata)
+        return
+    from safetensors.torch import save
+
+    path.write_bytes(save(state, metadata=metadata))
+
+
 def _read_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a safetensors file and its metadata (``{}`` when it has none)."""
     try:
@@ -179,8 +215,7 @@ def _read_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if size > MAX_ADAPTER_BYTES:
         raise AdapterFormatError(f"{weights}: {size} bytes; adapters over {MAX_ADAPTER_BYTES} bytes are refused")
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        return load_safetensors(weights)
     except Exception as exc:  # safetensors raises its own error types (and OSError) for corrupt files
         raise AdapterFormatError(f"{weights}: cannot read safetensors file ({type(exc).__name__}: {exc})") from exc
 
@@ -337,8 +372,7 @@ def convert_adapter(
     """
     if to not in ("bca", "peft"):
         raise AdapterFormatError(f"to must be 'bca' or 'peft', got {to!r}")
-    if Path(source).resolve() == Path(destination).resolve():
-        raise OutputExistsError(f"{destination}: the output directory must differ from the source")
+    check_inputs_outside(destination, [("the source adapter", source)])
     config, state = read_adapter(source, model, validate=model is None)
     if model is not None:
         config, state = align_module_paths(config, state, model)

@@ -27,12 +27,13 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import OutputExistsError
 
-__all__ = ["AtomicDir", "atomic_dir", "write_dir", "check_target", "recover", "TMP_TAG", "OLD_TAG"]
+__all__ = ["AtomicDir", "atomic_dir", "write_dir", "check_target", "check_inputs_outside", "recover", "TMP_TAG",
+           "OLD_TAG"]
 
 #: Infixes of the hidden siblings a writer creates: ``.<name><TAG><pid>-<hex>``.
 TMP_TAG = ".bca-tmp-"
@@ -81,6 +82,27 @@ def _exists(path: Path) -> bool:
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_inputs_outside(target: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output directory that is, or contains, one of the command's inputs: replacing it (``--overwrite``)
+    would delete them. ``inputs`` are ``(what, path)`` pairs (None paths are skipped); paths are compared where
+    they really are (symbolic links and ``..`` resolved).
+
+    Raises:
+        OutputExistsError: naming the output, the input and what it is, before anything is written.
+    """
+    target = Path(target)
+    real = target.parent.resolve() / target.name
+    real = real.resolve() if real.is_symlink() else real
+    for what, path in inputs:
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if real == resolved or real in resolved.parents:
+            relation = "is" if real == resolved else "contains"
+            raise OutputExistsError(f"{target}: {relation} {what} {path}, an input of this command; writing the output "
+                                    "there would delete it: choose another output directory")
 
 
 def check_target(target: str | Path, overwrite: bool) -> None:

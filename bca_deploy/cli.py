@@ -112,11 +112,18 @@ CASES = Cases()
 # ---- the group and its error handling ------------------------------------------------------------
 
 
+#: Longest line of an error message printed whole: a message echoes what the user gave (a 100,000-character
+#: --targets), which is cut here, in one place, rather than in every message.
+MAX_ERROR_LINE = 1000
+
+
 def _echo_error(text: str) -> None:
     # Messages may carry undecodable file names (lone surrogates from os.fsdecode): never fail printing them.
     stream = sys.stderr
     encoding = getattr(stream, "encoding", None) or "utf-8"
-    click.echo(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), err=True)
+    lines = [line if len(line) <= MAX_ERROR_LINE else
+             f"{line[:MAX_ERROR_LINE]}... ({len(line) - MAX_ERROR_LINE:,} more characters)" for line in text.split("\n")]
+    click.echo("\n".join(lines).encode(encoding, "backslashreplace").decode(encoding, "replace"), err=True)
 
 
 class _Group(click.Group):
@@ -191,9 +198,10 @@ def inspect(adapter: Path) -> None:
         for line in describe_export(adapter):
             click.echo(line)
         return
+    data = read_json(adapter / CONFIG_FILE)
+    config, state = read_adapter(adapter)  # read (and refused) whole before anything is printed
     click.echo(f"adapter:      {adapter}")
-    click.echo(f"format:       {describe_format(read_json(adapter / CONFIG_FILE), str(adapter))}")
-    config, state = read_adapter(adapter)
+    click.echo(f"format:       {describe_format(data, str(adapter))}")
     click.echo(f"base model:   {config.base_model_type or 'unknown'} ({config.base_model_name_or_path or 'no path recorded'})")
     task = config.task
     if task is None:
@@ -308,7 +316,8 @@ _CASES_HELP = "Validation shapes as BATCHxSEQ, comma-separated (e.g. 1x5,2x11,3x
 @click.option("--task", default=None, help="feature-extraction, text-classification, text-generation-with-past, "
               "text-generation or feature-extraction-with-past; default: the task the adapters record (a classifier "
               "exports with its head and labels), else inferred from the model's config.")
-@click.option("--opset", type=POSITIVE_INT, default=None, help="ONNX opset (unmerged --fft dft needs >= 20).")
+@click.option("--opset", type=POSITIVE_INT, default=None,
+              help="ONNX opset, 14..20 (default 18; unmerged --fft dft needs 20).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--fft", type=click.Choice(["matmul", "dft"]), default="matmul", show_default=True,
               help="Unmerged graphs: transforms as MatMuls with cos/sin bases (fast on CPU, runs on CUDA) or "

@@ -320,9 +320,18 @@ def block_size_for(module_name: str, block_size: int, block_size_pattern: dict[s
     matches it (so ``"query"`` or ``"layer.0.attention.self.query"`` both work).
     """
     for key, value in block_size_pattern.items():
-        if key == module_name or re.match(rf".*\.{key}$", module_name):
+        if pattern_key_matches(key, module_name):
             return int(value)
     return int(block_size)
+
+
+def pattern_key_matches(key: str, module_name: str) -> bool:
+    """Whether a ``block_size_pattern`` key selects ``module_name`` (see :func:`block_size_for`).
+
+    Raises:
+        re.error: ``key`` is not a valid regular expression (callers name the option).
+    """
+    return key == module_name or re.match(rf".*\.{key}$", module_name) is not None
 
 
 @dataclass

@@ -394,7 +394,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         ServingError: the server's labels differ from PyTorch's predictions. The library's own checks
             raise their errors too (an export that does not match PyTorch: ``ValidationError``).
     """
-    from .atomic import AtomicDir
+    from .atomic import AtomicDir, check_inputs_outside
 
     if config is not None and options:
         raise InvalidOptionError("run_demo: pass a DemoConfig or keyword options, not both")
@@ -411,6 +411,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
     model_dir = Path(config.model_dir) if config.model_dir else default_model_dir()
     user_data = _read_user_data(Path(config.data), config.seed) if config.data is not None else None
     out = Path(config.out).absolute()
+    check_inputs_outside(out, [("the model directory", config.model_dir), ("the data file", config.data)])
     staging = AtomicDir(out, overwrite=config.overwrite)  # refuses a non-empty out now, before any work
     import torch
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .config import AdapterConfig, ModuleSpec, block_size_for
+from .config import AdapterConfig, ModuleSpec, block_size_for, pattern_key_matches
 from .errors import AdapterNameError, BlockSizeError, InvalidOptionError, TargetModuleError, format_problems
 from .layers import BASE_ADAPTER, BCALinear, RowAdapters, block_size_message, is_adaptable, layer_dims, layer_type_of
 
@@ -198,6 +198,7 @@ def inject(
     """
     pattern = dict(block_size_pattern or {})
     names = match_target_modules(model, target_modules)
+    _check_pattern(pattern, names)
     specs = {}
     for name in names:
         d_in, d_out = layer_dims(_base_of(model.get_submodule(name)))
@@ -225,6 +226,21 @@ def inject(
     register_adapter(model, adapter_name, config)
     freeze_base(model)
     return model
+
+
+def _check_pattern(pattern: dict[str, int], names: Sequence[str]) -> None:
+    """Refuse ``block_size_pattern`` keys that are not regular expressions or select none of the targeted
+    modules (a typo would otherwise train every module at the default size, silently)."""
+    problems = []
+    for key in pattern:
+        try:
+            if not any(pattern_key_matches(key, name) for name in names):
+                problems.append(f"block_size_pattern key {key[:80]!r} matches none of the {len(names)} targeted "
+                                f"modules (e.g. {names[0]!r}); a key is a module path or a regex matching its end")
+        except re.error as exc:
+            problems.append(f"block_size_pattern key {key[:80]!r} is not a valid regular expression ({exc.msg})")
+    if problems:
+        raise TargetModuleError(format_problems("invalid block_size_pattern:", problems))
 
 
 def _resolve_modules_to_save(model: nn.Module, modules_to_save: Sequence[str]) -> list[str]:

@@ -54,7 +54,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from .adapter_io import read_adapter
-from .atomic import atomic_dir, check_target, recover
+from .atomic import atomic_dir, check_inputs_outside, check_target, recover
 from .config import KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, parse_json_object, read_json
 from .errors import (
     AdapterFormatError,
@@ -1029,11 +1029,7 @@ def _check_paths(model_dir: Path, out_dir: Path, adapter_dirs: list[Path], overw
         )
     if model_dir in out_dir.parents:
         raise OutputExistsError(f"out_dir {out_dir} is inside the model directory {model_dir}; choose a path outside it")
-    for protected in [model_dir, *adapter_dirs]:
-        if out_dir in protected.parents or out_dir == protected:
-            raise OutputExistsError(
-                f"out_dir {out_dir} contains {protected}, an input of this merge; choose another out_dir"
-            )
+    check_inputs_outside(out_dir, [("the model directory", model_dir), *(("the adapter", a) for a in adapter_dirs)])
     recover(out_dir)  # a merge killed earlier: its temporary tree removed, a replaced tree restored
     check_target(out_dir, overwrite)
 

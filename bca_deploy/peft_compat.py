@@ -247,8 +247,12 @@ def to_peft(
     Raises:
         AdapterFormatError: an adapted module is a ``Conv1D`` (PEFT's C3A supports Linear only).
     """
-    if task_type is None and config.task is not None:
-        task_type = PEFT_TASK_TYPES.get(config.task.type)
+    recorded = PEFT_TASK_TYPES.get(config.task.type) if config.task is not None else None
+    if task_type is None:
+        task_type = recorded
+    elif recorded is not None and task_type != recorded:
+        raise AdapterFormatError(f"task_type {task_type!r} contradicts the adapter, which was trained for "
+                                 f"{config.task.type} (PEFT {recorded}); leave --task-type out to use it")
     conv = [n for n, s in config.modules.items() if s.layer_type != "linear"]
     if conv:
         raise AdapterFormatError(

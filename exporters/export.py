@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from bca_deploy.atomic import atomic_dir
+from bca_deploy.errors import first_line
 
 from .bank import BankPlan
 from .errors import ExportError, RuntimeVersionError, UnsupportedExportError, require
@@ -46,13 +47,15 @@ from .validate import (
     validate_model,
 )
 
-__all__ = ["export", "DTYPES", "MIN_ORT_FOR_DFT", "MAX_OPSET", "DEFAULT_OPSET", "check_runtime"]
+__all__ = ["export", "DTYPES", "MIN_ORT_FOR_DFT", "MIN_OPSET", "MAX_OPSET", "DEFAULT_OPSET", "check_runtime"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 #: onnxruntime runs a one-sided inverse DFT correctly from 1.27 (1.25-1.26 give a wrong shape silently).
 MIN_ORT_FOR_DFT = (1, 27)
 #: The TorchScript exporter goes up to opset 20.
 MAX_OPSET = 20
+#: The lowest opset any export is made at: transformers' attention (scaled_dot_product_attention) needs 14.
+MIN_OPSET = 14
 #: The default opset of merged and unmerged-MatMul graphs (optimum's for these architectures; fft="dft" needs 20).
 DEFAULT_OPSET = 18
 #: Graphs whose initializers exceed this many bytes are saved with their tensors in ``model.onnx_data``
@@ -97,29 +100,25 @@ def check_runtime(fft: str | None, validate: bool) -> None:
 
 
 def _resolve_opset(opset: int | None, merge: bool, fft: str, default: int) -> int:
-    low = 1 if merge else (DFT_MIN_OPSET if fft == "dft" else MATMUL_MIN_OPSET)
+    low = MIN_OPSET if merge else max(MIN_OPSET, DFT_MIN_OPSET if fft == "dft" else MATMUL_MIN_OPSET)
     if opset is None:
         return max(default, low)
     if opset > MAX_OPSET:
         raise UnsupportedExportError(f"opset {opset} is above {MAX_OPSET}, the highest the TorchScript exporter emits")
     if opset < low:
-        what = "fft='dft' (DFT-20 with a one-sided inverse)" if fft == "dft" else "an unmerged BCA subgraph"
+        what = ("fft='dft' (DFT-20 with a one-sided inverse)" if fft == "dft" and not merge
+                else "the models' attention (scaled_dot_product_attention exports from opset 14)")
         raise UnsupportedExportError(f"opset {opset} is too low for {what}: use opset >= {low}"
-                                     + (" or fft='matmul' (opset >= 13)" if fft == "dft" else ""))
+                                     + (f" or fft='matmul' (opset >= {MIN_OPSET})" if fft == "dft" and not merge else ""))
     return opset
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool, protected: Sequence[Path]) -> None:
-    from bca_deploy.atomic import check_target, recover
-    from bca_deploy.errors import OutputExistsError
+    from bca_deploy.atomic import check_inputs_outside, check_target, recover
 
     recover(out_dir)  # an export killed earlier: its temporary tree removed, a replaced tree restored
     check_target(out_dir, overwrite)
-    resolved = out_dir.resolve()
-    for path in protected:
-        path = Path(path).resolve()
-        if resolved == path or resolved in path.parents:
-            raise OutputExistsError(f"{out_dir}: is (or contains) the input {path}; choose another output directory")
+    check_inputs_outside(out_dir, [("the input", path) for path in protected])
 
 
 def _graph_size(directory: Path) -> int:
@@ -219,6 +218,9 @@ def export(
     if bank and merge:
         raise UnsupportedExportError("bank=True keeps every adapter in its own slot, selected per row; it cannot be "
                                      "combined with merge=True (a merged graph holds one fixed adapter sum)")
+    if merge and fft == "dft":
+        raise UnsupportedExportError("fft='dft' (--fft dft) shapes the BCA subgraph of an unmerged graph; a merged "
+                                     "graph has none: leave it out, or export unmerged (--no-merge)")
     _check_out_dir(out_dir, overwrite, [model_dir, *adapter_dirs])
     check_runtime(None if merge else fft, validate)
     if validate:
@@ -507,8 +509,9 @@ def _trace_export(model: nn.Module, directory: Path, task: str, opset: int, fft:
                               output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=opset,
                               do_constant_folding=True, dynamo=False)
         except Exception as exc:
-            raise ExportError(f"torch.onnx.export failed on the {type(model).__name__} for {task!r}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            # the first line: torch appends the whole TorchScript graph (tens of KB) to its messages
+            raise ExportError(f"torch.onnx.export failed on the {type(model).__name__} for {task!r} at opset "
+                              f"{opset}: {type(exc).__name__}: {first_line(exc, 500)}") from exc
     _save_graph(scratch, directory)
     shutil.rmtree(scratch)
 

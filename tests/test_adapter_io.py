@@ -33,6 +33,20 @@ def test_round_trip_reproduces_outputs(arch, tmp_path, input_ids):
     assert torch.equal(model_output(loaded, input_ids), expected)
 
 
+def test_an_adapter_under_a_file_name_that_is_not_utf8_saves_and_loads(tmp_path, input_ids):
+    """safetensors takes paths as UTF-8 strings: an adapter in a directory named with other bytes could be neither
+    written nor read ("Path ... is not valid UTF-8", blamed on the file)."""
+    import os
+
+    model = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", init_std=0.1, seed=5)
+    directory = tmp_path / os.fsdecode(b"caf\xe9-latin1") / "adapter"
+    bd.save_adapter(model, directory)
+    loaded = bd.load_adapter(tiny_llama(), directory)
+    assert torch.equal(model_output(loaded, input_ids), model_output(model, input_ids))
+    config, state = bd.read_adapter(directory)
+    assert set(state) == set(bd.read_adapter(bd.save_adapter(model, tmp_path / "plain"))[1])
+
+
 def test_directory_contents_and_config(llama_adapter):
     model, directory = llama_adapter
     assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -163,3 +163,21 @@ def test_sigkill_at_the_worst_moment_is_recovered(tmp_path, moment):
     assert siblings(out) == []
     write_dir(out, lambda d: (d / "a.txt").write_text("next"), overwrite=True)
     assert files(out) == {"a.txt": "next"} and siblings(out) == []
+
+
+def test_an_output_that_is_or_holds_an_input_is_refused(tmp_path):
+    from bca_deploy.atomic import check_inputs_outside
+    from bca_deploy.errors import OutputExistsError
+
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    (tmp_path / "out" / "data" / "train.tsv").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "out", target_is_directory=True)
+    for target, inputs, needle in (
+            (tmp_path / "out", [("the data", tmp_path / "out" / "data" / "train.tsv")], "contains the data"),
+            (tmp_path / "link", [("the data", tmp_path / "out" / "data")], "contains the data"),  # through a link
+            (tmp_path / "out" / "data" / ".." / "data", [("the model", tmp_path / "out" / "data")], "is the model")):
+        with pytest.raises(OutputExistsError, match=needle):
+            check_inputs_outside(target, inputs)
+    check_inputs_outside(tmp_path / "out" / "data" / "new", [("the data", tmp_path / "out" / "data" / "train.tsv"),
+                                                             ("nothing", None)])  # an output beside or inside: fine
+    check_inputs_outside(tmp_path / "other", [("the data", tmp_path / "out")])

@@ -266,7 +266,7 @@ def test_undecodable_path_in_a_message_is_printed(tmp_path):
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert proc.returncode == 2, proc.stderr
     assert b"Traceback" not in proc.stderr and b"not valid JSON" in proc.stderr and b"\\udcff" in proc.stderr
-    assert b"\\udcff" in proc.stdout  # inspect's own lines name the directory too
+    assert proc.stdout == b""  # inspect reads everything before it prints: no half description
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -355,3 +355,11 @@ def test_serve_without_onnxruntime_names_the_whole_install(tmp_path, monkeypatch
     result = CliRunner().invoke(main, [command, str(tmp_path)])
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     assert "onnxruntime is missing" in result.output and f"pip install 'bca-deploy[onnx,{extra}]'" in result.output
+
+
+def test_an_error_echoing_a_huge_value_is_cut(tmp_path):
+    """A 100,000-character value came back whole in the error (every message quotes what the user gave)."""
+    result = CliRunner().invoke(main, ["train", "--model", "q" * 100_000, "--data", "d.tsv", "--out",
+                                       str(tmp_path / "o")])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output, result.output[:300]
+    assert result.output.startswith("Error: qqq") and len(result.output) < 2_000 and "more characters)" in result.output

@@ -170,3 +170,26 @@ def test_unknown_init_refused():
 def test_bcalinear_rejects_other_layers():
     with pytest.raises(TargetModuleError, match="Conv2d cannot be adapted"):
         BCALinear(torch.nn.Conv2d(2, 2, 1))
+
+
+def test_block_size_pattern_keys_must_select_a_targeted_module():
+    """A key matching no targeted module trained every module at the default size, silently; a key that is not a
+    regular expression was an internal error (re.error)."""
+    model = tiny_llama()
+    with pytest.raises(TargetModuleError) as caught:
+        bd.inject(model, ["q_proj", "v_proj"], block_size=8, block_size_pattern={"nomatch": 16, "(": 8, "v_proj": 16})
+    message = str(caught.value)
+    assert "key 'nomatch' matches none of the" in message and "key '(' is not a valid regular expression" in message
+    assert "key 'v_proj'" not in message  # that key selects modules: fine
+    assert not any(isinstance(m, BCALinear) for m in model.modules())  # refused before anything was injected
+    bd.inject(model, ["q_proj", "v_proj"], block_size=8, block_size_pattern={"layers.1.self_attn.v_proj": 16})
+
+
+def test_cli_names_the_option_of_a_repeated_pattern_key(tmp_path):
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--model", str(tmp_path), "--data", "d.tsv", "--out", str(tmp_path / "o"),
+                                       "--block-size-pattern", "value=8,value=16"])
+    assert result.exit_code == 2 and "Invalid value for '--block-size-pattern': 'value' is given twice" in result.output

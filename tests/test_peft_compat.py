@@ -223,6 +223,21 @@ def test_explicit_task_type_and_base_model(tmp_path):
     assert "pass --task-type" in result.output and "pass --base-model" in result.output
 
 
+def test_a_task_type_contradicting_the_adapters_task_is_refused(tmp_path):
+    """convert --task-type SEQ_CLS on a causal-LM adapter wrote a PEFT copy labelled for another head."""
+    from bca_deploy.config import TaskSpec
+    from bca_deploy.inject import adapter_configs
+
+    ours = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0)
+    adapter_configs(ours)["default"].task = TaskSpec(type="causal-lm", architecture="LlamaForCausalLM")
+    bd.save_adapter(ours, tmp_path / "lm")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "lm"), "--to", "peft", "--out",
+                                       str(tmp_path / "peft"), "--task-type", "SEQ_CLS"])
+    assert result.exit_code == 2 and "task_type 'SEQ_CLS' contradicts the adapter, which was trained for causal-lm" \
+        in result.output, result.output
+    assert not (tmp_path / "peft").exists()
+
+
 def test_inspect_names_the_format_and_the_conversion(tmp_path):
     """PEFT fails on bca-deploy's own format with its own error; inspect says which format and what to run."""
     ours = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0)

@@ -35,9 +35,12 @@ def _pattern(value: str | None) -> dict[str, int] | None:
         try:
             if not sep or not name.strip():
                 raise ValueError
-            out[name.strip()] = int(p)
+            size = int(p)
         except ValueError:
             raise click.BadParameter(f"expected NAME=P[,NAME=P...], got {item!r}") from None
+        if name.strip() in out:  # which one would win is not what the user meant either way
+            raise click.BadParameter(f"{name.strip()!r} is given twice ({out[name.strip()]} and {size})")
+        out[name.strip()] = size
     return out
 
 
@@ -94,7 +97,14 @@ def config_options(cls: type) -> tuple[Callable[[Callable], Callable], Callable[
         return fn
 
     def build(kwargs: dict[str, Any]) -> Any:
-        return cls(**{f.name: convert(kwargs[f.name]) for f, _, convert in specs})
+        values = {}
+        for f, _, convert in specs:
+            try:
+                values[f.name] = convert(kwargs[f.name])
+            except click.BadParameter as exc:  # converted after click's parsing: name the option here
+                exc.param_hint = f"'--{f.name.replace('_', '-')}'"
+                raise
+        return cls(**values)
 
     return decorate, build
 

@@ -198,6 +198,26 @@ def _at_least(config: Any, problems: list[str], low: float, *names: str, strict:
             problems.append(f"{option_flag(name)} must be {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
+def _column_problems(config: Any, problems: list[str]) -> None:
+    """Columns that cannot mean what the options say: a column named twice as text, the label column read as
+    text, a response that is its own prompt (each was accepted and trained on silently)."""
+    columns = config.text_columns
+    if isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns):
+        twice = sorted({c for c in columns if list(columns).count(c) > 1})
+        if twice:
+            problems.append(f"--text-columns names {', '.join(map(repr, twice))} twice")
+        if isinstance(config.label_column, str) and config.label_column in columns:
+            problems.append(f"--text-columns includes the label column {config.label_column!r}: the labels would be "
+                            "read as text")
+    if isinstance(config.prompt_column, str) and config.prompt_column == config.response_column:
+        problems.append(f"--prompt-column and --response-column are both {config.prompt_column!r}: the response "
+                        "would be its own prompt")
+
+
+#: Seeds are what torch's generators take (a 64-bit signed integer), from 0.
+MAX_SEED = 2**63 - 1
+
+
 # ---- training ---------------------------------------------------------------------------------------
 
 
@@ -312,8 +332,8 @@ class TrainConfig:
     metric_for_best: str | None = _opt(
         None, "Metric that picks best/ (default: accuracy, pearson for regression, perplexity for causal-lm).",
         "choice", METRICS, group="run")
-    save_every: int | None = _opt(None, "Write last/ every N steps (default: --eval-every, else 100; always at the "
-                                  "end).", "int", group="run")
+    save_every: int | None = _opt(None, "Write last/ every N steps (default: --eval-every, else 100; 0: only at the "
+                                  "end; always at the end).", "int", group="run")
     log_every: int = _opt(10, "Steps between lines of train_log.jsonl.", "int", group="run")
     device: str | None = _opt(None, "cuda, cuda:1, cpu, ... (default: CUDA when available; under torchrun "
                               "cuda:LOCAL_RANK).", "str", group="run")
@@ -370,6 +390,11 @@ class TrainConfig:
             problems.append("--no-head keeps the base model's head, --new-head replaces it: choose one")
         if self.no_head and self.modules_to_save:
             problems.append("--no-head saves only the kernels: drop --modules-to-save")
+        if self.method == "head-only":
+            given = [option_flag(n) for n in ("targets", "block_size_pattern", "scaling")
+                     if getattr(self, n) is not None]
+            if given:
+                problems.append(f"{', '.join(given)}: for the adapter; --method head-only trains the head alone")
         if self.no_head and self.method == "head-only":
             problems.append("--no-head with --method head-only leaves nothing to train")
         if self.regression is True and self.label_names is not None:
@@ -384,6 +409,9 @@ class TrainConfig:
         if self.text_columns is not None and isinstance(self.text_columns, (list, tuple)) \
                 and not 1 <= len(self.text_columns) <= 2:
             problems.append(f"--text-columns names one or two columns, got {len(self.text_columns)}")
+        _column_problems(self, problems)
+        if _is_int(self.seed) and not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"--seed must be in [0, {MAX_SEED}] (torch's seed range), got {self.seed}")
         return problems
 
     def validate(self, *, has_model: bool = False, has_tokenizer: bool = False) -> None:
@@ -470,6 +498,7 @@ class EvaluateConfig:
         if self.adapter is not None and isinstance(self.adapter, (str, Path)) and str(self.adapter) \
                 and not Path(self.adapter).is_dir():
             problems.append(f"--adapter {self.adapter}: directory not found")
+        _column_problems(self, problems)
         return problems
 
     def validate(self, *, has_model: bool = False) -> None:

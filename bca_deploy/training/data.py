@@ -23,9 +23,11 @@ their line numbers, an empty file) and raises one :class:`~bca_deploy.training.e
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import re
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +75,21 @@ _EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", "
 # ---- reading ------------------------------------------------------------------------------------
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is not a readable regular file, in words (for the data-file refusal)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+        return "data file not found" if exc.errno == errno.ENOENT else f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a directory, not a data file"
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+        else "a socket" if stat.S_ISSOCK(mode) else "something"
+    return f"{kind}, not a regular file"
+
+
 def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
     """Read a TSV/CSV/JSONL file (UTF-8, with or without a byte-order mark).
 
@@ -87,7 +104,7 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str], lis
     """
     path = Path(path)
     if not path.is_file():
-        raise DataFileNotFoundError(f"{path}: data file not found" + (" (it is a directory)" if path.is_dir() else ""))
+        raise DataFileNotFoundError(f"{path}: {_not_a_file(path)}; expected a .tsv, .csv or .jsonl data file")
     kind = _EXTENSIONS.get(path.suffix.lower())
     if kind is None:
         raise DataError(

@@ -72,8 +72,7 @@ def quiet_loading():
 def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 
-    if (Path(model_dir) / "config.json").is_file():
-        load_model_config(model_dir)  # AutoTokenizer reads config.json too: a malformed one is named as such
+    load_model_config(model_dir)  # AutoTokenizer reads config.json too: a missing or malformed one is named as such
     try:
         with quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -244,12 +243,11 @@ def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> None:
     path = adapter_dir / TRAINABLE_FILE
     if not path.is_file():
         raise TrainingConfigError(f"{adapter_dir}: neither adapter_config.json nor {TRAINABLE_FILE} found")
-    from safetensors.torch import load_file
-
+    from ..adapter_io import load_safetensors
     from ..errors import AdapterMismatchError
 
     try:
-        state = load_file(str(path))
+        state, _ = load_safetensors(path)
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise TrainingConfigError(f"{path}: cannot read safetensors file ({exc})") from None
     params = dict(model.named_parameters())
@@ -269,7 +267,7 @@ def save_adapter_files(model: nn.Module, directory: Path, method: str) -> None:
 
         save_adapter(model, directory)
         return
-    from safetensors.torch import save_file
+    from ..adapter_io import save_safetensors
 
     state = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(state, str(directory / TRAINABLE_FILE), metadata={"format": "pt"})
+    save_safetensors(state, directory / TRAINABLE_FILE, {"format": "pt"})

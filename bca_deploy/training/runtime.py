@@ -36,19 +36,45 @@ class Dist:
         return self.world_size > 1
 
 
+def usable_device(request: str) -> torch.device:
+    """The torch device ``--device`` names, if this machine can train on it: ``cpu``, ``cuda``/``cuda:N`` (a
+    CUDA build of torch with that GPU) or ``mps`` (Apple silicon).
+
+    Raises:
+        TrainingConfigError: naming the request and why (not a device name, a device type training cannot use
+            such as ``meta``, no CUDA in this torch, no such GPU).
+    """
+    try:
+        device = torch.device(request)
+    except RuntimeError as exc:
+        raise TrainingConfigError(f"--device {request!r}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise TrainingConfigError(f"--device {request!r}: {why} (torch {torch.__version__}); use --device cpu "
+                                      "or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainingConfigError(f"--device {request!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                      f"device(s), numbered from 0")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise TrainingConfigError(f"--device {request!r}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise TrainingConfigError(f"--device {request!r}: training runs on cpu, cuda, cuda:N or mps, not on "
+                                  f"{device.type} devices")
+    return device
+
+
 def init_distributed(device_request: str | None) -> tuple[Dist, torch.device]:
     """Join the torchrun process group when ``WORLD_SIZE > 1``; pick this rank's device."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and (device_request is None or str(device_request).startswith("cuda"))
-    try:
-        if world <= 1:
-            if device_request is not None:
-                return Dist(), torch.device(device_request)
-            return Dist(), torch.device("cuda" if use_cuda else "cpu")
-    except RuntimeError as exc:
-        raise TrainingConfigError(f"--device {device_request!r}: {exc}") from None
+    if world <= 1:
+        if device_request is not None:
+            return Dist(), usable_device(device_request)
+        return Dist(), torch.device("cuda" if use_cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         device = torch.device("cuda", local_rank)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import check_inputs_outside
 from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
 from ..errors import format_problems
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
@@ -350,6 +351,10 @@ class _TrainingRun:
     def setup_output(self) -> None:
         """Apply the rules for ``--out`` (rank 0 locks and checks it); load the state to resume from."""
         cfg = self.cfg
+        if not cfg.resume:  # a new run replaces --out: nothing it reads may live there
+            on_main(self.d, lambda: check_inputs_outside(self.out, [
+                ("the model directory", cfg.model), ("the training data", cfg.data),
+                ("the evaluation data", cfg.eval_data)]))
         self.rundir = on_main(self.d, lambda: RunDirectory.open(self.out, cfg.resume, cfg.overwrite))
         barrier(self.d)
         if cfg.resume:

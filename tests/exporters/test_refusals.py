@@ -88,8 +88,10 @@ def test_existing_output_needs_overwrite(exported, tiny, tmp_path):
     ("kwargs", "match"),
     [
         (dict(merge=False, fft="dft", opset=18), r"opset 18 is too low.*>= 20"),
-        (dict(merge=False, fft="matmul", opset=11), r"opset 11 is too low.*>= 13"),
+        (dict(merge=False, fft="matmul", opset=11), r"opset 11 is too low.*>= 14"),
+        (dict(merge=True, opset=1), r"opset 1 is too low for the models' attention.*>= 14"),  # was a 52 KB graph dump
         (dict(merge=True, opset=21), r"opset 21 is above 20"),
+        (dict(merge=True, fft="dft"), r"fft='dft' \(--fft dft\) shapes the BCA subgraph of an unmerged graph"),
         (dict(merge=True, dtype="bf16"), r"dtype must be one of fp32, fp16"),
         (dict(merge=False, fft="cufft"), r"fft must be one of dft, matmul"),
         (dict(merge=True, provider="tpu"), r"provider must be 'cpu' or 'cuda'"),

@@ -44,6 +44,34 @@ def test_options_that_belong_to_another_task_or_conflict(tmp_path):
     assert len(cfg.problems()) == 2
 
 
+def test_columns_seeds_and_devices_that_cannot_mean_what_they_say(tmp_path):
+    """Each was accepted (the label column trained on as text, a response that is its own prompt) or an internal
+    error (a seed past torch's range; --device cuda on a CPU-only torch, or meta)."""
+    from bca_deploy.training.runtime import usable_device
+
+    cfg = TrainConfig(model=tmp_path, data="d", out="o", text_columns=["sentence", "label"], seed=2**63)
+    problems = cfg.problems()
+    assert "--text-columns includes the label column 'label': the labels would be read as text" in problems
+    assert any(p.startswith("--seed must be in [0, 9223372036854775807]") for p in problems)
+    assert "--text-columns names 'a' twice" in TrainConfig(model=tmp_path, data="d", out="o",
+                                                           text_columns=["a", "a"]).problems()
+    same = TrainConfig(model=tmp_path, data="d", out="o", task="causal-lm", prompt_column="r", response_column="r")
+    assert any("--prompt-column and --response-column are both 'r'" in p for p in same.problems())
+    assert any("the label column" in p for p in EvaluateConfig(model=tmp_path, data="d", text_columns=["y"],
+                                                               label_column="y").problems())
+    assert TrainConfig(model=tmp_path, data="d", out="o", seed=2**63 - 1).problems() == []
+    assert "--targets: for the adapter; --method head-only trains the head alone" in TrainConfig(
+        model=tmp_path, data="d", out="o", method="head-only", targets=["query"]).problems()  # was ignored
+    import torch
+
+    assert usable_device("cpu") == torch.device("cpu")
+    for request, needle in (("meta", "not on meta devices"), ("xyz", "--device 'xyz'"),
+                            *([] if torch.cuda.is_available() else [("cuda", "CPU-only build"),
+                                                                     ("cuda:1", "CPU-only build")])):
+        with pytest.raises(TrainingConfigError, match=needle):
+            usable_device(request)
+
+
 def test_recipes_fill_only_what_was_not_given():
     default = TrainConfig(model="m", data="d", out="o").resolved()
     r = RECIPES["default"]["seq-cls"]

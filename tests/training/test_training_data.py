@@ -305,5 +305,15 @@ def test_malformed_csv_and_headers(tmp_path):
     with pytest.raises(DataError):
         load_seq_cls(nul)
     (tmp_path / "dir.tsv").mkdir()
-    with pytest.raises(DataError, match="it is a directory"):
+    with pytest.raises(DataError, match="dir.tsv: a directory, not a data file"):
         load_seq_cls(tmp_path / "dir.tsv")
+    import os
+
+    os.mkfifo(tmp_path / "fifo.tsv")  # these were all "data file not found", though each path exists
+    (tmp_path / "loop.tsv").symlink_to(tmp_path / "loop.tsv")
+    for name, needle in (("fifo.tsv", "a named pipe \\(FIFO\\), not a regular file"),
+                         ("loop.tsv", "a loop of symbolic links")):
+        with pytest.raises(DataError, match=f"{name}: {needle}"):
+            load_seq_cls(tmp_path / name)
+    with pytest.raises(DataError, match="/dev/null: a device, not a regular file"):
+        load_seq_cls("/dev/null")

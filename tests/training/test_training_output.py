@@ -75,6 +75,25 @@ def test_non_empty_out_is_refused(files, earlier):
     assert (other / "mine.txt").read_text() == "keep me"
 
 
+def test_an_out_holding_an_input_is_refused_even_with_overwrite(files, earlier, tmp_path):
+    """train --overwrite replaces --out: with the data file or the base model inside it, that deleted them (the
+    run then even printed next steps naming the deleted model). Now refused first, every byte left as it was."""
+    import shutil
+
+    out, before = earlier
+    shutil.copy(files["small"], out / "data.tsv")
+    shutil.copytree(files["bert"], out / "model")
+    snapshot = tree(out)
+    for model, data, eval_data, needle in ((files["bert"], out / "data.tsv", None, "contains the training data"),
+                                           (out / "model", files["small"], None, "contains the model directory"),
+                                           (files["bert"], files["small"], out / "data.tsv", "contains the evaluation data"),
+                                           (out, files["small"], None, "is the model directory")):
+        with pytest.raises(OutputExistsError, match=needle):
+            train(config(model, data, out, eval_data=eval_data, max_steps=1, overwrite=True), on_step=_never)
+        assert tree(out) == snapshot
+    assert before.items() <= snapshot.items()
+
+
 def test_resume_with_nothing_to_resume_says_what_is_missing(files, tmp_path, earlier):
     out, before = earlier
     with pytest.raises(CheckpointError, match="does not exist, so there is no run to continue"):
