@@ -227,7 +227,9 @@ class DecodeBatch:
         self.compact_at = float(compact_at)
         self.slots: list[DecodeRow | None] = []
         self.width = 0  # P: columns of the past
-        self._past: dict[str, np.ndarray] = {}  # past input -> (slots, kv_heads, P, head_dim)
+        # past input -> (slots, kv_heads, P, head_dim): the last run's present OrtValues as they came (on the
+        # execution provider's device), or host arrays once rows were written in (see _host_past)
+        self._past: dict[str, Any] = {}
         self._presents = [n for n in session.output_names if PRESENT_OUTPUT.fullmatch(n)]
         self._past_of = {n: n.replace("present", "past_key_values", 1) for n in self._presents}
         missing = sorted(set(self._past_of.values()) - {n for n in session.inputs if PAST_INPUT.fullmatch(n)})
@@ -286,6 +288,7 @@ class DecodeBatch:
             rows[i].length = len(rows[i].prompt)
         if ok:
             index = np.array(ok)
+            presents = {k: _host(v) for k, v in presents.items()}  # newcomers are written into the past on the host
             past = {self._past_of[k]: (v if len(ok) == len(rows) else v[index]) for k, v in presents.items()}
             self._pending.append(([rows[i] for i in ok], past, width))
         return logits, failures
@@ -306,7 +309,7 @@ class DecodeBatch:
             self._rebuild(newcomers)
             return
         for (row, past, i, w), slot in zip(newcomers, free):  # in place: one row's past each
-            for name, value in self._past.items():
+            for name, value in self._host_past().items():
                 value[slot, :, :self.width - row.length] = 0
                 value[slot, :, self.width - row.length:] = past[name][i, :, w - row.length:]
             self.slots[slot] = row
@@ -323,19 +326,29 @@ class DecodeBatch:
         rows = [self.slots[s] for s in keep] + [r for r, *_ in newcomers]
         width = max((r.length for r in rows), default=0)
         past: dict[str, np.ndarray] = {}
+        old = self._host_past() if keep else {}
         for name in self._past_of.values():
             if not rows:
                 break
-            like = self._past[name] if keep else newcomers[0][1][name]
+            like = old[name] if keep else newcomers[0][1][name]
             merged = np.zeros((len(rows), like.shape[1], width, like.shape[3]), dtype=like.dtype)
             for b, s in enumerate(keep):
                 length = self.slots[s].length
-                merged[b, :, width - length:] = self._past[name][s, :, self.width - length:]
+                merged[b, :, width - length:] = old[name][s, :, self.width - length:]
             for b, (row, new_past, i, w) in enumerate(newcomers, start=len(keep)):
                 merged[b, :, width - row.length:] = new_past[name][i, :, w - row.length:]
             past[name] = merged
         self.slots, self._past, self.width = rows, past, width
         self.rebuilds += 1
+
+    def _host_past(self) -> dict[str, np.ndarray]:
+        """The past as numpy arrays, for writing rows in or picking some out (kept: later writes go to them).
+
+        On CPU an ``OrtValue``'s array is a view of the same memory; on a GPU this is the one device-to-host
+        copy, made only when rows join, leave for good (compaction) or run apart, never on a plain step.
+        """
+        self._past = {name: _host(value) for name, value in self._past.items()}
+        return self._past
 
     # ---- a decoding step ---------------------------------------------------------------------------------------
 
@@ -373,11 +386,11 @@ class DecodeBatch:
                 out["attention_mask"] = mask
             if "position_ids" in self.session.inputs:
                 out["position_ids"] = positions
-            if n == len(slots):
+            if n == len(slots):  # the usual step: the last run's presents go back in as they are (no copy)
                 out.update(self._past)
             else:
                 index = np.array(subset)
-                out.update({k: v[index] for k, v in self._past.items()})
+                out.update({k: v[index] for k, v in self._host_past().items()})
             return out
 
         logits, presents, failures = self._run_isolated(slots, feeds)
@@ -402,7 +415,7 @@ class DecodeBatch:
                       ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, Exception]]:
         """One run over every slot; if it raises, one run per row, so only the rows that fail alone fail.
 
-        Returns ``(logits (slots, V) float32, presents (slots, ...) as numpy, {slot: exception})``; free
+        Returns ``(logits (slots, V) float32, presents (slots, ...) as OrtValues or numpy, {slot: exception})``; free
         and failed slots get NaN logits and zero presents. When every row fails alone too, the logits have
         no columns and ``presents`` is empty: the caller drops those rows and nothing else (a prefill of
         bad prompts alone must not fail the rows already decoding).
@@ -412,8 +425,8 @@ class DecodeBatch:
             out = self._run(slots, feeds(everyone))
         except Exception:  # noqa: BLE001, S110 - isolated below: each row is run alone
             pass
-        else:  # numpy views of onnxruntime's outputs (no copy): the next step feeds them back
-            return _last(out["logits"].numpy()), {k: out[k].numpy() for k in self._presents}, {}
+        else:  # the presents stay OrtValues (on the device that made them): the next step feeds them back
+            return _last(out["logits"].numpy()), {k: out[k] for k in self._presents}, {}
         failures: dict[int, Exception] = {}
         done: dict[int, dict[str, Any]] = {}
         for s, row in enumerate(slots):
@@ -476,6 +489,11 @@ def _composite_snapshot(session, like, snapshots: Mapping[int, Any], used: Seque
         feeds[name] = ort.OrtValue.ortvalue_from_numpy(stacked, device, device_id)
     slots = {f"{version}/{slot}": i + 1 for i, (version, slot) in enumerate(used)}
     return dataclasses.replace(like, version=-1, slots=slots, infos={}, feeds=feeds)
+
+
+def _host(value: Any) -> np.ndarray:
+    """An ``OrtValue`` or array as a numpy array (a view on CPU, a copy from a GPU)."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
 
 
 def _last(logits: np.ndarray) -> np.ndarray:

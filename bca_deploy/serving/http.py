@@ -971,13 +971,17 @@ def build(
     provider, threads, batching and limits.
     """
     options = (options or ServeOptions()).replace(**overrides) if overrides else (options or ServeOptions())
-    session = MultiAdapterSession(export_dir, provider=options.provider, intra_op_threads=options.threads,
-                                  load_exported=load_exported)
     store = AdapterStore(adapter_store) if adapter_store is not None else None
     if load and store is None:
         raise ServingError("loading adapters by name needs an adapter store (--adapter-store DIR)")
-    for name in load:
-        session.register(name, store.path(name), replace=True)  # type: ignore[union-attr]
+    twice = sorted({name for name in load if list(load).count(name) > 1})
+    if twice:  # the second would silently replace the first: a typo in a deployment script, not an intent
+        raise ServingError(f"--load names {', '.join(map(repr, twice))} more than once; give each adapter once")
+    paths = {name: store.path(name) for name in load}  # type: ignore[union-attr]  # a missing one: before any load
+    session = MultiAdapterSession(export_dir, provider=options.provider, intra_op_threads=options.threads,
+                                  load_exported=load_exported)
+    for name, path in paths.items():
+        session.register(name, path, replace=True)
     session.warm_up()  # config, tokenizer and onnxruntime's first run now, not during the first request
     return create_app(session, store, options)
 

@@ -454,6 +454,22 @@ def test_load_without_store_is_400(artefacts):
         assert status == 200 and body["available"] is None
 
 
+def test_load_at_start_refuses_a_name_twice_or_missing_before_the_model_loads(artefacts, monkeypatch):
+    """``serve --load``: a name given twice (the second would silently replace the first) or not in the store is
+    refused naming it, before the export is loaded."""
+    from bca_deploy.serving import http
+    from bca_deploy.errors import ServingError
+
+    art = artefacts["bert"]
+    name = next(iter(BERT_STORE))
+    monkeypatch.setattr(http, "MultiAdapterSession", lambda *a, **k: pytest.fail("the export was loaded first"))
+    with pytest.raises(ServingError, match=f"--load names '{name}' more than once"):
+        http.build(art["onnx"], adapter_store=art["store"], load=(name, "x", name), threads=1)
+    with pytest.raises(Exception, match="nope") as missing:
+        http.build(art["onnx"], adapter_store=art["store"], load=(name, "nope"), threads=1)
+    assert "store" in str(missing.value)
+
+
 # ---- correctness against PyTorch -------------------------------------------------------------------------
 
 
