@@ -214,6 +214,11 @@ class DecodeBatch:
     rebuilt: one copy of the past. So the usual step, where one row leaves and another joins, copies
     just the newcomer's past.
 
+    Where the past lives: a step where no row joins feeds the previous run's presents back as they are,
+    in the execution provider's memory (on a GPU they never leave it). Writing newcomers in, compaction
+    and running rows apart work on host arrays, so on a GPU those steps copy the past to the host and
+    back once (a gather on the device would avoid that copy).
+
     Not thread-safe: one thread steps a batch. Runs go through ``session.run_ortvalues``; a run that
     raises is retried row by row, so a row that breaks the graph fails alone (``failures`` of the
     result) and every other row gets its logits. ``before_run`` is called right before each run.
@@ -453,7 +458,9 @@ class DecodeBatch:
         snapshot, names = self._bank(slots)
         if self.before_run is not None:
             self.before_run()
-        return self.session.run_ortvalues(feeds, names, self._outputs, snapshot)
+        # the presents stay in the execution provider's memory (a GPU's under provider="cuda"; onnxruntime would
+        # otherwise copy them to the host after every run and back before the next)
+        return self.session.run_ortvalues(feeds, names, self._outputs, snapshot, on_device=self._presents)
 
     def _bank(self, slots: Sequence[DecodeRow | None]) -> tuple[Any, list[str | None]]:
         """The bank snapshot one run over ``slots`` feeds, and each slot's adapter name in it (free: base)."""

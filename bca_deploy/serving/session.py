@@ -634,12 +634,19 @@ class MultiAdapterSession:
         restore[order] = np.arange(len(order))
         return {name: _rows_restored(value.numpy(), restore) for name, value in values.items()}
 
-    def run_ortvalues(self, feeds, adapters, output_names=None, snapshot=None) -> dict[str, Any]:
-        """:meth:`run` returning onnxruntime ``OrtValue`` s (no copy; feed them back as past key values)."""
-        snapshot = snapshot or self._snapshot
-        return self._run_ids(feeds, snapshot.ids(adapters), output_names, snapshot)
+    def run_ortvalues(self, feeds, adapters, output_names=None, snapshot=None, *,
+                      on_device: Sequence[str] = ()) -> dict[str, Any]:
+        """:meth:`run` returning onnxruntime ``OrtValue`` s (no copy; feed them back as past key values).
 
-    def _run_ids(self, feeds, ids: np.ndarray, output_names, snapshot: BankSnapshot) -> dict[str, Any]:
+        ``on_device``: outputs to leave on the execution provider's device (a GPU's memory under
+        ``provider="cuda"``) instead of onnxruntime's default, host memory; fed back as inputs they are
+        never copied. On CPU every output is in host memory either way.
+        """
+        snapshot = snapshot or self._snapshot
+        return self._run_ids(feeds, snapshot.ids(adapters), output_names, snapshot, on_device)
+
+    def _run_ids(self, feeds, ids: np.ndarray, output_names, snapshot: BankSnapshot,
+                 on_device: Sequence[str] = ()) -> dict[str, Any]:
         """One onnxruntime run with the bank slots ``ids`` (int64, one per row) of ``snapshot``."""
         import onnxruntime as ort
 
@@ -651,8 +658,19 @@ class MultiAdapterSession:
                   for k, v in feeds.items()}
         inputs[self.ids_input] = ort.OrtValue.ortvalue_from_numpy(ids)
         inputs.update(snapshot.feeds)
-        outputs = self.session.run_with_ort_values(names, inputs)
-        return dict(zip(names, outputs, strict=True))
+        if not on_device:
+            outputs = self.session.run_with_ort_values(names, inputs)
+            return dict(zip(names, outputs, strict=True))
+        # run_with_ort_values copies every output to host memory; an IOBinding says where each one goes
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        device, device_id = self._device
+        for name in names:
+            binding.bind_output(name, device if name in on_device else "cpu", device_id if name in on_device else 0)
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return dict(zip(names, binding.get_outputs(), strict=True))
 
     # ---- text helpers ----------------------------------------------------------------------------------
 

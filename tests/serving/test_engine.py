@@ -161,8 +161,8 @@ def test_rows_joining_and_leaving_keep_the_logits_of_rows_alone(decoder, compact
     real_run = session.run_ortvalues
     last: dict[str, object] = {}
 
-    def recording_run(feeds, adapters, output_names=None, snapshot=None):
-        out = real_run(feeds, adapters, output_names, snapshot)
+    def recording_run(feeds, adapters, output_names=None, snapshot=None, **kwargs):
+        out = real_run(feeds, adapters, output_names, snapshot, **kwargs)
         if feeds["input_ids"].shape[1] > 1:
             prefill_logits.append((feeds["input_ids"].shape[1], *out["logits"].shape()))
         else:
@@ -375,9 +375,9 @@ def test_load_and_unload_during_decoding(llama):
     runs: list[list] = []
     real_run = session.run_ortvalues
 
-    def recording_run(feeds, adapters, output_names=None, snapshot=None):
+    def recording_run(feeds, adapters, output_names=None, snapshot=None, **kwargs):
         runs.append([snapshot.version, list(adapters)])
-        return real_run(feeds, adapters, output_names, snapshot)
+        return real_run(feeds, adapters, output_names, snapshot, **kwargs)
 
     session.run_ortvalues = recording_run
 
@@ -532,13 +532,13 @@ def picky_session(llama) -> MultiAdapterSession:
     session = MultiAdapterSession(llama["onnx"])
     real_run = session.run_ortvalues
 
-    def picky_run(feeds, adapters, output_names=None, snapshot=None):
+    def picky_run(feeds, adapters, output_names=None, snapshot=None, **kwargs):
         ids = feeds["input_ids"]
         if ids.shape[1] > 1 and (ids == 99).any():
             raise RuntimeError("simulated: the graph refuses token 99")
         if ids.shape[1] == 1 and "a2" in adapters:
             raise RuntimeError("simulated: a2 fails while decoding")
-        return real_run(feeds, adapters, output_names, snapshot)
+        return real_run(feeds, adapters, output_names, snapshot, **kwargs)
 
     session.run_ortvalues = picky_run
     return session
@@ -649,10 +649,10 @@ def test_a_row_whose_logits_are_not_finite_fails_alone(llama):
     real_run = session.run_ortvalues
     keep_alive = []  # an OrtValue made from a numpy array does not own its memory
 
-    def nan_for_a2(feeds, adapters, output_names=None, snapshot=None):
+    def nan_for_a2(feeds, adapters, output_names=None, snapshot=None, **kwargs):
         import onnxruntime as ort
 
-        out = dict(real_run(feeds, adapters, output_names, snapshot))
+        out = dict(real_run(feeds, adapters, output_names, snapshot, **kwargs))
         logits = np.array(out["logits"].numpy())
         for b, name in enumerate(adapters):
             if name == "a2":

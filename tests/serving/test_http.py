@@ -718,8 +718,8 @@ def test_unload_in_the_middle_of_a_generation_does_not_change_it(llama_server):
     started, resume = threading.Event(), threading.Event()
     run = session.run_ortvalues
 
-    def paused_run(feeds, adapters, output_names=None, snapshot=None):
-        out = run(feeds, adapters, output_names, snapshot)
+    def paused_run(feeds, adapters, output_names=None, snapshot=None, **kwargs):
+        out = run(feeds, adapters, output_names, snapshot, **kwargs)
         if "extra" in adapters and not started.is_set():
             started.set()
             resume.wait(TIMEOUT)

@@ -208,6 +208,38 @@ def test_run_mixed_batch_matches_pytorch(bert_session):
         np.testing.assert_allclose(hidden[b, :len(row)], want, atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
 
 
+def test_run_ortvalues_leaves_the_outputs_asked_for_on_the_providers_device(llama_session, monkeypatch):
+    """``on_device`` outputs are bound to the session's device (a GPU's under provider="cuda", checked with the
+    device the binding is asked for), every other output to host memory; the numbers equal a plain run's."""
+    from bca_deploy.exporters.validate import empty_past
+
+    session = llama_session
+    feeds = session.pad_ids(token_rows(3, seed=8), side="left")
+    feeds.update(empty_past(session.session, 3))
+    presents = [n for n in session.output_names if n.startswith("present")]
+    plain = {k: v.numpy() for k, v in session.run_ortvalues(feeds, ["a0", None, "a1"]).items()}
+    asked: dict[str, str] = {}
+    real_binding = session.session.io_binding
+
+    class RecordingBinding:
+        def __init__(self):
+            self.inner = real_binding()
+
+        def bind_output(self, name, device_type="cpu", device_id=0):
+            asked[name] = f"{device_type}:{device_id}"
+            self.inner.bind_output(name, "cpu", 0)  # this machine has only host memory
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+    monkeypatch.setattr(session.session, "io_binding", RecordingBinding, raising=False)
+    monkeypatch.setattr(session, "_device", ("cuda", 1))
+    bound = session.run_ortvalues(feeds, ["a0", None, "a1"], on_device=presents)
+    assert presents and asked == {n: ("cuda:1" if n in presents else "cpu:0") for n in session.output_names}
+    for name, value in bound.items():
+        np.testing.assert_array_equal(value.numpy(), plain[name], err_msg=name)
+
+
 def test_run_groups_rows_by_adapter_and_answers_in_request_order(bert_session, monkeypatch):
     """Interleaved adapters reach the graph grouped (each slot Gather reads the bank in runs); answers come back
     in the request's order, equal to running the interleaved batch as given."""
