@@ -24,6 +24,7 @@ import ctypes
 import errno
 import glob
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -144,9 +145,20 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# What each writer's sibling names end with, exactly (anything else beside the target is the user's, never touched):
+# ours ``<pid>-<12 hex>`` (see _sibling); before 0.2, tempfile.mkdtemp's 8 characters and ``.old-<8 hex>``.
+_SUFFIX = {TMP_TAG: r"\d+-[0-9a-f]{12}", OLD_TAG: r"\d+-[0-9a-f]{12}", ".tmp-": r"[a-z0-9_]{8}",
+           ".merging-": r"[a-z0-9_]{8}", ".old-": r"[0-9a-f]{8}"}
+
+
 def _leftovers(target: Path, tag: str) -> list[Path]:
+    """Siblings ``.<target name><tag><suffix>`` that a bca-deploy writer of ``target`` made: the exact name
+    format and, for the looser names of writers before 0.2, a directory (all they made)."""
     pattern = glob.escape(str(target.parent / f".{target.name}{tag}")) + "*"
-    return [Path(p) for p in glob.glob(pattern)]
+    shape = re.compile(re.escape(f".{target.name}{tag}") + _SUFFIX[tag])
+    legacy = tag not in (TMP_TAG, OLD_TAG)
+    return [Path(p) for p in glob.glob(pattern) if shape.fullmatch(os.path.basename(p))
+            and not (legacy and (os.path.islink(p) or not os.path.isdir(p)))]
 
 
 def recover(target: str | Path) -> Path | None:
@@ -167,8 +179,9 @@ def recover(target: str | Path) -> Path | None:
     for tag in _LEGACY_TMP_TAGS:
         for tmp in _leftovers(target, tag):
             _remove(tmp)
-    for holder in _leftovers(target, _LEGACY_OLD_TAG):
-        if (holder / target.name).is_dir() and not _exists(target):
+    holders = [h for h in _leftovers(target, _LEGACY_OLD_TAG) if (h / target.name).is_dir()]  # the old layout
+    for holder in holders:
+        if not _exists(target):
             asides.append(holder / target.name)
         else:
             _remove(holder)
@@ -180,8 +193,9 @@ def recover(target: str | Path) -> Path | None:
         _fsync_dir(target.parent)
     for aside in asides:
         _remove(aside)
-    for holder in _leftovers(target, _LEGACY_OLD_TAG):
-        _remove(holder)
+    for holder in holders:
+        if holder.exists():
+            _remove(holder)
     return target if _exists(target) else None
 
 

@@ -402,12 +402,14 @@ def serve(export_dir: Path, adapter_store: Path | None, load: tuple[str, ...], n
 @click.option("--replicas", type=click.IntRange(1, 1024), default=2, show_default=True, help="Ray Serve replicas.")
 @click.option("--max-adapters-per-replica", type=click.IntRange(1, 100_000), default=16, show_default=True,
               help="Store adapters one replica holds at once (the least recently used one is unloaded).")
-@click.option("--replica-cpus", type=click.FloatRange(0, 1024), default=1.0, show_default=True,
-              help="CPUs Ray reserves for each replica.")
+@click.option("--replica-cpus", type=FiniteFloat(0, 1024), default=1.0, show_default=True,
+              help="CPUs Ray reserves for each replica (0: replicas share CPUs).")
+@click.option("--replica-gpus", type=FiniteFloat(0, 1024), default=None,
+              help="GPUs Ray reserves for each replica (default: 1 with --provider cuda, else 0).")
 @click.option("--address", default=None, help="A running Ray cluster to join (default: start a local instance).")
 @_serve_options(ray=True)
 def serve_ray(export_dir: Path, adapter_store: Path | None, replicas: int, max_adapters_per_replica: int,
-              replica_cpus: float, address: str | None, options) -> None:
+              replica_cpus: float, replica_gpus: float | None, address: str | None, options) -> None:
     """Serve an adapter-bank export on Ray Serve: REPLICAS copies, adapters multiplexed over them.
 
     The same routes as bca-deploy serve; a request goes to a replica that holds its adapter ("model"),
@@ -417,7 +419,8 @@ def serve_ray(export_dir: Path, adapter_store: Path | None, replicas: int, max_a
     """
     run_ray = _import_serving("serve-ray", "ray", "run", extra="ray")
     run_ray(export_dir, adapter_store=adapter_store, replicas=replicas,
-            max_adapters_per_replica=max_adapters_per_replica, replica_cpus=replica_cpus, options=options,
+            max_adapters_per_replica=max_adapters_per_replica, replica_cpus=replica_cpus,
+            replica_gpus=replica_gpus, options=options,
             address=address, on_ready=lambda line: click.echo(line, err=True))
 
 

@@ -309,6 +309,8 @@ def _read_user_data(data: Path, seed: int) -> _UserData:
     from .training.data import classes_needed, load_seq_cls, read_records
     from .training.errors import DataError
 
+    from .training.data import check_label_range
+
     examples = load_seq_cls(data)  # missing file, unknown format, missing columns, bad labels: DataError
     if examples.regression:
         raise DataError(f"{data}: the labels are real numbers (regression); the demo trains classifiers. "
@@ -319,13 +321,17 @@ def _read_user_data(data: Path, seed: int) -> _UserData:
     if len(examples) < MIN_DATA_ROWS:
         raise DataError(f"{data}: {len(examples)} rows; the demo needs at least {MIN_DATA_ROWS} "
                         "(it trains on most and holds out a fifth to measure accuracy)")
+    num_labels = classes_needed(examples)
+    # the trainer's rule, here on the user's own file and lines (it reads a shuffled copy under --out)
+    check_label_range(examples, num_labels, "the classification head",
+                      "labels are class ids counted from 0, or class names")
     records, columns, _ = read_records(data)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_heldout = min(MAX_HELDOUT_ROWS, max(2, len(records) // 5))
     return _UserData(data, [records[i] for i in order[n_heldout:n_heldout + MAX_TRAIN_ROWS]],
                      [records[i] for i in order[:n_heldout]], columns, examples.text_columns[0],
-                     examples.label_names, classes_needed(examples), len(records))
+                     examples.label_names, num_labels, len(records))
 
 
 @dataclass
@@ -409,9 +415,10 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
             raise ImportError(f"the demo's export and serving stages need {exc.name}: pip install "
                               "'bca-deploy[onnx,demo,serve]' (or run with --no-onnx)") from None
     model_dir = Path(config.model_dir) if config.model_dir else default_model_dir()
+    tokenizer = _check_model(model_dir, config.export_onnx)
     user_data = _read_user_data(Path(config.data), config.seed) if config.data is not None else None
     out = Path(config.out).absolute()
-    check_inputs_outside(out, [("the model directory", config.model_dir), ("the data file", config.data)])
+    check_inputs_outside(out, [("the model directory", model_dir), ("the data file", config.data)])
     staging = AtomicDir(out, overwrite=config.overwrite)  # refuses a non-empty out now, before any work
     import torch
 
@@ -420,7 +427,7 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = _Demo(config, model_dir, staging.path, out, log).run(user_data)
+        result = _Demo(config, model_dir, staging.path, out, log).run(user_data, tokenizer)
         staging.commit()
     except BaseException:
         staging.abort()
@@ -429,6 +436,40 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         torch.set_num_threads(threads)
     _summary(result, log)
     return result
+
+
+def _check_model(model_dir: Path, export_onnx: bool) -> Any:
+    """``--model``'s tokenizer, once the model is known to fit every stage the demo runs (before anything is
+    written): a transformers model with a sequence-classification class and, unless ``--no-onnx``, one
+    bca-deploy exports for text classification.
+
+    Raises:
+        TrainingConfigError / CheckpointFormatError: naming ``--model`` and what it lacks.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    from .exporters.errors import UnsupportedExportError
+    from .training.errors import TrainingConfigError
+    from .training.loading import load_model_config, load_tokenizer
+
+    config = load_model_config(model_dir)  # config.json missing or not a transformers config: named
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise TrainingConfigError(f"--model {model_dir}: transformers has no sequence-classification model for "
+                                  f"model_type {model_type!r}; the demo trains text classifiers")
+    if export_onnx:
+        from .exporters import supported_tasks
+
+        try:
+            tasks = supported_tasks(model_type)
+        except UnsupportedExportError as exc:
+            raise UnsupportedExportError(f"--model {model_dir}: {exc}; or run the demo with --no-onnx") from None
+        if "text-classification" not in tasks:
+            raise UnsupportedExportError(
+                f"--model {model_dir}: bca-deploy exports {model_type} models for {', '.join(tasks)}, not for "
+                "text classification, which the demo serves; run it with --no-onnx, or use an encoder such as "
+                "BERT or RoBERTa")
+    return load_tokenizer(model_dir)
 
 
 class _Demo:
@@ -456,10 +497,8 @@ class _Demo:
     def artefact(self, name: str, path: Path, check: str, figure: float | None = None) -> None:
         self.result.artefacts.append(Artefact(name, self.final(path), _dir_size(path), check, figure))
 
-    def run(self, user_data: _UserData | None) -> DemoResult:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+    def run(self, user_data: _UserData | None, tokenizer: Any) -> DemoResult:
+        self.tokenizer = tokenizer
         self.log(f"base model: {self.model_dir}")
         start = self.begin("train two classifiers with bca_deploy.training.train (default recipe), each with its "
                            "own head and labels")

@@ -14,6 +14,7 @@ import pytest
 import bca_deploy.atomic as atomic
 from bca_deploy.atomic import OLD_TAG, TMP_TAG, AtomicDir, atomic_dir, check_target, recover, write_dir
 from bca_deploy.errors import OutputExistsError
+from bca_deploy.errors import OutputExistsError
 
 
 def files(root: Path) -> dict[str, str]:
@@ -108,18 +109,40 @@ def test_recover_leaves_live_writers_alone(tmp_path):
     with atomic_dir(out) as tmp:  # our own temporary tree, being written: recover must not touch it
         (tmp / "a.txt").write_text("one")
         assert recover(out) is None and tmp.is_dir()
-    dead = tmp_path / f".out{TMP_TAG}999999999-abc"  # no such pid
+    dead = tmp_path / f".out{TMP_TAG}999999999-0123456789ab"  # no such pid
     dead.mkdir()
     assert recover(out) == out and not dead.exists()
 
 
 def test_recover_restores_a_tree_set_aside_by_a_dead_writer(tmp_path):
     out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("old"))
-    aside = tmp_path / f".out{OLD_TAG}999999999-abc"
+    aside = tmp_path / f".out{OLD_TAG}999999999-0123456789ab"
     out.rename(aside)
-    (tmp_path / f".out{TMP_TAG}999999999-def").mkdir()
+    (tmp_path / f".out{TMP_TAG}999999999-abcdef012345").mkdir()
     assert recover(out) == out
     assert files(out) == {"a.txt": "old"} and siblings(out) == []
+
+
+def test_recover_touches_only_what_a_bca_deploy_writer_named(tmp_path):
+    """The user's own files beside the output, even with names like a writer's, survive recovery (and a command
+    that is then refused); only exact leftovers of dead writers go."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "a").write_text("x")
+    users = {".results.old-backup": "dir", ".results.tmp-draft": "file", ".results.bca-tmp-notes": "dir",
+             f".results{OLD_TAG}1-2": "dir", ".results.old-0123abcd": "dir",  # legacy name, not the legacy layout
+             ".results.tmp-abcd1234": "file", ".results.merging-abcd1234.txt": "dir"}
+    for name, kind in users.items():
+        (tmp_path / name).mkdir() if kind == "dir" else (tmp_path / name).write_text("precious")
+    legacy_tmp = tmp_path / ".results.tmp-k2_9x0aq"  # tempfile.mkdtemp's names, from writers before 0.2
+    legacy_tmp.mkdir()
+    dead = tmp_path / f".results{TMP_TAG}999999999-0123456789ab"
+    dead.mkdir()
+    assert recover(out) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*users, "results"])
+    with pytest.raises(OutputExistsError, match="not empty"):
+        write_dir(out, lambda d: (d / "b").write_text("y"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*users, "results"])
 
 
 _KILL_AT = textwrap.dedent("""

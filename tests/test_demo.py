@@ -205,6 +205,9 @@ def test_demo_with_a_data_file_trains_on_it(tmp_path):
      "regression"),
     ("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(5)), "few.tsv", DataError, "at least 10"),
     ("text\tscore\nfine\t1\n", "cols.tsv", DataError, "label"),
+    # named in the user's file at its own lines (the trainer would name its shuffled copy under --out)
+    ("sentence\tlabel\n" + "".join(f"row {i}\t{1 - 2 * (i % 2)}\n" for i in range(20)), "neg.tsv", DataError,
+     "neg.tsv: 10 label"),
 ])
 def test_bad_data_is_refused_before_out_is_touched(tmp_path, content, name, error, match):
     data = tmp_path / name
@@ -219,6 +222,57 @@ def test_bad_data_is_refused_before_out_is_touched(tmp_path, content, name, erro
     result = CliRunner().invoke(main, ["demo", "--out", str(out), "--data", str(data), "--overwrite", "--no-onnx"])
     assert result.exit_code == 2 and match in result.output and "Traceback" not in result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def _model_dir_without_weights(directory: Path) -> Path:
+    """all-MiniLM-L6-v2's config and tokenizer (the demo's checks read no weights)."""
+    import shutil
+
+    directory.mkdir()
+    for entry in default_model_dir().iterdir():
+        if entry.is_file() and not entry.name.endswith((".safetensors", ".bin")):
+            shutil.copy(entry, directory / entry.name)
+    return directory
+
+
+def _tiny_llama(directory: Path) -> Path:
+    import transformers as tf
+    from conftest import wordpiece_tokenizer
+
+    tf.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=32).save_pretrained(directory)
+    wordpiece_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("model, match", [
+    (lambda d: (d.mkdir(), (d / "notes.txt").write_text("hi"), d)[-1], "no config.json"),
+    (_tiny_llama, "not for text classification, which the demo serves; run it with --no-onnx"),
+])
+def test_a_model_that_does_not_fit_the_demo_is_refused_before_out_is_touched(tmp_path, model, match):
+    model_dir = model(tmp_path / "model")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--model", str(model_dir), "--overwrite"])
+    assert result.exit_code == 2 and match in result.output and "Traceback" not in result.output, result.output
+    assert f"--model {model_dir}" in result.output or str(model_dir) in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+
+
+def test_the_default_model_is_an_input_too(tmp_path, monkeypatch):
+    """--out at the default model's own directory (no --model) is refused like an explicit --model; the model
+    stays whole."""
+    import bca_deploy.demo as demo_module
+
+    model_dir = _model_dir_without_weights(tmp_path / "model")
+    before = sorted(p.name for p in model_dir.iterdir())
+    monkeypatch.setattr(demo_module, "default_model_dir", lambda: model_dir)
+    for out in (model_dir, tmp_path):
+        with pytest.raises(OutputExistsError, match="the model directory"):
+            run_demo(out=out, overwrite=True, export_onnx=False)
+    assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
 def test_a_non_empty_out_is_refused_without_overwrite_and_kept(tmp_path):

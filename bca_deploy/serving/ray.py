@@ -30,7 +30,9 @@ Started with one command on a local Ray instance (``bca-deploy serve-ray EXPORT 
     RAY_ADDRESS=auto serve run bca_deploy.serving.ray:build_app \\
         export_dir=/shared/onnx-bank adapter_store=/shared/adapters replicas=4
 
-(``export_dir`` and ``adapter_store`` must be readable at the same paths on every node.)
+(``export_dir`` and ``adapter_store`` must be readable at the same paths on every node.) With
+``provider=cuda`` each replica asks Ray for one GPU (``replica_gpus``), so Ray places replicas on GPU
+nodes and gives each its own device.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..errors import BCAError, ServingError, UnknownAdapterError
+from ..errors import BCAError, ServingError, UnknownAdapterError, format_problems
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
@@ -71,6 +73,7 @@ REPLICA_HEADER = "x-bca-replica"
 _LOAD_ROUTES = {"/v1/adapters": 201, "/v1/load_lora_adapter": 200}
 #: How long an evicted adapter waits for the requests still using it before it is unloaded anyway.
 _EVICT_WAIT_S = 60.0
+ADDRESS_TIMEOUT_S = 5.0  # how long --address host:port may take to accept a connection
 
 
 class _StoreAdapter:
@@ -336,6 +339,7 @@ def build_app(args: Mapping[str, Any]):
         export_dir: the adapter-bank export (required). adapter_store: the store directory.
         replicas: number of replicas (default 2). max_adapters_per_replica: store adapters one replica
         holds at once (default 16). replica_cpus: CPUs Ray reserves per replica (default 1).
+        replica_gpus: GPUs Ray reserves per replica (default 1 with ``provider=cuda``, else 0).
         Any :class:`ServeOptions` field (``served_model_name``, ``max_batch_rows``, limits...) but those of
         :data:`~bca_deploy.serving.options.NOT_ON_RAY`, which are refused.
     """
@@ -348,17 +352,26 @@ def build_app(args: Mapping[str, Any]):
     store = str(Path(store).resolve()) if store else None
     if store is not None and not Path(store).is_dir():
         raise ServingError(f"adapter_store: {store} is not a directory")
-    replicas = _builder_number(args, "replicas", int, 2, 1)
-    per_replica = _builder_number(args, "max_adapters_per_replica", int, 16, 1)
-    cpus = _builder_number(args, "replica_cpus", float, 1.0, 0)
+    replicas, per_replica, cpus, gpus = _app_numbers(args)
     fields = _ray_fields(_options_from(args))
-    deployment = AdapterReplicas.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus})
+    resources = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
+    deployment = AdapterReplicas.options(num_replicas=replicas, ray_actor_options=resources)
     return Router.bind(deployment.bind(export_dir, store, fields, per_replica), export_dir, store, fields)
+
+
+def _app_numbers(args: dict[str, Any]) -> tuple[int, int, float, float]:
+    """``(replicas, max_adapters_per_replica, replica_cpus, replica_gpus)`` popped from builder ``args`` and
+    checked; ``replica_gpus`` defaults to 1 when the replicas run on CUDA (``provider``), else 0."""
+    cuda = args.get("provider", "cpu") == "cuda"
+    return (_builder_number(args, "replicas", int, 2, 1), _builder_number(args, "max_adapters_per_replica", int, 16, 1),
+            _builder_number(args, "replica_cpus", float, 1.0, 0),
+            _builder_number(args, "replica_gpus", float, 1.0 if cuda else 0.0, 0))
 
 
 def _builder_number(args: dict[str, Any], name: str, kind: type, default: float, least: float) -> Any:
     """``args.pop(name)`` as ``kind`` (a string from ``serve run`` or a number), at least ``least``."""
-    raw = args.pop(name, default)
+    raw = args.pop(name, None)
+    raw = default if raw is None else raw
     try:
         if isinstance(raw, bool):
             raise ValueError
@@ -369,6 +382,35 @@ def _builder_number(args: dict[str, Any], name: str, kind: type, default: float,
         raise ServingError(f"{name}: expected {'an integer' if kind is int else 'a number'} >= {least}, "
                            f"got {str(raw)[:40]!r}") from None
     return value
+
+
+def _check_address(address: str) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) where nothing answers, within seconds: Ray itself
+    retries an unreachable cluster for minutes. Other forms (``auto``, ``local``) are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except (OSError, ValueError, OverflowError) as exc:
+        raise ServingError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
+                           "with `ray start --head`, or leave --address out to start a local instance") from None
+
+
+def _check_local_resources(resources: Mapping[str, float], replicas: int, cpus: float, gpus: float) -> None:
+    """Refuse replicas that a local Ray instance can never place (Ray would queue them forever); shuts Ray down."""
+    import ray
+
+    problems = [f"{replicas} replicas x {per:g} {kind} = {replicas * per:g} {kind}, but this machine's Ray "
+                f"instance has {resources.get(key, 0):g}" for per, key, kind in ((cpus, "CPU", "CPUs"), (gpus, "GPU", "GPUs"))
+                if per and replicas * per > resources.get(key, 0) + 1e-9]
+    if problems:
+        ray.shutdown()
+        raise ServingError(format_problems(
+            "the replicas do not fit this machine (lower --replicas, or --replica-cpus / --replica-gpus: 0 lets "
+            "replicas share; or join a larger cluster with --address):", problems))
 
 
 def _options_from(args: Mapping[str, Any]) -> ServeOptions:
@@ -410,30 +452,43 @@ def _ray_fields(options: ServeOptions) -> dict[str, Any]:
 
 
 def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, replicas: int = 2,
-        max_adapters_per_replica: int = 16, replica_cpus: float = 1.0, options: ServeOptions | None = None,
-        address: str | None = None, blocking: bool = True, on_ready: Callable[[str], None] | None = None):
+        max_adapters_per_replica: int = 16, replica_cpus: float = 1.0, replica_gpus: float | None = None,
+        options: ServeOptions | None = None, address: str | None = None, blocking: bool = True,
+        on_ready: Callable[[str], None] | None = None):
     """Start (or join, with ``address``) a Ray instance and serve the export on ``options.host:options.port``.
 
-    The export, the options and (on a local instance) the address are checked before Ray starts, so a wrong
-    directory or a port in use fails at once with one message. ``on_ready`` gets the URL line once the
-    application is deployed. Returns the application's handle when ``blocking`` is False (tests);
-    otherwise serves until interrupted, then shuts the application down.
+    Checked before Ray starts, so that a mistake fails at once with one message: the export, the options and
+    numbers, the address (a ``host:port`` that does not answer), and on a local instance the port and the
+    execution provider. A local instance without the CPUs or GPUs the replicas ask for is refused once it
+    is up (Ray would wait for them forever). ``on_ready`` gets the URL line once the application is deployed.
+    Returns the application's handle when ``blocking`` is False (tests); otherwise serves until interrupted,
+    then shuts the application down.
     """
     import ray
 
+    from ..exporters.validate import onnx_providers
     from .http import listening_socket
 
     options = options or ServeOptions()
     fields = _ray_fields(options)
+    app_args = {"export_dir": export_dir, "adapter_store": adapter_store, "replicas": replicas,
+                "max_adapters_per_replica": max_adapters_per_replica, "replica_cpus": replica_cpus,
+                "replica_gpus": replica_gpus, **fields}
+    replicas, _, cpus, gpus = _app_numbers(dict(app_args))
     bank_metadata(export_dir)
-    if address is None and not ray.is_initialized():
+    local = address is None and not ray.is_initialized()
+    if local:
+        onnx_providers(options.provider)  # the replicas run here: this onnxruntime must have the provider
         listening_socket(options.host, options.port).close()  # Ray's proxy binds it; fail now if it cannot
+    elif address is not None:
+        _check_address(address)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    if local:
+        _check_local_resources(ray.cluster_resources(), replicas, cpus, gpus)
     serve.start(http_options={"host": options.host, "port": options.port,
                               "keep_alive_timeout_s": max(1, int(options.keep_alive_s))})
-    app = build_app({"export_dir": export_dir, "adapter_store": adapter_store, "replicas": replicas,
-                     "max_adapters_per_replica": max_adapters_per_replica, "replica_cpus": replica_cpus, **fields})
+    app = build_app(app_args)
     handle = serve.run(app, name="bca-deploy", route_prefix="/", blocking=False)
     if on_ready is not None:
         on_ready(f"serving {export_dir} on Ray Serve ({replicas} replicas) at http://{options.host}:{options.port} "

@@ -54,3 +54,48 @@ def test_a_wrong_export_options_or_port_fail_before_ray_starts(tmp_path_factory,
                          ({}, "export_dir: required")):
         with pytest.raises(ServingError, match=needle):
             build_app(args)
+
+
+def test_numbers_provider_address_and_resources_are_refused_before_ray_waits(tmp_path_factory):
+    """--replica-cpus nan, --provider cuda on an onnxruntime without CUDA, and an --address where nothing answers
+    fail at once without starting Ray (before: Ray started first, replicas crashed with tracebacks and exit 70, or
+    Ray retried the address for minutes); replicas that a local instance cannot place are refused (Ray queued them
+    forever); with CUDA each replica asks Ray for a GPU."""
+    import socket
+    import time
+
+    import onnxruntime
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+    from bca_deploy.errors import ServingError
+    from bca_deploy.serving.ray import _app_numbers, _check_local_resources
+
+    art = bank("bert", tmp_path_factory)
+    runner = CliRunner()
+    for option in ("--replica-cpus", "--replica-gpus"):
+        result = runner.invoke(main, ["serve-ray", str(art["onnx"]), option, "nan"])
+        assert result.exit_code == 2 and "'nan' is not a finite number" in result.output, result.output
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        result = runner.invoke(main, ["serve-ray", str(art["onnx"]), "--provider", "cuda"])
+        assert result.exit_code == 2 and "has no CUDAExecutionProvider" in result.output, result.output
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "nosuchhost.invalid:6379"):
+        start = time.monotonic()
+        result = runner.invoke(main, ["serve-ray", str(art["onnx"]), "--address", address])
+        assert result.exit_code == 2 and f"--address {address}: no Ray cluster answers there" in result.output, \
+            result.output
+        assert time.monotonic() - start < 30 and "Traceback" not in result.output
+    assert not ray.is_initialized()
+
+    with pytest.raises(ServingError) as info:
+        _check_local_resources({"CPU": 2.0}, 3, 1.0, 1.0)
+    assert "3 replicas x 1 CPUs = 3 CPUs, but this machine's Ray instance has 2" in str(info.value)
+    assert "3 replicas x 1 GPUs = 3 GPUs, but this machine's Ray instance has 0" in str(info.value)
+    _check_local_resources({"CPU": 2.0}, 2, 1.0, 0.0)  # the default on 2 CPUs fits
+    _check_local_resources({"CPU": 2.0}, 8, 0.0, 0.0)  # 0: replicas share
+    assert _app_numbers({"provider": "cuda"}) == (2, 16, 1.0, 1.0)
+    assert _app_numbers({"provider": "cuda", "replica_gpus": "0.5"})[3] == 0.5
+    assert _app_numbers({"provider": "cpu", "replicas": "3"}) == (3, 16, 1.0, 0.0)

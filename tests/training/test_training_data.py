@@ -189,10 +189,10 @@ def test_atomic_directory_write(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
 
     # a crash between the two renames leaves the old checkpoint aside: recover_dir puts it back
-    aside = tmp_path / ".last.old-x"
+    aside = tmp_path / ".last.old-0a1b2c3d"  # the layout writers before 0.2 left
     aside.mkdir()
     target.rename(aside / "last")
-    (tmp_path / ".last.tmp-y").mkdir()
+    (tmp_path / ".last.tmp-y_2kq8zv").mkdir()
     assert recover_dir(target) == target
     assert (target / "b.txt").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
