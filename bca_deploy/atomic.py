@@ -113,6 +113,12 @@ def check_target(target: str | Path, overwrite: bool) -> None:
         OutputExistsError: naming ``target`` and the fix.
     """
     target = Path(target)
+    for parent in Path(os.path.abspath(target)).parents:  # the nearest one that exists must be a directory
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputExistsError(f"{target}: {parent} is a file, not a directory; choose an output path "
+                                        "whose parent directories are directories")
+            break
     if target.is_symlink() and not target.is_dir():
         raise OutputExistsError(f"{target}: is a symbolic link to something that is not a directory; remove it first")
     if target.exists() and not target.is_dir():
@@ -327,9 +333,14 @@ class AtomicDir:
         self.overwrite, self.keep_existing, self.fsync = overwrite, keep_existing, fsync
         recover(self.target)
         check_target(self.target, overwrite)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path: Path | None = _sibling(self.target, TMP_TAG)
-        os.mkdir(self.path)  # mode 0o777 & ~umask, unlike mkdtemp's 0o700
+        self.path: Path | None = None
+        path = _sibling(self.target, TMP_TAG)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(path)  # mode 0o777 & ~umask, unlike mkdtemp's 0o700
+        except OSError as exc:  # named by the output the user gave, not by the hidden sibling
+            raise OSError(exc.errno, f"{self.target}: cannot write the output there ({exc.strerror})") from None
+        self.path = path
 
     def commit(self) -> Path:
         """Put the built tree at ``target`` (atomically, see the module docstring); returns ``target``."""

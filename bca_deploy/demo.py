@@ -321,6 +321,11 @@ def _read_user_data(data: Path, seed: int) -> _UserData:
     if len(examples) < MIN_DATA_ROWS:
         raise DataError(f"{data}: {len(examples)} rows; the demo needs at least {MIN_DATA_ROWS} "
                         "(it trains on most and holds out a fifth to measure accuracy)")
+    present = sorted(set(examples.labels or []))
+    if len(present) < 2:  # accuracy on held-out rows of one class says nothing about the classifier
+        shown = examples.label_names[present[0]] if examples.label_names and present else (present or ["none"])[0]
+        raise DataError(f"{data}: every row has label {shown!r}; the demo trains a classifier, which needs "
+                        "examples of at least two classes")
     num_labels = classes_needed(examples)
     # the trainer's rule, here on the user's own file and lines (it reads a shuffled copy under --out)
     check_label_range(examples, num_labels, "the classification head",

@@ -204,3 +204,15 @@ def test_an_output_that_is_or_holds_an_input_is_refused(tmp_path):
     check_inputs_outside(tmp_path / "out" / "data" / "new", [("the data", tmp_path / "out" / "data" / "train.tsv"),
                                                              ("nothing", None)])  # an output beside or inside: fine
     check_inputs_outside(tmp_path / "other", [("the data", tmp_path / "out")])
+
+
+def test_an_output_under_a_file_or_where_nothing_can_be_written_is_named_as_given(tmp_path):
+    """Errors name the output the user gave and why, never the hidden sibling the writer would have used."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputExistsError, match=r"afile/sub/deeper: .*afile is a file, not a directory"):
+        write_dir(tmp_path / "afile" / "sub" / "deeper", lambda d: None)
+    with pytest.raises(OSError) as info:
+        write_dir("/proc/bca-deploy-test-output", lambda d: None)  # procfs: no directory can be made there
+    assert str(info.value).startswith("[Errno") and "/proc/bca-deploy-test-output: cannot write the output there" \
+        in str(info.value) and TMP_TAG not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

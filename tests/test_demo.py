@@ -205,6 +205,8 @@ def test_demo_with_a_data_file_trains_on_it(tmp_path):
      "regression"),
     ("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(5)), "few.tsv", DataError, "at least 10"),
     ("text\tscore\nfine\t1\n", "cols.tsv", DataError, "label"),
+    ("sentence\tlabel\n" + "".join(f"row {i}\tgood\n" for i in range(20)), "one.tsv", DataError,
+     "every row has label 'good'"),
     # named in the user's file at its own lines (the trainer would name its shuffled copy under --out)
     ("sentence\tlabel\n" + "".join(f"row {i}\t{1 - 2 * (i % 2)}\n" for i in range(20)), "neg.tsv", DataError,
      "neg.tsv: 10 label"),
