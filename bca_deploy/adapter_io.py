@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import check_inputs_outside, write_dir
-from .config import CONFIG_FILE, KERNEL_SUFFIX, WEIGHTS_FILE, AdapterConfig, read_json
+from .config import CONFIG_FILE, KERNEL_SUFFIX, TRAINABLE_FILE, WEIGHTS_FILE, AdapterConfig, read_json
 from .errors import AdapterFormatError, AdapterNameError, NonFiniteError, OutputExistsError
 from .fit import align_paths, align_to_target, check_adapter, model_target, split_saved_key
 from .inject import (
@@ -151,6 +151,11 @@ def read_adapter(
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFormatError(f"{directory}: adapter directory not found")
+    if not (directory / CONFIG_FILE).exists() and (directory / TRAINABLE_FILE).is_file():
+        raise AdapterFormatError(
+            f"{directory}: a checkpoint of a --method head-only/custom run (its trainable tensors, no adapter): "
+            "bca-deploy evaluate reads it; merge, export, convert and serve need an adapter (train with --method "
+            "bca, the default)")
     data = read_json(directory / CONFIG_FILE, what="adapter config")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():

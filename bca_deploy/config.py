@@ -665,6 +665,9 @@ def show_json_value(value: Any, limit: int = 80) -> str:
     return type(value).__name__
 
 
+#: What a ``--method head-only``/``custom`` run saves instead of an adapter: its trainable tensors.
+TRAINABLE_FILE = "trainable_parameters.safetensors"
+
 #: Folders a training run writes its adapters to (``bca-deploy train --out RUN``: RUN/best, RUN/last), in the
 #: order a run stands for them: best/ (chosen on --eval-data) when there is one, else last/.
 RUN_ADAPTER_FOLDERS = ("best", "last")
@@ -680,9 +683,10 @@ def run_adapter_dir(directory: str | Path) -> Path:
     (here because this module imports no torch: the CLI applies it while parsing options).
     """
     path = Path(directory)
-    if (path / CONFIG_FILE).is_file():
+    saved = lambda folder: (folder / CONFIG_FILE).is_file() or (folder / TRAINABLE_FILE).is_file()  # noqa: E731
+    if saved(path):
         return path
     for folder in RUN_ADAPTER_FOLDERS:
-        if (path / folder / CONFIG_FILE).is_file():
+        if saved(path / folder):
             return path / folder
     return path

@@ -319,7 +319,7 @@ class TrainConfig:
     batch_size: int = _opt(32, "Examples per micro-batch per process.", "int", group="optimisation")
     grad_accum_steps: int = _opt(1, "Micro-batches per optimizer step (a step sees batch size x this x processes "
                                  "examples).", "int", group="optimisation")
-    max_steps: int = _opt(1000, "Optimizer steps (a resumed run continues to this count).", "int",
+    max_steps: int = _opt(1000, "Optimizer steps (--resume continues to the count the run started with).", "int",
                           group="optimisation")
     group_by_length: bool = _opt(
         True, "Batch examples of similar length together (within shuffled groups of 50 batches; the batches are "

@@ -178,6 +178,14 @@ def _load_for_evaluation(config: EvaluateConfig, adapter: Path | None, task: str
             raise TrainingConfigError(f"{adapter / TRAINING_FILE}: no num_labels recorded; cannot rebuild the head")
         names = info.get("label_names") or [f"LABEL_{i}" for i in range(num)]
         head = Labels(num, list(names), bool(info.get("regression")), "adapter")
-    model, _ = load_for_training(config.model, task, dtype, head)
-    load_trained(model, adapter, info.get("method", "bca"))
+    # a run trained with --new-head over a checkpoint head of another size: that head is replaced, and must then
+    # come back whole from the run's tensors
+    resized = head is not None and getattr(load_model_config(config.model), "num_labels", None) != head.num_labels
+    model, initialised = load_for_training(config.model, task, dtype, head, new_head=resized)
+    restored = load_trained(model, adapter, info.get("method", "bca"))
+    missing = sorted(set(initialised) - restored) if resized else []
+    if missing:
+        raise TrainingConfigError(format_problems(
+            f"{adapter}: the run's head has {head.num_labels} classes, --model {config.model}'s another number, "
+            "and these parameters are in neither:", missing))
     return model.eval()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import TRAINABLE_FILE
 from ..errors import first_line, format_problems
 from .errors import TrainingConfigError
 
@@ -44,7 +45,6 @@ DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],
 }
 HEAD_MODULE_NAMES = ("classifier", "score")
-TRAINABLE_FILE = "trainable_parameters.safetensors"
 
 
 @contextlib.contextmanager
@@ -233,13 +233,17 @@ def base_head(model_config: Any, model: nn.Module | None) -> BaseHead:
     return BaseHead(trained, num, names, architectures[0] if architectures else None)
 
 
-def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> None:
-    """Apply what :func:`train` saved: a BCA adapter, or the trainable parameters (head-only/custom)."""
+def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> set[str]:
+    """Apply what :func:`train` saved: a BCA adapter, or the trainable parameters (head-only/custom).
+
+    Returns:
+        The names of the parameters restored from the trainable tensors (empty for an adapter).
+    """
     if (adapter_dir / "adapter_config.json").is_file():
         from ..adapter_io import load_adapter
 
         load_adapter(model, adapter_dir)
-        return
+        return set()
     path = adapter_dir / TRAINABLE_FILE
     if not path.is_file():
         raise TrainingConfigError(f"{adapter_dir}: neither adapter_config.json nor {TRAINABLE_FILE} found")
@@ -260,6 +264,7 @@ def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> None:
         for key, tensor in state.items():
             params[key].copy_(tensor.to(params[key].dtype))
     model.eval()
+    return set(state)
 
 def save_adapter_files(model: nn.Module, directory: Path, method: str) -> None:
     if method == "bca":

@@ -287,6 +287,22 @@ def test_head_only_and_seeds_repeat(files, tmp_path):
     assert _evaluate(files["bert"], runs[0].last_dir, files["small"]) == runs[0].final_metrics
 
 
+def test_a_head_only_run_with_a_new_head_of_another_size_is_evaluated_from_its_run_directory(files, tmp_path):
+    """head-only + new_head, 3 classes over the checkpoint's 2-class head: evaluate (given the run directory, which
+    stands for last/) rebuilds the 3-class head from the run's tensors and gets the metric train logged (it was an
+    internal error: the checkpoint's 2-class head did not fit); merge/export readers name what the run is."""
+    from bca_deploy.errors import AdapterFormatError
+
+    data = write_tsv(tmp_path / "three.tsv", [(s, i % 3) for i, (s, _) in enumerate(sst2_rows("train", 36))])
+    run = train(config(files["bert"], data, tmp_path / "run", eval_data=data, method="head-only", new_head=True,
+                       lr=1e-2, head_lr=1e-2, max_steps=3))
+    assert run.task["head"]["num_labels"] == 3 and not (tmp_path / "run" / "best" / "adapter_config.json").exists()
+    got = _evaluate(files["bert"], tmp_path / "run", data)
+    assert got == run.final_metrics and got["n"] == 36
+    with pytest.raises(AdapterFormatError, match="a checkpoint of a --method head-only/custom run"):
+        bd.read_adapter(bd.config.run_adapter_dir(tmp_path / "run"))
+
+
 def test_prepared_peft_model(files, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
