@@ -207,10 +207,14 @@ def test_bca_error_is_one_clean_line_with_exit_code_2(tmp_path):
 
 
 def test_os_error_exit_code_1(adapter_dir, tmp_path):
-    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(adapter_dir), "--to", "peft",
+                                       "--out", "/proc/bca-deploy-test/sub"])  # procfs: nothing can be made there
+    assert result.exit_code == 1 and result.output.startswith("Error: /proc/bca-deploy-test/sub: cannot write")
+    assert "Traceback" not in result.output
+    (tmp_path / "file").write_text("x")  # a path mistake, not the system's: the bad-input code, and why
     result = CliRunner().invoke(main, ["convert", "--adapter", str(adapter_dir), "--to", "peft",
                                        "--out", str(tmp_path / "file" / "sub")])
-    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
+    assert result.exit_code == 2 and f"{tmp_path / 'file'} is a file, not a directory" in result.output
 
 
 def test_reader_that_goes_away_stops_quietly(adapter_dir):
