@@ -116,8 +116,9 @@ def check_target(target: str | Path, overwrite: bool) -> None:
     for parent in Path(os.path.abspath(target)).parents:  # the nearest one that exists must be a directory
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
-                raise OutputExistsError(f"{target}: {parent} is a file, not a directory; choose an output path "
-                                        "whose parent directories are directories")
+                what = "a symbolic link to nothing" if not parent.exists() else "a file, not a directory"
+                raise OutputExistsError(f"{target}: {parent} is {what}; choose an output path whose parent "
+                                        "directories are directories")
             break
     if target.is_symlink() and not target.is_dir():
         raise OutputExistsError(f"{target}: is a symbolic link to something that is not a directory; remove it first")

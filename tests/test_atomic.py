@@ -211,8 +211,11 @@ def test_an_output_under_a_file_or_where_nothing_can_be_written_is_named_as_give
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputExistsError, match=r"afile/sub/deeper: .*afile is a file, not a directory"):
         write_dir(tmp_path / "afile" / "sub" / "deeper", lambda d: None)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputExistsError, match=r"dangling/sub: .*dangling is a symbolic link to nothing"):
+        write_dir(tmp_path / "dangling" / "sub", lambda d: None)
     with pytest.raises(OSError) as info:
         write_dir("/proc/bca-deploy-test-output", lambda d: None)  # procfs: no directory can be made there
     assert str(info.value).startswith("[Errno") and "/proc/bca-deploy-test-output: cannot write the output there" \
         in str(info.value) and TMP_TAG not in str(info.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
