@@ -190,14 +190,19 @@ def inspect(adapter: Path) -> None:
     """Print what an adapter directory (bca-deploy or PEFT C3A) or an ONNX export directory holds."""
     from .adapter_io import read_adapter
     from .config import CONFIG_FILE, read_json
+    from .errors import InputNotFoundError
+    from .exporters.metadata import METADATA_FILE
     from .peft_compat import describe_format
 
-    if not (adapter / CONFIG_FILE).exists() and (adapter / "model.onnx").is_file():
-        from .exporters.metadata import describe_export
+    if not (adapter / CONFIG_FILE).exists():
+        if (adapter / "model.onnx").is_file() or (adapter / METADATA_FILE).is_file():
+            from .exporters.metadata import describe_export
 
-        for line in describe_export(adapter):
-            click.echo(line)
-        return
+            for line in describe_export(adapter):
+                click.echo(line)
+            return
+        raise InputNotFoundError(f"{adapter}: neither an adapter directory (no {CONFIG_FILE}) nor an ONNX export "
+                                 "(no model.onnx)")
     data = read_json(adapter / CONFIG_FILE)
     config, state = read_adapter(adapter)  # read (and refused) whole before anything is printed
     click.echo(f"adapter:      {adapter}")

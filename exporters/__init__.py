@@ -14,6 +14,7 @@ onnx and onnxruntime are imported when these functions run, not at import.
 
 from .errors import (
     ExportError,
+    ExportGraphError,
     MissingExtraError,
     RuntimeVersionError,
     UnsupportedExportError,
@@ -60,6 +61,7 @@ __all__ = [
     "ValidationReport",
     "ValidationRow",
     "ExportError",
+    "ExportGraphError",
     "MissingExtraError",
     "UnsupportedExportError",
     "RuntimeVersionError",

@@ -1489,11 +1489,11 @@ class BankPlan:
 
         from bca_deploy.inject import mixed_adapters
 
-        from .validate import DEFAULT_CASES, Case, _text_inputs, _torch_kwargs, onnx_providers
+        from .validate import DEFAULT_CASES, Case, _text_inputs, _torch_kwargs, inference_session
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(onnx_path), options, providers=onnx_providers(provider))
+        session = inference_session(onnx_path, options, provider)
         rng = np.random.default_rng(0)
         rows = []
         for index, case in enumerate(Case.of(c) for c in (cases or DEFAULT_CASES)):

@@ -11,8 +11,8 @@ from bca_deploy.errors import BCAError
 if TYPE_CHECKING:  # pragma: no cover
     from .validate import ValidationReport
 
-__all__ = ["ExportError", "UnsupportedExportError", "RuntimeVersionError", "ExportMetadataError", "ValidationError",
-           "MissingExtraError", "require"]
+__all__ = ["ExportError", "UnsupportedExportError", "RuntimeVersionError", "ExportMetadataError", "ExportGraphError",
+           "ValidationError", "MissingExtraError", "require"]
 
 
 class ExportError(BCAError, RuntimeError):
@@ -33,6 +33,11 @@ class RuntimeVersionError(UnsupportedExportError):
 class ExportMetadataError(BCAError, ValueError):
     """An export directory's ``bca_export.json`` is not what the exporter writes (a field of the wrong type, a
     bank record from another version, a file named outside the export); the message names the file and fields."""
+
+
+class ExportGraphError(BCAError, ValueError):
+    """An export's ONNX graph is one onnxruntime refuses to load: not a model, truncated, tampered with, or
+    reading external data from outside its directory. The message names the file and onnxruntime's reason."""
 
 
 class ValidationError(BCAError, ValueError):

@@ -120,12 +120,14 @@ def write_export_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequen
 
 def describe_export(export_dir: str | Path) -> list[str]:
     """What an export directory holds, in lines for ``bca-deploy inspect``: how it was exported, the task, the
-    adapters (a bank's slots), the validation recorded at export, its files, and how to serve it.
+    adapters (a bank's slots), the validation recorded at export, its files, and how to serve it; or, when its
+    graph file is one onnxruntime would refuse (:func:`~bca_deploy.exporters.validate.check_graph_file`), why.
 
     Raises:
         ExportMetadataError, AdapterFormatError: a malformed ``bca_export.json`` (as every reader refuses it).
     """
-    from .validate import ONNX_FILE
+    from .errors import ExportGraphError
+    from .validate import ONNX_FILE, check_graph_file
 
     export_dir = Path(export_dir)
     metadata = read_export_metadata(export_dir)
@@ -164,7 +166,13 @@ def describe_export(export_dir: str | Path) -> list[str]:
     if isinstance(version, str):
         lines.append(f"exported by:  bca-deploy {version[:40]}, torch {str(fields.get('torch_version'))[:40]}")
     held = " + ".join([*(p.name for p in graph), *([f"{len(adapter_files)} adapter file{'s' if len(adapter_files) > 1 else ''}"] if adapter_files else [])])
-    lines.append(f"files:        {held or 'no graph'} ({size / 1e6:.1f} MB)")
+    if not (export_dir / ONNX_FILE).is_file():
+        return lines + [f"files:        no {ONNX_FILE}: an incomplete export, which nothing can load; export it again"]
+    lines.append(f"files:        {held} ({size / 1e6:.1f} MB)")
+    try:
+        check_graph_file(export_dir / ONNX_FILE)
+    except ExportGraphError as exc:  # described, not raised: inspect is how a user finds out what is wrong
+        return lines + [f"graph:        NOT loadable: {str(exc).split(': ', 1)[1]}"]
     if metadata.bank is not None:
         lines.append(f"serve with:   bca-deploy serve {export_dir}")
     else:

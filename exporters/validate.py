@@ -30,7 +30,7 @@ from bca_deploy.errors import format_problems
 from bca_deploy.inject import mixed_adapters
 from bca_deploy.models import cache_argument, cache_tensors, output_cache
 
-from .errors import UnsupportedExportError, ValidationError, require
+from .errors import ExportGraphError, UnsupportedExportError, ValidationError, require
 from .metadata import ExportMetadata, read_export_metadata
 
 #: The adapter-bank graph's per-row slot input (see bca_deploy.exporters.bank; defined here to avoid an import cycle).
@@ -46,6 +46,8 @@ __all__ = [
     "validate",
     "validate_model",
     "onnx_providers",
+    "inference_session",
+    "check_graph_file",
     "ONNX_FILE",
 ]
 
@@ -195,6 +197,82 @@ def onnx_providers(provider: str) -> list[str]:
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raise UnsupportedExportError(f"provider must be 'cpu' or 'cuda'; got {provider!r}")
+
+
+def inference_session(onnx_path: str | Path, options: Any, provider: str = "cpu") -> Any:
+    """onnxruntime's ``InferenceSession`` for ``onnx_path`` with ``options`` on ``provider``: the one place a
+    graph is opened, so that a graph onnxruntime refuses is named as such and not reported as a bug.
+
+    Raises:
+        ExportGraphError: onnxruntime cannot load the file (not a model, truncated, an unknown operator,
+            external data missing or outside the graph's directory), naming it and onnxruntime's reason.
+        UnsupportedExportError: ``provider`` is unknown or this onnxruntime does not have it.
+    """
+    ort = require("onnxruntime", "onnx", "running an ONNX graph")
+    providers = onnx_providers(provider)
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=providers)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise  # an OSError, MemoryError, ...: the CLI reports those for what they are
+        # "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X failed:Protobuf parsing failed."
+        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).strip())
+        reason = re.sub(r"^Load model from .* failed:\s*", "", reason)
+        raise ExportGraphError(f"{onnx_path}: onnxruntime cannot load this graph ({type(exc).__name__}: {reason}); "
+                               f"{_NOT_AS_EXPORTED}") from None
+
+
+_NOT_AS_EXPORTED = "the file is not what bca-deploy export wrote (damaged, truncated or changed since): export it again"
+
+
+def check_graph_file(onnx_path: str | Path) -> None:
+    """Refuse a graph file that onnxruntime would refuse for its bytes, without building a session.
+
+    The graph is parsed without its external data. It must hold a graph, and every external tensor must lie
+    in a file inside the graph's directory, long enough for it (onnxruntime's own rule). This is for where a
+    session costs too much: ``serve-ray`` checks the export before Ray starts replicas that each build
+    their own. A file that passes can still fail to load (an operator this onnxruntime lacks):
+    :func:`inference_session` names that.
+
+    Raises:
+        ExportGraphError: naming the file and what is wrong with it.
+    """
+    import os
+
+    onnx = require("onnx", "onnx", "reading an ONNX graph")
+    path = Path(onnx_path)
+
+    def refuse(reason: str):
+        raise ExportGraphError(f"{path}: onnxruntime cannot load this graph ({reason}); {_NOT_AS_EXPORTED}")
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as exc:  # protobuf's DecodeError (random bytes, cut short) and kin
+        refuse(f"not an ONNX model: {type(exc).__name__}: {str(exc).strip()[:200]}")
+    if not model.graph.node:
+        refuse("the file holds no graph")
+    root = path.parent.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in tensor.external_data}
+        location = entry.get("location", "")
+        target = (path.parent / location).resolve()
+        if not location or os.path.isabs(location) or not target.is_relative_to(root):
+            refuse(f"initializer {tensor.name[:200]!r} reads external data from {location[:200]!r}, outside the "
+                   "graph's directory")
+        if not target.is_file():
+            refuse(f"initializer {tensor.name[:200]!r} reads external data from {location[:200]!r}, which is not "
+                   "a file")
+        try:
+            end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
+        except ValueError:
+            refuse(f"initializer {tensor.name[:200]!r}: external data offset/length are not integers")
+        if end > target.stat().st_size:
+            refuse(f"initializer {tensor.name[:200]!r} reads bytes up to {end} of {location[:200]!r}, which has "
+                   f"{target.stat().st_size}")
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -348,7 +426,7 @@ def validate_model(
     options = ort.SessionOptions()
     # Errors only: a bank graph's overridable initializers make onnxruntime warn once per input.
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=onnx_providers(provider))
+    session = inference_session(onnx_path, options, provider)
     dtype = dtype or _graph_dtype(session)
     if dtype not in TOLERANCES:
         raise UnsupportedExportError(f"dtype must be one of {', '.join(TOLERANCES)}; got {dtype!r}")

@@ -299,10 +299,12 @@ def test_a_failure_midway_leaves_the_old_out_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_invalid_options_are_listed_together():
+def test_invalid_options_are_listed_together(tmp_path):
     with pytest.raises(InvalidOptionError) as info:
         run_demo(out="x", steps=0, batch_size=-1, targets="query")
     message = str(info.value)
     assert "--steps" in message and "--batch-size" in message and "--targets" in message
+    with pytest.raises(InvalidOptionError, match=r"--seed must be in \[0, 9223372036854775807\]"):
+        run_demo(out=tmp_path / "x", seed=2**63)  # the trainer's range, refused before the model loads
     with pytest.raises(InvalidOptionError, match="not both"):
         run_demo(DemoConfig(), steps=3)

@@ -36,6 +36,7 @@ Every request writes one JSON log line (logger ``bca_deploy.serve``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -974,7 +975,8 @@ def build(
     store = AdapterStore(adapter_store) if adapter_store is not None else None
     if load and store is None:
         raise ServingError("loading adapters by name needs an adapter store (--adapter-store DIR)")
-    twice = sorted({name for name in load if list(load).count(name) > 1})
+    load = list(load)
+    twice = sorted(name for name, times in collections.Counter(load).items() if times > 1)
     if twice:  # the second would silently replace the first: a typo in a deployment script, not an intent
         raise ServingError(f"--load names {', '.join(map(repr, twice))} more than once; give each adapter once")
     paths = {name: store.path(name) for name in load}  # type: ignore[union-attr]  # a missing one: before any load

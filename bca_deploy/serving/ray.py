@@ -51,7 +51,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..errors import BCAError, ServingError, UnknownAdapterError, format_problems
+from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
@@ -466,7 +466,7 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
     """
     import ray
 
-    from ..exporters.validate import onnx_providers
+    from ..exporters.validate import ONNX_FILE, check_graph_file, onnx_providers
     from .http import listening_socket
 
     options = options or ServeOptions()
@@ -476,6 +476,7 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
                 "replica_gpus": replica_gpus, **fields}
     replicas, _, cpus, gpus = _app_numbers(dict(app_args))
     bank_metadata(export_dir)
+    check_graph_file(Path(export_dir) / ONNX_FILE)  # each replica would fail to load it, and Ray retry them
     local = address is None and not ray.is_initialized()
     if local:
         onnx_providers(options.provider)  # the replicas run here: this onnxruntime must have the provider
@@ -489,7 +490,13 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
     serve.start(http_options={"host": options.host, "port": options.port,
                               "keep_alive_timeout_s": max(1, int(options.keep_alive_s))})
     app = build_app(app_args)
-    handle = serve.run(app, name="bca-deploy", route_prefix="/", blocking=False)
+    try:
+        handle = serve.run(app, name="bca-deploy", route_prefix="/", blocking=False)
+    except BCAError:
+        raise
+    except RuntimeError as exc:  # "Deploying application bca-deploy failed: ...": a replica could not start
+        raise ServingError(f"Ray Serve could not start the replicas ({first_line(exc)}); each replica's error "
+                           "is in Ray's log above") from None
     if on_ready is not None:
         on_ready(f"serving {export_dir} on Ray Serve ({replicas} replicas) at http://{options.host}:{options.port} "
                  "(Ctrl-C to stop)")

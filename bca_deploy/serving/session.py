@@ -230,7 +230,7 @@ class MultiAdapterSession:
         import onnxruntime as ort
 
         from bca_deploy.exporters.bank import LOGITS_TO_KEEP
-        from bca_deploy.exporters.validate import ONNX_FILE, onnx_providers
+        from bca_deploy.exporters.validate import ONNX_FILE, inference_session
 
         self.export_dir = Path(export_dir)
         onnx_path = self.export_dir / ONNX_FILE
@@ -247,7 +247,7 @@ class MultiAdapterSession:
         options.log_severity_level = 3  # the bank's overridable initializers warn once per input otherwise
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=onnx_providers(provider))
+        self.session = inference_session(onnx_path, options, provider)
         self._device = ("cuda", 0) if provider == "cuda" else ("cpu", 0)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -157,3 +157,34 @@ def ort_greedy(onnx_dir: Path, ids: torch.Tensor, mask: torch.Tensor, new_tokens
         mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
         positions = np.concatenate([positions, positions[:, -1:] + 1], axis=1)
     return torch.from_numpy(tokens)
+
+
+#: Ways an export's ``model.onnx`` can be something onnxruntime refuses (:func:`damage_graph`).
+GRAPH_DAMAGE = ("random bytes", "empty", "truncated", "external data outside its directory")
+
+
+def damage_graph(graph: Path, how: str) -> None:
+    """Make ``graph`` (an exported ``model.onnx``) one onnxruntime refuses to load, as ``how`` (of :data:`GRAPH_DAMAGE`)
+    says; "external data outside its directory" points an initializer at a file beside the export directory, which
+    exists and is large enough, so that escaping the directory is the only reason to refuse it."""
+    if how == "random bytes":
+        graph.write_bytes(os.urandom(4096))
+    elif how == "empty":
+        graph.write_bytes(b"")
+    elif how == "truncated":
+        graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    elif how == "external data outside its directory":
+        import onnx
+
+        model = onnx.load(str(graph))
+        tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+        outside = graph.parent.parent / "outside.bin"
+        outside.write_bytes(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in {"location": f"../{outside.name}", "offset": "0", "length": str(outside.stat().st_size)}.items():
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        onnx.save(model, str(graph))
+    else:
+        raise ValueError(f"unknown damage {how!r}")

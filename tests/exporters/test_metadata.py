@@ -99,7 +99,13 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
 
     from bca_deploy.cli import main
 
-    (tmp_path / "model.onnx").write_bytes(b"\0" * 1000)
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
     (tmp_path / "adapters").mkdir()
     for name in ("a", "b"):
         (tmp_path / "adapters" / f"{name}.onnx_adapter").write_bytes(b"\0" * 500)
@@ -116,6 +122,13 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
                    "validated:    2 of 2 comparisons passed at export, max |onnxruntime - PyTorch| 2.50e-07",
                    "files:        model.onnx + 2 adapter files (0.0 MB)", f"serve with:   bca-deploy serve {tmp_path}"):
         assert needle in result.output, (needle, result.output)
+    good_graph = (tmp_path / "model.onnx").read_bytes()
+    (tmp_path / "model.onnx").write_bytes(b"\0" * 1000)  # what onnxruntime would refuse is said instead of how to serve
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "graph:        NOT loadable: onnxruntime cannot load this graph (not an ONNX model: DecodeError" \
+        in result.output and "serve with" not in result.output, result.output
+    (tmp_path / "model.onnx").write_bytes(good_graph)
     # display-only fields of any shape read as absent; a malformed typed field is the reader's one error
     _write(tmp_path, {"task": "feature-extraction", "merged": True, "validation": {"rows": [1, {"passed": "yes"}]},
                       "adapters": [3], "bca_deploy_version": 7})
@@ -128,3 +141,13 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
     (tmp_path / METADATA_FILE).unlink()
     result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert result.exit_code == 0 and "without bca_export.json" in result.output, result.output
+    # a record without its graph is an export all the same, and said to be incomplete (not "no adapter_config")
+    _write(tmp_path, {"task": "text-classification", "merged": True})
+    (tmp_path / "model.onnx").unlink()
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0 and "files:        no model.onnx: an incomplete export" in result.output \
+        and "serve with" not in result.output, result.output
+    (tmp_path / METADATA_FILE).unlink()
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "neither an adapter directory (no adapter_config.json) nor an ONNX export" \
+        in result.output, result.output

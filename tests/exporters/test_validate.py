@@ -11,12 +11,13 @@ import pytest
 from bca_deploy.exporters import (
     TOLERANCES,
     Case,
+    ExportGraphError,
     ValidationReport,
     ValidationRow,
     export,
     validate,
 )
-from exporters_helpers import exported, tiny  # noqa: F401  (fixtures)
+from exporters_helpers import GRAPH_DAMAGE, damage_graph, exported, tiny  # noqa: F401  (fixtures)
 
 
 def test_tolerance_table():
@@ -44,6 +45,29 @@ def test_validate_an_existing_directory(exported, tiny, capsys):
     assert report.passed and report.task == "text-generation-with-past"  # read from bca_export.json
     assert len(report.rows) == 10
     assert "present.1.value" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", GRAPH_DAMAGE)
+def test_a_graph_onnxruntime_refuses_is_named_by_validate_and_its_cli(exported, tiny, tmp_path, how):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import EXIT_USER_ERROR, main
+    from bca_deploy.exporters.validate import check_graph_file
+
+    damaged = tmp_path / "export" / "onnx"
+    shutil.copytree(exported("bert", "matmul"), damaged)
+    damage_graph(damaged / "model.onnx", how)
+    model_dir, adapters = tiny("bert")
+    with pytest.raises(ExportGraphError, match=r"onnxruntime cannot load this graph"):
+        validate(damaged, model_dir, adapters)
+    with pytest.raises(ExportGraphError, match=r"onnxruntime cannot load this graph"):
+        check_graph_file(damaged / "model.onnx")  # the same files, refused without building a session
+    result = CliRunner().invoke(main, ["validate", "--onnx", str(damaged), "--model", str(model_dir),
+                                       *[a for adapter in adapters for a in ("--adapter", str(adapter))]])
+    assert result.exit_code == EXIT_USER_ERROR and "Traceback" not in result.output, result.output
+    assert f"Error: {damaged / 'model.onnx'}: onnxruntime cannot load this graph (" in result.output
 
 
 def test_fp16_export(tiny, tmp_path):
@@ -85,6 +109,16 @@ def test_external_data_export_keeps_the_bca_constants(monkeypatch, tiny, tmp_pat
     large = [i for i in freq if 4 * int(np.prod(i.dims)) >= 1024]
     assert large and all(i.data_location == onnx.TensorProto.EXTERNAL for i in large)
     assert json.loads((out / "bca_export.json").read_text())["validation"]["passed"]
+    from bca_deploy.exporters.validate import check_graph_file
+
+    check_graph_file(out / "model.onnx")  # serve-ray's check before Ray starts passes what export wrote
+    data = (out / "model.onnx_data").read_bytes()
+    (out / "model.onnx_data").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportGraphError, match=r"reads bytes up to \d+ of 'model.onnx_data', which has \d+"):
+        check_graph_file(out / "model.onnx")
+    (out / "model.onnx_data").unlink()
+    with pytest.raises(ExportGraphError, match=r"reads external data from 'model.onnx_data', which is not a file"):
+        check_graph_file(out / "model.onnx")
 
 
 @pytest.mark.parametrize("task", ["text-generation", "feature-extraction-with-past"])

@@ -37,7 +37,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
-from exporters_helpers import build_model
+from exporters_helpers import GRAPH_DAMAGE, build_model, damage_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from http_helpers import WORDS, free_port, write_wordpiece_tokenizer
@@ -953,6 +953,28 @@ def test_cli_serve_refuses_an_export_that_is_not_a_bank_before_announcing_it(art
     result = CliRunner().invoke(main, ["serve", str(not_bank), "--port", str(free_port())])
     assert result.exit_code == EXIT_USER_ERROR, result.output
     assert "adapter-bank" in result.output and "serving" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("how", GRAPH_DAMAGE)
+def test_an_export_whose_graph_onnxruntime_refuses_is_named_not_reported_as_a_bug(artefacts, tmp_path, how):
+    """A damaged or tampered model.onnx was exit 70 ("a bug in bca-deploy") with onnxruntime's raw message."""
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import EXIT_USER_ERROR, main
+    from bca_deploy.exporters import ExportGraphError
+    from bca_deploy.serving import MultiAdapterSession
+
+    damaged = tmp_path / "export" / "onnx"
+    shutil.copytree(artefacts["bert"]["onnx"], damaged)
+    damage_graph(damaged / "model.onnx", how)
+    with pytest.raises(ExportGraphError, match=r"model\.onnx: onnxruntime cannot load this graph \(\w+: .+\); the "
+                                               "file is not what bca-deploy export wrote"):
+        MultiAdapterSession(damaged)
+    result = CliRunner().invoke(main, ["serve", str(damaged), "--port", str(free_port())])
+    assert result.exit_code == EXIT_USER_ERROR, result.output
+    assert f"Error: {damaged / 'model.onnx'}: onnxruntime cannot load this graph" in result.output
+    assert "escapes model directory" in result.output or how != "external data outside its directory"
+    assert "serving" not in result.output and "Traceback" not in result.output and "bug" not in result.output
 
 
 def test_a_failing_batch_is_a_json_500_and_the_server_keeps_serving(artefacts, log_capture):

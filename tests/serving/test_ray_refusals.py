@@ -14,6 +14,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "exporters"))
+from exporters_helpers import GRAPH_DAMAGE, damage_graph
 from http_helpers import bank
 
 
@@ -54,6 +56,41 @@ def test_a_wrong_export_options_or_port_fail_before_ray_starts(tmp_path_factory,
                          ({}, "export_dir: required")):
         with pytest.raises(ServingError, match=needle):
             build_app(args)
+
+
+def test_a_graph_onnxruntime_refuses_fails_before_ray_starts_and_a_failed_deployment_is_named(
+        tmp_path_factory, tmp_path, monkeypatch):
+    """A damaged or tampered model.onnx made every replica fail (6 tracebacks, Ray retrying them) and then exit
+    70 after about 25 s; it is now refused before Ray starts. A graph onnxruntime refuses for another reason (an
+    operator it lacks) can only fail in the replicas: that deployment failure is one error, not a bug report."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import bca_deploy.serving.ray as serve_ray
+    from bca_deploy.cli import main
+    from bca_deploy.errors import ServingError
+
+    art = bank("bert", tmp_path_factory)
+    for index, how in enumerate(GRAPH_DAMAGE):
+        damaged = tmp_path / str(index) / "onnx"
+        shutil.copytree(art["onnx"], damaged)
+        damage_graph(damaged / "model.onnx", how)
+        result = CliRunner().invoke(main, ["serve-ray", str(damaged)])
+        assert result.exit_code == 2, (how, result.output)
+        assert f"Error: {damaged / 'model.onnx'}: onnxruntime cannot load this graph (" in result.output, result.output
+        assert "Traceback" not in result.output and not ray.is_initialized()
+
+    def deployment_fails(*args, **kwargs):
+        raise RuntimeError("Deploying application bca-deploy failed: Failed to update the deployments "
+                           "['AdapterReplicas'].")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as on a running instance: nothing is started here
+    monkeypatch.setattr(serve_ray.serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(serve_ray.serve, "run", deployment_fails)
+    with pytest.raises(ServingError, match=r"^Ray Serve could not start the replicas \(Deploying application "
+                                           r"bca-deploy failed: .+\); each replica's error is in Ray's log above$"):
+        serve_ray.run(art["onnx"], blocking=False)
 
 
 def test_numbers_provider_address_and_resources_are_refused_before_ray_waits(tmp_path_factory):
