@@ -48,6 +48,7 @@ __all__ = [
     "time_fn",
     "time_interleaved",
     "time_round_robin",
+    "time_round_robin_sets",
     "peak_memory",
     "saved_tensor_bytes",
     "markdown_table",
@@ -189,6 +190,30 @@ def time_round_robin(
             fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: _summary(ts) for k, ts in times.items()}, times
+
+
+def time_round_robin_sets(
+    make_fns: Callable[[], dict[str, Callable[[], Any]]], sets: int, warmup: int, repeats: int
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """:func:`time_round_robin` over ``sets`` fresh sets of functions, the raw per-round times pooled.
+
+    ``make_fns()`` builds the set (e.g. loads every graph into a new onnxruntime session); each set is timed,
+    then dropped before the next is built. Where a session's weights and buffers land in memory changes its
+    speed: two sessions of one 800 MB graph took medians of 1,100 and 1,420 ms over the same 8 rounds in one
+    run on a 2-core Xeon VM, so one set per graph compares two draws of that placement as much as the graphs. Rounds stay paired (every
+    function of a set runs in each round), so per-round ratios remain valid on the pooled lists.
+    """
+    import gc
+
+    pooled: dict[str, list[float]] = {}
+    for _ in range(sets):
+        fns = make_fns()
+        _, times = time_round_robin(fns, warmup=warmup, repeats=repeats)
+        for name, ts in times.items():
+            pooled.setdefault(name, []).extend(ts)
+        del fns
+        gc.collect()
+    return {k: _summary(ts) for k, ts in pooled.items()}, pooled
 
 
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:

@@ -12,9 +12,12 @@ Two workloads:
 
 Each workload's graphs are loaded together, with the same onnxruntime session options (threads, default
 graph optimizations), and timed round-robin (the order rotates every round) so a shared machine's load hits
-all variants alike. The ratio to the merged graph is the median over rounds of the per-round ratio (paired),
-next to the ratio of medians. For every unmerged graph, onnxruntime's profiler gives the share of kernel time
-spent in the BCA nodes and how it splits by operator. Writes ``bench/results/export.json`` and ``export.md``.
+all variants alike; the rounds are spread over ``--session-sets`` fresh sets of sessions, since where a
+session's buffers land in memory moves its speed. The ratio to the merged graph is the median over rounds of
+the per-round ratio (paired), next to the ratio of medians. onnxruntime's profiler, all graphs profiled
+together, splits each unmerged graph's slowdown into the BCA nodes' share of kernel time (and how it splits
+by operator) and how much slower the dense rest ran than the merged graph. Writes
+``bench/results/export.json`` and ``export.md``.
 
     python3 bench/export.py                 # the full run (~10-15 min on 2 cores)
     python3 bench/export.py --repeats 3 --skip-llama
@@ -29,7 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, ort_profile_after_warmup, time_round_robin, write_results
+from common import markdown_table, ort_profile_after_warmup, time_round_robin_sets, write_results
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,38 +60,62 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def bca_time_share(path: Path, feeds: dict, threads: int, runs: int = 2) -> tuple[float, dict[str, float]]:
-    """Share of onnxruntime kernel time spent in BCA nodes, from its profiler (one session, ``runs`` runs),
-    and how the BCA time splits by operator type (``{op: share of the BCA time}``).
+def kernel_split(paths: dict[str, Path], feeds_for: Callable[[Any], dict], threads: int, runs: int = 3,
+                 reference: str = "merged") -> dict[str, dict[str, Any]]:
+    """Where onnxruntime's kernel time goes in each graph, from its profiler, the graphs profiled together.
 
-    Unlike a ratio of two latencies, this comes from a single run of a single graph, so machine load
-    that changes between runs does not enter it. BCA nodes are those inside an adapted module's scope
-    (``.../q_proj/...``) but not in its ``base_layer``.
+    One session per graph, all loaded at once, one warm-up run each (dropped), then ``runs`` rounds in which
+    every graph runs once, so the machine's state hits them alike. Per graph, per run: ``kernel_ms`` (all
+    kernels), ``bca_ms`` (BCA nodes: inside an adapted module's scope, ``.../q_proj/...``, but not in its
+    ``base_layer``; 0 for ``reference``, the merged graph, whose projections carry that scope too),
+    ``bca_ops`` ({op: share of the BCA time}), ``bca_share`` (bca_ms / kernel_ms: 1 / (1 − share) is the
+    slowdown the BCA nodes alone cause) and ``dense_ratio``: (kernel_ms − bca_ms) / the reference's kernel_ms,
+    how much slower the same dense work (base projections, attention, norms) ran beside the BCA nodes. The
+    graph's own slowdown is about dense_ratio / (1 − bca_share).
     """
     import re
 
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(path.parent / "ort_profile")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)  # warm-up: profiled, then dropped by ort_profile_after_warmup
-    for _ in range(runs):
-        session.run(None, feeds)
-    kernels, _ = ort_profile_after_warmup(session)
     scope = re.compile(r"/(" + "|".join(LLAMA_TARGETS + ["query", "value"]) + r")/(?!base_layer/)")
-    total = bca = 0.0
-    by_op: dict[str, float] = {}
-    for event in kernels:
-        total += event["dur"]
-        if scope.search(event["name"]):
-            bca += event["dur"]
-            op = event.get("args", {}).get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + event["dur"]
-    ops = {op: t / bca for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])} if bca else {}
-    return (bca / total if total else float("nan")), ops
+    sessions = {}
+    for index, (name, path) in enumerate(paths.items()):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(path.parent / f"ort_profile_{index}")
+        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions[name].run(None, feeds_for(sessions[name]))  # warm-up: profiled, then dropped
+    for _ in range(runs):
+        for session in sessions.values():
+            session.run(None, feeds_for(session))
+    split: dict[str, dict[str, Any]] = {}
+    for name, session in sessions.items():
+        kernels, _ = ort_profile_after_warmup(session)
+        total = bca = 0.0
+        by_op: dict[str, float] = {}
+        for event in kernels:
+            total += event["dur"]
+            if name != reference and scope.search(event["name"]):
+                bca += event["dur"]
+                op = event.get("args", {}).get("op_name", "?")
+                by_op[op] = by_op.get(op, 0.0) + event["dur"]
+        split[name] = {"kernel_ms": total / runs / 1e3, "bca_ms": bca / runs / 1e3,
+                       "bca_ops": {op: t / bca for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])} if bca else {},
+                       "bca_share": bca / total if total else float("nan")}
+    del sessions
+    for name, row in split.items():
+        row["dense_ratio"] = (row["kernel_ms"] - row["bca_ms"]) / split[reference]["kernel_ms"]
+    return split
+
+
+def _split_columns(split: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """The :func:`kernel_split` columns of graph ``name`` (empty for the merged reference)."""
+    if name == "merged":
+        return {"kernel_ms": split[name]["kernel_ms"]}
+    row = split[name]
+    return {"kernel_ms": row["kernel_ms"], "bca_share": row["bca_share"], "dense_ratio": row["dense_ratio"],
+            "bca_top_ops": _top_ops(row["bca_ops"]), "bca_ops": row["bca_ops"]}
 
 
 def _top_ops(ops: dict[str, float] | None, n: int = 3) -> str | None:
@@ -132,7 +161,7 @@ def bench_minilm(work: Path, args) -> list[dict]:
     del model
     variants = {"merged": dict(merge=True), "unmerged-dft": dict(merge=False, fft="dft"),
                 "unmerged-matmul": dict(merge=False, fft="matmul")}
-    info, sessions = {}, {}
+    info, paths = {}, {}
     for name, kw in variants.items():
         out = work / f"minilm_{name}"
         t0 = time.perf_counter()
@@ -143,7 +172,7 @@ def bench_minilm(work: Path, args) -> list[dict]:
         meta = json.loads((out / "bca_export.json").read_text())
         info[name] = {"export_s": meta["export_seconds"], "export_validate_s": wall, "graph_mb": _size_mb(out),
                       "max_abs_diff": meta["validation"]["rows"] and max(r["max_abs_diff"] for r in meta["validation"]["rows"])}
-        sessions[name] = _session(out / "model.onnx", args.threads)
+        paths[name] = out / "model.onnx"
         print(f"  exported MiniLM {name}: {wall:.1f} s (export {meta['export_seconds']:.1f} s), "
               f"{info[name]['graph_mb']:.1f} MB", flush=True)
     rng = np.random.default_rng(0)
@@ -151,18 +180,22 @@ def bench_minilm(work: Path, args) -> list[dict]:
     feeds = {"input_ids": rng.integers(1000, 30000, size=(batch, seq)).astype(np.int64),
              "attention_mask": np.ones((batch, seq), dtype=np.int64),
              "token_type_ids": np.zeros((batch, seq), dtype=np.int64)}
-    fns = {k: (lambda s=s: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})) for k, s in sessions.items()}
-    stats, raw = time_round_robin(fns, warmup=3, repeats=args.repeats * 4)
+
+    def feeds_for(session):
+        return {i.name: feeds[i.name] for i in session.get_inputs()}
+
+    def make_fns():
+        sessions = {k: _session(path, args.threads) for k, path in paths.items()}
+        return {k: (lambda s=s: s.run(None, feeds_for(s))) for k, s in sessions.items()}
+
+    stats, raw = time_round_robin_sets(make_fns, sets=args.session_sets, warmup=3, repeats=args.repeats * 4)
+    split = kernel_split(paths, feeds_for, args.threads)
     rows = []
     for name in variants:
-        share = ops = None
-        if name != "merged":
-            path = work / f"minilm_{name}" / "model.onnx"
-            share, ops = bca_time_share(path, {i.name: feeds[i.name] for i in sessions[name].get_inputs()}, args.threads)
         rows.append({"workload": "all-MiniLM-L6-v2 (q,v)", "p": 64, "tokens": f"{batch}x{seq}", "variant": name,
                      **stats[name], "ratio_vs_merged": _paired(raw, name),
                      "ratio_of_medians": stats[name]["median_ms"] / stats["merged"]["median_ms"],
-                     "bca_share": share, "bca_top_ops": _top_ops(ops), "bca_ops": ops, **info[name]})
+                     **_split_columns(split, name), **info[name]})
     return rows
 
 
@@ -253,25 +286,27 @@ def bench_llama(work: Path, args) -> list[dict]:
         p = info[name].get("check_p", info[name]["p"])
         got = session.run(None, {"hidden_states": x_check.numpy()})[0]
         info[name]["max_abs_diff"] = float(np.abs(got - references[p]).max())
+    del sessions
     rows = []
     for tokens in args.tokens:
         x = np.random.default_rng(tokens).standard_normal((1, tokens, 4096)).astype(np.float32)
-        fns = {k: (lambda s=s, x=x: s.run(None, {"hidden_states": x})) for k, s in sessions.items()}
+
+        def make_fns(x=x):
+            sessions = {k: _session(path, args.threads) for k, path in paths.items()}
+            return {k: (lambda s=s: s.run(None, {"hidden_states": x})) for k, s in sessions.items()}
+
         repeats = args.repeats if tokens > 64 else args.repeats * 4
-        print(f"  timing Llama layer, {tokens} token(s), {repeats} rounds of {len(fns)} graphs...", flush=True)
-        stats, raw = time_round_robin(fns, warmup=1 if tokens > 64 else 3, repeats=repeats)
-        shares = {}
-        if tokens > 64:
-            del fns
-            for name in [n for n in paths if n != "merged"]:
-                shares[name] = bca_time_share(paths[name], {"hidden_states": x}, args.threads)
+        print(f"  timing Llama layer, {tokens} token(s), {args.session_sets} session sets x {repeats} rounds of "
+              f"{len(paths)} graphs...", flush=True)
+        stats, raw = time_round_robin_sets(make_fns, sets=args.session_sets, warmup=1 if tokens > 64 else 3,
+                                           repeats=repeats)
+        split = kernel_split(paths, lambda session, x=x: {"hidden_states": x}, args.threads) if tokens > 64 else {}
         for name in paths:
-            share, ops = shares.get(name, (None, None))
             rows.append({"workload": "Llama-7B layer (q,k,v,o,gate,up,down)", "p": info[name]["p"], "tokens": tokens,
                          "variant": name.split(" ")[-1], **stats[name],
                          "ratio_vs_merged": _paired(raw, name),
                          "ratio_of_medians": stats[name]["median_ms"] / stats["merged"]["median_ms"],
-                         "bca_share": share, "bca_top_ops": _top_ops(ops), "bca_ops": ops,
+                         **(_split_columns(split, name) if split else {}),
                          "export_s": info[name]["export_s"], "graph_mb": info[name]["graph_mb"],
                          "max_abs_diff": info[name]["max_abs_diff"]})
     return rows
@@ -296,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds at 512 tokens (x4 for the short inputs)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime intra-op threads")
+    parser.add_argument("--session-sets", type=int, default=3,
+                        help="fresh sets of sessions the rounds are spread over (see common.time_round_robin_sets)")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--skip-minilm", action="store_true")
@@ -322,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     columns = ["workload", "p", "tokens", "variant", "median_ms", "q1_ms", "q3_ms", "ratio_vs_merged",
-               "ratio_of_medians", "bca_share", "bca_top_ops", "graph_mb", "max_abs_diff"]
+               "ratio_of_medians", "kernel_ms", "bca_share", "dense_ratio", "bca_top_ops", "graph_mb", "max_abs_diff"]
     print()
     print(markdown_table(rows, columns))
     total = time.perf_counter() - start
@@ -333,12 +370,18 @@ def main(argv: list[str] | None = None) -> None:
     notes = f"""
 `ratio_vs_merged`: the median over rounds of (this graph's time / the merged graph's time in the same round),
 same workload and input (goal for the best unmerged variant: <= 1.10 at the Llama shape and for MiniLM);
-`ratio_of_medians` divides the two medians instead. `bca_share`: fraction of onnxruntime's kernel time spent
-in the BCA nodes of the unmerged graph, from its profiler in one session (immune to load changing between
-runs; 1 / (1 − bca_share) is the slowdown those nodes alone cause); `bca_top_ops`: how that time splits by
-operator (the JSON has all of them). onnxruntime CPUExecutionProvider, default graph optimizations,
-{args.threads} intra-op threads, the same session options for every graph; the graphs of a workload are
-loaded together and timed round-robin (rotating order) so machine load hits them alike; `q1_ms`/`q3_ms` are
+`ratio_of_medians` divides the two medians instead. The rounds are spread over {args.session_sets} fresh sets of
+sessions (every graph of the workload loaded anew in each set): where a session's weights land in memory moves
+its speed, by up to a quarter between two sessions of one graph here, so a single session per graph would
+compare two draws of that as much as two graphs. From onnxruntime's profiler, all graphs of the workload profiled
+together at the longest input (3 runs each, interleaved, after a dropped warm-up): `kernel_ms`, the kernel time
+of one run; `bca_share`, the fraction of it in the BCA nodes (1 / (1 − bca_share) is the slowdown those nodes
+alone cause); `dense_ratio`, the rest of the unmerged graph's kernel time (base projections, attention, norms:
+the same work as the merged graph) over the merged graph's kernel time, i.e. how much slower that work ran next
+to the BCA nodes; the graph's slowdown is about dense_ratio / (1 − bca_share). `bca_top_ops`: how the BCA time
+splits by operator (the JSON has all of them). onnxruntime CPUExecutionProvider, default graph optimizations,
+{args.threads} intra-op threads, the same session options for every graph; within a set the graphs are loaded
+together and timed round-robin (rotating order) so machine load hits them alike; `q1_ms`/`q3_ms` are
 quartiles. `graph_mb`: ONNX file(s) on disk. `max_abs_diff`: max |onnxruntime − PyTorch (adapters
 unmerged)|: MiniLM over the export's validation cases, Llama layer on 8 tokens. The merged Llama graph is
 the dense layer with W + ΔW(p=64); its cost does not depend on p. Load average (1, 5, 15 min) at the start

@@ -52,3 +52,23 @@ def test_the_profile_drops_the_warmup_run_and_removes_its_file(tmp_path):
     # each counted run executes both nodes once, and no warm-up event is left
     assert sorted(k["name"] for k in kernels) == sorted(["first_kernel_time", "second_kernel_time"] * 3)
     assert not list(tmp_path.glob("prof*.json"))
+
+
+def test_round_robin_sets_build_each_set_anew_and_pool_paired_rounds():
+    """Every set is built by its own make_fns() call and timed in full rounds (each function once per round, in
+    a rotating order), so the pooled lists stay paired round by round."""
+    built, calls = [], []
+
+    def make_fns():
+        built.append(len(built))
+        tag = built[-1]
+        return {name: (lambda name=name: calls.append((tag, name))) for name in ("a", "b", "c")}
+
+    stats, raw = common.time_round_robin_sets(make_fns, sets=3, warmup=1, repeats=4)
+    assert built == [0, 1, 2] and set(raw) == set(stats) == {"a", "b", "c"}
+    assert all(len(times) == 12 for times in raw.values())
+    for tag in range(3):  # a set's calls: 1 warm-up round + 4 timed rounds, all by that set's functions
+        assert [name for t, name in calls if t == tag].count("a") == 5
+    timed = [name for t, name in calls if t == 0][3:]  # set 0 after its warm-up round
+    assert [timed[i:i + 3] for i in range(0, 12, 3)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                         ["a", "b", "c"]]
