@@ -388,8 +388,9 @@ the dense layer with W + ΔW(p=64); its cost does not depend on p. Load average 
 {load_start}, at the end {load_end} (2 cores: anything above ~1 means other processes shared them).
 
 unmerged-matmul: the real DFTs as MatMuls: spectral rows by Gauss's trick (3 real GEMMs per frequency bin,
-no sum afterwards), packed real bins; for p >= 64 two-stage (Cooley-Tukey) transforms with two 2-D
-transposes; for smaller p one MatMul each way, the inverse and the residual add in one Gemm; q/k/v and
+no sum afterwards), packed real bins; for p >= 64 a two-stage (Cooley-Tukey) inverse with one 2-D
+transpose, and above 64 a two-stage forward with another; otherwise one MatMul each way (xᵀ read inside the
+GEMM; the inverse and the residual add in one Gemm); q/k/v and
 gate/up share one forward transform. unmerged-dft: the same mix between one-sided DFT-20 nodes (onnxruntime's
 CPU DFT runs its transforms one after another on one thread), the spectral rows picked by Gathers. Total
 bench time: {total / 60:.1f} min.

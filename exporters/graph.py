@@ -39,7 +39,9 @@ length-C DFT over c that emits the group's spectral rows directly::
     yt = T₁ⁱ @ U.view(A, C·N·o)          (p, N·o)     T₁ⁱ (A, A)
     y  = base + Transpose(yt)            (N·o, p)
 
-(A + 3C multiply-adds per element each way instead of 1.5·p: 28 instead of 96 at p = 64).
+(A + 3C multiply-adds per element each way instead of 1.5·p: 28 instead of 96 at p = 64). At p = 64 the
+forward transform is still the one MatMul: its input transpose is a tall-thin copy that costs onnxruntime
+more than the GEMM work it saves, while ``Cf @ xᵀ`` packs xᵀ inside the GEMM (see ``_ONE_STAGE_FORWARD_MAX_P``).
 
 **The transforms as DFT-20 nodes** (``fft="dft"``). onnxruntime's CPU DFT runs its transforms one
 after another on one thread, and a real input costs it a full complex transform; so when a layer has
@@ -115,6 +117,12 @@ _CONST_PREFIX = "bca_dft_p"  # + f"{p}_{role}" for the shared transform constant
 # the earlier single-stage four-product graph): 0.85x at 4096x4096, p = 64; 0.59x at p = 256; 0.94x
 # at 384x384, p = 64 (1024 tokens).
 _TWO_STAGE_MIN_P = 64
+# The forward transform stays one MatMul up to this p, even in a two-stage plan: its input transpose is the
+# slow one, (N·q, p) -> (p, N·q), a tall-thin copy (onnxruntime took 9.0 ms for the (88064, 64) one of a
+# Llama-7B down_proj at 512 tokens, 3.4x the time per element of the output's (64, N·o) -> (N·o, 64)), while
+# the one-MatMul forward reads xᵀ through the GEMM's own packing (a FusedMatMul with transB, no copy): 10.5
+# ms for that down_proj against 15.6 for transpose + two stages (profiled, 2 threads, 2-core Xeon).
+_ONE_STAGE_FORWARD_MAX_P = 64
 
 
 # ---- the spectral plan: which bins, in which order, and how the transforms are factored -----------
@@ -364,14 +372,20 @@ def _dft_indices(p: int) -> dict[str, torch.Tensor]:
 @functools.lru_cache(maxsize=None)
 def _constants64(p: int) -> dict[str, torch.Tensor]:
     plan = spectral_plan(p)
-    return _two_stage(plan) if plan.two_stage else _single_stage(plan)
+    if not plan.two_stage:
+        return _single_stage(plan)
+    if p <= _ONE_STAGE_FORWARD_MAX_P:  # a one-MatMul forward over the same slots, a two-stage inverse
+        return {"fwd": _single_stage(plan)["fwd"], "inv_inner": (two := _two_stage(plan))["inv_inner"],
+                "inv_outer": two["inv_outer"]}
+    return _two_stage(plan)
 
 
 def transform_constants(p: int, fft: str = "matmul") -> dict[str, torch.Tensor]:
     """The constants the ``fft`` variant's graph needs for block size ``p`` (shared by all layers), fp32/int64.
 
     ``"matmul"``: ``fwd``/``inv`` (R, p) (single-stage plan) or ``fwd_outer`` (A, A), ``fwd_inner``
-    (A/2, 3C, 2C), ``inv_inner`` (A/2, 2C, 3C), ``inv_outer`` (A, A) (two-stage plan).
+    (A/2, 3C, 2C), ``inv_inner`` (A/2, 2C, 3C), ``inv_outer`` (A, A) (two-stage plan; ``fwd`` instead of
+    ``fwd_outer``/``fwd_inner`` up to p = ``_ONE_STAGE_FORWARD_MAX_P``, where the forward stays one MatMul).
     ``"dft"``: the index constants of the DFT glue (see :func:`_dft_indices`).
     """
     if fft not in FFT_MODES:
@@ -599,14 +613,17 @@ _INVERSE_ROLES = {
 }
 
 
-def _mode(p: int, fft: str, blocks: int) -> str:
+def _mode(p: int, fft: str, blocks: int, inverse: bool) -> str:
     """How a transform over ``blocks`` blocks per token is emitted: the key of the role tables above.
 
     DFT: two real blocks per complex transform when ``blocks`` is even (so every token count pairs up).
+    MatMul: two-stage transforms for a two-stage plan, except a forward one up to ``_ONE_STAGE_FORWARD_MAX_P``.
     """
     if fft == "dft":
         return _DFT_PAIRED if blocks % 2 == 0 else "dft"
-    return _MATMUL_TWO if spectral_plan(p).two_stage else _MATMUL_ONE
+    if not spectral_plan(p).two_stage or (not inverse and p <= _ONE_STAGE_FORWARD_MAX_P):
+        return _MATMUL_ONE
+    return _MATMUL_TWO
 
 
 def bca_delta(
@@ -631,7 +648,7 @@ def bca_delta(
         base = x.new_zeros(*x.shape[:-1], w_freq.shape[3] * p)
     consts = transform_constants(p, fft)
     _, _, q, o = w_freq.shape
-    forward, inverse = _mode(p, fft, q), _mode(p, fft, o)
+    forward, inverse = _mode(p, fft, q, inverse=False), _mode(p, fft, o, inverse=True)
     spec = _Spectrum.apply(x, p, forward, *(consts[r] for r in _FORWARD_ROLES[forward]))
     return _AddSynthesis.apply(spec, base, w_freq, p, inverse, *(consts[r] for r in _INVERSE_ROLES[inverse]))
 
@@ -665,7 +682,8 @@ def _export_forward(self: BCALinear, x: torch.Tensor) -> torch.Tensor:
     cache = self._bca_export_spectra
     fft = self._bca_export_fft
     for p in self._bca_export_block_sizes:
-        forward, inverse = _mode(p, fft, self.in_features // p), _mode(p, fft, self.out_features // p)
+        forward = _mode(p, fft, self.in_features // p, inverse=False)
+        inverse = _mode(p, fft, self.out_features // p, inverse=True)
         key = (id(x), x._version, p)  # (an in-place change of x would bump its version)
         if key not in cache:
             consts = [getattr(self, f"{_CONST_PREFIX}{p}_{r}") for r in _FORWARD_ROLES[forward]]

@@ -66,10 +66,11 @@ def test_transform_constants_compute_the_slot_rows_and_invert_them(p):
     if plan.two_stage:
         a, c = plan.outer, plan.inner
         assert a * c == p and a % 2 == 0 and c % 2 == 0
+    if "fwd" in consts:  # single-stage plans, and the one-MatMul forward of small two-stage ones
+        rows = consts["fwd"] @ x.T
+    else:
         z = consts["fwd_outer"] @ x.T.reshape(a, -1)  # (A, C·n)
         rows = (consts["fwd_inner"] @ z.reshape(plan.groups, 2 * c, -1)).reshape(plan.rows, -1)
-    else:
-        rows = consts["fwd"] @ x.T
     torch.testing.assert_close(rows, _slot_rows(x, p), atol=1e-10, rtol=1e-10)
     # The inverse takes the product rows P of a mix. With the identity kernel (δ at t = 0, so W = 1 in
     # every bin) P is X times the identity's row weights, and the inverse must give x back.
@@ -168,18 +169,22 @@ def test_paired_dft_halves_the_transforms(tmp_path):
     assert next(a.i for a in forward.attribute if a.name == "onesided") == 0  # the paired one is the forward
 
 
-def test_two_stage_transposes_are_two_2d_transposes_per_layer(tmp_path):
-    """The two-stage plan copies activations only by 2-D transposes (one for the input, one for the output)."""
-    model = nn.Sequential(nn.Linear(128, 128))
-    inject(model, ["0"], block_size=64, init="normal", seed=0)
-    assert spectral_plan(64).two_stage
-    _export(model.eval(), tmp_path / "m.onnx", "matmul", example=torch.randn(2, 3, 128))
+@pytest.mark.parametrize(("p", "copies"), [(64, 1), (128, 2)])
+def test_two_stage_transposes_are_2d_transposes(tmp_path, p, copies):
+    """A two-stage plan copies activations only by 2-D transposes: one for the output, and one for the input
+    above p = 64 (at 64 the forward is one MatMul reading xᵀ through the GEMM's packing: a FusedMatMul)."""
+    model = nn.Sequential(nn.Linear(2 * p, 2 * p))
+    inject(model, ["0"], block_size=p, init="normal", seed=0)
+    assert spectral_plan(p).two_stage
+    _export(model.eval(), tmp_path / "m.onnx", "matmul", example=torch.randn(2, 3, 2 * p))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
-    transposes = [n for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node if n.op_type == "Transpose"]
-    assert [list(next(a.ints for a in n.attribute if a.name == "perm")) for n in transposes] == [[1, 0], [1, 0]]
+    nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    transposes = [n for n in nodes if n.op_type == "Transpose"]
+    assert [list(next(a.ints for a in n.attribute if a.name == "perm")) for n in transposes] == [[1, 0]] * copies
+    assert [n.op_type for n in nodes].count("FusedMatMul") == 2 - copies
 
 
 def test_matmul_variant_has_no_activation_transpose_after_ort_optimization(tmp_path):
