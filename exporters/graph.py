@@ -119,8 +119,8 @@ _CONST_PREFIX = "bca_dft_p"  # + f"{p}_{role}" for the shared transform constant
 _TWO_STAGE_MIN_P = 64
 # The forward transform stays one MatMul up to this p, even in a two-stage plan: its input transpose is the
 # slow one, (N·q, p) -> (p, N·q), a tall-thin copy (onnxruntime took 9.0 ms for the (88064, 64) one of a
-# Llama-7B down_proj at 512 tokens, 3.4x the time per element of the output's (64, N·o) -> (N·o, 64)), while
-# the one-MatMul forward reads xᵀ through the GEMM's own packing (a FusedMatMul with transB, no copy): 10.5
+# Llama-7B down_proj at 512 tokens, 1.6x the time per element of the output's (64, N·o) -> (N·o, 64)), while
+# the one-MatMul forward reads xᵀ through the GEMM's own packing (a FusedMatMul with transB, no copy): 10.5-11.8
 # ms for that down_proj against 15.6 for transpose + two stages (profiled, 2 threads, 2-core Xeon).
 _ONE_STAGE_FORWARD_MAX_P = 64
 
