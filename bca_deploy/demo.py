@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointFormatError, InvalidOptionError, ServingError, format_problems
-from .training.config import MAX_SEED
+from .training.config import seed_range_problem
 
 __all__ = [
     "DemoConfig",
@@ -169,8 +169,8 @@ class DemoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 problems.append(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.seed, int) and self.seed > MAX_SEED:  # the trainer's rule, before the model loads
-            problems.append(f"--seed must be in [0, {MAX_SEED}] (torch's seed range), got {self.seed}")
+        if isinstance(self.seed, int) and self.seed >= 0 and (problem := seed_range_problem(self.seed)):
+            problems.append(problem)  # the trainer's rule, before the model loads (a negative one: named above)
         if self.targets is not None and (isinstance(self.targets, str) or not self.targets
                                          or not all(isinstance(t, str) and t for t in self.targets)):
             problems.append(f"--targets must be a non-empty list of module names, got {self.targets!r}")

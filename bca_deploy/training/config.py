@@ -33,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "EvaluateConfig",
     "option_flag",
+    "seed_range_problem",
 ]
 
 TASKS = ("seq-cls", "causal-lm")
@@ -141,6 +142,14 @@ def option_flag(name: str) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def seed_range_problem(seed: Any) -> str | None:
+    """The problem with an integer ``--seed`` outside torch's seed range, else None (the one rule for ``train``
+    and ``demo``; a seed that is not an integer is the caller's type check)."""
+    if _is_int(seed) and not 0 <= seed <= MAX_SEED:
+        return f"--seed must be in [0, {MAX_SEED}] (torch's seed range), got {seed}"
+    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -410,8 +419,8 @@ class TrainConfig:
                 and not 1 <= len(self.text_columns) <= 2:
             problems.append(f"--text-columns names one or two columns, got {len(self.text_columns)}")
         _column_problems(self, problems)
-        if _is_int(self.seed) and not 0 <= self.seed <= MAX_SEED:
-            problems.append(f"--seed must be in [0, {MAX_SEED}] (torch's seed range), got {self.seed}")
+        if (problem := seed_range_problem(self.seed)) is not None:
+            problems.append(problem)
         return problems
 
     def validate(self, *, has_model: bool = False, has_tokenizer: bool = False) -> None:
