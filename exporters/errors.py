@@ -37,7 +37,17 @@ class ExportMetadataError(BCAError, ValueError):
 
 class ExportGraphError(BCAError, ValueError):
     """An export's ONNX graph is one onnxruntime refuses to load: not a model, truncated, tampered with, or
-    reading external data from outside its directory. The message names the file and onnxruntime's reason."""
+    reading external data from outside its directory. The message names the file and onnxruntime's reason.
+
+    Attributes:
+        path: the graph file.
+        reason: why it cannot be loaded, without the file's name (what ``inspect`` shows).
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: onnxruntime cannot load this graph ({reason}); the file is not what bca-deploy "
+                         "export wrote (damaged, truncated or changed since): export it again")
+        self.path, self.reason = path, reason
 
 
 class ValidationError(BCAError, ValueError):

@@ -374,10 +374,10 @@ def _constants64(p: int) -> dict[str, torch.Tensor]:
     plan = spectral_plan(p)
     if not plan.two_stage:
         return _single_stage(plan)
+    two = _two_stage(plan)
     if p <= _ONE_STAGE_FORWARD_MAX_P:  # a one-MatMul forward over the same slots, a two-stage inverse
-        return {"fwd": _single_stage(plan)["fwd"], "inv_inner": (two := _two_stage(plan))["inv_inner"],
-                "inv_outer": two["inv_outer"]}
-    return _two_stage(plan)
+        return {"fwd": _single_stage(plan)["fwd"], "inv_inner": two["inv_inner"], "inv_outer": two["inv_outer"]}
+    return two
 
 
 def transform_constants(p: int, fft: str = "matmul") -> dict[str, torch.Tensor]:

@@ -166,13 +166,13 @@ def describe_export(export_dir: str | Path) -> list[str]:
     if isinstance(version, str):
         lines.append(f"exported by:  bca-deploy {version[:40]}, torch {str(fields.get('torch_version'))[:40]}")
     held = " + ".join([*(p.name for p in graph), *([f"{len(adapter_files)} adapter file{'s' if len(adapter_files) > 1 else ''}"] if adapter_files else [])])
-    if not (export_dir / ONNX_FILE).is_file():
+    if export_dir / ONNX_FILE not in graph:
         return lines + [f"files:        no {ONNX_FILE}: an incomplete export, which nothing can load; export it again"]
     lines.append(f"files:        {held} ({size / 1e6:.1f} MB)")
     try:
         check_graph_file(export_dir / ONNX_FILE)
     except ExportGraphError as exc:  # described, not raised: inspect is how a user finds out what is wrong
-        return lines + [f"graph:        NOT loadable: {str(exc).split(': ', 1)[1]}"]
+        return lines + [f"graph:        NOT loadable: onnxruntime cannot load this graph ({exc.reason})"]
     if metadata.bank is not None:
         lines.append(f"serve with:   bca-deploy serve {export_dir}")
     else:

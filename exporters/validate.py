@@ -218,11 +218,7 @@ def inference_session(onnx_path: str | Path, options: Any, provider: str = "cpu"
         # "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X failed:Protobuf parsing failed."
         reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).strip())
         reason = re.sub(r"^Load model from .* failed:\s*", "", reason)
-        raise ExportGraphError(f"{onnx_path}: onnxruntime cannot load this graph ({type(exc).__name__}: {reason}); "
-                               f"{_NOT_AS_EXPORTED}") from None
-
-
-_NOT_AS_EXPORTED = "the file is not what bca-deploy export wrote (damaged, truncated or changed since): export it again"
+        raise ExportGraphError(onnx_path, f"{type(exc).__name__}: {reason}") from None
 
 
 def check_graph_file(onnx_path: str | Path) -> None:
@@ -243,7 +239,7 @@ def check_graph_file(onnx_path: str | Path) -> None:
     path = Path(onnx_path)
 
     def refuse(reason: str):
-        raise ExportGraphError(f"{path}: onnxruntime cannot load this graph ({reason}); {_NOT_AS_EXPORTED}")
+        raise ExportGraphError(path, reason)
 
     try:
         model = onnx.load_model(str(path), load_external_data=False)
@@ -270,9 +266,9 @@ def check_graph_file(onnx_path: str | Path) -> None:
             end = int(entry.get("offset", 0)) + int(entry.get("length", 0))
         except ValueError:
             refuse(f"initializer {tensor.name[:200]!r}: external data offset/length are not integers")
-        if end > target.stat().st_size:
-            refuse(f"initializer {tensor.name[:200]!r} reads bytes up to {end} of {location[:200]!r}, which has "
-                   f"{target.stat().st_size}")
+        size = target.stat().st_size
+        if end > size:
+            refuse(f"initializer {tensor.name[:200]!r} reads bytes up to {end} of {location[:200]!r}, which has {size}")
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

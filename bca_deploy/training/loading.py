@@ -266,6 +266,7 @@ def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> set[str]:
     model.eval()
     return set(state)
 
+
 def save_adapter_files(model: nn.Module, directory: Path, method: str) -> None:
     if method == "bca":
         from ..adapter_io import save_adapter
