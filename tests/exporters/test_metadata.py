@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -128,6 +129,12 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
     assert result.exit_code == 0, result.output
     assert "graph:        NOT loadable: onnxruntime cannot load this graph (not an ONNX model: DecodeError" \
         in result.output and "serve with" not in result.output, result.output
+    colon = tmp_path.parent / f"{tmp_path.name}: copy"  # the reason is shown whole whatever the path holds
+    shutil.copytree(tmp_path, colon)
+    result = CliRunner().invoke(main, ["inspect", str(colon)])
+    assert "graph:        NOT loadable: onnxruntime cannot load this graph (not an ONNX model: DecodeError" \
+        in result.output, result.output
+    shutil.rmtree(colon)
     (tmp_path / "model.onnx").write_bytes(good_graph)
     # display-only fields of any shape read as absent; a malformed typed field is the reader's one error
     _write(tmp_path, {"task": "feature-extraction", "merged": True, "validation": {"rows": [1, {"passed": "yes"}]},
