@@ -342,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="export",
                         help="results file name (a partial run, e.g. --skip-minilm, should not overwrite export.*)")
     args = parser.parse_args(argv)
+    for name in ("repeats", "session_sets", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bca-export-bench-"))
     work.mkdir(parents=True, exist_ok=True)
