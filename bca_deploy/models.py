@@ -31,6 +31,7 @@ from .config import EXPORT_TASKS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec
 from .errors import AdapterMismatchError, BCAError
 
 __all__ = [
+    "attention_window",
     "load_config",
     "TaskError",
     "ModelTask",
@@ -412,6 +413,23 @@ def load_model(
     if dtype != torch.float32:
         model = model.to(dtype)
     return model if is_trainable else model.eval()
+
+
+def attention_window(config: Any) -> int | None:
+    """The sliding window of a decoder some or all of whose layers attend only to their last W positions, else None.
+
+    Such a model's cache keeps at most W − 1 past positions per sliding layer, on both transformers lines, and
+    its exported graph does the same (its ``present`` outputs stop growing), so a row generated through the
+    graph can hold at most W positions. ``sliding_window`` counts only where the config turns it on
+    (``use_sliding_window``, ``layer_types``).
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 # ---- transformers 4.x / 5.x differences the exporter and validator share -------------------------

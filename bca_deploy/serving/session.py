@@ -45,6 +45,7 @@ from ..errors import (
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
 from ..exporters.metadata import ExportMetadata
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
+from ..models import attention_window
 from .slots import SlotBank, SlotSpec
 
 __all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "bank_metadata", "check_adapter_name", "not_loaded",
@@ -858,11 +859,12 @@ class MultiAdapterSession:
             return
         if prompt_tokens >= limit or max_new_tokens == 0:
             raise ContextLengthError(f"{input_param}: {prompt_tokens} tokens; the model has {limit} positions"
+                                     f"{self._window_note(limit)}"
                                      + (f", and {max_new_tokens} new tokens were asked for" if max_new_tokens else ""),
                                      param=input_param)
         raise ContextLengthError(f"max_new_tokens: {prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed "
-                                 f"the model's {limit} positions; ask for at most {limit - prompt_tokens} new tokens",
-                                 param="max_new_tokens")
+                                 f"the model's {limit} positions{self._window_note(limit)}; ask for at most "
+                                 f"{limit - prompt_tokens} new tokens", param="max_new_tokens")
 
     def check_inputs(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> int:
         """:meth:`prepare`, returning the longest row's token count."""
@@ -972,9 +974,19 @@ class MultiAdapterSession:
 
     @property
     def max_positions(self) -> int | None:
-        """The most tokens (prompt + generated) one row can hold: the config's position limit (None: unknown)."""
+        """The most tokens (prompt + generated) one row can hold (None: unknown): the config's position limit,
+        and for a graph with past of a sliding-window model its window (:func:`bca_deploy.models.attention_window`:
+        the graph's past stops growing there, so a longer row could not be continued)."""
         limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
-        return int(limit) if limit else None
+        window = attention_window(self.config) if self.with_past else None
+        bounds = [int(b) for b in (limit, window) if b]
+        return min(bounds) if bounds else None
+
+    def _window_note(self, limit: int) -> str:
+        """What to add to "N positions" when the sliding window is what sets N."""
+        if self.with_past and attention_window(self.config) == limit:
+            return " (its sliding window: the exported graph keeps no more past than that)"
+        return ""
 
     def warm_up(self) -> float:
         """Load the tokenizer (if the export has one) and run one 1-token row on the base model, so the

@@ -1,5 +1,7 @@
 """The architectures the exporter lists beyond the main matrix (test_export.py): each exports unmerged and
-validates against PyTorch on both transformers lines (one small case each, to keep the suite quick)."""
+validates against PyTorch on both transformers lines (small cases, to keep the suite quick); the decoders
+added later also serve greedy generation from a bank, token-equal to PyTorch ``generate``. Configs with
+sliding-window attention are validated on rows longer than their window."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ import json
 import pytest
 import torch
 
-from bca_deploy import inject, save_adapter
-from bca_deploy.exporters import export
-from bca_deploy.exporters.loading import DECODER_MODEL_TYPES, ENCODER_MODEL_TYPES
+from bca_deploy import inject, load_adapter, save_adapter
+from bca_deploy.exporters import UnsupportedExportError, export
+from bca_deploy.exporters.loading import DECODER_MODEL_TYPES, ENCODER_MODEL_TYPES, hybrid_attention_problem
+from bca_deploy.inject import mixed_adapters
+
+WINDOW = 8  # the sliding window of the windowed configs below; LONG_CASES' rows outgrow it
+LONG_CASES = [(2, 5, 2), (2, 13, 4), (1, 3, 12)]
 
 
 def _build(name: str):
@@ -19,6 +25,8 @@ def _build(name: str):
 
     torch.manual_seed(0)
     small = dict(vocab_size=128, max_position_embeddings=64)
+    decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, **small)
     if name == "xlm-roberta":
         config = tf.XLMRobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                      **{**small, "max_position_embeddings": 66})
@@ -34,24 +42,115 @@ def _build(name: str):
         config = tf.Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, head_dim=16, **small)
         return tf.Qwen3ForCausalLM(config), ["q_proj", "v_proj", "o_proj"], "text-generation-with-past", []
+    if name == "electra":
+        config = tf.ElectraConfig(embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, num_labels=2, **small)
+        return tf.ElectraForSequenceClassification(config), ["query", "value"], "text-classification", ["classifier"]
+    if name == "deberta-v2":
+        config = tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    num_labels=3, **small)
+        return (tf.DebertaV2ForSequenceClassification(config), ["query_proj", "value_proj"], "text-classification",
+                ["classifier", "pooler"])
+    if name == "gemma":
+        config = tf.GemmaConfig(head_dim=8, **decoder)
+        return tf.GemmaForCausalLM(config), ["q_proj", "v_proj", "down_proj"], "text-generation-with-past", []
+    if name == "phi3":  # with a sliding window, as Phi-3-mini-4k's config has one
+        config = tf.Phi3Config(sliding_window=WINDOW, **decoder)
+        return tf.Phi3ForCausalLM(config), ["qkv_proj", "o_proj", "down_proj"], "text-generation-with-past", []
+    if name == "mistral-window":  # every layer sliding: exact on both lines
+        config = tf.MistralConfig(sliding_window=WINDOW, **decoder)
+        return tf.MistralForCausalLM(config), ["q_proj", "v_proj"], "text-generation-with-past", []
+    if name == "qwen3-hybrid":  # layer 0 full attention, layer 1 sliding: refused on transformers 4.x
+        config = tf.Qwen3Config(head_dim=8, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                                **decoder)
+        return tf.Qwen3ForCausalLM(config), ["q_proj", "v_proj"], "text-generation-with-past", []
     raise KeyError(name)
 
 
 MAIN_MATRIX = ("bert", "roberta", "llama", "qwen2", "gpt2")
 
 
+BEYOND_MAIN = ("xlm-roberta", "distilbert", "mistral", "qwen3", "electra", "deberta-v2", "gemma", "phi3")
+
+
 def test_every_listed_architecture_is_tested():
-    assert set(ENCODER_MODEL_TYPES + DECODER_MODEL_TYPES) == {*MAIN_MATRIX, "xlm-roberta", "distilbert", "mistral", "qwen3"}
+    assert set(ENCODER_MODEL_TYPES + DECODER_MODEL_TYPES) == {*MAIN_MATRIX, *BEYOND_MAIN}
 
 
-@pytest.mark.parametrize("name", ["xlm-roberta", "distilbert", "mistral", "qwen3"])
+@pytest.mark.parametrize("name", [*BEYOND_MAIN, "mistral-window"])
 def test_unmerged_export_validates(tmp_path, name):
     model, targets, task, saved = _build(name)
     model.save_pretrained(tmp_path / "model")
     inject(model, targets, block_size=8, init="normal", init_std=0.05, seed=0, modules_to_save=saved)
     save_adapter(model, tmp_path / "adapter")
+    windowed = getattr(model.config, "sliding_window", None) is not None
+    cases = LONG_CASES if windowed else [(2, 5, 2)]
     out = export(tmp_path / "model", tmp_path / "onnx", [tmp_path / "adapter"], merge=False, verbose=False,
-                 cases=[(2, 5, 2)])
+                 cases=cases)
     meta = json.loads((out / "bca_export.json").read_text())
     assert meta["task"] == task and meta["validation"]["passed"]
-    assert len(meta["validation"]["rows"]) == (1 if task != "text-generation-with-past" else 2 * 5)
+    per_case = 1 if task != "text-generation-with-past" else 2 * (1 + 2 * model.config.num_hidden_layers)
+    assert len(meta["validation"]["rows"]) == per_case * len(cases)
+
+
+def test_hybrid_attention_is_refused_on_transformers_4_and_exact_on_5(tmp_path):
+    """Full + sliding layers: on 4.x the traced graph was wrong past the window (validated on short rows
+    only), so export refuses before writing anything; on 5.x it validates on rows that outgrow the window."""
+    import transformers
+
+    model, targets, _, _ = _build("qwen3-hybrid")
+    assert hybrid_attention_problem(model.config, "4.57.6") and hybrid_attention_problem(model.config, "5.24.0") is None
+    assert hybrid_attention_problem(_build("mistral-window")[0].config, "4.57.6") is None  # every layer sliding
+    assert hybrid_attention_problem(_build("phi3")[0].config, "4.57.6") is None
+    model.save_pretrained(tmp_path / "model")
+    inject(model, targets, block_size=8, init="normal", init_std=0.05, seed=0)
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "onnx"
+    if int(transformers.__version__.split(".")[0]) < 5:
+        with pytest.raises(UnsupportedExportError, match=r"mixes full and sliding-window attention.*layer_types"):
+            export(tmp_path / "model", out, [tmp_path / "adapter"], merge=False, verbose=False, cases=LONG_CASES)
+        assert not out.exists()
+    else:
+        export(tmp_path / "model", out, [tmp_path / "adapter"], merge=False, verbose=False, cases=LONG_CASES)
+        assert json.loads((out / "bca_export.json").read_text())["validation"]["passed"]
+
+
+@pytest.mark.parametrize("name", ["gemma", "phi3", "mistral-window"])
+def test_bank_generation_equals_pytorch_generate(tmp_path, name):
+    """Two adapters in one bank graph, served by ``MultiAdapterSession``: greedy rows of a mixed batch are
+    token-equal to PyTorch ``generate`` on the row alone. A windowed model's rows may fill the window (the
+    graph's past stops growing there) and no more: a longer one is refused, naming the window."""
+    from bca_deploy.errors import ContextLengthError
+    from bca_deploy.serving import MultiAdapterSession
+
+    model, targets, task, _ = _build(name)
+    model.save_pretrained(tmp_path / "model")
+    adapters = {}
+    for seed, adapter_targets in enumerate([targets, targets[:1]]):
+        tuned, _, _, _ = _build(name)
+        inject(tuned, adapter_targets, block_size=8, init="normal", init_std=0.3, seed=seed)
+        adapters[f"a{seed}"] = tmp_path / f"a{seed}"
+        save_adapter(tuned, adapters[f"a{seed}"])
+    export(tmp_path / "model", tmp_path / "onnx", list(adapters.values()), merge=False, bank=True, task=task,
+           verbose=False, cases=[(2, 5, 2)])
+    session = MultiAdapterSession(tmp_path / "onnx")
+    window = getattr(model.config, "sliding_window", None)
+    assert session.max_positions == (window or model.config.max_position_embeddings)
+    reference = model.eval()
+    for adapter, directory in adapters.items():
+        load_adapter(reference, directory, adapter_name=adapter)
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 128, (n,), generator=generator).tolist() for n in (2, 5, 3)]
+    names = ["a0", None, "a1"]
+    new = WINDOW - 5  # the longest row (5 tokens) fills the window exactly
+    got = session.generate(rows, names, max_new_tokens=new, eos_token_id=[])
+    for row, adapter, tokens in zip(rows, names, got, strict=True):
+        ids = torch.tensor([row])
+        with torch.no_grad(), mixed_adapters(reference, [adapter]):
+            out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                     min_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert tokens == out[0, len(row):].tolist(), f"{name}: row through {adapter}"
+    assert len({tuple(t) for t in got}) == 3  # rows differ, so a mix-up would show
+    if window:
+        with pytest.raises(ContextLengthError, match=rf"exceed the model's {window} positions \(its sliding window"):
+            session.check_positions(len(rows[1]), new + 1)
