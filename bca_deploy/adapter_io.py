@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import check_inputs_outside, write_dir
+from .atomic import check_inputs_outside, give_default_mode, write_dir
 from .config import CONFIG_FILE, KERNEL_SUFFIX, TRAINABLE_FILE, WEIGHTS_FILE, AdapterConfig, read_json
-from .errors import AdapterFormatError, AdapterNameError, NonFiniteError, OutputExistsError
+from .errors import AdapterFormatError, AdapterNameError, NonFiniteError, OutputExistsError, require_readable
 from .fit import align_paths, align_to_target, check_adapter, model_target, split_saved_key
 from .inject import (
     _CONFIGS_ATTR,
@@ -202,9 +202,11 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` under any file name (one that is not UTF-8 is written from bytes)."""
+    """``safetensors.torch.save_file`` under any file name (one that is not UTF-8 is written from bytes), with the
+    mode any other written file gets (``0o666 & ~umask``; safetensors itself writes 0o600)."""
     if _utf8_path(path):
         save_file(state, str(path), metadata=metadata)
+        give_default_mode(path)
         return
     from safetensors.torch import save
 
@@ -215,6 +217,7 @@ def _read_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     """The tensors of a safetensors file and its metadata (``{}`` when it has none)."""
     try:
         size = weights.stat().st_size
+        require_readable(weights)
     except OSError as exc:
         raise AdapterFormatError(f"{weights}: cannot read ({exc.strerror or exc})") from exc
     if size > MAX_ADAPTER_BYTES:

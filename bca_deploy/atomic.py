@@ -15,7 +15,9 @@ directory in it is fsynced, and it is then put in place:
 Leftovers of a killed writer (temporary trees, trees set aside) carry the writer's pid; :func:`recover`
 removes those whose process is gone, restoring a tree set aside when ``target`` is missing, and leaves
 the ones of live writers alone. Directories are created with ``0o777`` masked by the umask (the mode
-``mkdir`` gives), not the ``0o700`` of :func:`tempfile.mkdtemp`.
+``mkdir`` gives), not the ``0o700`` of :func:`tempfile.mkdtemp`; files a library writes private get
+``0o666 & ~umask`` (:func:`give_default_mode`). Replacing a tree is refused up front when this user could
+not delete the old one (:func:`check_target`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import glob
 import os
 import re
 import shutil
+import stat
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -33,8 +36,8 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 
-__all__ = ["AtomicDir", "atomic_dir", "write_dir", "check_target", "check_inputs_outside", "recover", "TMP_TAG",
-           "OLD_TAG"]
+__all__ = ["AtomicDir", "atomic_dir", "write_dir", "check_target", "check_inputs_outside", "recover", "umask",
+           "give_default_mode", "TMP_TAG", "OLD_TAG"]
 
 #: Infixes of the hidden siblings a writer creates: ``.<name><TAG><pid>-<hex>``.
 TMP_TAG = ".bca-tmp-"
@@ -85,6 +88,27 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``), else by
+    setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def give_default_mode(path: str | Path) -> None:
+    """Give a file a writer created private (safetensors 0.8 writes 0o600) the mode ``open()`` would have:
+    ``0o666 & ~umask``, so another user (a service account running ``serve``) can read what was written."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def check_inputs_outside(target: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
     """Refuse an output directory that is, or contains, one of the command's inputs: replacing it (``--overwrite``)
     would delete them. ``inputs`` are ``(what, path)`` pairs (None paths are skipped); paths are compared where
@@ -126,6 +150,38 @@ def check_target(target: str | Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{target}: exists and is not a directory")
     if target.is_dir() and not overwrite and not _is_empty_dir(target):
         raise OutputExistsError(f"{target}: exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
+    if target.is_dir() and not target.is_symlink() and not _is_empty_dir(target):
+        blocker = _removal_blocker(target)
+        if blocker is not None:
+            raise OutputExistsError(f"{target}: cannot be replaced: {blocker}; nothing was written. Fix the "
+                                    "permissions or choose another output directory")
+
+
+def _removal_blocker(target: Path) -> str | None:
+    """Why this user could not move ``target`` aside and delete its old tree (which replacing it does), or None.
+
+    Checked before anything is written: otherwise the new tree goes in place and the old one stays behind as a
+    hidden, half-deleted sibling. Each directory of the tree must be readable, writable and searchable (to list
+    and delete its entries); in a sticky parent (``/tmp``), ``target`` must be this user's (or the parent's).
+    """
+    parent = target.parent
+    try:
+        info, parent_info = target.lstat(), parent.stat()
+    except OSError:
+        return None  # gone meanwhile: nothing to remove
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    if (euid not in (None, 0) and parent_info.st_mode & stat.S_ISVTX
+            and euid not in (info.st_uid, parent_info.st_uid)):
+        return f"it belongs to another user and {parent} is a sticky directory"
+    needed = os.R_OK | os.W_OK | os.X_OK  # list it, delete its entries
+    if not os.access(target, needed):
+        return f"{target} is not readable and writable by this user, so its old contents could not be removed"
+    for current, dirs, _ in os.walk(target, followlinks=False):  # os.walk yields only what it could list
+        for name in dirs:
+            path = os.path.join(current, name)
+            if not os.path.islink(path) and not os.access(path, needed):
+                return f"{path} is not readable and writable by this user, so its old contents could not be removed"
+    return None
 
 
 def _owner_alive(name: str, tag: str) -> bool:

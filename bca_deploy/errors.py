@@ -24,6 +24,7 @@ __all__ = [
     "InvalidOptionError",
     "format_problems",
     "first_line",
+    "require_readable",
 ]
 
 
@@ -110,3 +111,11 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     ``limit`` characters, else the exception's type (for exceptions raised without a message)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0][:limit] if lines else type(exc).__name__
+
+
+def require_readable(path: object) -> None:
+    """Open ``path`` for reading and close it, so that a file this user may not read raises the ``OSError`` that
+    names it (``PermissionError: [Errno 13] ... <path>``) before a library reads it and misreports the problem
+    (safetensors says "No such file or directory", onnxruntime "Invalid fd" or a parse failure)."""
+    with open(path, "rb"):
+        pass

@@ -53,11 +53,11 @@ import torch
 from torch import nn
 
 from bca_deploy.config import KERNEL_SUFFIX, PROBLEM_TYPES, AdapterConfig
-from bca_deploy.errors import AdapterMismatchError, format_problems
+from bca_deploy.errors import AdapterMismatchError, first_line, format_problems, require_readable
 from bca_deploy.inject import bca_layers
 from bca_deploy.layers import BCALinear
 
-from .errors import ExportError, UnsupportedExportError
+from .errors import ExportError, ExportMetadataError, UnsupportedExportError
 from .graph import _FREQ_PREFIX, _scalar_type, frequency_kernels, frequency_shape
 from .validate import ADAPTER_IDS, ONNX_FILE
 
@@ -1467,8 +1467,16 @@ class BankPlan:
             report = ValidationReport(str(onnx_path), self.task, dtype, provider, str(tol))
             report.rows += self._validate_heads(onnx_path, reference, self.slots, cases, provider, tol)
         for name in self.names:
+            path = self.adapter_file(directory, name)
+            require_readable(path)  # onnxruntime would report an unreadable file as "Invalid fd"
             adapter = ort.LoraAdapter()
-            adapter.Load(str(self.adapter_file(directory, name)))
+            try:
+                adapter.Load(str(path))
+            except (OSError, MemoryError):
+                raise
+            except Exception as exc:  # onnxruntime raises RuntimeError/Fail (pybind) for a file it cannot parse
+                raise ExportMetadataError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
+                                          f"{first_line(exc, 200)}); export the bank again") from None
             options = ort.RunOptions()
             options.add_active_adapter(adapter)
             if self.head is None:

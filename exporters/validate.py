@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bca_deploy.errors import format_problems
+from bca_deploy.errors import format_problems, require_readable
 from bca_deploy.inject import mixed_adapters
 from bca_deploy.models import cache_argument, cache_tensors, output_cache
 
@@ -210,6 +210,7 @@ def inference_session(onnx_path: str | Path, options: Any, provider: str = "cpu"
     """
     ort = require("onnxruntime", "onnx", "running an ONNX graph")
     providers = onnx_providers(provider)
+    require_readable(onnx_path)  # onnxruntime reports an unreadable file as a graph it cannot parse
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=providers)
     except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -36,8 +37,6 @@ def test_round_trip_reproduces_outputs(arch, tmp_path, input_ids):
 def test_an_adapter_under_a_file_name_that_is_not_utf8_saves_and_loads(tmp_path, input_ids):
     """safetensors takes paths as UTF-8 strings: an adapter in a directory named with other bytes could be neither
     written nor read ("Path ... is not valid UTF-8", blamed on the file)."""
-    import os
-
     model = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", init_std=0.1, seed=5)
     directory = tmp_path / os.fsdecode(b"caf\xe9-latin1") / "adapter"
     bd.save_adapter(model, directory)
@@ -234,3 +233,35 @@ def test_paths_differing_by_base_model_prefix_are_aligned(tmp_path, input_ids):
     bd.save_adapter(loaded, tmp_path / "b")
     again = bd.load_adapter(tiny_llama(), tmp_path / "b")
     assert torch.equal(again(input_ids=input_ids).logits, causal(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_saved_weights_get_the_mode_the_umask_gives(tmp_path, mask):
+    """safetensors 0.8 writes its files 0o600, so a service account could not read an adapter another user
+    trained (and was told the file does not exist). Every file of a saved adapter gets 0o666 & ~umask."""
+    model = tiny_llama()
+    bd.inject(model, ["q_proj"], block_size=8, init="normal", seed=0)
+    old = os.umask(mask)
+    try:
+        out = bd.save_adapter(model, tmp_path / "ad")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_weights_this_user_may_not_read_are_named_as_such(tmp_path, monkeypatch):
+    """safetensors reports a file it may not open as "No such file or directory"; the reader now names the
+    permission problem (emulated with the readability check: the tests may run as root)."""
+    import bca_deploy.adapter_io as adapter_io
+
+    model = bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0)
+    out = bd.save_adapter(model, tmp_path / "ad")
+    weights = out / "adapter_model.safetensors"
+
+    def deny(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(adapter_io, "require_readable", deny)
+    with pytest.raises(AdapterFormatError, match=rf"{weights}: cannot read \(Permission denied\)"):
+        bd.read_adapter(out)

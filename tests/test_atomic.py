@@ -14,7 +14,6 @@ import pytest
 import bca_deploy.atomic as atomic
 from bca_deploy.atomic import OLD_TAG, TMP_TAG, AtomicDir, atomic_dir, check_target, recover, write_dir
 from bca_deploy.errors import OutputExistsError
-from bca_deploy.errors import OutputExistsError
 
 
 def files(root: Path) -> dict[str, str]:
@@ -54,7 +53,7 @@ def test_file_target_refused(tmp_path):
         check_target(tmp_path / "f", overwrite=True)
 
 
-def test_failed_build_leaves_target_and_no_temporary_tree(tmp_path):
+def test_failed_build_leaves_target_and_no_temporaryfiles(tmp_path):
     out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
 
     def broken(d: Path) -> None:
@@ -219,3 +218,50 @@ def test_an_output_under_a_file_or_where_nothing_can_be_written_is_named_as_give
     assert str(info.value).startswith("[Errno") and "/proc/bca-deploy-test-output: cannot write the output there" \
         in str(info.value) and TMP_TAG not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
+
+
+def test_an_output_this_user_could_not_clear_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """--overwrite of a tree holding a directory this user cannot empty (read-only, or not listable) used to put
+    the new tree in place and leave the old one as a hidden half-deleted sibling, with exit 0. Emulated with
+    os.access (root may write anywhere): the write is refused up front, naming the directory, with the old
+    tree whole and no sibling left."""
+    out = tmp_path / "out"
+    (out / "keep" / "locked").mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    (out / "keep" / "locked" / "inner.txt").write_text("inner")
+    before = files(out)
+    denied = {str(out / "keep" / "locked")}
+    real_access = os.access
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: str(path) not in denied and real_access(path, mode))
+    with pytest.raises(OutputExistsError, match=r"out: cannot be replaced: .*keep/locked is not readable and writable "
+                                                r"by this user.*nothing was written"):
+        write_dir(out, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)
+    denied.clear()
+    denied.add(str(out))  # the target itself
+    with pytest.raises(OutputExistsError, match=r"out is not readable and writable by this user"):
+        write_dir(out, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)
+    assert files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    denied.clear()
+    write_dir(out, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)  # allowed: replaced whole
+    assert files(out) == {"new.txt": "new"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_another_users_output_in_a_sticky_directory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """In a sticky directory (/tmp) only the owner may rename an entry; the refusal used to come after the whole
+    output was built, naming a hidden temporary directory."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    out = shared / "theirs"
+    out.mkdir()
+    (out / "x.txt").write_text("x")
+    owner = out.lstat().st_uid
+    monkeypatch.setattr(atomic.os, "geteuid", lambda: owner + 4242)  # someone else (the tree belongs to `owner`)
+    built = []
+    with pytest.raises(OutputExistsError, match=r"theirs: cannot be replaced: it belongs to another user and .*shared "
+                                                r"is a sticky directory"):
+        write_dir(out, lambda tmp: built.append(tmp), overwrite=True)
+    assert not built and files(out) == {"x.txt": "x"}
+    monkeypatch.setattr(atomic.os, "geteuid", lambda: owner)
+    write_dir(out, lambda tmp: (tmp / "y.txt").write_text("y"), overwrite=True)
+    assert files(out) == {"y.txt": "y"}

@@ -41,6 +41,7 @@ from ..errors import (
     UnknownAdapterError,
     first_line,
     format_problems,
+    require_readable,
 )
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
 from ..exporters.metadata import ExportMetadata
@@ -571,6 +572,7 @@ class MultiAdapterSession:
             path = self.export_dir / bank.adapter_files[name]
             if not path.is_file():
                 raise ServingError(f"{path}: adapter file listed in bca_export.json is missing")
+            require_readable(path)  # onnxruntime would report an unreadable file as a parse failure
             try:
                 adapter = ort.AdapterFormat.read_adapter(str(path))
                 # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns

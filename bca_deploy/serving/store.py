@@ -86,10 +86,14 @@ class AdapterStore:
         if not self._inside(candidate):
             raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
         # an adapter directory, or a training run (bca-deploy train --out <store>/<name>): its best/ or last/
-        adapter = self._resolved(run_adapter_dir(candidate), name)
-        if not self._inside(adapter):
-            raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
-        return adapter if (adapter / CONFIG_FILE).is_file() else None
+        try:
+            adapter = self._resolved(run_adapter_dir(candidate), name)
+            if not self._inside(adapter):
+                raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
+            return adapter if (adapter / CONFIG_FILE).is_file() else None
+        except PermissionError:  # one entry this user may not read is that entry's problem, not the store's
+            raise AdapterNameError(f"adapter {name!r}: its directory in the adapter store cannot be read by the "
+                                   "server (permission denied)") from None
 
     def _inside(self, path: Path) -> bool:
         return path == self.root or self.root in path.parents

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_dir, recover, write_dir
+from ..atomic import atomic_dir, check_target, recover, write_dir
 from ..errors import first_line, format_problems
 from .errors import CheckpointError, TrainingConfigError
 
@@ -55,6 +56,15 @@ def write_dir_atomically(target: str | Path, build: Callable[[Path], None]) -> P
 def recover_dir(target: str | Path) -> Path | None:
     """Return ``target`` if it exists after cleaning up killed writers (:func:`bca_deploy.atomic.recover`)."""
     return recover(target)
+
+
+def _check_writable_run(out: Path) -> None:
+    """Refuse to resume into a run this user could not write its next checkpoint and log lines into, before
+    any step is trained (otherwise the steps up to the first checkpoint are lost)."""
+    if not os.access(out, os.R_OK | os.W_OK | os.X_OK):
+        raise TrainingConfigError(f"--out {out}: --resume cannot write there (permission denied); the run's "
+                                  "checkpoints and train_log.jsonl are written in it")
+    check_target(out / "last", overwrite=True)  # the next checkpoint replaces last/
 
 
 class RunDirectory:
@@ -90,9 +100,17 @@ class RunDirectory:
             raise TrainingConfigError(f"--out {out}: exists and is not a directory")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(out.parent / f".{out.name}.lock", "w")
+        except (FileExistsError, NotADirectoryError):
+            raise TrainingConfigError(f"--out {out}: a parent of it is a file, not a directory; choose an output "
+                                      "path whose parent directories are directories") from None
         except OSError as exc:
             raise TrainingConfigError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        lock_path = out.parent / f".{out.name}.lock"
+        try:
+            lock = open(lock_path, "w")
+        except OSError as exc:  # the lock lives beside --out (so a swap of --out keeps it): its parent must be writable
+            raise TrainingConfigError(f"--out {out}: cannot create the run's lock file {lock_path} beside it "
+                                      f"({exc.strerror or exc}); {out.parent} must be writable by this user") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -105,6 +123,7 @@ class RunDirectory:
             contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
             if resume:
                 _check_resumable(out, contents)
+                _check_writable_run(out)
                 return cls(out, lock, None)
             if contents and not overwrite:
                 from ..errors import OutputExistsError

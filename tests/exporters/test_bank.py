@@ -15,6 +15,7 @@ per session); the single-adapter exports are cached here, module-level.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -543,3 +544,40 @@ def test_head_adapter_files_carry_the_head(head_bank):
         np.testing.assert_allclose(got[0, :len(want)], want, atol=ATOL, rtol=0, err_msg=name)
         base_want = own_logits(own_model(base), rows[1])
         np.testing.assert_allclose(got[1, :3], base_want, atol=ATOL, rtol=0)
+
+
+def test_validate_names_an_adapter_file_it_cannot_read_or_parse(banks, tmp_path, monkeypatch):
+    """A bank's adapter file that is damaged, or that this user may not read, made ``validate`` exit 70 (onnxruntime's
+    "Invalid fd" / parse error reported as a bug). Now: a damaged file is an ExportMetadataError naming it (exit 2);
+    an unreadable one is the PermissionError naming it (exit 1), raised before onnxruntime opens it (emulated:
+    the tests may run as root)."""
+    from click.testing import CliRunner
+
+    import bca_deploy.exporters.bank as bank_module
+    from bca_deploy.cli import main
+    from bca_deploy.exporters import validate
+
+    art = banks("bert")
+    adapter_dirs = [art["adapters"][n] for n in EXPORTED["bert"]]
+    copy = tmp_path / "bank"
+    shutil.copytree(art["onnx"], copy)
+    victim = sorted((copy / "adapters").iterdir())[0]
+    args = ["validate", "--onnx", str(copy), "--model", str(art["model"]), "--cases", "2x4",
+            *(f"--adapter={d}" for d in adapter_dirs)]
+    real = bank_module.require_readable
+
+    def deny(path):
+        if Path(path) == victim:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path)
+
+    monkeypatch.setattr(bank_module, "require_readable", deny)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and f"{victim}: Permission denied" in result.output, result.output
+    monkeypatch.setattr(bank_module, "require_readable", real)
+    victim.write_bytes(b"\x00not an adapter" * 8)
+    with pytest.raises(ExportMetadataError, match=rf"{re.escape(str(victim))}: not a readable onnxruntime adapter file"):
+        validate(copy, art["model"], adapter_dirs, cases=[(2, 4)], verbose=False)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "not a readable onnxruntime adapter file" in result.output, result.output
+    assert "bug" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -68,6 +69,35 @@ def test_a_graph_onnxruntime_refuses_is_named_by_validate_and_its_cli(exported, 
                                        *[a for adapter in adapters for a in ("--adapter", str(adapter))]])
     assert result.exit_code == EXIT_USER_ERROR and "Traceback" not in result.output, result.output
     assert f"Error: {damaged / 'model.onnx'}: onnxruntime cannot load this graph (" in result.output
+
+
+def test_a_graph_this_user_may_not_read_is_a_permission_error_not_a_damaged_graph(exported, tiny, monkeypatch):
+    """onnxruntime reports an unreadable model.onnx as a graph it cannot load ("system error number 13"), which
+    was shown as "damaged ... export it again". It is now the PermissionError naming the file (CLI exit 1),
+    before onnxruntime opens it (emulated with the readability check: the tests may run as root)."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    validate_module = importlib.import_module("bca_deploy.exporters.validate")  # the package's validate is a function
+
+    onnx_dir = exported("bert", "matmul")
+    model_dir, adapters = tiny("bert")
+    graph = onnx_dir / "model.onnx"
+
+    def deny(path):
+        if Path(path) == graph:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(validate_module, "require_readable", deny)
+    with pytest.raises(PermissionError):
+        validate(onnx_dir, model_dir, adapters, verbose=False)
+    result = CliRunner().invoke(main, ["validate", "--onnx", str(onnx_dir), "--model", str(model_dir),
+                                       *[a for adapter in adapters for a in ("--adapter", str(adapter))]])
+    assert result.exit_code == 1 and f"Error: {graph}: Permission denied" in result.output, result.output
+    assert "damaged" not in result.output
 
 
 def test_fp16_export(tiny, tmp_path):

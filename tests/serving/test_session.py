@@ -618,6 +618,28 @@ def test_store_entry_may_be_a_training_run(store, tmp_path):
         s.path("outside-best")
 
 
+def test_an_entry_the_server_may_not_read_is_its_own_problem_not_the_stores(store, monkeypatch):
+    """An entry directory without read/search permission made Path.is_file raise PermissionError: every
+    GET /v1/adapters and a load of that name were HTTP 500. Now the listing leaves it out and loading it is an
+    AdapterNameError (HTTP 422) naming it (emulated: the tests may run as root)."""
+    import bca_deploy.serving.store as store_module
+
+    locked = (store / "store" / "locked")
+    shutil.copytree(store / "store" / "extra", locked)
+    real = store_module.run_adapter_dir
+
+    def run_adapter_dir(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(Path(path) / "adapter_config.json"))
+        return real(path)
+
+    monkeypatch.setattr(store_module, "run_adapter_dir", run_adapter_dir)
+    s = AdapterStore(store / "store")
+    assert "locked" not in s.names() and {"extra", "peftish"} <= set(s.names())
+    with pytest.raises(AdapterNameError, match="adapter 'locked': its directory in the adapter store cannot be read"):
+        s.path("locked")
+
+
 def test_store_refuses_a_link_out_of_the_store(store):
     assert (store / "store" / "link-out" / "adapter_config.json").is_file()  # it would load
     with pytest.raises(AdapterNameError, match="outside"):

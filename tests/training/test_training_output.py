@@ -154,6 +154,33 @@ def test_resume_and_overwrite_together_and_a_second_run_on_the_same_out(files, e
     assert tree(out) == before
 
 
+def test_an_out_this_user_cannot_write_is_refused_before_a_step_is_trained(files, earlier, tmp_path, monkeypatch):
+    """--resume into a run this user may not write trained until its first checkpoint and then failed (the steps
+    lost); an --out under a file said "(File exists)"; a lock file that cannot be created beside --out was
+    blamed on --out itself. Each is now refused at once, naming what is wrong (permissions emulated with
+    os.access: the tests may run as root)."""
+    import bca_deploy.atomic as atomic
+    import bca_deploy.training.checkpoint as checkpoint
+
+    out, before = earlier
+    real_access = os.access
+    for denied in (out, out / "last"):
+        blocked = lambda path, mode, denied=denied: Path(path) != denied and real_access(path, mode)  # noqa: E731
+        monkeypatch.setattr(checkpoint.os, "access", blocked)
+        monkeypatch.setattr(atomic.os, "access", blocked)
+        with pytest.raises((TrainingConfigError, OutputExistsError), match=rf"{denied}.*(permission denied|not "
+                                                                          r"readable and writable)"):
+            train(config(files["bert"], files["small"], out, resume=True, max_steps=4), on_step=_never)
+    monkeypatch.undo()
+    assert tree(out) == before
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TrainingConfigError, match="a parent of it is a file, not a directory"):
+        train(config(files["bert"], files["small"], tmp_path / "afile" / "run"), on_step=_never)
+    (tmp_path / ".blocked.lock").mkdir()  # the lock file's place is taken
+    with pytest.raises(TrainingConfigError, match=r"cannot create the run's lock file .*\.blocked\.lock beside it"):
+        train(config(files["bert"], files["small"], tmp_path / "blocked"), on_step=_never)
+
+
 # ---- --overwrite keeps the earlier run until the new one has a checkpoint ------------------------------
 
 
