@@ -51,7 +51,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems
+from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems, require_readable
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
@@ -475,8 +475,10 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
                 "max_adapters_per_replica": max_adapters_per_replica, "replica_cpus": replica_cpus,
                 "replica_gpus": replica_gpus, **fields}
     replicas, _, cpus, gpus = _app_numbers(dict(app_args))
-    bank_metadata(export_dir)
+    bank = bank_metadata(export_dir).bank
     check_graph_file(Path(export_dir) / ONNX_FILE)  # each replica would fail to load it, and Ray retry them
+    for name in bank.adapters:  # the same for an adapter file this user may not read
+        require_readable(Path(export_dir) / bank.adapter_files[name])
     local = address is None and not ray.is_initialized()
     if local:
         onnx_providers(options.provider)  # the replicas run here: this onnxruntime must have the provider

@@ -61,8 +61,9 @@ def test_a_wrong_export_options_or_port_fail_before_ray_starts(tmp_path_factory,
 def test_a_graph_onnxruntime_refuses_fails_before_ray_starts_and_a_failed_deployment_is_named(
         tmp_path_factory, tmp_path, monkeypatch):
     """A damaged or tampered model.onnx made every replica fail (6 tracebacks, Ray retrying them) and then exit
-    70 after about 25 s; it is now refused before Ray starts. A graph onnxruntime refuses for another reason (an
-    operator it lacks) can only fail in the replicas: that deployment failure is one error, not a bug report."""
+    70 after about 25 s; it is now refused before Ray starts, and so is an adapter file this user may not read. A
+    graph onnxruntime refuses for another reason (an operator it lacks) can only fail in the replicas: that
+    deployment failure is one error, not a bug report."""
     import shutil
 
     from click.testing import CliRunner
@@ -80,6 +81,19 @@ def test_a_graph_onnxruntime_refuses_fails_before_ray_starts_and_a_failed_deploy
         assert result.exit_code == 2, (how, result.output)
         assert f"Error: {damaged / 'model.onnx'}: onnxruntime cannot load this graph (" in result.output, result.output
         assert "Traceback" not in result.output and not ray.is_initialized()
+
+    # an adapter file this user may not read (emulated: the tests may run as root) failed in every replica too
+    files = sorted((art["onnx"] / "adapters").iterdir())
+
+    def deny(path):
+        if Path(path) == files[0]:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(serve_ray, "require_readable", deny)
+        result = CliRunner().invoke(main, ["serve-ray", str(art["onnx"])])
+    assert result.exit_code == 1 and f"Error: {files[0]}: Permission denied" in result.output, result.output
+    assert not ray.is_initialized()
 
     def deployment_fails(*args, **kwargs):
         raise RuntimeError("Deploying application bca-deploy failed: Failed to update the deployments "
