@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import EXPORT_TASKS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec
-from .errors import AdapterMismatchError, BCAError
+from .errors import AdapterMismatchError, BCAError, require_readable
 
 __all__ = [
     "attention_window",
@@ -40,6 +40,7 @@ __all__ = [
     "resolve_task",
     "task_from_architecture",
     "load_base",
+    "require_readable_weights",
     "load_model",
     "adapter_name_of",
     "adapter_names",
@@ -272,6 +273,14 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
+def require_readable_weights(model_dir: str | Path) -> None:
+    """Raise the ``PermissionError`` naming a weights file (or shard index) of ``model_dir`` this user may not read:
+    transformers reports one as "No such file or directory". Every loader of a checkpoint calls it first."""
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
+            require_readable(path)
+
+
 def load_base(
     model_dir: str | Path,
     task: ModelTask | str,
@@ -299,6 +308,7 @@ def load_base(
     """
     import transformers
 
+    require_readable_weights(model_dir)
     if isinstance(task, str):
         export_task = _normalize(task)
         task = ModelTask(EXPORT_TASK_TYPES[export_task], export_task)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from bca_deploy.cli import main
@@ -62,3 +63,27 @@ def test_every_stage_refuses_a_malformed_model_config_the_same_way(tmp_path, ber
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "run").exists()
     with pytest.raises(InputNotFoundError, match="no config.json"):
         load_config(tmp_path)
+
+
+def test_a_weights_file_this_user_may_not_read_is_named_by_every_loader(bert_dir, monkeypatch):
+    """transformers reports an unreadable model.safetensors as "No such file or directory" (export, evaluate,
+    train); every loader now names the permission problem first (emulated: the tests may run as root)."""
+    from pathlib import Path
+
+    import bca_deploy.models as models
+    from bca_deploy.training import TrainingConfigError
+    from bca_deploy.training.loading import Labels, load_for_training
+
+    weights = Path(bert_dir) / "model.safetensors"
+    assert weights.is_file()
+
+    def deny(path):
+        if Path(path) == weights:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(models, "require_readable", deny)
+    with pytest.raises(PermissionError) as caught:
+        models.load_base(bert_dir, "feature-extraction")
+    assert caught.value.filename == str(weights)
+    with pytest.raises(TrainingConfigError, match=r"cannot load it for seq-cls \(\[Errno 13\] Permission denied"):
+        load_for_training(bert_dir, "seq-cls", torch.float32, head=Labels(2, ["neg", "pos"], False, "new"))

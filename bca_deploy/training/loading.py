@@ -123,8 +123,11 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from ..models import require_readable_weights
+
     kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
     try:
+        require_readable_weights(model_dir)
         with quiet_loading():
             if task == "seq-cls":
                 assert head is not None
