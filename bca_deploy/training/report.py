@@ -148,7 +148,26 @@ def final_summary(result: TrainResult, model_dir: str | Path | None, eval_data: 
     lines.append(f"  bca-deploy evaluate --model {m} --adapter {a} --data {data}")
     if (adapter / "adapter_config.json").is_file():
         lines.append(f"  bca-deploy merge --model {m} --adapter {a} --out {_q(out / 'merged')}")
-        lines.append(f"  bca-deploy export --model {m} --adapter {a} --merge --out {_q(out / 'onnx')}")
-        lines.append(f"  bca-deploy export --model {m} --adapter {a} --bank --out {_q(out / 'bank')} && "
-                     f"bca-deploy serve {_q(out / 'bank')}")
+        refusal = export_refusal(model_dir)
+        if refusal is None:
+            lines.append(f"  bca-deploy export --model {m} --adapter {a} --merge --out {_q(out / 'onnx')}")
+            lines.append(f"  bca-deploy export --model {m} --adapter {a} --bank --out {_q(out / 'bank')} && "
+                         f"bca-deploy serve {_q(out / 'bank')}")
+        else:
+            lines.append(f"  (no ONNX export or serving for this model: {refusal})")
     return "\n".join(lines)
+
+
+def export_refusal(model_dir: str | Path) -> str | None:
+    """Why ``bca-deploy export`` would refuse ``model_dir``'s architecture (its own message), or None: so that the
+    next commands printed after training are ones that work."""
+    from ..errors import BCAError
+    from ..exporters.loading import hybrid_attention_problem, supported_tasks
+    from ..models import load_config
+
+    try:
+        config = load_config(model_dir)
+        supported_tasks(config.model_type)
+    except BCAError as exc:
+        return str(exc)
+    return hybrid_attention_problem(config)

@@ -212,3 +212,18 @@ def test_progress_bar_is_drawn_on_a_terminal_of_size_zero(monkeypatch):
     os.close(master)
     text = b"".join(chunks).decode()
     assert "2/2" in text and "loss 0.5000, lr kernels 3.0e-03, head 1.0e-02" in text, text
+
+
+def test_the_next_commands_offer_export_only_for_an_architecture_export_takes(tmp_path):
+    """train printed "bca-deploy export ... && bca-deploy serve" after training an architecture export refuses
+    (albert, opt...); the summary now says why there is no export instead."""
+    import transformers as tf
+
+    from bca_deploy.training.report import export_refusal
+
+    tf.AlbertConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(
+        tmp_path / "albert")
+    tf.BertConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(
+        tmp_path / "bert")
+    assert "cannot export model_type 'albert'" in export_refusal(tmp_path / "albert")
+    assert export_refusal(tmp_path / "bert") is None
