@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bca_deploy.errors import require_readable
+
 from .errors import ExportMetadataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,6 +176,15 @@ def describe_export(export_dir: str | Path) -> list[str]:
     except ExportGraphError as exc:  # described, not raised: inspect is how a user finds out what is wrong
         return lines + [f"graph:        NOT loadable: onnxruntime cannot load this graph ({exc.reason})"]
     if metadata.bank is not None:
+        unreadable = []  # the bank's own list: a directory this user cannot list hides its files from a glob
+        for name in metadata.bank.adapters:
+            try:
+                require_readable(export_dir / metadata.bank.adapter_files[name])
+            except OSError as exc:
+                unreadable.append(f"{metadata.bank.adapter_files[name]} ({exc.strerror or exc})")
+        if unreadable:
+            return lines + [f"adapters:     NOT loadable: {', '.join(unreadable[:5])}"
+                            f"{f' and {len(unreadable) - 5} more' if len(unreadable) > 5 else ''}"]
         lines.append(f"serve with:   bca-deploy serve {export_dir}")
     else:
         lines.append("serve with:   onnxruntime / optimum's ORTModel* (bca-deploy serve needs export --bank)")

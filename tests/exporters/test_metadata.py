@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+from pathlib import Path
+
 import pytest
 
 from bca_deploy.errors import AdapterFormatError
@@ -123,6 +125,19 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
                    "validated:    2 of 2 comparisons passed at export, max |onnxruntime - PyTorch| 2.50e-07",
                    "files:        model.onnx + 2 adapter files (0.0 MB)", f"serve with:   bca-deploy serve {tmp_path}"):
         assert needle in result.output, (needle, result.output)
+    # an adapter file this user may not read (emulated: the tests may run as root) is said instead of how to serve
+    # (a directory that cannot be listed hid its files: inspect listed model.onnx alone and exited 0)
+    with pytest.MonkeyPatch.context() as patch:
+        import bca_deploy.exporters.metadata as metadata_module
+
+        def deny(path):
+            if Path(path).name == "b.onnx_adapter":
+                raise PermissionError(13, "Permission denied", str(path))
+
+        patch.setattr(metadata_module, "require_readable", deny)
+        result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0 and "adapters:     NOT loadable: adapters/b.onnx_adapter (Permission denied)" \
+        in result.output and "serve with" not in result.output, result.output
     good_graph = (tmp_path / "model.onnx").read_bytes()
     (tmp_path / "model.onnx").write_bytes(b"\0" * 1000)  # what onnxruntime would refuse is said instead of how to serve
     result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
