@@ -36,8 +36,8 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 
-__all__ = ["AtomicDir", "atomic_dir", "write_dir", "check_target", "check_inputs_outside", "recover", "umask",
-           "give_default_mode", "TMP_TAG", "OLD_TAG"]
+__all__ = ["AtomicDir", "atomic_dir", "write_dir", "check_target", "check_inputs_outside", "recover",
+           "current_umask", "give_default_mode", "TMP_TAG", "OLD_TAG"]
 
 #: Infixes of the hidden siblings a writer creates: ``.<name><TAG><pid>-<hex>``.
 TMP_TAG = ".bca-tmp-"
@@ -88,7 +88,7 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def umask() -> int:
+def current_umask() -> int:
     """The process's umask, read without changing it where Linux shows it (``/proc/self/status``), else by
     setting and restoring it."""
     try:
@@ -106,7 +106,7 @@ def umask() -> int:
 def give_default_mode(path: str | Path) -> None:
     """Give a file a writer created private (safetensors 0.8 writes 0o600) the mode ``open()`` would have:
     ``0o666 & ~umask``, so another user (a service account running ``serve``) can read what was written."""
-    os.chmod(path, 0o666 & ~umask())
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def check_inputs_outside(target: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:

@@ -276,6 +276,8 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def require_readable_weights(model_dir: str | Path) -> None:
     """Raise the ``PermissionError`` naming a weights file (or shard index) of ``model_dir`` this user may not read:
     transformers reports one as "No such file or directory". Every loader of a checkpoint calls it first."""
+    if not Path(model_dir).is_dir():
+        return  # what is missing is for the loader to say
     for path in sorted(Path(model_dir).iterdir()):
         if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
             require_readable(path)
