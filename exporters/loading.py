@@ -19,7 +19,7 @@ from bca_deploy.models import resolve_task as _resolve_model_task
 from .errors import UnsupportedExportError
 
 __all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MODEL_TYPES", "supported_tasks",
-           "hybrid_attention_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names"]
+           "hybrid_attention_problem", "fp16_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names"]
 
 #: Tasks of an encoder graph (no past): the last hidden state, or a classifier's logits.
 ENCODER_TASKS = ("feature-extraction", "text-classification")
@@ -75,6 +75,28 @@ def hybrid_attention_problem(config, transformers_version: str | None = None) ->
             f"{list(config.layer_types)}, sliding_window {getattr(config, 'sliding_window', None)}); on "
             f"transformers {transformers_version} its exported graph would be wrong for rows longer than the "
             "window. Export it with transformers 5.x (the README's transformers 5.x stack), where it is exact")
+
+
+#: fp16 exports that come out broken, found by an architecture sweep on both lines: gpt2 (a LayerNorm bound to
+#: float and float16), gemma with past (float32 present key/values beside float16 past inputs), and on
+#: transformers 5.x the BERT family (the same LayerNorm). Refused before anything is written.
+_FP16_BROKEN = {"gpt2": "any", "gemma": "with-past"}
+_FP16_BROKEN_ON_5 = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+
+
+def fp16_problem(model_type: str, export_task: str, transformers_version: str | None = None) -> str | None:
+    """Why an fp16 export of ``model_type`` for ``export_task`` would be broken on this transformers line, or None."""
+    if transformers_version is None:
+        import transformers
+
+        transformers_version = transformers.__version__
+    major = int(transformers_version.split(".")[0])
+    scope = _FP16_BROKEN.get(model_type)
+    if scope == "any" or (scope == "with-past" and export_task.endswith("-with-past")) or (
+            major >= 5 and model_type in _FP16_BROKEN_ON_5):
+        return (f"an fp16 export of {model_type} for {export_task!r} on transformers {transformers_version} gives a "
+                "graph with mixed float32/float16 tensors that onnxruntime cannot run; export it in fp32 (the default)")
+    return None
 
 
 def resolve_export_task(

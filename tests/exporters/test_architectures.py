@@ -154,3 +154,24 @@ def test_bank_generation_equals_pytorch_generate(tmp_path, name):
     if window:
         with pytest.raises(ContextLengthError, match=rf"exceed the model's {window} positions \(its sliding window"):
             session.check_positions(len(rows[1]), new + 1)
+
+
+def test_fp16_exports_known_to_break_are_refused_before_anything_is_written(tmp_path):
+    """gemma with past crashed fp16 validation (exit 70: float32 present key/values fed back as float16 past);
+    gpt2, and the BERT family on transformers 5.x, wrote graphs onnxruntime could not load (blamed on a damaged
+    file). They are refused up front; fp16 of the others still exports (llama: test_validate.test_fp16_export)."""
+    from bca_deploy.exporters.loading import fp16_problem
+
+    assert fp16_problem("gemma", "text-generation-with-past", "4.57.6") and fp16_problem("gemma", "text-generation",
+                                                                                          "4.57.6") is None
+    assert fp16_problem("gpt2", "text-generation", "4.57.6")
+    assert fp16_problem("bert", "feature-extraction", "5.24.0") and fp16_problem("bert", "feature-extraction",
+                                                                                 "4.57.6") is None
+    assert fp16_problem("llama", "text-generation-with-past", "5.24.0") is None
+    model, targets, task, saved = _build("gemma")
+    model.save_pretrained(tmp_path / "model")
+    inject(model, targets, block_size=8, init="normal", init_std=0.05, seed=0, modules_to_save=saved)
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(UnsupportedExportError, match="an fp16 export of gemma for 'text-generation-with-past'"):
+        export(tmp_path / "model", tmp_path / "onnx", [tmp_path / "adapter"], merge=False, dtype="fp16", verbose=False)
+    assert not (tmp_path / "onnx").exists()
