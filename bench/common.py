@@ -168,14 +168,15 @@ def time_interleaved(
 
 
 def time_round_robin(
-    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, gap_s: float = 0.0
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, gap_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
     """Wall time in ms of each ``fns[k]()`` (CPU work, e.g. onnxruntime runs): summaries and raw per-round times.
 
     One run of each per round, the order rotating every round (so no function always runs right after
     the same other one). ``gap_s``: an untimed pause before every call, so the worker threads of the
     previous call (onnxruntime's spin for a while after a run) have gone idle and do not take the cores
-    from the next one.
+    from the next one. ``clock``: ``time.process_time`` to time the CPU seconds of single-threaded work instead.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -186,9 +187,9 @@ def time_round_robin(
         for k in names[r % len(names):] + names[: r % len(names)]:
             if gap_s:
                 time.sleep(gap_s)
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[k]()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((clock() - t0) * 1e3)
     return {k: _summary(ts) for k, ts in times.items()}, times
 
 

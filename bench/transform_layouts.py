@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import time_round_robin, write_results  # noqa: E402
 
 from bca_deploy.exporters.graph import _single_stage, _two_stage, spectral_plan  # noqa: E402
 
@@ -141,16 +141,7 @@ def session(model: bytes):
 
 def cpu_times(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
     """Median CPU ms per call of each function, one call of each per round, the order rotating every round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.process_time()
-            fns[name]()
-            times[name].append((time.process_time() - start) * 1e3)
+    _, times = time_round_robin(fns, warmup, repeats, clock=time.process_time)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
