@@ -227,15 +227,7 @@ def export(
         onnx_providers(provider)
     if opset is not None:
         _resolve_opset(opset, merge, fft, default=opset)
-    model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank)
-    if dtype == "fp16":
-        from bca_deploy.models import load_config
-
-        from .loading import fp16_problem
-
-        problem = fp16_problem(load_config(model_dir).model_type, model_task.export_task)
-        if problem:
-            raise UnsupportedExportError(f"{model_dir}: {problem}")
+    model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank, dtype=dtype)
     # AdapterMismatchError surfaces here; a bank holds each adapter's own head in its slot (bank.BankPlan)
     bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
     model = bank_plan.model if bank_plan is not None else load_model(model_dir, adapter_dirs, model_task)

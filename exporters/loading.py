@@ -52,6 +52,15 @@ def supported_tasks(model_type: str) -> list[str]:
     )
 
 
+def _transformers_version(given: str | None) -> tuple[str, int]:
+    """``(version, major)`` of ``given``, or of the installed transformers when None."""
+    if given is None:
+        import transformers
+
+        given = transformers.__version__
+    return given, int(given.split(".")[0])
+
+
 def hybrid_attention_problem(config, transformers_version: str | None = None) -> str | None:
     """Why a config's mix of full and sliding-window attention layers cannot be exported here, or None.
 
@@ -62,11 +71,8 @@ def hybrid_attention_problem(config, transformers_version: str | None = None) ->
     4.57, exact on 5.x; all-sliding (Mistral, Phi-3, Qwen2 with ``max_window_layers=0``) and all-full
     configs are exact on both lines.
     """
-    if transformers_version is None:
-        import transformers
-
-        transformers_version = transformers.__version__
-    if int(transformers_version.split(".")[0]) >= 5:
+    transformers_version, major = _transformers_version(transformers_version)
+    if major >= 5:
         return None
     kinds = set(getattr(config, "layer_types", None) or ())
     if not {"full_attention", "sliding_attention"} <= kinds:
@@ -86,11 +92,7 @@ _FP16_BROKEN_ON_5 = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
 
 def fp16_problem(model_type: str, export_task: str, transformers_version: str | None = None) -> str | None:
     """Why an fp16 export of ``model_type`` for ``export_task`` would be broken on this transformers line, or None."""
-    if transformers_version is None:
-        import transformers
-
-        transformers_version = transformers.__version__
-    major = int(transformers_version.split(".")[0])
+    transformers_version, major = _transformers_version(transformers_version)
     scope = _FP16_BROKEN.get(model_type)
     if scope == "any" or (scope == "with-past" and export_task.endswith("-with-past")) or (
             major >= 5 and model_type in _FP16_BROKEN_ON_5):
@@ -100,7 +102,8 @@ def fp16_problem(model_type: str, export_task: str, transformers_version: str | 
 
 
 def resolve_export_task(
-    model_dir: str | Path, adapter_dirs: Sequence[str | Path] = (), task: str | None = None, *, bank: bool = False
+    model_dir: str | Path, adapter_dirs: Sequence[str | Path] = (), task: str | None = None, *, bank: bool = False,
+    dtype: str = "fp32",
 ) -> ModelTask:
     """The task to export ``model_dir`` with ``adapter_dirs`` for, checked against what the architecture supports.
 
@@ -112,7 +115,8 @@ def resolve_export_task(
     Raises:
         UnsupportedExportError: an architecture or task bca-deploy does not export (the message lists
             what it does), an encoder-decoder model, or a hybrid-attention config on transformers 4.x
-            (:func:`hybrid_attention_problem`).
+            (:func:`hybrid_attention_problem`), or with ``dtype="fp16"`` an fp16 export known to come out
+            broken (:func:`fp16_problem`).
         bca_deploy.models.TaskError: ``task`` contradicts the adapters (see :func:`bca_deploy.models.resolve_task`).
     """
     from bca_deploy.models import load_config
@@ -133,6 +137,9 @@ def resolve_export_task(
             f"bca-deploy cannot export a {config.model_type} model for task {resolved.export_task!r} (from "
             f"{resolved.source}); tasks it exports for {config.model_type}: {', '.join(tasks)}"
         )
+    problem = fp16_problem(config.model_type, resolved.export_task) if dtype == "fp16" else None
+    if problem:
+        raise UnsupportedExportError(f"{model_dir}: {problem}")
     return resolved
 
 
