@@ -19,7 +19,7 @@ from bca_deploy.models import resolve_task as _resolve_model_task
 from .errors import UnsupportedExportError
 
 __all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MODEL_TYPES", "supported_tasks",
-           "hybrid_attention_problem", "fp16_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names"]
+           "architecture_problem", "hybrid_attention_problem", "fp16_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names"]
 
 #: Tasks of an encoder graph (no past): the last hidden state, or a classifier's logits.
 ENCODER_TASKS = ("feature-extraction", "text-classification")
@@ -101,6 +101,21 @@ def fp16_problem(model_type: str, export_task: str, transformers_version: str | 
     return None
 
 
+def architecture_problem(model_dir: str | Path, config) -> str | None:
+    """Why ``model_dir`` (whose config is ``config``) cannot be exported whatever its adapters and task, or None:
+    an encoder-decoder model, a model type bca-deploy does not export, or a hybrid-attention config on
+    transformers 4.x. The one rule for :func:`resolve_export_task` and for the next commands ``train`` prints."""
+    if getattr(config, "is_encoder_decoder", False):
+        return (f"{model_dir}: {config.model_type} is an encoder-decoder model (several graphs); bca-deploy exports "
+                "single-graph encoder or decoder models (BERT, RoBERTa, Llama, Qwen2, GPT-2...)")
+    try:
+        supported_tasks(config.model_type)
+    except UnsupportedExportError as exc:
+        return str(exc)
+    problem = hybrid_attention_problem(config)
+    return f"{model_dir}: {problem}" if problem else None
+
+
 def resolve_export_task(
     model_dir: str | Path, adapter_dirs: Sequence[str | Path] = (), task: str | None = None, *, bank: bool = False,
     dtype: str = "fp32",
@@ -122,15 +137,10 @@ def resolve_export_task(
     from bca_deploy.models import load_config
 
     config = load_config(model_dir)
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedExportError(
-            f"{model_dir}: {config.model_type} is an encoder-decoder model (several graphs); bca-deploy exports "
-            "single-graph encoder or decoder models (BERT, RoBERTa, Llama, Qwen2, GPT-2...)"
-        )
-    tasks = supported_tasks(config.model_type)
-    problem = hybrid_attention_problem(config)
+    problem = architecture_problem(model_dir, config)
     if problem:
-        raise UnsupportedExportError(f"{model_dir}: {problem}")
+        raise UnsupportedExportError(problem)
+    tasks = supported_tasks(config.model_type)
     resolved = _resolve_model_task(model_dir, adapter_dirs, task, model_config=config, one_head=not bank)
     if resolved.export_task not in tasks:
         raise UnsupportedExportError(

@@ -162,12 +162,10 @@ def export_refusal(model_dir: str | Path) -> str | None:
     """Why ``bca-deploy export`` would refuse ``model_dir``'s architecture (its own message), or None: so that the
     next commands printed after training are ones that work."""
     from ..errors import BCAError
-    from ..exporters.loading import hybrid_attention_problem, supported_tasks
+    from ..exporters.loading import architecture_problem
     from ..models import load_config
 
     try:
-        config = load_config(model_dir)
-        supported_tasks(config.model_type)
-    except BCAError as exc:
+        return architecture_problem(model_dir, load_config(model_dir))
+    except BCAError as exc:  # a config export could not read either
         return str(exc)
-    return hybrid_attention_problem(config)
