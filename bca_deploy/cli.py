@@ -309,6 +309,9 @@ def merge(model_dir: Path, adapters: tuple[Path, ...], weights: tuple[float, ...
 
 
 _CASES_HELP = "Validation shapes as BATCHxSEQ, comma-separated (e.g. 1x5,2x11,3x16); default: the exporter's."
+_ATOL_HELP = "Override the absolute part of the validation tolerance (fp32 default 1e-4, fp16 1e-2)."
+_RTOL_HELP = ("Override the part of the validation tolerance relative to each output's largest magnitude "
+              "(fp32 default 1e-5, fp16 1e-2).")
 
 
 @main.command()
@@ -330,7 +333,8 @@ _CASES_HELP = "Validation shapes as BATCHxSEQ, comma-separated (e.g. 1x5,2x11,3x
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider used for validation.")
 @click.option("--cases", type=CASES, default=None, help=_CASES_HELP)
-@click.option("--atol", type=NON_NEGATIVE_FLOAT, default=None, help="Override the validation tolerance (absolute).")
+@click.option("--atol", type=NON_NEGATIVE_FLOAT, default=None, help=_ATOL_HELP)
+@click.option("--rtol", type=NON_NEGATIVE_FLOAT, default=None, help=_RTOL_HELP)
 @click.option("--no-validate", is_flag=True, help="Skip validation (not recommended).")
 @click.option("--bank", is_flag=True,
               help="Unmerged adapter-bank graph for multi-adapter serving: each --adapter keeps its own slot, "
@@ -339,8 +343,8 @@ _CASES_HELP = "Validation shapes as BATCHxSEQ, comma-separated (e.g. 1x5,2x11,3x
 @click.option("--out", type=_PATH, required=True, help="Output directory for the ONNX model.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str | None, opset: int | None, dtype: str,
-           fft: str, provider: str, cases: str | None, atol: float | None, no_validate: bool, bank: bool, out: Path,
-           overwrite: bool) -> None:
+           fft: str, provider: str, cases: str | None, atol: float | None, rtol: float | None, no_validate: bool,
+           bank: bool, out: Path, overwrite: bool) -> None:
     """Export the adapted model to ONNX and validate it against PyTorch under onnxruntime.
 
     The task comes from the adapters (no --task needed). Exits non-zero if any output differs from
@@ -351,7 +355,7 @@ def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str |
 
     path = export_model(model_dir, out, list(adapters), merge=merge, task=task, opset=opset, dtype=dtype, fft=fft,
                         overwrite=overwrite, validate=not no_validate, provider=provider,
-                        cases=cases, atol=atol, verbose=True, bank=bank)
+                        cases=cases, atol=atol, rtol=rtol, verbose=True, bank=bank)
     kind = "adapter-bank" if bank else ("merged" if merge else "unmerged")
     click.echo(f"wrote {kind} ONNX model to {path}")
 
@@ -437,14 +441,15 @@ def serve_ray(export_dir: Path, adapter_store: Path | None, replicas: int, max_a
 @click.option("--task", default=None, help="Export task; default: recorded at export, else the adapters', else inferred.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--cases", type=CASES, default=None, help=_CASES_HELP)
-@click.option("--atol", type=NON_NEGATIVE_FLOAT, default=None, help="Override the absolute tolerance.")
+@click.option("--atol", type=NON_NEGATIVE_FLOAT, default=None, help=_ATOL_HELP)
+@click.option("--rtol", type=NON_NEGATIVE_FLOAT, default=None, help=_RTOL_HELP)
 def validate(onnx_dir: Path, model_dir: Path, adapters: tuple[Path, ...], task: str | None, provider: str,
-             cases: str | None, atol: float | None) -> None:
+             cases: str | None, atol: float | None, rtol: float | None) -> None:
     """Compare an existing ONNX export with the PyTorch model (adapters applied); non-zero exit on failure."""
     from .exporters import validate as validate_export
 
     validate_export(onnx_dir, model_dir, list(adapters), task=task, provider=provider, cases=cases,
-                    atol=atol, verbose=True)
+                    atol=atol, rtol=rtol, verbose=True)
 
 
 @main.command()

@@ -1286,8 +1286,7 @@ def _compare_logits(case: str, got: np.ndarray, want: np.ndarray, tolerance):
     if not np.isnan(got[none]).all():
         notes.append("rows without a head are not NaN")
     headless = int(none.all(axis=-1).sum())
-    passed = not notes and bool(np.isfinite(got[real]).all()) and bool(
-        np.allclose(got[real], want[real], atol=tolerance.atol, rtol=tolerance.rtol))
+    passed = not notes and tolerance.passes(got[real], want[real])
     if headless:
         notes.append(f"{headless} row(s) without a head: NaN")
     return ValidationRow("logits", case, tuple(got.shape), max_abs, max_abs / scale if scale > 0 else 0.0,

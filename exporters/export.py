@@ -43,7 +43,6 @@ from .validate import (
     ONNX_FILE,
     TOLERANCES,
     Case,
-    Tolerance,
     validate_model,
 )
 
@@ -140,6 +139,7 @@ def export(
     provider: str = "cpu",
     cases: Sequence[Case | Sequence[int]] | None = None,
     atol: float | None = None,
+    rtol: float | None = None,
     verbose: bool = True,
     bank: bool = False,
 ) -> Path:
@@ -176,7 +176,9 @@ def export(
             PyTorch model (fp32, adapters unmerged); raise if any is beyond tolerance.
         provider: ``"cpu"`` or ``"cuda"``: the onnxruntime execution provider used to validate.
         cases: validation shapes (see :func:`bca_deploy.exporters.validate.validate_model`).
-        atol: overrides the absolute tolerance of :data:`~bca_deploy.exporters.validate.TOLERANCES`.
+        atol, rtol: override the absolute tolerance and the one relative to each output's scale of
+            :data:`~bca_deploy.exporters.validate.TOLERANCES` (see
+            :class:`~bca_deploy.exporters.validate.Tolerance`).
         verbose: print the validation table.
         bank: export an **adapter-bank graph** (needs ``merge=False``): every adapter keeps its own
             slot, and an ``adapter_ids`` input picks each row's adapter (0 = base model only; i = the
@@ -260,8 +262,8 @@ def export(
                 del model
                 reference = load_model(model_dir, adapter_dirs, model_task)
             tolerance = None
-            if atol is not None:
-                tolerance = Tolerance(atol=atol, rtol=TOLERANCES[dtype].rtol)
+            if atol is not None or rtol is not None:
+                tolerance = TOLERANCES[dtype].overridden(atol, rtol)
             if bank_plan is not None:
                 report = bank_plan.validate(tmp, reference, dtype, provider, tolerance, cases)
             else:

@@ -110,7 +110,7 @@ def test_export_and_validate_commands(tmp_path):
     ok = runner.invoke(main, ["validate", "--onnx", str(tmp_path / "onnx"), *common, "--cases", "2x7"])
     assert ok.exit_code == 0, ok.output
     # a tolerance no float computation meets: the check must fail and say so
-    strict = runner.invoke(main, ["validate", "--onnx", str(tmp_path / "onnx"), *common, "--atol", "1e-12"])
+    strict = runner.invoke(main, ["validate", "--onnx", str(tmp_path / "onnx"), *common, "--atol", "1e-12", "--rtol", "0"])
     assert strict.exit_code == 2 and "Error:" in strict.output
     bad = runner.invoke(main, ["export", *common, "--cases", "2by9", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "'2by9' is not BATCHxSEQ" in bad.output

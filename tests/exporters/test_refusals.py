@@ -134,8 +134,8 @@ def test_validation_catches_a_graph_without_the_adapters(exported, tiny):
 def test_failed_validation_leaves_nothing(tiny, tmp_path):
     model_dir, adapters = tiny("gpt2")
     out = tmp_path / "out"
-    with pytest.raises(ValidationError) as err:  # atol=0: float summation order alone fails it
-        export(model_dir, out, adapters, merge=False, fft="matmul", atol=0.0, verbose=False, cases=[(1, 4, 1)])
+    with pytest.raises(ValidationError) as err:  # atol=rtol=0: float summation order alone fails it
+        export(model_dir, out, adapters, merge=False, fft="matmul", atol=0.0, rtol=0.0, verbose=False, cases=[(1, 4, 1)])
     assert err.value.report.failures
     assert _siblings(out) == []
 
