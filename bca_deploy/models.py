@@ -32,6 +32,7 @@ from .errors import AdapterMismatchError, BCAError, require_readable
 
 __all__ = [
     "attention_window",
+    "vocabulary_size",
     "load_config",
     "TaskError",
     "ModelTask",
@@ -425,6 +426,20 @@ def load_model(
     if dtype != torch.float32:
         model = model.to(dtype)
     return model if is_trainable else model.eval()
+
+
+def vocabulary_size(config: Any, model: nn.Module | None = None) -> int | None:
+    """How many token ids the model embeds (ids ``0..V-1``): its input embedding's rows when ``model`` is
+    given (what the lookup indexes), else the config's ``vocab_size`` (its text config's for multimodal
+    configs); None when neither says."""
+    if model is not None:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        rows = getattr(embedding, "num_embeddings", None)
+        if isinstance(rows, int) and rows > 0:
+            return rows
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "vocab_size", None) or getattr(config, "vocab_size", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def attention_window(config: Any) -> int | None:

@@ -537,11 +537,13 @@ class TokenizedDataset:
         labels: seq-cls: one int/float per example; causal-lm: per example, one id per token
             (:data:`IGNORE_INDEX` where no loss is taken).
         pad_id: id used to pad ``input_ids``.
+        lines: per example, its 1-based line in the file (for messages), when known.
     """
 
     def __init__(self, input_ids, labels, pad_id: int, token_type_ids=None, task: str = "seq-cls",
-                 regression: bool = False) -> None:
+                 regression: bool = False, lines: Sequence[int] | None = None) -> None:
         self.input_ids = input_ids
+        self.lines = list(lines) if lines is not None else None
         self.labels = labels
         self.pad_id = int(pad_id)
         self.token_type_ids = token_type_ids
@@ -604,7 +606,7 @@ def tokenize_seq_cls(examples: SeqClsExamples, tokenizer, max_length: int) -> To
     encoded = tokenizer(*examples.texts, truncation=True, max_length=max_length, padding=False)
     token_types = encoded.get("token_type_ids") if len(examples.texts) == 2 else None
     return TokenizedDataset(encoded["input_ids"], examples.labels, pad_token_id(tokenizer), token_types,
-                            task="seq-cls", regression=examples.regression)
+                            task="seq-cls", regression=examples.regression, lines=examples.lines)
 
 
 def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tuple[TokenizedDataset, int]:
@@ -618,20 +620,21 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
         The dataset and how many examples were dropped.
     """
     eos = _eos_token_id(tokenizer)
-    input_ids, labels = [], []
+    input_ids, labels, lines = [], [], []
     dropped = 0
     if examples.format == "text":
         encoded = tokenizer(examples.texts, truncation=True, max_length=max_length)["input_ids"]
-        for ids in encoded:
+        for line, ids in zip(examples.lines, encoded):
             if len(ids) < 2:
                 dropped += 1
                 continue
             input_ids.append(ids)
             labels.append(list(ids))
+            lines.append(line)
     else:
         prompts = tokenizer(examples.prompts, add_special_tokens=True)["input_ids"]
         responses = tokenizer(examples.responses, add_special_tokens=False)["input_ids"]
-        for p_ids, r_ids in zip(prompts, responses):
+        for line, p_ids, r_ids in zip(examples.lines, prompts, responses):
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
             ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
             target = ([IGNORE_INDEX] * len(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
@@ -640,7 +643,44 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
                 continue
             input_ids.append(ids)
             labels.append(target)
-    return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm"), dropped
+            lines.append(line)
+    return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm", lines=lines), dropped
+
+
+def check_token_range(dataset: TokenizedDataset, vocabulary: int | None, path: str | Path, tokenizer,
+                      model: str | Path) -> None:
+    """Raise :class:`DataError` if the tokenizer gave ids (or a pad id) the model has no embedding row for.
+
+    ``vocabulary``: the model's embedded ids (:func:`bca_deploy.models.vocabulary_size`; None: unknown, no
+    check). Such ids come from a tokenizer that does not belong to the model (or tokens added to it without
+    resizing the embeddings); the embedding lookup would fail mid-training with an ``IndexError``.
+    """
+    if not vocabulary:
+        return
+    bad = []
+    for index, ids in enumerate(dataset.input_ids):
+        outside = sorted({int(t) for t in ids if not 0 <= int(t) < vocabulary})
+        if outside:
+            line = dataset.lines[index] if dataset.lines is not None else index + 1
+            bad.append((line, outside))
+    problems = [f"line {line}: id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids[:5]))}"
+                + (" ..." if len(ids) > 5 else "") + _token_names(tokenizer, ids[:5]) for line, ids in bad]
+    if not 0 <= dataset.pad_id < vocabulary:
+        problems.insert(0, f"the pad id {dataset.pad_id}{_token_names(tokenizer, [dataset.pad_id])}")
+    if problems:
+        raise DataError(format_problems(
+            f"{path}: the tokenizer of {model} gives token ids the model has no embedding for (vocab_size "
+            f"{vocabulary}: ids 0..{vocabulary - 1}); the tokenizer does not belong to this model, or tokens were "
+            "added to it without resizing the model's embeddings. Save the model's own tokenizer in the model "
+            "directory (or pass it as train(..., tokenizer=)):", problems, limit=10))
+
+
+def _token_names(tokenizer, ids: Sequence[int]) -> str:
+    try:
+        names = tokenizer.convert_ids_to_tokens(list(ids))
+    except Exception:  # a tokenizer that cannot name an id is no reason to hide the real problem
+        return ""
+    return f" ({', '.join(repr(n) for n in names)})" if names and all(isinstance(n, str) for n in names) else ""
 
 
 def load_dataset(

@@ -18,8 +18,9 @@ from torch import nn
 
 from ..config import MAX_NUM_LABELS, TaskSpec, show_json_value, read_json, run_adapter_dir
 from ..errors import format_problems
+from ..models import vocabulary_size
 from .config import METHODS, PRECISIONS, EvaluateConfig
-from .data import TASKS, check_label_range, load_dataset, pad_token_id
+from .data import TASKS, check_label_range, check_token_range, load_dataset, pad_token_id
 from .errors import DataError, TrainingConfigError
 from .loading import (
     Labels,
@@ -87,6 +88,7 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
         regression = bool(task == "seq-cls" and examples.regression)
         if model is None:
             model = _load_for_evaluation(config, adapter, task, info, spec, precision, regression)
+        check_token_range(data, vocabulary_size(model.config, model), config.data, tokenizer, config.model)
         num_labels = getattr(model.config, "num_labels", 1) if task == "seq-cls" else 1
         if task == "seq-cls":
             if examples.labels is None:

@@ -46,9 +46,10 @@ from torch import nn
 from ..atomic import check_inputs_outside
 from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
 from ..errors import format_problems
+from ..models import vocabulary_size
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
 from .config import Recipe, TrainConfig, recipe_for
-from .data import SeqClsExamples, check_label_range, classes_needed, load_dataset, pad_token_id
+from .data import SeqClsExamples, check_label_range, check_token_range, classes_needed, load_dataset, pad_token_id
 from .errors import CheckpointError, DataError, DataFileNotFoundError, TrainingConfigError
 from .evaluate import TRAINING_FILE, evaluate
 from .loading import (
@@ -394,10 +395,12 @@ class _TrainingRun:
                                 warn=lambda line: self.d.is_main and print(f"note: {line}", file=sys.stderr))
         if fitted != cfg.max_length:
             cfg = self.cfg = dataclasses.replace(cfg, max_length=fitted)
+        vocabulary = vocabulary_size(model_config, self.model if self.model_given else None)
         train_ex, self.train_data, errors = None, None, []
         try:
             train_ex, self.train_data = load_dataset(cfg.data, cfg.task, self.tokenizer, cfg.max_length,
                                                      label_names=names_to_read, **kwargs)
+            check_token_range(self.train_data, vocabulary, cfg.data, self.tokenizer, cfg.model)
         except DataError as exc:
             errors.append(exc)
         eval_ex, self.eval_data = None, None
@@ -409,6 +412,7 @@ class _TrainingRun:
             try:
                 eval_ex, self.eval_data = load_dataset(cfg.eval_data, cfg.task, self.tokenizer, cfg.max_length,
                                                        label_names=eval_names, **eval_kwargs)
+                check_token_range(self.eval_data, vocabulary, cfg.eval_data, self.tokenizer, cfg.model)
             except DataError as exc:
                 errors.append(exc)
         if len(errors) == 1:

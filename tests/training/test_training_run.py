@@ -418,6 +418,40 @@ def test_refuses_empty_data(files, tmp_path):
     _refused(files["bert"], tmp_path, DataError, "empty", eval_data=path)
 
 
+def test_a_tokenizer_with_ids_past_the_models_embedding_is_refused_before_training_and_evaluation(files, learned,
+                                                                                                   tmp_path):
+    """A tokenizer that does not belong to the model (here: 140 words over a 100-row embedding; on transformers
+    5.x, a tokenizer class picked from the model type) made the embedding lookup fail mid-run (exit 70,
+    ``IndexError``). train and evaluate now name the data file, the lines and the ids before any step."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+    from training_helpers import word_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(files["bert"], model)
+    rows = sst2_rows("train", 64)
+    wide = word_tokenizer(tmp_path / "wide", [s for s, _ in rows], vocab_size=140)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    wide.save_pretrained(model)
+    data = write_tsv(tmp_path / "d.tsv", rows)
+    words = {w: i for i, w in enumerate(wide.convert_ids_to_tokens(list(range(140))))}
+    first_bad = next(i for i, (s, _) in enumerate(rows) if any(words.get(w, 0) >= 100 for w in s.lower().split()))
+    msg = _refused(model, tmp_path, DataError, "gives token ids the model has no embedding for", data=data,
+                   eval_data=data)
+    assert "vocab_size 100: ids 0..99" in msg and f"line {first_bad + 2}: id" in msg  # line 1 is the header
+    assert msg.count(str(data)) == 2  # the training and the evaluation file, reported at once
+    result = CliRunner().invoke(main, ["train", "--model", str(model), "--data", str(data), "--out",
+                                       str(tmp_path / "cli"), "--block-size", "8", "--max-length", "32", "--no-progress"])
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and "Traceback" not in result.output
+    assert not (tmp_path / "cli").exists()
+    with pytest.raises(DataError, match="gives token ids the model has no embedding for"):
+        _evaluate(model, learned.out_dir, data)  # an adapter trained on another tokenizer's ids
+
+
 def test_refuses_unknown_target_and_bad_block_size(files, tmp_path):
     msg = _refused(files["bert"], tmp_path, TargetModuleError, "matched no module", targets=["q_proj"])
     assert "query" in msg  # lists the modules that exist
