@@ -229,7 +229,7 @@ def export(
         onnx_providers(provider)
     if opset is not None:
         _resolve_opset(opset, merge, fft, default=opset)
-    model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank, dtype=dtype)
+    model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank)
     # AdapterMismatchError surfaces here; a bank holds each adapter's own head in its slot (bank.BankPlan)
     bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
     model = bank_plan.model if bank_plan is not None else load_model(model_dir, adapter_dirs, model_task)
@@ -286,7 +286,15 @@ def export(
 
 def _cast_base(model, dtype: torch.dtype) -> None:
     """Cast the model to ``dtype`` but keep BCA kernels in fp32 (their frequency-domain constants are
-    computed from them, and the subgraph runs in fp32)."""
+    computed from them, and the subgraph runs in fp32), and trace its attention in eager form.
+
+    Eager, because the TorchScript exporter writes SDPA's boolean mask as ``Where(mask, 0.0, -inf)`` over
+    **float32** constants whatever the query's dtype: the scores, the softmax and then the residual stream
+    are promoted to float32, and the graph is one onnxruntime cannot run (a LayerNormalization bound to
+    float and float16: GPT-2 and, on transformers 5.x, the BERT family; float32 ``present`` outputs beside
+    float16 ``past`` inputs: Gemma). The eager path builds its additive mask in the model's dtype.
+    Both compute the same attention; fp32 exports keep the model's own implementation.
+    """
     from bca_deploy.inject import bca_layers
 
     kernels = {(name, key): param.detach().clone()
@@ -295,6 +303,17 @@ def _cast_base(model, dtype: torch.dtype) -> None:
     for name, layer in bca_layers(model):
         for key, param in layer.bca_kernels.items():
             param.data = kernels[(name, key)]
+    if not hasattr(model, "set_attn_implementation"):  # transformers before 4.56: the attribute layers read
+        model.config._attn_implementation = "eager"
+        return
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # 4.x BERT-family classes say they keep theirs (they run fine)
+    try:
+        model.set_attn_implementation("eager")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 # ---- the TorchScript export ------------------------------------------------------------------------

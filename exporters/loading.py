@@ -19,7 +19,7 @@ from bca_deploy.models import resolve_task as _resolve_model_task
 from .errors import UnsupportedExportError
 
 __all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MODEL_TYPES", "supported_tasks",
-           "architecture_problem", "hybrid_attention_problem", "fp16_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names"]
+           "architecture_problem", "hybrid_attention_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names"]
 
 #: Tasks of an encoder graph (no past): the last hidden state, or a classifier's logits.
 ENCODER_TASKS = ("feature-extraction", "text-classification")
@@ -83,24 +83,6 @@ def hybrid_attention_problem(config, transformers_version: str | None = None) ->
             "window. Export it with transformers 5.x (the README's transformers 5.x stack), where it is exact")
 
 
-#: fp16 exports that come out broken, found by an architecture sweep on both lines: gpt2 (a LayerNorm bound to
-#: float and float16), gemma with past (float32 present key/values beside float16 past inputs), and on
-#: transformers 5.x the BERT family (the same LayerNorm). Refused before anything is written.
-_FP16_BROKEN = {"gpt2": "any", "gemma": "with-past"}
-_FP16_BROKEN_ON_5 = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
-
-
-def fp16_problem(model_type: str, export_task: str, transformers_version: str | None = None) -> str | None:
-    """Why an fp16 export of ``model_type`` for ``export_task`` would be broken on this transformers line, or None."""
-    transformers_version, major = _transformers_version(transformers_version)
-    scope = _FP16_BROKEN.get(model_type)
-    if scope == "any" or (scope == "with-past" and export_task.endswith("-with-past")) or (
-            major >= 5 and model_type in _FP16_BROKEN_ON_5):
-        return (f"an fp16 export of {model_type} for {export_task!r} on transformers {transformers_version} gives a "
-                "graph with mixed float32/float16 tensors that onnxruntime cannot run; export it in fp32 (the default)")
-    return None
-
-
 def architecture_problem(model_dir: str | Path, config) -> str | None:
     """Why ``model_dir`` (whose config is ``config``) cannot be exported whatever its adapters and task, or None:
     an encoder-decoder model, a model type bca-deploy does not export, or a hybrid-attention config on
@@ -118,7 +100,6 @@ def architecture_problem(model_dir: str | Path, config) -> str | None:
 
 def resolve_export_task(
     model_dir: str | Path, adapter_dirs: Sequence[str | Path] = (), task: str | None = None, *, bank: bool = False,
-    dtype: str = "fp32",
 ) -> ModelTask:
     """The task to export ``model_dir`` with ``adapter_dirs`` for, checked against what the architecture supports.
 
@@ -130,8 +111,7 @@ def resolve_export_task(
     Raises:
         UnsupportedExportError: an architecture or task bca-deploy does not export (the message lists
             what it does), an encoder-decoder model, or a hybrid-attention config on transformers 4.x
-            (:func:`hybrid_attention_problem`), or with ``dtype="fp16"`` an fp16 export known to come out
-            broken (:func:`fp16_problem`).
+            (:func:`hybrid_attention_problem`).
         bca_deploy.models.TaskError: ``task`` contradicts the adapters (see :func:`bca_deploy.models.resolve_task`).
     """
     from bca_deploy.models import load_config
@@ -147,9 +127,6 @@ def resolve_export_task(
             f"bca-deploy cannot export a {config.model_type} model for task {resolved.export_task!r} (from "
             f"{resolved.source}); tasks it exports for {config.model_type}: {', '.join(tasks)}"
         )
-    problem = fp16_problem(config.model_type, resolved.export_task) if dtype == "fp16" else None
-    if problem:
-        raise UnsupportedExportError(f"{model_dir}: {problem}")
     return resolved
 
 

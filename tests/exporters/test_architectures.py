@@ -115,11 +115,13 @@ def test_hybrid_attention_is_refused_on_transformers_4_and_exact_on_5(tmp_path):
         assert json.loads((out / "bca_export.json").read_text())["validation"]["passed"]
 
 
-@pytest.mark.parametrize("name", ["gemma", "phi3", "mistral-window"])
-def test_bank_generation_equals_pytorch_generate(tmp_path, name):
+@pytest.mark.parametrize(("name", "dtype"), [("gemma", "fp32"), ("phi3", "fp32"), ("mistral-window", "fp32"),
+                                             ("gemma", "fp16"), ("phi3", "fp16")])
+def test_bank_generation_equals_pytorch_generate(tmp_path, name, dtype):
     """Two adapters in one bank graph, served by ``MultiAdapterSession``: greedy rows of a mixed batch are
-    token-equal to PyTorch ``generate`` on the row alone. A windowed model's rows may fill the window (the
-    graph's past stops growing there) and no more: a longer one is refused, naming the window."""
+    token-equal to PyTorch ``generate`` (fp32) on the row alone, from an fp32 bank and from an fp16 one (its
+    past key values fed back as float16). A windowed model's rows may fill the window (the graph's past stops
+    growing there) and no more: a longer one is refused, naming the window."""
     from bca_deploy.errors import ContextLengthError
     from bca_deploy.serving import MultiAdapterSession
 
@@ -132,7 +134,7 @@ def test_bank_generation_equals_pytorch_generate(tmp_path, name):
         adapters[f"a{seed}"] = tmp_path / f"a{seed}"
         save_adapter(tuned, adapters[f"a{seed}"])
     export(tmp_path / "model", tmp_path / "onnx", list(adapters.values()), merge=False, bank=True, task=task,
-           verbose=False, cases=[(2, 5, 2)])
+           dtype=dtype, verbose=False, cases=[(2, 5, 2)])
     session = MultiAdapterSession(tmp_path / "onnx")
     window = getattr(model.config, "sliding_window", None)
     assert session.max_positions == (window or model.config.max_position_embeddings)
@@ -156,22 +158,27 @@ def test_bank_generation_equals_pytorch_generate(tmp_path, name):
             session.check_positions(len(rows[1]), new + 1)
 
 
-def test_fp16_exports_known_to_break_are_refused_before_anything_is_written(tmp_path):
-    """gemma with past crashed fp16 validation (exit 70: float32 present key/values fed back as float16 past);
-    gpt2, and the BERT family on transformers 5.x, wrote graphs onnxruntime could not load (blamed on a damaged
-    file). They are refused up front; fp16 of the others still exports (llama: test_validate.test_fp16_export)."""
-    from bca_deploy.exporters.loading import fp16_problem
+@pytest.mark.parametrize("name", ["gpt2", "gemma", "bert", "electra", "distilbert"])
+def test_fp16_exports_trace_attention_in_the_models_dtype(name, tmp_path):
+    """With SDPA, the TorchScript exporter wrote the boolean mask over float32 constants and the graph came out
+    part float32: gpt2, and the BERT family on transformers 5.x, wrote graphs onnxruntime could not load (a
+    LayerNormalization bound to float and float16); gemma with past crashed validation (exit 70: float32
+    present key/values fed back as float16 past). fp16 exports now trace eager attention: every output is
+    float16 and the graph validates against the fp32 PyTorch model, on both lines."""
+    import onnxruntime as ort
 
-    assert fp16_problem("gemma", "text-generation-with-past", "4.57.6") and fp16_problem("gemma", "text-generation",
-                                                                                          "4.57.6") is None
-    assert fp16_problem("gpt2", "text-generation", "4.57.6")
-    assert fp16_problem("bert", "feature-extraction", "5.24.0") and fp16_problem("bert", "feature-extraction",
-                                                                                 "4.57.6") is None
-    assert fp16_problem("llama", "text-generation-with-past", "5.24.0") is None
-    model, targets, task, saved = _build("gemma")
+    if name in MAIN_MATRIX:
+        from exporters_helpers import build_model
+
+        model, targets, saved = build_model(name), {"gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}[name], []
+        task = {"gpt2": "text-generation-with-past", "bert": "feature-extraction"}[name]
+    else:
+        model, targets, task, saved = _build(name)
     model.save_pretrained(tmp_path / "model")
     inject(model, targets, block_size=8, init="normal", init_std=0.05, seed=0, modules_to_save=saved)
     save_adapter(model, tmp_path / "adapter")
-    with pytest.raises(UnsupportedExportError, match="an fp16 export of gemma for 'text-generation-with-past'"):
-        export(tmp_path / "model", tmp_path / "onnx", [tmp_path / "adapter"], merge=False, dtype="fp16", verbose=False)
-    assert not (tmp_path / "onnx").exists()
+    export(tmp_path / "model", tmp_path / "onnx", [tmp_path / "adapter"], merge=False, dtype="fp16", verbose=False)
+    recorded = json.loads((tmp_path / "onnx" / "bca_export.json").read_text())
+    assert recorded["task"] == task and recorded["validation"]["passed"]
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {o.type for o in session.get_outputs()} == {"tensor(float16)"}
