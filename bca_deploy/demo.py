@@ -467,11 +467,12 @@ def _check_model(model_dir: Path, export_onnx: bool) -> Any:
                                   f"model_type {model_type!r}; the demo trains text classifiers")
     if export_onnx:
         from .exporters import supported_tasks
+        from .exporters.loading import architecture_problem
 
-        try:
-            tasks = supported_tasks(model_type)
-        except UnsupportedExportError as exc:
-            raise UnsupportedExportError(f"--model {model_dir}: {exc}; or run the demo with --no-onnx") from None
+        problem = architecture_problem(model_dir, config)
+        if problem:
+            raise UnsupportedExportError(f"--model {problem}; or run the demo with --no-onnx")
+        tasks = supported_tasks(model_type)
         if "text-classification" not in tasks:
             raise UnsupportedExportError(
                 f"--model {model_dir}: bca-deploy exports {model_type} models for {', '.join(tasks)}, not for "

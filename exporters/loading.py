@@ -93,7 +93,7 @@ def architecture_problem(model_dir: str | Path, config) -> str | None:
     try:
         supported_tasks(config.model_type)
     except UnsupportedExportError as exc:
-        return str(exc)
+        return f"{model_dir}: {exc}"
     problem = hybrid_attention_problem(config)
     return f"{model_dir}: {problem}" if problem else None
 

@@ -237,6 +237,17 @@ def _model_dir_without_weights(directory: Path) -> Path:
     return directory
 
 
+def _tiny_config(directory: Path, model_type: str) -> Path:
+    """A config of ``model_type`` (a text classifier transformers knows) with a tokenizer: no weights needed."""
+    import transformers as tf
+    from conftest import wordpiece_tokenizer
+
+    tf.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32).save_pretrained(directory)
+    wordpiece_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]).save_pretrained(directory)
+    return directory
+
+
 def _tiny_llama(directory: Path) -> Path:
     import transformers as tf
     from conftest import wordpiece_tokenizer
@@ -250,6 +261,7 @@ def _tiny_llama(directory: Path) -> Path:
 @pytest.mark.parametrize("model, match", [
     (lambda d: (d.mkdir(), (d / "notes.txt").write_text("hi"), d)[-1], "no config.json"),
     (_tiny_llama, "not for text classification, which the demo serves; run it with --no-onnx"),
+    (lambda d: _tiny_config(d, "albert"), "cannot export model_type 'albert' to ONNX"),
 ])
 def test_a_model_that_does_not_fit_the_demo_is_refused_before_out_is_touched(tmp_path, model, match):
     model_dir = model(tmp_path / "model")
