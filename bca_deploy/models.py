@@ -32,6 +32,7 @@ from .errors import AdapterMismatchError, BCAError, require_readable
 
 __all__ = [
     "attention_window",
+    "position_limit",
     "vocabulary_size",
     "load_config",
     "TaskError",
@@ -440,6 +441,31 @@ def vocabulary_size(config: Any, model: nn.Module | None = None) -> int | None:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text_config, "vocab_size", None) or getattr(config, "vocab_size", None)
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+#: Model types whose position ids start after the padding index (RoBERTa's ``create_position_ids_from_input_ids``:
+#: ``padding_idx + 1`` onwards), so ``max_position_embeddings`` − (pad id + 1) positions hold tokens: 512 of
+#: RoBERTa's 514.
+POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                                     "longformer", "roberta-prelayernorm", "xmod", "mpnet", "ibert", "luke"})
+
+
+def position_limit(config: Any, tokenizer: Any = None) -> int | None:
+    """The most tokens one row can have in this model (None when nothing says): its position table
+    (``max_position_embeddings``, GPT-2's ``n_positions``) less RoBERTa's padding offset
+    (:data:`POSITIONS_AFTER_PADDING`), or the tokenizer's ``model_max_length`` where that is lower.
+    A longer row fails in the position-embedding lookup, in PyTorch and in the exported graph alike."""
+    limits = []
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if getattr(config, "model_type", None) in POSITIONS_AFTER_PADDING:
+                pad = getattr(config, "pad_token_id", None)
+                value -= (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
+            limits.append(value)
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [int(v) for v in limits if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**7]
+    return min(limits) if limits else None
 
 
 def attention_window(config: Any) -> int | None:

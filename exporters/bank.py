@@ -1496,14 +1496,14 @@ class BankPlan:
 
         from bca_deploy.inject import mixed_adapters
 
-        from .validate import DEFAULT_CASES, Case, _text_inputs, _torch_kwargs, inference_session
+        from .validate import _text_inputs, _torch_kwargs, check_cases, inference_session
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = inference_session(onnx_path, options, provider)
         rng = np.random.default_rng(0)
         rows = []
-        for index, case in enumerate(Case.of(c) for c in (cases or DEFAULT_CASES)):
+        for index, case in enumerate(check_cases(cases, reference.config, with_past=False)):
             ids = (np.arange(case.batch) + index) % len(slots)
             feeds = _text_inputs(session, reference.config, case.batch, case.seq, rng, pad=True, adapter_ids=ids)
             got = session.run(["logits"], feeds, run_options)[0].astype(np.float64)

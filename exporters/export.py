@@ -43,6 +43,7 @@ from .validate import (
     ONNX_FILE,
     TOLERANCES,
     Case,
+    check_cases,
     validate_model,
 )
 
@@ -234,6 +235,8 @@ def export(
     bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
     model = bank_plan.model if bank_plan is not None else load_model(model_dir, adapter_dirs, model_task)
     task = model_task.export_task
+    if validate:  # a case longer than the model's positions would fail inside onnxruntime after the export
+        cases = check_cases(cases, model.config, task.endswith("-with-past"))
     opset = _resolve_opset(opset, merge, fft, DEFAULT_OPSET)
     if merge:
         from bca_deploy.inject import remove_adapters

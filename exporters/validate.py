@@ -28,7 +28,7 @@ from torch import nn
 
 from bca_deploy.errors import format_problems, require_readable
 from bca_deploy.inject import mixed_adapters
-from bca_deploy.models import cache_argument, cache_tensors, output_cache
+from bca_deploy.models import cache_argument, cache_tensors, output_cache, position_limit
 
 from .errors import ExportGraphError, UnsupportedExportError, ValidationError, require
 from .metadata import ExportMetadata, read_export_metadata
@@ -41,6 +41,7 @@ __all__ = [
     "TOLERANCES",
     "DEFAULT_CASES",
     "Case",
+    "check_cases",
     "ValidationRow",
     "ValidationReport",
     "validate",
@@ -121,6 +122,31 @@ class Case:
 
 
 DEFAULT_CASES: tuple[Case, ...] = (Case(1, 5, 1), Case(2, 11, 3), Case(3, 16, 1))
+
+
+def check_cases(cases: Sequence[Case | Sequence[int]] | None, config: Any, with_past: bool) -> tuple[Case, ...]:
+    """The validation cases (default :data:`DEFAULT_CASES`), each checked against the model's positions
+    (:func:`bca_deploy.models.position_limit`): a row of ``seq`` tokens, plus ``new_tokens`` steps for a graph
+    with past, must fit, or the position lookup fails inside onnxruntime.
+
+    Raises:
+        UnsupportedExportError: listing every case that does not fit, with the model's limit.
+    """
+    parsed = tuple(Case.of(c) for c in (cases or DEFAULT_CASES))
+    limit = position_limit(config)
+    if limit is None:
+        return parsed
+    problems = []
+    for case in parsed:
+        steps = case.new_tokens if with_past else 0
+        if case.seq + steps > limit:
+            problems.append(f"{case.batch}x{case.seq}" + (f" with {steps} new token(s): {case.seq + steps} positions"
+                                                          if steps else f": {case.seq} tokens"))
+    if problems:
+        raise UnsupportedExportError(format_problems(
+            f"validation cases longer than the model's {limit} positions (its position table); pass --cases "
+            "with shorter rows:", problems))
+    return parsed
 
 
 @dataclass
@@ -457,7 +483,7 @@ def validate_model(
     rng = np.random.default_rng(seed)
     config = getattr(reference, "config", None)
     reference = reference.eval()
-    for index, case in enumerate(Case.of(c) for c in (cases or DEFAULT_CASES)):
+    for index, case in enumerate(check_cases(cases, config, with_past)):
         label = f"b={case.batch} s={case.seq}"
         ids, routing = None, contextlib.nullcontext()
         if slots is not None:

@@ -46,7 +46,7 @@ from ..errors import (
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
 from ..exporters.metadata import ExportMetadata
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
-from ..models import attention_window
+from ..models import attention_window, position_limit
 from .slots import SlotBank, SlotSpec
 
 __all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "bank_metadata", "check_adapter_name", "not_loaded",
@@ -731,8 +731,7 @@ class MultiAdapterSession:
         tok = self.tokenizer
         with self._tokenizer_lock:
             if truncate:
-                limit = min(int(getattr(tok, "model_max_length", 512) or 512),
-                            int(getattr(self.config, "max_position_embeddings", 512) or 512))
+                limit = position_limit(self.config, tok) or 512
                 return [list(tok(t, truncation=True, max_length=limit)["input_ids"]) for t in texts]
             return [list(tok(t)["input_ids"]) for t in texts]
 
@@ -878,8 +877,11 @@ class MultiAdapterSession:
         if not inputs:
             raise ServingError("no inputs given")
         if all(isinstance(x, str) for x in inputs):
-            return self.encode(inputs)
-        return self.pad_ids([list(x) for x in inputs])
+            return self.encode(inputs)  # truncated at the model's positions
+        rows = [list(x) for x in inputs]
+        feeds = self.pad_ids(rows)
+        self.check_positions(max(len(r) for r in rows))
+        return feeds
 
     # ---- generation -------------------------------------------------------------------------------------
 
@@ -979,7 +981,7 @@ class MultiAdapterSession:
         """The most tokens (prompt + generated) one row can hold (None: unknown): the config's position limit,
         and for a graph with past of a sliding-window model its window (:func:`bca_deploy.models.attention_window`:
         the graph's past stops growing there, so a longer row could not be continued)."""
-        limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        limit = position_limit(self.config)
         window = attention_window(self.config) if self.with_past else None
         bounds = [int(b) for b in (limit, window) if b]
         return min(bounds) if bounds else None

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import TRAINABLE_FILE
 from ..errors import first_line, format_problems
+from ..models import position_limit
 from .errors import TrainingConfigError
 
 __all__ = ["DEFAULT_TARGETS", "HEAD_MODULE_NAMES", "TRAINABLE_FILE", "quiet_loading", "load_tokenizer",
@@ -84,16 +85,6 @@ def load_tokenizer(model_dir):
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else tokenizer.unk_token
     return tokenizer
-
-
-def position_limit(model_config, tokenizer=None) -> int | None:
-    """The most tokens one example can have in this model: its position table (``max_position_embeddings``,
-    GPT-2's ``n_positions``), or the tokenizer's ``model_max_length`` where that is lower (RoBERTa's table holds
-    two offset rows). None when neither says."""
-    limits = [getattr(model_config, key, None) for key in ("max_position_embeddings", "n_positions")]
-    limits.append(getattr(tokenizer, "model_max_length", None))
-    limits = [int(v) for v in limits if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**7]
-    return min(limits) if limits else None
 
 
 def fit_max_length(max_length: int, model_config, tokenizer=None, warn=None) -> int:

@@ -100,6 +100,28 @@ def test_validate_an_existing_directory(exported, tiny, capsys):
     assert "present.1.value" in capsys.readouterr().out
 
 
+def test_validation_cases_longer_than_the_models_positions_are_refused_naming_them(exported, tiny):
+    """A case past the position table (tiny llama: 64) failed inside onnxruntime, exit 70 from the CLI. With
+    past, the new tokens count too. Every such case is listed, before anything runs."""
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import EXIT_USER_ERROR, main
+    from bca_deploy.exporters import UnsupportedExportError
+
+    out = exported("llama", "matmul")
+    model_dir, adapters = tiny("llama")
+    with pytest.raises(UnsupportedExportError) as err:
+        validate(out, model_dir, adapters, cases=[(1, 60, 4), (1, 60, 5), (2, 65, 1)])
+    message = str(err.value)
+    assert "longer than the model's 64 positions" in message and "1x60 with 4" not in message
+    assert "  - 1x60 with 5 new token(s): 65 positions\n  - 2x65 with 1 new token(s): 66 positions" in message
+    result = CliRunner().invoke(main, ["validate", "--onnx", str(out), "--model", str(model_dir),
+                                       *[a for adapter in adapters for a in ("--adapter", str(adapter))],
+                                       "--cases", "1x64"])
+    assert result.exit_code == EXIT_USER_ERROR and "Traceback" not in result.output, result.output
+    assert "1x64 with 1 new token(s): 65 positions" in result.output
+
+
 @pytest.mark.parametrize("how", GRAPH_DAMAGE)
 def test_a_graph_onnxruntime_refuses_is_named_by_validate_and_its_cli(exported, tiny, tmp_path, how):
     import shutil

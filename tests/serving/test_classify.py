@@ -421,3 +421,44 @@ def test_http_classify_with_per_adapter_heads(heads):
     for adapter in (None, "plain"):
         status, body = results[adapter]
         assert status == 400 and "no classifier head" in body["error"]["message"], body
+
+
+def test_roberta_rows_fit_the_positions_after_its_padding_offset(tmp_path):
+    """RoBERTa's position ids start after the padding index: a table of 66 rows holds 64 tokens. The server
+    took rows up to 66, and a 65-token row failed inside onnxruntime (a Gather out of bounds): an HTTP 500
+    "internal error". Now: 64 tokens answer (equal to PyTorch), 65 are a 422 naming the limit while a request
+    sent with it is answered, and export refuses validation cases that do not fit."""
+    from bca_deploy.errors import ContextLengthError
+    from bca_deploy.exporters import UnsupportedExportError, export
+    from bca_deploy.serving import MultiAdapterSession
+    from bca_deploy.serving.http import ServerThread, build
+    from head_helpers import save_kernel_adapter
+
+    base = save_base("roberta", tmp_path / "base")
+    adapter = save_kernel_adapter(base, tmp_path / "r0", ["query", "value"], 8, seed=0)
+    with pytest.raises(UnsupportedExportError, match=r"longer than the model's 64 positions.*\n  - 1x65: 65 tokens"):
+        export(base, tmp_path / "refused", [adapter], merge=False, bank=True, cases=[(1, 65)], verbose=False)
+    assert not (tmp_path / "refused").exists()
+    onnx_dir = export(base, tmp_path / "onnx", [adapter], merge=False, bank=True, cases=[(1, 64)], verbose=False)
+    session = MultiAdapterSession(onnx_dir)
+    assert session.max_positions == 64
+    longest = token_rows(1, seed=7, low=64, high=65)
+    with pytest.raises(ContextLengthError, match="input: 65 tokens; the model has 64 positions"):
+        session.classify([longest[0] + [5]], ["r0"])
+    results: dict[str, tuple[int, dict]] = {}
+    with ServerThread(build(onnx_dir, max_wait_ms=50, threads=1)) as server:
+        def send(key, rows):
+            results[key] = _post(server.url, {"input": rows, "adapter": "r0"})
+
+        threads = [threading.Thread(target=send, args=("fits", longest)),
+                   threading.Thread(target=send, args=("too long", [longest[0] + [5]]))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    status, body = results["too long"]
+    assert status == 422 and "65 tokens; the model has 64 positions" in body["error"]["message"], body
+    status, body = results["fits"]
+    assert status == 200, body
+    want = own_logits(own_model(base, adapter), longest[0])
+    np.testing.assert_allclose(body["data"][0]["logits"], want, atol=ATOL, rtol=0)
