@@ -86,7 +86,7 @@ def write_adapter_dir(
     if directory.exists() and not overwrite and any(
         (directory / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)
     ):
-        raise OutputExistsError(f"{directory}: already holds an adapter; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(f"{directory}: already holds an adapter; pass --overwrite (overwrite=True in Python) to replace it")
 
     def build(tmp: Path) -> None:
         save_safetensors(state, tmp / WEIGHTS_FILE, metadata or {"format": "pt"})

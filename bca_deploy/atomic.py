@@ -149,7 +149,7 @@ def check_target(target: str | Path, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target}: exists and is not a directory")
     if target.is_dir() and not overwrite and not _is_empty_dir(target):
-        raise OutputExistsError(f"{target}: exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(f"{target}: exists and is not empty; pass --overwrite (overwrite=True in Python) to replace it")
     if target.is_dir() and not target.is_symlink() and not _is_empty_dir(target):
         blocker = _removal_blocker(target)
         if blocker is not None:
@@ -341,7 +341,7 @@ def _install(tmp: Path, target: Path, overwrite: bool, fsync: bool) -> None:
         if not overwrite:
             raise OutputExistsError(f"{target}: was created by someone else while this was written; nothing replaced")
     elif not overwrite:
-        raise OutputExistsError(f"{target}: exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(f"{target}: exists and is not empty; pass --overwrite (overwrite=True in Python) to replace it")
     if USE_EXCHANGE and _renameat2(tmp, target, _RENAME_EXCHANGE):
         # One atomic step: target is the new tree, tmp the old one.
         if fsync:

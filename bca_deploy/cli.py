@@ -100,6 +100,11 @@ class Cases(click.ParamType):
         return parsed
 
 
+def _all_cases(given: tuple[list[tuple[int, int]], ...]) -> list[tuple[int, int]] | None:
+    """Every ``--cases`` given, in order (the option may be repeated); None: the exporter's defaults."""
+    return [case for cases in given for case in cases] or None
+
+
 POSITIVE_INT = click.IntRange(min=1)
 NON_NEGATIVE_INT = click.IntRange(min=0)
 PORT = click.IntRange(1, 65535)
@@ -308,7 +313,8 @@ def merge(model_dir: Path, adapters: tuple[Path, ...], weights: tuple[float, ...
     click.echo(f"wrote merged model to {path}")
 
 
-_CASES_HELP = "Validation shapes as BATCHxSEQ, comma-separated (e.g. 1x5,2x11,3x16); default: the exporter's."
+_CASES_HELP = ("Validation shapes as BATCHxSEQ, comma-separated or repeated (e.g. 1x5,2x11,3x16); default: the "
+               "exporter's.")
 _ATOL_HELP = "Override the absolute part of the validation tolerance (fp32 default 1e-4, fp16 1e-2)."
 _RTOL_HELP = ("Override the part of the validation tolerance relative to each output's largest magnitude "
               "(fp32 default 1e-5, fp16 1e-2).")
@@ -332,7 +338,7 @@ _RTOL_HELP = ("Override the part of the validation tolerance relative to each ou
                    "ONNX DFT ops (CPU only in onnxruntime).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider used for validation.")
-@click.option("--cases", type=CASES, default=None, help=_CASES_HELP)
+@click.option("--cases", type=CASES, multiple=True, help=_CASES_HELP)
 @click.option("--atol", type=NON_NEGATIVE_FLOAT, default=None, help=_ATOL_HELP)
 @click.option("--rtol", type=NON_NEGATIVE_FLOAT, default=None, help=_RTOL_HELP)
 @click.option("--no-validate", is_flag=True, help="Skip validation (not recommended).")
@@ -343,7 +349,8 @@ _RTOL_HELP = ("Override the part of the validation tolerance relative to each ou
 @click.option("--out", type=_PATH, required=True, help="Output directory for the ONNX model.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str | None, opset: int | None, dtype: str,
-           fft: str, provider: str, cases: str | None, atol: float | None, rtol: float | None, no_validate: bool,
+           fft: str, provider: str, cases: tuple[list[tuple[int, int]], ...], atol: float | None, rtol: float | None,
+           no_validate: bool,
            bank: bool, out: Path, overwrite: bool) -> None:
     """Export the adapted model to ONNX and validate it against PyTorch under onnxruntime.
 
@@ -355,7 +362,7 @@ def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str |
 
     path = export_model(model_dir, out, list(adapters), merge=merge, task=task, opset=opset, dtype=dtype, fft=fft,
                         overwrite=overwrite, validate=not no_validate, provider=provider,
-                        cases=cases, atol=atol, rtol=rtol, verbose=True, bank=bank)
+                        cases=_all_cases(cases), atol=atol, rtol=rtol, verbose=True, bank=bank)
     kind = "adapter-bank" if bank else ("merged" if merge else "unmerged")
     click.echo(f"wrote {kind} ONNX model to {path}")
 
@@ -440,15 +447,15 @@ def serve_ray(export_dir: Path, adapter_store: Path | None, replicas: int, max_a
               help="Adapter directories (or training runs) applied in PyTorch.")
 @click.option("--task", default=None, help="Export task; default: recorded at export, else the adapters', else inferred.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--cases", type=CASES, default=None, help=_CASES_HELP)
+@click.option("--cases", type=CASES, multiple=True, help=_CASES_HELP)
 @click.option("--atol", type=NON_NEGATIVE_FLOAT, default=None, help=_ATOL_HELP)
 @click.option("--rtol", type=NON_NEGATIVE_FLOAT, default=None, help=_RTOL_HELP)
 def validate(onnx_dir: Path, model_dir: Path, adapters: tuple[Path, ...], task: str | None, provider: str,
-             cases: str | None, atol: float | None, rtol: float | None) -> None:
+             cases: tuple[list[tuple[int, int]], ...], atol: float | None, rtol: float | None) -> None:
     """Compare an existing ONNX export with the PyTorch model (adapters applied); non-zero exit on failure."""
     from .exporters import validate as validate_export
 
-    validate_export(onnx_dir, model_dir, list(adapters), task=task, provider=provider, cases=cases,
+    validate_export(onnx_dir, model_dir, list(adapters), task=task, provider=provider, cases=_all_cases(cases),
                     atol=atol, rtol=rtol, verbose=True)
 
 

@@ -307,12 +307,20 @@ class _UserData:
     total: int
 
 
-def _read_user_data(data: Path, seed: int) -> _UserData:
-    """Read and check ``data`` with the trainer's reader (every problem raises before anything is written)."""
-    from .training.data import classes_needed, load_seq_cls, read_records
+def _read_user_data(data: Path, seed: int, tokenizer: Any, model_dir: Path) -> _UserData:
+    """Read and check ``data`` with the trainer's reader and rules, on the user's own file and lines (the trainer
+    reads a shuffled copy under --out): every problem raises before anything is written."""
+    from .models import position_limit, vocabulary_size
+    from .training.data import (
+        check_label_range,
+        check_token_range,
+        classes_needed,
+        load_seq_cls,
+        read_records,
+        tokenize_seq_cls,
+    )
     from .training.errors import DataError
-
-    from .training.data import check_label_range
+    from .training.loading import load_model_config
 
     examples = load_seq_cls(data)  # missing file, unknown format, missing columns, bad labels: DataError
     if examples.regression:
@@ -330,9 +338,11 @@ def _read_user_data(data: Path, seed: int) -> _UserData:
         raise DataError(f"{data}: every row has label {shown!r}; the demo trains a classifier, which needs "
                         "examples of at least two classes")
     num_labels = classes_needed(examples)
-    # the trainer's rule, here on the user's own file and lines (it reads a shuffled copy under --out)
     check_label_range(examples, num_labels, "the classification head",
                       "labels are class ids counted from 0, or class names")
+    model_config = load_model_config(model_dir)
+    tokenized = tokenize_seq_cls(examples, tokenizer, position_limit(model_config, tokenizer) or 512)
+    check_token_range(tokenized, vocabulary_size(model_config), data, tokenizer, model_dir)
     records, columns, _ = read_records(data)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
@@ -424,7 +434,8 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
                               "'bca-deploy[onnx,demo,serve]' (or run with --no-onnx)") from None
     model_dir = Path(config.model_dir) if config.model_dir else default_model_dir()
     tokenizer = _check_model(model_dir, config.export_onnx)
-    user_data = _read_user_data(Path(config.data), config.seed) if config.data is not None else None
+    user_data = (_read_user_data(Path(config.data), config.seed, tokenizer, model_dir)
+                 if config.data is not None else None)
     out = Path(config.out).absolute()
     check_inputs_outside(out, [("the model directory", model_dir), ("the data file", config.data)])
     staging = AtomicDir(out, overwrite=config.overwrite)  # refuses a non-empty out now, before any work

@@ -1290,7 +1290,7 @@ def _compare_logits(case: str, got: np.ndarray, want: np.ndarray, tolerance):
     if headless:
         notes.append(f"{headless} row(s) without a head: NaN")
     return ValidationRow("logits", case, tuple(got.shape), max_abs, max_abs / scale if scale > 0 else 0.0,
-                         str(tolerance), passed, "; ".join(notes))
+                         str(tolerance), passed, "; ".join(notes), allowed=tolerance.bound(want[real]))
 
 
 @contextlib.contextmanager

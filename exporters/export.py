@@ -217,10 +217,12 @@ def export(
     if fft not in FFT_MODES:
         raise UnsupportedExportError(f"fft must be one of {', '.join(FFT_MODES)}; got {fft!r}")
     if not merge and not adapter_dirs:
-        raise UnsupportedExportError("merge=False needs at least one adapter directory (there is nothing to keep unmerged)")
+        raise UnsupportedExportError("an unmerged export (merge=False, the CLI's default) needs at least one --adapter "
+                                     "(there is nothing to keep unmerged); pass --adapter, or --merge for the base model")
     if bank and merge:
-        raise UnsupportedExportError("bank=True keeps every adapter in its own slot, selected per row; it cannot be "
-                                     "combined with merge=True (a merged graph holds one fixed adapter sum)")
+        raise UnsupportedExportError("--bank (bank=True) keeps every adapter in its own slot, selected per row; it "
+                                     "cannot be combined with --merge (merge=True): a merged graph holds one fixed "
+                                     "adapter sum")
     if merge and fft == "dft":
         raise UnsupportedExportError("fft='dft' (--fft dft) shapes the BCA subgraph of an unmerged graph; a merged "
                                      "graph has none: leave it out, or export unmerged (--no-merge)")
@@ -272,7 +274,9 @@ def export(
             else:
                 report = validate_model(tmp / ONNX_FILE, reference, task, dtype=dtype, cases=cases,
                                         provider=provider, tolerance=tolerance)
-            report.onnx_path = str(out_dir / ONNX_FILE)
+            # a failed export writes nothing: its report names the graph it would have put at --out
+            report.onnx_path = (str(out_dir / ONNX_FILE) if report.passed
+                                else f"the graph exported for {out_dir} (not written)")
             if verbose:
                 print(report.table())
             report.raise_for_failures()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,8 +112,8 @@ def write_export_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequen
         "fft": None if merge else fft,
         "opset": opset,
         "dtype": dtype,
-        "base_model": str(model_dir),
-        "adapters": [str(d) for d in adapter_dirs],
+        "base_model": os.path.abspath(model_dir),  # absolute: hints built from them work from any directory
+        "adapters": [os.path.abspath(d) for d in adapter_dirs],
         "export_seconds": round(export_s, 3),
         "validation": report.to_dict() if report is not None else None,
         "bank": bank,

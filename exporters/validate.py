@@ -84,7 +84,12 @@ class Tolerance:
         return Tolerance(atol=self.atol if atol is None else atol, rtol=self.rtol if rtol is None else rtol)
 
     def __str__(self) -> str:
-        return f"{self.atol:.0e}" + (f"+{self.rtol:.0e}·max|ref|" if self.rtol else "")
+        return _number(self.atol) + (f"+{_number(self.rtol)}·max|ref|" if self.rtol else "")
+
+
+def _number(value: float) -> str:
+    """``value`` in short scientific notation that keeps its significant digits (1e-04, 1.16e-03)."""
+    return np.format_float_scientific(value, precision=3, trim="-", exp_digits=2) if np.isfinite(value) else "-"
 
 
 #: Tolerances by exported dtype, applied to every output (logits, hidden states, present key/values).
@@ -151,6 +156,9 @@ def check_cases(cases: Sequence[Case | Sequence[int]] | None, config: Any, with_
 
 @dataclass
 class ValidationRow:
+    """One output of one case. ``allowed``: the largest difference the tolerance allowed for it
+    (:meth:`Tolerance.bound` of the reference values; NaN where nothing could be compared)."""
+
     output: str
     case: str
     shape: tuple[int, ...]
@@ -159,6 +167,7 @@ class ValidationRow:
     tolerance: str
     passed: bool
     note: str = ""
+    allowed: float = float("nan")
 
 
 @dataclass
@@ -189,15 +198,16 @@ class ValidationReport:
         return max((r.max_abs_diff for r in self.rows), default=float("nan"))
 
     def table(self) -> str:
-        header = ("output", "case", "shape", "max abs diff", "max rel diff", "tolerance", "result")
+        header = ("output", "case", "shape", "max abs diff", "allowed", "max rel diff", "result")
         lines = [
-            (r.output, r.case, "x".join(map(str, r.shape)), f"{r.max_abs_diff:.2e}", f"{r.max_rel_diff:.2e}",
-             r.tolerance, ("pass" if r.passed else "FAIL") + (f" ({r.note})" if r.note else ""))
+            (r.output, r.case, "x".join(map(str, r.shape)), f"{r.max_abs_diff:.2e}", _number(r.allowed),
+             f"{r.max_rel_diff:.2e}", ("pass" if r.passed else "FAIL") + (f" ({r.note})" if r.note else ""))
             for r in self.rows
         ]
         widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        out = [f"ONNX validation of {self.onnx_path} ({self.task}, {self.dtype}, {self.provider}) vs PyTorch fp32, unmerged adapters",
+        out = [f"ONNX validation of {self.onnx_path} ({self.task}, {self.dtype}, {self.provider}) vs PyTorch fp32, "
+               f"unmerged adapters; tolerance {self.tolerance} (allowed: that bound for each output)",
                fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*line) for line in lines]
         verdict = "all passed" if self.passed else f"{len(self.failures)} of {len(self.rows)} FAILED"
@@ -217,8 +227,9 @@ class ValidationReport:
         if self.passed:
             return
         problems = [
-            f"{r.output} [{r.case}]: max abs diff {r.max_abs_diff:.3e}, tolerance {r.tolerance}"
-            + (f" ({r.note})" if r.note else "")
+            f"{r.output} [{r.case}]: max abs diff {r.max_abs_diff:.3e}"
+            + (f" > allowed {r.allowed:.3e}" if np.isfinite(r.allowed) else "") + f" (tolerance {r.tolerance})"
+            + (f"; {r.note}" if r.note else "")
             for r in self.failures
         ] or ["no output was compared"]
         raise ValidationError(
@@ -415,7 +426,7 @@ def _compare(name: str, case: str, got: np.ndarray, ref: torch.Tensor | None, to
         return ValidationRow(name, case, tuple(actual.shape), float("inf"), float("inf"), str(tol), False,
                              f"shape {tuple(actual.shape)}, PyTorch {tuple(expected.shape)}")
     if actual.size == 0:
-        return ValidationRow(name, case, tuple(actual.shape), 0.0, 0.0, str(tol), True)
+        return ValidationRow(name, case, tuple(actual.shape), 0.0, 0.0, str(tol), True, allowed=tol.atol)
     diff = np.abs(actual - expected)
     max_abs = float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf")
     scale = float(np.max(np.abs(expected)))
@@ -423,7 +434,7 @@ def _compare(name: str, case: str, got: np.ndarray, ref: torch.Tensor | None, to
     finite = bool(np.isfinite(actual).all())
     passed = tol.passes(actual, expected)
     return ValidationRow(name, case, tuple(actual.shape), max_abs, max_rel, str(tol), passed,
-                         "" if finite else "NaN/Inf in ONNX output")
+                         "" if finite else "NaN/Inf in ONNX output", allowed=tol.bound(expected))
 
 
 # ---- the checks ---------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_new_directory_gets_normal_permissions(tmp_path):
 
 def test_existing_output_refused_without_overwrite_and_replaced_with_it(tmp_path):
     out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
-    with pytest.raises(OutputExistsError, match="not empty; pass overwrite=True"):
+    with pytest.raises(OutputExistsError, match=r"not empty; pass --overwrite \(overwrite=True in Python\)"):
         write_dir(out, lambda d: (d / "b.txt").write_text("two"))
     assert files(out) == {"a.txt": "one"}
     write_dir(out, lambda d: (d / "b.txt").write_text("two"), overwrite=True)

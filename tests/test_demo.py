@@ -226,6 +226,29 @@ def test_bad_data_is_refused_before_out_is_touched(tmp_path, content, name, erro
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_a_tokenizer_the_model_cannot_embed_is_named_in_the_users_file_before_out_is_touched(tmp_path):
+    """MiniLM with tokens added to its tokenizer but not to its embedding: the refusal names the user's file and
+    its own lines (the trainer would name the shuffled copy under --out, after "[1/2] train" was printed)."""
+    from transformers import AutoTokenizer
+
+    model_dir = _model_dir_without_weights(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens(["zzqnew0", "zzqnew1"])
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "new.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{'zzqnew1 ' if i == 7 else ''}row {i}\t{i % 2}\n"
+                                                   for i in range(20)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--model", str(model_dir), "--data", str(data),
+                                       "--overwrite", "--no-onnx"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"Error: {data}: the tokenizer of {model_dir} gives token ids the model has no embedding for" in result.output
+    assert "  - line 9: id 30523 ('zzqnew1')" in result.output and "[1/2]" not in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 def _model_dir_without_weights(directory: Path) -> Path:
     """all-MiniLM-L6-v2's config and tokenizer (the demo's checks read no weights)."""
     import shutil

@@ -1108,9 +1108,11 @@ def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = Non
         app = build(export_dir, adapter_store=adapter_store, load=load, load_exported=load_exported, options=options)
         configure_logging()
         if on_ready is not None:
-            problem = app.state.server.session.tokenizer_problem
+            session = app.state.server.session
+            problem, mismatch = session.tokenizer_problem, session.tokenizer_mismatch
             on_ready(f"serving {export_dir} on http://{options.host}:{sock.getsockname()[1]} (Ctrl-C to stop)"
-                     + (f"\nnote: text inputs will be refused: {problem}" if problem else ""))
+                     + (f"\nnote: text inputs will be refused: {problem}" if problem else "")
+                     + (f"\nnote: {mismatch}" if mismatch else ""))
         uvicorn.Server(uvicorn_config(app, host=options.host, port=options.port)).run(sockets=[sock])
     finally:
         sock.close()

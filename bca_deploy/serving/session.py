@@ -46,7 +46,13 @@ from ..errors import (
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
 from ..exporters.metadata import ExportMetadata
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
-from ..models import attention_window, position_limit
+from ..models import (
+    attention_window,
+    describe_tokens_past_vocabulary,
+    position_limit,
+    tokens_past_vocabulary,
+    vocabulary_size,
+)
 from .slots import SlotBank, SlotSpec
 
 __all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "bank_metadata", "check_adapter_name", "not_loaded",
@@ -197,9 +203,29 @@ def bank_metadata(export_dir: str | Path) -> ExportMetadata:
     if metadata.bank is None:
         raise ServingError(
             f"{export_dir} is not an adapter-bank graph (exported {metadata.kind} without --bank); re-export "
-            "it with: bca-deploy export --no-merge --bank --adapter ... --out ..."
+            f"it with: {_bank_export_command(export_dir, metadata)}"
         )
     return metadata
+
+
+def _bank_export_command(export_dir: Path, metadata) -> str:
+    """The ``bca-deploy export --bank`` command for the model and adapters ``bca_export.json`` records
+    (placeholders where it records none), quoted for a shell."""
+    import shlex
+
+    def recorded(value: Any) -> str | None:
+        return value if isinstance(value, str) and 0 < len(value) <= 4096 else None
+
+    adapters = [a for a in (recorded(a) for a in metadata.fields.get("adapters") or []
+                            if isinstance(metadata.fields.get("adapters"), list)) if a]
+    words = ["bca-deploy", "export", "--model", shlex.quote(recorded(metadata.fields.get("base_model")) or "MODEL_DIR")]
+    for adapter in adapters or ["ADAPTER_DIR"]:
+        words += ["--adapter", shlex.quote(adapter)]
+    words.append("--bank")
+    if metadata.dtype == "fp16":
+        words += ["--dtype", "fp16"]
+    words += ["--out", shlex.quote(f"{export_dir}-bank")]
+    return " ".join(words)
 
 
 class MultiAdapterSession:
@@ -260,6 +286,7 @@ class MultiAdapterSession:
         self.keeps_last_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self._config = None
         self._tokenizer = None
+        self._tokenizer_mismatch: str | None = None
         self._no_tokenizer: str | None = None  # why there is none, once looked for
         # The config and the tokenizer load on first use, which can come from two threads at once (a generation
         # engine's thread and the event loop's); transformers' lazy module raises ImportError ("cannot import
@@ -709,7 +736,13 @@ class MultiAdapterSession:
             try:
                 from transformers import AutoTokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
+                tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
+                vocabulary = vocabulary_size(self.config)
+                extra = tokens_past_vocabulary(tokenizer, vocabulary)
+                self._tokenizer_mismatch = (f"the tokenizer saved in {self.export_dir} does not fit its model: "
+                                            f"{describe_tokens_past_vocabulary(extra, vocabulary)}; texts using "
+                                            "them are refused" if extra else None)
+                self._tokenizer = tokenizer
             except Exception as exc:  # transformers raises many types for incomplete tokenizer files
                 # remembered, as a missing one is: a broken tokenizer is not loaded again for every request
                 self._no_tokenizer = (f"cannot load the tokenizer saved in {self.export_dir} "
@@ -722,6 +755,12 @@ class MultiAdapterSession:
     def tokenizer_problem(self) -> str | None:
         """Why text inputs are refused (no tokenizer files, or files that do not load), once looked for; else None."""
         return self._no_tokenizer
+
+    @property
+    def tokenizer_mismatch(self) -> str | None:
+        """Once the tokenizer is loaded: which of its tokens the model cannot embed (texts using them are
+        refused, naming them), else None."""
+        return self._tokenizer_mismatch
 
     def tokenize(self, texts: Sequence[str], truncate: bool | None = None) -> list[list[int]]:
         """Token ids of each text (thread-safe). ``truncate`` (default: for encoders, not for decoders)
@@ -749,7 +788,7 @@ class MultiAdapterSession:
         """Token-id lists → padded ``input_ids``/``attention_mask`` (+ ``token_type_ids``, ``position_ids`` if the graph takes them)."""
         if not input_ids or any(len(r) == 0 for r in input_ids):
             raise ServingError("every row needs at least one token")
-        vocab = int(getattr(self.config, "vocab_size", 0) or 0)
+        vocab = vocabulary_size(self.config) or 0
         bad = [t for r in input_ids for t in r if not isinstance(t, (int, np.integer)) or t < 0 or (vocab and t >= vocab)]
         if bad:
             raise ServingError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
@@ -844,9 +883,22 @@ class MultiAdapterSession:
         if any(texts) and not all(texts):
             raise ServingError("inputs must be all texts or all token-id lists, not a mix")
         rows = self.tokenize(inputs) if all(texts) else [list(x) for x in inputs]
+        if all(texts) and self._tokenizer_mismatch:
+            self._refuse_unembeddable_texts(rows)
         self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
         self.check_positions(max(len(r) for r in rows), max_new_tokens, input_param)
         return rows
+
+    def _refuse_unembeddable_texts(self, rows: Sequence[Sequence[int]]) -> None:
+        """A text whose tokens the model cannot embed is the export's tokenizer's doing, not a bad token id the
+        client sent: say which text and which tokens."""
+        vocabulary = vocabulary_size(self.config) or 0
+        for index, row in enumerate(rows):
+            outside = sorted({t for t in row if t >= vocabulary})
+            if outside:
+                names = self.tokenizer.convert_ids_to_tokens(outside[:5])
+                raise ServingError(f"input {index}: the text has tokens this model has no embedding for "
+                                   f"({', '.join(repr(str(n)) for n in names)}): {self._tokenizer_mismatch}")
 
     def check_positions(self, prompt_tokens: int, max_new_tokens: int = 0, input_param: str = "input") -> None:
         """Refuse a row of ``prompt_tokens`` that would grow beyond the model's positions with ``max_new_tokens``.

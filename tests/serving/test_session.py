@@ -703,3 +703,33 @@ def test_first_use_of_the_config_from_several_threads_at_once(llama_session):
         done = subprocess.run([sys.executable, "-c", _FIRST_USE_FROM_THREADS, str(llama_session.export_dir)],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_texts_with_tokens_the_model_cannot_embed_are_refused_naming_them(tmp_path):
+    """An export whose tokenizer has tokens past the model's embedding (added without resizing it): the
+    session says so once the tokenizer is loaded (``serve`` prints it at start), a text using one is refused
+    naming the text and the token (it was "token ids must be integers in [0, 128)", for a request of texts),
+    and texts without them are served."""
+    from transformers import AutoTokenizer
+
+    from bca_deploy.exporters import export
+    from exporters_helpers import build_model
+    from http_helpers import write_wordpiece_tokenizer
+
+    model_dir = tmp_path / "model"
+    build_model("bert").save_pretrained(model_dir)
+    write_wordpiece_tokenizer(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens(["zzqextra", "zzqmore"])
+    tokenizer.save_pretrained(model_dir)
+    adapter = save_tiny_adapter("bert", tmp_path / "a0", ["query"], 8, seed=0)
+    session = MultiAdapterSession(export(model_dir, tmp_path / "onnx", [adapter], merge=False, bank=True,
+                                         verbose=False))
+    session.tokenizer  # noqa: B018  (serve loads it at start)
+    assert "2 token(s) of the tokenizer have no embedding row in the model (ids 128..129: 'zzqextra', 'zzqmore'" \
+        in session.tokenizer_mismatch
+    with pytest.raises(ServingError, match=r"input 1: the text has tokens this model has no embedding for "
+                                           r"\('zzqmore'\): the tokenizer saved in .* does not fit its model"):
+        session.prepare(["a b c", "a zzqmore b"])
+    rows = session.prepare(["a b c"])
+    assert rows == [tokenizer("a b c")["input_ids"]] and max(rows[0]) < 128

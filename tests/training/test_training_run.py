@@ -419,7 +419,7 @@ def test_refuses_empty_data(files, tmp_path):
 
 
 def test_a_tokenizer_with_ids_past_the_models_embedding_is_refused_before_training_and_evaluation(files, learned,
-                                                                                                   tmp_path):
+                                                                                                   tmp_path, capsys):
     """A tokenizer that does not belong to the model (here: 140 words over a 100-row embedding; on transformers
     5.x, a tokenizer class picked from the model type) made the embedding lookup fail mid-run (exit 70,
     ``IndexError``). train and evaluate now name the data file, the lines and the ids before any step."""
@@ -444,6 +444,11 @@ def test_a_tokenizer_with_ids_past_the_models_embedding_is_refused_before_traini
                    eval_data=data)
     assert "vocab_size 100: ids 0..99" in msg and f"line {first_bad + 2}: id" in msg  # line 1 is the header
     assert msg.count(str(data)) == 2  # the training and the evaluation file, reported at once
+    inside = [w for w, i in words.items() if 5 <= i < 100 and w.isalpha()][:16]  # data that uses none of them trains, with a note
+    train(config(model, write_tsv(tmp_path / "fits.tsv", [(w, i % 2) for i, w in enumerate(inside)]),
+                 tmp_path / "fits", max_steps=1))
+    assert "note: 40 token(s) of the tokenizer have no embedding row in the model (ids 100..139: " \
+        in capsys.readouterr().err
     result = CliRunner().invoke(main, ["train", "--model", str(model), "--data", str(data), "--out",
                                        str(tmp_path / "cli"), "--block-size", "8", "--max-length", "32", "--no-progress"])
     assert result.exit_code == 2 and result.output.startswith("Error: ") and "Traceback" not in result.output
