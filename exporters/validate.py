@@ -184,6 +184,7 @@ class ValidationReport:
     provider: str
     tolerance: str
     rows: list[ValidationRow] = field(default_factory=list)
+    note: str = ""  # what may explain a failure (said after the failed comparisons)
 
     @property
     def passed(self) -> bool:
@@ -232,11 +233,9 @@ class ValidationReport:
             + (f"; {r.note}" if r.note else "")
             for r in self.failures
         ] or ["no output was compared"]
-        raise ValidationError(
-            format_problems(f"{self.onnx_path} does not match PyTorch ({self.task}, {self.dtype}, {self.provider}):",
-                            problems),
-            self,
-        )
+        message = format_problems(f"{self.onnx_path} does not match PyTorch ({self.task}, {self.dtype}, "
+                                  f"{self.provider}):", problems)
+        raise ValidationError(message + (f"\nnote: {self.note}" if self.note else ""), self)
 
 
 # ---- onnxruntime ----------------------------------------------------------------------------------
@@ -632,8 +631,32 @@ def validate(
         reference = load_model(model_dir, adapter_dirs, model_task)
         report = validate_model(onnx_path, reference, model_task.export_task, dtype=dtype, cases=cases,
                                 provider=provider, tolerance=tolerance)
+    if not report.passed and metadata is not None:
+        report.note = _other_inputs_note(metadata, model_dir, adapter_dirs)
     if verbose:
         print(report.table())
     if raise_on_failure:
         report.raise_for_failures()
     return report
+
+
+def _other_inputs_note(metadata: ExportMetadata, model_dir: str | Path, adapter_dirs: Sequence[str | Path]) -> str:
+    """When a validation fails: that the export was made from another model or other adapters than these,
+    as its ``bca_export.json`` records them (absolute paths; older exports: as given), else ""."""
+    import os
+
+    def same(recorded: Any, given: str | Path) -> bool:
+        return isinstance(recorded, str) and os.path.abspath(recorded) == os.path.abspath(given)
+
+    recorded_adapters = metadata.fields.get("adapters")
+    recorded_model = metadata.fields.get("base_model")
+    differs = []
+    if isinstance(recorded_model, str) and not same(recorded_model, model_dir):
+        differs.append(f"--model {recorded_model[:300]}")
+    if isinstance(recorded_adapters, list) and (len(recorded_adapters) != len(adapter_dirs) or not all(
+            same(r, g) for r, g in zip(recorded_adapters, adapter_dirs))):
+        differs.append(" ".join(f"--adapter {str(a)[:300]}" for a in recorded_adapters[:20]) or "no --adapter")
+    if not differs:
+        return ""
+    return (f"{metadata.path} records that this graph was exported with {' and '.join(differs)}; validate "
+            "against the same ones")

@@ -100,6 +100,23 @@ def test_validate_an_existing_directory(exported, tiny, capsys):
     assert "present.1.value" in capsys.readouterr().out
 
 
+def test_a_failed_validation_says_which_adapters_the_export_was_made_with(exported, tiny):
+    """Validating against other adapters than the export's fails (rightly); the error then says what
+    ``bca_export.json`` records, as absolute paths."""
+    import os
+
+    from bca_deploy.exporters import ValidationError
+
+    out = exported("llama", "matmul")
+    model_dir, adapters = tiny("llama")
+    assert len(adapters) == 2
+    with pytest.raises(ValidationError) as err:
+        validate(out, model_dir, adapters[:1], cases=[(1, 4, 1)], verbose=False)
+    recorded = " ".join(f"--adapter {os.path.abspath(a)}" for a in adapters)
+    assert f"note: {out / 'bca_export.json'} records that this graph was exported with {recorded}" in str(err.value)
+    assert validate(out, model_dir, adapters, cases=[(1, 4, 1)], verbose=False).note == ""
+
+
 def test_validation_cases_longer_than_the_models_positions_are_refused_naming_them(exported, tiny):
     """A case past the position table (tiny llama: 64) failed inside onnxruntime, exit 70 from the CLI. With
     past, the new tokens count too. Every such case is listed, before anything runs."""
