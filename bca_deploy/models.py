@@ -33,8 +33,8 @@ from .errors import AdapterMismatchError, BCAError, require_readable
 __all__ = [
     "attention_window",
     "position_limit",
-    "tokens_past_vocabulary",
-    "describe_tokens_past_vocabulary",
+    "ids_past_vocabulary",
+    "describe_ids_past_vocabulary",
     "vocabulary_size",
     "load_config",
     "TaskError",
@@ -445,26 +445,23 @@ def vocabulary_size(config: Any, model: nn.Module | None = None) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def tokens_past_vocabulary(tokenizer: Any, vocabulary: int | None) -> list[str]:
-    """The tokenizer's tokens the model has no embedding row for (ids ``vocabulary`` and up), in id order:
+def ids_past_vocabulary(tokenizer: Any, vocabulary: int | None) -> range:
+    """The tokenizer's token ids the model has no embedding row for (``vocabulary`` and up; empty when none):
     tokens added to a tokenizer without resizing the model's embeddings, or a tokenizer of another model.
     Texts that use them cannot be run; the rest can."""
     size = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else 0
-    if not vocabulary or size <= vocabulary:
-        return []
+    return range(vocabulary, size) if vocabulary and size > vocabulary else range(0)
+
+
+def describe_ids_past_vocabulary(tokenizer: Any, ids: range, vocabulary: int) -> str:
+    """One clause for a note or an error: how many tokens, their ids, the first few by name."""
     try:
-        names = tokenizer.convert_ids_to_tokens(list(range(vocabulary, size)))
+        names = [repr(str(n)) for n in tokenizer.convert_ids_to_tokens(list(ids[:5]))]
     except Exception:  # a tokenizer that cannot name its ids still has them
-        names = None
-    return [str(n) for n in names] if isinstance(names, list) and len(names) == size - vocabulary else [
-        f"id {i}" for i in range(vocabulary, size)]
-
-
-def describe_tokens_past_vocabulary(tokens: Sequence[str], vocabulary: int) -> str:
-    """One clause for a note or an error: how many tokens, their ids, the first few names."""
-    shown = ", ".join(repr(t) for t in tokens[:5]) + (", ..." if len(tokens) > 5 else "")
-    return (f"{len(tokens)} token(s) of the tokenizer have no embedding row in the model (ids {vocabulary}.."
-            f"{vocabulary + len(tokens) - 1}: {shown}; the model embeds {vocabulary})")
+        names = [str(i) for i in ids[:5]]
+    shown = ", ".join(names) + (", ..." if len(ids) > 5 else "")
+    return (f"{len(ids)} token(s) of the tokenizer have no embedding row in the model (ids {ids.start}.."
+            f"{ids.stop - 1}: {shown}; the model embeds {vocabulary})")
 
 
 #: Model types whose position ids start after the padding index (RoBERTa's ``create_position_ids_from_input_ids``:

@@ -48,9 +48,9 @@ from ..exporters.metadata import ExportMetadata
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
 from ..models import (
     attention_window,
-    describe_tokens_past_vocabulary,
+    describe_ids_past_vocabulary,
+    ids_past_vocabulary,
     position_limit,
-    tokens_past_vocabulary,
     vocabulary_size,
 )
 from .slots import SlotBank, SlotSpec
@@ -216,8 +216,8 @@ def _bank_export_command(export_dir: Path, metadata) -> str:
     def recorded(value: Any) -> str | None:
         return value if isinstance(value, str) and 0 < len(value) <= 4096 else None
 
-    adapters = [a for a in (recorded(a) for a in metadata.fields.get("adapters") or []
-                            if isinstance(metadata.fields.get("adapters"), list)) if a]
+    listed = metadata.fields.get("adapters")
+    adapters = [a for a in listed if recorded(a)] if isinstance(listed, list) else []
     words = ["bca-deploy", "export", "--model", shlex.quote(recorded(metadata.fields.get("base_model")) or "MODEL_DIR")]
     for adapter in adapters or ["ADAPTER_DIR"]:
         words += ["--adapter", shlex.quote(adapter)]
@@ -738,10 +738,10 @@ class MultiAdapterSession:
 
                 tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
                 vocabulary = vocabulary_size(self.config)
-                extra = tokens_past_vocabulary(tokenizer, vocabulary)
+                extra = ids_past_vocabulary(tokenizer, vocabulary)
                 self._tokenizer_mismatch = (f"the tokenizer saved in {self.export_dir} does not fit its model: "
-                                            f"{describe_tokens_past_vocabulary(extra, vocabulary)}; texts using "
-                                            "them are refused" if extra else None)
+                                            f"{describe_ids_past_vocabulary(tokenizer, extra, vocabulary)}; texts "
+                                            "using them are refused" if extra else None)
                 self._tokenizer = tokenizer
             except Exception as exc:  # transformers raises many types for incomplete tokenizer files
                 # remembered, as a missing one is: a broken tokenizer is not loaded again for every request

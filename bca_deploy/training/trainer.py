@@ -46,7 +46,7 @@ from torch import nn
 from ..atomic import check_inputs_outside
 from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
 from ..errors import format_problems
-from ..models import describe_tokens_past_vocabulary, tokens_past_vocabulary, vocabulary_size
+from ..models import describe_ids_past_vocabulary, ids_past_vocabulary, vocabulary_size
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
 from .config import Recipe, TrainConfig, recipe_for
 from .data import SeqClsExamples, check_label_range, check_token_range, classes_needed, load_dataset, pad_token_id
@@ -420,10 +420,10 @@ class _TrainingRun:
         if errors:  # both files are bad: report both at once
             kind = DataFileNotFoundError if all(isinstance(e, DataFileNotFoundError) for e in errors) else DataError
             raise kind("\n".join(str(e) for e in errors))
-        extra = tokens_past_vocabulary(self.tokenizer, vocabulary)
+        extra = ids_past_vocabulary(self.tokenizer, vocabulary)
         if extra and self.d.is_main:  # this data does not use them; served texts that do will be refused
-            print(f"note: {describe_tokens_past_vocabulary(extra, vocabulary)}: this data does not use them; "
-                  "texts that do are refused when served", file=sys.stderr)
+            print(f"note: {describe_ids_past_vocabulary(self.tokenizer, extra, vocabulary)}: this data does not use "
+                  "them; texts that do are refused when served", file=sys.stderr)
         self.train_examples, self.eval_examples = train_ex, eval_ex
         self.regression = False
         if cfg.task == "seq-cls":
