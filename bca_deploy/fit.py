@@ -393,6 +393,7 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
     if config.base_model_type and target.model_type and config.base_model_type != target.model_type:
         problems.append(f"base model_type is {config.base_model_type!r} but {target.description} is "
                         f"{target.model_type!r}")
+    by_module: list[tuple[str, str]] = []
     for name, spec in sorted(config.modules.items()):
         info = target.modules.get(name)
         problem = module_problem(name, spec, info, target.description, target.absent)
@@ -401,7 +402,8 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
             problem = (f"module {name}: its weight is {info.dtype} in {target.description}; adapters are added to "
                        f"{', '.join(target.weight_dtypes)} weights only")
         if problem is not None:
-            problems.append(problem)
+            by_module.append((name, problem))
+    problems += _grouped(by_module)
     saved = sorted(k for k in state if not k.endswith(KERNEL_SUFFIX))
     if saved and target.params is None:
         problems.append(f"it saves whole modules ({', '.join(config.modules_to_save)}) and {target.description} "
@@ -417,6 +419,22 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
                 problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, {target.description} has "
                                 f"{tuple(info.shape)}")
     return problems
+
+
+def _grouped(by_module: Sequence[tuple[str, str]], most: int = 3) -> list[str]:
+    """``module <name>: <reason>`` lines, those sharing one reason said once with the modules it covers (a
+    whole adapter at the wrong block size was one identical line per module: 36 for MiniLM)."""
+    reasons: dict[str, list[str]] = {}
+    for name, problem in by_module:
+        reasons.setdefault(problem.removeprefix(f"module {name}: "), []).append(name)
+    lines = []
+    for reason, names in reasons.items():
+        if len(names) <= most:
+            lines += [f"module {name}: {reason}" for name in names]
+        else:
+            shown = ", ".join(names[:most])
+            lines.append(f"{len(names)} modules ({shown}, ... {names[-1]}): {reason.replace('this module', 'them')}")
+    return lines
 
 
 def check_adapter(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -108,7 +109,10 @@ def test_wrong_model_lists_every_problem(llama_adapter):
         bd.load_adapter(model, directory)
     msg = str(err.value)
     assert "base model_type is 'llama' but this BertModel is 'bert'" in msg
-    assert "module model.layers.0.self_attn.q_proj: not found in this BertModel" in msg
+    # one reason shared by every module is said once, naming how many and which (it was one line per module)
+    assert re.search(r"\n  - (\d+) modules \(model\.layers\.0\.[a-z_.]+, .*\.\.\. "
+                     r"model\.layers\.1\.[a-z_.]+\): not found in this BertModel$", msg), msg
+    assert int(re.search(r"(\d+) modules", msg).group(1)) == len(bd.read_adapter(directory)[0].modules)
     assert not list(bd.bca_layers(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
