@@ -106,7 +106,7 @@ def test_bad_arguments(tiny, tmp_path, kwargs, match):
 
 def test_unmerged_without_adapters_is_refused(tiny, tmp_path):
     model_dir, _ = tiny("llama")
-    with pytest.raises(UnsupportedExportError, match="at least one adapter"):
+    with pytest.raises(UnsupportedExportError, match="needs at least one --adapter"):
         export(model_dir, tmp_path / "out", [], merge=False)
 
 
