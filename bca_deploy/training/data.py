@@ -672,7 +672,7 @@ def check_token_range(dataset: TokenizedDataset, vocabulary: int | None, path: s
             f"{path}: the tokenizer of {model} gives token ids the model has no embedding for (vocab_size "
             f"{vocabulary}: ids 0..{vocabulary - 1}); the tokenizer does not belong to this model, or tokens were "
             "added to it without resizing the model's embeddings. Save the model's own tokenizer in the model "
-            "directory (in Python, or pass it as tokenizer=):", problems, limit=10))
+            "directory (from Python, train() and evaluate() also take tokenizer=):", problems, limit=10))
 
 
 def _token_names(tokenizer, ids: Sequence[int]) -> str:
