@@ -202,4 +202,4 @@ def _validation_line(validation: Any) -> str:
     passed = sum(1 for r in rows if isinstance(r, Mapping) and r.get("passed") is True)
     worst = f", max |onnxruntime - PyTorch| {max(diffs):.2e}" if diffs else ""
     return (f"validated:    {passed} of {len(rows)} comparisons passed at export{worst} "
-            f"(tolerance {str(validation.get('tolerance'))[:20]}, {str(validation.get('provider'))[:20]})")
+            f"(tolerance {str(validation.get('tolerance'))[:40]}, {str(validation.get('provider'))[:20]})")
