@@ -307,7 +307,7 @@ class _UserData:
     total: int
 
 
-def _read_user_data(data: Path, seed: int, tokenizer: Any, model_dir: Path) -> _UserData:
+def _read_user_data(data: Path, seed: int, tokenizer: Any, model_config: Any, model_dir: Path) -> _UserData:
     """Read and check ``data`` with the trainer's reader and rules, on the user's own file and lines (the trainer
     reads a shuffled copy under --out): every problem raises before anything is written."""
     from .models import position_limit, vocabulary_size
@@ -320,7 +320,6 @@ def _read_user_data(data: Path, seed: int, tokenizer: Any, model_dir: Path) -> _
         tokenize_seq_cls,
     )
     from .training.errors import DataError
-    from .training.loading import load_model_config
 
     examples = load_seq_cls(data)  # missing file, unknown format, missing columns, bad labels: DataError
     if examples.regression:
@@ -340,7 +339,6 @@ def _read_user_data(data: Path, seed: int, tokenizer: Any, model_dir: Path) -> _
     num_labels = classes_needed(examples)
     check_label_range(examples, num_labels, "the classification head",
                       "labels are class ids counted from 0, or class names")
-    model_config = load_model_config(model_dir)
     tokenized = tokenize_seq_cls(examples, tokenizer, position_limit(model_config, tokenizer) or 512)
     check_token_range(tokenized, vocabulary_size(model_config), data, tokenizer, model_dir)
     records, columns, _ = read_records(data)
@@ -433,8 +431,8 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
             raise ImportError(f"the demo's export and serving stages need {exc.name}: pip install "
                               "'bca-deploy[onnx,demo,serve]' (or run with --no-onnx)") from None
     model_dir = Path(config.model_dir) if config.model_dir else default_model_dir()
-    tokenizer = _check_model(model_dir, config.export_onnx)
-    user_data = (_read_user_data(Path(config.data), config.seed, tokenizer, model_dir)
+    model_config, tokenizer = _check_model(model_dir, config.export_onnx)
+    user_data = (_read_user_data(Path(config.data), config.seed, tokenizer, model_config, model_dir)
                  if config.data is not None else None)
     out = Path(config.out).absolute()
     check_inputs_outside(out, [("the model directory", model_dir), ("the data file", config.data)])
@@ -457,8 +455,8 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
     return result
 
 
-def _check_model(model_dir: Path, export_onnx: bool) -> Any:
-    """``--model``'s tokenizer, once the model is known to fit every stage the demo runs (before anything is
+def _check_model(model_dir: Path, export_onnx: bool) -> tuple[Any, Any]:
+    """``--model``'s config and tokenizer, once the model is known to fit every stage the demo runs (before anything is
     written): a transformers model with a sequence-classification class and, unless ``--no-onnx``, one
     bca-deploy exports for text classification.
 
@@ -489,7 +487,7 @@ def _check_model(model_dir: Path, export_onnx: bool) -> Any:
                 f"--model {model_dir}: bca-deploy exports {model_type} models for {', '.join(tasks)}, not for "
                 "text classification, which the demo serves; run it with --no-onnx, or use an encoder such as "
                 "BERT or RoBERTa")
-    return load_tokenizer(model_dir)
+    return config, load_tokenizer(model_dir)
 
 
 class _Demo:

@@ -35,6 +35,7 @@ __all__ = [
     "position_limit",
     "ids_past_vocabulary",
     "describe_ids_past_vocabulary",
+    "token_names",
     "vocabulary_size",
     "load_config",
     "TaskError",
@@ -453,12 +454,21 @@ def ids_past_vocabulary(tokenizer: Any, vocabulary: int | None) -> range:
     return range(vocabulary, size) if vocabulary and size > vocabulary else range(0)
 
 
+def token_names(tokenizer: Any, ids: Sequence[int]) -> list[str] | None:
+    """``repr`` of each id's token, for messages; None when the tokenizer cannot name them all (a tokenizer
+    that cannot name an id is no reason to hide the problem the message is about)."""
+    try:
+        names = tokenizer.convert_ids_to_tokens(list(ids))
+    except Exception:
+        return None
+    if not isinstance(names, list) or len(names) != len(ids) or not all(isinstance(n, str) for n in names):
+        return None
+    return [repr(n) for n in names]
+
+
 def describe_ids_past_vocabulary(tokenizer: Any, ids: range, vocabulary: int) -> str:
     """One clause for a note or an error: how many tokens, their ids, the first few by name."""
-    try:
-        names = [repr(str(n)) for n in tokenizer.convert_ids_to_tokens(list(ids[:5]))]
-    except Exception:  # a tokenizer that cannot name its ids still has them
-        names = [str(i) for i in ids[:5]]
+    names = token_names(tokenizer, ids[:5]) or [str(i) for i in ids[:5]]
     shown = ", ".join(names) + (", ..." if len(ids) > 5 else "")
     return (f"{len(ids)} token(s) of the tokenizer have no embedding row in the model (ids {ids.start}.."
             f"{ids.stop - 1}: {shown}; the model embeds {vocabulary})")

@@ -59,6 +59,23 @@ class ExportMetadata:
         """``adapter-bank``, ``merged`` or ``unmerged``: how the graph was exported, in words."""
         return "adapter-bank" if self.bank is not None else "merged" if self.merged else "unmerged"
 
+    @property
+    def base_model(self) -> str | None:
+        """The model directory it was exported from, as recorded (absolute since the recording was; older
+        exports: as given); None when absent or not a plausible path. For messages only."""
+        return _recorded_path(self.fields.get("base_model"))
+
+    @property
+    def adapters(self) -> list[str] | None:
+        """The adapter directories it was exported with, as recorded (see :attr:`base_model`); None when the
+        record has no list. For messages only."""
+        listed = self.fields.get("adapters")
+        return [p for p in map(_recorded_path, listed) if p] if isinstance(listed, list) else None
+
+
+def _recorded_path(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 4096 else None
+
 
 def read_export_metadata(export_dir: str | Path) -> ExportMetadata | None:
     """The ``bca_export.json`` of ``export_dir``, or None when it has none (a directory optimum exported).

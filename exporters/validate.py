@@ -642,20 +642,19 @@ def validate(
 
 def _other_inputs_note(metadata: ExportMetadata, model_dir: str | Path, adapter_dirs: Sequence[str | Path]) -> str:
     """When a validation fails: that the export was made from another model or other adapters than these,
-    as its ``bca_export.json`` records them (absolute paths; older exports: as given), else ""."""
+    as its ``bca_export.json`` records them, else ""."""
     import os
 
-    def same(recorded: Any, given: str | Path) -> bool:
-        return isinstance(recorded, str) and os.path.abspath(recorded) == os.path.abspath(given)
+    def same(recorded: str, given: str | Path) -> bool:
+        return os.path.abspath(recorded) == os.path.abspath(given)
 
-    recorded_adapters = metadata.fields.get("adapters")
-    recorded_model = metadata.fields.get("base_model")
+    recorded_model, recorded_adapters = metadata.base_model, metadata.adapters
     differs = []
-    if isinstance(recorded_model, str) and not same(recorded_model, model_dir):
+    if recorded_model is not None and not same(recorded_model, model_dir):
         differs.append(f"--model {recorded_model[:300]}")
-    if isinstance(recorded_adapters, list) and (len(recorded_adapters) != len(adapter_dirs) or not all(
+    if recorded_adapters is not None and (len(recorded_adapters) != len(adapter_dirs) or not all(
             same(r, g) for r, g in zip(recorded_adapters, adapter_dirs))):
-        differs.append(" ".join(f"--adapter {str(a)[:300]}" for a in recorded_adapters[:20]) or "no --adapter")
+        differs.append(" ".join(f"--adapter {a[:300]}" for a in recorded_adapters[:20]) or "no --adapter")
     if not differs:
         return ""
     return (f"{metadata.path} records that this graph was exported with {' and '.join(differs)}; validate "

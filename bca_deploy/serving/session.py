@@ -51,6 +51,7 @@ from ..models import (
     describe_ids_past_vocabulary,
     ids_past_vocabulary,
     position_limit,
+    token_names,
     vocabulary_size,
 )
 from .slots import SlotBank, SlotSpec
@@ -208,18 +209,13 @@ def bank_metadata(export_dir: str | Path) -> ExportMetadata:
     return metadata
 
 
-def _bank_export_command(export_dir: Path, metadata) -> str:
+def _bank_export_command(export_dir: Path, metadata: ExportMetadata) -> str:
     """The ``bca-deploy export --bank`` command for the model and adapters ``bca_export.json`` records
     (placeholders where it records none), quoted for a shell."""
     import shlex
 
-    def recorded(value: Any) -> str | None:
-        return value if isinstance(value, str) and 0 < len(value) <= 4096 else None
-
-    listed = metadata.fields.get("adapters")
-    adapters = [a for a in listed if recorded(a)] if isinstance(listed, list) else []
-    words = ["bca-deploy", "export", "--model", shlex.quote(recorded(metadata.fields.get("base_model")) or "MODEL_DIR")]
-    for adapter in adapters or ["ADAPTER_DIR"]:
+    words = ["bca-deploy", "export", "--model", shlex.quote(metadata.base_model or "MODEL_DIR")]
+    for adapter in metadata.adapters or ["ADAPTER_DIR"]:
         words += ["--adapter", shlex.quote(adapter)]
     words.append("--bank")
     if metadata.dtype == "fp16":
@@ -896,9 +892,9 @@ class MultiAdapterSession:
         for index, row in enumerate(rows):
             outside = sorted({t for t in row if t >= vocabulary})
             if outside:
-                names = self.tokenizer.convert_ids_to_tokens(outside[:5])
+                names = token_names(self.tokenizer, outside[:5]) or [str(i) for i in outside[:5]]
                 raise ServingError(f"input {index}: the text has tokens this model has no embedding for "
-                                   f"({', '.join(repr(str(n)) for n in names)}): {self._tokenizer_mismatch}")
+                                   f"({', '.join(names)}): {self._tokenizer_mismatch}")
 
     def check_positions(self, prompt_tokens: int, max_new_tokens: int = 0, input_param: str = "input") -> None:
         """Refuse a row of ``prompt_tokens`` that would grow beyond the model's positions with ``max_new_tokens``.

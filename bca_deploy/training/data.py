@@ -38,6 +38,7 @@ import torch
 
 from ..config import MAX_NUM_LABELS
 from ..errors import format_problems
+from ..models import token_names
 from .errors import DataError, DataFileNotFoundError
 
 __all__ = [
@@ -676,11 +677,8 @@ def check_token_range(dataset: TokenizedDataset, vocabulary: int | None, path: s
 
 
 def _token_names(tokenizer, ids: Sequence[int]) -> str:
-    try:
-        names = tokenizer.convert_ids_to_tokens(list(ids))
-    except Exception:  # a tokenizer that cannot name an id is no reason to hide the real problem
-        return ""
-    return f" ({', '.join(repr(n) for n in names)})" if names and all(isinstance(n, str) for n in names) else ""
+    names = token_names(tokenizer, ids)
+    return f" ({', '.join(names)})" if names else ""
 
 
 def load_dataset(
