@@ -8,7 +8,7 @@ once), and only then changes the model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +52,31 @@ __all__ = [
 MAX_ADAPTER_BYTES = 16 * 1024**3
 
 
-def adapter_state(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors of adapter ``adapter_name``: ``<path>.bca_kernel`` (fp32) and modules_to_save params."""
+def adapter_state(
+    model: nn.Module, adapter_name: str = "default", values: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name``: ``<path>.bca_kernel`` (fp32) and modules_to_save params.
+
+    ``values``: whole tensors by parameter name, used instead of the model's own parameters where given
+    (a training run sharded with FSDP holds only its shards; it gathers them first).
+    """
     config = adapter_configs(model).get(adapter_name)
     if config is None:
         raise AdapterNameError(f"model has no adapter named {adapter_name!r}; it has {sorted(adapter_configs(model))}")
+    values = values or {}
+
+    def value(name: str, param: torch.Tensor) -> torch.Tensor:
+        return values.get(name, param).detach().cpu().contiguous()
+
     state: dict[str, torch.Tensor] = {}
     for name, layer in bca_layers(model):
         if adapter_name in layer.bca_kernels:
-            state[name + KERNEL_SUFFIX] = layer.bca_kernels[adapter_name].detach().float().cpu().contiguous()
+            kernel = value(f"{name}.bca_kernels.{adapter_name}", layer.bca_kernels[adapter_name])
+            state[name + KERNEL_SUFFIX] = kernel.float()
     for module_path in config.modules_to_save:
         module = model.get_submodule(module_path)
         for pname, param in module.named_parameters():
-            state[f"{module_path}.{pname}"] = param.detach().cpu().contiguous()
+            state[f"{module_path}.{pname}"] = value(f"{module_path}.{pname}", param)
     return state
 
 
@@ -102,6 +114,7 @@ def save_adapter(
     format: str = "bca",
     task_type: str | None = None,
     overwrite: bool = True,
+    values: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save adapter ``adapter_name`` of ``model`` to ``directory``.
 
@@ -113,6 +126,7 @@ def save_adapter(
             ``peft.PeftModel.from_pretrained``; Linear targets only).
         task_type: PEFT ``task_type`` to record with ``format="peft"`` (e.g. ``"SEQ_CLS"``).
         overwrite: if False, refuse a directory that already holds an adapter.
+        values: whole tensors by parameter name to save instead of the model's own (see :func:`adapter_state`).
 
     Returns:
         The directory path.
@@ -120,7 +134,7 @@ def save_adapter(
     config = adapter_configs(model).get(adapter_name)
     if config is None:
         raise AdapterNameError(f"model has no adapter named {adapter_name!r}; it has {sorted(adapter_configs(model))}")
-    state = adapter_state(model, adapter_name)
+    state = adapter_state(model, adapter_name, values)
     for key, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise NonFiniteError(f"tensor {key} has NaN/Inf values; refusing to save a broken adapter")

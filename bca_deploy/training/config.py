@@ -350,6 +350,9 @@ class TrainConfig:
                           PRECISIONS, group="run")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward (less memory, same "
                                         "gradients).", "flag", group="run")
+    fsdp: bool = _opt(False, "Under torchrun: shard the base model and the adapter across the processes "
+                      "(FSDP, one transformer block gathered at a time) instead of a whole copy on each (DDP); "
+                      "also on under accelerate launch with an FSDP config.", "flag", group="run")
     resume: bool = _opt(False, "Continue the run in --out from its last checkpoint (exactly: same final weights "
                         "as an uninterrupted run).", "flag", group="run")
     overwrite: bool = _opt(False, "Replace the run in --out; the earlier run stays intact until the new one has "

@@ -4,7 +4,7 @@ a run trained. The head rules (trained or new, refused when random) live here.""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,13 +261,18 @@ def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> set[str]:
     return set(state)
 
 
-def save_adapter_files(model: nn.Module, directory: Path, method: str) -> None:
+def save_adapter_files(model: nn.Module, directory: Path, method: str,
+                       values: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The run's adapter (``--method bca``) or its trainable tensors into ``directory``; ``values``: whole
+    tensors by parameter name in place of the model's own (a sharded run's gathered parameters)."""
     if method == "bca":
         from ..adapter_io import save_adapter
 
-        save_adapter(model, directory)
+        save_adapter(model, directory, values=values)
         return
     from ..adapter_io import save_safetensors
 
-    state = {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    values = values or {}
+    state = {n: values.get(n, p).detach().float().cpu().contiguous() for n, p in model.named_parameters()
+             if p.requires_grad}
     save_safetensors(state, directory / TRAINABLE_FILE, {"format": "pt"})

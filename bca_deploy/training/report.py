@@ -106,6 +106,10 @@ def start_summary(run: _TrainingRun) -> str:
     lines.append(f"  steps     {_count(r.max_steps)} x batch {r.batch_size * r.grad_accum_steps * run.d.world_size}"
                  f" ({epochs:.2f} epochs){start}")
     procs = f", {run.d.world_size} processes" if run.d.active else ""
+    if run.sharded_blocks is not None:
+        procs += (f", FSDP: {run.sharded_blocks} blocks sharded" if run.sharded_blocks else ", FSDP: one unit")
+    elif run.d.active:
+        procs += ", DDP"
     lines.append(f"  device    {run.dev} ({run.precision}{procs})")
     save_every = r.save_every if r.save_every is not None else (r.eval_every or 100)
     first = min(save_every or r.max_steps, r.max_steps)

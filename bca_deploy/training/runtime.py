@@ -3,6 +3,7 @@ and the evaluation loop whose numbers ``train`` logs and ``evaluate`` reproduces
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,9 +135,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def place_model(model: nn.Module, device: torch.device, precision: str, fp32_names: set[str]) -> None:
-    """Move to ``device``; bf16: frozen floating parameters in bf16, the ``fp32_names`` ones in fp32."""
-    model.to(device)
+def place_model(model: nn.Module, device: torch.device, precision: str, fp32_names: set[str],
+                move: bool = True) -> None:
+    """Move to ``device`` (unless ``move`` is False: FSDP moves each rank's shards itself); bf16: frozen
+    floating parameters in bf16, the ``fp32_names`` ones in fp32."""
+    if move:
+        model.to(device)
     for name, param in model.named_parameters():
         if not param.is_floating_point():
             continue
@@ -168,22 +172,35 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def run_eval(model: nn.Module, dataset: TokenizedDataset, task: str, num_labels: int, regression: bool,
-              batch_size: int, device: torch.device, precision: str, d: Dist) -> dict[str, float]:
+              batch_size: int, device: torch.device, precision: str, d: Dist, lockstep: bool = False
+              ) -> dict[str, float]:
     """Metrics over ``dataset``: each rank takes every world_size-th example (no padding), sums are all-reduced.
 
     Examples are batched in order of length (stable), so a given dataset and batch size always gives the
     same batches, in :func:`train` and in :func:`evaluate` alike.
+
+    ``lockstep``: every rank runs as many forwards as the rank with the most batches (a sharded model's
+    forward is a collective); a rank with fewer repeats one of its batches and does not count it.
     """
     was_training = model.training
     model.eval()
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
     shard = order[d.rank :: d.world_size]
     acc = MetricAccumulator(task, num_labels=num_labels, regression=regression, device=device)
-    for start in range(0, len(shard), batch_size):
-        batch = to_device(dataset.collate(shard[start : start + batch_size]), device)
+    starts = list(range(0, len(shard), batch_size))
+    runs = len(starts)
+    if lockstep and d.active:
+        runs = math.ceil(math.ceil(len(order) / d.world_size) / batch_size)  # rank 0 has the most examples
+    for run in range(runs):
+        counted = run < len(starts)
+        indices = shard[starts[run] : starts[run] + batch_size] if counted else (shard or order)[:1]
+        batch = to_device(dataset.collate(indices), device)
         with autocast(device, precision):
             logits = model(**model_inputs(batch)).logits
-        acc.update(logits, batch["labels"])
+        if counted:
+            acc.update(logits, batch["labels"])
+    if lockstep and hasattr(model, "reshard"):
+        model.reshard()  # FSDP keeps the root's parameters (embeddings, head) gathered after a forward
     acc.all_reduce()
     model.train(was_training)
     return acc.compute()

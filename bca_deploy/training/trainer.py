@@ -83,6 +83,15 @@ from .runtime import (
     task_loss,
     to_device,
 )
+from .sharding import (
+    full_optimizer_state,
+    full_trainable,
+    gradient_sync,
+    load_optimizer_state,
+    load_trainable,
+    shard,
+    sharding_source,
+)
 
 __all__ = [
     "train",
@@ -329,6 +338,13 @@ class _TrainingRun:
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self.printer = _Printer(enabled=cfg.progress and d.is_main)
+        self.sharding = sharding_source(cfg.fsdp)
+        if self.sharding is not None and not d.active:
+            if d.is_main:
+                print(f"note: FSDP ({self.sharding}) shards across processes; this is one process, so the model "
+                      "trains whole (launch with torchrun --nproc_per_node N to shard it)", file=sys.stderr)
+            self.sharding = None
+        self.sharded_blocks: int | None = None
 
     def run(self) -> TrainResult:
         try:
@@ -539,13 +555,16 @@ class _TrainingRun:
         }
         self.base_params = sum(p.numel() for n, p in model.named_parameters()
                                if ".bca_kernels." not in f".{n}" and "lora_" not in n)
-        place_model(model, self.dev, self.precision, trainable | set(kernel_block_sizes(model)))
+        place_model(model, self.dev, self.precision, trainable | set(kernel_block_sizes(model)),
+                    move=self.sharding is None)
         if cfg.task == "causal-lm" and getattr(model, "config", None) is not None:
             model.config.use_cache = False
         if cfg.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise TrainingConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.sharding is not None:
+            self.sharded_blocks = shard(model, self.dev)
 
     def _task_spec(self) -> TaskSpec | None:
         """The task, head architecture and labels recorded in the adapter (checked now, not at the first save)."""
@@ -578,7 +597,8 @@ class _TrainingRun:
         self.opt = _make_optimizer(cfg, self.recipe, self.groups)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg.scheduler, cfg.warmup, cfg.max_steps))
         self.run_config = {
-            **cfg.to_dict(), "targets": self.targets, "block_size_pattern": cfg.block_size_pattern or {},
+            **cfg.to_dict(), "fsdp": self.sharded_blocks is not None,  # also when accelerate's config asked
+            "targets": self.targets, "block_size_pattern": cfg.block_size_pattern or {},
             "modules_to_save": self.modules_to_save, "warmup": cfg.warmup, "world_size": self.d.world_size,
             "num_labels": self.labels.num_labels if self.labels else None, "regression": self.regression,
             "label_names": self.labels.names if self.labels else None, "precision": self.precision,
@@ -623,7 +643,10 @@ class _TrainingRun:
                     f"{last / STATE_FILE} does not fit this run (resume with the options it was written with, or "
                     "pass --overwrite to start over):", problems))
             try:
-                self.opt.load_state_dict(state["optimizer"])
+                if self.sharded_blocks is not None:
+                    load_optimizer_state(self.opt, state["optimizer"])
+                else:
+                    self.opt.load_state_dict(state["optimizer"])
                 self.sched.load_state_dict(state["scheduler"])
                 rngs = state["rng"]
                 rng = rngs[self.d.rank]
@@ -631,9 +654,7 @@ class _TrainingRun:
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 raise CheckpointError(f"{last / STATE_FILE}: damaged optimizer, schedule or RNG state ({exc}); "
                                       "pass --overwrite to start over") from None
-            with torch.no_grad():
-                for name, tensor in saved_params.items():
-                    params[name].copy_(tensor.to(params[name].dtype))
+            load_trainable(self.model, saved_params)
             self.step, self.micro = int(state["step"]), int(state["micro_step"])
             self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step")
             self.history = history
@@ -649,10 +670,14 @@ class _TrainingRun:
 
     # -- checkpoints --------------------------------------------------------------------------------
 
-    def _write_adapter(self, tmp: Path, metrics: dict[str, float] | None) -> None:
+    def _write_adapter(self, tmp: Path, metrics: dict[str, float] | None, values: dict[str, torch.Tensor]) -> None:
         """The adapter (or trainable tensors) plus the training info evaluate() needs, into tmp."""
-        save_adapter_files(self.model, tmp, self.cfg.method)
+        save_adapter_files(self.model, tmp, self.cfg.method, values)
         _write_json(tmp / TRAINING_FILE, {**self.training_info, "step": self.step, "metrics": metrics})
+
+    def _trainable_values(self) -> dict[str, torch.Tensor]:
+        """Whole trainable tensors on the CPU, by name (sharded: gathered, a collective every rank calls)."""
+        return full_trainable(self.model)
 
     def save_checkpoint(self, metrics: dict[str, float] | None) -> None:
         """Write ``last/`` (adapter + trainer state); the first one puts the run in place of ``--out``."""
@@ -662,15 +687,19 @@ class _TrainingRun:
 
             rngs = [None] * self.d.world_size
             dist.all_gather_object(rngs, rng_state())
+        values = self._trainable_values()
+        # one layout whatever the sharding, so a run resumes under DDP or FSDP alike
+        optimizer = full_optimizer_state(self.opt) if self.sharded_blocks is not None \
+            else self.opt.state_dict()
         if not self.d.is_main:
             return
 
         def build(tmp: Path) -> None:
-            self._write_adapter(tmp, metrics)
+            self._write_adapter(tmp, metrics, values)
             save_state(tmp, {
                 "step": self.step, "micro_step": self.micro, "run_config": _norm(self.run_config),
-                "trainable": {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad},
-                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rngs,
+                "trainable": values,
+                "optimizer": optimizer, "scheduler": self.sched.state_dict(), "rng": rngs,
                 "best_metric": self.best_metric, "best_step": self.best_step,
                 "history_json": json.dumps(self.history),
             })
@@ -679,8 +708,9 @@ class _TrainingRun:
         self.rundir.first_checkpoint_written()
 
     def save_best(self, metrics: dict[str, float]) -> None:
+        values = self._trainable_values()
         if self.d.is_main:
-            write_dir_atomically(self.run_path / "best", lambda tmp: self._write_adapter(tmp, metrics))
+            write_dir_atomically(self.run_path / "best", lambda tmp: self._write_adapter(tmp, metrics, values))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.d.is_main:
@@ -726,7 +756,7 @@ class _TrainingRun:
         cfg, d, dev = self.cfg, self.d, self.dev
         micro_batch = self._batches()
         train_model: nn.Module = self.model
-        if d.active:
+        if d.active and self.sharded_blocks is None:
             from torch.nn.parallel import DistributedDataParallel
 
             train_model = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -751,7 +781,11 @@ class _TrainingRun:
                     indices = micro_batch(self.micro)
                     self.micro += 1
                     batch = to_device(self.train_data.collate(indices), dev)
-                    sync = contextlib.nullcontext() if (not d.active or k == accum - 1) else train_model.no_sync()
+                    if self.sharded_blocks is not None:
+                        gradient_sync(train_model, k == accum - 1)
+                        sync = contextlib.nullcontext()
+                    else:
+                        sync = contextlib.nullcontext() if (not d.active or k == accum - 1) else train_model.no_sync()
                     with sync:
                         with autocast(dev, self.precision):
                             logits = train_model(**model_inputs(batch)).logits
@@ -802,7 +836,7 @@ class _TrainingRun:
         if self.eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics = run_eval(self.model, self.eval_data, cfg.task, self.labels.num_labels if self.labels else 1,
                                 self.regression, cfg.eval_batch_size or cfg.batch_size, self.dev, self.precision,
-                                self.d)
+                                self.d, lockstep=self.sharded_blocks is not None)
             self.history.append({"step": step, **metrics})
             logs["eval"] = metrics
             self._log({"step": step, "eval": metrics})

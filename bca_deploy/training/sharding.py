@@ -1,0 +1,167 @@
+"""FSDP for training: the frozen base model and the adapter sharded across the torchrun ranks.
+
+With DDP every rank holds the whole base model, so the largest model that trains is the largest one a
+single GPU holds. FSDP (PyTorch's ``fully_shard``, FSDP2) keeps 1/world_size of every parameter on each
+rank and gathers one transformer block at a time for its forward and backward, as ``accelerate launch``
+with an FSDP config does for full fine-tuning. The adapter's kernels and the head are sharded with the
+block they sit in; only they have gradients, so only they are reduce-scattered.
+
+What a run writes does not depend on the sharding: checkpoints hold whole tensors and the optimizer
+state in ``torch.optim.Optimizer.state_dict()``'s layout, as a DDP run writes them, so a run saved under
+FSDP resumes under DDP and the other way round (with the same number of processes).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TrainingConfigError
+
+__all__ = ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "sharding_source", "shard", "is_sharded",
+           "full_trainable", "load_trainable", "full_optimizer_state", "load_optimizer_state", "gradient_sync"]
+
+#: What ``accelerate launch`` sets for an FSDP config (``--use_fsdp``, or ``distributed_type: FSDP``).
+ACCELERATE_USE_FSDP = "ACCELERATE_USE_FSDP"
+#: What it sets for a DeepSpeed config, which this trainer does not run.
+ACCELERATE_USE_DEEPSPEED = "ACCELERATE_USE_DEEPSPEED"
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+
+
+def _env_flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in _TRUE
+
+
+def sharding_source(fsdp_option: bool, environ: Mapping[str, str] | None = None) -> str | None:
+    """Who asked for FSDP: ``"--fsdp"``, accelerate's FSDP config, or None (DDP).
+
+    Raises:
+        TrainingConfigError: accelerate was launched with a DeepSpeed config (its ZeRO stages would be
+            silently replaced by DDP otherwise).
+    """
+    environ = os.environ if environ is None else environ
+    if _env_flag(environ, ACCELERATE_USE_DEEPSPEED):
+        raise TrainingConfigError(
+            f"accelerate launch asked for DeepSpeed ({ACCELERATE_USE_DEEPSPEED}={environ[ACCELERATE_USE_DEEPSPEED]}): "
+            "bca-deploy trains with DDP, or with FSDP (--fsdp, or an accelerate config with distributed_type: FSDP); "
+            "launch with one of those")
+    if fsdp_option:
+        return "--fsdp"
+    if _env_flag(environ, ACCELERATE_USE_FSDP):
+        return f"accelerate's FSDP config ({ACCELERATE_USE_FSDP}={environ[ACCELERATE_USE_FSDP]})"
+    return None
+
+
+def _block_classes(model: nn.Module) -> set[str]:
+    """The class names transformers keeps whole when it splits a model (``_no_split_modules``): its
+    transformer blocks, the unit FSDP gathers at a time (as accelerate's transformer-based wrap does)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def shard(model: nn.Module, device: torch.device) -> int:
+    """Shard ``model`` in place over the default process group, one FSDP unit per transformer block plus
+    the root (embeddings, final norm, head), and move each rank's shards to ``device``.
+
+    Call after the adapter is injected and the dtypes are set, before the optimizer is built: the
+    parameters become ``DTensor`` shards (same names).
+
+    Returns:
+        The number of transformer blocks sharded as their own units (0: the model is one unit).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    classes = _block_classes(model)
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in classes]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(blocks)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def full_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: whole tensor on the CPU}`` for every trainable parameter. A collective: every rank calls it,
+    and every rank gets the tensors."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] = {}
+    for name, param in _trainable(model):
+        value = param.detach()
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        out[name] = value.to("cpu", copy=True)
+    return out
+
+
+def load_trainable(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    """Copy whole tensors into the (sharded or not) trainable parameters: each rank keeps its own shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, param in _trainable(model):
+            tensor = saved[name]
+            if isinstance(param, DTensor):
+                # every rank read the whole tensor from the checkpoint: each cuts its own shard, no traffic
+                local = distribute_tensor(tensor.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                          src_data_rank=None)
+                param.to_local().copy_(local.to_local())
+            else:
+                param.copy_(tensor.to(param.dtype))
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.state_dict()`` as an unsharded run has it: every sharded state tensor (Adadelta's running
+    averages, AdamW's moments) gathered whole onto the CPU. A collective: every rank calls it."""
+    from torch.distributed.tensor import DTensor
+
+    state = opt.state_dict()
+
+    def whole(value: Any) -> Any:
+        return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
+    return {**state, "state": {i: {k: whole(v) for k, v in s.items()} for i, s in state["state"].items()}}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load an ``opt.state_dict()`` of the unsharded layout into a sharded run's optimizer: each rank cuts
+    its shard of every state tensor shaped like its parameter. Every rank calls it with the whole state.
+
+    Raises:
+        ValueError / KeyError / TypeError: the state does not fit the optimizer's groups.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def shard_of(value: Any, param: torch.Tensor) -> Any:
+        if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return value
+
+    by_index = {int(i): {k: shard_of(v, params[int(i)]) for k, v in s.items()} for i, s in state["state"].items()}
+    opt.load_state_dict({**state, "state": by_index})
+
+
+def gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP's ``no_sync``: with gradient accumulation, reduce-scatter only on the last micro-batch."""
+    model.set_requires_gradient_sync(enabled)
