@@ -16,7 +16,10 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
   run through a composite bank of exactly the slots they use);
 - at most ``max_batch_rows`` rows run at once; at most ``max_queued_rows`` wait (then
   :class:`EngineOverloadedError`); newcomers admitted in one step are bounded by ``max_prefill_tokens``
-  (padded prompt tokens), so a burst of long prompts does not stall the running rows for long.
+  (padded prompt tokens), so a burst of long prompts does not stall the running rows for long;
+- free rows go to the waiting requests in turn, the request with the fewest rows running first (then the
+  earliest): a request of many rows fills the batch only while nobody else waits, and a later request
+  takes the next row that frees instead of queueing behind all of the big one's rows (FIFO would).
 
 One thread steps the batch (onnxruntime uses its own intra-op threads) and never waits for consumers:
 each step's tokens are handed to the asyncio loop that started the engine through a small waker thread,
@@ -41,11 +44,12 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import heapq
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -277,6 +281,7 @@ class _Request:
     sampler: Sampler
     detokenizer: _Detokenizer
     stop_ids: frozenset[int]
+    group: Hashable = None  # rows of one request share it: they take turns with other requests as one
     generated: int = 0
     last_token_at: float = 0.0
     row: DecodeRow | None = None
@@ -413,7 +418,7 @@ class GenerationEngine:
         return prompt
 
     def submit(self, prompt_ids: Sequence[int], adapter: str | None = None, params: SamplingParams | None = None,
-               *, request_id: str | None = None) -> GenerationStream:
+               *, request_id: str | None = None, group: Hashable = None) -> GenerationStream:
         """Queue one row; it joins the running batch at the next step. Call on the engine's event loop.
 
         Args:
@@ -421,6 +426,8 @@ class GenerationEngine:
             adapter: a loaded adapter's name, or ``None`` / ``"__base__"`` for the base model.
             params: sampling settings (default: greedy, 32 new tokens).
             request_id: rows with the same id count as one request in ``batch_requests``.
+            group: rows submitted with the same group take their turns for free batch rows as one request
+                (default: the row is a request of its own). Use a server-side object, not a client's id.
 
         Raises:
             EngineOverloadedError: ``max_queued_rows`` rows are waiting already.
@@ -435,6 +442,7 @@ class GenerationEngine:
         request = _Request(stream, prompt, adapter, params, Sampler(params),
                            _Detokenizer(self._decoder(), params.stop),
                            frozenset(self.session.eos_token_ids | set(params.stop_token_ids)))
+        request.group = group if group is not None else request
         with self._cond:
             if len(self._waiting) >= self.max_queued_rows:
                 queued = len(self._waiting)
@@ -485,7 +493,7 @@ class GenerationEngine:
                     return
                 cancelled = [r for r in self._running if id(r.stream) in self._cancelled]
                 self._cancelled.clear()
-                admitted = self._admit(len(self._running) - len(cancelled))
+                admitted = self._admit(cancelled)
             try:
                 self._leave(batch, cancelled, "cancelled")
                 if admitted:
@@ -506,16 +514,35 @@ class GenerationEngine:
         if self._overlapping:
             self._deliver_later()
 
-    def _admit(self, running: int) -> list[_Request]:
-        """Waiting rows that join now (under the lock): up to the free rows and the prefill token budget."""
+    def _admit(self, leaving: Sequence[_Request]) -> list[_Request]:
+        """Waiting rows that join now (under the lock): up to the rows free once ``leaving`` has left and the
+        prefill token budget, one row at a time from the request with the fewest rows running (ties: the one
+        waiting longest); a request's own rows keep their order."""
+        gone = {id(r) for r in leaving}
+        staying = [r for r in self._running if id(r) not in gone]
+        free = self.max_batch_rows - len(staying)
+        if free <= 0 or not self._waiting:
+            return []
+        held = collections.Counter(r.group for r in staying)
+        queues: dict[Hashable, collections.deque[_Request]] = {}
+        for request in self._waiting:
+            queues.setdefault(request.group, collections.deque()).append(request)
+        turns = [(held[group], order, group) for order, group in enumerate(queues)]  # order: no tie reaches group
+        heapq.heapify(turns)
         admitted: list[_Request] = []
         longest = 0
-        while self._waiting and running + len(admitted) < self.max_batch_rows:
-            longest_if = max(longest, len(self._waiting[0].prompt))
+        while turns and len(admitted) < free:
+            count, order, group = turns[0]
+            longest_if = max(longest, len(queues[group][0].prompt))
             if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
-            admitted.append(self._waiting.popleft())
+            heapq.heappop(turns)
+            admitted.append(queues[group].popleft())
             longest = longest_if
+            if queues[group]:
+                heapq.heappush(turns, (count + 1, order, group))
+        chosen = {id(r) for r in admitted}
+        self._waiting = collections.deque(r for r in self._waiting if id(r) not in chosen)
         self._running.extend(admitted)
         return admitted
 

@@ -102,6 +102,27 @@ def _rows(inputs: Inputs) -> list:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
+def _unwrapped(exc: Exception) -> Exception:
+    """Our own error behind Starlette's "Caught handled exception, but response already started" (raised
+    when a streamed answer fails after its status line went out, e.g. a client that stopped reading)."""
+    if type(exc) is RuntimeError and isinstance(exc.__cause__, BCAError):
+        return exc.__cause__
+    return exc
+
+
+#: Seconds a 503 (a full queue or connection table) asks the client to wait, in its ``retry-after`` header.
+RETRY_AFTER_S = 1
+
+#: The ``method`` label values of ``bca_requests_total``; any other method a client sends is ``"other"``.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has closed the connection (its body was read: what arrives next is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _log_json(entry: dict[str, Any], level: int = logging.INFO) -> None:
     _log.log(level, json.dumps(entry, separators=(",", ":"), default=str))
 
@@ -336,8 +357,8 @@ class _Admission:
     def take(self, rows: int):
         """Admit ``rows`` (or raise :class:`ServerBusyError`); returns the function that releases them (once)."""
         if self.rows + rows > self.limit:
-            raise ServerBusyError(f"the server's queue is full ({self.rows} of {self.limit} rows waiting); "
-                                  "retry in a moment")
+            raise ServerBusyError(f"the server's queue is full ({self.rows} of {self.limit} rows waiting, "
+                                  "--max-queued-rows); retry in a moment")
         self.rows += rows
         released = False
 
@@ -425,7 +446,9 @@ class Server:
             from .engine import GenerationEngine
 
             self.engine = GenerationEngine(session, max_batch_rows=options.max_batch_rows,
-                                           max_queued_rows=options.max_queued_rows, observer=self._on_generation)
+                                           max_queued_rows=options.max_queued_rows,
+                                           max_prefill_tokens=options.max_prefill_tokens,
+                                           observer=self._on_generation)
         self._load_lock: asyncio.Lock | None = None
         self._roots = sorted({str(p) for p in (session.export_dir, session.export_dir.absolute(),
                                                session.export_dir.resolve())}, key=len, reverse=True)
@@ -588,9 +611,11 @@ class Server:
                 raise InvalidRequestError(str(exc), param=exc.field) from None
         release = self.admission.take(len(prompts))
         streams = []
+        group = object()  # this request's rows take their turns for batch rows together (not by a client's id)
         try:
             for prompt, p in zip(prompts, params, strict=True):
-                streams.append(self.engine.submit(prompt, adapter, p, request_id=request.state.request_id))
+                streams.append(self.engine.submit(prompt, adapter, p, request_id=request.state.request_id,
+                                                  group=group))
         except BaseException as exc:
             for stream in streams:
                 stream.cancel()
@@ -600,6 +625,27 @@ class Server:
             raise
         request.state.log.update({"rows": len(prompts), "kind": "generate"})
         return streams, release
+
+    @staticmethod
+    async def collect(request: Request, streams: list) -> list:
+        """Every stream's result, in order; the caller cancels the streams afterwards, whatever happened.
+
+        Raises:
+            ClientClosedRequestError: the client went away first (a timed-out client, a killed process). Its
+                rows would otherwise decode to their last token in slots other requests wait for.
+        """
+        results = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in streams)))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not results.done():
+                results.cancel()
+        if results not in done:
+            raise ClientClosedRequestError("the client closed the connection before its answer was ready; its "
+                                           "rows were stopped")
+        return results.result()
 
     @staticmethod
     def log_streams(request: Request, streams: list) -> None:
@@ -656,6 +702,7 @@ class Server:
             raise not_loaded(name)
         info = await run_in_threadpool(self.session.unregister, name)  # not_loaded if unloaded concurrently
         self.metrics.adapter_changes.labels("unload").inc()
+        self.metrics.forget_adapter(name)
         return self.public_info(info)
 
 
@@ -710,9 +757,10 @@ class _Guard:
             if isinstance(exc, InternalServerError) or not isinstance(exc, BCAError):
                 message = f"internal error (request id {request_id}); the server log has the details"
             body = json.dumps(error_body(status, kind, message, getattr(exc, "param", None))).encode()
-            await guarded_send({"type": "http.response.start", "status": status,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode())]})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            if status == 503:  # a full queue or connection table: clients (the openai one too) back off
+                headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+            await guarded_send({"type": "http.response.start", "status": status, "headers": headers})
             await guarded_send({"type": "http.response.body", "body": body})
 
         failed = 500  # the status to record when no answer could be sent
@@ -722,7 +770,8 @@ class _Guard:
                 raise body_too_large(options.max_body_bytes, length)
             receive = self._guard_receive(receive, start)
             await self.app(scope, receive, guarded_send)
-        except Exception as exc:
+        except Exception as raised:
+            exc = _unwrapped(raised)
             if not isinstance(exc, BCAError):
                 state["log"]["error"] = f"{type(exc).__name__}: {exc}"
                 _log_json({"ts": round(time.time(), 3), "event": "request_failed", "request_id": request_id,
@@ -770,12 +819,13 @@ class _Guard:
         endpoint = getattr(route, "path", None) or "unmatched"
         log = state.get("log", {})
         metrics = self.server.metrics
-        adapter = state.get("adapter_label", "")
-        metrics.requests.labels(endpoint, scope["method"], str(status), adapter).inc()
+        adapter = metrics.recorded_label(state.get("adapter_label", ""))
+        method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # a bounded label set
+        metrics.requests.labels(endpoint, method, str(status), adapter).inc()
         if status >= 400:
             metrics.errors.labels(endpoint, str(status), state.get("error_type", "unknown"), adapter).inc()
         metrics.latency.labels(endpoint).observe(elapsed)
-        entry = {"ts": round(time.time(), 3), "request_id": request_id, "method": scope["method"],
+        entry = {"ts": round(time.time(), 3), "request_id": request_id, "method": scope["method"][:32],
                  "path": scope["path"][:256], "status": status, "latency_ms": round(elapsed * 1000, 3), **log}
         if "error_type" in state:
             entry["error_type"] = state["error_type"]
@@ -818,7 +868,9 @@ def create_app(
         status, kind = error_status(exc)
         request.state.error_type = kind
         message = server.redact(str(exc)) if isinstance(exc, BCAError) else "internal error"
-        return JSONResponse(status_code=status, content=error_body(status, kind, message, getattr(exc, "param", None)))
+        headers = {"retry-after": str(RETRY_AFTER_S)} if status == 503 else None
+        return JSONResponse(status_code=status, content=error_body(status, kind, message, getattr(exc, "param", None)),
+                            headers=headers)
 
     @app.exception_handler(BCAError)
     async def _bca_error(request: Request, exc: BCAError):
@@ -894,7 +946,7 @@ def create_app(
                   for i in range(len(rows))]
         streams, release = server.submit(request, prompts, adapter, params)
         try:
-            results = await asyncio.gather(*(s.collect() for s in streams))
+            results = await server.collect(request, streams)
         finally:
             for stream in streams:  # a failed row or a gone client: the other rows stop too
                 stream.cancel()
@@ -1011,8 +1063,9 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
         status, kind = error_status(exc)
         body = json.dumps(error_body(status, kind, str(exc))).encode()
         reason = {400: b"Bad Request", 503: b"Service Unavailable"}[status]
+        retry = b"\r\nretry-after: %d" % RETRY_AFTER_S if status == 503 else b""
         return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close"
-                b"\r\n\r\n" % (status, reason, len(body))) + body
+                b"%s\r\n\r\n" % (status, reason, len(body), retry)) + body
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None

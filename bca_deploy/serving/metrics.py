@@ -5,7 +5,10 @@ as in tests, do not share counters). Label values are bounded: ``endpoint`` is a
 the app (``"unmatched"`` for any other path), ``status`` an HTTP status, ``type`` an error type of
 :data:`bca_deploy.serving.wire.ERRORS`, and ``adapter`` the name of an adapter that was loaded when
 the request named it, ``"__base__"`` for the base model, ``""`` for requests that name none, and
-``"__unknown__"`` for every other name (so a client cannot grow the label set by inventing names).
+``"__unknown__"`` for every other name (so a client cannot grow the label set by inventing names). An
+adapter's series go when it is unloaded (requests that end later count as ``"__unknown__"``), so loading
+and unloading new names does not grow them either;
+``method`` is one of :data:`bca_deploy.serving.http.HTTP_METHODS` or ``"other"``.
 
 A server that does not list its adapters (``--no-list-adapters``) does not show their names here
 either: every loaded adapter's requests are labelled ``"__adapter__"`` (the label set, and so every
@@ -49,10 +52,12 @@ class ServerMetrics:
         self.show_adapters = show_adapters
         self.registry = CollectorRegistry()
         r = self.registry
+        request_labels = ("endpoint", "method", "status", "adapter")
+        error_labels = ("endpoint", "status", "type", "adapter")
         self.requests = Counter("bca_requests", "HTTP requests answered, by endpoint, method, status and adapter.",
-                                ["endpoint", "method", "status", "adapter"], registry=r)
+                                request_labels, registry=r)
         self.errors = Counter("bca_request_errors", "Requests answered with an error (status >= 400), by type.",
-                              ["endpoint", "status", "type", "adapter"], registry=r)
+                              error_labels, registry=r)
         self.latency = Histogram("bca_request_duration_seconds", "Time from request start to the last byte sent.",
                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("bca_time_to_first_token_seconds", "Generation: a row's submission to its first token.",
@@ -70,6 +75,9 @@ class ServerMetrics:
                                      ["adapter"], registry=r)
         self.adapter_changes = Counter("bca_adapter_changes", "Adapter loads and unloads that succeeded.", ["action"],
                                        registry=r)
+        # the metrics with an ``adapter`` label, and their label names in order (forget_adapter removes by them)
+        self._by_adapter = [(self.requests, request_labels), (self.errors, error_labels),
+                            (self.generated_tokens, ("adapter",)), (self.prompt_tokens, ("adapter",))]
         loaded = Gauge("bca_adapters_loaded", "Adapters loaded now (the base model not counted).", registry=r)
         loaded.set_function(lambda: len(self._loaded()))
         queued = Gauge("bca_queued_rows", "Rows admitted and not yet answered.", registry=r)
@@ -84,6 +92,25 @@ class ServerMetrics:
         if name not in (self._loaded() if loaded is None else loaded):
             return UNKNOWN_ADAPTER
         return name if self.show_adapters else HIDDEN_ADAPTER
+
+    def recorded_label(self, label: str) -> str:
+        """The ``adapter`` label a request is counted under when it ends: the one it started with, unless that
+        adapter has been unloaded meanwhile (its series are gone): then :data:`UNKNOWN_ADAPTER`."""
+        if label in ("", BASE_ADAPTER, UNKNOWN_ADAPTER, HIDDEN_ADAPTER) or label in self._loaded():
+            return label
+        return UNKNOWN_ADAPTER
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop every series labelled with adapter ``name`` (it was unloaded): the label set stays the loaded
+        adapters', however many names come and go. A name loaded again starts from zero, which Prometheus
+        reads as a counter reset."""
+        if not self.show_adapters or name in (BASE_ADAPTER, UNKNOWN_ADAPTER, HIDDEN_ADAPTER, ""):
+            return
+        for metric, names in self._by_adapter:
+            series = {tuple(sample.labels[n] for n in names) for family in metric.collect()
+                      for sample in family.samples if sample.labels.get("adapter") == name}
+            for values in series:
+                metric.remove(*values)
 
     def render(self) -> bytes:
         """The text exposition format of every metric."""

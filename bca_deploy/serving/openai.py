@@ -378,7 +378,7 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     try:
-        results = await asyncio.gather(*(s.collect() for s in streams))
+        results = await server.collect(request, streams)
     finally:
         for stream in streams:
             stream.cancel()

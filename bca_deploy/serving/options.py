@@ -40,6 +40,10 @@ class ServeOptions:
     threads: int | None = _opt(None, "onnxruntime intra-op threads (default: onnxruntime's).")
     max_batch_rows: int = _opt(64, "Most rows in one batch (requests are batched together, each row with its "
                                    "adapter; a larger request runs in several batches).")
+    max_prefill_tokens: int = _opt(4096, "Generation: most padded prompt tokens (rows x longest prompt) that join "
+                                         "the running batch in one step; the running rows wait for that prefill, "
+                                         "so lower bounds their token gaps, higher starts bursts sooner (one "
+                                         "prompt always joins, however long).")
     max_batch_tokens: int = _opt(8192, "Most padded tokens (rows x longest row) in one embedding/classification "
                                        "batch: bounds the memory of a batch of long texts (a longer row runs alone).")
     max_wait_ms: float = _opt(5.0, "How long a request waits for others to join its batch.")
@@ -111,6 +115,7 @@ class ServeOptions:
         at_least("threads", 1, 1024)
         at_least("max_batch_rows", 1, 65536)
         at_least("max_batch_tokens", 1)
+        at_least("max_prefill_tokens", 1)
         at_least("max_wait_ms", 0, 60_000)
         at_least("max_request_rows", 1)
         at_least("max_body_bytes", 64)

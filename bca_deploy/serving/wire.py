@@ -105,8 +105,8 @@ class RequestTimeoutError(ServingError, TimeoutError):
 
 
 class ClientClosedRequestError(ServingError, ConnectionError):
-    """The client closed the connection before its whole body arrived (logged as 499, as nginx does; no answer
-    can reach it, and it is not a server failure)."""
+    """The client closed the connection before its whole body arrived, or before its answer was ready
+    (logged as 499, as nginx does; no answer can reach it, and it is not a server failure)."""
 
 
 class ServerBusyError(ServingError):

@@ -425,6 +425,7 @@ def test_connections_beyond_the_limit_get_a_json_503(arts):
             sock.close()
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503"), data[:300]
+        assert b"\r\nretry-after: 1" in head.lower()  # the openai client and proxies back off by it
         assert json.loads(body)["error"]["type"] == "server_busy"
         time.sleep(0.2)
         assert call(server.url + "/health")[0] == 200  # the held ones are gone: served again

@@ -498,6 +498,44 @@ def test_cancellation_frees_the_row_at_the_next_step(llama):
     assert stats["running_rows"] == 0 and stats["queued_rows"] == 0
 
 
+def test_a_later_request_takes_the_next_free_row_before_a_big_requests_rest(llama):
+    """Rows are admitted request by request, the fewest running first: a one-row request submitted behind a
+    10-row request gets the first row that frees, not the row after all ten (FIFO). Its tokens, and every
+    row of the big one, stay those of the row alone."""
+    session = MultiAdapterSession(llama["onnx"])
+    eos = session.eos_token_ids
+    prompts = [p for p in token_rows(40, seed=47) if not eos & set(ref_generate(llama, p, "a1", 12))][:11]
+    big, small = prompts[:10], prompts[10]
+    gate = StepGate(steps=[1])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=4, observer=gate)
+        await engine.start()
+        try:
+            mine = object()
+            # different lengths, so the big request's rows free their places one by one
+            streams = [engine.submit(p, "a1", SamplingParams(max_new_tokens=3 + i), group=mine)
+                       for i, p in enumerate(big)]
+            await gate.paused()  # 4 of its rows run; 6 wait
+            late = engine.submit(small, "a0", SamplingParams(max_new_tokens=4))
+            gate.go()
+            results = await asyncio.gather(*(s.collect() for s in [*streams, late]))
+            return streams, late, results
+        finally:
+            gate.go()
+            await engine.stop()
+
+    streams, late, results = run(main())
+    waiting_big = [s for s in streams if s.started_at > streams[3].started_at]
+    assert len(waiting_big) == 6
+    # the first row to free (the 3-token row) went to the late request: it started before the rest of the big one
+    assert all(late.started_at <= s.started_at for s in waiting_big)
+    assert late.started_at < max(s.started_at for s in waiting_big)
+    for prompt, stream, result in zip([*big, small], [*streams, late], results, strict=True):
+        adapter = "a0" if stream is late else "a1"
+        assert result.token_ids == ref_generate(llama, prompt, adapter, stream.params.max_new_tokens)
+
+
 def test_backpressure_refuses_beyond_the_queue_bound(llama):
     session = MultiAdapterSession(llama["onnx"])
     prompts = token_rows(4, seed=47)
@@ -950,7 +988,8 @@ def test_http_generate_joins_the_running_batch(llama):
 
     from bca_deploy.serving.http import ServerThread, build
 
-    app = build(llama["onnx"], threads=1)
+    app = build(llama["onnx"], threads=1, max_prefill_tokens=512)
+    assert app.state.engine.max_prefill_tokens == 512  # --max-prefill-tokens reaches the engine
     gate = StepGate(steps=[2])
     app.state.engine.observer = gate
     eos = app.state.session.eos_token_ids

@@ -57,3 +57,34 @@ def test_metrics_show_adapter_names_only_when_the_server_lists_them(tmp_path_fac
     else:  # --no-list-adapters: no adapter's name in /metrics, the same label set otherwise
         assert labels >= {HIDDEN_ADAPTER, BASE_ADAPTER, UNKNOWN_ADAPTER}, labels
         assert not labels & {"a0", "a1", "a2"}, labels
+
+
+def test_no_client_can_grow_the_label_sets(tmp_path_factory):
+    """Invented HTTP methods are all ``other``; an adapter's series go with it when it is unloaded, so
+    loading and unloading new names (each request in between counted) leaves no series behind."""
+    from bca_deploy.serving.http import ServerThread, build
+
+    art = bank("bert", tmp_path_factory)
+    app = build(art["onnx"], adapter_store=art["store"], threads=1, max_wait_ms=1)
+    with ServerThread(app, startup_timeout=60) as server:
+        for i in range(5):
+            assert call(server.url + "/v1/models", f"M{i}X" + "Y" * 1000)[0] == 405
+        for i in range(3):
+            name = f"tenant-{i}"
+            assert call(server.url + "/v1/load_lora_adapter", "POST", {"lora_name": name, "lora_path": "bext"})[0] \
+                == 200
+            assert call(server.url + "/v1/embeddings", "POST", {"model": name, "input": [[5, 6]]})[0] == 200
+            assert name in adapter_labels(server.url)
+            assert call(server.url + "/v1/unload_lora_adapter", "POST", {"lora_name": name})[0] == 200
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as response:
+            families = list(text_string_to_metric_families(response.read().decode()))
+    methods = {s.labels["method"] for f in families for s in f.samples if "method" in s.labels}
+    assert methods == {"GET", "POST", "other"}, methods
+    labels = {s.labels["adapter"] for f in families for s in f.samples if "adapter" in s.labels}
+    assert not {label for label in labels if label.startswith("tenant-")}, labels
+    assert labels >= {"a0", "a1", "a2"} or labels >= {""}
+    other = [s.value for f in families for s in f.samples
+             if s.name == "bca_requests_total" and s.labels.get("method") == "other"]
+    assert sum(other) == 5

@@ -411,3 +411,67 @@ def test_generation_metrics(llm, llama_server):
     assert after[itl] - before.get(itl, 0.0) == tokens - len(PROMPTS)
     assert requests_count(after, "/v1/completions", "200", "a2") - \
         requests_count(before, "/v1/completions", "200", "a2") == len(PROMPTS)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/generate"])
+def test_a_client_that_leaves_before_its_whole_answer_stops_its_rows(llama_server, llama_session, path):
+    """A non-streaming client that closes its connection (a client timeout, a killed process) gets its rows
+    stopped at the next step, as a streaming one does; the log and the metrics say 499."""
+    import json
+    import socket
+    import time
+
+    prompts = [f"{p} {i}" for i in range(64) for p in PROMPTS[:1]]
+    max_tokens = 120  # the room left after the prompt in the 128 positions
+    if path == "/v1/completions":
+        body = {"model": "a1", "prompt": prompts, "max_tokens": max_tokens, "temperature": 0}
+    else:
+        body = {"adapter": "a1", "input": prompts, "max_new_tokens": max_tokens}
+    ids = [llama_session.tokenizer(p)["input_ids"] for p in prompts]
+    whole = sum(len(t) for t in llama_session.generate(ids, ["a1"] * len(ids), max_new_tokens=max_tokens))
+    key = ("bca_generated_tokens_total", (("adapter", "a1"),))
+    before = metric_samples(llama_server.url).get(key, 0.0)
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", llama_server.port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        time.sleep(0.2)
+    deadline = time.monotonic() + 60
+    while True:  # the rows leave (nothing admitted stays queued or running) and the request is recorded
+        samples = metric_samples(llama_server.url)
+        left = samples[("bca_queued_rows", ())] == 0 and requests_count(samples, path, "499", "a1") >= 1
+        if left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    generated = samples.get(key, 0.0) - before
+    assert samples[("bca_queued_rows", ())] == 0
+    assert generated < whole / 2, f"{generated} of {whole} tokens generated for a client that left"
+    assert requests_count(samples, path, "499", "a1") >= 1
+    log = [json.loads(line) for line in llama_server.log.read_text().splitlines() if line.startswith("{")]
+    mine = [e for e in log if e.get("path") == path and e.get("status") == 499]
+    assert mine and mine[-1]["error_type"] == "client_closed_request"
+
+
+def test_a_full_queue_answers_503_with_retry_after(llama):
+    """Rows past --max-queued-rows get a typed 503 at once, with ``retry-after`` (the openai client's backoff
+    reads it), while the rows that hold the queue are answered."""
+    import json
+    import urllib.request
+
+    from bca_deploy.serving.http import ServerThread, build
+
+    app = build(llama["onnx"], threads=1, max_queued_rows=4, max_request_rows=4)
+    with ServerThread(app, startup_timeout=60) as server:
+        body = {"model": "a0", "prompt": PROMPTS, "max_tokens": 100, "temperature": 0, "stream": True}
+        req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as holding:
+            assert holding.readline().startswith(b"data: ")  # its 4 rows hold the queue now
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.completions.create(model="a1", prompt=PROMPTS[0], max_tokens=2)
+            rest = holding.read()
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["retry-after"] == "1"
+        assert caught.value.body["type"] == "server_busy" and "--max-queued-rows" in caught.value.body["message"]
+        assert rest.endswith(b"data: [DONE]\n\n")

@@ -147,9 +147,11 @@ def test_every_error_type_has_one_status():
 def test_options_report_every_problem_at_once():
     with pytest.raises(ServingError) as caught:
         ServeOptions(port=99999, max_batch_rows=0, threads=0, max_wait_ms=float("nan"), list_adapters="yes",
-                     served_model_name="../x", max_request_rows=10, max_queued_rows=5, provider="tpu")
+                     served_model_name="../x", max_request_rows=10, max_queued_rows=5, provider="tpu",
+                     max_prefill_tokens=0)
     message = str(caught.value)
-    for word in ("port: 99999", "max_batch_rows: 0", "threads: 0", "max_wait_ms: expected a finite number",
+    for word in ("port: 99999", "max_batch_rows: 0", "max_prefill_tokens: 0", "threads: 0",
+                 "max_wait_ms: expected a finite number",
                  "list_adapters: expected true or false", "served_model_name: '../x'", "max_request_rows (10)",
                  "provider: 'tpu'"):
         assert word in message, word
