@@ -518,10 +518,12 @@ class GenerationEngine:
         """Waiting rows that join now (under the lock): up to the rows free once ``leaving`` has left and the
         prefill token budget, one row at a time from the request with the fewest rows running (ties: the one
         waiting longest); a request's own rows keep their order."""
+        if not self._waiting:
+            return []
         gone = {id(r) for r in leaving}
         staying = [r for r in self._running if id(r) not in gone]
         free = self.max_batch_rows - len(staying)
-        if free <= 0 or not self._waiting:
+        if free <= 0:
             return []
         held = collections.Counter(r.group for r in staying)
         queues: dict[Hashable, collections.deque[_Request]] = {}

@@ -60,14 +60,16 @@ __all__ = [
 
 TASKS = ("seq-cls", "causal-lm")
 # Text columns looked for, in order, when ``text_columns`` is not given (GLUE/SuperGLUE names).
+# Pairs first: GLUE's QNLI file has ``question`` and ``sentence``, and reading ``sentence`` alone would drop
+# half of every example without a word.
 TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
-    ("sentence",),
-    ("text",),
     ("sentence1", "sentence2"),
     ("question", "sentence"),
     ("question1", "question2"),
     ("premise", "hypothesis"),
     ("question", "passage"),
+    ("sentence",),
+    ("text",),
 )
 IGNORE_INDEX = -100  # label id that the loss skips (prompt tokens, padding)
 _EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}

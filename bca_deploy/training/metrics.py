@@ -2,7 +2,9 @@
 
 - classification: a confusion matrix → ``accuracy``, ``mcc`` (Matthews; the multi-class form of
   Gorodkin 2004, equal to the usual binary MCC for two classes), binary ``f1`` (positive class 1),
-  multi-class ``macro_f1``; plus mean cross-entropy ``loss``.
+  multi-class ``macro_f1`` (the mean over the classes that occur among the labels or the predictions,
+  as scikit-learn's ``f1_score(average="macro")``: a held-out subset without some class is not marked
+  down for it); plus mean cross-entropy ``loss``.
 - regression: n, Σx, Σy, Σx², Σy², Σxy, Σ(x−y)² → ``pearson``, ``mse`` (= ``loss``).
 - causal-lm: Σ token NLL and token count → ``loss`` (mean NLL per target token), ``perplexity``.
 
@@ -150,5 +152,5 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     if confusion.shape[0] == 2:
         metrics["f1"] = float(f1[1])
     else:
-        metrics["macro_f1"] = float(f1.mean())
+        metrics["macro_f1"] = float(f1[true_counts + pred_counts > 0].mean())
     return metrics

@@ -62,6 +62,8 @@ def start_summary(run: _TrainingRun) -> str:
     cfg = run.cfg
     lines = [f"bca-deploy train: {cfg.task}, recipe {cfg.recipe!r}"]
     data = f"{cfg.data} ({_count(len(run.train_data))} rows)"
+    if cfg.task == "seq-cls":  # which columns were read, when the reader chose them
+        data += f", text {'+'.join(run.train_examples.text_columns)}"
     if run.eval_data is not None:
         data += f"; eval {cfg.eval_data} ({_count(len(run.eval_data))} rows)"
     lines.append(f"  data      {data}")

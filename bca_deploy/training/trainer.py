@@ -420,15 +420,20 @@ class _TrainingRun:
         except DataError as exc:
             errors.append(exc)
         eval_ex, self.eval_data = None, None
+        eval_kwargs = dict(kwargs)
+        if train_ex is not None and cfg.task == "seq-cls":
+            eval_kwargs["regression"] = train_ex.regression  # read both files the same way
+
+        def read_eval(names: list[str] | None) -> tuple[Any, Any]:
+            examples, dataset = load_dataset(cfg.eval_data, cfg.task, self.tokenizer, cfg.max_length,
+                                             label_names=names, **eval_kwargs)
+            check_token_range(dataset, vocabulary, cfg.eval_data, self.tokenizer, cfg.model)
+            return examples, dataset
+
         if cfg.eval_data is not None:
-            eval_names = names_to_read if train_ex is None else getattr(train_ex, "label_names", None)
-            eval_kwargs = dict(kwargs)
-            if train_ex is not None and cfg.task == "seq-cls":
-                eval_kwargs["regression"] = train_ex.regression  # read both files the same way
             try:
-                eval_ex, self.eval_data = load_dataset(cfg.eval_data, cfg.task, self.tokenizer, cfg.max_length,
-                                                       label_names=eval_names, **eval_kwargs)
-                check_token_range(self.eval_data, vocabulary, cfg.eval_data, self.tokenizer, cfg.model)
+                eval_ex, self.eval_data = read_eval(names_to_read if train_ex is None else
+                                                    getattr(train_ex, "label_names", None))
             except DataError as exc:
                 errors.append(exc)
         if len(errors) == 1:
@@ -445,6 +450,16 @@ class _TrainingRun:
         if cfg.task == "seq-cls":
             self.labels = self._decide_labels(train_ex, eval_ex)
             self.regression = self.labels.regression
+            if eval_ex is not None and eval_ex.label_names not in (None, self.labels.names):
+                # the training file numbered its classes and the held-out file named them: its names were
+                # numbered by their own order; read them against the classes the adapter records, as
+                # evaluate does (a name that is not one of them is refused)
+                try:
+                    self.eval_examples, self.eval_data = read_eval(self.labels.names)
+                except DataError as exc:
+                    raise DataError(f"{exc}\n{cfg.data} numbers its classes, so the labels of {cfg.eval_data} must "
+                                    "be those numbers or the class names the adapter records; or name the classes "
+                                    "in both files, or pass --label-names") from None
         self.metric = cfg.metric_for_best or primary_metric(cfg.task, self.regression)
         allowed = {"causal-lm": {"loss", "perplexity"}}.get(cfg.task) or (
             {"pearson", "mse", "loss"} if self.regression else {"accuracy", "mcc", "f1", "macro_f1", "loss"})
@@ -481,9 +496,20 @@ class _TrainingRun:
         if names is not None and len(names) != num:
             raise DataError(f"{train_ex.path}: {len(names)} class names ({', '.join(names[:10])}) for a head of "
                             f"{num} classes")
+        if num < 2:  # one output under cross-entropy: the loss is 0 whatever the weights, nothing is learnt
+            only = f" ({names[0]!r})" if names else ""
+            raise DataError(f"{train_ex.path}: one class{only} makes no classifier; name the other classes with "
+                            "--label-names (a class may have no training example) or pass --num-labels, or "
+                            "--regression for one real-valued output")
         for examples in (train_ex, eval_ex):
             if examples is not None:
                 check_label_range(examples, num, where, fix)
+        used = set(train_ex.labels or ())
+        if len(used) == 1 and self.d.is_main:
+            (only,) = used
+            name = names[only] if names else f"LABEL_{only}"
+            print(f"note: every label in {train_ex.path} is class {only} ({name!r}) of {num}: the head can only "
+                  "learn to answer it", file=sys.stderr)
         return Labels(num, list(names) if names else [f"LABEL_{i}" for i in range(num)], False, self._head_kind())
 
     def _head_kind(self) -> str:

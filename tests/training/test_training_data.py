@@ -317,3 +317,25 @@ def test_malformed_csv_and_headers(tmp_path):
             load_seq_cls(tmp_path / name)
     with pytest.raises(DataError, match="/dev/null: a device, not a regular file"):
         load_seq_cls("/dev/null")
+
+
+def test_a_pair_of_text_columns_wins_over_one_of_them(tmp_path):
+    """GLUE QNLI's columns (question, sentence): reading 'sentence' alone would drop every question."""
+    path = tmp_path / "qnli.tsv"
+    path.write_text("index\tquestion\tsentence\tlabel\n0\twhat is it\tit is a test\tentailment\n")
+    examples = load_seq_cls(path)
+    assert examples.text_columns == ["question", "sentence"]
+    assert [column[0] for column in examples.texts] == ["what is it", "it is a test"]
+
+
+def test_macro_f1_averages_the_classes_that_occur_as_scikit_learn_does():
+    """5 classes; the labels and predictions use 0, 1, 3 only (a held-out subset)."""
+    from bca_deploy.training.metrics import classification_metrics
+
+    truth = [0, 0, 1, 1, 1, 3, 3, 0]
+    pred = [0, 1, 1, 1, 3, 3, 0, 0]
+    confusion = torch.zeros(5, 5, dtype=torch.float64)
+    for t, p in zip(truth, pred):
+        confusion[t, p] += 1
+    # sklearn.metrics.f1_score(truth, pred, average="macro"), per class: 0: 2·2/(3+3), 1: 2·2/(3+3), 3: 2·1/(2+2)
+    assert classification_metrics(confusion)["macro_f1"] == pytest.approx((4 / 6 + 4 / 6 + 2 / 4) / 3)

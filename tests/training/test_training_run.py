@@ -471,3 +471,31 @@ def test_refuses_bad_options_all_at_once(files, tmp_path):
                  "--batch-size must be >= 1"):
         assert part in msg
     assert tree(files["bert"])  # the model directory is untouched (read only)
+
+
+def test_held_out_class_names_are_read_against_the_recorded_classes_never_renumbered(files, tmp_path):
+    """Training labels that are ids (0/1) and held-out labels that are names: the names were numbered by
+    their own sorted order, so a held-out file of 'pos' rows scored class 0 (accuracy inverted, best/ picked
+    on it). They are now read as evaluate reads them: the recorded names (LABEL_0, LABEL_1) or refused."""
+    rows = sst2_rows("dev", 40)
+    named = write_tsv(tmp_path / "named.tsv", [(s, "pos" if y else "neg") for s, y in rows])
+    recorded = write_tsv(tmp_path / "recorded.tsv", [(s, f"LABEL_{y}") for s, y in rows])
+    ids = write_tsv(tmp_path / "ids.tsv", rows)
+    with pytest.raises(DataError, match=r"(?s)label 'neg' is not one of the classes 'LABEL_0', 'LABEL_1'.*"
+                                        r"numbers its classes"):
+        train(config(files["bare"], files["cue"], tmp_path / "refused", eval_data=named, max_steps=1))
+    assert not (tmp_path / "refused").exists()
+    result = train(config(files["bare"], files["cue"], tmp_path / "run", eval_data=recorded, max_steps=6))
+    alone = evaluate(EvaluateConfig(model=files["bare"], adapter=tmp_path / "run" / "last", data=ids))
+    assert result.final_metrics["accuracy"] == alone["accuracy"]
+    assert result.final_metrics["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+
+
+def test_one_class_is_refused_and_a_single_used_class_is_noted(files, tmp_path, capsys):
+    one = write_tsv(tmp_path / "one.tsv", [(s, "pos") for s, _ in sst2_rows("train", 8)])
+    with pytest.raises(DataError, match="one class \\('pos'\\) makes no classifier.*--label-names"):
+        train(config(files["bare"], one, tmp_path / "one", max_steps=1))
+    with pytest.raises(DataError, match="one class makes no classifier"):
+        train(config(files["bare"], files["small"], tmp_path / "one-output", num_labels=1, max_steps=1))
+    train(config(files["bare"], one, tmp_path / "named", label_names=["neg", "pos"], max_steps=1))
+    assert "every label in" in capsys.readouterr().err
