@@ -390,7 +390,7 @@ def load_seq_cls(
                 problems.append(f"line {line}: {problem}")
             texts[k].append(value if isinstance(value, str) else "")
         if has_labels:
-            label = _parse_label(record.get(label_column))
+            label = _parse_label(record[label_column]) if label_column in record else "missing (no such field)"
             if type(label) is str:  # a problem message, not a label
                 problems.append(f"line {line}: label in column {label_column!r}: {label}")
             parsed.append(label)
@@ -464,7 +464,7 @@ def check_label_range(examples: SeqClsExamples, num_labels: int, head: str = "th
         return
     bad = [(line, y) for line, y in zip(examples.lines, examples.labels) if not 0 <= y < num_labels]
     if bad:
-        shown = [f"line {line}: label {y}" for line, y in bad]
+        shown = [f"line {line}: label {y}" + (" (class ids start at 0)" if y < 0 else "") for line, y in bad]
         raise DataError(format_problems(
             f"{examples.path}: {len(bad)} label(s) outside {head}'s range 0..{num_labels - 1} "
             f"(num_labels={num_labels}); {fix}:", shown, limit=10,

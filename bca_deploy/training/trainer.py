@@ -510,6 +510,13 @@ class _TrainingRun:
             name = names[only] if names else f"LABEL_{only}"
             print(f"note: every label in {train_ex.path} is class {only} ({name!r}) of {num}: the head can only "
                   "learn to answer it", file=sys.stderr)
+        elif train_ex.label_names is None and len(used) < num and self.d.is_main:
+            # class ids: a head of max id + 1 outputs; ids that start at 1, or one stray large id, leave
+            # classes no example teaches (the head is no smaller for it)
+            unused = [i for i in range(num) if i not in used]
+            shown = ", ".join(map(str, unused[:5])) + (f", ... ({len(unused):,} in all)" if len(unused) > 5 else "")
+            print(f"note: {train_ex.path}: no training example of class {shown} of the head's {num:,} (class ids "
+                  "run 0..K-1)", file=sys.stderr)
         return Labels(num, list(names) if names else [f"LABEL_{i}" for i in range(num)], False, self._head_kind())
 
     def _head_kind(self) -> str:

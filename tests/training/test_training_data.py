@@ -238,6 +238,7 @@ def test_odd_json_values_are_refused_with_their_lines(tmp_path):
         '{"text": "ok", "label": NaN}',
         json.dumps({"text": "ok", "label": None}),
         '{"text": "lone \\ud800 surrogate", "label": 1}',
+        json.dumps({"text": "ok"}),
     ]
     path = tmp_path / "odd.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -250,7 +251,8 @@ def test_odd_json_values_are_refused_with_their_lines(tmp_path):
                  "line 7: label in column 'label': an object is not a label",
                  "line 8: label in column 'label': nan is not a finite number",
                  "line 9: label in column 'label': null is not a label",
-                 "line 10: column 'text' holds a lone surrogate '\\ud800' at character 6"):
+                 "line 10: column 'text' holds a lone surrogate '\\ud800' at character 6",
+                 "line 11: label in column 'label': missing (no such field)"):
         assert part in msg, (part, msg)
     (tmp_path / "deep.jsonl").write_text(deep + "\n" + json.dumps({"text": "x", "label": 1}) + "\n")
     with pytest.raises(DataError, match="line 1: (JSON nested too deeply|expected a JSON object)"):

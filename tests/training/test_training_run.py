@@ -499,3 +499,9 @@ def test_one_class_is_refused_and_a_single_used_class_is_noted(files, tmp_path, 
         train(config(files["bare"], files["small"], tmp_path / "one-output", num_labels=1, max_steps=1))
     train(config(files["bare"], one, tmp_path / "named", label_names=["neg", "pos"], max_steps=1))
     assert "every label in" in capsys.readouterr().err
+    from_one = write_tsv(tmp_path / "from_one.tsv", [(s, 1 + y) for s, y in sst2_rows("train", 8)])
+    train(config(files["bare"], from_one, tmp_path / "ids", max_steps=1))
+    assert "no training example of class 0 of the head's 3" in capsys.readouterr().err
+    negative = write_tsv(tmp_path / "negative.tsv", [(s, -y) for s, y in sst2_rows("train", 8)])
+    with pytest.raises(DataError, match=r"label -1 \(class ids start at 0\)"):
+        train(config(files["bare"], negative, tmp_path / "negative", max_steps=1))
