@@ -117,6 +117,31 @@ RETRY_AFTER_S = 1
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+async def _answered(request: Request, work: Any) -> Any:
+    """Await ``work`` (a coroutine or future), unless the client closes the connection first (a timed-out
+    client, a killed process): then ``work`` is cancelled, so its rows leave the batch, and
+    :class:`ClientClosedRequestError` is raised (499). Without this, a gone request's rows would run to the
+    end in places other requests wait for."""
+    work = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            work.add_done_callback(_retrieved)  # a cancelled gather keeps its CancelledError: read it, no log noise
+    if work not in done:
+        raise ClientClosedRequestError("the client closed the connection before its answer was ready; its work "
+                                       "was stopped")
+    return work.result()
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _disconnected(request: Request) -> None:
     """Return when the client has closed the connection (its body was read: what arrives next is that)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -556,7 +581,7 @@ class Server:
         self.check_rows(len(rows))
         with self.admission.hold(len(rows)):
             token_rows = await self.prepare(rows, max_new_tokens)
-            result, job = await self.batcher.submit(kind, token_rows, adapter, params)
+            result, job = await _answered(request, self.batcher.submit(kind, token_rows, adapter, params))
         log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,
                     "queue_ms": round((job.started - job.enqueued) * 1000, 3)})
         self.metrics.prompt_tokens.labels(self.metrics.adapter_label(adapter or BASE)).inc(
@@ -631,21 +656,9 @@ class Server:
         """Every stream's result, in order; the caller cancels the streams afterwards, whatever happened.
 
         Raises:
-            ClientClosedRequestError: the client went away first (a timed-out client, a killed process). Its
-                rows would otherwise decode to their last token in slots other requests wait for.
+            ClientClosedRequestError: the client went away first (see :func:`_answered`).
         """
-        results = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in streams)))
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            done, _ = await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not results.done():
-                results.cancel()
-        if results not in done:
-            raise ClientClosedRequestError("the client closed the connection before its answer was ready; its "
-                                           "rows were stopped")
-        return results.result()
+        return await _answered(request, asyncio.gather(*(s.collect() for s in streams)))
 
     @staticmethod
     def log_streams(request: Request, streams: list) -> None:
@@ -770,6 +783,9 @@ class _Guard:
                 raise body_too_large(options.max_body_bytes, length)
             receive = self._guard_receive(receive, start)
             await self.app(scope, receive, guarded_send)
+        except asyncio.CancelledError:  # the request's task was cancelled: on Ray Serve, because its client left
+            failed, state["error_type"] = error_status(ClientClosedRequestError(""))
+            raise
         except Exception as raised:
             exc = _unwrapped(raised)
             if not isinstance(exc, BCAError):

@@ -450,6 +450,7 @@ def test_a_client_that_leaves_before_its_whole_answer_stops_its_rows(llama_serve
     log = [json.loads(line) for line in llama_server.log.read_text().splitlines() if line.startswith("{")]
     mine = [e for e in log if e.get("path") == path and e.get("status") == 499]
     assert mine and mine[-1]["error_type"] == "client_closed_request"
+    assert "never retrieved" not in llama_server.log.read_text()  # an ordinary client action logs no traceback
 
 
 def test_a_full_queue_answers_503_with_retry_after(llama):
@@ -475,3 +476,70 @@ def test_a_full_queue_answers_503_with_retry_after(llama):
         assert caught.value.response.headers["retry-after"] == "1"
         assert caught.value.body["type"] == "server_busy" and "--max-queued-rows" in caught.value.body["message"]
         assert rest.endswith(b"data: [DONE]\n\n")
+
+
+def test_an_embedding_request_whose_client_leaves_stops_between_its_batches(bert):
+    """256 rows run as 256 one-row batches here; the client leaves after the first few: the rest never run,
+    the request counts as 499, and the server answers the next client."""
+    import json
+    import socket
+    import time
+
+    from bca_deploy.serving.http import ServerThread, build
+
+    app = build(bert["onnx"], threads=1, max_batch_rows=1, max_wait_ms=0)
+    rows = [[5 + i % 50] * 60 for i in range(256)]
+    with ServerThread(app, startup_timeout=60) as server:
+        payload = json.dumps({"model": "a0", "input": rows}).encode()
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+            time.sleep(0.1)
+        deadline = time.monotonic() + 60
+        while requests_count(metric_samples(server.url), "/v1/embeddings", "499", "a0") < 1:
+            assert time.monotonic() < deadline, "the request was never counted as 499"
+            time.sleep(0.05)
+        ran = app.state.batcher.batches
+        time.sleep(0.3)
+        assert app.state.batcher.batches == ran < 256  # nothing of it runs after it was counted
+        status, body = call(server.url + "/v1/embeddings", "POST", {"model": "a0", "input": [[5, 6]]})
+        assert status == 200 and len(body["data"]) == 1
+
+
+def test_a_request_task_cancelled_by_its_host_counts_as_499(bert):
+    """Ray Serve cancels a replica's request task when its client disconnects: the request is the client's
+    doing (499), not a server error (500)."""
+    import asyncio
+
+    from bca_deploy.serving.http import build
+
+    app = build(bert["onnx"], threads=1)
+    server = app.state.server
+    guard = next(m for m in app.user_middleware if m.cls.__name__ == "_Guard")
+    started = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        started.set()
+        await asyncio.sleep(60)
+
+    async def main():
+        handler = guard.cls(slow_app, **guard.kwargs)
+        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": [], "state": {}}
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            pass
+
+        task = asyncio.create_task(handler(scope, receive, send))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    samples = {(s.name, s.labels.get("status")): s.value for family in server.metrics.registry.collect()
+               for s in family.samples if s.name == "bca_requests_total"}
+    assert samples == {("bca_requests_total", "499"): 1.0}
