@@ -34,6 +34,7 @@ _EXPORTS = {
     "DataFileNotFoundError": ".errors",
     "TrainingConfigError": ".errors",
     "CheckpointError": ".errors",
+    "TrainingDivergedError": ".errors",
     "train": ".trainer",
     "evaluate": ".trainer",
     "TrainResult": ".trainer",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..errors import BCAError
 
-__all__ = ["DataError", "DataFileNotFoundError", "TrainingConfigError", "CheckpointError"]
+__all__ = ["DataError", "DataFileNotFoundError", "TrainingConfigError", "CheckpointError", "TrainingDivergedError"]
 
 
 class DataError(BCAError, ValueError):
@@ -27,3 +27,8 @@ class TrainingConfigError(BCAError, ValueError):
 
 class CheckpointError(BCAError, ValueError):
     """A training checkpoint cannot be resumed: missing, damaged, or written by a run with other options."""
+
+
+class TrainingDivergedError(TrainingConfigError, FloatingPointError):
+    """The training loss became NaN or infinite: the options (learning rate, clipping) made the run diverge.
+    The checkpoints written before it are kept."""

@@ -22,7 +22,8 @@ from torch import nn
 
 from .errors import TrainingConfigError
 
-__all__ = ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "sharding_source", "shard", "is_sharded",
+__all__ = ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "sharding_source", "ignored_accelerate_settings",
+           "shard", "is_sharded",
            "full_trainable", "load_trainable", "full_optimizer_state", "load_optimizer_state", "gradient_sync"]
 
 #: What ``accelerate launch`` sets for an FSDP config (``--use_fsdp``, or ``distributed_type: FSDP``).
@@ -55,6 +56,32 @@ def sharding_source(fsdp_option: bool, environ: Mapping[str, str] | None = None)
     if _env_flag(environ, ACCELERATE_USE_FSDP):
         return f"accelerate's FSDP config ({ACCELERATE_USE_FSDP}={environ[ACCELERATE_USE_FSDP]})"
     return None
+
+
+def ignored_accelerate_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The settings of an ``accelerate launch`` config this trainer does not apply, each with what it does
+    instead (for a note: accelerate's own Trainer integration would have honoured them)."""
+    environ = os.environ if environ is None else environ
+
+    def value(name: str) -> str:
+        return environ.get(name, "").strip()
+
+    ignored = []
+    if value("ACCELERATE_MIXED_PRECISION").lower() in {"bf16", "fp16", "fp8"}:
+        ignored.append(f"mixed precision {value('ACCELERATE_MIXED_PRECISION')} (pass --precision bf16)")
+    if _env_flag(environ, ACCELERATE_USE_FSDP):
+        if value("FSDP_SHARDING_STRATEGY").upper() not in {"", "FULL_SHARD", "1"}:
+            ignored.append(f"sharding strategy {value('FSDP_SHARDING_STRATEGY')} (this trainer shards fully)")
+        if value("FSDP_OFFLOAD_PARAMS").lower() in _TRUE:
+            ignored.append("parameter offload to the CPU (the shards stay on the device)")
+        if value("FSDP_RESHARD_AFTER_FORWARD").lower() in {"false", "0", "no"}:
+            ignored.append("reshard_after_forward false (blocks are resharded after their forward)")
+        if value("FSDP_ACTIVATION_CHECKPOINTING").lower() in _TRUE:
+            ignored.append("activation checkpointing (pass --gradient-checkpointing)")
+        if value("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+            ignored.append(f"the classes to wrap {value('FSDP_TRANSFORMER_CLS_TO_WRAP')} (this trainer wraps the "
+                           "model's _no_split_modules)")
+    return ignored
 
 
 def _block_classes(model: nn.Module) -> set[str]:

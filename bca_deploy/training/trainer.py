@@ -50,7 +50,7 @@ from ..models import describe_ids_past_vocabulary, ids_past_vocabulary, vocabula
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
 from .config import Recipe, TrainConfig, recipe_for
 from .data import SeqClsExamples, check_label_range, check_token_range, classes_needed, load_dataset, pad_token_id
-from .errors import CheckpointError, DataError, DataFileNotFoundError, TrainingConfigError
+from .errors import CheckpointError, DataError, DataFileNotFoundError, TrainingConfigError, TrainingDivergedError
 from .evaluate import TRAINING_FILE, evaluate
 from .loading import (
     DEFAULT_TARGETS,
@@ -87,6 +87,7 @@ from .sharding import (
     full_optimizer_state,
     full_trainable,
     gradient_sync,
+    ignored_accelerate_settings,
     load_optimizer_state,
     load_trainable,
     shard,
@@ -339,6 +340,10 @@ class _TrainingRun:
         self.resumed_from: int | None = None
         self.printer = _Printer(enabled=cfg.progress and d.is_main)
         self.sharding = sharding_source(cfg.fsdp)
+        ignored = ignored_accelerate_settings()
+        if ignored and d.is_main:
+            print(f"note: accelerate's config asks for what this trainer does not apply: {'; '.join(ignored)}",
+                  file=sys.stderr)
         if self.sharding is not None and not d.active:
             if d.is_main:
                 print(f"note: FSDP ({self.sharding}) shards across processes; this is one process, so the model "
@@ -353,6 +358,10 @@ class _TrainingRun:
             self.setup_model()
             self.setup_optimizer()
             self.restore()
+            if self.resumed_from is not None and self.step >= self.cfg.max_steps:
+                finished = self._finished_result()
+                if finished is not None:
+                    return finished
             self.printer.start(self)
             self.train_loop()
             result = self.result()
@@ -362,6 +371,20 @@ class _TrainingRun:
         finally:
             if self.rundir is not None:
                 self.rundir.close()
+
+    def _finished_result(self) -> TrainResult | None:
+        """The result a finished run wrote, when ``--resume`` finds nothing left to do (None: none readable)."""
+        try:
+            data = json.loads((self.out / RESULT_FILE).read_text())
+            data.update(out_dir=Path(data["out_dir"]), last_dir=Path(data["last_dir"]),
+                        best_dir=Path(data["best_dir"]) if data.get("best_dir") else None)
+            result = TrainResult(**data)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if self.d.is_main:
+            print(f"note: {self.out} already reached step {self.step} (--max-steps {self.cfg.max_steps}): nothing to "
+                  f"resume; its {RESULT_FILE} is kept as it was", file=sys.stderr)
+        return result
 
     # -- output directory ---------------------------------------------------------------------------
 
@@ -835,7 +858,7 @@ class _TrainingRun:
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
                 if not math.isfinite(step_loss):
-                    raise FloatingPointError(
+                    raise TrainingDivergedError(
                         f"training loss is {step_loss} at step {self.step}: lower the learning rate (--lr {cfg.lr}) "
                         "or set --max-grad-norm")
                 elapsed = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
 import subprocess
@@ -323,3 +324,24 @@ def test_resume_after_sigkill(files, tmp_path):
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_so(files, earlier, capsys):
+    """--resume on a run already at its --max-steps has nothing to do: its result (loss, throughput) and every
+    file stay as they were; it used to rewrite train_result.json with a NaN loss and zero throughput."""
+    out, before = earlier
+    result = train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2,
+                          resume=True), on_step=_never)
+    assert tree(out) == before
+    assert result.step == 2 and math.isfinite(result.train_loss) and result.samples_per_second > 0
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_a_diverging_run_is_a_refused_input_not_a_bug(files, tmp_path):
+    from bca_deploy.errors import BCAError
+    from bca_deploy.training import TrainingDivergedError
+
+    with pytest.raises(TrainingDivergedError, match="training loss is (nan|inf).*lower the learning rate") as caught:
+        train(config(files["bert"], files["small"], tmp_path / "run", max_steps=3, lr=1e30, head_lr=1e30,
+                     max_grad_norm=0))
+    assert isinstance(caught.value, BCAError)  # the CLI prints one Error: line, exit 2

@@ -166,3 +166,19 @@ def test_the_sharding_is_asked_by_the_option_or_accelerates_config_and_deepspeed
     assert sharding_source(False, {ACCELERATE_USE_FSDP: "false"}) is None
     with pytest.raises(TrainingConfigError, match="DeepSpeed.*DDP, or with FSDP"):
         sharding_source(True, {ACCELERATE_USE_DEEPSPEED: "1"})
+
+
+def test_accelerate_settings_the_trainer_does_not_apply_are_named():
+    from bca_deploy.training.sharding import ignored_accelerate_settings
+
+    # what `accelerate launch --use_fsdp` sets with its defaults: nothing to say
+    defaults = {ACCELERATE_USE_FSDP: "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_OFFLOAD_PARAMS": "false",
+                "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_ACTIVATION_CHECKPOINTING": "false",
+                "ACCELERATE_MIXED_PRECISION": "no"}
+    assert ignored_accelerate_settings(defaults) == []
+    odd = {**defaults, "FSDP_SHARDING_STRATEGY": "NO_SHARD", "FSDP_OFFLOAD_PARAMS": "true",
+           "FSDP_ACTIVATION_CHECKPOINTING": "true", "ACCELERATE_MIXED_PRECISION": "bf16"}
+    said = "; ".join(ignored_accelerate_settings(odd))
+    for part in ("sharding strategy NO_SHARD", "offload", "--gradient-checkpointing", "--precision bf16"):
+        assert part in said, (part, said)
+    assert ignored_accelerate_settings({"ACCELERATE_MIXED_PRECISION": "fp16"})  # a DDP launch too
