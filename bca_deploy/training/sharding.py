@@ -23,8 +23,8 @@ from torch import nn
 from .errors import TrainingConfigError
 
 __all__ = ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "sharding_source", "ignored_accelerate_settings",
-           "shard", "is_sharded",
-           "full_trainable", "load_trainable", "full_optimizer_state", "load_optimizer_state", "gradient_sync"]
+           "shard", "full_trainable", "load_trainable", "full_optimizer_state", "load_optimizer_state",
+           "gradient_sync"]
 
 #: What ``accelerate launch`` sets for an FSDP config (``--use_fsdp``, or ``distributed_type: FSDP``).
 ACCELERATE_USE_FSDP = "ACCELERATE_USE_FSDP"
@@ -114,12 +114,6 @@ def shard(model: nn.Module, device: torch.device) -> int:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return len(blocks)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def _trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

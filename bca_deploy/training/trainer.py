@@ -731,10 +731,6 @@ class _TrainingRun:
         save_adapter_files(self.model, tmp, self.cfg.method, values)
         _write_json(tmp / TRAINING_FILE, {**self.training_info, "step": self.step, "metrics": metrics})
 
-    def _trainable_values(self) -> dict[str, torch.Tensor]:
-        """Whole trainable tensors on the CPU, by name (sharded: gathered, a collective every rank calls)."""
-        return full_trainable(self.model)
-
     def save_checkpoint(self, metrics: dict[str, float] | None) -> None:
         """Write ``last/`` (adapter + trainer state); the first one puts the run in place of ``--out``."""
         rngs = [rng_state()]
@@ -743,7 +739,7 @@ class _TrainingRun:
 
             rngs = [None] * self.d.world_size
             dist.all_gather_object(rngs, rng_state())
-        values = self._trainable_values()
+        values = full_trainable(self.model)  # sharded: gathered, a collective every rank calls
         # one layout whatever the sharding, so a run resumes under DDP or FSDP alike
         optimizer = full_optimizer_state(self.opt) if self.sharded_blocks is not None \
             else self.opt.state_dict()
@@ -764,7 +760,7 @@ class _TrainingRun:
         self.rundir.first_checkpoint_written()
 
     def save_best(self, metrics: dict[str, float]) -> None:
-        values = self._trainable_values()
+        values = full_trainable(self.model)
         if self.d.is_main:
             write_dir_atomically(self.run_path / "best", lambda tmp: self._write_adapter(tmp, metrics, values))
 
