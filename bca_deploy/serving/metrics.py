@@ -29,6 +29,9 @@ BASE_ADAPTER = "__base__"
 #: The ``adapter`` label of every loaded adapter on a server that does not show adapter names.
 HIDDEN_ADAPTER = "__adapter__"
 
+# ``adapter`` labels that name no adapter: never removed, never relabelled.
+_RESERVED_LABELS = frozenset({"", BASE_ADAPTER, UNKNOWN_ADAPTER, HIDDEN_ADAPTER})
+
 # Seconds: from sub-millisecond steps of tiny models to minutes-long generations.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -96,7 +99,7 @@ class ServerMetrics:
     def recorded_label(self, label: str) -> str:
         """The ``adapter`` label a request is counted under when it ends: the one it started with, unless that
         adapter has been unloaded meanwhile (its series are gone): then :data:`UNKNOWN_ADAPTER`."""
-        if label in ("", BASE_ADAPTER, UNKNOWN_ADAPTER, HIDDEN_ADAPTER) or label in self._loaded():
+        if label in _RESERVED_LABELS or label in self._loaded():
             return label
         return UNKNOWN_ADAPTER
 
@@ -104,7 +107,7 @@ class ServerMetrics:
         """Drop every series labelled with adapter ``name`` (it was unloaded): the label set stays the loaded
         adapters', however many names come and go. A name loaded again starts from zero, which Prometheus
         reads as a counter reset."""
-        if not self.show_adapters or name in (BASE_ADAPTER, UNKNOWN_ADAPTER, HIDDEN_ADAPTER, ""):
+        if not self.show_adapters or name in _RESERVED_LABELS:
             return
         for metric, names in self._by_adapter:
             series = {tuple(sample.labels[n] for n in names) for family in metric.collect()

@@ -731,15 +731,22 @@ class _TrainingRun:
         save_adapter_files(self.model, tmp, self.cfg.method, values)
         _write_json(tmp / TRAINING_FILE, {**self.training_info, "step": self.step, "metrics": metrics})
 
-    def save_checkpoint(self, metrics: dict[str, float] | None) -> None:
-        """Write ``last/`` (adapter + trainer state); the first one puts the run in place of ``--out``."""
+    def _trainable_for_saving(self) -> dict[str, torch.Tensor] | None:
+        """Whole trainable tensors on the CPU for rank 0 to write (None on the other ranks of an unsharded run);
+        sharded, a gather every rank takes part in."""
+        if self.sharded_blocks is None and not self.d.is_main:
+            return None
+        return full_trainable(self.model)
+
+    def save_checkpoint(self, metrics: dict[str, float] | None, values: dict[str, torch.Tensor] | None) -> None:
+        """Write ``last/`` (adapter + trainer state, ``values`` from :meth:`_trainable_for_saving`); the first
+        one puts the run in place of ``--out``."""
         rngs = [rng_state()]
         if self.d.active:
             import torch.distributed as dist
 
             rngs = [None] * self.d.world_size
             dist.all_gather_object(rngs, rng_state())
-        values = full_trainable(self.model)  # sharded: gathered, a collective every rank calls
         # one layout whatever the sharding, so a run resumes under DDP or FSDP alike
         optimizer = full_optimizer_state(self.opt) if self.sharded_blocks is not None \
             else self.opt.state_dict()
@@ -759,8 +766,7 @@ class _TrainingRun:
         write_dir_atomically(self.run_path / "last", build)
         self.rundir.first_checkpoint_written()
 
-    def save_best(self, metrics: dict[str, float]) -> None:
-        values = full_trainable(self.model)
+    def save_best(self, metrics: dict[str, float], values: dict[str, torch.Tensor] | None) -> None:
         if self.d.is_main:
             write_dir_atomically(self.run_path / "best", lambda tmp: self._write_adapter(tmp, metrics, values))
 
@@ -885,6 +891,7 @@ class _TrainingRun:
     def _after_step(self, logs: dict[str, Any], save_every: int) -> None:
         """Evaluate and checkpoint when this step calls for it."""
         cfg, step = self.cfg, self.step
+        best = None
         if self.eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics = run_eval(self.model, self.eval_data, cfg.task, self.labels.num_labels if self.labels else 1,
                                 self.regression, cfg.eval_batch_size or cfg.batch_size, self.dev, self.precision,
@@ -897,10 +904,16 @@ class _TrainingRun:
                 self.final_metrics = metrics
             if is_better(self.metric, metrics[self.metric], self.best_metric):
                 self.best_metric, self.best_step = metrics[self.metric], step
-                self.save_best(metrics)
-        if (save_every and step % save_every == 0) or step == cfg.max_steps:
+                best = metrics
+        last = (save_every and step % save_every == 0) or step == cfg.max_steps
+        if best is None and not last:
+            return
+        values = self._trainable_for_saving()  # once for best/ and last/ of the same step
+        if best is not None:
+            self.save_best(best, values)
+        if last:
             last_eval = self.history[-1] if self.history and self.history[-1]["step"] == step else None
-            self.save_checkpoint(last_eval)
+            self.save_checkpoint(last_eval, values)
 
     # -- result -------------------------------------------------------------------------------------
 
