@@ -255,7 +255,7 @@ def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any]) -> d
     """``GenerationEngine`` levels on ``kind``'s decoder, one per way per round, for paired A/B benchmarks.
 
     ``ways[name](session)`` sets a way up right before its level (and may change module state: the caller restores
-    it). ``args``: ``adapters``, ``threads``, ``clients``, ``rounds``. Each way runs once as a warm-up, then
+    it); it may return keyword arguments for that level's ``GenerationEngine``. ``args``: ``adapters``, ``threads``, ``clients``, ``rounds``. Each way runs once as a warm-up, then
     ``rounds`` times in alternating order over the same 3·clients requests (prompts 8-64 tokens, 8-64 new).
     Returns per way a list of ``{"result": _run_level's result, "runs": RunMeter.take()}``, one per round.
     """
@@ -270,8 +270,9 @@ def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any]) -> d
     names = [d.name for d in art["adapters"]]
     requests = make_requests(3 * args.clients, MODELS[kind]["vocab_size"], names, (8, 64), (8, 64), seed=0)
 
-    async def level() -> dict:
-        engine = GenerationEngine(session, max_batch_rows=32, max_queued_rows=4 * args.clients)
+    async def level(**engine_kwargs) -> dict:
+        engine = GenerationEngine(session, **{"max_batch_rows": 32, "max_queued_rows": 4 * args.clients,
+                                              **engine_kwargs})
         await engine.start()
         try:
             return await _run_level(CONTINUOUS, engine, requests, args.clients)
@@ -279,14 +280,13 @@ def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any]) -> d
             await engine.stop()
 
     for setup in ways.values():  # warm-up, every way
-        setup(session)
-        asyncio.run(level())
+        asyncio.run(level(**(setup(session) or {})))
     samples: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
     for round_ in range(args.rounds):
         for way in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
-            ways[way](session)
+            engine_kwargs = ways[way](session) or {}
             meter.take()
-            result = asyncio.run(level())
+            result = asyncio.run(level(**engine_kwargs))
             samples[way].append({"result": result, "runs": meter.take()})
     return samples
 

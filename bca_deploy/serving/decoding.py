@@ -1,9 +1,9 @@
 """The per-step machinery of generation: sampling settings, samplers, and a decoder batch rows join and leave.
 
 :class:`DecodeBatch` holds the rows that decode together on a ``text-generation-with-past`` adapter-bank
-graph. Rows join between steps (their prompts prefilled in one run) and leave between steps (finished,
-cancelled or failed); :meth:`MultiAdapterSession.generate` and the continuous-batching
-:class:`~bca_deploy.serving.engine.GenerationEngine` both step one.
+graph. Rows join between steps (their prompts prefilled in one run, or a chunk of columns per run) and
+leave between steps (finished, cancelled or failed); :meth:`MultiAdapterSession.generate` and the
+continuous-batching :class:`~bca_deploy.serving.engine.GenerationEngine` both step one.
 
 Layout (exact, not approximate). Every row's real tokens are right-aligned in one past of width ``P``::
 
@@ -39,8 +39,8 @@ from ..exporters.bank import LOGITS_TO_KEEP
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
 from .limits import MAX_NEW_TOKENS
 
-__all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "DecodeRow", "DecodeBatch", "MAX_NEW_TOKENS",
-           "choose_tokens"]
+__all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "DecodeRow", "DecodeBatch", "PrefillJob",
+           "MAX_NEW_TOKENS", "choose_tokens"]
 
 _MAX_STOP = 16  # stop strings / stop token ids per request
 _MAX_STOP_CHARS = 256
@@ -203,6 +203,45 @@ class DecodeRow:
     next_token: int | None = None
 
 
+@dataclasses.dataclass(eq=False)
+class PrefillJob:
+    """A prefill in progress (:meth:`DecodeBatch.start_prefill`): its rows' padded prompts and the past so far.
+
+    ``rows``: as given; ``live``: indices of the rows still in it; ``failures``: ``{index in rows: exception}``;
+    ``logits``: once ``finished``, last-position logits (len(rows), V) float32, NaN for rows not prefilled;
+    ``width``/``done``/``columns``: prompt columns in all, run so far, and per run.
+    """
+
+    rows: list[DecodeRow]
+    logits: np.ndarray
+    failures: dict[int, Exception] = dataclasses.field(default_factory=dict)
+    live: list[int] = dataclasses.field(default_factory=list)
+    feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (live, width) inputs, mask included
+    past: dict[str, Any] = dataclasses.field(default_factory=dict)  # past input -> (live, heads, done, head_dim)
+    width: int = 0
+    done: int = 0
+    columns: int = 0
+    finished: bool = False
+    removed: set[int] = dataclasses.field(default_factory=set)  # id() of rows removed from the batch meanwhile
+    reported: set[int] = dataclasses.field(default_factory=set)  # failures the caller has handled (indices in rows)
+    last_run: tuple[int, int] = (0, 0)  # (rows, padded tokens) of the last prefill_chunk's run; (0, 0): it ran none
+
+    @property
+    def tokens(self) -> int:
+        """Padded prompt tokens the next chunk runs."""
+        return len(self.live) * max(0, min(self.columns, self.width - self.done))
+
+    def drop(self, indices: Sequence[int]) -> None:
+        """Rows (indices in ``rows``) leave the prefill; their inputs and past go."""
+        if not indices:
+            return
+        gone = set(indices)
+        keep = np.array([k for k, i in enumerate(self.live) if i not in gone], dtype=np.int64)
+        self.live = [i for i in self.live if i not in gone]
+        self.feeds = {name: value[keep] for name, value in self.feeds.items()}
+        self.past = {name: _host(value)[keep] for name, value in self.past.items()}
+
+
 class DecodeBatch:
     """Rows decoding together on one session: :meth:`prefill` newcomers, :meth:`step` everyone, :meth:`remove`.
 
@@ -242,6 +281,7 @@ class DecodeBatch:
             raise ServingError(f"the graph's present outputs have no matching past inputs: {', '.join(missing)}")
         self._outputs = ["logits", *self._presents]
         self._pending: list[tuple[list[DecodeRow], dict[str, np.ndarray], int]] = []  # prefilled, not joined yet
+        self._prefilling: list[PrefillJob] = []  # started, not finished
         self._leaving: set[int] = set()  # id() of rows to drop before the next step
         self._composite: tuple[tuple, Any] | None = None  # (key, BankSnapshot) for rows of several snapshots
         self._pad = session.pad_token_id
@@ -263,44 +303,120 @@ class DecodeBatch:
 
     # ---- rows in and out ---------------------------------------------------------------------------------
 
-    def prefill(self, rows: Sequence[DecodeRow]) -> tuple[np.ndarray, dict[int, Exception]]:
-        """Run the prompts of ``rows`` (left-padded into one run, empty past); they join at the next step.
+    def prefill(self, rows: Sequence[DecodeRow], *, chunk_tokens: int | None = None
+                ) -> tuple[np.ndarray, dict[int, Exception]]:
+        """Run the prompts of ``rows`` (left-padded, empty past) to the end; they join at the next step.
+
+        ``chunk_tokens``: as :meth:`start_prefill` (``None``: one run).
 
         Returns:
             ``(logits, failures)``: last-position logits (len(rows), V) as float32 (rows that failed: NaN),
             and ``{index in rows: exception}`` for rows that failed alone (they do not join).
         """
-        rows = list(rows)
-        if not rows:
-            return np.zeros((0, 0), np.float32), {}
-        width = max(len(r.prompt) for r in rows)
+        job = self.start_prefill(rows, chunk_tokens=chunk_tokens)
+        while not job.finished:
+            self.prefill_chunk(job)
+        return job.logits, job.failures
 
-        def feeds(subset: list[int]) -> dict[str, Any]:
-            # one row alone (isolating a failure) is padded to the group's width, so its past lines up
-            out = self.session.pad_ids([rows[i].prompt for i in subset], side="left")  # checks ids and empty rows
-            pad = width - out["input_ids"].shape[1]
-            if pad:
-                fill = {"input_ids": self._pad, "position_ids": 1}
-                out = {k: np.pad(v, ((0, 0), (pad, 0)), constant_values=fill.get(k, 0)) for k, v in out.items()}
-            out.update(empty_past(self.session.session, len(subset)))
+    def start_prefill(self, rows: Sequence[DecodeRow], *, chunk_tokens: int | None = None) -> PrefillJob:
+        """A prefill of ``rows`` to run a chunk at a time with :meth:`prefill_chunk` (nothing runs yet).
+
+        The prompts are left-padded to the longest; each run feeds the next ``max(1, chunk_tokens // rows)``
+        columns with the past of the columns before (``None``: every column in one run). A chunk's queries
+        see exactly the keys they would see in one run, so the logits and the past are those of one run.
+        Chunks let the caller step the running rows between them: a long prompt then holds them up for
+        one chunk at a time, never for its whole prefill (chunked prefill, as vLLM and TGI schedule it).
+        A row whose ids the graph refuses fails at once, alone.
+        """
+        rows = list(rows)
+        job = PrefillJob(rows, logits=np.full((len(rows), 0), np.nan, dtype=np.float32))
+        padded: list[tuple[int, dict[str, np.ndarray]]] = []
+        for i, row in enumerate(rows):
+            try:
+                padded.append((i, self.session.pad_ids([row.prompt], side="left")))  # checks ids and empty rows
+            except Exception as exc:  # noqa: BLE001 - this row fails alone
+                job.failures[i] = exc
+        if not padded:
+            job.finished = True
+            return job
+        width = max(feeds["input_ids"].shape[1] for _, feeds in padded)
+        fill = {"input_ids": self._pad, "position_ids": 1}  # padding: masked, at position 1 (as generate pads)
+        job.feeds = {name: np.concatenate([np.pad(feeds[name], ((0, 0), (width - feeds[name].shape[1], 0)),
+                                                  constant_values=fill.get(name, 0)) for _, feeds in padded])
+                     for name in padded[0][1]}
+        job.live = [i for i, _ in padded]
+        job.width = width
+        job.columns = width if chunk_tokens is None else max(1, int(chunk_tokens) // len(job.live))
+        self._prefilling.append(job)
+        return job
+
+    def prefill_chunk(self, job: PrefillJob) -> bool:
+        """Run the next chunk of ``job``; returns ``job.finished``. When the last chunk has run, the rows that did
+        not fail are prefilled (``length`` set; they join at the next step) and ``job.logits`` holds their
+        last-position logits. Rows removed meanwhile (:meth:`remove`) are dropped before the run."""
+        job.last_run = (0, 0)
+        if job.finished:
+            return True
+        job.drop(self._dropped_from(job))
+        if not job.live:
+            return self._finish_prefill(job, {})
+        job.last_run = (len(job.live), job.tokens)
+        start, stop = job.done, min(job.done + job.columns, job.width)
+        everyone = job.live
+
+        def feeds(subset: list[int]) -> dict[str, Any]:  # subset: positions in job.live
+            out = {name: value[subset, :stop] if name == "attention_mask" else value[subset, start:stop]
+                   for name, value in job.feeds.items()}
+            if not job.past:
+                out.update(empty_past(self.session.session, len(subset)))
+            elif len(subset) == len(everyone):  # the usual run: the last chunk's presents go back in as they are
+                out.update(job.past)
+            else:
+                index = np.array(subset)
+                out.update({k: _host(v)[index] for k, v in job.past.items()})
             if self.session.keeps_last_logits:  # the output layer on the last position only
                 out[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)
             return out
 
-        logits, presents, failures = self._run_isolated(rows, feeds)
-        ok = [i for i in range(len(rows)) if i not in failures]
-        for i in ok:
-            rows[i].length = len(rows[i].prompt)
-        if ok:
-            index = np.array(ok)
-            presents = {k: _host(v) for k, v in presents.items()}  # newcomers are written into the past on the host
-            past = {self._past_of[k]: (v if len(ok) == len(rows) else v[index]) for k, v in presents.items()}
-            self._pending.append(([rows[i] for i in ok], past, width))
-        return logits, failures
+        logits, presents, failures = self._run_isolated([job.rows[i] for i in everyone], feeds)
+        job.done = stop
+        if failures:  # rows that fail alone leave the job; the others keep their past
+            keep = [k for k in range(len(everyone)) if k not in failures]
+            for k, exc in failures.items():
+                job.failures[everyone[k]] = exc
+            job.live = [everyone[k] for k in keep]
+            index = np.array(keep, dtype=np.int64)
+            presents = {k: _host(v)[index] for k, v in presents.items()} if keep else {}
+            logits = logits[index] if keep else logits[:0]
+        job.past = {self._past_of[k]: v for k, v in presents.items()}
+        if job.done < job.width and job.live:
+            return False
+        return self._finish_prefill(job, logits)
+
+    def _finish_prefill(self, job: PrefillJob, logits: Any) -> bool:
+        job.finished = True
+        self._prefilling = [j for j in self._prefilling if j is not job]
+        if job.live:
+            vocab = logits.shape[-1]
+            job.logits = np.full((len(job.rows), vocab), np.nan, dtype=np.float32)
+            job.logits[np.array(job.live)] = logits
+            for i in job.live:
+                job.rows[i].length = len(job.rows[i].prompt)
+            past = {k: _host(v) for k, v in job.past.items()}  # newcomers are written into the past on the host
+            self._pending.append(([job.rows[i] for i in job.live], past, job.width))
+        job.past = {}
+        return True
+
+    def _dropped_from(self, job: PrefillJob) -> list[int]:
+        return [i for i in job.live if id(job.rows[i]) in job.removed]
 
     def remove(self, rows: Iterable[DecodeRow]) -> None:
-        """Rows leave the batch (finished, cancelled): their slots are freed before the next step."""
-        self._leaving.update(id(row) for row in rows)
+        """Rows leave the batch (finished, cancelled): their slots are freed before the next step, and a row still
+        being prefilled leaves its prefill before its next chunk."""
+        gone = {id(row) for row in rows}
+        self._leaving.update(gone)
+        for job in self._prefilling:
+            job.removed.update(gone)
 
     def _prepare(self) -> None:
         """Apply removals and joins before a step: free slots, write newcomers in place, or rebuild."""

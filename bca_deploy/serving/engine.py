@@ -15,8 +15,12 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
   nothing for it, while rows that start afterwards use the new bank (rows of several snapshots share a
   run through a composite bank of exactly the slots they use);
 - at most ``max_batch_rows`` rows run at once; at most ``max_queued_rows`` wait (then
-  :class:`EngineOverloadedError`); newcomers admitted in one step are bounded by ``max_prefill_tokens``
-  (padded prompt tokens), so a burst of long prompts does not stall the running rows for long;
+  :class:`EngineOverloadedError`);
+- chunked prefill: newcomers admitted in one step are bounded by ``max_prefill_tokens`` (padded prompt
+  tokens), and so is every prefill run: a prompt longer than that is prefilled a chunk per step, with a step
+  of the running rows between chunks, so neither a burst nor one long prompt stalls them for more than one
+  chunk. Prefills in progress take turns, so a short prompt arriving during a long one's chunks is not
+  queued behind all of them;
 - free rows go to the waiting requests in turn, the request with the fewest rows running first (then the
   earliest): a request of many rows fills the batch only while nobody else waits, and a later request
   takes the next row that frees instead of queueing behind all of the big one's rows (FIFO would).
@@ -55,7 +59,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import ServingError
-from .decoding import MAX_NEW_TOKENS, DecodeBatch, DecodeRow, Sampler, SamplingParams, SamplingParamsError, choose_tokens
+from .decoding import (
+    MAX_NEW_TOKENS,
+    DecodeBatch,
+    DecodeRow,
+    PrefillJob,
+    Sampler,
+    SamplingParams,
+    SamplingParamsError,
+    choose_tokens,
+)
 from .session import BASE, MultiAdapterSession, not_loaded
 
 __all__ = ["GenerationEngine", "GenerationStream", "GenerationResult", "TokenEvent", "SamplingParams",
@@ -295,8 +308,9 @@ class GenerationEngine:
         max_batch_rows: the most rows decoding at once.
         max_queued_rows: the most rows waiting to join; beyond it :meth:`submit` raises
             :class:`EngineOverloadedError`.
-        max_prefill_tokens: the most padded prompt tokens (rows x longest prompt) admitted in one step;
-            one row is always admitted, however long.
+        max_prefill_tokens: the most padded prompt tokens (rows x longest prompt) admitted in one step and
+            run in one prefill run (a step's prefill runs together stay within it, except that one always
+            runs); one row is always admitted, however long, and prefilled in chunks of this many tokens.
         observer: called from the engine's thread as ``observer(event, values)`` (exceptions are logged,
             never raised). Events and values (times in seconds):
 
@@ -304,7 +318,7 @@ class GenerationEngine:
             - ``"rejected"``: adapter, reason (the queue was full)
             - ``"started"``: adapter, queue_s (submitted → admitted into the batch)
             - ``"first_token"``: adapter, ttft_s (submitted → first token)
-            - ``"prefill"``: rows, tokens (padded prompt tokens), seconds
+            - ``"prefill"``: rows, tokens (padded prompt tokens), seconds (one per prefill run: a chunk)
             - ``"step"``: rows, requests, seconds, tokens (new tokens), inter_token_s (one per token that
               is not a row's first)
             - ``"finished"``: adapter, finish_reason (stop, length, cancelled), prompt_tokens,
@@ -330,6 +344,7 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []  # admitted, not finished (engine thread; read by stop())
+        self._prefilling: list[PrefillJob] = []  # prefills in progress, in turn order (engine thread only)
         self._cancelled: set[int] = set()  # id() of cancelled streams whose rows still run
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -342,7 +357,7 @@ class GenerationEngine:
         self._waker_thread: threading.Thread | None = None
         self._observer_failed: set[str] = set()
         self.steps = 0  # decode steps run
-        self.prefills = 0  # prefill runs
+        self.prefills = 0  # prefill runs (chunks)
         self._overlapping = False  # hand tokens over during the next run (the last step took OVERLAP_MIN_STEP_S or more)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -487,7 +502,7 @@ class GenerationEngine:
         batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._running and not self._prefilling:
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -497,7 +512,9 @@ class GenerationEngine:
             try:
                 self._leave(batch, cancelled, "cancelled")
                 if admitted:
-                    self._prefill(batch, admitted)
+                    self._start_prefill(batch, admitted)
+                if self._prefilling:
+                    self._prefill_chunks(batch)
                     if not self._overlapping:  # first tokens now, not after the step
                         self._deliver_later()
                 if batch.joined:
@@ -507,6 +524,7 @@ class GenerationEngine:
                 for request in list(self._running):
                     self._fail(request, exc)
                 batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
+                self._prefilling = []
             if not batch.joined or not self._overlapping:  # no run follows soon, or runs are short: deliver now
                 self._deliver_later()
 
@@ -548,7 +566,8 @@ class GenerationEngine:
         self._running.extend(admitted)
         return admitted
 
-    def _prefill(self, batch: DecodeBatch, admitted: list[_Request]) -> None:
+    def _start_prefill(self, batch: DecodeBatch, admitted: list[_Request]) -> None:
+        """The admitted rows' prefill, queued to run chunk by chunk (:meth:`_prefill_chunks`)."""
         snapshot = self.session.snapshot()  # every row admitted now starts on the bank of this moment
         rows = []
         now = time.perf_counter()
@@ -562,13 +581,39 @@ class GenerationEngine:
             rows.append(request.row)
         if not rows:
             return
-        start = time.perf_counter()
-        logits, failures = batch.prefill(rows)
-        self.prefills += 1
-        self._count_batch(rows, len(rows))
-        self._observe("prefill", rows=len(rows), tokens=len(rows) * max(len(r.prompt) for r in rows),
-                      seconds=time.perf_counter() - start)
-        self._emit(batch, rows, logits, failures, first=True)
+        job = batch.start_prefill(rows, chunk_tokens=self.max_prefill_tokens)
+        self._fail_prefilling(job)
+        if not job.finished:
+            self._prefilling.append(job)
+
+    def _prefill_chunks(self, batch: DecodeBatch) -> None:
+        """One chunk of each prefill in progress, in turn, within ``max_prefill_tokens`` (the first always runs);
+        the prefills that had no turn go first next time. Rows whose prefill is done get their first token."""
+        spent, ran, skipped = 0, [], []
+        for job in self._prefilling:
+            if spent and spent + job.tokens > self.max_prefill_tokens:
+                skipped.append(job)
+                continue
+            start = time.perf_counter()
+            batch.prefill_chunk(job)
+            rows, tokens = job.last_run
+            if rows:  # a job whose rows all left meanwhile ends without a run
+                self.prefills += 1
+                spent += tokens
+                self._count_batch([job.rows[i] for i in job.live], rows)
+                self._observe("prefill", rows=rows, tokens=tokens, seconds=time.perf_counter() - start)
+            self._fail_prefilling(job)
+            ran.append(job)
+            if job.finished and job.live:
+                done = [job.rows[i] for i in job.live]
+                self._emit(batch, done, job.logits[np.array(job.live)], {}, first=True)
+        self._prefilling = skipped + [job for job in ran if not job.finished]
+
+    def _fail_prefilling(self, job: PrefillJob) -> None:
+        """Rows that failed in ``job`` since the last call fail now (their neighbours go on)."""
+        for index in sorted(set(job.failures) - job.reported):
+            job.reported.add(index)
+            self._fail(job.rows[index].owner, job.failures[index])
 
     def _step(self, batch: DecodeBatch) -> None:
         start = time.perf_counter()

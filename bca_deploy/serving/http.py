@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BCAError, ServingError
+from ..errors import BCAError, ServingError, UnknownAdapterError
 from .options import ServeOptions
 from .session import BASE, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
@@ -551,9 +551,20 @@ class Server:
     def select(self, request: Request, name: str | None, param: str = "adapter") -> str | None:
         """:meth:`adapter`, with the request's log entry and metrics label set first (a 404 is logged too)."""
         request.state.log["adapter"] = name
+        request.state.adapter_param = param
         base = name is None or name in (BASE, self.model_name)
         request.state.adapter_label = self.metrics.adapter_label(BASE if base else name)
         return self.adapter(name, param)
+
+    @staticmethod
+    def error_param(exc: BaseException, state: Any) -> str | None:
+        """The request field an error answer names (its ``param``): the error's own; for an adapter unloaded after
+        the request named it (refused later, by the engine or the batcher), the field that named it (recorded by
+        :meth:`select` in the request's ``state``: ``request.state`` or the ASGI scope's dict)."""
+        param = getattr(exc, "param", None)
+        if param is None and isinstance(exc, UnknownAdapterError):
+            param = state.get("adapter_param") if isinstance(state, dict) else getattr(state, "adapter_param", None)
+        return param
 
     def check_rows(self, rows: int, param: str = "input") -> None:
         check_rows(rows, self.options.max_request_rows, param)
@@ -769,7 +780,7 @@ class _Guard:
             message = server.redact(str(exc)) if isinstance(exc, BCAError) else ""
             if isinstance(exc, InternalServerError) or not isinstance(exc, BCAError):
                 message = f"internal error (request id {request_id}); the server log has the details"
-            body = json.dumps(error_body(status, kind, message, getattr(exc, "param", None))).encode()
+            body = json.dumps(error_body(status, kind, message, server.error_param(exc, state))).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             if status == 503:  # a full queue or connection table: clients (the openai one too) back off
                 headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
@@ -885,7 +896,8 @@ def create_app(
         request.state.error_type = kind
         message = server.redact(str(exc)) if isinstance(exc, BCAError) else "internal error"
         headers = {"retry-after": str(RETRY_AFTER_S)} if status == 503 else None
-        return JSONResponse(status_code=status, content=error_body(status, kind, message, getattr(exc, "param", None)),
+        return JSONResponse(status_code=status, content=error_body(status, kind, message,
+                                                                   server.error_param(exc, request.state)),
                             headers=headers)
 
     @app.exception_handler(BCAError)

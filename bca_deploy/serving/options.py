@@ -40,10 +40,10 @@ class ServeOptions:
     threads: int | None = _opt(None, "onnxruntime intra-op threads (default: onnxruntime's).")
     max_batch_rows: int = _opt(64, "Most rows in one batch (requests are batched together, each row with its "
                                    "adapter; a larger request runs in several batches).")
-    max_prefill_tokens: int = _opt(4096, "Generation: most padded prompt tokens (rows x longest prompt) that join "
-                                         "the running batch in one step; the running rows wait for that prefill, "
-                                         "so lower bounds their token gaps, higher starts bursts sooner (one "
-                                         "prompt always joins, however long).")
+    max_prefill_tokens: int = _opt(4096, "Generation: most padded prompt tokens (rows x longest prompt) in one "
+                                         "prefill run; a longer prompt is prefilled in chunks of this size, with "
+                                         "a step of the running rows between chunks. Lower bounds their token "
+                                         "gaps; higher starts bursts sooner.")
     max_batch_tokens: int = _opt(8192, "Most padded tokens (rows x longest row) in one embedding/classification "
                                        "batch: bounds the memory of a batch of long texts (a longer row runs alone).")
     max_wait_ms: float = _opt(5.0, "How long a request waits for others to join its batch.")

@@ -200,6 +200,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # One value per key: with a repeated key, which one counts depends on the parser (Python's takes the last, a
+    # proxy in front may take the first), so a request could mean one thing to a gateway and another here.
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        shown = key if len(key) <= 64 else key[:64] + "..."
+        raise InvalidJSONError(f"the body has the key {shown!r} more than once in one object; send each key once")
+    return value
+
+
 def read_body(body: bytes, options) -> Any:
     """:func:`read_json` with the limits of ``options`` (a :class:`~bca_deploy.serving.options.ServeOptions`):
     what every route (native, OpenAI, the Ray router) uses to read a body."""
@@ -215,7 +227,8 @@ def read_json(body: bytes, *, max_depth: int, max_chars: int) -> Any:
         max_chars: the longest string allowed, in characters (texts, chat messages, object keys).
 
     Raises:
-        InvalidJSONError: not UTF-8, not JSON, NaN/Infinity, a number out of range, a lone surrogate.
+        InvalidJSONError: not UTF-8, not JSON, NaN/Infinity, a number out of range, a lone surrogate, a key
+            twice in one object.
         RequestTooLargeError: nested deeper than ``max_depth`` (``--max-json-depth``), or a string over
             ``max_chars`` (``--max-text-chars``).
     """
@@ -225,7 +238,8 @@ def read_json(body: bytes, *, max_depth: int, max_chars: int) -> Any:
         raise InvalidJSONError(f"the body is not UTF-8 (invalid byte at offset {exc.start}); send JSON in "
                                "UTF-8") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                           object_pairs_hook=_unique_keys)
     except RecursionError:
         raise _too_deep(max_depth) from None
     except json.JSONDecodeError as exc:

@@ -240,6 +240,58 @@ def test_a_graph_without_logits_to_keep_prefills_every_position_with_the_same_re
     np.testing.assert_allclose(got[True], got[False], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 6, 10**6], ids=["one-column", "chunks", "one-run"])
+def test_a_prefill_run_in_chunks_gives_every_row_the_logits_of_the_row_alone(decoder, chunk_tokens):
+    """DecodeBatch.start_prefill/prefill_chunk: left-padded prompts of different lengths prefilled a few columns per
+    run (the past of the columns before fed back in) give, at the end of the prefill and at each of three steps
+    after it, every row's PyTorch logits for its whole sequence alone. Each run feeds at most ``chunk_tokens``
+    padded tokens (at least one column), and a row cancelled mid-prefill leaves before the next chunk."""
+    session = MultiAdapterSession(decoder["onnx"])
+    shapes: list[tuple[int, int]] = []  # input_ids shape of each run
+    real_run = session.run_ortvalues
+
+    def recording_run(feeds, adapters, output_names=None, snapshot=None, **kwargs):
+        shapes.append(feeds["input_ids"].shape)
+        return real_run(feeds, adapters, output_names, snapshot, **kwargs)
+
+    session.run_ortvalues = recording_run
+    model = reference_model(decoder["name"])
+    choices = CHOICES[decoder["name"]]
+    prompts = token_rows(5, seed=71, low=3, high=14)
+    longest = max(len(p) for p in prompts)
+    rows = [DecodeRow(p, choices[i % len(choices)], session.snapshot(), owner=i) for i, p in enumerate(prompts)]
+    batch = DecodeBatch(session)
+    job = batch.start_prefill(rows, chunk_tokens=chunk_tokens)
+    assert not job.failures and job.columns == max(1, chunk_tokens // 5)
+    runs = 0
+    while not batch.prefill_chunk(job):
+        runs += 1
+        if runs == 2:  # row 4 is cancelled mid-prefill: the next chunks run the other four
+            batch.remove([rows[4]])
+    runs += 1
+    columns = min(job.columns, longest)
+    assert runs == -(-longest // columns) == len(shapes)
+    assert [w for _, w in shapes] == [columns] * (runs - 1) + [longest - columns * (runs - 1)]
+    assert all(b * w <= max(chunk_tokens, b) for b, w in shapes), shapes
+    if runs > 2:
+        assert job.live == [0, 1, 2, 3] and np.isnan(job.logits[4]).all()
+    sequences = {i: list(p) for i, p in enumerate(prompts)}
+    live = [rows[i] for i in job.live]
+    for row in live:
+        want = row_alone(model, sequences[row.owner], row.adapter)[-1].numpy()
+        np.testing.assert_allclose(job.logits[row.owner], want, atol=ATOL, rtol=0, err_msg=f"prefill of {row.owner}")
+        row.next_token = int(want.argmax())
+        sequences[row.owner].append(row.next_token)
+    for _ in range(3):
+        ran, logits, failures = batch.step()
+        assert not failures and {r.owner for r in ran} == {r.owner for r in live}
+        for row, row_logits in zip(ran, logits, strict=True):
+            want = row_alone(model, sequences[row.owner], row.adapter)[-1].numpy()
+            np.testing.assert_allclose(row_logits, want, atol=ATOL, rtol=0, err_msg=f"row {row.owner}")
+            row.next_token = int(row_logits.argmax())
+            sequences[row.owner].append(row.next_token)
+
+
 # ---- the engine against PyTorch ----------------------------------------------------------------------------------
 
 
@@ -496,6 +548,62 @@ def test_cancellation_frees_the_row_at_the_next_step(llama):
     later = gate.of("step")[steps_at_cancel:]
     assert later and all(v["rows"] == 1 for v in later)
     assert stats["running_rows"] == 0 and stats["queued_rows"] == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_steps_of_the_running_rows(llama):
+    """``max_prefill_tokens`` bounds every prefill run, a single long prompt's too: it is prefilled in chunks, and the
+    rows already decoding step between its chunks instead of waiting for its whole prompt. A short request that
+    arrives meanwhile gets its own prefill before the long one's next chunk. A long prompt cancelled mid-prefill
+    runs no further chunk. Every row's greedy tokens stay PyTorch's for the prompt alone."""
+    session = MultiAdapterSession(llama["onnx"])
+    eos = session.eos_token_ids
+    running_prompt = next(p for p in token_rows(30, seed=72) if not eos & set(ref_generate(llama, p, "a0", 30)))
+    long_prompt, doomed_prompt = token_rows(2, seed=73, low=30, high=31)
+    short_prompt = token_rows(1, seed=74, low=3, high=4)[0]
+    gate = StepGate(steps=[2, 9])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=8, max_prefill_tokens=8, observer=gate)
+        await engine.start()
+        try:
+            running = engine.submit(running_prompt, "a0", SamplingParams(max_new_tokens=30))
+            await gate.paused()  # after step 2
+            mark = len(gate.events)
+            long = engine.submit(long_prompt, "a1", SamplingParams(max_new_tokens=6))
+            doomed = engine.submit(doomed_prompt, "a2", SamplingParams(max_new_tokens=6))
+            short = engine.submit(short_prompt, None, SamplingParams(max_new_tokens=4))
+            gate.go()
+            await gate.paused()  # after step 9: the long prompts are a few chunks in
+            assert not doomed.done and doomed.first_token_at is None
+            doomed.cancel()
+            chunks_at_cancel = engine.prefills
+            gate.go()
+            results = await asyncio.gather(running.collect(), long.collect(), short.collect())
+            return results, gate.events[mark:], chunks_at_cancel, engine.prefills, (long, short, doomed)
+        finally:
+            gate.go()
+            await engine.stop()
+
+    (ran, long, short), events, at_cancel, prefills, streams = run(main())
+    assert ran.token_ids == ref_generate(llama, running_prompt, "a0", 30)
+    assert long.token_ids == ref_generate(llama, long_prompt, "a1", 6)
+    assert short.token_ids == ref_generate(llama, short_prompt, None, 4)
+    # between two steps of the running rows, prefill runs of at most 8 tokens in all: the running rows never wait
+    # for more than that (the two long prompts alone are 60 tokens)
+    between, stretches = 0, []
+    for event, values in events:
+        if event == "prefill":
+            between += values["tokens"]
+        elif event == "step":
+            stretches.append(between)
+            between = 0
+    assert 0 < max(stretches) <= 8 and sum(stretches) >= 30, stretches
+    # the short request started after the long ones but got its first token long before the long one did
+    long_stream, short_stream, doomed_stream = streams
+    assert short_stream.first_token_at < long_stream.first_token_at
+    # the long prompt: 30 tokens, 8 tokens per run; the cancelled one ran no chunk after the cancel
+    assert prefills - at_cancel <= -(-30 // 8), (at_cancel, prefills)
+    assert doomed_stream.finish_reason == "cancelled" and doomed_stream.token_ids == []
 
 
 def test_a_later_request_takes_the_next_free_row_before_a_big_requests_rest(llama):
@@ -1061,10 +1169,12 @@ def test_http_rows_whose_adapter_is_unloaded_while_queued_name_only_their_adapte
         assert running.result(TIMEOUT)[0] == 200
         status, text = native.result(TIMEOUT)
         stream_status, stream_text = streamed.result(TIMEOUT)
+    # the error names the request field that named the adapter (as an unknown adapter's 404 at once does)
     assert status == 404 and json.loads(text)["error"] == {
-        "message": "adapter 'extra' is not loaded on this server", "type": "unknown_adapter", "param": None,
+        "message": "adapter 'extra' is not loaded on this server", "type": "unknown_adapter", "param": "adapter",
         "code": 404}
     events = [json.loads(line[len("data: "):]) for line in stream_text.splitlines()
               if line.startswith("data: {")]
     assert stream_status == 200 and events[-1]["error"]["type"] == "unknown_adapter", stream_text
     assert events[-1]["error"]["message"] == "adapter 'extra' is not loaded on this server"  # no other adapter named
+    assert events[-1]["error"]["param"] == "model"

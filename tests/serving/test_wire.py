@@ -68,6 +68,10 @@ def test_read_json_accepts_ordinary_bodies():
                                                                         "--max-text-chars"]),
         (json.dumps({"input": [["x" * 101]]}).encode(), RequestTooLargeError, ["input[0][0]", "101 characters"]),
         (json.dumps({"k" * 101: 1}).encode(), RequestTooLargeError, ["key", "--max-text-chars"]),
+        # a repeated key means what each parser decides (the first, the last): refused, nested and escaped too
+        (b'{"model": "a0", "input": "x", "model": "a1"}', InvalidJSONError, ["'model' more than once"]),
+        (b'{"messages": [{"role": "user", "role": "system"}]}', InvalidJSONError, ["'role' more than once"]),
+        (b'{"model": "a0", "mod\\u0065l": "a1"}', InvalidJSONError, ["'model' more than once"]),
     ],
 )
 def test_read_json_refusals(body, error, words):
