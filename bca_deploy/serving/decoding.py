@@ -228,8 +228,13 @@ class PrefillJob:
 
     @property
     def tokens(self) -> int:
-        """Padded prompt tokens the next chunk runs."""
+        """Padded prompt tokens the next chunk runs (at ``columns`` columns)."""
         return len(self.live) * max(0, min(self.columns, self.width - self.done))
+
+    @property
+    def tokens_left(self) -> int:
+        """Padded prompt tokens still to run."""
+        return len(self.live) * (self.width - self.done)
 
     def drop(self, indices: Sequence[int]) -> None:
         """Rows (indices in ``rows``) leave the prefill; their inputs and past go."""
@@ -350,18 +355,19 @@ class DecodeBatch:
         self._prefilling.append(job)
         return job
 
-    def prefill_chunk(self, job: PrefillJob) -> bool:
-        """Run the next chunk of ``job``; returns ``job.finished``. When the last chunk has run, the rows that did
-        not fail are prefilled (``length`` set; they join at the next step) and ``job.logits`` holds their
-        last-position logits. Rows removed meanwhile (:meth:`remove`) are dropped before the run."""
+    def prefill_chunk(self, job: PrefillJob, columns: int | None = None) -> bool:
+        """Run the next chunk of ``job`` (``columns`` columns, at least 1; default ``job.columns``); returns
+        ``job.finished``. When the last chunk has run, the rows that did not fail are prefilled (``length`` set;
+        they join at the next step) and ``job.logits`` holds their last-position logits. Rows removed meanwhile
+        (:meth:`remove`) are dropped before the run."""
         job.last_run = (0, 0)
         if job.finished:
             return True
         job.drop(self._dropped_from(job))
         if not job.live:
             return self._finish_prefill(job, {})
-        job.last_run = (len(job.live), job.tokens)
-        start, stop = job.done, min(job.done + job.columns, job.width)
+        start, stop = job.done, min(job.done + max(1, columns or job.columns), job.width)
+        job.last_run = (len(job.live), len(job.live) * (stop - start))
         everyone = job.live
 
         def feeds(subset: list[int]) -> dict[str, Any]:  # subset: positions in job.live

@@ -17,10 +17,10 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
 - at most ``max_batch_rows`` rows run at once; at most ``max_queued_rows`` wait (then
   :class:`EngineOverloadedError`);
 - chunked prefill: newcomers admitted in one step are bounded by ``max_prefill_tokens`` (padded prompt
-  tokens), and so is every prefill run: a prompt longer than that is prefilled a chunk per step, with a step
-  of the running rows between chunks, so neither a burst nor one long prompt stalls them for more than one
-  chunk. Prefills in progress take turns, so a short prompt arriving during a long one's chunks is not
-  queued behind all of them;
+  tokens), and so are a step's prefill runs together: a prompt longer than that is prefilled a chunk per
+  step, with a step of the running rows between chunks, so neither a burst nor one long prompt stalls them
+  for more than one budget's worth. Prefills in progress share each step's budget, the one with the fewest
+  tokens left first, so a short prompt arriving during a long one's chunks is not queued behind them;
 - free rows go to the waiting requests in turn, the request with the fewest rows running first (then the
   earliest): a request of many rows fills the batch only while nobody else waits, and a later request
   takes the next row that frees instead of queueing behind all of the big one's rows (FIFO would).
@@ -308,9 +308,9 @@ class GenerationEngine:
         max_batch_rows: the most rows decoding at once.
         max_queued_rows: the most rows waiting to join; beyond it :meth:`submit` raises
             :class:`EngineOverloadedError`.
-        max_prefill_tokens: the most padded prompt tokens (rows x longest prompt) admitted in one step and
-            run in one prefill run (a step's prefill runs together stay within it, except that one always
-            runs); one row is always admitted, however long, and prefilled in chunks of this many tokens.
+        max_prefill_tokens: the most padded prompt tokens (rows x longest prompt) admitted in one step, and
+            run by one step's prefill runs together (at least one column of one prefill always runs); one row
+            is always admitted, however long, and prefilled in chunks of at most this many tokens.
         observer: called from the engine's thread as ``observer(event, values)`` (exceptions are logged,
             never raised). Events and values (times in seconds):
 
@@ -344,7 +344,8 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []  # admitted, not finished (engine thread; read by stop())
-        self._prefilling: list[PrefillJob] = []  # prefills in progress, in turn order (engine thread only)
+        self._prefilling: list[PrefillJob] = []  # prefills in progress, in admission order (engine thread only)
+        self._orphans_checked: int | None = None  # the bank version waiting rows were last checked against
         self._cancelled: set[int] = set()  # id() of cancelled streams whose rows still run
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -500,6 +501,7 @@ class GenerationEngine:
         # releases the GIL, so the loop thread handles them while the run computes, when steps are long; right after
         # each step when they are short, so the loop's work does not stall the run's intra-op threads.
         batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
+        self._prefilling = []  # a restarted engine: the last run's prefills ended with their rows (stop())
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._running and not self._prefilling:
@@ -508,8 +510,11 @@ class GenerationEngine:
                     return
                 cancelled = [r for r in self._running if id(r.stream) in self._cancelled]
                 self._cancelled.clear()
+                orphans = self._take_orphans()
                 admitted = self._admit(cancelled)
             try:
+                for request in orphans:
+                    self._fail(request, not_loaded(request.adapter))
                 self._leave(batch, cancelled, "cancelled")
                 if admitted:
                     self._start_prefill(batch, admitted)
@@ -531,6 +536,20 @@ class GenerationEngine:
     def _deliver_if_overlapping(self) -> None:
         if self._overlapping:
             self._deliver_later()
+
+    def _take_orphans(self) -> list[_Request]:
+        """Waiting rows whose adapter was unloaded while they waited (under the lock): they fail now, not when a
+        batch row frees for them (their request's other rows may hold those rows for a long time). Checked once
+        per bank version: :meth:`check` refuses rows for adapters not loaded when they are submitted."""
+        snapshot = self.session.snapshot()
+        if not self._waiting or snapshot.version == self._orphans_checked:
+            return []
+        self._orphans_checked = snapshot.version
+        orphans = [r for r in self._waiting if r.adapter is not None and r.adapter not in snapshot.slots]
+        if orphans:
+            gone = {id(r) for r in orphans}
+            self._waiting = collections.deque(r for r in self._waiting if id(r) not in gone)
+        return orphans
 
     def _admit(self, leaving: Sequence[_Request]) -> list[_Request]:
         """Waiting rows that join now (under the lock): up to the rows free once ``leaving`` has left and the
@@ -587,27 +606,31 @@ class GenerationEngine:
             self._prefilling.append(job)
 
     def _prefill_chunks(self, batch: DecodeBatch) -> None:
-        """One chunk of each prefill in progress, in turn, within ``max_prefill_tokens`` (the first always runs);
-        the prefills that had no turn go first next time. Rows whose prefill is done get their first token."""
-        spent, ran, skipped = 0, [], []
-        for job in self._prefilling:
-            if spent and spent + job.tokens > self.max_prefill_tokens:
-                skipped.append(job)
-                continue
+        """This step's prefill runs: ``max_prefill_tokens`` shared by the prefills in progress, the one with the
+        fewest tokens left first (then the earliest), each taking a chunk of what is left of the budget (the first
+        always runs, a column at least). Fewest-left-first ends the most prefills soonest: a short prompt that
+        arrives during a long one's chunks starts first, and equal prompts end one after another, freeing their
+        batch rows early, instead of all at the end (as turns would). The long one gets whatever the short ones
+        leave of each step's budget. Rows whose prefill is done get their first token."""
+        left = self.max_prefill_tokens
+        for job in sorted(self._prefilling, key=lambda j: j.tokens_left):  # stable: the earliest among equals
+            rows = len(job.live)
+            columns = min(job.columns, left // rows) if rows else 0
+            if rows and columns == 0 and left < self.max_prefill_tokens:
+                continue  # the budget is spent: next step
             start = time.perf_counter()
-            batch.prefill_chunk(job)
-            rows, tokens = job.last_run
-            if rows:  # a job whose rows all left meanwhile ends without a run
+            batch.prefill_chunk(job, columns)
+            ran_rows, tokens = job.last_run
+            if ran_rows:  # a job whose rows all left meanwhile ends without a run
                 self.prefills += 1
-                spent += tokens
-                self._count_batch([job.rows[i] for i in job.live], rows)
-                self._observe("prefill", rows=rows, tokens=tokens, seconds=time.perf_counter() - start)
+                left -= tokens
+                self._count_batch([job.rows[i] for i in job.live], ran_rows)
+                self._observe("prefill", rows=ran_rows, tokens=tokens, seconds=time.perf_counter() - start)
             self._fail_prefilling(job)
-            ran.append(job)
             if job.finished and job.live:
                 done = [job.rows[i] for i in job.live]
                 self._emit(batch, done, job.logits[np.array(job.live)], {}, first=True)
-        self._prefilling = skipped + [job for job in ran if not job.finished]
+        self._prefilling = [job for job in self._prefilling if not job.finished]
 
     def _fail_prefilling(self, job: PrefillJob) -> None:
         """Rows that failed in ``job`` since the last call fail now (their neighbours go on)."""

@@ -497,6 +497,9 @@ class Server:
             metrics.batch_rows.labels("generate").observe(values["rows"])
             for gap in values.get("inter_token_s") or ():
                 metrics.itl.observe(gap)
+        elif event == "prefill":
+            metrics.prefill_time.observe(values["seconds"])
+            metrics.prefill_tokens.inc(values["tokens"])
         elif event == "started":
             metrics.queue_time.labels("generate").observe(values["queue_s"])
         elif event == "first_token":
@@ -764,13 +767,15 @@ class _Guard:
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         state = scope.setdefault("state", {})
         state.update({"log": {}, "request_id": request_id})
-        sent = {"status": None}
+        sent = {"status": None, "whole": False}
 
         async def guarded_send(message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent["whole"] = True
             try:
                 await asyncio.wait_for(send(message), options.body_timeout_s)
             except asyncio.TimeoutError:  # a client that stopped reading: give its task back
@@ -792,7 +797,7 @@ class _Guard:
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
                 raise body_too_large(options.max_body_bytes, length)
-            receive = self._guard_receive(receive, start)
+            receive = self._guard_receive(receive, start, state)
             await self.app(scope, receive, guarded_send)
         except asyncio.CancelledError:  # the request's task was cancelled: on Ray Serve, because its client left
             failed, state["error_type"] = error_status(ClientClosedRequestError(""))
@@ -809,16 +814,23 @@ class _Guard:
                 with contextlib.suppress(Exception):
                     await answer(exc, failed, state["error_type"])
         finally:
-            self._record(scope, state, request_id, sent["status"] or failed, start)
+            status = sent["status"] or failed
+            if sent["status"] is not None and not sent["whole"] and state.get("disconnected"):
+                # a stream whose client left: its status line said 200, but the answer was never whole
+                status, state["error_type"] = error_status(ClientClosedRequestError(""))
+            self._record(scope, state, request_id, status, start)
 
-    def _guard_receive(self, receive, start: float):
+    def _guard_receive(self, receive, start: float, state: dict):
         options = self.server.options
         deadline = start + options.body_timeout_s
         progress = {"bytes": 0, "done": False}
 
         async def guarded_receive():
             if progress["done"]:  # the body is in: later receives wait for a disconnect, without a deadline
-                return await receive()
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    state["disconnected"] = True
+                return message
             timeout = deadline - time.perf_counter()
             try:
                 if timeout <= 0:

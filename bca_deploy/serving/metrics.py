@@ -70,12 +70,18 @@ class ServerMetrics:
         self.batch_rows = Histogram("bca_batch_rows", "Rows per batch run (embeddings/classification: one "
                                     "micro-batch; generation: one decoding step).", ["kind"],
                                     buckets=_ROW_BUCKETS, registry=r)
-        self.queue_time = Histogram("bca_queue_time_seconds", "Time a request waited before its rows ran.",
+        self.queue_time = Histogram("bca_queue_time_seconds", "Time a request waited before its rows ran "
+                                    "(generation: until its rows were admitted, before their prefill).",
                                     ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_time = Histogram("bca_prefill_run_seconds", "Generation: one prefill run (newcomers' prompts, "
+                                      "or a chunk of a long one: at most --max-prefill-tokens padded tokens).",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_tokens = Counter("bca_prefill_tokens", "Generation: padded prompt tokens run by prefill runs.",
+                                      registry=r)
         self.generated_tokens = Counter("bca_generated_tokens", "Tokens generated, by adapter.", ["adapter"],
                                         registry=r)
-        self.prompt_tokens = Counter("bca_prompt_tokens", "Input tokens of answered inference requests, by adapter.",
-                                     ["adapter"], registry=r)
+        self.prompt_tokens = Counter("bca_prompt_tokens", "Input tokens of inference requests that ran (generation: "
+                                     "rows that ended, cancelled ones included), by adapter.", ["adapter"], registry=r)
         self.adapter_changes = Counter("bca_adapter_changes", "Adapter loads and unloads that succeeded.", ["action"],
                                        registry=r)
         # the metrics with an ``adapter`` label, and their label names in order (forget_adapter removes by them)

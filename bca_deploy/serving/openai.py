@@ -461,8 +461,8 @@ async def _stream_events(request: Request, server: Server, streams, release, kin
                 yield event({"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],
                              "usage": _usage(streams)})
         yield b"data: [DONE]\n\n"
-        server.log_streams(request, streams)
     finally:  # the end, or the client went away: free the rows at once
+        server.log_streams(request, streams)  # what was generated, however it ended
         for stream in streams:
             stream.cancel()
         for task in tasks:

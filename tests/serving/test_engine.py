@@ -472,6 +472,8 @@ def test_load_and_unload_during_decoding(llama):
 
 
 def test_a_queued_row_whose_adapter_is_unloaded_fails_alone(llama):
+    """A row waiting for a batch row when its adapter is unloaded fails at the next step, not when a row frees for
+    it (which could be long: its own request's other rows may hold them); the rows around it go on."""
     session = MultiAdapterSession(llama["onnx"])
     session.register("extra", llama["extra"]["extra"])
     prompts = token_rows(3, seed=45)
@@ -491,12 +493,13 @@ def test_a_queued_row_whose_adapter_is_unloaded_fails_alone(llama):
                 await queued.collect()
             # tenant isolation: the refusal names the adapter the row asked for, never the other loaded ones
             assert str(refused.value) == "adapter 'extra' is not loaded on this server"
-            return await running.collect(), await after.collect()
+            return await running.collect(), await after.collect(), queued, running
         finally:
             gate.go()
             await engine.stop()
 
-    first, last = run(main())
+    first, last, queued, running = run(main())
+    assert queued.finished_at < running.finished_at  # refused while the running row still decoded
     assert first.token_ids == ref_generate(llama, prompts[0], "a0", 6)
     assert last.token_ids == ref_generate(llama, prompts[2], None, 6)
 
@@ -604,6 +607,75 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_steps_of_the_running_r
     # the long prompt: 30 tokens, 8 tokens per run; the cancelled one ran no chunk after the cancel
     assert prefills - at_cancel <= -(-30 // 8), (at_cancel, prefills)
     assert doomed_stream.finish_reason == "cancelled" and doomed_stream.token_ids == []
+
+
+def test_prefills_in_progress_share_the_budget_fewest_tokens_left_first(llama):
+    """Two 60-token prompts prefilled 8 tokens per step: the one further along takes each step's budget and ends
+    first (the other gets what it leaves), rather than both ending at the end, as turns would have them."""
+    session = MultiAdapterSession(llama["onnx"])
+    first_prompt, second_prompt = token_rows(2, seed=78, low=60, high=61)
+    events: list[tuple[str, dict]] = []
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=4, max_prefill_tokens=8,
+                                  observer=lambda e, v: events.append((e, dict(v))))
+        await engine.start()
+        try:
+            streams = [engine.submit(p, a, SamplingParams(max_new_tokens=3))
+                       for p, a in ((first_prompt, "a0"), (second_prompt, "a1"))]
+            return await asyncio.gather(*(s.collect() for s in streams))
+        finally:
+            await engine.stop()
+
+    first, second = run(main())
+    assert first.token_ids == ref_generate(llama, first_prompt, "a0", 3)
+    assert second.token_ids == ref_generate(llama, second_prompt, "a1", 3)
+    kinds = [e for e, _ in events if e in ("prefill", "first_token")]
+    before_first = kinds[:kinds.index("first_token")]
+    # the first prompt's 8 chunks (7 x 8 + 4), and at most one run of the second with the 4 tokens left over
+    # (in turns: about 15)
+    assert before_first.count("prefill") <= 9, kinds
+    assert all(v["tokens"] <= 8 for e, v in events if e == "prefill")
+
+
+def test_an_engine_stopped_mid_prefill_restarts_without_it(llama):
+    """``stop()`` while a long prompt is between chunks ends its stream with an error; after ``start()`` again,
+    nothing of it runs (no chunk, no row), and a new request gets PyTorch's tokens."""
+    session = MultiAdapterSession(llama["onnx"])
+    eos = session.eos_token_ids
+    running_prompt = next(p for p in token_rows(30, seed=75) if not eos & set(ref_generate(llama, p, "a0", 30)))
+    long_prompt = token_rows(1, seed=76, low=60, high=61)[0]
+    short_prompt = token_rows(1, seed=77, low=3, high=4)[0]
+    gate = StepGate(steps=[3])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=4, max_prefill_tokens=2, observer=gate)
+        await engine.start()
+        running = engine.submit(running_prompt, "a0", SamplingParams(max_new_tokens=30))
+        long = engine.submit(long_prompt, "a1", SamplingParams(max_new_tokens=2))
+        await gate.paused()  # 3 steps in: the long prompt has had 3 of its 30 chunks
+        stopping = asyncio.create_task(engine.stop())
+        while not engine._stopping:
+            await asyncio.sleep(0.001)
+        gate.go()  # the engine's thread ends its step and sees the stop
+        await stopping
+        errors = []
+        for stream in (running, long):
+            with pytest.raises(ServingError, match="stopped"):
+                await stream.collect()
+            errors.append(stream.finish_reason)
+        mark = len(gate.events)
+        await engine.start()
+        try:
+            result = await engine.submit(short_prompt, None, SamplingParams(max_new_tokens=5)).collect()
+        finally:
+            await engine.stop()
+        return result, gate.events[mark:]
+
+    result, events = run(main())
+    assert result.token_ids == ref_generate(llama, short_prompt, None, 5)
+    assert [v["rows"] for e, v in events if e == "step"] == [1] * 4  # the short row alone, 4 steps after its prefill
+    assert sum(v["tokens"] for e, v in events if e == "prefill") == len(short_prompt)
 
 
 def test_a_later_request_takes_the_next_free_row_before_a_big_requests_rest(llama):

@@ -411,12 +411,19 @@ def test_generation_metrics(llm, llama_server):
     assert after[itl] - before.get(itl, 0.0) == tokens - len(PROMPTS)
     assert requests_count(after, "/v1/completions", "200", "a2") - \
         requests_count(before, "/v1/completions", "200", "a2") == len(PROMPTS)
+    # one request at a time, each prompt short: one prefill run each, of exactly its prompt's tokens
+    runs = ("bca_prefill_run_seconds_count", ())
+    assert after[runs] - before.get(runs, 0.0) == len(PROMPTS)
+    prefilled = ("bca_prefill_tokens_total", ())
+    assert after[prefilled] - before.get(prefilled, 0.0) == sum(a.usage.prompt_tokens for a in answers)
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/generate"])
-def test_a_client_that_leaves_before_its_whole_answer_stops_its_rows(llama_server, llama_session, path):
-    """A non-streaming client that closes its connection (a client timeout, a killed process) gets its rows
-    stopped at the next step, as a streaming one does; the log and the metrics say 499."""
+@pytest.mark.parametrize(("path", "stream"), [("/v1/completions", False), ("/v1/generate", False),
+                                              ("/v1/completions", True)], ids=["completions", "generate", "streamed"])
+def test_a_client_that_leaves_before_its_whole_answer_stops_its_rows(llama_server, llama_session, path, stream):
+    """A client that closes its connection (a client timeout, a killed process), streaming or not, gets its rows
+    stopped at the next step; the log and the metrics say 499 (a stream's status line said 200 already, but
+    the answer was never whole), and the log has the tokens generated until then."""
     import json
     import socket
     import time
@@ -424,32 +431,42 @@ def test_a_client_that_leaves_before_its_whole_answer_stops_its_rows(llama_serve
     prompts = [f"{p} {i}" for i in range(64) for p in PROMPTS[:1]]
     max_tokens = 120  # the room left after the prompt in the 128 positions
     if path == "/v1/completions":
-        body = {"model": "a1", "prompt": prompts, "max_tokens": max_tokens, "temperature": 0}
+        body = {"model": "a1", "prompt": prompts, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     else:
         body = {"adapter": "a1", "input": prompts, "max_new_tokens": max_tokens}
     ids = [llama_session.tokenizer(p)["input_ids"] for p in prompts]
     whole = sum(len(t) for t in llama_session.generate(ids, ["a1"] * len(ids), max_new_tokens=max_tokens))
     key = ("bca_generated_tokens_total", (("adapter", "a1"),))
-    before = metric_samples(llama_server.url).get(key, 0.0)
+    samples = metric_samples(llama_server.url)
+    before, closed_before = samples.get(key, 0.0), requests_count(samples, path, "499", "a1")
+    logged_before = len(llama_server.log.read_text().splitlines())
     payload = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", llama_server.port), timeout=10) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        if stream:  # the answer has started: its status line and some tokens are out
+            received = b""
+            while received.count(b"data: {") < 3:
+                received += sock.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200")
         time.sleep(0.2)
     deadline = time.monotonic() + 60
     while True:  # the rows leave (nothing admitted stays queued or running) and the request is recorded
         samples = metric_samples(llama_server.url)
-        left = samples[("bca_queued_rows", ())] == 0 and requests_count(samples, path, "499", "a1") >= 1
+        left = samples[("bca_queued_rows", ())] == 0 and requests_count(samples, path, "499", "a1") > closed_before
         if left or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     generated = samples.get(key, 0.0) - before
     assert samples[("bca_queued_rows", ())] == 0
     assert generated < whole / 2, f"{generated} of {whole} tokens generated for a client that left"
-    assert requests_count(samples, path, "499", "a1") >= 1
-    log = [json.loads(line) for line in llama_server.log.read_text().splitlines() if line.startswith("{")]
-    mine = [e for e in log if e.get("path") == path and e.get("status") == 499]
-    assert mine and mine[-1]["error_type"] == "client_closed_request"
+    assert requests_count(samples, path, "499", "a1") == closed_before + 1
+    log = [json.loads(line) for line in llama_server.log.read_text().splitlines()[logged_before:]
+           if line.startswith("{")]
+    mine = [e for e in log if e.get("path") == path]
+    assert [e["status"] for e in mine] == [499] and mine[0]["error_type"] == "client_closed_request"
+    if stream:
+        assert 0 < mine[0]["completion_tokens"] < whole / 2
     assert "never retrieved" not in llama_server.log.read_text()  # an ordinary client action logs no traceback
 
 
