@@ -988,10 +988,10 @@ def create_app(
         try:
             results = await server.collect(request, streams)
         finally:
+            server.log_streams(request, streams)  # what was generated, however it ended (a client gone: 499)
             for stream in streams:  # a failed row or a gone client: the other rows stop too
                 stream.cancel()
             release()
-        server.log_streams(request, streams)
         texts = isinstance(body.input, str) or bool(rows and isinstance(rows[0], str))
         data = []
         for i, result in enumerate(results):

@@ -380,10 +380,10 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
     try:
         results = await server.collect(request, streams)
     finally:
+        server.log_streams(request, streams)  # what was generated, however it ended (a client gone: 499)
         for stream in streams:
             stream.cancel()
         release()
-    server.log_streams(request, streams)
     choices = []
     for i, result in enumerate(results):
         if kind == "chat.completion":

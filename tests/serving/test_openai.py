@@ -465,8 +465,9 @@ def test_a_client_that_leaves_before_its_whole_answer_stops_its_rows(llama_serve
            if line.startswith("{")]
     mine = [e for e in log if e.get("path") == path]
     assert [e["status"] for e in mine] == [499] and mine[0]["error_type"] == "client_closed_request"
+    assert mine[0]["completion_tokens"] < whole / 2  # the log has the tokens made until the client left
     if stream:
-        assert 0 < mine[0]["completion_tokens"] < whole / 2
+        assert mine[0]["completion_tokens"] > 0
     assert "never retrieved" not in llama_server.log.read_text()  # an ordinary client action logs no traceback
 
 
