@@ -18,9 +18,9 @@ from ..models import position_limit
 from .errors import TrainingConfigError
 
 __all__ = ["DEFAULT_TARGETS", "HEAD_MODULE_NAMES", "TRAINABLE_FILE", "quiet_loading", "load_tokenizer",
-           "load_model_config", "load_for_training", "head_paths", "default_modules_to_save", "default_targets",
-           "head_param_names", "kernel_block_sizes", "Labels", "BaseHead", "base_head", "load_trained",
-           "save_adapter_files"]
+           "load_model_config", "load_for_training", "empty_for_training", "head_paths", "default_modules_to_save",
+           "default_targets", "head_param_names", "kernel_block_sizes", "Labels", "BaseHead", "base_head",
+           "load_trained", "save_adapter_files"]
 
 # Target modules per model_type. BERT family: every linear layer of the encoder (query, key, value, the
 # attention output and both feed-forward layers; "output.dense" matches attention.output.dense and the
@@ -133,6 +133,28 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
     new = list(info.get("missing_keys", []))
     new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
     return model, new
+
+
+def empty_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | None = None) -> nn.Module:
+    """The model :func:`load_for_training` builds, on the meta device: its structure and config, no weights read
+    and no memory taken. For the FSDP ranks other than the first, which receive their shards' values from it
+    (:func:`bca_deploy.training.sharding.shard_from_first`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {}
+    if task == "seq-cls":
+        assert head is not None
+        kwargs = dict(num_labels=head.num_labels, id2label=dict(enumerate(head.names)),
+                      label2id={n: i for i, n in enumerate(head.names)}, problem_type=head.problem_type)
+    try:
+        with quiet_loading():
+            config = AutoConfig.from_pretrained(str(model_dir), **kwargs)
+            with torch.device("meta"):
+                factory = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+                model = factory.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} ({first_line(exc)})") from None
+    return model.to(dtype)
 
 
 def head_paths(model: nn.Module) -> list[str]:

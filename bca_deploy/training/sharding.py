@@ -14,7 +14,7 @@ FSDP resumes under DDP and the other way round (with the same number of processe
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,8 +23,8 @@ from torch import nn
 from .errors import TrainingConfigError
 
 __all__ = ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "sharding_source", "ignored_accelerate_settings",
-           "shard", "full_trainable", "load_trainable", "full_optimizer_state", "load_optimizer_state",
-           "gradient_sync"]
+           "shard", "align_with_first", "shard_from_first", "full_trainable", "load_trainable",
+           "full_optimizer_state", "load_optimizer_state", "gradient_sync"]
 
 #: What ``accelerate launch`` sets for an FSDP config (``--use_fsdp``, or ``distributed_type: FSDP``).
 ACCELERATE_USE_FSDP = "ACCELERATE_USE_FSDP"
@@ -93,12 +93,12 @@ def _block_classes(model: nn.Module) -> set[str]:
     return names
 
 
-def shard(model: nn.Module, device: torch.device) -> int:
+def shard(model: nn.Module, device: torch.device, mesh=None) -> int:
     """Shard ``model`` in place over the default process group, one FSDP unit per transformer block plus
     the root (embeddings, final norm, head), and move each rank's shards to ``device``.
 
-    Call after the adapter is injected and the dtypes are set, before the optimizer is built: the
-    parameters become ``DTensor`` shards (same names).
+    ``mesh``: the 1-D device mesh over every rank (default: a new one). Call after the adapter is injected and
+    the dtypes are set, before the optimizer is built: the parameters become ``DTensor`` shards (same names).
 
     Returns:
         The number of transformer blocks sharded as their own units (0: the model is one unit).
@@ -106,8 +106,8 @@ def shard(model: nn.Module, device: torch.device) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    world = torch.distributed.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
+    if mesh is None:
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     classes = _block_classes(model)
     blocks = [m for m in model.modules() if m is not model and type(m).__name__ in classes]
     for block in blocks:
@@ -116,21 +116,93 @@ def shard(model: nn.Module, device: torch.device) -> int:
     return len(blocks)
 
 
+def align_with_first(model: nn.Module, missing: list[str]) -> list[str]:
+    """Before the adapter is injected: every rank takes the first rank's list of parameters the checkpoint lacked
+    and its dtype for each tensor (the others built ``model`` on the meta device without reading the weights;
+    see :func:`bca_deploy.training.loading.empty_for_training`). Returns the list."""
+    import torch.distributed as dist
+
+    first = dist.get_rank() == 0
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    shared = [(missing, {n: t.dtype for n, t in tensors.items()}) if first else None]
+    dist.broadcast_object_list(shared, src=0)
+    missing, dtypes = shared[0]
+    if not first:
+        for name, tensor in tensors.items():
+            if name in dtypes and tensor.dtype != dtypes[name]:
+                tensor.data = tensor.data.to(dtypes[name])
+    return list(missing)
+
+
+def shard_from_first(model: nn.Module, device: torch.device) -> int:
+    """:func:`shard` for a model only the first rank has read: the others built it on the meta device
+    (:func:`bca_deploy.training.loading.empty_for_training`). Each parameter goes from the first rank to the
+    others one tensor at a time, each rank receiving its own shard (a scatter), and each buffer is broadcast;
+    then the first rank shards its own copy. So one process holds the whole model while loading, as with
+    accelerate's ``fsdp_cpu_ram_efficient_loading``; the first holds what it held when every rank read it.
+    Returns what :func:`shard` returns."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if dist.get_rank() == 0:
+        _send_values(model, device, mesh)
+        return shard(model, device, mesh)
+    blocks = shard(model, device, mesh)
+    model.to_empty(device=device)
+    _send_values(model, device, mesh)
+    return blocks
+
+
+@torch.no_grad()
+def _send_values(model: nn.Module, device: torch.device, mesh) -> None:
+    """The first rank's values into every rank's shards (the same collectives, in the same order, on every rank:
+    the first rank's model is whole, the others' already sharded)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    first = dist.get_rank() == 0
+    for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if first:
+            whole = param.detach().to(device)
+        else:  # the shape to receive into (what is in it is never read)
+            whole = torch.empty(param.shape, dtype=param.dtype, device=device)
+        local = distribute_tensor(whole, mesh, [Shard(0)], src_data_rank=0).to_local()
+        if not first:
+            assert isinstance(param, DTensor)
+            param.to_local().copy_(local)
+        del whole, local
+    for _, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
+        if first and buffer.device != device:
+            sent = buffer.to(device)
+            dist.broadcast(sent, src=0)
+        else:
+            dist.broadcast(buffer, src=0)
+
+
 def _trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def full_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: whole tensor on the CPU}`` for every trainable parameter. A collective: every rank calls it,
-    and every rank gets the tensors."""
+def full_trainable(model: nn.Module, also: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """``{name: whole tensor on the CPU}`` for every trainable parameter, and the parameters named in ``also``
+    (what the adapter saves though it is frozen, such as a head tied to the frozen embeddings). A collective:
+    every rank calls it, and every rank gets the tensors."""
     from torch.distributed.tensor import DTensor
 
     out: dict[str, torch.Tensor] = {}
-    for name, param in _trainable(model):
-        value = param.detach()
-        if isinstance(value, DTensor):
-            value = value.full_tensor()
-        out[name] = value.to("cpu", copy=True)
+    gathered: dict[int, torch.Tensor] = {}
+    # every name of a tied parameter (GPT-2's lm_head.weight is transformer.wte.weight): savers look tensors up
+    # by the module they save, and a name left out would be read from the shard
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad and name not in also:
+            continue
+        if id(param) not in gathered:
+            value = param.detach()
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            gathered[id(param)] = value.to("cpu", copy=True)
+        out[name] = gathered[id(param)]
     return out
 
 

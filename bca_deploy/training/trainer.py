@@ -59,6 +59,7 @@ from .loading import (
     base_head,
     default_modules_to_save,
     default_targets,
+    empty_for_training,
     fit_max_length,
     head_param_names,
     head_paths,
@@ -84,6 +85,7 @@ from .runtime import (
     to_device,
 )
 from .sharding import (
+    align_with_first,
     full_optimizer_state,
     full_trainable,
     gradient_sync,
@@ -91,6 +93,7 @@ from .sharding import (
     load_optimizer_state,
     load_trainable,
     shard,
+    shard_from_first,
     sharding_source,
 )
 
@@ -559,7 +562,12 @@ class _TrainingRun:
         missing: list[str] = []
         if not self.model_given:
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-            self.model, missing = load_for_training(cfg.model, cfg.task, dtype, self.labels, cfg.new_head)
+            if self.sharding is not None and not self.d.is_main:  # the first rank reads the weights, and sends them
+                self.model = empty_for_training(cfg.model, cfg.task, dtype, self.labels)
+            else:
+                self.model, missing = load_for_training(cfg.model, cfg.task, dtype, self.labels, cfg.new_head)
+            if self.sharding is not None:
+                missing = align_with_first(self.model, missing)
         model = self.model
         if cfg.task == "seq-cls" and getattr(model, "config", None) is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id(self.tokenizer)
@@ -619,8 +627,8 @@ class _TrainingRun:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise TrainingConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.sharding is not None:
-            self.sharded_blocks = shard(model, self.dev)
+        if self.sharding is not None:  # a given model is whole on every rank; else only the first read the weights
+            self.sharded_blocks = shard(model, self.dev) if self.model_given else shard_from_first(model, self.dev)
 
     def _task_spec(self) -> TaskSpec | None:
         """The task, head architecture and labels recorded in the adapter (checked now, not at the first save)."""
@@ -736,7 +744,9 @@ class _TrainingRun:
         sharded, a gather every rank takes part in."""
         if self.sharded_blocks is None and not self.d.is_main:
             return None
-        return full_trainable(self.model)
+        saved = {f"{path}.{name}" for path in self.modules_to_save
+                 for name, _ in self.model.get_submodule(path).named_parameters()}  # the adapter's own copies
+        return full_trainable(self.model, saved)
 
     def save_checkpoint(self, metrics: dict[str, float] | None, values: dict[str, torch.Tensor] | None) -> None:
         """Write ``last/`` (adapter + trainer state, ``values`` from :meth:`_trainable_for_saving`); the first

@@ -40,23 +40,37 @@ _SCRIPT = textwrap.dedent("""
     spec = json.loads(open(sys.argv[1]).read())
     dist.init_process_group("gloo")
     sharded, held = [], []
-    shard = trainer.shard
+    shard, shard_from_first = trainer.shard, trainer.shard_from_first
 
     def recording_shard(model, device):
         sharded.append(model)
         return shard(model, device)
+
+    def recording_shard_from_first(model, device):
+        sharded.append(model)
+        return shard_from_first(model, device)
 
     def count(step, logs):
         params = list(sharded[-1].parameters())
         local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
         held.append([local, sum(p.numel() for p in params)])
 
-    trainer.shard = recording_shard
+    trainer.shard, trainer.shard_from_first = recording_shard, recording_shard_from_first
+    load = trainer.load_for_training
+    reads = []  # per run: how many times this process read the checkpoint's weights
+
+    def counting_load(*args, **kwargs):
+        reads[-1] += 1
+        return load(*args, **kwargs)
+
+    trainer.load_for_training = counting_load
     for run in spec["runs"]:
         options = run["options"]
+        reads.append(0)
         train(TrainConfig(**options), on_step=count if options.get("fsdp") else None)
     if dist.get_rank() == 0:
         open(spec["held"], "w").write(json.dumps(held))
+    open(spec["reads"] + str(dist.get_rank()), "w").write(json.dumps(reads))
     dist.destroy_process_group()
 """)
 
@@ -73,6 +87,7 @@ def runs(tmp_path_factory):
     dev = write_tsv(root / "dev129.tsv", sst2_rows("dev", 129))  # 65 + 64 rows: the ranks' batch counts differ
     bert = tiny_model_dir(root / "bert", "bert", texts, dropout=0.0)
     llama = tiny_model_dir(root / "llama", "llama", texts)
+    gpt2 = tiny_model_dir(root / "gpt2", "gpt2", texts)
     # accumulation, clipping, checkpointed activations, evaluation every 2 steps with an uneven last batch
     common = dict(device="cpu", block_size=8, batch_size=4, eval_batch_size=2, max_length=32, save_every=2,
                   eval_every=2, grad_accum_steps=2, max_grad_norm=0.5, scheduler="constant", warmup_steps=0,
@@ -80,8 +95,11 @@ def runs(tmp_path_factory):
     causal = dict(common, model=str(llama), task="causal-lm", data=str(lm), eval_data=str(lm_dev), recipe="paper",
                   gradient_checkpointing=True)
     seq_cls = dict(common, model=str(bert), data=str(data["small"]), eval_data=str(dev))
+    # GPT-2's lm_head is its frozen input embeddings: the adapter saves it (modules_to_save), though it is not trained
+    tied = dict(common, model=str(gpt2), task="causal-lm", data=str(lm), eval_data=str(lm_dev), targets=["c_attn"],
+                modules_to_save=["lm_head"])
     out = {name: root / name for name in ("lm_ddp", "lm_fsdp", "lm_fsdp_then_ddp", "lm_ddp_then_fsdp", "cls_ddp",
-                                          "cls_fsdp")}
+                                          "cls_fsdp", "tied_ddp", "tied_fsdp")}
     plan = [
         dict(causal, out=str(out["lm_ddp"]), max_steps=4),
         dict(causal, out=str(out["lm_fsdp"]), max_steps=4, fsdp=True),
@@ -91,16 +109,20 @@ def runs(tmp_path_factory):
         dict(causal, out=str(out["lm_ddp_then_fsdp"]), max_steps=4, resume=True, fsdp=True),
         dict(seq_cls, out=str(out["cls_ddp"]), max_steps=4),
         dict(seq_cls, out=str(out["cls_fsdp"]), max_steps=4, fsdp=True),
+        dict(tied, out=str(out["tied_ddp"]), max_steps=2),
+        dict(tied, out=str(out["tied_fsdp"]), max_steps=2, fsdp=True),
     ]
     spec = root / "spec.json"
-    spec.write_text(json.dumps({"runs": [{"options": o} for o in plan], "held": str(root / "held.json")}))
+    spec.write_text(json.dumps({"runs": [{"options": o} for o in plan], "held": str(root / "held.json"),
+                                "reads": str(root / "reads")}))
     script = root / "runs.py"
     script.write_text(_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {**out, "bert": bert, "dev": dev, "held": json.loads((root / "held.json").read_text())}
+    return {**out, "bert": bert, "dev": dev, "held": json.loads((root / "held.json").read_text()),
+            "plan": plan, "reads": [json.loads((root / f"reads{rank}").read_text()) for rank in (0, 1)]}
 
 
 def _result(run_dir):
@@ -115,19 +137,27 @@ def _assert_same_tensors(got, want):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_a_sharded_run_trains_what_ddp_trains_and_holds_half_the_weights(runs):
-    for kind in ("lm", "cls"):
+    """FSDP and DDP write the same tensors (the non-first process's shards came from the first: a new head's
+    random values, rotary buffers and the adapter's initial kernels included), each process holds half."""
+    for kind, steps in (("lm", [2, 4]), ("cls", [2, 4]), ("tied", [2])):
         ddp, fsdp = runs[f"{kind}_ddp"], runs[f"{kind}_fsdp"]
         _assert_same_tensors(read_tensors(fsdp / "last"), read_tensors(ddp / "last"))
         _assert_same_tensors(read_tensors(fsdp / "best"), read_tensors(ddp / "best"))
         want, got = _result(ddp), _result(fsdp)
         assert (got["config"]["fsdp"], want["config"]["fsdp"]) == (True, False)
-        assert [h["step"] for h in got["history"]] == [2, 4]
+        assert [h["step"] for h in got["history"]] == steps
         for mine, theirs in zip(got["history"], want["history"]):
             assert mine == pytest.approx(theirs, rel=1e-5)
+    assert "lm_head.weight" in read_tensors(runs["tied_fsdp"] / "last")  # gathered though frozen (it crashed)
     # each of the two processes held half of every parameter (FSDP pads a shard by at most a row)
-    assert len(runs["held"]) == 4 + 2 + 2 + 4  # the steps of the sharded runs (one resumed at step 2)
+    assert len(runs["held"]) == 4 + 2 + 2 + 4 + 2  # the steps of the sharded runs (one resumed at step 2)
     for local, total in runs["held"]:
         assert total / 2 <= local < total * 0.55
+    # only the first process read the checkpoint's weights in a sharded run (the other built the model on the meta
+    # device and received its shards); in a DDP run each read them
+    sharded = [bool(options.get("fsdp")) for options in runs["plan"]]
+    assert runs["reads"][0] == [1] * len(sharded)
+    assert runs["reads"][1] == [0 if fsdp else 1 for fsdp in sharded]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")

@@ -50,7 +50,8 @@ def word_tokenizer(directory: Path, texts, vocab_size: int = 100):
 def tiny_model_dir(directory: Path, kind: str, texts, num_labels: int = 2, seed: int = 0, dropout: float = 0.1,
                    id2label: dict[int, str] | None = None, initializer_range: float = 0.02) -> Path:
     """Save a tiny random model with a tokenizer: ``bert`` (BertForSequenceClassification, its head saved),
-    ``bert-bare`` (BertModel: an encoder without a head, like all-MiniLM-L6-v2) or ``llama`` (causal LM).
+    ``bert-bare`` (BertModel: an encoder without a head, like all-MiniLM-L6-v2), ``llama`` (causal LM) or
+    ``gpt2`` (causal LM whose output layer is its input embeddings).
 
     ``initializer_range`` (BERT): at the usual 0.02 a random tiny encoder's attention is near uniform, so its
     [CLS] output barely depends on the input (differences ~1e-3) and nothing can be learnt from it; 0.2 gives
@@ -69,6 +70,12 @@ def tiny_model_dir(directory: Path, kind: str, texts, num_labels: int = 2, seed:
             cfg.id2label = dict(id2label)
             cfg.label2id = {v: k for k, v in id2label.items()}
         model = BertModel(cfg) if kind == "bert-bare" else BertForSequenceClassification(cfg)
+    elif kind == "gpt2":  # input and output embeddings tied (one tensor)
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, tie_word_embeddings=True,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        model = GPT2LMHeadModel(cfg)
     else:
         cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
