@@ -116,21 +116,29 @@ def shard(model: nn.Module, device: torch.device, mesh=None) -> int:
     return len(blocks)
 
 
-def align_with_first(model: nn.Module, missing: list[str]) -> list[str]:
+def align_with_first(model: nn.Module, missing: list[str], source: str = "") -> list[str]:
     """Before the adapter is injected: every rank takes the first rank's list of parameters the checkpoint lacked
     and its dtype for each tensor (the others built ``model`` on the meta device without reading the weights;
-    see :func:`bca_deploy.training.loading.empty_for_training`). Returns the list."""
+    see :func:`bca_deploy.training.loading.empty_for_training`), and checks it holds the same tensors (names
+    and shapes). Returns the list. ``source``: the ``--model`` path, for the error."""
     import torch.distributed as dist
 
     first = dist.get_rank() == 0
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    shared = [(missing, {n: t.dtype for n, t in tensors.items()}) if first else None]
+    shared = [(missing, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}) if first else None]
     dist.broadcast_object_list(shared, src=0)
-    missing, dtypes = shared[0]
+    missing, layout = shared[0]
     if not first:
+        differ = sorted(set(layout) ^ set(tensors)) or \
+            [n for n, t in tensors.items() if tuple(t.shape) != layout[n][1]]
+        if differ:  # the values are sent tensor by tensor, by name: both sides must hold the same tensors
+            raise TrainingConfigError(f"--model {source}: the model built from its "
+                                      "config differs from the one its checkpoint loads, in "
+                                      f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}; FSDP cannot "
+                                      "send it its shards (train without --fsdp)")
         for name, tensor in tensors.items():
-            if name in dtypes and tensor.dtype != dtypes[name]:
-                tensor.data = tensor.data.to(dtypes[name])
+            if tensor.dtype != layout[name][0]:
+                tensor.data = tensor.data.to(layout[name][0])
     return list(missing)
 
 

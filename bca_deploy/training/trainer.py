@@ -567,7 +567,7 @@ class _TrainingRun:
             else:
                 self.model, missing = load_for_training(cfg.model, cfg.task, dtype, self.labels, cfg.new_head)
             if self.sharding is not None:
-                missing = align_with_first(self.model, missing)
+                missing = align_with_first(self.model, missing, str(cfg.model))
         model = self.model
         if cfg.task == "seq-cls" and getattr(model, "config", None) is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id(self.tokenizer)
