@@ -207,7 +207,8 @@ class DecodeRow:
 class PrefillJob:
     """A prefill in progress (:meth:`DecodeBatch.start_prefill`): its rows' padded prompts and the past so far.
 
-    ``rows``: as given; ``live``: indices of the rows still in it; ``failures``: ``{index in rows: exception}``;
+    ``rows``: as given; ``live``: indices of the rows still in it (never empty until ``finished``);
+    ``failures``: ``{index in rows: exception}``;
     ``logits``: once ``finished``, last-position logits (len(rows), V) float32, NaN for rows not prefilled;
     ``width``/``done``/``columns``: prompt columns in all, run so far, and per run.
     """
@@ -222,14 +223,8 @@ class PrefillJob:
     done: int = 0
     columns: int = 0
     finished: bool = False
-    removed: set[int] = dataclasses.field(default_factory=set)  # id() of rows removed from the batch meanwhile
     reported: set[int] = dataclasses.field(default_factory=set)  # failures the caller has handled (indices in rows)
     last_run: tuple[int, int] = (0, 0)  # (rows, padded tokens) of the last prefill_chunk's run; (0, 0): it ran none
-
-    @property
-    def tokens(self) -> int:
-        """Padded prompt tokens the next chunk runs (at ``columns`` columns)."""
-        return len(self.live) * max(0, min(self.columns, self.width - self.done))
 
     @property
     def tokens_left(self) -> int:
@@ -299,6 +294,11 @@ class DecodeBatch:
         return [r for r in self.slots if r is not None]
 
     @property
+    def prefilling(self) -> list[PrefillJob]:
+        """The prefills started and not finished, in the order they started."""
+        return list(self._prefilling)
+
+    @property
     def joined(self) -> list[DecodeRow]:
         """Every row that takes part in the next step (in slots or prefilled, minus removed)."""
         return [r for r in [*self.rows, *(r for g, _, _ in self._pending for r in g)] if id(r) not in self._leaving]
@@ -359,13 +359,10 @@ class DecodeBatch:
         """Run the next chunk of ``job`` (``columns`` columns, at least 1; default ``job.columns``); returns
         ``job.finished``. When the last chunk has run, the rows that did not fail are prefilled (``length`` set;
         they join at the next step) and ``job.logits`` holds their last-position logits. Rows removed meanwhile
-        (:meth:`remove`) are dropped before the run."""
+        (:meth:`remove`) have left it already."""
         job.last_run = (0, 0)
         if job.finished:
             return True
-        job.drop(self._dropped_from(job))
-        if not job.live:
-            return self._finish_prefill(job, {})
         start, stop = job.done, min(job.done + max(1, columns or job.columns), job.width)
         job.last_run = (len(job.live), len(job.live) * (stop - start))
         everyone = job.live
@@ -413,16 +410,15 @@ class DecodeBatch:
         job.past = {}
         return True
 
-    def _dropped_from(self, job: PrefillJob) -> list[int]:
-        return [i for i in job.live if id(job.rows[i]) in job.removed]
-
     def remove(self, rows: Iterable[DecodeRow]) -> None:
         """Rows leave the batch (finished, cancelled): their slots are freed before the next step, and a row still
         being prefilled leaves its prefill before its next chunk."""
         gone = {id(row) for row in rows}
         self._leaving.update(gone)
-        for job in self._prefilling:
-            job.removed.update(gone)
+        for job in list(self._prefilling):
+            job.drop([i for i in job.live if id(job.rows[i]) in gone])
+            if not job.live:  # every row left: the prefill ends without another run
+                self._finish_prefill(job, None)
 
     def _prepare(self) -> None:
         """Apply removals and joins before a step: free slots, write newcomers in place, or rebuild."""

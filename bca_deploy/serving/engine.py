@@ -344,7 +344,6 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []  # admitted, not finished (engine thread; read by stop())
-        self._prefilling: list[PrefillJob] = []  # prefills in progress, in admission order (engine thread only)
         self._orphans_checked: int | None = None  # the bank version waiting rows were last checked against
         self._cancelled: set[int] = set()  # id() of cancelled streams whose rows still run
         self._thread: threading.Thread | None = None
@@ -501,10 +500,9 @@ class GenerationEngine:
         # releases the GIL, so the loop thread handles them while the run computes, when steps are long; right after
         # each step when they are short, so the loop's work does not stall the run's intra-op threads.
         batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
-        self._prefilling = []  # a restarted engine: the last run's prefills ended with their rows (stop())
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running and not self._prefilling:
+                while not self._stopping and not self._waiting and not self._running and not batch.prefilling:
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -518,7 +516,7 @@ class GenerationEngine:
                 self._leave(batch, cancelled, "cancelled")
                 if admitted:
                     self._start_prefill(batch, admitted)
-                if self._prefilling:
+                if batch.prefilling:
                     self._prefill_chunks(batch)
                     if not self._overlapping:  # first tokens now, not after the step
                         self._deliver_later()
@@ -529,7 +527,6 @@ class GenerationEngine:
                 for request in list(self._running):
                     self._fail(request, exc)
                 batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
-                self._prefilling = []
             if not batch.joined or not self._overlapping:  # no run follows soon, or runs are short: deliver now
                 self._deliver_later()
 
@@ -600,10 +597,7 @@ class GenerationEngine:
             rows.append(request.row)
         if not rows:
             return
-        job = batch.start_prefill(rows, chunk_tokens=self.max_prefill_tokens)
-        self._fail_prefilling(job)
-        if not job.finished:
-            self._prefilling.append(job)
+        self._fail_prefilling(batch.start_prefill(rows, chunk_tokens=self.max_prefill_tokens))
 
     def _prefill_chunks(self, batch: DecodeBatch) -> None:
         """This step's prefill runs: ``max_prefill_tokens`` shared by the prefills in progress, the one with the
@@ -613,24 +607,21 @@ class GenerationEngine:
         batch rows early, instead of all at the end (as turns would). The long one gets whatever the short ones
         leave of each step's budget. Rows whose prefill is done get their first token."""
         left = self.max_prefill_tokens
-        for job in sorted(self._prefilling, key=lambda j: j.tokens_left):  # stable: the earliest among equals
-            rows = len(job.live)
-            columns = min(job.columns, left // rows) if rows else 0
-            if rows and columns == 0 and left < self.max_prefill_tokens:
+        for job in sorted(batch.prefilling, key=lambda j: j.tokens_left):  # stable: the earliest among equals
+            columns = min(job.columns, left // len(job.live))
+            if columns == 0 and left < self.max_prefill_tokens:
                 continue  # the budget is spent: next step
             start = time.perf_counter()
             batch.prefill_chunk(job, columns)
-            ran_rows, tokens = job.last_run
-            if ran_rows:  # a job whose rows all left meanwhile ends without a run
-                self.prefills += 1
-                left -= tokens
-                self._count_batch([job.rows[i] for i in job.live], ran_rows)
-                self._observe("prefill", rows=ran_rows, tokens=tokens, seconds=time.perf_counter() - start)
+            rows, tokens = job.last_run
+            self.prefills += 1
+            left -= tokens
+            self._count_batch([job.rows[i] for i in job.live], rows)
+            self._observe("prefill", rows=rows, tokens=tokens, seconds=time.perf_counter() - start)
             self._fail_prefilling(job)
             if job.finished and job.live:
                 done = [job.rows[i] for i in job.live]
                 self._emit(batch, done, job.logits[np.array(job.live)], {}, first=True)
-        self._prefilling = [job for job in self._prefilling if not job.finished]
 
     def _fail_prefilling(self, job: PrefillJob) -> None:
         """Rows that failed in ``job`` since the last call fail now (their neighbours go on)."""

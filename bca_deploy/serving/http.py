@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -560,13 +560,13 @@ class Server:
         return self.adapter(name, param)
 
     @staticmethod
-    def error_param(exc: BaseException, state: Any) -> str | None:
+    def error_param(exc: BaseException, state: Mapping[str, Any]) -> str | None:
         """The request field an error answer names (its ``param``): the error's own; for an adapter unloaded after
         the request named it (refused later, by the engine or the batcher), the field that named it (recorded by
-        :meth:`select` in the request's ``state``: ``request.state`` or the ASGI scope's dict)."""
+        :meth:`select` in the request's state: the ASGI scope's ``"state"``, behind ``request.state``)."""
         param = getattr(exc, "param", None)
         if param is None and isinstance(exc, UnknownAdapterError):
-            param = state.get("adapter_param") if isinstance(state, dict) else getattr(state, "adapter_param", None)
+            param = state.get("adapter_param")
         return param
 
     def check_rows(self, rows: int, param: str = "input") -> None:
@@ -909,7 +909,7 @@ def create_app(
         message = server.redact(str(exc)) if isinstance(exc, BCAError) else "internal error"
         headers = {"retry-after": str(RETRY_AFTER_S)} if status == 503 else None
         return JSONResponse(status_code=status, content=error_body(status, kind, message,
-                                                                   server.error_param(exc, request.state)),
+                                                                   server.error_param(exc, request.scope["state"])),
                             headers=headers)
 
     @app.exception_handler(BCAError)

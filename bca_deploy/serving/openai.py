@@ -449,7 +449,7 @@ async def _stream_events(request: Request, server: Server, streams, release, kin
                 message = server.redact(str(text)) if isinstance(text, BCAError) else \
                     f"internal error (request id {request.state.request_id}); the server log has the details"
                 request.state.log["error"] = f"{type(text).__name__}: {text}"
-                yield event(error_body(status, error_type, message, server.error_param(text, request.state)))
+                yield event(error_body(status, error_type, message, server.error_param(text, request.scope["state"])))
                 break
             if finish is None:
                 yield chunk(index, text, None)

@@ -105,6 +105,17 @@ def load_model_config(model_dir):
     return load_config(model_dir)
 
 
+# what transformers raises for a model directory it cannot build a model from
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError)
+
+
+def _head_config(head: Labels | None) -> dict[str, Any]:
+    """The config values of a seq-cls model for ``head``'s classes (the same whether the weights are read or not)."""
+    assert head is not None
+    return dict(num_labels=head.num_labels, id2label=dict(enumerate(head.names)),
+                label2id={n: i for i, n in enumerate(head.names)}, problem_type=head.problem_type)
+
+
 def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | None = None,
                 new_head: bool = False) -> tuple[nn.Module, list[str]]:
     """The transformers model for ``task`` and the parameter names it had to initialise (missing or resized).
@@ -121,14 +132,11 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
         require_readable_weights(model_dir)
         with quiet_loading():
             if task == "seq-cls":
-                assert head is not None
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    str(model_dir), num_labels=head.num_labels, id2label=dict(enumerate(head.names)),
-                    label2id={n: i for i, n in enumerate(head.names)}, problem_type=head.problem_type,
-                    ignore_mismatched_sizes=new_head, **kwargs)
+                    str(model_dir), ignore_mismatched_sizes=new_head, **_head_config(head), **kwargs)
             else:
                 model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except _LOAD_ERRORS as exc:
         raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} ({first_line(exc)})") from None
     new = list(info.get("missing_keys", []))
     new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
@@ -141,18 +149,13 @@ def empty_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | 
     (:func:`bca_deploy.training.sharding.shard_from_first`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {}
-    if task == "seq-cls":
-        assert head is not None
-        kwargs = dict(num_labels=head.num_labels, id2label=dict(enumerate(head.names)),
-                      label2id={n: i for i, n in enumerate(head.names)}, problem_type=head.problem_type)
     try:
         with quiet_loading():
-            config = AutoConfig.from_pretrained(str(model_dir), **kwargs)
+            config = AutoConfig.from_pretrained(str(model_dir), **(_head_config(head) if task == "seq-cls" else {}))
             with torch.device("meta"):
                 factory = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
                 model = factory.from_config(config)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except _LOAD_ERRORS as exc:
         raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} ({first_line(exc)})") from None
     return model.to(dtype)
 

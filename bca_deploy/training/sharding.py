@@ -181,11 +181,7 @@ def _send_values(model: nn.Module, device: torch.device, mesh) -> None:
             param.to_local().copy_(local)
         del whole, local
     for _, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
-        if first and buffer.device != device:
-            sent = buffer.to(device)
-            dist.broadcast(sent, src=0)
-        else:
-            dist.broadcast(buffer, src=0)
+        dist.broadcast(buffer.to(device) if first else buffer, src=0)  # the others' are on the device already
 
 
 def _trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
