@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -44,6 +45,7 @@ __all__ = [
     "RESULTS_DIR",
     "machine_info",
     "command_line",
+    "percentile",
     "synchronize",
     "time_fn",
     "time_interleaved",
@@ -98,6 +100,14 @@ def command_line() -> str:
     """The command that started this process (with its PYTHONPATH, if set), shell-quoted for pasting back."""
     env = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
     return env + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile of ``values`` (linear interpolation between the closest ranks, numpy's default);
+    None for no values. Every latency percentile in bench/ is this one."""
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
 def synchronize(device: str | torch.device) -> None:

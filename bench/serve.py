@@ -55,7 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py (bca_deploy: the installed package)
-from common import minilm_dir, ort_profile_after_warmup, sst2_sentences  # noqa: E402
+from common import minilm_dir, ort_profile_after_warmup, percentile, sst2_sentences  # noqa: E402
 
 OUTPUT = "last_hidden_state"
 
@@ -129,14 +129,6 @@ def client_main(spec_path: str) -> None:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values), q))
 
 
 def _session(path: Path, threads: int, profile_prefix: str | None = None):
@@ -503,14 +495,14 @@ def bench_http(exports: dict, sentences: list[str], token_ids: list[list[int]], 
                         "server": srv["label"], "clients": label, "planned": result["planned"],
                         "ok": len(lat), "errors": len(result["errors"]), "wall_s": result["wall_s"],
                         "requests_per_s": len(lat) / result["wall_s"] if result["wall_s"] > 0 else None,
-                        "p50_ms": _percentile(lat, 50), "p90_ms": _percentile(lat, 90), "p99_ms": _percentile(lat, 99),
+                        "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90), "p99_ms": percentile(lat, 99),
                         "max_ms": max(lat) if lat else None,
                         "batches": batches,
                         "mean_batch_rows": row_sum / batches if batches else None,
                         "mean_batch_rows_per_request": statistics.mean(e["batch_rows"] for e in ok_logs) if ok_logs else None,
                         "max_batch_rows": max((e["batch_rows"] for e in ok_logs), default=None),
-                        "server_p50_ms": _percentile([e["latency_ms"] for e in ok_logs], 50),
-                        "queue_p50_ms": _percentile([e["queue_ms"] for e in ok_logs], 50),
+                        "server_p50_ms": percentile([e["latency_ms"] for e in ok_logs], 50),
+                        "queue_p50_ms": percentile([e["queue_ms"] for e in ok_logs], 50),
                         "log_lines": len(logs), "hit_deadline": result["hit_deadline"],
                         "client_errors": _counts(result["errors"]), "server_exceptions": _counts(exceptions),
                     }

@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import percentile
+
 RUN_COLUMNS = ("wall_s", "prefill_runs", "prefill_tokens", "prefill_s", "decode_runs", "decode_row_steps", "decode_s",
                "decode_ms_per_row_step", "outside_runs_s")
 GOAL_SPEEDUP = 2.0  # continuous / today's request-level tokens/s at the highest concurrency
@@ -338,14 +340,6 @@ def paired_engine_main(doc: str, measure, results_name: str, title: str, notes) 
     print("wrote", *write_results(results_name, rows, notes=text, title=title))
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values), q))
-
-
 def _summary(model: str, variant: str, clients: int, result: dict, steps: list[dict]) -> dict[str, Any]:
     records = result["records"]
     tokens = sum(len(r["tokens"]) for r in records)
@@ -354,16 +348,16 @@ def _summary(model: str, variant: str, clients: int, result: dict, steps: list[d
     row = {"model": model, "clients": clients, "scheduler": variant, "requests": len(records), "tokens": tokens,
            "wall_s": result["wall_s"], "tokens_per_s": tokens / result["wall_s"],
            "tokens_per_cpu_s": tokens / result["cpu_s"], "load_1min": result["load_1min"],
-           "ttft_p50_ms": _pct([r["ttft"] for r in records], 50) * ms,
-           "ttft_p99_ms": _pct([r["ttft"] for r in records], 99) * ms,
-           "ttft_computed_p50_ms": _pct([r["ttft_computed"] for r in records], 50) * ms,
-           "ttft_computed_p99_ms": _pct([r["ttft_computed"] for r in records], 99) * ms,
-           "itl_p50_ms": (_pct(gaps, 50) or 0) * ms if gaps else None,
-           "itl_p99_ms": (_pct(gaps, 99) or 0) * ms if gaps else None,
-           "latency_p50_ms": _pct([r["latency"] for r in records], 50) * ms,
-           "latency_p99_ms": _pct([r["latency"] for r in records], 99) * ms}
+           "ttft_p50_ms": percentile([r["ttft"] for r in records], 50) * ms,
+           "ttft_p99_ms": percentile([r["ttft"] for r in records], 99) * ms,
+           "ttft_computed_p50_ms": percentile([r["ttft_computed"] for r in records], 50) * ms,
+           "ttft_computed_p99_ms": percentile([r["ttft_computed"] for r in records], 99) * ms,
+           "itl_p50_ms": (percentile(gaps, 50) or 0) * ms if gaps else None,
+           "itl_p99_ms": (percentile(gaps, 99) or 0) * ms if gaps else None,
+           "latency_p50_ms": percentile([r["latency"] for r in records], 50) * ms,
+           "latency_p99_ms": percentile([r["latency"] for r in records], 99) * ms}
     if steps:
-        row["step_p50_ms"] = _pct([s["seconds"] for s in steps], 50) * ms
+        row["step_p50_ms"] = percentile([s["seconds"] for s in steps], 50) * ms
         row["rows_per_step"] = statistics.mean(s["rows"] for s in steps)
     runs = result.get("runs")
     if runs:

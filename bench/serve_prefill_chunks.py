@@ -35,6 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, bench/serve_generation.py
 
+from common import percentile  # noqa: E402
+
 ONE_RUN = 10**9  # a budget no prompt reaches: the whole prompt in one run
 
 
@@ -130,12 +132,12 @@ def measure_clients(kind: str, args, work: Path) -> list[dict[str, Any]]:
 
     rows = []
     for budget, samples in rounds.items():
-        gaps = [sorted(g for r in s["result"]["records"] for g in r["gaps"]) for s in samples]
+        gaps = [[g for r in s["result"]["records"] for g in r["gaps"]] for s in samples]
         rows.append({"model": kind, "max_prefill_tokens": "one run" if budget == ONE_RUN else budget,
                      "clients": args.clients, "tokens_per_s": statistics.median(tokens_per_s(s) for s in samples),
                      "paired_ratio": statistics.median(tokens_per_s(s) / tokens_per_s(b)
                                                        for s, b in zip(samples, rounds[budgets[0]])),
-                     "itl_p99_ms": 1e3 * statistics.median(g[int(0.99 * (len(g) - 1))] for g in gaps),
+                     "itl_p99_ms": 1e3 * statistics.median(percentile(g, 99) for g in gaps),
                      "rounds": len(samples)})
     return rows
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, bench/serve_generation.py
 
+from common import percentile  # noqa: E402
+
 WAYS = {"last position": True, "every position": False}
 
 
@@ -39,7 +41,7 @@ def measure(kind: str, args, work: Path) -> list[dict]:
         result, runs = s["result"], s["runs"]
         ttfts = [r["ttft"] for r in result["records"]]
         return {"tokens_per_s": sum(len(r["tokens"]) for r in result["records"]) / result["wall_s"],
-                "ttft_p50_ms": 1e3 * sg._pct(ttfts, 50), "ttft_p99_ms": 1e3 * sg._pct(ttfts, 99),
+                "ttft_p50_ms": 1e3 * percentile(ttfts, 50), "ttft_p99_ms": 1e3 * percentile(ttfts, 99),
                 "prefill_us_per_position": 1e6 * runs["prefill_s"] / max(1, runs["prefill_tokens"]),
                 "prefill_share": runs["prefill_s"] / result["wall_s"]}
 

@@ -212,3 +212,55 @@ def test_accelerate_settings_the_trainer_does_not_apply_are_named():
     for part in ("sharding strategy NO_SHARD", "offload", "--gradient-checkpointing", "--precision bf16"):
         assert part in said, (part, said)
     assert ignored_accelerate_settings({"ACCELERATE_MIXED_PRECISION": "fp16"})  # a DDP launch too
+
+
+# Each process of a two-process group builds its own model (the first as from the checkpoint, in bf16 with a
+# buffer; the second as from the config, in fp32) and calls align_with_first once per case; what it got is
+# written per rank. Every case is one broadcast on both ranks, so a refusal on the second does not hang the first.
+_ALIGN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from bca_deploy.training import TrainingConfigError
+    from bca_deploy.training.sharding import align_with_first
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    def model(out_features, extra_buffer):
+        m = nn.Sequential(nn.Linear(4, out_features), nn.LayerNorm(out_features))
+        if extra_buffer:
+            m.register_buffer("positions", torch.arange(3))
+        return m.to(torch.bfloat16) if rank == 0 else m
+
+    cases = {"same": (4, False), "wider": (6, False), "extra buffer": (4, True)}
+    got = {}
+    for case, (width, extra) in cases.items():
+        m = model(4, False) if rank == 0 else model(width, extra)
+        try:
+            missing = align_with_first(m, ["0.bias"] if rank == 0 else [], source="ckpt-dir")
+            got[case] = {"missing": missing, "dtypes": sorted({str(t.dtype) for t in m.parameters()})}
+        except TrainingConfigError as exc:
+            got[case] = {"error": str(exc)}
+    open(sys.argv[1] + str(rank), "w").write(json.dumps(got))
+    dist.destroy_process_group()
+""")
+
+
+def test_processes_building_another_model_than_the_first_read_are_refused_by_name(tmp_path):
+    script = tmp_path / "align.py"
+    script.write_text(_ALIGN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "got")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = (json.loads((tmp_path / f"got{rank}").read_text()) for rank in (0, 1))
+    # the first process reads nothing but its own model; the others take its list and its dtypes
+    assert all(first[case] == {"missing": ["0.bias"], "dtypes": ["torch.bfloat16"]} for case in first)
+    assert second["same"] == {"missing": ["0.bias"], "dtypes": ["torch.bfloat16"]}
+    wider = second["wider"]["error"]
+    assert wider.startswith("--model ckpt-dir: the model built from its config differs") and "train without --fsdp" in wider
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias"):  # shapes differ: each is named
+        assert name in wider, wider
+    assert "positions" in second["extra buffer"]["error"]  # a tensor one side lacks
