@@ -355,8 +355,9 @@ def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str |
     """Export the adapted model to ONNX and validate it against PyTorch under onnxruntime.
 
     The task comes from the adapters (no --task needed). Exits non-zero if any output differs from
-    PyTorch by more than the tolerance; the validated directory loads with plain onnxruntime and
-    optimum.onnxruntime.ORTModelFor* (bank graphs: with bca-deploy serve). Runs on transformers 4.x and 5.x.
+    PyTorch by more than the tolerance; the validated directory loads with plain onnxruntime (bank graphs:
+    with bca-deploy serve), and with optimum.onnxruntime.ORTModelFor* where optimum-onnx installs (the optimum
+    extra: transformers 4.x only). The export itself runs on transformers 4.x and 5.x.
     """
     from .exporters import export as export_model
 
@@ -368,17 +369,20 @@ def export(model_dir: Path, adapters: tuple[Path, ...], merge: bool, task: str |
 
 
 def _import_serving(command: str, module: str, name: str, extra: str):
-    """``bca_deploy.serving.<module>.<name>`` for ``bca-deploy <command>``, or a clean error naming the whole
-    install: serving runs onnxruntime (the ``onnx`` extra, or ``onnx-gpu`` for CUDA) besides ``extra``'s packages."""
+    """``bca_deploy.serving.<module>.<name>`` for ``bca-deploy <command>``, or a :class:`MissingExtraError` naming
+    the whole install (exit code 2, as every missing optional package): serving runs onnxruntime (the ``onnx``
+    extra, or ``onnx-gpu`` for CUDA) besides ``extra``'s packages."""
     import importlib
+
+    from .errors import MissingExtraError
 
     try:
         importlib.import_module("onnxruntime")
         return getattr(importlib.import_module(f".serving.{module}", __package__), name)
     except ImportError as exc:
-        raise click.ClickException(f"bca-deploy {command} needs onnxruntime and the {extra} packages "
-                                   f"({exc.name} is missing): pip install 'bca-deploy[onnx,{extra}]' "
-                                   f"(or 'bca-deploy[onnx-gpu,{extra}]' for CUDA)") from None
+        raise MissingExtraError(f"bca-deploy {command} needs onnxruntime and the {extra} packages "
+                                f"({exc.name} is missing): pip install 'bca-deploy[onnx,{extra}]' "
+                                f"(or 'bca-deploy[onnx-gpu,{extra}]' for CUDA)") from None
 
 
 def _serve_options(command=None, *, ray: bool = False):

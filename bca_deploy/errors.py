@@ -22,6 +22,7 @@ __all__ = [
     "AdapterExistsError",
     "CheckpointFormatError",
     "InvalidOptionError",
+    "MissingExtraError",
     "format_problems",
     "first_line",
     "require_readable",
@@ -70,6 +71,10 @@ class UnknownAdapterError(BCAError, KeyError):
 class AdapterNameError(BCAError, ValueError):
     """An adapter name is not allowed (characters, length, reserved, outside the adapter store), is taken,
     or names no adapter the model holds (library calls; serving requests get :class:`UnknownAdapterError`)."""
+
+
+class MissingExtraError(BCAError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra that installs it."""
 
 
 class ServingError(BCAError, RuntimeError):

@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from bca_deploy.errors import BCAError
+from bca_deploy.errors import BCAError, MissingExtraError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .validate import ValidationReport
@@ -61,10 +61,6 @@ class ValidationError(BCAError, ValueError):
     def __init__(self, message: str, report: ValidationReport) -> None:
         super().__init__(message)
         self.report = report
-
-
-class MissingExtraError(BCAError, ImportError):
-    """An optional package a feature needs is not installed; the message names the extra that installs it."""
 
 
 def require(module: str, extra: str, feature: str) -> ModuleType:

@@ -285,7 +285,8 @@ def export(
     if verbose:
         kind = "merged" if merge else f"unmerged ({fft})"
         if bank_plan is not None:
-            kind = f"adapter-bank ({fft}, {len(bank_plan.names)} adapters)"
+            count = len(bank_plan.names)
+            kind = f"adapter-bank ({fft}, {count} adapter{'' if count == 1 else 's'})"
         print(f"exported {kind} {task} graph to {out_dir} ({_graph_size(out_dir) / 1e6:.1f} MB) "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir

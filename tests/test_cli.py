@@ -357,7 +357,9 @@ def test_serve_without_onnxruntime_names_the_whole_install(tmp_path, monkeypatch
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     result = CliRunner().invoke(main, [command, str(tmp_path)])
-    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    # exit code 2, as export's missing onnx (the README's table): one rule for every missing optional package
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.startswith(f"Error: bca-deploy {command} needs onnxruntime and the {extra} packages")
     assert "onnxruntime is missing" in result.output and f"pip install 'bca-deploy[onnx,{extra}]'" in result.output
 
 

@@ -264,9 +264,7 @@ class DecodeBatch:
     """
 
     def __init__(self, session, *, compact_at: float = 0.25, before_run: Callable[[], None] | None = None) -> None:
-        if not session.with_past:
-            raise ServingError(f"this graph was exported for {session.task!r}; generation needs a "
-                               "text-generation-with-past export")
+        session.require("generate")
         self.session = session
         self.compact_at = float(compact_at)
         self.slots: list[DecodeRow | None] = []

@@ -333,9 +333,7 @@ class GenerationEngine:
                      ("max_prefill_tokens", max_prefill_tokens)) if not isinstance(value, int) or value < 1}
         if problems:
             raise ServingError("invalid engine settings: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
-        if not session.with_past:
-            raise ServingError(f"this graph was exported for {session.task!r}; generation needs a "
-                               "text-generation-with-past export")
+        session.require("generate")
         self.session = session
         self.max_batch_rows = max_batch_rows
         self.max_queued_rows = max_queued_rows

@@ -536,12 +536,8 @@ class Server:
     # -- checks --
     def require(self, kind: str) -> None:
         """Refuse an endpoint the graph's task cannot serve (:class:`WrongTaskError`)."""
-        session = self.session
-        ok = {"embed": not session.with_past and "last_hidden_state" in session.output_names,
-              "classify": not session.with_past and "logits" in session.output_names,
-              "generate": session.with_past}[kind]
-        if not ok:
-            raise WrongTaskError(f"this server's graph was exported for {session.task!r}; {kind} is not available")
+        if not self.session.serves(kind):
+            raise WrongTaskError(f"this server's graph was exported for {self.session.task!r}; {kind} is not available")
 
     def adapter(self, name: str | None, param: str = "adapter") -> str | None:
         """The adapter a request names (``None``: the base model), which must be loaded now."""
@@ -1185,6 +1181,21 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def startup_notes(server: Server) -> list[str]:
+    """What a server about to take requests should tell its operator: inputs it will refuse, and a server that
+    can only ever answer with the base model (no adapter loaded, no store to load one from)."""
+    session = server.session
+    notes = []
+    if session.tokenizer_problem:
+        notes.append(f"text inputs will be refused: {session.tokenizer_problem}")
+    if session.tokenizer_mismatch:
+        notes.append(session.tokenizer_mismatch)
+    if not session.snapshot().slots and server.store is None:
+        notes.append("no adapter is loaded and none can be (no --adapter-store): every request gets the base model "
+                     f"({server.model_name!r}); one naming an adapter gets 404")
+    return notes
+
+
 def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = None, load: Sequence[str] = (),
                load_exported: bool = True, options: ServeOptions | None = None,
                on_ready: Callable[[str], None] | None = None) -> None:
@@ -1201,11 +1212,8 @@ def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = Non
         app = build(export_dir, adapter_store=adapter_store, load=load, load_exported=load_exported, options=options)
         configure_logging()
         if on_ready is not None:
-            session = app.state.server.session
-            problem, mismatch = session.tokenizer_problem, session.tokenizer_mismatch
-            on_ready(f"serving {export_dir} on http://{options.host}:{sock.getsockname()[1]} (Ctrl-C to stop)"
-                     + (f"\nnote: text inputs will be refused: {problem}" if problem else "")
-                     + (f"\nnote: {mismatch}" if mismatch else ""))
+            on_ready("\n".join([f"serving {export_dir} on http://{options.host}:{sock.getsockname()[1]} (Ctrl-C to "
+                                 "stop)", *(f"note: {line}" for line in startup_notes(app.state.server))]))
         uvicorn.Server(uvicorn_config(app, host=options.host, port=options.port)).run(sockets=[sock])
     finally:
         sock.close()

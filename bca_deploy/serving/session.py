@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import re
 import threading
 import time
@@ -45,7 +44,7 @@ from ..errors import (
 )
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
 from ..exporters.metadata import ExportMetadata
-from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
+from ..exporters.validate import PAST_INPUT
 from ..models import (
     attention_window,
     describe_ids_past_vocabulary,
@@ -63,6 +62,10 @@ __all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "bank_metadata"
 BASE = "__base__"
 #: Adapter names: a letter or digit, then letters, digits, ``.``, ``_``, ``-``; at most 128 characters.
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: What each kind of request needs of the graph, as a refusal says it (:meth:`MultiAdapterSession.require`).
+_KIND_NEEDS = {"embed": "embeddings need a feature-extraction export",
+               "classify": "classification needs a text-classification export",
+               "generate": "generation needs a text-generation-with-past export"}
 
 
 def check_adapter_name(name: str) -> str:
@@ -808,18 +811,38 @@ class MultiAdapterSession:
             feeds["position_ids"] = _position_ids(mask)
         return feeds
 
+    def serves(self, kind: str) -> bool:
+        """Whether this graph answers ``kind`` (``"embed"``, ``"classify"`` or ``"generate"``): the one rule the
+        methods below and every HTTP route check. Embeddings need an encoder's ``last_hidden_state``,
+        classification its ``logits`` (a text-classification export), generation a decoder with past."""
+        if kind not in _KIND_NEEDS:
+            raise ValueError(f"kind must be one of {', '.join(_KIND_NEEDS)}; got {kind!r}")
+        if kind == "generate":
+            return self.with_past
+        return not self.with_past and {"embed": "last_hidden_state", "classify": "logits"}[kind] in self.output_names
+
+    def require(self, kind: str) -> None:
+        """Raise :class:`~bca_deploy.errors.ServingError` when this graph does not answer ``kind``
+        (:meth:`serves`), saying which export would."""
+        if not self.serves(kind):
+            raise ServingError(f"this graph was exported for {self.task!r}; {_KIND_NEEDS[kind]}")
+
     def embed(self, inputs: Sequence[str] | Sequence[Sequence[int]], adapters: Sequence[str | None],
               pooling: str = "mean", normalize: bool = False, snapshot: BankSnapshot | None = None) -> np.ndarray:
         """Sentence embeddings (B, hidden) of texts or token-id lists, each row through its adapter.
 
         ``pooling``: ``"mean"`` over non-padding tokens (sentence-transformers' default), ``"cls"`` (first
         token) or ``"last"`` (last non-padding token); ``normalize``: L2-normalize each vector.
+
+        Raises:
+            ServingError: the graph gives no embeddings (a classifier or a decoder export; :meth:`serves`).
         """
+        self.require("embed")
         if pooling not in ("mean", "cls", "last"):
             raise ServingError(f"pooling must be 'mean', 'cls' or 'last'; got {pooling!r}")
         feeds = self._feeds(inputs)
-        name = "last_hidden_state" if "last_hidden_state" in self.output_names else self.output_names[0]
-        hidden = self.run(feeds, adapters, [name], snapshot)[name].astype(np.float32)  # (B, T, H)
+        hidden = self.run(feeds, adapters, ["last_hidden_state"], snapshot)["last_hidden_state"]  # (B, T, H)
+        hidden = hidden.astype(np.float32)
         mask = feeds.get("attention_mask", np.ones(feeds["input_ids"].shape, dtype=np.int64)).astype(np.float32)
         if pooling == "mean":
             vectors = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1.0)
@@ -845,8 +868,7 @@ class MultiAdapterSession:
             ServingError: the graph does not classify, or a row's adapter (or the base model) has no
                 classifier head (checked before anything runs).
         """
-        if "logits" not in self.output_names or self.with_past:
-            raise ServingError(f"this graph was exported for {self.task!r}; classification needs a text-classification export")
+        self.require("classify")
         snapshot = snapshot or self._snapshot
         heads = snapshot.labels_of(adapters)
         logits = self.run(self._feeds(inputs), adapters, ["logits"], snapshot)["logits"].astype(np.float64)
@@ -973,8 +995,7 @@ class MultiAdapterSession:
         """
         from .decoding import DecodeBatch, DecodeRow, Sampler, SamplingParams, choose_tokens
 
-        if not self.with_past:
-            raise ServingError(f"this graph was exported for {self.task!r}; generation needs a text-generation-with-past export")
+        self.require("generate")
         if not inputs:
             raise ServingError("no prompts given")
         prompts = [self.tokenize([x], truncate=False)[0] if isinstance(x, str) else list(x) for x in inputs]

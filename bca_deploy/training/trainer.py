@@ -483,9 +483,10 @@ class _TrainingRun:
                 try:
                     self.eval_examples, self.eval_data = read_eval(self.labels.names)
                 except DataError as exc:
+                    recorded = ", ".join(self.labels.names[:10]) + (" ..." if len(self.labels.names) > 10 else "")
                     raise DataError(f"{exc}\n{cfg.data} numbers its classes, so the labels of {cfg.eval_data} must "
-                                    "be those numbers or the class names the adapter records; or name the classes "
-                                    "in both files, or pass --label-names") from None
+                                    f"be those numbers or the class names the adapter records ({recorded}); or "
+                                    "name the classes in both files, or pass --label-names") from None
         self.metric = cfg.metric_for_best or primary_metric(cfg.task, self.regression)
         allowed = {"causal-lm": {"loss", "perplexity"}}.get(cfg.task) or (
             {"pearson", "mse", "loss"} if self.regression else {"accuracy", "mcc", "f1", "macro_f1", "loss"})
@@ -528,6 +529,8 @@ class _TrainingRun:
                             "--label-names (a class may have no training example) or pass --num-labels, or "
                             "--regression for one real-valued output")
         for examples in (train_ex, eval_ex):
+            if examples is eval_ex and examples is not None and examples.label_names not in (None, names):
+                continue  # its names were numbered by its own order: setup_data reads it again against the classes
             if examples is not None:
                 check_label_range(examples, num, where, fix)
         used = set(train_ex.labels or ())

@@ -100,6 +100,11 @@ def test_classify_mixed_batch_matches_each_row_alone(classifier):
     assert np.abs(logits[0] - logits[2]).max() > 1e-2 and np.abs(logits[1] - logits[2]).max() > 1e-2
     with pytest.raises(ServingError, match="generation needs"):
         session.generate(ROWS[:1], [None])
+    # a classifier has no embeddings to give: refused, one row or several (once pooled logits, or a numpy error)
+    for rows in (ROWS[:1], ROWS[:2]):
+        with pytest.raises(ServingError, match="'text-classification'; embeddings need a feature-extraction export"):
+            session.embed(rows, ["a0"] * len(rows))
+    assert (session.serves("classify"), session.serves("embed"), session.serves("generate")) == (True, False, False)
 
 
 def test_http_classify(classifier):

@@ -1027,3 +1027,16 @@ def test_batches_stay_within_the_token_budget(artefacts):
     np.testing.assert_allclose(got, np.stack([ref_embed(r, "a1") for r in rows]), atol=1e-4, rtol=0)
     assert all(n == 1 or n * longest <= 16 for n, longest in shapes), shapes
     assert sum(n for n, _ in shapes) == 12 and max(n for n, _ in shapes) == 4, shapes
+
+
+def test_a_server_that_can_only_answer_with_the_base_model_says_so_at_start(artefacts):
+    """--no-exported-adapters with no --adapter-store: nothing is loaded and nothing can be; the operator is told
+    at start-up (the server still runs: the base model is a valid thing to serve)."""
+    from bca_deploy.serving.http import build, startup_notes
+
+    art = artefacts["bert"]
+    base_only = startup_notes(build(art["onnx"], load_exported=False, threads=1).state.server)
+    assert any("no adapter is loaded and none can be (no --adapter-store)" in n and "404" in n for n in base_only)
+    for app in (build(art["onnx"], threads=1),  # the exported adapters
+                build(art["onnx"], load_exported=False, adapter_store=art["store"], threads=1)):  # loadable
+        assert not any("no adapter is loaded" in n for n in startup_notes(app.state.server))

@@ -291,10 +291,17 @@ def test_run_refuses_bad_requests(bert_session, llama_session):
         bert_session.pad_ids([[1, 2], []])
     with pytest.raises(ServingError, match="token ids"):
         bert_session.pad_ids([[1, VOCAB]])
-    with pytest.raises(ServingError, match="generate"):
+    # each graph answers what its task gives, and names the export another request needs
+    with pytest.raises(ServingError, match="'text-generation-with-past'; embeddings need a feature-extraction"):
         llama_session.embed(rows, [None] * 3)
-    with pytest.raises(ServingError, match="generation"):
+    with pytest.raises(ServingError, match="classification needs a text-classification export"):
+        llama_session.classify(rows, [None] * 3)
+    with pytest.raises(ServingError, match="'feature-extraction'; generation needs a text-generation-with-past"):
         bert_session.generate(rows, [None] * 3)
+    with pytest.raises(ServingError, match="classification needs"):
+        bert_session.classify(rows, [None] * 3)
+    assert [k for k in ("embed", "classify", "generate") if bert_session.serves(k)] == ["embed"]
+    assert [k for k in ("embed", "classify", "generate") if llama_session.serves(k)] == ["generate"]
 
 
 @pytest.mark.parametrize("model", ["bert", "llama"])

@@ -485,6 +485,14 @@ def test_held_out_class_names_are_read_against_the_recorded_classes_never_renumb
                                         r"numbers its classes"):
         train(config(files["bare"], files["cue"], tmp_path / "refused", eval_data=named, max_steps=1))
     assert not (tmp_path / "refused").exists()
+    # more names than the training ids' classes: the same refusal, never a range error about the names' own
+    # numbering ("label 2" for a line whose label is 'tech') with advice to widen the head
+    three = write_tsv(tmp_path / "three.tsv", [(s, ("food", "sports", "tech")[i % 3]) for i, (s, _) in enumerate(rows)])
+    with pytest.raises(DataError, match=r"(?s)label '\w+' is not one of the classes 'LABEL_0', 'LABEL_1'.*"
+                                        r"numbers its classes.*records \(LABEL_0, LABEL_1\)") as refused:
+        train(config(files["bare"], files["cue"], tmp_path / "refused", eval_data=three, max_steps=1))
+    assert "range" not in str(refused.value) and "--num-labels" not in str(refused.value)
+    assert not (tmp_path / "refused").exists()
     result = train(config(files["bare"], files["cue"], tmp_path / "run", eval_data=recorded, max_steps=6))
     alone = evaluate(EvaluateConfig(model=files["bare"], adapter=tmp_path / "run" / "last", data=ids))
     assert result.final_metrics["accuracy"] == alone["accuracy"]
