@@ -85,6 +85,7 @@ from .wire import (
     check_rows,
     error_body,
     error_status,
+    check_content_type,
     read_body,
     validate,
 )
@@ -574,7 +575,8 @@ class Server:
                                       param=param)
 
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
-        """The request's JSON body checked against ``model`` (limits first, then every field)."""
+        """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
+        check_content_type(request.headers.get("content-type"))
         return validate(model, read_body(await request.body(), self.options))
 
     async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input") -> list[list[int]]:

@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..errors import BCAError, ContextLengthError
 from .session import BASE
-from .wire import InvalidRequestError, JSONNumber, error_body, error_status, field_errors, read_body, validate
+from .wire import (InvalidRequestError, JSONNumber, check_content_type, error_body, error_status, field_errors,
+                   read_body, validate)
 
 if TYPE_CHECKING:
     from .http import Server
@@ -74,8 +75,20 @@ class EmbeddingsRequest(_OpenAIRequest):
     dimensions: StrictInt | None = Field(default=None, ge=1)
 
 
+#: Sampling fields whose OpenAI schema allows null, meaning the default (clients generated from the schema send
+#: null for a value left unset); the others with a non-None default here are not nullable there.
+_NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream"})
+
+
 class _Sampling(_OpenAIRequest):
     """What completions and chat completions share."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in _NULL_MEANS_DEFAULT)}
+        return data
 
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: JSONNumber = Field(default=1.0, ge=0, le=2)
@@ -251,6 +264,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         server.require("embed")
+        check_content_type(request.headers.get("content-type"))
         data = read_body(await request.body(), options)
         if not (isinstance(data, dict) and "model" in data):
             return await native_embeddings(request, data)

@@ -61,6 +61,7 @@ from .wire import (
     body_too_slow,
     error_body,
     error_status,
+    check_content_type,
     read_body,
     validate,
 )
@@ -304,6 +305,7 @@ class Router:
                                "recently used ones are unloaded; there is nothing to unload by hand")
         name: Any = None
         if request.method == "POST" and body:
+            check_content_type(request.headers.get("content-type"))  # before any replica loads the adapter it names
             data = read_body(body, self.options)
             if isinstance(data, dict):
                 name = next((data[k] for k in ("model", "adapter", "lora_name", "name") if k in data), None)

@@ -48,6 +48,7 @@ __all__ = [
     "error_body",
     "read_json",
     "read_body",
+    "check_content_type",
     "check_rows",
     "body_too_large",
     "body_too_slow",
@@ -94,6 +95,10 @@ class InvalidJSONError(ServingError, ValueError):
 
 class InvalidHTTPError(ServingError, ValueError):
     """A request that is not valid HTTP/1.1 (a malformed or oversized request head); answered before the app."""
+
+
+class UnsupportedMediaTypeError(ServingError, ValueError):
+    """A body sent as something other than JSON (``content-type``), e.g. a browser's cross-site form or text."""
 
 
 class RequestTooLargeError(ServingError, ValueError):
@@ -147,6 +152,7 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
     ClientClosedRequestError: (499, "client_closed_request"),
     AdapterExistsError: (409, "adapter_exists"),
     RequestTooLargeError: (413, "request_too_large"),
+    UnsupportedMediaTypeError: (415, "unsupported_media_type"),
     InvalidRequestError: (422, "invalid_request"),
     ContextLengthError: (422, "context_length_exceeded"),
     AdapterNameError: (422, "invalid_adapter_name"),
@@ -210,6 +216,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         shown = key if len(key) <= 64 else key[:64] + "..."
         raise InvalidJSONError(f"the body has the key {shown!r} more than once in one object; send each key once")
     return value
+
+
+def check_content_type(value: str | None) -> None:
+    """Refuse a body whose ``content-type`` is not JSON (415), before it is read.
+
+    ``application/json`` or any ``+json`` type, with parameters (``; charset=utf-8``), or no header at all (as
+    FastAPI reads it). Anything else is refused even when the bytes are JSON: a web page on another site can make
+    a browser send ``text/plain``, form or multipart bodies to a server on this machine without asking it first
+    (a CORS "simple request"), never a JSON one, so without this rule any site a user visits could load, unload
+    or run adapters on a server bound to 127.0.0.1."""
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    shown = value if len(value) <= 64 else value[:64] + "..."
+    raise UnsupportedMediaTypeError(f"content-type {shown!r}: request bodies are JSON; send "
+                                    "'content-type: application/json'")
 
 
 def read_body(body: bytes, options) -> Any:

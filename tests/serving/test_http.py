@@ -1040,3 +1040,41 @@ def test_a_server_that_can_only_answer_with_the_base_model_says_so_at_start(arte
     for app in (build(art["onnx"], threads=1),  # the exported adapters
                 build(art["onnx"], load_exported=False, adapter_store=art["store"], threads=1)):  # loadable
         assert not any("no adapter is loaded" in n for n in startup_notes(app.state.server))
+
+
+def test_a_body_that_is_not_sent_as_json_is_refused_before_anything_changes(llama_url, bert_url):
+    """A page on any site can make a browser POST text/plain, form or multipart bodies to 127.0.0.1 without a CORS
+    preflight (and read nothing back, but the request runs). Such bodies are refused (415) even when their bytes
+    are JSON, so no site can load, unload or run adapters on a local server; JSON and no content type are read."""
+    import http.client
+    import urllib.parse
+
+    from http_helpers import call as call_with  # sends the headers given
+
+    unload_quietly(llama_url, "extra")
+    for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                  "text/plain; charset=utf-8", "application/jsonx"):
+        for route, body in (("/v1/load_lora_adapter", {"lora_name": "extra"}), ("/v1/adapters", {"name": "extra"}),
+                            ("/v1/completions", {"model": "a0", "prompt": "hi", "max_tokens": 2}),
+                            ("/v1/generate", {"adapter": "a0", "input": ["hi"], "max_new_tokens": 2}),
+                            (bert_url + "/v1/embeddings", {"model": "a0", "input": "hi"}),
+                            (bert_url + "/v1/embeddings", {"adapter": "a0", "input": ["hi"]})):
+            url = route if route.startswith("http") else llama_url + route
+            status, answer = call_with(url, "POST", body, headers={"content-type": media})
+            assert_error(status, answer, 415, "unsupported_media_type", ["application/json"])
+            assert repr(media) in answer["error"]["message"]
+    assert loaded(llama_url) == ["a0", "a1", "a2"]  # nothing was loaded
+    status, answer = call_with(llama_url + "/v1/load_lora_adapter", "POST", {"lora_name": "extra"},
+                               headers={"content-type": "application/json; charset=UTF-8"})
+    assert status == 200, answer
+    status, answer = call_with(llama_url + "/v1/unload_lora_adapter", "POST", {"lora_name": "extra"},
+                               headers={"content-type": "text/plain"})
+    assert status == 415 and loaded(llama_url) == ["a0", "a1", "a2", "extra"]  # not unloaded either
+    # no content type at all: read as JSON (as FastAPI does; a browser always sends one with a body)
+    parts = urllib.parse.urlsplit(llama_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    connection.request("POST", "/v1/unload_lora_adapter", body=b'{"lora_name": "extra"}')
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    connection.close()
+    assert loaded(llama_url) == ["a0", "a1", "a2"]

@@ -28,6 +28,8 @@ from bca_deploy.serving.wire import (
     InvalidRequestError,
     RequestTooLargeError,
     ServerBusyError,
+    UnsupportedMediaTypeError,
+    check_content_type,
     error_body,
     error_status,
     read_json,
@@ -130,6 +132,7 @@ def test_every_error_type_has_one_status():
         InvalidRequestError: (422, "invalid_request"),
         ContextLengthError: (422, "context_length_exceeded"),
         RequestTooLargeError: (413, "request_too_large"),
+        UnsupportedMediaTypeError: (415, "unsupported_media_type"),
         ServerBusyError: (503, "server_busy"),
         ServingError: (400, "bad_request"),
         BCAError: (400, "bad_request"),
@@ -139,7 +142,7 @@ def test_every_error_type_has_one_status():
     assert error_status(ValueError("x")) == (500, "internal_error")  # not a BCAError: a bug, answered as such
     assert error_status(UnicodeDecodeError("utf-8", b"", 0, 1, "x")) == (500, "internal_error")
     statuses = {status for status, _ in ERRORS.values()}
-    assert statuses <= {400, 403, 404, 405, 408, 409, 413, 422, 499, 500, 503}
+    assert statuses <= {400, 403, 404, 405, 408, 409, 413, 415, 422, 499, 500, 503}
     assert error_status(ClientClosedRequestError("x")) == (499, "client_closed_request")
     assert error_body(404, "unknown_adapter", "m", "model") == \
         {"error": {"message": "m", "type": "unknown_adapter", "param": "model", "code": 404}}
@@ -262,3 +265,15 @@ def test_store_bounds_an_entrys_file_count(tmp_path):
     with pytest.raises(AdapterNameError, match="more than 64 files"):
         AdapterStore(tmp_path / "store").path("many")
     assert os.path.isdir(entry)
+
+
+def test_bodies_must_be_sent_as_json():
+    for value in (None, "application/json", "Application/JSON; charset=utf-8", "application/problem+json",
+                  " application/json ;q=1"):
+        check_content_type(value)  # read
+    for value in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=--x", "",
+                  "application/jsonp", "text/json", "json", "x" * 1000):
+        with pytest.raises(UnsupportedMediaTypeError, match="request bodies are JSON") as refused:
+            check_content_type(value)
+        assert error_status(refused.value) == (415, "unsupported_media_type")
+        assert len(str(refused.value)) < 200  # a long header is cut, not echoed whole
