@@ -901,11 +901,12 @@ def create_app(
     app.state.server, app.state.session, app.state.store = server, session, store
     app.state.batcher, app.state.engine, app.state.options = server.batcher, server.engine, options
 
-    def error_response(request: Request, exc: BaseException) -> JSONResponse:
+    def error_response(request: Request, exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
         status, kind = error_status(exc)
         request.state.error_type = kind
         message = server.redact(str(exc)) if isinstance(exc, BCAError) else "internal error"
-        headers = {"retry-after": str(RETRY_AFTER_S)} if status == 503 else None
+        if status == 503:
+            headers = {**(headers or {}), "retry-after": str(RETRY_AFTER_S)}
         return JSONResponse(status_code=status, content=error_body(status, kind, message,
                                                                    server.error_param(exc, request.scope["state"])),
                             headers=headers)
@@ -918,9 +919,13 @@ def create_app(
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
             return error_response(request, NotFoundError(f"no endpoint {request.method} {request.url.path[:128]}"))
-        if exc.status_code == 405:
+        if exc.status_code == 405:  # with the Allow header HTTP asks of a 405 (the route's methods)
+            allowed = (exc.headers or {}).get("Allow", "")
+            method = request.method if len(request.method) <= 32 else request.method[:32] + "..."
             return error_response(request, MethodNotAllowedError(
-                f"{request.url.path[:128]} does not take {request.method} requests"))
+                f"{request.url.path[:128]} does not take {method} requests" + (f"; it takes {allowed}" if allowed
+                                                                               else "")),
+                headers={"allow": allowed} if allowed else None)
         return error_response(request, ServingError(f"HTTP {exc.status_code}"))
 
     @app.exception_handler(RequestValidationError)

@@ -1078,3 +1078,22 @@ def test_a_body_that_is_not_sent_as_json_is_refused_before_anything_changes(llam
     assert response.status == 200, response.read()
     connection.close()
     assert loaded(llama_url) == ["a0", "a1", "a2"]
+
+
+def test_a_method_a_route_does_not_take_gets_405_with_the_allow_header(llama_url):
+    """HTTP asks a 405 to say which methods the route takes (the Allow header); the answer is the usual JSON error,
+    and an invented method is not echoed whole."""
+    import urllib.request
+
+    before = loaded(llama_url)
+    for path, method, allowed in (("/v1/models", "POST", {"GET"}), ("/v1/completions", "GET", {"POST"}),
+                                  ("/v1/adapters/a0", "PUT", {"DELETE"}), ("/v1/models", "X" * 5000, {"GET"})):
+        request = urllib.request.Request(llama_url + path, method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=TIMEOUT)
+        with refused.value as response:
+            body = json.loads(response.read())
+            assert response.code == 405 and set(response.headers["allow"].replace(" ", "").split(",")) >= allowed
+        assert body["error"]["type"] == "method_not_allowed" and len(body["error"]["message"]) < 300, body
+        assert f"it takes {response.headers['allow']}" in body["error"]["message"]
+    assert loaded(llama_url) == before  # the PUT changed nothing
