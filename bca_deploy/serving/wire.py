@@ -303,24 +303,30 @@ def _too_deep(max_depth: int, where: str | None = None) -> RequestTooLargeError:
 
 
 def _check_values(value: Any, max_depth: int, max_chars: int) -> None:
-    # Iterative walk (no recursion limit to trip), one visit per value.
-    stack: list[tuple[Any, int, str]] = [(value, 1, "body")]
+    # Iterative walk (no recursion limit to trip), one visit per value. ``field``: the top-level key a value is
+    # under, the ``param`` of a refusal (None at the top level itself).
+    stack: list[tuple[Any, int, str, str | None]] = [(value, 1, "body", None)]
     while stack:
-        item, depth, where = stack.pop()
-        if isinstance(item, str):
-            _check_string(item, where, max_chars)
-        elif isinstance(item, (list, dict)):
-            if depth > max_depth:
-                raise _too_deep(max_depth, where)
-            if isinstance(item, dict):
-                for key, child in item.items():
-                    _check_string(key, f"{where} key", max_chars)
-                    if isinstance(child, (str, list, dict)):
-                        stack.append((child, depth + 1, _join(where, key)))
-            else:
-                for i, child in enumerate(item):
-                    if isinstance(child, (str, list, dict)):
-                        stack.append((child, depth + 1, f"{where}[{i}]"))
+        item, depth, where, field = stack.pop()
+        try:
+            if isinstance(item, str):
+                _check_string(item, where, max_chars)
+            elif isinstance(item, (list, dict)):
+                if depth > max_depth:
+                    raise _too_deep(max_depth, where)
+                if isinstance(item, dict):
+                    for key, child in item.items():
+                        _check_string(key, f"{where} key", max_chars)
+                        if isinstance(child, (str, list, dict)):
+                            top = field if depth > 1 else _join("body", key)
+                            stack.append((child, depth + 1, _join(where, key), top))
+                else:
+                    for i, child in enumerate(item):
+                        if isinstance(child, (str, list, dict)):
+                            stack.append((child, depth + 1, f"{where}[{i}]", field))
+        except (InvalidJSONError, RequestTooLargeError) as exc:
+            exc.param = field  # type: ignore[attr-defined]
+            raise
 
 
 def _join(where: str, key: str) -> str:
@@ -342,7 +348,9 @@ Model = TypeVar("Model")
 
 
 def validate(model: type[Model], data: Any) -> Model:
-    """``model.model_validate(data)``, every problem in one :class:`InvalidRequestError` (``param``: the first field)."""
+    """``model.model_validate(data)``, every problem in one :class:`InvalidRequestError` (``param``: the first
+    problem's top-level field, e.g. ``stop`` where pydantic's path is ``stop.str``, its branch of the union; the
+    message has the whole path)."""
     from pydantic import ValidationError
 
     if not isinstance(data, dict):
@@ -353,7 +361,7 @@ def validate(model: type[Model], data: Any) -> Model:
         problems, first = [], None
         for e in exc.errors(include_url=False, include_input=False):
             where = ".".join(str(p) for p in e["loc"]) or "body"
-            first = first or where
+            first = first or (str(e["loc"][0]) if e["loc"] else None)
             problems.append(f"{where}: {_message(e)}")
         raise InvalidRequestError("; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more"
                                                               if len(problems) > 20 else ""), param=first) from None

@@ -277,3 +277,27 @@ def test_bodies_must_be_sent_as_json():
             check_content_type(value)
         assert error_status(refused.value) == (415, "unsupported_media_type")
         assert len(str(refused.value)) < 200  # a long header is cut, not echoed whole
+
+
+def test_a_refused_field_is_named_by_its_top_level_name():
+    """pydantic's path of a union field ends in the branch it tried (``stop.str``): ``param`` is the request field,
+    the message has the whole path; a list item's problem names its list."""
+    from bca_deploy.serving.openai import ChatCompletionRequest, CompletionRequest
+
+    with pytest.raises(InvalidRequestError) as refused:
+        validate(CompletionRequest, {"model": "a", "prompt": "x", "stop": 5})
+    assert refused.value.param == "stop" and "stop.str" in str(refused.value)
+    with pytest.raises(InvalidRequestError) as refused:
+        validate(ChatCompletionRequest, {"model": "a", "messages": [{"role": "user", "content": "x"},
+                                                                   {"role": "robot", "content": "y"}]})
+    assert refused.value.param == "messages" and "messages.1.role" in str(refused.value)
+
+
+def test_a_refused_string_names_its_top_level_field():
+    """A lone surrogate or an over-long string deep in a request: ``param`` is the request field it is under."""
+    for body, param in ((b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+                        (json.dumps({"input": [["x" * 101]]}).encode(), "input"),
+                        (b'{"stop": ["a", "\\udfff"]}', "stop"), (b'["\\ud800"]', None)):
+        with pytest.raises((InvalidJSONError, RequestTooLargeError)) as refused:
+            parse(body)
+        assert refused.value.param == param, (body, refused.value)
