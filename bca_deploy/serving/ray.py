@@ -164,7 +164,7 @@ class AdapterReplicas:
                     await self.get_adapter(name)
                 except BCAError as exc:  # the same answer as a single server's
                     if isinstance(exc, UnknownAdapterError) and not loading:  # not in the store: name it alone
-                        exc = not_loaded(name)
+                        exc = not_loaded(name, param=_adapter_field_of(body))  # "model", "adapter": the field
                     status, kind = error_status(exc)
                     yield {"status": status, "headers": [(b"content-type", b"application/json")]}
                     yield json.dumps(error_body(status, kind, self.server.redact(str(exc)),
@@ -200,6 +200,26 @@ def _check_load(path: str, name: str, body: bytes, held: bool) -> None:
                                   "only); store the new weights under a new name", param=field)
     if held:
         raise AdapterExistsError(f"adapter {name!r} is already loaded on the replica this request reached")
+
+
+#: The body fields that name a request's adapter, in the order they are looked for (OpenAI, native, vLLM's load
+#: routes, the native load route).
+_ADAPTER_FIELDS = ("model", "adapter", "lora_name", "name")
+
+
+def _adapter_field(data: Any) -> str | None:
+    """Which field of a request body names its adapter (None: none does, the base model)."""
+    if not isinstance(data, dict):
+        return None
+    return next((k for k in _ADAPTER_FIELDS if k in data), None)
+
+
+def _adapter_field_of(body: bytes) -> str | None:
+    """:func:`_adapter_field` of raw body bytes the router has already read and checked (None if they are not JSON)."""
+    try:
+        return _adapter_field(json.loads(body)) if body else None
+    except ValueError:
+        return None
 
 
 async def _call_asgi(app, method: str, path: str, query: bytes, headers, body: bytes) -> AsyncIterator[Any]:
@@ -256,16 +276,20 @@ class Router:
         self.exported = sorted(bank_metadata(export_dir).bank.adapters)
         self.store_dir = adapter_store
         self.model_name = self.options.served_model_name or default_model_name(Path(export_dir))
+        self.created = int(time.time())  # the models' "created", as a single server gives it
 
     async def __call__(self, request: Request):
         try:
             body = await self._body(request)
             if request.method == "GET" and request.url.path == "/v1/models":
                 return JSONResponse(self._models())
+            if request.method == "GET" and request.url.path.startswith("/v1/models/"):
+                # answered here from the listing: a replica knows only the adapters it holds now
+                return JSONResponse(self._model(request.url.path.removeprefix("/v1/models/")))
             adapter = self._adapter(request, body)
         except BCAError as exc:
             status, kind = error_status(exc)
-            return JSONResponse(error_body(status, kind, str(exc)), status_code=status)
+            return JSONResponse(error_body(status, kind, str(exc), getattr(exc, "param", None)), status_code=status)
         handle = self.replicas.options(multiplexed_model_id=adapter, stream=True)
         stream = handle.handle.remote(request.method, request.url.path, request.url.query.encode(),
                                       list(request.headers.raw), body)
@@ -308,7 +332,8 @@ class Router:
             check_content_type(request.headers.get("content-type"))  # before any replica loads the adapter it names
             data = read_body(body, self.options)
             if isinstance(data, dict):
-                name = next((data[k] for k in ("model", "adapter", "lora_name", "name") if k in data), None)
+                field = _adapter_field(data)
+                name = data[field] if field is not None else None
                 lora_path = data.get("lora_path")
                 if path == "/v1/load_lora_adapter" and lora_path is not None and lora_path != name:
                     raise InvalidRequestError("lora_path: on Ray Serve, adapters are served under their names in the "
@@ -317,16 +342,29 @@ class Router:
             return ""  # the replica answers (base model, or the documented error for a bad name)
         return name
 
-    def _models(self) -> dict[str, Any]:
+    def _card(self, name: str, parent: str | None) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "bca-deploy", "root": name,
+                "parent": parent}
+
+    def _servable(self) -> list[str]:
+        """The adapters a request may name: the exported ones and the store's entries (each loads on demand)."""
         from .store import AdapterStore
 
-        cards = [{"id": self.model_name, "object": "model", "owned_by": "bca-deploy", "root": self.model_name,
-                  "parent": None}]
+        return sorted(set(self.exported) | set(AdapterStore(self.store_dir).names() if self.store_dir else ()))
+
+    def _models(self) -> dict[str, Any]:
+        cards = [self._card(self.model_name, None)]
         if self.options.list_adapters:
-            names = set(self.exported) | set(AdapterStore(self.store_dir).names() if self.store_dir else ())
-            cards += [{"id": n, "object": "model", "owned_by": "bca-deploy", "root": n, "parent": self.model_name}
-                      for n in sorted(names)]
+            cards += [self._card(n, self.model_name) for n in self._servable()]
         return {"object": "list", "data": cards}
+
+    def _model(self, name: str) -> dict[str, Any]:
+        """``GET /v1/models/{name}``: the card of the base model or of an adapter a request may name, as listed."""
+        if name in (self.model_name, BASE):
+            return self._card(self.model_name, None)
+        if name not in self._servable():
+            raise not_loaded(name, param="model")
+        return self._card(name, self.model_name)
 
 
 async def _rest(stream) -> AsyncIterator[bytes]:

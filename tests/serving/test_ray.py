@@ -114,13 +114,30 @@ def test_errors_through_ray_are_the_single_servers(ray_app):
     with pytest.raises(openai.NotFoundError) as caught:
         client.embeddings.create(model="nothing-here", input="hi")
     assert caught.value.body["type"] == "unknown_adapter"
-    assert caught.value.body["message"] == "adapter 'nothing-here' is not loaded on this server"  # as a single server
+    # as a single server: the field that named it, in the message and in param
+    assert caught.value.body["message"] == "model 'nothing-here' is not loaded on this server"
+    assert caught.value.body["param"] == "model"
+    status, body = call(url + "/v1/embeddings", "POST", {"adapter": "nothing-here", "input": ["hi"]})
+    assert_error(status, body, 404, "unknown_adapter", ["adapter 'nothing-here'"])
+    assert body["error"]["param"] == "adapter"
+    # one model's card is the router's, from the listing: the same answer whichever replica holds what
+    listed = {m.id: m for m in client.models.list().data}
+    assert all(isinstance(m.created, int) for m in listed.values())
+    for _ in range(4):
+        for name in ("tiny-bert", "a0", "s3"):
+            assert client.models.retrieve(name).model_dump() == listed[name].model_dump()
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("nothing-here")
+    assert caught.value.body["param"] == "model"
     status, body = call(url + "/v1/embeddings", "POST", {"model": "misfit", "input": "hi"})
     assert_error(status, body, 422, "invalid_adapter_name", ["outside the adapter store"])
     status, body = call(url + "/v1/embeddings", "POST", {"model": "a0", "input": ["x"] * 300})
     assert_error(status, body, 413, "request_too_large")
     status, body = call(url + "/v1/embeddings", "POST", raw=b"{not json")
     assert_error(status, body, 400, "invalid_json")
+    # a body not sent as JSON is refused at the router, before a replica loads the adapter it names
+    status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "s3"}, headers={"content-type": "text/plain"})
+    assert_error(status, body, 415, "unsupported_media_type", ["'text/plain'"])
 
 
 def test_load_routes_load_on_a_replica_and_unloading_is_lrus_job(ray_app):
@@ -140,6 +157,7 @@ def test_load_routes_load_on_a_replica_and_unloading_is_lrus_job(ray_app):
         assert body["error"]["param"] == field
     status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "copy", "lora_path": "s2"})
     assert_error(status, body, 422, "invalid_request", ["lora_path"])
+    assert body["error"]["param"] == "lora_path"  # the router's refusals name their field too
     for method, path, payload in (("POST", "/v1/unload_lora_adapter", {"lora_name": "s2"}),
                                   ("DELETE", "/v1/adapters/s2", None)):
         status, body = call(url + path, method, payload)
