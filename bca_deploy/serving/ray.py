@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -532,20 +533,36 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
     serve.start(http_options={"host": options.host, "port": options.port,
                               "keep_alive_timeout_s": max(1, int(options.keep_alive_s))})
     app = build_app(app_args)
+    previous = _stop_on_signals() if blocking else {}  # from here on, a signal shuts Serve down
     try:
-        handle = serve.run(app, name="bca-deploy", route_prefix="/", blocking=False)
-    except BCAError:
-        raise
-    except RuntimeError as exc:  # "Deploying application bca-deploy failed: ...": a replica could not start
-        raise ServingError(f"Ray Serve could not start the replicas ({first_line(exc)}); each replica's error "
-                           "is in Ray's log above") from None
-    if on_ready is not None:
-        on_ready(f"serving {export_dir} on Ray Serve ({replicas} replicas) at http://{options.host}:{options.port} "
-                 "(Ctrl-C to stop)")
-    if not blocking:
-        return handle
-    try:
+        try:
+            handle = serve.run(app, name="bca-deploy", route_prefix="/", blocking=False)
+        except BCAError:
+            raise
+        except RuntimeError as exc:  # "Deploying application bca-deploy failed: ...": a replica could not start
+            raise ServingError(f"Ray Serve could not start the replicas ({first_line(exc)}); each replica's error "
+                               "is in Ray's log above") from None
+        if on_ready is not None:
+            on_ready(f"serving {export_dir} on Ray Serve ({replicas} replicas) at "
+                     f"http://{options.host}:{options.port} (Ctrl-C to stop)")
+        if not blocking:
+            return handle
         while True:
             time.sleep(3600)
     finally:
-        serve.shutdown()
+        if blocking:
+            serve.shutdown()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """SIGINT and SIGTERM both stop the application the graceful way (KeyboardInterrupt: ``serve.shutdown``, then
+    Ray's own exit, which stops the local instance it started). Set once Ray is up: Ray's native handler
+    dumps a stack trace on SIGTERM and dies without shutting Serve down (orphaning agents now and then), and a
+    SIGINT a shell started us ignoring (``cmd &`` in a script) would do nothing. Returns the handlers replaced."""
+
+    def stop(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
