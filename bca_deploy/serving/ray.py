@@ -295,8 +295,10 @@ class Router:
         stream = handle.handle.remote(request.method, request.url.path, request.url.query.encode(),
                                       list(request.headers.raw), body)
         start = await stream.__anext__()
+        # Ray's proxy sets x-request-id on every answer (the client's, or the one it generated and forwarded, which
+        # the replica's log used): the replica's copy would make it twice
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
-                   if k.lower() not in (b"content-length", b"transfer-encoding")}
+                   if k.lower() not in (b"content-length", b"transfer-encoding", b"x-request-id")}
         return StreamingResponse(_rest(stream), status_code=start["status"], headers=headers)
 
     async def _body(self, request: Request) -> bytes:

@@ -135,6 +135,16 @@ def test_errors_through_ray_are_the_single_servers(ray_app):
     assert_error(status, body, 413, "request_too_large")
     status, body = call(url + "/v1/embeddings", "POST", raw=b"{not json")
     assert_error(status, body, 400, "invalid_json")
+    # one x-request-id on an answer, the client's when it sent one (Ray's proxy sets it; the replica's went too)
+    import urllib.request
+
+    for given in ("req-42", None):
+        request = urllib.request.Request(url + "/v1/embeddings", data=b'{"model": "a0", "input": "hi"}',
+                                         headers={"content-type": "application/json",
+                                                  **({"x-request-id": given} if given else {})})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            ids = response.headers.get_all("x-request-id")
+        assert len(ids) == 1 and (given is None or ids == [given]), ids
     # a body not sent as JSON is refused at the router, before a replica loads the adapter it names
     status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "s3"}, headers={"content-type": "text/plain"})
     assert_error(status, body, 415, "unsupported_media_type", ["'text/plain'"])
