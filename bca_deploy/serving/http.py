@@ -85,7 +85,6 @@ from .wire import (
     check_rows,
     error_body,
     error_status,
-    check_content_type,
     read_body,
     validate,
 )
@@ -576,8 +575,8 @@ class Server:
 
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
         """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
-        check_content_type(request.headers.get("content-type"))
-        return validate(model, read_body(await request.body(), self.options))
+        return validate(model, read_body(await request.body(), self.options,
+                                         content_type=request.headers.get("content-type")))
 
     async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input") -> list[list[int]]:
         """Token-id rows of a request (texts tokenized here, once), checked against the vocabulary and positions

@@ -45,8 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..errors import BCAError, ContextLengthError
 from .session import BASE
-from .wire import (InvalidRequestError, JSONNumber, check_content_type, error_body, error_status, field_errors,
-                   read_body, validate)
+from .wire import InvalidRequestError, JSONNumber, error_body, error_status, field_errors, read_body, validate
 
 if TYPE_CHECKING:
     from .http import Server
@@ -264,8 +263,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         server.require("embed")
-        check_content_type(request.headers.get("content-type"))
-        data = read_body(await request.body(), options)
+        data = read_body(await request.body(), options, content_type=request.headers.get("content-type"))
         if not (isinstance(data, dict) and "model" in data):
             return await native_embeddings(request, data)
         req = validate(EmbeddingsRequest, data)

@@ -62,7 +62,6 @@ from .wire import (
     body_too_slow,
     error_body,
     error_status,
-    check_content_type,
     read_body,
     validate,
 )
@@ -332,8 +331,8 @@ class Router:
                                "recently used ones are unloaded; there is nothing to unload by hand")
         name: Any = None
         if request.method == "POST" and body:
-            check_content_type(request.headers.get("content-type"))  # before any replica loads the adapter it names
-            data = read_body(body, self.options)
+            # refused here when not sent as JSON, before any replica loads the adapter it names
+            data = read_body(body, self.options, content_type=request.headers.get("content-type"))
             if isinstance(data, dict):
                 field = _adapter_field(data)
                 name = data[field] if field is not None else None

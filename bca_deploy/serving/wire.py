@@ -236,9 +236,11 @@ def check_content_type(value: str | None) -> None:
                                     "'content-type: application/json'")
 
 
-def read_body(body: bytes, options) -> Any:
-    """:func:`read_json` with the limits of ``options`` (a :class:`~bca_deploy.serving.options.ServeOptions`):
-    what every route (native, OpenAI, the Ray router) uses to read a body."""
+def read_body(body: bytes, options, *, content_type: str | None) -> Any:
+    """:func:`check_content_type` of the request's ``content-type`` header (None: none was sent), then
+    :func:`read_json` with the limits of ``options`` (a :class:`~bca_deploy.serving.options.ServeOptions`): what
+    every route (native, OpenAI, the Ray router) uses to read a body, so none can read one sent as text or a form."""
+    check_content_type(content_type)
     return read_json(body, max_depth=options.max_json_depth, max_chars=options.max_text_chars)
 
 
@@ -306,9 +308,10 @@ def _check_values(value: Any, max_depth: int, max_chars: int) -> None:
     # Iterative walk (no recursion limit to trip), one visit per value. ``field``: the top-level key a value is
     # under, the ``param`` of a refusal (None at the top level itself).
     stack: list[tuple[Any, int, str, str | None]] = [(value, 1, "body", None)]
-    while stack:
-        item, depth, where, field = stack.pop()
-        try:
+    field = None
+    try:
+        while stack:
+            item, depth, where, field = stack.pop()
             if isinstance(item, str):
                 _check_string(item, where, max_chars)
             elif isinstance(item, (list, dict)):
@@ -324,9 +327,9 @@ def _check_values(value: Any, max_depth: int, max_chars: int) -> None:
                     for i, child in enumerate(item):
                         if isinstance(child, (str, list, dict)):
                             stack.append((child, depth + 1, f"{where}[{i}]", field))
-        except (InvalidJSONError, RequestTooLargeError) as exc:
-            exc.param = field  # type: ignore[attr-defined]
-            raise
+    except (InvalidJSONError, RequestTooLargeError) as exc:  # the field of the value being checked
+        exc.param = field  # type: ignore[attr-defined]
+        raise
 
 
 def _join(where: str, key: str) -> str:

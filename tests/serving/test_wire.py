@@ -91,9 +91,10 @@ def test_read_body_limits_strings_by_max_text_chars_alone():
     from bca_deploy.serving.wire import check_rows, read_body
 
     options = ServeOptions(max_text_chars=10, max_request_rows=256)
-    assert read_body(json.dumps({"input": ["x" * 10], "ids": list(range(1000))}).encode(), options)
+    assert read_body(json.dumps({"input": ["x" * 10], "ids": list(range(1000))}).encode(), options,
+                     content_type="application/json")
     with pytest.raises(RequestTooLargeError, match="11 characters; this server's limit is 10 \\(--max-text-chars\\)"):
-        read_body(json.dumps({"input": "x" * 11}).encode(), options)
+        read_body(json.dumps({"input": "x" * 11}).encode(), options, content_type=None)
     check_rows(256, options.max_request_rows)
     with pytest.raises(RequestTooLargeError, match="prompt: 257 rows; this server's limit is 256 per request "
                                                    "\\(--max-request-rows\\)"):
