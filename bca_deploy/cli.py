@@ -330,8 +330,8 @@ _RTOL_HELP = ("Override the part of the validation tolerance relative to each ou
 @click.option("--task", default=None, help="feature-extraction, text-classification, text-generation-with-past, "
               "text-generation or feature-extraction-with-past; default: the task the adapters record (a classifier "
               "exports with its head and labels), else inferred from the model's config.")
-@click.option("--opset", type=POSITIVE_INT, default=None,
-              help="ONNX opset, 14..20 (default 18; unmerged --fft dft needs 20).")
+@click.option("--opset", type=int, default=None, metavar="14..20",  # the export checks it, naming what needs which
+              help="ONNX opset (default 18; unmerged --fft dft needs 20).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--fft", type=click.Choice(["matmul", "dft"]), default="matmul", show_default=True,
               help="Unmerged graphs: transforms as MatMuls with cos/sin bases (fast on CPU, runs on CUDA) or "

@@ -351,6 +351,21 @@ def test_export_help_says_what_several_adapters_do():
     assert "they sum (merged or unmerged graphs), or each gets its own slot (--bank)" in text, text
 
 
+def test_the_opset_range_is_the_exporters_and_each_refusal_says_why(tmp_path):
+    from bca_deploy.exporters.export import MAX_OPSET, MIN_OPSET
+    from conftest import tiny_bert
+
+    text = " ".join(CliRunner().invoke(main, ["export", "--help"]).output.split())
+    assert f"--opset {MIN_OPSET}..{MAX_OPSET} ONNX opset" in text and "x>=1" not in text, text
+    tiny_bert().save_pretrained(tmp_path / "base")
+    for opset, why in (("0", f"use opset >= {MIN_OPSET}"), (str(MIN_OPSET - 1), f"use opset >= {MIN_OPSET}"),
+                       (str(MAX_OPSET + 1), f"above {MAX_OPSET}"), ("x", "'x' is not a valid integer")):
+        result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "base"), "--merge", "--opset", opset,
+                                           "--out", str(tmp_path / "onnx")])
+        assert result.exit_code == 2 and why in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "onnx").exists()
+
+
 @pytest.mark.parametrize("command, extra", [("serve", "serve"), ("serve-ray", "ray")])
 def test_serve_without_onnxruntime_names_the_whole_install(tmp_path, monkeypatch, command, extra):
     import sys

@@ -67,6 +67,7 @@ from .options import ServeOptions
 from .session import BASE, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
 from .wire import (
+    READ_METHODS,
     AdapterExistsError,
     ClientClosedRequestError,
     InvalidHTTPError,
@@ -689,9 +690,13 @@ class Server:
                    entry_param: str = "name") -> dict[str, Any]:
         """Load store entry ``entry`` (default: ``name``) as adapter ``name``; its public description.
 
+        An entry the store does not have (or every entry, without a store) that names one of the adapters the
+        graph was exported with comes from the export itself: an exported adapter that was unloaded loads again.
         ``name_param``/``entry_param``: the request fields that gave them (named by the errors).
         """
-        if self.store is None:
+        source = entry or name
+        exported = source in self.session.exported_adapters
+        if self.store is None and not exported:
             raise ServingError("this server has no adapter store (start it with --adapter-store DIR)")
         with field_errors(name_param):
             check_adapter_name(name)
@@ -705,9 +710,18 @@ class Server:
         async with self._load_lock:  # one load at a time: "already loaded" is decided here, not raced
             if name in self.session.snapshot().slots and not replace:
                 raise AdapterExistsError(f"adapter {name!r} is already loaded; pass \"replace\": true to reload it")
-            path = self.store.path(entry or name)
+            path = None
+            if self.store is not None:
+                try:
+                    path = self.store.path(source)
+                except UnknownAdapterError:
+                    if not exported:
+                        raise
             try:
-                info = await run_in_threadpool(self.session.register, name, path, replace=replace)
+                if path is None:
+                    info = await run_in_threadpool(self.session.register_exported, source, name=name, replace=replace)
+                else:
+                    info = await run_in_threadpool(self.session.register, name, path, replace=replace)
             except BCAError:
                 raise
             except Exception as exc:  # a store entry the readers do not turn into a BCAError: say which, log why
@@ -716,7 +730,7 @@ class Server:
                            "traceback": "".join(traceback.format_exception(exc))}, logging.ERROR)
                 from ..errors import AdapterFormatError
 
-                raise AdapterFormatError(f"adapter {entry or name!r} in the store cannot be read "
+                raise AdapterFormatError(f"adapter {source!r} in the store cannot be read "
                                          f"({type(exc).__name__})") from None
         self.metrics.adapter_changes.labels("load").inc()
         return self.public_info(info)
@@ -937,13 +951,13 @@ def create_app(
     def label(request: Request, name: str | None) -> None:
         request.state.adapter_label = server.metrics.adapter_label(name if name is not None else BASE)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and uptime checkers' probe
+    @app.api_route("/health", methods=READ_METHODS)  # HEAD: load balancers' and uptime checkers' probe
     async def health():
         snapshot = session.snapshot()
         return {"status": "ok", "task": session.task, "model_type": session.model_type,
                 "adapters": len(snapshot.slots), "bank_version": snapshot.version}
 
-    @app.get("/v1/adapters")
+    @app.api_route("/v1/adapters", methods=READ_METHODS)
     async def list_adapters():
         if not options.list_adapters:
             raise ForbiddenError("this server does not list its adapters")
@@ -1003,7 +1017,7 @@ def create_app(
             data.append(item)
         return {"adapter": adapter, "data": data}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=READ_METHODS)
     async def metrics():
         if not options.metrics:
             raise NotFoundError("no endpoint GET /metrics (metrics are off on this server)")

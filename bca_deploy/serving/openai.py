@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..errors import BCAError, ContextLengthError
 from .session import BASE
-from .wire import InvalidRequestError, JSONNumber, error_body, error_status, field_errors, read_body, validate
+from .wire import READ_METHODS, InvalidRequestError, JSONNumber, error_body, error_status, field_errors, read_body, validate
 
 if TYPE_CHECKING:
     from .http import Server
@@ -231,6 +231,18 @@ def _as_rows(value: Any) -> list:
     return list(value)
 
 
+def _refuse_empty(value: Any, rows: list) -> None:
+    """OpenAI's embeddings refuse an empty ``input`` and any empty text or token list in it (the vector of no text
+    is the model's bias, not something a client meant to ask for); ``rows`` is :func:`_as_rows` of ``value``."""
+    if not rows or (isinstance(value, str) and not value):
+        raise InvalidRequestError("input: must not be empty", param="input")
+    for i, row in enumerate(rows):
+        if len(row) == 0:
+            what = "text" if isinstance(row, str) else "token list"
+            raise InvalidRequestError(f"input[{i}]: an empty {what}; each input must have at least one character "
+                                      "or token", param="input")
+
+
 def add_routes(app, server: Server, native_embeddings) -> None:
     """Add the OpenAI-compatible routes to ``app`` (``native_embeddings``: the handler of native embedding bodies)."""
     options = server.options
@@ -246,14 +258,14 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         return {"id": name, "object": "model", "created": created, "owned_by": "bca-deploy", "root": name,
                 "parent": parent}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=READ_METHODS)
     async def list_models():
         cards = [model_card(server.model_name, None)]
         if options.list_adapters:
             cards += [model_card(name, server.model_name) for name in sorted(server.session.snapshot().slots)]
         return {"object": "list", "data": cards}
 
-    @app.get("/v1/models/{model}")
+    @app.api_route("/v1/models/{model}", methods=READ_METHODS)
     async def get_model(model: str):
         if model in (server.model_name, BASE):
             return model_card(server.model_name, None)
@@ -273,6 +285,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
             raise InvalidRequestError(f"dimensions: {req.dimensions} is not supported; this model's embeddings have "
                                       f"{hidden} dimensions", param="dimensions")
         rows = _as_rows(req.input)
+        _refuse_empty(req.input, rows)
         vectors, token_rows = await server.infer(request, "embed", rows, adapter,
                                                  {"pooling": options.embedding_pooling,
                                                   "normalize": options.embedding_normalize})

@@ -56,6 +56,7 @@ from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, fo
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
+    READ_METHODS,
     AdapterExistsError,
     InvalidRequestError,
     body_too_large,
@@ -281,9 +282,9 @@ class Router:
     async def __call__(self, request: Request):
         try:
             body = await self._body(request)
-            if request.method == "GET" and request.url.path == "/v1/models":
+            if request.method in READ_METHODS and request.url.path == "/v1/models":
                 return JSONResponse(self._models())
-            if request.method == "GET" and request.url.path.startswith("/v1/models/"):
+            if request.method in READ_METHODS and request.url.path.startswith("/v1/models/"):
                 # answered here from the listing: a replica knows only the adapters it holds now
                 return JSONResponse(self._model(request.url.path.removeprefix("/v1/models/")))
             adapter = self._adapter(request, body)

@@ -589,41 +589,70 @@ class MultiAdapterSession:
                     problems.append(f"{name}: NaN/Inf values")
         return problems
 
+    @property
+    def exported_adapters(self) -> tuple[str, ...]:
+        """The adapters the graph was exported with: each can be registered from the export itself
+        (:meth:`register_exported`), whether or not it is registered now."""
+        return tuple(self.metadata.bank.adapters)
+
+    def register_exported(self, adapter: str, *, name: str | None = None, replace: bool = False) -> AdapterInfo:
+        """Register exported adapter ``adapter`` (one of :attr:`exported_adapters`) from the export's own adapter
+        file, as ``name`` (default: ``adapter``): how an exported adapter that was unregistered comes back.
+
+        Raises:
+            UnknownAdapterError: the graph was not exported with ``adapter``.
+            AdapterExistsError: ``name`` is registered already and ``replace`` is False.
+            ServingError: the export's adapter file is missing or is not the file this bank exported.
+        """
+        bank = self.metadata.bank
+        if adapter not in bank.adapters:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not one this graph was exported with")
+        name = adapter if name is None else name
+        check_adapter_name(name)
+        if name in self._adapters and not replace:
+            raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
+        tensors, head, source = self._exported_slot(bank, adapter)
+        return self.register_tensors(name, tensors, source=source, head=head, replace=replace)
+
     def _register_exported(self, bank: BankRecord) -> None:
+        for name in bank.adapters:
+            self.register_exported(name)
+
+    def _exported_slot(self, bank: BankRecord, name: str) -> tuple[dict[str, np.ndarray], HeadWeights | None, str]:
+        """Exported adapter ``name``'s bank slots and head, read from its ``adapters/*.onnx_adapter`` file."""
         import onnxruntime as ort
 
         from bca_deploy.exporters.bank import SLOT_AXIS
 
-        for name in bank.adapters:
-            path = self.export_dir / bank.adapter_files[name]
-            if not path.is_file():
-                raise ServingError(f"{path}: adapter file listed in bca_export.json is missing")
-            require_readable(path)  # onnxruntime would report an unreadable file as a parse failure
-            try:
-                adapter = ort.AdapterFormat.read_adapter(str(path))
-                # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns
-                params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
-            except Exception as exc:  # onnxruntime raises RuntimeError/Fail (pybind) for a file it cannot parse
-                raise ServingError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
-                                   f"{str(exc)[:200]})") from None
-            del adapter
-            # each parameter holds two slots (zeros, then this adapter) on the slot axis
-            short = sorted(k for k, v in params.items() if v.ndim == 0 or v.shape[SLOT_AXIS] != 2)
-            own = bank.adapter_labels.get(name)
-            missing = [k for k in self.head.names() if k not in params] if self.head is not None and own else []
-            if short or missing:
-                raise ServingError(format_problems(f"{path}: not the adapter file this bank exported:", [
-                    *(f"{k}: shape {params[k].shape}, expected two slots on axis {SLOT_AXIS}" for k in short[:10]),
-                    *(f"{k}: missing (the adapter's own head)" for k in missing[:10])]))
-            tensors = {k: np.take(params[k], 1, axis=SLOT_AXIS) for k in self.layout if k in params}
-            tensors = {k: v for k, v in tensors.items() if np.any(v)}
-            head = None
-            if self.head is not None and own is not None:
-                head = HeadWeights({k: params[k][1] for k in self.head.names()}, own)
-                label = self.head.label_layer  # the file's label axis is as wide as its widest slot
-                head.tensors[label.weight_name] = head.tensors[label.weight_name][:, :own.num_labels]
-                head.tensors[label.bias_name] = head.tensors[label.bias_name][:own.num_labels]
-            self.register_tensors(name, tensors, source=str(path), head=head)
+        path = self.export_dir / bank.adapter_files[name]
+        if not path.is_file():
+            raise ServingError(f"{path}: adapter file listed in bca_export.json is missing")
+        require_readable(path)  # onnxruntime would report an unreadable file as a parse failure
+        try:
+            adapter = ort.AdapterFormat.read_adapter(str(path))
+            # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns
+            params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+        except Exception as exc:  # onnxruntime raises RuntimeError/Fail (pybind) for a file it cannot parse
+            raise ServingError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from None
+        del adapter
+        # each parameter holds two slots (zeros, then this adapter) on the slot axis
+        short = sorted(k for k, v in params.items() if v.ndim == 0 or v.shape[SLOT_AXIS] != 2)
+        own = bank.adapter_labels.get(name)
+        missing = [k for k in self.head.names() if k not in params] if self.head is not None and own else []
+        if short or missing:
+            raise ServingError(format_problems(f"{path}: not the adapter file this bank exported:", [
+                *(f"{k}: shape {params[k].shape}, expected two slots on axis {SLOT_AXIS}" for k in short[:10]),
+                *(f"{k}: missing (the adapter's own head)" for k in missing[:10])]))
+        tensors = {k: np.take(params[k], 1, axis=SLOT_AXIS) for k in self.layout if k in params}
+        tensors = {k: v for k, v in tensors.items() if np.any(v)}
+        head = None
+        if self.head is not None and own is not None:
+            head = HeadWeights({k: params[k][1] for k in self.head.names()}, own)
+            label = self.head.label_layer  # the file's label axis is as wide as its widest slot
+            head.tensors[label.weight_name] = head.tensors[label.weight_name][:, :own.num_labels]
+            head.tensors[label.bias_name] = head.tensors[label.bias_name][:own.num_labels]
+        return tensors, head, str(path)
 
     # ---- running -------------------------------------------------------------------------------------
 

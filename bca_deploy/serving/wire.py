@@ -43,6 +43,7 @@ from ..errors import (
 )
 
 __all__ = [
+    "READ_METHODS",
     "ERRORS",
     "error_status",
     "error_body",
@@ -69,6 +70,11 @@ __all__ = [
     "JSONNumber",
     "field_errors",
 ]
+
+#: The methods of every route that only reads: HEAD is GET without the body (RFC 9110 §9.3.2), what load
+#: balancers, uptime checkers and ``curl -I`` send.
+READ_METHODS = ["GET", "HEAD"]
+
 
 def _json_number(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -329,6 +329,27 @@ def test_health(llama_url, bert_url):
         assert response.status == 200 and response.read() == b""  # load balancers probe with HEAD
 
 
+def test_every_read_route_answers_head_as_its_get_without_the_body(llama_url):
+    """HEAD is GET without the body (RFC 9110): same status and content type, no bytes; an unknown model is the
+    same 404 either way."""
+    import urllib.request
+
+    for path in ("/health", "/v1/adapters", "/metrics", "/v1/models", "/v1/models/a0", "/v1/models/nope"):
+        answers = {}
+        for method in ("GET", "HEAD"):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(llama_url + path, method=method),
+                                            timeout=TIMEOUT) as response:
+                    answers[method] = (response.status, response.headers["content-type"], response.read())
+            except urllib.error.HTTPError as refused:
+                with refused:
+                    answers[method] = (refused.code, refused.headers["content-type"], refused.read())
+        (get_status, get_type, get_body), (head_status, head_type, head_body) = answers["GET"], answers["HEAD"]
+        assert (head_status, head_type) == (get_status, get_type), (path, answers)
+        assert get_body and head_body == b"", (path, answers)
+        assert get_status == (404 if path.endswith("nope") else 200), (path, answers)
+
+
 def test_list_adapters_shows_exported_and_store(llama_url, bert_url):
     status, body = call(llama_url + "/v1/adapters")
     assert status == 200
@@ -452,6 +473,42 @@ def test_load_without_store_is_400(artefacts):
         assert_error(status, body, 400, "bad_request", ["adapter store"])
         status, body = call(server.url + "/v1/adapters")
         assert status == 200 and body["available"] is None
+        # an exported adapter needs no store: unloaded, it loads again from the export (its numbers unchanged)
+        texts = ["the water is hot", "zebra"]
+        before = call(server.url + "/v1/embeddings", "POST", {"input": texts, "adapter": "a1"})
+        assert call(server.url + "/v1/adapters/a1", "DELETE")[0] == 200
+        status, body = call(server.url + "/v1/embeddings", "POST", {"input": texts, "adapter": "a1"})
+        assert_error(status, body, 404, "unknown_adapter")
+        status, body = call(server.url + "/v1/adapters", "POST", {"name": "a1"})
+        assert status == 201 and body["name"] == "a1", body
+        assert call(server.url + "/v1/embeddings", "POST", {"input": texts, "adapter": "a1"}) == before
+
+
+def test_an_unloaded_exported_adapter_loads_again_from_the_export(llama_url):
+    """vLLM's unload then load: an adapter the graph was exported with is not in the store, and came back as 404
+    "no adapter in the store"; now it loads from the export itself (by either route), the same adapter as before."""
+    rows = prompts(2, seed=21)
+    expected = [ref_generate(tuple(p), "a1", 5) for p in rows]
+    try:
+        for route, body in (("/v1/adapters", {"name": "a1"}), ("/v1/load_lora_adapter", {"lora_name": "a1"})):
+            assert call(llama_url + "/v1/adapters/a1", "DELETE")[0] == 200
+            assert "a1" not in loaded(llama_url)
+            status, answer = generate(llama_url, rows, "a1", 5)
+            assert_error(status, answer, 404, "unknown_adapter")
+            status, answer = call(llama_url + route, "POST", body)
+            assert status in (200, 201), answer
+            status, answer = generate(llama_url, rows, "a1", 5)
+            assert status == 200 and token_ids(answer) == expected, answer
+        # loaded under another name from the export (vLLM's lora_path names the source), then gone again
+        status, answer = call(llama_url + "/v1/load_lora_adapter", "POST", {"lora_name": "a1-copy", "lora_path": "a1"})
+        assert status == 200, answer
+        status, answer = generate(llama_url, rows, "a1-copy", 5)
+        assert status == 200 and token_ids(answer) == expected, answer
+    finally:
+        unload_quietly(llama_url, "a1-copy")
+        if "a1" not in loaded(llama_url):
+            call(llama_url + "/v1/adapters", "POST", {"name": "a1"})
+    assert loaded(llama_url) == ["a0", "a1", "a2"]
 
 
 def test_load_at_start_refuses_a_name_twice_or_missing_before_the_model_loads(artefacts, monkeypatch):
@@ -1086,7 +1143,7 @@ def test_a_method_a_route_does_not_take_gets_405_with_the_allow_header(llama_url
     import urllib.request
 
     before = loaded(llama_url)
-    for path, method, allowed in (("/v1/models", "POST", {"GET"}), ("/v1/completions", "GET", {"POST"}),
+    for path, method, allowed in (("/v1/models", "POST", {"GET", "HEAD"}), ("/v1/completions", "GET", {"POST"}),
                                   ("/v1/adapters/a0", "PUT", {"DELETE"}), ("/v1/models", "X" * 5000, {"GET"})):
         request = urllib.request.Request(llama_url + path, method=method)
         with pytest.raises(urllib.error.HTTPError) as refused:

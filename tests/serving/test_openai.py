@@ -145,6 +145,17 @@ def test_errors_are_typed_openai_exceptions(client, bert_server):
     assert_error(status, body, 404, "not_found")
 
 
+@pytest.mark.parametrize("value, where", [("", "input"), ([], "input"), (["hi", ""], "input[1]"),
+                                          ([[]], "input[0]"), ([[7, 8], []], "input[1]")])
+def test_an_empty_embeddings_input_is_refused_as_openai_refuses_it(client, value, where):
+    """OpenAI's embeddings refuse an empty input and an empty text or token list in it (param "input"; 422 as every
+    invalid field here): the vector of no text is not a thing a client meant to ask for."""
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.embeddings.create(model="a0", input=value)
+    assert caught.value.body["type"] == "invalid_request" and caught.value.body["param"] == "input"
+    assert caught.value.body["message"].startswith(where + ": "), caught.value.body
+
+
 # ---- loading and unloading through vLLM's routes -----------------------------------------------------------
 
 

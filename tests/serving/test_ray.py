@@ -145,6 +145,16 @@ def test_errors_through_ray_are_the_single_servers(ray_app):
         with urllib.request.urlopen(request, timeout=60) as response:
             ids = response.headers.get_all("x-request-id")
         assert len(ids) == 1 and (given is None or ids == [given]), ids
+    # HEAD as a single server answers it: GET's status and type, no body (the router's own routes and a replica's)
+    for path, expected in (("/v1/models", 200), ("/v1/models/s3", 200), ("/v1/models/nothing-here", 404),
+                           ("/health", 200)):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + path, method="HEAD"), timeout=60) as response:
+                answer = (response.status, response.headers["content-type"], response.read())
+        except urllib.error.HTTPError as refused:
+            with refused:
+                answer = (refused.code, refused.headers["content-type"], refused.read())
+        assert answer == (expected, "application/json", b""), (path, answer)
     # a body not sent as JSON is refused at the router, before a replica loads the adapter it names
     status, body = call(url + "/v1/load_lora_adapter", "POST", {"lora_name": "s3"}, headers={"content-type": "text/plain"})
     assert_error(status, body, 415, "unsupported_media_type", ["'text/plain'"])
