@@ -165,7 +165,7 @@ def from_peft(
         else:
             # modules_to_save: PEFT stores the trained copy under the plain module path.
             tensors[path] = tensor
-            module = path.rpartition(".")[0]
+            module = _saved_module(path, peft_config.get("modules_to_save"))
             if module not in extra_modules:
                 extra_modules.append(module)
     if problems:
@@ -191,6 +191,20 @@ def from_peft(
     for module, kernel in kernels.items():
         tensors[module + KERNEL_SUFFIX] = flip_circulant_layout(kernel.float())
     return config, tensors
+
+
+def _saved_module(path: str, entries: Any) -> str:
+    """The module a saved-whole tensor ``path`` belongs to: the outermost module on its path that one of PEFT's
+    ``modules_to_save`` entries names (PEFT's rule: the path is the entry or ends with ``.<entry>``), so a nested
+    head (RoBERTa's ``classifier.dense``, ``classifier.out_proj``) stays the one module ``classifier`` it was saved
+    as; else the tensor's own module (a config without the list)."""
+    names = [e for e in entries if isinstance(e, str) and e] if isinstance(entries, list) else []
+    parts = path.split(".")[:-1]
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end])
+        if any(prefix == e or prefix.endswith("." + e) for e in names):
+            return prefix
+    return path.rpartition(".")[0]
 
 
 def _recorded_task(metadata: dict[str, str] | None, modules_to_save: list[str], source: str) -> TaskSpec | None:

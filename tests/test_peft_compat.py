@@ -148,6 +148,61 @@ def test_converted_classifier_loads_with_auto_peft_model(tmp_path, input_ids):
     assert again == adapter_configs(ours)["default"].task.to_dict()
 
 
+def _tiny_roberta_classifier():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(3)
+    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=80, num_labels=3)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+def test_a_nested_head_stays_one_saved_module_both_ways(tmp_path, input_ids):
+    """RoBERTa's head is ``classifier.dense`` + ``classifier.out_proj``: PEFT saves it as the one module
+    ``classifier`` (SEQ_CLS's modules_to_save). Read back, its tensors became two modules: a trained adapter's
+    own PEFT copy was refused ("task.head.modules ['classifier'] are not in modules_to_save ['classifier.dense',
+    'classifier.out_proj']"), and PEFT → bca → PEFT wrote a copy PEFT could not load (KeyError)."""
+    from peft import AutoPeftModelForSequenceClassification
+
+    from bca_deploy.config import task_spec_from_config
+    from bca_deploy.inject import adapter_configs
+
+    ids = input_ids.clamp(max=90) + 3  # RoBERTa's positions start after its padding id 1: keep ids off it
+    base = _saved(_tiny_roberta_classifier(), tmp_path / "base")
+    # PEFT → bca → PEFT, each copy with PEFT's outputs
+    peft_model = get_peft_model(_from_disk(type(_tiny_roberta_classifier()), base),
+                                C3AConfig(task_type="SEQ_CLS", target_modules=["query", "value"], block_size=8))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "c3a_kernel" in name or "modules_to_save" in name:
+                param.normal_(0.0, 2.0 if "c3a_kernel" in name else 0.5)
+    peft_model.eval()
+    expected = model_output(peft_model, ids)
+    peft_model.save_pretrained(tmp_path / "peft")
+    for command in (["--adapter", str(tmp_path / "peft"), "--to", "bca", "--out", str(tmp_path / "bca")],
+                    ["--adapter", str(tmp_path / "bca"), "--to", "peft", "--out", str(tmp_path / "peft2")]):
+        result = CliRunner().invoke(main, ["convert", *command])
+        assert result.exit_code == 0, result.output
+    assert bd.read_adapter(tmp_path / "bca")[0].modules_to_save == ["classifier"]
+    assert json.loads((tmp_path / "peft2" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    again = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "peft2")).eval()
+    torch.testing.assert_close(model_output(again, ids), expected, rtol=1e-5, atol=1e-5)
+    ours = bd.load_adapter(_from_disk(type(_tiny_roberta_classifier()), base), tmp_path / "bca")
+    torch.testing.assert_close(model_output(ours, ids), expected, rtol=1e-5, atol=1e-5)
+    # a bca-deploy adapter with a recorded task → PEFT copy → read again: the task record and the head fit
+    ours.config.id2label = {0: "a", 1: "b", 2: "c"}
+    ours.config.label2id = {"a": 0, "b": 1, "c": 2}
+    adapter_configs(ours)["default"].task = task_spec_from_config("seq-cls", ours.config, ["classifier"])
+    bd.save_adapter(ours, tmp_path / "native")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "native"), "--to", "peft",
+                                       "--out", str(tmp_path / "peft3")])
+    assert result.exit_code == 0, result.output
+    config, _ = bd.read_adapter(tmp_path / "peft3")
+    assert config.modules_to_save == ["classifier"] and config.task == adapter_configs(ours)["default"].task
+    reloaded = bd.load_adapter(_from_disk(type(_tiny_roberta_classifier()), base), tmp_path / "peft3")
+    torch.testing.assert_close(model_output(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+
+
 def _peft_copy_with_task_metadata(tmp_path, value):
     """A PEFT copy of a seq-cls adapter whose safetensors task record is replaced by ``value``."""
     from safetensors.torch import save_file
