@@ -147,7 +147,7 @@ def save_adapter(
 
 
 def read_adapter(
-    directory: str | Path, model: nn.Module | None = None, validate: bool = True
+    directory: str | Path, model: nn.Module | None = None, validate: bool = True, *, max_bytes: int | None = None
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Read an adapter directory (bca-deploy or PEFT C3A) into a config and bca-deploy-keyed tensors.
 
@@ -157,6 +157,9 @@ def read_adapter(
         validate: check the tensors against the config (:func:`bca_deploy.fit.adapter_problems`: present,
             shapes, real floating dtypes, finite values, nothing unaccounted for). Callers that check the
             adapter against a target next pass False and get every problem from that one check.
+        max_bytes: refuse a weights file larger than this before reading it (a server knows how large an
+            adapter of its graph can be; a file that declares more, sparse on disk or not, would only be read
+            into memory to be refused).
 
     Raises:
         AdapterFormatError: a missing or unreadable file, a malformed config (every wrong field listed),
@@ -175,7 +178,7 @@ def read_adapter(
     if not weights.is_file():
         hint = " (adapter_model.bin is a pickle; bca-deploy loads safetensors only)" if (directory / "adapter_model.bin").exists() else ""
         raise AdapterFormatError(f"{weights}: no such file{hint}")
-    state, metadata = _read_tensors(weights)
+    state, metadata = _read_tensors(weights, max_bytes)
     if is_peft_config(data):
         layer_types = None
         if model is not None:
@@ -227,8 +230,9 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
     path.write_bytes(save(state, metadata=metadata))
 
 
-def _read_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a safetensors file and its metadata (``{}`` when it has none)."""
+def _read_tensors(weights: Path, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and its metadata (``{}`` when it has none); a file over ``max_bytes``
+    (default and at most :data:`MAX_ADAPTER_BYTES`) is refused before it is read."""
     try:
         size = weights.stat().st_size
         require_readable(weights)
@@ -236,6 +240,9 @@ def _read_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise AdapterFormatError(f"{weights}: cannot read ({exc.strerror or exc})") from exc
     if size > MAX_ADAPTER_BYTES:
         raise AdapterFormatError(f"{weights}: {size} bytes; adapters over {MAX_ADAPTER_BYTES} bytes are refused")
+    if max_bytes is not None and size > max_bytes:
+        raise AdapterFormatError(f"{weights}: {size:,} bytes, more than any adapter of this graph holds ({max_bytes:,} "
+                                 "bytes at most: every kernel and head tensor it can use, in float64); refused unread")
     try:
         return load_safetensors(weights)
     except Exception as exc:  # safetensors raises its own error types (and OSError) for corrupt files

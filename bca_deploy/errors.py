@@ -119,8 +119,33 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def require_readable(path: object) -> None:
-    """Open ``path`` for reading and close it, so that a file this user may not read raises the ``OSError`` that
-    names it (``PermissionError: [Errno 13] ... <path>``) before a library reads it and misreports the problem
-    (safetensors says "No such file or directory", onnxruntime "Invalid fd" or a parse failure)."""
-    with open(path, "rb"):
-        pass
+    """Refuse ``path`` unless it is a regular file (symbolic links followed) this user may read, before a library
+    reads it and misreports the problem (safetensors says "No such file or directory", onnxruntime "Invalid fd" or a
+    parse failure) or blocks on it forever (a named pipe nobody writes to).
+
+    Raises:
+        OSError: naming the path: ``FileNotFoundError``/``PermissionError`` as the system says them, or, for anything
+            that is not a regular file, what it is (``IsADirectoryError`` for a directory; ``errno.EINVAL`` with
+            "a named pipe (FIFO), not a regular file" and the like for pipes, sockets and devices). Nothing is opened
+            before the file's type is known, and the file is opened without blocking.
+    """
+    import errno
+    import os
+    import stat
+
+    def refuse(mode: int) -> None:
+        if stat.S_ISREG(mode):
+            return
+        what = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "not a file")
+        code = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
+        raise OSError(code, f"{what}, not a regular file", os.fspath(path))
+
+    refuse(os.stat(path).st_mode)  # before opening: opening a FIFO blocks, opening a device may do anything
+    # O_NONBLOCK: a FIFO swapped in after the stat is opened without waiting for a writer, and refused below
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        refuse(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)

@@ -147,7 +147,7 @@ def describe_export(export_dir: str | Path) -> list[str]:
         ExportMetadataError, AdapterFormatError: a malformed ``bca_export.json`` (as every reader refuses it).
     """
     from .errors import ExportGraphError
-    from .validate import ONNX_FILE, check_graph_file
+    from .validate import ONNX_FILE, bank_graph_problems, check_graph_file, graph_interface
 
     export_dir = Path(export_dir)
     metadata = read_export_metadata(export_dir)
@@ -190,10 +190,15 @@ def describe_export(export_dir: str | Path) -> list[str]:
         return lines + [f"files:        no {ONNX_FILE}: an incomplete export, which nothing can load; export it again"]
     lines.append(f"files:        {held} ({size / 1e6:.1f} MB)")
     try:
-        check_graph_file(export_dir / ONNX_FILE)
+        model = check_graph_file(export_dir / ONNX_FILE)
     except ExportGraphError as exc:  # described, not raised: inspect is how a user finds out what is wrong
         return lines + [f"graph:        NOT loadable: onnxruntime cannot load this graph ({exc.reason})"]
     if metadata.bank is not None:
+        problems = bank_graph_problems(metadata, *graph_interface(model))
+        if problems:
+            more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            return lines + [f"graph:        NOT servable: not the adapter-bank graph bca-deploy export wrote "
+                            f"({'; '.join(problems[:5])}{more}); export it again"]
         unreadable = []  # the bank's own list: a directory this user cannot list hides its files from a glob
         for name in metadata.bank.adapters:
             try:

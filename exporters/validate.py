@@ -49,6 +49,10 @@ __all__ = [
     "onnx_providers",
     "inference_session",
     "check_graph_file",
+    "graph_interface",
+    "session_interface",
+    "bank_graph_problems",
+    "bank_graph_message",
     "ONNX_FILE",
 ]
 
@@ -281,8 +285,9 @@ def inference_session(onnx_path: str | Path, options: Any, provider: str = "cpu"
         raise ExportGraphError(onnx_path, f"{type(exc).__name__}: {reason}") from None
 
 
-def check_graph_file(onnx_path: str | Path) -> None:
-    """Refuse a graph file that onnxruntime would refuse for its bytes, without building a session.
+def check_graph_file(onnx_path: str | Path) -> Any:
+    """Refuse a graph file that onnxruntime would refuse for its bytes, without building a session; return the
+    graph (an ``onnx.ModelProto`` without its external data).
 
     The graph is parsed without its external data. It must hold a graph, and every external tensor must lie
     in a file inside the graph's directory, long enough for it (onnxruntime's own rule). This is for where a
@@ -292,11 +297,13 @@ def check_graph_file(onnx_path: str | Path) -> None:
 
     Raises:
         ExportGraphError: naming the file and what is wrong with it.
+        OSError: the file is missing, not a regular file (a FIFO would block the reader) or not readable.
     """
     import os
 
     onnx = require("onnx", "onnx", "reading an ONNX graph")
     path = Path(onnx_path)
+    require_readable(path)
 
     def refuse(reason: str):
         raise ExportGraphError(path, reason)
@@ -329,6 +336,118 @@ def check_graph_file(onnx_path: str | Path) -> None:
         size = target.stat().st_size
         if end > size:
             refuse(f"initializer {tensor.name[:200]!r} reads bytes up to {end} of {location[:200]!r}, which has {size}")
+    return model
+
+
+# ---- the interface of an adapter-bank graph --------------------------------------------------------------
+
+#: The text inputs a bank graph may take, each fed as int64 (``input_ids`` is required).
+BANK_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+#: The element types bca-deploy feeds and reads, as onnxruntime names them.
+INT64, FLOAT = "tensor(int64)", "tensor(float)"
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
+#: The outputs each task's bank graph must have (generation: with a present output per past input too).
+BANK_TASK_OUTPUTS = {"feature-extraction": ("last_hidden_state",), "text-classification": ("logits",),
+                     "text-generation-with-past": ("logits",)}
+
+
+def graph_interface(model: Any) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """``(inputs, outputs, overridable)`` of an ``onnx.ModelProto``, each ``{name: type}`` with the types written as
+    onnxruntime writes them (``tensor(int64)``): what :func:`bank_graph_problems` checks, without a session.
+    ``inputs`` are the required ones; ``overridable`` the inputs an initializer backs."""
+    from onnx import TensorProto
+
+    def kind(value_info) -> str:
+        if value_info.type.WhichOneof("value") != "tensor_type":
+            return f"a {value_info.type.WhichOneof('value') or 'missing'} type"
+        return f"tensor({TensorProto.DataType.Name(value_info.type.tensor_type.elem_type).lower()})"
+
+    initialized = {t.name for t in model.graph.initializer}
+    inputs = {i.name: kind(i) for i in model.graph.input if i.name not in initialized}
+    overridable = {i.name: kind(i) for i in model.graph.input if i.name in initialized}
+    return inputs, {o.name: kind(o) for o in model.graph.output}, overridable
+
+
+def session_interface(session: Any) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """:func:`graph_interface` of an onnxruntime ``InferenceSession``."""
+    return ({i.name: i.type for i in session.get_inputs()}, {o.name: o.type for o in session.get_outputs()},
+            {i.name: i.type for i in session.get_overridable_initializers()})
+
+
+def bank_graph_problems(metadata: ExportMetadata, inputs: dict[str, str], outputs: dict[str, str],
+                        overridable: dict[str, str]) -> list[str]:
+    """What keeps an adapter-bank graph from running the way bca-deploy feeds and reads it (``[]``: nothing),
+    from its interface (:func:`graph_interface` or :func:`session_interface`) and the bank ``metadata`` records.
+
+    The one rule for ``serve``, ``serve-ray``, ``validate`` and ``inspect``: every required input is one bca-deploy
+    feeds (text inputs and the slot ids as int64, past key/values as float, bank inputs as float32); ``input_ids``
+    and the slot ids are there; the outputs the task reads are there, as floats (a generation graph: a present
+    output of the past's type for every past input, and the other way round). Before, such a graph loaded and every
+    request failed inside onnxruntime ("Internal error") or was refused as the wrong task.
+    """
+    from .bank import LOGITS_TO_KEEP
+
+    bank = metadata.bank
+    bank_inputs = set(bank.layout)
+    if bank.head is not None:
+        bank_inputs |= set(bank.head.names())
+    problems = []
+
+    def typed(what: str, name: str, found: str, expected: tuple[str, ...]) -> None:
+        if found not in expected:
+            problems.append(f"{what} {name[:200]!r} is {found}, expected {' or '.join(expected)}")
+
+    for name in ("input_ids", bank.ids_input):
+        if name not in inputs and name not in overridable:
+            problems.append(f"input {name!r} is missing")
+    pasts = {}
+    for name, found in inputs.items():
+        if name in BANK_TEXT_INPUTS or name == bank.ids_input:
+            typed("input", name, found, (INT64,))
+        elif name in bank_inputs:
+            typed("input", name, found, (FLOAT,))
+        elif PAST_INPUT.fullmatch(name):
+            typed("input", name, found, FLOAT_TYPES)
+            pasts[name] = found
+        else:
+            problems.append(f"input {name[:200]!r} ({found}) is not one bca-deploy feeds (it feeds "
+                            f"{', '.join(BANK_TEXT_INPUTS)}, {bank.ids_input}, past_key_values.N.key/value and the "
+                            "bank's inputs)")
+    for name, found in overridable.items():
+        if name in bank_inputs:
+            typed("input", name, found, (FLOAT,))
+        elif name == bank.ids_input or name in BANK_TEXT_INPUTS or name == LOGITS_TO_KEEP:
+            typed("input", name, found, (INT64,))
+    for name in BANK_TASK_OUTPUTS.get(metadata.task, ()):
+        if name not in outputs:
+            problems.append(f"output {name!r} is missing (a {metadata.task} graph gives it; outputs: "
+                            f"{', '.join(n[:100] for n in list(outputs)[:8])})")
+    for name, found in outputs.items():
+        if name in ("logits", "last_hidden_state") or PRESENT_OUTPUT.fullmatch(name):
+            typed("output", name, found, FLOAT_TYPES)
+    if metadata.task == "text-generation-with-past" and not pasts:
+        problems.append("no past_key_values.N.key/value inputs (a text-generation-with-past graph takes them)")
+    elif metadata.task in ("feature-extraction", "text-classification") and pasts:
+        problems.append(f"past_key_values inputs in a {metadata.task} graph (only text-generation-with-past "
+                        "takes them)")
+    presents = {n: t for n, t in outputs.items() if PRESENT_OUTPUT.fullmatch(n)}
+    for name, found in pasts.items():
+        present = name.replace("past_key_values", "present", 1)
+        if present not in presents:
+            problems.append(f"input {name!r} has no {present!r} output")
+        elif presents[present] != found:
+            problems.append(f"output {present!r} is {presents[present]}, expected {found} (as input {name!r})")
+    for name in presents if pasts else ():  # a graph without past may output presents: nothing reads them
+        if name.replace("present", "past_key_values", 1) not in pasts:
+            problems.append(f"output {name!r} has no {name.replace('present', 'past_key_values', 1)!r} input")
+    return problems
+
+
+def bank_graph_message(onnx_path: str | Path, problems: Sequence[str]) -> str:
+    """The one-line refusal of a bank graph with ``problems`` (:func:`bank_graph_problems`), naming the file."""
+    shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+    return (f"{onnx_path}: not the adapter-bank graph bca-deploy export wrote ({shown}); the graph was changed "
+            "since: export it again")
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -558,6 +677,9 @@ def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequenc
 
     from .bank import BankPlan
 
+    problems = bank_graph_problems(metadata, *graph_interface(check_graph_file(onnx_path)))
+    if problems:  # refused before the model loads: onnxruntime's run would fail in the middle of the cases
+        raise UnsupportedExportError(bank_graph_message(onnx_path, problems))
     slots = metadata.bank.adapters
     given = adapter_names([Path(d) for d in adapter_dirs]) if adapter_dirs else []
     if given != slots:

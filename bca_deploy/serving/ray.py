@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
@@ -282,11 +283,12 @@ class Router:
     async def __call__(self, request: Request):
         try:
             body = await self._body(request)
+            # the store's listing takes seconds for a large store: off the event loop, which every request shares
             if request.method in READ_METHODS and request.url.path == "/v1/models":
-                return JSONResponse(self._models())
+                return JSONResponse(await run_in_threadpool(self._models))
             if request.method in READ_METHODS and request.url.path.startswith("/v1/models/"):
                 # answered here from the listing: a replica knows only the adapters it holds now
-                return JSONResponse(self._model(request.url.path.removeprefix("/v1/models/")))
+                return JSONResponse(await run_in_threadpool(self._model, request.url.path.removeprefix("/v1/models/")))
             adapter = self._adapter(request, body)
         except BCAError as exc:
             status, kind = error_status(exc)
@@ -353,7 +355,7 @@ class Router:
         """The adapters a request may name: the exported ones and the store's entries (each loads on demand)."""
         from .store import AdapterStore
 
-        return sorted(set(self.exported) | set(AdapterStore(self.store_dir).names() if self.store_dir else ()))
+        return sorted(set(self.exported) | set(AdapterStore(self.store_dir).listing() if self.store_dir else ()))
 
     def _models(self) -> dict[str, Any]:
         cards = [self._card(self.model_name, None)]
@@ -509,7 +511,14 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
     """
     import ray
 
-    from ..exporters.validate import ONNX_FILE, check_graph_file, onnx_providers
+    from ..exporters.validate import (
+        ONNX_FILE,
+        bank_graph_message,
+        bank_graph_problems,
+        check_graph_file,
+        graph_interface,
+        onnx_providers,
+    )
     from .http import listening_socket
 
     options = options or ServeOptions()
@@ -518,8 +527,12 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
                 "max_adapters_per_replica": max_adapters_per_replica, "replica_cpus": replica_cpus,
                 "replica_gpus": replica_gpus, **fields}
     replicas, _, cpus, gpus = _app_numbers(dict(app_args))
-    bank = bank_metadata(export_dir).bank
-    check_graph_file(Path(export_dir) / ONNX_FILE)  # each replica would fail to load it, and Ray retry them
+    metadata = bank_metadata(export_dir)
+    bank = metadata.bank
+    graph = check_graph_file(Path(export_dir) / ONNX_FILE)  # each replica would fail to load it, and Ray retry them
+    problems = bank_graph_problems(metadata, *graph_interface(graph))  # the same for a graph changed since export
+    if problems:
+        raise ServingError(bank_graph_message(Path(export_dir) / ONNX_FILE, problems))
     for name in bank.adapters:  # the same for an adapter file this user may not read
         require_readable(Path(export_dir) / bank.adapter_files[name])
     local = address is None and not ray.is_initialized()

@@ -337,7 +337,8 @@ class MultiAdapterSession:
         check_adapter_name(name)
         if name in self._adapters and not replace:
             raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
-        config, state = read_adapter(adapter_dir, validate=False)  # adapter_slot runs the one fit check
+        # adapter_slot runs the one fit check; a file larger than any fitting adapter is refused unread
+        config, state = read_adapter(adapter_dir, validate=False, max_bytes=self.max_adapter_bytes)
         tensors, head = adapter_slot(config, state, self.layout, self.base_model_prefix, source=str(adapter_dir),
                                      head=self.head, base_head=self._base_head, model_type=self.model_type)
         info = AdapterInfo(name=name, source=str(adapter_dir), num_parameters=config.num_parameters,
@@ -503,8 +504,15 @@ class MultiAdapterSession:
     # ---- heads -----------------------------------------------------------------------------------------
 
     def _check_graph_inputs(self, onnx_path: Path) -> None:
-        """Every bank input the metadata records is an input of the graph, of the shape it records (dynamic axes
-        aside): a metadata file that does not belong to its graph is refused at load, not by a request's run."""
+        """The graph takes and gives what bca-deploy feeds and reads (inputs, outputs and their types:
+        :func:`~bca_deploy.exporters.validate.bank_graph_problems`, one line naming the file), and every bank input
+        the metadata records is an input of the graph, of the shape it records (dynamic axes aside): a graph or a
+        metadata file changed since export is refused at load, not by a request's run."""
+        from bca_deploy.exporters.validate import bank_graph_message, bank_graph_problems, session_interface
+
+        interface = bank_graph_problems(self.metadata, *session_interface(self.session))
+        if interface:
+            raise ServingError(bank_graph_message(onnx_path, interface))
         expected = {name: entry.slot_shape for name, entry in self.layout.items()}
         if self.head is not None:
             expected.update(self.head.slot_shapes(1))  # the label axis is dynamic in the graph
@@ -529,16 +537,17 @@ class MultiAdapterSession:
     def _read_base_head(self, bank: BankRecord) -> HeadWeights | None:
         """The base checkpoint's head layers (slot 0 and adapters without a head of their own), checked against
         the graph's head layout: each present layer whole, of its shape, finite; the label layer as wide as the
-        base labels recorded (and present exactly when they are)."""
+        base labels recorded (and present exactly when they are). The file (an ``.npz``) is checked before any
+        array in it is read: a regular file of a size the head can have, each member one of the head's inputs,
+        its ``.npy`` header a real float array of the shape the layout gives (:func:`_read_head_file`)."""
         if self.head is None or bank.base_head_file is None:
             return None
         path = self.export_dir / bank.base_head_file
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                tensors = {k: np.asarray(data[k], dtype=np.float32) for k in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ServingError(f"{path}: cannot read the base model's head ({exc})") from None
         labels = bank.base_labels
+        expected = {}
+        for layer in self.head.layers:
+            expected.update(layer.slot_shapes(labels.num_labels if layer.labels and labels is not None else None))
+        tensors = _read_head_file(path, expected)
         problems = [f"{name}: not a head input of this graph" for name in sorted(set(tensors) - set(self.head.names()))]
         for layer in self.head.layers:
             present = [n for n in (layer.weight_name, layer.bias_name) if n in tensors]
@@ -590,6 +599,21 @@ class MultiAdapterSession:
         return problems
 
     @property
+    def max_adapter_bytes(self) -> int:
+        """The largest adapter weights file :meth:`register` reads: every kernel of the bank's layout and every head
+        tensor (the label layer at :data:`~bca_deploy.config.MAX_NUM_LABELS` classes) in float64, plus 16 MiB for
+        the file's header. An adapter that fits the graph is smaller; a larger file (a sparse one declaring GiBs
+        included) would only be read into the server's memory to be refused."""
+        from bca_deploy.config import MAX_NUM_LABELS
+
+        elements = sum(t.in_features * t.out_features // t.block_size for t in self.layout.values())
+        if self.head is not None:
+            label = self.head.label_layer
+            elements += sum((layer.in_features + 1) * (MAX_NUM_LABELS if layer is label else layer.out_features)
+                            for layer in self.head.layers)
+        return 8 * elements + (16 << 20)
+
+    @property
     def exported_adapters(self) -> tuple[str, ...]:
         """The adapters the graph was exported with: each can be registered from the export itself
         (:meth:`register_exported`), whether or not it is registered now."""
@@ -625,9 +649,9 @@ class MultiAdapterSession:
         from bca_deploy.exporters.bank import SLOT_AXIS
 
         path = self.export_dir / bank.adapter_files[name]
-        if not path.is_file():
+        if not path.exists():
             raise ServingError(f"{path}: adapter file listed in bca_export.json is missing")
-        require_readable(path)  # onnxruntime would report an unreadable file as a parse failure
+        require_readable(path)  # unreadable (onnxruntime: a parse failure), a FIFO (it blocks): the OSError naming it
         try:
             adapter = ort.AdapterFormat.read_adapter(str(path))
             # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns
@@ -1116,6 +1140,90 @@ class MultiAdapterSession:
             "bank": self.bank_memory(),
             "adapters": [a.name for a in self.adapters()],
         }
+
+
+#: What a head file (``.npz``) may hold on top of its arrays' bytes at 8 bytes a value: .npy headers, zip records.
+_HEAD_FILE_SLACK = 64 * 1024
+_HEAD_FILE_SLACK_PER_MEMBER = 16 * 1024
+
+
+def _read_head_file(path: Path, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The arrays of a head file (``np.savez``: one ``<input>.npy`` member per head input) as float32, each
+    checked before it is read: the file a regular file no larger than ``expected`` (input -> shape) can make it,
+    each member named after one of its inputs (once), its ``.npy`` header (read without decompressing the data)
+    a real float array (float16/32/64) of the expected shape. So a small file cannot make the reader allocate
+    what a header declares (a deflated zip member expands about 1000 times), and a datetime, complex or
+    structured array is not silently cast to float32.
+
+    Raises:
+        ServingError: naming ``path`` (and the member) and what is wrong.
+    """
+    import os
+    import stat
+
+    from numpy.lib import format as npy
+
+    try:
+        require_readable(path)  # a FIFO, a device, a directory: refused before opening (a FIFO would block)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ServingError(f"{path}: cannot read the base model's head ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):  # replaced since require_readable looked
+            raise ServingError(f"{path}: cannot read the base model's head (not a regular file)")
+        limit = 8 * sum(int(np.prod(s)) for s in expected.values()) + _HEAD_FILE_SLACK + \
+            _HEAD_FILE_SLACK_PER_MEMBER * len(expected)
+        if info.st_size > limit:
+            raise ServingError(f"{path}: {info.st_size} bytes, more than this bank's head can take ({limit} bytes at "
+                               "most); not the file bca-deploy export wrote (re-export the bank)")
+        try:
+            with zipfile.ZipFile(file) as archive:
+                members = archive.infolist()
+                problems, seen = [], set()
+                for member in members:
+                    name = member.filename.removesuffix(".npy")
+                    if not member.filename.endswith(".npy") or name not in expected:
+                        problems.append(f"{name[:200]}: not a head input of this graph")
+                    elif name in seen:
+                        problems.append(f"{name}: stored twice")
+                    else:
+                        seen.add(name)
+                        problem = _npy_header_problem(archive, member, expected[name], npy)
+                        if problem:
+                            problems.append(f"{member.filename}: {problem}")
+                if problems:
+                    raise ServingError(format_problems(f"{path}: the base model's head does not fit this bank graph "
+                                                       "(re-export the bank):", problems))
+                tensors = {}
+                for member in members:
+                    with archive.open(member) as data:
+                        array = npy.read_array(data, allow_pickle=False)
+                    tensors[member.filename.removesuffix(".npy")] = np.asarray(array, dtype=np.float32)
+                return tensors
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+            raise ServingError(f"{path}: cannot read the base model's head ({exc})") from None
+
+
+def _npy_header_problem(archive: zipfile.ZipFile, member: zipfile.ZipInfo, shape: tuple[int, ...], npy) -> str | None:
+    """What is wrong with the ``.npy`` header of ``member`` for a float array of ``shape`` (None: nothing); only the
+    header is decompressed."""
+    try:
+        with archive.open(member) as data:
+            version = npy.read_magic(data)
+            if version == (1, 0):
+                found, _, dtype = npy.read_array_header_1_0(data)
+            elif version == (2, 0):
+                found, _, dtype = npy.read_array_header_2_0(data)
+            else:
+                return f".npy format version {version[0]}.{version[1]}, expected 1.0 or 2.0"
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        return f"not a .npy array ({first_line(exc, 200)})"
+    if dtype.kind != "f" or dtype.itemsize > 8 or dtype.fields is not None or dtype.subdtype is not None:
+        return f"dtype {str(dtype)[:100]}, expected a real float array (float16, float32 or float64)"
+    if tuple(found) != tuple(shape):
+        return f"{tuple(found)}, expected {tuple(shape)}"
+    return None
 
 
 def _per_row(value, name: str, rows: int | None) -> list:

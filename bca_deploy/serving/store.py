@@ -10,20 +10,40 @@ Errors name the adapter, never the store's location, and never list the store's 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
+import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ..config import CONFIG_FILE, run_adapter_dir
 from ..errors import AdapterNameError, InputNotFoundError, UnknownAdapterError
 from .session import check_adapter_name
 
-__all__ = ["AdapterStore", "MAX_ENTRY_FILES", "redact_roots"]
+__all__ = ["AdapterStore", "MAX_ENTRY_FILES", "LISTING_TTL_S", "redact_roots"]
 
 #: The most files and folders one store entry may hold (an adapter directory has two or three).
 MAX_ENTRY_FILES = 64
+#: How long :meth:`AdapterStore.listing` reuses a listing of an unchanged store directory, at least (seconds).
+LISTING_TTL_S = 1.0
+
+
+@dataclasses.dataclass
+class _Listing:
+    """The last listing of one store (:meth:`AdapterStore.listing`)."""
+
+    lock: Any
+    key: tuple[int, int, int, int] | None = None
+    names: list[str] | None = None
+    expires: float = 0.0
+
+
+#: Store root -> its last listing (shared by every AdapterStore of that root: the Ray router makes one per request).
+_LISTINGS: dict[Path, _Listing] = {}
+_LISTINGS_LOCK = threading.Lock()
 
 
 def redact_roots(message: str, roots: Iterable[str], placeholder: str) -> str:
@@ -124,6 +144,36 @@ class AdapterStore:
             except AdapterNameError:
                 continue
         return names
+
+    def listing(self) -> list[str]:
+        """:meth:`names`, reused while the store's directory is unchanged for a short while: what ``GET /v1/adapters``
+        and the Ray router's ``GET /v1/models`` list. A store of 20,000 entries takes seconds to check, and a
+        client polling the listing would keep a thread busy with it. The same listing is reused while the
+        directory's inode, modification and change times are those it was made with (an entry added, removed or
+        renamed shows at once) and for at most :data:`LISTING_TTL_S` seconds, or twice the time the listing
+        took if longer (a change inside an entry, a file added to it, shows within that). Concurrent callers
+        share one listing in progress. Call it off the event loop (it may take seconds)."""
+        import time
+
+        with _LISTINGS_LOCK:
+            cached = _LISTINGS.setdefault(self.root, _Listing(threading.Lock()))
+        with cached.lock:  # one listing at a time per store: callers arriving meanwhile get its result
+            key = self._listing_key()
+            now = time.monotonic()
+            if key is not None and cached.names is not None and cached.key == key and now < cached.expires:
+                return list(cached.names)
+            names = self.names()
+            took = time.monotonic() - now
+            cached.key, cached.names = key, names
+            cached.expires = time.monotonic() + max(LISTING_TTL_S, 2 * took)
+            return list(names)
+
+    def _listing_key(self) -> tuple[int, int, int, int] | None:
+        try:
+            info = os.stat(self.root)
+        except OSError:
+            return None  # the listing says what is wrong
+        return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns
 
     def redact(self, message: str) -> str:
         """``message`` with the store's location removed (paths become relative to the store)."""

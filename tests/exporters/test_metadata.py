@@ -104,9 +104,11 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
     import onnx
     from onnx import TensorProto, helper
 
-    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [value],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    # the interface serve feeds and reads (int64 text inputs and adapter ids, float logits): inspect checks it
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"] if n != "adapter_ids" else ["b"])
+              for n in ("input_ids", "attention_mask", "adapter_ids")]
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)], "g", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s"])])
     onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
     (tmp_path / "adapters").mkdir()
     for name in ("a", "b"):

@@ -418,6 +418,33 @@ def test_misfit_adapter_is_refused_before_any_change(misfit, needle, llama, bert
         session.snapshot().ids(["new"])
 
 
+def test_an_adapter_file_larger_than_any_fitting_adapter_is_refused_unread(llama, tmp_path):
+    """A store entry whose weights file declares a 1 GiB tensor (sparse: a few KB on disk) took the server from 0.46
+    to 3.35 GB before its 422; the session knows how large an adapter of its graph can be and refuses it unread."""
+    import json as json_module
+    import resource
+    import struct
+
+    from bca_deploy.errors import AdapterFormatError
+
+    directory = tmp_path / "evil"
+    shutil.copytree(llama["extra"]["extra"], directory)
+    header = json_module.dumps({"lm_head.weight": {"dtype": "F32", "shape": [1 << 28],
+                                                   "data_offsets": [0, 1 << 30]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(directory / "adapter_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + (1 << 30))  # sparse: nothing written
+    session = MultiAdapterSession(llama["onnx"])
+    assert 0 < session.max_adapter_bytes < 1 << 30
+    before, peak = session.snapshot(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(AdapterFormatError, match="more than any adapter of this graph holds.*refused unread"):
+        session.register("evil", directory)
+    assert session.snapshot() is before
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 << 10  # KiB: nothing near 1 GiB read
+    session.register("extra", llama["extra"]["extra"])  # a real adapter is far under the bound
+
+
 def test_register_tensors_refuses_misfits(bert):
     session = MultiAdapterSession(bert["onnx"])
     key, entry = next(iter(session.layout.items()))
