@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, ModuleSpec, block_size_for, pattern_key_matches
-from .errors import AdapterNameError, BlockSizeError, InvalidOptionError, TargetModuleError, format_problems
+from .errors import (
+    AdapterMismatchError,
+    AdapterNameError,
+    BlockSizeError,
+    InvalidOptionError,
+    TargetModuleError,
+    format_problems,
+)
 from .layers import BASE_ADAPTER, BCALinear, RowAdapters, block_size_message, is_adaptable, layer_dims, layer_type_of
 
 __all__ = [
@@ -32,6 +39,8 @@ __all__ = [
     "trainable_parameters",
     "mixed_adapters",
     "adapter_names",
+    "check_saved_modules",
+    "shared_weight_layers",
 ]
 
 _CONFIGS_ATTR = "bca_adapter_configs"
@@ -211,6 +220,7 @@ def inject(
         )
     check_injectable(model, specs, adapter_name)
     save_paths = _resolve_modules_to_save(model, modules_to_save)
+    check_saved_modules(model, adapter_name, save_paths)
     config = AdapterConfig(
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         block_size=block_size,
@@ -255,9 +265,42 @@ def _resolve_modules_to_save(model: nn.Module, modules_to_save: Sequence[str]) -
 
 
 def register_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig) -> None:
-    """Remember ``config`` on the model so :func:`save_adapter` can write it later."""
+    """Remember ``config`` on the model so :func:`save_adapter` can write it later.
+
+    Raises:
+        AdapterMismatchError: ``config`` saves a module whole that another adapter of ``model`` saves too
+            (:func:`check_saved_modules`); :func:`load_adapter` then puts the model back as it was.
+    """
+    check_saved_modules(model, adapter_name, config.modules_to_save)
     configs = model.__dict__.setdefault(_CONFIGS_ATTR, {})
     configs[adapter_name] = config
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def check_saved_modules(model: nn.Module, adapter_name: str, modules_to_save: Sequence[str]) -> None:
+    """Refuse an adapter that saves a module whole (``modules_to_save``, e.g. a classifier head) that another
+    adapter of ``model`` already saves: a model holds one copy of that module, so the second adapter's values
+    would replace the first's, and the first (``set_adapter``, ``save_adapter``) would silently compute with,
+    and save, the second's head. PEFT keeps one copy per adapter; here each such adapter needs its own model.
+
+    Raises:
+        AdapterMismatchError: naming both adapters and the module, in one line.
+    """
+    for other, config in adapter_configs(model).items():
+        if other == adapter_name:
+            continue
+        for mine in modules_to_save:
+            clash = next((theirs for theirs in config.modules_to_save if _overlaps(mine, theirs)), None)
+            if clash is not None:
+                raise AdapterMismatchError(
+                    f"adapter {adapter_name!r} saves module {mine} whole, and adapter {other!r} of this "
+                    f"{type(model).__name__} saves {clash}: a model holds one copy of it, so {other!r} would "
+                    f"run and save with {adapter_name!r}'s; load {adapter_name!r} into its own copy of the base "
+                    f"model (or remove_adapters first)"
+                )
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -333,15 +376,85 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
 
     With ``merge=True`` this is "merge and unload": the result is a plain model whose weights carry
     the adapters. Without it, the base weights are restored (unmerged) and the adapters dropped.
+    A layer whose weight is shared with another module (a tied ``lm_head``) is untied when merged, and
+    the config's ``tie_word_embeddings`` set to False (see :func:`untie_for_merge`).
     """
-    for name, layer in list(bca_layers(model)):
+    layers = list(bca_layers(model))
+    tied = shared_weight_layers(model, layers) if merge else {}
+    for name, layer in layers:
         if merge:
-            layer.merge(keep_original=False)
+            layer.merge(keep_original=False, untie=name in tied)
         else:
             layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
+    if merge:
+        mark_untied(model, [layer for _, layer in layers])
+    else:
+        restore_tie_config(model, [])
     model.__dict__.pop(_CONFIGS_ATTR, None)
+    model.__dict__.pop(_TIE_ATTR, None)  # the layers are gone: nothing can be tied back any more
     return model
+
+
+# ---- tied weights (an lm_head sharing its weight Parameter with the input embedding) ------------------
+
+_TIE_ATTR = "bca_untied_configs"
+
+
+def shared_weight_layers(model: nn.Module, layers: Sequence[tuple[str, BCALinear]]) -> dict[str, list[str]]:
+    """``{layer path: [other parameter names]}`` for the layers whose base weight Parameter is also a parameter
+    of another module of ``model`` (found by identity, whatever the tying mechanism: transformers ties an
+    ``lm_head`` to the input embedding by assigning the same Parameter). Merging into such a weight in place
+    would change the other module too; :meth:`BCALinear.merge` with ``untie=True`` gives the layer its own."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():  # each module object once
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{module_name}.{pname}" if module_name else pname)
+    shared = {}
+    for path, layer in layers:
+        own = f"{path}.base_layer.weight"
+        others = [n for n in owners.get(id(layer.base_layer.weight), []) if n != own]
+        if others:
+            shared[path] = others
+    return shared
+
+
+def _tie_configs(model: nn.Module) -> list[object]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        with contextlib.suppress(Exception):
+            text = get_text()
+            if text is not None and all(text is not c for c in configs):
+                configs.append(text)
+    return configs
+
+
+def mark_untied(model: nn.Module, layers: Sequence[BCALinear]) -> None:
+    """After a merge untied some of ``layers``: set ``tie_word_embeddings`` False in the model's config(s), so
+    ``save_pretrained`` writes both weights and ``from_pretrained`` keeps them apart (transformers re-ties them
+    on loading while the flag is True, which would drop the merged weight). Remembered, so
+    :func:`restore_tie_config` sets it back once every layer is tied again."""
+    if not any(layer.untied for layer in layers):
+        return
+    record = model.__dict__.setdefault(_TIE_ATTR, [])
+    for config in _tie_configs(model):
+        if getattr(config, "tie_word_embeddings", None) is True:
+            config.tie_word_embeddings = False
+            record.append(config)
+
+
+def restore_tie_config(model: nn.Module, layers: Sequence[BCALinear]) -> None:
+    """Set ``tie_word_embeddings`` back to True where :func:`mark_untied` cleared it, once none of ``layers`` is
+    untied any more."""
+    if any(layer.untied for layer in layers):
+        return
+    for config in model.__dict__.pop(_TIE_ATTR, []):
+        config.tie_word_embeddings = True
 
 
 def adapter_names(model: nn.Module) -> list[str]:

@@ -147,6 +147,10 @@ class BCALinear(nn.Module):
         self.merged_adapters: list[str] = []
         # Exact copy of the base weight taken at the first merge, so unmerge restores it bit for bit.
         self._weight_before_merge: torch.Tensor | None = None
+        # The base weight Parameter while this layer is untied for a merge: a weight shared with another
+        # module (a tied lm_head / input embedding) gets its own merged copy, the shared one stays W. Held in
+        # a tuple so nn.Module does not register it as this layer's parameter.
+        self._tied_weight: tuple[nn.Parameter] | None = None
         # Per-row adapter choice of the current batch (None: every row gets the active adapters).
         self.row_adapters: RowAdapters | None = None
 
@@ -238,19 +242,31 @@ class BCALinear(nn.Module):
 
     # ---- merge (in place; the model-level API is bca_deploy.merge) -----------------------------
 
+    @property
+    def untied(self) -> bool:
+        """True while a merge has given this layer its own weight in place of one shared with another module."""
+        return self._tied_weight is not None
+
     @torch.no_grad()
-    def merge(self, adapter_names: Iterable[str] | None = None, keep_original: bool = True) -> None:
+    def merge(self, adapter_names: Iterable[str] | None = None, keep_original: bool = True,
+              untie: bool = False) -> None:
         """Add the ΔW of ``adapter_names`` (default: active adapters) into the base weight.
 
         The sum is formed in fp32 and rounded once to the base dtype. With ``keep_original`` the
         pre-merge weight is kept so :meth:`unmerge` restores it exactly.
+
+        ``untie``: the base weight Parameter is shared with another module (a tied ``lm_head`` and input
+        embedding; the model-level merge finds out by identity): the merged weight becomes a new Parameter
+        of this layer and the shared one keeps W, so the other module computes what it did. :meth:`unmerge`
+        puts the shared Parameter back (exact, whatever ``keep_original``).
         """
         names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
                  if n not in self.merged_adapters]
         if not names:
             return
         weight = self.base_layer.weight
-        if keep_original and self._weight_before_merge is None and not self.merged_adapters:
+        untie = untie and self._tied_weight is None
+        if keep_original and not untie and self._weight_before_merge is None and not self.merged_adapters:
             self._weight_before_merge = weight.detach().clone()
         merged = weight.detach().float()
         for name in names:
@@ -260,13 +276,23 @@ class BCALinear(nn.Module):
                 f"{self.module_name}: merging {names} gives non-finite weights (NaN/Inf in the kernels?); "
                 "the base weight was left unchanged"
             )
-        weight.data.copy_(merged.to(weight.dtype))
+        if untie:
+            self.base_layer.weight = nn.Parameter(merged.to(weight.dtype), requires_grad=weight.requires_grad)
+            self._tied_weight = (weight,)
+        else:
+            weight.data.copy_(merged.to(weight.dtype))
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Remove every merged ΔW: exact restore if the original was kept, else subtract in fp32."""
         if not self.merged_adapters:
+            return
+        if self._tied_weight is not None:  # untied by the merge: the shared Parameter still holds W
+            self.base_layer.weight = self._tied_weight[0]
+            self._tied_weight = None
+            self._weight_before_merge = None
+            self.merged_adapters = []
             return
         weight = self.base_layer.weight
         if self._weight_before_merge is not None:

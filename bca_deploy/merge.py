@@ -75,7 +75,7 @@ from .fit import (
     model_target,
     target_problems,
 )
-from .inject import bca_layers, remove_adapters
+from .inject import bca_layers, mark_untied, remove_adapters, restore_tie_config, shared_weight_layers
 from .layers import BCALinear, dense_delta
 
 __all__ = [
@@ -126,7 +126,10 @@ def merge(
     The sum ``W + Σ ΔW`` is formed in fp32 and rounded once to the base dtype. Merged adapters are
     skipped by ``forward``, so outputs do not change (up to that one rounding for bf16/fp16 bases).
     Every kernel is checked for NaN/Inf before any weight changes; if a layer still fails, the layers
-    merged by this call are unmerged again.
+    merged by this call are unmerged again. A layer whose weight Parameter is shared with another module
+    (an ``lm_head`` tied to the input embedding) is untied: it gets its own ``W + ΔW``, the other module keeps
+    ``W``, and the config's ``tie_word_embeddings`` is set False (so ``save_pretrained``/``from_pretrained``
+    keep them apart); :func:`unmerge` ties it again and sets the flag back.
 
     Args:
         model: a model carrying BCA adapters.
@@ -153,27 +156,34 @@ def merge(
     ]
     if problems:
         raise NonFiniteError(format_problems("refusing to merge non-finite adapter kernels:", problems))
+    # A weight shared with another module (a tied lm_head and input embedding) is untied, not added to in
+    # place: the other module must keep computing with W.
+    tied = shared_weight_layers(model, layers)
     merged_now: list[BCALinear] = []
     try:
-        for _, layer in layers:
+        for path, layer in layers:
             selection = _layer_selection(layer, names)
             if not selection:
                 continue
             had_merged = bool(layer.merged_adapters)
-            layer.merge(selection, keep_original=keep_original)
+            layer.merge(selection, keep_original=keep_original, untie=path in tied)
             if not had_merged:
                 merged_now.append(layer)
     except Exception:
         for layer in merged_now:
             layer.unmerge()
         raise
+    mark_untied(model, [layer for _, layer in layers])
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge` on every :class:`BCALinear` (bit-exact where the original was kept)."""
-    for _, layer in bca_layers(model):
+    """Undo :func:`merge` on every :class:`BCALinear` (bit-exact where the original was kept; a weight the
+    merge untied is tied again, and ``tie_word_embeddings`` set back)."""
+    layers = [layer for _, layer in bca_layers(model)]
+    for layer in layers:
         layer.unmerge()
+    restore_tie_config(model, layers)
     return model
 
 
@@ -616,7 +626,9 @@ class _Plan:
     terms: dict[str, list[_Term]] = field(default_factory=dict)  # output key -> delta terms
     replace: dict[str, torch.Tensor] = field(default_factory=dict)  # output key -> new value (or a new tensor)
     checkpoint: _Checkpoint | None = None  # what to write: the input's shards under output names (_output_view)
-    config: dict[str, Any] | None = None  # a new config.json (a classification head was added), or None
+    config: dict[str, Any] | None = None  # a new config.json (a head was added, or tied weights untied), or None
+    tied: dict[str, tuple[str, list[_Term]]] = field(default_factory=dict)  # output key -> (source key, terms)
+    new_bytes: int = 0  # bytes of tensors the input does not hold (a head's, an untied weight's)
 
 
 def _storage_delta_view(kernel: torch.Tensor, spec: ModuleSpec, factor: float) -> np.ndarray:
@@ -794,11 +806,19 @@ def _structure(ckpt: _Checkpoint, architecture: str | None, head_task: TaskSpec 
     with warnings.catch_warnings(), torch.device("meta"), (skip_init() if skip_init else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         if model_class is not None:
-            return model_class(config)
-        if architecture is not None:
+            model = model_class(config)
+        elif architecture is not None:
             raise AdapterMismatchError(f"transformers has no model class {architecture!r} (the adapter's "
                                        "task.architecture)")
-        return transformers.AutoModel.from_config(config)
+        else:
+            model = transformers.AutoModel.from_config(config)
+        # Tie as from_pretrained does (skipped with the initialisation on some versions): a module whose weight
+        # is another's (a tied lm_head) is then seen by identity, and merged as an untied copy.
+        tie = getattr(model, "tie_weights", None)
+        if callable(tie):
+            with contextlib.suppress(Exception):
+                tie()
+        return model
 
 
 def _key_map(model: nn.Module, ckpt_keys: Iterable[str]) -> dict[str, str]:
@@ -832,6 +852,9 @@ class _CheckpointTarget:
     out_names: dict[str, str]  # checkpoint key -> key in the output (renamed only when a head is written)
     expected: dict[str, tuple[int, ...]] | None  # parameters the output's architecture needs (head mode)
     structure_note: str = ""
+    # Modules whose weight the architecture ties to another stored tensor (an lm_head to the input embedding):
+    # module path -> (checkpoint key of the tensor it is tied to, checkpoint key of its own weight or None).
+    tied: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
 def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _CheckpointTarget:
@@ -857,12 +880,22 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
     key_map = _key_map(model, locations)
     to_ckpt = {v: k for k, v in key_map.items()}
     structure = model_target(model)
+    first_name = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
     modules: dict[str, ModuleInfo] = {}
+    tied: dict[str, tuple[str, str | None]] = {}
     for path, info in structure.modules.items():
         key = to_ckpt.get(f"{path}.weight")
         if info.kind in ("linear", "conv1d"):
+            weight = getattr(model.get_submodule(path), "weight", None)
+            source = first_name.get(id(weight), f"{path}.weight")
+            if source != f"{path}.weight" and to_ckpt.get(source) is not None:
+                # Tied (transformers loads it as the tensor it is tied to, stored or not): merged as that
+                # tensor + ΔW under its own key, the config untied, so the other module keeps its weight.
+                source_key = to_ckpt[source]
+                tied[path] = (source_key, key)
+                key = source_key
             if key is None:
-                continue  # not stored (tied, or missing): nothing to add a delta to
+                continue  # not stored (nor tied to a stored tensor): nothing to add a delta to
             stored = locations[key][1]
             info = ModuleInfo(info.kind, info.in_features, info.out_features, stored.shape, stored.dtype, key=key)
         modules[path] = info
@@ -879,10 +912,10 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
     description = f"checkpoint {ckpt.directory}" + (f" (as {architecture})" if architecture else "")
     target = Target(description, modules, params, ckpt.model_type, structure.prefixes, _MERGEABLE)
     if head_task is None:
-        return _CheckpointTarget(target, {k: k for k in locations}, None)
+        return _CheckpointTarget(target, {k: k for k in locations}, None, tied=tied)
     out_names = {k: key_map.get(k, k) for k in locations}
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # shared (tied) parameters listed once
-    return _CheckpointTarget(target, out_names, expected)
+    return _CheckpointTarget(target, out_names, expected, tied=tied)
 
 
 def _shapes_only_target(ckpt: _Checkpoint, reason: str) -> _CheckpointTarget:
@@ -931,11 +964,16 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
         if found:
             continue
         for module, spec in sorted(config.modules.items()):
+            factor = a.weight * float(spec.scaling)
+            term = _Term(f"{a.directory}:{module}", tensors[module + KERNEL_SUFFIX], spec, factor)
+            if module in view.tied:  # its own copy: the tensor it is tied to + ΔW, under its own key
+                source, own = view.tied[module]
+                name = view.out_names[own] if own is not None else f"{module}.weight"
+                plan.tied.setdefault(name, (source, []))[1].append(term)
+                continue
             key = target.modules[module].key or f"{module}.weight"
             name = view.out_names[key]
-            factor = a.weight * float(spec.scaling)
-            plan.terms.setdefault(name, []).append(_Term(f"{a.directory}:{module}", tensors[module + KERNEL_SUFFIX],
-                                                         spec, factor))
+            plan.terms.setdefault(name, []).append(term)
         for param_name, tensor in tensors.items():
             if param_name.endswith(KERNEL_SUFFIX):
                 continue
@@ -950,7 +988,7 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
             if info.key is None:
                 new_tensors[name] = value
             plan.replace[name] = value
-    both = sorted(set(plan.terms) & set(plan.replace))
+    both = sorted((set(plan.terms) | set(plan.tied)) & set(plan.replace))
     problems += [f"checkpoint tensor {k}: both adapted and replaced by modules_to_save" for k in both]
     if view.expected is not None and not problems:
         written = set(view.out_names.values()) | set(new_tensors)
@@ -967,11 +1005,72 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
         if view.structure_note:
             problems.append(f"(layer types not checked: {view.structure_note})")
         raise AdapterMismatchError(format_problems(f"adapters do not fit the checkpoint {ckpt.directory}:", problems))
+    stored_names = {view.out_names[k]: info for k, (_, info) in ckpt.locations().items()}
+    for name, (source, terms) in sorted(plan.tied.items()):
+        value = _tied_value(ckpt, source, plan.replace.get(view.out_names[source]), terms, name)
+        if name in stored_names:
+            value = value.to(_TORCH_DTYPES[stored_names[name].dtype])
+        else:
+            new_tensors[name] = value
+        plan.replace[name] = value
+    plan.new_bytes = sum(v.numel() * v.element_size() for v in new_tensors.values())
     plan.checkpoint = _output_view(ckpt, view.out_names, plan.replace, new_tensors)
     if head_task is not None:
         plan.config = _classification_config(ckpt.config or {}, head_task,
                                              _head_architecture(head_task, ckpt.model_type))
+    if plan.tied:
+        plan.config = _untied_config(plan.config if plan.config is not None else dict(ckpt.config or {}))
     return plan
+
+
+def _tied_value(ckpt: _Checkpoint, source: str, replaced: torch.Tensor | None, terms: list[_Term],
+                name: str) -> torch.Tensor:
+    """``source + Σ terms`` for a module tied to the checkpoint tensor ``source`` (or to its replacement by a
+    ``modules_to_save`` tensor): the same chunked fp32 sum and one rounding as :func:`_merge_block`, into a new
+    tensor of the source's dtype (memory: that one tensor, at most a shard)."""
+    shard, info = ckpt.locations()[source]
+    dtype = _TORCH_DTYPES[info.dtype]
+    out = torch.empty(info.shape, dtype=dtype)
+    out_bytes = memoryview(out.view(-1).view(torch.uint8).numpy())
+
+    def write(offset: int, data: memoryview) -> None:
+        out_bytes[offset : offset + len(data)] = data
+
+    entry = TensorInfo(name, info.dtype, info.shape, 0, info.nbytes)
+    views = [term.delta_view() for term in terms]
+    scratch = _Scratch()
+    if replaced is not None:
+        _merge_block(_tensor_bytes(replaced.to(dtype)), 0, entry, 0, info.shape[0], terms, views, scratch, write)
+        return out
+    path = ckpt.directory / shard
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = ckpt.headers[shard].data_start + info.offset
+        mapped = _map_rows(fd, offset, info.nbytes, _DTYPE_BYTES[info.dtype])
+        if mapped is None:
+            buffer, start = scratch.source(info.nbytes), 0
+            _pread_into(fd, buffer, offset, path)
+        else:
+            buffer, start = mapped
+        try:
+            _merge_block(buffer, start, entry, 0, info.shape[0], terms, views, scratch, write)
+        finally:
+            if mapped is not None:
+                with contextlib.suppress(BufferError):
+                    mapped[0].close()
+    finally:
+        os.close(fd)
+    return out
+
+
+def _untied_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json with ``tie_word_embeddings`` false (top level and a nested ``text_config``), so transformers
+    loads the merged, untied weight instead of tying it to the embedding again."""
+    out = dict(config)
+    out["tie_word_embeddings"] = False
+    if isinstance(out.get("text_config"), dict):
+        out["text_config"] = {**out["text_config"], "tie_word_embeddings": False}
+    return out
 
 
 def _output_view(ckpt: _Checkpoint, out_names: dict[str, str], replace: dict[str, torch.Tensor],
@@ -1048,8 +1147,27 @@ def _other_files(ckpt: _Checkpoint) -> tuple[list[Path], list[str]]:
             if name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
                 skipped.append(str(rel))
                 continue
+            _require_regular(Path(root, name))
             copy.append(rel)
     return copy, skipped
+
+
+def _require_regular(path: Path) -> None:
+    """Refuse a file to copy that is not a regular file once links are followed: a link to ``/dev/zero`` would be
+    copied until the disk is full, a named pipe would wait for a writer (checked before anything is written)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise CheckpointFormatError(f"{path}: cannot be read ({exc.strerror}); remove it from the model directory or "
+                                    "fix it") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise CheckpointFormatError(f"{path}: is {kind}{' (through a link)' if path.is_symlink() else ''}, not a "
+                                    "file; the merge copies a model directory's other files: remove it from there")
 
 
 class _Scratch:
@@ -1364,6 +1482,11 @@ def merge_checkpoint(
     (a bare encoder's keys get its ``bert.``-style prefix). ``AutoModelForSequenceClassification``
     loads it with nothing newly initialized. Several adapters with heads are refused (which head?).
 
+    **Tied weights.** An adapted module whose weight the architecture ties to another tensor (an ``lm_head``
+    tied to the input embedding, often not stored at all) is written under its own key as that tensor +
+    ΔW (same sum and rounding), the other tensor is left as it is, and config.json gets
+    ``tie_word_embeddings: false`` so transformers loads the two apart. That one tensor is built in memory.
+
     Safety: everything is checked before anything is written, with all problems listed together. The
     output is written to a temporary directory beside ``out_dir``, fsynced, and put in place atomically
     (:mod:`bca_deploy.atomic`): a failure or a kill at any moment leaves ``out_dir`` as it was (the old
@@ -1430,7 +1553,7 @@ def _merge_checkpoint(
         )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    needed = sum((model_dir / s).stat().st_size for s in ckpt.shards)
+    needed = sum((model_dir / s).stat().st_size for s in ckpt.shards) + plan.new_bytes
     needed += sum((model_dir / rel).stat().st_size for rel in others)
     free = shutil.disk_usage(out_dir.parent).free
     if free < needed + (64 << 20):

@@ -7,6 +7,7 @@ import torch
 
 import bca_deploy as bd
 from bca_deploy.errors import BlockSizeError, TargetModuleError
+from bca_deploy.inject import adapter_names
 from bca_deploy.layers import BCALinear
 from conftest import TINY_MODELS, model_output, tiny_bert, tiny_llama
 
@@ -193,3 +194,57 @@ def test_cli_names_the_option_of_a_repeated_pattern_key(tmp_path):
     result = CliRunner().invoke(main, ["train", "--model", str(tmp_path), "--data", "d.tsv", "--out", str(tmp_path / "o"),
                                        "--block-size-pattern", "value=8,value=16"])
     assert result.exit_code == 2 and "Invalid value for '--block-size-pattern': 'value' is given twice" in result.output
+
+
+# ---- two adapters that each save the same module whole (a classifier head) ------------------------------
+
+
+def _peft_head_adapter(base_dir, out, seed):
+    """A PEFT C3A SEQ_CLS adapter with its own trained classifier (modules_to_save), and PEFT's model of it."""
+    from peft import C3AConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    model = get_peft_model(BertForSequenceClassification.from_pretrained(base_dir),
+                           C3AConfig(task_type="SEQ_CLS", target_modules=["query", "value"], block_size=8,
+                                     init_weights="gaussian"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "c3a_kernel" in name or "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save_pretrained(out)
+    return model.eval()
+
+
+def test_a_second_adapter_saving_the_same_head_is_refused_and_the_first_kept(tmp_path, input_ids):
+    from bca_deploy.errors import AdapterMismatchError
+    from transformers import BertForSequenceClassification
+
+    tiny_bert(num_labels=3).save_pretrained(tmp_path / "base")
+    foo = _peft_head_adapter(tmp_path / "base", tmp_path / "foo", seed=1)
+    _peft_head_adapter(tmp_path / "base", tmp_path / "second", seed=2)
+    with torch.no_grad():
+        reference = foo(input_ids=input_ids).logits  # PEFT's foo: foo's kernels with foo's head
+    model = bd.load_adapter(BertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "foo",
+                            adapter_name="foo")
+    with pytest.raises(AdapterMismatchError, match=r"adapter 'second' saves module classifier whole.*'foo'") as err:
+        bd.load_adapter(model, tmp_path / "second", adapter_name="second")
+    assert "\n" not in str(err.value)
+    assert adapter_names(model) == ["foo"]  # nothing of 'second' left behind
+    bd.set_adapter(model, "foo")
+    with torch.no_grad():
+        got = model(input_ids=input_ids).logits
+    assert float((got - reference).abs().max() / reference.abs().max()) < 1e-5
+    # save_adapter saves foo's own head
+    bd.save_adapter(model, tmp_path / "foo-again", adapter_name="foo")
+    again = bd.load_adapter(BertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "foo-again")
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=input_ids).logits, reference, atol=1e-5 * float(reference.abs().max()))
+    # inject() refuses the same, before touching the model
+    with pytest.raises(AdapterMismatchError, match="'foo'"):
+        bd.inject(model, ["key"], block_size=8, adapter_name="third", modules_to_save=["classifier"])
+    assert adapter_names(model) == ["foo"]
+    assert not any(isinstance(m, BCALinear) for n, m in model.named_modules() if n.endswith(".key"))
+    # an adapter without a head still loads beside it
+    bd.inject(model, ["key"], block_size=8, adapter_name="kernels")
+    assert adapter_names(model) == ["foo", "kernels"]

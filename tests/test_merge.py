@@ -510,3 +510,94 @@ def test_reader_accepts_safetensors_files_and_writer_enforces_order(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes((tmp_path / "ref.safetensors").read_bytes()[:-2])
     with pytest.raises(merge_mod.CheckpointFormatError, match="truncated"):
         read_safetensors_header(tmp_path / "bad.safetensors")
+
+
+# ---- a tied lm_head (Llama with tie_word_embeddings=True, an adapter on lm_head) -----------------------
+
+
+def _tied_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, tie_word_embeddings=True,
+                      initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tied_setup(tmp_path):
+    """A tied Llama checkpoint, a PEFT C3A adapter on lm_head and q_proj, and PEFT's own forward (the reference)."""
+    from peft import C3AConfig, get_peft_model
+
+    base = _tied_llama()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    base.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(_tied_llama(), C3AConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"],
+                                                         block_size=8, init_weights="gaussian"))
+    with torch.no_grad():  # kernels large enough that a wrong embedding shows
+        for seed, (name, param) in enumerate(peft_model.named_parameters()):
+            if "c3a_kernel" in name:
+                param.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(seed))
+    peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = peft_model.eval()(input_ids=ids).logits
+    return tmp_path, ids, reference
+
+
+def _close(got: torch.Tensor, reference: torch.Tensor) -> None:
+    scale = reference.abs().max()
+    assert float((got - reference).abs().max() / scale) < FP32_TOL, float((got - reference).abs().max() / scale)
+
+
+def test_in_memory_merge_of_a_tied_lm_head_unties_it(tied_setup):
+    root, ids, reference = tied_setup
+    model = bd.load_adapter(_tied_llama(), root / "peft")
+    embedding = model.model.embed_tokens.weight
+    original = embedding.detach().clone()
+    with torch.no_grad():
+        _close(model(input_ids=ids).logits, reference)  # unmerged: PEFT's numbers
+        merge(model)
+        _close(model(input_ids=ids).logits, reference)
+    assert torch.equal(model.model.embed_tokens.weight, original)  # the input embedding kept W
+    assert model.lm_head.base_layer.weight is not embedding
+    assert model.config.tie_word_embeddings is False
+    unmerge(model)  # tied again, exactly
+    assert model.lm_head.base_layer.weight is embedding and torch.equal(embedding, original)
+    assert model.config.tie_word_embeddings is True
+    with torch.no_grad():
+        _close(model(input_ids=ids).logits, reference)
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "remove_adapters"])
+def test_merge_and_unload_of_a_tied_lm_head_saves_and_reloads(tied_setup, how):
+    root, ids, reference = tied_setup
+    model = bd.load_adapter(_tied_llama(), root / "peft")
+    plain = merge_and_unload(model) if how == "merge_and_unload" else bd.remove_adapters(model, merge=True)
+    assert not list(bd.bca_layers(plain))
+    with torch.no_grad():
+        _close(plain(input_ids=ids).logits, reference)
+    plain.save_pretrained(root / "plain")
+    again = AutoModelForCausalLM.from_pretrained(root / "plain").eval()
+    assert again.lm_head.weight is not again.model.embed_tokens.weight
+    with torch.no_grad():
+        _close(again(input_ids=ids).logits, reference)
+
+
+def test_streaming_merge_of_a_tied_lm_head(tied_setup):
+    root, ids, reference = tied_setup
+    with safe_open(str(root / "base" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied: transformers stores the embedding only
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    out = merge_checkpoint(root / "base", [(root / "peft", 1.0)], root / "merged", progress=False)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), embedding)
+        head = f.get_tensor("lm_head.weight")
+    # the same sum and rounding as the in-memory merge
+    plain = merge_and_unload(bd.load_adapter(_tied_llama(), root / "peft"))
+    assert torch.equal(head, plain.lm_head.weight)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        _close(merged(input_ids=ids).logits, reference)

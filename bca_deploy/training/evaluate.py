@@ -60,6 +60,10 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
     if adapter is not None:
         info = _read_training_info(adapter)
         spec = _adapter_task(adapter)
+        unhandled = _unhandled_task(adapter, spec)
+        if unhandled is not None:  # run as seq-cls it would print a meaningless metric (or a wrong contradiction)
+            raise TrainingConfigError(f"{adapter}: the adapter is for {unhandled}; bca-deploy evaluate handles "
+                                      f"{' and '.join(TASKS)} only")
     task = config.task or info.get("task") or (spec.type if spec is not None and spec.type in TASKS else None) \
         or "seq-cls"
 
@@ -157,6 +161,21 @@ def _adapter_task(adapter: Path) -> TaskSpec | None:
     from ..adapter_io import read_adapter
 
     return read_adapter(adapter)[0].task
+
+
+def _unhandled_task(adapter: Path, spec: TaskSpec | None) -> str | None:
+    """The adapter's task when it is one evaluate does not handle (``feature-extraction``, or a PEFT
+    ``task_type`` bca-deploy records no task for, such as ``TOKEN_CLS``), else None (handled, or not recorded)."""
+    if spec is not None:
+        return None if spec.type in TASKS else f"task {spec.type!r}"
+    path = adapter / "adapter_config.json"
+    if not path.is_file():
+        return None
+    raw = read_json(path, what="adapter config")
+    task_type = raw.get("task_type") if "peft_type" in raw else None
+    if isinstance(task_type, str) and task_type not in ("SEQ_CLS", "CAUSAL_LM"):
+        return f"PEFT task_type {task_type!r}"
+    return None
 
 
 def _load_for_evaluation(config: EvaluateConfig, adapter: Path | None, task: str, info: dict[str, Any],

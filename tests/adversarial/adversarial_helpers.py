@@ -84,6 +84,8 @@ def tree_digest(root: Path) -> dict[str, str]:
                 out[rel] = f"link -> {os.readlink(path)}"
             elif path.is_dir():
                 out[rel] = "dir"
+            elif not path.is_file():  # a named pipe or a device: reading it would wait or never end
+                out[rel] = "special"
             else:
                 out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
