@@ -109,16 +109,23 @@ def give_default_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~current_umask())
 
 
+#: The most entries of an input directory :func:`check_inputs_outside` looks through for links (a model or adapter
+#: directory holds a few dozen; a larger tree is not walked further).
+_LINK_SCAN_LIMIT = 10_000
+
+
 def check_inputs_outside(target: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
-    """Refuse an output directory that is, or contains, one of the command's inputs: replacing it (``--overwrite``)
-    would delete them. ``inputs`` are ``(what, path)`` pairs (None paths are skipped); paths are compared where
-    they really are (symbolic links and ``..`` resolved).
+    """Refuse an output directory that is, or contains, one of the command's inputs, or a file an input's symbolic
+    links point to (a Hugging Face cache snapshot links into ``blobs/``): replacing it (``--overwrite``) would
+    delete them. ``inputs`` are ``(what, path)`` pairs (None paths are skipped); paths are compared where they
+    really are, and the output where the writer puts it (``out/x/..`` is ``out``, as :class:`AtomicDir` sees it).
 
     Raises:
         OutputExistsError: naming the output, the input and what it is, before anything is written.
     """
     target = Path(target)
-    real = target.parent.resolve() / target.name
+    written = Path(os.path.abspath(target))  # what AtomicDir replaces: ".." taken lexically, as abspath does
+    real = written.parent.resolve() / written.name
     real = real.resolve() if real.is_symlink() else real
     for what, path in inputs:
         if path is None:
@@ -128,6 +135,29 @@ def check_inputs_outside(target: str | Path, inputs: Iterable[tuple[str, str | P
             relation = "is" if real == resolved else "contains"
             raise OutputExistsError(f"{target}: {relation} {what} {path}, an input of this command; writing the output "
                                     "there would delete it: choose another output directory")
+        link = _link_into(Path(path), real) if resolved.is_dir() else None
+        if link is not None:
+            raise OutputExistsError(f"{target}: holds the file that {link} (in {what} {path}) links to; writing the "
+                                    "output there would delete it: choose another output directory")
+
+
+def _link_into(directory: Path, real: Path) -> Path | None:
+    """A symbolic link under ``directory`` (not followed into) whose target lies in ``real``, if any."""
+    seen = 0
+    for current, dirs, files in os.walk(directory, followlinks=False):
+        for name in (*dirs, *files):
+            seen += 1
+            if seen > _LINK_SCAN_LIMIT:
+                return None
+            path = Path(current, name)
+            if path.is_symlink():
+                try:
+                    resolved = path.resolve()
+                except (OSError, RuntimeError):  # a loop: it points at nothing there is to lose
+                    continue
+                if resolved == real or real in resolved.parents:
+                    return path
+    return None
 
 
 def check_target(target: str | Path, overwrite: bool) -> None:

@@ -336,6 +336,8 @@ def load_base(
             warnings.filterwarnings("ignore", message=".*(newly initialized|TRAIN this model).*")
             torch.manual_seed(0)
             model, info = _auto_class(task.type).from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
+    except (RuntimeError, MemoryError) as exc:
+        raise config_mismatch(model_dir, exc) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
@@ -343,6 +345,25 @@ def load_base(
     missing = list(info.get("missing_keys") or []) + [m[0] if isinstance(m, tuple) else m
                                                        for m in info.get("mismatched_keys") or []]
     return model.eval(), sorted(set(missing))
+
+
+def config_mismatch(model_dir: str | Path, exc: BaseException) -> BaseException:
+    """What building the model from ``config.json`` or loading the checkpoint into it raised, as the checkpoint's
+    error when the two disagree (a tensor of another shape than the config gives it) or the config asks for a model
+    no memory holds (an edited ``vocab_size``); anything else unchanged."""
+    from .errors import CheckpointFormatError, first_line
+
+    text = str(exc)
+    if "size mismatch" in text:
+        shapes = [line.strip() for line in text.splitlines() if "size mismatch" in line]
+        return CheckpointFormatError(f"{model_dir}: its weights do not fit its config.json (" + "; ".join(shapes[:3])[:400]
+                                     + "): the config's sizes (vocab_size, hidden_size...) were changed, or it belongs "
+                                       "to another checkpoint")
+    if isinstance(exc, MemoryError) or "allocate" in text:
+        return CheckpointFormatError(f"{model_dir}: its config.json describes a model larger than this machine's memory "
+                                     f"({first_line(exc, 200)}); check the config's sizes (vocab_size, hidden_size, "
+                                     "num_hidden_layers...)")
+    return exc
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:

@@ -135,6 +135,7 @@ def from_peft(
     kernels: dict[str, torch.Tensor] = {}  # PEFT's first-row kernels, converted once every check has passed
     tensors: dict[str, torch.Tensor] = {}
     extra_modules: list[str] = []
+    base_copies: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if not key.startswith(PEFT_PREFIX):
             problems.append(f"tensor {key!r}: expected a name starting with {PEFT_PREFIX!r}")
@@ -162,12 +163,18 @@ def from_peft(
                 problems += found
                 continue
             kernels[module] = tensor
+        elif path.rpartition(".")[0].endswith(_PEFT_BASE_LAYER):
+            # PEFT's save_embedding_layers (on by default when lm_head / embed_tokens are targets) saves the wrapped
+            # layer's own frozen weights beside its kernel: the base model's, which the model supplies; checked
+            # against the kernel's dimensions once every kernel is read, then left out
+            base_copies[path] = tensor
         else:
             # modules_to_save: PEFT stores the trained copy under the plain module path.
             tensors[path] = tensor
             module = _saved_module(path, peft_config.get("modules_to_save"))
             if module not in extra_modules:
                 extra_modules.append(module)
+    problems += _base_copy_problems(base_copies, specs)
     if problems:
         raise AdapterFormatError(format_problems(f"{source}: not a valid PEFT C3A adapter:", problems))
     if not specs:
@@ -191,6 +198,28 @@ def from_peft(
     for module, kernel in kernels.items():
         tensors[module + KERNEL_SUFFIX] = flip_circulant_layout(kernel.float())
     return config, tensors
+
+
+_PEFT_BASE_LAYER = ".base_layer"
+
+
+def _base_copy_problems(copies: dict[str, torch.Tensor], specs: dict[str, ModuleSpec]) -> list[str]:
+    """What is wrong with PEFT's saved copies of adapted layers' base weights (``<module>.base_layer.weight`` /
+    ``.bias``): each must belong to an adapted module and have its layer's shape (out, in) / (out,)."""
+    problems = []
+    for path, tensor in copies.items():
+        layer, _, param = path.rpartition(".")
+        module = layer[: -len(_PEFT_BASE_LAYER)]
+        spec = specs.get(module)
+        expected = None if spec is None else {"weight": (spec.out_features, spec.in_features),
+                                              "bias": (spec.out_features,)}.get(param)
+        if spec is None:
+            problems.append(f"tensor {PEFT_PREFIX + path!r}: a base-layer weight of {module}, which the adapter does "
+                            "not adapt")
+        elif expected is None or tuple(tensor.shape) != expected:
+            problems.append(f"tensor {PEFT_PREFIX + path!r}: shape {tuple(tensor.shape)}, expected the base layer's "
+                            f"{param} of {module}, {expected}")
+    return problems
 
 
 def _saved_module(path: str, entries: Any) -> str:

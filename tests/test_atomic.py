@@ -205,6 +205,37 @@ def test_an_output_that_is_or_holds_an_input_is_refused(tmp_path):
     check_inputs_outside(tmp_path / "other", [("the data", tmp_path / "out")])
 
 
+@pytest.mark.parametrize("dots", ["model/..", "nothing/..", "model/../.", "model/sub/../.."])
+def test_an_output_written_through_dot_dot_is_where_the_writer_puts_it(tmp_path, dots):
+    """``--out SB/model/.. --overwrite`` got past the check (``..`` kept) while the writer (abspath) replaced SB,
+    deleting the model, the adapter and every file beside them."""
+    from bca_deploy.atomic import check_inputs_outside
+    from bca_deploy.errors import OutputExistsError
+
+    (tmp_path / "model" / "sub").mkdir(parents=True)
+    (tmp_path / "adapter").mkdir()
+    target = str(tmp_path) + "/" + dots
+    with pytest.raises(OutputExistsError, match="contains the model"):
+        check_inputs_outside(target, [("the model", tmp_path / "model"), ("the adapter", tmp_path / "adapter")])
+
+
+def test_an_output_holding_what_an_inputs_links_point_to_is_refused(tmp_path):
+    """A Hugging Face cache snapshot is links into ``blobs/``: ``merge --model snap --out blobs --overwrite`` replaced
+    the base model's weights with the merged ones (the snapshot then loaded the merged model)."""
+    from bca_deploy.atomic import check_inputs_outside
+    from bca_deploy.errors import OutputExistsError
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "abc123").write_text("weights")
+    (tmp_path / "snap" / "sub").mkdir(parents=True)
+    (tmp_path / "snap" / "sub" / "model.safetensors").symlink_to("../../blobs/abc123")
+    (tmp_path / "snap" / "loop").symlink_to(tmp_path / "snap" / "loop")  # a loop is skipped, not a crash
+    for target in (tmp_path / "blobs", str(tmp_path / "blobs") + "/../blobs"):
+        with pytest.raises(OutputExistsError, match="holds the file that .*model.safetensors"):
+            check_inputs_outside(target, [("the model directory", tmp_path / "snap")])
+    check_inputs_outside(tmp_path / "merged", [("the model directory", tmp_path / "snap")])
+
+
 def test_an_output_under_a_file_or_where_nothing_can_be_written_is_named_as_given(tmp_path):
     """Errors name the output the user gave and why, never the hidden sibling the writer would have used."""
     (tmp_path / "afile").write_text("x")

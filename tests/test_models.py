@@ -65,6 +65,31 @@ def test_every_stage_refuses_a_malformed_model_config_the_same_way(tmp_path, ber
         load_config(tmp_path)
 
 
+@pytest.mark.parametrize("vocab, words", [(2**20, "do not fit its config.json"), (2**40, "larger than this machine")])
+def test_a_config_the_weights_do_not_fit_is_the_checkpoints_error_in_every_stage(tmp_path, vocab, words):
+    """config.json's vocab_size edited: the weights of another shape were an "Internal error" (RuntimeError: Error(s)
+    in loading state_dict), a size no memory holds one too (tried to allocate ... bytes); now one line naming the
+    model directory and its config, exit 2, nothing written."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "training"))
+    from training_helpers import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model", "bert", [f"row {i}" for i in range(8)])  # with its tokenizer
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": vocab}))
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(8)))
+    for args in (["export", "--model", str(model), "--merge", "--out", str(tmp_path / "onnx"), "--no-validate"],
+                 ["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args[0], result.output)
+        assert f"Error: {model}: " in result.output and words in result.output, (args[0], result.output)
+        assert "Traceback" not in result.output and "Internal error" not in result.output
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "run").exists()
+
+
 def test_a_weights_file_this_user_may_not_read_is_named_by_every_loader(bert_dir, monkeypatch):
     """transformers reports an unreadable model.safetensors as "No such file or directory" (export, evaluate,
     train); every loader now names the permission problem first (emulated: the tests may run as root)."""

@@ -203,6 +203,38 @@ def test_a_nested_head_stays_one_saved_module_both_ways(tmp_path, input_ids):
     torch.testing.assert_close(model_output(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_copies_of_base_layers_are_left_to_the_model(tmp_path, input_ids):
+    """A C3A adapter on lm_head: PEFT's save_embedding_layers (its default then) also saves the wrapped layer's frozen
+    weight as ``lm_head.base_layer.weight``, which every reader refused ("no such parameter"). It is the base
+    model's own weight: left out (after a shape check), the outputs are PEFT's."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    peft_model = get_peft_model(tiny_llama(), C3AConfig(target_modules=["q_proj", "lm_head"], block_size=4))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "c3a_kernel" in name:
+                param.normal_(0.0, 2.0)
+    peft_model.eval()
+    expected = model_output(peft_model, input_ids)
+    peft_model.save_pretrained(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(weights)  # what PEFT saved
+    ours = bd.load_adapter(tiny_llama(), tmp_path / "peft")
+    torch.testing.assert_close(model_output(ours, input_ids), expected, rtol=1e-5, atol=1e-5)
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), "--to", "bca",
+                                       "--out", str(tmp_path / "bca")])
+    assert result.exit_code == 0, result.output
+    assert not any("base_layer" in k for k in load_file(tmp_path / "bca" / "adapter_model.safetensors"))
+    # a copy of another shape, or of a layer the adapter does not adapt, is not the base model's: refused by name
+    state = load_file(weights)
+    for key, value in (("base_model.model.lm_head.base_layer.weight", torch.zeros(3, 3)),
+                       ("base_model.model.model.layers.0.self_attn.k_proj.base_layer.weight", torch.zeros(16, 32))):
+        save_file({**state, key: value}, str(weights))
+        with pytest.raises(AdapterFormatError, match=key.rsplit(".", 2)[0].split("model.", 2)[-1]):
+            bd.read_adapter(tmp_path / "peft")
+
+
 def _peft_copy_with_task_metadata(tmp_path, value):
     """A PEFT copy of a seq-cls adapter whose safetensors task record is replaced by ``value``."""
     from safetensors.torch import save_file

@@ -604,9 +604,23 @@ def _eos_token_id(tokenizer) -> int | None:
     return None
 
 
+#: Texts are cut to ``max_length`` × this many characters before they are tokenized: a tokenizer reads a whole text
+#: before truncating (a 30 MB line took 5.8 GB), while the tokens kept come from the first few hundred characters;
+#: only a text whose first ``max_length`` tokens span more than this many characters each (a run of whitespace that
+#: long) could tokenize differently.
+CHARS_PER_TOKEN_BOUND = 1024
+
+
+def cut_texts(texts: Sequence[str], max_length: int) -> list[str]:
+    """``texts`` with each cut to ``max_length`` × :data:`CHARS_PER_TOKEN_BOUND` characters (see there)."""
+    limit = max(1, max_length) * CHARS_PER_TOKEN_BOUND
+    return [t if len(t) <= limit else t[:limit] for t in texts]
+
+
 def tokenize_seq_cls(examples: SeqClsExamples, tokenizer, max_length: int) -> TokenizedDataset:
     """Tokenize with truncation to ``max_length`` (pairs: longest-first), no padding."""
-    encoded = tokenizer(*examples.texts, truncation=True, max_length=max_length, padding=False)
+    texts = [cut_texts(column, max_length) for column in examples.texts]
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length, padding=False)
     token_types = encoded.get("token_type_ids") if len(examples.texts) == 2 else None
     return TokenizedDataset(encoded["input_ids"], examples.labels, pad_token_id(tokenizer), token_types,
                             task="seq-cls", regression=examples.regression, lines=examples.lines)
@@ -626,7 +640,7 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
     input_ids, labels, lines = [], [], []
     dropped = 0
     if examples.format == "text":
-        encoded = tokenizer(examples.texts, truncation=True, max_length=max_length)["input_ids"]
+        encoded = tokenizer(cut_texts(examples.texts, max_length), truncation=True, max_length=max_length)["input_ids"]
         for line, ids in zip(examples.lines, encoded):
             if len(ids) < 2:
                 dropped += 1
@@ -635,8 +649,8 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
             labels.append(list(ids))
             lines.append(line)
     else:
-        prompts = tokenizer(examples.prompts, add_special_tokens=True)["input_ids"]
-        responses = tokenizer(examples.responses, add_special_tokens=False)["input_ids"]
+        prompts = tokenizer(cut_texts(examples.prompts, max_length), add_special_tokens=True)["input_ids"]
+        responses = tokenizer(cut_texts(examples.responses, max_length), add_special_tokens=False)["input_ids"]
         for line, p_ids, r_ids in zip(examples.lines, prompts, responses):
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
             ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]

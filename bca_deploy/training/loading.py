@@ -138,6 +138,10 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
                 model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except _LOAD_ERRORS as exc:
         raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} ({first_line(exc)})") from None
+    except (RuntimeError, MemoryError) as exc:  # config.json and the weights disagree, or no memory holds the config's
+        from ..models import config_mismatch
+
+        raise config_mismatch(model_dir, exc) from None
     new = list(info.get("missing_keys", []))
     new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
     return model, new

@@ -17,6 +17,7 @@ from bca_deploy.training.data import (
     load_seq_cls,
     read_records,
     tokenize_causal_lm,
+    tokenize_seq_cls,
 )
 from bca_deploy.training.metrics import classification_metrics
 from training_helpers import SST2, one_thread, word_tokenizer, write_jsonl, write_tsv  # noqa: F401 - autouse fixture
@@ -125,6 +126,27 @@ def test_causal_lm_masks_prompt_and_appends_eos(tmp_path):
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "the movie was good"}])
     data, _ = tokenize_causal_lm(load_causal_lm(text), tok, max_length=32)
     assert data.labels[0] == data.input_ids[0]
+
+
+def test_a_huge_line_is_cut_before_it_is_tokenized_with_the_same_tokens(tmp_path):
+    """A tokenizer reads a whole text before truncating it (one 30 MB line took 5.8 GB to train on): texts are cut
+    to max_length × 1024 characters first, and the tokens kept are the uncut text's."""
+    tok = word_tokenizer(tmp_path / "tok", ["the movie was good bad great"])
+    seen: list[int] = []
+
+    def recording(*texts, **kwargs):
+        seen.extend(len(t) for column in texts for t in column)
+        return tok(*texts, **kwargs)
+
+    huge = "the movie was good " * 200_000  # 3.8 M characters
+    path = write_tsv(tmp_path / "d.tsv", [(huge, 1), ("bad", 0)])
+    data = tokenize_seq_cls(load_seq_cls(path), recording, max_length=16)
+    assert max(seen) == 16 * 1024
+    assert data.input_ids[0] == tok(huge, truncation=True, max_length=16)["input_ids"]
+    lm = write_jsonl(tmp_path / "t.jsonl", [{"text": huge}])
+    seen.clear()
+    data, _ = tokenize_causal_lm(load_causal_lm(lm), recording, max_length=16)
+    assert max(seen) == 16 * 1024 and data.input_ids[0] == tok(huge, truncation=True, max_length=16)["input_ids"]
 
 
 def test_causal_lm_missing_columns(tmp_path):
