@@ -195,7 +195,10 @@ def inspect(adapter: Path) -> None:
     """Print what an adapter directory (bca-deploy or PEFT C3A) or an ONNX export directory holds."""
     from .adapter_io import read_adapter
     from .config import CONFIG_FILE, read_json
-    from .errors import InputNotFoundError
+    from .errors import InputNotFoundError, printable
+
+    def say(line: str) -> None:  # names and labels come from the files: never raw control characters
+        click.echo(printable(line))
     from .exporters.metadata import METADATA_FILE
     from .peft_compat import describe_format
 
@@ -204,35 +207,36 @@ def inspect(adapter: Path) -> None:
             from .exporters.metadata import describe_export
 
             for line in describe_export(adapter):
-                click.echo(line)
+                say(line)
             return
         raise InputNotFoundError(f"{adapter}: neither an adapter directory (no {CONFIG_FILE}) nor an ONNX export "
                                  "(no model.onnx)")
     data = read_json(adapter / CONFIG_FILE)
     config, state = read_adapter(adapter)  # read (and refused) whole before anything is printed
-    click.echo(f"adapter:      {adapter}")
-    click.echo(f"format:       {describe_format(data, str(adapter))}")
-    click.echo(f"base model:   {config.base_model_type or 'unknown'} ({config.base_model_name_or_path or 'no path recorded'})")
+    say(f"adapter:      {adapter}")
+    say(f"format:       {describe_format(data, str(adapter))}")
+    say(f"base model:   {config.base_model_type or 'unknown'} ({config.base_model_name_or_path or 'no path recorded'})")
     task = config.task
     if task is None:
-        click.echo("task:         not recorded (export infers it from the base model; pass --task to choose)")
+        say("task:         not recorded (export infers it from the base model; pass --task to choose)")
     else:
         head = ""
         if task.head is not None:
             labels = ", ".join(task.head.id2label[i] for i in range(min(task.head.num_labels, 8)))
             more = ", ..." if task.head.num_labels > 8 else ""
             head = f", head {'+'.join(task.head.modules)} with {task.head.num_labels} labels ({labels}{more})"
-        click.echo(f"task:         {task.type} ({task.architecture or 'architecture not recorded'}{head}); "
+        say(f"task:         {task.type} ({task.architecture or 'architecture not recorded'}{head}); "
                    f"exports as {task.export_task}")
-    click.echo(f"targets:      {config.target_modules}")
-    click.echo(f"modules:      {len(config.modules)}   kernel parameters: {config.num_parameters:,}")
+    say(f"targets:      {config.target_modules}")
+    say(f"modules:      {len(config.modules)}   kernel parameters: {config.num_parameters:,}")
     if config.modules_to_save:
         n = sum(t.numel() for k, t in state.items() if not k.endswith(".bca_kernel"))
-        click.echo(f"saved whole:  {', '.join(config.modules_to_save)} ({n:,} parameters)")
+        say(f"saved whole:  {', '.join(config.modules_to_save)} ({n:,} parameters)")
     width = max((len(n) for n in config.modules), default=6)
-    click.echo(f"\n{'module':<{width}}  {'type':<6}  {'in':>6}  {'out':>6}  {'p':>4}  scaling")
+    say("")
+    say(f"{'module':<{width}}  {'type':<6}  {'in':>6}  {'out':>6}  {'p':>4}  scaling")
     for name, spec in sorted(config.modules.items()):
-        click.echo(f"{name:<{width}}  {spec.layer_type:<6}  {spec.in_features:>6}  {spec.out_features:>6}  "
+        say(f"{name:<{width}}  {spec.layer_type:<6}  {spec.in_features:>6}  {spec.out_features:>6}  "
                    f"{spec.block_size:>4}  {spec.scaling:.6g}")
 
 

@@ -118,6 +118,12 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return lines[0][:limit] if lines else type(exc).__name__
 
 
+def printable(text: str) -> str:
+    """``text`` for a terminal: every character that is not printable (escape sequences that retitle the terminal
+    or recolour it, carriage returns and line breaks that forge output lines) shown as its escape (``\\x1b``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def require_readable(path: object) -> None:
     """Refuse ``path`` unless it is a regular file (symbolic links followed) this user may read, before a library
     reads it and misreports the problem (safetensors says "No such file or directory", onnxruntime "Invalid fd" or a

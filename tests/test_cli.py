@@ -132,6 +132,9 @@ def test_train_and_evaluate_commands(tmp_path):
                                   "--lr", "1e-2", "--batch-size", "8", "--max-length", "32", "--max-steps", "4"])
     assert result.exit_code == 0, result.output
     assert "done: 4 steps" in result.output
+    # the outputs the next commands write lie beside the run: a later train --overwrite of it would delete them
+    outs = [line.split("--out ")[1].split()[0] for line in result.output.splitlines() if "--out " in line]
+    assert len(outs) == 3 and all(Path(o).parent == tmp_path and Path(o).name.startswith("run-") for o in outs), outs
     ev = runner.invoke(main, ["evaluate", "--model", str(model_dir), "--adapter", str(tmp_path / "run" / "last"),
                               "--data", str(data["dev"])])
     assert ev.exit_code == 0, ev.output
@@ -349,6 +352,32 @@ def test_serve_ray_offers_only_the_options_ray_applies(tmp_path):
 def test_export_help_says_what_several_adapters_do():
     text = " ".join(CliRunner().invoke(main, ["export", "--help"]).output.split())
     assert "they sum (merged or unmerged graphs), or each gets its own slot (--bank)" in text, text
+
+
+def test_inspect_shows_control_characters_from_the_files_escaped(tmp_path):
+    """Names and labels come from the adapter's files: an OSC sequence in base_model.name_or_path retitled the
+    terminal, a CR/LF in a label forged an output line ("saved whole:  nothing")."""
+    import json
+
+    from bca_deploy.config import task_spec_from_config
+    from bca_deploy.inject import adapter_configs
+    from conftest import tiny_bert
+
+    model = bd.inject(tiny_bert(num_labels=2), ["query"], block_size=8, modules_to_save=["classifier"])
+    adapter_configs(model)["default"].task = task_spec_from_config("seq-cls", model.config, ["classifier"])
+    bd.save_adapter(model, tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    names = {"0": "neg\x1b[2J\x1b[31mFAKE", "1": "pos\r\nsaved whole:  nothing"}
+    data["task"]["head"]["id2label"], data["task"]["head"]["label2id"] = names, {v: int(k) for k, v in names.items()}
+    data["base_model"]["name_or_path"] = "/models/x\x1b]0;pwned\x07"
+    path.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "ad")])
+    assert result.exit_code == 0, result.output
+    assert not any(c in result.output for c in "\x1b\x07\r"), repr(result.output)
+    assert "x\\x1b]0;pwned\\x07" in result.output and "pos\\r\\nsaved whole:  nothing" in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("saved whole:")] == [
+        "saved whole:  classifier (66 parameters)"]
 
 
 def test_the_opset_range_is_the_exporters_and_each_refusal_says_why(tmp_path):

@@ -148,17 +148,21 @@ def final_summary(result: TrainResult, model_dir: str | Path | None, eval_data: 
     lines.append(f"details: {result.out_dir / 'train_log.jsonl'}, {result.out_dir / 'train_result.json'}")
     if model_dir is None:
         return "\n".join(lines)
-    m, a, out = _q(model_dir), _q(adapter), result.out_dir
+    m, a = _q(model_dir), _q(adapter)
+    # outputs beside the run, never in it: train --overwrite of the run would delete them with it
+    def beside(suffix: str) -> str:
+        return _q(result.out_dir.parent / f"{result.out_dir.name}-{suffix}")
+
     data = _q(eval_data) if eval_data is not None else "HELDOUT.tsv"
     lines.append("next:")
     lines.append(f"  bca-deploy evaluate --model {m} --adapter {a} --data {data}")
     if (adapter / "adapter_config.json").is_file():
-        lines.append(f"  bca-deploy merge --model {m} --adapter {a} --out {_q(out / 'merged')}")
+        lines.append(f"  bca-deploy merge --model {m} --adapter {a} --out {beside('merged')}")
         refusal = export_refusal(model_dir)
         if refusal is None:
-            lines.append(f"  bca-deploy export --model {m} --adapter {a} --merge --out {_q(out / 'onnx')}")
-            lines.append(f"  bca-deploy export --model {m} --adapter {a} --bank --out {_q(out / 'bank')} && "
-                         f"bca-deploy serve {_q(out / 'bank')}")
+            lines.append(f"  bca-deploy export --model {m} --adapter {a} --merge --out {beside('onnx')}")
+            lines.append(f"  bca-deploy export --model {m} --adapter {a} --bank --out {beside('bank')} && "
+                         f"bca-deploy serve {beside('bank')}")
         else:
             lines.append(f"  (no ONNX export or serving for this model: {refusal})")
     return "\n".join(lines)
