@@ -180,6 +180,19 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
     return records, columns, lines
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice (json keeps the last one silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
     problems: list[str] = []
     records, lines, columns = [], [], {}
@@ -188,7 +201,10 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
+                obj = json.loads(raw, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as exc:
+                problems.append(f"line {number}: key {exc.args[0]!r} appears more than once (which one is meant?)")
+                continue
             except json.JSONDecodeError as exc:
                 problems.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
                 continue
@@ -425,7 +441,8 @@ def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool |
         return ([] if bad else [float(v) for v in parsed]), None, True
     if any(is_name) and not all(is_name):
         # one stray word in a column of class ids (or one id among names) is a mistake, not a new class
-        minority = [x for x in zip(parsed, lines, is_name) if x[2] == (sum(is_name) < len(is_name) / 2)]
+        # (a tie blames the names: a number with a stray character, '1\x00', is the likelier slip)
+        minority = [x for x in zip(parsed, lines, is_name) if x[2] == (sum(is_name) <= len(is_name) / 2)]
         problems += [f"line {line}: label {str(v)!r} in column {column!r} mixes class names with numbers"
                      for v, line, _ in minority]
         return [], None, False

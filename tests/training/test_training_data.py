@@ -90,6 +90,19 @@ def test_bad_labels_listed_with_lines(tmp_path):
     path = write_tsv(tmp_path / "e.tsv", [("a", 1), ("b", "positive"), ("c", 0), ("d", 1)])
     with pytest.raises(DataError, match="line 3: label 'positive' in column 'label' mixes class names with numbers"):
         load_seq_cls(path)
+    # as many names as numbers: the name is named (a stray byte made '1\x00' a name), not the valid line
+    path = write_tsv(tmp_path / "f.tsv", [("a", "1\x00"), ("b", 0)])
+    with pytest.raises(DataError, match=r"line 2: label '1\\x00' in column 'label' mixes") as info:
+        load_seq_cls(path)
+    assert "line 3" not in str(info.value)
+
+
+def test_a_json_line_giving_a_key_twice_is_refused(tmp_path):
+    """json keeps the last of two "label" keys silently (the server refuses duplicate keys): which was meant?"""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"sentence": "a", "label": 1, "label": 0}\n{"sentence": "b", "label": 0}\n')
+    with pytest.raises(DataError, match="line 1: key 'label' appears more than once"):
+        load_seq_cls(path)
 
 
 def test_label_range(tmp_path):
