@@ -18,7 +18,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import check_inputs_outside, give_default_mode, write_dir
-from .config import CONFIG_FILE, KERNEL_SUFFIX, TRAINABLE_FILE, WEIGHTS_FILE, AdapterConfig, read_json
+from .config import (
+    CONFIG_FILE,
+    KERNEL_SUFFIX,
+    TRAINABLE_FILE,
+    WEIGHTS_FILE,
+    AdapterConfig,
+    nested_adapters_hint,
+    read_json,
+)
 from .errors import AdapterFormatError, AdapterNameError, NonFiniteError, OutputExistsError, require_readable
 from .fit import align_paths, align_to_target, check_adapter, model_target, split_saved_key
 from .inject import (
@@ -173,6 +181,8 @@ def read_adapter(
             f"{directory}: a checkpoint of a --method head-only/custom run (its trainable tensors, no adapter): "
             "bca-deploy evaluate reads it; merge, export, convert and serve need an adapter (train with --method "
             "bca, the default)")
+    if not (directory / CONFIG_FILE).exists() and (hint := nested_adapters_hint(directory)):
+        raise AdapterFormatError(f"{directory}: no {CONFIG_FILE}{hint}")
     data = read_json(directory / CONFIG_FILE, what="adapter config")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():

@@ -194,7 +194,7 @@ def main(debug: bool) -> None:
 def inspect(adapter: Path) -> None:
     """Print what an adapter directory (bca-deploy or PEFT C3A) or an ONNX export directory holds."""
     from .adapter_io import read_adapter
-    from .config import CONFIG_FILE, read_json
+    from .config import CONFIG_FILE, nested_adapters_hint, read_json
     from .errors import InputNotFoundError, printable
 
     def say(line: str) -> None:  # names and labels come from the files: never raw control characters
@@ -210,7 +210,7 @@ def inspect(adapter: Path) -> None:
                 say(line)
             return
         raise InputNotFoundError(f"{adapter}: neither an adapter directory (no {CONFIG_FILE}) nor an ONNX export "
-                                 "(no model.onnx)")
+                                 f"(no model.onnx){nested_adapters_hint(adapter)}")
     data = read_json(adapter / CONFIG_FILE)
     config, state = read_adapter(adapter)  # read (and refused) whole before anything is printed
     say(f"adapter:      {adapter}")

@@ -7,6 +7,7 @@ or a checkpoint before anything is computed or written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -671,6 +672,22 @@ TRAINABLE_FILE = "trainable_parameters.safetensors"
 #: Folders a training run writes its adapters to (``bca-deploy train --out RUN``: RUN/best, RUN/last), in the
 #: order a run stands for them: best/ (chosen on --eval-data) when there is one, else last/.
 RUN_ADAPTER_FOLDERS = ("best", "last")
+
+
+def nested_adapters_hint(directory: str | Path) -> str:
+    """For a directory without ``adapter_config.json``: the adapter directories right inside it, as a hint ("" when
+    none). PEFT's ``save_pretrained`` writes an adapter not named ``default`` into a folder of its name, so users
+    pass the parent."""
+    path = Path(directory)
+    try:
+        names = sorted(c.name for c in itertools.islice(path.iterdir(), 1000) if (c / CONFIG_FILE).is_file())
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(f"{n}/" for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    return (f"; it holds the adapter director{'y' if len(names) == 1 else 'ies'} {shown} (PEFT saves an adapter not "
+            f"named 'default' in a folder of its name): pass {path / names[0]}")
 
 
 def run_adapter_dir(directory: str | Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -233,6 +234,21 @@ def test_peft_copies_of_base_layers_are_left_to_the_model(tmp_path, input_ids):
         save_file({**state, key: value}, str(weights))
         with pytest.raises(AdapterFormatError, match=key.rsplit(".", 2)[0].split("model.", 2)[-1]):
             bd.read_adapter(tmp_path / "peft")
+
+
+def test_the_folder_peft_saves_a_named_adapter_in_is_pointed_to(tmp_path):
+    """PEFT writes an adapter named "foo" to <dir>/foo/: given <dir>, inspect said "neither an adapter directory nor
+    an ONNX export" and merge "no such adapter config", neither naming the folder holding it."""
+    peft_model = get_peft_model(tiny_bert(), C3AConfig(target_modules=["query"], block_size=8), adapter_name="foo")
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert (tmp_path / "peft" / "foo" / "adapter_config.json").is_file()
+    hint = f"it holds the adapter directory foo/ (PEFT saves an adapter not named 'default' in a folder of its name): " \
+           f"pass {tmp_path / 'peft' / 'foo'}"
+    with pytest.raises(AdapterFormatError, match=re.escape(hint)):
+        bd.load_adapter(tiny_bert(), tmp_path / "peft")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "peft")])
+    assert result.exit_code == 2 and hint in result.output, result.output
+    assert bd.read_adapter(tmp_path / "peft" / "foo")[0].modules  # the folder it names reads
 
 
 def _peft_copy_with_task_metadata(tmp_path, value):
