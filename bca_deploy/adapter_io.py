@@ -31,14 +31,19 @@ from .errors import AdapterFormatError, AdapterNameError, NonFiniteError, Output
 from .fit import align_paths, align_to_target, check_adapter, model_target, split_saved_key
 from .inject import (
     _CONFIGS_ATTR,
+    _SAVED_ATTR,
     _add_adapters,
     _set_submodule,
     adapter_configs,
     adapter_names,
+    add_saved_values,
     bca_layers,
     check_injectable,
+    check_saved_modules,
     freeze_base,
     register_adapter,
+    saved_modules,
+    saved_value,
 )
 from .layers import BCALinear, is_adaptable, layer_type_of
 from .peft_compat import format_name, from_peft, is_peft_config, peft_metadata, to_peft
@@ -67,6 +72,10 @@ def adapter_state(
 
     ``values``: whole tensors by parameter name, used instead of the model's own parameters where given
     (a training run sharded with FSDP holds only its shards; it gathers them first).
+
+    A module saved whole is saved with this adapter's own values: the model's parameters while they hold them
+    (the adapter is the active one that saves it), else the copy kept for the adapter
+    (:class:`bca_deploy.inject.SavedModules`), never another adapter's or the base model's.
     """
     config = adapter_configs(model).get(adapter_name)
     if config is None:
@@ -84,7 +93,12 @@ def adapter_state(
     for module_path in config.modules_to_save:
         module = model.get_submodule(module_path)
         for pname, param in module.named_parameters():
-            state[f"{module_path}.{pname}"] = value(f"{module_path}.{pname}", param)
+            name = f"{module_path}.{pname}"
+            stored = saved_value(model, adapter_name, name)  # None: the parameter holds this adapter's values
+            if stored is not None:
+                state[name] = stored.detach().to(dtype=param.dtype, device="cpu").contiguous()
+            else:
+                state[name] = value(name, param)
     return state
 
 
@@ -320,15 +334,18 @@ def load_adapter(
     kind = format_name(read_json(Path(directory) / CONFIG_FILE, what="adapter config"))
     check_adapter(config, state, target, source=f"{kind} {directory}")
     check_injectable(model, config.modules, adapter_name)
+    check_saved_modules(model, adapter_name, config.modules_to_save)
     # Everything the model will receive, converted before it changes.
     kernels = {name: state[name + KERNEL_SUFFIX].to(torch.float32) for name in config.modules}
-    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    saved: dict[str, torch.Tensor] = {}  # parameter name -> the adapter's values of it
+    params: list[torch.nn.Parameter] = []
     for key, tensor in state.items():
         if not key.endswith(KERNEL_SUFFIX):
             module_path, pname = split_saved_key(key, config.modules_to_save)
             param = dict(model.get_submodule(module_path).named_parameters())[pname]
-            saved.append((param, tensor.to(device=param.device, dtype=param.dtype)))
-    undo = _Undo(model, config.modules, [p for p, _ in saved])
+            saved[f"{module_path}.{pname}"] = tensor.to(device=param.device, dtype=param.dtype)
+            params.append(param)
+    undo = _Undo(model, config.modules, params)
     try:
         _add_adapters(model, config.modules, adapter_name, "zeros", 0.0, None)
         with torch.no_grad():
@@ -336,15 +353,18 @@ def load_adapter(
                 if name in kernels:
                     target_kernel = layer.bca_kernels[adapter_name]
                     target_kernel.copy_(kernels[name].to(target_kernel.device))
-            for param, value in saved:
-                param.copy_(value)
         register_adapter(model, adapter_name, config)
+        # the base values of the saved modules are kept, the adapter's put in their place
+        add_saved_values(model, adapter_name, config.modules_to_save, saved)
         freeze_base(model)
         if is_trainable:
             model.train()
         else:
             for param in model.parameters():
                 param.requires_grad = False
+            record = saved_modules(model)
+            if record is not None:  # the saved modules stay frozen whichever adapter's values are put in
+                record.frozen = dict.fromkeys(record.frozen, False)
             model.eval()
     except BaseException:
         undo.restore(adapter_name)
@@ -363,6 +383,8 @@ class _Undo:
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self.training = {name: m.training for name, m in model.named_modules()}
         self.configs = adapter_configs(model)
+        record = saved_modules(model)
+        self.saved = record.snapshot() if record is not None else None
 
     def restore(self, adapter_name: str) -> None:
         for path, module in self.modules.items():
@@ -380,6 +402,10 @@ class _Undo:
         for name, module in self.model.named_modules():
             if name in self.training:
                 module.training = self.training[name]
+        if self.saved is None:
+            self.model.__dict__.pop(_SAVED_ATTR, None)
+        else:
+            self.model.__dict__[_SAVED_ATTR] = self.saved
         if self.registry is None:
             self.model.__dict__.pop(_CONFIGS_ATTR, None)
         else:

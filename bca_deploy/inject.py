@@ -41,6 +41,10 @@ __all__ = [
     "adapter_names",
     "check_saved_modules",
     "shared_weight_layers",
+    "SavedModules",
+    "saved_modules",
+    "add_saved_values",
+    "saved_value",
 ]
 
 _CONFIGS_ATTR = "bca_adapter_configs"
@@ -196,7 +200,10 @@ def inject(
         init_std: std for ``init="normal"``.
         adapter_name: name of the adapter (a layer can hold several).
         seed: seed for non-zero inits (kernels are drawn in sorted module order).
-        modules_to_save: module paths (or suffixes) trained and saved whole beside the adapter.
+        modules_to_save: module paths (or suffixes) trained and saved whole beside the adapter. The adapter's
+            copy starts from the model's values, which are kept as the base model's: they are in place again
+            while adapters are disabled or the active adapter saves no such module (as PEFT; see
+            :class:`SavedModules`).
 
     Returns:
         The same ``model``, adapted.
@@ -234,6 +241,7 @@ def inject(
     )
     _add_adapters(model, specs, adapter_name, init, init_std, seed)  # specs checked above
     register_adapter(model, adapter_name, config)
+    add_saved_values(model, adapter_name, save_paths)  # the adapter's copy starts from the base values
     freeze_base(model)
     return model
 
@@ -313,8 +321,15 @@ def freeze_base(model: nn.Module) -> None:
     trainable_prefixes = tuple(
         p + "." for cfg in adapter_configs(model).values() for p in cfg.modules_to_save
     )
+    record = saved_modules(model)
     for name, param in model.named_parameters():
-        param.requires_grad = ".bca_kernels." in f".{name}" or name.startswith(trainable_prefixes)
+        trainable = ".bca_kernels." in f".{name}" or name.startswith(trainable_prefixes)
+        if record is not None and name in record.base and name not in record.live:
+            # the base values are in place (no active adapter saves it): frozen, as PEFT's original module;
+            # the flag is given back when an adapter's values are put in
+            record.frozen[name] = trainable
+            trainable = False
+        param.requires_grad = trainable
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -338,37 +353,60 @@ def bca_layers(model: nn.Module) -> Iterator[tuple[str, BCALinear]]:
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make ``names`` the active adapter(s) on every layer that has them (others deactivated)."""
+    """Make ``names`` the active adapter(s) on every layer that has them (others deactivated).
+
+    A module saved whole (``modules_to_save``) gets the values of the active adapter that saves it, or the base
+    model's when none does (as PEFT). Two active adapters saving the same module are refused.
+    """
     wanted = [names] if isinstance(names, str) else list(names)
     known = adapter_names(model)
     unknown = [n for n in wanted if n not in known]
     if unknown:
         raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {known}")
+    record = saved_modules(model)
+    owner = record.owners_for(wanted) if record is not None else {}  # raises before anything changes
     for _, layer in bca_layers(model):
         layer.set_active_adapters([n for n in wanted if n in layer.bca_kernels])
+    if record is not None:
+        record.owner = owner
+        _sync_saved(model)
 
 
 def disable_adapters(model: nn.Module) -> None:
-    """Make every adapted layer compute the base layer only (kernels are kept)."""
+    """Make every adapted layer compute the base layer only (kernels are kept), and every module saved whole
+    hold the base model's values (each adapter's own are kept)."""
     for _, layer in bca_layers(model):
         layer.adapters_disabled = True
+    _set_disabled(model, True)
 
 
 def enable_adapters(model: nn.Module) -> None:
+    """Undo :func:`disable_adapters`: the active adapters' kernels and saved modules are in use again."""
     for _, layer in bca_layers(model):
         layer.adapters_disabled = False
+    _set_disabled(model, False)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """``with adapters_disabled(model): base_out = model(x)``; restores the previous state."""
     previous = {name: layer.adapters_disabled for name, layer in bca_layers(model)}
+    record = saved_modules(model)
+    was_disabled = record.disabled if record is not None else False
     disable_adapters(model)
     try:
         yield model
     finally:
         for name, layer in bca_layers(model):
             layer.adapters_disabled = previous.get(name, False)
+        _set_disabled(model, was_disabled)
+
+
+def _set_disabled(model: nn.Module, disabled: bool) -> None:
+    record = saved_modules(model)
+    if record is not None:
+        record.disabled = disabled
+        _sync_saved(model)
 
 
 def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
@@ -378,6 +416,9 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     the adapters. Without it, the base weights are restored (unmerged) and the adapters dropped.
     A layer whose weight is shared with another module (a tied ``lm_head``) is untied when merged, and
     the config's ``tie_word_embeddings`` set to False (see :func:`untie_for_merge`).
+
+    A module saved whole (``modules_to_save``) keeps the active adapter's values with ``merge=True`` (they are
+    part of the merged model) and gets the base model's back without it.
     """
     layers = list(bca_layers(model))
     tied = shared_weight_layers(model, layers) if merge else {}
@@ -391,8 +432,10 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
         mark_untied(model, [layer for _, layer in layers])
     else:
         restore_tie_config(model, [])
+    _unload_saved(model, merge)
     model.__dict__.pop(_CONFIGS_ATTR, None)
     model.__dict__.pop(_TIE_ATTR, None)  # the layers are gone: nothing can be tied back any more
+    model.__dict__.pop(_SAVED_ATTR, None)
     return model
 
 
@@ -457,6 +500,157 @@ def restore_tie_config(model: nn.Module, layers: Sequence[BCALinear]) -> None:
         config.tie_word_embeddings = True
 
 
+# ---- modules saved whole (modules_to_save): the base values and each adapter's own ---------------------
+
+_SAVED_ATTR = "bca_saved_modules"
+
+
+class SavedModules:
+    """The values of the modules that adapters save whole (``modules_to_save``, e.g. a classifier head), by
+    parameter name: the base model's (taken when the first adapter that saves the module is put in) and each
+    saving adapter's own. The model's parameter holds one of them, the *live* values: the active adapter's that
+    saves it, else the base model's (disabled adapters: the base model's). PEFT's ``ModulesToSaveWrapper`` keeps
+    the same: the original module and a copy per adapter.
+
+    The parameter itself is what trains, so an adapter's values are kept in :attr:`stores` only while they are not
+    live (copied out of the parameter when another's are put in, and back when they return).
+
+    Attributes:
+        base: parameter name -> the base model's values.
+        saves: adapter -> the parameter names it saves.
+        stores: adapter -> {parameter name -> its values}, for its parameters that are not live.
+        owner: parameter name -> the active adapter that saves it (absent: none does).
+        live: parameter name -> the adapter whose values the parameter holds (absent: the base model's).
+        disabled: adapters are disabled (:func:`disable_adapters`): the base values are live.
+        frozen: parameter name -> its ``requires_grad`` while the base values, frozen, stand in for it.
+    """
+
+    def __init__(self) -> None:
+        self.base: dict[str, torch.Tensor] = {}
+        self.saves: dict[str, list[str]] = {}
+        self.stores: dict[str, dict[str, torch.Tensor]] = {}
+        self.owner: dict[str, str] = {}
+        self.live: dict[str, str] = {}
+        self.disabled = False
+        self.frozen: dict[str, bool] = {}
+
+    def snapshot(self) -> SavedModules:
+        """A copy to put back on failure (tensors are shared: none is ever changed in place)."""
+        copy = SavedModules()
+        copy.base, copy.owner, copy.live = dict(self.base), dict(self.owner), dict(self.live)
+        copy.frozen = dict(self.frozen)
+        copy.saves = {a: list(n) for a, n in self.saves.items()}
+        copy.stores = {a: dict(v) for a, v in self.stores.items()}
+        copy.disabled = self.disabled
+        return copy
+
+    def owners_for(self, active: Sequence[str]) -> dict[str, str]:
+        """parameter name -> the adapter of ``active`` that saves it; refuses two that save the same one."""
+        owner: dict[str, str] = {}
+        for adapter in active:
+            for name in self.saves.get(adapter, ()):
+                if name in owner and owner[name] != adapter:
+                    raise InvalidOptionError(
+                        f"adapters {owner[name]!r} and {adapter!r} both save {name} whole; a model computes with "
+                        "one copy of it, so only one of them can be active at a time")
+                owner[name] = adapter
+        return owner
+
+
+def saved_modules(model: nn.Module) -> SavedModules | None:
+    """The :class:`SavedModules` of ``model`` (None while no adapter of it saves a module whole)."""
+    return model.__dict__.get(_SAVED_ATTR)
+
+
+def _saved_param_names(model: nn.Module, paths: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for path in paths:
+        for pname, _ in model.get_submodule(path).named_parameters():
+            if f"{path}.{pname}" not in names:
+                names.append(f"{path}.{pname}")
+    return names
+
+
+def add_saved_values(
+    model: nn.Module, adapter_name: str, paths: Sequence[str], values: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Record adapter ``adapter_name``'s values of the modules ``paths`` it saves whole, and put them in place (the
+    new adapter is active, as its kernels are; the base model's values stay while adapters are disabled).
+
+    ``values``: the adapter's tensors by parameter name (a loaded adapter's); a parameter not given starts from
+    the base model's values (an injected adapter's head, as PEFT copies the original module). The base values of
+    a module are taken here, from the model, the first time an adapter that saves it is added.
+    """
+    names = _saved_param_names(model, paths)
+    if not names:
+        return
+    record = saved_modules(model)
+    if record is None:
+        record = model.__dict__.setdefault(_SAVED_ATTR, SavedModules())
+        record.disabled = any(layer.adapters_disabled for _, layer in bca_layers(model))  # disable_adapters before
+    values = values or {}
+    store = record.stores.setdefault(adapter_name, {})
+    for name in names:
+        if name not in record.base:
+            # nothing else saves it, so the parameter holds the base model's values
+            record.base[name] = model.get_parameter(name).detach().clone()
+        given = values.get(name)
+        store[name] = given if given is not None else record.base[name].clone()
+        record.owner[name] = adapter_name
+    record.saves[adapter_name] = names
+    _sync_saved(model)
+
+
+def _sync_saved(model: nn.Module, target: dict[str, str] | None = None) -> None:
+    """Put in place, for each parameter saved whole, the values ``target`` names (parameter name -> adapter; absent:
+    the base model's); default: the active owner's, or the base model's while adapters are disabled. The values
+    leaving the parameter are kept in their adapter's store first (they may have been trained)."""
+    record = saved_modules(model)
+    if record is None:
+        return
+    if target is None:
+        target = {} if record.disabled else record.owner
+    with torch.no_grad():
+        for name in record.base:
+            current, new = record.live.get(name), target.get(name)
+            if current == new:
+                continue
+            param = model.get_parameter(name)
+            if current is not None:
+                record.stores[current][name] = param.detach().clone()
+            else:  # the base values leave: the parameter trains again as its adapter's
+                param.requires_grad = record.frozen.pop(name, param.requires_grad)
+            if new is None:
+                record.frozen[name] = param.requires_grad
+                param.requires_grad = False
+                param.copy_(record.base[name])
+                record.live.pop(name, None)
+            else:
+                param.copy_(record.stores[new].pop(name))
+                record.live[name] = new
+
+
+def saved_value(model: nn.Module, adapter_name: str, name: str) -> torch.Tensor | None:
+    """Adapter ``adapter_name``'s own values of parameter ``name`` (saved whole) when the model's parameter does
+    not hold them (another adapter's or the base model's are live); None when it does, or nothing is recorded."""
+    record = saved_modules(model)
+    if record is None or name not in record.saves.get(adapter_name, ()) or record.live.get(name) == adapter_name:
+        return None
+    return record.stores[adapter_name][name]
+
+
+def _unload_saved(model: nn.Module, merge: bool) -> None:
+    """Before unwrapping: the active adapter's values in place (``merge``), else the base model's; the
+    ``requires_grad`` flags as they were before any base values stood in."""
+    record = saved_modules(model)
+    if record is None:
+        return
+    _sync_saved(model, dict(record.owner) if merge else {})
+    for name, flag in record.frozen.items():
+        model.get_parameter(name).requires_grad = flag
+    record.frozen.clear()
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter name ``model`` holds (registered configs and layer kernels), sorted."""
     names = set(adapter_configs(model)) | {n for _, layer in bca_layers(model) for n in layer.bca_kernels}
@@ -480,6 +674,9 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
         ValueError: an unknown adapter name (the message lists the model's adapters), an empty list,
             an adapter merged into the base weights, or an adapter with ``modules_to_save`` (a head
             every row shares) mixed with other choices (checked before anything runs).
+
+    Modules saved whole are shared by every row: inside the block they hold the values of the one adapter the
+    batch names, when it saves them, else the base model's; they are put back after it.
     """
     names = [BASE_ADAPTER if n is None else str(n) for n in names]
     if not names:
@@ -504,10 +701,19 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
         )
     rows = RowAdapters(names)
     previous = [layer.row_adapters for layer in layers]
+    record = saved_modules(model)
+    live_before = dict(record.live) if record is not None else {}
     for layer in layers:
         layer.row_adapters = rows
     try:
+        if record is not None:
+            # every row shares the saved modules: one adapter alone in the batch runs with its own values,
+            # anything else (base rows, adapters that save nothing) with the base model's
+            only = chosen[0] if len(chosen) == 1 and chosen[0] != BASE_ADAPTER else None
+            _sync_saved(model, {n: only for n in record.saves.get(only, ())} if only is not None else {})
         yield model
     finally:
         for layer, before in zip(layers, previous):
             layer.row_adapters = before
+        if record is not None:
+            _sync_saved(model, live_before)
