@@ -7,21 +7,15 @@ import pytest
 
 from bca_deploy.training import EvaluateConfig, TrainingConfigError, evaluate
 from training_helpers import (  # noqa: F401 - one_thread is an autouse fixture
-    make_data,
+    data_and_bert,
     one_thread,
-    sst2_rows,
     subprocess_env,
-    tiny_model_dir,
 )
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate-tasks")
-    paths = make_data(root / "data")
-    paths["bert"] = tiny_model_dir(root / "bert", "bert", [s for s, _ in sst2_rows("train", 64)])
-    paths["root"] = root
-    return paths
+    return data_and_bert(tmp_path_factory.mktemp("evaluate-tasks"), 64)
 
 
 def _peft_adapter(files, task_type: str):

@@ -22,23 +22,17 @@ from bca_deploy.training.checkpoint import RunDirectory, recover_dir
 from training_helpers import (  # noqa: F401 - one_thread is an autouse fixture
     REPO,
     config,
-    make_data,
+    data_and_bert,
     one_thread,
     read_tensors,
-    sst2_rows,
     subprocess_env,
-    tiny_model_dir,
     tree,
 )
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("output")
-    paths = make_data(root / "data")
-    paths["bert"] = tiny_model_dir(root / "bert", "bert", [s for s, _ in sst2_rows("train", 256)])
-    paths["root"] = root
-    return paths
+    return data_and_bert(tmp_path_factory.mktemp("output"), 256)
 
 
 @pytest.fixture

@@ -109,6 +109,15 @@ def read_tensors(directory: Path) -> dict:
     return out
 
 
+def data_and_bert(root: Path, rows: int) -> dict[str, Path]:
+    """The data files of :func:`make_data` under ``root/data``, a tiny BERT classifier whose tokenizer knows the
+    first ``rows`` SST-2 training rows (``"bert"``), and ``root`` itself (``"root"``)."""
+    paths = make_data(root / "data")
+    paths["bert"] = tiny_model_dir(root / "bert", "bert", [s for s, _ in sst2_rows("train", rows)])
+    paths["root"] = root
+    return paths
+
+
 def make_data(directory: Path) -> dict[str, Path]:
     """SST-2 subsets in ``directory``: train (256 rows), small (64 rows), dev (128 rows)."""
     directory.mkdir(parents=True, exist_ok=True)
