@@ -354,11 +354,11 @@ def config_mismatch(model_dir: str | Path, exc: BaseException) -> BaseException:
     from .errors import CheckpointFormatError, first_line
 
     text = str(exc)
-    if "size mismatch" in text:
+    if "size mismatch" in text or "ignore_mismatched_sizes" in text:  # 4.x names the tensors; 5.x logs a report
         shapes = [line.strip() for line in text.splitlines() if "size mismatch" in line]
-        return CheckpointFormatError(f"{model_dir}: its weights do not fit its config.json (" + "; ".join(shapes[:3])[:400]
-                                     + "): the config's sizes (vocab_size, hidden_size...) were changed, or it belongs "
-                                       "to another checkpoint")
+        what = " (" + "; ".join(shapes[:3])[:400] + ")" if shapes else " (a tensor's shape differs from the config's)"
+        return CheckpointFormatError(f"{model_dir}: its weights do not fit its config.json{what}: the config's sizes "
+                                     "(vocab_size, hidden_size...) were changed, or it belongs to another checkpoint")
     if isinstance(exc, MemoryError) or "allocate" in text:
         return CheckpointFormatError(f"{model_dir}: its config.json describes a model larger than this machine's memory "
                                      f"({first_line(exc, 200)}); check the config's sizes (vocab_size, hidden_size, "

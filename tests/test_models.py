@@ -65,7 +65,10 @@ def test_every_stage_refuses_a_malformed_model_config_the_same_way(tmp_path, ber
         load_config(tmp_path)
 
 
-@pytest.mark.parametrize("vocab, words", [(2**20, "do not fit its config.json"), (2**40, "larger than this machine")])
+@pytest.mark.parametrize("vocab, words", [(2**20, ("do not fit its config.json",)),
+                                          # 4.x allocates the model first; 5.x builds it on the meta device and then
+                                          # finds the checkpoint's embedding of another shape
+                                          (2**40, ("larger than this machine", "do not fit its config.json"))])
 def test_a_config_the_weights_do_not_fit_is_the_checkpoints_error_in_every_stage(tmp_path, vocab, words):
     """config.json's vocab_size edited: the weights of another shape were an "Internal error" (RuntimeError: Error(s)
     in loading state_dict), a size no memory holds one too (tried to allocate ... bytes); now one line naming the
@@ -85,7 +88,7 @@ def test_a_config_the_weights_do_not_fit_is_the_checkpoints_error_in_every_stage
                  ["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, (args[0], result.output)
-        assert f"Error: {model}: " in result.output and words in result.output, (args[0], result.output)
+        assert f"Error: {model}: " in result.output and any(w in result.output for w in words), (args[0], result.output)
         assert "Traceback" not in result.output and "Internal error" not in result.output
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "run").exists()
 
