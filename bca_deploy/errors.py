@@ -6,6 +6,8 @@ the fix; validators collect every failure and report them together.
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 __all__ = [
     "BCAError",
     "BlockSizeError",
@@ -25,6 +27,7 @@ __all__ = [
     "MissingExtraError",
     "format_problems",
     "first_line",
+    "open_regular",
     "require_readable",
 ]
 
@@ -124,16 +127,17 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def require_readable(path: object) -> None:
-    """Refuse ``path`` unless it is a regular file (symbolic links followed) this user may read, before a library
-    reads it and misreports the problem (safetensors says "No such file or directory", onnxruntime "Invalid fd" or a
-    parse failure) or blocks on it forever (a named pipe nobody writes to).
+def open_regular(path: object) -> BinaryIO:
+    """``path`` opened for reading in binary, once it is known to be a regular file (symbolic links followed) this
+    user may read: before a library reads it and misreports the problem (safetensors says "No such file or
+    directory", onnxruntime "Invalid fd" or a parse failure) or blocks on it forever (a named pipe nobody writes to).
 
     Raises:
         OSError: naming the path: ``FileNotFoundError``/``PermissionError`` as the system says them, or, for anything
             that is not a regular file, what it is (``IsADirectoryError`` for a directory; ``errno.EINVAL`` with
             "a named pipe (FIFO), not a regular file" and the like for pipes, sockets and devices). Nothing is opened
-            before the file's type is known, and the file is opened without blocking.
+            before the file's type is known, and the file is opened without blocking (then checked again: a FIFO
+            swapped in after the first look is refused, not waited on).
     """
     import errno
     import os
@@ -149,9 +153,15 @@ def require_readable(path: object) -> None:
         raise OSError(code, f"{what}, not a regular file", os.fspath(path))
 
     refuse(os.stat(path).st_mode)  # before opening: opening a FIFO blocks, opening a device may do anything
-    # O_NONBLOCK: a FIFO swapped in after the stat is opened without waiting for a writer, and refused below
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     try:
         refuse(os.fstat(fd).st_mode)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def require_readable(path: object) -> None:
+    """Refuse ``path`` unless it is a regular file this user may read (:func:`open_regular`, closed again)."""
+    open_regular(path).close()

@@ -65,6 +65,7 @@ from .errors import (
     NonFiniteError,
     OutputExistsError,
     format_problems,
+    require_readable,
 )
 from .fit import (
     ModuleInfo,
@@ -1045,22 +1046,31 @@ def _tied_value(ckpt: _Checkpoint, source: str, replaced: torch.Tensor | None, t
     path = ckpt.directory / shard
     fd = os.open(path, os.O_RDONLY)
     try:
-        offset = ckpt.headers[shard].data_start + info.offset
-        mapped = _map_rows(fd, offset, info.nbytes, _DTYPE_BYTES[info.dtype])
-        if mapped is None:
-            buffer, start = scratch.source(info.nbytes), 0
-            _pread_into(fd, buffer, offset, path)
-        else:
-            buffer, start = mapped
-        try:
-            _merge_block(buffer, start, entry, 0, info.shape[0], terms, views, scratch, write)
-        finally:
-            if mapped is not None:
-                with contextlib.suppress(BufferError):
-                    mapped[0].close()
+        _merge_rows_from(fd, path, ckpt.headers[shard].data_start + info.offset, entry, 0, info.shape[0], terms,
+                         views, scratch, write)
     finally:
         os.close(fd)
     return out
+
+
+def _merge_rows_from(fd: int, path: Path, offset: int, info: TensorInfo, start: int, stop: int, terms: list[_Term],
+                     views: list[np.ndarray], scratch: _Scratch, write: Callable[[int, memoryview], None]) -> None:
+    """Rows ``start:stop`` of the tensor ``info`` whose first of them is at byte ``offset`` of ``fd``: read through a
+    private mapping where possible (:func:`_map_rows`), else into ``scratch``, merged with ``terms`` and written by
+    ``write`` (:func:`_merge_block`); the mapping is closed after."""
+    nbytes = (stop - start) * info.shape[1] * _DTYPE_BYTES[info.dtype]
+    mapped = _map_rows(fd, offset, nbytes, _DTYPE_BYTES[info.dtype])
+    if mapped is None:
+        source, source_offset = scratch.source(nbytes), 0
+        _pread_into(fd, source, offset, path)
+    else:
+        source, source_offset = mapped
+    try:
+        _merge_block(source, source_offset, info, start, stop, terms, views, scratch, write)
+    finally:
+        if mapped is not None:
+            with contextlib.suppress(BufferError):  # still referenced by an exception's frames: unmapped once they go
+                mapped[0].close()
 
 
 def _untied_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -1153,21 +1163,15 @@ def _other_files(ckpt: _Checkpoint) -> tuple[list[Path], list[str]]:
 
 
 def _require_regular(path: Path) -> None:
-    """Refuse a file to copy that is not a regular file once links are followed: a link to ``/dev/zero`` would be
-    copied until the disk is full, a named pipe would wait for a writer (checked before anything is written)."""
-    import stat
-
+    """Refuse a file to copy that is not a regular file once links are followed (:func:`require_readable`): a link
+    to ``/dev/zero`` would be copied until the disk is full, a named pipe would wait for a writer (checked before
+    anything is written)."""
     try:
-        mode = os.stat(path).st_mode
+        require_readable(path)
     except OSError as exc:
-        raise CheckpointFormatError(f"{path}: cannot be read ({exc.strerror}); remove it from the model directory or "
-                                    "fix it") from None
-    if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
-        raise CheckpointFormatError(f"{path}: is {kind}{' (through a link)' if path.is_symlink() else ''}, not a "
-                                    "file; the merge copies a model directory's other files: remove it from there")
+        link = " (through a link)" if path.is_symlink() else ""
+        raise CheckpointFormatError(f"{path}: cannot be copied: {exc.strerror}{link}; the merge copies a model "
+                                    "directory's other files: remove it from there or fix it") from None
 
 
 class _Scratch:
@@ -1378,23 +1382,9 @@ def _write_shard(ckpt: _Checkpoint, shard: str, out_path: Path, plan: _Plan, bar
 
     def merge_rows(job: _TensorJob, start: int, stop: int, scratch: _Scratch) -> None:
         info = job.info
-        row_bytes = info.shape[1] * _DTYPE_BYTES[info.dtype]
-        offset, nbytes = header.data_start + info.offset + start * row_bytes, (stop - start) * row_bytes
-        mapped = _map_rows(src_fd, offset, nbytes, _DTYPE_BYTES[info.dtype])
-        if mapped is None:
-            source, source_offset = scratch.source(nbytes), 0
-            _pread_into(src_fd, source, offset, src_path)
-        else:
-            source, source_offset = mapped
-        try:
-            _merge_block(source, source_offset, info, start, stop, job.terms, job.views(), scratch,
+        offset = header.data_start + info.offset + start * info.shape[1] * _DTYPE_BYTES[info.dtype]
+        _merge_rows_from(src_fd, src_path, offset, info, start, stop, job.terms, job.views(), scratch,
                          functools.partial(writer.write_at, info.name))
-        finally:
-            if mapped is not None:
-                try:
-                    mapped[0].close()
-                except BufferError:  # still referenced by an exception's frames: unmapped once they go
-                    pass
         if job.block_done():
             tensor_done()
 

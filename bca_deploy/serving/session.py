@@ -40,6 +40,7 @@ from ..errors import (
     UnknownAdapterError,
     first_line,
     format_problems,
+    open_regular,
     require_readable,
 )
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
@@ -1159,19 +1160,15 @@ def _read_head_file(path: Path, expected: Mapping[str, tuple[int, ...]]) -> dict
         ServingError: naming ``path`` (and the member) and what is wrong.
     """
     import os
-    import stat
 
     from numpy.lib import format as npy
 
     try:
-        require_readable(path)  # a FIFO, a device, a directory: refused before opening (a FIFO would block)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        file = open_regular(path)  # a FIFO, a device, a directory: refused before opening (a FIFO would block)
     except OSError as exc:
         raise ServingError(f"{path}: cannot read the base model's head ({exc.strerror or exc})") from None
-    with os.fdopen(fd, "rb") as file:
+    with file:
         info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):  # replaced since require_readable looked
-            raise ServingError(f"{path}: cannot read the base model's head (not a regular file)")
         limit = 8 * sum(int(np.prod(s)) for s in expected.values()) + _HEAD_FILE_SLACK + \
             _HEAD_FILE_SLACK_PER_MEMBER * len(expected)
         if info.st_size > limit:

@@ -128,9 +128,9 @@ BROKEN: dict[str, tuple[bool, Callable[[Path], None], str]] = {
                            "no model.safetensors"),
     "weights-pickle-only": (False, _pickle_only, "convert the checkpoint to safetensors"),
     # other files are copied: a link to a device was copied until the disk was full; a named pipe waited forever
-    "other-file-links-to-dev-zero": (False, lambda d: (d / "notes.txt").symlink_to("/dev/zero"), "is a device"),
-    "other-file-is-a-named-pipe": (False, lambda d: __import__("os").mkfifo(d / "notes.txt"), "is a named pipe"),
-    "other-file-links-to-nothing": (False, lambda d: (d / "notes.txt").symlink_to(d / "gone"), "cannot be read"),
+    "other-file-links-to-dev-zero": (False, lambda d: (d / "notes.txt").symlink_to("/dev/zero"), "a character device, not a regular file (through a link)"),
+    "other-file-is-a-named-pipe": (False, lambda d: __import__("os").mkfifo(d / "notes.txt"), "a named pipe (FIFO), not a regular file"),
+    "other-file-links-to-nothing": (False, lambda d: (d / "notes.txt").symlink_to(d / "gone"), "cannot be copied: No such file or directory (through a link)"),
     "adapted-weight-is-int32": (False, _int_weight, "I32"),
     "config-not-utf8": (False, _write("config.json", b"\xff\xfe{}"), "UTF-8"),
     "config-nested": (False, _write("config.json", b"[" * 100_000 + b"]" * 100_000), "nested"),
