@@ -52,7 +52,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -92,6 +92,9 @@ from .wire import (
 
 __all__ = ["create_app", "build", "run_server", "configure_logging", "ServerThread", "MicroBatcher", "Server",
            "LOGGER_NAME"]
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
 
 LOGGER_NAME = "bca_deploy.serve"
 _log = logging.getLogger(LOGGER_NAME)
@@ -1104,16 +1107,33 @@ def uvicorn_config(app, **kwargs):
 
     options: ServeOptions = app.state.options
     return uvicorn.Config(app, http=_guarded_h11(options.header_timeout_s, options.max_connections,
-                                                 options.max_header_bytes),
+                                                 options.max_header_bytes, _refusal_recorder(app.state.server.metrics)),
                           timeout_keep_alive=options.keep_alive_s,
                           h11_max_incomplete_event_size=options.max_header_bytes, access_log=False,
                           log_level="warning", lifespan="on", **kwargs)
 
 
-def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: int):
+def _refusal_recorder(metrics: ServerMetrics) -> Callable[[str, int | None, str, Any], None]:
+    """What the connection guard calls when it refuses a connection before any request of it reached the app
+    (so the app's own log line and ``bca_requests_total`` never see it): ``bca_connection_refusals_total``
+    by reason, and a JSON log line (``"event": "connection_refused"``, the reason, the status sent, if any,
+    the peer's address and what was wrong), so an operator sees a flood of malformed or stalled connections."""
+
+    def record(reason: str, status: int | None, message: str, client: Any) -> None:
+        metrics.connection_refusals.labels(reason).inc()
+        peer = f"{client[0]}:{client[1]}" if isinstance(client, tuple) and len(client) >= 2 else None
+        _log_json({"ts": round(time.time(), 3), "event": "connection_refused", "reason": reason, "status": status,
+                   "client": peer, "message": message[:256]})
+
+    return record
+
+
+def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: int,
+                 refused: Callable[[str, int | None, str, Any], None]):
     """uvicorn's h11 protocol with a deadline and a size limit for each request's head (uvicorn has neither
     for a head that arrives whole or byte by byte), a connection limit, and the documented JSON error for
-    what never reaches the app (malformed HTTP, a head too large, too many connections)."""
+    what never reaches the app (malformed HTTP, a head too large, too many connections). Each such refusal
+    is passed to ``refused(reason, status, message, client)`` (:func:`_refusal_recorder`)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -1131,9 +1151,11 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                transport.write(raw_error(ServerBusyError(f"the server holds its limit of {max_connections} "
-                                                          "connections; retry in a moment")))
+                error = ServerBusyError(f"the server holds its limit of {max_connections} connections; retry in "
+                                        "a moment")
+                transport.write(raw_error(error))
                 transport.close()
+                refused("too_many_connections", 503, str(error), self.client)
                 return
             self._arm()
 
@@ -1148,7 +1170,7 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
                 end = (self._tail + data).find(b"\r\n\r\n")
                 size = self._head_bytes + (len(data) if end < 0 else end + 4 - len(self._tail))
                 if size > max_header_bytes:
-                    self.send_400_response(f"a request head over {max_header_bytes} bytes")
+                    self._refuse_http("head_too_large", f"a request head over {max_header_bytes} bytes")
                     return
                 self._head_bytes, self._tail = (0, b"") if end >= 0 else (size, (self._tail + data)[-3:])
             super().data_received(data)
@@ -1160,10 +1182,15 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP: uvicorn's plain-text 400, as JSON
+            self._refuse_http("invalid_http", msg)
+
+        def _refuse_http(self, reason: str, msg: str) -> None:
             self._disarm()
             if not self.transport.is_closing():
-                self.transport.write(raw_error(InvalidHTTPError(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})")))
+                error = InvalidHTTPError(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})")
+                self.transport.write(raw_error(error))
                 self.transport.close()
+                refused(reason, 400, str(error), self.client)
 
         def _arm(self) -> None:
             self._disarm()
@@ -1178,6 +1205,9 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
             self._head_timer = None
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self.transport.close()
+                refused("head_timeout", None, f"no complete request head within {header_timeout:g} s "
+                        f"({self._head_bytes} bytes of it received); the connection was closed",
+                        self.client)
 
     return GuardedH11Protocol
 

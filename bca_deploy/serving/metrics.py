@@ -8,7 +8,8 @@ the request named it, ``"__base__"`` for the base model, ``""`` for requests tha
 ``"__unknown__"`` for every other name (so a client cannot grow the label set by inventing names). An
 adapter's series go when it is unloaded (requests that end later count as ``"__unknown__"``), so loading
 and unloading new names does not grow them either;
-``method`` is one of :data:`bca_deploy.serving.http.HTTP_METHODS` or ``"other"``.
+``method`` is one of :data:`bca_deploy.serving.http.HTTP_METHODS` or ``"other"``; ``reason`` (of
+``bca_connection_refusals_total``) one of :data:`CONNECTION_REFUSAL_REASONS`.
 
 A server that does not list its adapters (``--no-list-adapters``) does not show their names here
 either: every loaded adapter's requests are labelled ``"__adapter__"`` (the label set, and so every
@@ -21,13 +22,18 @@ from collections.abc import Callable, Collection
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["ServerMetrics", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER", "HIDDEN_ADAPTER"]
+__all__ = ["ServerMetrics", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER", "HIDDEN_ADAPTER",
+           "CONNECTION_REFUSAL_REASONS"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNKNOWN_ADAPTER = "__unknown__"
 BASE_ADAPTER = "__base__"
 #: The ``adapter`` label of every loaded adapter on a server that does not show adapter names.
 HIDDEN_ADAPTER = "__adapter__"
+#: Why a connection was refused or closed before any request of it reached the app: not HTTP/1.1 (400), a
+#: request head over ``--max-header-bytes`` (400), no complete head within ``--header-timeout-s`` (closed), a
+#: connection beyond ``--max-connections`` (503).
+CONNECTION_REFUSAL_REASONS = ("invalid_http", "head_too_large", "head_timeout", "too_many_connections")
 
 # ``adapter`` labels that name no adapter: never removed, never relabelled.
 _RESERVED_LABELS = frozenset({"", BASE_ADAPTER, UNKNOWN_ADAPTER, HIDDEN_ADAPTER})
@@ -84,6 +90,12 @@ class ServerMetrics:
                                      "rows that ended, cancelled ones included), by adapter.", ["adapter"], registry=r)
         self.adapter_changes = Counter("bca_adapter_changes", "Adapter loads and unloads that succeeded.", ["action"],
                                        registry=r)
+        self.connection_refusals = Counter(
+            "bca_connection_refusals", "Connections the server refused or closed before a request reached it, by "
+            "reason (see CONNECTION_REFUSAL_REASONS): malformed HTTP, a request head too large or not sent in "
+            "time, the connection limit. These never reach bca_requests_total.", ["reason"], registry=r)
+        for reason in CONNECTION_REFUSAL_REASONS:  # every series from the start: a rate over 0 reads as 0, not absent
+            self.connection_refusals.labels(reason)
         # the metrics with an ``adapter`` label, and their label names in order (forget_adapter removes by them)
         self._by_adapter = [(self.requests, request_labels), (self.errors, error_labels),
                             (self.generated_tokens, ("adapter",)), (self.prompt_tokens, ("adapter",))]

@@ -12,12 +12,14 @@ its documented 4xx JSON (or, for a stalled connection, be closed or answered 408
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -429,3 +431,46 @@ def test_connections_beyond_the_limit_get_a_json_503(arts):
         assert json.loads(body)["error"]["type"] == "server_busy"
         time.sleep(0.2)
         assert call(server.url + "/health")[0] == 200  # the held ones are gone: served again
+
+
+def test_connections_refused_before_the_app_are_counted_and_logged(arts, caplog):
+    """Refusals the app never sees (the connection guard answers them) still reach /metrics and the JSON log."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bca_deploy.serving.http import LOGGER_NAME, ServerThread, build
+
+    app = build(arts["bert"]["onnx"], **{**LIMITS, "max_connections": 2, "header_timeout_s": 0.5,
+                                          "max_header_bytes": 4096})
+    sent = {"invalid_http": 2, "head_too_large": 1, "head_timeout": 2, "too_many_connections": 1}
+    with caplog.at_level("INFO", logger=LOGGER_NAME), ServerThread(app) as server:
+        for raw in (b"NOT HTTP AT ALL\r\n\r\n", b"GET /health HTTP/1.1\r\nHost x\r\n\r\n",
+                    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8_000 + b"\r\n\r\n"):
+            sock = _connect(server.url)
+            with contextlib.suppress(OSError):
+                sock.sendall(raw)
+            assert _read_all(sock, 10)[0].startswith(b"HTTP/1.1 400")
+            sock.close()
+        silent, partial = _connect(server.url), _connect(server.url)  # the limit's two connections
+        partial.sendall(b"GET /health HTTP/1.1\r\nHo")
+        time.sleep(0.1)
+        extra = _connect(server.url)
+        assert _read_all(extra, 10)[0].startswith(b"HTTP/1.1 503")
+        extra.close()
+        assert _read_all(silent, 10)[0] == b"" and _read_all(partial, 10)[0] == b""  # closed by the head timeout
+        silent.close()
+        partial.close()
+        time.sleep(0.1)
+        with urllib.request.urlopen(server.url + "/metrics", timeout=15) as response:
+            text = response.read().decode()
+    counted = {s.labels["reason"]: s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "bca_connection_refusals_total"}
+    assert counted == sent
+    requests = sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "bca_requests_total")
+    assert requests == 0  # none of them was a request the app answered (this scrape is counted after it)
+    logged = [json.loads(r.getMessage()) for r in caplog.records if '"connection_refused"' in r.getMessage()]
+    assert Counter(entry["reason"] for entry in logged) == sent
+    assert all(entry["client"].startswith("127.0.0.1:") for entry in logged)
+    by_reason = {entry["reason"]: entry for entry in logged}
+    assert by_reason["too_many_connections"]["status"] == 503 and by_reason["head_timeout"]["status"] is None
+    assert "4096 bytes" in by_reason["head_too_large"]["message"]
