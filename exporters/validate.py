@@ -53,6 +53,9 @@ __all__ = [
     "session_interface",
     "bank_graph_problems",
     "bank_graph_message",
+    "PositionTable",
+    "graph_position_tables",
+    "graph_position_limit",
     "ONNX_FILE",
 ]
 
@@ -448,6 +451,229 @@ def bank_graph_message(onnx_path: str | Path, problems: Sequence[str]) -> str:
     shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
     return (f"{onnx_path}: not the adapter-bank graph bca-deploy export wrote ({shown}); the graph was changed "
             "since: export it again")
+
+
+# ---- the graph's own position limit ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PositionTable:
+    """An absolute position-embedding table of a graph (:func:`graph_position_tables`).
+
+    Attributes:
+        name: the initializer (or constant) holding the table.
+        rows: its first dimension: how many positions it embeds.
+        offset: the row a sequence's first token reads (0; RoBERTa's ``padding_idx + 1``; OPT's 2).
+        limit: the most tokens one row can have before a position falls outside the table (or, where the graph
+            slices its position ids from a constant shorter than the table, outside that constant).
+    """
+
+    name: str
+    rows: int
+    offset: int
+    limit: int
+
+    def describe(self) -> str:
+        """The table in words, for a note: ``'embeddings.position_embeddings.weight' (64 rows)``, with the offset."""
+        offset = f", positions start at {self.offset}" if self.offset else ""
+        return f"{self.name[:200]!r} ({self.rows} rows{offset})"
+
+
+#: Element types of an embedding table (a Gather of any other type is not one).
+_TABLE_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"})
+#: Ops a table passes through unchanged on its way to its Gather (an fp16 export may Cast it).
+_TABLE_PASSTHROUGH = frozenset({"Cast", "Identity"})
+#: Bounds on what computes a Gather's indices for it to be probed: position ids come from the inputs' shapes,
+#: the mask or ``position_ids`` through a few small ops; indices computed from weights are something else.
+_MAX_INDEX_NODES = 256
+_MAX_INDEX_CONSTANT_ELEMENTS = 1 << 22
+#: Token ids the probe rows are filled with: two, so that one of them is not the padding id a graph compares with.
+_PROBE_TOKENS = (3, 4)
+
+
+def graph_position_tables(model: Any) -> list[PositionTable]:
+    """The absolute position-embedding tables of an ``onnx.ModelProto`` (external data not needed), each with the
+    most tokens one row can have: what the graph itself can embed, whatever its ``config.json`` says.
+
+    A table is a 2-D float initializer (or constant) read by a Gather on axis 0 whose indices, computed from the
+    graph's inputs as bca-deploy feeds them for one row of L tokens (``input_ids`` of one repeated token,
+    ``attention_mask`` of ones, ``token_type_ids`` of zeros, ``position_ids`` 0..L-1, an empty past, slot 0), are L
+    consecutive integers ``offset .. offset+L-1``: the position ids the graph takes as an input (GPT-2), slices from a
+    constant (BERT), or counts from the mask past the padding index (RoBERTa). Word-embedding and token-type lookups
+    (one repeated index), relative-position buckets (L×L indices) and the bank's slot lookups are not that. The
+    indices alone are computed: a small graph of the nodes they depend on runs in onnxruntime for L = 2 and 3, then
+    for the limit ``rows - offset`` itself (a smaller limit where the indices stop being L consecutive positions
+    sooner: a position-id constant shorter than the table). A model without such a table (rotary positions: Llama)
+    gives ``[]``: its config is all there is to go by.
+    """
+    from onnx import TensorProto
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                constants.setdefault(node.output[0], value)
+    inputs = {vi.name: vi for vi in graph.input}
+    order = {id(node): i for i, node in enumerate(graph.node)}
+    tables = []
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) != 2 or \
+                any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            continue
+        source = _table_source(node.input[0], constants, producers)
+        if source is None or node.input[1] in constants:
+            continue
+        table_name, table = source
+        if len(table.dims) != 2 or TensorProto.DataType.Name(table.data_type) not in _TABLE_TYPES or table.dims[0] < 1:
+            continue
+        found = _probe_positions(model, node.input[1], constants, producers, inputs, order, int(table.dims[0]))
+        if found is not None:
+            offset, limit = found
+            tables.append(PositionTable(table_name, int(table.dims[0]), offset, limit))
+    return tables
+
+
+def graph_position_limit(onnx_path: str | Path) -> PositionTable | None:
+    """The tightest position table of the graph file ``onnx_path`` (:func:`graph_position_tables`; read by
+    :func:`check_graph_file`, without its external data), or None where the graph has none.
+
+    Raises:
+        ExportGraphError, OSError: as :func:`check_graph_file`.
+    """
+    tables = graph_position_tables(check_graph_file(onnx_path))
+    return min(tables, key=lambda t: t.limit) if tables else None
+
+
+def _table_source(name: str, constants: dict[str, Any], producers: dict[str, Any]) -> tuple[str, Any] | None:
+    """``(name, tensor)`` of the constant the tensor ``name`` is (through Cast/Identity nodes), or None."""
+    for _ in range(4):
+        if name in constants:
+            return name, constants[name]
+        node = producers.get(name)
+        if node is None or node.op_type not in _TABLE_PASSTHROUGH or not node.input:
+            return None
+        name = node.input[0]
+    return None
+
+
+def _probe_positions(model: Any, indices: str, constants: dict[str, Any], producers: dict[str, Any],
+                     inputs: dict[str, Any], order: dict[int, int], rows: int) -> tuple[int, int] | None:
+    """``(offset, limit)`` when the tensor ``indices`` holds one row's positions (see :func:`graph_position_tables`),
+    else None: not positions, or not computable from the inputs alone by a small graph."""
+    from onnx import TensorProto, helper
+
+    ort = require("onnxruntime", "onnx", "reading a graph's position table")
+    nodes, needed, used = {}, set(), set()
+    stack, seen = [indices], set()
+    while stack:
+        name = stack.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None:
+            if name in constants:  # an initializer (one the graph also lists as an input included)
+                used.add(name)
+            elif name in inputs:
+                needed.add(name)
+            else:
+                return None
+            continue
+        if id(node) in nodes:
+            continue
+        if any(a.type in (helper.AttributeProto.GRAPH, helper.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        nodes[id(node)] = node
+        if len(nodes) > _MAX_INDEX_NODES:
+            return None
+        stack.extend(node.input)
+    held = [constants[n] for n in sorted(used)]
+    held += [a.t for n in nodes.values() if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    if any(t.data_location == TensorProto.EXTERNAL for t in held) or \
+            sum(int(np.prod(t.dims, dtype=np.int64)) for t in held) > _MAX_INDEX_CONSTANT_ELEMENTS:
+        return None
+    ordered = sorted(nodes.values(), key=lambda n: order[id(n)])
+    out = "bca_positions/indices"
+    probe = helper.make_model(
+        helper.make_graph([*ordered, helper.make_node("Cast", [indices], [out], to=TensorProto.INT64)],
+                          "bca_positions", [inputs[n] for n in sorted(needed)],
+                          [helper.make_tensor_value_info(out, TensorProto.INT64, None)],
+                          [constants[n] for n in sorted(used)]),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    probe.functions.extend(model.functions)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # a subgraph onnxruntime will not build alone (shapes it cannot infer): not probed
+        return None
+    feeds_of = {vi.name: vi for vi in (inputs[n] for n in needed)}
+
+    def offset_at(length: int, token: int) -> int | None:
+        feeds = {}
+        for name, vi in feeds_of.items():
+            feed = _probe_feed(vi, length, token)
+            if feed is None:
+                return None
+            feeds[name] = feed
+        try:
+            got = np.asarray(session.run([out], feeds)[0]).ravel()
+        except Exception:  # the indices cannot be computed for this row: not a position lookup it can make
+            return None
+        if got.size != length or not np.array_equal(got, got[0] + np.arange(length)):
+            return None
+        return int(got[0])
+
+    starts = {}
+    for token in _PROBE_TOKENS:
+        first = offset_at(2, token)
+        if first is not None and first >= 0 and offset_at(3, token) == first:
+            starts[token] = first
+    if not starts:
+        return None
+    token = max(starts, key=starts.get)
+    offset = starts[token]
+    limit = rows - offset
+    if limit < 1:
+        return None
+    if limit > 3 and offset_at(limit, token) != offset:
+        low, high = 3, limit  # positions hold at low, not at high: the longest row whose positions are whole
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if offset_at(middle, token) == offset else (low, middle)
+        limit = low
+    return offset, limit
+
+
+def _probe_feed(value_info: Any, length: int, token: int) -> np.ndarray | None:
+    """One graph input for a probe row of ``length`` tokens (see :func:`graph_position_tables`), or None for an
+    input of a type the probe does not feed."""
+    from onnx import helper
+
+    tensor = value_info.type.tensor_type
+    if value_info.type.WhichOneof("value") != "tensor_type":
+        return None
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+    except (KeyError, ValueError):
+        return None
+    name = value_info.name
+    if name == "input_ids":
+        return np.full((1, length), token, dtype=dtype)
+    if name == "attention_mask":
+        return np.ones((1, length), dtype=dtype)
+    if name == "token_type_ids":
+        return np.zeros((1, length), dtype=dtype)
+    if name == "position_ids":
+        return np.arange(length, dtype=dtype)[None]
+    past = PAST_INPUT.fullmatch(name) is not None
+    shape = [d.dim_value if d.HasField("dim_value") else (1 if axis == 0 or not past else 0)
+             for axis, d in enumerate(tensor.shape.dim)]
+    return np.zeros(shape, dtype=dtype)
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

@@ -1242,6 +1242,8 @@ def startup_notes(server: Server) -> list[str]:
         notes.append(f"text inputs will be refused: {session.tokenizer_problem}")
     if session.tokenizer_mismatch:
         notes.append(session.tokenizer_mismatch)
+    if session.positions_note:  # config.json (or the tokenizer) claims more positions than the graph's table holds
+        notes.append(session.positions_note)
     if not session.snapshot().slots and server.store is None:
         notes.append("no adapter is loaded and none can be (no --adapter-store): every request gets the base model "
                      f"({server.model_name!r}); one naming an adapter gets 404")

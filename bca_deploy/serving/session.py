@@ -45,13 +45,15 @@ from ..errors import (
 )
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
 from ..exporters.metadata import ExportMetadata
-from ..exporters.validate import PAST_INPUT
+from ..exporters.validate import PAST_INPUT, PositionTable
 from ..models import (
+    POSITIONS_AFTER_PADDING,
     attention_window,
     describe_ids_past_vocabulary,
     ids_past_vocabulary,
     position_limit,
     token_names,
+    tokenizer_limit,
     vocabulary_size,
 )
 from .slots import SlotBank, SlotSpec
@@ -258,7 +260,7 @@ class MultiAdapterSession:
         import onnxruntime as ort
 
         from bca_deploy.exporters.bank import LOGITS_TO_KEEP
-        from bca_deploy.exporters.validate import ONNX_FILE, inference_session
+        from bca_deploy.exporters.validate import ONNX_FILE, graph_position_limit, inference_session
 
         self.export_dir = Path(export_dir)
         onnx_path = self.export_dir / ONNX_FILE
@@ -275,6 +277,11 @@ class MultiAdapterSession:
         options.log_severity_level = 3  # the bank's overridable initializers warn once per input otherwise
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
+        # The graph's own position table (None: rotary or no absolute positions): config.json and the tokenizer
+        # only claim a limit, and a row past the table fails inside onnxruntime (HTTP 500), so max_positions
+        # takes the lower of the two. Read before the session is built: the parsed graph (weights included when
+        # they are inside the file) is freed before onnxruntime holds its own copy, so the two do not add up.
+        self.position_table: PositionTable | None = graph_position_limit(onnx_path)
         self.session = inference_session(onnx_path, options, provider)
         self._device = ("cuda", 0) if provider == "cuda" else ("cpu", 0)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -823,7 +830,7 @@ class MultiAdapterSession:
         tok = self.tokenizer
         with self._tokenizer_lock:
             if truncate:
-                limit = position_limit(self.config, tok) or 512
+                limit = self.text_limit(tok) or 512
                 return [list(tok(t, truncation=True, max_length=limit)["input_ids"]) for t in texts]
             return [list(tok(t)["input_ids"]) for t in texts]
 
@@ -1046,6 +1053,8 @@ class MultiAdapterSession:
             SamplingParamsError: a sampling parameter is invalid (every bad field named).
             UnknownAdapterError: an adapter is not in the bank (before any work).
             ServingError: not a decoder graph, no prompts, one adapter name per prompt missing, bad token ids.
+            ContextLengthError: a prompt plus its ``max_new_tokens`` longer than the model's positions
+                (:meth:`check_positions`, :attr:`max_positions`), before any work.
         """
         from .decoding import DecodeBatch, DecodeRow, Sampler, SamplingParams, choose_tokens
 
@@ -1065,6 +1074,8 @@ class MultiAdapterSession:
         snapshot = snapshot or self._snapshot
         snapshot.ids(adapters)  # unknown names fail before any work
         self.pad_ids(prompts)  # empty rows and ids outside the vocabulary fail before any work
+        for prompt, row_params in zip(prompts, params, strict=True):  # as the engine checks each row it takes
+            self.check_positions(len(prompt), row_params.max_new_tokens, "inputs")
         batch = DecodeBatch(self)
         todo = [DecodeRow(prompt, adapter, snapshot, owner=b) for b, (prompt, adapter) in enumerate(zip(prompts, adapters))]
         generated: list[list[int]] = [[] for _ in range(rows)]
@@ -1102,12 +1113,48 @@ class MultiAdapterSession:
     @property
     def max_positions(self) -> int | None:
         """The most tokens (prompt + generated) one row can hold (None: unknown): the config's position limit,
-        and for a graph with past of a sliding-window model its window (:func:`bca_deploy.models.attention_window`:
-        the graph's past stops growing there, so a longer row could not be continued)."""
+        the graph's own position table (:attr:`position_table`, where it has one: the config only claims a limit,
+        see :attr:`positions_note`), and for a graph with past of a sliding-window model its window
+        (:func:`bca_deploy.models.attention_window`: the graph's past stops growing there, so a longer row could not
+        be continued), whichever is lowest."""
         limit = position_limit(self.config)
+        table = self.position_table.limit if self.position_table is not None else None
         window = attention_window(self.config) if self.with_past else None
-        bounds = [int(b) for b in (limit, window) if b]
+        bounds = [int(b) for b in (limit, table, window) if b]
         return min(bounds) if bounds else None
+
+    def text_limit(self, tokenizer: Any = None) -> int | None:
+        """The most tokens a text is cut to where texts are truncated (None: unknown): :attr:`max_positions`, or
+        the tokenizer's ``model_max_length`` where that is lower (:func:`~bca_deploy.models.tokenizer_limit`)."""
+        bounds = [b for b in (self.max_positions, tokenizer_limit(tokenizer)) if b]
+        return min(bounds) if bounds else None
+
+    @property
+    def positions_note(self) -> str | None:
+        """One line for the operator when the export's ``config.json`` (or its loaded tokenizer's
+        ``tokenizer_config.json``) claims more positions than the graph's position table holds, else None: the
+        table is what requests are held to (:attr:`max_positions`), so longer rows get a context-length error or,
+        where texts are truncated, are cut at the table; before, they failed inside onnxruntime (HTTP 500)."""
+        table = self.position_table
+        if table is None:
+            return None
+        claims = []
+        config_limit = position_limit(self.config)
+        if config_limit is not None and config_limit > table.limit:
+            written = vars(self.config)  # the fields config.json holds (GPT-2's max_position_embeddings is an alias)
+            keys = ("max_position_embeddings", "n_positions") + (
+                ("pad_token_id",) if getattr(self.config, "model_type", None) in POSITIONS_AFTER_PADDING else ())
+            fields = ", ".join(f"{key}: {written[key]}" for key in keys if isinstance(written.get(key), int))
+            claims.append(f"{self.export_dir / 'config.json'} claims rows of up to {config_limit} tokens ({fields})")
+        stated = tokenizer_limit(self._tokenizer)
+        if stated is not None and stated > table.limit:
+            claims.append(f"its tokenizer claims rows of up to {stated} tokens (tokenizer_config.json "
+                          f"model_max_length: {stated})")
+        if not claims:
+            return None
+        return (f"{' and '.join(claims)}, but the graph's position table {table.describe()} holds rows of up to "
+                f"{table.limit}: requests are held to {table.limit} tokens (longer rows are refused as too long for "
+                "the model, or cut where texts are truncated); correct the file or export the model again")
 
     def _window_note(self, limit: int) -> str:
         """What to add to "N positions" when the sliding window is what sets N."""
