@@ -7,7 +7,9 @@ once), and only then changes the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,15 @@ from .config import (
     nested_adapters_hint,
     read_json,
 )
-from .errors import AdapterFormatError, AdapterNameError, NonFiniteError, OutputExistsError, require_readable
+from .errors import (
+    AdapterFormatError,
+    AdapterNameError,
+    CheckpointFormatError,
+    NonFiniteError,
+    OutputExistsError,
+    format_problems,
+    require_readable,
+)
 from .fit import align_paths, align_to_target, check_adapter, model_target, split_saved_key
 from .inject import (
     _CONFIGS_ATTR,
@@ -52,6 +62,9 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter",
+    "read_adapter_header",
+    "AdapterHeader",
+    "declared_size_problems",
     "adapter_state",
     "check_adapter_fits",
     "write_adapter_dir",
@@ -59,10 +72,21 @@ __all__ = [
     "align_module_paths",
     "align_paths",
     "MAX_ADAPTER_BYTES",
+    "INSPECT_MAX_BYTES",
 ]
 
 #: The largest adapter_model.safetensors read (kernels are small; this bounds memory on hostile input).
 MAX_ADAPTER_BYTES = 16 * 1024**3
+#: The largest adapter_model.safetensors ``bca-deploy inspect`` reads to check its values (as every reader checks
+#: them). A larger one is described from its header alone (names, dtypes, shapes, declared sizes), its values unread:
+#: reading a file costs up to ~3x its size in memory, which a command that describes a directory should not spend.
+INSPECT_MAX_BYTES = 1 << 30
+#: The most bytes one element of an adapter tensor takes (float64, the widest real floating dtype it may have).
+_MAX_ITEMSIZE = 8
+#: Tensors whose declared size does not fit the config (:func:`declared_size_problems`) are refused from the header,
+#: unread, when together they declare more than this; fewer bytes are read, so that every problem of the adapter is
+#: reported together (:func:`bca_deploy.fit.adapter_problems`), as for any other malformed adapter.
+_UNREAD_MISFIT_BYTES = 16 << 20
 
 
 def adapter_state(
@@ -183,11 +207,122 @@ def read_adapter(
             adapter of its graph can be; a file that declares more, sparse on disk or not, would only be read
             into memory to be refused).
 
+    The file's header is read first (:func:`read_adapter_header`), and before any tensor data is read, tensors are
+    refused whose declared sizes do not fit the file, or do not fit the config (:func:`declared_size_problems`: a
+    kernel larger than its module's, a tensor the config has no place for) and declare more than 16 MiB together
+    (smaller ones are read, and reported with every other problem).
+
     Raises:
         AdapterFormatError: a missing or unreadable file, a malformed config (every wrong field listed),
-            a corrupt safetensors file, or (``validate``) unusable tensors.
+            a corrupt safetensors file, tensors whose declared sizes do not fit it, or (``validate``) unusable
+            tensors.
     """
     directory = Path(directory)
+    data, weights = _adapter_files(directory)
+    size = _weights_size(weights, max_bytes)  # the file's own size first: a file over the bound is refused unread
+    header = _read_header(directory, data, weights, size, model)
+    state, metadata = _read_tensors(weights, max_bytes)
+    if is_peft_config(data):
+        config, state = from_peft(data, state, _layer_types(model), source=str(directory), metadata=metadata)
+    else:
+        config = header.config
+    if validate:
+        check_adapter(config, state, None, source=str(directory))
+    return config, state
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterHeader:
+    """An adapter directory as its files declare it, none of its tensor data read (what ``bca-deploy inspect``
+    describes when the file is too large to read).
+
+    Attributes:
+        config: the adapter's config (a PEFT C3A directory's is built from its kernels' declared shapes).
+        data: the parsed ``adapter_config.json``.
+        weights: the weights file (``adapter_model.safetensors``).
+        tensors: every tensor of the file (name, safetensors dtype, shape, declared bytes), in file order.
+        metadata: the file's ``__metadata__`` (``{}`` when it has none).
+        file_bytes: the file's size (its apparent size: a sparse file counts what it declares).
+    """
+
+    config: AdapterConfig
+    data: dict[str, Any]
+    weights: Path
+    tensors: tuple[Any, ...]  # bca_deploy.merge.TensorInfo
+    metadata: dict[str, str]
+    file_bytes: int
+
+    @property
+    def data_bytes(self) -> int:
+        """The tensor data the header declares, in bytes."""
+        return sum(t.nbytes for t in self.tensors)
+
+
+def read_adapter_header(directory: str | Path, model: nn.Module | None = None) -> AdapterHeader:
+    """Read an adapter directory's config and its weights file's safetensors header, no tensor data.
+
+    The header is checked as every reader checks it (:func:`bca_deploy.merge.read_safetensors_header`: offsets
+    contiguous, each tensor's size its shape's, the data section exactly the rest of the file) and against the
+    config (:func:`declared_size_problems`; a PEFT C3A config is built from the kernels' shapes and checked by
+    :func:`bca_deploy.peft_compat.from_peft`), so a file that declares tensors larger than it holds, or than the
+    config gives them room for (by more than ``_UNREAD_MISFIT_BYTES``, 16 MiB: smaller misfits are left to
+    :func:`read_adapter`, which reads them and reports them with every other problem), is refused having read a few
+    KB: a sparse file declaring GiBs included.
+
+    Args:
+        directory: the adapter directory.
+        model: optional model, for the layer types of PEFT adapters' modules.
+
+    Raises:
+        AdapterFormatError: what :func:`read_adapter` raises for the directory, the config or the header, naming
+            the file and the tensor.
+    """
+    directory = Path(directory)
+    data, weights = _adapter_files(directory)
+    size = _weights_size(weights, limits=False)  # nothing but the header is read
+    return _read_header(directory, data, weights, size, model)
+
+
+def declared_size_problems(config: AdapterConfig, tensors: Iterable[Any]) -> list[str]:
+    """The tensors of a bca-deploy adapter file (header entries: ``name``, ``dtype``, ``shape``, ``nbytes``) whose
+    declared size does not fit ``config``, one line each naming the tensor, what it declares and what the config
+    gives it: a kernel larger than its module's ``(d_out/p, d_in/p, p)`` kernel in float64 (the widest dtype an
+    adapter tensor may have), a tensor the config has no place for (a kernel of a module not in ``modules``, a
+    tensor under no ``modules_to_save`` entry). A tensor of a module saved whole is not bounded here: its size is
+    the model's, which the config does not record.
+
+    Every tensor flagged here is one :func:`bca_deploy.fit.adapter_problems` refuses too, once read; this is the
+    part of that rule the header alone decides, so that a file declaring GiBs is refused unread.
+    """
+    return [problem for _, problem in _misfits(config, tensors)]
+
+
+def _misfits(config: AdapterConfig, tensors: Iterable[Any]) -> list[tuple[int, str]]:
+    """``(declared bytes, problem)`` of each tensor :func:`declared_size_problems` flags, sorted by tensor name."""
+    problems = []
+    for t in sorted(tensors, key=lambda t: t.name):
+        declared = f"declares {t.dtype} {list(t.shape)}, {t.nbytes:,} bytes"
+        if t.name.endswith(KERNEL_SUFFIX):
+            module = t.name[: -len(KERNEL_SUFFIX)]
+            spec = config.modules.get(module)
+            if spec is None:
+                room, why = 0, "unexpected (its module is not in the config's 'modules')"
+            else:
+                room = math.prod(spec.kernel_shape) * _MAX_ITEMSIZE
+                why = (f"module {module} has a {spec.kernel_shape} kernel (d_out/p, d_in/p, p for in_features="
+                       f"{spec.in_features}, out_features={spec.out_features}, p={spec.block_size}): at most "
+                       f"{room:,} bytes, in float64")
+        elif split_saved_key(t.name, config.modules_to_save)[0] is None:
+            room, why = 0, f"unexpected (not a kernel, and not under any of modules_to_save {config.modules_to_save})"
+        else:
+            continue
+        if t.nbytes > room:
+            problems.append((t.nbytes, f"tensor {t.name}: {declared}; {why}"))
+    return problems
+
+
+def _adapter_files(directory: Path) -> tuple[dict[str, Any], Path]:
+    """The parsed ``adapter_config.json`` of ``directory`` and the path of its weights file (which exists)."""
     if not directory.is_dir():
         raise AdapterFormatError(f"{directory}: adapter directory not found")
     if not (directory / CONFIG_FILE).exists() and (directory / TRAINABLE_FILE).is_file():
@@ -202,18 +337,49 @@ def read_adapter(
     if not weights.is_file():
         hint = " (adapter_model.bin is a pickle; bca-deploy loads safetensors only)" if (directory / "adapter_model.bin").exists() else ""
         raise AdapterFormatError(f"{weights}: no such file{hint}")
-    state, metadata = _read_tensors(weights, max_bytes)
-    if is_peft_config(data):
-        layer_types = None
-        if model is not None:
-            layer_types = {n: layer_type_of(m if not isinstance(m, BCALinear) else m.base_layer)
-                           for n, m in model.named_modules() if n and (is_adaptable(m) or isinstance(m, BCALinear))}
-        config, state = from_peft(data, state, layer_types, source=str(directory), metadata=metadata)
+    return data, weights
+
+
+def _layer_types(model: nn.Module | None) -> dict[str, str] | None:
+    """``{module path: layer type}`` of ``model``'s adaptable layers, for PEFT configs; None without a model."""
+    if model is None:
+        return None
+    return {n: layer_type_of(m if not isinstance(m, BCALinear) else m.base_layer)
+            for n, m in model.named_modules() if n and (is_adaptable(m) or isinstance(m, BCALinear))}
+
+
+#: safetensors dtype names -> torch dtypes (those this torch has), for the header's tensors as meta tensors.
+_HEADER_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("I16", "int16"), ("U16", "uint16"), ("I32", "int32"),
+    ("U32", "uint32"), ("I64", "int64"), ("U64", "uint64"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("F32", "float32"), ("F64", "float64"), ("C64", "complex64"), ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
+
+
+def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int,
+                 model: nn.Module | None) -> AdapterHeader:
+    """The config and the header of ``weights`` (``size`` bytes), checked against each other (no tensor data read)."""
+    from .merge import read_safetensors_header
+
+    try:
+        header = read_safetensors_header(weights)
+    except CheckpointFormatError as exc:  # the one header rule, as an adapter's error (it names the file)
+        raise AdapterFormatError(str(exc)) from None
+    if is_peft_config(data):  # from_peft checks shapes and dtypes only, before it converts: meta tensors serve
+        meta: dict[str, torch.Tensor] = {}
+        for t in header.tensors:
+            if t.dtype not in _HEADER_DTYPES:
+                raise AdapterFormatError(f"{weights}: tensor {t.name}: dtype {t.dtype!r}, which torch has no type for")
+            meta[t.name] = torch.empty(t.shape, dtype=_HEADER_DTYPES[t.dtype], device="meta")
+        config, _ = from_peft(data, meta, _layer_types(model), source=str(directory), metadata=header.metadata)
     else:
         config = AdapterConfig.from_dict(data, source=str(directory / CONFIG_FILE))
-    if validate:
-        check_adapter(config, state, None, source=str(directory))
-    return config, state
+        misfits = _misfits(config, header.tensors)
+        if sum(nbytes for nbytes, _ in misfits) > _UNREAD_MISFIT_BYTES:
+            raise AdapterFormatError(format_problems(
+                f"{weights}: tensors whose declared size does not fit the adapter's config "
+                f"({directory / CONFIG_FILE}); refused before reading any tensor data:", [p for _, p in misfits]))
+    return AdapterHeader(config, data, weights, tuple(header.tensors), dict(header.metadata or {}), size)
 
 
 def _utf8_path(path: Path) -> bool:
@@ -254,19 +420,28 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
     path.write_bytes(save(state, metadata=metadata))
 
 
-def _read_tensors(weights: Path, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a safetensors file and its metadata (``{}`` when it has none); a file over ``max_bytes``
-    (default and at most :data:`MAX_ADAPTER_BYTES`) is refused before it is read."""
+def _weights_size(weights: Path, max_bytes: int | None = None, *, limits: bool = True) -> int:
+    """The size of the weights file ``weights``, a regular file this user may read; with ``limits`` (what a reader of
+    the tensors needs), one over ``max_bytes`` or :data:`MAX_ADAPTER_BYTES` is refused (unread)."""
     try:
         size = weights.stat().st_size
         require_readable(weights)
     except OSError as exc:
         raise AdapterFormatError(f"{weights}: cannot read ({exc.strerror or exc})") from exc
+    if not limits:
+        return size
     if size > MAX_ADAPTER_BYTES:
         raise AdapterFormatError(f"{weights}: {size} bytes; adapters over {MAX_ADAPTER_BYTES} bytes are refused")
     if max_bytes is not None and size > max_bytes:
         raise AdapterFormatError(f"{weights}: {size:,} bytes, more than any adapter of this graph holds ({max_bytes:,} "
                                  "bytes at most: every kernel and head tensor it can use, in float64); refused unread")
+    return size
+
+
+def _read_tensors(weights: Path, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and its metadata (``{}`` when it has none); a file over ``max_bytes``
+    (default and at most :data:`MAX_ADAPTER_BYTES`) is refused before it is read."""
+    _weights_size(weights, max_bytes)
     try:
         return load_safetensors(weights)
     except Exception as exc:  # safetensors raises its own error types (and OSError) for corrupt files

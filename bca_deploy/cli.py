@@ -192,8 +192,14 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("adapter", type=_ADAPTER_DIR)
 def inspect(adapter: Path) -> None:
-    """Print what an adapter directory (bca-deploy or PEFT C3A) or an ONNX export directory holds."""
-    from .adapter_io import read_adapter
+    """Print what an adapter directory (bca-deploy or PEFT C3A) or an ONNX export directory holds.
+
+    An adapter is described from its config and its weights file's header (names, dtypes, shapes, declared sizes:
+    :func:`bca_deploy.adapter_io.read_adapter_header`, which refuses tensors whose declared size does not fit the
+    file or the config); its tensors are read and checked as every reader checks them only when the file is at most
+    :data:`bca_deploy.adapter_io.INSPECT_MAX_BYTES` (a larger one, sparse or not, is described and flagged unread).
+    """
+    from .adapter_io import INSPECT_MAX_BYTES, MAX_ADAPTER_BYTES, read_adapter, read_adapter_header
     from .config import CONFIG_FILE, nested_adapters_hint, read_json
     from .errors import InputNotFoundError, printable
 
@@ -212,7 +218,11 @@ def inspect(adapter: Path) -> None:
         raise InputNotFoundError(f"{adapter}: neither an adapter directory (no {CONFIG_FILE}) nor an ONNX export "
                                  f"(no model.onnx){nested_adapters_hint(adapter)}")
     data = read_json(adapter / CONFIG_FILE)
-    config, state = read_adapter(adapter)  # read (and refused) whole before anything is printed
+    header = read_adapter_header(adapter)  # no tensor data read: sizes that do not fit are refused here
+    read = header.file_bytes <= INSPECT_MAX_BYTES
+    config = header.config
+    if read:  # read (and refused) whole before anything is printed, within the bound
+        config, _ = read_adapter(adapter, max_bytes=INSPECT_MAX_BYTES)
     say(f"adapter:      {adapter}")
     say(f"format:       {describe_format(data, str(adapter))}")
     say(f"base model:   {config.base_model_type or 'unknown'} ({config.base_model_name_or_path or 'no path recorded'})")
@@ -230,14 +240,35 @@ def inspect(adapter: Path) -> None:
     say(f"targets:      {config.target_modules}")
     say(f"modules:      {len(config.modules)}   kernel parameters: {config.num_parameters:,}")
     if config.modules_to_save:
-        n = sum(t.numel() for k, t in state.items() if not k.endswith(".bca_kernel"))
+        n = sum(math.prod(t.shape) for t in header.tensors if _saved_whole(t.name, config.modules_to_save))
         say(f"saved whole:  {', '.join(config.modules_to_save)} ({n:,} parameters)")
+    dtypes = ", ".join(sorted({t.dtype for t in header.tensors}))
+    say(f"weights:      {header.weights.name}: {len(header.tensors)} tensors ({dtypes or 'none'}), "
+        f"{header.data_bytes:,} bytes of tensor data")
+    if not read:
+        largest = sorted(header.tensors, key=lambda t: -t.nbytes)[:3]
+        shown = "; ".join(f"{t.name} {t.dtype} {list(t.shape)}, {t.nbytes:,} bytes" for t in largest)
+        over = header.file_bytes > MAX_ADAPTER_BYTES
+        readers = (f"every reader refuses files over {MAX_ADAPTER_BYTES:,} bytes" if over
+                   else "merge, export and serve read and check them")
+        say(f"values:       NOT read or checked: the file is {header.file_bytes:,} bytes, over the "
+            f"{INSPECT_MAX_BYTES:,} bytes inspect reads (largest: {shown}); {readers}")
     width = max((len(n) for n in config.modules), default=6)
     say("")
     say(f"{'module':<{width}}  {'type':<6}  {'in':>6}  {'out':>6}  {'p':>4}  scaling")
     for name, spec in sorted(config.modules.items()):
         say(f"{name:<{width}}  {spec.layer_type:<6}  {spec.in_features:>6}  {spec.out_features:>6}  "
                    f"{spec.block_size:>4}  {spec.scaling:.6g}")
+
+
+def _saved_whole(name: str, modules_to_save: list[str]) -> bool:
+    """Whether tensor ``name`` of an adapter file (bca-deploy's names, or PEFT's under ``base_model.model.``) belongs
+    to one of the modules the adapter saves whole (:func:`bca_deploy.fit.split_saved_key`'s rule)."""
+    from .fit import split_saved_key
+    from .peft_compat import PEFT_PREFIX
+
+    path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return split_saved_key(path, modules_to_save)[0] is not None
 
 
 _PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "QUESTION_ANS")

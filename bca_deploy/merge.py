@@ -342,9 +342,17 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
             )
         position += t.nbytes
     data_start = 8 + header_len
-    if data_start + position != size:
+    if data_start + position > size:  # name the first tensor the file does not hold whole
+        t = next(t for t in tensors if data_start + t.offset + t.nbytes > size)
         raise CheckpointFormatError(
-            f"{path}: the header describes {position} data bytes but the file holds {size - data_start}; truncated?"
+            f"{path}: tensor {t.name} ({t.dtype} {list(t.shape)}, {t.nbytes:,} bytes at bytes {t.offset:,}.."
+            f"{t.offset + t.nbytes:,} of the data section) ends past the end of the file: the header describes "
+            f"{position:,} data bytes, the file holds {size - data_start:,}; truncated?"
+        )
+    if data_start + position < size:
+        raise CheckpointFormatError(
+            f"{path}: the header describes {position:,} data bytes but the file holds {size - data_start:,} "
+            f"({size - data_start - position:,} bytes after the last tensor); not one safetensors file?"
         )
     return SafetensorsHeader(path, tensors, metadata, data_start)
 
@@ -879,6 +887,7 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
                 f"{architecture} from its config.json ({type(exc).__name__}: {exc})") from None
         return _shapes_only_target(ckpt, f"{type(exc).__name__}: {exc}")
     key_map = _key_map(model, locations)
+    _check_config_fits(ckpt, model, key_map, head_task)
     to_ckpt = {v: k for k, v in key_map.items()}
     structure = model_target(model)
     first_name = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
@@ -917,6 +926,32 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
     out_names = {k: key_map.get(k, k) for k in locations}
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # shared (tied) parameters listed once
     return _CheckpointTarget(target, out_names, expected, tied=tied)
+
+
+def _check_config_fits(ckpt: _Checkpoint, model: nn.Module, key_map: dict[str, str],
+                       head_task: TaskSpec | None) -> None:
+    """Refuse a checkpoint whose config.json does not describe its weights, before anything is written: the rule
+    :func:`bca_deploy.models.config_fit_problems` (shapes from the safetensors headers against ``model``, built from
+    the config on the meta device; layer counts; another architecture's config). A merged copy would be refused by
+    ``from_pretrained`` or, worse, load with layers dropped or initialized at random. A classifier head the merge
+    writes (``head_task``) is the adapter's, not checked against the checkpoint's.
+
+    Raises:
+        CheckpointFormatError: naming config.json, every tensor or layer list that does not fit, and both shapes.
+    """
+    from .models import CONFIG_MISFIT_CAUSE, config_fit_problems
+
+    locations = ckpt.locations()
+    stored = {key: (info.dtype, info.shape) for key, (_, info) in locations.items()}
+    files = {key: shard for key, (shard, _) in locations.items()}
+    skip = tuple(m + "." for m in head_task.head.modules) if head_task is not None else ()
+    problems = config_fit_problems(model, stored, key_map, skip=skip, files=files)
+    if problems:
+        raise CheckpointFormatError(format_problems(
+            f"{ckpt.directory}: its weights do not fit its config.json ({ckpt.directory / 'config.json'}, "
+            f"model_type {ckpt.model_type!r}, built as {type(model).__name__}); nothing was written:", problems)
+            + f"\n{CONFIG_MISFIT_CAUSE[0].upper()}{CONFIG_MISFIT_CAUSE[1:]}: merge into the checkpoint this config "
+            "belongs to, or restore its config.json")
 
 
 def _shapes_only_target(ckpt: _Checkpoint, reason: str) -> _CheckpointTarget:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .errors import AdapterMismatchError, BCAError, require_readable
 __all__ = [
     "attention_window",
     "position_limit",
+    "tokenizer_limit",
     "ids_past_vocabulary",
     "describe_ids_past_vocabulary",
     "token_names",
@@ -45,6 +46,7 @@ __all__ = [
     "resolve_task",
     "task_from_architecture",
     "load_base",
+    "config_fit_problems",
     "require_readable_weights",
     "load_model",
     "adapter_name_of",
@@ -357,13 +359,127 @@ def config_mismatch(model_dir: str | Path, exc: BaseException) -> BaseException:
     if "size mismatch" in text or "ignore_mismatched_sizes" in text:  # 4.x names the tensors; 5.x logs a report
         shapes = [line.strip() for line in text.splitlines() if "size mismatch" in line]
         what = " (" + "; ".join(shapes[:3])[:400] + ")" if shapes else " (a tensor's shape differs from the config's)"
-        return CheckpointFormatError(f"{model_dir}: its weights do not fit its config.json{what}: the config's sizes "
-                                     "(vocab_size, hidden_size...) were changed, or it belongs to another checkpoint")
+        return CheckpointFormatError(f"{model_dir}: its weights do not fit its config.json{what}: "
+                                     f"{CONFIG_MISFIT_CAUSE}")
     if isinstance(exc, MemoryError) or "allocate" in text:
         return CheckpointFormatError(f"{model_dir}: its config.json describes a model larger than this machine's memory "
                                      f"({first_line(exc, 200)}); check the config's sizes (vocab_size, hidden_size, "
                                      "num_hidden_layers...)")
     return exc
+
+
+#: Why a checkpoint's weights do not fit its config.json, for every message that says they do not.
+CONFIG_MISFIT_CAUSE = ("the config's sizes (vocab_size, hidden_size, intermediate_size, num_hidden_layers...) were "
+                       "changed, or it belongs to another checkpoint")
+
+
+def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequence[int]]],
+                        names: Mapping[str, str], *, skip: Sequence[str] = (),
+                        files: Mapping[str, str] | None = None) -> list[str]:
+    """Where a checkpoint's tensors do not fit ``model``, the model its ``config.json`` builds: the rule
+    :func:`config_mismatch` applies to what ``from_pretrained`` raises, checked from the tensors' headers alone (a
+    streaming merge builds ``model`` on the meta device: shapes, no memory). One line per problem, naming the tensor
+    (and its file, from ``files``), the stored shape and the config's:
+
+    * a floating-point tensor both hold (a parameter or persistent buffer) whose stored shape differs from the
+      config's (an edited ``hidden_size``, ``intermediate_size``, ``vocab_size``, ``max_position_embeddings``...).
+      Integer tensors are not compared: their shape is a quantization's packing, or an index buffer's;
+    * a list of layers (``nn.ModuleList``: ``num_hidden_layers``...) with config entries the checkpoint stores no
+      tensor of (transformers would initialize them at random). Entries stored past the config's last are not
+      problems: checkpoints with multi-token-prediction layers (DeepSeek-V3, GLM-4.5: ``model.layers.<N>``, N =
+      ``num_hidden_layers``) store them so, transformers leaves them out of the model as it does for the base
+      checkpoint, and the merge copies them unchanged;
+    * an output embedding (``lm_head``) the config unties (``tie_word_embeddings: false``) where the checkpoint was
+      saved tied (it stores the input embedding only): transformers would initialize it at random;
+    * not one of the model's parameters stored (the config of another architecture).
+
+    Parameters the checkpoint lacks are not problems otherwise: a tied ``lm_head`` is the input embedding (``model``
+    is tied as ``from_pretrained`` ties it, so it is not a parameter of its own), and a pooler or head a checkpoint
+    was saved without is initialized by transformers on every load of it, this checkpoint's included. The reverse of
+    the tie is not seen from headers: a config that ties ``lm_head`` where the checkpoint stores one of its own
+    (transformers keeps the embedding) needs the two tensors' values compared.
+
+    Args:
+        model: the model ``config.json`` builds, tied.
+        stored: checkpoint key -> (safetensors dtype name, stored shape).
+        names: checkpoint key -> the model's state-dict name, for the keys that name one of the model's tensors
+            (after legacy renames and the ``base_model_prefix`` added or dropped).
+        skip: model-name prefixes not checked (a classifier head the caller writes itself).
+        files: checkpoint key -> the file holding it, for messages.
+    """
+    files = files or {}
+    where = lambda key: f" ({files[key]})" if key in files else ""  # noqa: E731
+    skip = tuple(skip)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    problems: list[str] = []
+    for key, name in sorted(names.items()):
+        dtype, shape = stored[key]
+        if name in expected and not name.startswith(skip) and (dtype.startswith("F") or dtype == "BF16") \
+                and tuple(shape) != expected[name]:
+            shown = key if key == name else f"{key} (the model's {name})"
+            problems.append(f"tensor {shown}{where(key)}: stored {list(shape)}, config.json gives "
+                            f"{list(expected[name])}")
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def model_forms(key: str) -> list[str]:  # the names a key may stand for in the model's namespace
+        if key in names:
+            return [names[key]]
+        forms = [key]
+        if prefix:
+            forms += [f"{prefix}.{key}"] + ([key[len(prefix) + 1:]] if key.startswith(prefix + ".") else [])
+        return forms
+
+    forms = [(key, form) for key in stored for form in model_forms(key)]
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not path or path.startswith(skip):
+            continue
+        wanted = {i for i, entry in enumerate(module) if entry.state_dict()}
+        held: dict[int, str] = {}
+        for key, form in forms:
+            index, dot, _ = form[len(path) + 1:].partition(".")
+            if form.startswith(path + ".") and dot and index.isdigit():
+                held.setdefault(int(index), key)
+        absent = sorted(wanted - set(held))
+        if not wanted or not held or not absent:
+            continue
+        count = f"{len(module)} entr{'y' if len(module) == 1 else 'ies'}"
+        problems.append(f"{path}: config.json builds {count} (num_hidden_layers...); the checkpoint holds no tensor "
+                        f"of {path}.{_index_ranges(absent)}, which transformers would initialize at random")
+    params = {name for name, _ in model.named_parameters()}
+    held_names = set(names.values())
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    output_weight, input_weight = getattr(output, "weight", None), getattr(embedding, "weight", None)
+    if isinstance(output_weight, nn.Parameter) and isinstance(input_weight, nn.Parameter) \
+            and output_weight is not input_weight:
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        output_name, input_name = by_id.get(id(output_weight)), by_id.get(id(input_weight))
+        if output_name and input_name and not output_name.startswith(skip) and output_name not in held_names \
+                and input_name in held_names:
+            problems.append(f"{output_name}: config.json gives it a weight of its own (tie_word_embeddings false), "
+                            f"the checkpoint stores none: it was saved tied to {input_name}, and transformers would "
+                            f"initialize {output_name} at random")
+    if params and not params & held_names:
+        problems.append(f"none of the checkpoint's {len(stored)} tensors (e.g. {', '.join(sorted(stored)[:3])}) is one "
+                        f"of the weights of the {type(model).__name__} config.json describes (e.g. "
+                        f"{', '.join(sorted(params)[:3])})")
+    return problems
+
+
+def _index_ranges(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"{0..2, 5}"`` (one index: ``"5"``), for messages about layer lists."""
+    if len(indices) == 1:
+        return str(indices[0])
+    runs: list[str] = []
+    start = previous = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == previous + 1:
+            previous = i
+            continue
+        runs.append(str(start) if start == previous else f"{start}..{previous}")
+        if i is not None:
+            start = previous = i
+    return "{" + ", ".join(runs) + "}"
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -506,7 +622,9 @@ def position_limit(config: Any, tokenizer: Any = None) -> int | None:
     """The most tokens one row can have in this model (None when nothing says): its position table
     (``max_position_embeddings``, GPT-2's ``n_positions``) less RoBERTa's padding offset
     (:data:`POSITIONS_AFTER_PADDING`), or the tokenizer's ``model_max_length`` where that is lower.
-    A longer row fails in the position-embedding lookup, in PyTorch and in the exported graph alike."""
+    A longer row fails in the position-embedding lookup, in PyTorch and in the exported graph alike. Both files
+    only claim it: a served export's graph can hold fewer positions than its edited ``config.json`` says, and
+    :attr:`bca_deploy.serving.MultiAdapterSession.max_positions` takes the graph's own table where it has one."""
     limits = []
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
@@ -515,9 +633,17 @@ def position_limit(config: Any, tokenizer: Any = None) -> int | None:
                 pad = getattr(config, "pad_token_id", None)
                 value -= (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
             limits.append(value)
-    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits.append(tokenizer_limit(tokenizer))
     limits = [int(v) for v in limits if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**7]
     return min(limits) if limits else None
+
+
+def tokenizer_limit(tokenizer: Any) -> int | None:
+    """The tokenizer's ``model_max_length`` where it states one (None for transformers' "no limit" placeholder,
+    ``int(1e30)``, and for anything that is not a positive whole number below 10**7). A claim only: the graph's
+    position table (:func:`bca_deploy.exporters.validate.graph_position_tables`) is what a served row must fit."""
+    value = getattr(tokenizer, "model_max_length", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**7 else None
 
 
 def attention_window(config: Any) -> int | None:

@@ -269,3 +269,208 @@ def test_weights_this_user_may_not_read_are_named_as_such(tmp_path, monkeypatch)
     monkeypatch.setattr(adapter_io, "require_readable", deny)
     with pytest.raises(AdapterFormatError, match=rf"{weights}: cannot read \(Permission denied\)"):
         bd.read_adapter(out)
+
+
+# ---- what a weights file's header declares: refused or described before any tensor data is read -------------------
+# A sparse file (a few KB on disk) can declare GiBs of tensor data. Before, every reader (inspect included) read the
+# declared bytes into memory and only then refused or described the adapter: 2 GiB declared took inspect to 6 GB RSS.
+
+GIANT = 1 << 30  # bytes a tampered header declares (small enough that the old code's reading it stays survivable)
+
+
+def _rewrite(directory, tensors: dict, giant: tuple[str, str, list[int]] | None = None, *, sparse: bool = True,
+             config_edit=None) -> None:
+    """Write ``tensors`` (real bytes) into ``directory``'s weights file, then ``giant`` = (name, dtype, shape) declared
+    after them: its bytes a hole in a sparse file (``sparse``), or absent (the file ends where the real data ends)."""
+    import struct
+
+    header, raw = {"__metadata__": {"format": "pt"}}, b""
+    names = {torch.float32: "F32", torch.float16: "F16"}
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [len(raw), len(raw) + len(data)]}
+        raw += data
+    end = len(raw)
+    if giant is not None:
+        name, dtype, shape = giant
+        end += {"F32": 4, "F16": 2}[dtype] * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(raw), end]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(directory / "adapter_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + raw)
+        if sparse:
+            f.truncate(8 + len(text) + end)
+    if config_edit is not None:
+        path = directory / "adapter_config.json"
+        data = json.loads(path.read_text())
+        config_edit(data)
+        path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def bert_adapter(tmp_path):
+    model = bd.inject(tiny_bert(), ["query", "value"], block_size=8, init="normal", init_std=0.1, seed=0)
+    directory = bd.save_adapter(model, tmp_path / "good")
+    return directory, load_file(directory / "adapter_model.safetensors")
+
+
+def _copy(directory, name):
+    import shutil
+
+    return shutil.copytree(directory, directory.parent / name)
+
+
+def _no_data_read(monkeypatch):
+    """Fail the test if any reader reads the weights file's tensor data (every reader goes through load_safetensors)."""
+    import bca_deploy.adapter_io as adapter_io
+
+    def refuse(path):
+        raise AssertionError(f"{path}: tensor data read")
+
+    monkeypatch.setattr(adapter_io, "load_safetensors", refuse)
+
+
+KERNEL = "encoder.layer.0.attention.self.query.bca_kernel"
+
+
+def _header(directory):
+    from bca_deploy.adapter_io import read_adapter_header
+
+    return read_adapter_header(directory)
+
+
+def test_a_kernel_declared_larger_than_its_module_is_refused_unread(bert_adapter, monkeypatch):
+    good, tensors = bert_adapter
+    bad = _copy(good, "bad")
+    _rewrite(bad, {k: v for k, v in tensors.items() if k != KERNEL}, (KERNEL, "F32", [GIANT // 4]))
+    assert (bad / "adapter_model.safetensors").stat().st_blocks * 512 < 1 << 20  # sparse: the GiB is a hole
+    _no_data_read(monkeypatch)
+    for read in (lambda: bd.read_adapter(bad), lambda: bd.load_adapter(tiny_bert(), bad), lambda: _header(bad)):
+        with pytest.raises(AdapterFormatError) as refused:
+            read()
+        message = str(refused.value)
+        assert f"{bad / 'adapter_model.safetensors'}: tensors whose declared size does not fit" in message
+        assert (f"tensor {KERNEL}: declares F32 [{GIANT // 4}], {GIANT:,} bytes; module "
+                "encoder.layer.0.attention.self.query has a (4, 4, 8) kernel") in message
+        assert "at most 1,024 bytes, in float64" in message  # 4*4*8 elements, 8 bytes each
+        assert "refused before reading any tensor data" in message
+
+
+def test_a_tensor_the_config_has_no_place_for_is_refused_unread(bert_adapter, monkeypatch):
+    good, tensors = bert_adapter
+    bad = _copy(good, "bad")
+    _rewrite(bad, tensors, ("junk.weight", "F16", [GIANT // 2]))
+    _no_data_read(monkeypatch)
+    with pytest.raises(AdapterFormatError, match=re.escape(
+            f"tensor junk.weight: declares F16 [{GIANT // 2}], {GIANT:,} bytes; unexpected (not a kernel, and not "
+            "under any of modules_to_save [])")):
+        bd.read_adapter(bad)
+
+
+def test_small_misfits_are_still_read_and_listed_with_every_other_problem(bert_adapter):
+    """Misfits of a few bytes are read, so that the usual check lists them with the rest (values included)."""
+    good, tensors = bert_adapter
+    bad = _copy(good, "bad")
+    _rewrite(bad, {**tensors, KERNEL: torch.full((4, 4, 8), float("nan")), "junk.weight": torch.zeros(3)})
+    with pytest.raises(AdapterFormatError) as refused:
+        bd.read_adapter(bad)
+    message = str(refused.value)
+    assert f"tensor {KERNEL}: has NaN/Inf values" in message and "tensor junk.weight: unexpected" in message
+
+
+def test_a_header_declaring_more_than_the_file_holds_names_the_tensor(bert_adapter):
+    good, tensors = bert_adapter
+    bad = _copy(good, "bad")
+    _rewrite(bad, tensors, ("pooler.dense.weight", "F32", [32, 32]), sparse=False,
+             config_edit=lambda d: d.__setitem__("modules_to_save", ["pooler.dense"]))
+    for read in (lambda: bd.read_adapter(bad), lambda: _header(bad)):
+        with pytest.raises(AdapterFormatError, match=re.escape(
+                f"{bad / 'adapter_model.safetensors'}: tensor pooler.dense.weight (F32 [32, 32], 4,096 bytes at bytes "
+                "2,048..6,144 of the data section) ends past the end of the file")):
+            read()
+
+
+def _inspect(directory):
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    return CliRunner().invoke(main, ["inspect", str(directory)])
+
+
+def test_inspect_refuses_declared_sizes_that_do_not_fit_without_reading(bert_adapter, monkeypatch):
+    good, tensors = bert_adapter
+    bad = _copy(good, "bad")
+    _rewrite(bad, {k: v for k, v in tensors.items() if k != KERNEL}, (KERNEL, "F32", [GIANT // 4]))
+    _no_data_read(monkeypatch)
+    result = _inspect(bad)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"tensor {KERNEL}: declares F32 [{GIANT // 4}], {GIANT:,} bytes" in result.output
+
+
+def test_inspect_describes_an_adapter_too_large_to_read_from_its_header(bert_adapter, monkeypatch):
+    """A module saved whole has no size in the config: a file declaring more than inspect reads is described from
+    its header (names, dtypes, shapes, declared sizes) and flagged, its values not read."""
+    good, tensors = bert_adapter
+    big = _copy(good, "big")
+    _rewrite(big, {**tensors, "pooler.dense.bias": torch.zeros(32)}, ("pooler.dense.weight", "F32", [GIANT // 4]),
+             config_edit=lambda d: d.__setitem__("modules_to_save", ["pooler.dense"]))
+    _no_data_read(monkeypatch)
+    result = _inspect(big)
+    assert result.exit_code == 0, result.output
+    size = (big / "adapter_model.safetensors").stat().st_size
+    lines = result.output.splitlines()
+    assert f"saved whole:  pooler.dense ({GIANT // 4 + 32:,} parameters)" in lines
+    assert f"weights:      adapter_model.safetensors: 6 tensors (F32), {2048 + 128 + GIANT:,} bytes of tensor data" \
+        in lines
+    assert (f"values:       NOT read or checked: the file is {size:,} bytes, over the {1 << 30:,} bytes inspect reads "
+            f"(largest: pooler.dense.weight F32 [{GIANT // 4}], {GIANT:,} bytes;") in result.output
+    assert "encoder.layer.1.attention.self.value  linear      32      32     8  1" in result.output  # the config's table
+
+
+def test_inspect_still_reads_and_checks_an_adapter_within_the_bound(bert_adapter):
+    good, tensors = bert_adapter
+    assert "weights:      adapter_model.safetensors: 4 tensors (F32), 2,048 bytes of tensor data" in _inspect(good).output
+    bad = _copy(good, "bad")
+    _rewrite(bad, {**tensors, KERNEL: torch.full((4, 4, 8), float("inf"))})
+    result = _inspect(bad)
+    assert result.exit_code == 2 and f"tensor {KERNEL}: has NaN/Inf values" in result.output, result.output
+
+
+def test_inspect_describes_a_peft_adapter_too_large_to_read_from_its_header(bert_adapter, monkeypatch):
+    """A PEFT C3A file's modules come from its kernels' shapes: read from the header, a 1 GiB kernel is described."""
+    good, _ = bert_adapter
+    model = bd.load_adapter(tiny_bert(), good)
+    bd.save_adapter(model, good.parent / "peft", format="peft")
+    peft = good.parent / "peft"
+    tensors = load_file(peft / "adapter_model.safetensors")
+    name = sorted(tensors)[0]
+    _rewrite(peft, {k: v for k, v in tensors.items() if k != name}, (name, "F32", [4096, 8192, 8]))
+    _no_data_read(monkeypatch)
+    result = _inspect(peft)
+    assert result.exit_code == 0, result.output
+    module = name[len("base_model.model."):-len(".c3a_kernel")]
+    assert re.search(rf"{re.escape(module)}\s+linear\s+65536\s+32768\s+8\s", result.output), result.output
+    assert f"largest: {name} F32 [4096, 8192, 8], {GIANT:,} bytes" in result.output
+
+
+def test_inspect_memory_stays_bounded_on_a_sparse_giant(bert_adapter, tmp_path):
+    """Peak RSS of the inspect process, measured: before, it held the declared GiB (3x: ~3 GB for 1 GiB); now the
+    header is all it reads. Run in a subprocess so that the peak is inspect's own."""
+    import subprocess
+    import sys
+
+    good, tensors = bert_adapter
+    big = _copy(good, "big")
+    _rewrite(big, {**tensors, "pooler.dense.bias": torch.zeros(32)}, ("pooler.dense.weight", "F32", [GIANT // 4]),
+             config_edit=lambda d: d.__setitem__("modules_to_save", ["pooler.dense"]))
+    code = ("import resource, sys\nfrom bca_deploy.cli import main\nbaseline = resource.getrusage(resource.RUSAGE_SELF)"
+            ".ru_maxrss\ntry:\n    main(['inspect', sys.argv[1]])\nexcept SystemExit as exc:\n    code = exc.code\n"
+            "print('RSS', baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(big)], capture_output=True, text=True, timeout=300)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("RSS ")][-1]
+    _, baseline, peak, code = line.split()
+    assert code in ("0", "None"), proc.stdout + proc.stderr
+    assert int(peak) - int(baseline) < 128 << 10, (baseline, peak)  # KiB: nothing near the declared GiB

@@ -601,3 +601,137 @@ def test_streaming_merge_of_a_tied_lm_head(tied_setup):
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         _close(merged(input_ids=ids).logits, reference)
+
+
+# ---- a config.json that does not describe the checkpoint's weights --------------------------------------------------
+# The base checkpoint is a real save_pretrained directory; only its config.json is edited afterwards. Before, the
+# merge copied the edited config beside the weights: transformers then refused the output (a size mismatch) or, for a
+# layer count, loaded it with a layer dropped or initialized at random. Now the merge refuses before writing anything.
+
+
+def _set_config(**changes):
+    def edit(directory: Path) -> None:
+        path = directory / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def _llama_config(directory: Path) -> None:
+    tiny_llama().config.to_json_file(directory / "config.json")  # another architecture's config
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# name -> (base model factory, sharded, adapter targets, config.json edit, what the refusal must say)
+MISFIT_CONFIGS = {
+    "bert-intermediate-size": (tiny_bert, False, ["query"], _set_config(intermediate_size=128), [
+        "tensor encoder.layer.0.intermediate.dense.weight (model.safetensors): stored [64, 32], config.json gives "
+        "[128, 32]", "tensor encoder.layer.1.output.dense.weight (model.safetensors): stored [32, 64], config.json "
+        "gives [32, 128]"]),
+    "bert-hidden-size": (tiny_bert, False, ["query"], _set_config(hidden_size=64), [
+        "tensor encoder.layer.0.attention.self.query.weight (model.safetensors): stored [32, 32], config.json gives "
+        "[64, 64]"]),
+    "bert-vocab-size": (tiny_bert, False, ["query"], _set_config(vocab_size=200), [
+        "tensor embeddings.word_embeddings.weight (model.safetensors): stored [100, 32], config.json gives [200, 32]"]),
+    "bert-more-layers": (tiny_bert, False, ["query"], _set_config(num_hidden_layers=3), [
+        "encoder.layer: config.json builds 3 entries", "no tensor of encoder.layer.2", "at random"]),
+    # keys with the architecture's prefix (saved from BertForSequenceClassification: "bert.encoder...")
+    "bert-prefixed-vocab-size": (lambda: tiny_bert(num_labels=2), False, ["query"], _set_config(vocab_size=200), [
+        "tensor bert.embeddings.word_embeddings.weight (model.safetensors): stored [100, 32], config.json gives "
+        "[200, 32]"]),
+    "llama-sharded-intermediate-size": (tiny_llama, True, ["q_proj"], _set_config(intermediate_size=128), [
+        "tensor model.layers.0.mlp.up_proj.weight (model-0000", "stored [64, 32], config.json gives [128, 32]"]),
+    # saved tied (no lm_head.weight stored), config edited to untie: transformers would make up an lm_head
+    "llama-untied-config-tied-weights": (lambda: _tied_llama(), False, ["q_proj"],
+                                         _set_config(tie_word_embeddings=False), [
+        "lm_head.weight: config.json gives it a weight of its own (tie_word_embeddings false), the checkpoint stores "
+        "none: it was saved tied to model.embed_tokens.weight"]),
+    "bert-weights-llama-config": (tiny_bert, False, ["query"], _llama_config, [
+        "none of the checkpoint's 39 tensors", "model_type 'llama', built as LlamaModel"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISFIT_CONFIGS))
+def test_refuses_config_that_does_not_describe_the_weights(name, tmp_path):
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+    from bca_deploy.errors import CheckpointFormatError
+
+    factory, sharded, targets, edit, needles = MISFIT_CONFIGS[name]
+    base = factory()
+    save_base(base, tmp_path / "base", sharded)
+    bd.save_adapter(bd.inject(copy.deepcopy(base), targets, block_size=8, init="normal", seed=0), tmp_path / "adapter")
+    edit(tmp_path / "base")
+    inputs = {d: _files(d) for d in (tmp_path / "base", tmp_path / "adapter")}
+    with pytest.raises(CheckpointFormatError) as refused:
+        merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
+    message = str(refused.value)
+    assert f"its weights do not fit its config.json ({tmp_path / 'base' / 'config.json'}" in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path, "out")
+
+    result = CliRunner().invoke(main, ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                                       "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2 and "config.json" in result.output and needles[0] in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path, "out")
+    assert {d: _files(d) for d in inputs} == inputs
+
+
+def _expected_merge(base_state: dict[str, torch.Tensor], model, key_of) -> dict[str, torch.Tensor]:
+    """W + ΔW per adapted weight, from the definition (torch.roll circulants, float64): checkpoint key -> value."""
+    expected = {}
+    for name, layer in bd.bca_layers(model):
+        kernel = layer.bca_kernels["default"].detach().double()
+        key = key_of(name)
+        expected[key] = base_state[key].double() + circulant_reference(kernel) * layer.scalings["default"]
+    return expected
+
+
+@pytest.mark.parametrize("case", ["tied-llama", "bert-without-pooler", "prefixed-bert", "layer-past-the-config"])
+def test_config_check_accepts_checkpoints_that_fit(case, tmp_path):
+    """What the config check must not refuse: a tied lm_head stored as the embedding only (adapted: written as
+    embedding + ΔW), a model with buffers and no pooler (saved with add_pooling_layer=False), keys carrying the
+    architecture's prefix while the adapter has none, a layer stored past the config's num_hidden_layers (as
+    checkpoints with multi-token-prediction layers store them; copied unchanged). Merged weights are checked
+    against W + ΔW computed here."""
+    from transformers import BertConfig, BertModel
+
+    if case == "tied-llama":
+        base = _tied_llama()
+        model = bd.inject(_tied_llama(), ["q_proj", "lm_head"], block_size=8, init="normal", init_std=0.1, seed=3)
+        state = {**base.state_dict(), "lm_head.weight": base.model.embed_tokens.weight}
+        key_of = lambda name: f"{name}.weight"  # noqa: E731
+    elif case == "bert-without-pooler":
+        torch.manual_seed(0)
+        cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100, max_position_embeddings=64)
+        base = BertModel(cfg, add_pooling_layer=False).eval()
+        model = bd.inject(copy.deepcopy(base), ["query", "value"], block_size=8, init="normal", init_std=0.1, seed=3)
+        state, key_of = base.state_dict(), lambda name: f"{name}.weight"
+    elif case == "prefixed-bert":
+        base = tiny_bert(num_labels=2)
+        model = bd.inject(tiny_bert(), ["query", "value"], block_size=8, init="normal", init_std=0.1, seed=3)
+        state, key_of = base.state_dict(), lambda name: f"bert.{name}.weight"
+    else:
+        base = tiny_bert()
+        model = bd.inject(copy.deepcopy(base), ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention."
+                                                "self.value"], block_size=8, init="normal", init_std=0.1, seed=3)
+        state, key_of = base.state_dict(), lambda name: f"{name}.weight"
+    base.save_pretrained(tmp_path / "base")
+    if case == "layer-past-the-config":  # encoder.layer.1 stays stored, the config builds layer 0 only
+        _set_config(num_hidden_layers=1)(tmp_path / "base")
+    bd.save_adapter(model, tmp_path / "adapter")
+    out = merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
+    expected = _expected_merge(state, model, key_of)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for key, value in expected.items():
+            torch.testing.assert_close(f.get_tensor(key).double(), value, rtol=0, atol=1e-6)
+        for key in set(f.keys()) - set(expected):
+            assert torch.equal(f.get_tensor(key), base.state_dict()[key]), key
+    assert len(expected) == {"tied-llama": 3, "layer-past-the-config": 2}.get(case, 4)  # q_proj x 2 + lm_head; ...

@@ -169,6 +169,72 @@ def test_cli_refuses_without_traceback(bad: Malformation, art, malformed, earlie
     assert {p: tree_digest(p) for p in inputs} == inputs, f"{bad.name}: an input or an earlier output changed"
 
 
+# ---- a weights file that declares GiBs (sparse: a few KB on disk) ----------------------------------------------
+
+_GIANT = 1 << 30
+
+
+def _sparse_giant(good: Path, directory: Path, name: str) -> None:
+    """``good`` copied, its weights file rewritten with tensor ``name`` declared as F32 [2^28] (1 GiB, a hole)."""
+    import struct
+
+    shutil.copytree(good, directory)
+    state = load_file(str(directory / WEIGHTS))
+    state.pop(name, None)
+    header, raw = {"__metadata__": {"format": "pt"}}, b""
+    for key, tensor in state.items():
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [len(raw), len(raw) + len(data)]}
+        raw += data
+    header[name] = {"dtype": "F32", "shape": [_GIANT // 4], "data_offsets": [len(raw), len(raw) + _GIANT]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(directory / WEIGHTS, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + raw)
+        f.truncate(8 + len(text) + len(raw) + _GIANT)
+
+
+@pytest.mark.parametrize("name", ["encoder.layer.0.attention.self.query.bca_kernel", "lm_head.weight"],
+                         ids=["kernel-declared-1GiB", "unexpected-tensor-declared-1GiB"])
+def test_sparse_giant_refused_unread_everywhere(name, art, session, earlier_merge, tmp_path, monkeypatch):
+    """Every entry point refuses it, naming the tensor, from the header: before, each read the declared GiB into
+    memory first (inspect: ~3 GB RSS for this file). ``load_safetensors`` (every reader's way to the tensor data)
+    fails the test if anything reads the data."""
+    import bca_deploy.adapter_io as adapter_io
+    from bca_deploy.exporters import export
+
+    directory = tmp_path / "giant"
+    _sparse_giant(art["adapters"]["a0"], directory, name)
+    inputs = {p: tree_digest(p) for p in (art["model"], earlier_merge)}  # (hashing the giant would read its GiB)
+    stats = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+    def refuse(path):
+        raise AssertionError(f"{path}: tensor data read")
+
+    monkeypatch.setattr(adapter_io, "load_safetensors", refuse)
+    needle = f"tensor {name}: declares F32 [{_GIANT // 4}], {_GIANT:,} bytes"
+    model = build_model("bert")
+    for what, call in (("read_adapter", lambda: read_adapter(directory)),
+                       ("load_adapter", lambda: load_adapter(model, directory)),
+                       ("merge_checkpoint", lambda: merge_checkpoint(art["model"], [(directory, 1.0)],
+                                                                     tmp_path / "merged", progress=False)),
+                       ("export", lambda: export(art["model"], tmp_path / "onnx", [directory], merge=True,
+                                                 task="feature-extraction", validate=False, verbose=False))):
+        error = assert_bca_error(call, what)
+        assert needle in str(error) and "refused before reading any tensor data" in str(error), (what, str(error))
+    error = assert_bca_error(lambda: session.register("giant", directory), "session.register")
+    assert "refused unread" in str(error)  # the session's own bound, from the file's size
+    for args in (["inspect", directory], ["convert", "--adapter", directory, "--to", "peft", "--out", tmp_path / "c"],
+                 ["merge", "--model", art["model"], "--adapter", directory, "--out", earlier_merge, "--overwrite",
+                  "--no-progress"]):
+        result = run_cli(args)
+        assert_clean_cli_error(result, args)
+        assert needle in result.output, (args, result.output)
+    assert not any((tmp_path / n).exists() for n in ("merged", "onnx", "c"))
+    assert {p: tree_digest(p) for p in inputs} == inputs
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()} == stats
+
+
 # ---- random mutations ----------------------------------------------------------------------------
 
 _JSON = st.recursive(

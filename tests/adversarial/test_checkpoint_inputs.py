@@ -66,6 +66,13 @@ def _edit_index(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     return apply
 
 
+def _edit_config(**changes) -> Callable[[Path], None]:
+    def apply(d: Path) -> None:
+        (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **changes}))
+
+    return apply
+
+
 def _write(name: str, raw: bytes) -> Callable[[Path], None]:
     return lambda d: (d / name).write_bytes(raw)
 
@@ -137,6 +144,14 @@ BROKEN: dict[str, tuple[bool, Callable[[Path], None], str]] = {
     "config-is-list": (False, _write("config.json", b"[]"), "JSON object"),
     "config-layers-beyond-tensors": (True, lambda d: (d / "config.json").write_text(json.dumps(
         {**json.loads((d / "config.json").read_text()), "num_hidden_layers": 10**9})), "holds only"),
+    # a config.json that does not describe the weights: the merged copy would not load, or load wrongly
+    "config-intermediate-size-edited": (True, _edit_config(intermediate_size=128), "its weights do not fit its "
+                                        "config.json"),
+    "config-vocab-size-edited": (False, _edit_config(vocab_size=64), "tensor embeddings.word_embeddings.weight "
+                                 "(model.safetensors): stored [128, 32], config.json gives [64, 32]"),
+    "config-one-layer-more": (False, _edit_config(num_hidden_layers=3), "no tensor of encoder.layer.2"),
+    "config-of-another-model": (True, lambda d: build_model("llama").config.to_json_file(d / "config.json"),
+                                "none of the checkpoint's"),
     "index-weight-map-is-list": (True, _edit_index(lambda i: i.__setitem__("weight_map", [])), "weight_map"),
     "index-not-utf8": (True, _write("model.safetensors.index.json", b"\xff{}"), "UTF-8"),
     "index-shard-outside": (True, _edit_index(lambda i: i["weight_map"].__setitem__(QUERY, "../x.safetensors")),
