@@ -20,6 +20,8 @@ peft itself is not imported here: conversion works on files and tensors only.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,11 +90,24 @@ def from_peft(
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Convert a PEFT C3A config + state dict to a bca-deploy config + tensors.
 
+    The kernels in the file are the adapted modules, each with its kernel's block size. The config must agree
+    with them as PEFT reads it (:class:`_PeftRules`: ``target_modules``, ``layers_to_transform``,
+    ``layers_pattern``, ``exclude_modules``, ``modules_to_save``, ``block_size``, ``block_size_pattern``), since
+    ``PeftModel.from_pretrained`` builds the adapted modules from the config and only then reads the kernels:
+
+    - a kernel whose block size is not the one the config gives its module is refused (PEFT refuses the file);
+    - a kernel for a module the config does not adapt is refused (PEFT ignores it, so PEFT's numbers and ours
+      would differ);
+    - given the model (``model_layer_types``), a Linear layer the config adapts without a kernel in the file is
+      refused (PEFT would give it a new kernel, random unless ``init_weights`` is true).
+
     Args:
         peft_config: the parsed ``adapter_config.json``.
         state: the tensors of ``adapter_model.safetensors``.
-        model_layer_types: optional ``{path: "linear"|"conv1d"}`` from the target model (PEFT's C3A
-            only supports Linear, so this only matters for error messages).
+        model_layer_types: optional ``{path: "linear"|"conv1d"}`` of the target model's layers: the layer types
+            of the adapted modules (PEFT's C3A only supports Linear) and the Linear layers whose kernels must be
+            in the file when the config adapts them (paths may differ from the file's by one
+            ``base_model_prefix``).
         source: name used in error messages (the directory).
         metadata: the safetensors file's metadata; a task record written by :func:`peft_metadata` is used
             when it is for the same task as PEFT's ``task_type`` (a copy whose ``task_type`` was edited
@@ -101,6 +116,10 @@ def from_peft(
     Returns:
         (config, tensors) where tensors are keyed as in bca-deploy files: ``<path>.bca_kernel`` in
         first-column layout, plus ``<module>.<param>`` for PEFT's ``modules_to_save``.
+
+    Raises:
+        AdapterFormatError: every problem at once (fields, tensors, and the config's disagreements with the
+            kernels, each naming the module, the field and what was expected), before anything is converted.
     """
     peft_type = peft_config.get("peft_type")
     if peft_type != "C3A":
@@ -113,9 +132,9 @@ def from_peft(
         )
     problems: list[str] = []
     for name in ("block_size",):
-        value = peft_config.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            problems.append(f"{name} must be a positive integer, got {value!r}")
+        value = peft_config.get(name, PEFT_DEFAULT_BLOCK_SIZE)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {show_json_value(value)}")
     target = peft_config.get("target_modules")
     if target is not None and not isinstance(target, str) and not (
             isinstance(target, list) and all(isinstance(t, str) for t in target)):
@@ -131,11 +150,16 @@ def from_peft(
     if pattern is not None and not (isinstance(pattern, dict) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pattern.values())):
         problems.append(f"block_size_pattern must map names to positive integers, got {pattern!r}"[:200])
+    rules, rule_field_problems = _PeftRules.parse(peft_config)
+    if problems:
+        rules = None  # a field they are made of is wrong (reported above)
+    problems += rule_field_problems
     specs: dict[str, ModuleSpec] = {}
     kernels: dict[str, torch.Tensor] = {}  # PEFT's first-row kernels, converted once every check has passed
     tensors: dict[str, torch.Tensor] = {}
     extra_modules: list[str] = []
     base_copies: dict[str, torch.Tensor] = {}
+    bad_kernels: set[str] = set()  # modules whose kernel tensor is unusable (reported as such)
     for key, tensor in state.items():
         if not key.startswith(PEFT_PREFIX):
             problems.append(f"tensor {key!r}: expected a name starting with {PEFT_PREFIX!r}")
@@ -143,6 +167,8 @@ def from_peft(
         path = key[len(PEFT_PREFIX):]
         if path.endswith(PEFT_KERNEL_SUFFIX):
             module = path[: -len(PEFT_KERNEL_SUFFIX)]
+            if tensor.ndim != 3 or min(tensor.shape) < 1 or not tensor.dtype.is_floating_point:
+                bad_kernels.add(module)
             if tensor.ndim != 3:
                 problems.append(f"tensor {key!r}: shape {tuple(tensor.shape)}, expected (d_out/b, d_in/b, b)")
                 continue
@@ -175,6 +201,9 @@ def from_peft(
             if module not in extra_modules:
                 extra_modules.append(module)
     problems += _base_copy_problems(base_copies, specs)
+    if rules is not None:
+        problems += _rule_problems(rules, kernels, set(specs) | bad_kernels, model_layer_types,
+                                   peft_config.get("init_weights", "xavier_uniform"))
     if problems:
         raise AdapterFormatError(format_problems(f"{source}: not a valid PEFT C3A adapter:", problems))
     if not specs:
@@ -198,6 +227,269 @@ def from_peft(
     for module, kernel in kernels.items():
         tensors[module + KERNEL_SUFFIX] = flip_circulant_layout(kernel.float())
     return config, tensors
+
+
+# ---- which modules a PEFT C3A config adapts, and with which block size (PEFT 0.21's rules) ---------------
+
+#: ``C3AConfig.block_size``'s default: what PEFT uses when ``adapter_config.json`` has no ``block_size``.
+PEFT_DEFAULT_BLOCK_SIZE = 256
+#: PEFT's ``target_modules`` shorthand for every Linear layer, expanded against the model by ``get_peft_model``
+#: (a saved config lists the modules it stood for).
+_ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class _PeftRules:
+    """The fields of a PEFT C3A config that decide which modules PEFT adapts and each one's block size, checked.
+
+    PEFT (``peft.tuners.tuners_utils.check_target_module_exists`` and ``C3AModel._create_and_replace``) adapts
+    module ``key`` (its path in the model PEFT wrapped, as the file names it) unless ``exclude_modules`` names it,
+    unless it is inside a ``modules_to_save`` entry; then when ``target_modules`` selects it: a string is a regex
+    matched against the whole path, a list names paths or path ends (``key == t`` or ``key.endswith("." + t)``),
+    and with a list ``layers_to_transform`` keeps only modules in those layers, the layer index being the number
+    after ``layers_pattern`` (or after the path's second part when no pattern is given). Its block size is the
+    value of the first ``block_size_pattern`` key ``k`` for which ``.*\\.k$`` matches the path, else of a key equal
+    to the path, else ``block_size``.
+
+    ``exclude_modules`` is no field of peft 0.21's ``C3AConfig`` (``PeftModel.from_pretrained`` drops it with a
+    warning); it is honoured here as every tuner that has it honours it, since a file that carries it was trained
+    with those modules left out.
+    """
+
+    target: list[str] | str | None
+    layers: list[int] | int | None
+    layers_pattern: list[str]
+    exclude: list[str] | str | None
+    modules_to_save: list[str]
+    block_size: int
+    block_size_field: str
+    block_size_pattern: dict[str, int]
+
+    @classmethod
+    def parse(cls, peft_config: dict[str, Any]) -> tuple[_PeftRules | None, list[str]]:
+        """The rules of ``peft_config`` and every problem with the fields they are made of (the rules are None when
+        there is one: what PEFT would adapt is then unknown). Field types of ``block_size``, ``target_modules`` and
+        ``block_size_pattern`` are checked by :func:`from_peft` itself; here only what that leaves."""
+        problems: list[str] = []
+        target = peft_config.get("target_modules")
+        layers = peft_config.get("layers_to_transform")
+        pattern = peft_config.get("layers_pattern")
+        exclude = peft_config.get("exclude_modules")
+        saved = peft_config.get("modules_to_save")
+        if layers is not None and not _is_index(layers) and not (
+                isinstance(layers, list) and all(_is_index(i) for i in layers)):
+            problems.append(f"layers_to_transform must be a layer index or a list of them, "
+                            f"got {show_json_value(layers)}")
+        if pattern is not None and not isinstance(pattern, str) and not (
+                isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)):
+            problems.append(f"layers_pattern must be a string or a list of strings, got {show_json_value(pattern)}")
+        if exclude is not None and not isinstance(exclude, str) and not (
+                isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
+            problems.append(f"exclude_modules must be a string (a regex) or a list of module names, "
+                            f"got {show_json_value(exclude)}")
+        if saved is not None and not (isinstance(saved, list) and all(isinstance(s, str) for s in saved)):
+            problems.append(f"modules_to_save must be a list of module names, got {show_json_value(saved)}")
+        if isinstance(target, str):
+            for name, value in (("layers_to_transform", layers), ("layers_pattern", pattern)):
+                if value is not None:
+                    problems.append(f"{name} is {show_json_value(value)}, but target_modules is a regex "
+                                    f"({target[:80]!r}); PEFT's C3AConfig refuses {name} with a regex target: "
+                                    f"set it to null or give target_modules as a list of names")
+        regexes = []
+        if isinstance(target, str) and target != _ALL_LINEAR:
+            regexes.append(("target_modules", target, target))
+        if isinstance(exclude, str):
+            regexes.append(("exclude_modules", exclude, exclude))
+        for entry in saved if isinstance(saved, list) else []:
+            if isinstance(entry, str):
+                regexes.append((f"modules_to_save entry {entry[:80]!r}", entry, rf"(^|.*\.){entry}($|\..*)"))
+        for entry in [pattern] if isinstance(pattern, str) else pattern if isinstance(pattern, list) else []:
+            if isinstance(entry, str):
+                regexes.append((f"layers_pattern {entry[:80]!r}", entry, rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\."))
+        block_pattern = peft_config.get("block_size_pattern") or {}
+        for key in block_pattern if isinstance(block_pattern, dict) else ():
+            if not isinstance(key, str):
+                problems.append(f"block_size_pattern key {show_json_value(key)} is not a string")
+                continue
+            regexes.append((f"block_size_pattern key {key[:80]!r}", key, rf".*\.{key}$"))
+        for what, _, regex in regexes:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                problems.append(f"{what} is not a valid regular expression ({exc.msg}); PEFT matches it as one")
+        block_size = peft_config.get("block_size", PEFT_DEFAULT_BLOCK_SIZE)
+        target_ok = target is None or isinstance(target, str) or (
+            isinstance(target, list) and all(isinstance(t, str) for t in target))
+        sizes_ok = _is_index(block_size) and block_size > 0 and isinstance(block_pattern, dict) and all(
+            _is_index(v) and v > 0 for v in block_pattern.values())
+        if problems or not target_ok or not sizes_ok:  # the last two: reported by from_peft
+            return None, problems
+        return cls(
+            target=sorted(target) if isinstance(target, list) else target,
+            layers=layers if not isinstance(layers, list) or layers else None,  # PEFT: an empty list selects all
+            # PEFT: null, "" or [] means the default layer-index rule; a list's entries are tried in turn
+            layers_pattern=([pattern] if isinstance(pattern, str) and pattern
+                            else pattern if isinstance(pattern, list) else []),
+            exclude=exclude or None,
+            modules_to_save=list(saved or []),
+            block_size=block_size,
+            block_size_field="block_size" if "block_size" in peft_config
+            else f"block_size (absent: PEFT's default {PEFT_DEFAULT_BLOCK_SIZE})",
+            block_size_pattern=dict(block_pattern),
+        ), []
+
+    @property
+    def selects(self) -> bool:
+        """Whether the rules say which modules are adapted without the model: ``target_modules`` null (PEFT's
+        default targets for the model type) or ``"all-linear"`` do not."""
+        return self.target is not None and self.target != _ALL_LINEAR
+
+    def describe(self) -> str:
+        """The fields that select modules, as set (for messages)."""
+        parts = [f"target_modules {_short(self.target)}"]
+        if self.layers is not None:
+            parts.append(f"layers_to_transform {self.layers!r}")
+            if self.layers_pattern:
+                parts.append(f"layers_pattern {self.layers_pattern!r}")
+        if self.exclude is not None:
+            parts.append(f"exclude_modules {_short(self.exclude)}")
+        if self.modules_to_save:
+            parts.append(f"modules_to_save {self.modules_to_save!r}")
+        return ", ".join(parts)
+
+    def why_not(self, key: str) -> str | None:
+        """Why PEFT does not adapt module ``key`` (a path as the file names it), or None when it does."""
+        exclude = self.exclude
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return f"exclude_modules {exclude!r} matches it"
+        elif exclude is not None:
+            hit = next((e for e in exclude if key == e or key.endswith("." + e)), None)
+            if hit is not None:
+                return f"exclude_modules entry {hit!r} excludes it"
+        inside = next((m for m in self.modules_to_save if re.match(rf"(^|.*\.){m}($|\..*)", key)), None)
+        if inside is not None:
+            return f"it is inside modules_to_save entry {inside!r}, which PEFT saves whole and never adapts"
+        target = self.target
+        if isinstance(target, str):
+            return None if re.fullmatch(target, key) else f"target_modules {target!r} does not match its whole path"
+        if key in target:
+            return None  # named exactly: layers_to_transform does not apply
+        if not any(key.endswith("." + t) for t in target):
+            return f"target_modules {_short(target)} names neither it nor its path's end"
+        if self.layers is None:
+            return None
+        match = None
+        if not self.layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            for layer_pattern in self.layers_pattern:
+                match = re.match(rf"(?:^|.*?\.){layer_pattern}\.(?P<idx>\d+)\.", key)
+                if match is not None:
+                    break
+        if match is None:
+            how = (f"after layers_pattern {self.layers_pattern!r}" if self.layers_pattern
+                   else "after its path's second part")
+            return f"layers_to_transform {self.layers!r} is set, and its path has no layer index {how}"
+        index = int(match.group("idx"))
+        wanted = [self.layers] if isinstance(self.layers, int) else self.layers
+        if index not in wanted:
+            return f"it is in layer {index}, not in layers_to_transform {self.layers!r}"
+        return None
+
+    def block_size_of(self, key: str) -> tuple[int, str]:
+        """The block size PEFT gives module ``key``, and the config field it comes from."""
+        for pattern_key, value in self.block_size_pattern.items():
+            if re.match(rf".*\.{pattern_key}$", key):
+                return value, f"block_size_pattern[{pattern_key!r}]"
+        if key in self.block_size_pattern:
+            return self.block_size_pattern[key], f"block_size_pattern[{key!r}]"
+        return self.block_size, self.block_size_field
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut at ``limit`` characters, for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_paths: set[str],
+                   model_layer_types: dict[str, str] | None, init_weights: Any) -> list[str]:
+    """Every way the file's kernels disagree with the config's rules (:class:`_PeftRules`): a kernel whose block size
+    is not the one the config gives its module (PEFT refuses to load it: size mismatch); a kernel for a module the
+    rules do not adapt (PEFT ignores it: the module runs unadapted); and, given the model's layers
+    (``model_layer_types``), a Linear layer the rules adapt without a kernel in the file (PEFT gives it a new
+    kernel: random, or zeros with ``init_weights`` true). Each names the module, the field and what was expected.
+
+    ``kernels``: PEFT's valid kernels by module path; ``source_paths``: every module path the file has a kernel
+    tensor for (valid or not).
+    """
+    problems: list[str] = []
+    for module, kernel in kernels.items():
+        key = PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX
+        b = int(kernel.shape[-1])
+        p, field_name = rules.block_size_of(module)
+        if p != b:
+            problems.append(
+                f"module {module}: the config gives it block size {p} ({field_name}), but its kernel {key} has "
+                f"shape {tuple(kernel.shape)}, block size {b}; PEFT refuses to load this file (size mismatch): "
+                f"set {field_name.split(' ')[0]} to {b}"
+                + (", or give the module its size in block_size_pattern" if field_name.startswith("block_size ")
+                   or field_name == "block_size" else ""))
+    if not rules.selects:
+        return problems
+    for module in sorted(source_paths):
+        reason = rules.why_not(module)
+        if reason is not None:
+            peft = ("peft 0.21's C3AConfig drops exclude_modules and loads it, a PEFT that honours the field ignores "
+                    "it" if reason.startswith("exclude_modules") else "PEFT ignores it (the module runs unadapted)")
+            problems.append(
+                f"tensor {PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX}: a kernel for module {module}, which the config "
+                f"does not adapt: {reason}; {peft}, so which numbers are meant is unknown: fix the config "
+                f"({rules.describe()}) or remove the kernel")
+    if model_layer_types:
+        linear = [path for path, kind in model_layer_types.items() if kind == "linear"]
+        in_file = _paths_as_in_file(source_paths, linear)
+        init = init_weights if isinstance(init_weights, str) else "xavier_uniform"
+        fresh = "a zero kernel (a no-op)" if init_weights is True else f"a new randomly initialised kernel ({init})"
+        for path in sorted(in_file or {}, key=lambda p: in_file[p]):
+            module = in_file[path]
+            if module not in source_paths and rules.why_not(module) is None:
+                named = f" ({path} in this model)" if path != module else ""
+                problems.append(
+                    f"module {module}{named}: the config adapts it ({rules.describe()}), but the file has no kernel "
+                    f"for it ({PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX} is missing); PEFT would give it {fresh}: "
+                    "fix the config (layers_to_transform, target_modules, exclude_modules) to name the trained modules")
+    return problems
+
+
+def _paths_as_in_file(file_paths: set[str], model_paths: list[str]) -> dict[str, str] | None:
+    """``{model path: the path the adapter file names it by}`` for the model's ``model_paths``, when one prefix
+    added to or dropped from every model path (a ``base_model_prefix``: ``bert.``, ``model.``) makes every one of
+    ``file_paths`` a model module; None when none does (the fit check then names the modules not found)."""
+    known = set(model_paths)
+    unknown = sorted(file_paths - known)
+    if not unknown:
+        return {p: p for p in model_paths}
+    first = unknown[0]
+    heads: list[tuple[str, str]] = []
+    for path in model_paths:
+        if first.endswith("." + path):
+            heads.append(("add", first[: -len(path) - 1]))
+        elif path.endswith("." + first):
+            heads.append(("drop", path[: -len(first) - 1]))
+    for kind, head in sorted(set(heads)):
+        if kind == "add":
+            mapping = {p: f"{head}.{p}" for p in model_paths}
+        else:
+            mapping = {p: p[len(head) + 1:] for p in model_paths if p.startswith(head + ".")}
+        if file_paths <= set(mapping.values()):
+            return mapping
+    return None
 
 
 _PEFT_BASE_LAYER = ".base_layer"
@@ -332,30 +624,40 @@ def to_peft(
         "target_modules": sorted(config.modules),
         "task_type": task_type,
     }
+    # PEFT must build exactly these modules, each at its size, from the config (its modules_to_save entries are
+    # regexes that exclude whatever path they match a part of): read back with PEFT's rules before it is written
+    rules, problems = _PeftRules.parse(peft_config)
+    kernels = {name: state[PEFT_PREFIX + name + PEFT_KERNEL_SUFFIX] for name in config.modules}
+    problems += _rule_problems(rules, kernels, set(kernels), None, True) if rules is not None else []
+    if problems:
+        raise AdapterFormatError(format_problems(
+            "cannot write a PEFT C3A config that makes PEFT adapt exactly this adapter's modules:", problems))
     return peft_config, state
 
 
 def _peft_block_size_pattern(block_sizes: dict[str, int], default: int) -> dict[str, int]:
     """Per-module overrides PEFT will apply to exactly the intended modules.
 
-    PEFT tests ``re.match(rf".*\\.{key}$", path)``, which needs a dot before the key, so a full path
-    never matches itself; the path minus its first component does, and is escaped so it matches
-    nothing else among the adapted modules.
+    PEFT gives a module the size of the first key ``k`` for which ``re.match(rf".*\\.{k}$", path)`` holds, and
+    when none does, of a key equal to the path (``block_size_pattern.get(path, block_size)``). A nested module gets
+    its path minus its first component, escaped, as its key (the regex needs a dot before the key, so it matches
+    the module itself and, checked here, no other adapted module of another size). A top-level module (``lm_head``)
+    gets its own name: no such regex can match a path without a dot, so PEFT reaches the exact lookup; the same
+    key read as a regex must match no other adapted module of another size.
     """
-    import re
-
     pattern: dict[str, int] = {}
     for name, p in sorted(block_sizes.items()):
         if p == default:
             continue
         head, dot, tail = name.partition(".")
-        if not dot:
+        key = re.escape(tail) if dot else name
+        try:
+            clashes = [n for n in block_sizes if n != name and re.match(rf".*\.{key}$", n) and block_sizes[n] != p]
+        except re.error as exc:
             raise AdapterFormatError(
-                f"module {name!r} is at the top level with block size {p} != default {default}; "
-                "PEFT's block_size_pattern cannot select it"
-            )
-        key = re.escape(tail)
-        clashes = [n for n in block_sizes if n != name and re.match(rf".*\.{key}$", n) and block_sizes[n] != p]
+                f"module {name!r} is at the top level with block size {p} != default {default}, and PEFT would read "
+                f"its name as a regular expression, which it is not ({exc.msg}); PEFT's block_size_pattern cannot "
+                "select it") from None
         if clashes:
             raise AdapterFormatError(f"cannot write a PEFT block_size_pattern for {name!r}: it would also match {clashes}")
         pattern[key] = p
