@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -489,6 +490,8 @@ _MAX_INDEX_NODES = 256
 _MAX_INDEX_CONSTANT_ELEMENTS = 1 << 22
 #: Token ids the probe rows are filled with: two, so that one of them is not the padding id a graph compares with.
 _PROBE_TOKENS = (3, 4)
+#: The most elements one probe input may have (an input of fixed, declared dimensions is fed at that size).
+_MAX_PROBE_FEED_ELEMENTS = 1 << 22
 
 
 def graph_position_tables(model: Any) -> list[PositionTable]:
@@ -529,7 +532,12 @@ def graph_position_tables(model: Any) -> list[PositionTable]:
         table_name, table = source
         if len(table.dims) != 2 or TensorProto.DataType.Name(table.data_type) not in _TABLE_TYPES or table.dims[0] < 1:
             continue
-        found = _probe_positions(model, node.input[1], constants, producers, inputs, order, int(table.dims[0]))
+        try:
+            found = _probe_positions(model, node.input[1], constants, producers, inputs, order, int(table.dims[0]))
+        except (ValueError, TypeError, KeyError, MemoryError, OverflowError):
+            # a node onnx's helpers cannot copy, a shape numpy cannot make: this lookup is not probed, and the
+            # limit is what config.json says (as for a graph without a table), not a failed start-up
+            found = None
         if found is not None:
             offset, limit = found
             tables.append(PositionTable(table_name, int(table.dims[0]), offset, limit))
@@ -673,6 +681,8 @@ def _probe_feed(value_info: Any, length: int, token: int) -> np.ndarray | None:
     past = PAST_INPUT.fullmatch(name) is not None
     shape = [d.dim_value if d.HasField("dim_value") else (1 if axis == 0 or not past else 0)
              for axis, d in enumerate(tensor.shape.dim)]
+    if math.prod(shape) > _MAX_PROBE_FEED_ELEMENTS:  # a graph declaring a giant fixed input: not probed
+        return None
     return np.zeros(shape, dtype=dtype)
 
 

@@ -250,3 +250,28 @@ def test_gpt2_over_http_too_long_is_422(gpt2_claims):
                                                                   "max_new_tokens": 6})
         assert status == 200, got
         assert got["data"][0]["token_ids"] == good.generate([prompt], ["a0"], max_new_tokens=6)[0]
+
+
+def test_a_graph_declaring_a_giant_fixed_input_is_not_probed():
+    """A hand-made graph whose position lookup also reads an input of fixed, giant declared dimensions (10^12
+    elements): the probe would have to feed it, so the lookup is left unprobed (no table, the config's limit stands)
+    instead of a MemoryError at start-up; the same graph with a small input is probed and its table found."""
+    from onnx import TensorProto, helper
+
+    from bca_deploy.exporters.validate import graph_position_tables
+
+    def graph(fixed: list[int]):
+        table = helper.make_tensor("pos.weight", TensorProto.FLOAT, [8, 4], [0.0] * 32)
+        nodes = [helper.make_node("ReduceMin", ["extra"], ["low"], keepdims=0),
+                 helper.make_node("Mul", ["low", "zero"], ["nothing"]),
+                 helper.make_node("Add", ["position_ids", "nothing"], ["ids"]),
+                 helper.make_node("Gather", ["pos.weight", "ids"], ["out"], axis=0)]
+        inputs = [helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "L"]),
+                  helper.make_tensor_value_info("extra", TensorProto.INT64, fixed)]
+        zero = helper.make_tensor("zero", TensorProto.INT64, [], [0])
+        return helper.make_model(helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(
+            "out", TensorProto.FLOAT, None)], [table, zero]), opset_imports=[helper.make_opsetid("", 17)])
+
+    found = graph_position_tables(graph([2, 3]))
+    assert [(t.name, t.rows, t.offset, t.limit) for t in found] == [("pos.weight", 8, 0, 8)]
+    assert graph_position_tables(graph([10**4, 10**4, 10**4])) == []
