@@ -930,7 +930,7 @@ def rewrite_as_bank(
     producers = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
-        for inp in node.input:
+        for inp in _node_reads(node):  # a placeholder read inside an If branch is refused below
             consumers.setdefault(inp, []).append(node)
 
     batch_shape = "bca_bank/batch"
@@ -1059,7 +1059,7 @@ def _keep_last_logits(graph, producers: Mapping[str, Any], initializers: Mapping
         return False
     constant = set(initializers)  # and every output computed from constants alone (nodes in topological order)
     for node in graph.node:
-        if all(i in constant for i in node.input if i):
+        if all(i in constant for i in _node_reads(node)):
             constant.update(node.output)
     chain, name = [], "logits"
     while True:
@@ -1151,25 +1151,65 @@ def _rewrite_head(head: HeadLayout, consumers: Mapping[str, list], batch_shape: 
     return label_outputs
 
 
+def _node_reads(node) -> list[str]:
+    """Every outer tensor ``node`` reads: its inputs and the names its subgraphs take from the enclosing scope.
+
+    An ``If`` branch (or a ``Loop``/``Scan`` body) may use a tensor of the main graph without listing it among
+    the node's inputs: DeBERTa-v2 with relative attention exports ``log_bucket_position``'s ``torch.where`` as
+    an ``If`` whose branches read ``Constant`` outputs that no main-graph node reads. Dead-node pruning and the
+    dataflow walks must count those reads, or such a Constant is dropped and the graph no longer checks
+    ("Nodes in a graph must be topologically sorted ... is not output of any previous nodes").
+    """
+    from onnx import AttributeProto
+
+    reads = [i for i in node.input if i]
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            reads += _outer_reads(attr.g)
+        elif attr.type == AttributeProto.GRAPHS:
+            for sub in attr.graphs:
+                reads += _outer_reads(sub)
+    return reads
+
+
+def _outer_reads(graph) -> list[str]:
+    """The names ``graph`` (a subgraph) reads but does not define: those of its enclosing scopes."""
+    local = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    local.update(t.values.name for t in graph.sparse_initializer)
+    outer = []
+    for node in graph.node:
+        outer += [i for i in _node_reads(node) if i not in local]
+        local.update(node.output)
+    outer += [v.name for v in graph.output if v.name not in local]  # an output may be an outer tensor itself
+    return outer
+
+
 def _downstream(nodes, names: Sequence[str]) -> set[str]:
-    """Every tensor computed (transitively) from ``names``, ``names`` included (``nodes`` in topological order)."""
+    """Every tensor computed (transitively) from ``names``, ``names`` included (``nodes`` in topological order;
+    a node whose subgraph reads one of them counts as computed from it)."""
     reached = set(names)
     for node in nodes:
-        if any(i in reached for i in node.input):
+        if any(i in reached for i in _node_reads(node)):
             reached.update(node.output)
     return reached
 
 
 def _prune_dead(nodes: list, graph_outputs: set[str]) -> list:
-    """Drop nodes none of whose outputs is used (the Reshapes the bank replaced, and their shape constants)."""
+    """Drop nodes none of whose outputs is used (the Reshapes the bank replaced, and their shape constants).
+
+    A tensor read only inside a subgraph (:func:`_node_reads`) is used: DeBERTa-v2's relative-position ``If``
+    branches read Constants no other node reads, and pruning them left the bank graph invalid.
+    """
+    reads = [_node_reads(node) for node in nodes]  # once: the loop below may run a few rounds
     while True:
         used = set(graph_outputs)
-        for node in nodes:
-            used.update(node.input)
-        alive = [n for n in nodes if any(o in used for o in n.output)]
-        if len(alive) == len(nodes):
+        for names in reads:
+            used.update(names)
+        keep = [any(o in used for o in n.output) for n in nodes]
+        if all(keep):
             return nodes
-        nodes = alive
+        nodes = [n for n, k in zip(nodes, keep, strict=True) if k]
+        reads = [r for r, k in zip(reads, keep, strict=True) if k]
 
 
 # ---- per-adapter files ---------------------------------------------------------------------------

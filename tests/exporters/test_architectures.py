@@ -1,12 +1,14 @@
 """The architectures the exporter lists beyond the main matrix (test_export.py): each exports unmerged and
 validates against PyTorch on both transformers lines (small cases, to keep the suite quick); the decoders
-added later also serve greedy generation from a bank, token-equal to PyTorch ``generate``. Configs with
-sliding-window attention are validated on rows longer than their window."""
+added later also serve greedy generation from a bank, token-equal to PyTorch ``generate``; DeBERTa-v2 with
+relative attention serves each row through its adapter from a bank. Configs with sliding-window attention are
+validated on rows longer than their window."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +51,14 @@ def _build(name: str):
     if name == "deberta-v2":
         config = tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                     num_labels=3, **small)
+        return (tf.DebertaV2ForSequenceClassification(config), ["query_proj", "value_proj"], "text-classification",
+                ["classifier", "pooler"])
+    if name in ("deberta-v2-relative", "deberta-v2-relative-encoder"):  # the DeBERTa-v3 setting: bucketed positions
+        config = tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    relative_attention=True, position_buckets=256, pos_att_type=["p2c", "c2p"],
+                                    max_relative_positions=-1, num_labels=3, **small)
+        if name == "deberta-v2-relative-encoder":
+            return tf.DebertaV2Model(config), ["query_proj", "value_proj"], "feature-extraction", []
         return (tf.DebertaV2ForSequenceClassification(config), ["query_proj", "value_proj"], "text-classification",
                 ["classifier", "pooler"])
     if name == "gemma":
@@ -156,6 +166,67 @@ def test_bank_generation_equals_pytorch_generate(tmp_path, name, dtype):
     if window:
         with pytest.raises(ContextLengthError, match=rf"exceed the model's {window} positions \(its sliding window"):
             session.check_positions(len(rows[1]), new + 1)
+
+
+@pytest.mark.parametrize("name", ["deberta-v2-relative", "deberta-v2-relative-encoder"])
+def test_relative_attention_bank_rows_equal_pytorch_per_adapter(tmp_path, name):
+    """DeBERTa-v2 with relative attention (DeBERTa-v3's setting) as an adapter bank, classifier and bare encoder.
+
+    Its traced graph computes ``log_bucket_position``'s ``torch.where`` as an ``If`` whose branches read a
+    ``Constant`` of the main graph that no main-graph node lists as an input. The bank rewrite's dead-node
+    pruning counted node inputs only, dropped that Constant, and the export failed its own check ("Nodes in a
+    graph must be topologically sorted"); the plain unmerged export was fine. Now the bank validates, and
+    ``MultiAdapterSession`` serves each row of a mixed batch (rows of different lengths, padded) equal to
+    PyTorch on the row alone through that row's adapter: the classifier's adapter a0 brings a head of its own
+    (perturbed, so a row on the wrong head would show), a1 only kernels (the checkpoint's head)."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    def build() -> torch.nn.Module:
+        # the head's weights 25x their 0.02 init: logits that tell the slots apart (the same in every build)
+        model = _build(name)[0]
+        with torch.no_grad():
+            for module in saved:
+                for param in model.get_submodule(module).parameters():
+                    param.mul_(25.0)
+        return model
+
+    _, targets, task, saved = _build(name)
+    base = build()
+    base.save_pretrained(tmp_path / "model")
+    models: dict[str | None, torch.nn.Module] = {None: base.eval()}
+    generator = torch.Generator().manual_seed(5)
+    for seed, (adapter_targets, adapter_saved) in enumerate([(targets, saved), (targets[1:], [])]):
+        tuned = build()
+        inject(tuned, adapter_targets, block_size=8, init="normal", init_std=0.3, seed=seed,
+               modules_to_save=adapter_saved)
+        with torch.no_grad():
+            for module in adapter_saved:
+                for param in tuned.get_submodule(module).parameters():
+                    param.add_(0.5 * torch.randn(param.shape, generator=generator))
+        save_adapter(tuned, tmp_path / f"a{seed}")
+        models[f"a{seed}"] = tuned.eval()
+    out = export(tmp_path / "model", tmp_path / "onnx", [tmp_path / "a0", tmp_path / "a1"], merge=False, bank=True,
+                 verbose=False, cases=[(2, 5, 2)])
+    meta = json.loads((out / "bca_export.json").read_text())
+    assert meta["task"] == task and meta["validation"]["passed"] and meta["bank"]["slots"] == [None, "a0", "a1"]
+    session = MultiAdapterSession(out)
+    choice = ["a0", None, "a1", "a1", "a0", None]
+    rows = [torch.randint(3, 128, (n,), generator=generator).tolist() for n in (7, 3, 11, 5, 4, 9)]
+    if task == "text-classification":
+        got = [np.array(result["logits"]) for result in session.classify(rows, choice)]
+    else:
+        hidden = session.run(session.pad_ids(rows), choice, ["last_hidden_state"])["last_hidden_state"]
+        got = [hidden[b, :len(row)] for b, row in enumerate(rows)]
+    for b, (row, adapter) in enumerate(zip(rows, choice, strict=True)):
+        ids = torch.tensor([row])
+        want = {}
+        for key, model in models.items():  # every slot's model on this row: the row's own must match, no other
+            with torch.no_grad():
+                output = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            want[key] = (output.logits if task == "text-classification" else output.last_hidden_state)[0].double()
+        np.testing.assert_allclose(got[b], want[adapter].numpy(), atol=1e-4, rtol=0,
+                                   err_msg=f"{name}: row {b} through {adapter}")
+        assert all(not np.allclose(got[b], w.numpy(), atol=1e-3) for k, w in want.items() if k != adapter)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gemma", "bert", "electra", "distilbert"])

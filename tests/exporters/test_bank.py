@@ -356,6 +356,63 @@ def test_logits_to_keep_is_added_only_where_the_logits_are_positionwise(lm_head_
         assert not before and not extra and not reshaped
 
 
+def _branch_reading_graph(placeholder: str | None = None):
+    """``y = If(cond, then: x + c, else: If(cond, then: x * d, else: x))``: ``c`` and ``d`` are Constants of the
+    main graph read only inside the branches (``d`` two levels down), ``dead`` a Constant nothing reads; with
+    ``placeholder``, an initializer of that name that only the then-branch reads (as ``x + placeholder``)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value, dtype=np.float32):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype=dtype)))
+
+    def branch(name, nodes, out):
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    inner = helper.make_node("If", ["cond"], ["inner_y"],
+                             then_branch=branch("inner_then", [helper.make_node("Mul", ["x", "d"], ["xd"])], "xd"),
+                             else_branch=branch("inner_else", [helper.make_node("Identity", ["x"], ["xi"])], "xi"))
+    then_nodes = [helper.make_node("Add", ["x", "c"], ["xc"])]
+    if placeholder:
+        then_nodes.append(helper.make_node("Add", ["xc", placeholder], ["xcp"]))
+    outer = helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", then_nodes, then_nodes[-1].output[0]),
+                             else_branch=branch("else", [inner], "inner_y"))
+    nodes = [const("cond", True, np.bool_), const("c", [1.0]), const("d", [2.0]), const("dead", [3.0]), outer]
+    inits = [] if placeholder is None else [numpy_helper.from_array(np.zeros(1, np.float32), placeholder)]
+    return helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
+
+
+def test_tensors_read_inside_subgraphs_are_used():
+    """A Constant read only inside an ``If`` branch (DeBERTa-v2's relative-position buckets export that way) is
+    used: pruning after the bank rewrite kept it (it dropped it, and onnx refused the graph as not topologically
+    sorted), and what the branch computes counts as computed from it; a Constant nothing reads is still pruned."""
+    import onnx
+
+    from bca_deploy.exporters.bank import _downstream, _prune_dead
+
+    graph = _branch_reading_graph()
+    kept = _prune_dead(list(graph.node), {"y"})
+    assert [n.output[0] for n in kept] == ["cond", "c", "d", "y"]
+    assert {"y"} <= _downstream(kept, ["c"]) and {"y"} <= _downstream(kept, ["d"])
+    del graph.node[:]
+    graph.node.extend(kept)
+    onnx.checker.check_model(onnx.helper.make_model(graph))
+
+
+def test_bank_input_read_inside_a_subgraph_is_refused(tmp_path):
+    """A bank placeholder an ``If`` branch reads cannot be gathered per row there: the rewrite refuses it, naming
+    the node, instead of leaving the branch reading the stacked (S, 1, R, q, o) bank."""
+    import onnx
+
+    from bca_deploy.exporters.bank import BankTensor, rewrite_as_bank
+
+    entry = BankTensor("m", 2, 2, 2, "linear")
+    path = tmp_path / "model.onnx"
+    onnx.save_model(onnx.helper.make_model(_branch_reading_graph(entry.name)), str(path))
+    with pytest.raises(ExportError, match=rf"bank input {re.escape(entry.name)} feeds a If node"):
+        rewrite_as_bank(path, {entry.name: entry}, {})
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_validate_rechecks_a_bank_export_with_its_adapters(name, banks, tmp_path):
     """``bca-deploy validate`` of a ``--bank`` export (it used to ask for a ``slots=`` no caller could pass): mixed
