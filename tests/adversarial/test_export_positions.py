@@ -122,14 +122,19 @@ def test_position_ids_sliced_from_a_constant_shorter_than_the_table_set_the_limi
     assert graph_position_tables(model) == [PositionTable("embeddings.position_embeddings.weight", TABLE, 0, 40)]
 
 
+
+def untouched_and_claiming(exports, tmp_path_factory, model: str, config: dict):
+    """Sessions of ``model``'s export and of a copy whose config.json is edited by ``config``."""
+    hostile = claiming(exports(model), tmp_path_factory.mktemp("claims") / model, config)
+    return MultiAdapterSession(exports(model)), MultiAdapterSession(hostile)
+
 # ---- BERT: config.json claims 4× the table ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def bert_claims(exports, tmp_path_factory):
     """``(untouched session, session of the copy whose config.json claims 256 positions)``."""
-    hostile = claiming(exports("bert"), tmp_path_factory.mktemp("claims") / "bert", {"max_position_embeddings": 256})
-    return MultiAdapterSession(exports("bert")), MultiAdapterSession(hostile)
+    return untouched_and_claiming(exports, tmp_path_factory, "bert", {"max_position_embeddings": 256})
 
 
 def test_bert_rows_longer_than_the_table_are_refused_not_run(bert_claims):
@@ -217,8 +222,7 @@ def test_roberta_the_offset_comes_from_the_graph(exports, tmp_path, fields, clai
 
 @pytest.fixture(scope="module")
 def gpt2_claims(exports, tmp_path_factory):
-    hostile = claiming(exports("gpt2"), tmp_path_factory.mktemp("claims") / "gpt2", {"n_positions": 256})
-    return MultiAdapterSession(exports("gpt2")), MultiAdapterSession(hostile)
+    return untouched_and_claiming(exports, tmp_path_factory, "gpt2", {"n_positions": 256})
 
 
 def test_gpt2_generation_is_held_to_the_table(gpt2_claims):
