@@ -260,6 +260,7 @@ class MultiAdapterSession:
         import onnxruntime as ort
 
         from bca_deploy.exporters.bank import LOGITS_TO_KEEP
+        from bca_deploy.exporters.errors import ExportGraphError
         from bca_deploy.exporters.validate import ONNX_FILE, graph_position_limit, inference_session
 
         self.export_dir = Path(export_dir)
@@ -281,7 +282,10 @@ class MultiAdapterSession:
         # only claim a limit, and a row past the table fails inside onnxruntime (HTTP 500), so max_positions
         # takes the lower of the two. Read before the session is built: the parsed graph (weights included when
         # they are inside the file) is freed before onnxruntime holds its own copy, so the two do not add up.
-        self.position_table: PositionTable | None = graph_position_limit(onnx_path)
+        try:
+            self.position_table: PositionTable | None = graph_position_limit(onnx_path)
+        except ExportGraphError:  # a damaged graph file: onnxruntime's refusal below names it (the documented error)
+            self.position_table = None
         self.session = inference_session(onnx_path, options, provider)
         self._device = ("cuda", 0) if provider == "cuda" else ("cpu", 0)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
