@@ -332,11 +332,19 @@ class BCALinear(nn.Module):
         x (B, ..., d_in), result = base(x) (B, ..., d_out). Rows of adapters this layer does not
         hold (and :data:`BASE_ADAPTER` rows) keep the base output: their adapter has no delta here.
         """
-        if x.dim() < 2 or x.shape[0] != rows.batch_size:
-            raise ValueError(
-                f"{self.module_name}: a mixed-adapter batch names {rows.batch_size} rows but this layer got an "
-                f"input of shape {tuple(x.shape)} (its first dimension must be the batch); generation that "
-                "expands the batch (beam search, num_return_sequences > 1) cannot route rows"
+        held = [n for n in rows.rows if n in self.bca_kernels]  # none: every row keeps the base output, any shape
+        if held and (x.dim() < 2 or x.shape[0] != rows.batch_size):
+            if x.dim() >= 1 and x.shape[0] == 1 < rows.batch_size:  # one input for every row: nothing to route
+                why = (f"an input of shape {tuple(x.shape)} that every row of the batch shares (such as DeBERTa-v2's "
+                       "relative-position embeddings, which pos_key_proj / pos_query_proj project, and query_proj / "
+                       "key_proj too with share_att_key), so it cannot apply a different adapter to each row. Run "
+                       f"the rows of {', '.join(map(repr, held))} outside mixed_adapters, one adapter at a time "
+                       "with set_adapter, or adapt other modules")
+            else:
+                why = (f"an input of shape {tuple(x.shape)} (its first dimension must be the batch); generation that "
+                       "expands the batch (beam search, num_return_sequences > 1) cannot route rows")
+            raise InvalidOptionError(
+                f"{self.module_name}: a mixed-adapter batch names {rows.batch_size} rows but this layer got {why}"
             )
         if self.merged_adapters:
             raise RuntimeError(

@@ -97,6 +97,7 @@ __all__ = [
     "model_head_weights",
     "adapter_head",
     "exportable_heads",
+    "per_row_inputs",
     "stack_head",
     "BankPlan",
 ]
@@ -871,6 +872,98 @@ def exportable_heads(model: nn.Module, head: HeadLayout, width: int) -> Iterator
                 linear.__dict__.pop(attr, None)
 
 
+class _SharedInputSeen(Exception):
+    """Stops a bank trace once the model's forward has shown an adapted layer fed an input its rows share."""
+
+
+def _leading_batch(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() >= 1 else None
+
+
+@contextlib.contextmanager
+def per_row_inputs(model: nn.Module, layout: Mapping[str, BankTensor], names: Sequence[str],
+                   sources: Mapping[str, str] | None = None) -> Iterator[nn.Module]:
+    """Refuse a bank of adapters that adapt a layer whose input is not one row per batch row (in place; hooks
+    removed on exit).
+
+    A bank graph gives row b the kernels of slot ``adapter_ids[b]``, so every banked layer's input must be
+    ``(batch, ..., in_features)`` with the model's batch first. Some layers run on a tensor the whole batch
+    shares instead: DeBERTa-v2's ``pos_key_proj`` / ``pos_query_proj`` project the relative-position embeddings
+    (shape ``(1, 2k, hidden)``), and with ``share_att_key`` its ``query_proj`` / ``key_proj`` take them too. No
+    per-row kernel can apply there (PyTorch's ``mixed_adapters`` refuses them as well). While the block runs
+    (around the bank's trace), each adapted layer of ``layout`` records the first input whose leading dimension
+    is not the batch of the model's ``input_ids``; once the model's forward has returned with any, the trace is
+    stopped and :class:`UnsupportedExportError` names every such module, its input shape and its adapters
+    (``sources``: adapter name -> its directory, for the message), and what to export instead.
+
+    Raises:
+        UnsupportedExportError: some adapted layer's input is shared by the batch (raised from the block, after
+            the model's forward; an error the block raises for another reason is replaced by it then too).
+    """
+    modules = {entry.module for entry in layout.values()}
+    batch: list[int | None] = [None]
+    found: dict[str, tuple[tuple[int, ...], int]] = {}
+
+    def remember_batch(module, args, kwargs):
+        batch[0] = _leading_batch(args, kwargs)
+
+    def stop_if_found(module, args, kwargs, output):
+        if found:
+            raise _SharedInputSeen()
+
+    def watch(path: str):
+        def check(layer, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            rows = batch[0]
+            if rows is None or path in found or not isinstance(x, torch.Tensor):
+                return
+            shape = tuple(int(n) for n in x.shape)
+            if len(shape) < 2 or shape[0] != rows:
+                found[path] = (shape, rows)
+        return check
+
+    handles = [model.register_forward_pre_hook(remember_batch, with_kwargs=True),
+               model.register_forward_hook(stop_if_found, with_kwargs=True)]
+    layers = {path: layer for path, layer in bca_layers(model) if path in modules}
+    try:
+        handles += [layer.register_forward_pre_hook(watch(path), with_kwargs=True) for path, layer in layers.items()]
+        try:
+            yield model
+        except Exception:
+            if not found:
+                raise
+        if found:
+            raise _shared_input_error(found, {p: [n for n in names if n in layer.bca_kernels]
+                                              for p, layer in layers.items()}, names, sources or {}) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _shared_input_error(found: Mapping[str, tuple[tuple[int, ...], int]], adapters: Mapping[str, Sequence[str]],
+                        names: Sequence[str], sources: Mapping[str, str]) -> UnsupportedExportError:
+    """The refusal of :func:`per_row_inputs`: each module, its input, its adapters; then what works instead."""
+    problems = []
+    for path in sorted(found, key=list(adapters).index):
+        shape, rows = found[path]
+        problems.append(f"{path} (adapted by {', '.join(adapters[path])}): its input has shape {shape} while "
+                        f"tracing a batch of {rows} rows")
+    culprits = [n for n in names if any(n in adapters[path] for path in found)]
+    named = ", ".join(f"{n} ({sources[n]})" if n in sources else n for n in culprits)
+    leaves = sorted({path.rsplit(".", 1)[-1] for path in found})
+    header = ("an adapter-bank graph gives each row of a batch its own adapter, so every layer a banked adapter "
+              "adapts needs an input of shape (batch, ..., in_features), one row per batch row; these layers take "
+              "an input the whole batch shares (such as DeBERTa-v2's relative-position embeddings, which "
+              "pos_key_proj / pos_query_proj project, and query_proj / key_proj too when share_att_key is set), "
+              "so a bank cannot apply a different adapter to each row there:")
+    advice = (f"Export {'this adapter' if len(culprits) == 1 else 'each of these adapters'}, {named}, on its own, "
+              "without --bank (bank=False): a merged (--merge) or unmerged (--no-merge) "
+              "graph applies it to the shared input as PyTorch does and validates against it; or bank adapters "
+              f"trained without {', '.join(leaves)} in their target_modules")
+    return UnsupportedExportError(format_problems(header, problems, limit=12) + "\n" + advice)
+
+
 # ---- the graph rewrite -----------------------------------------------------------------------------
 
 
@@ -1464,13 +1557,18 @@ class BankPlan:
 
     @contextlib.contextmanager
     def exportable(self, model: nn.Module) -> Iterator[nn.Module]:
-        """The head layers of ``model`` as placeholders for the export (no-op without a per-slot head)."""
-        if self.head is None:
-            yield model
-            return
-        width = stack_head([self.slot_head(n) for n in self.slots], self.head)[self.head.label_layer.bias_name].shape[1]
-        with exportable_heads(model, self.head, width):
-            yield model
+        """``model`` ready for the bank's trace: its adapted layers watched by :func:`per_row_inputs` (a layer
+        whose input is shared by the batch's rows is refused, naming it, before anything is rewritten or
+        validated), the head layers as placeholders (with a per-slot head)."""
+        sources = None if self.source is None else dict(zip(self.names, map(str, self.source[1]), strict=True))
+        with per_row_inputs(model, self.layout, self.names, sources):
+            if self.head is None:
+                yield model
+                return
+            width = stack_head([self.slot_head(n) for n in self.slots],
+                               self.head)[self.head.label_layer.bias_name].shape[1]
+            with exportable_heads(model, self.head, width):
+                yield model
 
     def write(self, directory: Path) -> None:
         defaults = stack_bank([None, *(self.tensors[n] for n in self.names)], self.layout)

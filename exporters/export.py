@@ -195,7 +195,9 @@ def export(
 
     Raises:
         UnsupportedExportError: an architecture or task bca-deploy does not export (the message lists
-            what it does), bad ``dtype``/``fft``/``opset``/``provider`` (before anything is loaded or written).
+            what it does), bad ``dtype``/``fft``/``opset``/``provider`` (before anything is loaded or written);
+            with ``bank=True``, adapters of a layer whose input every row shares (DeBERTa-v2's relative-position
+            projections: each such module named, seen while tracing, before the graph is rewritten or validated).
         bca_deploy.models.TaskError: ``task`` contradicts the adapters, or the task's head is in neither
             the checkpoint nor an adapter.
         RuntimeVersionError: ``fft="dft"`` with onnxruntime < 1.27.

@@ -500,6 +500,165 @@ def test_misfit_adapter_tensors_list_every_problem(banks):
         assert "model.layers.0." in str(err.value) and "model.layers.1." in str(err.value)  # both layers listed
 
 
+# ---- layers whose input every row shares (DeBERTa-v2's relative-position projections) -----------------------
+# name -> (share_att_key, bare encoder, adapter -> targets, the layers of a0 whose input is shared)
+SHARED_INPUT = {
+    # pos_key_proj / pos_query_proj project the relative-position embeddings (1, 2k, hidden); a1 adapts per-row layers
+    "pos-proj": (False, False, {"a0": ["query_proj", "pos_key_proj", "pos_query_proj"],
+                                "a1": ["query_proj", "value_proj"]}, ["pos_key_proj", "pos_query_proj"]),
+    # share_att_key (DeBERTa-v3's checkpoints set it): query_proj projects both the rows and the embeddings
+    "shared-key": (True, True, {"a0": ["query_proj", "value_proj"], "a1": ["value_proj"]}, ["query_proj"]),
+}
+_SHARED_INPUT: dict[str, dict] = {}
+
+
+def _relative_deberta(share_att_key: bool, encoder: bool) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.DebertaV2Config(vocab_size=128, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=64, relative_attention=True,
+                                position_buckets=256, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+                                num_labels=3, share_att_key=share_att_key)
+    if encoder:
+        return tf.DebertaV2Model(config).eval()
+    model = tf.DebertaV2ForSequenceClassification(config).eval()
+    with torch.no_grad():  # the head 25x its 0.02 init: logits whose adapters' effects are far beyond tolerance
+        for module in ("pooler", "classifier"):
+            for param in model.get_submodule(module).parameters():
+                param.mul_(25.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def shared_input(tmp_path_factory):
+    """``shared_input(name)``: {"model": dir, "adapters": [a0 dir, a1 dir], "shared": a0's shared layers} of
+    :data:`SHARED_INPUT` (written once per module)."""
+    from bca_deploy import inject, save_adapter
+
+    def get(name: str) -> dict:
+        if name not in _SHARED_INPUT:
+            share_att_key, encoder, adapters, shared = SHARED_INPUT[name]
+            root = tmp_path_factory.mktemp(f"shared-input-{name}")
+            _relative_deberta(share_att_key, encoder).save_pretrained(root / "model")
+            for seed, (adapter, targets) in enumerate(adapters.items()):
+                tuned = _relative_deberta(share_att_key, encoder)
+                inject(tuned, targets, block_size=8, init="normal", init_std=0.3, seed=seed)
+                save_adapter(tuned, root / adapter)
+            _SHARED_INPUT[name] = {"model": root / "model", "adapters": [root / a for a in adapters], "shared": shared}
+        return _SHARED_INPUT[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_INPUT))
+def test_bank_of_a_layer_whose_input_the_batch_shares_is_refused_naming_it(shared_input, name, tmp_path):
+    """A bank routes each row through its own kernels; DeBERTa-v2's relative-position projections (and with
+    share_att_key its query_proj) run once on embeddings (1, 2k, hidden) every row shares. The export went on
+    to rewrite such a layer: validation failed (a ValueError from the PyTorch reference, onnxruntime's Reshape
+    failure: "Internal error", exit 70, or wrong numbers), and without validation a wrong bank graph was written.
+    Now the bank's trace sees the shared input and refuses, validated or not, with an UnsupportedExportError
+    naming each module, its adapter and input shape, before anything is written."""
+    from bca_deploy.errors import BCAError
+
+    art = shared_input(name)
+    out = tmp_path / "out"
+    with pytest.raises(UnsupportedExportError) as err:
+        export(art["model"], out, art["adapters"], merge=False, bank=True, verbose=False, validate=False)
+    message = str(err.value)
+    assert isinstance(err.value, BCAError)
+    for layer in range(LAYERS):
+        for leaf in art["shared"]:
+            assert f"layer.{layer}.attention.self.{leaf} (adapted by a0" in message, message
+    assert re.search(r"its input has shape \(1, 512, 32\) while tracing a batch of 2 rows", message), message
+    assert message.count("its input has shape") == LAYERS * len(art["shared"])  # only the shared layers
+    assert f"a0 ({art['adapters'][0]})" in message and str(art["adapters"][1]) not in message  # a1 banks fine
+    assert "without --bank" in message and "--merge" in message and "--no-merge" in message
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_bank_export_of_a_shared_input_layer_exits_2_with_the_message(shared_input, tmp_path):
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    art = shared_input("pos-proj")
+    out = tmp_path / "out"
+    args = ["export", "--model", str(art["model"]), *(f"--adapter={d}" for d in art["adapters"]), "--bank",
+            "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: an adapter-bank graph gives each row"), result.output
+    assert "Traceback" not in result.output and "Internal error" not in result.output and "bug" not in result.output
+    assert "deberta.encoder.layer.0.attention.self.pos_key_proj (adapted by a0)" in result.output
+    assert "deberta.encoder.layer.1.attention.self.pos_query_proj (adapted by a0)" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "merge"), [("pos-proj", False), ("pos-proj", True), ("shared-key", False)])
+def test_shared_input_adapter_exports_on_its_own_and_validates(shared_input, name, merge, tmp_path):
+    """What the refusal advises works: the adapter alone, merged or unmerged, validates against PyTorch, and its
+    shared-input layers count (zeroing their kernels moves the output far beyond what validation allowed)."""
+    from bca_deploy import load_adapter
+    from bca_deploy.inject import bca_layers
+
+    art = shared_input(name)
+    share_att_key, encoder, _, _ = SHARED_INPUT[name]
+    out = export(art["model"], tmp_path / "out", art["adapters"][:1], merge=merge, verbose=False, cases=[(2, 5, 2)])
+    validation = json.loads((out / "bca_export.json").read_text())["validation"]
+    assert validation["passed"]
+    allowed = max(row["allowed"] for row in validation["rows"])
+    model = type(_relative_deberta(share_att_key, encoder)).from_pretrained(art["model"]).eval()
+    load_adapter(model, art["adapters"][0], adapter_name="a0")
+    ids = torch.from_numpy(random_ids(2, 5, seed=3))
+
+    def output() -> torch.Tensor:
+        with torch.no_grad():
+            result = model(input_ids=ids)
+        return result.last_hidden_state if encoder else result.logits
+
+    adapted = output()
+    with torch.no_grad():
+        for path, layer in bca_layers(model):
+            if path.rsplit(".", 1)[-1] in art["shared"]:
+                layer.bca_kernels["a0"].zero_()
+    assert (adapted - output()).abs().max().item() > 10 * allowed
+
+
+def test_mixed_adapters_on_a_shared_input_layer_raise_a_typed_error_naming_it(shared_input):
+    """PyTorch's own per-row routing of the same layer: an InvalidOptionError (a BCAError) naming the module and
+    the shared input, was a bare ValueError; adapters of per-row layers still mix."""
+    import transformers as tf
+
+    from bca_deploy import load_adapter
+    from bca_deploy.errors import BCAError, InvalidOptionError
+    from bca_deploy.inject import adapters_disabled, bca_layers, set_adapter
+
+    art = shared_input("pos-proj")
+    model = tf.DebertaV2ForSequenceClassification.from_pretrained(art["model"]).eval()
+    for directory in art["adapters"]:
+        load_adapter(model, directory, adapter_name=directory.name)
+    ids = torch.from_numpy(random_ids(2, 5, seed=4))
+    with pytest.raises(InvalidOptionError) as err, torch.no_grad(), mixed_adapters(model, ["a0", None]):
+        model(input_ids=ids)
+    assert isinstance(err.value, BCAError) and isinstance(err.value, ValueError)
+    assert re.match(r"deberta\.encoder\.layer\.0\.attention\.self\.pos_(key|query)_proj: a mixed-adapter batch "
+                    r"names 2 rows but this layer got an input of shape \(1, 512, 32\) that every row of the batch "
+                    r"shares", str(err.value)), str(err.value)
+    assert "'a0' outside mixed_adapters" in str(err.value)
+    assert all(layer.row_adapters is None for _, layer in bca_layers(model))
+    with torch.no_grad(), mixed_adapters(model, ["a1", None]):  # pos_* hold a0 only: every row's base output there
+        mixed = model(input_ids=ids).logits
+    set_adapter(model, "a1")
+    with torch.no_grad():
+        alone = model(input_ids=ids[:1]).logits[0]
+        with adapters_disabled(model):
+            base = model(input_ids=ids[1:]).logits[0]
+    torch.testing.assert_close(mixed[0], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], base, atol=1e-5, rtol=0)
+    assert not torch.allclose(alone, base, atol=1e-3)
+
+
 # ---- per-adapter classifier heads: RoBERTa (dense + tanh + out_proj on <s>) ---------------------------------
 # (BERT's one-Linear head with a pooler: tests/serving/test_classify.py. Decoders' ``score`` head would bank the
 # same way, but the exporter does not export decoders for text-classification: see exporters/loading.py.)
