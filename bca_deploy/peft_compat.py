@@ -99,15 +99,18 @@ def from_peft(
     - a kernel for a module the config does not adapt is refused (PEFT ignores it, so PEFT's numbers and ours
       would differ);
     - given the model (``model_layer_types``), a Linear layer the config adapts without a kernel in the file is
-      refused (PEFT would give it a new kernel, random unless ``init_weights`` is true).
+      refused (PEFT would give it a new random kernel); with ``init_weights`` true PEFT's new kernel is zero, a
+      no-op, so the file gives PEFT's numbers with that layer left unadapted, and loads;
+    - given the model, a kernel for a layer that is no Linear (GPT-2's Conv1D) is refused: PEFT's C3A adapts
+      ``torch.nn.Linear`` only (it raises TypeError for anything else), so no PEFT file has such a kernel.
 
     Args:
         peft_config: the parsed ``adapter_config.json``.
         state: the tensors of ``adapter_model.safetensors``.
         model_layer_types: optional ``{path: "linear"|"conv1d"}`` of the target model's layers: the layer types
-            of the adapted modules (PEFT's C3A only supports Linear) and the Linear layers whose kernels must be
-            in the file when the config adapts them (paths may differ from the file's by one
-            ``base_model_prefix``).
+            of the adapted modules (PEFT's C3A only supports Linear: another type is refused) and the Linear layers
+            whose kernels must be in the file when the config adapts them (paths may differ from the file's by
+            one ``base_model_prefix``).
         source: name used in error messages (the directory).
         metadata: the safetensors file's metadata; a task record written by :func:`peft_metadata` is used
             when it is for the same task as PEFT's ``task_type`` (a copy whose ``task_type`` was edited
@@ -182,7 +185,7 @@ def from_peft(
                 scaling=1.0 / (q * b),
                 in_features=int(q * b),
                 out_features=int(o * b),
-                layer_type=(model_layer_types or {}).get(module, "linear"),
+                layer_type="linear",  # PEFT's C3A builds Linear layers only (a Conv1D is refused below)
             )
             found = specs[module].problems(key)
             if found:  # checked before converting: a sparse file must not make us allocate its apparent size
@@ -201,6 +204,7 @@ def from_peft(
             if module not in extra_modules:
                 extra_modules.append(module)
     problems += _base_copy_problems(base_copies, specs)
+    problems += _layer_type_problems(set(specs) | bad_kernels, model_layer_types)
     if rules is not None:
         problems += _rule_problems(rules, kernels, set(specs) | bad_kernels, model_layer_types,
                                    peft_config.get("init_weights", "xavier_uniform"))
@@ -422,8 +426,10 @@ def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_p
     """Every way the file's kernels disagree with the config's rules (:class:`_PeftRules`): a kernel whose block size
     is not the one the config gives its module (PEFT refuses to load it: size mismatch); a kernel for a module the
     rules do not adapt (PEFT ignores it: the module runs unadapted); and, given the model's layers
-    (``model_layer_types``), a Linear layer the rules adapt without a kernel in the file (PEFT gives it a new
-    kernel: random, or zeros with ``init_weights`` true). Each names the module, the field and what was expected.
+    (``model_layer_types``), a Linear layer the rules adapt without a kernel in the file (PEFT gives it a new random
+    kernel). Not refused: such a layer when ``init_weights`` is true, since PEFT's new kernel is then zero (a no-op):
+    PEFT's numbers are the file's kernels' alone, which is what is loaded. Each names the module, the field and what
+    was expected.
 
     ``kernels``: PEFT's valid kernels by module path; ``source_paths``: every module path the file has a kernel
     tensor for (valid or not).
@@ -451,11 +457,11 @@ def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_p
                 f"tensor {PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX}: a kernel for module {module}, which the config "
                 f"does not adapt: {reason}; {peft}, so which numbers are meant is unknown: fix the config "
                 f"({rules.describe()}) or remove the kernel")
-    if model_layer_types:
+    if model_layer_types and init_weights is not True:  # true: PEFT's new kernel is zero, its numbers the file's
         linear = [path for path, kind in model_layer_types.items() if kind == "linear"]
         in_file = _paths_as_in_file(source_paths, linear)
         init = init_weights if isinstance(init_weights, str) else "xavier_uniform"
-        fresh = "a zero kernel (a no-op)" if init_weights is True else f"a new randomly initialised kernel ({init})"
+        fresh = f"a new randomly initialised kernel ({init})"
         for path in sorted(in_file or {}, key=lambda p: in_file[p]):
             module = in_file[path]
             if module not in source_paths and rules.why_not(module) is None:
@@ -464,6 +470,32 @@ def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_p
                     f"module {module}{named}: the config adapts it ({rules.describe()}), but the file has no kernel "
                     f"for it ({PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX} is missing); PEFT would give it {fresh}: "
                     "fix the config (layers_to_transform, target_modules, exclude_modules) to name the trained modules")
+    return problems
+
+
+_LAYER_KINDS = {"conv1d": "transformers Conv1D"}
+
+
+def _layer_type_problems(source_paths: set[str], model_layer_types: dict[str, str] | None) -> list[str]:
+    """A kernel for a layer of the model that is no Linear (GPT-2's Conv1D ``c_attn``, ``c_fc``...): PEFT's C3A
+    raises TypeError for such a target (``get_peft_model`` and ``PeftModel.from_pretrained`` alike), so no PEFT
+    adapter holds its kernel, and whether it means ΔW of the layer's stored (in, out) weight or of its transpose is
+    not said anywhere. Paths may differ from the model's by one ``base_model_prefix``."""
+    if not model_layer_types:
+        return []
+    in_file = _paths_as_in_file(source_paths, list(model_layer_types))
+    if in_file is None:  # the fit check names the modules the model does not have
+        return []
+    problems = []
+    for path, module in sorted(in_file.items(), key=lambda item: item[1]):
+        kind = model_layer_types[path]
+        if module in source_paths and kind != "linear":
+            named = f" ({path} in this model)" if path != module else ""
+            problems.append(
+                f"module {module}{named}: a {_LAYER_KINDS.get(kind, kind)} layer in this model, but PEFT's C3A adapts "
+                "torch.nn.Linear only (PEFT refuses the target: TypeError 'only `torch.nn.Linear` is supported'), so "
+                f"no PEFT adapter has its kernel {PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX} and which ΔW it means is "
+                "unknown: train it with bca-deploy (which adapts Conv1D layers) or target Linear layers")
     return problems
 
 
