@@ -32,6 +32,13 @@ bank inputs ``(S, in, out)`` / ``(S, out)`` gathered per row, the label layer wi
 slot 0 holds the checkpoint's head (or none), slot i adapter i's own head (or the checkpoint's when it
 saves none). Each row's logits are exactly its own model's; labels a slot does not have are -inf.
 
+An adapted module whose output the exported graph does not use has no bank input: ``torch.onnx.export`` prunes
+it (a ``BertModel``'s pooler in a feature-extraction graph, which outputs ``last_hidden_state`` only; PEFT's
+``all-linear`` adapts ``pooler.dense``). The export leaves it out of the layout after checking, in PyTorch, that
+the graph's outputs do not depend on it (:func:`unreachable_modules`), says so, and records it
+(:class:`UnusedModule`, ``bank.unused_modules``): serving registers adapters with a kernel for it, that kernel
+ignored, while a module the bank does not hold at all is still refused.
+
 The graph is rewritten with ``onnx`` after the single-adapter graph was exported with placeholder
 constants (:func:`placeholder_kernels`, :func:`exportable_heads`); nothing here depends on how the
 exporter names other tensors. :class:`BankPlan` is the export's side: load, plan, write, validate.
@@ -44,7 +51,7 @@ import dataclasses
 import os
 import threading
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +78,7 @@ __all__ = [
     "ADAPTERS_DIR",
     "ADAPTER_FILE_SUFFIX",
     "BankTensor",
+    "UnusedModule",
     "bank_layout",
     "placeholder_kernels",
     "model_adapter_tensors",
@@ -98,6 +106,8 @@ __all__ = [
     "adapter_head",
     "exportable_heads",
     "per_row_inputs",
+    "unreachable_modules",
+    "unused_reason",
     "stack_head",
     "BankPlan",
 ]
@@ -169,6 +179,46 @@ def layout_from_dict(entries: Sequence[Mapping]) -> dict[str, BankTensor]:
             raise ValueError(f"malformed bank tensor {str(dict(e))[:200]}")
         tensors.append(t)
     return {t.name: t for t in tensors}
+
+
+@dataclasses.dataclass(frozen=True)
+class UnusedModule:
+    """An adapted module a bank graph leaves out: its output does not reach the graph's outputs.
+
+    ``torch.onnx.export`` prunes what the outputs do not depend on (a ``BertModel``'s pooler in a
+    feature-extraction graph, which outputs ``last_hidden_state`` only), so such a module has no bank input;
+    any kernel on it changes nothing the graph computes. The bank records it (``bank.unused_modules`` of
+    ``bca_export.json``) so an adapter carrying a kernel for it still registers (that kernel ignored), while a
+    module the graph does adapt at a block size it does not hold, or one it does not hold at all, is still
+    refused. The module's layer type and sizes are kept: a kernel of another shape is one trained on another model.
+    """
+
+    module: str
+    layer_type: str
+    in_features: int
+    out_features: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> UnusedModule:
+        """The record :meth:`to_dict` wrote, every field checked.
+
+        Raises:
+            ValueError: not such a record (a field missing or of the wrong type or range).
+        """
+        from bca_deploy.config import MAX_FEATURES
+
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an unused module must be an object, got {type(data).__name__}")
+        entry = cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+        if not (isinstance(entry.module, str) and entry.module and entry.layer_type in ("linear", "conv1d")
+                and all(type(v) is int and 1 <= v <= MAX_FEATURES for v in (entry.in_features, entry.out_features))
+                and isinstance(entry.reason, str)):
+            raise ValueError(f"malformed unused module {str(dict(data))[:200]}")
+        return entry
 
 
 def bank_layout(model: nn.Module, adapter_names: Sequence[str]) -> dict[str, BankTensor]:
@@ -275,34 +325,45 @@ def adapter_slot(
     head: HeadLayout | None = None,
     base_head: HeadWeights | None = None,
     model_type: str | None = None,
+    unused: Sequence[UnusedModule] = (),
 ) -> tuple[dict[str, np.ndarray], HeadWeights | None]:
     """An adapter read from disk (:func:`bca_deploy.read_adapter`) → its slot: kernels and classifier head.
 
     The adapter is checked against the graph by the one fit check (:func:`bca_deploy.fit.check_adapter`
     on :func:`bca_deploy.fit.bank_target`, the head layers as the parameters whole modules may replace):
     module paths that differ from the graph's only by ``base_model_prefix`` are aligned, and every
-    problem (with those of :func:`adapter_head`) is collected and raised at once.
+    problem (with those of :func:`adapter_head`) is collected and raised at once. A kernel on one of the
+    ``unused`` modules (:class:`UnusedModule`: adapted when the bank was exported, left out because the graph
+    does not use its output) is checked for that module's layer type and sizes, at any block size, and
+    ignored: it changes nothing the graph computes. Any other module the layout does not hold is refused.
 
     Args:
         head: the graph's per-slot classifier head (None: the graph has none, and an adapter saving
             whole modules is refused).
         base_head: the base checkpoint's head layers (fill the layers an adapter does not save).
         model_type: the graph's ``model_type`` (an adapter trained on another is refused).
+        unused: the bank's :attr:`BankRecord.unused` modules.
 
     Returns:
         ``({bank input: (1, R, q, o)}, head)``: the frequency-domain kernels of every bank input the
         adapter touches, and its own head (see :func:`adapter_head`; None: its rows use the base head).
 
     Raises:
-        AdapterMismatchError: a module the graph does not adapt, a block size or shape the bank does
-            not hold, a missing, mis-typed or non-finite tensor, another ``model_type``, or
-            ``modules_to_save`` that are not a head the bank holds (each named).
+        AdapterMismatchError: a module the graph does not adapt (and did not leave out as unused), a block
+            size or shape the bank does not hold, a missing, mis-typed or non-finite tensor, another
+            ``model_type``, or ``modules_to_save`` that are not a head the bank holds (each named).
     """
-    from bca_deploy.fit import adapter_problems, align_to_target, bank_target, target_problems
+    from bca_deploy.fit import ModuleInfo, adapter_problems, align_to_target, bank_target, target_problems
 
     params, resizable = (None, frozenset()) if head is None else head_params(head)
-    target = dataclasses.replace(bank_target(layout, model_type, base_model_prefix, params=params),
-                                 resizable=resizable)
+    target = bank_target(layout, model_type, base_model_prefix, params=params)
+    ignored = {u.module for u in unused if u.module not in target.modules}
+    modules = dict(target.modules)
+    for u in unused:
+        if u.module in ignored:  # any block size: the graph does not compute this module
+            shape = (u.in_features, u.out_features) if u.layer_type == "conv1d" else (u.out_features, u.in_features)
+            modules[u.module] = ModuleInfo(u.layer_type, u.in_features, u.out_features, shape)
+    target = dataclasses.replace(target, modules=modules, resizable=resizable)
     config, state = align_to_target(config, state, target)
     problems = adapter_problems(config, state) + target_problems(config, state, target)
     tensors: dict[str, np.ndarray] = {}
@@ -310,6 +371,8 @@ def adapter_slot(
         own_head, head_problems = adapter_head(config, state, head, base_head)
         if not problems:
             for path, spec in sorted(config.modules.items()):
+                if path in ignored:
+                    continue
                 entry = BankTensor(path, spec.block_size, spec.in_features, spec.out_features, spec.layer_type)
                 tensors[entry.name] = _frequency(state[path + KERNEL_SUFFIX], spec.scaling)
     problems += head_problems
@@ -553,6 +616,8 @@ class BankRecord:
         base_head_file: the base checkpoint's head layers (:data:`HEAD_BASE_FILE`), relative; None: none.
         base_labels: the base checkpoint's labels, or None.
         adapter_labels: adapter name -> the labels of its own head (None: it uses the base head).
+        unused: adapted modules the graph does not use, left out of the layout (:class:`UnusedModule`); empty
+            for a bank exported before they were recorded (``bank.unused_modules``).
     """
 
     ids_input: str
@@ -565,6 +630,7 @@ class BankRecord:
     base_head_file: str | None = None
     base_labels: HeadLabels | None = None
     adapter_labels: Mapping[str, HeadLabels | None] = dataclasses.field(default_factory=dict)
+    unused: tuple[UnusedModule, ...] = ()
 
     @property
     def adapters(self) -> list[str]:
@@ -647,10 +713,25 @@ class BankRecord:
                             adapter_labels[name] = None if labels is None else HeadLabels.from_dict(labels)
                         except ValueError as exc:
                             problems.append(f"bank.head.adapters[{name[:40]!r}]: {exc}")
+        unused: list[UnusedModule] = []
+        raw_unused = data.get("unused_modules")  # absent from banks exported before it was recorded
+        if raw_unused is not None:
+            if not isinstance(raw_unused, list):
+                problems.append(f"bank.unused_modules must be a list, got {type(raw_unused).__name__}")
+            else:
+                for entry in raw_unused:
+                    try:
+                        unused.append(UnusedModule.from_dict(entry))
+                    except ValueError as exc:
+                        problems.append(f"bank.unused_modules: {exc}")
+                adapted = {t.module for t in layout.values()}
+                both = sorted({u.module for u in unused} & adapted)
+                if both:
+                    problems.append(f"bank.unused_modules lists {', '.join(both)[:200]}, which bank.tensors adapts")
         if problems:
             raise ValueError("; ".join(problems) + "; re-export the bank (bca-deploy export --bank)")
         return cls(ids_input, tuple(slots), adapter_files, layout, prefix or "", model_type, head, base_file,
-                   base_labels, adapter_labels)
+                   base_labels, adapter_labels, tuple(unused))
 
 
 def _outermost(paths: Sequence[str]) -> list[str]:
@@ -962,6 +1043,132 @@ def _shared_input_error(found: Mapping[str, tuple[tuple[int, ...], int]], adapte
               "graph applies it to the shared input as PyTorch does and validates against it; or bank adapters "
               f"trained without {', '.join(leaves)} in their target_modules")
     return UnsupportedExportError(format_problems(header, problems, limit=12) + "\n" + advice)
+
+
+# ---- modules the graph does not use ---------------------------------------------------------------
+
+
+def _outputs_of(run: Callable[[], Any]) -> list[torch.Tensor]:
+    outputs = run()
+    return [outputs] if isinstance(outputs, torch.Tensor) else [t for t in outputs if isinstance(t, torch.Tensor)]
+
+
+@contextlib.contextmanager
+def _output_hooks(model: nn.Module, paths: Sequence[str], change: Callable[[str, torch.Tensor], torch.Tensor]):
+    """Each module of ``paths`` (those ``model`` has) returns ``change(path, output)`` for a floating tensor output."""
+
+    def hook_of(path: str):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                return change(path, output)
+            return None
+        return hook
+
+    handles = []
+    try:
+        for path in paths:
+            with contextlib.suppress(AttributeError):
+                handles.append(model.get_submodule(path).register_forward_hook(hook_of(path)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _reached_leaves(outputs: Sequence[torch.Tensor]) -> set[int]:
+    """``id`` of every autograd leaf the outputs' graph reaches (walked, nothing differentiated)."""
+    reached: set[int] = set()
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return reached
+
+
+def _perturbing_changes_outputs(model: nn.Module, run: Callable[[], Any], paths: Sequence[str],
+                                reference: Sequence[torch.Tensor]) -> bool:
+    """Whether adding large random noise to the outputs of ``paths`` (then subtracting it, a second run) changes any
+    bit of the outputs of ``run()``: a use the dataflow walk cannot see (a comparison, an index) changes them."""
+    for sign in (1.0, -1.0):
+        generator = torch.Generator().manual_seed(0)  # the same noise in both runs, the sign flipped
+
+        def noisy(path: str, output: torch.Tensor) -> torch.Tensor:
+            noise = torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
+            scale = 4.0 * (1.0 + float(output.detach().abs().max())) if output.numel() else 1.0
+            return output + sign * scale * noise
+
+        with _output_hooks(model, paths, noisy), torch.no_grad():
+            got = _outputs_of(run)
+        if len(got) != len(reference) or not all(torch.equal(a, b) for a, b in zip(got, reference, strict=True)):
+            return True
+    return False
+
+
+def unreachable_modules(model: nn.Module, run: Callable[[], Any], paths: Sequence[str]) -> dict[str, str | None]:
+    """Which of the modules ``paths`` of ``model`` have an output that the outputs of ``run()`` do not depend on.
+
+    ``run`` runs ``model``'s forward as the exported graph does (the graph's inputs, its outputs only) and returns
+    those outputs (a tensor or a sequence of them). Two checks, both needed:
+
+    * the dataflow: while ``run`` runs, every module of ``paths`` and each of their ancestors that returns a
+      floating tensor gets a zero scalar leaf added to its output, and the autograd graph is walked back from the
+      outputs (nothing is differentiated): a module whose leaf is not reached, or that never ran, feeds no output
+      through any differentiable op. This is the dataflow ``torch.onnx.export`` prunes by: the placeholder kernel
+      of such a module is not in the exported graph.
+    * the values: large random noise added to (then subtracted from) those modules' outputs changes no bit of the
+      outputs, so no use the walk cannot see (through a comparison or an index) is missed either.
+
+    Returns:
+        ``{path: owner}`` for every unused module of ``paths``: ``owner`` is its outermost ancestor whose output is
+        unused as well (``pooler`` for a ``BertModel``'s ``pooler.dense`` in a feature-extraction graph), or None.
+        Modules whose output the outputs use are absent.
+    """
+    candidates: set[str] = set()
+    for path in paths:
+        parts = path.split(".")
+        candidates.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    leaves: dict[str, torch.Tensor] = {}
+
+    def add_leaf(path: str, output: torch.Tensor) -> torch.Tensor:
+        if path not in leaves:
+            leaves[path] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        return output + leaves[path]
+
+    with _output_hooks(model, sorted(candidates), add_leaf), torch.enable_grad():
+        reached = _reached_leaves(_outputs_of(run))
+
+    def unused(path: str) -> bool:
+        return path in leaves and id(leaves[path]) not in reached
+
+    found = [p for p in dict.fromkeys(paths) if not (p in leaves and not unused(p))]
+    if found:
+        with torch.no_grad():
+            reference = _outputs_of(run)
+        if _perturbing_changes_outputs(model, run, found, reference):  # some are used after all: which
+            found = [p for p in found if not _perturbing_changes_outputs(model, run, [p], reference)]
+    result: dict[str, str | None] = {}
+    for path in found:
+        parts = path.split(".")
+        result[path] = next((a for a in (".".join(parts[:i]) for i in range(1, len(parts))) if unused(a)), None)
+    return result
+
+
+def unused_reason(task: str, outputs: Sequence[str], owner: str | None) -> str:
+    """Why a module is left out of a bank, in words: what the graph outputs, and what is not part of it."""
+    names = [o for o in outputs if not o.startswith("present.")]
+    if len(names) < len(outputs):
+        names.append("present.* (the key/value cache)")
+    what = f"{task} outputs {', '.join(names)}"
+    if owner is not None:
+        return f"its output is not used by the exported graph ({what}; the {owner} is not part of it)"
+    return f"its output is not used by the exported graph ({what}, which do not depend on it)"
 
 
 # ---- the graph rewrite -----------------------------------------------------------------------------
@@ -1479,6 +1686,7 @@ class BankPlan:
         self.source = source
         self.base_model_prefix = getattr(model, "base_model_prefix", "") or ""
         self.model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.unused: list[UnusedModule] = []  # adapted modules the graph does not use (see leave_out)
 
     @classmethod
     def load(cls, model_dir: str | Path, adapter_dirs: Sequence[str | Path], task: Any = None) -> BankPlan:
@@ -1569,6 +1777,48 @@ class BankPlan:
                                self.head)[self.head.label_layer.bias_name].shape[1]
             with exportable_heads(model, self.head, width):
                 yield model
+
+    def absent_modules(self, onnx_path: Path) -> list[str]:
+        """The adapted modules of the layout whose placeholder kernel the traced graph at ``onnx_path`` lacks
+        (``torch.onnx.export`` prunes what its outputs do not depend on); ``[]`` when every one is there."""
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        present = {t.name for t in graph.initializer}
+        return sorted({entry.module for name, entry in self.layout.items() if name not in present})
+
+    def leave_out(self, unused: Mapping[str, str]) -> list[UnusedModule]:
+        """Leave the modules of ``unused`` (path -> why: :func:`unused_reason`) out of the bank: no bank input, no
+        slot tensors, recorded in :meth:`metadata` (``unused_modules``) so serving ignores kernels for them.
+
+        Only for modules whose output the graph does not use (:func:`unreachable_modules`), so leaving their kernels
+        out changes nothing the graph computes; the validation against PyTorch (every kernel applied) checks it.
+
+        Raises:
+            UnsupportedExportError: every adapted module is unused: the bank would be the base model alone.
+        """
+        layers = dict(bca_layers(self.model))
+        for path, reason in sorted(unused.items()):
+            if any(entry.module == path for entry in self.layout.values()):
+                layer = layers[path]
+                self.unused.append(UnusedModule(path, layer.layer_type, layer.in_features, layer.out_features, reason))
+        gone = {u.module for u in self.unused}
+        layout = {name: entry for name, entry in self.layout.items() if entry.module not in gone}
+        if not layout:
+            raise UnsupportedExportError(
+                f"the exported {self.task} graph uses none of the modules these adapters adapt "
+                f"({', '.join(sorted(gone))}: {self.unused[0].reason}); a bank of them would compute the base model "
+                "alone. Adapt modules the graph computes, or export another task")
+        self.layout = layout
+        self.tensors = {n: {k: v for k, v in t.items() if k in layout} for n, t in self.tensors.items()}
+        return self.unused
+
+    def notes(self) -> list[str]:
+        """What the export says about the bank besides its validation: each module left out, and why."""
+        by_module = {path: [n for n in self.names if n in layer.bca_kernels] for path, layer in bca_layers(self.model)}
+        return [f"note: {u.module} (adapted by {', '.join(by_module.get(u.module, [])) or 'an adapter'}) is left out "
+                f"of the bank: {u.reason}. Its kernels change nothing the graph computes; adapters registered with "
+                "one still load, that kernel ignored" for u in self.unused]
 
     def write(self, directory: Path) -> None:
         defaults = stack_bank([None, *(self.tensors[n] for n in self.names)], self.layout)
@@ -1681,5 +1931,6 @@ class BankPlan:
             "base_model_prefix": self.base_model_prefix,
             "model_type": self.model_type,
             "tensors": layout_to_dict(self.layout),
+            "unused_modules": [u.to_dict() for u in self.unused],
             "head": head,
         }

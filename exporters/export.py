@@ -188,7 +188,10 @@ def export(
             same modules and block sizes; ``adapters/<name>.onnx_adapter`` holds one onnxruntime
             ``AdapterFormat`` file per adapter. For ``text-classification`` the classifier head is
             banked too: each adapter's own head (its ``modules_to_save``, any number of labels) or the
-            checkpoint's, chosen per row like the kernels. See :mod:`bca_deploy.exporters.bank`.
+            checkpoint's, chosen per row like the kernels. An adapted module whose output the graph does not
+            use (a ``BertModel``'s ``pooler.dense`` in a feature-extraction graph: PEFT's ``all-linear`` adapts
+            it) gets no bank input: it is named in the output (``verbose``) and recorded in ``bca_export.json``
+            (``bank.unused_modules``), and serving ignores kernels for it. See :mod:`bca_deploy.exporters.bank`.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -197,7 +200,8 @@ def export(
         UnsupportedExportError: an architecture or task bca-deploy does not export (the message lists
             what it does), bad ``dtype``/``fft``/``opset``/``provider`` (before anything is loaded or written);
             with ``bank=True``, adapters of a layer whose input every row shares (DeBERTa-v2's relative-position
-            projections: each such module named, seen while tracing, before the graph is rewritten or validated).
+            projections: each such module named, seen while tracing, before the graph is rewritten or validated),
+            or adapters all of whose modules the graph does not use (the bank would be the base model).
         bca_deploy.models.TaskError: ``task`` contradicts the adapters, or the task's head is in neither
             the checkpoint nor an adapter.
         RuntimeVersionError: ``fft="dft"`` with onnxruntime < 1.27.
@@ -255,6 +259,10 @@ def export(
         with contextlib.nullcontext() if bank_plan is None else bank_plan.exportable(model):
             _trace_export(model, tmp, task, opset, None if merge else fft,
                           kernels=None if bank_plan is None else bank_plan.placeholders)
+        if bank_plan is not None:  # adapted modules the graph does not use (a BertModel's pooler) leave the bank
+            absent = bank_plan.absent_modules(tmp / ONNX_FILE)
+            if absent:
+                bank_plan.leave_out(_unused_outputs(model, task, absent))
         _write_model_files(model, model_dir, tmp)
         if bank_plan is not None:
             bank_plan.write(tmp)
@@ -287,11 +295,35 @@ def export(
     if verbose:
         kind = "merged" if merge else f"unmerged ({fft})"
         if bank_plan is not None:
+            for line in bank_plan.notes():
+                print(line)
             count = len(bank_plan.names)
             kind = f"adapter-bank ({fft}, {count} adapter{'' if count == 1 else 's'})"
         print(f"exported {kind} {task} graph to {out_dir} ({_graph_size(out_dir) / 1e6:.1f} MB) "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir
+
+
+def _unused_outputs(model: nn.Module, task: str, modules: Sequence[str]) -> dict[str, str]:
+    """Those of ``modules`` whose output the ``task`` graph does not use, each with why (for the bank's record).
+
+    The model's forward is run as :func:`_trace_export` traces it (the same inputs, the graph's outputs only) and
+    its dataflow followed back from those outputs (:func:`~bca_deploy.exporters.bank.unreachable_modules`): a
+    ``BertModel``'s pooler computes ``pooler_output``, which a feature-extraction graph (``last_hidden_state``)
+    does not output, so ``torch.onnx.export`` prunes it. A module missing from the graph for any other reason is
+    not returned (the bank rewrite then refuses it, naming it).
+    """
+    from .bank import unreachable_modules, unused_reason
+    from .loading import is_decoder
+
+    spec = _graph_spec(model, task, is_decoder(model.config.model_type))
+
+    def run() -> tuple[torch.Tensor, ...]:
+        with _graph_forward(model, spec):
+            return model(*spec.dummy)
+
+    owners = unreachable_modules(model, run, modules)
+    return {path: unused_reason(task, spec.outputs, owner) for path, owner in owners.items()}
 
 
 def _cast_base(model, dtype: torch.dtype) -> None:

@@ -270,6 +270,7 @@ class MultiAdapterSession:
         self.metadata = metadata
         self.task: str = metadata.task
         self.layout = bank.layout
+        self.unused_modules = bank.unused  # adapted at export, not used by the graph: kernels for them are ignored
         self.ids_input: str = bank.ids_input
         self.base_model_prefix: str = bank.base_model_prefix
         self.model_type: str | None = bank.model_type
@@ -352,7 +353,8 @@ class MultiAdapterSession:
         # adapter_slot runs the one fit check; a file larger than any fitting adapter is refused unread
         config, state = read_adapter(adapter_dir, validate=False, max_bytes=self.max_adapter_bytes)
         tensors, head = adapter_slot(config, state, self.layout, self.base_model_prefix, source=str(adapter_dir),
-                                     head=self.head, base_head=self._base_head, model_type=self.model_type)
+                                     head=self.head, base_head=self._base_head, model_type=self.model_type,
+                                     unused=self.unused_modules)
         info = AdapterInfo(name=name, source=str(adapter_dir), num_parameters=config.num_parameters,
                            block_sizes=tuple(sorted({s.block_size for s in config.modules.values()})),
                            modules=len(config.modules), registered_at=time.time(), **self._head_info(head))
@@ -612,13 +614,15 @@ class MultiAdapterSession:
 
     @property
     def max_adapter_bytes(self) -> int:
-        """The largest adapter weights file :meth:`register` reads: every kernel of the bank's layout and every head
-        tensor (the label layer at :data:`~bca_deploy.config.MAX_NUM_LABELS` classes) in float64, plus 16 MiB for
-        the file's header. An adapter that fits the graph is smaller; a larger file (a sparse one declaring GiBs
-        included) would only be read into the server's memory to be refused."""
+        """The largest adapter weights file :meth:`register` reads: every kernel of the bank's layout (and one at block
+        size 1, the largest, for each module it leaves out as unused) and every head tensor (the label layer at
+        :data:`~bca_deploy.config.MAX_NUM_LABELS` classes) in float64, plus 16 MiB for the file's header. An
+        adapter that fits the graph is smaller; a larger file (a sparse one declaring GiBs included) would only be
+        read into the server's memory to be refused."""
         from bca_deploy.config import MAX_NUM_LABELS
 
         elements = sum(t.in_features * t.out_features // t.block_size for t in self.layout.values())
+        elements += sum(u.in_features * u.out_features for u in self.unused_modules)  # any block size: p = 1 at most
         if self.head is not None:
             label = self.head.label_layer
             elements += sum((layer.in_features + 1) * (MAX_NUM_LABELS if layer is label else layer.out_features)

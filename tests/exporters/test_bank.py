@@ -32,22 +32,25 @@ from bca_deploy.exporters.bank import (
     ADAPTERS_DIR,
     BASE_SLOT,
     SLOT_AXIS,
+    adapter_slot,
     adapter_tensors,
     bank_layout,
     layout_from_dict,
     stack_bank,
 )
 from bca_deploy.exporters.errors import ExportError, ExportMetadataError, UnsupportedExportError
+from bca_deploy.exporters.metadata import read_export_metadata
 from serving_helpers import (  # noqa: F401
     EXPORTED,
     TASKS,
     banks,
     row_alone,
     save_tiny_adapter,
+    token_rows,
     torch_model,
 )
 
-from bca_deploy import read_adapter
+from bca_deploy import inject, read_adapter, save_adapter
 from bca_deploy.errors import AdapterMismatchError
 from bca_deploy.inject import mixed_adapters
 
@@ -797,3 +800,219 @@ def test_validate_names_an_adapter_file_it_cannot_read_or_parse(banks, tmp_path,
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "not a readable onnxruntime adapter file" in result.output, result.output
     assert "bug" not in result.output
+
+
+# ---- adapted modules the exported graph does not use (a BertModel's pooler in a feature-extraction graph) ---------
+# PEFT's "all-linear" (and any target list naming "dense") adapts BertModel's pooler.dense. A feature-extraction
+# graph outputs last_hidden_state only, so torch.onnx.export prunes the pooler, and the bank rewrite failed ("the
+# exported graph has no initializer pooler.dense.bca_freq_p8"). The bank leaves such a module out, says so, and
+# serving ignores kernels for it.
+
+POOLED_REASON = ("its output is not used by the exported graph (feature-extraction outputs last_hidden_state; the "
+                 "pooler is not part of it)")
+
+
+def _pooled_bert() -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return tf.BertModel(cfg).eval()  # with its pooler (all-MiniLM-L6-v2's BertModel has one)
+
+
+def _peft_adapter(base: Path, directory: Path, seed: int, **fields) -> Path:
+    """A PEFT C3A adapter made as users make one (get_peft_model, save_pretrained), kernels drawn non-zero."""
+    from peft import C3AConfig, get_peft_model
+    from transformers import BertModel
+
+    peft_model = get_peft_model(BertModel.from_pretrained(base), C3AConfig(task_type="FEATURE_EXTRACTION", **fields))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "c3a_kernel" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 2.0)
+    peft_model.eval().save_pretrained(directory)
+    return directory
+
+
+def _peft_rows(base: Path, adapter: Path, rows: list[list[int]]) -> list[np.ndarray]:
+    """PEFT's own last_hidden_state of each unpadded row (PeftModel.from_pretrained on the base checkpoint)."""
+    from peft import PeftModel
+    from transformers import BertModel
+
+    model = PeftModel.from_pretrained(BertModel.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([row])).last_hidden_state[0].numpy() for row in rows]
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory):
+    """Banks of adapters on a BertModel's pooler.dense: ``all`` (PEFT all-linear alone, exported by the CLI) and
+    ``two`` (PEFT ["query", "dense"], then a bca-deploy adapter without the pooler); store adapters beside them."""
+    import contextlib
+    import io
+
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    root = tmp_path_factory.mktemp("pooled")
+    base = root / "model"
+    _pooled_bert().save_pretrained(base)
+    adapters = {
+        "all": _peft_adapter(base, root / "all", 1, block_size=8, target_modules="all-linear"),
+        "dense": _peft_adapter(base, root / "dense", 2, block_size=8, target_modules=["query", "dense"]),
+        "plain": root / "plain",
+        # store adapters: value (held at p8, from "plain") and every dense layer, the pooler's at a block size
+        # no exported adapter uses; and one adapting key, which no exported adapter of "two" adapts
+        "store": _peft_adapter(base, root / "store", 3, block_size=8, target_modules=["value", "dense"],
+                               block_size_pattern={"pooler.dense": 4}),
+        "misfit": root / "misfit",
+    }
+    for name, targets, seed in (("plain", ["query", "value"], 4), ("misfit", ["key", "pooler.dense"], 5)):
+        model = _pooled_bert()
+        inject(model, targets, block_size=8, init="normal", init_std=0.05, seed=seed)
+        save_adapter(model, adapters[name])
+    result = CliRunner().invoke(main, ["export", "--model", str(base), "--adapter", str(adapters["all"]), "--bank",
+                                       "--task", "feature-extraction", "--cases", "3x5",
+                                       "--out", str(root / "bank-all")])
+    assert result.exit_code == 0, result.output
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        two = export(base, root / "bank-two", [adapters["dense"], adapters["plain"]], merge=False, bank=True,
+                     task="feature-extraction", cases=[(4, 6)])
+    return {"base": base, "adapters": adapters, "banks": {"all": root / "bank-all", "two": two},
+            "output": {"all": result.output, "two": printed.getvalue()}}
+
+
+@pytest.mark.parametrize("which", ["all", "two"])
+def test_bank_leaves_out_an_adapted_module_the_graph_does_not_use_and_says_so(pooled, which):
+    """The export validates (mixed rows and each adapter file against PyTorch, every kernel applied there); pooler.dense
+    has no bank input and is recorded as unused, with why; the command output names it; the other modules the
+    adapters adapt are banked."""
+    directory = pooled["banks"][which]
+    meta = json.loads((directory / "bca_export.json").read_text())
+    assert meta["validation"]["passed"] and len(meta["validation"]["rows"]) >= 2
+    bank = meta["bank"]
+    assert bank["unused_modules"] == [{"module": "pooler.dense", "layer_type": "linear", "in_features": 32,
+                                       "out_features": 32, "reason": POOLED_REASON}]
+    banked = {t["module"] for t in bank["tensors"]}
+    expected = {f"encoder.layer.{i}.{m}" for i in range(2) for m in
+                ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")}
+    expected |= {f"encoder.layer.{i}.attention.self.{m}" for i in range(2)
+                 for m in (("key", "value") if which == "all" else ("value",))}
+    assert banked == expected
+    graph = onnx.load(str(directory / "model.onnx")).graph
+    assert not [i.name for i in graph.input if i.name.startswith("pooler.")]
+    adapter = "all" if which == "all" else "dense"
+    note = [line for line in pooled["output"][which].splitlines() if "pooler.dense" in line]
+    assert len(note) == 1 and f"pooler.dense (adapted by {adapter}) is left out of the bank: {POOLED_REASON}" in note[0]
+    assert "adapted by plain" not in pooled["output"][which]
+
+
+def test_mixed_rows_of_a_bank_with_an_unused_module_equal_pytorch(pooled):
+    """Rows over both exported adapters (their pooler kernels left out) and the base through MultiAdapterSession,
+    each against PEFT's / bca-deploy's PyTorch model of that row's adapter alone."""
+    from bca_deploy import load_adapter
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(pooled["banks"]["two"])
+    rows = token_rows(7, seed=11)
+    adapters = ["dense", None, "plain", "dense", "plain", None, "dense"]
+    got = session.run(session.pad_ids(rows), adapters)["last_hidden_state"]
+    want = dict(zip([b for b, a in enumerate(adapters) if a == "dense"],
+                    _peft_rows(pooled["base"], pooled["adapters"]["dense"],
+                               [r for r, a in zip(rows, adapters) if a == "dense"]), strict=True))
+    model = _pooled_bert()
+    load_adapter(model, pooled["adapters"]["plain"], adapter_name="plain")
+    for b, (row, adapter) in enumerate(zip(rows, adapters, strict=True)):
+        if adapter != "dense":
+            want[b] = row_alone(model, row, adapter).numpy()
+        np.testing.assert_allclose(got[b, :len(row)], want[b], atol=ATOL, rtol=0, err_msg=f"row {b} ({adapter})")
+    base = row_alone(model, rows[0], None).numpy()
+    assert np.abs(got[0, :len(rows[0])] - base).max() > 1e-2  # the adapter changes the numbers: the check can fail
+
+
+def test_store_adapter_with_a_kernel_on_an_unused_module_registers_and_serves_pytorch(pooled):
+    """A PEFT adapter whose pooler.dense kernel (at a block size the bank holds for no module) the graph leaves out
+    registers (the fit check accepts it for the module the bank records as unused, and ignores it) and serves PEFT's
+    numbers; an adapter adapting a module the bank does not hold (key) is still refused, naming it and nothing else."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(pooled["banks"]["two"])
+    info = session.register("store", pooled["adapters"]["store"])
+    assert info.block_sizes == (4, 8)
+    rows = token_rows(4, seed=12)
+    adapters = ["store", "dense", "store", None]
+    got = session.run(session.pad_ids(rows), adapters)["last_hidden_state"]
+    for b, want in zip((0, 2), _peft_rows(pooled["base"], pooled["adapters"]["store"], [rows[0], rows[2]]),
+                       strict=True):
+        np.testing.assert_allclose(got[b, :len(rows[b])], want, atol=ATOL, rtol=0, err_msg=f"row {b}")
+    before = session.adapters()
+    with pytest.raises(AdapterMismatchError) as err:
+        session.register("misfit", pooled["adapters"]["misfit"])
+    message = str(err.value)
+    assert "encoder.layer.0.attention.self.key" in message and "encoder.layer.1.attention.self.key" in message
+    assert "not adapted in the bank graph" in message and "pooler" not in message
+    assert session.adapters() == before
+    # the same rule without a session: the layout and the recorded unused modules
+    record = read_export_metadata(pooled["banks"]["two"]).bank
+    config, state = read_adapter(pooled["adapters"]["store"])
+    with pytest.raises(AdapterMismatchError, match=r"module pooler\.dense: not adapted in the bank graph"):
+        adapter_tensors(config, state, record.layout)  # without the record of unused modules: refused
+    tensors, head = adapter_slot(config, state, record.layout, unused=record.unused)
+    assert head is None and tensors and not [k for k in tensors if k.startswith("pooler.")]
+
+
+def test_bank_without_the_unused_record_loads_as_before(pooled, tmp_path):
+    """An export written before unused modules were recorded (no ``unused_modules``) loads and serves; without the
+    record a kernel on pooler.dense is refused by name, as any module the bank does not hold. A malformed record, or
+    one naming a banked module, is refused as every malformed bank field is."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    old = tmp_path / "old"
+    shutil.copytree(pooled["banks"]["two"], old)
+    meta = json.loads((old / "bca_export.json").read_text())
+    bank = {k: v for k, v in meta["bank"].items() if k != "unused_modules"}
+    (old / "bca_export.json").write_text(json.dumps({**meta, "bank": bank}))
+    assert read_export_metadata(old).bank.unused == ()
+    session = MultiAdapterSession(old)
+    rows = token_rows(3, seed=13)
+    current = MultiAdapterSession(pooled["banks"]["two"])
+    np.testing.assert_array_equal(session.embed(rows, ["dense", "plain", None]),
+                                  current.embed(rows, ["dense", "plain", None]))
+    with pytest.raises(AdapterMismatchError, match=r"module pooler\.dense: not adapted in the bank graph"):
+        session.register("store", pooled["adapters"]["store"])
+    unused = meta["bank"]["unused_modules"]
+    for wrong, needle in (({"unused_modules": 3}, "bank.unused_modules must be a list"),
+                          ({"unused_modules": [{**unused[0], "in_features": "32"}]}, "malformed unused module"),
+                          ({"unused_modules": [{**unused[0], "module": "encoder.layer.0.attention.self.query"}]},
+                           "which bank.tensors adapts")):
+        (old / "bca_export.json").write_text(json.dumps({**meta, "bank": {**bank, **wrong}}))
+        with pytest.raises(ExportMetadataError, match=needle):
+            read_export_metadata(old)
+
+
+def test_bank_of_adapters_on_unused_modules_alone_is_refused(pooled, tmp_path):
+    """Adapters whose every module the graph leaves out would make a bank of the base model: refused, naming them and
+    why, before anything is written."""
+    only = tmp_path / "only"
+    model = _pooled_bert()
+    inject(model, ["pooler.dense"], block_size=8, init="normal", init_std=0.05, seed=6)
+    save_adapter(model, only)
+    out = tmp_path / "out"
+    with pytest.raises(UnsupportedExportError, match=r"uses none of the modules these adapters adapt \(pooler\.dense: "
+                                                     + re.escape(POOLED_REASON)):
+        export(pooled["base"], out, [only], merge=False, bank=True, task="feature-extraction", verbose=False)
+    assert not out.exists()
+
+
+def test_validate_rechecks_a_bank_with_an_unused_module(pooled):
+    """``bca-deploy validate`` of such a bank with the adapters it was exported with (every kernel loaded in PyTorch,
+    the pooler's included): mixed batches and each adapter file pass."""
+    from bca_deploy.exporters import validate
+
+    adapters = [pooled["adapters"]["dense"], pooled["adapters"]["plain"]]
+    report = validate(pooled["banks"]["two"], pooled["base"], adapters, cases=[(3, 5)], verbose=False)
+    assert report.passed and {r.case.split(" file=")[1] for r in report.rows if "file=" in r.case} == {"dense", "plain"}

@@ -134,3 +134,49 @@ def test_greedy_generation_matches_pytorch(exported, tiny, name, variant):
     with adapters_disabled(reference):
         base = reference.generate(**kwargs)
     assert not torch.equal(base, want), "the adapters should change the greedy continuation"
+
+
+def test_unused_outputs_follow_the_graphs_dataflow():
+    """The modules an adapter-bank export leaves out (``bank.unused_modules``): those whose output the task's graph
+    outputs do not depend on, found by following the model's dataflow back from the graph's outputs, with the
+    outermost unused module around each named in the reason; everything the outputs use is kept."""
+    import transformers as tf
+    from torch import nn
+
+    from bca_deploy.exporters.bank import unreachable_modules
+    from bca_deploy.exporters.export import _unused_outputs
+    from exporters_helpers import build_model
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    encoder = ["encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"]
+    assert _unused_outputs(tf.BertModel(config).eval(), "feature-extraction", ["pooler.dense", *encoder]) == {
+        "pooler.dense": "its output is not used by the exported graph (feature-extraction outputs last_hidden_state; "
+                        "the pooler is not part of it)"}
+    # a classifier's logits come from the pooler: nothing is left out
+    classifier = tf.BertForSequenceClassification(config).eval()
+    assert _unused_outputs(classifier, "text-classification",
+                           ["bert.pooler.dense", "classifier", *(f"bert.{m}" for m in encoder)]) == {}
+    llama = ["lm_head", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    assert _unused_outputs(build_model("llama").eval(), "text-generation-with-past", llama) == {}
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.never = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.head = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+            self.gate = nn.Linear(4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            self.b(x)  # computed, never used
+            self.head(y)
+            return y * (self.gate(y) > 0)  # the gate reaches the output through a comparison only
+
+    toy = Toy()
+    x = torch.randn(2, 4)
+    assert unreachable_modules(toy, lambda: toy(x), ["a", "b", "head.0", "never"]) == {
+        "b": None, "head.0": "head", "never": None}
+    # a use the dataflow walk cannot see (a comparison): changing the gate's output changes the outputs, so it is used
+    assert unreachable_modules(toy, lambda: toy(x), ["gate", "b"]) == {"b": None}
