@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bca_deploy.errors import require_readable
+from bca_deploy.errors import printable, require_readable
 
 from .errors import ExportMetadataError
 
@@ -172,6 +172,11 @@ def describe_export(export_dir: str | Path) -> list[str]:
         modules = len({t.module for t in bank.layout.values()})
         sizes = sorted({t.block_size for t in bank.layout.values()})
         lines.append(f"bank inputs:  {len(bank.layout)} ({modules} modules, block sizes {', '.join(map(str, sizes))})")
+        if bank.unused:  # adapted at export, left out: kernels adapters carry for them are ignored when served
+            why = printable(bank.unused[0].reason[:200]) if len(bank.unused) == 1 else \
+                "their outputs are not used by the graph"
+            lines.append(f"left out:     {', '.join(printable(u.module[:200]) for u in bank.unused)} (adapted, but {why}; "
+                         "kernels adapters carry for them are ignored when served)")
         if bank.head is not None:
             own = sorted(n for n, labels in bank.adapter_labels.items() if labels is not None)
             base = f"{bank.base_labels.num_labels} labels" if bank.base_labels is not None else "none"

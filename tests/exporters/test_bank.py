@@ -909,6 +909,13 @@ def test_bank_leaves_out_an_adapted_module_the_graph_does_not_use_and_says_so(po
     note = [line for line in pooled["output"][which].splitlines() if "pooler.dense" in line]
     assert len(note) == 1 and f"pooler.dense (adapted by {adapter}) is left out of the bank: {POOLED_REASON}" in note[0]
     assert "adapted by plain" not in pooled["output"][which]
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(directory)])
+    assert shown.exit_code == 0, shown.output
+    assert f"left out:     pooler.dense (adapted, but {POOLED_REASON}; kernels adapters carry" in shown.output
 
 
 def test_mixed_rows_of_a_bank_with_an_unused_module_equal_pytorch(pooled):
