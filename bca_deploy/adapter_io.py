@@ -38,7 +38,7 @@ from .errors import (
     format_problems,
     require_readable,
 )
-from .fit import align_paths, align_to_target, check_adapter, model_target, split_saved_key
+from .fit import align_paths, align_to_target, check_adapter, model_target, resolve_tied, split_saved_key
 from .inject import (
     _CONFIGS_ATTR,
     _SAVED_ATTR,
@@ -71,6 +71,7 @@ __all__ = [
     "convert_adapter",
     "align_module_paths",
     "align_paths",
+    "peft_copied_modules",
     "MAX_ADAPTER_BYTES",
     "INSPECT_MAX_BYTES",
 ]
@@ -99,7 +100,8 @@ def adapter_state(
 
     A module saved whole is saved with this adapter's own values: the model's parameters while they hold them
     (the adapter is the active one that saves it), else the copy kept for the adapter
-    (:class:`bca_deploy.inject.SavedModules`), never another adapter's or the base model's.
+    (:class:`bca_deploy.inject.SavedModules`), never another adapter's or the base model's. A Parameter saved under
+    two names (a tied ``lm_head`` and input embedding, both saved whole) is written under each, as PEFT writes it.
     """
     config = adapter_configs(model).get(adapter_name)
     if config is None:
@@ -114,6 +116,7 @@ def adapter_state(
         if adapter_name in layer.bca_kernels:
             kernel = value(f"{name}.bca_kernels.{adapter_name}", layer.bca_kernels[adapter_name])
             state[name + KERNEL_SUFFIX] = kernel.float()
+    seen: set[int] = set()  # a Parameter saved under two names (tied weights) is written twice, not shared
     for module_path in config.modules_to_save:
         module = model.get_submodule(module_path)
         for pname, param in module.named_parameters():
@@ -123,6 +126,9 @@ def adapter_state(
                 state[name] = stored.detach().to(dtype=param.dtype, device="cpu").contiguous()
             else:
                 state[name] = value(name, param)
+            if id(param) in seen:
+                state[name] = state[name].clone()  # safetensors refuses tensors that share memory
+            seen.add(id(param))
     return state
 
 
@@ -448,6 +454,31 @@ def _read_tensors(weights: Path, max_bytes: int | None = None) -> tuple[dict[str
         raise AdapterFormatError(f"{weights}: cannot read safetensors file ({type(exc).__name__}: {exc})") from exc
 
 
+def peft_copied_modules(directory: str | Path, modules_to_save: Iterable[str]) -> list[str]:
+    """The entries of ``modules_to_save`` (those of the adapter in ``directory``, as read) that the adapter's trainer
+    computed with a copy of their own: for a PEFT directory, the modules its ``adapter_config.json`` lists in
+    ``modules_to_save`` (PEFT's rule: the module, or one above it, is an entry or ends with ``.<entry>``), which
+    ``PeftModel`` wraps in a ``ModulesToSaveWrapper``; empty for bca-deploy's own format, whose modules saved whole
+    are the model's own modules.
+
+    The other tensors a PEFT directory saves whole are its ``save_embedding_layers`` tensors (a vocabulary resized
+    before training: the input and output embeddings), which ``PeftModel.from_pretrained`` writes into the base
+    model's own parameters (:func:`load_adapter` does the same).
+    """
+    data = read_json(Path(directory) / CONFIG_FILE, what="adapter config")
+    if not is_peft_config(data):
+        return []
+    raw = data.get("modules_to_save")
+    entries = [e for e in raw if isinstance(e, str) and e] if isinstance(raw, list) else []
+
+    def listed(path: str) -> bool:
+        parts = path.split(".")
+        prefixes = (".".join(parts[:end]) for end in range(1, len(parts) + 1))
+        return any(p == e or p.endswith("." + e) for p in prefixes for e in entries)
+
+    return [m for m in modules_to_save if listed(m)]
+
+
 def check_adapter_fits(
     config: AdapterConfig, state: dict[str, torch.Tensor], model: nn.Module, source: str = "adapter"
 ) -> None:
@@ -481,6 +512,13 @@ def load_adapter(
     in (even an interrupt), the model is restored as it was: same modules, weights, trainable flags and
     mode. PEFT C3A kernels are converted exactly (layout flip, 1/in_features scale).
 
+    A PEFT directory's embeddings saved by ``save_embedding_layers`` (the vocabulary was resized before training)
+    are written into the model as ``PeftModel.from_pretrained`` writes them: into the base model's own parameters,
+    so they stay with the adapter disabled or removed (the modules PEFT's ``modules_to_save`` lists are swapped in
+    and out, as PEFT swaps its copies). On a model with tied word embeddings the two saved names are one Parameter,
+    which gets the value PEFT leaves in it (:func:`bca_deploy.fit.resolve_tied`: ``lm_head.weight``'s) and stays
+    tied; a module PEFT computed with its own, untied copy of a tied Parameter is refused, naming it.
+
     Args:
         model: the base model (a fresh transformers model, or one already holding other adapters).
         directory: the adapter directory.
@@ -501,25 +539,36 @@ def load_adapter(
     if adapter_name in adapter_names(model):
         raise AdapterNameError(f"this {type(model).__name__} already has an adapter named {adapter_name!r}; "
                                "load it under another adapter_name or remove it first")
-    config, state = read_adapter(directory, model, validate=False)
+    read, state = read_adapter(directory, model, validate=False)
     target = model_target(model)
-    config, state = align_to_target(config, state, target)
+    config, state = align_to_target(read, state, target)
     # Name the format in the message: PEFT fails on bca-deploy's own format with its own error, so users
     # coming from PEFT learn here which format they have (bca-deploy inspect says how to convert it).
-    kind = format_name(read_json(Path(directory) / CONFIG_FILE, what="adapter config"))
-    check_adapter(config, state, target, source=f"{kind} {directory}")
+    data = read_json(Path(directory) / CONFIG_FILE, what="adapter config")
+    kind = format_name(data)
+    aligned = dict(zip(read.modules_to_save, config.modules_to_save))
+    copied = {aligned[m] for m in peft_copied_modules(directory, read.modules_to_save)}
+    # A tied Parameter saved under both its names (PEFT's save_embedding_layers on a tied lm_head): one value.
+    config, state, tied_problems = resolve_tied(config, state, target, copied)
+    check_adapter(config, state, target, source=f"{kind} {directory}", problems=tied_problems)
     check_injectable(model, config.modules, adapter_name)
     check_saved_modules(model, adapter_name, config.modules_to_save)
+    # PEFT writes what it saved of the embeddings (save_embedding_layers) into the base model itself, where it stays
+    # with the adapter disabled or unloaded: here they become the base values of those modules too.
+    in_base = [m for m in config.modules_to_save if m not in copied] if is_peft_config(data) else []
     # Everything the model will receive, converted before it changes.
     kernels = {name: state[name + KERNEL_SUFFIX].to(torch.float32) for name in config.modules}
     saved: dict[str, torch.Tensor] = {}  # parameter name -> the adapter's values of it
     params: list[torch.nn.Parameter] = []
+    base_values: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for key, tensor in state.items():
         if not key.endswith(KERNEL_SUFFIX):
             module_path, pname = split_saved_key(key, config.modules_to_save)
             param = dict(model.get_submodule(module_path).named_parameters())[pname]
             saved[f"{module_path}.{pname}"] = tensor.to(device=param.device, dtype=param.dtype)
             params.append(param)
+            if module_path in in_base:
+                base_values.append((param, saved[f"{module_path}.{pname}"]))
     undo = _Undo(model, config.modules, params)
     try:
         _add_adapters(model, config.modules, adapter_name, "zeros", 0.0, None)
@@ -528,6 +577,8 @@ def load_adapter(
                 if name in kernels:
                     target_kernel = layer.bca_kernels[adapter_name]
                     target_kernel.copy_(kernels[name].to(target_kernel.device))
+            for param, value in base_values:  # before add_saved_values takes the base values from the model
+                param.copy_(value)
         register_adapter(model, adapter_name, config)
         # the base values of the saved modules are kept, the adapter's put in their place
         add_saved_values(model, adapter_name, config.modules_to_save, saved)
@@ -615,8 +666,13 @@ def convert_adapter(
     check_inputs_outside(destination, [("the source adapter", source)])
     config, state = read_adapter(source, model, validate=model is None)
     if model is not None:
-        config, state = align_module_paths(config, state, model)
-        check_adapter_fits(config, state, model, source=str(source))
+        target = model_target(model)
+        aligned, aligned_state = align_to_target(config, state, target)
+        renamed = dict(zip(config.modules_to_save, aligned.modules_to_save))
+        copied = {renamed[m] for m in peft_copied_modules(source, config.modules_to_save)}
+        _, _, tied_problems = resolve_tied(aligned, aligned_state, target, copied)
+        check_adapter(aligned, aligned_state, target, source=str(source), problems=tied_problems)
+        config, state = aligned, aligned_state
         config.base_model_type = config.base_model_type or getattr(getattr(model, "config", None), "model_type", None)
     if to == "bca":
         return write_adapter_dir(destination, config.to_dict(), state, overwrite=overwrite)

@@ -19,13 +19,16 @@ export and serving registration (a bank graph's layout) all describe what they a
   (or a target that takes no whole modules says so).
 
 Module paths that differ from the target's only by its ``base_model_prefix`` (``bert.``, ``model.``,
-``transformer.``...) are aligned first, all or nothing (:func:`align_to_target`).
+``transformer.``...) are aligned first, all or nothing (:func:`align_to_target`); a task head the target lacks
+(``classifier`` in a ``BertModel``) does not keep the rest from aligning, and is named once with the class that has
+it (:func:`missing_heads`). A Parameter the target holds under two names (a tied ``lm_head`` and input embedding) may
+be saved under either or both, and gets the one value PEFT gives it (:func:`resolve_tied`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +51,9 @@ __all__ = [
     "check_adapter",
     "align_paths",
     "align_to_target",
+    "resolve_tied",
+    "missing_heads",
+    "HEAD_MODULES",
     "split_saved_key",
     "tensor_problem",
     "slot_problems",
@@ -114,6 +120,16 @@ class Target:
         resizable: parameter names whose shape an adapter may change (a classification head written with
             the adapter's own number of labels).
         no_params_reason: why ``params`` is None.
+        tied: parameters the target holds under several names (transformers ties an ``lm_head`` to the input
+            embedding by giving both modules one Parameter): each such name -> every name of that Parameter, in
+            the order the target lists its parameters (the order ``load_state_dict`` writes them in, so the last
+            name's value is the one that stays); the first name is the one it is stored under.
+        lists_every_module: ``modules`` lists every module of the target (a model, a checkpoint's architecture),
+            not only the adapted ones (a bank graph): then a module it lacks is missing from the model, and a
+            task head it lacks is named as such (:func:`target_problems`).
+        head_advice: how a message says which class to use instead, for an adapter whose task head the target
+            lacks; ``{cls}`` and ``{auto}`` are replaced (``BertForSequenceClassification``,
+            ``AutoModelForSequenceClassification``).
     """
 
     description: str
@@ -125,6 +141,9 @@ class Target:
     resizable: frozenset[str] = frozenset()
     no_params_reason: str = "it takes no whole modules"
     absent: str = "not found in"
+    tied: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    lists_every_module: bool = True
+    head_advice: str = "use a {cls} ({auto})"
     _owners: set[str] | None = field(default=None, repr=False, compare=False)
 
     def has_path(self, path: str) -> bool:
@@ -171,11 +190,15 @@ def model_target(model: nn.Module, description: str | None = None) -> Target:
         else:
             modules[name] = ModuleInfo(type(base).__name__)
     params: dict[str, ParamInfo] = {}
-    for name, param in model.named_parameters():
+    names: dict[int, list[str]] = {}  # id(Parameter) -> every name it has, in the model's order
+    # every name of a shared Parameter (a tied lm_head's weight is the input embedding's): an adapter may save it
+    # under either (PEFT's save_embedding_layers saves both)
+    for name, param in model.named_parameters(remove_duplicate=False):
         if ".bca_kernels." in f".{name}":
             continue
-        params[name.replace(".base_layer.", ".")] = ParamInfo(
-            tuple(param.shape), _dtype_name(param.dtype), param.is_floating_point(), name)
+        plain = name.replace(".base_layer.", ".")
+        params[plain] = ParamInfo(tuple(param.shape), _dtype_name(param.dtype), param.is_floating_point(), name)
+        names.setdefault(id(param), []).append(plain)
     prefix = getattr(model, "base_model_prefix", "") or ""
     return Target(
         description=description or f"this {type(model).__name__}",
@@ -183,6 +206,8 @@ def model_target(model: nn.Module, description: str | None = None) -> Target:
         params=params,
         model_type=getattr(getattr(model, "config", None), "model_type", None),
         prefixes=(prefix,) if prefix else (),
+        tied={n: tuple(group) for group in names.values() if len(group) > 1 for n in group},
+        head_advice="load it into {cls} ({auto})",
     )
 
 
@@ -221,6 +246,7 @@ def bank_target(
         no_params_reason="every row of a bank graph shares its whole modules; serve it merged (bca-deploy export "
                          "--merge) or exported on its own",
         absent="not adapted in",
+        lists_every_module=False,
     )
 
 
@@ -243,25 +269,35 @@ def align_paths(
 
     An adapter trained on ``LlamaForCausalLM`` names ``model.layers.0.self_attn.q_proj``; ``LlamaModel``
     calls that module ``layers.0.self_attn.q_proj`` (and the other way round for an adapter trained on a
-    bare encoder applied to a model with a task head). Only an all-or-nothing rename is applied; when no
-    prefix (``prefix`` may list several candidates) makes **every** path resolve, the inputs are returned
-    unchanged and the fit check reports what is not found.
+    bare encoder applied to a model with a task head). Only an all-or-nothing rename is applied: one rule
+    (``prefix`` may list several candidates) for every path, taken only when it makes every path resolve that
+    resolves at all. A path that resolves under no rule (a task head the target lacks: ``classifier`` in a
+    ``BertModel``, ``lm_head`` in a ``LlamaModel``) does not keep the others from aligning; it is renamed by the
+    same rule where the rule applies to it, else kept, and the fit check names it. When no rule makes every
+    resolvable path resolve (some only as they are, others only renamed), the inputs are returned unchanged and
+    the fit check reports what is not found.
     """
     paths = list(config.modules) + list(config.modules_to_save)
     state = dict(state)
     prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
     if not paths or all(exists(p) for p in paths):
         return config, state
-    renamed: dict[str, str] | None = None
+    rules: list[Callable[[str], str | None]] = []
     for candidate in (p for p in prefixes if p):
         head = candidate + "."
-        for rename in (lambda p: p[len(head):] if p.startswith(head) else None, lambda p: head + p):
-            attempt = {p: rename(p) for p in paths}
-            if all(r is not None and exists(r) for r in attempt.values()):
-                renamed = attempt
+        rules += [lambda p, h=head: p[len(h):] if p.startswith(h) else None, lambda p, h=head: h + p]
+    attempts = [{p: rule(p) for p in paths} for rule in rules]
+    resolves = [{p for p, r in attempt.items() if r is not None and exists(r)} for attempt in attempts]
+    resolvable = {p for p in paths if exists(p)}.union(*resolves)
+    if not resolvable or resolvable <= {p for p in paths if exists(p)}:
+        return config, state  # nothing resolves, or what resolves does as it is: nothing to rename
+    renamed: dict[str, str] | None = None
+    for attempt, resolved in zip(attempts, resolves):
+        if resolved == resolvable:
+            candidate_names = {p: r if r is not None else p for p, r in attempt.items()}
+            if len(set(candidate_names.values())) == len(candidate_names):  # two paths never become one
+                renamed = candidate_names
                 break
-        if renamed is not None:
-            break
     if renamed is None:
         return config, state
     owners = sorted(paths, key=len, reverse=True)  # most specific module first
@@ -290,6 +326,86 @@ def align_to_target(
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """:func:`align_paths` against ``target`` (its prefixes, its modules and parameters)."""
     return align_paths(config, state, target.prefixes, target.has_path)
+
+
+def resolve_tied(
+    config: AdapterConfig,
+    state: Mapping[str, torch.Tensor],
+    target: Target,
+    copied: Collection[str] = (),
+    fold: bool = False,
+) -> tuple[AdapterConfig, dict[str, torch.Tensor], list[str]]:
+    """Saved tensors naming one tied Parameter of ``target`` (``target.tied``) given the one value PEFT gives it.
+
+    transformers ties a causal LM's ``lm_head`` to its input embedding by giving both modules one Parameter. PEFT's
+    ``save_embedding_layers`` (on when the vocabulary was resized before training, as chat fine-tunes that add
+    tokens do) saves it under both names, ``model.embed_tokens.weight`` and ``lm_head.weight``, and
+    ``PeftModel.from_pretrained`` writes both into that one Parameter in place (``load_state_dict``), in the
+    model's parameter order: the tie stays, and the value under the last name (``lm_head.weight``) is the one the
+    model computes with, whatever the other holds. Each such group of saved tensors gets that value here: under
+    each of its names (``fold`` False: a model, which holds the Parameter under every name, so the adapter is saved
+    again as it was read), or as one tensor under the name the Parameter is stored under (``fold``: a checkpoint,
+    which stores ``model.embed_tokens.weight`` alone), its ``modules_to_save`` entries following.
+
+    Args:
+        config, state: the adapter, paths aligned to ``target``.
+        target: what it is applied to.
+        copied: modules saved whole that the adapter's trainer computed with a copy of their own (PEFT's
+            ``modules_to_save``: its ``ModulesToSaveWrapper`` copies the module, so a tied ``lm_head`` listed there
+            is untied from the embedding while the adapter is active). ``target`` cannot give such a module other
+            values than the module it is tied to: unless the adapter saves every name of the Parameter with one
+            value (then the copies compute as the tied Parameter), each is a problem, and its tensors are left as
+            they are (with ``fold``, left out: the problem names them).
+        fold: one tensor per Parameter, under the first of its names the target holds.
+
+    Returns:
+        The config and tensors, and the problems (one line per module in ``copied`` whose weight ``target`` ties,
+        naming the module, the other name of its Parameter and the way out).
+    """
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key in state:
+        names = target.tied.get(key)
+        if names is not None and not key.endswith(KERNEL_SUFFIX):
+            groups.setdefault(names, []).append(key)
+    if not groups:
+        return config, dict(state), []
+    problems: list[str] = []
+    new_state = dict(state)
+    for names, saved in groups.items():
+        owners = {key: split_saved_key(key, config.modules_to_save)[0] for key in saved}
+        untied = sorted(key for key, owner in owners.items() if owner in copied)
+        # copies that hold one value under every name compute as the tied Parameter does (a PEFT copy of an
+        # adapter whose embeddings were saved tied, as save_adapter(format="peft") writes one back)
+        same = set(saved) == set(names) and all(torch.equal(state[k], state[saved[0]]) for k in saved)
+        if untied and not same:
+            for key in untied:
+                others = ", ".join(n for n in names if n != key)
+                problems.append(
+                    f"module {owners[key]}: saved whole with its own copy (PEFT modules_to_save), so the adapter "
+                    f"computes {key} untied from {others}, with other values; in {target.description} the two are "
+                    f"one Parameter (tied weights), so its values would replace {others} too. Untie them in the base "
+                    f"model first ({key} its own tensor, config tie_word_embeddings false), then apply the adapter "
+                    "again")
+            if fold:  # said once here; a checkpoint stores one of the names, the others would be "not found" too
+                for key in saved:
+                    del new_state[key]
+            continue
+        value = state[max(saved, key=names.index)]  # the last one written, as load_state_dict writes them
+        for key in saved:
+            if fold:
+                del new_state[key]
+            else:
+                new_state[key] = value
+        if fold:  # under the first name the target holds (a checkpoint stores one of them)
+            new_state[next((n for n in names if n in (target.params or {})), names[0])] = value
+    if not fold:
+        return config, new_state, problems
+    saved_keys = [k for k in new_state if not k.endswith(KERNEL_SUFFIX)]
+    entries = [m for m in config.modules_to_save if any(split_saved_key(k, [m])[0] == m for k in saved_keys)]
+    for key in saved_keys:
+        if split_saved_key(key, entries)[0] is None:
+            entries.append(key.rpartition(".")[0])
+    return dataclasses.replace(config, modules_to_save=entries), new_state, problems
 
 
 # ---- the checks ---------------------------------------------------------------------------------
@@ -388,15 +504,20 @@ def _kind_name(kind: str) -> str:
 
 
 def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], target: Target) -> list[str]:
-    """Every way ``config``/``state`` do not fit ``target`` (paths already aligned)."""
+    """Every way ``config``/``state`` do not fit ``target`` (paths already aligned).
+
+    A task head the target lacks (:func:`missing_heads`: ``classifier`` in a ``BertModel``, ``lm_head`` in a
+    ``LlamaModel``) is one line naming the module and the class to use, not one per tensor.
+    """
     problems: list[str] = []
     if config.base_model_type and target.model_type and config.base_model_type != target.model_type:
         problems.append(f"base model_type is {config.base_model_type!r} but {target.description} is "
                         f"{target.model_type!r}")
+    heads = missing_heads(config, state, target)
     by_module: list[tuple[str, str]] = []
     for name, spec in sorted(config.modules.items()):
         info = target.modules.get(name)
-        problem = module_problem(name, spec, info, target.description, target.absent)
+        problem = heads.get(name) or module_problem(name, spec, info, target.description, target.absent)
         if problem is None and info is not None and target.weight_dtypes is not None \
                 and info.dtype not in target.weight_dtypes:
             problem = (f"module {name}: its weight is {info.dtype} in {target.description}; adapters are added to "
@@ -409,7 +530,10 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
         problems.append(f"it saves whole modules ({', '.join(config.modules_to_save)}) and {target.description} "
                         f"cannot take them: {target.no_params_reason}")
     elif saved:
+        problems += [heads[m] for m in config.modules_to_save if m in heads and m not in config.modules]
         for key in saved:
+            if split_saved_key(key, config.modules_to_save)[0] in heads:
+                continue  # said once for its module
             info = target.params.get(key)
             if info is None:
                 problems.append(f"tensor {key}: no such parameter in {target.description}")
@@ -419,6 +543,47 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
                 problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, {target.description} has "
                                 f"{tuple(info.shape)}")
     return problems
+
+
+#: Top-level modules that are a task head beside the base model (not part of ``BertModel``, ``LlamaModel``...), by
+#: name: the task whose model class has them.
+HEAD_MODULES = {"lm_head": "causal-lm", "classifier": "seq-cls", "score": "seq-cls", "pre_classifier": "seq-cls"}
+_HEAD_WORDS = {"causal-lm": ("a language-modeling head", "ForCausalLM", "AutoModelForCausalLM"),
+               "seq-cls": ("a classification head", "ForSequenceClassification", "AutoModelForSequenceClassification")}
+
+
+def missing_heads(config: AdapterConfig, state: Mapping[str, torch.Tensor], target: Target) -> dict[str, str]:
+    """``{module path: problem}`` for the adapter's modules (adapted or saved whole) that are a task head the target
+    lacks: the adapter otherwise fits (some of its modules or tensors are found in ``target``), the module's
+    top-level name is a head's (:data:`HEAD_MODULES`) and ``target`` has no module of that name. The line names the
+    module and the class that has the head: the adapter's recorded architecture, else transformers' class for the
+    task and the target's ``model_type`` (a SEQ_CLS adapter in a ``BertModel``: ``BertForSequenceClassification``).
+    Empty for a target that lists only some of its modules (a bank graph) or that the adapter does not fit at all (a
+    different model: there every module is simply not found)."""
+    if not target.lists_every_module or not target.modules:  # (a target of whole modules only: no base to fit)
+        return {}
+    params = target.params or {}
+    if not (any(m in target.modules for m in config.modules)
+            or any(k in params for k in state if not k.endswith(KERNEL_SUFFIX))):
+        return {}
+    from .config import task_architecture
+
+    task = config.task
+    out: dict[str, str] = {}
+    for path in list(config.modules) + list(config.modules_to_save):
+        top = path.split(".")[0]
+        if top not in HEAD_MODULES or target.has_path(top):
+            continue
+        kind = HEAD_MODULES[top]
+        what, suffix, auto = _HEAD_WORDS[kind]
+        recorded = task.architecture if task is not None and (task.architecture or "").endswith(suffix) else None
+        cls = recorded or task_architecture(kind, target.model_type)
+        advice = target.head_advice.format(cls=cls, auto=auto) if cls else f"use the {auto} class of this model type"
+        if recorded is None and (task is None or task.type != kind):
+            advice += ", or the class it was trained with"  # the name says which head; the adapter does not
+        out[path] = (f"module {path}: {target.description} has no such module; the adapter was trained on a model "
+                     f"with {what} ({top}): {advice}")
+    return out
 
 
 def _grouped(by_module: Sequence[tuple[str, str]], most: int = 3) -> list[str]:
@@ -442,6 +607,7 @@ def check_adapter(
     state: Mapping[str, torch.Tensor],
     target: Target | None = None,
     source: str = "adapter",
+    problems: Sequence[str] = (),
 ) -> None:
     """Raise if the adapter is unusable, or does not fit ``target``, listing every problem at once.
 
@@ -450,13 +616,14 @@ def check_adapter(
         state: its tensors, keyed as in bca-deploy files.
         target: what it is applied to; None checks the adapter alone.
         source: names the adapter in the message (its directory).
+        problems: problems the caller found already (:func:`resolve_tied`'s), listed with the others.
 
     Raises:
         AdapterFormatError: without a target, the adapter's tensors are missing, unexpected, of a wrong
             shape or dtype, empty or non-finite.
         AdapterMismatchError: with a target, any of the above or a misfit (every problem listed).
     """
-    problems = adapter_problems(config, state)
+    problems = adapter_problems(config, state) + list(problems)
     if target is None:
         if problems:
             raise AdapterFormatError(format_problems(f"{source} is not a usable adapter:", problems))

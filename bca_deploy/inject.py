@@ -288,11 +288,22 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
+def _shares_parameters(model: nn.Module, a: str, b: str) -> bool:
+    """Whether modules ``a`` and ``b`` of ``model`` hold a Parameter in common (a tied ``lm_head`` and the input
+    embedding: one Parameter under two names); False where either path names no module."""
+    try:
+        mine = {id(p) for p in model.get_submodule(a).parameters()}
+        return any(id(p) in mine for p in model.get_submodule(b).parameters())
+    except AttributeError:
+        return False
+
+
 def check_saved_modules(model: nn.Module, adapter_name: str, modules_to_save: Sequence[str]) -> None:
     """Refuse an adapter that saves a module whole (``modules_to_save``, e.g. a classifier head) that another
     adapter of ``model`` already saves: a model holds one copy of that module, so the second adapter's values
     would replace the first's, and the first (``set_adapter``, ``save_adapter``) would silently compute with,
     and save, the second's head. PEFT keeps one copy per adapter; here each such adapter needs its own model.
+    Modules whose parameters are one (tied weights: ``lm_head`` and ``model.embed_tokens``) are the same copy.
 
     Raises:
         AdapterMismatchError: naming both adapters and the module, in one line.
@@ -301,7 +312,8 @@ def check_saved_modules(model: nn.Module, adapter_name: str, modules_to_save: Se
         if other == adapter_name:
             continue
         for mine in modules_to_save:
-            clash = next((theirs for theirs in config.modules_to_save if _overlaps(mine, theirs)), None)
+            clash = next((theirs for theirs in config.modules_to_save
+                          if _overlaps(mine, theirs) or _shares_parameters(model, mine, theirs)), None)
             if clash is not None:
                 raise AdapterMismatchError(
                     f"adapter {adapter_name!r} saves module {mine} whole, and adapter {other!r} of this "

@@ -53,7 +53,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
-from .adapter_io import read_adapter
+from .adapter_io import peft_copied_modules, read_adapter
 from .atomic import atomic_dir, check_inputs_outside, check_target, recover
 from .config import KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, parse_json_object, read_json
 from .errors import (
@@ -74,6 +74,7 @@ from .fit import (
     adapter_problems,
     align_paths,
     model_target,
+    resolve_tied,
     target_problems,
 )
 from .inject import bca_layers, mark_untied, remove_adapters, restore_tie_config, shared_weight_layers
@@ -920,7 +921,8 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
         elif head_task is not None:  # written by this merge: the architecture's shape, the checkpoint's dtype
             params[name] = ParamInfo(info.shape, default_dtype, True, key)
     description = f"checkpoint {ckpt.directory}" + (f" (as {architecture})" if architecture else "")
-    target = Target(description, modules, params, ckpt.model_type, structure.prefixes, _MERGEABLE)
+    target = Target(description, modules, params, ckpt.model_type, structure.prefixes, _MERGEABLE,
+                    tied=structure.tied)
     if head_task is None:
         return _CheckpointTarget(target, {k: k for k in locations}, None, tied=tied)
     out_names = {k: key_map.get(k, k) for k in locations}
@@ -995,7 +997,11 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
         if view.structure_note:  # no architecture: try each first path component as the prefix
             prefixes = prefixes + tuple(sorted({p.split(".", 1)[0] for p in list(a.config.modules) + a.config.modules_to_save}))
         config, tensors = align_paths(a.config, a.tensors, prefixes, target.has_path)
-        found = adapter_problems(config, tensors) + target_problems(config, tensors, target)
+        # a tied Parameter saved under both its names (a tied lm_head's): one tensor, under the stored name
+        renamed = dict(zip(a.config.modules_to_save, config.modules_to_save))
+        copied = {renamed[m] for m in peft_copied_modules(a.directory, a.config.modules_to_save)}
+        config, tensors, tied = resolve_tied(config, tensors, target, copied, fold=True)
+        found = adapter_problems(config, tensors) + tied + target_problems(config, tensors, target)
         problems += [f"{a.directory}: {p}" for p in found]
         if found:
             continue
@@ -1034,7 +1040,8 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
                             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} (transformers would "
                             "initialize them at random): merge into a checkpoint that has them")
     if problems:
-        if head_task is None and any(": no such parameter in checkpoint" in p for p in problems):
+        if head_task is None and any(": no such parameter in checkpoint" in p or " has no such module; " in p
+                                     for p in problems):
             problems.append("(a modules_to_save tensor the checkpoint lacks, e.g. a classifier head, is written only "
                             "for an adapter whose config records its head (task.head, as bca-deploy train writes it); "
                             "otherwise merge into a checkpoint that has the head)")

@@ -140,9 +140,18 @@ def test_prefix_alignment_is_all_or_nothing():
     aligned, aligned_state = align_to_target(config, state, model_target(bare))
     assert sorted(aligned.modules) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
     check_adapter(aligned, aligned_state, model_target(bare))
+    # a path found under no rule (a module the model lacks) does not keep the others from aligning; it is kept
     config.modules["nowhere.q_proj"] = ModuleSpec(8, 1.0, 32, 32)
+    partly, _ = align_to_target(config, state, model_target(bare))
+    assert sorted(partly.modules) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj", "nowhere.q_proj"]
+    with pytest.raises(AdapterMismatchError) as info:
+        check_adapter(partly, {**aligned_state, "nowhere.q_proj.bca_kernel": torch.ones(4, 4, 8)}, model_target(bare))
+    assert str(info.value).endswith("\n  - module nowhere.q_proj: not found in this LlamaModel"), str(info.value)
+    # one path found only as it is, the others only renamed: no rule fits them all, so nothing is renamed
+    del config.modules["nowhere.q_proj"]
+    config.modules["layers.0.self_attn.k_proj"] = ModuleSpec(8, 1.0, 32, 16)
     unchanged, _ = align_to_target(config, state, model_target(bare))
-    assert unchanged is config  # one path resolves under no prefix: nothing is renamed
+    assert unchanged is config
 
 
 def test_bank_target_holds_only_its_block_sizes_and_no_whole_modules():
@@ -227,3 +236,82 @@ def test_checkpoint_without_config_is_checked_by_shapes(llama_dirs, tmp_path):
     save_file({k: torch.ones(8, 8, 8) for k in state}, str(adapter / "adapter_model.safetensors"))
     with pytest.raises(AdapterMismatchError, match=r"(?s)the adapter expects \[64, 64\].*layer types not checked"):
         merge_checkpoint(base, [(adapter, 1.0)], tmp_path / "again", progress=False)
+
+
+# ---- a task head the model lacks: named once, the rest of the adapter still aligned -----------------------------
+
+
+def _peft_adapter(model, out, **kwargs):
+    """A PEFT C3A adapter as users save one (``get_peft_model`` + ``save_pretrained``), kernels drawn non-zero."""
+    import warnings
+
+    from peft import C3AConfig, get_peft_model
+
+    peft_model = get_peft_model(model, C3AConfig(block_size=8, **kwargs))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "c3a_kernel" in name:
+                param.normal_(0.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(out)
+    return out
+
+
+def _problems(error):
+    return [line[4:] for line in str(error.value).splitlines()[1:]]
+
+
+def test_a_classification_head_the_model_lacks_is_named_once(tmp_path):
+    """A SEQ_CLS adapter (PEFT saves the classifier whole) in a BertModel: the encoder modules align (the bert. prefix
+    dropped), and the one problem is the head. It listed every module as not found: the classifier, which no prefix
+    resolves, broke the all-or-nothing alignment."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    adapter = _peft_adapter(BertForSequenceClassification(BertConfig(intermediate_size=64, num_labels=3, **config)),
+                            tmp_path / "adapter", task_type="SEQ_CLS", target_modules=["query", "dense"])
+    head = ("module classifier: {} has no such module; the adapter was trained on a model with a classification head "
+            "(classifier): {}")
+    bare = BertModel(BertConfig(intermediate_size=64, **config))
+    with pytest.raises(AdapterMismatchError) as info:
+        bd.load_adapter(bare, adapter)
+    assert _problems(info) == [head.format("this BertModel", "load it into BertForSequenceClassification "
+                                                              "(AutoModelForSequenceClassification)")]
+    assert not list(bd.bca_layers(bare))
+    bare.save_pretrained(tmp_path / "bare")
+    with pytest.raises(AdapterMismatchError) as info:
+        merge_checkpoint(tmp_path / "bare", [(adapter, 1.0)], tmp_path / "merged", progress=False)
+    lines = _problems(info)
+    way_out = "use a BertForSequenceClassification (AutoModelForSequenceClassification)"
+    assert lines[0] == f"{adapter}: " + head.format(f"checkpoint {tmp_path / 'bare'}", way_out)
+    assert not any("not found" in line or "no such parameter" in line for line in lines), lines
+    assert not (tmp_path / "merged").exists()
+    # every other problem is still listed with it, the modules named in the model's own paths
+    narrower = BertModel(BertConfig(intermediate_size=48, **config))
+    with pytest.raises(AdapterMismatchError) as info:
+        bd.load_adapter(narrower, adapter)
+    lines = _problems(info)
+    assert lines[0] == ("module encoder.layer.0.intermediate.dense: weight (48, 32) (in=32, out=48) but the adapter "
+                        "was trained on in=32, out=64")
+    assert any(line.startswith("module encoder.layer.1.output.dense: weight (32, 48)") for line in lines), lines
+    assert lines[-1].startswith("module classifier: this BertModel has no such module") and len(lines) == 5, lines
+
+
+def test_a_language_modeling_head_the_model_lacks_is_named_once(tmp_path):
+    """An adapter with an lm_head kernel in a LlamaModel: the decoder's modules align (model. dropped), lm_head is
+    named as the head a LlamaForCausalLM has, with or without the task the PEFT config records."""
+    from transformers import LlamaModel
+
+    for task in ({"task_type": "CAUSAL_LM"}, {}):
+        adapter = _peft_adapter(tiny_llama(), tmp_path / f"adapter{len(task)}", target_modules=["q_proj", "lm_head"],
+                                block_size_pattern={"lm_head": 4}, **task)  # lm_head: 32 -> 100
+        bare = LlamaModel(tiny_llama().config)
+        with pytest.raises(AdapterMismatchError) as info:
+            bd.load_adapter(bare, adapter)
+        way_out = "load it into LlamaForCausalLM (AutoModelForCausalLM)" + ("" if task else ", or the class it was "
+                                                                                          "trained with")
+        assert _problems(info) == ["module lm_head: this LlamaModel has no such module; the adapter was trained on a "
+                                   f"model with a language-modeling head (lm_head): {way_out}"]
