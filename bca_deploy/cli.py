@@ -206,7 +206,7 @@ def inspect(adapter: Path) -> None:
     def say(line: str) -> None:  # names and labels come from the files: never raw control characters
         click.echo(printable(line))
     from .exporters.metadata import METADATA_FILE
-    from .peft_compat import describe_format
+    from .peft_compat import describe_format, is_peft_config
 
     if not (adapter / CONFIG_FILE).exists():
         if (adapter / "model.onnx").is_file() or (adapter / METADATA_FILE).is_file():
@@ -237,7 +237,11 @@ def inspect(adapter: Path) -> None:
             head = f", head {'+'.join(task.head.modules)} with {task.head.num_labels} labels ({labels}{more})"
         say(f"task:         {task.type} ({task.architecture or 'architecture not recorded'}{head}); "
                    f"exports as {task.export_task}")
-    say(f"targets:      {config.target_modules}")
+    # PEFT narrows its targets by layer; the modules below are what the kernels adapt, this says why fewer
+    narrowed = [f"{key} {repr(data[key])[:80]}" for key in ("layers_to_transform", "layers_pattern",
+                                                                  "exclude_modules")
+                if is_peft_config(data) and data.get(key) not in (None, [], "")]
+    say(f"targets:      {config.target_modules}" + (f" ({', '.join(narrowed)})" if narrowed else ""))
     say(f"modules:      {len(config.modules)}   kernel parameters: {config.num_parameters:,}")
     if config.modules_to_save:
         n = sum(math.prod(t.shape) for t in header.tensors if _saved_whole(t.name, config.modules_to_save))

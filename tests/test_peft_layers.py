@@ -302,3 +302,18 @@ def test_an_adapter_peft_would_load_onto_fewer_modules_is_not_written(tmp_path):
     assert not (tmp_path / "for-peft").exists()
     bd.save_adapter(ours, tmp_path / "bca")  # its own format holds it
     torch.testing.assert_close(bd.load_adapter(_Net(), tmp_path / "bca")(x), ours(x), rtol=0, atol=0)
+
+
+def test_inspect_says_how_peft_narrowed_the_targets(bert_layer0):
+    """``targets:`` shows PEFT's ``target_modules`` as saved; with ``layers_to_transform`` the kernels adapt fewer
+    modules than those names select, and the line says by which fields (the module table lists the kernels' own)."""
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    directory, _, _ = bert_layer0
+    result = CliRunner().invoke(main, ["inspect", str(directory)])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("targets:"))
+    assert line.endswith("(layers_to_transform [0], layers_pattern 'layer')"), line
+    assert "modules:      2 " in result.output
