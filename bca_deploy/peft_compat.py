@@ -299,24 +299,24 @@ class _PeftRules:
                     problems.append(f"{name} is {show_json_value(value)}, but target_modules is a regex "
                                     f"({target[:80]!r}); PEFT's C3AConfig refuses {name} with a regex target: "
                                     f"set it to null or give target_modules as a list of names")
-        regexes = []
+        regexes = []  # (what, the regular expression PEFT builds from it)
         if isinstance(target, str) and target != _ALL_LINEAR:
-            regexes.append(("target_modules", target, target))
+            regexes.append(("target_modules", target))
         if isinstance(exclude, str):
-            regexes.append(("exclude_modules", exclude, exclude))
+            regexes.append(("exclude_modules", exclude))
         for entry in saved if isinstance(saved, list) else []:
             if isinstance(entry, str):
-                regexes.append((f"modules_to_save entry {entry[:80]!r}", entry, rf"(^|.*\.){entry}($|\..*)"))
+                regexes.append((f"modules_to_save entry {entry[:80]!r}", _inside_saved(entry)))
         for entry in [pattern] if isinstance(pattern, str) else pattern if isinstance(pattern, list) else []:
             if isinstance(entry, str):
-                regexes.append((f"layers_pattern {entry[:80]!r}", entry, rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\."))
+                regexes.append((f"layers_pattern {entry[:80]!r}", _layer_index(entry)))
         block_pattern = peft_config.get("block_size_pattern") or {}
         for key in block_pattern if isinstance(block_pattern, dict) else ():
             if not isinstance(key, str):
                 problems.append(f"block_size_pattern key {show_json_value(key)} is not a string")
                 continue
-            regexes.append((f"block_size_pattern key {key[:80]!r}", key, rf".*\.{key}$"))
-        for what, _, regex in regexes:
+            regexes.append((f"block_size_pattern key {key[:80]!r}", _sized(key)))
+        for what, regex in regexes:
             try:
                 re.compile(regex)
             except re.error as exc:
@@ -371,7 +371,7 @@ class _PeftRules:
             hit = next((e for e in exclude if key == e or key.endswith("." + e)), None)
             if hit is not None:
                 return f"exclude_modules entry {hit!r} excludes it"
-        inside = next((m for m in self.modules_to_save if re.match(rf"(^|.*\.){m}($|\..*)", key)), None)
+        inside = next((m for m in self.modules_to_save if re.match(_inside_saved(m), key)), None)
         if inside is not None:
             return f"it is inside modules_to_save entry {inside!r}, which PEFT saves whole and never adapts"
         target = self.target
@@ -388,7 +388,7 @@ class _PeftRules:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
         else:
             for layer_pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){layer_pattern}\.(?P<idx>\d+)\.", key)
+                match = re.match(_layer_index(layer_pattern), key)
                 if match is not None:
                     break
         if match is None:
@@ -404,11 +404,27 @@ class _PeftRules:
     def block_size_of(self, key: str) -> tuple[int, str]:
         """The block size PEFT gives module ``key``, and the config field it comes from."""
         for pattern_key, value in self.block_size_pattern.items():
-            if re.match(rf".*\.{pattern_key}$", key):
+            if re.match(_sized(pattern_key), key):
                 return value, f"block_size_pattern[{pattern_key!r}]"
         if key in self.block_size_pattern:
             return self.block_size_pattern[key], f"block_size_pattern[{key!r}]"
         return self.block_size, self.block_size_field
+
+
+# The regular expressions PEFT builds from the config's strings (checked once in _PeftRules.parse, used where matched).
+def _inside_saved(entry: str) -> str:
+    """A module path inside ``modules_to_save`` entry ``entry`` (PEFT never adapts one)."""
+    return rf"(^|.*\.){entry}($|\..*)"
+
+
+def _layer_index(layers_pattern: str) -> str:
+    """A module path's layer index, the number after ``layers_pattern`` (group ``idx``)."""
+    return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
+
+
+def _sized(key: str) -> str:
+    """A module path that ``block_size_pattern`` key ``key`` gives its size (a suffix match)."""
+    return rf".*\.{key}$"
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -684,7 +700,7 @@ def _peft_block_size_pattern(block_sizes: dict[str, int], default: int) -> dict[
         head, dot, tail = name.partition(".")
         key = re.escape(tail) if dot else name
         try:
-            clashes = [n for n in block_sizes if n != name and re.match(rf".*\.{key}$", n) and block_sizes[n] != p]
+            clashes = [n for n in block_sizes if n != name and re.match(_sized(key), n) and block_sizes[n] != p]
         except re.error as exc:
             raise AdapterFormatError(
                 f"module {name!r} is at the top level with block size {p} != default {default}, and PEFT would read "
