@@ -888,7 +888,7 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
                 f"{architecture} from its config.json ({type(exc).__name__}: {exc})") from None
         return _shapes_only_target(ckpt, f"{type(exc).__name__}: {exc}")
     key_map = _key_map(model, locations)
-    _check_config_fits(ckpt, model, key_map, head_task)
+    _check_config_fits(ckpt, model, locations, key_map, head_task)
     to_ckpt = {v: k for k, v in key_map.items()}
     structure = model_target(model)
     first_name = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
@@ -930,20 +930,20 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
     return _CheckpointTarget(target, out_names, expected, tied=tied)
 
 
-def _check_config_fits(ckpt: _Checkpoint, model: nn.Module, key_map: dict[str, str],
-                       head_task: TaskSpec | None) -> None:
+def _check_config_fits(ckpt: _Checkpoint, model: nn.Module, locations: dict[str, tuple[str, TensorInfo]],
+                       key_map: dict[str, str], head_task: TaskSpec | None) -> None:
     """Refuse a checkpoint whose config.json does not describe its weights, before anything is written: the rule
     :func:`bca_deploy.models.config_fit_problems` (shapes from the safetensors headers against ``model``, built from
     the config on the meta device; layer counts; another architecture's config). A merged copy would be refused by
     ``from_pretrained`` or, worse, load with layers dropped or initialized at random. A classifier head the merge
-    writes (``head_task``) is the adapter's, not checked against the checkpoint's.
+    writes (``head_task``) is the adapter's, not checked against the checkpoint's. ``locations`` is
+    ``ckpt.locations()``, as the caller has it.
 
     Raises:
         CheckpointFormatError: naming config.json, every tensor or layer list that does not fit, and both shapes.
     """
     from .models import CONFIG_MISFIT_CAUSE, config_fit_problems
 
-    locations = ckpt.locations()
     stored = {key: (info.dtype, info.shape) for key, (_, info) in locations.items()}
     files = {key: shard for key, (shard, _) in locations.items()}
     skip = tuple(m + "." for m in head_task.head.modules) if head_task is not None else ()
