@@ -354,14 +354,6 @@ def _layer_types(model: nn.Module | None) -> dict[str, str] | None:
             for n, m in model.named_modules() if n and (is_adaptable(m) or isinstance(m, BCALinear))}
 
 
-#: safetensors dtype names -> torch dtypes (those this torch has), for the header's tensors as meta tensors.
-_HEADER_DTYPES = {name: getattr(torch, attr) for name, attr in (
-    ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("I16", "int16"), ("U16", "uint16"), ("I32", "int32"),
-    ("U32", "uint32"), ("I64", "int64"), ("U64", "uint64"), ("F16", "float16"), ("BF16", "bfloat16"),
-    ("F32", "float32"), ("F64", "float64"), ("C64", "complex64"), ("F8_E5M2", "float8_e5m2"),
-    ("F8_E4M3", "float8_e4m3fn"), ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
-
-
 def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int,
                  model: nn.Module | None) -> AdapterHeader:
     """The config and the header of ``weights`` (``size`` bytes), checked against each other (no tensor data read)."""
@@ -374,9 +366,10 @@ def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int
     if is_peft_config(data):  # from_peft checks shapes and dtypes only, before it converts: meta tensors serve
         meta: dict[str, torch.Tensor] = {}
         for t in header.tensors:
-            if t.dtype not in _HEADER_DTYPES:
+            tensor = t.meta_tensor()
+            if tensor is None:
                 raise AdapterFormatError(f"{weights}: tensor {t.name}: dtype {t.dtype!r}, which torch has no type for")
-            meta[t.name] = torch.empty(t.shape, dtype=_HEADER_DTYPES[t.dtype], device="meta")
+            meta[t.name] = tensor
         config, _ = from_peft(data, meta, _layer_types(model), source=str(directory), metadata=header.metadata)
     else:
         config = AdapterConfig.from_dict(data, source=str(directory / CONFIG_FILE))

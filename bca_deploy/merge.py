@@ -220,6 +220,12 @@ _DTYPE_BYTES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
+#: Every safetensors dtype name -> the torch dtype (those this torch has), for entries read as meta tensors.
+_META_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("I16", "int16"), ("U16", "uint16"), ("I32", "int32"),
+    ("U32", "uint32"), ("I64", "int64"), ("U64", "uint64"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("F32", "float32"), ("F64", "float64"), ("C64", "complex64"), ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
 _DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()} | {
     torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
@@ -255,6 +261,12 @@ class TensorInfo:
             raise ValueError(f"tensor {name}: dtype {dtype!r} has no known size; known: {sorted(_DTYPE_BYTES)}")
         shape = tuple(int(d) for d in shape)
         return cls(name, dtype, shape, 0, math.prod(shape) * _DTYPE_BYTES[dtype])
+
+    def meta_tensor(self) -> torch.Tensor | None:
+        """A tensor of this entry's dtype and shape on the meta device (no memory), or None for a dtype this torch
+        has no type for: what shape-and-dtype checks (PEFT conversion) read before any data is."""
+        dtype = _META_DTYPES.get(self.dtype)
+        return None if dtype is None else torch.empty(self.shape, dtype=dtype, device="meta")
 
 
 @dataclass
