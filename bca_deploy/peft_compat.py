@@ -328,6 +328,11 @@ class _PeftRules:
             _is_index(v) and v > 0 for v in block_pattern.values())
         if problems or not target_ok or not sizes_ok:  # the last two: reported by from_peft
             return None, problems
+        if not all(_bounded_regex(regex) for _, regex in regexes):
+            # Python's re backtracks: "(.*)*x" takes longer than the universe's age on a 40-character path, and these
+            # strings come from the file (a store entry a server loads). Such a config is not cross-checked: its
+            # kernels alone say what is adapted, as before the rules were checked (PEFT itself would hang on it).
+            return None, problems
         return cls(
             target=sorted(target) if isinstance(target, list) else target,
             layers=layers if not isinstance(layers, list) or layers else None,  # PEFT: an empty list selects all
@@ -411,6 +416,63 @@ class _PeftRules:
         return self.block_size, self.block_size_field
 
 
+#: Module paths longer than this are not matched against a config's regular expressions (real ones are under 200
+#: characters); with _MAX_UNBOUNDED_REPEATS, the bound on how long one match can backtrack.
+_MAX_MATCHED_PATH = 200
+#: The most unbounded repeats (``*``, ``+``, ``{n,}``) a config's regular expression may hold to be matched: a
+#: pattern with k of them can backtrack about len(path)^k / k! steps on each path (20,000 at k = 2 here).
+_MAX_UNBOUNDED_REPEATS = 2
+_REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
+
+
+def _bounded_regex(regex: str) -> bool:
+    """Whether matching ``regex`` against a module path of at most :data:`_MAX_MATCHED_PATH` characters takes bounded
+    time: no repeated group that holds another repeat or an alternation (``(.*)*``, ``(a|a)+``: exponential
+    backtracking), no backreference, at most :data:`_MAX_UNBOUNDED_REPEATS` unbounded repeats (polynomial). What
+    PEFT's configs usually hold passes (``.*\\.(q_proj|v_proj)``, ``^(?!.*lm_head).*``, ``.*decoder.*(q|v)$``); a
+    pattern that does not is not cross-checked (see :meth:`_PeftRules.parse`), never refused."""
+    try:
+        from re import _parser as parser  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse as parser
+    try:
+        tree = parser.parse(regex)
+    except Exception:  # not compiled: reported where it is compiled
+        return False
+    unbounded = 0
+
+    def bounded(items: Any, repeated: bool) -> bool:
+        nonlocal unbounded
+        for op, av in items:
+            name = getattr(op, "name", str(op))
+            if name in _REPEATS:
+                low, high, body = av
+                many = high > 1
+                if many and repeated:
+                    return False
+                unbounded += high == parser.MAXREPEAT
+                if not bounded(body, repeated or many):
+                    return False
+            elif name == "BRANCH":
+                if repeated or not all(bounded(alt, repeated) for alt in av[1]):
+                    return False
+            elif name == "SUBPATTERN":
+                if not bounded(av[-1], repeated):
+                    return False
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                if not bounded(av[1], repeated):
+                    return False
+            elif name == "ATOMIC_GROUP":
+                if not bounded(av, repeated):
+                    return False
+            elif name in ("GROUPREF", "GROUPREF_EXISTS", "GROUPREF_IGNORE", "GROUPREF_LOC_IGNORE",
+                          "GROUPREF_UNI_IGNORE"):
+                return False
+        return True
+
+    return bounded(tree, False) and unbounded <= _MAX_UNBOUNDED_REPEATS
+
+
 # The regular expressions PEFT builds from the config's strings (checked once in _PeftRules.parse, used where matched).
 def _inside_saved(entry: str) -> str:
     """A module path inside ``modules_to_save`` entry ``entry`` (PEFT never adapts one)."""
@@ -451,6 +513,8 @@ def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_p
     tensor for (valid or not).
     """
     problems: list[str] = []
+    if any(len(path) > _MAX_MATCHED_PATH for path in (*source_paths, *(model_layer_types or ()))):
+        return problems  # not a path of any real model: not matched against the config's patterns (see _bounded_regex)
     for module, kernel in kernels.items():
         key = PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX
         b = int(kernel.shape[-1])

@@ -317,3 +317,25 @@ def test_inspect_says_how_peft_narrowed_the_targets(bert_layer0):
     line = next(line for line in result.output.splitlines() if line.startswith("targets:"))
     assert line.endswith("(layers_to_transform [0], layers_pattern 'layer')"), line
     assert "modules:      2 " in result.output
+
+
+@pytest.mark.parametrize("target", ["(.*)*y", "(a|a)+", r"(\w+\.)*query"])
+def test_a_regex_that_backtracks_without_bound_is_not_matched(bert_layer0, tmp_path, target):
+    """A file's target_modules regex is matched against every kernel's path; Python's re backtracks, so "(.*)*y" on
+    a 36-character module path would run for ages (a store entry hanging a server's loader). Such a pattern is not
+    cross-checked: the kernels say what is adapted, as for any adapter, with PEFT's numbers for them."""
+    import subprocess
+    import sys
+
+    directory, ids, expected = bert_layer0
+    edited = tmp_path / "edited"
+    shutil.copytree(directory, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    config.update(target_modules=target, layers_to_transform=None, layers_pattern=None)
+    (edited / "adapter_config.json").write_text(json.dumps(config))
+    code = f"import bca_deploy as bd; c, _ = bd.read_adapter({str(edited)!r}); print(sorted(c.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(sorted([Q0, V0]))
+    ours = bd.load_adapter(tiny_bert(), edited)
+    torch.testing.assert_close(model_output(ours, ids), expected, rtol=1e-5, atol=1e-5)
