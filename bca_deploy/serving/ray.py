@@ -76,6 +76,8 @@ REPLICA_HEADER = "x-bca-replica"
 _LOAD_ROUTES = {"/v1/adapters": 201, "/v1/load_lora_adapter": 200}
 #: How long an evicted adapter waits for the requests still using it before it is unloaded anyway.
 _EVICT_WAIT_S = 60.0
+#: How long the driver waits for a replica's start-up notes (seconds): the replicas are up, so it answers at once.
+_NOTES_TIMEOUT_S = 30.0
 ADDRESS_TIMEOUT_S = 5.0  # how long --address host:port may take to accept a connection
 
 
@@ -124,6 +126,13 @@ class AdapterReplicas:
 
         # Ray Serve's multiplexed loader, made here so that its LRU size is this deployment's setting.
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)(get_adapter)
+
+    def startup_notes(self) -> list[str]:
+        """What this replica's server would tell its operator at start-up (:func:`~bca_deploy.serving.http.startup_notes`):
+        the driver prints them once, as ``bca-deploy serve`` does (every replica loads the same export)."""
+        from .http import startup_notes
+
+        return startup_notes(self.server)
 
     async def _start(self) -> None:
         if self._started is None:
@@ -302,6 +311,10 @@ class Router:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
                    if k.lower() not in (b"content-length", b"transfer-encoding", b"x-request-id")}
         return StreamingResponse(_rest(stream), status_code=start["status"], headers=headers)
+
+    async def startup_notes(self) -> list[str]:
+        """One replica's start-up notes (:meth:`AdapterReplicas.startup_notes`), for the driver to print."""
+        return await self.replicas.startup_notes.remote()
 
     async def _body(self, request: Request) -> bytes:
         """The whole body, within ``max_body_bytes`` and ``body_timeout_s`` (as a single server reads it)."""
@@ -558,8 +571,9 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
             raise ServingError(f"Ray Serve could not start the replicas ({first_line(exc)}); each replica's error "
                                "is in Ray's log above") from None
         if on_ready is not None:
-            on_ready(f"serving {export_dir} on Ray Serve ({replicas} replicas) at "
-                     f"http://{options.host}:{options.port} (Ctrl-C to stop)")
+            on_ready("\n".join([f"serving {export_dir} on Ray Serve ({replicas} replicas) at "
+                                f"http://{options.host}:{options.port} (Ctrl-C to stop)",
+                                *(f"note: {line}" for line in _replica_notes(handle))]))
         if not blocking:
             return handle
         while True:
@@ -569,6 +583,15 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
             serve.shutdown()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _replica_notes(handle) -> list[str]:
+    """The start-up notes of one replica (the same export on each), asked through the application's ``handle``.
+    The replicas are up and serving by now: a note that cannot be fetched is said, never a reason to stop."""
+    try:
+        return list(handle.startup_notes.remote().result(timeout_s=_NOTES_TIMEOUT_S))
+    except Exception as exc:  # Ray raises its own types (a timeout, an actor that died meanwhile)
+        return [f"could not ask a replica for its start-up notes ({type(exc).__name__}: {first_line(exc, 200)})"]
 
 
 def _stop_on_signals() -> dict[int, Any]:

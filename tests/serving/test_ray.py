@@ -9,6 +9,8 @@ consecutive requests for one store adapter are answered by the replica that hold
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +43,14 @@ def ray_app(tmp_path_factory):
     from bca_deploy.serving.ray import run
 
     art = bank("bert", tmp_path_factory)
+    # the export as a user may have edited it: its config.json claims more positions than the graph's table holds,
+    # which a single server reports at start-up (serve-ray must say it too, once, from a replica)
+    export = tmp_path_factory.mktemp("ray-export") / "bank"
+    shutil.copytree(art["onnx"], export)
+    config = json.loads((export / "config.json").read_text())
+    table = config["max_position_embeddings"]
+    config["max_position_embeddings"] = table + 448
+    (export / "config.json").write_text(json.dumps(config))
     store = tmp_path_factory.mktemp("ray-store")
     for name, (targets, p, seed) in STORE.items():
         model = build_model("bert")
@@ -59,8 +69,9 @@ def ray_app(tmp_path_factory):
     try:
         options = ServeOptions(host="127.0.0.1", port=port, threads=1, max_wait_ms=2, served_model_name="tiny-bert",
                                body_timeout_s=BODY_TIMEOUT_S)
-        run(art["onnx"], adapter_store=store, replicas=2, max_adapters_per_replica=2, replica_cpus=0.5,
-            options=options, blocking=False)  # what bca-deploy serve-ray runs (blocking)
+        ready: list[str] = []
+        run(export, adapter_store=store, replicas=2, max_adapters_per_replica=2, replica_cpus=0.5,
+            options=options, blocking=False, on_ready=ready.append)  # what bca-deploy serve-ray runs (blocking)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while True:  # serve.run returns once the application is ready; the proxy may take a moment more
@@ -74,7 +85,7 @@ def ray_app(tmp_path_factory):
         session = MultiAdapterSession(art["onnx"], intra_op_threads=1)
         for name in STORE:
             session.register(name, store / name)
-        yield {"url": url, "session": session}
+        yield {"url": url, "session": session, "ready": ready, "export": export, "table": table}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -106,6 +117,18 @@ def test_adapters_are_routed_loaded_on_demand_and_answered_correctly(ray_app):
     # a new adapter goes to the replica holding the fewest: the store adapters spread over both replicas
     assert len({holders[m][0] for m in ("s1", "s2", "s3")}) == 2, holders
     assert np.abs(session.embed(TEXTS, ["s1"] * 3) - session.embed(TEXTS, ["s2"] * 3)).max() > 1e-2
+
+
+def test_the_start_up_line_carries_the_replicas_notes_once(ray_app):
+    # the single server's start-up notes (here: config.json claims more positions than the graph's table),
+    # fetched from one replica and printed once under the URL line, as bca-deploy serve prints them
+    (line,) = ray_app["ready"]
+    first, *notes = line.splitlines()
+    assert first.startswith(f"serving {ray_app['export']} on Ray Serve (2 replicas) at http://127.0.0.1:")
+    assert len(notes) == 1, notes
+    assert notes[0].startswith(f"note: {ray_app['export'] / 'config.json'} claims rows of up to "
+                               f"{ray_app['table'] + 448} tokens (max_position_embeddings: {ray_app['table'] + 448})")
+    assert f"holds rows of up to {ray_app['table']}: requests are held to {ray_app['table']} tokens" in notes[0]
 
 
 def test_errors_through_ray_are_the_single_servers(ray_app):
