@@ -762,8 +762,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 class _Guard:
     """Pure ASGI middleware around the whole app.
 
-    Gives each request an id (``x-request-id``, echoed), refuses bodies over ``max_body_bytes`` (by
-    ``content-length`` at once, else while they arrive) and bodies not complete within
+    Gives each request an id (``x-request-id``, echoed), refuses a request whose body is framed by both
+    ``content-length`` and ``transfer-encoding`` (400, then the connection is closed), bodies over
+    ``max_body_bytes`` (by ``content-length`` at once, else while they arrive) and bodies not complete within
     ``body_timeout_s``, turns any exception the app did not answer into the JSON 500 (the traceback
     goes to the log, never to the client), and writes the request's log line and metrics.
     """
@@ -782,12 +783,16 @@ class _Guard:
         state = scope.setdefault("state", {})
         state.update({"log": {}, "request_id": request_id})
         sent = {"status": None, "whole": False}
+        # A body framed both ways is how requests are smuggled past a proxy that reads the other framing:
+        # refused, and the connection closed after the answer (RFC 9112 section 6.1: the server MUST close it)
+        framed_twice = "content-length" in headers and "transfer-encoding" in headers
+        closing = [(b"connection", b"close")] if framed_twice else []
 
         async def guarded_send(message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-request-id", request_id.encode())]}
+                                                  (b"x-request-id", request_id.encode()), *closing]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 sent["whole"] = True
             try:
@@ -808,6 +813,9 @@ class _Guard:
 
         failed = 500  # the status to record when no answer could be sent
         try:
+            if framed_twice:
+                raise InvalidHTTPError("the request is not valid HTTP/1.1 (it has both content-length and "
+                                       "transfer-encoding; send one of them)")
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
                 raise body_too_large(options.max_body_bytes, length)

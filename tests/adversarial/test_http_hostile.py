@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import socket
 import sys
 import threading
@@ -410,6 +411,29 @@ def test_malformed_http_and_oversized_heads_get_json_errors(traffic, servers):
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400"), (kind, data[:300])
         assert json.loads(body)["error"]["type"] == "invalid_http", (kind, body)
+    assert call(url + "/health")[0] == 200
+
+
+def test_a_body_framed_both_ways_is_refused_and_its_connection_closed(traffic, servers):
+    # Content-Length and Transfer-Encoding together: a proxy in front that frames by Content-Length would pass
+    # the chunked remainder on as a request of its own (request smuggling). Refused, and the connection closed
+    # (RFC 9112 section 6.1), so the request pipelined behind it is never read; it was answered 200 before.
+    url = servers["bert"]
+    HOSTILE["content-length and transfer-encoding"] += 1
+    body = json.dumps({"input": ["the water is hot"]}).encode()
+    smuggled = b"GET /v1/adapters HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = _connect(url)
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n" + smuggled)
+    data, took = _read_all(sock, 10)
+    sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), data[:300]
+    assert b"connection: close" in head.lower() and took < 9, (head, took)  # closed by the server, not timed out
+    error = json.loads(rest[:int(re.search(rb"content-length: (\d+)", head.lower()).group(1))])["error"]
+    assert error["type"] == "invalid_http" and "transfer-encoding" in error["message"], error
+    assert len(re.findall(rb"HTTP/1\.1 \d{3} ", data)) == 1, data  # the pipelined request was not answered
     assert call(url + "/health")[0] == 200
 
 
