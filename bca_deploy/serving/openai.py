@@ -17,14 +17,20 @@ adapter, as with vLLM's ``--lora-modules``:
 ``model`` is an adapter's name, or the base model's served name (``--served-model-name``, default: the
 export directory's name) or ``"__base__"`` for no adapter. ``temperature`` 0 is greedy decoding
 (token-equal to PyTorch's ``generate``); otherwise tokens are sampled (OpenAI's default temperature is
-1). ``lora_path`` is a name in the adapter store, never a filesystem path.
+1), every prompt of a request with ``seed`` itself (as vLLM: a prompt samples as it would alone).
+``lora_path`` is a name in the adapter store, never a filesystem path.
+
+Chat messages reach the template as vLLM passes them: text parts joined with a line break, ``name`` kept.
+An assistant message sent back as the client got it (``message.model_dump()``: ``refusal``, ``tool_calls``...
+null) is read as its text.
 
 Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
 ``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
 are refused with 422 unless they hold their neutral value (``n`` > 1, ``best_of`` > 1, ``logprobs``,
 ``echo``, ``suffix``, penalties != 0, ``logit_bias``, ``tools``, ``response_format`` other than text,
-...). Fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see
-:mod:`bca_deploy.serving.wire`), so the client raises its typed exceptions.
+...; completions' ``logprobs`` 0 asks for the chosen tokens' log-probabilities, so only null is neutral).
+Fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see :mod:`bca_deploy.serving.wire`),
+so the client raises its typed exceptions.
 """
 
 from __future__ import annotations
@@ -45,7 +51,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..errors import BCAError, ContextLengthError
 from .session import BASE
-from .wire import READ_METHODS, InvalidRequestError, JSONNumber, error_body, error_status, field_errors, read_body, validate
+from .wire import (
+    READ_METHODS,
+    AdapterExistsError,
+    InvalidRequestError,
+    JSONNumber,
+    error_body,
+    error_status,
+    field_errors,
+    read_body,
+    validate,
+)
 
 if TYPE_CHECKING:
     from .http import Server
@@ -93,7 +109,7 @@ class _Sampling(_OpenAIRequest):
     temperature: JSONNumber = Field(default=1.0, ge=0, le=2)
     top_p: JSONNumber = Field(default=1.0, gt=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=-1)  # vLLM's extension (-1 or 0: off)
-    seed: StrictInt | None = Field(default=None, ge=0, le=2**62)
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)  # the engine's range (every prompt gets it as is)
     stop: Union[StrictStr, list[StrictStr], None] = None
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
@@ -113,7 +129,6 @@ class _Sampling(_OpenAIRequest):
     def unsupported(self) -> list[str]:
         problems: list[str] = []
         _refuse(problems, "n", self.n, 1, "one choice per prompt; send the request again for another")
-        _refuse(problems, "logprobs", self.logprobs, (False, 0), "log-probabilities are not returned")
         _refuse(problems, "top_logprobs", self.top_logprobs, 0, "log-probabilities are not returned")
         _refuse(problems, "presence_penalty", self.presence_penalty, 0, "penalties are not implemented")
         _refuse(problems, "frequency_penalty", self.frequency_penalty, 0, "penalties are not implemented")
@@ -140,6 +155,9 @@ class CompletionRequest(_Sampling):
 
     def unsupported(self) -> list[str]:
         problems = super().unsupported()
+        # logprobs 0 (or false, read as 0) is not neutral here: OpenAI and vLLM answer it with the chosen tokens'
+        # log-probabilities, so a client sending it expects a logprobs object, never null
+        _refuse(problems, "logprobs", self.logprobs, None, "log-probabilities are not returned")
         _refuse(problems, "best_of", self.best_of, 1, "one candidate per prompt")
         _refuse(problems, "echo", self.echo, False, "the prompt is not repeated in the answer")
         _refuse(problems, "suffix", self.suffix, "", "no insertion mode")
@@ -153,21 +171,47 @@ class _TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message: a role and its text (a string, or text parts)."""
+    """One chat message: a role and its text (a string, or text parts).
+
+    An assistant message a client sends back as it got it (``message.model_dump()`` of the ``openai`` client, or a
+    vLLM answer) carries the answer's other fields, empty: ``refusal``, ``tool_calls``, ``function_call``,
+    ``audio``, ``annotations`` (and vLLM's ``reasoning_content``) are accepted when null (or an empty list), as
+    they say nothing; with a value they are refused (tool calls, audio, reasoning are not implemented).
+    """
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[_TextPart], None] = None
     name: StrictStr | None = None
+    # fields of an answer's message, sent back with the conversation: accepted empty only (see _has_content)
+    refusal: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
+    reasoning_content: Any = None
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
+        for field in ("refusal", "tool_calls", "function_call", "audio", "annotations", "reasoning_content"):
+            value = getattr(self, field)
+            if value is not None and value != []:
+                raise ValueError(f"{field}: only null is supported in a message (tool calls, audio, refusals and "
+                                 "reasoning are not implemented)")
         if self.content is None:
             raise ValueError("content: a message needs text (tool calls are not supported)")
         return self
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        # text parts are joined with a line break, as vLLM (and SGLang, TensorRT-LLM) join them
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
+
+    def for_template(self) -> dict[str, str]:
+        """The message as the chat template sees it: role, text, and ``name`` when given (vLLM passes it too)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(_Sampling):
@@ -190,6 +234,7 @@ class ChatCompletionRequest(_Sampling):
 
     def unsupported(self) -> list[str]:
         problems = super().unsupported()
+        _refuse(problems, "logprobs", self.logprobs, False, "log-probabilities are not returned")
         _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
         _refuse(problems, "tool_choice", self.tool_choice, ("none", "auto"), "tool calling is not implemented")
         _refuse(problems, "functions", self.functions or None, None, "function calling is not implemented")
@@ -315,7 +360,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         req = await server.read(request, ChatCompletionRequest)
         check(req)
         adapter = server.select(request, req.model, param="model")
-        prompt = await server.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        prompt = await server.chat_prompt([m.for_template() for m in req.messages])
         return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None)
 
     @app.post("/v1/load_lora_adapter")
@@ -324,8 +369,16 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         request.state.log["adapter"] = req.lora_name
         with field_errors("lora_path"):
             entry = req.lora_name if req.lora_path is None else _store_name(req.lora_path)
-        info = await server.load(req.lora_name, entry, replace=req.load_inplace, name_param="lora_name",
-                                 entry_param="lora_path" if req.lora_path is not None else "lora_name")
+        entry_param = "lora_path" if req.lora_path is not None else "lora_name"
+        try:
+            with field_errors(entry_param):  # not in the store, does not fit: the field that named the entry
+                info = await server.load(req.lora_name, entry, replace=req.load_inplace, name_param="lora_name",
+                                         entry_param=entry_param)
+        except AdapterExistsError:  # the native route's message names its own field ("replace"), not vLLM's
+            exists = AdapterExistsError(f"lora_name: adapter {req.lora_name!r} is already loaded; send "
+                                        "\"load_inplace\": true to replace it")
+            exists.param = "lora_name"  # type: ignore[attr-defined]
+            raise exists from None
         request.state.adapter_label = server.metrics.adapter_label(req.lora_name)
         return {"status": "ok", "message": f"adapter {req.lora_name!r} loaded", "adapter": info}
 
@@ -334,7 +387,8 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         req = await server.read(request, UnloadLoraRequest)
         request.state.log["adapter"] = req.lora_name
         request.state.adapter_label = server.metrics.adapter_label(req.lora_name)
-        info = await server.unload(req.lora_name)
+        with field_errors("lora_name"):
+            info = await server.unload(req.lora_name)
         return {"status": "ok", "message": f"adapter {req.lora_name!r} unloaded", "adapter": info}
 
 
@@ -352,8 +406,12 @@ def _store_name(lora_path: str) -> str:
 # ---- generation ----------------------------------------------------------------------------------------
 
 
-def _sampling_params(server: Server, req: _Sampling, prompt_len: int, index: int, default_max_tokens: int | None):
-    """The engine's settings for prompt ``index`` of ``req`` (OpenAI's temperature 0 is greedy decoding)."""
+def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_max_tokens: int | None):
+    """The engine's settings for a prompt of ``req`` (OpenAI's temperature 0 is greedy decoding).
+
+    Every prompt of a request gets ``seed`` itself, as in vLLM: a prompt sent in a batch is sampled as it is when
+    sent alone (clients such as LangChain batch prompts into one request), not with a seed shifted by its index.
+    """
     param = _max_tokens_param(req)
     asked = req.max_completion_tokens if param == "max_completion_tokens" else req.max_tokens
     if asked is not None:
@@ -369,7 +427,7 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, index: int
         return server.sampling(max_new_tokens=max_new, do_sample=not greedy,
                                temperature=1.0 if greedy else float(req.temperature),
                                top_k=req.top_k if req.top_k is not None and req.top_k > 0 else 0,
-                               top_p=float(req.top_p), seed=None if req.seed is None else req.seed + index,
+                               top_p=float(req.top_p), seed=req.seed,
                                stop=tuple(stop))
     except InvalidRequestError as exc:
         raise _renamed(exc, param) from None
@@ -390,7 +448,7 @@ def _renamed(exc: InvalidRequestError | ContextLengthError, param: str) -> Inval
 async def _generate(request: Request, server: Server, req: _Sampling, adapter: str | None, prompts: list[list[int]],
                     kind: str, default_max_tokens: int | None):
     """Check every prompt, submit them all to the engine, then answer whole or as server-sent events."""
-    params = [_sampling_params(server, req, len(p), i, default_max_tokens) for i, p in enumerate(prompts)]
+    params = [_sampling_params(server, req, len(p), default_max_tokens) for p in prompts]
     try:
         streams, release = server.submit(request, prompts, adapter, params)
     except (InvalidRequestError, ContextLengthError) as exc:
