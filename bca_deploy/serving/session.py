@@ -991,20 +991,22 @@ class MultiAdapterSession:
         """Refuse a row of ``prompt_tokens`` that would grow beyond the model's positions with ``max_new_tokens``.
 
         The one rule for every path (native and OpenAI routes, the generation engine): a
-        :class:`~bca_deploy.errors.ContextLengthError` (HTTP 422) whose ``param`` is ``input_param`` when
-        the prompt alone is too long, else ``"max_new_tokens"``.
+        :class:`~bca_deploy.errors.ContextLengthError` (HTTP 400 ``context_length_exceeded``, saying "maximum
+        context length" as OpenAI and vLLM do: clients such as LangChain and LiteLLM recognise a context overflow
+        by that status and those words) whose ``param`` is ``input_param`` when the prompt alone is too long, else
+        ``"max_new_tokens"``.
         """
         limit = self.max_positions
         if not limit or prompt_tokens + max_new_tokens <= limit:
             return
         if prompt_tokens >= limit or max_new_tokens == 0:
-            raise ContextLengthError(f"{input_param}: {prompt_tokens} tokens; the model has {limit} positions"
-                                     f"{self._window_note(limit)}"
+            raise ContextLengthError(f"{input_param}: {prompt_tokens} tokens; the model's maximum context length is "
+                                     f"{limit} positions{self._window_note(limit)}"
                                      + (f", and {max_new_tokens} new tokens were asked for" if max_new_tokens else ""),
                                      param=input_param)
         raise ContextLengthError(f"max_new_tokens: {prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed "
-                                 f"the model's {limit} positions{self._window_note(limit)}; ask for at most "
-                                 f"{limit - prompt_tokens} new tokens", param="max_new_tokens")
+                                 f"the model's maximum context length of {limit} positions{self._window_note(limit)}; "
+                                 f"ask for at most {limit - prompt_tokens} new tokens", param="max_new_tokens")
 
     def check_inputs(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> int:
         """:meth:`prepare`, returning the longest row's token count."""

@@ -160,7 +160,7 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
     RequestTooLargeError: (413, "request_too_large"),
     UnsupportedMediaTypeError: (415, "unsupported_media_type"),
     InvalidRequestError: (422, "invalid_request"),
-    ContextLengthError: (422, "context_length_exceeded"),
+    ContextLengthError: (400, "context_length_exceeded"),  # OpenAI's and vLLM's status: clients detect overflow by it
     AdapterNameError: (422, "invalid_adapter_name"),
     AdapterMismatchError: (422, "adapter_does_not_fit"),
     AdapterFormatError: (422, "invalid_adapter"),

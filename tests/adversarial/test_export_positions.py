@@ -6,7 +6,7 @@ config says 4× its 64 rows), every row longer than the real table reached onnxr
 lookup (Gather index out of range; BERT: the sliced position ids no longer broadcast), and the server answered 500;
 texts were truncated at the claimed length, so long texts failed the same way. Now the session reads the graph's own
 table at load (:func:`bca_deploy.exporters.validate.graph_position_tables`) and holds requests to the lower of the
-two: a longer row gets the usual context-length error (HTTP 422), texts are cut at the table, the answers within it
+two: a longer row gets the usual context-length error (HTTP 400), texts are cut at the table, the answers within it
 are those of the untouched export, and ``serve`` says once at start-up that the file claims more than the graph has.
 
 Covered: BERT (position ids sliced from a constant inside the graph), RoBERTa (positions counted past the padding
@@ -141,9 +141,9 @@ def test_bert_rows_longer_than_the_table_are_refused_not_run(bert_claims):
     good, hostile = bert_claims
     assert good.max_positions == hostile.max_positions == TABLE
     for session in (good, hostile):
-        with pytest.raises(ContextLengthError, match=r"^input: 65 tokens; the model has 64 positions$"):
+        with pytest.raises(ContextLengthError, match=r"^input: 65 tokens; the model's maximum context length is 64 positions$"):
             session.embed([[5] * 65], ["a0"])
-        with pytest.raises(ContextLengthError, match=r"^input: 100 tokens; the model has 64 positions$"):
+        with pytest.raises(ContextLengthError, match=r"^input: 100 tokens; the model's maximum context length is 64 positions$"):
             session.prepare([[5] * 10, [6] * 100])
     note = hostile.positions_note
     assert note is not None and good.positions_note is None
@@ -178,7 +178,7 @@ def test_a_tokenizer_claiming_more_than_the_table_cannot_lengthen_texts(exports,
         in session.positions_note
 
 
-def test_bert_over_http_too_long_is_422_and_long_texts_are_cut(bert_claims, tmp_path):
+def test_bert_over_http_too_long_is_400_and_long_texts_are_cut(bert_claims, tmp_path):
     from bca_deploy.serving.http import ServerThread, build, startup_notes
 
     good, hostile = bert_claims
@@ -186,7 +186,7 @@ def test_bert_over_http_too_long_is_422_and_long_texts_are_cut(bert_claims, tmp_
     with ServerThread(app) as server:
         for body in ({"input": [[5] * 65], "adapter": "a0"}, {"model": "a0", "input": [[5] * 65]}):
             status, got = call(server.url + "/v1/embeddings", "POST", body)
-            assert_error(status, got, 422, "context_length_exceeded", ["65 tokens", "64 positions"])
+            assert_error(status, got, 400, "context_length_exceeded", ["65 tokens", "64 positions"])
         texts = [LONG_TEXT, SHORT_TEXT]
         status, got = call(server.url + "/v1/embeddings", "POST", {"input": texts, "adapter": "a0"})
         assert status == 200, got
@@ -209,7 +209,7 @@ def test_roberta_the_offset_comes_from_the_graph(exports, tmp_path, fields, clai
     hostile = MultiAdapterSession(claiming(exports("roberta"), tmp_path / "roberta", fields))
     assert position_limit(hostile.config) == claimed
     assert good.max_positions == hostile.max_positions == TABLE
-    with pytest.raises(ContextLengthError, match=r"^input: 65 tokens; the model has 64 positions$"):
+    with pytest.raises(ContextLengthError, match=r"^input: 65 tokens; the model's maximum context length is 64 positions$"):
         hostile.classify([[5] * 65], ["a0"])
     ids = [[5 + i % 100 for i in range(TABLE)]]
     assert hostile.classify(ids, ["a0"]) == good.classify(ids, ["a0"])
@@ -229,26 +229,26 @@ def test_gpt2_generation_is_held_to_the_table(gpt2_claims):
     good, hostile = gpt2_claims
     assert hostile.config.n_positions == 256 and hostile.max_positions == TABLE
     assert "(n_positions: 256)" in hostile.positions_note
-    with pytest.raises(ContextLengthError, match=r"^input: 65 tokens; the model has 64 positions$"):
+    with pytest.raises(ContextLengthError, match=r"^input: 65 tokens; the model's maximum context length is 64 positions$"):
         hostile.prepare([[5] * 65])
-    with pytest.raises(ContextLengthError, match="60 prompt tokens [+] 10 new tokens exceed the model's 64 positions; "
+    with pytest.raises(ContextLengthError, match="60 prompt tokens [+] 10 new tokens exceed the model's maximum context length of 64 positions; "
                                                  "ask for at most 4 new tokens"):
         hostile.prepare([[5] * 60], max_new_tokens=10)
-    with pytest.raises(ContextLengthError, match="the model has 64 positions"):
+    with pytest.raises(ContextLengthError, match="the model's maximum context length is 64 positions"):
         hostile.generate([[5] * 65], ["a0"], max_new_tokens=1)
     prompt = [5 + i for i in range(20)]
     assert hostile.generate([prompt], ["a0"], max_new_tokens=6) == good.generate([prompt], ["a0"], max_new_tokens=6)
 
 
-def test_gpt2_over_http_too_long_is_422(gpt2_claims):
+def test_gpt2_over_http_too_long_is_400(gpt2_claims):
     from bca_deploy.serving.http import ServerThread, build
 
     good, hostile = gpt2_claims
     with ServerThread(build(hostile.export_dir, threads=1, max_wait_ms=5)) as server:
         status, got = call(server.url + "/v1/generate", "POST", {"input": [[5] * 65], "max_new_tokens": 1})
-        assert_error(status, got, 422, "context_length_exceeded", ["65 tokens", "64 positions"])
+        assert_error(status, got, 400, "context_length_exceeded", ["65 tokens", "64 positions"])
         status, got = call(server.url + "/v1/completions", "POST", {"model": "a0", "prompt": [5] * 60, "max_tokens": 10})
-        assert_error(status, got, 422, "context_length_exceeded", ["64 positions", "at most 4 new tokens"])
+        assert_error(status, got, 400, "context_length_exceeded", ["64 positions", "at most 4 new tokens"])
         prompt = [5 + i for i in range(20)]
         status, got = call(server.url + "/v1/generate", "POST", {"input": [prompt], "adapter": "a0",
                                                                   "max_new_tokens": 6})

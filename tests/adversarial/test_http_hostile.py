@@ -177,7 +177,7 @@ GENERATE_REFUSALS = [
     ({"input": [[5, True]]}, 422, "input"),
     ({"input": {"a": 1}}, 422, "input"),
     ({"input": [[5, 1000]]}, 400, "token ids"),
-    ({"input": [[5] * 120], "max_new_tokens": 16}, 422, "positions"),
+    ({"input": [[5] * 120], "max_new_tokens": 16}, 400, "positions"),
     ({"input": [[5, 6]] * 9}, 413, "9 rows"),
     ({"input": [[5, 6]], "adapter": "../a0"}, 404, "../a0"),
     ({"input": [[5, 6]], "adapter": "ghost"}, 404, "ghost"),

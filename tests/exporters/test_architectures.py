@@ -164,7 +164,7 @@ def test_bank_generation_equals_pytorch_generate(tmp_path, name, dtype):
         assert tokens == out[0, len(row):].tolist(), f"{name}: row through {adapter}"
     assert len({tuple(t) for t in got}) == 3  # rows differ, so a mix-up would show
     if window:
-        with pytest.raises(ContextLengthError, match=rf"exceed the model's {window} positions \(its sliding window"):
+        with pytest.raises(ContextLengthError, match=rf"exceed the model's maximum context length of {window} positions \(its sliding window"):
             session.check_positions(len(rows[1]), new + 1)
 
 

@@ -448,7 +448,7 @@ def test_roberta_rows_fit_the_positions_after_its_padding_offset(tmp_path):
     session = MultiAdapterSession(onnx_dir)
     assert session.max_positions == 64
     longest = token_rows(1, seed=7, low=64, high=65)
-    with pytest.raises(ContextLengthError, match="input: 65 tokens; the model has 64 positions"):
+    with pytest.raises(ContextLengthError, match="input: 65 tokens; the model's maximum context length is 64 positions"):
         session.classify([longest[0] + [5]], ["r0"])
     results: dict[str, tuple[int, dict]] = {}
     with ServerThread(build(onnx_dir, max_wait_ms=50, threads=1)) as server:
@@ -462,7 +462,8 @@ def test_roberta_rows_fit_the_positions_after_its_padding_offset(tmp_path):
         for thread in threads:
             thread.join()
     status, body = results["too long"]
-    assert status == 422 and "65 tokens; the model has 64 positions" in body["error"]["message"], body
+    assert status == 400 and "65 tokens; the model's maximum context length is 64 positions" in body["error"]["message"], \
+        body
     status, body = results["fits"]
     assert status == 200, body
     want = own_logits(own_model(base, adapter), longest[0])

@@ -884,7 +884,7 @@ def test_small_batches_and_mixed_embedding_settings(artefacts, log_capture):
         pytest.param({"input": [[]]}, 400, id="empty-row"),
         pytest.param({"input": [[5, VOCAB]]}, 400, id="token-id-vocab-size"),
         pytest.param({"input": [[5, -1]]}, 400, id="token-id-negative"),
-        pytest.param({"input": [[5] * 60], "max_new_tokens": 10}, 422, id="beyond-64-positions"),
+        pytest.param({"input": [[5] * 60], "max_new_tokens": 10}, 400, id="beyond-64-positions"),
         pytest.param({"input": "hello"}, 400, id="text-without-tokenizer"),  # the llama export has no tokenizer
     ],
 )
@@ -893,7 +893,7 @@ def test_invalid_generate_requests(llama_url, body, status):
     assert_error(got_status, got, status)
 
 
-def test_too_long_for_the_model_is_the_same_422_on_every_route(llama_url):
+def test_too_long_for_the_model_is_the_same_400_on_every_route(llama_url):
     # one rule (session.check_positions): native and OpenAI routes answer the same status, type and field
     answers = {
         "generate": call(llama_url + "/v1/generate", "POST", {"input": [[5] * 60], "max_new_tokens": 10}),
@@ -901,14 +901,14 @@ def test_too_long_for_the_model_is_the_same_422_on_every_route(llama_url):
                                                                     "max_tokens": 10}),
     }
     for route, (status, body) in answers.items():
-        assert_error(status, body, 422, "context_length_exceeded", ["60 prompt tokens + 10 new tokens",
+        assert_error(status, body, 400, "context_length_exceeded", ["60 prompt tokens + 10 new tokens",
                                                                      "64 positions", "at most 4 new tokens"])
     assert answers["generate"][1]["error"]["param"] == "max_new_tokens"
     assert answers["completions"][1]["error"]["param"] == "max_tokens"
     for path, body, param in (("/v1/generate", {"input": [[5] * 65]}, "input"),
                               ("/v1/completions", {"model": "a0", "prompt": [5] * 65}, "prompt")):
         status, got = call(llama_url + path, "POST", body)  # the prompt alone is too long: its own field is named
-        assert_error(status, got, 422, "context_length_exceeded", ["65 tokens", "64 positions"])
+        assert_error(status, got, 400, "context_length_exceeded", ["65 tokens", "64 positions"])
         assert got["error"]["param"] == param
 
 
@@ -919,7 +919,7 @@ def test_malformed_json_is_400(llama_url):
 
 def test_invalid_embedding_requests(bert_url):
     for body, expected in (({"input": [[5, 6]], "pooling": "max"}, 422), ({"input": [[5, 6]], "adapter": "nope"}, 404),
-                           ({"input": [[1] * 65]}, 422), ({"input": [[5, 600]]}, 400),
+                           ({"input": [[1] * 65]}, 400), ({"input": [[5, 600]]}, 400),
                            ({"input": ["some text", [5, 6]]}, 422)):
         status, got = call(bert_url + "/v1/embeddings", "POST", body)
         assert_error(status, got, expected)

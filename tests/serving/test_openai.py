@@ -372,7 +372,7 @@ def test_generation_refusals_are_typed(llm, llama, tmp_path_factory):
     for extra, field in (({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
                          ({"logit_bias": {"5": 10}}, "logit_bias"), ({"echo": True}, "echo"),
                          ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"), ({"max_tokens": 5000}, "max_tokens"),
-                         ({"max_tokens": 127}, "max_tokens"), ({"top_p": 0}, "top_p"),
+                         ({"top_p": 0}, "top_p"),
                          # a JSON number is a number: not a boolean (lax float took true as 1.0), not a string
                          ({"extra_body": {"temperature": True}}, "temperature"),
                          ({"extra_body": {"temperature": "0.5"}}, "temperature"),
@@ -389,6 +389,16 @@ def test_generation_refusals_are_typed(llm, llama, tmp_path_factory):
         llm.chat.completions.create(model="a0", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                     max_completion_tokens=4)
     assert caught.value.body["param"] == "max_completion_tokens"
+    # a context overflow is what OpenAI and vLLM answer: 400 (the client's BadRequestError) of type
+    # context_length_exceeded whose message says "maximum context length", by which clients recognise it (and trim)
+    for create, field in ((lambda: llm.completions.create(model="a0", prompt="the day", max_tokens=127), "max_tokens"),
+                          (lambda: llm.chat.completions.create(model="a0", messages=[{"role": "user", "content": "hi"}],
+                                                               max_completion_tokens=127), "max_completion_tokens"),
+                          (lambda: llm.completions.create(model="a0", prompt=[5] * 130, max_tokens=1), "prompt")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            create()
+        assert caught.value.body["param"] == field and caught.value.body["type"] == "context_length_exceeded"
+        assert caught.value.type == "context_length_exceeded" and "maximum context length" in str(caught.value)
     for prompt in ([5, 10**6], [[5], []]):  # token ids outside the vocabulary, an empty row: the field is named
         with pytest.raises(openai.BadRequestError) as caught:
             llm.completions.create(model="a0", prompt=prompt, max_tokens=2)

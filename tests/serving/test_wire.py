@@ -131,7 +131,7 @@ def test_every_error_type_has_one_status():
         NonFiniteError: (422, "invalid_adapter"),
         InvalidJSONError: (400, "invalid_json"),
         InvalidRequestError: (422, "invalid_request"),
-        ContextLengthError: (422, "context_length_exceeded"),
+        ContextLengthError: (400, "context_length_exceeded"),
         RequestTooLargeError: (413, "request_too_large"),
         UnsupportedMediaTypeError: (415, "unsupported_media_type"),
         ServerBusyError: (503, "server_busy"),
