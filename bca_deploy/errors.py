@@ -86,7 +86,8 @@ class ServingError(BCAError, RuntimeError):
 
 class ContextLengthError(ServingError, ValueError):
     """A prompt (plus the new tokens asked for) longer than the model's positions: a request whose values
-    cannot be served (HTTP 422). ``param`` names the request field to change."""
+    cannot be served (HTTP 400 ``context_length_exceeded``, as OpenAI and vLLM answer it). ``param`` names the
+    request field to change."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
