@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 
-__all__ = ["AtomicDir", "atomic_dir", "write_dir", "check_target", "check_inputs_outside", "recover",
+__all__ = ["AtomicDir", "atomic_dir", "write_dir", "write_text", "check_target", "check_inputs_outside", "recover",
            "current_umask", "give_default_mode", "TMP_TAG", "OLD_TAG"]
 
 #: Infixes of the hidden siblings a writer creates: ``.<name><TAG><pid>-<hex>``.
@@ -178,6 +178,9 @@ def check_target(target: str | Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{target}: is a symbolic link to something that is not a directory; remove it first")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target}: exists and is not a directory")
+    if target.is_dir() and os.path.ismount(target):  # renaming the new tree onto it fails (EBUSY) once all is built
+        raise OutputExistsError(f"{target}: is a mount point, which cannot be replaced (an output is built beside it "
+                                f"and renamed into place); choose a directory inside it, such as {target / 'out'}")
     if target.is_dir() and not overwrite and not _is_empty_dir(target):
         raise OutputExistsError(f"{target}: exists and is not empty; pass --overwrite (overwrite=True in Python) to replace it")
     if target.is_dir() and not target.is_symlink() and not _is_empty_dir(target):
@@ -482,3 +485,20 @@ def write_dir(
     with atomic_dir(target, overwrite=overwrite, keep_existing=keep_existing, fsync=fsync) as tmp:
         build(tmp)
     return Path(target)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to the file ``path`` whole or not at all: a hidden sibling is written, then renamed
+    over it, so a Ctrl-C, SIGTERM or kill mid-write leaves the earlier file (for files a run rewrites in place:
+    its result and log). No fsync: a power cut may lose the new text, never mix the two."""
+    path = Path(path)
+    tmp = _sibling(path, TMP_TAG)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise

@@ -35,6 +35,7 @@ _EXPORTS = {
     "TrainingConfigError": ".errors",
     "CheckpointError": ".errors",
     "TrainingDivergedError": ".errors",
+    "TrainingTerminated": ".errors",
     "train": ".trainer",
     "evaluate": ".trainer",
     "TrainResult": ".trainer",

@@ -128,10 +128,14 @@ def train_command(**kwargs: Any) -> None:
     """
     config: TrainConfig = _build_train(kwargs)
     config.validate()  # before torch is imported: a typo is reported at once
+    from .errors import TrainingTerminated
     from .report import final_summary
     from .trainer import train
 
-    result = train(config)
+    try:
+        result = train(config)
+    except TrainingTerminated as exc:  # the trainer has said what is left in --out; exit as a SIGTERM'd program
+        sys.exit(128 + exc.signal_number)
     if _rank() == 0:
         click.echo(final_summary(result, config.model, config.eval_data))
 

@@ -243,7 +243,8 @@ class TrainConfig:
         "all-MiniLM-L6-v2, a *ForSequenceClassification checkpoint, or a causal LM.", "path", required=True,
         group="data")
     data: str | Path | None = _opt(
-        None, "Training data: .tsv/.csv (header row) or .jsonl (one object per line), UTF-8. seq-cls: text "
+        None, "Training data: .tsv/.csv (header row) or .jsonl (one object per line; .json: that or an array of "
+        "objects), UTF-8. seq-cls: text "
         "column(s) + label; causal-lm: prompt + response, or text.", "path", required=True, group="data")
     out: str | Path | None = _opt(
         None, "Output directory (best/, last/, train_log.jsonl, train_result.json). Must be empty or absent "

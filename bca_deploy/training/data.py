@@ -4,7 +4,8 @@ Formats, chosen by extension:
 
 - ``.tsv`` / ``.tab``: tab-separated with a header row, no quoting (the GLUE files);
 - ``.csv``: comma-separated with a header row, standard CSV quoting;
-- ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line.
+- ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line; a ``.json`` file may instead hold one
+  array of objects (``[{...}, {...}]``, as ``pandas.DataFrame.to_json(orient="records")`` writes).
 
 Files are UTF-8, with or without a byte-order mark; other bytes are refused with the line they are on.
 
@@ -116,6 +117,8 @@ def read_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str], lis
         )
     try:
         if kind == "jsonl":
+            if path.suffix.lower() == ".json":
+                return _read_json(path)
             return _read_jsonl(path)
         return _read_delimited(path, kind)
     except UnicodeDecodeError:
@@ -225,6 +228,96 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]
     return records, list(columns), lines
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    """A ``.json`` file: one array of objects (its first character a ``[``), else one object per line.
+
+    Each record's line number is where its object starts. A file holding a single object over several lines
+    (pretty-printed) is refused in one line saying which layouts are read, not with a problem per line.
+    """
+    text = path.read_text(encoding="utf-8-sig")
+    start = _JSON_SPACE.match(text).end()
+    if text.startswith("[", start):
+        return _read_json_array(path, text, start)
+    try:
+        return _read_jsonl(path)
+    except DataError:
+        try:
+            whole = json.loads(text)
+        except (ValueError, RecursionError):
+            whole = None
+        if isinstance(whole, dict) and text.count("\n", start, len(text.rstrip())) > 0:
+            lists = [k for k, v in whole.items() if isinstance(v, list)]
+            where = f" (its key {lists[0]!r} holds a list: save that list as the file)" if len(lists) == 1 else ""
+            raise DataError(f"{path}: one JSON object spread over several lines{where}; expected one example "
+                            "object per line (JSON Lines) or a JSON array of example objects "
+                            '([{"sentence": ..., "label": ...}, ...])') from None
+        raise
+
+
+def _read_json_array(path: Path, text: str, start: int) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    """The objects of the JSON array that starts at ``text[start]``, each with the line its object starts on."""
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    problems: list[str] = []
+    records, lines, columns = [], [], {}
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    pos = _JSON_SPACE.match(text, start + 1).end()
+    if text.startswith("]", pos):
+        raise DataError(f"{path}: the JSON array is empty (expected an array of example objects)")
+    else:
+        while True:
+            number = line_at(pos)
+            try:
+                obj, end = decoder.raw_decode(text, pos)
+            except _DuplicateKey as exc:
+                problems.append(f"line {number}: key {exc.args[0]!r} appears more than once (which one is meant?)")
+                try:
+                    obj, end = json.JSONDecoder().raw_decode(text, pos)
+                except (ValueError, RecursionError):
+                    break
+                obj = None
+            except json.JSONDecodeError as exc:
+                problems.append(f"line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+                break
+            except RecursionError:
+                problems.append(f"line {number}: JSON nested too deeply")
+                break
+            except ValueError as exc:  # e.g. an integer of more than 4,300 digits (Python's conversion limit)
+                problems.append(f"line {number}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})")
+                break
+            if obj is not None:
+                if isinstance(obj, dict):
+                    records.append(obj)
+                    lines.append(number)
+                    columns.update(dict.fromkeys(obj))
+                else:
+                    problems.append(f"line {number}: expected a JSON object in the array, got {_json_type(obj)}")
+            pos = _JSON_SPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _JSON_SPACE.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos = _JSON_SPACE.match(text, pos + 1).end()
+                break
+            problems.append(f"line {line_at(pos)}: expected ',' or ']' after an array item"
+                            + (" (the array is not closed)" if pos >= len(text) else ""))
+            break
+    if not problems and pos < len(text):
+        problems.append(f"line {line_at(pos)}: more data after the array ends (expected one array of objects)")
+    if problems:
+        raise DataError(format_problems(f"{path}: malformed JSON array:", problems, limit=10))
+    return records, list(columns), lines
+
+
 def _json_type(value: Any) -> str:
     """The JSON name of a value's type (for messages)."""
     if value is None:
@@ -239,7 +332,22 @@ def _json_type(value: Any) -> str:
 
 
 def _columns_message(path: Path, columns: Sequence[str]) -> str:
-    return f"columns found in {path}: {', '.join(repr(c) for c in columns) or '(none)'}"
+    message = f"columns found in {path}: {', '.join(repr(c) for c in columns) or '(none)'}"
+    if path.suffix.lower() in (".tsv", ".tab", ".csv") and any(_DECIMAL.fullmatch(c.strip()) for c in columns):
+        # a header cell that is a number: the file has no header row, its first example was taken for one
+        message += (" (a number among them: line 1 looks like an example, not a header; the file needs a first "
+                    "line naming its columns, such as 'sentence" + ("\\t" if path.suffix.lower() != ".csv" else ",")
+                    + "label')")
+    return message
+
+
+def _near(wanted: str, columns: Sequence[str]) -> str | None:
+    """A column named as ``wanted`` in another case or number (``Label``, ``labels``, ``Texts``), if one."""
+    def key(name: str) -> str:
+        name = name.strip().lower()
+        return name[:-1] if name.endswith("s") else name
+
+    return next((c for c in columns if c != wanted and key(c) == key(wanted)), None)
 
 
 def _text_problem(value: Any, column: str, allow_empty: bool = False) -> str | None:
@@ -375,8 +483,10 @@ def load_seq_cls(
     if text_columns is None:
         found = next((c for c in TEXT_COLUMN_CANDIDATES if all(x in columns for x in c)), None)
         if found is None:
+            near = next((n for c in TEXT_COLUMN_CANDIDATES if len(c) == 1 for n in [_near(c[0], columns)] if n), None)
             problems.append(
-                "no text column: pass text_columns (CLI: --text-columns); looked for "
+                "no text column: pass text_columns (CLI: --text-columns"
+                + (f"; the file has {near!r}: --text-columns {near}" if near else "") + "); looked for "
                 + " / ".join("+".join(c) for c in TEXT_COLUMN_CANDIDATES)
             )
             text_columns = []
@@ -386,10 +496,14 @@ def load_seq_cls(
         text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
         if not 1 <= len(text_columns) <= 2:
             problems.append(f"text_columns must name one or two columns, got {text_columns}")
-        problems += [f"text column {c!r} not found" for c in text_columns if c not in columns]
+        problems += [f"text column {c!r} not found" + (f" (the file has {_near(c, columns)!r})" if _near(c, columns)
+                                                        else "") for c in text_columns if c not in columns]
     has_labels = label_column in columns
     if require_labels and not has_labels:
-        problems.append(f"label column {label_column!r} not found (pass label_column / --label-column)")
+        near = _near(label_column, columns)
+        problems.append(f"label column {label_column!r} not found " + (
+            f"(the file has {near!r}: pass --label-column {near})" if near else
+            "(pass label_column / --label-column)"))
     if problems:
         problems.append(_columns_message(path, columns))
         raise DataError(format_problems(f"{path}: cannot read sequence-classification data:", problems))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ..errors import BCAError
 
-__all__ = ["DataError", "DataFileNotFoundError", "TrainingConfigError", "CheckpointError", "TrainingDivergedError"]
+__all__ = ["DataError", "DataFileNotFoundError", "TrainingConfigError", "CheckpointError", "TrainingDivergedError",
+           "TrainingTerminated"]
 
 
 class DataError(BCAError, ValueError):
@@ -32,3 +33,11 @@ class CheckpointError(BCAError, ValueError):
 class TrainingDivergedError(TrainingConfigError, FloatingPointError):
     """The training loss became NaN or infinite: the options (learning rate, clipping) made the run diverge.
     The checkpoints written before it are kept."""
+
+
+class TrainingTerminated(KeyboardInterrupt):
+    """A training run was sent SIGTERM (``kill``, a scheduler's pre-emption, ``docker stop``): raised where the run
+    was, like Ctrl-C's ``KeyboardInterrupt``, so the run unwinds as it does for Ctrl-C (an unfinished staging
+    directory is removed, the lock released; ``last/`` keeps the latest checkpoint). The CLI exits with 143."""
+
+    signal_number = 15

@@ -138,7 +138,9 @@ def final_summary(result: TrainResult, model_dir: str | Path | None, eval_data: 
     task = result.task or {}
     head = task.get("head") or {}
     what = [task.get("type", "custom"), task.get("architecture") or ""]
-    if head:
+    if head and (result.config or {}).get("regression"):
+        what.append("regression (1 output)")
+    elif head:
         names = list(head.get("id2label", {}).values())
         what.append(f"{head.get('num_labels')} labels ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
     elif task.get("type") == "seq-cls":

@@ -33,7 +33,9 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,14 +45,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import check_inputs_outside
+from ..atomic import check_inputs_outside, write_text
 from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
 from ..errors import format_problems
 from ..models import describe_ids_past_vocabulary, ids_past_vocabulary, vocabulary_size
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
 from .config import Recipe, TrainConfig, recipe_for
 from .data import SeqClsExamples, check_label_range, check_token_range, classes_needed, load_dataset, pad_token_id
-from .errors import CheckpointError, DataError, DataFileNotFoundError, TrainingConfigError, TrainingDivergedError
+from .errors import (CheckpointError, DataError, DataFileNotFoundError, TrainingConfigError, TrainingDivergedError,
+                     TrainingTerminated)
 from .evaluate import TRAINING_FILE, evaluate
 from .loading import (
     DEFAULT_TARGETS,
@@ -254,7 +257,8 @@ def _length_grouped(order: list[int], input_ids: Sequence[Sequence[int]], batch_
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Write ``data`` to ``path`` whole or not at all (a Ctrl-C or SIGTERM mid-write leaves the earlier file)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _scale_by_block_size(model: nn.Module, adapter: str = "default") -> None:
@@ -341,6 +345,7 @@ class _TrainingRun:
         self.best_step: int | None = None
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
+        self.saved_step: int | None = None  # the step of the checkpoint in --out/last (None: none of this run's yet)
         self.printer = _Printer(enabled=cfg.progress and d.is_main)
         self.sharding = sharding_source(cfg.fsdp)
         ignored = ignored_accelerate_settings()
@@ -356,24 +361,47 @@ class _TrainingRun:
 
     def run(self) -> TrainResult:
         try:
-            self.setup_output()
-            self.setup_data()
-            self.setup_model()
-            self.setup_optimizer()
-            self.restore()
-            if self.resumed_from is not None and self.step >= self.cfg.max_steps:
-                finished = self._finished_result()
-                if finished is not None:
-                    return finished
-            self.printer.start(self)
-            self.train_loop()
-            result = self.result()
+            with _sigterm_interrupts():
+                self.setup_output()
+                self.setup_data()
+                self.setup_model()
+                self.setup_optimizer()
+                self.restore()
+                if self.resumed_from is not None and self.step >= self.cfg.max_steps:
+                    finished = self._finished_result()
+                    if finished is not None:
+                        return finished
+                self.printer.start(self)
+                self.train_loop()
+                result = self.result()
+                if self.d.is_main:
+                    _write_json(self.out / RESULT_FILE, result.to_dict())
+                return result
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (TrainingTerminated): say what is left and how to go on
             if self.d.is_main:
-                _write_json(self.out / RESULT_FILE, result.to_dict())
-            return result
+                print(self._interrupted_note(exc), file=sys.stderr, flush=True)
+            raise
         finally:
             if self.rundir is not None:
                 self.rundir.close()
+
+    def _interrupted_note(self, exc: KeyboardInterrupt) -> str:
+        """What an interrupted run left in ``--out`` and the command that continues it."""
+        how = "terminated (SIGTERM)" if isinstance(exc, TrainingTerminated) else "interrupted"
+        where = f"at step {self.step} of {self.cfg.max_steps}" if self.step else "before the first step"
+        saved = self.saved_step
+        resume = "run the same command with --resume" + (" in place of --overwrite" if self.cfg.overwrite else "") + \
+            " to continue from it"
+        if saved is None and self.cfg.resume:  # stopped while setting up: the checkpoint resumed from is untouched
+            return f"training {how} {where}: {self.out / 'last'} is as it was; {resume}"
+        if saved is None:  # nothing of this run is in --out: it is as it was
+            try:
+                before = "what was there is kept as it was" if any(self.out.iterdir()) else "nothing was written there"
+            except OSError:
+                before = "nothing was written there"
+            return f"training {how} {where}, before its first checkpoint: {before} ({self.out})"
+        return (f"training {how} {where}: {self.out / 'last'} holds the checkpoint of step {saved}; {resume} (the "
+                "final adapter is the one an uninterrupted run gives)")
 
     def _finished_result(self) -> TrainResult | None:
         """The result a finished run wrote, when ``--resume`` finds nothing left to do (None: none readable)."""
@@ -725,7 +753,9 @@ class _TrainingRun:
             self.step, self.micro = int(state["step"]), int(state["micro_step"])
             self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step")
             self.history = history
-            self.resumed_from = self.step
+            self.resumed_from = self.saved_step = self.step
+            if self.d.is_main:
+                _trim_log(self.out / LOG_FILE, self.step)
         random.seed(cfg.seed + self.d.rank)
         torch.manual_seed(cfg.seed + self.d.rank)  # dropout differs per rank, repeatable per seed
         if state is not None:
@@ -778,6 +808,7 @@ class _TrainingRun:
 
         write_dir_atomically(self.run_path / "last", build)
         self.rundir.first_checkpoint_written()
+        self.saved_step = self.step
 
     def save_best(self, metrics: dict[str, float], values: dict[str, torch.Tensor] | None) -> None:
         if self.d.is_main:
@@ -841,6 +872,7 @@ class _TrainingRun:
         window_loss: list[float] = []
         window_tokens, window_time = 0, 0.0
         self.last_loss = float("nan")
+        self.initial_loss: float | None = None
         self.final_metrics = None
         bar = self.printer.bar(cfg.max_steps, self.step)
         train_model.train()
@@ -880,6 +912,8 @@ class _TrainingRun:
                 self.train_seconds += elapsed
                 self.train_cpu_seconds += time.process_time() - c0
                 self.tokens += step_tokens * d.world_size
+                if self.initial_loss is None and self.resumed_from is None:
+                    self.initial_loss = step_loss  # the loss of the model before any update
                 window_loss.append(step_loss)
                 window_tokens += step_tokens * d.world_size
                 window_time += elapsed
@@ -896,10 +930,23 @@ class _TrainingRun:
                     self.on_step(self.step, logs)
         finally:
             self.printer.close(bar)
+        self._note_divergence()
         if self.eval_data is not None and self.final_metrics is None and self.history \
                 and self.history[-1]["step"] == self.step:
             self.final_metrics = {k: v for k, v in self.history[-1].items() if k != "step"}
         barrier(d)
+
+    def _note_divergence(self) -> None:
+        """Say so when the training loss ended far above where it started: the run diverged without reaching NaN
+        (a learning rate far too high), and its adapter is worse than none."""
+        start, end = self.initial_loss, self.last_loss
+        if not self.d.is_main or start is None or not math.isfinite(end) or end <= max(3 * start, start + 1):
+            return
+        cfg = self.cfg
+        rates = f"--lr {cfg.lr:g}" + (f", --head-lr {cfg.head_lr:g}" if cfg.head_lr is not None else "")
+        print(f"warning: the training loss rose from {start:.4g} at step 1 to {end:.4g} at the end: the run diverged "
+              f"(its adapter fits the data worse than the untrained model); lower the learning rate ({rates})"
+              + ("" if cfg.max_grad_norm else " or clip gradients (--max-grad-norm 1)"), file=sys.stderr, flush=True)
 
     def _after_step(self, logs: dict[str, Any], save_every: int) -> None:
         """Evaluate and checkpoint when this step calls for it."""
@@ -962,6 +1009,52 @@ class _TrainingRun:
             resumed_from=self.resumed_from,
             config=_norm(self.run_config),
         )
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While training, SIGTERM raises :class:`TrainingTerminated` where the run is, as Ctrl-C raises
+    ``KeyboardInterrupt``: the run unwinds (a staging directory is removed, the lock file released) instead of
+    dying on the spot with both left beside ``--out``. Only in the main thread, and only where SIGTERM still has its
+    default action (a handler the program installed is left alone); a second SIGTERM while unwinding is ignored."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise TrainingTerminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (the resumed checkpoint's) from the log: the resumed run logs those
+    steps again, and the log then reads as an uninterrupted run's. A line cut short by a kill is dropped too."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):
+        return
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            done = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+        except ValueError:
+            done = False
+        if done and line.endswith("\n"):
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    with contextlib.suppress(OSError):  # a log that cannot be rewritten keeps its extra lines
+        write_text(path, "".join(kept))
 
 
 def _terminal_size(stream) -> tuple[int, int] | None:
