@@ -803,12 +803,13 @@ def _structure(ckpt: _Checkpoint, architecture: str | None, head_task: TaskSpec 
         raise LookupError(f"{ckpt.directory}: no config.json with a model_type")
     # A model has at least one stored tensor per layer: a config asking for more layers than the checkpoint
     # holds tensors is not this checkpoint's (and a hostile one could ask for millions of modules).
+    from .models import count_problem, layer_count_problem
+
     tensors = sum(len(h.tensors) for h in ckpt.headers.values())
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers"):
-        value = ckpt.config.get(key)
-        if isinstance(value, int) and value > tensors:
-            raise CheckpointFormatError(f"{ckpt.directory}/config.json: {key}={value}, but the checkpoint holds "
-                                        f"only {tensors} tensors")
+    source = f"{ckpt.directory}/config.json"
+    problem = layer_count_problem(ckpt.config, tensors, source) or count_problem(ckpt.config, source)
+    if problem is not None:
+        raise CheckpointFormatError(problem)
     import transformers
 
     config = transformers.AutoConfig.for_model(**ckpt.config)

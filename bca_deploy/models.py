@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +48,11 @@ __all__ = [
     "task_from_architecture",
     "load_base",
     "config_fit_problems",
+    "config_counts",
+    "count_problem",
+    "layer_count_problem",
+    "require_config_fits_weights",
+    "MAX_CONFIG_COUNT",
     "require_readable_weights",
     "load_model",
     "adapter_name_of",
@@ -78,14 +84,104 @@ def load_config(model_dir: str | Path):
     if not path.is_file():
         raise InputNotFoundError(f"{model_dir}: no config.json (expected a transformers model directory)")
     try:
-        read_json(path, what="model config", allow_nan=True)
+        data = read_json(path, what="model config", allow_nan=True)
     except AdapterFormatError as exc:
         raise CheckpointFormatError(str(exc)) from None
+    problem = count_problem(data, str(path))
+    if problem is not None:  # transformers expands some into per-layer lists (qwen2's layer_types) while reading it
+        raise CheckpointFormatError(problem)
     try:
         return AutoConfig.from_pretrained(str(model_dir))
+    except MemoryError:
+        raise CheckpointFormatError(f"{path}: transformers ran out of memory reading this config; check its sizes "
+                                    "(num_hidden_layers...)") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointFormatError(f"{path}: transformers cannot read this config ({type(exc).__name__}: "
                                     f"{first_line(exc)})") from None
+
+
+#: The largest count of layers or experts a ``config.json`` may give, in any of its fields (``num_hidden_layers``,
+#: ``n_layer``, ``decoder_layers``, ``num_local_experts``..., nested configs' included). The deepest published
+#: transformer has 1,000 layers (DeepNet), released models at most ~130 (Llama-3.1-405B: 126), and the most experts
+#: 2,048 (Switch-C); transformers builds one module per layer or expert, and expands some counts into lists while
+#: merely reading the config (qwen2's ``layer_types``: 1e8 layers took 113 s and 12 GiB), so a larger count is refused
+#: before transformers reads the file.
+MAX_CONFIG_COUNT = 10_000
+
+_COUNT_FIELD = re.compile(r"(?:^|_)(?:layers?|experts)$")
+#: The fields that give a model's number of layers (others ending in ``layers`` do not: qwen2's ``max_window_layers``
+#: defaults to 28 whatever the depth).
+_LAYER_COUNTS = frozenset({"num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
+                           "num_encoder_layers", "num_decoder_layers"})
+
+
+def config_counts(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, int]]:
+    """``(field, value)`` of every integer field of a parsed ``config.json`` that counts layers or experts (its name
+    ends in ``layers``, ``layer`` or ``experts``), in nested configs too (``text_config.num_hidden_layers``)."""
+    found: list[tuple[str, int]] = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            found += config_counts(value, f"{prefix}{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool) and _COUNT_FIELD.search(str(key)):
+            found.append((f"{prefix}{key}", value))
+    return found
+
+
+def count_problem(config: Mapping[str, Any], source: str) -> str | None:
+    """Why ``config`` (a parsed ``config.json``, read from ``source``) is refused before anything reads it further:
+    a count of layers or experts above :data:`MAX_CONFIG_COUNT`; else None."""
+    too_many = [f"{name}={value}" for name, value in config_counts(config) if value > MAX_CONFIG_COUNT]
+    if not too_many:
+        return None
+    return (f"{source}: {', '.join(too_many[:5])}: more layers or experts than any model has (at most "
+            f"{MAX_CONFIG_COUNT:,} are read)")
+
+
+def layer_count_problem(config: Mapping[str, Any], tensors: int, source: str) -> str | None:
+    """Why ``config`` (a parsed ``config.json``) cannot describe a checkpoint of ``tensors`` tensors, or None: a
+    model stores at least one tensor per layer, so a layer count above ``tensors`` is not this checkpoint's, and
+    building it would take time and memory in proportion (a hostile config can ask for millions of modules)."""
+    for name, value in config_counts(config):
+        if name.rpartition(".")[2] in _LAYER_COUNTS and value > tensors:
+            return f"{source}: {name}={value}, but the checkpoint holds only {tensors} tensors"
+    return None
+
+
+def require_config_fits_weights(model_dir: str | Path) -> None:
+    """Refuse a checkpoint whose ``config.json`` does not describe its safetensors weights, from the headers alone
+    and before any model is built in memory: the rule :func:`config_fit_problems` (the streaming merge's check),
+    with the model built on the meta device. ``from_pretrained`` would otherwise build the config's model for real
+    first: millions of layers for an edited ``num_hidden_layers`` (minutes, then out of memory), gigabytes for an
+    edited ``max_position_embeddings``; and, where a classifier head is replaced (``ignore_mismatched_sizes``),
+    load it with the mismatched tensors initialized at random. A directory without ``model.safetensors`` or an
+    index, or a config transformers cannot build, is left to ``from_pretrained`` (its own error).
+
+    Raises:
+        CheckpointFormatError: naming config.json and every tensor or layer list that does not fit.
+    """
+    from .errors import CheckpointFormatError, format_problems
+    from .merge import _key_map, _read_checkpoint, _structure
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return
+    ckpt = _read_checkpoint(model_dir)
+    try:
+        model = _structure(ckpt, None, None)  # refuses more layers than stored tensors before building any
+    except CheckpointFormatError:
+        raise
+    except Exception:  # noqa: BLE001 - no structure to be had: from_pretrained says why
+        return
+    locations = ckpt.locations()
+    stored = {key: (info.dtype, info.shape) for key, (_, info) in locations.items()}
+    files = {key: shard for key, (shard, _) in locations.items()}
+    problems = config_fit_problems(model, stored, _key_map(model, locations), files=files)
+    if problems:
+        raise CheckpointFormatError(format_problems(
+            f"{model_dir}: its weights do not fit its config.json ({model_dir / 'config.json'}, model_type "
+            f"{ckpt.model_type!r}, built as {type(model).__name__}):", problems)
+            + f"\n{CONFIG_MISFIT_CAUSE[0].upper()}{CONFIG_MISFIT_CAUSE[1:]}: use the checkpoint this config belongs "
+            "to, or restore its config.json")
 
 
 class TaskError(BCAError, ValueError):
@@ -318,6 +414,7 @@ def load_base(
     import transformers
 
     require_readable_weights(model_dir)
+    require_config_fits_weights(model_dir)
     if isinstance(task, str):
         export_task = _normalize(task)
         task = ModelTask(EXPORT_TASK_TYPES[export_task], export_task)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -268,6 +268,14 @@ class _PeftRules:
     block_size: int
     block_size_field: str
     block_size_pattern: dict[str, int]
+    entries: int = 0  # how many names and patterns the fields above hold (what matching one path costs)
+    _compiled: dict[str, re.Pattern] = field(default_factory=dict, repr=False)
+
+    def _re(self, regex: str) -> re.Pattern:
+        """``regex`` compiled once per config (re's own cache holds 512: more entries would be compiled per path)."""
+        if regex not in self._compiled:
+            self._compiled[regex] = re.compile(regex)
+        return self._compiled[regex]
 
     @classmethod
     def parse(cls, peft_config: dict[str, Any]) -> tuple[_PeftRules | None, list[str]]:
@@ -316,6 +324,11 @@ class _PeftRules:
                 problems.append(f"block_size_pattern key {show_json_value(key)} is not a string")
                 continue
             regexes.append((f"block_size_pattern key {key[:80]!r}", _sized(key)))
+        entries = len(regexes) + sum(len(v) for v in (target, layers) if isinstance(v, list))
+        if entries > _MAX_RULE_ENTRIES:
+            # Each entry is compiled and matched against every module path (a store entry a server loads: 300,000
+            # block_size_pattern keys took minutes): such a config is not cross-checked, as an unbounded pattern is not.
+            return None, problems
         for what, regex in regexes:
             try:
                 re.compile(regex)
@@ -345,6 +358,7 @@ class _PeftRules:
             block_size_field="block_size" if "block_size" in peft_config
             else f"block_size (absent: PEFT's default {PEFT_DEFAULT_BLOCK_SIZE})",
             block_size_pattern=dict(block_pattern),
+            entries=entries,
         ), []
 
     @property
@@ -370,18 +384,18 @@ class _PeftRules:
         """Why PEFT does not adapt module ``key`` (a path as the file names it), or None when it does."""
         exclude = self.exclude
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
+            if self._re(exclude).fullmatch(key):
                 return f"exclude_modules {exclude!r} matches it"
         elif exclude is not None:
             hit = next((e for e in exclude if key == e or key.endswith("." + e)), None)
             if hit is not None:
                 return f"exclude_modules entry {hit!r} excludes it"
-        inside = next((m for m in self.modules_to_save if re.match(_inside_saved(m), key)), None)
+        inside = next((m for m in self.modules_to_save if self._re(_inside_saved(m)).match(key)), None)
         if inside is not None:
             return f"it is inside modules_to_save entry {inside!r}, which PEFT saves whole and never adapts"
         target = self.target
         if isinstance(target, str):
-            return None if re.fullmatch(target, key) else f"target_modules {target!r} does not match its whole path"
+            return None if self._re(target).fullmatch(key) else f"target_modules {target!r} does not match its whole path"
         if key in target:
             return None  # named exactly: layers_to_transform does not apply
         if not any(key.endswith("." + t) for t in target):
@@ -393,7 +407,7 @@ class _PeftRules:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
         else:
             for layer_pattern in self.layers_pattern:
-                match = re.match(_layer_index(layer_pattern), key)
+                match = self._re(_layer_index(layer_pattern)).match(key)
                 if match is not None:
                     break
         if match is None:
@@ -409,13 +423,20 @@ class _PeftRules:
     def block_size_of(self, key: str) -> tuple[int, str]:
         """The block size PEFT gives module ``key``, and the config field it comes from."""
         for pattern_key, value in self.block_size_pattern.items():
-            if re.match(_sized(pattern_key), key):
+            if self._re(_sized(pattern_key)).match(key):
                 return value, f"block_size_pattern[{pattern_key!r}]"
         if key in self.block_size_pattern:
             return self.block_size_pattern[key], f"block_size_pattern[{key!r}]"
         return self.block_size, self.block_size_field
 
 
+#: The most names and patterns (``target_modules`` and ``layers_to_transform`` entries, ``modules_to_save`` entries,
+#: ``block_size_pattern`` keys...) a PEFT config may hold to be cross-checked against its kernels, and the most
+#: matches of one against the paths (entries x paths): real configs list at most one entry per adapted module (a
+#: 126-layer model's 7 projections: 882). Past either, the config is not cross-checked (never refused): its kernels
+#: alone say what is adapted, as for a pattern whose backtracking is unbounded.
+_MAX_RULE_ENTRIES = 10_000
+_MAX_RULE_MATCHES = 2_000_000
 #: Module paths longer than this are not matched against a config's regular expressions (real ones are under 200
 #: characters); with _MAX_UNBOUNDED_REPEATS, the bound on how long one match can backtrack.
 _MAX_MATCHED_PATH = 200
@@ -515,6 +536,8 @@ def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_p
     problems: list[str] = []
     if any(len(path) > _MAX_MATCHED_PATH for path in (*source_paths, *(model_layer_types or ()))):
         return problems  # not a path of any real model: not matched against the config's patterns (see _bounded_regex)
+    if (rules.entries + 1) * (len(source_paths) + len(model_layer_types or ())) > _MAX_RULE_MATCHES:
+        return problems  # matching would take minutes (see _MAX_RULE_MATCHES): not cross-checked
     for module, kernel in kernels.items():
         key = PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX
         b = int(kernel.shape[-1])

@@ -125,17 +125,21 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ..models import require_readable_weights
+    from ..errors import CheckpointFormatError
+    from ..models import require_config_fits_weights, require_readable_weights
 
     kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
     try:
         require_readable_weights(model_dir)
+        require_config_fits_weights(model_dir)  # from the headers, before from_pretrained builds the config's model
         with quiet_loading():
             if task == "seq-cls":
                 model, info = AutoModelForSequenceClassification.from_pretrained(
                     str(model_dir), ignore_mismatched_sizes=new_head, **_head_config(head), **kwargs)
             else:
                 model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except CheckpointFormatError:
+        raise
     except _LOAD_ERRORS as exc:
         raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} ({first_line(exc)})") from None
     except (RuntimeError, MemoryError) as exc:  # config.json and the weights disagree, or no memory holds the config's
