@@ -196,6 +196,18 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _json_problem(exc: ValueError | RecursionError, line: int) -> str:
+    """What a JSON parsing error ``exc`` on ``line`` of a data file is, as its message says it."""
+    if isinstance(exc, _DuplicateKey):
+        return f"line {line}: key {exc.args[0]!r} appears more than once (which one is meant?)"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {line}: not valid JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return f"line {line}: JSON nested too deeply"
+    # e.g. an integer of more than 4,300 digits (Python's conversion limit)
+    return f"line {line}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})"
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
     problems: list[str] = []
     records, lines, columns = [], [], {}
@@ -205,17 +217,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]
                 continue
             try:
                 obj = json.loads(raw, object_pairs_hook=_unique_keys)
-            except _DuplicateKey as exc:
-                problems.append(f"line {number}: key {exc.args[0]!r} appears more than once (which one is meant?)")
-                continue
-            except json.JSONDecodeError as exc:
-                problems.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            except RecursionError:
-                problems.append(f"line {number}: JSON nested too deeply")
-                continue
-            except ValueError as exc:  # e.g. an integer of more than 4,300 digits (Python's conversion limit)
-                problems.append(f"line {number}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})")
+            except (ValueError, RecursionError) as exc:
+                problems.append(_json_problem(exc, number))
                 continue
             if not isinstance(obj, dict):
                 problems.append(f"line {number}: expected a JSON object, got {_json_type(obj)}")
@@ -278,21 +281,15 @@ def _read_json_array(path: Path, text: str, start: int) -> tuple[list[dict[str, 
             number = line_at(pos)
             try:
                 obj, end = decoder.raw_decode(text, pos)
-            except _DuplicateKey as exc:
-                problems.append(f"line {number}: key {exc.args[0]!r} appears more than once (which one is meant?)")
+            except _DuplicateKey as exc:  # a problem of this record alone: the array goes on after it
+                problems.append(_json_problem(exc, number))
                 try:
                     obj, end = json.JSONDecoder().raw_decode(text, pos)
                 except (ValueError, RecursionError):
                     break
                 obj = None
-            except json.JSONDecodeError as exc:
-                problems.append(f"line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
-                break
-            except RecursionError:
-                problems.append(f"line {number}: JSON nested too deeply")
-                break
-            except ValueError as exc:  # e.g. an integer of more than 4,300 digits (Python's conversion limit)
-                problems.append(f"line {number}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})")
+            except (ValueError, RecursionError) as exc:  # the rest of the array cannot be found
+                problems.append(_json_problem(exc, exc.lineno if isinstance(exc, json.JSONDecodeError) else number))
                 break
             if obj is not None:
                 if isinstance(obj, dict):

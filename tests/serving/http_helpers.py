@@ -143,6 +143,20 @@ def bank(name: str, tmp_path_factory) -> dict:
 # ---- a real server process ------------------------------------------------------------------------------
 
 
+def openai_client(url: str, timeout: float = 120.0):
+    """The official ``openai`` client on the server at ``url`` (its ``/v1``), without retries: a test sees every error."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+def llama_serve(export_dir: Path, store: Path, log: Path) -> ServeProcess:
+    """``bca-deploy serve`` of a tiny Llama export with its adapter store, served as ``tiny-llama``, batches formed
+    within 2 ms (use as a context manager)."""
+    return ServeProcess(export_dir, "--adapter-store", str(store), "--served-model-name", "tiny-llama",
+                        "--max-wait-ms", "2", log=log)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

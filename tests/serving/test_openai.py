@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("prometheus_client")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import ServeProcess, assert_error, bank, call
+from http_helpers import ServeProcess, assert_error, bank, call, llama_serve, openai_client
 
 from bca_deploy.serving import MultiAdapterSession
 
@@ -50,7 +50,7 @@ def bert_session(bert):
 
 @pytest.fixture(scope="module")
 def client(bert_server):
-    return openai.OpenAI(base_url=bert_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(bert_server.url, timeout=60)
 
 
 def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
@@ -251,8 +251,7 @@ def llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_server(llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "llama-serve.log"
-    with ServeProcess(llama["onnx"], "--adapter-store", str(llama["store"]), "--served-model-name", "tiny-llama",
-                      "--max-wait-ms", "2", log=log) as server:
+    with llama_serve(llama["onnx"], llama["store"], log) as server:
         yield server
 
 
@@ -263,7 +262,7 @@ def llama_session(llama):
 
 @pytest.fixture(scope="module")
 def llm(llama_server):
-    return openai.OpenAI(base_url=llama_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(llama_server.url)
 
 
 def expected_completion(session, ids: list[int], adapter: str | None, n: int, stop: list[str] = ()):
@@ -412,7 +411,7 @@ def test_generation_refusals_are_typed(llm, llama, tmp_path_factory):
     # an export whose tokenizer has no chat template: a clear 400, completions still work
     log = tmp_path_factory.mktemp("logs") / "plain-serve.log"
     with ServeProcess(llama["no_template"], log=log) as plain:
-        client = openai.OpenAI(base_url=plain.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(plain.url)
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="a0", messages=[{"role": "user", "content": "hi"}])
         assert "chat template" in caught.value.body["message"]
@@ -519,7 +518,7 @@ def test_a_full_queue_answers_503_with_retry_after(llama):
                                      headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as holding:
             assert holding.readline().startswith(b"data: ")  # its 4 rows hold the queue now
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            client = openai_client(server.url, timeout=60)
             with pytest.raises(openai.InternalServerError) as caught:
                 client.completions.create(model="a1", prompt=PROMPTS[0], max_tokens=2)
             rest = holding.read()

@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import ServeProcess, bank, call, write_word_tokenizer
+from http_helpers import bank, call, llama_serve, openai_client, write_word_tokenizer
 
 from bca_deploy.serving import MultiAdapterSession
 
@@ -46,8 +46,7 @@ def export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(export, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "conformance-serve.log"
-    with ServeProcess(export["onnx"], "--adapter-store", str(export["store"]), "--served-model-name", "tiny-llama",
-                      "--max-wait-ms", "2", log=log) as process:
+    with llama_serve(export["onnx"], export["store"], log) as process:
         yield process
 
 
@@ -58,7 +57,7 @@ def session(export):
 
 @pytest.fixture(scope="module")
 def llm(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server.url)
 
 
 def greedy(session, ids: list[int], adapter: str | None, n: int) -> tuple[str, int]:

@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
 from exporters_helpers import build_model
-from http_helpers import assert_error, bank, call, free_port
+from http_helpers import assert_error, bank, call, free_port, openai_client
 
 from bca_deploy import inject, save_adapter
 from bca_deploy.serving import MultiAdapterSession
@@ -93,7 +93,7 @@ def ray_app(tmp_path_factory):
 
 def test_adapters_are_routed_loaded_on_demand_and_answered_correctly(ray_app):
     url, session = ray_app["url"], ray_app["session"]
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai_client(url)
     assert [m.id for m in client.models.list().data] == ["tiny-bert", "a0", "a1", "a2", "s1", "s2", "s3", "s4"]
     holders: dict[str, list[str]] = {}
 
@@ -133,7 +133,7 @@ def test_the_start_up_line_carries_the_replicas_notes_once(ray_app):
 
 def test_errors_through_ray_are_the_single_servers(ray_app):
     url = ray_app["url"]
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai_client(url)
     with pytest.raises(openai.NotFoundError) as caught:
         client.embeddings.create(model="nothing-here", input="hi")
     assert caught.value.body["type"] == "unknown_adapter"
