@@ -610,11 +610,13 @@ class _Demo:
 
         from .merge import merge_checkpoint
         from .models import load_model
+        from .training.loading import quiet_loading
 
         adapter_dir = self.staged[classifier.name][0]
         merged_dir = merge_checkpoint(self.model_dir, [(adapter_dir, 1.0)], self.tmp / "merged", progress=False)
         adapted = load_model(self.model_dir, [adapter_dir])  # the adapted model, loaded as every stage loads it
-        plain = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+        with quiet_loading():  # transformers 5.x draws a "Loading weights" bar into the demo's output
+            plain = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
         expected, got = _predict(adapted, self.tokenizer, texts), _predict(plain, self.tokenizer, texts)
         diff = float((got - expected).abs().max())
         same = bool((got.argmax(-1) == expected.argmax(-1)).all())

@@ -343,3 +343,14 @@ def test_invalid_options_are_listed_together(tmp_path):
         run_demo(out=tmp_path / "x", seed=2**63)  # the trainer's range, refused before the model loads
     with pytest.raises(InvalidOptionError, match="not both"):
         run_demo(DemoConfig(), steps=3)
+
+
+def test_the_demo_prints_only_its_own_lines_no_transformers_loading_bar(tmp_path, capfd):
+    """transformers 5.x draws a "Loading weights" progress bar on stderr for every from_pretrained; the demo's
+    own load of the merged checkpoint must not put one between its lines (4.x draws none)."""
+    lines: list[str] = []
+    run_demo(DemoConfig(out=tmp_path / "out", steps=2, batch_size=8, export_onnx=False), log=lines.append)
+    captured = capfd.readouterr()
+    assert any("AutoModelForSequenceClassification.from_pretrained" in line for line in lines)
+    assert "Loading weights" not in captured.err + captured.out
+    assert captured.err == "", captured.err
