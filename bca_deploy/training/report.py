@@ -155,7 +155,9 @@ def final_summary(result: TrainResult, model_dir: str | Path | None, eval_data: 
     def beside(suffix: str) -> str:
         return _q(result.out_dir.parent / f"{result.out_dir.name}-{suffix}")
 
-    data = _q(eval_data) if eval_data is not None else "HELDOUT.tsv"
+    # a held-out file in the training data's format (the reader goes by its extension)
+    suffix = Path(str((result.config or {}).get("data") or "")).suffix or ".tsv"
+    data = _q(eval_data) if eval_data is not None else f"HELDOUT{suffix}"
     lines.append("next:")
     lines.append(f"  bca-deploy evaluate --model {m} --adapter {a} --data {data}")
     if (adapter / "adapter_config.json").is_file():

@@ -293,6 +293,17 @@ def test_a_regression_run_is_summed_up_as_one_output_not_1_labels(files, tmp_pat
     summary = final_summary(result, files["bert"], None)
     assert "seq-cls, BertForSequenceClassification, regression (1 output);" in summary, summary
     assert "1 labels" not in summary
+    assert f"evaluate --model {files['bert']} --adapter" in summary and "--data HELDOUT.tsv" in summary
+
+
+def test_the_next_commands_name_a_held_out_file_in_the_training_datas_format(files, tmp_path):
+    from bca_deploy.training.report import final_summary
+
+    rows = [line.split("\t") for line in files["small"].read_text().splitlines()[1:]]
+    data = write_jsonl(tmp_path / "train.jsonl", [{"sentence": s, "label": int(y)} for s, y in rows])
+    result = train(config(files["bert"], data, tmp_path / "run", max_steps=2))
+    summary = final_summary(result, files["bert"], None)
+    assert "--data HELDOUT.jsonl" in summary and "HELDOUT.tsv" not in summary, summary  # was .tsv for any format
 
 
 def test_a_json_record_interrupted_mid_write_keeps_the_earlier_file(tmp_path, monkeypatch):
