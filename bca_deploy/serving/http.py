@@ -715,8 +715,8 @@ class Server:
                 raise AdapterExistsError(f"adapter {name!r} is already loaded; pass \"replace\": true to reload it")
             path = None
             if self.store is not None:
-                try:
-                    path = self.store.path(source)
+                try:  # off the event loop, as the read: the store's file system may be slow
+                    path = await run_in_threadpool(self.store.path, source)
                 except UnknownAdapterError:
                     if not exported:
                         raise
@@ -724,7 +724,7 @@ class Server:
                 if path is None:
                     info = await run_in_threadpool(self.session.register_exported, source, name=name, replace=replace)
                 else:
-                    info = await run_in_threadpool(self.session.register, name, path, replace=replace)
+                    info = await run_in_threadpool(self._register_from_store, name, source, path, replace)
             except BCAError:
                 raise
             except Exception as exc:  # a store entry the readers do not turn into a BCAError: say which, log why
@@ -737,6 +737,13 @@ class Server:
                                          f"({type(exc).__name__})") from None
         self.metrics.adapter_changes.labels("load").inc()
         return self.public_info(info)
+
+    def _register_from_store(self, name: str, entry: str, path: Path, replace: bool) -> AdapterInfo:
+        """Register store entry ``entry`` (at ``path``) from a private copy: one state of the entry, read without a
+        memory map or a blocking open (:meth:`AdapterStore.snapshot`)."""
+        assert self.store is not None
+        with self.store.snapshot(entry, path, max_bytes=self.session.max_adapter_bytes) as copy:
+            return self.session.register(name, copy, replace=replace, source=path)
 
     async def unload(self, name: str) -> dict[str, Any]:
         if name in (BASE, self.model_name) or name not in self.session.snapshot().slots:

@@ -330,13 +330,17 @@ class MultiAdapterSession:
 
     # ---- adapters ----------------------------------------------------------------------------------
 
-    def register(self, name: str, adapter_dir: str | Path, *, replace: bool = False) -> AdapterInfo:
+    def register(self, name: str, adapter_dir: str | Path, *, replace: bool = False,
+                 source: str | Path | None = None) -> AdapterInfo:
         """Load the adapter directory ``adapter_dir`` (bca-deploy or PEFT C3A) as ``name``.
 
         The adapter is read and checked against the graph (modules, block sizes, shapes, model type,
         finite values; in a text-classification bank its head: layers, shapes, labels) before anything
         changes; then it is written into a free slot and a new snapshot is published. Batches already
         running finish with the snapshot they started with.
+
+        ``source``: where the adapter came from, for its :class:`AdapterInfo` (default: ``adapter_dir``; a server
+        reads a private copy of a store entry and records the entry).
 
         Raises:
             AdapterNameError: ``name`` is not a valid adapter name.
@@ -355,7 +359,7 @@ class MultiAdapterSession:
         tensors, head = adapter_slot(config, state, self.layout, self.base_model_prefix, source=str(adapter_dir),
                                      head=self.head, base_head=self._base_head, model_type=self.model_type,
                                      unused=self.unused_modules)
-        info = AdapterInfo(name=name, source=str(adapter_dir), num_parameters=config.num_parameters,
+        info = AdapterInfo(name=name, source=str(source or adapter_dir), num_parameters=config.num_parameters,
                            block_sizes=tuple(sorted({s.block_size for s in config.modules.values()})),
                            modules=len(config.modules), registered_at=time.time(), **self._head_info(head))
         self._add(_Adapter(info, tensors, head), replace)

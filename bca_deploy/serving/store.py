@@ -6,29 +6,59 @@ resolved and must stay inside the store: the name is checked against
 directory with symbolic links followed must lie inside the root, and so must every file and folder in
 it (a ``adapter_config.json`` that is a link to ``/etc/passwd`` is refused before it is opened).
 Errors name the adapter, never the store's location, and never list the store's other entries.
+
+A server reads an entry through :meth:`AdapterStore.snapshot`: a private copy of the files the reader opens,
+taken with ``read`` (never a memory map: a file truncated under a map kills the process with SIGBUS), each
+file opened without blocking (a named pipe swapped in is refused, not waited on) from one open handle of the
+entry's directory, and checked unchanged from start to end (a file written or replaced meanwhile is read
+again), so a load sees one state of the entry: the old adapter or the new one, never a mix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 import re
+import shutil
+import stat
+import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import CONFIG_FILE, run_adapter_dir
-from ..errors import AdapterNameError, InputNotFoundError, UnknownAdapterError
+from ..config import CONFIG_FILE, MAX_JSON_BYTES, WEIGHTS_FILE, run_adapter_dir
+from ..errors import AdapterFormatError, AdapterNameError, InputNotFoundError, UnknownAdapterError
 from .session import check_adapter_name
 
-__all__ = ["AdapterStore", "MAX_ENTRY_FILES", "LISTING_TTL_S", "redact_roots"]
+__all__ = ["AdapterStore", "MAX_ENTRY_FILES", "LISTING_TTL_S", "SNAPSHOT_TRIES", "redact_roots"]
 
 #: The most files and folders one store entry may hold (an adapter directory has two or three).
 MAX_ENTRY_FILES = 64
 #: How long :meth:`AdapterStore.listing` reuses a listing of an unchanged store directory, at least (seconds).
 LISTING_TTL_S = 1.0
+#: How many times :meth:`AdapterStore.snapshot` reads an entry that changes while it is read before it gives up.
+SNAPSHOT_TRIES = 5
+#: The name prefix of a snapshot's private directory (in the system's temporary directory).
+_SNAPSHOT_PREFIX = "bca-store-"
+#: A weights file the pickle-only hint looks for (:func:`bca_deploy.adapter_io.read_adapter`).
+_PICKLE_WEIGHTS = "adapter_model.bin"
+
+
+class _Changed(Exception):
+    """The entry changed while :meth:`AdapterStore.snapshot` read it (read it again)."""
+
+
+def _file_kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "not a file")
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 @dataclasses.dataclass
@@ -110,7 +140,14 @@ class AdapterStore:
             adapter = self._resolved(run_adapter_dir(candidate), name)
             if not self._inside(adapter):
                 raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
-            return adapter if (adapter / CONFIG_FILE).is_file() else None
+            if (adapter / CONFIG_FILE).is_file():
+                return adapter
+            with contextlib.suppress(OSError):  # there, but a named pipe, socket, device or folder: say so
+                if stat.S_ISREG(mode := os.stat(adapter / CONFIG_FILE).st_mode):
+                    return adapter  # it is one now (replaced meanwhile)
+                where = adapter.relative_to(candidate) / CONFIG_FILE if candidate in adapter.parents else CONFIG_FILE
+                raise AdapterFormatError(f"adapter {name!r}: {where} is {_file_kind(mode)}, not a regular file")
+            return None
         except PermissionError:  # one entry this user may not read is that entry's problem, not the store's
             raise AdapterNameError(f"adapter {name!r}: its directory in the adapter store cannot be read by the "
                                    "server (permission denied)") from None
@@ -120,28 +157,44 @@ class AdapterStore:
 
     def _check_contents(self, name: str, directory: Path) -> None:
         # Every entry (files, folders, links at any depth) must resolve inside the store; nothing is opened.
+        # Read lazily (os.scandir, not os.walk, which lists a whole folder first): an entry holding a folder of
+        # a million files costs MAX_ENTRY_FILES reads, not the folder's listing.
         seen = 0
-        for current, dirs, files in os.walk(directory, followlinks=False):
-            for child in (*dirs, *files):
-                seen += 1
-                if seen > MAX_ENTRY_FILES:
-                    raise AdapterNameError(f"adapter {name!r} holds more than {MAX_ENTRY_FILES} files; an adapter "
-                                           "directory holds its config and weights")
-                path = Path(current, child)
-                if not self._inside(self._resolved(path, name)):
-                    relative = path.relative_to(directory)
-                    raise AdapterNameError(f"adapter {name!r}: {relative} is a link to a file outside the adapter "
-                                           "store; store entries must be self-contained")
+        pending = [directory]
+        while pending:
+            current = pending.pop()
+            try:
+                with os.scandir(current) as children:
+                    for child in children:
+                        seen += 1
+                        if seen > MAX_ENTRY_FILES:
+                            raise AdapterNameError(f"adapter {name!r} holds more than {MAX_ENTRY_FILES} files; an "
+                                                   "adapter directory holds its config and weights")
+                        path = Path(child.path)
+                        if not self._inside(self._resolved(path, name)):
+                            relative = path.relative_to(directory)
+                            raise AdapterNameError(f"adapter {name!r}: {relative} is a link to a file outside the "
+                                                   "adapter store; store entries must be self-contained")
+                        if child.is_dir(follow_symlinks=False):
+                            pending.append(path)
+            except OSError as exc:  # a folder in the entry that cannot be listed: the entry's problem
+                if current == directory and isinstance(exc, PermissionError):
+                    raise AdapterNameError(f"adapter {name!r}: its directory in the adapter store cannot be read by "
+                                           "the server (permission denied)") from None
+                if current == directory or not isinstance(exc, (PermissionError, FileNotFoundError)):
+                    raise AdapterNameError(f"adapter {name!r}: its directory in the adapter store cannot be read "
+                                           f"({exc.strerror or type(exc).__name__})") from None
 
     def names(self) -> list[str]:
-        """Adapter names that :meth:`path` accepts: valid names of self-contained adapter directories in the store."""
+        """Adapter names that :meth:`path` accepts: valid names of self-contained adapter directories in the store
+        whose config and weights are regular files (not named pipes, sockets or devices, which no load reads)."""
         names = []
         for child in sorted(self.root.iterdir()):
             try:
-                if (path := self._resolve(child.name)) is not None:
+                if (path := self._resolve(child.name)) is not None and (path / WEIGHTS_FILE).is_file():
                     self._check_contents(child.name, path)
                     names.append(child.name)
-            except AdapterNameError:
+            except (AdapterNameError, AdapterFormatError):
                 continue
         return names
 
@@ -176,5 +229,132 @@ class AdapterStore:
         return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns
 
     def redact(self, message: str) -> str:
-        """``message`` with the store's location removed (paths become relative to the store)."""
+        """``message`` with the store's location removed (paths become relative to the store), and a snapshot's
+        (:meth:`snapshot`: its copy of an entry has the entry's path under it)."""
+        message = re.sub(r"(?<![\w./~-])" + re.escape(os.path.join(tempfile.gettempdir(), _SNAPSHOT_PREFIX))
+                         + r"[A-Za-z0-9_]+" + re.escape(os.sep), "", message)
         return redact_roots(message, (str(self.root), str(self.given), str(self.given.absolute())), "<store>")
+
+    @contextlib.contextmanager
+    def snapshot(self, name: str, directory: Path, *, max_bytes: int | None = None) -> Iterator[Path]:
+        """A private copy of adapter ``name``'s files (``directory``, from :meth:`path`), for a reader to read and
+        then deleted: one state of the entry, whatever happens to it meanwhile.
+
+        The config and the weights are read through one open handle of the entry's directory, each opened without
+        blocking and refused unless a regular file inside the store (the opened file itself is checked, so a link
+        swapped in after :meth:`path` looked is refused too), read with ``read`` (a memory-mapped file truncated
+        by a writer kills the process with SIGBUS), and read again, whole, if anything about the entry changed
+        from the first look to the last (an in-place write, a file or the whole directory replaced by a rename).
+        A file over its reader's limit (``max_bytes`` for the weights, the JSON limit for the config) is not read:
+        the copy is a sparse file of the same size, which the reader refuses unread with its own message.
+
+        The copy's path ends with the entry's own path (``<temporary>/<name>/``, or ``<name>/best/``), so the
+        reader's messages, passed through :meth:`redact`, read as for the entry itself.
+
+        Raises:
+            AdapterFormatError: a file that is not a regular file, cannot be read, or kept changing over
+                :data:`SNAPSHOT_TRIES` reads.
+            AdapterNameError: a file that turned out to lie outside the store.
+        """
+        relative = directory.relative_to(self.root)
+        scratch = Path(tempfile.mkdtemp(prefix=_SNAPSHOT_PREFIX))
+        try:
+            copy = scratch / relative
+            for _ in range(SNAPSHOT_TRIES):
+                shutil.rmtree(scratch / relative.parts[0], ignore_errors=True)
+                copy.mkdir(parents=True)
+                try:
+                    self._copy_entry(name, directory, copy, max_bytes)
+                    break
+                except _Changed:
+                    continue
+            else:
+                raise AdapterFormatError(f"adapter {name!r} changed while it was read ({SNAPSHOT_TRIES} times); load "
+                                         "it again once it is written (put an adapter in place whole: write it "
+                                         "beside the store and rename it in)")
+            yield copy
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _opened_inside(self, fd: int) -> bool:
+        """Whether the file open as ``fd`` lies inside the store (Linux: its path as the kernel has it)."""
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return True  # no /proc: path() checked the names before
+        return self._inside(Path(where))
+
+    def _copy_entry(self, name: str, directory: Path, copy: Path, max_bytes: int | None) -> None:
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+        try:
+            folder = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            raise _Changed from None  # renamed away since path() looked: look again
+        except OSError as exc:
+            raise AdapterFormatError(f"adapter {name!r}: its directory cannot be read ({exc.strerror})") from None
+        try:
+            if not self._opened_inside(folder):
+                raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
+            seen: dict[str, tuple[int, ...] | None] = {}
+            for file, limit in ((CONFIG_FILE, MAX_JSON_BYTES), (WEIGHTS_FILE, max_bytes)):
+                try:  # its type before opening it (opening a device may do anything), and again once open
+                    if not stat.S_ISREG(mode := os.stat(file, dir_fd=folder).st_mode):
+                        raise AdapterFormatError(f"adapter {name!r}: {file} is {_file_kind(mode)}, not a regular file")
+                    fd = os.open(file, flags, dir_fd=folder)
+                except FileNotFoundError:
+                    seen[file] = None  # the reader says what is missing
+                    continue
+                except OSError as exc:
+                    what = "a symbolic-link loop" if exc.errno == errno.ELOOP else exc.strerror
+                    raise AdapterFormatError(f"adapter {name!r}: {file} cannot be read ({what})") from None
+                with os.fdopen(fd, "rb", buffering=0) as source:
+                    before = os.fstat(fd)
+                    if not stat.S_ISREG(before.st_mode):
+                        raise AdapterFormatError(f"adapter {name!r}: {file} is {_file_kind(before.st_mode)}, "
+                                                 "not a regular file")
+                    if not self._opened_inside(fd):
+                        raise AdapterNameError(f"adapter {name!r}: {file} is a link to a file outside the adapter "
+                                               "store; store entries must be self-contained")
+                    seen[file] = _identity(before)
+                    self._copy_file(name, file, source, before.st_size, limit, copy / file)
+                    if _identity(os.fstat(fd)) != seen[file]:
+                        raise _Changed
+            if seen[WEIGHTS_FILE] is None:
+                with contextlib.suppress(OSError):  # the reader's hint for a pickle-only adapter
+                    os.stat(_PICKLE_WEIGHTS, dir_fd=folder)
+                    (copy / _PICKLE_WEIGHTS).touch()
+            # the last look: every file still the one read, the entry still this directory
+            for file, identity in seen.items():
+                try:
+                    now = _identity(os.stat(file, dir_fd=folder))
+                except FileNotFoundError:
+                    now = None
+                except OSError:
+                    raise _Changed from None
+                if now != identity:
+                    raise _Changed
+            try:
+                if os.stat(directory).st_ino != os.fstat(folder).st_ino:
+                    raise _Changed
+            except FileNotFoundError:
+                raise _Changed from None
+        finally:
+            os.close(folder)
+
+    @staticmethod
+    def _copy_file(name: str, file: str, source: Any, size: int, limit: int | None, target: Path) -> None:
+        with open(target, "wb") as out:
+            if limit is not None and size > limit:
+                out.truncate(size)  # sparse: the reader refuses it by its size, unread
+                return
+            copied = 0
+            try:
+                while chunk := source.read(1 << 20):
+                    copied += len(chunk)
+                    if copied > size:
+                        raise _Changed  # grew while read
+                    out.write(chunk)
+            except OSError as exc:
+                raise AdapterFormatError(f"adapter {name!r}: {file} cannot be read ({exc.strerror})") from None
+            if copied != size:
+                raise _Changed
