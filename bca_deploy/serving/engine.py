@@ -21,9 +21,11 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
   step, with a step of the running rows between chunks, so neither a burst nor one long prompt stalls them
   for more than one budget's worth. Prefills in progress share each step's budget, the one with the fewest
   tokens left first, so a short prompt arriving during a long one's chunks is not queued behind them;
-- free rows go to the waiting requests in turn, the request with the fewest rows running first (then the
-  earliest): a request of many rows fills the batch only while nobody else waits, and a later request
-  takes the next row that frees instead of queueing behind all of the big one's rows (FIFO would).
+- free rows go to the waiting requests in turn: the tenant (the adapter a request names) with the fewest rows
+  running first, then, within it, the request with the fewest rows running (then the earliest): a request
+  of many rows, or a tenant of many requests, fills the batch only while nobody else waits, and a later
+  request of another tenant takes the next row that frees instead of queueing behind all of theirs (FIFO
+  would). A running row is never pre-empted: a newcomer that finds every row busy waits until one ends.
 
 One thread steps the batch (onnxruntime uses its own intra-op threads) and never waits for consumers:
 each step's tokens are handed to the asyncio loop that started the engine through a small waker thread,
@@ -548,8 +550,12 @@ class GenerationEngine:
 
     def _admit(self, leaving: Sequence[_Request]) -> list[_Request]:
         """Waiting rows that join now (under the lock): up to the rows free once ``leaving`` has left and the
-        prefill token budget, one row at a time from the request with the fewest rows running (ties: the one
-        waiting longest); a request's own rows keep their order."""
+        prefill token budget, one row at a time: from the tenant (adapter) holding the fewest rows, and within it
+        from the request holding the fewest (ties: the one waiting longest); a request's own rows keep their order.
+
+        Tenants first, so a tenant cannot queue another behind it by sending many small requests instead of one
+        big one (each would hold no row while it waits, and first-come-first-served among them would put all of
+        them before a later tenant's request). A request is a tenant by the adapter of its first waiting row."""
         if not self._waiting:
             return []
         gone = {id(r) for r in leaving}
@@ -558,23 +564,38 @@ class GenerationEngine:
         if free <= 0:
             return []
         held = collections.Counter(r.group for r in staying)
+        held_by_tenant = collections.Counter(r.adapter for r in staying)
         queues: dict[Hashable, collections.deque[_Request]] = {}
         for request in self._waiting:
             queues.setdefault(request.group, collections.deque()).append(request)
-        turns = [(held[group], order, group) for order, group in enumerate(queues)]  # order: no tie reaches group
+        # per tenant, its requests' turns: (rows held, order, group); order: no tie reaches group
+        tenants: dict[str | None, list[tuple[int, int, Hashable]]] = {}
+        for order, group in enumerate(queues):
+            tenants.setdefault(queues[group][0].adapter, []).append((held[group], order, group))
+        # the tenants' turns: (rows held, order of its next request, tenant); orders are unique, so no tie reaches
+        # the tenant (None for the base model is not comparable with a name)
+        turns = []
+        for tenant, groups in tenants.items():
+            heapq.heapify(groups)
+            turns.append((held_by_tenant[tenant], groups[0][1], tenant))
         heapq.heapify(turns)
         admitted: list[_Request] = []
         longest = 0
         while turns and len(admitted) < free:
-            count, order, group = turns[0]
+            count, _, tenant = turns[0]
+            groups = tenants[tenant]
+            group_count, order, group = groups[0]
             longest_if = max(longest, len(queues[group][0].prompt))
             if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
             heapq.heappop(turns)
+            heapq.heappop(groups)
             admitted.append(queues[group].popleft())
             longest = longest_if
             if queues[group]:
-                heapq.heappush(turns, (count + 1, order, group))
+                heapq.heappush(groups, (group_count + 1, order, group))
+            if groups:
+                heapq.heappush(turns, (count + 1, groups[0][1], tenant))
         chosen = {id(r) for r in admitted}
         self._waiting = collections.deque(r for r in self._waiting if id(r) not in chosen)
         self._running.extend(admitted)
