@@ -689,6 +689,12 @@ class Server:
             "completion_tokens": sum(s.completion_tokens for s in streams)})
 
     # -- adapters --
+    def check_management(self) -> None:
+        """Refuse a client's load or unload of an adapter when the operator turned that off
+        (:attr:`ServeOptions.manage_adapters`): one tenant must not unload another's adapter on a shared server."""
+        if not self.options.manage_adapters:
+            raise adapter_management_refused()
+
     async def load(self, name: str, entry: str | None = None, replace: bool = False, name_param: str = "name",
                    entry_param: str = "name") -> dict[str, Any]:
         """Load store entry ``entry`` (default: ``name``) as adapter ``name``; its public description.
@@ -986,6 +992,7 @@ def create_app(
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(request: Request):
+        server.check_management()
         body = await server.read(request, LoadRequest)
         request.state.log["adapter"] = body.name
         info = await server.load(body.name, replace=body.replace)
@@ -994,6 +1001,7 @@ def create_app(
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(request: Request, name: str):
+        server.check_management()
         request.state.log["adapter"] = name
         label(request, name)
         return await server.unload(name)
@@ -1126,6 +1134,12 @@ def uvicorn_config(app, **kwargs):
                           timeout_keep_alive=options.keep_alive_s,
                           h11_max_incomplete_event_size=options.max_header_bytes, access_log=False,
                           log_level="warning", lifespan="on", **kwargs)
+
+
+def adapter_management_refused() -> ForbiddenError:
+    """The answer to a load or unload route on a server started with ``--no-manage-adapters`` (serve and serve-ray)."""
+    return ForbiddenError("this server does not load or unload adapters at run time (started with "
+                          "--no-manage-adapters); the adapters it loaded at start are served")
 
 
 def _refusal_recorder(metrics: ServerMetrics) -> Callable[[str, int | None, str, Any], None]:

@@ -365,6 +365,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request):
+        server.check_management()
         req = await server.read(request, LoadLoraRequest)
         request.state.log["adapter"] = req.lora_name
         with field_errors("lora_path"):
@@ -384,6 +385,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora(request: Request):
+        server.check_management()
         req = await server.read(request, UnloadLoraRequest)
         request.state.log["adapter"] = req.lora_name
         request.state.adapter_label = server.metrics.adapter_label(req.lora_name)

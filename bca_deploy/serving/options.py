@@ -53,6 +53,10 @@ class ServeOptions:
                                      "GET /v1/models) and see their names in GET /metrics; off: each client must "
                                      "know its adapter's name, and metrics label every adapter's requests "
                                      "'__adapter__'.")
+    manage_adapters: bool = _opt(True, "Let clients load and unload adapters at run time (POST /v1/adapters, "
+                                       "DELETE /v1/adapters/NAME, /v1/load_lora_adapter, /v1/unload_lora_adapter); "
+                                       "off: those answer 403 and the adapters loaded at start are all a client can "
+                                       "use or remove (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING).")
     metrics: bool = _opt(True, "Serve Prometheus metrics on GET /metrics.")
     embedding_pooling: str = _opt("mean", "Pooling of the OpenAI /v1/embeddings route.",
                                   choices=("mean", "cls", "last"))

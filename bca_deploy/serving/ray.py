@@ -342,7 +342,13 @@ class Router:
     def _adapter(self, request: Request, body: bytes) -> str:
         """The adapter a request names ("" for the base model or none): the multiplexed model id."""
         path = request.url.path
-        if (request.method == "DELETE" and path.startswith("/v1/adapters/")) or path == "/v1/unload_lora_adapter":
+        unloading = ((request.method == "DELETE" and path.startswith("/v1/adapters/"))
+                     or path == "/v1/unload_lora_adapter")
+        if not self.options.manage_adapters and (unloading or (request.method == "POST" and path in _LOAD_ROUTES)):
+            from .http import adapter_management_refused
+
+            raise adapter_management_refused()  # before any replica loads what the body names
+        if unloading:
             raise ServingError("on Ray Serve, adapters load on demand on the replicas that serve them and the least "
                                "recently used ones are unloaded; there is nothing to unload by hand")
         name: Any = None

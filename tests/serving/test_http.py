@@ -1154,3 +1154,26 @@ def test_a_method_a_route_does_not_take_gets_405_with_the_allow_header(llama_url
         assert body["error"]["type"] == "method_not_allowed" and len(body["error"]["message"]) < 300, body
         assert f"it takes {response.headers['allow']}" in body["error"]["message"]
     assert loaded(llama_url) == before  # the PUT changed nothing
+
+
+def test_no_manage_adapters_refuses_every_load_and_unload_route(artefacts):
+    # --no-manage-adapters: on a shared server one tenant must not unload another's adapter (or load its own);
+    # every load and unload route is 403, the adapters loaded at start are served as before, nothing changes
+    from bca_deploy.serving.http import ServerThread, build
+
+    bert = artefacts["bert"]
+    app = build(bert["onnx"], adapter_store=bert["store"], load=["bext"], threads=1, max_wait_ms=1,
+                manage_adapters=False)
+    with ServerThread(app, startup_timeout=60) as server:
+        url = server.url
+        before = loaded(url)
+        for method, path, body in (("POST", "/v1/adapters", {"name": "bext", "replace": True}),
+                                   ("DELETE", "/v1/adapters/a0", None), ("DELETE", "/v1/adapters/bext", None),
+                                   ("POST", "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": "bext"}),
+                                   ("POST", "/v1/unload_lora_adapter", {"lora_name": "a1"})):
+            status, answer = call(url + path, method, body)
+            assert_error(status, answer, 403, "forbidden", ["--no-manage-adapters"])
+        assert loaded(url) == before and {"a0", "a1", "a2", "bext"} <= set(before)
+        status, answer = call(url + "/v1/embeddings", "POST", {"input": [[5, 6, 7]], "adapter": "bext"})
+        assert status == 200, answer
+

@@ -150,3 +150,31 @@ def test_numbers_provider_address_and_resources_are_refused_before_ray_waits(tmp
     assert _app_numbers({"provider": "cuda"}) == (2, 16, 1.0, 1.0)
     assert _app_numbers({"provider": "cuda", "replica_gpus": "0.5"})[3] == 0.5
     assert _app_numbers({"provider": "cpu", "replicas": "3"}) == (3, 16, 1.0, 0.0)
+
+
+def test_the_router_refuses_load_and_unload_routes_when_management_is_off(tmp_path_factory):
+    # --no-manage-adapters on serve-ray: the router answers the load and unload routes 403 before any replica is
+    # asked to load what the body names (on a single server the app's own routes do; see test_http.py)
+    from starlette.requests import Request
+
+    from bca_deploy.serving.options import ServeOptions
+    from bca_deploy.serving.ray import Router, _ray_fields
+    from bca_deploy.serving.wire import ForbiddenError
+
+    art = bank("bert", tmp_path_factory)
+    routers = {on: Router.func_or_class(None, str(art["onnx"]), str(art["store"]),
+                                        _ray_fields(ServeOptions(manage_adapters=on))) for on in (True, False)}
+
+    def request(method: str, path: str) -> Request:
+        return Request({"type": "http", "method": method, "path": path, "query_string": b"", "headers": [
+            (b"content-type", b"application/json")]})
+
+    calls = [("POST", "/v1/adapters", b'{"name": "bext"}'), ("POST", "/v1/load_lora_adapter", b'{"lora_name": "bext"}'),
+             ("DELETE", "/v1/adapters/a0", b""), ("POST", "/v1/unload_lora_adapter", b'{"lora_name": "a0"}')]
+    for method, path, body in calls:
+        with pytest.raises(ForbiddenError, match="--no-manage-adapters"):
+            routers[False]._adapter(request(method, path), body)
+    assert routers[True]._adapter(request("POST", "/v1/adapters"), b'{"name": "bext"}') == "bext"
+    # serving requests are untouched: the adapter a request names is still routed
+    for on in (True, False):
+        assert routers[on]._adapter(request("POST", "/v1/embeddings"), b'{"model": "a1", "input": ["x"]}') == "a1"
