@@ -304,8 +304,10 @@ class MultiAdapterSession:
         # engine's thread and the event loop's); transformers' lazy module raises ImportError ("cannot import
         # name 'AutoConfig'") when two threads import through it at the same moment.
         self._load_lock = threading.RLock()
-        # Hugging Face fast tokenizers are not safe to call from several threads at once ("Already borrowed").
-        self._tokenizer_lock = threading.Lock()
+        # Hugging Face fast tokenizers are not safe to call from several threads at once ("Already borrowed"); the
+        # lock is taken per text, in the order asked for, so one request's many long texts do not hold every
+        # other request's text (and every stream's detokenizer) for seconds.
+        self._tokenizer_lock = TurnLock()
         self._lock = threading.Lock()
         self._adapters: dict[str, _Adapter] = {}
         self._versions = itertools.count(1)
@@ -840,11 +842,12 @@ class MultiAdapterSession:
         if truncate is None:
             truncate = not self.with_past
         tok = self.tokenizer
-        with self._tokenizer_lock:
-            if truncate:
-                limit = self.text_limit(tok) or 512
-                return [list(tok(t, truncation=True, max_length=limit)["input_ids"]) for t in texts]
-            return [list(tok(t)["input_ids"]) for t in texts]
+        options = {"truncation": True, "max_length": self.text_limit(tok) or 512} if truncate else {}
+        rows = []
+        for text in texts:  # the lock per text: another request's text goes next, not after all of these
+            with self._tokenizer_lock:
+                rows.append(list(tok(text, **options)["input_ids"]))
+        return rows
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` without special tokens (thread-safe)."""
@@ -1207,6 +1210,49 @@ class MultiAdapterSession:
 #: What a head file (``.npz``) may hold on top of its arrays' bytes at 8 bytes a value: .npy headers, zip records.
 _HEAD_FILE_SLACK = 64 * 1024
 _HEAD_FILE_SLACK_PER_MEMBER = 16 * 1024
+
+
+class TurnLock:
+    """A lock granted in the order it was asked for (``with lock: ...``).
+
+    ``threading.Lock`` is not: a thread that releases it and asks again at once usually gets it back before a
+    waiting thread wakes, so a request tokenizing many texts one lock at a time would still keep another
+    request's single text waiting for all of them. Here each ``acquire`` takes a ticket and waits for its turn;
+    a waiter interrupted (``KeyboardInterrupt`` in the main thread) gives its turn up, so the lock is never left
+    waiting for a ticket nobody holds.
+    """
+
+    def __init__(self) -> None:
+        self._turns = threading.Condition(threading.Lock())
+        self._next = 0  # the ticket the next acquire takes
+        self._serving = 0  # the ticket whose holder may run
+        self._abandoned: set[int] = set()
+
+    def __enter__(self) -> TurnLock:
+        with self._turns:
+            ticket = self._next
+            self._next += 1
+            try:
+                while ticket != self._serving:
+                    self._turns.wait()
+            except BaseException:
+                if ticket == self._serving:
+                    self._advance()  # its turn had come: pass it on
+                else:
+                    self._abandoned.add(ticket)  # skipped when its turn comes
+                raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._turns:
+            self._advance()
+
+    def _advance(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._turns.notify_all()
 
 
 def _read_head_file(path: Path, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
