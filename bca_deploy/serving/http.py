@@ -377,18 +377,28 @@ class MicroBatcher:
 
 
 class _Admission:
-    """Rows admitted and not yet answered, over all requests; a request that would exceed the limit is refused."""
+    """Rows admitted and not yet answered, over all requests and per adapter; a request that would exceed either
+    limit is refused (503), so one tenant's requests cannot fill the queue that every tenant shares."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_adapter: int) -> None:
         self.limit = limit
+        self.per_adapter = per_adapter
         self.rows = 0
+        self.by_adapter: collections.Counter[str | None] = collections.Counter()
 
-    def take(self, rows: int):
-        """Admit ``rows`` (or raise :class:`ServerBusyError`); returns the function that releases them (once)."""
+    def take(self, rows: int, adapter: str | None):
+        """Admit ``rows`` for ``adapter`` (None: the base model; or raise :class:`ServerBusyError`); returns the
+        function that releases them (once)."""
         if self.rows + rows > self.limit:
             raise ServerBusyError(f"the server's queue is full ({self.rows} of {self.limit} rows waiting, "
                                   "--max-queued-rows); retry in a moment")
+        held = self.by_adapter[adapter]
+        if held + rows > self.per_adapter:
+            whose = "the base model's requests" if adapter is None else f"adapter {adapter!r}'s requests"
+            raise ServerBusyError(f"{whose} hold {held} of the {self.per_adapter} queued rows one adapter may hold "
+                                  "(--max-queued-rows-per-adapter); retry in a moment")
         self.rows += rows
+        self.by_adapter[adapter] += rows
         released = False
 
         def release() -> None:
@@ -396,12 +406,15 @@ class _Admission:
             if not released:
                 released = True
                 self.rows -= rows
+                self.by_adapter[adapter] -= rows
+                if not self.by_adapter[adapter]:
+                    del self.by_adapter[adapter]  # a bounded table: only adapters with rows waiting
 
         return release
 
     @contextlib.contextmanager
-    def hold(self, rows: int):
-        release = self.take(rows)
+    def hold(self, rows: int, adapter: str | None):
+        release = self.take(rows, adapter)
         try:
             yield
         finally:
@@ -464,7 +477,7 @@ class Server:
         from .metrics import ServerMetrics
 
         self.session, self.store, self.options = session, store, options
-        self.admission = _Admission(options.max_queued_rows)
+        self.admission = _Admission(options.max_queued_rows, options.queued_rows_per_adapter)
         self.metrics = ServerMetrics(lambda: session.snapshot().slots, lambda: self.admission.rows,
                                      show_adapters=options.list_adapters)
         self.batcher = MicroBatcher(session, max_batch_rows=options.max_batch_rows, max_wait_ms=options.max_wait_ms,
@@ -594,7 +607,7 @@ class Server:
         log = request.state.log
         log.update({"rows": len(rows), "kind": kind})
         self.check_rows(len(rows))
-        with self.admission.hold(len(rows)):
+        with self.admission.hold(len(rows), adapter):
             token_rows = await self.prepare(rows, max_new_tokens)
             result, job = await _answered(request, self.batcher.submit(kind, token_rows, adapter, params))
         log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,
@@ -649,7 +662,7 @@ class Server:
                 self.engine.check(prompt, adapter, p)
             except SamplingParamsError as exc:
                 raise InvalidRequestError(str(exc), param=exc.field) from None
-        release = self.admission.take(len(prompts))
+        release = self.admission.take(len(prompts), adapter)
         streams = []
         group = object()  # this request's rows take their turns for batch rows together (not by a client's id)
         try:

@@ -70,6 +70,10 @@ class ServeOptions:
                                      f"most {MAX_NEW_TOKENS}, the most one row can generate.")
     max_queued_rows: int = _opt(2048, "Most rows admitted and not yet answered, over all requests; a request "
                                       "that would go beyond is answered 503 at once.")
+    max_queued_rows_per_adapter: int | None = _opt(
+        None, "Most of --max-queued-rows that the requests naming one adapter may hold (the base model's count as "
+        "one adapter); beyond it that adapter's requests are answered 503 while other adapters' are still admitted, "
+        "so one tenant cannot fill the queue. Default: half of --max-queued-rows (at least --max-request-rows).")
     max_json_depth: int = _opt(16, "Deepest nesting of JSON arrays/objects in a body (413 above).")
     # ---- slow or stalled clients ----
     header_timeout_s: float = _opt(10.0, "Seconds a new connection has to send its request headers.", ray=False)
@@ -146,7 +150,21 @@ class ServeOptions:
         if not mistyped & {"max_request_rows", "max_queued_rows"} and self.max_request_rows > self.max_queued_rows:
             problems.append(f"max_request_rows ({self.max_request_rows}) is larger than max_queued_rows "
                             f"({self.max_queued_rows}): such a request could never be admitted")
+        per_adapter = self.max_queued_rows_per_adapter
+        if per_adapter is not None and not mistyped & {"max_request_rows", "max_queued_rows",
+                                                       "max_queued_rows_per_adapter"}:
+            if not self.max_request_rows <= per_adapter <= self.max_queued_rows:
+                problems.append(f"max_queued_rows_per_adapter: {per_adapter} is out of range; expected in "
+                                f"[{self.max_request_rows}, {self.max_queued_rows}] (max_request_rows: a request "
+                                "of that many rows must fit; max_queued_rows: the whole queue)")
         return problems
+
+    @property
+    def queued_rows_per_adapter(self) -> int:
+        """The rows one adapter's requests may hold (:attr:`max_queued_rows_per_adapter`, or its default)."""
+        if self.max_queued_rows_per_adapter is not None:
+            return self.max_queued_rows_per_adapter
+        return min(self.max_queued_rows, max(self.max_request_rows, self.max_queued_rows // 2))
 
     def replace(self, **changes: Any) -> ServeOptions:
         """A copy with ``changes`` (validated again)."""

@@ -1177,3 +1177,64 @@ def test_no_manage_adapters_refuses_every_load_and_unload_route(artefacts):
         status, answer = call(url + "/v1/embeddings", "POST", {"input": [[5, 6, 7]], "adapter": "bext"})
         assert status == 200, answer
 
+
+
+def test_one_adapters_requests_cannot_fill_the_queue_every_tenant_shares():
+    # --max-queued-rows is one pool: a tenant sending many requests for its adapter filled it, and every other
+    # tenant got 503 (found by helper-51: 17 of 20 refused beside 8 concurrent 256-row requests of one adapter)
+    from bca_deploy.errors import ServingError
+    from bca_deploy.serving.http import _Admission
+    from bca_deploy.serving.options import ServeOptions
+    from bca_deploy.serving.wire import ServerBusyError
+
+    admission = _Admission(8, 4)
+    first = admission.take(4, "a0")
+    with pytest.raises(ServerBusyError, match=r"adapter 'a0'.s requests hold 4 of the 4 .*--max-queued-rows-per"):
+        admission.take(1, "a0")
+    other = admission.take(4, "a1")  # another tenant is still admitted
+    with pytest.raises(ServerBusyError, match=r"queue is full \(8 of 8 rows waiting, --max-queued-rows\)"):
+        admission.take(1, None)
+    first()
+    first()  # released once only
+    assert admission.rows == 4 and dict(admission.by_adapter) == {"a1": 4}
+    other()
+    base = admission.take(4, None)
+    with pytest.raises(ServerBusyError, match="the base model's requests hold 4"):
+        admission.take(1, None)
+    base()
+    assert admission.rows == 0 and not admission.by_adapter  # no adapter's entry outlives its rows
+    # the default: half the queue, at least a whole request; an explicit value is checked against both
+    assert ServeOptions().queued_rows_per_adapter == 1024
+    assert ServeOptions(max_queued_rows=300, max_request_rows=256).queued_rows_per_adapter == 256
+    with pytest.raises(ServingError, match=r"max_queued_rows_per_adapter: 100 is out of range; expected in \[256, "):
+        ServeOptions(max_queued_rows_per_adapter=100)
+
+
+def test_a_tenant_at_its_share_of_the_queue_gets_503_and_others_are_served(artefacts):
+    from bca_deploy.serving.http import ServerThread, build
+
+    bert = artefacts["bert"]
+    # batches wait 1.5 s for company: the first request's 4 rows stay admitted while the others arrive
+    app = build(bert["onnx"], threads=1, max_wait_ms=1500, max_queued_rows=8, max_request_rows=4,
+                max_queued_rows_per_adapter=4)
+    with ServerThread(app, startup_timeout=60) as server, cf.ThreadPoolExecutor(2) as pool:
+        url = server.url + "/v1/embeddings"
+        held = pool.submit(call, url, "POST", {"input": [[5, 6]] * 4, "adapter": "a0"})
+        deadline = time.monotonic() + 30
+        while queued_rows(server.url) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status, answer = call(url, "POST", {"input": [[5, 6]], "adapter": "a0"})
+        assert_error(status, answer, 503, "server_busy", ["adapter 'a0'", "--max-queued-rows-per-adapter"])
+        status, answer = call(url, "POST", {"input": [[5, 6]], "adapter": "a1"})
+        assert status == 200, answer
+        assert held.result(timeout=60)[0] == 200
+
+
+def queued_rows(url: str) -> float:
+    """``bca_queued_rows`` as the server's /metrics has it now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "bca_queued_rows")
+
