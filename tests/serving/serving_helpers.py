@@ -16,9 +16,11 @@ PEFT's C3A format) and misfits (a module the bank does not adapt, a block size i
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,49 @@ def token_rows(n: int, seed: int, low: int = 2, high: int = 9) -> list[list[int]
     """``n`` random token-id rows of lengths in [low, high), ids in [3, VOCAB) (no bos/eos/pad ids)."""
     rng = np.random.default_rng(seed)
     return [[int(t) for t in rng.integers(3, VOCAB, size=int(rng.integers(low, high)))] for _ in range(n)]
+
+
+#: How long a StepGate waits for the engine to pause, or paused for the test to let it on (seconds).
+GATE_TIMEOUT = 60.0
+
+
+class StepGate:
+    """An engine observer that records events and pauses the engine's thread after chosen decode steps.
+
+    ``await gate.paused()`` returns once the engine waits after one of ``steps``; ``gate.go()`` lets it on.
+    """
+
+    def __init__(self, steps=()) -> None:
+        self.steps = set(steps)
+        self.count = 0
+        self.events: list[tuple[str, dict]] = []
+        self._paused = threading.Event()
+        self._release = threading.Event()
+
+    def __call__(self, event: str, values) -> None:
+        self.events.append((event, dict(values)))
+        if event == "step":
+            self.count += 1
+            if self.count in self.steps:
+                self._release.clear()
+                self._paused.set()
+                self._release.wait(GATE_TIMEOUT)
+
+    async def paused(self) -> None:
+        assert await asyncio.to_thread(self._paused.wait, GATE_TIMEOUT), "the engine never paused"
+        self._paused.clear()
+
+    def go(self) -> None:
+        self._release.set()
+
+    def of(self, kind: str) -> list[dict]:
+        return [v for e, v in self.events if e == kind]
+
+    def steps_before(self, event: str, adapter: str) -> int:
+        """Decode steps run before ``adapter``'s first ``event`` (``first_token``, ``finished``)."""
+        steps = 0
+        for kind, values in self.events:
+            if kind == event and values.get("adapter") == adapter:
+                return steps
+            steps += kind == "step"
+        raise AssertionError(f"no {event} event for {adapter}")

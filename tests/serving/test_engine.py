@@ -28,7 +28,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
 from exporters_helpers import build_model
-from serving_helpers import VOCAB, banks, row_alone, save_tiny_adapter, token_rows, torch_model  # noqa: F401
+from serving_helpers import (  # noqa: F401
+    VOCAB,
+    StepGate,
+    banks,
+    row_alone,
+    save_tiny_adapter,
+    token_rows,
+    torch_model,
+)
 
 from bca_deploy import load_adapter
 from bca_deploy.errors import ContextLengthError, ServingError, UnknownAdapterError
@@ -110,39 +118,6 @@ def decoder(request, llama, gpt2):
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT * 2))
-
-
-class StepGate:
-    """An engine observer that records events and pauses the engine's thread after chosen decode steps.
-
-    ``await gate.paused()`` returns once the engine waits after one of ``steps``; ``gate.go()`` lets it on.
-    """
-
-    def __init__(self, steps=()) -> None:
-        self.steps = set(steps)
-        self.count = 0
-        self.events: list[tuple[str, dict]] = []
-        self._paused = threading.Event()
-        self._release = threading.Event()
-
-    def __call__(self, event: str, values) -> None:
-        self.events.append((event, dict(values)))
-        if event == "step":
-            self.count += 1
-            if self.count in self.steps:
-                self._release.clear()
-                self._paused.set()
-                self._release.wait(TIMEOUT)
-
-    async def paused(self) -> None:
-        assert await asyncio.to_thread(self._paused.wait, TIMEOUT), "the engine never paused"
-        self._paused.clear()
-
-    def go(self) -> None:
-        self._release.set()
-
-    def of(self, kind: str) -> list[dict]:
-        return [v for e, v in self.events if e == kind]
 
 
 # ---- the padding: every row's logits are those of the row alone ---------------------------------------------

@@ -19,14 +19,14 @@ so a heavy neighbour makes each of its steps longer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import banks, token_rows  # noqa: F401
+from serving_helpers import StepGate, banks, token_rows  # noqa: F401
 
 from bca_deploy.serving import MultiAdapterSession
 from bca_deploy.serving.engine import GenerationEngine, SamplingParams
@@ -60,42 +60,20 @@ def prompts(session):
     pytest.skip("not enough prompts without an end-of-sequence token")
 
 
-class StepGate:
-    """Records the engine's events in order and pauses its thread after decode step ``pause_at``."""
-
-    def __init__(self, pause_at: int) -> None:
-        self.pause_at = pause_at
-        self.steps = 0
-        self.events: list[tuple[str, dict]] = []
-        self._paused = threading.Event()
-        self._release = threading.Event()
-
-    def __call__(self, event: str, values) -> None:
-        self.events.append((event, dict(values)))
-        if event == "step":
-            self.steps += 1
-            if self.steps == self.pause_at:
-                self._paused.set()
-                self._release.wait(TIMEOUT)
-
-    async def paused(self) -> None:
-        assert await asyncio.to_thread(self._paused.wait, TIMEOUT), "the engine never paused"
-
-    def go(self) -> None:
-        self._release.set()
-
-    def steps_before(self, event: str, adapter: str) -> int:
-        """Decode steps run before ``adapter``'s first ``event`` (``first_token``, ``finished``)."""
-        steps = 0
-        for kind, values in self.events:
-            if kind == event and values.get("adapter") == adapter:
-                return steps
-            steps += kind == "step"
-        raise AssertionError(f"no {event} event for {adapter}")
-
-
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT * 2))
+
+
+@contextlib.asynccontextmanager
+async def gated_engine(session, gate: StepGate, max_batch_rows: int):
+    """A running engine observed (and paused) by ``gate``; on the way out the gate is opened and the engine stopped."""
+    engine = GenerationEngine(session, max_batch_rows=max_batch_rows, observer=gate)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        gate.go()
+        await engine.stop()
 
 
 def test_a_short_request_takes_the_first_free_row_while_one_big_request_holds_the_batch(session, prompts):
@@ -103,12 +81,10 @@ def test_a_short_request_takes_the_first_free_row_while_one_big_request_holds_th
     after the first step. B's first token comes as soon as A's first wave of rows ends (their first token came
     from the prefill, the 7 others from decode steps 1-7; B's first from its prefill right after step 7), not
     after A's three waves (21 steps); B's 3 other tokens take the next 3 steps."""
-    gate = StepGate(pause_at=1)
+    gate = StepGate(steps=[1])
 
     async def main():
-        engine = GenerationEngine(session, max_batch_rows=4, observer=gate)
-        await engine.start()
-        try:
+        async with gated_engine(session, gate, max_batch_rows=4) as engine:
             big = object()
             heavy = [engine.submit(p, "a1", SamplingParams(max_new_tokens=8), group=big) for p in prompts[:12]]
             await gate.paused()  # 4 of A's rows run, 8 wait
@@ -116,9 +92,6 @@ def test_a_short_request_takes_the_first_free_row_while_one_big_request_holds_th
             gate.go()
             await asyncio.gather(*(s.collect() for s in [*heavy, light]))
             return heavy, light
-        finally:
-            gate.go()
-            await engine.stop()
 
     heavy, light = run(main())
     assert light.completion_tokens == 4 and all(s.completion_tokens == 8 for s in heavy)
@@ -134,12 +107,10 @@ def test_a_tenant_of_many_streams_does_not_queue_another_tenant_behind_them(sess
     the first row that frees still goes to B (its tenant holds no row, A's holds 4): B's first token comes
     right after step 7, when A's first rows end, not after A's two further waves (21 steps) as
     first-come-first-served among requests would give."""
-    gate = StepGate(pause_at=1)
+    gate = StepGate(steps=[1])
 
     async def main():
-        engine = GenerationEngine(session, max_batch_rows=4, observer=gate)
-        await engine.start()
-        try:
+        async with gated_engine(session, gate, max_batch_rows=4) as engine:
             heavy = [engine.submit(p, "a1", SamplingParams(max_new_tokens=8)) for p in prompts[:4]]
             await gate.paused()  # A's 4 rows run
             heavy += [engine.submit(p, "a1", SamplingParams(max_new_tokens=8)) for p in prompts[4:12]]
@@ -147,9 +118,6 @@ def test_a_tenant_of_many_streams_does_not_queue_another_tenant_behind_them(sess
             gate.go()
             await asyncio.gather(*(s.collect() for s in [*heavy, light]))
             return heavy, light
-        finally:
-            gate.go()
-            await engine.stop()
 
     heavy, light = run(main())
     assert light.completion_tokens == 4 and all(s.completion_tokens == 8 for s in heavy)
@@ -161,12 +129,10 @@ def test_free_rows_alternate_between_tenants_and_requests_of_one_tenant_go_in_ar
     """Two tenants each with 4 single-row requests waiting behind a full 2-row batch (held by a third tenant):
     rows go to the tenants in turn (the one holding fewer rows first) and, within a tenant, request by request in
     arrival order."""
-    gate = StepGate(pause_at=1)
+    gate = StepGate(steps=[1])
 
     async def main():
-        engine = GenerationEngine(session, max_batch_rows=2, observer=gate)
-        await engine.start()
-        try:
+        async with gated_engine(session, gate, max_batch_rows=2) as engine:
             first = [engine.submit(p, "a2", SamplingParams(max_new_tokens=3)) for p in prompts[:2]]
             await gate.paused()
             a = [engine.submit(p, "a1", SamplingParams(max_new_tokens=3)) for p in prompts[2:6]]
@@ -174,9 +140,6 @@ def test_free_rows_alternate_between_tenants_and_requests_of_one_tenant_go_in_ar
             gate.go()
             await asyncio.gather(*(s.collect() for s in [*first, *a, *b]))
             return a, b
-        finally:
-            gate.go()
-            await engine.stop()
 
     a, b = run(main())
     order = sorted([*a, *b], key=lambda s: (s.started_at, (a + b).index(s)))
