@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import math
 import re
@@ -208,10 +209,12 @@ def _json_problem(exc: ValueError | RecursionError, line: int) -> str:
     return f"line {line}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})"
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    """One JSON object per line of ``path`` (or of ``text``, the file already read by :func:`_read_json`)."""
     problems: list[str] = []
     records, lines, columns = [], [], {}
-    with path.open(encoding="utf-8-sig") as f:
+    # read_text's newlines are already universal: StringIO splits them as reading the file would
+    with (path.open(encoding="utf-8-sig") if text is None else io.StringIO(text)) as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -245,7 +248,7 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
     if text.startswith("[", start):
         return _read_json_array(path, text, start)
     try:
-        return _read_jsonl(path)
+        return _read_jsonl(path, text)
     except DataError:
         try:
             whole = json.loads(text)
