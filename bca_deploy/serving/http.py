@@ -42,6 +42,7 @@ import contextlib
 import itertools
 import json
 import errno
+import heapq
 import logging
 import re
 import socket
@@ -190,12 +191,25 @@ class _Piece:
     end: int
 
 
+@dataclass(eq=False)
+class _Filling:
+    """A batch being built by :meth:`MicroBatcher._fill`."""
+
+    pieces: dict[int, _Piece] = field(default_factory=dict)  # id(job) -> its rows in this batch
+    by_tenant: collections.Counter = field(default_factory=collections.Counter)  # adapter -> rows in this batch
+    held_back: set[int] = field(default_factory=set)  # id(job) of jobs whose next row would not fit
+    rows: int = 0
+    longest: int = 0
+
+
 class MicroBatcher:
     """Collects concurrent jobs into mixed-adapter batches and runs them one at a time off the event loop.
 
     A batch is closed when it holds ``max_batch_rows`` rows (or ``max_batch_tokens`` padded tokens) or
-    ``max_wait_ms`` after its first job arrived. A job of more rows runs in pieces over several batches; when jobs compete, the one that
-    has been in the fewest batches goes first (then the oldest). A job whose adapter is unknown when
+    ``max_wait_ms`` after its first job arrived. A job of more rows runs in pieces over several batches. When jobs
+    compete, a batch's rows go to tenants (the adapter a job names) in turn, the one holding the fewest rows of the
+    batch first, and within a tenant to the job that has been in the fewest batches (then the oldest): see
+    :meth:`_fill`. A job whose adapter is unknown when
     its batch starts fails alone (404). ``on_batch(kind, rows, queue_seconds)`` is called after each
     batch that ran (``queue_seconds``: for the jobs that started in it).
     """
@@ -247,46 +261,58 @@ class MicroBatcher:
             await self._arrived.wait()
         first = min(self._pending, key=lambda j: (j.turns, j.seq))
         group, deadline = first.group(), first.enqueued + self.max_wait
-        pieces: list[_Piece] = []
-        rows, longest, members = 0, 0, set()
+        filling = _Filling()
         while True:
-            for job in sorted(self._pending, key=lambda j: (j.turns, j.seq)):
-                if rows >= self.max_batch_rows:
-                    break
-                if job.group() != group or id(job) in members or job.future.done():
-                    continue
-                n, longest = self._fit(job, rows, longest)
-                if n == 0:
-                    continue  # its next row would take the batch over max_batch_tokens: a later batch
-                pieces.append(_Piece(job, job.taken, job.taken + n))
-                job.taken += n
-                job.turns += 1
-                rows += n
-                members.add(id(job))
-                if job.taken == len(job.rows):
-                    self._pending.remove(job)
+            self._fill(filling, group)
             timeout = deadline - time.perf_counter()
-            if rows >= self.max_batch_rows or timeout <= 0:
-                return pieces
+            if filling.rows >= self.max_batch_rows or timeout <= 0:
+                return list(filling.pieces.values())
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout)
             except asyncio.TimeoutError:
-                return pieces
+                return list(filling.pieces.values())
 
-    def _fit(self, job: _Job, rows: int, longest: int) -> tuple[int, int]:
-        """How many of ``job``'s next rows fit a batch of ``rows`` rows padded to ``longest`` tokens, and the new
-        longest: at most ``max_batch_rows`` rows and ``max_batch_tokens`` padded tokens (a first row always fits)."""
-        room = min(len(job.rows) - job.taken, self.max_batch_rows - rows)
-        if self.max_batch_tokens is None:
-            return room, longest
-        n = 0
-        while n < room:
-            length = max(longest, len(job.rows[job.taken + n]))
-            if rows + n > 0 and (rows + n + 1) * length > self.max_batch_tokens:
-                break
-            longest, n = length, n + 1
-        return n, longest
+    def _fill(self, filling: _Filling, group: tuple) -> None:
+        """Adds the pending rows of ``group`` that fit to the batch being built, one row at a time: to the tenant
+        (the adapter a job names; the base model is one) holding the fewest rows of the batch (ties: the tenant
+        whose first job is first in turn), from its jobs in turn (the fewest batches so far, then the oldest), each
+        job's rows in order. A row that would take the batch over ``max_batch_tokens`` holds its job back to a
+        later batch (a first row always fits).
+
+        Tenants first, so one tenant's many small requests (or one big one) share each batch with another
+        tenant's instead of queueing it behind all of theirs, as first-come-first-served would."""
+        queues: dict[str | None, collections.deque[_Job]] = {}
+        for job in sorted(self._pending, key=lambda j: (j.turns, j.seq)):
+            if job.group() == group and not job.future.done() and id(job) not in filling.held_back:
+                queues.setdefault(job.adapter, collections.deque()).append(job)
+        # (rows in the batch, turn of its first job, tenant): turns are unique, so no tie reaches the tenant (None
+        # for the base model does not compare with a name)
+        turns = [(filling.by_tenant[tenant], order, tenant) for order, tenant in enumerate(queues)]
+        heapq.heapify(turns)
+        while turns and filling.rows < self.max_batch_rows:
+            count, order, tenant = heapq.heappop(turns)
+            queue = queues[tenant]
+            job = queue[0]
+            longest = max(filling.longest, len(job.rows[job.taken]))
+            if self.max_batch_tokens is not None and filling.rows and (filling.rows + 1) * longest > self.max_batch_tokens:
+                filling.held_back.add(id(job))  # the batch only grows: it stays held back from this one
+                queue.popleft()
+            else:
+                piece = filling.pieces.get(id(job))
+                if piece is None:
+                    piece = filling.pieces[id(job)] = _Piece(job, job.taken, job.taken)
+                    job.turns += 1
+                job.taken += 1
+                piece.end = job.taken
+                filling.rows, filling.longest = filling.rows + 1, longest
+                filling.by_tenant[tenant] += 1
+                count += 1
+                if job.taken == len(job.rows):
+                    self._pending.remove(job)
+                    queue.popleft()
+            if queue:
+                heapq.heappush(turns, (count, order, tenant))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -758,11 +784,8 @@ class Server:
         return self.public_info(info)
 
     def _register_from_store(self, name: str, entry: str, path: Path, replace: bool) -> AdapterInfo:
-        """Register store entry ``entry`` (at ``path``) from a private copy: one state of the entry, read without a
-        memory map or a blocking open (:meth:`AdapterStore.snapshot`)."""
         assert self.store is not None
-        with self.store.snapshot(entry, path, max_bytes=self.session.max_adapter_bytes) as copy:
-            return self.session.register(name, copy, replace=replace, source=path)
+        return register_from_store(self.session, self.store, name, entry, path, replace=replace)
 
     async def unload(self, name: str) -> dict[str, Any]:
         if name in (BASE, self.model_name) or name not in self.session.snapshot().slots:
@@ -771,6 +794,16 @@ class Server:
         self.metrics.adapter_changes.labels("unload").inc()
         self.metrics.forget_adapter(name)
         return self.public_info(info)
+
+
+def register_from_store(session: MultiAdapterSession, store: AdapterStore, name: str, entry: str, path: Path, *,
+                        replace: bool) -> AdapterInfo:
+    """Register store entry ``entry`` (at ``path``, from :meth:`AdapterStore.path`) as adapter ``name``, read from a
+    private copy: one state of the entry, read without a memory map or a blocking open (:meth:`AdapterStore.snapshot`),
+    so an entry rewritten, renamed or swapped for a pipe while it loads cannot crash, hang or mix the load. Every
+    load from a store goes through here: a client's, Ray's on-demand ones and ``serve --load`` at start-up."""
+    with store.snapshot(entry, path, max_bytes=session.max_adapter_bytes) as copy:
+        return session.register(name, copy, replace=replace, source=path)
 
 
 def default_model_name(export_dir: Path) -> str:
@@ -1132,7 +1165,11 @@ def build(
     session = MultiAdapterSession(export_dir, provider=options.provider, intra_op_threads=options.threads,
                                   load_exported=load_exported)
     for name, path in paths.items():
-        session.register(name, path, replace=True)
+        try:
+            register_from_store(session, store, name, name, path, replace=True)  # type: ignore[arg-type]
+        except BCAError as exc:  # the reader named its private copy: the operator is told the entry's own path
+            exc.args = (store.unsnapshotted(str(exc)), *exc.args[1:])  # type: ignore[union-attr]
+            raise
     session.warm_up()  # config, tokenizer and onnxruntime's first run now, not during the first request
     return create_app(session, store, options)
 

@@ -90,6 +90,12 @@ def redact_roots(message: str, roots: Iterable[str], placeholder: str) -> str:
     return message
 
 
+def _snapshot_root() -> str:
+    """A pattern for where a snapshot's copy of an entry lies (the entry's own path follows it) in a reader's message."""
+    return (r"(?<![\w./~-])" + re.escape(os.path.join(tempfile.gettempdir(), _SNAPSHOT_PREFIX)) + r"[A-Za-z0-9_]+"
+            + re.escape(os.sep))
+
+
 class AdapterStore:
     """A directory whose sub-directories are adapter directories (bca-deploy or PEFT C3A), or training runs
     (``bca-deploy train --out <store>/<name>``), which stand for their ``best/`` adapter (``last/`` when
@@ -231,9 +237,13 @@ class AdapterStore:
     def redact(self, message: str) -> str:
         """``message`` with the store's location removed (paths become relative to the store), and a snapshot's
         (:meth:`snapshot`: its copy of an entry has the entry's path under it)."""
-        message = re.sub(r"(?<![\w./~-])" + re.escape(os.path.join(tempfile.gettempdir(), _SNAPSHOT_PREFIX))
-                         + r"[A-Za-z0-9_]+" + re.escape(os.sep), "", message)
+        message = re.sub(_snapshot_root(), "", message)
         return redact_roots(message, (str(self.root), str(self.given), str(self.given.absolute())), "<store>")
+
+    def unsnapshotted(self, message: str) -> str:
+        """``message`` with the paths of :meth:`snapshot` copies turned back into the entries' own paths in the store:
+        what an operator is told (a client's messages go through :meth:`redact`)."""
+        return re.sub(_snapshot_root(), lambda _: str(self.root) + os.sep, message)
 
     @contextlib.contextmanager
     def snapshot(self, name: str, directory: Path, *, max_bytes: int | None = None) -> Iterator[Path]:

@@ -1179,6 +1179,33 @@ def test_no_manage_adapters_refuses_every_load_and_unload_route(artefacts):
 
 
 
+def test_serve_load_reads_store_entries_through_their_snapshot_and_names_the_entry(artefacts, monkeypatch):
+    # --load at start-up read store entries in place (memory-mapped, opened blocking), unlike every other store load:
+    # an entry rewritten or swapped while the server starts could crash, hang or mix it. Now the same private copy
+    # (AdapterStore.snapshot); a refusal still names the entry in the store, never the copy's temporary path.
+    from bca_deploy.errors import AdapterMismatchError
+    from bca_deploy.serving.http import build
+    from bca_deploy.serving.store import AdapterStore
+
+    llama = artefacts["llama"]
+    read = []
+    real = AdapterStore.snapshot
+
+    def spying(self, name, directory, **kwargs):
+        read.append(name)
+        return real(self, name, directory, **kwargs)
+
+    monkeypatch.setattr(AdapterStore, "snapshot", spying)
+    app = build(llama["onnx"], adapter_store=llama["store"], load=["extra"], threads=1)
+    assert read == ["extra"]
+    assert app.state.server.session.snapshot().slots.keys() >= {"extra"}
+    with pytest.raises(AdapterMismatchError) as refused:
+        build(llama["onnx"], adapter_store=llama["store"], load=["misfit-module"], threads=1)
+    message = str(refused.value)
+    assert message.startswith(f"{Path(llama['store']).resolve() / 'misfit-module'} does not fit the bank graph"), message
+    assert "bca-store-" not in message
+
+
 def test_one_adapters_requests_cannot_fill_the_queue_every_tenant_shares():
     # --max-queued-rows is one pool: a tenant sending many requests for its adapter filled it, and every other
     # tenant got 503 (found by helper-51: 17 of 20 refused beside 8 concurrent 256-row requests of one adapter)
