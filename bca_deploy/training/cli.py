@@ -134,7 +134,7 @@ def train_command(**kwargs: Any) -> None:
 
     try:
         result = train(config)
-    except TrainingTerminated as exc:  # the trainer has said what is left in --out; exit as a SIGTERM'd program
+    except TrainingTerminated as exc:  # the trainer has said what is left in --out; exit as the signal's program
         sys.exit(128 + exc.signal_number)
     if _rank() == 0:
         click.echo(final_summary(result, config.model, config.eval_data))

@@ -36,8 +36,21 @@ class TrainingDivergedError(TrainingConfigError, FloatingPointError):
 
 
 class TrainingTerminated(KeyboardInterrupt):
-    """A training run was sent SIGTERM (``kill``, a scheduler's pre-emption, ``docker stop``): raised where the run
-    was, like Ctrl-C's ``KeyboardInterrupt``, so the run unwinds as it does for Ctrl-C (an unfinished staging
-    directory is removed, the lock released; ``last/`` keeps the latest checkpoint). The CLI exits with 143."""
+    """A training run was sent SIGTERM (``kill``, a scheduler's pre-emption, ``docker stop``) or SIGHUP (its terminal
+    or SSH session closed): raised where the run was, like Ctrl-C's ``KeyboardInterrupt``, so the run unwinds as it
+    does for Ctrl-C (an unfinished staging directory is removed, the lock released; ``last/`` keeps the latest
+    checkpoint). The CLI exits with 128 + the signal's number (143, 129), as a shell reports a program the signal
+    killed."""
 
-    signal_number = 15
+    def __init__(self, signal_number: int = 15) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signal_number).name
+        except ValueError:
+            return f"signal {self.signal_number}"

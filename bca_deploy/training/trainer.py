@@ -361,7 +361,7 @@ class _TrainingRun:
 
     def run(self) -> TrainResult:
         try:
-            with _sigterm_interrupts():
+            with _termination_interrupts():
                 self.setup_output()
                 self.setup_data()
                 self.setup_model()
@@ -377,9 +377,10 @@ class _TrainingRun:
                 if self.d.is_main:
                     _write_json(self.out / RESULT_FILE, result.to_dict())
                 return result
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (TrainingTerminated): say what is left and how to go on
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (TrainingTerminated): say what is left, how to go on
             if self.d.is_main:
-                print(self._interrupted_note(exc), file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone: the unwind goes on
+                    print(self._interrupted_note(exc), file=sys.stderr, flush=True)
             raise
         finally:
             if self.rundir is not None:
@@ -387,7 +388,7 @@ class _TrainingRun:
 
     def _interrupted_note(self, exc: KeyboardInterrupt) -> str:
         """What an interrupted run left in ``--out`` and the command that continues it."""
-        how = "terminated (SIGTERM)" if isinstance(exc, TrainingTerminated) else "interrupted"
+        how = f"terminated ({exc.signal_name})" if isinstance(exc, TrainingTerminated) else "interrupted"
         where = f"at step {self.step} of {self.cfg.max_steps}" if self.step else "before the first step"
         saved = self.saved_step
         resume = "run the same command with --resume" + (" in place of --overwrite" if self.cfg.overwrite else "") + \
@@ -1011,28 +1012,36 @@ class _TrainingRun:
         )
 
 
+#: Signals that stop a run the way Ctrl-C does (see :func:`_termination_interrupts`): SIGTERM (``kill``, a scheduler,
+#: ``docker stop``) and SIGHUP (the terminal or SSH session the run was started from closed).
+TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
-def _sigterm_interrupts():
-    """While training, SIGTERM raises :class:`TrainingTerminated` where the run is, as Ctrl-C raises
+def _termination_interrupts():
+    """While training, :data:`TERMINATION_SIGNALS` raise :class:`TrainingTerminated` where the run is, as Ctrl-C raises
     ``KeyboardInterrupt``: the run unwinds (a staging directory is removed, the lock file released) instead of
-    dying on the spot with both left beside ``--out``. Only in the main thread, and only where SIGTERM still has its
-    default action (a handler the program installed is left alone); a second SIGTERM while unwinding is ignored."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    dying on the spot with both left beside ``--out``. Only in the main thread, and only for a signal that still
+    has its default action (a handler the program installed, or SIGHUP ignored by ``nohup``, is left alone); a
+    second signal while unwinding is ignored."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    handled = [number for number in TERMINATION_SIGNALS if signal.getsignal(number) is signal.SIG_DFL]
     received = []
 
     def handler(signum, frame):
         if not received:
             received.append(signum)
-            raise TrainingTerminated()
+            raise TrainingTerminated(signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    for number in handled:
+        signal.signal(number, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for number in handled:
+            signal.signal(number, signal.SIG_DFL)
 
 
 def _trim_log(path: Path, step: int) -> None:

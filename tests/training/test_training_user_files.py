@@ -132,10 +132,10 @@ after = trainer._TrainingRun._after_step
 def _after_step(self, logs, save_every):
     after(self, logs, save_every)
     if self.step == int(sys.argv[1]):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
 trainer._TrainingRun._after_step = _after_step
 from bca_deploy.cli import main
-main(["train", *sys.argv[2:]])
+main(["train", *sys.argv[3:]])
 """
 
 
@@ -144,10 +144,10 @@ def files(tmp_path_factory):
     return data_and_bert(tmp_path_factory.mktemp("user-files"), 256)
 
 
-def _terminated_run(files, out, step, *options):
+def _terminated_run(files, out, step, *options, signal_name="SIGTERM"):
     args = ["--model", str(files["bert"]), "--data", str(files["small"]), "--block-size", "8", "--batch-size", "16",
             "--max-length", "32", "--no-progress", "--out", str(out), *options]
-    proc = subprocess.run([sys.executable, "-c", _TERM_AT_STEP, str(step), *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _TERM_AT_STEP, str(step), signal_name, *args], capture_output=True, text=True,
                           cwd=REPO, env=subprocess_env(), timeout=300)
     return proc.returncode, proc.stderr
 
@@ -163,13 +163,16 @@ def _log(out):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
 
-def test_sigterm_before_the_first_checkpoint_leaves_nothing_and_says_so(files, tmp_path):
-    """SIGTERM's default action killed the run on the spot: exit -15, no message, its staging directory and lock
-    file left beside --out. Now it unwinds as Ctrl-C does, says what is left, and exits 143."""
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_a_termination_signal_before_the_first_checkpoint_leaves_nothing_and_says_so(files, tmp_path, signal_name):
+    """SIGTERM's (and SIGHUP's: a closed terminal or SSH session) default action killed the run on the spot: exit
+    -15 (-1), no message, its staging directory and lock file left beside --out. Now it unwinds as Ctrl-C does,
+    says what is left, and exits 128 + the signal's number."""
     out = tmp_path / "run"
-    code, err = _terminated_run(files, out, 3, "--max-steps", "10", "--save-every", "100")
-    assert code == 128 + signal.SIGTERM, err[-2000:]
-    assert "training terminated (SIGTERM) at step 3 of 10, before its first checkpoint: nothing was written" in err
+    code, err = _terminated_run(files, out, 3, "--max-steps", "10", "--save-every", "100", signal_name=signal_name)
+    assert code == 128 + getattr(signal, signal_name), err[-2000:]
+    assert (f"training terminated ({signal_name}) at step 3 of 10, before its first checkpoint: nothing was "
+            "written") in err
     assert "Traceback" not in err
     assert not out.exists() and _beside(out) == []
 
