@@ -25,7 +25,19 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
   running first, then, within it, the request with the fewest rows running (then the earliest): a request
   of many rows, or a tenant of many requests, fills the batch only while nobody else waits, and a later
   request of another tenant takes the next row that frees instead of queueing behind all of theirs (FIFO
-  would). A running row is never pre-empted: a newcomer that finds every row busy waits until one ends.
+  would);
+- pre-emption by recompute (as vLLM's), for fairness between tenants: when a tenant with rows waiting holds
+  fewer than its fair share of the batch (``max_batch_rows`` // tenants running or waiting, at least 1), no row
+  is free, and the running rows of tenants above their share will not free enough rows within
+  ``preempt_wait_steps`` steps (by their ``max_new_tokens`` left), the engine pre-empts just enough rows: each
+  from the tenant holding the most rows above its share, the one cheapest to recompute (fewest prompt +
+  generated tokens; ties: the latest admitted). A tenant at or below its share is never pre-empted, and never
+  for a row of its own, so shares settle and rows do not bounce between tenants. A pre-empted row drops its
+  past and waits at the front of the queue, ahead of its tenant's other waiting rows; readmitted, its prompt
+  and the tokens it generated are prefilled again (chunked like any prompt) and its next token comes from that
+  prefill's last logits. Its stream only pauses: the same tokens (its sampler and generator, detokenizer, stop
+  strings and ``max_new_tokens`` carry on), its bank snapshot kept (a load or unload meanwhile changes nothing
+  for it, an unload does not fail it), no second first token.
 
 One thread steps the batch (onnxruntime uses its own intra-op threads) and never waits for consumers:
 each step's tokens are handed to the asyncio loop that started the engine through a small waker thread,
@@ -71,6 +83,7 @@ from .decoding import (
     SamplingParamsError,
     choose_tokens,
 )
+from .limits import PREEMPT_WAIT_STEPS
 from .session import BASE, MultiAdapterSession, not_loaded
 
 __all__ = ["GenerationEngine", "GenerationStream", "GenerationResult", "TokenEvent", "SamplingParams",
@@ -125,7 +138,8 @@ class GenerationStream:
     the row fails (its adapter was unloaded before it started, the graph refused it), iterating raises
     the error. Timestamps (``time.perf_counter()``): ``queued_at``, ``started_at`` (admitted into the
     batch), ``first_token_at``, ``finished_at``; ``batch_rows`` / ``batch_requests``: the most rows /
-    distinct ``request_id`` s of one step this row took part in.
+    distinct ``request_id`` s of one step this row took part in; ``preemptions``: the times its row was
+    pre-empted (its stream paused, then went on with the same tokens).
     """
 
     def __init__(self, engine: GenerationEngine, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
@@ -148,6 +162,7 @@ class GenerationStream:
         self.finished_at: float | None = None
         self.batch_rows = 0
         self.batch_requests = 0
+        self.preemptions = 0
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
         self._ended = False  # the end (or an error) was delivered
@@ -300,6 +315,19 @@ class _Request:
     generated: int = 0
     last_token_at: float = 0.0
     row: DecodeRow | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)  # generated so far (a pre-empted row's recompute)
+    snapshot: Any = None  # the bank snapshot it was first admitted with (kept across pre-emptions)
+    admitted: int = 0  # admission order (the latest admitted is pre-empted first among equals)
+
+    @property
+    def resuming(self) -> bool:
+        """Admitted before (then pre-empted): it resumes with its own snapshot, tokens and counts."""
+        return self.snapshot is not None
+
+    @property
+    def context(self) -> int:
+        """Tokens a (re)admission prefills: the prompt and the tokens generated so far."""
+        return len(self.prompt) + len(self.tokens)
 
 
 class GenerationEngine:
@@ -309,7 +337,7 @@ class GenerationEngine:
         session: the runtime (a ``text-generation-with-past`` adapter-bank export).
         max_batch_rows: the most rows decoding at once.
         max_queued_rows: the most rows waiting to join; beyond it :meth:`submit` raises
-            :class:`EngineOverloadedError`.
+            :class:`EngineOverloadedError` (rows waiting after a pre-emption do not count).
         max_prefill_tokens: the most padded prompt tokens (rows x longest prompt) admitted in one step, and
             run by one step's prefill runs together (at least one column of one prefill always runs); one row
             is always admitted, however long, and prefilled in chunks of at most this many tokens.
@@ -320,19 +348,35 @@ class GenerationEngine:
             - ``"rejected"``: adapter, reason (the queue was full)
             - ``"started"``: adapter, queue_s (submitted → admitted into the batch)
             - ``"first_token"``: adapter, ttft_s (submitted → first token)
-            - ``"prefill"``: rows, tokens (padded prompt tokens), seconds (one per prefill run: a chunk)
+            - ``"prefill"``: rows, tokens (padded prompt tokens), seconds (one per prefill run: a chunk),
+              inter_token_s (one per row resuming after a pre-emption whose prefill this run ends: the gap
+              since its previous token)
             - ``"step"``: rows, requests, seconds, tokens (new tokens), inter_token_s (one per token that
               is not a row's first)
             - ``"finished"``: adapter, finish_reason (stop, length, cancelled), prompt_tokens,
               completion_tokens, queue_s, ttft_s, seconds (submitted → end)
             - ``"failed"``: adapter, error
+            - ``"preempted"``: adapter, generated_tokens (the row's tokens so far), recompute_tokens (prompt +
+              generated tokens, prefilled again when it is readmitted)
+
+            A row resumed after a pre-emption has no second ``"started"`` or ``"first_token"``.
+        preempt: pre-empt rows for fairness between tenants (see the module docstring); ``False``: a running row
+            is never pre-empted, a newcomer that finds every row busy waits until one ends.
+        preempt_wait_steps: do not pre-empt for a waiting tenant when rows of the tenants above their share
+            will end within this many decode steps anyway (by their ``max_new_tokens`` left): a wait that short
+            costs less than recomputing a row.
     """
 
     def __init__(self, session: MultiAdapterSession, *, max_batch_rows: int = 32, max_queued_rows: int = 256,
-                 max_prefill_tokens: int = 4096, observer: Observer | None = None) -> None:
+                 max_prefill_tokens: int = 4096, observer: Observer | None = None, preempt: bool = True,
+                 preempt_wait_steps: int = PREEMPT_WAIT_STEPS) -> None:
         problems = {name: f"must be an integer >= 1, got {value!r}" for name, value in
                     (("max_batch_rows", max_batch_rows), ("max_queued_rows", max_queued_rows),
                      ("max_prefill_tokens", max_prefill_tokens)) if not isinstance(value, int) or value < 1}
+        if not isinstance(preempt, bool):
+            problems["preempt"] = f"must be true or false, got {preempt!r}"
+        if not isinstance(preempt_wait_steps, int) or isinstance(preempt_wait_steps, bool) or preempt_wait_steps < 0:
+            problems["preempt_wait_steps"] = f"must be an integer >= 0, got {preempt_wait_steps!r}"
         if problems:
             raise ServingError("invalid engine settings: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
         session.require("generate")
@@ -340,11 +384,14 @@ class GenerationEngine:
         self.max_batch_rows = max_batch_rows
         self.max_queued_rows = max_queued_rows
         self.max_prefill_tokens = max_prefill_tokens
+        self.preempt = preempt
+        self.preempt_wait_steps = preempt_wait_steps
         self.observer = observer
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []  # admitted, not finished (engine thread; read by stop())
         self._orphans_checked: int | None = None  # the bank version waiting rows were last checked against
+        self._changed = True  # a row was queued, left the queue or the batch since the last _admit
         self._cancelled: set[int] = set()  # id() of cancelled streams whose rows still run
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -358,6 +405,8 @@ class GenerationEngine:
         self._observer_failed: set[str] = set()
         self.steps = 0  # decode steps run
         self.prefills = 0  # prefill runs (chunks)
+        self.preemptions = 0  # rows pre-empted
+        self._admissions = 0  # rows admitted (the order of _Request.admitted)
         self._overlapping = False  # hand tokens over during the next run (the last step took OVERLAP_MIN_STEP_S or more)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -459,13 +508,14 @@ class GenerationEngine:
                            frozenset(self.session.eos_token_ids | set(params.stop_token_ids)))
         request.group = group if group is not None else request
         with self._cond:
-            if len(self._waiting) >= self.max_queued_rows:
-                queued = len(self._waiting)
+            queued = sum(not r.resuming for r in self._waiting)  # pre-empted rows were admitted: they do not count
+            if queued >= self.max_queued_rows:
                 self._observe("rejected", adapter=adapter, reason="queue full")
                 raise EngineOverloadedError(f"the generation queue is full ({queued} rows waiting, "
                                             f"max_queued_rows={self.max_queued_rows}); try again later")
             self._waiting.append(request)
-            queued = len(self._waiting)
+            self._changed = True
+            queued += 1
             self._cond.notify_all()
         self._observe("queued", adapter=adapter, prompt_tokens=len(prompt), queued_rows=queued)
         return stream
@@ -474,13 +524,14 @@ class GenerationEngine:
         """Rows waiting and running now, and the runs so far."""
         with self._cond:
             return {"queued_rows": len(self._waiting), "running_rows": len(self._running), "steps": self.steps,
-                    "prefills": self.prefills}
+                    "prefills": self.prefills, "preemptions": self.preemptions}
 
     def _cancel(self, stream: GenerationStream) -> None:
         with self._cond:
             for request in self._waiting:
                 if request.stream is stream:
                     self._waiting.remove(request)
+                    self._changed = True
                     self._observe_finished(request, "cancelled")
                     return
             self._cancelled.add(id(stream))
@@ -509,11 +560,12 @@ class GenerationEngine:
                 cancelled = [r for r in self._running if id(r.stream) in self._cancelled]
                 self._cancelled.clear()
                 orphans = self._take_orphans()
-                admitted = self._admit(cancelled)
+                admitted, preempted = self._admit(cancelled)
             try:
                 for request in orphans:
                     self._fail(request, not_loaded(request.adapter))
                 self._leave(batch, cancelled, "cancelled")
+                self._suspend(batch, preempted)
                 if admitted:
                     self._start_prefill(batch, admitted)
                 if batch.prefilling:
@@ -537,55 +589,90 @@ class GenerationEngine:
     def _take_orphans(self) -> list[_Request]:
         """Waiting rows whose adapter was unloaded while they waited (under the lock): they fail now, not when a
         batch row frees for them (their request's other rows may hold those rows for a long time). Checked once
-        per bank version: :meth:`check` refuses rows for adapters not loaded when they are submitted."""
+        per bank version: :meth:`check` refuses rows for adapters not loaded when they are submitted. A pre-empted
+        row is no orphan: it resumes on the bank snapshot it started with."""
         snapshot = self.session.snapshot()
         if not self._waiting or snapshot.version == self._orphans_checked:
             return []
         self._orphans_checked = snapshot.version
-        orphans = [r for r in self._waiting if r.adapter is not None and r.adapter not in snapshot.slots]
+        orphans = [r for r in self._waiting
+                   if not r.resuming and r.adapter is not None and r.adapter not in snapshot.slots]
         if orphans:
             gone = {id(r) for r in orphans}
             self._waiting = collections.deque(r for r in self._waiting if id(r) not in gone)
+            self._changed = True
         return orphans
 
-    def _admit(self, leaving: Sequence[_Request]) -> list[_Request]:
-        """Waiting rows that join now (under the lock): up to the rows free once ``leaving`` has left and the
-        prefill token budget, one row at a time: from the tenant (adapter) holding the fewest rows, and within it
-        from the request holding the fewest (ties: the one waiting longest); a request's own rows keep their order.
+    def _admit(self, leaving: Sequence[_Request]) -> tuple[list[_Request], list[_Request]]:
+        """Waiting rows that join now, and running rows pre-empted for them (under the lock; the caller takes the
+        pre-empted rows out of the batch, :meth:`_suspend`, before it prefills the admitted ones).
+
+        Admitted: up to the rows free once ``leaving`` and the pre-empted rows have left and the prefill token
+        budget, one row at a time: from the tenant (adapter) holding the fewest rows, and within it first a row
+        that resumes after a pre-emption, then from the request holding the fewest rows (ties: the one waiting
+        longest); a request's own rows keep their order.
 
         Tenants first, so a tenant cannot queue another behind it by sending many small requests instead of one
         big one (each would hold no row while it waits, and first-come-first-served among them would put all of
-        them before a later tenant's request). A request is a tenant by the adapter of its first waiting row."""
-        if not self._waiting:
-            return []
+        them before a later tenant's request). A request is a tenant by the adapter of its first waiting row.
+        The tenants below their fair share come first (they hold fewer rows than anyone above it), so the rows
+        :meth:`_preemptions` frees go to them."""
+        if not self._waiting or not (self._changed or leaving):
+            # nothing came or left since the last call: no row frees, and no pre-emption is due (a row's steps left
+            # only shrink, so one found unneeded stays unneeded)
+            return [], []
+        self._changed = False
         gone = {id(r) for r in leaving}
         staying = [r for r in self._running if id(r) not in gone]
         free = self.max_batch_rows - len(staying)
-        if free <= 0:
-            return []
+        preempted = self._preemptions(staying, free) if self.preempt else []
+        if preempted:
+            out = {id(r) for r in preempted}
+            staying = [r for r in staying if id(r) not in out]
+            self._running = [r for r in self._running if id(r) not in out]
+            free += len(preempted)
+        if free <= 0:  # nothing pre-empted either
+            return [], []
+        admitted = self._choose(staying, free)
+        chosen = {id(r) for r in admitted}
+        waiting = [r for r in self._waiting if id(r) not in chosen]
+        # pre-empted rows wait at the front, after those pre-empted before them (the longest paused first)
+        resuming = [r for r in waiting if r.resuming]
+        self._waiting = collections.deque([*resuming, *preempted, *(r for r in waiting if not r.resuming)])
+        for request in admitted:
+            self._admissions += 1
+            request.admitted = self._admissions
+        self._running.extend(admitted)
+        self._changed = True  # look again next step (e.g. rows left free by the prefill budget)
+        return admitted, preempted
+
+    def _choose(self, staying: list[_Request], free: int) -> list[_Request]:
+        """The waiting rows :meth:`_admit` admits into ``free`` rows (they are not taken off the queue here)."""
         held = collections.Counter(r.group for r in staying)
         held_by_tenant = collections.Counter(r.adapter for r in staying)
         queues: dict[Hashable, collections.deque[_Request]] = {}
         for request in self._waiting:
             queues.setdefault(request.group, collections.deque()).append(request)
-        # per tenant, its requests' turns: (rows held, order, group); order: no tie reaches group
-        tenants: dict[str | None, list[tuple[int, int, Hashable]]] = {}
+        # per tenant, its requests' turns: (0 if its next row resumes else 1, rows held, order, group); order: no tie
+        # reaches group
+        tenants: dict[str | None, list[tuple[int, int, int, Hashable]]] = {}
         for order, group in enumerate(queues):
-            tenants.setdefault(queues[group][0].adapter, []).append((held[group], order, group))
+            head = queues[group][0]
+            tenants.setdefault(head.adapter, []).append((not head.resuming, held[group], order, group))
         # the tenants' turns: (rows held, order of its next request, tenant); orders are unique, so no tie reaches
         # the tenant (None for the base model is not comparable with a name)
         turns = []
         for tenant, groups in tenants.items():
             heapq.heapify(groups)
-            turns.append((held_by_tenant[tenant], groups[0][1], tenant))
+            turns.append((held_by_tenant[tenant], groups[0][2], tenant))
         heapq.heapify(turns)
         admitted: list[_Request] = []
         longest = 0
         while turns and len(admitted) < free:
             count, _, tenant = turns[0]
             groups = tenants[tenant]
-            group_count, order, group = groups[0]
-            longest_if = max(longest, len(queues[group][0].prompt))
+            _, group_count, order, group = groups[0]
+            longest_if = max(longest, queues[group][0].context)
             if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
             heapq.heappop(turns)
@@ -593,13 +680,71 @@ class GenerationEngine:
             admitted.append(queues[group].popleft())
             longest = longest_if
             if queues[group]:
-                heapq.heappush(groups, (group_count + 1, order, group))
+                heapq.heappush(groups, (not queues[group][0].resuming, group_count + 1, order, group))
             if groups:
-                heapq.heappush(turns, (count + 1, groups[0][1], tenant))
-        chosen = {id(r) for r in admitted}
-        self._waiting = collections.deque(r for r in self._waiting if id(r) not in chosen)
-        self._running.extend(admitted)
+                heapq.heappush(turns, (count + 1, groups[0][2], tenant))
         return admitted
+
+    def _preemptions(self, staying: list[_Request], free: int) -> list[_Request]:
+        """Running rows to pre-empt now so that tenants below their fair share get rows (under the lock; none if a
+        row is free for each).
+
+        Fair share: ``max_batch_rows`` // the tenants with rows running or waiting (at least 1). A tenant below it
+        with rows waiting *needs* rows up to it (at most its waiting rows). What the free rows do not cover is
+        taken from the tenants above their share, down to their share and no further: first the rows of theirs
+        that end within ``preempt_wait_steps`` steps anyway (their ``max_new_tokens`` left; those are waited for),
+        then pre-emptions, one at a time from the tenant holding the most rows, its row cheapest to recompute
+        (fewest prompt + generated tokens; ties: the latest admitted), never one of those ending soon.
+
+        Why it settles: only a tenant above its share loses a row, and only to tenants below it, so a pre-empted
+        tenant keeps at least its share and never pre-empts back for that row; rows that free go to the tenant
+        holding the fewest, so shares kept do not need pre-emptions again. Pre-emptions happen only when a tenant
+        comes (or comes back) below its share while the batch is full."""
+        waiting = collections.Counter(r.adapter for r in self._waiting)
+        held = collections.Counter(r.adapter for r in staying)
+        share = max(1, self.max_batch_rows // len(set(waiting) | set(held)))
+        need = sum(min(share - held[t], n) for t, n in waiting.items() if held[t] < share)
+        if need <= free:
+            return []
+        ending = collections.Counter(r.adapter for r in staying
+                                     if r.params.max_new_tokens - r.generated <= self.preempt_wait_steps)
+        spare: dict[str | None, int] = {}  # tenant above its share -> rows it can still lose by pre-emption
+        for tenant, count in held.items():
+            above = count - share
+            if above > 0:
+                waited_for = min(ending[tenant], above)
+                need -= waited_for
+                spare[tenant] = above - waited_for
+        deficit = need - free
+        if deficit <= 0:
+            return []
+        candidates = {t: sorted((r for r in staying if r.adapter == t
+                                 and r.params.max_new_tokens - r.generated > self.preempt_wait_steps),
+                                key=lambda r: (r.context, -r.admitted))
+                      for t, n in spare.items() if n > 0}
+        holding = {t: held[t] for t in candidates}
+        victims: list[_Request] = []
+        while len(victims) < deficit:
+            able = [t for t in candidates if spare[t] > 0 and candidates[t]]
+            if not able:
+                break
+            tenant = max(able, key=lambda t: holding[t])  # the first of equals: the tenant admitted earliest
+            victims.append(candidates[tenant].pop(0))
+            spare[tenant] -= 1
+            holding[tenant] -= 1
+        return victims
+
+    def _suspend(self, batch: DecodeBatch, preempted: list[_Request]) -> None:
+        """Pre-empted rows leave the batch (their past is dropped); they wait, to be prefilled again."""
+        if not preempted:
+            return
+        batch.remove(r.row for r in preempted if r.row is not None)
+        for request in preempted:
+            request.row = None
+            request.stream.preemptions += 1
+            self.preemptions += 1
+            self._observe("preempted", adapter=request.adapter, generated_tokens=request.generated,
+                          recompute_tokens=request.context)
 
     def _start_prefill(self, batch: DecodeBatch, admitted: list[_Request]) -> None:
         """The admitted rows' prefill, queued to run chunk by chunk (:meth:`_prefill_chunks`)."""
@@ -607,12 +752,15 @@ class GenerationEngine:
         rows = []
         now = time.perf_counter()
         for request in admitted:
-            request.stream.started_at = now
-            self._observe("started", adapter=request.adapter, queue_s=now - request.stream.queued_at)
-            if request.adapter is not None and request.adapter not in snapshot.slots:  # unloaded since it was queued
-                self._fail(request, not_loaded(request.adapter))
-                continue
-            request.row = DecodeRow(request.prompt, request.adapter, snapshot, owner=request)
+            if not request.resuming:  # a pre-empted row resumes on its own snapshot, with its own prompt + tokens
+                request.stream.started_at = now
+                self._observe("started", adapter=request.adapter, queue_s=now - request.stream.queued_at)
+                if request.adapter is not None and request.adapter not in snapshot.slots:  # unloaded while queued
+                    self._fail(request, not_loaded(request.adapter))
+                    continue
+                request.snapshot = snapshot
+            request.row = DecodeRow([*request.prompt, *request.tokens], request.adapter, request.snapshot,
+                                    owner=request)
             rows.append(request.row)
         if not rows:
             return
@@ -635,11 +783,14 @@ class GenerationEngine:
             rows, tokens = job.last_run
             self.prefills += 1
             left -= tokens
+            now = time.perf_counter()
+            done = [job.rows[i] for i in job.live] if job.finished else []
             self._count_batch([job.rows[i] for i in job.live], rows)
-            self._observe("prefill", rows=rows, tokens=tokens, seconds=time.perf_counter() - start)
+            # rows resuming after a pre-emption: the gap since their previous token (their next comes from this run)
+            gaps = [now - r.owner.last_token_at for r in done if r.owner.generated]
+            self._observe("prefill", rows=rows, tokens=tokens, seconds=now - start, inter_token_s=gaps)
             self._fail_prefilling(job)
-            if job.finished and job.live:
-                done = [job.rows[i] for i in job.live]
+            if done:
                 self._emit(batch, done, job.logits[np.array(job.live)], {}, first=True)
 
     def _fail_prefilling(self, job: PrefillJob) -> None:
@@ -688,13 +839,14 @@ class GenerationEngine:
                 continue
             request: _Request = rows[b].owner
             stream = request.stream
-            if first:
+            if first and not request.generated:  # a resumed row's token after a prefill is no first token
                 stream.first_token_at = now
                 self._observe("first_token", adapter=request.adapter, ttft_s=now - stream.queued_at)
             else:
                 gaps.append(now - request.last_token_at)
             request.last_token_at = now
             request.generated += 1
+            request.tokens.append(int(token))
             reason = None
             if token in request.stop_ids:
                 text, reason = request.detokenizer.flush(), "stop"
@@ -725,6 +877,7 @@ class GenerationEngine:
         with self._cond:
             if request in self._running:
                 self._running.remove(request)
+                self._changed = True
 
     def _end(self, request: _Request, reason: str) -> None:
         self._retire(request)

@@ -516,6 +516,7 @@ class Server:
             self.engine = GenerationEngine(session, max_batch_rows=options.max_batch_rows,
                                            max_queued_rows=options.max_queued_rows,
                                            max_prefill_tokens=options.max_prefill_tokens,
+                                           preempt=options.preempt, preempt_wait_steps=options.preempt_wait_steps,
                                            observer=self._on_generation)
         self._load_lock: asyncio.Lock | None = None
         self._roots = sorted({str(p) for p in (session.export_dir, session.export_dir.absolute(),
@@ -543,6 +544,11 @@ class Server:
         elif event == "prefill":
             metrics.prefill_time.observe(values["seconds"])
             metrics.prefill_tokens.inc(values["tokens"])
+            for gap in values.get("inter_token_s") or ():  # rows resuming after a pre-emption: their pause
+                metrics.itl.observe(gap)
+        elif event == "preempted":
+            metrics.preemptions.labels(metrics.adapter_label(values["adapter"] or BASE)).inc()
+            metrics.recompute_tokens.inc(values["recompute_tokens"])
         elif event == "started":
             metrics.queue_time.labels("generate").observe(values["queue_s"])
         elif event == "first_token":

@@ -1,4 +1,4 @@
-"""Hard limits of the serving runtime that more than one module checks: one definition each.
+"""Limits and defaults of the serving runtime that more than one module uses: one definition each.
 
 Kept free of imports so that :mod:`bca_deploy.serving.options` (read by the CLI's ``--help``) and the
 runtime (:mod:`bca_deploy.serving.decoding`) share them without the options importing the runtime.
@@ -6,8 +6,13 @@ runtime (:mod:`bca_deploy.serving.decoding`) share them without the options impo
 
 from __future__ import annotations
 
-__all__ = ["MAX_NEW_TOKENS"]
+__all__ = ["MAX_NEW_TOKENS", "PREEMPT_WAIT_STEPS"]
 
 #: The most new tokens one row may generate (:class:`~bca_deploy.serving.decoding.SamplingParams`); the
 #: graph's positions limit it further, and ``--max-new-tokens`` may not be set above it.
 MAX_NEW_TOKENS = 4096
+
+#: Default ``preempt_wait_steps`` (:class:`~bca_deploy.serving.engine.GenerationEngine`, ``--preempt-wait-steps``):
+#: a waiting tenant below its share pre-empts a row only if the rows that could give it one will not all have ended
+#: within this many steps (their ``max_new_tokens`` left) anyway.
+PREEMPT_WAIT_STEPS = 8

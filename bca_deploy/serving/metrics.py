@@ -88,6 +88,11 @@ class ServerMetrics:
                                         registry=r)
         self.prompt_tokens = Counter("bca_prompt_tokens", "Input tokens of inference requests that ran (generation: "
                                      "rows that ended, cancelled ones included), by adapter.", ["adapter"], registry=r)
+        self.preemptions = Counter("bca_preemptions", "Generation: rows pre-empted (their past dropped, recomputed when "
+                                   "readmitted) so that a tenant below its fair share of the batch gets rows, by "
+                                   "adapter.", ["adapter"], registry=r)
+        self.recompute_tokens = Counter("bca_preemption_recompute_tokens", "Generation: prompt + generated tokens of "
+                                        "pre-empted rows, prefilled again when they were readmitted.", registry=r)
         self.adapter_changes = Counter("bca_adapter_changes", "Adapter loads and unloads that succeeded.", ["action"],
                                        registry=r)
         self.connection_refusals = Counter(
@@ -98,7 +103,8 @@ class ServerMetrics:
             self.connection_refusals.labels(reason)
         # the metrics with an ``adapter`` label, and their label names in order (forget_adapter removes by them)
         self._by_adapter = [(self.requests, request_labels), (self.errors, error_labels),
-                            (self.generated_tokens, ("adapter",)), (self.prompt_tokens, ("adapter",))]
+                            (self.generated_tokens, ("adapter",)), (self.prompt_tokens, ("adapter",)),
+                            (self.preemptions, ("adapter",))]
         loaded = Gauge("bca_adapters_loaded", "Adapters loaded now (the base model not counted).", registry=r)
         loaded.set_function(lambda: len(self._loaded()))
         queued = Gauge("bca_queued_rows", "Rows admitted and not yet answered.", registry=r)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ServingError, format_problems
-from .limits import MAX_NEW_TOKENS
+from .limits import MAX_NEW_TOKENS, PREEMPT_WAIT_STEPS
 
 __all__ = ["ServeOptions", "click_options", "NOT_ON_RAY"]
 
@@ -44,6 +44,13 @@ class ServeOptions:
                                          "prefill run; a longer prompt is prefilled in chunks of this size, with "
                                          "a step of the running rows between chunks. Lower bounds their token "
                                          "gaps; higher starts bursts sooner.")
+    preempt: bool = _opt(True, "Generation: pre-empt (and later recompute) rows of a tenant (adapter) holding more "
+                               "than its fair share of --max-batch-rows while another tenant below its share waits, "
+                               "as vLLM recomputes; off: a running row is never pre-empted, and a newcomer that "
+                               "finds every row busy waits until one ends.")
+    preempt_wait_steps: int = _opt(PREEMPT_WAIT_STEPS, "Generation: do not pre-empt when enough rows of tenants above "
+                                                       "their share end within this many decode steps anyway (a "
+                                                       "short wait costs less than recomputing a row).")
     max_batch_tokens: int = _opt(8192, "Most padded tokens (rows x longest row) in one embedding/classification "
                                        "batch: bounds the memory of a batch of long texts (a longer row runs alone).")
     max_wait_ms: float = _opt(5.0, "How long a request waits for others to join its batch.")
@@ -124,6 +131,7 @@ class ServeOptions:
         at_least("max_batch_rows", 1, 65536)
         at_least("max_batch_tokens", 1)
         at_least("max_prefill_tokens", 1)
+        at_least("preempt_wait_steps", 0, MAX_NEW_TOKENS)
         at_least("max_wait_ms", 0, 60_000)
         at_least("max_request_rows", 1)
         at_least("max_body_bytes", 64)

@@ -11,9 +11,9 @@ counts (never by time; the engine's thread is paused at chosen steps by a blocki
   the tenant holding the fewest rows first, then to the request holding the fewest, then the earliest;
 - requests of one tenant still take their turns request by request (the earliest first among equals).
 
-What it does not guarantee: a row that runs is never pre-empted, so a newcomer finding every row busy waits
-until one ends (up to the running rows' ``max_new_tokens`` steps), and each step is one run over every row,
-so a heavy neighbour makes each of its steps longer.
+Pre-emption (a tenant below its fair share taking rows from one above it) is ``test_preemption.py``'s: here the
+running rows end within ``preempt_wait_steps``, which the engine waits for rather than pre-empt. What neither
+guarantees: each step is one run over every row, so a heavy neighbour makes each of its steps longer.
 """
 
 from __future__ import annotations
