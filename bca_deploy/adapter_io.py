@@ -38,8 +38,18 @@ from .errors import (
     format_problems,
     require_readable,
 )
-from .fit import align_paths, align_to_target, check_adapter, model_target, resolve_tied, split_saved_key
+from .fit import (
+    align_paths,
+    align_to_target,
+    base_weights,
+    check_adapter,
+    model_target,
+    resolve_tied,
+    split_base_key,
+    split_saved_key,
+)
 from .inject import (
+    _BASE_ATTR,
     _CONFIGS_ATTR,
     _SAVED_ATTR,
     _add_adapters,
@@ -47,16 +57,29 @@ from .inject import (
     adapter_configs,
     adapter_names,
     add_saved_values,
+    base_weight_keys,
+    base_weight_parameter,
+    base_weight_value,
     bca_layers,
+    check_base_weights,
     check_injectable,
     check_saved_modules,
     freeze_base,
     register_adapter,
+    register_base_weights,
     saved_modules,
     saved_value,
 )
 from .layers import BCALinear, is_adaptable, layer_type_of
-from .peft_compat import format_name, from_peft, is_peft_config, peft_metadata, to_peft
+from .peft_compat import (
+    format_name,
+    from_peft,
+    is_peft_config,
+    peft_metadata,
+    peft_saved_entries,
+    peft_saved_module,
+    to_peft,
+)
 
 __all__ = [
     "save_adapter",
@@ -102,6 +125,10 @@ def adapter_state(
     (the adapter is the active one that saves it), else the copy kept for the adapter
     (:class:`bca_deploy.inject.SavedModules`), never another adapter's or the base model's. A Parameter saved under
     two names (a tied ``lm_head`` and input embedding, both saved whole) is written under each, as PEFT writes it.
+
+    The base weights the adapter was loaded with (:func:`bca_deploy.fit.split_base_key`: PEFT's
+    ``save_embedding_layers`` tensors, ``lm_head.base_layer.weight``) are saved again as base weights, with the base
+    model's values (a merge's ΔW left out).
     """
     config = adapter_configs(model).get(adapter_name)
     if config is None:
@@ -129,6 +156,13 @@ def adapter_state(
             if id(param) in seen:
                 state[name] = state[name].clone()  # safetensors refuses tensors that share memory
             seen.add(id(param))
+    for key in base_weight_keys(model, adapter_name):
+        param = base_weight_parameter(model, key)
+        name = next((n for n, p in model.named_parameters(remove_duplicate=False) if p is param), None)
+        state[key] = values.get(name, base_weight_value(model, key)).detach().cpu().contiguous()
+        if id(param) in seen:
+            state[key] = state[key].clone()
+        seen.add(id(param))
     return state
 
 
@@ -318,7 +352,7 @@ def _misfits(config: AdapterConfig, tensors: Iterable[Any]) -> list[tuple[int, s
                 why = (f"module {module} has a {spec.kernel_shape} kernel (d_out/p, d_in/p, p for in_features="
                        f"{spec.in_features}, out_features={spec.out_features}, p={spec.block_size}): at most "
                        f"{room:,} bytes, in float64")
-        elif split_saved_key(t.name, config.modules_to_save)[0] is None:
+        elif split_saved_key(t.name, config.modules_to_save)[0] is None and split_base_key(t.name) is None:
             room, why = 0, f"unexpected (not a kernel, and not under any of modules_to_save {config.modules_to_save})"
         else:
             continue
@@ -341,7 +375,9 @@ def _adapter_files(directory: Path) -> tuple[dict[str, Any], Path]:
     data = read_json(directory / CONFIG_FILE, what="adapter config")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
-        hint = " (adapter_model.bin is a pickle; bca-deploy loads safetensors only)" if (directory / "adapter_model.bin").exists() else ""
+        hint = (" (adapter_model.bin is a pickle; bca-deploy loads safetensors only: save it again where you trust it "
+                "with PeftModel.from_pretrained(base, DIR).save_pretrained(OUT), whose default is safetensors)"
+                if (directory / "adapter_model.bin").exists() else "")
         raise AdapterFormatError(f"{weights}: no such file{hint}")
     return data, weights
 
@@ -433,7 +469,7 @@ def _weights_size(weights: Path, max_bytes: int | None = None, *, limits: bool =
         raise AdapterFormatError(f"{weights}: {size} bytes; adapters over {MAX_ADAPTER_BYTES} bytes are refused")
     if max_bytes is not None and size > max_bytes:
         raise AdapterFormatError(f"{weights}: {size:,} bytes, more than any adapter of this graph holds ({max_bytes:,} "
-                                 "bytes at most: every kernel and head tensor it can use, in float64); refused unread")
+                                 "bytes at most: every kernel, head tensor and base weight it can use, in float64); refused unread")
     return size
 
 
@@ -450,26 +486,20 @@ def _read_tensors(weights: Path, max_bytes: int | None = None) -> tuple[dict[str
 def peft_copied_modules(directory: str | Path, modules_to_save: Iterable[str]) -> list[str]:
     """The entries of ``modules_to_save`` (those of the adapter in ``directory``, as read) that the adapter's trainer
     computed with a copy of their own: for a PEFT directory, the modules its ``adapter_config.json`` lists in
-    ``modules_to_save`` (PEFT's rule: the module, or one above it, is an entry or ends with ``.<entry>``), which
-    ``PeftModel`` wraps in a ``ModulesToSaveWrapper``; empty for bca-deploy's own format, whose modules saved whole
-    are the model's own modules.
+    ``modules_to_save`` (PEFT's rule, :func:`bca_deploy.peft_compat.peft_saved_module`), which
+    ``PeftModel`` wraps in a ``ModulesToSaveWrapper`` (:func:`bca_deploy.peft_compat.peft_saved_entries`: with the
+    heads its ``task_type`` adds); empty for bca-deploy's own format, whose modules saved whole are the model's own
+    modules.
 
-    The other tensors a PEFT directory saves whole are its ``save_embedding_layers`` tensors (a vocabulary resized
-    before training: the input and output embeddings), which ``PeftModel.from_pretrained`` writes into the base
-    model's own parameters (:func:`load_adapter` does the same).
+    The other tensors of a PEFT directory (its ``save_embedding_layers`` tensors: a resized vocabulary's embeddings,
+    an adapted ``lm_head``'s base layer) are base weights, never in ``modules_to_save``
+    (:func:`bca_deploy.fit.split_base_key`).
     """
     data = read_json(Path(directory) / CONFIG_FILE, what="adapter config")
     if not is_peft_config(data):
         return []
-    raw = data.get("modules_to_save")
-    entries = [e for e in raw if isinstance(e, str) and e] if isinstance(raw, list) else []
-
-    def listed(path: str) -> bool:
-        parts = path.split(".")
-        prefixes = (".".join(parts[:end]) for end in range(1, len(parts) + 1))
-        return any(p == e or p.endswith("." + e) for p in prefixes for e in entries)
-
-    return [m for m in modules_to_save if listed(m)]
+    entries = peft_saved_entries(data)
+    return [m for m in modules_to_save if peft_saved_module(m, entries) is not None]
 
 
 def check_adapter_fits(
@@ -505,12 +535,15 @@ def load_adapter(
     in (even an interrupt), the model is restored as it was: same modules, weights, trainable flags and
     mode. PEFT C3A kernels are converted exactly (layout flip, 1/in_features scale).
 
-    A PEFT directory's embeddings saved by ``save_embedding_layers`` (the vocabulary was resized before training)
-    are written into the model as ``PeftModel.from_pretrained`` writes them: into the base model's own parameters,
-    so they stay with the adapter disabled or removed (the modules PEFT's ``modules_to_save`` lists are swapped in
-    and out, as PEFT swaps its copies). On a model with tied word embeddings the two saved names are one Parameter,
-    which gets the value PEFT leaves in it (:func:`bca_deploy.fit.resolve_tied`: ``lm_head.weight``'s) and stays
-    tied; a module PEFT computed with its own, untied copy of a tied Parameter is refused, naming it.
+    Base weights (:func:`bca_deploy.fit.split_base_key`: PEFT's ``save_embedding_layers`` tensors, the embeddings of
+    a vocabulary resized before training and an adapted ``lm_head``'s ``base_layer.weight``; bca-deploy's files name
+    them the same way) are written into the model as ``PeftModel.from_pretrained`` writes them: into the base
+    model's own parameters, so they stay with the adapter disabled or removed, and a merge adds ΔW to them (the
+    modules saved whole, ``modules_to_save``, are swapped in and out, as PEFT swaps its copies). On a model with
+    tied word embeddings the two saved names are one Parameter, which gets the value PEFT leaves in it
+    (:func:`bca_deploy.fit.resolve_tied`: ``lm_head``'s) and stays tied; a module PEFT computed with its own, untied
+    copy of a tied Parameter is refused, naming it. Base weights another adapter of the model wrote with other
+    values, or a module another adapter saves whole, are refused (:func:`bca_deploy.inject.check_base_weights`).
 
     Args:
         model: the base model (a fresh transformers model, or one already holding other adapters).
@@ -546,22 +579,24 @@ def load_adapter(
     check_adapter(config, state, target, source=f"{kind} {directory}", problems=tied_problems)
     check_injectable(model, config.modules, adapter_name)
     check_saved_modules(model, adapter_name, config.modules_to_save)
-    # PEFT writes what it saved of the embeddings (save_embedding_layers) into the base model itself, where it stays
-    # with the adapter disabled or unloaded: here they become the base values of those modules too.
-    in_base = [m for m in config.modules_to_save if m not in copied] if is_peft_config(data) else []
+    # Base weights (PEFT's save_embedding_layers) go into the base model itself, where they stay with the adapter
+    # disabled or unloaded, as PeftModel.from_pretrained loads them.
+    based = base_weights(state, config.modules_to_save)
+    base_values: dict[str, torch.Tensor] = {}
+    for key in based:
+        param = base_weight_parameter(model, key)
+        base_values[key] = state[key].to(device=param.device, dtype=param.dtype)
+    check_base_weights(model, adapter_name, base_values)
     # Everything the model will receive, converted before it changes.
     kernels = {name: state[name + KERNEL_SUFFIX].to(torch.float32) for name in config.modules}
     saved: dict[str, torch.Tensor] = {}  # parameter name -> the adapter's values of it
-    params: list[torch.nn.Parameter] = []
-    base_values: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    params: list[torch.nn.Parameter] = [base_weight_parameter(model, key) for key in base_values]
     for key, tensor in state.items():
-        if not key.endswith(KERNEL_SUFFIX):
+        if not key.endswith(KERNEL_SUFFIX) and key not in based:
             module_path, pname = split_saved_key(key, config.modules_to_save)
             param = dict(model.get_submodule(module_path).named_parameters())[pname]
             saved[f"{module_path}.{pname}"] = tensor.to(device=param.device, dtype=param.dtype)
             params.append(param)
-            if module_path in in_base:
-                base_values.append((param, saved[f"{module_path}.{pname}"]))
     undo = _Undo(model, config.modules, params)
     try:
         _add_adapters(model, config.modules, adapter_name, "zeros", 0.0, None)
@@ -570,9 +605,10 @@ def load_adapter(
                 if name in kernels:
                     target_kernel = layer.bca_kernels[adapter_name]
                     target_kernel.copy_(kernels[name].to(target_kernel.device))
-            for param, value in base_values:  # before add_saved_values takes the base values from the model
-                param.copy_(value)
+            for key, value in base_values.items():  # before add_saved_values takes the base values from the model
+                base_weight_parameter(model, key).copy_(value)
         register_adapter(model, adapter_name, config)
+        register_base_weights(model, adapter_name, list(base_values))
         # the base values of the saved modules are kept, the adapter's put in their place
         add_saved_values(model, adapter_name, config.modules_to_save, saved)
         freeze_base(model)
@@ -604,6 +640,7 @@ class _Undo:
         self.configs = adapter_configs(model)
         record = saved_modules(model)
         self.saved = record.snapshot() if record is not None else None
+        self.base_weights = {a: list(k) for a, k in model.__dict__.get(_BASE_ATTR, {}).items()}
 
     def restore(self, adapter_name: str) -> None:
         for path, module in self.modules.items():
@@ -621,6 +658,7 @@ class _Undo:
         for name, module in self.model.named_modules():
             if name in self.training:
                 module.training = self.training[name]
+        self.model.__dict__[_BASE_ATTR] = self.base_weights
         if self.saved is None:
             self.model.__dict__.pop(_SAVED_ATTR, None)
         else:

@@ -221,8 +221,10 @@ def inspect(adapter: Path) -> None:
     header = read_adapter_header(adapter)  # no tensor data read: sizes that do not fit are refused here
     read = header.file_bytes <= INSPECT_MAX_BYTES
     config = header.config
+    names = [t.name for t in header.tensors]
     if read:  # read (and refused) whole before anything is printed, within the bound
-        config, _ = read_adapter(adapter, max_bytes=INSPECT_MAX_BYTES)
+        config, state = read_adapter(adapter, max_bytes=INSPECT_MAX_BYTES)
+        names = list(state)
     say(f"adapter:      {adapter}")
     say(f"format:       {describe_format(data, str(adapter))}")
     say(f"base model:   {config.base_model_type or 'unknown'} ({config.base_model_name_or_path or 'no path recorded'})")
@@ -246,6 +248,10 @@ def inspect(adapter: Path) -> None:
     if config.modules_to_save:
         n = sum(math.prod(t.shape) for t in header.tensors if _saved_whole(t.name, config.modules_to_save))
         say(f"saved whole:  {', '.join(config.modules_to_save)} ({n:,} parameters)")
+    based = sorted(_base_weight_names(names, config.modules_to_save, read or not is_peft_config(data)))
+    if based:
+        more = f", ... ({len(based)} in all)" if len(based) > 8 else ""
+        say(f"base weights: {', '.join(based[:8])}{more} (written into the base model)")
     dtypes = ", ".join(sorted({t.dtype for t in header.tensors}))
     say(f"weights:      {header.weights.name}: {len(header.tensors)} tensors ({dtypes or 'none'}), "
         f"{header.data_bytes:,} bytes of tensor data")
@@ -273,6 +279,28 @@ def _saved_whole(name: str, modules_to_save: list[str]) -> bool:
 
     path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
     return split_saved_key(path, modules_to_save)[0] is not None
+
+
+def _base_weight_names(names: list[str], modules_to_save: list[str], converted: bool) -> list[str]:
+    """The base weights (:func:`bca_deploy.fit.base_weights`) among an adapter's tensor ``names``: bca-deploy's names
+    (``converted``: as read), or a PEFT file's, each named as bca-deploy reads it
+    (:func:`bca_deploy.peft_compat.from_peft`: a tensor neither a kernel nor under ``modules_to_save`` is PEFT's
+    ``save_embedding_layers``, a base weight)."""
+    from .config import KERNEL_SUFFIX
+    from .fit import base_key, base_weights, split_base_key, split_saved_key
+    from .peft_compat import PEFT_KERNEL_SUFFIX, PEFT_PREFIX
+
+    if not converted:
+        renamed = []
+        for name in names:
+            path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            module, _, param = path.rpartition(".")
+            if (path.endswith((PEFT_KERNEL_SUFFIX, KERNEL_SUFFIX)) or split_saved_key(path, modules_to_save)[0]
+                    is not None or not module):
+                continue
+            renamed.append(path if split_base_key(path) is not None else base_key(module, param))
+        names = renamed
+    return list(base_weights(names, modules_to_save))
 
 
 _PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "QUESTION_ANS")

@@ -6,8 +6,8 @@ export and serving registration (a bank graph's layout) all describe what they a
 
 * **the adapter itself** (:func:`adapter_problems`, no target needed): each kernel present, of its
   module's ``(d_out/p, d_in/p, p)`` shape, a real floating dtype (fp16/bf16/fp32/fp64: complex, bool and
-  integer kernels are refused), non-empty and finite; each other tensor under one of ``modules_to_save``,
-  floating and finite; no tensor the config does not account for (a ``modules: {}`` config with kernels
+  integer kernels are refused), non-empty and finite; each other tensor under one of ``modules_to_save``
+  or a base weight (:func:`split_base_key`), floating and finite; no tensor the config does not account for (a ``modules: {}`` config with kernels
   present is refused, not merged as nothing); something to apply; a task head whose output layer has
   ``num_labels`` rows. The config's own types and values (block sizes, finite positive scaling, paths)
   are checked when it is parsed (:meth:`bca_deploy.config.AdapterConfig.problems`).
@@ -16,7 +16,8 @@ export and serving registration (a bank graph's layout) all describe what they a
   Linear would add ΔWᵀ; an embedding table or anything else is refused), with the same in/out features
   and stored weight shape, a block size the target holds (bank graphs), a weight dtype the target can
   add to (checkpoints); every ``modules_to_save`` tensor a parameter of the target with the same shape
-  (or a target that takes no whole modules says so).
+  (or a target that takes no whole modules says so); every base weight a floating parameter of the target of
+  exactly its shape (a bank graph, whose rows share the base model, takes none it cannot tell equal to its own).
 
 Module paths that differ from the target's only by its ``base_model_prefix`` (``bert.``, ``model.``,
 ``transformer.``...) are aligned first, all or nothing (:func:`align_to_target`); a task head the target lacks
@@ -55,6 +56,10 @@ __all__ = [
     "missing_heads",
     "HEAD_MODULES",
     "split_saved_key",
+    "split_base_key",
+    "base_key",
+    "base_weights",
+    "BASE_LAYER",
     "tensor_problem",
     "slot_problems",
 ]
@@ -130,6 +135,12 @@ class Target:
         head_advice: how a message says which class to use instead, for an adapter whose task head the target
             lacks; ``{cls}`` and ``{auto}`` are replaced (``BertForSequenceClassification``,
             ``AutoModelForSequenceClassification``).
+        base_matches: for a target that cannot take base weights (:func:`split_base_key`; a bank graph, whose rows
+            share the base model): ``base_matches(parameter name, value)`` says whether the target's own value of
+            the parameter equals ``value`` (cast to the dtype the target holds it in): True, and the base weight
+            changes nothing and is accepted; False, and it is refused as another value; a string, and it is refused
+            for the reason it gives (the target lacks the parameter, cannot tell...). When set, it decides for every
+            base weight, whatever ``params`` lists. None: a target without ``params`` refuses every base weight.
     """
 
     description: str
@@ -144,6 +155,7 @@ class Target:
     tied: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     lists_every_module: bool = True
     head_advice: str = "use a {cls} ({auto})"
+    base_matches: Callable[[str, torch.Tensor], bool | str] | None = None
     _owners: set[str] | None = field(default=None, repr=False, compare=False)
 
     def has_path(self, path: str) -> bool:
@@ -217,6 +229,7 @@ def bank_target(
     base_model_prefix: str = "",
     description: str = "the bank graph",
     params: Mapping[str, ParamInfo] | None = None,
+    base_matches: Callable[[str, torch.Tensor], bool | str] | None = None,
 ) -> Target:
     """The :class:`Target` of an adapter-bank graph from its layout.
 
@@ -227,6 +240,8 @@ def bank_target(
         base_model_prefix: the exported model's ``base_model_prefix``.
         description: names the graph in messages.
         params: whole-module tensors the graph can take per adapter (a head bank); None: none.
+        base_matches: whether the graph's own value of a base-model parameter (by name) equals a given tensor (see
+            :class:`Target`): an adapter's base weights equal to the graph's are accepted, any other is refused.
     """
     sizes: dict[str, list[int]] = {}
     dims: dict[str, tuple[str, int, int]] = {}
@@ -247,6 +262,7 @@ def bank_target(
                          "--merge) or exported on its own",
         absent="not adapted in",
         lists_every_module=False,
+        base_matches=base_matches,
     )
 
 
@@ -260,6 +276,45 @@ def split_saved_key(key: str, modules_to_save: Sequence[str]) -> tuple[str | Non
         return None, key
     owner = max(owners, key=len)
     return owner, key[len(owner) + 1:]
+
+
+#: What names a base weight in an adapter's tensors: ``<module>.base_layer.<param>``.
+BASE_LAYER = "base_layer"
+
+
+def split_base_key(key: str, modules_to_save: Sequence[str] = ()) -> tuple[str, str] | None:
+    """``('lm_head', 'weight')`` for the base weight ``'lm_head.base_layer.weight'``, else None.
+
+    A base weight is the base model's own value of parameter ``<param>`` of ``<module>`` as the adapter was trained
+    with it (PEFT's ``save_embedding_layers``: a resized vocabulary's embeddings, an adapted ``lm_head``'s frozen
+    weight). Applying the adapter writes it into the base model, where it stays with adapters disabled or removed
+    (``PeftModel.from_pretrained`` loads it with ``load_state_dict``), and ΔW is added to it when merged. The name
+    is PEFT's for an adapted layer's base layer, used for every module (``model.embed_tokens.base_layer.weight``);
+    a tensor under one of ``modules_to_save`` is that module's own (:func:`split_saved_key`), never a base weight.
+    """
+    if key.endswith(KERNEL_SUFFIX) or split_saved_key(key, modules_to_save)[0] is not None:
+        return None
+    head, _, param = key.rpartition(".")
+    module, _, last = head.rpartition(".")
+    if last != BASE_LAYER or not module or not param:
+        return None
+    return module, param
+
+
+def base_key(module: str, param: str) -> str:
+    """The name of the base weight of ``<module>.<param>`` in an adapter's tensors (:func:`split_base_key`)."""
+    return f"{module}.{BASE_LAYER}.{param}"
+
+
+def base_weights(state: Iterable[str], modules_to_save: Sequence[str] = ()) -> dict[str, str]:
+    """``{tensor name: parameter name}`` of the base weights among an adapter's tensor names (:func:`split_base_key`):
+    ``{'lm_head.base_layer.weight': 'lm_head.weight'}``."""
+    out = {}
+    for key in state:
+        split = split_base_key(key, modules_to_save)
+        if split is not None:
+            out[key] = f"{split[0]}.{split[1]}"
+    return out
 
 
 def align_paths(
@@ -277,7 +332,8 @@ def align_paths(
     resolvable path resolve (some only as they are, others only renamed), the inputs are returned unchanged and
     the fit check reports what is not found.
     """
-    paths = list(config.modules) + list(config.modules_to_save)
+    based = [split_base_key(k)[0] for k in base_weights(state, config.modules_to_save)]
+    paths = list(dict.fromkeys([*config.modules, *config.modules_to_save, *based]))
     state = dict(state)
     prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
     if not paths or all(exists(p) for p in paths):
@@ -345,7 +401,10 @@ def resolve_tied(
     model computes with, whatever the other holds. Each such group of saved tensors gets that value here: under
     each of its names (``fold`` False: a model, which holds the Parameter under every name, so the adapter is saved
     again as it was read), or as one tensor under the name the Parameter is stored under (``fold``: a checkpoint,
-    which stores ``model.embed_tokens.weight`` alone), its ``modules_to_save`` entries following.
+    which stores ``model.embed_tokens.weight`` alone), its ``modules_to_save`` entries following. Base weights
+    (:func:`split_base_key`: ``model.embed_tokens.base_layer.weight``) are grouped by their parameter's name the same
+    way, and folded under the base weight name of the stored one; a group holding both a base weight and a tensor
+    saved whole is a problem (one Parameter cannot be both).
 
     Args:
         config, state: the adapter, paths aligned to ``target``.
@@ -362,9 +421,10 @@ def resolve_tied(
         The config and tensors, and the problems (one line per module in ``copied`` whose weight ``target`` ties,
         naming the module, the other name of its Parameter and the way out).
     """
+    based = base_weights(state, config.modules_to_save)  # base weights: under their parameter's name here
     groups: dict[tuple[str, ...], list[str]] = {}
     for key in state:
-        names = target.tied.get(key)
+        names = target.tied.get(based.get(key, key))
         if names is not None and not key.endswith(KERNEL_SUFFIX):
             groups.setdefault(names, []).append(key)
     if not groups:
@@ -372,10 +432,24 @@ def resolve_tied(
     problems: list[str] = []
     new_state = dict(state)
     for names, saved in groups.items():
-        owners = {key: split_saved_key(key, config.modules_to_save)[0] for key in saved}
+        order = {key: names.index(based.get(key, key)) for key in saved}
+        kinds = [key in based for key in saved]
+        if any(kinds) and not all(kinds):  # one Parameter: the base model's value and a module's own at once
+            base = ", ".join(k for k in saved if k in based)
+            whole = ", ".join(k for k in saved if k not in based)
+            problems.append(
+                f"tensors {base} (a base weight, written into the base model) and {whole} (saved whole, the "
+                f"adapter's own) are one Parameter in {target.description} (tied weights): it cannot hold both. "
+                "Untie them in the base model first (config tie_word_embeddings false), then apply the adapter again")
+            if fold:
+                for key in saved:
+                    del new_state[key]
+            continue
+        owners = {key: split_saved_key(key, config.modules_to_save)[0] for key in saved if key not in based}
         untied = sorted(key for key, owner in owners.items() if owner in copied)
         # copies that hold one value under every name compute as the tied Parameter does (a PEFT copy of an
-        # adapter whose embeddings were saved tied, as save_adapter(format="peft") writes one back)
+        # adapter whose embeddings were saved tied, as save_adapter(format="peft") wrote one back before base
+        # weights were told apart from modules saved whole)
         same = set(saved) == set(names) and all(torch.equal(state[k], state[saved[0]]) for k in saved)
         if untied and not same:
             for key in untied:
@@ -390,17 +464,22 @@ def resolve_tied(
                 for key in saved:
                     del new_state[key]
             continue
-        value = state[max(saved, key=names.index)]  # the last one written, as load_state_dict writes them
+        value = state[max(saved, key=order.__getitem__)]  # the last one written, as load_state_dict writes them
         for key in saved:
             if fold:
                 del new_state[key]
             else:
                 new_state[key] = value
         if fold:  # under the first name the target holds (a checkpoint stores one of them)
-            new_state[next((n for n in names if n in (target.params or {})), names[0])] = value
+            name = next((n for n in names if n in (target.params or {})), names[0])
+            if saved[0] in based:
+                module, _, param = name.rpartition(".")
+                name = base_key(module, param)
+            new_state[name] = value
     if not fold:
         return config, new_state, problems
-    saved_keys = [k for k in new_state if not k.endswith(KERNEL_SUFFIX)]
+    saved_keys = [k for k in new_state if not k.endswith(KERNEL_SUFFIX) and split_base_key(k, config.modules_to_save)
+                  is None]
     entries = [m for m in config.modules_to_save if any(split_saved_key(k, [m])[0] == m for k in saved_keys)]
     for key in saved_keys:
         if split_saved_key(key, entries)[0] is None:
@@ -446,11 +525,12 @@ def adapter_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -
                                 + (", which is empty)" if not config.modules else ")"))
             continue
         owner, _ = split_saved_key(key, config.modules_to_save)
-        if owner is None:
-            problems.append(f"tensor {key}: unexpected (not a kernel, and not under any of modules_to_save "
-                            f"{config.modules_to_save})")
+        if owner is None and split_base_key(key) is None:
+            problems.append(f"tensor {key}: unexpected (not a kernel, not under any of modules_to_save "
+                            f"{config.modules_to_save}, and not a base weight <module>.{BASE_LAYER}.<param>)")
             continue
-        saved_seen.add(owner)
+        if owner is not None:
+            saved_seen.add(owner)
         bad = tensor_problem(tensor)
         if bad is not None:
             problems.append(f"tensor {key}: {bad}")
@@ -525,7 +605,9 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
         if problem is not None:
             by_module.append((name, problem))
     problems += _grouped(by_module)
-    saved = sorted(k for k in state if not k.endswith(KERNEL_SUFFIX))
+    based = base_weights(state, config.modules_to_save)
+    problems += _base_weight_problems(state, based, target, heads)
+    saved = sorted(k for k in state if not k.endswith(KERNEL_SUFFIX) and k not in based)
     if saved and target.params is None:
         problems.append(f"it saves whole modules ({', '.join(config.modules_to_save)}) and {target.description} "
                         f"cannot take them: {target.no_params_reason}")
@@ -542,6 +624,45 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
             elif tuple(state[key].shape) != tuple(info.shape) and key not in target.resizable:
                 problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, {target.description} has "
                                 f"{tuple(info.shape)}")
+    return problems
+
+
+def _base_weight_problems(state: Mapping[str, torch.Tensor], based: Mapping[str, str], target: Target,
+                          heads: Mapping[str, str]) -> list[str]:
+    """Every base weight (``based``: tensor name -> parameter name, :func:`base_weights`) that ``target`` cannot
+    take: a parameter it lacks, holds as no floating point, or holds at another shape (the base weight replaces the
+    target's own value, so its shape is the target's: a vocabulary resized to another size does not fit)."""
+    problems = []
+    for key, name in sorted(based.items()):
+        module = split_base_key(key)[0]
+        if module in heads:
+            continue  # said once for its module
+        what = f"tensor {key}: the base model's own {name} the adapter was trained with"
+        if target.base_matches is not None:  # a bank graph: it takes its own value only, whatever it lists
+            verdict = target.base_matches(name, state[key])
+            if verdict is True:
+                continue  # the target's own value: nothing to replace
+            why = verdict if isinstance(verdict, str) else (
+                f"it is not {target.description}'s own value of {name}, which every row of a bank graph shares (the "
+                "adapter was trained with other base values: on a resized vocabulary, or training biases as PEFT's "
+                "bias='c3a_only' does)")
+            problems.append(f"{what}; {target.description} cannot take it: {why}. Export the adapter on its own "
+                            "(bca-deploy export, --merge or not), not into a bank, or apply it with load_adapter or "
+                            "bca-deploy merge")
+            continue
+        info = None if target.params is None else target.params.get(name)
+        if target.params is None or (info is None and not target.lists_every_module):
+            problems.append(f"{what}; {target.description} cannot take it (every row of a bank graph shares the base "
+                            "model's weights): apply the adapter with load_adapter or bca-deploy merge, or export it "
+                            "on its own (bca-deploy export, --merge or not)")
+        elif info is None:
+            problems.append(f"{what}; {target.description} has no such parameter")
+        elif not info.floating:
+            problems.append(f"{what}; {target.description} holds it as {info.dtype}, not floating point")
+        elif tuple(state[key].shape) != tuple(info.shape):
+            problems.append(f"{what}: shape {tuple(state[key].shape)}, {target.description} has {tuple(info.shape)} "
+                            "(a base weight replaces the model's own: a vocabulary resized to another size does not "
+                            "fit)")
     return problems
 
 
@@ -563,14 +684,17 @@ def missing_heads(config: AdapterConfig, state: Mapping[str, torch.Tensor], targ
     if not target.lists_every_module or not target.modules:  # (a target of whole modules only: no base to fit)
         return {}
     params = target.params or {}
+    based_params = base_weights(state, config.modules_to_save)
     if not (any(m in target.modules for m in config.modules)
-            or any(k in params for k in state if not k.endswith(KERNEL_SUFFIX))):
+            or any(k in params for k in state if not k.endswith(KERNEL_SUFFIX))
+            or any(n in params for n in based_params.values())):
         return {}
     from .config import task_architecture
 
     task = config.task
     out: dict[str, str] = {}
-    for path in list(config.modules) + list(config.modules_to_save):
+    based = [split_base_key(k)[0] for k in based_params]
+    for path in dict.fromkeys([*config.modules, *config.modules_to_save, *based]):
         top = path.split(".")[0]
         if top not in HEAD_MODULES or target.has_path(top):
             continue

@@ -45,6 +45,11 @@ __all__ = [
     "saved_modules",
     "add_saved_values",
     "saved_value",
+    "base_weight_keys",
+    "base_weight_parameter",
+    "base_weight_value",
+    "check_base_weights",
+    "register_base_weights",
 ]
 
 _CONFIGS_ATTR = "bca_adapter_configs"
@@ -446,6 +451,7 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
         restore_tie_config(model, [])
     _unload_saved(model, merge)
     model.__dict__.pop(_CONFIGS_ATTR, None)
+    model.__dict__.pop(_BASE_ATTR, None)  # base weights stay in the base model, as PEFT's unload leaves them
     model.__dict__.pop(_TIE_ATTR, None)  # the layers are gone: nothing can be tied back any more
     model.__dict__.pop(_SAVED_ATTR, None)
     return model
@@ -729,3 +735,95 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
             layer.row_adapters = before
         if record is not None:
             _sync_saved(model, live_before)
+
+
+# ---- base weights (PEFT's save_embedding_layers): the base model's own values an adapter was trained with ---------
+
+_BASE_ATTR = "bca_base_weights"
+
+
+def base_weight_keys(model: nn.Module, adapter_name: str) -> list[str]:
+    """The base weights adapter ``adapter_name`` wrote into ``model`` when it was loaded, by their names in an adapter
+    file (``lm_head.base_layer.weight``: :func:`bca_deploy.fit.split_base_key`); :func:`bca_deploy.save_adapter`
+    writes them again."""
+    return list(model.__dict__.get(_BASE_ATTR, {}).get(adapter_name, ()))
+
+
+def register_base_weights(model: nn.Module, adapter_name: str, keys: Sequence[str]) -> None:
+    """Remember that adapter ``adapter_name`` carries the base weights ``keys`` (written into the model already)."""
+    record = model.__dict__.setdefault(_BASE_ATTR, {})
+    if keys:
+        record[adapter_name] = list(keys)
+    else:
+        record.pop(adapter_name, None)
+
+
+def base_weight_parameter(model: nn.Module, key: str) -> nn.Parameter:
+    """The parameter of ``model`` that the base weight ``key`` (``<module>.base_layer.<param>``) is the value of: the
+    module's own, or its base layer's when the module is adapted."""
+    from .fit import split_base_key
+
+    module, param = split_base_key(key)
+    return getattr(_base_of(model.get_submodule(module)), param)
+
+
+def base_weight_value(model: nn.Module, key: str) -> torch.Tensor:
+    """The base model's value of base weight ``key`` (:func:`base_weight_parameter`), a merge's ΔW left out.
+
+    Raises:
+        InvalidOptionError: the module's weight holds merged adapters and no copy of it from before the merge was
+            kept (``merge(keep_original=False)``).
+    """
+    from .fit import split_base_key
+
+    module, param = split_base_key(key)
+    layer = model.get_submodule(module)
+    if isinstance(layer, BCALinear) and param == "weight" and layer.merged_adapters:
+        if layer.untied:
+            return layer._tied_weight[0].detach()
+        if layer._weight_before_merge is not None:
+            return layer._weight_before_merge
+        raise InvalidOptionError(
+            f"{module}: adapters {layer.merged_adapters} are merged into its weight and no copy from before the merge "
+            f"was kept (merge(keep_original=False)), so its base weight {key} is not known: unmerge first")
+    return base_weight_parameter(model, key).detach()
+
+
+def check_base_weights(model: nn.Module, adapter_name: str, values: dict[str, torch.Tensor]) -> None:
+    """Refuse base weights (``values``: ``{base weight name: value}``) that adapter ``adapter_name`` cannot write into
+    ``model`` without changing what its other adapters compute: a parameter another adapter saves whole (the model
+    would run that adapter with this one's base values, and lose the base model's), a parameter another adapter
+    wrote other base values into, or a weight holding merged adapters.
+
+    Raises:
+        AdapterMismatchError: naming the tensor, the other adapter and the way out, in one line each.
+    """
+    problems: list[str] = []
+    record = saved_modules(model)
+    written = model.__dict__.get(_BASE_ATTR, {})
+    for key, value in values.items():
+        param = base_weight_parameter(model, key)
+        if record is not None:
+            for name in record.base:
+                if model.get_parameter(name) is param:
+                    owners = [a for a, names in record.saves.items() if name in names and a != adapter_name]
+                    if owners:
+                        problems.append(
+                            f"tensor {key}: a base weight of adapter {adapter_name!r}, but adapter {owners[0]!r} of "
+                            f"this {type(model).__name__} saves {name} whole (the same Parameter), and the model keeps "
+                            "one base value of it; load the adapter into its own copy of the base model")
+        for other, keys in written.items():
+            clash = next((k for k in keys if other != adapter_name and base_weight_parameter(model, k) is param), None)
+            if clash is not None and not torch.equal(param.detach(), value.to(device=param.device, dtype=param.dtype)):
+                problems.append(
+                    f"tensor {key}: a base weight of adapter {adapter_name!r} with other values than adapter {other!r} "
+                    f"of this {type(model).__name__} wrote into it ({clash}); a model has one base model: load the "
+                    "adapter into its own copy of the base model")
+        for path, layer in bca_layers(model):
+            if layer.merged_adapters and (layer.base_layer.weight is param or (
+                    layer.untied and layer._tied_weight[0] is param)):
+                problems.append(f"tensor {key}: adapters {layer.merged_adapters} are merged into {path}'s weight, the "
+                                "same Parameter; unmerge first")
+    if problems:
+        raise AdapterMismatchError(format_problems(
+            f"cannot write adapter {adapter_name!r}'s base weights into this {type(model).__name__}:", problems))

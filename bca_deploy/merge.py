@@ -32,6 +32,7 @@ which the tests check. The view is ~25x faster than gathering with ``materialize
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import importlib
@@ -55,7 +56,7 @@ from torch import nn
 
 from .adapter_io import peft_copied_modules, read_adapter
 from .atomic import atomic_dir, check_inputs_outside, check_target, recover
-from .config import KERNEL_SUFFIX, AdapterConfig, ModuleSpec, TaskSpec, parse_json_object, read_json
+from .config import KERNEL_SUFFIX, AdapterConfig, HeadSpec, ModuleSpec, TaskSpec, parse_json_object, read_json
 from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -75,6 +76,7 @@ from .fit import (
     align_paths,
     model_target,
     resolve_tied,
+    split_base_key,
     target_problems,
 )
 from .inject import bca_layers, mark_untied, remove_adapters, restore_tie_config, shared_weight_layers
@@ -766,8 +768,17 @@ def _read_adapters(adapters: Sequence[tuple[str | Path, float]]) -> list[_Adapte
 _MERGEABLE = tuple(_TORCH_DTYPES)
 
 
-def _head_adapter(adapters: list[_Adapter]) -> _Adapter | None:
-    """The one adapter whose classification head the merged checkpoint gets, or None; several: refused."""
+def _head_adapter(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Adapter | None:
+    """The one adapter whose classification head the merged checkpoint gets, or None; several: refused.
+
+    A seq-cls adapter that saves its classifier without recording it (PEFT's SEQ_CLS adapters) carries the head
+    :func:`bca_deploy.models.saved_label_head` finds, as every other stage reads it."""
+    for a in adapters:
+        task = a.config.task
+        if task is not None and task.type == "seq-cls" and task.head is None and a.config.modules_to_save:
+            head = _saved_head(ckpt, a)
+            if head is not None:
+                a.config.task = dataclasses.replace(task, head=head)
     heads = [a for a in adapters if a.config.task is not None and a.config.task.head is not None]
     if len(heads) > 1:
         raise AdapterMismatchError(
@@ -776,6 +787,19 @@ def _head_adapter(adapters: list[_Adapter]) -> _Adapter | None:
             "adapters saved without a head"
         )
     return heads[0] if heads else None
+
+
+def _saved_head(ckpt: _Checkpoint, adapter: _Adapter) -> HeadSpec | None:
+    from .models import load_config, saved_label_head
+
+    if ckpt.config is None:
+        return None  # no config.json: no architecture to find the label layer in (the fit check names the head)
+    try:
+        model_config = load_config(ckpt.directory)
+    except Exception:  # noqa: BLE001 - a config transformers cannot read: the checkpoint's own checks say why
+        return None
+    return saved_label_head(model_config, adapter.config.modules_to_save,
+                            {name: tuple(t.shape) for name, t in adapter.tensors.items()})
 
 
 def _head_architecture(task: TaskSpec, model_type: str | None) -> str:
@@ -997,7 +1021,7 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
     under their output names, and, when an adapter carries a classification head, the head's tensors
     the checkpoint lacks appended to the last shard.
     """
-    head_adapter = _head_adapter(adapters)
+    head_adapter = _head_adapter(ckpt, adapters)
     head_task = head_adapter.config.task if head_adapter is not None else None
     view = _checkpoint_target(ckpt, head_task)
     target = view.target
@@ -1005,6 +1029,9 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
     plan = _Plan()
     replaced_by: dict[str, Path] = {}
     new_tensors: dict[str, torch.Tensor] = {}
+    # base weights (fit.split_base_key: PEFT's save_embedding_layers), by output key: (checkpoint key, value, adapter);
+    # the checkpoint's tensor is replaced by it, and the deltas of the modules it belongs to are added to it
+    based_by: dict[str, tuple[str, torch.Tensor, Path]] = {}
     for a in adapters:
         prefixes = target.prefixes
         if view.structure_note:  # no architecture: try each first path component as the prefix
@@ -1032,8 +1059,21 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
         for param_name, tensor in tensors.items():
             if param_name.endswith(KERNEL_SUFFIX):
                 continue
-            info = target.params[param_name]
+            base = split_base_key(param_name, config.modules_to_save)
+            info = target.params[param_name if base is None else ".".join(base)]
             name = view.out_names[info.key] if info.key is not None else param_name
+            if base is not None:
+                value = tensor.detach().to(_TORCH_DTYPES[info.dtype]).contiguous()
+                earlier = based_by.get(name)
+                if info.key is None:
+                    problems.append(f"{a.directory}: base weight {param_name}: checkpoint {ckpt.directory} does not "
+                                    f"hold {'.'.join(base)}, which it would replace")
+                elif earlier is not None and not torch.equal(earlier[1], value):
+                    problems.append(f"{a.directory}: base weight {param_name}: {earlier[2]} gives {name} other base "
+                                    "values; a merged checkpoint has one base model: merge these adapters separately")
+                else:
+                    based_by.setdefault(name, (info.key, value, a.directory))
+                continue
             if name in replaced_by:
                 problems.append(f"{a.directory}: modules_to_save tensor {param_name}: {name} is also replaced by "
                                 f"{replaced_by[name]}; merge these adapters separately")
@@ -1045,6 +1085,8 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
             plan.replace[name] = value
     both = sorted((set(plan.terms) | set(plan.tied)) & set(plan.replace))
     problems += [f"checkpoint tensor {k}: both adapted and replaced by modules_to_save" for k in both]
+    problems += [f"checkpoint tensor {k}: replaced by modules_to_save of {replaced_by[k]} and given a base weight by "
+                 f"{based_by[k][2]}; merge these adapters separately" for k in sorted(set(replaced_by) & set(based_by))]
     if view.expected is not None and not problems:
         written = set(view.out_names.values()) | set(new_tensors)
         missing = sorted(set(view.expected) - written)
@@ -1061,6 +1103,9 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
         if view.structure_note:
             problems.append(f"(layer types not checked: {view.structure_note})")
         raise AdapterMismatchError(format_problems(f"adapters do not fit the checkpoint {ckpt.directory}:", problems))
+    for name, (key, value, _) in sorted(based_by.items()):  # the base weight, and the deltas added to it
+        terms = plan.terms.pop(name, None)
+        plan.replace[name] = value if not terms else _tied_value(ckpt, key, value, terms, name)
     stored_names = {view.out_names[k]: info for k, (_, info) in ckpt.locations().items()}
     for name, (source, terms) in sorted(plan.tied.items()):
         value = _tied_value(ckpt, source, plan.replace.get(view.out_names[source]), terms, name)
@@ -1082,8 +1127,9 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
 def _tied_value(ckpt: _Checkpoint, source: str, replaced: torch.Tensor | None, terms: list[_Term],
                 name: str) -> torch.Tensor:
     """``source + Σ terms`` for a module tied to the checkpoint tensor ``source`` (or to its replacement by a
-    ``modules_to_save`` tensor): the same chunked fp32 sum and one rounding as :func:`_merge_block`, into a new
-    tensor of the source's dtype (memory: that one tensor, at most a shard)."""
+    ``modules_to_save`` tensor or a base weight; also a module's own weight replaced by its base weight): the same
+    chunked fp32 sum and one rounding as :func:`_merge_block`, into a new tensor of the source's dtype (memory: that
+    one tensor, at most a shard)."""
     shard, info = ckpt.locations()[source]
     dtype = _TORCH_DTYPES[info.dtype]
     out = torch.empty(info.shape, dtype=dtype)

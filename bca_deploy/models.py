@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EXPORT_TASKS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec
+from .config import EXPORT_TASKS, MAX_NUM_LABELS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec
 from .errors import AdapterMismatchError, BCAError, require_readable
 
 __all__ = [
@@ -254,15 +254,79 @@ def task_from_architecture(config: Any) -> str | None:
     return None
 
 
-def _adapter_tasks(adapter_dirs: Sequence[Path]) -> list[tuple[Path, TaskSpec]]:
+def _adapter_tasks(adapter_dirs: Sequence[Path], model_dir: Path, model_config: Any) -> list[tuple[Path, TaskSpec]]:
+    """Each adapter's recorded task; a seq-cls one that saves its classifier without recording it gets the head
+    :func:`saved_label_head` finds (``model_config``: the checkpoint's, loaded here if None and needed)."""
     from .adapter_io import read_adapter
 
     found = []
     for directory in adapter_dirs:
-        config, _ = read_adapter(directory)
-        if config.task is not None:
-            found.append((directory, config.task))
+        config, state = read_adapter(directory)
+        spec = config.task
+        if spec is None:
+            continue
+        if spec.type == "seq-cls" and spec.head is None and config.modules_to_save:
+            if model_config is None:
+                model_config = load_config(model_dir)
+            head = saved_label_head(model_config, config.modules_to_save,
+                                    {name: tuple(t.shape) for name, t in state.items()})
+            if head is not None:
+                spec = dataclasses.replace(spec, head=head)
+        found.append((directory, spec))
     return found
+
+
+def saved_label_head(model_config: Any, modules_to_save: Sequence[str],
+                     shapes: Mapping[str, Sequence[int]]) -> HeadSpec | None:
+    """The classifier head a seq-cls adapter saves whole without recording it (PEFT's SEQ_CLS adapters: the
+    classifier is in ``modules_to_save``, its labels are not written); None when it saves no label layer.
+
+    PEFT's usual recipe loads a bare encoder (whose config says 2 labels, and which holds no classifier) as
+    ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)``, trains with the classifier in
+    ``modules_to_save`` and writes no labels: the saved label layer's rows are the only record of how many there
+    are. The label layer is the last Linear of the saved head modules in the model's module order (the rule the
+    adapter bank applies, :func:`bca_deploy.exporters.bank.head_layout_problems`), found on the checkpoint's
+    seq-cls model built on the meta device (no memory). Its labels are the checkpoint's when it has as many
+    (names, ``problem_type``), else ``LABEL_<i>`` as transformers names them.
+
+    Args:
+        model_config: the checkpoint's config.
+        modules_to_save: the adapter's modules saved whole.
+        shapes: the adapter's tensor names (model paths) and shapes.
+    """
+    import transformers
+
+    from .exporters.bank import head_layout_problems
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForSequenceClassification.from_config(model_config)
+    except Exception:  # noqa: BLE001 - no seq-cls model for this config: loading it says why, with its own error
+        return None
+    owners = {".".join(parts[:i]) for parts in (name.split(".") for name in shapes) for i in range(1, len(parts))}
+    saved = [m for m in modules_to_save if m in owners]  # entries with tensors (a list of 100,000 names costs no more)
+    if not saved:
+        return None
+    layout, _ = head_layout_problems(model, saved)
+    if layout is None:
+        return None  # not a head of Linear layers: the loader's fit check names what does not fit
+    label = layout.label_layer
+    weight, bias = shapes.get(f"{label.module}.weight"), shapes.get(f"{label.module}.bias")
+    rows = {tuple(t)[0] for t in (weight, bias) if t is not None and len(t) >= 1}
+    if len(rows) != 1:
+        return None  # not saved, or weight and bias disagree: the fit check says so
+    num_labels = rows.pop()
+    if not 1 <= num_labels <= MAX_NUM_LABELS:
+        return None
+    same = num_labels == getattr(model_config, "num_labels", None)
+    given = {int(k): str(v) for k, v in (getattr(model_config, "id2label", None) or {}).items()} if same else {}
+    names = {i: given.get(i, f"LABEL_{i}") for i in range(num_labels)}
+    if len(set(names.values())) < num_labels:  # a label2id needs distinct names
+        names = {i: f"LABEL_{i}" for i in range(num_labels)}
+    return HeadSpec(modules=list(layout.modules), num_labels=num_labels, id2label=names,
+                    label2id={name: i for i, name in names.items()},
+                    problem_type=getattr(model_config, "problem_type", None) if same else None)
 
 
 def resolve_task(
@@ -291,7 +355,7 @@ def resolve_task(
         AdapterMismatchError: several adapters bring different classifier heads (one model holds one head).
     """
     adapter_dirs = [Path(d) for d in adapter_dirs]
-    recorded = _adapter_tasks(adapter_dirs)
+    recorded = _adapter_tasks(adapter_dirs, Path(model_dir), model_config)
     types = sorted({spec.type for _, spec in recorded})
     if len(types) > 1:
         listed = "; ".join(f"{d} ({spec.type})" for d, spec in recorded)

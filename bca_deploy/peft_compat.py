@@ -36,10 +36,12 @@ from .config import (
     show_json_value,
 )
 from .errors import AdapterFormatError, format_problems
+from .fit import base_key, split_base_key
 from .ops import flip_circulant_layout
 
 __all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "describe_format", "format_name", "PEFT_PREFIX",
-           "PEFT_KERNEL_SUFFIX", "PEFT_TASK_TYPES", "TASK_METADATA_KEY"]
+           "PEFT_KERNEL_SUFFIX", "PEFT_TASK_TYPES", "TASK_METADATA_KEY", "peft_saved_entries",
+           "peft_saved_module"]
 
 PEFT_PREFIX = "base_model.model."
 PEFT_KERNEL_SUFFIX = ".c3a_kernel"
@@ -118,7 +120,10 @@ def from_peft(
 
     Returns:
         (config, tensors) where tensors are keyed as in bca-deploy files: ``<path>.bca_kernel`` in
-        first-column layout, plus ``<module>.<param>`` for PEFT's ``modules_to_save``.
+        first-column layout, plus ``<module>.<param>`` for PEFT's ``modules_to_save``
+        (:func:`peft_saved_entries`), plus ``<module>.base_layer.<param>`` for every other tensor, which PEFT loads
+        into the base model itself (its ``save_embedding_layers`` tensors: base weights,
+        :func:`bca_deploy.fit.split_base_key`).
 
     Raises:
         AdapterFormatError: every problem at once (fields, tensors, and the config's disagreements with the
@@ -129,11 +134,14 @@ def from_peft(
         raise AdapterFormatError(
             f"{source}: is a PEFT {peft_type} adapter; bca-deploy reads PEFT adapters of type C3A only"
         )
-    if peft_config.get("bias", "none") != "none":
+    if peft_config.get("bias", "none") not in ("none", "c3a_only"):
         raise AdapterFormatError(
-            f"{source}: bias={peft_config['bias']!r} is not supported (bca-deploy adapters train no biases)"
+            f"{source}: bias={peft_config['bias']!r} is not supported: bca-deploy reads the biases PEFT trains with "
+            "bias='c3a_only' (those of the adapted layers) or none; 'all' also trains every other bias of the model, "
+            "which an adapter does not carry (train with bias='c3a_only' or 'none')"
         )
     problems: list[str] = []
+    saved_entries = peft_saved_entries(peft_config)
     for name in ("block_size",):
         value = peft_config.get(name, PEFT_DEFAULT_BLOCK_SIZE)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -192,17 +200,28 @@ def from_peft(
                 problems += found
                 continue
             kernels[module] = tensor
-        elif path.rpartition(".")[0].endswith(_PEFT_BASE_LAYER):
-            # PEFT's save_embedding_layers (on by default when lm_head / embed_tokens are targets) saves the wrapped
-            # layer's own frozen weights beside its kernel: the base model's, which the model supplies; checked
-            # against the kernel's dimensions once every kernel is read, then left out
+        elif split_base_key(path) is not None:
+            # PEFT's save_embedding_layers (on by default when lm_head is a target) saves the adapted layer's own
+            # frozen weight beside its kernel, which PEFT loads into the base layer: a base weight (checked against
+            # the kernel's dimensions once every kernel is read)
             base_copies[path] = tensor
-        else:
+        elif (module := peft_saved_module(path.rpartition(".")[0], saved_entries)) is not None:
             # modules_to_save: PEFT stores the trained copy under the plain module path.
             tensors[path] = tensor
-            module = _saved_module(path, peft_config.get("modules_to_save"))
             if module not in extra_modules:
                 extra_modules.append(module)
+        else:
+            # any other tensor PEFT loads into the base model itself (load_state_dict): save_embedding_layers' input
+            # and output embeddings of a resized vocabulary; a base weight, named as bca-deploy names them
+            module, _, param = path.rpartition(".")
+            if not module:
+                problems.append(f"tensor {key!r}: expected a parameter of a module (<module>.<param>)")
+                continue
+            if (PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX) in state:
+                problems.append(f"tensor {key!r}: {module} is adapted, so PEFT names its base layer's {param} "
+                                f"{PEFT_PREFIX + base_key(module, param)!r} (and ignores this name)")
+                continue
+            tensors[base_key(module, param)] = tensor
     problems += _base_copy_problems(base_copies, specs)
     problems += _layer_type_problems(set(specs) | bad_kernels, model_layer_types)
     if rules is not None:
@@ -230,6 +249,7 @@ def from_peft(
     )
     for module, kernel in kernels.items():
         tensors[module + KERNEL_SUFFIX] = flip_circulant_layout(kernel.float())
+    tensors.update(base_copies)  # <module>.base_layer.<param>: PEFT's name is bca-deploy's
     return config, tensors
 
 
@@ -353,7 +373,7 @@ class _PeftRules:
             layers_pattern=([pattern] if isinstance(pattern, str) and pattern
                             else pattern if isinstance(pattern, list) else []),
             exclude=exclude or None,
-            modules_to_save=list(saved or []),
+            modules_to_save=peft_saved_entries(peft_config),
             block_size=block_size,
             block_size_field="block_size" if "block_size" in peft_config
             else f"block_size (absent: PEFT's default {PEFT_DEFAULT_BLOCK_SIZE})",
@@ -627,40 +647,53 @@ def _paths_as_in_file(file_paths: set[str], model_paths: list[str]) -> dict[str,
     return None
 
 
-_PEFT_BASE_LAYER = ".base_layer"
-
-
 def _base_copy_problems(copies: dict[str, torch.Tensor], specs: dict[str, ModuleSpec]) -> list[str]:
     """What is wrong with PEFT's saved copies of adapted layers' base weights (``<module>.base_layer.weight`` /
     ``.bias``): each must belong to an adapted module and have its layer's shape (out, in) / (out,)."""
     problems = []
     for path, tensor in copies.items():
-        layer, _, param = path.rpartition(".")
-        module = layer[: -len(_PEFT_BASE_LAYER)]
+        module, param = split_base_key(path)
         spec = specs.get(module)
         expected = None if spec is None else {"weight": (spec.out_features, spec.in_features),
                                               "bias": (spec.out_features,)}.get(param)
         if spec is None:
-            problems.append(f"tensor {PEFT_PREFIX + path!r}: a base-layer weight of {module}, which the adapter does "
-                            "not adapt")
+            problems.append(f"tensor {PEFT_PREFIX + path!r}: the base layer's {param} of {module}, which the file has "
+                            f"no kernel for (PEFT names the base layer of an adapted module only, and would ignore "
+                            f"this tensor); for {module}'s own {param} PEFT writes {PEFT_PREFIX + module}.{param}")
         elif expected is None or tuple(tensor.shape) != expected:
             problems.append(f"tensor {PEFT_PREFIX + path!r}: shape {tuple(tensor.shape)}, expected the base layer's "
                             f"{param} of {module}, {expected}")
     return problems
 
 
-def _saved_module(path: str, entries: Any) -> str:
-    """The module a saved-whole tensor ``path`` belongs to: the outermost module on its path that one of PEFT's
-    ``modules_to_save`` entries names (PEFT's rule: the path is the entry or ends with ``.<entry>``), so a nested
-    head (RoBERTa's ``classifier.dense``, ``classifier.out_proj``) stays the one module ``classifier`` it was saved
-    as; else the tensor's own module (a config without the list)."""
-    names = [e for e in entries if isinstance(e, str) and e] if isinstance(entries, list) else []
-    parts = path.split(".")[:-1]
+#: The heads ``PeftModelForSequenceClassification`` (and ``...ForTokenClassification``) add to ``modules_to_save``
+#: whatever the config lists (peft 0.21: ``classifier_module_names``).
+_PEFT_TASK_SAVED = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+
+
+def peft_saved_entries(peft_config: dict[str, Any]) -> list[str]:
+    """The ``modules_to_save`` entries PEFT wraps in a copy of their own (``ModulesToSaveWrapper``) when it loads
+    ``peft_config`` (a parsed ``adapter_config.json``): the config's list, plus the heads its ``task_type`` adds.
+    Every other tensor of the file PEFT loads into the base model itself (a base weight)."""
+    raw = peft_config.get("modules_to_save")
+    entries = [e for e in raw if isinstance(e, str) and e] if isinstance(raw, list) else []
+    return list(dict.fromkeys([*entries, *_PEFT_TASK_SAVED.get(peft_config.get("task_type"), ())]))
+
+
+def peft_saved_module(module: str, entries: list[str]) -> str | None:
+    """The module PEFT wraps in a copy of its own (``ModulesToSaveWrapper``) that ``module`` is or is inside, or None.
+
+    PEFT's rule (peft 0.21 ``_set_trainable``) is that a module is wrapped when its path ends with one of the
+    ``modules_to_save`` entries (:func:`peft_saved_entries`). No dot is needed before the entry: SEQ_CLS's
+    ``classifier`` also wraps DistilBERT's ``pre_classifier``. The outermost such module is returned, so a nested head
+    (RoBERTa's ``classifier.dense``, ``classifier.out_proj``) stays the one module ``classifier`` it was saved as.
+    Where this is None, PEFT loads the tensor into the base model itself (a base weight)."""
+    parts = module.split(".")
     for end in range(1, len(parts) + 1):
         prefix = ".".join(parts[:end])
-        if any(prefix == e or prefix.endswith("." + e) for e in names):
+        if any(prefix.endswith(e) for e in entries):
             return prefix
-    return path.rpartition(".")[0]
+    return None
 
 
 def _recorded_task(metadata: dict[str, str] | None, modules_to_save: list[str], source: str) -> TaskSpec | None:
@@ -736,9 +769,22 @@ def to_peft(
         if abs(factor - 1.0) > 1e-12:
             k = k * factor
         state[PEFT_PREFIX + name + PEFT_KERNEL_SUFFIX] = k.contiguous()
+    base_problems = []
     for key, tensor in tensors.items():
-        if not key.endswith(KERNEL_SUFFIX):
-            state[PEFT_PREFIX + key] = tensor.contiguous()
+        if key.endswith(KERNEL_SUFFIX):
+            continue
+        split = split_base_key(key, config.modules_to_save)
+        if split is not None and split[0] not in config.modules:
+            # a base weight of a module PEFT does not adapt: PEFT names it as the module's own parameter (as its
+            # save_embedding_layers does) and loads it into the base model, being in none of modules_to_save
+            module, param = split
+            owner = peft_saved_module(module, peft_saved_entries(
+                {"modules_to_save": list(config.modules_to_save), "task_type": task_type}))
+            if owner is not None:
+                base_problems.append(f"tensor {key}: the base weight of {module}.{param}, inside {owner}, which "
+                                     "modules_to_save saves whole: PEFT would load it into that module's copy")
+            key = f"{module}.{param}"
+        state[PEFT_PREFIX + key] = tensor.contiguous()
     block_sizes = {n: s.block_size for n, s in config.modules.items()}
     default = max(set(block_sizes.values()), key=list(block_sizes.values()).count)
     peft_config = {
@@ -764,6 +810,7 @@ def to_peft(
     rules, problems = _PeftRules.parse(peft_config)
     kernels = {name: state[PEFT_PREFIX + name + PEFT_KERNEL_SUFFIX] for name in config.modules}
     problems += _rule_problems(rules, kernels, set(kernels), None, True) if rules is not None else []
+    problems += base_problems
     if problems:
         raise AdapterFormatError(format_problems(
             "cannot write a PEFT C3A config that makes PEFT adapt exactly this adapter's modules:", problems))

@@ -100,6 +100,12 @@ __all__ = [
     "HeadWeights",
     "HeadLayout",
     "BankRecord",
+    "BaseDigest",
+    "base_digest",
+    "base_weight_modules",
+    "model_base_matches",
+    "model_base_digests",
+    "bank_base_matches",
     "model_head_modules",
     "head_layout_problems",
     "model_head_weights",
@@ -221,6 +227,179 @@ class UnusedModule:
         return entry
 
 
+# ---- base weights -------------------------------------------------------------------------------------------
+#
+# An adapter's base weights (bca_deploy.fit.split_base_key: ``lm_head.base_layer.weight``, PEFT's
+# save_embedding_layers) are the base model's own values of parameters as the adapter was trained with them. Every
+# row of a bank graph shares the base model, so a bank takes an adapter's base weights only when they equal its own
+# (then they change nothing); any other value is refused (fit.Target.base_matches). At export the model is in memory
+# and is compared with exactly (:func:`model_base_matches`); a served bank has only its graph, so the export records
+# a digest of each base-model parameter an adapter can carry as a base weight (:func:`model_base_digests`, the
+# ``bank.base_weights`` of bca_export.json) and registration compares digests (:func:`bank_base_matches`).
+
+#: The dtypes a recorded base-weight digest may name (the graph's floating dtypes).
+_DIGEST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                  "float64": torch.float64}
+_OTHER_BASE = "the adapter was trained on another base model, e.g. a resized vocabulary"
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseDigest:
+    """A base-model parameter as a bank graph holds it: its dtype, shape and the sha256 of its bytes in that dtype
+    (C order, the machine's byte order: little-endian on every platform onnxruntime ships for). ``embedding``: a
+    parameter of the input or output embeddings (which PEFT's ``save_embedding_layers`` saves whole: registration
+    reads adapter files that large, :attr:`~bca_deploy.serving.MultiAdapterSession.max_adapter_bytes`)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+    embedding: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256, "embedding": self.embedding}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BaseDigest:
+        """The record :meth:`to_dict` wrote, every field checked.
+
+        Raises:
+            ValueError: not such a record.
+        """
+        from bca_deploy.config import MAX_FEATURES
+
+        if isinstance(data, Mapping):
+            dtype, shape, digest = data.get("dtype"), data.get("shape"), data.get("sha256")
+            embedding = data.get("embedding", False)
+            if (dtype in _DIGEST_DTYPES and isinstance(shape, list) and len(shape) <= 8
+                    and all(type(d) is int and 0 <= d <= MAX_FEATURES for d in shape) and isinstance(digest, str)
+                    and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+                    and isinstance(embedding, bool)):
+                return cls(dtype, tuple(shape), digest, embedding)
+        got = str(dict(data) if isinstance(data, Mapping) else data)[:200]
+        raise ValueError("expected {dtype: a floating dtype, shape: [ints], sha256: 64 hex digits, embedding: "
+                         f"true/false}}, got {got}")
+
+    def matches(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` cast to :attr:`dtype` is the recorded parameter, byte for byte."""
+        return tuple(value.shape) == self.shape and base_digest(value, _DIGEST_DTYPES[self.dtype]) == self.sha256
+
+
+def base_digest(value: torch.Tensor, dtype: torch.dtype) -> str:
+    """The sha256 of ``value`` cast to ``dtype``, over its bytes in C order."""
+    import hashlib
+
+    flat = value.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+
+
+def _plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model``'s parameters by the name an adapter's base weight gives them (a BCA layer's ``base_layer`` seen
+    through, kernels left out; a tied Parameter under each of its names)."""
+    return {name.replace(".base_layer.", "."): param for name, param in model.named_parameters(remove_duplicate=False)
+            if ".bca_kernels." not in f".{name}"}
+
+
+def model_base_matches(model: nn.Module) -> Callable[[str, torch.Tensor], bool | str]:
+    """:attr:`bca_deploy.fit.Target.base_matches` for a bank exported from ``model`` (in memory): a base weight
+    matches when, cast to the parameter's dtype, it equals the model's own value exactly (``torch.equal``)."""
+    params = _plain_parameters(model)
+
+    def matches(name: str, value: torch.Tensor) -> bool | str:
+        own = params.get(name)
+        if own is None:
+            return f"the base model has no parameter {name}"
+        if tuple(value.shape) != tuple(own.shape):
+            return f"shape {tuple(value.shape)}, the base model's {name} is {tuple(own.shape)} ({_OTHER_BASE})"
+        return torch.equal(own.detach(), value.detach().to(own.dtype))
+
+    return matches
+
+
+def embedding_modules(model: nn.Module) -> list[str]:
+    """The paths of ``model``'s input and output embeddings (what PEFT's ``save_embedding_layers`` saves)."""
+    embeddings = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            found = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            found = None
+        if isinstance(found, nn.Module):
+            embeddings.append(found)
+    return [path for path, module in model.named_modules(remove_duplicate=False)
+            if any(module is e for e in embeddings)]
+
+
+def base_weight_modules(model: nn.Module, modules: Sequence[str]) -> list[str]:
+    """The modules whose parameters an adapter can carry as base weights: ``modules`` (those a bank adapts) and the
+    model's input and output embeddings (PEFT's ``save_embedding_layers``)."""
+    return list(dict.fromkeys([*modules, *embedding_modules(model)]))
+
+
+def model_base_digests(model: nn.Module, modules: Sequence[str]) -> dict[str, BaseDigest]:
+    """``{parameter name: BaseDigest}`` of every floating parameter of ``modules`` (:func:`base_weight_modules`),
+    in the dtype ``model`` holds it (the exported graph's); a tied Parameter under each of its names, hashed once."""
+    embeddings = set(embedding_modules(model))
+    wanted = embeddings | set(modules)
+    digests: dict[str, BaseDigest] = {}
+    seen: dict[int, str] = {}
+    for name, param in _plain_parameters(model).items():
+        module = name.rpartition(".")[0]
+        dtype = str(param.dtype).removeprefix("torch.")
+        if module not in wanted or dtype not in _DIGEST_DTYPES:
+            continue
+        if id(param) not in seen:
+            seen[id(param)] = base_digest(param, param.dtype)
+        digests[name] = BaseDigest(dtype, tuple(param.shape), seen[id(param)], module in embeddings)
+    return digests
+
+
+def bank_base_matches(digests: Mapping[str, BaseDigest] | None, layout: Mapping[str, BankTensor],
+                      unused: Sequence[UnusedModule] = ()) -> Callable[[str, torch.Tensor], bool | str]:
+    """:attr:`bca_deploy.fit.Target.base_matches` for a served bank graph, from its export's record.
+
+    ``digests`` (:attr:`BankRecord.base_weights`): a base weight matches when, cast to the recorded dtype, its bytes
+    hash to the recorded digest; a parameter the bank recorded no digest of is refused (it can not tell).
+    None (a bank exported before the digests were recorded): as bca-deploy did then, the weight of a module the bank
+    adapts (PEFT's copy of an adapted ``lm_head``'s frozen weight) is taken when its shape is that layer's, its values
+    left to the model (the bank cannot tell them); any other base weight is refused, saying to re-export (a bias:
+    PEFT's ``bias='c3a_only'`` trains them, which bca-deploy refused then).
+    """
+    if digests is not None:
+        def matches(name: str, value: torch.Tensor) -> bool | str:
+            record = digests.get(name)
+            if record is None:
+                return (f"the bank graph recorded no value of {name} at export (it records the embeddings' and its "
+                        "adapted modules' parameters)")
+            if tuple(value.shape) != record.shape:
+                return f"shape {tuple(value.shape)}, the bank graph's {name} is {record.shape} ({_OTHER_BASE})"
+            return record.matches(value)
+
+        return matches
+    shapes: dict[str, tuple[int, ...]] = {}
+    for entry in [*layout.values(), *unused]:
+        weight = ((entry.in_features, entry.out_features) if entry.layer_type == "conv1d"
+                  else (entry.out_features, entry.in_features))
+        shapes[f"{entry.module}.weight"] = weight
+
+    def unrecorded(name: str, value: torch.Tensor) -> bool | str:
+        shape = shapes.get(name)
+        if shape is None:
+            return (f"this bank was exported before bca-deploy recorded the base model's values (bank.base_weights "
+                    f"in {_metadata_file()}), so it cannot tell {name} equal to its own; re-export the bank "
+                    "(bca-deploy export --bank) to take adapters whose base weights equal its own")
+        if tuple(value.shape) != shape:
+            return f"shape {tuple(value.shape)}, the bank graph's {name} is {shape} ({_OTHER_BASE})"
+        return True
+
+    return unrecorded
+
+
+def _metadata_file() -> str:
+    from .metadata import METADATA_FILE
+
+    return METADATA_FILE
+
+
 def bank_layout(model: nn.Module, adapter_names: Sequence[str]) -> dict[str, BankTensor]:
     """The bank inputs a graph needs to serve ``adapter_names``: one per (adapted module, block size) in use.
 
@@ -326,6 +505,7 @@ def adapter_slot(
     base_head: HeadWeights | None = None,
     model_type: str | None = None,
     unused: Sequence[UnusedModule] = (),
+    base_matches: Callable[[str, torch.Tensor], bool | str] | None = None,
 ) -> tuple[dict[str, np.ndarray], HeadWeights | None]:
     """An adapter read from disk (:func:`bca_deploy.read_adapter`) → its slot: kernels and classifier head.
 
@@ -335,7 +515,9 @@ def adapter_slot(
     problem (with those of :func:`adapter_head`) is collected and raised at once. A kernel on one of the
     ``unused`` modules (:class:`UnusedModule`: adapted when the bank was exported, left out because the graph
     does not use its output) is checked for that module's layer type and sizes, at any block size, and
-    ignored: it changes nothing the graph computes. Any other module the layout does not hold is refused.
+    ignored: it changes nothing the graph computes. Any other module the layout does not hold is refused. A base
+    weight (:func:`bca_deploy.fit.split_base_key`) is taken only when ``base_matches`` says it equals the graph's
+    own value (it then changes nothing: every row shares the base model), else refused, naming it.
 
     Args:
         head: the graph's per-slot classifier head (None: the graph has none, and an adapter saving
@@ -343,6 +525,8 @@ def adapter_slot(
         base_head: the base checkpoint's head layers (fill the layers an adapter does not save).
         model_type: the graph's ``model_type`` (an adapter trained on another is refused).
         unused: the bank's :attr:`BankRecord.unused` modules.
+        base_matches: whether the graph's own value of a base-model parameter equals an adapter's base weight
+            (:func:`bank_base_matches` of the bank's record); None: every base weight is refused.
 
     Returns:
         ``({bank input: (1, R, q, o)}, head)``: the frequency-domain kernels of every bank input the
@@ -351,12 +535,13 @@ def adapter_slot(
     Raises:
         AdapterMismatchError: a module the graph does not adapt (and did not leave out as unused), a block
             size or shape the bank does not hold, a missing, mis-typed or non-finite tensor, another
-            ``model_type``, or ``modules_to_save`` that are not a head the bank holds (each named).
+            ``model_type``, ``modules_to_save`` that are not a head the bank holds, or a base weight that is not
+            the graph's own value (each named).
     """
     from bca_deploy.fit import ModuleInfo, adapter_problems, align_to_target, bank_target, target_problems
 
     params, resizable = (None, frozenset()) if head is None else head_params(head)
-    target = bank_target(layout, model_type, base_model_prefix, params=params)
+    target = bank_target(layout, model_type, base_model_prefix, params=params, base_matches=base_matches)
     ignored = {u.module for u in unused if u.module not in target.modules}
     modules = dict(target.modules)
     for u in unused:
@@ -618,6 +803,10 @@ class BankRecord:
         adapter_labels: adapter name -> the labels of its own head (None: it uses the base head).
         unused: adapted modules the graph does not use, left out of the layout (:class:`UnusedModule`); empty
             for a bank exported before they were recorded (``bank.unused_modules``).
+        base_weights: parameter name -> :class:`BaseDigest` of each base-model parameter an adapter can carry as a
+            base weight (``bank.base_weights``: the embeddings' and the adapted modules'), as the graph holds it;
+            None for a bank exported before they were recorded (:func:`bank_base_matches` then does as bca-deploy
+            did: takes base weights of adapted modules at their layer's shape, refuses others).
     """
 
     ids_input: str
@@ -631,6 +820,7 @@ class BankRecord:
     base_labels: HeadLabels | None = None
     adapter_labels: Mapping[str, HeadLabels | None] = dataclasses.field(default_factory=dict)
     unused: tuple[UnusedModule, ...] = ()
+    base_weights: Mapping[str, BaseDigest] | None = None
 
     @property
     def adapters(self) -> list[str]:
@@ -728,10 +918,22 @@ class BankRecord:
                 both = sorted({u.module for u in unused} & adapted)
                 if both:
                     problems.append(f"bank.unused_modules lists {', '.join(both)[:200]}, which bank.tensors adapts")
+        base_weights: dict[str, BaseDigest] | None = None
+        raw_base = data.get("base_weights")  # absent from banks exported before it was recorded
+        if raw_base is not None:
+            if not isinstance(raw_base, Mapping):
+                problems.append(f"bank.base_weights must be an object, got {type(raw_base).__name__}")
+            else:
+                base_weights = {}
+                for name, entry in raw_base.items():
+                    try:
+                        base_weights[name] = BaseDigest.from_dict(entry)
+                    except ValueError as exc:
+                        problems.append(f"bank.base_weights[{name[:80]!r}]: {exc}")
         if problems:
             raise ValueError("; ".join(problems) + "; re-export the bank (bca-deploy export --bank)")
         return cls(ids_input, tuple(slots), adapter_files, layout, prefix or "", model_type, head, base_file,
-                   base_labels, adapter_labels, tuple(unused))
+                   base_labels, adapter_labels, tuple(unused), base_weights)
 
 
 def _outermost(paths: Sequence[str]) -> list[str]:
@@ -835,8 +1037,11 @@ def adapter_head(
         base head) or a graph without a per-slot head (the fit check refuses whole modules there).
     """
     from bca_deploy.config import MAX_NUM_LABELS
+    from bca_deploy.fit import split_base_key
 
-    saved = {k: v for k, v in state.items() if not k.endswith(KERNEL_SUFFIX)}
+    # base weights are the base model's values, checked by the fit check (Target.base_matches), never a head's
+    saved = {k: v for k, v in state.items()
+             if not k.endswith(KERNEL_SUFFIX) and split_base_key(k, config.modules_to_save) is None}
     if layout is None or (not config.modules_to_save and not saved):
         return None, []
     problems: list[str] = []
@@ -1555,14 +1760,26 @@ def stack_head(slots: Sequence[HeadWeights | None], head: HeadLayout) -> dict[st
 
 def _load_kernels(model: nn.Module, name: str, config: AdapterConfig, state: Mapping[str, torch.Tensor],
                   source: str) -> None:
-    """Load only the kernels of an adapter (paths aligned) into ``model`` as ``name``; its head is the bank's business."""
+    """Load only the kernels of an adapter (paths aligned) into ``model`` as ``name``; its head is the bank's business.
+
+    Its base weights (:func:`bca_deploy.fit.split_base_key`) are checked against the model (a floating parameter of
+    their shape), then taken only when they equal the model's own values (:func:`model_base_matches`: every row of
+    the bank shares the base model, so they change nothing), else refused naming each; nothing is loaded then.
+    """
     from bca_deploy.adapter_io import check_adapter_fits
+    from bca_deploy.fit import Target, split_base_key, target_problems
     from bca_deploy.inject import inject_modules, register_adapter
 
     kernels = {k: v for k, v in state.items() if k.endswith(KERNEL_SUFFIX)}
+    based = {k: v for k, v in state.items() if split_base_key(k, config.modules_to_save) is not None}
     task = None if config.task is None else dataclasses.replace(config.task, head=None)
     config = dataclasses.replace(config, modules_to_save=[], task=task)
-    check_adapter_fits(config, kernels, model, source=source)
+    check_adapter_fits(config, {**kernels, **based}, model, source=source)
+    if based:
+        bank = Target("the bank graph", modules={}, lists_every_module=False, base_matches=model_base_matches(model))
+        problems = target_problems(dataclasses.replace(config, modules={}), based, bank)
+        if problems:
+            raise AdapterMismatchError(format_problems(f"{source} does not fit the bank graph:", problems))
     inject_modules(model, config.modules, adapter_name=name, init="zeros")
     with torch.no_grad():
         for path, layer in bca_layers(model):
@@ -1574,11 +1791,12 @@ def _load_kernels(model: nn.Module, name: str, config: AdapterConfig, state: Map
 def _head_fit_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], head: HeadLayout) -> list[str]:
     """The one fit check of an adapter's saved modules against the head layers alone (its kernels are checked
     against the model when they are loaded)."""
-    from bca_deploy.fit import Target, target_problems
+    from bca_deploy.fit import Target, split_base_key, target_problems
 
     params, resizable = head_params(head)
     target = Target("the bank graph's head", modules={}, params=params, resizable=resizable)
-    saved = {k: v for k, v in state.items() if not k.endswith(KERNEL_SUFFIX)}
+    saved = {k: v for k, v in state.items()  # base weights: checked against the model (_load_kernels)
+             if not k.endswith(KERNEL_SUFFIX) and split_base_key(k, config.modules_to_save) is None}
     return target_problems(dataclasses.replace(config, modules={}), saved, target)
 
 
@@ -1700,7 +1918,9 @@ class BankPlan:
 
         Raises:
             bca_deploy.errors.AdapterFormatError: an adapter directory is malformed.
-            bca_deploy.errors.AdapterMismatchError: an adapter's kernels or head do not fit (every problem).
+            bca_deploy.errors.AdapterMismatchError: an adapter's kernels or head do not fit (every problem), or it
+                carries base weights other than the model's own values (each named: every row shares the base
+                model, so a bank takes only base weights equal to it).
             bca_deploy.models.TaskError: adapters of different tasks, or a task contradicting them.
             UnsupportedExportError: whole modules a bank cannot hold per row (named), or no slot with a
                 classifier head.
@@ -1933,4 +2153,13 @@ class BankPlan:
             "tensors": layout_to_dict(self.layout),
             "unused_modules": [u.to_dict() for u in self.unused],
             "head": head,
+            # what registration compares an adapter's base weights with (bank_base_matches): digests, not values
+            "base_weights": {name: d.to_dict() for name, d in sorted(self.base_digests().items())},
         }
+
+    def base_digests(self) -> dict[str, BaseDigest]:
+        """The :class:`BaseDigest` of each parameter an adapter can carry as a base weight (the embeddings', every
+        adapted module's, those left out included), as :attr:`model` holds it now: after the export cast it to the
+        graph's dtype, the graph's values."""
+        modules = [entry.module for entry in self.layout.values()] + [u.module for u in self.unused]
+        return model_base_digests(self.model, list(dict.fromkeys(modules)))

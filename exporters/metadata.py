@@ -177,6 +177,13 @@ def describe_export(export_dir: str | Path) -> list[str]:
                 "their outputs are not used by the graph"
             lines.append(f"left out:     {', '.join(printable(u.module[:200]) for u in bank.unused)} (adapted, but {why}; "
                          "kernels adapters carry for them are ignored when served)")
+        if bank.base_weights is not None:  # what registration compares adapters' base weights with
+            embeddings = sum(1 for d in bank.base_weights.values() if d.embedding)
+            lines.append(f"base values:  digests of {len(bank.base_weights)} parameters ({embeddings} of the embeddings);"
+                         " adapters' base weights must equal them")
+        else:
+            lines.append("base values:  not recorded (an older bca-deploy's export): an adapter's base weights are "
+                         "refused, except an adapted layer's weight, taken unchecked; re-export to check them")
         if bank.head is not None:
             own = sorted(n for n, labels in bank.adapter_labels.items() if labels is not None)
             base = f"{bank.base_labels.num_labels} labels" if bank.base_labels is not None else "none"

@@ -206,8 +206,9 @@ def test_a_nested_head_stays_one_saved_module_both_ways(tmp_path, input_ids):
 
 def test_peft_copies_of_base_layers_are_left_to_the_model(tmp_path, input_ids):
     """A C3A adapter on lm_head: PEFT's save_embedding_layers (its default then) also saves the wrapped layer's frozen
-    weight as ``lm_head.base_layer.weight``, which every reader refused ("no such parameter"). It is the base
-    model's own weight: left out (after a shape check), the outputs are PEFT's."""
+    weight as ``lm_head.base_layer.weight``, which every reader refused ("no such parameter"). It is a base weight,
+    which PEFT loads into the base layer (tests/test_saved_base_weights.py: a base that differs from it), checked for
+    shape and kept by a conversion; the outputs are PEFT's."""
     from safetensors.torch import save_file
 
     torch.manual_seed(5)
@@ -226,7 +227,8 @@ def test_peft_copies_of_base_layers_are_left_to_the_model(tmp_path, input_ids):
     result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), "--to", "bca",
                                        "--out", str(tmp_path / "bca")])
     assert result.exit_code == 0, result.output
-    assert not any("base_layer" in k for k in load_file(tmp_path / "bca" / "adapter_model.safetensors"))
+    assert torch.equal(load_file(tmp_path / "bca" / "adapter_model.safetensors")["lm_head.base_layer.weight"],
+                       load_file(weights)["base_model.model.lm_head.base_layer.weight"])
     # a copy of another shape, or of a layer the adapter does not adapt, is not the base model's: refused by name
     state = load_file(weights)
     for key, value in (("base_model.model.lm_head.base_layer.weight", torch.zeros(3, 3)),

@@ -257,3 +257,56 @@ def test_training_one_adapter_then_switching_keeps_and_saves_its_trained_head(in
     bd.set_adapter(model, "plain")
     out = bd.save_adapter(model, tmp_path / "headed-again", adapter_name="headed")
     assert torch.equal(load_file(out / "adapter_model.safetensors")["classifier.weight"], now)
+
+
+@pytest.mark.parametrize("variant", ["as-saved", "seq-cls-without-list", "no-task-without-list"])
+def test_a_head_is_a_copy_or_a_base_weight_as_peft_loads_it_and_stays_so_when_saved_again(input_ids, tmp_path,
+                                                                                             variant):
+    """PEFT wraps the modules of ``modules_to_save``, and for ``SEQ_CLS`` also ``classifier`` and ``score`` whatever
+    the config lists, in a copy of their own (the base model's values with adapters disabled); any other tensor of
+    the file it loads into the base model itself (a base weight: it stays with adapters disabled). A SEQ_CLS config
+    without the list was read as a base weight (disabled: the adapter's head); one without a task type as a module
+    saved whole, and every copy saved again lost the difference. Each variant, and its copies saved again in both
+    formats, gives PEFT's numbers, active and disabled."""
+    import json
+
+    torch.manual_seed(11)
+    model = get_peft_model(_base(), C3AConfig(task_type="SEQ_CLS", block_size=8, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "c3a_kernel" in name:
+                param.normal_(0.0, 10.0)
+        for param in model.base_model.model.classifier.modules_to_save["default"].parameters():
+            param.normal_()
+    model.save_pretrained(tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert "classifier" in config["modules_to_save"]
+    if variant != "as-saved":
+        config.update(modules_to_save=None, task_type="SEQ_CLS" if variant.startswith("seq-cls") else None)
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    peft = PeftModel.from_pretrained(_base(), tmp_path / "peft").eval()
+    active = _out(peft, input_ids)
+    with peft.disable_adapter():
+        disabled = _out(peft, input_ids)
+    _differ(active, disabled)
+    copy_kept = variant != "no-task-without-list"
+    if copy_kept:  # disabled: the base model's head
+        _close(disabled, _out(_base(), input_ids))
+    else:  # the file's head went into the base model
+        _differ(disabled, _out(_base(), input_ids))
+
+    ours = bd.load_adapter(_base(), tmp_path / "peft")
+    bd.save_adapter(ours, tmp_path / "bca")
+    bd.save_adapter(ours, tmp_path / "again", format="peft")
+    for directory in ("peft", "bca", "again"):
+        loaded = bd.load_adapter(_base(), tmp_path / directory)
+        _close(_out(loaded, input_ids), active)
+        with bd.adapters_disabled(loaded):
+            _close(_out(loaded, input_ids), disabled)
+    again = PeftModel.from_pretrained(_base(), tmp_path / "again").eval()
+    _close(_out(again, input_ids), active)
+    with again.disable_adapter():
+        _close(_out(again, input_ids), disabled)
+    saved = set(load_file(tmp_path / "bca" / "adapter_model.safetensors"))
+    assert ({"classifier.weight", "classifier.bias"} <= saved) == copy_kept
+    assert ({"classifier.base_layer.weight", "classifier.base_layer.bias"} <= saved) == (not copy_kept)

@@ -143,16 +143,33 @@ def test_streaming_merge_into_a_tied_checkpoint_matches_peft(made, case, tmp_pat
     assert _rel(_out(merged), _out(peft)) < 1e-5
 
 
-def test_a_copy_of_the_adapter_saved_back_loads_as_peft_loads_it(made, tmp_path):
-    """save_adapter writes the tied Parameter under both names again (two tensors: safetensors refuses shared ones)."""
+@pytest.mark.parametrize("case", ["Qwen2ForCausalLM", "qwen2-differ"])
+def test_a_copy_of_the_adapter_saved_back_loads_as_peft_loads_it(made, case, tmp_path):
+    """save_adapter writes the tied Parameter under both names again (two tensors: safetensors refuses shared ones),
+    as base weights: PEFT's names outside modules_to_save (the copies listed both embeddings in modules_to_save, so
+    PEFT, and bca-deploy reading either copy, computed the rebuilt base's embeddings with adapters disabled)."""
     _, cases = made
-    base, arch, adapter = cases["Qwen2ForCausalLM"]
+    base, arch, adapter = cases[case]
+    original = PeftModel.from_pretrained(_resized(base, arch), adapter).eval()
+    with original.disable_adapter():
+        disabled = _out(original)
+    active = _out(original)
     ours = bd.load_adapter(_resized(base, arch), adapter)
     bd.save_adapter(ours, tmp_path / "again", format="peft")
+    bd.save_adapter(ours, tmp_path / "bca")
     state = load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert torch.equal(state[E], state[L])
     peft = PeftModel.from_pretrained(_resized(base, arch), tmp_path / "again").eval()
-    assert _rel(_out(bd.load_adapter(_resized(base, arch), tmp_path / "again")), _out(peft)) < 1e-5
+    assert _rel(_out(peft), active) < 1e-5
+    with peft.disable_adapter():
+        assert _rel(_out(peft), disabled) < 1e-5
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["modules_to_save"] is None
+    for copy in ("again", "bca"):
+        model = bd.load_adapter(_resized(base, arch), tmp_path / copy)
+        assert _rel(_out(model), active) < 1e-5
+        with bd.adapters_disabled(model):
+            assert _rel(_out(model), disabled) < 1e-5
+        assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("saved", [["embed_tokens", "lm_head"], ["lm_head"]])
@@ -207,7 +224,8 @@ def test_two_adapters_saving_one_tied_parameter_are_refused(made, tmp_path):
     del state[L]
     save_file(state, embedding_only / "adapter_model.safetensors", metadata={"format": "pt"})
     model = bd.load_adapter(_resized(base, arch), tmp_path / "head")
-    with pytest.raises(AdapterMismatchError, match="adapter 'second' saves module model.embed_tokens whole, and "
-                                                   "adapter 'default' of this Qwen2ForCausalLM saves lm_head"):
+    with pytest.raises(AdapterMismatchError, match="tensor model.embed_tokens.base_layer.weight: a base weight of "
+                                                   "adapter 'second', but adapter 'default' of this Qwen2ForCausalLM "
+                                                   r"saves lm_head.weight whole \(the same Parameter\)"):
         bd.load_adapter(model, embedding_only, adapter_name="second")
     assert sorted(bd.adapter_configs(model)) == ["default"]

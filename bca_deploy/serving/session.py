@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import re
 import threading
 import time
@@ -259,7 +260,7 @@ class MultiAdapterSession:
     ) -> None:
         import onnxruntime as ort
 
-        from bca_deploy.exporters.bank import LOGITS_TO_KEEP
+        from bca_deploy.exporters.bank import LOGITS_TO_KEEP, bank_base_matches
         from bca_deploy.exporters.errors import ExportGraphError
         from bca_deploy.exporters.validate import ONNX_FILE, graph_position_limit, inference_session
 
@@ -271,6 +272,8 @@ class MultiAdapterSession:
         self.task: str = metadata.task
         self.layout = bank.layout
         self.unused_modules = bank.unused  # adapted at export, not used by the graph: kernels for them are ignored
+        # an adapter's base weights are taken only when equal to the graph's own (digests recorded at export)
+        self._base_matches = bank_base_matches(bank.base_weights, bank.layout, bank.unused)
         self.ids_input: str = bank.ids_input
         self.base_model_prefix: str = bank.base_model_prefix
         self.model_type: str | None = bank.model_type
@@ -339,7 +342,11 @@ class MultiAdapterSession:
         The adapter is read and checked against the graph (modules, block sizes, shapes, model type,
         finite values; in a text-classification bank its head: layers, shapes, labels) before anything
         changes; then it is written into a free slot and a new snapshot is published. Batches already
-        running finish with the snapshot they started with.
+        running finish with the snapshot they started with. Its base weights (``<module>.base_layer.<param>``:
+        PEFT's ``save_embedding_layers``, an adapted ``lm_head``'s frozen weight) are taken only when they equal
+        the graph's own values (the digests the export recorded; every row shares the base model), else refused
+        naming each (:func:`~bca_deploy.exporters.bank.bank_base_matches`; a bank exported before the digests
+        were recorded takes those of the modules it adapts at their layer's shape, as bca-deploy did then).
 
         ``source``: where the adapter came from, for its :class:`AdapterInfo` (default: ``adapter_dir``; a server
         reads a private copy of a store entry and records the entry).
@@ -360,7 +367,7 @@ class MultiAdapterSession:
         config, state = read_adapter(adapter_dir, validate=False, max_bytes=self.max_adapter_bytes)
         tensors, head = adapter_slot(config, state, self.layout, self.base_model_prefix, source=str(adapter_dir),
                                      head=self.head, base_head=self._base_head, model_type=self.model_type,
-                                     unused=self.unused_modules)
+                                     unused=self.unused_modules, base_matches=self._base_matches)
         info = AdapterInfo(name=name, source=str(source or adapter_dir), num_parameters=config.num_parameters,
                            block_sizes=tuple(sorted({s.block_size for s in config.modules.values()})),
                            modules=len(config.modules), registered_at=time.time(), **self._head_info(head))
@@ -624,7 +631,10 @@ class MultiAdapterSession:
         size 1, the largest, for each module it leaves out as unused) and every head tensor (the label layer at
         :data:`~bca_deploy.config.MAX_NUM_LABELS` classes) in float64, plus 16 MiB for the file's header. An
         adapter that fits the graph is smaller; a larger file (a sparse one declaring GiBs included) would only be
-        read into the server's memory to be refused."""
+        read into the server's memory to be refused. A bank that recorded its base weights' digests also reads the
+        base weights an adapter may carry equal to its own: its input and output embeddings (PEFT's
+        ``save_embedding_layers``: an adapted ``lm_head``'s weight) and the adapted layers' biases, in float64
+        too; not the other adapted layers' weights, which PEFT never saves."""
         from bca_deploy.config import MAX_NUM_LABELS
 
         elements = sum(t.in_features * t.out_features // t.block_size for t in self.layout.values())
@@ -633,6 +643,9 @@ class MultiAdapterSession:
             label = self.head.label_layer
             elements += sum((layer.in_features + 1) * (MAX_NUM_LABELS if layer is label else layer.out_features)
                             for layer in self.head.layers)
+        for digest in (self.metadata.bank.base_weights or {}).values():  # one entry per name (tied: each name)
+            if digest.embedding or len(digest.shape) == 1:
+                elements += math.prod(digest.shape)
         return 8 * elements + (16 << 20)
 
     @property

@@ -188,3 +188,27 @@ def damage_graph(graph: Path, how: str) -> None:
         onnx.save(model, str(graph))
     else:
         raise ValueError(f"unknown damage {how!r}")
+
+
+def graph_feeds(session, ids, slot: int | None = None) -> dict:
+    """An exported graph's inputs for token ids ``ids`` (batch, seq): no padding, an empty past, and ``adapter_ids``
+    = ``slot`` on a bank graph."""
+    import numpy as np
+
+    b, s = ids.shape
+    feeds = {}
+    for node in session.get_inputs():
+        if node.name == "input_ids":
+            feeds[node.name] = np.asarray(ids).astype(np.int64)
+        elif node.name == "attention_mask":
+            feeds[node.name] = np.ones((b, s), np.int64)
+        elif node.name == "token_type_ids":
+            feeds[node.name] = np.zeros((b, s), np.int64)
+        elif node.name == "position_ids":
+            feeds[node.name] = np.tile(np.arange(s, dtype=np.int64), (b, 1))
+        elif node.name.startswith("past_key_values"):
+            feeds[node.name] = np.zeros([b if i == 0 else 0 if i == 2 else d for i, d in enumerate(node.shape)],
+                                        np.float32)
+        elif node.name == "adapter_ids" and slot is not None:
+            feeds[node.name] = np.full((b,), slot, np.int64)
+    return feeds
