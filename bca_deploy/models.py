@@ -276,6 +276,22 @@ def _adapter_tasks(adapter_dirs: Sequence[Path], model_dir: Path, model_config: 
     return found
 
 
+def _peft_task_not_exported(adapter_dirs: Sequence[Path]) -> tuple[Path, str] | None:
+    """The first PEFT adapter whose ``task_type`` is one bca-deploy does not load for (TOKEN_CLS...), and that type."""
+    from .config import read_json
+    from .peft_compat import PEFT_TASK_TYPES, is_peft_config
+
+    for directory in adapter_dirs:
+        try:
+            data = read_json(directory / "adapter_config.json", what="adapter config")
+        except BCAError:
+            continue
+        peft_task = data.get("task_type") if is_peft_config(data) else None
+        if isinstance(peft_task, str) and peft_task not in PEFT_TASK_TYPES.values():
+            return directory, peft_task[:40]
+    return None
+
+
 def saved_label_head(model_config: Any, modules_to_save: Sequence[str],
                      shapes: Mapping[str, Sequence[int]]) -> HeadSpec | None:
     """The classifier head a seq-cls adapter saves whole without recording it (PEFT's SEQ_CLS adapters: the
@@ -388,6 +404,14 @@ def resolve_task(
         model_config = load_config(model_dir)
     task_type = task_from_architecture(model_config)
     if task_type is None:
+        other = _peft_task_not_exported(adapter_dirs)
+        if other is not None:  # a PEFT TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM... adapter: say so, not "pass a task"
+            directory, peft_task = other
+            raise TaskError(
+                f"{directory} was trained for PEFT task_type {peft_task!r}, which bca-deploy does not load or export "
+                "(it serves SEQ_CLS, CAUSAL_LM and FEATURE_EXTRACTION adapters); `bca-deploy merge` merges its "
+                "kernels into the checkpoint, whose own head transformers then loads"
+            )
         raise TaskError(
             f"{model_dir}: cannot tell the task: no adapter records one and config.json's architectures "
             f"({getattr(model_config, 'architectures', None)}) name no known head; pass a task "

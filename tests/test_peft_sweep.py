@@ -271,3 +271,18 @@ def test_a_peft_classifier_trained_from_a_bare_encoder_exports_with_its_own_labe
     assert type(merged).__name__ == "BertForSequenceClassification"
     assert merged.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
     _close(_logits(merged), expected, "merge")
+
+
+def test_a_peft_token_classification_adapter_merges_and_its_export_says_why_not(tmp_path):
+    """TOKEN_CLS: ``bca-deploy merge`` gives PEFT's numbers (the checkpoint keeps its token-classification head);
+    ``export`` is refused naming the PEFT task_type (it asked to "pass a task", as if one would do)."""
+    base, adapter, peft_model = _peft_adapter(tmp_path, "BertForTokenClassification", lambda: _bert(num_labels=4),
+                                              dict(task_type="TOKEN_CLS", block_size=8, target_modules=["query"]), {})
+    _cli("merge", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--no-progress")
+    merged = transformers.BertForTokenClassification.from_pretrained(tmp_path / "merged").eval()
+    _close(_logits(merged), _logits(peft_model), "merge")
+    result = CliRunner().invoke(main, ["export", "--model", str(base), "--adapter", str(adapter),
+                                       "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 2, result.output
+    assert "PEFT task_type 'TOKEN_CLS', which bca-deploy does not load or export" in result.output, result.output
+    assert not (tmp_path / "onnx").exists()
