@@ -178,6 +178,28 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+#: A target parameter's dtype name (a model's torch name, a checkpoint's safetensors name) -> the torch dtype.
+_CAST_DTYPES = {"float16": torch.float16, "F16": torch.float16, "bfloat16": torch.bfloat16, "BF16": torch.bfloat16,
+                "float32": torch.float32, "F32": torch.float32}
+
+
+def _cast_problem(tensor: torch.Tensor, dtype_name: str) -> str | None:
+    """What goes wrong when a finite ``tensor`` replaces a parameter held as ``dtype_name``: values beyond that
+    dtype's range become Inf (a float64 1e300 into float32, a float32 1e5 into float16), or None."""
+    dtype = _CAST_DTYPES.get(dtype_name)
+    if (dtype is None or tensor.is_meta or not tensor.dtype.is_floating_point
+            or torch.finfo(tensor.dtype).max <= torch.finfo(dtype).max):
+        return None
+    if not torch.isfinite(tensor).all():  # said by tensor_problem
+        return None
+    largest = tensor.abs().max() if tensor.numel() else None
+    if largest is None or torch.isfinite(largest.to(dtype)):  # the cast rounds as the copy into the target will
+        return None
+    largest = float(largest)
+    return (f"values up to {largest:.3g} overflow the {dtype_name} the target holds it in (largest "
+            f"{torch.finfo(dtype).max:.3g}): they would become Inf")
+
+
 def model_target(model: nn.Module, description: str | None = None) -> Target:
     """The :class:`Target` of a PyTorch model (real or on the ``meta`` device), BCA layers seen through.
 
@@ -624,6 +646,8 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
             elif tuple(state[key].shape) != tuple(info.shape) and key not in target.resizable:
                 problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, {target.description} has "
                                 f"{tuple(info.shape)}")
+            elif (cast := _cast_problem(state[key], info.dtype)) is not None:
+                problems.append(f"tensor {key}: {cast}")
     return problems
 
 
@@ -663,6 +687,8 @@ def _base_weight_problems(state: Mapping[str, torch.Tensor], based: Mapping[str,
             problems.append(f"{what}: shape {tuple(state[key].shape)}, {target.description} has {tuple(info.shape)} "
                             "(a base weight replaces the model's own: a vocabulary resized to another size does not "
                             "fit)")
+        elif (cast := _cast_problem(state[key], info.dtype)) is not None:
+            problems.append(f"{what}: {cast}")
     return problems
 
 

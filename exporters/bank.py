@@ -925,11 +925,16 @@ class BankRecord:
                 problems.append(f"bank.base_weights must be an object, got {type(raw_base).__name__}")
             else:
                 base_weights = {}
+                malformed = 0
                 for name, entry in raw_base.items():
                     try:
                         base_weights[name] = BaseDigest.from_dict(entry)
                     except ValueError as exc:
-                        problems.append(f"bank.base_weights[{name[:80]!r}]: {exc}")
+                        malformed += 1
+                        if malformed <= 5:  # a few named; a file of 100,000 bad entries is not a 30 MB message
+                            problems.append(f"bank.base_weights[{name[:80]!r}]: {exc}")
+                if malformed > 5:
+                    problems.append(f"bank.base_weights: {malformed - 5:,} more malformed entries")
         if problems:
             raise ValueError("; ".join(problems) + "; re-export the bank (bca-deploy export --bank)")
         return cls(ids_input, tuple(slots), adapter_files, layout, prefix or "", model_type, head, base_file,

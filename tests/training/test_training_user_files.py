@@ -127,6 +127,9 @@ def test_a_missing_column_names_the_near_miss_or_the_missing_header(tmp_path, na
 # (argv[1]), so the signal lands at a known step whatever the machine's speed.
 _TERM_AT_STEP = """
 import os, signal, sys
+# the signal's default action, as in a terminal session: a test run under nohup inherits SIGHUP ignored, which the run
+# rightly leaves alone (it would then never see the signal)
+signal.signal(getattr(signal, sys.argv[2]), signal.SIG_DFL)
 from bca_deploy.training import trainer
 after = trainer._TrainingRun._after_step
 def _after_step(self, logs, save_every):
