@@ -33,8 +33,8 @@ from bca_deploy.cli import main
 from bca_deploy.errors import AdapterFormatError, AdapterMismatchError
 from bca_deploy.fit import bank_target, check_adapter, model_target
 from bca_deploy.merge import merge, unmerge
+from test_saved_tied import RESIZED, VOCAB, _resized  # the same tiny vocabularies, resized the same way
 
-VOCAB, RESIZED = 96, 104
 IDS = torch.tensor([[1, 5, 101, 103, 7, 60], [3, 100, 2, 9, 102, 40]])  # 100..103: the added tokens
 P = "base_model.model."
 
@@ -56,16 +56,6 @@ CASES = {
     "gpt2-tied-lm_head": ("GPT2LMHeadModel", _gpt2, ["lm_head"], True),  # its other layers are Conv1D: no C3A
     "llama-untied-resized": ("LlamaForCausalLM", _llama, ["q_proj", "v_proj"], False),  # embeddings saved
 }
-
-
-def _resized(base, arch):
-    """The base as the user rebuilds it: loaded and resized, the new rows drawn the same way on each call."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = getattr(transformers, arch).from_pretrained(base)
-        torch.manual_seed(5)
-        model.resize_token_embeddings(RESIZED)
-    return model.eval()
 
 
 def _out(model):

@@ -183,3 +183,17 @@ class StepGate:
                 return steps
             steps += kind == "step"
         raise AssertionError(f"no {event} event for {adapter}")
+
+
+@pytest.fixture(scope="module")
+def llama(banks):
+    """The tiny Llama bank (``banks("llama")``), for engine tests."""
+    return banks("llama")
+
+
+@pytest.fixture(scope="module")
+def session(llama):
+    """A :class:`MultiAdapterSession` of the tiny Llama bank."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    return MultiAdapterSession(llama["onnx"])

@@ -26,22 +26,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import StepGate, banks, token_rows  # noqa: F401
+from serving_helpers import StepGate, banks, llama, session, token_rows  # noqa: F401
 
-from bca_deploy.serving import MultiAdapterSession
 from bca_deploy.serving.engine import GenerationEngine, SamplingParams
 
 TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def llama(banks):
-    return banks("llama")
-
-
-@pytest.fixture(scope="module")
-def session(llama):
-    return MultiAdapterSession(llama["onnx"])
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import StepGate, banks, row_alone, token_rows, torch_model  # noqa: F401
+from serving_helpers import StepGate, banks, llama, row_alone, session, token_rows, torch_model  # noqa: F401
 from test_engine import write_tokenizer
 
 from bca_deploy.serving import MultiAdapterSession
@@ -35,16 +35,6 @@ from bca_deploy.serving.engine import GenerationEngine, SamplingParams
 
 TIMEOUT = 60.0
 LONG = 40  # the long rows' max_new_tokens (the tiny Llama's context is 64 positions; prompts are < 9 tokens)
-
-
-@pytest.fixture(scope="module")
-def llama(banks):
-    return banks("llama")
-
-
-@pytest.fixture(scope="module")
-def session(llama):
-    return MultiAdapterSession(llama["onnx"])
 
 
 def greedy(prompt, adapter: str | None, tokens) -> bool:
