@@ -269,6 +269,12 @@ def test_a_row_cancelled_while_preempted_ends_at_once(session, prompts):
             gate.go()
             await gate.paused()  # after step 2: one of A's rows waits, pre-empted
             (victim,) = [s for s in heavy if getattr(s, "preemptions", 0)]
+            # its 2 tokens (the prefill's, step 1's) are made; when steps are slow (OVERLAP_MIN_STEP_S) the engine
+            # hands step 1's over during the next run, and the loop may not have delivered it yet
+            for _ in range(1000):
+                if len(victim.token_ids) >= 2:
+                    break
+                await asyncio.sleep(0.01)
             sent = list(victim.token_ids)
             victim.cancel()
             assert engine.stats()["queued_rows"] == 0
