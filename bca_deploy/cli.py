@@ -248,7 +248,8 @@ def inspect(adapter: Path) -> None:
     if config.modules_to_save:
         n = sum(math.prod(t.shape) for t in header.tensors if _saved_whole(t.name, config.modules_to_save))
         say(f"saved whole:  {', '.join(config.modules_to_save)} ({n:,} parameters)")
-    based = sorted(_base_weight_names(names, config.modules_to_save, read or not is_peft_config(data)))
+    based = sorted(_base_weight_names(names, config.modules_to_save,
+                                      None if read or not is_peft_config(data) else data))
     if based:
         more = f", ... ({len(based)} in all)" if len(based) > 8 else ""
         say(f"base weights: {', '.join(based[:8])}{more} (written into the base model)")
@@ -281,25 +282,15 @@ def _saved_whole(name: str, modules_to_save: list[str]) -> bool:
     return split_saved_key(path, modules_to_save)[0] is not None
 
 
-def _base_weight_names(names: list[str], modules_to_save: list[str], converted: bool) -> list[str]:
+def _base_weight_names(names: list[str], modules_to_save: list[str], data: dict | None) -> list[str]:
     """The base weights (:func:`bca_deploy.fit.base_weights`) among an adapter's tensor ``names``: bca-deploy's names
-    (``converted``: as read), or a PEFT file's, each named as bca-deploy reads it
-    (:func:`bca_deploy.peft_compat.from_peft`: a tensor neither a kernel nor under ``modules_to_save`` is PEFT's
-    ``save_embedding_layers``, a base weight)."""
-    from .config import KERNEL_SUFFIX
-    from .fit import base_key, base_weights, split_base_key, split_saved_key
-    from .peft_compat import PEFT_KERNEL_SUFFIX, PEFT_PREFIX
+    (``data`` None: as read), or a PEFT file's (``data``: its config), each named as :func:`from_peft` reads it."""
+    from .fit import base_weights
+    from .peft_compat import PEFT_PREFIX, peft_base_weight_name, peft_saved_entries
 
-    if not converted:
-        renamed = []
-        for name in names:
-            path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-            module, _, param = path.rpartition(".")
-            if (path.endswith((PEFT_KERNEL_SUFFIX, KERNEL_SUFFIX)) or split_saved_key(path, modules_to_save)[0]
-                    is not None or not module):
-                continue
-            renamed.append(path if split_base_key(path) is not None else base_key(module, param))
-        names = renamed
+    if data is not None:
+        entries = peft_saved_entries(data)
+        names = [n for n in (peft_base_weight_name(name.removeprefix(PEFT_PREFIX), entries) for name in names) if n]
     return list(base_weights(names, modules_to_save))
 
 

@@ -680,6 +680,20 @@ def peft_saved_entries(peft_config: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys([*entries, *_PEFT_TASK_SAVED.get(peft_config.get("task_type"), ())]))
 
 
+def peft_base_weight_name(path: str, entries: list[str]) -> str | None:
+    """bca-deploy's name of the base weight that PEFT file tensor ``path`` (its name without :data:`PEFT_PREFIX`) is,
+    or None: a kernel, a tensor of a module PEFT saves whole (:func:`peft_saved_module` of ``entries``), or not a
+    module's parameter. :func:`from_peft`'s rule, for readers that see only the file's tensor names."""
+    if path.endswith(PEFT_KERNEL_SUFFIX):
+        return None
+    if split_base_key(path) is not None:
+        return path
+    module, _, param = path.rpartition(".")
+    if not module or peft_saved_module(module, entries) is not None:
+        return None
+    return base_key(module, param)
+
+
 def peft_saved_module(module: str, entries: list[str]) -> str | None:
     """The module PEFT wraps in a copy of its own (``ModulesToSaveWrapper``) that ``module`` is or is inside, or None.
 
