@@ -1186,7 +1186,8 @@ def uvicorn_config(app, **kwargs):
 
     options: ServeOptions = app.state.options
     return uvicorn.Config(app, http=_guarded_h11(options.header_timeout_s, options.max_connections,
-                                                 options.max_header_bytes, _refusal_recorder(app.state.server.metrics)),
+                                                 options.max_header_bytes, options.keep_alive_s,
+                                                 _refusal_recorder(app.state.server.metrics)),
                           timeout_keep_alive=options.keep_alive_s,
                           h11_max_incomplete_event_size=options.max_header_bytes, access_log=False,
                           log_level="warning", lifespan="on", **kwargs)
@@ -1213,12 +1214,13 @@ def _refusal_recorder(metrics: ServerMetrics) -> Callable[[str, int | None, str,
     return record
 
 
-def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: int,
+def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: int, linger_s: float,
                  refused: Callable[[str, int | None, str, Any], None]):
     """uvicorn's h11 protocol with a deadline and a size limit for each request's head (uvicorn has neither
     for a head that arrives whole or byte by byte), a connection limit, and the documented JSON error for
-    what never reaches the app (malformed HTTP, a head too large, too many connections). Each such refusal
-    is passed to ``refused(reason, status, message, client)`` (:func:`_refusal_recorder`)."""
+    what never reaches the app (malformed HTTP, a head too large, too many connections). A request answered
+    before its body was whole may send the rest for ``linger_s`` more; then its connection closes. Each such
+    refusal is passed to ``refused(reason, status, message, client)`` (:func:`_refusal_recorder`)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -1261,10 +1263,36 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:
                 self._disarm()
+            if self._linger_timer is not None and self.conn.their_state is not h11.SEND_BODY:
+                self._end_linger()  # that body ended in time: the connection carries on
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            self._end_linger()
             super().connection_lost(exc)
+
+        _linger_timer: asyncio.TimerHandle | None = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+                # answered before its body was whole (a 413 mid-body, a route that never read it): uvicorn reads
+                # and drops the rest, and every byte re-arms its keep-alive timer, so a client that went on
+                # sending held the connection for ever. The rest gets a bounded time, then the connection closes
+                # (a lingering close, as nginx does: closing at once could reset the answer away at the client).
+                self._linger_timer = self.loop.call_later(linger_s, self._linger_timeout)
+
+        def _end_linger(self) -> None:
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+                self._linger_timer = None
+
+        def _linger_timeout(self) -> None:
+            self._linger_timer = None
+            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+                self.transport.close()
+                refused("body_after_answer", None, f"the client went on sending a body answered before it was whole "
+                        f"for {linger_s:g} s; the connection was closed", self.client)
 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP: uvicorn's plain-text 400, as JSON
             self._refuse_http("invalid_http", msg)

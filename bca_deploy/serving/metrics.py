@@ -33,7 +33,8 @@ HIDDEN_ADAPTER = "__adapter__"
 #: Why a connection was refused or closed before any request of it reached the app: not HTTP/1.1 (400), a
 #: request head over ``--max-header-bytes`` (400), no complete head within ``--header-timeout-s`` (closed), a
 #: connection beyond ``--max-connections`` (503).
-CONNECTION_REFUSAL_REASONS = ("invalid_http", "head_too_large", "head_timeout", "too_many_connections")
+CONNECTION_REFUSAL_REASONS = ("invalid_http", "head_too_large", "head_timeout", "too_many_connections",
+                              "body_after_answer")
 
 # ``adapter`` labels that name no adapter: never removed, never relabelled.
 _RESERVED_LABELS = frozenset({"", BASE_ADAPTER, UNKNOWN_ADAPTER, HIDDEN_ADAPTER})
@@ -98,7 +99,8 @@ class ServerMetrics:
         self.connection_refusals = Counter(
             "bca_connection_refusals", "Connections the server refused or closed before a request reached it, by "
             "reason (see CONNECTION_REFUSAL_REASONS): malformed HTTP, a request head too large or not sent in "
-            "time, the connection limit. These never reach bca_requests_total.", ["reason"], registry=r)
+            "time, the connection limit (these never reach bca_requests_total); and a body still arriving "
+            "--keep-alive-s after its request was answered (counted there with its answer).", ["reason"], registry=r)
         for reason in CONNECTION_REFUSAL_REASONS:  # every series from the start: a rate over 0 reads as 0, not absent
             self.connection_refusals.labels(reason)
         # the metrics with an ``adapter`` label, and their label names in order (forget_adapter removes by them)

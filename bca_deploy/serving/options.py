@@ -85,7 +85,9 @@ class ServeOptions:
     # ---- slow or stalled clients ----
     header_timeout_s: float = _opt(10.0, "Seconds a new connection has to send its request headers.", ray=False)
     body_timeout_s: float = _opt(30.0, "Seconds a request has to send its whole body (408 after).")
-    keep_alive_s: float = _opt(5.0, "Seconds an idle keep-alive connection stays open.")
+    keep_alive_s: float = _opt(5.0, "Seconds an idle keep-alive connection stays open; also the most a client "
+                               "answered before its body was whole (a 413) may go on sending it before the "
+                               "connection closes.")
     max_connections: int = _opt(512, "Most concurrent connections; more are answered 503.", ray=False)
     max_header_bytes: int = _opt(16 * 1024, "Largest request head (request line + headers) in bytes.", ray=False)
 

@@ -465,7 +465,8 @@ def test_connections_refused_before_the_app_are_counted_and_logged(arts, caplog)
 
     app = build(arts["bert"]["onnx"], **{**LIMITS, "max_connections": 2, "header_timeout_s": 0.5,
                                           "max_header_bytes": 4096})
-    sent = {"invalid_http": 2, "head_too_large": 1, "head_timeout": 2, "too_many_connections": 1}
+    sent = {"invalid_http": 2, "head_too_large": 1, "head_timeout": 2, "too_many_connections": 1,
+            "body_after_answer": 0}
     with caplog.at_level("INFO", logger=LOGGER_NAME), ServerThread(app) as server:
         for raw in (b"NOT HTTP AT ALL\r\n\r\n", b"GET /health HTTP/1.1\r\nHost x\r\n\r\n",
                     b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8_000 + b"\r\n\r\n"):
@@ -493,8 +494,72 @@ def test_connections_refused_before_the_app_are_counted_and_logged(arts, caplog)
                    if s.name == "bca_requests_total")
     assert requests == 0  # none of them was a request the app answered (this scrape is counted after it)
     logged = [json.loads(r.getMessage()) for r in caplog.records if '"connection_refused"' in r.getMessage()]
-    assert Counter(entry["reason"] for entry in logged) == sent
+    assert Counter(entry["reason"] for entry in logged) == Counter(sent)
     assert all(entry["client"].startswith("127.0.0.1:") for entry in logged)
     by_reason = {entry["reason"]: entry for entry in logged}
     assert by_reason["too_many_connections"]["status"] == 503 and by_reason["head_timeout"]["status"] is None
     assert "4096 bytes" in by_reason["head_too_large"]["message"]
+
+
+def test_a_body_still_sent_after_its_answer_is_cut_off(arts, caplog):
+    """A client answered 413 mid-body that goes on sending: uvicorn read and dropped the rest, each byte re-arming
+    its keep-alive timer, so the connection stayed open for as long as the client sent (48 MB over 45 s in a
+    probe). It now closes --keep-alive-s after the answer, counted and logged; a body that ends within that time
+    keeps its connection, and the server answers everyone else meanwhile."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bca_deploy.serving.http import LOGGER_NAME, ServerThread, build
+
+    app = build(arts["bert"]["onnx"], **{**LIMITS, "keep_alive_s": 1.0, "body_timeout_s": 30.0})
+    head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n" % 4096 + b" " * 4096 + b"\r\n"
+    with caplog.at_level("INFO", logger=LOGGER_NAME), ServerThread(app) as server:
+        sock = _connect(server.url)
+        sock.sendall(head)
+        sock.settimeout(0.02)
+        start, answer, closed_after = time.monotonic(), b"", None
+        while time.monotonic() - start < 15:  # 4 KB every 20 ms, for as long as the server takes it
+            try:
+                sock.sendall(chunk)
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:  # reset: the server closed while bytes were still arriving
+                closed_after = time.monotonic() - start
+                break
+            if not data:
+                closed_after = time.monotonic() - start
+                break
+            answer += data
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert closed_after is not None and closed_after < 8, closed_after  # 413 at 16 KB, then 1 s of lingering
+        assert call(server.url + "/health")[0] == 200
+        # a body that ends within the time keeps its connection: the next request on it is answered
+        sock = _connect(server.url)
+        sock.sendall(head + chunk * 5)
+        first = _read_until(sock, b"}}")
+        sock.sendall(b"0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = _read_until(sock, b"}", after=first)
+        sock.close()
+        assert first.startswith(b"HTTP/1.1 413") and b"HTTP/1.1 200" in second, (first[:100], second[-300:])
+        with urllib.request.urlopen(server.url + "/metrics", timeout=15) as response:
+            text = response.read().decode()
+    counted = {s.labels["reason"]: s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "bca_connection_refusals_total"}
+    assert counted["body_after_answer"] == 1
+    logged = [json.loads(r.getMessage()) for r in caplog.records if '"body_after_answer"' in r.getMessage()]
+    assert len(logged) == 1 and "1 s" in logged[0]["message"]
+
+
+def _read_until(sock: socket.socket, marker: bytes, after: bytes = b"", limit_s: float = 10) -> bytes:
+    """What ``sock`` sends until the bytes since ``after`` end with ``marker`` (or it closes, or ``limit_s``)."""
+    data, deadline = after, time.monotonic() + limit_s
+    sock.settimeout(limit_s)
+    while not data[len(after):].rstrip().endswith(marker) and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
