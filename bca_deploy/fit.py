@@ -605,6 +605,14 @@ def _kind_name(kind: str) -> str:
     return {"linear": "Linear", "conv1d": "Conv1D"}.get(kind, kind)
 
 
+def model_type_problem(config: AdapterConfig, model_type: str | None, description: str) -> str | None:
+    """The adapter was trained on another ``model_type`` than the target's (``description``); None when they agree
+    or either is unknown (PEFT adapters do not record it)."""
+    if config.base_model_type and model_type and config.base_model_type != model_type:
+        return f"base model_type is {config.base_model_type!r} but {description} is {model_type!r}"
+    return None
+
+
 def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], target: Target) -> list[str]:
     """Every way ``config``/``state`` do not fit ``target`` (paths already aligned).
 
@@ -612,9 +620,8 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
     ``LlamaModel``) is one line naming the module and the class to use, not one per tensor.
     """
     problems: list[str] = []
-    if config.base_model_type and target.model_type and config.base_model_type != target.model_type:
-        problems.append(f"base model_type is {config.base_model_type!r} but {target.description} is "
-                        f"{target.model_type!r}")
+    if (problem := model_type_problem(config, target.model_type, target.description)) is not None:
+        problems.append(problem)
     heads = missing_heads(config, state, target)
     by_module: list[tuple[str, str]] = []
     for name, spec in sorted(config.modules.items()):

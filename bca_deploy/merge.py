@@ -75,6 +75,7 @@ from .fit import (
     adapter_problems,
     align_paths,
     model_target,
+    model_type_problem,
     resolve_tied,
     split_base_key,
     target_problems,
@@ -1021,6 +1022,14 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
     under their output names, and, when an adapter carries a classification head, the head's tensors
     the checkpoint lacks appended to the last shard.
     """
+    # Another model type is said before any head is built (a bert adapter on a llama checkpoint is that, not a
+    # classifier llama's config cannot build), once the checkpoint itself is found sound: weights that config.json
+    # does not describe (its model_type among them) are the checkpoint's error (CheckpointFormatError).
+    other_type = [f"{a.directory}: {p}" for a in adapters
+                  if (p := model_type_problem(a.config, ckpt.model_type, f"checkpoint {ckpt.directory}")) is not None]
+    if other_type:
+        _checkpoint_target(ckpt, None)
+        raise AdapterMismatchError(format_problems(f"adapters do not fit the checkpoint {ckpt.directory}:", other_type))
     head_adapter = _head_adapter(ckpt, adapters)
     head_task = head_adapter.config.task if head_adapter is not None else None
     view = _checkpoint_target(ckpt, head_task)

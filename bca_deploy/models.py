@@ -256,12 +256,22 @@ def task_from_architecture(config: Any) -> str | None:
 
 def _adapter_tasks(adapter_dirs: Sequence[Path], model_dir: Path, model_config: Any) -> list[tuple[Path, TaskSpec]]:
     """Each adapter's recorded task; a seq-cls one that saves its classifier without recording it gets the head
-    :func:`saved_label_head` finds (``model_config``: the checkpoint's, loaded here if None and needed)."""
-    from .adapter_io import read_adapter
+    :func:`saved_label_head` finds (``model_config``: the checkpoint's, loaded here if None and needed).
 
+    Raises:
+        AdapterMismatchError: an adapter records another base ``model_type`` than the checkpoint's (checked first:
+            a bert adapter on a llama checkpoint is that, not a task llama cannot be exported for).
+    """
+    from .adapter_io import read_adapter
+    from .errors import format_problems
+    from .fit import model_type_problem
+
+    model_type = _checkpoint_model_type(model_dir, model_config)
     found = []
     for directory in adapter_dirs:
         config, state = read_adapter(directory)
+        if (problem := model_type_problem(config, model_type, f"checkpoint {model_dir}")) is not None:
+            raise AdapterMismatchError(format_problems(f"{directory} does not fit checkpoint {model_dir}:", [problem]))
         spec = config.task
         if spec is None:
             continue
@@ -274,6 +284,21 @@ def _adapter_tasks(adapter_dirs: Sequence[Path], model_dir: Path, model_config: 
                 spec = dataclasses.replace(spec, head=head)
         found.append((directory, spec))
     return found
+
+
+def _checkpoint_model_type(model_dir: Path, model_config: Any) -> str | None:
+    """``model_type`` of the checkpoint: ``model_config``'s, else its ``config.json``'s as read (no transformers
+    config is built here); None when it has none or the file cannot be read (the load that follows says why)."""
+    from .config import read_json
+
+    if model_config is not None:
+        model_type = getattr(model_config, "model_type", None)
+    else:
+        try:
+            model_type = read_json(model_dir / "config.json", what="model config", allow_nan=True).get("model_type")
+        except (BCAError, OSError):
+            return None
+    return model_type if isinstance(model_type, str) and model_type else None
 
 
 def _peft_task_not_exported(adapter_dirs: Sequence[Path]) -> tuple[Path, str] | None:

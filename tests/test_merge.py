@@ -396,6 +396,33 @@ def test_refuses_model_type_mismatch(tmp_path):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path, "out")
 
 
+def test_a_classifier_adapter_of_another_model_type_is_that_error_first(tmp_path):
+    """A bert SEQ_CLS adapter given a llama checkpoint: the model types differ, said first and alone, by merge and
+    by the task resolution export and bank start with. It was a classification checkpoint transformers could not
+    build (merge) and a task llama cannot be exported for (export), which sent the user after the wrong fix."""
+    from bca_deploy.config import task_spec_from_config
+    from bca_deploy.inject import adapter_configs
+    from bca_deploy.models import resolve_task
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    model = bd.inject(tiny_bert(num_labels=2), ["query"], block_size=8, init="normal", seed=0,
+                      modules_to_save=["classifier"])
+    adapter_configs(model)["default"].task = task_spec_from_config("seq-cls", model.config, ["classifier"])
+    bd.save_adapter(model, tmp_path / "adapter")
+    assert bd.read_adapter(tmp_path / "adapter")[0].task.type == "seq-cls"
+    expected = "base model_type is 'bert' but checkpoint .*llama is 'llama'"
+    with pytest.raises(AdapterMismatchError, match=expected) as info:
+        merge_checkpoint(tmp_path / "llama", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
+    assert "classification" not in str(info.value)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path, "out")
+    for one_head in (True, False):  # export (one head) and export --bank / serve
+        with pytest.raises(AdapterMismatchError, match=expected):
+            resolve_task(tmp_path / "llama", [tmp_path / "adapter"], one_head=one_head)
+    # the checkpoint it was trained on still resolves (and an adapter without a recorded type is not refused here)
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    assert resolve_task(tmp_path / "bert", [tmp_path / "adapter"]).type == "seq-cls"
+
+
 def test_refuses_nan_kernel(llama_setup):
     tmp_path, _, model = llama_setup
     state = adapter_state(model)
