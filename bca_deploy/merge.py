@@ -215,6 +215,9 @@ def merge_and_unload(model: nn.Module, adapter_names: str | Iterable[str] | None
 # The safetensors format
 # ================================================================================================
 
+# Bounds on a header's shapes (far above any real tensor) that keep every size computed from them exact.
+_MAX_TENSOR_DIMS = 32
+_MAX_TENSOR_ELEMENTS = 2**48
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_BYTES = {
@@ -342,6 +345,13 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
             raise CheckpointFormatError(f"{path}: tensor {name}: malformed header entry {str(entry)[:300]}") from exc
         if not isinstance(dtype, str) or any(d < 0 for d in shape) or not 0 <= begin <= end:
             raise CheckpointFormatError(f"{path}: tensor {name}: malformed header entry {str(entry)[:300]}")
+        if len(shape) > _MAX_TENSOR_DIMS or math.prod(max(d, 1) for d in shape) > _MAX_TENSOR_ELEMENTS:
+            # an empty tensor passes the size rule whatever its other dimensions: [0, 10**20, 64] is 0 bytes, and
+            # torch (shape checks on the meta device, array views) overflows on it
+            raise CheckpointFormatError(
+                f"{path}: tensor {name}: shape {str(list(shape))[:200]} is impossible (at most {_MAX_TENSOR_DIMS} "
+                f"dimensions, and at most 2**{_MAX_TENSOR_ELEMENTS.bit_length() - 1} elements with empty ones counted "
+                "as 1)")
         if dtype in _DTYPE_BYTES and end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
             raise CheckpointFormatError(
                 f"{path}: tensor {name}: {end - begin} bytes for shape {list(shape)} of {dtype} "

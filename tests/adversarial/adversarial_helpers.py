@@ -269,6 +269,25 @@ def _peft(fn: Callable[[dict, dict], None]) -> Callable[[Path], None]:
     return apply
 
 
+def _peft_empty_kernel_of_impossible_shape(directory: Path) -> None:
+    """A PEFT C3A directory whose first kernel declares shape [0, 10**20, 8]: 0 bytes, so the size rule holds."""
+    _peft(lambda c, s: None)(directory)
+    raw = (directory / WEIGHTS).read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    entries = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    out, chunks, offset = {k: v for k, v in header.items() if k == "__metadata__"}, [], 0
+    for i, name in enumerate(entries):
+        begin, end = header[name]["data_offsets"]
+        chunk = b"" if i == 0 else data[begin:end]
+        shape = [0, 10**20, 8] if i == 0 else header[name]["shape"]
+        out[name] = {**header[name], "shape": shape, "data_offsets": [offset, offset + len(chunk)]}
+        chunks.append(chunk)
+        offset += len(chunk)
+    text = json.dumps(out).encode()
+    (directory / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+
+
 def _remove(name: str) -> Callable[[Path], None]:
     def apply(directory: Path) -> None:
         path = directory / name
@@ -404,6 +423,9 @@ MALFORMATIONS: list[Malformation] = [
     # a kernel far past the size limit is refused from its shape, before any conversion allocates for it
     Malformation("peft-kernel-too-wide", "format", _peft(lambda c, s: s.__setitem__(
         sorted(s)[0], torch.zeros(1, 1, 2**25, dtype=torch.float16))), "out_features"),
+    # an empty kernel passes the size rule whatever its other dimensions: torch overflowed on [0, 10**20, 8] ("Internal
+    # error (TypeError)" from every reader)
+    Malformation("peft-kernel-impossible-shape", "format", _peft_empty_kernel_of_impossible_shape, "is impossible"),
     # -- valid adapters that do not fit the model
     Malformation("conv1d-declared-on-linear", "misfit", edit_config(
         lambda d: [spec.__setitem__("layer_type", "conv1d") for spec in d["modules"].values()]), "Conv1D"),
