@@ -512,6 +512,9 @@ def resolve_tied(
 # ---- the checks ---------------------------------------------------------------------------------
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def tensor_problem(tensor: torch.Tensor) -> str | None:
     """What makes ``tensor`` unusable as an adapter tensor (dtype, emptiness, NaN/Inf), or None."""
     if tensor.dtype not in REAL_FLOAT_DTYPES:
@@ -537,6 +540,10 @@ def adapter_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -
         if bad is None and tuple(kernel.shape) != spec.kernel_shape:
             bad = f"shape {tuple(kernel.shape)}, expected {spec.kernel_shape} (d_out/p, d_in/p, p) for " \
                   f"in_features={spec.in_features}, out_features={spec.out_features}, p={spec.block_size}"
+        if bad is None and (largest := float(kernel.abs().max()) * abs(float(spec.scaling))) > _FLOAT32_MAX:
+            # each finite alone, their product is ΔW's entries: every path computes them in float32 (or narrower)
+            bad = (f"scaling {spec.scaling:g} times kernel values up to {float(kernel.abs().max()):g} is {largest:g}, "
+                   "beyond float32's range: ΔW would be infinite")
         if bad is not None:
             problems.append(f"tensor {key}: {bad}")
     saved_seen: set[str] = set()

@@ -74,6 +74,7 @@ from .wire import (
     InvalidHTTPError,
     ForbiddenError,
     InternalServerError,
+    NonFiniteOutputError,
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
@@ -644,6 +645,12 @@ class Server:
             result, job = await _answered(request, self.batcher.submit(kind, token_rows, adapter, params))
         log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,
                     "queue_ms": round((job.started - job.enqueued) * 1000, 3)})
+        if (row := _non_finite_row(kind, result)) is not None:  # JSON has no NaN: say what happened, not "a bug"
+            name = f"adapter {adapter!r}" if adapter is not None else f"the base model {self.model_name!r}"
+            raise NonFiniteOutputError(
+                f"{name} gave NaN or infinite {'logits' if kind == 'classify' else 'values'} for input {row}: its "
+                "weights overflow float32 on it. The server's operator should check that adapter (bca-deploy "
+                "inspect); other adapters are unaffected")
         self.metrics.prompt_tokens.labels(self.metrics.adapter_label(adapter or BASE)).inc(
             sum(len(r) for r in token_rows))
         return result, token_rows
@@ -1109,6 +1116,16 @@ def create_app(
 
     add_routes(app, server, native_embeddings=_native_embeddings(server))
     return app
+
+
+def _non_finite_row(kind: str, result: list) -> int | None:
+    """The index of the first row of a classify (``{"logits": [...]}`` per row) or embed (a vector per row) result
+    holding NaN or an infinity, else None."""
+    for i, row in enumerate(result):
+        values = row["logits"] if kind == "classify" else row
+        if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
+            return i
+    return None
 
 
 def _native_embeddings(server: Server):

@@ -140,6 +140,11 @@ class WrongTaskError(ServingError):
     """The endpoint needs a graph of another task (e.g. generation on an encoder export)."""
 
 
+class NonFiniteOutputError(ServingError):
+    """The model gave NaN or infinite values for the request's rows: its adapter's weights overflow float32 on that
+    input. A 500 that says so (the operator's adapter is at fault, not the request); other requests are unaffected."""
+
+
 class InternalServerError(ServingError):
     """A failure inside the server: the client sees only this type and the request id; the log has the rest."""
 
@@ -166,6 +171,7 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
     AdapterFormatError: (422, "invalid_adapter"),
     NonFiniteError: (422, "invalid_adapter"),
     BCAError: (400, "bad_request"),
+    NonFiniteOutputError: (500, "non_finite_output"),
     InternalServerError: (500, "internal_error"),
     ServerBusyError: (503, "server_busy"),
 }
