@@ -1263,13 +1263,17 @@ def _check_paths(model_dir: Path, out_dir: Path, adapter_dirs: list[Path], overw
     check_target(out_dir, overwrite)
 
 
-def _other_files(ckpt: _Checkpoint) -> tuple[list[Path], list[str]]:
-    """Files to copy (relative paths) and weight files left out."""
+def _other_files(ckpt: _Checkpoint) -> tuple[list[Path], list[str], list[str]]:
+    """Files to copy (relative paths), weight files left out, and folders left out because they are links.
+
+    A link to a folder is not followed (it could lead to ``/`` or back to an ancestor); it is named in a warning, so
+    a sentence-transformers ``1_Pooling`` linked from elsewhere is not missing from the output unannounced."""
     weights = set(ckpt.shards) | ({SAFE_WEIGHTS_INDEX_NAME} if ckpt.index is not None else set())
-    copy, skipped = [], []
+    copy, skipped, linked = [], [], []
     for root, dirs, files in os.walk(ckpt.directory, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS)
         rel_root = Path(root).relative_to(ckpt.directory)
+        linked += [str(rel_root / d) for d in sorted(dirs) if d not in _SKIPPED_DIRS and os.path.islink(Path(root, d))]
+        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not os.path.islink(Path(root, d)))
         for name in sorted(files):
             rel = rel_root / name
             if rel_root == Path(".") and name in weights:
@@ -1279,7 +1283,7 @@ def _other_files(ckpt: _Checkpoint) -> tuple[list[Path], list[str]]:
                 continue
             _require_regular(Path(root, name))
             copy.append(rel)
-    return copy, skipped
+    return copy, skipped, linked
 
 
 def _require_regular(path: Path) -> None:
@@ -1655,11 +1659,17 @@ def _merge_checkpoint(
     ckpt = _read_checkpoint(model_dir)
     plan = _plan_merge(ckpt, sources)
     ckpt = plan.checkpoint  # the output's view: same shards and offsets, output names, a head's new tensors
-    others, skipped = _other_files(ckpt)
+    others, skipped, linked = _other_files(ckpt)
     if skipped:
         warnings.warn(
             f"{model_dir}: not copying other weight files (they hold unmerged weights): {', '.join(skipped[:10])}"
             + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        )
+    if linked:
+        warnings.warn(
+            f"{model_dir}: not copying folders that are links (links are not followed): {', '.join(linked[:10])}"
+            + (f" and {len(linked) - 10} more" if len(linked) > 10 else "")
+            + "; copy them into the merged model by hand if it needs them"
         )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -335,6 +335,20 @@ def test_other_files_copied_and_other_weight_files_left_out(llama_setup):
     assert not (out / "pytorch_model.bin").exists()
 
 
+def test_a_folder_that_is_a_link_is_named_not_dropped_silently(llama_setup):
+    """A linked folder (a sentence-transformers 1_Pooling kept elsewhere) is not followed (it could lead to / or back
+    to an ancestor) and was left out of the merged model without a word; it is named in a warning now."""
+    tmp_path, _, _ = llama_setup
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("{}")
+    (tmp_path / "base" / "1_Pooling").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "base" / "loop").symlink_to(tmp_path / "base", target_is_directory=True)
+    with pytest.warns(UserWarning, match="not copying folders that are links .*: 1_Pooling, loop;"):
+        out = merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
+    assert not (out / "1_Pooling").exists() and not (out / "loop").exists()
+    assert (out / "model.safetensors.index.json").is_file()
+
+
 def test_overwrite_replaces_existing_output(llama_setup):
     tmp_path, _, _ = llama_setup
     out = tmp_path / "out"
