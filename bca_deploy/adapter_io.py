@@ -37,6 +37,7 @@ from .errors import (
     OutputExistsError,
     format_problems,
     require_readable,
+    why_not_readable,
 )
 from .fit import (
     align_paths,
@@ -378,7 +379,9 @@ def _adapter_files(directory: Path) -> tuple[dict[str, Any], Path]:
         hint = (" (adapter_model.bin is a pickle; bca-deploy loads safetensors only: save it again where you trust it "
                 "with PeftModel.from_pretrained(base, DIR).save_pretrained(OUT), whose default is safetensors)"
                 if (directory / "adapter_model.bin").exists() else "")
-        raise AdapterFormatError(f"{weights}: no such file{hint}")
+        what = f"{why_not_readable(weights)}; expected the adapter's weights (safetensors)" if weights.exists() else \
+            "no such file"
+        raise AdapterFormatError(f"{weights}: {what}{hint}")
     return data, weights
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError, format_problems
+from .errors import AdapterFormatError, format_problems, why_not_readable
 
 __all__ = [
     "RUN_ADAPTER_FOLDERS",
@@ -549,15 +549,19 @@ class AdapterConfig:
 MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
-def read_json(path: Path, what: str = "file", allow_nan: bool = False) -> dict[str, Any]:
+def read_json(path: Path, what: str = "file", allow_nan: bool = False, unique_keys: bool = True) -> dict[str, Any]:
     """Read a JSON object from ``path``, with errors that name the file and say what is wrong.
 
     Refused (:class:`AdapterFormatError`): a missing file, one larger than :data:`MAX_JSON_BYTES`,
     bytes that are not UTF-8, invalid or too deeply nested JSON, NaN/Infinity literals (unless
-    ``allow_nan``: transformers writes them in model configs), and anything but an object at the top level.
+    ``allow_nan``: transformers writes them in model configs), a key twice in one object (unless not
+    ``unique_keys``: a model config is read as transformers reads it, the last one kept), and anything but an
+    object at the top level.
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # a directory, a FIFO, a device: say what it is, never "no such file"
+            raise AdapterFormatError(f"{path}: {why_not_readable(path)}; expected a JSON {what}")
         raise AdapterFormatError(f"{path}: no such {what}")
     try:
         size = path.stat().st_size
@@ -571,18 +575,21 @@ def read_json(path: Path, what: str = "file", allow_nan: bool = False) -> dict[s
     except UnicodeDecodeError as exc:
         raise AdapterFormatError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
                                  "JSON files must be UTF-8") from exc
-    return parse_json_object(text, str(path), what, allow_nan)
+    return parse_json_object(text, str(path), what, allow_nan, unique_keys)
 
 
-def parse_json_object(text: str, source: str, what: str = "file", allow_nan: bool = False) -> dict[str, Any]:
+def parse_json_object(text: str, source: str, what: str = "file", allow_nan: bool = False,
+                      unique_keys: bool = True) -> dict[str, Any]:
     """The JSON object in ``text`` (read from ``source``), with :func:`read_json`'s rules and errors: at most
     :data:`MAX_JSON_BYTES` characters, valid and not too deeply nested, no NaN/Infinity (nor a number too large
-    to be finite, such as 1e400) unless ``allow_nan``."""
+    to be finite, such as 1e400) unless ``allow_nan``, no key twice in one object unless not ``unique_keys``
+    (Python's reader keeps the last: a second ``"task": null`` would change an adapter's labels silently)."""
     if len(text) > MAX_JSON_BYTES:
         raise AdapterFormatError(f"{source}: {len(text)} characters; a {what} of more than {MAX_JSON_BYTES} is refused")
+    hook = _unique_object if unique_keys else None
     try:
-        data = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant,
-                                                              parse_float=_finite_float)
+        data = json.loads(text, object_pairs_hook=hook) if allow_nan else json.loads(
+            text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=hook)
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{source}: not valid JSON ({exc})") from exc
     except RecursionError:
@@ -591,6 +598,15 @@ def parse_json_object(text: str, source: str, what: str = "file", allow_nan: boo
         raise AdapterFormatError(f"{source}: {exc}") from exc
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{source}: expected a JSON object, got {show_json_value(data)}")
+    return data
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key {key[:80]!r} appears twice in one object (which one is meant?)")
+        data[key] = value
     return data
 
 

@@ -166,3 +166,13 @@ def open_regular(path: object) -> BinaryIO:
 def require_readable(path: object) -> None:
     """Refuse ``path`` unless it is a regular file this user may read (:func:`open_regular`, closed again)."""
     open_regular(path).close()
+
+
+def why_not_readable(path: object) -> str:
+    """Why :func:`require_readable` refuses ``path`` ("a directory, not a regular file", "Permission denied"), for a
+    message that says what the thing given is rather than "no such file"; "a regular file" when it is one."""
+    try:
+        require_readable(path)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return "a regular file"

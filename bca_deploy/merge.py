@@ -750,7 +750,7 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
     config_path = model_dir / "config.json"
     if config_path.is_file():
         try:
-            config = read_json(config_path, what="model config", allow_nan=True)
+            config = read_json(config_path, what="model config", allow_nan=True, unique_keys=False)
         except AdapterFormatError as exc:
             raise CheckpointFormatError(str(exc)) from None
     model_type = config.get("model_type") if config is not None else None

@@ -84,7 +84,7 @@ def load_config(model_dir: str | Path):
     if not path.is_file():
         raise InputNotFoundError(f"{model_dir}: no config.json (expected a transformers model directory)")
     try:
-        data = read_json(path, what="model config", allow_nan=True)
+        data = read_json(path, what="model config", allow_nan=True, unique_keys=False)
     except AdapterFormatError as exc:
         raise CheckpointFormatError(str(exc)) from None
     problem = count_problem(data, str(path))
@@ -295,7 +295,8 @@ def _checkpoint_model_type(model_dir: Path, model_config: Any) -> str | None:
         model_type = getattr(model_config, "model_type", None)
     else:
         try:
-            model_type = read_json(model_dir / "config.json", what="model config", allow_nan=True).get("model_type")
+            model_type = read_json(model_dir / "config.json", what="model config", allow_nan=True,
+                                   unique_keys=False).get("model_type")
         except (BCAError, OSError):
             return None
     return model_type if isinstance(model_type, str) and model_type else None

@@ -178,6 +178,12 @@ def raw_config(raw: bytes) -> Callable[[Path], None]:
     return apply
 
 
+def _key_twice(directory: Path) -> None:
+    """The config with its ``modules_to_save`` written a second time, emptied: Python's reader keeps the last."""
+    text = (directory / CONFIG).read_text().rstrip()
+    (directory / CONFIG).write_text(text[:-1] + ', "modules_to_save": []}')
+
+
 def edit_tensors(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     def apply(directory: Path) -> None:
         state = load_file(str(directory / WEIGHTS))
@@ -405,7 +411,10 @@ MALFORMATIONS: list[Malformation] = [
     Malformation("weights-pickle-only", "format", _pickle_only, "pickle"),
     Malformation("weights-is-directory", "format", _replace_with_dir(WEIGHTS), "safetensors"),
     Malformation("config-missing", "format", _remove(CONFIG), "no such"),
-    Malformation("config-is-directory", "format", _replace_with_dir(CONFIG), "no such"),
+    # last-one-wins would change a field silently (a second "task": null: the labels)
+    Malformation("config-key-twice", "format", _key_twice, "'modules_to_save' appears twice"),
+    Malformation("config-is-directory", "format", _replace_with_dir(CONFIG),
+                 "a directory, not a regular file; expected a JSON adapter config"),
     # -- PEFT C3A directories
     Malformation("peft-block-size-string", "format", _peft(lambda c, s: c.__setitem__("block_size", "x")), "block_size"),
     Malformation("peft-pattern-is-list", "format", _peft(lambda c, s: c.__setitem__("block_size_pattern", [1])),
