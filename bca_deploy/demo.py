@@ -445,6 +445,9 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
     torch.set_num_threads(1)
     try:
         result = _Demo(config, model_dir, staging.path, out, log).run(user_data, tokenizer)
+        _relocate_records(staging.path, out)
+        for artefact in result.artefacts:  # sizes as put in place (the records' paths changed length)
+            artefact.size_bytes = _dir_size(staging.path / artefact.path.relative_to(out))
         staging.commit()
     except BaseException:
         staging.abort()
@@ -453,6 +456,30 @@ def run_demo(config: DemoConfig | None = None, log: Callable[[str], None] = prin
         torch.set_num_threads(threads)
     _summary(result, log)
     return result
+
+
+def _relocate_records(tmp: Path, out: Path) -> None:
+    """Rewrite the paths the stages recorded under the staging directory ``tmp`` (``bca_export.json``'s adapters
+    and graph, ``train_result.json``'s run directories) to where they will be once ``tmp`` is renamed to ``out``:
+    they named a directory that no longer exists, shown by ``inspect`` and used by the re-export hints."""
+    moves = {str(tmp): str(out), str(tmp.resolve()): str(out.parent.resolve() / out.name)}
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str):
+            for old, new in moves.items():
+                if value == old or value.startswith(old + "/"):
+                    return new + value[len(old):]
+            return value
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        return value
+
+    for path in sorted(tmp.rglob("*.json")):
+        text = path.read_text(encoding="utf-8")
+        if any(old in text for old in moves):
+            path.write_text(json.dumps(moved(json.loads(text)), indent=2) + "\n", encoding="utf-8")
 
 
 def _check_model(model_dir: Path, export_onnx: bool) -> tuple[Any, Any]:

@@ -160,6 +160,14 @@ def test_summary_lists_artefacts_and_next_commands_with_real_paths(demo):
         assert any(str(artefact.path) in line for line in lines)
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["sentiment", "topic"]
     assert not list(out.parent.glob(".bca-demo.*"))  # the staging directory is gone
+    # and no record names it: the exports' adapters and graph, the runs' directories name where they are now
+    records = {p: p.read_text() for p in out.rglob("*.json")}
+    assert not [p for p, text in records.items() if ".bca-tmp" in text]
+    bank = json.loads(records[out / "onnx-bank" / "bca_export.json"])
+    assert bank["adapters"] == [str(out / "adapters" / "sentiment"), str(out / "adapters" / "topic")]
+    assert bank["validation"]["onnx_path"] == str(out / "onnx-bank" / "model.onnx")
+    assert json.loads(records[out / "train" / "sentiment" / "train_result.json"])["best_dir"] == \
+        str(out / "train" / "sentiment" / "best")
     commands = "\n".join(result.next_commands)
     assert f"bca-deploy serve {out / 'onnx-bank'} --adapter-store {out / 'adapters'}" in commands
     assert f"--adapter {out / 'train' / 'sentiment' / 'best'}" in commands
