@@ -73,6 +73,7 @@ from .inject import (
 )
 from .layers import BCALinear, is_adaptable, layer_type_of
 from .peft_compat import (
+    PEFT_KERNEL_SUFFIX,
     format_name,
     from_peft,
     is_peft_config,
@@ -89,6 +90,8 @@ __all__ = [
     "read_adapter_header",
     "AdapterHeader",
     "declared_size_problems",
+    "saved_tensor_limit",
+    "largest_tensor_elements",
     "adapter_state",
     "check_adapter_fits",
     "write_adapter_dir",
@@ -234,7 +237,8 @@ def save_adapter(
 
 
 def read_adapter(
-    directory: str | Path, model: nn.Module | None = None, validate: bool = True, *, max_bytes: int | None = None
+    directory: str | Path, model: nn.Module | None = None, validate: bool = True, *, max_bytes: int | None = None,
+    largest_elements: int | None = None,
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Read an adapter directory (bca-deploy or PEFT C3A) into a config and bca-deploy-keyed tensors.
 
@@ -247,6 +251,9 @@ def read_adapter(
         max_bytes: refuse a weights file larger than this before reading it (a server knows how large an
             adapter of its graph can be; a file that declares more, sparse on disk or not, would only be read
             into memory to be refused).
+        largest_elements: the element count of the largest tensor of the model the adapter is for (default:
+            ``model``'s, when given): a tensor saved whole (``modules_to_save``, a base weight) declared larger
+            than :func:`saved_tensor_limit` of it is refused unread.
 
     The file's header is read first (:func:`read_adapter_header`), and before any tensor data is read, tensors are
     refused whose declared sizes do not fit the file, or do not fit the config (:func:`declared_size_problems`: a
@@ -261,7 +268,7 @@ def read_adapter(
     directory = Path(directory)
     data, weights = _adapter_files(directory)
     size = _weights_size(weights, max_bytes)  # the file's own size first: a file over the bound is refused unread
-    header = _read_header(directory, data, weights, size, model)
+    header = _read_header(directory, data, weights, size, model, largest_elements)
     state, metadata = _read_tensors(weights, max_bytes)
     if is_peft_config(data):
         config, state = from_peft(data, state, _layer_types(model), source=str(directory), metadata=metadata)
@@ -284,6 +291,8 @@ class AdapterHeader:
         tensors: every tensor of the file (name, safetensors dtype, shape, declared bytes), in file order.
         metadata: the file's ``__metadata__`` (``{}`` when it has none).
         file_bytes: the file's size (its apparent size: a sparse file counts what it declares).
+        shapes: each tensor's shape under its bca-deploy key, as :func:`read_adapter` would key it (a PEFT
+            file's names converted).
     """
 
     config: AdapterConfig
@@ -292,6 +301,7 @@ class AdapterHeader:
     tensors: tuple[Any, ...]  # bca_deploy.merge.TensorInfo
     metadata: dict[str, str]
     file_bytes: int
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def data_bytes(self) -> int:
@@ -299,7 +309,8 @@ class AdapterHeader:
         return sum(t.nbytes for t in self.tensors)
 
 
-def read_adapter_header(directory: str | Path, model: nn.Module | None = None) -> AdapterHeader:
+def read_adapter_header(directory: str | Path, model: nn.Module | None = None,
+                        largest_elements: int | None = None) -> AdapterHeader:
     """Read an adapter directory's config and its weights file's safetensors header, no tensor data.
 
     The header is checked as every reader checks it (:func:`bca_deploy.merge.read_safetensors_header`: offsets
@@ -313,6 +324,7 @@ def read_adapter_header(directory: str | Path, model: nn.Module | None = None) -
     Args:
         directory: the adapter directory.
         model: optional model, for the layer types of PEFT adapters' modules.
+        largest_elements: as :func:`read_adapter`'s.
 
     Raises:
         AdapterFormatError: what :func:`read_adapter` raises for the directory, the config or the header, naming
@@ -321,7 +333,7 @@ def read_adapter_header(directory: str | Path, model: nn.Module | None = None) -
     directory = Path(directory)
     data, weights = _adapter_files(directory)
     size = _weights_size(weights, limits=False)  # nothing but the header is read
-    return _read_header(directory, data, weights, size, model)
+    return _read_header(directory, data, weights, size, model, largest_elements)
 
 
 def declared_size_problems(config: AdapterConfig, tensors: Iterable[Any]) -> list[str]:
@@ -394,8 +406,9 @@ def _layer_types(model: nn.Module | None) -> dict[str, str] | None:
 
 
 def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int,
-                 model: nn.Module | None) -> AdapterHeader:
-    """The config and the header of ``weights`` (``size`` bytes), checked against each other (no tensor data read)."""
+                 model: nn.Module | None, largest_elements: int | None = None) -> AdapterHeader:
+    """The config and the header of ``weights`` (``size`` bytes), checked against each other and, with
+    ``largest_elements`` (or ``model``), the saved tensors' sizes against the model's (no tensor data read)."""
     from .merge import read_safetensors_header
 
     try:
@@ -409,7 +422,8 @@ def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int
             if tensor is None:
                 raise AdapterFormatError(f"{weights}: tensor {t.name}: dtype {t.dtype!r}, which torch has no type for")
             meta[t.name] = tensor
-        config, _ = from_peft(data, meta, _layer_types(model), source=str(directory), metadata=header.metadata)
+        config, converted = from_peft(data, meta, _layer_types(model), source=str(directory), metadata=header.metadata)
+        shapes = {name: tuple(t.shape) for name, t in converted.items()}
     else:
         config = AdapterConfig.from_dict(data, source=str(directory / CONFIG_FILE))
         misfits = _misfits(config, header.tensors)
@@ -417,7 +431,37 @@ def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int
             raise AdapterFormatError(format_problems(
                 f"{weights}: tensors whose declared size does not fit the adapter's config "
                 f"({directory / CONFIG_FILE}); refused before reading any tensor data:", [p for _, p in misfits]))
-    return AdapterHeader(config, data, weights, tuple(header.tensors), dict(header.metadata or {}), size)
+        shapes = {t.name: tuple(t.shape) for t in header.tensors}
+    if largest_elements is None and model is not None:
+        largest_elements = largest_tensor_elements(model)
+    if largest_elements is not None:  # after the config's own bounds, which name a misfit more precisely
+        _refuse_oversized_saved(weights, header.tensors, largest_elements)
+    return AdapterHeader(config, data, weights, tuple(header.tensors), dict(header.metadata or {}), size, shapes)
+
+
+def saved_tensor_limit(largest_elements: int) -> int:
+    """The most elements a tensor saved whole with an adapter (a ``modules_to_save`` copy, a base weight) may declare
+    for a model whose largest tensor has ``largest_elements``: it is a copy of one of the model's tensors, at most
+    resized (a vocabulary grown by added tokens), so 4 times that plus 2**20 is far beyond any real one, and a
+    file declaring more (sparse on disk: 28 KB declaring 900 MB made merge peak at 3 GB) is refused unread."""
+    return 4 * largest_elements + 2**20
+
+
+def largest_tensor_elements(model: nn.Module) -> int:
+    """Element count of ``model``'s largest parameter or buffer (for :func:`saved_tensor_limit`)."""
+    return max((t.numel() for t in model.state_dict(keep_vars=True).values()), default=0)
+
+
+def _refuse_oversized_saved(weights: Path, tensors: Iterable[Any], largest_elements: int) -> None:
+    limit = saved_tensor_limit(largest_elements)
+    over = [t for t in tensors if not t.name.endswith((KERNEL_SUFFIX, PEFT_KERNEL_SUFFIX))
+            and math.prod(t.shape) > limit]
+    if over:
+        raise AdapterFormatError(format_problems(
+            f"{weights}: tensors larger than any the model holds (its largest has {largest_elements:,} elements; a "
+            f"tensor saved with an adapter is a copy of one, {limit:,} elements at most); refused before reading "
+            "any tensor data:",
+            [f"tensor {t.name}: declares {t.dtype} {list(t.shape)}, {math.prod(t.shape):,} elements" for t in over]))
 
 
 def _utf8_path(path: Path) -> bool:

@@ -757,7 +757,8 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
     return _Checkpoint(model_dir, shards, headers, index, model_type if isinstance(model_type, str) else None, config)
 
 
-def _read_adapters(adapters: Sequence[tuple[str | Path, float]]) -> list[_Adapter]:
+def _read_adapters(adapters: Sequence[tuple[str | Path, float]],
+                   largest_elements: int | None = None) -> list[_Adapter]:
     if not adapters:
         raise InvalidOptionError("no adapters given: pass a list of (adapter directory, weight) pairs")
     result = []
@@ -768,7 +769,8 @@ def _read_adapters(adapters: Sequence[tuple[str | Path, float]]) -> list[_Adapte
             directory, weight = item
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise InvalidOptionError(f"adapter {directory}: weight must be a finite number, got {weight!r}")
-        config, tensors = read_adapter(Path(directory), validate=False)  # checked against the checkpoint below
+        # checked against the checkpoint below; saved tensors larger than its largest are refused unread here
+        config, tensors = read_adapter(Path(directory), validate=False, largest_elements=largest_elements)
         result.append(_Adapter(Path(directory).resolve(), float(weight), config, tensors))
     return result
 
@@ -1654,9 +1656,10 @@ def _merge_checkpoint(
 
     model_dir = model_dir.resolve()
     out_dir = Path(os.path.abspath(out_dir))
-    sources = _read_adapters(adapters)
+    ckpt = _read_checkpoint(model_dir)  # headers only: their largest tensor bounds what an adapter may save
+    sources = _read_adapters(adapters, max((math.prod(t.shape) for h in ckpt.headers.values() for t in h.tensors),
+                                           default=0))
     _check_paths(model_dir, out_dir, [a.directory for a in sources], overwrite)
-    ckpt = _read_checkpoint(model_dir)
     plan = _plan_merge(ckpt, sources)
     ckpt = plan.checkpoint  # the output's view: same shards and offsets, output names, a head's new tensors
     others, skipped, linked = _other_files(ckpt)

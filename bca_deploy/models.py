@@ -262,14 +262,15 @@ def _adapter_tasks(adapter_dirs: Sequence[Path], model_dir: Path, model_config: 
         AdapterMismatchError: an adapter records another base ``model_type`` than the checkpoint's (checked first:
             a bert adapter on a llama checkpoint is that, not a task llama cannot be exported for).
     """
-    from .adapter_io import read_adapter
+    from .adapter_io import read_adapter_header
     from .errors import format_problems
     from .fit import model_type_problem
 
     model_type = _checkpoint_model_type(model_dir, model_config)
     found = []
     for directory in adapter_dirs:
-        config, state = read_adapter(directory)
+        header = read_adapter_header(directory)  # the config and the tensors' shapes: no tensor data is read here
+        config = header.config
         if (problem := model_type_problem(config, model_type, f"checkpoint {model_dir}")) is not None:
             raise AdapterMismatchError(format_problems(f"{directory} does not fit checkpoint {model_dir}:", [problem]))
         spec = config.task
@@ -278,8 +279,7 @@ def _adapter_tasks(adapter_dirs: Sequence[Path], model_dir: Path, model_config: 
         if spec.type == "seq-cls" and spec.head is None and config.modules_to_save:
             if model_config is None:
                 model_config = load_config(model_dir)
-            head = saved_label_head(model_config, config.modules_to_save,
-                                    {name: tuple(t.shape) for name, t in state.items()})
+            head = saved_label_head(model_config, config.modules_to_save, header.shapes)
             if head is not None:
                 spec = dataclasses.replace(spec, head=head)
         found.append((directory, spec))

@@ -158,9 +158,9 @@ def _read_training_info(adapter: Path) -> dict[str, Any]:
 def _adapter_task(adapter: Path) -> TaskSpec | None:
     if not (adapter / "adapter_config.json").is_file():
         return None
-    from ..adapter_io import read_adapter
+    from ..adapter_io import read_adapter_header
 
-    return read_adapter(adapter)[0].task
+    return read_adapter_header(adapter).config.task  # the tensors are read (and checked) where the model loads them
 
 
 def _unhandled_task(adapter: Path, spec: TaskSpec | None) -> str | None:

@@ -223,3 +223,67 @@ def test_peft_config_with_many_patterns_under_the_bound_is_still_checked(peft_ad
     with pytest.raises(BCAError, match=r"module bert\.encoder\.layer\.0\.attention\.self\.value: the config gives it "
                                        r"block size 4 \(block_size_pattern\['value'\]\)"):
         bd.read_adapter(peft_adapter)
+
+
+def _sparse_head_adapter(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny BERT classifier checkpoint and a 2-label adapter whose saved ``classifier.weight`` declares [2, 10**8]
+    (800 MB of float32) in a sparse file of a few KB: (model directory, adapter directory)."""
+    import struct
+
+    model = tiny_bert(num_labels=2)
+    model.save_pretrained(tmp_path / "model")
+    bd.inject(model, ["query"], block_size=8, init="normal", seed=0, modules_to_save=["classifier"])
+    bd.save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    layout, chunks, offset = {k: v for k, v in header.items() if k == "__metadata__"}, [], 0
+    for name in sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"]):
+        begin, end = header[name]["data_offsets"]
+        entry, chunk = dict(header[name]), data[begin:end]
+        if name == "classifier.weight":
+            entry["shape"], chunk = [2, 10**8], None
+        size = 2 * 10**8 * 4 if chunk is None else len(chunk)
+        layout[name] = {**entry, "data_offsets": [offset, offset + size]}
+        chunks.append((offset, chunk))
+        offset += size
+    text = json.dumps(layout).encode()
+    with open(weights, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        start = f.tell()
+        for at, chunk in chunks:
+            if chunk is not None:
+                f.seek(start + at)
+                f.write(chunk)
+        f.truncate(start + offset)  # the 800 MB are a hole: nothing on disk
+    return tmp_path / "model", tmp_path / "adapter"
+
+
+def test_a_saved_tensor_larger_than_any_of_the_model_is_refused_unread(tmp_path, monkeypatch):
+    """helper-57's probe: 28 KB on disk declaring a 900 MB classifier made merge peak at 3 GB of memory (and export,
+    whose task resolution read every adapter whole first) before the shape error. Where the model is known, a tensor
+    saved whole larger than 4x its largest tensor (+2**20 elements) is refused from the header; the tensor data must
+    never be read (the reader fails the test if it is reached)."""
+    from bca_deploy import adapter_io
+    from bca_deploy.adapter_io import read_adapter_header
+    from bca_deploy.merge import merge_checkpoint
+    from bca_deploy.models import resolve_task
+
+    model_dir, adapter = _sparse_head_adapter(tmp_path)
+    largest = max(t.numel() for t in load_file(model_dir / "model.safetensors").values())  # the checkpoint's own
+
+    def read(*_):
+        raise AssertionError("the adapter's tensor data was read")
+
+    monkeypatch.setattr(adapter_io, "load_safetensors", read)
+    assert read_adapter_header(adapter).shapes["classifier.weight"] == (2, 10**8)  # the header alone is fine
+    expected = f"its largest has {largest:,} elements"
+    with pytest.raises(BCAError, match=expected):
+        merge_checkpoint(model_dir, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(BCAError, match=expected):
+        bd.load_adapter(tiny_bert(num_labels=2), adapter)
+    assert resolve_task(model_dir, [adapter]).type == "seq-cls"  # export's first step reads headers only
+    with pytest.raises(BCAError, match=r"tensor classifier\.weight: declares F32 \[2, 100000000\]"):
+        adapter_io.read_adapter(adapter, largest_elements=largest)
