@@ -6,6 +6,8 @@ the fix; validators collect every failure and report them together.
 
 from __future__ import annotations
 
+import re
+
 from typing import BinaryIO
 
 __all__ = [
@@ -120,6 +122,18 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     ``limit`` characters, else the exception's type (for exceptions raised without a message)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0][:limit] if lines else type(exc).__name__
+
+
+# onnxruntime's messages open with its source location and the C++ signature of the function that threw
+# ("/onnxruntime_src/.../adapter_format_utils.cc:93 const onnxruntime::...::F(gsl::span<const unsigned char>) The
+# buffer does not appear to be..."): cut at a length, the reason was lost behind them.
+_ORT_LOCATION = re.compile(r"^(?:\[ONNXRuntimeError\] : \d+ : \w+ : )?\S+\.(?:cc|cpp|h):\d+ (?:[^()]*\([^()]*\)(?: const)? )?")
+
+
+def onnxruntime_reason(exc: BaseException, limit: int = 300) -> str:
+    """An onnxruntime exception's reason for a one-line error: :func:`first_line` without its source location and
+    C++ signature."""
+    return _ORT_LOCATION.sub("", first_line(exc, limit=10_000), count=1)[:limit] or type(exc).__name__
 
 
 def printable(text: str) -> str:

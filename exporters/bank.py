@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from bca_deploy.config import KERNEL_SUFFIX, PROBLEM_TYPES, AdapterConfig
-from bca_deploy.errors import AdapterMismatchError, first_line, format_problems, require_readable
+from bca_deploy.errors import AdapterMismatchError, format_problems, onnxruntime_reason, require_readable
 from bca_deploy.inject import bca_layers
 from bca_deploy.layers import BCALinear
 
@@ -2088,7 +2088,7 @@ class BankPlan:
                 raise
             except Exception as exc:  # onnxruntime raises RuntimeError/Fail (pybind) for a file it cannot parse
                 raise ExportMetadataError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
-                                          f"{first_line(exc, 200)}); export the bank again") from None
+                                          f"{onnxruntime_reason(exc)}); export the bank again") from None
             options = ort.RunOptions()
             options.add_active_adapter(adapter)
             if self.head is None:

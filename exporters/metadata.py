@@ -93,8 +93,10 @@ def read_export_metadata(export_dir: str | Path) -> ExportMetadata | None:
     data = read_json(path, what="metadata file")
     problems = []
     task, dtype, merged = data.get("task"), data.get("dtype"), data.get("merged")
-    if not (isinstance(task, str) and task):
-        problems.append(f"task must be a task name, got {str(task)[:40]!r}")
+    from bca_deploy.models import EXPORT_TASK_TYPES
+
+    if task not in EXPORT_TASK_TYPES:  # it is shown by inspect and /health: one of the names an export writes
+        problems.append(f"task must be one of {', '.join(EXPORT_TASK_TYPES)}, got {str(task)[:40]!r}")
     if not isinstance(dtype, (str, type(None))):
         problems.append(f"dtype must be a string, got {type(dtype).__name__}")
     if not isinstance(merged, (bool, type(None))):

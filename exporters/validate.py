@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import re
 from collections.abc import Sequence

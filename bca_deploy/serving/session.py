@@ -41,6 +41,7 @@ from ..errors import (
     UnknownAdapterError,
     first_line,
     format_problems,
+    onnxruntime_reason,
     open_regular,
     require_readable,
 )
@@ -693,7 +694,7 @@ class MultiAdapterSession:
             params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
         except Exception as exc:  # onnxruntime raises RuntimeError/Fail (pybind) for a file it cannot parse
             raise ServingError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
-                               f"{str(exc)[:200]})") from None
+                               f"{onnxruntime_reason(exc)})") from None
         del adapter
         # each parameter holds two slots (zeros, then this adapter) on the slot axis
         short = sorted(k for k, v in params.items() if v.ndim == 0 or v.shape[SLOT_AXIS] != 2)

@@ -48,6 +48,13 @@ def test_what_export_writes_reads_back_typed(tmp_path):
     assert read_export_metadata(tmp_path).kind == "merged" and read_export_metadata(tmp_path).bank is None
 
 
+def test_a_task_no_export_writes_is_refused_escaped(tmp_path):
+    """The task is shown by inspect and /health: a name no export writes (an escape sequence here) is refused."""
+    _write(tmp_path, {"task": "\x1b[2J evil", "merged": True, "bank": None})
+    with pytest.raises(ExportMetadataError, match=r"task must be one of .*text-classification.*got '\\x1b\[2J evil'"):
+        read_export_metadata(tmp_path)
+
+
 def test_every_problem_is_reported_at_once_naming_the_file_and_fields(tmp_path):
     _write(tmp_path, {"task": 3, "merged": "yes", "dtype": ["fp32"],
                       "bank": _bank(slots=5, tensors=[], slot_axis=2, model_type=7,
@@ -56,7 +63,7 @@ def test_every_problem_is_reported_at_once_naming_the_file_and_fields(tmp_path):
         read_export_metadata(tmp_path)
     message = str(caught.value)
     assert message.startswith(str(tmp_path / METADATA_FILE))
-    for needle in ("task must be a task name", "merged must be true or false", "dtype must be a string",
+    for needle in ("task must be one of feature-extraction, ", "merged must be true or false", "dtype must be a string",
                    "bank.slots must be a list", "bank.tensors must be a non-empty list", "bank.slot_axis is 2",
                    "bank.model_type must be a string", "bank.adapter_files['a'] must be a path inside the export",
                    "re-export the bank"):

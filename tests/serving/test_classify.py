@@ -306,8 +306,9 @@ def test_hostile_head_records_and_files_are_refused_naming_them(heads, classifie
     # the files the record names
     broken = _edited_export(heads["onnx"], tmp_path / "adapter-file-garbage", lambda m: None)
     (broken / "adapters" / "pos2.onnx_adapter").write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(ServingError, match="pos2.onnx_adapter: not a readable onnxruntime adapter file"):
+    with pytest.raises(ServingError, match="pos2.onnx_adapter: not a readable onnxruntime adapter file") as caught:
         MultiAdapterSession(broken)
+    assert "onnxruntime_src" not in str(caught.value) and "valid lora parameter format" in str(caught.value)
     _, _, shared = classifier
     base_file = json.loads((shared / "bca_export.json").read_text())["bank"]["head"]["base_file"]
     assert base_file
