@@ -70,6 +70,7 @@ from .store import AdapterStore, redact_roots
 from .wire import (
     READ_METHODS,
     AdapterExistsError,
+    AdapterLimitError,
     ClientClosedRequestError,
     InvalidHTTPError,
     ForbiddenError,
@@ -769,8 +770,12 @@ class Server:
                                       param=name_param)
         assert self._load_lock is not None
         async with self._load_lock:  # one load at a time: "already loaded" is decided here, not raced
-            if name in self.session.snapshot().slots and not replace:
+            loaded = self.session.snapshot().slots
+            if name in loaded and not replace:
                 raise AdapterExistsError(f"adapter {name!r} is already loaded; pass \"replace\": true to reload it")
+            if name not in loaded and len(loaded) >= self.options.max_loaded_adapters:
+                raise AdapterLimitError(f"this server holds its limit of {self.options.max_loaded_adapters} loaded "
+                                        "adapters (--max-loaded-adapters); unload one first")
             path = None
             if self.store is not None:
                 try:  # off the event loop, as the read: the store's file system may be slow

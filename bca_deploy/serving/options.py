@@ -60,6 +60,9 @@ class ServeOptions:
                                      "GET /v1/models) and see their names in GET /metrics; off: each client must "
                                      "know its adapter's name, and metrics label every adapter's requests "
                                      "'__adapter__'.")
+    max_loaded_adapters: int = _opt(1024, "Most adapters loaded at once (the exported ones included); a client's load "
+                                          "beyond it is answered 409 adapter_limit until one is unloaded (each loaded "
+                                          "adapter holds its kernels and head in memory; vLLM: --max-cpu-loras).")
     manage_adapters: bool = _opt(True, "Let clients load and unload adapters at run time (POST /v1/adapters, "
                                        "DELETE /v1/adapters/NAME, /v1/load_lora_adapter, /v1/unload_lora_adapter); "
                                        "off: those answer 403 and the adapters loaded at start are all a client can "
@@ -129,6 +132,7 @@ class ServeOptions:
                 problems.append(f"{name}: {value} is out of range; expected {span}")
 
         at_least("port", 1, 65535)
+        at_least("max_loaded_adapters", 1)
         at_least("threads", 1, 1024)
         at_least("max_batch_rows", 1, 65536)
         at_least("max_batch_tokens", 1)

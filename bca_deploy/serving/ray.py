@@ -51,9 +51,10 @@ from typing import Any
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems, require_readable
+from .openai import ClosingStreamingResponse
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
@@ -310,7 +311,7 @@ class Router:
         # the replica's log used): the replica's copy would make it twice
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
                    if k.lower() not in (b"content-length", b"transfer-encoding", b"x-request-id")}
-        return StreamingResponse(_rest(stream), status_code=start["status"], headers=headers)
+        return ClosingStreamingResponse(_rest(stream), status_code=start["status"], headers=headers)
 
     async def startup_notes(self) -> list[str]:
         """One replica's start-up notes (:meth:`AdapterReplicas.startup_notes`), for the driver to print."""
@@ -392,8 +393,14 @@ class Router:
 
 
 async def _rest(stream) -> AsyncIterator[bytes]:
-    async for chunk in stream:
-        yield chunk
+    finished = False
+    try:
+        async for chunk in stream:
+            yield chunk
+        finished = True
+    finally:  # the client stopped reading or left: the replica's call is cancelled, so its rows are freed there too
+        if not finished:
+            stream.cancel()
 
 
 def build_app(args: Mapping[str, Any]):

@@ -62,6 +62,8 @@ __all__ = [
     "ClientClosedRequestError",
     "ServerBusyError",
     "AdapterExistsError",
+    "AdapterLimitError",
+    "NonFiniteOutputError",
     "NotFoundError",
     "MethodNotAllowedError",
     "ForbiddenError",
@@ -140,6 +142,10 @@ class WrongTaskError(ServingError):
     """The endpoint needs a graph of another task (e.g. generation on an encoder export)."""
 
 
+class AdapterLimitError(ServingError):
+    """A load beyond ``--max-loaded-adapters``: HTTP 409 until an adapter is unloaded."""
+
+
 class NonFiniteOutputError(ServingError):
     """The model gave NaN or infinite values for the request's rows: its adapter's weights overflow float32 on that
     input. A 500 that says so (the operator's adapter is at fault, not the request); other requests are unaffected."""
@@ -162,6 +168,7 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
     RequestTimeoutError: (408, "request_timeout"),
     ClientClosedRequestError: (499, "client_closed_request"),
     AdapterExistsError: (409, "adapter_exists"),
+    AdapterLimitError: (409, "adapter_limit"),
     RequestTooLargeError: (413, "request_too_large"),
     UnsupportedMediaTypeError: (415, "unsupported_media_type"),
     InvalidRequestError: (422, "invalid_request"),
