@@ -997,8 +997,11 @@ def create_app(
         yield
         await server.stop()
 
+    # redirect_slashes off: "/v1/completions/" was an empty 307 whose location echoed the client's Host header (a
+    # poisoned redirect behind a caching proxy); now it is the JSON 404 of any unknown route
     app = FastAPI(title="bca-deploy serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, description="Many block-circulant adapters on one base model, chosen per request.")
+                  openapi_url=None, redirect_slashes=False,
+                  description="Many block-circulant adapters on one base model, chosen per request.")
     app.state.server, app.state.session, app.state.store = server, session, store
     app.state.batcher, app.state.engine, app.state.options = server.batcher, server.engine, options
 

@@ -223,9 +223,15 @@ def test_unknown_routes_and_methods_answer_json(traffic, servers):
     for method, path, status, kind in (("GET", "/nope", 404, "not_found"), ("GET", "/v1/embeddings", 405,
                                                                            "method_not_allowed"),
                                        ("POST", "/health", 405, "method_not_allowed"),
-                                       ("DELETE", "/v1/adapters/..%2F..%2Fetc", 404, "not_found")):
+                                       ("DELETE", "/v1/adapters/..%2F..%2Fetc", 404, "not_found"),
+                                       # a trailing slash was an empty 307 echoing the Host header in its location
+                                       ("POST", "/v1/embeddings/", 404, "not_found"),
+                                       ("GET", "/v1/models/", 404, "not_found")):
         got, answer = hostile(servers["bert"], method, path, kind="bad route")
         assert_error(got, answer, status, kind)
+    data = _exchange(servers["bert"], b"POST /v1/embeddings/ HTTP/1.1\r\nHost: evil.example\r\n"
+                                      b"content-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+    assert data.startswith(b"HTTP/1.1 404") and b"evil.example" not in data, data[:300]
 
 
 # ---- the store: nothing reaches outside it -----------------------------------------------------------------
