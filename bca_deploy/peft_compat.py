@@ -137,8 +137,9 @@ def from_peft(
     if peft_config.get("bias", "none") not in ("none", "c3a_only"):
         raise AdapterFormatError(
             f"{source}: bias={peft_config['bias']!r} is not supported: bca-deploy reads the biases PEFT trains with "
-            "bias='c3a_only' (those of the adapted layers) or none; 'all' also trains every other bias of the model, "
-            "which an adapter does not carry (train with bias='c3a_only' or 'none')"
+            "bias='c3a_only' (those of the adapted layers) or none; with 'all' PEFT trains and saves every other bias "
+            "of the model too (LayerNorms, unadapted layers, both copies of a saved module's), which bca-deploy does "
+            "not load (train with bias='c3a_only' or 'none')"
         )
     problems: list[str] = []
     saved_entries = peft_saved_entries(peft_config)

@@ -225,7 +225,7 @@ def test_a_peft_adapter_with_trained_biases_of_its_layers_gives_pefts_numbers(tm
 
 
 def test_a_peft_adapter_training_every_bias_is_refused_naming_bias_and_nothing_is_written(tmp_path):
-    # bias="all" also trains every other bias of the model (LayerNorms, unadapted layers): not an adapter's to carry
+    # bias="all": PEFT also trains and saves every other bias of the model (LayerNorms, unadapted layers), not loaded
     base, adapter, _ = _peft_adapter(tmp_path, "BertForSequenceClassification", lambda: _bert(num_labels=2),
                                      dict(task_type="SEQ_CLS", block_size=8, target_modules=["query"], bias="all"), {})
     for args in (["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"),

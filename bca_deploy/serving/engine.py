@@ -245,19 +245,27 @@ class GenerationStream:
             self._waiter.set_result(None)
 
 
+#: Prompt tokens a row's text is decoded after (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).
+PROMPT_CONTEXT_TOKENS = 5
+
+
 class _Detokenizer:
     """A row's text, token by token: only whole characters are sent, stop strings are held back and cut.
 
-    Decodes a short window of ids (TGI/vLLM's prefix/read offsets), not the whole sequence each time.
+    Decodes a short window of ids (TGI/vLLM's prefix/read offsets), not the whole sequence each time. The window
+    starts on the prompt's last tokens (``context``), so the text continues the prompt as decoding the two together
+    would: a SentencePiece tokenizer (Llama-2, Mistral, Gemma) drops the space a sequence's first word carries, and
+    "the movie is" came back followed by "a" instead of " a".
     """
 
-    def __init__(self, decode: Callable[[list[int]], str] | None, stop: Sequence[str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str] | None, stop: Sequence[str],
+                 context: Sequence[int] = ()) -> None:
         self._decode = decode
         self._stop = tuple(stop)
         self._longest = max((len(s) for s in stop), default=0)
-        self._ids: list[int] = []
+        self._ids: list[int] = list(context)
         self._prefix = 0
-        self._read = 0
+        self._read = len(self._ids)
         self._held = ""
 
     def push(self, token: int) -> tuple[str, bool]:
@@ -504,7 +512,7 @@ class GenerationEngine:
         adapter = None if adapter == BASE else adapter
         stream = GenerationStream(self, prompt, adapter, params, request_id, self._loop)
         request = _Request(stream, prompt, adapter, params, Sampler(params),
-                           _Detokenizer(self._decoder(), params.stop),
+                           _Detokenizer(self._decoder(), params.stop, prompt[-PROMPT_CONTEXT_TOKENS:]),
                            frozenset(self.session.eos_token_ids | set(params.stop_token_ids)))
         request.group = group if group is not None else request
         with self._cond:

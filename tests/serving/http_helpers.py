@@ -143,6 +143,13 @@ def bank(name: str, tmp_path_factory) -> dict:
 # ---- a real server process ------------------------------------------------------------------------------
 
 
+def continuation(session, prompt: list[int], tokens: list[int]) -> str:
+    """The text ``tokens`` add after ``prompt``: both decoded together, less the prompt's own text. An OpenAI
+    completion's (and chat answer's) text is this, so prompt + text reads as one decoded sequence (as vLLM answers):
+    with a word-level or SentencePiece tokenizer it starts with the space before the first word."""
+    return session.decode(list(prompt) + list(tokens))[len(session.decode(list(prompt))):]
+
+
 def openai_client(url: str, timeout: float = 120.0):
     """The official ``openai`` client on the server at ``url`` (its ``/v1``), without retries: a test sees every error."""
     import openai

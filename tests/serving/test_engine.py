@@ -49,6 +49,7 @@ from bca_deploy.serving.engine import (
     SamplingParams,
     SamplingParamsError,
     TokenEvent,
+    PROMPT_CONTEXT_TOKENS,
     _Detokenizer,
 )
 
@@ -952,6 +953,29 @@ def test_detokenizer_sends_whole_characters(llama_text):
     stop = _Detokenizer(session.decode, ["b€"])
     sent = [stop.push(t) for t in ids]
     assert [t for t, _ in sent[:7]] == ["a", "", "é", "", "", "", ""] and sent[6][1]  # "b" held back, then cut
+
+
+def test_detokenizer_continues_the_prompt_as_decoding_both_would():
+    """A SentencePiece decoder (Metaspace: Llama-2, Mistral, Gemma) drops the space of a sequence's first word: the
+    text of "the movie is" + [▁a, ▁good] came back as "a good" (helper-58's walk). Decoded after the prompt's last
+    tokens, the text is what decoding prompt and answer together adds to the prompt's text, leading space included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "\u2581the", "\u2581movie", "\u2581is", "\u2581a", "\u2581good", "\u2581one"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    prompt, answer = tokenizer("the movie is")["input_ids"], tokenizer("a good one")["input_ids"]
+    assert tokenizer.decode(answer) == "a good one"  # alone, the first word's space is dropped
+    expected = tokenizer.decode(prompt + answer)[len(tokenizer.decode(prompt)):]
+    assert expected == " a good one"
+    detok = _Detokenizer(tokenizer.decode, (), context=prompt[-PROMPT_CONTEXT_TOKENS:])
+    assert "".join(detok.push(t)[0] for t in answer) + detok.flush() == expected
+    stop = _Detokenizer(tokenizer.decode, [" good"], context=prompt)  # a stop string with the leading space
+    sent = [stop.push(t) for t in answer]
+    assert sent[:2] == [(" a", False), ("", True)]
 
 
 def test_text_stop_strings_and_stop_tokens(llama_text):

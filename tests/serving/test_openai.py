@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("prometheus_client")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import ServeProcess, assert_error, bank, call, llama_serve, openai_client
+from http_helpers import ServeProcess, assert_error, bank, call, continuation, llama_serve, openai_client
 
 from bca_deploy.serving import MultiAdapterSession
 
@@ -268,12 +268,12 @@ def llm(llama_server):
 def expected_completion(session, ids: list[int], adapter: str | None, n: int, stop: list[str] = ()):
     """(text, finish_reason, completion tokens) of greedy decoding in-process, cut at the first stop string."""
     tokens = session.generate([ids], [adapter], max_new_tokens=n)[0]
-    text = session.decode(tokens)
+    text = continuation(session, ids, tokens)
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     if hits:
         # the engine stops at the token that completes the stop string: count the tokens up to it
         for k in range(1, len(tokens) + 1):
-            if any(s in session.decode(tokens[:k]) for s in stop):
+            if any(s in continuation(session, ids, tokens[:k]) for s in stop):
                 return text[:min(hits)], "stop", k
     eos = tokens and tokens[-1] in session.eos_token_ids
     return text, "stop" if eos else "length", len(tokens)
