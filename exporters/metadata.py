@@ -99,6 +99,13 @@ def read_export_metadata(export_dir: str | Path) -> ExportMetadata | None:
         problems.append(f"task must be one of {', '.join(EXPORT_TASK_TYPES)}, got {str(task)[:40]!r}")
     if not isinstance(dtype, (str, type(None))):
         problems.append(f"dtype must be a string, got {type(dtype).__name__}")
+    elif dtype is not None and not (len(dtype) <= 16 and dtype.isprintable()):
+        problems.append(f"dtype must be a dtype name such as 'fp32', got {dtype[:40]!r}")
+    opset, fft = data.get("opset"), data.get("fft")  # shown by inspect, as written by an export
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not 1 <= opset <= 1000):
+        problems.append(f"opset must be an ONNX opset number, got {str(opset)[:40]!r}")
+    if fft not in (None, "matmul", "dft"):
+        problems.append(f"fft must be 'matmul', 'dft' or null, got {str(fft)[:40]!r}")
     if not isinstance(merged, (bool, type(None))):
         problems.append(f"merged must be true or false, got {type(merged).__name__}")
     bank = None

@@ -50,6 +50,7 @@ __all__ = [
     "read_json",
     "read_body",
     "check_content_type",
+    "check_content_encoding",
     "check_rows",
     "body_too_large",
     "body_too_slow",
@@ -255,12 +256,24 @@ def check_content_type(value: str | None) -> None:
                                     "'content-type: application/json'")
 
 
-def read_body(body: bytes, options, *, content_type: str | None) -> Any:
-    """:func:`check_content_type` of the request's ``content-type`` header (None: none was sent), then
-    :func:`read_json` with the limits of ``options`` (a :class:`~bca_deploy.serving.options.ServeOptions`): what
-    every route (native, OpenAI, the Ray router) uses to read a body, so none can read one sent as text or a form."""
+def read_body(body: bytes, options, *, content_type: str | None, content_encoding: str | None) -> Any:
+    """:func:`check_content_type` of the request's ``content-type`` header and :func:`check_content_encoding` of its
+    ``content-encoding`` (None: not sent), then :func:`read_json` with the limits of ``options`` (a
+    :class:`~bca_deploy.serving.options.ServeOptions`): what every route (native, OpenAI, the Ray router) uses to
+    read a body, so none can read one sent as text, a form or compressed."""
     check_content_type(content_type)
+    check_content_encoding(content_encoding)
     return read_json(body, max_depth=options.max_json_depth, max_chars=options.max_text_chars)
+
+
+def check_content_encoding(value: str | None) -> None:
+    """Refuse a compressed body (415, naming the encoding): bodies are read as sent. A gzip body was a 400 "the body
+    is not UTF-8", which sent the client after the wrong problem."""
+    if value is None or value.strip().lower() in ("", "identity"):
+        return
+    shown = value if len(value) <= 64 else value[:64] + "..."
+    raise UnsupportedMediaTypeError(f"content-encoding {shown!r}: request bodies are read uncompressed; send the body "
+                                    "without a content-encoding")
 
 
 def read_json(body: bytes, *, max_depth: int, max_chars: int) -> Any:

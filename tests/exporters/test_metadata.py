@@ -55,6 +55,17 @@ def test_a_task_no_export_writes_is_refused_escaped(tmp_path):
         read_export_metadata(tmp_path)
 
 
+@pytest.mark.parametrize("field, value, needle", [("opset", "1" * 10_000_000, "opset must be an ONNX opset number"),
+                                                  ("opset", True, "opset must be"), ("fft", "\x1b[2J", "fft must be"),
+                                                  ("dtype", "fp32" * 1000, "dtype must be a dtype name")])
+def test_fields_inspect_shows_are_what_an_export_writes(tmp_path, field, value, needle):
+    """inspect printed a 10 MB opset string whole (helper-57's probe): the fields it shows are checked on read."""
+    _write(tmp_path, {"task": "feature-extraction", "merged": False, "bank": None, field: value})
+    with pytest.raises(ExportMetadataError, match=needle) as caught:
+        read_export_metadata(tmp_path)
+    assert len(str(caught.value)) < 1000
+
+
 def test_every_problem_is_reported_at_once_naming_the_file_and_fields(tmp_path):
     _write(tmp_path, {"task": 3, "merged": "yes", "dtype": ["fp32"],
                       "bank": _bank(slots=5, tensors=[], slot_axis=2, model_type=7,

@@ -92,13 +92,27 @@ def test_read_body_limits_strings_by_max_text_chars_alone():
 
     options = ServeOptions(max_text_chars=10, max_request_rows=256)
     assert read_body(json.dumps({"input": ["x" * 10], "ids": list(range(1000))}).encode(), options,
-                     content_type="application/json")
+                     content_type="application/json", content_encoding=None)
     with pytest.raises(RequestTooLargeError, match="11 characters; this server's limit is 10 \\(--max-text-chars\\)"):
-        read_body(json.dumps({"input": "x" * 11}).encode(), options, content_type=None)
+        read_body(json.dumps({"input": "x" * 11}).encode(), options, content_type=None, content_encoding="identity")
     check_rows(256, options.max_request_rows)
     with pytest.raises(RequestTooLargeError, match="prompt: 257 rows; this server's limit is 256 per request "
                                                    "\\(--max-request-rows\\)"):
         check_rows(257, options.max_request_rows, "prompt")
+
+
+def test_a_compressed_body_is_refused_naming_its_encoding():
+    # a gzip body was a 400 "the body is not UTF-8" (helper-59's probe): the client was sent after the wrong problem
+    import gzip
+
+    from bca_deploy.serving.options import ServeOptions
+    from bca_deploy.serving.wire import UnsupportedMediaTypeError, error_status, read_body
+
+    body = gzip.compress(json.dumps({"input": "x"}).encode())
+    with pytest.raises(UnsupportedMediaTypeError, match="content-encoding 'gzip': request bodies are read uncompressed") \
+            as caught:
+        read_body(body, ServeOptions(), content_type="application/json", content_encoding="gzip")
+    assert error_status(caught.value) == (415, "unsupported_media_type")
 
 
 def test_validate_reports_every_problem_and_the_first_field():
