@@ -309,8 +309,7 @@ class AdapterHeader:
         return sum(t.nbytes for t in self.tensors)
 
 
-def read_adapter_header(directory: str | Path, model: nn.Module | None = None,
-                        largest_elements: int | None = None) -> AdapterHeader:
+def read_adapter_header(directory: str | Path, model: nn.Module | None = None) -> AdapterHeader:
     """Read an adapter directory's config and its weights file's safetensors header, no tensor data.
 
     The header is checked as every reader checks it (:func:`bca_deploy.merge.read_safetensors_header`: offsets
@@ -323,8 +322,8 @@ def read_adapter_header(directory: str | Path, model: nn.Module | None = None,
 
     Args:
         directory: the adapter directory.
-        model: optional model, for the layer types of PEFT adapters' modules.
-        largest_elements: as :func:`read_adapter`'s.
+        model: optional model, for the layer types of PEFT adapters' modules (and, as in :func:`read_adapter`, the
+            bound on tensors saved whole).
 
     Raises:
         AdapterFormatError: what :func:`read_adapter` raises for the directory, the config or the header, naming
@@ -333,7 +332,7 @@ def read_adapter_header(directory: str | Path, model: nn.Module | None = None,
     directory = Path(directory)
     data, weights = _adapter_files(directory)
     size = _weights_size(weights, limits=False)  # nothing but the header is read
-    return _read_header(directory, data, weights, size, model, largest_elements)
+    return _read_header(directory, data, weights, size, model)
 
 
 def declared_size_problems(config: AdapterConfig, tensors: Iterable[Any]) -> list[str]:

@@ -586,7 +586,7 @@ def parse_json_object(text: str, source: str, what: str = "file", allow_nan: boo
     (Python's reader keeps the last: a second ``"task": null`` would change an adapter's labels silently)."""
     if len(text) > MAX_JSON_BYTES:
         raise AdapterFormatError(f"{source}: {len(text)} characters; a {what} of more than {MAX_JSON_BYTES} is refused")
-    hook = _unique_object if unique_keys else None
+    hook = unique_key_object if unique_keys else None
     try:
         data = json.loads(text, object_pairs_hook=hook) if allow_nan else json.loads(
             text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=hook)
@@ -601,13 +601,23 @@ def parse_json_object(text: str, source: str, what: str = "file", allow_nan: boo
     return data
 
 
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise ValueError(f"key {key[:80]!r} appears twice in one object (which one is meant?)")
-        data[key] = value
-    return data
+class DuplicateKeyError(ValueError):
+    """A JSON object with a key twice (``key``): which value counts would depend on the parser (Python's keeps the
+    last silently). Raised by :func:`unique_key_object` from inside ``json.loads``; each reader says it its own way."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"key {key[:80]!r} appears twice in one object (which one is meant?)")
+        self.key = key
+
+
+def unique_key_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads``: the object's pairs as a dict, a key given twice refused
+    (:class:`DuplicateKeyError`). The one duplicate-key rule of every JSON reader: files, data rows, request bodies."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKeyError(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return obj
 
 
 def _refuse_constant(name: str) -> Any:

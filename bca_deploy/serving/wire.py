@@ -30,6 +30,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BeforeValidator
 
+from ..config import DuplicateKeyError, unique_key_object
 from ..errors import (
     AdapterExistsError,
     AdapterFormatError,
@@ -226,18 +227,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # One value per key: with a repeated key, which one counts depends on the parser (Python's takes the last, a
-    # proxy in front may take the first), so a request could mean one thing to a gateway and another here.
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        shown = key if len(key) <= 64 else key[:64] + "..."
-        raise InvalidJSONError(f"the body has the key {shown!r} more than once in one object; send each key once")
-    return value
-
-
 def check_content_type(value: str | None) -> None:
     """Refuse a body whose ``content-type`` is not JSON (415), before it is read.
 
@@ -297,7 +286,13 @@ def read_json(body: bytes, *, max_depth: int, max_chars: int) -> Any:
                                "UTF-8") from None
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                           object_pairs_hook=_unique_keys)
+                           object_pairs_hook=unique_key_object)
+    except DuplicateKeyError as exc:
+        # with a repeated key, which one counts depends on the parser (Python's takes the last, a proxy in front may
+        # take the first), so a request could mean one thing to a gateway and another here
+        shown = exc.key if len(exc.key) <= 64 else exc.key[:64] + "..."
+        raise InvalidJSONError(f"the body has the key {shown!r} more than once in one object; send each key once") \
+            from None
     except RecursionError:
         raise _too_deep(max_depth) from None
     except json.JSONDecodeError as exc:

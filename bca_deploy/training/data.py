@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..config import MAX_NUM_LABELS
+from ..config import MAX_NUM_LABELS, DuplicateKeyError, unique_key_object
 from ..errors import format_problems
 from ..models import token_names
 from .errors import DataError, DataFileNotFoundError
@@ -184,23 +184,10 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
     return records, columns, lines
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's pairs as a dict, refusing a key given twice (json keeps the last one silently)."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return obj
-
-
 def _json_problem(exc: ValueError | RecursionError, line: int) -> str:
     """What a JSON parsing error ``exc`` on ``line`` of a data file is, as its message says it."""
-    if isinstance(exc, _DuplicateKey):
-        return f"line {line}: key {exc.args[0]!r} appears more than once (which one is meant?)"
+    if isinstance(exc, DuplicateKeyError):
+        return f"line {line}: key {exc.key!r} appears more than once (which one is meant?)"
     if isinstance(exc, json.JSONDecodeError):
         return f"line {line}: not valid JSON ({exc.msg} at column {exc.colno})"
     if isinstance(exc, RecursionError):
@@ -219,7 +206,7 @@ def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[dict[str, Any
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw, object_pairs_hook=_unique_keys)
+                obj = json.loads(raw, object_pairs_hook=unique_key_object)
             except (ValueError, RecursionError) as exc:
                 problems.append(_json_problem(exc, number))
                 continue
@@ -265,7 +252,7 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
 
 def _read_json_array(path: Path, text: str, start: int) -> tuple[list[dict[str, Any]], list[str], list[int]]:
     """The objects of the JSON array that starts at ``text[start]``, each with the line its object starts on."""
-    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    decoder = json.JSONDecoder(object_pairs_hook=unique_key_object)
     problems: list[str] = []
     records, lines, columns = [], [], {}
     line, counted = 1, 0
@@ -284,7 +271,7 @@ def _read_json_array(path: Path, text: str, start: int) -> tuple[list[dict[str, 
             number = line_at(pos)
             try:
                 obj, end = decoder.raw_decode(text, pos)
-            except _DuplicateKey as exc:  # a problem of this record alone: the array goes on after it
+            except DuplicateKeyError as exc:  # a problem of this record alone: the array goes on after it
                 problems.append(_json_problem(exc, number))
                 try:
                     obj, end = json.JSONDecoder().raw_decode(text, pos)
