@@ -61,6 +61,7 @@ __all__ = [
     "base_weights",
     "BASE_LAYER",
     "tensor_problem",
+    "dtype_problem",
     "slot_problems",
 ]
 
@@ -515,11 +516,18 @@ def resolve_tied(
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def dtype_problem(dtype: torch.dtype) -> str | None:
+    """Why an adapter tensor cannot have ``dtype`` (float8, integer, complex...), or None: one rule for every format."""
+    if dtype not in REAL_FLOAT_DTYPES:
+        return f"dtype {_dtype_name(dtype)}; adapter tensors must be real floating point (float16, bfloat16, " \
+               "float32 or float64)"
+    return None
+
+
 def tensor_problem(tensor: torch.Tensor) -> str | None:
     """What makes ``tensor`` unusable as an adapter tensor (dtype, emptiness, NaN/Inf), or None."""
-    if tensor.dtype not in REAL_FLOAT_DTYPES:
-        return f"dtype {_dtype_name(tensor.dtype)}; adapter tensors must be real floating point (float16, bfloat16, " \
-               "float32 or float64)"
+    if (bad := dtype_problem(tensor.dtype)) is not None:
+        return bad
     if tensor.numel() == 0:
         return f"is empty (shape {tuple(tensor.shape)})"
     if not torch.isfinite(tensor).all():

@@ -36,7 +36,7 @@ from .config import (
     show_json_value,
 )
 from .errors import AdapterFormatError, format_problems
-from .fit import base_key, split_base_key
+from .fit import base_key, dtype_problem, split_base_key
 from .ops import flip_circulant_layout
 
 __all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "describe_format", "format_name", "PEFT_PREFIX",
@@ -179,14 +179,17 @@ def from_peft(
         path = key[len(PEFT_PREFIX):]
         if path.endswith(PEFT_KERNEL_SUFFIX):
             module = path[: -len(PEFT_KERNEL_SUFFIX)]
-            if tensor.ndim != 3 or min(tensor.shape) < 1 or not tensor.dtype.is_floating_point:
+            bad_dtype = dtype_problem(tensor.dtype)  # float8 too: the same rule as bca-deploy's own format
+            if tensor.ndim != 3 or min(tensor.shape) < 1 or bad_dtype is not None:
                 bad_kernels.add(module)
             if tensor.ndim != 3:
                 problems.append(f"tensor {key!r}: shape {tuple(tensor.shape)}, expected (d_out/b, d_in/b, b)")
                 continue
-            if min(tensor.shape) < 1 or not tensor.dtype.is_floating_point:
-                problems.append(f"tensor {key!r}: {tensor.dtype} {tuple(tensor.shape)}; expected a non-empty real "
-                                "floating-point kernel")
+            if bad_dtype is not None:
+                problems.append(f"tensor {key!r}: {bad_dtype}")
+                continue
+            if min(tensor.shape) < 1:
+                problems.append(f"tensor {key!r}: shape {tuple(tensor.shape)}; expected a non-empty kernel")
                 continue
             o, q, b = tensor.shape
             specs[module] = ModuleSpec(

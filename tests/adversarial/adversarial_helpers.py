@@ -387,6 +387,7 @@ MALFORMATIONS: list[Malformation] = [
     Malformation("kernel-complex", "format", _set_kernel(lambda k: k.to(torch.complex64)), "complex64"),
     Malformation("kernel-bool", "format", _set_kernel(lambda k: k != 0), "bool"),
     Malformation("kernel-int32", "format", _set_kernel(lambda k: k.to(torch.int32)), "int32"),
+    Malformation("kernel-float8", "format", _set_kernel(lambda k: k.to(torch.float8_e4m3fn)), "float8_e4m3fn"),
     Malformation("kernel-nan", "format", _set_kernel(lambda k: k.index_fill(0, torch.tensor([0]), float("nan"))),
                  "NaN"),
     Malformation("kernel-inf", "format", _set_kernel(lambda k: k.index_fill(0, torch.tensor([0]), float("inf"))),
@@ -423,6 +424,9 @@ MALFORMATIONS: list[Malformation] = [
         sorted(s)[0], torch.zeros(0, 4, 8))), "non-empty"),
     Malformation("peft-kernel-int", "format", _peft(lambda c, s: s.__setitem__(
         sorted(s)[0], s[sorted(s)[0]].to(torch.int64))), "floating"),
+    # one dtype rule for both formats: PEFT float8 kernels were widened and accepted where bca-deploy's were refused
+    Malformation("peft-kernel-float8", "format", _peft(lambda c, s: s.__setitem__(
+        sorted(s)[0], s[sorted(s)[0]].to(torch.float8_e5m2))), "float8_e5m2; adapter tensors must be real floating"),
     Malformation("peft-lora", "format", _peft(lambda c, s: c.__setitem__("peft_type", "LORA")), "LORA"),
     # the fuzz report's: a TypeError each, before the fields were checked
     Malformation("peft-init-weights-list", "format", _peft(lambda c, s: c.__setitem__("init_weights", ["x"])),
