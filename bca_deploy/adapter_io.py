@@ -31,8 +31,10 @@ from .config import (
 )
 from .errors import (
     AdapterFormatError,
+    AdapterMismatchError,
     AdapterNameError,
     CheckpointFormatError,
+    InvalidOptionError,
     NonFiniteError,
     OutputExistsError,
     format_problems,
@@ -96,6 +98,7 @@ __all__ = [
     "check_adapter_fits",
     "write_adapter_dir",
     "convert_adapter",
+    "with_label_names",
     "align_module_paths",
     "align_paths",
     "peft_copied_modules",
@@ -717,6 +720,54 @@ class _Undo:
             self.registry.update(self.configs)
 
 
+def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]], names: list[str],
+                     model_config: Any = None, source: str = "adapter") -> AdapterConfig:
+    """``config`` with its seq-cls head's classes named ``names`` (class i is ``names[i]``).
+
+    The head is the one the adapter records, else the label layer it saves whole without a record (a PEFT
+    classifier: :func:`bca_deploy.models.saved_label_head`, which needs the base checkpoint's ``model_config``).
+
+    Args:
+        config: the adapter's config. shapes: its tensors' shapes (names as in ``config``). names: one per class.
+        model_config: the base checkpoint's transformers config. source: the adapter, for messages.
+
+    Raises:
+        AdapterMismatchError: not a seq-cls adapter, no classifier saved with it (it uses the checkpoint's, whose
+            labels its ``config.json`` names), or as many names as classes not given; names repeated or empty.
+        InvalidOptionError: a saved classifier without a head record and no ``model_config`` to locate it.
+    """
+    from .models import saved_label_head
+
+    def refuse(why: str) -> AdapterMismatchError:
+        return AdapterMismatchError(f"label names for {source}: {why}")
+
+    task = config.task
+    if task is None or task.type != "seq-cls":
+        raise refuse(f"the adapter's task is {task.type if task else 'not recorded'}; label names name the classes "
+                     "of a seq-cls (sequence classification) adapter's head")
+    problems = []
+    if not names or any(not isinstance(n, str) or not n.strip() for n in names):
+        problems.append("every name must be non-empty text")
+    if (repeated := sorted({n for n in names if names.count(n) > 1})):
+        problems.append(f"names must be distinct, repeated: {', '.join(map(repr, repeated))}")
+    if problems:
+        raise refuse("; ".join(problems))
+    head = task.head
+    if head is None and config.modules_to_save:
+        if model_config is None:
+            raise InvalidOptionError(f"label names for {source}: the adapter saves {config.modules_to_save} without "
+                                     "recording which is its classifier; give the base model (--model) to find it")
+        head = saved_label_head(model_config, config.modules_to_save, shapes)
+    if head is None:
+        raise refuse("the adapter saves no classifier of its own, so it classifies with the base checkpoint's head; "
+                     "name those labels in the checkpoint's config.json (id2label)")
+    if len(names) != head.num_labels:
+        raise refuse(f"{len(names)} names given, but the adapter's classifier has {head.num_labels} outputs")
+    id2label = dict(enumerate(names))
+    head = dataclasses.replace(head, id2label=id2label, label2id={n: i for i, n in id2label.items()})
+    return dataclasses.replace(config, task=dataclasses.replace(task, head=head))
+
+
 def convert_adapter(
     source: str | Path,
     destination: str | Path,
@@ -725,6 +776,8 @@ def convert_adapter(
     overwrite: bool = False,
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
+    label_names: list[str] | None = None,
+    model_config: Any = None,
 ) -> Path:
     """Convert an adapter directory between the bca-deploy and PEFT C3A formats, file to file.
 
@@ -737,11 +790,25 @@ def convert_adapter(
         overwrite: replace an existing adapter in ``destination``.
         task_type, base_model_name_or_path: for ``to="peft"``: see :func:`bca_deploy.peft_compat.to_peft`
             (default: from the adapter's recorded task and base model).
+        label_names: the names of a seq-cls adapter's classes 0..K-1, recorded in the written adapter (both
+            formats: a PEFT copy carries the record in its safetensors metadata), which ``merge``, ``export``
+            and ``serve`` then use. PEFT saves no label names, so its classifiers are otherwise named as the base
+            checkpoint names them, or ``LABEL_<i>``. See :func:`with_label_names`.
+        model_config: the base checkpoint's config (``model``'s when given): where a PEFT classifier's label layer
+            is, for ``label_names`` when the adapter records no head.
     """
     if to not in ("bca", "peft"):
         raise AdapterFormatError(f"to must be 'bca' or 'peft', got {to!r}")
     check_inputs_outside(destination, [("the source adapter", source)])
+    if label_names is not None:  # checked from the header first: a wrong count is refused before the tensors are read
+        header = read_adapter_header(source)
+        with_label_names(header.config, header.shapes, label_names,
+                         model_config if model_config is not None else getattr(model, "config", None), str(source))
     config, state = read_adapter(source, model, validate=model is None)
+    if label_names is not None:
+        config = with_label_names(config, {k: tuple(v.shape) for k, v in state.items()}, label_names,
+                                  model_config if model_config is not None else getattr(model, "config", None),
+                                  str(source))
     if model is not None:
         target = model_target(model)
         aligned, aligned_state = align_to_target(config, state, target)

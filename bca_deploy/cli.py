@@ -309,8 +309,16 @@ _PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "
 @click.option("--base-model", default=None,
               help="--to peft: base_model_name_or_path, the model AutoPeftModelFor* loads (default: the one the "
                    "adapter records).")
+@click.option("--label-names", default=None,
+              help="A seq-cls adapter's class names 0..K-1, comma-separated (e.g. negative,neutral,positive): recorded "
+                   "in the written adapter, so merge, export and serve name the classes. PEFT saves none, so a PEFT "
+                   "classifier is otherwise named as the base checkpoint names its labels, or LABEL_<i>.")
+@click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,
+              help="The base checkpoint directory (its config.json only): where a PEFT classifier's label layer is, "
+                   "needed with --label-names when the adapter records no head.")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter already in --out.")
-def convert(source: Path, to: str, out: Path, task_type: str | None, base_model: str | None, overwrite: bool) -> None:
+def convert(source: Path, to: str, out: Path, task_type: str | None, base_model: str | None,
+            label_names: str | None, model_dir: Path | None, overwrite: bool) -> None:
     """Convert an adapter between the bca-deploy and PEFT C3A formats (exact)."""
     import json
 
@@ -318,9 +326,23 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
 
     if to == "bca" and (task_type or base_model):
         raise click.BadParameter("only with --to peft", param_hint="--task-type/--base-model")
+    names = [n.strip() for n in label_names.split(",")] if label_names is not None else None
+    if names is not None and not all(names):
+        raise click.BadParameter(f"expected NAME[,NAME...] with no empty name, got {label_names!r}",
+                                 param_hint="--label-names")
+    if model_dir is not None and names is None:
+        raise click.BadParameter("only with --label-names (it locates a PEFT classifier's label layer)",
+                                 param_hint="--model")
+    model_config = None
+    if model_dir is not None:
+        from .models import load_config
+
+        model_config = load_config(model_dir)
     path = convert_adapter(source, out, to=to, overwrite=overwrite, task_type=task_type,
-                           base_model_name_or_path=base_model)
+                           base_model_name_or_path=base_model, label_names=names, model_config=model_config)
     click.echo(f"wrote {to} adapter to {path}")
+    if names is not None:
+        click.echo(f"labels: {', '.join(names)}")
     if to == "peft":
         written = json.loads((path / "adapter_config.json").read_text())
         click.echo(f"task_type: {written.get('task_type')}; base_model_name_or_path: "

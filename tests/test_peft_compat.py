@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -368,3 +369,79 @@ def test_load_errors_name_the_format(tmp_path):
         bd.load_adapter(tiny_bert(), tmp_path / "native")
     with pytest.raises(AdapterMismatchError, match=rf"^PEFT C3A adapter {tmp_path / 'peft'} does not fit"):
         bd.load_adapter(tiny_bert(), tmp_path / "peft")
+
+
+def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
+    """PEFT saves no label names: a classifier trained on a bare encoder (three labels) came out of merge, export and
+    serve as LABEL_0..2 with no way to name them. ``convert --label-names`` records them (the head found from the
+    base checkpoint's config, ``--model``), in either format; merge's checkpoint and the task every stage resolves
+    carry them, and the outputs stay PEFT's."""
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from bca_deploy.models import resolve_task
+
+    base = _saved(tiny_bert(), tmp_path / "base")  # a bare encoder: its config names no three labels
+    classifier = _from_disk(AutoModelForSequenceClassification, base, num_labels=3)
+    peft_model = get_peft_model(classifier, C3AConfig(task_type="SEQ_CLS", target_modules=["query", "value"],
+                                                      block_size=8))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "c3a_kernel" in name or "modules_to_save" in name:
+                param.normal_(0.0, 2.0 if "c3a_kernel" in name else 0.5)
+    expected = model_output(peft_model.eval(), input_ids)
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert resolve_task(base, [tmp_path / "peft"]).head.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+
+    def convert(*args):
+        return CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), *args])
+
+    refusals = {  # each refused before anything is written, naming what to change
+        ("--to", "bca", "--out", str(tmp_path / "no-model"), "--label-names", "neg,neu,pos"): "--model",
+        ("--to", "bca", "--out", str(tmp_path / "two"), "--label-names", "neg,pos", "--model", str(base)):
+            "2 names given, but the adapter's classifier has 3 outputs",
+        ("--to", "bca", "--out", str(tmp_path / "twice"), "--label-names", "neg,neg,pos", "--model", str(base)):
+            "repeated: 'neg'",
+        ("--to", "bca", "--out", str(tmp_path / "empty"), "--label-names", "neg,,pos", "--model", str(base)):
+            "no empty name",
+        ("--to", "bca", "--out", str(tmp_path / "model-alone"), "--model", str(base)): "only with --label-names",
+    }
+    for args, message in refusals.items():
+        result = convert(*args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert not any(p.name == Path(args[3]).name for p in tmp_path.iterdir()), args
+
+    for to in ("bca", "peft"):
+        out = tmp_path / f"named-{to}"
+        result = convert("--to", to, "--out", str(out), "--label-names", "neg, neu ,pos", "--model", str(base))
+        assert result.exit_code == 0 and "labels: neg, neu, pos" in result.output, result.output
+        head = resolve_task(base, [out]).head
+        assert head.id2label == {0: "neg", 1: "neu", 2: "pos"} and head.label2id == {"neg": 0, "neu": 1, "pos": 2}
+        ours = bd.load_adapter(_from_disk(BertForSequenceClassification, base, num_labels=3), out)
+        torch.testing.assert_close(model_output(ours, input_ids), expected, rtol=1e-5, atol=1e-5)
+    from bca_deploy.merge import merge_checkpoint
+
+    merged = merge_checkpoint(base, [(tmp_path / "named-bca", 1.0)], tmp_path / "merged", progress=False, fsync=False)
+    again = _from_disk(AutoModelForSequenceClassification, merged)
+    assert again.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    torch.testing.assert_close(model_output(again, input_ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_label_names_are_refused_where_there_is_no_head_to_name(tmp_path):
+    """A causal-LM adapter has no classes; a seq-cls adapter that saves no classifier uses the checkpoint's head,
+    whose names are the checkpoint's to give."""
+    from bca_deploy.config import task_spec_from_config
+    from bca_deploy.inject import adapter_configs
+
+    llm = bd.inject(tiny_llama(), ["q_proj"], block_size=8, seed=0)
+    adapter_configs(llm)["default"].task = task_spec_from_config("causal-lm", llm.config, None)
+    bd.save_adapter(llm, tmp_path / "llm")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "llm"), "--to", "bca", "--out",
+                                       str(tmp_path / "out"), "--label-names", "a,b"])
+    assert result.exit_code == 2 and "seq-cls" in result.output and "causal-lm" in result.output, result.output
+    headless = bd.inject(tiny_bert(num_labels=2), ["query"], block_size=8, seed=0)
+    adapter_configs(headless)["default"].task = task_spec_from_config("seq-cls", headless.config, None)
+    bd.save_adapter(headless, tmp_path / "headless")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "headless"), "--to", "bca", "--out",
+                                       str(tmp_path / "out"), "--label-names", "a,b"])
+    assert result.exit_code == 2 and "base checkpoint's head" in result.output, result.output
+    assert not (tmp_path / "out").exists()
