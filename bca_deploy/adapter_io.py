@@ -741,6 +741,11 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
     def refuse(why: str) -> AdapterMismatchError:
         return AdapterMismatchError(f"label names for {source}: {why}")
 
+    from .fit import model_type_problem
+
+    model_type = getattr(model_config, "model_type", None)
+    if (problem := model_type_problem(config, model_type, "the given base model")) is not None:
+        raise refuse(problem)
     task = config.task
     if task is None or task.type != "seq-cls":
         raise refuse(f"the adapter's task is {task.type if task else 'not recorded'}; label names name the classes "
@@ -765,7 +770,8 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
         raise refuse(f"{len(names)} names given, but the adapter's classifier has {head.num_labels} outputs")
     id2label = dict(enumerate(names))
     head = dataclasses.replace(head, id2label=id2label, label2id={n: i for i, n in id2label.items()})
-    return dataclasses.replace(config, task=dataclasses.replace(task, head=head))
+    return dataclasses.replace(config, task=dataclasses.replace(task, head=head),
+                               base_model_type=config.base_model_type or model_type)
 
 
 def convert_adapter(

@@ -418,6 +418,7 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
         assert head.id2label == {0: "neg", 1: "neu", 2: "pos"} and head.label2id == {"neg": 0, "neu": 1, "pos": 2}
         ours = bd.load_adapter(_from_disk(BertForSequenceClassification, base, num_labels=3), out)
         torch.testing.assert_close(model_output(ours, input_ids), expected, rtol=1e-5, atol=1e-5)
+    assert bd.read_adapter(tmp_path / "named-bca")[0].base_model_type == "bert"  # --model's, now recorded
     from bca_deploy.merge import merge_checkpoint
 
     merged = merge_checkpoint(base, [(tmp_path / "named-bca", 1.0)], tmp_path / "merged", progress=False, fsync=False)
