@@ -694,7 +694,9 @@ def _base_weight_problems(state: Mapping[str, torch.Tensor], based: Mapping[str,
                 "bias='c3a_only' does)")
             problems.append(f"{what}; {target.description} cannot take it: {why}. Export the adapter on its own "
                             "(bca-deploy export, --merge or not), not into a bank, or apply it with load_adapter or "
-                            "bca-deploy merge")
+                            "bca-deploy merge; or bank it on the base model it was trained on, which `bca-deploy merge "
+                            "--model BASE --adapter ADAPTER --weight 0 --out TRAINED_BASE` writes (its base weights, no "
+                            "ΔW), exporting the bank with --model TRAINED_BASE")
             continue
         info = None if target.params is None else target.params.get(name)
         if target.params is None or (info is None and not target.lists_every_module):

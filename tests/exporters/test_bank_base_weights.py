@@ -342,3 +342,27 @@ def test_inspect_names_an_adapters_base_weights(made, monkeypatch, read):
         result = _cli("inspect", adapter)
         assert result.exit_code == 0, result.output
         assert line in result.output.splitlines(), result.output
+
+
+def test_a_resized_vocabulary_adapter_banks_on_the_base_it_was_trained_on(made):
+    """The refusal's remedy, as it says: on a base resized as the user resized it for training (its new rows drawn
+    again), ``merge --weight 0`` writes the base the adapter was trained on (the adapter's base weights, its resized
+    embeddings, replace the checkpoint's; no ΔW), and a bank exported on that base takes the adapter, with PEFT's
+    numbers, and serves its base rows as that base model."""
+    resized = made["resized"]
+    root = resized["root"]
+    peft = _peft(made["llama"]["base"], "LlamaForCausalLM", ["q_proj", "lm_head"], root / "trained", resize=True)
+    result = _cli("export", "--model", resized["base"], "--adapter", root / "trained", "--bank", "--out",
+                  root / "refused", "--cases", "1x5")
+    assert result.exit_code == 2 and "merge --model" in result.output and "--weight 0" in result.output, result.output
+    result = _cli("merge", "--model", resized["base"], "--adapter", root / "trained", "--weight", "0",
+                  "--out", root / "trained-base")
+    assert result.exit_code == 0, result.output
+    base = _load(root / "trained-base", "LlamaForCausalLM")
+    assert base.get_input_embeddings().weight.shape[0] == RESIZED
+    result = _cli("export", "--model", root / "trained-base", "--adapter", root / "trained", "--bank", "--out",
+                  root / "trained-bank", "--cases", "1x5")
+    assert result.exit_code == 0, result.output
+    got = _served(root / "trained-bank", root / "trained")
+    _close(got[:1], _logits(peft)[:1], "the resized adapter in a bank on its own base")
+    _close(got[1:], _logits(base)[1:], "a base row beside it")
