@@ -60,6 +60,7 @@ from .inject import (
     adapter_configs,
     adapter_names,
     add_saved_values,
+    apply_head_labels,
     base_weight_keys,
     base_weight_parameter,
     base_weight_value,
@@ -673,6 +674,8 @@ def load_adapter(
     except BaseException:
         undo.restore(adapter_name)
         raise
+    if config.task is not None and config.task.head is not None:
+        apply_head_labels(model, config.task.head)  # pipelines and config readers name the classes as merge/serve do
     return model
 
 

@@ -657,6 +657,8 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
                         f"cannot take them: {target.no_params_reason}")
     elif saved:
         problems += [heads[m] for m in config.modules_to_save if m in heads and m not in config.modules]
+        head = config.task.head if config.task is not None else None
+        label_hint = head is not None  # said once: how to build a model with the adapter's head
         for key in saved:
             if split_saved_key(key, config.modules_to_save)[0] in heads:
                 continue  # said once for its module
@@ -666,8 +668,16 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
             elif not info.floating:
                 problems.append(f"tensor {key}: {target.description} holds it as {info.dtype}, not floating point")
             elif tuple(state[key].shape) != tuple(info.shape) and key not in target.resizable:
+                hint = ""
+                if label_hint and state[key].ndim and state[key].shape[0] == head.num_labels != info.shape[0] \
+                        and split_saved_key(key, config.modules_to_save)[0] in head.modules:
+                    label_hint = False
+                    hint = (f" (the adapter's classifier has {head.num_labels} labels: build the model with "
+                            f"num_labels={head.num_labels}, e.g. AutoModelForSequenceClassification.from_pretrained("
+                            "base, num_labels=...), or use bca_deploy.models.load_model(base, [adapter]), which "
+                            "reads the head from the adapter)")
                 problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, {target.description} has "
-                                f"{tuple(info.shape)}")
+                                f"{tuple(info.shape)}{hint}")
             elif (cast := _cast_problem(state[key], info.dtype)) is not None:
                 problems.append(f"tensor {key}: {cast}")
     return problems

@@ -7,8 +7,10 @@ all targets before the model is touched, so a refused call leaves the model as i
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +52,7 @@ __all__ = [
     "base_weight_value",
     "check_base_weights",
     "register_base_weights",
+    "apply_head_labels",
 ]
 
 _CONFIGS_ATTR = "bca_adapter_configs"
@@ -450,11 +453,38 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     else:
         restore_tie_config(model, [])
     _unload_saved(model, merge)
+    labels = model.__dict__.pop(_LABELS_ATTR, None)
+    if labels is not None and not merge:  # the base model's head is back: so are its labels
+        for key, value in labels.items():
+            setattr(model.config, key, value)
     model.__dict__.pop(_CONFIGS_ATTR, None)
     model.__dict__.pop(_BASE_ATTR, None)  # base weights stay in the base model, as PEFT's unload leaves them
     model.__dict__.pop(_TIE_ATTR, None)  # the layers are gone: nothing can be tied back any more
     model.__dict__.pop(_SAVED_ATTR, None)
     return model
+
+
+# ---- class names of a loaded head ----------------------------------------------------------------------
+
+_LABELS_ATTR = "bca_base_labels"
+_LABEL_FIELDS = ("id2label", "label2id", "problem_type")
+
+
+def apply_head_labels(model: nn.Module, head: Any) -> None:
+    """Name the classes as the adapter's head (a :class:`~bca_deploy.config.HeadSpec`, loaded with it) names them, in
+    ``model.config`` (``id2label``, ``label2id``, ``problem_type``): what transformers' pipelines and
+    ``config.id2label`` readers show. The model's own are kept and put back by :func:`remove_adapters` without
+    merging (the base model's head is back then). One adapter of a model at most saves the head, so there is one
+    set of names."""
+    config = getattr(model, "config", None)
+    if config is None or head is None:
+        return
+    if _LABELS_ATTR not in model.__dict__:
+        model.__dict__[_LABELS_ATTR] = {key: copy.deepcopy(getattr(config, key, None)) for key in _LABEL_FIELDS}
+    config.id2label = {int(i): name for i, name in head.id2label.items()}
+    config.label2id = {name: int(i) for name, i in head.label2id.items()}
+    if head.problem_type is not None:
+        config.problem_type = head.problem_type
 
 
 # ---- tied weights (an lm_head sharing its weight Parameter with the input embedding) ------------------

@@ -474,3 +474,48 @@ def test_inspect_memory_stays_bounded_on_a_sparse_giant(bert_adapter, tmp_path):
     _, baseline, peak, code = line.split()
     assert code in ("0", "None"), proc.stdout + proc.stderr
     assert int(peak) - int(baseline) < 128 << 10, (baseline, peak)  # KiB: nothing near the declared GiB
+
+
+def _classifier_adapter(tmp_path, names):
+    from bca_deploy.config import task_spec_from_config
+    from bca_deploy.inject import adapter_configs
+
+    trained = bd.inject(tiny_bert(num_labels=len(names)), ["query"], block_size=8, init="normal", init_std=0.1, seed=0,
+                        modules_to_save=["classifier"])
+    trained.config.id2label = dict(enumerate(names))
+    trained.config.label2id = {n: i for i, n in enumerate(names)}
+    adapter_configs(trained)["default"].task = task_spec_from_config("seq-cls", trained.config, ["classifier"])
+    return bd.save_adapter(trained, tmp_path / "classifier")
+
+
+def test_load_adapter_names_the_classes_as_the_adapter_records_them(tmp_path, input_ids):
+    """``load_adapter`` put the adapter's classifier in but left the model's LABEL_0..: a transformers pipeline answered
+    LABEL_1 where merge, export and serve say 'positive'. The config now names them as the adapter's head does, and
+    removing the adapter (unmerged) gives the base model's back."""
+    from transformers import pipeline  # noqa: F401 - the readers of config.id2label
+
+    directory = _classifier_adapter(tmp_path, ["food", "sports", "tech"])
+    model = tiny_bert(num_labels=3)
+    before = (dict(model.config.id2label), dict(model.config.label2id))
+    bd.load_adapter(model, directory)
+    assert model.config.id2label == {0: "food", 1: "sports", 2: "tech"}
+    assert model.config.label2id == {"food": 0, "sports": 1, "tech": 2}
+    logits = model_output(model, input_ids)
+    assert model.config.id2label[int(logits[0].argmax())] in {"food", "sports", "tech"}
+    bd.remove_adapters(model)
+    assert (model.config.id2label, model.config.label2id) == before
+    merged = bd.remove_adapters(bd.load_adapter(tiny_bert(num_labels=3), directory), merge=True)
+    assert merged.config.id2label == {0: "food", 1: "sports", 2: "tech"}  # the merged model keeps the adapter's head
+
+
+def test_a_head_of_another_label_count_is_refused_saying_how_to_build_the_model(tmp_path):
+    directory = _classifier_adapter(tmp_path, ["food", "sports", "tech"])
+    model = tiny_bert(num_labels=2)
+    with pytest.raises(AdapterMismatchError) as err:
+        bd.load_adapter(model, directory)
+    message = str(err.value)
+    assert "tensor classifier.bias: shape (3,), this BertForSequenceClassification has (2,) (the adapter's " \
+        "classifier has 3 labels: build the model with num_labels=3" in message, message
+    assert "tensor classifier.weight: shape (3, 32)" in message and "bca_deploy.models.load_model" in message
+    assert message.count("num_labels=3") == 1  # once, not per tensor
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}

@@ -529,6 +529,16 @@ def load_seq_cls(
     )
 
 
+#: The largest regression target trained on: the MSE loss squares the error in float32 (max 3.4e38), so a target
+#: near 1.8e19 makes the loss infinite at the first step, which would be reported as a learning-rate problem.
+MAX_REGRESSION_TARGET = 1e18
+
+
+def _short_number(value: int | float) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text.lstrip('+-'))} digits)"
+
+
 def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool | None, names: list[str] | None,
             problems: list[str]) -> tuple[list[Any], list[str] | None, bool]:
     """Turn parsed labels into ids (or floats), deciding the label kind; appends problems."""
@@ -538,6 +548,9 @@ def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool |
     if regression:
         bad = [f"line {line}: label {str(v)!r} in column {column!r} is not a number (regression needs real-valued "
                "labels)" for v, line in zip(parsed, lines) if isinstance(v, _Name)]
+        bad += [f"line {line}: label {_short_number(v)} in column {column!r} is too large for training: regression "
+                f"targets must be within ±{MAX_REGRESSION_TARGET:.0e} (the loss squares the error in float32)"
+                for v, line in zip(parsed, lines) if not isinstance(v, _Name) and abs(v) > MAX_REGRESSION_TARGET]
         problems += bad
         return ([] if bad else [float(v) for v in parsed]), None, True
     if any(is_name) and not all(is_name):

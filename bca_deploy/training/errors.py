@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..errors import BCAError
 
 __all__ = ["DataError", "DataFileNotFoundError", "TrainingConfigError", "CheckpointError", "TrainingDivergedError",
-           "TrainingTerminated"]
+           "PeerFailedError", "TrainingTerminated"]
 
 
 class DataError(BCAError, ValueError):
@@ -33,6 +33,11 @@ class CheckpointError(BCAError, ValueError):
 class TrainingDivergedError(TrainingConfigError, FloatingPointError):
     """The training loss became NaN or infinite: the options (learning rate, clipping) made the run diverge.
     The checkpoints written before it are kept."""
+
+
+class PeerFailedError(BCAError, RuntimeError):
+    """Another process of a distributed run (torchrun, accelerate) stopped: killed, out of memory, or failed with its
+    own error, which it and the launcher report. This process stops too, saying what ``--out`` holds."""
 
 
 class TrainingTerminated(KeyboardInterrupt):

@@ -17,7 +17,7 @@ from .data import IGNORE_INDEX, TokenizedDataset
 from .errors import TrainingConfigError
 from .metrics import MetricAccumulator
 
-__all__ = ["Dist", "init_distributed", "barrier", "on_main", "destroy", "resolve_precision", "autocast",
+__all__ = ["Dist", "init_distributed", "barrier", "on_main", "any_rank", "peer_failure", "destroy", "resolve_precision", "autocast",
            "place_model", "model_inputs", "task_loss", "to_device", "run_eval"]
 
 
@@ -114,6 +114,36 @@ def on_main(d: Dist, fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return result
+
+
+def any_rank(d: Dist, flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any process of the run; every process gets the same answer (one all-reduce of a
+    scalar on ``device``, which NCCL needs to be the process's GPU), so all of them act on it together."""
+    if not d.active:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+#: What the collective backends say when another process of the group is gone (killed, crashed, out of memory):
+#: gloo raises a plain RuntimeError ("Connection closed by peer", "Connection reset by peer"), NCCL a DistError.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl")
+
+
+def peer_failure(d: Dist, exc: BaseException) -> bool:
+    """Whether ``exc`` is this process finding that another process of the distributed run is gone (its own error,
+    and the launcher's summary, say why), rather than a failure of its own."""
+    if not d.active or not isinstance(exc, RuntimeError):
+        return False
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _PEER_GONE)
 
 
 def destroy(d: Dist) -> None:

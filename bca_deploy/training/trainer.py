@@ -52,8 +52,8 @@ from ..models import describe_ids_past_vocabulary, ids_past_vocabulary, vocabula
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
 from .config import Recipe, TrainConfig, recipe_for
 from .data import SeqClsExamples, check_label_range, check_token_range, classes_needed, load_dataset, pad_token_id
-from .errors import (CheckpointError, DataError, DataFileNotFoundError, TrainingConfigError, TrainingDivergedError,
-                     TrainingTerminated)
+from .errors import (CheckpointError, DataError, DataFileNotFoundError, PeerFailedError, TrainingConfigError,
+                     TrainingDivergedError, TrainingTerminated)
 from .evaluate import TRAINING_FILE, evaluate
 from .loading import (
     DEFAULT_TARGETS,
@@ -75,12 +75,14 @@ from .loading import (
 from .metrics import is_better, primary_metric
 from .runtime import (
     Dist,
+    any_rank,
     autocast,
     barrier,
     destroy,
     init_distributed,
     model_inputs,
     on_main,
+    peer_failure,
     place_model,
     resolve_precision,
     run_eval,
@@ -380,15 +382,26 @@ class _TrainingRun:
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (TrainingTerminated): say what is left, how to go on
             if self.d.is_main:
                 with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone: the unwind goes on
-                    print(self._interrupted_note(exc), file=sys.stderr, flush=True)
+                    how = f"terminated ({exc.signal_name})" if isinstance(exc, TrainingTerminated) else "interrupted"
+                    print(self._stopped_note(how), file=sys.stderr, flush=True)
             raise
+        except RuntimeError as exc:
+            if not peer_failure(self.d, exc):
+                raise
+            # Another process is gone (killed, out of memory, its own error): not a bug here. Say so, and what is left
+            # (rank 0 writes the checkpoints, so only it knows which one --out holds).
+            left = self._stopped_note("stopped") if self.d.is_main else (
+                f"{self.out / 'last'} holds the run's latest checkpoint if rank 0 wrote one; run the same command with "
+                "--resume to continue from it")
+            raise PeerFailedError(f"rank {self.d.rank}: another process of this distributed run stopped (its own error, "
+                                  f"and the launcher's summary, say why); {left}") from None
         finally:
             if self.rundir is not None:
                 self.rundir.close()
 
-    def _interrupted_note(self, exc: KeyboardInterrupt) -> str:
-        """What an interrupted run left in ``--out`` and the command that continues it."""
-        how = f"terminated ({exc.signal_name})" if isinstance(exc, TrainingTerminated) else "interrupted"
+    def _stopped_note(self, how: str) -> str:
+        """What a run stopped early (``how``: interrupted, terminated...) left in ``--out`` and the command that
+        continues it."""
         where = f"at step {self.step} of {self.cfg.max_steps}" if self.step else "before the first step"
         saved = self.saved_step
         resume = "run the same command with --resume" + (" in place of --overwrite" if self.cfg.overwrite else "") + \
@@ -905,10 +918,14 @@ class _TrainingRun:
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
-                if not math.isfinite(step_loss):
+                # Every process stops at the same step (one that stopped alone would leave the others to fail on
+                # the broken connection).
+                if any_rank(d, not math.isfinite(step_loss), dev):
+                    where = "" if math.isfinite(step_loss) else f"is {step_loss} "
+                    clip = "lower --max-grad-norm" if cfg.max_grad_norm else "set --max-grad-norm"
                     raise TrainingDivergedError(
-                        f"training loss is {step_loss} at step {self.step}: lower the learning rate (--lr {cfg.lr}) "
-                        "or set --max-grad-norm")
+                        f"training loss {where or 'is not finite on another process '}at step {self.step}: lower the "
+                        f"learning rate (--lr {cfg.lr}) or {clip}")
                 elapsed = time.perf_counter() - t0
                 self.train_seconds += elapsed
                 self.train_cpu_seconds += time.process_time() - c0

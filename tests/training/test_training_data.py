@@ -376,3 +376,20 @@ def test_macro_f1_averages_the_classes_that_occur_as_scikit_learn_does():
         confusion[t, p] += 1
     # sklearn.metrics.f1_score(truth, pred, average="macro"), per class: 0: 2·2/(3+3), 1: 2·2/(3+3), 3: 2·1/(2+2)
     assert classification_metrics(confusion)["macro_f1"] == pytest.approx((4 / 6 + 4 / 6 + 2 / 4) / 3)
+
+
+def test_regression_targets_too_large_for_float32_training_are_refused_with_their_lines(tmp_path):
+    """A target of 1e39 (beyond float32) or 1e20 (whose squared error is) made the loss infinite at the first step,
+    reported as "lower the learning rate"; under torchrun only the process that drew the row stopped. Now the file is
+    refused before training, naming each line. Targets up to the bound load as written."""
+    path = tmp_path / "reg.tsv"
+    path.write_text("sentence\tlabel\n" + "a\t0.5\n" + "b\t1e39\n" + "c\t-2.5e20\n" + "d\t1e18\n")
+    with pytest.raises(DataError) as info:
+        load_seq_cls(path)
+    message = str(info.value)
+    for part in ("line 3: label 1e+39 in column 'label' is too large for training: regression targets must be "
+                 "within ±1e+18", "line 4: label -2.5e+20"):
+        assert part in message, (part, message)
+    assert "line 2" not in message and "line 5" not in message
+    path.write_text("sentence\tlabel\n" + "a\t0.5\n" + "e\t-1e18\n")
+    assert load_seq_cls(path).labels == [0.5, -1e18]

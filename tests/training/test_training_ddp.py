@@ -49,3 +49,91 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert metrics["accuracy"] == result["final_metrics"]["accuracy"]
     assert metrics["n"] == result["final_metrics"]["n"] == 128
     assert metrics["loss"] == pytest.approx(result["final_metrics"]["loss"], rel=1e-5)
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the launched process with ``RANK=rank`` among ``launcher_pid``'s children (Linux /proc)."""
+    import os
+    from pathlib import Path
+
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"PPid:\t{launcher_pid}\n" not in status.read_text():
+                continue
+            environ = (status.parent / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(status.parent.name)
+    return None if os.path.exists(f"/proc/{launcher_pid}") else -1
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not sys.platform.startswith("linux"),
+                    reason="torch.distributed and Linux's /proc are needed")
+def test_a_process_killed_mid_run_stops_the_other_with_what_is_left(tmp_path):
+    """kill -9 of rank 1 made rank 0 die on gloo's "Connection closed by peer" as "Internal error ... This is a bug in
+    bca-deploy" (exit 70), saying nothing of the checkpoint left. Now it says another process stopped, what --out
+    holds and how to continue."""
+    import os
+    import signal
+    import time
+
+    data = make_data(tmp_path / "data")
+    model_dir = tiny_model_dir(tmp_path / "bert", "bert", [s for s, _ in sst2_rows("train", 256)])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "bca_deploy.training", "train", "--model", str(model_dir), "--data", str(data["small"]),
+           "--out", str(out), "--device", "cpu", "--block-size", "8", "--batch-size", "8", "--max-length", "32",
+           "--max-steps", "100000", "--save-every", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "last").is_dir() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        victim = _rank_pid(proc.pid, 1)
+        assert victim and victim > 0, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "This is a bug" not in stderr and "Internal error" not in stderr, stderr[-3000:]
+    assert "rank 0: another process of this distributed run stopped (its own error, and the launcher's summary, " \
+           "say why); training stopped at step " in stderr, stderr[-3000:]
+    assert f"{out / 'last'} holds the checkpoint of step " in stderr and "--resume" in stderr, stderr[-3000:]
+    assert (out / "last" / "adapter_model.safetensors").is_file()
+
+
+def _agree_worker(rank: int, port: int, flags: list[bool], results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from bca_deploy.training.runtime import Dist, any_rank
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results[rank] = any_rank(Dist(rank, 2), flags[rank], torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.parametrize("flags", [[False, True], [True, False], [False, False]])
+def test_every_process_sees_a_non_finite_loss_any_of_them_saw(flags):
+    """The trainer's divergence check is agreed: a loss that is NaN or inf on one process stops every process at that
+    step with the same error (one that stopped alone left the others to die on the broken connection)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_agree_worker, args=(port, flags, results), nprocs=2, join=True)
+    assert dict(results) == {0: any(flags), 1: any(flags)}
