@@ -492,7 +492,6 @@ def test_load_adapter_names_the_classes_as_the_adapter_records_them(tmp_path, in
     """``load_adapter`` put the adapter's classifier in but left the model's LABEL_0..: a transformers pipeline answered
     LABEL_1 where merge, export and serve say 'positive'. The config now names them as the adapter's head does, and
     removing the adapter (unmerged) gives the base model's back."""
-    from transformers import pipeline  # noqa: F401 - the readers of config.id2label
 
     directory = _classifier_adapter(tmp_path, ["food", "sports", "tech"])
     model = tiny_bert(num_labels=3)
