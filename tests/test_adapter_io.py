@@ -492,7 +492,6 @@ def test_load_adapter_names_the_classes_as_the_adapter_records_them(tmp_path, in
     """``load_adapter`` put the adapter's classifier in but left the model's LABEL_0..: a transformers pipeline answered
     LABEL_1 where merge, export and serve say 'positive'. The config now names them as the adapter's head does, and
     removing the adapter (unmerged) gives the base model's back."""
-
     directory = _classifier_adapter(tmp_path, ["food", "sports", "tech"])
     model = tiny_bert(num_labels=3)
     before = (dict(model.config.id2label), dict(model.config.label2id))
