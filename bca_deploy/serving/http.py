@@ -65,7 +65,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BCAError, ServingError, UnknownAdapterError
 from .options import ServeOptions
-from .session import BASE, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
+from .session import BASE, KIND_NEEDS, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
 from .wire import (
     READ_METHODS,
@@ -588,7 +588,7 @@ class Server:
     def require(self, kind: str) -> None:
         """Refuse an endpoint the graph's task cannot serve (:class:`WrongTaskError`)."""
         if not self.session.serves(kind):
-            raise WrongTaskError(f"this server's graph was exported for {self.session.task!r}; {kind} is not available")
+            raise WrongTaskError(f"this server's graph was exported for {self.session.task!r}; {KIND_NEEDS[kind]}")
 
     def adapter(self, name: str | None, param: str = "adapter") -> str | None:
         """The adapter a request names (``None``: the base model), which must be loaded now."""

@@ -68,9 +68,11 @@ BASE = "__base__"
 #: Adapter names: a letter or digit, then letters, digits, ``.``, ``_``, ``-``; at most 128 characters.
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: What each kind of request needs of the graph, as a refusal says it (:meth:`MultiAdapterSession.require`).
-_KIND_NEEDS = {"embed": "embeddings need a feature-extraction export",
-               "classify": "classification needs a text-classification export",
-               "generate": "generation needs a text-generation-with-past export"}
+#: What each kind of request needs of the graph: said by every refusal of a route the graph cannot answer.
+KIND_NEEDS = {"embed": "embeddings need a feature-extraction export (bca-deploy export --bank --task "
+                       "feature-extraction, of adapters trained without a classification head)",
+              "classify": "classification needs a text-classification export (of seq-cls adapters)",
+              "generate": "generation needs a text-generation-with-past export (of causal-lm adapters)"}
 
 
 def check_adapter_name(name: str) -> str:
@@ -905,8 +907,8 @@ class MultiAdapterSession:
         """Whether this graph answers ``kind`` (``"embed"``, ``"classify"`` or ``"generate"``): the one rule the
         methods below and every HTTP route check. Embeddings need an encoder's ``last_hidden_state``,
         classification its ``logits`` (a text-classification export), generation a decoder with past."""
-        if kind not in _KIND_NEEDS:
-            raise ValueError(f"kind must be one of {', '.join(_KIND_NEEDS)}; got {kind!r}")
+        if kind not in KIND_NEEDS:
+            raise ValueError(f"kind must be one of {', '.join(KIND_NEEDS)}; got {kind!r}")
         if kind == "generate":
             return self.with_past
         return not self.with_past and {"embed": "last_hidden_state", "classify": "logits"}[kind] in self.output_names
@@ -915,7 +917,7 @@ class MultiAdapterSession:
         """Raise :class:`~bca_deploy.errors.ServingError` when this graph does not answer ``kind``
         (:meth:`serves`), saying which export would."""
         if not self.serves(kind):
-            raise ServingError(f"this graph was exported for {self.task!r}; {_KIND_NEEDS[kind]}")
+            raise ServingError(f"this graph was exported for {self.task!r}; {KIND_NEEDS[kind]}")
 
     def embed(self, inputs: Sequence[str] | Sequence[Sequence[int]], adapters: Sequence[str | None],
               pooling: str = "mean", normalize: bool = False, snapshot: BankSnapshot | None = None) -> np.ndarray:

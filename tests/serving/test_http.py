@@ -944,10 +944,13 @@ def test_text_length_and_row_count_are_enforced_exactly_and_separately(artefacts
 
 
 def test_wrong_endpoint_for_the_task_is_400(llama_url, bert_url):
-    for url, path in ((llama_url, "/v1/embeddings"), (llama_url, "/v1/classify"), (bert_url, "/v1/generate"),
-                      (bert_url, "/v1/classify")):
+    # each says what the route needs (it said "embed is not available", a word of the code's)
+    for url, path, needs in ((llama_url, "/v1/embeddings", "embeddings need a feature-extraction export"),
+                             (llama_url, "/v1/classify", "classification needs a text-classification export"),
+                             (bert_url, "/v1/generate", "generation needs a text-generation-with-past export"),
+                             (bert_url, "/v1/classify", "classification needs a text-classification export")):
         status, body = call(url + path, "POST", {"input": [[5, 6, 7]]})
-        assert_error(status, body, 400, "wrong_task")
+        assert_error(status, body, 400, "wrong_task", [needs])
     status, body = call(llama_url + "/health")
     assert status == 200 and body["adapters"] == 3
 
