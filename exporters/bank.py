@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import threading
 import types
@@ -786,6 +787,46 @@ def _export_file(value: Any, field: str, problems: list[str]) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class FileDigest:
+    """A file of the export as it was written: its size in bytes and the sha256 of its bytes."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> FileDigest:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            size = os.fstat(f.fileno()).st_size
+        return cls(size, digest.hexdigest())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bytes": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FileDigest:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"must be an object with 'bytes' and 'sha256', got {type(data).__name__}")
+        size, sha = data.get("bytes"), data.get("sha256")
+        if type(size) is not int or size < 0:
+            raise ValueError(f"bytes must be a non-negative integer, got {str(size)[:40]}")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {str(sha)[:80]!r}")
+        return cls(size, sha)
+
+    def problem(self, path: Path) -> str | None:
+        """Why ``path`` is not this file (its size first: a file of another size is not read), or None."""
+        size = path.stat().st_size
+        if size != self.size:
+            return f"{size:,} bytes, the export wrote {self.size:,}"
+        if FileDigest.of(path).sha256 != self.sha256:
+            return "its sha256 differs from the one the export recorded"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
 class BankRecord:
     """What an export's ``bca_export.json`` records about its adapter-bank graph (written by
     :meth:`BankPlan.metadata`): the one reader of it, for serving, ``validate`` and the Ray deployment.
@@ -807,6 +848,9 @@ class BankRecord:
             base weight (``bank.base_weights``: the embeddings' and the adapted modules'), as the graph holds it;
             None for a bank exported before they were recorded (:func:`bank_base_matches` then does as bca-deploy
             did: takes base weights of adapted modules at their layer's shape, refuses others).
+        adapter_digests: adapter name -> the :class:`FileDigest` of its adapter file as the export wrote it
+            (``bank.adapter_digests``), checked before the file is used (:meth:`adapter_file_problem`); None for a
+            bank exported before they were recorded.
     """
 
     ids_input: str
@@ -821,6 +865,7 @@ class BankRecord:
     adapter_labels: Mapping[str, HeadLabels | None] = dataclasses.field(default_factory=dict)
     unused: tuple[UnusedModule, ...] = ()
     base_weights: Mapping[str, BaseDigest] | None = None
+    adapter_digests: Mapping[str, FileDigest] | None = None
 
     @property
     def adapters(self) -> list[str]:
@@ -935,10 +980,37 @@ class BankRecord:
                             problems.append(f"bank.base_weights[{name[:80]!r}]: {exc}")
                 if malformed > 5:
                     problems.append(f"bank.base_weights: {malformed - 5:,} more malformed entries")
+        adapter_digests: dict[str, FileDigest] | None = None
+        raw_digests = data.get("adapter_digests")  # absent from banks exported before it was recorded
+        if raw_digests is not None:
+            if not isinstance(raw_digests, Mapping):
+                problems.append(f"bank.adapter_digests must be an object, got {type(raw_digests).__name__}")
+            else:
+                adapter_digests = {}
+                for name, entry in list(raw_digests.items())[:len(names) + 1]:
+                    try:
+                        adapter_digests[name] = FileDigest.from_dict(entry)
+                    except ValueError as exc:
+                        problems.append(f"bank.adapter_digests[{name[:40]!r}]: {exc}")
+                if names and set(raw_digests) != set(names):
+                    problems.append(f"bank.adapter_digests must have one entry per slot's adapter "
+                                    f"({str(names)[:200]}), has {str(sorted(raw_digests))[:200]}")
         if problems:
             raise ValueError("; ".join(problems) + "; re-export the bank (bca-deploy export --bank)")
         return cls(ids_input, tuple(slots), adapter_files, layout, prefix or "", model_type, head, base_file,
-                   base_labels, adapter_labels, tuple(unused), base_weights)
+                   base_labels, adapter_labels, tuple(unused), base_weights, adapter_digests)
+
+    def adapter_file_problem(self, name: str, path: Path) -> str | None:
+        """The message refusing ``path`` as exported adapter ``name``'s file when it is not the file the export
+        wrote (its size, then its sha256, differ from what ``bca_export.json`` records); None when it is (or nothing
+        is recorded: an older export). serve, serve-ray and validate check it before onnxruntime reads the file: one
+        copied from another export with the same shapes was served as this adapter, with another's numbers."""
+        if self.adapter_digests is None or name not in self.adapter_digests:
+            return None
+        problem = self.adapter_digests[name].problem(path)
+        if problem is None:
+            return None
+        return f"{path}: not the adapter file this bank exported for {name!r} ({problem}); export the bank again"
 
 
 def _outermost(paths: Sequence[str]) -> list[str]:
@@ -1910,6 +1982,7 @@ class BankPlan:
         self.base_model_prefix = getattr(model, "base_model_prefix", "") or ""
         self.model_type = getattr(getattr(model, "config", None), "model_type", None)
         self.unused: list[UnusedModule] = []  # adapted modules the graph does not use (see leave_out)
+        self.adapter_digests: dict[str, FileDigest] = {}  # each adapter file as write() wrote it
 
     @classmethod
     def load(cls, model_dir: str | Path, adapter_dirs: Sequence[str | Path], task: Any = None) -> BankPlan:
@@ -2054,17 +2127,20 @@ class BankPlan:
         for name in self.names:
             heads = None if self.head is None else stack_head([self.base_head, self.slot_head(name)], self.head)
             write_adapter_file(self.adapter_file(directory, name), self.tensors[name], self.layout, heads)
+            self.adapter_digests[name] = FileDigest.of(self.adapter_file(directory, name))
         if self.base_head is not None:
             np.savez(directory / HEAD_BASE_FILE, **self.base_head.tensors)
 
     def validate(self, directory: Path, reference: nn.Module, dtype: str, provider: str, tolerance=None,
-                 cases=None) -> ValidationReport:
+                 cases=None, record: BankRecord | None = None) -> ValidationReport:
         """The bank graph against PyTorch: mixed batches over every slot, then each adapter file activated.
 
         Without a per-slot head, :func:`~bca_deploy.exporters.validate.validate_model` with ``slots``
         (the reference runs the mixed batch under ``mixed_adapters``). With one, each row's logits are
         compared with its slot's own model (adapter active, that slot's head swapped in): real labels
-        within tolerance, padding labels -inf, rows of a slot without a head NaN.
+        within tolerance, padding labels -inf, rows of a slot without a head NaN. ``record``: the export's bank
+        record when re-checking an export (``bca-deploy validate``): each adapter file is checked against the
+        digest it records before onnxruntime reads it.
         """
         import onnxruntime as ort
 
@@ -2081,6 +2157,8 @@ class BankPlan:
         for name in self.names:
             path = self.adapter_file(directory, name)
             require_readable(path)  # onnxruntime would report an unreadable file as "Invalid fd"
+            if record is not None and (problem := record.adapter_file_problem(name, path)) is not None:
+                raise ExportMetadataError(problem)
             adapter = ort.LoraAdapter()
             try:
                 adapter.Load(str(path))
@@ -2091,13 +2169,19 @@ class BankPlan:
                                           f"{onnxruntime_reason(exc)}); export the bank again") from None
             options = ort.RunOptions()
             options.add_active_adapter(adapter)
-            if self.head is None:
-                rows = validate_model(onnx_path, reference, self.task, dtype=dtype, cases=[self.FILE_CASE],
-                                      provider=provider, tolerance=tolerance, slots=[None, name],
-                                      run_options=options).rows
-            else:
-                rows = self._validate_heads(onnx_path, reference, [None, name], [self.FILE_CASE], provider, tol,
-                                            run_options=options)
+            try:
+                if self.head is None:
+                    rows = validate_model(onnx_path, reference, self.task, dtype=dtype, cases=[self.FILE_CASE],
+                                          provider=provider, tolerance=tolerance, slots=[None, name],
+                                          run_options=options).rows
+                else:
+                    rows = self._validate_heads(onnx_path, reference, [None, name], [self.FILE_CASE], provider, tol,
+                                                run_options=options)
+            except Exception as exc:
+                if type(exc).__name__ != "InvalidArgument":  # onnxruntime's: a tensor the graph has no input for
+                    raise
+                raise ExportMetadataError(f"{path}: not an adapter file of this bank graph ({onnxruntime_reason(exc)}); "
+                                          "export the bank again") from None
             for row in rows:
                 row.case = f"{row.case} file={name}"
             report.rows += rows
@@ -2160,6 +2244,8 @@ class BankPlan:
             "head": head,
             # what registration compares an adapter's base weights with (bank_base_matches): digests, not values
             "base_weights": {name: d.to_dict() for name, d in sorted(self.base_digests().items())},
+            # what serve and validate check an adapter file against before reading it
+            "adapter_digests": {name: self.adapter_digests[name].to_dict() for name in self.names},
         }
 
     def base_digests(self) -> dict[str, BaseDigest]:

@@ -30,7 +30,7 @@ from bca_deploy.errors import format_problems, require_readable
 from bca_deploy.inject import mixed_adapters
 from bca_deploy.models import cache_argument, cache_tensors, output_cache, position_limit
 
-from .errors import ExportGraphError, UnsupportedExportError, ValidationError, require
+from .errors import ExportGraphError, ExportMetadataError, UnsupportedExportError, ValidationError, require
 from .metadata import ExportMetadata, read_export_metadata
 
 #: The adapter-bank graph's per-row slot input (see bca_deploy.exporters.bank; defined here to avoid an import cycle).
@@ -922,9 +922,14 @@ def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequenc
             f"{onnx_path.parent} is an adapter bank of slots {slots}; pass the adapters it was exported with, in that "
             f"order, with --adapter (got {given or 'none'})"
         )
+    for name in slots:  # each adapter file as the export wrote it, before the model loads
+        path = onnx_path.parent / metadata.bank.adapter_files[name]
+        require_readable(path)
+        if (problem := metadata.bank.adapter_file_problem(name, path)) is not None:
+            raise ExportMetadataError(problem)
     plan = BankPlan.load(model_dir, adapter_dirs, task or metadata.task)
     return plan.validate(onnx_path.parent, plan.reference_model(), dtype or metadata.dtype or "fp32", provider,
-                         tolerance=tolerance, cases=cases)
+                         tolerance=tolerance, cases=cases, record=metadata.bank)
 
 
 def validate(

@@ -560,8 +560,11 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
     problems = bank_graph_problems(metadata, *graph_interface(graph))  # the same for a graph changed since export
     if problems:
         raise ServingError(bank_graph_message(Path(export_dir) / ONNX_FILE, problems))
-    for name in bank.adapters:  # the same for an adapter file this user may not read
-        require_readable(Path(export_dir) / bank.adapter_files[name])
+    for name in bank.adapters:  # the same for an adapter file this user may not read, or not the one exported
+        path = Path(export_dir) / bank.adapter_files[name]
+        require_readable(path)
+        if (problem := bank.adapter_file_problem(name, path)) is not None:
+            raise ServingError(problem)
     local = address is None and not ray.is_initialized()
     if local:
         onnx_providers(options.provider)  # the replicas run here: this onnxruntime must have the provider

@@ -690,6 +690,8 @@ class MultiAdapterSession:
         if not path.exists():
             raise ServingError(f"{path}: adapter file listed in bca_export.json is missing")
         require_readable(path)  # unreadable (onnxruntime: a parse failure), a FIFO (it blocks): the OSError naming it
+        if (problem := bank.adapter_file_problem(name, path)) is not None:
+            raise ServingError(problem)
         try:
             adapter = ort.AdapterFormat.read_adapter(str(path))
             # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns

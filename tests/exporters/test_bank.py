@@ -795,6 +795,14 @@ def test_validate_names_an_adapter_file_it_cannot_read_or_parse(banks, tmp_path,
     assert result.exit_code == 1 and f"{victim}: Permission denied" in result.output, result.output
     monkeypatch.setattr(bank_module, "require_readable", real)
     victim.write_bytes(b"\x00not an adapter" * 8)
+    # the size bca_export.json records tells first (bank.adapter_digests) ...
+    with pytest.raises(ExportMetadataError, match=rf"{re.escape(str(victim))}: not the adapter file this bank exported "
+                                                  r"for '\w+' \(120 bytes, the export wrote"):
+        validate(copy, art["model"], adapter_dirs, cases=[(2, 4)], verbose=False)
+    # ... and in a bank exported before it was recorded, onnxruntime's parse
+    meta = json.loads((copy / "bca_export.json").read_text())
+    meta["bank"].pop("adapter_digests")
+    (copy / "bca_export.json").write_text(json.dumps(meta))
     with pytest.raises(ExportMetadataError, match=rf"{re.escape(str(victim))}: not a readable onnxruntime adapter file"):
         validate(copy, art["model"], adapter_dirs, cases=[(2, 4)], verbose=False)
     result = CliRunner().invoke(main, args)

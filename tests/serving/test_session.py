@@ -165,6 +165,60 @@ def test_hostile_export_metadata_is_refused_naming_the_file(tmp_path, bert):
             validate(directory, bert["model"], verbose=False)
 
 
+def test_an_adapter_file_that_is_not_the_one_exported_is_refused(tmp_path, bert):
+    """Another adapter's file of the same shapes copied over an exported one (a mixed-up copy between exports, a
+    damaged file) was served as that adapter, with the other's numbers, and ``validate`` of it was "Internal error
+    (InvalidArgument)" when the file came from another export. The export records each file's size and sha256
+    (``bank.adapter_digests``); serve and validate refuse a file that differs, naming it, before onnxruntime reads
+    it. A bank exported before the digests were recorded loads as before."""
+    import hashlib
+    import json
+
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    meta = json.loads((bert["onnx"] / "bca_export.json").read_text())
+    files = meta["bank"]["adapter_files"]
+    for name, relative in files.items():
+        data = (bert["onnx"] / relative).read_bytes()
+        assert meta["bank"]["adapter_digests"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    adapters = [str(bert["adapters"][n]) for n in ("a0", "a1", "a2")]
+    for case in ("swapped", "truncated"):
+        directory = tmp_path / case
+        shutil.copytree(bert["onnx"], directory)
+        if case == "swapped":
+            shutil.copy(directory / files["a1"], directory / files["a0"])
+            why = "its sha256 differs from the one the export recorded"
+        else:
+            data = (directory / files["a0"]).read_bytes()
+            (directory / files["a0"]).write_bytes(data[: len(data) // 2])
+            why = f"{len(data) // 2:,} bytes, the export wrote {len(data):,}"
+        message = f"a0.onnx_adapter: not the adapter file this bank exported for 'a0' ({why}); export the bank again"
+        with pytest.raises(ServingError) as caught:
+            MultiAdapterSession(directory)
+        assert message in str(caught.value)
+        result = CliRunner().invoke(main, ["validate", "--onnx", str(directory), "--model", str(bert["model"]),
+                                           *[a for path in adapters for a in ("--adapter", path)]])
+        assert result.exit_code == 2 and message in result.output, result.output
+    old = tmp_path / "before-digests"
+    shutil.copytree(bert["onnx"], old)
+    meta["bank"].pop("adapter_digests")
+    (old / "bca_export.json").write_text(json.dumps(meta))
+    assert [a.name for a in MultiAdapterSession(old).adapters()] == ["a0", "a1", "a2"]
+    # ... and there, a file of tensors the graph has no inputs for is refused by validate, not an internal error
+    import numpy as np
+    import onnxruntime as ort
+
+    foreign = ort.AdapterFormat()
+    foreign.set_parameters({"no.such.input": ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 3), np.float32))})
+    foreign.export_adapter(str(old / files["a0"]))
+    result = CliRunner().invoke(main, ["validate", "--onnx", str(old), "--model", str(bert["model"]),
+                                       *[a for path in adapters for a in ("--adapter", path)]])
+    assert result.exit_code == 2 and "a0.onnx_adapter: not an adapter file of this bank graph" in result.output, \
+        result.output
+
+
 # ---- run / embed parity ----------------------------------------------------------------------------------
 
 
