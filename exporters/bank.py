@@ -780,7 +780,8 @@ class HeadLayout:
 
 def _export_file(value: Any, field: str, problems: list[str]) -> str | None:
     """A file of the export its metadata names: a relative path that stays inside the export directory."""
-    if isinstance(value, str) and value and not Path(value).is_absolute() and ".." not in Path(value).parts:
+    if isinstance(value, str) and value and value.isprintable() and not Path(value).is_absolute() \
+            and ".." not in Path(value).parts:
         return value
     problems.append(f"{field} must be a path inside the export, got {str(value)[:100]!r}")
     return None

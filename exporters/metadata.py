@@ -95,7 +95,7 @@ def read_export_metadata(export_dir: str | Path) -> ExportMetadata | None:
     task, dtype, merged = data.get("task"), data.get("dtype"), data.get("merged")
     from bca_deploy.models import EXPORT_TASK_TYPES
 
-    if task not in EXPORT_TASK_TYPES:  # it is shown by inspect and /health: one of the names an export writes
+    if not isinstance(task, str) or task not in EXPORT_TASK_TYPES:  # shown by inspect and /health: as an export writes
         problems.append(f"task must be one of {', '.join(EXPORT_TASK_TYPES)}, got {str(task)[:40]!r}")
     if not isinstance(dtype, (str, type(None))):
         problems.append(f"dtype must be a string, got {type(dtype).__name__}")
@@ -222,8 +222,11 @@ def describe_export(export_dir: str | Path) -> list[str]:
                             f"({'; '.join(problems[:5])}{more}); export it again"]
         unreadable = []  # the bank's own list: a directory this user cannot list hides its files from a glob
         for name in metadata.bank.adapters:
+            path = export_dir / metadata.bank.adapter_files[name]
             try:
-                require_readable(export_dir / metadata.bank.adapter_files[name])
+                require_readable(path)
+                if (problem := metadata.bank.adapter_file_problem(name, path)) is not None:
+                    unreadable.append(problem.removeprefix(f"{path}: ").removesuffix("; export the bank again"))
             except OSError as exc:
                 unreadable.append(f"{metadata.bank.adapter_files[name]} ({exc.strerror or exc})")
         if unreadable:

@@ -388,7 +388,8 @@ def bank_graph_problems(metadata: ExportMetadata, inputs: dict[str, str], output
     output of the past's type for every past input, and the other way round). Before, such a graph loaded and every
     request failed inside onnxruntime ("Internal error") or was refused as the wrong task.
     """
-    from .bank import LOGITS_TO_KEEP
+    from .bank import HEAD_BIAS, HEAD_WEIGHT, LOGITS_TO_KEEP
+    from .graph import _FREQ_PREFIX
 
     bank = metadata.bank
     bank_inputs = set(bank.layout)
@@ -421,6 +422,16 @@ def bank_graph_problems(metadata: ExportMetadata, inputs: dict[str, str], output
             typed("input", name, found, (FLOAT,))
         elif name == bank.ids_input or name in BANK_TEXT_INPUTS or name == LOGITS_TO_KEEP:
             typed("input", name, found, (INT64,))
+    missing = [name for name in sorted(bank_inputs) if name not in inputs and name not in overridable]
+    if missing:  # a graph from another bank, or a metadata file from another export: every run would fail
+        problems.append(f"the bank inputs {', '.join(n[:100] for n in missing[:3])}"
+                        f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} the metadata records are not "
+                        "inputs of the graph")
+    unrecorded = [name for name in overridable if name not in bank_inputs
+                  and (name.rpartition(".")[2] in (HEAD_WEIGHT, HEAD_BIAS) or name.rpartition(".")[2].startswith(_FREQ_PREFIX))]
+    if unrecorded:  # fed their exported defaults, they would serve the export's slots under other names or labels
+        problems.append(f"bank inputs of the graph the metadata does not record: "
+                        f"{', '.join(n[:100] for n in unrecorded[:3])}{' ...' if len(unrecorded) > 3 else ''}")
     for name in BANK_TASK_OUTPUTS.get(metadata.task, ()):
         if name not in outputs:
             problems.append(f"output {name!r} is missing (a {metadata.task} graph gives it; outputs: "

@@ -125,6 +125,8 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
     # the interface serve feeds and reads (int64 text inputs and adapter ids, float logits): inspect checks it
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"] if n != "adapter_ids" else ["b"])
               for n in ("input_ids", "attention_mask", "adapter_ids")]
+    # ... and takes every bank input the metadata records (a graph without them is from another bank: not servable)
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in [*LAYOUT, *HEAD.names()]]
     graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)], "g", inputs,
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s"])])
     onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))

@@ -289,9 +289,13 @@ def test_hostile_head_records_and_files_are_refused_naming_them(heads, classifie
         "modules-string": (head(lambda h: h.__setitem__("modules", "classifier")), "bank.head.modules must be"),
         "layer-size-float": (head(lambda h: h["layers"][0].__setitem__("in_features", 32.0)), "malformed head layer"),
         "layer-not-in-graph": (head(lambda h: h["layers"][-1].__setitem__("module", "scorer")),
-                               "scorer.bca_head_weight: not an input of the graph"),
+                               "scorer.bca_head_bias, scorer.bca_head_weight the metadata records are not inputs of "
+                               "the graph"),
         "tensor-not-in-graph": (lambda m: m["bank"]["tensors"][0].__setitem__("module", "bert.nope"),
-                                "bert.nope.bca_freq_p8: not an input of the graph"),
+                                "bert.nope.bca_freq_p8 the metadata records are not inputs of the graph"),
+        # the graph's per-slot head, unrecorded, served its exported defaults: LABEL_0/1 and a class lost (helper-61)
+        "head-not-recorded": (lambda m: m["bank"].__setitem__("head", None),
+                              "bank inputs of the graph the metadata does not record: bert.pooler.dense.bca_head_"),
         "tensor-wrong-size": (lambda m: m["bank"]["tensors"][0].__setitem__("in_features", 64),
                               "the graph declares"),
         "slot-without-file": (lambda m: m["bank"]["adapter_files"].pop("tri3"), "one file per slot's adapter"),
@@ -304,7 +308,8 @@ def test_hostile_head_records_and_files_are_refused_naming_them(heads, classifie
             MultiAdapterSession(directory)
         assert needle in str(caught.value), (name, str(caught.value))
     # the files the record names
-    broken = _edited_export(heads["onnx"], tmp_path / "adapter-file-garbage", lambda m: None)
+    broken = _edited_export(heads["onnx"], tmp_path / "adapter-file-garbage",  # an export before the file digests
+                            lambda m: m["bank"].pop("adapter_digests"))
     (broken / "adapters" / "pos2.onnx_adapter").write_bytes(b"\x00garbage" * 100)
     with pytest.raises(ServingError, match="pos2.onnx_adapter: not a readable onnxruntime adapter file") as caught:
         MultiAdapterSession(broken)

@@ -142,6 +142,10 @@ def _hostile_metadata(good: dict) -> dict[str, bytes]:
             {**bank["tensors"][0], "block_size": "8"}]}}).encode(),
         "adapter-file-outside": json.dumps({**good, "bank": {**bank, "adapter_files": {"a0": "../../x.onnx_adapter"}}}
                                            ).encode(),
+        # helper-61's: exit 70 from inspect and serve (TypeError: unhashable type; ValueError: embedded null byte)
+        "task-is-list": json.dumps({**good, "task": ["feature-extraction"]}).encode(),
+        "adapter-file-nul": json.dumps({**good, "bank": {**bank, "adapter_files": {
+            **bank["adapter_files"], "a0": "adapters/a0\u0000.onnx_adapter"}}}).encode(),
     }
 
 
@@ -150,6 +154,9 @@ def test_hostile_export_metadata_is_refused_naming_the_file(tmp_path, bert):
     (each of these was an AttributeError, KeyError, TypeError, RecursionError or UnicodeDecodeError)."""
     import json
 
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
     from bca_deploy.errors import BCAError
     from bca_deploy.exporters import validate
 
@@ -163,6 +170,20 @@ def test_hostile_export_metadata_is_refused_naming_the_file(tmp_path, bert):
         assert "bca_export.json" in str(caught.value), (name, str(caught.value))
         with pytest.raises(BCAError, match="bca_export.json"):  # validate reads it by the same reader
             validate(directory, bert["model"], verbose=False)
+        result = CliRunner().invoke(main, ["inspect", str(directory)])
+        assert result.exit_code == 2 and "bca_export.json" in result.output, (name, result.output)
+    # a metadata file of another bank (a bank input the graph lacks): validate exited 70 (onnxruntime's Gather error)
+    good["bank"]["tensors"][0]["module"] = "bert.nope"
+    directory = tmp_path / "another-bank"
+    shutil.copytree(bert["onnx"], directory)
+    (directory / "bca_export.json").write_text(json.dumps(good))
+    adapters = [str(bert["adapters"][n]) for n in ("a0", "a1", "a2")]
+    result = CliRunner().invoke(main, ["validate", "--onnx", str(directory), "--model", str(bert["model"]),
+                                       *[a for path in adapters for a in ("--adapter", path)]])
+    assert result.exit_code == 2 and "bert.nope.bca_freq_p8 the metadata records are not inputs of the graph" \
+        in result.output, result.output
+    result = CliRunner().invoke(main, ["inspect", str(directory)])
+    assert "NOT servable" in result.output and "serve with" not in result.output, result.output
 
 
 def test_an_adapter_file_that_is_not_the_one_exported_is_refused(tmp_path, bert):
