@@ -75,6 +75,10 @@ KIND_NEEDS = {"embed": "embeddings need a feature-extraction export (bca-deploy 
               "generate": "generation needs a text-generation-with-past export (of causal-lm adapters)"}
 
 
+#: The most labels of a head registered at run time (beyond the exported heads'): see ``max_labels``.
+DEFAULT_MAX_LABELS = 1024
+
+
 def check_adapter_name(name: str) -> str:
     """Return ``name`` if it is a valid adapter name, else raise :class:`AdapterNameError`.
 
@@ -244,6 +248,9 @@ class MultiAdapterSession:
         intra_op_threads: onnxruntime's intra-op thread count (default: onnxruntime's).
         load_exported: register the adapters the graph was exported with, under their export names,
             from the ``adapters/*.onnx_adapter`` files of the export.
+        max_labels: the most labels of a classifier head registered later (a text-classification bank): every row
+            of every adapter computes the widest loaded head's labels, so one wide head slows every tenant and
+            widens every answer. The exported heads are always taken; None: no limit.
 
     Example::
 
@@ -260,6 +267,7 @@ class MultiAdapterSession:
         provider: str = "cpu",
         intra_op_threads: int | None = None,
         load_exported: bool = True,
+        max_labels: int | None = DEFAULT_MAX_LABELS,
     ) -> None:
         import onnxruntime as ort
 
@@ -331,6 +339,11 @@ class MultiAdapterSession:
             self._shared_labels = HeadLabels.of(int(config.num_labels), getattr(config, "id2label", None),
                                                 getattr(config, "problem_type", None))
         self._bank = self._new_bank()
+        self._base_label_width = self._label_width if self.head is not None else 0
+        # Every row of a head bank computes the widest loaded head's labels: one adapter of 100,000 labels made every
+        # tenant's rows 8x slower and a 64-row answer 337 MB. Heads wider than the exported ones are refused beyond it.
+        widest = max([0, *(labels.num_labels for labels in bank.adapter_labels.values() if labels is not None)])
+        self.max_labels = None if max_labels is None else max(int(max_labels), widest, self._base_label_width)
         self._ortvalues: dict[str, tuple[np.ndarray, Any]] = {}
         self._snapshot = self._publish({})
         if load_exported:
@@ -413,6 +426,9 @@ class MultiAdapterSession:
                 raise not_loaded(name)
             adapters = dict(self._adapters)
             removed = adapters.pop(name)
+            if self.head is not None:  # the label axis as wide as the widest head left (new arrays: snapshots keep theirs)
+                self._resize_labels(max([self._base_label_width, *(a.head.labels.num_labels
+                                                                   for a in adapters.values() if a.head is not None)]))
             snapshot = self._publish(adapters)
             self._bank.release(removed.slot, snapshot.version)
             self._snapshot, self._adapters = snapshot, adapters
@@ -437,7 +453,14 @@ class MultiAdapterSession:
             name = adapter.info.name
             if name in self._adapters and not replace:
                 raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
-            self._fit_label_width(adapter.head)
+            labels = adapter.head.labels.num_labels if adapter.head is not None else 0
+            if self.max_labels is not None and labels > self.max_labels:
+                raise AdapterMismatchError(
+                    f"adapter {name!r}: its classifier has {labels:,} labels; this server takes heads of up to "
+                    f"{self.max_labels:,} (--max-labels): every row of every adapter computes the widest loaded "
+                    "head's labels")
+            if self.head is not None and labels > self._label_width:
+                self._resize_labels(labels)
             slot = self._bank.allocate(self._oldest_live())
             self._bank.write(slot, self._slot_values(adapter))
             self._bank.commit(slot)
@@ -468,25 +491,26 @@ class MultiAdapterSession:
     def _label_width(self) -> int:
         return self._bank.specs[self.head.label_layer.bias_name].slot_shape[0]
 
-    def _fit_label_width(self, head: HeadWeights | None) -> None:
-        """Widen the label layer's bank (new arrays; one copy of that layer) for a head with more labels."""
-        if self.head is None or head is None or head.labels.num_labels <= self._label_width:
+    def _resize_labels(self, width: int) -> None:
+        """Give the label layer's bank ``width`` labels (new arrays; one copy of that layer): wider for a head with
+        more labels, narrower when the widest head left has fewer (columns past a slot's own labels are padding)."""
+        old = self._label_width
+        if width == old:
             return
-        layer, old = self.head.label_layer, self._label_width
+        layer, kept = self.head.label_layer, min(old, width)
 
         def weight(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
             wide = np.zeros(shape, dtype=np.float32)
-            wide[..., :old] = array
+            wide[..., :kept] = array[..., :kept]
             return wide
 
         def bias(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
             # new labels: -inf for slots with a head, NaN for slots without one (their column 0 is NaN)
             wide = np.empty(shape, dtype=np.float32)
-            wide[:, :old] = array
-            wide[:, old:] = np.where(np.isnan(array[:, :1]), np.nan, LABEL_PAD)
+            wide[:, :kept] = array[:, :kept]
+            wide[:, kept:] = np.where(np.isnan(array[:, :1]), np.nan, LABEL_PAD)
             return wide
 
-        width = head.labels.num_labels
         self._bank.resize(layer.weight_name, (layer.in_features, width), weight)
         self._bank.resize(layer.bias_name, (width,), bias)
 

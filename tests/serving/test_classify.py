@@ -213,6 +213,33 @@ def test_a_head_registered_at_run_time(heads):
     _check_rows(session.classify(rows[:1], ["pos2"]), rows[:1], ["late5"], heads["models"], labels)
 
 
+def test_a_head_wider_than_max_labels_is_refused_and_the_label_axis_narrows_again(heads, tmp_path):
+    """One adapter of 100,000 labels (within the format's limit) made every tenant's rows compute 100,000 labels from
+    its load on, unload included (23 -> 174 ms for another tenant's 8 rows), and a 64-row answer 337 MB (helper-61).
+    A head wider than ``max_labels`` is refused at load (the exported heads always taken), and the label axis
+    narrows back when the widest head leaves; the other adapters' answers do not change."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    session = MultiAdapterSession(heads["onnx"], max_labels=4)
+    assert session.max_labels == 4
+    rows, choices = token_rows(4, seed=5), ["pos2", "tri3", "tri3", "pos2"]
+    before = session.classify(rows, choices)
+    bytes_before = session.bank_memory()["bytes_per_slot"]
+    with pytest.raises(AdapterMismatchError, match=r"adapter 'late5': its classifier has 5 labels; this server takes "
+                                                   r"heads of up to 4 \(--max-labels\)"):
+        session.register("late5", heads["dirs"]["late5"])
+    assert [a.name for a in session.adapters()] == ["plain", "pos2", "tri3"]
+    wide = MultiAdapterSession(heads["onnx"], max_labels=5)
+    wide.register("late5", heads["dirs"]["late5"])
+    assert wide.run(wide.pad_ids(rows[:1]), ["pos2"], ["logits"])["logits"].shape == (1, 5)
+    wide.unregister("late5")
+    assert wide.run(wide.pad_ids(rows[:1]), ["pos2"], ["logits"])["logits"].shape == (1, 3)  # the widest left: tri3
+    assert wide.bank_memory()["bytes_per_slot"] == bytes_before
+    assert wide.classify(rows, choices) == before
+    # exported heads are taken whatever the limit: they set the graph's own width
+    assert MultiAdapterSession(heads["onnx"], max_labels=1).max_labels == 3
+
+
 def _misfits(heads, root: Path) -> list[tuple[Path, str]]:
     """Adapters whose head the BERT head bank cannot hold, each with the text its refusal must contain."""
     from bca_deploy.adapter_io import write_adapter_dir
