@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import threading
 import types
@@ -1002,16 +1003,31 @@ class BankRecord:
                    base_labels, adapter_labels, tuple(unused), base_weights, adapter_digests)
 
     def adapter_file_problem(self, name: str, path: Path) -> str | None:
-        """The message refusing ``path`` as exported adapter ``name``'s file when it is not the file the export
-        wrote (its size, then its sha256, differ from what ``bca_export.json`` records); None when it is (or nothing
-        is recorded: an older export). serve, serve-ray and validate check it before onnxruntime reads the file: one
+        """The message refusing ``path`` as exported adapter ``name``'s file when it is larger than any adapter file of
+        this bank (:meth:`adapter_file_limit`), or not the file the export wrote (its size, then its sha256, differ
+        from what ``bca_export.json`` records); None when it is (or, in an older export, within the limit). serve, serve-ray and validate check it before onnxruntime reads the file: one
         copied from another export with the same shapes was served as this adapter, with another's numbers."""
+        size, limit = path.stat().st_size, self.adapter_file_limit()
+        if size > limit:  # checked for every export: onnxruntime reads the whole file into memory
+            return (f"{path}: {size:,} bytes, more than an adapter file of this bank holds (at most {limit:,}); export "
+                    "the bank again")
         if self.adapter_digests is None or name not in self.adapter_digests:
             return None
         problem = self.adapter_digests[name].problem(path)
         if problem is None:
             return None
         return f"{path}: not the adapter file this bank exported for {name!r} ({problem}); export the bank again"
+
+    def adapter_file_limit(self) -> int:
+        """The most bytes an exported adapter file of this bank takes: its two slots (zeros, then the adapter) of
+        every bank input, the head's at the widest exported label count, in float32, plus 16 MiB for the format's
+        own records. A file beyond it (a sparse file declaring GiBs) was read whole by onnxruntime before any check:
+        20 GiB took a server to 20.9 GB."""
+        elements = sum(math.prod(t.slot_shape) for t in self.layout.values())
+        if self.head is not None:
+            widths = [labels.num_labels for labels in (self.base_labels, *self.adapter_labels.values()) if labels]
+            elements += sum(math.prod(shape) for shape in self.head.slot_shapes(max([1, *widths])).values())
+        return 2 * 4 * elements + (16 << 20)
 
 
 def _outermost(paths: Sequence[str]) -> list[str]:

@@ -265,6 +265,19 @@ def onnx_providers(provider: str) -> list[str]:
     raise UnsupportedExportError(f"provider must be 'cpu' or 'cuda'; got {provider!r}")
 
 
+#: The largest ONNX file a graph can be: protobuf serializes at most 2 GiB (larger models keep their weights in
+#: external data files, which onnxruntime maps). A file that claims more (a sparse file, another file renamed) is
+#: refused from its size: onnxruntime and onnx would read it whole into memory first.
+MAX_GRAPH_FILE_BYTES = 2**31 - 1
+
+
+def _require_graph_size(path: Path) -> None:
+    size = path.stat().st_size
+    if size > MAX_GRAPH_FILE_BYTES:
+        raise ExportGraphError(path, f"{size:,} bytes, more than an ONNX file can hold ({MAX_GRAPH_FILE_BYTES:,}: "
+                                     "larger models keep their weights in external data files)")
+
+
 def inference_session(onnx_path: str | Path, options: Any, provider: str = "cpu") -> Any:
     """onnxruntime's ``InferenceSession`` for ``onnx_path`` with ``options`` on ``provider``: the one place a
     graph is opened, so that a graph onnxruntime refuses is named as such and not reported as a bug.
@@ -277,6 +290,7 @@ def inference_session(onnx_path: str | Path, options: Any, provider: str = "cpu"
     ort = require("onnxruntime", "onnx", "running an ONNX graph")
     providers = onnx_providers(provider)
     require_readable(onnx_path)  # onnxruntime reports an unreadable file as a graph it cannot parse
+    _require_graph_size(Path(onnx_path))
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=providers)
     except Exception as exc:
@@ -307,6 +321,7 @@ def check_graph_file(onnx_path: str | Path) -> Any:
     onnx = require("onnx", "onnx", "reading an ONNX graph")
     path = Path(onnx_path)
     require_readable(path)
+    _require_graph_size(path)
 
     def refuse(reason: str):
         raise ExportGraphError(path, reason)

@@ -198,6 +198,7 @@ def test_an_adapter_file_that_is_not_the_one_exported_is_refused(tmp_path, bert)
     from click.testing import CliRunner
 
     from bca_deploy.cli import main
+    from bca_deploy.errors import BCAError
 
     meta = json.loads((bert["onnx"] / "bca_export.json").read_text())
     files = meta["bank"]["adapter_files"]
@@ -227,6 +228,23 @@ def test_an_adapter_file_that_is_not_the_one_exported_is_refused(tmp_path, bert)
     meta["bank"].pop("adapter_digests")
     (old / "bca_export.json").write_text(json.dumps(meta))
     assert [a.name for a in MultiAdapterSession(old).adapters()] == ["a0", "a1", "a2"]
+    # files larger than a bank's can be, sparse ones declaring GiBs, are refused from their size, unread (onnxruntime
+    # read a 20 GiB one whole: the server reached 20.9 GB); for every export, digests or not
+    sparse = tmp_path / "sparse"
+    shutil.copytree(old, sparse)
+    with open(sparse / files["a0"], "r+b") as f:
+        f.truncate(3 << 30)
+    with pytest.raises(ServingError, match=r"a0.onnx_adapter: 3,221,225,472 bytes, more than an adapter file of this "
+                                           r"bank holds \(at most [\d,]+\); export the bank again"):
+        MultiAdapterSession(sparse)
+    shutil.copy(old / files["a0"], sparse / files["a0"])
+    with open(sparse / "model.onnx", "r+b") as f:
+        f.truncate(3 << 30)
+    with pytest.raises(BCAError, match=r"model.onnx: onnxruntime cannot load this graph \(3,221,225,472 bytes, more "
+                                       r"than an ONNX file can hold"):
+        MultiAdapterSession(sparse)
+    result = CliRunner().invoke(main, ["inspect", str(sparse)])
+    assert "more than an ONNX file can hold" in result.output, result.output
     # ... and there, a file of tensors the graph has no inputs for is refused by validate, not an internal error
     import numpy as np
     import onnxruntime as ort
