@@ -33,6 +33,7 @@ __all__ = [
     "PROBLEM_TYPES",
     "EXPORT_TASKS",
     "MAX_NUM_LABELS",
+    "MAX_LABEL_CHARS",
     "MAX_FEATURES",
     "MAX_JSON_BYTES",
     "read_json",
@@ -65,6 +66,8 @@ EXPORT_TASKS = {"seq-cls": "text-classification", "causal-lm": "text-generation-
                 "feature-extraction": "feature-extraction"}
 #: The most classes a classification head may have (a bound, so one bad label cannot ask for a huge head).
 MAX_NUM_LABELS = 100_000
+#: The longest label name: names are in every classification answer (a 1 MB one was, twice, in each).
+MAX_LABEL_CHARS = 1000
 #: The largest in/out features of an adapted layer (a bound on hostile configs; real layers are far smaller).
 MAX_FEATURES = 1 << 24
 
@@ -192,6 +195,8 @@ class TaskSpec:
                        f"{sorted(head.id2label)[:10]}")
         if any(not (isinstance(v, str) and _encodable(v)) for v in head.id2label.values()):
             out.append("task.head.id2label values must be strings (valid UTF-8 text)")
+        elif any(len(v) > MAX_LABEL_CHARS for v in head.id2label.values()):
+            out.append(f"task.head.id2label values must be label names of at most {MAX_LABEL_CHARS} characters")
         elif {v: k for k, v in head.id2label.items()} != head.label2id:
             out.append("task.head.label2id must be the inverse of id2label (label names must be unique)")
         if head.problem_type is not None and head.problem_type not in PROBLEM_TYPES:

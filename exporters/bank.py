@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bca_deploy.config import KERNEL_SUFFIX, PROBLEM_TYPES, AdapterConfig
+from bca_deploy.config import KERNEL_SUFFIX, MAX_LABEL_CHARS, PROBLEM_TYPES, AdapterConfig
 from bca_deploy.errors import AdapterMismatchError, format_problems, onnxruntime_reason, require_readable
 from bca_deploy.inject import bca_layers
 from bca_deploy.layers import BCALinear
@@ -508,6 +508,7 @@ def adapter_slot(
     model_type: str | None = None,
     unused: Sequence[UnusedModule] = (),
     base_matches: Callable[[str, torch.Tensor], bool | str] | None = None,
+    task: str | None = None,
 ) -> tuple[dict[str, np.ndarray], HeadWeights | None]:
     """An adapter read from disk (:func:`bca_deploy.read_adapter`) → its slot: kernels and classifier head.
 
@@ -529,6 +530,8 @@ def adapter_slot(
         unused: the bank's :attr:`BankRecord.unused` modules.
         base_matches: whether the graph's own value of a base-model parameter equals an adapter's base weight
             (:func:`bank_base_matches` of the bank's record); None: every base weight is refused.
+        task: the graph's export task: an adapter recording another task is refused, as ``export`` refuses it
+            (a causal-lm adapter with a classifier in a classification bank served its rows as LABEL_0/1).
 
     Returns:
         ``({bank input: (1, R, q, o)}, head)``: the frequency-domain kernels of every bank input the
@@ -553,6 +556,12 @@ def adapter_slot(
     target = dataclasses.replace(target, modules=modules, resizable=resizable)
     config, state = align_to_target(config, state, target)
     problems = adapter_problems(config, state) + target_problems(config, state, target)
+    if task is not None and config.task is not None:
+        from bca_deploy.models import EXPORT_TASK_TYPES
+
+        wanted = EXPORT_TASK_TYPES.get(task)
+        if wanted is not None and config.task.type != wanted:
+            problems.insert(0, f"it was trained for {config.task.type}; this graph serves {task} ({wanted} adapters)")
     tensors: dict[str, np.ndarray] = {}
     with _one_torch_thread():
         own_head, head_problems = adapter_head(config, state, head, base_head)
@@ -687,7 +696,12 @@ class HeadLabels:
         if problem_type not in (None, *PROBLEM_TYPES):
             raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)} or null, "
                              f"got {str(problem_type)[:40]!r}")
-        return cls(tuple(names[str(i)] for i in range(count)), problem_type)
+        labels = tuple(names[str(i)] for i in range(count))
+        if any(len(name) > MAX_LABEL_CHARS for name in labels):
+            raise ValueError(f"id2label names must be at most {MAX_LABEL_CHARS} characters")
+        if len(set(labels)) != count:  # an answer's scores are keyed by name: two would collapse into one
+            raise ValueError("id2label names must be distinct")
+        return cls(labels, problem_type)
 
     @classmethod
     def of(cls, num_labels: int, id2label: Mapping[Any, str] | None, problem_type: str | None) -> HeadLabels:
@@ -1155,7 +1169,7 @@ def adapter_head(
                                 f"(num_labels, {layer.in_features}) and bias (num_labels,) with one num_labels in "
                                 f"1..{MAX_NUM_LABELS}")
                 continue
-        if weight is not None and bias is None and layer.bias and not layer.labels:
+        if weight is not None and bias is None and layer.bias:  # the label layer too: its bias was taken as zeros
             problems.append(f"{layer.module}.bias: missing (the adapter saves {layer.module}.weight)")
         elif bias is not None and weight is None:
             problems.append(f"{layer.module}.weight: missing (the adapter saves {layer.module}.bias)")

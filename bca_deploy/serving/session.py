@@ -383,7 +383,7 @@ class MultiAdapterSession:
         config, state = read_adapter(adapter_dir, validate=False, max_bytes=self.max_adapter_bytes)
         tensors, head = adapter_slot(config, state, self.layout, self.base_model_prefix, source=str(adapter_dir),
                                      head=self.head, base_head=self._base_head, model_type=self.model_type,
-                                     unused=self.unused_modules, base_matches=self._base_matches)
+                                     unused=self.unused_modules, base_matches=self._base_matches, task=self.task)
         info = AdapterInfo(name=name, source=str(source or adapter_dir), num_parameters=config.num_parameters,
                            block_sizes=tuple(sorted({s.block_size for s in config.modules.values()})),
                            modules=len(config.modules), registered_at=time.time(), **self._head_info(head))

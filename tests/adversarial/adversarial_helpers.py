@@ -403,6 +403,12 @@ MALFORMATIONS: list[Malformation] = [
                  edit_config(lambda d: d.__setitem__("modules_to_save", [_NORM])), "no tensors"),
     Malformation("head-num-labels-mismatch", "format", _saved_module(
         _DENSE, {"weight": torch.zeros(32, 64), "bias": torch.zeros(32)}, _head_task(5, [_DENSE])), "num_labels"),
+    # a label name is in every classification answer: a 1 MB one was served, twice in each (helper-61)
+    Malformation("head-label-name-1mb", "format", _saved_module(
+        _DENSE, {"weight": torch.zeros(32, 64), "bias": torch.zeros(32)}, {**_head_task(32, [_DENSE]), "head": {
+            **_head_task(32, [_DENSE])["head"], "id2label": {**{str(i): f"L{i}" for i in range(32)}, "0": "x" * 2**20},
+            "label2id": {**{f"L{i}": i for i in range(1, 32)}, "x" * 2**20: 0}}}),
+        "id2label values must be label names of at most 1000 characters"),
     # -- files
     Malformation("weights-truncated", "format", _truncate, "safetensors"),
     Malformation("weights-empty", "format", raw_weights(b""), "safetensors"),

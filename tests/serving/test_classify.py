@@ -267,6 +267,17 @@ def _misfits(heads, root: Path) -> list[tuple[Path, str]]:
     shutil.copytree(heads["dirs"]["pos2"], lying)
     (lying / "adapter_config.json").write_text(json.dumps(data))
     out.append((lying, "task.head.num_labels is 3 but no head weight has 3 rows"))
+    # helper-61's: loaded (201) and served, its labels LABEL_0/1; export refuses it (TaskError)
+    data = json.loads((heads["dirs"]["pos2"] / "adapter_config.json").read_text())
+    data["task"] = {"type": "causal-lm", "architecture": None, "head": None}
+    other_task = root / "other-task"
+    shutil.copytree(heads["dirs"]["pos2"], other_task)
+    (other_task / "adapter_config.json").write_text(json.dumps(data))
+    out.append((other_task, "it was trained for causal-lm; this graph serves text-classification (seq-cls adapters)"))
+    # the label layer's bias missing was taken as zeros (logits off the adapter's own); other head layers refused it
+    unbiased = {k: v for k, v in state.items() if k != "classifier.bias"}
+    out.append((write_adapter_dir(root / "unbiased", config.to_dict(), unbiased),
+                "classifier.bias: missing (the adapter saves classifier.weight)"))
     return out
 
 
@@ -308,6 +319,11 @@ def test_hostile_head_records_and_files_are_refused_naming_them(heads, classifie
         "labels-missing-one": (set_labels("pos2", {"num_labels": 2, "id2label": {"0": "neg"}}), "id2label must map"),
         "labels-huge-count": (set_labels("pos2", {"num_labels": 10**12, "id2label": {"0": "neg"}}), "id2label must map"),
         "labels-count-string": (set_labels("tri3", {"num_labels": "3", "id2label": {}}), "num_labels must be"),
+        # helper-61's: served, the answer's scores collapsing two labels into one key; a 1 MB name twice per answer
+        "labels-repeated": (set_labels("tri3", {"num_labels": 3, "id2label": {"0": "a", "1": "a", "2": "b"}}),
+                            "id2label names must be distinct"),
+        "labels-1mb-name": (set_labels("tri3", {"num_labels": 3, "id2label": {"0": "a" * 2**20, "1": "b", "2": "c"}}),
+                            "id2label names must be at most 1000 characters"),
         "labels-problem-type": (set_labels("tri3", {"num_labels": 1, "id2label": {"0": "x"}, "problem_type": "ranking"}),
                                 "problem_type must be one of"),
         "no-label-layer": (head(lambda h: [layer.__setitem__("labels", False) for layer in h["layers"]]),
