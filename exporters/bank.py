@@ -802,6 +802,29 @@ def _export_file(value: Any, field: str, problems: list[str]) -> str | None:
     return None
 
 
+def _record_map(data: Mapping[str, Any], field: str, parse: Callable[[Any], Any], problems: list[str]) -> dict | None:
+    """``bank.<field>``, an object of name -> entry, each read by ``parse`` (a ValueError: malformed); None where absent
+    (banks exported before it was recorded). At most five malformed entries are named: a file of 100,000 bad entries
+    is not a 30 MB message."""
+    raw = data.get(field)
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append(f"bank.{field} must be an object, got {type(raw).__name__}")
+        return None
+    out, malformed = {}, 0
+    for name, entry in raw.items():
+        try:
+            out[name] = parse(entry)
+        except ValueError as exc:
+            malformed += 1
+            if malformed <= 5:
+                problems.append(f"bank.{field}[{str(name)[:80]!r}]: {exc}")
+    if malformed > 5:
+        problems.append(f"bank.{field}: {malformed - 5:,} more malformed entries")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class FileDigest:
     """A file of the export as it was written: its size in bytes and the sha256 of its bytes."""
@@ -979,38 +1002,11 @@ class BankRecord:
                 both = sorted({u.module for u in unused} & adapted)
                 if both:
                     problems.append(f"bank.unused_modules lists {', '.join(both)[:200]}, which bank.tensors adapts")
-        base_weights: dict[str, BaseDigest] | None = None
-        raw_base = data.get("base_weights")  # absent from banks exported before it was recorded
-        if raw_base is not None:
-            if not isinstance(raw_base, Mapping):
-                problems.append(f"bank.base_weights must be an object, got {type(raw_base).__name__}")
-            else:
-                base_weights = {}
-                malformed = 0
-                for name, entry in raw_base.items():
-                    try:
-                        base_weights[name] = BaseDigest.from_dict(entry)
-                    except ValueError as exc:
-                        malformed += 1
-                        if malformed <= 5:  # a few named; a file of 100,000 bad entries is not a 30 MB message
-                            problems.append(f"bank.base_weights[{name[:80]!r}]: {exc}")
-                if malformed > 5:
-                    problems.append(f"bank.base_weights: {malformed - 5:,} more malformed entries")
-        adapter_digests: dict[str, FileDigest] | None = None
-        raw_digests = data.get("adapter_digests")  # absent from banks exported before it was recorded
-        if raw_digests is not None:
-            if not isinstance(raw_digests, Mapping):
-                problems.append(f"bank.adapter_digests must be an object, got {type(raw_digests).__name__}")
-            else:
-                adapter_digests = {}
-                for name, entry in list(raw_digests.items())[:len(names) + 1]:
-                    try:
-                        adapter_digests[name] = FileDigest.from_dict(entry)
-                    except ValueError as exc:
-                        problems.append(f"bank.adapter_digests[{name[:40]!r}]: {exc}")
-                if names and set(raw_digests) != set(names):
-                    problems.append(f"bank.adapter_digests must have one entry per slot's adapter "
-                                    f"({str(names)[:200]}), has {str(sorted(raw_digests))[:200]}")
+        base_weights = _record_map(data, "base_weights", BaseDigest.from_dict, problems)
+        adapter_digests = _record_map(data, "adapter_digests", FileDigest.from_dict, problems)
+        if adapter_digests is not None and names and set(data["adapter_digests"]) != set(names):
+            problems.append(f"bank.adapter_digests must have one entry per slot's adapter ({str(names)[:200]}), has "
+                            f"{str(sorted(data['adapter_digests']))[:200]}")
         if problems:
             raise ValueError("; ".join(problems) + "; re-export the bank (bca-deploy export --bank)")
         return cls(ids_input, tuple(slots), adapter_files, layout, prefix or "", model_type, head, base_file,
