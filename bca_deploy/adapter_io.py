@@ -753,9 +753,14 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
     if task is None or task.type != "seq-cls":
         raise refuse(f"the adapter's task is {task.type if task else 'not recorded'}; label names name the classes "
                      "of a seq-cls (sequence classification) adapter's head")
+    from .config import MAX_LABEL_CHARS
+
     problems = []
     if not names or any(not isinstance(n, str) or not n.strip() for n in names):
         problems.append("every name must be non-empty text")
+    elif (odd := [n for n in names if not n.isprintable() or len(n) > MAX_LABEL_CHARS]):
+        problems.append(f"names must be printable text of at most {MAX_LABEL_CHARS} characters, got "
+                        f"{', '.join(repr(n[:40]) for n in odd[:3])}")
     if (repeated := sorted({n for n in names if names.count(n) > 1})):
         problems.append(f"names must be distinct, repeated: {', '.join(map(repr, repeated))}")
     if problems:
@@ -766,6 +771,10 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
             raise InvalidOptionError(f"label names for {source}: the adapter saves {config.modules_to_save} without "
                                      "recording which is its classifier; give the base model (--model) to find it")
         head = saved_label_head(model_config, config.modules_to_save, shapes)
+        if head is None:  # the adapter saves modules, and this model has no label layer among them of their shapes
+            raise refuse(f"the given base model ({model_type or 'model_type unknown'}) has no classifier among the "
+                         f"modules the adapter saves ({', '.join(config.modules_to_save)}) that their tensors fit: "
+                         "give the base model the adapter was trained on")
     if head is None:
         raise refuse("the adapter saves no classifier of its own, so it classifies with the base checkpoint's head; "
                      "name those labels in the checkpoint's config.json (id2label)")
@@ -773,8 +782,9 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
         raise refuse(f"{len(names)} names given, but the adapter's classifier has {head.num_labels} outputs")
     id2label = dict(enumerate(names))
     head = dataclasses.replace(head, id2label=id2label, label2id={n: i for i, n in id2label.items()})
-    return dataclasses.replace(config, task=dataclasses.replace(task, head=head),
-                               base_model_type=config.base_model_type or model_type)
+    # the model type is recorded by what checks the adapter against a model (convert with a model, training), not
+    # here: a config alone does not tell that the adapter's modules are that model's
+    return dataclasses.replace(config, task=dataclasses.replace(task, head=head))
 
 
 def convert_adapter(

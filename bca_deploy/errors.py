@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 __all__ = [
     "BCAError",
+    "ExportFileError",
     "BlockSizeError",
     "TargetModuleError",
     "AdapterFormatError",
@@ -84,6 +85,11 @@ class MissingExtraError(BCAError, ImportError):
 
 class ServingError(BCAError, RuntimeError):
     """A serving runtime cannot do what was asked (wrong kind of graph, task, or request)."""
+
+
+class ExportFileError(ServingError):
+    """A file of the served export is missing, damaged or not the one the export wrote (an adapter file whose size or
+    sha256 differs from the record). The operator's export is at fault, not the request: a server answers 500."""
 
 
 class ContextLengthError(ServingError, ValueError):

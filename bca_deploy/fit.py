@@ -658,7 +658,7 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
     elif saved:
         problems += [heads[m] for m in config.modules_to_save if m in heads and m not in config.modules]
         head = config.task.head if config.task is not None else None
-        label_hint = head is not None  # said once: how to build a model with the adapter's head
+        label_hint = True  # said once: how to build a model with the adapter's head
         for key in saved:
             if split_saved_key(key, config.modules_to_save)[0] in heads:
                 continue  # said once for its module
@@ -669,13 +669,15 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
                 problems.append(f"tensor {key}: {target.description} holds it as {info.dtype}, not floating point")
             elif tuple(state[key].shape) != tuple(info.shape) and key not in target.resizable:
                 hint = ""
-                if label_hint and state[key].ndim and state[key].shape[0] == head.num_labels != info.shape[0] \
-                        and split_saved_key(key, config.modules_to_save)[0] in head.modules:
+                owner = split_saved_key(key, config.modules_to_save)[0]
+                # the adapter's label layer: its recorded head's, or a classifier PEFT saved without a record
+                is_head = owner in head.modules if head is not None else HEAD_MODULES.get(owner.split(".")[0]) == "seq-cls"
+                rows = state[key].shape[0] if state[key].ndim else None
+                if label_hint and is_head and rows != info.shape[0] and (head is None or rows == head.num_labels):
                     label_hint = False
-                    hint = (f" (the adapter's classifier has {head.num_labels} labels: build the model with "
-                            f"num_labels={head.num_labels}, e.g. AutoModelForSequenceClassification.from_pretrained("
-                            "base, num_labels=...), or use bca_deploy.models.load_model(base, [adapter]), which "
-                            "reads the head from the adapter)")
+                    hint = (f" (the adapter's classifier has {rows} labels: build the model with num_labels={rows}, "
+                            "e.g. AutoModelForSequenceClassification.from_pretrained(base, num_labels=...), or use "
+                            "bca_deploy.models.load_model(base, [adapter]), which reads the head from the adapter)")
                 problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, {target.description} has "
                                 f"{tuple(info.shape)}{hint}")
             elif (cast := _cast_problem(state[key], info.dtype)) is not None:
@@ -720,7 +722,7 @@ def _base_weight_problems(state: Mapping[str, torch.Tensor], based: Mapping[str,
         elif tuple(state[key].shape) != tuple(info.shape):
             problems.append(f"{what}: shape {tuple(state[key].shape)}, {target.description} has {tuple(info.shape)} "
                             "(a base weight replaces the model's own: a vocabulary resized to another size does not "
-                            "fit)")
+                            f"fit; use a base resized to {state[key].shape[0]} rows, as the adapter was trained)")
         elif (cast := _cast_problem(state[key], info.dtype)) is not None:
             problems.append(f"{what}: {cast}")
     return problems

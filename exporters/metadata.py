@@ -226,7 +226,8 @@ def describe_export(export_dir: str | Path) -> list[str]:
             try:
                 require_readable(path)
                 if (problem := metadata.bank.adapter_file_problem(name, path)) is not None:
-                    unreadable.append(problem.removeprefix(f"{path}: ").removesuffix("; export the bank again"))
+                    relative = metadata.bank.adapter_files[name]
+                    unreadable.append(f"{relative} ({problem.removeprefix(f'{path}: ').removesuffix('; export the bank again')})")
             except OSError as exc:
                 unreadable.append(f"{metadata.bank.adapter_files[name]} ({exc.strerror or exc})")
         if unreadable:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import bca_deploy as bd
 from bca_deploy.cli import main
-from bca_deploy.errors import AdapterFormatError
+from bca_deploy.errors import AdapterFormatError, AdapterMismatchError
 from conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama
 
 CASES = {
@@ -391,6 +391,9 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
     expected = model_output(peft_model.eval(), input_ids)
     peft_model.save_pretrained(tmp_path / "peft")
     assert resolve_task(base, [tmp_path / "peft"]).head.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    with pytest.raises(AdapterMismatchError, match=r"the adapter's classifier has 3 labels: build the model with "
+                                                   r"num_labels=3"):  # the hint, without a recorded head too
+        bd.load_adapter(_from_disk(BertForSequenceClassification, base), tmp_path / "peft")
 
     def convert(*args):
         return CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), *args])
@@ -418,7 +421,17 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
         assert head.id2label == {0: "neg", 1: "neu", 2: "pos"} and head.label2id == {"neg": 0, "neu": 1, "pos": 2}
         ours = bd.load_adapter(_from_disk(BertForSequenceClassification, base, num_labels=3), out)
         torch.testing.assert_close(model_output(ours, input_ids), expected, rtol=1e-5, atol=1e-5)
-    assert bd.read_adapter(tmp_path / "named-bca")[0].base_model_type == "bert"  # --model's, now recorded
+    # a --model of another architecture is refused naming it (it said the adapter saved no classifier); nothing of it
+    # is recorded (a config alone does not tell that the adapter's modules are that model's)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2,
+                                                   "vocab_size": 100}))
+    result = convert("--to", "bca", "--out", str(tmp_path / "other-out"), "--label-names", "a,b,c", "--model",
+                     str(other))
+    assert result.exit_code == 2 and "the given base model (gpt2) has no classifier among the modules the adapter " \
+        "saves (classifier)" in result.output, result.output
+    assert bd.read_adapter(tmp_path / "named-bca")[0].base_model_type is None
     from bca_deploy.merge import merge_checkpoint
 
     merged = merge_checkpoint(base, [(tmp_path / "named-bca", 1.0)], tmp_path / "merged", progress=False, fsync=False)

@@ -63,9 +63,10 @@ class ServeOptions:
     max_loaded_adapters: int = _opt(1024, "Most adapters loaded at once (the exported ones included); a client's load "
                                           "beyond it is answered 409 adapter_limit until one is unloaded (each loaded "
                                           "adapter holds its kernels and head in memory; vLLM: --max-cpu-loras).")
-    max_labels: int = _opt(1024, "Most labels of a classifier head loaded at run time (the exported heads are always "
-                                 "taken): every row of every adapter computes the widest loaded head's labels, so one "
-                                 "wide head would slow every tenant and widen every answer (422 above).")
+    max_labels: int = _opt(1024, "Most labels of a classifier head loaded at run time (422 above); never below the "
+                                 "widest exported head's, which are always taken: every row of every adapter computes "
+                                 "the widest loaded head's labels, so one wide head would slow every tenant and widen "
+                                 "every answer.")
     manage_adapters: bool = _opt(True, "Let clients load and unload adapters at run time (POST /v1/adapters, "
                                        "DELETE /v1/adapters/NAME, /v1/load_lora_adapter, /v1/unload_lora_adapter); "
                                        "off: those answer 403 and the adapters loaded at start are all a client can "

@@ -37,6 +37,7 @@ from ..errors import (
     AdapterMismatchError,
     AdapterNameError,
     ContextLengthError,
+    ExportFileError,
     ServingError,
     UnknownAdapterError,
     first_line,
@@ -712,16 +713,16 @@ class MultiAdapterSession:
 
         path = self.export_dir / bank.adapter_files[name]
         if not path.exists():
-            raise ServingError(f"{path}: adapter file listed in bca_export.json is missing")
+            raise ExportFileError(f"{path}: adapter file listed in bca_export.json is missing")
         require_readable(path)  # unreadable (onnxruntime: a parse failure), a FIFO (it blocks): the OSError naming it
         if (problem := bank.adapter_file_problem(name, path)) is not None:
-            raise ServingError(problem)
+            raise ExportFileError(problem)
         try:
             adapter = ort.AdapterFormat.read_adapter(str(path))
             # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns
             params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
         except Exception as exc:  # onnxruntime raises RuntimeError/Fail (pybind) for a file it cannot parse
-            raise ServingError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
+            raise ExportFileError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
                                f"{onnxruntime_reason(exc)})") from None
         del adapter
         # each parameter holds two slots (zeros, then this adapter) on the slot axis
@@ -729,7 +730,7 @@ class MultiAdapterSession:
         own = bank.adapter_labels.get(name)
         missing = [k for k in self.head.names() if k not in params] if self.head is not None and own else []
         if short or missing:
-            raise ServingError(format_problems(f"{path}: not the adapter file this bank exported:", [
+            raise ExportFileError(format_problems(f"{path}: not the adapter file this bank exported:", [
                 *(f"{k}: shape {params[k].shape}, expected two slots on axis {SLOT_AXIS}" for k in short[:10]),
                 *(f"{k}: missing (the adapter's own head)" for k in missing[:10])]))
         tensors = {k: np.take(params[k], 1, axis=SLOT_AXIS) for k in self.layout if k in params}

@@ -38,6 +38,7 @@ from ..errors import (
     AdapterNameError,
     BCAError,
     ContextLengthError,
+    ExportFileError,
     NonFiniteError,
     ServingError,
     UnknownAdapterError,
@@ -181,6 +182,7 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
     NonFiniteError: (422, "invalid_adapter"),
     BCAError: (400, "bad_request"),
     NonFiniteOutputError: (500, "non_finite_output"),
+    ExportFileError: (500, "export_damaged"),
     InternalServerError: (500, "internal_error"),
     ServerBusyError: (503, "server_busy"),
 }

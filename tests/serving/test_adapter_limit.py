@@ -55,3 +55,29 @@ def test_the_openai_client_raises_its_conflict_error(url):
     client = openai_client(url)
     with pytest.raises(openai.ConflictError, match="adapter_limit|--max-loaded-adapters"):
         client.post("/load_lora_adapter", body={"lora_name": "again", "lora_path": "bext"}, cast_to=object)
+
+
+def test_reloading_an_exported_adapter_whose_file_was_damaged_is_a_500_naming_it(tmp_path_factory):
+    """An exported adapter unloaded, its file then changed, and loaded again: the digest refusal was a 400
+    ``bad_request``, as if the client had erred; the export is at fault: 500 ``export_damaged``, naming the file and
+    no path. The other adapters keep answering."""
+    import json
+    import shutil
+
+    from bca_deploy.serving.http import ServerThread, build
+
+    art = bank("bert", tmp_path_factory)
+    export = tmp_path_factory.mktemp("damaged") / "onnx"
+    shutil.copytree(art["onnx"], export)
+    files = json.loads((export / "bca_export.json").read_text())["bank"]["adapter_files"]
+    app = build(export, threads=1)
+    with ServerThread(app) as server:
+        assert call(server.url + "/v1/adapters/a0", "DELETE")[0] == 200
+        shutil.copy(export / files["a1"], export / files["a0"])
+        for route, body in (("/v1/adapters", {"name": "a0"}), ("/v1/load_lora_adapter", {"lora_name": "a0"})):
+            status, answer = call(server.url + route, "POST", body)
+            assert status == 500 and answer["error"]["type"] == "export_damaged", (route, answer)
+            assert "a0.onnx_adapter: not the adapter file this bank exported for 'a0'" in answer["error"]["message"]
+            assert str(export) not in answer["error"]["message"]
+        status, answer = call(server.url + "/v1/embeddings", "POST", {"input": [[5, 6, 7]], "model": "a1"})
+        assert status == 200, answer
