@@ -675,7 +675,8 @@ def load_adapter(
         undo.restore(adapter_name)
         raise
     if config.task is not None and config.task.head is not None:
-        apply_head_labels(model, config.task.head)  # pipelines and config readers name the classes as merge/serve do
+        # pipelines and config readers name the classes as merge/serve do, while this adapter's head is in place
+        apply_head_labels(model, adapter_name, config.task.head)
     return model
 
 

@@ -455,8 +455,7 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     _unload_saved(model, merge)
     labels = model.__dict__.pop(_LABELS_ATTR, None)
     if labels is not None and not merge:  # the base model's head is back: so are its labels
-        for key, value in labels.items():
-            setattr(model.config, key, value)
+        _set_labels(model, labels["base"])
     model.__dict__.pop(_CONFIGS_ATTR, None)
     model.__dict__.pop(_BASE_ATTR, None)  # base weights stay in the base model, as PEFT's unload leaves them
     model.__dict__.pop(_TIE_ATTR, None)  # the layers are gone: nothing can be tied back any more
@@ -470,21 +469,39 @@ _LABELS_ATTR = "bca_base_labels"
 _LABEL_FIELDS = ("id2label", "label2id", "problem_type")
 
 
-def apply_head_labels(model: nn.Module, head: Any) -> None:
-    """Name the classes as the adapter's head (a :class:`~bca_deploy.config.HeadSpec`, loaded with it) names them, in
-    ``model.config`` (``id2label``, ``label2id``, ``problem_type``): what transformers' pipelines and
-    ``config.id2label`` readers show. The model's own are kept and put back by :func:`remove_adapters` without
-    merging (the base model's head is back then). One adapter of a model at most saves the head, so there is one
-    set of names."""
+def apply_head_labels(model: nn.Module, adapter_name: str, head: Any) -> None:
+    """Record adapter ``adapter_name``'s head labels (a :class:`~bca_deploy.config.HeadSpec`, loaded with it): while
+    its head is the one in place (:func:`set_adapter`, not disabled), ``model.config`` names the classes as it does
+    (``id2label``, ``label2id``, ``problem_type``: what transformers' pipelines show), else as the model's own, which
+    :func:`remove_adapters` without merging puts back."""
     config = getattr(model, "config", None)
     if config is None or head is None:
         return
-    if _LABELS_ATTR not in model.__dict__:
-        model.__dict__[_LABELS_ATTR] = {key: copy.deepcopy(getattr(config, key, None)) for key in _LABEL_FIELDS}
-    config.id2label = {int(i): name for i, name in head.id2label.items()}
-    config.label2id = {name: int(i) for name, i in head.label2id.items()}
-    if head.problem_type is not None:
-        config.problem_type = head.problem_type
+    record = model.__dict__.setdefault(_LABELS_ATTR, {
+        "base": {key: copy.deepcopy(getattr(config, key, None)) for key in _LABEL_FIELDS}, "adapters": {}})
+    record["adapters"][adapter_name] = {"id2label": {int(i): n for i, n in head.id2label.items()},
+                                        "label2id": {n: int(i) for n, i in head.label2id.items()},
+                                        "problem_type": head.problem_type}
+    _sync_labels(model)
+
+
+def _sync_labels(model: nn.Module) -> None:
+    """``model.config``'s class names: those of the adapter whose saved head is in place, else the model's own."""
+    record = model.__dict__.get(_LABELS_ATTR)
+    if record is None:
+        return
+    saved = saved_modules(model)
+    live = set(saved.live.values()) if saved is not None else set()
+    owner = next((name for name in record["adapters"] if name in live), None)
+    labels = record["base"] if owner is None else record["adapters"][owner]
+    if owner is not None and labels["problem_type"] is None:  # the head records none: the model's own stays
+        labels = {**labels, "problem_type": record["base"]["problem_type"]}
+    _set_labels(model, labels)
+
+
+def _set_labels(model: nn.Module, labels: dict[str, Any]) -> None:
+    for key in _LABEL_FIELDS:
+        setattr(model.config, key, copy.deepcopy(labels[key]))
 
 
 # ---- tied weights (an lm_head sharing its weight Parameter with the input embedding) ------------------
@@ -676,6 +693,7 @@ def _sync_saved(model: nn.Module, target: dict[str, str] | None = None) -> None:
             else:
                 param.copy_(record.stores[new].pop(name))
                 record.live[name] = new
+    _sync_labels(model)  # the class names follow the head in place
 
 
 def saved_value(model: nn.Module, adapter_name: str, name: str) -> torch.Tensor | None:

@@ -500,6 +500,15 @@ def test_load_adapter_names_the_classes_as_the_adapter_records_them(tmp_path, in
     assert model.config.label2id == {"food": 0, "sports": 1, "tech": 2}
     logits = model_output(model, input_ids)
     assert model.config.id2label[int(logits[0].argmax())] in {"food", "sports", "tech"}
+    # the names follow the head in place: the model's own while another adapter is active or adapters are disabled
+    # (helper-62: a pipeline named the base's untrained head's answers with the adapter's classes)
+    headless = bd.inject(tiny_bert(num_labels=3), ["value"], block_size=8, init="normal", init_std=0.1, seed=1)
+    bd.load_adapter(model, bd.save_adapter(headless, tmp_path / "headless"), adapter_name="other")
+    named = {0: "food", 1: "sports", 2: "tech"}
+    for step, want in ((lambda: bd.set_adapter(model, ["other"]), before[0]), (lambda: bd.set_adapter(model, "default"),
+                       named), (lambda: bd.disable_adapters(model), before[0]), (lambda: bd.enable_adapters(model), named)):
+        step()
+        assert model.config.id2label == want
     bd.remove_adapters(model)
     assert (model.config.id2label, model.config.label2id) == before
     merged = bd.remove_adapters(bd.load_adapter(tiny_bert(num_labels=3), directory), merge=True)
