@@ -341,8 +341,9 @@ class MultiAdapterSession:
                                                 getattr(config, "problem_type", None))
         self._bank = self._new_bank()
         self._base_label_width = self._label_width if self.head is not None else 0
-        # Every row of a head bank computes the widest loaded head's labels: one adapter of 100,000 labels made every
-        # tenant's rows 8x slower and a 64-row answer 337 MB. Heads wider than the exported ones are refused beyond it.
+        # Every row of a head bank computes the widest loaded head's labels: one adapter of 100,000 labels made another
+        # tenant's rows 7.6x slower and a 64-row answer 337 MB. Heads wider than max_labels (never below the exported
+        # heads') are refused at registration.
         widest = max([0, *(labels.num_labels for labels in bank.adapter_labels.values() if labels is not None)])
         self.max_labels = None if max_labels is None else max(int(max_labels), widest, self._base_label_width)
         self._ortvalues: dict[str, tuple[np.ndarray, Any]] = {}
@@ -723,7 +724,7 @@ class MultiAdapterSession:
             params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
         except Exception as exc:  # onnxruntime raises RuntimeError/Fail (pybind) for a file it cannot parse
             raise ExportFileError(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: "
-                               f"{onnxruntime_reason(exc)})") from None
+                                  f"{onnxruntime_reason(exc)})") from None
         del adapter
         # each parameter holds two slots (zeros, then this adapter) on the slot axis
         short = sorted(k for k, v in params.items() if v.ndim == 0 or v.shape[SLOT_AXIS] != 2)
