@@ -671,7 +671,8 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
                 hint = ""
                 owner = split_saved_key(key, config.modules_to_save)[0]
                 # the adapter's label layer: its recorded head's, or a classifier PEFT saved without a record
-                is_head = owner in head.modules if head is not None else HEAD_MODULES.get(owner.split(".")[0]) == "seq-cls"
+                is_head = owner is not None and (owner in head.modules if head is not None
+                                                 else HEAD_MODULES.get(owner.split(".")[0]) == "seq-cls")
                 rows = state[key].shape[0] if state[key].ndim else None
                 if label_hint and is_head and rows != info.shape[0] and (head is None or rows == head.num_labels):
                     label_hint = False
