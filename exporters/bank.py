@@ -1013,20 +1013,27 @@ class BankRecord:
                    base_labels, adapter_labels, tuple(unused), base_weights, adapter_digests)
 
     def adapter_file_problem(self, name: str, path: Path) -> str | None:
-        """The message refusing ``path`` as exported adapter ``name``'s file when it is larger than any adapter file of
-        this bank (:meth:`adapter_file_limit`), or not the file the export wrote (its size, then its sha256, differ
-        from what ``bca_export.json`` records); None when it is (or, in an older export, within the limit). serve, serve-ray and validate check it before onnxruntime reads the file: one
-        copied from another export with the same shapes was served as this adapter, with another's numbers."""
+        """Why ``path`` is not exported adapter ``name``'s file, or None: it is larger than any adapter file of this
+        bank (:meth:`adapter_file_limit`, checked for every export: onnxruntime reads the whole file into memory), or
+        its size, then its sha256, differ from what ``bca_export.json`` records (an older export records none). A
+        file copied from another export with the same shapes was served as this adapter, with another's numbers."""
         size, limit = path.stat().st_size, self.adapter_file_limit()
-        if size > limit:  # checked for every export: onnxruntime reads the whole file into memory
-            return (f"{path}: {size:,} bytes, more than an adapter file of this bank holds (at most {limit:,}); export "
-                    "the bank again")
+        if size > limit:
+            return f"{size:,} bytes, more than an adapter file of this bank holds (at most {limit:,})"
         if self.adapter_digests is None or name not in self.adapter_digests:
             return None
         problem = self.adapter_digests[name].problem(path)
-        if problem is None:
-            return None
-        return f"{path}: not the adapter file this bank exported for {name!r} ({problem}); export the bank again"
+        return None if problem is None else f"not the adapter file this bank exported for {name!r} ({problem})"
+
+    def checked_adapter_file(self, export_dir: str | Path, name: str, error: type[Exception]) -> Path:
+        """Exported adapter ``name``'s file in ``export_dir``, readable (else the OSError naming it) and the one the
+        export wrote (:meth:`adapter_file_problem`, else ``error`` naming it): what serve, serve-ray and validate
+        check before onnxruntime reads the file."""
+        path = Path(export_dir) / self.adapter_files[name]
+        require_readable(path)
+        if (problem := self.adapter_file_problem(name, path)) is not None:
+            raise error(f"{path}: {problem}; export the bank again")
+        return path
 
     def adapter_file_limit(self) -> int:
         """The most bytes an exported adapter file of this bank takes: its two slots (zeros, then the adapter) of
@@ -2159,15 +2166,13 @@ class BankPlan:
             np.savez(directory / HEAD_BASE_FILE, **self.base_head.tensors)
 
     def validate(self, directory: Path, reference: nn.Module, dtype: str, provider: str, tolerance=None,
-                 cases=None, record: BankRecord | None = None) -> ValidationReport:
+                 cases=None) -> ValidationReport:
         """The bank graph against PyTorch: mixed batches over every slot, then each adapter file activated.
 
         Without a per-slot head, :func:`~bca_deploy.exporters.validate.validate_model` with ``slots``
         (the reference runs the mixed batch under ``mixed_adapters``). With one, each row's logits are
         compared with its slot's own model (adapter active, that slot's head swapped in): real labels
-        within tolerance, padding labels -inf, rows of a slot without a head NaN. ``record``: the export's bank
-        record when re-checking an export (``bca-deploy validate``): each adapter file is checked against the
-        digest it records before onnxruntime reads it.
+        within tolerance, padding labels -inf, rows of a slot without a head NaN.
         """
         import onnxruntime as ort
 
@@ -2184,8 +2189,6 @@ class BankPlan:
         for name in self.names:
             path = self.adapter_file(directory, name)
             require_readable(path)  # onnxruntime would report an unreadable file as "Invalid fd"
-            if record is not None and (problem := record.adapter_file_problem(name, path)) is not None:
-                raise ExportMetadataError(problem)
             adapter = ort.LoraAdapter()
             try:
                 adapter.Load(str(path))

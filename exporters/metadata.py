@@ -226,8 +226,7 @@ def describe_export(export_dir: str | Path) -> list[str]:
             try:
                 require_readable(path)
                 if (problem := metadata.bank.adapter_file_problem(name, path)) is not None:
-                    relative = metadata.bank.adapter_files[name]
-                    unreadable.append(f"{relative} ({problem.removeprefix(f'{path}: ').removesuffix('; export the bank again')})")
+                    unreadable.append(f"{metadata.bank.adapter_files[name]} ({problem})")
             except OSError as exc:
                 unreadable.append(f"{metadata.bank.adapter_files[name]} ({exc.strerror or exc})")
         if unreadable:

@@ -949,13 +949,10 @@ def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequenc
             f"order, with --adapter (got {given or 'none'})"
         )
     for name in slots:  # each adapter file as the export wrote it, before the model loads
-        path = onnx_path.parent / metadata.bank.adapter_files[name]
-        require_readable(path)
-        if (problem := metadata.bank.adapter_file_problem(name, path)) is not None:
-            raise ExportMetadataError(problem)
+        metadata.bank.checked_adapter_file(onnx_path.parent, name, ExportMetadataError)
     plan = BankPlan.load(model_dir, adapter_dirs, task or metadata.task)
     return plan.validate(onnx_path.parent, plan.reference_model(), dtype or metadata.dtype or "fp32", provider,
-                         tolerance=tolerance, cases=cases, record=metadata.bank)
+                         tolerance=tolerance, cases=cases)
 
 
 def validate(

@@ -53,7 +53,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems, require_readable
+from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems
 from .openai import ClosingStreamingResponse
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
@@ -561,10 +561,7 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
     if problems:
         raise ServingError(bank_graph_message(Path(export_dir) / ONNX_FILE, problems))
     for name in bank.adapters:  # the same for an adapter file this user may not read, or not the one exported
-        path = Path(export_dir) / bank.adapter_files[name]
-        require_readable(path)
-        if (problem := bank.adapter_file_problem(name, path)) is not None:
-            raise ServingError(problem)
+        bank.checked_adapter_file(export_dir, name, ServingError)
     local = address is None and not ray.is_initialized()
     if local:
         onnx_providers(options.provider)  # the replicas run here: this onnxruntime must have the provider

@@ -44,7 +44,6 @@ from ..errors import (
     format_problems,
     onnxruntime_reason,
     open_regular,
-    require_readable,
 )
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
 from ..exporters.metadata import ExportMetadata
@@ -715,9 +714,8 @@ class MultiAdapterSession:
         path = self.export_dir / bank.adapter_files[name]
         if not path.exists():
             raise ExportFileError(f"{path}: adapter file listed in bca_export.json is missing")
-        require_readable(path)  # unreadable (onnxruntime: a parse failure), a FIFO (it blocks): the OSError naming it
-        if (problem := bank.adapter_file_problem(name, path)) is not None:
-            raise ExportFileError(problem)
+        # unreadable (onnxruntime: a parse failure), a FIFO (it blocks): the OSError naming it; damaged: ExportFileError
+        bank.checked_adapter_file(self.export_dir, name, ExportFileError)
         try:
             adapter = ort.AdapterFormat.read_adapter(str(path))
             # copies: the arrays of get_parameters() live in memory the AdapterFormat object owns

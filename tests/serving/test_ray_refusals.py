@@ -89,8 +89,10 @@ def test_a_graph_onnxruntime_refuses_fails_before_ray_starts_and_a_failed_deploy
         if Path(path) == files[0]:
             raise PermissionError(13, "Permission denied", str(path))
 
+    import bca_deploy.exporters.bank as bank_module  # where serve-ray's adapter-file check reads the file
+
     with monkeypatch.context() as patch:
-        patch.setattr(serve_ray, "require_readable", deny)
+        patch.setattr(bank_module, "require_readable", deny)
         result = CliRunner().invoke(main, ["serve-ray", str(art["onnx"])])
     assert result.exit_code == 1 and f"Error: {files[0]}: Permission denied" in result.output, result.output
     assert not ray.is_initialized()
