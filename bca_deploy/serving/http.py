@@ -626,9 +626,7 @@ class Server:
 
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
         """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
-        return validate(model, read_body(await request.body(), self.options,
-                                         content_type=request.headers.get("content-type"),
-                                         content_encoding=request.headers.get("content-encoding")))
+        return validate(model, read_body(await request.body(), self.options, request.headers))
 
     async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input") -> list[list[int]]:
         """Token-id rows of a request (texts tokenized here, once), checked against the vocabulary and positions

@@ -320,8 +320,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         server.require("embed")
-        data = read_body(await request.body(), options, content_type=request.headers.get("content-type"),
-                         content_encoding=request.headers.get("content-encoding"))
+        data = read_body(await request.body(), options, request.headers)
         if not (isinstance(data, dict) and "model" in data):
             return await native_embeddings(request, data)
         req = validate(EmbeddingsRequest, data)

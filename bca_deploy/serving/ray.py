@@ -355,8 +355,7 @@ class Router:
         name: Any = None
         if request.method == "POST" and body:
             # refused here when not sent as JSON, before any replica loads the adapter it names
-            data = read_body(body, self.options, content_type=request.headers.get("content-type"),
-                             content_encoding=request.headers.get("content-encoding"))
+            data = read_body(body, self.options, request.headers)
             if isinstance(data, dict):
                 field = _adapter_field(data)
                 name = data[field] if field is not None else None

@@ -247,13 +247,14 @@ def check_content_type(value: str | None) -> None:
                                     "'content-type: application/json'")
 
 
-def read_body(body: bytes, options, *, content_type: str | None, content_encoding: str | None) -> Any:
+def read_body(body: bytes, options, headers: Mapping[str, str]) -> Any:
     """:func:`check_content_type` of the request's ``content-type`` header and :func:`check_content_encoding` of its
-    ``content-encoding`` (None: not sent), then :func:`read_json` with the limits of ``options`` (a
+    ``content-encoding`` (absent: not sent), then :func:`read_json` with the limits of ``options`` (a
     :class:`~bca_deploy.serving.options.ServeOptions`): what every route (native, OpenAI, the Ray router) uses to
-    read a body, so none can read one sent as text, a form or compressed."""
-    check_content_type(content_type)
-    check_content_encoding(content_encoding)
+    read a body, so none can read one sent as text, a form or compressed. ``headers``: the request's (Starlette's
+    ``request.headers``, whose names are case-insensitive; a plain mapping needs lower-case names)."""
+    check_content_type(headers.get("content-type"))
+    check_content_encoding(headers.get("content-encoding"))
     return read_json(body, max_depth=options.max_json_depth, max_chars=options.max_text_chars)
 
 

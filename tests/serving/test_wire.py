@@ -92,9 +92,9 @@ def test_read_body_limits_strings_by_max_text_chars_alone():
 
     options = ServeOptions(max_text_chars=10, max_request_rows=256)
     assert read_body(json.dumps({"input": ["x" * 10], "ids": list(range(1000))}).encode(), options,
-                     content_type="application/json", content_encoding=None)
+                     {"content-type": "application/json"})
     with pytest.raises(RequestTooLargeError, match="11 characters; this server's limit is 10 \\(--max-text-chars\\)"):
-        read_body(json.dumps({"input": "x" * 11}).encode(), options, content_type=None, content_encoding="identity")
+        read_body(json.dumps({"input": "x" * 11}).encode(), options, {"content-encoding": "identity"})
     check_rows(256, options.max_request_rows)
     with pytest.raises(RequestTooLargeError, match="prompt: 257 rows; this server's limit is 256 per request "
                                                    "\\(--max-request-rows\\)"):
@@ -111,7 +111,7 @@ def test_a_compressed_body_is_refused_naming_its_encoding():
     body = gzip.compress(json.dumps({"input": "x"}).encode())
     with pytest.raises(UnsupportedMediaTypeError, match="content-encoding 'gzip': request bodies are read uncompressed") \
             as caught:
-        read_body(body, ServeOptions(), content_type="application/json", content_encoding="gzip")
+        read_body(body, ServeOptions(), {"content-type": "application/json", "content-encoding": "gzip"})
     assert error_status(caught.value) == (415, "unsupported_media_type")
 
 
