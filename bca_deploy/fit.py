@@ -660,7 +660,8 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
         head = config.task.head if config.task is not None else None
         label_hint = True  # said once: how to build a model with the adapter's head
         for key in saved:
-            if split_saved_key(key, config.modules_to_save)[0] in heads:
+            owner = split_saved_key(key, config.modules_to_save)[0]
+            if owner in heads:
                 continue  # said once for its module
             info = target.params.get(key)
             if info is None:
@@ -669,7 +670,6 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
                 problems.append(f"tensor {key}: {target.description} holds it as {info.dtype}, not floating point")
             elif tuple(state[key].shape) != tuple(info.shape) and key not in target.resizable:
                 hint = ""
-                owner = split_saved_key(key, config.modules_to_save)[0]
                 # the adapter's label layer: its recorded head's, or a classifier PEFT saved without a record
                 is_head = owner is not None and (owner in head.modules if head is not None
                                                  else HEAD_MODULES.get(owner.split(".")[0]) == "seq-cls")

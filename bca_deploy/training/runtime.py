@@ -17,8 +17,8 @@ from .data import IGNORE_INDEX, TokenizedDataset
 from .errors import TrainingConfigError
 from .metrics import MetricAccumulator
 
-__all__ = ["Dist", "init_distributed", "barrier", "on_main", "any_rank", "peer_failure", "destroy", "resolve_precision", "autocast",
-           "place_model", "model_inputs", "task_loss", "to_device", "run_eval"]
+__all__ = ["Dist", "init_distributed", "barrier", "on_main", "any_rank", "peer_failure", "destroy", "resolve_precision",
+           "autocast", "place_model", "model_inputs", "task_loss", "to_device", "run_eval"]
 
 
 @dataclass
