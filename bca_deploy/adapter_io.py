@@ -740,12 +740,12 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
             labels its ``config.json`` names), or as many names as classes not given; names repeated or empty.
         InvalidOptionError: a saved classifier without a head record and no ``model_config`` to locate it.
     """
+    from .config import MAX_LABEL_CHARS
+    from .fit import model_type_problem
     from .models import saved_label_head
 
     def refuse(why: str) -> AdapterMismatchError:
         return AdapterMismatchError(f"label names for {source}: {why}")
-
-    from .fit import model_type_problem
 
     model_type = getattr(model_config, "model_type", None)
     if (problem := model_type_problem(config, model_type, "the given base model")) is not None:
@@ -754,8 +754,6 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
     if task is None or task.type != "seq-cls":
         raise refuse(f"the adapter's task is {task.type if task else 'not recorded'}; label names name the classes "
                      "of a seq-cls (sequence classification) adapter's head")
-    from .config import MAX_LABEL_CHARS
-
     problems = []
     if not names or any(not isinstance(n, str) or not n.strip() for n in names):
         problems.append("every name must be non-empty text")
@@ -820,14 +818,14 @@ def convert_adapter(
     if to not in ("bca", "peft"):
         raise AdapterFormatError(f"to must be 'bca' or 'peft', got {to!r}")
     check_inputs_outside(destination, [("the source adapter", source)])
+    if model_config is None:
+        model_config = getattr(model, "config", None)
     if label_names is not None:  # checked from the header first: a wrong count is refused before the tensors are read
         header = read_adapter_header(source)
-        with_label_names(header.config, header.shapes, label_names,
-                         model_config if model_config is not None else getattr(model, "config", None), str(source))
+        with_label_names(header.config, header.shapes, label_names, model_config, str(source))
     config, state = read_adapter(source, model, validate=model is None)
     if label_names is not None:
-        config = with_label_names(config, {k: tuple(v.shape) for k, v in state.items()}, label_names,
-                                  model_config if model_config is not None else getattr(model, "config", None),
+        config = with_label_names(config, {k: tuple(v.shape) for k, v in state.items()}, label_names, model_config,
                                   str(source))
     if model is not None:
         target = model_target(model)

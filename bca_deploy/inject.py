@@ -465,7 +465,7 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
 
 # ---- class names of a loaded head ----------------------------------------------------------------------
 
-_LABELS_ATTR = "bca_base_labels"
+_LABELS_ATTR = "bca_head_labels"  # {"base": the model's own, "adapters": {name: its head's}}
 _LABEL_FIELDS = ("id2label", "label2id", "problem_type")
 
 
