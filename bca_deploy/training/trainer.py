@@ -921,11 +921,10 @@ class _TrainingRun:
                 # Every process stops at the same step (one that stopped alone would leave the others to fail on
                 # the broken connection).
                 if any_rank(d, not math.isfinite(step_loss), dev):
-                    where = "" if math.isfinite(step_loss) else f"is {step_loss} "
+                    seen = "is not finite on another process" if math.isfinite(step_loss) else f"is {step_loss}"
                     clip = "lower --max-grad-norm" if cfg.max_grad_norm else "set --max-grad-norm"
-                    raise TrainingDivergedError(
-                        f"training loss {where or 'is not finite on another process '}at step {self.step}: lower the "
-                        f"learning rate (--lr {cfg.lr}) or {clip}")
+                    raise TrainingDivergedError(f"training loss {seen} at step {self.step}: lower the learning rate "
+                                                f"(--lr {cfg.lr}) or {clip}")
                 elapsed = time.perf_counter() - t0
                 self.train_seconds += elapsed
                 self.train_cpu_seconds += time.process_time() - c0
