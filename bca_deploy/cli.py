@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from .training.cli import evaluate_command, train_command
+from .training.cli import evaluate_command, parse_list, train_command
 
 _PATH = click.Path(path_type=Path)
 
@@ -310,7 +310,8 @@ _PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "
               help="--to peft: base_model_name_or_path, the model AutoPeftModelFor* loads (default: the one the "
                    "adapter records).")
 @click.option("--label-names", default=None,
-              help="A seq-cls adapter's class names 0..K-1, comma-separated (e.g. negative,neutral,positive): recorded "
+              help="A seq-cls adapter's class names 0..K-1, comma-separated (e.g. negative,neutral,positive; a JSON array "
+                   "of strings for names with commas): recorded "
                    "in the written adapter, so merge, export and serve name the classes. PEFT saves none, so a PEFT "
                    "classifier is otherwise named as the base checkpoint names its labels, or LABEL_<i>.")
 @click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,
@@ -326,10 +327,11 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
 
     if to == "bca" and (task_type or base_model):
         raise click.BadParameter("only with --to peft", param_hint="--task-type/--base-model")
-    names = [n.strip() for n in label_names.split(",")] if label_names is not None else None
-    if names is not None and not all(names):
-        raise click.BadParameter(f"expected NAME[,NAME...] with no empty name, got {label_names!r}",
-                                 param_hint="--label-names")
+    try:
+        names = parse_list(label_names)
+    except click.BadParameter as exc:
+        exc.param_hint = "'--label-names'"
+        raise
     if model_dir is not None and names is None:
         raise click.BadParameter("only with --label-names (it locates a PEFT classifier's label layer)",
                                  param_hint="--model")

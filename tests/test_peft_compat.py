@@ -405,7 +405,7 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
         ("--to", "bca", "--out", str(tmp_path / "twice"), "--label-names", "neg,neg,pos", "--model", str(base)):
             "repeated: 'neg'",
         ("--to", "bca", "--out", str(tmp_path / "empty"), "--label-names", "neg,,pos", "--model", str(base)):
-            "no empty name",
+            "no empty item",
         ("--to", "bca", "--out", str(tmp_path / "model-alone"), "--model", str(base)): "only with --label-names",
     }
     for args, message in refusals.items():
@@ -421,6 +421,12 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
         assert head.id2label == {0: "neg", 1: "neu", 2: "pos"} and head.label2id == {"neg": 0, "neu": 1, "pos": 2}
         ours = bd.load_adapter(_from_disk(BertForSequenceClassification, base, num_labels=3), out)
         torch.testing.assert_close(model_output(ours, input_ids), expected, rtol=1e-5, atol=1e-5)
+    # names holding commas go as a JSON array
+    out = tmp_path / "json-names"
+    result = convert("--to", "bca", "--out", str(out), "--label-names", '["bad, very", "neutral", "good, very"]',
+                     "--model", str(base))
+    assert result.exit_code == 0, result.output
+    assert resolve_task(base, [out]).head.id2label == {0: "bad, very", 1: "neutral", 2: "good, very"}
     # a --model of another architecture is refused naming it (it said the adapter saved no classifier); nothing of it
     # is recorded (a config alone does not tell that the adapter's modules are that model's)
     other = tmp_path / "other"

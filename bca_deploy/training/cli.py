@@ -17,20 +17,44 @@ import click
 
 from .config import EvaluateConfig, TrainConfig, option_flag
 
-__all__ = ["train_command", "evaluate_command", "config_options"]
+__all__ = ["train_command", "evaluate_command", "config_options", "parse_list"]
 
 
-def _split(value: str | None) -> list[str] | None:
+def parse_list(value: str | None) -> list[str] | None:
+    """A list option's items: ``a,b,c`` (each stripped), or a JSON array of strings for items that hold a comma
+    (``'["0-5, low", "5-10, high"]'``). An empty item is refused (``negative,,positive`` would number the classes
+    after it one lower); a single trailing comma is allowed.
+
+    Raises:
+        click.BadParameter: an empty item, or a JSON array that is malformed or holds anything but strings.
+    """
     if value is None:
         return None
-    return [v.strip() for v in value.split(",") if v.strip()]
+    if value.lstrip().startswith("["):
+        import json
+
+        try:
+            items = json.loads(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"not a JSON array of strings ({exc}): {value[:200]!r}") from None
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise click.BadParameter(f"expected a JSON array of strings, got {value[:200]!r}")
+        items = [v.strip() for v in items]
+    else:
+        items = [v.strip() for v in value.split(",")]
+        if len(items) > 1 and not items[-1]:
+            items.pop()
+    if not items or not all(items):
+        raise click.BadParameter(f"expected ITEM[,ITEM...] (or a JSON array of strings) with no empty item, got "
+                                 f"{value[:200]!r}")
+    return items
 
 
 def _pattern(value: str | None) -> dict[str, int] | None:
     if value is None:
         return None
     out = {}
-    for item in _split(value) or []:
+    for item in parse_list(value) or []:
         name, sep, p = item.partition("=")
         try:
             if not sep or not name.strip():
@@ -75,7 +99,7 @@ def _option(f) -> tuple[Callable[[Callable], Callable], Callable[[Any], Any]]:
         decorator = click.option(flag, f.name, type=types[kind], default=default, show_default=shown,
                                  help=help_text, required=False)
         if kind == "list":
-            convert = _split
+            convert = parse_list
         elif kind == "pattern":
             convert = _pattern
         elif kind == "scale":

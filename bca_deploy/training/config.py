@@ -129,7 +129,7 @@ def _opt(default: Any, help: str, kind: str, choices: tuple[str, ...] | None = N
     """A dataclass field with its command-line description.
 
     ``kind``: ``path``, ``str``, ``int``, ``float``, ``flag`` (on/off switch), ``tristate`` (``--x/--no-x``,
-    None = recipe or automatic), ``list`` (comma-separated), ``pattern`` (``NAME=P,...``), ``choice``.
+    None = recipe or automatic), ``list`` (comma-separated, or a JSON array of strings), ``pattern`` (``NAME=P,...``), ``choice``.
     """
     return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "required": required,
                                             "library_only": library_only, "group": group})
@@ -265,7 +265,8 @@ class TrainConfig:
     label_column: str = _opt("label", "seq-cls: the label column (integers, strings, or floats for regression).",
                              "str", group="columns")
     label_names: list[str] | None = _opt(
-        None, "seq-cls: names of the classes 0..K-1, comma-separated (e.g. negative,positive); recorded in the "
+        None, "seq-cls: names of the classes 0..K-1, comma-separated (e.g. negative,positive; a JSON array of strings "
+        "for names with commas); recorded in the "
         "adapter. Default: string labels' own names, else the base model's, else LABEL_i.", "list", group="columns")
     num_labels: int | None = _opt(
         None, "seq-cls: number of classes (default: the base model's trained head, else from the labels).", "int",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -227,3 +228,19 @@ def test_the_next_commands_offer_export_only_for_an_architecture_export_takes(tm
         tmp_path / "bert")
     assert "cannot export model_type 'albert'" in export_refusal(tmp_path / "albert")
     assert export_refusal(tmp_path / "bert") is None
+
+
+def test_list_options_take_json_arrays_and_refuse_empty_items():
+    """A class name with a comma needs the JSON form; an empty item would renumber the classes after it."""
+    from bca_deploy.training.cli import parse_list
+
+    assert parse_list("negative, neutral ,positive") == ["negative", "neutral", "positive"]
+    assert parse_list("query,value,") == ["query", "value"]  # one trailing comma, as shells and editors leave it
+    assert parse_list('["0-5, low", " 5-10, high "]') == ["0-5, low", "5-10, high"]
+    assert parse_list(None) is None
+    for value in ("negative,,positive", ",negative", "", "a,,", "[]", '["a", ""]', '["a", 1]', '["a"', "[a, b]"):
+        with pytest.raises(click.BadParameter):
+            parse_list(value)
+    result = CliRunner().invoke(main, ["train", "--model", "m", "--data", "d.tsv", "--label-names", "neg,,pos"])
+    assert result.exit_code == 2 and "'--label-names'" in result.output and "no empty item" in result.output, \
+        result.output
