@@ -12,7 +12,8 @@ factor is 1, so a PEFT → bca-deploy → PEFT round trip is bit-exact.
 
 PEFT's config has no place for bca-deploy's task record (the head's modules, ``num_labels``, ``id2label``):
 a PEFT copy keeps it in the safetensors file's metadata (:data:`TASK_METADATA_KEY`, which PEFT never
-reads), so a bca-deploy → PEFT → bca-deploy round trip keeps the labels.
+reads), so a bca-deploy → PEFT → bca-deploy round trip keeps the labels; the base model_type travels the same
+way (:data:`BASE_MODEL_TYPE_METADATA_KEY`).
 
 peft itself is not imported here: conversion works on files and tensors only.
 """
@@ -50,6 +51,9 @@ _PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release this writer was verified ag
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
 #: safetensors metadata key of a PEFT copy's bca-deploy task record (JSON of :meth:`TaskSpec.to_dict`).
 TASK_METADATA_KEY = "bca_deploy.task"
+#: safetensors metadata key of a PEFT copy's recorded base ``model_type`` (PEFT's config has no field for it, and
+#: without it the copy's fit check could not refuse a model of another architecture as the original's does).
+BASE_MODEL_TYPE_METADATA_KEY = "bca_deploy.base_model_type"
 
 
 def is_peft_config(data: dict[str, Any]) -> bool:
@@ -247,7 +251,7 @@ def from_peft(
         init="zeros" if peft_config.get("init_weights") is True else _peft_init_name(peft_config.get("init_weights")),
         modules=specs,
         modules_to_save=extra_modules,
-        base_model_type=None,
+        base_model_type=_recorded_model_type(metadata, source),
         base_model_name_or_path=peft_config.get("base_model_name_or_path"),
         task=task,
     )
@@ -727,11 +731,23 @@ def _recorded_task(metadata: dict[str, str] | None, modules_to_save: list[str], 
     return task
 
 
+def _recorded_model_type(metadata: dict[str, str] | None, source: str) -> str | None:
+    """The base ``model_type`` a PEFT copy carries in its safetensors metadata (None: not recorded)."""
+    value = (metadata or {}).get(BASE_MODEL_TYPE_METADATA_KEY)
+    if value is not None and not (isinstance(value, str) and value.isprintable() and 0 < len(value) <= 100):
+        raise AdapterFormatError(f"{source}: safetensors metadata {BASE_MODEL_TYPE_METADATA_KEY!r}: expected a model_type "
+                                 f"(printable, 1-100 characters), got {str(value)[:120]!r}")
+    return value
+
+
 def peft_metadata(config: AdapterConfig) -> dict[str, str]:
-    """The safetensors metadata of a PEFT copy of an adapter with ``config``: PEFT's own, plus the task record."""
+    """The safetensors metadata of a PEFT copy of an adapter with ``config``: PEFT's own, plus the task record and
+    the base model_type."""
     metadata = {"format": "pt"}
     if config.task is not None:
         metadata[TASK_METADATA_KEY] = json.dumps(config.task.to_dict(), sort_keys=True)
+    if config.base_model_type:
+        metadata[BASE_MODEL_TYPE_METADATA_KEY] = config.base_model_type
     return metadata
 
 

@@ -465,3 +465,27 @@ def test_label_names_are_refused_where_there_is_no_head_to_name(tmp_path):
                                        str(tmp_path / "out"), "--label-names", "a,b"])
     assert result.exit_code == 2 and "base checkpoint's head" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_peft_copy_keeps_the_base_model_type(tmp_path):
+    """PEFT's config has no model_type field: the copy carries it in its safetensors metadata, so the copy refuses a
+    model of another architecture as the original does (it was lost: the copy fitted any model with those paths)."""
+    from safetensors.torch import save_file
+
+    from bca_deploy.peft_compat import BASE_MODEL_TYPE_METADATA_KEY
+
+    bd.save_adapter(bd.inject(tiny_bert(), ["query"], block_size=8, init="normal", seed=0), tmp_path / "peft",
+                    format="peft")
+    assert bd.read_adapter(tmp_path / "peft")[0].base_model_type == "bert"
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), "--to", "bca",
+                                       "--out", str(tmp_path / "back")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["base_model"]["model_type"] == "bert"
+    other = tiny_bert()
+    other.config.model_type = "roberta"
+    with pytest.raises(AdapterMismatchError, match="base model_type is 'bert'"):
+        bd.load_adapter(other, tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file(load_file(weights), str(weights), metadata={"format": "pt", BASE_MODEL_TYPE_METADATA_KEY: "x\n" * 300})
+    with pytest.raises(AdapterFormatError, match=re.escape(BASE_MODEL_TYPE_METADATA_KEY)):
+        bd.read_adapter(tmp_path / "peft")
