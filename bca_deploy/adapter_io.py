@@ -786,6 +786,23 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
     return dataclasses.replace(config, task=dataclasses.replace(task, head=head))
 
 
+def _recorded_base_config(config: AdapterConfig) -> Any:
+    """The transformers config of the base checkpoint an adapter records (``base_model_name_or_path``) when that is a
+    local directory with a ``config.json``, as PEFT's ``AutoPeftModel*`` loads it; else None (a hub name: nothing is
+    downloaded). Only needed, and only read, to locate a PEFT classifier's label layer for label names."""
+    from .models import load_config
+
+    recorded = config.base_model_name_or_path
+    if config.task is None or config.task.head is not None or not config.modules_to_save or not recorded:
+        return None
+    try:
+        if not (Path(recorded) / "config.json").is_file():
+            return None
+    except (OSError, ValueError):  # a name too long, a NUL byte: not a directory of this machine
+        return None
+    return load_config(recorded)
+
+
 def convert_adapter(
     source: str | Path,
     destination: str | Path,
@@ -813,7 +830,8 @@ def convert_adapter(
             and ``serve`` then use. PEFT saves no label names, so its classifiers are otherwise named as the base
             checkpoint names them, or ``LABEL_<i>``. See :func:`with_label_names`.
         model_config: the base checkpoint's config (``model``'s when given): where a PEFT classifier's label layer
-            is, for ``label_names`` when the adapter records no head.
+            is, for ``label_names`` when the adapter records no head (default: the config of the checkpoint the
+            adapter records as ``base_model_name_or_path``, when that is a local directory).
     """
     if to not in ("bca", "peft"):
         raise AdapterFormatError(f"to must be 'bca' or 'peft', got {to!r}")
@@ -822,6 +840,8 @@ def convert_adapter(
         model_config = getattr(model, "config", None)
     if label_names is not None:  # checked from the header first: a wrong count is refused before the tensors are read
         header = read_adapter_header(source)
+        if model_config is None:
+            model_config = _recorded_base_config(header.config)
         with_label_names(header.config, header.shapes, label_names, model_config, str(source))
     config, state = read_adapter(source, model, validate=model is None)
     if label_names is not None:

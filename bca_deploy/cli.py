@@ -316,7 +316,8 @@ _PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "
                    "classifier is otherwise named as the base checkpoint names its labels, or LABEL_<i>.")
 @click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,
               help="The base checkpoint directory (its config.json only): where a PEFT classifier's label layer is, "
-                   "needed with --label-names when the adapter records no head.")
+                   "needed with --label-names when the adapter records no head (default: the adapter's "
+                   "base_model_name_or_path, when that is a local directory).")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter already in --out.")
 def convert(source: Path, to: str, out: Path, task_type: str | None, base_model: str | None,
             label_names: str | None, model_dir: Path | None, overwrite: bool) -> None:

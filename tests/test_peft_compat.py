@@ -395,11 +395,27 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
                                                    r"num_labels=3"):  # the hint, without a recorded head too
         bd.load_adapter(_from_disk(BertForSequenceClassification, base), tmp_path / "peft")
 
+    # without --model, the base checkpoint PEFT recorded (base_model_name_or_path, a local directory here) locates it
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), "--to", "bca", "--out",
+                                       str(tmp_path / "recorded-base"), "--label-names", "neg,neu,pos"])
+    assert result.exit_code == 0, result.output
+    assert resolve_task(base, [tmp_path / "recorded-base"]).head.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    # a recorded hub name is not looked up (nothing is downloaded): --model is asked for
+    hub = tmp_path / "hub-named"
+    hub.mkdir()
+    (hub / "adapter_model.safetensors").write_bytes((tmp_path / "peft" / "adapter_model.safetensors").read_bytes())
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(json.dumps({**peft_config, "base_model_name_or_path": "org/some-bert"}))
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(hub), "--to", "bca", "--out",
+                                       str(tmp_path / "no-model"), "--label-names", "neg,neu,pos"])
+    assert result.exit_code == 2 and "--model" in result.output and not (tmp_path / "no-model").exists(), \
+        result.output
+
     def convert(*args):
         return CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), *args])
 
     refusals = {  # each refused before anything is written, naming what to change
-        ("--to", "bca", "--out", str(tmp_path / "no-model"), "--label-names", "neg,neu,pos"): "--model",
         ("--to", "bca", "--out", str(tmp_path / "two"), "--label-names", "neg,pos", "--model", str(base)):
             "2 names given, but the adapter's classifier has 3 outputs",
         ("--to", "bca", "--out", str(tmp_path / "twice"), "--label-names", "neg,neg,pos", "--model", str(base)):
