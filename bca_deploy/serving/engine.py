@@ -166,6 +166,7 @@ class GenerationStream:
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
         self._ended = False  # the end (or an error) was delivered
+        self._end_callbacks: list[Callable[[], None]] = []
         self.cancelled = False
 
     @property
@@ -227,6 +228,15 @@ class GenerationStream:
         self._items.append(event)
         self._wake()
 
+    def add_end_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the event loop) when the row ends: finished, failed or cancelled; at once if it
+        has. It runs when the engine is done with the row, which may be well before a consumer has read its
+        events (a slow client): what is freed here is what the engine held for it."""
+        if self._ended:
+            callback()
+        else:
+            self._end_callbacks.append(callback)
+
     def _finish(self, reason: str | None, error: BaseException | None = None) -> None:
         if self._ended:
             return
@@ -239,6 +249,9 @@ class GenerationStream:
                 self.finish_reason = reason
             self._items.append(_END)
         self._wake()
+        callbacks, self._end_callbacks = self._end_callbacks, []
+        for callback in callbacks:
+            callback()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

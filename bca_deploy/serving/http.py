@@ -42,6 +42,7 @@ import contextlib
 import itertools
 import json
 import errno
+import functools
 import heapq
 import logging
 import re
@@ -89,7 +90,7 @@ from .wire import (
     check_rows,
     error_body,
     error_status,
-    read_body,
+    parse_body,
     validate,
 )
 
@@ -414,9 +415,10 @@ class _Admission:
         self.rows = 0
         self.by_adapter: collections.Counter[str | None] = collections.Counter()
 
-    def take(self, rows: int, adapter: str | None):
+    def take(self, rows: int, adapter: str | None) -> Callable[..., None]:
         """Admit ``rows`` for ``adapter`` (None: the base model; or raise :class:`ServerBusyError`); returns the
-        function that releases them (once)."""
+        function that releases them: ``release(n)`` frees ``n`` of them (a generation row that has finished, its
+        answer perhaps still being written to a slow client), ``release()`` what is left; never more than taken."""
         if self.rows + rows > self.limit:
             raise ServerBusyError(f"the server's queue is full ({self.rows} of {self.limit} rows waiting, "
                                   "--max-queued-rows); retry in a moment")
@@ -427,14 +429,15 @@ class _Admission:
                                   "(--max-queued-rows-per-adapter); retry in a moment")
         self.rows += rows
         self.by_adapter[adapter] += rows
-        released = False
+        held_rows = rows
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.rows -= rows
-                self.by_adapter[adapter] -= rows
+        def release(count: int | None = None) -> None:
+            nonlocal held_rows
+            freed = held_rows if count is None else min(count, held_rows)
+            if freed > 0:
+                held_rows -= freed
+                self.rows -= freed
+                self.by_adapter[adapter] -= freed
                 if not self.by_adapter[adapter]:
                     del self.by_adapter[adapter]  # a bounded table: only adapters with rows waiting
 
@@ -626,7 +629,7 @@ class Server:
 
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
         """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
-        return validate(model, read_body(await request.body(), self.options, request.headers))
+        return validate(model, await parse_body(await request.body(), self.options, request.headers))
 
     async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input") -> list[list[int]]:
         """Token-id rows of a request (texts tokenized here, once), checked against the vocabulary and positions
@@ -672,9 +675,8 @@ class Server:
             why = str(exc)[:300] if isinstance(exc, TemplateError) else type(exc).__name__
             raise InvalidRequestError(f"messages: the chat template refused them ({why})", param="messages") from None
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
-        # as transformers' apply_chat_template(tokenize=True) does; under the session's tokenizer lock.
-        with self.session._tokenizer_lock:
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # as transformers' apply_chat_template(tokenize=True) does; with one of the session's tokenizer copies.
+        ids = self.session.text_ids(text, add_special_tokens=False)
         return self.session.prepare([ids], input_param="messages")[0]
 
     def sampling(self, **fields: Any):
@@ -706,8 +708,11 @@ class Server:
         group = object()  # this request's rows take their turns for batch rows together (not by a client's id)
         try:
             for prompt, p in zip(prompts, params, strict=True):
-                streams.append(self.engine.submit(prompt, adapter, p, request_id=request.state.request_id,
-                                                  group=group))
+                stream = self.engine.submit(prompt, adapter, p, request_id=request.state.request_id, group=group)
+                # its queue place is freed when the row is done, not when a slow client has read the answer: a
+                # client reading 4 KB/s held 2048 finished rows for 15 s and every other tenant got 503
+                stream.add_end_callback(functools.partial(release, 1))
+                streams.append(stream)
         except BaseException as exc:
             for stream in streams:
                 stream.cancel()

@@ -59,7 +59,7 @@ from .wire import (
     error_body,
     error_status,
     field_errors,
-    read_body,
+    parse_body,
     validate,
 )
 
@@ -320,7 +320,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         server.require("embed")
-        data = read_body(await request.body(), options, request.headers)
+        data = await parse_body(await request.body(), options, request.headers)
         if not (isinstance(data, dict) and "model" in data):
             return await native_embeddings(request, data)
         req = validate(EmbeddingsRequest, data)

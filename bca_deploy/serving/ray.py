@@ -65,7 +65,7 @@ from .wire import (
     body_too_slow,
     error_body,
     error_status,
-    read_body,
+    parse_body,
     validate,
 )
 
@@ -299,7 +299,7 @@ class Router:
             if request.method in READ_METHODS and request.url.path.startswith("/v1/models/"):
                 # answered here from the listing: a replica knows only the adapters it holds now
                 return JSONResponse(await run_in_threadpool(self._model, request.url.path.removeprefix("/v1/models/")))
-            adapter = self._adapter(request, body)
+            adapter = await self._adapter(request, body)
         except BCAError as exc:
             status, kind = error_status(exc)
             return JSONResponse(error_body(status, kind, str(exc), getattr(exc, "param", None)), status_code=status)
@@ -340,7 +340,7 @@ class Router:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _adapter(self, request: Request, body: bytes) -> str:
+    async def _adapter(self, request: Request, body: bytes) -> str:
         """The adapter a request names ("" for the base model or none): the multiplexed model id."""
         path = request.url.path
         unloading = ((request.method == "DELETE" and path.startswith("/v1/adapters/"))
@@ -355,7 +355,7 @@ class Router:
         name: Any = None
         if request.method == "POST" and body:
             # refused here when not sent as JSON, before any replica loads the adapter it names
-            data = read_body(body, self.options, request.headers)
+            data = await parse_body(body, self.options, request.headers)
             if isinstance(data, dict):
                 field = _adapter_field(data)
                 name = data[field] if field is not None else None

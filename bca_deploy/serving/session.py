@@ -18,6 +18,7 @@ checked against the graph when registered; nothing is exported or restarted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import math
@@ -26,7 +27,7 @@ import threading
 import time
 import weakref
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,9 @@ KIND_NEEDS = {"embed": "embeddings need a feature-extraction export (bca-deploy 
 
 #: The most labels of a head registered at run time (beyond the exported heads'): see ``max_labels``.
 DEFAULT_MAX_LABELS = 1024
+#: Copies of the tokenizer texts are tokenized and detokenized with (one thread per copy at a time): a request's long
+#: text holds one of them, not every other request's tokenization.
+TOKENIZER_COPIES = 4
 
 
 def check_adapter_name(name: str) -> str:
@@ -318,10 +322,10 @@ class MultiAdapterSession:
         # engine's thread and the event loop's); transformers' lazy module raises ImportError ("cannot import
         # name 'AutoConfig'") when two threads import through it at the same moment.
         self._load_lock = threading.RLock()
-        # Hugging Face fast tokenizers are not safe to call from several threads at once ("Already borrowed"); the
-        # lock is taken per text, in the order asked for, so one request's many long texts do not hold every
-        # other request's text (and every stream's detokenizer) for seconds.
-        self._tokenizer_lock = TurnLock()
+        # Hugging Face fast tokenizers are not safe to call from several threads at once ("Already borrowed"): texts
+        # go through TOKENIZER_COPIES copies, one text per copy at a time, in the order asked for, so neither one
+        # request's many texts nor one long text holds every other request's text (and every stream's detokenizer).
+        self._tokenizers: TurnPool | None = None
         self._lock = threading.Lock()
         self._adapters: dict[str, _Adapter] = {}
         self._versions = itertools.count(1)
@@ -858,6 +862,9 @@ class MultiAdapterSession:
                 self._tokenizer_mismatch = (f"the tokenizer saved in {self.export_dir} does not fit its model: "
                                             f"{describe_ids_past_vocabulary(tokenizer, extra, vocabulary)}; texts "
                                             "using them are refused" if extra else None)
+                # copies only: the loaded one stays for what reads it alone (its vocabulary, its chat template), which
+                # a copy's call in another thread (setting its truncation) would find "Already borrowed"
+                self._tokenizers = TurnPool([copy.deepcopy(tokenizer) for _ in range(TOKENIZER_COPIES)])
                 self._tokenizer = tokenizer
             except Exception as exc:  # transformers raises many types for incomplete tokenizer files
                 # remembered, as a missing one is: a broken tokenizer is not loaded again for every request
@@ -883,18 +890,22 @@ class MultiAdapterSession:
         cuts each text at the model's maximum length."""
         if truncate is None:
             truncate = not self.with_past
-        tok = self.tokenizer
-        options = {"truncation": True, "max_length": self.text_limit(tok) or 512} if truncate else {}
-        rows = []
-        for text in texts:  # the lock per text: another request's text goes next, not after all of these
-            with self._tokenizer_lock:
-                rows.append(list(tok(text, **options)["input_ids"]))
-        return rows
+        options = {"truncation": True, "max_length": self.text_limit(self.tokenizer) or 512} if truncate else {}
+        # a copy per text: another request's text goes next, not after all of these
+        return [self.text_ids(text, **options) for text in texts]
+
+    def text_ids(self, text: str, **options: Any) -> list[int]:
+        """The token ids of one text, ``options`` passed to the tokenizer (thread-safe: one of the session's copies)."""
+        self.tokenizer  # noqa: B018  # loaded (ServingError if there is none)
+        assert self._tokenizers is not None
+        with self._tokenizers.use() as tok:
+            return list(tok(text, **options)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` without special tokens (thread-safe)."""
-        tok = self.tokenizer
-        with self._tokenizer_lock:
+        self.tokenizer  # noqa: B018
+        assert self._tokenizers is not None
+        with self._tokenizers.use() as tok:
             return tok.decode(list(token_ids), skip_special_tokens=True)
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -1254,28 +1265,33 @@ _HEAD_FILE_SLACK = 64 * 1024
 _HEAD_FILE_SLACK_PER_MEMBER = 16 * 1024
 
 
-class TurnLock:
-    """A lock granted in the order it was asked for (``with lock: ...``).
+class TurnPool:
+    """Interchangeable items (copies of a tokenizer), each used by one thread at a time, granted in the order they
+    were asked for: ``with pool.use() as item: ...``.
 
-    ``threading.Lock`` is not: a thread that releases it and asks again at once usually gets it back before a
-    waiting thread wakes, so a request tokenizing many texts one lock at a time would still keep another
-    request's single text waiting for all of them. Here each ``acquire`` takes a ticket and waits for its turn;
-    a waiter interrupted (``KeyboardInterrupt`` in the main thread) gives its turn up, so the lock is never left
-    waiting for a ticket nobody holds.
+    In order, because ``threading.Lock`` is not fair: a thread that releases it and asks again at once usually gets it
+    back before a waiting thread wakes, so a request tokenizing many texts one at a time would keep another request's
+    single text waiting for all of them. Several items, so that one request's long text (4 MB of chat took 5 s to
+    tokenize) holds one copy while every other request uses the others. A waiter interrupted (``KeyboardInterrupt``
+    in the main thread) gives its turn up, so the pool never waits for a ticket nobody holds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, items: Sequence[Any]) -> None:
+        if not items:
+            raise ValueError("a TurnPool needs at least one item")
         self._turns = threading.Condition(threading.Lock())
-        self._next = 0  # the ticket the next acquire takes
-        self._serving = 0  # the ticket whose holder may run
+        self._free = list(items)
+        self._next = 0  # the ticket the next request for an item takes
+        self._serving = 0  # the ticket that gets the next free item
         self._abandoned: set[int] = set()
 
-    def __enter__(self) -> TurnLock:
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Any]:
         with self._turns:
             ticket = self._next
             self._next += 1
             try:
-                while ticket != self._serving:
+                while ticket != self._serving or not self._free:
                     self._turns.wait()
             except BaseException:
                 if ticket == self._serving:
@@ -1283,11 +1299,14 @@ class TurnLock:
                 else:
                     self._abandoned.add(ticket)  # skipped when its turn comes
                 raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        with self._turns:
+            item = self._free.pop()
             self._advance()
+        try:
+            yield item
+        finally:
+            with self._turns:
+                self._free.append(item)
+                self._turns.notify_all()
 
     def _advance(self) -> None:
         self._serving += 1

@@ -1249,3 +1249,43 @@ def test_http_rows_whose_adapter_is_unloaded_while_queued_name_only_their_adapte
     assert stream_status == 200 and events[-1]["error"]["type"] == "unknown_adapter", stream_text
     assert events[-1]["error"]["message"] == "adapter 'extra' is not loaded on this server"  # no other adapter named
     assert events[-1]["error"]["param"] == "model"
+
+
+def test_a_finished_rows_queue_place_is_freed_while_a_slow_client_reads_its_answer(tmp_path_factory):
+    """helper-65: a client that reads a streamed answer slowly (4 KB/s) kept its rows' places in --max-queued-rows
+    until the last byte was written, long after the engine was done with them (2048 finished rows held for 15 s;
+    every other tenant got 503). A row's place is freed when the engine ends it. Here the client reads nothing
+    (a small receive buffer), so the server's writes stall; the places are free once the engine is idle."""
+    import json
+    import socket
+    import time
+
+    from bca_deploy.serving.http import ServerThread, build
+    from http_helpers import bank  # the tiny Llama export with its word-level tokenizer: streams carry text
+
+    # body_timeout_s: a client that reads nothing for that long is cut off (which frees its rows too): not here
+    app = build(bank("llama", tmp_path_factory)["onnx"], threads=1, max_batch_rows=64, body_timeout_s=300)
+    body = json.dumps({"model": "a0", "prompt": ["the cat is on"] * 64, "max_tokens": 60, "temperature": 0,
+                       "stream": True}).encode()
+    with ServerThread(app, startup_timeout=TIMEOUT) as server:
+        # small buffers both ends (an accepted socket inherits the listener's): the answer, ~1 MB of events, cannot fit
+        server._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((server.host, server.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        admission, engine = app.state.server.admission, app.state.engine
+        deadline = time.monotonic() + TIMEOUT
+        while admission.rows == 0 and time.monotonic() < deadline:  # admitted
+            time.sleep(0.01)
+        assert admission.rows == 64
+        while (engine.stats()["running_rows"] or engine.stats()["queued_rows"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.stats()["running_rows"] and not engine.stats()["queued_rows"]
+        while admission.rows and time.monotonic() < deadline:  # the last ends reach the event loop
+            time.sleep(0.01)
+        assert admission.rows == 0 and not admission.by_adapter
+        client.settimeout(5)
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")  # the answer is still there to read
+        client.close()

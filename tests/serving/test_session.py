@@ -862,18 +862,23 @@ def test_texts_with_tokens_the_model_cannot_embed_are_refused_naming_them(tmp_pa
     assert rows == [tokenizer("a b c")["input_ids"]] and max(rows[0]) < 128
 
 
-def test_one_requests_many_texts_do_not_hold_another_requests_text(tmp_path_factory):
-    """The tokenizer lock is taken per text, in the order asked for: a text asked for while another thread
-    tokenizes many goes next. It was held for a whole call, so a request of 120 long texts (1.1 s) kept every
-    other request's text, and every stream's detokenizer, waiting (a one-text request: 2.1 s p50 beside two such
-    requests, 14 ms now). Order only, no timings: a recording tokenizer starts the second thread mid-call."""
+def test_one_requests_many_texts_do_not_hold_another_requests_text(tmp_path_factory, monkeypatch):
+    """A copy of the tokenizer is taken per text, in the order asked for: with every copy busy, a text asked for while
+    another thread tokenizes many goes next. A lock was held for a whole call, so a request of 120 long texts (1.1 s)
+    kept every other request's text, and every stream's detokenizer, waiting (a one-text request: 2.1 s p50 beside
+    two such requests, 14 ms after). Order only, no timings: one copy, and a recording tokenizer starts the second
+    thread mid-call."""
     import threading
     import time
 
+    from bca_deploy.serving import session as session_module
     from http_helpers import bank  # the tiny BERT export with its WordPiece tokenizer
 
+    monkeypatch.setattr(session_module, "TOKENIZER_COPIES", 1)
     session = MultiAdapterSession(bank("bert", tmp_path_factory)["onnx"], intra_op_threads=1)
-    real = session.tokenizer
+    session.tokenizer  # noqa: B018  # loaded: one copy in the pool
+    pool = session._tokenizers
+    (real,) = pool._free
     calls: list[str] = []
     other = threading.Thread(target=lambda: session.tokenize(["the day"]))
 
@@ -881,54 +886,98 @@ def test_one_requests_many_texts_do_not_hold_another_requests_text(tmp_path_fact
         def __call__(self, text, **kwargs):
             calls.append(text)
             if text == "a 3":  # the other request arrives while this one is in the middle of its texts
-                lock, asked = session._tokenizer_lock, getattr(session._tokenizer_lock, "_next", None)
+                asked = pool._next
                 other.start()
                 deadline = time.monotonic() + 10
-                while getattr(lock, "_next", asked) == asked and time.monotonic() < deadline:
-                    time.sleep(0.01)  # until it has asked for the lock (a plain Lock cannot say: 10 s)
+                while pool._next == asked and time.monotonic() < deadline:
+                    time.sleep(0.01)  # until it has asked for the copy
             return real(text, **kwargs)
 
         def __getattr__(self, name):
             return getattr(real, name)
 
-    session._tokenizer = Recording()
+    pool._free = [Recording()]
     many = session.tokenize([f"a {i}" for i in range(20)])
     other.join(timeout=60)
     assert calls.index("the day") == 4, calls  # right after the text being tokenized when it asked
-    session._tokenizer = real
+    pool._free = [real]
     assert many == session.tokenize([f"a {i}" for i in range(20)])  # the same ids as without the interleaving
 
 
-def test_the_turn_lock_serves_in_order_and_skips_a_waiter_that_gave_up():
+def test_one_long_text_holds_one_tokenizer_copy_not_every_request(tmp_path_factory):
+    """helper-65: 118 chat messages of 32 KB (3.9 MB) took 5 s to tokenize under the one tokenizer lock, and every
+    other request (and stream) waited that long, though the long request was refused as too long afterwards. Now it
+    holds one of the session's copies: here the long text's call waits until another thread has tokenized and
+    detokenized its own text, which it could not do if the long call held the only tokenizer (10 s timeout)."""
+    import threading
+
+    from http_helpers import bank
+
+    session = MultiAdapterSession(bank("bert", tmp_path_factory)["onnx"], intra_op_threads=1)
+    expected = session.tokenize(["the day"])
+    expected_text = session.decode(expected[0])
+    pool = session._tokenizers
+    done = threading.Event()
+    results: list = []
+
+    class Slow:
+        def __init__(self, real):
+            self.real = real
+
+        def __call__(self, text, **kwargs):
+            if text == "long":
+                assert done.wait(10), "another request's text waited for this one"
+            return self.real(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    pool._free = [Slow(t) for t in pool._free]
+    long = threading.Thread(target=lambda: results.append(session.tokenize(["long"])))
+    asked = pool._next
+    long.start()
+    while pool._next == asked and long.is_alive():  # until the long call has taken its copy
+        threading.Event().wait(0.01)
+    assert session.tokenize(["the day"]) == expected and session.decode(expected[0]) == expected_text
+    done.set()
+    long.join(10)
+    assert results and not long.is_alive()
+
+
+def test_the_turn_pool_serves_in_order_and_skips_a_waiter_that_gave_up():
     import signal
     import threading
     import time
 
-    from bca_deploy.serving.session import TurnLock
+    from bca_deploy.serving.session import TurnPool
 
-    lock, order = TurnLock(), []
-    lock.__enter__()  # held: everyone below waits
+    pool, order = TurnPool(["copy"]), []
+    held = pool.use()
+    held.__enter__()  # the one item is in use: everyone below waits
 
     def take(name: str) -> None:
-        with lock:
+        with pool.use():
             order.append(name)
 
     threads = []
     for name in ("b", "c"):
         threads.append(threading.Thread(target=take, args=(name,)))
         threads[-1].start()
-        while lock._next != len(threads) + 1:  # this one has its ticket before the next one asks
+        while pool._next != len(threads) + 1:  # this one has its ticket before the next one asks
             time.sleep(0.001)
     # the main thread asks too and is interrupted while it waits (Ctrl-C in a script calling the library):
-    # its turn is given up, or the lock would wait for it forever once b and c are done
+    # its turn is given up, or the pool would wait for it forever once b and c are done
     timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        lock.__enter__()
+        pool.use().__enter__()
     timer.join()
-    lock.__exit__(None, None, None)
+    held.__exit__(None, None, None)
     for thread in threads:
         thread.join(10)
-    with lock:  # does not wait for the abandoned turn
+    with pool.use() as item:  # does not wait for the abandoned turn
         order.append("main")
-    assert order == ["b", "c", "main"] and not any(t.is_alive() for t in threads)
+    assert order == ["b", "c", "main"] and item == "copy" and not any(t.is_alive() for t in threads)
+    two = TurnPool(["x", "y"])
+    with two.use() as first, two.use() as second:  # two items: two holders at once
+        assert {first, second} == {"x", "y"}

@@ -101,8 +101,11 @@ def test_a_process_killed_mid_run_stops_the_other_with_what_is_left(tmp_path):
             proc.communicate()
     assert proc.returncode != 0
     assert "This is a bug" not in stderr and "Internal error" not in stderr, stderr[-3000:]
-    assert "rank 0: another process of this distributed run stopped (its own error, and the launcher's summary, " \
-           "say why); training stopped at step " in stderr, stderr[-3000:]
+    # rank 0 either finds its peer gone in a collective, or (on a loaded machine, first) the launcher, seeing rank 1
+    # dead, terminates it: both say what --out/last holds and how to resume
+    assert ("rank 0: another process of this distributed run stopped (its own error, and the launcher's summary, "
+            "say why); training stopped at step " in stderr or "training terminated (SIGTERM) at step " in stderr), \
+        stderr[-3000:]
     assert f"{out / 'last'} holds the checkpoint of step " in stderr and "--resume" in stderr, stderr[-3000:]
     assert (out / "last" / "adapter_model.safetensors").is_file()
 
