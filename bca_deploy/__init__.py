@@ -15,11 +15,9 @@ import torch.
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ._lazy import lazy_exports
+from ._lazy import keep_exports, lazy_exports
 
 __version__ = "0.1.0"
 
@@ -57,23 +55,9 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+keep_exports(__name__, _EXPORTS)  # bca_deploy.inject stays the function when the module is imported
 
 
-class _Package(types.ModuleType):
-    """Keeps ``bca_deploy.inject`` the function when the submodule of the same name is imported.
-
-    Importing ``bca_deploy.inject`` (the module) sets the package attribute ``inject`` to the module; the
-    public name is the function defined there, as it was when this package imported everything eagerly.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == f".{name}" \
-                and value.__name__ == f"{__name__}.{name}" and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; not executed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,3 +28,26 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
         return sorted(set(vars(sys.modules[package])) | set(exports))
 
     return __getattr__, __dir__
+
+
+def keep_exports(package: str, exports: Mapping[str, str]) -> None:
+    """Keep ``package``'s public names when a submodule of the same name is imported.
+
+    Importing ``package.NAME`` (the module) sets the package attribute ``NAME`` to the module, hiding the public
+    name: ``bca_deploy.inject`` (the function, defined in the module ``inject``), ``bca_deploy.training.evaluate``
+    (the function, defined in ``trainer``, which imports the module ``evaluate``: ``from bca_deploy.training import
+    evaluate`` gave the module). A submodule defining its own name is replaced by that object; one that does not
+    is not stored, so the name stays lazy (resolved from its module by ``__getattr__``). The submodules stay
+    importable (``sys.modules``, ``from .evaluate import ...``).
+    """
+    prefix = f"{package}."
+
+    class _Package(types.ModuleType):
+        def __setattr__(self, name: str, value: Any) -> None:
+            if isinstance(value, types.ModuleType) and name in exports and value.__name__ == prefix + name:
+                if exports[name] != f".{name}" or not hasattr(value, name):
+                    return
+                value = getattr(value, name)
+            super().__setattr__(name, value)
+
+    sys.modules[package].__class__ = _Package

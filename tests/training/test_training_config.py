@@ -244,3 +244,15 @@ def test_list_options_take_json_arrays_and_refuse_empty_items():
     result = CliRunner().invoke(main, ["train", "--model", "m", "--data", "d.tsv", "--label-names", "neg,,pos"])
     assert result.exit_code == 2 and "'--label-names'" in result.output and "no empty item" in result.output, \
         result.output
+
+
+def test_the_documented_functions_are_functions_whatever_was_imported_first():
+    """``from bca_deploy.training import train, evaluate`` gave the module evaluate (imported by the module trainer,
+    which binds the package attribute): ``evaluate(EvaluateConfig(...))`` raised "'module' object is not callable"."""
+    code = ("import types\nfrom bca_deploy.training import train, evaluate\nimport bca_deploy.training as bt\n"
+            "import bca_deploy\nimport bca_deploy.inject\n"
+            "assert all(isinstance(f, types.FunctionType) for f in (train, evaluate, bt.evaluate, bca_deploy.inject))\n"
+            "from bca_deploy.training.evaluate import TRAINING_FILE\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
