@@ -20,7 +20,7 @@ from ..config import MAX_NUM_LABELS, TaskSpec, show_json_value, read_json, run_a
 from ..errors import format_problems
 from ..models import vocabulary_size
 from .config import METHODS, PRECISIONS, EvaluateConfig
-from .data import TASKS, check_label_range, check_token_range, load_dataset, pad_token_id
+from .data import TASKS, check_ids_mean_these_names, check_label_range, check_token_range, load_dataset, pad_token_id
 from .errors import DataError, TrainingConfigError
 from .loading import (
     Labels,
@@ -97,6 +97,8 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
         if task == "seq-cls":
             if examples.labels is None:
                 raise DataError(f"{config.data}: no label column to evaluate against")
+            if names and info.get("labels_named_by"):
+                check_ids_mean_these_names(examples, names, info["labels_named_by"])
             check_label_range(examples, num_labels, "the model's head", "fix the labels")
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = pad_token_id(tokenizer)

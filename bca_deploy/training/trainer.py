@@ -51,7 +51,8 @@ from ..errors import format_problems
 from ..models import describe_ids_past_vocabulary, ids_past_vocabulary, vocabulary_size
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
 from .config import Recipe, TrainConfig, recipe_for
-from .data import SeqClsExamples, check_label_range, check_token_range, classes_needed, load_dataset, pad_token_id
+from .data import (SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range, classes_needed,
+                   load_dataset, pad_token_id)
 from .errors import (CheckpointError, DataError, DataFileNotFoundError, PeerFailedError, TrainingConfigError,
                      TrainingDivergedError, TrainingTerminated)
 from .evaluate import TRAINING_FILE, evaluate
@@ -515,9 +516,15 @@ class _TrainingRun:
                   "them; texts that do are refused when served", file=sys.stderr)
         self.train_examples, self.eval_examples = train_ex, eval_ex
         self.regression = False
+        self.labels_named_by: str | None = None  # the training file whose class names were numbered in sorted order
         if cfg.task == "seq-cls":
             self.labels = self._decide_labels(train_ex, eval_ex)
             self.regression = self.labels.regression
+            if not self.regression and train_ex.named_labels and names_to_read is None:
+                # the ids are this program's numbering of the file's names: a held-out file of ids is ambiguous
+                self.labels_named_by = str(cfg.data)
+                if eval_ex is not None:
+                    check_ids_mean_these_names(eval_ex, self.labels.names, self.labels_named_by)
             if eval_ex is not None and eval_ex.label_names not in (None, self.labels.names):
                 # the training file numbered its classes and the held-out file named them: its names were
                 # numbered by their own order; read them against the classes the adapter records, as
@@ -717,6 +724,7 @@ class _TrainingRun:
         self.training_info = {
             "task": cfg.task, "method": cfg.method, "num_labels": self.run_config["num_labels"],
             "regression": self.regression, "label_names": self.run_config["label_names"],
+            "labels_named_by": self.labels_named_by,
             "text_columns": self.train_examples.text_columns if cfg.task == "seq-cls" else None,
             "label_column": cfg.label_column, "prompt_column": cfg.prompt_column,
             "response_column": cfg.response_column, "text_column": cfg.text_column, "max_length": cfg.max_length,

@@ -368,3 +368,29 @@ def test_the_resume_hint_of_an_overwrite_run_works_as_given(files, tmp_path, cap
         train(config(files["bert"], files["small"], out, overwrite=True, **options), on_step=interrupt_at_3)
     assert "run the same command with --resume in place of --overwrite" in capsys.readouterr().err
     assert train(config(files["bert"], files["small"], out, resume=True, **options)).resumed_from == 2
+
+
+def test_held_out_class_ids_beside_training_class_names_are_refused(files, tmp_path):
+    """helper-64: a training file naming its classes (1 -> good, 0 -> not_good) gets them numbered in sorted order
+    (good=0); a held-out file of the data set's own ids (1 = good) was read as the adapter's ids and scored the
+    opposite (0.22 for a 0.78 model), silently, at training and at evaluate. Refused, naming the numbering; the
+    names themselves read as before, and with --label-names the ids mean the order given."""
+    from bca_deploy.training import EvaluateConfig, evaluate
+
+    rows = [line.split("\t") for line in files["small"].read_text().splitlines()[1:]]
+    names = {"1": "good", "0": "not_good"}
+    named = tmp_path / "named.tsv"
+    named.write_text("sentence\tlabel\n" + "".join(f"{s}\t{names[y]}\n" for s, y in rows))
+    ids = tmp_path / "ids.tsv"
+    ids.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    refusal = "its labels are class ids, but the classes were named by the training file"
+    with pytest.raises(DataError, match=rf"{refusal} .*named\.tsv and numbered in sorted order \(0=good, 1=not_good\)"):
+        train(config(files["bert"], named, tmp_path / "refused", max_steps=1, new_head=True, eval_data=ids))
+    assert not (tmp_path / "refused").exists()
+    result = train(config(files["bert"], named, tmp_path / "run", max_steps=1, new_head=True, eval_data=named))
+    with pytest.raises(DataError, match=refusal):
+        evaluate(EvaluateConfig(model=files["bert"], adapter=result.best_dir, data=ids, device="cpu"))
+    assert evaluate(EvaluateConfig(model=files["bert"], adapter=result.best_dir, data=named, device="cpu"))
+    ordered = train(config(files["bert"], named, tmp_path / "ordered", max_steps=1, new_head=True, eval_data=ids,
+                           label_names=["not_good", "good"]))  # the ids' own order, given
+    assert evaluate(EvaluateConfig(model=files["bert"], adapter=ordered.best_dir, data=ids, device="cpu"))
