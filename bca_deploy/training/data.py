@@ -23,6 +23,7 @@ their line numbers, an empty file) and raises one :class:`~bca_deploy.training.e
 
 from __future__ import annotations
 
+import collections
 import csv
 import errno
 import io
@@ -146,7 +147,14 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
     problems: list[str] = []
     records, lines = [], []
     # utf-8-sig: a byte-order mark (as some editors write) is not part of the first column's name
+    example = "sentence\tlabel" if kind == "tsv" else "sentence,label"  # a header, for messages
     with path.open(newline="", encoding="utf-8-sig") as f:
+        # bounded before csv reads it: a file with no line break (a sparse file of zeros) was read whole as one column
+        # name and put into the messages (a 300 MB file peaked at 5.6 GB before its refusal)
+        if len(f.readline(MAX_HEADER_CHARS + 2).rstrip("\r\n")) > MAX_HEADER_CHARS:
+            raise DataError(f"{path}: the first line is not a header of column names (over {MAX_HEADER_CHARS:,} "
+                            f"characters); expected a first line such as {example!r}")
+        f.seek(0)
         if kind == "tsv":
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
@@ -158,24 +166,35 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
         except csv.Error as exc:
             raise DataError(f"{path}: line 1: malformed header ({exc})") from None
         columns = [c.strip() for c in header]
-        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if reader.line_num > 1 or sum(map(len, columns)) > MAX_HEADER_CHARS:
+            # a CSV header whose quote is never closed swallows the lines after it into one column name
+            raise DataError(f"{path}: the first record is not a header of column names ({sum(map(len, columns)):,} "
+                            f"characters{', over ' + str(reader.line_num) + ' lines' if reader.line_num > 1 else ''}; "
+                            f"a header has at most {MAX_HEADER_CHARS:,}); expected a first line such as "
+                            f"{example!r}")
+        counts = collections.Counter(columns)  # (columns.count per column took 15 s for 40,000 columns)
+        repeated = sorted(c for c, n in counts.items() if n > 1)
         if repeated:
-            raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, repeated))} more than once")
+            raise DataError(f"{path}: the header names column(s) {', '.join(_short(c) for c in repeated[:10])} "
+                            "more than once")
         while True:
+            start = reader.line_num + 1  # the line this record starts on (a quoted field may span several)
             try:
                 row = next(reader)
             except StopIteration:
                 break
             except csv.Error as exc:
-                problems.append(f"line {reader.line_num}: malformed {kind.upper()} ({exc})")
+                problems.append(f"line {start}: malformed {kind.upper()} ({exc})")
                 if len(problems) > 10:
                     break
                 continue
-            line = reader.line_num
+            line = start
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line
             if len(row) != len(columns):
-                problems.append(f"line {line}: {len(row)} fields, the header has {len(columns)}")
+                spans = f" (a record of lines {start}-{reader.line_num}: a quote opened on line {start} is closed " \
+                    "further down, or never)" if reader.line_num > start else ""
+                problems.append(f"line {start}: {len(row)} fields, the header has {len(columns)}{spans}")
                 continue
             records.append(dict(zip(columns, row)))
             lines.append(line)
@@ -189,7 +208,7 @@ def _json_problem(exc: ValueError | RecursionError, line: int) -> str:
     if isinstance(exc, DuplicateKeyError):
         return f"line {line}: key {exc.key!r} appears more than once (which one is meant?)"
     if isinstance(exc, json.JSONDecodeError):
-        return f"line {line}: not valid JSON ({exc.msg} at column {exc.colno})"
+        return f"line {line}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
     if isinstance(exc, RecursionError):
         return f"line {line}: JSON nested too deeply"
     # e.g. an integer of more than 4,300 digits (Python's conversion limit)
@@ -318,8 +337,19 @@ def _json_type(value: Any) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
+#: The most characters a data file's header row may hold (column names together): far beyond any real header, and
+#: what keeps a file with no line break from being taken whole as one column name.
+MAX_HEADER_CHARS = 1 << 20
+
+
+def _short(name: str, limit: int = 80) -> str:
+    """``repr`` of a column name for a message, cut at ``limit`` characters."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name):,} characters)"
+
+
 def _columns_message(path: Path, columns: Sequence[str]) -> str:
-    message = f"columns found in {path}: {', '.join(repr(c) for c in columns) or '(none)'}"
+    shown = ", ".join(_short(c) for c in columns[:50]) + (f", ... ({len(columns):,} in all)" if len(columns) > 50 else "")
+    message = f"columns found in {path}: {shown or '(none)'}"
     if path.suffix.lower() in (".tsv", ".tab", ".csv") and any(_DECIMAL.fullmatch(c.strip()) for c in columns):
         # a header cell that is a number: the file has no header row, its first example was taken for one
         message += (" (a number among them: line 1 looks like an example, not a header; the file needs a first "
@@ -370,6 +400,7 @@ class SeqClsExamples:
         label_names: when the file's labels are names (``positive``...) or names were given: the class
             names in id order (``labels`` holds their ids); None for plain integer labels.
         named_labels: the file writes its labels as class names (not ids).
+        decimal_ids: class ids written as decimals (``5.0``: read as class 5; such a column may be meant as scores).
     """
 
     texts: list[list[str]]
@@ -381,6 +412,7 @@ class SeqClsExamples:
     path: Path
     label_names: list[str] | None = None
     named_labels: bool = False
+    decimal_ids: bool = False
 
     def __len__(self) -> int:
         return len(self.texts[0])
@@ -470,7 +502,9 @@ def load_seq_cls(
     records, columns, lines = read_records(path)
     problems: list[str] = []
     if text_columns is None:
-        found = next((c for c in TEXT_COLUMN_CANDIDATES if all(x in columns for x in c)), None)
+        # never the label column itself (--label-column sentence trained on its own labels as text)
+        found = next((c for c in TEXT_COLUMN_CANDIDATES if all(x in columns for x in c) and label_column not in c),
+                     None)
         if found is None:
             near = next((n for c in TEXT_COLUMN_CANDIDATES if len(c) == 1 for n in [_near(c[0], columns)] if n), None)
             problems.append(
@@ -529,6 +563,7 @@ def load_seq_cls(
         path=path,
         label_names=names,
         named_labels=not regression and any(isinstance(v, _Name) for v in parsed),
+        decimal_ids=not regression and any(isinstance(v, float) for v in parsed),
     )
 
 

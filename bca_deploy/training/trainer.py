@@ -520,6 +520,11 @@ class _TrainingRun:
         if cfg.task == "seq-cls":
             self.labels = self._decide_labels(train_ex, eval_ex)
             self.regression = self.labels.regression
+            if train_ex.decimal_ids and self.d.is_main and cfg.regression is None:
+                # pandas writes an integer column holding a missing value as 0.0/1.0; STS-B-like scores are 0.0-5.0
+                print(f"note: {cfg.data}: labels written as decimals with no fraction (such as 1.0) are read as class "
+                      f"ids ({self.labels.num_labels} classes); pass --regression to train one real-valued output "
+                      "instead", file=sys.stderr)
             if not self.regression and train_ex.named_labels and names_to_read is None:
                 # the ids are this program's numbering of the file's names: a held-out file of ids is ambiguous
                 self.labels_named_by = str(cfg.data)

@@ -393,3 +393,48 @@ def test_regression_targets_too_large_for_float32_training_are_refused_with_thei
     assert "line 2" not in message and "line 5" not in message
     path.write_text("sentence\tlabel\n" + "a\t0.5\n" + "e\t-1e18\n")
     assert load_seq_cls(path).labels == [0.5, -1e18]
+
+
+def test_hostile_and_careless_delimited_files_are_refused_cheaply_and_named_well(tmp_path):
+    """helper-64: a 300 MB file with no line break was read whole as one column name (5.6 GB peak, a message of
+    400 MB); 40,000 header columns took 15 s (a quadratic repeat check); an unclosed quote was reported at the line
+    where the swallowed record ended; --label-column sentence trained the labels as their own text."""
+    sparse = tmp_path / "zeros.tsv"
+    with open(sparse, "wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: no disk used
+    with pytest.raises(DataError, match=r"the first line is not a header of column names \(over 1,048,576") as err:
+        load_seq_cls(sparse)
+    assert len(str(err.value)) < 400
+    wide = tmp_path / "wide.tsv"
+    wide.write_text("\t".join(f"c{i}" for i in range(40_000)) + "\tc7\n" + "\t".join("x" * 40_001) + "\n")
+    with pytest.raises(DataError, match=r"names column\(s\) 'c7' more than once"):  # counted once: 15 s before
+        load_seq_cls(wide)
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_text('sentence,label\na fine film,1\n"an open quote,0\nthird line,1\nfourth,0\n')
+    with pytest.raises(DataError, match=r"line 3: 1 fields, the header has 2 \(a record of lines 3-5: a quote "
+                                        r"opened on line 3"):
+        load_seq_cls(unclosed)
+    multiline = tmp_path / "multiline.csv"
+    multiline.write_text('sentence,label\n"two\nlines",1\nnext,0,extra\n')
+    with pytest.raises(DataError, match=r"line 4: 3 fields, the header has 2"):  # the line its record starts on
+        load_seq_cls(multiline)
+    # the label column is never picked as the text: the next candidate is, or none
+    both = write_tsv(tmp_path / "both.tsv", [("a film", "good", "1")], header=("sentence", "text", "label"))
+    assert load_seq_cls(both, label_column="sentence").text_columns == ["text"]
+    alone = write_tsv(tmp_path / "alone.tsv", [("a film", "1")], header=("sentence", "label"))
+    with pytest.raises(DataError, match="no text column"):
+        load_seq_cls(alone, label_column="sentence")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"sentence": "unterminated')
+    with pytest.raises(DataError) as err:
+        load_seq_cls(broken)
+    assert "at at" not in str(err.value) and "Unterminated string starting at column" in str(err.value)
+
+
+def test_decimal_class_ids_are_noted(tmp_path, capsys):
+    """Scores 0.0-5.0 written as whole decimals make a 6-class classifier (pandas writes integer columns with a
+    missing value so): the file says which, a note names --regression."""
+    rows = [(f"text {i}", f"{i % 6}.0") for i in range(24)]
+    examples = load_seq_cls(write_tsv(tmp_path / "scores.tsv", rows))
+    assert examples.decimal_ids and not examples.regression and max(examples.labels) == 5
+    assert not load_seq_cls(write_tsv(tmp_path / "ids.tsv", [(t, y[0]) for t, y in rows])).decimal_ids
