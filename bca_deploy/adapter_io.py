@@ -753,7 +753,9 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
     task = config.task
     if task is None or task.type != "seq-cls":
         raise refuse(f"the adapter's task is {task.type if task else 'not recorded'}; label names name the classes "
-                     "of a seq-cls (sequence classification) adapter's head")
+                     "of a seq-cls (sequence classification) adapter's head"
+                     + ("" if task else " (a PEFT classifier saved without task_type: add --task-type SEQ_CLS to record "
+                        "it)"))
     problems = []
     if not names or any(not isinstance(n, str) or not n.strip() for n in names):
         problems.append("every name must be non-empty text")
@@ -823,8 +825,11 @@ def convert_adapter(
         model: optional base model; when given, the adapter is checked against it first and the
             bca-deploy config records its ``model_type``.
         overwrite: replace an existing adapter in ``destination``.
-        task_type, base_model_name_or_path: for ``to="peft"``: see :func:`bca_deploy.peft_compat.to_peft`
-            (default: from the adapter's recorded task and base model).
+        task_type: PEFT's ``task_type`` (``SEQ_CLS``...): recorded as the adapter's task when it records none (a PEFT
+            adapter saved without one; :func:`bca_deploy.peft_compat.with_task_type`), refused when it contradicts
+            the recorded one; for ``to="peft"`` also written as PEFT's (default: from the recorded task).
+        base_model_name_or_path: for ``to="peft"``: see :func:`bca_deploy.peft_compat.to_peft` (default: the
+            adapter's recorded base model).
         label_names: the names of a seq-cls adapter's classes 0..K-1, recorded in the written adapter (both
             formats: a PEFT copy carries the record in its safetensors metadata), which ``merge``, ``export``
             and ``serve`` then use. PEFT saves no label names, so its classifiers are otherwise named as the base
@@ -838,12 +843,21 @@ def convert_adapter(
     check_inputs_outside(destination, [("the source adapter", source)])
     if model_config is None:
         model_config = getattr(model, "config", None)
+    from .peft_compat import PEFT_TASK_TYPES, with_task_type
+
+    def with_task(config: AdapterConfig) -> AdapterConfig:
+        # a PEFT-only task_type (TOKEN_CLS...) is PEFT's to write (to="peft"); bca-deploy records it for no task
+        return config if to == "peft" and task_type not in PEFT_TASK_TYPES.values() else \
+            with_task_type(config, task_type)
+
     if label_names is not None:  # checked from the header first: a wrong count is refused before the tensors are read
         header = read_adapter_header(source)
+        header_config = with_task(header.config)
         if model_config is None:
-            model_config = _recorded_base_config(header.config)
-        with_label_names(header.config, header.shapes, label_names, model_config, str(source))
+            model_config = _recorded_base_config(header_config)
+        with_label_names(header_config, header.shapes, label_names, model_config, str(source))
     config, state = read_adapter(source, model, validate=model is None)
+    config = with_task(config)
     if label_names is not None:
         config = with_label_names(config, {k: tuple(v.shape) for k, v in state.items()}, label_names, model_config,
                                   str(source))

@@ -304,8 +304,10 @@ _PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "
               help="Target format: bca-deploy, or PEFT C3A (loadable by PeftModel / AutoPeftModelFor*.from_pretrained).")
 @click.option("--out", type=_PATH, required=True, help="Output directory.")
 @click.option("--task-type", type=click.Choice(_PEFT_TASK_TYPES), default=None,
-              help="--to peft: PEFT task_type, which AutoPeftModelFor* checks (default: from the adapter's task: "
-                   "seq-cls SEQ_CLS, causal-lm CAUSAL_LM, feature-extraction FEATURE_EXTRACTION).")
+              help="PEFT task_type: recorded as the adapter's task when it records none (a PEFT adapter saved without "
+                   "task_type, which every stage otherwise takes for its base model's task); with --to peft also "
+                   "what AutoPeftModelFor* checks (default: from the adapter's task: seq-cls SEQ_CLS, causal-lm "
+                   "CAUSAL_LM, feature-extraction FEATURE_EXTRACTION).")
 @click.option("--base-model", default=None,
               help="--to peft: base_model_name_or_path, the model AutoPeftModelFor* loads (default: the one the "
                    "adapter records).")
@@ -326,8 +328,8 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
 
     from .adapter_io import convert_adapter
 
-    if to == "bca" and (task_type or base_model):
-        raise click.BadParameter("only with --to peft", param_hint="--task-type/--base-model")
+    if to == "bca" and base_model:
+        raise click.BadParameter("only with --to peft", param_hint="--base-model")
     try:
         names = parse_list(label_names)
     except click.BadParameter as exc:

@@ -678,7 +678,10 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
                     label_hint = False
                     hint = (f" (the adapter's classifier has {rows} labels: build the model with num_labels={rows}, "
                             "e.g. AutoModelForSequenceClassification.from_pretrained(base, num_labels=...), or use "
-                            "bca_deploy.models.load_model(base, [adapter]), which reads the head from the adapter)")
+                            "bca_deploy.models.load_model(base, [adapter]), which reads the head from the adapter"
+                            + ("; on the command line, record the adapter's task first: bca-deploy convert --adapter "
+                               "DIR --to bca --task-type SEQ_CLS --out NEW, a PEFT classifier saved without task_type "
+                               "being taken for its base model's task" if config.task is None else "") + ")")
                 problems.append(f"tensor {key}: shape {tuple(state[key].shape)}, {target.description} has "
                                 f"{tuple(info.shape)}{hint}")
             elif (cast := _cast_problem(state[key], info.dtype)) is not None:

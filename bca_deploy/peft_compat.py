@@ -20,6 +20,7 @@ peft itself is not imported here: conversion works on files and tensors only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ from .errors import AdapterFormatError, format_problems
 from .fit import base_key, dtype_problem, split_base_key
 from .ops import flip_circulant_layout
 
-__all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "describe_format", "format_name", "PEFT_PREFIX",
+__all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "with_task_type", "describe_format", "format_name",
+           "PEFT_PREFIX",
            "PEFT_KERNEL_SUFFIX", "PEFT_TASK_TYPES", "TASK_METADATA_KEY", "peft_saved_entries",
            "peft_saved_module"]
 
@@ -749,6 +751,29 @@ def peft_metadata(config: AdapterConfig) -> dict[str, str]:
     if config.base_model_type:
         metadata[BASE_MODEL_TYPE_METADATA_KEY] = config.base_model_type
     return metadata
+
+
+def with_task_type(config: AdapterConfig, task_type: str | None) -> AdapterConfig:
+    """``config`` recording the task of PEFT ``task_type`` (``SEQ_CLS``...) when it records none: a PEFT adapter saved
+    without ``task_type`` (optional in PEFT) records no task, and a classifier saved so was taken for its bare base
+    model's task by every stage. None: ``config`` as it is.
+
+    Raises:
+        AdapterFormatError: a task_type bca-deploy does not load, or one contradicting the task ``config`` records.
+    """
+    if task_type is None:
+        return config
+    spec = _task_from_peft(task_type)
+    if spec is None:
+        raise AdapterFormatError(f"task_type {task_type!r}: bca-deploy records {', '.join(PEFT_TASK_TYPES.values())} "
+                                 "adapters' tasks")
+    if config.task is None:
+        return dataclasses.replace(config, task=spec)
+    if config.task.type != spec.type:
+        recorded = PEFT_TASK_TYPES.get(config.task.type, config.task.type)
+        raise AdapterFormatError(f"task_type {task_type!r} contradicts the adapter, which was trained for "
+                                 f"{config.task.type} (PEFT {recorded}); leave --task-type out to use it")
+    return config
 
 
 def _task_from_peft(task_type: Any) -> TaskSpec | None:

@@ -505,3 +505,42 @@ def test_a_peft_copy_keeps_the_base_model_type(tmp_path):
     save_file(load_file(weights), str(weights), metadata={"format": "pt", BASE_MODEL_TYPE_METADATA_KEY: "x\n" * 300})
     with pytest.raises(AdapterFormatError, match=re.escape(BASE_MODEL_TYPE_METADATA_KEY)):
         bd.read_adapter(tmp_path / "peft")
+
+
+def test_a_peft_classifier_saved_without_task_type_gets_its_task_recorded_by_convert(tmp_path, input_ids):
+    """helper-63: task_type is optional in PEFT; a classifier saved without it was taken for its bare base model's
+    task by every stage (evaluate, export, merge each refused with a Python-only hint, convert --label-names said
+    "not recorded"). ``convert --task-type SEQ_CLS`` records it (with the names), and the stages read the head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from bca_deploy.models import load_model, resolve_task
+
+    base = _saved(tiny_bert(), tmp_path / "base")
+    peft_model = get_peft_model(_from_disk(AutoModelForSequenceClassification, base, num_labels=3),
+                                C3AConfig(target_modules=["query", "value"], modules_to_save=["classifier"],
+                                          block_size=8))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "c3a_kernel" in name or "modules_to_save" in name:
+                param.normal_(0.0, 1.0)
+    expected = model_output(peft_model.eval(), input_ids)
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert bd.read_adapter(tmp_path / "peft")[0].task is None
+    with pytest.raises(AdapterMismatchError, match=r"--task-type SEQ_CLS"):  # the hint names the command-line route
+        bd.load_adapter(_from_disk(AutoModelForSequenceClassification, base), tmp_path / "peft")
+
+    def convert(*args):
+        return CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), *args])
+
+    result = convert("--to", "bca", "--out", str(tmp_path / "no-task"), "--label-names", "a,b,c")
+    assert result.exit_code == 2 and "add --task-type SEQ_CLS" in result.output, result.output
+    result = convert("--to", "bca", "--out", str(tmp_path / "named"), "--task-type", "SEQ_CLS", "--label-names", "a,b,c")
+    assert result.exit_code == 0, result.output
+    head = resolve_task(base, [tmp_path / "named"]).head
+    assert head is not None and head.id2label == {0: "a", 1: "b", 2: "c"}
+    torch.testing.assert_close(model_output(load_model(base, [tmp_path / "named"]).eval(), input_ids), expected,
+                               rtol=1e-5, atol=1e-5)
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "named"), "--to", "bca", "--out",
+                                       str(tmp_path / "contradicted"), "--task-type", "CAUSAL_LM"])
+    assert result.exit_code == 2 and "contradicts the adapter, which was trained for seq-cls" in result.output
+    assert not (tmp_path / "contradicted").exists()
