@@ -434,9 +434,10 @@ def resolve_task(
         if other is not None:  # a PEFT TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM... adapter: say so, not "pass a task"
             directory, peft_task = other
             raise TaskError(
-                f"{directory} was trained for PEFT task_type {peft_task!r}, which bca-deploy does not load or export "
-                "(it serves SEQ_CLS, CAUSAL_LM and FEATURE_EXTRACTION adapters); `bca-deploy merge` merges its "
-                "kernels into the checkpoint, whose own head transformers then loads"
+                f"{directory} was trained for PEFT task_type {peft_task!r}, which bca-deploy does not export or serve "
+                "(it exports SEQ_CLS, CAUSAL_LM and FEATURE_EXTRACTION adapters); `bca-deploy merge` writes the "
+                "adapted model (the kernels merged, the modules it saves, such as its classifier, in place) as a "
+                "checkpoint for transformers' AutoModelFor<task>, and bca_deploy.load_adapter applies it in PyTorch"
             )
         raise TaskError(
             f"{model_dir}: cannot tell the task: no adapter records one and config.json's architectures "

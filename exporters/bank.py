@@ -2053,8 +2053,12 @@ class BankPlan:
         if head is not None:
             both = sorted({layer.module for layer in head.layers} & {m for c, _ in adapters for m in c.modules})
             if both:
-                raise UnsupportedExportError(f"{', '.join(both)}: adapted by BCA and part of the classifier head; a "
-                                             "bank holds a head layer per slot or a kernel per slot, not both")
+                raise UnsupportedExportError(
+                    f"{', '.join(both)}: adapted by BCA and part of the classifier head; a bank holds a head layer per "
+                    "slot or a kernel per slot, not both. Export such an adapter on its own, without --bank (unmerged "
+                    "or --merge: both take it), or train it without adapting "
+                    f"{'that layer' if len(both) == 1 else 'those layers'} (PEFT's all-linear adapts a pooler's dense "
+                    "layer)")
             head_params = {f"{layer.module}.{p}" for layer in head.layers for p in ("weight", "bias")}
         _check_missing(model, model_dir, model_task, [k for k in missing if k not in head_params], [])
         base_head = None if head is None else model_head_weights(model, head, missing)

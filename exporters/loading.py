@@ -125,7 +125,9 @@ def resolve_export_task(
     if resolved.export_task not in tasks:
         raise UnsupportedExportError(
             f"bca-deploy cannot export a {config.model_type} model for task {resolved.export_task!r} (from "
-            f"{resolved.source}); tasks it exports for {config.model_type}: {', '.join(tasks)}"
+            f"{resolved.source}); tasks it exports for {config.model_type}: {', '.join(tasks)}. `bca-deploy merge` "
+            "still writes the adapted model as a standalone transformers checkpoint (its head included), for "
+            "transformers or another exporter"
         )
     return resolved
 

@@ -284,5 +284,6 @@ def test_a_peft_token_classification_adapter_merges_and_its_export_says_why_not(
     result = CliRunner().invoke(main, ["export", "--model", str(base), "--adapter", str(adapter),
                                        "--out", str(tmp_path / "onnx")])
     assert result.exit_code == 2, result.output
-    assert "PEFT task_type 'TOKEN_CLS', which bca-deploy does not load or export" in result.output, result.output
+    assert "PEFT task_type 'TOKEN_CLS', which bca-deploy does not export or serve" in result.output, result.output
+    assert "`bca-deploy merge` writes the adapted model" in result.output
     assert not (tmp_path / "onnx").exists()

@@ -694,6 +694,20 @@ def head_bank(request, tmp_path_factory):
     return arch, base, dirs, onnx_dir
 
 
+def test_an_adapted_head_layer_is_refused_by_a_bank_saying_what_to_do(head_bank, tmp_path):
+    """helper-63: PEFT's all-linear adapts a head's own layer (DeBERTa's pooler, RoBERTa's classifier.dense); a bank
+    cannot hold both a kernel and a head layer per slot, and said only that. It names the ways that work."""
+    from head_helpers import save_head_adapter
+
+    _, base, _, _ = head_bank
+    adapter = save_head_adapter(base, tmp_path / "dense", ["x", "y"], ["classifier.dense"], 8, 4,
+                                ["classifier.out_proj"])
+    with pytest.raises(UnsupportedExportError, match=r"classifier.dense: adapted by BCA and part of the classifier "
+                                                     r"head; .* Export such an adapter on its own, without --bank"):
+        export(base, tmp_path / "onnx", [adapter], merge=False, bank=True, task="text-classification", verbose=False)
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_head_bank_rows_equal_their_own_models(head_bank):
     """Every row's logits against its adapter's own PyTorch model; padding labels -inf. Through the raw graph
     (adapter_ids) and through MultiAdapterSession.classify."""
