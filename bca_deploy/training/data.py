@@ -802,12 +802,33 @@ def cut_texts(texts: Sequence[str], max_length: int) -> list[str]:
     return [t if len(t) <= limit else t[:limit] for t in texts]
 
 
+#: Texts tokenized per call: a fast tokenizer's result keeps an Encoding per text (its tokens, offsets, masks), ~2 KB
+#: each, so a million-row file tokenized in one call held ~2.2 GB; in chunks only the ids are kept.
+TOKENIZE_CHUNK = 4096
+
+
+def _encode(tokenizer, columns: Sequence[Sequence[str]], **options: Any) -> tuple[list[list[int]], list[list[int]] | None]:
+    """``tokenizer(*columns, **options)``'s ``input_ids`` and ``token_type_ids`` (None when it gives none), called
+    :data:`TOKENIZE_CHUNK` texts at a time so that only the ids outlive each call."""
+    input_ids: list[list[int]] = []
+    token_types: list[list[int]] | None = []
+    for start in range(0, len(columns[0]), TOKENIZE_CHUNK):
+        encoded = tokenizer(*(column[start:start + TOKENIZE_CHUNK] for column in columns), **options)
+        input_ids += encoded["input_ids"]
+        types = encoded.get("token_type_ids")
+        if types is None or token_types is None:
+            token_types = None  # a tokenizer without them (RoBERTa): none for any chunk
+        else:
+            token_types += types
+    return input_ids, token_types
+
+
 def tokenize_seq_cls(examples: SeqClsExamples, tokenizer, max_length: int) -> TokenizedDataset:
     """Tokenize with truncation to ``max_length`` (pairs: longest-first), no padding."""
     texts = [cut_texts(column, max_length) for column in examples.texts]
-    encoded = tokenizer(*texts, truncation=True, max_length=max_length, padding=False)
-    token_types = encoded.get("token_type_ids") if len(examples.texts) == 2 else None
-    return TokenizedDataset(encoded["input_ids"], examples.labels, pad_token_id(tokenizer), token_types,
+    input_ids, token_types = _encode(tokenizer, texts, truncation=True, max_length=max_length, padding=False)
+    return TokenizedDataset(input_ids, examples.labels, pad_token_id(tokenizer),
+                            token_types if len(examples.texts) == 2 else None,
                             task="seq-cls", regression=examples.regression, lines=examples.lines)
 
 
@@ -825,7 +846,7 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
     input_ids, labels, lines = [], [], []
     dropped = 0
     if examples.format == "text":
-        encoded = tokenizer(cut_texts(examples.texts, max_length), truncation=True, max_length=max_length)["input_ids"]
+        encoded, _ = _encode(tokenizer, [cut_texts(examples.texts, max_length)], truncation=True, max_length=max_length)
         for line, ids in zip(examples.lines, encoded):
             if len(ids) < 2:
                 dropped += 1
@@ -834,8 +855,8 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
             labels.append(list(ids))
             lines.append(line)
     else:
-        prompts = tokenizer(cut_texts(examples.prompts, max_length), add_special_tokens=True)["input_ids"]
-        responses = tokenizer(cut_texts(examples.responses, max_length), add_special_tokens=False)["input_ids"]
+        prompts, _ = _encode(tokenizer, [cut_texts(examples.prompts, max_length)], add_special_tokens=True)
+        responses, _ = _encode(tokenizer, [cut_texts(examples.responses, max_length)], add_special_tokens=False)
         for line, p_ids, r_ids in zip(examples.lines, prompts, responses):
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
             ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
