@@ -203,6 +203,20 @@ class _Filling:
     held_back: set[int] = field(default_factory=set)  # id(job) of jobs whose next row would not fit
     rows: int = 0
     longest: int = 0
+    shortest: int = 0
+
+
+#: Rows of one embedding/classification batch are padded to its longest: a row joins a batch only if the batch's
+#: longest row stays within this factor of max(its shortest row, BATCH_LENGTH_FLOOR tokens). A tenant's short row
+#: was padded to another tenant's 512-token rows (its batch as slow as theirs: 8 s queued on 2 loaded cores); now it
+#: runs in a batch of rows like it. Below the floor, padding costs too little to split a batch for.
+BATCH_LENGTH_FACTOR = 4
+BATCH_LENGTH_FLOOR = 32
+
+
+def _lengths_fit(shortest: int, longest: int) -> bool:
+    """Whether rows from ``shortest`` to ``longest`` tokens go in one batch (:data:`BATCH_LENGTH_FACTOR`)."""
+    return longest <= BATCH_LENGTH_FACTOR * max(shortest, BATCH_LENGTH_FLOOR)
 
 
 class MicroBatcher:
@@ -280,8 +294,9 @@ class MicroBatcher:
         """Adds the pending rows of ``group`` that fit to the batch being built, one row at a time: to the tenant
         (the adapter a job names; the base model is one) holding the fewest rows of the batch (ties: the tenant
         whose first job is first in turn), from its jobs in turn (the fewest batches so far, then the oldest), each
-        job's rows in order. A row that would take the batch over ``max_batch_tokens`` holds its job back to a
-        later batch (a first row always fits).
+        job's rows in order. A row that would take the batch over ``max_batch_tokens``, or whose length is too far
+        from the batch's rows' (:data:`BATCH_LENGTH_FACTOR`), holds its job back to a later batch (a first row always
+        fits).
 
         Tenants first, so one tenant's many small requests (or one big one) share each batch with another
         tenant's instead of queueing it behind all of theirs, as first-come-first-served would."""
@@ -297,18 +312,23 @@ class MicroBatcher:
             count, order, tenant = heapq.heappop(turns)
             queue = queues[tenant]
             job = queue[0]
-            longest = max(filling.longest, len(job.rows[job.taken]))
-            if self.max_batch_tokens is not None and filling.rows and (filling.rows + 1) * longest > self.max_batch_tokens:
+            length = len(job.rows[job.taken])
+            longest = max(filling.longest, length)
+            shortest = min(filling.shortest, length) if filling.rows else length
+            piece = filling.pieces.get(id(job))
+            # a request's own rows may differ in length (its padding delays only itself); another's must fit
+            alone = filling.rows == (piece.end - piece.start if piece is not None else 0)
+            if filling.rows and ((self.max_batch_tokens is not None and (filling.rows + 1) * longest > self.max_batch_tokens)
+                                 or not (alone or _lengths_fit(shortest, longest))):
                 filling.held_back.add(id(job))  # the batch only grows: it stays held back from this one
                 queue.popleft()
             else:
-                piece = filling.pieces.get(id(job))
                 if piece is None:
                     piece = filling.pieces[id(job)] = _Piece(job, job.taken, job.taken)
                     job.turns += 1
                 job.taken += 1
                 piece.end = job.taken
-                filling.rows, filling.longest = filling.rows + 1, longest
+                filling.rows, filling.longest, filling.shortest = filling.rows + 1, longest, shortest
                 filling.by_tenant[tenant] += 1
                 count += 1
                 if job.taken == len(job.rows):

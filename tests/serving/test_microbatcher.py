@@ -102,3 +102,26 @@ def test_batches_stay_within_the_token_budget_and_every_row_is_answered(budget):
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(len(r) for _, r in batch) <= budget, batch
     assert results == [[(adapter, tuple(r)) for r in rows] for adapter, rows in jobs]
+
+
+def test_a_short_row_is_not_padded_to_another_tenants_long_rows():
+    """helper-65: a tenant's one-row classify (a few tokens) shared a batch with another tenant's 512-token rows and
+    was padded to them: its batch as slow as theirs (8 s queued on 2 loaded cores). Rows of other requests join a
+    batch only within BATCH_LENGTH_FACTOR of its rows' lengths (rows under BATCH_LENGTH_FLOOR tokens count as that);
+    one request's own rows still share its batches whatever their lengths."""
+    from bca_deploy.serving.http import BATCH_LENGTH_FACTOR, BATCH_LENGTH_FLOOR
+
+    long = BATCH_LENGTH_FACTOR * BATCH_LENGTH_FLOOR + 1
+    jobs = [("short", [row(1, 5)]), ("attacker", [row(10 + i, long) for i in range(6)]), ("short2", [row(2, 30)]),
+            ("mixed", [row(50, 3), row(51, long), row(52, 7)])]
+    results, batches = run_jobs(jobs)
+    assert results == [[(adapter, tuple(r)) for r in rows] for adapter, rows in jobs]
+    for batch in batches:
+        lengths = [len(r) for _, r in batch]
+        owners = {adapter for adapter, _ in batch}
+        assert len(owners) == 1 or max(lengths) <= BATCH_LENGTH_FACTOR * max(min(lengths), BATCH_LENGTH_FLOOR), batch
+    first = batches[0]
+    assert ("short", (1,) * 5) in first and all(len(r) < long for _, r in first)  # not padded to the long rows
+    alone = [("mixed", [row(50, 3), row(51, long), row(52, 7)])]  # one request: its rows stay in one batch
+    results, batches = run_jobs(alone)
+    assert results == [[("mixed", tuple(r)) for r in alone[0][1]]] and len(batches) == 1
