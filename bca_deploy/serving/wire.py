@@ -358,7 +358,7 @@ def _check_values(value: Any, max_depth: int, max_chars: int, surrogates: bool =
     escape that could write one) or nesting deeper than ``max_depth`` anywhere in ``value``.
 
     A body is checked on every request, and may hold a million values within the body limit (a 4 MiB array of
-    ``{}``), so the walk that passes a body keeps no paths (it took 3.6 s on such a body, on the event loop, building
+    ``{}``), so the walk that passes a body keeps no paths (it took seconds on such a body, on the event loop, building
     a path string per value); only a body it fails is walked again, by :func:`_refuse_values`, which names the value."""
     if not _values_ok(value, max_depth, max_chars, surrogates):
         _refuse_values(value, max_depth, max_chars)
