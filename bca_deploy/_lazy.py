@@ -34,11 +34,12 @@ def keep_exports(package: str, exports: Mapping[str, str]) -> None:
     """Keep ``package``'s public names when a submodule of the same name is imported.
 
     Importing ``package.NAME`` (the module) sets the package attribute ``NAME`` to the module, hiding the public
-    name: ``bca_deploy.inject`` (the function, defined in the module ``inject``), ``bca_deploy.training.evaluate``
-    (the function, defined in ``trainer``, which imports the module ``evaluate``: ``from bca_deploy.training import
-    evaluate`` gave the module). A submodule defining its own name is replaced by that object; one that does not
-    is not stored, so the name stays lazy (resolved from its module by ``__getattr__``). The submodules stay
-    importable (``sys.modules``, ``from .evaluate import ...``).
+    name: ``bca_deploy.inject`` is the function ``inject`` of the module ``inject``. A submodule that defines its own
+    name is replaced by that object; one that does not is not stored, so the name stays lazy (resolved from its
+    module by ``__getattr__``). The submodules stay importable (``sys.modules``, ``from .inject import ...``).
+    A package should rather not name a module after a function another module defines (the training package's
+    ``evaluate`` function lives in ``evaluation``: a module ``evaluate`` made ``from bca_deploy.training import
+    evaluate`` the module).
     """
     prefix = f"{package}."
 

@@ -16,7 +16,7 @@ import torch.
 
 from __future__ import annotations
 
-from .._lazy import keep_exports, lazy_exports
+from .._lazy import lazy_exports
 
 # name -> module that defines it (relative to this package)
 _EXPORTS = {
@@ -37,7 +37,7 @@ _EXPORTS = {
     "TrainingDivergedError": ".errors",
     "TrainingTerminated": ".errors",
     "train": ".trainer",
-    "evaluate": ".trainer",
+    "evaluate": ".evaluation",
     "TrainResult": ".trainer",
     "DEFAULT_TARGETS": ".trainer",
     "MetricAccumulator": ".metrics",
@@ -51,4 +51,3 @@ __all__ = sorted(_EXPORTS)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-keep_exports(__name__, _EXPORTS)  # evaluate stays the function when the module evaluate is imported

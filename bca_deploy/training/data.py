@@ -166,12 +166,13 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
         except csv.Error as exc:
             raise DataError(f"{path}: line 1: malformed header ({exc})") from None
         columns = [c.strip() for c in header]
-        if reader.line_num > 1 or sum(map(len, columns)) > MAX_HEADER_CHARS:
-            # a CSV header whose quote is never closed swallows the lines after it into one column name
+        if sum(map(len, columns)) > MAX_HEADER_CHARS:
+            # a CSV header whose quote is never closed swallows the lines after it into one column name (a quoted
+            # line break in a header, as spreadsheets write, is a header of a few characters over two lines)
+            spans = f" over {reader.line_num:,} lines (a quote opened in it is never closed)" if reader.line_num > 1 else ""
             raise DataError(f"{path}: the first record is not a header of column names ({sum(map(len, columns)):,} "
-                            f"characters{', over ' + str(reader.line_num) + ' lines' if reader.line_num > 1 else ''}; "
-                            f"a header has at most {MAX_HEADER_CHARS:,}); expected a first line such as "
-                            f"{example!r}")
+                            f"characters{spans}; a header has at most {MAX_HEADER_CHARS:,}); expected a first line "
+                            f"such as {example!r}")
         counts = collections.Counter(columns)  # (columns.count per column took 15 s for 40,000 columns)
         repeated = sorted(c for c, n in counts.items() if n > 1)
         if repeated:

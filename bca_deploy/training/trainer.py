@@ -55,7 +55,7 @@ from .data import (SeqClsExamples, check_ids_mean_these_names, check_label_range
                    load_dataset, pad_token_id)
 from .errors import (CheckpointError, DataError, DataFileNotFoundError, PeerFailedError, TrainingConfigError,
                      TrainingDivergedError, TrainingTerminated)
-from .evaluate import TRAINING_FILE, evaluate
+from .evaluation import TRAINING_FILE, evaluate
 from .loading import (
     DEFAULT_TARGETS,
     TRAINABLE_FILE,

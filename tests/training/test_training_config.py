@@ -252,7 +252,8 @@ def test_the_documented_functions_are_functions_whatever_was_imported_first():
     code = ("import types\nfrom bca_deploy.training import train, evaluate\nimport bca_deploy.training as bt\n"
             "import bca_deploy\nimport bca_deploy.inject\n"
             "assert all(isinstance(f, types.FunctionType) for f in (train, evaluate, bt.evaluate, bca_deploy.inject))\n"
-            "from bca_deploy.training.evaluate import TRAINING_FILE\n")
+            "from bca_deploy.training.evaluation import TRAINING_FILE\n"
+            "import bca_deploy.training.evaluation as module\nassert isinstance(module, types.ModuleType)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -460,3 +460,12 @@ def test_tokenizing_in_chunks_gives_the_ids_of_one_call(monkeypatch, tmp_path):
     lm_chunked = tokenize_causal_lm(lm, tokenizer, 12)
     assert lm_chunked[0].input_ids == lm_whole[0].input_ids and lm_chunked[0].labels == lm_whole[0].labels
 
+
+
+def test_a_csv_header_with_a_quoted_line_break_is_read(tmp_path):
+    """Spreadsheets quote a header cell holding a line break; such a header is a few characters over two lines, read
+    as before (helper-66: the header bound refused it)."""
+    path = tmp_path / "quoted.csv"
+    path.write_text('"sentence\ntext",label\ngood,1\nbad,0\n')
+    examples = load_seq_cls(path, text_columns=["sentence\ntext"])
+    assert examples.texts == [["good", "bad"]] and examples.labels == [1, 0] and examples.lines == [3, 4]
