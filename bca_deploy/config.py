@@ -426,10 +426,11 @@ class AdapterConfig:
                               if isinstance(name, str) and (name == m or name.startswith(m + "."))), None)
                 if owner is not None:
                     out.append(f"module {name}: adapted, but also inside {owner}, which modules_to_save replaces whole")
-        for attr in ("base_model_type", "base_model_name_or_path"):
-            value = getattr(self, attr)
-            if value is not None and not (isinstance(value, str) and _encodable(value)):
-                out.append(f"{attr} must be a string or null, got {show_json_value(value)}")
+        if (problem := model_type_problem_of(self.base_model_type)) is not None:
+            out.append(f"base_model_type {problem}")
+        value = self.base_model_name_or_path
+        if value is not None and not (isinstance(value, str) and _encodable(value)):
+            out.append(f"base_model_name_or_path must be a string or null, got {show_json_value(value)}")
         if self.task is not None:
             if not isinstance(self.task, TaskSpec):
                 out.append(f"task must be a TaskSpec or null, got {show_json_value(self.task)}")
@@ -653,6 +654,19 @@ def _is_finite_number(value: Any) -> bool:
 
 def _is_positive_number(value: Any) -> bool:
     return _is_finite_number(value) and value > 0
+
+
+#: The longest ``model_type`` an adapter may record (transformers' are under 40 characters).
+MAX_MODEL_TYPE_CHARS = 100
+
+
+def model_type_problem_of(value: Any) -> str | None:
+    """Why ``value`` cannot be a recorded base ``model_type`` (None: it can, or it is None). The one rule of every
+    place one is read: an adapter config, a PEFT copy's safetensors metadata."""
+    if value is None or (isinstance(value, str) and value.isprintable() and 0 < len(value) <= MAX_MODEL_TYPE_CHARS):
+        return None
+    return f"must be printable text of 1-{MAX_MODEL_TYPE_CHARS} characters (a transformers model_type) or null, got " \
+           f"{show_json_value(value)}"
 
 
 def _encodable(text: str) -> bool:

@@ -735,10 +735,11 @@ def _recorded_task(metadata: dict[str, str] | None, modules_to_save: list[str], 
 
 def _recorded_model_type(metadata: dict[str, str] | None, source: str) -> str | None:
     """The base ``model_type`` a PEFT copy carries in its safetensors metadata (None: not recorded)."""
+    from .config import model_type_problem_of
+
     value = (metadata or {}).get(BASE_MODEL_TYPE_METADATA_KEY)
-    if value is not None and not (isinstance(value, str) and value.isprintable() and 0 < len(value) <= 100):
-        raise AdapterFormatError(f"{source}: safetensors metadata {BASE_MODEL_TYPE_METADATA_KEY!r}: expected a model_type "
-                                 f"(printable, 1-100 characters), got {str(value)[:120]!r}")
+    if (problem := model_type_problem_of(value)) is not None:
+        raise AdapterFormatError(f"{source}: safetensors metadata {BASE_MODEL_TYPE_METADATA_KEY!r} {problem}")
     return value
 
 
@@ -770,10 +771,15 @@ def with_task_type(config: AdapterConfig, task_type: str | None) -> AdapterConfi
     if config.task is None:
         return dataclasses.replace(config, task=spec)
     if config.task.type != spec.type:
-        recorded = PEFT_TASK_TYPES.get(config.task.type, config.task.type)
-        raise AdapterFormatError(f"task_type {task_type!r} contradicts the adapter, which was trained for "
-                                 f"{config.task.type} (PEFT {recorded}); leave --task-type out to use it")
+        raise _contradicted(task_type, config)
     return config
+
+
+def _contradicted(task_type: str, config: AdapterConfig) -> AdapterFormatError:
+    assert config.task is not None
+    recorded = PEFT_TASK_TYPES.get(config.task.type, config.task.type)
+    return AdapterFormatError(f"task_type {task_type!r} contradicts the adapter, which was trained for "
+                              f"{config.task.type} (PEFT {recorded}); leave --task-type out to use it")
 
 
 def _task_from_peft(task_type: Any) -> TaskSpec | None:
@@ -813,8 +819,7 @@ def to_peft(
     if task_type is None:
         task_type = recorded
     elif recorded is not None and task_type != recorded:
-        raise AdapterFormatError(f"task_type {task_type!r} contradicts the adapter, which was trained for "
-                                 f"{config.task.type} (PEFT {recorded}); leave --task-type out to use it")
+        raise _contradicted(task_type, config)
     conv = [n for n, s in config.modules.items() if s.layer_type != "linear"]
     if conv:
         raise AdapterFormatError(

@@ -426,8 +426,9 @@ class MicroBatcher:
 
 
 class _Admission:
-    """Rows admitted and not yet answered, over all requests and per adapter; a request that would exceed either
-    limit is refused (503), so one tenant's requests cannot fill the queue that every tenant shares."""
+    """Rows admitted and not yet done (a generated row: until its last token), over all requests and per adapter; a
+    request that would exceed either limit is refused (503), so one tenant's requests cannot fill the queue that
+    every tenant shares."""
 
     def __init__(self, limit: int, per_adapter: int) -> None:
         self.limit = limit

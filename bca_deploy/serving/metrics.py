@@ -51,7 +51,7 @@ class ServerMetrics:
     Args:
         loaded_adapters: returns the names of the adapters loaded now (read when a label is made and
             when ``bca_adapters_loaded`` is scraped).
-        queued_rows: returns the rows admitted and not yet answered (scraped as ``bca_queued_rows``).
+        queued_rows: returns the rows admitted and not yet done (scraped as ``bca_queued_rows``).
         show_adapters: label requests with their adapter's name; False: :data:`HIDDEN_ADAPTER` for all
             (``ServeOptions.list_adapters``).
     """
@@ -109,7 +109,7 @@ class ServerMetrics:
                             (self.preemptions, ("adapter",))]
         loaded = Gauge("bca_adapters_loaded", "Adapters loaded now (the base model not counted).", registry=r)
         loaded.set_function(lambda: len(self._loaded()))
-        queued = Gauge("bca_queued_rows", "Rows admitted and not yet answered.", registry=r)
+        queued = Gauge("bca_queued_rows", "Rows admitted and not yet done (a generated row: until its last token).", registry=r)
         queued.set_function(queued_rows)
 
     def adapter_label(self, name: str | None, loaded: Collection[str] | None = None) -> str:

@@ -82,7 +82,8 @@ class ServeOptions:
                                        "characters (413 above).")
     max_new_tokens: int = _opt(1024, "Largest max_new_tokens / max_tokens a request may ask for (422 above); at "
                                      f"most {MAX_NEW_TOKENS}, the most one row can generate.")
-    max_queued_rows: int = _opt(2048, "Most rows admitted and not yet answered, over all requests; a request "
+    max_queued_rows: int = _opt(2048, "Most rows admitted and not yet done, over all requests (a generated row is "
+                                      "done at its last token, a slow client still reading it or not); a request "
                                       "that would go beyond is answered 503 at once.")
     max_queued_rows_per_adapter: int | None = _opt(
         None, "Most of --max-queued-rows that the requests naming one adapter may hold (the base model's count as "

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,8 @@ KIND_NEEDS = {"embed": "embeddings need a feature-extraction export (bca-deploy 
 
 #: The most labels of a head registered at run time (beyond the exported heads'): see ``max_labels``.
 DEFAULT_MAX_LABELS = 1024
-#: Copies of the tokenizer texts are tokenized and detokenized with (one thread per copy at a time): a request's long
-#: text holds one of them, not every other request's tokenization.
+#: Most copies of the tokenizer texts are tokenized and detokenized with (one thread per copy at a time; made as
+#: concurrent texts need them): a request's long text holds one of them, not every other request's tokenization.
 TOKENIZER_COPIES = 4
 
 
@@ -863,8 +863,10 @@ class MultiAdapterSession:
                                             f"{describe_ids_past_vocabulary(tokenizer, extra, vocabulary)}; texts "
                                             "using them are refused" if extra else None)
                 # copies only: the loaded one stays for what reads it alone (its vocabulary, its chat template), which
-                # a copy's call in another thread (setting its truncation) would find "Already borrowed"
-                self._tokenizers = TurnPool([copy.deepcopy(tokenizer) for _ in range(TOKENIZER_COPIES)])
+                # a copy's call in another thread (setting its truncation) would find "Already borrowed". One copy
+                # first, more only while every copy is busy (a 250k-word vocabulary: ~50 MB and 0.4 s per copy).
+                self._tokenizers = TurnPool([copy.deepcopy(tokenizer)], make=lambda: copy.deepcopy(tokenizer),
+                                            most=TOKENIZER_COPIES)
                 self._tokenizer = tokenizer
             except Exception as exc:  # transformers raises many types for incomplete tokenizer files
                 # remembered, as a missing one is: a broken tokenizer is not loaded again for every request
@@ -1276,11 +1278,15 @@ class TurnPool:
     in the main thread) gives its turn up, so the pool never waits for a ticket nobody holds.
     """
 
-    def __init__(self, items: Sequence[Any]) -> None:
+    def __init__(self, items: Sequence[Any], make: Callable[[], Any] | None = None, most: int | None = None) -> None:
+        """``items`` to start with; ``make()`` makes another when every item is in use, up to ``most`` in all (so a
+        server that never tokenizes two texts at once holds one copy)."""
         if not items:
             raise ValueError("a TurnPool needs at least one item")
         self._turns = threading.Condition(threading.Lock())
         self._free = list(items)
+        self._make = make
+        self._room = max(0, (most or len(items)) - len(items)) if make is not None else 0  # items still to make
         self._next = 0  # the ticket the next request for an item takes
         self._serving = 0  # the ticket that gets the next free item
         self._abandoned: set[int] = set()
@@ -1291,7 +1297,7 @@ class TurnPool:
             ticket = self._next
             self._next += 1
             try:
-                while ticket != self._serving or not self._free:
+                while ticket != self._serving or not (self._free or self._room):
                     self._turns.wait()
             except BaseException:
                 if ticket == self._serving:
@@ -1299,8 +1305,19 @@ class TurnPool:
                 else:
                     self._abandoned.add(ticket)  # skipped when its turn comes
                 raise
-            item = self._free.pop()
+            item = self._free.pop() if self._free else None
+            if item is None:
+                self._room -= 1
             self._advance()
+        if item is None:  # made outside the lock: the next in turn need not wait for it
+            try:
+                assert self._make is not None
+                item = self._make()
+            except BaseException:
+                with self._turns:
+                    self._room += 1
+                    self._turns.notify_all()
+                raise
         try:
             yield item
         finally:

@@ -399,9 +399,6 @@ def _values_ok(value: Any, max_depth: int, max_chars: int, surrogates: bool) -> 
     return True
 
 
-_CONTAINERS = (str, list, dict)  # what json.loads makes that :func:`_values_ok` looks into
-
-
 def _refuse_values(value: Any, max_depth: int, max_chars: int) -> None:
     """Raise the refusal of :func:`_check_values` for ``value``, naming where the value is (``body.messages[3]
     .content``) and the top-level field it is under (the error's ``param``)."""

@@ -36,7 +36,9 @@ def parse_list(value: str | None) -> list[str] | None:
         try:
             items = json.loads(value)
         except ValueError as exc:
-            raise click.BadParameter(f"not a JSON array of strings ({exc}): {value[:200]!r}") from None
+            raise click.BadParameter(f"a value starting with '[' is read as a JSON array of strings, and this is "
+                                     f"not one ({exc}): {value[:200]!r}; a name starting with '[' goes in that form, "
+                                     "e.g. '[\"[neg]\", \"[pos]\"]'") from None
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise click.BadParameter(f"expected a JSON array of strings, got {value[:200]!r}")
         items = [v.strip() for v in items]

@@ -981,3 +981,10 @@ def test_the_turn_pool_serves_in_order_and_skips_a_waiter_that_gave_up():
     two = TurnPool(["x", "y"])
     with two.use() as first, two.use() as second:  # two items: two holders at once
         assert {first, second} == {"x", "y"}
+    made = []
+    grows = TurnPool(["a"], make=lambda: made.append(len(made)) or f"made{len(made)}", most=3)
+    with grows.use() as one:
+        pass
+    with grows.use() as again, grows.use() as second, grows.use() as third:  # made only while all are in use
+        assert (one, again) == ("a", "a") and {second, third} == {"made1", "made2"} and len(made) == 2
+    assert grows._room == 0 and sorted(grows._free) == ["a", "made1", "made2"]
