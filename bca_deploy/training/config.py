@@ -495,6 +495,11 @@ class EvaluateConfig:
     prompt_column: str | None = _opt(None, "causal-lm prompt column (default: as trained).", "str")
     response_column: str | None = _opt(None, "causal-lm response column (default: as trained).", "str")
     text_column: str | None = _opt(None, "causal-lm text column (default: as trained).", "str")
+    label_names: list[str] | None = _opt(
+        None, "seq-cls, a file of class ids: what its ids 0..K-1 mean, as the adapter's class names in the ids' order "
+        "(e.g. negative,positive); each id is read as the adapter's class of that name. Needed when the adapter's "
+        "classes were named by its training file (numbered in sorted order), which need not be this file's order.",
+        "list")
     max_length: int | None = _opt(None, "Tokens per example (default: as trained).", "int")
     batch_size: int | None = _opt(None, "Evaluation batch size (default: as trained).", "int")
     device: str | None = _opt(None, "cuda, cpu, ... (default: CUDA when available).", "str")
@@ -506,6 +511,10 @@ class EvaluateConfig:
             problems = [p for p in problems if not p.startswith("--model ")]
         _at_least(self, problems, 1, "batch_size")
         _at_least(self, problems, 2, "max_length")
+        if isinstance(self.label_names, (list, tuple)):
+            dupes = sorted({n for n in self.label_names if list(self.label_names).count(n) > 1})
+            if dupes:
+                problems.append(f"--label-names must be distinct, repeated: {', '.join(map(repr, dupes))}")
         if self.model is not None and isinstance(self.model, (str, Path)) and str(self.model) \
                 and not Path(self.model).is_dir():
             problems.append(f"--model {self.model}: directory not found")

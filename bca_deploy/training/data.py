@@ -568,6 +568,28 @@ def load_seq_cls(
     )
 
 
+def ids_named(examples: SeqClsExamples, file_names: Sequence[str], class_names: Sequence[str]) -> list[int]:
+    """The labels of ``examples`` (class ids of the file, id i meaning ``file_names[i]``) as ids of ``class_names``.
+
+    Raises:
+        DataError: the file's labels are not class ids, an id has no name, or a name is not one of the classes.
+    """
+    if examples.regression or examples.labels is None or examples.named_labels:
+        kind = "regression targets" if examples.regression else "class names" if examples.named_labels else "absent"
+        raise DataError(f"{examples.path}: --label-names names the class ids of a file, and this file's labels are "
+                        f"{kind}")
+    unknown = [n for n in file_names if n not in class_names]
+    if unknown:
+        raise DataError(f"--label-names {', '.join(map(repr, unknown[:10]))}: not classes of the adapter, whose classes "
+                        f"are {_shown(list(class_names))}")
+    problems = [f"line {line}: label {y} has no name in --label-names ({len(file_names)} given)"
+                for line, y in zip(examples.lines, examples.labels) if not 0 <= y < len(file_names)]
+    if problems:
+        raise DataError(format_problems(f"{examples.path}: class ids without a name:", problems, limit=10))
+    index = {name: i for i, name in enumerate(class_names)}
+    return [index[file_names[y]] for y in examples.labels]
+
+
 def check_ids_mean_these_names(examples: SeqClsExamples, names: Sequence[str], named_by: str) -> None:
     """Refuse class ids in ``examples`` when the classes are ``names`` numbered in sorted order because the training
     file ``named_by`` wrote them as names: what an id means there is this program's numbering, not the writer's (a
@@ -581,7 +603,8 @@ def check_ids_mean_these_names(examples: SeqClsExamples, names: Sequence[str], n
     shown = ", ".join(f"{i}={n}" for i, n in enumerate(names[:10])) + (" ..." if len(names) > 10 else "")
     raise DataError(f"{examples.path}: its labels are class ids, but the classes were named by the training file "
                     f"{named_by} and numbered in sorted order ({shown}), which need not be what these ids mean: write "
-                    "this file's labels as the class names (or train with --label-names in the order the ids mean)")
+                    "this file's labels as the class names, or say what its ids mean with --label-names (evaluate) or "
+                    "by training with --label-names in the ids' order")
 
 
 #: The largest regression target trained on: the MSE loss squares the error in float32 (max 3.4e38), so a target

@@ -9,6 +9,7 @@ the same tokenization, batching and metric code (:func:`bca_deploy.training.runt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from ..config import MAX_NUM_LABELS, TaskSpec, show_json_value, read_json, run_a
 from ..errors import format_problems
 from ..models import vocabulary_size
 from .config import METHODS, PRECISIONS, EvaluateConfig
-from .data import TASKS, check_ids_mean_these_names, check_label_range, check_token_range, load_dataset, pad_token_id
+from .data import (TASKS, check_ids_mean_these_names, check_label_range, check_token_range, ids_named, load_dataset,
+                   pad_token_id)
 from .errors import DataError, TrainingConfigError
 from .loading import (
     Labels,
@@ -97,7 +99,14 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
         if task == "seq-cls":
             if examples.labels is None:
                 raise DataError(f"{config.data}: no label column to evaluate against")
-            if names and info.get("labels_named_by"):
+            if config.label_names is not None:
+                if not names:
+                    raise DataError(f"--label-names maps {config.data}'s class ids to the adapter's class names, and "
+                                    "the adapter records none")
+                examples = dataclasses.replace(examples, labels=ids_named(examples, config.label_names, names),
+                                               named_labels=True)
+                data.labels = examples.labels
+            elif names and info.get("labels_named_by"):
                 check_ids_mean_these_names(examples, names, info["labels_named_by"])
             check_label_range(examples, num_labels, "the model's head", "fix the labels")
             if model.config.pad_token_id is None:

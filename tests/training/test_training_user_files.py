@@ -394,3 +394,14 @@ def test_held_out_class_ids_beside_training_class_names_are_refused(files, tmp_p
     ordered = train(config(files["bert"], named, tmp_path / "ordered", max_steps=1, new_head=True, eval_data=ids,
                            label_names=["not_good", "good"]))  # the ids' own order, given
     assert evaluate(EvaluateConfig(model=files["bert"], adapter=ordered.best_dir, data=ids, device="cpu"))
+    # evaluate --label-names says what the file's ids mean: the same metric as the names file gives
+    by_names = evaluate(EvaluateConfig(model=files["bert"], adapter=result.best_dir, data=named, device="cpu"))
+    mapped = evaluate(EvaluateConfig(model=files["bert"], adapter=result.best_dir, data=ids, device="cpu",
+                                     label_names=["not_good", "good"]))
+    assert mapped == by_names
+    with pytest.raises(DataError, match=r"--label-names 'great': not classes of the adapter"):
+        evaluate(EvaluateConfig(model=files["bert"], adapter=result.best_dir, data=ids, device="cpu",
+                                label_names=["not_good", "great"]))
+    with pytest.raises(DataError, match="this file's labels are class names"):
+        evaluate(EvaluateConfig(model=files["bert"], adapter=result.best_dir, data=named, device="cpu",
+                                label_names=["not_good", "good"]))
