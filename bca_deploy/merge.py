@@ -737,6 +737,12 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
         for name, shard in index["weight_map"].items():
             if shard in headers and name not in headers[shard].by_name():
                 problems.append(f"tensor {name}: the index puts it in {shard}, which does not hold it")
+        # transformers loads what the index lists: a tensor it does not list would be merged and written, then left
+        # out on load, its parameter initialized at random (merge exited 0 on such a checkpoint)
+        unlisted = [(t.name, shard) for shard, header in headers.items() for t in header.tensors
+                    if t.name not in index["weight_map"]]
+        problems += [f"tensor {name}: in {shard}, but {SAFE_WEIGHTS_INDEX_NAME} does not list it (transformers loads "
+                     "only what the index lists)" for name, shard in unlisted[:20]]
     # A tensor in two shards would be merged (and loaded) twice; transformers would silently keep one.
     seen: dict[str, str] = {}
     for shard, header in headers.items():
@@ -1657,6 +1663,9 @@ def _merge_checkpoint(
     model_dir = model_dir.resolve()
     out_dir = Path(os.path.abspath(out_dir))
     ckpt = _read_checkpoint(model_dir)  # headers only: their largest tensor bounds what an adapter may save
+    if ckpt.config is None:  # the output is a transformers checkpoint: without its config nothing loads it
+        raise CheckpointFormatError(f"{model_dir}: no config.json; merge writes a standalone transformers checkpoint, "
+                                    "which needs the base model's config.json beside its weights")
     sources = _read_adapters(adapters, max((math.prod(t.shape) for h in ckpt.headers.values() for t in h.tensors),
                                            default=0))
     _check_paths(model_dir, out_dir, [a.directory for a in sources], overwrite)

@@ -550,7 +550,9 @@ def load_base(
             warnings.filterwarnings("ignore", message=".*(newly initialized|TRAIN this model).*")
             torch.manual_seed(0)
             model, info = _auto_class(task.type).from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
-    except (RuntimeError, MemoryError) as exc:
+    except BCAError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - what transformers raises for a config or checkpoint it cannot build
         raise config_mismatch(model_dir, exc) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -564,7 +566,8 @@ def load_base(
 def config_mismatch(model_dir: str | Path, exc: BaseException) -> BaseException:
     """What building the model from ``config.json`` or loading the checkpoint into it raised, as the checkpoint's
     error when the two disagree (a tensor of another shape than the config gives it) or the config asks for a model
-    no memory holds (an edited ``vocab_size``); anything else unchanged."""
+    no memory holds (an edited ``vocab_size``); anything else as a :class:`CheckpointFormatError` naming the
+    directory and transformers' own words."""
     from .errors import CheckpointFormatError, first_line
 
     text = str(exc)
@@ -577,7 +580,11 @@ def config_mismatch(model_dir: str | Path, exc: BaseException) -> BaseException:
         return CheckpointFormatError(f"{model_dir}: its config.json describes a model larger than this machine's memory "
                                      f"({first_line(exc, 200)}); check the config's sizes (vocab_size, hidden_size, "
                                      "num_hidden_layers...)")
-    return exc
+    # anything else transformers raised building the model or reading its weights (a negative vocab_size, a size
+    # given as text, an unknown activation, a LayerNorm stored as integers): the checkpoint's fault, said as such
+    return CheckpointFormatError(f"{model_dir}: transformers cannot build the model from its config.json and weights "
+                                 f"({type(exc).__name__}: {first_line(exc, 300)}); check config.json's values and the "
+                                 "weights' dtypes")
 
 
 #: Why a checkpoint's weights do not fit its config.json, for every message that says they do not.

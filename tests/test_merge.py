@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -462,6 +463,40 @@ def test_refuses_overflowing_merged_weight(tmp_path):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path, "out")
 
 
+def test_a_shard_tensor_the_index_does_not_list_is_refused(tmp_path):
+    """helper-67: transformers loads what model.safetensors.index.json lists; a tensor in a shard it does not list
+    was merged and written, and the output loaded with that weight initialized at random (merge exited 0)."""
+    from bca_deploy.errors import CheckpointFormatError
+
+    tiny_llama().save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    index_path = tmp_path / "base" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = "model.layers.0.self_attn.q_proj.weight"
+    del index["weight_map"][key]
+    index_path.write_text(json.dumps(index))
+    bd.save_adapter(bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0), tmp_path / "adapter")
+    with pytest.raises(CheckpointFormatError, match=rf"tensor {re.escape(key)}: in model-\d+-of-\d+\.safetensors, but "
+                                                    r"model\.safetensors\.index\.json does not list it"):
+        merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path, "out")
+
+
+def test_a_config_transformers_cannot_build_is_the_checkpoints_error(tmp_path):
+    """helper-67: a negative vocab_size, a size written as text, an unknown activation made export, evaluate and train
+    exit 70 ("a bug in bca-deploy") with transformers' raw exception; now one error naming the directory."""
+    from bca_deploy.errors import CheckpointFormatError
+    from bca_deploy.models import load_base
+
+    for name, change in [("vocab", {"vocab_size": -1}), ("hidden", {"hidden_size": "32"}),
+                         ("act", {"hidden_act": "nonesuch"})]:
+        directory = tmp_path / name
+        tiny_bert().save_pretrained(directory)
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointFormatError, match=r"transformers cannot build the model from its config\.json"):
+            load_base(directory, "feature-extraction")
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["fresh", "overwrite"])
 def test_failure_mid_write_leaves_no_partial_output(llama_setup, monkeypatch, existing):
     tmp_path, _, _ = llama_setup
@@ -776,3 +811,15 @@ def test_config_check_accepts_checkpoints_that_fit(case, tmp_path):
         for key in set(f.keys()) - set(expected):
             assert torch.equal(f.get_tensor(key), base.state_dict()[key]), key
     assert len(expected) == {"tied-llama": 3, "layer-past-the-config": 2}.get(case, 4)  # q_proj x 2 + lm_head; ...
+
+
+def test_a_checkpoint_without_config_json_is_refused(tmp_path):
+    """helper-67: merge wrote a "checkpoint" with no config.json (exit 0) that no AutoModel loads."""
+    from bca_deploy.errors import CheckpointFormatError
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "config.json").unlink()
+    bd.save_adapter(bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0), tmp_path / "adapter")
+    with pytest.raises(CheckpointFormatError, match="no config.json; merge writes a standalone transformers checkpoint"):
+        merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import TRAINABLE_FILE
-from ..errors import first_line, format_problems
+from ..errors import BCAError, first_line, format_problems
 from ..models import position_limit
 from .errors import TrainingConfigError
 
@@ -77,9 +77,10 @@ def load_tokenizer(model_dir):
     try:
         with quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types (a broken tokenizer.json:
+        # tokenizers' own Exception), each the same refusal here
         raise TrainingConfigError(
-            f"--model {model_dir}: cannot load a tokenizer ({first_line(exc, 200)}); save one there "
+            f"--model {model_dir}: cannot load a tokenizer ({type(exc).__name__}: {first_line(exc, 200)}); save one there "
             "or pass tokenizer= to train()"
         ) from None
     if getattr(tokenizer, "pad_token_id", None) is None:
@@ -142,7 +143,10 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
         raise
     except _LOAD_ERRORS as exc:
         raise TrainingConfigError(f"--model {model_dir}: cannot load it for {task} ({first_line(exc)})") from None
-    except (RuntimeError, MemoryError) as exc:  # config.json and the weights disagree, or no memory holds the config's
+    except BCAError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - config.json and the weights disagree, no memory holds the config's model,
+        # or transformers cannot build it (a negative vocab_size, an unknown activation): the checkpoint's error
         from ..models import config_mismatch
 
         raise config_mismatch(model_dir, exc) from None

@@ -257,3 +257,13 @@ def test_the_documented_functions_are_functions_whatever_was_imported_first():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_broken_tokenizer_is_refused_by_name(tmp_path):
+    """helper-67: a tokenizer.json that is not JSON raised tokenizers' own Exception: train and evaluate exited 70."""
+    from bca_deploy.training.loading import load_tokenizer
+
+    model_dir = tiny_model_dir(tmp_path / "bert", "bert", ["a film", "a dull mess"])
+    (model_dir / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TrainingConfigError, match=rf"--model {model_dir}: cannot load a tokenizer \("):
+        load_tokenizer(model_dir)
