@@ -3,7 +3,7 @@
 Setup: the MiniLM adapter bank of ``bench/serve_api.py`` (all-MiniLM-L6-v2, ``--adapters`` BCA adapters on
 query/value, block size 64, exported with ``export --bank``), served by the real CLI (``python -m
 bca_deploy.cli serve``) in a child process on 127.0.0.1 with the default limits, once per ``--batch-tokens`` value
-of ``--max-batch-tokens`` (the default 8192, and 2048).
+of ``--max-batch-tokens`` (8192, the default until 2026-12-06, and 2048, the default since).
 
 The honest client (this process, one keep-alive connection) sends one SST-2 sentence at a time to ``POST
 /v1/embeddings`` for adapter ``a01`` for ``--seconds``: first alone, then beside each attack, run by
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapters", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="the server's onnxruntime intra-op threads")
     parser.add_argument("--batch-tokens", default="8192,2048",
-                        help="the servers' --max-batch-tokens, one server each (8192: the default)")
+                        help="the servers' --max-batch-tokens, one server each (2048: the default)")
     parser.add_argument("--out", default="serve_tenants", help="results name under bench/results/")
     parser.add_argument("--quick", action="store_true", help="3 s per scenario, nothing written")
     args = parser.parse_args(argv)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
              f"connections; many-small: 8). Server: `bca-deploy serve` defaults, --threads {args.threads}. "
              "`p50_vs_alone`/`p99_vs_alone`: the honest latency over its latency alone, same run. `max_abs_diff`: "
              "the honest answers against the same sentences' answers alone. A long-texts batch (16 rows of 512 "
-             "tokens at the default --max-batch-tokens 8192, 4 at 2048) runs for as long as it takes; the honest "
+             "tokens at --max-batch-tokens 8192, 4 at the default 2048) runs for as long as it takes; the honest "
              "rows run in batches of their own but wait for the one running: --max-batch-tokens bounds that wait. "
              f"Load average before/after: {load_before} / "
              f"{load_after}.")

@@ -51,8 +51,9 @@ class ServeOptions:
     preempt_wait_steps: int = _opt(PREEMPT_WAIT_STEPS, "Generation: do not pre-empt when enough rows of tenants above "
                                                        "their share end within this many decode steps anyway (a "
                                                        "short wait costs less than recomputing a row).")
-    max_batch_tokens: int = _opt(8192, "Most padded tokens (rows x longest row) in one embedding/classification "
-                                       "batch: bounds the memory of a batch of long texts (a longer row runs alone).")
+    max_batch_tokens: int = _opt(2048, "Most padded tokens (rows x longest row) in one embedding/classification "
+                                       "batch: bounds the memory of a batch of long texts and how long another "
+                                       "request waits behind the one running (a longer row runs alone).")
     max_wait_ms: float = _opt(5.0, "How long a request waits for others to join its batch.")
     served_model_name: str | None = _opt(None, "The base model's name in the OpenAI-compatible API ('model'); "
                                                "default: the export directory's name.")
