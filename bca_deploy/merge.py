@@ -67,6 +67,7 @@ from .errors import (
     OutputExistsError,
     format_problems,
     require_readable,
+    why_not_readable,
 )
 from .fit import (
     ModuleInfo,
@@ -730,7 +731,9 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
     problems, headers = [], {}
     for shard in shards:
         if not (model_dir / shard).is_file():
-            problems.append(f"shard {shard}: listed in the index but missing")
+            exists = (model_dir / shard).exists()  # a FIFO, a device, a directory: said as what it is
+            problems.append(f"shard {shard}: " + (f"{why_not_readable(model_dir / shard)}; expected a safetensors file"
+                                                  if exists else "listed in the index but missing"))
             continue
         headers[shard] = read_safetensors_header(model_dir / shard)
     if index is not None:

@@ -823,3 +823,19 @@ def test_a_checkpoint_without_config_json_is_refused(tmp_path):
     with pytest.raises(CheckpointFormatError, match="no config.json; merge writes a standalone transformers checkpoint"):
         merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_that_is_not_a_file_is_named_as_what_it_is(tmp_path):
+    """helper-67: a shard that is /dev/zero (a link to it) or a FIFO was "listed in the index but missing"."""
+    import os
+
+    from bca_deploy.errors import CheckpointFormatError
+
+    tiny_llama().save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    shard = sorted((tmp_path / "base").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    os.mkfifo(shard)
+    bd.save_adapter(bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0), tmp_path / "adapter")
+    with pytest.raises(CheckpointFormatError, match=rf"shard {shard.name}: a named pipe \(FIFO\), not a regular file; "
+                                                    "expected a safetensors file"):
+        merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
