@@ -356,6 +356,15 @@ def _columns_message(path: Path, columns: Sequence[str]) -> str:
         message += (" (a number among them: line 1 looks like an example, not a header; the file needs a first "
                     "line naming its columns, such as 'sentence" + ("\\t" if path.suffix.lower() != ".csv" else ",")
                     + "label')")
+    suffix = path.suffix.lower()
+    if len(columns) == 1 and suffix in (".tsv", ".tab", ".csv"):
+        # one column whose name holds another file type's delimiter: the file is read by its extension
+        other = next((d for d in ("\t", ",", ";", "|") if d in columns[0] and (d != "\t" or suffix == ".csv")
+                      and (d != "," or suffix != ".csv")), None)
+        if other is not None:
+            read_as = "commas (.csv)" if suffix == ".csv" else "tabs (.tsv/.tab)"
+            message += (f" (one column whose name holds {other!r}: the file is split at {read_as} by its extension; "
+                        "save it with that delimiter, or name it for the one it uses: .tsv for tabs, .csv for commas)")
     return message
 
 

@@ -469,3 +469,15 @@ def test_a_csv_header_with_a_quoted_line_break_is_read(tmp_path):
     path.write_text('"sentence\ntext",label\ngood,1\nbad,0\n')
     examples = load_seq_cls(path, text_columns=["sentence\ntext"])
     assert examples.texts == [["good", "bad"]] and examples.labels == [1, 0] and examples.lines == [3, 4]
+
+
+def test_a_file_split_at_the_wrong_delimiter_says_so(tmp_path):
+    """helper-64: a .csv written with ';' (or a .tsv with commas) read as one column named 'text;label', with no hint."""
+    semi = tmp_path / "semi.csv"
+    semi.write_text("text;label\na film;1\n")
+    with pytest.raises(DataError, match=r"one column whose name holds ';': the file is split at commas \(\.csv\)"):
+        load_seq_cls(semi)
+    commas = tmp_path / "commas.tsv"
+    commas.write_text("sentence,label\na film,1\n")
+    with pytest.raises(DataError, match=r"holds ',': the file is split at tabs \(\.tsv/\.tab\)"):
+        load_seq_cls(commas)
