@@ -1666,9 +1666,9 @@ def _merge_checkpoint(
     model_dir = model_dir.resolve()
     out_dir = Path(os.path.abspath(out_dir))
     ckpt = _read_checkpoint(model_dir)  # headers only: their largest tensor bounds what an adapter may save
-    if ckpt.config is None:  # the output is a transformers checkpoint: without its config nothing loads it
-        raise CheckpointFormatError(f"{model_dir}: no config.json; merge writes a standalone transformers checkpoint, "
-                                    "which needs the base model's config.json beside its weights")
+    if ckpt.config is None:  # merged by shapes alone (a checkpoint of no known architecture is still merged)
+        warnings.warn(f"{model_dir}: no config.json, so the merged weights have none either: transformers cannot load "
+                      "them as they are (copy the base model's config.json beside them); layer types are not checked")
     sources = _read_adapters(adapters, max((math.prod(t.shape) for h in ckpt.headers.values() for t in h.tensors),
                                            default=0))
     _check_paths(model_dir, out_dir, [a.directory for a in sources], overwrite)

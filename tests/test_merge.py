@@ -813,29 +813,12 @@ def test_config_check_accepts_checkpoints_that_fit(case, tmp_path):
     assert len(expected) == {"tied-llama": 3, "layer-past-the-config": 2}.get(case, 4)  # q_proj x 2 + lm_head; ...
 
 
-def test_a_checkpoint_without_config_json_is_refused(tmp_path):
-    """helper-67: merge wrote a "checkpoint" with no config.json (exit 0) that no AutoModel loads."""
-    from bca_deploy.errors import CheckpointFormatError
-
+def test_a_checkpoint_without_config_json_is_merged_with_a_warning(tmp_path):
+    """helper-67: merge wrote weights with no config.json (exit 0, silently) that no AutoModel loads as they are; it
+    still merges them (by shapes: tests/test_fit.py), and says so."""
     tiny_llama().save_pretrained(tmp_path / "base")
     (tmp_path / "base" / "config.json").unlink()
     bd.save_adapter(bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0), tmp_path / "adapter")
-    with pytest.raises(CheckpointFormatError, match="no config.json; merge writes a standalone transformers checkpoint"):
+    with pytest.warns(UserWarning, match="no config.json, so the merged weights have none either"):
         merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_shard_that_is_not_a_file_is_named_as_what_it_is(tmp_path):
-    """helper-67: a shard that is /dev/zero (a link to it) or a FIFO was "listed in the index but missing"."""
-    import os
-
-    from bca_deploy.errors import CheckpointFormatError
-
-    tiny_llama().save_pretrained(tmp_path / "base", max_shard_size="20KB")
-    shard = sorted((tmp_path / "base").glob("model-*.safetensors"))[-1]
-    shard.unlink()
-    os.mkfifo(shard)
-    bd.save_adapter(bd.inject(tiny_llama(), ["q_proj"], block_size=8, init="normal", seed=0), tmp_path / "adapter")
-    with pytest.raises(CheckpointFormatError, match=rf"shard {shard.name}: a named pipe \(FIFO\), not a regular file; "
-                                                    "expected a safetensors file"):
-        merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "config.json").exists()
