@@ -754,8 +754,8 @@ def with_label_names(config: AdapterConfig, shapes: Mapping[str, tuple[int, ...]
     if task is None or task.type != "seq-cls":
         raise refuse(f"the adapter's task is {task.type if task else 'not recorded'}; label names name the classes "
                      "of a seq-cls (sequence classification) adapter's head"
-                     + ("" if task else " (a PEFT classifier saved without task_type: add --task-type SEQ_CLS to record "
-                        "it)"))
+                     + ("" if task else " (a PEFT classifier saved without task_type: add --task-type SEQ_CLS to "
+                                        "record it)"))
     problems = []
     if not names or any(not isinstance(n, str) or not n.strip() for n in names):
         problems.append("every name must be non-empty text")

@@ -312,8 +312,8 @@ _PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "
               help="--to peft: base_model_name_or_path, the model AutoPeftModelFor* loads (default: the one the "
                    "adapter records).")
 @click.option("--label-names", default=None,
-              help="A seq-cls adapter's class names 0..K-1, comma-separated (e.g. negative,neutral,positive; a JSON array "
-                   "of strings for names with commas): recorded "
+              help="A seq-cls adapter's class names 0..K-1, comma-separated (e.g. negative,neutral,positive; a "
+                   "JSON array of strings for names with commas): recorded "
                    "in the written adapter, so merge, export and serve name the classes. PEFT saves none, so a PEFT "
                    "classifier is otherwise named as the base checkpoint names its labels, or LABEL_<i>.")
 @click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,

@@ -41,8 +41,8 @@ from .errors import AdapterFormatError, format_problems
 from .fit import base_key, dtype_problem, split_base_key
 from .ops import flip_circulant_layout
 
-__all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "with_task_type", "describe_format", "format_name",
-           "PEFT_PREFIX",
+__all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "with_task_type", "describe_format",
+           "format_name", "PEFT_PREFIX",
            "PEFT_KERNEL_SUFFIX", "PEFT_TASK_TYPES", "TASK_METADATA_KEY", "peft_saved_entries",
            "peft_saved_module"]
 

@@ -174,8 +174,9 @@ def _row(budget: int, scenario: str, latencies: list[float], alone: list[float],
          attacker: dict | None) -> dict:
     p50, p99 = statistics.median(latencies), percentile(latencies, 99)
     a50, a99 = statistics.median(alone), percentile(alone, 99)
-    return {"max_batch_tokens": budget, "scenario": scenario, "honest_requests": len(latencies), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
-            "max_ms": round(max(latencies), 1), "p50_vs_alone": round(p50 / a50, 2), "p99_vs_alone": round(p99 / a99, 2),
+    return {"max_batch_tokens": budget, "scenario": scenario, "honest_requests": len(latencies),
+            "p50_ms": round(p50, 1), "p99_ms": round(p99, 1), "max_ms": round(max(latencies), 1),
+            "p50_vs_alone": round(p50 / a50, 2), "p99_vs_alone": round(p99 / a99, 2),
             "honest_failures": len(failures), "max_abs_diff": worst,
             "attacker_requests": None if attacker is None else attacker["requests"],
             "attacker_statuses": None if attacker is None else attacker["statuses"]}

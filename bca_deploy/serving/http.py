@@ -318,8 +318,8 @@ class MicroBatcher:
             piece = filling.pieces.get(id(job))
             # a request's own rows may differ in length (its padding delays only itself); another's must fit
             alone = filling.rows == (piece.end - piece.start if piece is not None else 0)
-            if filling.rows and ((self.max_batch_tokens is not None and (filling.rows + 1) * longest > self.max_batch_tokens)
-                                 or not (alone or _lengths_fit(shortest, longest))):
+            over_budget = self.max_batch_tokens is not None and (filling.rows + 1) * longest > self.max_batch_tokens
+            if filling.rows and (over_budget or not (alone or _lengths_fit(shortest, longest))):
                 filling.held_back.add(id(job))  # the batch only grows: it stays held back from this one
                 queue.popleft()
             else:

@@ -109,7 +109,8 @@ class ServerMetrics:
                             (self.preemptions, ("adapter",))]
         loaded = Gauge("bca_adapters_loaded", "Adapters loaded now (the base model not counted).", registry=r)
         loaded.set_function(lambda: len(self._loaded()))
-        queued = Gauge("bca_queued_rows", "Rows admitted and not yet done (a generated row: until its last token).", registry=r)
+        queued = Gauge("bca_queued_rows", "Rows admitted and not yet done (a generated row: until its last token).",
+                       registry=r)
         queued.set_function(queued_rows)
 
     def adapter_label(self, name: str | None, loaded: Collection[str] | None = None) -> str:

@@ -129,7 +129,8 @@ def _opt(default: Any, help: str, kind: str, choices: tuple[str, ...] | None = N
     """A dataclass field with its command-line description.
 
     ``kind``: ``path``, ``str``, ``int``, ``float``, ``flag`` (on/off switch), ``tristate`` (``--x/--no-x``,
-    None = recipe or automatic), ``list`` (comma-separated, or a JSON array of strings), ``pattern`` (``NAME=P,...``), ``choice``.
+    None = recipe or automatic), ``list`` (comma-separated, or a JSON array of strings), ``pattern``
+    (``NAME=P,...``), ``choice``.
     """
     return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "required": required,
                                             "library_only": library_only, "group": group})

@@ -169,7 +169,8 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
         if sum(map(len, columns)) > MAX_HEADER_CHARS:
             # a CSV header whose quote is never closed swallows the lines after it into one column name (a quoted
             # line break in a header, as spreadsheets write, is a header of a few characters over two lines)
-            spans = f" over {reader.line_num:,} lines (a quote opened in it is never closed)" if reader.line_num > 1 else ""
+            spans = (f" over {reader.line_num:,} lines (a quote opened in it is never closed)"
+                     if reader.line_num > 1 else "")
             raise DataError(f"{path}: the first record is not a header of column names ({sum(map(len, columns)):,} "
                             f"characters{spans}; a header has at most {MAX_HEADER_CHARS:,}); expected a first line "
                             f"such as {example!r}")
@@ -349,7 +350,8 @@ def _short(name: str, limit: int = 80) -> str:
 
 
 def _columns_message(path: Path, columns: Sequence[str]) -> str:
-    shown = ", ".join(_short(c) for c in columns[:50]) + (f", ... ({len(columns):,} in all)" if len(columns) > 50 else "")
+    shown = ", ".join(_short(c) for c in columns[:50])
+    shown += f", ... ({len(columns):,} in all)" if len(columns) > 50 else ""
     message = f"columns found in {path}: {shown or '(none)'}"
     if path.suffix.lower() in (".tsv", ".tab", ".csv") and any(_DECIMAL.fullmatch(c.strip()) for c in columns):
         # a header cell that is a number: the file has no header row, its first example was taken for one
@@ -589,8 +591,8 @@ def ids_named(examples: SeqClsExamples, file_names: Sequence[str], class_names: 
                         f"{kind}")
     unknown = [n for n in file_names if n not in class_names]
     if unknown:
-        raise DataError(f"--label-names {', '.join(map(repr, unknown[:10]))}: not classes of the adapter, whose classes "
-                        f"are {_shown(list(class_names))}")
+        raise DataError(f"--label-names {', '.join(map(repr, unknown[:10]))}: not classes of the adapter, whose "
+                        f"classes are {_shown(list(class_names))}")
     problems = [f"line {line}: label {y} has no name in --label-names ({len(file_names)} given)"
                 for line, y in zip(examples.lines, examples.labels) if not 0 <= y < len(file_names)]
     if problems:
@@ -840,7 +842,8 @@ def cut_texts(texts: Sequence[str], max_length: int) -> list[str]:
 TOKENIZE_CHUNK = 4096
 
 
-def _encode(tokenizer, columns: Sequence[Sequence[str]], **options: Any) -> tuple[list[list[int]], list[list[int]] | None]:
+def _encode(tokenizer, columns: Sequence[Sequence[str]],
+            **options: Any) -> tuple[list[list[int]], list[list[int]] | None]:
     """``tokenizer(*columns, **options)``'s ``input_ids`` and ``token_type_ids`` (None when it gives none), called
     :data:`TOKENIZE_CHUNK` texts at a time so that only the ids outlive each call."""
     input_ids: list[list[int]] = []

@@ -80,8 +80,8 @@ def load_tokenizer(model_dir):
     except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types (a broken tokenizer.json:
         # tokenizers' own Exception), each the same refusal here
         raise TrainingConfigError(
-            f"--model {model_dir}: cannot load a tokenizer ({type(exc).__name__}: {first_line(exc, 200)}); save one there "
-            "or pass tokenizer= to train()"
+            f"--model {model_dir}: cannot load a tokenizer ({type(exc).__name__}: {first_line(exc, 200)}); save one "
+            "there or pass tokenizer= to train()"
         ) from None
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else tokenizer.unk_token
