@@ -898,17 +898,21 @@ class MultiAdapterSession:
 
     def text_ids(self, text: str, **options: Any) -> list[int]:
         """The token ids of one text, ``options`` passed to the tokenizer (thread-safe: one of the session's copies)."""
-        self.tokenizer  # noqa: B018  # loaded (ServingError if there is none)
-        assert self._tokenizers is not None
-        with self._tokenizers.use() as tok:
+        with self._tokenizer_copy() as tok:
             return list(tok(text, **options)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` without special tokens (thread-safe)."""
-        self.tokenizer  # noqa: B018
+        with self._tokenizer_copy() as tok:
+            return tok.decode(list(token_ids), skip_special_tokens=True)
+
+    @contextlib.contextmanager
+    def _tokenizer_copy(self) -> Iterator[Any]:
+        """One of the tokenizer's copies, this thread's alone until the block ends (ServingError if there is none)."""
+        self.tokenizer  # noqa: B018  # loaded, and the copies with it
         assert self._tokenizers is not None
         with self._tokenizers.use() as tok:
-            return tok.decode(list(token_ids), skip_special_tokens=True)
+            yield tok
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenize ``texts`` into the graph's inputs (right padding; encoders truncate at the maximum length)."""
@@ -1305,11 +1309,13 @@ class TurnPool:
                 else:
                     self._abandoned.add(ticket)  # skipped when its turn comes
                 raise
-            item = self._free.pop() if self._free else None
-            if item is None:
+            make = not self._free
+            if make:
                 self._room -= 1
+            else:
+                item = self._free.pop()
             self._advance()
-        if item is None:  # made outside the lock: the next in turn need not wait for it
+        if make:  # made outside the lock: the next in turn need not wait for it
             try:
                 assert self._make is not None
                 item = self._make()

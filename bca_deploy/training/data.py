@@ -166,12 +166,13 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
         except csv.Error as exc:
             raise DataError(f"{path}: line 1: malformed header ({exc})") from None
         columns = [c.strip() for c in header]
-        if sum(map(len, columns)) > MAX_HEADER_CHARS:
+        header_chars = sum(map(len, columns))
+        if header_chars > MAX_HEADER_CHARS:
             # a CSV header whose quote is never closed swallows the lines after it into one column name (a quoted
             # line break in a header, as spreadsheets write, is a header of a few characters over two lines)
             spans = (f" over {reader.line_num:,} lines (a quote opened in it is never closed)"
                      if reader.line_num > 1 else "")
-            raise DataError(f"{path}: the first record is not a header of column names ({sum(map(len, columns)):,} "
+            raise DataError(f"{path}: the first record is not a header of column names ({header_chars:,} "
                             f"characters{spans}; a header has at most {MAX_HEADER_CHARS:,}); expected a first line "
                             f"such as {example!r}")
         counts = collections.Counter(columns)  # (columns.count per column took 15 s for 40,000 columns)
@@ -361,8 +362,8 @@ def _columns_message(path: Path, columns: Sequence[str]) -> str:
     suffix = path.suffix.lower()
     if len(columns) == 1 and suffix in (".tsv", ".tab", ".csv"):
         # one column whose name holds another file type's delimiter: the file is read by its extension
-        other = next((d for d in ("\t", ",", ";", "|") if d in columns[0] and (d != "\t" or suffix == ".csv")
-                      and (d != "," or suffix != ".csv")), None)
+        read_at = "," if suffix == ".csv" else "\t"
+        other = next((d for d in ("\t", ",", ";", "|") if d != read_at and d in columns[0]), None)
         if other is not None:
             read_as = "commas (.csv)" if suffix == ".csv" else "tabs (.tsv/.tab)"
             message += (f" (one column whose name holds {other!r}: the file is split at {read_as} by its extension; "
@@ -428,6 +429,11 @@ class SeqClsExamples:
 
     def __len__(self) -> int:
         return len(self.texts[0])
+
+    @property
+    def class_ids(self) -> bool:
+        """Whether the file writes its labels as class ids (not names, not regression targets, not absent)."""
+        return not (self.regression or self.labels is None or self.named_labels)
 
 
 @dataclass
@@ -585,7 +591,7 @@ def ids_named(examples: SeqClsExamples, file_names: Sequence[str], class_names: 
     Raises:
         DataError: the file's labels are not class ids, an id has no name, or a name is not one of the classes.
     """
-    if examples.regression or examples.labels is None or examples.named_labels:
+    if not examples.class_ids:
         kind = "regression targets" if examples.regression else "class names" if examples.named_labels else "absent"
         raise DataError(f"{examples.path}: --label-names names the class ids of a file, and this file's labels are "
                         f"{kind}")
@@ -609,7 +615,7 @@ def check_ids_mean_these_names(examples: SeqClsExamples, names: Sequence[str], n
     Raises:
         DataError: the file's labels are ids; the message shows each id's name and how to write the file.
     """
-    if examples.regression or examples.labels is None or examples.named_labels:
+    if not examples.class_ids:
         return
     shown = ", ".join(f"{i}={n}" for i, n in enumerate(names[:10])) + (" ..." if len(names) > 10 else "")
     raise DataError(f"{examples.path}: its labels are class ids, but the classes were named by the training file "
