@@ -68,6 +68,8 @@ EXPORT_TASKS = {"seq-cls": "text-classification", "causal-lm": "text-generation-
 MAX_NUM_LABELS = 100_000
 #: The longest label name: names are in every classification answer (a 1 MB one was, twice, in each).
 MAX_LABEL_CHARS = 1000
+#: Token ids are below this (an int32 bound: ONNX graphs and tokenizers hold ids as int32/int64).
+MAX_TOKEN_ID = 1 << 31
 #: The largest in/out features of an adapted layer (a bound on hostile configs; real layers are far smaller).
 MAX_FEATURES = 1 << 24
 
@@ -137,6 +139,9 @@ class HeadSpec:
         id2label: class index -> label name, for every index ``0..num_labels-1``.
         label2id: the inverse of ``id2label``.
         problem_type: transformers' ``config.problem_type`` (``single_label_classification``...), or None.
+        pad_token_id: the model config's ``pad_token_id`` the head was trained with, or None when it had none.
+            A decoder classifier (Llama, GPT-2...) reads the last token that is not this id, so every later
+            stage must pool at the same token; transformers refuses a batch of several rows without it.
     """
 
     modules: list[str]
@@ -144,6 +149,18 @@ class HeadSpec:
     id2label: dict[int, str]
     label2id: dict[str, int]
     problem_type: str | None = None
+    pad_token_id: int | None = None
+
+    def config_values(self) -> dict[str, Any]:
+        """The transformers config values of a model with this head (the one list every stage sets): labels,
+        problem type and pad id where recorded."""
+        values: dict[str, Any] = {"num_labels": self.num_labels, "id2label": dict(self.id2label),
+                                  "label2id": dict(self.label2id)}
+        if self.problem_type is not None:
+            values["problem_type"] = self.problem_type
+        if self.pad_token_id is not None:
+            values["pad_token_id"] = self.pad_token_id
+        return values
 
 
 @dataclass
@@ -201,6 +218,10 @@ class TaskSpec:
             out.append("task.head.label2id must be the inverse of id2label (label names must be unique)")
         if head.problem_type is not None and head.problem_type not in PROBLEM_TYPES:
             out.append(f"task.head.problem_type {head.problem_type!r}: expected one of {', '.join(PROBLEM_TYPES)}")
+        pad = head.pad_token_id
+        if pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < MAX_TOKEN_ID):
+            out.append(f"task.head.pad_token_id must be a token id (an integer in 0..{MAX_TOKEN_ID - 1}) or null, got "
+                       f"{show_json_value(pad)}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +234,8 @@ class TaskSpec:
                 "label2id": dict(self.head.label2id),
                 "problem_type": self.head.problem_type,
             }
+            if self.head.pad_token_id is not None:  # (absent otherwise: files stay as earlier versions wrote them)
+                head["pad_token_id"] = self.head.pad_token_id
         return {"type": self.type, "architecture": self.architecture, "head": head}
 
     @classmethod
@@ -245,6 +268,7 @@ class TaskSpec:
                 id2label=id2label,
                 label2id=dict(label2id_raw) if isinstance(label2id_raw, dict) else {},
                 problem_type=head_data.get("problem_type"),
+                pad_token_id=head_data.get("pad_token_id"),
             )
         unknown = sorted(set(data) - {"type", "architecture", "head"})
         if unknown:
@@ -283,9 +307,11 @@ def task_spec_from_config(
         id2label = {int(k): str(v) for k, v in raw.items()} if len(raw) == num_labels else {}
         if sorted(id2label) != list(range(num_labels)):
             id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        pad = getattr(model_config, "pad_token_id", None)
         head = HeadSpec(modules=list(head_modules), num_labels=num_labels, id2label=id2label,
                         label2id={v: k for k, v in id2label.items()},
-                        problem_type=getattr(model_config, "problem_type", None))
+                        problem_type=getattr(model_config, "problem_type", None),
+                        pad_token_id=pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else None)
     return TaskSpec(type=task, architecture=architecture, head=head)
 
 

@@ -860,11 +860,10 @@ def _structure(ckpt: _Checkpoint, architecture: str | None, head_task: TaskSpec 
 
     config = transformers.AutoConfig.for_model(**ckpt.config)
     if head_task is not None:
-        head = head_task.head
-        config.num_labels = head.num_labels
-        config.id2label = dict(head.id2label)
-        config.label2id = dict(head.label2id)
-        config.problem_type = head.problem_type
+        values = head_task.head.config_values()
+        values.setdefault("problem_type", None)
+        for key, value in values.items():
+            setattr(config, key, value)
     name = architecture or next(iter(getattr(config, "architectures", None) or []), None)
     model_class = getattr(transformers, name, None) if isinstance(name, str) else None
     # Only the module types are needed: skip the random initialisation (on the meta device it still runs
@@ -1246,17 +1245,15 @@ def _output_view(ckpt: _Checkpoint, out_names: dict[str, str], replace: dict[str
 
 
 def _classification_config(config: dict[str, Any], task: TaskSpec, architecture: str) -> dict[str, Any]:
-    """config.json of the merged classification checkpoint: the head's architecture, labels and problem type."""
+    """config.json of the merged classification checkpoint: the head's architecture and config values (labels,
+    problem type, pad id: :meth:`HeadSpec.config_values`)."""
     head = task.head
     out = dict(config)
     out["architectures"] = [architecture]
-    out["num_labels"] = head.num_labels
-    out["id2label"] = {str(i): head.id2label[i] for i in range(head.num_labels)}
+    out.pop("problem_type", None)
+    out.update(head.config_values())
+    out["id2label"] = {str(i): head.id2label[i] for i in range(head.num_labels)}  # (JSON keys are strings)
     out["label2id"] = {name: i for i, name in sorted(head.id2label.items())}
-    if head.problem_type is not None:
-        out["problem_type"] = head.problem_type
-    else:
-        out.pop("problem_type", None)
     return out
 
 

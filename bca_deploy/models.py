@@ -536,9 +536,7 @@ def load_base(
     kwargs: dict[str, Any] = _dtype_kwarg(dtype)
     head = task.head if task.type == "seq-cls" else None
     if head is not None:
-        kwargs.update(num_labels=head.num_labels, id2label=dict(head.id2label), label2id=dict(head.label2id))
-        if head.problem_type is not None:
-            kwargs["problem_type"] = head.problem_type
+        kwargs.update(head.config_values())
     if head_from_adapters if head_from_adapters is not None else head is not None:
         kwargs["ignore_mismatched_sizes"] = True
     verbosity = transformers.logging.get_verbosity()
@@ -558,6 +556,8 @@ def load_base(
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.logging.enable_progress_bar()
+    if task.type == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = saved_tokenizer_pad_id(model_dir)  # (see give_classifier_a_pad_id)
     missing = list(info.get("missing_keys") or []) + [m[0] if isinstance(m, tuple) else m
                                                        for m in info.get("mismatched_keys") or []]
     return model.eval(), sorted(set(missing))
@@ -808,6 +808,48 @@ def ids_past_vocabulary(tokenizer: Any, vocabulary: int | None) -> range:
     Texts that use them cannot be run; the rest can."""
     size = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else 0
     return range(vocabulary, size) if vocabulary and size > vocabulary else range(0)
+
+
+def tokenizer_pad_id(tokenizer: Any) -> int:
+    """The id rows are padded with: the tokenizer's pad id, else EOS (as usual for models without a pad token),
+    else SEP or UNK, else 0."""
+    for attr in ("pad_token_id", "eos_token_id", "sep_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def give_classifier_a_pad_id(model_config: Any, tokenizer: Any) -> int | None:
+    """Set a seq-cls model's missing ``pad_token_id`` to :func:`tokenizer_pad_id`; return the id set, else None.
+
+    A decoder classifier (Llama, GPT-2...) reads the last token that is not ``pad_token_id``, and transformers
+    refuses a batch of more than one row without one. Training, evaluation and export give a config without one
+    the same id (and training records it in the adapter's head, :class:`bca_deploy.config.HeadSpec`), so every
+    stage reads the same token."""
+    if getattr(model_config, "pad_token_id", None) is not None or tokenizer is None:
+        return None
+    model_config.pad_token_id = tokenizer_pad_id(tokenizer)
+    return model_config.pad_token_id
+
+
+def saved_tokenizer_pad_id(model_dir: str | Path) -> int | None:
+    """:func:`tokenizer_pad_id` of the tokenizer saved in ``model_dir``; None when it has none that loads (a
+    classifier trained by bca-deploy records its pad id, so this is for adapters from elsewhere, e.g. PEFT)."""
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+    if not any((Path(model_dir) / name).is_file() for name in files):
+        return None
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception:  # noqa: BLE001 - a tokenizer that does not load gives no id; the stage that needs one says so
+        return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return tokenizer_pad_id(tokenizer)
 
 
 def token_names(tokenizer: Any, ids: Sequence[int]) -> list[str] | None:

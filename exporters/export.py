@@ -212,7 +212,7 @@ def export(
     """
     from bca_deploy.models import load_model
 
-    from .loading import resolve_export_task
+    from .loading import is_decoder, resolve_export_task
     from .validate import onnx_providers
 
     start = time.perf_counter()
@@ -243,6 +243,12 @@ def export(
     bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
     model = bank_plan.model if bank_plan is not None else load_model(model_dir, adapter_dirs, model_task)
     task = model_task.export_task
+    if task == "text-classification" and is_decoder(model.config.model_type) and model.config.pad_token_id is None:
+        raise UnsupportedExportError(
+            f"{model_dir}: this {model.config.model_type} classifier reads each row's last token that is not its "
+            "pad_token_id, and neither config.json, the adapter's head nor a tokenizer in that directory gives one: "
+            f"set pad_token_id in {model_dir}/config.json to the id the adapter was trained with (training pads with "
+            "the tokenizer's pad id, else its EOS id)")
     if validate:  # a case longer than the model's positions would fail inside onnxruntime after the export
         cases = check_cases(cases, model.config, task.endswith("-with-past"))
     opset = _resolve_opset(opset, merge, fft, DEFAULT_OPSET)

@@ -24,7 +24,8 @@ __all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MOD
 #: Tasks of an encoder graph (no past): the last hidden state, or a classifier's logits.
 ENCODER_TASKS = ("feature-extraction", "text-classification")
 #: Tasks of a decoder graph: logits or hidden states, each with or without past key/values.
-DECODER_TASKS = ("feature-extraction", "feature-extraction-with-past", "text-generation", "text-generation-with-past")
+DECODER_TASKS = ("feature-extraction", "feature-extraction-with-past", "text-classification", "text-generation",
+                 "text-generation-with-past")
 #: Architectures (``config.model_type``) whose export is tested on transformers 4.57 and 5.x, both merged
 #: and unmerged (see tests/exporters). Others are refused rather than exported untested.
 ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2")

@@ -1006,7 +1006,10 @@ class MultiAdapterSession:
         self.require("classify")
         snapshot = snapshot or self._snapshot
         heads = snapshot.labels_of(adapters)
-        logits = self.run(self._feeds(inputs), adapters, ["logits"], snapshot)["logits"].astype(np.float64)
+        # A decoder classifier reads the last token that is not its pad id (baked into the graph): left padding puts
+        # every row's own last token last, whichever id the padding has (the tokenizer's may differ from the config's)
+        side = "left" if "position_ids" in self.inputs else "right"
+        logits = self.run(self._feeds(inputs, side), adapters, ["logits"], snapshot)["logits"].astype(np.float64)
         results = []
         for row, labels in zip(logits, heads, strict=True):
             values = row[:labels.num_labels]
@@ -1078,15 +1081,15 @@ class MultiAdapterSession:
         """:meth:`prepare`, returning the longest row's token count."""
         return max(len(r) for r in self.prepare(inputs, max_new_tokens))
 
-    def _feeds(self, inputs) -> dict[str, np.ndarray]:
+    def _feeds(self, inputs, side: str = "right") -> dict[str, np.ndarray]:
         if self.with_past:
             raise ServingError(f"this graph was exported for {self.task!r} (a decoder with past); use generate()")
         if not inputs:
             raise ServingError("no inputs given")
         if all(isinstance(x, str) for x in inputs):
-            return self.encode(inputs)  # truncated at the model's positions
+            return self.pad_ids(self.tokenize(inputs), side=side)  # encoders' texts truncated at the model's positions
         rows = [list(x) for x in inputs]
-        feeds = self.pad_ids(rows)
+        feeds = self.pad_ids(rows, side=side)
         self.check_positions(max(len(r) for r in rows))
         return feeds
 

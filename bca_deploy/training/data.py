@@ -42,6 +42,7 @@ import torch
 from ..config import MAX_NUM_LABELS, DuplicateKeyError, unique_key_object
 from ..errors import format_problems
 from ..models import token_names
+from ..models import tokenizer_pad_id as pad_token_id
 from .errors import DataError, DataFileNotFoundError
 
 __all__ = [
@@ -811,15 +812,6 @@ class TokenizedDataset:
                 dtype = torch.float32 if self.regression else torch.long
                 batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=dtype)  # (B,)
         return batch
-
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, else EOS, else 0 (models without a pad token get EOS, as usual)."""
-    for attr in ("pad_token_id", "eos_token_id", "sep_token_id", "unk_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def _eos_token_id(tokenizer) -> int | None:

@@ -19,10 +19,9 @@ from torch import nn
 
 from ..config import MAX_NUM_LABELS, TaskSpec, show_json_value, read_json, run_adapter_dir
 from ..errors import format_problems
-from ..models import vocabulary_size
+from ..models import give_classifier_a_pad_id, vocabulary_size
 from .config import METHODS, PRECISIONS, EvaluateConfig
-from .data import (TASKS, check_ids_mean_these_names, check_label_range, check_token_range, ids_named, load_dataset,
-                   pad_token_id)
+from .data import TASKS, check_ids_mean_these_names, check_label_range, check_token_range, ids_named, load_dataset
 from .errors import DataError, TrainingConfigError
 from .loading import (
     Labels,
@@ -109,8 +108,7 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
             elif names and info.get("labels_named_by"):
                 check_ids_mean_these_names(examples, names, info["labels_named_by"])
             check_label_range(examples, num_labels, "the model's head", "fix the labels")
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = pad_token_id(tokenizer)
+            give_classifier_a_pad_id(model.config, tokenizer)  # (an adapter trained here records its own)
         for param in model.parameters():
             param.requires_grad = False
         keep_fp32 = {n for n, _ in model.named_parameters() if ".bca_kernels." in f".{n}"}

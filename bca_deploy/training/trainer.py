@@ -48,11 +48,11 @@ from torch import nn
 from ..atomic import check_inputs_outside, write_text
 from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
 from ..errors import format_problems
-from ..models import describe_ids_past_vocabulary, ids_past_vocabulary, vocabulary_size
+from ..models import describe_ids_past_vocabulary, give_classifier_a_pad_id, ids_past_vocabulary, vocabulary_size
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
 from .config import Recipe, TrainConfig, recipe_for
 from .data import (SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range, classes_needed,
-                   load_dataset, pad_token_id)
+                   load_dataset)
 from .errors import (CheckpointError, DataError, DataFileNotFoundError, PeerFailedError, TrainingConfigError,
                      TrainingDivergedError, TrainingTerminated)
 from .evaluation import TRAINING_FILE, evaluate
@@ -626,8 +626,8 @@ class _TrainingRun:
             if self.sharding is not None:
                 missing = align_with_first(self.model, missing, str(cfg.model))
         model = self.model
-        if cfg.task == "seq-cls" and getattr(model, "config", None) is not None and model.config.pad_token_id is None:
-            model.config.pad_token_id = pad_token_id(self.tokenizer)
+        if cfg.task == "seq-cls" and getattr(model, "config", None) is not None:
+            give_classifier_a_pad_id(model.config, self.tokenizer)  # recorded in the adapter's head
         heads = head_paths(model) if cfg.task == "seq-cls" else []
         self.new_head_keys = [k for k in missing if any(k.startswith(p + ".") for p in heads)]
         if cfg.no_head and self.new_head_keys:

@@ -27,9 +27,11 @@ def test_task_synonyms_and_explicit_tasks(tiny):
     assert resolve_task(model_dir, "feature-extraction-with-past")[0] == "feature-extraction-with-past"
     with pytest.raises(TaskError, match="fill-mask.*text-classification"):
         resolve_task(model_dir, "fill-mask")
-    with pytest.raises(UnsupportedExportError, match="text-classification.*tasks it exports for llama.*`bca-deploy "
+    assert resolve_task(model_dir, "text-classification")[0] == "text-classification"  # (a decoder classifier)
+    encoder_dir, _ = tiny("bert")
+    with pytest.raises(UnsupportedExportError, match="'text-generation'.*tasks it exports for bert.*`bca-deploy "
                                                      "merge` still writes the adapted model"):
-        resolve_task(model_dir, "text-classification")
+        resolve_task(encoder_dir, "text-generation")
 
 
 def test_supported_architectures():

@@ -1,0 +1,148 @@
+"""A classifier trained on a decoder (``LlamaForSequenceClassification``, ``GPT2ForSequenceClassification``)
+goes the whole way: train records the pad id it pooled by, merge writes it, export (alone, merged, in a bank)
+bakes it into the graph, and serve answers rows of different lengths as PyTorch answers each row alone.
+
+Such a classifier reads each row's last token that is not ``config.pad_token_id``; Llama's and GPT-2's base
+configs have none (transformers then refuses a batch of several rows), so every stage must agree on one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+
+from training_helpers import config, sst2_rows, word_tokenizer, write_tsv  # noqa: E402
+
+from bca_deploy.exporters import UnsupportedExportError, export  # noqa: E402
+from bca_deploy.models import load_model  # noqa: E402
+
+TEXTS = ["a great movie", "this film is terrible and boring and long and not at all what i wanted", "ok",
+         "the plot , the actors , the music : all good"]
+
+
+def _decoder_checkpoint(directory: Path, kind: str, texts) -> Path:
+    """A tiny causal LM whose config has no pad_token_id (as Llama's and GPT-2's), with a tokenizer whose pad id
+    is 0 while the model's EOS is 3."""
+    import transformers as tf
+
+    tokenizer = word_tokenizer(directory, texts)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                                 bos_token_id=2, eos_token_id=3))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                                   max_position_embeddings=64, bos_token_id=2, eos_token_id=3))
+    assert model.config.pad_token_id is None
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def trained(request, tmp_path_factory):
+    """(base dir, [two trained seq-cls adapter dirs], tokenizer) for one decoder."""
+    from transformers import AutoTokenizer
+
+    from bca_deploy.training import train
+
+    root = tmp_path_factory.mktemp(f"decoder-cls-{request.param}")
+    rows = sst2_rows("train", 64)
+    data = write_tsv(root / "train.tsv", rows)
+    base = _decoder_checkpoint(root / "base", request.param, [t for t, _ in rows])
+    adapters = []
+    for seed in (0, 1):
+        train(config(base, data, root / f"run{seed}", max_steps=2, seed=seed, lr=0.05))
+        adapters.append(root / f"run{seed}" / "last")
+    return base, adapters, AutoTokenizer.from_pretrained(str(base))
+
+
+def _alone(base: Path, adapter: Path, tokenizer, texts) -> np.ndarray:
+    """PyTorch logits of each text alone (no padding at all), (len(texts), num_labels)."""
+    model = load_model(base, [adapter])
+    with torch.no_grad():
+        return np.stack([model(input_ids=torch.tensor([tokenizer(t)["input_ids"]])).logits[0].numpy() for t in texts])
+
+
+def test_training_records_the_pad_id_and_merge_writes_it(trained, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from bca_deploy.merge import merge_checkpoint
+
+    base, adapters, tokenizer = trained
+    head = json.loads((adapters[0] / "adapter_config.json").read_text())["task"]["head"]
+    assert head["pad_token_id"] == tokenizer.pad_token_id == 0
+    merge_checkpoint(base, [(adapters[0], 1.0)], tmp_path / "merged", progress=False)
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    assert merged.config.pad_token_id == 0
+    # transformers itself can now batch the merged classifier (right padding, its own rule), as the adapter did
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        logits = merged(**batch).logits.numpy()
+    np.testing.assert_allclose(logits, _alone(base, adapters[0], tokenizer, TEXTS), atol=1e-5)
+
+
+def test_bank_serves_mixed_lengths_and_adapters_as_pytorch_alone(trained, tmp_path):
+    from bca_deploy.serving import MultiAdapterSession
+
+    base, adapters, tokenizer = trained
+    out = export(base, tmp_path / "bank", adapters, merge=False, bank=True, verbose=False)
+    session = MultiAdapterSession(out)
+    names = [info.name for info in session.adapters()]  # one per adapter, in the order given
+    rows = [names[0], names[1], names[0], names[1]]
+    answers = session.classify(TEXTS, rows)
+    for name, adapter in zip(names, adapters, strict=True):
+        picked = [i for i, r in enumerate(rows) if r == name]
+        reference = _alone(base, adapter, tokenizer, [TEXTS[i] for i in picked])
+        served = np.array([answers[i]["logits"] for i in picked])
+        np.testing.assert_allclose(served, reference, atol=1e-4)
+    # the rows differ in length by up to 14 tokens: had the short rows been read at a padding position, they
+    # would differ from their answers alone by far more than the tolerance
+    assert len({len(tokenizer(t)["input_ids"]) for t in TEXTS}) == len(TEXTS)
+
+
+def test_merged_graph_classifies_as_pytorch(trained, tmp_path):
+    import onnxruntime as ort
+
+    base, adapters, tokenizer = trained
+    out = export(base, tmp_path / "merged", [adapters[1]], merge=True, verbose=False)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    for text, reference in zip(TEXTS, _alone(base, adapters[1], tokenizer, TEXTS)):
+        ids = np.array([tokenizer(text)["input_ids"]], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+        logits = session.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0][0]
+        np.testing.assert_allclose(logits, reference, atol=1e-4)
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 0
+
+
+def test_an_adapter_without_a_recorded_pad_id_takes_the_tokenizers(trained, tmp_path):
+    """PEFT (and bca-deploy before it recorded one) write no pad id: the base's tokenizer gives it, by the rule
+    training pads with; without a tokenizer either, export says what to set, before writing anything."""
+    import shutil
+
+    base, adapters, tokenizer = trained
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapters[0], adapter)
+    data = json.loads((adapter / "adapter_config.json").read_text())
+    del data["task"]["head"]["pad_token_id"]
+    (adapter / "adapter_config.json").write_text(json.dumps(data))
+    out = export(base, tmp_path / "onnx", [adapter], merge=False, verbose=False)  # validated against PyTorch on padded batches
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == tokenizer.pad_token_id
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(base / name, bare / name)
+    with pytest.raises(UnsupportedExportError, match=r"pad_token_id.*config\.json"):
+        export(bare, tmp_path / "never", [adapter], merge=False, verbose=False)
+    assert not (tmp_path / "never").exists()
