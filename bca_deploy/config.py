@@ -590,6 +590,12 @@ def read_json(path: Path, what: str = "file", allow_nan: bool = False, unique_ke
     ``unique_keys``: a model config is read as transformers reads it, the last one kept), and anything but an
     object at the top level.
     """
+    return _object(read_json_value(path, what, allow_nan, unique_keys), str(Path(path)))
+
+
+def read_json_value(path: Path, what: str = "file", allow_nan: bool = False, unique_keys: bool = True) -> Any:
+    """:func:`read_json` for a file whose top level may be any JSON value (sentence-transformers' ``modules.json``
+    is an array)."""
     path = Path(path)
     if not path.is_file():
         if path.exists():  # a directory, a FIFO, a device: say what it is, never "no such file"
@@ -607,12 +613,24 @@ def read_json(path: Path, what: str = "file", allow_nan: bool = False, unique_ke
     except UnicodeDecodeError as exc:
         raise AdapterFormatError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
                                  "JSON files must be UTF-8") from exc
-    return parse_json_object(text, str(path), what, allow_nan, unique_keys)
+    return parse_json_value(text, str(path), what, allow_nan, unique_keys)
 
 
 def parse_json_object(text: str, source: str, what: str = "file", allow_nan: bool = False,
                       unique_keys: bool = True) -> dict[str, Any]:
-    """The JSON object in ``text`` (read from ``source``), with :func:`read_json`'s rules and errors: at most
+    """The JSON object in ``text`` (read from ``source``): :func:`parse_json_value`, which must be an object."""
+    return _object(parse_json_value(text, source, what, allow_nan, unique_keys), source)
+
+
+def _object(data: Any, source: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{source}: expected a JSON object, got {show_json_value(data)}")
+    return data
+
+
+def parse_json_value(text: str, source: str, what: str = "file", allow_nan: bool = False,
+                     unique_keys: bool = True) -> Any:
+    """The JSON value in ``text`` (read from ``source``), with :func:`read_json`'s rules and errors: at most
     :data:`MAX_JSON_BYTES` characters, valid and not too deeply nested, no NaN/Infinity (nor a number too large
     to be finite, such as 1e400) unless ``allow_nan``, no key twice in one object unless not ``unique_keys``
     (Python's reader keeps the last: a second ``"task": null`` would change an adapter's labels silently)."""
@@ -628,8 +646,6 @@ def parse_json_object(text: str, source: str, what: str = "file", allow_nan: boo
         raise AdapterFormatError(f"{source}: JSON nested too deeply to be a {what}") from None
     except ValueError as exc:  # NaN / Infinity literals
         raise AdapterFormatError(f"{source}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise AdapterFormatError(f"{source}: expected a JSON object, got {show_json_value(data)}")
     return data
 
 

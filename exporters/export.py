@@ -269,7 +269,7 @@ def export(
             absent = bank_plan.absent_modules(tmp / ONNX_FILE)
             if absent:
                 bank_plan.leave_out(_unused_outputs(model, task, absent))
-        _write_model_files(model, model_dir, tmp)
+        _write_model_files(model, model_dir, tmp, task)
         if bank_plan is not None:
             bank_plan.write(tmp)
         export_s = time.perf_counter() - export_start
@@ -602,9 +602,11 @@ def _save_graph(scratch: Path, directory: Path) -> None:
                     location=ONNX_FILE + "_data", size_threshold=1024)
 
 
-def _write_model_files(model: nn.Module, model_dir: Path, directory: Path) -> None:
+def _write_model_files(model: nn.Module, model_dir: Path, directory: Path, task: str) -> None:
     """``config.json`` of the exported model (its class in ``architectures``; a classifier's labels), the
-    generation config of a decoder, and the tokenizer files of ``model_dir``."""
+    generation config of a decoder, the tokenizer files of ``model_dir``, and for embeddings its
+    sentence-transformers files (pooling, normalisation, text length: what ``serve``'s ``/v1/embeddings`` follows,
+    :class:`bca_deploy.sentence_embedding.EmbeddingRecipe`)."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.save_pretrained(str(directory))
@@ -620,7 +622,13 @@ def _write_model_files(model: nn.Module, model_dir: Path, directory: Path) -> No
         with contextlib.suppress(ValueError):  # a generation config transformers refuses to save is left out
             if model.can_generate():
                 generation.save_pretrained(str(directory))
-    for name in _COPIED_FILES:
+    names = list(_COPIED_FILES)
+    if task == "feature-extraction":
+        from bca_deploy.sentence_embedding import sentence_transformers_files
+
+        names += sentence_transformers_files(model_dir)
+    for name in names:
         source = model_dir / name
         if source.is_file():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, directory / name)

@@ -522,6 +522,37 @@ class LoadRequest(BaseModel):
 # ---- the server's state, shared by the native and OpenAI routes -------------------------------------
 
 
+@dataclass(frozen=True)
+class OpenAIEmbeddings:
+    """How the OpenAI ``/v1/embeddings`` route makes a vector: the server's options where given, else what the
+    export's sentence-transformers files say (:class:`~bca_deploy.sentence_embedding.EmbeddingRecipe`: pooling,
+    normalisation, ``max_seq_length``), else mean pooling, normalised, texts cut at the model's limit. So a
+    sentence-transformers model answers as ``SentenceTransformer(...).encode(..)`` does, as vLLM answers.
+
+    ``notes``: what the files ask for that is not done (said at start)."""
+
+    pooling: str
+    normalize: bool
+    max_text_tokens: int | None
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, session: MultiAdapterSession, options: ServeOptions) -> OpenAIEmbeddings:
+        """Raises :class:`ServingError` when the files ask for a pooling not computed here and no
+        ``--embedding-pooling`` chooses one (every vector would silently differ from the model's own)."""
+        from bca_deploy.sentence_embedding import EmbeddingRecipe
+
+        recipe = EmbeddingRecipe.read(session.export_dir)
+        if recipe.pooling_problem and options.embedding_pooling is None:
+            raise ServingError(f"{recipe.pooling_problem}: pass --embedding-pooling (mean, cls or last) to serve "
+                               "/v1/embeddings with another pooling knowingly")
+        normalize = options.embedding_normalize
+        if normalize is None:
+            normalize = recipe.normalize if recipe.normalize is not None else True
+        return cls(options.embedding_pooling or recipe.pooling or "mean", normalize, recipe.max_seq_length,
+                   recipe.problems)
+
+
 class Server:
     """One served session: its store, options, batcher, queue and metrics, and the checks every route uses."""
 
@@ -535,6 +566,7 @@ class Server:
         self.batcher = MicroBatcher(session, max_batch_rows=options.max_batch_rows, max_wait_ms=options.max_wait_ms,
                                     on_batch=self._on_batch, max_batch_tokens=options.max_batch_tokens)
         self.model_name = options.served_model_name or default_model_name(session.export_dir)
+        self.embeddings = OpenAIEmbeddings.of(session, options) if session.serves("embed") else None
         self.engine = None
         if session.with_past:  # generation: continuous batching (rows join and leave the running batch every step)
             from .engine import GenerationEngine
@@ -652,20 +684,22 @@ class Server:
         """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
         return validate(model, await parse_body(await request.body(), self.options, request.headers))
 
-    async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input") -> list[list[int]]:
+    async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input",
+                      max_text_tokens: int | None = None) -> list[list[int]]:
         """Token-id rows of a request (texts tokenized here, once), checked against the vocabulary and positions
         (``param``: the field that holds the rows, named by a :class:`ContextLengthError`)."""
         with field_errors(param):  # empty rows, token ids outside the vocabulary: the field is named
-            return await run_in_threadpool(self.session.prepare, rows, max_new_tokens, param)
+            return await run_in_threadpool(self.session.prepare, rows, max_new_tokens, param, max_text_tokens)
 
     async def infer(self, request: Request, kind: str, rows: list, adapter: str | None, params: dict[str, Any],
-                    max_new_tokens: int = 0) -> tuple[list, list[list[int]]]:
-        """Admit, tokenize and run ``rows`` through the batcher; (results, token rows)."""
+                    max_new_tokens: int = 0, max_text_tokens: int | None = None) -> tuple[list, list[list[int]]]:
+        """Admit, tokenize and run ``rows`` through the batcher; (results, token rows). ``max_text_tokens``: texts are
+        cut there where that is below the model's limit (a sentence-transformers ``max_seq_length``)."""
         log = request.state.log
         log.update({"rows": len(rows), "kind": kind})
         self.check_rows(len(rows))
         with self.admission.hold(len(rows), adapter):
-            token_rows = await self.prepare(rows, max_new_tokens)
+            token_rows = await self.prepare(rows, max_new_tokens, max_text_tokens=max_text_tokens)
             result, job = await _answered(request, self.batcher.submit(kind, token_rows, adapter, params))
         log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,
                     "queue_ms": round((job.started - job.enqueued) * 1000, 3)})
@@ -1031,7 +1065,7 @@ def create_app(
     app.state.batcher, app.state.engine, app.state.options = server.batcher, server.engine, options
 
     def error_response(request: Request, exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
-        status, kind = error_status(exc)
+        status, kind = error_status(exc, request.url.path)
         request.state.error_type = kind
         message = server.redact(str(exc)) if isinstance(exc, BCAError) else "internal error"
         if status == 503:
@@ -1407,6 +1441,10 @@ def startup_notes(server: Server) -> list[str]:
         notes.append(session.tokenizer_mismatch)
     if session.positions_note:  # config.json (or the tokenizer) claims more positions than the graph's table holds
         notes.append(session.positions_note)
+    if session.with_past:  # a generation_config.json value that is not what transformers means by it is not used
+        notes.extend(session.generation_defaults.problems)
+    if server.embeddings is not None:  # sentence-transformers modules not run (a Dense projection...)
+        notes.extend(server.embeddings.notes)
     if not session.snapshot().slots and server.store is None:
         notes.append("no adapter is loaded and none can be (no --adapter-store): every request gets the base model "
                      f"({server.model_name!r}); one naming an adapter gets 404")

@@ -16,8 +16,11 @@ adapter, as with vLLM's ``--lora-modules``:
 
 ``model`` is an adapter's name, or the base model's served name (``--served-model-name``, default: the
 export directory's name) or ``"__base__"`` for no adapter. ``temperature`` 0 is greedy decoding
-(token-equal to PyTorch's ``generate``); otherwise tokens are sampled (OpenAI's default temperature is
-1), every prompt of a request with ``seed`` itself (as vLLM: a prompt samples as it would alone).
+(token-equal to PyTorch's ``generate``); otherwise tokens are sampled, every prompt of a request with ``seed``
+itself (as vLLM: a prompt samples as it would alone). ``temperature``, ``top_p`` and ``top_k`` left out take the
+export's ``generation_config.json`` values, as vLLM does, else OpenAI's defaults (1, 1, off). A row ends at any
+end-of-sequence id of ``config.json``, ``generation_config.json`` or the tokenizer
+(:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
 ``lora_path`` is a name in the adapter store, never a filesystem path.
 
 Chat messages reach the template as vLLM passes them: text parts joined with a line break, ``name`` kept.
@@ -26,10 +29,13 @@ null) is read as its text.
 
 Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
 ``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
-are refused with 422 unless they hold their neutral value (``n`` > 1, ``best_of`` > 1, ``logprobs``,
-``echo``, ``suffix``, penalties != 0, ``logit_bias``, ``tools``, ``response_format`` other than text,
-...; completions' ``logprobs`` 0 asks for the chosen tokens' log-probabilities, so only null is neutral).
-Fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see :mod:`bca_deploy.serving.wire`),
+are refused with 400 (``invalid_request``; the native routes answer 422) unless they hold their neutral
+value (``n`` > 1, ``best_of`` > 1, ``logprobs``, ``echo``, ``suffix``, penalties != 0, ``logit_bias``,
+``tools``, ``response_format`` other than text, ...; completions' ``logprobs`` 0 asks for the chosen tokens'
+log-probabilities, so only null is neutral). vLLM's extensions: ``top_k`` and ``stop_token_ids`` are served;
+``ignore_eos``, ``min_tokens``, ``min_p``, ``repetition_penalty``, ``skip_special_tokens``,
+``spaces_between_special_tokens`` and ``include_stop_str_in_output`` are accepted at vLLM's default only.
+Other fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see :mod:`bca_deploy.serving.wire`),
 so the client raises its typed exceptions.
 """
 
@@ -119,6 +125,16 @@ class _Sampling(_OpenAIRequest):
     presence_penalty: JSONNumber | None = None
     frequency_penalty: JSONNumber | None = None
     logit_bias: dict[str, Any] | None = None
+    # vLLM's sampling extensions (clients written for vLLM send them): stop_token_ids is served; the others are
+    # accepted at their neutral value (vLLM's default) and refused otherwise.
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool | None = None
+    min_tokens: StrictInt | None = None
+    min_p: JSONNumber | None = None
+    repetition_penalty: JSONNumber | None = None
+    skip_special_tokens: StrictBool | None = None
+    spaces_between_special_tokens: StrictBool | None = None
+    include_stop_str_in_output: StrictBool | None = None
     # OpenAI fields that do not change the answer: accepted, ignored.
     metadata: dict[str, Any] | None = None
     store: StrictBool | None = None
@@ -133,6 +149,15 @@ class _Sampling(_OpenAIRequest):
         _refuse(problems, "presence_penalty", self.presence_penalty, 0, "penalties are not implemented")
         _refuse(problems, "frequency_penalty", self.frequency_penalty, 0, "penalties are not implemented")
         _refuse(problems, "logit_bias", self.logit_bias or None, None, "logit bias is not implemented")
+        _refuse(problems, "ignore_eos", self.ignore_eos, False, "a row always ends at an end-of-sequence id")
+        _refuse(problems, "min_tokens", self.min_tokens, 0, "a row may end at any step")
+        _refuse(problems, "min_p", self.min_p, 0, "min-p filtering is not implemented; use top_p or top_k")
+        _refuse(problems, "repetition_penalty", self.repetition_penalty, 1, "penalties are not implemented")
+        _refuse(problems, "skip_special_tokens", self.skip_special_tokens, True, "special tokens are left out of text")
+        _refuse(problems, "spaces_between_special_tokens", self.spaces_between_special_tokens, True,
+                "special tokens are left out of text")
+        _refuse(problems, "include_stop_str_in_output", self.include_stop_str_in_output, False,
+                "the text is cut before a stop string")
         if self.stream_options is not None:
             extra = set(self.stream_options) - {"include_usage", "include_obfuscation"}
             flags = [k for k, v in self.stream_options.items() if k not in extra and not isinstance(v, bool)]
@@ -331,9 +356,10 @@ def add_routes(app, server: Server, native_embeddings) -> None:
                                       f"{hidden} dimensions", param="dimensions")
         rows = _as_rows(req.input)
         _refuse_empty(req.input, rows)
+        recipe = server.embeddings
         vectors, token_rows = await server.infer(request, "embed", rows, adapter,
-                                                 {"pooling": options.embedding_pooling,
-                                                  "normalize": options.embedding_normalize})
+                                                 {"pooling": recipe.pooling, "normalize": recipe.normalize},
+                                                 max_text_tokens=recipe.max_text_tokens)
         tokens = sum(len(r) for r in token_rows)
         if req.encoding_format == "base64":
             items = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
@@ -424,15 +450,31 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_ma
         room = (limit - prompt_len) if limit else server.options.max_new_tokens
         max_new = max(1, min(default_max_tokens or server.options.max_new_tokens, server.options.max_new_tokens, room))
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    greedy = req.temperature == 0
+    # What the request leaves out comes from the checkpoint's generation_config.json, as vLLM does; else OpenAI's
+    temperature, top_p, top_k = _sampling_defaults(server, req)
+    greedy = temperature == 0
     try:
         return server.sampling(max_new_tokens=max_new, do_sample=not greedy,
-                               temperature=1.0 if greedy else float(req.temperature),
-                               top_k=req.top_k if req.top_k is not None and req.top_k > 0 else 0,
-                               top_p=float(req.top_p), seed=req.seed,
-                               stop=tuple(stop))
+                               temperature=1.0 if greedy else float(temperature),
+                               top_k=top_k if top_k is not None and top_k > 0 else 0,
+                               top_p=float(top_p), seed=req.seed,
+                               stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()))
     except InvalidRequestError as exc:
         raise _renamed(exc, param) from None
+
+
+def _sampling_defaults(server: Server, req: _Sampling) -> tuple[float, float, int | None]:
+    """``(temperature, top_p, top_k)`` of ``req``: each the request's own, else the export's
+    ``generation_config.json`` value, else OpenAI's default (1, 1, off)."""
+    given, defaults = req.model_fields_set, server.session.generation_defaults
+
+    def pick(name: str, fallback):
+        own = getattr(req, name)
+        if name in given or getattr(defaults, name) is None:
+            return own if own is not None else fallback
+        return getattr(defaults, name)
+
+    return pick("temperature", 1.0), pick("top_p", 1.0), pick("top_k", None)
 
 
 def _max_tokens_param(req: _Sampling) -> str:
@@ -548,7 +590,7 @@ async def _stream_events(request: Request, server: Server, streams, release, kin
         while left:
             index, text, finish = await queue.get()
             if finish == "error":
-                status, error_type = error_status(text)
+                status, error_type = error_status(text, request.url.path)
                 message = server.redact(str(text)) if isinstance(text, BCAError) else \
                     f"internal error (request id {request.state.request_id}); the server log has the details"
                 request.state.log["error"] = f"{type(text).__name__}: {text}"

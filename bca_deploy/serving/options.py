@@ -73,9 +73,12 @@ class ServeOptions:
                                        "off: those answer 403 and the adapters loaded at start are all a client can "
                                        "use or remove (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING).")
     metrics: bool = _opt(True, "Serve Prometheus metrics on GET /metrics.")
-    embedding_pooling: str = _opt("mean", "Pooling of the OpenAI /v1/embeddings route.",
-                                  choices=("mean", "cls", "last"))
-    embedding_normalize: bool = _opt(True, "L2-normalize the vectors of the OpenAI /v1/embeddings route.")
+    embedding_pooling: str | None = _opt(None, "Pooling of the OpenAI /v1/embeddings route. Default: the export's "
+                                               "sentence-transformers pooling (1_Pooling/config.json), else mean.",
+                                         choices=("mean", "cls", "last"))
+    embedding_normalize: bool | None = _opt(None, "L2-normalize the vectors of the OpenAI /v1/embeddings route. "
+                                                  "Default: as the export's sentence-transformers modules.json says "
+                                                  "(a Normalize module), else on.")
     # ---- limits (refused before any work) ----
     max_request_rows: int = _opt(256, "Most inputs (texts, token lists, prompts) in one request (413 above).")
     max_body_bytes: int = _opt(4 * 1024 * 1024, "Largest request body in bytes (413 above).")

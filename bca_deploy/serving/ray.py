@@ -177,7 +177,7 @@ class AdapterReplicas:
                 except BCAError as exc:  # the same answer as a single server's
                     if isinstance(exc, UnknownAdapterError) and not loading:  # not in the store: name it alone
                         exc = not_loaded(name, param=_adapter_field_of(body))  # "model", "adapter": the field
-                    status, kind = error_status(exc)
+                    status, kind = error_status(exc, path)
                     yield {"status": status, "headers": [(b"content-type", b"application/json")]}
                     yield json.dumps(error_body(status, kind, self.server.redact(str(exc)),
                                                 getattr(exc, "param", None))).encode()
@@ -301,7 +301,7 @@ class Router:
                 return JSONResponse(await run_in_threadpool(self._model, request.url.path.removeprefix("/v1/models/")))
             adapter = await self._adapter(request, body)
         except BCAError as exc:
-            status, kind = error_status(exc)
+            status, kind = error_status(exc, request.url.path)
             return JSONResponse(error_body(status, kind, str(exc), getattr(exc, "param", None)), status_code=status)
         handle = self.replicas.options(multiplexed_model_id=adapter, stream=True)
         stream = handle.handle.remote(request.method, request.url.path, request.url.query.encode(),

@@ -315,6 +315,8 @@ class MultiAdapterSession:
         # Generation banks exported since logits_to_keep: a prefill asks for the last position's logits only.
         self.keeps_last_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self._config = None
+        self._generation_defaults: GenerationDefaults | None = None
+        self._eos_token_ids: frozenset[int] | None = None
         self._tokenizer = None
         self._tokenizer_mismatch: str | None = None
         self._no_tokenizer: str | None = None  # why there is none, once looked for
@@ -887,12 +889,15 @@ class MultiAdapterSession:
         refused, naming them), else None."""
         return self._tokenizer_mismatch
 
-    def tokenize(self, texts: Sequence[str], truncate: bool | None = None) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str], truncate: bool | None = None,
+                 max_length: int | None = None) -> list[list[int]]:
         """Token ids of each text (thread-safe). ``truncate`` (default: for encoders, not for decoders)
-        cuts each text at the model's maximum length."""
+        cuts each text at the model's maximum length, or at ``max_length`` where that is lower (a
+        sentence-transformers model's ``max_seq_length``)."""
         if truncate is None:
             truncate = not self.with_past
-        options = {"truncation": True, "max_length": self.text_limit(self.tokenizer) or 512} if truncate else {}
+        limit = min(b for b in (self.text_limit(self.tokenizer) or 512, max_length) if b)
+        options = {"truncation": True, "max_length": limit} if truncate else {}
         # a copy per text: another request's text goes next, not after all of these
         return [self.text_ids(text, **options) for text in texts]
 
@@ -1021,7 +1026,7 @@ class MultiAdapterSession:
         return results
 
     def prepare(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0,
-                input_param: str = "input") -> list[list[int]]:
+                input_param: str = "input", max_text_tokens: int | None = None) -> list[list[int]]:
         """Check a request's rows before it joins a batch and return them as token-id lists.
 
         Texts are tokenized here, once (encoders truncate them at the model's maximum length), so a
@@ -1038,7 +1043,7 @@ class MultiAdapterSession:
         texts = [isinstance(x, str) for x in inputs]
         if any(texts) and not all(texts):
             raise ServingError("inputs must be all texts or all token-id lists, not a mix")
-        rows = self.tokenize(inputs) if all(texts) else [list(x) for x in inputs]
+        rows = self.tokenize(inputs, max_length=max_text_tokens) if all(texts) else [list(x) for x in inputs]
         if all(texts) and self._tokenizer_mismatch:
             self._refuse_unembeddable_texts(rows)
         self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
@@ -1121,7 +1126,8 @@ class MultiAdapterSession:
         not depend on its batch).
 
         Args:
-            eos_token_id: the id(s) that end a row (default: the model config's end-of-sequence id(s)).
+            eos_token_id: the id(s) that end a row (default: :attr:`eos_token_ids`: the end-of-sequence ids of
+                ``config.json``, ``generation_config.json`` and the tokenizer).
             snapshot: the bank to use (default: the current one) for every step.
 
         Returns:
@@ -1186,8 +1192,28 @@ class MultiAdapterSession:
 
     @property
     def eos_token_ids(self) -> set[int]:
-        """The model config's end-of-sequence id(s): a generated row ends with one of them."""
-        return _eos_ids(self.config, None)
+        """The end-of-sequence ids a generated row ends with: the model config's, ``generation_config.json``'s
+        and the tokenizer's (as vLLM, and as ``generate`` with the checkpoint's generation config: chat models
+        often name their end-of-turn token only there)."""
+        if self._eos_token_ids is None:
+            ids = _eos_ids(self.config, None) | set(self.generation_defaults.eos_token_ids)
+            tokenizer = None
+            with contextlib.suppress(ServingError):  # an export without a tokenizer: token ids in and out
+                tokenizer = self.tokenizer
+            tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+            if isinstance(tokenizer_eos, int) and not isinstance(tokenizer_eos, bool):
+                ids.add(tokenizer_eos)
+            vocabulary = vocabulary_size(self.config)
+            self._eos_token_ids = frozenset(i for i in ids if 0 <= i and (not vocabulary or i < vocabulary))
+        return set(self._eos_token_ids)
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        """What the export's ``generation_config.json`` says about generating (read once; see
+        :class:`GenerationDefaults`)."""
+        if self._generation_defaults is None:
+            self._generation_defaults = GenerationDefaults.read(self.export_dir / GENERATION_CONFIG_FILE)
+        return self._generation_defaults
 
     @property
     def max_positions(self) -> int | None:
@@ -1477,6 +1503,64 @@ def _pad_id(config, tokenizer) -> int:
             if value is not None and 0 <= int(value) and (not vocab or int(value) < vocab):
                 return int(value)
     return 0
+
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationDefaults:
+    """The generation settings a checkpoint ships in ``generation_config.json`` (export copies it), as vLLM reads
+    them: its end-of-sequence ids stop every row, and its sampling values are the defaults of an OpenAI request
+    that does not give its own (``temperature``, ``top_p``, ``top_k``). None: the file does not say.
+
+    ``problems``: values that are not what transformers means by them (each ignored, and said at start).
+    """
+
+    eos_token_ids: tuple[int, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, path: Path) -> GenerationDefaults:
+        from ..config import read_json, show_json_value
+        from ..errors import BCAError
+
+        if not path.is_file():
+            return cls()
+        try:
+            data = read_json(path, what="generation config", allow_nan=True, unique_keys=False)
+        except BCAError as exc:
+            return cls(problems=(f"{exc}; its end-of-sequence ids and sampling defaults are not used",))
+        problems = []
+
+        def number(key: str, low: float, high: float, low_open: bool = False) -> float | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and (low < value if low_open else low <= value) and value <= high):
+                return float(value)
+            problems.append(f"{key} {show_json_value(value)} is not a number in {'(' if low_open else '['}{low:g}, "
+                            f"{high:g}]")
+            return None
+
+        temperature, top_p = number("temperature", 0, 2), number("top_p", 0, 1, low_open=True)
+        top_k = data.get("top_k")
+        if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= -1):
+            problems.append(f"top_k {show_json_value(top_k)} is not an integer >= -1")
+            top_k = None
+        eos = data.get("eos_token_id")
+        listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        ids = tuple(v for v in listed if isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        if len(ids) != len(listed):
+            problems.append(f"eos_token_id {show_json_value(eos)} is not a token id or a list of them")
+            ids = ()
+        where = f"{path}: "
+        return cls(eos_token_ids=ids, temperature=temperature, top_p=top_p, top_k=top_k,
+                   problems=tuple(where + p + " (ignored)" for p in problems))
 
 
 def _eos_ids(config, eos_token_id) -> set[int]:

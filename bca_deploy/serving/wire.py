@@ -190,12 +190,20 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
 }
 
 
-def error_status(exc: BaseException) -> tuple[int, str]:
-    """(status, type) of ``exc``: the entry of the most specific class in its MRO; 500 for anything else."""
-    for cls in type(exc).__mro__:
-        if cls in ERRORS:
-            return ERRORS[cls]
-    return ERRORS[InternalServerError]
+#: The OpenAI-compatible routes that take a body (:mod:`bca_deploy.serving.openai`). What they refuse as invalid
+#: (422 on the native routes) is a 400 there, as OpenAI and vLLM answer: the ``openai`` client raises
+#: ``BadRequestError`` for it, which is what code written against OpenAI catches.
+OPENAI_BODY_ROUTES = frozenset({"/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+                                "/v1/unload_lora_adapter"})
+
+
+def error_status(exc: BaseException, route: str | None = None) -> tuple[int, str]:
+    """(status, type) of ``exc``: the entry of the most specific class in its MRO; 500 for anything else. On an
+    OpenAI route (``route``, the request's path: :data:`OPENAI_BODY_ROUTES`) a 422 is a 400 of the same type."""
+    status, kind = next((ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), ERRORS[InternalServerError])
+    if status == 422 and route in OPENAI_BODY_ROUTES:
+        return 400, kind
+    return status, kind
 
 
 @contextlib.contextmanager

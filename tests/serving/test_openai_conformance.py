@@ -90,7 +90,7 @@ def test_a_conversation_sent_back_with_model_dump_continues(llm, session):
     # with a value, those fields are refused by name: tool calls are not implemented
     call_ = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     for field, value in (("tool_calls", [call_]), ("refusal", "no"), ("function_call", {"name": "f"})):
-        with pytest.raises(openai.UnprocessableEntityError) as caught:
+        with pytest.raises(openai.BadRequestError) as caught:
             llm.chat.completions.create(model="a0", messages=[*first, {**dumped, field: value}, follow], max_tokens=2)
         assert caught.value.body["param"] == "messages" and field in caught.value.body["message"]
 
@@ -130,7 +130,7 @@ def test_every_prompt_of_a_batch_samples_with_the_requests_seed(llm, session):
     answer = llm.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=6, temperature=1.0, seed=top)
     assert answer.choices[0].text == continuation(session, ids, tokens)
     for seed in (-1, 2**63):  # outside it: refused by name (numpy's generators take no negative seed)
-        with pytest.raises(openai.UnprocessableEntityError) as caught:
+        with pytest.raises(openai.BadRequestError) as caught:
             llm.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=2, seed=seed)
         assert caught.value.body["param"] == "seed"
 
@@ -139,7 +139,7 @@ def test_completion_logprobs_zero_is_refused_not_ignored(llm):
     """``logprobs: 0`` on completions asks for the chosen tokens' log-probabilities (OpenAI, vLLM); it used to be
     taken as "none" and answered with ``logprobs: null``, which a client reading them trips over."""
     for value in (0, False):
-        with pytest.raises(openai.UnprocessableEntityError) as caught:
+        with pytest.raises(openai.BadRequestError) as caught:
             llm.completions.create(model="a0", prompt="the day", max_tokens=2, extra_body={"logprobs": value})
         assert caught.value.body["param"] == "logprobs"
     # null is neutral there; false is on chat, where logprobs is a boolean
@@ -188,3 +188,27 @@ def test_a_stop_string_across_tokens_is_cut_alike_streamed_or_not(llm, session):
     assert "".join(texts) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+
+def test_vllm_sampling_extensions(llm, session):
+    """``stop_token_ids`` ends a row at that token (counted in usage, its text left out, as vLLM answers without
+    ``include_stop_str_in_output``); vLLM's other sampling extensions are accepted at their default and refused,
+    naming the field, anywhere else."""
+    ids = session.tokenize([PROMPTS[0]])[0]
+    tokens = session.generate([ids], ["a0"], max_new_tokens=8, eos_token_id=[])[0]
+    stop = next(t for i, t in enumerate(tokens) if i >= 2 and t not in tokens[:i])
+    cut = tokens[:tokens.index(stop) + 1]
+    answer = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                    extra_body={"stop_token_ids": [stop]})
+    assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens == len(cut)
+    assert answer.choices[0].text == continuation(session, ids, cut[:-1])
+    neutral = {"ignore_eos": False, "min_tokens": 0, "min_p": 0, "repetition_penalty": 1.0,
+               "skip_special_tokens": True, "spaces_between_special_tokens": True, "include_stop_str_in_output": False}
+    plain = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    same = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0, extra_body=neutral)
+    assert same.choices[0].text == plain.choices[0].text
+    for field, value in (("ignore_eos", True), ("min_tokens", 2), ("min_p", 0.1), ("repetition_penalty", 1.2),
+                         ("include_stop_str_in_output", True)):
+        with pytest.raises(openai.BadRequestError) as caught:
+            llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, extra_body={field: value})
+        assert field in caught.value.body["message"], caught.value.body
