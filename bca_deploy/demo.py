@@ -501,19 +501,12 @@ def _check_model(model_dir: Path, export_onnx: bool) -> tuple[Any, Any]:
     if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise TrainingConfigError(f"--model {model_dir}: transformers has no sequence-classification model for "
                                   f"model_type {model_type!r}; the demo trains text classifiers")
-    if export_onnx:
-        from .exporters import supported_tasks
+    if export_onnx:  # every architecture bca-deploy exports, it exports for text classification
         from .exporters.loading import architecture_problem
 
         problem = architecture_problem(model_dir, config)
         if problem:
             raise UnsupportedExportError(f"--model {problem}; or run the demo with --no-onnx")
-        tasks = supported_tasks(model_type)
-        if "text-classification" not in tasks:
-            raise UnsupportedExportError(
-                f"--model {model_dir}: bca-deploy exports {model_type} models for {', '.join(tasks)}, not for "
-                "text classification, which the demo serves; run it with --no-onnx, or use an encoder such as "
-                "BERT or RoBERTa")
     return config, load_tokenizer(model_dir)
 
 
@@ -643,7 +636,7 @@ class _Demo:
         merged_dir = merge_checkpoint(self.model_dir, [(adapter_dir, 1.0)], self.tmp / "merged", progress=False)
         adapted = load_model(self.model_dir, [adapter_dir])  # the adapted model, loaded as every stage loads it
         with quiet_loading():  # transformers 5.x draws a "Loading weights" bar into the demo's output
-            plain = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+            plain = AutoModelForSequenceClassification.from_pretrained(merged_dir, trust_remote_code=False).eval()
         expected, got = _predict(adapted, self.tokenizer, texts), _predict(plain, self.tokenizer, texts)
         diff = float((got - expected).abs().max())
         same = bool((got.argmax(-1) == expected.argmax(-1)).all())

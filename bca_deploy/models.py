@@ -91,7 +91,7 @@ def load_config(model_dir: str | Path):
     if problem is not None:  # transformers expands some into per-layer lists (qwen2's layer_types) while reading it
         raise CheckpointFormatError(problem)
     try:
-        return AutoConfig.from_pretrained(str(model_dir))
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     except MemoryError:
         raise CheckpointFormatError(f"{path}: transformers ran out of memory reading this config; check its sizes "
                                     "(num_hidden_layers...)") from None
@@ -547,7 +547,8 @@ def load_base(
         with torch.random.fork_rng(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(newly initialized|TRAIN this model).*")
             torch.manual_seed(0)
-            model, info = _auto_class(task.type).from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
+            model, info = _auto_class(task.type).from_pretrained(str(model_dir), output_loading_info=True,
+                                                                  trust_remote_code=False, **kwargs)
     except BCAError:
         raise
     except Exception as exc:  # noqa: BLE001 - what transformers raises for a config or checkpoint it cannot build
@@ -711,7 +712,8 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 def _check_missing(model: nn.Module, model_dir: Path, task: ModelTask, missing: Sequence[str],
                    supplied: Sequence[str]) -> None:
-    """Refuse a head nothing restores; warn about other weights the checkpoint lacks that the task uses."""
+    """Refuse weights the checkpoint lacks that the task uses and no adapter restores: a head (:class:`TaskError`),
+    or any other (:class:`~bca_deploy.errors.CheckpointFormatError`)."""
     owners = tuple(p + "." for p in supplied)
     left = [k for k in missing if not k.startswith(owners)]
     if task.type == "feature-extraction":
@@ -727,8 +729,16 @@ def _check_missing(model: nn.Module, model_dir: Path, task: ModelTask, missing: 
             f"{type(model).__name__} ({task.export_task}) would compute noise. Use adapters trained with their "
             "head (saved with the adapter), a checkpoint saved with that head, or another task"
         )
-    warnings.warn(f"{model_dir}: no weights for {', '.join(left)} (initialized with a fixed seed); "
-                  "they are used as initialized", stacklevel=3)
+    # Random weights the model computes with make every output wrong while the export validates (its reference has
+    # the same random weights): refused, as merge refuses to write a checkpoint that lacks them.
+    from .errors import CheckpointFormatError
+
+    shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+    raise CheckpointFormatError(
+        f"{model_dir} has no weights for {shown}, and no adapter restores them: transformers would initialize them at "
+        f"random and the {type(model).__name__} would compute with them. Use the complete checkpoint the adapters "
+        "were trained on"
+    )
 
 
 def load_model(
@@ -756,6 +766,7 @@ def load_model(
 
     Raises:
         TaskError: see :func:`resolve_task`; or the task's head is in neither the checkpoint nor an adapter.
+        bca_deploy.errors.CheckpointFormatError: another weight the model uses is in neither.
         bca_deploy.errors.AdapterMismatchError: an adapter does not fit (every adapter is checked, and
             every problem listed, before any is loaded).
         bca_deploy.errors.AdapterFormatError: an adapter directory is malformed.
@@ -802,12 +813,19 @@ def vocabulary_size(config: Any, model: nn.Module | None = None) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def ids_past_vocabulary(tokenizer: Any, vocabulary: int | None) -> range:
-    """The tokenizer's token ids the model has no embedding row for (``vocabulary`` and up; empty when none):
-    tokens added to a tokenizer without resizing the model's embeddings, or a tokenizer of another model.
-    Texts that use them cannot be run; the rest can."""
-    size = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else 0
-    return range(vocabulary, size) if vocabulary and size > vocabulary else range(0)
+def ids_past_vocabulary(tokenizer: Any, vocabulary: int | None) -> list[int]:
+    """The tokenizer's token ids the model has no embedding row for (``vocabulary`` and up, sorted; empty when
+    none): tokens added to a tokenizer without resizing the model's embeddings, or a tokenizer of another model.
+    Texts that use them cannot be run; the rest can. Read from the ids themselves, not the tokenizer's length: a
+    vocabulary with gaps has ids past its length."""
+    if not vocabulary or tokenizer is None:
+        return []
+    try:
+        ids = tokenizer.get_vocab().values()
+    except Exception:  # noqa: BLE001 - a tokenizer without a readable vocabulary: its length is all there is
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else 0
+        return list(range(vocabulary, size))
+    return sorted({int(i) for i in ids if isinstance(i, int) and i >= vocabulary})
 
 
 def tokenizer_pad_id(tokenizer: Any) -> int:
@@ -833,22 +851,39 @@ def give_classifier_a_pad_id(model_config: Any, tokenizer: Any) -> int | None:
     return model_config.pad_token_id
 
 
-def saved_tokenizer_pad_id(model_dir: str | Path) -> int | None:
-    """:func:`tokenizer_pad_id` of the tokenizer saved in ``model_dir``; None when it has none that loads (a
-    classifier trained by bca-deploy records its pad id, so this is for adapters from elsewhere, e.g. PEFT)."""
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
-    if not any((Path(model_dir) / name).is_file() for name in files):
-        return None
+#: Files whose presence means a directory holds a tokenizer (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tokenizer's files (:data:`TOKENIZER_FILES`), loadable or not."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_saved_tokenizer(directory: str | Path) -> Any:
+    """The tokenizer saved in ``directory``, as every stage loads one: ``AutoTokenizer`` without transformers'
+    warnings, and never with the directory's own Python code (``auto_map``: transformers would ask on a terminal
+    whether to run it, and run it on "y"). Raises what transformers raises for files it cannot load."""
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception:  # noqa: BLE001 - a tokenizer that does not load gives no id; the stage that needs one says so
-        return None
+        return transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def saved_tokenizer_pad_id(model_dir: str | Path) -> int | None:
+    """:func:`tokenizer_pad_id` of the tokenizer saved in ``model_dir``; None when it has none that loads (a
+    classifier trained by bca-deploy records its pad id, so this is for adapters from elsewhere, e.g. PEFT)."""
+    if not has_tokenizer_files(model_dir):
+        return None
+    try:
+        tokenizer = load_saved_tokenizer(model_dir)
+    except Exception:  # noqa: BLE001 - a tokenizer that does not load gives no id; the stage that needs one says so
+        return None
     return tokenizer_pad_id(tokenizer)
 
 
@@ -864,12 +899,13 @@ def token_names(tokenizer: Any, ids: Sequence[int]) -> list[str] | None:
     return [repr(n) for n in names]
 
 
-def describe_ids_past_vocabulary(tokenizer: Any, ids: range, vocabulary: int) -> str:
-    """One clause for a note or an error: how many tokens, their ids, the first few by name."""
+def describe_ids_past_vocabulary(tokenizer: Any, ids: Sequence[int], vocabulary: int) -> str:
+    """One clause for a note or an error: how many tokens, their ids (``ids``: sorted), the first few by name."""
     names = token_names(tokenizer, ids[:5]) or [str(i) for i in ids[:5]]
     shown = ", ".join(names) + (", ..." if len(ids) > 5 else "")
-    return (f"{len(ids)} token(s) of the tokenizer have no embedding row in the model (ids {ids.start}.."
-            f"{ids.stop - 1}: {shown}; the model embeds {vocabulary})")
+    span = f"ids {ids[0]}..{ids[-1]}" if len(ids) > 1 else f"id {ids[0]}"
+    return (f"{len(ids)} token(s) of the tokenizer have no embedding row in the model ({span}: {shown}; the model "
+            f"embeds {vocabulary})")
 
 
 #: Model types whose position ids start after the padding index (RoBERTa's ``create_position_ids_from_input_ids``:

@@ -239,6 +239,7 @@ def export(
     if opset is not None:
         _resolve_opset(opset, merge, fft, default=opset)
     model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank)
+    tokenizer_note = _check_tokenizer(model_dir)
     # AdapterMismatchError surfaces here; a bank holds each adapter's own head in its slot (bank.BankPlan)
     bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
     model = bank_plan.model if bank_plan is not None else load_model(model_dir, adapter_dirs, model_task)
@@ -299,6 +300,8 @@ def export(
         write_export_metadata(tmp, model_dir, adapter_dirs, task, opset, dtype, merge, fft, export_s, report,
                               bank=None if bank_plan is None else bank_plan.metadata())
     if verbose:
+        if tokenizer_note:
+            print(f"note: {tokenizer_note}")
         kind = "merged" if merge else f"unmerged ({fft})"
         if bank_plan is not None:
             for line in bank_plan.notes():
@@ -308,6 +311,31 @@ def export(
         print(f"exported {kind} {task} graph to {out_dir} ({_graph_size(out_dir) / 1e6:.1f} MB) "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir
+
+
+def _check_tokenizer(model_dir: Path) -> str | None:
+    """Refuse a tokenizer in ``model_dir`` that does not load (an export would carry it, and ``serve`` refuses to
+    start with it); return a note when it has tokens the model cannot embed (``serve`` refuses texts using them).
+
+    Raises:
+        ExportError: ``model_dir`` has tokenizer files and transformers cannot load them.
+    """
+    from bca_deploy.models import (describe_ids_past_vocabulary, has_tokenizer_files, ids_past_vocabulary,
+                                   load_config, load_saved_tokenizer, vocabulary_size)
+
+    if not has_tokenizer_files(model_dir):
+        return None
+    try:
+        tokenizer = load_saved_tokenizer(model_dir)
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types for broken files
+        raise ExportError(f"{model_dir}: its tokenizer does not load ({type(exc).__name__}: {first_line(exc, 200)}); an "
+                          "export copies it, and serve refuses to start with it. Save the model's tokenizer there, or "
+                          "remove its files to export a graph that takes token ids only") from None
+    vocabulary = vocabulary_size(load_config(model_dir))
+    extra = ids_past_vocabulary(tokenizer, vocabulary)
+    if not extra:
+        return None
+    return f"{describe_ids_past_vocabulary(tokenizer, extra, vocabulary)}; serve refuses texts that use them"
 
 
 def _unused_outputs(model: nn.Module, task: str, modules: Sequence[str]) -> dict[str, str]:

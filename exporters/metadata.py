@@ -126,6 +126,7 @@ def write_export_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequen
                           bank: Mapping[str, Any] | None = None) -> None:
     """Write ``directory/bca_export.json`` (``bank``: :meth:`~bca_deploy.exporters.bank.BankPlan.metadata`)."""
     import torch
+    import transformers
 
     import bca_deploy
 
@@ -133,6 +134,8 @@ def write_export_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequen
         "format": FORMAT,
         "bca_deploy_version": bca_deploy.__version__,
         "torch_version": torch.__version__,
+        # the tokenizer files are transformers' own: 5.x writes a tokenizer class 4.x cannot load
+        "transformers_version": transformers.__version__,
         "task": task,
         "merged": merge,
         "fft": None if merge else fft,
@@ -205,7 +208,10 @@ def describe_export(export_dir: str | Path) -> list[str]:
     lines.append(_validation_line(fields.get("validation")))
     version = fields.get("bca_deploy_version")
     if isinstance(version, str):
-        lines.append(f"exported by:  bca-deploy {version[:40]}, torch {str(fields.get('torch_version'))[:40]}")
+        made_with = f"bca-deploy {version[:40]}, torch {str(fields.get('torch_version'))[:40]}"
+        if isinstance(fields.get("transformers_version"), str):
+            made_with += f", transformers {fields['transformers_version'][:40]}"
+        lines.append(f"exported by:  {made_with}")
     held = " + ".join([*(p.name for p in graph), *([f"{len(adapter_files)} adapter file{'s' if len(adapter_files) > 1 else ''}"] if adapter_files else [])])
     if export_dir / ONNX_FILE not in graph:
         return lines + [f"files:        no {ONNX_FILE}: an incomplete export, which nothing can load; export it again"]

@@ -115,3 +115,22 @@ def test_a_weights_file_this_user_may_not_read_is_named_by_every_loader(bert_dir
     assert caught.value.filename == str(weights)
     with pytest.raises(TrainingConfigError, match=r"cannot load it for seq-cls \(\[Errno 13\] Permission denied"):
         load_for_training(bert_dir, "seq-cls", torch.float32, head=Labels(2, ["neg", "pos"], False, "new"))
+
+
+def test_tokenizer_ids_past_the_embedding_are_found_by_id_not_by_count():
+    """A vocabulary with gaps (ids renumbered, merged vocabularies) has fewer entries than its largest id: its
+    length says it fits a 100-row embedding while two of its ids do not."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from bca_deploy.models import describe_ids_past_vocabulary, ids_past_vocabulary
+
+    vocab = {"[UNK]": 0, "the": 1, "water": 2, "hot": 5000, "cold": 5001}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                        unk_token="[UNK]")
+    assert len(tokenizer) == 5
+    assert ids_past_vocabulary(tokenizer, 100) == [5000, 5001]
+    assert ids_past_vocabulary(tokenizer, 6000) == []
+    said = describe_ids_past_vocabulary(tokenizer, [5000, 5001], 100)
+    assert said.startswith("2 token(s) of the tokenizer have no embedding row in the model (ids 5000..5001: ")
+    assert "hot" in said and "the model embeds 100" in said

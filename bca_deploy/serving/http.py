@@ -1441,6 +1441,8 @@ def startup_notes(server: Server) -> list[str]:
         notes.append(session.tokenizer_mismatch)
     if session.positions_note:  # config.json (or the tokenizer) claims more positions than the graph's table holds
         notes.append(session.positions_note)
+    if session.truncation_note:  # the tokenizer cuts texts far below what the model holds
+        notes.append(session.truncation_note)
     if session.with_past:  # a generation_config.json value that is not what transformers means by it is not used
         notes.extend(session.generation_defaults.problems)
     if server.embeddings is not None:  # sentence-transformers modules not run (a Dense projection...)

@@ -53,7 +53,9 @@ from ..models import (
     POSITIONS_AFTER_PADDING,
     attention_window,
     describe_ids_past_vocabulary,
+    has_tokenizer_files,
     ids_past_vocabulary,
+    load_saved_tokenizer,
     position_limit,
     token_names,
     tokenizer_limit,
@@ -320,6 +322,7 @@ class MultiAdapterSession:
         self._tokenizer = None
         self._tokenizer_mismatch: str | None = None
         self._no_tokenizer: str | None = None  # why there is none, once looked for
+        self.tokenizer_error: str | None = None  # its files are there and do not load: why (warm_up refuses to go on)
         # The config and the tokenizer load on first use, which can come from two threads at once (a generation
         # engine's thread and the event loop's); transformers' lazy module raises ImportError ("cannot import
         # name 'AutoConfig'") when two threads import through it at the same moment.
@@ -734,10 +737,15 @@ class MultiAdapterSession:
         short = sorted(k for k, v in params.items() if v.ndim == 0 or v.shape[SLOT_AXIS] != 2)
         own = bank.adapter_labels.get(name)
         missing = [k for k in self.head.names() if k not in params] if self.head is not None and own else []
-        if short or missing:
+        # a tensor that is no input of this graph (another block size's kernels...) would be dropped, and the
+        # adapter served as the base model
+        known = set(self.layout) | (set(self.head.names()) if self.head is not None else set())
+        unknown = sorted(k for k in params if k not in known)
+        if short or missing or unknown:
             raise ExportFileError(format_problems(f"{path}: not the adapter file this bank exported:", [
                 *(f"{k}: shape {params[k].shape}, expected two slots on axis {SLOT_AXIS}" for k in short[:10]),
-                *(f"{k}: missing (the adapter's own head)" for k in missing[:10])]))
+                *(f"{k}: missing (the adapter's own head)" for k in missing[:10]),
+                *(f"{k}: not an input of this bank's graph" for k in unknown[:10])]))
         tensors = {k: np.take(params[k], 1, axis=SLOT_AXIS) for k in self.layout if k in params}
         tensors = {k: v for k, v in tensors.items() if np.any(v)}
         head = None
@@ -849,16 +857,12 @@ class MultiAdapterSession:
         if self._tokenizer is None:
             if self._no_tokenizer is not None:  # looked for once: every request would stat the files again
                 raise ServingError(self._no_tokenizer)
-            files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                     "spiece.model")
-            if not any((self.export_dir / f).is_file() for f in files):
+            if not has_tokenizer_files(self.export_dir):
                 self._no_tokenizer = (f"{self.export_dir} has no tokenizer files; send token ids, or export a model "
                                       "directory that includes its tokenizer")
                 raise ServingError(self._no_tokenizer)
             try:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
+                tokenizer = load_saved_tokenizer(self.export_dir)
                 vocabulary = vocabulary_size(self.config)
                 extra = ids_past_vocabulary(tokenizer, vocabulary)
                 self._tokenizer_mismatch = (f"the tokenizer saved in {self.export_dir} does not fit its model: "
@@ -872,11 +876,24 @@ class MultiAdapterSession:
                 self._tokenizer = tokenizer
             except Exception as exc:  # transformers raises many types for incomplete tokenizer files
                 # remembered, as a missing one is: a broken tokenizer is not loaded again for every request
-                self._no_tokenizer = (f"cannot load the tokenizer saved in {self.export_dir} "
-                                      f"({type(exc).__name__}: {first_line(exc, 200)}); send token ids, or "
-                                      "re-export with the model's tokenizer")
+                import transformers
+
+                self.tokenizer_error = (f"cannot load the tokenizer saved in {self.export_dir} "
+                                        f"({type(exc).__name__}: {first_line(exc, 200)}; transformers "
+                                        f"{transformers.__version__} here{self._exported_with()})")
+                self._no_tokenizer = f"{self.tokenizer_error}; send token ids, or re-export with the model's tokenizer"
                 raise ServingError(self._no_tokenizer) from None
         return self._tokenizer
+
+    def _exported_with(self) -> str:
+        """", the export was made with transformers X" where its metadata says so and X differs from this one's
+        (transformers 5.x writes tokenizer files 4.x cannot read), else ""."""
+        import transformers
+
+        made = self.metadata.fields.get("transformers_version")
+        if isinstance(made, str) and made != transformers.__version__:
+            return f", the export was made with transformers {made[:40]}"
+        return ""
 
     @property
     def tokenizer_problem(self) -> str | None:
@@ -1261,6 +1278,20 @@ class MultiAdapterSession:
                 f"{table.limit}: requests are held to {table.limit} tokens (longer rows are refused as too long for "
                 "the model, or cut where texts are truncated); correct the file or export the model again")
 
+    @property
+    def truncation_note(self) -> str | None:
+        """One line for the operator when texts are cut (encoders) at the tokenizer's ``model_max_length`` although
+        the model holds longer rows: every text longer than that is answered from its first tokens only (a
+        ``model_max_length`` of 3 made every text ``[CLS] word [SEP]``). None otherwise, or before the tokenizer
+        is loaded."""
+        stated = tokenizer_limit(self._tokenizer)
+        model = self.max_positions
+        if self.with_past or stated is None or model is None or stated >= model:
+            return None
+        return (f"texts are cut at {stated} tokens: the tokenizer_config.json of {self.export_dir} says "
+                f"model_max_length {stated}, and the model holds {model} positions; correct the file if that is not "
+                "meant")
+
     def _window_note(self, limit: int) -> str:
         """What to add to "N positions" when the sliding window is what sets N."""
         if self.with_past and attention_window(self.config) == limit:
@@ -1269,10 +1300,18 @@ class MultiAdapterSession:
 
     def warm_up(self) -> float:
         """Load the tokenizer (if the export has one) and run one 1-token row on the base model, so the
-        first request does not pay for them. Returns the seconds it took."""
+        first request does not pay for them. Returns the seconds it took.
+
+        Raises:
+            ServingError: the export has tokenizer files and they do not load (:attr:`tokenizer_error`).
+        """
         start = time.perf_counter()
         with contextlib.suppress(ServingError):
             self.tokenizer  # noqa: B018
+        if self.tokenizer_error:  # a server would start and answer every text with an error (vLLM refuses to start)
+            raise ServingError(f"{self.tokenizer_error}: a server does not start with a tokenizer it cannot use. Fix "
+                               "or replace its files (export again from the model directory), or remove them to serve "
+                               "token ids only")
         token = [min(1, int(getattr(self.config, "vocab_size", 2) or 2) - 1)]
         if self.with_past:
             self.generate([token], [None], max_new_tokens=1)

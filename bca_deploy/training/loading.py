@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import TRAINABLE_FILE
 from ..errors import BCAError, first_line, format_problems
-from ..models import position_limit
+from ..models import load_saved_tokenizer, position_limit
 from .errors import TrainingConfigError
 
 __all__ = ["DEFAULT_TARGETS", "HEAD_MODULE_NAMES", "TRAINABLE_FILE", "quiet_loading", "load_tokenizer",
@@ -71,17 +71,15 @@ def quiet_loading():
 
 
 def load_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
     load_model_config(model_dir)  # AutoTokenizer reads config.json too: a missing or malformed one is named as such
     try:
         with quiet_loading():
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+            tokenizer = load_saved_tokenizer(model_dir)
     except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types (a broken tokenizer.json:
         # tokenizers' own Exception), each the same refusal here
         raise TrainingConfigError(
-            f"--model {model_dir}: cannot load a tokenizer ({type(exc).__name__}: {first_line(exc, 200)}); save one "
-            "there or pass tokenizer= to train()"
+            f"--model {model_dir}: cannot load a tokenizer ({type(exc).__name__}: {first_line(exc, 200)}); save the "
+            "model's tokenizer there (from Python: pass tokenizer= to train() or evaluate())"
         ) from None
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else tokenizer.unk_token
@@ -136,9 +134,9 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
         with quiet_loading():
             if task == "seq-cls":
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    str(model_dir), ignore_mismatched_sizes=new_head, **_head_config(head), **kwargs)
+                    str(model_dir), ignore_mismatched_sizes=new_head, trust_remote_code=False, **_head_config(head), **kwargs)
             else:
-                model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+                model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False, **kwargs)
     except CheckpointFormatError:
         raise
     except _LOAD_ERRORS as exc:
@@ -163,7 +161,8 @@ def empty_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | 
 
     try:
         with quiet_loading():
-            config = AutoConfig.from_pretrained(str(model_dir), **(_head_config(head) if task == "seq-cls" else {}))
+            config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False,
+                                                **(_head_config(head) if task == "seq-cls" else {}))
             with torch.device("meta"):
                 factory = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
                 model = factory.from_config(config)

@@ -678,12 +678,16 @@ class _TrainingRun:
                                if ".bca_kernels." not in f".{n}" and "lora_" not in n)
         place_model(model, self.dev, self.precision, trainable | set(kernel_block_sizes(model)),
                     move=self.sharding is None)
-        if cfg.task == "causal-lm" and getattr(model, "config", None) is not None:
-            model.config.use_cache = False
+        if (cfg.task == "causal-lm" or cfg.gradient_checkpointing) and getattr(model, "config", None) is not None:
+            model.config.use_cache = False  # (transformers says so once per forward when checkpointing with a cache)
         if cfg.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
+            # transformers 5.x names it activation checkpointing (the old name warns, and goes in 6.x); 4.x has the old
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
                 raise TrainingConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.sharding is not None:  # a given model is whole on every rank; else only the first read the weights
             self.sharded_blocks = shard(model, self.dev) if self.model_given else shard_from_first(model, self.dev)
 

@@ -146,3 +146,75 @@ def test_task_head_missing_from_the_checkpoint_is_refused(tiny, tmp_path):
     with pytest.raises(TaskError, match=r"classifier\.weight.*noise"):
         export(model_dir, tmp_path / "out", adapters, merge=True, task="text-classification")
     assert not (tmp_path / "out").exists()
+
+
+def _copy_model(tiny, tmp_path, name="bert"):
+    import shutil
+
+    model_dir, adapters = tiny(name)
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    return copy, adapters
+
+
+def test_a_body_weight_missing_from_the_checkpoint_is_refused(tiny, tmp_path):
+    """transformers would initialize it at random, and the validation's reference with it: a graph "validated"
+    and wrong. merge refuses the same checkpoint; every loader refuses it, naming the weight."""
+    from safetensors.torch import load_file, save_file
+
+    from bca_deploy.errors import CheckpointFormatError
+    from bca_deploy.models import load_model
+
+    model_dir, adapters = _copy_model(tiny, tmp_path)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    dropped = next(k for k in tensors if k.endswith("layer.1.attention.output.dense.bias"))
+    del tensors[dropped]
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    for merge in (True, False):
+        with pytest.raises(CheckpointFormatError, match=r"no weights for .*layer\.1\.attention\.output\.dense\.bias.*"
+                                                        r"at random"):
+            export(model_dir, tmp_path / "out", adapters, merge=merge)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointFormatError, match="complete checkpoint"):
+        load_model(model_dir, adapters)
+
+
+def _write_tokenizer(directory):
+    from conftest import wordpiece_tokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece_tokenizer(specials + ["the", "water", "is", "hot"]).save_pretrained(directory)
+
+
+def test_a_tokenizer_that_does_not_load_is_refused_before_anything_is_written(tiny, tmp_path):
+    from bca_deploy.exporters import ExportError
+
+    model_dir, adapters = _copy_model(tiny, tmp_path)
+    _write_tokenizer(model_dir)
+    text = (model_dir / "tokenizer.json").read_text()
+    (model_dir / "tokenizer.json").write_text(text[:len(text) // 2])
+    with pytest.raises(ExportError, match=r"its tokenizer does not load .*remove its files") as err:
+        export(model_dir, tmp_path / "out", adapters, merge=True)
+    assert str(model_dir) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizers_own_python_code_is_never_run(tiny, tmp_path):
+    """``auto_map`` in tokenizer_config.json names code in the directory: transformers asks on a terminal whether to
+    run it (and runs it on "y"); bca-deploy never lets it, terminal or not."""
+    import json
+
+    from bca_deploy.exporters import ExportError
+
+    model_dir, adapters = _copy_model(tiny, tmp_path)
+    _write_tokenizer(model_dir)
+    marker = tmp_path / "code-was-run"
+    (model_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                       "from transformers import BertTokenizerFast as EvilTokenizer\n")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    config["tokenizer_class"] = "EvilTokenizer"
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="tokenizer does not load"):
+        export(model_dir, tmp_path / "out", adapters, merge=True)
+    assert not marker.exists()

@@ -186,6 +186,31 @@ def test_hostile_export_metadata_is_refused_naming_the_file(tmp_path, bert):
     assert "NOT servable" in result.output and "serve with" not in result.output, result.output
 
 
+def test_an_adapter_file_holding_tensors_the_graph_has_no_input_for_is_refused(tmp_path, bert):
+    """A bank exported before the digests were recorded (or one whose digests were rewritten) with a file of
+    another export (another block size: its kernels are no input of this graph) had those tensors dropped, and the
+    adapter was served as the base model with 0 parameters."""
+    import json
+
+    import onnxruntime as ort
+
+    directory = tmp_path / "bank"
+    shutil.copytree(bert["onnx"], directory)
+    meta = json.loads((directory / "bca_export.json").read_text())
+    meta["bank"].pop("adapter_digests")
+    (directory / "bca_export.json").write_text(json.dumps(meta))
+    path = directory / meta["bank"]["adapter_files"]["a0"]
+    params = {k: v.numpy().copy() for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+    renamed = {k.replace("bca_freq_p8", "bca_freq_p32"): v for k, v in params.items()}
+    assert renamed != params
+    adapter = ort.AdapterFormat()
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in renamed.items()})
+    adapter.export_adapter(str(path))
+    with pytest.raises(ServingError, match=r"(?s)a0\.onnx_adapter: not the adapter file this bank exported:.*"
+                                           r"bca_freq_p32: not an input of this bank's graph"):
+        MultiAdapterSession(directory)
+
+
 def test_an_adapter_file_that_is_not_the_one_exported_is_refused(tmp_path, bert):
     """Another adapter's file of the same shapes copied over an exported one (a mixed-up copy between exports, a
     damaged file) was served as that adapter, with the other's numbers, and ``validate`` of it was "Internal error
@@ -410,9 +435,9 @@ def test_texts_without_a_tokenizer_give_a_serving_error(model, bert_session, lla
 
 
 def test_a_tokenizer_that_does_not_load_is_named_once_and_token_ids_still_work(tmp_path, bert, monkeypatch):
-    """Tokenizer files transformers cannot load: text inputs get one ServingError naming the export (the failure is
-    remembered: not loaded again per request), token ids are served, and ``tokenizer_problem`` says why (serve
-    prints it at start)."""
+    """Tokenizer files transformers cannot load: ``warm_up`` (serve's start) refuses them; a session used in-process
+    anyway gives text inputs one ServingError naming the export (the failure is remembered: not loaded again per
+    request), serves token ids, and ``tokenizer_problem`` says why."""
     import transformers
 
     directory = tmp_path / "export"
@@ -422,7 +447,8 @@ def test_a_tokenizer_that_does_not_load_is_named_once_and_token_ids_still_work(t
     calls = []
     real = transformers.AutoTokenizer.from_pretrained
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(a) or real(*a, **k))
-    session.warm_up()
+    with pytest.raises(ServingError, match="a server does not start with a tokenizer it cannot use"):
+        session.warm_up()
     assert session.tokenizer_problem is not None and "cannot load the tokenizer saved in" in session.tokenizer_problem
     for _ in range(3):
         with pytest.raises(ServingError, match="cannot load the tokenizer saved in .*; send token ids"):
@@ -988,3 +1014,52 @@ def test_the_turn_pool_serves_in_order_and_skips_a_waiter_that_gave_up():
     with grows.use() as again, grows.use() as second, grows.use() as third:  # made only while all are in use
         assert (one, again) == ("a", "a") and {second, third} == {"made1", "made2"} and len(made) == 2
     assert grows._room == 0 and sorted(grows._free) == ["a", "made1", "made2"]
+
+
+def test_a_tokenizer_that_does_not_load_stops_the_server_before_it_starts(tmp_path_factory):
+    """A broken (or remote-code) tokenizer in an export: warm_up, which serve and the Ray replicas run before taking
+    requests, refuses it naming the file, instead of a server whose every text request fails."""
+    import json
+    import shutil
+
+    from http_helpers import bank
+
+    source = bank("bert", tmp_path_factory)["onnx"]
+    broken = tmp_path_factory.mktemp("broken-tokenizer") / "onnx"
+    shutil.copytree(source, broken)
+    text = (broken / "tokenizer.json").read_text()
+    (broken / "tokenizer.json").write_text(text[:len(text) // 2])
+    with pytest.raises(ServingError, match=r"cannot load the tokenizer saved in .*remove them to serve token ids"):
+        MultiAdapterSession(broken, intra_op_threads=1).warm_up()
+    remote = tmp_path_factory.mktemp("remote-tokenizer") / "onnx"
+    shutil.copytree(source, remote)
+    marker = remote.parent / "code-was-run"
+    (remote / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import BertTokenizerFast as EvilTokenizer\n")
+    config = json.loads((remote / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": [None, "evil.EvilTokenizer"]}, tokenizer_class="EvilTokenizer")
+    (remote / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ServingError, match="cannot load the tokenizer"):
+        MultiAdapterSession(remote, intra_op_threads=1).warm_up()
+    assert not marker.exists()
+
+
+def test_texts_cut_far_below_the_models_positions_are_said(tmp_path, tmp_path_factory):
+    """A tokenizer_config.json whose model_max_length is 3 made every served text "[CLS] word [SEP]", silently."""
+    import json
+
+    from http_helpers import bank
+
+    directory = tmp_path / "export"
+    shutil.copytree(bank("bert", tmp_path_factory)["onnx"], directory)
+    assert MultiAdapterSession(directory).truncation_note is None  # not loaded yet: nothing claimed
+    plain = MultiAdapterSession(directory)
+    plain.warm_up()
+    assert plain.truncation_note is None
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 3}))
+    session = MultiAdapterSession(directory)
+    session.warm_up()
+    assert session.truncation_note.startswith("texts are cut at 3 tokens: the tokenizer_config.json of ")
+    assert f"model holds {session.max_positions} positions" in session.truncation_note
+    assert session.tokenize(["the water is hot"]) == [session.tokenize(["the water"])[0][:3]]

@@ -345,11 +345,21 @@ def test_gradient_checkpointing_gives_equal_gradients(files):
         assert torch.equal(plain[name], checkpointed[name]), name
 
 
-def test_gradient_checkpointing_in_trainer(files, tmp_path):
-    runs = [train(config(files["bert"], files["small"], tmp_path / str(gc), lr=1e-2, max_steps=3,
-                         gradient_checkpointing=gc)) for gc in (False, True)]
+def test_gradient_checkpointing_in_trainer(files, tmp_path, capfd):
+    """Same weights with and without checkpointing, and nothing printed for it: transformers 5.x warns on its old
+    name (gradient_checkpointing_enable, gone in 6.x) and on a config whose use_cache is on (the suite's filters
+    hide FutureWarnings, so the warning is made an error here)."""
+    import warnings
+
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        runs = [train(config(files["bert"], files["small"], tmp_path / str(gc), lr=1e-2, max_steps=3,
+                             gradient_checkpointing=gc)) for gc in (False, True)]
     a, b = (read_tensors(r.last_dir) for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    printed = capfd.readouterr()
+    assert "use_cache" not in printed.out + printed.err and "deprecated" not in printed.out + printed.err
 
 
 def test_bf16_recipe_runs_on_cpu_and_reloads_exactly(files, tmp_path):
