@@ -24,6 +24,7 @@ from .config import (
     CONFIG_FILE,
     KERNEL_SUFFIX,
     TRAINABLE_FILE,
+    TRAINING_RECORD_FILE,
     WEIGHTS_FILE,
     AdapterConfig,
     nested_adapters_hint,
@@ -176,11 +177,12 @@ def adapter_state(
 
 def write_adapter_dir(
     directory: str | Path, config_dict: dict[str, Any], state: dict[str, torch.Tensor], overwrite: bool = True,
-    metadata: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None, extra_json: Mapping[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``, atomically.
 
     ``metadata``: the safetensors file's metadata (default ``{"format": "pt"}``, as transformers and PEFT write).
+    ``extra_json``: more JSON files written with them (file name -> object), such as the training record.
 
     The directory is built beside ``directory`` and swapped in whole (:func:`bca_deploy.atomic.write_dir`),
     so a crash leaves the old adapter or the new one, never a mix; other files already in ``directory``
@@ -197,6 +199,8 @@ def write_adapter_dir(
     def build(tmp: Path) -> None:
         save_safetensors(state, tmp / WEIGHTS_FILE, metadata or {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+        for name, data in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
 
     return write_dir(directory, build, overwrite=True, keep_existing=True)
 
@@ -870,7 +874,28 @@ def convert_adapter(
         check_adapter(aligned, aligned_state, target, source=str(source), problems=tied_problems)
         config, state = aligned, aligned_state
         config.base_model_type = config.base_model_type or getattr(getattr(model, "config", None), "model_type", None)
+    extra = _carried_training_record(Path(source), config)
     if to == "bca":
-        return write_adapter_dir(destination, config.to_dict(), state, overwrite=overwrite)
+        return write_adapter_dir(destination, config.to_dict(), state, overwrite=overwrite, extra_json=extra)
     peft_config, peft_state = to_peft(config, state, task_type, base_model_name_or_path)
-    return write_adapter_dir(destination, peft_config, peft_state, overwrite=overwrite, metadata=peft_metadata(config))
+    return write_adapter_dir(destination, peft_config, peft_state, overwrite=overwrite, metadata=peft_metadata(config),
+                             extra_json=extra)
+
+
+def _carried_training_record(source: Path, config: AdapterConfig) -> dict[str, dict[str, Any]]:
+    """``{TRAINING_RECORD_FILE: record}`` when ``source`` is a checkpoint ``train`` wrote, for the converted copy:
+    ``evaluate`` reads the columns, max length and how the training file named its classes from it (without it, a
+    held-out file of class ids is not checked against training names numbered in sorted order). Class names given
+    to the conversion replace the recorded ones. Empty when there is none, or it does not read (then the copy is
+    evaluated as any adapter from elsewhere)."""
+    path = source / TRAINING_RECORD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = read_json(path, what="training record")
+    except AdapterFormatError:
+        return {}
+    head = config.task.head if config.task is not None else None
+    if head is not None and isinstance(record.get("label_names"), list):
+        record["label_names"] = [head.id2label[i] for i in range(head.num_labels)]
+    return {TRAINING_RECORD_FILE: record}

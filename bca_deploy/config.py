@@ -54,6 +54,9 @@ FORMAT_VERSION = 1
 LAYOUT = "first-column"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+#: What ``train`` records beside a checkpoint's adapter (columns, labels, max length...): ``evaluate`` reads it, and
+#: ``convert`` carries it to the converted adapter.
+TRAINING_RECORD_FILE = "bca_training.json"
 KERNEL_SUFFIX = ".bca_kernel"
 INITS = ("zeros", "normal", "xavier_uniform", "kaiming_uniform")
 LAYER_TYPES = ("linear", "conv1d")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import MAX_NUM_LABELS, TaskSpec, show_json_value, read_json, run_adapter_dir
+from ..config import MAX_NUM_LABELS, TRAINING_RECORD_FILE, TaskSpec, show_json_value, read_json, run_adapter_dir
 from ..errors import format_problems
 from ..models import give_classifier_a_pad_id, vocabulary_size
 from .config import METHODS, PRECISIONS, EvaluateConfig
@@ -36,7 +36,7 @@ from .runtime import destroy, init_distributed, place_model, resolve_precision, 
 
 __all__ = ["evaluate", "TRAINING_FILE"]
 
-TRAINING_FILE = "bca_training.json"
+TRAINING_FILE = TRAINING_RECORD_FILE
 
 
 def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, float]:

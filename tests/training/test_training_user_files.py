@@ -405,3 +405,15 @@ def test_held_out_class_ids_beside_training_class_names_are_refused(files, tmp_p
     with pytest.raises(DataError, match="this file's labels are class names"):
         evaluate(EvaluateConfig(model=files["bert"], adapter=result.best_dir, data=named, device="cpu",
                                 label_names=["not_good", "good"]))
+    # a copy made by convert (either format) carries the record, so it is checked alike (helper-66: it was not)
+    from bca_deploy.adapter_io import convert_adapter
+
+    for to in ("peft", "bca"):
+        copy = convert_adapter(result.best_dir, tmp_path / f"copy-{to}", to=to)
+        with pytest.raises(DataError, match=refusal):
+            evaluate(EvaluateConfig(model=files["bert"], adapter=copy, data=ids, device="cpu"))
+        assert evaluate(EvaluateConfig(model=files["bert"], adapter=copy, data=named, device="cpu")) == by_names
+    renamed = convert_adapter(result.best_dir, tmp_path / "renamed", to="bca", label_names=["fine", "poor"])
+    import json
+
+    assert json.loads((renamed / "bca_training.json").read_text())["label_names"] == ["fine", "poor"]
