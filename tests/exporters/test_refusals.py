@@ -215,6 +215,12 @@ def test_a_tokenizers_own_python_code_is_never_run(tiny, tmp_path):
     config["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
     config["tokenizer_class"] = "EvilTokenizer"
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="tokenizer does not load"):
+    try:  # 4.x refuses the class without its code; 5.x loads tokenizer.json with its own class
         export(model_dir, tmp_path / "out", adapters, merge=True)
+    except ExportError as exc:
+        assert "tokenizer does not load" in str(exc)
     assert not marker.exists()
+    import runpy
+
+    runpy.run_path(str(model_dir / "evil.py"))  # (the code works: run, it leaves the marker)
+    assert marker.read_text() == "ran"
