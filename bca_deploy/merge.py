@@ -1147,7 +1147,7 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
     plan.checkpoint = _output_view(ckpt, view.out_names, plan.replace, new_tensors)
     if head_task is not None:
         plan.config = _classification_config(ckpt.config or {}, head_task,
-                                             _head_architecture(head_task, ckpt.model_type))
+                                             _head_architecture(head_task, ckpt.model_type), ckpt.directory)
     if plan.tied:
         plan.config = _untied_config(plan.config if plan.config is not None else dict(ckpt.config or {}))
     return plan
@@ -1244,9 +1244,14 @@ def _output_view(ckpt: _Checkpoint, out_names: dict[str, str], replace: dict[str
     return _Checkpoint(ckpt.directory, ckpt.shards, headers, index, ckpt.model_type, ckpt.config)
 
 
-def _classification_config(config: dict[str, Any], task: TaskSpec, architecture: str) -> dict[str, Any]:
+def _classification_config(config: dict[str, Any], task: TaskSpec, architecture: str,
+                           model_dir: Path) -> dict[str, Any]:
     """config.json of the merged classification checkpoint: the head's architecture and config values (labels,
-    problem type, pad id: :meth:`HeadSpec.config_values`)."""
+    problem type, pad id: :meth:`HeadSpec.config_values`). A pad id neither the head nor the config gives (a PEFT
+    classifier on Llama) comes from ``model_dir``'s tokenizer, as every loader takes it
+    (:func:`bca_deploy.models.saved_tokenizer_pad_id`): transformers refuses to batch a decoder classifier without."""
+    from .models import saved_tokenizer_pad_id
+
     head = task.head
     out = dict(config)
     out["architectures"] = [architecture]
@@ -1254,6 +1259,10 @@ def _classification_config(config: dict[str, Any], task: TaskSpec, architecture:
     out.update(head.config_values())
     out["id2label"] = {str(i): head.id2label[i] for i in range(head.num_labels)}  # (JSON keys are strings)
     out["label2id"] = {name: i for i, name in sorted(head.id2label.items())}
+    if out.get("pad_token_id") is None:
+        pad = saved_tokenizer_pad_id(model_dir)
+        if pad is not None:
+            out["pad_token_id"] = pad
     return out
 
 

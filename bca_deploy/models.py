@@ -558,7 +558,7 @@ def load_base(
         if bars:
             transformers.logging.enable_progress_bar()
     if task.type == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = saved_tokenizer_pad_id(model_dir)  # (see give_classifier_a_pad_id)
+        model.config.pad_token_id = saved_tokenizer_pad_id(model_dir)  # (see classifier_pad_id)
     missing = list(info.get("missing_keys") or []) + [m[0] if isinstance(m, tuple) else m
                                                        for m in info.get("mismatched_keys") or []]
     return model.eval(), sorted(set(missing))
@@ -838,17 +838,19 @@ def tokenizer_pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def give_classifier_a_pad_id(model_config: Any, tokenizer: Any) -> int | None:
-    """Set a seq-cls model's missing ``pad_token_id`` to :func:`tokenizer_pad_id`; return the id set, else None.
+def classifier_pad_id(model_config: Any, tokenizer: Any) -> int | None:
+    """A seq-cls model's ``pad_token_id``, set to :func:`tokenizer_pad_id` where the config has none (None: neither
+    gives one). Rows of a batch are padded with it.
 
     A decoder classifier (Llama, GPT-2...) reads the last token that is not ``pad_token_id``, and transformers
     refuses a batch of more than one row without one. Training, evaluation and export give a config without one
     the same id (and training records it in the adapter's head, :class:`bca_deploy.config.HeadSpec`), so every
-    stage reads the same token."""
-    if getattr(model_config, "pad_token_id", None) is not None or tokenizer is None:
-        return None
-    model_config.pad_token_id = tokenizer_pad_id(tokenizer)
-    return model_config.pad_token_id
+    stage reads the same token; and padding with any other id (a tokenizer's own, where the config names another)
+    would make short rows be read at a padding position."""
+    if getattr(model_config, "pad_token_id", None) is None and tokenizer is not None:
+        model_config.pad_token_id = tokenizer_pad_id(tokenizer)
+    pad = getattr(model_config, "pad_token_id", None)
+    return int(pad) if isinstance(pad, int) and not isinstance(pad, bool) else None
 
 
 #: Files whose presence means a directory holds a tokenizer (any one of them).

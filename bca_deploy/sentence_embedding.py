@@ -76,6 +76,26 @@ def _module_dir(model_dir: Path, module: dict[str, Any]) -> Path | None:
     return None
 
 
+def _default_prompt(model_dir: Path, problems: list[str]) -> str | None:
+    """The prompt ``config_sentence_transformers.json`` has ``encode`` prepend by default (``default_prompt_name``
+    naming one of its ``prompts``), else None."""
+    from .config import read_json
+    from .errors import BCAError
+
+    path = model_dir / "config_sentence_transformers.json"
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path, what="sentence-transformers config")
+    except BCAError as exc:
+        problems.append(str(exc))
+        return None
+    name, prompts = data.get("default_prompt_name"), data.get("prompts")
+    if isinstance(name, str) and isinstance(prompts, dict) and isinstance(prompts.get(name), str) and prompts[name]:
+        return prompts[name]
+    return None
+
+
 def sentence_transformers_files(model_dir: str | Path) -> list[str]:
     """The sentence-transformers files of ``model_dir`` an export of its embeddings keeps, relative to it: the
     top-level ones and the Pooling module's ``config.json`` (empty for a plain transformers checkpoint)."""
@@ -121,6 +141,7 @@ class EmbeddingRecipe:
         modules, problem = _modules(model_dir)
         problems = [problem] if problem else []
         pooling = normalize = max_seq_length = pooling_problem = None
+        not_run: list[str] = []
         if modules is not None:
             normalize = any(_kind(m) == "Normalize" for m in modules)
             for module in modules:
@@ -142,8 +163,16 @@ class EmbeddingRecipe:
                         pooling_problem = (f"{folder / 'config.json'} pools by {' + '.join(modes) or 'no mode'}; "
                                            "bca-deploy computes one of cls, mean, lasttoken")
                 elif kind not in ("Transformer", "Normalize"):
-                    problems.append(f"{model_dir / MODULES_FILE} has a {str(module.get('type'))[:100]} module, which "
-                                    "bca-deploy does not run: its embeddings are the pooled vectors before it")
+                    not_run.append(str(module.get("type"))[:100])
+        if not_run:  # one line, however many (a hostile modules.json can list thousands)
+            shown = ", ".join(sorted(set(not_run))[:5])
+            problems.append(f"{model_dir / MODULES_FILE} has {len(not_run)} module(s) bca-deploy does not run ({shown}): "
+                            "its embeddings are the pooled vectors before them")
+        prompt = _default_prompt(model_dir, problems)
+        if prompt is not None:
+            problems.append(f"{model_dir / 'config_sentence_transformers.json'}: SentenceTransformer.encode prepends the "
+                            f"default prompt {prompt[:80]!r} to every text; /v1/embeddings does not, so send it in "
+                            "the input")
         bert_config = model_dir / "sentence_bert_config.json"
         if bert_config.is_file():
             try:

@@ -240,6 +240,7 @@ def export(
         _resolve_opset(opset, merge, fft, default=opset)
     model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank)
     tokenizer_note = _check_tokenizer(model_dir)
+    sentence_files = _sentence_transformers_files(model_dir) if model_task.export_task == "feature-extraction" else []
     # AdapterMismatchError surfaces here; a bank holds each adapter's own head in its slot (bank.BankPlan)
     bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
     model = bank_plan.model if bank_plan is not None else load_model(model_dir, adapter_dirs, model_task)
@@ -270,7 +271,7 @@ def export(
             absent = bank_plan.absent_modules(tmp / ONNX_FILE)
             if absent:
                 bank_plan.leave_out(_unused_outputs(model, task, absent))
-        _write_model_files(model, model_dir, tmp, task)
+        _write_model_files(model, model_dir, tmp, sentence_files)
         if bank_plan is not None:
             bank_plan.write(tmp)
         export_s = time.perf_counter() - export_start
@@ -311,6 +312,29 @@ def export(
         print(f"exported {kind} {task} graph to {out_dir} ({_graph_size(out_dir) / 1e6:.1f} MB) "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir
+
+
+def _sentence_transformers_files(model_dir: Path) -> list[str]:
+    """The sentence-transformers files of ``model_dir`` an embeddings export keeps (pooling, normalisation, text
+    length: what ``serve``'s ``/v1/embeddings`` follows, :class:`bca_deploy.sentence_embedding.EmbeddingRecipe`),
+    each checked to read as JSON first.
+
+    Raises:
+        ExportError: one does not (nor would sentence-transformers load it; a link there to another file, such as a
+            secret elsewhere on the machine, is never copied into the export).
+    """
+    from bca_deploy.config import read_json_value
+    from bca_deploy.errors import BCAError
+    from bca_deploy.sentence_embedding import sentence_transformers_files
+
+    names = sentence_transformers_files(model_dir)
+    for name in names:
+        try:
+            read_json_value(model_dir / name, what="sentence-transformers file")
+        except BCAError as exc:
+            raise ExportError(f"{exc}; sentence-transformers cannot load the model with it either: fix the file, or "
+                              "remove the model's sentence-transformers files") from None
+    return names
 
 
 def _check_tokenizer(model_dir: Path) -> str | None:
@@ -630,11 +654,10 @@ def _save_graph(scratch: Path, directory: Path) -> None:
                     location=ONNX_FILE + "_data", size_threshold=1024)
 
 
-def _write_model_files(model: nn.Module, model_dir: Path, directory: Path, task: str) -> None:
+def _write_model_files(model: nn.Module, model_dir: Path, directory: Path, extra_files: Sequence[str]) -> None:
     """``config.json`` of the exported model (its class in ``architectures``; a classifier's labels), the
-    generation config of a decoder, the tokenizer files of ``model_dir``, and for embeddings its
-    sentence-transformers files (pooling, normalisation, text length: what ``serve``'s ``/v1/embeddings`` follows,
-    :class:`bca_deploy.sentence_embedding.EmbeddingRecipe`)."""
+    generation config of a decoder, the tokenizer files of ``model_dir``, and ``extra_files`` of it (for embeddings:
+    :func:`_sentence_transformers_files`)."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.save_pretrained(str(directory))
@@ -650,11 +673,7 @@ def _write_model_files(model: nn.Module, model_dir: Path, directory: Path, task:
         with contextlib.suppress(ValueError):  # a generation config transformers refuses to save is left out
             if model.can_generate():
                 generation.save_pretrained(str(directory))
-    names = list(_COPIED_FILES)
-    if task == "feature-extraction":
-        from bca_deploy.sentence_embedding import sentence_transformers_files
-
-        names += sentence_transformers_files(model_dir)
+    names = [*_COPIED_FILES, *extra_files]
     for name in names:
         source = model_dir / name
         if source.is_file():

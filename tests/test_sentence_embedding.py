@@ -86,3 +86,15 @@ def test_damaged_files_are_named_not_raised(tmp_path):
 def test_a_plain_transformers_checkpoint_says_nothing(tmp_path):
     assert EmbeddingRecipe.read(tmp_path) == EmbeddingRecipe()
     assert sentence_transformers_files(tmp_path) == []
+
+
+def test_a_default_prompt_and_modules_not_run_are_named_once(tmp_path):
+    modules = HUB_MODULES + [{"idx": 3 + i, "name": str(3 + i), "path": f"{3 + i}_Dense",
+                              "type": "sentence_transformers.models.Dense"} for i in range(1000)]
+    directory = _write(tmp_path, modules)
+    (directory / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "query"}))
+    problems = EmbeddingRecipe.read(directory).problems
+    assert len(problems) == 2, problems
+    assert "1000 module(s) bca-deploy does not run (sentence_transformers.models.Dense)" in problems[0]
+    assert "prepends the default prompt 'query: '" in problems[1]

@@ -85,7 +85,8 @@ class SamplingParams:
     stop: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "strings that end the row; the text is cut before the first one (needs a tokenizer)"})
     stop_token_ids: tuple[int, ...] = dataclasses.field(default=(), metadata={
-        "help": "token ids that end the row besides the model's end-of-sequence id (the token is kept)"})
+        "help": "token ids that end the row besides the model's end-of-sequence ids (the token and its text are kept, "
+                "as vLLM keeps them)"})
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}

@@ -331,7 +331,7 @@ class _Request:
     params: SamplingParams
     sampler: Sampler
     detokenizer: _Detokenizer
-    stop_ids: frozenset[int]
+    eos_ids: frozenset[int]  # end the row; their text is left out (special tokens, as vLLM leaves them out)
     group: Hashable = None  # rows of one request share it: they take turns with other requests as one
     generated: int = 0
     last_token_at: float = 0.0
@@ -526,7 +526,7 @@ class GenerationEngine:
         stream = GenerationStream(self, prompt, adapter, params, request_id, self._loop)
         request = _Request(stream, prompt, adapter, params, Sampler(params),
                            _Detokenizer(self._decoder(), params.stop, prompt[-PROMPT_CONTEXT_TOKENS:]),
-                           frozenset(self.session.eos_token_ids | set(params.stop_token_ids)))
+                           frozenset(self.session.eos_token_ids))
         request.group = group if group is not None else request
         with self._cond:
             queued = sum(not r.resuming for r in self._waiting)  # pre-empted rows were admitted: they do not count
@@ -869,12 +869,14 @@ class GenerationEngine:
             request.generated += 1
             request.tokens.append(int(token))
             reason = None
-            if token in request.stop_ids:
+            if token in request.eos_ids:
                 text, reason = request.detokenizer.flush(), "stop"
             else:
                 text, hit = request.detokenizer.push(token)
-                if hit:
+                if hit:  # a stop string: the text is cut before it
                     reason = "stop"
+                elif token in request.params.stop_token_ids:  # the token's own text is kept, as vLLM keeps it
+                    text, reason = text + request.detokenizer.flush(), "stop"
                 elif request.generated >= request.params.max_new_tokens:
                     text, reason = text + request.detokenizer.flush(), "length"
             self._outbox.append((stream, TokenEvent(int(token), text)))

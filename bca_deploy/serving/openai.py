@@ -16,7 +16,7 @@ adapter, as with vLLM's ``--lora-modules``:
 
 ``model`` is an adapter's name, or the base model's served name (``--served-model-name``, default: the
 export directory's name) or ``"__base__"`` for no adapter. ``temperature`` 0 is greedy decoding
-(token-equal to PyTorch's ``generate``); otherwise tokens are sampled, every prompt of a request with ``seed``
+(token-equal to PyTorch's ``generate`` given the same end-of-sequence ids); otherwise tokens are sampled, every prompt of a request with ``seed``
 itself (as vLLM: a prompt samples as it would alone). ``temperature``, ``top_p`` and ``top_k`` left out take the
 export's ``generation_config.json`` values, as vLLM does, else OpenAI's defaults (1, 1, off). A row ends at any
 end-of-sequence id of ``config.json``, ``generation_config.json`` or the tokenizer
@@ -64,6 +64,7 @@ from .wire import (
     JSONNumber,
     error_body,
     error_status,
+    is_openai_request,
     field_errors,
     parse_body,
     validate,
@@ -346,8 +347,9 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     async def embeddings(request: Request):
         server.require("embed")
         data = await parse_body(await request.body(), options, request.headers)
-        if not (isinstance(data, dict) and "model" in data):
+        if not is_openai_request(request.url.path, data):
             return await native_embeddings(request, data)
+        request.state.openai = True  # its refusals are OpenAI's 400s (wire.error_status)
         req = validate(EmbeddingsRequest, data)
         adapter = server.select(request, req.model, param="model")
         hidden = int(getattr(server.session.config, "hidden_size", 0) or 0)
@@ -590,7 +592,7 @@ async def _stream_events(request: Request, server: Server, streams, release, kin
         while left:
             index, text, finish = await queue.get()
             if finish == "error":
-                status, error_type = error_status(text, request.url.path)
+                status, error_type = error_status(text, openai=True)
                 message = server.redact(str(text)) if isinstance(text, BCAError) else \
                     f"internal error (request id {request.state.request_id}); the server log has the details"
                 request.state.log["error"] = f"{type(text).__name__}: {text}"

@@ -65,6 +65,7 @@ from .wire import (
     body_too_slow,
     error_body,
     error_status,
+    is_openai_request,
     parse_body,
     validate,
 )
@@ -177,7 +178,7 @@ class AdapterReplicas:
                 except BCAError as exc:  # the same answer as a single server's
                     if isinstance(exc, UnknownAdapterError) and not loading:  # not in the store: name it alone
                         exc = not_loaded(name, param=_adapter_field_of(body))  # "model", "adapter": the field
-                    status, kind = error_status(exc, path)
+                    status, kind = error_status(exc, is_openai_request(path, _json_or_none(body)))
                     yield {"status": status, "headers": [(b"content-type", b"application/json")]}
                     yield json.dumps(error_body(status, kind, self.server.redact(str(exc)),
                                                 getattr(exc, "param", None))).encode()
@@ -226,12 +227,17 @@ def _adapter_field(data: Any) -> str | None:
     return next((k for k in _ADAPTER_FIELDS if k in data), None)
 
 
-def _adapter_field_of(body: bytes) -> str | None:
-    """:func:`_adapter_field` of raw body bytes the router has already read and checked (None if they are not JSON)."""
+def _json_or_none(body: bytes | None) -> Any:
+    """Raw body bytes the router has already read and checked, parsed (None if there are none or they are not JSON)."""
     try:
-        return _adapter_field(json.loads(body)) if body else None
+        return json.loads(body) if body else None
     except ValueError:
         return None
+
+
+def _adapter_field_of(body: bytes) -> str | None:
+    """:func:`_adapter_field` of raw body bytes the router has already read and checked (None if they are not JSON)."""
+    return _adapter_field(_json_or_none(body))
 
 
 async def _call_asgi(app, method: str, path: str, query: bytes, headers, body: bytes) -> AsyncIterator[Any]:
@@ -301,7 +307,7 @@ class Router:
                 return JSONResponse(await run_in_threadpool(self._model, request.url.path.removeprefix("/v1/models/")))
             adapter = await self._adapter(request, body)
         except BCAError as exc:
-            status, kind = error_status(exc, request.url.path)
+            status, kind = error_status(exc, is_openai_request(request.url.path, _json_or_none(body)))
             return JSONResponse(error_body(status, kind, str(exc), getattr(exc, "param", None)), status_code=status)
         handle = self.replicas.options(multiplexed_model_id=adapter, stream=True)
         stream = handle.handle.remote(request.method, request.url.path, request.url.query.encode(),

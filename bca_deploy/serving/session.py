@@ -940,8 +940,10 @@ class MultiAdapterSession:
         """Tokenize ``texts`` into the graph's inputs (right padding; encoders truncate at the maximum length)."""
         return self.pad_ids(self.tokenize(texts))
 
-    def pad_ids(self, input_ids: Sequence[Sequence[int]], token_type_ids=None, side: str = "right") -> dict[str, np.ndarray]:
-        """Token-id lists → padded ``input_ids``/``attention_mask`` (+ ``token_type_ids``, ``position_ids`` if the graph takes them)."""
+    def pad_ids(self, input_ids: Sequence[Sequence[int]], token_type_ids=None, side: str = "right",
+                pad_id: int | None = None) -> dict[str, np.ndarray]:
+        """Token-id lists → padded ``input_ids``/``attention_mask`` (+ ``token_type_ids``, ``position_ids`` if the graph
+        takes them). ``pad_id``: the id padding positions get (default: :attr:`pad_token_id`)."""
         if not input_ids or any(len(r) == 0 for r in input_ids):
             raise ServingError("every row needs at least one token")
         vocab = vocabulary_size(self.config) or 0
@@ -949,7 +951,7 @@ class MultiAdapterSession:
         if bad:
             raise ServingError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
         length = max(len(r) for r in input_ids)
-        pad = _pad_id(self.config, self._tokenizer)
+        pad = pad_id if pad_id is not None and 0 <= pad_id < (vocab or pad_id + 1) else _pad_id(self.config, self._tokenizer)
         ids = np.full((len(input_ids), length), pad, dtype=np.int64)
         mask = np.zeros((len(input_ids), length), dtype=np.int64)
         for b, row in enumerate(input_ids):
@@ -1028,10 +1030,12 @@ class MultiAdapterSession:
         self.require("classify")
         snapshot = snapshot or self._snapshot
         heads = snapshot.labels_of(adapters)
-        # A decoder classifier reads the last token that is not its pad id (baked into the graph): left padding puts
-        # every row's own last token last, whichever id the padding has (the tokenizer's may differ from the config's)
-        side = "left" if "position_ids" in self.inputs else "right"
-        logits = self.run(self._feeds(inputs, side), adapters, ["logits"], snapshot)["logits"].astype(np.float64)
+        # A decoder classifier reads each row's last token that is not its pad id (config.json's, baked into the
+        # graph): rows are padded on the right with exactly that id, so each is read where it is read alone (a row of
+        # pad tokens only at its first token, as transformers reads it), whatever its neighbours
+        pad = self.config.pad_token_id if "position_ids" in self.inputs else None
+        feeds = self._feeds(inputs, pad_id=pad if isinstance(pad, int) and not isinstance(pad, bool) else None)
+        logits = self.run(feeds, adapters, ["logits"], snapshot)["logits"].astype(np.float64)
         results = []
         for row, labels in zip(logits, heads, strict=True):
             values = row[:labels.num_labels]
@@ -1103,15 +1107,15 @@ class MultiAdapterSession:
         """:meth:`prepare`, returning the longest row's token count."""
         return max(len(r) for r in self.prepare(inputs, max_new_tokens))
 
-    def _feeds(self, inputs, side: str = "right") -> dict[str, np.ndarray]:
+    def _feeds(self, inputs, pad_id: int | None = None) -> dict[str, np.ndarray]:
         if self.with_past:
             raise ServingError(f"this graph was exported for {self.task!r} (a decoder with past); use generate()")
         if not inputs:
             raise ServingError("no inputs given")
         if all(isinstance(x, str) for x in inputs):
-            return self.pad_ids(self.tokenize(inputs), side=side)  # encoders' texts truncated at the model's positions
+            return self.pad_ids(self.tokenize(inputs), pad_id=pad_id)  # encoders' texts cut at the model's positions
         rows = [list(x) for x in inputs]
-        feeds = self.pad_ids(rows, side=side)
+        feeds = self.pad_ids(rows, pad_id=pad_id)
         self.check_positions(max(len(r) for r in rows))
         return feeds
 
@@ -1586,7 +1590,8 @@ class GenerationDefaults:
                             f"{high:g}]")
             return None
 
-        temperature, top_p = number("temperature", 0, 2), number("top_p", 0, 1, low_open=True)
+        # (temperature: any finite value >= 0, as transformers takes it; a request's own is held to OpenAI's 0..2)
+        temperature, top_p = number("temperature", 0, math.inf), number("top_p", 0, 1, low_open=True)
         top_k = data.get("top_k")
         if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= -1):
             problems.append(f"top_k {show_json_value(top_k)} is not an integer >= -1")

@@ -190,18 +190,26 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
 }
 
 
-#: The OpenAI-compatible routes that take a body (:mod:`bca_deploy.serving.openai`). What they refuse as invalid
-#: (422 on the native routes) is a 400 there, as OpenAI and vLLM answer: the ``openai`` client raises
-#: ``BadRequestError`` for it, which is what code written against OpenAI catches.
+#: The OpenAI-compatible routes that take a body (:mod:`bca_deploy.serving.openai`); ``/v1/embeddings`` is one only
+#: for a body with ``model`` (without, it is the native route). What an OpenAI request is refused for as invalid (422
+#: on the native routes) is a 400, as OpenAI and vLLM answer: the ``openai`` client raises ``BadRequestError`` for
+#: it, which is what code written against OpenAI catches.
 OPENAI_BODY_ROUTES = frozenset({"/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
                                 "/v1/unload_lora_adapter"})
 
 
-def error_status(exc: BaseException, route: str | None = None) -> tuple[int, str]:
-    """(status, type) of ``exc``: the entry of the most specific class in its MRO; 500 for anything else. On an
-    OpenAI route (``route``, the request's path: :data:`OPENAI_BODY_ROUTES`) a 422 is a 400 of the same type."""
+def is_openai_request(path: str, body: Any) -> bool:
+    """Whether a request to ``path`` with the parsed JSON ``body`` (None: not parsed, or not JSON) is an OpenAI one."""
+    if path == "/v1/embeddings":
+        return isinstance(body, dict) and "model" in body
+    return path in OPENAI_BODY_ROUTES
+
+
+def error_status(exc: BaseException, openai: bool = False) -> tuple[int, str]:
+    """(status, type) of ``exc``: the entry of the most specific class in its MRO; 500 for anything else. For an
+    OpenAI request (``openai``: :func:`is_openai_request`) a 422 is a 400 of the same type."""
     status, kind = next((ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), ERRORS[InternalServerError])
-    if status == 422 and route in OPENAI_BODY_ROUTES:
+    if status == 422 and openai:
         return 400, kind
     return status, kind
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import MAX_NUM_LABELS, TRAINING_RECORD_FILE, TaskSpec, show_json_value, read_json, run_adapter_dir
 from ..errors import format_problems
-from ..models import give_classifier_a_pad_id, vocabulary_size
+from ..models import classifier_pad_id, vocabulary_size
 from .config import METHODS, PRECISIONS, EvaluateConfig
 from .data import TASKS, check_ids_mean_these_names, check_label_range, check_token_range, ids_named, load_dataset
 from .errors import DataError, TrainingConfigError
@@ -108,7 +108,9 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
             elif names and info.get("labels_named_by"):
                 check_ids_mean_these_names(examples, names, info["labels_named_by"])
             check_label_range(examples, num_labels, "the model's head", "fix the labels")
-            give_classifier_a_pad_id(model.config, tokenizer)  # (an adapter trained here records its own)
+            pad = classifier_pad_id(model.config, tokenizer)  # (an adapter trained here records its own)
+            if pad is not None:
+                data.pad_id = pad  # the id the classifier reads past: padding must be it
         for param in model.parameters():
             param.requires_grad = False
         keep_fp32 = {n for n, _ in model.named_parameters() if ".bca_kernels." in f".{n}"}

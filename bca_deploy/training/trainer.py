@@ -48,7 +48,7 @@ from torch import nn
 from ..atomic import check_inputs_outside, write_text
 from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
 from ..errors import format_problems
-from ..models import describe_ids_past_vocabulary, give_classifier_a_pad_id, ids_past_vocabulary, vocabulary_size
+from ..models import describe_ids_past_vocabulary, classifier_pad_id, ids_past_vocabulary, vocabulary_size
 from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
 from .config import Recipe, TrainConfig, recipe_for
 from .data import (SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range, classes_needed,
@@ -627,7 +627,10 @@ class _TrainingRun:
                 missing = align_with_first(self.model, missing, str(cfg.model))
         model = self.model
         if cfg.task == "seq-cls" and getattr(model, "config", None) is not None:
-            give_classifier_a_pad_id(model.config, self.tokenizer)  # recorded in the adapter's head
+            pad = classifier_pad_id(model.config, self.tokenizer)  # recorded in the adapter's head
+            for data in (self.train_data, self.eval_data):  # padded with the id the classifier reads past
+                if pad is not None and data is not None:
+                    data.pad_id = pad
         heads = head_paths(model) if cfg.task == "seq-cls" else []
         self.new_head_keys = [k for k in missing if any(k.startswith(p + ".") for p in heads)]
         if cfg.no_head and self.new_head_keys:

@@ -138,6 +138,10 @@ def test_an_adapter_without_a_recorded_pad_id_takes_the_tokenizers(trained, tmp_
     (adapter / "adapter_config.json").write_text(json.dumps(data))
     out = export(base, tmp_path / "onnx", [adapter], merge=False, verbose=False)  # validated against PyTorch on padded batches
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == tokenizer.pad_token_id
+    from bca_deploy.merge import merge_checkpoint
+
+    merged = merge_checkpoint(base, [(adapter, 1.0)], tmp_path / "merged", progress=False)
+    assert json.loads((merged / "config.json").read_text())["pad_token_id"] == tokenizer.pad_token_id  # it batches
 
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -146,3 +150,40 @@ def test_an_adapter_without_a_recorded_pad_id_takes_the_tokenizers(trained, tmp_
     with pytest.raises(UnsupportedExportError, match=r"pad_token_id.*config\.json"):
         export(bare, tmp_path / "never", [adapter], merge=False, verbose=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_rows_of_pad_tokens_are_read_as_alone_whatever_their_neighbours(trained, tmp_path):
+    """A row made only of the pad id is read at its first token (transformers' rule, alone); left padding had read
+    it at a padding position, so its answer depended on the longest row it was batched with (another tenant's)."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    base, adapters, tokenizer = trained
+    out = export(base, tmp_path / "bank", adapters[:1], merge=False, bank=True, verbose=False)
+    session = MultiAdapterSession(out)
+    name = session.adapters()[0].name
+    pad = tokenizer.pad_token_id
+    rows = [[pad], [pad, pad, pad], [7, 8, pad], list(range(5, 25))]
+    batched = [a["logits"] for a in session.classify(rows, [name] * len(rows))]
+    model = load_model(base, [adapters[0]])
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([row])).logits[0].tolist() for row in rows]
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
+
+
+def test_evaluate_reads_each_text_where_it_is_read_alone_when_the_config_names_another_pad(tmp_path):
+    """A base config whose pad_token_id (5) is not the tokenizer's (0): rows padded with the tokenizer's id were read
+    at a padding position (the classifier reads past the config's id only), so the loss depended on the batch."""
+    import dataclasses
+
+    from bca_deploy.training import EvaluateConfig, evaluate, train
+
+    rows = sst2_rows("train", 48)
+    data = write_tsv(tmp_path / "train.tsv", rows)
+    base = _decoder_checkpoint(tmp_path / "base", "llama", [t for t, _ in rows])
+    config_file = base / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "pad_token_id": 5}))
+    run = train(config(base, data, tmp_path / "run", max_steps=1, seed=0))
+    assert json.loads((run.last_dir / "adapter_config.json").read_text())["task"]["head"]["pad_token_id"] == 5
+    one = EvaluateConfig(model=base, adapter=run.last_dir, data=data, device="cpu", batch_size=1)
+    by_one, by_sixteen = evaluate(one), evaluate(dataclasses.replace(one, batch_size=16))
+    assert by_one["loss"] == pytest.approx(by_sixteen["loss"], abs=1e-5)

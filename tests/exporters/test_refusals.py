@@ -199,10 +199,13 @@ def test_a_tokenizer_that_does_not_load_is_refused_before_anything_is_written(ti
     assert not (tmp_path / "out").exists()
 
 
-def test_a_tokenizers_own_python_code_is_never_run(tiny, tmp_path):
-    """``auto_map`` in tokenizer_config.json names code in the directory: transformers asks on a terminal whether to
-    run it (and runs it on "y"); bca-deploy never lets it, terminal or not."""
+def test_a_tokenizers_own_python_code_is_never_run(tiny, tmp_path, monkeypatch):
+    """``auto_map`` in tokenizer_config.json names code in the directory: transformers asks whether to run it (and
+    runs it on "y"); bca-deploy never asks. The user's answer is simulated: "y" to any question."""
+    import builtins
     import json
+
+    monkeypatch.setattr(builtins, "input", lambda *args: "y")
 
     from bca_deploy.exporters import ExportError
 

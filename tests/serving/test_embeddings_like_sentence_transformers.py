@@ -145,4 +145,23 @@ def test_the_native_route_keeps_its_own_parameters(exported):
         status, body = call(server.url + "/v1/embeddings", "POST", {"input": TEXTS[:1]})
         assert status == 200 and not np.isclose(np.linalg.norm(body["data"][0]["embedding"]), 1.0), body
         status, body = call(server.url + "/v1/embeddings", "POST", {"input": TEXTS[:1], "pooling": "max"})
-    assert_error(status, body, 400, "invalid_request")
+    assert_error(status, body, 422, "invalid_request")  # (the native route's status; an OpenAI request's is 400)
+
+
+def test_export_copies_no_file_a_link_leads_to_that_is_not_json(exported, tmp_path):
+    """A Pooling config that is a link to another file (a secret elsewhere on the machine) was copied into the
+    export, byte for byte; sentence-transformers cannot load such a model either. Refused, before anything is
+    written."""
+    from bca_deploy.exporters import ExportError, export
+
+    model_dir, export_dir = exported
+    copy = tmp_path / "st"
+    shutil.copytree(model_dir, copy)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password=hunter2\n")
+    (copy / "1_Pooling" / "config.json").unlink()
+    (copy / "1_Pooling" / "config.json").symlink_to(secret)
+    adapter = export_dir.parent / "adapter"
+    with pytest.raises(ExportError, match=r"1_Pooling/config\.json: not valid JSON"):
+        export(copy, tmp_path / "out", [adapter], merge=True, verbose=False)
+    assert not (tmp_path / "out").exists()

@@ -1013,12 +1013,13 @@ def test_text_stop_strings_and_stop_tokens(llama_text):
         # tokens up to the one that completed the stop string
         n = next(n for n in range(1, len(ref.token_ids) + 1) if stop in session.decode(ref.token_ids[:n]))
         assert s.token_ids == ref.token_ids[:n]
-    # a stop token: the row ends with it (kept in the ids, not in the text)
+    # a stop token: the row ends with it, kept in the ids and the text (as vLLM keeps a stop token that is not special)
     stop_token = full[0].token_ids[5]
     (ended, *_), _ = run(main(lambda i: SamplingParams(max_new_tokens=24, stop_token_ids=[stop_token])))
     first = full[0].token_ids.index(stop_token)
     assert ended.token_ids == full[0].token_ids[:first + 1] and ended.finish_reason == "stop"
-    assert ended.text == session.decode(full[0].token_ids[:first])
+    assert ended.text == session.decode(full[0].token_ids[:first + 1])
+    assert ended.text != session.decode(full[0].token_ids[:first])
 
 
 # ---- parameters and the engine's settings -----------------------------------------------------------------------

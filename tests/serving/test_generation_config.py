@@ -92,12 +92,14 @@ def test_openai_requests_take_its_sampling_defaults_and_stop_ids(llama, stop_tok
 
 def test_values_transformers_would_not_mean_are_ignored_and_named(tmp_path):
     path = tmp_path / "generation_config.json"
-    path.write_text(json.dumps({"eos_token_id": [2, "x"], "temperature": 7, "top_p": 0, "top_k": 1.5}))
+    path.write_text(json.dumps({"eos_token_id": [2, "x"], "temperature": -1, "top_p": 0, "top_k": 1.5}))
     defaults = GenerationDefaults.read(path)
     assert (defaults.eos_token_ids, defaults.temperature, defaults.top_p, defaults.top_k) == ((), None, None, None)
     assert len(defaults.problems) == 4
     assert all(str(path) in p and "ignored" in p for p in defaults.problems)
-    assert "temperature 7" in " ".join(defaults.problems)
+    assert "temperature -1" in " ".join(defaults.problems)
+    path.write_text(json.dumps({"eos_token_id": 7, "temperature": 2.5, "top_p": 0.9, "top_k": 40}))  # transformers'
+    assert GenerationDefaults.read(path) == GenerationDefaults((7,), 2.5, 0.9, 40)
 
     path.write_text("{not json")
     (problem,) = GenerationDefaults.read(path).problems

@@ -918,10 +918,10 @@ def test_malformed_json_is_400(llama_url):
 
 
 def test_invalid_embedding_requests(bert_url):
-    # (400s: /v1/embeddings is an OpenAI path, where what the native routes answer 422 is a 400, as OpenAI answers)
-    for body, expected in (({"input": [[5, 6]], "pooling": "max"}, 400), ({"input": [[5, 6]], "adapter": "nope"}, 404),
+    # (native requests: no "model"; the OpenAI one answers 400 where these answer 422, as OpenAI answers)
+    for body, expected in (({"input": [[5, 6]], "pooling": "max"}, 422), ({"input": [[5, 6]], "adapter": "nope"}, 404),
                            ({"input": [[1] * 65]}, 400), ({"input": [[5, 600]]}, 400),
-                           ({"input": ["some text", [5, 6]]}, 400)):
+                           ({"input": ["some text", [5, 6]]}, 422), ({"model": "a0", "input": [[5, 6]], "x": 1}, 400)):
         status, got = call(bert_url + "/v1/embeddings", "POST", body)
         assert_error(status, got, expected)
 

@@ -1016,11 +1016,15 @@ def test_the_turn_pool_serves_in_order_and_skips_a_waiter_that_gave_up():
     assert grows._room == 0 and sorted(grows._free) == ["a", "made1", "made2"]
 
 
-def test_a_tokenizer_that_does_not_load_stops_the_server_before_it_starts(tmp_path_factory):
+def test_a_tokenizer_that_does_not_load_stops_the_server_before_it_starts(tmp_path_factory, monkeypatch):
     """A broken (or remote-code) tokenizer in an export: warm_up, which serve and the Ray replicas run before taking
-    requests, refuses it naming the file, instead of a server whose every text request fails."""
+    requests, refuses it naming the file, instead of a server whose every text request fails. The remote code is
+    never run, whatever a user would answer transformers' question (simulated: "y")."""
+    import builtins
     import json
     import shutil
+
+    monkeypatch.setattr(builtins, "input", lambda *args: "y")
 
     from http_helpers import bank
 
