@@ -239,7 +239,7 @@ def export(
     if opset is not None:
         _resolve_opset(opset, merge, fft, default=opset)
     model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank)
-    tokenizer_note = _check_tokenizer(model_dir)
+    notes = [note for note in (_check_tokenizer(model_dir),) if note]  # printed with the result
     sentence_files = _sentence_transformers_files(model_dir) if model_task.export_task == "feature-extraction" else []
     # AdapterMismatchError surfaces here; a bank holds each adapter's own head in its slot (bank.BankPlan)
     bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
@@ -251,6 +251,15 @@ def export(
             "pad_token_id, and neither config.json, the adapter's head nor a tokenizer in that directory gives one: "
             f"set pad_token_id in {model_dir}/config.json to the id the adapter was trained with (training pads with "
             "the tokenizer's pad id, else its EOS id)")
+    if task == "text-classification" and is_decoder(model.config.model_type):
+        recorded = model_task.head.pad_token_id if model_task.head is not None else None
+        from bca_deploy.models import load_config
+
+        if recorded is None and load_config(model_dir).pad_token_id is None:  # (a PEFT classifier on Llama...)
+            pad_note = (f"the classifier reads each text's last token that is not id {model.config.pad_token_id}, the "
+                        f"pad id of {model_dir}'s tokenizer (neither config.json nor the adapter names one); if the "
+                        "adapter was trained with another, set pad_token_id in config.json to it")
+            notes.append(pad_note)
     if validate:  # a case longer than the model's positions would fail inside onnxruntime after the export
         cases = check_cases(cases, model.config, task.endswith("-with-past"))
     opset = _resolve_opset(opset, merge, fft, DEFAULT_OPSET)
@@ -301,8 +310,8 @@ def export(
         write_export_metadata(tmp, model_dir, adapter_dirs, task, opset, dtype, merge, fft, export_s, report,
                               bank=None if bank_plan is None else bank_plan.metadata())
     if verbose:
-        if tokenizer_note:
-            print(f"note: {tokenizer_note}")
+        for note in notes:
+            print(f"note: {note}")
         kind = "merged" if merge else f"unmerged ({fft})"
         if bank_plan is not None:
             for line in bank_plan.notes():

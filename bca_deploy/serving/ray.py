@@ -297,6 +297,7 @@ class Router:
         self.created = int(time.time())  # the models' "created", as a single server gives it
 
     async def __call__(self, request: Request):
+        body = None  # (a body that does not arrive, or arrives too large, is refused before it is read)
         try:
             body = await self._body(request)
             # the store's listing takes seconds for a large store: off the event loop, which every request shares

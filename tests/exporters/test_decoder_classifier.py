@@ -125,7 +125,7 @@ def test_merged_graph_classifies_as_pytorch(trained, tmp_path):
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == 0
 
 
-def test_an_adapter_without_a_recorded_pad_id_takes_the_tokenizers(trained, tmp_path):
+def test_an_adapter_without_a_recorded_pad_id_takes_the_tokenizers(trained, tmp_path, capsys):
     """PEFT (and bca-deploy before it recorded one) write no pad id: the base's tokenizer gives it, by the rule
     training pads with; without a tokenizer either, export says what to set, before writing anything."""
     import shutil
@@ -136,7 +136,9 @@ def test_an_adapter_without_a_recorded_pad_id_takes_the_tokenizers(trained, tmp_
     data = json.loads((adapter / "adapter_config.json").read_text())
     del data["task"]["head"]["pad_token_id"]
     (adapter / "adapter_config.json").write_text(json.dumps(data))
-    out = export(base, tmp_path / "onnx", [adapter], merge=False, verbose=False)  # validated against PyTorch on padded batches
+    out = export(base, tmp_path / "onnx", [adapter], merge=False)  # validated against PyTorch on padded batches
+    assert f"note: the classifier reads each text's last token that is not id {tokenizer.pad_token_id}, the pad id of " \
+        in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == tokenizer.pad_token_id
     from bca_deploy.merge import merge_checkpoint
 
