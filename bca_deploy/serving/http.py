@@ -90,7 +90,7 @@ from .wire import (
     check_rows,
     error_body,
     error_status,
-    OPENAI_BODY_ROUTES,
+    is_openai_request,
     parse_body,
     validate,
 )
@@ -1066,9 +1066,9 @@ def create_app(
     app.state.batcher, app.state.engine, app.state.options = server.batcher, server.engine, options
 
     def error_response(request: Request, exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
-        path = request.url.path  # /v1/embeddings is an OpenAI request only with "model" (its handler says so)
-        openai = path in OPENAI_BODY_ROUTES and (path != "/v1/embeddings" or getattr(request.state, "openai", False))
-        status, kind = error_status(exc, openai)
+        # /v1/embeddings is an OpenAI request only with "model": its handler says so once it has read the body
+        openai = getattr(request.state, "openai", None)
+        status, kind = error_status(exc, is_openai_request(request.url.path, None) if openai is None else openai)
         request.state.error_type = kind
         message = server.redact(str(exc)) if isinstance(exc, BCAError) else "internal error"
         if status == 503:

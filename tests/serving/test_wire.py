@@ -210,6 +210,25 @@ def test_every_error_type_has_one_status():
         {"error": {"message": "m", "type": "unknown_adapter", "param": "model", "code": 404}}
 
 
+def test_an_openai_requests_invalid_fields_are_400s_as_openai_answers():
+    """The openai client raises BadRequestError for a 400 and UnprocessableEntityError for a 422: code written against
+    OpenAI (and vLLM, which answers 400) catches the first. Native requests keep 422; /v1/embeddings is an OpenAI
+    request only with "model"."""
+    from bca_deploy.serving.wire import is_openai_request
+
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        assert is_openai_request(path, None) and is_openai_request(path, {"prompt": "x"})
+    assert is_openai_request("/v1/embeddings", {"model": "a0", "input": "x"})
+    assert not is_openai_request("/v1/embeddings", {"input": "x"}) and not is_openai_request("/v1/embeddings", ["x"])
+    for path in ("/v1/classify", "/v1/generate", "/v1/adapters"):
+        assert not is_openai_request(path, {"model": "a0"})
+    for cls in (InvalidRequestError, AdapterNameError, AdapterMismatchError, AdapterFormatError):
+        status, kind = error_status(cls("x"))
+        assert status == 422 and error_status(cls("x"), openai=True) == (400, kind)
+    assert error_status(UnknownAdapterError("x"), openai=True) == (404, "unknown_adapter")
+    assert error_status(RequestTooLargeError("x"), openai=True) == (413, "request_too_large")
+
+
 # ---- options ---------------------------------------------------------------------------------------------
 
 
