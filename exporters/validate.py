@@ -56,6 +56,8 @@ __all__ = [
     "PositionTable",
     "graph_position_tables",
     "graph_position_limit",
+    "graph_embedding_rows",
+    "graph_limits",
     "ONNX_FILE",
 ]
 
@@ -509,6 +511,8 @@ class PositionTable:
 _TABLE_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"})
 #: Ops a table passes through unchanged on its way to its Gather (an fp16 export may Cast it).
 _TABLE_PASSTHROUGH = frozenset({"Cast", "Identity"})
+#: Nodes that keep the values of token ids (input_ids on its way to the word-embedding lookup).
+_IDS_PASSTHROUGH = _TABLE_PASSTHROUGH | {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 #: Bounds on what computes a Gather's indices for it to be probed: position ids come from the inputs' shapes,
 #: the mask or ``position_ids`` through a few small ops; indices computed from weights are something else.
 _MAX_INDEX_NODES = 256
@@ -576,8 +580,49 @@ def graph_position_limit(onnx_path: str | Path) -> PositionTable | None:
     Raises:
         ExportGraphError, OSError: as :func:`check_graph_file`.
     """
-    tables = graph_position_tables(check_graph_file(onnx_path))
-    return min(tables, key=lambda t: t.limit) if tables else None
+    return graph_limits(onnx_path)[0]
+
+
+def graph_limits(onnx_path: str | Path) -> tuple[PositionTable | None, int | None]:
+    """``(`` :func:`graph_position_limit` ``,`` :func:`graph_embedding_rows` ``)`` of the graph file ``onnx_path``,
+    read once.
+
+    Raises:
+        ExportGraphError, OSError: as :func:`check_graph_file`.
+    """
+    model = check_graph_file(onnx_path)
+    tables = graph_position_tables(model)
+    return (min(tables, key=lambda t: t.limit) if tables else None), graph_embedding_rows(model)
+
+
+def graph_embedding_rows(model: Any) -> int | None:
+    """How many token ids the graph embeds: the rows of the table its ``input_ids`` index (a 2-D initializer or
+    constant read by a Gather on axis 0 whose indices are ``input_ids``, through Cast/Identity), the fewest where
+    there are several; None where no lookup reads ``input_ids`` so. An id from there on fails inside onnxruntime
+    (an out-of-bounds Gather: a 500), whatever ``config.json``'s ``vocab_size`` claims."""
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                constants.setdefault(node.output[0], value)
+    rows = []
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) != 2 or \
+                any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            continue
+        indices = node.input[1]
+        for _ in range(4):  # input_ids itself, or it cast or reshaped (GPT-2 views it as (-1, length)): same values
+            producer = producers.get(indices)
+            if producer is None or producer.op_type not in _IDS_PASSTHROUGH or not producer.input:
+                break
+            indices = producer.input[0]
+        source = _table_source(node.input[0], constants, producers)
+        if indices == "input_ids" and source is not None and len(source[1].dims) == 2 and source[1].dims[0] >= 1:
+            rows.append(int(source[1].dims[0]))
+    return min(rows) if rows else None
 
 
 def _table_source(name: str, constants: dict[str, Any], producers: dict[str, Any]) -> tuple[str, Any] | None:

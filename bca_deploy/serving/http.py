@@ -1446,6 +1446,8 @@ def startup_notes(server: Server) -> list[str]:
         notes.append(session.positions_note)
     if session.truncation_note:  # the tokenizer cuts texts far below what the model holds
         notes.append(session.truncation_note)
+    if session.vocabulary_note:  # config.json claims more token ids than the graph embeds
+        notes.append(session.vocabulary_note)
     if session.with_past:  # a generation_config.json value that is not what transformers means by it is not used
         notes.extend(session.generation_defaults.problems)
     if server.embeddings is not None:  # sentence-transformers modules not run (a Dense projection...)

@@ -279,7 +279,7 @@ class MultiAdapterSession:
 
         from bca_deploy.exporters.bank import LOGITS_TO_KEEP, bank_base_matches
         from bca_deploy.exporters.errors import ExportGraphError
-        from bca_deploy.exporters.validate import ONNX_FILE, graph_position_limit, inference_session
+        from bca_deploy.exporters.validate import ONNX_FILE, graph_limits, inference_session
 
         self.export_dir = Path(export_dir)
         onnx_path = self.export_dir / ONNX_FILE
@@ -299,12 +299,15 @@ class MultiAdapterSession:
         options.log_severity_level = 3  # the bank's overridable initializers warn once per input otherwise
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
-        # The graph's own position table (None: rotary or no absolute positions): config.json and the tokenizer
-        # only claim a limit, and a row past the table fails inside onnxruntime (HTTP 500), so max_positions
-        # takes the lower of the two. Read before the session is built: the parsed graph (weights included when
-        # they are inside the file) is freed before onnxruntime holds its own copy, so the two do not add up.
+        # The graph's own position table (None: rotary or no absolute positions) and word-embedding rows: config.json
+        # and the tokenizer only claim them, and a row past the table or an id past the rows fails inside onnxruntime
+        # (HTTP 500), so max_positions and vocabulary take the lower of the two. Read before the session is built: the
+        # parsed graph (weights included when they are inside the file) is freed before onnxruntime holds its own
+        # copy, so the two do not add up.
+        self.embedding_rows: int | None = None
         try:
-            self.position_table: PositionTable | None = graph_position_limit(onnx_path)
+            self.position_table: PositionTable | None
+            self.position_table, self.embedding_rows = graph_limits(onnx_path)
         except ExportGraphError:  # a damaged graph file: onnxruntime's refusal below names it (the documented error)
             self.position_table = None
         self.session = inference_session(onnx_path, options, provider)
@@ -863,7 +866,7 @@ class MultiAdapterSession:
                 raise ServingError(self._no_tokenizer)
             try:
                 tokenizer = load_saved_tokenizer(self.export_dir)
-                vocabulary = vocabulary_size(self.config)
+                vocabulary = self.vocabulary
                 extra = ids_past_vocabulary(tokenizer, vocabulary)
                 self._tokenizer_mismatch = (f"the tokenizer saved in {self.export_dir} does not fit its model: "
                                             f"{describe_ids_past_vocabulary(tokenizer, extra, vocabulary)}; texts "
@@ -946,7 +949,7 @@ class MultiAdapterSession:
         takes them). ``pad_id``: the id padding positions get (default: :attr:`pad_token_id`)."""
         if not input_ids or any(len(r) == 0 for r in input_ids):
             raise ServingError("every row needs at least one token")
-        vocab = vocabulary_size(self.config) or 0
+        vocab = self.vocabulary or 0
         bad = [t for r in input_ids for t in r if not isinstance(t, (int, np.integer)) or t < 0 or (vocab and t >= vocab)]
         if bad:
             raise ServingError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
@@ -1074,7 +1077,7 @@ class MultiAdapterSession:
     def _refuse_unembeddable_texts(self, rows: Sequence[Sequence[int]]) -> None:
         """A text whose tokens the model cannot embed is the export's tokenizer's doing, not a bad token id the
         client sent: say which text and which tokens."""
-        vocabulary = vocabulary_size(self.config) or 0
+        vocabulary = self.vocabulary or 0
         for index, row in enumerate(rows):
             outside = sorted({t for t in row if t >= vocabulary})
             if outside:
@@ -1212,6 +1215,23 @@ class MultiAdapterSession:
         return _pad_id(self.config, self._tokenizer)
 
     @property
+    def vocabulary(self) -> int | None:
+        """How many token ids rows may use (``0..vocabulary-1``; None: unknown): ``config.json``'s ``vocab_size``, or
+        the graph's word-embedding rows where those are fewer (:attr:`embedding_rows`; see :attr:`vocabulary_note`)."""
+        bounds = [b for b in (vocabulary_size(self.config), self.embedding_rows) if b]
+        return min(bounds) if bounds else None
+
+    @property
+    def vocabulary_note(self) -> str | None:
+        """One line for the operator when ``config.json`` claims more token ids than the graph embeds, else None."""
+        claimed = vocabulary_size(self.config)
+        if not claimed or not self.embedding_rows or claimed <= self.embedding_rows:
+            return None
+        return (f"{self.export_dir / 'config.json'} claims vocab_size {claimed}, but the graph embeds "
+                f"{self.embedding_rows} token ids: ids from {self.embedding_rows} on are refused; correct the file or "
+                "export the model again")
+
+    @property
     def eos_token_ids(self) -> set[int]:
         """The end-of-sequence ids a generated row ends with: the model config's, ``generation_config.json``'s
         and the tokenizer's (as vLLM, and as ``generate`` with the checkpoint's generation config: chat models
@@ -1224,7 +1244,7 @@ class MultiAdapterSession:
             tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
             if isinstance(tokenizer_eos, int) and not isinstance(tokenizer_eos, bool):
                 ids.add(tokenizer_eos)
-            vocabulary = vocabulary_size(self.config)
+            vocabulary = self.vocabulary
             self._eos_token_ids = frozenset(i for i in ids if 0 <= i and (not vocabulary or i < vocabulary))
         return set(self._eos_token_ids)
 

@@ -90,6 +90,14 @@ def test_the_position_table_is_found_in_the_graph(exports, name, table, rows, of
     assert found == [PositionTable(table, rows, offset, TABLE)]
 
 
+@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2", "llama"])
+def test_the_word_embedding_rows_are_found_in_the_graph(exports, name):
+    """The ids a graph can embed, read from the table its input_ids index (build_model's vocabulary: 128)."""
+    from bca_deploy.exporters.validate import ONNX_FILE, check_graph_file, graph_embedding_rows
+
+    assert graph_embedding_rows(check_graph_file(exports(name) / ONNX_FILE)) == 128
+
+
 def test_a_rotary_model_has_no_table_and_keeps_its_config_limit(exports, tmp_path):
     """Llama's positions are rotary (computed from the position ids, no table): nothing in the graph bounds them, so
     the config's limit stands, whatever it says (no limit is invented), and there is nothing to note."""

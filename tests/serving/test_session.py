@@ -1069,3 +1069,22 @@ def test_texts_cut_far_below_the_models_positions_are_said(tmp_path, tmp_path_fa
     assert session.truncation_note.startswith("texts are cut at 3 tokens: the tokenizer_config.json of ")
     assert f"model holds {session.max_positions} positions" in session.truncation_note
     assert session.tokenize(["the water is hot"]) == [session.tokenize(["the water"])[0][:3]]
+
+
+def test_ids_past_the_graphs_embedding_rows_are_refused_whatever_config_json_claims(tmp_path, bert):
+    """A config.json whose vocab_size was raised above the graph's word-embedding rows: an id between the two reached
+    onnxruntime's Gather (out of bounds: HTTP 500). The graph's rows bound ids, and the claim is said at start."""
+    import json
+
+    directory = tmp_path / "export"
+    shutil.copytree(bert["onnx"], directory)
+    plain = MultiAdapterSession(directory)
+    rows = plain.embedding_rows
+    assert rows == plain.vocabulary and plain.vocabulary_note is None
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "vocab_size": 99_999}))
+    session = MultiAdapterSession(directory)
+    assert session.vocabulary == rows and f"claims vocab_size 99999, but the graph embeds {rows}" in session.vocabulary_note
+    with pytest.raises(ServingError, match=rf"token ids must be integers in \[0, {rows}\); got \[{rows}\]"):
+        session.embed([[5, rows]], [None])
+    assert session.embed([[5, rows - 1]], [None]).shape[0] == 1
