@@ -523,6 +523,18 @@ _PROBE_TOKENS = (3, 4)
 _MAX_PROBE_FEED_ELEMENTS = 1 << 22
 
 
+def _constants_and_producers(graph: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({name: tensor} of the graph's initializers and Constant nodes, {output name: node producing it})``."""
+    constants = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                constants.setdefault(node.output[0], value)
+    return constants, producers
+
+
 def graph_position_tables(model: Any) -> list[PositionTable]:
     """The absolute position-embedding tables of an ``onnx.ModelProto`` (external data not needed), each with the
     most tokens one row can have: what the graph itself can embed, whatever its ``config.json`` says.
@@ -541,13 +553,7 @@ def graph_position_tables(model: Any) -> list[PositionTable]:
     from onnx import TensorProto
 
     graph = model.graph
-    constants = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                constants.setdefault(node.output[0], value)
+    constants, producers = _constants_and_producers(graph)
     inputs = {vi.name: vi for vi in graph.input}
     order = {id(node): i for i, node in enumerate(graph.node)}
     tables = []
@@ -601,13 +607,7 @@ def graph_embedding_rows(model: Any) -> int | None:
     there are several; None where no lookup reads ``input_ids`` so. An id from there on fails inside onnxruntime
     (an out-of-bounds Gather: a 500), whatever ``config.json``'s ``vocab_size`` claims."""
     graph = model.graph
-    constants = {t.name: t for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                constants.setdefault(node.output[0], value)
+    constants, producers = _constants_and_producers(graph)
     rows = []
     for node in graph.node:
         if node.op_type != "Gather" or len(node.input) != 2 or \
