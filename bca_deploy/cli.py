@@ -237,6 +237,8 @@ def inspect(adapter: Path) -> None:
             labels = ", ".join(task.head.id2label[i] for i in range(min(task.head.num_labels, 8)))
             more = ", ..." if task.head.num_labels > 8 else ""
             head = f", head {'+'.join(task.head.modules)} with {task.head.num_labels} labels ({labels}{more})"
+        elif task.type == "seq-cls" and config.modules_to_save:  # PEFT records no labels: its saved label layer says
+            head = _saved_head_description(config, header.shapes)
         say(f"task:         {task.type} ({task.architecture or 'architecture not recorded'}{head}); "
                    f"exports as {task.export_task}")
     # PEFT narrows its targets by layer; the modules below are what the kernels adapt, this says why fewer
@@ -270,6 +272,29 @@ def inspect(adapter: Path) -> None:
     for name, spec in sorted(config.modules.items()):
         say(f"{name:<{width}}  {spec.layer_type:<6}  {spec.in_features:>6}  {spec.out_features:>6}  "
                    f"{spec.block_size:>4}  {spec.scaling:.6g}")
+
+
+def _saved_head_description(config, shapes) -> str:
+    """", head X with N labels (from its saved label layer, unnamed)" for a seq-cls adapter that saves its head
+    without recording it (PEFT's SEQ_CLS), read off the recorded local base checkpoint's architecture; "" when that
+    base is not a local directory or the layer is not found (export and serve say the same from the model)."""
+    from .adapter_io import _recorded_base_config
+    from .errors import BCAError
+    from .models import saved_label_head
+
+    try:
+        base = _recorded_base_config(config)
+        head = saved_label_head(base, config.modules_to_save, shapes) if base is not None else None
+    except (BCAError, OSError):
+        return ""
+    if head is None:
+        return ""
+    names = [head.id2label[i] for i in range(head.num_labels)]
+    if names == [f"LABEL_{i}" for i in range(head.num_labels)]:
+        named = "names not recorded: bca-deploy convert --label-names records them"
+    else:
+        named = "named as the base names them: " + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return f", head {'+'.join(head.modules)} with {head.num_labels} labels (from its saved label layer; {named})"
 
 
 def _saved_whole(name: str, modules_to_save: list[str]) -> bool:

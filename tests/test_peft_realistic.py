@@ -138,6 +138,9 @@ def test_peft_adapters_as_users_save_them_give_pefts_numbers_everywhere(case, re
     runner = CliRunner()
     result = runner.invoke(main, ["inspect", str(directory)])
     assert result.exit_code == 0, result.output
+    if saved.get("task_type") == "SEQ_CLS":  # PEFT records no labels: inspect reads them off the saved label layer
+        labels = transformers.AutoConfig.from_pretrained(base).num_labels
+        assert f"with {labels} labels (from its saved label layer; names not recorded" in result.output, result.output
     for args in (["convert", "--adapter", str(directory), "--to", "bca", "--out", str(tmp_path / "bca")],
                  ["convert", "--adapter", str(tmp_path / "bca"), "--to", "peft", "--out", str(tmp_path / "back")],
                  ["merge", "--model", str(base), "--adapter", str(directory), "--out", str(tmp_path / "merged"),

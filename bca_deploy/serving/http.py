@@ -1449,7 +1449,7 @@ def startup_notes(server: Server) -> list[str]:
     if session.vocabulary_note:  # config.json claims more token ids than the graph embeds
         notes.append(session.vocabulary_note)
     if session.with_past:  # a generation_config.json value that is not what transformers means by it is not used
-        notes.extend(session.generation_defaults.problems)
+        notes.extend(session.generation_notes)
     if server.embeddings is not None:  # sentence-transformers modules not run (a Dense projection...)
         notes.extend(server.embeddings.notes)
     if not session.snapshot().slots and server.store is None:

@@ -1249,6 +1249,21 @@ class MultiAdapterSession:
         return set(self._eos_token_ids)
 
     @property
+    def generation_notes(self) -> list[str]:
+        """What of the export's ``generation_config.json`` is not used, one line each, for the operator: values
+        transformers would not accept (:attr:`GenerationDefaults.problems`) and end-of-sequence ids outside the
+        model's vocabulary (no row could end with them)."""
+        defaults = self.generation_defaults
+        vocabulary = self.vocabulary
+        outside = [i for i in defaults.eos_token_ids if vocabulary and i >= vocabulary]
+        notes = list(defaults.problems)
+        if outside:
+            shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+            notes.append(f"{self.export_dir / GENERATION_CONFIG_FILE}: eos_token_id {shown} outside the model's "
+                         f"{vocabulary} token ids (ignored)")
+        return notes
+
+    @property
     def generation_defaults(self) -> GenerationDefaults:
         """What the export's ``generation_config.json`` says about generating (read once; see
         :class:`GenerationDefaults`)."""

@@ -105,3 +105,14 @@ def test_values_transformers_would_not_mean_are_ignored_and_named(tmp_path):
     (problem,) = GenerationDefaults.read(path).problems
     assert str(path) in problem and "not used" in problem
     assert GenerationDefaults.read(tmp_path / "absent.json") == GenerationDefaults()
+
+
+def test_end_of_sequence_ids_outside_the_vocabulary_are_said_at_start(llama, tmp_path):
+    directory = tmp_path / "onnx"
+    shutil.copytree(llama["onnx"], directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 10**30, 128], "top_p": 0}))
+    session = MultiAdapterSession(directory, intra_op_threads=1)
+    assert session.eos_token_ids == {2}
+    notes = session.generation_notes
+    assert len(notes) == 2 and "top_p 0 is not a number" in notes[0]
+    assert f"eos_token_id {10**30}, 128 outside the model's 128 token ids (ignored)" in notes[1]
