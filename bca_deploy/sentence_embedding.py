@@ -33,6 +33,7 @@ def _kind(module: dict[str, Any]) -> str | None:
         return kind.rsplit(".", 1)[-1]
     return None
 
+
 #: sentence-transformers' pooling modes -> bca-deploy's pooling (None: not computed here).
 POOLING_MODES = {"cls": "cls", "mean": "mean", "lasttoken": "last", "max": None, "mean_sqrt_len_tokens": None,
                  "weightedmean": None}
@@ -48,6 +49,8 @@ def _pooling_modes(config: dict[str, Any]) -> list[str]:
     if mode is not None:  # sentence-transformers 5.x: a name or a list of names
         return [str(m)[:40] for m in (mode if isinstance(mode, list) else [mode])]
     return [name for key, name in _LEGACY_MODE_KEYS.items() if config.get(key) is True]
+
+
 #: A module's ``path``: one folder name inside the model directory (never absolute, never ``..``).
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
@@ -166,13 +169,13 @@ class EmbeddingRecipe:
                     not_run.append(str(module.get("type"))[:100])
         if not_run:  # one line, however many (a hostile modules.json can list thousands)
             shown = ", ".join(sorted(set(not_run))[:5])
-            problems.append(f"{model_dir / MODULES_FILE} has {len(not_run)} module(s) bca-deploy does not run ({shown}): "
-                            "its embeddings are the pooled vectors before them")
+            problems.append(f"{model_dir / MODULES_FILE} has {len(not_run)} module(s) bca-deploy does not run "
+                            f"({shown}): its embeddings are the pooled vectors before them")
         prompt = _default_prompt(model_dir, problems)
         if prompt is not None:
-            problems.append(f"{model_dir / 'config_sentence_transformers.json'}: SentenceTransformer.encode prepends the "
-                            f"default prompt {prompt[:80]!r} to every text; /v1/embeddings does not, so send it in "
-                            "the input")
+            problems.append(f"{model_dir / 'config_sentence_transformers.json'}: SentenceTransformer.encode prepends "
+                            f"the default prompt {prompt[:80]!r} to every text; /v1/embeddings does not, so send it "
+                            "in the input")
         bert_config = model_dir / "sentence_bert_config.json"
         if bert_config.is_file():
             try:

@@ -245,21 +245,8 @@ def export(
     bank_plan = BankPlan.load(model_dir, adapter_dirs, model_task) if bank else None
     model = bank_plan.model if bank_plan is not None else load_model(model_dir, adapter_dirs, model_task)
     task = model_task.export_task
-    if task == "text-classification" and is_decoder(model.config.model_type) and model.config.pad_token_id is None:
-        raise UnsupportedExportError(
-            f"{model_dir}: this {model.config.model_type} classifier reads each row's last token that is not its "
-            "pad_token_id, and neither config.json, the adapter's head nor a tokenizer in that directory gives one: "
-            f"set pad_token_id in {model_dir}/config.json to the id the adapter was trained with (training pads with "
-            "the tokenizer's pad id, else its EOS id)")
     if task == "text-classification" and is_decoder(model.config.model_type):
-        recorded = model_task.head.pad_token_id if model_task.head is not None else None
-        from bca_deploy.models import load_config
-
-        if recorded is None and load_config(model_dir).pad_token_id is None:  # (a PEFT classifier on Llama...)
-            pad_note = (f"the classifier reads each text's last token that is not id {model.config.pad_token_id}, the "
-                        f"pad id of {model_dir}'s tokenizer (neither config.json nor the adapter names one); if the "
-                        "adapter was trained with another, set pad_token_id in config.json to it")
-            notes.append(pad_note)
+        notes += _decoder_classifier_pad_note(model, model_dir, model_task)
     if validate:  # a case longer than the model's positions would fail inside onnxruntime after the export
         cases = check_cases(cases, model.config, task.endswith("-with-past"))
     opset = _resolve_opset(opset, merge, fft, DEFAULT_OPSET)
@@ -323,6 +310,31 @@ def export(
     return out_dir
 
 
+def _decoder_classifier_pad_note(model: nn.Module, model_dir: Path, model_task) -> list[str]:
+    """A decoder classifier reads each row's last token that is not its ``pad_token_id``: refuse one that has none
+    (from config.json, the adapter's head or the base's tokenizer, :func:`bca_deploy.models.load_base`); say so when
+    only the tokenizer gave it (a PEFT classifier on Llama), since the adapter may have been trained with another.
+
+    Raises:
+        UnsupportedExportError: no pad id anywhere.
+    """
+    from bca_deploy.models import load_config
+
+    pad = model.config.pad_token_id
+    if pad is None:
+        raise UnsupportedExportError(
+            f"{model_dir}: this {model.config.model_type} classifier reads each row's last token that is not its "
+            "pad_token_id, and neither config.json, the adapter's head nor a tokenizer in that directory gives one: "
+            f"set pad_token_id in {model_dir}/config.json to the id the adapter was trained with (training pads with "
+            "the tokenizer's pad id, else its EOS id)")
+    recorded = model_task.head.pad_token_id if model_task.head is not None else None
+    if recorded is not None or load_config(model_dir).pad_token_id is not None:
+        return []
+    return [f"the classifier reads each text's last token that is not id {pad}, the pad id of {model_dir}'s tokenizer "
+            "(neither config.json nor the adapter names one); if the adapter was trained with another, set "
+            "pad_token_id in config.json to it"]
+
+
 def _sentence_transformers_files(model_dir: Path) -> list[str]:
     """The sentence-transformers files of ``model_dir`` an embeddings export keeps (pooling, normalisation, text
     length: what ``serve``'s ``/v1/embeddings`` follows, :class:`bca_deploy.sentence_embedding.EmbeddingRecipe`),
@@ -361,9 +373,9 @@ def _check_tokenizer(model_dir: Path) -> str | None:
     try:
         tokenizer = load_saved_tokenizer(model_dir)
     except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many types for broken files
-        raise ExportError(f"{model_dir}: its tokenizer does not load ({type(exc).__name__}: {first_line(exc, 200)}); an "
-                          "export copies it, and serve refuses to start with it. Save the model's tokenizer there, or "
-                          "remove its files to export a graph that takes token ids only") from None
+        raise ExportError(f"{model_dir}: its tokenizer does not load ({type(exc).__name__}: {first_line(exc, 200)}); "
+                          "an export copies it, and serve refuses to start with it. Save the model's tokenizer there, "
+                          "or remove its files to export a graph that takes token ids only") from None
     vocabulary = vocabulary_size(load_config(model_dir))
     extra = ids_past_vocabulary(tokenizer, vocabulary)
     if not extra:

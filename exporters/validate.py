@@ -17,7 +17,7 @@ import contextlib
 import inspect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -523,6 +523,14 @@ _PROBE_TOKENS = (3, 4)
 _MAX_PROBE_FEED_ELEMENTS = 1 << 22
 
 
+def _row_gathers(graph: Any) -> Iterator[Any]:
+    """The graph's Gather nodes that pick rows (axis 0) of their data by their indices: embedding lookups."""
+    for node in graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and \
+                not any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            yield node
+
+
 def _constants_and_producers(graph: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``({name: tensor} of the graph's initializers and Constant nodes, {output name: node producing it})``."""
     constants = {t.name: t for t in graph.initializer}
@@ -557,10 +565,7 @@ def graph_position_tables(model: Any) -> list[PositionTable]:
     inputs = {vi.name: vi for vi in graph.input}
     order = {id(node): i for i, node in enumerate(graph.node)}
     tables = []
-    for node in graph.node:
-        if node.op_type != "Gather" or len(node.input) != 2 or \
-                any(a.name == "axis" and a.i != 0 for a in node.attribute):
-            continue
+    for node in _row_gathers(graph):
         source = _table_source(node.input[0], constants, producers)
         if source is None or node.input[1] in constants:
             continue
@@ -603,16 +608,13 @@ def graph_limits(onnx_path: str | Path) -> tuple[PositionTable | None, int | Non
 
 def graph_embedding_rows(model: Any) -> int | None:
     """How many token ids the graph embeds: the rows of the table its ``input_ids`` index (a 2-D initializer or
-    constant read by a Gather on axis 0 whose indices are ``input_ids``, through Cast/Identity), the fewest where
+    constant read by a Gather on axis 0 whose indices are ``input_ids``, cast or reshaped), the fewest where
     there are several; None where no lookup reads ``input_ids`` so. An id from there on fails inside onnxruntime
     (an out-of-bounds Gather: a 500), whatever ``config.json``'s ``vocab_size`` claims."""
     graph = model.graph
     constants, producers = _constants_and_producers(graph)
     rows = []
-    for node in graph.node:
-        if node.op_type != "Gather" or len(node.input) != 2 or \
-                any(a.name == "axis" and a.i != 0 for a in node.attribute):
-            continue
+    for node in _row_gathers(graph):
         indices = node.input[1]
         for _ in range(4):  # input_ids itself, or it cast or reshaped (GPT-2 views it as (-1, length)): same values
             producer = producers.get(indices)

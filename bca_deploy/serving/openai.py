@@ -16,11 +16,11 @@ adapter, as with vLLM's ``--lora-modules``:
 
 ``model`` is an adapter's name, or the base model's served name (``--served-model-name``, default: the
 export directory's name) or ``"__base__"`` for no adapter. ``temperature`` 0 is greedy decoding
-(token-equal to PyTorch's ``generate`` given the same end-of-sequence ids); otherwise tokens are sampled, every prompt of a request with ``seed``
-itself (as vLLM: a prompt samples as it would alone). ``temperature``, ``top_p`` and ``top_k`` left out take the
-export's ``generation_config.json`` values, as vLLM does, else OpenAI's defaults (1, 1, off). A row ends at any
-end-of-sequence id of ``config.json``, ``generation_config.json`` or the tokenizer
-(:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
+(token-equal to PyTorch's ``generate`` given the same end-of-sequence ids); otherwise tokens are sampled, every
+prompt of a request with ``seed`` itself (as vLLM: a prompt samples as it would alone). ``temperature``,
+``top_p`` and ``top_k`` left out take the export's ``generation_config.json`` values, as vLLM does, else OpenAI's
+defaults (1, 1, off). A row ends at any end-of-sequence id of ``config.json``, ``generation_config.json`` or the
+tokenizer (:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
 ``lora_path`` is a name in the adapter store, never a filesystem path.
 
 Chat messages reach the template as vLLM passes them: text parts joined with a line break, ``name`` kept.

@@ -945,8 +945,8 @@ class MultiAdapterSession:
 
     def pad_ids(self, input_ids: Sequence[Sequence[int]], token_type_ids=None, side: str = "right",
                 pad_id: int | None = None) -> dict[str, np.ndarray]:
-        """Token-id lists → padded ``input_ids``/``attention_mask`` (+ ``token_type_ids``, ``position_ids`` if the graph
-        takes them). ``pad_id``: the id padding positions get (default: :attr:`pad_token_id`)."""
+        """Token-id lists → padded ``input_ids``/``attention_mask`` (+ ``token_type_ids``, ``position_ids`` if the
+        graph takes them). ``pad_id``: the id padding positions get (default: :attr:`pad_token_id`)."""
         if not input_ids or any(len(r) == 0 for r in input_ids):
             raise ServingError("every row needs at least one token")
         vocab = self.vocabulary or 0
@@ -954,7 +954,8 @@ class MultiAdapterSession:
         if bad:
             raise ServingError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
         length = max(len(r) for r in input_ids)
-        pad = pad_id if pad_id is not None and 0 <= pad_id < (vocab or pad_id + 1) else _pad_id(self.config, self._tokenizer)
+        inside = pad_id is not None and 0 <= pad_id < (vocab or pad_id + 1)
+        pad = pad_id if inside else _pad_id(self.config, self._tokenizer)
         ids = np.full((len(input_ids), length), pad, dtype=np.int64)
         mask = np.zeros((len(input_ids), length), dtype=np.int64)
         for b, row in enumerate(input_ids):

@@ -127,16 +127,17 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
     from ..errors import CheckpointFormatError
     from ..models import require_config_fits_weights, require_readable_weights
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+    # never the directory's own Python code (auto_map): transformers would ask on a terminal, and run it on "y"
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, "trust_remote_code": False}
     try:
         require_readable_weights(model_dir)
         require_config_fits_weights(model_dir)  # from the headers, before from_pretrained builds the config's model
         with quiet_loading():
             if task == "seq-cls":
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    str(model_dir), ignore_mismatched_sizes=new_head, trust_remote_code=False, **_head_config(head), **kwargs)
+                    str(model_dir), ignore_mismatched_sizes=new_head, **_head_config(head), **kwargs)
             else:
-                model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False, **kwargs)
+                model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except CheckpointFormatError:
         raise
     except _LOAD_ERRORS as exc:
