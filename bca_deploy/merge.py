@@ -665,6 +665,9 @@ class _Plan:
     config: dict[str, Any] | None = None  # a new config.json (a head was added, or tied weights untied), or None
     tied: dict[str, tuple[str, list[_Term]]] = field(default_factory=dict)  # output key -> (source key, terms)
     new_bytes: int = 0  # bytes of tensors the input does not hold (a head's, an untied weight's)
+    # checkpoint tensors (output names) a classification checkpoint does not load, left out of it: the source
+    # architecture's own head (a causal LM's lm_head, a masked LM's cls.*), which transformers would only report
+    dropped: dict[str, int] = field(default_factory=dict)  # output name -> bytes
 
 
 def _storage_delta_view(kernel: torch.Tensor, spec: ModuleSpec, factor: float) -> np.ndarray:
@@ -919,6 +922,9 @@ class _CheckpointTarget:
     target: Target
     out_names: dict[str, str]  # checkpoint key -> key in the output (renamed only when a head is written)
     expected: dict[str, tuple[int, ...]] | None  # parameters the output's architecture needs (head mode)
+    # head mode: every key the output's architecture loads (its state dict: parameters, tied names and persistent
+    # buffers); a stored tensor outside it is the source architecture's own (a causal LM's lm_head), not written
+    loads: frozenset[str] | None = None
     structure_note: str = ""
     # Modules whose weight the architecture ties to another stored tensor (an lm_head to the input embedding):
     # module path -> (checkpoint key of the tensor it is tied to, checkpoint key of its own weight or None).
@@ -985,7 +991,7 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
         return _CheckpointTarget(target, {k: k for k in locations}, None, tied=tied)
     out_names = {k: key_map.get(k, k) for k in locations}
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # shared (tied) parameters listed once
-    return _CheckpointTarget(target, out_names, expected, tied=tied)
+    return _CheckpointTarget(target, out_names, expected, loads=frozenset(model.state_dict()), tied=tied)
 
 
 def _check_config_fits(ckpt: _Checkpoint, model: nn.Module, locations: dict[str, tuple[str, TensorInfo]],
@@ -1144,7 +1150,10 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
             new_tensors[name] = value
         plan.replace[name] = value
     plan.new_bytes = sum(v.numel() * v.element_size() for v in new_tensors.values())
-    plan.checkpoint = _output_view(ckpt, view.out_names, plan.replace, new_tensors)
+    if view.loads is not None:  # checked above: everything the head's architecture needs is written
+        plan.dropped = {name: info.nbytes for key, (_, info) in ckpt.locations().items()
+                        if (name := view.out_names[key]) not in view.loads and name not in plan.replace}
+    plan.checkpoint = _output_view(ckpt, view.out_names, plan.replace, new_tensors, set(plan.dropped))
     if head_task is not None:
         plan.config = _classification_config(ckpt.config or {}, head_task,
                                              _head_architecture(head_task, ckpt.model_type), ckpt.directory)
@@ -1214,8 +1223,9 @@ def _untied_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _output_view(ckpt: _Checkpoint, out_names: dict[str, str], replace: dict[str, torch.Tensor],
-                 new_tensors: dict[str, torch.Tensor]) -> _Checkpoint:
-    """``ckpt`` with output names (and shapes of replaced tensors), new tensors appended to the last shard.
+                 new_tensors: dict[str, torch.Tensor], dropped: set[str] = frozenset()) -> _Checkpoint:
+    """``ckpt`` with output names (and shapes of replaced tensors), new tensors appended to the last shard,
+    the ``dropped`` output names left out (of the shards and of the index).
 
     Source offsets are kept, so the shard writer reads each tensor where it is and writes it under its new
     name; new and replaced tensors are written from ``replace``.
@@ -1226,6 +1236,8 @@ def _output_view(ckpt: _Checkpoint, out_names: dict[str, str], replace: dict[str
         tensors = []
         for t in header.tensors:
             name = out_names.get(t.name, t.name)
+            if name in dropped:
+                continue
             if name in replace:
                 value = replace[name]
                 entry = TensorInfo.new(name, t.dtype, tuple(value.shape))
@@ -1239,6 +1251,7 @@ def _output_view(ckpt: _Checkpoint, out_names: dict[str, str], replace: dict[str
     if ckpt.index is not None:
         index = json.loads(json.dumps(ckpt.index))
         weight_map = {out_names.get(k, k): v for k, v in index["weight_map"].items()}
+        weight_map = {k: v for k, v in weight_map.items() if k not in dropped}
         weight_map.update({name: ckpt.shards[-1] for name in new_tensors})
         index["weight_map"] = dict(sorted(weight_map.items()))
     return _Checkpoint(ckpt.directory, ckpt.shards, headers, index, ckpt.model_type, ckpt.config)
@@ -1679,6 +1692,14 @@ def _merge_checkpoint(
                                            default=0))
     _check_paths(model_dir, out_dir, [a.directory for a in sources], overwrite)
     plan = _plan_merge(ckpt, sources)
+    if plan.dropped:
+        names = sorted(plan.dropped)
+        warnings.warn(
+            f"{model_dir}: not writing {len(names)} tensor(s) the merged {plan.config['architectures'][0]} "
+            f"does not load ({sum(plan.dropped.values()) / 2**20:,.1f} MiB: {', '.join(names[:5])}"
+            + (f" and {len(plan.dropped) - 5} more" if len(plan.dropped) > 5 else "")
+            + "): its own architecture's heads (which the classification head replaces) and buffers transformers "
+            "skips on load")
     ckpt = plan.checkpoint  # the output's view: same shards and offsets, output names, a head's new tensors
     others, skipped, linked = _other_files(ckpt)
     if skipped:

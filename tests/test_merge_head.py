@@ -157,3 +157,29 @@ def test_weights_the_base_lacks_must_come_from_the_adapter(tmp_path, input_ids):
     bd.save_adapter(model, tmp_path / "with-pooler")
     out = merge_checkpoint(tmp_path / "bare", [(tmp_path / "with-pooler", 1.0)], tmp_path / "merged", progress=False)
     check_classifier(out, model.eval(), input_ids)
+
+
+def test_a_pretraining_checkpoints_own_heads_is_not_carried_into_the_classifier(tmp_path, input_ids):
+    """bert-base-uncased is a BertForPreTraining checkpoint (``cls.predictions.*``, ``cls.seq_relationship.*``): the
+    classifier merged into it does not load those, so they are left out of the shards and the index (transformers
+    would list them as unused), and said."""
+    from safetensors import safe_open
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=64, tie_word_embeddings=False)
+    BertForPreTraining(config).save_pretrained(tmp_path / "mlm", max_shard_size="20KB")
+    stored = json.loads((tmp_path / "mlm" / "model.safetensors.index.json").read_text())["weight_map"]
+    own_head = sorted(k for k in stored if k.startswith("cls."))
+    assert {"cls.predictions.decoder.weight", "cls.seq_relationship.weight"} <= set(own_head)
+    reference = head_adapter(tmp_path / "mlm", tmp_path / "adapter")
+    with pytest.warns(UserWarning, match=r"not writing \d+ tensor\(s\) the merged BertForSequenceClassification "
+                                         r"does not load .*cls\.predictions"):
+        out = merge_checkpoint(tmp_path / "mlm", [(tmp_path / "adapter", 1.0)], tmp_path / "merged", progress=False)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    written = {k for shard in set(weight_map.values()) for k in safe_open(str(out / shard), "pt").keys()}
+    assert set(weight_map) == written  # the index names exactly what the shards hold
+    assert not any(k.startswith("cls.") for k in written)
+    assert written == set(stored) - set(own_head) | {"classifier.weight", "classifier.bias"}
+    check_classifier(out, reference, input_ids)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
@@ -80,8 +82,22 @@ def test_training_records_the_pad_id_and_merge_writes_it(trained, tmp_path):
     base, adapters, tokenizer = trained
     head = json.loads((adapters[0] / "adapter_config.json").read_text())["task"]["head"]
     assert head["pad_token_id"] == tokenizer.pad_token_id == 0
-    merge_checkpoint(base, [(adapters[0], 1.0)], tmp_path / "merged", progress=False)
-    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    stored = set(safe_open(str(base / "model.safetensors"), "pt").keys())
+    # the causal LM's own head: stored by Llama (untied), tied to the input embedding (not stored) by GPT-2
+    assert ("lm_head.weight" in stored) == (json.loads((base / "config.json").read_text())["model_type"] == "llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_checkpoint(base, [(adapters[0], 1.0)], tmp_path / "merged", progress=False)
+    written = set(safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt").keys())
+    # not carried into the classifier, which does not load it (a Llama-7B's is 262 MB): said, once
+    assert "lm_head.weight" not in written and "score.weight" in written
+    notes = [str(w.message) for w in caught if "not writing" in str(w.message)]
+    assert len(notes) == ("lm_head.weight" in stored), notes
+    assert all("lm_head.weight" in n and "LlamaForSequenceClassification" in n for n in notes)
+    merged, info = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"),
+                                                                      output_loading_info=True)
+    merged.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert merged.config.pad_token_id == 0
     # transformers itself can now batch the merged classifier (right padding, its own rule), as the adapter did
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt", return_token_type_ids=False)
