@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import show_json_value
 from ..errors import ServingError
 from ..exporters.bank import LOGITS_TO_KEEP
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
@@ -91,28 +92,34 @@ class SamplingParams:
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
         if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            problems["max_new_tokens"] = f"must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens!r}"
+            problems["max_new_tokens"] = (f"must be an integer in [1, {MAX_NEW_TOKENS}], "
+                                          f"got {show_json_value(self.max_new_tokens)}")
         if not isinstance(self.do_sample, (bool, np.bool_)):
-            problems["do_sample"] = f"must be true or false, got {self.do_sample!r}"
+            problems["do_sample"] = f"must be true or false, got {show_json_value(self.do_sample)}"
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
-            problems["temperature"] = f"must be a finite number > 0, got {self.temperature!r}"
+            problems["temperature"] = f"must be a finite number > 0, got {show_json_value(self.temperature)}"
         if not _is_int(self.top_k) or self.top_k < 0:
-            problems["top_k"] = f"must be an integer >= 0 (0: no top-k filtering), got {self.top_k!r}"
+            problems["top_k"] = f"must be an integer >= 0 (0: no top-k filtering), got {show_json_value(self.top_k)}"
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            problems["top_p"] = f"must be in (0, 1], got {self.top_p!r}"
+            problems["top_p"] = f"must be in (0, 1], got {show_json_value(self.top_p)}"
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            problems["seed"] = f"must be null or an integer in [0, 2**63), got {self.seed!r}"
+            problems["seed"] = f"must be null or an integer in [0, 2**63), got {show_json_value(self.seed)}"
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            problems["stop"] = f"must be a list of strings, got {self.stop!r}"
+            problems["stop"] = f"must be a list of strings, got {show_json_value(self.stop)}"
         elif len(stop) > _MAX_STOP or any(not s or len(s) > _MAX_STOP_CHARS for s in stop):
+            # what is wrong, not the value: a refused list is up to the body limit long
+            wrong = (f"{len(stop)} strings" if len(stop) > _MAX_STOP else next(
+                f"entry {i} {'is empty' if not s else f'has {len(s):,} characters'}"
+                for i, s in enumerate(stop) if not s or len(s) > _MAX_STOP_CHARS))
             problems["stop"] = (f"at most {_MAX_STOP} non-empty strings of at most {_MAX_STOP_CHARS} characters, "
-                                f"got {list(stop)!r}")
+                                f"got {wrong}")
         else:
             object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids) or len(ids) > _MAX_STOP:
-            problems["stop_token_ids"] = f"must be a list of at most {_MAX_STOP} token ids >= 0, got {ids!r}"
+            problems["stop_token_ids"] = (f"must be a list of at most {_MAX_STOP} token ids >= 0, "
+                                          f"got {show_json_value(ids)}")
         else:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         if problems:

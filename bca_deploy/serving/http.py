@@ -974,9 +974,14 @@ class _Guard:
                     await answer(exc, failed, state["error_type"])
         finally:
             status = sent["status"] or failed
-            if sent["status"] is not None and not sent["whole"] and state.get("disconnected"):
-                # a stream whose client left: its status line said 200, but the answer was never whole
-                status, state["error_type"] = error_status(ClientClosedRequestError(""))
+            if sent["status"] is not None and not sent["whole"]:
+                # an answer cut short after its status line said 200: a stream whose client left (499), or one the
+                # server gave up on (a client that did not read in time: 408; an error mid-answer): recorded as
+                # such in the log and the metrics, never as a success
+                if state.get("disconnected"):
+                    status, state["error_type"] = error_status(ClientClosedRequestError(""))
+                elif "error_type" in state:
+                    status = failed
             self._record(scope, state, request_id, status, start)
 
     def _guard_receive(self, receive, start: float, state: dict):

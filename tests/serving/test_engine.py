@@ -1051,6 +1051,22 @@ def test_sampling_params_name_every_bad_field(kwargs, fields):
     assert isinstance(err.value, ServingError) and isinstance(err.value, ValueError)
 
 
+@pytest.mark.parametrize("kwargs, says", [
+    ({"stop": ["x" * 1000] * 1000}, "got 1000 strings"),
+    ({"stop": ["ok", "", "y" * 10**6]}, "got entry 1 is empty"),
+    ({"stop": ["ok", "y" * 10**6]}, "got entry 1 has 1,000,000 characters"),
+    ({"stop": "z" * 10**6}, "got entry 0 has 1,000,000 characters"),
+    ({"stop_token_ids": [-1] * 10**5}, "got a list"),
+    ({"temperature": "t" * 10**6}, "got 'ttt"),
+])
+def test_a_refused_value_is_described_not_echoed(kwargs, says):
+    """A refusal says what is wrong in a bounded message: a request of a megabyte of stop strings used to get all
+    of it back in its 400 (helper-74)."""
+    with pytest.raises(SamplingParamsError) as err:
+        SamplingParams(**kwargs)
+    assert says in str(err.value) and len(str(err.value)) < 400, str(err.value)[:500]
+
+
 def test_sampling_params_normalize():
     params = SamplingParams(stop="\n", stop_token_ids=[np.int64(4)], max_new_tokens=np.int64(3))
     assert params.stop == ("\n",) and params.stop_token_ids == (4,) and type(params.max_new_tokens) is int
