@@ -798,15 +798,21 @@ def _recorded_base_config(config: AdapterConfig) -> Any:
     downloaded). Only needed, and only read, to locate a PEFT classifier's label layer for label names."""
     from .models import load_config
 
-    recorded = config.base_model_name_or_path
-    if config.task is None or config.task.head is not None or not config.modules_to_save or not recorded:
+    if config.task is None or config.task.head is not None or not config.modules_to_save:
+        return None
+    recorded = local_base_dir(config.base_model_name_or_path)
+    return load_config(recorded) if recorded is not None else None
+
+
+def local_base_dir(recorded: Any) -> Path | None:
+    """An adapter's recorded ``base_model_name_or_path`` when it is a local directory with a ``config.json`` (as
+    PEFT's ``AutoPeftModel*`` would load it), else None: a hub name (nothing is downloaded), or not a string."""
+    if not isinstance(recorded, str) or not recorded:
         return None
     try:
-        if not (Path(recorded) / "config.json").is_file():
-            return None
+        return Path(recorded) if (Path(recorded) / "config.json").is_file() else None
     except (OSError, ValueError):  # a name too long, a NUL byte: not a directory of this machine
         return None
-    return load_config(recorded)
 
 
 def convert_adapter(
@@ -819,6 +825,7 @@ def convert_adapter(
     base_model_name_or_path: str | None = None,
     label_names: list[str] | None = None,
     model_config: Any = None,
+    layers: nn.Module | None = None,
 ) -> Path:
     """Convert an adapter directory between the bca-deploy and PEFT C3A formats, file to file.
 
@@ -841,6 +848,10 @@ def convert_adapter(
         model_config: the base checkpoint's config (``model``'s when given): where a PEFT classifier's label layer
             is, for ``label_names`` when the adapter records no head (default: the config of the checkpoint the
             adapter records as ``base_model_name_or_path``, when that is a local directory).
+        layers: without ``model``, the base checkpoint's architecture (:func:`bca_deploy.models.meta_model`: on the
+            meta device is enough): a PEFT adapter's config is checked against its layers as loading checks it
+            (a module its rules adapt without a kernel in the file is refused: PEFT would draw a random one), and
+            nothing else changes. Without either, the file's kernels are all there is to check.
     """
     if to not in ("bca", "peft"):
         raise AdapterFormatError(f"to must be 'bca' or 'peft', got {to!r}")
@@ -860,7 +871,7 @@ def convert_adapter(
         if model_config is None:
             model_config = _recorded_base_config(header_config)
         with_label_names(header_config, header.shapes, label_names, model_config, str(source))
-    config, state = read_adapter(source, model, validate=model is None)
+    config, state = read_adapter(source, model if model is not None else layers, validate=model is None)
     config = with_task(config)
     if label_names is not None:
         config = with_label_names(config, {k: tuple(v.shape) for k, v in state.items()}, label_names, model_config,

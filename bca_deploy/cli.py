@@ -342,16 +342,22 @@ _PEFT_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "TOKEN_CLS", "
                    "in the written adapter, so merge, export and serve name the classes. PEFT saves none, so a PEFT "
                    "classifier is otherwise named as the base checkpoint names its labels, or LABEL_<i>.")
 @click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,
-              help="The base checkpoint directory (its config.json only): where a PEFT classifier's label layer is, "
-                   "needed with --label-names when the adapter records no head (default: the adapter's "
-                   "base_model_name_or_path, when that is a local directory).")
+              help="The base checkpoint directory (read on the meta device: config.json and the weights' headers; "
+                   "default: the adapter's base_model_name_or_path, when that is a local directory): a PEFT "
+                   "adapter's config is checked against its layers (a module the config adapts without a kernel in "
+                   "the file is refused, as loading refuses it), and a PEFT classifier's label layer is found there "
+                   "for --label-names.")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter already in --out.")
 def convert(source: Path, to: str, out: Path, task_type: str | None, base_model: str | None,
             label_names: str | None, model_dir: Path | None, overwrite: bool) -> None:
     """Convert an adapter between the bca-deploy and PEFT C3A formats (exact)."""
     import json
 
-    from .adapter_io import convert_adapter
+    from .adapter_io import convert_adapter, local_base_dir
+    from .config import CONFIG_FILE, read_json
+    from .errors import CheckpointFormatError
+    from .models import load_config, meta_model
+    from .peft_compat import is_peft_config
 
     if to == "bca" and base_model:
         raise click.BadParameter("only with --to peft", param_hint="--base-model")
@@ -360,17 +366,29 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
     except click.BadParameter as exc:
         exc.param_hint = "'--label-names'"
         raise
-    if model_dir is not None and names is None:
-        raise click.BadParameter("only with --label-names (it locates a PEFT classifier's label layer)",
-                                 param_hint="--model")
-    model_config = None
+    model_config, layers = None, None
     if model_dir is not None:
-        from .models import load_config
-
         model_config = load_config(model_dir)
+    data = read_json(source / CONFIG_FILE, what="adapter config")
+    peft = is_peft_config(data)
+    checked_on = model_dir if model_dir is not None else (local_base_dir(data.get("base_model_name_or_path"))
+                                                          if peft else None)
+    if peft and checked_on is not None:
+        try:
+            layers = meta_model(checked_on)
+        except CheckpointFormatError:
+            if model_dir is not None:
+                raise
+            checked_on = None  # the recorded base is not a checkpoint to check against: said below
     path = convert_adapter(source, out, to=to, overwrite=overwrite, task_type=task_type,
-                           base_model_name_or_path=base_model, label_names=names, model_config=model_config)
+                           base_model_name_or_path=base_model, label_names=names, model_config=model_config,
+                           layers=layers)
     click.echo(f"wrote {to} adapter to {path}")
+    if peft and layers is not None:
+        click.echo(f"checked against the layers of {checked_on}")
+    elif peft:
+        click.echo("note: not checked against a base model (pass --model): a module the PEFT config adapts but the "
+                   "file has no kernel for (PEFT would draw a random one) is found only by merge, export and loading")
     if names is not None:
         click.echo(f"labels: {', '.join(names)}")
     if to == "peft":

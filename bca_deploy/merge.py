@@ -56,7 +56,16 @@ from torch import nn
 
 from .adapter_io import peft_copied_modules, read_adapter
 from .atomic import atomic_dir, check_inputs_outside, check_target, recover
-from .config import KERNEL_SUFFIX, AdapterConfig, HeadSpec, ModuleSpec, TaskSpec, parse_json_object, read_json
+from .config import (
+    CONFIG_FILE,
+    KERNEL_SUFFIX,
+    AdapterConfig,
+    HeadSpec,
+    ModuleSpec,
+    TaskSpec,
+    parse_json_object,
+    read_json,
+)
 from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -83,6 +92,7 @@ from .fit import (
 )
 from .inject import bca_layers, mark_untied, remove_adapters, restore_tie_config, shared_weight_layers
 from .layers import BCALinear, dense_delta
+from .peft_compat import is_peft_config
 
 __all__ = [
     "merge",
@@ -637,6 +647,7 @@ class _Adapter:
     weight: float
     config: AdapterConfig
     tensors: dict[str, torch.Tensor]
+    peft: bool = False  # a PEFT C3A directory: its config's rules are checked against the checkpoint's layers
 
 
 @dataclass
@@ -783,7 +794,8 @@ def _read_adapters(adapters: Sequence[tuple[str | Path, float]],
             raise InvalidOptionError(f"adapter {directory}: weight must be a finite number, got {weight!r}")
         # checked against the checkpoint below; saved tensors larger than its largest are refused unread here
         config, tensors = read_adapter(Path(directory), validate=False, largest_elements=largest_elements)
-        result.append(_Adapter(Path(directory).resolve(), float(weight), config, tensors))
+        peft = is_peft_config(read_json(Path(directory) / CONFIG_FILE, what="adapter config"))
+        result.append(_Adapter(Path(directory).resolve(), float(weight), config, tensors, peft))
     return result
 
 
@@ -922,6 +934,7 @@ class _CheckpointTarget:
     target: Target
     out_names: dict[str, str]  # checkpoint key -> key in the output (renamed only when a head is written)
     expected: dict[str, tuple[int, ...]] | None  # parameters the output's architecture needs (head mode)
+    model: nn.Module | None = None  # the architecture built on the meta device (None: the tensors' shapes only)
     # head mode: every key the output's architecture loads (its state dict: parameters, tied names and persistent
     # buffers); a stored tensor outside it is the source architecture's own (a causal LM's lm_head), not written
     loads: frozenset[str] | None = None
@@ -988,10 +1001,10 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
     target = Target(description, modules, params, ckpt.model_type, structure.prefixes, _MERGEABLE,
                     tied=structure.tied)
     if head_task is None:
-        return _CheckpointTarget(target, {k: k for k in locations}, None, tied=tied)
+        return _CheckpointTarget(target, {k: k for k in locations}, None, model=model, tied=tied)
     out_names = {k: key_map.get(k, k) for k in locations}
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # shared (tied) parameters listed once
-    return _CheckpointTarget(target, out_names, expected, loads=frozenset(model.state_dict()), tied=tied)
+    return _CheckpointTarget(target, out_names, expected, model=model, loads=frozenset(model.state_dict()), tied=tied)
 
 
 def _check_config_fits(ckpt: _Checkpoint, model: nn.Module, locations: dict[str, tuple[str, TensorInfo]],
@@ -1061,6 +1074,16 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
     view = _checkpoint_target(ckpt, head_task)
     target = view.target
     problems: list[str] = []
+    for a in adapters:
+        if a.peft and view.model is not None:
+            # A PEFT config adapts modules by rules (target_modules, layers_to_transform...), and PEFT gives a module
+            # they adapt without a kernel in the file a new random one: checked against this checkpoint's layers, as
+            # load_adapter and export check it against the model (read without them, the file's kernels are all there
+            # is, and the module would be merged unadapted without a word).
+            try:
+                read_adapter(a.directory, view.model, validate=False)
+            except AdapterFormatError as exc:
+                problems.append(str(exc).replace("\n", "\n  "))  # its own list, nested in this one
     plan = _Plan()
     replaced_by: dict[str, Path] = {}
     new_tensors: dict[str, torch.Tensor] = {}

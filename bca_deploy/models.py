@@ -184,6 +184,28 @@ def require_config_fits_weights(model_dir: str | Path) -> None:
             "to, or restore its config.json")
 
 
+def meta_model(model_dir: str | Path) -> nn.Module | None:
+    """The checkpoint's own architecture (config.json's ``architectures``) built on the meta device: its layers' paths
+    and types, no memory; None where none can be built (no safetensors weights, a config transformers cannot build).
+    What a PEFT config's rules (which modules it adapts) are checked against where no model is loaded (``convert``).
+
+    Raises:
+        CheckpointFormatError: a malformed checkpoint, or a config asking for more layers than it stores tensors.
+    """
+    from .errors import CheckpointFormatError
+    from .merge import _read_checkpoint, _structure
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return None
+    try:
+        return _structure(_read_checkpoint(model_dir), None, None)
+    except CheckpointFormatError:
+        raise
+    except Exception:  # noqa: BLE001 - no structure to be had (loading it says why, with its own error)
+        return None
+
+
 class TaskError(BCAError, ValueError):
     """The task asked for, the adapters' recorded tasks and the base checkpoint do not agree."""
 

@@ -422,13 +422,14 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
             "repeated: 'neg'",
         ("--to", "bca", "--out", str(tmp_path / "empty"), "--label-names", "neg,,pos", "--model", str(base)):
             "no empty item",
-        ("--to", "bca", "--out", str(tmp_path / "model-alone"), "--model", str(base)): "only with --label-names",
     }
     for args, message in refusals.items():
         result = convert(*args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert not any(p.name == Path(args[3]).name for p in tmp_path.iterdir()), args
 
+    alone = convert("--to", "bca", "--out", str(tmp_path / "model-alone"), "--model", str(base))  # checks the config
+    assert alone.exit_code == 0 and f"checked against the layers of {base}" in alone.output, alone.output
     for to in ("bca", "peft"):
         out = tmp_path / f"named-{to}"
         result = convert("--to", to, "--out", str(out), "--label-names", "neg, neu ,pos", "--model", str(base))

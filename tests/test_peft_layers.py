@@ -339,3 +339,35 @@ def test_a_regex_that_backtracks_without_bound_is_not_matched(bert_layer0, tmp_p
     assert done.stdout.strip() == str(sorted([Q0, V0]))
     ours = bd.load_adapter(tiny_bert(), edited)
     torch.testing.assert_close(model_output(ours, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_adapted_without_a_kernel_is_refused_by_merge_and_by_convert_given_the_model(bert_layer0, tmp_path):
+    """The config adapts layer 1 too, the file has kernels for layer 0 only: PEFT draws random kernels for layer 1
+    (its numbers differ, checked above). Loading and export refused it; merge (which has the checkpoint's layers)
+    wrote a checkpoint with layer 1 unadapted, and convert (no model) a bca adapter every later stage accepted
+    (helper-73). Now merge refuses it, and so does convert given the base (--model, or the adapter's recorded
+    base_model_name_or_path when that is a local directory); without one, convert says it could not check."""
+    directory, ids, expected = bert_layer0
+    fields, module, says, _ = DISAGREEMENTS["layers-without-kernels"]
+    bad = _edited(directory, tmp_path / "bad", **fields)
+    tiny_bert().save_pretrained(tmp_path / "base")
+    runner = CliRunner()
+    refused = [(["merge", "--model", str(tmp_path / "base"), "--adapter", str(bad), "--out", str(tmp_path / "merged"),
+                 "--no-progress"], "merged"),
+               (["convert", "--adapter", str(bad), "--to", "bca", "--out", str(tmp_path / "bca"), "--model",
+                 str(tmp_path / "base")], "bca")]
+    recorded = _edited(directory, tmp_path / "recorded", base_model_name_or_path=str(tmp_path / "base"), **fields)
+    refused.append((["convert", "--adapter", str(recorded), "--to", "peft", "--out", str(tmp_path / "peft")], "peft"))
+    for args, out in refused:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+        assert module in result.output and says in result.output, result.output
+        assert not (tmp_path / out).exists()
+    unchecked = runner.invoke(main, ["convert", "--adapter", str(bad), "--to", "bca", "--out", str(tmp_path / "u")])
+    assert unchecked.exit_code == 0 and "not checked against a base model (pass --model)" in unchecked.output
+    # the file as PEFT wrote it converts, checked against the base, to PEFT's numbers
+    good = runner.invoke(main, ["convert", "--adapter", str(directory), "--to", "bca", "--out", str(tmp_path / "ok"),
+                                "--model", str(tmp_path / "base")])
+    assert good.exit_code == 0 and f"checked against the layers of {tmp_path / 'base'}" in good.output, good.output
+    torch.testing.assert_close(model_output(bd.load_adapter(tiny_bert(), tmp_path / "ok"), ids), expected,
+                               rtol=1e-5, atol=1e-5)
