@@ -24,7 +24,16 @@ from .errors import (
     TargetModuleError,
     format_problems,
 )
-from .layers import BASE_ADAPTER, BCALinear, RowAdapters, block_size_message, is_adaptable, layer_dims, layer_type_of
+from .layers import (
+    BASE_ADAPTER,
+    BCALinear,
+    RowAdapters,
+    adapter_name_problem,
+    block_size_message,
+    is_adaptable,
+    layer_dims,
+    layer_type_of,
+)
 
 __all__ = [
     "inject",
@@ -124,6 +133,9 @@ def check_injectable(model: nn.Module, specs: dict[str, ModuleSpec], adapter_nam
     """
     from .fit import model_target, module_problem
 
+    name_problem = adapter_name_problem(adapter_name)
+    if name_problem is not None:
+        raise AdapterNameError(name_problem)
     target = model_target(model)
     problems: list[str] = []
     block_problems: list[str] = []

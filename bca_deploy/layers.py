@@ -29,7 +29,8 @@ from .errors import (
 )
 from .ops import block_circulant_matmul, materialize
 
-__all__ = ["BCALinear", "BASE_ADAPTER", "RowAdapters", "dense_delta", "is_adaptable", "layer_type_of", "layer_dims"]
+__all__ = ["BCALinear", "BASE_ADAPTER", "RowAdapters", "adapter_name_problem", "dense_delta", "is_adaptable",
+           "layer_type_of", "layer_dims"]
 
 #: The adapter name that selects the base model alone for a row of a mixed batch (as in PEFT).
 BASE_ADAPTER = "__base__"
@@ -122,6 +123,17 @@ def dense_delta(kernel: torch.Tensor, spec: ModuleSpec, weight: float = 1.0) -> 
     return delta.T if spec.layer_type == "conv1d" else delta
 
 
+def adapter_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name an adapter in a model, or None: it keys each layer's kernels (a PyTorch
+    ``ParameterDict``, as PEFT keys its adapters), so it is a non-empty string without ``.``."""
+    if not isinstance(name, str) or not name:
+        return f"an adapter name must be a non-empty string, got {name!r}"
+    if "." in name:
+        return (f"adapter name {name[:80]!r} contains '.', which PyTorch parameter names cannot (PEFT's adapter "
+                "names neither); use another, e.g. " + repr(name[:80].replace(".", "_")))
+    return None
+
+
 class BCALinear(nn.Module):
     """A frozen base layer plus named block-circulant adapters.
 
@@ -185,6 +197,9 @@ class BCALinear(nn.Module):
         ``normal`` (std ``init_std``), ``xavier_uniform`` or ``kaiming_uniform`` (bounds from the
         base layer's fan-in/fan-out, as PEFT's C3A).
         """
+        problem = adapter_name_problem(adapter_name)
+        if problem is not None:
+            raise AdapterNameError(problem)
         if adapter_name in self.bca_kernels:
             raise AdapterNameError(f"{self.module_name}: adapter {adapter_name!r} already exists")
         if init not in INITS:

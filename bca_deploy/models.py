@@ -472,7 +472,10 @@ def resolve_task(
 def adapter_name_of(directory: str | Path) -> str:
     """The name an adapter directory goes by: its folder name, or the run's name for ``RUN/best`` / ``RUN/last``.
 
-    ``runs/sentiment/best`` is ``sentiment`` (what the user called the run), not ``best``.
+    ``runs/sentiment/best`` is ``sentiment`` (what the user called the run), not ``best``. Characters a name cannot
+    hold become ``_`` (``runs/sst2.v1`` is ``sst2_v1``): it names the adapter in the model (a PyTorch key: no ``.``,
+    :func:`bca_deploy.layers.adapter_name_problem`) and, in a bank, on the server's routes (letters, digits, ``_``,
+    ``-``; a letter or digit first).
     """
     path = Path(directory)
     name = path.name
@@ -481,6 +484,7 @@ def adapter_name_of(directory: str | Path) -> str:
         if run in ("", ".", ".."):  # "best" given from inside the run: the run's own folder name
             run = path.resolve().parent.name
         name = run or name
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:128]
     return name or "adapter"
 
 

@@ -134,3 +134,32 @@ def test_tokenizer_ids_past_the_embedding_are_found_by_id_not_by_count():
     said = describe_ids_past_vocabulary(tokenizer, [5000, 5001], 100)
     assert said.startswith("2 token(s) of the tokenizer have no embedding row in the model (ids 5000..5001: ")
     assert "hot" in said and "the model embeds 100" in said
+
+
+def test_a_run_named_with_dots_goes_by_a_name_pytorch_and_the_server_take(bert_dir, tmp_path):
+    """``train --out runs/sst2.v1`` trained and merged, but evaluate and export crashed (exit 70: PyTorch's
+    "parameter name can't contain '.'" from the adapter named after the folder; helper-75). Folder-derived names now
+    map what a name cannot hold to ``_``; a name given explicitly with a dot is refused by name, nothing loaded."""
+    import bca_deploy as bd
+    from bca_deploy.errors import AdapterNameError
+    from bca_deploy.models import adapter_name_of, adapter_names, load_model
+    from bca_deploy.serving.session import ADAPTER_NAME_PATTERN
+
+    assert adapter_name_of(tmp_path / "runs" / "sst2.v1" / "best") == "sst2_v1"
+    assert adapter_names(["a/my run", "b/my.run", "c/.hidden", "d/-x"]) == ["my_run", "my_run_2", "hidden", "x"]
+    assert all(ADAPTER_NAME_PATTERN.fullmatch(n) for n in adapter_names(["a/ünï", "b/x" * 200, "c/..", "."]))
+    model = tiny_bert(num_labels=2)
+    bd.inject(model, ["query"], block_size=8, init="normal", init_std=0.05, seed=0)
+    run = tmp_path / "runs" / "sst2.v1" / "last"
+    bd.save_adapter(model, run)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    loaded = load_model(bert_dir, [run])
+    assert [n for n in bd.adapter_configs(loaded)] == ["sst2_v1"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    plain = tiny_bert(num_labels=2)
+    with pytest.raises(AdapterNameError, match=r"adapter name 'sst2\.v1' contains '\.'.*e\.g\. 'sst2_v1'"):
+        bd.load_adapter(plain, run, adapter_name="sst2.v1")
+    with pytest.raises(AdapterNameError, match="contains '.'"):
+        bd.inject(plain, ["query"], block_size=8, adapter_name="a.b")
+    assert not list(bd.bca_layers(plain))
