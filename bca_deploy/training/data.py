@@ -159,7 +159,9 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
         if kind == "tsv":
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
-            reader = csv.reader(f)
+            # strict: text after a closing quote is an error, not glued on (a stray opening quote used to swallow the
+            # next line into this record, with the next record's label, and leave a row fewer without a word)
+            reader = csv.reader(f, strict=True)
         try:
             header = next(reader)
         except StopIteration:
@@ -188,7 +190,10 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
             except StopIteration:
                 break
             except csv.Error as exc:
-                problems.append(f"line {start}: malformed {kind.upper()} ({exc})")
+                spans = "" if reader.line_num <= start else (
+                    f"; a quote opened on line {start} is never closed" if "end of data" in str(exc)
+                    else f"; a quote opened on line {start} closes on line {reader.line_num}")
+                problems.append(f"line {start}: malformed {kind.upper()} ({exc}{spans})")
                 if len(problems) > 10:
                     break
                 continue

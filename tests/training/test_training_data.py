@@ -357,6 +357,20 @@ def test_malformed_csv_and_headers(tmp_path):
         load_seq_cls("/dev/null")
 
 
+def test_a_stray_quote_that_closes_on_a_later_line_is_refused_not_glued_into_one_example(tmp_path):
+    """``"unclosed,negative`` opened a quote that the next line's ``"a"`` closed: the lax reader glued the two lines
+    into one text with the next row's label, and the file trained with a row fewer, silently (helper-75)."""
+    path = tmp_path / "stray.csv"
+    path.write_text('sentence,label\n"ok",positive\n"unclosed,negative\n"a",positive\n"b",negative\n')
+    with pytest.raises(DataError, match=r"line 3: malformed CSV \(',' expected after '\"'; a quote opened on line 3 "
+                                        r"closes on line 4\)"):
+        load_seq_cls(path)
+    fine = tmp_path / "fine.csv"  # quotes as spreadsheets write them: doubled inside, line breaks and commas quoted
+    fine.write_text('sentence,label\n"he said ""hi"", then left",positive\n"two\nlines",negative\nplain,positive\n')
+    examples = load_seq_cls(fine)
+    assert examples.texts == [['he said "hi", then left', "two\nlines", "plain"]] and examples.lines == [2, 3, 5]
+
+
 def test_a_pair_of_text_columns_wins_over_one_of_them(tmp_path):
     """GLUE QNLI's columns (question, sentence): reading 'sentence' alone would drop every question."""
     path = tmp_path / "qnli.tsv"
@@ -412,8 +426,8 @@ def test_hostile_and_careless_delimited_files_are_refused_cheaply_and_named_well
         load_seq_cls(wide)
     unclosed = tmp_path / "unclosed.csv"
     unclosed.write_text('sentence,label\na fine film,1\n"an open quote,0\nthird line,1\nfourth,0\n')
-    with pytest.raises(DataError, match=r"line 3: 1 fields, the header has 2 \(a record of lines 3-5: a quote "
-                                        r"opened on line 3"):
+    with pytest.raises(DataError, match=r"line 3: malformed CSV \(unexpected end of data; a quote opened on line 3 "
+                                        r"is never closed\)"):
         load_seq_cls(unclosed)
     multiline = tmp_path / "multiline.csv"
     multiline.write_text('sentence,label\n"two\nlines",1\nnext,0,extra\n')
