@@ -37,7 +37,16 @@ class _AdapterDir(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
         from .config import run_adapter_dir
 
-        return run_adapter_dir(super().convert(value, param, ctx))
+        given = super().convert(value, param, ctx)
+        resolved = run_adapter_dir(given)
+        if resolved != given:
+            from .training.trainer import RESULT_FILE
+
+            if not (given / RESULT_FILE).is_file():  # written when a run finishes: stopped, or still running
+                click.echo(f"note: {given} has no {RESULT_FILE}: its training did not finish (stopped, or still "
+                           f"running); using {resolved.name}/ as its last checkpoint saved it (train --resume "
+                           "continues the run)", err=True)
+        return resolved
 
 
 _ADAPTER_DIR = _AdapterDir()

@@ -413,3 +413,22 @@ def test_an_error_echoing_a_huge_value_is_cut(tmp_path):
                                        str(tmp_path / "o")])
     assert result.exit_code in (1, 2) and "Traceback" not in result.output, result.output[:300]
     assert result.output.startswith("Error: qqq") and len(result.output) < 2_000 and "more characters)" in result.output
+
+
+def test_a_run_that_did_not_finish_is_used_with_a_note(tmp_path):
+    """A run stopped at step 138 of 3000 left last/ at step 100: every stage took it as the run's adapter without a
+    word (helper-75). It is still used (its checkpoint is whole), and each command says the run did not finish."""
+    import bca_deploy as bd
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    bd.inject(model, ["query"], block_size=8)
+    bd.save_adapter(model, tmp_path / "run" / "last")
+    stopped = CliRunner().invoke(main, ["inspect", str(tmp_path / "run")])
+    assert stopped.exit_code == 0, stopped.output
+    assert f"note: {tmp_path / 'run'} has no train_result.json: its training did not finish" in stopped.output
+    (tmp_path / "run" / "train_result.json").write_text("{}")
+    done = CliRunner().invoke(main, ["inspect", str(tmp_path / "run")])
+    assert done.exit_code == 0 and "did not finish" not in done.output, done.output
+    alone = CliRunner().invoke(main, ["inspect", str(tmp_path / "run" / "last")])  # an adapter directory: as given
+    assert alone.exit_code == 0 and "note:" not in alone.output, alone.output
