@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ __all__ = [
 
 STATE_FILE = "trainer_state.pt"
 STATE_VERSION = 1
+LOG_FILE = "train_log.jsonl"
+RESULT_FILE = "train_result.json"
+#: What a run writes at the top of ``--out``: what ``--overwrite`` replaces. Anything else there is the user's (notes,
+#: an export put beside the run) and is carried into the new run's directory, as HF Trainer's overwrite_output_dir
+#: leaves it.
+RUN_ENTRIES = frozenset({"best", "last", LOG_FILE, RESULT_FILE})
 
 
 def write_dir_atomically(target: str | Path, build: Callable[[Path], None]) -> Path:
@@ -149,6 +156,7 @@ class RunDirectory:
         """Put the run in place of ``--out`` (replacing an earlier run there); later writes go to ``--out``."""
         if self._stack is None:
             return
+        _carry_other_entries(self.out, self.staging)
         stack, self._stack, self.staging = self._stack, None, None
         stack.close()  # the atomic writer installs the staged tree (an exchange on Linux)
 
@@ -163,6 +171,30 @@ class RunDirectory:
                 self._lock_path.unlink()  # while still held, so no other run is between open and lock
             self._lock.close()
             self._lock = None
+
+
+def _carry_other_entries(out: Path, staging: Path) -> None:
+    """Put what an earlier ``out`` holds besides a run's own entries (:data:`RUN_ENTRIES`) into the new run's
+    ``staging`` tree before it replaces ``out``: files hard-linked (no data copied, same file system: the staging tree
+    is beside ``out``; copied where a link is refused), folders rebuilt around them, links kept as links. The
+    originals stay in ``out`` until the swap, so a kill before it loses nothing."""
+    if not out.is_dir() or out.is_symlink():
+        return
+
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(source, target, follow_symlinks=False)
+
+    for entry in sorted(out.iterdir()):
+        target = staging / entry.name
+        if entry.name in RUN_ENTRIES or os.path.lexists(target):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(str(entry), str(target))
 
 
 def _listing(names: list[str], limit: int = 5) -> str:

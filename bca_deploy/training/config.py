@@ -358,8 +358,9 @@ class TrainConfig:
                       "also on under accelerate launch with an FSDP config.", "flag", group="run")
     resume: bool = _opt(False, "Continue the run in --out from its last checkpoint (exactly: same final weights "
                         "as an uninterrupted run).", "flag", group="run")
-    overwrite: bool = _opt(False, "Replace the run in --out; the earlier run stays intact until the new one has "
-                           "written its first checkpoint.", "flag", group="run")
+    overwrite: bool = _opt(False, "Replace the run in --out (its best/, last/, train_log.jsonl, train_result.json; "
+                           "other files there are kept); the earlier run stays intact until the new one has written "
+                           "its first checkpoint.", "flag", group="run")
     progress: bool = _opt(True, "Show the progress bar and summaries (rank 0).", "flag", group="run")
 
     # ---- checks --------------------------------------------------------------------------------

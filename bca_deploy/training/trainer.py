@@ -49,7 +49,8 @@ from ..atomic import check_inputs_outside, write_text
 from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
 from ..errors import format_problems
 from ..models import describe_ids_past_vocabulary, classifier_pad_id, ids_past_vocabulary, vocabulary_size
-from .checkpoint import STATE_FILE, RunDirectory, load_state, rng_state, save_state, set_rng_state, write_dir_atomically
+from .checkpoint import (LOG_FILE, RESULT_FILE, STATE_FILE, RunDirectory, load_state, rng_state, save_state,
+                         set_rng_state, write_dir_atomically)
 from .config import Recipe, TrainConfig, recipe_for
 from .data import (SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range, classes_needed,
                    load_dataset)
@@ -114,8 +115,6 @@ __all__ = [
     "LOG_FILE",
 ]
 
-LOG_FILE = "train_log.jsonl"
-RESULT_FILE = "train_result.json"
 # Options that must be equal for a resumed run to continue the same trajectory.
 _RESUME_KEYS = (
     "task", "method", "targets", "block_size", "block_size_pattern", "scaling", "init", "modules_to_save",

@@ -201,6 +201,27 @@ def test_overwrite_replaces_only_at_the_first_checkpoint(files, earlier):
     assert not _leftovers(out)
 
 
+def test_overwrite_replaces_the_run_and_keeps_the_users_other_files(files, earlier):
+    """--overwrite swapped the whole --out for the new run's tree: notes and an export put in the run directory were
+    gone, exit 0, no message (helper-75). HF Trainer's overwrite_output_dir leaves them; so does this now: the run's
+    own entries are replaced, the rest is carried over byte for byte (links kept as links)."""
+    out, before = earlier
+    (out / "NOTES.md").write_text("what I tried")
+    (out / "onnx-export" / "adapters").mkdir(parents=True)
+    (out / "onnx-export" / "model.onnx").write_bytes(b"\x08\x07" * 1000)
+    (out / "onnx-export" / "adapters" / "a.onnx_adapter").write_bytes(b"kernel")
+    (out / "data-link").symlink_to(files["small"])
+    mine = {p: p.read_bytes() for p in [out / "NOTES.md", out / "onnx-export" / "model.onnx",
+                                        out / "onnx-export" / "adapters" / "a.onnx_adapter"]}
+    old_last = (out / "last" / "adapter_model.safetensors").read_bytes()
+    train(config(files["bert"], files["small"], out, max_steps=3, save_every=2, lr=5e-2, seed=7, overwrite=True))
+    assert {p: p.read_bytes() for p in mine} == mine
+    assert (out / "data-link").is_symlink() and os.readlink(out / "data-link") == str(files["small"])
+    assert (out / "last" / "adapter_model.safetensors").read_bytes() != old_last  # the run itself was replaced
+    assert json.loads((out / "train_result.json").read_text())["step"] == 3 and not (out / "best").exists()
+    assert not _leftovers(out)
+
+
 def test_overwrite_stopped_before_its_first_checkpoint_keeps_the_earlier_run(files, earlier):
     out, before = earlier
 
