@@ -246,6 +246,9 @@ def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[dict[str, Any
             columns.update(dict.fromkeys(obj))
     if problems:
         raise DataError(format_problems(f"{path}: malformed JSON lines:", problems, limit=10))
+    if not records:  # as for TSV and CSV: not "no text column" with no columns found
+        raise DataError(f"{path}: the file is empty (expected one JSON object per line, e.g. "
+                        '{"sentence": "a fine film", "label": 1})')
     return records, list(columns), lines
 
 

@@ -371,6 +371,14 @@ def test_a_stray_quote_that_closes_on_a_later_line_is_refused_not_glued_into_one
     assert examples.texts == [['he said "hi", then left', "two\nlines", "plain"]] and examples.lines == [2, 3, 5]
 
 
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n \n"), ("empty.json", "")])
+def test_an_empty_json_lines_file_is_said_to_be_empty(tmp_path, name, content):
+    """As an empty TSV or CSV is: it said "no text column ... columns found: (none)" (helper-75)."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=f"{name}: the file is empty \\(expected one JSON object per line"):
+        load_seq_cls(tmp_path / name)
+
+
 def test_a_pair_of_text_columns_wins_over_one_of_them(tmp_path):
     """GLUE QNLI's columns (question, sentence): reading 'sentence' alone would drop every question."""
     path = tmp_path / "qnli.tsv"
