@@ -60,6 +60,7 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
     spec: TaskSpec | None = None
     if adapter is not None:
         info = _read_training_info(adapter)
+        _note_another_base(adapter, info.get("model_dir"), config.model)
         spec = _adapter_task(adapter)
         unhandled = _unhandled_task(adapter, spec)
         if unhandled is not None:  # run as seq-cls it would print a meaningless metric (or a wrong contradiction)
@@ -147,6 +148,20 @@ _INFO_FIELDS: dict[str, tuple[Any, str]] = {
     **{key: (lambda v: isinstance(v, str) and bool(v), "a column name")
        for key in ("label_column", "prompt_column", "response_column", "text_column")},
 }
+
+
+def _note_another_base(adapter: Path, recorded: Any, given: Any) -> None:
+    """Say so when the run's recorded base model is a directory of this machine other than the one evaluated on: a
+    checkpoint of the same shapes loads the adapter without a word and gives other numbers. A recorded path this
+    machine does not have (the run trained elsewhere) says nothing either way."""
+    if not isinstance(recorded, str) or given is None:
+        return
+    try:
+        if not Path(recorded).is_dir() or Path(recorded).samefile(given):
+            return
+    except (OSError, ValueError):  # not a path of this machine
+        return
+    print(f"note: {adapter} was trained on {recorded} ({TRAINING_FILE}); evaluating it on {given}", file=sys.stderr)
 
 
 def _read_training_info(adapter: Path) -> dict[str, Any]:

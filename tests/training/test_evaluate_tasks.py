@@ -56,3 +56,22 @@ def test_the_cli_exits_2_with_one_line(files):
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().count("\n") == 0 and "TOKEN_CLS" in result.stderr
     assert "accuracy" not in result.stdout
+
+
+def test_evaluating_on_another_base_than_the_run_trained_on_is_noted(files, tmp_path, capsys):
+    """A checkpoint of the same shapes loads the adapter without a word and gives other numbers (helper-75): the
+    run's recorded base, when it is a directory here, is compared with --model."""
+    import shutil
+
+    from bca_deploy.training import train
+    from training_helpers import config
+
+    train(config(files["bert"], files["small"], tmp_path / "run", max_steps=1))
+    twin = tmp_path / "twin"
+    shutil.copytree(files["bert"], twin)
+    capsys.readouterr()
+    evaluate(EvaluateConfig(model=files["bert"], adapter=tmp_path / "run", data=files["small"]))
+    assert "was trained on" not in capsys.readouterr().err
+    evaluate(EvaluateConfig(model=twin, adapter=tmp_path / "run", data=files["small"]))
+    assert f"note: {tmp_path / 'run' / 'last'} was trained on {files['bert']} (bca_training.json); evaluating it on " \
+        f"{twin}" in capsys.readouterr().err
