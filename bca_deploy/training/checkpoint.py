@@ -191,10 +191,17 @@ def _carry_other_entries(out: Path, staging: Path) -> None:
         target = staging / entry.name
         if entry.name in RUN_ENTRIES or os.path.lexists(target):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, target, symlinks=True, copy_function=link_or_copy)
-        else:
-            link_or_copy(str(entry), str(target))
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, target, symlinks=True, copy_function=link_or_copy)
+            else:
+                link_or_copy(str(entry), str(target))
+        except (OSError, shutil.Error) as exc:  # before the swap: nothing of the earlier run or of the user's is lost
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            raise TrainingConfigError(
+                f"--out {out}: cannot carry {entry.name} into the new run's directory ({reason}); the earlier run "
+                f"and everything else in --out are kept as they were: move {entry.name} out of --out, or make it "
+                "readable, and run again") from None
 
 
 def _listing(names: list[str], limit: int = 5) -> str:

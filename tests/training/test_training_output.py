@@ -222,6 +222,28 @@ def test_overwrite_replaces_the_run_and_keeps_the_users_other_files(files, earli
     assert not _leftovers(out)
 
 
+def test_a_file_that_cannot_be_carried_stops_the_overwrite_before_the_swap(files, earlier, monkeypatch):
+    """A user's file the new run cannot link or copy (another owner's, unreadable): the run stops at its first
+    checkpoint, naming it, and --out is left exactly as it was (the earlier run and the file)."""
+    import shutil as shutil_module
+
+    from bca_deploy.training import checkpoint
+
+    out, _ = earlier
+    (out / "NOTES.md").write_text("what I tried")
+    before = tree(out)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.os, "link", refused)
+    monkeypatch.setattr(shutil_module, "copy2", refused)
+    with pytest.raises(TrainingConfigError, match=r"cannot carry NOTES\.md into the new run's directory \(Permission "
+                                                  r"denied\); the earlier run and everything else in --out are kept"):
+        train(config(files["bert"], files["small"], out, max_steps=3, save_every=2, lr=5e-2, overwrite=True))
+    assert tree(out) == before and not _leftovers(out)
+
+
 def test_overwrite_stopped_before_its_first_checkpoint_keeps_the_earlier_run(files, earlier):
     out, before = earlier
 
