@@ -872,6 +872,16 @@ def convert_adapter(
             model_config = _recorded_base_config(header_config)
         with_label_names(header_config, header.shapes, label_names, model_config, str(source))
     config, state = read_adapter(source, model if model is not None else layers, validate=model is None)
+    if model is None and layers is not None:
+        # checked against layers that are the adapter's at all: a model without its modules matches no rule, and
+        # the check would pass having checked nothing
+        target = model_target(layers)
+        aligned, _ = align_to_target(config, state, target)
+        absent = sorted(m for m in aligned.modules if m not in target.modules)
+        if absent:
+            raise AdapterMismatchError(
+                f"{source}: the base model checked against ({type(layers).__name__}) lacks module(s) the adapter "
+                f"adapts: {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}; not the model it was trained on")
     config = with_task(config)
     if label_names is not None:
         config = with_label_names(config, {k: tuple(v.shape) for k, v in state.items()}, label_names, model_config,

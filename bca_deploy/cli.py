@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -183,11 +184,26 @@ class _Group(click.Group):
             sys.exit(EXIT_INTERNAL_ERROR)
 
 
+# bca_deploy/ and the exporters/ package beside it (bca_deploy.exporters is that package)
+_OWN_SOURCES = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name) + os.sep
+                     for name in ("bca_deploy", "exporters"))
+_SHOW_WARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """This package's warnings as one ``warning: ...`` line (what they say is for the user: an output left without
+    something, a file not copied), not Python's ``file.py:LINE: UserWarning`` and the source line; others' as usual."""
+    if not os.path.abspath(str(filename)).startswith(_OWN_SOURCES):
+        return _SHOW_WARNING(message, category, filename, lineno, file, line)
+    _echo_error(f"warning: {message}")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bca-deploy")
 @click.option("--debug", is_flag=True, help=f"Show the full traceback of unexpected errors (also: {DEBUG_ENV}=1).")
 def main(debug: bool) -> None:
     """Block-circulant adapters from training to production: train, merge, export, serve (and inspect, convert)."""
+    warnings.showwarning = _show_warning
     # File names that are not valid UTF-8 reach Python as lone surrogates; print them escaped, not crash.
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
@@ -364,7 +380,7 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
 
     from .adapter_io import convert_adapter, local_base_dir
     from .config import CONFIG_FILE, read_json
-    from .errors import CheckpointFormatError
+    from .errors import AdapterMismatchError, CheckpointFormatError
     from .models import load_config, meta_model
     from .peft_compat import is_peft_config
 
@@ -389,9 +405,16 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
             if model_dir is not None:
                 raise
             checked_on = None  # the recorded base is not a checkpoint to check against: said below
-    path = convert_adapter(source, out, to=to, overwrite=overwrite, task_type=task_type,
-                           base_model_name_or_path=base_model, label_names=names, model_config=model_config,
-                           layers=layers)
+    convert_args = dict(to=to, overwrite=overwrite, task_type=task_type, base_model_name_or_path=base_model,
+                        label_names=names, model_config=model_config)
+    try:
+        path = convert_adapter(source, out, layers=layers, **convert_args)
+    except AdapterMismatchError:
+        if model_dir is not None or layers is None:
+            raise
+        # the recorded base is another model (it has not the adapter's modules): nothing to check against
+        layers, checked_on = None, None
+        path = convert_adapter(source, out, **convert_args)
     click.echo(f"wrote {to} adapter to {path}")
     if peft and layers is not None:
         click.echo(f"checked against the layers of {checked_on}")

@@ -935,9 +935,9 @@ class _CheckpointTarget:
     out_names: dict[str, str]  # checkpoint key -> key in the output (renamed only when a head is written)
     expected: dict[str, tuple[int, ...]] | None  # parameters the output's architecture needs (head mode)
     model: nn.Module | None = None  # the architecture built on the meta device (None: the tensors' shapes only)
-    # head mode: every key the output's architecture loads (its state dict: parameters, tied names and persistent
-    # buffers); a stored tensor outside it is the source architecture's own (a causal LM's lm_head), not written
-    loads: frozenset[str] | None = None
+    # head mode: output keys of tensors the head's architecture neither loads nor has a module for (another
+    # architecture's head: a causal LM's lm_head), not written
+    foreign: frozenset[str] = frozenset()
     structure_note: str = ""
     # Modules whose weight the architecture ties to another stored tensor (an lm_head to the input embedding):
     # module path -> (checkpoint key of the tensor it is tied to, checkpoint key of its own weight or None).
@@ -1004,7 +1004,11 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
         return _CheckpointTarget(target, {k: k for k in locations}, None, model=model, tied=tied)
     out_names = {k: key_map.get(k, k) for k in locations}
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # shared (tied) parameters listed once
-    return _CheckpointTarget(target, out_names, expected, model=model, loads=frozenset(model.state_dict()), tied=tied)
+    # what the head's architecture does not load and has no module for: another architecture's head (a causal LM's
+    # lm_head, a pre-training BERT's cls.*); a stored buffer of a module it has (position_ids) is kept, as before
+    modules, loads = {name for name, _ in model.named_modules()}, set(model.state_dict())
+    foreign = frozenset(n for n in out_names.values() if n not in loads and n.rpartition(".")[0] not in modules)
+    return _CheckpointTarget(target, out_names, expected, model=model, foreign=foreign, tied=tied)
 
 
 def _check_config_fits(ckpt: _Checkpoint, model: nn.Module, locations: dict[str, tuple[str, TensorInfo]],
@@ -1173,9 +1177,9 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
             new_tensors[name] = value
         plan.replace[name] = value
     plan.new_bytes = sum(v.numel() * v.element_size() for v in new_tensors.values())
-    if view.loads is not None:  # checked above: everything the head's architecture needs is written
-        plan.dropped = {name: info.nbytes for key, (_, info) in ckpt.locations().items()
-                        if (name := view.out_names[key]) not in view.loads and name not in plan.replace}
+    # checked above: everything the head's architecture needs is written
+    plan.dropped = {name: info.nbytes for key, (_, info) in ckpt.locations().items()
+                    if (name := view.out_names[key]) in view.foreign and name not in plan.replace}
     plan.checkpoint = _output_view(ckpt, view.out_names, plan.replace, new_tensors, set(plan.dropped))
     if head_task is not None:
         plan.config = _classification_config(ckpt.config or {}, head_task,
@@ -1721,8 +1725,7 @@ def _merge_checkpoint(
             f"{model_dir}: not writing {len(names)} tensor(s) the merged {plan.config['architectures'][0]} "
             f"does not load ({sum(plan.dropped.values()) / 2**20:,.1f} MiB: {', '.join(names[:5])}"
             + (f" and {len(plan.dropped) - 5} more" if len(plan.dropped) > 5 else "")
-            + "): its own architecture's heads (which the classification head replaces) and buffers transformers "
-            "skips on load")
+            + "): the head of the architecture it was saved as, which the classification head replaces")
     ckpt = plan.checkpoint  # the output's view: same shards and offsets, output names, a head's new tensors
     others, skipped, linked = _other_files(ckpt)
     if skipped:

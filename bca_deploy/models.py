@@ -469,13 +469,14 @@ def resolve_task(
     return ModelTask(task_type, EXPORT_TASKS[task_type], None, f"{model_dir}/config.json architectures")
 
 
-def adapter_name_of(directory: str | Path) -> str:
+def adapter_name_of(directory: str | Path, safe: bool = True) -> str:
     """The name an adapter directory goes by: its folder name, or the run's name for ``RUN/best`` / ``RUN/last``.
 
-    ``runs/sentiment/best`` is ``sentiment`` (what the user called the run), not ``best``. Characters a name cannot
-    hold become ``_`` (``runs/sst2.v1`` is ``sst2_v1``): it names the adapter in the model (a PyTorch key: no ``.``,
-    :func:`bca_deploy.layers.adapter_name_problem`) and, in a bank, on the server's routes (letters, digits, ``_``,
-    ``-``; a letter or digit first).
+    ``runs/sentiment/best`` is ``sentiment`` (what the user called the run), not ``best``. Characters outside
+    letters, digits, ``_`` and ``-`` become ``_`` (``runs/sst2.v1`` is ``sst2_v1``), and it starts with a letter or
+    digit: it names the adapter in the model (a PyTorch key: no ``.``, :func:`bca_deploy.layers.adapter_name_problem`)
+    and, in a bank, on the server's routes (:data:`bca_deploy.serving.session.ADAPTER_NAME_PATTERN`). ``safe=False``:
+    the folder name as it is (how banks exported before names were made safe recorded their slots).
     """
     path = Path(directory)
     name = path.name
@@ -484,15 +485,16 @@ def adapter_name_of(directory: str | Path) -> str:
         if run in ("", ".", ".."):  # "best" given from inside the run: the run's own folder name
             run = path.resolve().parent.name
         name = run or name
-    name = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:128]
+    if safe:
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:128]
     return name or "adapter"
 
 
-def adapter_names(adapter_dirs: Sequence[str | Path]) -> list[str]:
+def adapter_names(adapter_dirs: Sequence[str | Path], safe: bool = True) -> list[str]:
     """One adapter name per directory (:func:`adapter_name_of`), made unique with a suffix where needed."""
     names: list[str] = []
     for directory in adapter_dirs:
-        base = adapter_name_of(directory)
+        base = adapter_name_of(directory, safe)
         name, k = base, 1
         while name in names:
             k += 1

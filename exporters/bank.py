@@ -2019,8 +2019,12 @@ class BankPlan:
         self.adapter_digests: dict[str, FileDigest] = {}  # each adapter file as write() wrote it
 
     @classmethod
-    def load(cls, model_dir: str | Path, adapter_dirs: Sequence[str | Path], task: Any = None) -> BankPlan:
+    def load(cls, model_dir: str | Path, adapter_dirs: Sequence[str | Path], task: Any = None,
+             names: Sequence[str] | None = None) -> BankPlan:
         """Load ``model_dir`` with every adapter's kernels for the bank's task, and plan the bank (heads included).
+
+        ``names``: the slots' names (default: :func:`bca_deploy.models.adapter_names` of the directories; a bank
+        exported before folder names were made safe gives its recorded ones).
 
         ``task``: a :class:`bca_deploy.models.ModelTask`, or a task name / None resolved by
         :func:`~bca_deploy.exporters.loading.resolve_export_task` with ``bank=True`` (adapters may bring
@@ -2043,7 +2047,7 @@ class BankPlan:
         from .loading import resolve_export_task
 
         model_dir, adapter_dirs = Path(model_dir), [Path(d) for d in adapter_dirs]
-        names = adapter_names(adapter_dirs)
+        names = list(names) if names is not None else adapter_names(adapter_dirs)
         model_task = task if isinstance(task, ModelTask) else resolve_export_task(model_dir, adapter_dirs, task, bank=True)
         model_task = dataclasses.replace(model_task, head=None)  # the checkpoint's head; the adapters' go in the bank
         model, missing = load_base(model_dir, model_task)

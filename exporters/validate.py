@@ -990,6 +990,8 @@ def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequenc
         raise UnsupportedExportError(bank_graph_message(onnx_path, problems))
     slots = metadata.bank.adapters
     given = adapter_names([Path(d) for d in adapter_dirs]) if adapter_dirs else []
+    if given != slots and adapter_dirs and adapter_names([Path(d) for d in adapter_dirs], safe=False) == slots:
+        given = list(slots)  # exported before folder names were made safe (exp+1, not exp_1): the names it recorded
     if given != slots:
         raise UnsupportedExportError(
             f"{onnx_path.parent} is an adapter bank of slots {slots}; pass the adapters it was exported with, in that "
@@ -997,7 +999,7 @@ def _validate_bank(onnx_path: Path, model_dir: str | Path, adapter_dirs: Sequenc
         )
     for name in slots:  # each adapter file as the export wrote it, before the model loads
         metadata.bank.checked_adapter_file(onnx_path.parent, name, ExportMetadataError)
-    plan = BankPlan.load(model_dir, adapter_dirs, task or metadata.task)
+    plan = BankPlan.load(model_dir, adapter_dirs, task or metadata.task, names=given)
     return plan.validate(onnx_path.parent, plan.reference_model(), dtype or metadata.dtype or "fp32", provider,
                          tolerance=tolerance, cases=cases)
 

@@ -183,3 +183,23 @@ def test_a_pretraining_checkpoints_own_heads_is_not_carried_into_the_classifier(
     assert not any(k.startswith("cls.") for k in written)
     assert written == set(stored) - set(own_head) | {"classifier.weight", "classifier.bias"}
     check_classifier(out, reference, input_ids)
+
+
+def test_the_cli_says_what_it_left_out_in_one_warning_line(tmp_path):
+    """The CLI prints the package's warnings as ``warning: ...``, not as Python's ``merge.py:1720: UserWarning`` with
+    the source line after it (helper-76)."""
+    from click.testing import CliRunner
+    from transformers import BertConfig, BertForPreTraining
+
+    from bca_deploy.cli import main
+
+    torch.manual_seed(0)
+    BertForPreTraining(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=100, max_position_embeddings=64)).save_pretrained(tmp_path / "pre")
+    head_adapter(tmp_path / "pre", tmp_path / "adapter")
+    result = CliRunner().invoke(main, ["merge", "--model", str(tmp_path / "pre"), "--adapter", str(tmp_path / "adapter"),
+                                       "--out", str(tmp_path / "merged"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "not writing" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "cls.predictions" in lines[0], result.output
+    assert "UserWarning" not in result.output and "warnings.warn(" not in result.output

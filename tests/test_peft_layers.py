@@ -365,6 +365,18 @@ def test_a_module_adapted_without_a_kernel_is_refused_by_merge_and_by_convert_gi
         assert not (tmp_path / out).exists()
     unchecked = runner.invoke(main, ["convert", "--adapter", str(bad), "--to", "bca", "--out", str(tmp_path / "u")])
     assert unchecked.exit_code == 0 and "not checked against a base model (pass --model)" in unchecked.output
+    # another model is no base to check against: refused when given, not claimed as checked when recorded (helper-76)
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    other = runner.invoke(main, ["convert", "--adapter", str(bad), "--to", "bca", "--out", str(tmp_path / "o"),
+                                 "--model", str(tmp_path / "llama")])
+    assert other.exit_code == 2 and "(LlamaForCausalLM) lacks module(s) the adapter adapts" in other.output, \
+        other.output
+    assert not (tmp_path / "o").exists()
+    elsewhere = _edited(directory, tmp_path / "elsewhere", base_model_name_or_path=str(tmp_path / "llama"), **fields)
+    recorded_other = runner.invoke(main, ["convert", "--adapter", str(elsewhere), "--to", "bca", "--out",
+                                          str(tmp_path / "r")])
+    assert recorded_other.exit_code == 0 and "not checked against a base model" in recorded_other.output
+    assert "checked against the layers" not in recorded_other.output
     # the file as PEFT wrote it converts, checked against the base, to PEFT's numbers
     good = runner.invoke(main, ["convert", "--adapter", str(directory), "--to", "bca", "--out", str(tmp_path / "ok"),
                                 "--model", str(tmp_path / "base")])

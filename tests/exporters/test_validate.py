@@ -252,3 +252,30 @@ def test_other_decoder_tasks(tiny, tmp_path, task):
     outputs = {r["output"] for r in rows}
     assert ("logits" if task == "text-generation" else "last_hidden_state") in outputs
     assert all(r["passed"] for r in rows)
+
+
+def test_a_bank_exported_before_names_were_made_safe_still_validates(tmp_path, monkeypatch):
+    """Slot names come from folder names, now made safe (``exp+1`` is ``exp_1``, ``_draft`` is ``draft``): a bank
+    exported before that recorded the folder names, and validate with the same folders must still take it, not tell
+    the user to pass the adapters it was exported with (helper-76)."""
+    import functools
+
+    import bca_deploy as bd
+    import bca_deploy.models as models
+    from conftest import tiny_bert
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    folders = [tmp_path / "exp+1", tmp_path / "_draft"]
+    for seed, folder in enumerate(folders):
+        model = tiny_bert()
+        bd.inject(model, ["query", "value"], block_size=8, init="normal", init_std=0.05, seed=seed)
+        bd.save_adapter(model, folder)
+    with monkeypatch.context() as m:  # the export as the earlier code named its slots
+        m.setattr(models, "adapter_names", functools.partial(models.adapter_names, safe=False))
+        out = export(tmp_path / "base", tmp_path / "old-bank", folders, merge=False, bank=True, verbose=False)
+    assert json.loads((out / "bca_export.json").read_text())["bank"]["slots"] == [None, "exp+1", "_draft"]
+    report = validate(out, tmp_path / "base", folders, verbose=False)
+    assert report.passed and any("file=exp+1" in row.case for row in report.rows), report.rows
+    new = export(tmp_path / "base", tmp_path / "new-bank", folders, merge=False, bank=True, verbose=False)
+    assert json.loads((new / "bca_export.json").read_text())["bank"]["slots"] == [None, "exp_1", "draft"]
+    assert validate(new, tmp_path / "base", folders, verbose=False).passed
