@@ -54,10 +54,17 @@ def test_a_stream_nobody_reads_gives_its_rows_back(tmp_path_factory):
             while (queued := _queued(server.url)) and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert queued == 0, f"{queued:g} rows still queued after the stalled stream was cut off"
-            # recorded as what it was: the server gave up on the answer (408), not a success (its status line was 200)
-            metrics = urllib.request.urlopen(server.url + "/metrics", timeout=15).read().decode()
-            completions = {m.group(1): float(m.group(2)) for m in re.finditer(
-                r'^bca_requests_total\{[^}]*endpoint="/v1/completions"[^}]*status="(\d+)"[^}]*\} (\S+)', metrics, re.M)}
+            # recorded as what it was: the server gave up on the answer (408), not a success (its status line was 200);
+            # the request is recorded when its handler has unwound, which may be just after its rows were freed
+            deadline = time.monotonic() + 30
+            while True:
+                metrics = urllib.request.urlopen(server.url + "/metrics", timeout=15).read().decode()
+                completions = {m.group(1): float(m.group(2)) for m in re.finditer(
+                    r'^bca_requests_total\{[^}]*endpoint="/v1/completions"[^}]*status="(\d+)"[^}]*\} (\S+)', metrics,
+                    re.M)}
+                if completions or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert completions == {"408": 1.0}, completions
             assert re.search(r'^bca_request_errors_total\{[^}]*status="408",type="request_timeout"[^}]*\} 1\.0',
                              metrics, re.M), metrics
