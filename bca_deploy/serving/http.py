@@ -51,7 +51,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -566,7 +566,7 @@ class Server:
                                      show_adapters=options.list_adapters)
         self.batcher = MicroBatcher(session, max_batch_rows=options.max_batch_rows, max_wait_ms=options.max_wait_ms,
                                     on_batch=self._on_batch, max_batch_tokens=options.max_batch_tokens)
-        self.model_name = options.served_model_name or default_model_name(session.export_dir)
+        self.model_name = served_model_name(options.served_model_name, session.export_dir, session.exported_adapters)
         self.embeddings = OpenAIEmbeddings.of(session, options) if session.serves("embed") else None
         self.engine = None
         if session.with_past:  # generation: continuous batching (rows join and leave the running batch every step)
@@ -888,6 +888,22 @@ def default_model_name(export_dir: Path) -> str:
     """The base model's name in the OpenAI API when none is given: the export directory's name, made a valid name."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", Path(export_dir).resolve().name).lstrip("._-")[:128] or "base"
     return name.replace("..", "-") if name != BASE else "base"
+
+
+def served_model_name(given: str | None, export_dir: Path, adapters: Collection[str]) -> str:
+    """The base model's name in the OpenAI API (``model``): ``given`` (``--served-model-name``), refused when one of
+    the export's ``adapters`` has it; else :func:`default_model_name`, with ``-base`` added while an exported adapter
+    has it. A request naming it gets the base model, so an adapter of the same name could never be reached (an export
+    directory named after its adapter, ``export --bank --adapter runs/a_b --out a_b``, answered ``a_b`` with the base)."""
+    if given is not None:
+        if given in adapters:
+            raise ServingError(f"--served-model-name {given!r} is also the name of an adapter in the export, whose "
+                               "requests would get the base model; pick another name for the base model")
+        return given
+    name = default_model_name(export_dir)
+    while name in adapters:
+        name = f"{name[:123]}-base"
+    return name
 
 
 # ---- middleware: request id, limits, timeouts, errors, log, metrics -------------------------------------

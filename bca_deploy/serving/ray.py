@@ -287,13 +287,13 @@ class Router:
     """The HTTP ingress: reads the request once, picks the adapter, forwards it multiplexed (see the module docstring)."""
 
     def __init__(self, replicas, export_dir: str, adapter_store: str | None, options: Mapping[str, Any]) -> None:
-        from .http import default_model_name
+        from .http import served_model_name
 
         self.replicas = replicas
         self.options = ServeOptions(**options)
         self.exported = sorted(bank_metadata(export_dir).bank.adapters)
         self.store_dir = adapter_store
-        self.model_name = self.options.served_model_name or default_model_name(Path(export_dir))
+        self.model_name = served_model_name(self.options.served_model_name, Path(export_dir), self.exported)
         self.created = int(time.time())  # the models' "created", as a single server gives it
 
     async def __call__(self, request: Request):

@@ -1269,3 +1269,31 @@ def queued_rows(url: str) -> float:
         text = response.read().decode()
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "bca_queued_rows")
 
+
+
+def test_an_adapter_named_as_the_base_model_is_reached_not_shadowed(artefacts, tmp_path):
+    """An export directory named after its adapter (``export --bank --adapter runs/a0 --out a0``) made the base
+    model's default name ``a0`` too, and requests for the adapter ``a0`` got the base model, 200, without a word
+    (helper-77). The default base name now steps aside (``a0-base``); a --served-model-name an adapter has is refused."""
+    from bca_deploy.errors import ServingError
+    from bca_deploy.serving.http import ServerThread, build
+
+    export = tmp_path / "a0"
+    shutil.copytree(artefacts["bert"]["onnx"], export)
+    with ServerThread(build(export, threads=1, max_wait_ms=1.0)) as server:
+        status, models = call(server.url + "/v1/models")
+        assert status == 200
+        listed = {m["id"]: m.get("parent") for m in models["data"]}
+        assert listed["a0-base"] is None and listed["a0"] == "a0-base", listed
+        texts = ["the water is hot", "zebra"]
+        base = call(server.url + "/v1/embeddings", "POST", {"input": texts})
+        adapted = call(server.url + "/v1/embeddings", "POST", {"input": texts, "adapter": "a0"})
+        assert base[0] == adapted[0] == 200 and adapted != base, (base, adapted)
+        answers = {}
+        for model in ("a0", "a0-base"):  # the OpenAI route, by ``model``: the adapter, and the base model
+            status, answer = call(server.url + "/v1/embeddings", "POST", {"model": model, "input": texts})
+            assert status == 200 and answer["model"] == model, answer
+            answers[model] = [item["embedding"] for item in answer["data"]]
+        assert answers["a0"] != answers["a0-base"]
+    with pytest.raises(ServingError, match="--served-model-name 'a1' is also the name of an adapter in the export"):
+        build(export, threads=1, served_model_name="a1")
