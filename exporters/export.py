@@ -305,6 +305,9 @@ def export(
                 print(line)
             count = len(bank_plan.names)
             kind = f"adapter-bank ({fft}, {count} adapter{'' if count == 1 else 's'})"
+            # the name each adapter is served and requested by (its folder's, or its run's, made a safe name)
+            for directory, name in zip(adapter_dirs, bank_plan.names, strict=True):
+                print(f"adapter {name}: {directory}")
         print(f"exported {kind} {task} graph to {out_dir} ({_graph_size(out_dir) / 1e6:.1f} MB) "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir

@@ -254,7 +254,7 @@ def test_other_decoder_tasks(tiny, tmp_path, task):
     assert all(r["passed"] for r in rows)
 
 
-def test_a_bank_exported_before_names_were_made_safe_still_validates(tmp_path, monkeypatch):
+def test_a_bank_exported_before_names_were_made_safe_still_validates(tmp_path, monkeypatch, capsys):
     """Slot names come from folder names, now made safe (``exp+1`` is ``exp_1``, ``_draft`` is ``draft``): a bank
     exported before that recorded the folder names, and validate with the same folders must still take it, not tell
     the user to pass the adapters it was exported with (helper-76)."""
@@ -276,6 +276,9 @@ def test_a_bank_exported_before_names_were_made_safe_still_validates(tmp_path, m
     assert json.loads((out / "bca_export.json").read_text())["bank"]["slots"] == [None, "exp+1", "_draft"]
     report = validate(out, tmp_path / "base", folders, verbose=False)
     assert report.passed and any("file=exp+1" in row.case for row in report.rows), report.rows
-    new = export(tmp_path / "base", tmp_path / "new-bank", folders, merge=False, bank=True, verbose=False)
+    capsys.readouterr()
+    new = export(tmp_path / "base", tmp_path / "new-bank", folders, merge=False, bank=True, verbose=True)
     assert json.loads((new / "bca_export.json").read_text())["bank"]["slots"] == [None, "exp_1", "draft"]
+    printed = capsys.readouterr().out  # the name to request each adapter by, beside its folder (helper-77)
+    assert f"adapter exp_1: {folders[0]}\n" in printed and f"adapter draft: {folders[1]}\n" in printed, printed
     assert validate(new, tmp_path / "base", folders, verbose=False).passed
