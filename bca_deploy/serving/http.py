@@ -1473,6 +1473,13 @@ def startup_notes(server: Server) -> list[str]:
         notes.extend(session.generation_notes)
     if server.embeddings is not None:  # sentence-transformers modules not run (a Dense projection...)
         notes.extend(server.embeddings.notes)
+    unnamed = server.store.unnamed() if server.store is not None else []
+    if unnamed:
+        shown = ", ".join(repr(n[:60]) for n in unnamed[:5]) + (f" and {len(unnamed) - 5} more" if len(unnamed) > 5
+                                                                 else "")
+        notes.append(f"{len(unnamed)} folder(s) of the adapter store cannot be served, their names not being adapter "
+                     f"names (1-128 letters, digits, '.', '_' or '-', a letter or digit first): {shown}; rename them "
+                     "to load them")
     if not session.snapshot().slots and server.store is None:
         notes.append("no adapter is loaded and none can be (no --adapter-store): every request gets the base model "
                      f"({server.model_name!r}); one naming an adapter gets 404")

@@ -191,6 +191,20 @@ class AdapterStore:
                     raise AdapterNameError(f"adapter {name!r}: its directory in the adapter store cannot be read "
                                            f"({exc.strerror or type(exc).__name__})") from None
 
+    def unnamed(self) -> list[str]:
+        """Folders of the store no request can name (their names are not valid adapter names: a space, a leading
+        ``-``, letters outside ASCII), so never served; hidden ones (``.git``) left out. Said at start-up: they were
+        missing from the listing without a word."""
+        out = []
+        for child in sorted(self.root.iterdir()):
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            try:
+                check_adapter_name(child.name)
+            except AdapterNameError:
+                out.append(child.name)
+        return out
+
     def names(self) -> list[str]:
         """Adapter names that :meth:`path` accepts: valid names of self-contained adapter directories in the store
         whose config and weights are regular files (not named pipes, sockets or devices, which no load reads)."""

@@ -1297,3 +1297,21 @@ def test_an_adapter_named_as_the_base_model_is_reached_not_shadowed(artefacts, t
         assert answers["a0"] != answers["a0-base"]
     with pytest.raises(ServingError, match="--served-model-name 'a1' is also the name of an adapter in the export"):
         build(export, threads=1, served_model_name="a1")
+
+
+def test_store_folders_no_request_can_name_are_said_at_start(artefacts, tmp_path):
+    """Runs trained into a store as ``exp 2024-01`` or ``-leading`` were missing from its listing without a word
+    (helper-77): the server says at start which folders it cannot serve and why; hidden folders are not listed."""
+    from bca_deploy.serving.http import build, startup_notes
+
+    art = artefacts["bert"]
+    store = tmp_path / "store"
+    shutil.copytree(art["store"], store, symlinks=True)
+    for name in ("exp 2024-01", "-leading", "ünï", ".git"):
+        (store / name).mkdir()
+    notes = startup_notes(build(art["onnx"], adapter_store=store, threads=1).state.server)
+    said = [n for n in notes if "cannot be served" in n]
+    assert len(said) == 1 and said[0].startswith("3 folder(s) of the adapter store cannot be served"), notes
+    assert all(repr(name) in said[0] for name in ("exp 2024-01", "-leading", "ünï")) and ".git" not in said[0]
+    assert not any("cannot be served" in n for n in startup_notes(build(art["onnx"], adapter_store=art["store"],
+                                                                        threads=1).state.server))
