@@ -197,8 +197,8 @@ def test_the_cli_says_what_it_left_out_in_one_warning_line(tmp_path):
     BertForPreTraining(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                   vocab_size=100, max_position_embeddings=64)).save_pretrained(tmp_path / "pre")
     head_adapter(tmp_path / "pre", tmp_path / "adapter")
-    result = CliRunner().invoke(main, ["merge", "--model", str(tmp_path / "pre"), "--adapter", str(tmp_path / "adapter"),
-                                       "--out", str(tmp_path / "merged"), "--no-progress"])
+    result = CliRunner().invoke(main, ["merge", "--model", str(tmp_path / "pre"), "--adapter",
+                                       str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"), "--no-progress"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if "not writing" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "cls.predictions" in lines[0], result.output

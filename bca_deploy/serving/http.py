@@ -893,8 +893,9 @@ def default_model_name(export_dir: Path) -> str:
 def served_model_name(given: str | None, export_dir: Path, adapters: Collection[str]) -> str:
     """The base model's name in the OpenAI API (``model``): ``given`` (``--served-model-name``), refused when one of
     the export's ``adapters`` has it; else :func:`default_model_name`, with ``-base`` added while an exported adapter
-    has it. A request naming it gets the base model, so an adapter of the same name could never be reached (an export
-    directory named after its adapter, ``export --bank --adapter runs/a_b --out a_b``, answered ``a_b`` with the base)."""
+    has it. A request naming it gets the base model, so an adapter of the same name could never be reached (an
+    export directory named after its adapter, ``export --bank --adapter runs/a_b --out a_b``, answered ``a_b`` with
+    the base)."""
     if given is not None:
         if given in adapters:
             raise ServingError(f"--served-model-name {given!r} is also the name of an adapter in the export, whose "

@@ -1274,7 +1274,8 @@ def queued_rows(url: str) -> float:
 def test_an_adapter_named_as_the_base_model_is_reached_not_shadowed(artefacts, tmp_path):
     """An export directory named after its adapter (``export --bank --adapter runs/a0 --out a0``) made the base
     model's default name ``a0`` too, and requests for the adapter ``a0`` got the base model, 200, without a word
-    (helper-77). The default base name now steps aside (``a0-base``); a --served-model-name an adapter has is refused."""
+    (helper-77). The default base name now steps aside (``a0-base``); a --served-model-name an adapter has is
+    refused."""
     from bca_deploy.errors import ServingError
     from bca_deploy.serving.http import ServerThread, build
 
