@@ -75,7 +75,7 @@ from .inject import (
     saved_modules,
     saved_value,
 )
-from .layers import BCALinear, adapter_name_problem, is_adaptable, layer_type_of
+from .layers import BCALinear, is_adaptable, layer_type_of, require_adapter_name
 from .peft_compat import (
     PEFT_KERNEL_SUFFIX,
     format_name,
@@ -614,8 +614,7 @@ def load_adapter(
         AdapterNameError: ``model`` already has an adapter named ``adapter_name``.
         AdapterMismatchError: the adapter does not fit ``model`` (every problem listed).
     """
-    if adapter_name_problem(adapter_name) is not None:
-        raise AdapterNameError(adapter_name_problem(adapter_name))
+    require_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise AdapterNameError(f"this {type(model).__name__} already has an adapter named {adapter_name!r}; "
                                "load it under another adapter_name or remove it first")

@@ -28,11 +28,11 @@ from .layers import (
     BASE_ADAPTER,
     BCALinear,
     RowAdapters,
-    adapter_name_problem,
     block_size_message,
     is_adaptable,
     layer_dims,
     layer_type_of,
+    require_adapter_name,
 )
 
 __all__ = [
@@ -133,9 +133,7 @@ def check_injectable(model: nn.Module, specs: dict[str, ModuleSpec], adapter_nam
     """
     from .fit import model_target, module_problem
 
-    name_problem = adapter_name_problem(adapter_name)
-    if name_problem is not None:
-        raise AdapterNameError(name_problem)
+    require_adapter_name(adapter_name)
     target = model_target(model)
     problems: list[str] = []
     block_problems: list[str] = []

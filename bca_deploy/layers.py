@@ -29,8 +29,8 @@ from .errors import (
 )
 from .ops import block_circulant_matmul, materialize
 
-__all__ = ["BCALinear", "BASE_ADAPTER", "RowAdapters", "adapter_name_problem", "dense_delta", "is_adaptable",
-           "layer_type_of", "layer_dims"]
+__all__ = ["BCALinear", "BASE_ADAPTER", "RowAdapters", "adapter_name_problem", "require_adapter_name",
+           "dense_delta", "is_adaptable", "layer_type_of", "layer_dims"]
 
 #: The adapter name that selects the base model alone for a row of a mixed batch (as in PEFT).
 BASE_ADAPTER = "__base__"
@@ -134,6 +134,13 @@ def adapter_name_problem(name: object) -> str | None:
     return None
 
 
+def require_adapter_name(name: object) -> None:
+    """Raise :class:`AdapterNameError` saying why ``name`` cannot name an adapter (:func:`adapter_name_problem`)."""
+    problem = adapter_name_problem(name)
+    if problem is not None:
+        raise AdapterNameError(problem)
+
+
 class BCALinear(nn.Module):
     """A frozen base layer plus named block-circulant adapters.
 
@@ -197,9 +204,7 @@ class BCALinear(nn.Module):
         ``normal`` (std ``init_std``), ``xavier_uniform`` or ``kaiming_uniform`` (bounds from the
         base layer's fan-in/fan-out, as PEFT's C3A).
         """
-        problem = adapter_name_problem(adapter_name)
-        if problem is not None:
-            raise AdapterNameError(problem)
+        require_adapter_name(adapter_name)
         if adapter_name in self.bca_kernels:
             raise AdapterNameError(f"{self.module_name}: adapter {adapter_name!r} already exists")
         if init not in INITS:
