@@ -47,6 +47,7 @@ import heapq
 import logging
 import re
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -913,6 +914,94 @@ def served_model_name(given: str | None, export_dir: Path, adapters: Collection[
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+WRITE_WATCH = "bca.write_watch"  # the scope extension holding the connection's WriteWatch
+_READ_POLL_S = 0.25
+
+
+class WriteWatch:
+    """How much of its answers a connection's client has not read yet, and a way to drop the connection.
+
+    ``unread``: bytes in uvicorn's transport buffer plus the kernel's send queue (``SIOCOUTQ``: sent but not
+    acknowledged, or not sent yet; where the platform lacks it, the transport buffer alone). It only falls
+    while the client reads, so it is the guard's progress clock: a client reading slowly but steadily gets
+    its answer however long that takes, one that reads nothing for ``--body-timeout-s`` is cut off. The
+    kernel frees send-buffer space in large steps (a socket is writable again once a third of a buffer of
+    up to megabytes has drained), so a timer around each write alone cut slow readers off mid-answer.
+    """
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
+
+    def buffered(self) -> int:
+        """Bytes of answers still in the transport's buffer (not handed to the kernel)."""
+        return self.transport.get_write_buffer_size()
+
+    def unread(self) -> int:
+        """Bytes written that the client has not acknowledged (transport buffer + kernel send queue)."""
+        queued = 0
+        if self._fd >= 0:
+            try:
+                queued = _socket_send_queue(self._fd)
+            except OSError:  # not Linux, or the socket is gone: the transport buffer alone
+                self._fd = -1
+        return self.transport.get_write_buffer_size() + queued
+
+    def abort(self) -> None:
+        """Drop the connection now with a reset, its buffered answer too: ``close`` would wait for the client to read
+        it, and the kernel would keep what it holds for minutes (nginx's ``reset_timedout_connection``)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+
+def _socket_send_queue(fd: int) -> int:
+    import fcntl
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]  # == SIOCOUTQ on Linux
+
+
+async def _send_while_read(sending, seconds: float, watch: WriteWatch | None) -> None:
+    """Await ``sending`` (an ASGI send) while the client reads; ``asyncio.TimeoutError`` once it has read nothing
+    for ``seconds`` (the connection is then dropped). Without a watch (another server): ``seconds`` for the send."""
+    if watch is None:
+        await asyncio.wait_for(sending, seconds)
+        return
+    task = asyncio.ensure_future(sending)
+    try:
+        await _wait_while_read(task, seconds, watch)
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _wait_while_read(task: asyncio.Future | None, seconds: float, watch: WriteWatch) -> None:
+    """Until ``task`` is done (``None``: until the transport has handed every buffered byte to the kernel), as long
+    as the client reads something at least every ``seconds``; else drop the connection, ``asyncio.TimeoutError``."""
+    loop = asyncio.get_running_loop()
+    last, quiet_from = watch.unread(), loop.time()
+    while not (task.done() if task is not None else watch.buffered() == 0):
+        left = quiet_from + seconds - loop.time()
+        if left <= 0:
+            watch.abort()
+            raise asyncio.TimeoutError
+        if task is not None:
+            await asyncio.wait({task}, timeout=min(left, _READ_POLL_S))
+        else:
+            await asyncio.sleep(min(left, _READ_POLL_S))
+        unread = watch.unread()
+        if unread < last:  # the client read something (nothing else writes to this connection meanwhile)
+            quiet_from = loop.time()
+        last = unread
+
+
 class _Guard:
     """Pure ASGI middleware around the whole app.
 
@@ -937,6 +1026,7 @@ class _Guard:
         state = scope.setdefault("state", {})
         state.update({"log": {}, "request_id": request_id})
         sent = {"status": None, "whole": False}
+        watch: WriteWatch | None = scope.get("extensions", {}).get(WRITE_WATCH)  # None: not our uvicorn protocol
         # A body framed both ways is how requests are smuggled past a proxy that reads the other framing:
         # refused, and the connection closed after the answer (RFC 9112 section 6.1: the server MUST close it)
         framed_twice = "content-length" in headers and "transfer-encoding" in headers
@@ -950,9 +1040,15 @@ class _Guard:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 sent["whole"] = True
             try:
-                await asyncio.wait_for(send(message), options.body_timeout_s)
+                await _send_while_read(send(message), options.body_timeout_s, watch)
+                if watch is not None and sent["whole"]:
+                    # the answer is in the connection's buffer; a client that reads none of it must not hold that
+                    # memory and its connection for ever (uvicorn's close waits for the buffer to empty)
+                    await _wait_while_read(None, options.body_timeout_s, watch)
             except asyncio.TimeoutError:  # a client that stopped reading: give its task back
-                raise RequestTimeoutError("the client did not read the response in time") from None
+                sent["whole"], sent["cut_off"] = False, True
+                raise RequestTimeoutError(f"the client read none of the response for {options.body_timeout_s:g} s "
+                                          "(--body-timeout-s)") from None
 
         async def answer(exc: BaseException, status: int, kind: str) -> None:
             message = server.redact(str(exc)) if isinstance(exc, BCAError) else ""
@@ -995,7 +1091,9 @@ class _Guard:
                 # an answer cut short after its status line said 200: a stream whose client left (499), or one the
                 # server gave up on (a client that did not read in time: 408; an error mid-answer): recorded as
                 # such in the log and the metrics, never as a success
-                if state.get("disconnected"):
+                if sent.get("cut_off"):  # the disconnect the app may have seen was the server's doing
+                    status, state["error_type"] = error_status(RequestTimeoutError(""))
+                elif state.get("disconnected"):
                     status, state["error_type"] = error_status(ClientClosedRequestError(""))
                 elif "error_type" in state:
                     status = failed
@@ -1354,6 +1452,13 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
                 refused("too_many_connections", 503, str(error), self.client)
                 return
             self._arm()
+            watch, app = WriteWatch(transport), self.app
+
+            async def watched(scope, receive, send):  # the guard finds the connection's watch in the scope
+                scope.setdefault("extensions", {})[WRITE_WATCH] = watch
+                await app(scope, receive, send)
+
+            self.app = watched
 
         _head_bytes = 0
         _tail = b""

@@ -96,7 +96,8 @@ class ServeOptions:
     max_json_depth: int = _opt(16, "Deepest nesting of JSON arrays/objects in a body (413 above).")
     # ---- slow or stalled clients ----
     header_timeout_s: float = _opt(10.0, "Seconds a new connection has to send its request headers.", ray=False)
-    body_timeout_s: float = _opt(30.0, "Seconds a request has to send its whole body (408 after).")
+    body_timeout_s: float = _opt(30.0, "Seconds a request has to send its whole body, and the longest a client may "
+                                 "go without reading any of its answer (408 after; the connection is dropped).")
     keep_alive_s: float = _opt(5.0, "Seconds an idle keep-alive connection stays open; also the most a client "
                                "answered before its body was whole (a 413) may go on sending it before the "
                                "connection closes.")
