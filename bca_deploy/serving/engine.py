@@ -429,6 +429,8 @@ class GenerationEngine:
         self.preemptions = 0  # rows pre-empted
         self._admissions = 0  # rows admitted (the order of _Request.admitted)
         self._overlapping = False  # hand tokens over during the next run (the last step took OVERLAP_MIN_STEP_S or more)
+        self._decode: Callable[[list[int]], str] | None = None  # the detokenizers' (engine thread only): _decoder
+        self._decoder_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -559,11 +561,17 @@ class GenerationEngine:
             self._cond.notify_all()
 
     def _decoder(self) -> Callable[[list[int]], str] | None:
+        """What the streams' detokenizers decode with (None: no tokenizer). A copy of the tokenizer of the engine's
+        own: its thread decodes every stream's tokens, so waiting for one of the session's shared copies behind
+        another request's long text (a 4 MB conversation holds one for seconds) would pause every stream."""
         try:
             self.session.tokenizer  # noqa: B018
         except ServingError:
             return None
-        return self.session.decode
+        with self._decoder_lock:
+            if self._decode is None:
+                self._decode = self.session.private_decoder()
+        return self._decode
 
     # ---- the engine's thread ---------------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BCAError, ServingError, UnknownAdapterError
+from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError
 from .options import ServeOptions
 from .session import BASE, KIND_NEEDS, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
@@ -93,7 +93,7 @@ from .wire import (
     error_status,
     is_openai_request,
     parse_body,
-    validate,
+    validate_body,
 )
 
 __all__ = ["create_app", "build", "run_server", "configure_logging", "ServerThread", "MicroBatcher", "Server",
@@ -684,7 +684,9 @@ class Server:
 
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
         """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
-        return validate(model, await parse_body(await request.body(), self.options, request.headers))
+        body = await request.body()
+        data = await parse_body(body, self.options, request.headers)
+        return await validate_body(model, data, len(body), self.options.max_request_rows)
 
     async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input",
                       max_text_tokens: int | None = None) -> list[list[int]]:
@@ -731,6 +733,13 @@ class Server:
 
             why = str(exc)[:300] if isinstance(exc, TemplateError) else type(exc).__name__
             raise InvalidRequestError(f"messages: the chat template refused them ({why})", param="messages") from None
+        limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
+        if len(text) > limit:  # bounded before tokenizing: 4 MB of messages (each within the limit) took 5 s of it
+            raise ContextLengthError(
+                f"messages: the conversation, as the chat template writes it, is {len(text):,} characters; this server "
+                f"tokenizes at most {limit:,} (the larger of --max-text-chars and {CHAT_CHARS_PER_POSITION} characters "
+                f"per position of the model's maximum context length of {self.session.max_positions or 0} positions)",
+                param="messages")
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
         # as transformers' apply_chat_template(tokenize=True) does; with one of the session's tokenizer copies.
         ids = self.session.text_ids(text, add_special_tokens=False)
@@ -913,6 +922,16 @@ def served_model_name(given: str | None, export_dir: Path, adapters: Collection[
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
+
+#: A chat conversation is tokenized only up to the larger of --max-text-chars and this many characters per position
+#: of the model's context: far above what fits (about 4 characters per token in English text; 32 leaves room for
+#: runs of whitespace and long tokens), so only a conversation that could never fit is refused unread.
+CHAT_CHARS_PER_POSITION = 32
+
+#: A request body may arrive in this many pieces (chunks, or reads) of any size; beyond, they must average at least
+#: MIN_BODY_PIECE_BYTES (a 4 MiB body then costs h11 at most ~20,000 pieces, ~0.2 s of the event loop).
+BODY_PIECES_FREE = 4096
+MIN_BODY_PIECE_BYTES = 256
 
 WRITE_WATCH = "bca.write_watch"  # the scope extension holding the connection's WriteWatch
 _READ_POLL_S = 0.25
@@ -1322,7 +1341,7 @@ def _native_embeddings(server: Server):
     """The native ``/v1/embeddings`` handler (the OpenAI route dispatches to it for native bodies)."""
 
     async def embed(request: Request, data: dict[str, Any]):
-        body = validate(EmbedRequest, data)
+        body = await validate_body(EmbedRequest, data, len(await request.body()), server.options.max_request_rows)
         adapter = server.select(request, body.adapter)
         result, _ = await server.infer(request, "embed", _rows(body.input), adapter,
                                        {"pooling": body.pooling, "normalize": body.normalize})
@@ -1452,6 +1471,7 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
                 refused("too_many_connections", 503, str(error), self.client)
                 return
             self._arm()
+            self._count_body_pieces()
             watch, app = WriteWatch(transport), self.app
 
             async def watched(scope, receive, send):  # the guard finds the connection's watch in the scope
@@ -1462,6 +1482,31 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
 
         _head_bytes = 0
         _tail = b""
+        _pieces = _piece_bytes = 0
+        _refusal: tuple[str, str] | None = None
+
+        def _count_body_pieces(self) -> None:
+            """Bound the pieces a body arrives in. h11 spends ~9 us per piece (a chunk, or what one read got): a 1 MB
+            body in 1-byte chunks (6 MB on the wire) held the event loop, and every other request, for 8.8 s. After
+            BODY_PIECES_FREE pieces they must average MIN_BODY_PIECE_BYTES, else 400 and the connection closes."""
+            next_event = self.conn.next_event
+
+            def counted():
+                event = next_event()
+                if type(event) is h11.Data:
+                    self._pieces += 1
+                    self._piece_bytes += len(event.data)
+                    if self._pieces > BODY_PIECES_FREE and self._piece_bytes < self._pieces * MIN_BODY_PIECE_BYTES:
+                        self._refusal = ("body_pieces_too_small", (
+                            f"the body came in {self._pieces:,} pieces averaging {self._piece_bytes // self._pieces} "
+                            f"bytes; after {BODY_PIECES_FREE:,} pieces they must average at least "
+                            f"{MIN_BODY_PIECE_BYTES} bytes: send larger chunks"))
+                        raise h11.RemoteProtocolError(self._refusal[1])
+                elif type(event) is h11.Request:
+                    self._pieces = self._piece_bytes = 0
+                return event
+
+            self.conn.next_event = counted
 
         def data_received(self, data: bytes) -> None:
             if self.conn.their_state is h11.IDLE:
@@ -1509,7 +1554,8 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
                         f"for {linger_s:g} s; the connection was closed", self.client)
 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP: uvicorn's plain-text 400, as JSON
-            self._refuse_http("invalid_http", msg)
+            reason, msg = self._refusal or ("invalid_http", msg)
+            self._refuse_http(reason, msg)
 
         def _refuse_http(self, reason: str, msg: str) -> None:
             self._disarm()

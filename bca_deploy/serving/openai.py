@@ -55,6 +55,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from ..config import show_json_value
 from ..errors import BCAError, ContextLengthError
 from .session import BASE
 from .wire import (
@@ -67,7 +68,7 @@ from .wire import (
     is_openai_request,
     field_errors,
     parse_body,
-    validate,
+    validate_body,
 )
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class _OpenAIRequest(BaseModel):
 
 def _refuse(problems: list[str], name: str, value: Any, neutral: Any, why: str) -> None:
     if value is not None and value != neutral and not (isinstance(neutral, tuple) and value in neutral):
-        problems.append(f"{name}: {value!r} is not supported ({why})")
+        problems.append(f"{name}: {show_json_value(value)} is not supported ({why})")  # described: it may be MBs
 
 
 class EmbeddingsRequest(_OpenAIRequest):
@@ -163,7 +164,8 @@ class _Sampling(_OpenAIRequest):
             extra = set(self.stream_options) - {"include_usage", "include_obfuscation"}
             flags = [k for k, v in self.stream_options.items() if k not in extra and not isinstance(v, bool)]
             if extra:
-                problems.append(f"stream_options: unknown keys {sorted(extra)}")
+                shown = ", ".join(repr(k[:40]) for k in sorted(extra)[:5]) + (", ..." if len(extra) > 5 else "")
+                problems.append(f"stream_options: {len(extra)} unknown key(s) ({shown})")
             elif flags:
                 problems.append(f"stream_options: {', '.join(flags)} must be true or false")
             elif not self.stream:
@@ -346,11 +348,12 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         server.require("embed")
-        data = await parse_body(await request.body(), options, request.headers)
+        body = await request.body()
+        data = await parse_body(body, options, request.headers)
         if not is_openai_request(request.url.path, data):
             return await native_embeddings(request, data)
         request.state.openai = True  # its refusals are OpenAI's 400s (wire.error_status)
-        req = validate(EmbeddingsRequest, data)
+        req = await validate_body(EmbeddingsRequest, data, len(body), options.max_request_rows)
         adapter = server.select(request, req.model, param="model")
         hidden = int(getattr(server.session.config, "hidden_size", 0) or 0)
         if req.dimensions is not None and req.dimensions != hidden:

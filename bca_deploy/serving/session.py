@@ -931,6 +931,14 @@ class MultiAdapterSession:
         with self._tokenizer_copy() as tok:
             return tok.decode(list(token_ids), skip_special_tokens=True)
 
+    def private_decoder(self) -> Callable[[Sequence[int]], str]:
+        """:meth:`decode` over a tokenizer copy of its own, for one thread that must never wait behind other requests'
+        texts in the shared copies (the generation engine's, whose detokenizers every stream waits for)."""
+        tokenizer = self.tokenizer
+        with self._load_lock:
+            own = copy.deepcopy(tokenizer)
+        return lambda token_ids: own.decode(list(token_ids), skip_special_tokens=True)
+
     @contextlib.contextmanager
     def _tokenizer_copy(self) -> Iterator[Any]:
         """One of the tokenizer's copies, this thread's alone until the block ends (ServingError if there is none)."""
