@@ -287,6 +287,18 @@ def _resolve_modules_to_save(model: nn.Module, modules_to_save: Sequence[str]) -
         if not found:
             raise TargetModuleError(f"modules_to_save entry {entry!r} matched no module of this {type(model).__name__}")
         paths.extend(n for n in found if n not in paths)
+    # A module whose weights are another's (an lm_head tied to the input embeddings): the model lists the shared
+    # parameter under the other name only, so it was never made trainable and saved the base values: refused.
+    owner = {id(param): name for name, param in model.named_parameters()}
+    for path in paths:
+        for pname, param in model.get_submodule(path).named_parameters():
+            shared = owner.get(id(param), f"{path}.{pname}")
+            if not shared.startswith(tuple(p + "." for p in paths)):
+                module = shared.rsplit(".", 1)[0]
+                raise TargetModuleError(
+                    f"modules_to_save entry {path!r}: its {pname} is the parameter {shared!r} (tied: the config's "
+                    f"tie_word_embeddings), so it cannot be trained and saved alone; save {module!r} instead (the "
+                    f"tied {path} follows it), or adapt {path!r} with a kernel (target_modules)")
     return paths
 
 

@@ -248,3 +248,23 @@ def test_a_second_adapter_saving_the_same_head_is_refused_and_the_first_kept(tmp
     # an adapter without a head still loads beside it
     bd.inject(model, ["key"], block_size=8, adapter_name="kernels")
     assert adapter_names(model) == ["foo", "kernels"]
+
+
+def test_a_tied_lm_head_saved_whole_is_refused_naming_the_module_it_follows():
+    """helper-78: `--modules-to-save lm_head` on a tied model trained nothing of it and saved the base values."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                        max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(TargetModuleError, match=r"'lm_head'.*'model\.embed_tokens\.weight'.*save 'model\.embed_tokens'"):
+        bd.inject(tied, target_modules=["q_proj"], block_size=8, modules_to_save=["lm_head"])
+    assert not any(isinstance(m, BCALinear) for m in tied.modules())  # refused before anything was changed
+
+    bd.inject(tied, target_modules=["q_proj"], block_size=8, modules_to_save=["lm_head", "embed_tokens"])
+    assert tied.lm_head.weight.requires_grad  # both named: the shared weight trains
+    untied = tiny_llama()  # an untied lm_head is its own module: saved whole as before
+    bd.inject(untied, target_modules=["q_proj"], block_size=8, modules_to_save=["lm_head"])
+    assert untied.lm_head.weight.requires_grad and not untied.model.embed_tokens.weight.requires_grad

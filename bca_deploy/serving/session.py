@@ -1595,6 +1595,16 @@ def _pad_id(config, tokenizer) -> int:
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
+#: generation_config.json settings that change what transformers' generate() answers, with their neutral values: a
+#: checkpoint that sets one (Qwen2.5-Instruct ships repetition_penalty 1.05) is named at start, as not applied.
+_NOT_APPLIED: dict[str, Any] = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_p": 0.0,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_new_tokens": 0, "min_length": 0,
+    "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "num_beams": 1, "penalty_alpha": None,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationDefaults:
     """The generation settings a checkpoint ships in ``generation_config.json`` (export copies it), as vLLM reads
@@ -1646,6 +1656,11 @@ class GenerationDefaults:
         if len(ids) != len(listed):
             problems.append(f"eos_token_id {show_json_value(eos)} is not a token id or a list of them")
             ids = ()
+        for key, neutral in _NOT_APPLIED.items():  # settings transformers' generate() applies and this server does not
+            value = data.get(key)
+            if value is not None and value != neutral and value != [] and value is not False:
+                problems.append(f"{key} {show_json_value(value)}: this server does not apply it, so its answers differ "
+                                "from transformers' generate() with this file")
         where = f"{path}: "
         return cls(eos_token_ids=ids, temperature=temperature, top_p=top_p, top_k=top_k,
                    problems=tuple(where + p + " (ignored)" for p in problems))

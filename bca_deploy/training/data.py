@@ -878,7 +878,8 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
     """Tokenize for next-token prediction, truncated on the right to ``max_length``.
 
     prompt/response: ``prompt ids (with the tokenizer's special tokens) + response ids + EOS``, labels
-    :data:`IGNORE_INDEX` on the prompt. text: every token is a target. Examples left with no target
+    :data:`IGNORE_INDEX` on the prompt; the response ids are those prompt + response gets past the prompt's
+    (:func:`_response_in_context`), else the response tokenized alone. text: every token is a target. Examples left with no target
     token after truncation (a prompt longer than ``max_length``) are dropped.
 
     Returns:
@@ -897,8 +898,13 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
             labels.append(list(ids))
             lines.append(line)
     else:
-        prompts, _ = _encode(tokenizer, [cut_texts(examples.prompts, max_length)], add_special_tokens=True)
-        responses, _ = _encode(tokenizer, [cut_texts(examples.responses, max_length)], add_special_tokens=False)
+        cut_prompts, cut_responses = cut_texts(examples.prompts, max_length), cut_texts(examples.responses, max_length)
+        prompts, _ = _encode(tokenizer, [cut_prompts], add_special_tokens=True)
+        responses, _ = _encode(tokenizer, [cut_responses], add_special_tokens=False)
+        wholes, _ = _encode(tokenizer, [[p + r for p, r in zip(cut_prompts, cut_responses)]], add_special_tokens=True)
+        suffix = _appended_special_tokens(tokenizer)
+        for i, (p_ids, whole) in enumerate(zip(prompts, wholes)):
+            responses[i] = _response_in_context(list(p_ids), list(whole), suffix) or responses[i]
         for line, p_ids, r_ids in zip(examples.lines, prompts, responses):
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
             ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
@@ -910,6 +916,32 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
             labels.append(target)
             lines.append(line)
     return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm", lines=lines), dropped
+
+
+def _appended_special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer appends after a text (BERT's [SEP], an ``add_eos_token`` EOS; 0 for
+    Llama's BOS-only or a byte-level BPE), from one probe text."""
+    bare = tokenizer("x y", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x y", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return len(full) - start - len(bare)
+    return 0
+
+
+def _response_in_context(prompt_ids: list[int], whole_ids: list[int], suffix: int) -> list[int] | None:
+    """The response's tokens as the tokenizer writes them after the prompt: the ids of prompt + response past the
+    prompt's own (None where the two do not share the prompt's tokens: a token spans the boundary).
+
+    Tokenized alone, a response that starts with a space gets a SentencePiece tokenizer's dummy prefix too
+    (Llama-2, Mistral: `` Grace`` -> ``['▁', '▁Grace']``), a token no prompt + response text ever gives: the
+    adapter learnt to answer with an extra space. In context it is ``['▁Grace']``, what serving continues with.
+    """
+    core = prompt_ids[:len(prompt_ids) - suffix]
+    whole = whole_ids[:len(whole_ids) - suffix]
+    if len(whole) <= len(core) or whole[:len(core)] != core:
+        return None
+    return whole[len(core):]
 
 
 def check_token_range(dataset: TokenizedDataset, vocabulary: int | None, path: str | Path, tokenizer,

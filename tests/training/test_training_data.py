@@ -503,3 +503,31 @@ def test_a_file_split_at_the_wrong_delimiter_says_so(tmp_path):
     commas.write_text("sentence,label\na film,1\n")
     with pytest.raises(DataError, match=r"holds ',': the file is split at tabs \(\.tsv/\.tab\)"):
         load_seq_cls(commas)
+
+
+def test_a_response_is_tokenized_as_it_follows_its_prompt(tmp_path):
+    """helper-78: with a SentencePiece-style tokenizer (Llama-2, Mistral) a response `` Grace`` tokenized alone is
+    ``['▁', '▁Grace']``; after its prompt it is ``['▁Grace']``, what serving continues a prompt with. Trained on the
+    first, the adapter answered with an extra space."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "▁", "▁Say", "▁it", ":", "▁Grace", "▁finds", "▁the", "▁apple", "."]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    # Llama-2's legacy normalizer: a "▁" prepended to every text, spaces written "▁"
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("▁", "merged_with_next"),
+                                                  pre_tokenizers.Split(":", "isolated"),
+                                                  pre_tokenizers.Split(".", "isolated")])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    alone = tok.convert_ids_to_tokens(tok(" Grace finds the apple.", add_special_tokens=False)["input_ids"])
+    assert alone[:2] == ["▁", "▁Grace"]  # the dummy prefix: the extra token of a text tokenized alone
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say it:", "response": " Grace finds the apple."}])
+    data, _ = tokenize_causal_lm(load_causal_lm(path), tok, max_length=32)
+    ids, labels = data.input_ids[0], data.labels[0]
+    whole = tok("Say it: Grace finds the apple.")["input_ids"]
+    assert ids == whole + [tok.eos_token_id]  # the text's own tokens: no '▁' before '▁Grace'
+    prompt = len(tok("Say it:")["input_ids"])
+    assert labels == [IGNORE_INDEX] * prompt + whole[prompt:] + [tok.eos_token_id]
+    assert tok.convert_ids_to_tokens(ids[prompt:prompt + 1]) == ["▁Grace"]
