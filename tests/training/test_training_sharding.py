@@ -95,9 +95,10 @@ def runs(tmp_path_factory):
     causal = dict(common, model=str(llama), task="causal-lm", data=str(lm), eval_data=str(lm_dev), recipe="paper",
                   gradient_checkpointing=True)
     seq_cls = dict(common, model=str(bert), data=str(data["small"]), eval_data=str(dev))
-    # GPT-2's lm_head is its frozen input embeddings: the adapter saves it (modules_to_save), though it is not trained
+    # GPT-2's lm_head is its input embeddings: saved whole as transformer.wte (the tied lm_head follows it; naming
+    # lm_head itself is refused, it trained nothing), sharded and gathered whole by FSDP
     tied = dict(common, model=str(gpt2), task="causal-lm", data=str(lm), eval_data=str(lm_dev), targets=["c_attn"],
-                modules_to_save=["lm_head"])
+                modules_to_save=["transformer.wte"])
     out = {name: root / name for name in ("lm_ddp", "lm_fsdp", "lm_fsdp_then_ddp", "lm_ddp_then_fsdp", "cls_ddp",
                                           "cls_fsdp", "tied_ddp", "tied_fsdp")}
     plan = [
@@ -148,7 +149,7 @@ def test_a_sharded_run_trains_what_ddp_trains_and_holds_half_the_weights(runs):
         assert [h["step"] for h in got["history"]] == steps
         for mine, theirs in zip(got["history"], want["history"]):
             assert mine == pytest.approx(theirs, rel=1e-5)
-    assert "lm_head.weight" in read_tensors(runs["tied_fsdp"] / "last")  # gathered though frozen (it crashed)
+    assert "transformer.wte.weight" in read_tensors(runs["tied_fsdp"] / "last")  # the tied weight, gathered
     # each of the two processes held half of every parameter (FSDP pads a shard by at most a row)
     assert len(runs["held"]) == 4 + 2 + 2 + 4 + 2  # the steps of the sharded runs (one resumed at step 2)
     for local, total in runs["held"]:
