@@ -17,7 +17,7 @@ and the OpenAI-compatible ones of :mod:`bca_deploy.serving.openai` (``/v1/models
 ``/v1/embeddings`` with ``model``, ``/v1/completions``, ``/v1/chat/completions``,
 ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``).
 
-``input`` is a text, a list of texts, or a list of token-id lists; ``adapter`` is a loaded adapter's
+``input`` is a text, a list of texts, a token-id list, or a list of token-id lists; ``adapter`` is a loaded adapter's
 name, or null for the base model. Errors follow :mod:`bca_deploy.serving.wire` (one status per error
 type, OpenAI's JSON shape, no paths or internal text).
 
@@ -105,11 +105,14 @@ if TYPE_CHECKING:
 LOGGER_NAME = "bca_deploy.serve"
 _log = logging.getLogger(LOGGER_NAME)
 
-Inputs = Union[StrictStr, list[StrictStr], list[list[StrictInt]]]
+Inputs = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
 
 
 def _rows(inputs: Inputs) -> list:
-    return [inputs] if isinstance(inputs, str) else list(inputs)
+    """One row per text or token-id list; a text, or one flat token-id list (as OpenAI's ``prompt`` takes it), is one."""
+    if isinstance(inputs, str) or (inputs and not isinstance(inputs[0], (str, list))):
+        return [inputs]
+    return list(inputs)
 
 
 def _unwrapped(exc: Exception) -> Exception:
@@ -482,7 +485,7 @@ class _Request(BaseModel):
     """Fields every native inference request has."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    input: Inputs = Field(description="a text, a list of texts, or a list of token-id lists")
+    input: Inputs = Field(description="a text, a list of texts, a token-id list, or a list of token-id lists")
     adapter: StrictStr | None = Field(default=None, description="a loaded adapter's name; null: the base model")
 
 

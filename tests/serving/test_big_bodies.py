@@ -84,3 +84,18 @@ def test_a_big_body_is_validated_off_the_event_loop(tmp_path_factory):
     finally:
         wire.validate = validate
     assert threads["2"] == loop_thread and threads["60000"] != loop_thread, (threads, loop_thread)
+
+
+def test_one_flat_token_id_list_is_one_row_on_the_native_routes(tmp_path_factory):
+    """helper-78: `/v1/generate {"input": [5, 6, 7]}` was a 422 listing four union branches, while OpenAI's `prompt`
+    takes a flat list as one prompt; it is now one row, as `[[5, 6, 7]]` is."""
+    from bca_deploy.serving.http import ServerThread, build
+
+    art = bank("llama", tmp_path_factory)
+    app = build(art["onnx"], adapter_store=art["store"], threads=1, max_wait_ms=2.0)
+    with ServerThread(app) as server:
+        body = {"adapter": "a0", "max_new_tokens": 4}
+        flat = call(server.url + "/v1/generate", "POST", {**body, "input": [5, 6, 7]})
+        nested = call(server.url + "/v1/generate", "POST", {**body, "input": [[5, 6, 7]]})
+        assert flat[0] == nested[0] == 200, (flat, nested)
+        assert flat[1] == nested[1] and len(flat[1]["data"]) == 1, flat
