@@ -415,6 +415,7 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
         # the recorded base is another model (it has not the adapter's modules): nothing to check against
         layers, checked_on = None, None
         path = convert_adapter(source, out, **convert_args)
+    path = Path(os.path.abspath(path))  # where the atomic writer put it ("x/nosuch/.." is x, as abspath reads it)
     click.echo(f"wrote {to} adapter to {path}")
     if peft and layers is not None:
         click.echo(f"checked against the layers of {checked_on}")

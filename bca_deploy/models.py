@@ -900,7 +900,17 @@ def load_saved_tokenizer(directory: str | Path) -> Any:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        try:  # once, as every stage calls it: a tokenizer_config.json field of the wrong type (model_max_length
+            # "lots", model_input_names 5) loads and then fails every text (a server answered each with a 500)
+            ids = tokenizer(["a b"])["input_ids"][0]
+            tokenizer("a b", truncation=True, max_length=8)
+            tokenizer.decode(list(ids), skip_special_tokens=True)
+        except Exception as exc:  # noqa: BLE001 - whatever it raises, the tokenizer cannot be used
+            why = str(exc).splitlines()[0][:90] if str(exc) else ""
+            raise ValueError(f"check tokenizer_config.json's field types: it fails on a two-word text "
+                             f"({type(exc).__name__}: {why})") from None
+        return tokenizer
     finally:
         transformers.logging.set_verbosity(verbosity)
 

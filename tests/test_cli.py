@@ -60,6 +60,16 @@ def test_convert_to_peft_and_back_is_exact(adapter_dir, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_convert_reports_where_a_dotted_out_put_the_adapter(adapter_dir, tmp_path):
+    """helper-80: `--out x/nosuch/..` wrote the adapter into x, then failed reading it back through nosuch."""
+    (tmp_path / "x").mkdir()
+    out = f"{tmp_path / 'x'}/nosuch/.."
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(adapter_dir), "--to", "peft", "--out", out])
+    assert result.exit_code == 0, result.output
+    assert f"wrote peft adapter to {tmp_path / 'x'}\n" in result.output
+    assert (tmp_path / "x" / "adapter_config.json").is_file()
+
+
 def test_existing_output_is_a_clean_error(adapter_dir, tmp_path):
     runner = CliRunner()
     args = ["convert", "--adapter", str(adapter_dir), "--to", "peft", "--out", str(tmp_path / "p")]

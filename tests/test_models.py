@@ -163,3 +163,22 @@ def test_a_run_named_with_dots_goes_by_a_name_pytorch_and_the_server_take(bert_d
     with pytest.raises(AdapterNameError, match="contains '.'"):
         bd.inject(plain, ["query"], block_size=8, adapter_name="a.b")
     assert not list(bd.bca_layers(plain))
+
+
+def test_a_tokenizer_that_loads_but_cannot_tokenize_is_refused_at_load(tmp_path):
+    """helper-80: `model_max_length: "lots"` in tokenizer_config.json loaded, passed export, and a server started
+    healthy and answered every text with a 500; every stage now tries the tokenizer once when it loads it."""
+    import json
+    import string
+
+    from bca_deploy.models import load_saved_tokenizer
+    from conftest import wordpiece_tokenizer
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase]
+    wordpiece_tokenizer(tokens).save_pretrained(tmp_path)
+    assert load_saved_tokenizer(tmp_path)("a b")["input_ids"]
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for field, value in (("model_max_length", "lots"), ("model_max_length", [1])):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match="check tokenizer_config.json's field types: it fails on a two-word text"):
+            load_saved_tokenizer(tmp_path)

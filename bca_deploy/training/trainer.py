@@ -1079,11 +1079,19 @@ def _termination_interrupts():
             signal.signal(number, signal.SIG_DFL)
 
 
+_MAX_LOG_BYTES = 1 << 30  # a training log past this (millions of steps) is left as it is on resume
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop the records of steps after ``step`` (the resumed checkpoint's) from the log: the resumed run logs those
     steps again, and the log then reads as an uninterrupted run's. A line cut short by a kill is dropped too."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    from ..errors import open_regular
+
+    try:  # a regular file of a plausible size only: a link to /dev/zero filled 22 GB, a FIFO blocked the resume
+        with open_regular(path) as handle:
+            if os.fstat(handle.fileno()).st_size > _MAX_LOG_BYTES:
+                return
+            lines = handle.read(_MAX_LOG_BYTES + 1).decode("utf-8").splitlines(keepends=True)
     except (OSError, UnicodeDecodeError):
         return
     kept = []
