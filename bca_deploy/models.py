@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -886,9 +887,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model")
 
 
+#: Every file a saved tokenizer may read: each present must be a regular file (:func:`load_saved_tokenizer`).
+_TOKENIZER_READS = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt",
+                    "chat_template.jinja", "chat_template.json")
+
+
 def has_tokenizer_files(directory: str | Path) -> bool:
-    """Whether ``directory`` holds a tokenizer's files (:data:`TOKENIZER_FILES`), loadable or not."""
-    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+    """Whether ``directory`` holds a tokenizer's files (:data:`TOKENIZER_FILES`), loadable or not (a dangling link or
+    a pipe by one of those names counts: the loader then refuses it by name, rather than the tokenizer being
+    silently absent)."""
+    return any(os.path.lexists(Path(directory) / name) for name in TOKENIZER_FILES)
 
 
 def load_saved_tokenizer(directory: str | Path) -> Any:
@@ -897,6 +905,12 @@ def load_saved_tokenizer(directory: str | Path) -> Any:
     whether to run it, and run it on "y"). Raises what transformers raises for files it cannot load."""
     import transformers
 
+    from .errors import require_readable
+
+    for name in _TOKENIZER_READS:  # transformers skips what is not a file: a dangling tokenizer_config.json link (a
+        path = Path(directory) / name  # cache's missing blob) gave another tokenizer class, with a BOS added
+        if os.path.lexists(path):
+            require_readable(path)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:

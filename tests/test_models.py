@@ -182,3 +182,28 @@ def test_a_tokenizer_that_loads_but_cannot_tokenize_is_refused_at_load(tmp_path)
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, field: value}))
         with pytest.raises(ValueError, match="check tokenizer_config.json's field types: it fails on a two-word text"):
             load_saved_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_file_that_is_not_a_regular_file_is_refused_by_name(tmp_path):
+    """helper-80: a dangling tokenizer_config.json link (a cache's missing blob) was skipped as absent: transformers
+    built another tokenizer class, which added a BOS token, and every stage tokenized differently without a word."""
+    import os
+    import string
+
+    from bca_deploy.models import has_tokenizer_files, load_saved_tokenizer
+    from conftest import wordpiece_tokenizer
+
+    wordpiece_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase]).save_pretrained(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.unlink()
+    config.symlink_to(tmp_path / "missing-blob")
+    with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
+        load_saved_tokenizer(tmp_path)
+    config.unlink()
+    os.mkfifo(config)
+    with pytest.raises(OSError, match=r"named pipe.*tokenizer_config.json"):
+        load_saved_tokenizer(tmp_path)
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "tokenizer.json").symlink_to(tmp_path / "missing-blob")
+    assert has_tokenizer_files(only)  # present (broken): its loader names it, rather than serving token ids only
