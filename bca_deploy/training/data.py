@@ -31,7 +31,6 @@ import json
 import math
 import re
 import stat
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +143,7 @@ def _not_utf8(path: Path) -> str:
 
 
 def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[str], list[int]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    csv.field_size_limit(MAX_FIELD_CHARS)
     problems: list[str] = []
     records, lines = [], []
     # utf-8-sig: a byte-order mark (as some editors write) is not part of the first column's name
@@ -190,6 +189,9 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
             except StopIteration:
                 break
             except csv.Error as exc:
+                if "field limit" in str(exc):  # the rest of that line would come back as more broken rows: stop here
+                    problems.append(f"line {start}: {_TOO_LONG}")
+                    break
                 spans = "" if reader.line_num <= start else (
                     f"; a quote opened on line {start} is never closed" if "end of data" in str(exc)
                     else f"; a quote opened on line {start} closes on line {reader.line_num}")
@@ -230,7 +232,12 @@ def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[dict[str, Any
     records, lines, columns = [], [], {}
     # read_text's newlines are already universal: StringIO splits them as reading the file would
     with (path.open(encoding="utf-8-sig") if text is None else io.StringIO(text)) as f:
-        for number, raw in enumerate(f, start=1):
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_FIELD_CHARS + 1), ""), start=1):
+            if len(raw) > MAX_FIELD_CHARS:  # read in bounded pieces: one 300 MB line took 1 GB to refuse
+                problems.append(f"line {number}: {_TOO_LONG}")
+                while raw and not raw.endswith("\n"):  # the rest of it, a piece at a time
+                    raw = f.readline(MAX_FIELD_CHARS + 1)
+                continue
             if not raw.strip():
                 continue
             try:
@@ -352,6 +359,13 @@ def _json_type(value: Any) -> str:
 #: The most characters a data file's header row may hold (column names together): far beyond any real header, and
 #: what keeps a file with no line break from being taken whole as one column name.
 MAX_HEADER_CHARS = 1 << 20
+
+#: The longest field (CSV/TSV) or line (JSON lines) a data file may have, in characters: past every cut a text gets
+#: (max_length x CHARS_PER_TOKEN_BOUND, up to a max_length of 16,384), so nothing trainable is refused; a sparse
+#: file's 900 MB line took 5.9 GB to read.
+MAX_FIELD_CHARS = 16 * 1024 * 1024
+_TOO_LONG = (f"a field over {MAX_FIELD_CHARS:,} characters; a text is cut at max_length x 1,024 characters when it is "
+             "tokenized, so split a longer one into several rows")
 
 
 def _short(name: str, limit: int = 80) -> str:

@@ -531,3 +531,23 @@ def test_a_response_is_tokenized_as_it_follows_its_prompt(tmp_path):
     prompt = len(tok("Say it:")["input_ids"])
     assert labels == [IGNORE_INDEX] * prompt + whole[prompt:] + [tok.eos_token_id]
     assert tok.convert_ids_to_tokens(ids[prompt:prompt + 1]) == ["▁Grace"]
+
+
+@pytest.mark.parametrize("kind", ["tsv", "csv", "jsonl"])
+def test_a_field_or_line_past_the_limit_is_refused_by_line_without_reading_it_whole(tmp_path, monkeypatch, kind):
+    """helper-80: one 900 MB line of a sparse file took 5.9 GB of memory to train on (a text is cut at max_length x
+    1,024 characters anyway); a field or JSON line over MAX_FIELD_CHARS is now refused, naming its line."""
+    from bca_deploy.training import data as data_module
+
+    monkeypatch.setattr(data_module, "MAX_FIELD_CHARS", 1000)
+    long = "good " * 400  # 2,000 characters
+    path = tmp_path / f"d.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps({"sentence": t, "label": 1}) + "\n" for t in ("fine", long, "bad")))
+    else:
+        sep = "\t" if kind == "tsv" else ","
+        path.write_text(f"sentence{sep}label\nfine{sep}1\n{long}{sep}0\nbad{sep}0\n")
+    with pytest.raises(DataError, match=r"line (3|2): a field over .* characters.*split a longer one"):
+        load_seq_cls(path)
+    path.write_text(path.read_text().replace(long, "good"))
+    assert len(load_seq_cls(path).labels) == 3
