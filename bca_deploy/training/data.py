@@ -570,6 +570,9 @@ def load_seq_cls(
             "(pass label_column / --label-column)"))
     if problems:
         problems.append(_columns_message(path, columns))
+        if ("prompt" in columns and "response" in columns) or columns == ["text"]:  # helper-78: the flag forgotten
+            problems.append("these are causal-LM columns: pass --task causal-lm (task='causal-lm') to train a "
+                            "language-model adapter on them")
         raise DataError(format_problems(f"{path}: cannot read sequence-classification data:", problems))
     if not records:
         raise DataError(f"{path}: the data set is empty (a header but no examples)")

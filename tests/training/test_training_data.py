@@ -551,3 +551,12 @@ def test_a_field_or_line_past_the_limit_is_refused_by_line_without_reading_it_wh
         load_seq_cls(path)
     path.write_text(path.read_text().replace(long, "good"))
     assert len(load_seq_cls(path).labels) == 3
+
+
+def test_causal_lm_columns_read_as_classification_data_suggest_the_task(tmp_path):
+    """helper-78: prompt/response data given without --task causal-lm was refused without naming the option."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say it:", "response": " fine"}])
+    with pytest.raises(DataError, match="these are causal-LM columns: pass --task causal-lm"):
+        load_seq_cls(path)
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a line", "label": 1}])
+    assert len(load_seq_cls(path).labels) == 1  # a text + label file is classification data, as before
