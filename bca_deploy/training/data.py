@@ -896,8 +896,8 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
 
     prompt/response: ``prompt ids (with the tokenizer's special tokens) + response ids + EOS``, labels
     :data:`IGNORE_INDEX` on the prompt; the response ids are those prompt + response gets past the prompt's
-    (:func:`_response_in_context`), else the response tokenized alone. text: every token is a target. Examples left with no target
-    token after truncation (a prompt longer than ``max_length``) are dropped.
+    (:func:`_response_in_context`), else the response tokenized alone. text: every token is a target. Examples
+    left with no target token after truncation (a prompt longer than ``max_length``) are dropped.
 
     Returns:
         The dataset and how many examples were dropped.
@@ -917,11 +917,14 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
     else:
         cut_prompts, cut_responses = cut_texts(examples.prompts, max_length), cut_texts(examples.responses, max_length)
         prompts, _ = _encode(tokenizer, [cut_prompts], add_special_tokens=True)
-        responses, _ = _encode(tokenizer, [cut_responses], add_special_tokens=False)
         wholes, _ = _encode(tokenizer, [[p + r for p, r in zip(cut_prompts, cut_responses)]], add_special_tokens=True)
         suffix = _appended_special_tokens(tokenizer)
-        for i, (p_ids, whole) in enumerate(zip(prompts, wholes)):
-            responses[i] = _response_in_context(list(p_ids), list(whole), suffix) or responses[i]
+        responses = [_response_in_context(list(p_ids), list(whole), suffix) for p_ids, whole in zip(prompts, wholes)]
+        alone = [i for i, ids in enumerate(responses) if not ids]  # a token spans the boundary: tokenized alone
+        if alone:
+            apart, _ = _encode(tokenizer, [[cut_responses[i] for i in alone]], add_special_tokens=False)
+            for i, ids in zip(alone, apart):
+                responses[i] = ids
         for line, p_ids, r_ids in zip(examples.lines, prompts, responses):
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
             ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
