@@ -65,6 +65,7 @@ from .config import (
     TaskSpec,
     parse_json_object,
     read_json,
+    run_adapter_dir,
 )
 from .errors import (
     AdapterFormatError,
@@ -792,6 +793,7 @@ def _read_adapters(adapters: Sequence[tuple[str | Path, float]],
             directory, weight = item
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise InvalidOptionError(f"adapter {directory}: weight must be a finite number, got {weight!r}")
+        directory = run_adapter_dir(directory)  # a training run's directory stands for its best/ or last/ adapter
         # checked against the checkpoint below; saved tensors larger than its largest are refused unread here
         config, tensors = read_adapter(Path(directory), validate=False, largest_elements=largest_elements)
         peft = is_peft_config(read_json(Path(directory) / CONFIG_FILE, what="adapter config"))
@@ -904,6 +906,25 @@ def _structure(ckpt: _Checkpoint, architecture: str | None, head_task: TaskSpec 
         return model
 
 
+def _checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
+    """How transformers renames a stored key of ``model``'s checkpoints as it loads them: 4.x's
+    ``_fix_state_dict_key_on_load`` (``LayerNorm.gamma`` -> ``.weight``); 5.x's conversion mapping, its renamings
+    (GPT-NeoX's ``embed_out`` -> ``lm_head``, the legacy ``gamma``/``beta``). 5.x's converters, which fuse several
+    stored tensors into one (MoE experts), map no key one to one and are left out: such tensors stay unmatched.
+    """
+    fix = getattr(model, "_fix_state_dict_key_on_load", None)
+    if callable(fix):
+        return lambda key: fix(key)[0]
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - a transformers without (this form of) the mapping: keys as stored
+        return lambda key: key
+    return lambda key: apply_renamings(key, renamings)
+
+
 def _key_map(model: nn.Module, ckpt_keys: Iterable[str]) -> dict[str, str]:
     """Checkpoint key -> the model's state-dict key, where one matches (legacy renames, prefix added or dropped).
 
@@ -912,10 +933,10 @@ def _key_map(model: nn.Module, ckpt_keys: Iterable[str]) -> dict[str, str]:
     """
     expected = set(model.state_dict()) | {name for name, _ in model.named_buffers()}
     prefix = getattr(model, "base_model_prefix", "") or ""
-    fix = getattr(model, "_fix_state_dict_key_on_load", None)
+    rename = _checkpoint_renamer(model)
     mapping: dict[str, str] = {}
     for key in ckpt_keys:
-        fixed = fix(key)[0] if fix is not None else key
+        fixed = rename(key)
         candidates = [fixed]
         if prefix:
             candidates.append(f"{prefix}.{fixed}")
@@ -1672,7 +1693,8 @@ def merge_checkpoint(
     Args:
         model_dir: a transformers model directory with safetensors weights (symlinked files, as in
             the Hugging Face cache, are fine).
-        adapters: ``(adapter directory, weight)`` pairs; bca-deploy or PEFT C3A directories.
+        adapters: ``(adapter directory, weight)`` pairs; bca-deploy or PEFT C3A directories, or training runs'
+            (their best/, else last/).
         out_dir: the directory to create.
         overwrite: replace ``out_dir`` if it exists.
         progress: show a tqdm progress bar over tensors (on stderr).

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EXPORT_TASKS, MAX_NUM_LABELS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec
+from .config import EXPORT_TASKS, MAX_NUM_LABELS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec, run_adapter_dir
 from .errors import AdapterMismatchError, BCAError, require_readable
 
 __all__ = [
@@ -784,7 +784,8 @@ def load_model(
     Args:
         model_dir: the base checkpoint directory (a bare encoder such as ``BertModel``, a
             ``*ForSequenceClassification``, a ``*ForCausalLM``...).
-        adapter_dirs: bca-deploy or PEFT C3A adapter directories.
+        adapter_dirs: bca-deploy or PEFT C3A adapter directories, or training runs' (``train --out RUN``: its
+            best/, else last/; :func:`bca_deploy.config.run_adapter_dir`).
         task: see :func:`resolve_task` (default: from the adapters, else the checkpoint).
         names: the adapter names in the model (default: :func:`adapter_names` of the directories).
         dtype: weights' dtype.
@@ -803,7 +804,7 @@ def load_model(
     from .adapter_io import align_module_paths, check_adapter_fits, load_adapter, read_adapter
 
     model_dir = Path(model_dir)
-    adapter_dirs = [Path(d) for d in adapter_dirs]
+    adapter_dirs = [run_adapter_dir(d) for d in adapter_dirs]  # a training run's directory: its best/ or last/
     names = list(names) if names is not None else adapter_names(adapter_dirs)
     if len(names) != len(adapter_dirs):
         raise ValueError(f"got {len(names)} names for {len(adapter_dirs)} adapter directories")

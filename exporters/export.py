@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from bca_deploy.atomic import atomic_dir
+from bca_deploy.config import run_adapter_dir
 from bca_deploy.errors import first_line
 
 from .bank import BankPlan
@@ -156,7 +157,8 @@ def export(
             ``bca_export.json`` (how it was exported and the validation table). Loads with plain
             onnxruntime, :class:`~bca_deploy.serving.MultiAdapterSession` (bank graphs) and
             ``optimum.onnxruntime.ORTModelFor<task>``.
-        adapter_dirs: bca-deploy or PEFT C3A adapter directories; all are applied (their deltas sum).
+        adapter_dirs: bca-deploy or PEFT C3A adapter directories (or training runs': their best/, else last/);
+            all are applied (their deltas sum).
         merge: ``True``: merge the adapters into the base weights and export a plain graph (fastest;
             one adapter set per graph). ``False``: keep each adapted layer as base MatMul + BCA
             subgraph with the kernels stored in the frequency domain as named initializers
@@ -217,7 +219,7 @@ def export(
 
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    adapter_dirs = [Path(d) for d in adapter_dirs]
+    adapter_dirs = [run_adapter_dir(d) for d in adapter_dirs]  # a training run's directory: its best/ or last/
     if dtype not in DTYPES:
         raise UnsupportedExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if fft not in FFT_MODES:

@@ -207,3 +207,31 @@ def test_a_tokenizer_file_that_is_not_a_regular_file_is_refused_by_name(tmp_path
     only.mkdir()
     (only / "tokenizer.json").symlink_to(tmp_path / "missing-blob")
     assert has_tokenizer_files(only)  # present (broken): its loader names it, rather than serving token ids only
+
+
+def test_the_library_takes_a_training_runs_directory_as_the_cli_does(bert_dir, tmp_path):
+    """``train --out RUN`` writes RUN/last (and RUN/best with --eval-data); every command takes RUN for its adapter,
+    but the library functions the README shows (load_model, merge_checkpoint, export) refused it: "no
+    adapter_config.json" (helper-78). They now apply the same rule (config.run_adapter_dir): best/, else last/."""
+    import transformers
+
+    import bca_deploy as bd
+    from bca_deploy.merge import merge_checkpoint
+    from bca_deploy.models import load_model
+
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for folder in ("last", "best"):
+        model = tiny_bert(num_labels=2)
+        bd.inject(model, ["query"], block_size=8, init="normal", init_std=0.05, seed={"last": 0, "best": 1}[folder])
+        bd.save_adapter(model, tmp_path / "run" / folder)
+        with torch.no_grad():
+            logits[folder] = model(input_ids=ids).logits
+        loaded = load_model(bert_dir, [tmp_path / "run"])
+        assert list(bd.adapter_configs(loaded)) == ["run"]
+        with torch.no_grad():  # best/ once there is one, as every command
+            torch.testing.assert_close(loaded(input_ids=ids).logits, logits[folder], rtol=1e-5, atol=1e-6)
+    merge_checkpoint(bert_dir, [(tmp_path / "run", 1.0)], tmp_path / "merged", progress=False, fsync=False)
+    merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits["best"], rtol=1e-5, atol=1e-6)

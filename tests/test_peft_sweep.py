@@ -50,6 +50,11 @@ def _phi3(**kw):
                                    **{**_SMALL, **kw})
 
 
+def _neox(**kw):
+    return transformers.GPTNeoXConfig(hidden_size=32, vocab_size=96, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, **kw)
+
+
 # name: (model class, config, C3AConfig fields, save_pretrained kwargs, paths to run)
 CASES = {
     # PEFT wraps every module whose path *ends with* a modules_to_save entry, without a dot before it: SEQ_CLS's
@@ -68,6 +73,11 @@ CASES = {
         "Phi3ForCausalLM", _phi3, dict(task_type="CAUSAL_LM", block_size=32,
                                        target_modules=["qkv_proj", "gate_up_proj", "down_proj", "lm_head"]),
         {}, ("load", "merge", "export", "bank")),
+    # GPT-NeoX (Pythia) stores its output layer as embed_out, which transformers 5.x renames to lm_head as it loads
+    # (its conversion mapping): merge and training on 5.x refused every such checkpoint as "saved tied" (helper-81)
+    "gpt-neox-embed-out": (
+        "GPTNeoXForCausalLM", _neox, dict(task_type="CAUSAL_LM", block_size=8, target_modules=["query_key_value"]),
+        {}, ("load", "merge")),
     # baselines: a regex target with a classifier head saved whole; per-module sizes and a named adapter
     "bert-seq-cls-regex": (
         "BertForSequenceClassification", lambda: _bert(num_labels=3),

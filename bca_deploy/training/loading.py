@@ -44,6 +44,21 @@ DEFAULT_TARGETS = {
     "gemma2": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"],
     "gpt2": ["c_attn"],
+    # The rest as PEFT's own defaults for these model types (its LoRA / C3A target mapping; phi's without fc1/fc2, so
+    # every decoder gets its attention projections only): the fused query-key-value projection where there is one.
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "modernbert": ["Wqkv"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
 }
 HEAD_MODULE_NAMES = ("classifier", "score")
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from bca_deploy.cli import main
 from bca_deploy.training import RECIPES, EvaluateConfig, TrainConfig, TrainingConfigError
 from bca_deploy.training.cli import evaluate_command, train_command
+from bca_deploy.training.loading import DEFAULT_TARGETS
 from training_helpers import REPO, make_data, one_thread, sst2_rows, subprocess_env, tiny_model_dir  # noqa: F401
 
 
@@ -90,8 +91,6 @@ def test_recipes_fill_only_what_was_not_given():
 def test_default_recipe_and_targets_are_the_measured_ones():
     """The defaults bench/train_sweep.py chose on held-out training rows (bench/results/train_sweep_seq-cls.md,
     stages 1 and 4); change them only with a sweep that beats them."""
-    from bca_deploy.training.loading import DEFAULT_TARGETS
-
     r = RECIPES["default"]["seq-cls"]
     assert (r.optimizer, r.lr, r.head_lr, r.lr_divide_by_block_size, r.weight_decay) == ("adamw", 1e-3, 3e-3, False, 0.0)
     assert (r.scheduler, r.warmup_ratio, r.max_grad_norm, r.scaling) == ("linear", 0.06, 1.0, 1.0)
@@ -267,3 +266,20 @@ def test_a_broken_tokenizer_is_refused_by_name(tmp_path):
     (model_dir / "tokenizer.json").write_text("{not json")
     with pytest.raises(TrainingConfigError, match=rf"--model {model_dir}: cannot load a tokenizer \("):
         load_tokenizer(model_dir)
+
+
+@pytest.mark.parametrize("model_type", sorted(DEFAULT_TARGETS))
+def test_each_default_target_names_a_linear_layer_of_its_model_type(model_type):
+    """Every model type with default targets gets adapters from them: each entry matches at least one Linear (or
+    GPT-2's Conv1D) of a model of that type, built on the meta device from transformers' own config class
+    (a default naming no layer was refused as matching nothing)."""
+    import torch
+    import transformers
+
+    from bca_deploy.inject import match_target_modules
+
+    config = transformers.AutoConfig.for_model(model_type)  # its default sizes: on the meta device, no memory
+    with torch.device("meta"):
+        model = transformers.AutoModel.from_config(config)
+    for target in DEFAULT_TARGETS[model_type]:  # each entry alone: it matches, and only Linear/Conv1D layers
+        assert match_target_modules(model, [target]), (model_type, target)
