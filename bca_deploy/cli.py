@@ -382,7 +382,7 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
     from .config import CONFIG_FILE, read_json
     from .errors import AdapterMismatchError, CheckpointFormatError
     from .models import load_config, meta_model
-    from .peft_compat import is_peft_config
+    from .peft_compat import PEFT_TASK_TYPES, is_peft_config
 
     if to == "bca" and base_model:
         raise click.BadParameter("only with --to peft", param_hint="--base-model")
@@ -399,8 +399,12 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
     checked_on = model_dir if model_dir is not None else (local_base_dir(data.get("base_model_name_or_path"))
                                                           if peft else None)
     if peft and checked_on is not None:
+        # built as the adapter's task loads it (PEFT trained a SEQ_CLS adapter on the classification model, not on
+        # the masked-LM head a checkpoint also holds); an unknown task type: the checkpoint's own architecture
+        peft_task = task_type or data.get("task_type")
+        task = next((ours for ours, theirs in PEFT_TASK_TYPES.items() if theirs == peft_task), None)
         try:
-            layers = meta_model(checked_on)
+            layers = meta_model(checked_on, task)
         except CheckpointFormatError:
             if model_dir is not None:
                 raise

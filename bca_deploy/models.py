@@ -185,14 +185,18 @@ def require_config_fits_weights(model_dir: str | Path) -> None:
             "to, or restore its config.json")
 
 
-def meta_model(model_dir: str | Path) -> nn.Module | None:
-    """The checkpoint's own architecture (config.json's ``architectures``) built on the meta device: its layers' paths
-    and types, no memory; None where none can be built (no safetensors weights, a config transformers cannot build).
-    What a PEFT config's rules (which modules it adapts) are checked against where no model is loaded (``convert``).
+def meta_model(model_dir: str | Path, task: str | None = None) -> nn.Module | None:
+    """The checkpoint built on the meta device as ``task`` (``seq-cls``, ``causal-lm``, ``feature-extraction``) loads
+    it: its layers' paths and types, no memory; None where none can be built (no safetensors weights, a config
+    transformers cannot build). Without ``task``, or for a task transformers has no class of this model type for, the
+    checkpoint's own architecture (config.json's ``architectures``). What a PEFT config's rules (which modules it
+    adapts) are checked against where no model is loaded (``convert``): a PEFT classifier was trained on the
+    classification model, not on the pre-training heads a checkpoint may also hold (``lm_head.dense``, ``cls.*``).
 
     Raises:
         CheckpointFormatError: a malformed checkpoint, or a config asking for more layers than it stores tensors.
     """
+    from .config import task_architecture
     from .errors import CheckpointFormatError
     from .merge import _read_checkpoint, _structure
 
@@ -200,7 +204,10 @@ def meta_model(model_dir: str | Path) -> nn.Module | None:
     if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         return None
     try:
-        return _structure(_read_checkpoint(model_dir), None, None)
+        ckpt = _read_checkpoint(model_dir)
+        model_type = (ckpt.config or {}).get("model_type")
+        architecture = task_architecture(task, model_type if isinstance(model_type, str) else None) if task else None
+        return _structure(ckpt, architecture, None)
     except CheckpointFormatError:
         raise
     except Exception:  # noqa: BLE001 - no structure to be had (loading it says why, with its own error)

@@ -297,3 +297,29 @@ def test_a_peft_token_classification_adapter_merges_and_its_export_says_why_not(
     assert "PEFT task_type 'TOKEN_CLS', which bca-deploy does not export or serve" in result.output, result.output
     assert "`bca-deploy merge` writes the adapted model" in result.output
     assert not (tmp_path / "onnx").exists()
+
+
+def test_a_peft_classifier_from_a_pretraining_checkpoint_converts_checked_on_the_classifier(tmp_path):
+    """PEFT's SEQ_CLS recipe on a checkpoint that also holds pre-training heads (BERT's ``cls.predictions``,
+    RoBERTa's ``lm_head``) with ``target_modules`` naming ``dense``: ``convert --to bca`` checked the config's rules
+    against the checkpoint's own architecture (``BertForPreTraining``), whose ``cls.predictions.transform.dense``
+    the classifier PEFT trained has not, and refused the adapter as missing that kernel (helper-81). It is now
+    checked against the model its task loads, and the converted adapter gives PEFT's numbers."""
+    torch.manual_seed(0)
+    transformers.BertForPreTraining(_bert()).save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2),
+        C3AConfig(task_type="SEQ_CLS", block_size=8, target_modules=["query", "value", "dense"]))
+    with torch.no_grad():
+        for param_name, param in peft_model.named_parameters():
+            if "c3a_kernel" in param_name:
+                param.normal_(0.0, 0.02 * param.shape[1] * param.shape[2])
+            elif param.requires_grad:
+                param.normal_(0.0, 0.5)
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), "--to", "bca",
+                                       "--out", str(tmp_path / "bca"), "--model", str(tmp_path / "base")])
+    assert result.exit_code == 0, result.output
+    assert "checked against the layers of" in result.output
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
+    _close(_logits(bd.load_adapter(model, tmp_path / "bca")), _logits(peft_model), "convert --to bca, loaded")
