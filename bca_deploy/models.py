@@ -381,10 +381,19 @@ def saved_label_head(model_config: Any, modules_to_save: Sequence[str],
     if not saved:
         return None
     layout, _ = head_layout_problems(model, saved)
-    if layout is None:
-        return None  # not a head of Linear layers: the loader's fit check names what does not fit
-    label = layout.label_layer
-    weight, bias = shapes.get(f"{label.module}.weight"), shapes.get(f"{label.module}.bias")
+    if layout is not None:
+        modules, label_module = list(layout.modules), layout.label_layer.module
+    else:
+        # Not a head a bank can hold per row (ModernBERT's saves a LayerNorm beside its Linear layers): the label
+        # layer is still the last Linear of the saved modules; only ``export --bank`` refuses such a head (it says why)
+        modules = [m for m in sorted(set(saved)) if not any(m.startswith(q + ".") for q in saved if q != m)]
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        linear = [name for path in modules if path in order
+                  for name, sub in model.get_submodule(path).named_modules(prefix=path) if isinstance(sub, nn.Linear)]
+        if not linear:
+            return None  # no label layer saved: the loader's fit check names what does not fit
+        label_module = max(linear, key=order.__getitem__)
+    weight, bias = shapes.get(f"{label_module}.weight"), shapes.get(f"{label_module}.bias")
     rows = {tuple(t)[0] for t in (weight, bias) if t is not None and len(t) >= 1}
     if len(rows) != 1:
         return None  # not saved, or weight and bias disagree: the fit check says so
@@ -396,7 +405,7 @@ def saved_label_head(model_config: Any, modules_to_save: Sequence[str],
     names = {i: given.get(i, f"LABEL_{i}") for i in range(num_labels)}
     if len(set(names.values())) < num_labels:  # a label2id needs distinct names
         names = {i: f"LABEL_{i}" for i in range(num_labels)}
-    return HeadSpec(modules=list(layout.modules), num_labels=num_labels, id2label=names,
+    return HeadSpec(modules=modules, num_labels=num_labels, id2label=names,
                     label2id={name: i for i, name in names.items()},
                     problem_type=getattr(model_config, "problem_type", None) if same else None)
 

@@ -25,6 +25,7 @@ from exporters_helpers import graph_feeds  # noqa: E402
 
 import bca_deploy as bd  # noqa: E402
 from bca_deploy.cli import main
+from bca_deploy.models import load_model
 
 IDS = torch.randint(5, 90, (2, 7), generator=torch.Generator().manual_seed(1))
 _SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
@@ -323,3 +324,33 @@ def test_a_peft_classifier_from_a_pretraining_checkpoint_converts_checked_on_the
     assert "checked against the layers of" in result.output
     model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
     _close(_logits(bd.load_adapter(model, tmp_path / "bca")), _logits(peft_model), "convert --to bca, loaded")
+
+
+def test_a_peft_modernbert_classifier_saving_its_head_whole_gives_pefts_numbers(tmp_path):
+    """ModernBERT's classifier is ``head`` (dense, activation, LayerNorm) then ``classifier``; PEFT users save both
+    (``modules_to_save=["classifier", "head"]``). The saved label layer was looked for with the bank's rule (Linear
+    layers only), so the LayerNorm hid it: the adapter was taken for a head-less one: merge refused it and load_model
+    built 2 labels instead of 3 (helper-81). The label layer is now the last Linear saved, whatever else is."""
+    config = transformers.ModernBertConfig(hidden_size=32, vocab_size=100, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                                           bos_token_id=1, eos_token_id=2, sep_token_id=2, cls_token_id=1,
+                                           reference_compile=False)
+    torch.manual_seed(0)
+    transformers.ModernBertModel(config).save_pretrained(tmp_path / "base")
+    cls = transformers.ModernBertForSequenceClassification
+    peft_model = get_peft_model(cls.from_pretrained(tmp_path / "base", num_labels=3),
+                                C3AConfig(task_type="SEQ_CLS", block_size=8, target_modules=["Wqkv"],
+                                          modules_to_save=["classifier", "head"]))
+    with torch.no_grad():
+        for param_name, param in peft_model.named_parameters():
+            if "c3a_kernel" in param_name:
+                param.normal_(0.0, 0.02 * param.shape[1] * param.shape[2])
+            elif param.requires_grad:
+                param.normal_(0.0, 0.5)
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    expected = _logits(peft_model)
+    assert expected.shape[-1] == 3
+    _close(_logits(load_model(tmp_path / "base", [tmp_path / "peft"])), expected, "load_model")
+    _cli("merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "peft"),
+         "--out", str(tmp_path / "merged"), "--no-progress", "--no-fsync")
+    _close(_logits(cls.from_pretrained(tmp_path / "merged").eval()), expected, "bca-deploy merge")
