@@ -1044,18 +1044,14 @@ def _check_config_fits(ckpt: _Checkpoint, model: nn.Module, locations: dict[str,
     Raises:
         CheckpointFormatError: naming config.json, every tensor or layer list that does not fit, and both shapes.
     """
-    from .models import CONFIG_MISFIT_CAUSE, config_fit_problems
+    from .models import config_fit_problems, config_misfit_error
 
     stored = {key: (info.dtype, info.shape) for key, (_, info) in locations.items()}
     files = {key: shard for key, (shard, _) in locations.items()}
     skip = tuple(m + "." for m in head_task.head.modules) if head_task is not None else ()
     problems = config_fit_problems(model, stored, key_map, skip=skip, files=files)
     if problems:
-        raise CheckpointFormatError(format_problems(
-            f"{ckpt.directory}: its weights do not fit its config.json ({ckpt.directory / 'config.json'}, "
-            f"model_type {ckpt.model_type!r}, built as {type(model).__name__}); nothing was written:", problems)
-            + f"\n{CONFIG_MISFIT_CAUSE[0].upper()}{CONFIG_MISFIT_CAUSE[1:]}: merge into the checkpoint this config "
-            "belongs to, or restore its config.json")
+        raise config_misfit_error(ckpt.directory, ckpt.model_type, model, problems, "merge into")
 
 
 def _shapes_only_target(ckpt: _Checkpoint, reason: str) -> _CheckpointTarget:

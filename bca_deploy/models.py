@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import EXPORT_TASKS, MAX_NUM_LABELS, RUN_ADAPTER_FOLDERS, HeadSpec, TaskSpec, run_adapter_dir
-from .errors import AdapterMismatchError, BCAError, require_readable
+from .errors import AdapterMismatchError, BCAError, CheckpointFormatError, require_readable
 
 __all__ = [
     "attention_window",
@@ -160,7 +160,6 @@ def require_config_fits_weights(model_dir: str | Path) -> None:
     Raises:
         CheckpointFormatError: naming config.json and every tensor or layer list that does not fit.
     """
-    from .errors import CheckpointFormatError, format_problems
     from .merge import _key_map, _read_checkpoint, _structure
 
     model_dir = Path(model_dir)
@@ -178,11 +177,7 @@ def require_config_fits_weights(model_dir: str | Path) -> None:
     files = {key: shard for key, (shard, _) in locations.items()}
     problems = config_fit_problems(model, stored, _key_map(model, locations), files=files)
     if problems:
-        raise CheckpointFormatError(format_problems(
-            f"{model_dir}: its weights do not fit its config.json ({model_dir / 'config.json'}, model_type "
-            f"{ckpt.model_type!r}, built as {type(model).__name__}):", problems)
-            + f"\n{CONFIG_MISFIT_CAUSE[0].upper()}{CONFIG_MISFIT_CAUSE[1:]}: use the checkpoint this config belongs "
-            "to, or restore its config.json")
+        raise config_misfit_error(model_dir, ckpt.model_type, model, problems, "use")
 
 
 def meta_model(model_dir: str | Path, task: str | None = None) -> nn.Module | None:
@@ -638,6 +633,32 @@ CONFIG_MISFIT_CAUSE = ("the config's sizes (vocab_size, hidden_size, intermediat
                        "changed, or it belongs to another checkpoint")
 
 
+def config_misfit_error(model_dir: Path, model_type: str | None, model: nn.Module, problems: Sequence[str],
+                        action: str) -> CheckpointFormatError:
+    """The one error for a checkpoint whose weights do not fit its config.json (:func:`config_fit_problems`' lines),
+    with what to do: ``action`` is the stage's verb (``use``, ``merge into``)."""
+    from .errors import format_problems
+
+    nothing = "; nothing was written" if action == "merge into" else ""
+    causes = []
+    if any(_DTYPE_PROBLEM in p for p in problems):
+        causes.append("Weights converted to an integer or 8-bit dtype (or quantized without a quantization_config in "
+                      f"config.json) are not read: {action} the checkpoint as saved in {', '.join(WEIGHT_DTYPES)}")
+    if not causes or not all(_DTYPE_PROBLEM in p for p in problems):
+        causes.append(f"{CONFIG_MISFIT_CAUSE[0].upper()}{CONFIG_MISFIT_CAUSE[1:]}: {action} the checkpoint this config "
+                      "belongs to, or restore its config.json")
+    return CheckpointFormatError(format_problems(
+        f"{model_dir}: its weights do not fit its config.json ({model_dir / 'config.json'}, model_type "
+        f"{model_type!r}, built as {type(model).__name__}){nothing}:", problems) + "\n" + "\n".join(causes))
+
+
+_DTYPE_PROBLEM = "one of the model's floating-point parameters"
+
+#: The safetensors dtypes a model's floating-point parameters are read from (an 8-bit float, an integer or a complex
+#: dtype is a quantized or corrupted checkpoint: 4.x failed on F8 with an internal error, 5.x converted it silently).
+WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
 def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequence[int]]],
                         names: Mapping[str, str], *, skip: Sequence[str] = (),
                         files: Mapping[str, str] | None = None) -> list[str]:
@@ -656,6 +677,8 @@ def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
       checkpoint, and the merge copies them unchanged;
     * an output embedding (``lm_head``) the config unties (``tie_word_embeddings: false``) where the checkpoint was
       saved tied (it stores the input embedding only): transformers would initialize it at random;
+    * a floating-point parameter stored in a dtype other than :data:`WEIGHT_DTYPES` (an integer, boolean, complex or
+      8-bit float tensor), unless config.json records a ``quantization_config``;
     * not one of the model's parameters stored (the config of another architecture).
 
     Parameters the checkpoint lacks are not problems otherwise: a tied ``lm_head`` is the input embedding (``model``
@@ -676,12 +699,21 @@ def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
     where = lambda key: f" ({files[key]})" if key in files else ""  # noqa: E731
     skip = tuple(skip)
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    floating = {name for name, p in model.named_parameters() if p.is_floating_point()}
+    # a quantized checkpoint (its config records how) stores packed integer or 8-bit tensors on purpose
+    quantized = getattr(getattr(model, "config", None), "quantization_config", None) is not None
     problems: list[str] = []
     for key, name in sorted(names.items()):
         dtype, shape = stored[key]
-        if name in expected and not name.startswith(skip) and (dtype.startswith("F") or dtype == "BF16") \
-                and tuple(shape) != expected[name]:
-            shown = key if key == name else f"{key} (the model's {name})"
+        if name not in expected or name.startswith(skip):
+            continue
+        shown = key if key == name else f"{key} (the model's {name})"
+        if name in floating and dtype not in WEIGHT_DTYPES and not quantized:
+            problems.append(f"tensor {shown}{where(key)}: stored as {dtype}, but it is {_DTYPE_PROBLEM} "
+                            f"(weights are read as {', '.join(WEIGHT_DTYPES)}; "
+                            "transformers would convert it silently or fail, and config.json records no "
+                            "quantization_config)")
+        elif (dtype.startswith("F") or dtype == "BF16") and tuple(shape) != expected[name]:
             problems.append(f"tensor {shown}{where(key)}: stored {list(shape)}, config.json gives "
                             f"{list(expected[name])}")
     prefix = getattr(model, "base_model_prefix", "") or ""

@@ -235,3 +235,32 @@ def test_the_library_takes_a_training_runs_directory_as_the_cli_does(bert_dir, t
     merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, logits["best"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float8_e4m3fn, torch.bool])
+def test_a_weight_stored_as_integers_or_8_bit_floats_is_refused_by_every_stage_naming_it(tmp_path, dtype):
+    """A floating-point parameter stored as I32, F8_E4M3 or BOOL without a quantization_config (a converted or
+    corrupted checkpoint): merge refused it only for adapted layers, export and evaluate failed inside transformers
+    on 4.x (F8: exit 70) and 5.x converted it silently (helper-80). Every stage now refuses it from the headers,
+    naming the tensor, its dtype and the dtypes read, before anything is written."""
+    from safetensors.torch import load_file, save_file
+
+    from bca_deploy.models import load_model
+
+    tiny_bert(num_labels=2).save_pretrained(tmp_path / "base")
+    weights = load_file(tmp_path / "base" / "model.safetensors")
+    key = "bert.encoder.layer.0.attention.self.key.weight"
+    weights[key] = (weights[key] * 100).to(dtype)
+    save_file(weights, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    stored = {torch.int32: "I32", torch.float8_e4m3fn: "F8_E4M3", torch.bool: "BOOL"}[dtype]
+    with pytest.raises(CheckpointFormatError, match=rf"{key} \(model.safetensors\): stored as {stored}.*F64, F32"):
+        load_model(tmp_path / "base")
+    model = tiny_bert(num_labels=2)
+    import bca_deploy as bd
+
+    bd.inject(model, ["query"], block_size=8)
+    bd.save_adapter(model, tmp_path / "adapter")
+    result = CliRunner().invoke(main, ["merge", "--model", str(tmp_path / "base"), "--adapter",
+                                       str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 2 and f"stored as {stored}" in result.output, result.output
+    assert "nothing was written" in result.output and not (tmp_path / "merged").exists()
