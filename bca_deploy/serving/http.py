@@ -500,6 +500,10 @@ class ClassifyRequest(_Request):
     """``POST /v1/classify``: label, score and per-label scores per input row."""
 
 
+#: ``POST /v1/generate``'s default ``max_new_tokens`` (at most ``--max-new-tokens``, clipped to what fits in the context:
+#: :meth:`Server.new_tokens`).
+NATIVE_MAX_NEW_TOKENS = 32
+
 #: The largest seed a request may give (seeds of a request's rows are seed, seed+1, ...: all stay in int64).
 MAX_SEED = 2**62
 
@@ -507,8 +511,8 @@ MAX_SEED = 2**62
 class GenerateRequest(_Request):
     """``POST /v1/generate``: new tokens per prompt (greedy by default; sampled with ``do_sample``)."""
 
-    max_new_tokens: StrictInt | None = Field(default=None, ge=1, description="default: 32, or the server's limit "
-                                                                              "if lower")
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1, description="default: 32, at most the server's "
+                                                       "limit and what fits in the model's context after the prompt")
     do_sample: StrictBool = False
     temperature: JSONNumber = Field(default=1.0, gt=0, le=100)
     top_k: StrictInt = Field(default=0, ge=0, le=1_000_000)
@@ -684,6 +688,23 @@ class Server:
         if n > self.options.max_new_tokens:
             raise InvalidRequestError(f"{param}: {n} is above this server's limit of {self.options.max_new_tokens}",
                                       param=param)
+
+    def new_tokens(self, asked: int | None, prompt_tokens: int, default: int | None,
+                   param: str = "max_new_tokens") -> int:
+        """The new tokens a row of ``prompt_tokens`` gets: the one rule of every generation route (native and OpenAI).
+
+        ``asked`` (the request's own value) is kept as it is, refused (422) above ``--max-new-tokens``; one that does
+        not fit in the model's context is refused later (400 ``context_length_exceeded``,
+        :meth:`MultiAdapterSession.check_positions`), since the client asked for it. A default (``asked`` None) is
+        ``default`` (None: as many as the server allows), at most ``--max-new-tokens``, clipped to what fits after the
+        prompt (at least 1: a prompt that fills the context is then refused by its own field), as OpenAI and vLLM
+        clip theirs: a prompt near the end of the context is answered, not refused for a value it never sent."""
+        if asked is not None:
+            self.check_new_tokens(asked, param)
+            return asked
+        limit = self.session.max_positions
+        room = (limit - prompt_tokens) if limit else self.options.max_new_tokens
+        return max(1, min(default or self.options.max_new_tokens, self.options.max_new_tokens, room))
 
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
         """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
@@ -1289,16 +1310,20 @@ def create_app(
     async def generate(request: Request):
         server.require("generate")
         body = await server.read(request, GenerateRequest)
-        max_new_tokens = body.max_new_tokens if body.max_new_tokens is not None else min(32, options.max_new_tokens)
-        server.check_new_tokens(max_new_tokens)
+        asked = body.max_new_tokens
+        if asked is not None:
+            server.check_new_tokens(asked)
         adapter = server.select(request, body.adapter)
         rows = _rows(body.input)
         server.check_rows(len(rows))
-        prompts = await server.prepare(rows, max_new_tokens)
+        # an explicit max_new_tokens must fit (400); a default is clipped per row to what fits (Server.new_tokens),
+        # so a row must leave room for one new token
+        prompts = await server.prepare(rows, asked if asked is not None else 1)
         # each row of a request gets its own generator: seed + row index, so rows differ but stay reproducible
-        params = [server.sampling(max_new_tokens=max_new_tokens, do_sample=body.do_sample, temperature=body.temperature,
-                                  top_k=body.top_k, top_p=body.top_p, seed=None if body.seed is None else body.seed + i)
-                  for i in range(len(rows))]
+        params = [server.sampling(max_new_tokens=server.new_tokens(asked, len(prompt), NATIVE_MAX_NEW_TOKENS),
+                                  do_sample=body.do_sample, temperature=body.temperature, top_k=body.top_k,
+                                  top_p=body.top_p, seed=None if body.seed is None else body.seed + i)
+                  for i, prompt in enumerate(prompts)]
         streams, release = server.submit(request, prompts, adapter, params)
         try:
             results = await server.collect(request, streams)
