@@ -87,6 +87,7 @@ from .wire import (
     JSONNumber,
     body_too_large,
     body_too_slow,
+    check_body_headers,
     field_errors,
     check_rows,
     error_body,
@@ -706,9 +707,16 @@ class Server:
         room = (limit - prompt_tokens) if limit else self.options.max_new_tokens
         return max(1, min(default or self.options.max_new_tokens, self.options.max_new_tokens, room))
 
+    @staticmethod
+    async def body(request: Request) -> bytes:
+        """The request's body, once its headers are found fit to carry one (:func:`check_body_headers`: a 415 before
+        the body is read, so an ``Expect: 100-continue`` client is not asked to send a body that will be refused)."""
+        check_body_headers(request.headers)
+        return await request.body()
+
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
         """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
-        body = await request.body()
+        body = await self.body(request)
         data = await parse_body(body, self.options, request.headers)
         return await validate_body(model, data, len(body), self.options.max_request_rows)
 

@@ -348,7 +348,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         server.require("embed")
-        body = await request.body()
+        body = await server.body(request)
         data = await parse_body(body, options, request.headers)
         if not is_openai_request(request.url.path, data):
             return await native_embeddings(request, data)
