@@ -1053,11 +1053,23 @@ async def _wait_while_read(task: asyncio.Future | None, seconds: float, watch: W
         last = unread
 
 
+def _websocket_upgrade(headers: Mapping[str, str]) -> bool:
+    """Whether a request asks to upgrade its connection to a WebSocket (``upgrade: websocket`` with the ``upgrade``
+    connection option, as uvicorn reads it). uvicorn runs without WebSocket support here (:func:`uvicorn_config`), so
+    such a request reaches the app as HTTP and :class:`_Guard` refuses it with a JSON 400, logged and counted; with a
+    WebSocket library installed, uvicorn upgraded it and the app, which has no WebSocket route, closed the handshake
+    with an empty 403 that no log or metric saw."""
+    connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    upgrade = {token.strip().lower() for token in headers.get("upgrade", "").split(",")}
+    return "upgrade" in connection and "websocket" in upgrade
+
+
 class _Guard:
     """Pure ASGI middleware around the whole app.
 
     Gives each request an id (``x-request-id``, echoed), refuses a request whose body is framed by both
-    ``content-length`` and ``transfer-encoding`` (400, then the connection is closed), bodies over
+    ``content-length`` and ``transfer-encoding`` (400, then the connection is closed), a WebSocket upgrade (400:
+    :func:`_websocket_upgrade`), bodies over
     ``max_body_bytes`` (by ``content-length`` at once, else while they arrive) and bodies not complete within
     ``body_timeout_s``, turns any exception the app did not answer into the JSON 500 (the traceback
     goes to the log, never to the client), and writes the request's log line and metrics.
@@ -1081,7 +1093,9 @@ class _Guard:
         # A body framed both ways is how requests are smuggled past a proxy that reads the other framing:
         # refused, and the connection closed after the answer (RFC 9112 section 6.1: the server MUST close it)
         framed_twice = "content-length" in headers and "transfer-encoding" in headers
-        closing = [(b"connection", b"close")] if framed_twice else []
+        # a WebSocket client's connection is not meant for HTTP after its handshake: closed after the refusal too
+        websocket = _websocket_upgrade(headers)
+        closing = [(b"connection", b"close")] if framed_twice or websocket else []
 
         async def guarded_send(message) -> None:
             if message["type"] == "http.response.start":
@@ -1117,6 +1131,10 @@ class _Guard:
             if framed_twice:
                 raise InvalidHTTPError("the request is not valid HTTP/1.1 (it has both content-length and "
                                        "transfer-encoding; send one of them)")
+            if websocket:
+                raise ServingError("this server does not serve WebSocket connections (the request asks to upgrade "
+                                   "to websocket); its routes are plain HTTP: send the request without 'upgrade' "
+                                   "(answers stream as server-sent events with \"stream\": true)")
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
                 raise body_too_large(options.max_body_bytes, length)
@@ -1450,7 +1468,7 @@ def uvicorn_config(app, **kwargs):
     return uvicorn.Config(app, http=_guarded_h11(options.header_timeout_s, options.max_connections,
                                                  options.max_header_bytes, options.keep_alive_s,
                                                  _refusal_recorder(app.state.server.metrics)),
-                          timeout_keep_alive=options.keep_alive_s,
+                          timeout_keep_alive=options.keep_alive_s, ws="none",  # WebSocket upgrades: _Guard's 400
                           h11_max_incomplete_event_size=options.max_header_bytes, access_log=False,
                           log_level="warning", lifespan="on", **kwargs)
 
@@ -1588,6 +1606,11 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
                 self.transport.close()
                 refused("body_after_answer", None, f"the client went on sending a body answered before it was whole "
                         f"for {linger_s:g} s; the connection was closed", self.client)
+
+        def _unsupported_upgrade_warning(self) -> None:
+            """Quiet: uvicorn logged two warnings (one telling to install a WebSocket library) for every request
+            with an ``upgrade`` header, a log flood for the asking; a WebSocket upgrade is refused, logged and counted
+            by :class:`_Guard`, and any other upgrade (``h2c``) is served as HTTP/1.1, as RFC 9110 section 7.8 allows."""
 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP: uvicorn's plain-text 400, as JSON
             reason, msg = self._refusal or ("invalid_http", msg)
