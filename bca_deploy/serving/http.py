@@ -56,6 +56,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -1053,6 +1054,50 @@ async def _wait_while_read(task: asyncio.Future | None, seconds: float, watch: W
         last = unread
 
 
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)(/.*)?", re.DOTALL)
+_AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)(:[0-9]*)?")
+
+
+def _origin_form(scope: dict) -> dict:
+    """``scope`` with an absolute-form request target (``GET http://host:port/v1/models HTTP/1.1``, RFC 9112 section
+    3.2.2: what a request sent through a forward proxy, or by a client configured as one, carries) made its path: a
+    server MUST accept it. The target's authority is the request's host (the ``host`` header is replaced by it, as the
+    RFC asks: it is not checked, this server having no virtual hosts). uvicorn took the whole URI for the path, so every
+    such request was a 404. An origin-form target (``/...``) and ``OPTIONS *`` are returned as they are.
+
+    Raises:
+        InvalidHTTPError: a target that is neither (``health``, ``host:443``), a scheme other than http(s), an empty or
+            malformed authority, user information in it (RFC 9110 section 4.2.4), a fragment (400 ``invalid_http``).
+    """
+    raw = scope.get("raw_path") or scope["path"].encode()
+    if raw.startswith(b"/") or (raw == b"*" and scope.get("method") == "OPTIONS"):
+        return scope
+    shown = raw[:128].decode("latin-1")
+    if (found := _ABSOLUTE_FORM.fullmatch(raw)) is None:
+        raise InvalidHTTPError(f"the request is not valid HTTP/1.1 (its target {shown!r} is neither a path (/...) nor "
+                               "an absolute http URI)")
+    scheme, authority, path = found.group(1).lower(), found.group(2), found.group(3) or b"/"
+    problem = None
+    if scheme not in (b"http", b"https"):
+        problem = f"its scheme is {scheme[:16].decode('latin-1')!r}, not http or https"
+    elif b"@" in authority:
+        problem = "it carries user information (user@host), which HTTP forbids"
+        # neither echoed nor logged: it may be a password
+        shown = (raw[:found.start(2)] + b"...@" + authority.rpartition(b"@")[2] + path)[:128].decode("latin-1")
+    elif _AUTHORITY.fullmatch(authority) is None:
+        problem = "its host or port is malformed" if authority else "its host is empty"
+    elif b"#" in path:
+        problem = "it has a fragment (#...)"
+    if problem is not None:
+        error = InvalidHTTPError(f"the request is not valid HTTP/1.1 (the absolute request target {shown!r}: {problem})")
+        error.target = shown  # type: ignore[attr-defined]  # what the request log shows of it
+        raise error
+    root = scope.get("root_path", "")
+    headers = [(k, v) for k, v in scope.get("headers", []) if k != b"host"]
+    return {**scope, "raw_path": root.encode("ascii") + path, "path": root + unquote(path.decode("latin-1")),
+            "headers": [(b"host", authority), *headers]}
+
+
 def _websocket_upgrade(headers: Mapping[str, str]) -> bool:
     """Whether a request asks to upgrade its connection to a WebSocket (``upgrade: websocket`` with the ``upgrade``
     connection option, as uvicorn reads it). uvicorn runs without WebSocket support here (:func:`uvicorn_config`), so
@@ -1081,6 +1126,12 @@ class _Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        target_error = None
+        try:
+            scope = _origin_form(scope)  # an absolute-form target is served as its path
+        except InvalidHTTPError as exc:
+            target_error = exc  # answered below, logged and counted as any other refusal
+            scope = {**scope, "path": getattr(exc, "target", scope["path"])}
         server, options = self.server, self.server.options
         start = time.perf_counter()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -1128,6 +1179,8 @@ class _Guard:
 
         failed = 500  # the status to record when no answer could be sent
         try:
+            if target_error is not None:
+                raise target_error
             if framed_twice:
                 raise InvalidHTTPError("the request is not valid HTTP/1.1 (it has both content-length and "
                                        "transfer-encoding; send one of them)")
