@@ -502,8 +502,8 @@ class ClassifyRequest(_Request):
     """``POST /v1/classify``: label, score and per-label scores per input row."""
 
 
-#: ``POST /v1/generate``'s default ``max_new_tokens`` (at most ``--max-new-tokens``, clipped to what fits in the context:
-#: :meth:`Server.new_tokens`).
+#: ``POST /v1/generate``'s default ``max_new_tokens`` (at most ``--max-new-tokens``, clipped to what fits in the
+#: context: :meth:`Server.new_tokens`).
 NATIVE_MAX_NEW_TOKENS = 32
 
 #: The largest seed a request may give (seeds of a request's rows are seed, seed+1, ...: all stay in int64).
@@ -1089,7 +1089,8 @@ def _origin_form(scope: dict) -> dict:
     elif b"#" in path:
         problem = "it has a fragment (#...)"
     if problem is not None:
-        error = InvalidHTTPError(f"the request is not valid HTTP/1.1 (the absolute request target {shown!r}: {problem})")
+        error = InvalidHTTPError(f"the request is not valid HTTP/1.1 (the absolute request target {shown!r}: "
+                                 f"{problem})")
         error.target = shown  # type: ignore[attr-defined]  # what the request log shows of it
         raise error
     root = scope.get("root_path", "")
@@ -1663,7 +1664,8 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
         def _unsupported_upgrade_warning(self) -> None:
             """Quiet: uvicorn logged two warnings (one telling to install a WebSocket library) for every request
             with an ``upgrade`` header, a log flood for the asking; a WebSocket upgrade is refused, logged and counted
-            by :class:`_Guard`, and any other upgrade (``h2c``) is served as HTTP/1.1, as RFC 9110 section 7.8 allows."""
+            by :class:`_Guard`, and any other upgrade (``h2c``) is served as HTTP/1.1, as RFC 9110 section 7.8
+            allows."""
 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP: uvicorn's plain-text 400, as JSON
             reason, msg = self._refusal or ("invalid_http", msg)
