@@ -56,6 +56,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -87,6 +88,7 @@ from .wire import (
     JSONNumber,
     body_too_large,
     body_too_slow,
+    check_body_headers,
     field_errors,
     check_rows,
     error_body,
@@ -500,6 +502,10 @@ class ClassifyRequest(_Request):
     """``POST /v1/classify``: label, score and per-label scores per input row."""
 
 
+#: ``POST /v1/generate``'s default ``max_new_tokens`` (at most ``--max-new-tokens``, clipped to what fits in the
+#: context: :meth:`Server.new_tokens`).
+NATIVE_MAX_NEW_TOKENS = 32
+
 #: The largest seed a request may give (seeds of a request's rows are seed, seed+1, ...: all stay in int64).
 MAX_SEED = 2**62
 
@@ -507,8 +513,8 @@ MAX_SEED = 2**62
 class GenerateRequest(_Request):
     """``POST /v1/generate``: new tokens per prompt (greedy by default; sampled with ``do_sample``)."""
 
-    max_new_tokens: StrictInt | None = Field(default=None, ge=1, description="default: 32, or the server's limit "
-                                                                              "if lower")
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1, description="default: 32, at most the server's "
+                                                       "limit and what fits in the model's context after the prompt")
     do_sample: StrictBool = False
     temperature: JSONNumber = Field(default=1.0, gt=0, le=100)
     top_k: StrictInt = Field(default=0, ge=0, le=1_000_000)
@@ -685,9 +691,33 @@ class Server:
             raise InvalidRequestError(f"{param}: {n} is above this server's limit of {self.options.max_new_tokens}",
                                       param=param)
 
+    def new_tokens(self, asked: int | None, prompt_tokens: int, default: int | None,
+                   param: str = "max_new_tokens") -> int:
+        """The new tokens a row of ``prompt_tokens`` gets: the one rule of every generation route (native and OpenAI).
+
+        ``asked`` (the request's own value) is kept as it is, refused (422) above ``--max-new-tokens``; one that does
+        not fit in the model's context is refused later (400 ``context_length_exceeded``,
+        :meth:`MultiAdapterSession.check_positions`), since the client asked for it. A default (``asked`` None) is
+        ``default`` (None: as many as the server allows), at most ``--max-new-tokens``, clipped to what fits after the
+        prompt (at least 1: a prompt that fills the context is then refused by its own field), as OpenAI and vLLM
+        clip theirs: a prompt near the end of the context is answered, not refused for a value it never sent."""
+        if asked is not None:
+            self.check_new_tokens(asked, param)
+            return asked
+        limit = self.session.max_positions
+        room = (limit - prompt_tokens) if limit else self.options.max_new_tokens
+        return max(1, min(default or self.options.max_new_tokens, self.options.max_new_tokens, room))
+
+    @staticmethod
+    async def body(request: Request) -> bytes:
+        """The request's body, once its headers are found fit to carry one (:func:`check_body_headers`: a 415 before
+        the body is read, so an ``Expect: 100-continue`` client is not asked to send a body that will be refused)."""
+        check_body_headers(request.headers)
+        return await request.body()
+
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
         """The request's JSON body checked against ``model`` (its content type and limits first, then every field)."""
-        body = await request.body()
+        body = await self.body(request)
         data = await parse_body(body, self.options, request.headers)
         return await validate_body(model, data, len(body), self.options.max_request_rows)
 
@@ -1024,11 +1054,68 @@ async def _wait_while_read(task: asyncio.Future | None, seconds: float, watch: W
         last = unread
 
 
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)(/.*)?", re.DOTALL)
+_AUTHORITY = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)(:[0-9]*)?")
+
+
+def _origin_form(scope: dict) -> dict:
+    """``scope`` with an absolute-form request target (``GET http://host:port/v1/models HTTP/1.1``, RFC 9112 section
+    3.2.2: what a request sent through a forward proxy, or by a client configured as one, carries) made its path: a
+    server MUST accept it. The target's authority is the request's host (the ``host`` header is replaced by it, as the
+    RFC asks: it is not checked, this server having no virtual hosts). uvicorn took the whole URI for the path, so every
+    such request was a 404. An origin-form target (``/...``) and ``OPTIONS *`` are returned as they are.
+
+    Raises:
+        InvalidHTTPError: a target that is neither (``health``, ``host:443``), a scheme other than http(s), an empty or
+            malformed authority, user information in it (RFC 9110 section 4.2.4), a fragment (400 ``invalid_http``).
+    """
+    raw = scope.get("raw_path") or scope["path"].encode()
+    if raw.startswith(b"/") or (raw == b"*" and scope.get("method") == "OPTIONS"):
+        return scope
+    shown = raw[:128].decode("latin-1")
+    if (found := _ABSOLUTE_FORM.fullmatch(raw)) is None:
+        raise InvalidHTTPError(f"the request is not valid HTTP/1.1 (its target {shown!r} is neither a path (/...) nor "
+                               "an absolute http URI)")
+    scheme, authority, path = found.group(1).lower(), found.group(2), found.group(3) or b"/"
+    problem = None
+    if scheme not in (b"http", b"https"):
+        problem = f"its scheme is {scheme[:16].decode('latin-1')!r}, not http or https"
+    elif b"@" in authority:
+        problem = "it carries user information (user@host), which HTTP forbids"
+        # neither echoed nor logged: it may be a password
+        shown = (raw[:found.start(2)] + b"...@" + authority.rpartition(b"@")[2] + path)[:128].decode("latin-1")
+    elif _AUTHORITY.fullmatch(authority) is None:
+        problem = "its host or port is malformed" if authority else "its host is empty"
+    elif b"#" in path:
+        problem = "it has a fragment (#...)"
+    if problem is not None:
+        error = InvalidHTTPError(f"the request is not valid HTTP/1.1 (the absolute request target {shown!r}: "
+                                 f"{problem})")
+        error.target = shown  # type: ignore[attr-defined]  # what the request log shows of it
+        raise error
+    root = scope.get("root_path", "")
+    headers = [(k, v) for k, v in scope.get("headers", []) if k != b"host"]
+    return {**scope, "raw_path": root.encode("ascii") + path, "path": root + unquote(path.decode("latin-1")),
+            "headers": [(b"host", authority), *headers]}
+
+
+def _websocket_upgrade(headers: Mapping[str, str]) -> bool:
+    """Whether a request asks to upgrade its connection to a WebSocket (``upgrade: websocket`` with the ``upgrade``
+    connection option, as uvicorn reads it). uvicorn runs without WebSocket support here (:func:`uvicorn_config`), so
+    such a request reaches the app as HTTP and :class:`_Guard` refuses it with a JSON 400, logged and counted; with a
+    WebSocket library installed, uvicorn upgraded it and the app, which has no WebSocket route, closed the handshake
+    with an empty 403 that no log or metric saw."""
+    connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    upgrade = {token.strip().lower() for token in headers.get("upgrade", "").split(",")}
+    return "upgrade" in connection and "websocket" in upgrade
+
+
 class _Guard:
     """Pure ASGI middleware around the whole app.
 
     Gives each request an id (``x-request-id``, echoed), refuses a request whose body is framed by both
-    ``content-length`` and ``transfer-encoding`` (400, then the connection is closed), bodies over
+    ``content-length`` and ``transfer-encoding`` (400, then the connection is closed), a WebSocket upgrade (400:
+    :func:`_websocket_upgrade`), bodies over
     ``max_body_bytes`` (by ``content-length`` at once, else while they arrive) and bodies not complete within
     ``body_timeout_s``, turns any exception the app did not answer into the JSON 500 (the traceback
     goes to the log, never to the client), and writes the request's log line and metrics.
@@ -1040,6 +1127,12 @@ class _Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        target_error = None
+        try:
+            scope = _origin_form(scope)  # an absolute-form target is served as its path
+        except InvalidHTTPError as exc:
+            target_error = exc  # answered below, logged and counted as any other refusal
+            scope = {**scope, "path": getattr(exc, "target", scope["path"])}
         server, options = self.server, self.server.options
         start = time.perf_counter()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -1052,7 +1145,9 @@ class _Guard:
         # A body framed both ways is how requests are smuggled past a proxy that reads the other framing:
         # refused, and the connection closed after the answer (RFC 9112 section 6.1: the server MUST close it)
         framed_twice = "content-length" in headers and "transfer-encoding" in headers
-        closing = [(b"connection", b"close")] if framed_twice else []
+        # a WebSocket client's connection is not meant for HTTP after its handshake: closed after the refusal too
+        websocket = _websocket_upgrade(headers)
+        closing = [(b"connection", b"close")] if framed_twice or websocket else []
 
         async def guarded_send(message) -> None:
             if message["type"] == "http.response.start":
@@ -1085,9 +1180,15 @@ class _Guard:
 
         failed = 500  # the status to record when no answer could be sent
         try:
+            if target_error is not None:
+                raise target_error
             if framed_twice:
                 raise InvalidHTTPError("the request is not valid HTTP/1.1 (it has both content-length and "
                                        "transfer-encoding; send one of them)")
+            if websocket:
+                raise ServingError("this server does not serve WebSocket connections (the request asks to upgrade "
+                                   "to websocket); its routes are plain HTTP: send the request without 'upgrade' "
+                                   "(answers stream as server-sent events with \"stream\": true)")
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > options.max_body_bytes):
                 raise body_too_large(options.max_body_bytes, length)
@@ -1289,16 +1390,20 @@ def create_app(
     async def generate(request: Request):
         server.require("generate")
         body = await server.read(request, GenerateRequest)
-        max_new_tokens = body.max_new_tokens if body.max_new_tokens is not None else min(32, options.max_new_tokens)
-        server.check_new_tokens(max_new_tokens)
+        asked = body.max_new_tokens
+        if asked is not None:
+            server.check_new_tokens(asked)
         adapter = server.select(request, body.adapter)
         rows = _rows(body.input)
         server.check_rows(len(rows))
-        prompts = await server.prepare(rows, max_new_tokens)
+        # an explicit max_new_tokens must fit (400); a default is clipped per row to what fits (Server.new_tokens),
+        # so a row must leave room for one new token
+        prompts = await server.prepare(rows, asked if asked is not None else 1)
         # each row of a request gets its own generator: seed + row index, so rows differ but stay reproducible
-        params = [server.sampling(max_new_tokens=max_new_tokens, do_sample=body.do_sample, temperature=body.temperature,
-                                  top_k=body.top_k, top_p=body.top_p, seed=None if body.seed is None else body.seed + i)
-                  for i in range(len(rows))]
+        params = [server.sampling(max_new_tokens=server.new_tokens(asked, len(prompt), NATIVE_MAX_NEW_TOKENS),
+                                  do_sample=body.do_sample, temperature=body.temperature, top_k=body.top_k,
+                                  top_p=body.top_p, seed=None if body.seed is None else body.seed + i)
+                  for i, prompt in enumerate(prompts)]
         streams, release = server.submit(request, prompts, adapter, params)
         try:
             results = await server.collect(request, streams)
@@ -1417,7 +1522,7 @@ def uvicorn_config(app, **kwargs):
     return uvicorn.Config(app, http=_guarded_h11(options.header_timeout_s, options.max_connections,
                                                  options.max_header_bytes, options.keep_alive_s,
                                                  _refusal_recorder(app.state.server.metrics)),
-                          timeout_keep_alive=options.keep_alive_s,
+                          timeout_keep_alive=options.keep_alive_s, ws="none",  # WebSocket upgrades: _Guard's 400
                           h11_max_incomplete_event_size=options.max_header_bytes, access_log=False,
                           log_level="warning", lifespan="on", **kwargs)
 
@@ -1555,6 +1660,12 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
                 self.transport.close()
                 refused("body_after_answer", None, f"the client went on sending a body answered before it was whole "
                         f"for {linger_s:g} s; the connection was closed", self.client)
+
+        def _unsupported_upgrade_warning(self) -> None:
+            """Quiet: uvicorn logged two warnings (one telling to install a WebSocket library) for every request
+            with an ``upgrade`` header, a log flood for the asking; a WebSocket upgrade is refused, logged and counted
+            by :class:`_Guard`, and any other upgrade (``h2c``) is served as HTTP/1.1, as RFC 9110 section 7.8
+            allows."""
 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP: uvicorn's plain-text 400, as JSON
             reason, msg = self._refusal or ("invalid_http", msg)

@@ -348,7 +348,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         server.require("embed")
-        body = await request.body()
+        body = await server.body(request)
         data = await parse_body(body, options, request.headers)
         if not is_openai_request(request.url.path, data):
             return await native_embeddings(request, data)
@@ -447,13 +447,9 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_ma
     """
     param = _max_tokens_param(req)
     asked = req.max_completion_tokens if param == "max_completion_tokens" else req.max_tokens
-    if asked is not None:
-        server.check_new_tokens(asked, param)
-        max_new = asked
-    else:  # OpenAI's default: 16 for completions, as much as fits for chat (here: up to the server's limit)
-        limit = server.session.max_positions
-        room = (limit - prompt_len) if limit else server.options.max_new_tokens
-        max_new = max(1, min(default_max_tokens or server.options.max_new_tokens, server.options.max_new_tokens, room))
+    # OpenAI's default: 16 for completions, as much as fits for chat (here: up to the server's limit); clipped to what
+    # fits after the prompt, by the rule the native route uses too
+    max_new = server.new_tokens(asked, prompt_len, default_max_tokens, param)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     # What the request leaves out comes from the checkpoint's generation_config.json, as vLLM does; else OpenAI's
     temperature, top_p, top_k = _sampling_defaults(server, req)

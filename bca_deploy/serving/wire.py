@@ -56,6 +56,7 @@ __all__ = [
     "ROW_FIELDS",
     "check_content_type",
     "check_content_encoding",
+    "check_body_headers",
     "check_rows",
     "body_too_large",
     "body_too_slow",
@@ -274,9 +275,17 @@ def read_body(body: bytes, options, headers: Mapping[str, str]) -> Any:
     :class:`~bca_deploy.serving.options.ServeOptions`): what every route (native, OpenAI, the Ray router) uses to
     read a body, so none can read one sent as text, a form or compressed. ``headers``: the request's (Starlette's
     ``request.headers``, whose names are case-insensitive; a plain mapping needs lower-case names)."""
+    check_body_headers(headers)
+    return read_json(body, max_depth=options.max_json_depth, max_chars=options.max_text_chars)
+
+
+def check_body_headers(headers: Mapping[str, str]) -> None:
+    """:func:`check_content_type` and :func:`check_content_encoding` of a request's headers: what refuses a body by its
+    headers alone. A route calls it before it reads the body too, so a client that sent ``Expect: 100-continue`` gets
+    the 415 at once instead of ``100 Continue`` and then the 415 for the body it was invited to send (RFC 9110 section
+    10.1.1; uvicorn sends the 100 when the body is first read)."""
     check_content_type(headers.get("content-type"))
     check_content_encoding(headers.get("content-encoding"))
-    return read_json(body, max_depth=options.max_json_depth, max_chars=options.max_text_chars)
 
 
 #: Bodies up to this size are parsed on the event loop (a few ms at most); a larger one in a worker thread, so that
