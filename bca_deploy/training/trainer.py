@@ -276,6 +276,30 @@ def _scale_by_block_size(model: nn.Module, adapter: str = "default") -> None:
         config.modules[path] = dc.replace(config.modules[path], scaling=float(p))
 
 
+def _optimizer_state_problems(opt: torch.optim.Optimizer) -> list[str]:
+    """Where a restored optimizer's per-parameter state does not fit its parameters (a tensor of another shape, as
+    a hand-edited or foreign ``trainer_state.pt`` holds): torch loads it as given and fails at the first step."""
+    problems = []
+    for g, group in enumerate(opt.param_groups):
+        for i, param in enumerate(group["params"]):
+            for key, value in opt.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    problems.append(f"optimizer state {key!r} of parameter {i} of group {g} has shape "
+                                    f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+    return problems
+
+
+def _history_problems(history: Any, step: int) -> list[str]:
+    """Where a restored evaluation history is not a list of ``{"step": int, metric: number}`` records up to ``step``."""
+    if not isinstance(history, list):
+        return [f"the history is {type(history).__name__}, expected a list"]
+    for n, record in enumerate(history):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool) \
+                or not 0 <= record["step"] <= step:
+            return [f"history entry {n} is not an evaluation record with a step from 0 to {step}"]
+    return []
+
+
 def _norm(value: Any) -> Any:
     """JSON round trip, so tuples and lists (and int/float keys) compare equal."""
     return json.loads(json.dumps(value, default=str))
@@ -779,9 +803,12 @@ class _TrainingRun:
                 rngs = state["rng"]
                 rng = rngs[self.d.rank]
                 history = json.loads(state.get("history_json", "[]"))
+                problems = _optimizer_state_problems(self.opt) + _history_problems(history, int(state["step"]))
+                if problems:
+                    raise ValueError("; ".join(problems[:3]))
             except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise CheckpointError(f"{last / STATE_FILE}: damaged optimizer, schedule or RNG state ({exc}); "
-                                      "pass --overwrite to start over") from None
+                raise CheckpointError(f"{last / STATE_FILE}: damaged optimizer, schedule, history or RNG state "
+                                      f"({exc}); pass --overwrite to start over") from None
             load_trainable(self.model, saved_params)
             self.step, self.micro = int(state["step"]), int(state["micro_step"])
             self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step")

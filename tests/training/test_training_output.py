@@ -108,7 +108,8 @@ def test_resume_with_nothing_to_resume_says_what_is_missing(files, tmp_path, ear
     assert tree(out) == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-mapping", "missing-key", "wrong-shape"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-mapping", "missing-key", "wrong-shape",
+                                    "optimizer-shape", "history-records"])
 def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
     out, _ = earlier
     state_path = out / "last" / "trainer_state.pt"
@@ -123,6 +124,12 @@ def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
             state = [1, 2, 3]
         elif damage == "missing-key":
             del state["optimizer"]
+        elif damage == "optimizer-shape":  # torch loads it as given and failed at the first step (exit 70; helper-80)
+            slot = next(iter(state["optimizer"]["state"].values()))
+            key = next(k for k, v in slot.items() if v.dim() > 0)
+            slot[key] = torch.zeros(7)
+        elif damage == "history-records":  # a list, but not of records: a KeyError at the first save (exit 70)
+            state["history_json"] = "[{}, {}]"
         else:
             name = next(iter(state["trainable"]))
             state["trainable"][name] = torch.zeros(3)
@@ -130,7 +137,8 @@ def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
     damaged = tree(out)
     match = {"truncated": "cannot read the trainer state", "garbage": "cannot read the trainer state",
              "not-a-mapping": "expected a mapping", "missing-key": "'optimizer' is missing",
-             "wrong-shape": "does not fit this run"}[damage]
+             "wrong-shape": "does not fit this run", "optimizer-shape": r"optimizer state '\w+' .* shape \(7,\)",
+             "history-records": "history entry 0 is not an evaluation record"}[damage]
     with pytest.raises(CheckpointError, match=match) as info:
         train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2,
                      resume=True), on_step=_never)
