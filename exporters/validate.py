@@ -330,7 +330,9 @@ def check_graph_file(onnx_path: str | Path) -> Any:
 
     try:
         model = onnx.load_model(str(path), load_external_data=False)
-    except OSError:
+    except OSError as exc:  # an I/O error reading it (a link to /proc/self/mem): said with the file's name
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
     except Exception as exc:  # protobuf's DecodeError (random bytes, cut short) and kin
         refuse(f"not an ONNX model: {type(exc).__name__}: {str(exc).strip()[:200]}")

@@ -282,3 +282,17 @@ def test_a_bank_exported_before_names_were_made_safe_still_validates(tmp_path, m
     printed = capsys.readouterr().out  # the name to request each adapter by, beside its folder (helper-77)
     assert f"adapter exp_1: {folders[0]}\n" in printed and f"adapter draft: {folders[1]}\n" in printed, printed
     assert validate(new, tmp_path / "base", folders, verbose=False).passed
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc/self/mem")
+def test_a_graph_file_that_fails_to_read_is_named(tmp_path):
+    """model.onnx as a link to /proc/self/mem (a regular file of size 0 whose read fails with EIO): serve and inspect
+    said "Error: Input/output error", naming no file (helper-80). The I/O error now carries the graph's path."""
+    import importlib
+
+    validate_module = importlib.import_module("bca_deploy.exporters.validate")
+    graph = tmp_path / "model.onnx"
+    graph.symlink_to("/proc/self/mem")
+    with pytest.raises(OSError) as info:
+        validate_module.check_graph_file(graph)
+    assert info.value.filename == str(graph), info.value
