@@ -4,6 +4,7 @@ a run trained. The head rules (trained or new, refused when random) live here.""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,10 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
         from ..models import config_mismatch
 
         raise config_mismatch(model_dir, exc) from None
+    if Path(model_dir).is_dir():
+        # recorded in the adapter as base_model_name_or_path (what convert --to peft hands AutoPeftModelFor*): a path
+        # typed relative to where training ran would name another directory, or none, wherever else it is read
+        model.config._name_or_path = os.path.abspath(model_dir)
     new = list(info.get("missing_keys", []))
     new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
     return model, new

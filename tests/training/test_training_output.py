@@ -390,3 +390,25 @@ def test_a_diverging_run_is_a_refused_input_not_a_bug(files, tmp_path):
         train(config(files["bert"], files["small"], tmp_path / "run", max_steps=3, lr=1e30, head_lr=1e30,
                      max_grad_norm=0))
     assert isinstance(caught.value, BCAError)  # the CLI prints one Error: line, exit 2
+
+
+def test_a_run_records_its_base_model_where_it_is_not_as_typed(files, tmp_path, monkeypatch):
+    """``train --model ../models/bert`` recorded "../models/bert" as base_model_name_or_path, relative to where the
+    run was started; ``convert --to peft`` then handed that to AutoPeftModelFor*, which looked for it relative to
+    wherever it ran (helper-78). A local base model is recorded by its absolute path, and the PEFT copy loads from
+    anywhere."""
+    from click.testing import CliRunner
+    from peft import AutoPeftModelForSequenceClassification
+
+    from bca_deploy.cli import main
+
+    monkeypatch.chdir(files["bert"].parent)
+    out = tmp_path / "run"
+    train(config(Path(files["bert"].name), files["small"], out, max_steps=1))
+    recorded = json.loads((out / "last" / "adapter_config.json").read_text())["base_model"]["name_or_path"]
+    assert recorded == str(files["bert"].resolve())
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(out), "--to", "peft", "--out", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "peft")
+    assert type(model.base_model.model).__name__ == "BertForSequenceClassification"
