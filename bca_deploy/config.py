@@ -759,6 +759,15 @@ def show_json_value(value: Any, limit: int = 80) -> str:
 #: What a ``--method head-only``/``custom`` run saves instead of an adapter: its trainable tensors.
 TRAINABLE_FILE = "trainable_parameters.safetensors"
 
+#: Files whose presence means a directory holds a tokenizer (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
+
+#: Every file a saved tokenizer may read: each present must be a regular file
+#: (:func:`bca_deploy.models.load_saved_tokenizer`; ``inspect`` checks an export's the same way).
+TOKENIZER_READS = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+
 #: Folders a training run writes its adapters to (``bca-deploy train --out RUN``: RUN/best, RUN/last), in the
 #: order a run stands for them: best/ (chosen on --eval-data) when there is one, else last/.
 RUN_ADAPTER_FOLDERS = ("best", "last")

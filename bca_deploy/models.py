@@ -82,8 +82,9 @@ def load_config(model_dir: str | Path):
     from .errors import AdapterFormatError, CheckpointFormatError, InputNotFoundError, first_line
 
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputNotFoundError(f"{model_dir}: no config.json (expected a transformers model directory)")
+    require_readable(path)  # a pipe, a directory, a dangling link: said as such, by name (never read blocking)
     try:
         data = read_json(path, what="model config", allow_nan=True, unique_keys=False)
     except AdapterFormatError as exc:
@@ -931,14 +932,7 @@ def classifier_pad_id(model_config: Any, tokenizer: Any) -> int | None:
     return int(pad) if isinstance(pad, int) and not isinstance(pad, bool) else None
 
 
-#: Files whose presence means a directory holds a tokenizer (any one of them).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model")
-
-
-#: Every file a saved tokenizer may read: each present must be a regular file (:func:`load_saved_tokenizer`).
-_TOKENIZER_READS = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt",
-                    "chat_template.jinja", "chat_template.json")
+from .config import TOKENIZER_FILES, TOKENIZER_READS as _TOKENIZER_READS  # noqa: E402 - beside their users
 
 
 def has_tokenizer_files(directory: str | Path) -> bool:

@@ -238,10 +238,32 @@ def describe_export(export_dir: str | Path) -> list[str]:
         if unreadable:
             return lines + [f"adapters:     NOT loadable: {', '.join(unreadable[:5])}"
                             f"{f' and {len(unreadable) - 5} more' if len(unreadable) > 5 else ''}"]
+        unreadable = _served_file_problems(export_dir)
+        if unreadable:
+            return lines + [f"files:        NOT servable: {'; '.join(unreadable[:5])}"]
         lines.append(f"serve with:   bca-deploy serve {export_dir}")
     else:
         lines.append("serve with:   onnxruntime / optimum's ORTModel* (bca-deploy serve needs export --bank)")
     return lines
+
+
+def _served_file_problems(export_dir: Path) -> list[str]:
+    """What ``serve`` would refuse among an export's other files before loading them: config.json missing or not a
+    regular readable file, and any tokenizer file present but not one (a pipe, a directory, a dangling link)."""
+    from bca_deploy.config import TOKENIZER_READS
+    from bca_deploy.errors import why_not_readable
+
+    problems = []
+    for name in ("config.json", *TOKENIZER_READS):
+        path = export_dir / name
+        if not os.path.lexists(path):
+            if name == "config.json":
+                problems.append("no config.json")
+            continue
+        why = why_not_readable(path)
+        if why != "a regular file":
+            problems.append(f"{name}: {why}")
+    return problems
 
 
 def _validation_line(validation: Any) -> str:

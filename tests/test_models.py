@@ -264,3 +264,14 @@ def test_a_weight_stored_as_integers_or_8_bit_floats_is_refused_by_every_stage_n
                                        str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 2 and f"stored as {stored}" in result.output, result.output
     assert "nothing was written" in result.output and not (tmp_path / "merged").exists()
+
+
+def test_a_config_json_that_is_not_a_regular_file_is_named_as_what_it_is(tmp_path):
+    """A pipe as config.json: serve said "no config.json (expected a transformers model directory)" of a directory
+    that has one (helper-80). It is now refused as what it is, by name, without reading (a pipe would block)."""
+    import os
+
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(OSError, match="named pipe") as info:
+        load_config(tmp_path)
+    assert info.value.filename == str(tmp_path / "config.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -130,6 +131,7 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
     graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)], "g", inputs,
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s"])])
     onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')  # serve reads it: inspect checks it is a file
     (tmp_path / "adapters").mkdir()
     for name in ("a", "b"):
         (tmp_path / "adapters" / f"{name}.onnx_adapter").write_bytes(b"\0" * 500)
@@ -159,6 +161,16 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
         result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert result.exit_code == 0 and "adapters:     NOT loadable: adapters/b.onnx_adapter (Permission denied)" \
         in result.output and "serve with" not in result.output, result.output
+    # a config.json or tokenizer file serve would refuse (a pipe: serve said "no config.json", inspect "serve with")
+    (tmp_path / "config.json").unlink()
+    os.mkfifo(tmp_path / "config.json")
+    (tmp_path / "tokenizer.json").symlink_to(tmp_path / "nowhere")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0 and "files:        NOT servable: config.json: a named pipe (FIFO), not a regular " \
+        "file; tokenizer.json: " in result.output and "serve with" not in result.output, result.output
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     good_graph = (tmp_path / "model.onnx").read_bytes()
     (tmp_path / "model.onnx").write_bytes(b"\0" * 1000)  # what onnxruntime would refuse is said instead of how to serve
     result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
