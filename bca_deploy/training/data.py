@@ -31,7 +31,7 @@ import json
 import math
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -891,13 +891,15 @@ def tokenize_seq_cls(examples: SeqClsExamples, tokenizer, max_length: int) -> To
                             task="seq-cls", regression=examples.regression, lines=examples.lines)
 
 
-def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tuple[TokenizedDataset, int]:
+def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
+                       warn: Callable[[str], Any] | None = None) -> tuple[TokenizedDataset, int]:
     """Tokenize for next-token prediction, truncated on the right to ``max_length``.
 
     prompt/response: ``prompt ids (with the tokenizer's special tokens) + response ids + EOS``, labels
     :data:`IGNORE_INDEX` on the prompt; the response ids are those prompt + response gets past the prompt's
     (:func:`_response_in_context`), else the response tokenized alone. text: every token is a target. Examples
-    left with no target token after truncation (a prompt longer than ``max_length``) are dropped.
+    left with no target token after truncation (a prompt longer than ``max_length``) are dropped. ``warn`` gets a line
+    naming the responses tokenized alone (TRL warns of the same mismatch) and the examples dropped, by data line.
 
     Returns:
         The dataset and how many examples were dropped.
@@ -925,6 +927,11 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
             apart, _ = _encode(tokenizer, [[cut_responses[i] for i in alone]], add_special_tokens=False)
             for i, ids in zip(alone, apart):
                 responses[i] = ids
+            if warn is not None:
+                warn(f"{len(alone):,} of {len(responses):,} responses begin inside the prompt's last token (prompt + "
+                     f"response tokenizes across the boundary: {_lines_of(examples.lines, alone)}); they are trained "
+                     "on the response tokenized alone, which a served prompt does not continue with: end the prompts "
+                     "with a separator (a space, a newline) that the tokenizer keeps as its own token")
         for line, p_ids, r_ids in zip(examples.lines, prompts, responses):
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
             ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
@@ -935,7 +942,21 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int) -> tupl
             input_ids.append(ids)
             labels.append(target)
             lines.append(line)
+    if dropped and warn is not None and len(input_ids):
+        kept = set(lines)
+        gone = [i for i, line in enumerate(examples.lines) if line not in kept]
+        one = dropped == 1
+        warn(f"{dropped:,} {'example has' if one else 'examples have'} no target token within max_length={max_length} "
+             f"(the prompt fills it) and {'is' if one else 'are'} left out ({_lines_of(examples.lines, gone)}); raise "
+             "--max-length to train on them")
     return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm", lines=lines), dropped
+
+
+def _lines_of(lines: Sequence[Any], indices: Sequence[int], shown: int = 5) -> str:
+    """``line 3, 8, 12 and 4 more``: where the examples at ``indices`` are in their data file."""
+    named = [str(lines[i]) for i in indices[:shown]]
+    more = f" and {len(indices) - shown:,} more" if len(indices) > shown else ""
+    return f"line{'s' if len(indices) > 1 else ''} {', '.join(named)}{more}"
 
 
 def _appended_special_tokens(tokenizer) -> int:
@@ -1010,17 +1031,20 @@ def load_dataset(
     response_column: str = "response",
     text_column: str = "text",
     label_names: Sequence[str] | None = None,
+    warn: Callable[[str], Any] | None = None,
 ):
     """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``.
 
-    ``label_names`` (seq-cls): the class names in id order, when known (see :func:`load_seq_cls`).
+    ``label_names`` (seq-cls): the class names in id order, when known (see :func:`load_seq_cls`). ``warn``
+    (causal-lm): gets lines about examples tokenized or left out unlike the rest (:func:`tokenize_causal_lm`).
     """
     if task == "seq-cls":
         examples = load_seq_cls(path, text_columns, label_column, regression, label_names=label_names)
         return examples, tokenize_seq_cls(examples, tokenizer, max_length)
     if task == "causal-lm":
         examples = load_causal_lm(path, prompt_column, response_column, text_column)
-        dataset, dropped = tokenize_causal_lm(examples, tokenizer, max_length)
+        dataset, dropped = tokenize_causal_lm(examples, tokenizer, max_length,
+                                              warn=None if warn is None else lambda line: warn(f"{path}: {line}"))
         if len(dataset) == 0:
             raise DataError(
                 f"{path}: no example has a target token within max_length={max_length} "

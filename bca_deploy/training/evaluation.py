@@ -90,6 +90,7 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
             response_column=pick(config.response_column, "response_column", "response"),
             text_column=pick(config.text_column, "text_column", "text"),
             label_names=names if names and not regression else None,
+            warn=lambda line: print(f"note: {line}", file=sys.stderr),
         )
         regression = bool(task == "seq-cls" and examples.regression)
         if model is None:

@@ -496,11 +496,11 @@ class _TrainingRun:
                 )
             if names_to_read is None and self.base.trained and not cfg.new_head and cfg.method != "custom":
                 names_to_read = self.base.names
+        note = lambda line: self.d.is_main and print(f"note: {line}", file=sys.stderr)  # noqa: E731
         kwargs = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, regression=cfg.regression,
                       prompt_column=cfg.prompt_column, response_column=cfg.response_column,
-                      text_column=cfg.text_column)
-        fitted = fit_max_length(cfg.max_length, model_config, self.tokenizer,
-                                warn=lambda line: self.d.is_main and print(f"note: {line}", file=sys.stderr))
+                      text_column=cfg.text_column, warn=note)
+        fitted = fit_max_length(cfg.max_length, model_config, self.tokenizer, warn=note)
         if fitted != cfg.max_length:
             cfg = self.cfg = dataclasses.replace(cfg, max_length=fitted)
         vocabulary = vocabulary_size(model_config, self.model if self.model_given else None)

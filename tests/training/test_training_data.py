@@ -531,6 +531,18 @@ def test_a_response_is_tokenized_as_it_follows_its_prompt(tmp_path):
     prompt = len(tok("Say it:")["input_ids"])
     assert labels == [IGNORE_INDEX] * prompt + whole[prompt:] + [tok.eos_token_id]
     assert tok.convert_ids_to_tokens(ids[prompt:prompt + 1]) == ["▁Grace"]
+    # a response beginning inside the prompt's last token ("Say i" + "t:") has no tokens past the prompt's: trained on
+    # it tokenized alone, which a served prompt does not continue with; said by line, as TRL warns (helper-78); an
+    # example whose prompt fills max_length is left out, also said by line (it was dropped silently)
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Say it:", "response": " Grace finds the apple."},
+                                              {"prompt": "Say i", "response": "t: Grace."},
+                                              {"prompt": "Say it: Grace finds the apple.", "response": " Grace."}])
+    notes: list[str] = []
+    data, dropped = tokenize_causal_lm(load_causal_lm(path), tok, max_length=8, warn=notes.append)
+    assert dropped == 1 and data.lines == [1, 2]
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("1 of 3 responses begin inside the prompt's last token") and "line 2)" in notes[0]
+    assert notes[1].startswith("1 example has no target token within max_length=8") and "line 3)" in notes[1]
 
 
 @pytest.mark.parametrize("kind", ["tsv", "csv", "jsonl"])
