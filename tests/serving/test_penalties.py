@@ -202,15 +202,20 @@ def test_a_preempted_row_keeps_its_counts(llama):
     pre-empts one. Re-admitted, its prompt and tokens are prefilled again, and its penalties still count its output
     as output (not as prompt): its tokens stay the hand loop's for the row alone."""
     session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
-    prompts = repetitive_prompts(3, seed=11)
     penalties = {"frequency_penalty": 0.9, "presence_penalty": 0.4, "repetition_penalty": 1.1}
+    # rows that run their 30 tokens (no end-of-sequence token), so that both still hold the batch at step 3
+    long = [p for p in repetitive_prompts(12, seed=11) if len(hand_loop(llama, p, "a1", 30, **penalties)) == 30]
+    if len(long) < 2:
+        pytest.skip("not enough prompts without an end-of-sequence token")
+    prompts = [*long[:2], repetitive_prompts(1, seed=12)[0]]
     gate = StepGate(steps=[3])
 
     async def main():
         engine = GenerationEngine(session, max_batch_rows=2, observer=gate, preempt_wait_steps=2)
         await engine.start()
         try:
-            heavy = [engine.submit(p, "a1", SamplingParams(max_new_tokens=30, **penalties)) for p in prompts[:2]]
+            with engine._cond:  # both rows wait before the engine admits any (it must not step one alone meanwhile)
+                heavy = [engine.submit(p, "a1", SamplingParams(max_new_tokens=30, **penalties)) for p in prompts[:2]]
             await gate.paused()
             light = engine.submit(prompts[2], "a0", SamplingParams(max_new_tokens=4, presence_penalty=2.0))
             gate.go()
@@ -220,6 +225,7 @@ def test_a_preempted_row_keeps_its_counts(llama):
             await engine.stop()
 
     results, streams = run(main())
+    assert [v["rows"] for v in gate.of("step")[:3]] == [2, 2, 2]  # both rows held the batch when the third came
     assert sum(s.preemptions for s in streams[:2]) >= 1, "no row was pre-empted"
     assert results[2].token_ids == hand_loop(llama, prompts[2], "a0", 4, presence_penalty=2.0)
     for prompt, result in zip(prompts[:2], results[:2], strict=True):
