@@ -23,8 +23,9 @@ prompt of a request with ``seed`` itself (as vLLM: a prompt samples as it would 
 defaults (1, 1, off). ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, in [-2, 2]) and vLLM's
 ``repetition_penalty`` (> 0; left out: the ``generation_config.json`` value, else 1) are applied as vLLM applies
 them, to the raw logits before the temperature (see :class:`~bca_deploy.serving.decoding.SamplingParams`); greedy
-decoding with a ``repetition_penalty`` is token-equal to ``generate(repetition_penalty=...)``. A row ends at any end-of-sequence id of ``config.json``, ``generation_config.json`` or the
-tokenizer (:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
+decoding with a ``repetition_penalty`` is token-equal to ``generate(repetition_penalty=...)``. A row ends at any
+end-of-sequence id of ``config.json``, ``generation_config.json`` or the tokenizer
+(:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
 ``lora_path`` is a name in the adapter store, never a filesystem path.
 
 Chat messages reach the template as vLLM passes them: text parts joined with a line break, ``name`` kept.

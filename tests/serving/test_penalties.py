@@ -357,7 +357,7 @@ def test_the_routes_serve_the_penalties_and_refuse_them_out_of_range(llama):
 
 @pytest.fixture(scope="module")
 def with_penalty(llama, tmp_path_factory):
-    """The llama export with a generation_config.json holding repetition_penalty 1.3 (as Qwen2.5-Instruct ships 1.05)."""
+    """The llama export with a generation_config.json holding repetition_penalty 1.3 (Qwen2.5-Instruct ships 1.05)."""
     directory = tmp_path_factory.mktemp("penalty-config") / "onnx"
     shutil.copytree(llama["onnx"], directory)
     (directory / "generation_config.json").write_text(json.dumps(
