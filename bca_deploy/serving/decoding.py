@@ -40,8 +40,8 @@ from ..exporters.bank import LOGITS_TO_KEEP
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
 from .limits import MAX_NEW_TOKENS
 
-__all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "DecodeRow", "DecodeBatch", "PrefillJob",
-           "MAX_NEW_TOKENS", "choose_tokens"]
+__all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "Penalties", "DecodeRow", "DecodeBatch", "PrefillJob",
+           "MAX_NEW_TOKENS", "choose_tokens", "apply_penalties"]
 
 _MAX_STOP = 16  # stop strings / stop token ids per request
 _MAX_STOP_CHARS = 256
@@ -74,6 +74,14 @@ class SamplingParams:
     token). Sampling draws from softmax(logits / ``temperature``) after top-k and top-p filtering, from the
     row's own generator seeded by ``seed`` (``None``: fresh entropy), so a row's tokens never depend on the
     rows it shares a batch with.
+
+    Penalties (vLLM's, in vLLM's order, on the raw logits before the argmax or the temperature): first
+    ``repetition_penalty`` (transformers' ``RepetitionPenaltyLogitsProcessor``: the logit of every token of the
+    prompt or of the output so far is divided by it where > 0 and multiplied by it where < 0), then
+    ``frequency_penalty`` times the times each token occurs in the output so far, and ``presence_penalty`` for
+    each token that occurs in it, are subtracted (OpenAI's definitions). Neutral values (1, 0, 0) cost nothing.
+    ``repetition_penalty`` here defaults to 1 (off); the server's routes and
+    :meth:`~bca_deploy.serving.MultiAdapterSession.generate` default it to the export's ``generation_config.json``.
     """
 
     max_new_tokens: int = dataclasses.field(default=32, metadata={"help": f"new tokens at most (1..{MAX_NEW_TOKENS}; "
@@ -88,6 +96,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = dataclasses.field(default=(), metadata={
         "help": "token ids that end the row besides the model's end-of-sequence ids (the token and its text are kept, "
                 "as vLLM keeps them)"})
+    repetition_penalty: float = dataclasses.field(default=1.0, metadata={
+        "help": "> 0; the logits of the prompt's and output's tokens divided by it (> 0) or multiplied (< 0); 1: off"})
+    frequency_penalty: float = dataclasses.field(default=0.0, metadata={
+        "help": "in [-2, 2]; times a token's count in the output so far, subtracted from its logit; 0: off"})
+    presence_penalty: float = dataclasses.field(default=0.0, metadata={
+        "help": "in [-2, 2]; subtracted from the logit of every token the output holds so far; 0: off"})
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
@@ -122,8 +136,19 @@ class SamplingParams:
                                           f"got {show_json_value(ids)}")
         else:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        # vLLM's ranges (SamplingParams._verify_args), and a finite number: JSON cannot carry an infinity
+        rep = self.repetition_penalty
+        if not _is_number(rep) or not math.isfinite(rep) or rep <= 0:
+            problems["repetition_penalty"] = f"must be a finite number > 0 (1: off), got {show_json_value(rep)}"
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                problems[name] = f"must be a number in [-2, 2] (0: off), got {show_json_value(value)}"
         if problems:
             raise SamplingParamsError(problems)
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+        object.__setattr__(self, "frequency_penalty", float(self.frequency_penalty))
+        object.__setattr__(self, "presence_penalty", float(self.presence_penalty))
         object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
         object.__setattr__(self, "do_sample", bool(self.do_sample))
         object.__setattr__(self, "temperature", float(self.temperature))
@@ -132,13 +157,100 @@ class SamplingParams:
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (not at its neutral value)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+class Penalties:
+    """One row's penalty state: the token ids its penalties touch and how often each occurs in its output so far.
+
+    Sparse: ``ids[:size]`` are the distinct ids of the prompt (only where ``repetition_penalty`` is on: the other
+    penalties look at the output alone) followed by output ids not in the prompt, ``counts[:size]`` their counts in
+    the output (float32, as vLLM's counts meet float32 penalties). :meth:`add` updates them by one token (no pass over
+    the prompt or the vocabulary), and :func:`apply_penalties` touches only these ids, so a row costs what it has seen.
+    """
+
+    __slots__ = ("repetition", "frequency", "presence", "ids", "counts", "size", "_prompt", "_where")
+
+    def __init__(self, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
+        self.repetition = np.float32(params.repetition_penalty)
+        self.frequency = np.float32(params.frequency_penalty)
+        self.presence = np.float32(params.presence_penalty)
+        if params.repetition_penalty != 1.0 and len(prompt):
+            self._prompt = np.unique(np.asarray(prompt, dtype=np.int64))  # sorted, for searchsorted in add()
+        else:
+            self._prompt = np.zeros(0, dtype=np.int64)
+        self.size = int(self._prompt.size)
+        capacity = self.size + 16
+        self.ids = np.zeros(capacity, dtype=np.int64)
+        self.ids[:self.size] = self._prompt
+        self.counts = np.zeros(capacity, dtype=np.float32)
+        self._where: dict[int, int] = {}  # output token -> its index in ids
+
+    def add(self, token: int) -> None:
+        """One more output token."""
+        index = self._where.get(token)
+        if index is None:
+            index = int(np.searchsorted(self._prompt, token)) if self._prompt.size else 0
+            if index >= self._prompt.size or self._prompt[index] != token:  # not in the prompt: a new id
+                if self.size == self.ids.size:
+                    self.ids = np.concatenate([self.ids, np.zeros(self.size, dtype=np.int64)])
+                    self.counts = np.concatenate([self.counts, np.zeros(self.size, dtype=np.float32)])
+                index = self.size
+                self.ids[index] = token
+                self.size += 1
+            self._where[token] = index
+        self.counts[index] += 1
+
+
+def apply_penalties(logits: np.ndarray, penalties: Sequence[Penalties],
+                    rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Apply each row's penalties to its row of ``logits`` (B, V), a C-contiguous float32 array, in place, in one
+    pass over every penalized row's seen ids together (vLLM's ``apply_penalties``, computed on the ids it changes
+    only): repetition (transformers' ``where(score < 0, score * r, score / r)`` in float32), then
+    ``- frequency * count``, then ``- presence * (count > 0)``. Ids at or beyond the logits' width (an embedding
+    larger than the output layer) are skipped, as transformers skips them.
+
+    Args:
+        rows: the row of ``logits`` of each entry of ``penalties`` (default: 0, 1, ...).
+
+    Returns:
+        ``(positions, before)``: the positions changed in ``logits.reshape(-1)`` and their values before, so that a
+        caller can put them back (``logits.reshape(-1)[positions] = before``).
+    """
+    width = logits.shape[-1]
+    sizes = np.fromiter((p.size for p in penalties), dtype=np.int64, count=len(penalties))
+    if not sizes.any():
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=logits.dtype)
+    index = np.arange(len(penalties)) if rows is None else np.asarray(rows, dtype=np.int64)
+    ids = np.concatenate([p.ids[:p.size] for p in penalties])
+    counts = np.concatenate([p.counts[:p.size] for p in penalties])
+    repetition, frequency, presence = (np.repeat(np.array(values, dtype=np.float32), sizes) for values in zip(
+        *((p.repetition, p.frequency, p.presence) for p in penalties)))
+    positions = np.repeat(index * width, sizes) + ids
+    if ids.max() >= width:
+        inside = ids < width
+        positions, counts = positions[inside], counts[inside]
+        repetition, frequency, presence = repetition[inside], frequency[inside], presence[inside]
+    flat = logits.reshape(-1)  # a view (C-contiguous): flat indexing is ~8x faster than [rows, ids]
+    before = flat[positions]
+    values = np.where(before < 0, before * repetition, before / repetition)
+    values -= frequency * counts
+    values -= presence * (counts > 0).astype(np.float32)
+    flat[positions] = values
+    return positions, before
+
 
 class Sampler:
-    """One row's token chooser: the argmax, or a draw from the row's own generator (seeded once)."""
+    """One row's token chooser: the argmax, or a draw from the row's own generator (seeded once), after the row's
+    penalties (:class:`Penalties`, given the row's prompt; ``None`` when every penalty is off)."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
         self.params = params
         self.generator = np.random.default_rng(params.seed) if params.do_sample else None
+        self.penalties = Penalties(params, prompt) if params.penalized else None
 
     def draw(self, logits: np.ndarray) -> int:
         """A token drawn from softmax(logits (V,) / temperature) after top-k and top-p filtering.
@@ -173,24 +285,42 @@ class Sampler:
 
 
 def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list[int], dict[int, Exception]]:
-    """Next token of each row from its last-position logits (B, V): argmax, or its sampler's draw.
+    """Next token of each row from its last-position logits (B, V): argmax, or its sampler's draw, after the row's
+    penalties; each chosen token then counts in its row's penalties.
+
+    The penalized rows' seen ids are penalized in ``logits`` itself, all rows together, and put back before this
+    returns (``logits`` is unchanged afterwards; not for arrays other threads read meanwhile): no row is copied, so
+    rows without penalties cost what they did, and a penalized row costs the ids it has seen, not the vocabulary.
 
     Returns:
         ``(tokens, failures)``: one token per row (-1 for a row that failed), and ``{row: exception}`` for
         rows whose draw raised. A row that cannot be sampled fails alone, never the rows beside it.
     """
-    greedy = logits.argmax(-1)
+    penalized = [b for b, sampler in enumerate(samplers) if sampler.penalties is not None]
+    changed = None
+    if penalized:
+        if not (logits.flags.c_contiguous and logits.flags.writeable and logits.dtype == np.float32):
+            logits = np.array(logits, dtype=np.float32, order="C")  # a copy of our own: nothing to put back
+        changed = apply_penalties(logits, [samplers[b].penalties for b in penalized], penalized)
     tokens: list[int] = []
     failures: dict[int, Exception] = {}
-    for b, sampler in enumerate(samplers):
-        if sampler.generator is None:
-            tokens.append(int(greedy[b]))
-            continue
-        try:
-            tokens.append(sampler.draw(logits[b]))
-        except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its request alone
-            tokens.append(-1)
-            failures[b] = exc
+    try:
+        greedy = logits.argmax(-1)
+        for b, sampler in enumerate(samplers):
+            if sampler.generator is None:
+                tokens.append(int(greedy[b]))
+                continue
+            try:
+                tokens.append(sampler.draw(logits[b]))  # draw copies the row before it changes anything
+            except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its request alone
+                tokens.append(-1)
+                failures[b] = exc
+    finally:
+        if changed is not None:
+            logits.reshape(-1)[changed[0]] = changed[1]
+    for b in penalized:
+        if b not in failures:
+            samplers[b].penalties.add(tokens[b])
     return tokens, failures
 
 

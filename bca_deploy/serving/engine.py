@@ -10,7 +10,8 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
 - every step then feeds each running row its last token, in one run over the batch;
 - a row that is done (an end-of-sequence or stop token, a stop string, ``max_new_tokens``) leaves at once
   and its stream ends; a cancelled stream's row leaves at the next step;
-- every row keeps its own adapter, sampling settings and generator (its tokens never depend on its batch),
+- every row keeps its own adapter, sampling settings, generator and penalty counts (its tokens never depend on
+  its batch; penalties are applied to the penalized rows of a step together, rows without any cost nothing more),
   and the bank snapshot it started with, to its last token: a load or unload while it decodes changes
   nothing for it, while rows that start afterwards use the new bank (rows of several snapshots share a
   run through a composite bank of exactly the slots they use);
@@ -526,7 +527,7 @@ class GenerationEngine:
         prompt = self.check(prompt_ids, adapter, params)
         adapter = None if adapter == BASE else adapter
         stream = GenerationStream(self, prompt, adapter, params, request_id, self._loop)
-        request = _Request(stream, prompt, adapter, params, Sampler(params),
+        request = _Request(stream, prompt, adapter, params, Sampler(params, prompt),
                            _Detokenizer(self._decoder(), params.stop, prompt[-PROMPT_CONTEXT_TOKENS:]),
                            frozenset(self.session.eos_token_ids))
         request.group = group if group is not None else request

@@ -10,7 +10,9 @@ Native endpoints (JSON in and out):
                                        (or OpenAI's {"model", "input", ...}: see below)
     POST   /v1/classify                {"input", "adapter"?}                                text-classification
     POST   /v1/generate                {"input", "adapter"?, "max_new_tokens"?, "do_sample"?,
-                                        "temperature"?, "top_k"?, "top_p"?, "seed"?}       decoders with past
+                                        "temperature"?, "top_k"?, "top_p"?, "seed"?,
+                                        "repetition_penalty"?, "frequency_penalty"?,
+                                        "presence_penalty"?}                               decoders with past
     GET    /metrics                    Prometheus metrics (:mod:`bca_deploy.serving.metrics`)
 
 and the OpenAI-compatible ones of :mod:`bca_deploy.serving.openai` (``/v1/models``,
@@ -415,7 +417,9 @@ class MicroBatcher:
             out = self.session.classify(rows, adapters, snapshot=snapshot)
         elif kind == "generate":
             per_row = {key: [p.job.params[key] for p in pieces for _ in range(p.start, p.end)]
-                       for key in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")}
+                       for key in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                                   "repetition_penalty", "frequency_penalty", "presence_penalty")
+                       if all(key in p.job.params for p in pieces)}
             # Each row of a request gets its own generator: seed + row index, so rows differ but stay reproducible.
             per_row["seed"] = [None if p.job.params["seed"] is None else p.job.params["seed"] + i
                                for p in pieces for i in range(p.start, p.end)]
@@ -520,6 +524,11 @@ class GenerateRequest(_Request):
     top_k: StrictInt = Field(default=0, ge=0, le=1_000_000)
     top_p: JSONNumber = Field(default=1.0, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
+    # vLLM's ranges; applied before the argmax or the temperature, as vLLM and transformers' generate apply them
+    repetition_penalty: JSONNumber | None = Field(default=None, gt=0, description="> 0; default: the export's "
+                                                  "generation_config.json value, else 1 (off)")
+    frequency_penalty: JSONNumber = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: JSONNumber = Field(default=0.0, ge=-2, le=2)
 
 
 class LoadRequest(BaseModel):
@@ -690,6 +699,13 @@ class Server:
         if n > self.options.max_new_tokens:
             raise InvalidRequestError(f"{param}: {n} is above this server's limit of {self.options.max_new_tokens}",
                                       param=param)
+
+    def repetition_penalty(self, asked: float | None) -> float:
+        """A request's repetition penalty: its own, else generation_config.json's (as ``generate()`` and vLLM apply
+        it, greedy or sampled), else 1 (off). The one rule of every generation route."""
+        if asked is not None:
+            return float(asked)
+        return float(self.session.generation_defaults.repetition_penalty or 1.0)
 
     def new_tokens(self, asked: int | None, prompt_tokens: int, default: int | None,
                    param: str = "max_new_tokens") -> int:
@@ -1400,9 +1416,12 @@ def create_app(
         # so a row must leave room for one new token
         prompts = await server.prepare(rows, asked if asked is not None else 1)
         # each row of a request gets its own generator: seed + row index, so rows differ but stay reproducible
+        repetition = server.repetition_penalty(body.repetition_penalty)
         params = [server.sampling(max_new_tokens=server.new_tokens(asked, len(prompt), NATIVE_MAX_NEW_TOKENS),
                                   do_sample=body.do_sample, temperature=body.temperature, top_k=body.top_k,
-                                  top_p=body.top_p, seed=None if body.seed is None else body.seed + i)
+                                  top_p=body.top_p, seed=None if body.seed is None else body.seed + i,
+                                  repetition_penalty=repetition, frequency_penalty=body.frequency_penalty,
+                                  presence_penalty=body.presence_penalty)
                   for i, prompt in enumerate(prompts)]
         streams, release = server.submit(request, prompts, adapter, params)
         try:
@@ -1720,6 +1739,23 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def generation_defaults_notes(session: MultiAdapterSession) -> list[str]:
+    """The sampling defaults taken from the export's ``generation_config.json``, one line for the operator (none if
+    it sets none), as vLLM says it overrides its defaults with the model's."""
+    applied = dict(session.generation_defaults.applied)
+    if not applied:
+        return []
+    parts = []
+    repetition = applied.pop("repetition_penalty", None)
+    if repetition is not None:
+        parts.append(f"repetition_penalty {repetition:g} for every generation request that gives none (greedy or "
+                     "sampled, as transformers' generate() applies it)")
+    if applied:
+        parts.append(", ".join(f"{k} {v:g}" for k, v in applied.items()) + " for OpenAI requests that give none")
+    return [f"{session.export_dir / 'generation_config.json'}: sampling defaults, as vLLM's --generation-config auto "
+            f"applies them: {'; '.join(parts)}"]
+
+
 def startup_notes(server: Server) -> list[str]:
     """What a server about to take requests should tell its operator: inputs it will refuse, and a server that
     can only ever answer with the base model (no adapter loaded, no store to load one from)."""
@@ -1737,6 +1773,7 @@ def startup_notes(server: Server) -> list[str]:
         notes.append(session.vocabulary_note)
     if session.with_past:  # a generation_config.json value that is not what transformers means by it is not used
         notes.extend(session.generation_notes)
+        notes.extend(generation_defaults_notes(session))
     if server.embeddings is not None:  # sentence-transformers modules not run (a Dense projection...)
         notes.extend(server.embeddings.notes)
     unnamed = server.store.unnamed() if server.store is not None else []

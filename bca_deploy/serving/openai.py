@@ -8,7 +8,8 @@ adapter, as with vLLM's ``--lora-modules``:
     GET  /v1/models/{model}         one of them
     POST /v1/embeddings             {"model", "input", "encoding_format"?, "dimensions"?}      encoders
     POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?,
-                                     "stop"?, "stream"?, "stream_options"?}                    decoders
+                                     "stop"?, "presence_penalty"?, "frequency_penalty"?,
+                                     "stream"?, "stream_options"?}                             decoders
     POST /v1/chat/completions       {"model", "messages", ...same...}                          decoders with
                                                                                                a chat template
     POST /v1/load_lora_adapter      {"lora_name", "lora_path"?}: load a store entry (vLLM's shape)
@@ -19,8 +20,12 @@ export directory's name) or ``"__base__"`` for no adapter. ``temperature`` 0 is 
 (token-equal to PyTorch's ``generate`` given the same end-of-sequence ids); otherwise tokens are sampled, every
 prompt of a request with ``seed`` itself (as vLLM: a prompt samples as it would alone). ``temperature``,
 ``top_p`` and ``top_k`` left out take the export's ``generation_config.json`` values, as vLLM does, else OpenAI's
-defaults (1, 1, off). A row ends at any end-of-sequence id of ``config.json``, ``generation_config.json`` or the
-tokenizer (:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
+defaults (1, 1, off). ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, in [-2, 2]) and vLLM's
+``repetition_penalty`` (> 0; left out: the ``generation_config.json`` value, else 1) are applied as vLLM applies
+them, to the raw logits before the temperature (see :class:`~bca_deploy.serving.decoding.SamplingParams`); greedy
+decoding with a ``repetition_penalty`` is token-equal to ``generate(repetition_penalty=...)``. A row ends at any
+end-of-sequence id of ``config.json``, ``generation_config.json`` or the tokenizer
+(:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
 ``lora_path`` is a name in the adapter store, never a filesystem path.
 
 Chat messages reach the template as vLLM passes them: text parts joined with a line break, ``name`` kept.
@@ -30,10 +35,10 @@ null) is read as its text.
 Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
 ``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
 are refused with 400 (``invalid_request``; the native routes answer 422) unless they hold their neutral
-value (``n`` > 1, ``best_of`` > 1, ``logprobs``, ``echo``, ``suffix``, penalties != 0, ``logit_bias``,
+value (``n`` > 1, ``best_of`` > 1, ``logprobs``, ``echo``, ``suffix``, ``logit_bias``,
 ``tools``, ``response_format`` other than text, ...; completions' ``logprobs`` 0 asks for the chosen tokens'
-log-probabilities, so only null is neutral). vLLM's extensions: ``top_k`` and ``stop_token_ids`` are served;
-``ignore_eos``, ``min_tokens``, ``min_p``, ``repetition_penalty``, ``skip_special_tokens``,
+log-probabilities, so only null is neutral). vLLM's extensions: ``top_k``, ``stop_token_ids`` and
+``repetition_penalty`` are served; ``ignore_eos``, ``min_tokens``, ``min_p``, ``skip_special_tokens``,
 ``spaces_between_special_tokens`` and ``include_stop_str_in_output`` are accepted at vLLM's default only.
 Other fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see :mod:`bca_deploy.serving.wire`),
 so the client raises its typed exceptions.
@@ -124,16 +129,17 @@ class _Sampling(_OpenAIRequest):
     n: StrictInt = 1
     logprobs: Any = None
     top_logprobs: Any = None
-    presence_penalty: JSONNumber | None = None
-    frequency_penalty: JSONNumber | None = None
+    # OpenAI's ranges, as vLLM checks them (null: 0, off)
+    presence_penalty: JSONNumber | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: JSONNumber | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, Any] | None = None
-    # vLLM's sampling extensions (clients written for vLLM send them): stop_token_ids is served; the others are
-    # accepted at their neutral value (vLLM's default) and refused otherwise.
+    # vLLM's sampling extensions (clients written for vLLM send them): stop_token_ids and repetition_penalty are
+    # served; the others are accepted at their neutral value (vLLM's default) and refused otherwise.
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool | None = None
     min_tokens: StrictInt | None = None
     min_p: JSONNumber | None = None
-    repetition_penalty: JSONNumber | None = None
+    repetition_penalty: JSONNumber | None = Field(default=None, gt=0)  # null: generation_config.json's, else 1 (off)
     skip_special_tokens: StrictBool | None = None
     spaces_between_special_tokens: StrictBool | None = None
     include_stop_str_in_output: StrictBool | None = None
@@ -148,13 +154,10 @@ class _Sampling(_OpenAIRequest):
         problems: list[str] = []
         _refuse(problems, "n", self.n, 1, "one choice per prompt; send the request again for another")
         _refuse(problems, "top_logprobs", self.top_logprobs, 0, "log-probabilities are not returned")
-        _refuse(problems, "presence_penalty", self.presence_penalty, 0, "penalties are not implemented")
-        _refuse(problems, "frequency_penalty", self.frequency_penalty, 0, "penalties are not implemented")
         _refuse(problems, "logit_bias", self.logit_bias or None, None, "logit bias is not implemented")
         _refuse(problems, "ignore_eos", self.ignore_eos, False, "a row always ends at an end-of-sequence id")
         _refuse(problems, "min_tokens", self.min_tokens, 0, "a row may end at any step")
         _refuse(problems, "min_p", self.min_p, 0, "min-p filtering is not implemented; use top_p or top_k")
-        _refuse(problems, "repetition_penalty", self.repetition_penalty, 1, "penalties are not implemented")
         _refuse(problems, "skip_special_tokens", self.skip_special_tokens, True, "special tokens are left out of text")
         _refuse(problems, "spaces_between_special_tokens", self.spaces_between_special_tokens, True,
                 "special tokens are left out of text")
@@ -459,7 +462,10 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_ma
                                temperature=1.0 if greedy else float(temperature),
                                top_k=top_k if top_k is not None and top_k > 0 else 0,
                                top_p=float(top_p), seed=req.seed,
-                               stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()))
+                               stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()),
+                               repetition_penalty=server.repetition_penalty(req.repetition_penalty),
+                               frequency_penalty=float(req.frequency_penalty or 0.0),
+                               presence_penalty=float(req.presence_penalty or 0.0))
     except InvalidRequestError as exc:
         raise _renamed(exc, param) from None
 

@@ -102,13 +102,14 @@ def test_values_transformers_would_not_mean_are_ignored_and_named(tmp_path):
     assert GenerationDefaults.read(path) == GenerationDefaults((7,), 2.5, 0.9, 40)
 
     # settings transformers' generate() applies and the server does not: named, never silently dropped (helper-78:
-    # a checkpoint's repetition_penalty 1.3 changed generate's greedy text; the server's answers did not say so)
+    # a checkpoint's repetition_penalty 1.3 changed generate's greedy text; the server's answers did not say so). The
+    # repetition penalty is applied now (test_penalties.py), so it is no longer named.
     path.write_text(json.dumps({"eos_token_id": 7, "repetition_penalty": 1.3, "no_repeat_ngram_size": 3,
                                 "num_beams": 1, "min_length": 0, "bad_words_ids": [], "suppress_tokens": None}))
     defaults = GenerationDefaults.read(path)
-    assert defaults.eos_token_ids == (7,) and len(defaults.problems) == 2, defaults.problems  # the neutral ones: not
-    assert "repetition_penalty 1.3: this server does not apply it" in defaults.problems[0]
-    assert "no_repeat_ngram_size 3" in defaults.problems[1]
+    assert defaults.eos_token_ids == (7,) and len(defaults.problems) == 1, defaults.problems  # the neutral ones: not
+    assert defaults.repetition_penalty == 1.3
+    assert "no_repeat_ngram_size 3: this server does not apply it" in defaults.problems[0]
 
     path.write_text("{not json")
     (problem,) = GenerationDefaults.read(path).problems

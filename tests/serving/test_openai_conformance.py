@@ -193,7 +193,8 @@ def test_a_stop_string_across_tokens_is_cut_alike_streamed_or_not(llm, session):
 def test_vllm_sampling_extensions(llm, session):
     """``stop_token_ids`` ends a row at that token, kept in the text and usage as vLLM keeps it (its docs: "the
     returned output will contain the stop tokens unless the stop tokens are special tokens"); vLLM's other sampling
-    extensions are accepted at their default and refused, naming the field, anywhere else."""
+    extensions are accepted at their default and refused, naming the field, anywhere else (``repetition_penalty`` is
+    served: refused only outside vLLM's range, > 0; see test_penalties.py)."""
     ids = session.tokenize([PROMPTS[0]])[0]
     tokens = session.generate([ids], ["a0"], max_new_tokens=8, eos_token_id=[])[0]
     stop = next(t for i, t in enumerate(tokens) if i >= 2 and t not in tokens[:i])
@@ -207,7 +208,7 @@ def test_vllm_sampling_extensions(llm, session):
     plain = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0)
     same = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0, extra_body=neutral)
     assert same.choices[0].text == plain.choices[0].text
-    for field, value in (("ignore_eos", True), ("min_tokens", 2), ("min_p", 0.1), ("repetition_penalty", 1.2),
+    for field, value in (("ignore_eos", True), ("min_tokens", 2), ("min_p", 0.1), ("repetition_penalty", 0),
                          ("include_stop_str_in_output", True)):
         with pytest.raises(openai.BadRequestError) as caught:
             llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, extra_body={field: value})
