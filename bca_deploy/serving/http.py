@@ -66,6 +66,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError
+from .chat_template import ChatTemplateRenderer, ChatTemplateRenderError, RenderedTooLongError, chat_template_source
 from .options import ServeOptions
 from .session import BASE, KIND_NEEDS, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
@@ -581,6 +582,13 @@ class Server:
                                            max_prefill_tokens=options.max_prefill_tokens,
                                            preempt=options.preempt, preempt_wait_steps=options.preempt_wait_steps,
                                            observer=self._on_generation)
+        # the chat route's template: rendered in worker processes, each render bounded (started on first use)
+        self.chat_templates = ChatTemplateRenderer(lambda: session.tokenizer,
+                                                   source=chat_template_source(session.export_dir),
+                                                   timeout_s=options.chat_template_timeout_s,
+                                                   memory_mb=options.chat_template_memory_mb,
+                                                   workers=options.chat_template_workers)
+        self._chat_ready = False
         self._load_lock: asyncio.Lock | None = None
         self._roots = sorted({str(p) for p in (session.export_dir, session.export_dir.absolute(),
                                                session.export_dir.resolve())}, key=len, reverse=True)
@@ -588,11 +596,13 @@ class Server:
     # -- lifecycle --
     async def start(self) -> None:
         self._load_lock = asyncio.Lock()
+        self.chat_templates.reopen()  # closed by an earlier stop of this server
         await self.batcher.start()
         if self.engine is not None:
             await self.engine.start()
 
     async def stop(self) -> None:
+        self.chat_templates.close()
         if self.engine is not None:
             await self.engine.stop()
         await self.batcher.stop()
@@ -721,32 +731,47 @@ class Server:
         return result, token_rows
 
     async def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` through the tokenizer's chat template (with the generation prompt)."""
-        return await run_in_threadpool(self._chat_prompt, messages)
+        """Token ids of ``messages`` through the tokenizer's chat template (with the generation prompt), rendered by
+        :attr:`chat_templates` in a worker process within ``--chat-template-timeout-s`` and ``--chat-template-memory-mb``
+        (:class:`~bca_deploy.serving.chat_template.ChatTemplateLimitError` past them)."""
+        if not self._chat_ready:  # the tokenizer may load now (seconds): off the event loop
+            await run_in_threadpool(self._require_chat_template)
+        limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
+        try:  # tokenized in the render's thread: one thread hop for both
+            return await self.chat_templates.render(messages, limit, then=self._chat_ids)
+        except RenderedTooLongError as exc:  # bounded before tokenizing: 4 MB of messages took 5 s of it
+            raise ContextLengthError(
+                f"messages: the conversation, as the chat template writes it, is {exc.chars:,} characters; this "
+                f"server tokenizes at most {limit:,} (the larger of --max-text-chars and {CHAT_CHARS_PER_POSITION} "
+                f"characters per position of the model's maximum context length of {self.session.max_positions or 0} "
+                "positions)", param="messages") from None
+        except ChatTemplateRenderError as exc:  # the template's own refusal (e.g. roles that must alternate)
+            raise InvalidRequestError(f"messages: {exc}", param="messages") from None
 
-    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def _require_chat_template(self) -> None:
         tokenizer = self.session.tokenizer  # ServingError if the export has none
         if not getattr(tokenizer, "chat_template", None):
             raise ServingError("this model's tokenizer has no chat template, so chat messages cannot be turned into "
                                "a prompt; use /v1/completions with a prompt instead")
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # the template's own refusal (e.g. roles that must alternate) is the message
-            from jinja2 import TemplateError
+        self._chat_ready = True
 
-            why = str(exc)[:300] if isinstance(exc, TemplateError) else type(exc).__name__
-            raise InvalidRequestError(f"messages: the chat template refused them ({why})", param="messages") from None
-        limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
-        if len(text) > limit:  # bounded before tokenizing: 4 MB of messages (each within the limit) took 5 s of it
-            raise ContextLengthError(
-                f"messages: the conversation, as the chat template writes it, is {len(text):,} characters; this server "
-                f"tokenizes at most {limit:,} (the larger of --max-text-chars and {CHAT_CHARS_PER_POSITION} characters "
-                f"per position of the model's maximum context length of {self.session.max_positions or 0} positions)",
-                param="messages")
+    def _chat_ids(self, text: str) -> list[int]:
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
         # as transformers' apply_chat_template(tokenize=True) does; with one of the session's tokenizer copies.
         ids = self.session.text_ids(text, add_special_tokens=False)
         return self.session.prepare([ids], input_param="messages")[0]
+
+    def check_chat_template(self) -> None:
+        """Start-up: render a one-message conversation through the chat template under the request bounds, so a
+        template that loops, blows up or fails is refused before any traffic (:class:`ServingError` naming its
+        file), not on every chat request. Nothing to check without a generation graph or a chat template."""
+        if self.engine is None or self.session.tokenizer_problem is not None:
+            return
+        try:
+            self._require_chat_template()
+        except ServingError:
+            return  # no template: chat requests are refused with a 400 that says so
+        self.chat_templates.check()
 
     def sampling(self, **fields: Any):
         """:class:`~bca_deploy.serving.engine.SamplingParams`, its problems as :class:`InvalidRequestError`."""
@@ -1383,7 +1408,9 @@ def build(
     options: ServeOptions | None = None,
     **overrides: Any,
 ):
-    """Session + store + app, with ``load`` (names in the store) registered up front. Errors surface before serving.
+    """Session + store + app, with ``load`` (names in the store) registered up front. Errors surface before serving,
+    a chat template that does not render a one-message conversation within its bounds included
+    (:meth:`Server.check_chat_template`).
 
     ``options`` (or single fields of it as keyword arguments: ``threads=1, max_wait_ms=25``) set the
     provider, threads, batching and limits.
@@ -1406,7 +1433,13 @@ def build(
             exc.args = (store.unsnapshotted(str(exc)), *exc.args[1:])  # type: ignore[union-attr]
             raise
     session.warm_up()  # config, tokenizer and onnxruntime's first run now, not during the first request
-    return create_app(session, store, options)
+    app = create_app(session, store, options)
+    try:  # a chat template that loops, blows up or fails: refused now, not on every chat request
+        app.state.server.check_chat_template()
+    except BaseException:
+        app.state.server.chat_templates.close()
+        raise
+    return app
 
 
 def uvicorn_config(app, **kwargs):
