@@ -45,9 +45,12 @@ import errno
 import functools
 import heapq
 import logging
+import os
 import re
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -252,18 +255,24 @@ class MicroBatcher:
         self._seq = itertools.count()
         # One inference thread: batches run one after another (onnxruntime uses its own intra-op threads).
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bca-infer")
+        self._running = 0  # batches in the inference thread now
         self.batches = 0
 
     async def start(self) -> None:
         self._arrived = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="bca-microbatcher")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop taking batches and wait for the one running, at most ``timeout`` seconds (None: until it ends);
+        past that it is left to end on its own: a batch stuck in onnxruntime does not hold the server's shutdown."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._running and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.01)
 
     async def submit(self, kind: str, rows: list, adapter: str | None, params: dict[str, Any]) -> tuple[Any, _Job]:
         """Queue ``rows`` and wait for their results (a list, one item per row)."""
@@ -403,6 +412,13 @@ class MicroBatcher:
 
     def _run(self, pieces: list[_Piece], snapshot) -> list[list]:
         """One mixed batch (in the inference thread): concatenate rows, run, split per piece."""
+        self._running += 1
+        try:
+            return self._run_batch(pieces, snapshot)
+        finally:
+            self._running -= 1
+
+    def _run_batch(self, pieces: list[_Piece], snapshot) -> list[list]:
         rows = [r for p in pieces for r in p.job.rows[p.start:p.end]]
         adapters = [p.job.adapter for p in pieces for _ in range(p.start, p.end)]
         kind = pieces[0].job.kind
@@ -589,6 +605,7 @@ class Server:
                                                    memory_mb=options.chat_template_memory_mb,
                                                    workers=options.chat_template_workers)
         self._chat_ready = False
+        self.stopping = False  # set by begin_shutdown
         self._load_lock: asyncio.Lock | None = None
         self._roots = sorted({str(p) for p in (session.export_dir, session.export_dir.absolute(),
                                                session.export_dir.resolve())}, key=len, reverse=True)
@@ -596,16 +613,23 @@ class Server:
     # -- lifecycle --
     async def start(self) -> None:
         self._load_lock = asyncio.Lock()
+        self.stopping = False
         self.chat_templates.reopen()  # closed by an earlier stop of this server
         await self.batcher.start()
         if self.engine is not None:
             await self.engine.start()
 
+    def begin_shutdown(self) -> None:
+        """The server is stopping (a signal): chat template renders in flight end now (503), so no request waits on
+        a template that would not finish; the rest of the work in flight gets ``--shutdown-timeout-s`` to finish."""
+        self.stopping = True
+        self.chat_templates.close()
+
     async def stop(self) -> None:
         self.chat_templates.close()
         if self.engine is not None:
-            await self.engine.stop()
-        await self.batcher.stop()
+            await self.engine.stop(timeout=STOP_WAIT_S)
+        await self.batcher.stop(timeout=STOP_WAIT_S)
 
     def _on_generation(self, event: str, values) -> None:
         """The engine's observer (its thread): generation metrics, measured where the tokens are made."""
@@ -1118,9 +1142,18 @@ class _Guard:
                 raise body_too_large(options.max_body_bytes, length)
             receive = self._guard_receive(receive, start, state)
             await self.app(scope, receive, guarded_send)
-        except asyncio.CancelledError:  # the request's task was cancelled: on Ray Serve, because its client left
-            failed, state["error_type"] = error_status(ClientClosedRequestError(""))
-            raise
+        except asyncio.CancelledError:
+            if not server.stopping:  # the request's task was cancelled: on Ray Serve, because its client left
+                failed, state["error_type"] = error_status(ClientClosedRequestError(""))
+                raise
+            # cancelled by the server's shutdown, past --shutdown-timeout-s: answered 503 if nothing was sent yet,
+            # and ended here (raised, uvicorn would log a traceback for each such request)
+            stopped = ServerBusyError(f"the server is shutting down and this request did not finish within "
+                                      f"{options.shutdown_timeout_s:g} s (--shutdown-timeout-s)")
+            failed, state["error_type"] = error_status(stopped)
+            if sent["status"] is None:
+                with contextlib.suppress(Exception):
+                    await answer(stopped, failed, state["error_type"])
         except Exception as raised:
             exc = _unwrapped(raised)
             if not isinstance(exc, BCAError):
@@ -1452,7 +1485,73 @@ def uvicorn_config(app, **kwargs):
                                                  _refusal_recorder(app.state.server.metrics)),
                           timeout_keep_alive=options.keep_alive_s,
                           h11_max_incomplete_event_size=options.max_header_bytes, access_log=False,
-                          log_level="warning", lifespan="on", **kwargs)
+                          timeout_graceful_shutdown=options.shutdown_timeout_s, log_level="warning", lifespan="on",
+                          **kwargs)
+
+
+#: Seconds the generation engine's and the batcher's stop each wait for work they have in a thread, after the
+#: requests in flight had ``--shutdown-timeout-s`` to finish (a step or batch stuck in onnxruntime is left then).
+STOP_WAIT_S = 2.0
+
+#: Seconds ``serve`` may still take after a signal's shutdown should be over (``--shutdown-timeout-s`` plus the
+#: stops, or a second signal) before it exits without what is stuck (:func:`_exit_later`).
+EXIT_GRACE_S = 2 * STOP_WAIT_S + 1.0
+
+
+def bounded_server(config, server: Server, exit_when_stuck: bool = False):
+    """A ``uvicorn.Server`` whose shutdown is bounded. uvicorn's waits for every request in flight for as long as
+    it takes, then for the app's stop, and at exit Python waits for every worker thread: a request whose work never
+    ends (a chat template that loops: before its renders were bounded, they burned a CPU for ever) kept a SIGTERMed
+    server alive for good. Here:
+
+    - :meth:`Server.begin_shutdown` first: chat template renders in flight end (their worker processes are killed);
+    - requests in flight get ``--shutdown-timeout-s`` (the config's ``timeout_graceful_shutdown``), then are cancelled;
+      the engine's and the batcher's stop wait at most :data:`STOP_WAIT_S` each for the work they have in a thread;
+    - a second SIGTERM or SIGINT skips the waits (uvicorn's does so only for SIGINT);
+    - ``exit_when_stuck`` (``bca-deploy serve``, where the process is the server): a signal also starts a timer, and
+      should the process still be there :data:`EXIT_GRACE_S` after the shutdown should have ended (work stuck in a
+      thread that Python would wait for at exit), it says so on stderr and exits at once, with 128 + the signal's
+      number (130 for SIGINT, as an interrupted ``bca-deploy`` exits; 143 for SIGTERM).
+    """
+    import uvicorn
+
+    class BoundedServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            again = self.should_exit
+            super().handle_exit(sig, frame)
+            if again:
+                self.force_exit = True
+            if exit_when_stuck:
+                _exit_later(sig, EXIT_GRACE_S if again else server.options.shutdown_timeout_s + EXIT_GRACE_S)
+
+        async def shutdown(self, sockets=None) -> None:
+            server.begin_shutdown()
+            await super().shutdown(sockets=sockets)
+
+    return BoundedServer(config)
+
+
+def _exit_later(sig: int, seconds: float) -> None:
+    """Exit the process ``seconds`` from now with 128 + ``sig`` if it is still running then (a daemon timer: a
+    process that ends first never sees it)."""
+    def exit_now() -> None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        try:
+            sys.stderr.write(f"serve: still stopping {seconds:g} s after {name} (a request's work is stuck in a "
+                             "thread); exiting without it\n")
+            sys.stderr.flush()
+            for handler in _log.handlers:
+                handler.flush()
+        finally:
+            os._exit(128 + sig)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.name = "bca-serve-exit"
+    timer.start()
 
 
 def adapter_management_refused() -> ForbiddenError:
@@ -1680,9 +1779,11 @@ def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = Non
     """Build the app (see :func:`build`) and serve it with uvicorn on ``options.host:options.port`` until interrupted.
 
     The address is bound first (a port in use fails before the model loads); ``on_ready`` gets the server's
-    URL line once the export is loaded and checked, just before requests are taken.
+    URL line once the export is loaded and checked, just before requests are taken. Its shutdown on SIGTERM or
+    SIGINT is bounded (:func:`bounded_server`): past ``--shutdown-timeout-s`` and a few seconds, the process exits
+    even with work stuck in a thread.
     """
-    import uvicorn
+    import uvicorn  # noqa: F401 - not installed: said before the model loads
 
     options = options or ServeOptions()
     sock = listening_socket(options.host, options.port)
@@ -1692,7 +1793,8 @@ def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = Non
         if on_ready is not None:
             on_ready("\n".join([f"serving {export_dir} on http://{options.host}:{sock.getsockname()[1]} (Ctrl-C to "
                                  "stop)", *(f"note: {line}" for line in startup_notes(app.state.server))]))
-        uvicorn.Server(uvicorn_config(app, host=options.host, port=options.port)).run(sockets=[sock])
+        bounded_server(uvicorn_config(app, host=options.host, port=options.port), app.state.server,
+                       exit_when_stuck=True).run(sockets=[sock])
     finally:
         sock.close()
 
@@ -1704,12 +1806,10 @@ class ServerThread:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0) -> None:
-        import uvicorn
-
         self._socket = listening_socket(host, port)
         self.host, self.port = self._socket.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app))
+        self.server = bounded_server(uvicorn_config(app), app.state.server)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name="bca-serve", daemon=True)
         self._startup_timeout = startup_timeout

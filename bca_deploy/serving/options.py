@@ -114,6 +114,10 @@ class ServeOptions:
                                "connection closes.")
     max_connections: int = _opt(512, "Most concurrent connections; more are answered 503.", ray=False)
     max_header_bytes: int = _opt(16 * 1024, "Largest request head (request line + headers) in bytes.", ray=False)
+    shutdown_timeout_s: float = _opt(10.0, "Seconds the requests in flight get to finish after SIGTERM or SIGINT "
+                                           "(none is taken meanwhile) before they are cancelled; the process exits "
+                                           "at most a few seconds later even if a request's work is stuck in a "
+                                           "thread. A second signal: at once.", ray=False)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -170,6 +174,7 @@ class ServeOptions:
         at_least("chat_template_timeout_s", 0.01, 3600)
         at_least("chat_template_memory_mb", 16, 1 << 20)
         at_least("chat_template_workers", 1, 64)
+        at_least("shutdown_timeout_s", 0, 3600)
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
             at_least(name, 0.001, 86_400)
         at_least("max_connections", 1)

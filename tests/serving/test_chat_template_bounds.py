@@ -5,8 +5,8 @@ that loops (``{% for a in range(100000) %}{% for b in range(100000) %}...``) bur
 request, and SIGTERM could not stop the server (its shutdown waited for the thread). Now each render runs in a
 worker process, stopped (killed) past ``--chat-template-timeout-s`` or ``--chat-template-memory-mb`` with a 400
 ``chat_template_limit_exceeded`` while other requests are answered; ``serve`` renders a one-message conversation at
-start and refuses to start (exit 2) when that fails. Normal templates render exactly as ``apply_chat_template``
-renders them.
+start and refuses to start (exit 2) when that fails; and a signal stops the server within seconds, even with a
+render (or any thread's work) stuck. Normal templates render exactly as ``apply_chat_template`` renders them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import CHAT_TEMPLATE, assert_error, bank, call, free_port
+from http_helpers import CHAT_TEMPLATE, ServeProcess, assert_error, bank, call, free_port
 
 from bca_deploy.errors import ServingError
 from bca_deploy.models import load_saved_tokenizer
@@ -95,6 +96,19 @@ def _gone(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +200,7 @@ def test_a_render_past_its_bounds_is_stopped_and_its_worker_killed(tokenizer):
 
 def test_options_bound_the_renders():
     for field, value in (("chat_template_timeout_s", 0), ("chat_template_memory_mb", 1),
-                         ("chat_template_workers", 0)):
+                         ("chat_template_workers", 0), ("shutdown_timeout_s", -1)):
         with pytest.raises(ServingError, match=field):
             ServeOptions().replace(**{field: value})
 
@@ -254,3 +268,95 @@ def test_build_refuses_a_template_in_tokenizer_config_that_blows_up(llama, tmp_p
     with pytest.raises(ServingError) as caught:
         build(export, options=ServeOptions(threads=1, chat_template_memory_mb=64))
     assert "tokenizer_config.json" in str(caught.value) and "--chat-template-memory-mb" in str(caught.value)
+
+
+# ---- stopping -------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_serve_within_seconds_during_a_stuck_render(llama, tmp_path):
+    export = _export(llama, tmp_path, TRIGGERED)
+    with ServeProcess(export, "--chat-template-timeout-s", "300", log=tmp_path / "serve.log") as server:
+        answer: list = []
+        stuck = threading.Thread(target=lambda: answer.append(call(
+            server.url + "/v1/chat/completions", "POST",
+            {"model": "export", "messages": [{"role": "user", "content": "loop"}], "max_tokens": 2})))
+        stuck.start()
+        time.sleep(1.5)  # the render is in its worker, looping
+        workers = _children(server.process.pid)
+        assert workers, "no chat template worker"
+        started = time.perf_counter()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve was still running 20 s after SIGTERM")
+        took = time.perf_counter() - started
+        stuck.join(timeout=10)
+    assert took < 5.0, took
+    assert code == -signal.SIGTERM, code  # uvicorn's way: the signal again, once the shutdown is done
+    assert answer and answer[0][0] == 503, answer  # the stuck render's request: told the server is stopping
+    deadline = time.monotonic() + 5
+    while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(pid) for pid in workers), workers  # no worker left burning a CPU
+
+
+_STUCK_THREAD = """
+import sys, time
+from bca_deploy.serving.session import MultiAdapterSession
+
+text_ids = MultiAdapterSession.text_ids
+
+def stuck(self, text, **options):
+    if "stuck" in text:  # a tokenization that never ends: any thread's work that does not end
+        time.sleep(3600)
+    return text_ids(self, text, **options)
+
+MultiAdapterSession.text_ids = stuck
+from bca_deploy.cli import main
+main(sys.argv[1:], prog_name="bca-deploy")
+"""
+
+
+def test_sigint_exits_even_with_work_stuck_in_a_thread(llama, tmp_path):
+    """Python waits at exit for every worker thread: past --shutdown-timeout-s and a few seconds, serve exits."""
+    from bca_deploy.serving.http import EXIT_GRACE_S
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-c", _STUCK_THREAD, "serve", str(llama["onnx"]), "--port",
+                                    str(port), "--threads", "1", "--shutdown-timeout-s", "0.5"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                assert process.poll() is None, log.read_text()
+                try:
+                    if call(url + "/health", timeout=2)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.2)
+            threading.Thread(target=call, args=(url + "/v1/chat/completions", "POST", {
+                "model": "onnx", "messages": [{"role": "user", "content": "stuck"}], "max_tokens": 2}),
+                kwargs={"timeout": 60}, daemon=True).start()
+            time.sleep(1.0)
+            started = time.perf_counter()
+            process.send_signal(signal.SIGINT)
+            try:
+                code = process.wait(timeout=0.5 + EXIT_GRACE_S + 15)
+            except subprocess.TimeoutExpired:
+                pytest.fail("serve was still running after SIGINT, its work stuck in a thread")
+            took = time.perf_counter() - started
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    text = log.read_text(errors="replace")
+    assert code == 130, (code, text[-2000:])
+    assert took < 0.5 + EXIT_GRACE_S + 5, took
+    assert "still stopping" in text and "Traceback" not in text, text[-2000:]
