@@ -453,14 +453,19 @@ class GenerationEngine:
         self._thread = threading.Thread(target=self._main, name="bca-generation", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Stop the thread; rows still waiting or running end with a :class:`ServingError`."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread; rows still waiting or running end with a :class:`ServingError`. ``timeout``: the most
+        seconds to wait for the step running (None: until it ends); past it the thread (a daemon) is left to end on
+        its own and the rows are left as they are: a step stuck in onnxruntime does not hold the server's shutdown."""
         if self._thread is None:
             return
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._thread.join, timeout)
+        if self._thread.is_alive():
+            _log.error("the generation thread did not stop within %s s; leaving it", timeout)
+            return
         self._thread = None
         with contextlib.suppress(RuntimeError):  # held by the waker: let it see _stopping and end
             self._wake.release()

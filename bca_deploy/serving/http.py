@@ -47,9 +47,12 @@ import errno
 import functools
 import heapq
 import logging
+import os
 import re
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -69,6 +72,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError
+from .chat_template import ChatTemplateRenderer, ChatTemplateRenderError, RenderedTooLongError, chat_template_source
 from .options import ServeOptions
 from .session import BASE, KIND_NEEDS, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
@@ -255,18 +259,24 @@ class MicroBatcher:
         self._seq = itertools.count()
         # One inference thread: batches run one after another (onnxruntime uses its own intra-op threads).
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bca-infer")
+        self._running = 0  # batches in the inference thread now
         self.batches = 0
 
     async def start(self) -> None:
         self._arrived = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="bca-microbatcher")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop taking batches and wait for the one running, at most ``timeout`` seconds (None: until it ends);
+        past that it is left to end on its own: a batch stuck in onnxruntime does not hold the server's shutdown."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._running and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.01)
 
     async def submit(self, kind: str, rows: list, adapter: str | None, params: dict[str, Any]) -> tuple[Any, _Job]:
         """Queue ``rows`` and wait for their results (a list, one item per row)."""
@@ -406,6 +416,13 @@ class MicroBatcher:
 
     def _run(self, pieces: list[_Piece], snapshot) -> list[list]:
         """One mixed batch (in the inference thread): concatenate rows, run, split per piece."""
+        self._running += 1
+        try:
+            return self._run_batch(pieces, snapshot)
+        finally:
+            self._running -= 1
+
+    def _run_batch(self, pieces: list[_Piece], snapshot) -> list[list]:
         rows = [r for p in pieces for r in p.job.rows[p.start:p.end]]
         adapters = [p.job.adapter for p in pieces for _ in range(p.start, p.end)]
         kind = pieces[0].job.kind
@@ -596,6 +613,14 @@ class Server:
                                            max_prefill_tokens=options.max_prefill_tokens,
                                            preempt=options.preempt, preempt_wait_steps=options.preempt_wait_steps,
                                            observer=self._on_generation)
+        # the chat route's template: rendered in worker processes, each render bounded (started on first use)
+        self.chat_templates = ChatTemplateRenderer(lambda: session.tokenizer,
+                                                   source=chat_template_source(session.export_dir),
+                                                   timeout_s=options.chat_template_timeout_s,
+                                                   memory_mb=options.chat_template_memory_mb,
+                                                   workers=options.chat_template_workers)
+        self._chat_ready = False
+        self.stopping = False  # set by begin_shutdown
         self._load_lock: asyncio.Lock | None = None
         self._roots = sorted({str(p) for p in (session.export_dir, session.export_dir.absolute(),
                                                session.export_dir.resolve())}, key=len, reverse=True)
@@ -603,14 +628,23 @@ class Server:
     # -- lifecycle --
     async def start(self) -> None:
         self._load_lock = asyncio.Lock()
+        self.stopping = False
+        self.chat_templates.reopen()  # closed by an earlier stop of this server
         await self.batcher.start()
         if self.engine is not None:
             await self.engine.start()
 
+    def begin_shutdown(self) -> None:
+        """The server is stopping (a signal): chat template renders in flight end now (503), so no request waits on
+        a template that would not finish; the rest of the work in flight gets ``--shutdown-timeout-s`` to finish."""
+        self.stopping = True
+        self.chat_templates.close()
+
     async def stop(self) -> None:
+        self.chat_templates.close()
         if self.engine is not None:
-            await self.engine.stop()
-        await self.batcher.stop()
+            await self.engine.stop(timeout=STOP_WAIT_S)
+        await self.batcher.stop(timeout=STOP_WAIT_S)
 
     def _on_generation(self, event: str, values) -> None:
         """The engine's observer (its thread): generation metrics, measured where the tokens are made."""
@@ -767,32 +801,47 @@ class Server:
         return result, token_rows
 
     async def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` through the tokenizer's chat template (with the generation prompt)."""
-        return await run_in_threadpool(self._chat_prompt, messages)
+        """Token ids of ``messages`` through the tokenizer's chat template (with the generation prompt), rendered by
+        :attr:`chat_templates` in a worker process within ``--chat-template-timeout-s`` and ``--chat-template-memory-mb``
+        (:class:`~bca_deploy.serving.chat_template.ChatTemplateLimitError` past them)."""
+        if not self._chat_ready:  # the tokenizer may load now (seconds): off the event loop
+            await run_in_threadpool(self._require_chat_template)
+        limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
+        try:  # tokenized in the render's thread: one thread hop for both
+            return await self.chat_templates.render(messages, limit, then=self._chat_ids)
+        except RenderedTooLongError as exc:  # bounded before tokenizing: 4 MB of messages took 5 s of it
+            raise ContextLengthError(
+                f"messages: the conversation, as the chat template writes it, is {exc.chars:,} characters; this "
+                f"server tokenizes at most {limit:,} (the larger of --max-text-chars and {CHAT_CHARS_PER_POSITION} "
+                f"characters per position of the model's maximum context length of {self.session.max_positions or 0} "
+                "positions)", param="messages") from None
+        except ChatTemplateRenderError as exc:  # the template's own refusal (e.g. roles that must alternate)
+            raise InvalidRequestError(f"messages: {exc}", param="messages") from None
 
-    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def _require_chat_template(self) -> None:
         tokenizer = self.session.tokenizer  # ServingError if the export has none
         if not getattr(tokenizer, "chat_template", None):
             raise ServingError("this model's tokenizer has no chat template, so chat messages cannot be turned into "
                                "a prompt; use /v1/completions with a prompt instead")
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # the template's own refusal (e.g. roles that must alternate) is the message
-            from jinja2 import TemplateError
+        self._chat_ready = True
 
-            why = str(exc)[:300] if isinstance(exc, TemplateError) else type(exc).__name__
-            raise InvalidRequestError(f"messages: the chat template refused them ({why})", param="messages") from None
-        limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
-        if len(text) > limit:  # bounded before tokenizing: 4 MB of messages (each within the limit) took 5 s of it
-            raise ContextLengthError(
-                f"messages: the conversation, as the chat template writes it, is {len(text):,} characters; this server "
-                f"tokenizes at most {limit:,} (the larger of --max-text-chars and {CHAT_CHARS_PER_POSITION} characters "
-                f"per position of the model's maximum context length of {self.session.max_positions or 0} positions)",
-                param="messages")
+    def _chat_ids(self, text: str) -> list[int]:
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
         # as transformers' apply_chat_template(tokenize=True) does; with one of the session's tokenizer copies.
         ids = self.session.text_ids(text, add_special_tokens=False)
         return self.session.prepare([ids], input_param="messages")[0]
+
+    def check_chat_template(self) -> None:
+        """Start-up: render a one-message conversation through the chat template under the request bounds, so a
+        template that loops, blows up or fails is refused before any traffic (:class:`ServingError` naming its
+        file), not on every chat request. Nothing to check without a generation graph or a chat template."""
+        if self.engine is None or self.session.tokenizer_problem is not None:
+            return
+        try:
+            self._require_chat_template()
+        except ServingError:
+            return  # no template: chat requests are refused with a 400 that says so
+        self.chat_templates.check()
 
     def sampling(self, **fields: Any):
         """:class:`~bca_deploy.serving.engine.SamplingParams`, its problems as :class:`InvalidRequestError`."""
@@ -1210,9 +1259,18 @@ class _Guard:
                 raise body_too_large(options.max_body_bytes, length)
             receive = self._guard_receive(receive, start, state)
             await self.app(scope, receive, guarded_send)
-        except asyncio.CancelledError:  # the request's task was cancelled: on Ray Serve, because its client left
-            failed, state["error_type"] = error_status(ClientClosedRequestError(""))
-            raise
+        except asyncio.CancelledError:
+            if not server.stopping:  # the request's task was cancelled: on Ray Serve, because its client left
+                failed, state["error_type"] = error_status(ClientClosedRequestError(""))
+                raise
+            # cancelled by the server's shutdown, past --shutdown-timeout-s: answered 503 if nothing was sent yet,
+            # and ended here (raised, uvicorn would log a traceback for each such request)
+            stopped = ServerBusyError(f"the server is shutting down and this request did not finish within "
+                                      f"{options.shutdown_timeout_s:g} s (--shutdown-timeout-s)")
+            failed, state["error_type"] = error_status(stopped)
+            if sent["status"] is None:
+                with contextlib.suppress(Exception):
+                    await answer(stopped, failed, state["error_type"])
         except Exception as raised:
             exc = _unwrapped(raised)
             if not isinstance(exc, BCAError):
@@ -1507,7 +1565,9 @@ def build(
     options: ServeOptions | None = None,
     **overrides: Any,
 ):
-    """Session + store + app, with ``load`` (names in the store) registered up front. Errors surface before serving.
+    """Session + store + app, with ``load`` (names in the store) registered up front. Errors surface before serving,
+    a chat template that does not render a one-message conversation within its bounds included
+    (:meth:`Server.check_chat_template`).
 
     ``options`` (or single fields of it as keyword arguments: ``threads=1, max_wait_ms=25``) set the
     provider, threads, batching and limits.
@@ -1530,7 +1590,13 @@ def build(
             exc.args = (store.unsnapshotted(str(exc)), *exc.args[1:])  # type: ignore[union-attr]
             raise
     session.warm_up()  # config, tokenizer and onnxruntime's first run now, not during the first request
-    return create_app(session, store, options)
+    app = create_app(session, store, options)
+    try:  # a chat template that loops, blows up or fails: refused now, not on every chat request
+        app.state.server.check_chat_template()
+    except BaseException:
+        app.state.server.chat_templates.close()
+        raise
+    return app
 
 
 def uvicorn_config(app, **kwargs):
@@ -1543,7 +1609,73 @@ def uvicorn_config(app, **kwargs):
                                                  _refusal_recorder(app.state.server.metrics)),
                           timeout_keep_alive=options.keep_alive_s, ws="none",  # WebSocket upgrades: _Guard's 400
                           h11_max_incomplete_event_size=options.max_header_bytes, access_log=False,
-                          log_level="warning", lifespan="on", **kwargs)
+                          timeout_graceful_shutdown=options.shutdown_timeout_s, log_level="warning", lifespan="on",
+                          **kwargs)
+
+
+#: Seconds the generation engine's and the batcher's stop each wait for work they have in a thread, after the
+#: requests in flight had ``--shutdown-timeout-s`` to finish (a step or batch stuck in onnxruntime is left then).
+STOP_WAIT_S = 2.0
+
+#: Seconds ``serve`` may still take after a signal's shutdown should be over (``--shutdown-timeout-s`` plus the
+#: stops, or a second signal) before it exits without what is stuck (:func:`_exit_later`).
+EXIT_GRACE_S = 2 * STOP_WAIT_S + 1.0
+
+
+def bounded_server(config, server: Server, exit_when_stuck: bool = False):
+    """A ``uvicorn.Server`` whose shutdown is bounded. uvicorn's waits for every request in flight for as long as
+    it takes, then for the app's stop, and at exit Python waits for every worker thread: a request whose work never
+    ends (a chat template that loops: before its renders were bounded, they burned a CPU for ever) kept a SIGTERMed
+    server alive for good. Here:
+
+    - :meth:`Server.begin_shutdown` first: chat template renders in flight end (their worker processes are killed);
+    - requests in flight get ``--shutdown-timeout-s`` (the config's ``timeout_graceful_shutdown``), then are cancelled;
+      the engine's and the batcher's stop wait at most :data:`STOP_WAIT_S` each for the work they have in a thread;
+    - a second SIGTERM or SIGINT skips the waits (uvicorn's does so only for SIGINT);
+    - ``exit_when_stuck`` (``bca-deploy serve``, where the process is the server): a signal also starts a timer, and
+      should the process still be there :data:`EXIT_GRACE_S` after the shutdown should have ended (work stuck in a
+      thread that Python would wait for at exit), it says so on stderr and exits at once, with 128 + the signal's
+      number (130 for SIGINT, as an interrupted ``bca-deploy`` exits; 143 for SIGTERM).
+    """
+    import uvicorn
+
+    class BoundedServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            again = self.should_exit
+            super().handle_exit(sig, frame)
+            if again:
+                self.force_exit = True
+            if exit_when_stuck:
+                _exit_later(sig, EXIT_GRACE_S if again else server.options.shutdown_timeout_s + EXIT_GRACE_S)
+
+        async def shutdown(self, sockets=None) -> None:
+            server.begin_shutdown()
+            await super().shutdown(sockets=sockets)
+
+    return BoundedServer(config)
+
+
+def _exit_later(sig: int, seconds: float) -> None:
+    """Exit the process ``seconds`` from now with 128 + ``sig`` if it is still running then (a daemon timer: a
+    process that ends first never sees it)."""
+    def exit_now() -> None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        try:
+            sys.stderr.write(f"serve: still stopping {seconds:g} s after {name} (a request's work is stuck in a "
+                             "thread); exiting without it\n")
+            sys.stderr.flush()
+            for handler in _log.handlers:
+                handler.flush()
+        finally:
+            os._exit(128 + sig)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.name = "bca-serve-exit"
+    timer.start()
 
 
 def adapter_management_refused() -> ForbiddenError:
@@ -1795,9 +1927,11 @@ def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = Non
     """Build the app (see :func:`build`) and serve it with uvicorn on ``options.host:options.port`` until interrupted.
 
     The address is bound first (a port in use fails before the model loads); ``on_ready`` gets the server's
-    URL line once the export is loaded and checked, just before requests are taken.
+    URL line once the export is loaded and checked, just before requests are taken. Its shutdown on SIGTERM or
+    SIGINT is bounded (:func:`bounded_server`): past ``--shutdown-timeout-s`` and a few seconds, the process exits
+    even with work stuck in a thread.
     """
-    import uvicorn
+    import uvicorn  # noqa: F401 - not installed: said before the model loads
 
     options = options or ServeOptions()
     sock = listening_socket(options.host, options.port)
@@ -1807,7 +1941,8 @@ def run_server(export_dir: str | Path, *, adapter_store: str | Path | None = Non
         if on_ready is not None:
             on_ready("\n".join([f"serving {export_dir} on http://{options.host}:{sock.getsockname()[1]} (Ctrl-C to "
                                  "stop)", *(f"note: {line}" for line in startup_notes(app.state.server))]))
-        uvicorn.Server(uvicorn_config(app, host=options.host, port=options.port)).run(sockets=[sock])
+        bounded_server(uvicorn_config(app, host=options.host, port=options.port), app.state.server,
+                       exit_when_stuck=True).run(sockets=[sock])
     finally:
         sock.close()
 
@@ -1819,12 +1954,10 @@ class ServerThread:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0) -> None:
-        import uvicorn
-
         self._socket = listening_socket(host, port)
         self.host, self.port = self._socket.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app))
+        self.server = bounded_server(uvicorn_config(app), app.state.server)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name="bca-serve", daemon=True)
         self._startup_timeout = startup_timeout

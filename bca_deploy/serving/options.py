@@ -94,6 +94,17 @@ class ServeOptions:
         "one adapter); beyond it that adapter's requests are answered 503 while other adapters' are still admitted, "
         "so one tenant cannot fill the queue. Default: half of --max-queued-rows (at least --max-request-rows).")
     max_json_depth: int = _opt(16, "Deepest nesting of JSON arrays/objects in a body (413 above).")
+    # ---- the chat template (code shipped with the model: bounded like a client's input) ----
+    chat_template_timeout_s: float = _opt(5.0, "Seconds the model's chat template may take to render one chat "
+                                               "request's messages; past it the render is stopped (its worker "
+                                               "process killed) and the request answered 400 "
+                                               "chat_template_limit_exceeded. serve also renders a one-message "
+                                               "conversation at start and refuses to start when that fails.")
+    chat_template_memory_mb: int = _opt(512, "MiB of memory one chat template render may use beyond its worker's own "
+                                             "(400 chat_template_limit_exceeded past it).")
+    chat_template_workers: int = _opt(2, "Worker processes rendering chat templates (~60 MB each, started on first "
+                                         "use); a render stopped at its bound holds one until then, and a request "
+                                         "that finds none free for --chat-template-timeout-s is answered 503.")
     # ---- slow or stalled clients ----
     header_timeout_s: float = _opt(10.0, "Seconds a new connection has to send its request headers.", ray=False)
     body_timeout_s: float = _opt(30.0, "Seconds a request has to send its whole body, and the longest a client may "
@@ -103,6 +114,10 @@ class ServeOptions:
                                "connection closes.")
     max_connections: int = _opt(512, "Most concurrent connections; more are answered 503.", ray=False)
     max_header_bytes: int = _opt(16 * 1024, "Largest request head (request line + headers) in bytes.", ray=False)
+    shutdown_timeout_s: float = _opt(10.0, "Seconds the requests in flight get to finish after SIGTERM or SIGINT "
+                                           "(none is taken meanwhile) before they are cancelled; the process exits "
+                                           "at most a few seconds later even if a request's work is stuck in a "
+                                           "thread. A second signal: at once.", ray=False)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -156,6 +171,10 @@ class ServeOptions:
         at_least("max_new_tokens", 1, MAX_NEW_TOKENS)  # what SamplingParams allows one row
         at_least("max_queued_rows", 1)
         at_least("max_json_depth", 2, 1000)
+        at_least("chat_template_timeout_s", 0.01, 3600)
+        at_least("chat_template_memory_mb", 16, 1 << 20)
+        at_least("chat_template_workers", 1, 64)
+        at_least("shutdown_timeout_s", 0, 3600)
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
             at_least(name, 0.001, 86_400)
         at_least("max_connections", 1)

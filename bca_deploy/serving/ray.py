@@ -118,6 +118,7 @@ class AdapterReplicas:
         self.session.warm_up()
         self.app = create_app(self.session, self.store, self.options)
         self.server = self.app.state.server
+        self.server.check_chat_template()  # one that loops or fails: this replica does not start, as serve does not
         self._started: asyncio.Task | None = None
         self._in_use: Counter[str] = Counter()
         context = serve.get_replica_context()

@@ -43,6 +43,7 @@ from ..errors import (
     ServingError,
     UnknownAdapterError,
 )
+from .chat_template import ChatTemplateLimitError
 
 __all__ = [
     "READ_METHODS",
@@ -181,6 +182,10 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
     UnsupportedMediaTypeError: (415, "unsupported_media_type"),
     InvalidRequestError: (422, "invalid_request"),
     ContextLengthError: (400, "context_length_exceeded"),  # OpenAI's and vLLM's status: clients detect overflow by it
+    # the model's chat template stopped at --chat-template-timeout-s / --chat-template-memory-mb on the request's
+    # messages: 400, as vLLM answers a template that fails on them, and as a limit is answered; a 5xx would be retried
+    # by every OpenAI client (twice, by default), each retry burning the bound again
+    ChatTemplateLimitError: (400, "chat_template_limit_exceeded"),
     AdapterNameError: (422, "invalid_adapter_name"),
     AdapterMismatchError: (422, "adapter_does_not_fit"),
     AdapterFormatError: (422, "invalid_adapter"),
