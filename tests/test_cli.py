@@ -348,8 +348,9 @@ def test_serve_max_new_tokens_is_bounded_by_what_one_row_can_generate(tmp_path):
 def test_serve_ray_offers_only_the_options_ray_applies(tmp_path):
     from bca_deploy.serving.options import NOT_ON_RAY
 
-    assert NOT_ON_RAY == {"header_timeout_s", "max_connections", "max_header_bytes"}
-    flags = ["--header-timeout-s", "--max-connections", "--max-header-bytes"]
+    # shutdown_timeout_s: how long serve's own uvicorn waits for requests at a signal (Ray Serve drains its own)
+    assert NOT_ON_RAY == {"header_timeout_s", "max_connections", "max_header_bytes", "shutdown_timeout_s"}
+    flags = ["--header-timeout-s", "--max-connections", "--max-header-bytes", "--shutdown-timeout-s"]
     serve_help = CliRunner().invoke(main, ["serve", "--help"]).output
     ray_help = CliRunner().invoke(main, ["serve-ray", "--help"]).output
     assert all(flag in serve_help for flag in flags)
