@@ -124,6 +124,17 @@ def _cli(*args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
+def _draw(peft_model) -> None:
+    """Kernels and saved modules drawn non-zero: ΔW entries ~0.02, as large as the base weights (PEFT divides by
+    d_in)."""
+    with torch.no_grad():
+        for param_name, param in peft_model.named_parameters():
+            if "c3a_kernel" in param_name:
+                param.normal_(0.0, 0.02 * param.shape[1] * param.shape[2])
+            elif param.requires_grad:
+                param.normal_(0.0, 0.5)
+
+
 def _peft_adapter(tmp_path, arch: str, config, fields: dict, save: dict, name: str = "default"):
     """``(base dir, adapter dir, PEFT's model)``: the base saved, PEFT's model with non-zero kernels and saved
     modules, saved as PEFT saves it."""
@@ -133,12 +144,7 @@ def _peft_adapter(tmp_path, arch: str, config, fields: dict, save: dict, name: s
     torch.manual_seed(3)
     peft_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), C3AConfig(**copy.deepcopy(fields)),
                                 adapter_name=name)
-    with torch.no_grad():
-        for param_name, param in peft_model.named_parameters():
-            if "c3a_kernel" in param_name:  # ΔW entries ~0.02, as large as the base weights (PEFT divides by d_in)
-                param.normal_(0.0, 0.02 * param.shape[1] * param.shape[2])
-            elif param.requires_grad:
-                param.normal_(0.0, 0.5)
+    _draw(peft_model)
     peft_model.eval().save_pretrained(tmp_path / "peft", **save)
     return tmp_path / "base", tmp_path / "peft" / ("" if name == "default" else name), peft_model
 
@@ -311,12 +317,7 @@ def test_a_peft_classifier_from_a_pretraining_checkpoint_converts_checked_on_the
     peft_model = get_peft_model(
         transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2),
         C3AConfig(task_type="SEQ_CLS", block_size=8, target_modules=["query", "value", "dense"]))
-    with torch.no_grad():
-        for param_name, param in peft_model.named_parameters():
-            if "c3a_kernel" in param_name:
-                param.normal_(0.0, 0.02 * param.shape[1] * param.shape[2])
-            elif param.requires_grad:
-                param.normal_(0.0, 0.5)
+    _draw(peft_model)
     peft_model.eval().save_pretrained(tmp_path / "peft")
     result = CliRunner().invoke(main, ["convert", "--adapter", str(tmp_path / "peft"), "--to", "bca",
                                        "--out", str(tmp_path / "bca"), "--model", str(tmp_path / "base")])
@@ -341,12 +342,7 @@ def test_a_peft_modernbert_classifier_saving_its_head_whole_gives_pefts_numbers(
     peft_model = get_peft_model(cls.from_pretrained(tmp_path / "base", num_labels=3),
                                 C3AConfig(task_type="SEQ_CLS", block_size=8, target_modules=["Wqkv"],
                                           modules_to_save=["classifier", "head"]))
-    with torch.no_grad():
-        for param_name, param in peft_model.named_parameters():
-            if "c3a_kernel" in param_name:
-                param.normal_(0.0, 0.02 * param.shape[1] * param.shape[2])
-            elif param.requires_grad:
-                param.normal_(0.0, 0.5)
+    _draw(peft_model)
     peft_model.eval().save_pretrained(tmp_path / "peft")
     expected = _logits(peft_model)
     assert expected.shape[-1] == 3
