@@ -412,3 +412,13 @@ def test_a_run_records_its_base_model_where_it_is_not_as_typed(files, tmp_path, 
     monkeypatch.chdir(tmp_path)
     model = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "peft")
     assert type(model.base_model.model).__name__ == "BertForSequenceClassification"
+
+
+def test_a_target_entry_that_matches_nothing_beside_others_is_named(files, tmp_path, capsys):
+    """--targets query,w1 on a model without w1 layers trained query alone without a word (transformers 5.x fuses
+    Mixtral's expert w1/w2 into 3-D parameters: --targets q_proj,w1,w2 adapted q_proj only; helper-85). Entries that
+    matched nothing are now named; the run goes on with the others, as PEFT does."""
+    train(config(files["bert"], files["small"], tmp_path / "run", max_steps=1, targets=["query", "w1", "w2"]))
+    err = capsys.readouterr().err
+    assert "note: --targets w1, w2 matched no Linear/Conv1D layer of BertForSequenceClassification; adapting 2 layers" \
+        in err, err
