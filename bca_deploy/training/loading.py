@@ -60,6 +60,9 @@ DEFAULT_TARGETS = {
     "stablelm": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj"],
     "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
+    "olmo": ["q_proj", "v_proj"],
+    "olmo2": ["q_proj", "v_proj"],
 }
 HEAD_MODULE_NAMES = ("classifier", "score")
 
