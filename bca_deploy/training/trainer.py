@@ -677,15 +677,14 @@ class _TrainingRun:
                    modules_to_save=modules_to_save)
             if by_p:
                 _scale_by_block_size(model)
-            from ..inject import adapter_configs, bca_layers
+            from ..inject import _matches, adapter_configs, bca_layers
 
             if not isinstance(self.targets, str) and self.d.is_main:
                 # an entry that matched nothing beside others that did is not an error (PEFT's rule too), but it
                 # trains less than asked: transformers 5.x fuses Mixtral's expert w1/w2 into 3-D parameters, so
                 # --targets q_proj,w1,w2 adapted q_proj alone without a word
                 adapted = [name for name, _ in bca_layers(model)]
-                unmatched = [t for t in self.targets
-                             if not any(n == t or n.endswith("." + t) for n in adapted)]
+                unmatched = [t for t in self.targets if not any(_matches(n, [t]) for n in adapted)]
                 if unmatched:
                     print(f"note: --targets {', '.join(unmatched)} matched no Linear/Conv1D layer of "
                           f"{type(model).__name__}; adapting {len(adapted)} layers matched by the others",
