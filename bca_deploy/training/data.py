@@ -906,12 +906,12 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
     """
     eos = _eos_token_id(tokenizer)
     input_ids, labels, lines = [], [], []
-    dropped = 0
+    gone: list[int] = []  # examples left with no target token
     if examples.format == "text":
         encoded, _ = _encode(tokenizer, [cut_texts(examples.texts, max_length)], truncation=True, max_length=max_length)
-        for line, ids in zip(examples.lines, encoded):
+        for index, (line, ids) in enumerate(zip(examples.lines, encoded)):
             if len(ids) < 2:
-                dropped += 1
+                gone.append(index)
                 continue
             input_ids.append(ids)
             labels.append(list(ids))
@@ -932,19 +932,18 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
                      f"response tokenizes across the boundary: {_lines_of(examples.lines, alone)}); they are trained "
                      "on the response tokenized alone, which a served prompt does not continue with: end the prompts "
                      "with a separator (a space, a newline) that the tokenizer keeps as its own token")
-        for line, p_ids, r_ids in zip(examples.lines, prompts, responses):
+        for index, (line, p_ids, r_ids) in enumerate(zip(examples.lines, prompts, responses)):
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
             ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
             target = ([IGNORE_INDEX] * len(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
             if all(t == IGNORE_INDEX for t in target[1:]):
-                dropped += 1
+                gone.append(index)
                 continue
             input_ids.append(ids)
             labels.append(target)
             lines.append(line)
+    dropped = len(gone)
     if dropped and warn is not None and len(input_ids):
-        kept = set(lines)
-        gone = [i for i, line in enumerate(examples.lines) if line not in kept]
         one = dropped == 1
         warn(f"{dropped:,} {'example has' if one else 'examples have'} no target token within max_length={max_length} "
              f"(the prompt fills it) and {'is' if one else 'are'} left out ({_lines_of(examples.lines, gone)}); raise "
