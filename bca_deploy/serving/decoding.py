@@ -43,6 +43,10 @@ from .limits import MAX_NEW_TOKENS
 __all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "Penalties", "DecodeRow", "DecodeBatch", "PrefillJob",
            "MAX_NEW_TOKENS", "choose_tokens", "apply_penalties"]
 
+#: The repetition penalties taken (vLLM takes any > 0): logits of up to ~1e4 divided or multiplied by these stay far
+#: inside float32 (3.4e38), so no row's logits become inf or NaN.
+REPETITION_PENALTY_RANGE = (1e-30, 1e30)
+
 _MAX_STOP = 16  # stop strings / stop token ids per request
 _MAX_STOP_CHARS = 256
 
@@ -138,8 +142,12 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         # vLLM's ranges (SamplingParams._verify_args), and a finite number: JSON cannot carry an infinity
         rep = self.repetition_penalty
-        if not _is_number(rep) or not math.isfinite(rep) or rep <= 0:
-            problems["repetition_penalty"] = f"must be a finite number > 0 (1: off), got {show_json_value(rep)}"
+        # and within what float32 logits survive: 1e-300 is 0 in float32 (a logit / 0: inf, then NaN, a 500)
+        if not _is_number(rep) or not math.isfinite(rep) or not REPETITION_PENALTY_RANGE[0] <= rep <= \
+                REPETITION_PENALTY_RANGE[1]:
+            problems["repetition_penalty"] = (f"must be a number from {REPETITION_PENALTY_RANGE[0]:g} to "
+                                              f"{REPETITION_PENALTY_RANGE[1]:g} (> 0; 1: off), got "
+                                              f"{show_json_value(rep)}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:

@@ -266,7 +266,8 @@ def test_sampled_rows_draw_from_the_penalized_logits_and_greedy_neighbours_are_u
 
 
 @pytest.mark.parametrize(("field", "value"), [("repetition_penalty", 0), ("repetition_penalty", -1.2),
-                                              ("repetition_penalty", float("inf")), ("frequency_penalty", 2.5),
+                                              ("repetition_penalty", float("inf")), ("repetition_penalty", 1e-300),
+                                              ("repetition_penalty", 1e308), ("frequency_penalty", 2.5),
                                               ("frequency_penalty", -2.01), ("presence_penalty", 3),
                                               ("presence_penalty", True)])
 def test_sampling_params_refuse_penalties_outside_vllms_ranges(field, value):
