@@ -814,6 +814,47 @@ def local_base_dir(recorded: Any) -> Path | None:
         return None
 
 
+def describe_recorded_base(config: AdapterConfig) -> str:
+    """The base model an adapter records, for ``inspect``, as the commands resolve it (:func:`local_base_dir`): a
+    local model directory with its ``model_type`` and architecture read from its ``config.json`` (the adapter's
+    recorded type first: PEFT records none), else why the recorded name is not one ("not found", a hub id: nothing
+    is downloaded). Never raises: a base that cannot be read is described."""
+    import os
+
+    from .errors import BCAError
+
+    recorded, model_type = config.base_model_name_or_path, config.base_model_type
+    if not recorded:
+        return f"{model_type or 'unknown'} (no path recorded)"
+    base = local_base_dir(recorded)
+    if base is not None:
+        try:
+            data = read_json(base / "config.json", what="model config", allow_nan=True, unique_keys=False)
+        except (BCAError, OSError) as exc:
+            return f"{model_type or 'unknown'} ({recorded}: a local directory whose config.json cannot be read: {exc})"
+        found = data.get("model_type") if isinstance(data.get("model_type"), str) else None
+        architectures = data.get("architectures")
+        architecture = (architectures[0] if isinstance(architectures, list) and architectures
+                        and isinstance(architectures[0], str) else "architecture not recorded")
+        if model_type and found and found != model_type:
+            return (f"{model_type} ({recorded}: a local directory holding a {found} model ({architecture}), not the "
+                    "adapter's base: pass its base with --model)")
+        return f"{model_type or found or 'unknown'} ({recorded}: local directory, {architecture})"
+    try:
+        is_dir, exists = os.path.isdir(recorded), os.path.lexists(recorded)
+    except (OSError, ValueError):  # a name too long, a NUL byte: not a path of this machine
+        is_dir = exists = False
+    if is_dir:
+        why = "a directory without config.json, not a model directory"
+    elif exists:
+        why = "not a directory"
+    elif os.path.isabs(recorded) or recorded.startswith(("./", "../", "~")):
+        why = "not found on this machine"
+    else:
+        why = "no such local directory: a hub model id? nothing is downloaded"
+    return f"{model_type or 'unknown'} ({recorded}: {why}; the commands take the base model with --model)"
+
+
 def convert_adapter(
     source: str | Path,
     destination: str | Path,

@@ -224,8 +224,9 @@ def inspect(adapter: Path) -> None:
     file or the config); its tensors are read and checked as every reader checks them only when the file is at most
     :data:`bca_deploy.adapter_io.INSPECT_MAX_BYTES` (a larger one, sparse or not, is described and flagged unread).
     """
-    from .adapter_io import INSPECT_MAX_BYTES, MAX_ADAPTER_BYTES, read_adapter, read_adapter_header
-    from .config import CONFIG_FILE, nested_adapters_hint, read_json
+    from .adapter_io import (INSPECT_MAX_BYTES, MAX_ADAPTER_BYTES, describe_recorded_base, read_adapter,
+                             read_adapter_header)
+    from .config import CONFIG_FILE, TRAINABLE_FILE, nested_adapters_hint, read_json
     from .errors import InputNotFoundError, printable
 
     def say(line: str) -> None:  # names and labels come from the files: never raw control characters
@@ -240,8 +241,10 @@ def inspect(adapter: Path) -> None:
             for line in describe_export(adapter):
                 say(line)
             return
+        if (adapter / TRAINABLE_FILE).is_file():  # a head-only/custom run's checkpoint: the reader says what it is
+            read_adapter_header(adapter)
         raise InputNotFoundError(f"{adapter}: neither an adapter directory (no {CONFIG_FILE}) nor an ONNX export "
-                                 f"(no model.onnx){nested_adapters_hint(adapter)}")
+                                 f"(no model.onnx){_model_dir_hint(adapter) or nested_adapters_hint(adapter)}")
     data = read_json(adapter / CONFIG_FILE)
     header = read_adapter_header(adapter)  # no tensor data read: sizes that do not fit are refused here
     read = header.file_bytes <= INSPECT_MAX_BYTES
@@ -252,10 +255,10 @@ def inspect(adapter: Path) -> None:
         names = list(state)
     say(f"adapter:      {adapter}")
     say(f"format:       {describe_format(data, str(adapter))}")
-    say(f"base model:   {config.base_model_type or 'unknown'} ({config.base_model_name_or_path or 'no path recorded'})")
+    say(f"base model:   {describe_recorded_base(config)}")
     task = config.task
     if task is None:
-        say("task:         not recorded (export infers it from the base model; pass --task to choose)")
+        say("task:         not recorded")
     else:
         head = ""
         if task.head is not None:
@@ -264,8 +267,8 @@ def inspect(adapter: Path) -> None:
             head = f", head {'+'.join(task.head.modules)} with {task.head.num_labels} labels ({labels}{more})"
         elif task.type == "seq-cls" and config.modules_to_save:  # PEFT records no labels: its saved label layer says
             head = _saved_head_description(config, header.shapes)
-        say(f"task:         {task.type} ({task.architecture or 'architecture not recorded'}{head}); "
-                   f"exports as {task.export_task}")
+        say(f"task:         {task.type} ({task.architecture or 'architecture not recorded'}{head})")
+    say(f"export:       {_export_line(adapter)}")
     # PEFT narrows its targets by layer; the modules below are what the kernels adapt, this says why fewer
     narrowed = [f"{key} {repr(data[key])[:80]}" for key in ("layers_to_transform", "layers_pattern",
                                                                   "exclude_modules")
@@ -297,6 +300,40 @@ def inspect(adapter: Path) -> None:
     for name, spec in sorted(config.modules.items()):
         say(f"{name:<{width}}  {spec.layer_type:<6}  {spec.in_features:>6}  {spec.out_features:>6}  "
                    f"{spec.block_size:>4}  {spec.scaling:.6g}")
+
+
+def _model_dir_hint(directory: Path) -> str:
+    """For ``inspect`` of a directory with a ``config.json`` (a base model, or what ``merge`` writes): what it is and
+    where it goes; "" for any other directory."""
+    from .config import read_json
+    from .errors import BCAError
+
+    if not (directory / "config.json").is_file():
+        return ""
+    try:
+        data = read_json(directory / "config.json", what="model config", allow_nan=True, unique_keys=False)
+    except (BCAError, OSError):
+        data = {}
+    architectures = data.get("architectures")
+    described = ", ".join(str(v)[:60] for v in (data.get("model_type"),
+                                                 architectures[0] if isinstance(architectures, list) and architectures
+                                                 else None) if v)
+    return (f"; it is a transformers model directory ({described or 'config.json'}: a base model, or one merge "
+            "wrote): merge, export and train take it as --model")
+
+
+def _export_line(adapter: Path) -> str:
+    """What ``bca-deploy export`` would do with ``adapter`` (:func:`bca_deploy.exporters.loading.adapter_export`)."""
+    from .exporters.loading import adapter_export
+
+    outcome = adapter_export(adapter)
+    if outcome.problem is not None:
+        return f"NOT exportable to ONNX: {outcome.problem}"
+    if outcome.task is None:
+        return "the task of the base model passed with --model (from its config.json's architectures; --task chooses)"
+    if outcome.base is not None:
+        return f"{outcome.task} (checked against its base model {outcome.base})"
+    return f"{outcome.task} (if the base model passed with --model is one bca-deploy exports)"
 
 
 def _saved_head_description(config, shapes) -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -767,6 +769,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 #: (:func:`bca_deploy.models.load_saved_tokenizer`; ``inspect`` checks an export's the same way).
 TOKENIZER_READS = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json")
+
+def tokenizer_files(directory: str | Path) -> Iterator[Path]:
+    """Each file of :data:`TOKENIZER_READS` present in ``directory``, in that order: present by its name, whatever
+    it is (a dangling link, a pipe, a directory count: the reader then refuses it by name rather than transformers
+    skipping it or blocking on it). The one walk of a saved tokenizer's files: what
+    :func:`bca_deploy.models.load_saved_tokenizer` requires to be readable, and what ``inspect`` checks in an export."""
+    for name in TOKENIZER_READS:
+        path = Path(directory) / name
+        if os.path.lexists(path):
+            yield path
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tokenizer (one of :data:`TOKENIZER_FILES` present, loadable or not, as
+    :func:`tokenizer_files` finds it): without one no stage loads a tokenizer there, so its other files are not read."""
+    return any(path.name in TOKENIZER_FILES for path in tokenizer_files(directory))
+
 
 #: Folders a training run writes its adapters to (``bca-deploy train --out RUN``: RUN/best, RUN/last), in the
 #: order a run stands for them: best/ (chosen on --eval-data) when there is one, else last/.

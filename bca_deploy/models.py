@@ -932,14 +932,7 @@ def classifier_pad_id(model_config: Any, tokenizer: Any) -> int | None:
     return int(pad) if isinstance(pad, int) and not isinstance(pad, bool) else None
 
 
-from .config import TOKENIZER_FILES, TOKENIZER_READS as _TOKENIZER_READS  # noqa: E402 - beside their users
-
-
-def has_tokenizer_files(directory: str | Path) -> bool:
-    """Whether ``directory`` holds a tokenizer's files (:data:`TOKENIZER_FILES`), loadable or not (a dangling link or
-    a pipe by one of those names counts: the loader then refuses it by name, rather than the tokenizer being
-    silently absent)."""
-    return any(os.path.lexists(Path(directory) / name) for name in TOKENIZER_FILES)
+from .config import has_tokenizer_files, tokenizer_files  # noqa: E402,F401 - beside their users; re-exported
 
 
 def load_saved_tokenizer(directory: str | Path) -> Any:
@@ -950,10 +943,8 @@ def load_saved_tokenizer(directory: str | Path) -> Any:
 
     from .errors import require_readable
 
-    for name in _TOKENIZER_READS:  # transformers skips what is not a file: a dangling tokenizer_config.json link (a
-        path = Path(directory) / name  # cache's missing blob) gave another tokenizer class, with a BOS added
-        if os.path.lexists(path):
-            require_readable(path)
+    for path in tokenizer_files(directory):  # transformers skips what is not a file: a dangling tokenizer_config.json
+        require_readable(path)  # link (a cache's missing blob) gave another tokenizer class, with a BOS added
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:

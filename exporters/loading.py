@@ -6,6 +6,7 @@ here imports optimum: exports run on transformers 4.x and 5.x through ``torch.on
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from bca_deploy.models import resolve_task as _resolve_model_task
 from .errors import UnsupportedExportError
 
 __all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MODEL_TYPES", "supported_tasks",
-           "architecture_problem", "hybrid_attention_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names"]
+           "architecture_problem", "hybrid_attention_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names",
+           "AdapterExport", "adapter_export"]
 
 #: Tasks of an encoder graph (no past): the last hidden state, or a classifier's logits.
 ENCODER_TASKS = ("feature-extraction", "text-classification")
@@ -121,16 +123,71 @@ def resolve_export_task(
     problem = architecture_problem(model_dir, config)
     if problem:
         raise UnsupportedExportError(problem)
-    tasks = supported_tasks(config.model_type)
     resolved = _resolve_model_task(model_dir, adapter_dirs, task, model_config=config, one_head=not bank)
-    if resolved.export_task not in tasks:
-        raise UnsupportedExportError(
-            f"bca-deploy cannot export a {config.model_type} model for task {resolved.export_task!r} (from "
-            f"{resolved.source}); tasks it exports for {config.model_type}: {', '.join(tasks)}. `bca-deploy merge` "
-            "still writes the adapted model as a standalone transformers checkpoint (its head included), for "
-            "transformers or another exporter"
-        )
+    problem = _task_problem(config.model_type, resolved.export_task, resolved.source)
+    if problem:
+        raise UnsupportedExportError(problem)
     return resolved
+
+
+def _task_problem(model_type: str, export_task: str, source: str) -> str | None:
+    """Why a ``model_type`` model is not exported for ``export_task`` (decided by ``source``, for the message), or
+    None. Raises :class:`UnsupportedExportError` for a model type not exported at all (:func:`supported_tasks`)."""
+    tasks = supported_tasks(model_type)
+    if export_task in tasks:
+        return None
+    return (f"bca-deploy cannot export a {model_type} model for task {export_task!r} (from {source}); tasks it "
+            f"exports for {model_type}: {', '.join(tasks)}. `bca-deploy merge` still writes the adapted model as a "
+            "standalone transformers checkpoint (its head included), for transformers or another exporter")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterExport:
+    """What ``bca-deploy export`` would do with one adapter (:func:`adapter_export`).
+
+    Attributes:
+        task: the export task (``text-generation-with-past``...); None when refused, or when it is the base
+            checkpoint's to decide (the adapter records no task and its base is not a local directory).
+        problem: why export refuses the adapter (its own message); None when it does not.
+        base: the local base checkpoint this was decided against (the adapter's ``base_model_name_or_path``, see
+            :func:`bca_deploy.adapter_io.local_base_dir`); None when decided from the adapter alone (its recorded
+            ``model_type`` and task), so the checkpoint passed with ``--model`` may still be refused.
+    """
+
+    task: str | None
+    problem: str | None
+    base: Path | None
+
+
+def adapter_export(adapter_dir: str | Path) -> AdapterExport:
+    """What ``bca-deploy export --adapter adapter_dir`` would export, by the rule export applies
+    (:func:`resolve_export_task`): against the adapter's recorded base checkpoint when that is a local directory
+    (its architecture, config and the adapter's fit to it), else from what the adapter records (its base
+    ``model_type`` against :func:`supported_tasks`, its task). Never raises for an adapter or base it refuses."""
+    from bca_deploy.adapter_io import local_base_dir, read_adapter_header
+    from bca_deploy.errors import BCAError
+
+    adapter_dir = Path(adapter_dir)
+    try:
+        config = read_adapter_header(adapter_dir).config
+    except (BCAError, OSError) as exc:
+        return AdapterExport(None, str(exc), None)
+    base = local_base_dir(config.base_model_name_or_path)
+    if base is not None:
+        try:
+            return AdapterExport(resolve_export_task(base, [adapter_dir]).export_task, None, base)
+        except (BCAError, OSError) as exc:  # refused (or the base is unreadable): export says the same
+            return AdapterExport(None, str(exc), base)
+    task = config.task.export_task if config.task is not None else None
+    model_type = config.base_model_type
+    if model_type:
+        try:
+            supported_tasks(model_type)
+        except UnsupportedExportError as exc:
+            return AdapterExport(None, str(exc), None)
+        if task and (problem := _task_problem(model_type, task, f"adapter {adapter_dir}")):
+            return AdapterExport(None, problem, None)
+    return AdapterExport(task, None, None)
 
 
 def resolve_task(model_dir: str | Path, task: str | None = None,

@@ -249,20 +249,21 @@ def describe_export(export_dir: str | Path) -> list[str]:
 
 def _served_file_problems(export_dir: Path) -> list[str]:
     """What ``serve`` would refuse among an export's other files before loading them: config.json missing or not a
-    regular readable file, and any tokenizer file present but not one (a pipe, a directory, a dangling link)."""
-    from bca_deploy.config import TOKENIZER_READS
+    regular readable file, and, when the export has a tokenizer (:func:`bca_deploy.config.has_tokenizer_files`, as
+    serve decides whether to load one), any of its files present but not one (a pipe, a directory, a dangling link:
+    :func:`bca_deploy.config.tokenizer_files`, the files serve's loader requires)."""
+    from bca_deploy.config import has_tokenizer_files, tokenizer_files
     from bca_deploy.errors import why_not_readable
 
-    problems = []
-    for name in ("config.json", *TOKENIZER_READS):
-        path = export_dir / name
-        if not os.path.lexists(path):
-            if name == "config.json":
-                problems.append("no config.json")
-            continue
+    config = export_dir / "config.json"
+    present = [config] if os.path.lexists(config) else []
+    problems = [] if present else ["no config.json"]
+    if has_tokenizer_files(export_dir):  # else serve loads no tokenizer (token ids only) and reads none of them
+        present += tokenizer_files(export_dir)
+    for path in present:
         why = why_not_readable(path)
         if why != "a regular file":
-            problems.append(f"{name}: {why}")
+            problems.append(f"{path.name}: {why}")
     return problems
 
 

@@ -443,3 +443,119 @@ def test_a_run_that_did_not_finish_is_used_with_a_note(tmp_path):
     assert done.exit_code == 0 and "did not finish" not in done.output, done.output
     alone = CliRunner().invoke(main, ["inspect", str(tmp_path / "run" / "last")])  # an adapter directory: as given
     assert alone.exit_code == 0 and "note:" not in alone.output, alone.output
+
+
+def _tiny_mixtral():
+    """A 2-layer random Mixtral (mixture of experts): a model type bca-deploy adapts but does not export to ONNX."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, num_local_experts=2)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def _peft_adapter(base_dir: Path, out: Path) -> Path:
+    """A PEFT C3A CAUSAL_LM adapter saved by PEFT on the model in ``base_dir`` (it records that directory)."""
+    from peft import C3AConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    get_peft_model(base, C3AConfig(block_size=8, target_modules=["q_proj", "v_proj"],
+                                   task_type="CAUSAL_LM")).save_pretrained(out)
+    return out
+
+
+def _line(output: str, label: str) -> str:
+    found = [line for line in output.splitlines() if line.startswith(f"{label}:")]
+    assert len(found) == 1, (label, output)
+    return found[0]
+
+
+def test_inspect_says_what_export_would_do_with_the_adapter(tmp_path):
+    """helper-91: inspect said "exports as text-generation-with-past" for an adapter of a Mixtral (MoE) base, which
+    export refuses; it now applies export's own rule (the recorded local base checkpoint when there is one)."""
+    import json
+
+    from bca_deploy.exporters import UnsupportedExportError, resolve_export_task
+
+    runner = CliRunner()
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    _tiny_mixtral().save_pretrained(tmp_path / "mixtral")
+    for name in ("llama", "mixtral"):
+        _peft_adapter(tmp_path / name, tmp_path / f"peft-{name}")
+    # the reference: what export itself decides for each
+    assert resolve_export_task(tmp_path / "llama", [tmp_path / "peft-llama"]).export_task == "text-generation-with-past"
+    with pytest.raises(UnsupportedExportError, match="cannot export model_type 'mixtral'"):
+        resolve_export_task(tmp_path / "mixtral", [tmp_path / "peft-mixtral"])
+    result = runner.invoke(main, ["inspect", str(tmp_path / "peft-llama")])
+    assert result.exit_code == 0, result.output
+    assert _line(result.output, "export") == (f"export:       text-generation-with-past (checked against its base model "
+                                              f"{tmp_path / 'llama'})")
+    result = runner.invoke(main, ["inspect", str(tmp_path / "peft-mixtral")])
+    assert result.exit_code == 0, result.output
+    assert "exports as" not in result.output and "text-generation-with-past" not in result.output, result.output
+    assert _line(result.output, "export").startswith(
+        f"export:       NOT exportable to ONNX: {tmp_path / 'mixtral'}: bca-deploy cannot export model_type 'mixtral'")
+    # a bca-deploy adapter records its base model type: the same rule without a local base directory
+    model = bd.inject(_tiny_mixtral(), ["q_proj", "v_proj"], block_size=8, init="normal", seed=0)
+    bd.save_adapter(model, tmp_path / "bca-mixtral")
+    result = runner.invoke(main, ["inspect", str(tmp_path / "bca-mixtral")])
+    assert result.exit_code == 0 and "NOT exportable to ONNX: bca-deploy cannot export model_type 'mixtral'" in \
+        _line(result.output, "export"), result.output
+    # an exportable type whose recorded task its architecture does not export (a bert adapter recording causal-lm)
+    from conftest import tiny_bert
+
+    model = bd.inject(tiny_bert(), ["query"], block_size=8)
+    path = bd.save_adapter(model, tmp_path / "bca-bert")
+    data = json.loads((path / "adapter_config.json").read_text())
+    data["task"] = {"type": "causal-lm"}
+    (path / "adapter_config.json").write_text(json.dumps(data))
+    result = runner.invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0 and "NOT exportable to ONNX: bca-deploy cannot export a bert model for task " \
+        "'text-generation-with-past'" in _line(result.output, "export"), result.output
+
+
+def test_inspect_reports_a_peft_adapters_local_base_model(tmp_path):
+    """helper-91: a PEFT adapter recording a local base directory read "base model: unknown (/local/dir)"; it is
+    described as the commands resolve it (bca_deploy.adapter_io.local_base_dir), with its type and architecture."""
+    import json
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    adapter = _peft_adapter(tmp_path / "llama", tmp_path / "peft")
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(adapter)])
+    assert result.exit_code == 0, result.output
+    assert _line(result.output, "base model") == \
+        f"base model:   llama ({tmp_path / 'llama'}: local directory, LlamaForCausalLM)"
+    data = json.loads((adapter / "adapter_config.json").read_text())
+    for recorded, why in ((str(tmp_path / "gone"), "not found on this machine"),
+                          (str(tmp_path), "a directory without config.json, not a model directory"),
+                          ("someone/some-model", "no such local directory: a hub model id? nothing is downloaded")):
+        (adapter / "adapter_config.json").write_text(json.dumps({**data, "base_model_name_or_path": recorded}))
+        result = runner.invoke(main, ["inspect", str(adapter)])
+        assert result.exit_code == 0, result.output
+        assert _line(result.output, "base model") == (f"base model:   unknown ({recorded}: {why}; the commands take "
+                                                      "the base model with --model)")
+        # without a base to check against, the task it records, if the base given to export is one it exports
+        assert _line(result.output, "export") == ("export:       text-generation-with-past (if the base model passed "
+                                                  "with --model is one bca-deploy exports)")
+
+
+def test_inspect_names_a_model_directory_and_a_head_only_checkpoint(tmp_path):
+    """helper-91: a merged model (or any base checkpoint) and a --method head-only run's checkpoint both read
+    "neither an adapter directory nor an ONNX export"; each is now named for what it is."""
+    from bca_deploy.config import TRAINABLE_FILE
+
+    tiny_llama().save_pretrained(tmp_path / "merged")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "merged")])
+    assert result.exit_code == 2 and "it is a transformers model directory (llama, LlamaForCausalLM: a base model, " \
+        "or one merge wrote): merge, export and train take it as --model" in result.output, result.output
+    (tmp_path / "run" / "last").mkdir(parents=True)
+    (tmp_path / "run" / "last" / TRAINABLE_FILE).write_bytes(b"")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "a checkpoint of a --method head-only/custom run" in result.output, result.output
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and result.output.rstrip().endswith("nor an ONNX export (no model.onnx)"), \
+        result.output

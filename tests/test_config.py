@@ -161,3 +161,24 @@ def test_a_training_run_stands_for_its_best_else_its_last_adapter(tmp_path):
     plain = adapter(tmp_path / "plain")
     adapter(plain / "best")  # an adapter directory stands for itself, whatever it holds
     assert run_adapter_dir(plain) == plain
+
+
+def test_tokenizer_files_are_those_present_by_name_whatever_they_are(tmp_path):
+    """The one walk of a saved tokenizer's files (load_saved_tokenizer and inspect's export check use it): each name
+    present in TOKENIZER_READS order, a dangling link and a pipe included; a tokenizer is there only when one of
+    TOKENIZER_FILES is."""
+    import os
+
+    from bca_deploy.config import TOKENIZER_READS, has_tokenizer_files, tokenizer_files
+
+    assert list(tokenizer_files(tmp_path)) == [] and not has_tokenizer_files(tmp_path)
+    (tmp_path / "special_tokens_map.json").symlink_to(tmp_path / "nowhere")  # dangling: present
+    (tmp_path / "unrelated.txt").write_text("x")
+    assert list(tokenizer_files(tmp_path)) == [tmp_path / "special_tokens_map.json"]
+    assert not has_tokenizer_files(tmp_path)  # no tokenizer: nothing loads one here
+    os.mkfifo(tmp_path / "vocab.txt")
+    (tmp_path / "chat_template.jinja").mkdir()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    expected = [n for n in TOKENIZER_READS if n in {"special_tokens_map.json", "vocab.txt", "chat_template.jinja",
+                                                    "tokenizer.json"}]
+    assert [p.name for p in tokenizer_files(tmp_path)] == expected and has_tokenizer_files(tmp_path)

@@ -206,3 +206,22 @@ def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tm
     result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert result.exit_code == 2 and "neither an adapter directory (no adapter_config.json) nor an ONNX export" \
         in result.output, result.output
+
+
+def test_inspect_checks_the_tokenizer_files_serve_reads_and_only_those(tmp_path):
+    """helper-91: inspect's export check walked every tokenizer file name whether or not the export had a tokenizer;
+    serve loads a tokenizer only when one of TOKENIZER_FILES is present (else it serves token ids, reading none of
+    them), so a leftover broken special_tokens_map.json read "NOT servable" for an export serve starts on."""
+    from bca_deploy.exporters.metadata import _served_file_problems
+    from bca_deploy.models import has_tokenizer_files, load_saved_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "special_tokens_map.json").symlink_to(tmp_path / "nowhere")
+    assert not has_tokenizer_files(tmp_path)  # serve's own decision: no tokenizer to load, so nothing it refuses
+    assert _served_file_problems(tmp_path) == []
+    (tmp_path / "tokenizer.json").write_text("{}")  # now serve loads one, and its loader refuses the dangling link
+    with pytest.raises(FileNotFoundError, match="special_tokens_map.json"):
+        load_saved_tokenizer(tmp_path)
+    assert _served_file_problems(tmp_path) == ["special_tokens_map.json: No such file or directory"]
+    (tmp_path / "config.json").unlink()
+    assert _served_file_problems(tmp_path) == ["no config.json", "special_tokens_map.json: No such file or directory"]
