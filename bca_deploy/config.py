@@ -761,14 +761,17 @@ def show_json_value(value: Any, limit: int = 80) -> str:
 #: What a ``--method head-only``/``custom`` run saves instead of an adapter: its trainable tensors.
 TRAINABLE_FILE = "trainable_parameters.safetensors"
 
-#: Files whose presence means a directory holds a tokenizer (any one of them).
+#: Files whose presence means a directory holds a tokenizer (any one of them): the fast tokenizer's file, its config,
+#: and the vocabulary file of each tokenizer class of the model types bca-deploy exports, as transformers names them
+#: (``vocab_files_names``; XLM-RoBERTa reads ``sentencepiece.bpe.model``, DeBERTa-v2/v3 ``spm.model``).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model")
+                   "spiece.model", "sentencepiece.bpe.model", "spm.model")
 
 #: Every file a saved tokenizer may read: each present must be a regular file
 #: (:func:`bca_deploy.models.load_saved_tokenizer`; ``inspect`` checks an export's the same way).
 TOKENIZER_READS = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json")
+
 
 def tokenizer_files(directory: str | Path) -> Iterator[Path]:
     """Each file of :data:`TOKENIZER_READS` present in ``directory``, in that order: present by its name, whatever

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bca_deploy.atomic import atomic_dir
-from bca_deploy.config import run_adapter_dir
+from bca_deploy.config import TOKENIZER_READS, run_adapter_dir
 from bca_deploy.errors import first_line
 
 from .bank import BankPlan
@@ -63,9 +63,7 @@ DEFAULT_OPSET = 18
 #: (protobuf files cannot exceed 2 GiB).
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
 #: Files copied from the base model directory into an export (tokenizer and generation settings).
-_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                 "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-                 "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "generation_config.json")
+_COPIED_FILES = (*TOKENIZER_READS, "generation_config.json")
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
