@@ -194,8 +194,9 @@ class _Worker:
                 pass
 
 
-def _finished(slots: asyncio.Semaphore, future: asyncio.Future) -> None:
+def _finished(slots: asyncio.Semaphore, release_tenant: Callable[[], None], future: asyncio.Future) -> None:
     slots.release()
+    release_tenant()
     if not future.cancelled():
         future.exception()  # read: a render whose client went away leaves no "exception never retrieved" log
 
@@ -212,6 +213,12 @@ class ChatTemplateRenderer:
     template is written (for messages); ``timeout_s`` / ``memory_mb``: the bounds of one render. :meth:`render` (async,
     for requests) waits at most ``timeout_s`` for a free worker (then 503, as a full queue is answered) and renders in
     a thread of the renderer's own, so waiting renders never hold the threads other requests' work runs in.
+
+    The workers are shared by every tenant (the adapter a request names; adapters carry no template of their own:
+    the export's tokenizer has the one template), and one tenant's messages can make the template slow (one that
+    grows fast with the conversation) up to ``timeout_s`` per render. So one tenant's renders hold at most
+    :attr:`per_tenant` workers at once (``workers - 1``; 1 with one worker), the others waiting for their tenant's
+    turn (503 past ``timeout_s``): with two workers or more, one tenant's slow renders cannot make another's wait.
     :meth:`render_sync` blocks (the start-up :meth:`check`). :meth:`close` kills every worker at once, renders in
     flight included: they end with a 503 saying the server is shutting down.
     """
@@ -223,6 +230,9 @@ class ChatTemplateRenderer:
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.workers = int(workers)
+        #: Workers one tenant's renders may hold at once: one is always left to the other tenants.
+        self.per_tenant = max(1, self.workers - 1)
+        self._tenants: dict[Any, list] = {}  # tenant -> [its asyncio.Semaphore, renders holding or waiting for it]
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
@@ -238,23 +248,50 @@ class ChatTemplateRenderer:
 
     # ---- requests ----
     async def render(self, messages: Sequence[dict[str, Any]], max_chars: int,
-                     then: Callable[[str], Any] | None = None) -> Any:
+                     then: Callable[[str], Any] | None = None, tenant: Any = None) -> Any:
         """``messages`` through the template, with the generation prompt (see :meth:`render_sync` for errors);
         ``then(text)`` instead when given, called in the same thread (one thread hop for both: tokenizing it).
+        ``tenant``: whose render it is (the adapter; None: the base model), held to :attr:`per_tenant` workers.
 
-        Raises also :class:`~bca_deploy.serving.wire.ServerBusyError` when no worker is free within ``timeout_s``.
+        Raises also :class:`~bca_deploy.serving.wire.ServerBusyError` when no worker is free for it within
+        ``timeout_s``.
         """
         from .wire import ServerBusyError
 
         loop = asyncio.get_running_loop()
         if self._slots is None or self._slots[0] is not loop:
             self._slots = (loop, asyncio.Semaphore(self.workers))
+            self._tenants = {}
         slots = self._slots[1]
+        deadline = loop.time() + self.timeout_s
+        gate = self._tenants.setdefault(tenant, [asyncio.Semaphore(self.per_tenant), 0])
+        gate[1] += 1
+        acquired = False
+
+        def release_tenant() -> None:
+            if acquired:
+                gate[0].release()
+            gate[1] -= 1
+            if not gate[1] and self._tenants.get(tenant) is gate:
+                del self._tenants[tenant]  # a bounded table: only tenants with renders running or waiting
+
         try:
-            await asyncio.wait_for(slots.acquire(), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise ServerBusyError(f"every chat template worker ({self.workers}, --chat-template-workers) stayed busy "
-                                  f"for {self.timeout_s:g} s; retry in a moment") from None
+            try:
+                await asyncio.wait_for(gate[0].acquire(), self.timeout_s)
+                acquired = True
+            except asyncio.TimeoutError:
+                whose = "the base model's" if tenant is None else f"adapter {tenant!r}'s"
+                raise ServerBusyError(f"{whose} chat requests held the {self.per_tenant} of the {self.workers} chat "
+                                      f"template workers one adapter may hold (the rest are kept for other adapters; "
+                                      f"--chat-template-workers) for {self.timeout_s:g} s; retry in a moment") from None
+            try:
+                await asyncio.wait_for(slots.acquire(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise ServerBusyError(f"every chat template worker ({self.workers}, --chat-template-workers) stayed "
+                                      f"busy for {self.timeout_s:g} s; retry in a moment") from None
+        except BaseException:
+            release_tenant()
+            raise
         try:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(self.workers,
@@ -262,8 +299,10 @@ class ChatTemplateRenderer:
             future = loop.run_in_executor(self._executor, self._render_then, messages, max_chars, then)
         except BaseException:
             slots.release()
+            release_tenant()
             raise
-        future.add_done_callback(functools.partial(_finished, slots))  # when it ends, not when its client goes
+        # when it ends, not when its client goes
+        future.add_done_callback(functools.partial(_finished, slots, release_tenant))
         return await asyncio.shield(future)
 
     def _render_then(self, messages: Sequence[dict[str, Any]], max_chars: int, then: Callable[[str], Any] | None):

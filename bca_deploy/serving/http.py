@@ -620,6 +620,8 @@ class Server:
                                                    memory_mb=options.chat_template_memory_mb,
                                                    workers=options.chat_template_workers)
         self._chat_ready = False
+        self.checked = False  # startup_checks passed
+        self.startup_error: BaseException | None = None  # why they did not, on the start of an app (ServerThread)
         self.stopping = False  # set by begin_shutdown
         self._load_lock: asyncio.Lock | None = None
         self._roots = sorted({str(p) for p in (session.export_dir, session.export_dir.absolute(),
@@ -800,15 +802,16 @@ class Server:
             sum(len(r) for r in token_rows))
         return result, token_rows
 
-    async def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    async def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
         """Token ids of ``messages`` through the tokenizer's chat template (with the generation prompt), rendered by
         :attr:`chat_templates` in a worker process within ``--chat-template-timeout-s`` and ``--chat-template-memory-mb``
-        (:class:`~bca_deploy.serving.chat_template.ChatTemplateLimitError` past them)."""
+        (:class:`~bca_deploy.serving.chat_template.ChatTemplateLimitError` past them); ``adapter`` (None: the base
+        model) is the tenant whose renders share the workers with the others' (one tenant holds all but one)."""
         if not self._chat_ready:  # the tokenizer may load now (seconds): off the event loop
             await run_in_threadpool(self._require_chat_template)
         limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
         try:  # tokenized in the render's thread: one thread hop for both
-            return await self.chat_templates.render(messages, limit, then=self._chat_ids)
+            return await self.chat_templates.render(messages, limit, then=self._chat_ids, tenant=adapter)
         except RenderedTooLongError as exc:  # bounded before tokenizing: 4 MB of messages took 5 s of it
             raise ContextLengthError(
                 f"messages: the conversation, as the chat template writes it, is {exc.chars:,} characters; this "
@@ -842,6 +845,23 @@ class Server:
         except ServingError:
             return  # no template: chat requests are refused with a 400 that says so
         self.chat_templates.check()
+
+    def startup_checks(self) -> None:
+        """What a server checks before it takes requests, once: the session warmed up
+        (:meth:`~bca_deploy.serving.MultiAdapterSession.warm_up`: config, tokenizer - one whose files do not load is
+        refused -, onnxruntime's first run) and :meth:`check_chat_template`. :func:`build` and each ``serve-ray``
+        replica run them before serving; an app made by :func:`create_app` alone runs them as it starts (its
+        lifespan: a failure is uvicorn's "Application startup failed", the error on one line, no traceback).
+        Raises :class:`ServingError` saying what is wrong; the chat template workers are stopped then."""
+        if self.checked:
+            return
+        try:
+            self.session.warm_up()
+            self.check_chat_template()  # a chat template that loops, blows up or fails: refused now, not per request
+        except BaseException:
+            self.chat_templates.close()
+            raise
+        self.checked = True
 
     def sampling(self, **fields: Any):
         """:class:`~bca_deploy.serving.engine.SamplingParams`, its problems as :class:`InvalidRequestError`."""
@@ -1190,6 +1210,8 @@ class _Guard:
         self.app, self.server = app, server
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan" and not self.server.checked:
+            return await self._lifespan(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         target_error = None
@@ -1296,6 +1318,27 @@ class _Guard:
                     status = failed
             self._record(scope, state, request_id, status, start)
 
+    async def _lifespan(self, scope, receive, send) -> None:
+        """The app's start: :meth:`Server.startup_checks` first (off the event loop: seconds), unless :func:`build`
+        ran them. A failure is answered ``lifespan.startup.failed`` with its message alone (uvicorn logs it on one
+        line, then "Application startup failed. Exiting."; Starlette's own lifespan would send a traceback), kept
+        in ``startup_error`` and raised (so ``TestClient`` raises it)."""
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await run_in_threadpool(self.server.startup_checks)
+            except Exception as exc:
+                self.server.startup_error = exc
+                await send({"type": "lifespan.startup.failed",
+                            "message": f"Error: {exc}" if isinstance(exc, BCAError) else repr(exc)})
+                raise
+        pending = [message]
+
+        async def replayed():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replayed, send)
+
     def _guard_receive(self, receive, start: float, state: dict):
         options = self.server.options
         deadline = start + options.body_timeout_s
@@ -1364,6 +1407,10 @@ def create_app(
             registered from Python and the load endpoints answer 400.
         options: limits, batching and what the server shows (:class:`ServeOptions`; default: its defaults).
         **overrides: single :class:`ServeOptions` fields to change (``max_batch_rows=8``).
+
+    The app runs ``serve``'s start-up checks (:meth:`Server.startup_checks`: the session's warm-up, the chat
+    template rendered once within its bounds) as it starts, unless they were run already (:func:`build` runs them
+    before it returns); a failure stops its start, as ``serve`` refuses to start.
     """
     options = (options or ServeOptions()).replace(**overrides) if overrides else (options or ServeOptions())
     server = Server(session, store, options)
@@ -1566,8 +1613,8 @@ def build(
     **overrides: Any,
 ):
     """Session + store + app, with ``load`` (names in the store) registered up front. Errors surface before serving,
-    a chat template that does not render a one-message conversation within its bounds included
-    (:meth:`Server.check_chat_template`).
+    a tokenizer that does not load and a chat template that does not render a one-message conversation within its
+    bounds included (:meth:`Server.startup_checks`, which :func:`create_app` alone runs as the app starts).
 
     ``options`` (or single fields of it as keyword arguments: ``threads=1, max_wait_ms=25``) set the
     provider, threads, batching and limits.
@@ -1589,13 +1636,8 @@ def build(
         except BCAError as exc:  # the reader named its private copy: the operator is told the entry's own path
             exc.args = (store.unsnapshotted(str(exc)), *exc.args[1:])  # type: ignore[union-attr]
             raise
-    session.warm_up()  # config, tokenizer and onnxruntime's first run now, not during the first request
     app = create_app(session, store, options)
-    try:  # a chat template that loops, blows up or fails: refused now, not on every chat request
-        app.state.server.check_chat_template()
-    except BaseException:
-        app.state.server.chat_templates.close()
-        raise
+    app.state.server.startup_checks()  # now, not during the first request (nor as uvicorn starts)
     return app
 
 
@@ -1957,15 +1999,24 @@ class ServerThread:
         self._socket = listening_socket(host, port)
         self.host, self.port = self._socket.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
+        self.app = app
         self.server = bounded_server(uvicorn_config(app), app.state.server)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
+        self._thread = threading.Thread(target=self._run, kwargs={"sockets": [self._socket]},
                                         name="bca-serve", daemon=True)
         self._startup_timeout = startup_timeout
+
+    def _run(self, **kwargs: Any) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn's exit when the app's start fails: __enter__ raises why
+            self.server.run(**kwargs)
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
         deadline = time.monotonic() + self._startup_timeout
         while not self.server.started:
+            if self.app.state.server.startup_error is not None:  # its start-up checks failed: why, as serve says it
+                self._thread.join(timeout=30)
+                self._socket.close()
+                raise self.app.state.server.startup_error
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise ServingError(f"the server on {self.url} did not start within {self._startup_timeout:.0f} s")
             time.sleep(0.02)

@@ -394,7 +394,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         req = await server.read(request, ChatCompletionRequest)
         check(req)
         adapter = server.select(request, req.model, param="model")
-        prompt = await server.chat_prompt([m.for_template() for m in req.messages])
+        prompt = await server.chat_prompt([m.for_template() for m in req.messages], adapter)
         return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None)
 
     @app.post("/v1/load_lora_adapter")

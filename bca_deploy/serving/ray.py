@@ -58,11 +58,13 @@ from .openai import ClosingStreamingResponse
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
+    BODY_ROUTES,
     READ_METHODS,
     AdapterExistsError,
     InvalidRequestError,
     body_too_large,
     body_too_slow,
+    check_body_headers,
     error_body,
     error_status,
     is_openai_request,
@@ -115,10 +117,10 @@ class AdapterReplicas:
                                            intra_op_threads=self.options.threads, max_labels=self.options.max_labels)
         self.exported = frozenset(self.session.snapshot().slots)
         self.store = AdapterStore(adapter_store) if adapter_store else None
-        self.session.warm_up()
         self.app = create_app(self.session, self.store, self.options)
         self.server = self.app.state.server
-        self.server.check_chat_template()  # one that loops or fails: this replica does not start, as serve does not
+        # serve's own (a chat template that loops or fails...): this replica does not start, as serve does not
+        self.server.startup_checks()
         self._started: asyncio.Task | None = None
         self._in_use: Counter[str] = Counter()
         context = serve.get_replica_context()
@@ -300,6 +302,10 @@ class Router:
     async def __call__(self, request: Request):
         body = None  # (a body that does not arrive, or arrives too large, is refused before it is read)
         try:
+            self._refuse_route(request)  # 403 (--no-manage-adapters) and the unload routes: from the target alone
+            if request.method == "POST" and request.url.path in BODY_ROUTES:
+                # a body its headers refuse (415) is refused before it is read, as serve's routes refuse it
+                check_body_headers(request.headers)
             body = await self._body(request)
             # the store's listing takes seconds for a large store: off the event loop, which every request shares
             if request.method in READ_METHODS and request.url.path == "/v1/models":
@@ -348,8 +354,9 @@ class Router:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _adapter(self, request: Request, body: bytes) -> str:
-        """The adapter a request names ("" for the base model or none): the multiplexed model id."""
+    def _refuse_route(self, request: Request) -> None:
+        """Refuse what the router refuses by method and path: the load and unload routes with ``--no-manage-adapters``
+        (403, as serve's routes answer before they read a body) and the unload routes (nothing to unload by hand)."""
         path = request.url.path
         unloading = ((request.method == "DELETE" and path.startswith("/v1/adapters/"))
                      or path == "/v1/unload_lora_adapter")
@@ -360,9 +367,15 @@ class Router:
         if unloading:
             raise ServingError("on Ray Serve, adapters load on demand on the replicas that serve them and the least "
                                "recently used ones are unloaded; there is nothing to unload by hand")
+
+    async def _adapter(self, request: Request, body: bytes) -> str:
+        """The adapter a request names ("" for the base model or none): the multiplexed model id."""
+        self._refuse_route(request)
+        path = request.url.path
         name: Any = None
-        if request.method == "POST" and body:
-            # refused here when not sent as JSON, before any replica loads the adapter it names
+        if request.method == "POST" and path in BODY_ROUTES and body:
+            # refused here when not sent as JSON, before any replica loads the adapter it names (a POST to another
+            # path is the replica's 404 or 405, as serve answers it)
             data = await parse_body(body, self.options, request.headers)
             if isinstance(data, dict):
                 field = _adapter_field(data)

@@ -58,6 +58,7 @@ __all__ = [
     "check_content_type",
     "check_content_encoding",
     "check_body_headers",
+    "BODY_ROUTES",
     "check_rows",
     "body_too_large",
     "body_too_slow",
@@ -204,6 +205,13 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
 #: it, which is what code written against OpenAI catches.
 OPENAI_BODY_ROUTES = frozenset({"/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
                                 "/v1/unload_lora_adapter"})
+
+
+#: Every route that reads a JSON body (all ``POST``; :func:`~bca_deploy.serving.http.create_app`'s and
+#: :mod:`~bca_deploy.serving.openai`'s): the Ray router refuses such a request by its headers
+#: (:func:`check_body_headers`) before it reads the body, as a single server's routes do, and reads the body for the
+#: adapter it names; any other request is the replica's to answer (404, 405), as ``serve`` answers it.
+BODY_ROUTES = OPENAI_BODY_ROUTES | {"/v1/adapters", "/v1/classify", "/v1/generate"}
 
 
 def is_openai_request(path: str, body: Any) -> bool:

@@ -241,6 +241,42 @@ def test_a_looping_render_gets_a_400_while_other_tenants_are_answered(llama, tmp
         assert answers["hi again"][0] == 200, answers["hi again"]
 
 
+def test_one_tenants_slow_renders_do_not_hold_another_tenants_chat(llama, tmp_path):
+    # the render workers are shared by every tenant (adapters carry no template: the export's tokenizer has one):
+    # two concurrent chats of adapter a0 whose messages make the template loop held both workers, so a1's chat waited
+    # for one of them to be stopped at --chat-template-timeout-s (or got a 503); one tenant holds all but one now
+    from bca_deploy.serving.http import ServerThread, build
+
+    export = _export(llama, tmp_path, TRIGGERED)
+    app = build(export, options=ServeOptions(threads=1, max_wait_ms=2, chat_template_timeout_s=3.0,
+                                             chat_template_workers=2))
+    answers: dict[str, tuple] = {}
+
+    def chat(key: str, model: str, content: str) -> None:
+        status, body = call(server.url + "/v1/chat/completions", "POST",
+                            {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 2})
+        answers[key] = (status, body, time.perf_counter())
+
+    with ServerThread(app) as server:
+        chat("warm", "a1", "hi")  # both tenants' first renders in a warm worker
+        assert answers["warm"][0] == 200, answers["warm"]
+        looping = [threading.Thread(target=chat, args=(f"loop{i}", "a0", "loop")) for i in range(2)]
+        for thread in looping:
+            thread.start()
+        time.sleep(0.3)
+        chat("other", "a1", "hi")  # the other tenant, meanwhile
+        for thread in looping:
+            thread.join(timeout=60)
+        status, body, other_done = answers["other"]
+        assert status == 200, body
+        # a0's first render took one worker and was stopped (400); its second waited for a0's turn: the 400 of its
+        # own render, or a 503 naming a0 when that turn did not come within the bound
+        outcomes = sorted((answers[f"loop{i}"][0], answers[f"loop{i}"][1]["error"]["type"]) for i in range(2))
+        assert outcomes[0] == (400, "chat_template_limit_exceeded"), outcomes
+        assert outcomes[1] in ((400, "chat_template_limit_exceeded"), (503, "server_busy")), outcomes
+        assert all(other_done < answers[f"loop{i}"][2] for i in range(2))  # answered while a0's renders ran
+
+
 # ---- start-up ---------------------------------------------------------------------------------------------------
 
 
@@ -268,6 +304,41 @@ def test_build_refuses_a_template_in_tokenizer_config_that_blows_up(llama, tmp_p
     with pytest.raises(ServingError) as caught:
         build(export, options=ServeOptions(threads=1, chat_template_memory_mb=64))
     assert "tokenizer_config.json" in str(caught.value) and "--chat-template-memory-mb" in str(caught.value)
+
+
+def test_an_app_made_by_create_app_alone_runs_the_start_up_checks_as_it_starts(llama, tmp_path, capfd):
+    # the library path (create_app on a session, served by the embedding program's uvicorn) skipped the start-up
+    # render that build() and serve run: a looping template was found by every chat request instead
+    from starlette.testclient import TestClient
+
+    from bca_deploy.serving import MultiAdapterSession
+    from bca_deploy.serving.http import ServerThread, create_app
+
+    export = _export(llama, tmp_path, LOOP + "x")
+    for start in ("uvicorn", "testclient"):
+        app = create_app(MultiAdapterSession(export, intra_op_threads=1),
+                         options=ServeOptions(threads=1, chat_template_timeout_s=1.0))
+        with pytest.raises(ServingError) as caught:
+            if start == "uvicorn":
+                with ServerThread(app):
+                    pass
+            else:
+                with TestClient(app):
+                    pass
+        assert "chat_template.jinja" in str(caught.value) and "one-message" in str(caught.value), caught.value
+        assert not app.state.server.chat_templates.pids()  # its workers stopped
+    # uvicorn said why on one line, not with a traceback
+    logged = capfd.readouterr().err
+    assert "Error: the chat template in chat_template.jinja did not finish" in logged, logged
+    assert "Traceback" not in logged, logged
+    # a template that renders: the app starts and answers, the checks run once
+    app = create_app(MultiAdapterSession(_export(llama, tmp_path / "ok", CHAT_TEMPLATE), intra_op_threads=1),
+                     options=ServeOptions(threads=1, max_wait_ms=2))
+    with ServerThread(app) as server:
+        assert app.state.server.checked
+        status, body = call(server.url + "/v1/chat/completions", "POST",
+                            {"model": "export", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert status == 200, body
 
 
 # ---- stopping -------------------------------------------------------------------------------------------------

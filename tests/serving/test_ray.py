@@ -225,6 +225,26 @@ def test_a_body_that_does_not_arrive_in_time_is_408(ray_app):
     assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - start < BODY_TIMEOUT_S + 30, time.monotonic() - start
 
 
+def test_a_body_its_headers_refuse_is_refused_before_it_arrives(ray_app):
+    # the router read the body first: a text/plain body that never came was a 408 after --body-timeout-s, not the
+    # 415 serve gives from the headers; Ray's proxy reads bodies as they come, so an "expect: 100-continue" client
+    # still gets "100 Continue" before the 415 (README)
+    import socket
+
+    port = int(ray_app["url"].rsplit(":", 1)[1])
+    for expect in (b"", b"expect: 100-continue\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: text/plain\r\n"
+                         b"content-length: 100\r\n" + expect + b"\r\n")  # and no body
+            answer = b""
+            while b"unsupported_media_type" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        assert b"HTTP/1.1 415 " in answer and b"408" not in answer.split(b"\r\n")[0], answer[:300]
+
+
 def test_options_ray_does_not_apply_are_refused_not_ignored():
     from bca_deploy.errors import ServingError
     from bca_deploy.serving.options import NOT_ON_RAY, ServeOptions

@@ -6,6 +6,7 @@ Its own module: test_ray.py keeps a Ray instance up for the whole module, and th
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -184,3 +185,45 @@ def test_the_router_refuses_load_and_unload_routes_when_management_is_off(tmp_pa
     # serving requests are untouched: the adapter a request names is still routed
     for on in (True, False):
         assert adapter_of(routers[on], request("POST", "/v1/embeddings"), b'{"model": "a1", "input": ["x"]}') == "a1"
+
+
+def test_the_router_refuses_a_body_by_its_headers_before_reading_it(tmp_path_factory):
+    # the router read the whole body (up to --max-body-bytes, or --body-timeout-s for one that does not come) and
+    # only then refused it for its content type; a single server's routes refuse it from the headers (415) first
+    from starlette.requests import Request
+
+    from bca_deploy.serving import MultiAdapterSession
+    from bca_deploy.serving.http import create_app
+    from bca_deploy.serving.options import ServeOptions
+    from bca_deploy.serving.ray import Router, _ray_fields
+    from bca_deploy.serving.wire import BODY_ROUTES
+
+    art = bank("bert", tmp_path_factory)
+    fields = _ray_fields(ServeOptions(manage_adapters=False))
+    router = Router.func_or_class(None, str(art["onnx"]), str(art["store"]), fields)
+    # the routes the router reads a body for are the app's POST routes, every one of them
+    app = create_app(MultiAdapterSession(art["onnx"], intra_op_threads=1))
+    assert {r.path for r in app.routes if "POST" in getattr(r, "methods", ())} == BODY_ROUTES
+
+    async def answer(path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int]:
+        reads = 0
+
+        async def receive():  # a body that never comes: only an answer from the headers is at once
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(3600)
+
+        request = Request({"type": "http", "method": "POST", "path": path, "query_string": b"",
+                           "headers": [(b"content-length", b"100"), *headers]}, receive)
+        response = await asyncio.wait_for(router(request), 30)
+        return response.status_code, json.loads(response.body), reads
+
+    for path in sorted(BODY_ROUTES - {"/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}):
+        for headers, words in (([(b"content-type", b"text/plain")], "'text/plain'"),
+                               ([(b"content-type", b"application/json"), (b"content-encoding", b"gzip")], "gzip")):
+            status, body, reads = asyncio.run(answer(path, headers))
+            assert (status, body["error"]["type"], reads) == (415, "unsupported_media_type", 0), (path, body)
+            assert words in body["error"]["message"], body
+    # with --no-manage-adapters the load routes are 403 first, as serve's routes answer them
+    status, body, reads = asyncio.run(answer("/v1/adapters", [(b"content-type", b"text/plain")]))
+    assert (status, body["error"]["type"], reads) == (403, "forbidden", 0), body
