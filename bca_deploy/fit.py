@@ -28,6 +28,7 @@ be saved under either or both, and gets the one value PEFT gives it (:func:`reso
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,8 @@ class Target:
             changes nothing and is accepted; False, and it is refused as another value; a string, and it is refused
             for the reason it gives (the target lacks the parameter, cannot tell...). When set, it decides for every
             base weight, whatever ``params`` lists. None: a target without ``params`` refuses every base weight.
+        renamed: for a module path the target lacks, why the installed transformers has it under another name or
+            not as a layer (:func:`line_naming`: an adapter made with the other transformers line), or None.
     """
 
     description: str
@@ -157,6 +160,7 @@ class Target:
     lists_every_module: bool = True
     head_advice: str = "use a {cls} ({auto})"
     base_matches: Callable[[str, torch.Tensor], bool | str] | None = None
+    renamed: Callable[[str], str | None] | None = None
     _owners: set[str] | None = field(default=None, repr=False, compare=False)
 
     def has_path(self, path: str) -> bool:
@@ -243,7 +247,93 @@ def model_target(model: nn.Module, description: str | None = None) -> Target:
         prefixes=(prefix,) if prefix else (),
         tied={n: tuple(group) for group in names.values() if len(group) > 1 for n in group},
         head_advice="load it into {cls} ({auto})",
+        renamed=line_naming(model, modules, params),
     )
+
+
+def conversion_mapping(model: nn.Module) -> tuple[list, list]:
+    """How transformers 5.x converts ``model``'s stored checkpoint keys as it loads them: ``(renamings, converters)``,
+    its one-to-one ``WeightRenaming``s (GPT-NeoX's ``embed_out`` -> ``lm_head``, Mixtral's ``block_sparse_moe`` ->
+    ``mlp``, the legacy ``gamma``/``beta``) and its ``WeightConverter``s, which fuse several stored tensors into one
+    parameter (Mixtral's and Qwen2-MoE's per-expert Linears into 3-D ``experts.gate_up_proj``/``down_proj``).
+    ``([], [])`` on transformers 4.x, which loads checkpoints as stored (its legacy renames are the model's
+    ``_fix_state_dict_key_on_load``)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        mapping = list(get_model_conversion_mapping(model))
+    except Exception:  # noqa: BLE001 - a transformers without (this form of) the mapping: keys as stored
+        return [], []
+    return ([t for t in mapping if isinstance(t, WeightRenaming)],
+            [t for t in mapping if isinstance(t, WeightConverter)])
+
+
+def converted_key(key: str, renamings: list, converters: list) -> tuple[str, bool]:
+    """``key`` (a stored checkpoint key) as transformers 5.x loads it: its renamings applied, then at most one
+    converter (:func:`conversion_mapping`); with whether a converter took it (the name is then a fused parameter's,
+    made of several stored tensors)."""
+    from transformers.core_model_loading import rename_source_key
+
+    name, pattern = rename_source_key(key, renamings, converters)
+    return name, pattern is not None
+
+
+def line_naming(model: nn.Module, modules: Mapping[str, ModuleInfo],
+                params: Mapping[str, ParamInfo]) -> Callable[[str], str | None]:
+    """The rule for an adapter module the installed transformers names otherwise than the line it was made with:
+    ``naming(path)`` says why ``model`` (its ``modules`` and ``params``, :func:`model_target`'s) lacks ``path`` (a
+    module or a module saved whole), or None.
+
+    * transformers 5.x (:func:`conversion_mapping`): ``path``'s weight is one of the per-expert tensors 5.x fuses
+      into a 3-D parameter (a Linear of transformers 4.x, none of 5.x: no adapter applies to it), or 5.x renames it
+      one to one as it loads the checkpoint (GPT-NeoX's ``embed_out`` is 5.x's ``lm_head``);
+    * transformers 4.x: ``path`` is an ``lm_head`` where the model's output embedding has another name (GPT-NeoX's
+      ``embed_out``, which 5.x renames ``lm_head``).
+    """
+    cls = type(model).__name__
+    found: dict[str, object] = {}
+
+    def facts() -> dict[str, object]:  # worked out on the first module the model lacks (loading checks many models)
+        if not found:
+            import transformers
+
+            found["version"] = transformers.__version__
+            found["renamings"], found["converters"] = conversion_mapping(model)
+            found["output"] = None
+            if not found["renamings"] and not found["converters"]:
+                with contextlib.suppress(Exception):  # a model without (a working) get_output_embeddings
+                    head = model.get_output_embeddings()
+                    found["output"] = next((n for n, m in model.named_modules() if head is not None and m is head),
+                                           None)
+        return found
+
+    def naming(path: str) -> str | None:
+        f = facts()
+        version, renamings, converters, output = f["version"], f["renamings"], f["converters"], f["output"]
+        advice = f"apply it with transformers {{line}} (the line it was made with), or retrain it on transformers {version}"
+        if renamings or converters:
+            name, fused = converted_key(f"{path}.weight", renamings, converters)
+            if fused and name in params:
+                return (f"module {path}: transformers {version} fuses the experts of {cls} into 3-D parameters "
+                        f"({'.'.join(name.split('.')[-2:])}: every expert's weight in one tensor), not one Linear "
+                        "per expert as transformers 4.x has them, so no adapter applies to an expert; "
+                        + advice.format(line="4.x") + " with targets other than the experts (q_proj, v_proj...)")
+            module = name.removesuffix(".weight")
+            if not fused and module != path and module in modules:
+                return (f"module {path}: transformers {version} names it {module} in {cls} (it renames the stored "
+                        f"{path} as it loads the checkpoint): the adapter was made with transformers 4.x; "
+                        + advice.format(line="4.x"))
+            return None
+        top, dot, rest = path.partition(".")
+        if top == "lm_head" and output not in (None, "lm_head") and f"{output}{dot}{rest}" in modules:
+            return (f"module {path}: {cls} names its language-modeling head {output} in transformers {version} "
+                    "(transformers 5.x renames it lm_head): the adapter was made with transformers 5.x; "
+                    + advice.format(line="5.x"))
+        return None
+
+    return naming
+
 
 
 def bank_target(
@@ -637,7 +727,7 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
     problems: list[str] = []
     if (problem := model_type_problem(config, target.model_type, target.description)) is not None:
         problems.append(problem)
-    heads = missing_heads(config, state, target)
+    heads = {**missing_heads(config, state, target), **_renamed_modules(config, state, target)}
     by_module: list[tuple[str, str]] = []
     for name, spec in sorted(config.modules.items()):
         info = target.modules.get(name)
@@ -687,6 +777,17 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
             elif (cast := _cast_problem(state[key], info.dtype)) is not None:
                 problems.append(f"tensor {key}: {cast}")
     return problems
+
+
+def _renamed_modules(config: AdapterConfig, state: Mapping[str, torch.Tensor], target: Target) -> dict[str, str]:
+    """``{module path: problem}`` for the adapter's modules (adapted, saved whole, or given a base weight) that
+    ``target`` lacks because the installed transformers names them otherwise (:attr:`Target.renamed`: an adapter made
+    with the other transformers line); said once per module, in place of "not found"."""
+    if target.renamed is None:
+        return {}
+    based = [split_base_key(k)[0] for k in base_weights(state, config.modules_to_save)]
+    paths = dict.fromkeys([*config.modules, *config.modules_to_save, *based])
+    return {path: why for path in paths if not target.has_path(path) and (why := target.renamed(path)) is not None}
 
 
 def _base_weight_problems(state: Mapping[str, torch.Tensor], based: Mapping[str, str], target: Target,

@@ -44,7 +44,7 @@ import shutil
 import struct
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,8 @@ from .fit import (
     Target,
     adapter_problems,
     align_paths,
+    conversion_mapping,
+    converted_key,
     model_target,
     model_type_problem,
     resolve_tied,
@@ -910,19 +912,46 @@ def _checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
     """How transformers renames a stored key of ``model``'s checkpoints as it loads them: 4.x's
     ``_fix_state_dict_key_on_load`` (``LayerNorm.gamma`` -> ``.weight``); 5.x's conversion mapping, its renamings
     (GPT-NeoX's ``embed_out`` -> ``lm_head``, the legacy ``gamma``/``beta``). 5.x's converters, which fuse several
-    stored tensors into one (MoE experts), map no key one to one and are left out: such tensors stay unmatched.
+    stored tensors into one (MoE experts), map no key one to one and are left out: such tensors stay unmatched
+    (:func:`_fused_keys` says which parameter they make).
     """
     fix = getattr(model, "_fix_state_dict_key_on_load", None)
     if callable(fix):
         return lambda key: fix(key)[0]
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    except Exception:  # noqa: BLE001 - a transformers without (this form of) the mapping: keys as stored
+    renamings, _ = conversion_mapping(model)
+    if not renamings:
         return lambda key: key
+    from transformers.core_model_loading import apply_renamings
+
     return lambda key: apply_renamings(key, renamings)
+
+
+def _fused_keys(model: nn.Module, ckpt_keys: Iterable[str]) -> dict[str, str]:
+    """Checkpoint key -> the model's parameter that transformers 5.x fuses it into as it loads it (Mixtral's
+    ``block_sparse_moe.experts.3.w1.weight`` is part of ``mlp.experts.gate_up_proj``), for the keys a converter of
+    :func:`bca_deploy.fit.conversion_mapping` takes; empty on transformers 4.x, which loads every tensor as stored."""
+    renamings, converters = conversion_mapping(model)
+    if not converters:
+        return {}
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    mapping: dict[str, str] = {}
+    for key in ckpt_keys:
+        name, fused = converted_key(key, renamings, converters)
+        if fused and (found := _prefixed(name, expected, prefix)) is not None:
+            mapping[key] = found
+    return mapping
+
+
+def _prefixed(name: str, expected: Collection[str], prefix: str) -> str | None:
+    """``name`` (a stored key, renamed as transformers loads it) as one of the model's ``expected`` names: as is, or
+    with its ``base_model_prefix`` added or dropped (a bare encoder's keys in a classifier); None where none is."""
+    candidates = [name]
+    if prefix:
+        candidates.append(f"{prefix}.{name}")
+        if name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1:])
+    return next((c for c in candidates if c in expected), None)
 
 
 def _key_map(model: nn.Module, ckpt_keys: Iterable[str]) -> dict[str, str]:
@@ -936,13 +965,7 @@ def _key_map(model: nn.Module, ckpt_keys: Iterable[str]) -> dict[str, str]:
     rename = _checkpoint_renamer(model)
     mapping: dict[str, str] = {}
     for key in ckpt_keys:
-        fixed = rename(key)
-        candidates = [fixed]
-        if prefix:
-            candidates.append(f"{prefix}.{fixed}")
-            if fixed.startswith(prefix + "."):
-                candidates.append(fixed[len(prefix) + 1:])
-        found = next((c for c in candidates if c in expected), None)
+        found = _prefixed(rename(key), expected, prefix)
         if found is not None:
             mapping[key] = found
     return mapping
@@ -963,6 +986,9 @@ class _CheckpointTarget:
     # Modules whose weight the architecture ties to another stored tensor (an lm_head to the input embedding):
     # module path -> (checkpoint key of the tensor it is tied to, checkpoint key of its own weight or None).
     tied: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    # head mode: the architecture's state-dict names the output's stored tensors load as (one per stored tensor, or
+    # one per fused parameter transformers 5.x makes of several: MoE experts)
+    provided: frozenset[str] = frozenset()
 
 
 def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _CheckpointTarget:
@@ -1020,16 +1046,37 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
             params[name] = ParamInfo(info.shape, default_dtype, True, key)
     description = f"checkpoint {ckpt.directory}" + (f" (as {architecture})" if architecture else "")
     target = Target(description, modules, params, ckpt.model_type, structure.prefixes, _MERGEABLE,
-                    tied=structure.tied)
+                    tied=structure.tied, renamed=structure.renamed)
     if head_task is None:
         return _CheckpointTarget(target, {k: k for k in locations}, None, model=model, tied=tied)
-    out_names = {k: key_map.get(k, k) for k in locations}
+    # The output keeps each tensor's stored name, the base_model_prefix added or dropped as the head's architecture
+    # loads it (a bare encoder's keys get bert.): transformers renames the rest as it loads the checkpoint, and a name
+    # one line gives it is not the other's (5.x loads Mixtral's block_sparse_moe.gate as mlp.gate; 4.x loads only
+    # the stored name, as 5.x's own save_pretrained writes it).
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    fused = _fused_keys(model, locations)
+    out_names = {k: _stored_spelling(k, key_map.get(k) or fused.get(k) or k, prefix) for k in locations}
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # shared (tied) parameters listed once
     # what the head's architecture does not load and has no module for: another architecture's head (a causal LM's
     # lm_head, a pre-training BERT's cls.*); a stored buffer of a module it has (position_ids) is kept, as before
     modules, loads = {name for name, _ in model.named_modules()}, set(model.state_dict())
-    foreign = frozenset(n for n in out_names.values() if n not in loads and n.rpartition(".")[0] not in modules)
-    return _CheckpointTarget(target, out_names, expected, model=model, foreign=foreign, tied=tied)
+    foreign = frozenset(out_names[k] for k in locations if k not in key_map and k not in fused
+                        and out_names[k] not in loads and out_names[k].rpartition(".")[0] not in modules)
+    provided = frozenset(key_map.values()) | frozenset(fused.values())
+    return _CheckpointTarget(target, out_names, expected, model=model, foreign=foreign, tied=tied, provided=provided)
+
+
+def _stored_spelling(key: str, name: str, prefix: str) -> str:
+    """The output name of stored ``key``, which the head's architecture loads as ``name``: ``key`` with the model's
+    ``prefix`` added or dropped as in ``name``, any other renaming left to transformers' loading."""
+    if not prefix or key == name:
+        return key
+    stored, loaded = key.startswith(prefix + "."), name.startswith(prefix + ".")
+    if loaded and not stored:
+        return f"{prefix}.{key}"
+    if stored and not loaded:
+        return key[len(prefix) + 1:]
+    return key
 
 
 def _check_config_fits(ckpt: _Checkpoint, model: nn.Module, locations: dict[str, tuple[str, TensorInfo]],
@@ -1167,7 +1214,7 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
     problems += [f"checkpoint tensor {k}: replaced by modules_to_save of {replaced_by[k]} and given a base weight by "
                  f"{based_by[k][2]}; merge these adapters separately" for k in sorted(set(replaced_by) & set(based_by))]
     if view.expected is not None and not problems:
-        written = set(view.out_names.values()) | set(new_tensors)
+        written = set(view.provided) | set(new_tensors)
         missing = sorted(set(view.expected) - written)
         if missing:
             problems.append(f"the merged {_head_architecture(head_task, ckpt.model_type)} checkpoint would lack "
