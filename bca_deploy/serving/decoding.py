@@ -313,10 +313,10 @@ def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list
     tokens: list[int] = []
     failures: dict[int, Exception] = {}
     try:
-        greedy = logits.argmax(-1)
+        greedy = logits.argmax(-1).tolist()  # Python ints
         for b, sampler in enumerate(samplers):
             if sampler.generator is None:
-                tokens.append(int(greedy[b]))
+                tokens.append(greedy[b])
                 continue
             try:
                 tokens.append(sampler.draw(logits[b]))  # draw copies the row before it changes anything
@@ -429,6 +429,8 @@ class DecodeBatch:
         self._leaving: set[int] = set()  # id() of rows to drop before the next step
         self._composite: tuple[tuple, Any] | None = None  # (key, BankSnapshot) for rows of several snapshots
         self._pad = session.pad_token_id
+        self._empty: dict[str, np.ndarray] | None = None  # _empty_past's template
+        self._step_inputs = ("attention_mask" in session.inputs, "position_ids" in session.inputs)
         self.rebuilds = 0  # times the past was copied whole (growth or compaction)
         self.before_run = before_run  # called right before each onnxruntime run (which releases the GIL)
 
@@ -445,7 +447,22 @@ class DecodeBatch:
     @property
     def joined(self) -> list[DecodeRow]:
         """Every row that takes part in the next step (in slots or prefilled, minus removed)."""
-        return [r for r in [*self.rows, *(r for g, _, _ in self._pending for r in g)] if id(r) not in self._leaving]
+        rows = [r for r in self.slots if r is not None]
+        for group, _, _ in self._pending:
+            rows.extend(group)
+        return [r for r in rows if id(r) not in self._leaving] if self._leaving else rows
+
+    @property
+    def has_joined(self) -> bool:
+        """Whether any row takes part in the next step (``bool(joined)``, without building the list)."""
+        leaving = self._leaving
+        return any(r is not None and id(r) not in leaving for r in self.slots) or any(
+            id(r) not in leaving for group, _, _ in self._pending for r in group)
+
+    @property
+    def has_prefills(self) -> bool:
+        """Whether a prefill is in progress (``bool(prefilling)``, without a copy of the list)."""
+        return bool(self._prefilling)
 
     def __len__(self) -> int:
         return len(self.joined)
@@ -479,21 +496,21 @@ class DecodeBatch:
         """
         rows = list(rows)
         job = PrefillJob(rows, logits=np.full((len(rows), 0), np.nan, dtype=np.float32))
-        padded: list[tuple[int, dict[str, np.ndarray]]] = []
-        for i, row in enumerate(rows):
-            try:
-                padded.append((i, self.session.pad_ids([row.prompt], side="left")))  # checks ids and empty rows
-            except Exception as exc:  # noqa: BLE001 - this row fails alone
-                job.failures[i] = exc
-        if not padded:
-            job.finished = True
-            return job
-        width = max(feeds["input_ids"].shape[1] for _, feeds in padded)
-        fill = {"input_ids": self._pad, "position_ids": 1}  # padding: masked, at position 1 (as generate pads)
-        job.feeds = {name: np.concatenate([np.pad(feeds[name], ((0, 0), (width - feeds[name].shape[1], 0)),
-                                                  constant_values=fill.get(name, 0)) for _, feeds in padded])
-                     for name in padded[0][1]}
-        job.live = [i for i, _ in padded]
+        try:  # every row at once (checks ids and empty rows); padding: masked, at position 1 (as generate pads)
+            job.feeds = self.session.pad_ids([row.prompt for row in rows], side="left", pad_id=self._pad)
+            job.live = list(range(len(rows)))
+        except Exception:  # noqa: BLE001 - a row the session refuses: found below, it fails alone
+            for i, row in enumerate(rows):
+                try:
+                    self.session.pad_ids([row.prompt], side="left")
+                except Exception as exc:  # noqa: BLE001 - this row fails alone
+                    job.failures[i] = exc
+            job.live = [i for i in range(len(rows)) if i not in job.failures]
+            if not job.live:
+                job.finished = True
+                return job
+            job.feeds = self.session.pad_ids([rows[i].prompt for i in job.live], side="left", pad_id=self._pad)
+        width = job.feeds["input_ids"].shape[1]
         job.width = width
         job.columns = width if chunk_tokens is None else max(1, int(chunk_tokens) // len(job.live))
         self._prefilling.append(job)
@@ -515,7 +532,7 @@ class DecodeBatch:
             out = {name: value[subset, :stop] if name == "attention_mask" else value[subset, start:stop]
                    for name, value in job.feeds.items()}
             if not job.past:
-                out.update(empty_past(self.session.session, len(subset)))
+                out.update(self._empty_past(len(subset)))
             elif len(subset) == len(everyone):  # the usual run: the last chunk's presents go back in as they are
                 out.update(job.past)
             else:
@@ -539,6 +556,12 @@ class DecodeBatch:
         if job.done < job.width and job.live:
             return False
         return self._finish_prefill(job, logits)
+
+    def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
+        """Zero-length past feeds for ``rows`` rows (:func:`empty_past`, its shapes read from the graph once)."""
+        if self._empty is None:
+            self._empty = empty_past(self.session.session, 1)
+        return {name: np.zeros((rows, *value.shape[1:]), dtype=value.dtype) for name, value in self._empty.items()}
 
     def _finish_prefill(self, job: PrefillJob, logits: Any) -> bool:
         job.finished = True
@@ -632,49 +655,46 @@ class DecodeBatch:
         active = [s for s, r in enumerate(slots) if r is not None]
         if not active:
             return [], np.zeros((0, 0), np.float32), {}
-        missing = [slots[s].prompt for s in active if slots[s].next_token is None]
+        rows = [slots[s] for s in active]
+        missing = sum(r.next_token is None for r in rows)
         if missing:
-            raise ServingError(f"{len(missing)} row(s) have no next token to feed")
+            raise ServingError(f"{missing} row(s) have no next token to feed")
+        # a free slot: a pad token at position 0 attending only to itself (its output is ignored); built once per
+        # step with numpy over all slots (a Python loop over the rows cost more than a tiny decoder's run)
+        tokens = np.array([self._pad if r is None else r.next_token for r in slots], dtype=np.int64).reshape(-1, 1)
+        lengths = np.array([0 if r is None else r.length for r in slots], dtype=np.int64).reshape(-1, 1)
+        names = self._step_inputs
 
         def feeds(subset: list[int]) -> dict[str, Any]:
-            n = len(subset)
-            # a free slot: a pad token at position 0 attending only to itself (its output is ignored)
-            ids = np.full((n, 1), self._pad, dtype=np.int64)
-            mask = np.zeros((n, width + 1), dtype=np.int64)
-            positions = np.zeros((n, 1), dtype=np.int64)
-            mask[:, width] = 1
-            for i, s in enumerate(subset):
-                row = slots[s]
-                if row is not None:
-                    ids[i, 0], positions[i, 0] = row.next_token, row.length
-                    mask[i, width - row.length:] = 1
+            whole = len(subset) == len(slots)
+            index = None if whole else np.array(subset)
+            ids, positions = (tokens, lengths) if whole else (tokens[index], lengths[index])
             out: dict[str, Any] = {"input_ids": ids}
-            if "attention_mask" in self.session.inputs:
-                out["attention_mask"] = mask
-            if "position_ids" in self.session.inputs:
+            if names[0]:  # row b attends to its last `length` columns of the past and to its new token
+                out["attention_mask"] = (np.arange(width + 1, dtype=np.int64) >= width - positions).astype(np.int64)
+            if names[1]:
                 out["position_ids"] = positions
-            if n == len(slots):  # the usual step: the last run's presents go back in as they are (no copy)
+            if whole:  # the usual step: the last run's presents go back in as they are (no copy)
                 out.update(self._past)
             else:
-                index = np.array(subset)
                 out.update({k: v[index] for k, v in self._host_past().items()})
             return out
 
         logits, presents, failures = self._run_isolated(slots, feeds)
-        rows = [slots[s] for s in active]
-        failed = {active.index(s): exc for s, exc in failures.items()}
-        for s in active:
-            if s in failures:
+        failed = {active.index(s): exc for s, exc in failures.items()} if failures else {}
+        for s, row in zip(active, rows):
+            if failures and s in failures:
                 slots[s] = None
             else:
-                slots[s].length += 1
-                slots[s].next_token = None
+                row.length += 1
+                row.next_token = None
         if presents:
             self._past = {self._past_of[k]: v for k, v in presents.items()}
             self.width = width + 1
         else:  # every row failed: the batch is empty, the next rows start a new past
             self.slots, self._past, self.width = [], {}, 0
-        return rows, logits[np.array(active)], failed
+        # every slot taken (the usual step): the logits as they are, not a copy of them
+        return rows, logits if len(active) == len(logits) else logits[np.array(active)], failed
 
     # ---- running ------------------------------------------------------------------------------------------------
 

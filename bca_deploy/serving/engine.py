@@ -588,11 +588,11 @@ class GenerationEngine:
         batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running and not batch.prefilling:
+                while not self._stopping and not self._waiting and not self._running and not batch.has_prefills:
                     self._cond.wait()
                 if self._stopping:
                     return
-                cancelled = [r for r in self._running if id(r.stream) in self._cancelled]
+                cancelled = [r for r in self._running if id(r.stream) in self._cancelled] if self._cancelled else []
                 self._cancelled.clear()
                 orphans = self._take_orphans()
                 admitted, preempted = self._admit(cancelled)
@@ -603,18 +603,18 @@ class GenerationEngine:
                 self._suspend(batch, preempted)
                 if admitted:
                     self._start_prefill(batch, admitted)
-                if batch.prefilling:
+                if batch.has_prefills:
                     self._prefill_chunks(batch)
                     if not self._overlapping:  # first tokens now, not after the step
                         self._deliver_later()
-                if batch.joined:
+                if batch.has_joined:
                     self._step(batch)
             except Exception as exc:  # noqa: BLE001 - a failure of every row: they fail, the engine goes on
                 _log.error("generation step failed: %s", "".join(traceback.format_exception(exc)))
                 for request in list(self._running):
                     self._fail(request, exc)
                 batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
-            if not batch.joined or not self._overlapping:  # no run follows soon, or runs are short: deliver now
+            if not self._overlapping or not batch.has_joined:  # no run follows soon, or runs are short: deliver now
                 self._deliver_later()
 
     def _deliver_if_overlapping(self) -> None:
@@ -848,11 +848,13 @@ class GenerationEngine:
     @staticmethod
     def _count_batch(rows: list[DecodeRow], batch_rows: int) -> int:
         """Record on each row's stream the largest batch it was part of; returns the distinct requests."""
-        requests = len({r.owner.stream.request_id or id(r.owner) for r in rows})
-        for row in rows:
-            stream = row.owner.stream
-            stream.batch_rows = max(stream.batch_rows, batch_rows)
-            stream.batch_requests = max(stream.batch_requests, requests)
+        streams = [r.owner.stream for r in rows]
+        requests = len({s.request_id or id(s) for s in streams})  # a row without an id is a request of its own
+        for stream in streams:
+            if stream.batch_rows < batch_rows:
+                stream.batch_rows = batch_rows
+            if stream.batch_requests < requests:
+                stream.batch_requests = requests
         return requests
 
     def _emit(self, batch: DecodeBatch, rows: list[DecodeRow], logits: np.ndarray, failures: Mapping[int, Exception],
@@ -860,19 +862,25 @@ class GenerationEngine:
         """Choose, send and account each row's next token; rows that are done leave. Returns inter-token gaps."""
         for index, exc in failures.items():
             self._fail(rows[index].owner, exc)
-        ok = [b for b in range(len(rows)) if b not in failures]
-        if not ok:
-            return []
-        tokens, unsampled = choose_tokens(logits[ok], [rows[b].owner.sampler for b in ok])
-        for i, exc in unsampled.items():  # e.g. non-finite logits: that row fails and leaves, no other
-            self._fail(rows[ok[i]].owner, exc)
-        batch.remove(rows[ok[i]] for i in unsampled)
+        if failures:
+            ok = [b for b in range(len(rows)) if b not in failures]
+            if not ok:
+                return []
+            logits = logits[ok]
+            rows = [rows[b] for b in ok]
+        # the logits as they came (no copy of a (rows, vocabulary) array per step when no row failed)
+        tokens, unsampled = choose_tokens(logits, [row.owner.sampler for row in rows])
+        if unsampled:
+            for i, exc in unsampled.items():  # e.g. non-finite logits: that row fails and leaves, no other
+                self._fail(rows[i].owner, exc)
+            batch.remove(rows[i] for i in unsampled)
         now = time.perf_counter()
         gaps, done = [], []
-        for i, (b, token) in enumerate(zip(ok, tokens, strict=True)):
-            if i in unsampled:
+        outbox = self._outbox
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if unsampled and i in unsampled:
                 continue
-            request: _Request = rows[b].owner
+            request: _Request = row.owner
             stream = request.stream
             if first and not request.generated:  # a resumed row's token after a prefill is no first token
                 stream.first_token_at = now
@@ -881,7 +889,7 @@ class GenerationEngine:
                 gaps.append(now - request.last_token_at)
             request.last_token_at = now
             request.generated += 1
-            request.tokens.append(int(token))
+            request.tokens.append(token)
             reason = None
             if token in request.eos_ids:
                 text, reason = request.detokenizer.flush(), "stop"
@@ -893,13 +901,14 @@ class GenerationEngine:
                     text, reason = text + request.detokenizer.flush(), "stop"
                 elif request.generated >= request.params.max_new_tokens:
                     text, reason = text + request.detokenizer.flush(), "length"
-            self._outbox.append((stream, TokenEvent(int(token), text)))
+            outbox.append((stream, TokenEvent(token, text)))
             if reason is None:
-                rows[b].next_token = int(token)
+                row.next_token = token
             else:
-                done.append(rows[b])
+                done.append(row)
                 self._end(request, reason)
-        batch.remove(done)
+        if done:
+            batch.remove(done)
         return gaps
 
     def _leave(self, batch: DecodeBatch, requests: list[_Request], reason: str) -> None:

@@ -832,7 +832,8 @@ class MultiAdapterSession:
         for name in names:
             binding.bind_output(name, device if name in on_device else "cpu", device_id if name in on_device else 0)
         self.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
+        if device != "cpu":  # the CPU provider's outputs are complete when the run returns
+            binding.synchronize_outputs()
         return dict(zip(names, binding.get_outputs(), strict=True))
 
     # ---- text helpers ----------------------------------------------------------------------------------
@@ -1225,7 +1226,7 @@ class MultiAdapterSession:
                 else:
                     row.next_token = token
             batch.remove(done)
-            if not batch.joined:
+            if not batch.has_joined:
                 return generated
             running, logits, failures = batch.step()
 
