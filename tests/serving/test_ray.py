@@ -207,20 +207,27 @@ def test_load_routes_load_on_a_replica_and_unloading_is_lrus_job(ray_app):
         assert_error(status, body, 400, "bad_request", ["least recently used"])
 
 
-def test_a_body_that_does_not_arrive_in_time_is_408(ray_app):
+def _raw_answer(ray_app, request: bytes, until: bytes) -> bytes:
+    """What the server sends back on a raw connection given ``request``, read until ``until`` or the close."""
     import socket
 
     port = int(ray_app["url"].rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                     b"content-length: 100\r\n\r\n{\"input\"")  # 9 of the 100 bytes announced, then nothing
-        start = time.monotonic()
+        sock.sendall(request)
         answer = b""
-        while b"\r\n\r\n" not in answer:
+        while until not in answer:
             chunk = sock.recv(4096)
             if not chunk:
                 break
             answer += chunk
+    return answer
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(ray_app):
+    start = time.monotonic()
+    head = (b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"content-length: 100\r\n")
+    answer = _raw_answer(ray_app, head + b"\r\n{\"input\"", b"\r\n\r\n")  # 9 of the 100 bytes announced, then nothing
     assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
     assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - start < BODY_TIMEOUT_S + 30, time.monotonic() - start
 
@@ -229,19 +236,9 @@ def test_a_body_its_headers_refuse_is_refused_before_it_arrives(ray_app):
     # the router read the body first: a text/plain body that never came was a 408 after --body-timeout-s, not the
     # 415 serve gives from the headers; Ray's proxy reads bodies as they come, so an "expect: 100-continue" client
     # still gets "100 Continue" before the 415 (README)
-    import socket
-
-    port = int(ray_app["url"].rsplit(":", 1)[1])
     for expect in (b"", b"expect: 100-continue\r\n"):
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: text/plain\r\n"
-                         b"content-length: 100\r\n" + expect + b"\r\n")  # and no body
-            answer = b""
-            while b"unsupported_media_type" not in answer:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
+        answer = _raw_answer(ray_app, b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: text/plain\r\n"
+                             b"content-length: 100\r\n" + expect + b"\r\n", b"unsupported_media_type")  # no body
         assert b"HTTP/1.1 415 " in answer and b"408" not in answer.split(b"\r\n")[0], answer[:300]
 
 
