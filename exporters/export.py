@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -606,6 +607,53 @@ def _traceable_masks() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _traceable_rope(model: nn.Module) -> Iterator[None]:
+    """Trace a ``longrope`` model's switch from short to long RoPE factors as a graph op (``Where``).
+
+    transformers switches when ``max(position_ids) + 1`` exceeds :func:`~bca_deploy.exporters.loading.
+    rope_switch_length`. On 4.x it decides in Python, so the trace froze the short factors (rows of 5 + 4
+    positions): a Phi-3 128k-style graph validated on short rows and was wrong past the switch (0.037 max
+    logit error on a tiny Phi-3 switching at 16 positions). On 5.x it selects with ``torch.where`` but copies
+    the result into the buffer in place, which this exporter cannot write (``aten::copy``: the export failed).
+    Here each longrope rotary embedding computes its ``inv_freq`` with ``torch.where`` on the graph's
+    position ids and runs transformers' own forward beneath the ``dynamic_rope_update`` decorator. Restored
+    on exit; other models are left alone.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from .loading import rope_switch_length
+
+    switch = rope_switch_length(model.config)
+    patched = []
+    if switch is not None:
+        for module in model.modules():
+            if getattr(module, "rope_type", None) != "longrope" or "inv_freq" not in module._buffers:
+                continue
+            short = getattr(module, "original_inv_freq", module._buffers["inv_freq"]).detach().float().clone()
+            long, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, short.device, seq_len=switch + 1)
+            module.forward = functools.partial(_longrope_forward, module, inspect.unwrap(type(module).forward),
+                                               short, long.float(), switch)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+
+
+def _longrope_forward(module: nn.Module, forward, short: torch.Tensor, long: torch.Tensor, switch: int,
+                      x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+    """A longrope rotary embedding's forward (``forward``: transformers' own, undecorated) with ``inv_freq``
+    chosen in the graph: the long factors where the batch's largest position id + 1 exceeds ``switch``."""
+    saved = module._buffers["inv_freq"]
+    module._buffers["inv_freq"] = torch.where(position_ids.max() + 1 > switch, long, short)
+    try:
+        return forward(module, x, position_ids, *args, **kwargs)
+    finally:
+        module._buffers["inv_freq"] = saved
+
+
+@contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     """Silence what the tracer says that means nothing to a user of a validated export.
 
@@ -646,6 +694,7 @@ def _trace_export(model: nn.Module, directory: Path, task: str, opset: int, fft:
         stack.enter_context(torch.no_grad())
         stack.enter_context(_quiet_export())
         stack.enter_context(_traceable_masks())
+        stack.enter_context(_traceable_rope(model))
         if fft is not None:
             stack.enter_context(exportable_adapters(model, fft, kernels=kernels))
         stack.enter_context(_graph_forward(model, spec))

@@ -20,7 +20,7 @@ from bca_deploy.models import resolve_task as _resolve_model_task
 from .errors import UnsupportedExportError
 
 __all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MODEL_TYPES", "supported_tasks",
-           "architecture_problem", "hybrid_attention_problem", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names",
+           "architecture_problem", "hybrid_attention_problem", "rope_type", "rope_switch_length", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names",
            "AdapterExport", "adapter_export"]
 
 #: Tasks of an encoder graph (no past): the last hidden state, or a classifier's logits.
@@ -84,6 +84,41 @@ def hybrid_attention_problem(config, transformers_version: str | None = None) ->
             f"{list(config.layer_types)}, sliding_window {getattr(config, 'sliding_window', None)}); on "
             f"transformers {transformers_version} its exported graph would be wrong for rows longer than the "
             "window. Export it with transformers 5.x (the README's transformers 5.x stack), where it is exact")
+
+
+def rope_type(config) -> str | None:
+    """The RoPE scaling type of a decoder config (``"longrope"``, ``"dynamic"``, ``"yarn"``...), or None for plain
+    RoPE or none: ``rope_parameters["rope_type"]`` on transformers 5.x, ``rope_scaling``'s ``rope_type`` (or its
+    older ``type``) on 4.x."""
+    for field in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, field, None)
+        if isinstance(params, dict):
+            kind = params.get("rope_type", params.get("type"))
+            if isinstance(kind, str) and kind != "default":
+                return kind
+    return None
+
+
+def rope_switch_length(config, transformers_version: str | None = None) -> int | None:
+    """The positions past which a ``longrope`` config (Phi-3 128k style) switches from its short to its long
+    factors, by transformers' own rule, or None for any other config.
+
+    transformers picks the long factors when ``max(position_ids) + 1`` exceeds this length:
+    ``rope_parameters["original_max_position_embeddings"]`` on 5.x; on 4.x the config's own
+    ``original_max_position_embeddings`` where it has that field (Phi-3), else ``max_position_embeddings``
+    (so a 4.x Llama never switches within its positions). The export traces the switch as a graph op
+    (:func:`bca_deploy.exporters.export`), and validation tries rows across it where they are short
+    (:func:`bca_deploy.exporters.validate.check_cases`).
+    """
+    if rope_type(config) != "longrope":
+        return None
+    _, major = _transformers_version(transformers_version)
+    params = getattr(config, "rope_parameters", None) if major >= 5 else None
+    if isinstance(params, dict) and params.get("original_max_position_embeddings"):
+        return int(params["original_max_position_embeddings"])
+    if hasattr(config, "original_max_position_embeddings") and config.original_max_position_embeddings:
+        return int(config.original_max_position_embeddings)
+    return int(config.max_position_embeddings)
 
 
 def architecture_problem(model_dir: str | Path, config) -> str | None:

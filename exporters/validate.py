@@ -138,16 +138,41 @@ class Case:
 DEFAULT_CASES: tuple[Case, ...] = (Case(1, 5, 1), Case(2, 11, 3), Case(3, 16, 1))
 
 
+#: The longest switch or window length :func:`threshold_cases` adds rows across (cheap rows only: a real model's
+#: 4096-position window or longrope switch is left to ``--cases``).
+THRESHOLD_ROWS_UP_TO = 256
+
+
+def threshold_cases(config: Any, with_past: bool, limit: int | None = None) -> tuple[Case, ...]:
+    """Rows across the lengths where a decoder computes differently, for the default validation: past a longrope
+    config's switch to its long factors (:func:`~bca_deploy.exporters.loading.rope_switch_length`) and past a
+    sliding window (:func:`bca_deploy.models.attention_window`), both as a prefill longer than the length and, with
+    past, as a prefill just short of it that new tokens carry across. Only where the length is at most
+    :data:`THRESHOLD_ROWS_UP_TO` and the rows fit ``limit`` positions; the default cases (17 positions) never
+    reach such a length, so a graph that froze the short-row behaviour used to validate."""
+    from bca_deploy.models import attention_window
+
+    from .loading import rope_switch_length
+
+    cases = []
+    for length in sorted({rope_switch_length(config), attention_window(config)} - {None}):
+        if length > THRESHOLD_ROWS_UP_TO:
+            continue
+        cases += [Case(1, length + 1, 2), Case(1, length - 1, 3)] if with_past else [Case(1, length + 1)]
+    steps = 1 if with_past else 0
+    return tuple(c for c in cases if c.seq >= 1 and (limit is None or c.seq + steps * c.new_tokens <= limit))
+
+
 def check_cases(cases: Sequence[Case | Sequence[int]] | None, config: Any, with_past: bool) -> tuple[Case, ...]:
-    """The validation cases (default :data:`DEFAULT_CASES`), each checked against the model's positions
-    (:func:`bca_deploy.models.position_limit`): a row of ``seq`` tokens, plus ``new_tokens`` steps for a graph
+    """The validation cases (default :data:`DEFAULT_CASES` and ``config``'s :func:`threshold_cases`), each checked
+    against the model's positions (:func:`bca_deploy.models.position_limit`): a row of ``seq`` tokens, plus ``new_tokens`` steps for a graph
     with past, must fit, or the position lookup fails inside onnxruntime.
 
     Raises:
         UnsupportedExportError: listing every case that does not fit, with the model's limit.
     """
-    parsed = tuple(Case.of(c) for c in (cases or DEFAULT_CASES))
     limit = position_limit(config)
+    parsed = tuple(Case.of(c) for c in cases) if cases else DEFAULT_CASES + threshold_cases(config, with_past, limit)
     if limit is None:
         return parsed
     problems = []
