@@ -513,8 +513,13 @@ def _graph_spec(model: nn.Module, task: str, decoder: bool) -> _GraphSpec:
                       "use_cache" in parameters)
 
 
-def _new_cache(config, flat: Sequence[torch.Tensor]):
-    """A transformers ``DynamicCache`` holding the past key/values ``flat`` = (key 0, value 0, key 1, ...)."""
+def _new_cache(config, flat: Sequence[torch.Tensor], seen: torch.Tensor | int | None = None):
+    """A transformers ``DynamicCache`` holding the past key/values ``flat`` = (key 0, value 0, key 1, ...).
+
+    ``seen``: how many positions came before this step (the attention mask's length less the new tokens), where
+    that can exceed the past held: a sliding-window layer's past stops at ``sliding_window - 1`` positions, and
+    its cache must still count every position seen (see :func:`_sliding_mask_sizes`).
+    """
     from transformers import DynamicCache
 
     try:
@@ -523,7 +528,29 @@ def _new_cache(config, flat: Sequence[torch.Tensor]):
         cache = DynamicCache()
     for i in range(0, len(flat), 2):
         cache.update(flat[i], flat[i + 1], i // 2)
+    if seen is not None:
+        for layer in getattr(cache, "layers", ()):
+            if getattr(layer, "is_sliding", False) and hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = seen
+                layer.get_mask_sizes = functools.partial(_sliding_mask_sizes, layer)
     return cache
+
+
+def _sliding_mask_sizes(layer, query) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv_length, kv_offset)`` of a sliding-window cache layer for the attention mask, as transformers' own
+    ``get_mask_sizes`` computes them (the keys: the past held, at most ``sliding_window - 1``, plus the new tokens;
+    the first of them at position ``max(seen - sliding_window + 1, 0)`` of the attention mask), in tensor ops.
+
+    transformers decides both with Python ``max``/``if`` on the positions seen, and the graph held only the past
+    (``sliding_window - 1`` once full): the trace froze the padding mask's offset at the example's, so a left-padded
+    row decoding past the window read its padding from the wrong columns (0.1-0.2 max logit error on a tiny
+    Mistral, window 8, both lines; unpadded rows, where every column is 1, were exact). ``query``: the new tokens'
+    count (5.x) or their cache positions (4.x).
+    """
+    new = query.shape[0] if isinstance(query, torch.Tensor) and query.dim() == 1 else query
+    seen = torch.as_tensor(layer.cumulative_length)
+    window = layer.sliding_window
+    return torch.clamp(seen, max=window - 1) + new, torch.clamp(seen - window + 1, min=0)
 
 
 @contextlib.contextmanager
@@ -541,7 +568,10 @@ def _graph_forward(model: nn.Module, spec: _GraphSpec) -> Iterator[nn.Module]:
     def forward(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs: dict = dict(zip(spec.inputs, args[: len(spec.inputs)], strict=True))
         if spec.layers:
-            kwargs[cache_keyword] = _new_cache(model.config, args[len(spec.inputs):])
+            seen = None
+            if "attention_mask" in kwargs and "input_ids" in kwargs:  # every position before this step
+                seen = kwargs["attention_mask"].shape[1] - kwargs["input_ids"].shape[1]
+            kwargs[cache_keyword] = _new_cache(model.config, args[len(spec.inputs):], seen)
         if spec.takes_use_cache:
             kwargs["use_cache"] = bool(spec.layers)
         out = original(**kwargs)

@@ -147,9 +147,10 @@ def threshold_cases(config: Any, with_past: bool, limit: int | None = None) -> t
     """Rows across the lengths where a decoder computes differently, for the default validation: past a longrope
     config's switch to its long factors (:func:`~bca_deploy.exporters.loading.rope_switch_length`) and past a
     sliding window (:func:`bca_deploy.models.attention_window`), both as a prefill longer than the length and, with
-    past, as a prefill just short of it that new tokens carry across. Only where the length is at most
-    :data:`THRESHOLD_ROWS_UP_TO` and the rows fit ``limit`` positions; the default cases (17 positions) never
-    reach such a length, so a graph that froze the short-row behaviour used to validate."""
+    past, as a prefill just short of it that new tokens carry across (batches of 2: :func:`validate_model` left-pads
+    the last row of every with-past case). Only where the length is at most :data:`THRESHOLD_ROWS_UP_TO` and the
+    rows fit ``limit`` positions; the default cases (17 positions) never reach such a length, so a graph that froze
+    the short-row behaviour used to validate."""
     from bca_deploy.models import attention_window
 
     from .loading import rope_switch_length
@@ -158,7 +159,7 @@ def threshold_cases(config: Any, with_past: bool, limit: int | None = None) -> t
     for length in sorted({rope_switch_length(config), attention_window(config)} - {None}):
         if length > THRESHOLD_ROWS_UP_TO:
             continue
-        cases += [Case(1, length + 1, 2), Case(1, length - 1, 3)] if with_past else [Case(1, length + 1)]
+        cases += [Case(2, length + 1, 2), Case(2, length - 1, 3)] if with_past else [Case(1, length + 1)]
     steps = 1 if with_past else 0
     return tuple(c for c in cases if c.seq >= 1 and (limit is None or c.seq + steps * c.new_tokens <= limit))
 
@@ -869,6 +870,26 @@ def _reference_outputs(out: Any, names: Sequence[str]) -> dict[str, torch.Tensor
     return refs
 
 
+def _unpadded(name: str, got: np.ndarray, ref: torch.Tensor | None, mask: np.ndarray
+              ) -> tuple[np.ndarray, torch.Tensor | None]:
+    """``got`` and ``ref`` with the positions of padding tokens (``mask`` 0, over every position so far) zeroed in
+    both: what a padded query position computes (it may attend to nothing) is no one's output. Present key/values
+    are matched to the mask's last positions (a sliding-window layer holds only those); token outputs to the step's
+    tokens."""
+    if ref is None or got.ndim < 2 or mask.all():
+        return got, ref
+    if PRESENT_OUTPUT.fullmatch(name) and got.ndim == 4 and got.shape[2] <= mask.shape[1]:
+        keep = mask[:, mask.shape[1] - got.shape[2]:][:, None, :, None]
+    elif got.shape[0] == mask.shape[0] and got.shape[1] <= mask.shape[1]:
+        keep = mask[:, mask.shape[1] - got.shape[1]:].reshape(got.shape[:2] + (1,) * (got.ndim - 2))
+    else:
+        return got, ref
+    if tuple(ref.shape) != got.shape:
+        return got, ref  # _compare reports the shape
+    keep = keep.astype(bool)
+    return np.where(keep, got, 0), ref.masked_fill(~torch.from_numpy(np.broadcast_to(keep, got.shape).copy()), 0)
+
+
 def _compare(name: str, case: str, got: np.ndarray, ref: torch.Tensor | None, tol: Tolerance) -> ValidationRow:
     if ref is None:
         return ValidationRow(name, case, tuple(got.shape), float("inf"), float("inf"), str(tol), False,
@@ -916,7 +937,9 @@ def validate_model(
     Args:
         onnx_path: the ``model.onnx`` file.
         reference: the PyTorch model the graph should reproduce (fp32, in eval mode, on CPU).
-        task: the optimum task it was exported for (``...-with-past`` decoders get two steps).
+        task: the optimum task it was exported for (``...-with-past`` decoders get two steps: a prefill whose last
+            row is left-padded where the case has several rows, then new tokens with the past; padded positions
+            are left out of the comparison).
         dtype: ``"fp32"`` or ``"fp16"`` (default: read from the graph's output types); picks the
             tolerance from :data:`TOLERANCES` unless ``tolerance`` is given.
         cases: ``(batch, seq)`` or ``(batch, seq, new_tokens)`` tuples; default :data:`DEFAULT_CASES`.
@@ -965,22 +988,31 @@ def validate_model(
                 refs = _reference_outputs(reference(**kwargs), output_names)
                 report.rows += [_compare(n, label, g, refs[n], tol) for n, g in zip(output_names, got, strict=True)]
                 continue
-            # step 1: prefill with an empty past
+            # step 1: prefill with an empty past; the last row left-padded, as batched generation pads
             non_past = [i for i in session.get_inputs() if not PAST_INPUT.fullmatch(i.name)]
             feeds = _text_inputs(_InputsView(non_past), config, case.batch, case.seq, rng, pad=False, adapter_ids=ids)
+            mask = np.ones((case.batch, case.seq), dtype=np.int64)
+            if case.batch > 1 and case.seq > 2 and "attention_mask" in feeds:
+                mask[-1, : case.seq // 3] = 0
+                feeds["attention_mask"] = mask.astype(feeds["attention_mask"].dtype)
+            positions = np.maximum(mask.cumsum(-1) - 1, 0)  # as transformers' generate numbers left-padded rows
+            if "position_ids" in feeds:
+                feeds["position_ids"] = positions.astype(feeds["position_ids"].dtype)
             feeds.update(empty_past(session, case.batch))
             kwargs = _torch_kwargs(reference, feeds)
             out = reference(**kwargs, use_cache=True)
             refs = _reference_outputs(out, output_names)
             got = session.run(output_names, feeds, run_options)
-            report.rows += [_compare(n, f"{label} step 1", g, refs[n], tol) for n, g in zip(output_names, got, strict=True)]
+            report.rows += [_compare(n, f"{label} step 1", *_unpadded(n, g, refs[n], mask), tol)
+                            for n, g in zip(output_names, got, strict=True)]
             # step 2: new tokens with the past each side computed
-            n_new, total = case.new_tokens, case.seq + case.new_tokens
+            n_new = case.new_tokens
             feeds2 = _text_inputs(_InputsView(non_past), config, case.batch, n_new, rng, pad=False, adapter_ids=ids)
+            mask2 = np.concatenate([mask, np.ones((case.batch, n_new), dtype=mask.dtype)], axis=1)
             if "attention_mask" in feeds2:
-                feeds2["attention_mask"] = np.ones((case.batch, total), dtype=feeds2["attention_mask"].dtype)
+                feeds2["attention_mask"] = mask2.astype(feeds2["attention_mask"].dtype)
             if "position_ids" in feeds2:
-                feeds2["position_ids"] = feeds2["position_ids"] + case.seq
+                feeds2["position_ids"] = (positions[:, -1:] + np.arange(1, n_new + 1)).astype(feeds2["position_ids"].dtype)
             for name, value in zip(output_names, got, strict=True):
                 match = PRESENT_OUTPUT.fullmatch(name)
                 if match:
@@ -990,7 +1022,8 @@ def validate_model(
             refs2 = _reference_outputs(out2, output_names)
             got2 = session.run(output_names, feeds2, run_options)
             label2 = f"{label} step 2 (+{n_new})"
-            report.rows += [_compare(n, label2, g, refs2[n], tol) for n, g in zip(output_names, got2, strict=True)]
+            report.rows += [_compare(n, label2, *_unpadded(n, g, refs2[n], mask2), tol)
+                            for n, g in zip(output_names, got2, strict=True)]
     return report
 
 

@@ -159,6 +159,41 @@ def ort_greedy(onnx_dir: Path, ids: torch.Tensor, mask: torch.Tensor, new_tokens
     return torch.from_numpy(tokens)
 
 
+def ort_torch_logit_diffs(onnx_dir: Path, reference: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                          new_tokens: int) -> list[float]:
+    """Prefill ``ids`` (``mask``: 0 on left padding) then ``new_tokens`` single steps, PyTorch's greedy token fed to
+    both, through onnxruntime with the graph's own present key/values and through ``reference`` with its cache; the
+    max |logit difference| over real (unpadded) tokens at each step. Position ids follow the mask, as transformers'
+    ``generate`` numbers them."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bca_deploy.models import cache_argument, output_cache
+
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    past = {i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step, cache, diffs = ids, None, []
+    with torch.no_grad():
+        for _ in range(new_tokens + 1):
+            step_positions = positions[:, -step.shape[1]:]
+            kwargs = {} if cache is None else {cache_argument(reference): cache}
+            out = reference(input_ids=step, attention_mask=mask, position_ids=step_positions, use_cache=True, **kwargs)
+            feeds = {"input_ids": step.numpy(), "attention_mask": mask.numpy(), "position_ids": step_positions.numpy(),
+                     **past}
+            got = dict(zip(names, session.run(names, feeds), strict=True))
+            real = mask[:, -step.shape[1]:].numpy().astype(bool)
+            diffs.append(float(np.abs(got["logits"] - out.logits.numpy())[real].max()))
+            cache = output_cache(out)
+            past = {f"past_key_values.{n[len('present.'):]}": v for n, v in got.items() if n.startswith("present.")}
+            step = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(step)], 1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+    return diffs
+
+
 #: Ways an export's ``model.onnx`` can be something onnxruntime refuses (:func:`damage_graph`).
 GRAPH_DAMAGE = ("random bytes", "empty", "truncated", "external data outside its directory")
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from exporters_helpers import ort_torch_logit_diffs
 
 from bca_deploy import inject, save_adapter
 from bca_deploy.exporters import ValidationError, export
 from bca_deploy.exporters.validate import Case, check_cases
-from bca_deploy.models import cache_argument, load_model, output_cache
+from bca_deploy.models import load_model
 
 SWITCH = 24  # original_max_position_embeddings: above the default cases' 17 positions, below max_position_embeddings
 
@@ -49,32 +49,6 @@ def longrope_dirs(tmp_path_factory):
     return root / "model", [root / "adapter"]
 
 
-def _max_logit_diffs(onnx_dir, reference, ids: torch.Tensor, new_tokens: int) -> list[float]:
-    """Prefill ``ids`` then ``new_tokens`` single steps (PyTorch's greedy token fed to both), through onnxruntime
-    with the graph's own present key/values and through PyTorch with its cache: max |logit diff| per step."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    past = {i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
-            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
-    mask, step, cache, start, diffs = torch.ones_like(ids), ids, None, 0, []
-    with torch.no_grad():
-        for _ in range(new_tokens + 1):
-            positions = torch.arange(start, start + step.shape[1]).expand(ids.shape[0], -1)
-            kwargs = {} if cache is None else {cache_argument(reference): cache}
-            out = reference(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-            got = dict(zip(names, session.run(names, {"input_ids": step.numpy(), "attention_mask": mask.numpy(),
-                                                      "position_ids": positions.numpy(), **past}), strict=True))
-            diffs.append(float(np.abs(got["logits"] - out.logits.numpy()).max()))
-            cache = output_cache(out)
-            past = {f"past_key_values.{n[len('present.'):]}": v for n, v in got.items() if n.startswith("present.")}
-            start += step.shape[1]
-            step = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([mask, torch.ones_like(step)], 1)
-    return diffs
-
-
 @pytest.mark.parametrize("merge", [True, False])
 def test_longrope_graph_switches_factors_past_original_max_positions(tmp_path, longrope_dirs, merge):
     """Rows past the switch (a prefill of 30, and a prefill of 20 whose new tokens cross it) match PyTorch with the
@@ -87,7 +61,7 @@ def test_longrope_graph_switches_factors_past_original_max_positions(tmp_path, l
     generator = torch.Generator().manual_seed(1)
     for length, steps in [(5, 3), (SWITCH + 6, 3), (SWITCH - 4, 6)]:
         ids = torch.randint(3, 128, (2, length), generator=generator)
-        diffs = _max_logit_diffs(out, load_model(model_dir, adapters), ids, steps)
+        diffs = ort_torch_logit_diffs(out, load_model(model_dir, adapters), ids, torch.ones_like(ids), steps)
         assert max(diffs) < 1e-4, f"rows of {length} + {steps} new tokens: {diffs}"
 
 
@@ -100,7 +74,7 @@ def test_default_validation_crosses_the_longrope_switch(longrope_dirs):
     config = load_config(longrope_dirs[0])
     assert rope_switch_length(config) == SWITCH
     cases = check_cases(None, config, with_past=True)
-    assert Case(1, SWITCH + 1, 2) in cases and Case(1, SWITCH - 1, 3) in cases
+    assert Case(2, SWITCH + 1, 2) in cases and Case(2, SWITCH - 1, 3) in cases
     assert Case(1, SWITCH + 1) in check_cases(None, config, with_past=False)
     assert check_cases([(2, 5, 2)], config, with_past=True) == (Case(2, 5, 2),)
 
