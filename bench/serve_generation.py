@@ -253,12 +253,15 @@ async def _run_level(variant: str, server, requests: list[dict], clients: int) -
             "load_1min": round(os.getloadavg()[0], 2)}
 
 
-def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any],
+                         session_options: dict[str, dict[str, Any]] | None = None) -> dict[str, list[dict[str, Any]]]:
     """``GenerationEngine`` levels on ``kind``'s decoder, one per way per round, for paired A/B benchmarks.
 
     ``ways[name](session)`` sets a way up right before its level (and may change module state: the caller restores
-    it); it may return keyword arguments for that level's ``GenerationEngine``. ``args``: ``adapters``, ``threads``, ``clients``, ``rounds``. Each way runs once as a warm-up, then
-    ``rounds`` times in alternating order over the same 3·clients requests (prompts 8-64 tokens, 8-64 new).
+    it); it may return keyword arguments for that level's ``GenerationEngine``. ``session_options[name]``: keyword
+    arguments of a ``MultiAdapterSession`` of that way's own (onnxruntime settings); the other ways share one.
+    ``args``: ``adapters``, ``threads``, ``clients``, ``rounds``. Each way runs once as a warm-up, then ``rounds``
+    times in alternating order over the same 3·clients requests (prompts 8-64 tokens, 8-64 new).
     Returns per way a list of ``{"result": _run_level's result, "runs": RunMeter.take()}``, one per round.
     """
     import asyncio
@@ -267,12 +270,15 @@ def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any]) -> d
     from bca_deploy.serving.engine import GenerationEngine
 
     art = build_decoder(kind, work, args.adapters, 256)
-    session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
-    meter = RunMeter(session)
+    own = session_options or {}
+    shared = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads) if set(ways) - set(own) else None
+    sessions = {way: MultiAdapterSession(art["onnx"], intra_op_threads=args.threads, **own[way]) if way in own
+                else shared for way in ways}
+    meters = {id(s): RunMeter(s) for s in sessions.values()}
     names = [d.name for d in art["adapters"]]
     requests = make_requests(3 * args.clients, MODELS[kind]["vocab_size"], names, (8, 64), (8, 64), seed=0)
 
-    async def level(**engine_kwargs) -> dict:
+    async def level(session, **engine_kwargs) -> dict:
         engine = GenerationEngine(session, **{"max_batch_rows": 32, "max_queued_rows": 4 * args.clients,
                                               **engine_kwargs})
         await engine.start()
@@ -281,15 +287,16 @@ def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any]) -> d
         finally:
             await engine.stop()
 
-    for setup in ways.values():  # warm-up, every way
-        asyncio.run(level(**(setup(session) or {})))
+    for way, setup in ways.items():  # warm-up, every way
+        asyncio.run(level(sessions[way], **(setup(sessions[way]) or {})))
     samples: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
     for round_ in range(args.rounds):
         for way in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
+            session = sessions[way]
             engine_kwargs = ways[way](session) or {}
-            meter.take()
-            result = asyncio.run(level(**engine_kwargs))
-            samples[way].append({"result": result, "runs": meter.take()})
+            meters[id(session)].take()
+            result = asyncio.run(level(session, **engine_kwargs))
+            samples[way].append({"result": result, "runs": meters[id(session)].take()})
     return samples
 
 

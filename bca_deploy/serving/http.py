@@ -1629,7 +1629,7 @@ def build(
         raise ServingError(f"--load names {', '.join(map(repr, twice))} more than once; give each adapter once")
     paths = {name: store.path(name) for name in load}  # type: ignore[union-attr]  # a missing one: before any load
     session = MultiAdapterSession(export_dir, provider=options.provider, intra_op_threads=options.threads,
-                                  load_exported=load_exported, max_labels=options.max_labels)
+                                  spin=options.spin, load_exported=load_exported, max_labels=options.max_labels)
     for name, path in paths.items():
         try:
             register_from_store(session, store, name, name, path, replace=True)  # type: ignore[arg-type]

@@ -38,6 +38,10 @@ class ServeOptions:
     port: int = _opt(8000, "TCP port (1-65535).")
     provider: str = _opt("cpu", "onnxruntime execution provider.", choices=("cpu", "cuda"))
     threads: int | None = _opt(None, "onnxruntime intra-op threads (default: onnxruntime's).")
+    spin: bool = _opt(True, "onnxruntime's intra-op threads spin (busy-wait) between runs, as onnxruntime does by "
+                            "default: the next run starts a little sooner on a machine the server has to itself; "
+                            "--no-spin: they sleep, leaving the CPU to the server's own threads and to other "
+                            "processes (shared machines, CPU quotas; generation's many small runs).")
     max_batch_rows: int = _opt(64, "Most rows in one batch (requests are batched together, each row with its "
                                    "adapter; a larger request runs in several batches).")
     max_prefill_tokens: int = _opt(4096, "Generation: most padded prompt tokens (rows x longest prompt) in one "

@@ -114,7 +114,8 @@ class AdapterReplicas:
 
         self.options = ServeOptions(**options)
         self.session = MultiAdapterSession(export_dir, provider=self.options.provider,
-                                           intra_op_threads=self.options.threads, max_labels=self.options.max_labels)
+                                           intra_op_threads=self.options.threads, spin=self.options.spin,
+                                           max_labels=self.options.max_labels)
         self.exported = frozenset(self.session.snapshot().slots)
         self.store = AdapterStore(adapter_store) if adapter_store else None
         self.app = create_app(self.session, self.store, self.options)

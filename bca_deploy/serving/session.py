@@ -252,6 +252,8 @@ class MultiAdapterSession:
             ``bca_export.json``, ``config.json``, tokenizer files if the model had them).
         provider: ``"cpu"`` or ``"cuda"`` (onnxruntime-gpu; the bank then lives on the GPU).
         intra_op_threads: onnxruntime's intra-op thread count (default: onnxruntime's).
+        spin: whether those threads busy-wait between runs (onnxruntime's default); False: they sleep
+            (``session.intra_op.allow_spinning`` 0), leaving the CPU to other threads and processes.
         load_exported: register the adapters the graph was exported with, under their export names,
             from the ``adapters/*.onnx_adapter`` files of the export.
         max_labels: the most labels of a classifier head registered later (a text-classification bank): every row
@@ -272,6 +274,7 @@ class MultiAdapterSession:
         *,
         provider: str = "cpu",
         intra_op_threads: int | None = None,
+        spin: bool = True,
         load_exported: bool = True,
         max_labels: int | None = DEFAULT_MAX_LABELS,
     ) -> None:
@@ -299,6 +302,8 @@ class MultiAdapterSession:
         options.log_severity_level = 3  # the bank's overridable initializers warn once per input otherwise
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
+        if not spin:  # idle intra-op threads sleep instead of busy-waiting for the next run
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The graph's own position table (None: rotary or no absolute positions) and word-embedding rows: config.json
         # and the tokenizer only claim them, and a row past the table or an id past the rows fails inside onnxruntime
         # (HTTP 500), so max_positions and vocabulary take the lower of the two. Read before the session is built: the

@@ -1088,3 +1088,39 @@ def test_ids_past_the_graphs_embedding_rows_are_refused_whatever_config_json_cla
     with pytest.raises(ServingError, match=rf"token ids must be integers in \[0, {rows}\); got \[{rows}\]"):
         session.embed([[5, rows]], [None])
     assert session.embed([[5, rows - 1]], [None]).shape[0] == 1
+
+
+def test_no_spin_reaches_onnxruntime_and_changes_no_answer(tmp_path_factory):
+    """``serve --no-spin`` (``ServeOptions.spin``) is onnxruntime's ``session.intra_op.allow_spinning`` 0 on the
+    session the server runs (read back from onnxruntime's own session options); spinning (the default) leaves
+    onnxruntime's setting alone; the vectors are the same either way."""
+    import click
+    from click.testing import CliRunner
+
+    from bca_deploy.serving.http import build
+    from bca_deploy.serving.options import ServeOptions, click_options
+    from http_helpers import bank
+
+    key = "session.intra_op.allow_spinning"
+    seen = {}
+
+    @click.command()
+    @click_options
+    def command(options):
+        seen["options"] = options
+
+    assert CliRunner().invoke(command, ["--no-spin"]).exit_code == 0 and seen["options"].spin is False
+    assert CliRunner().invoke(command, []).exit_code == 0 and seen["options"].spin is True
+    export = bank("bert", tmp_path_factory)["onnx"]
+    vectors = {}
+    for spin in (True, False):
+        app = build(export, options=ServeOptions(spin=spin, threads=1))
+        session = app.state.server.session
+        try:
+            entry = session.session.get_session_options().get_session_config_entry(key)
+        except Exception:  # noqa: BLE001 - onnxruntime's answer for a key never set
+            entry = None
+        assert entry == (None if spin else "0"), (spin, entry)
+        vectors[spin] = session.embed(["a day at the sea"], [None])
+        app.state.server.chat_templates.close()
+    assert np.array_equal(vectors[True], vectors[False])
