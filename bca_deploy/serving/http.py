@@ -1223,8 +1223,7 @@ class _Guard:
         server, options = self.server, self.server.options
         start = time.perf_counter()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        request_id = request_id_of(headers.get("x-request-id"))
         state = scope.setdefault("state", {})
         state.update({"log": {}, "request_id": request_id})
         sent = {"status": None, "whole": False}
@@ -1372,22 +1371,36 @@ class _Guard:
         return guarded_receive
 
     def _record(self, scope, state, request_id: str, status: int, start: float) -> None:
-        elapsed = time.perf_counter() - start
         route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
-        log = state.get("log", {})
-        metrics = self.server.metrics
-        adapter = metrics.recorded_label(state.get("adapter_label", ""))
-        method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # a bounded label set
-        metrics.requests.labels(endpoint, method, str(status), adapter).inc()
-        if status >= 400:
-            metrics.errors.labels(endpoint, str(status), state.get("error_type", "unknown"), adapter).inc()
-        metrics.latency.labels(endpoint).observe(elapsed)
-        entry = {"ts": round(time.time(), 3), "request_id": request_id, "method": scope["method"][:32],
-                 "path": scope["path"][:256], "status": status, "latency_ms": round(elapsed * 1000, 3), **log}
-        if "error_type" in state:
-            entry["error_type"] = state["error_type"]
-        _log_json(entry)
+        record_request(self.server.metrics, endpoint=getattr(route, "path", None) or "unmatched",
+                       method=scope["method"], path=scope["path"], status=status,
+                       error_type=state.get("error_type"), adapter_label=state.get("adapter_label", ""),
+                       elapsed=time.perf_counter() - start, request_id=request_id, log=state.get("log", {}))
+
+
+def record_request(metrics: ServerMetrics, *, endpoint: str, method: str, path: str, status: int,
+                   error_type: str | None, adapter_label: str, elapsed: float, request_id: str,
+                   log: Mapping[str, Any] | None = None) -> None:
+    """Count one answered request (``bca_requests_total``, ``bca_request_errors_total`` for status >= 400,
+    ``bca_request_duration_seconds``) and write its access line: every answer of ``serve``, and on Ray Serve every
+    answer the router gives itself. ``endpoint`` is a route template or ``"unmatched"``; ``adapter_label`` the one
+    :meth:`ServerMetrics.adapter_label` gave when the request named its adapter (``""``: none)."""
+    adapter = metrics.recorded_label(adapter_label)
+    label_method = method if method in HTTP_METHODS else "other"  # a bounded label set
+    metrics.requests.labels(endpoint, label_method, str(status), adapter).inc()
+    if status >= 400:
+        metrics.errors.labels(endpoint, str(status), error_type or "unknown", adapter).inc()
+    metrics.latency.labels(endpoint).observe(elapsed)
+    entry = {"ts": round(time.time(), 3), "request_id": request_id, "method": method[:32], "path": path[:256],
+             "status": status, "latency_ms": round(elapsed * 1000, 3), **(log or {})}
+    if error_type is not None:
+        entry["error_type"] = error_type
+    _log_json(entry)
+
+
+def request_id_of(given: str | None) -> str:
+    """The id a request is logged under: the client's ``x-request-id`` when it is a sane one, else a new one."""
+    return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
 
 
 # ---- the app --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["ServerMetrics", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER", "HIDDEN_ADAPTER",
+__all__ = ["ServerMetrics", "with_requests_of", "REQUEST_FAMILIES", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER", "HIDDEN_ADAPTER",
            "CONNECTION_REFUSAL_REASONS"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -35,6 +35,10 @@ HIDDEN_ADAPTER = "__adapter__"
 #: connection beyond ``--max-connections`` (503).
 CONNECTION_REFUSAL_REASONS = ("invalid_http", "head_too_large", "head_timeout", "too_many_connections",
                               "body_after_answer")
+
+#: The families that count answered requests (one sample per answer), the ones a Ray Serve router adds its own
+#: answers to (:func:`with_requests_of`).
+REQUEST_FAMILIES = ("bca_requests", "bca_request_errors", "bca_request_duration_seconds")
 
 # ``adapter`` labels that name no adapter: never removed, never relabelled.
 _RESERVED_LABELS = frozenset({"", BASE_ADAPTER, UNKNOWN_ADAPTER, HIDDEN_ADAPTER})
@@ -145,3 +149,37 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The text exposition format of every metric."""
         return generate_latest(self.registry)
+
+
+def with_requests_of(text: bytes, metrics: ServerMetrics) -> bytes:
+    """A replica's ``/metrics`` ``text`` with the requests ``metrics`` counted added into its
+    :data:`REQUEST_FAMILIES` (the same series summed), in the text exposition format:
+    on Ray Serve, the router adds the answers it gave itself (never forwarded to a replica) to the replica's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text.decode("utf-8"))}
+    for family in metrics.registry.collect():
+        if family.name not in REQUEST_FAMILIES:
+            continue
+        # the text's ``_created`` samples are families of their own (as parsed): the replica's stand, the
+        # router's are left out (one family each, as Prometheus requires; they are optional)
+        samples = [sample for sample in family.samples if not sample.name.endswith("_created")]
+        into = families.setdefault(family.name, family)
+        if into is family:
+            family.samples = samples
+            continue
+        index = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(into.samples)}
+        for sample in samples:
+            i = index.get((sample.name, tuple(sorted(sample.labels.items()))))
+            if i is None:
+                into.samples.append(sample)
+            else:
+                into.samples[i] = into.samples[i]._replace(value=into.samples[i].value + sample.value)
+
+    class _Merged:
+        def collect(self):
+            return iter(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)

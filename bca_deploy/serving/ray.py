@@ -14,7 +14,10 @@ Two deployments (``pip install 'bca-deploy[onnx,ray]'``):
   ``multiplexed_model_id=<adapter>``, so Ray sends it to a replica that holds the adapter (and loads it
   on one otherwise); base-model requests go to any replica. Answers, streamed ones included, come back
   unchanged. ``GET /v1/models`` lists the base model, the exported adapters and the store's entries
-  (all can be served, each loaded on demand).
+  (all can be served, each loaded on demand). The answers it gives itself (its refusals, the model listing)
+  are counted in serve's request metrics (:func:`~bca_deploy.serving.http.record_request`: same families and
+  labels, same access line) and added to the replica's ``GET /metrics`` it passes on
+  (:func:`~bca_deploy.serving.metrics.with_requests_of`).
 
 The load routes answer as a single server does (201/200, or 409 ``adapter_exists`` when the replica the
 request reaches holds the adapter already, as every replica holds the exported ones); replacing an
@@ -51,10 +54,11 @@ from typing import Any
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems
 from .openai import ClosingStreamingResponse
+from .metrics import ServerMetrics, with_requests_of
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
@@ -108,10 +112,11 @@ class AdapterReplicas:
 
     def __init__(self, export_dir: str, adapter_store: str | None, options: Mapping[str, Any],
                  max_adapters_per_replica: int = 16) -> None:
-        from .http import create_app
+        from .http import configure_logging, create_app
         from .session import MultiAdapterSession
         from .store import AdapterStore
 
+        configure_logging()  # the app's access lines, as serve writes them (stderr: the replica's log in Ray)
         self.options = ServeOptions(**options)
         self.session = MultiAdapterSession(export_dir, provider=self.options.provider,
                                            intra_op_threads=self.options.threads, spin=self.options.spin,
@@ -231,6 +236,28 @@ def _adapter_field(data: Any) -> str | None:
     return next((k for k in _ADAPTER_FIELDS if k in data), None)
 
 
+#: The routes of serve's app that the router answers or refuses itself, by (methods, template): its answers are
+#: counted under these templates, as serve's app counts them (any other path: "unmatched", as serve counts it).
+_ROUTER_ROUTES = ((READ_METHODS, "/v1/models"), (READ_METHODS, "/v1/models/{model}"),
+                  (frozenset({"DELETE"}), "/v1/adapters/{name}"),
+                  *((frozenset({"POST"}), path) for path in sorted(BODY_ROUTES)))
+
+
+def _endpoint(method: str, path: str, headers: Mapping[str, str], max_body_bytes: int) -> str:
+    """The ``endpoint`` label serve's app gives a request the router answers itself: the route template it
+    matches, or "unmatched" (also a body refused by its ``content-length``, which serve refuses before routing)."""
+    length = headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+        return "unmatched"
+    for methods, template in _ROUTER_ROUTES:
+        head, brace, _ = template.partition("{")
+        matches = (path.startswith(head) and "/" not in path[len(head):] and len(path) > len(head)) if brace \
+            else path == template
+        if matches and method in methods:
+            return template
+    return "unmatched"
+
+
 def _json_or_none(body: bytes | None) -> Any:
     """Raw body bytes the router has already read and checked, parsed (None if there are none or they are not JSON)."""
     try:
@@ -291,42 +318,80 @@ class Router:
     """The HTTP ingress: reads the request once, picks the adapter, forwards it multiplexed (see the module docstring)."""
 
     def __init__(self, replicas, export_dir: str, adapter_store: str | None, options: Mapping[str, Any]) -> None:
-        from .http import served_model_name
+        from .http import configure_logging, served_model_name
 
+        configure_logging()  # the access lines of the router's own answers (stderr: the router's log in Ray)
         self.replicas = replicas
         self.options = ServeOptions(**options)
         self.exported = sorted(bank_metadata(export_dir).bank.adapters)
         self.store_dir = adapter_store
         self.model_name = served_model_name(self.options.served_model_name, Path(export_dir), self.exported)
         self.created = int(time.time())  # the models' "created", as a single server gives it
+        # the answers this router gives itself (never forwarded), in serve's families and labels; added to the
+        # replicas' GET /metrics
+        self.metrics = ServerMetrics(lambda: (), lambda: 0, show_adapters=self.options.list_adapters)
 
     async def __call__(self, request: Request):
-        body = None  # (a body that does not arrive, or arrives too large, is refused before it is read)
+        start = time.perf_counter()
         try:
-            self._refuse_route(request)  # 403 (--no-manage-adapters) and the unload routes: from the target alone
-            if request.method == "POST" and request.url.path in BODY_ROUTES:
-                # a body its headers refuse (415) is refused before it is read, as serve's routes refuse it
-                check_body_headers(request.headers)
-            body = await self._body(request)
-            # the store's listing takes seconds for a large store: off the event loop, which every request shares
-            if request.method in READ_METHODS and request.url.path == "/v1/models":
-                return JSONResponse(await run_in_threadpool(self._models))
-            if request.method in READ_METHODS and request.url.path.startswith("/v1/models/"):
-                # answered here from the listing: a replica knows only the adapters it holds now
-                return JSONResponse(await run_in_threadpool(self._model, request.url.path.removeprefix("/v1/models/")))
-            adapter = await self._adapter(request, body)
-        except BCAError as exc:
-            status, kind = error_status(exc, is_openai_request(request.url.path, _json_or_none(body)))
-            return JSONResponse(error_body(status, kind, str(exc), getattr(exc, "param", None)), status_code=status)
-        handle = self.replicas.options(multiplexed_model_id=adapter, stream=True)
-        stream = handle.handle.remote(request.method, request.url.path, request.url.query.encode(),
-                                      list(request.headers.raw), body)
-        start = await stream.__anext__()
+            response = await self._own_answer(request)
+        except BCAError as exc:  # refused here: counted and logged below, as serve's routes' refusals are
+            status, kind = error_status(exc, is_openai_request(request.url.path, _json_or_none(request.state.body)))
+            response = JSONResponse(error_body(status, kind, str(exc), getattr(exc, "param", None)),
+                                    status_code=status)
+            self._record(request, status, kind, start)
+            return response
+        if response is not None:
+            self._record(request, response.status_code, None, start)
+            return response
+        # answered by a replica, which counts and logs it (bca-deploy serve's app)
+        stream = self._forward(request, request.state.adapter, request.state.body)
+        start_message = await stream.__anext__()
         # Ray's proxy sets x-request-id on every answer (the client's, or the one it generated and forwarded, which
         # the replica's log used): the replica's copy would make it twice
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start_message["headers"]
                    if k.lower() not in (b"content-length", b"transfer-encoding", b"x-request-id")}
-        return ClosingStreamingResponse(_rest(stream), status_code=start["status"], headers=headers)
+        if request.method == "GET" and request.url.path == "/metrics" and self.options.metrics \
+                and start_message["status"] == 200:
+            # the replica's metrics, with the answers this router gave itself added (they never reach a replica)
+            text = b"".join([chunk async for chunk in _rest(stream)])
+            return Response(with_requests_of(text, self.metrics), status_code=200, headers=headers)
+        return ClosingStreamingResponse(_rest(stream), status_code=start_message["status"], headers=headers)
+
+    async def _own_answer(self, request: Request) -> Response | None:
+        """The router's own answer to ``request`` (a refusal is raised), or None: a replica answers it (then
+        ``request.state`` holds its ``body`` and ``adapter``)."""
+        request.state.body = None  # (a body that does not arrive, or arrives too large, is refused before it is read)
+        self._refuse_route(request)  # 403 (--no-manage-adapters) and the unload routes: from the target alone
+        if request.method == "POST" and request.url.path in BODY_ROUTES:
+            # a body its headers refuse (415) is refused before it is read, as serve's routes refuse it
+            check_body_headers(request.headers)
+        request.state.body = body = await self._body(request)
+        # the store's listing takes seconds for a large store: off the event loop, which every request shares
+        if request.method in READ_METHODS and request.url.path == "/v1/models":
+            return JSONResponse(await run_in_threadpool(self._models))
+        if request.method in READ_METHODS and request.url.path.startswith("/v1/models/"):
+            # answered here from the listing: a replica knows only the adapters it holds now
+            return JSONResponse(await run_in_threadpool(self._model, request.url.path.removeprefix("/v1/models/")))
+        request.state.adapter = await self._adapter(request, body)
+        return None
+
+    def _forward(self, request: Request, adapter: str, body: bytes):
+        """The replica's answer to ``request`` (multiplexed on ``adapter``): its start, then its body chunks."""
+        handle = self.replicas.options(multiplexed_model_id=adapter, stream=True)
+        return handle.handle.remote(request.method, request.url.path, request.url.query.encode(),
+                                    list(request.headers.raw), body)
+
+    def _record(self, request: Request, status: int, error_type: str | None, start: float) -> None:
+        """Count and log an answer the router gave itself, as serve's app records each of its answers (the same
+        metric families and labels, the same access line; the request names no adapter by then: label "")."""
+        from .http import record_request, request_id_of
+
+        record_request(self.metrics, endpoint=_endpoint(request.method, request.url.path, request.headers,
+                                                            self.options.max_body_bytes),
+                       method=request.method, path=request.url.path, status=status, error_type=error_type,
+                       adapter_label="", elapsed=time.perf_counter() - start,
+                       request_id=request_id_of(request.headers.get("x-request-id")))
 
     async def startup_notes(self) -> list[str]:
         """One replica's start-up notes (:meth:`AdapterReplicas.startup_notes`), for the driver to print."""

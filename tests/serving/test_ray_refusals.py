@@ -227,3 +227,83 @@ def test_the_router_refuses_a_body_by_its_headers_before_reading_it(tmp_path_fac
     # with --no-manage-adapters the load routes are 403 first, as serve's routes answer them
     status, body, reads = asyncio.run(answer("/v1/adapters", [(b"content-type", b"text/plain")]))
     assert (status, body["error"]["type"], reads) == (403, "forbidden", 0), body
+
+
+def test_the_routers_own_answers_are_counted_and_logged_as_serves_are(tmp_path_factory):
+    # on Ray Serve the router's own answers (415, 403, ...) reached no replica, so no access line and no count in
+    # GET /metrics; they are now counted in serve's families and labels and logged as serve's access lines, and
+    # added to the replica's GET /metrics that the router passes on
+    import logging
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from starlette.requests import Request
+
+    from bca_deploy.serving.http import LOGGER_NAME
+    from bca_deploy.serving.metrics import ServerMetrics
+    from bca_deploy.serving.options import ServeOptions
+    from bca_deploy.serving.ray import Router, _ray_fields
+
+    art = bank("bert", tmp_path_factory)
+    router = Router.func_or_class(None, str(art["onnx"]), str(art["store"]),
+                                  _ray_fields(ServeOptions(manage_adapters=False)))
+
+    def call(method: str, path: str, headers: list[tuple[bytes, bytes]], request_id: bytes):
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        request = Request({"type": "http", "method": method, "path": path, "query_string": b"",
+                           "headers": [(b"x-request-id", request_id), *headers]}, receive)
+        return asyncio.run(asyncio.wait_for(router(request), 30))
+
+    logger, records = logging.getLogger(LOGGER_NAME), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)  # the router writes serve's access lines (its logger: no propagation to the root)
+    try:
+        assert call("POST", "/v1/embeddings", [(b"content-type", b"text/plain")], b"r-415").status_code == 415
+        assert call("POST", "/v1/adapters", [(b"content-type", b"application/json")], b"r-403").status_code == 403
+        assert call("POST", "/v1/adapters", [(b"content-type", b"application/json")], b"r-403b").status_code == 403
+        assert call("DELETE", "/v1/adapters/a0", [], b"r-del").status_code == 403
+        assert call("GET", "/v1/models", [], b"r-models").status_code == 200
+    finally:
+        logger.removeHandler(handler)
+    lines = {entry["request_id"]: entry for entry in (json.loads(r.getMessage()) for r in records)}
+    assert {k: (v["method"], v["path"], v["status"], v.get("error_type")) for k, v in lines.items()} == {
+        "r-415": ("POST", "/v1/embeddings", 415, "unsupported_media_type"),
+        "r-403": ("POST", "/v1/adapters", 403, "forbidden"), "r-403b": ("POST", "/v1/adapters", 403, "forbidden"),
+        "r-del": ("DELETE", "/v1/adapters/a0", 403, "forbidden"), "r-models": ("GET", "/v1/models", 200, None)}
+    assert all(v["latency_ms"] >= 0 for v in lines.values())
+
+    expected_requests = {("/v1/embeddings", "POST", "415", ""): 1.0, ("/v1/adapters", "POST", "403", ""): 2.0,
+                         ("/v1/adapters/{name}", "DELETE", "403", ""): 1.0, ("/v1/models", "GET", "200", ""): 1.0}
+    expected_errors = {("/v1/embeddings", "415", "unsupported_media_type", ""): 1.0,
+                       ("/v1/adapters", "403", "forbidden", ""): 2.0,
+                       ("/v1/adapters/{name}", "403", "forbidden", ""): 1.0}
+
+    def counts(text: bytes, sample: str, names: tuple[str, ...]) -> dict:
+        return {tuple(s.labels[n] for n in names): s.value for f in text_string_to_metric_families(text.decode())
+                for s in f.samples if s.name == sample}
+
+    # GET /metrics: the replica's text (here: one that counted a request of its own), the router's answers added
+    replica = ServerMetrics(lambda: (), lambda: 0)
+    replica.requests.labels("/v1/embeddings", "POST", "415", "").inc(3)
+    replica.requests.labels("/health", "GET", "200", "").inc()
+
+    async def forwarded(*args):
+        yield {"status": 200, "headers": [(b"content-type", b"text/plain; version=0.0.4")]}
+        yield replica.render()
+
+    router._forward = lambda request, adapter, body: forwarded()
+    answer = call("GET", "/metrics", [], b"r-metrics")
+    assert answer.status_code == 200
+    requests = counts(answer.body, "bca_requests_total", ("endpoint", "method", "status", "adapter"))
+    assert requests == {**expected_requests, ("/v1/embeddings", "POST", "415", ""): 4.0,
+                        ("/health", "GET", "200", ""): 1.0}
+    assert counts(answer.body, "bca_request_errors_total", ("endpoint", "status", "type", "adapter")) == expected_errors
+    assert counts(answer.body, "bca_request_duration_seconds_count", ("endpoint",)) == {
+        ("/v1/embeddings",): 1.0, ("/v1/adapters",): 2.0, ("/v1/adapters/{name}",): 1.0, ("/v1/models",): 1.0}
+    # one family each, as Prometheus requires; the replica's other families come through as they were
+    types = [line.split()[2] for line in answer.body.decode().splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)) == replica.render().decode().count("# TYPE ")
+    assert counts(answer.body, "bca_adapters_loaded", ()) == {(): 0.0}
+
