@@ -22,8 +22,8 @@ from collections.abc import Callable, Collection
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["ServerMetrics", "with_requests_of", "REQUEST_FAMILIES", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER", "HIDDEN_ADAPTER",
-           "CONNECTION_REFUSAL_REASONS"]
+__all__ = ["ServerMetrics", "with_requests_of", "REQUEST_FAMILIES", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER",
+           "HIDDEN_ADAPTER", "CONNECTION_REFUSAL_REASONS"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNKNOWN_ADAPTER = "__unknown__"
