@@ -279,6 +279,73 @@ def converted_key(key: str, renamings: list, converters: list) -> tuple[str, boo
     return name, pattern is not None
 
 
+def fused_experts_reason(cls: str, version: str, parameters: Sequence[str]) -> str:
+    """Why no adapter applies to a per-expert Linear of ``cls`` on transformers ``version`` (5.x), which fuses them
+    into ``parameters`` (the model's names): the one wording for an adapter made with 4.x (:func:`line_naming`) and
+    for targets that name the experts (:func:`bca_deploy.inject.unmatched_targets`)."""
+    shown = ", ".join(dict.fromkeys(".".join(p.split(".")[-2:]) for p in parameters))
+    return (f"transformers {version} fuses the experts of {cls} into 3-D parameters ({shown}: every expert's weight "
+            "in one tensor), not one Linear per expert as transformers 4.x has them, so no adapter applies to an "
+            "expert")
+
+
+def fused_source(key: str, renamings: list, converters: list) -> tuple[str, object, str] | None:
+    """For a stored checkpoint ``key`` that a converter of :func:`conversion_mapping` fuses with others as transformers
+    5.x loads it: ``(parameter, converter, source pattern)``, the parameter's name as :func:`converted_key` gives it,
+    the converter and which of its source patterns took ``key``; None for any other key."""
+    from transformers.core_model_loading import rename_source_key
+
+    name, pattern = rename_source_key(key, renamings, converters)
+    if pattern is None:
+        return None
+    converter = next((c for c in converters if pattern in c.source_patterns), None)
+    return None if converter is None else (name, converter, pattern)
+
+
+def fused_piece_shape(converter: object, shape: Sequence[int]) -> tuple[tuple[int, ...], int | None] | None:
+    """The shape each stored tensor of ``converter`` (:func:`fused_source`) has where the fused parameter has
+    ``shape``, with how many it stacks per source pattern (the experts; None where it stacks none): its operations
+    undone in reverse order. Mixtral's ``gate_up_proj`` (E, 2*I, H), made of every expert's ``w1`` and ``w3``
+    stacked (``MergeModulelist(dim=0)``) then the two joined (``Concatenate(dim=1)``): each ``w1``/``w3`` (I, H),
+    E of each. None for a converter with other operations (the shapes it takes are not worked out here)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    shape, count = list(shape), None
+    sources = len(getattr(converter, "source_patterns", ()))
+    for op in reversed(list(getattr(converter, "operations", ()))):
+        if type(op) is Concatenate and sources and 0 <= op.dim < len(shape) and shape[op.dim] % sources == 0:
+            shape[op.dim] //= sources
+        elif type(op) is MergeModulelist and count is None and 0 <= op.dim < len(shape):
+            count = shape.pop(op.dim)
+        else:
+            return None
+    return tuple(shape), count
+
+
+def fused_expert_modules(model: nn.Module) -> dict[str, str]:
+    """The per-expert Linears transformers 5.x fuses into ``model``'s 3-D parameters, one example path per source
+    pattern and parameter (expert 0: ``model.layers.0.mlp.experts.0.w1``, as 4.x names it) -> the parameter it is
+    fused into (``model.layers.0.mlp.experts.gate_up_proj``); empty on transformers 4.x. Each path is checked to
+    convert to its parameter (:func:`converted_key`), so an example made up wrong is left out."""
+    renamings, converters = conversion_mapping(model)
+    if not converters:
+        return {}
+    found: dict[str, str] = {}
+    for name, _ in model.named_parameters():
+        for converter in converters:
+            for target in converter.target_patterns:
+                target = target.replace("\\", "")
+                if not (name.endswith(target) if target.startswith(".") else
+                        name == target or name.endswith("." + target)):
+                    continue
+                for source in converter.source_patterns:
+                    example = name[: len(name) - len(target)] + source.replace("\\", "").replace("*", "0")
+                    with contextlib.suppress(Exception):  # a pattern this cannot make an example of
+                        if converted_key(example, renamings, converters) == (name, True):
+                            found[example.removesuffix(".weight")] = name
+    return found
+
+
 def line_naming(model: nn.Module, modules: Mapping[str, ModuleInfo],
                 params: Mapping[str, ParamInfo]) -> Callable[[str], str | None]:
     """The rule for an adapter module the installed transformers names otherwise than the line it was made with:
@@ -315,9 +382,7 @@ def line_naming(model: nn.Module, modules: Mapping[str, ModuleInfo],
         if renamings or converters:
             name, fused = converted_key(f"{path}.weight", renamings, converters)
             if fused and name in params:
-                return (f"module {path}: transformers {version} fuses the experts of {cls} into 3-D parameters "
-                        f"({'.'.join(name.split('.')[-2:])}: every expert's weight in one tensor), not one Linear "
-                        "per expert as transformers 4.x has them, so no adapter applies to an expert; "
+                return (f"module {path}: {fused_experts_reason(cls, version, [name])}; "
                         + advice.format(line="4.x") + " with targets other than the experts (q_proj, v_proj...)")
             module = name.removesuffix(".weight")
             if not fused and module != path and module in modules:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -62,6 +63,8 @@ __all__ = [
     "check_base_weights",
     "register_base_weights",
     "apply_head_labels",
+    "unmatched_targets",
+    "UnmatchedTargetsWarning",
 ]
 
 _CONFIGS_ATTR = "bca_adapter_configs"
@@ -71,6 +74,38 @@ def _matches(name: str, target_modules: Sequence[str] | str) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+class UnmatchedTargetsWarning(UserWarning):
+    """Entries of a target list matched no layer beside others that did (:func:`unmatched_targets`)."""
+
+
+def unmatched_targets(model: nn.Module, target_modules: Sequence[str] | str, matched: Sequence[str],
+                      option: str = "target_modules") -> str | None:
+    """What to say of the entries of ``target_modules`` (a list) that select none of ``matched`` (the adapted
+    paths) while others do, or None: an entry that matches nothing beside others is not an error (PEFT's rule
+    too), but it adapts less than asked. Where transformers 5.x fuses the layers an entry names into 3-D parameters
+    (Mixtral's expert ``w1``/``w2``, :func:`bca_deploy.fit.fused_expert_modules`), says why in
+    :func:`bca_deploy.fit.fused_experts_reason`'s words. The one wording of :func:`inject`'s warning and of
+    ``train``'s note (``option`` names the entries as the caller took them: ``target_modules``, ``--targets``)."""
+    if isinstance(target_modules, str) or not matched:
+        return None
+    unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in matched)]
+    if not unmatched:
+        return None
+    from .fit import fused_expert_modules, fused_experts_reason
+
+    cls = type(model).__name__
+    message = (f"{option} {', '.join(unmatched)} matched no Linear/Conv1D layer of {cls}; adapting {len(matched)} "
+               "layers matched by the others")
+    experts = fused_expert_modules(model)
+    fused = {t: [p for path, p in experts.items() if _matches(path, [t])] for t in unmatched}
+    if named := [t for t in unmatched if fused[t]]:
+        import transformers
+
+        reason = fused_experts_reason(cls, transformers.__version__, [p for t in named for p in fused[t]])
+        message += f". {', '.join(named)}: {reason}; adapt them with transformers 4.x, or target other modules"
+    return message
 
 
 def _base_of(module: nn.Module) -> nn.Module:
@@ -226,12 +261,18 @@ def inject(
     Returns:
         The same ``model``, adapted.
 
+    Warns:
+        UnmatchedTargetsWarning: entries of a ``target_modules`` list matched nothing beside others that did
+            (:func:`unmatched_targets`: on transformers 5.x, Mixtral's fused expert ``w1``/``w2``...).
+
     Raises:
         TargetModuleError: a pattern matched nothing or matched a non-Linear module.
         BlockSizeError: p does not divide a target (the message lists valid sizes per module).
     """
     pattern = dict(block_size_pattern or {})
     names = match_target_modules(model, target_modules)
+    if (note := unmatched_targets(model, target_modules, names)) is not None:
+        warnings.warn(note, UnmatchedTargetsWarning, stacklevel=2)
     _check_pattern(pattern, names)
     specs = {}
     for name in names:

@@ -727,6 +727,7 @@ def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
             forms += [f"{prefix}.{key}"] + ([key[len(prefix) + 1:]] if key.startswith(prefix + ".") else [])
         return forms
 
+    problems += _fused_fit_problems(model, stored, names, expected, floating, quantized, skip, where)
     forms = [(key, form) for key in stored for form in model_forms(key)]
     for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or not path or path.startswith(skip):
@@ -761,6 +762,82 @@ def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
         problems.append(f"none of the checkpoint's {len(stored)} tensors (e.g. {', '.join(sorted(stored)[:3])}) is one "
                         f"of the weights of the {type(model).__name__} config.json describes (e.g. "
                         f"{', '.join(sorted(params)[:3])})")
+    return problems
+
+
+def _fused_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequence[int]]], names: Mapping[str, str],
+                        expected: Mapping[str, tuple[int, ...]], floating: set[str], quantized: bool,
+                        skip: tuple[str, ...], where: Any) -> list[str]:
+    """:func:`config_fit_problems`' rule for the stored tensors transformers 5.x fuses as it loads them (Mixtral's and
+    Qwen2-MoE's per-expert ``w1``/``w2``/``w3``, ``gate_proj``/``up_proj``/``down_proj`` into 3-D
+    ``experts.gate_up_proj``/``down_proj``; :func:`bca_deploy.fit.conversion_mapping`): each one's shape as the fused
+    parameter's implies it (``gate_up_proj`` (E, 2*I, H): each ``w1``/``w3`` (I, H)) and its dtype; and, for a fused
+    parameter some of whose tensors are stored, every expert of every source (transformers 5.x refuses a fused
+    parameter of another shape, or initializes it at random). Nothing on transformers 4.x, which loads each expert's
+    Linear as stored: the per-tensor and layer-list rules check them."""
+    from .fit import conversion_mapping, fused_piece_shape, fused_source
+
+    renamings, converters = conversion_mapping(model)
+    if not converters:
+        return []
+    import transformers
+
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    problems: list[str] = []
+    # fused parameter -> (converter, source pattern -> {expert index or None: stored key})
+    groups: dict[str, tuple[object, dict[str, dict[int | None, str]]]] = {}
+    for key in sorted(stored):
+        if key in names or (found := fused_source(key, renamings, converters)) is None:
+            continue
+        fused, converter, pattern = found
+        forms = [fused] + ([f"{prefix}.{fused}"] + ([fused[len(prefix) + 1:]] if fused.startswith(prefix + ".")
+                                                      else []) if prefix else [])
+        name = next((f for f in forms if f in expected), None)
+        if name is None or name.startswith(skip):
+            continue
+        digits = [int(part) for part in key.split(".") if part.isdigit()]
+        index = digits[-1] if digits else None  # the expert's: the last index in the key (layers.1.experts.2.w1)
+        groups.setdefault(name, (converter, {}))[1].setdefault(pattern, {})[index] = key
+    for name, (converter, by_pattern) in groups.items():
+        implied = fused_piece_shape(converter, expected[name])
+        for pattern, keys in by_pattern.items():
+            for key in keys.values():
+                dtype, shape = stored[key]
+                shown = f"{key}{where(key)} (one expert's part of the model's {name} {list(expected[name])}: " \
+                        f"transformers {transformers.__version__} fuses them into it)"
+                if name in floating and dtype not in WEIGHT_DTYPES and not quantized:
+                    problems.append(f"tensor {shown}: stored as {dtype}, but it is {_DTYPE_PROBLEM} "
+                                    f"(weights are read as {', '.join(WEIGHT_DTYPES)}; transformers would convert it "
+                                    "silently or fail, and config.json records no quantization_config)")
+                elif implied is not None and (dtype.startswith("F") or dtype == "BF16") \
+                        and tuple(shape) != implied[0]:
+                    problems.append(f"tensor {shown}: stored {list(shape)}, config.json gives "
+                                    f"{list(implied[0])}")
+        count = implied[1] if implied is not None else None
+        if count is None:
+            continue
+        for pattern in getattr(converter, "source_patterns", ()):
+            keys = by_pattern.get(pattern, {})
+            example = next((k for i, k in keys.items() if i is not None), None) or next(iter(
+                k for held in by_pattern.values() for i, k in held.items() if i is not None), None)
+            if example is None:
+                continue
+            absent = sorted(set(range(count)) - set(keys))
+            extra = sorted(i for i in keys if i is not None and i >= count)
+            if not absent and not extra:
+                continue
+            head, _, tail = example.rpartition(f".{[p for p in example.split('.') if p.isdigit()][-1]}.")
+            if pattern not in by_pattern:  # no tensor of this source at all: its leaf from the pattern
+                leaf = pattern.replace("\\", "").rpartition("*.")[2]
+                tail = leaf
+            what = []
+            if absent:
+                what.append(f"holds no tensor {head}.{_index_ranges(absent)}.{tail}")
+            if extra:
+                what.append(f"holds {head}.{_index_ranges(extra)}.{tail} past them")
+            problems.append(f"{name}: config.json builds {count} experts (num_local_experts, num_experts...); the "
+                            f"checkpoint {' and '.join(what)}: transformers {transformers.__version__} fuses every "
+                            "expert's tensor into this one parameter, and would refuse it or initialize it at random")
     return problems
 
 

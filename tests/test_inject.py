@@ -268,3 +268,44 @@ def test_a_tied_lm_head_saved_whole_is_refused_naming_the_module_it_follows():
     untied = tiny_llama()  # an untied lm_head is its own module: saved whole as before
     bd.inject(untied, target_modules=["q_proj"], block_size=8, modules_to_save=["lm_head"])
     assert untied.lm_head.weight.requires_grad and not untied.model.embed_tokens.weight.requires_grad
+
+
+def test_target_entries_that_match_nothing_beside_others_are_named_in_a_warning():
+    """inject(model, ["query", "w1", "w2"]) on a model without w1 layers adapted query alone without a word (train
+    printed a note, the library said nothing); entries that matched nothing are now named in a warning, in train's
+    words (bca_deploy.inject.unmatched_targets), and the others adapted, as PEFT does."""
+    model = tiny_bert()
+    from bca_deploy.inject import UnmatchedTargetsWarning
+
+    with pytest.warns(UnmatchedTargetsWarning, match=r"target_modules w1, w2 matched no Linear/Conv1D layer of BertModel; "
+                            r"adapting 2 layers matched by the others$"):
+        bd.inject(model, ["query", "w1", "w2"], block_size=8)
+    assert sorted(n.rsplit(".", 1)[-1] for n, _ in bd.bca_layers(model)) == ["query", "query"]
+
+
+def test_fused_moe_experts_named_as_targets_are_said_to_be_fused_on_transformers_5():
+    """transformers 5.x fuses Mixtral's per-expert w1/w2/w3 into 3-D parameters: inject(model, ["q_proj", "w1",
+    "w2"]) adapted q_proj alone without a word. The warning now names w1, w2 and says why, in the words the fit rule
+    uses for an adapter made with 4.x (bca_deploy.fit.fused_experts_reason). On 4.x they are Linears, adapted."""
+    import warnings
+
+    import transformers
+
+    from test_merge_moe import CONFIGS
+
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["mixtral"]())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bd.inject(model, ["q_proj", "w1", "w2"], block_size=8)
+    said = [str(w.message) for w in caught if "matched no Linear/Conv1D layer" in str(w.message)]
+    adapted = {n.rsplit(".", 1)[-1] for n, _ in bd.bca_layers(model)}
+    if transformers.__version__.startswith("4."):
+        assert adapted == {"q_proj", "w1", "w2"} and not said, said
+        return
+    assert adapted == {"q_proj"}
+    assert len(said) == 1, said
+    assert said[0].startswith("target_modules w1, w2 matched no Linear/Conv1D layer of MixtralForCausalLM; adapting "
+                              "2 layers matched by the others. w1, w2: transformers 5."), said[0]
+    assert "fuses the experts of MixtralForCausalLM into 3-D parameters (experts.gate_up_proj, experts.down_proj: " \
+           "every expert's weight in one tensor)" in said[0] and said[0].endswith(
+               "adapt them with transformers 4.x, or target other modules"), said[0]

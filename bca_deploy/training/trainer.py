@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -672,23 +673,21 @@ class _TrainingRun:
             if self.targets is None:
                 self.targets = default_targets(model)
             by_p = cfg.scaling == "p"
-            inject(model, self.targets, block_size=cfg.block_size, block_size_pattern=cfg.block_size_pattern,
-                   scaling=1.0 if by_p else cfg.scaling, init=cfg.init, init_std=cfg.init_std, seed=cfg.seed,
-                   modules_to_save=modules_to_save)
+            from ..inject import UnmatchedTargetsWarning, adapter_configs, bca_layers, unmatched_targets
+
+            with warnings.catch_warnings():
+                # said once below as a note, as --targets: the warning's rule and words (unmatched_targets)
+                warnings.simplefilter("ignore", UnmatchedTargetsWarning)
+                inject(model, self.targets, block_size=cfg.block_size, block_size_pattern=cfg.block_size_pattern,
+                       scaling=1.0 if by_p else cfg.scaling, init=cfg.init, init_std=cfg.init_std, seed=cfg.seed,
+                       modules_to_save=modules_to_save)
             if by_p:
                 _scale_by_block_size(model)
-            from ..inject import _matches, adapter_configs, bca_layers
-
-            if not isinstance(self.targets, str) and self.d.is_main:
-                # an entry that matched nothing beside others that did is not an error (PEFT's rule too), but it
-                # trains less than asked: transformers 5.x fuses Mixtral's expert w1/w2 into 3-D parameters, so
-                # --targets q_proj,w1,w2 adapted q_proj alone without a word
-                adapted = [name for name, _ in bca_layers(model)]
-                unmatched = [t for t in self.targets if not any(_matches(n, [t]) for n in adapted)]
-                if unmatched:
-                    print(f"note: --targets {', '.join(unmatched)} matched no Linear/Conv1D layer of "
-                          f"{type(model).__name__}; adapting {len(adapted)} layers matched by the others",
-                          file=sys.stderr)
+            if self.d.is_main and (note := unmatched_targets(
+                    model, self.targets, [name for name, _ in bca_layers(model)], "--targets")) is not None:
+                # an entry that matched nothing beside others that did trains less than asked: transformers 5.x
+                # fuses Mixtral's expert w1/w2 into 3-D parameters, so --targets q_proj,w1,w2 adapted q_proj alone
+                print(f"note: {note}", file=sys.stderr)
 
             modules_to_save = adapter_configs(model)["default"].modules_to_save
         elif cfg.method == "head-only":

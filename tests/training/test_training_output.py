@@ -422,3 +422,32 @@ def test_a_target_entry_that_matches_nothing_beside_others_is_named(files, tmp_p
     err = capsys.readouterr().err
     assert "note: --targets w1, w2 matched no Linear/Conv1D layer of BertForSequenceClassification; adapting 2 layers" \
         in err, err
+
+
+def test_fused_moe_experts_named_in_targets_are_said_to_be_fused(files, tmp_path, capsys, recwarn):
+    """transformers 5.x fuses Mixtral's per-expert w1/w2/w3 into 3-D parameters: --targets q_proj,w1,w2 adapted
+    q_proj alone, the note saying only that w1, w2 matched nothing. It now says why, in the library's warning words
+    (bca_deploy.inject.unmatched_targets: one rule for both), said once (the warning is not repeated). On 4.x the
+    experts are Linears: adapted, no note."""
+    import transformers
+
+    from training_helpers import sst2_rows, word_tokenizer
+
+    model_dir = tmp_path / "mixtral"
+    tokenizer = word_tokenizer(model_dir, [s for s, _ in sst2_rows("train", 64)])
+    torch.manual_seed(0)
+    transformers.MixtralForSequenceClassification(transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
+        num_labels=2)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train(config(model_dir, files["small"], tmp_path / "run", max_steps=1, targets=["q_proj", "w1", "w2"]))
+    err = capsys.readouterr().err
+    assert not [w for w in recwarn if "matched no Linear/Conv1D layer" in str(w.message)]
+    if transformers.__version__.startswith("4."):
+        assert "note: --targets" not in err, err
+        return
+    assert err.count("note: --targets") == 1, err
+    assert "note: --targets w1, w2 matched no Linear/Conv1D layer of MixtralForSequenceClassification; adapting 2 " \
+           "layers matched by the others. w1, w2: transformers 5." in err, err
+    assert "fuses the experts of MixtralForSequenceClassification into 3-D parameters" in err, err
