@@ -43,6 +43,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,19 @@ def paired_engine_rounds(kind: str, args, work: Path, ways: dict[str, Any],
             result = asyncio.run(level(session, **engine_kwargs))
             samples[way].append({"result": result, "runs": meters[id(session)].take()})
     return samples
+
+
+def paired_rows(kind: str, args, samples: dict[str, list[tuple[float, ...]]], way_column: str,
+                columns: dict[str, Callable[[list[tuple[float, ...]]], float]], ratio_column: str,
+                ratio_of: tuple[str, str]) -> list[dict[str, Any]]:
+    """One result row per way of a paired engine benchmark: ``samples[way]`` holds one tuple per round whose first
+    value is tokens/s; ``columns`` name what each row shows of its rounds; ``ratio_column``, on the row of
+    ``ratio_of[0]``, is the median over rounds of its tokens/s over ``ratio_of[1]``'s in the same round (paired)."""
+    top, bottom = (samples[way] for way in ratio_of)
+    return [{"model": kind, "clients": args.clients, way_column: way,
+             **{name: column(values) for name, column in columns.items()},
+             ratio_column: statistics.median(a[0] / b[0] for a, b in zip(top, bottom)) if way == ratio_of[0] else None,
+             "rounds": len(values)} for way, values in samples.items()]
 
 
 def paired_engine_notes(args, specific: str, load_start, load_end, minutes: float) -> str:

@@ -37,16 +37,10 @@ def measure(kind: str, args, work: Path) -> list[dict]:
     samples = {name: [(sum(len(r["tokens"]) for r in s["result"]["records"]) / s["result"]["wall_s"],
                        s["runs"]["decode_s"] / max(1, s["runs"]["decode_row_steps"])) for s in runs]
                for name, runs in rounds.items()}
-    during, after = (samples[w] for w in WAYS)
-    rows = []
-    for way_name, values in samples.items():
-        rows.append({"model": kind, "clients": args.clients, "tokens handed to the loop": way_name,
-                     "tokens_per_s": statistics.median(v[0] for v in values),
-                     "decode_ms_per_row_step": 1e3 * statistics.median(v[1] for v in values),
-                     "after/during (paired tokens/s)": statistics.median(a[0] / d[0] for a, d in zip(after, during))
-                     if way_name == "after the step" else None,
-                     "rounds": len(values)})
-    return rows
+    return sg.paired_rows(kind, args, samples, "tokens handed to the loop", {
+        "tokens_per_s": lambda v: statistics.median(x[0] for x in v),
+        "decode_ms_per_row_step": lambda v: 1e3 * statistics.median(x[1] for x in v)},
+        "after/during (paired tokens/s)", ("after the step", "during the next run"))
 
 
 def notes(args, load_start, load_end, minutes: float) -> str:

@@ -30,17 +30,12 @@ def measure(kind: str, args, work: Path) -> list[dict]:
     samples = {name: [(sum(len(r["tokens"]) for r in s["result"]["records"]) / s["result"]["wall_s"],
                        s["result"]["cpu_s"], s["result"]["load_1min"]) for s in runs]
                for name, runs in rounds.items()}
-    spin, sleep = (samples[w] for w in WAYS)
-    rows = []
-    for way_name, values in samples.items():
-        rows.append({"model": kind, "clients": args.clients, "threads between runs": way_name,
-                     "tokens_per_s": statistics.median(v[0] for v in values),
-                     "tokens_per_s_min": min(v[0] for v in values), "tokens_per_s_max": max(v[0] for v in values),
-                     "cpu_s_per_level": statistics.median(v[1] for v in values),
-                     "no_spin/spin (paired tokens/s)": statistics.median(n[0] / s[0] for s, n in zip(spin, sleep))
-                     if way_name == "no spin" else None,
-                     "load_1min": statistics.median(v[2] for v in values), "rounds": len(values)})
-    return rows
+    return sg.paired_rows(kind, args, samples, "threads between runs", {
+        "tokens_per_s": lambda v: statistics.median(x[0] for x in v),
+        "tokens_per_s_min": lambda v: min(x[0] for x in v), "tokens_per_s_max": lambda v: max(x[0] for x in v),
+        "cpu_s_per_level": lambda v: statistics.median(x[1] for x in v),
+        "load_1min": lambda v: statistics.median(x[2] for x in v)},
+        "no_spin/spin (paired tokens/s)", ("no spin", "spin (default)"))
 
 
 def notes(args, load_start, load_end, minutes: float) -> str:
