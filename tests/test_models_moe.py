@@ -59,24 +59,26 @@ def transformers_refuses_or_reinitializes(directory) -> bool:
     return bool(info["missing_keys"] or info.get("mismatched_keys"))
 
 
+def refusal(arch: str, directory, how: str) -> tuple[str, list[int], str]:
+    """A checkpoint broken ``how``, which transformers itself refuses or loads at random: the broken key, its
+    shape, and the message bca-deploy's check refuses it with."""
+    key, shape = broken_checkpoint(arch, directory, how)
+    assert transformers_refuses_or_reinitializes(directory)
+    with pytest.raises(CheckpointFormatError) as caught:
+        require_config_fits_weights(directory)
+    return key, shape, str(caught.value)
+
+
 @pytest.mark.parametrize("arch", CONFIGS)
 def test_an_expert_tensor_of_another_shape_is_refused_naming_it_and_the_shape_expected(arch, tmp_path):
-    key, shape = broken_checkpoint(arch, tmp_path / "base", "shape")
-    assert transformers_refuses_or_reinitializes(tmp_path / "base")
-    with pytest.raises(CheckpointFormatError) as caught:
-        require_config_fits_weights(tmp_path / "base")
-    message = str(caught.value)
+    key, shape, message = refusal(arch, tmp_path / "base", "shape")
     assert f"tensor {key} (model.safetensors)" in message and f"stored {[shape[0] - 1, shape[1]]}" in message \
         and f"config.json gives {shape}" in message, message
 
 
 @pytest.mark.parametrize("arch", CONFIGS)
 def test_a_missing_expert_is_refused_naming_it(arch, tmp_path):
-    key, _ = broken_checkpoint(arch, tmp_path / "base", "missing")
-    assert transformers_refuses_or_reinitializes(tmp_path / "base")
-    with pytest.raises(CheckpointFormatError) as caught:
-        require_config_fits_weights(tmp_path / "base")
-    message = str(caught.value)
+    key, _, message = refusal(arch, tmp_path / "base", "missing")
     # 5.x names each missing tensor of every fused parameter; 4.x the expert of the experts' ModuleList
     expert = key.rsplit(".", 2)[0]
     assert expert in message and "at random" in message, message
