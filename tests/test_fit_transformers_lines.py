@@ -72,8 +72,7 @@ def refused(base, adapter, tmp_path, *needles: str) -> None:
 
 
 def test_an_adapter_on_4x_expert_linears_is_refused_on_5x_saying_5x_fuses_them(tmp_path):
-    if not FIVE:
-        pytest.skip("transformers 4.x keeps a Linear per expert: an adapter on them applies (no fused parameter)")
+    """On 5.x refused, saying why; on 4.x (a Linear per expert) the same adapter applies and merges."""
     torch.manual_seed(0)
     transformers.MixtralForCausalLM(transformers.MixtralConfig(num_key_value_heads=2, num_local_experts=4,
                                                                **_SMALL)).save_pretrained(tmp_path / "mixtral")
@@ -84,6 +83,14 @@ def test_an_adapter_on_4x_expert_linears_is_refused_on_5x_saying_5x_fuses_them(t
     adapter = renamed_adapter(tmp_path / "llama", tmp_path / "adapter", {
         f"model.layers.{i}.mlp.{name}": f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}"
         for i in range(2) for name, w, e in (("gate_proj", "w1", 0), ("down_proj", "w2", 3))}, "mixtral")
+    if not FIVE:
+        model = load_model(tmp_path / "mixtral", [adapter])
+        adapted = {name for name, module in model.named_modules() if hasattr(module, "base_layer")}
+        assert "model.layers.0.block_sparse_moe.experts.0.w1" in adapted, sorted(adapted)
+        assert "model.layers.1.block_sparse_moe.experts.3.w2" in adapted, sorted(adapted)
+        merge_checkpoint(tmp_path / "mixtral", [(adapter, 1.0)], tmp_path / "merged", progress=False)
+        assert (tmp_path / "merged" / "config.json").is_file()
+        return
     refused(tmp_path / "mixtral", adapter, tmp_path, "module model.layers.0.block_sparse_moe.experts.0.w1",
             "model.layers.1.block_sparse_moe.experts.3.w2", f"transformers {transformers.__version__} fuses the "
             "experts of MixtralForCausalLM into 3-D parameters (experts.gate_up_proj", "experts.down_proj",
