@@ -36,8 +36,13 @@ class _AdapterDir(click.Path):
         super().__init__(exists=True, file_okay=False, path_type=Path)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        import os
+
         from .config import run_adapter_dir
 
+        if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):  # adapter_config.json, model.onnx...
+            parent = os.path.dirname(os.path.abspath(value))
+            self.fail(f"{os.fsdecode(value)!r} is a file; give the directory that holds it ({parent!r})", param, ctx)
         given = super().convert(value, param, ctx)
         resolved = run_adapter_dir(given)
         if resolved != given:

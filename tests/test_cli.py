@@ -559,3 +559,19 @@ def test_inspect_names_a_model_directory_and_a_head_only_checkpoint(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "empty")])
     assert result.exit_code == 2 and result.output.rstrip().endswith("nor an ONNX export (no model.onnx)"), \
         result.output
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["merge", "--model", "{model}", "--out", "{out}", "--adapter"]])
+def test_a_file_given_for_an_adapter_directory_is_refused_naming_its_folder(command, tmp_path):
+    """``inspect runs/x/best/adapter_config.json`` (or ``model.onnx``): exit 2, the folder to give instead named,
+    before anything is read or written (click said only "Directory ... is a file.")."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (tmp_path / "model").mkdir()
+    args = [a.format(model=tmp_path / "model", out=tmp_path / "out") for a in command]
+    result = CliRunner().invoke(main, [*args, str(folder / "adapter_config.json")])
+    assert result.exit_code == 2, result.output
+    assert "is a file; give the directory that holds it" in result.output and str(folder) in result.output, \
+        result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
