@@ -400,6 +400,14 @@ def line_naming(model: nn.Module, modules: Mapping[str, ModuleInfo],
     return naming
 
 
+def prefix_forms(name: str, prefix: str) -> list[str]:
+    """``name`` (a stored checkpoint key, renamed as transformers loads it) as a model's state dict may hold it: as
+    stored, with the model's ``base_model_prefix`` added, and with it dropped where the key has it (a bare encoder's
+    keys in a classifier, a classifier's in a bare encoder); the first of these the model has is the one."""
+    if not prefix:
+        return [name]
+    return [name, f"{prefix}.{name}", *([name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [])]
+
 
 def bank_target(
     layout: Mapping[str, object],

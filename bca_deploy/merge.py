@@ -89,6 +89,7 @@ from .fit import (
     converted_key,
     model_target,
     model_type_problem,
+    prefix_forms,
     resolve_tied,
     split_base_key,
     target_problems,
@@ -946,12 +947,7 @@ def _fused_keys(model: nn.Module, ckpt_keys: Iterable[str]) -> dict[str, str]:
 def _prefixed(name: str, expected: Collection[str], prefix: str) -> str | None:
     """``name`` (a stored key, renamed as transformers loads it) as one of the model's ``expected`` names: as is, or
     with its ``base_model_prefix`` added or dropped (a bare encoder's keys in a classifier); None where none is."""
-    candidates = [name]
-    if prefix:
-        candidates.append(f"{prefix}.{name}")
-        if name.startswith(prefix + "."):
-            candidates.append(name[len(prefix) + 1:])
-    return next((c for c in candidates if c in expected), None)
+    return next((c for c in prefix_forms(name, prefix) if c in expected), None)
 
 
 def _key_map(model: nn.Module, ckpt_keys: Iterable[str]) -> dict[str, str]:

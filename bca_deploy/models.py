@@ -709,23 +709,15 @@ def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
         if name not in expected or name.startswith(skip):
             continue
         shown = key if key == name else f"{key} (the model's {name})"
-        if name in floating and dtype not in WEIGHT_DTYPES and not quantized:
-            problems.append(f"tensor {shown}{where(key)}: stored as {dtype}, but it is {_DTYPE_PROBLEM} "
-                            f"(weights are read as {', '.join(WEIGHT_DTYPES)}; "
-                            "transformers would convert it silently or fail, and config.json records no "
-                            "quantization_config)")
-        elif (dtype.startswith("F") or dtype == "BF16") and tuple(shape) != expected[name]:
-            problems.append(f"tensor {shown}{where(key)}: stored {list(shape)}, config.json gives "
-                            f"{list(expected[name])}")
+        if (problem := _stored_tensor_problem(f"{shown}{where(key)}", dtype, shape, expected[name],
+                                              name in floating, quantized)) is not None:
+            problems.append(problem)
+    from .fit import prefix_forms
+
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def model_forms(key: str) -> list[str]:  # the names a key may stand for in the model's namespace
-        if key in names:
-            return [names[key]]
-        forms = [key]
-        if prefix:
-            forms += [f"{prefix}.{key}"] + ([key[len(prefix) + 1:]] if key.startswith(prefix + ".") else [])
-        return forms
+        return [names[key]] if key in names else prefix_forms(key, prefix)
 
     problems += _fused_fit_problems(model, stored, names, expected, floating, quantized, skip, where)
     forms = [(key, form) for key in stored for form in model_forms(key)]
@@ -765,6 +757,20 @@ def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
     return problems
 
 
+def _stored_tensor_problem(shown: str, dtype: str, shape: Sequence[int], wanted: Sequence[int] | None,
+                           floating: bool, quantized: bool) -> str | None:
+    """:func:`config_fit_problems`' rule for one stored tensor (``shown``: its key as the message names it): a float
+    parameter stored in a dtype weights are not read as (not in a quantized checkpoint), or a float tensor whose
+    shape is not ``wanted`` (the one the config builds; None: not checked); None when it fits."""
+    if floating and dtype not in WEIGHT_DTYPES and not quantized:
+        return (f"tensor {shown}: stored as {dtype}, but it is {_DTYPE_PROBLEM} (weights are read as "
+                f"{', '.join(WEIGHT_DTYPES)}; transformers would convert it silently or fail, and config.json records "
+                "no quantization_config)")
+    if wanted is not None and (dtype.startswith("F") or dtype == "BF16") and tuple(shape) != tuple(wanted):
+        return f"tensor {shown}: stored {list(shape)}, config.json gives {list(wanted)}"
+    return None
+
+
 def _fused_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequence[int]]], names: Mapping[str, str],
                         expected: Mapping[str, tuple[int, ...]], floating: set[str], quantized: bool,
                         skip: tuple[str, ...], where: Any) -> list[str]:
@@ -775,7 +781,7 @@ def _fused_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
     parameter some of whose tensors are stored, every expert of every source (transformers 5.x refuses a fused
     parameter of another shape, or initializes it at random). Nothing on transformers 4.x, which loads each expert's
     Linear as stored: the per-tensor and layer-list rules check them."""
-    from .fit import conversion_mapping, fused_piece_shape, fused_source
+    from .fit import conversion_mapping, fused_piece_shape, fused_source, prefix_forms
 
     renamings, converters = conversion_mapping(model)
     if not converters:
@@ -790,9 +796,7 @@ def _fused_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
         if key in names or (found := fused_source(key, renamings, converters)) is None:
             continue
         fused, converter, pattern = found
-        forms = [fused] + ([f"{prefix}.{fused}"] + ([fused[len(prefix) + 1:]] if fused.startswith(prefix + ".")
-                                                      else []) if prefix else [])
-        name = next((f for f in forms if f in expected), None)
+        name = next((f for f in prefix_forms(fused, prefix) if f in expected), None)
         if name is None or name.startswith(skip):
             continue
         digits = [int(part) for part in key.split(".") if part.isdigit()]
@@ -805,14 +809,9 @@ def _fused_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
                 dtype, shape = stored[key]
                 shown = f"{key}{where(key)} (one expert's part of the model's {name} {list(expected[name])}: " \
                         f"transformers {transformers.__version__} fuses them into it)"
-                if name in floating and dtype not in WEIGHT_DTYPES and not quantized:
-                    problems.append(f"tensor {shown}: stored as {dtype}, but it is {_DTYPE_PROBLEM} "
-                                    f"(weights are read as {', '.join(WEIGHT_DTYPES)}; transformers would convert it "
-                                    "silently or fail, and config.json records no quantization_config)")
-                elif implied is not None and (dtype.startswith("F") or dtype == "BF16") \
-                        and tuple(shape) != implied[0]:
-                    problems.append(f"tensor {shown}: stored {list(shape)}, config.json gives "
-                                    f"{list(implied[0])}")
+                if (problem := _stored_tensor_problem(shown, dtype, shape, implied[0] if implied is not None else None,
+                                                      name in floating, quantized)) is not None:
+                    problems.append(problem)
         count = implied[1] if implied is not None else None
         if count is None:
             continue
