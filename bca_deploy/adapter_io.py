@@ -821,6 +821,7 @@ def describe_recorded_base(config: AdapterConfig) -> str:
     is downloaded). Never raises: a base that cannot be read is described."""
     import os
 
+    from .config import model_identity
     from .errors import BCAError
 
     recorded, model_type = config.base_model_name_or_path, config.base_model_type
@@ -829,13 +830,10 @@ def describe_recorded_base(config: AdapterConfig) -> str:
     base = local_base_dir(recorded)
     if base is not None:
         try:
-            data = read_json(base / "config.json", what="model config", allow_nan=True, unique_keys=False)
+            found, architecture = model_identity(base)
         except (BCAError, OSError) as exc:
             return f"{model_type or 'unknown'} ({recorded}: a local directory whose config.json cannot be read: {exc})"
-        found = data.get("model_type") if isinstance(data.get("model_type"), str) else None
-        architectures = data.get("architectures")
-        architecture = (architectures[0] if isinstance(architectures, list) and architectures
-                        and isinstance(architectures[0], str) else "architecture not recorded")
+        architecture = architecture or "architecture not recorded"
         if model_type and found and found != model_type:
             return (f"{model_type} ({recorded}: a local directory holding a {found} model ({architecture}), not the "
                     "adapter's base: pass its base with --model)")

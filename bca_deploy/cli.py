@@ -310,19 +310,16 @@ def inspect(adapter: Path) -> None:
 def _model_dir_hint(directory: Path) -> str:
     """For ``inspect`` of a directory with a ``config.json`` (a base model, or what ``merge`` writes): what it is and
     where it goes; "" for any other directory."""
-    from .config import read_json
+    from .config import model_identity
     from .errors import BCAError
 
     if not (directory / "config.json").is_file():
         return ""
     try:
-        data = read_json(directory / "config.json", what="model config", allow_nan=True, unique_keys=False)
+        identity = model_identity(directory)
     except (BCAError, OSError):
-        data = {}
-    architectures = data.get("architectures")
-    described = ", ".join(str(v)[:60] for v in (data.get("model_type"),
-                                                 architectures[0] if isinstance(architectures, list) and architectures
-                                                 else None) if v)
+        identity = (None, None)
+    described = ", ".join(v[:60] for v in identity if v)
     return (f"; it is a transformers model directory ({described or 'config.json'}: a base model, or one merge "
             "wrote): merge, export and train take it as --model")
 

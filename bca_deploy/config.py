@@ -598,6 +598,17 @@ def read_json(path: Path, what: str = "file", allow_nan: bool = False, unique_ke
     return _object(read_json_value(path, what, allow_nan, unique_keys), str(Path(path)))
 
 
+def model_identity(directory: str | Path) -> tuple[str | None, str | None]:
+    """``(model_type, architecture)`` that a transformers model directory's ``config.json`` records (``architecture``:
+    the first of its ``architectures``), each None where it records no string; read as transformers reads a model
+    config. Raises what :func:`read_json` raises."""
+    data = read_json(Path(directory) / "config.json", what="model config", allow_nan=True, unique_keys=False)
+    model_type, architectures = data.get("model_type"), data.get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else None
+    return (model_type if isinstance(model_type, str) else None,
+            architecture if isinstance(architecture, str) else None)
+
+
 def read_json_value(path: Path, what: str = "file", allow_nan: bool = False, unique_keys: bool = True) -> Any:
     """:func:`read_json` for a file whose top level may be any JSON value (sentence-transformers' ``modules.json``
     is an array)."""
