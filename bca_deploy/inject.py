@@ -64,6 +64,7 @@ __all__ = [
     "register_base_weights",
     "apply_head_labels",
     "unmatched_targets",
+    "fused_targets",
     "UnmatchedTargetsWarning",
 ]
 
@@ -76,36 +77,78 @@ def _matches(name: str, target_modules: Sequence[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _entries(target_modules: Sequence[str] | str) -> dict[str, Sequence[str] | str]:
+    """Each entry of ``target_modules`` -> what selects the paths it names (:func:`_matches`): a list's entries one by
+    one, a regex string as itself."""
+    if isinstance(target_modules, str):
+        return {target_modules: target_modules}
+    return {t: [t] for t in target_modules}
+
+
 class UnmatchedTargetsWarning(UserWarning):
-    """Entries of a target list matched no layer beside others that did (:func:`unmatched_targets`)."""
+    """Entries of a target list matched no layer beside others that did, or name per-expert Linears the installed
+    transformers fuses (:func:`unmatched_targets`)."""
+
+
+def fused_targets(model: nn.Module, target_modules: Sequence[str] | str) -> tuple[list[str], str | None]:
+    """The entries of ``target_modules`` (the regex itself, for a string) that name per-expert Linears transformers
+    5.x fuses into 3-D parameters in ``model`` (Mixtral's ``w1``/``w2``, Qwen2-MoE's ``gate_proj``/``up_proj``/
+    ``down_proj``: :func:`bca_deploy.fit.fused_expert_modules`, 4.x's names), with why no adapter applies to them
+    (:func:`bca_deploy.fit.fused_experts_reason`); ``([], None)`` on transformers 4.x, where each expert is a Linear
+    the entries select. One rule for :func:`unmatched_targets` and :func:`match_target_modules`' refusal."""
+    from .fit import fused_expert_modules, fused_experts_reason
+
+    experts = fused_expert_modules(model)
+    if not experts:
+        return [], None
+    entries = _entries(target_modules)
+    fused = {t: [p for path, p in experts.items() if _matches(path, entries[t])] for t in entries}
+    named = [t for t in entries if fused[t]]
+    if not named:
+        return [], None
+    import transformers
+
+    return named, fused_experts_reason(type(model).__name__, transformers.__version__,
+                                       [p for t in named for p in fused[t]])
 
 
 def unmatched_targets(model: nn.Module, target_modules: Sequence[str] | str, matched: Sequence[str],
                       option: str = "target_modules") -> str | None:
-    """What to say of the entries of ``target_modules`` (a list) that select none of ``matched`` (the adapted
-    paths) while others do, or None: an entry that matches nothing beside others is not an error (PEFT's rule
-    too), but it adapts less than asked. Where transformers 5.x fuses the layers an entry names into 3-D parameters
-    (Mixtral's expert ``w1``/``w2``, :func:`bca_deploy.fit.fused_expert_modules`), says why in
-    :func:`bca_deploy.fit.fused_experts_reason`'s words. The one wording of :func:`inject`'s warning and of
-    ``train``'s note (``option`` names the entries as the caller took them: ``target_modules``, ``--targets``)."""
-    if isinstance(target_modules, str) or not matched:
-        return None
-    unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in matched)]
-    if not unmatched:
-        return None
-    from .fit import fused_expert_modules, fused_experts_reason
+    """What to say of ``target_modules`` adapting less than asked while it adapts something (``matched``, the adapted
+    paths), or None. Neither is an error (PEFT adapts the same modules without a word):
 
+    * entries of a list that select none of ``matched`` while others do;
+    * entries (or the regex) naming per-expert Linears that transformers 5.x fuses into 3-D parameters
+      (:func:`fused_targets`), whether or not they selected other layers: Qwen2-MoE's ``gate_proj`` adapts its shared
+      expert's Linears and dense layers' on 5.x, every routed expert's as well on 4.x, so the same targets train
+      another adapter on each line (the adapter applies alike on both: it records the paths it adapts).
+
+    The one wording of :func:`inject`'s warning and of ``train``'s note (``option`` names the entries as the caller
+    took them: ``target_modules``, ``--targets``)."""
+    if not matched:
+        return None
+    entries = _entries(target_modules)
+    unmatched = [] if isinstance(target_modules, str) else [
+        t for t in target_modules if not any(_matches(n, [t]) for n in matched)]
+    named, reason = fused_targets(model, target_modules)
+    partial = [t for t in named if t not in unmatched]
     cls = type(model).__name__
-    message = (f"{option} {', '.join(unmatched)} matched no Linear/Conv1D layer of {cls}; adapting {len(matched)} "
-               "layers matched by the others")
-    experts = fused_expert_modules(model)
-    fused = {t: [p for path, p in experts.items() if _matches(path, [t])] for t in unmatched}
-    if named := [t for t in unmatched if fused[t]]:
-        import transformers
-
-        reason = fused_experts_reason(cls, transformers.__version__, [p for t in named for p in fused[t]])
-        message += f". {', '.join(named)}: {reason}; adapt them with transformers 4.x, or target other modules"
-    return message
+    said = []
+    if unmatched:
+        message = (f"{option} {', '.join(unmatched)} matched no Linear/Conv1D layer of {cls}; adapting {len(matched)} "
+                   "layers matched by the others")
+        if fused := [t for t in named if t in unmatched]:
+            message += f". {', '.join(fused)}: {reason}; adapt them with transformers 4.x, or target other modules"
+        said.append(message)
+    if partial:
+        hit = [n for n in matched if any(_matches(n, entries[t]) for t in partial)]
+        longer = ", ".join(dict.fromkeys(".".join(n.split(".")[-2:]) for n in hit))
+        said.append(f"{option} {', '.join(partial)} adapted {len(hit)} layer{'s' * (len(hit) != 1)} of {cls} "
+                    f"({', '.join(hit[:2])}{', ...' if len(hit) > 2 else ''}) and none of its routed experts: {reason}; "
+                    f"transformers 4.x adapts every expert's Linear as well for the same {option}. To adapt these "
+                    f"layers alone, name them by paths no expert's ends with ({longer}); to adapt the experts, use "
+                    "transformers 4.x")
+    return ". ".join(said) or None
 
 
 def _base_of(module: nn.Module) -> nn.Module:
@@ -140,9 +183,12 @@ def match_target_modules(model: nn.Module, target_modules: Sequence[str] | str) 
         raise TargetModuleError(format_problems("target_modules selected modules that cannot be adapted:", problems))
     if not names:
         adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_adaptable(m)})
+        named, reason = fused_targets(model, target_modules)
         raise TargetModuleError(
             f"target_modules {target_modules!r} matched no module of this {type(model).__name__}; "
             f"its Linear/Conv1D module names are: {', '.join(adaptable) or '(none)'}"
+            + (f". {', '.join(named)}: {reason}; adapt the experts with transformers 4.x, or target other modules"
+               if named else "")
         )
     return names
 
@@ -262,8 +308,9 @@ def inject(
         The same ``model``, adapted.
 
     Warns:
-        UnmatchedTargetsWarning: entries of a ``target_modules`` list matched nothing beside others that did
-            (:func:`unmatched_targets`: on transformers 5.x, Mixtral's fused expert ``w1``/``w2``...).
+        UnmatchedTargetsWarning: entries of a ``target_modules`` list matched nothing beside others that did, or
+            entries name per-expert Linears transformers 5.x fuses (:func:`unmatched_targets`: Mixtral's ``w1``/``w2``;
+            Qwen2-MoE's ``gate_proj``, which adapts the shared expert alone there, every expert on 4.x).
 
     Raises:
         TargetModuleError: a pattern matched nothing or matched a non-Linear module.
