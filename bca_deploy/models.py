@@ -733,6 +733,12 @@ def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
         absent = sorted(wanted - set(held))
         if not wanted or not held or not absent:
             continue
+        if _EXPERTS.search(path.rpartition(".")[2]):  # an expert per entry: named as 5.x's fused rule names them
+            leaves = list(module[absent[0]].state_dict())
+            shown = ", ".join(f"{path}.{_index_ranges(absent)}.{leaf}" for leaf in leaves[:4])
+            problems.append(f"{path}: {_experts_built(len(module))}; the checkpoint holds no tensor {shown}"
+                            f"{', ...' if len(leaves) > 4 else ''}, which transformers would initialize at random")
+            continue
         count = f"{len(module)} entr{'y' if len(module) == 1 else 'ies'}"
         problems.append(f"{path}: config.json builds {count} (num_hidden_layers...); the checkpoint holds no tensor "
                         f"of {path}.{_index_ranges(absent)}, which transformers would initialize at random")
@@ -755,6 +761,17 @@ def config_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
                         f"of the weights of the {type(model).__name__} config.json describes (e.g. "
                         f"{', '.join(sorted(params)[:3])})")
     return problems
+
+
+#: A layer list whose entries are a mixture of experts' (Mixtral's ``block_sparse_moe.experts``, Qwen2-MoE's
+#: ``mlp.experts``, DeepSeek's...), by its name.
+_EXPERTS = re.compile(r"experts?$")
+
+
+def _experts_built(count: int) -> str:
+    """How :func:`config_fit_problems` says the config's count of experts, on either transformers line (4.x's list of
+    expert Linears, 5.x's fused parameters)."""
+    return f"config.json builds {count} expert{'s' * (count != 1)} (num_local_experts, num_experts...)"
 
 
 def _stored_tensor_problem(shown: str, dtype: str, shape: Sequence[int], wanted: Sequence[int] | None,
@@ -834,8 +851,7 @@ def _fused_fit_problems(model: nn.Module, stored: Mapping[str, tuple[str, Sequen
                 what.append(f"holds no tensor {head}.{_index_ranges(absent)}.{tail}")
             if extra:
                 what.append(f"holds {head}.{_index_ranges(extra)}.{tail} past them")
-            problems.append(f"{name}: config.json builds {count} experts (num_local_experts, num_experts...); the "
-                            f"checkpoint {' and '.join(what)}: transformers {transformers.__version__} fuses every "
+            problems.append(f"{name}: {_experts_built(count)}; the checkpoint {' and '.join(what)}: transformers {transformers.__version__} fuses every "
                             "expert's tensor into this one parameter, and would refuse it or initialize it at random")
     return problems
 
