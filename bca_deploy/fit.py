@@ -768,8 +768,10 @@ def module_problem(
                 f"{_kind_name(spec.layer_type)} (its ΔW would be applied transposed)")
     if (info.in_features, info.out_features) != (spec.in_features, spec.out_features):
         shape = f"weight {tuple(info.weight_shape)} " if info.weight_shape is not None else ""
+        # both shapes and the adapter's tensor: a model of another size (the kernel is ΔW of the trained weight)
         return (f"{where}: {shape}(in={info.in_features}, out={info.out_features}) but the adapter was "
-                f"trained on in={spec.in_features}, out={spec.out_features}")
+                f"trained on in={spec.in_features}, out={spec.out_features} (its kernel, shape {spec.kernel_shape} at "
+                f"block size {spec.block_size}, is ΔW of a weight {spec.weight_shape})")
     if info.weight_shape is not None and tuple(info.weight_shape) != spec.weight_shape:
         return (f"{where}: weight stored as {list(info.weight_shape)} in {target}, expected "
                 f"{list(spec.weight_shape)} for a {_kind_name(spec.layer_type)}")

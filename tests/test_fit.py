@@ -292,8 +292,10 @@ def test_a_classification_head_the_model_lacks_is_named_once(tmp_path):
     with pytest.raises(AdapterMismatchError) as info:
         bd.load_adapter(narrower, adapter)
     lines = _problems(info)
+    # the module, both weights' shapes and the adapter's tensor (a model of another size)
     assert lines[0] == ("module encoder.layer.0.intermediate.dense: weight (48, 32) (in=32, out=48) but the adapter "
-                        "was trained on in=32, out=64")
+                        "was trained on in=32, out=64 (its kernel, shape (8, 4, 8) at block size 8, is ΔW of a "
+                        "weight (64, 32))")
     assert any(line.startswith("module encoder.layer.1.output.dense: weight (32, 48)") for line in lines), lines
     assert lines[-1].startswith("module classifier: this BertModel has no such module") and len(lines) == 5, lines
 
