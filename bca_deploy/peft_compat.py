@@ -595,15 +595,48 @@ def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_p
         in_file = _paths_as_in_file(source_paths, linear)
         init = init_weights if isinstance(init_weights, str) else "xavier_uniform"
         fresh = f"a new randomly initialised kernel ({init})"
-        for path in sorted(in_file or {}, key=lambda p: in_file[p]):
-            module = in_file[path]
-            if module not in source_paths and rules.why_not(module) is None:
+        missing = [(path, in_file[path]) for path in sorted(in_file or {}, key=lambda p: in_file[p])
+                   if in_file[path] not in source_paths and rules.why_not(in_file[path]) is None]
+        # routed experts' Linears with no kernel while no expert has one: the file of an adapter made with
+        # transformers 5.x, which fuses the experts (its PEFT adapted the shared expert's and dense layers' alone)
+        experts = [] if any(_EXPERT_PATH.search(m) for m in source_paths) else [
+            (path, module) for path, module in missing if _EXPERT_PATH.search(module)]
+        for path, module in missing:
+            if (path, module) not in experts:
                 named = f" ({path} in this model)" if path != module else ""
                 problems.append(
                     f"module {module}{named}: the config adapts it ({rules.describe()}), but the file has no kernel "
                     f"for it ({PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX} is missing); PEFT would give it {fresh}: "
                     "fix the config (layers_to_transform, target_modules, exclude_modules) to name the trained modules")
+        if experts:
+            problems.append(_unfused_experts_problem([m for _, m in experts], source_paths, rules, fresh))
     return problems
+
+
+#: A path inside a mixture of experts' list of routed experts (``mlp.experts.3.gate_proj``, Mixtral's
+#: ``block_sparse_moe.experts.0.w1``): Linears of transformers 4.x that 5.x fuses into 3-D parameters.
+_EXPERT_PATH = re.compile(r"(?:^|\.)experts\.\d+\.")
+
+
+def _unfused_experts_problem(experts: list[str], source_paths: set[str], rules: _PeftRules, fresh: str) -> str:
+    """:func:`_rule_problems`' one line for routed experts' Linears (``experts``, on transformers 4.x) that the config's
+    rules adapt while the file has a kernel for no expert: an adapter made with transformers 5.x, where the same
+    ``target_modules`` adapt the shared expert's and dense layers' Linears alone (5.x fuses the routed experts into 3-D
+    parameters, :func:`bca_deploy.inject.unmatched_targets`); PEFT on 4.x gives each expert a new random kernel."""
+    import transformers
+
+    leaves = {m.rpartition(".")[2] for m in experts}
+    others = sorted(m for m in source_paths if m.rpartition(".")[2] in leaves)
+    longer = ", ".join(dict.fromkeys(".".join(m.split(".")[-2:]) for m in others)) or "shared_expert.gate_proj..."
+    shown = ", ".join(experts[:3]) + (f", ... {experts[-1]}" if len(experts) > 3 else "")
+    kernels = f"only for other layers of those names ({', '.join(others[:2])}{', ...' if len(others) > 2 else ''})" \
+        if others else "for none of them"
+    return (f"{len(experts)} modules ({shown}): routed experts' Linears the config adapts ({rules.describe()}), but "
+            f"the file has a kernel for no expert, {kernels}: the adapter was made with transformers 5.x, which fuses "
+            "the routed experts into 3-D parameters (no expert is a Linear there, so PEFT adapted the other layers "
+            f"alone). On transformers {transformers.__version__} each expert is a Linear, and PEFT would give each "
+            f"{fresh}: apply the adapter with transformers 5.x, or name the trained modules in target_modules by paths "
+            f"no expert's ends with ({longer})")
 
 
 _LAYER_KINDS = {"conv1d": "transformers Conv1D"}
