@@ -451,3 +451,35 @@ def test_fused_moe_experts_named_in_targets_are_said_to_be_fused(files, tmp_path
     assert "note: --targets w1, w2 matched no Linear/Conv1D layer of MixtralForSequenceClassification; adapting 2 " \
            "layers matched by the others. w1, w2: transformers 5." in err, err
     assert "fuses the experts of MixtralForSequenceClassification into 3-D parameters" in err, err
+
+
+def test_targets_naming_qwen2_moe_experts_beside_the_shared_expert_are_said_to_leave_the_experts(files, tmp_path,
+                                                                                                   capsys, recwarn):
+    """--targets q_proj,gate_proj on a Qwen2-MoE trained the shared expert's gate_proj alone on transformers 5.x (the
+    routed experts are fused 3-D parameters there) without a word, as gate_proj matched something; on 4.x it trains
+    every expert's too. The note now names gate_proj and the experts it leaves out, in the library's warning words
+    (bca_deploy.inject.unmatched_targets), once; on 4.x no note."""
+    import transformers
+
+    from training_helpers import sst2_rows, word_tokenizer
+
+    model_dir = tmp_path / "qwen2_moe"
+    tokenizer = word_tokenizer(model_dir, [s for s, _ in sst2_rows("train", 64)])
+    torch.manual_seed(0)
+    transformers.Qwen2MoeForSequenceClassification(transformers.Qwen2MoeConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=48, num_experts_per_tok=2,
+        vocab_size=100, max_position_embeddings=64, pad_token_id=0, num_labels=2)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train(config(model_dir, files["small"], tmp_path / "run", max_steps=1, targets=["q_proj", "gate_proj"]))
+    err = capsys.readouterr().err
+    assert not [w for w in recwarn if "routed experts" in str(w.message)]
+    modules = json.loads((tmp_path / "run" / "last" / "adapter_config.json").read_text())["modules"]
+    if transformers.__version__.startswith("4."):
+        assert "note: --targets" not in err and "model.layers.1.mlp.experts.3.gate_proj" in modules, err
+        return
+    assert not any(".experts." in m for m in modules) and "model.layers.1.mlp.shared_expert.gate_proj" in modules
+    assert err.count("note: --targets") == 1, err
+    assert "note: --targets gate_proj adapted 2 layers of Qwen2MoeForSequenceClassification (" in err and \
+        "and none of its routed experts: transformers 5." in err and "(shared_expert.gate_proj); to adapt the " \
+        "experts, use transformers 4.x" in err, err
