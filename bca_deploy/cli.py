@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ EXIT_INTERNAL_ERROR = 70
 EXIT_INTERRUPTED = 130
 DEBUG_ENV = "BCA_DEPLOY_DEBUG"
 ISSUES_URL = "https://github.com/bca-deploy/bca-deploy/issues"
+#: Seconds a torchrun process other than rank 0 waits, on a refusal rank 0 prints, before it exits (see _Group).
+_PEER_REPORT_GRACE_S = 3.0
 
 
 # ---- shared parameter types ---------------------------------------------------------------------
@@ -160,6 +163,11 @@ class _Group(click.Group):
         except BCAError as exc:
             if debug:
                 raise
+            if exc.reported_by_first_process and os.environ.get("RANK", "0") != "0":
+                # rank 0 prints this refusal (torchrun showed it once per process): wait a moment before exiting, as
+                # the launcher stops every process when one exits and rank 0 may not have printed it yet
+                time.sleep(_PEER_REPORT_GRACE_S)
+                sys.exit(EXIT_USER_ERROR)
             _echo_error(f"Error: {exc}")
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:

@@ -36,7 +36,13 @@ __all__ = [
 
 
 class BCAError(Exception):
-    """Base class of every error bca-deploy raises on purpose."""
+    """Base class of every error bca-deploy raises on purpose.
+
+    ``reported_by_first_process``: set on a process of a distributed run (torchrun) other than rank 0 when rank 0
+    raises the same refusal: the CLI prints it once, from rank 0, rather than once per process.
+    """
+
+    reported_by_first_process = False
 
 
 class BlockSizeError(BCAError, ValueError):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import csv
 import errno
-import io
 import json
 import math
 import re
@@ -168,6 +167,9 @@ def _read_delimited(path: Path, kind: str) -> tuple[list[dict[str, Any]], list[s
         except csv.Error as exc:
             raise DataError(f"{path}: line 1: malformed header ({exc})") from None
         columns = [c.strip() for c in header]
+        if any("\x00" in c for c in columns):  # UTF-16 without a byte-order mark reads as UTF-8 with a NUL a letter
+            raise DataError(f"{path}: line 1: the header holds NUL characters (text has none: is the file UTF-16 or "
+                            f"binary? save it as UTF-8 text); expected a first line such as {example!r}")
         header_chars = sum(map(len, columns))
         if header_chars > MAX_HEADER_CHARS:
             # a CSV header whose quote is never closed swallows the lines after it into one column name (a quoted
@@ -226,12 +228,11 @@ def _json_problem(exc: ValueError | RecursionError, line: int) -> str:
     return f"line {line}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})"
 
 
-def _read_jsonl(path: Path, text: str | None = None) -> tuple[list[dict[str, Any]], list[str], list[int]]:
-    """One JSON object per line of ``path`` (or of ``text``, the file already read by :func:`_read_json`)."""
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    """One JSON object per line of ``path``."""
     problems: list[str] = []
     records, lines, columns = [], [], {}
-    # read_text's newlines are already universal: StringIO splits them as reading the file would
-    with (path.open(encoding="utf-8-sig") if text is None else io.StringIO(text)) as f:
+    with path.open(encoding="utf-8-sig") as f:
         for number, raw in enumerate(iter(lambda: f.readline(MAX_FIELD_CHARS + 1), ""), start=1):
             if len(raw) > MAX_FIELD_CHARS:  # read in bounded pieces: one 300 MB line took 1 GB to refuse
                 problems.append(f"line {number}: {_TOO_LONG}")
@@ -268,13 +269,18 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
     Each record's line number is where its object starts. A file holding a single object over several lines
     (pretty-printed) is refused in one line saying which layouts are read, not with a problem per line.
     """
-    text = path.read_text(encoding="utf-8-sig")
-    start = _JSON_SPACE.match(text).end()
-    if text.startswith("[", start):
-        return _read_json_array(path, text, start)
+    if _first_json_character(path) == "[":  # an array is parsed whole
+        text = path.read_text(encoding="utf-8-sig")
+        return _read_json_array(path, text, _JSON_SPACE.match(text).end())
     try:
-        return _read_jsonl(path, text)
+        # read line by line, as a .jsonl file: a .json file read whole first took 2.8 GB and 39 s to refuse a
+        # 500 MB line that the same file named .jsonl is refused for in 2 s and 0.3 GB
+        return _read_jsonl(path)
     except DataError:
+        if path.stat().st_size > MAX_FIELD_CHARS:  # too large to read whole for a better message
+            raise
+        text = path.read_text(encoding="utf-8-sig")
+        start = _JSON_SPACE.match(text).end()
         try:
             whole = json.loads(text)
         except (ValueError, RecursionError):
@@ -286,6 +292,16 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str], list[int]]:
                             "object per line (JSON Lines) or a JSON array of example objects "
                             '([{"sentence": ..., "label": ...}, ...])') from None
         raise
+
+
+def _first_json_character(path: Path) -> str:
+    """The first character of ``path`` past JSON whitespace ('' for none), read a piece at a time."""
+    with path.open(encoding="utf-8-sig") as f:
+        while piece := f.read(1 << 16):
+            text = piece.lstrip(" \t\n\r")
+            if text:
+                return text[0]
+    return ""
 
 
 def _read_json_array(path: Path, text: str, start: int) -> tuple[list[dict[str, Any]], list[str], list[int]]:
@@ -411,6 +427,9 @@ def _text_problem(value: Any, column: str, allow_empty: bool = False) -> str | N
         return f"column {column!r} holds {_json_type(value)}, expected a string"
     if not allow_empty and not value.strip():
         return f"empty text in column {column!r}"
+    if "\x00" in value:  # no text holds one: binary data, or UTF-16 read as UTF-8 (tokenizers drop it, or keep it)
+        return (f"column {column!r} holds a NUL character at character {value.index(chr(0)) + 1} (text has none: "
+                "is the file binary, or UTF-16? save it as UTF-8 text)")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form
@@ -479,6 +498,7 @@ class LMExamples:
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_NON_FINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
 
 
 class _Name(str):
@@ -504,6 +524,10 @@ def _parse_label(value: Any) -> int | float | _Name | str:
                 return int(text)
             except ValueError:  # more digits than Python converts
                 return f"{text[:20]}... ({len(text)} digits) is not a class id"
+        if _NON_FINITE.fullmatch(text):
+            # a missing or broken target as Python and pandas write it ('nan', 'inf'), as JSON's NaN is refused: as a
+            # class name it was blamed as a name among numbers, or on the real targets where it was the most common
+            return f"{text!r} is not a finite number"
         if not _DECIMAL.fullmatch(text):
             return _Name(text)
         number = float(text)
@@ -518,6 +542,7 @@ def load_seq_cls(
     regression: bool | None = None,
     require_labels: bool = True,
     label_names: Sequence[str] | None = None,
+    columns_from: str | None = None,
 ) -> SeqClsExamples:
     """Read a sequence-classification file and check it.
 
@@ -533,6 +558,8 @@ def load_seq_cls(
             (integers or names → classification, any other number → regression).
         require_labels: refuse a file without the label column.
         label_names: the class names, in id order; a name label outside them is refused.
+        columns_from: where ``text_columns`` / ``label_column`` came from when the user did not name them (an
+            adapter's training record), added to the message when the file lacks one.
 
     Raises:
         DataFileNotFoundError, DataError: see :func:`read_records`; also missing columns (the message
@@ -569,6 +596,8 @@ def load_seq_cls(
             f"(the file has {near!r}: pass --label-column {near})" if near else
             "(pass label_column / --label-column)"))
     if problems:
+        if columns_from is not None:  # the user never named the missing column: say whose it is
+            problems.append(columns_from)
         problems.append(_columns_message(path, columns))
         if ("prompt" in columns and "response" in columns) or columns == ["text"]:  # helper-78: the flag forgotten
             problems.append("these are causal-LM columns: pass --task causal-lm (task='causal-lm') to train a "
@@ -1031,14 +1060,16 @@ def load_dataset(
     text_column: str = "text",
     label_names: Sequence[str] | None = None,
     warn: Callable[[str], Any] | None = None,
+    columns_from: str | None = None,
 ):
     """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``.
 
-    ``label_names`` (seq-cls): the class names in id order, when known (see :func:`load_seq_cls`). ``warn``
+    ``label_names``, ``columns_from`` (seq-cls): see :func:`load_seq_cls`. ``warn``
     (causal-lm): gets lines about examples tokenized or left out unlike the rest (:func:`tokenize_causal_lm`).
     """
     if task == "seq-cls":
-        examples = load_seq_cls(path, text_columns, label_column, regression, label_names=label_names)
+        examples = load_seq_cls(path, text_columns, label_column, regression, label_names=label_names,
+                                columns_from=columns_from)
         return examples, tokenize_seq_cls(examples, tokenizer, max_length)
     if task == "causal-lm":
         examples = load_causal_lm(path, prompt_column, response_column, text_column)

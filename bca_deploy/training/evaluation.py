@@ -32,7 +32,7 @@ from .loading import (
     load_trained,
     quiet_loading,
 )
-from .runtime import destroy, init_distributed, place_model, resolve_precision, run_eval
+from .runtime import destroy, init_distributed, on_every_rank, place_model, resolve_precision, run_eval
 
 __all__ = ["evaluate", "TRAINING_FILE"]
 
@@ -74,45 +74,52 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
 
     d, dev = init_distributed(config.device)
     try:
-        precision = resolve_precision(pick(config.precision, "precision", "auto"), dev)
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-        names = info.get("label_names") or (list(spec.head.id2label[i] for i in range(spec.head.num_labels))
-                                            if spec is not None and spec.head is not None else None)
-        regression = info.get("regression")
-        model_config = model.config if model is not None else load_model_config(config.model)
-        max_length = fit_max_length(pick(config.max_length, "max_length", 128), model_config, tokenizer,
-                                    warn=lambda line: print(f"note: {line}", file=sys.stderr))
-        examples, data = load_dataset(
-            config.data, task, tokenizer, max_length,
-            text_columns=pick(config.text_columns, "text_columns", None),
-            label_column=pick(config.label_column, "label_column", "label"),
-            regression=regression, prompt_column=pick(config.prompt_column, "prompt_column", "prompt"),
-            response_column=pick(config.response_column, "response_column", "response"),
-            text_column=pick(config.text_column, "text_column", "text"),
-            label_names=names if names and not regression else None,
-            warn=lambda line: print(f"note: {line}", file=sys.stderr),
-        )
-        regression = bool(task == "seq-cls" and examples.regression)
-        if model is None:
-            model = _load_for_evaluation(config, adapter, task, info, spec, precision, regression)
-        check_token_range(data, vocabulary_size(model.config, model), config.data, tokenizer, config.model)
-        num_labels = getattr(model.config, "num_labels", 1) if task == "seq-cls" else 1
-        if task == "seq-cls":
-            if examples.labels is None:
-                raise DataError(f"{config.data}: no label column to evaluate against")
-            if config.label_names is not None:
-                if not names:
-                    raise DataError(f"--label-names maps {config.data}'s class ids to the adapter's class names, and "
-                                    "the adapter records none")
-                examples = dataclasses.replace(examples, labels=ids_named(examples, config.label_names, names),
-                                               named_labels=True)
-                data.labels = examples.labels
-            elif names and info.get("labels_named_by"):
-                check_ids_mean_these_names(examples, names, info["labels_named_by"])
-            check_label_range(examples, num_labels, "the model's head", "fix the labels")
-            pad = classifier_pad_id(model.config, tokenizer)  # (an adapter trained here records its own)
-            if pad is not None:
-                data.pad_id = pad  # the id the classifier reads past: padding must be it
+        def prepare() -> tuple[str, nn.Module, Any, int, bool]:
+            # every rank reads the data alike: a problem in it is printed once (rank 0), not once per process
+            nonlocal model, tokenizer
+            precision = resolve_precision(pick(config.precision, "precision", "auto"), dev)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+            names = info.get("label_names") or (list(spec.head.id2label[i] for i in range(spec.head.num_labels))
+                                                if spec is not None and spec.head is not None else None)
+            regression = info.get("regression")
+            model_config = model.config if model is not None else load_model_config(config.model)
+            max_length = fit_max_length(pick(config.max_length, "max_length", 128), model_config, tokenizer,
+                                        warn=lambda line: print(f"note: {line}", file=sys.stderr))
+            examples, data = load_dataset(
+                config.data, task, tokenizer, max_length,
+                text_columns=pick(config.text_columns, "text_columns", None),
+                label_column=pick(config.label_column, "label_column", "label"),
+                regression=regression, prompt_column=pick(config.prompt_column, "prompt_column", "prompt"),
+                response_column=pick(config.response_column, "response_column", "response"),
+                text_column=pick(config.text_column, "text_column", "text"),
+                label_names=names if names and not regression else None,
+                warn=lambda line: print(f"note: {line}", file=sys.stderr),
+                columns_from=_recorded_columns(adapter, config, info),
+            )
+            regression = bool(task == "seq-cls" and examples.regression)
+            if model is None:
+                model = _load_for_evaluation(config, adapter, task, info, spec, precision, regression)
+            check_token_range(data, vocabulary_size(model.config, model), config.data, tokenizer, config.model)
+            num_labels = getattr(model.config, "num_labels", 1) if task == "seq-cls" else 1
+            if task == "seq-cls":
+                if examples.labels is None:
+                    raise DataError(f"{config.data}: no label column to evaluate against")
+                if config.label_names is not None:
+                    if not names:
+                        raise DataError(f"--label-names maps {config.data}'s class ids to the adapter's class names, "
+                                        "and the adapter records none")
+                    examples = dataclasses.replace(examples, labels=ids_named(examples, config.label_names, names),
+                                                   named_labels=True)
+                    data.labels = examples.labels
+                elif names and info.get("labels_named_by"):
+                    check_ids_mean_these_names(examples, names, info["labels_named_by"])
+                check_label_range(examples, num_labels, "the model's head", "fix the labels")
+                pad = classifier_pad_id(model.config, tokenizer)  # (an adapter trained here records its own)
+                if pad is not None:
+                    data.pad_id = pad  # the id the classifier reads past: padding must be it
+            return precision, model, data, num_labels, regression
+
+        precision, model, data, num_labels, regression = on_every_rank(d, prepare)
         for param in model.parameters():
             param.requires_grad = False
         keep_fp32 = {n for n, _ in model.named_parameters() if ".bca_kernels." in f".{n}"}
@@ -124,6 +131,17 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
         return run_eval(model, data, task, num_labels, regression, batch_size, dev, precision, d)
     finally:
         destroy(d)
+
+
+def _recorded_columns(adapter: Path | None, config: EvaluateConfig, info: dict[str, Any]) -> str | None:
+    """Whose seq-cls column names the data is read by when they come from the adapter's training record, not from
+    the user (for the message of a file that lacks them; None when the user named them all)."""
+    taken = [f"--{key.replace('_', '-')} {', '.join(info[key]) if isinstance(info[key], list) else info[key]}"
+             for key in ("text_columns", "label_column") if getattr(config, key) is None and info.get(key)]
+    if not taken:
+        return None
+    return (f"the columns are those {adapter} was trained on ({'; '.join(taken)}, recorded in its "
+            "bca_training.json); pass --text-columns / --label-column to name this file's")
 
 
 def _is_names(value: Any) -> bool:

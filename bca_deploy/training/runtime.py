@@ -14,10 +14,11 @@ from torch import nn
 
 from ..errors import BCAError
 from .data import IGNORE_INDEX, TokenizedDataset
-from .errors import TrainingConfigError
+from .errors import DataError, TrainingConfigError
 from .metrics import MetricAccumulator
 
-__all__ = ["Dist", "init_distributed", "barrier", "on_main", "any_rank", "peer_failure", "destroy", "resolve_precision",
+__all__ = ["Dist", "init_distributed", "barrier", "on_main", "on_every_rank", "any_rank",
+           "peer_failure", "destroy", "resolve_precision",
            "autocast", "place_model", "model_inputs", "task_loss", "to_device", "run_eval"]
 
 
@@ -110,7 +111,39 @@ def on_main(d: Dist, fn: Callable[[], Any]) -> Any:
         box = [None if error is None else (type(error).__name__, str(error))]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None and error is None:
-            raise TrainingConfigError(f"rank 0 refused the run: {box[0][1]}")
+            refusal = TrainingConfigError(f"rank 0 refused the run: {box[0][1]}")
+            refusal.reported_by_first_process = True  # rank 0 prints it
+            raise refusal
+    if error is not None:
+        raise error
+    return result
+
+
+def on_every_rank(d: Dist, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; a BCAError it raises on any of them is raised on every rank, printed once.
+
+    For the steps each process does alike (reading and checking the data files): each finds the same problem,
+    and torchrun showed it once per process before its own summary; a problem one process alone finds (a file its
+    machine cannot read) left the others waiting at the next collective. Rank 0 raises its own error, else the
+    first failing rank's (named); the other ranks raise theirs (or that one) marked
+    :attr:`~bca_deploy.errors.BCAError.reported_by_first_process`, which the CLI does not print again.
+    """
+    result, error = None, None
+    try:
+        result = fn()
+    except BCAError as exc:
+        error = exc
+    if d.active:
+        import torch.distributed as dist
+
+        found: list[Any] = [None] * d.world_size
+        dist.all_gather_object(found, None if error is None else (isinstance(error, DataError), str(error)))
+        failed = [(rank, entry) for rank, entry in enumerate(found) if entry is not None]
+        if failed and not (d.is_main and error is not None):
+            rank, (is_data, text) = failed[0]
+            if error is None:
+                error = (DataError if is_data else TrainingConfigError)(text if rank == 0 else f"rank {rank}: {text}")
+            error.reported_by_first_process = not d.is_main
     if error is not None:
         raise error
     return result

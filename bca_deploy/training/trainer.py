@@ -26,6 +26,7 @@ and a file.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -84,6 +85,7 @@ from .runtime import (
     destroy,
     init_distributed,
     model_inputs,
+    on_every_rank,
     on_main,
     peer_failure,
     place_model,
@@ -390,7 +392,7 @@ class _TrainingRun:
         try:
             with _termination_interrupts():
                 self.setup_output()
-                self.setup_data()
+                on_every_rank(self.d, self.setup_data)
                 self.setup_model()
                 self.setup_optimizer()
                 self.restore()
@@ -571,6 +573,8 @@ class _TrainingRun:
         if self.metric not in allowed:
             raise TrainingConfigError(
                 f"--metric-for-best {self.metric!r} is not computed for this task; choose one of {sorted(allowed)}")
+        if self.metric == "accuracy" and cfg.metric_for_best is None and self.d.is_main:
+            self._note_majority_class()
 
     def _decide_labels(self, train_ex: SeqClsExamples, eval_ex: SeqClsExamples | None) -> Labels:
         """Number of classes, names and head kind; labels outside the head are refused, never a new head."""
@@ -625,6 +629,24 @@ class _TrainingRun:
             print(f"note: {train_ex.path}: no training example of class {shown} of the head's {num:,} (class ids "
                   "run 0..K-1)", file=sys.stderr)
         return Labels(num, list(names) if names else [f"LABEL_{i}" for i in range(num)], False, self._head_kind())
+
+    #: The share of the held-out labels one class may have before accuracy, the default --metric-for-best, is noted as
+    #: a poor judge of checkpoints: at 4 to 1 a head that answers that class alone scores 0.8 (a 95/5 split of SST-2
+    #: scored 0.95 with an MCC of 0 after 3 steps, and was best/).
+    MAJORITY_NOTED = 0.8
+
+    def _note_majority_class(self) -> None:
+        """Say so when one class makes up most of the held-out labels that pick best/ by accuracy."""
+        labels = getattr(self.eval_examples, "labels", None)
+        if not labels:
+            return
+        label, count = collections.Counter(labels).most_common(1)[0]
+        share = count / len(labels)
+        if share >= self.MAJORITY_NOTED:
+            name = self.labels.names[label]
+            print(f"note: {self.cfg.eval_data}: {share:.0%} of the labels are class {label} ({name!r}): answering it "
+                  f"alone scores accuracy {share:.4f}, which picks best/; --metric-for-best mcc or macro_f1 judges "
+                  "every class", file=sys.stderr)
 
     def _head_kind(self) -> str:
         if self.model_given:

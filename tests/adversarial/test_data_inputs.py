@@ -40,6 +40,15 @@ BAD: dict[str, tuple[bytes, str]] = {
     "header-only.tsv": (b"sentence\tlabel\n", "no examples"),
     "ragged.tsv": (b"sentence\tlabel\nx\t1\textra\n", "line 2"),
     "no-label-column.tsv": (b"sentence\tscore\nx\t1\n", "label"),
+    # a NUL in a text was trained on (BERT's tokenizer drops it); UTF-16 without a byte-order mark is valid UTF-8 with
+    # a NUL after each letter, and was refused as "line 3: 1 fields, the header has 2"
+    "nul-in-text.csv": (b"sentence,label\nhello\x00world,1\nok,0\n", "line 2: column 'sentence' holds a NUL"),
+    "nul-escaped.jsonl": (b'{"sentence": "a\\u0000b", "label": 1}\n', "line 1: column 'sentence' holds a NUL"),
+    "utf16-no-bom.csv": ("sentence,label\nhello,1\n".encode("utf-16-le"), "line 1: the header holds NUL characters"),
+    # 'nan'/'inf' as pandas and Python write a broken target were class names: mixed with numbers, the real targets
+    # were blamed when the broken ones were the most
+    "nan-targets.tsv": (b"sentence\tlabel\na\t0.5\nb\tnan\nc\tinf\nd\t-Infinity\n",
+                        "line 3: label in column 'label': 'nan' is not a finite number"),
 }
 
 

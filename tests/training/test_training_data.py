@@ -565,6 +565,27 @@ def test_a_field_or_line_past_the_limit_is_refused_by_line_without_reading_it_wh
     assert len(load_seq_cls(path).labels) == 3
 
 
+def test_a_json_file_of_lines_is_read_a_line_at_a_time_not_whole(tmp_path, monkeypatch):
+    """helper-97: a .json file that is not an array was read whole before its lines were: a 500 MB line took 2.8 GB
+    and 39 s to refuse (the same file named .jsonl: 0.3 GB, 2 s). It is now read as a .jsonl file is."""
+    import tracemalloc
+
+    from bca_deploy.training import data as data_module
+
+    monkeypatch.setattr(data_module, "MAX_FIELD_CHARS", 1000)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"sentence": "good " * 1_600_000, "label": 1}) + "\n"
+                    + json.dumps({"sentence": "fine", "label": 0}) + "\n")  # an 8 MB line
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"line 1: a field over .* characters"):
+            load_seq_cls(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"{peak / 2**20:.0f} MiB allocated while refusing it"
+
+
 def test_causal_lm_columns_read_as_classification_data_suggest_the_task(tmp_path):
     """helper-78: prompt/response data given without --task causal-lm was refused without naming the option."""
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say it:", "response": " fine"}])

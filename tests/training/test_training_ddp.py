@@ -51,6 +51,28 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert metrics["loss"] == pytest.approx(result["final_metrics"]["loss"], rel=1e-5)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_a_data_error_under_torchrun_is_printed_once_by_rank_0(tmp_path):
+    """Every process read the data and printed the same refusal, and the launcher's summary named whichever exited
+    first; now rank 0 prints it, once, and is the root cause the launcher names, with exit code 2."""
+    data = make_data(tmp_path / "data")
+    model_dir = tiny_model_dir(tmp_path / "bert", "bert", [s for s, _ in sst2_rows("train", 64)])
+    bad = tmp_path / "heldout.tsv"
+    bad.write_text("sentence\tlabel\na fine film\t1\na dull film\t0\nsomething\t\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "bca_deploy.training", "train", "--model", str(model_dir), "--data", str(data["small"]),
+           "--eval-data", str(bad), "--out", str(out), "--device", "cpu", "--block-size", "8", "--max-steps", "2",
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"Error: {bad}: bad examples:") == 1, proc.stderr[-4000:]
+    assert "line 4: label in column 'label': empty label" in proc.stderr
+    root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2 " in root_cause, root_cause
+    assert not out.exists()
+
+
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the launched process with ``RANK=rank`` among ``launcher_pid``'s children (Linux /proc)."""
     import os

@@ -104,6 +104,21 @@ def test_saved_adapter_reproduces_metrics_exactly(learned, files):
     assert result["step"] == 40 and result["final_metrics"] == learned.final_metrics
 
 
+def test_a_held_out_file_without_the_recorded_columns_names_whose_columns_they_are(learned, files, tmp_path):
+    """helper-97: evaluate reads a file by the columns the run was trained on (auto-detected then); a file with a
+    text column of another name was refused as "text column 'sentence' not found", an option never given."""
+    path = write_tsv(tmp_path / "other.tsv", [("a great film", 1), ("an awful film", 0)], header=("text", "label"))
+    with pytest.raises(DataError) as err:
+        _evaluate(files["bare"], learned.out_dir / "best", path)
+    message = str(err.value)
+    assert "text column 'sentence' not found" in message and "columns found in" in message, message
+    assert f"the columns are those {learned.out_dir / 'best'} was trained on (--text-columns sentence; " \
+        "--label-column label, recorded in its bca_training.json); pass --text-columns" in message, message
+    metrics = evaluate(EvaluateConfig(model=files["bare"], adapter=learned.out_dir / "best", data=path,
+                                      text_columns=["text"]))
+    assert metrics["n"] == 2
+
+
 def test_a_training_record_that_is_not_what_train_wrote_is_refused_naming_its_fields(learned, files, tmp_path):
     """evaluate reads bca_training.json (the options it falls back to) by the one JSON rule, every field it uses
     typed: one TrainingConfigError naming the file and each field (these were TypeErrors, a RecursionError,
@@ -523,3 +538,17 @@ def test_one_class_is_refused_and_a_single_used_class_is_noted(files, tmp_path, 
     negative = write_tsv(tmp_path / "negative.tsv", [(s, -y) for s, y in sst2_rows("train", 8)])
     with pytest.raises(DataError, match=r"label -1 \(class ids start at 0\)"):
         train(config(files["bare"], negative, tmp_path / "negative", max_steps=1))
+
+
+def test_held_out_labels_of_mostly_one_class_are_noted_when_accuracy_picks_best(files, tmp_path, capsys):
+    """helper-97: on a 95/5 split of SST-2, 3 steps of a head that answered the majority class scored accuracy 0.95
+    (MCC 0) and were best/, without a word; the default --metric-for-best is accuracy."""
+    rows = sst2_rows("train", 20)
+    skewed = write_tsv(tmp_path / "skewed.tsv", [(s, 0) for s, _ in rows[:18]] + [(s, 1) for s, _ in rows[18:]])
+    train(config(files["bert"], files["small"], tmp_path / "accuracy", eval_data=skewed, max_steps=1))
+    assert "skewed.tsv: 90% of the labels are class 0 ('LABEL_0'): answering it alone scores accuracy 0.9000" \
+        in capsys.readouterr().err
+    train(config(files["bert"], files["small"], tmp_path / "mcc", eval_data=skewed, max_steps=1,
+                 metric_for_best="mcc"))
+    train(config(files["bert"], files["small"], tmp_path / "balanced", eval_data=files["dev"], max_steps=1))
+    assert "of the labels are class" not in capsys.readouterr().err
