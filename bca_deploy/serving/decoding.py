@@ -136,8 +136,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids) or len(ids) > _MAX_STOP:
-            problems["stop_token_ids"] = (f"must be a list of at most {_MAX_STOP} token ids >= 0, "
-                                          f"got {show_json_value(ids)}")
+            # what is wrong, as for stop: the routes pass a tuple, which show_json_value described as "tuple"
+            wrong = (show_json_value(ids) if not isinstance(ids, (list, tuple)) else f"{len(ids)} ids"
+                     if len(ids) > _MAX_STOP else next(f"entry {i} is {show_json_value(t)}" for i, t in enumerate(ids)
+                                                       if not (_is_int(t) and t >= 0)))
+            problems["stop_token_ids"] = f"must be a list of at most {_MAX_STOP} token ids >= 0, got {wrong}"
         else:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         # vLLM's ranges (SamplingParams._verify_args), and a finite number: JSON cannot carry an infinity

@@ -917,6 +917,12 @@ class Server:
         return await _answered(request, asyncio.gather(*(s.collect() for s in streams)))
 
     @staticmethod
+    async def unless_gone(request: Request, work: Any) -> Any:
+        """``await work``, unless the client goes away first (see :func:`_answered`): a streamed answer's wait for
+        its first event."""
+        return await _answered(request, work)
+
+    @staticmethod
     def log_streams(request: Request, streams: list) -> None:
         """The request log's batching and timing fields of finished streams."""
         started = [s for s in streams if s.started_at is not None]

@@ -52,13 +52,13 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from ..config import show_json_value
 from ..errors import BCAError, ContextLengthError
@@ -221,6 +221,21 @@ class ChatMessage(BaseModel):
     audio: Any = None
     annotations: Any = None
     reasoning_content: Any = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        # a part of another type (an image, audio, a file: what a client sends a vision model) was refused with
+        # pydantic's attempts at each branch of the union ("content.list[_TextPart].0.text: Field required; ...
+        # image_url: Extra inputs are not permitted"); one line saying which part and what is taken instead
+        if isinstance(content, list):
+            for i, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    shown = kind if len(kind) <= 40 else kind[:40] + "..."
+                    raise ValueError(f"part {i} has type {shown!r}; this server's model reads text only: send a "
+                                     "string or {\"type\": \"text\", \"text\": ...} parts")
+        return content
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
@@ -507,9 +522,22 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
     ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if req.stream:
+        # the status line goes out with the first event, not before: a request whose rows fail before any token
+        # (its adapter unloaded while they queued, the graph refusing them) is answered with the error's status
+        # (404 unknown_adapter...), as the same request unstreamed is, instead of a 200 and an error event that
+        # OpenAI clients raise as an untyped APIError; the first token is sent with the status, so TTFT is the same
+        pumps = _Pumps(request, server, streams, release)
+        try:
+            first = await server.unless_gone(request, pumps.queue.get())
+        except BaseException:
+            await pumps.close()
+            raise
+        if first[2] == "error":
+            await pumps.close()
+            raise first[1]
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        events = _stream_events(request, server, streams, release, kind, ident, created, req.model, include_usage)
-        return ClosingStreamingResponse(events, media_type="text/event-stream",
+        events = _stream_events(request, server, pumps, first, kind, ident, created, req.model, include_usage)
+        return ClosingStreamingResponse(events, media_type="text/event-stream", on_close=pumps.close,
                                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     try:
         results = await server.collect(request, streams)
@@ -544,6 +572,10 @@ class ClosingStreamingResponse(StreamingResponse):
     got 503 for minutes. Used by every streamed answer (the OpenAI routes, the Ray router's forwarding).
     """
 
+    def __init__(self, *args, on_close: Callable[[], Awaitable[None]] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close  # also run when the body generator never started (its own cleanup would not)
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
@@ -551,16 +583,55 @@ class ClosingStreamingResponse(StreamingResponse):
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await close()
+            if self._on_close is not None:
+                await self._on_close()
 
 
-async def _stream_events(request: Request, server: Server, streams, release, kind: str, ident: str, created: int,
-                         model: str, include_usage: bool) -> AsyncIterator[bytes]:
+class _Pumps:
+    """The engine streams of a streamed answer, read into one queue of ``(index, text, None)`` per token text,
+    ``(index, None, finish_reason)`` per row's end and ``(index, exception, "error")`` per failure; :meth:`close`
+    (once, however the answer ends) logs the streams, cancels their rows and frees their place in the queue."""
+
+    def __init__(self, request: Request, server: Server, streams, release) -> None:
+        self.request, self.server, self.streams, self._release = request, server, streams, release
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+        self._closed = False
+
+    async def _pump(self, index: int, stream) -> None:
+        try:
+            async for token in stream:
+                if token.text:
+                    await self.queue.put((index, token.text, None))
+            await self.queue.put((index, None, stream.finish_reason))
+        except Exception as exc:  # noqa: BLE001 - sent to the client as an error answer or event
+            await self.queue.put((index, exc, "error"))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.server.log_streams(self.request, self.streams)  # what was generated, however it ended
+        for stream in self.streams:
+            stream.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._release()
+
+
+async def _stream_events(request: Request, server: Server, pumps: _Pumps, first: tuple, kind: str, ident: str,
+                         created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per token and choice, a last chunk per choice with its finish_reason, [DONE].
 
-    A failure after the answer started is sent as an ``{"error": ...}`` event (the status line is out
-    already). When the client goes away, the rows are cancelled and leave the batch at the next step.
+    ``first``: the first item of ``pumps`` (read before the answer started). A failure after the answer started is
+    sent as an ``{"error": ...}`` event (the status line is out already). When the client goes away, the rows are
+    cancelled and leave the batch at the next step.
     """
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+    streams = pumps.streams
 
     def event(payload: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
@@ -577,25 +648,15 @@ async def _stream_events(request: Request, server: Server, streams, release, kin
             payload["usage"] = None
         return event(payload)
 
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream) -> None:
-        try:
-            async for token in stream:
-                if token.text:
-                    await queue.put((index, token.text, None))
-            await queue.put((index, None, stream.finish_reason))
-        except Exception as exc:  # noqa: BLE001 - sent to the client as an error event
-            await queue.put((index, exc, "error"))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         if kind == "chat.completion":
             for i in range(len(streams)):
                 yield chunk(i, None, None, first=True)
         left = len(streams)
+        item = first
         while left:
-            index, text, finish = await queue.get()
+            index, text, finish = item if item is not None else await pumps.queue.get()
+            item = None
             if finish == "error":
                 status, error_type = error_status(text, openai=True)
                 message = server.redact(str(text)) if isinstance(text, BCAError) else \
@@ -614,12 +675,4 @@ async def _stream_events(request: Request, server: Server, streams, release, kin
                              "usage": _usage(streams)})
         yield b"data: [DONE]\n\n"
     finally:  # the end, or the client went away: free the rows at once
-        server.log_streams(request, streams)  # what was generated, however it ended
-        for stream in streams:
-            stream.cancel()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        release()
+        await pumps.close()

@@ -12,11 +12,13 @@ location, internal exception text, or the names of adapters the request did not 
 
 **Bodies.** :func:`read_body` turns the raw bytes of a request into Python values with the limits
 of :class:`~bca_deploy.serving.options.ServeOptions` that apply to any JSON applied before the body's
-content is used: UTF-8 only, no NaN/Infinity, no lone surrogates, nesting up to ``max_json_depth``,
-every string (a text, a chat message, a key) up to ``max_text_chars`` characters. Arrays are bounded by
-the body's size here and by their meaning later: a request's inputs by ``max_request_rows``
-(:func:`check_rows`), a token-id input by the model's positions. :func:`validate` then checks the values
-against a pydantic model and reports every problem at once. Each 413 names the option that sets its limit.
+content is used: UTF-8 only (a leading byte order mark is skipped), no NaN/Infinity, no lone surrogates,
+nesting up to ``max_json_depth``, every string (a text, a chat message, a key) up to ``max_text_chars``
+characters. Arrays are bounded by the body's size here and by their meaning later: a request's inputs by
+``max_request_rows`` (:func:`check_rows`), a token-id input by the model's positions. :func:`validate` then
+checks the values against a pydantic model and reports every problem at once. Each 413 names the option that
+sets its limit. The body's ``content-type`` and ``content-encoding`` (:func:`check_body_headers`) must say JSON,
+uncompressed, each header sent once (or with the same value each time).
 """
 
 from __future__ import annotations
@@ -297,8 +299,23 @@ def check_body_headers(headers: Mapping[str, str]) -> None:
     headers alone. A route calls it before it reads the body too, so a client that sent ``Expect: 100-continue`` gets
     the 415 at once instead of ``100 Continue`` and then the 415 for the body it was invited to send (RFC 9110 section
     10.1.1; uvicorn sends the 100 when the body is first read)."""
-    check_content_type(headers.get("content-type"))
-    check_content_encoding(headers.get("content-encoding"))
+    check_content_type(_single_header(headers, "content-type"))
+    check_content_encoding(_single_header(headers, "content-encoding"))
+
+
+def _single_header(headers: Mapping[str, str], name: str) -> str | None:
+    """The value of header ``name`` (None: not sent); refused (400) when it is sent more than once with different
+    values. Starlette's ``headers.get`` gives the first, a proxy in front may read the last: ``content-type:
+    application/json`` then ``content-type: text/plain`` was served as JSON here, so the browser-form rule of
+    :func:`check_content_type` held only for the first of them (the same reason a body's repeated JSON key is
+    refused). The same value twice (a header set twice by a client's layers) means one thing to everybody."""
+    getlist = getattr(headers, "getlist", None)
+    values = list(getlist(name)) if getlist is not None else ([headers[name]] if name in headers else [])
+    if len(set(values)) > 1:
+        shown = ", ".join(repr(v if len(v) <= 40 else v[:40] + "...") for v in values[:4])
+        raise InvalidHTTPError(f"the request has {len(values)} {name} headers with different values ({shown}); "
+                               f"send one {name} header")
+    return values[0] if values else None
 
 
 #: Bodies up to this size are parsed on the event loop (a few ms at most); a larger one in a worker thread, so that
@@ -345,6 +362,10 @@ def read_json(body: bytes, *, max_depth: int, max_chars: int) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidJSONError(f"the body is not UTF-8 (invalid byte at offset {exc.start}); send JSON in "
                                "UTF-8") from None
+    # a UTF-8 byte order mark before the JSON (PowerShell's and Windows editors' UTF-8 files start with one) is
+    # skipped, as RFC 8259 section 8.1 allows and FastAPI (vLLM) reads it; it was a 400 telling the client to
+    # "decode using utf-8-sig", Python's advice to itself
+    text = text.removeprefix("\ufeff")
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                            object_pairs_hook=unique_key_object)
