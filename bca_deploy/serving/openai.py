@@ -225,16 +225,28 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts_only(cls, content: Any) -> Any:
-        # a part of another type (an image, audio, a file: what a client sends a vision model) was refused with
-        # pydantic's attempts at each branch of the union ("content.list[_TextPart].0.text: Field required; ...
-        # image_url: Extra inputs are not permitted"); one line saying which part and what is taken instead
-        if isinstance(content, list):
-            for i, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind != "text":
-                    shown = kind if len(kind) <= 40 else kind[:40] + "..."
-                    raise ValueError(f"part {i} has type {shown!r}; this server's model reads text only: send a "
-                                     "string or {\"type\": \"text\", \"text\": ...} parts")
+        # a content that is not a string or text parts (an image or audio part: what a client sends a vision model; a
+        # number) was refused with pydantic's attempt at each branch of the union ("content.str: ...; content.list[
+        # _TextPart].0.text: Field required; ... image_url: Extra inputs are not permitted"): one line saying which
+        # part is wrong and what is taken instead. null is left to _has_content.
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError(f"must be a string or a list of text parts, got {show_json_value(content)}")
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(part, dict) or kind is None:
+                problem = f"is {show_json_value(part)}" if not isinstance(part, dict) else "has no type"
+            elif kind != "text":
+                problem = f"has type {show_json_value(kind)}; this server's model reads text only"
+            elif not isinstance(part.get("text"), str):
+                problem = f"has text {show_json_value(part.get('text'))}, not a string"
+            elif len(part) > 2:
+                extra = ", ".join(repr(k[:40]) for k in part if k not in ("type", "text"))
+                problem = f"has fields a text part does not take ({extra})"
+            else:
+                continue
+            raise ValueError(f"part {i} {problem}: send a string or {{\"type\": \"text\", \"text\": ...}} parts")
         return content
 
     @model_validator(mode="after")

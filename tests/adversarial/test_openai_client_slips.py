@@ -4,8 +4,8 @@
   by the first one, while a proxy may go by the last: now a 400 naming the header (the same value twice is served);
 - a body starting with a UTF-8 byte order mark (PowerShell's and Windows editors' UTF-8 files) was a 400 telling the
   client to "decode using utf-8-sig": now read as JSON, as FastAPI (vLLM) reads it;
-- a chat message with an image (or audio) part got pydantic's attempt at each branch of the union, naming the
-  private ``_TextPart``: now one line naming the part and its type;
+- a chat message with an image (or audio) part, or a part that is not a text part, got pydantic's attempt at each
+  branch of the union, naming the private ``_TextPart``: now one line naming the part and what is wrong with it;
 - ``stop_token_ids`` with a negative id or too many ids said "got tuple": now which entry, or how many.
 
 Tiny Llama bank, in-process server on loopback.
@@ -71,14 +71,17 @@ def test_a_body_header_sent_twice_with_one_value_and_a_bom_body_are_served(url):
         assert answer["choices"] == expected["choices"]
 
 
-@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-                                  {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}])
-def test_a_chat_part_that_is_not_text_is_named(url, part):
+@pytest.mark.parametrize("part, words", [
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "part 1 has type 'image_url'"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "part 1 has type 'input_audio'"),
+    ({"type": "text", "text": 5}, "part 1 has text 5, not a string"),
+    ("a text", "part 1 is 'a text'"),
+])
+def test_a_chat_part_that_is_not_text_is_named(url, part, words):
     body = {"model": "a0", "max_tokens": 2,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"}, part]}]}
     status, answer = call(url + "/v1/chat/completions", "POST", body)
-    assert_error(status, answer, 400, "invalid_request", words=["messages.0.content", f"part 1 has type "
-                                                                f"{part['type']!r}", "text only"])
+    assert_error(status, answer, 400, "invalid_request", words=[f"messages.0.content: {words}", "send a string"])
     assert answer["error"]["param"] == "messages" and "_TextPart" not in answer["error"]["message"]
 
 

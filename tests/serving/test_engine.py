@@ -1056,7 +1056,8 @@ def test_sampling_params_name_every_bad_field(kwargs, fields):
     ({"stop": ["ok", "", "y" * 10**6]}, "got entry 1 is empty"),
     ({"stop": ["ok", "y" * 10**6]}, "got entry 1 has 1,000,000 characters"),
     ({"stop": "z" * 10**6}, "got entry 0 has 1,000,000 characters"),
-    ({"stop_token_ids": [-1] * 10**5}, "got a list"),
+    ({"stop_token_ids": [-1] * 10**5}, "got 100000 ids"),
+    ({"stop_token_ids": (3, -5)}, "got entry 1 is -5"),  # the routes pass a tuple: it said "got tuple" (helper-94)
     ({"temperature": "t" * 10**6}, "got 'ttt"),
 ])
 def test_a_refused_value_is_described_not_echoed(kwargs, says):
