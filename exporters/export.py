@@ -463,6 +463,28 @@ class _GraphSpec:
 
 _BATCH, _SEQ, _PAST = "batch_size", "sequence_length", "past_sequence_length"
 _TOTAL = "past_sequence_length + sequence_length"
+# a sliding-window layer's past and present hold at most ``sliding_window - 1`` positions, not the full layers' count
+_SLIDING_PAST, _SLIDING_TOTAL = "sliding_past_sequence_length", "sliding_present_sequence_length"
+
+
+def _sliding_layers(config, layers: int) -> set[int]:
+    """The indices of the decoder layers whose cache keeps only a sliding window (``layer_types``' sliding ones;
+    every layer where the config has a window and no ``layer_types``; none without a window).
+
+    Their past and present axes get names of their own: onnxruntime takes outputs whose axes share a name to have
+    the same size, and in a config mixing full and sliding layers the first of them sliding (Gemma 2 and 3, whose
+    first five of six layers slide), it wrote a full layer's keys into a buffer sized for a sliding layer's present
+    ("Shape mismatch attempting to re-use buffer", transformers 5.x; on a tiny Qwen3 with ``layer_types`` sliding,
+    full too). Mixes whose first layer is full (Qwen2/Qwen3's ``max_window_layers``) happened to run.
+    """
+    from bca_deploy.models import attention_window
+
+    if attention_window(config) is None:
+        return set()
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        return set(range(layers))
+    return {i for i, kind in enumerate(kinds[:layers]) if kind == "sliding_attention"}
 
 
 def _graph_spec(model: nn.Module, task: str, decoder: bool) -> _GraphSpec:
@@ -504,10 +526,11 @@ def _graph_spec(model: nn.Module, task: str, decoder: bool) -> _GraphSpec:
         with torch.no_grad():
             prefix = torch.randint(0, vocab, (batch, past), generator=generator)
             pasts = [t for pair in cache_tensors(output_cache(model(input_ids=prefix, use_cache=True))) for t in pair]
+        sliding = _sliding_layers(config, len(pasts) // 2)
         for i in range(len(pasts) // 2):
             for kv in ("key", "value"):
-                axes[f"past_key_values.{i}.{kv}"] = {0: _BATCH, 2: _PAST}
-                axes[f"present.{i}.{kv}"] = {0: _BATCH, 2: _TOTAL}
+                axes[f"past_key_values.{i}.{kv}"] = {0: _BATCH, 2: _SLIDING_PAST if i in sliding else _PAST}
+                axes[f"present.{i}.{kv}"] = {0: _BATCH, 2: _SLIDING_TOTAL if i in sliding else _TOTAL}
                 outputs.append(f"present.{i}.{kv}")
     return _GraphSpec(list(inputs), outputs, main, len(pasts) // 2, (*inputs.values(), *pasts), axes,
                       "use_cache" in parameters)

@@ -19,9 +19,11 @@ from bca_deploy.models import resolve_task as _resolve_model_task
 
 from .errors import UnsupportedExportError
 
-__all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MODEL_TYPES", "supported_tasks",
-           "architecture_problem", "hybrid_attention_problem", "rope_type", "rope_switch_length", "is_decoder", "resolve_task", "resolve_export_task", "load_model", "adapter_names",
-           "AdapterExport", "adapter_export"]
+__all__ = ["ENCODER_TASKS", "DECODER_TASKS", "ENCODER_MODEL_TYPES", "DECODER_MODEL_TYPES", "NOT_EXPORTED",
+           "NOT_EXPORTED_SETTINGS",
+           "supported_tasks", "architecture_problem", "hybrid_attention_problem", "mixture_of_experts_problem",
+           "rope_type", "rope_switch_length", "is_decoder", "resolve_task", "resolve_export_task", "load_model",
+           "adapter_names", "AdapterExport", "adapter_export"]
 
 #: Tasks of an encoder graph (no past): the last hidden state, or a classifier's logits.
 ENCODER_TASKS = ("feature-extraction", "text-classification")
@@ -30,8 +32,26 @@ DECODER_TASKS = ("feature-extraction", "feature-extraction-with-past", "text-cla
                  "text-generation-with-past")
 #: Architectures (``config.model_type``) whose export is tested on transformers 4.57 and 5.x, both merged
 #: and unmerged (see tests/exporters). Others are refused rather than exported untested.
-ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2")
-DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma", "phi3")
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2", "albert", "mpnet",
+                       "modernbert")
+DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma", "phi3", "gemma2", "gemma3_text",
+                       "smollm3", "olmo2", "granite", "stablelm", "phi", "gptj", "gpt_neox", "falcon")
+#: Architectures transformers has whose export was tried here and is not exact, with why: refused by name (other
+#: types outside the lists above are refused as untested). Mixture-of-experts configs of any type are refused by
+#: :func:`mixture_of_experts_problem`, settings of an exported type by :data:`NOT_EXPORTED_SETTINGS`.
+NOT_EXPORTED = {
+    "cohere": "its rotary embedding interleaves the halves it rotates (repeat_interleave), which the TorchScript "
+              "exporter cannot write (torch.onnx.export fails with 'All tensors must have the same rank', on both "
+              "transformers lines)",
+    "cohere2": "its rotary embedding interleaves the halves it rotates, as Cohere's, which the TorchScript exporter "
+               "cannot write",
+}
+#: ``(model_type, config field)`` of an exported type whose graph is not exact where the field is set, with why.
+NOT_EXPORTED_SETTINGS = {
+    ("falcon", "alibi"): "ALiBi positions (Falcon-RW): the traced graph types the ALiBi slopes complex128, which "
+                         "onnxruntime refuses to load (both transformers lines); Falcon with rotary positions (the "
+                         "default) exports",
+}
 
 
 def is_decoder(model_type: str) -> bool:
@@ -49,8 +69,9 @@ def supported_tasks(model_type: str) -> list[str]:
         return sorted(ENCODER_TASKS)
     if model_type in DECODER_MODEL_TYPES:
         return sorted(DECODER_TASKS)
+    why = f": {NOT_EXPORTED[model_type]}" if model_type in NOT_EXPORTED else ""
     raise UnsupportedExportError(
-        f"bca-deploy cannot export model_type {model_type!r} to ONNX. It exports these model types: "
+        f"bca-deploy cannot export model_type {model_type!r} to ONNX{why}. It exports these model types: "
         f"{', '.join(sorted(ENCODER_MODEL_TYPES + DECODER_MODEL_TYPES))}"
     )
 
@@ -84,6 +105,29 @@ def hybrid_attention_problem(config, transformers_version: str | None = None) ->
             f"{list(config.layer_types)}, sliding_window {getattr(config, 'sliding_window', None)}); on "
             f"transformers {transformers_version} its exported graph would be wrong for rows longer than the "
             "window. Export it with transformers 5.x (the README's transformers 5.x stack), where it is exact")
+
+
+def mixture_of_experts_problem(config) -> str | None:
+    """Why a mixture-of-experts config (any of its fields counting experts, ``num_experts``, ``num_local_experts``,
+    ``n_routed_experts``..., above 1) cannot be exported, or None.
+
+    The router sends each token to its experts by data-dependent indexing, which a traced graph freezes to the
+    trace example's routing. Measured on a tiny Qwen3-MoE: on transformers 4.57 a classifier's graph passed export
+    validation, and the same model's bank graph then failed in onnxruntime on mixed rows (a ``Split`` of the
+    example's expert sizes); with past, validation failed the same way; on 5.x ``torch.onnx.export`` fails
+    (``aten::histc``). Merging is exact.
+    """
+    from bca_deploy.models import config_counts
+
+    experts = [(field, count) for field, count in config_counts(config.to_dict())
+               if field.endswith("experts") and count > 1]
+    if not experts:
+        return None
+    field, count = experts[0]
+    return (f"bca-deploy cannot export model_type {config.model_type!r} to ONNX: this config is a mixture-of-experts "
+            f"model ({field} {count}), whose router picks each token's experts by data-dependent indexing, which a "
+            "traced graph freezes to the example's routing. `bca-deploy merge` still writes the adapted model as a "
+            "standalone transformers checkpoint, for transformers or another runtime")
 
 
 def rope_type(config) -> str | None:
@@ -123,15 +167,24 @@ def rope_switch_length(config, transformers_version: str | None = None) -> int |
 
 def architecture_problem(model_dir: str | Path, config) -> str | None:
     """Why ``model_dir`` (whose config is ``config``) cannot be exported whatever its adapters and task, or None:
-    an encoder-decoder model, a model type bca-deploy does not export, or a hybrid-attention config on
-    transformers 4.x. The one rule for :func:`resolve_export_task` and for the next commands ``train`` prints."""
+    an encoder-decoder model, a mixture-of-experts model, a model type bca-deploy does not export (with why, for
+    those in :data:`NOT_EXPORTED`), a setting of its type it does not (:data:`NOT_EXPORTED_SETTINGS`), or a
+    hybrid-attention config on transformers 4.x. The one rule for
+    :func:`resolve_export_task` and for the next commands ``train`` prints."""
     if getattr(config, "is_encoder_decoder", False):
         return (f"{model_dir}: {config.model_type} is an encoder-decoder model (several graphs); bca-deploy exports "
                 "single-graph encoder or decoder models (BERT, RoBERTa, Llama, Qwen2, GPT-2...)")
+    problem = mixture_of_experts_problem(config)
+    if problem:
+        return f"{model_dir}: {problem}"
     try:
         supported_tasks(config.model_type)
     except UnsupportedExportError as exc:
         return f"{model_dir}: {exc}"
+    for (model_type, field), why in NOT_EXPORTED_SETTINGS.items():
+        if config.model_type == model_type and getattr(config, field, None):
+            return (f"{model_dir}: bca-deploy cannot export this {model_type} config ({field}="
+                    f"{getattr(config, field)!r}) to ONNX: {why}")
     problem = hybrid_attention_problem(config)
     return f"{model_dir}: {problem}" if problem else None
 

@@ -293,7 +293,7 @@ def _tiny_bart(directory: Path) -> Path:
     (lambda d: (d.mkdir(), (d / "notes.txt").write_text("hi"), d)[-1], "no config.json"),
     (_tiny_bart, "bart is an encoder-decoder model (several graphs); bca-deploy exports single-graph encoder or "
                  "decoder models (BERT, RoBERTa, Llama, Qwen2, GPT-2...); or run the demo with --no-onnx"),
-    (lambda d: _tiny_config(d, "albert"), "cannot export model_type 'albert' to ONNX"),
+    (lambda d: _tiny_config(d, "opt"), "cannot export model_type 'opt' to ONNX"),
 ])
 def test_a_model_that_does_not_fit_the_demo_is_refused_before_out_is_touched(tmp_path, model, match):
     model_dir = model(tmp_path / "model")

@@ -216,16 +216,16 @@ def test_progress_bar_is_drawn_on_a_terminal_of_size_zero(monkeypatch):
 
 def test_the_next_commands_offer_export_only_for_an_architecture_export_takes(tmp_path):
     """train printed "bca-deploy export ... && bca-deploy serve" after training an architecture export refuses
-    (albert, opt...); the summary now says why there is no export instead."""
+    (cohere, opt...); the summary now says why there is no export instead."""
     import transformers as tf
 
     from bca_deploy.training.report import export_refusal
 
-    tf.AlbertConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(
-        tmp_path / "albert")
+    tf.CohereConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(
+        tmp_path / "cohere")
     tf.BertConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(
         tmp_path / "bert")
-    assert "cannot export model_type 'albert'" in export_refusal(tmp_path / "albert")
+    assert "cannot export model_type 'cohere'" in export_refusal(tmp_path / "cohere")
     assert export_refusal(tmp_path / "bert") is None
 
 
