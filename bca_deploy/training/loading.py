@@ -63,6 +63,11 @@ DEFAULT_TARGETS = {
     "qwen2_moe": ["q_proj", "v_proj"],
     "olmo": ["q_proj", "v_proj"],
     "olmo2": ["q_proj", "v_proj"],
+    # exported model types PEFT has no default for: their query and value projections
+    "albert": ["query", "value"],
+    "mpnet": ["q", "v"],
+    "smollm3": ["q_proj", "v_proj"],
+    "granite": ["q_proj", "v_proj"],
 }
 HEAD_MODULE_NAMES = ("classifier", "score")
 

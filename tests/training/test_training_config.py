@@ -283,3 +283,11 @@ def test_each_default_target_names_a_linear_layer_of_its_model_type(model_type):
         model = transformers.AutoModel.from_config(config)
     for target in DEFAULT_TARGETS[model_type]:  # each entry alone: it matches, and only Linear/Conv1D layers
         assert match_target_modules(model, [target]), (model_type, target)
+
+
+def test_every_exported_model_type_has_default_targets():
+    """`train` without --targets on a model type export supports refused for albert, mpnet, smollm3 and granite
+    ("no default target modules"), so the path train -> export stopped at its first step for them."""
+    from bca_deploy.exporters.loading import DECODER_MODEL_TYPES, ENCODER_MODEL_TYPES
+
+    assert sorted(set(ENCODER_MODEL_TYPES + DECODER_MODEL_TYPES) - set(DEFAULT_TARGETS)) == []
