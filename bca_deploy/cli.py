@@ -247,7 +247,7 @@ def inspect(adapter: Path) -> None:
     from .exporters.metadata import METADATA_FILE
     from .peft_compat import describe_format, is_peft_config
 
-    if not (adapter / CONFIG_FILE).exists():
+    if not os.path.lexists(adapter / CONFIG_FILE):  # a link to nothing is there, for read_json to name
         if (adapter / "model.onnx").is_file() or (adapter / METADATA_FILE).is_file():
             from .exporters.metadata import describe_export
 
@@ -258,7 +258,7 @@ def inspect(adapter: Path) -> None:
             read_adapter_header(adapter)
         raise InputNotFoundError(f"{adapter}: neither an adapter directory (no {CONFIG_FILE}) nor an ONNX export "
                                  f"(no model.onnx){_model_dir_hint(adapter) or nested_adapters_hint(adapter)}")
-    data = read_json(adapter / CONFIG_FILE)
+    data = read_json(adapter / CONFIG_FILE, what="adapter config")
     header = read_adapter_header(adapter)  # no tensor data read: sizes that do not fit are refused here
     read = header.file_bytes <= INSPECT_MAX_BYTES
     config = header.config

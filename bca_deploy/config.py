@@ -616,6 +616,9 @@ def read_json_value(path: Path, what: str = "file", allow_nan: bool = False, uni
     if not path.is_file():
         if path.exists():  # a directory, a FIFO, a device: say what it is, never "no such file"
             raise AdapterFormatError(f"{path}: {why_not_readable(path)}; expected a JSON {what}")
+        if os.path.islink(path):  # there by name, a link to nothing (a cache's missing blob) or a loop
+            raise AdapterFormatError(f"{path}: a symbolic link that leads to no file ({why_not_readable(path)}); "
+                                     f"expected a JSON {what}")
         raise AdapterFormatError(f"{path}: no such {what}")
     try:
         size = path.stat().st_size
@@ -782,6 +785,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 #: (:func:`bca_deploy.models.load_saved_tokenizer`; ``inspect`` checks an export's the same way).
 TOKENIZER_READS = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json")
+
+
+#: The largest tokenizer file read (bytes). transformers, tokenizers and sentencepiece read each file whole into memory
+#: before they parse it, so a sparse file declaring gigabytes (8 GB of zeros as tokenizer_config.json) took that much
+#: memory, or the process was killed, before any error; the largest published tokenizer files are tens of MB.
+MAX_TOKENIZER_FILE_BYTES = 512 * 1024 * 1024
+
+
+def tokenizer_file_size_problem(path: str | Path) -> str | None:
+    """Why the tokenizer file ``path`` (a regular file) is too large to read (:data:`MAX_TOKENIZER_FILE_BYTES`), or
+    None: the one size rule of every reader of a saved tokenizer (:func:`bca_deploy.models.load_saved_tokenizer`) and
+    of ``inspect``'s check of an export's files."""
+    size = os.stat(path).st_size
+    if size <= MAX_TOKENIZER_FILE_BYTES:
+        return None
+    return (f"{size:,} bytes; a tokenizer file of more than {MAX_TOKENIZER_FILE_BYTES:,} bytes is refused unread (the "
+            "largest published ones are tens of MB)")
 
 
 def tokenizer_files(directory: str | Path) -> Iterator[Path]:

@@ -66,6 +66,7 @@ from .config import (
     parse_json_object,
     read_json,
     run_adapter_dir,
+    show_json_value,
 )
 from .errors import (
     AdapterFormatError,
@@ -683,6 +684,8 @@ class _Plan:
     # checkpoint tensors (output names) a classification checkpoint does not load, left out of it: the source
     # architecture's own head (a causal LM's lm_head, a masked LM's cls.*), which transformers would only report
     dropped: dict[str, int] = field(default_factory=dict)  # output name -> bytes
+    # why no architecture was built from config.json (merged by the tensors' names and shapes alone), or ""
+    structure_note: str = ""
 
 
 def _storage_delta_view(kernel: torch.Tensor, spec: ModuleSpec, factor: float) -> np.ndarray:
@@ -748,12 +751,17 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
         )
     problems, headers = [], {}
     for shard in shards:
-        if not (model_dir / shard).is_file():
-            exists = (model_dir / shard).exists()  # a FIFO, a device, a directory: said as what it is
-            problems.append(f"shard {shard}: " + (f"{why_not_readable(model_dir / shard)}; expected a safetensors file"
-                                                  if exists else "listed in the index but missing"))
+        path = model_dir / shard
+        try:
+            regular = path.is_file()
+        except OSError as exc:  # a name the file system cannot hold (ENAMETOOLONG): the index's error, not exit 1
+            problems.append(f"shard {show_json_value(shard)}: {exc.strerror or exc}")
             continue
-        headers[shard] = read_safetensors_header(model_dir / shard)
+        if not regular:  # a FIFO, a device, a directory, a link to nothing or a loop: said as what it is
+            problems.append(f"shard {shard}: " + (f"{why_not_readable(path)}; expected a safetensors file"
+                                                  if os.path.lexists(path) else "listed in the index but missing"))
+            continue
+        headers[shard] = read_safetensors_header(path)
     if index is not None:
         for name, shard in index["weight_map"].items():
             if shard in headers and name not in headers[shard].by_name():
@@ -775,7 +783,7 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
         raise CheckpointFormatError(format_problems(f"{model_dir}: inconsistent checkpoint:", problems))
     config = None
     config_path = model_dir / "config.json"
-    if config_path.is_file():
+    if os.path.lexists(config_path):  # there but not a file (a pipe, a device, a link to nothing): refused by name
         try:
             config = read_json(config_path, what="model config", allow_nan=True, unique_keys=False)
         except AdapterFormatError as exc:
@@ -1148,7 +1156,7 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
                 read_adapter(a.directory, view.model, validate=False)
             except AdapterFormatError as exc:
                 problems.append(str(exc).replace("\n", "\n  "))  # its own list, nested in this one
-    plan = _Plan()
+    plan = _Plan(structure_note=view.structure_note)
     replaced_by: dict[str, Path] = {}
     new_tensors: dict[str, torch.Tensor] = {}
     # base weights (fit.split_base_key: PEFT's save_embedding_layers), by output key: (checkpoint key, value, adapter);
@@ -1780,6 +1788,10 @@ def _merge_checkpoint(
                                            default=0))
     _check_paths(model_dir, out_dir, [a.directory for a in sources], overwrite)
     plan = _plan_merge(ckpt, sources)
+    if plan.structure_note and ckpt.config is not None:  # (without one: warned above) merged, but not checked
+        warnings.warn(f"{model_dir}/config.json: transformers cannot build the model it describes "
+                      f"({plan.structure_note[:300]}); merged by the tensors' names and shapes alone, layer types not "
+                      "checked, and the merged model has the same config.json")
     if plan.dropped:
         names = sorted(plan.dropped)
         warnings.warn(

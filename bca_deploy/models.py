@@ -1030,13 +1030,18 @@ from .config import has_tokenizer_files, tokenizer_files  # noqa: E402,F401 - be
 def load_saved_tokenizer(directory: str | Path) -> Any:
     """The tokenizer saved in ``directory``, as every stage loads one: ``AutoTokenizer`` without transformers'
     warnings, and never with the directory's own Python code (``auto_map``: transformers would ask on a terminal
-    whether to run it, and run it on "y"). Raises what transformers raises for files it cannot load."""
+    whether to run it, and run it on "y"). Raises what transformers raises for files it cannot load; an OSError naming
+    a file present that is not a regular readable one; :class:`CheckpointFormatError` naming one over
+    :data:`bca_deploy.config.MAX_TOKENIZER_FILE_BYTES` (unread)."""
     import transformers
 
-    from .errors import require_readable
+    from .config import tokenizer_file_size_problem
+    from .errors import CheckpointFormatError, require_readable
 
     for path in tokenizer_files(directory):  # transformers skips what is not a file: a dangling tokenizer_config.json
         require_readable(path)  # link (a cache's missing blob) gave another tokenizer class, with a BOS added
+        if (problem := tokenizer_file_size_problem(path)) is not None:  # read whole by transformers: bounded here
+            raise CheckpointFormatError(f"{path}: {problem}")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:

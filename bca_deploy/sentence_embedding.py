@@ -12,6 +12,7 @@ the same files: ``get_pooling_config``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,13 @@ __all__ = ["EmbeddingRecipe", "sentence_transformers_files", "MODULES_FILE"]
 MODULES_FILE = "modules.json"
 #: The files of a sentence-transformers directory besides its modules' own (copied by export as they are).
 TOP_LEVEL_FILES = (MODULES_FILE, "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _present(path: Path) -> bool:
+    """Whether ``path`` is there by name, whatever it is: a link to nothing (a cache's missing blob), a pipe or a
+    folder where a file belongs is then read, and refused naming it (:func:`bca_deploy.config.read_json`), rather than
+    taken for absent: a ``modules.json`` skipped so lost the model's pooling and normalisation without a word."""
+    return os.path.lexists(path)
 
 
 def _kind(module: dict[str, Any]) -> str | None:
@@ -61,7 +69,7 @@ def _modules(model_dir: Path) -> tuple[list[dict[str, Any]] | None, str | None]:
     from .errors import BCAError
 
     path = model_dir / MODULES_FILE
-    if not path.is_file():
+    if not _present(path):
         return None, None
     try:
         data = read_json_value(path, what="sentence-transformers modules file")
@@ -86,7 +94,7 @@ def _default_prompt(model_dir: Path, problems: list[str]) -> str | None:
     from .errors import BCAError
 
     path = model_dir / "config_sentence_transformers.json"
-    if not path.is_file():
+    if not _present(path):
         return None
     try:
         data = read_json(path, what="sentence-transformers config")
@@ -103,13 +111,13 @@ def sentence_transformers_files(model_dir: str | Path) -> list[str]:
     """The sentence-transformers files of ``model_dir`` an export of its embeddings keeps, relative to it: the
     top-level ones and the Pooling module's ``config.json`` (empty for a plain transformers checkpoint)."""
     model_dir = Path(model_dir)
-    modules, _ = _modules(model_dir)
-    if modules is None:
-        return []
-    files = [name for name in TOP_LEVEL_FILES if (model_dir / name).is_file()]
+    modules, problem = _modules(model_dir)
+    if modules is None:  # none, or one that does not read: listed, for the export's reader to refuse by name
+        return [MODULES_FILE] if problem is not None else []
+    files = [name for name in TOP_LEVEL_FILES if _present(model_dir / name)]
     for module in modules:
         folder = _module_dir(model_dir, module) if _kind(module) == "Pooling" else None
-        if folder is not None and (folder / "config.json").is_file():
+        if folder is not None and _present(folder / "config.json"):
             files.append(f"{folder.name}/config.json")
     return files
 
@@ -177,7 +185,7 @@ class EmbeddingRecipe:
                             f"the default prompt {prompt[:80]!r} to every text; /v1/embeddings does not, so send it "
                             "in the input")
         bert_config = model_dir / "sentence_bert_config.json"
-        if bert_config.is_file():
+        if _present(bert_config):
             try:
                 value = read_json(bert_config, what="sentence-transformers config").get("max_seq_length")
             except BCAError as exc:

@@ -240,6 +240,7 @@ def export(
     if opset is not None:
         _resolve_opset(opset, merge, fft, default=opset)
     model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank)
+    _check_copied_files(model_dir)
     notes = [note for note in (_check_tokenizer(model_dir),) if note]  # printed with the result
     sentence_files = _sentence_transformers_files(model_dir) if model_task.export_task == "feature-extraction" else []
     # AdapterMismatchError surfaces here; a bank holds each adapter's own head in its slot (bank.BankPlan)
@@ -360,6 +361,24 @@ def _sentence_transformers_files(model_dir: Path) -> list[str]:
             raise ExportError(f"{exc}; sentence-transformers cannot load the model with it either: fix the file, or "
                               "remove the model's sentence-transformers files") from None
     return names
+
+
+def _check_copied_files(model_dir: Path) -> None:
+    """Refuse a file the export copies from ``model_dir`` (:data:`_COPIED_FILES`) that is there by name but is not a
+    regular file this user may read (a named pipe, a device, a directory, a dangling link), before anything is
+    written: it was left out without a word (a generation_config.json pipe: the export got transformers' default
+    generation config, other end-of-sequence ids than the model's).
+
+    Raises:
+        ExportError: naming the file and what it is.
+    """
+    from bca_deploy.errors import why_not_readable
+
+    for name in _COPIED_FILES:
+        path = model_dir / name
+        if os.path.lexists(path) and (why := why_not_readable(path)) != "a regular file":
+            raise ExportError(f"{path}: {why}; an export copies the model directory's {name}: replace it with the "
+                              "file, or remove it")
 
 
 def _check_tokenizer(model_dir: Path) -> str | None:

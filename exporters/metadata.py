@@ -164,7 +164,8 @@ def describe_export(export_dir: str | Path) -> list[str]:
     export_dir = Path(export_dir)
     metadata = read_export_metadata(export_dir)
     graph = [p for p in (export_dir / ONNX_FILE, export_dir / f"{ONNX_FILE}_data") if p.is_file()]
-    adapter_files = sorted((export_dir / "adapters").glob("*.onnx_adapter"))
+    # files only: a dangling link or a pipe left there (no bank lists it, serve never reads it) has no size to add
+    adapter_files = sorted(p for p in (export_dir / "adapters").glob("*.onnx_adapter") if p.is_file())
     size = sum(p.stat().st_size for p in (*graph, *adapter_files))
     lines = [f"export:       {export_dir}"]
     if metadata is None:
@@ -251,8 +252,9 @@ def _served_file_problems(export_dir: Path) -> list[str]:
     """What ``serve`` would refuse among an export's other files before loading them: config.json missing or not a
     regular readable file, and, when the export has a tokenizer (:func:`bca_deploy.config.has_tokenizer_files`, as
     serve decides whether to load one), any of its files present but not one (a pipe, a directory, a dangling link:
-    :func:`bca_deploy.config.tokenizer_files`, the files serve's loader requires)."""
-    from bca_deploy.config import has_tokenizer_files, tokenizer_files
+    :func:`bca_deploy.config.tokenizer_files`, the files serve's loader requires) or too large to be read
+    (:func:`bca_deploy.config.tokenizer_file_size_problem`)."""
+    from bca_deploy.config import has_tokenizer_files, tokenizer_file_size_problem, tokenizer_files
     from bca_deploy.errors import why_not_readable
 
     config = export_dir / "config.json"
@@ -262,6 +264,8 @@ def _served_file_problems(export_dir: Path) -> list[str]:
         present += tokenizer_files(export_dir)
     for path in present:
         why = why_not_readable(path)
+        if why == "a regular file" and path != config:
+            why = tokenizer_file_size_problem(path) or why
         if why != "a regular file":
             problems.append(f"{path.name}: {why}")
     return problems
