@@ -849,10 +849,12 @@ def run_adapter_dir(directory: str | Path) -> Path:
     (``bca-deploy train --out RUN``) for its ``best/`` adapter, or ``last/`` when it has no ``best/`` (a run
     without ``--eval-data``). Anything else is returned as given, for the reader to name what is missing.
     The one rule for every command that takes an adapter and for :class:`~bca_deploy.serving.AdapterStore`
-    (here because this module imports no torch: the CLI applies it while parsing options).
+    (here because this module imports no torch: the CLI applies it while parsing options). A folder holding either
+    file by name stands for itself whatever the file is (a link to nothing, a pipe): its reader names it, rather than
+    best/ with a broken config being passed over for last/ without a word.
     """
     path = Path(directory)
-    saved = lambda folder: (folder / CONFIG_FILE).is_file() or (folder / TRAINABLE_FILE).is_file()  # noqa: E731
+    saved = lambda folder: os.path.lexists(folder / CONFIG_FILE) or os.path.lexists(folder / TRAINABLE_FILE)  # noqa: E731
     if saved(path):
         return path
     for folder in RUN_ADAPTER_FOLDERS:

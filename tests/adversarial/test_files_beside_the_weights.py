@@ -221,3 +221,25 @@ def test_inspect_of_an_adapter_config_linking_to_nothing_names_the_link(made, tm
             in result.output, (args, result.output)
     with pytest.raises(BCAError, match="a symbolic link that leads to no file"):
         bd.read_adapter(adapter)
+
+
+# ---- a training run's best/ ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dangling-link", "fifo"])
+def test_a_runs_best_adapter_with_a_broken_config_is_named_not_passed_over_for_last(made, tmp_path, kind):
+    """``RUN`` stands for RUN/best (chosen on --eval-data), else RUN/last: a best/ whose adapter_config.json was a
+    link to nothing or a pipe was taken for no best/ at all, and last/ merged in its place without a word."""
+    from bca_deploy.merge import merge_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(made / "adapter", run / "best")
+    shutil.copytree(made / "adapter", run / "last")
+    config = run / "best" / "adapter_config.json"
+    config.unlink()
+    config.symlink_to(tmp_path / "gone") if kind == "dangling-link" else os.mkfifo(config)
+    with pytest.raises(BCAError, match=rf"{config}: "):
+        merge_checkpoint(made / "single", [(run, 1.0)], tmp_path / "out", progress=False)
+    result = _run(["inspect", run])
+    assert result.exit_code == 2 and f"Error: {config}: " in result.output, result.output
+    assert not (tmp_path / "out").exists()
