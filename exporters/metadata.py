@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bca_deploy.errors import printable, require_readable
+from bca_deploy.errors import printable, require_readable, why_not_readable
 
 from .errors import ExportMetadataError
 
@@ -88,7 +88,7 @@ def read_export_metadata(export_dir: str | Path) -> ExportMetadata | None:
     from bca_deploy.config import read_json
 
     path = Path(export_dir) / METADATA_FILE
-    if not path.exists():
+    if not os.path.lexists(path):  # there but not a file (a link to nothing): read_json names it
         return None
     data = read_json(path, what="metadata file")
     problems = []
@@ -215,6 +215,8 @@ def describe_export(export_dir: str | Path) -> list[str]:
         lines.append(f"exported by:  {made_with}")
     held = " + ".join([*(p.name for p in graph), *([f"{len(adapter_files)} adapter file{'s' if len(adapter_files) > 1 else ''}"] if adapter_files else [])])
     if export_dir / ONNX_FILE not in graph:
+        if os.path.lexists(export_dir / ONNX_FILE):  # a link to a device or to nothing, a pipe: said as what it is
+            return lines + [f"graph:        NOT loadable: {ONNX_FILE} is {why_not_readable(export_dir / ONNX_FILE)}"]
         return lines + [f"files:        no {ONNX_FILE}: an incomplete export, which nothing can load; export it again"]
     lines.append(f"files:        {held} ({size / 1e6:.1f} MB)")
     try:
@@ -255,7 +257,6 @@ def _served_file_problems(export_dir: Path) -> list[str]:
     :func:`bca_deploy.config.tokenizer_files`, the files serve's loader requires) or too large to be read
     (:func:`bca_deploy.config.tokenizer_file_size_problem`)."""
     from bca_deploy.config import has_tokenizer_files, tokenizer_file_size_problem, tokenizer_files
-    from bca_deploy.errors import why_not_readable
 
     config = export_dir / "config.json"
     present = [config] if os.path.lexists(config) else []

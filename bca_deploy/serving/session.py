@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
 import re
 import threading
 import time
@@ -45,6 +46,7 @@ from ..errors import (
     format_problems,
     onnxruntime_reason,
     open_regular,
+    why_not_readable,
 )
 from ..exporters.bank import LABEL_PAD, BankRecord, HeadLabels, HeadWeights
 from ..exporters.metadata import ExportMetadata
@@ -218,7 +220,11 @@ def bank_metadata(export_dir: str | Path) -> ExportMetadata:
 
     export_dir = Path(export_dir)
     for name in (ONNX_FILE, METADATA_FILE):
-        if not (export_dir / name).is_file():
+        path = export_dir / name
+        if not path.is_file():
+            if os.path.lexists(path):  # a link to a device or to nothing, a pipe, a folder: said as what it is
+                raise ServingError(f"{path}: {why_not_readable(path)}; expected the {name} bca-deploy export --bank "
+                                   "writes")
             raise ServingError(f"{export_dir}: no {name}; expected a directory written by bca-deploy export --bank")
     metadata = read_export_metadata(export_dir)
     if metadata.bank is None:
@@ -1655,7 +1661,7 @@ class GenerationDefaults:
         from ..config import read_json, show_json_value
         from ..errors import BCAError
 
-        if not path.is_file():
+        if not os.path.lexists(path):  # there but not a file (a link to nothing): read_json names it, below
             return cls()
         try:
             data = read_json(path, what="generation config", allow_nan=True, unique_keys=False)

@@ -243,3 +243,44 @@ def test_a_runs_best_adapter_with_a_broken_config_is_named_not_passed_over_for_l
     result = _run(["inspect", run])
     assert result.exit_code == 2 and f"Error: {config}: " in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+# ---- an export's own files, there but not files -------------------------------------------------------------
+
+
+def test_an_export_graph_linking_to_a_device_is_named_as_such(made, tmp_path):
+    """``model.onnx`` a link to /dev/zero: serve said "no model.onnx", inspect "an incomplete export"."""
+    from bca_deploy.errors import ServingError
+    from bca_deploy.serving.session import bank_metadata
+
+    export_dir = _copy(made, "onnx", tmp_path)
+    (export_dir / "model.onnx").unlink()
+    (export_dir / "model.onnx").symlink_to("/dev/zero")
+    with pytest.raises(ServingError, match=rf"{export_dir / 'model.onnx'}: a character device, not a regular file"):
+        bank_metadata(export_dir)
+    result = _run(["inspect", export_dir])
+    assert result.exit_code == 0 and "graph:        NOT loadable: model.onnx is a character device" in result.output, \
+        result.output
+
+
+def test_an_export_metadata_file_linking_to_nothing_is_named_not_taken_for_absent(made, tmp_path):
+    """A dangling ``bca_export.json`` made inspect describe "an ONNX directory without bca_export.json (optimum's?)"."""
+    export_dir = _copy(made, "onnx", tmp_path)
+    (export_dir / "bca_export.json").unlink()
+    (export_dir / "bca_export.json").symlink_to(tmp_path / "gone")
+    result = _run(["inspect", export_dir])
+    assert result.exit_code == 2 and f"{export_dir / 'bca_export.json'}: a symbolic link that leads to no file" in \
+        result.output, result.output
+
+
+def test_a_served_generation_config_linking_to_nothing_is_reported_not_taken_for_absent(tmp_path):
+    """Its end-of-sequence ids were dropped without a word (a chat model then ran past its end-of-turn token)."""
+    from bca_deploy.serving.session import GenerationDefaults
+
+    path = tmp_path / "generation_config.json"
+    path.symlink_to(tmp_path / "gone")
+    defaults = GenerationDefaults.read(path)
+    assert any(p.startswith(f"{path}: a symbolic link that leads to no file") and "end-of-sequence ids" in p
+               for p in defaults.problems), defaults
+    path.unlink()
+    assert GenerationDefaults.read(path) == GenerationDefaults()  # absent: nothing to say
