@@ -733,6 +733,11 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
             index = read_json(index_path, what="safetensors index")
         except AdapterFormatError as exc:
             raise CheckpointFormatError(str(exc)) from None
+        if not isinstance(index.get("metadata"), dict):  # transformers (4.x and 5.x) adds to it as it loads the shards
+            raise CheckpointFormatError(
+                f"{index_path}: 'metadata' must be an object (such as {{\"total_size\": <bytes>}}), got "
+                f"{'nothing' if 'metadata' not in index else show_json_value(index['metadata'])}: transformers cannot "
+                "load a sharded checkpoint without one (KeyError/TypeError)")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointFormatError(f"{index_path}: 'weight_map' must be an object mapping tensor names to shard "

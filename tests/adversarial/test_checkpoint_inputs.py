@@ -153,6 +153,10 @@ BROKEN: dict[str, tuple[bool, Callable[[Path], None], str]] = {
     "config-of-another-model": (True, lambda d: build_model("llama").config.to_json_file(d / "config.json"),
                                 "none of the checkpoint's"),
     "index-weight-map-is-list": (True, _edit_index(lambda i: i.__setitem__("weight_map", [])), "weight_map"),
+    # transformers cannot load these (KeyError/TypeError on 'metadata'): merge wrote such a copy and exited 0
+    "index-metadata-is-list": (True, _edit_index(lambda i: i.__setitem__("metadata", [1])), "'metadata' must be an "
+                               "object"),
+    "index-metadata-missing": (True, _edit_index(lambda i: i.pop("metadata")), "'metadata' must be an object"),
     "index-not-utf8": (True, _write("model.safetensors.index.json", b"\xff{}"), "UTF-8"),
     "index-shard-outside": (True, _edit_index(lambda i: i["weight_map"].__setitem__(QUERY, "../x.safetensors")),
                             "plain file names"),
