@@ -511,7 +511,10 @@ class AdapterConfig:
                 "(for a PEFT C3A adapter, use load_adapter, which converts it)"
             )
         version = data.get("format_version")
-        if version != FORMAT_VERSION or isinstance(version, bool):
+        if type(version) is not int or version < FORMAT_VERSION:  # true, "1", 1.0, 0: no version any bca-deploy writes
+            raise AdapterFormatError(f"{source}: format_version {show_json_value(version)}, expected the integer "
+                                     f"{FORMAT_VERSION}")
+        if version != FORMAT_VERSION:
             raise AdapterFormatError(
                 f"{source}: format_version {show_json_value(version)} is not supported by this bca-deploy "
                 f"(it reads version {FORMAT_VERSION}); upgrade bca-deploy to read newer adapters"

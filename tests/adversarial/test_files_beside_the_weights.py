@@ -284,3 +284,14 @@ def test_a_served_generation_config_linking_to_nothing_is_reported_not_taken_for
                for p in defaults.problems), defaults
     path.unlink()
     assert GenerationDefaults.read(path) == GenerationDefaults()  # absent: nothing to say
+
+
+@pytest.mark.parametrize("version", [True, "1", 1.0, 0])
+def test_a_format_version_no_bca_deploy_writes_is_not_said_to_be_newer(made, tmp_path, version):
+    """``"format_version": true`` (or "1", 0) said "upgrade bca-deploy to read newer adapters"; 1.0 was read as 1."""
+    adapter = _copy(made, "adapter", tmp_path)
+    data = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**data, "format_version": version}))
+    with pytest.raises(BCAError, match=r"format_version .*, expected the integer 1$") as caught:
+        bd.read_adapter(adapter)
+    assert "upgrade" not in str(caught.value)
