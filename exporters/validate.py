@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -1111,6 +1112,8 @@ def validate(
     onnx_dir = Path(onnx_dir)
     onnx_path = onnx_dir / ONNX_FILE if onnx_dir.is_dir() else onnx_dir
     if not onnx_path.is_file():
+        if os.path.lexists(onnx_path):  # a link to a device or to nothing, a pipe: the OSError saying what it is
+            require_readable(onnx_path)
         raise FileNotFoundError(f"{onnx_path}: no ONNX model there (expected {ONNX_FILE} in an export directory)")
     metadata = read_export_metadata(onnx_path.parent)
     recorded_dtype = None if metadata is None else metadata.dtype

@@ -249,7 +249,7 @@ def test_a_runs_best_adapter_with_a_broken_config_is_named_not_passed_over_for_l
 
 
 def test_an_export_graph_linking_to_a_device_is_named_as_such(made, tmp_path):
-    """``model.onnx`` a link to /dev/zero: serve said "no model.onnx", inspect "an incomplete export"."""
+    """``model.onnx`` a link to /dev/zero: serve and validate said "no model.onnx", inspect "an incomplete export"."""
     from bca_deploy.errors import ServingError
     from bca_deploy.serving.session import bank_metadata
 
@@ -261,6 +261,9 @@ def test_an_export_graph_linking_to_a_device_is_named_as_such(made, tmp_path):
     result = _run(["inspect", export_dir])
     assert result.exit_code == 0 and "graph:        NOT loadable: model.onnx is a character device" in result.output, \
         result.output
+    result = _run(["validate", "--onnx", export_dir, "--model", made / "single", "--adapter", made / "adapter"])
+    assert result.exit_code == 1 and f"{export_dir / 'model.onnx'}: a character device" in result.output, \
+        result.output  # (an operating-system error, as the CLI's other unreadable files: exit code 1)
 
 
 def test_an_export_metadata_file_linking_to_nothing_is_named_not_taken_for_absent(made, tmp_path):
