@@ -148,11 +148,13 @@ class AdapterStore:
                 raise AdapterNameError(f"adapter {name!r} resolves outside the adapter store")
             if (adapter / CONFIG_FILE).is_file():
                 return adapter
+            where = adapter.relative_to(candidate) / CONFIG_FILE if candidate in adapter.parents else CONFIG_FILE
             with contextlib.suppress(OSError):  # there, but a named pipe, socket, device or folder: say so
                 if stat.S_ISREG(mode := os.stat(adapter / CONFIG_FILE).st_mode):
                     return adapter  # it is one now (replaced meanwhile)
-                where = adapter.relative_to(candidate) / CONFIG_FILE if candidate in adapter.parents else CONFIG_FILE
                 raise AdapterFormatError(f"adapter {name!r}: {where} is {_file_kind(mode)}, not a regular file")
+            if os.path.islink(adapter / CONFIG_FILE):  # there by name: not "no adapter of that name"
+                raise AdapterFormatError(f"adapter {name!r}: {where} is a symbolic link that leads to no file")
             return None
         except PermissionError:  # one entry this user may not read is that entry's problem, not the store's
             raise AdapterNameError(f"adapter {name!r}: its directory in the adapter store cannot be read by the "

@@ -298,3 +298,19 @@ def test_a_format_version_no_bca_deploy_writes_is_not_said_to_be_newer(made, tmp
     with pytest.raises(BCAError, match=r"format_version .*, expected the integer 1$") as caught:
         bd.read_adapter(adapter)
     assert "upgrade" not in str(caught.value)
+
+
+def test_a_store_entry_whose_config_links_to_nothing_is_named_not_unknown(made, tmp_path):
+    """The entry was answered as "no adapter 'x' in the adapter store" (and left out of the listing unexplained)."""
+    from bca_deploy.errors import AdapterFormatError
+    from bca_deploy.serving.store import AdapterStore
+
+    store = tmp_path / "store"
+    shutil.copytree(made / "adapter", store / "good")
+    shutil.copytree(made / "adapter", store / "broken")
+    (store / "broken" / "adapter_config.json").unlink()
+    (store / "broken" / "adapter_config.json").symlink_to(store / "broken" / "gone")
+    with pytest.raises(AdapterFormatError, match=r"adapter 'broken': adapter_config\.json is a symbolic link that "
+                       "leads to no file"):
+        AdapterStore(store).path("broken")
+    assert AdapterStore(store).path("good") == (store / "good").resolve()
