@@ -552,9 +552,30 @@ def validate(model: type[Model], data: Any) -> Model:
         for e in exc.errors(include_url=False, include_input=False):
             where = ".".join(str(p) for p in e["loc"]) or "body"
             first = first or (str(e["loc"][0]) if e["loc"] else None)
-            problems.append(f"{where}: {_message(e)}")
+            problems.append(f"{where}: {_unknown_field(model, e) or _message(e)}")
         raise InvalidRequestError("; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more"
                                                               if len(problems) > 20 else ""), param=first) from None
+
+
+#: A field a body names the adapter with on the other family of routes -> the field this route takes for it: the
+#: OpenAI-compatible routes take ``model``, the native ones ``adapter`` (a client that switches between them sends
+#: the other's name).
+_ADAPTER_FIELDS = {"model": "adapter", "adapter": "model"}
+
+
+def _unknown_field(model: type[Model], error: Mapping[str, Any]) -> str | None:
+    """The message for a top-level field ``model`` does not take: what it takes instead (pydantic's own, "Extra inputs
+    are not permitted", names neither), and for a ``model``/``adapter`` mix-up which field names the adapter here.
+    None for any other error."""
+    loc = error.get("loc") or ()
+    if error.get("type") != "extra_forbidden" or len(loc) != 1:
+        return None
+    fields = model.model_fields  # type: ignore[attr-defined]
+    takes = ", ".join(info.alias or name for name, info in fields.items())
+    instead = _ADAPTER_FIELDS.get(str(loc[0]))
+    if instead in fields:
+        return f"not a field of this request: name the adapter with '{instead}' here (this request takes: {takes})"
+    return f"not a field of this request (it takes: {takes})"
 
 
 def _message(error: Mapping[str, Any]) -> str:

@@ -180,6 +180,28 @@ def test_validate_reports_every_problem_and_the_first_field():
     assert validate(Body, {"a": 1, "b": 2}).b == 2
 
 
+
+def test_a_field_the_request_does_not_take_is_answered_with_the_fields_it_does():
+    """A client that names its adapter with "model" on /v1/classify (as it just did on /v1/completions) was told only
+    "model: Extra inputs are not permitted"; now the answer names the field that picks the adapter on that route, and
+    the other way round on the OpenAI routes. Any other unknown field lists what the request takes."""
+    from bca_deploy.serving.http import ClassifyRequest, GenerateRequest
+    from bca_deploy.serving.openai import CompletionRequest
+
+    with pytest.raises(InvalidRequestError) as caught:
+        validate(ClassifyRequest, {"model": "sentiment", "input": "great!"})
+    assert caught.value.param == "model"
+    assert "name the adapter with 'adapter' here" in str(caught.value) and "takes: input, adapter" in str(caught.value)
+    with pytest.raises(InvalidRequestError) as caught:
+        validate(CompletionRequest, {"model": "m", "prompt": "hi", "adapter": "sentiment"})
+    assert caught.value.param == "adapter" and "name the adapter with 'model' here" in str(caught.value)
+    with pytest.raises(InvalidRequestError) as caught:
+        validate(GenerateRequest, {"input": "hi", "max_tokens": 3})
+    message = str(caught.value)
+    assert caught.value.param == "max_tokens" and "not a field of this request" in message
+    assert set(GenerateRequest.model_fields) <= set(message.split("takes: ")[1].rstrip(")").split(", "))
+    assert "'model'" not in message and "'adapter'" not in message  # no mix-up hint for other fields
+
 # ---- the error table ---------------------------------------------------------------------------------------
 
 
