@@ -239,7 +239,7 @@ def inspect(adapter: Path) -> None:
     """
     from .adapter_io import (INSPECT_MAX_BYTES, MAX_ADAPTER_BYTES, describe_recorded_base, read_adapter,
                              read_adapter_header)
-    from .config import CONFIG_FILE, TRAINABLE_FILE, nested_adapters_hint, read_json
+    from .config import CONFIG_FILE, TRAINABLE_FILE, nested_adapters, nested_adapters_hint, read_json
     from .errors import InputNotFoundError, printable
 
     def say(line: str) -> None:  # names and labels come from the files: never raw control characters
@@ -299,6 +299,11 @@ def inspect(adapter: Path) -> None:
     dtypes = ", ".join(sorted({t.dtype for t in header.tensors}))
     say(f"weights:      {header.weights.name}: {len(header.tensors)} tensors ({dtypes or 'none'}), "
         f"{header.data_bytes:,} bytes of tensor data")
+    if others := nested_adapters(adapter):  # PEFT's other named adapters: each is its own adapter directory
+        shown = ", ".join(f"{n}/" for n in others[:5]) + (", ..." if len(others) > 5 else "")
+        say(f"also holds:   the adapter director{'y' if len(others) == 1 else 'ies'} {shown} (PEFT saves an adapter "
+            f"not named 'default' in a folder of its name), not described here and not applied with this one: pass "
+            f"{adapter / others[0]} to inspect, convert, merge or export it")
     if not read:
         largest = sorted(header.tensors, key=lambda t: -t.nbytes)[:3]
         shown = "; ".join(f"{t.name} {t.dtype} {list(t.shape)}, {t.nbytes:,} bytes" for t in largest)

@@ -829,15 +829,23 @@ def has_tokenizer_files(directory: str | Path) -> bool:
 RUN_ADAPTER_FOLDERS = ("best", "last")
 
 
-def nested_adapters_hint(directory: str | Path) -> str:
-    """For a directory without ``adapter_config.json``: the adapter directories right inside it, as a hint ("" when
-    none). PEFT's ``save_pretrained`` writes an adapter not named ``default`` into a folder of its name, so users
-    pass the parent."""
+def nested_adapters(directory: str | Path) -> list[str]:
+    """The names of the adapter directories right inside ``directory`` (sorted; of its first 1,000 entries).
+
+    PEFT's ``save_pretrained`` writes an adapter not named ``default`` into a folder of its name, beside (or, with no
+    ``default``, instead of) the ``adapter_config.json`` of ``default``."""
     path = Path(directory)
     try:
-        names = sorted(c.name for c in itertools.islice(path.iterdir(), 1000) if (c / CONFIG_FILE).is_file())
+        return sorted(c.name for c in itertools.islice(path.iterdir(), 1000) if (c / CONFIG_FILE).is_file())
     except OSError:
-        return ""
+        return []
+
+
+def nested_adapters_hint(directory: str | Path) -> str:
+    """For a directory without ``adapter_config.json``: the adapter directories right inside it
+    (:func:`nested_adapters`), as a hint ("" when none); users pass the parent."""
+    path = Path(directory)
+    names = nested_adapters(path)
     if not names:
         return ""
     shown = ", ".join(f"{n}/" for n in names[:5]) + (", ..." if len(names) > 5 else "")

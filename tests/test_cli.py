@@ -542,6 +542,28 @@ def test_inspect_reports_a_peft_adapters_local_base_model(tmp_path):
                                                   "with --model is one bca-deploy exports)")
 
 
+def test_inspect_names_the_other_peft_adapters_saved_beside_default(tmp_path):
+    """helper-95: a PeftModel with two adapters saves 'default' in DIR and 'other' in DIR/other; inspect DIR described
+    'default' alone, so the user exported DIR expecting both. It now names DIR/other, which is inspected on its own."""
+    from peft import C3AConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "llama"),
+                           C3AConfig(block_size=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.add_adapter("other", C3AConfig(block_size=8, target_modules=["v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "peft")
+    assert (tmp_path / "peft" / "other" / "adapter_config.json").is_file()  # PEFT's layout
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    assert _line(result.output, "targets") == "targets:      ['q_proj']"
+    also = _line(result.output, "also holds")
+    assert "the adapter directory other/" in also and f"pass {tmp_path / 'peft' / 'other'} to inspect" in also
+    result = runner.invoke(main, ["inspect", str(tmp_path / "peft" / "other")])
+    assert result.exit_code == 0, result.output
+    assert _line(result.output, "targets") == "targets:      ['v_proj']" and "also holds" not in result.output
+
 def test_inspect_names_a_model_directory_and_a_head_only_checkpoint(tmp_path):
     """helper-91: a merged model (or any base checkpoint) and a --method head-only run's checkpoint both read
     "neither an adapter directory nor an ONNX export"; each is now named for what it is."""
