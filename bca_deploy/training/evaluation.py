@@ -31,6 +31,7 @@ from .loading import (
     load_tokenizer,
     load_trained,
     quiet_loading,
+    require_causal,
 )
 from .runtime import destroy, init_distributed, on_every_rank, place_model, resolve_precision, run_eval
 
@@ -235,7 +236,10 @@ def _load_for_evaluation(config: EvaluateConfig, adapter: Path | None, task: str
         from ..models import load_model
 
         with quiet_loading():
-            return load_model(config.model, [adapter] if adapter is not None else [], task)
+            model = load_model(config.model, [adapter] if adapter is not None else [], task)
+        if task == "causal-lm":  # as training refuses it (load_for_training): a perplexity that read the answer
+            require_causal(model, config.model)
+        return model
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     head = None
     if task == "seq-cls":

@@ -19,7 +19,8 @@ from ..models import load_saved_tokenizer, position_limit
 from .errors import TrainingConfigError
 
 __all__ = ["DEFAULT_TARGETS", "HEAD_MODULE_NAMES", "TRAINABLE_FILE", "quiet_loading", "load_tokenizer",
-           "load_model_config", "load_for_training", "empty_for_training", "head_paths", "default_modules_to_save",
+           "load_model_config", "load_for_training", "require_causal", "empty_for_training", "head_paths",
+           "default_modules_to_save",
            "default_targets", "head_param_names", "kernel_block_sizes", "Labels", "BaseHead", "base_head",
            "load_trained", "save_adapter_files"]
 
@@ -173,6 +174,8 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
         from ..models import config_mismatch
 
         raise config_mismatch(model_dir, exc) from None
+    if task == "causal-lm":
+        require_causal(model, model_dir)
     if Path(model_dir).is_dir():
         # recorded in the adapter as base_model_name_or_path (what convert --to peft hands AutoPeftModelFor*): a path
         # typed relative to where training ran would name another directory, or none, wherever else it is read
@@ -180,6 +183,49 @@ def load_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | N
     new = list(info.get("missing_keys", []))
     new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])]
     return model, new
+
+
+#: How far the outputs at earlier positions may move when only the last token changes before the model counts as
+#: reading later tokens: a causal model's move by nothing (rounding at most); a BERT read both ways, even random
+#: and tiny, by ~1e-2 of its largest logit.
+_CAUSAL_RTOL = 1e-4
+
+
+def require_causal(model: nn.Module, model_dir) -> None:
+    """Raise :class:`TrainingConfigError` if ``model``'s outputs at a position depend on later tokens.
+
+    ``AutoModelForCausalLM`` builds a BERT-family encoder (BERT, RoBERTa, ELECTRA, ... checkpoints, all-MiniLM-L6-v2)
+    as its ``*LMHeadModel`` / ``*ForCausalLM``, which attends both ways unless its config says ``is_decoder``: a
+    next-token loss on it trains the model to read the answer, and its held-out perplexity says it learnt. Checked
+    by behaviour, so it holds for any architecture: two forward passes of four tokens that differ in the last one.
+    """
+    embeddings = model.get_input_embeddings()
+    vocabulary = getattr(embeddings, "num_embeddings", None) or getattr(getattr(model, "config", None),
+                                                                        "vocab_size", None)
+    if not vocabulary or vocabulary < 3:
+        return
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
+    if device is None:
+        return
+    first = torch.tensor([[1, 2, 1, 2]], device=device) % vocabulary  # (1, 4)
+    other = first.clone()
+    other[0, -1] = (int(first[0, -1]) + 1) % vocabulary
+    was_training = model.training
+    model.eval()  # no dropout: both passes must see the same network
+    try:
+        with torch.no_grad():
+            logits = [model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float()
+                      for ids in (first, other)]  # (3, vocab) each: the positions before the changed token
+    finally:
+        model.train(was_training)
+    moved = (logits[0] - logits[1]).abs().max().item()
+    if moved > _CAUSAL_RTOL * max(logits[0].abs().max().item(), 1e-6):
+        model_type = getattr(model.config, "model_type", None)
+        raise TrainingConfigError(
+            f"--model {model_dir}: --task causal-lm needs a causal language model (a decoder such as Llama, Qwen2, "
+            f"GPT-2), but this {model_type or type(model).__name__} model reads later tokens (its "
+            f"{type(model).__name__} attends both ways, as an encoder does): a next-token loss would train it to read "
+            "the answer. Train a decoder checkpoint with --task causal-lm, or this one with --task seq-cls")
 
 
 def empty_for_training(model_dir, task: str, dtype: torch.dtype, head: Labels | None = None) -> nn.Module:
