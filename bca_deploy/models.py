@@ -380,7 +380,7 @@ def saved_label_head(model_config: Any, modules_to_save: Sequence[str],
     if layout is not None:
         modules, label_module = list(layout.modules), layout.label_layer.module
     else:
-        # Not a head a bank can hold per row (ModernBERT's saves a LayerNorm beside its Linear layers): the label
+        # Not a head a bank can hold per row (a saved module with parameters other than Linear/LayerNorm ones): the label
         # layer is still the last Linear of the saved modules; only ``export --bank`` refuses such a head (it says why)
         modules = [m for m in sorted(set(saved)) if not any(m.startswith(q + ".") for q in saved if q != m)]
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}

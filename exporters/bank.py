@@ -489,9 +489,7 @@ def head_params(head: HeadLayout):
 
     params, resizable = {}, set()
     for layer in head.layers:
-        params[f"{layer.module}.weight"] = ParamInfo((layer.out_features, layer.in_features), "float32")
-        if layer.bias or layer.labels:
-            params[f"{layer.module}.bias"] = ParamInfo((layer.out_features,), "float32")
+        params.update({name: ParamInfo(shape, "float32") for name, shape in layer.torch_params().items()})
         if layer.labels:
             resizable |= {f"{layer.module}.weight", f"{layer.module}.bias"}
     return params, frozenset(resizable)
@@ -627,17 +625,28 @@ HEAD_BASE_FILE = "bca_head_base.npz"
 LABEL_PAD = -np.inf
 
 
+#: :attr:`HeadLayer.kind` of a Linear layer and of a LayerNorm's affine (the kinds of layer a bank head holds).
+HEAD_LINEAR = "linear"
+HEAD_NORM = "norm"
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadLayer:
-    """One Linear layer of the classifier head, held per slot.
+    """One layer of the classifier head, held per slot: a Linear, or the affine of a LayerNorm.
+
+    A **norm** layer (``kind="norm"``: an ``nn.LayerNorm`` saved whole, ModernBERT's ``head.norm``) keeps the
+    normalisation in the graph, shared by every row (it has no parameters), and holds its scale and shift per
+    slot: ``y[b] = layer_norm(x[b]) * weight[ids[b]] + bias[ids[b]]``, bank inputs ``(S, F)`` and ``(S, F)``.
 
     Attributes:
-        module: the Linear's path in the graph's model (``classifier``, ``classifier.out_proj``...).
+        module: the layer's path in the graph's model (``classifier``, ``classifier.out_proj``, ``head.norm``...).
         in_features: its input width.
         out_features: its output width; for the label layer, the width of the exported default bank
-            (the axis is dynamic: each slot has its own number of labels).
+            (the axis is dynamic: each slot has its own number of labels). A norm's is its input width.
         labels: whether this is the label layer (the head's last Linear; its outputs are the logits).
-        bias: whether the layer has a bias (the label layer always gets a bias input, for the padding).
+        bias: whether the layer has a bias (the label layer always gets a bias input, for the padding; a layer
+            without one has a bias input of zeros).
+        kind: :data:`HEAD_LINEAR` or :data:`HEAD_NORM`.
     """
 
     module: str
@@ -645,6 +654,11 @@ class HeadLayer:
     out_features: int
     labels: bool
     bias: bool
+    kind: str = HEAD_LINEAR
+
+    @property
+    def norm(self) -> bool:
+        return self.kind == HEAD_NORM
 
     @property
     def weight_name(self) -> str:
@@ -655,9 +669,29 @@ class HeadLayer:
         return f"{self.module}.{HEAD_BIAS}"
 
     def slot_shapes(self, width: int | None = None) -> dict[str, tuple[int, ...]]:
-        """``{weight_name: (in, out), bias_name: (out,)}`` with ``out = width`` for the label layer."""
+        """``{weight_name: (in, out), bias_name: (out,)}`` with ``out = width`` for the label layer; a norm's
+        ``{weight_name: (features,), bias_name: (features,)}``."""
+        if self.norm:
+            return {self.weight_name: (self.out_features,), self.bias_name: (self.out_features,)}
         out = (width or self.out_features) if self.labels else self.out_features
         return {self.weight_name: (self.in_features, out), self.bias_name: (out,)}
+
+    def torch_params(self) -> dict[str, tuple[int, ...]]:
+        """The module's parameters in PyTorch's shapes (``<module>.weight``, and ``.bias`` if it has one or is
+        the label layer): what an adapter's ``modules_to_save`` tensors for it are."""
+        weight = (self.out_features,) if self.norm else (self.out_features, self.in_features)
+        params = {f"{self.module}.weight": weight}
+        if self.bias or self.labels:
+            params[f"{self.module}.bias"] = (self.out_features,)
+        return params
+
+    def slot_tensors(self, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """The slot tensors of this layer from its PyTorch parameters (a Linear's weight transposed; no bias: zeros)."""
+        weight = weight.detach().to(torch.float32)
+        out = weight.shape[0]
+        return {self.weight_name: (weight if self.norm else weight.T).contiguous().numpy().copy(),
+                self.bias_name: (np.zeros(out, dtype=np.float32) if bias is None
+                                 else bias.detach().to(torch.float32).numpy().copy())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -752,7 +786,7 @@ class HeadLayout:
                 LABEL_PAD if layer.labels else 0.0), dtype=np.float32)
             if layer.weight_name in tensors:
                 w, b = tensors[layer.weight_name], tensors[layer.bias_name]
-                weight[:, :w.shape[1]] = w
+                weight[..., :w.shape[-1]] = w
                 bias[:b.shape[0]] = b
             values[layer.weight_name], values[layer.bias_name] = weight, bias
         return values
@@ -782,10 +816,13 @@ class HeadLayout:
         for entry in entries:
             if not isinstance(entry, Mapping):
                 raise ValueError(f"a head layer must be an object, got {type(entry).__name__}")
-            layer = HeadLayer(**{f.name: entry.get(f.name) for f in dataclasses.fields(HeadLayer)})
+            # "kind" absent: an export from before norm layers, every layer a Linear
+            layer = HeadLayer(**{f.name: entry.get(f.name, f.default) for f in dataclasses.fields(HeadLayer)})
             if not (isinstance(layer.module, str) and layer.module
                     and all(type(v) is int and 1 <= v <= MAX_FEATURES for v in (layer.in_features, layer.out_features))
-                    and type(layer.labels) is bool and type(layer.bias) is bool):
+                    and type(layer.labels) is bool and type(layer.bias) is bool
+                    and layer.kind in (HEAD_LINEAR, HEAD_NORM)
+                    and (not layer.norm or (layer.in_features == layer.out_features and not layer.labels))):
                 raise ValueError(f"malformed head layer {str(dict(entry))[:200]}")
             layers.append(layer)
         if sum(layer.labels for layer in layers) != 1:
@@ -1061,15 +1098,25 @@ def model_head_modules(model: nn.Module) -> list[str]:
 
 
 def head_layout_problems(model: nn.Module, modules: Sequence[str]) -> tuple[HeadLayout | None, list[str]]:
-    """The :class:`HeadLayout` of ``modules`` in ``model`` (their Linear layers), or the reasons there is none.
+    """The :class:`HeadLayout` of ``modules`` in ``model`` (their Linear and LayerNorm layers), or the reasons
+    there is none.
 
-    Every parameter of the modules must belong to an ``nn.Linear`` (weight and bias): a bank holds
-    per-slot Linear layers, nothing else (a LayerNorm or an embedding saved whole cannot differ per row).
+    This is the one rule of what a bank head may hold: every parameter of the modules must belong to an
+    ``nn.Linear`` (weight and bias) or, in the task head (outside the base model, ``base_model_prefix``: ModernBERT's
+    ``head.norm``), an ``nn.LayerNorm`` over the last axis (its scale and shift: the normalisation itself has no
+    parameters, so the graph shares it and gathers each row's affine); anything else saved whole (an embedding, a
+    LayerNorm of the encoder, a BCA-adapted layer) is refused.
     The label layer is the last Linear in module order; its outputs must be ``config.num_labels`` wide.
     """
     problems: list[str] = []
-    layers: list[tuple[str, nn.Linear]] = []
+    layers: list[tuple[str, nn.Module]] = []
     modules = _outermost(modules)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def head_norm(name: str, sub: nn.Module) -> bool:
+        return (type(sub) is nn.LayerNorm and sub.elementwise_affine and len(sub.normalized_shape) == 1
+                and not (prefix and (name == prefix or name.startswith(prefix + "."))))
+
     for path in modules:
         try:
             module = model.get_submodule(path)
@@ -1080,7 +1127,7 @@ def head_layout_problems(model: nn.Module, modules: Sequence[str]) -> tuple[Head
         for name, sub in module.named_modules(prefix=path):
             if isinstance(sub, BCALinear):
                 problems.append(f"{name}: adapted by BCA and saved whole at once; a bank cannot hold both")
-            elif type(sub) is nn.Linear:
+            elif type(sub) is nn.Linear or head_norm(name, sub):
                 layers.append((name, sub))
                 owned.update(f"{name}.{p}" for p, _ in sub.named_parameters(recurse=False))
         for pname, _ in module.named_parameters(prefix=path):
@@ -1088,19 +1135,24 @@ def head_layout_problems(model: nn.Module, modules: Sequence[str]) -> tuple[Head
                 owner = pname.rsplit(".", 1)[0]
                 kind = type(model.get_submodule(owner)).__name__
                 problems.append(f"{owner}: a {kind} (parameter {pname}); a bank graph holds per-adapter Linear "
-                                "layers only, so this module cannot differ per row")
-    if problems or not layers:
+                                "layers (and the classifier head's LayerNorms) only, so this module cannot differ "
+                                "per row")
+    linears = [(name, sub) for name, sub in layers if type(sub) is nn.Linear]
+    if problems or not linears:
         return None, problems or [f"{', '.join(modules)}: no Linear layer to hold per slot"]
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     layers.sort(key=lambda item: order[item[0]])
+    linears.sort(key=lambda item: order[item[0]])
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    last_name, last = layers[-1]
+    last_name, last = linears[-1]
     if num_labels is not None and last.out_features != num_labels:
         return None, [f"{last_name}: the head's last Linear has {last.out_features} outputs but the model has "
                       f"{num_labels} labels; cannot tell which layer gives the labels"]
     return HeadLayout(tuple(modules), tuple(
         HeadLayer(name, linear.in_features, linear.out_features, labels=name == last_name,
-                  bias=linear.bias is not None) for name, linear in layers)), []
+                  bias=linear.bias is not None) if type(linear) is nn.Linear else
+        HeadLayer(name, linear.normalized_shape[0], linear.normalized_shape[0], labels=False,
+                  bias=linear.bias is not None, kind=HEAD_NORM) for name, linear in layers)), []
 
 
 def model_head_weights(model: nn.Module, layout: HeadLayout, missing: Sequence[str] = ()) -> HeadWeights | None:
@@ -1114,9 +1166,7 @@ def model_head_weights(model: nn.Module, layout: HeadLayout, missing: Sequence[s
         params = [f"{layer.module}.weight"] + ([f"{layer.module}.bias"] if linear.bias is not None else [])
         if missing.intersection(params):
             continue
-        tensors[layer.weight_name] = linear.weight.detach().float().T.contiguous().numpy().copy()
-        tensors[layer.bias_name] = (linear.bias.detach().float().numpy().copy() if linear.bias is not None
-                                    else np.zeros(linear.out_features, dtype=np.float32))
+        tensors.update(layer.slot_tensors(linear.weight, linear.bias))
     if not tensors:
         return None
     labels = None
@@ -1177,10 +1227,7 @@ def adapter_head(
         elif bias is not None and weight is None:
             problems.append(f"{layer.module}.weight: missing (the adapter saves {layer.module}.bias)")
         elif weight is not None:
-            out = weight.shape[0]
-            tensors[layer.weight_name] = weight.detach().to(torch.float32).T.contiguous().numpy()
-            tensors[layer.bias_name] = (np.zeros(out, dtype=np.float32) if bias is None
-                                        else bias.detach().to(torch.float32).numpy())
+            tensors.update(layer.slot_tensors(weight, bias))
         elif base is not None and layer.weight_name in base.tensors:
             tensors[layer.weight_name] = base.tensors[layer.weight_name]
             tensors[layer.bias_name] = base.tensors[layer.bias_name]
@@ -1223,12 +1270,44 @@ class _HeadLinear(torch.autograd.Function):
         return y
 
 
-def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+class _HeadAffine(torch.autograd.Function):
+    """``x * weight + bias`` in fp32 (a LayerNorm's affine), emitted as ``Mul(x, <module>.bca_head_weight)`` +
+    ``Add(bias)`` so the bank rewrite finds both placeholders by name. Export only: not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        return (x.float() * weight + bias).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias):  # pragma: no cover - run by the ONNX exporter
+        from torch.onnx import symbolic_helper as sym
+
+        x_type = _scalar_type(x)
+        if x_type not in (None, "Float"):
+            x = g.op("Cast", x, to_i=torch.onnx.TensorProtoDataType.FLOAT)
+        y = g.op("Add", g.op("Mul", x, weight), bias)
+        if x_type not in (None, "Float"):
+            y = g.op("Cast", y, to_i=sym.cast_pytorch_to_onnx[x_type])
+        return y
+
+
+def _check_head_batch(self: nn.Module, x: torch.Tensor) -> None:
     batch = self._bca_head_batch[0]
     if batch is not None and (x.dim() < 2 or int(x.shape[0]) != batch):
         raise ExportError(f"{self._bca_head_path}: its input has shape {tuple(x.shape)}, not batch-first "
                           f"(batch {batch}); a bank can hold a head layer only if each row's input is its own")
+
+
+def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    _check_head_batch(self, x)
     return _HeadLinear.apply(x, getattr(self, HEAD_WEIGHT), getattr(self, HEAD_BIAS))
+
+
+def _head_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    # the normalisation has no parameters (shared by every row); only its affine is the slot's
+    _check_head_batch(self, x)
+    y = torch.nn.functional.layer_norm(x, self.normalized_shape, None, None, self.eps)
+    return _HeadAffine.apply(y, getattr(self, HEAD_WEIGHT), getattr(self, HEAD_BIAS))
 
 
 @contextlib.contextmanager
@@ -1237,8 +1316,9 @@ def exportable_heads(model: nn.Module, head: HeadLayout, width: int) -> Iterator
 
     Each layer of ``head`` gets the buffers ``bca_head_weight`` (in, out) and ``bca_head_bias`` (out,)
     (the label layer ``width`` wide), distinct random values the bank rewrite replaces by graph inputs,
-    and a forward computing ``x @ weight + bias`` through :class:`_HeadLinear`. A layer whose input is
-    not batch-first during the export raises :class:`ExportError`.
+    and a forward computing ``x @ weight + bias`` through :class:`_HeadLinear` (a norm layer:
+    ``layer_norm(x) * weight + bias`` through :class:`_HeadAffine`). A layer whose input is not batch-first
+    during the export raises :class:`ExportError`.
     """
     batch: list[int | None] = [None]
 
@@ -1257,7 +1337,7 @@ def exportable_heads(model: nn.Module, head: HeadLayout, width: int) -> Iterator
                 linear.register_buffer(name, torch.randn(shape, generator=generator), persistent=True)
             linear._bca_head_batch = batch
             linear._bca_head_path = layer.module
-            linear.forward = types.MethodType(_head_forward, linear)
+            linear.forward = types.MethodType(_head_norm_forward if layer.norm else _head_forward, linear)
         yield model
     finally:
         hook.remove()
@@ -1636,8 +1716,8 @@ def rewrite_as_bank(
         graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [SLOTS_DIM, two, two_f, q, o]))
     for layer in () if head is None else head.layers:
         out = LABELS_DIM if layer.labels else layer.out_features
-        graph.input.append(helper.make_tensor_value_info(layer.weight_name, TensorProto.FLOAT,
-                                                         [SLOTS_DIM, layer.in_features, out]))
+        weight_dims = [out] if layer.norm else [layer.in_features, out]
+        graph.input.append(helper.make_tensor_value_info(layer.weight_name, TensorProto.FLOAT, [SLOTS_DIM, *weight_dims]))
         graph.input.append(helper.make_tensor_value_info(layer.bias_name, TensorProto.FLOAT, [SLOTS_DIM, out]))
     if sliced:
         graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), LOGITS_TO_KEEP))
@@ -1718,6 +1798,9 @@ def _rewrite_head(head: HeadLayout, consumers: Mapping[str, list], batch_shape: 
         y  = xs @ Gather(W_bank, ids, 0)                    (B, T', out)
            + Unsqueeze(Gather(b_bank, ids, 0), 1)           (B, 1, out)
         out = Reshape(y, shape(x)[:-1] + [-1])              (..., out)
+
+    A norm layer's affine ``Mul(x, W) + b`` the same way, its scale gathered as its shift:
+    ``y = xs * Unsqueeze(Gather(W_bank, ids, 0), 1) + ...`` (B, T', F).
     """
     from onnx import helper, numpy_helper
 
@@ -1729,8 +1812,9 @@ def _rewrite_head(head: HeadLayout, consumers: Mapping[str, list], batch_shape: 
     for layer in head.layers:
         w, b = layer.weight_name, layer.bias_name
         users_w, users_b = consumers.get(w, []), consumers.get(b, [])
-        if len(users_w) != 1 or users_w[0].op_type != "MatMul" or list(users_w[0].input).index(w) != 1:
-            raise ExportError(f"head input {w} is not the B input of exactly one MatMul "
+        op = "Mul" if layer.norm else "MatMul"
+        if len(users_w) != 1 or users_w[0].op_type != op or list(users_w[0].input).index(w) != 1:
+            raise ExportError(f"head input {w} is not the B input of exactly one {op} "
                               f"({[n.op_type for n in users_w]}); cannot bank the head")
         matmul = users_w[0]
         if len(users_b) != 1 or users_b[0].op_type != "Add" or matmul.output[0] not in users_b[0].input:
@@ -1744,7 +1828,10 @@ def _rewrite_head(head: HeadLayout, consumers: Mapping[str, list], batch_shape: 
         before.setdefault(id(matmul), []).extend([
             helper.make_node("Concat", [batch_shape, tail], [f"{p}/x_shape"], axis=0, name=f"{p}/XShape"),
             helper.make_node("Reshape", [x, f"{p}/x_shape"], [f"{p}/x"], name=f"{p}/XRows"),
-            helper.make_node("Gather", [w, ADAPTER_IDS], [f"{p}/weight"], axis=0, name=f"{p}/WeightGather"),
+            *([helper.make_node("Gather", [w, ADAPTER_IDS], [f"{p}/weight_rows"], axis=0, name=f"{p}/WeightGather"),
+               helper.make_node("Unsqueeze", [f"{p}/weight_rows", "bca_bank/axes_1"], [f"{p}/weight"],
+                                name=f"{p}/WeightRows")] if layer.norm else
+              [helper.make_node("Gather", [w, ADAPTER_IDS], [f"{p}/weight"], axis=0, name=f"{p}/WeightGather")]),
         ])
         matmul.input[0], matmul.input[1] = f"{p}/x", f"{p}/weight"
         before.setdefault(id(add), []).extend([
@@ -1970,15 +2057,19 @@ def _head_swapped(model: nn.Module, head: HeadLayout, weights: HeadWeights) -> I
     try:
         for layer in head.layers:
             linear = model.get_submodule(layer.module)
-            saved.append((linear, linear.weight, linear.bias, linear.out_features))
-            weight = torch.from_numpy(np.ascontiguousarray(weights.tensors[layer.weight_name].T))
+            saved.append((linear, linear.weight, linear.bias, getattr(linear, "out_features", None)))
+            value = weights.tensors[layer.weight_name]
+            weight = torch.from_numpy(np.ascontiguousarray(value if layer.norm else value.T))
             linear.weight = nn.Parameter(weight, requires_grad=False)
             linear.bias = nn.Parameter(torch.from_numpy(weights.tensors[layer.bias_name].copy()), requires_grad=False)
-            linear.out_features = weight.shape[0]
+            if not layer.norm:
+                linear.out_features = weight.shape[0]
         yield model
     finally:
         for linear, weight, bias, out_features in saved:
-            linear.weight, linear.out_features = weight, out_features
+            linear.weight = weight
+            if out_features is not None:
+                linear.out_features = out_features
             if bias is None:
                 del linear.bias
                 linear.register_parameter("bias", None)

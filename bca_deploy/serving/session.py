@@ -692,7 +692,8 @@ class MultiAdapterSession:
         elements += sum(u.in_features * u.out_features for u in self.unused_modules)  # any block size: p = 1 at most
         if self.head is not None:
             label = self.head.label_layer
-            elements += sum((layer.in_features + 1) * (MAX_NUM_LABELS if layer is label else layer.out_features)
+            elements += sum(2 * layer.out_features if layer.norm else
+                            (layer.in_features + 1) * (MAX_NUM_LABELS if layer is label else layer.out_features)
                             for layer in self.head.layers)
         for digest in (self.metadata.bank.base_weights or {}).values():  # one entry per name (tied: each name)
             if digest.embedding or len(digest.shape) == 1:

@@ -115,6 +115,23 @@ def test_head_labels_and_layout_are_checked_field_by_field():
         BankRecord.from_dict(_bank(adapter_files={"a": "adapters/a.onnx_adapter"}))
 
 
+def test_a_head_layout_with_a_norm_layer_round_trips_and_bad_kinds_are_refused():
+    """A head layer's ``kind`` (helper-101: ModernBERT's head.norm is held per slot): absent (an older export) reads
+    as a Linear; a norm is square and never the label layer; an unknown kind is malformed."""
+    norm = HeadLayer("head.norm", 32, 32, False, False, kind="norm")
+    head = HeadLayout(("head", "classifier"), (norm, HeadLayer("classifier", 32, 3, True, True)))
+    assert HeadLayout.from_dict(head.to_dict()) == head
+    assert norm.slot_shapes() == {"head.norm.bca_head_weight": (32,), "head.norm.bca_head_bias": (32,)}
+    old = {"modules": ["classifier"], "layers": [{k: v for k, v in HEAD.to_dict()["layers"][0].items() if k != "kind"}]}
+    assert HeadLayout.from_dict(old) == HEAD
+    label = {"module": "classifier", "in_features": 32, "out_features": 3, "labels": True, "bias": True}
+    for bad in ({"module": "n", "in_features": 32, "out_features": 16, "labels": False, "bias": True, "kind": "norm"},
+                {"module": "n", "in_features": 32, "out_features": 32, "labels": False, "bias": True, "kind": "conv"},
+                {**label, "kind": "norm"}):
+        with pytest.raises(ValueError, match="malformed head layer"):
+            HeadLayout.from_dict({"modules": ["head", "classifier"], "layers": [bad, label]})
+
+
 def test_inspect_describes_an_export_and_reads_its_display_fields_defensively(tmp_path):
     from click.testing import CliRunner
 
