@@ -28,7 +28,8 @@ needs); or activate one adapter file per run (``adapters/<name>.onnx_adapter``, 
 A **text-classification** bank holds each slot's classifier head as well (see "classification heads"
 below): every Linear layer of the head (BERT's ``classifier``, RoBERTa's ``classifier.dense`` and
 ``classifier.out_proj``, a decoder's ``score``; whatever Linear layers an adapter saves whole) becomes
-bank inputs ``(S, in, out)`` / ``(S, out)`` gathered per row, the label layer with a dynamic label axis:
+bank inputs ``(S, in, out)`` / ``(S, out)`` gathered per row, the label layer with a dynamic label axis,
+and every LayerNorm of the task head (ModernBERT's ``head.norm``) its scale and shift ``(S, F)``, ``(S, F)``:
 slot 0 holds the checkpoint's head (or none), slot i adapter i's own head (or the checkpoint's when it
 saves none). Each row's logits are exactly its own model's; labels a slot does not have are -inf.
 
@@ -2001,8 +2002,8 @@ def _head_fit_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor],
 def _plan_head(model: nn.Module, task: str, adapter_dirs: Sequence[Path], configs: Sequence[AdapterConfig]) -> HeadLayout | None:
     """The per-slot head of a bank for ``task``: the model's head plus every adapter's ``modules_to_save``.
 
-    None for tasks without a classifier head, and for a classifier whose head is not made of Linear
-    layers when no adapter brings its own (every row then shares the checkpoint's head).
+    None for tasks without a classifier head, and for a classifier whose head is not made of the layers a bank
+    holds (:func:`head_layout_problems`) when no adapter brings its own (every row then shares the checkpoint's head).
 
     Raises:
         UnsupportedExportError: adapters save whole modules the bank cannot hold per row (each named).
