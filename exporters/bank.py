@@ -1260,15 +1260,21 @@ class _HeadLinear(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, weight, bias):  # pragma: no cover - run by the ONNX exporter
-        from torch.onnx import symbolic_helper as sym
+        return _fp32_weight_op(g, "MatMul", x, weight, bias)
 
-        x_type = _scalar_type(x)
-        if x_type not in (None, "Float"):
-            x = g.op("Cast", x, to_i=torch.onnx.TensorProtoDataType.FLOAT)
-        y = g.op("Add", g.op("MatMul", x, weight), bias)
-        if x_type not in (None, "Float"):
-            y = g.op("Cast", y, to_i=sym.cast_pytorch_to_onnx[x_type])
-        return y
+
+def _fp32_weight_op(g, op: str, x, weight, bias):  # pragma: no cover - run by the ONNX exporter
+    """``Add(<op>(x, weight), bias)`` computed in fp32 (``x`` cast there and back when it is not): the graph of
+    :class:`_HeadLinear` (``MatMul``) and :class:`_HeadAffine` (``Mul``)."""
+    from torch.onnx import symbolic_helper as sym
+
+    x_type = _scalar_type(x)
+    if x_type not in (None, "Float"):
+        x = g.op("Cast", x, to_i=torch.onnx.TensorProtoDataType.FLOAT)
+    y = g.op("Add", g.op(op, x, weight), bias)
+    if x_type not in (None, "Float"):
+        y = g.op("Cast", y, to_i=sym.cast_pytorch_to_onnx[x_type])
+    return y
 
 
 class _HeadAffine(torch.autograd.Function):
@@ -1281,15 +1287,7 @@ class _HeadAffine(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, weight, bias):  # pragma: no cover - run by the ONNX exporter
-        from torch.onnx import symbolic_helper as sym
-
-        x_type = _scalar_type(x)
-        if x_type not in (None, "Float"):
-            x = g.op("Cast", x, to_i=torch.onnx.TensorProtoDataType.FLOAT)
-        y = g.op("Add", g.op("Mul", x, weight), bias)
-        if x_type not in (None, "Float"):
-            y = g.op("Cast", y, to_i=sym.cast_pytorch_to_onnx[x_type])
-        return y
+        return _fp32_weight_op(g, "Mul", x, weight, bias)
 
 
 def _check_head_batch(self: nn.Module, x: torch.Tensor) -> None:
