@@ -52,7 +52,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import numpy as np
@@ -432,15 +432,9 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         with field_errors("lora_path"):
             entry = req.lora_name if req.lora_path is None else _store_name(req.lora_path)
         entry_param = "lora_path" if req.lora_path is not None else "lora_name"
-        try:
-            with field_errors(entry_param):  # not in the store, does not fit: the field that named the entry
-                info = await server.load(req.lora_name, entry, replace=req.load_inplace, name_param="lora_name",
-                                         entry_param=entry_param)
-        except AdapterExistsError:  # the native route's message names its own field ("replace"), not vLLM's
-            exists = AdapterExistsError(f"lora_name: adapter {req.lora_name!r} is already loaded; send "
-                                        "\"load_inplace\": true to replace it")
-            exists.param = "lora_name"  # type: ignore[attr-defined]
-            raise exists from None
+        with lora_load_errors(req.lora_name, entry_param):
+            info = await server.load(req.lora_name, entry, replace=req.load_inplace, name_param="lora_name",
+                                     entry_param=entry_param)
         request.state.adapter_label = server.metrics.adapter_label(req.lora_name)
         return {"status": "ok", "message": f"adapter {req.lora_name!r} loaded", "adapter": info}
 
@@ -453,6 +447,22 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         with field_errors("lora_name"):
             info = await server.unload(req.lora_name)
         return {"status": "ok", "message": f"adapter {req.lora_name!r} unloaded", "adapter": info}
+
+
+@contextlib.contextmanager
+def lora_load_errors(name: str, entry_param: str = "lora_name",
+                     exists_advice: str = '; send "load_inplace": true to replace it') -> Iterator[None]:
+    """The refusals of ``POST /v1/load_lora_adapter`` loading adapter ``name``, on ``serve`` and on each Ray replica
+    alike: an entry not in the store, or one that does not fit, names the field that named the entry
+    (``entry_param``); "already loaded" names ``lora_name`` in vLLM's words (``exists_advice``: what to do about it;
+    the native route's message names its own field, ``replace``)."""
+    try:
+        with field_errors(entry_param):
+            yield
+    except AdapterExistsError:
+        exists = AdapterExistsError(f"lora_name: adapter {name!r} is already loaded{exists_advice}")
+        exists.param = "lora_name"  # type: ignore[attr-defined]
+        raise exists from None
 
 
 def _store_name(lora_path: str) -> str:

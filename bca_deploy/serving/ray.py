@@ -70,6 +70,7 @@ from .wire import (
     body_too_slow,
     check_body_headers,
     error_body,
+    field_errors,
     error_status,
     is_openai_request,
     parse_body,
@@ -176,14 +177,15 @@ class AdapterReplicas:
         name = serve.get_multiplexed_model_id()
         load_route = method == "POST" and path in _LOAD_ROUTES
         loading = bool(name) and load_route and self.store is not None  # without a store: the app's own refusal
-        self._in_use[name] += 1
+        counted = False
         try:
             if name and (loading or not load_route):
                 held = name in self.session.snapshot().slots  # before this request: exported, or loaded here
                 try:
-                    if loading:
-                        _check_load(path, name, body, held)
-                    await self.get_adapter(name)
+                    with _load_errors(path, loading, body, name):
+                        if loading:
+                            _check_load(path, name, body, held)
+                        await self.get_adapter(name)
                 except BCAError as exc:  # the same answer as a single server's
                     if isinstance(exc, UnknownAdapterError) and not loading:  # not in the store: name it alone
                         exc = not_loaded(name, param=_adapter_field_of(body))  # "model", "adapter": the field
@@ -192,6 +194,12 @@ class AdapterReplicas:
                     yield json.dumps(error_body(status, kind, self.server.redact(str(exc)),
                                                 getattr(exc, "param", None))).encode()
                     return
+                # in use from here to the end of the answer: its eviction waits for this request. Counted only once
+                # the adapter is held (no await since the load returned), never while the load waits: Ray's loads
+                # wait on the eviction (one cache lock), so a request for an adapter being evicted, counted while
+                # it waited, held that eviction and every load behind it for _EVICT_WAIT_S (61 s answers)
+                self._in_use[name] += 1
+                counted = True
             if loading:  # the multiplexed load above was the load
                 info = self.server.public_info(self.session.snapshot().infos[name])
                 answer = info if path == "/v1/adapters" else {"status": "ok", "message": f"adapter {name!r} loaded",
@@ -205,7 +213,23 @@ class AdapterReplicas:
                     item["headers"] = [*item["headers"], (REPLICA_HEADER.encode(), self.replica_id.encode())]
                 yield item
         finally:
-            self._in_use[name] -= 1
+            if counted:
+                self._in_use[name] -= 1
+
+
+def _load_errors(path: str, loading: bool, body: bytes, name: str) -> contextlib.AbstractContextManager:
+    """What a refusal of the replica's (multiplexed) load of ``name`` names as its ``param``, by serve's rules: on vLLM's
+    load route, serve's own (:func:`~bca_deploy.serving.openai.lora_load_errors`); on a serving route, the field that
+    named the adapter (``model``, ``adapter``: an entry outside the store or one that does not fit the graph, as
+    serve's load routes name the field that named the entry); the native load route names none, as serve's."""
+    from .openai import lora_load_errors
+
+    if loading and path == "/v1/load_lora_adapter":
+        return lora_load_errors(name, exists_advice=" on the replica this request reached")
+    if loading:
+        return contextlib.nullcontext()
+    field = _adapter_field_of(body)
+    return field_errors(field) if field is not None else contextlib.nullcontext()
 
 
 def _check_load(path: str, name: str, body: bytes, held: bool) -> None:
