@@ -190,7 +190,8 @@ class AdapterReplicas:
                     if isinstance(exc, UnknownAdapterError) and not loading:  # not in the store: name it alone
                         exc = not_loaded(name, param=_adapter_field_of(body))  # "model", "adapter": the field
                     status, kind = error_status(exc, is_openai_request(path, _json_or_none(body)))
-                    yield {"status": status, "headers": [(b"content-type", b"application/json")]}
+                    yield {"status": status, "headers": [(b"content-type", b"application/json"),
+                                                         (REPLICA_HEADER.encode(), self.replica_id.encode())]}
                     yield json.dumps(error_body(status, kind, self.server.redact(str(exc)),
                                                 getattr(exc, "param", None))).encode()
                     return

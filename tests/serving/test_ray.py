@@ -143,6 +143,8 @@ def test_errors_through_ray_are_the_single_servers(ray_app):
     status, body = call(url + "/v1/embeddings", "POST", {"adapter": "nothing-here", "input": ["hi"]})
     assert_error(status, body, 404, "unknown_adapter", ["adapter 'nothing-here'"])
     assert body["error"]["param"] == "adapter"
+    # every answer a replica gives carries x-bca-replica, its refusal of a load too (that one had none)
+    assert caught.value.response.headers.get("x-bca-replica"), dict(caught.value.response.headers)
     # one model's card is the router's, from the listing: the same answer whichever replica holds what
     listed = {m.id: m for m in client.models.list().data}
     assert all(isinstance(m.created, int) for m in listed.values())
