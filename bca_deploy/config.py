@@ -612,6 +612,11 @@ def model_identity(directory: str | Path) -> tuple[str | None, str | None]:
             architecture if isinstance(architecture, str) else None)
 
 
+def _a(what: str) -> str:
+    """``what`` (a file's kind in a message: "adapter config", "model config") with its article."""
+    return f"{'an' if what[:1].lower() in 'aeiou' else 'a'} {what}"
+
+
 def read_json_value(path: Path, what: str = "file", allow_nan: bool = False, unique_keys: bool = True) -> Any:
     """:func:`read_json` for a file whose top level may be any JSON value (sentence-transformers' ``modules.json``
     is an array)."""
@@ -626,7 +631,7 @@ def read_json_value(path: Path, what: str = "file", allow_nan: bool = False, uni
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
-            raise AdapterFormatError(f"{path}: {size} bytes; a {what} of more than {MAX_JSON_BYTES} bytes is refused")
+            raise AdapterFormatError(f"{path}: {size} bytes; {_a(what)} of more than {MAX_JSON_BYTES} bytes is refused")
         raw = path.read_bytes()
     except OSError as exc:
         raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
@@ -657,7 +662,7 @@ def parse_json_value(text: str, source: str, what: str = "file", allow_nan: bool
     to be finite, such as 1e400) unless ``allow_nan``, no key twice in one object unless not ``unique_keys``
     (Python's reader keeps the last: a second ``"task": null`` would change an adapter's labels silently)."""
     if len(text) > MAX_JSON_BYTES:
-        raise AdapterFormatError(f"{source}: {len(text)} characters; a {what} of more than {MAX_JSON_BYTES} is refused")
+        raise AdapterFormatError(f"{source}: {len(text)} characters; {_a(what)} of more than {MAX_JSON_BYTES} is refused")
     hook = unique_key_object if unique_keys else None
     try:
         data = json.loads(text, object_pairs_hook=hook) if allow_nan else json.loads(
@@ -665,7 +670,7 @@ def parse_json_value(text: str, source: str, what: str = "file", allow_nan: bool
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{source}: not valid JSON ({exc})") from exc
     except RecursionError:
-        raise AdapterFormatError(f"{source}: JSON nested too deeply to be a {what}") from None
+        raise AdapterFormatError(f"{source}: JSON nested too deeply to be {_a(what)}") from None
     except ValueError as exc:  # NaN / Infinity literals
         raise AdapterFormatError(f"{source}: {exc}") from exc
     return data

@@ -38,7 +38,7 @@ from bca_deploy.config import TOKENIZER_READS, run_adapter_dir
 from bca_deploy.errors import first_line
 
 from .bank import BankPlan
-from .errors import ExportError, RuntimeVersionError, UnsupportedExportError, require
+from .errors import ExportError, ExportGraphError, RuntimeVersionError, UnsupportedExportError, require
 from .graph import DFT_MIN_OPSET, FFT_MODES, MATMUL_MIN_OPSET, exportable_adapters
 from .metadata import write_export_metadata
 from .validate import (
@@ -285,11 +285,14 @@ def export(
             tolerance = None
             if atol is not None or rtol is not None:
                 tolerance = TOLERANCES[dtype].overridden(atol, rtol)
-            if bank_plan is not None:
-                report = bank_plan.validate(tmp, reference, dtype, provider, tolerance, cases)
-            else:
-                report = validate_model(tmp / ONNX_FILE, reference, task, dtype=dtype, cases=cases,
-                                        provider=provider, tolerance=tolerance)
+            try:
+                if bank_plan is not None:
+                    report = bank_plan.validate(tmp, reference, dtype, provider, tolerance, cases)
+                else:
+                    report = validate_model(tmp / ONNX_FILE, reference, task, dtype=dtype, cases=cases,
+                                            provider=provider, tolerance=tolerance)
+            except ExportGraphError as exc:
+                raise _unloadable_export(exc, model_dir, out_dir) from None
             # a failed export writes nothing: its report names the graph it would have put at --out
             report.onnx_path = (str(out_dir / ONNX_FILE) if report.passed
                                 else f"the graph exported for {out_dir} (not written)")
@@ -313,6 +316,21 @@ def export(
         print(f"exported {kind} {task} graph to {out_dir} ({_graph_size(out_dir) / 1e6:.1f} MB) "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir
+
+
+def _unloadable_export(exc: ExportGraphError, model_dir: Path, out_dir: Path) -> ExportError:
+    """The error for a graph this export has just written that onnxruntime refuses to load: ExportGraphError's own
+    words ("damaged, truncated or changed since: export it again") fit a file read later, not this one, which
+    exporting again would write the same."""
+    import onnxruntime
+
+    from bca_deploy.config import model_identity
+
+    model_type = model_identity(model_dir)[0] or "this model"
+    return ExportError(f"onnxruntime {onnxruntime.__version__} cannot load the graph exported from {model_dir} "
+                       f"({exc.reason}); nothing was written to {out_dir}. Exporting {model_type} this way is not "
+                       "supported with the installed onnxruntime: try --merge or another --opset, and report it with "
+                       "the command (bca-deploy --debug export ... shows the details)")
 
 
 def _decoder_classifier_pad_note(model: nn.Module, model_dir: Path, model_task) -> list[str]:

@@ -227,3 +227,29 @@ def test_a_tokenizers_own_python_code_is_never_run(tiny, tmp_path, monkeypatch):
 
     runpy.run_path(str(model_dir / "evil.py"))  # (the code works: run, it leaves the marker)
     assert marker.read_text() == "ran"
+
+
+def test_a_graph_onnxruntime_cannot_load_at_export_is_not_called_damaged(monkeypatch, tiny, tmp_path):
+    """helper-96: Falcon with ALiBi exported a graph onnxruntime refused to load, and export said the file was "not
+    what bca-deploy export wrote (damaged, truncated or changed since): export it again", which exporting again
+    repeats. A graph refused as it is validated is named as this export's, with the onnxruntime version, and nothing
+    is written."""
+    import importlib
+
+    import onnxruntime
+
+    from bca_deploy.exporters.errors import ExportError, ExportGraphError
+
+    validate_module = importlib.import_module("bca_deploy.exporters.validate")  # the module, not its function
+
+    def refuse(onnx_path, options, provider="cpu"):
+        raise ExportGraphError(onnx_path, "Fail: type (tensor(complex128)) of output arg is not supported")
+
+    monkeypatch.setattr(validate_module, "inference_session", refuse)
+    model_dir, adapters = tiny("gpt2")
+    with pytest.raises(ExportError) as err:
+        export(model_dir, tmp_path / "out", adapters, merge=True, verbose=False, cases=[(1, 3, 1)])
+    message = str(err.value)
+    assert f"onnxruntime {onnxruntime.__version__} cannot load the graph exported from {model_dir}" in message
+    assert "complex128" in message and "gpt2" in message and "damaged" not in message
+    assert _siblings(tmp_path / "out") == []
