@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 
-__all__ = ["AtomicDir", "atomic_dir", "write_dir", "write_text", "check_target", "check_inputs_outside", "recover",
+__all__ = ["AtomicDir", "atomic_dir", "write_dir", "write_text", "check_target", "check_inputs_outside", "copied_link_problem", "recover",
            "current_umask", "give_default_mode", "TMP_TAG", "OLD_TAG"]
 
 #: Infixes of the hidden siblings a writer creates: ``.<name><TAG><pid>-<hex>``.
@@ -139,6 +139,39 @@ def check_inputs_outside(target: str | Path, inputs: Iterable[tuple[str, str | P
         if link is not None:
             raise OutputExistsError(f"{target}: holds the file that {link} (in {what} {path}) links to; writing the "
                                     "output there would delete it: choose another output directory")
+
+
+def copied_link_problem(path: str | Path, directory: str | Path, what: str, copier: str) -> str | None:
+    """Why the file ``path`` of the input ``directory`` may not be copied into an output, or None: the one rule for
+    what a copied file may link to, used by every command that copies an input's files (an export's tokenizer and
+    sentence-transformers files, a merge's other files).
+
+    The file, once every link on the way is followed, must lie in ``directory``'s own tree (``directory`` itself
+    resolved first, so a model directory given as a link to ``/data/models/x`` is that folder) or, for a directory in
+    a Hugging Face cache snapshot (``.../models--org--name/snapshots/<rev>/...``, whose files are links to
+    ``../../blobs/<hash>``), in that repository's folder ``.../models--org--name``. Anything else (a downloaded
+    model's ``merges.txt`` linking to ``~/.aws/credentials``, a ``chat_template.jinja`` to ``../../secret``) would
+    carry a file from elsewhere on this machine into an output that is then published or served.
+
+    Args:
+        path: the file in ``directory`` (lexically: ``directory / name``).
+        directory: the input directory ``path`` is copied from.
+        what: the input, for the message ("the model directory").
+        copier: what copies it, for the message ("an export copies", "the merge copies").
+    """
+    root = Path(directory).resolve()
+    try:
+        target = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling or a loop: refused by the readability checks, never copied
+        return None
+    allowed = [root, *(folder.parent.parent for folder in (root, *root.parents)
+                       if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"))]
+    if any(target == top or top in target.parents for top in allowed):
+        return None
+    inside = f"{what} {directory}" + (f" (or its Hugging Face cache repository {allowed[1]})" if len(allowed) > 1
+                                      else "")
+    return (f"{path}: links to {target}, outside {inside}; {copier} this file into its output, which would carry "
+            f"that file's content with it: copy the file into {directory} in place of the link, or remove the link")
 
 
 def _link_into(directory: Path, real: Path) -> Path | None:

@@ -55,7 +55,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from .adapter_io import peft_copied_modules, read_adapter
-from .atomic import atomic_dir, check_inputs_outside, check_target, recover
+from .atomic import atomic_dir, check_inputs_outside, check_target, copied_link_problem, recover
 from .config import (
     CONFIG_FILE,
     KERNEL_SUFFIX,
@@ -1412,6 +1412,9 @@ def _other_files(ckpt: _Checkpoint) -> tuple[list[Path], list[str], list[str]]:
                 skipped.append(str(rel))
                 continue
             _require_regular(Path(root, name))
+            if problem := copied_link_problem(Path(root, name), ckpt.directory, "the model directory",
+                                              "the merge copies"):
+                raise CheckpointFormatError(problem)
             copy.append(rel)
     return copy, skipped, linked
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bca_deploy.atomic import atomic_dir
+from bca_deploy.atomic import atomic_dir, copied_link_problem
 from bca_deploy.config import TOKENIZER_READS, run_adapter_dir
 from bca_deploy.errors import first_line
 
@@ -239,6 +239,7 @@ def export(
         onnx_providers(provider)
     if opset is not None:
         _resolve_opset(opset, merge, fft, default=opset)
+    _check_copied_links(model_dir, ["config.json", *_COPIED_FILES])  # before any of them is read
     model_task = resolve_export_task(model_dir, adapter_dirs, task, bank=bank)
     _check_copied_files(model_dir)
     notes = [note for note in (_check_tokenizer(model_dir),) if note]  # printed with the result
@@ -364,14 +365,15 @@ def _sentence_transformers_files(model_dir: Path) -> list[str]:
     each checked to read as JSON first.
 
     Raises:
-        ExportError: one does not (nor would sentence-transformers load it; a link there to another file, such as a
-            secret elsewhere on the machine, is never copied into the export).
+        ExportError: one links outside ``model_dir`` (:func:`_check_copied_links`), or does not read as JSON (nor
+            would sentence-transformers load it).
     """
     from bca_deploy.config import read_json_value
     from bca_deploy.errors import BCAError
     from bca_deploy.sentence_embedding import sentence_transformers_files
 
     names = sentence_transformers_files(model_dir)
+    _check_copied_links(model_dir, names)
     for name in names:
         try:
             read_json_value(model_dir / name, what="sentence-transformers file")
@@ -397,6 +399,21 @@ def _check_copied_files(model_dir: Path) -> None:
         if os.path.lexists(path) and (why := why_not_readable(path)) != "a regular file":
             raise ExportError(f"{path}: {why}; an export copies the model directory's {name}: replace it with the "
                               "file, or remove it")
+
+
+def _check_copied_links(model_dir: Path, names: Sequence[str]) -> None:
+    """Refuse a file of ``model_dir`` whose content the export carries (``names``: its config, :data:`_COPIED_FILES`,
+    the sentence-transformers files) that links outside ``model_dir`` (:func:`bca_deploy.atomic.copied_link_problem`),
+    before anything is written.
+
+    Raises:
+        ExportError: naming the file, where it points, and what to do.
+    """
+    for name in names:
+        path = model_dir / name
+        if os.path.lexists(path) and (problem := copied_link_problem(path, model_dir, "the model directory",
+                                                                     "an export copies")):
+            raise ExportError(problem)
 
 
 def _check_tokenizer(model_dir: Path) -> str | None:
