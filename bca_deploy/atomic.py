@@ -36,7 +36,8 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 
-__all__ = ["AtomicDir", "atomic_dir", "write_dir", "write_text", "check_target", "check_inputs_outside", "copied_link_problem", "recover",
+__all__ = ["AtomicDir", "atomic_dir", "write_dir", "write_text", "check_target", "check_inputs_outside",
+           "copied_link_problem", "recover",
            "current_umask", "give_default_mode", "TMP_TAG", "OLD_TAG"]
 
 #: Infixes of the hidden siblings a writer creates: ``.<name><TAG><pid>-<hex>``.
