@@ -18,6 +18,11 @@ the ones of live writers alone. Directories are created with ``0o777`` masked by
 ``mkdir`` gives), not the ``0o700`` of :func:`tempfile.mkdtemp`; files a library writes private get
 ``0o666 & ~umask`` (:func:`give_default_mode`). Replacing a tree is refused up front when this user could
 not delete the old one (:func:`check_target`).
+
+Only an output may be replaced (:func:`replace_refusal`, the one rule every writer's ``--overwrite`` goes
+through): an empty directory, or one a bca-deploy stage wrote, recognised by an entry that stage leaves
+(:data:`OUTPUT_MARKERS`; a merge also replaces a transformers checkpoint, which is what it writes). A home
+directory, a project folder, a folder holding a ``.git`` or anything else is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from pathlib import Path
 from .errors import OutputExistsError
 
 __all__ = ["AtomicDir", "atomic_dir", "write_dir", "write_text", "check_target", "check_inputs_outside",
-           "copied_link_problem", "recover",
-           "current_umask", "give_default_mode", "TMP_TAG", "OLD_TAG"]
+           "copied_link_problem", "recover", "replace_refusal", "current_umask", "give_default_mode", "OUTPUT_MARKERS",
+           "TMP_TAG", "OLD_TAG"]
 
 #: Infixes of the hidden siblings a writer creates: ``.<name><TAG><pid>-<hex>``.
 TMP_TAG = ".bca-tmp-"
@@ -194,8 +199,84 @@ def _link_into(directory: Path, real: Path) -> Path | None:
     return None
 
 
-def check_target(target: str | Path, overwrite: bool) -> None:
-    """Refuse a ``target`` that cannot be written: a file, or a non-empty directory without ``overwrite``.
+#: The entries by which a directory is recognised as an output of a bca-deploy stage (name -> what leaves it), so
+#: ``--overwrite`` may replace it. Files must be regular files, folders folders (a name alone is not enough).
+OUTPUT_MARKERS: dict[str, str] = {
+    "bca_export.json": "an ONNX export (export, demo's onnx-*)",
+    "adapter_config.json": "an adapter (save_adapter, convert, a training checkpoint)",
+    "bca_training.json": "a training checkpoint's record (train's best/ and last/)",
+    "trainer_state.pt": "a training checkpoint's resumable state (train's last/)",
+    "train_result.json": "a finished training run (train --out)",
+    "train_log.jsonl": "a training run's log (train --out)",
+}
+#: A training run's checkpoint folders: recognised when they hold a checkpoint (a marker above).
+_RUN_FOLDERS = ("last", "best")
+#: The demo's layout (demo --out): recognised when one of its folders holds an output (a marker above) one
+#: level down, as ``adapters/<task>/adapter_config.json`` and ``train/<task>/train_result.json`` do.
+_DEMO_FOLDERS = ("adapters", "train")
+#: A directory holding one of these is never replaced, whatever else it holds (a repository, a user's home).
+_NEVER_REPLACED = (".git", ".hg", ".svn", ".ssh", ".bashrc", ".profile")
+#: What a transformers checkpoint holds (a merge writes one): config.json beside one of these weights.
+_CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json")
+
+
+def _marked(directory: Path, checkpoint: bool) -> bool:
+    """Whether ``directory`` holds a bca-deploy stage's marker (or, with ``checkpoint``, is a transformers
+    checkpoint); links are not followed (a link named like a marker does not make a folder an output)."""
+    def is_file(path: Path) -> bool:
+        return path.is_file() and not path.is_symlink()
+
+    if any(is_file(directory / name) for name in OUTPUT_MARKERS):
+        return True
+    for name in _RUN_FOLDERS:
+        folder = directory / name
+        if folder.is_dir() and not folder.is_symlink() and any(is_file(folder / m) for m in OUTPUT_MARKERS):
+            return True
+    for name in _DEMO_FOLDERS:
+        folder = directory / name
+        if folder.is_dir() and not folder.is_symlink() and any(
+                sub.is_dir() and not sub.is_symlink() and any(is_file(sub / m) for m in OUTPUT_MARKERS)
+                for sub in folder.iterdir()):
+            return True
+    return checkpoint and is_file(directory / "config.json") and any(is_file(directory / w) for w in _CHECKPOINT_WEIGHTS)
+
+
+def replace_refusal(target: str | Path, *, checkpoint: bool = False) -> str | None:
+    """Why ``--overwrite`` must not replace the directory ``target``, or None when it may.
+
+    The one rule of every writer: an empty directory may be replaced, and so may an output of a bca-deploy
+    stage (it holds an entry of :data:`OUTPUT_MARKERS`, or is a training run whose ``last/``/``best/`` holds
+    one; with ``checkpoint``, a merge's output, a transformers checkpoint: ``config.json`` and weights). Anything
+    else (a home directory, a project folder, a data folder, a folder holding ``.git``) is refused: replacing it
+    would delete what the user keeps there.
+    """
+    target = Path(target)
+    if target.is_symlink():
+        return None  # the link is replaced, never what it points to
+    try:
+        entries = sorted(p.name for p in target.iterdir())
+    except OSError:
+        return None  # not a readable directory: the other checks name it
+    if not entries:
+        return None
+    never = [name for name in _NEVER_REPLACED if name in entries]
+    if not never and _marked(target, checkpoint):
+        return None
+    ours = {*OUTPUT_MARKERS, *_RUN_FOLDERS, *_DEMO_FOLDERS}
+    shown = never + [name for name in entries if name not in ours and name not in never]
+    listing = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+    why = (f"it holds {never[0]}" if never else "it is not an output of bca-deploy (none of "
+           f"{', '.join(OUTPUT_MARKERS)} in it)")
+    return (f"{target}: --overwrite (overwrite=True in Python) replaces only an empty directory or an earlier "
+            f"bca-deploy output, and {why}; in it, not from bca-deploy: {listing}. Nothing was written: choose an "
+            "empty or new output directory, or remove this one yourself")
+
+
+def check_target(target: str | Path, overwrite: bool, *, checkpoint: bool = False) -> None:
+    """Refuse a ``target`` that cannot be written: a file, a non-empty directory without ``overwrite``, or one
+    that ``overwrite`` may not replace (:func:`replace_refusal`; ``checkpoint``: the writer writes a transformers
+    checkpoint, and may replace one).
 
     Raises:
         OutputExistsError: naming ``target`` and the fix.
@@ -217,6 +298,10 @@ def check_target(target: str | Path, overwrite: bool) -> None:
                                 f"and renamed into place); choose a directory inside it, such as {target / 'out'}")
     if target.is_dir() and not overwrite and not _is_empty_dir(target):
         raise OutputExistsError(f"{target}: exists and is not empty; pass --overwrite (overwrite=True in Python) to replace it")
+    if target.is_dir() and not _is_empty_dir(target):
+        refusal = replace_refusal(target, checkpoint=checkpoint)
+        if refusal is not None:
+            raise OutputExistsError(refusal)
     if target.is_dir() and not target.is_symlink() and not _is_empty_dir(target):
         blocker = _removal_blocker(target)
         if blocker is not None:
@@ -445,6 +530,8 @@ class AtomicDir:
         keep_existing: with an existing ``target``, carry over its entries the new tree does not
             write (hard links, else copies), e.g. other files beside an adapter.
         fsync: fsync every file and directory before the swap, and the parent after it.
+        checkpoint: the writer writes a transformers checkpoint (merge), and ``overwrite`` may replace one
+            (:func:`replace_refusal`).
 
     Attributes:
         path: the temporary directory to fill (same filesystem as ``target``, mode ``0o777 & ~umask``).
@@ -452,11 +539,11 @@ class AtomicDir:
     """
 
     def __init__(self, target: str | Path, *, overwrite: bool = False, keep_existing: bool = False,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, checkpoint: bool = False) -> None:
         self.target = Path(os.path.abspath(target))
         self.overwrite, self.keep_existing, self.fsync = overwrite, keep_existing, fsync
         recover(self.target)
-        check_target(self.target, overwrite)
+        check_target(self.target, overwrite, checkpoint=checkpoint)
         self.path: Path | None = None
         path = _sibling(self.target, TMP_TAG)
         try:
@@ -497,11 +584,12 @@ class AtomicDir:
 
 
 def atomic_dir(
-    target: str | Path, *, overwrite: bool = False, keep_existing: bool = False, fsync: bool = True
+    target: str | Path, *, overwrite: bool = False, keep_existing: bool = False, fsync: bool = True,
+    checkpoint: bool = False,
 ) -> AtomicDir:
     """``with atomic_dir(target, overwrite=...) as tmp: ...``: fill ``tmp``; it replaces ``target`` when the
     block succeeds, and is deleted (``target`` untouched) when it raises. See :class:`AtomicDir`."""
-    return AtomicDir(target, overwrite=overwrite, keep_existing=keep_existing, fsync=fsync)
+    return AtomicDir(target, overwrite=overwrite, keep_existing=keep_existing, fsync=fsync, checkpoint=checkpoint)
 
 
 def write_dir(

@@ -1390,7 +1390,7 @@ def _check_paths(model_dir: Path, out_dir: Path, adapter_dirs: list[Path], overw
         raise OutputExistsError(f"out_dir {out_dir} is inside the model directory {model_dir}; choose a path outside it")
     check_inputs_outside(out_dir, [("the model directory", model_dir), *(("the adapter", a) for a in adapter_dirs)])
     recover(out_dir)  # a merge killed earlier: its temporary tree removed, a replaced tree restored
-    check_target(out_dir, overwrite)
+    check_target(out_dir, overwrite, checkpoint=True)
 
 
 def _other_files(ckpt: _Checkpoint) -> tuple[list[Path], list[str], list[str]]:
@@ -1833,7 +1833,7 @@ def _merge_checkpoint(
         )
 
     total = sum(len(h.tensors) for h in ckpt.headers.values())
-    with atomic_dir(out_dir, overwrite=overwrite, fsync=fsync) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, fsync=fsync, checkpoint=True) as tmp:
         for rel in others:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(model_dir / rel, tmp / rel)

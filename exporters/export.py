@@ -117,8 +117,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool, protected: Sequence[Path]) ->
     from bca_deploy.atomic import check_inputs_outside, check_target, recover
 
     recover(out_dir)  # an export killed earlier: its temporary tree removed, a replaced tree restored
+    check_inputs_outside(out_dir, [("the input", path) for path in protected])  # named first: the sharper reason
     check_target(out_dir, overwrite)
-    check_inputs_outside(out_dir, [("the input", path) for path in protected])
 
 
 def _graph_size(directory: Path) -> int:

@@ -189,6 +189,29 @@ def test_overwrite_false_refuses_existing(llama_adapter):
     assert (directory / "adapter_model.safetensors").read_bytes() == before
 
 
+def test_save_replaces_an_adapter_and_refuses_a_folder_that_holds_none(llama_adapter, tmp_path):
+    """save_adapter (convert's writer) into a project folder or ~ rebuilt all of it beside the adapter files: now a
+    folder holding no adapter (or holding .git) is refused, untouched; an earlier adapter is still replaced."""
+    model, directory = llama_adapter
+    (directory / "README.md").write_text("notes")
+    bd.save_adapter(model, directory, overwrite=True)
+    assert (directory / "README.md").read_text() == "notes"  # other files beside an adapter are kept, as before
+    for extra in ("notes.txt", ".git"):
+        folder = tmp_path / f"mine-{extra}"
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+        if extra == ".git":
+            (folder / extra).mkdir()
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(OutputExistsError, match=f"{folder}: .*(not an output of bca-deploy|holds .git)"):
+            bd.save_adapter(model, folder)
+        assert sorted(p.name for p in folder.iterdir()) == before and (folder / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bd.save_adapter(model, empty)
+    assert (empty / "adapter_config.json").is_file()
+
+
 def test_nan_kernel_refused_on_save(tmp_path):
     model = bd.inject(tiny_bert(), ["query"], block_size=8)
     with torch.no_grad():

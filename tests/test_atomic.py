@@ -27,19 +27,19 @@ def siblings(target: Path) -> list[str]:
 def test_new_directory_gets_normal_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
+        out = write_dir(tmp_path / "out", lambda d: (d / "bca_export.json").write_text("one"))
     finally:
         os.umask(old)
     assert (out.stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0o700
-    assert (out / "a.txt").stat().st_mode & 0o777 == 0o644
-    assert files(out) == {"a.txt": "one"} and siblings(out) == []
+    assert (out / "bca_export.json").stat().st_mode & 0o777 == 0o644
+    assert files(out) == {"bca_export.json": "one"} and siblings(out) == []
 
 
 def test_existing_output_refused_without_overwrite_and_replaced_with_it(tmp_path):
-    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
+    out = write_dir(tmp_path / "out", lambda d: (d / "bca_export.json").write_text("one"))
     with pytest.raises(OutputExistsError, match=r"not empty; pass --overwrite \(overwrite=True in Python\)"):
         write_dir(out, lambda d: (d / "b.txt").write_text("two"))
-    assert files(out) == {"a.txt": "one"}
+    assert files(out) == {"bca_export.json": "one"}
     write_dir(out, lambda d: (d / "b.txt").write_text("two"), overwrite=True)
     assert files(out) == {"b.txt": "two"} and siblings(out) == []
     (tmp_path / "empty").mkdir()  # an empty directory is not an output to protect
@@ -54,15 +54,15 @@ def test_file_target_refused(tmp_path):
 
 
 def test_failed_build_leaves_target_and_no_temporaryfiles(tmp_path):
-    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
+    out = write_dir(tmp_path / "out", lambda d: (d / "bca_export.json").write_text("one"))
 
     def broken(d: Path) -> None:
-        (d / "a.txt").write_text("half")
+        (d / "bca_export.json").write_text("half")
         raise RuntimeError("failed while writing")
 
     with pytest.raises(RuntimeError):
         write_dir(out, broken, overwrite=True)
-    assert files(out) == {"a.txt": "one"} and siblings(out) == []
+    assert files(out) == {"bca_export.json": "one"} and siblings(out) == []
 
 
 def test_keep_existing_carries_other_files_over(tmp_path):
@@ -71,23 +71,23 @@ def test_keep_existing_carries_other_files_over(tmp_path):
     (out / "README.md").write_text("notes")
     (out / "sub").mkdir()
     (out / "sub" / "x.txt").write_text("x")
-    (out / "weights").write_text("old")
-    write_dir(out, lambda d: (d / "weights").write_text("new"), overwrite=True, keep_existing=True)
-    assert files(out) == {"README.md": "notes", "sub/x.txt": "x", "weights": "new"}
+    (out / "adapter_config.json").write_text("old")
+    write_dir(out, lambda d: (d / "adapter_config.json").write_text("new"), overwrite=True, keep_existing=True)
+    assert files(out) == {"README.md": "notes", "sub/x.txt": "x", "adapter_config.json": "new"}
 
 
 def test_symlinked_target_is_replaced_not_followed(tmp_path):
-    real = write_dir(tmp_path / "real", lambda d: (d / "a.txt").write_text("one"))
+    real = write_dir(tmp_path / "real", lambda d: (d / "bca_export.json").write_text("one"))
     (tmp_path / "link").symlink_to(real)
     write_dir(tmp_path / "link", lambda d: (d / "b.txt").write_text("two"), overwrite=True)
     assert not (tmp_path / "link").is_symlink() and files(tmp_path / "link") == {"b.txt": "two"}
-    assert files(real) == {"a.txt": "one"}  # what the link pointed to is untouched
+    assert files(real) == {"bca_export.json": "one"}  # what the link pointed to is untouched
 
 
 @pytest.mark.parametrize("exchange", [True, False])
 def test_replacement_without_exchange_uses_two_renames(tmp_path, monkeypatch, exchange):
     monkeypatch.setattr(atomic, "USE_EXCHANGE", exchange)
-    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("one"))
+    out = write_dir(tmp_path / "out", lambda d: (d / "bca_export.json").write_text("one"))
     write_dir(out, lambda d: (d / "b.txt").write_text("two"), overwrite=True)
     assert files(out) == {"b.txt": "two"} and siblings(out) == []
 
@@ -106,7 +106,7 @@ def test_committed_or_aborted_once(tmp_path):
 def test_recover_leaves_live_writers_alone(tmp_path):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:  # our own temporary tree, being written: recover must not touch it
-        (tmp / "a.txt").write_text("one")
+        (tmp / "bca_export.json").write_text("one")
         assert recover(out) is None and tmp.is_dir()
     dead = tmp_path / f".out{TMP_TAG}999999999-0123456789ab"  # no such pid
     dead.mkdir()
@@ -114,12 +114,12 @@ def test_recover_leaves_live_writers_alone(tmp_path):
 
 
 def test_recover_restores_a_tree_set_aside_by_a_dead_writer(tmp_path):
-    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("old"))
+    out = write_dir(tmp_path / "out", lambda d: (d / "bca_export.json").write_text("old"))
     aside = tmp_path / f".out{OLD_TAG}999999999-0123456789ab"
     out.rename(aside)
     (tmp_path / f".out{TMP_TAG}999999999-abcdef012345").mkdir()
     assert recover(out) == out
-    assert files(out) == {"a.txt": "old"} and siblings(out) == []
+    assert files(out) == {"bca_export.json": "old"} and siblings(out) == []
 
 
 def test_recover_touches_only_what_a_bca_deploy_writer_named(tmp_path):
@@ -165,26 +165,26 @@ _KILL_AT = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
 
         atomic._remove = remove
-    atomic.write_dir(target, lambda d: (d / "a.txt").write_text("new"), overwrite=True)
+    atomic.write_dir(target, lambda d: (d / "bca_export.json").write_text("new"), overwrite=True)
 """)
 
 
 @pytest.mark.parametrize("moment", ["between-renames", "after-exchange"])
 def test_sigkill_at_the_worst_moment_is_recovered(tmp_path, moment):
-    out = write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("old"))
+    out = write_dir(tmp_path / "out", lambda d: (d / "bca_export.json").write_text("old"))
     proc = subprocess.run([sys.executable, "-c", _KILL_AT, str(out), moment], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     if moment == "between-renames":
         assert not out.exists() and any(OLD_TAG in name for name in siblings(out))  # the window itself
         assert recover(out) == out  # what the next writer of out does first
-        assert files(out) == {"a.txt": "old"}  # the new tree never landed: the old one is back
+        assert files(out) == {"bca_export.json": "old"}  # the new tree never landed: the old one is back
     else:
-        assert files(out) == {"a.txt": "new"}  # the exchange landed: out is the new tree
+        assert files(out) == {"bca_export.json": "new"}  # the exchange landed: out is the new tree
         assert any(TMP_TAG in name for name in siblings(out))  # the old tree, left at the temporary name
         recover(out)
     assert siblings(out) == []
-    write_dir(out, lambda d: (d / "a.txt").write_text("next"), overwrite=True)
-    assert files(out) == {"a.txt": "next"} and siblings(out) == []
+    write_dir(out, lambda d: (d / "bca_export.json").write_text("next"), overwrite=True)
+    assert files(out) == {"bca_export.json": "next"} and siblings(out) == []
 
 
 def test_an_output_that_is_or_holds_an_input_is_refused(tmp_path):
@@ -258,7 +258,7 @@ def test_an_output_this_user_could_not_clear_is_refused_before_anything_is_writt
     tree whole and no sibling left."""
     out = tmp_path / "out"
     (out / "keep" / "locked").mkdir(parents=True)
-    (out / "old.txt").write_text("old")
+    (out / "train_log.jsonl").write_text("old")
     (out / "keep" / "locked" / "inner.txt").write_text("inner")
     before = files(out)
     denied = {str(out / "keep" / "locked")}
@@ -285,14 +285,75 @@ def test_another_users_output_in_a_sticky_directory_is_refused_before_anything_i
     shared.chmod(0o1777)
     out = shared / "theirs"
     out.mkdir()
-    (out / "x.txt").write_text("x")
+    (out / "bca_export.json").write_text("x")
     owner = out.lstat().st_uid
     monkeypatch.setattr(atomic.os, "geteuid", lambda: owner + 4242)  # someone else (the tree belongs to `owner`)
     built = []
     with pytest.raises(OutputExistsError, match=r"theirs: cannot be replaced: it belongs to another user and .*shared "
                                                 r"is a sticky directory"):
         write_dir(out, lambda tmp: built.append(tmp), overwrite=True)
-    assert not built and files(out) == {"x.txt": "x"}
+    assert not built and files(out) == {"bca_export.json": "x"}
     monkeypatch.setattr(atomic.os, "geteuid", lambda: owner)
     write_dir(out, lambda tmp: (tmp / "y.txt").write_text("y"), overwrite=True)
     assert files(out) == {"y.txt": "y"}
+
+
+# ---- --overwrite replaces only an empty directory or an earlier output -------------------------------------------
+
+
+def _user_folder(path: Path, *, git: bool = False) -> dict[str, str]:
+    path.mkdir()
+    (path / "thesis.tex").write_text("three years of work")
+    (path / "data").mkdir()
+    (path / "data" / "train.csv").write_text("text,label\n")
+    if git:
+        (path / ".git").mkdir()
+        (path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        (path / "adapter_config.json").write_text("{}")  # even an adapter at the top of a repository is not enough
+    return files(path)
+
+
+@pytest.mark.parametrize("git", [False, True], ids=["user-files", "a-repository"])
+@pytest.mark.parametrize("keep_existing", [False, True], ids=["replace", "keep-existing"])
+def test_overwrite_refuses_a_folder_that_is_no_output_and_touches_nothing(tmp_path, git, keep_existing):
+    """`--overwrite --out .` in a project folder (or ~, or a data folder) moved it aside and deleted it, exit 0."""
+    out = tmp_path / "project"
+    before = _user_folder(out, git=git)
+    built = []
+    with pytest.raises(OutputExistsError) as info:
+        write_dir(out, lambda d: built.append(d), overwrite=True, keep_existing=keep_existing)
+    message = str(info.value)
+    assert str(out) in message and "thesis.tex" in message and "data" in message
+    assert "choose an empty or new output directory, or remove this one yourself" in message
+    assert (".git" in message) == git
+    assert not built and files(out) == before and siblings(out) == []
+
+
+def test_overwrite_replaces_an_empty_folder_and_an_earlier_output(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert files(write_dir(empty, lambda d: (d / "bca_export.json").write_text("new"), overwrite=True)) == {
+        "bca_export.json": "new"}
+    run = tmp_path / "run"  # a training run, recognised by a checkpoint in last/
+    (run / "last").mkdir(parents=True)
+    (run / "last" / "trainer_state.pt").write_text("old")
+    (run / "notes.txt").write_text("mine")
+    write_dir(run, lambda d: (d / "train_log.jsonl").write_text("new"), overwrite=True)
+    assert files(run) == {"train_log.jsonl": "new"}
+
+
+def test_a_marker_that_is_a_link_or_a_folder_does_not_make_an_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bca_export.json").mkdir()
+    (out / "adapter_config.json").symlink_to(tmp_path / "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="not an output of bca-deploy"):
+        check_target(out, overwrite=True)
+    checkpoint = tmp_path / "checkpoint"  # a transformers checkpoint: only a merge (checkpoint=True) replaces it
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_text("")
+    with pytest.raises(OutputExistsError, match="config.json, model.safetensors"):
+        check_target(checkpoint, overwrite=True)
+    check_target(checkpoint, overwrite=True, checkpoint=True)

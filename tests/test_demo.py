@@ -333,13 +333,31 @@ def test_a_non_empty_out_is_refused_without_overwrite_and_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left
 
 
+def test_overwrite_replaces_the_demos_own_output_and_refuses_a_users_folder(tmp_path):
+    """README's set-up runs `demo --out bca-demo --overwrite` again and again: that keeps working. Pointed at a folder
+    that is no demo (a project, ~), --overwrite moved it aside and deleted it: now refused before any work."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    (mine / ".git").mkdir()
+    result = CliRunner().invoke(main, ["demo", "--out", str(mine), "--overwrite", "--no-onnx"])
+    assert result.exit_code == 2 and f"{mine}: " in result.output and ".git" in result.output
+    assert "Traceback" not in result.output and sorted(p.name for p in mine.iterdir()) == [".git", "keep.txt"]
+    out = tmp_path / "bca-demo"
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["demo", "--out", str(out), "--overwrite", "--no-onnx", "--steps", "2"])
+        assert result.exit_code == 0, result.output
+    assert (out / "adapters").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["bca-demo", "mine"]
+
+
 def test_a_failure_midway_leaves_the_old_out_intact(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "adapters" / "sentiment").mkdir(parents=True)  # an earlier demo's layout, which --overwrite replaces
+    (out / "adapters" / "sentiment" / "adapter_config.json").write_text("{}")
     (out / "keep.txt").write_text("mine")
     result = CliRunner().invoke(main, ["demo", "--out", str(out), "--overwrite", "--no-onnx", "--targets", "nosuch"])
     assert result.exit_code == 2 and "nosuch" in result.output and "Traceback" not in result.output
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -350,15 +350,28 @@ def test_a_folder_that_is_a_link_is_named_not_dropped_silently(llama_setup):
     assert (out / "model.safetensors.index.json").is_file()
 
 
-def test_overwrite_replaces_existing_output(llama_setup):
+def test_overwrite_replaces_an_earlier_merge_and_refuses_a_users_folder(llama_setup):
+    """--overwrite replaced any non-empty --out: a project folder, ~ or a data folder was moved aside and deleted.
+    It replaces an earlier merged checkpoint (and an empty folder); anything else is refused, nothing touched."""
     tmp_path, _, _ = llama_setup
     out = tmp_path / "out"
-    out.mkdir()
+    merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], out, progress=False)
     (out / "old.txt").write_text("old")
-    merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], out, overwrite=True, progress=False)
+    merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 0.5)], out, overwrite=True, progress=False)
     assert not (out / "old.txt").exists()
     assert (out / "model.safetensors.index.json").is_file()
     assert no_leftovers(tmp_path, "out")
+    for name, extra in [("mine", "notes.txt"), ("repo", ".git")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+        if extra == ".git":
+            (folder / extra).mkdir()
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(OutputExistsError, match=f"{folder}: .*not an output of bca-deploy|{folder}: .*holds .git"):
+            merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], folder, overwrite=True, progress=False)
+        assert sorted(p.name for p in folder.iterdir()) == before and (folder / "notes.txt").read_text() == "mine"
+        assert no_leftovers(tmp_path, name)
 
 
 # ---- refusals: nothing written ------------------------------------------------------------------
@@ -502,8 +515,9 @@ def test_failure_mid_write_leaves_no_partial_output(llama_setup, monkeypatch, ex
     tmp_path, _, _ = llama_setup
     out = tmp_path / "out"
     if existing:
-        out.mkdir()
-        (out / "previous.txt").write_text("previous")
+        out.mkdir()  # an earlier merge's output (a transformers checkpoint), which --overwrite replaces
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_text("previous")
     calls = {"n": 0}
     real_write = SafetensorsWriter.write_at
 
@@ -518,7 +532,8 @@ def test_failure_mid_write_leaves_no_partial_output(llama_setup, monkeypatch, ex
         merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], out, overwrite=existing, progress=False)
     assert calls["n"] >= 5  # other worker threads may finish the block they hold after the failure
     if existing:
-        assert [p.name for p in out.iterdir()] == ["previous.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+        assert (out / "model.safetensors").read_text() == "previous"
     else:
         assert not out.exists()
     assert no_leftovers(tmp_path, "out")

@@ -77,9 +77,19 @@ def test_existing_output_needs_overwrite(exported, tiny, tmp_path):
     with pytest.raises(OutputExistsError, match="overwrite=True"):
         export(model_dir, out, adapters, merge=True)
     assert (out / "keep.txt").read_text() == "mine"
-    export(model_dir, out, adapters, merge=True, overwrite=True, verbose=False, cases=[(1, 3, 1)])
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    # --overwrite replaced any non-empty folder (a project, ~, a data folder): now only an earlier output
+    with pytest.raises(OutputExistsError, match=f"{out}: .*not an output of bca-deploy.*keep.txt.*choose an empty or new"):
+        export(model_dir, out, adapters, merge=True, overwrite=True, verbose=False, cases=[(1, 3, 1)])
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty folder, then this export's own output
+        export(model_dir, out, adapters, merge=True, overwrite=True, verbose=False, cases=[(1, 3, 1)])
+        assert (out / "model.onnx").is_file() and (out / "bca_export.json").is_file()
     assert _siblings(out) == ["out"]  # no temporary directory left beside it
+    (out / ".git").mkdir()
+    with pytest.raises(OutputExistsError, match=f"{out}: .*it holds .git"):
+        export(model_dir, out, adapters, merge=True, overwrite=True, verbose=False, cases=[(1, 3, 1)])
+    assert (out / ".git").is_dir() and (out / "model.onnx").is_file()
     with pytest.raises(OutputExistsError, match="input"):
         export(model_dir, model_dir, adapters, merge=True, overwrite=True)
 

@@ -209,6 +209,25 @@ def test_overwrite_replaces_only_at_the_first_checkpoint(files, earlier):
     assert not _leftovers(out)
 
 
+@pytest.mark.parametrize("git", [False, True], ids=["user-files", "a-repository"])
+def test_overwrite_of_a_folder_that_is_no_run_is_refused_and_an_earlier_run_replaced(files, earlier, tmp_path, git):
+    """train --overwrite --out ~ (or a project folder) carried all of it into the run: now a folder that holds no run
+    (or holds .git) is refused before any step, naming it and what is in it; an earlier run is still replaced."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    if git:
+        (mine / ".git").mkdir()
+        (mine / "train_result.json").write_text("{}")  # a run at the top of a repository: still refused
+    before = tree(mine)
+    with pytest.raises(OutputExistsError, match=f"{mine}: .*(not an output of bca-deploy|holds .git).*notes.txt"):
+        train(config(files["bert"], files["small"], mine, max_steps=1, overwrite=True), on_step=_never)
+    assert tree(mine) == before and not _leftovers(mine)
+    out, _ = earlier
+    train(config(files["bert"], files["small"], out, max_steps=2, save_every=2, lr=5e-2, seed=3, overwrite=True))
+    assert json.loads((out / "train_result.json").read_text())["step"] == 2 and not _leftovers(out)
+
+
 def test_overwrite_replaces_the_run_and_keeps_the_users_other_files(files, earlier):
     """--overwrite swapped the whole --out for the new run's tree: notes and an export put in the run directory were
     gone, exit 0, no message (helper-75). HF Trainer's overwrite_output_dir leaves them; so does this now: the run's
