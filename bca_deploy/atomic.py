@@ -470,7 +470,7 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _install(tmp: Path, target: Path, overwrite: bool, fsync: bool) -> None:
+def _install(tmp: Path, target: Path, overwrite: bool, fsync: bool, checkpoint: bool = False) -> None:
     if fsync:
         _fsync_tree(tmp)
     if _is_empty_dir(target):
@@ -494,6 +494,9 @@ def _install(tmp: Path, target: Path, overwrite: bool, fsync: bool) -> None:
             raise OutputExistsError(f"{target}: was created by someone else while this was written; nothing replaced")
     elif not overwrite:
         raise OutputExistsError(f"{target}: exists and is not empty; pass --overwrite (overwrite=True in Python) to replace it")
+    refusal = replace_refusal(target, checkpoint=checkpoint)  # again: it may have changed while the tree was built
+    if refusal is not None:
+        raise OutputExistsError(refusal)
     if USE_EXCHANGE and _renameat2(tmp, target, _RENAME_EXCHANGE):
         # One atomic step: target is the new tree, tmp the old one.
         if fsync:
@@ -541,7 +544,7 @@ class AtomicDir:
     def __init__(self, target: str | Path, *, overwrite: bool = False, keep_existing: bool = False,
                  fsync: bool = True, checkpoint: bool = False) -> None:
         self.target = Path(os.path.abspath(target))
-        self.overwrite, self.keep_existing, self.fsync = overwrite, keep_existing, fsync
+        self.overwrite, self.keep_existing, self.fsync, self.checkpoint = overwrite, keep_existing, fsync, checkpoint
         recover(self.target)
         check_target(self.target, overwrite, checkpoint=checkpoint)
         self.path: Path | None = None
@@ -560,7 +563,7 @@ class AtomicDir:
         try:
             if self.keep_existing and self.target.is_dir():
                 _carry_over(self.target, self.path)
-            _install(self.path, self.target, self.overwrite, self.fsync)
+            _install(self.path, self.target, self.overwrite, self.fsync, self.checkpoint)
         except BaseException:
             self.abort()
             raise

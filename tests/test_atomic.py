@@ -357,3 +357,15 @@ def test_a_marker_that_is_a_link_or_a_folder_does_not_make_an_output(tmp_path):
     with pytest.raises(OutputExistsError, match="config.json, model.safetensors"):
         check_target(checkpoint, overwrite=True)
     check_target(checkpoint, overwrite=True, checkpoint=True)
+
+
+def test_a_folder_that_appears_while_the_output_is_built_is_not_replaced_unless_it_is_one(tmp_path):
+    """The rule is checked again at the swap: a user's folder created at the target meanwhile was replaced."""
+    out = tmp_path / "out"
+    staging = AtomicDir(out, overwrite=True)
+    (staging.path / "bca_export.json").write_text("new")
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not an output of bca-deploy.*notes.txt"):
+        staging.commit()
+    assert files(out) == {"notes.txt": "mine"} and siblings(out) == []
