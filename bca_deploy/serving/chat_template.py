@@ -44,7 +44,11 @@ from typing import Any
 from ..errors import ServingError
 
 __all__ = ["ChatTemplateRenderer", "ChatTemplateLimitError", "ChatTemplateRenderError", "RenderedTooLongError",
-           "chat_template_source", "CHECK_MESSAGES"]
+           "chat_template_source", "CHECK_MESSAGES", "CHAT_TOKENIZE_OPTIONS"]
+
+#: How a rendered conversation is tokenized (serve's chat prompts, training's conversations): the template writes the
+#: special tokens (BOS, role markers) as text, so none are added again, as ``apply_chat_template(tokenize=True)`` does.
+CHAT_TOKENIZE_OPTIONS: dict[str, Any] = {"add_special_tokens": False}
 
 #: The conversation ``serve`` renders once at start (under the same bounds) before it takes requests.
 CHECK_MESSAGES = ({"role": "user", "content": "Hello"},)
@@ -310,9 +314,11 @@ class ChatTemplateRenderer:
         return text if then is None else then(text)
 
     # ---- blocking ----
-    def render_sync(self, messages: Sequence[dict[str, Any]], max_chars: int) -> str:
+    def render_sync(self, messages: Sequence[dict[str, Any]], max_chars: int,
+                    add_generation_prompt: bool = True) -> str:
         """``messages`` through the template, as ``tokenizer.apply_chat_template(messages,
-        add_generation_prompt=True, tokenize=False)`` renders them, in a worker process.
+        add_generation_prompt=add_generation_prompt, tokenize=False)`` renders them, in a worker process (training
+        renders conversations without the generation prompt too, to find the assistant turns' spans).
 
         Raises:
             ChatTemplateLimitError: not done within ``timeout_s``, or over ``memory_mb`` (the worker was stopped).
@@ -321,7 +327,8 @@ class ChatTemplateRenderer:
             ServerBusyError: the renderer was closed (the server is stopping).
             ServingError: a worker could not start, or died while rendering.
         """
-        request = json.dumps({"messages": list(messages), "max_chars": int(max_chars)}).encode()
+        request = json.dumps({"messages": list(messages), "max_chars": int(max_chars),
+                              "add_generation_prompt": bool(add_generation_prompt)}).encode()
         worker = self._take()
         started = time.perf_counter()
         keep = False
@@ -513,7 +520,8 @@ def _render(tokenizer, request: dict[str, Any]) -> dict[str, Any]:  # pragma: no
     from jinja2 import TemplateError
 
     try:
-        text = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(request["messages"], tokenize=False,
+                                             add_generation_prompt=request.get("add_generation_prompt", True))
     except MemoryError:
         return {"memory": True, "recycle": True}  # whatever the template left half-built: start afresh
     except TemplateError as exc:

@@ -72,7 +72,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError
-from .chat_template import ChatTemplateRenderer, ChatTemplateRenderError, RenderedTooLongError, chat_template_source
+from .chat_template import (CHAT_TOKENIZE_OPTIONS, ChatTemplateRenderer, ChatTemplateRenderError, RenderedTooLongError,
+                            chat_template_source)
 from .options import ServeOptions
 from .session import BASE, KIND_NEEDS, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
@@ -831,7 +832,7 @@ class Server:
     def _chat_ids(self, text: str) -> list[int]:
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
         # as transformers' apply_chat_template(tokenize=True) does; with one of the session's tokenizer copies.
-        ids = self.session.text_ids(text, add_special_tokens=False)
+        ids = self.session.text_ids(text, **CHAT_TOKENIZE_OPTIONS)
         return self.session.prepare([ids], input_param="messages")[0]
 
     def check_chat_template(self) -> None:

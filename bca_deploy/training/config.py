@@ -245,8 +245,8 @@ class TrainConfig:
         group="data")
     data: str | Path | None = _opt(
         None, "Training data: .tsv/.csv (header row) or .jsonl (one object per line; .json: that or an array of "
-        "objects), UTF-8. seq-cls: text "
-        "column(s) + label; causal-lm: prompt + response, or text.", "path", required=True, group="data")
+        "objects), UTF-8. seq-cls: text column(s) + label; causal-lm: prompt + response, messages (conversations), "
+        "or text.", "path", required=True, group="data")
     out: str | Path | None = _opt(
         None, "Output directory (best/, last/, train_log.jsonl, train_result.json). Must be empty or absent "
         "unless --resume or --overwrite.", "path", required=True, group="data")
@@ -278,8 +278,12 @@ class TrainConfig:
     prompt_column: str = _opt("prompt", "causal-lm: the prompt column (no loss on it).", "str", group="columns")
     response_column: str = _opt("response", "causal-lm: the response column (loss on it, EOS appended).", "str",
                                 group="columns")
+    messages_column: str = _opt(
+        "messages", "causal-lm: the conversation column (JSON: a list of {\"role\", \"content\"} objects, roles "
+        "system/user/assistant), rendered with the model's chat template, loss on the assistant turns; used when "
+        "there is no prompt/response pair.", "str", group="columns")
     text_column: str = _opt("text", "causal-lm: the plain-text column (loss on every token), used when there is "
-                            "no prompt/response pair.", "str", group="columns")
+                            "no prompt/response pair nor messages column.", "str", group="columns")
     max_length: int = _opt(128, "Tokens per example after truncation.", "int", group="columns")
     # -- the adapter --------------------------------------------------------------------------------
     method: str = _opt(
@@ -496,6 +500,7 @@ class EvaluateConfig:
     label_column: str | None = _opt(None, "seq-cls label column (default: as trained).", "str")
     prompt_column: str | None = _opt(None, "causal-lm prompt column (default: as trained).", "str")
     response_column: str | None = _opt(None, "causal-lm response column (default: as trained).", "str")
+    messages_column: str | None = _opt(None, "causal-lm conversation column (default: as trained).", "str")
     text_column: str | None = _opt(None, "causal-lm text column (default: as trained).", "str")
     label_names: list[str] | None = _opt(
         None, "seq-cls, a file of class ids: what its ids 0..K-1 mean, as the adapter's class names in the ids' order "

@@ -15,7 +15,8 @@ Tasks:
   classes ``0..K-1``; string labels are class names (ids in sorted order unless names are given);
   float labels (e.g. STS-B) mean regression (one output, MSE loss).
 - ``causal-lm``: ``prompt`` + ``response`` columns (loss on the response tokens only, an EOS token is
-  appended) or one ``text`` column (loss on every token).
+  appended), else a ``messages`` column (a conversation: a list of ``{"role", "content"}`` objects rendered with the
+  tokenizer's chat template, loss on the assistant turns only), else one ``text`` column (loss on every token).
 
 Every reader collects all problems (missing columns with the columns found, unparsable labels with
 their line numbers, an empty file) and raises one :class:`~bca_deploy.training.errors.DataError`.
@@ -52,6 +53,7 @@ __all__ = [
     "LMExamples",
     "load_seq_cls",
     "load_causal_lm",
+    "CHAT_ROLES",
     "check_label_range",
     "classes_needed",
     "TokenizedDataset",
@@ -480,19 +482,23 @@ class SeqClsExamples:
 
 @dataclass
 class LMExamples:
-    """Causal-LM examples: ``prompts``/``responses`` (instruction format) or ``texts`` (plain)."""
+    """Causal-LM examples: ``prompts``/``responses`` (instruction format), ``conversations`` (lists of
+    ``{"role", "content"}`` messages) or ``texts`` (plain)."""
 
     prompts: list[str] | None
     responses: list[str] | None
     texts: list[str] | None
     lines: list[int]
     path: Path
+    conversations: list[list[dict[str, str]]] | None = None
 
     def __len__(self) -> int:
-        return len(self.texts if self.texts is not None else self.prompts)  # type: ignore[arg-type]
+        return len(self.lines)
 
     @property
     def format(self) -> str:
+        if self.conversations is not None:
+            return "messages"
         return "text" if self.texts is not None else "prompt-response"
 
 
@@ -773,26 +779,69 @@ def classes_needed(examples: SeqClsExamples) -> int:
     return max(2, largest + 1)
 
 
+#: The roles a training conversation's messages may have (what every chat template takes).
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _conversation_problem(value: Any, column: str) -> str | None:
+    """What is wrong with one row's conversation (None: nothing): a list of ``{"role", "content"}`` objects, roles
+    among :data:`CHAT_ROLES`, contents strings, at least one assistant turn."""
+    if not isinstance(value, list) or not value:
+        return (f"{column!r} must be a non-empty list of {{\"role\", \"content\"}} objects, got "
+                f"{_json_type(value) if value != [] else 'an empty list'}")
+    for index, message in enumerate(value):
+        where = f"{column}[{index}]"
+        if not isinstance(message, dict):
+            return f"{where} must be an object with \"role\" and \"content\", got {_json_type(message)}"
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            got = "none" if "role" not in message else repr(role)[:40]
+            return f"{where}.role must be one of {', '.join(map(repr, CHAT_ROLES))}, got {got}"
+        if not isinstance(content, str):
+            got = "none" if "content" not in message else _json_type(content)
+            return f"{where}.content must be a string, got {got}"
+    if not any(m["role"] == "assistant" for m in value):
+        return f"{column!r} has no \"assistant\" message: nothing to train on (the loss is on the assistant turns)"
+    return None
+
+
 def load_causal_lm(
     path: str | Path,
     prompt_column: str = "prompt",
     response_column: str = "response",
     text_column: str = "text",
+    messages_column: str = "messages",
 ) -> LMExamples:
-    """Read a causal-LM file: prompt/response pairs if both columns exist, else a text column."""
+    """Read a causal-LM file: prompt/response pairs if both columns exist, else a messages column (conversations),
+    else a text column."""
     path = Path(path)
     records, columns, lines = read_records(path)
     if prompt_column in columns and response_column in columns:
         fields = [prompt_column, response_column]
+    elif messages_column in columns:
+        fields = [messages_column]
     elif text_column in columns:
         fields = [text_column]
     else:
         raise DataError(
-            f"{path}: causal-lm data needs columns {prompt_column!r} + {response_column!r} (loss on the response) "
-            f"or {text_column!r} (loss on every token); {_columns_message(path, columns)}"
+            f"{path}: causal-lm data needs columns {prompt_column!r} + {response_column!r} (loss on the response), "
+            f"{messages_column!r} (conversations: loss on the assistant turns) or {text_column!r} (loss on every "
+            f"token); {_columns_message(path, columns)}"
         )
     if not records:
         raise DataError(f"{path}: the data set is empty (no examples)")
+    if fields == [messages_column]:
+        conversations, problems = [], []
+        for record, line in zip(records, lines):
+            value = record.get(messages_column)
+            problem = _conversation_problem(value, messages_column)
+            if problem:
+                problems.append(f"line {line}: {problem}")
+                continue
+            conversations.append([{"role": m["role"], "content": m["content"]} for m in value])
+        if problems:
+            raise DataError(format_problems(f"{path}: bad conversations:", problems, limit=10))
+        return LMExamples(None, None, None, lines, path, conversations=conversations)
     values: dict[str, list[str]] = {f: [] for f in fields}
     problems = []
     for record, line in zip(records, lines):
@@ -921,8 +970,13 @@ def tokenize_seq_cls(examples: SeqClsExamples, tokenizer, max_length: int) -> To
 
 
 def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
-                       warn: Callable[[str], Any] | None = None) -> tuple[TokenizedDataset, int]:
+                       warn: Callable[[str], Any] | None = None,
+                       model: str | Path | None = None) -> tuple[TokenizedDataset, int]:
     """Tokenize for next-token prediction, truncated on the right to ``max_length``.
+
+    messages: each conversation rendered with the tokenizer's chat template and tokenized as ``serve`` tokenizes a
+    chat prompt; labels on the assistant turns only (:func:`_tokenize_conversations`; ``model``: the model directory,
+    named when its tokenizer has no chat template).
 
     prompt/response: ``prompt ids (with the tokenizer's special tokens) + response ids + EOS``, labels
     :data:`IGNORE_INDEX` on the prompt; the response ids are those prompt + response gets past the prompt's
@@ -936,7 +990,15 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
     eos = _eos_token_id(tokenizer)
     input_ids, labels, lines = [], [], []
     gone: list[int] = []  # examples left with no target token
-    if examples.format == "text":
+    if examples.format == "messages":
+        for index, (line, ids, target) in enumerate(_tokenize_conversations(examples, tokenizer, max_length, model)):
+            if all(t == IGNORE_INDEX for t in target[1:]):
+                gone.append(index)
+                continue
+            input_ids.append(ids)
+            labels.append(target)
+            lines.append(line)
+    elif examples.format == "text":
         encoded, _ = _encode(tokenizer, [cut_texts(examples.texts, max_length)], truncation=True, max_length=max_length)
         for index, (line, ids) in enumerate(zip(examples.lines, encoded)):
             if len(ids) < 2:
@@ -978,6 +1040,95 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
              f"(the prompt fills it) and {'is' if one else 'are'} left out ({_lines_of(examples.lines, gone)}); raise "
              "--max-length to train on them")
     return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm", lines=lines), dropped
+
+
+#: Seconds and MiB one render of a training conversation's chat template may take (the bounds ``serve`` applies by
+#: default to a chat request's render).
+CHAT_RENDER_TIMEOUT_S = 5.0
+CHAT_RENDER_MEMORY_MB = 512
+
+
+def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
+                            model: str | Path | None) -> list[tuple[int, list[int], list[int]]]:
+    """``(line, ids, labels)`` per conversation: the conversation rendered with the tokenizer's chat template, as
+    ``serve`` renders and tokenizes a ``/v1/chat/completions`` request's messages (the same renderer: a worker process,
+    each render bounded in time, memory and length; :data:`~bca_deploy.serving.chat_template.CHAT_TOKENIZE_OPTIONS`),
+    truncated to ``max_length``; labels are the token ids of the assistant turns, :data:`IGNORE_INDEX` elsewhere.
+
+    An assistant message ``i``'s span is what ``messages[:i + 1]`` renders past ``messages[:i]`` rendered with the
+    generation prompt (what serve sends the model before it answers): its content and the template's end of turn.
+    That holds only when each of those renders' tokens is a prefix of the whole conversation's; a template that
+    rewrites earlier turns (drops past reasoning, numbers turns from the end) is refused, naming the line.
+
+    Raises:
+        DataError: the tokenizer has no chat template (naming ``model``), or a conversation the template refuses,
+            stops at a bound, renders past ``max_length`` × :data:`CHARS_PER_TOKEN_BOUND` characters, or whose
+            assistant spans are not token prefixes (every such line named).
+    """
+    from ..errors import ServingError
+    from ..serving.chat_template import (CHAT_TOKENIZE_OPTIONS, ChatTemplateLimitError, ChatTemplateRenderer,
+                                         ChatTemplateRenderError, RenderedTooLongError, chat_template_source)
+
+    path = examples.path
+    where = model if model is not None else "the base model"
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{path}: conversations are rendered with the tokenizer's chat "
+                        f"template, and the tokenizer of {where} has none; give the data as prompt/response columns "
+                        "(--prompt-column, --response-column) instead, or save a chat template with the model's "
+                        "tokenizer (chat_template.jinja)")
+    source = chat_template_source(model)
+    renderer = ChatTemplateRenderer(lambda: tokenizer, source=f"{where}: {source}", timeout_s=CHAT_RENDER_TIMEOUT_S,
+                                    memory_mb=CHAT_RENDER_MEMORY_MB, workers=1)
+    limit = max(1, max_length) * CHARS_PER_TOKEN_BOUND
+    out, problems = [], []
+
+    def ids_of(messages, prompt: bool) -> list[int]:
+        text = renderer.render_sync(messages, limit, add_generation_prompt=prompt)
+        return list(tokenizer(text, **CHAT_TOKENIZE_OPTIONS)["input_ids"])
+
+    try:
+        for line, messages in zip(examples.lines, examples.conversations or []):
+            try:
+                whole = ids_of(messages, False)
+                target = [IGNORE_INDEX] * len(whole)
+                bad = None
+                for i, message in enumerate(messages):
+                    if message["role"] != "assistant":
+                        continue
+                    before, through = ids_of(messages[:i], True), ids_of(messages[:i + 1], False)
+                    if whole[:len(before)] != before or whole[:len(through)] != through or len(through) < len(before):
+                        bad = i
+                        break
+                    target[len(before):len(through)] = whole[len(before):len(through)]
+            except RenderedTooLongError as exc:
+                problems.append(f"line {line}: the chat template writes the conversation as {exc.chars:,} characters; "
+                                f"at most {limit:,} are read at max_length={max_length} (shorten it, or raise "
+                                "--max-length)")
+                continue
+            except ChatTemplateRenderError as exc:
+                problems.append(f"line {line}: the chat template refused the conversation ({exc.why})")
+                continue
+            except ChatTemplateLimitError as exc:
+                problems.append(f"line {line}: {str(exc).removeprefix('messages: ').split(' (--chat-template')[0]}")
+                continue
+            if bad is not None:
+                problems.append(
+                    f"line {line}: message {bad} (assistant): the chat template does not write the conversation as "
+                    "its turns one after another (the conversation rendered up to that reply, with the generation "
+                    "prompt, is not a token prefix of the whole: the template rewrites earlier turns), so the "
+                    "assistant turns cannot be told apart; use prompt/response columns for this model")
+                continue
+            out.append((line, whole[:max_length], target[:max_length]))
+            if len(problems) > 10:
+                break
+    except ServingError as exc:  # a worker could not start or died
+        raise DataError(f"{path}: the chat template of {where} cannot be rendered: {exc}") from None
+    finally:
+        renderer.close()
+    if problems:
+        raise DataError(format_problems(f"{path}: conversations the chat template of {where} ({source}) cannot "
+                                        "train on:", problems, limit=10))
+    return out
 
 
 def _lines_of(lines: Sequence[Any], indices: Sequence[int], shown: int = 5) -> str:
@@ -1058,23 +1209,27 @@ def load_dataset(
     prompt_column: str = "prompt",
     response_column: str = "response",
     text_column: str = "text",
+    messages_column: str = "messages",
     label_names: Sequence[str] | None = None,
     warn: Callable[[str], Any] | None = None,
     columns_from: str | None = None,
+    model: str | Path | None = None,
 ):
     """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``.
 
     ``label_names``, ``columns_from`` (seq-cls): see :func:`load_seq_cls`. ``warn``
     (causal-lm): gets lines about examples tokenized or left out unlike the rest (:func:`tokenize_causal_lm`).
+    ``model`` (causal-lm conversations): the model directory, named when its tokenizer has no chat template.
     """
     if task == "seq-cls":
         examples = load_seq_cls(path, text_columns, label_column, regression, label_names=label_names,
                                 columns_from=columns_from)
         return examples, tokenize_seq_cls(examples, tokenizer, max_length)
     if task == "causal-lm":
-        examples = load_causal_lm(path, prompt_column, response_column, text_column)
+        examples = load_causal_lm(path, prompt_column, response_column, text_column, messages_column)
         dataset, dropped = tokenize_causal_lm(examples, tokenizer, max_length,
-                                              warn=None if warn is None else lambda line: warn(f"{path}: {line}"))
+                                              warn=None if warn is None else lambda line: warn(f"{path}: {line}"),
+                                              model=model)
         if len(dataset) == 0:
             raise DataError(
                 f"{path}: no example has a target token within max_length={max_length} "

@@ -502,7 +502,7 @@ class _TrainingRun:
         note = lambda line: self.d.is_main and print(f"note: {line}", file=sys.stderr)  # noqa: E731
         kwargs = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, regression=cfg.regression,
                       prompt_column=cfg.prompt_column, response_column=cfg.response_column,
-                      text_column=cfg.text_column, warn=note)
+                      text_column=cfg.text_column, messages_column=cfg.messages_column, warn=note, model=cfg.model)
         fitted = fit_max_length(cfg.max_length, model_config, self.tokenizer, warn=note)
         if fitted != cfg.max_length:
             cfg = self.cfg = dataclasses.replace(cfg, max_length=fitted)
@@ -794,7 +794,8 @@ class _TrainingRun:
             "labels_named_by": self.labels_named_by,
             "text_columns": self.train_examples.text_columns if cfg.task == "seq-cls" else None,
             "label_column": cfg.label_column, "prompt_column": cfg.prompt_column,
-            "response_column": cfg.response_column, "text_column": cfg.text_column, "max_length": cfg.max_length,
+            "response_column": cfg.response_column, "text_column": cfg.text_column,
+            "messages_column": cfg.messages_column, "max_length": cfg.max_length,
             "eval_batch_size": cfg.eval_batch_size or cfg.batch_size, "modules_to_save": self.modules_to_save,
             "metric": self.metric, "model_dir": None if cfg.model is None else str(cfg.model),
             "precision": self.precision, "recipe": cfg.recipe, "no_head": cfg.no_head,
