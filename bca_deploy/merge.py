@@ -361,7 +361,8 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
             raise CheckpointFormatError(f"{path}: tensor {name}: malformed header entry {str(entry)[:300]}") from exc
         if not isinstance(dtype, str) or any(d < 0 for d in shape) or not 0 <= begin <= end:
             raise CheckpointFormatError(f"{path}: tensor {name}: malformed header entry {str(entry)[:300]}")
-        if len(shape) > _MAX_TENSOR_DIMS or math.prod(max(d, 1) for d in shape) > _MAX_TENSOR_ELEMENTS:
+        if len(shape) > _MAX_TENSOR_DIMS or (math.prod(shape) or math.prod(max(d, 1) for d in shape)) > \
+                _MAX_TENSOR_ELEMENTS:  # (the product itself where no dimension is 0: a generator per tensor was slow)
             # an empty tensor passes the size rule whatever its other dimensions: [0, 10**20, 64] is 0 bytes, and
             # torch (shape checks on the meta device, array views) overflows on it
             raise CheckpointFormatError(
