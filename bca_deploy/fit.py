@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import KERNEL_SUFFIX, LAYER_TYPES, AdapterConfig, ModuleSpec
+from .config import KERNEL_SUFFIX, LAYER_TYPES, AdapterConfig, ModuleSpec, PathOwners
 from .errors import AdapterFormatError, AdapterMismatchError, format_problems
 from .layers import BCALinear, is_adaptable, layer_dims, layer_type_of
 
@@ -455,9 +455,16 @@ def bank_target(
 # ---- path alignment -----------------------------------------------------------------------------
 
 
-def split_saved_key(key: str, modules_to_save: Sequence[str]) -> tuple[str | None, str]:
-    """``('classifier', 'out_proj.weight')`` for ``'classifier.out_proj.weight'``: the longest saved module owning it."""
-    owners = [m for m in modules_to_save if key.startswith(m + ".")]
+def split_saved_key(key: str, modules_to_save: Sequence[str] | PathOwners) -> tuple[str | None, str]:
+    """``('classifier', 'out_proj.weight')`` for ``'classifier.out_proj.weight'``: the longest saved module owning it.
+
+    For many keys pass ``PathOwners(modules_to_save)``: its prefixes are looked up, where a list is tested entry by
+    entry (4,000 saved modules' tensors were 16 million tests; 50,000, minutes)."""
+    if isinstance(modules_to_save, PathOwners):
+        found = modules_to_save.of(key, itself=False)  # shortest first
+        owners = found[-1:]
+    else:
+        owners = [m for m in modules_to_save if key.startswith(m + ".")]
     if not owners:
         return None, key
     owner = max(owners, key=len)
@@ -718,13 +725,14 @@ def adapter_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -
         if bad is not None:
             problems.append(f"tensor {key}: {bad}")
     saved_seen: set[str] = set()
+    saved = PathOwners(config.modules_to_save)
     for key, tensor in sorted(state.items()):
         if key.endswith(KERNEL_SUFFIX):
             if key[: -len(KERNEL_SUFFIX)] not in config.modules:
                 problems.append(f"tensor {key}: unexpected (its module is not in the config's 'modules'"
                                 + (", which is empty)" if not config.modules else ")"))
             continue
-        owner, _ = split_saved_key(key, config.modules_to_save)
+        owner, _ = split_saved_key(key, saved)
         if owner is None and split_base_key(key) is None:
             problems.append(f"tensor {key}: unexpected (not a kernel, not under any of modules_to_save "
                             f"{config.modules_to_save}, and not a base weight <module>.{BASE_LAYER}.<param>)")

@@ -186,17 +186,22 @@ def test_tokenizer_files_are_those_present_by_name_whatever_they_are(tmp_path):
 
 def test_modules_to_save_owners_are_looked_up_as_the_rule_tests_them():
     """helper-105: which modules_to_save entry holds a module was found by testing every entry against every module
-    (4,000 of each: 4.4 s; 50,000: minutes). PathOwners looks up prefixes instead: the same owners as the rule
-    ``name == m or name.startswith(m + ".")`` tested entry by entry, the first listed one named."""
+    (4,000 of each: 4.4 s; 50,000: minutes), and each saved tensor's owner so too (fit.split_saved_key). PathOwners
+    looks up prefixes instead: the same owners as the rule ``name == m or name.startswith(m + ".")`` tested entry by
+    entry, the first listed one named, the longest one owning a tensor."""
     from bca_deploy.config import PathOwners
+    from bca_deploy.fit import split_saved_key
 
     entries = ["a.b", "a", "a.bc", "x.y.z", "a.b", "q"]
     owners = PathOwners(entries)
-    for name in ("a", "a.b", "a.b.c", "a.bc.d", "a.bcd", "ab.c", "x.y.z.w", "x.y", "q.r", "r", "a..b", ".a"):
+    for name in ("a", "a.b", "a.b.c", "a.bc.d", "a.bcd", "ab.c", "x.y.z.w", "x.y", "q.r", "r", "a..b", ".a",
+                 "a.b.c.weight"):
         reference = [m for m in dict.fromkeys(entries) if name == m or name.startswith(m + ".")]
         assert sorted(owners.of(name)) == sorted(reference), name
         assert sorted(owners.of(name, itself=False)) == sorted(m for m in reference if m != name), name
         assert owners.first_of(name) == (reference[0] if reference else None), name
+        # the saved module a tensor belongs to (the longest owner), looked up as the list is searched
+        assert split_saved_key(name, owners) == split_saved_key(name, entries), name
     with pytest.raises(AdapterFormatError, match=r"module a\.b\.c: adapted, but also inside a\.b, which"):
         AdapterConfig.from_dict({**AdapterConfig(target_modules=["c"], block_size=1).to_dict(),
                                  "modules": {"a.b.c": {"block_size": 1, "scaling": 1.0, "in_features": 2,
