@@ -30,6 +30,7 @@ from .config import (
     PathOwners,
     nested_adapters_hint,
     read_json,
+    show_names,
 )
 from .errors import (
     AdapterFormatError,
@@ -362,7 +363,7 @@ def _misfits(config: AdapterConfig, tensors: Iterable[Any]) -> list[tuple[int, s
     """``(declared bytes, problem)`` of each tensor :func:`declared_size_problems` flags, sorted by tensor name."""
     problems = []
     saved = PathOwners(config.modules_to_save)  # looked up, not every entry tested per tensor (split_saved_key)
-    unsaved = f"unexpected (not a kernel, and not under any of modules_to_save {config.modules_to_save})"
+    unsaved = f"unexpected (not a kernel, and not under any of modules_to_save {show_names(config.modules_to_save)})"
     for t in sorted(tensors, key=lambda t: t.name):
         # the messages are written for a misfit only: for 100,000 tensors that fit they were most of the time
         if t.name.endswith(KERNEL_SUFFIX):

@@ -798,6 +798,15 @@ class PathOwners:
         return min(self.of(name), key=self.first.__getitem__, default=None)
 
 
+def show_names(names: Sequence[str], limit: int = 8) -> str:
+    """A list of names for a message, its first ``limit`` shown (``['a', 'b', ...] (12 in all)``): a message repeated
+    per tensor once held a whole 100,000-entry ``modules_to_save``, 1.1 MB per line, 1.3 GB for 1,000 stray tensors."""
+    names = list(names)
+    if len(names) <= limit:
+        return repr(names)
+    return f"{repr(names[:limit])[:-1]}, ...] ({len(names):,} in all)"
+
+
 def show_json_value(value: Any, limit: int = 80) -> str:
     """A short description of a JSON value for messages: scalars as written, containers by kind."""
     if value is None:

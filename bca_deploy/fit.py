@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import KERNEL_SUFFIX, LAYER_TYPES, AdapterConfig, ModuleSpec, PathOwners
+from .config import KERNEL_SUFFIX, LAYER_TYPES, AdapterConfig, ModuleSpec, PathOwners, show_names
 from .errors import AdapterFormatError, AdapterMismatchError, format_problems
 from .layers import BCALinear, is_adaptable, layer_dims, layer_type_of
 
@@ -735,7 +735,7 @@ def adapter_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -
         owner, _ = split_saved_key(key, saved)
         if owner is None and split_base_key(key) is None:
             problems.append(f"tensor {key}: unexpected (not a kernel, not under any of modules_to_save "
-                            f"{config.modules_to_save}, and not a base weight <module>.{BASE_LAYER}.<param>)")
+                            f"{show_names(config.modules_to_save)}, and not a base weight <module>.{BASE_LAYER}.<param>)")
             continue
         if owner is not None:
             saved_seen.add(owner)

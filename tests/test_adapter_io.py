@@ -549,3 +549,20 @@ def test_a_head_of_another_label_count_is_refused_saying_how_to_build_the_model(
     assert "tensor classifier.weight: shape (3, 32)" in message and "bca_deploy.models.load_model" in message
     assert message.count("num_labels=3") == 1  # once, not per tensor
     assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+
+
+@pytest.mark.parametrize("giant", [False, True], ids=["read", "refused-unread"])
+def test_a_long_modules_to_save_is_shown_short_in_each_stray_tensors_line(bert_adapter, giant):
+    """helper-105: each stray tensor's line held the whole modules_to_save: a 1.1 MB config of 100,000 entries and
+    1,000 stray tensors peaked at 1.28 GB building the refusal. The list is shown by its first entries and count."""
+    good, tensors = bert_adapter
+    bad = _copy(good, "bad")
+    saved = [f"extra{i}" for i in range(500)]
+    strays = {f"junk{i}.weight": torch.zeros(3) for i in range(20)}
+    _rewrite(bad, {**tensors, **strays}, ("junk.giant", "F16", [GIANT // 2]) if giant else None,
+             config_edit=lambda data: data.update(modules_to_save=saved))
+    with pytest.raises(AdapterFormatError) as refused:
+        bd.read_adapter(bad)
+    message = str(refused.value)
+    assert "not under any of modules_to_save ['extra0', 'extra1'," in message and "(500 in all)" in message
+    assert "extra499" not in message and len(message) < 20_000
