@@ -848,7 +848,7 @@ def load_causal_lm(
     """Read a causal-LM file: prompt/response pairs if both columns exist, else a messages column (conversations),
     else a text column."""
     path = Path(path)
-    keep = {c for c in (prompt_column, response_column, text_column) if isinstance(c, str)}
+    keep = {c for c in (prompt_column, response_column, messages_column, text_column) if isinstance(c, str)}
     records, columns, lines = read_records(path, keep)
     if prompt_column in columns and response_column in columns:
         fields = [prompt_column, response_column]
