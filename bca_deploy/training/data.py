@@ -833,6 +833,9 @@ def _conversation_problem(value: Any, column: str) -> str | None:
         if not isinstance(content, str):
             got = "none" if "content" not in message else _json_type(content)
             return f"{where}.content must be a string, got {got}"
+        text = _text_problem(content, f"{where}.content", allow_empty=True)  # NUL, lone surrogate: the text rule
+        if text:
+            return text
     if not any(m["role"] == "assistant" for m in value):
         return f"{column!r} has no \"assistant\" message: nothing to train on (the loss is on the assistant turns)"
     return None
@@ -1122,6 +1125,8 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
 
     try:
         for line, messages in zip(examples.lines, examples.conversations or []):
+            if len(problems) > 10:  # enough to show; each refused render may have taken the full time bound
+                break
             try:
                 whole = ids_of(messages, False)
                 target = [IGNORE_INDEX] * len(whole)
@@ -1153,8 +1158,6 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
                     "assistant turns cannot be told apart; use prompt/response columns for this model")
                 continue
             out.append((line, whole[:max_length], target[:max_length]))
-            if len(problems) > 10:
-                break
     except ServingError as exc:  # a worker could not start or died
         raise DataError(f"{path}: the chat template of {where} cannot be rendered: {exc}") from None
     finally:

@@ -182,6 +182,33 @@ def test_bad_conversations_are_refused_by_line_and_field(chat_model, tmp_path):
         assert expected in message, message
 
 
+def test_a_content_that_is_not_text_is_refused_by_line_and_field(chat_model, tmp_path):
+    """A lone surrogate (``"\\ud800"`` in JSON) or a NUL in a message's content: refused as the text columns refuse
+    them (before: the tokenizer's TypeError, an internal error, exit 70)."""
+    path = tmp_path / "odd.jsonl"
+    assistant = '{"role": "assistant", "content": '
+    path.write_text('{"messages": [{"role": "user", "content": "how \\ud800 is"}, ' + assistant + '"hot"}]}\n'
+                    '{"messages": [{"role": "user", "content": "how"}, ' + assistant + '"hot\\u0000"}]}\n')
+    with pytest.raises(DataError) as caught:
+        load_dataset(path, "causal-lm", _tokenizer(chat_model), 64, model=chat_model)
+    message = str(caught.value)
+    assert "line 1: column 'messages[0].content' holds a lone surrogate '\\ud800' at character 5" in message, message
+    assert "line 2: column 'messages[1].content' holds a NUL character at character 4" in message, message
+
+
+def test_a_template_refusing_every_row_stops_after_eleven(tmp_path):
+    """A template that fails every conversation (raises here; loops to the 5 s bound in the worst case) is stopped
+    after the 11 problems it shows, not run over the whole file (before: every row, 5 s each for a looping one:
+    hours on a 10,000-row file)."""
+    model = _chat_model(tmp_path / "llama", template="{{ raise_exception('no conversations here') }}")
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": TWO_TURNS}] * 40)
+    with pytest.raises(DataError) as caught:
+        load_dataset(path, "causal-lm", _tokenizer(model), 64, model=model)
+    message = str(caught.value)
+    assert "line 1: the chat template refused the conversation (no conversations here)" in message, message
+    assert message.endswith("... and 1 more"), message
+
+
 def test_a_model_without_a_chat_template_is_refused_before_training(tmp_path):
     plain = _chat_model(tmp_path / "plain", template=None)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}])
