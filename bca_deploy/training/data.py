@@ -1134,7 +1134,10 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
                 for i, message in enumerate(messages):
                     if message["role"] != "assistant":
                         continue
-                    before, through = ids_of(messages[:i], True), ids_of(messages[:i + 1], False)
+                    before = ids_of(messages[:i], True)
+                    if len(before) >= max_length and before[:max_length] == whole[:max_length]:
+                        break  # this reply and every later one start past the cut: two renders per turn saved
+                    through = ids_of(messages[:i + 1], False)
                     if whole[:len(before)] != before or whole[:len(through)] != through or len(through) < len(before):
                         bad = i
                         break

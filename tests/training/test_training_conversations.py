@@ -209,6 +209,25 @@ def test_a_template_refusing_every_row_stops_after_eleven(tmp_path):
     assert message.endswith("... and 1 more"), message
 
 
+def test_replies_past_max_length_are_not_rendered(chat_model, tmp_path, monkeypatch):
+    """Each reply takes two renders of the conversation up to it; those starting past max_length are cut away, so
+    they are not rendered (before: a row of 10,000 short messages, under the character bound, rendered 10,000
+    times: minutes). The labels are the reference's, cut at max_length."""
+    from bca_deploy.serving.chat_template import ChatTemplateRenderer
+
+    renders = []
+    real = ChatTemplateRenderer.render_sync
+    monkeypatch.setattr(ChatTemplateRenderer, "render_sync",
+                        lambda self, *a, **k: renders.append(1) or real(self, *a, **k))
+    tokenizer = _tokenizer(chat_model)
+    messages = [{"role": ("user", "assistant")[i % 2], "content": "yes"} for i in range(200)]
+    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": messages}])
+    _, data = load_dataset(path, "causal-lm", tokenizer, 16, model=chat_model)
+    ids, labels = _reference(tokenizer, messages)
+    assert data.input_ids[0] == ids[:16] and data.labels[0] == labels[:16]
+    assert len(renders) <= 10, len(renders)
+
+
 def test_a_model_without_a_chat_template_is_refused_before_training(tmp_path):
     plain = _chat_model(tmp_path / "plain", template=None)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}])
