@@ -365,7 +365,8 @@ class _TrainingRun:
         self.model_given = model is not None
         self.recipe = recipe_for(cfg.recipe, cfg.task)
         self.precision = resolve_precision(cfg.precision, dev)
-        self.out = Path(cfg.out)
+        # absolute: --out . (or ../run) from inside the run it replaces names the old, deleted folder after the swap
+        self.out = Path(os.path.abspath(cfg.out))
         self.rundir: RunDirectory | None = None
         self.resume_state: dict[str, Any] | None = None
         self.labels: Labels | None = None

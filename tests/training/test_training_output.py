@@ -433,6 +433,19 @@ def test_a_run_records_its_base_model_where_it_is_not_as_typed(files, tmp_path, 
     assert type(model.base_model.model).__name__ == "BertForSequenceClassification"
 
 
+def test_a_run_replaced_from_inside_it_is_written_whole(files, tmp_path, monkeypatch):
+    """train --out . --overwrite in the run folder it replaces: the swap puts a new folder at that path while the
+    process's working directory is the old one (deleted), so the run's later relative writes failed ('.train_result
+    .json.bca-tmp-...: No such file or directory', the run left without train_result.json) → --out is made absolute
+    once."""
+    out = tmp_path / "run"
+    train(config(files["bert"], files["small"], out, max_steps=1))
+    monkeypatch.chdir(out)
+    result = train(config(files["bert"], files["small"], Path("."), max_steps=1, overwrite=True))
+    assert json.loads((out / "train_result.json").read_text())["step"] == result.step == 1
+    assert (out / "last" / "adapter_config.json").is_file()
+
+
 def test_a_target_entry_that_matches_nothing_beside_others_is_named(files, tmp_path, capsys):
     """--targets query,w1 on a model without w1 layers trained query alone without a word (transformers 5.x fuses
     Mixtral's expert w1/w2 into 3-D parameters: --targets q_proj,w1,w2 adapted q_proj only; helper-85). Entries that
