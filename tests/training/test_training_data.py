@@ -210,19 +210,20 @@ def test_metric_accumulator_classification_regression_lm():
 
 def test_atomic_directory_write(tmp_path):
     target = tmp_path / "last"
-    write_dir_atomically(target, lambda d: (d / "a.txt").write_text("one"))
-    assert (target / "a.txt").read_text() == "one"
+    # a checkpoint's own files: --overwrite replaces only an output (atomic.replace_refusal)
+    write_dir_atomically(target, lambda d: (d / "bca_training.json").write_text("one"))
+    assert (target / "bca_training.json").read_text() == "one"
 
     def broken(d):
-        (d / "a.txt").write_text("half")
+        (d / "bca_training.json").write_text("half")
         raise RuntimeError("killed while writing")
 
     with pytest.raises(RuntimeError):
         write_dir_atomically(target, broken)
-    assert (target / "a.txt").read_text() == "one"
+    assert (target / "bca_training.json").read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary directory left
-    write_dir_atomically(target, lambda d: (d / "b.txt").write_text("two"))
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    write_dir_atomically(target, lambda d: (d / "trainer_state.pt").write_text("two"))
+    assert sorted(p.name for p in target.iterdir()) == ["trainer_state.pt"]
 
     # a crash between the two renames leaves the old checkpoint aside: recover_dir puts it back
     aside = tmp_path / ".last.old-0a1b2c3d"  # the layout writers before 0.2 left
@@ -230,7 +231,7 @@ def test_atomic_directory_write(tmp_path):
     target.rename(aside / "last")
     (tmp_path / ".last.tmp-y_2kq8zv").mkdir()
     assert recover_dir(target) == target
-    assert (target / "b.txt").read_text() == "two"
+    assert (target / "trainer_state.pt").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
