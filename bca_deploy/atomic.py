@@ -214,6 +214,8 @@ _RUN_FOLDERS = ("last", "best")
 #: The demo's layout (demo --out): recognised when one of its folders holds an output (a marker above) one
 #: level down, as ``adapters/<task>/adapter_config.json`` and ``train/<task>/train_result.json`` do.
 _DEMO_FOLDERS = ("adapters", "train")
+#: Every entry ``demo --out`` writes at its top (besides ``onnx-*`` exports): a folder holding anything else is not one.
+_DEMO_ENTRIES = frozenset({"adapters", "train", "data", "merged"})
 #: A directory holding one of these is never replaced, whatever else it holds (a repository, a user's home).
 _NEVER_REPLACED = (".git", ".hg", ".svn", ".ssh", ".bashrc", ".profile")
 #: What a transformers checkpoint holds (a merge writes one): config.json beside one of these weights.
@@ -233,7 +235,10 @@ def _marked(directory: Path, checkpoint: bool) -> bool:
         folder = directory / name
         if folder.is_dir() and not folder.is_symlink() and any(is_file(folder / m) for m in OUTPUT_MARKERS):
             return True
-    for name in _DEMO_FOLDERS:
+    # the demo's layout counts only where nothing else is beside it: a project folder that keeps its runs under
+    # train/<task>/ (helper-106: proj/{src, README.md, train/sst2/}) is not a demo's output
+    demo_only = all(name in _DEMO_ENTRIES or name.startswith("onnx-") for name in os.listdir(directory))
+    for name in _DEMO_FOLDERS if demo_only else ():
         folder = directory / name
         if folder.is_dir() and not folder.is_symlink() and any(
                 sub.is_dir() and not sub.is_symlink() and any(is_file(sub / m) for m in OUTPUT_MARKERS)

@@ -369,3 +369,26 @@ def test_a_folder_that_appears_while_the_output_is_built_is_not_replaced_unless_
     with pytest.raises(OutputExistsError, match="not an output of bca-deploy.*notes.txt"):
         staging.commit()
     assert files(out) == {"notes.txt": "mine"} and siblings(out) == []
+
+
+def test_a_project_that_keeps_its_runs_in_the_demos_folders_is_no_demo_output(tmp_path):
+    """helper-106: proj/{src/, README.md, train/sst2/train_result.json} was taken for a demo's output, so
+    `--overwrite --out proj` deleted src/ and the README. The demo's layout counts only with nothing else beside it."""
+    project = tmp_path / "proj"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('mine')")
+    (project / "README.md").write_text("mine")
+    (project / "train" / "sst2").mkdir(parents=True)
+    (project / "train" / "sst2" / "train_result.json").write_text("{}")
+    before = files(project)
+    with pytest.raises(OutputExistsError, match="not an output of bca-deploy") as info:
+        write_dir(project, lambda d: (d / "bca_export.json").write_text("new"), overwrite=True)
+    assert "README.md" in str(info.value) and "src" in str(info.value)
+    assert files(project) == before and siblings(project) == []
+    demo = tmp_path / "demo"  # what demo --out writes: replaced
+    for name in ("data", "merged", "onnx-bank"):
+        (demo / name).mkdir(parents=True)
+    (demo / "adapters" / "sentiment").mkdir(parents=True)
+    (demo / "adapters" / "sentiment" / "adapter_config.json").write_text("{}")
+    write_dir(demo, lambda d: (d / "bca_export.json").write_text("new"), overwrite=True)
+    assert files(demo) == {"bca_export.json": "new"}

@@ -354,10 +354,12 @@ def test_a_failure_midway_leaves_the_old_out_intact(tmp_path):
     out = tmp_path / "out"
     (out / "adapters" / "sentiment").mkdir(parents=True)  # an earlier demo's layout, which --overwrite replaces
     (out / "adapters" / "sentiment" / "adapter_config.json").write_text("{}")
-    (out / "keep.txt").write_text("mine")
+    (out / "data").mkdir()
+    (out / "data" / "train.tsv").write_text("mine")
     result = CliRunner().invoke(main, ["demo", "--out", str(out), "--overwrite", "--no-onnx", "--targets", "nosuch"])
     assert result.exit_code == 2 and "nosuch" in result.output and "Traceback" not in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["adapters", "keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "data"]
+    assert (out / "data" / "train.tsv").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
