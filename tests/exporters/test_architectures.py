@@ -8,6 +8,7 @@ with ALiBi) are refused naming why, before anything is written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,20 +152,29 @@ def test_every_listed_architecture_is_tested():
 def test_unmerged_export_validates(tmp_path, name):
     import transformers
 
-    if name in HYBRID and int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("a hybrid-attention config is refused on transformers 4.x (test_hybrid_attention_...)")
     model, targets, task, saved = _build(name)
     model.save_pretrained(tmp_path / "model")
     inject(model, targets, block_size=8, init="normal", init_std=0.05, seed=0, modules_to_save=saved)
     save_adapter(model, tmp_path / "adapter")
     windowed = getattr(model.config, "sliding_window", None) is not None
     cases = LONG_CASES if windowed else [(2, 5, 2)]
+    if name in HYBRID and int(transformers.__version__.split(".")[0]) < 5:  # 4.x: refused before writing
+        _assert_hybrid_refused(lambda: export(tmp_path / "model", tmp_path / "onnx", [tmp_path / "adapter"],
+                                              merge=False, verbose=False, cases=cases), tmp_path / "onnx")
+        return
     out = export(tmp_path / "model", tmp_path / "onnx", [tmp_path / "adapter"], merge=False, verbose=False,
                  cases=cases)
     meta = json.loads((out / "bca_export.json").read_text())
     assert meta["task"] == task and meta["validation"]["passed"]
     per_case = 1 if task != "text-generation-with-past" else 2 * (1 + 2 * model.config.num_hidden_layers)
     assert len(meta["validation"]["rows"]) == per_case * len(cases)
+
+
+def _assert_hybrid_refused(export_it, out: Path) -> None:
+    """On transformers 4.x, a config mixing full and sliding layers is refused before anything is written."""
+    with pytest.raises(UnsupportedExportError, match=r"mixes full and sliding-window attention.*layer_types"):
+        export_it()
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("name", ["qwen3-hybrid", "qwen3-hybrid-sliding-first", "gemma2", "gemma3-hybrid"])
@@ -207,8 +217,6 @@ def test_bank_generation_equals_pytorch_generate(tmp_path, name, dtype):
     from bca_deploy.serving import MultiAdapterSession
 
     model, targets, task, _ = _build(name)
-    if hybrid_attention_problem(model.config) is not None:
-        pytest.skip("a hybrid-attention config is refused on transformers 4.x")
     model.save_pretrained(tmp_path / "model")
     adapters = {}
     for seed, adapter_targets in enumerate([targets, targets[:1]]):
@@ -216,8 +224,15 @@ def test_bank_generation_equals_pytorch_generate(tmp_path, name, dtype):
         inject(tuned, adapter_targets, block_size=8, init="normal", init_std=0.3, seed=seed)
         adapters[f"a{seed}"] = tmp_path / f"a{seed}"
         save_adapter(tuned, adapters[f"a{seed}"])
-    export(tmp_path / "model", tmp_path / "onnx", list(adapters.values()), merge=False, bank=True, task=task,
-           dtype=dtype, verbose=False, cases=[(2, 5, 2)])
+
+    def bank() -> Path:
+        return export(tmp_path / "model", tmp_path / "onnx", list(adapters.values()), merge=False, bank=True,
+                      task=task, dtype=dtype, verbose=False, cases=[(2, 5, 2)])
+
+    if hybrid_attention_problem(model.config) is not None:  # transformers 4.x: refused before writing
+        _assert_hybrid_refused(bank, tmp_path / "onnx")
+        return
+    bank()
     session = MultiAdapterSession(tmp_path / "onnx")
     window = getattr(model.config, "sliding_window", None)
     assert session.max_positions == (window or model.config.max_position_embeddings)
