@@ -1025,25 +1025,12 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
         The dataset and how many examples were dropped.
     """
     eos = _eos_token_id(tokenizer)
-    input_ids, labels, lines = [], [], []
-    gone: list[int] = []  # examples left with no target token
+    rows: list[tuple[int, list[int], list[int]]] = []  # (line, ids, target) per example, in order
     if examples.format == "messages":
-        for index, (line, ids, target) in enumerate(_tokenize_conversations(examples, tokenizer, max_length, model)):
-            if all(t == IGNORE_INDEX for t in target[1:]):
-                gone.append(index)
-                continue
-            input_ids.append(ids)
-            labels.append(target)
-            lines.append(line)
+        rows = list(_tokenize_conversations(examples, tokenizer, max_length, model))
     elif examples.format == "text":
         encoded, _ = _encode(tokenizer, [cut_texts(examples.texts, max_length)], truncation=True, max_length=max_length)
-        for index, (line, ids) in enumerate(zip(examples.lines, encoded)):
-            if len(ids) < 2:
-                gone.append(index)
-                continue
-            input_ids.append(ids)
-            labels.append(list(ids))
-            lines.append(line)
+        rows = [(line, list(ids), list(ids)) for line, ids in zip(examples.lines, encoded)]
     else:
         cut_prompts, cut_responses = cut_texts(examples.prompts, max_length), cut_texts(examples.responses, max_length)
         prompts, _ = _encode(tokenizer, [cut_prompts], add_special_tokens=True)
@@ -1060,16 +1047,20 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
                      f"response tokenizes across the boundary: {_lines_of(examples.lines, alone)}); they are trained "
                      "on the response tokenized alone, which a served prompt does not continue with: end the prompts "
                      "with a separator (a space, a newline) that the tokenizer keeps as its own token")
-        for index, (line, p_ids, r_ids) in enumerate(zip(examples.lines, prompts, responses)):
+        end = [eos] if eos is not None else []
+        for line, p_ids, r_ids in zip(examples.lines, prompts, responses):
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
-            ids = (list(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
-            target = ([IGNORE_INDEX] * len(p_ids) + list(r_ids) + ([eos] if eos is not None else []))[:max_length]
-            if all(t == IGNORE_INDEX for t in target[1:]):
-                gone.append(index)
-                continue
-            input_ids.append(ids)
-            labels.append(target)
-            lines.append(line)
+            rows.append((line, (list(p_ids) + list(r_ids) + end)[:max_length],
+                         ([IGNORE_INDEX] * len(p_ids) + list(r_ids) + end)[:max_length]))
+    input_ids, labels, lines = [], [], []
+    gone: list[int] = []  # examples left with no target token (the first token is never one: nothing precedes it)
+    for index, (line, ids, target) in enumerate(rows):
+        if all(t == IGNORE_INDEX for t in target[1:]):
+            gone.append(index)
+            continue
+        input_ids.append(ids)
+        labels.append(target)
+        lines.append(line)
     dropped = len(gone)
     if dropped and warn is not None and len(input_ids):
         one = dropped == 1
