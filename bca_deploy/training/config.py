@@ -276,14 +276,15 @@ class TrainConfig:
         None, "seq-cls: float labels, one output, MSE loss (default: decided from the labels).", "tristate",
         group="columns")
     prompt_column: str = _opt("prompt", "causal-lm: the prompt column (no loss on it).", "str", group="columns")
-    response_column: str = _opt("response", "causal-lm: the response column (loss on it, EOS appended).", "str",
-                                group="columns")
+    response_column: str = _opt("response", "causal-lm: the response column (loss on it, EOS appended; left at its "
+                                "default, a file without it has its 'completion' read).", "str", group="columns")
     messages_column: str = _opt(
         "messages", "causal-lm: the conversation column (JSON: a list of {\"role\", \"content\"} objects, roles "
         "system/user/assistant), rendered with the model's chat template, loss on the assistant turns; used when "
         "there is no prompt/response pair.", "str", group="columns")
     text_column: str = _opt("text", "causal-lm: the plain-text column (loss on every token), used when there is "
-                            "no prompt/response pair nor messages column.", "str", group="columns")
+                            "no prompt/response pair, messages column nor Alpaca instruction/output.", "str",
+                            group="columns")
     max_length: int = _opt(128, "Tokens per example after truncation.", "int", group="columns")
     # -- the adapter --------------------------------------------------------------------------------
     method: str = _opt(

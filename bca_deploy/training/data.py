@@ -12,11 +12,12 @@ Files are UTF-8, with or without a byte-order mark; other bytes are refused with
 Tasks:
 
 - ``seq-cls``: one text column (or two, for sentence pairs) and a label column. Integer labels are
-  classes ``0..K-1``; string labels are class names (ids in sorted order unless names are given);
-  float labels (e.g. STS-B) mean regression (one output, MSE loss).
-- ``causal-lm``: ``prompt`` + ``response`` columns (loss on the response tokens only, an EOS token is
-  appended), else a ``messages`` column (a conversation: a list of ``{"role", "content"}`` objects rendered with the
-  tokenizer's chat template, loss on the assistant turns only), else one ``text`` column (loss on every token).
+  classes ``0..K-1``; booleans are classes false=0, true=1; string labels are class names (ids in sorted order
+  unless names are given); float labels (e.g. STS-B) mean regression (one output, MSE loss).
+- ``causal-lm``: ``prompt`` + ``response`` (or ``completion``) columns (loss on the response tokens only, an EOS
+  token is appended), else a ``messages`` column (a conversation: a list of ``{"role", "content"}`` objects rendered
+  with the tokenizer's chat template, loss on the assistant turns only), else Alpaca's ``instruction`` + ``input`` +
+  ``output`` (:data:`ALPACA_PROMPT`, loss on the output), else one ``text`` column (loss on every token).
 
 Every reader collects all problems (missing columns with the columns found, unparsable labels with
 their line numbers, an empty file) and raises one :class:`~bca_deploy.training.errors.DataError`.
@@ -72,9 +73,20 @@ TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("question1", "question2"),
     ("premise", "hypothesis"),
     ("question", "passage"),
+    ("#1 String", "#2 String"),  # MRPC as GLUE distributes it (its label column is Quality)
     ("sentence",),
     ("text",),
 )
+#: Columns that often hold the labels (or the text) in data sets as distributed and in exports (MNLI/SNLI
+#: ``gold_label``, QQP ``is_duplicate``, MRPC ``Quality``, STS-B ``score``, the HF Trainer's ``labels``, ...). A file
+#: without the label column (or any text column the reader looks for) is refused naming the one it has, with the
+#: option: named, never picked, as a column called ``score`` or ``input`` may hold something else.
+LABEL_COLUMN_HINTS = ("labels", "gold_label", "is_duplicate", "Quality", "score", "target", "class", "category",
+                      "sentiment", "label_text", "y")
+TEXT_COLUMN_HINTS = ("content", "review", "document", "tweet", "comment", "body", "input", "query", "utterance",
+                     "text_a", "sentences")
+#: Columns that number the rows (pandas' unnamed index, GLUE's ``index``, ``datasets``' ``idx``): never a text.
+_ROW_NUMBER_COLUMNS = ("", "unnamed: 0", "index", "idx", "id")
 IGNORE_INDEX = -100  # label id that the loss skips (prompt tokens, padding)
 _EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
@@ -229,8 +241,9 @@ def _read_delimited(path: Path, kind: str, keep: Collection[str] | None = None,
                     break
                 continue
             line = start
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
+            if not any(field.strip() for field in row):
+                # a blank line, or a row of empty fields (',,' / tabs: a spreadsheet's saved empty rows): no data
+                continue
             if len(row) != len(columns):
                 spans = f" (a record of lines {start}-{reader.line_num}: a quote opened on line {start} is closed " \
                     "further down, or never)" if reader.line_num > start else ""
@@ -277,11 +290,15 @@ def _read_jsonl(path: Path, keep: Collection[str] | None = None,
             if not isinstance(obj, dict):
                 problems.append(f"line {number}: expected a JSON object, got {_json_type(obj)}")
                 continue
+            if not records:
+                first = obj
             records.append(_kept(obj, keep))
             lines.append(number)
             columns.update(dict.fromkeys(obj))
     if problems:
         raise DataError(format_problems(f"{path}: malformed JSON lines:", problems, limit=10))
+    if len(records) == 1:
+        _refuse_a_table_in_one_object(path, first, lines[0])
     if not records:  # as for TSV and CSV: not "no text column" with no columns found
         raise DataError(f"{path}: the file is empty (expected one JSON object per line, e.g. "
                         '{"sentence": "a fine film", "label": 1})')
@@ -315,12 +332,44 @@ def _read_json(path: Path, keep: Collection[str] | None = None,
         except (ValueError, RecursionError):
             whole = None
         if isinstance(whole, dict) and text.count("\n", start, len(text.rstrip())) > 0:
+            _refuse_a_table_in_one_object(path, whole, 1 + text.count("\n", 0, start))
             lists = [k for k, v in whole.items() if isinstance(v, list)]
             where = f" (its key {lists[0]!r} holds a list: save that list as the file)" if len(lists) == 1 else ""
             raise DataError(f"{path}: one JSON object spread over several lines{where}; expected one example "
                             "object per line (JSON Lines) or a JSON array of example objects "
                             '([{"sentence": ..., "label": ...}, ...])') from None
         raise
+
+
+#: How pandas and ``datasets`` write one example per line (what the JSON readers read), for the refusals below.
+_ONE_PER_LINE = ("df.to_json(path, orient=\"records\", lines=True) (pandas) and Dataset.to_json(path) (datasets) "
+                 "write them")
+
+
+def _refuse_a_table_in_one_object(path: Path, obj: dict[str, Any], line: int) -> None:
+    """Refuse a file whose only JSON object holds a whole table in one of pandas' other ``to_json`` layouts.
+
+    Read as one record, ``DataFrame.to_json(path)`` (orient ``columns``, pandas' default) was refused as "line 1:
+    column 'sentence' holds an object", and orient ``split``/``table`` as a file without the text column. No example
+    has these shapes (a text is a string, a conversation a list): the layout is named with the call that writes the
+    lines the reader reads. Rows are not guessed out of them: ``columns`` and ``index`` differ only in which keys are
+    rows.
+
+    Raises:
+        DataError: ``obj`` is such a table.
+    """
+    keys = set(obj)
+    layout = None
+    if keys in ({"columns", "data"}, {"columns", "index", "data"}) and isinstance(obj.get("data"), list):
+        layout = "pandas' to_json(orient=\"split\")"
+    elif keys == {"schema", "data"} and isinstance(obj.get("schema"), dict) and isinstance(obj.get("data"), list):
+        layout = "pandas' to_json(orient=\"table\")"
+    elif obj and all(isinstance(v, dict) for v in obj.values()):
+        layout = ("pandas' DataFrame.to_json(path) with its default orient=\"columns\" (an object per column, keyed "
+                  "by row), or orient=\"index\" (an object per row, keyed by its index)")
+    if layout is not None:
+        raise DataError(f"{path}: line {line}: one JSON object holding the whole table, as {layout} writes it; expected "
+                        f"one example object per line (JSON Lines) or a JSON array of example objects: {_ONE_PER_LINE}")
 
 
 def _first_json_character(path: Path) -> str:
@@ -449,6 +498,26 @@ def _near(wanted: str, columns: Sequence[str]) -> str | None:
     return next((c for c in columns if c != wanted and key(c) == key(wanted)), None)
 
 
+def _hinted(hints: Sequence[str], columns: Sequence[str], besides: Sequence[str] = (), lone: bool = True,
+            ) -> str | None:
+    """The column of ``columns`` to name in a refusal: the first of ``hints`` it has (in any case), else (``lone``)
+    the one column left past ``besides`` and the row numbers (a file of ``review`` and ``label``: ``review``), else
+    None."""
+    lower = {c.strip().lower(): c for c in columns}
+    found = next((lower[h.lower()] for h in hints if h.lower() in lower), None)
+    if found is not None or not lone:
+        return found
+    left = [c for c in columns if c not in besides and c.strip().lower() not in _ROW_NUMBER_COLUMNS]
+    return left[0] if len(left) == 1 else None
+
+
+def _as_option(name: str) -> str:
+    """``name`` as it is typed after an option in a shell (quoted when it holds a space, a '#', a quote, ...)."""
+    import shlex
+
+    return shlex.quote(name)
+
+
 def _text_problem(value: Any, column: str, allow_empty: bool = False) -> str | None:
     """Why ``value`` cannot be a text of ``column`` (None when it can)."""
     if value is None:
@@ -482,8 +551,9 @@ class SeqClsExamples:
         text_columns / label_column: the columns used.
         lines: 1-based line of each example in its file (for messages).
         path: the file.
-        label_names: when the file's labels are names (``positive``...) or names were given: the class
-            names in id order (``labels`` holds their ids); None for plain integer labels.
+        label_names: when the file's labels are names (``positive``...), booleans (``false``/``true``: ids 0/1) or
+            names were given: the class names in id order (``labels`` holds their ids); None for plain integer
+            labels.
         named_labels: the file writes its labels as class names (not ids).
         decimal_ids: class ids written as decimals (``5.0``: read as class 5; such a column may be meant as scores).
     """
@@ -519,6 +589,7 @@ class LMExamples:
     lines: list[int]
     path: Path
     conversations: list[list[dict[str, str]]] | None = None
+    columns: str = ""  # the columns read, for the start-up summary ("prompt+completion", ...)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -541,8 +612,8 @@ class _Name(str):
 
 def _parse_label(value: Any) -> int | float | _Name | str:
     """int (class id), float (regression target), :class:`_Name` (class name), or a problem message (str)."""
-    if isinstance(value, bool):
-        return int(value)
+    if isinstance(value, bool):  # as the words: a column of booleans is one rule whatever the format (_booleans_as_ids)
+        return _Name("true" if value else "false")
     if isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -614,9 +685,10 @@ def load_seq_cls(
                      None)
         if found is None:
             near = next((n for c in TEXT_COLUMN_CANDIDATES if len(c) == 1 for n in [_near(c[0], columns)] if n), None)
+            near = near or _hinted(TEXT_COLUMN_HINTS, columns, besides=[label_column, *LABEL_COLUMN_HINTS])
             problems.append(
                 "no text column: pass text_columns (CLI: --text-columns"
-                + (f"; the file has {near!r}: --text-columns {near}" if near else "") + "); looked for "
+                + (f"; the file has {near!r}: --text-columns {_as_option(near)}" if near else "") + "); looked for "
                 + " / ".join("+".join(c) for c in TEXT_COLUMN_CANDIDATES)
             )
             text_columns = []
@@ -630,10 +702,15 @@ def load_seq_cls(
                                                         else "") for c in text_columns if c not in columns]
     has_labels = label_column in columns
     if require_labels and not has_labels:
-        near = _near(label_column, columns)
+        # (the one column left is named only beside text columns found: else it may be the text)
+        near = _near(label_column, columns) or _hinted(LABEL_COLUMN_HINTS, columns, besides=text_columns,
+                                                        lone=bool(text_columns))
+        bare = text_columns and not [c for c in columns if c not in text_columns
+                                     and c.strip().lower() not in _ROW_NUMBER_COLUMNS]
         problems.append(f"label column {label_column!r} not found " + (
-            f"(the file has {near!r}: pass --label-column {near})" if near else
-            "(pass label_column / --label-column)"))
+            f"(the file has {near!r}: pass --label-column {_as_option(near)})" if near else
+            "(the file has no column besides its text and row numbers: an unlabelled test split? training and "
+            "evaluation need labelled examples)" if bare else "(pass label_column / --label-column)"))
     if problems:
         if columns_from is not None:  # the user never named the missing column: say whose it is
             problems.append(columns_from)
@@ -662,6 +739,7 @@ def load_seq_cls(
     labels: list[Any] | None = None
     names = list(label_names) if label_names is not None else None
     if has_labels and not problems:
+        parsed, names = _booleans_as_ids(parsed, names)
         labels, names, regression = _labels(parsed, lines, label_column, regression, names, problems)
     if problems:
         raise DataError(format_problems(f"{path}: bad examples:", problems, limit=10))
@@ -728,6 +806,27 @@ def _short_number(value: int | float) -> str:
     return text if len(text) <= 24 else f"{text[:12]}... ({len(text.lstrip('+-'))} digits)"
 
 
+_BOOLEANS = ("false", "true")
+
+
+def _booleans_as_ids(parsed: list[Any], names: list[str] | None) -> tuple[list[Any], list[str] | None]:
+    """A label column of booleans as class ids false=0, true=1, named by the file's own spelling (or by ``names``).
+
+    One rule for JSON's ``true`` and the words pandas and spreadsheets write (``True``, ``FALSE``), so a data set
+    saved to CSV and to JSON trains and evaluates alike (JSON's booleans were class ids and the words sorted class
+    names, so a held-out file in the other format was refused), and ids and booleans mean the same classes, as in
+    Python, pandas and datasets. Names given that hold the file's words verbatim (``--label-names true,false``, an
+    adapter trained on those words) are matched as names instead: an order given is kept. A column that also holds
+    other words (``half-true``) is a column of class names.
+    """
+    if not parsed or not all(isinstance(v, _Name) and v.lower() in _BOOLEANS for v in parsed):
+        return parsed, names
+    if names is not None and all(v in names for v in parsed):
+        return parsed, names
+    spelled = {v.lower(): str(v) for v in parsed}
+    return [_BOOLEANS.index(v.lower()) for v in parsed], names or [spelled.get(b, b) for b in _BOOLEANS]
+
+
 def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool | None, names: list[str] | None,
             problems: list[str]) -> tuple[list[Any], list[str] | None, bool]:
     """Turn parsed labels into ids (or floats), deciding the label kind; appends problems."""
@@ -758,7 +857,12 @@ def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool |
                                 f"{MAX_NUM_LABELS:,} classes are supported")
                 return [], None, False
         index = {name: i for i, name in enumerate(names)}
+        folded = collections.defaultdict(list)  # a name in another case: said, not matched (which one is meant?)
+        for name in names:
+            folded[name.casefold()].append(name)
         problems += [f"line {line}: label {t!r} is not one of the classes {_shown(names)}"
+                     + (f" (it differs only in case from {folded[t.casefold()][0]!r}: class names are matched exactly)"
+                        if len(folded[t.casefold()]) == 1 else "")
                      for line, t in zip(lines, as_text) if t not in index]
         return [index.get(t, -1) for t in as_text], names, False
     ids = []
@@ -785,6 +889,11 @@ def check_label_range(examples: SeqClsExamples, num_labels: int, head: str = "th
     bad = [(line, y) for line, y in zip(examples.lines, examples.labels) if not 0 <= y < num_labels]
     if bad:
         shown = [f"line {line}: label {y}" + (" (class ids start at 0)" if y < 0 else "") for line, y in bad]
+        if all(y == -1 for _, y in bad):
+            # how datasets writes an example without a label (GLUE's test splits, SNLI's pairs without a gold label);
+            # the loss would fail on it (HF's run_glue stops with an IndexError or a device-side assert)
+            fix = ("-1 marks an unlabelled example (as datasets writes GLUE's test splits): remove those rows, or use a "
+                   "labelled split")
         raise DataError(format_problems(
             f"{examples.path}: {len(bad)} label(s) outside {head}'s range 0..{num_labels - 1} "
             f"(num_labels={num_labels}); {fix}:", shown, limit=10,
@@ -827,6 +936,9 @@ def _conversation_problem(value: Any, column: str) -> str | None:
         if not isinstance(message, dict):
             return f"{where} must be an object with \"role\" and \"content\", got {_json_type(message)}"
         role, content = message.get("role"), message.get("content")
+        if "role" not in message and "from" in message and "value" in message:
+            return (f"{where} is a ShareGPT message ({{\"from\", \"value\"}}); expected {{\"role\", \"content\"}} "
+                    "with roles 'system', 'user', 'assistant' (ShareGPT's human is user, gpt is assistant)")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             got = "none" if "role" not in message else repr(role)[:40]
             return f"{where}.role must be one of {', '.join(map(repr, CHAT_ROLES))}, got {got}"
@@ -841,6 +953,36 @@ def _conversation_problem(value: Any, column: str) -> str | None:
     return None
 
 
+#: Stanford Alpaca's prompts, with the newline after ``### Response:`` that Axolotl's ``alpaca`` type adds (the
+#: response then starts a line of its own instead of continuing the prompt's last token). A file of ``instruction``,
+#: ``input`` (optional, may be empty) and ``output`` columns trains on ``output`` after this prompt; served, the same
+#: prompt text goes to ``/v1/completions``.
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
+                          "Write a response that appropriately completes the request.\n\n"
+                          "### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_COLUMNS = ("instruction", "input", "output")
+#: Read as the response when the file has no ``--response-column`` column and that option is left at its default:
+#: TRL's prompt-completion format.
+COMPLETION_COLUMN = "completion"
+#: The columns that make an instruction's prompt together (Alpaca's instruction and input, Dolly's context): one of
+#: them read as the prompt column alone, the prompts would lose the others.
+_INSTRUCTION_PARTS = ("instruction", "input", "context")
+
+
+def alpaca_prompt(instruction: str, context: str) -> str:
+    """The Alpaca prompt of one example (:data:`ALPACA_PROMPT`, or :data:`ALPACA_PROMPT_NO_INPUT` for an empty
+    ``context``); the texts are put in as they are (no ``str.format``: a ``{`` in them is text)."""
+    template = ALPACA_PROMPT if context.strip() else ALPACA_PROMPT_NO_INPUT
+    head, rest = template.split("{instruction}")
+    if not context.strip():
+        return head + instruction + rest
+    middle, tail = rest.split("{input}")
+    return head + instruction + middle + context + tail
+
+
 def load_causal_lm(
     path: str | Path,
     prompt_column: str = "prompt",
@@ -848,22 +990,37 @@ def load_causal_lm(
     text_column: str = "text",
     messages_column: str = "messages",
 ) -> LMExamples:
-    """Read a causal-LM file: prompt/response pairs if both columns exist, else a messages column (conversations),
-    else a text column."""
+    """Read a causal-LM file, by the first of these its columns hold: ``prompt_column`` + ``response_column`` (or
+    :data:`COMPLETION_COLUMN` for the default response column), ``messages_column`` (conversations), Alpaca's
+    ``instruction`` + ``output`` (+ ``input``, put in :data:`ALPACA_PROMPT`), ``text_column``.
+
+    Raises:
+        DataFileNotFoundError, DataError: see :func:`read_records`; also no such columns (the columns found, and the
+            options for those the file has), bad values by line, and a prompt column of one part of an instruction
+            (``instruction``, ``input``, ``context``) beside another part holding text that it would leave out.
+    """
     path = Path(path)
-    keep = {c for c in (prompt_column, response_column, messages_column, text_column) if isinstance(c, str)}
+    keep = {c for c in (prompt_column, response_column, messages_column, text_column, COMPLETION_COLUMN,
+                        *ALPACA_COLUMNS, *_INSTRUCTION_PARTS) if isinstance(c, str)}
     records, columns, lines = read_records(path, keep)
-    if prompt_column in columns and response_column in columns:
-        fields = [prompt_column, response_column]
+    response = response_column if response_column in columns else (
+        COMPLETION_COLUMN if response_column == "response" and COMPLETION_COLUMN in columns else None)
+    alpaca = False
+    if prompt_column in columns and response is not None:
+        fields = [prompt_column, response]
     elif messages_column in columns:
         fields = [messages_column]
+    elif "instruction" in columns and "output" in columns:
+        fields, alpaca = ["instruction", "output"], True
     elif text_column in columns:
         fields = [text_column]
     else:
+        hint = _causal_lm_hint(columns)
         raise DataError(
-            f"{path}: causal-lm data needs columns {prompt_column!r} + {response_column!r} (loss on the response), "
-            f"{messages_column!r} (conversations: loss on the assistant turns) or {text_column!r} (loss on every "
-            f"token); {_columns_message(path, columns)}"
+            f"{path}: causal-lm data needs columns {prompt_column!r} + {response_column!r} (loss on the response; "
+            f"or {COMPLETION_COLUMN!r}), {messages_column!r} (conversations: loss on the assistant turns), "
+            f"'instruction' + 'output' (+ 'input': Alpaca) or {text_column!r} (loss on every token); "
+            f"{_columns_message(path, columns)}" + (f"; {hint}" if hint else "")
         )
     if not records:
         raise DataError(f"{path}: the data set is empty (no examples)")
@@ -878,8 +1035,11 @@ def load_causal_lm(
             conversations.append([{"role": m["role"], "content": m["content"]} for m in value])
         if problems:
             raise DataError(format_problems(f"{path}: bad conversations:", problems, limit=10))
-        return LMExamples(None, None, None, lines, path, conversations=conversations)
+        return LMExamples(None, None, None, lines, path, conversations=conversations, columns=messages_column)
+    if prompt_column in _INSTRUCTION_PARTS and len(fields) == 2 and not alpaca:
+        _refuse_unread_context(path, records, lines, columns, fields)
     values: dict[str, list[str]] = {f: [] for f in fields}
+    contexts: list[str] = []
     problems = []
     for record, line in zip(records, lines):
         for field_name in fields:
@@ -888,11 +1048,53 @@ def load_causal_lm(
             if problem:
                 problems.append(f"line {line}: {problem}")
             values[field_name].append(value if isinstance(value, str) else "")
+        if alpaca:
+            context = record.get("input")  # absent or null: an instruction without one, as Axolotl reads it
+            problem = None if context is None else _text_problem(context, "input", allow_empty=True)
+            if problem:
+                problems.append(f"line {line}: {problem}")
+            contexts.append(context if isinstance(context, str) else "")
     if problems:
         raise DataError(format_problems(f"{path}: bad examples:", problems, limit=10))
+    if alpaca:
+        prompts = [alpaca_prompt(i, c) for i, c in zip(values["instruction"], contexts)]
+        return LMExamples(prompts, values["output"], None, lines, path,
+                          columns="instruction+input+output (the Alpaca prompt)")
     if len(fields) == 2:
-        return LMExamples(values[prompt_column], values[response_column], None, lines, path)
-    return LMExamples(None, None, values[text_column], lines, path)
+        return LMExamples(values[fields[0]], values[fields[1]], None, lines, path, columns="+".join(fields))
+    return LMExamples(None, None, values[text_column], lines, path, columns=text_column)
+
+
+def _refuse_unread_context(path: Path, records: list[dict[str, Any]], lines: list[int], columns: Sequence[str],
+                           fields: Sequence[str]) -> None:
+    """Refuse prompts read from one part of an instruction (:data:`_INSTRUCTION_PARTS`) beside another part holding
+    text that no column read takes in: trained without it, an example's response answers what its prompt no longer
+    says (Alpaca read with ``--prompt-column instruction --response-column output`` trained on every output without
+    its input, silently)."""
+    for column in _INSTRUCTION_PARTS:
+        if column not in columns or column in fields:
+            continue
+        held = [i for i, record in enumerate(records) if isinstance(record.get(column), str) and record[column].strip()]
+        if held:
+            how = ("leave out --prompt-column and --response-column: instruction + input + output is read as Alpaca "
+                   "data (both in the Alpaca prompt)" if {"instruction", "output"} <= set(columns)
+                   and column != "context" else
+                   f"write a prompt column holding the {fields[0]} and its {column} (and pass it as --prompt-column)")
+            raise DataError(f"{path}: column {column!r} holds text on {_lines_of(lines, held)}"
+                            f" that --prompt-column {fields[0]} leaves out of the prompts; {how}")
+
+
+def _causal_lm_hint(columns: Sequence[str]) -> str | None:
+    """The options that read a causal-LM file of other column names (None: none to suggest)."""
+    for prompt, response in (("question", "answer"), ("input", "output"), ("query", "response"), ("source", "target")):
+        if prompt in columns and response in columns:
+            return f"the file has {prompt!r} and {response!r}: pass --prompt-column {prompt} --response-column {response}"
+    conversation = next((c for c in ("conversations", "conversation", "dialog", "chat") if c in columns), None)
+    if conversation is not None:
+        return (f"the file has {conversation!r}: pass --messages-column {conversation} (a list of {{\"role\", "
+                "\"content\"} messages)")
+    text = _hinted(TEXT_COLUMN_HINTS, columns)
+    return f"the file has {text!r}: pass --text-column {_as_option(text)}" if text else None
 
 
 # ---- tokenized data -----------------------------------------------------------------------------

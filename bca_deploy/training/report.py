@@ -64,6 +64,8 @@ def start_summary(run: _TrainingRun) -> str:
     data = f"{cfg.data} ({_count(len(run.train_data))} rows)"
     if cfg.task == "seq-cls":  # which columns were read, when the reader chose them
         data += f", text {'+'.join(run.train_examples.text_columns)}"
+    elif getattr(run.train_examples, "columns", ""):  # causal-lm: which format the file was read as
+        data += f", read as {run.train_examples.columns}"
     if run.eval_data is not None:
         data += f"; eval {cfg.eval_data} ({_count(len(run.eval_data))} rows)"
     lines.append(f"  data      {data}")
