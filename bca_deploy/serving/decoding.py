@@ -86,6 +86,12 @@ class SamplingParams:
     each token that occurs in it, are subtracted (OpenAI's definitions). Neutral values (1, 0, 0) cost nothing.
     ``repetition_penalty`` here defaults to 1 (off); the server's routes and
     :meth:`~bca_deploy.serving.MultiAdapterSession.generate` default it to the export's ``generation_config.json``.
+
+    Ends (vLLM's ``ignore_eos`` and ``min_tokens``): with ``ignore_eos`` the model's end-of-sequence ids do not end
+    the row (their text is left out; ``stop_token_ids`` still end it). For its first ``min_tokens`` tokens a row
+    cannot end: its end ids (the end-of-sequence ids the row ends at, and ``stop_token_ids``) are never chosen
+    (their logits are -inf, as vLLM's ``MinTokensLogitsProcessor`` sets them) and no stop string ends it in their
+    text (one that ends after them does, as in vLLM's detokenizer).
     """
 
     max_new_tokens: int = dataclasses.field(default=32, metadata={"help": f"new tokens at most (1..{MAX_NEW_TOKENS}; "
@@ -94,7 +100,8 @@ class SamplingParams:
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "> 0; divides the logits when sampling"})
     top_k: int = dataclasses.field(default=0, metadata={"help": ">= 0; keep the k most likely tokens (0: all)"})
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "in (0, 1]; keep the smallest set reaching p"})
-    seed: int | None = dataclasses.field(default=None, metadata={"help": ">= 0; the row's own generator seed"})
+    seed: int | None = dataclasses.field(default=None, metadata={"help": "in [0, 2**64); the row's own generator "
+                                                                             "seed"})
     stop: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "help": "strings that end the row; the text is cut before the first one (needs a tokenizer)"})
     stop_token_ids: tuple[int, ...] = dataclasses.field(default=(), metadata={
@@ -106,6 +113,10 @@ class SamplingParams:
         "help": "in [-2, 2]; times a token's count in the output so far, subtracted from its logit; 0: off"})
     presence_penalty: float = dataclasses.field(default=0.0, metadata={
         "help": "in [-2, 2]; subtracted from the logit of every token the output holds so far; 0: off"})
+    ignore_eos: bool = dataclasses.field(default=False, metadata={
+        "help": "the model's end-of-sequence ids do not end the row (stop_token_ids still do)"})
+    min_tokens: int = dataclasses.field(default=0, metadata={
+        "help": "0..max_new_tokens; the row cannot end (end ids masked, stop strings not matched) before this many"})
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
@@ -120,8 +131,16 @@ class SamplingParams:
             problems["top_k"] = f"must be an integer >= 0 (0: no top-k filtering), got {show_json_value(self.top_k)}"
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             problems["top_p"] = f"must be in (0, 1], got {show_json_value(self.top_p)}"
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            problems["seed"] = f"must be null or an integer in [0, 2**63), got {show_json_value(self.seed)}"
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            problems["seed"] = f"must be null or an integer in [0, 2**64), got {show_json_value(self.seed)}"
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            problems["ignore_eos"] = f"must be true or false, got {show_json_value(self.ignore_eos)}"
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            problems["min_tokens"] = f"must be an integer >= 0, got {show_json_value(self.min_tokens)}"
+        elif "max_new_tokens" not in problems and self.min_tokens > self.max_new_tokens:
+            # vLLM's rule: a row that must outlive its own length limit cannot be generated
+            problems["min_tokens"] = (f"{self.min_tokens} is more than max_new_tokens ({self.max_new_tokens}); it "
+                                      "must be at most that")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             problems["stop"] = f"must be a list of strings, got {show_json_value(self.stop)}"
@@ -165,6 +184,8 @@ class SamplingParams:
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_k", int(self.top_k))
         object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
+        object.__setattr__(self, "min_tokens", int(self.min_tokens))
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
 
@@ -256,12 +277,24 @@ def apply_penalties(logits: np.ndarray, penalties: Sequence[Penalties],
 
 class Sampler:
     """One row's token chooser: the argmax, or a draw from the row's own generator (seeded once), after the row's
-    penalties (:class:`Penalties`, given the row's prompt; ``None`` when every penalty is off)."""
+    penalties (:class:`Penalties`, given the row's prompt; ``None`` when every penalty is off).
 
-    def __init__(self, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
+    ``end_ids``: the end-of-sequence ids the row ends at (none with ``ignore_eos``); with them and
+    ``stop_token_ids``, the ids masked while the row has fewer than ``min_tokens`` tokens (:attr:`held_ids`).
+    """
+
+    def __init__(self, params: SamplingParams, prompt: Sequence[int] = (), end_ids: Iterable[int] = ()) -> None:
         self.params = params
         self.generator = np.random.default_rng(params.seed) if params.do_sample else None
         self.penalties = Penalties(params, prompt) if params.penalized else None
+        held = (set(end_ids) | set(params.stop_token_ids)) if params.min_tokens else ()
+        self.held_ids = np.array(sorted(held), dtype=np.int64)  # (H,)
+        self.generated = 0  # tokens chosen so far (a pre-empted row keeps its sampler, so its count)
+
+    @property
+    def holding(self) -> bool:
+        """Whether the row's end ids are masked at this step (fewer than ``min_tokens`` tokens so far)."""
+        return self.generated < self.params.min_tokens and self.held_ids.size > 0
 
     def draw(self, logits: np.ndarray) -> int:
         """A token drawn from softmax(logits (V,) / temperature) after top-k and top-p filtering.
@@ -297,22 +330,32 @@ class Sampler:
 
 def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list[int], dict[int, Exception]]:
     """Next token of each row from its last-position logits (B, V): argmax, or its sampler's draw, after the row's
-    penalties; each chosen token then counts in its row's penalties.
+    penalties and, for a row short of its ``min_tokens``, with its end ids masked (:attr:`Sampler.holding`); each
+    chosen token then counts in its row's penalties and in its sampler's :attr:`~Sampler.generated`.
 
-    The penalized rows' seen ids are penalized in ``logits`` itself, all rows together, and put back before this
-    returns (``logits`` is unchanged afterwards; not for arrays other threads read meanwhile): no row is copied, so
-    rows without penalties cost what they did, and a penalized row costs the ids it has seen, not the vocabulary.
+    The penalized rows' seen ids are penalized in ``logits`` itself, all rows together, and the held rows' end ids
+    set to -inf, then both put back before this returns (``logits`` is unchanged afterwards; not for arrays other
+    threads read meanwhile): no row is copied, so rows without penalties cost what they did, and a penalized row
+    costs the ids it has seen, not the vocabulary.
 
     Returns:
         ``(tokens, failures)``: one token per row (-1 for a row that failed), and ``{row: exception}`` for
         rows whose draw raised. A row that cannot be sampled fails alone, never the rows beside it.
     """
     penalized = [b for b, sampler in enumerate(samplers) if sampler.penalties is not None]
-    changed = None
-    if penalized:
+    holding = [b for b, sampler in enumerate(samplers) if sampler.holding]
+    changed = masked = None
+    if penalized or holding:
         if not (logits.flags.c_contiguous and logits.flags.writeable and logits.dtype == np.float32):
             logits = np.array(logits, dtype=np.float32, order="C")  # a copy of our own: nothing to put back
+    if penalized:
         changed = apply_penalties(logits, [samplers[b].penalties for b in penalized], penalized)
+    if holding:  # after the penalties (they leave -inf as it is); put back first, then the penalties' values
+        width = logits.shape[-1]
+        positions = np.concatenate([b * width + samplers[b].held_ids[samplers[b].held_ids < width] for b in holding])
+        flat = logits.reshape(-1)
+        masked = (positions, flat[positions])
+        flat[positions] = -np.inf
     tokens: list[int] = []
     failures: dict[int, Exception] = {}
     try:
@@ -327,11 +370,16 @@ def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list
                 tokens.append(-1)
                 failures[b] = exc
     finally:
+        if masked is not None:
+            logits.reshape(-1)[masked[0]] = masked[1]
         if changed is not None:
             logits.reshape(-1)[changed[0]] = changed[1]
     for b in penalized:
         if b not in failures:
             samplers[b].penalties.add(tokens[b])
+    for b, sampler in enumerate(samplers):
+        if b not in failures:
+            sampler.generated += 1
     return tokens, failures
 
 

@@ -270,10 +270,13 @@ class _Detokenizer:
     starts on the prompt's last tokens (``context``), so the text continues the prompt as decoding the two together
     would: a SentencePiece tokenizer (Llama-2, Mistral, Gemma) drops the space a sequence's first word carries, and
     "the movie is" came back followed by "a" instead of " a".
+
+    The text of the row's first ``min_tokens`` tokens ends the row at no stop string: a stop string counts only where
+    it ends in the text of a later token (as vLLM's detokenizer checks them past ``min_tokens``).
     """
 
     def __init__(self, decode: Callable[[list[int]], str] | None, stop: Sequence[str],
-                 context: Sequence[int] = ()) -> None:
+                 context: Sequence[int] = (), min_tokens: int = 0) -> None:
         self._decode = decode
         self._stop = tuple(stop)
         self._longest = max((len(s) for s in stop), default=0)
@@ -281,12 +284,16 @@ class _Detokenizer:
         self._prefix = 0
         self._read = len(self._ids)
         self._held = ""
+        self._min_tokens = min_tokens
+        self._pushed = 0
+        self._floor = 0  # characters at the start of _held from the first min_tokens tokens: no stop string ends there
 
     def push(self, token: int) -> tuple[str, bool]:
         """Text to send after one more token, and whether a stop string ended the row (text cut before it)."""
         if self._decode is None:
             return "", False
         self._ids.append(token)
+        self._pushed += 1
         delta = self._delta(final=False)
         return self._cut(delta)
 
@@ -307,12 +314,15 @@ class _Detokenizer:
 
     def _cut(self, delta: str, final: bool = False) -> tuple[str, bool]:
         text = self._held + delta
-        self._held = ""
+        floor, self._held, self._floor = self._floor, "", 0
         if not self._stop:
             return text, False
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            return text[:min(hits)], True
+        protected = self._pushed <= self._min_tokens  # the whole text is the first min_tokens tokens'
+        if not protected:
+            # the first match that ends past the protected characters (one inside them does not count)
+            hits = [i for s in self._stop for i in _ends_past(text, s, floor)]
+            if hits:
+                return text[:min(hits)], True
         if final:
             return text, False
         # hold back the longest tail that could begin a stop string
@@ -320,8 +330,15 @@ class _Detokenizer:
             tail = text[-k:]
             if any(s.startswith(tail) for s in self._stop):
                 self._held = tail
+                self._floor = k if protected else max(0, floor - (len(text) - k))
                 return text[:-k], False
         return text, False
+
+
+def _ends_past(text: str, stop: str, floor: int) -> list[int]:
+    """The first index of ``stop`` in ``text`` whose match ends past ``floor`` characters (none: ``[]``)."""
+    i = text.find(stop, max(0, floor - len(stop) + 1))
+    return [i] if i >= 0 else []
 
 
 @dataclasses.dataclass(eq=False)
@@ -332,7 +349,7 @@ class _Request:
     params: SamplingParams
     sampler: Sampler
     detokenizer: _Detokenizer
-    eos_ids: frozenset[int]  # end the row; their text is left out (special tokens, as vLLM leaves them out)
+    eos_ids: frozenset[int]  # end the row (none with ignore_eos); their text is left out (special tokens, as vLLM)
     group: Hashable = None  # rows of one request share it: they take turns with other requests as one
     generated: int = 0
     last_token_at: float = 0.0
@@ -532,9 +549,11 @@ class GenerationEngine:
         prompt = self.check(prompt_ids, adapter, params)
         adapter = None if adapter == BASE else adapter
         stream = GenerationStream(self, prompt, adapter, params, request_id, self._loop)
-        request = _Request(stream, prompt, adapter, params, Sampler(params, prompt),
-                           _Detokenizer(self._decoder(), params.stop, prompt[-PROMPT_CONTEXT_TOKENS:]),
-                           frozenset(self.session.eos_token_ids))
+        eos = frozenset() if params.ignore_eos else frozenset(self.session.eos_token_ids)
+        request = _Request(stream, prompt, adapter, params, Sampler(params, prompt, end_ids=eos),
+                           _Detokenizer(self._decoder(), params.stop, prompt[-PROMPT_CONTEXT_TOKENS:],
+                                        min_tokens=params.min_tokens),
+                           eos)
         request.group = group if group is not None else request
         with self._cond:
             queued = sum(not r.resuming for r in self._waiting)  # pre-empted rows were admitted: they do not count

@@ -7,7 +7,7 @@ adapter, as with vLLM's ``--lora-modules``:
     GET  /v1/models                 the base model (its served name) and every loaded adapter
     GET  /v1/models/{model}         one of them
     POST /v1/embeddings             {"model", "input", "encoding_format"?, "dimensions"?}      encoders
-    POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?,
+    POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?, "n"?,
                                      "stop"?, "presence_penalty"?, "frequency_penalty"?,
                                      "stream"?, "stream_options"?}                             decoders
     POST /v1/chat/completions       {"model", "messages", ...same...}                          decoders with
@@ -18,7 +18,8 @@ adapter, as with vLLM's ``--lora-modules``:
 ``model`` is an adapter's name, or the base model's served name (``--served-model-name``, default: the
 export directory's name) or ``"__base__"`` for no adapter. ``temperature`` 0 is greedy decoding
 (token-equal to PyTorch's ``generate`` given the same end-of-sequence ids); otherwise tokens are sampled, every
-prompt of a request with ``seed`` itself (as vLLM: a prompt samples as it would alone). ``temperature``,
+prompt of a request with ``seed`` itself (as vLLM: a prompt samples as it would alone; its ``n`` choices with
+``seed``, ``seed + 1``, ...; ``seed`` -1 is none, as in vLLM). ``temperature``,
 ``top_p`` and ``top_k`` left out take the export's ``generation_config.json`` values, as vLLM does, else OpenAI's
 defaults (1, 1, off). ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, in [-2, 2]) and vLLM's
 ``repetition_penalty`` (> 0; left out: the ``generation_config.json`` value, else 1) are applied as vLLM applies
@@ -35,11 +36,12 @@ null) is read as its text.
 Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
 ``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
 are refused with 400 (``invalid_request``; the native routes answer 422) unless they hold their neutral
-value (``n`` > 1, ``best_of`` > 1, ``logprobs``, ``echo``, ``suffix``, ``logit_bias``,
+value (``best_of`` > 1, ``logprobs``, ``echo``, ``suffix``, ``logit_bias``,
 ``tools``, ``response_format`` other than text, ...; completions' ``logprobs`` 0 asks for the chosen tokens'
-log-probabilities, so only null is neutral). vLLM's extensions: ``top_k``, ``stop_token_ids`` and
-``repetition_penalty`` are served; ``ignore_eos``, ``min_tokens``, ``min_p``, ``skip_special_tokens``,
-``spaces_between_special_tokens`` and ``include_stop_str_in_output`` are accepted at vLLM's default only.
+log-probabilities, so only null is neutral). vLLM's extensions: ``top_k``, ``stop_token_ids``,
+``repetition_penalty``, ``ignore_eos``, ``min_tokens`` and ``stream_options.continuous_usage_stats`` are served;
+``min_p``, ``skip_special_tokens``, ``spaces_between_special_tokens`` and ``include_stop_str_in_output`` are accepted
+at vLLM's default only.
 Other fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see :mod:`bca_deploy.serving.wire`),
 so the client raises its typed exceptions.
 """
@@ -49,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -122,22 +125,23 @@ class _Sampling(_OpenAIRequest):
     temperature: JSONNumber = Field(default=1.0, ge=0, le=2)
     top_p: JSONNumber = Field(default=1.0, gt=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=-1)  # vLLM's extension (-1 or 0: off)
-    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)  # the engine's range (every prompt gets it as is)
+    # vLLM's range, int64; -1 is vLLM's "no seed" (clients send it for "random"), see _engine_seed
+    seed: StrictInt | None = Field(default=None, ge=-2**63, lt=2**63)
     stop: Union[StrictStr, list[StrictStr], None] = None
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    n: StrictInt = 1
+    n: StrictInt = Field(default=1, ge=1)  # choices per prompt (each a row of its own; rows limited per request)
     logprobs: Any = None
     top_logprobs: Any = None
     # OpenAI's ranges, as vLLM checks them (null: 0, off)
     presence_penalty: JSONNumber | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: JSONNumber | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, Any] | None = None
-    # vLLM's sampling extensions (clients written for vLLM send them): stop_token_ids and repetition_penalty are
-    # served; the others are accepted at their neutral value (vLLM's default) and refused otherwise.
+    # vLLM's sampling extensions (clients written for vLLM send them): stop_token_ids, repetition_penalty, ignore_eos
+    # and min_tokens are served; the others are accepted at their neutral value (vLLM's default) and refused otherwise.
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool | None = None
-    min_tokens: StrictInt | None = None
+    min_tokens: StrictInt | None = Field(default=None, ge=0)  # at most the row's max tokens (SamplingParams)
     min_p: JSONNumber | None = None
     repetition_penalty: JSONNumber | None = Field(default=None, gt=0)  # null: generation_config.json's, else 1 (off)
     skip_special_tokens: StrictBool | None = None
@@ -152,11 +156,8 @@ class _Sampling(_OpenAIRequest):
 
     def unsupported(self) -> list[str]:
         problems: list[str] = []
-        _refuse(problems, "n", self.n, 1, "one choice per prompt; send the request again for another")
         _refuse(problems, "top_logprobs", self.top_logprobs, 0, "log-probabilities are not returned")
         _refuse(problems, "logit_bias", self.logit_bias or None, None, "logit bias is not implemented")
-        _refuse(problems, "ignore_eos", self.ignore_eos, False, "a row always ends at an end-of-sequence id")
-        _refuse(problems, "min_tokens", self.min_tokens, 0, "a row may end at any step")
         _refuse(problems, "min_p", self.min_p, 0, "min-p filtering is not implemented; use top_p or top_k")
         _refuse(problems, "skip_special_tokens", self.skip_special_tokens, True, "special tokens are left out of text")
         _refuse(problems, "spaces_between_special_tokens", self.spaces_between_special_tokens, True,
@@ -164,7 +165,8 @@ class _Sampling(_OpenAIRequest):
         _refuse(problems, "include_stop_str_in_output", self.include_stop_str_in_output, False,
                 "the text is cut before a stop string")
         if self.stream_options is not None:
-            extra = set(self.stream_options) - {"include_usage", "include_obfuscation"}
+            # OpenAI's keys, and vLLM's continuous_usage_stats (usage in every chunk, with include_usage)
+            extra = set(self.stream_options) - {"include_usage", "include_obfuscation", "continuous_usage_stats"}
             flags = [k for k, v in self.stream_options.items() if k not in extra and not isinstance(v, bool)]
             if extra:
                 shown = ", ".join(repr(k[:40]) for k in sorted(extra)[:5]) + (", ..." if len(extra) > 5 else "")
@@ -412,6 +414,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         adapter = server.select(request, req.model, param="model")
         rows = _as_rows(req.prompt)
         server.check_rows(len(rows), "prompt")
+        server.check_rows(len(rows) * req.n, "n")  # every choice is a row
         prompts = await server.prepare(rows, param="prompt")
         return await _generate(request, server, req, adapter, prompts, "text_completion", default_max_tokens=16)
 
@@ -421,6 +424,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         req = await server.read(request, ChatCompletionRequest)
         check(req)
         adapter = server.select(request, req.model, param="model")
+        server.check_rows(req.n, "n")  # every choice is a row
         prompt = await server.chat_prompt([m.for_template() for m in req.messages], adapter)
         return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None)
 
@@ -480,7 +484,8 @@ def _store_name(lora_path: str) -> str:
 
 
 def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_max_tokens: int | None):
-    """The engine's settings for a prompt of ``req`` (OpenAI's temperature 0 is greedy decoding).
+    """The engine's settings for a prompt of ``req`` (OpenAI's temperature 0 is greedy decoding), for its first
+    choice (:func:`_choices` makes the others').
 
     Every prompt of a request gets ``seed`` itself, as in vLLM: a prompt sent in a batch is sampled as it is when
     sent alone (clients such as LangChain batch prompts into one request), not with a seed shifted by its index.
@@ -498,13 +503,32 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_ma
         return server.sampling(max_new_tokens=max_new, do_sample=not greedy,
                                temperature=1.0 if greedy else float(temperature),
                                top_k=top_k if top_k is not None and top_k > 0 else 0,
-                               top_p=float(top_p), seed=req.seed,
+                               top_p=float(top_p), seed=_engine_seed(req.seed),
                                stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()),
+                               ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0,
                                repetition_penalty=server.repetition_penalty(req.repetition_penalty),
                                frequency_penalty=float(req.frequency_penalty or 0.0),
                                presence_penalty=float(req.presence_penalty or 0.0))
     except InvalidRequestError as exc:
         raise _renamed(exc, param) from None
+
+
+def _engine_seed(seed: int | None) -> int | None:
+    """A request's ``seed`` (vLLM's int64 range) as the engine's (``[0, 2**64)``): -1 is no seed, as vLLM's
+    ``SamplingParams`` reads it; another negative seed is taken modulo 2**64, as torch's ``manual_seed`` (vLLM's
+    generators) takes it, so every seed of vLLM's range samples reproducibly."""
+    if seed is None or seed == -1:
+        return None
+    return seed % 2**64
+
+
+def _choices(params, n: int) -> list:
+    """The settings of a prompt's ``n`` choices (each a row): with a seed, choice j samples with ``seed + j`` (as vLLM
+    seeds a request's ``n`` child requests), so the choices differ and each is reproducible; choice 0 is the prompt
+    sampled alone with that seed."""
+    if params.seed is None:
+        return [params] * n
+    return [params] + [dataclasses.replace(params, seed=(params.seed + j) % 2**64) for j in range(1, n)]
 
 
 def _sampling_defaults(server: Server, req: _Sampling) -> tuple[float, float, int | None]:
@@ -527,18 +551,24 @@ def _max_tokens_param(req: _Sampling) -> str:
 
 
 def _renamed(exc: InvalidRequestError | ContextLengthError, param: str) -> InvalidRequestError | ContextLengthError:
-    """The engine's ``max_new_tokens`` under the name the client sent (``max_tokens``...)."""
-    if exc.param != "max_new_tokens":
+    """The engine's ``max_new_tokens`` under the name the client sent (``max_tokens``...), in the error that names it
+    and in ``min_tokens``' (which must not exceed it)."""
+    if exc.param not in ("max_new_tokens", "min_tokens"):
         return exc
-    return type(exc)(str(exc).replace("max_new_tokens", param), param=param)
+    return type(exc)(str(exc).replace("max_new_tokens", param), param=param if exc.param == "max_new_tokens" else
+                     exc.param)
 
 
 async def _generate(request: Request, server: Server, req: _Sampling, adapter: str | None, prompts: list[list[int]],
                     kind: str, default_max_tokens: int | None):
-    """Check every prompt, submit them all to the engine, then answer whole or as server-sent events."""
-    params = [_sampling_params(server, req, len(p), default_max_tokens) for p in prompts]
+    """Check every prompt, submit its ``n`` choices to the engine (choice ``i * n + j``: prompt i's j-th, as vLLM
+    numbers them), then answer whole or as server-sent events."""
+    n = req.n
+    params = [p for prompt in prompts for p in _choices(_sampling_params(server, req, len(prompt), default_max_tokens),
+                                                         n)]
+    rows = [prompt for prompt in prompts for _ in range(n)]
     try:
-        streams, release = server.submit(request, prompts, adapter, params)
+        streams, release = server.submit(request, rows, adapter, params)
     except (InvalidRequestError, ContextLengthError) as exc:
         raise _renamed(exc, _max_tokens_param(req)) from None
     ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -557,8 +587,12 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         if first[2] == "error":
             await pumps.close()
             raise first[1]
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-        events = _stream_events(request, server, pumps, first, kind, ident, created, req.model, include_usage)
+        stream_options = req.stream_options or {}
+        include_usage = bool(stream_options.get("include_usage"))
+        # vLLM's continuous_usage_stats: every chunk carries its choice's usage so far (only with include_usage)
+        continuous = include_usage and bool(stream_options.get("continuous_usage_stats"))
+        events = _stream_events(request, server, pumps, first, kind, ident, created, req.model, include_usage,
+                                continuous, n)
         return ClosingStreamingResponse(events, media_type="text/event-stream", on_close=pumps.close,
                                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     try:
@@ -576,11 +610,13 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         else:
             choices.append({"index": i, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason})
     return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": choices,
-            "usage": _usage(streams)}
+            "usage": _usage(streams, n)}
 
 
-def _usage(streams) -> dict[str, int]:
-    prompt = sum(s.prompt_tokens for s in streams)
+def _usage(streams, n: int = 1) -> dict[str, int]:
+    """OpenAI's usage of a request whose prompts have ``n`` choices each (rows ``i * n ... i * n + n - 1``): each
+    prompt's tokens count once, as OpenAI and vLLM count them, and every choice's tokens."""
+    prompt = sum(s.prompt_tokens for s in streams[::n])
     completion = sum(s.completion_tokens for s in streams)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -610,9 +646,10 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 class _Pumps:
-    """The engine streams of a streamed answer, read into one queue of ``(index, text, None)`` per token text,
-    ``(index, None, finish_reason)`` per row's end and ``(index, exception, "error")`` per failure; :meth:`close`
-    (once, however the answer ends) logs the streams, cancels their rows and frees their place in the queue."""
+    """The engine streams of a streamed answer, read into one queue of ``(index, text, None, tokens)`` per token
+    text, ``(index, None, finish_reason, tokens)`` per row's end and ``(index, exception, "error", tokens)`` per
+    failure (``tokens``: the row's tokens so far); :meth:`close` (once, however the answer ends) logs the streams,
+    cancels their rows and frees their place in the queue."""
 
     def __init__(self, request: Request, server: Server, streams, release) -> None:
         self.request, self.server, self.streams, self._release = request, server, streams, release
@@ -621,13 +658,15 @@ class _Pumps:
         self._closed = False
 
     async def _pump(self, index: int, stream) -> None:
+        tokens = 0
         try:
             async for token in stream:
+                tokens += 1
                 if token.text:
-                    await self.queue.put((index, token.text, None))
-            await self.queue.put((index, None, stream.finish_reason))
+                    await self.queue.put((index, token.text, None, tokens))
+            await self.queue.put((index, None, stream.finish_reason, tokens))
         except Exception as exc:  # noqa: BLE001 - sent to the client as an error answer or event
-            await self.queue.put((index, exc, "error"))
+            await self.queue.put((index, exc, "error", tokens))
 
     async def close(self) -> None:
         if self._closed:
@@ -645,12 +684,15 @@ class _Pumps:
 
 
 async def _stream_events(request: Request, server: Server, pumps: _Pumps, first: tuple, kind: str, ident: str,
-                         created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+                         created: int, model: str, include_usage: bool, continuous: bool = False,
+                         n: int = 1) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per token and choice, a last chunk per choice with its finish_reason, [DONE].
 
     ``first``: the first item of ``pumps`` (read before the answer started). A failure after the answer started is
     sent as an ``{"error": ...}`` event (the status line is out already). When the client goes away, the rows are
-    cancelled and leave the batch at the next step.
+    cancelled and leave the batch at the next step. ``include_usage``: every chunk has ``usage`` (null; with
+    ``continuous``, its choice's prompt and completion tokens so far, as vLLM's ``continuous_usage_stats``), then a
+    last chunk with no choices carries the request's usage (each prompt's ``n`` choices counted as :func:`_usage`).
     """
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     streams = pumps.streams
@@ -658,7 +700,7 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
     def event(payload: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
-    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> bytes:
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False, tokens: int = 0) -> bytes:
         if kind == "chat.completion":
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else \
                 ({"content": text} if text is not None else {})
@@ -666,7 +708,10 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
         else:
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         payload = {"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
-        if include_usage:
+        if continuous:
+            prompt = streams[index].prompt_tokens
+            payload["usage"] = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
+        elif include_usage:
             payload["usage"] = None
         return event(payload)
 
@@ -677,7 +722,7 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
         left = len(streams)
         item = first
         while left:
-            index, text, finish = item if item is not None else await pumps.queue.get()
+            index, text, finish, tokens = item if item is not None else await pumps.queue.get()
             item = None
             if finish == "error":
                 status, error_type = error_status(text, openai=True)
@@ -687,14 +732,14 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
                 yield event(error_body(status, error_type, message, server.error_param(text, request.scope["state"])))
                 break
             if finish is None:
-                yield chunk(index, text, None)
+                yield chunk(index, text, None, tokens=tokens)
             else:
                 left -= 1
-                yield chunk(index, None, finish)
+                yield chunk(index, None, finish, tokens=tokens)
         else:
             if include_usage:
                 yield event({"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],
-                             "usage": _usage(streams)})
+                             "usage": _usage(streams, n)})
         yield b"data: [DONE]\n\n"
     finally:  # the end, or the client went away: free the rows at once
         await pumps.close()

@@ -129,7 +129,7 @@ def test_every_prompt_of_a_batch_samples_with_the_requests_seed(llm, session):
     tokens = session.generate([ids], [None], max_new_tokens=6, do_sample=True, temperature=1.0, seed=top)[0]
     answer = llm.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=6, temperature=1.0, seed=top)
     assert answer.choices[0].text == continuation(session, ids, tokens)
-    for seed in (-1, 2**63):  # outside it: refused by name (numpy's generators take no negative seed)
+    for seed in (2**63, -(2**63) - 1):  # outside vLLM's int64: refused by name (negative seeds: test_openai_vllm_fields)
         with pytest.raises(openai.BadRequestError) as caught:
             llm.completions.create(model="tiny-llama", prompt=PROMPTS[2], max_tokens=2, seed=seed)
         assert caught.value.body["param"] == "seed"
@@ -193,8 +193,9 @@ def test_a_stop_string_across_tokens_is_cut_alike_streamed_or_not(llm, session):
 def test_vllm_sampling_extensions(llm, session):
     """``stop_token_ids`` ends a row at that token, kept in the text and usage as vLLM keeps it (its docs: "the
     returned output will contain the stop tokens unless the stop tokens are special tokens"); vLLM's other sampling
-    extensions are accepted at their default and refused, naming the field, anywhere else (``repetition_penalty`` is
-    served: refused only outside vLLM's range, > 0; see test_penalties.py)."""
+    extensions are accepted at their default and refused, naming the field, anywhere else (``repetition_penalty``,
+    ``ignore_eos`` and ``min_tokens`` are served: refused only outside vLLM's range; see test_penalties.py and
+    test_openai_vllm_fields.py)."""
     ids = session.tokenize([PROMPTS[0]])[0]
     tokens = session.generate([ids], ["a0"], max_new_tokens=8, eos_token_id=[])[0]
     stop = next(t for i, t in enumerate(tokens) if i >= 2 and t not in tokens[:i])
@@ -208,7 +209,7 @@ def test_vllm_sampling_extensions(llm, session):
     plain = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0)
     same = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0, extra_body=neutral)
     assert same.choices[0].text == plain.choices[0].text
-    for field, value in (("ignore_eos", True), ("min_tokens", 2), ("min_p", 0.1), ("repetition_penalty", 0),
+    for field, value in (("ignore_eos", "yes"), ("min_tokens", -1), ("min_p", 0.1), ("repetition_penalty", 0),
                          ("include_stop_str_in_output", True)):
         with pytest.raises(openai.BadRequestError) as caught:
             llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, extra_body={field: value})
