@@ -831,8 +831,9 @@ class Server:
 
     def _chat_ids(self, text: str) -> list[int]:
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
-        # as transformers' apply_chat_template(tokenize=True) does; with one of the session's tokenizer copies.
-        ids = self.session.text_ids(text, **CHAT_TOKENIZE_OPTIONS)
+        # as transformers' apply_chat_template(tokenize=True) does; with one of the session's tokenizer copies, no
+        # more of a conversation past the context than shows it is (refused naming "messages")
+        ids = self.session.tokenize([text], refuse_param="messages", **CHAT_TOKENIZE_OPTIONS)[0]
         return self.session.prepare([ids], input_param="messages")[0]
 
     def check_chat_template(self) -> None:

@@ -63,6 +63,7 @@ from ..models import (
     tokenizer_limit,
     vocabulary_size,
 )
+from .prefix import TextPastLimit, bounded_ids
 from .slots import SlotBank, SlotSpec
 
 __all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "bank_metadata", "check_adapter_name", "not_loaded",
@@ -922,22 +923,47 @@ class MultiAdapterSession:
         refused, naming them), else None."""
         return self._tokenizer_mismatch
 
-    def tokenize(self, texts: Sequence[str], truncate: bool | None = None,
-                 max_length: int | None = None) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str], truncate: bool | None = None, max_length: int | None = None,
+                 refuse_param: str | None = None, max_new_tokens: int = 0, **options: Any) -> list[list[int]]:
         """Token ids of each text (thread-safe). ``truncate`` (default: for encoders, not for decoders)
         cuts each text at the model's maximum length, or at ``max_length`` where that is lower (a
-        sentence-transformers model's ``max_seq_length``)."""
+        sentence-transformers model's ``max_seq_length``); ``options``: more of the tokenizer's (chat prompts:
+        ``add_special_tokens=False``). No more of a long text is tokenized than its answer needs
+        (:func:`~bca_deploy.serving.prefix.bounded_ids`).
+
+        ``refuse_param`` (texts not truncated): the request field holding the texts; each is then held to the model's
+        positions as it is tokenized, and the first one longer is refused (:class:`ContextLengthError` naming that
+        field, as :meth:`check_positions` with ``max_new_tokens`` words it) before the texts after it are read: a
+        request's cost before its refusal is bounded by what the model could take, not by its body's size.
+        """
         if truncate is None:
             truncate = not self.with_past
-        limit = min(b for b in (self.text_limit(self.tokenizer) or 512, max_length) if b)
-        options = {"truncation": True, "max_length": limit} if truncate else {}
-        # a copy per text: another request's text goes next, not after all of these
-        return [self.text_ids(text, **options) for text in texts]
+        if truncate:
+            limit = min(b for b in (self.text_limit(self.tokenizer) or 512, max_length) if b)
+            # a copy per text: another request's text goes next, not after all of these
+            return [self.text_ids(text, truncation=True, max_length=limit, **options) for text in texts]
+        if refuse_param is None:
+            return [self.text_ids(text, **options) for text in texts]
+        limit, rows = self.max_positions, []
+        for text in texts:
+            try:
+                ids = self.text_ids(text, most=limit, **options)
+            except TextPastLimit as past:
+                raise self._prompt_too_long(
+                    refuse_param, f"more than {limit} tokens (its first {past.chars:,} of {past.length:,} characters "
+                    f"already hold {past.tokens}; the rest was not tokenized)", max_new_tokens) from None
+            if limit and len(ids) > limit:
+                self.check_positions(len(ids), max_new_tokens, refuse_param)  # raises
+            rows.append(ids)
+        return rows
 
-    def text_ids(self, text: str, **options: Any) -> list[int]:
-        """The token ids of one text, ``options`` passed to the tokenizer (thread-safe: one of the session's copies)."""
+    def text_ids(self, text: str, most: int | None = None, **options: Any) -> list[int]:
+        """The token ids of one text, ``options`` passed to the tokenizer (thread-safe: one of the session's copies);
+        ``most``: raise :class:`~bca_deploy.serving.prefix.TextPastLimit` once the text is shown to have more tokens,
+        having tokenized only a prefix (:func:`~bca_deploy.serving.prefix.bounded_ids`, which also reads only as
+        much of a text as ``truncation=True`` keeps)."""
         with self._tokenizer_copy() as tok:
-            return list(tok(text, **options)["input_ids"])
+            return bounded_ids(tok, text, most, **options)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` without special tokens (thread-safe)."""
@@ -1089,7 +1115,8 @@ class MultiAdapterSession:
         texts = [isinstance(x, str) for x in inputs]
         if any(texts) and not all(texts):
             raise ServingError("inputs must be all texts or all token-id lists, not a mix")
-        rows = self.tokenize(inputs, max_length=max_text_tokens) if all(texts) else [list(x) for x in inputs]
+        rows = self.tokenize(inputs, max_length=max_text_tokens, refuse_param=input_param,
+                             max_new_tokens=max_new_tokens) if all(texts) else [list(x) for x in inputs]
         if all(texts) and self._tokenizer_mismatch:
             self._refuse_unembeddable_texts(rows)
         self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
@@ -1120,13 +1147,18 @@ class MultiAdapterSession:
         if not limit or prompt_tokens + max_new_tokens <= limit:
             return
         if prompt_tokens >= limit or max_new_tokens == 0:
-            raise ContextLengthError(f"{input_param}: {prompt_tokens} tokens; the model's maximum context length is "
-                                     f"{limit} positions{self._window_note(limit)}"
-                                     + (f", and {max_new_tokens} new tokens were asked for" if max_new_tokens else ""),
-                                     param=input_param)
+            raise self._prompt_too_long(input_param, f"{prompt_tokens} tokens", max_new_tokens)
         raise ContextLengthError(f"max_new_tokens: {prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed "
                                  f"the model's maximum context length of {limit} positions{self._window_note(limit)}; "
                                  f"ask for at most {limit - prompt_tokens} new tokens", param="max_new_tokens")
+
+    def _prompt_too_long(self, input_param: str, tokens: str, max_new_tokens: int) -> ContextLengthError:
+        """The refusal of a prompt longer than the context by itself (``tokens``: how many it has, in words)."""
+        limit = self.max_positions
+        return ContextLengthError(f"{input_param}: {tokens}; the model's maximum context length is {limit} positions"
+                                  f"{self._window_note(limit)}"
+                                  + (f", and {max_new_tokens} new tokens were asked for" if max_new_tokens else ""),
+                                  param=input_param)
 
     def check_inputs(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0) -> int:
         """:meth:`prepare`, returning the longest row's token count."""
@@ -1200,7 +1232,8 @@ class MultiAdapterSession:
         self.require("generate")
         if not inputs:
             raise ServingError("no prompts given")
-        prompts = [self.tokenize([x], truncate=False)[0] if isinstance(x, str) else list(x) for x in inputs]
+        prompts = [self.tokenize([x], truncate=False, refuse_param="inputs")[0] if isinstance(x, str) else list(x)
+                   for x in inputs]
         rows = len(prompts)
         if len(adapters) != rows:
             raise ServingError(f"{rows} prompts but {len(adapters)} adapter names (one per prompt)")
