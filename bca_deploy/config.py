@@ -889,16 +889,70 @@ def nested_adapters(directory: str | Path) -> list[str]:
         return []
 
 
+#: The folders a transformers ``Trainer`` saves its checkpoints to in its ``output_dir`` (``checkpoint-<step>``;
+#: transformers' ``PREFIX_CHECKPOINT_DIR``): of a PEFT model, each an adapter directory.
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
 def nested_adapters_hint(directory: str | Path) -> str:
     """For a directory without ``adapter_config.json``: the adapter directories right inside it
-    (:func:`nested_adapters`), as a hint ("" when none); users pass the parent."""
+    (:func:`nested_adapters`), as a hint ("" when none); users pass the parent.
+
+    Two layouts hold them: PEFT's ``save_pretrained`` (an adapter not named ``default`` in a folder of its name), and
+    a transformers ``Trainer``'s ``output_dir`` (``checkpoint-<step>`` folders, each an adapter saved during training):
+    there the hint names the last checkpoint by step (the first by name was ``checkpoint-2`` of 2 and 4, or
+    ``checkpoint-1000`` of 500, 1000 and 1500), and the best one when its ``trainer_state.json`` records one here.
+    """
     path = Path(directory)
     names = nested_adapters(path)
     if not names:
         return ""
+    steps = {n: int(m.group(1)) for n in names if (m := _TRAINER_CHECKPOINT.fullmatch(n))}
+    if len(steps) == len(names):
+        ordered = sorted(names, key=steps.__getitem__)
+        shown = ", ".join(f"{n}/" for n in ordered) if len(ordered) <= 5 else \
+            ", ".join(f"{n}/" for n in ordered[:2]) + ", ..., " + ", ".join(f"{n}/" for n in ordered[-2:])
+        best = _trainer_best_checkpoint(path / ordered[-1])
+        chosen = (f"the best, {path / best} (trainer_state.json's best_model_checkpoint), or the last, "
+                  f"{path / ordered[-1]}" if best in steps and best != ordered[-1] else f"the last, {path / ordered[-1]}")
+        return (f"; it holds the checkpoint{'' if len(names) == 1 else 's'} {shown} of a transformers Trainer run "
+                f"(its output_dir; each checkpoint is an adapter saved during training): pass one, such as {chosen}")
     shown = ", ".join(f"{n}/" for n in names[:5]) + (", ..." if len(names) > 5 else "")
     return (f"; it holds the adapter director{'y' if len(names) == 1 else 'ies'} {shown} (PEFT saves an adapter not "
             f"named 'default' in a folder of its name): pass {path / names[0]}")
+
+
+def _trainer_best_checkpoint(checkpoint: Path) -> str | None:
+    """The folder name of the best checkpoint a ``Trainer`` checkpoint's ``trainer_state.json`` records
+    (``best_model_checkpoint``, set with ``metric_for_best_model``), or None: not recorded, or not readable (a hint
+    never fails for it)."""
+    try:
+        best = read_json(checkpoint / "trainer_state.json", what="trainer state").get("best_model_checkpoint")
+    except (AdapterFormatError, OSError):
+        return None
+    return Path(best).name if isinstance(best, str) and best else None
+
+
+def adapter_as_model_hint(directory: str | Path) -> str:
+    """For a directory given as a base model that has no model in it: when it is an adapter directory (or a training
+    run holding one, :func:`run_adapter_dir`), a hint saying so and what goes where, with the base model the adapter
+    records ("" otherwise). PEFT's ``save_pretrained`` writes ``adapter_model.safetensors`` beside the config, which
+    was taken for a checkpoint in another format ("convert the checkpoint to safetensors first")."""
+    adapter = run_adapter_dir(directory)
+    if not (adapter / CONFIG_FILE).is_file():
+        return ""
+    try:
+        data = read_json(adapter / CONFIG_FILE, what="adapter config")
+    except AdapterFormatError:
+        data = {}
+    base = data.get("base_model_name_or_path") if "peft_type" in data else (
+        data.get("base_model") or {}).get("name_or_path") if isinstance(data.get("base_model"), dict) else None
+    kind = (f"a PEFT {data['peft_type']} adapter" if isinstance(data.get("peft_type"), str)
+            else "a bca-deploy adapter" if data.get("format") == FORMAT_NAME else "an adapter")
+    where = "" if adapter == Path(directory) else f" (a training run's, in {adapter.name}/)"
+    recorded = f"; it records {show_json_value(base)[:200]}" if isinstance(base, str) and base else ""
+    return (f"; it is {kind}{where}, not a base model: give it as the adapter (--adapter), and as the model (--model) "
+            f"the base model it was trained on{recorded}")
 
 
 def run_adapter_dir(directory: str | Path) -> Path:

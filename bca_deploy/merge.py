@@ -63,6 +63,7 @@ from .config import (
     HeadSpec,
     ModuleSpec,
     TaskSpec,
+    adapter_as_model_hint,
     parse_json_object,
     read_json,
     run_adapter_dir,
@@ -750,8 +751,9 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
         shards = sorted(set(weight_map.values()))
     else:
         others = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
-        hint = (f"; it has {', '.join(others)}: convert the checkpoint to safetensors first "
-                "(load it with transformers and save_pretrained)") if others else ""
+        hint = adapter_as_model_hint(model_dir) or ((
+            f"; it has {', '.join(others)}: convert the checkpoint to safetensors first "
+            "(load it with transformers and save_pretrained)") if others else "")
         raise CheckpointFormatError(
             f"{model_dir}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}"
         )

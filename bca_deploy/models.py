@@ -78,12 +78,13 @@ def load_config(model_dir: str | Path):
     """
     from transformers import AutoConfig
 
-    from .config import read_json
+    from .config import adapter_as_model_hint, read_json
     from .errors import AdapterFormatError, CheckpointFormatError, InputNotFoundError, first_line
 
     path = Path(model_dir) / "config.json"
     if not os.path.lexists(path):
-        raise InputNotFoundError(f"{model_dir}: no config.json (expected a transformers model directory)")
+        raise InputNotFoundError(f"{model_dir}: no config.json (expected a transformers model directory)"
+                                 f"{adapter_as_model_hint(model_dir)}")
     require_readable(path)  # a pipe, a directory, a dangling link: said as such, by name (never read blocking)
     try:
         data = read_json(path, what="model config", allow_nan=True, unique_keys=False)

@@ -254,6 +254,74 @@ def test_the_folder_peft_saves_a_named_adapter_in_is_pointed_to(tmp_path):
     assert bd.read_adapter(tmp_path / "peft" / "foo")[0].modules  # the folder it names reads
 
 
+def test_a_trainer_output_dir_points_to_its_last_and_best_checkpoints(tmp_path):
+    """A transformers Trainer training a PeftModel saves adapters to <output_dir>/checkpoint-<step>/. Given the
+    output_dir, the hint named its first checkpoint by name as if PEFT had saved named adapters there ("PEFT saves an
+    adapter not named 'default' in a folder of its name: pass .../checkpoint-10" of steps 5, 10 and 15: neither the
+    last nor the best); it now names the last by step, and the best one trainer_state.json records."""
+    import transformers
+
+    peft_model = get_peft_model(tiny_llama(), C3AConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], block_size=8))
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(5, 90, (8, 6), generator=torch.Generator()
+                                                                         .manual_seed(0))]
+    evaluations = iter(range(100))  # the first evaluation (step 5) scores best: best_model_checkpoint is checkpoint-5
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=15, save_steps=5, eval_steps=5, eval_strategy="steps",
+        metric_for_best_model="order", greater_is_better=False, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], use_cpu=True, disable_tqdm=True, save_only_model=True)
+    transformers.Trainer(model=peft_model, args=args, train_dataset=rows, eval_dataset=rows[:2],
+                         compute_metrics=lambda _: {"order": next(evaluations)}).train()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-10", "checkpoint-15", "checkpoint-5"]
+    expected = (f"it holds the checkpoints checkpoint-5/, checkpoint-10/, checkpoint-15/ of a transformers Trainer run "
+                f"(its output_dir; each checkpoint is an adapter saved during training): pass one, such as the best, "
+                f"{run / 'checkpoint-5'} (trainer_state.json's best_model_checkpoint), or the last, "
+                f"{run / 'checkpoint-15'}")
+    with pytest.raises(AdapterFormatError, match=re.escape(expected)):
+        bd.load_adapter(tiny_llama(), run)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    for args in (["inspect", str(run)], ["merge", "--model", str(tmp_path / "base"), "--adapter", str(run),
+                                         "--out", str(tmp_path / "merged"), "--no-progress"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and expected in result.output, result.output
+    # without a recorded best (no metric_for_best_model): the last by step
+    for name in ("checkpoint-5", "checkpoint-10", "checkpoint-15"):
+        (run / name / "trainer_state.json").unlink()
+    with pytest.raises(AdapterFormatError, match=re.escape(f"pass one, such as the last, {run / 'checkpoint-15'}")):
+        bd.load_adapter(tiny_llama(), run)
+    assert bd.read_adapter(run / "checkpoint-15")[0].modules  # the folder it names reads
+
+
+def test_a_peft_adapter_given_as_the_base_model_is_named_as_an_adapter(tmp_path):
+    """``--model`` and ``--adapter`` swapped (a PEFT adapter folder as the base model): merge took PEFT's
+    adapter_model.safetensors for a checkpoint in another format ("it has adapter_model.safetensors: convert the
+    checkpoint to safetensors first (load it with transformers and save_pretrained)"), and export, convert and evaluate
+    said only "no config.json". Each now says it is an adapter, where each goes, and the base model it records."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    import transformers
+
+    base_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(base_model, C3AConfig(target_modules=["q_proj"], block_size=8))
+    peft_model.save_pretrained(tmp_path / "peft")
+    adapter, base = str(tmp_path / "peft"), str(tmp_path / "base")
+    said = (f"it is a PEFT C3A adapter, not a base model: give it as the adapter (--adapter), and as the model "
+            f"(--model) the base model it was trained on; it records {base!r}")
+    for args in (["merge", "--model", adapter, "--adapter", base, "--out", str(tmp_path / "out"), "--no-progress"],
+                 ["export", "--model", adapter, "--adapter", adapter, "--out", str(tmp_path / "out")],
+                 ["convert", "--adapter", adapter, "--to", "bca", "--out", str(tmp_path / "out"), "--model", adapter]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and said in result.output, (args[0], result.output)
+        assert "convert the checkpoint" not in result.output
+        assert not (tmp_path / "out").exists()
+    # a checkpoint in another format still gets its own hint
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+    result = CliRunner().invoke(main, ["merge", "--model", str(tmp_path / "bin"), "--adapter", adapter,
+                                       "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2 and "convert the checkpoint to safetensors first" in result.output, result.output
+
+
 def _peft_copy_with_task_metadata(tmp_path, value):
     """A PEFT copy of a seq-cls adapter whose safetensors task record is replaced by ``value``."""
     from safetensors.torch import save_file
