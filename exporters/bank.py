@@ -64,6 +64,7 @@ from torch import nn
 
 from bca_deploy.config import KERNEL_SUFFIX, MAX_LABEL_CHARS, PROBLEM_TYPES, AdapterConfig
 from bca_deploy.errors import AdapterMismatchError, format_problems, onnxruntime_reason, require_readable
+from bca_deploy.fit import HEAD_MODULES
 from bca_deploy.inject import bca_layers
 from bca_deploy.layers import BCALinear
 
@@ -2010,10 +2011,14 @@ def _plan_head(model: nn.Module, task: str, adapter_dirs: Sequence[Path], config
               if c.modules_to_save]
     if task != "text-classification":
         if saving:
+            # the text-classification advice only where what they save is a classifier head (a saved lm_head, norm
+            # or pooler has no bank that holds it per row)
+            heads = all(HEAD_MODULES.get(m.split(".")[0]) == "seq-cls" for c in configs for m in c.modules_to_save)
             raise UnsupportedExportError(
                 f"these adapters save whole modules of their own: {'; '.join(saving)}. A {task} bank graph shares "
-                "every whole module among its rows (per-adapter classifier heads are held by text-classification "
-                "banks): export them for text-classification, or each on its own (merged or unmerged)"
+                "every whole module among its rows (only text-classification banks hold one per row: an adapter's "
+                "classifier head): " + ("export them for text-classification, or each on its own (merged or unmerged)"
+                                        if heads else "export each adapter on its own (merged or unmerged)")
             )
         return None
     modules = model_head_modules(model) + [m for c in configs for m in c.modules_to_save]

@@ -487,9 +487,12 @@ def test_modules_to_save_adapter_is_refused(banks, tmp_path):
         session.register("head", head)
     assert session.adapters() == before and session.snapshot() is snapshot
     out = tmp_path / "out"
-    with pytest.raises(UnsupportedExportError, match="whole modules"):
+    with pytest.raises(UnsupportedExportError, match="whole modules") as refused:
         export(art["model"], out, [art["adapters"]["a0"], head], merge=False, bank=True, task=TASKS["bert"],
                verbose=False)
+    # a saved LayerNorm is no classifier head: no text-classification bank would take it either
+    assert "export each adapter on its own" in str(refused.value), refused.value
+    assert "export them for text-classification" not in str(refused.value), refused.value
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
 
 
