@@ -483,8 +483,12 @@ def resolve_task(
     return ModelTask(task_type, EXPORT_TASKS[task_type], None, f"{model_dir}/config.json architectures")
 
 
+_HUB_REVISION = re.compile(r"[0-9a-f]{40}")
+
+
 def adapter_name_of(directory: str | Path, safe: bool = True) -> str:
-    """The name an adapter directory goes by: its folder name, or the run's name for ``RUN/best`` / ``RUN/last``.
+    """The name an adapter directory goes by: its folder name, the run's name for ``RUN/best`` / ``RUN/last``, or the
+    repository's for a Hugging Face cache snapshot (``models--org--tone-adapter/snapshots/<commit>``: ``tone-adapter``).
 
     ``runs/sentiment/best`` is ``sentiment`` (what the user called the run), not ``best``. Characters outside
     letters, digits, ``_`` and ``-`` become ``_`` (``runs/sst2.v1`` is ``sst2_v1``), and it starts with a letter or
@@ -494,6 +498,10 @@ def adapter_name_of(directory: str | Path, safe: bool = True) -> str:
     """
     path = Path(directory)
     name = path.name
+    if safe and _HUB_REVISION.fullmatch(name) and path.parent.name == "snapshots" \
+            and path.parent.parent.name.startswith("models--"):
+        # a Hugging Face cache snapshot (models--org--repo/snapshots/<commit>): the repository's name, not the commit
+        name = path.parent.parent.name.rpartition("--")[2] or name
     if name in RUN_ADAPTER_FOLDERS:
         run = path.parent.name
         if run in ("", ".", ".."):  # "best" given from inside the run: the run's own folder name

@@ -148,6 +148,12 @@ def test_a_run_named_with_dots_goes_by_a_name_pytorch_and_the_server_take(bert_d
     assert adapter_name_of(tmp_path / "runs" / "sst2.v1" / "best") == "sst2_v1"
     assert adapter_names(["a/my run", "b/my.run", "c/.hidden", "d/-x"]) == ["my_run", "my_run_2", "hidden", "x"]
     assert all(ADAPTER_NAME_PATTERN.fullmatch(n) for n in adapter_names(["a/ünï", "b/x" * 200, "c/..", "."]))
+    # a Hugging Face cache snapshot goes by its repository's name, not its 40-character commit (helper-108)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub = tmp_path / "hub" / "models--org--tone.adapter" / "snapshots" / commit
+    assert adapter_names([hub, tmp_path / "hub2" / "models--x--tone.adapter" / "snapshots" / commit]) == \
+        ["tone_adapter", "tone_adapter_2"]
+    assert adapter_name_of(tmp_path / "elsewhere" / commit) == commit  # only inside a cache's snapshots/
     model = tiny_bert(num_labels=2)
     bd.inject(model, ["query"], block_size=8, init="normal", init_std=0.05, seed=0)
     run = tmp_path / "runs" / "sst2.v1" / "last"
