@@ -807,6 +807,9 @@ def _short_number(value: int | float) -> str:
 
 
 _BOOLEANS = ("false", "true")
+#: Class names that data sets write for an example without a label (SNLI's and MNLI's files: "-" where the annotators
+#: did not agree): read as a class like any other, with a note (``train``), since a file may mean it as one.
+UNLABELLED_MARKS = ("-",)
 
 
 def _booleans_as_ids(parsed: list[Any], names: list[str] | None) -> tuple[list[Any], list[str] | None]:

@@ -54,8 +54,8 @@ from ..models import describe_ids_past_vocabulary, classifier_pad_id, ids_past_v
 from .checkpoint import (LOG_FILE, RESULT_FILE, STATE_FILE, RunDirectory, load_state, rng_state, save_state,
                          set_rng_state, write_dir_atomically)
 from .config import Recipe, TrainConfig, recipe_for
-from .data import (SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range, classes_needed,
-                   load_dataset)
+from .data import (UNLABELLED_MARKS, SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range,
+                   classes_needed, load_dataset)
 from .errors import (CheckpointError, DataError, DataFileNotFoundError, PeerFailedError, TrainingConfigError,
                      TrainingDivergedError, TrainingTerminated)
 from .evaluation import TRAINING_FILE, evaluate
@@ -552,6 +552,14 @@ class _TrainingRun:
                 print(f"note: {cfg.data}: labels written as decimals with no fraction (such as 1.0) are read as class "
                       f"ids ({self.labels.num_labels} classes); pass --regression to train one real-valued output "
                       "instead", file=sys.stderr)
+            unlabelled = [n for n in (self.labels.names or []) if n.strip() in UNLABELLED_MARKS]
+            if unlabelled and not self.regression and self.d.is_main:
+                # SNLI and MNLI's files write "-" for a pair without a gold label; HF datasets maps it to -1 and
+                # run_glue drops it: here it would silently become a class of its own
+                rows = sum(1 for y in train_ex.labels if self.labels.names[y] in unlabelled)
+                print(f"note: {cfg.data}: {rows:,} row(s) have the label {unlabelled[0]!r}, trained as a class of its "
+                      f"own ({self.labels.num_labels} classes); SNLI and MNLI write it for a pair without a gold "
+                      "label: remove those rows unless it is a class", file=sys.stderr)
             if not self.regression and train_ex.named_labels and names_to_read is None:
                 # the ids are this program's numbering of the file's names: a held-out file of ids is ambiguous
                 self.labels_named_by = str(cfg.data)

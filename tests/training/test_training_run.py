@@ -552,3 +552,17 @@ def test_held_out_labels_of_mostly_one_class_are_noted_when_accuracy_picks_best(
                  metric_for_best="mcc"))
     train(config(files["bert"], files["small"], tmp_path / "balanced", eval_data=files["dev"], max_steps=1))
     assert "of the labels are class" not in capsys.readouterr().err
+
+
+def test_snli_pairs_without_a_gold_label_are_noted_when_trained_as_a_class(files, tmp_path, capsys):
+    """SNLI's and MNLI's files write gold_label "-" for a pair the annotators did not agree on (HF datasets maps it to
+    -1, run_glue drops it): read as a class name, it silently made a class of its own. Trained as one, with a note."""
+    rows = sst2_rows("train", 9)
+    names = ["entailment", "neutral", "contradiction", "entailment", "-", "neutral", "contradiction", "-", "neutral"]
+    snli = write_tsv(tmp_path / "snli.tsv", [(s, y) for (s, _), y in zip(rows, names)])
+    train(config(files["bare"], snli, tmp_path / "snli", max_steps=1))
+    err = capsys.readouterr().err
+    assert "snli.tsv: 2 row(s) have the label '-', trained as a class of its own (4 classes); SNLI and MNLI" in err, err
+    three = write_tsv(tmp_path / "three.tsv", [(s, y) for (s, _), y in zip(rows, names) if y != "-"])
+    train(config(files["bare"], three, tmp_path / "three", max_steps=1))
+    assert "trained as a class of its own" not in capsys.readouterr().err
