@@ -101,9 +101,11 @@ def test_labels_are_the_assistant_turns(chat_model, tmp_path):
 def test_the_served_prompt_is_the_trained_prompt(chat_model, tmp_path):
     """serve's chat_prompt for the conversation less its last reply is the tokens trained on before that reply."""
     pytest.importorskip("fastapi")
+    from bca_deploy.serving import MultiAdapterSession
     from bca_deploy.serving.chat_template import ChatTemplateRenderer
     from bca_deploy.serving.http import Server
     from bca_deploy.serving.options import ServeOptions
+    from bca_deploy.serving.prefix import bounded_ids
 
     tokenizer = _tokenizer(chat_model)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}])
@@ -111,10 +113,12 @@ def test_the_served_prompt_is_the_trained_prompt(chat_model, tmp_path):
     ids, labels = data.input_ids[0], data.labels[0]
     start = max(i for i in range(len(labels)) if labels[i] == IGNORE_INDEX) + 1  # the last reply's first token
     renderer = ChatTemplateRenderer(lambda: tokenizer, source="test", timeout_s=30, memory_mb=512, workers=1)
-    # serve's own Server.chat_prompt and _chat_ids over a session that tokenizes as MultiAdapterSession.text_ids does
-    session = types.SimpleNamespace(max_positions=128,
-                                    text_ids=lambda text, **o: list(tokenizer(text, **o)["input_ids"]),
+    # serve's own Server.chat_prompt and _chat_ids over a session that tokenizes as MultiAdapterSession.tokenize and
+    # text_ids do (its own tokenize, over this tokenizer)
+    session = types.SimpleNamespace(max_positions=128, with_past=True,
+                                    text_ids=lambda text, most=None, **o: bounded_ids(tokenizer, text, most, **o),
                                     prepare=lambda rows, input_param: [list(r) for r in rows])
+    session.tokenize = functools.partial(MultiAdapterSession.tokenize, session)
     server = types.SimpleNamespace(_chat_ready=True, options=ServeOptions(), session=session, chat_templates=renderer)
     server._chat_ids = functools.partial(Server._chat_ids, server)
     try:
