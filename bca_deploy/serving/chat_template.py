@@ -12,7 +12,9 @@ exception (``PyThreadState_SetAsyncExc``) interrupts one long C call (a big ``st
 such a constant while it compiles). A process can be killed, and its memory capped. So :class:`ChatTemplateRenderer`
 renders in a few worker processes (``python -I``, started on first use, ~60 MB each): each holds a pickled copy of
 the server's tokenizer and makes the very call the server made before, ``tokenizer.apply_chat_template(messages,
-add_generation_prompt=True, tokenize=False)``, so the text is the same, byte for byte, on any transformers version.
+add_generation_prompt=True, tokenize=False)`` (with a request's ``continue_final_message`` and template variables,
+vLLM's ``chat_template_kwargs``, when it sends them), so the text is the same, byte for byte, on any transformers
+version.
 A render past ``timeout_s`` is answered :class:`ChatTemplateLimitError` and its worker is killed (SIGKILL: its CPU
 is free at once) and replaced; a worker's address space is capped at what it maps when ready plus ``memory_mb``
 (``RLIMIT_AS``: an allocation past it raises ``MemoryError`` there, not in the server); a text longer than the
@@ -44,11 +46,31 @@ from typing import Any
 from ..errors import ServingError
 
 __all__ = ["ChatTemplateRenderer", "ChatTemplateLimitError", "ChatTemplateRenderError", "RenderedTooLongError",
-           "chat_template_source", "CHECK_MESSAGES", "CHAT_TOKENIZE_OPTIONS"]
+           "chat_template_source", "template_kwargs_problems", "CHECK_MESSAGES", "CHAT_TOKENIZE_OPTIONS",
+           "MAX_TEMPLATE_KWARGS_BYTES"]
 
 #: How a rendered conversation is tokenized (serve's chat prompts, training's conversations): the template writes the
 #: special tokens (BOS, role markers) as text, so none are added again, as ``apply_chat_template(tokenize=True)`` does.
 CHAT_TOKENIZE_OPTIONS: dict[str, Any] = {"add_special_tokens": False}
+
+#: The most bytes a request's template variables (``chat_template_kwargs``, as compact JSON) may hold: a flag such as
+#: ``{"enable_thinking": false}`` is 25; each render sends them to a worker process.
+MAX_TEMPLATE_KWARGS_BYTES = 65536
+
+#: Names a request's template variables may not take, and why: ``apply_chat_template``'s own arguments (the render's,
+#: set by the server or by the request's own fields) and ``messages`` (the conversation the template reads). vLLM
+#: refuses ``chat_template`` and ``tokenize`` there, and versions of it disagree on which of ``add_generation_prompt``
+#: given both ways wins, so each is refused naming it rather than read one way. Arguments a newer transformers adds
+#: are refused too (:func:`template_kwargs_problems` reads the signature).
+_RESERVED_TEMPLATE_KWARGS = {
+    "messages": "the conversation is the request's messages",
+    "conversation": "the conversation is the request's messages",
+    "add_generation_prompt": 'send "add_generation_prompt" as a field of the request',
+    "continue_final_message": 'send "continue_final_message" as a field of the request',
+    "documents": 'send "documents" as a field of the request',
+    "chat_template": "a chat template sent with a request is not accepted (see chat_template)",
+    "tools": "tool calling is not implemented",
+}
 
 #: The conversation ``serve`` renders once at start (under the same bounds) before it takes requests.
 CHECK_MESSAGES = ({"role": "user", "content": "Hello"},)
@@ -102,6 +124,44 @@ class RenderedTooLongError(ServingError):
     def __init__(self, chars: int) -> None:
         super().__init__(f"the chat template rendered {chars:,} characters")
         self.chars = chars
+
+
+def template_kwargs_problems(kwargs: dict[str, Any], field: str = "chat_template_kwargs") -> list[str]:
+    """What is wrong with a request's template variables (vLLM's ``chat_template_kwargs``: passed to the template as
+    ``apply_chat_template(..., **kwargs)`` passes them), each naming ``field`` and the key: more than
+    :data:`MAX_TEMPLATE_KWARGS_BYTES` as JSON, or a key that is an argument of the render itself (``messages``,
+    ``tokenize``, ``add_generation_prompt``, ``chat_template``... see :data:`_RESERVED_TEMPLATE_KWARGS`)."""
+    size = len(json.dumps(kwargs, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_TEMPLATE_KWARGS_BYTES:
+        return [f"{field}: {size:,} bytes as JSON; at most {MAX_TEMPLATE_KWARGS_BYTES:,} are taken (template "
+                "variables such as enable_thinking are a few bytes)"]
+    reserved = _render_arguments()
+    problems = []
+    for key in kwargs:
+        if key in reserved:
+            why = _RESERVED_TEMPLATE_KWARGS.get(key, "the server sets it: the template renders text, which the server "
+                                                     "tokenizes")
+            problems.append(f"{field}: {key!r} is an argument of the chat template render, not a template variable "
+                            f"({why})")
+    return problems
+
+
+@functools.cache
+def _render_arguments() -> frozenset[str]:
+    """:data:`_RESERVED_TEMPLATE_KWARGS` and every named argument of the installed transformers'
+    ``apply_chat_template`` (``tokenize``, ``return_dict``, ``tokenizer_kwargs``...)."""
+    names = set(_RESERVED_TEMPLATE_KWARGS) | {"tokenize", "padding", "truncation", "max_length", "return_tensors",
+                                              "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+    try:
+        import inspect
+
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+        names |= {p.name for p in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.values()
+                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+    except (ImportError, AttributeError, TypeError, ValueError):  # the names above, then
+        pass
+    return frozenset(names)
 
 
 class _WorkerGone(Exception):
@@ -252,10 +312,13 @@ class ChatTemplateRenderer:
 
     # ---- requests ----
     async def render(self, messages: Sequence[dict[str, Any]], max_chars: int,
-                     then: Callable[[str], Any] | None = None, tenant: Any = None) -> Any:
-        """``messages`` through the template, with the generation prompt (see :meth:`render_sync` for errors);
-        ``then(text)`` instead when given, called in the same thread (one thread hop for both: tokenizing it).
-        ``tenant``: whose render it is (the adapter; None: the base model), held to :attr:`per_tenant` workers.
+                     then: Callable[[str], Any] | None = None, tenant: Any = None, *,
+                     add_generation_prompt: bool = True, continue_final_message: bool = False,
+                     template_kwargs: dict[str, Any] | None = None) -> Any:
+        """``messages`` through the template, with the generation prompt unless ``add_generation_prompt`` is false (see
+        :meth:`render_sync` for errors and the other arguments); ``then(text)`` instead when given, called in the same
+        thread (one thread hop for both: tokenizing it). ``tenant``: whose render it is (the adapter; None: the base
+        model), held to :attr:`per_tenant` workers.
 
         Raises also :class:`~bca_deploy.serving.wire.ServerBusyError` when no worker is free for it within
         ``timeout_s``.
@@ -300,7 +363,9 @@ class ChatTemplateRenderer:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(self.workers,
                                                                        thread_name_prefix="bca-chat-template")
-            future = loop.run_in_executor(self._executor, self._render_then, messages, max_chars, then)
+            render = functools.partial(self.render_sync, messages, max_chars, add_generation_prompt,
+                                       continue_final_message, template_kwargs)
+            future = loop.run_in_executor(self._executor, self._render_then, render, then)
         except BaseException:
             slots.release()
             release_tenant()
@@ -309,16 +374,21 @@ class ChatTemplateRenderer:
         future.add_done_callback(functools.partial(_finished, slots, release_tenant))
         return await asyncio.shield(future)
 
-    def _render_then(self, messages: Sequence[dict[str, Any]], max_chars: int, then: Callable[[str], Any] | None):
-        text = self.render_sync(messages, max_chars)
+    @staticmethod
+    def _render_then(render: Callable[[], str], then: Callable[[str], Any] | None):
+        text = render()
         return text if then is None else then(text)
 
     # ---- blocking ----
     def render_sync(self, messages: Sequence[dict[str, Any]], max_chars: int,
-                    add_generation_prompt: bool = True) -> str:
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    template_kwargs: dict[str, Any] | None = None) -> str:
         """``messages`` through the template, as ``tokenizer.apply_chat_template(messages,
-        add_generation_prompt=add_generation_prompt, tokenize=False)`` renders them, in a worker process (training
-        renders conversations without the generation prompt too, to find the assistant turns' spans).
+        add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs)`` renders them (with
+        ``continue_final_message=True`` when asked: the last message left open, for the model to continue), in a
+        worker process (training renders conversations without the generation prompt too, to find the assistant
+        turns' spans). ``template_kwargs``: JSON values (a request's ``chat_template_kwargs`` and ``documents``,
+        checked by :func:`template_kwargs_problems`).
 
         Raises:
             ChatTemplateLimitError: not done within ``timeout_s``, or over ``memory_mb`` (the worker was stopped).
@@ -327,8 +397,13 @@ class ChatTemplateRenderer:
             ServerBusyError: the renderer was closed (the server is stopping).
             ServingError: a worker could not start, or died while rendering.
         """
-        request = json.dumps({"messages": list(messages), "max_chars": int(max_chars),
-                              "add_generation_prompt": bool(add_generation_prompt)}).encode()
+        ask: dict[str, Any] = {"messages": list(messages), "max_chars": int(max_chars),
+                               "add_generation_prompt": bool(add_generation_prompt)}
+        if continue_final_message:
+            ask["continue_final_message"] = True
+        if template_kwargs:
+            ask["kwargs"] = template_kwargs
+        request = json.dumps(ask).encode()
         worker = self._take()
         started = time.perf_counter()
         keep = False
@@ -477,7 +552,8 @@ class ChatTemplateRenderer:
 
 
 def _worker_main(requests, replies) -> None:  # pragma: no cover - runs in the worker process
-    """Render requests until the pipe closes: ``{"messages", "max_chars"}`` in, one JSON reply out for each."""
+    """Render requests until the pipe closes: ``{"messages", "max_chars", "add_generation_prompt",
+    "continue_final_message"?, "kwargs"?}`` in, one JSON reply out for each."""
     try:
         _serve_requests(requests, replies)
     except (EOFError, OSError):  # its server went away (or closed it) mid-message: nothing to say, no one to say it to
@@ -519,13 +595,17 @@ def _serve_requests(requests, replies) -> None:  # pragma: no cover - runs in th
 def _render(tokenizer, request: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - in the worker process
     from jinja2 import TemplateError
 
+    kwargs = dict(request.get("kwargs") or {})
+    if request.get("continue_final_message"):  # only when asked: the call is the one it always was otherwise
+        kwargs["continue_final_message"] = True
     try:
         text = tokenizer.apply_chat_template(request["messages"], tokenize=False,
-                                             add_generation_prompt=request.get("add_generation_prompt", True))
+                                             add_generation_prompt=request.get("add_generation_prompt", True),
+                                             **kwargs)
     except MemoryError:
         return {"memory": True, "recycle": True}  # whatever the template left half-built: start afresh
-    except TemplateError as exc:
-        return {"error": str(exc)[:300]}
+    except (TemplateError, ValueError) as exc:  # ValueError: transformers' (continue_final_message on a template
+        return {"error": str(exc)[:300] or type(exc).__name__}  # that drops the final message...), said as it is
     except RecursionError:
         return {"error": "RecursionError"}
     except Exception as exc:  # noqa: BLE001 - the template's failure on these messages, named

@@ -803,16 +803,27 @@ class Server:
             sum(len(r) for r in token_rows))
         return result, token_rows
 
-    async def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
-        """Token ids of ``messages`` through the tokenizer's chat template (with the generation prompt), rendered by
-        :attr:`chat_templates` in a worker process within ``--chat-template-timeout-s`` and ``--chat-template-memory-mb``
+    async def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None, *,
+                          add_generation_prompt: bool = True, continue_final_message: bool = False,
+                          template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``messages`` through the tokenizer's chat template, rendered by :attr:`chat_templates` in a
+        worker process within ``--chat-template-timeout-s`` and ``--chat-template-memory-mb``
         (:class:`~bca_deploy.serving.chat_template.ChatTemplateLimitError` past them); ``adapter`` (None: the base
-        model) is the tenant whose renders share the workers with the others' (one tenant holds all but one)."""
+        model) is the tenant whose renders share the workers with the others' (one tenant holds all but one).
+
+        The text is ``apply_chat_template(messages, add_generation_prompt=..., continue_final_message=...,
+        **template_kwargs)``'s (vLLM's request fields; ``template_kwargs`` checked by
+        :func:`~bca_deploy.serving.chat_template.template_kwargs_problems`), tokenized without special tokens unless
+        ``add_special_tokens`` (vLLM's: a BOS added on top of the template's own)."""
         if not self._chat_ready:  # the tokenizer may load now (seconds): off the event loop
             await run_in_threadpool(self._require_chat_template)
         limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
+        ids = functools.partial(self._chat_ids, add_special_tokens=add_special_tokens)
         try:  # tokenized in the render's thread: one thread hop for both
-            return await self.chat_templates.render(messages, limit, then=self._chat_ids, tenant=adapter)
+            return await self.chat_templates.render(messages, limit, then=ids, tenant=adapter,
+                                                    add_generation_prompt=add_generation_prompt,
+                                                    continue_final_message=continue_final_message,
+                                                    template_kwargs=template_kwargs)
         except RenderedTooLongError as exc:  # bounded before tokenizing: 4 MB of messages took 5 s of it
             raise ContextLengthError(
                 f"messages: the conversation, as the chat template writes it, is {exc.chars:,} characters; this "
@@ -829,11 +840,13 @@ class Server:
                                "a prompt; use /v1/completions with a prompt instead")
         self._chat_ready = True
 
-    def _chat_ids(self, text: str) -> list[int]:
+    def _chat_ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
-        # as transformers' apply_chat_template(tokenize=True) does; with one of the session's tokenizer copies, no
-        # more of a conversation past the context than shows it is (refused naming "messages")
-        ids = self.session.tokenize([text], refuse_param="messages", **CHAT_TOKENIZE_OPTIONS)[0]
+        # as transformers' apply_chat_template(tokenize=True) does (unless the request asks, vLLM's
+        # add_special_tokens); with one of the session's tokenizer copies, no more of a conversation past the context
+        # than shows it is (refused naming "messages")
+        options = {**CHAT_TOKENIZE_OPTIONS, "add_special_tokens": True} if add_special_tokens else CHAT_TOKENIZE_OPTIONS
+        ids = self.session.tokenize([text], refuse_param="messages", **options)[0]
         return self.session.prepare([ids], input_param="messages")[0]
 
     def check_chat_template(self) -> None:

@@ -39,9 +39,11 @@ are refused with 400 (``invalid_request``; the native routes answer 422) unless 
 value (``best_of`` > 1, ``logprobs``, ``echo``, ``suffix``, ``logit_bias``,
 ``tools``, ``response_format`` other than text, ...; completions' ``logprobs`` 0 asks for the chosen tokens'
 log-probabilities, so only null is neutral). vLLM's extensions: ``top_k``, ``stop_token_ids``,
-``repetition_penalty``, ``ignore_eos``, ``min_tokens`` and ``stream_options.continuous_usage_stats`` are served;
-``min_p``, ``skip_special_tokens``, ``spaces_between_special_tokens`` and ``include_stop_str_in_output`` are accepted
-at vLLM's default only.
+``repetition_penalty``, ``ignore_eos``, ``min_tokens`` and ``stream_options.continuous_usage_stats`` are served, and
+chat's ``chat_template_kwargs``, ``documents``, ``add_generation_prompt``, ``continue_final_message``, ``echo`` and
+``add_special_tokens`` (see :class:`ChatCompletionRequest`); ``min_p``, ``skip_special_tokens``,
+``spaces_between_special_tokens``, ``include_stop_str_in_output`` and ``truncate_prompt_tokens`` are accepted at
+vLLM's default only, and a request's ``chat_template`` is refused.
 Other fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see :mod:`bca_deploy.serving.wire`),
 so the client raises its typed exceptions.
 """
@@ -147,6 +149,7 @@ class _Sampling(_OpenAIRequest):
     skip_special_tokens: StrictBool | None = None
     spaces_between_special_tokens: StrictBool | None = None
     include_stop_str_in_output: StrictBool | None = None
+    truncate_prompt_tokens: StrictInt | None = None
     # OpenAI fields that do not change the answer: accepted, ignored.
     metadata: dict[str, Any] | None = None
     store: StrictBool | None = None
@@ -164,6 +167,9 @@ class _Sampling(_OpenAIRequest):
                 "special tokens are left out of text")
         _refuse(problems, "include_stop_str_in_output", self.include_stop_str_in_output, False,
                 "the text is cut before a stop string")
+        _refuse(problems, "truncate_prompt_tokens", self.truncate_prompt_tokens, None,
+                "prompts are not truncated: one longer than the model's context is refused with "
+                "context_length_exceeded; send a shorter prompt")
         if self.stream_options is not None:
             # OpenAI's keys, and vLLM's continuous_usage_stats (usage in every chunk, with include_usage)
             extra = set(self.stream_options) - {"include_usage", "include_obfuscation", "continuous_usage_stats"}
@@ -275,7 +281,18 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    """``POST /v1/chat/completions``: messages through the tokenizer's chat template, one choice."""
+    """``POST /v1/chat/completions``: messages through the tokenizer's chat template.
+
+    vLLM's chat extensions are served as vLLM serves them (null: the default): ``chat_template_kwargs`` (template
+    variables such as Qwen3's ``enable_thinking``; keys that are arguments of the render itself are refused, see
+    :func:`~bca_deploy.serving.chat_template.template_kwargs_problems`) and ``documents`` reach the template;
+    ``add_generation_prompt`` (true) and ``continue_final_message`` (false: the last message left open, for the model
+    to continue: a prefilled answer) are the render's, both true refused as vLLM refuses them; without the generation
+    prompt the answer's role is the last message's (vLLM's). ``echo``: the answer starts with the last message's text
+    when that message has the answer's role. ``add_special_tokens`` (false): the tokenizer's special tokens added to
+    the rendered text. ``chat_template`` (a template sent with the request: code run on the server) is refused, as
+    vLLM refuses it unless started with ``--trust-request-chat-template``.
+    """
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
@@ -291,9 +308,28 @@ class ChatCompletionRequest(_Sampling):
     reasoning_effort: Any = None
     verbosity: Any = None
     web_search_options: Any = None
+    # vLLM's chat extensions (see the class docstring); null is the default
+    echo: StrictBool | None = None
+    add_generation_prompt: StrictBool | None = None
+    continue_final_message: StrictBool | None = None
+    add_special_tokens: StrictBool | None = None
+    documents: list[dict[str, StrictStr]] | None = None
+    chat_template: StrictStr | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
+        from .chat_template import template_kwargs_problems
+
         problems = super().unsupported()
+        if self.chat_template is not None:
+            problems.append("chat_template: a chat template sent with a request is not accepted (a template is code "
+                            "the server would run; vLLM refuses it too unless started with "
+                            "--trust-request-chat-template); this server renders the model's own template")
+        if self.chat_template_kwargs:
+            problems += template_kwargs_problems(self.chat_template_kwargs)
+        if self.continue_final_message and self.generation_prompt:
+            problems.append('continue_final_message: cannot be true with add_generation_prompt true (its default), '
+                            'as in vLLM: send "add_generation_prompt": false to continue the last message')
         _refuse(problems, "logprobs", self.logprobs, False, "log-probabilities are not returned")
         _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
         _refuse(problems, "tool_choice", self.tool_choice, ("none", "auto"), "tool calling is not implemented")
@@ -308,6 +344,30 @@ class ChatCompletionRequest(_Sampling):
                 and self.max_tokens != self.max_completion_tokens:
             problems.append("max_completion_tokens: disagrees with max_tokens; send one of them")
         return problems
+
+    @property
+    def generation_prompt(self) -> bool:
+        """``add_generation_prompt``, null read as vLLM's default (true)."""
+        return self.add_generation_prompt is not False
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The template variables of the render: ``chat_template_kwargs``, and ``documents`` when given (transformers'
+        argument of that name, as vLLM passes it)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.documents is not None:
+            kwargs["documents"] = self.documents
+        return kwargs
+
+    def answer_role(self) -> str:
+        """The answer's role, as vLLM gives it: the assistant's after the generation prompt, else the last message's
+        (the one continued, with ``continue_final_message``)."""
+        return "assistant" if self.generation_prompt else self.messages[-1].role
+
+    def echoed(self) -> str:
+        """What vLLM's ``echo`` puts before each choice's text: the last message's text when that message has the
+        answer's role (a prefilled assistant message), else nothing."""
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == self.answer_role() else ""
 
 
 class LoadLoraRequest(BaseModel):
@@ -425,7 +485,11 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         check(req)
         adapter = server.select(request, req.model, param="model")
         server.check_rows(req.n, "n")  # every choice is a row
-        prompt = await server.chat_prompt([m.for_template() for m in req.messages], adapter)
+        prompt = await server.chat_prompt([m.for_template() for m in req.messages], adapter,
+                                          add_generation_prompt=req.generation_prompt,
+                                          continue_final_message=bool(req.continue_final_message),
+                                          template_kwargs=req.template_kwargs() or None,
+                                          add_special_tokens=bool(req.add_special_tokens))
         return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None)
 
     @app.post("/v1/load_lora_adapter")
@@ -573,6 +637,8 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         raise _renamed(exc, _max_tokens_param(req)) from None
     ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
+    chat = isinstance(req, ChatCompletionRequest)
+    role, echo = (req.answer_role(), req.echoed()) if chat else ("assistant", "")
     if req.stream:
         # the status line goes out with the first event, not before: a request whose rows fail before any token
         # (its adapter unloaded while they queued, the graph refusing them) is answered with the error's status
@@ -592,7 +658,7 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         # vLLM's continuous_usage_stats: every chunk carries its choice's usage so far (only with include_usage)
         continuous = include_usage and bool(stream_options.get("continuous_usage_stats"))
         events = _stream_events(request, server, pumps, first, kind, ident, created, req.model, include_usage,
-                                continuous, n)
+                                continuous, n, role=role, echo=echo)
         return ClosingStreamingResponse(events, media_type="text/event-stream", on_close=pumps.close,
                                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     try:
@@ -605,7 +671,7 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
     choices = []
     for i, result in enumerate(results):
         if kind == "chat.completion":
-            choices.append({"index": i, "message": {"role": "assistant", "content": result.text},
+            choices.append({"index": i, "message": {"role": role, "content": echo + result.text},
                             "logprobs": None, "finish_reason": result.finish_reason})
         else:
             choices.append({"index": i, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason})
@@ -685,7 +751,7 @@ class _Pumps:
 
 async def _stream_events(request: Request, server: Server, pumps: _Pumps, first: tuple, kind: str, ident: str,
                          created: int, model: str, include_usage: bool, continuous: bool = False,
-                         n: int = 1) -> AsyncIterator[bytes]:
+                         n: int = 1, role: str = "assistant", echo: str = "") -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per token and choice, a last chunk per choice with its finish_reason, [DONE].
 
     ``first``: the first item of ``pumps`` (read before the answer started). A failure after the answer started is
@@ -693,6 +759,8 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
     cancelled and leave the batch at the next step. ``include_usage``: every chunk has ``usage`` (null; with
     ``continuous``, its choice's prompt and completion tokens so far, as vLLM's ``continuous_usage_stats``), then a
     last chunk with no choices carries the request's usage (each prompt's ``n`` choices counted as :func:`_usage`).
+    Chat: each choice's first chunk has the answer's ``role``; ``echo`` (vLLM's, see
+    :meth:`ChatCompletionRequest.echoed`), when not empty, is each choice's next chunk, as vLLM sends it.
     """
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     streams = pumps.streams
@@ -702,7 +770,7 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False, tokens: int = 0) -> bytes:
         if kind == "chat.completion":
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else \
+            delta: dict[str, Any] = {"role": role, "content": ""} if first else \
                 ({"content": text} if text is not None else {})
             choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
@@ -719,6 +787,9 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
         if kind == "chat.completion":
             for i in range(len(streams)):
                 yield chunk(i, None, None, first=True)
+            if echo:
+                for i in range(len(streams)):
+                    yield chunk(i, echo, None)
         left = len(streams)
         item = first
         while left:
