@@ -182,15 +182,29 @@ def match_target_modules(model: nn.Module, target_modules: Sequence[str] | str) 
     if problems:
         raise TargetModuleError(format_problems("target_modules selected modules that cannot be adapted:", problems))
     if not names:
-        adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_adaptable(m)})
+        paths = [n for n, m in model.named_modules() if n and is_adaptable(m)]
+        adaptable = sorted({n.rsplit(".", 1)[-1] for n in paths})
         named, reason = fused_targets(model, target_modules)
         raise TargetModuleError(
             f"target_modules {target_modules!r} matched no module of this {type(model).__name__}; "
             f"its Linear/Conv1D module names are: {', '.join(adaptable) or '(none)'}"
             + (f". {', '.join(named)}: {reason}; adapt the experts with transformers 4.x, or target other modules"
                if named else "")
+            + (_regex_hint(target_modules, paths) if isinstance(target_modules, str) else "")
         )
     return names
+
+
+def _regex_hint(pattern: str, paths: Sequence[str]) -> str:
+    """Why a regex string matched nothing: it must match a module's whole path (PEFT's rule), so ``'query'``, which
+    the list of names beside it seems to allow, matches no path; an example path and the two ways to write it."""
+    if not paths:
+        return ""
+    path = next((p for p in paths if p.rsplit(".", 1)[-1] in pattern), paths[0])
+    leaf = path.rsplit(".", 1)[-1]
+    return (f". A string is a regular expression matched against each module's whole path (as PEFT matches it), "
+            f"such as '{path}': write r'.*\\.{leaf}' to match the paths ending in .{leaf}, or pass a list "
+            f"(['{leaf}']) to match path endings")
 
 
 def _parent_module(model: nn.Module, name: str) -> nn.Module | None:

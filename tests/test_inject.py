@@ -134,6 +134,22 @@ def test_unknown_target_lists_available_names():
     assert not list(bd.bca_layers(model))
 
 
+def test_a_regex_string_that_names_a_layer_alone_says_it_must_match_the_whole_path():
+    # README: target_modules=["query", "value"] "or a regex string". The string "q_proj" matches no whole path
+    # (PEFT's rule), while the names listed beside it include q_proj: the message says how to write it both ways.
+    model = tiny_llama()
+    with pytest.raises(TargetModuleError) as err:
+        bd.inject(model, "q_proj", block_size=8)
+    message = str(err.value)
+    assert "regular expression matched against each module's whole path" in message
+    assert "'model.layers.0.self_attn.q_proj'" in message and r"r'.*\.q_proj'" in message and "(['q_proj'])" in message
+    assert not list(bd.bca_layers(model))
+    # the two ways it suggests select the same layers
+    paths = [n for n, _ in bd.bca_layers(bd.inject(tiny_llama(), r".*\.q_proj", block_size=8))]
+    assert paths == [n for n, _ in bd.bca_layers(bd.inject(tiny_llama(), ["q_proj"], block_size=8))]
+    assert paths == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
 def test_non_linear_target_refused():
     with pytest.raises(TargetModuleError, match="LayerNorm.*not a Linear"):
         bd.inject(tiny_bert(), ["LayerNorm"], block_size=8)
