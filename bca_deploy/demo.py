@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointFormatError, InvalidOptionError, ServingError, format_problems
-from .training.config import seed_range_problem
+from .training.config import TrainConfig, seed_range_problem
 
 __all__ = [
     "DemoConfig",
@@ -48,6 +48,8 @@ __all__ = [
     "generated_task",
     "run_demo",
 ]
+
+TRAIN_BLOCK_SIZE = TrainConfig.__dataclass_fields__["block_size"].default  # `bca-deploy train`'s default p
 
 #: Rows of a user's file kept for evaluation: a fifth, at most this many.
 MAX_HELDOUT_ROWS = 200
@@ -718,8 +720,12 @@ class _Demo:
         first = self.result.classifiers[0]
         model, adapter = q(str(self.model_dir)), q(str(first.adapter_dir))
         data = q(str(self.cfg.data)) if self.cfg.data else "YOUR_TRAIN.tsv"
+        # the adapter options this run trained with, where train's own defaults differ (a decoder's
+        # --block-size 16: train's 64 would not divide its layers)
+        options = "".join([f" --block-size {self.cfg.block_size}" if self.cfg.block_size != TRAIN_BLOCK_SIZE else "",
+                           f" --targets {q(','.join(self.cfg.targets))}" if self.cfg.targets else ""])
         commands = [
-            f"bca-deploy train --model {model} --data {data} --eval-data YOUR_DEV.tsv --out runs/mine",
+            f"bca-deploy train --model {model} --data {data} --eval-data YOUR_DEV.tsv{options} --out runs/mine",
             f"bca-deploy merge --model {model} --adapter {adapter} --out merged-{first.name}",
             f"bca-deploy export --model {model} --adapter {adapter} --merge --out onnx-{first.name}",
         ]

@@ -187,6 +187,30 @@ def _user_file(path: Path, rows: int = 30) -> Path:
     return path
 
 
+def test_the_next_train_command_trains_with_the_demos_block_size_and_targets(tmp_path):
+    # `demo --block-size 16` (a decoder whose layers 64 does not divide) printed `bca-deploy train ...` without it:
+    # copied, that command trained at train's default p=64 (or was refused). Run it as printed, on the demo's own
+    # data, and read what it trained from the adapter it wrote.
+    import shlex
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--no-onnx", "--steps", "1", "--batch-size", "4",
+                                       "--block-size", "32", "--targets", "query,value"])
+    assert result.exit_code == 0, result.output
+    demo_config = json.loads((out / "train" / "sentiment" / "best" / "adapter_config.json").read_text())
+    command = next(line.strip() for line in result.output.splitlines() if line.strip().startswith("bca-deploy train"))
+    args = shlex.split(command.replace("YOUR_TRAIN.tsv", str(out / "data" / "sentiment-train.jsonl"))
+                       .replace("YOUR_DEV.tsv", str(out / "data" / "sentiment-heldout.jsonl"))
+                       .replace("runs/mine", str(tmp_path / "mine")))[1:]
+    run = CliRunner().invoke(main, [*args, "--max-steps", "1", "--batch-size", "4", "--no-progress"])
+    assert run.exit_code == 0, run.output
+    config = json.loads((tmp_path / "mine" / "best" / "adapter_config.json").read_text())
+    assert {m["block_size"] for m in config["modules"].values()} == {32}
+    assert config["modules"].keys() == demo_config["modules"].keys()
+    assert sorted(config["modules"])[:2] == ["bert.encoder.layer.0.attention.self.query",
+                                             "bert.encoder.layer.0.attention.self.value"]
+
+
 def test_demo_with_a_data_file_trains_on_it(tmp_path):
     data = _user_file(tmp_path / "reviews.tsv")
     out = tmp_path / "out"
