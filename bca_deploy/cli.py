@@ -232,6 +232,10 @@ def main(debug: bool) -> None:
 def inspect(adapter: Path) -> None:
     """Print what an adapter directory (bca-deploy or PEFT C3A) or an ONNX export directory holds.
 
+    An adapter's tensors are read and checked as every reader checks them; a weights file over 1 GiB is
+    described from its header, its values not read.
+
+    \f
     An adapter is described from its config and its weights file's header (names, dtypes, shapes, declared sizes:
     :func:`bca_deploy.adapter_io.read_adapter_header`, which refuses tensors whose declared size does not fit the
     file or the config); its tensors are read and checked as every reader checks them only when the file is at most

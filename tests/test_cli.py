@@ -32,6 +32,16 @@ def test_every_command_has_help():
         assert "Usage:" in sub.output
 
 
+def test_help_shows_no_docstring_markup():
+    # `inspect --help` printed its docstring's Sphinx roles (":func:`bca_deploy.adapter_io.read_adapter_header`")
+    runner = CliRunner()
+    for name in main.commands:
+        output = runner.invoke(main, [name, "--help"], terminal_width=200).output
+        assert not [role for role in (":func:", ":data:", ":class:", ":mod:", "``") if role in output], (name, output)
+    assert "over 1 GiB is described from its header" in runner.invoke(main, ["inspect", "--help"],
+                                                                      terminal_width=200).output
+
+
 def test_inspect(adapter_dir):
     result = CliRunner().invoke(main, ["inspect", str(adapter_dir)])
     assert result.exit_code == 0, result.output
