@@ -1275,6 +1275,24 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
     return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm", lines=lines), dropped
 
 
+def _not_a_turn_prefix(before: str, through: str, whole: str) -> str:
+    """Why a conversation's assistant turn cannot be told apart (its renders' tokens are not a prefix of the whole's):
+    ``before`` (the turns before it, with the generation prompt), ``through`` (up to it) and ``whole`` rendered."""
+    if whole.startswith(before) and whole.startswith(through):
+        # the texts follow one another: the tokenizer joins the generation prompt's end to the reply's start (a
+        # template whose prompt ends in a space, "assistant: ", before a byte-level BPE's " Hello" token)
+        tail = before.rstrip("\n").rpartition("\n")[2][-40:] or before[-40:]
+        return (f"the chat template's text is the turns one after another, but the tokenizer reads text across a "
+                f"turn's edge as one token (the generation prompt ends {tail!r}, and its end joins the reply's "
+                "start), so the prompt serve sends before a reply is not how the reply was trained to follow it; a "
+                "generation prompt that ends in a space does this: end it with a newline or a special token, or use "
+                "prompt/response columns for this model")
+    return ("the chat template does not write the conversation as its turns one after another (the conversation "
+            "rendered up to that reply, with the generation prompt, is not a prefix of the whole: the template "
+            "rewrites earlier turns), so the assistant turns cannot be told apart; use prompt/response columns for "
+            "this model")
+
+
 #: Seconds and MiB one render of a training conversation's chat template may take (the bounds ``serve`` applies by
 #: default to a chat request's render).
 CHAT_RENDER_TIMEOUT_S = 5.0
@@ -1350,11 +1368,10 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
                 problems.append(f"line {line}: {str(exc).removeprefix('messages: ').split(' (--chat-template')[0]}")
                 continue
             if bad is not None:
-                problems.append(
-                    f"line {line}: message {bad} (assistant): the chat template does not write the conversation as "
-                    "its turns one after another (the conversation rendered up to that reply, with the generation "
-                    "prompt, is not a token prefix of the whole: the template rewrites earlier turns), so the "
-                    "assistant turns cannot be told apart; use prompt/response columns for this model")
+                problems.append(f"line {line}: message {bad} (assistant): " + _not_a_turn_prefix(
+                    renderer.render_sync(messages[:bad], limit, add_generation_prompt=True),
+                    renderer.render_sync(messages[:bad + 1], limit, add_generation_prompt=False),
+                    renderer.render_sync(messages, limit, add_generation_prompt=False)))
                 continue
             out.append((line, whole[:max_length], target[:max_length]))
     except ServingError as exc:  # a worker could not start or died

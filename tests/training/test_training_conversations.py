@@ -254,3 +254,42 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
         load_dataset(path, "causal-lm", _tokenizer(model), 64, model=model)
     message = str(caught.value)
     assert "line 1: message 2 (assistant)" in message and "rewrites earlier turns" in message, message
+
+
+def test_a_generation_prompt_ending_in_a_space_is_refused_naming_the_token_that_joins_it_to_the_reply(tmp_path):
+    """helper-111: a template whose generation prompt ends in "assistant: " with a byte-level BPE (" the" one token)
+    renders the turns one after another, but the prompt's tokens are no prefix of the conversation's: it was refused
+    as "the template rewrites earlier turns", which sent the user after the wrong cause. Now the message names the
+    join and what to change."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    texts = [" ".join(WORDS)] * 20 + ["user: how is the water\nassistant: the water is hot\n"] * 20
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    directory = tmp_path / "spaced"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    messages = [{"role": "user", "content": "how is the water"}, {"role": "assistant", "content": "the water is hot"}]
+    # the premise: the texts follow one another, the tokens do not
+    before = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert whole.startswith(before)
+    ids = functools.partial(tokenizer, add_special_tokens=False)
+    assert ids(whole)["input_ids"][:len(ids(before)["input_ids"])] != ids(before)["input_ids"]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    with pytest.raises(DataError) as caught:
+        load_dataset(path, "causal-lm", _tokenizer(directory), 64, model=directory)
+    message = str(caught.value)
+    assert "line 1: message 1 (assistant)" in message and "'assistant: '" in message, message
+    assert "as one token" in message and "rewrites earlier turns" not in message, message
