@@ -483,7 +483,8 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
         click.echo("note: not checked against a base model (pass --model): a module the PEFT config adapts but the "
                    "file has no kernel for (PEFT would draw a random one) is found only by merge, export and loading")
     if names is not None:
-        click.echo(f"labels: {', '.join(names)}")
+        # names holding a comma as the JSON array they were given as: "bad, very, neutral" would read as three
+        click.echo(f"labels: {json.dumps(names, ensure_ascii=False) if any(',' in n for n in names) else ', '.join(names)}")
     if to == "peft":
         written = json.loads((path / "adapter_config.json").read_text())
         click.echo(f"task_type: {written.get('task_type')}; base_model_name_or_path: "

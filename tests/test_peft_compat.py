@@ -510,7 +510,7 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
     out = tmp_path / "json-names"
     result = convert("--to", "bca", "--out", str(out), "--label-names", '["bad, very", "neutral", "good, very"]',
                      "--model", str(base))
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0 and 'labels: ["bad, very", "neutral", "good, very"]' in result.output, result.output
     assert resolve_task(base, [out]).head.id2label == {0: "bad, very", 1: "neutral", 2: "good, very"}
     # a --model of another architecture is refused naming it (it said the adapter saved no classifier); nothing of it
     # is recorded (a config alone does not tell that the adapter's modules are that model's)
