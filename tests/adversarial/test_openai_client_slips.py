@@ -6,7 +6,10 @@
   client to "decode using utf-8-sig": now read as JSON, as FastAPI (vLLM) reads it;
 - a chat message with an image (or audio) part, or a part that is not a text part, got pydantic's attempt at each
   branch of the union, naming the private ``_TextPart``: now one line naming the part and what is wrong with it;
-- ``stop_token_ids`` with a negative id or too many ids said "got tuple": now which entry, or how many.
+- ``stop_token_ids`` with a negative id or too many ids said "got tuple": now which entry, or how many;
+- ``stop_token_ids`` past int64 with ``min_tokens`` was a 500 (``OverflowError`` building the min-tokens mask), and
+  ids past the vocabulary were taken (no step can choose them): now a 400 naming the field and the vocabulary, as
+  vLLM refuses out-of-vocabulary stop ids (helper-114's probe).
 
 Tiny Llama bank, in-process server on loopback.
 """
@@ -90,3 +93,15 @@ def test_bad_stop_token_ids_say_what_is_wrong(url, ids, words):
     status, answer = call(url + "/v1/completions", "POST", {**BODY, "stop_token_ids": ids})
     assert_error(status, answer, 400, "invalid_request", words=[words])
     assert answer["error"]["param"] == "stop_token_ids" and "tuple" not in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("ids, extra", [([2**63], {"min_tokens": 1}), ([5, 10**30], {"min_tokens": 2, "stream": True}),
+                                        ([128], {}), ([3, 200], {"min_tokens": 1, "ignore_eos": True})])
+def test_stop_token_ids_outside_the_vocabulary_are_refused_naming_them(url, ids, extra):
+    status, answer = call(url + "/v1/completions", "POST", {**BODY, "stop_token_ids": ids, **extra})
+    assert_error(status, answer, 400, "invalid_request", words=["stop_token_ids", "[0, 128)", str(ids[-1])[:20]])
+    assert answer["error"]["param"] == "stop_token_ids"
+    # the last id inside it is served, min_tokens holding it
+    status, answer = call(url + "/v1/completions", "POST", {**BODY, "stop_token_ids": [127], **extra,
+                                                            "stream": False})
+    assert status == 200 and answer["choices"][0]["finish_reason"] in ("stop", "length"), answer
