@@ -183,6 +183,18 @@ class _Sampling(_OpenAIRequest):
                 problems.append("stream_options: only with stream: true")
         return problems
 
+    def usage_options(self) -> tuple[bool, bool]:
+        """``(include_usage, continuous)`` of a streamed answer, from ``stream_options``: OpenAI's ``include_usage``
+        (a last chunk with the request's usage; left out: false, OpenAI's default) and vLLM's
+        ``continuous_usage_stats`` (every chunk with its choice's usage so far, only with ``include_usage``). Sent
+        without ``include_usage``, ``continuous_usage_stats`` reads it as vLLM's default (true): a client of vLLM's
+        field gets the usage vLLM sends it, not none."""
+        options = self.stream_options or {}
+        continuous = bool(options.get("continuous_usage_stats"))
+        include = options.get("include_usage")
+        include = continuous if include is None else bool(include)
+        return include, include and continuous
+
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (OpenAI's legacy completions): one choice per prompt."""
@@ -653,10 +665,7 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         if first[2] == "error":
             await pumps.close()
             raise first[1]
-        stream_options = req.stream_options or {}
-        include_usage = bool(stream_options.get("include_usage"))
-        # vLLM's continuous_usage_stats: every chunk carries its choice's usage so far (only with include_usage)
-        continuous = include_usage and bool(stream_options.get("continuous_usage_stats"))
+        include_usage, continuous = req.usage_options()
         events = _stream_events(request, server, pumps, first, kind, ident, created, req.model, include_usage,
                                 continuous, n, role=role, echo=echo)
         return ClosingStreamingResponse(events, media_type="text/event-stream", on_close=pumps.close,

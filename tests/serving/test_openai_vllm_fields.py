@@ -267,10 +267,17 @@ def test_continuous_usage_stats_give_every_chunk_its_choices_usage(llm, session)
         assert seen == sorted(seen) and seen[-1] == 5, (index, seen)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
     assert chunks[-1].usage.prompt_tokens == prompt_tokens
-    # without include_usage it changes nothing (vLLM's rule); a value that is not a boolean is refused
-    plain = list(llm.completions.create(model="a0", prompt=PROMPTS[1], max_tokens=2, temperature=0, stream=True,
-                                        stream_options={"continuous_usage_stats": True}))
-    assert all(c.usage is None for c in plain) and all(c.choices for c in plain)
+    # sent alone it reads include_usage as vLLM's StreamOptions defaults it (true): the same usage, not none (it was
+    # none: a vLLM client asking for every chunk's usage got no usage at all); with include_usage false, none (vLLM's
+    # rule: continuous only with include_usage); a value that is not a boolean is refused
+    alone = list(llm.completions.create(model="a0", prompt=PROMPTS[1], n=2, max_tokens=5, temperature=0, stream=True,
+                                        stream_options={"continuous_usage_stats": True},
+                                        extra_body={"ignore_eos": True}))
+    assert [(c.choices, c.usage) for c in alone] == [(c.choices, c.usage) for c in chunks]
+    for options in ({"include_usage": False, "continuous_usage_stats": True}, {"continuous_usage_stats": False}):
+        plain = list(llm.completions.create(model="a0", prompt=PROMPTS[1], max_tokens=2, temperature=0, stream=True,
+                                            stream_options=options))
+        assert all(c.usage is None for c in plain) and all(c.choices for c in plain), options
     with pytest.raises(openai.BadRequestError) as caught:
         llm.completions.create(model="a0", prompt=PROMPTS[1], max_tokens=2, stream=True,
                                stream_options={"continuous_usage_stats": "yes"})
