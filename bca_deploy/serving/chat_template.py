@@ -57,14 +57,18 @@ CHAT_TOKENIZE_OPTIONS: dict[str, Any] = {"add_special_tokens": False}
 #: ``{"enable_thinking": false}`` is 25; each render sends them to a worker process.
 MAX_TEMPLATE_KWARGS_BYTES = 65536
 
-#: Names a request's template variables may not take, and why: ``apply_chat_template``'s own arguments (the render's,
-#: set by the server or by the request's own fields) and ``messages`` (the conversation the template reads). vLLM
+#: Names a request's template variables may not take, and why: the arguments of ``apply_chat_template`` and of the
+#: ``render_jinja_template`` it passes them on to (the render's, set by the server or by the request's own fields;
+#: ``self`` and ``conversations`` too: given as template variables, they made the render's call a ``TypeError``,
+#: answered as the template refusing the messages) and ``messages`` (the conversation the template reads). vLLM
 #: refuses ``chat_template`` and ``tokenize`` there, and versions of it disagree on which of ``add_generation_prompt``
 #: given both ways wins, so each is refused naming it rather than read one way. Arguments a newer transformers adds
-#: are refused too (:func:`template_kwargs_problems` reads the signature).
+#: are refused too (:func:`template_kwargs_problems` reads the signatures).
 _RESERVED_TEMPLATE_KWARGS = {
     "messages": "the conversation is the request's messages",
     "conversation": "the conversation is the request's messages",
+    "conversations": "the conversation is the request's messages",
+    "self": "the name of the tokenizer in the render's own call",
     "add_generation_prompt": 'send "add_generation_prompt" as a field of the request',
     "continue_final_message": 'send "continue_final_message" as a field of the request',
     "documents": 'send "documents" as a field of the request',
@@ -149,18 +153,24 @@ def template_kwargs_problems(kwargs: dict[str, Any], field: str = "chat_template
 @functools.cache
 def _render_arguments() -> frozenset[str]:
     """:data:`_RESERVED_TEMPLATE_KWARGS` and every named argument of the installed transformers'
-    ``apply_chat_template`` (``tokenize``, ``return_dict``, ``tokenizer_kwargs``...)."""
+    ``apply_chat_template`` (``tokenize``, ``return_dict``, ``tokenizer_kwargs``...) and of the
+    ``render_jinja_template`` it hands the template variables to (``conversations``...): a variable of one of those
+    names is a second value for that argument (``TypeError``), whatever the template."""
+    import importlib
+    import inspect
+
     names = set(_RESERVED_TEMPLATE_KWARGS) | {"tokenize", "padding", "truncation", "max_length", "return_tensors",
                                               "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
-    try:
-        import inspect
-
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
-        names |= {p.name for p in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.values()
-                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
-    except (ImportError, AttributeError, TypeError, ValueError):  # the names above, then
-        pass
+    for module, owner, function in (("transformers.tokenization_utils_base", "PreTrainedTokenizerBase",
+                                      "apply_chat_template"),
+                                     ("transformers.utils.chat_template_utils", None, "render_jinja_template")):
+        try:
+            found = importlib.import_module(module)
+            found = getattr(getattr(found, owner) if owner else found, function)
+            names |= {p.name for p in inspect.signature(found).parameters.values()
+                      if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        except (ImportError, AttributeError, TypeError, ValueError):  # the names above, then
+            continue
     return frozenset(names)
 
 

@@ -204,8 +204,10 @@ def test_what_cannot_be_served_is_refused_naming_the_field(llm, server):
     body = refused({"chat_template": "{{ messages }}"})
     assert body["param"] == "chat_template" and "--trust-request-chat-template" in body["message"]
     # keys that are the render's own arguments, named
+    # (self and conversations are arguments of the call and of the render_jinja_template it calls: they were a
+    # TypeError answered as "messages: the chat template refused them")
     for key in ("messages", "tokenize", "add_generation_prompt", "continue_final_message", "tools", "documents",
-                "chat_template", "conversation", "return_dict", "tokenizer_kwargs"):
+                "chat_template", "conversation", "return_dict", "tokenizer_kwargs", "self", "conversations"):
         body = refused({"chat_template_kwargs": {"enable_thinking": False, key: None}})
         assert body["param"] == "chat_template_kwargs" and f"'{key}'" in body["message"], (key, body)
         assert "enable_thinking" not in body["message"]
@@ -220,6 +222,10 @@ def test_what_cannot_be_served_is_refused_naming_the_field(llm, server):
     status, body = call(server.url + "/v1/completions", "POST", {"model": "a1", "prompt": "the day", "max_tokens": 2,
                                                                  "truncate_prompt_tokens": 3})
     assert status == 400 and body["error"]["param"] == "truncate_prompt_tokens", body
+    # a template variable the template cannot use ({% join %} of a number): the refusal names the variables it was
+    # given, not only the messages (it said "messages: the chat template refused them (TypeError)")
+    body = refused({"chat_template_kwargs": {"extra_words": 5}})
+    assert body["param"] == "messages" and "'extra_words'" in body["message"], body
     # nothing of this is left in the server: a plain request after them is answered
     assert ask(llm, CHAT).choices[0].finish_reason in ("stop", "length")
 
