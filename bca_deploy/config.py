@@ -811,6 +811,8 @@ def show_json_value(value: Any, limit: int = 80) -> str:
     """A short description of a JSON value for messages: scalars as written, containers by kind."""
     if value is None:
         return "null"
+    if isinstance(value, bool):  # as the client wrote it (JSON), not Python's True
+        return "true" if value else "false"
     text = repr(value)
     if len(text) > limit:
         text = text[: limit - 3] + "..."

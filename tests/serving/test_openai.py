@@ -381,6 +381,8 @@ def test_generation_refusals_are_typed(llm, llama, tmp_path_factory):
         with pytest.raises(openai.BadRequestError) as caught:
             llm.completions.create(model="a0", prompt="the day", temperature=0, **extra)
         assert caught.value.body["param"] == field, (extra, caught.value.body)
+        if field == "echo":  # the value as the client sent it (JSON), not Python's True (helper-114)
+            assert "echo: true is not supported" in caught.value.body["message"], caught.value.body
     with pytest.raises(openai.BadRequestError) as caught:
         llm.chat.completions.create(model="a0", messages=[{"role": "user", "content": "hi"}],
                                     tools=[{"type": "function", "function": {"name": "f"}}])
