@@ -393,8 +393,10 @@ def read_json(body: bytes, *, max_depth: int, max_chars: int) -> Any:
 def check_rows(rows: int, limit: int, param: str = "input") -> None:
     """Refuse a request of more than ``limit`` inputs (``max_request_rows``) with a 413 naming the option."""
     if rows > limit:
-        raise RequestTooLargeError(f"{param}: {rows} rows; this server's limit is {limit} per request "
-                                   "(--max-request-rows)")
+        error = RequestTooLargeError(f"{param}: {rows} rows; this server's limit is {limit} per request "
+                                     "(--max-request-rows)")
+        error.param = param  # type: ignore[attr-defined]  # the field the rows come from, in the answer's "param"
+        raise error
 
 
 def body_too_large(limit: int, length: str | None = None) -> RequestTooLargeError:

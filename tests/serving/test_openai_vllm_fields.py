@@ -170,6 +170,7 @@ def test_n_choices_sample_as_vllm_seeds_them(llm, session):
     with pytest.raises(openai.APIStatusError) as caught:
         llm.completions.create(model="a0", prompt=PROMPTS, n=200, max_tokens=2)
     assert caught.value.status_code == 413 and "n: 400 rows" in caught.value.body["message"]
+    assert caught.value.body["param"] == "n", caught.value.body  # the field, as every other refusal names it
     with pytest.raises(openai.BadRequestError) as caught:
         llm.completions.create(model="a0", prompt=PROMPTS, n=0, max_tokens=2)
     assert caught.value.body["param"] == "n"
@@ -273,7 +274,11 @@ def test_continuous_usage_stats_give_every_chunk_its_choices_usage(llm, session)
     alone = list(llm.completions.create(model="a0", prompt=PROMPTS[1], n=2, max_tokens=5, temperature=0, stream=True,
                                         stream_options={"continuous_usage_stats": True},
                                         extra_body={"ignore_eos": True}))
-    assert [(c.choices, c.usage) for c in alone] == [(c.choices, c.usage) for c in chunks]
+    def by_choice(stream):  # the two choices' chunks interleave as their rows' tokens arrive: compare each's own
+        return {i: [(c.choices, c.usage) for c in stream if c.choices and c.choices[0].index == i] for i in (0, 1)}
+
+    assert by_choice(alone) == by_choice(chunks) and len(alone) == len(chunks)
+    assert (alone[-1].choices, alone[-1].usage) == (chunks[-1].choices, chunks[-1].usage)
     for options in ({"include_usage": False, "continuous_usage_stats": True}, {"continuous_usage_stats": False}):
         plain = list(llm.completions.create(model="a0", prompt=PROMPTS[1], max_tokens=2, temperature=0, stream=True,
                                             stream_options=options))
