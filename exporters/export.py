@@ -549,6 +549,13 @@ def _graph_spec(model: nn.Module, task: str, decoder: bool) -> _GraphSpec:
     a ``past_key_values.N.key/value`` pair per layer, whose example values come from a real forward (so
     head counts and sizes are the model's own). The example mask has a padded position, so no "every
     token is attended" shortcut can be traced into the graph.
+
+    A decoder's ``text-classification`` graph takes no ``position_ids``, as optimum exports it (its
+    ``TextDecoderWithPositionIdsOnnxConfig`` adds them for text generation and feature extraction only):
+    ``ORTModelForSequenceClassification`` feeds none, so with them the graph could not run there ("Input
+    position_ids is required by model but not provided"). The model then numbers positions 0..L-1, as
+    transformers does when called without them; a classifier's rows are padded on the right (serve pads them
+    so), where those are the positions of every real token.
     """
     from bca_deploy.models import cache_tensors, output_cache
 
@@ -564,7 +571,7 @@ def _graph_spec(model: nn.Module, task: str, decoder: bool) -> _GraphSpec:
                                        "attention_mask": {0: _BATCH, 1: _TOTAL if with_past else _SEQ}}
     if decoder:
         inputs["attention_mask"][1, 0] = 0  # left padding, as batched generation has
-        if "position_ids" in parameters:
+        if "position_ids" in parameters and task != "text-classification":
             inputs["position_ids"] = torch.arange(past, past + seq).expand(batch, seq).contiguous()
             axes["position_ids"] = {0: _BATCH, 1: _SEQ}
     else:

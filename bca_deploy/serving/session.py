@@ -1083,8 +1083,10 @@ class MultiAdapterSession:
         heads = snapshot.labels_of(adapters)
         # A decoder classifier reads each row's last token that is not its pad id (config.json's, baked into the
         # graph): rows are padded on the right with exactly that id, so each is read where it is read alone (a row of
-        # pad tokens only at its first token, as transformers reads it), whatever its neighbours
-        pad = self.config.pad_token_id if "position_ids" in self.inputs else None
+        # pad tokens only at its first token, as transformers reads it), whatever its neighbours. Every classifier's
+        # rows are padded so (an encoder masks its padding, so the id changes nothing there): a decoder's graph need
+        # not say it is one (its text-classification graph has no position_ids input, as optimum's has none)
+        pad = self.config.pad_token_id
         feeds = self._feeds(inputs, pad_id=pad if isinstance(pad, int) and not isinstance(pad, bool) else None)
         logits = self.run(feeds, adapters, ["logits"], snapshot)["logits"].astype(np.float64)
         results = []

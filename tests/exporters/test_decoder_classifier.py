@@ -141,6 +141,38 @@ def test_merged_graph_classifies_as_pytorch(trained, tmp_path):
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == 0
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
+def test_graphs_take_the_inputs_optimums_classifier_feeds(trained, tmp_path, merge):
+    """A decoder's text-classification graph takes ``input_ids`` and ``attention_mask`` only, as optimum exports it:
+    ``ORTModelForSequenceClassification`` feeds no ``position_ids``. Before, the graph required them, and that class
+    refused every call ("Input position_ids is required by model but not provided"). A batch padded on the right
+    gives each text's logits alone."""
+    import onnxruntime as ort
+
+    base, adapters, tokenizer = trained
+    out = export(base, tmp_path / "graph", [adapters[1]], merge=merge, verbose=False)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    batch = tokenizer(TEXTS, padding=True, return_tensors="np", return_token_type_ids=False)
+    logits = session.run(["logits"], {k: v.astype(np.int64) for k, v in batch.items()})[0]
+    np.testing.assert_allclose(logits, _alone(base, adapters[1], tokenizer, TEXTS), atol=1e-4)
+
+
+def test_optimums_classifier_runs_the_merged_graph(trained, tmp_path):
+    """What the README names for a merged export: ``ORTModelForSequenceClassification`` (transformers 4.x, where
+    optimum-onnx installs) gives PyTorch's logits and the adapter's labels."""
+    pytest.importorskip("optimum.onnxruntime")
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    base, adapters, tokenizer = trained
+    out = export(base, tmp_path / "merged", [adapters[1]], merge=True, verbose=False)
+    model = ORTModelForSequenceClassification.from_pretrained(out)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt", return_token_type_ids=False)
+    logits = model(**batch).logits.numpy()
+    np.testing.assert_allclose(logits, _alone(base, adapters[1], tokenizer, TEXTS), atol=1e-4)
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+
+
 def test_an_adapter_without_a_recorded_pad_id_takes_the_tokenizers(trained, tmp_path, capsys):
     """PEFT (and bca-deploy before it recorded one) write no pad id: the base's tokenizer gives it, by the rule
     training pads with; without a tokenizer either, export says what to set, before writing anything."""
