@@ -8,7 +8,7 @@ Native endpoints (JSON in and out):
     DELETE /v1/adapters/{name}         unload                                               200 / 404
     POST   /v1/embeddings              {"input", "adapter"?, "pooling"?, "normalize"?}      encoders
                                        (or OpenAI's {"model", "input", ...}: see below)
-    POST   /v1/classify                {"input", "adapter"?}                                text-classification
+    POST   /v1/classify                {"input", "adapter"?}  (input: texts, pairs, ids)    text-classification
     POST   /v1/generate                {"input", "adapter"?, "max_new_tokens"?, "do_sample"?,
                                         "temperature"?, "top_k"?, "top_p"?, "seed"?,
                                         "repetition_penalty"?, "frequency_penalty"?,
@@ -115,11 +115,14 @@ LOGGER_NAME = "bca_deploy.serve"
 _log = logging.getLogger(LOGGER_NAME)
 
 Inputs = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+#: A classifier's example of two texts (``[first, second]``), as it was trained on two text columns.
+TextPair = tuple[StrictStr, StrictStr]
 
 
 def _rows(inputs: Inputs) -> list:
-    """One row per text or token-id list; a text, or one flat token-id list (as OpenAI's ``prompt`` takes it), is one."""
-    if isinstance(inputs, str) or (inputs and not isinstance(inputs[0], (str, list))):
+    """One row per text, text pair or token-id list; a text, or one flat token-id list (as OpenAI's ``prompt`` takes
+    it), is one."""
+    if isinstance(inputs, str) or (inputs and not isinstance(inputs[0], (str, list, tuple))):
         return [inputs]
     return list(inputs)
 
@@ -521,7 +524,11 @@ class EmbedRequest(_Request):
 
 
 class ClassifyRequest(_Request):
-    """``POST /v1/classify``: label, score and per-label scores per input row."""
+    """``POST /v1/classify``: label, score and per-label scores per input row (a text, a text pair or token ids)."""
+
+    input: Union[Inputs, list[TextPair]] = Field(
+        description="a text, a list of texts, a list of text pairs [first, second] (a classifier trained on two text "
+                    "columns), a token-id list, or a list of token-id lists")
 
 
 #: ``POST /v1/generate``'s default ``max_new_tokens`` (at most ``--max-new-tokens``, clipped to what fits in the

@@ -47,7 +47,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["bounded_ids", "TextPastLimit", "PREFIX_CHARS_PER_TOKEN", "PREFIX_MARGIN_CHARS", "PREFIX_SLACK_TOKENS",
+__all__ = ["bounded_ids", "bounded_text", "TextPastLimit", "PREFIX_CHARS_PER_TOKEN", "PREFIX_MARGIN_CHARS", "PREFIX_SLACK_TOKENS",
            "CUT_WINDOW_CHARS", "prefix_cut"]
 
 #: The first prefix of a long text holds this many characters per token the answer needs (twice English text's
@@ -98,6 +98,22 @@ def bounded_ids(tokenizer: Callable[..., Mapping[str, Any]], text: str, most: in
     may too, for the caller to refuse). With ``truncation=True`` and an integer ``max_length`` in ``options`` (cut on
     the right), the ids are the whole text's truncated ids, from a prefix cut at a space where that settles them.
     """
+    return _bounded(tokenizer, text, most, options)[1]
+
+
+def bounded_text(tokenizer: Callable[..., Mapping[str, Any]], text: str,
+                 **options: Any) -> tuple[str, list[int]]:
+    """A prefix of ``text`` that ``tokenizer(prefix, **options)`` (``truncation=True`` and an integer ``max_length``)
+    tokenizes to the whole text's truncated ids, and those ids; ``text`` itself where no prefix settles them (see the
+    module docstring). A prefix, when cut, holds at least ``max_length`` tokens, the whole text's first ones: what a
+    text pair needs, whose two texts are truncated together (:meth:`~bca_deploy.serving.MultiAdapterSession.
+    tokenize_pairs`)."""
+    return _bounded(tokenizer, text, None, options)
+
+
+def _bounded(tokenizer: Callable[..., Mapping[str, Any]], text: str, most: int | None,
+             options: Mapping[str, Any]) -> tuple[str, list[int]]:
+    """(the prefix of ``text`` read, its ids): :func:`bounded_ids`' and :func:`bounded_text`'s one loop."""
     truncate = options.get("truncation") is True and isinstance(options.get("max_length"), int)
     need = options["max_length"] if truncate else most
     fast = getattr(tokenizer, "is_fast", False) is True  # offsets need a fast (Rust) tokenizer
@@ -115,9 +131,10 @@ def bounded_ids(tokenizer: Callable[..., Mapping[str, Any]], text: str, most: in
             ends = [end for _, end in encoding["offset_mapping"]]
             if truncate:
                 if len(ids) >= need and max(ends, default=0) <= settled:
-                    return list(ids)  # the whole text has these first tokens, and at least as many: cut the same
+                    # the whole text has these first tokens, and at least as many: cut the same
+                    return text[:cut], list(ids)
             else:
                 tokens = sum(1 for end in ends if end <= settled)
                 if tokens > need + PREFIX_SLACK_TOKENS:
                     raise TextPastLimit(tokens, cut, len(text))
-    return list(tokenizer(text, **options)["input_ids"])
+    return text, list(tokenizer(text, **options)["input_ids"])

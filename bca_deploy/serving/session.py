@@ -63,11 +63,11 @@ from ..models import (
     tokenizer_limit,
     vocabulary_size,
 )
-from .prefix import TextPastLimit, bounded_ids
+from .prefix import TextPastLimit, bounded_ids, bounded_text
 from .slots import SlotBank, SlotSpec
 
 __all__ = ["MultiAdapterSession", "AdapterInfo", "BankSnapshot", "bank_metadata", "check_adapter_name", "not_loaded",
-           "BASE", "ADAPTER_NAME_PATTERN"]
+           "BASE", "ADAPTER_NAME_PATTERN", "PairRow", "is_text_pair"]
 
 #: Names that select the base model alone for a row (``None`` works too).
 BASE = "__base__"
@@ -86,6 +86,24 @@ DEFAULT_MAX_LABELS = 1024
 #: Most copies of the tokenizer texts are tokenized and detokenized with (one thread per copy at a time; made as
 #: concurrent texts need them): a request's long text holds one of them, not every other request's tokenization.
 TOKENIZER_COPIES = 4
+
+
+def is_text_pair(row: Any) -> bool:
+    """Whether an input row is a text pair: a list (or tuple) of exactly two texts, as a classifier trained on two
+    text columns (``sentence1``/``sentence2``, ``question``/``sentence``...) reads each example."""
+    return isinstance(row, (list, tuple)) and len(row) == 2 and all(isinstance(t, str) for t in row)
+
+
+class PairRow(list):
+    """A text pair's token ids (a row as every other: a list of ids) and the token type of each
+    (``token_types``: 0 for the first text's tokens, 1 for the second's, as the tokenizer gives them), which the
+    graph's ``token_type_ids`` input gets where it has one."""
+
+    __slots__ = ("token_types",)
+
+    def __init__(self, ids: Sequence[int], token_types: Sequence[int] | None) -> None:
+        super().__init__(ids)
+        self.token_types = list(token_types) if token_types is not None else None
 
 
 def check_adapter_name(name: str) -> str:
@@ -965,6 +983,28 @@ class MultiAdapterSession:
         with self._tokenizer_copy() as tok:
             return bounded_ids(tok, text, most, **options)
 
+    def tokenize_pairs(self, pairs: Sequence[Sequence[str]], max_length: int | None = None) -> list[PairRow]:
+        """Token ids (and token types) of each text pair, as ``tokenizer(first, second, truncation=True,
+        max_length=L)`` gives them, as ``train`` and ``evaluate`` read a two-column example (thread-safe): cut
+        together at the model's maximum length L (or ``max_length`` where lower), the longer text first.
+
+        No more of a long text is tokenized than the pair's truncation keeps (:func:`~bca_deploy.serving.prefix.
+        bounded_text`: a prefix holding the text's first L tokens), except where both texts hold L tokens or more:
+        which text loses the odd token then depends on their whole lengths, so both are tokenized whole (each at most
+        ``--max-text-chars``).
+        """
+        limit = min(b for b in (self.text_limit(self.tokenizer) or 512, max_length) if b)
+        rows = []
+        with self._tokenizer_copy() as tok:
+            for first, second in pairs:
+                cuts = [bounded_text(tok, text, truncation=True, max_length=limit, add_special_tokens=False)
+                        for text in (first, second)]
+                if all(len(ids) >= limit for _, ids in cuts):
+                    cuts = [(first, []), (second, [])]
+                encoding = tok(cuts[0][0], cuts[1][0], truncation=True, max_length=limit)
+                rows.append(PairRow(encoding["input_ids"], encoding.get("token_type_ids")))
+        return rows
+
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` without special tokens (thread-safe)."""
         with self._tokenizer_copy() as tok:
@@ -1016,7 +1056,13 @@ class MultiAdapterSession:
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = mask
         if "token_type_ids" in self.inputs:
-            feeds["token_type_ids"] = np.zeros_like(ids)
+            types = np.zeros_like(ids)
+            for b, row in enumerate(input_ids):  # a text pair's second text: its own type (padding keeps 0)
+                row_types = getattr(row, "token_types", None)
+                if row_types:
+                    start = length - len(row) if side == "left" else 0
+                    types[b, start:start + len(row)] = row_types
+            feeds["token_type_ids"] = types
         if "position_ids" in self.inputs:
             feeds["position_ids"] = _position_ids(mask)
         return feeds
@@ -1066,7 +1112,8 @@ class MultiAdapterSession:
 
     def classify(self, inputs: Sequence[str] | Sequence[Sequence[int]], adapters: Sequence[str | None],
                  snapshot: BankSnapshot | None = None) -> list[dict[str, Any]]:
-        """Sequence classification, each row with its adapter's head and labels.
+        """Sequence classification, each row with its adapter's head and labels. ``inputs``: texts, text pairs
+        (``[first, second]``: a classifier trained on two text columns reads them so), or token-id lists.
 
         Returns per row ``{"label", "score", "scores", "logits"}``: the best label's name (``id2label`` of
         the head the row used: its adapter's own, or the checkpoint's), its score, every label's score
@@ -1104,26 +1151,51 @@ class MultiAdapterSession:
         """Check a request's rows before it joins a batch and return them as token-id lists.
 
         Texts are tokenized here, once (encoders truncate them at the model's maximum length), so a
-        batch never waits on the tokenizer.
+        batch never waits on the tokenizer. A classifier's rows may be text pairs (``[first, second]``,
+        :meth:`tokenize_pairs`): each becomes a :class:`PairRow`, whose token types the graph gets.
 
         Raises:
-            ServingError: no rows, a mix of texts and token ids, an empty row, texts without a
-                tokenizer, token ids outside the vocabulary.
+            ServingError: no rows, a mix of texts, pairs and token ids, an empty row, texts without a
+                tokenizer, token ids outside the vocabulary, pairs for a graph that does not classify.
             ContextLengthError: rows (plus ``max_new_tokens``) longer than the model's positions
                 (:meth:`check_positions`; ``input_param``: the request field that holds the rows).
         """
         if not inputs:
             raise ServingError("no inputs given")
+        pairs = self._text_pairs(inputs)
         texts = [isinstance(x, str) for x in inputs]
         if any(texts) and not all(texts):
             raise ServingError("inputs must be all texts or all token-id lists, not a mix")
-        rows = self.tokenize(inputs, max_length=max_text_tokens, refuse_param=input_param,
-                             max_new_tokens=max_new_tokens) if all(texts) else [list(x) for x in inputs]
-        if all(texts) and self._tokenizer_mismatch:
+        if pairs:
+            rows = self.tokenize_pairs(inputs, max_length=max_text_tokens)
+        elif all(texts):
+            rows = self.tokenize(inputs, max_length=max_text_tokens, refuse_param=input_param,
+                                 max_new_tokens=max_new_tokens)
+        else:
+            rows = [list(x) for x in inputs]
+        if (pairs or all(texts)) and self._tokenizer_mismatch:
             self._refuse_unembeddable_texts(rows)
         self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
         self.check_positions(max(len(r) for r in rows), max_new_tokens, input_param)
         return rows
+
+    def _text_pairs(self, inputs: Sequence[Any]) -> bool:
+        """Whether ``inputs`` are text pairs (:func:`is_text_pair`); a mix of pairs and other rows is refused.
+
+        Raises:
+            ServingError: some rows are pairs and others are not, or the graph does not classify (a pair is one
+                classifier example: embeddings and generation take single texts).
+        """
+        pairs = [is_text_pair(x) for x in inputs]
+        if not any(pairs):
+            return False
+        if not all(pairs):
+            raise ServingError("inputs must be all text pairs ([first text, second text]), all texts or all token-id "
+                               "lists, not a mix")
+        if not self.serves("classify"):
+            raise ServingError(f"text pairs are classifier inputs; this graph was exported for {self.task!r}: send "
+                               "single texts")
+        return True
 
     def _refuse_unembeddable_texts(self, rows: Sequence[Sequence[int]]) -> None:
         """A text whose tokens the model cannot embed is the export's tokenizer's doing, not a bad token id the
@@ -1173,7 +1245,9 @@ class MultiAdapterSession:
             raise ServingError("no inputs given")
         if all(isinstance(x, str) for x in inputs):
             return self.pad_ids(self.tokenize(inputs), pad_id=pad_id)  # encoders' texts cut at the model's positions
-        rows = [list(x) for x in inputs]
+        if self._text_pairs(inputs):
+            return self.pad_ids(self.tokenize_pairs(inputs), pad_id=pad_id)
+        rows = [x if isinstance(x, PairRow) else list(x) for x in inputs]  # a prepared pair keeps its token types
         feeds = self.pad_ids(rows, pad_id=pad_id)
         self.check_positions(max(len(r) for r in rows))
         return feeds
