@@ -494,6 +494,47 @@ def convert(source: Path, to: str, out: Path, task_type: str | None, base_model:
                        "(PeftModel.from_pretrained(base_model, dir) works either way)")
         if not written.get("task_type"):
             click.echo("note: no task_type (the adapter records no task): AutoPeftModelFor* needs one; pass --task-type")
+        hint = _peft_classifier_hint(path, written, model_config)
+        if hint:
+            click.echo(hint)
+
+
+def _peft_classifier_hint(path: Path, written: dict, model_config) -> str | None:
+    """How to load a PEFT copy of a classifier with ``AutoPeftModelForSequenceClassification`` where the base
+    checkpoint's ``config.json`` does not say it itself: PEFT keeps no head record, so the class builds the base's
+    head (its label count: a 3-label head's weights then do not load), names the labels ``LABEL_i``, and, on a
+    decoder whose config has no ``pad_token_id``, refuses every batch of two rows or more ("Cannot handle batch sizes
+    > 1 if no padding token is defined"). None when nothing needs saying."""
+    from .adapter_io import local_base_dir, read_adapter_header
+    from .models import load_config
+
+    head = read_adapter_header(path).config.task
+    head = head.head if head is not None and head.type == "seq-cls" else None
+    if head is None:
+        return None
+    base = model_config
+    if base is None and (directory := local_base_dir(written.get("base_model_name_or_path"))) is not None:
+        base = load_config(directory)
+    kwargs, why = [], []
+    if base is None or base.num_labels != head.num_labels:
+        kwargs.append(f"num_labels={head.num_labels}")
+        if base is not None:
+            why.append(f"{base.num_labels} labels")
+    names = [head.id2label[i] for i in range(head.num_labels)]
+    if names != [f"LABEL_{i}" for i in range(head.num_labels)] and (
+            base is None or [base.id2label.get(i) for i in range(head.num_labels)] != names):
+        kwargs.append(f"id2label={dict(enumerate(names))!r}")
+        if base is not None:
+            why.append("other label names")
+    if head.pad_token_id is not None and (base is None or base.pad_token_id != head.pad_token_id):
+        kwargs.append(f"pad_token_id={head.pad_token_id}")
+        if base is not None:
+            why.append("no pad_token_id" if base.pad_token_id is None else f"pad_token_id {base.pad_token_id}")
+    if not kwargs:
+        return None
+    source = f" (its base config.json has {', '.join(why)})" if why else ""
+    return (f"load it with AutoPeftModelForSequenceClassification.from_pretrained({str(path)!r}, {', '.join(kwargs)})"
+            f"{source}: PEFT keeps no record of the head")
 
 
 # train and evaluate are generated from the typed configs in bca_deploy.training.config; the same command

@@ -173,6 +173,35 @@ def test_optimums_classifier_runs_the_merged_graph(trained, tmp_path):
     assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
 
 
+def test_the_peft_copy_says_how_to_load_it_and_then_batches_as_the_adapter(trained, tmp_path):
+    """``convert --to peft`` of a decoder classifier: PEFT keeps no head record, and the base config.json has no
+    ``pad_token_id``, so ``AutoPeftModelForSequenceClassification.from_pretrained(dir)`` refused every batch of two
+    rows ("Cannot handle batch sizes > 1 if no padding token is defined"), and nothing said which id the classifier was
+    trained to skip. convert now prints the call; made as printed, it gives the adapter's logits for a padded batch."""
+    import re
+
+    from click.testing import CliRunner
+    from peft import AutoPeftModelForSequenceClassification
+
+    from bca_deploy.cli import main
+
+    base, adapters, tokenizer = trained
+    out = tmp_path / "peft"
+    result = CliRunner().invoke(main, ["convert", "--adapter", str(adapters[0]), "--to", "peft", "--out", str(out)])
+    if json.loads((base / "config.json").read_text())["model_type"] == "gpt2":  # PEFT's C3A adapts nn.Linear only
+        assert result.exit_code == 2 and "supports torch.nn.Linear only" in result.output and not out.exists()
+        return
+    assert result.exit_code == 0, result.output
+    hint = re.search(r"from_pretrained\('([^']+)', (.*)\) \(its base config\.json has no pad_token_id\)", result.output)
+    assert hint is not None and hint.group(1) == str(out), result.output
+    assert hint.group(2) == "pad_token_id=0"  # 2 labels named LABEL_i: as the base config has them
+    model = AutoPeftModelForSequenceClassification.from_pretrained(hint.group(1), pad_token_id=0).eval()
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        logits = model(**batch).logits.numpy()
+    np.testing.assert_allclose(logits, _alone(base, adapters[0], tokenizer, TEXTS), atol=1e-5)
+
+
 def test_an_adapter_without_a_recorded_pad_id_takes_the_tokenizers(trained, tmp_path, capsys):
     """PEFT (and bca-deploy before it recorded one) write no pad id: the base's tokenizer gives it, by the rule
     training pads with; without a tokenizer either, export says what to set, before writing anything."""
