@@ -281,7 +281,10 @@ def inspect(adapter: Path) -> None:
         if task.head is not None:
             labels = ", ".join(task.head.id2label[i] for i in range(min(task.head.num_labels, 8)))
             more = ", ..." if task.head.num_labels > 8 else ""
-            head = f", head {'+'.join(task.head.modules)} with {task.head.num_labels} labels ({labels}{more})"
+            if task.head.problem_type == "regression":  # one output, a value: no classes to name
+                head = f", head {'+'.join(task.head.modules)}: regression (1 output)"
+            else:
+                head = f", head {'+'.join(task.head.modules)} with {task.head.num_labels} labels ({labels}{more})"
         elif task.type == "seq-cls" and config.modules_to_save:  # PEFT records no labels: its saved label layer says
             head = _saved_head_description(config, header.shapes)
         say(f"task:         {task.type} ({task.architecture or 'architecture not recorded'}{head})")

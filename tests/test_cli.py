@@ -607,3 +607,22 @@ def test_a_file_given_for_an_adapter_directory_is_refused_naming_its_folder(comm
     assert "is a file; give the directory that holds it" in result.output and str(folder) in result.output, \
         result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_inspect_names_a_regression_head_as_such(tmp_path):
+    """A regression adapter (float labels: one output, MSE) read "head classifier with 1 labels (LABEL_0)", as if it
+    classified into one class; it now reads as train's summary says it: regression (1 output)."""
+    from conftest import tiny_bert
+
+    from bca_deploy.config import task_spec_from_config
+    from bca_deploy.inject import adapter_configs
+
+    model = tiny_bert(num_labels=1)
+    model.config.problem_type = "regression"
+    bd.inject(model, ["query"], block_size=8, modules_to_save=["classifier"])
+    adapter_configs(model)["default"].task = task_spec_from_config("seq-cls", model.config, ["classifier"])
+    path = bd.save_adapter(model, tmp_path / "sts")
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert _line(result.output, "task") == ("task:         seq-cls (BertForSequenceClassification, head classifier: "
+                                            "regression (1 output))")

@@ -1269,9 +1269,13 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
     dropped = len(gone)
     if dropped and warn is not None and len(input_ids):
         one = dropped == 1
-        warn(f"{dropped:,} {'example has' if one else 'examples have'} no target token within max_length={max_length} "
-             f"(the prompt fills it) and {'is' if one else 'are'} left out ({_lines_of(examples.lines, gone)}); raise "
-             "--max-length to train on them")
+        if examples.format == "text":  # every token is a target: only a text of one token has none (no BOS added)
+            warn(f"{dropped:,} {'text is' if one else 'texts are'} a single token, with nothing after it to predict, "
+                 f"and {'is' if one else 'are'} left out ({_lines_of(examples.lines, gone)})")
+        else:
+            warn(f"{dropped:,} {'example has' if one else 'examples have'} no target token within "
+                 f"max_length={max_length} (the prompt fills it) and {'is' if one else 'are'} left out "
+                 f"({_lines_of(examples.lines, gone)}); raise --max-length to train on them")
     return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm", lines=lines), dropped
 
 

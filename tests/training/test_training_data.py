@@ -546,6 +546,24 @@ def test_a_response_is_tokenized_as_it_follows_its_prompt(tmp_path):
     assert notes[1].startswith("1 example has no target token within max_length=8") and "line 3)" in notes[1]
 
 
+def test_a_text_of_one_token_is_named_as_such_not_as_a_prompt_past_max_length(tmp_path):
+    """A ``text`` example of one word, with a tokenizer that adds no BOS (Qwen's, GPT-2's), has no next token to
+    predict. The note said "no target token within max_length=128 (the prompt fills it)... raise --max-length", which
+    names a prompt the file does not have and a fix that does not help; it now says the text is a single token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>", "a", "heroes", "film", "sharply", "made"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a film sharply made"}, {"text": "heroes"}, {"text": "a film"}])
+    notes: list[str] = []
+    data, dropped = tokenize_causal_lm(load_causal_lm(path), tok, max_length=128, warn=notes.append)
+    assert dropped == 1 and data.lines == [1, 3]
+    assert notes == ["1 text is a single token, with nothing after it to predict, and is left out (line 2)"], notes
+
+
 @pytest.mark.parametrize("kind", ["tsv", "csv", "jsonl"])
 def test_a_field_or_line_past_the_limit_is_refused_by_line_without_reading_it_whole(tmp_path, monkeypatch, kind):
     """helper-80: one 900 MB line of a sparse file took 5.9 GB of memory to train on (a text is cut at max_length x
