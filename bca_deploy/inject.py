@@ -41,6 +41,9 @@ __all__ = [
     "inject_modules",
     "check_injectable",
     "match_target_modules",
+    "ALL_LINEAR",
+    "all_linear_targets",
+    "is_all_linear",
     "bca_layers",
     "adapter_configs",
     "set_adapter",
@@ -69,6 +72,39 @@ __all__ = [
 ]
 
 _CONFIGS_ATTR = "bca_adapter_configs"
+
+
+#: PEFT's shorthand for every Linear (and Conv1D) layer but the output layer: ``target_modules="all-linear"``.
+ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(target_modules: Sequence[str] | str | None) -> bool:
+    """Whether ``target_modules`` is PEFT's ``"all-linear"`` (as a string, or alone in a list: ``--targets
+    all-linear``)."""
+    if isinstance(target_modules, str):
+        return target_modules == ALL_LINEAR
+    return target_modules is not None and list(target_modules) == [ALL_LINEAR]
+
+
+def all_linear_targets(model: nn.Module, modules_to_save: Sequence[str] = ()) -> list[str]:
+    """The paths ``"all-linear"`` adapts, in model order: every Linear/Conv1D layer, as PEFT selects them, except the
+    model's output layer (``get_output_embeddings()``: ``lm_head``), a task head beside the base model (top-level
+    ``classifier``, ``score``, ``pre_classifier``: :data:`bca_deploy.fit.HEAD_MODULES`; trained whole, not adapted)
+    and what lies inside ``modules_to_save`` (saved whole)."""
+    from .fit import HEAD_MODULES
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    saved = _resolve_modules_to_save(model, modules_to_save) if modules_to_save else []
+    paths = []
+    for name, module in model.named_modules():
+        if not name or isinstance(_parent_module(model, name), BCALinear) or not is_adaptable(_base_of(module)):
+            continue
+        if module is output or name.split(".")[0] in HEAD_MODULES:
+            continue
+        if any(name == s or name.startswith(s + ".") for s in saved):
+            continue
+        paths.append(name)
+    return paths
 
 
 def _matches(name: str, target_modules: Sequence[str] | str) -> bool:
@@ -303,8 +339,9 @@ def inject(
 
     Args:
         model: any ``nn.Module``, typically a transformers model.
-        target_modules: module names matched as path suffixes (``["query", "value"]``) or one regex
-            matched against the full path (``r".*\\.(q|v)_proj"``).
+        target_modules: module names matched as path suffixes (``["query", "value"]``), one regex
+            matched against the full path (``r".*\\.(q|v)_proj"``), or PEFT's ``"all-linear"`` (every Linear/Conv1D
+            layer but the output layer and the task head: :func:`all_linear_targets`).
         block_size: p, the circulant block size; must divide d_in and d_out of every target.
         block_size_pattern: per-module overrides ``{name or regex: p}`` (PEFT C3A semantics).
         scaling: ΔW = scaling · BlockCirculant(w).
@@ -331,9 +368,16 @@ def inject(
         BlockSizeError: p does not divide a target (the message lists valid sizes per module).
     """
     pattern = dict(block_size_pattern or {})
-    names = match_target_modules(model, target_modules)
-    if (note := unmatched_targets(model, target_modules, names)) is not None:
-        warnings.warn(note, UnmatchedTargetsWarning, stacklevel=2)
+    if is_all_linear(target_modules):
+        target_modules = ALL_LINEAR  # recorded as given; the paths it selects are the adapter's modules
+        names = all_linear_targets(model, modules_to_save)
+        if not names:
+            raise TargetModuleError(f"target_modules {ALL_LINEAR!r} selected no Linear/Conv1D layer of "
+                                    f"{type(model).__name__} (its output layer and task head are left out)")
+    else:
+        names = match_target_modules(model, target_modules)
+        if (note := unmatched_targets(model, target_modules, names)) is not None:
+            warnings.warn(note, UnmatchedTargetsWarning, stacklevel=2)
     _check_pattern(pattern, names)
     specs = {}
     for name in names:

@@ -325,3 +325,27 @@ def test_fused_moe_experts_named_as_targets_are_said_to_be_fused_on_transformers
     assert "fuses the experts of MixtralForCausalLM into 3-D parameters (experts.gate_up_proj, experts.down_proj: " \
            "every expert's weight in one tensor)" in said[0] and said[0].endswith(
                "adapt them with transformers 4.x, or target other modules"), said[0]
+
+
+@pytest.mark.parametrize("make, task, saved", [(lambda: tiny_bert(num_labels=3), "SEQ_CLS", ["classifier"]),
+                                               (tiny_llama, "CAUSAL_LM", [])], ids=["bert-classifier", "llama"])
+def test_all_linear_adapts_the_layers_peft_adapts(make, task, saved):
+    """PEFT's ``target_modules="all-linear"`` (``--targets all-linear``, what PEFT users type) was a regex that matched
+    nothing: "matched no module". It now adapts what PEFT's C3A adapts (every Linear but the output layer; a
+    classifier's head saved whole), and the adapter equals PEFT's with the same kernels."""
+    import warnings
+
+    from peft import C3AConfig, get_peft_model
+
+    peft_model = get_peft_model(make(), C3AConfig(target_modules="all-linear", block_size=8, task_type=task))
+    theirs = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                    if hasattr(m, "c3a_kernel") and not hasattr(m.base_layer, "c3a_kernel"))
+    model = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "matched nothing" warning either
+        bd.inject(model, "all-linear", block_size=8, init="normal", init_std=0.05, seed=0, modules_to_save=saved)
+    assert sorted(n for n, _ in bd.bca_layers(model)) == theirs and theirs
+    assert bd.adapter_configs(model)["default"].target_modules == "all-linear"
+    listed = make()
+    bd.inject(listed, ["all-linear"], block_size=8, modules_to_save=saved)  # --targets all-linear
+    assert sorted(n for n, _ in bd.bca_layers(listed)) == theirs

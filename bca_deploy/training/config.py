@@ -291,8 +291,9 @@ class TrainConfig:
         "bca", "bca: block-circulant adapter (+ the head); head-only: the head alone (a baseline); custom: train a "
         "prepared model as given (library only: train(config, model=...)).", "choice", METHODS, group="adapter")
     targets: list[str] | None = _opt(
-        None, "Target modules, comma-separated names matched as path suffixes (default: every linear layer of a "
-        "BERT-family encoder; the query and value projections of other known model types).", "list", group="adapter")
+        None, "Target modules, comma-separated names matched as path suffixes, or all-linear (PEFT's shorthand: every "
+        "linear layer but the output layer and the task head) (default: every linear layer of a BERT-family encoder; "
+        "the query and value projections of other known model types).", "list", group="adapter")
     block_size: int = _opt(64, "Circulant block size p (divides every target's in and out features); kernels "
                            "train d_out*d_in/p parameters per module.", "int", group="adapter")
     block_size_pattern: dict[str, int] | None = _opt(

@@ -704,7 +704,7 @@ class _TrainingRun:
             if self.targets is None:
                 self.targets = default_targets(model)
             by_p = cfg.scaling == "p"
-            from ..inject import UnmatchedTargetsWarning, adapter_configs, bca_layers, unmatched_targets
+            from ..inject import UnmatchedTargetsWarning, adapter_configs, bca_layers, is_all_linear, unmatched_targets
 
             with warnings.catch_warnings():
                 # said once below as a note, as --targets: the warning's rule and words (unmatched_targets)
@@ -714,7 +714,7 @@ class _TrainingRun:
                        modules_to_save=modules_to_save)
             if by_p:
                 _scale_by_block_size(model)
-            if self.d.is_main and (note := unmatched_targets(
+            if self.d.is_main and not is_all_linear(self.targets) and (note := unmatched_targets(
                     model, self.targets, [name for name, _ in bca_layers(model)], "--targets")) is not None:
                 # an entry that matched nothing beside others that did trains less than asked: transformers 5.x
                 # fuses Mixtral's expert w1/w2 into 3-D parameters, so --targets q_proj,w1,w2 adapted q_proj alone
