@@ -12,10 +12,7 @@ The reference never touches serving code: each pair alone through the adapter's 
 
 from __future__ import annotations
 
-import json
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import wordpiece_tokenizer  # noqa: E402
 from head_helpers import VOCAB, build_base, own_model, save_head_adapter  # noqa: E402
+from http_helpers import call  # noqa: E402
 
 ATOL = 1e-4
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -70,13 +68,7 @@ def test_pairs_are_classified_as_the_model_reads_them(pair_bank):
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url + "/v1/classify", method="POST", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return call(url + "/v1/classify", "POST", body, timeout=60)
 
 
 def test_http_classify_takes_pairs(pair_bank):
