@@ -435,7 +435,28 @@ def _read_json_array(path: Path, text: str, start: int, keep: Collection[str] | 
         problems.append(f"line {line_at(pos)}: more data after the array ends (expected one array of objects)")
     if problems:
         raise DataError(format_problems(f"{path}: malformed JSON array:", problems, limit=10))
+    if len(set(lines)) < len(lines):  # items share lines (pandas' to_json(orient="records") writes one line)
+        lines = [_LineItem(number, item) for item, number in enumerate(lines, 1)]
     return records, list(columns), lines
+
+
+class _LineItem(int):
+    """A record's line, for messages, with its place in a JSON array whose items share lines: ``line 1 (item 5)``, not
+    "line 1" for every record of an array written on one line (pandas' ``to_json(orient="records")``). An int
+    everywhere else (sorting, JSON)."""
+
+    item: int
+
+    def __new__(cls, line: int, item: int) -> _LineItem:
+        value = super().__new__(cls, line)
+        value.item = item
+        return value
+
+    def __str__(self) -> str:
+        return f"{int(self)} (item {self.item})"
+
+    def __format__(self, spec: str) -> str:
+        return str(self) if not spec else format(int(self), spec)
 
 
 def _json_type(value: Any) -> str:

@@ -266,10 +266,11 @@ def test_an_instruction_prompt_column_that_leaves_out_the_input_is_refused(tmp_p
     input, silently."""
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(ALPACA))
-    with pytest.raises(DataError, match=r"column 'input' holds text on line 1 that --prompt-column instruction "
+    with pytest.raises(DataError, match=r"column 'input' holds text on line 1 \(item 1\) that --prompt-column instruction "
                                         r"leaves out of the prompts; leave out --prompt-column and --response-column"):
         load_causal_lm(path, prompt_column="instruction", response_column="output")
-    with pytest.raises(DataError, match=r"column 'instruction' holds text on lines 1, 1 that --prompt-column input"):
+    with pytest.raises(DataError, match=r"column 'instruction' holds text on lines 1 \(item 1\), 1 \(item 2\) that "
+                                        r"--prompt-column input"):
         load_causal_lm(path, prompt_column="input", response_column="output")
     dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "say", "context": "a fine film", "response": "ok"}])
     with pytest.raises(DataError, match=r"column 'context' holds text on line 1 .* write a prompt column holding"):
@@ -306,3 +307,20 @@ def test_sharegpt_messages_are_named_as_such(tmp_path):
     with pytest.raises(DataError, match=r"line 1: conversations\[0\] is a ShareGPT message .*human is user, gpt is "
                                         r"assistant"):
         load_causal_lm(path, messages_column="conversations")
+
+
+def test_an_array_written_on_one_line_names_each_records_item(tmp_path):
+    """pandas' ``df.to_json(path, orient="records")`` writes the whole array on one line: every record's problem said
+    "line 1" (helper-111: "left out (lines 1, 1, 1, 1, 1 and 95 more)"). Records sharing a line are named by item."""
+    rows = [{"sentence": "a b", "label": 0}, {"sentence": "c d", "label": 1}, {"sentence": "", "label": 1}]
+    one_line = tmp_path / "records.json"
+    one_line.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"line 1 \(item 3\): empty text in column 'sentence'"):
+        load_seq_cls(one_line)
+    indented = tmp_path / "indented.json"  # one record per line or more: lines alone, as before
+    indented.write_text(json.dumps(rows, indent=1))
+    with pytest.raises(DataError, match=r"- line 10: empty text in column 'sentence'$"):
+        load_seq_cls(indented)
+    one_line.write_text(json.dumps(rows[:2]))
+    examples = load_seq_cls(one_line)
+    assert examples.lines == [1, 1] and json.dumps(examples.lines) == "[1, 1]"  # still line numbers to every reader
