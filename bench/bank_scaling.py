@@ -88,7 +88,7 @@ def make_adapters(work: Path, args) -> list[Path]:
 
     from bca_deploy import inject, save_adapter
     from bca_deploy.config import task_spec_from_config
-    from bca_deploy.inject import adapter_configs
+    from bca_deploy.inject import adapter_configs, remove_adapters
 
     labels = {0: "negative", 1: "positive"}
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -104,6 +104,9 @@ def make_adapters(work: Path, args) -> list[Path]:
             model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=generator) * 0.05)
             model.classifier.bias.copy_(torch.randn(2, generator=generator) * 0.1)
         dirs.append(Path(save_adapter(model, work / "adapters" / name, adapter_name=name)))
+        # a model holds one copy of a module saved whole (inject refuses a second adapter saving the classifier):
+        # each adapter is made on the base alone
+        remove_adapters(model)
     return dirs
 
 
