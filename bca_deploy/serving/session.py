@@ -957,7 +957,7 @@ class MultiAdapterSession:
         if truncate is None:
             truncate = not self.with_past
         if truncate:
-            limit = min(b for b in (self.text_limit(self.tokenizer) or 512, max_length) if b)
+            limit = self._truncation_length(max_length)
             # a copy per text: another request's text goes next, not after all of these
             return [self.text_ids(text, truncation=True, max_length=limit, **options) for text in texts]
         if refuse_param is None:
@@ -993,7 +993,7 @@ class MultiAdapterSession:
         which text loses the odd token then depends on their whole lengths, so both are tokenized whole (each at most
         ``--max-text-chars``).
         """
-        limit = min(b for b in (self.text_limit(self.tokenizer) or 512, max_length) if b)
+        limit = self._truncation_length(max_length)
         rows = []
         with self._tokenizer_copy() as tok:
             for first, second in pairs:
@@ -1425,6 +1425,11 @@ class MultiAdapterSession:
         window = attention_window(self.config) if self.with_past else None
         bounds = [int(b) for b in (limit, table, window) if b]
         return min(bounds) if bounds else None
+
+    def _truncation_length(self, max_length: int | None) -> int:
+        """The tokens a truncated text (an encoder's text, a text pair) is cut to: :meth:`text_limit` (512 where
+        unknown), or ``max_length`` where lower (a sentence-transformers model's ``max_seq_length``)."""
+        return min(b for b in (self.text_limit(self.tokenizer) or 512, max_length) if b)
 
     def text_limit(self, tokenizer: Any = None) -> int | None:
         """The most tokens a text is cut to where texts are truncated (None: unknown): :attr:`max_positions`, or
