@@ -54,6 +54,7 @@ __all__ = [
     "LMExamples",
     "load_seq_cls",
     "load_causal_lm",
+    "causal_lm_fields",
     "CHAT_ROLES",
     "check_label_range",
     "classes_needed",
@@ -736,9 +737,16 @@ def load_seq_cls(
         if columns_from is not None:  # the user never named the missing column: say whose it is
             problems.append(columns_from)
         problems.append(_columns_message(path, columns))
-        if ("prompt" in columns and "response" in columns) or columns == ["text"]:  # helper-78: the flag forgotten
-            problems.append("these are causal-LM columns: pass --task causal-lm (task='causal-lm') to train a "
-                            "language-model adapter on them")
+        # --task causal-lm forgotten: columns the causal-LM reader takes as they are (a lone text column: beside
+        # others it may be a classifier's text), or with one of its options (ShareGPT's conversations...)
+        causal = causal_lm_fields(columns)
+        also = _causal_lm_hint(columns) if causal is None and not has_labels else None
+        if causal is not None and (causal[1] != "text" or columns == ["text"]):
+            problems.append(f"these are causal-LM columns ({' + '.join(repr(c) for c in causal[0])}): pass --task "
+                            "causal-lm (task='causal-lm') to train a language-model adapter on them")
+        elif also is not None and "--messages-column" in also:
+            problems.append(f"these look like conversations for a language model: pass --task causal-lm "
+                            f"(task='causal-lm'); {also}")
         raise DataError(format_problems(f"{path}: cannot read sequence-classification data:", problems))
     if not records:
         raise DataError(f"{path}: the data set is empty (a header but no examples)")
@@ -1007,6 +1015,26 @@ def alpaca_prompt(instruction: str, context: str) -> str:
     return head + instruction + middle + context + tail
 
 
+def causal_lm_fields(columns: Sequence[str], prompt_column: str = "prompt", response_column: str = "response",
+                     messages_column: str = "messages", text_column: str = "text") -> tuple[list[str], str] | None:
+    """The columns :func:`load_causal_lm` reads from a file with ``columns`` and their layout, by the first layout
+    they hold: ``[prompt, response]`` (``"prompt-response"``; the response read from :data:`COMPLETION_COLUMN` when
+    ``response_column`` is left at its default and absent), ``[messages]`` (``"messages"``), Alpaca's
+    ``["instruction", "output"]`` (``"alpaca"``: + ``input``, put in :data:`ALPACA_PROMPT`), ``[text]``
+    (``"text"``); None when they hold none of them."""
+    response = response_column if response_column in columns else (
+        COMPLETION_COLUMN if response_column == "response" and COMPLETION_COLUMN in columns else None)
+    if prompt_column in columns and response is not None:
+        return [prompt_column, response], "prompt-response"
+    if messages_column in columns:
+        return [messages_column], "messages"
+    if "instruction" in columns and "output" in columns:
+        return ["instruction", "output"], "alpaca"
+    if text_column in columns:
+        return [text_column], "text"
+    return None
+
+
 def load_causal_lm(
     path: str | Path,
     prompt_column: str = "prompt",
@@ -1027,18 +1055,8 @@ def load_causal_lm(
     keep = {c for c in (prompt_column, response_column, messages_column, text_column, COMPLETION_COLUMN,
                         *ALPACA_COLUMNS, *_INSTRUCTION_PARTS) if isinstance(c, str)}
     records, columns, lines = read_records(path, keep)
-    response = response_column if response_column in columns else (
-        COMPLETION_COLUMN if response_column == "response" and COMPLETION_COLUMN in columns else None)
-    alpaca = False
-    if prompt_column in columns and response is not None:
-        fields = [prompt_column, response]
-    elif messages_column in columns:
-        fields = [messages_column]
-    elif "instruction" in columns and "output" in columns:
-        fields, alpaca = ["instruction", "output"], True
-    elif text_column in columns:
-        fields = [text_column]
-    else:
+    layout = causal_lm_fields(columns, prompt_column, response_column, messages_column, text_column)
+    if layout is None:
         hint = _causal_lm_hint(columns)
         raise DataError(
             f"{path}: causal-lm data needs columns {prompt_column!r} + {response_column!r} (loss on the response; "
@@ -1046,6 +1064,8 @@ def load_causal_lm(
             f"'instruction' + 'output' (+ 'input': Alpaca) or {text_column!r} (loss on every token); "
             f"{_columns_message(path, columns)}" + (f"; {hint}" if hint else "")
         )
+    fields, kind = layout
+    alpaca = kind == "alpaca"
     if not records:
         raise DataError(f"{path}: the data set is empty (no examples)")
     if fields == [messages_column]:
@@ -1475,6 +1495,20 @@ def _token_names(tokenizer, ids: Sequence[int]) -> str:
     return f" ({', '.join(names)})" if names else ""
 
 
+def _max_length_advice(examples: LMExamples, tokenizer, max_length: int) -> str:
+    """How far to raise ``max_length`` when every prompt fills it: the shortest prompt's length in tokens (read
+    up to 16 × ``max_length``), for prompt/response data; conversations and texts get the plain advice."""
+    if examples.format != "prompt-response":
+        return "raise max_length (CLI: --max-length)"
+    reach = 16 * max_length
+    ids, _ = _encode(tokenizer, [cut_texts(examples.prompts, reach)], add_special_tokens=True)
+    shortest = min((len(i) for i in ids), default=0)
+    if shortest >= reach:
+        return f"every prompt is longer than {reach:,} tokens: shorten the prompts"
+    return (f"the shortest prompt is {shortest:,} tokens: raise max_length (CLI: --max-length) above it, e.g. "
+            f"--max-length {1 << (shortest + 64 - 1).bit_length()} leaves room for a response")
+
+
 def load_dataset(
     path: str | Path,
     task: str,
@@ -1509,9 +1543,7 @@ def load_dataset(
                                               warn=None if warn is None else lambda line: warn(f"{path}: {line}"),
                                               model=model)
         if len(dataset) == 0:
-            raise DataError(
-                f"{path}: no example has a target token within max_length={max_length} "
-                f"({dropped} dropped: prompts too long); raise max_length"
-            )
+            raise DataError(f"{path}: no example has a target token within max_length={max_length} ({dropped} "
+                            f"dropped: prompts too long); {_max_length_advice(examples, tokenizer, max_length)}")
         return examples, dataset
     raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

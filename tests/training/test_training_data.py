@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from bca_deploy.training.data import (
     IGNORE_INDEX,
     check_label_range,
     load_causal_lm,
+    load_dataset,
     load_seq_cls,
     read_records,
     tokenize_causal_lm,
@@ -608,10 +610,47 @@ def test_a_json_file_of_lines_is_read_a_line_at_a_time_not_whole(tmp_path, monke
 def test_causal_lm_columns_read_as_classification_data_suggest_the_task(tmp_path):
     """helper-78: prompt/response data given without --task causal-lm was refused without naming the option."""
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say it:", "response": " fine"}])
-    with pytest.raises(DataError, match="these are causal-LM columns: pass --task causal-lm"):
+    with pytest.raises(DataError, match=r"these are causal-LM columns \('prompt' \+ 'response'\): pass --task causal-lm"):
         load_seq_cls(path)
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a line", "label": 1}])
     assert len(load_seq_cls(path).labels) == 1  # a text + label file is classification data, as before
+
+
+@pytest.mark.parametrize("record, named", [
+    ({"instruction": "Rate it.", "input": "a fine film", "output": "positive"}, "'instruction' + 'output'"),
+    ({"prompt": "Say it:", "completion": " fine"}, "'prompt' + 'completion'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "'messages'"),
+])
+def test_every_layout_the_causal_lm_reader_takes_suggests_the_task(tmp_path, record, named):
+    """Alpaca, TRL prompt/completion and conversation files given without --task causal-lm were refused as
+    classification data with no word of the task (only prompt/response and a lone text column got the hint); the
+    hint now comes from the causal-LM reader's own column rule, so it names exactly what that reader would read."""
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    with pytest.raises(DataError, match=rf"these are causal-LM columns \({re.escape(named)}\): pass --task causal-lm"):
+        load_seq_cls(path)
+    load_causal_lm(path)  # and that reader takes the file
+
+
+def test_sharegpt_conversations_read_as_classification_data_suggest_the_task_and_the_column(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"pass --task causal-lm \(task='causal-lm'\); the file has 'conversations': "
+                                        r"pass --messages-column conversations"):
+        load_seq_cls(path)
+
+
+def test_prompts_that_fill_max_length_say_how_long_the_shortest_is(tmp_path):
+    """Every Alpaca prompt was longer than the default --max-length 128 (its preamble alone is ~50 tokens): the
+    error said "raise max_length" and not to what. It now gives the shortest prompt's length, counted by the
+    tokenizer, and a value above it."""
+    tokenizer = word_tokenizer(tmp_path / "tok", ["w0 w1 w2 w3 w4 w5 w6 w7 w8 w9 yes no"])
+    words = " ".join(f"w{i % 10}" for i in range(40))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": words, "response": " yes"},
+                                              {"prompt": words + " w1 w2", "response": " no"}])
+    shortest = len(tokenizer(words)["input_ids"])  # 40 words + [CLS] + [SEP]
+    with pytest.raises(DataError, match=rf"the shortest prompt is {shortest} tokens: raise max_length \(CLI: "
+                                        r"--max-length\) above it, e\.g\. --max-length 128 leaves room"):
+        load_dataset(path, "causal-lm", tokenizer, 16)
+    assert len(load_dataset(path, "causal-lm", tokenizer, 128)[1]) == 2
 
 
 def test_a_wide_file_keeps_only_the_columns_read_and_is_still_checked_whole(tmp_path):
