@@ -2,7 +2,8 @@
 
 Formats, chosen by extension:
 
-- ``.tsv`` / ``.tab``: tab-separated with a header row, no quoting (the GLUE files);
+- ``.tsv`` / ``.tab``: tab-separated with a header row; quotes are text, as in GLUE's files, unless the file is
+  quoted as ``pandas.DataFrame.to_csv(sep="\\t")`` writes it (``"a ""b"" c"``; see :func:`_tsv_reading`);
 - ``.csv``: comma-separated with a header row, standard CSV quoting;
 - ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line; a ``.json`` file may instead hold one
   array of objects (``[{...}, {...}]``, as ``pandas.DataFrame.to_json(orient="records")`` writes).
@@ -169,11 +170,112 @@ def _kept(record: dict[str, Any], keep: Collection[str] | None) -> dict[str, Any
     return record if keep is None else {k: record[k] for k in keep if k in record}
 
 
+@dataclass
+class _Reading:
+    """One reading of a TSV/CSV file: its records (the kept columns), header, record lines and row problems."""
+
+    records: list[dict[str, str]]
+    columns: list[str]
+    lines: list[int]
+    problems: list[str]
+    quote_opens: bool = False  # some field (header included) starts with '"': a quoted field, or text that does
+
+
+#: How a TSV file's quotes were read, for messages: as text (``csv.QUOTE_NONE``, GLUE's files) or as quoting (what
+#: ``csv.writer`` and ``pandas.DataFrame.to_csv(sep="\t")`` write around a field holding a tab, a line break or a quote).
+_AS_TEXT = "quotes as text (as GLUE's TSVs hold them)"
+_AS_QUOTING = "quoted fields (as pandas' to_csv(sep='\\t') and csv.writer write them)"
+#: What to save a table as when its TSV quotes cannot be told apart.
+_SAVE_UNAMBIGUOUS = ("save it as .csv (pandas: df.to_csv(path, index=False)) or as JSON lines (df.to_json(path, "
+                     "orient='records', lines=True)), whose quoting is not in doubt")
+
+
 def _read_delimited(path: Path, kind: str, keep: Collection[str] | None = None,
                     ) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    """A TSV/CSV file's records. A CSV file is read with standard quoting. A TSV file is read as GLUE's are, its quotes
+    text (``csv.QUOTE_NONE``: GLUE's sentences hold unbalanced ``"``), unless a field starts with a quote: then it is
+    also read with quoting, as ``pandas.DataFrame.to_csv(sep="\\t")`` writes a field holding a tab, a line break or a
+    quote (``"a ""b"" c"``), and :func:`_tsv_reading` picks the reading the file is written for (read as text, such a
+    file's texts kept their doubled quotes, silently, and a field holding a tab or a line break broke its row)."""
     csv.field_size_limit(MAX_FIELD_CHARS)
+    if kind == "csv":
+        reading = _read_rows(path, kind, keep, quoted=True)
+    else:
+        reading = _read_rows(path, kind, keep, quoted=False)
+        if reading.quote_opens:
+            try:
+                quoted = _read_rows(path, kind, keep, quoted=True)
+            except DataError as exc:  # its header read with quotes as text: not a file of quoted fields
+                quoted = _Reading([], [], [], [str(exc).removeprefix(f"{path}: ")])
+            reading = _tsv_reading(path, reading, quoted)
+    if reading.problems:
+        raise DataError(format_problems(f"{path}: malformed {kind.upper()} rows:", reading.problems, limit=10))
+    return reading.records, reading.columns, reading.lines
+
+
+def _tsv_reading(path: Path, as_text: _Reading, quoted: _Reading) -> _Reading:
+    """The reading of a TSV file with a field that starts with a quote: quotes as text (``as_text``) or as quoting
+    (``quoted``).
+
+    The one whose rows are whole is taken (a field holding a tab or a line break breaks the rows read as text; a quote
+    in GLUE's text, ``"I know," he said``, is no quoted field). When both are whole and differ, the fields that differ
+    decide: a quoted field holding a quote (``"a ""b"" c"``) is what pandas writes, and pandas quotes no field that
+    holds none, so a field wrapped in quotes with no quote inside (``"Hello there."``) is text, as GLUE's files
+    hold it. A file with both kinds, or whose rows differ in number, is refused naming a line of each: never a row
+    merged or a field split silently.
+    """
+    if bool(as_text.problems) != bool(quoted.problems):
+        return quoted if as_text.problems else as_text
+    if as_text.problems:  # neither reads: the problems of the reading with fewer, and a word on the other
+        best, other = (quoted, as_text) if len(quoted.problems) < len(as_text.problems) else (as_text, quoted)
+        how = _AS_QUOTING if best is quoted else _AS_TEXT
+        other_how = _AS_TEXT if best is quoted else _AS_QUOTING
+        best.problems = [f"read with {how}: {best.problems[0]}", *best.problems[1:],
+                         f"read with {other_how} instead: {len(other.problems)}"
+                         f"{'+' if len(other.problems) > 10 else ''} problem(s), the first {other.problems[0]}"]
+        return best
+    if as_text.columns != quoted.columns:
+        # a quoted header ("sentence"\t"label"): csv.QUOTE_ALL / QUOTE_NONNUMERIC (a column name holds no quotes)
+        return quoted
+    if as_text.lines != quoted.lines:
+        # a quoted field over several lines whose lines also read as rows of their own
+        i = next((i for i, (a, b) in enumerate(zip(as_text.lines, quoted.lines)) if a != b),
+                 min(len(as_text.lines), len(quoted.lines)))
+        opens = quoted.lines[i - 1] if i else as_text.lines[0]  # the record read as quoting over several lines
+        ends = f"line {quoted.lines[i] - 1}" if i < len(quoted.lines) else "the end of the file"
+        raise DataError(f"{path}: line {opens}: its quotes can be read two ways: as quoted fields (as pandas writes a "
+                        f"field holding a line break), a field that opens with a quote there goes on to {ends}; with "
+                        f"quotes as text (as GLUE's TSVs hold them), every line is a row ({len(as_text.lines):,} rows "
+                        f"against {len(quoted.lines):,}); {_SAVE_UNAMBIGUOUS}")
+    escaped = wrapped = None  # the first field that differs only as pandas writes it / only by quotes around it
+    for line, text_row, quoted_row in zip(as_text.lines, as_text.records, quoted.records):
+        for column, value in quoted_row.items():
+            if value != text_row.get(column):
+                if '"' in value:
+                    escaped = escaped or (line, column, text_row.get(column))
+                else:
+                    wrapped = wrapped or (line, column, text_row.get(column))
+        if escaped and wrapped:
+            (a, column_a, raw_a), (b, column_b, raw_b) = escaped, wrapped
+            raise DataError(f"{path}: its quotes can be read two ways: line {a}, column {column_a!r} holds "
+                            f"{_cut(raw_a)}, a quote escaped as pandas writes it (read: a quoted field), and line {b}, "
+                            f"column {column_b!r} holds {_cut(raw_b)}, a text in quotes with none inside, which "
+                            f"pandas would not quote (read: quotes as text, as GLUE's TSVs hold them); "
+                            f"{_SAVE_UNAMBIGUOUS}")
+    return quoted if escaped else as_text
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """``repr`` of a field for a message, cut at ``limit`` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}..."
+
+
+def _read_rows(path: Path, kind: str, keep: Collection[str] | None, quoted: bool) -> _Reading:
+    """Read ``path`` with standard quoting (``quoted``) or with quotes as text, collecting row problems; a bad
+    header raises."""
     problems: list[str] = []
     records, lines = [], []
+    quote_opens = False
     # utf-8-sig: a byte-order mark (as some editors write) is not part of the first column's name
     example = "sentence\tlabel" if kind == "tsv" else "sentence,label"  # a header, for messages
     with path.open(newline="", encoding="utf-8-sig") as f:
@@ -183,12 +285,13 @@ def _read_delimited(path: Path, kind: str, keep: Collection[str] | None = None,
             raise DataError(f"{path}: the first line is not a header of column names (over {MAX_HEADER_CHARS:,} "
                             f"characters); expected a first line such as {example!r}")
         f.seek(0)
-        if kind == "tsv":
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
+        delimiter = "\t" if kind == "tsv" else ","
+        if quoted:
             # strict: text after a closing quote is an error, not glued on (a stray opening quote used to swallow the
             # next line into this record, with the next record's label, and leave a row fewer without a word)
-            reader = csv.reader(f, strict=True)
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+        else:
+            reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE)
         try:
             header = next(reader)
         except StopIteration:
@@ -196,6 +299,7 @@ def _read_delimited(path: Path, kind: str, keep: Collection[str] | None = None,
         except csv.Error as exc:
             raise DataError(f"{path}: line 1: malformed header ({exc})") from None
         columns = [c.strip() for c in header]
+        quote_opens = any(c.startswith('"') for c in header)
         if any("\x00" in c for c in columns):  # UTF-16 without a byte-order mark reads as UTF-8 with a NUL a letter
             raise DataError(f"{path}: line 1: the header holds NUL characters (text has none: is the file UTF-16 or "
                             f"binary? save it as UTF-8 text); expected a first line such as {example!r}")
@@ -234,14 +338,17 @@ def _read_delimited(path: Path, kind: str, keep: Collection[str] | None = None,
                 if "field limit" in str(exc):  # the rest of that line would come back as more broken rows: stop here
                     problems.append(f"line {start}: {_TOO_LONG}")
                     break
-                spans = "" if reader.line_num <= start else (
-                    f"; a quote opened on line {start} is never closed" if "end of data" in str(exc)
-                    else f"; a quote opened on line {start} closes on line {reader.line_num}")
+                # (end of data: a quote opened on the file's last line is never closed either)
+                spans = f"; a quote opened on line {start} is never closed" if "end of data" in str(exc) else (
+                    "" if reader.line_num <= start else f"; a quote opened on line {start} closes on line "
+                    f"{reader.line_num}")
                 problems.append(f"line {start}: malformed {kind.upper()} ({exc}{spans})")
                 if len(problems) > 10:
                     break
                 continue
             line = start
+            if not quoted and not quote_opens:
+                quote_opens = any(field.startswith('"') for field in row)
             if not any(field.strip() for field in row):
                 # a blank line, or a row of empty fields (',,' / tabs: a spreadsheet's saved empty rows): no data
                 continue
@@ -252,9 +359,7 @@ def _read_delimited(path: Path, kind: str, keep: Collection[str] | None = None,
                 continue
             records.append(pick(row))
             lines.append(line)
-    if problems:
-        raise DataError(format_problems(f"{path}: malformed {kind.upper()} rows:", problems, limit=10))
-    return records, columns, lines
+    return _Reading(records, columns, lines, problems, quote_opens)
 
 
 def _json_problem(exc: ValueError | RecursionError, line: int) -> str:
