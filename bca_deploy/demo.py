@@ -324,6 +324,8 @@ def _read_user_data(data: Path, seed: int, tokenizer: Any, model_config: Any, mo
     from .training.errors import DataError
 
     examples = load_seq_cls(data)  # missing file, unknown format, missing columns, bad labels: DataError
+    if examples.whole_scores:  # the demo trains classifiers: whole decimals (1.0, as pandas may write ids) are ids
+        examples = load_seq_cls(data, regression=False)
     if examples.regression:
         raise DataError(f"{data}: the labels are real numbers (regression); the demo trains classifiers. "
                         "Train a regression adapter with: bca-deploy train --model M --data FILE --out DIR")

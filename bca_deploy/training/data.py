@@ -14,7 +14,9 @@ Tasks:
 
 - ``seq-cls``: one text column (or two, for sentence pairs) and a label column. Integer labels are
   classes ``0..K-1``; booleans are classes false=0, true=1; string labels are class names (ids in sorted order
-  unless names are given); float labels (e.g. STS-B) mean regression (one output, MSE loss).
+  unless names are given); numbers written as decimals (STS-B's ``3.800``, and ``4.0``: pandas and JSON write a float
+  column so) mean regression (one output, MSE loss), as HF's ``run_glue`` takes a float column for regression
+  (:func:`decide_regression`).
 - ``causal-lm``: ``prompt`` + ``response`` (or ``completion``) columns (loss on the response tokens only, an EOS
   token is appended), else a ``messages`` column (a conversation: a list of ``{"role", "content"}`` objects rendered
   with the tokenizer's chat template, loss on the assistant turns only), else Alpaca's ``instruction`` + ``input`` +
@@ -682,7 +684,8 @@ class SeqClsExamples:
             names were given: the class names in id order (``labels`` holds their ids); None for plain integer
             labels.
         named_labels: the file writes its labels as class names (not ids).
-        decimal_ids: class ids written as decimals (``5.0``: read as class 5; such a column may be meant as scores).
+        whole_scores: regression targets all whole numbers (``4.0``): what a column of class ids written as decimals
+            (pandas writes an integer column holding a missing value as floats) looks like too.
     """
 
     texts: list[list[str]]
@@ -694,7 +697,7 @@ class SeqClsExamples:
     path: Path
     label_names: list[str] | None = None
     named_labels: bool = False
-    decimal_ids: bool = False
+    whole_scores: bool = False
 
     def __len__(self) -> int:
         return len(self.texts[0])
@@ -787,7 +790,7 @@ def load_seq_cls(
             present in the file.
         label_column: the label column.
         regression: force regression (float labels) or classification; default: decided from the labels
-            (integers or names → classification, any other number → regression).
+            (:func:`decide_regression`).
         require_labels: refuse a file without the label column.
         label_names: the class names, in id order; a name label outside them is refused.
         columns_from: where ``text_columns`` / ``label_column`` came from when the user did not name them (an
@@ -887,7 +890,7 @@ def load_seq_cls(
         path=path,
         label_names=names,
         named_labels=not regression and any(isinstance(v, _Name) for v in parsed),
-        decimal_ids=not regression and any(isinstance(v, float) for v in parsed),
+        whole_scores=bool(regression) and bool(labels) and all(float(v).is_integer() for v in labels),
     )
 
 
@@ -964,12 +967,25 @@ def _booleans_as_ids(parsed: list[Any], names: list[str] | None) -> tuple[list[A
     return [_BOOLEANS.index(v.lower()) for v in parsed], names or [spelled.get(b, b) for b in _BOOLEANS]
 
 
+def decide_regression(parsed: Sequence[Any]) -> bool:
+    """Whether a label column that the user did not say the task of holds regression targets: labels read by
+    :func:`_parse_label`, regression when none is a class name and one is a number written as a decimal (``3.8``, and
+    ``4.0`` too: STS-B's own file writes ``4.000``, pandas a float column ``4.0``, JSON a float ``4.0``).
+
+    As HF's ``run_glue`` decides (a float column is regression, an integer one classification): whole decimals were
+    class ids here, and STS-B scores that happened to be whole trained a 6-class classifier. Integers (``0``..``5``)
+    stay class ids, as there: a column of whole scores written as integers is classification unless ``--regression``
+    is given.
+    """
+    return not any(isinstance(v, _Name) for v in parsed) and any(isinstance(v, float) for v in parsed)
+
+
 def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool | None, names: list[str] | None,
             problems: list[str]) -> tuple[list[Any], list[str] | None, bool]:
     """Turn parsed labels into ids (or floats), deciding the label kind; appends problems."""
     is_name = [isinstance(v, _Name) for v in parsed]
     if regression is None:
-        regression = not any(is_name) and any(isinstance(v, float) and not v.is_integer() for v in parsed)
+        regression = decide_regression(parsed)
     if regression:
         bad = [f"line {line}: label {str(v)!r} in column {column!r} is not a number (regression needs real-valued "
                "labels)" for v, line in zip(parsed, lines) if isinstance(v, _Name)]

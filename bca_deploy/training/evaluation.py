@@ -83,6 +83,10 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
             names = info.get("label_names") or (list(spec.head.id2label[i] for i in range(spec.head.num_labels))
                                                 if spec is not None and spec.head is not None else None)
             regression = info.get("regression")
+            if regression is None and spec is not None and spec.head is not None:
+                # no training record (an adapter made elsewhere): the head says, as in transformers (one output is
+                # regression), not the file, whose whole decimals (1.0) would read as scores (decide_regression)
+                regression = spec.head.num_labels == 1
             model_config = model.config if model is not None else load_model_config(config.model)
             max_length = fit_max_length(pick(config.max_length, "max_length", 128), model_config, tokenizer,
                                         warn=lambda line: print(f"note: {line}", file=sys.stderr))

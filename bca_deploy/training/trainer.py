@@ -501,7 +501,9 @@ class _TrainingRun:
             if names_to_read is None and self.base.trained and not cfg.new_head and cfg.method != "custom":
                 names_to_read = self.base.names
         note = lambda line: self.d.is_main and print(f"note: {line}", file=sys.stderr)  # noqa: E731
-        kwargs = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, regression=cfg.regression,
+        # --num-labels K > 1 says classification: whole decimals are then class ids, not scores (decide_regression)
+        regression = False if cfg.regression is None and (cfg.num_labels or 0) > 1 else cfg.regression
+        kwargs = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, regression=regression,
                       prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                       text_column=cfg.text_column, messages_column=cfg.messages_column, warn=note, model=cfg.model)
         fitted = fit_max_length(cfg.max_length, model_config, self.tokenizer, warn=note)
@@ -547,11 +549,12 @@ class _TrainingRun:
         if cfg.task == "seq-cls":
             self.labels = self._decide_labels(train_ex, eval_ex)
             self.regression = self.labels.regression
-            if train_ex.decimal_ids and self.d.is_main and cfg.regression is None:
-                # pandas writes an integer column holding a missing value as 0.0/1.0; STS-B-like scores are 0.0-5.0
-                print(f"note: {cfg.data}: labels written as decimals with no fraction (such as 1.0) are read as class "
-                      f"ids ({self.labels.num_labels} classes); pass --regression to train one real-valued output "
-                      "instead", file=sys.stderr)
+            if train_ex.whole_scores and self.d.is_main and regression is None:
+                # STS-B-like scores are 0.0-5.0; pandas writes an integer column holding a missing value as 0.0/1.0
+                print(f"note: {cfg.data}: labels written as decimals (such as {train_ex.labels[0]:.1f}) are read as "
+                      "real-valued scores: regression, one output, MSE loss (as HF's run_glue reads a float column); "
+                      "every one is a whole number: pass --no-regression to read them as class ids instead",
+                      file=sys.stderr)
             unlabelled = [n for n in (self.labels.names or []) if n.strip() in UNLABELLED_MARKS]
             if unlabelled and not self.regression and self.d.is_main:
                 # SNLI and MNLI's files write "-" for a pair without a gold label; HF datasets maps it to -1 and
@@ -592,8 +595,10 @@ class _TrainingRun:
             if cfg.num_labels not in (None, 1):
                 raise TrainingConfigError(f"--num-labels {cfg.num_labels}: regression labels need one output")
             if base.trained and base.num_labels != 1 and not cfg.new_head and cfg.method != "custom":
+                ids = (" (whole numbers written as decimals: pass --no-regression to read them as class ids)"
+                       if train_ex.whole_scores and cfg.regression is None else "")
                 raise DataError(f"{train_ex.path}: the labels are real numbers (regression) but the base model's "
-                                f"trained head has {base.num_labels} classes; pass --new-head to train a new "
+                                f"trained head has {base.num_labels} classes{ids}; pass --new-head to train a new "
                                 "one-output head")
             return Labels(1, ["LABEL_0"], True, self._head_kind())
         keeps_head = base.trained and not cfg.new_head or cfg.method == "custom"

@@ -457,13 +457,14 @@ def test_hostile_and_careless_delimited_files_are_refused_cheaply_and_named_well
     assert "at at" not in str(err.value) and "Unterminated string starting at column" in str(err.value)
 
 
-def test_decimal_class_ids_are_noted(tmp_path, capsys):
-    """Scores 0.0-5.0 written as whole decimals make a 6-class classifier (pandas writes integer columns with a
-    missing value so): the file says which, a note names --regression."""
+def test_whole_decimal_scores_are_marked(tmp_path, capsys):
+    """Scores 0.0-5.0 written as whole decimals are regression targets marked whole (the trainer's note names
+    --no-regression: pandas writes integer columns with a missing value so); integers are class ids."""
     rows = [(f"text {i}", f"{i % 6}.0") for i in range(24)]
     examples = load_seq_cls(write_tsv(tmp_path / "scores.tsv", rows))
-    assert examples.decimal_ids and not examples.regression and max(examples.labels) == 5
-    assert not load_seq_cls(write_tsv(tmp_path / "ids.tsv", [(t, y[0]) for t, y in rows])).decimal_ids
+    assert examples.whole_scores and examples.regression and max(examples.labels) == 5.0
+    ids = load_seq_cls(write_tsv(tmp_path / "ids.tsv", [(t, y[0]) for t, y in rows]))
+    assert not ids.whole_scores and not ids.regression
 
 
 def test_tokenizing_in_chunks_gives_the_ids_of_one_call(monkeypatch, tmp_path):
