@@ -148,6 +148,9 @@ class HeadSpec:
         pad_token_id: the model config's ``pad_token_id`` the head was trained with, or None when it had none.
             A decoder classifier (Llama, GPT-2...) reads the last token that is not this id, so every later
             stage must pool at the same token; transformers refuses a batch of several rows without it.
+        text_pair: whether the head was trained on text pairs (two text columns: MRPC, RTE, STS-B...; True) or on
+            single texts (False), as ``train`` records it; None when not recorded (an adapter made elsewhere, or
+            before it was recorded). Served, a head trained on pairs refuses single texts and the other way round.
     """
 
     modules: list[str]
@@ -156,6 +159,7 @@ class HeadSpec:
     label2id: dict[str, int]
     problem_type: str | None = None
     pad_token_id: int | None = None
+    text_pair: bool | None = None
 
     def config_values(self) -> dict[str, Any]:
         """The transformers config values of a model with this head (the one list every stage sets): labels,
@@ -228,6 +232,8 @@ class TaskSpec:
         if pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < MAX_TOKEN_ID):
             out.append(f"task.head.pad_token_id must be a token id (an integer in 0..{MAX_TOKEN_ID - 1}) or null, got "
                        f"{show_json_value(pad)}")
+        if head.text_pair is not None and not isinstance(head.text_pair, bool):
+            out.append(f"task.head.text_pair must be true, false or null, got {show_json_value(head.text_pair)}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +248,8 @@ class TaskSpec:
             }
             if self.head.pad_token_id is not None:  # (absent otherwise: files stay as earlier versions wrote them)
                 head["pad_token_id"] = self.head.pad_token_id
+            if self.head.text_pair is not None:  # (absent when not recorded, as pad_token_id)
+                head["text_pair"] = self.head.text_pair
         return {"type": self.type, "architecture": self.architecture, "head": head}
 
     @classmethod
@@ -275,6 +283,7 @@ class TaskSpec:
                 label2id=dict(label2id_raw) if isinstance(label2id_raw, dict) else {},
                 problem_type=head_data.get("problem_type"),
                 pad_token_id=head_data.get("pad_token_id"),
+                text_pair=head_data.get("text_pair"),
             )
         unknown = sorted(set(data) - {"type", "architecture", "head"})
         if unknown:

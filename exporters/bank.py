@@ -698,18 +698,23 @@ class HeadLayer:
 
 @dataclasses.dataclass(frozen=True)
 class HeadLabels:
-    """What ``classify`` needs of a slot's head: its label names (by index) and how to score them."""
+    """What ``classify`` needs of a slot's head: its label names (by index), how to score them, and whether it was
+    trained on text pairs (:attr:`~bca_deploy.config.HeadSpec.text_pair`; None: not recorded)."""
 
     id2label: tuple[str, ...]
     problem_type: str | None = None
+    text_pair: bool | None = None
 
     @property
     def num_labels(self) -> int:
         return len(self.id2label)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_labels": self.num_labels, "id2label": {str(i): v for i, v in enumerate(self.id2label)},
-                "problem_type": self.problem_type}
+        out = {"num_labels": self.num_labels, "id2label": {str(i): v for i, v in enumerate(self.id2label)},
+               "problem_type": self.problem_type}
+        if self.text_pair is not None:  # (absent when not recorded: files stay as earlier versions wrote them)
+            out["text_pair"] = self.text_pair
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> HeadLabels:
@@ -718,7 +723,7 @@ class HeadLabels:
         Raises:
             ValueError: naming the field: ``num_labels`` not a positive integer, ``id2label`` not an object
                 whose keys are exactly ``"0"``..``str(num_labels - 1)`` and whose values are strings, or a
-                ``problem_type`` transformers does not define.
+                ``problem_type`` transformers does not define, a ``text_pair`` that is not a boolean or null.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"labels must be an object, got {type(data).__name__}")
@@ -737,13 +742,17 @@ class HeadLabels:
             raise ValueError(f"id2label names must be at most {MAX_LABEL_CHARS} characters")
         if len(set(labels)) != count:  # an answer's scores are keyed by name: two would collapse into one
             raise ValueError("id2label names must be distinct")
-        return cls(labels, problem_type)
+        text_pair = data.get("text_pair")
+        if text_pair is not None and not isinstance(text_pair, bool):
+            raise ValueError(f"text_pair must be true, false or null, got {str(text_pair)[:40]!r}")
+        return cls(labels, problem_type, text_pair)
 
     @classmethod
-    def of(cls, num_labels: int, id2label: Mapping[Any, str] | None, problem_type: str | None) -> HeadLabels:
+    def of(cls, num_labels: int, id2label: Mapping[Any, str] | None, problem_type: str | None,
+           text_pair: bool | None = None) -> HeadLabels:
         """Labels from a transformers config / HeadSpec; indexes without a name become ``LABEL_<i>``."""
         names = {int(k): str(v) for k, v in (id2label or {}).items()}
-        return cls(tuple(names.get(i, f"LABEL_{i}") for i in range(num_labels)), problem_type)
+        return cls(tuple(names.get(i, f"LABEL_{i}") for i in range(num_labels)), problem_type, text_pair)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1245,7 +1254,7 @@ def adapter_head(
                           "checkpoint has none either"]
         labels = base.labels
     elif head_spec is not None and head_spec.num_labels == num_labels:
-        labels = HeadLabels.of(num_labels, head_spec.id2label, head_spec.problem_type)
+        labels = HeadLabels.of(num_labels, head_spec.id2label, head_spec.problem_type, head_spec.text_pair)
     else:  # no task recorded (the fit check refuses a task.head that disagrees with the weights)
         labels = HeadLabels.of(num_labels, None, None)
     return HeadWeights(tensors, labels), []

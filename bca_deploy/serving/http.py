@@ -796,6 +796,9 @@ class Server:
         log.update({"rows": len(rows), "kind": kind})
         self.check_rows(len(rows))
         with self.admission.hold(len(rows), adapter):
+            if kind == "classify":  # texts for a head trained on text pairs (or the other way): refused, named
+                with field_errors("input"):
+                    self.session.check_text_pairs(rows, adapter)
             token_rows = await self.prepare(rows, max_new_tokens, max_text_tokens=max_text_tokens)
             result, job = await _answered(request, self.batcher.submit(kind, token_rows, adapter, params))
         log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,

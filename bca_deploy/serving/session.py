@@ -1128,6 +1128,7 @@ class MultiAdapterSession:
         self.require("classify")
         snapshot = snapshot or self._snapshot
         heads = snapshot.labels_of(adapters)
+        self.check_text_pairs(inputs, adapters, snapshot)  # (the server checks them before they join a batch)
         # A decoder classifier reads each row's last token that is not its pad id (config.json's, baked into the
         # graph): rows are padded on the right with exactly that id, so each is read where it is read alone (a row of
         # pad tokens only at its first token, as transformers reads it), whatever its neighbours. Every classifier's
@@ -1178,6 +1179,33 @@ class MultiAdapterSession:
         self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids
         self.check_positions(max(len(r) for r in rows), max_new_tokens, input_param)
         return rows
+
+    def check_text_pairs(self, inputs: Sequence[Any], adapters: str | None | Sequence[str | None],
+                         snapshot: BankSnapshot | None = None) -> None:
+        """Refuse single texts for a classifier head trained on text pairs, and pairs for one trained on single texts
+        (the head's ``text_pair``, :attr:`~bca_deploy.config.HeadSpec.text_pair`): answered, either is a label read
+        off an input the head never saw, without a word. ``adapters``: each row's, or one for every row. A head that
+        records nothing (an adapter made elsewhere, or exported before it was recorded; the base model's) takes
+        either; token-id rows are the client's own tokenization: taken. An unknown adapter or one without a head is
+        left to the classify checks.
+
+        Raises:
+            ServingError: the first row of the other kind, naming its adapter and the form expected.
+        """
+        snapshot = snapshot or self._snapshot
+        for index, row in enumerate(inputs):
+            adapter = adapters if adapters is None or isinstance(adapters, str) else adapters[index]
+            labels = snapshot.labels.get(BASE if adapter is None else adapter)
+            recorded = getattr(labels, "text_pair", None)
+            if recorded is None or not (isinstance(row, str) or is_text_pair(row)):
+                continue
+            name = f"adapter {adapter!r}" if adapter is not None else "the base model"
+            if recorded and isinstance(row, str):
+                raise ServingError(f"input {index}: a single text, but {name} was trained on text pairs (its head's "
+                                   "text_pair is true): send each row as a pair, [first text, second text]")
+            if not recorded and is_text_pair(row):
+                raise ServingError(f"input {index}: a text pair, but {name} was trained on single texts (its head's "
+                                   "text_pair is false): send each row as one text")
 
     def _text_pairs(self, inputs: Sequence[Any]) -> bool:
         """Whether ``inputs`` are text pairs (:func:`is_text_pair`); a mix of pairs and other rows is refused.

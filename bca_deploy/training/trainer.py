@@ -775,8 +775,10 @@ class _TrainingRun:
         spec = task_spec_from_config(cfg.task, model.config, head)
         if cfg.task == "seq-cls" and spec.head is not None:
             names = dict(enumerate(self.labels.names))
+            # text_pair: served, the head then refuses single texts (or pairs, trained on single texts)
             spec = dataclasses.replace(spec, head=dataclasses.replace(
-                spec.head, id2label=names, label2id={v: k for k, v in names.items()}))
+                spec.head, id2label=names, label2id={v: k for k, v in names.items()},
+                text_pair=len(self.train_examples.text_columns) == 2))
         problems = spec.problems(self.modules_to_save)
         if problems:
             raise TrainingConfigError(format_problems("the adapter's task entry would be invalid:", problems))
