@@ -38,10 +38,10 @@ from ..config import show_json_value
 from ..errors import ServingError
 from ..exporters.bank import LOGITS_TO_KEEP
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
-from .limits import MAX_NEW_TOKENS
+from .limits import MAX_LOGPROBS, MAX_NEW_TOKENS
 
 __all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "Penalties", "DecodeRow", "DecodeBatch", "PrefillJob",
-           "MAX_NEW_TOKENS", "choose_tokens", "apply_penalties"]
+           "MAX_NEW_TOKENS", "MAX_LOGPROBS", "LOGPROB_FLOOR", "TokenLogprob", "choose_tokens", "apply_penalties", "token_logprobs"]
 
 #: The repetition penalties taken (vLLM takes any > 0): logits of up to ~1e4 divided or multiplied by these stay far
 #: inside float32 (3.4e38), so no row's logits become inf or NaN.
@@ -92,6 +92,11 @@ class SamplingParams:
     cannot end: its end ids (the end-of-sequence ids the row ends at, and ``stop_token_ids``) are never chosen
     (their logits are -inf, as vLLM's ``MinTokensLogitsProcessor`` sets them) and no stop string ends it in their
     text (one that ends after them does, as in vLLM's detokenizer).
+
+    ``logprobs`` (vLLM's ``SamplingParams.logprobs``): each chosen token comes with its log-probability and those of
+    the ``logprobs`` most likely tokens (:class:`TokenLogprob`), from the model's raw distribution: log_softmax of the
+    logits as the graph gave them, before penalties, ``min_tokens`` masking, temperature and top-k/top-p (vLLM's
+    default, ``logprobs_mode="raw_logprobs"``), so they are the same however the row samples. ``None``: none computed.
     """
 
     max_new_tokens: int = dataclasses.field(default=32, metadata={"help": f"new tokens at most (1..{MAX_NEW_TOKENS}; "
@@ -117,6 +122,9 @@ class SamplingParams:
         "help": "the model's end-of-sequence ids do not end the row (stop_token_ids still do)"})
     min_tokens: int = dataclasses.field(default=0, metadata={
         "help": "0..max_new_tokens; the row cannot end (end ids masked, stop strings not matched) before this many"})
+    logprobs: int | None = dataclasses.field(default=None, metadata={
+        "help": f"None (off) or 0..{MAX_LOGPROBS}: each token's log-probability and this many most likely "
+                "alternatives' (see token_logprobs)"})
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
@@ -174,6 +182,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
                 problems[name] = f"must be a number in [-2, 2] (0: off), got {show_json_value(value)}"
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            problems["logprobs"] = (f"must be null (off) or an integer from 0 to {MAX_LOGPROBS}, "
+                                    f"got {show_json_value(self.logprobs)}")
         if problems:
             raise SamplingParamsError(problems)
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
@@ -188,6 +199,8 @@ class SamplingParams:
         object.__setattr__(self, "min_tokens", int(self.min_tokens))
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
+        if self.logprobs is not None:
+            object.__setattr__(self, "logprobs", int(self.logprobs))
 
     @property
     def penalized(self) -> bool:
@@ -381,6 +394,57 @@ def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list
         if b not in failures:
             sampler.generated += 1
     return tokens, failures
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and the ``k`` most likely tokens' (:func:`token_logprobs`).
+
+    ``top``: ``(token_id, logprob)`` pairs, most likely first (ties: the lower id first); the chosen token is among
+    them only if it is one of the ``k`` most likely. Log-probabilities are floats >= :data:`LOGPROB_FLOOR` (vLLM's and
+    OpenAI's floor for a probability that underflows; a non-finite logit gives the floor too), never inf or NaN, so
+    they go into JSON as they are.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+#: The lowest log-probability reported (vLLM clamps to it, as OpenAI does: -inf is not JSON).
+LOGPROB_FLOOR = -9999.0
+
+
+def token_logprobs(logits: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
+                   tops: Sequence[int]) -> list[TokenLogprob]:
+    """The log-probabilities of ``tokens[i]`` and of the ``tops[i]`` most likely tokens under row ``rows[i]`` of
+    ``logits`` (B, V): log_softmax of the row's raw logits (float64; see :class:`SamplingParams` ``logprobs``).
+
+    Only the rows asked are read (a copy of those rows alone): a step where no row asks costs nothing, and a row's
+    numbers never depend on the rows beside it. ``logits`` is not changed.
+    """
+    if not rows:
+        return []
+    picked = logits[np.asarray(rows, dtype=np.int64)].astype(np.float64)  # these rows alone: (R, V)
+    with np.errstate(invalid="ignore", over="ignore"):
+        top = picked.max(-1, keepdims=True)
+        shifted = picked - top
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    logp = np.where(np.isfinite(logp), np.maximum(logp, LOGPROB_FLOOR), LOGPROB_FLOOR)
+    out = []
+    width = logp.shape[-1]
+    for r, (token, k) in enumerate(zip(tokens, tops, strict=True)):
+        row = logp[r]
+        chosen = float(row[token]) if 0 <= token < width else LOGPROB_FLOOR
+        pairs: tuple[tuple[int, float], ...] = ()
+        k = min(int(k), width)
+        if k > 0:
+            candidates = np.argpartition(-row, k - 1)[:k] if k < width else np.arange(width)
+            # most likely first, ties by id; a tie across the cut is settled by the partition, as torch.topk's is
+            order = candidates[np.lexsort((candidates, -row[candidates]))]
+            pairs = tuple((int(i), float(row[i])) for i in order)
+        out.append(TokenLogprob(int(token), chosen, pairs))
+    return out
 
 
 @dataclasses.dataclass(eq=False)

@@ -15,6 +15,9 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
   and the bank snapshot it started with, to its last token: a load or unload while it decodes changes
   nothing for it, while rows that start afterwards use the new bank (rows of several snapshots share a
   run through a composite bank of exactly the slots they use);
+- a row whose settings ask ``logprobs`` gets each token's log-probability and its most likely alternatives'
+  (:class:`TokenEvent` ``logprob``; the raw distribution, see :class:`SamplingParams`), computed on that row's
+  logits alone after its token is chosen: rows that do not ask cost nothing more;
 - at most ``max_batch_rows`` rows run at once; at most ``max_queued_rows`` wait (then
   :class:`EngineOverloadedError`);
 - chunked prefill: newcomers admitted in one step are bounded by ``max_prefill_tokens`` (padded prompt
@@ -83,12 +86,14 @@ from .decoding import (
     Sampler,
     SamplingParams,
     SamplingParamsError,
+    TokenLogprob,
     choose_tokens,
+    token_logprobs,
 )
 from .limits import PREEMPT_WAIT_STEPS
 from .session import BASE, MultiAdapterSession, not_loaded
 
-__all__ = ["GenerationEngine", "GenerationStream", "GenerationResult", "TokenEvent", "SamplingParams",
+__all__ = ["GenerationEngine", "GenerationStream", "GenerationResult", "TokenEvent", "TokenLogprob", "SamplingParams",
            "SamplingParamsError", "EngineOverloadedError", "MAX_NEW_TOKENS", "Observer"]
 
 _log = logging.getLogger("bca_deploy.serve")
@@ -103,21 +108,28 @@ class EngineOverloadedError(ServingError):
 
 @dataclasses.dataclass(frozen=True)
 class TokenEvent:
-    """One generated token and the text it adds (stop strings removed; may be empty, e.g. mid-character)."""
+    """One generated token and the text it adds (stop strings removed; may be empty, e.g. mid-character); with
+    ``logprob`` when the row's :class:`SamplingParams` asked ``logprobs`` (else ``None``)."""
 
     token_id: int
     text: str
+    logprob: TokenLogprob | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
-    """A whole generation: every token id, the text, why it ended, and the token counts."""
+    """A whole generation: every token id, the text, why it ended, and the token counts; ``logprobs``: one
+    :class:`TokenLogprob` per token id when the row asked them (``SamplingParams.logprobs``), else ``None``, and
+    ``text_offsets``: where each token's text starts in ``text`` (a token whose text is empty, held back or cut: where
+    the next text starts)."""
 
     token_ids: list[int]
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    text_offsets: list[int] | None = None
 
 
 _END = object()
@@ -156,6 +168,9 @@ class GenerationStream:
         self.completion_tokens = 0
         self.token_ids: list[int] = []
         self.text = ""
+        # one per token id when the row asks them (every token's, its text empty or not)
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.text_offsets: list[int] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.queued_at = time.perf_counter()
@@ -217,13 +232,17 @@ class GenerationStream:
             pass
         assert self.finish_reason is not None
         return GenerationResult(list(self.token_ids), self.text, self.finish_reason, self.prompt_tokens,
-                                self.completion_tokens)
+                                self.completion_tokens, None if self.logprobs is None else list(self.logprobs),
+                                None if self.text_offsets is None else list(self.text_offsets))
 
     # ---- called on the loop by the engine's deliveries ----------------------------------------------------
 
     def _push(self, event: TokenEvent) -> None:
         if self._ended:
             return
+        if self.logprobs is not None and event.logprob is not None:
+            self.logprobs.append(event.logprob)
+            self.text_offsets.append(len(self.text))
         self.token_ids.append(event.token_id)
         self.text += event.text
         self.completion_tokens += 1
@@ -903,6 +922,11 @@ class GenerationEngine:
             for i, exc in unsampled.items():  # e.g. non-finite logits: that row fails and leaves, no other
                 self._fail(rows[i].owner, exc)
             batch.remove(rows[i] for i in unsampled)
+        # log-probabilities of the raw logits (choose_tokens put its penalties and masks back), for the rows that ask
+        asked = [i for i, row in enumerate(rows) if row.owner.params.logprobs is not None
+                 and not (unsampled and i in unsampled)]
+        logprobs = dict(zip(asked, token_logprobs(logits, asked, [tokens[i] for i in asked],
+                                                  [rows[i].owner.params.logprobs for i in asked]))) if asked else {}
         now = time.perf_counter()
         gaps, done = [], []
         outbox = self._outbox
@@ -930,7 +954,7 @@ class GenerationEngine:
                     text, reason = text + request.detokenizer.flush(), "stop"
                 elif request.generated >= request.params.max_new_tokens:
                     text, reason = text + request.detokenizer.flush(), "length"
-            outbox.append((stream, TokenEvent(token, text)))
+            outbox.append((stream, TokenEvent(token, text, logprobs.get(i))))
             if reason is None:
                 row.next_token = token
             else:

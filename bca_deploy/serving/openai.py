@@ -8,10 +8,10 @@ adapter, as with vLLM's ``--lora-modules``:
     GET  /v1/models/{model}         one of them
     POST /v1/embeddings             {"model", "input", "encoding_format"?, "dimensions"?}      encoders
     POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?, "n"?,
-                                     "stop"?, "presence_penalty"?, "frequency_penalty"?,
+                                     "stop"?, "presence_penalty"?, "frequency_penalty"?, "logprobs"? (0..20),
                                      "stream"?, "stream_options"?}                             decoders
-    POST /v1/chat/completions       {"model", "messages", ...same...}                          decoders with
-                                                                                               a chat template
+    POST /v1/chat/completions       {"model", "messages", ...same..., "logprobs"? (true/false),  decoders with
+                                     "top_logprobs"? (0..20)}                                  a chat template
     POST /v1/load_lora_adapter      {"lora_name", "lora_path"?}: load a store entry (vLLM's shape)
     POST /v1/unload_lora_adapter    {"lora_name"}
 
@@ -29,6 +29,21 @@ end-of-sequence id of ``config.json``, ``generation_config.json`` or the tokeniz
 (:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
 ``lora_path`` is a name in the adapter store, never a filesystem path.
 
+Log-probabilities, as OpenAI and vLLM return them: chat's ``logprobs: true`` (with ``top_logprobs``: that many
+alternatives, 0..20, only with ``logprobs: true``) gives each choice ``logprobs.content``, one ``{"token",
+"logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}`` per generated token; completions'
+``logprobs: N`` (0..20, vLLM's default bound; OpenAI's is 5) gives ``{"tokens", "token_logprobs", "top_logprobs",
+"text_offset"}`` (``top_logprobs``: the N most likely tokens, plus the chosen one when it is not among them;
+``text_offset``: where each token's text starts in the choice's text, streamed or not). Every
+generated token is listed, the end-of-sequence token and one cut by a stop string included (as ``usage`` counts
+them); a token's ``token`` is its own text (the id decoded alone, special tokens kept, as vLLM shows it). Streamed,
+each chunk carries the log-probabilities of its tokens (a token with no text of its own goes with the next chunk).
+The distribution is the model's raw one, vLLM's default: log_softmax of the logits of the adapter's model, before
+penalties, ``min_tokens`` masking, temperature, top-k and top-p, so the numbers are the same however a choice
+samples (``n`` > 1, streamed or not); each row's are computed on its own logits, only for the rows that ask.
+``echo`` with ``logprobs`` (the prompt's log-probabilities) is refused: the prefill computes the last position's
+logits only. The native ``/v1/generate`` returns no log-probabilities.
+
 Chat messages reach the template as vLLM passes them: text parts joined with a line break, ``name`` kept.
 An assistant message sent back as the client got it (``message.model_dump()``: ``refusal``, ``tool_calls``...
 null) is read as its text.
@@ -36,9 +51,8 @@ null) is read as its text.
 Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
 ``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
 are refused with 400 (``invalid_request``; the native routes answer 422) unless they hold their neutral
-value (``best_of`` > 1, ``logprobs``, ``echo``, ``suffix``, ``logit_bias``,
-``tools``, ``response_format`` other than text, ...; completions' ``logprobs`` 0 asks for the chosen tokens'
-log-probabilities, so only null is neutral). vLLM's extensions: ``top_k``, ``stop_token_ids``,
+value (``best_of`` > 1, ``echo``, ``suffix``, ``logit_bias``,
+``tools``, ``response_format`` other than text, ...). vLLM's extensions: ``top_k``, ``stop_token_ids``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens`` and ``stream_options.continuous_usage_stats`` are served, and
 chat's ``chat_template_kwargs``, ``documents``, ``add_generation_prompt``, ``continue_final_message``, ``echo`` and
 ``add_special_tokens`` (see :class:`ChatCompletionRequest`); ``min_p``, ``skip_special_tokens``,
@@ -67,6 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..config import show_json_value
 from ..errors import BCAError, ContextLengthError
+from .limits import MAX_LOGPROBS
 from .session import BASE
 from .wire import (
     READ_METHODS,
@@ -98,6 +113,11 @@ class _OpenAIRequest(BaseModel):
 def _refuse(problems: list[str], name: str, value: Any, neutral: Any, why: str) -> None:
     if value is not None and value != neutral and not (isinstance(neutral, tuple) and value in neutral):
         problems.append(f"{name}: {show_json_value(value)} is not supported ({why})")  # described: it may be MBs
+
+
+def _is_count(value: Any) -> bool:
+    """An integer of JSON (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class EmbeddingsRequest(_OpenAIRequest):
@@ -158,8 +178,7 @@ class _Sampling(_OpenAIRequest):
     safety_identifier: StrictStr | None = None
 
     def unsupported(self) -> list[str]:
-        problems: list[str] = []
-        _refuse(problems, "top_logprobs", self.top_logprobs, 0, "log-probabilities are not returned")
+        problems = self.logprobs_problems()
         _refuse(problems, "logit_bias", self.logit_bias or None, None, "logit bias is not implemented")
         _refuse(problems, "min_p", self.min_p, 0, "min-p filtering is not implemented; use top_p or top_k")
         _refuse(problems, "skip_special_tokens", self.skip_special_tokens, True, "special tokens are left out of text")
@@ -183,6 +202,14 @@ class _Sampling(_OpenAIRequest):
                 problems.append("stream_options: only with stream: true")
         return problems
 
+    def logprobs_problems(self) -> list[str]:
+        """What is wrong with the request's ``logprobs`` / ``top_logprobs`` (each route reads them its own way)."""
+        raise NotImplementedError
+
+    def logprob_count(self) -> int | None:
+        """The engine's ``logprobs``: alternatives per token (0 or more), or ``None`` for no log-probabilities."""
+        raise NotImplementedError
+
     def usage_options(self) -> tuple[bool, bool]:
         """``(include_usage, continuous)`` of a streamed answer, from ``stream_options``: OpenAI's ``include_usage``
         (a last chunk with the request's usage; left out: false, OpenAI's default) and vLLM's
@@ -204,13 +231,30 @@ class CompletionRequest(_Sampling):
     echo: StrictBool | None = None
     suffix: StrictStr | None = None
 
+    def logprobs_problems(self) -> list[str]:
+        # an integer (0: the chosen tokens' alone; OpenAI's and vLLM's reading, so 0 is not "none": only null is);
+        # a boolean is refused, not read as 0 or 1: it is chat's shape, and neither reading is what its sender meant
+        problems = []
+        if self.logprobs is not None and (not _is_count(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            problems.append(f"logprobs: must be null or an integer from 0 to {MAX_LOGPROBS} (the most likely tokens "
+                            f"listed beside each chosen one), got {show_json_value(self.logprobs)}")
+        _refuse(problems, "top_logprobs", self.top_logprobs, 0,
+                f'a chat completions field; completions take "logprobs": 0..{MAX_LOGPROBS}')
+        return problems
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> list[str]:
         problems = super().unsupported()
-        # logprobs 0 (or false, read as 0) is not neutral here: OpenAI and vLLM answer it with the chosen tokens'
-        # log-probabilities, so a client sending it expects a logprobs object, never null
-        _refuse(problems, "logprobs", self.logprobs, None, "log-probabilities are not returned")
         _refuse(problems, "best_of", self.best_of, 1, "one candidate per prompt")
-        _refuse(problems, "echo", self.echo, False, "the prompt is not repeated in the answer")
+        if self.echo and self.logprobs is not None:
+            problems.append("echo: true is not supported with logprobs (echo with logprobs lists the prompt's tokens' "
+                            "log-probabilities, which are not computed here: the prefill runs the output layer on "
+                            "the prompt's last position only); send logprobs without echo for the generated tokens' "
+                            "log-probabilities")
+        else:
+            _refuse(problems, "echo", self.echo, False, "the prompt is not repeated in the answer")
         _refuse(problems, "suffix", self.suffix, "", "no insertion mode")
         return problems
 
@@ -342,7 +386,6 @@ class ChatCompletionRequest(_Sampling):
         if self.continue_final_message and self.generation_prompt:
             problems.append('continue_final_message: cannot be true with add_generation_prompt true (its default), '
                             'as in vLLM: send "add_generation_prompt": false to continue the last message')
-        _refuse(problems, "logprobs", self.logprobs, False, "log-probabilities are not returned")
         _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
         _refuse(problems, "tool_choice", self.tool_choice, ("none", "auto"), "tool calling is not implemented")
         _refuse(problems, "functions", self.functions or None, None, "function calling is not implemented")
@@ -356,6 +399,23 @@ class ChatCompletionRequest(_Sampling):
                 and self.max_tokens != self.max_completion_tokens:
             problems.append("max_completion_tokens: disagrees with max_tokens; send one of them")
         return problems
+
+    def logprobs_problems(self) -> list[str]:
+        # OpenAI's: logprobs a boolean, top_logprobs 0..20 and only with logprobs true (vLLM refuses a top_logprobs
+        # above 0 without it, and takes 0 as none: so does this server)
+        problems = []
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            problems.append(f"logprobs: must be true or false, got {show_json_value(self.logprobs)}")
+        top = self.top_logprobs
+        if top is not None and (not _is_count(top) or not 0 <= top <= MAX_LOGPROBS):
+            problems.append(f"top_logprobs: must be null or an integer from 0 to {MAX_LOGPROBS}, "
+                            f"got {show_json_value(top)}")
+        elif top and self.logprobs is not True:
+            problems.append('top_logprobs: needs "logprobs": true (as OpenAI and vLLM require)')
+        return problems
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs is True else None
 
     @property
     def generation_prompt(self) -> bool:
@@ -584,7 +644,8 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_ma
                                ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0,
                                repetition_penalty=server.repetition_penalty(req.repetition_penalty),
                                frequency_penalty=float(req.frequency_penalty or 0.0),
-                               presence_penalty=float(req.presence_penalty or 0.0))
+                               presence_penalty=float(req.presence_penalty or 0.0),
+                               logprobs=req.logprob_count())
     except InvalidRequestError as exc:
         raise _renamed(exc, param) from None
 
@@ -681,11 +742,60 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
     for i, result in enumerate(results):
         if kind == "chat.completion":
             choices.append({"index": i, "message": {"role": role, "content": echo + result.text},
-                            "logprobs": None, "finish_reason": result.finish_reason})
+                            "logprobs": _chat_logprobs(server, result.logprobs),
+                            "finish_reason": result.finish_reason})
         else:
-            choices.append({"index": i, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason})
+            choices.append({"index": i, "text": result.text,
+                            "logprobs": _completion_logprobs(server, result.logprobs, result.text_offsets),
+                            "finish_reason": result.finish_reason})
     return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": choices,
             "usage": _usage(streams, n)}
+
+
+def _chat_logprobs(server: Server, items: list | None) -> dict[str, Any] | None:
+    """A chat choice's ``logprobs`` (OpenAI's shape) of the tokens ``items`` (:class:`~bca_deploy.serving.engine.
+    TokenLogprob`; ``None``: not asked): ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
+    "logprob", "bytes"}, ...]}, ...]}``, the alternatives most likely first; ``bytes``: the token text's UTF-8."""
+    if items is None:
+        return None
+    texts = _texts(server, items)
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = texts[token]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    return {"content": [{**entry(item.token_id, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
+                        for item in items]}
+
+
+def _completion_logprobs(server: Server, items: list | None, offsets: list[int] | None) -> dict[str, Any] | None:
+    """A completion choice's ``logprobs`` (OpenAI's legacy shape) of the tokens ``items`` (``None``: not asked):
+    ``tokens`` (each token's own text), ``token_logprobs``, ``top_logprobs`` (per token, ``{text: logprob}`` of the
+    most likely tokens, then the chosen one when it is not among them: up to ``logprobs`` + 1 entries, as OpenAI and
+    vLLM give them; two ids of the same text keep the likelier) and ``text_offset``: ``offsets``, where each token's
+    text starts in the choice's text (OpenAI's meaning, the same streamed or not; a token that adds no text of its
+    own, e.g. the end-of-sequence token, is where the next text starts)."""
+    if items is None:
+        return None
+    texts = _texts(server, items)
+    tokens, logprobs, tops = [], [], []
+    for item in items:
+        text = texts[item.token_id]
+        top: dict[str, float] = {}
+        for token, logprob in item.top:
+            top.setdefault(texts[token], logprob)
+        top.setdefault(text, item.logprob)
+        tokens.append(text)
+        logprobs.append(item.logprob)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": list(offsets or [])}
+
+
+def _texts(server: Server, items: list) -> dict[int, str]:
+    """Each token id of ``items`` (chosen and alternatives) -> its own text (:meth:`~bca_deploy.serving.
+    MultiAdapterSession.token_texts`)."""
+    ids = list(dict.fromkeys([item.token_id for item in items] + [t for item in items for t, _ in item.top]))
+    return dict(zip(ids, server.session.token_texts(ids), strict=True))
 
 
 def _usage(streams, n: int = 1) -> dict[str, int]:
@@ -721,10 +831,13 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 class _Pumps:
-    """The engine streams of a streamed answer, read into one queue of ``(index, text, None, tokens)`` per token
-    text, ``(index, None, finish_reason, tokens)`` per row's end and ``(index, exception, "error", tokens)`` per
-    failure (``tokens``: the row's tokens so far); :meth:`close` (once, however the answer ends) logs the streams,
-    cancels their rows and frees their place in the queue."""
+    """The engine streams of a streamed answer, read into one queue of ``(index, text, None, tokens, logprobs)`` per
+    token text, ``(index, None, finish_reason, tokens, logprobs)`` per row's end and ``(index, exception, "error",
+    tokens, None)`` per failure (``tokens``: the row's tokens so far; ``logprobs``: ``(TokenLogprob list, text offsets
+    in the choice's text)`` of the row's tokens since its last item, those whose text was empty included, or
+    ``None``: none asked or none new);
+    :meth:`close` (once, however the answer ends) logs the streams, cancels their rows and frees their place in the
+    queue."""
 
     def __init__(self, request: Request, server: Server, streams, release) -> None:
         self.request, self.server, self.streams, self._release = request, server, streams, release
@@ -733,15 +846,23 @@ class _Pumps:
         self._closed = False
 
     async def _pump(self, index: int, stream) -> None:
-        tokens = 0
+        tokens = chars = 0
+        # log-probabilities of tokens not sent yet (a token without text is sent with the next), their text offsets
+        pending: list = []
+        offsets: list[int] = []
         try:
             async for token in stream:
                 tokens += 1
+                if token.logprob is not None:
+                    pending.append(token.logprob)
+                    offsets.append(chars)
                 if token.text:
-                    await self.queue.put((index, token.text, None, tokens))
-            await self.queue.put((index, None, stream.finish_reason, tokens))
+                    chars += len(token.text)
+                    await self.queue.put((index, token.text, None, tokens, (pending, offsets) if pending else None))
+                    pending, offsets = [], []
+            await self.queue.put((index, None, stream.finish_reason, tokens, (pending, offsets) if pending else None))
         except Exception as exc:  # noqa: BLE001 - sent to the client as an error answer or event
-            await self.queue.put((index, exc, "error", tokens))
+            await self.queue.put((index, exc, "error", tokens, None))
 
     async def close(self) -> None:
         if self._closed:
@@ -777,13 +898,17 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
     def event(payload: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
-    def chunk(index: int, text: str | None, finish: str | None, first: bool = False, tokens: int = 0) -> bytes:
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False, tokens: int = 0,
+              logprobs: tuple[list, list[int]] | None = None) -> bytes:
+        items, offsets = logprobs if logprobs is not None else (None, None)
         if kind == "chat.completion":
             delta: dict[str, Any] = {"role": role, "content": ""} if first else \
                 ({"content": text} if text is not None else {})
-            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": _chat_logprobs(server, items),
+                                      "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": _completion_logprobs(server, items, offsets),
+                      "finish_reason": finish}
         payload = {"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
         if continuous:
             prompt = streams[index].prompt_tokens
@@ -802,7 +927,7 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
         left = len(streams)
         item = first
         while left:
-            index, text, finish, tokens = item if item is not None else await pumps.queue.get()
+            index, text, finish, tokens, logprobs = item if item is not None else await pumps.queue.get()
             item = None
             if finish == "error":
                 status, error_type = error_status(text, openai=True)
@@ -812,10 +937,10 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
                 yield event(error_body(status, error_type, message, server.error_param(text, request.scope["state"])))
                 break
             if finish is None:
-                yield chunk(index, text, None, tokens=tokens)
+                yield chunk(index, text, None, tokens=tokens, logprobs=logprobs)
             else:
                 left -= 1
-                yield chunk(index, None, finish, tokens=tokens)
+                yield chunk(index, None, finish, tokens=tokens, logprobs=logprobs)
         else:
             if include_usage:
                 yield event({"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],

@@ -364,6 +364,7 @@ class MultiAdapterSession:
         # go through TOKENIZER_COPIES copies, one text per copy at a time, in the order asked for, so neither one
         # request's many texts nor one long text holds every other request's text (and every stream's detokenizer).
         self._tokenizers: TurnPool | None = None
+        self._token_texts: dict[int, str] = {}  # token_texts' (a token's own text)
         self._lock = threading.Lock()
         self._adapters: dict[str, _Adapter] = {}
         self._versions = itertools.count(1)
@@ -1009,6 +1010,21 @@ class MultiAdapterSession:
         """Text of ``token_ids`` without special tokens (thread-safe)."""
         with self._tokenizer_copy() as tok:
             return tok.decode(list(token_ids), skip_special_tokens=True)
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text, as vLLM shows tokens in log-probabilities: the id decoded alone, special tokens
+        kept (``"</s>"``, not ``""``); ``"token_id:<id>"`` (vLLM's placeholder) without a tokenizer. Remembered per
+        id (a vocabulary's worth at most), so the same tokens cost one decode each however often they are asked."""
+        texts = self._token_texts
+        missing = sorted({int(t) for t in token_ids} - texts.keys())
+        if missing:
+            try:
+                with self._tokenizer_copy() as tok:
+                    found = {t: tok.decode([t], skip_special_tokens=False) for t in missing}
+            except ServingError:  # no tokenizer: the ids themselves
+                found = {t: f"token_id:{t}" for t in missing}
+            texts.update(found)  # one dict update (atomic under the GIL); a race decodes an id twice, same text
+        return [texts[int(t)] for t in token_ids]
 
     def private_decoder(self) -> Callable[[Sequence[int]], str]:
         """:meth:`decode` over a tokenizer copy of its own, for one thread that must never wait behind other requests'

@@ -368,7 +368,7 @@ def test_a_vanishing_temperature_is_greedy_and_fails_no_other_request(llm):
 
 
 def test_generation_refusals_are_typed(llm, llama, tmp_path_factory):
-    for extra, field in (({"n": 0}, "n"), ({"logprobs": 2}, "logprobs"),
+    for extra, field in (({"n": 0}, "n"), ({"logprobs": 21}, "logprobs"),
                          ({"presence_penalty": 2.5}, "presence_penalty"),  # served: refused outside [-2, 2] only
                          ({"logit_bias": {"5": 10}}, "logit_bias"), ({"echo": True}, "echo"),
                          ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"), ({"max_tokens": 5000}, "max_tokens"),
