@@ -32,6 +32,7 @@ _EXPORTS = {
     "GenerationEngine": ".engine",
     "GenerationStream": ".engine",
     "TokenEvent": ".engine",
+    "TokenLogprob": ".engine",
     "SamplingParams": ".engine",
     "SamplingParamsError": ".engine",
     "EngineOverloadedError": ".engine",

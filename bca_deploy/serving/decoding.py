@@ -418,33 +418,43 @@ LOGPROB_FLOOR = -9999.0
 def token_logprobs(logits: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
                    tops: Sequence[int]) -> list[TokenLogprob]:
     """The log-probabilities of ``tokens[i]`` and of the ``tops[i]`` most likely tokens under row ``rows[i]`` of
-    ``logits`` (B, V): log_softmax of the row's raw logits (float64; see :class:`SamplingParams` ``logprobs``).
+    ``logits`` (B, V): log_softmax of the row's raw logits (see :class:`SamplingParams` ``logprobs``).
 
     Only the rows asked are read (a copy of those rows alone): a step where no row asks costs nothing, and a row's
-    numbers never depend on the rows beside it. ``logits`` is not changed.
+    numbers never depend on the rows beside it. Of log_softmax only the values reported are formed (logit - max -
+    log(sum(exp(logits - max))), the sum in float64): one pass of ``exp`` over each row, and a partition for the rows'
+    alternatives. ``logits`` is not changed.
     """
     if not rows:
         return []
-    picked = logits[np.asarray(rows, dtype=np.int64)].astype(np.float64)  # these rows alone: (R, V)
+    picked = logits[np.asarray(rows, dtype=np.int64)]  # these rows alone: (R, V)
+    width = picked.shape[-1]
     with np.errstate(invalid="ignore", over="ignore"):
         top = picked.max(-1, keepdims=True)
-        shifted = picked - top
-        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    logp = np.where(np.isfinite(logp), np.maximum(logp, LOGPROB_FLOOR), LOGPROB_FLOOR)
+        norm = top.astype(np.float64) + np.log(np.exp(picked - top).sum(-1, keepdims=True, dtype=np.float64))
+    most = min(max(int(k) for k in tops), width)
+    candidates = None
+    if most:  # the `most` largest of every row (unordered), ordered per row below
+        candidates = np.argpartition(picked, width - most, axis=-1)[:, width - most:] if most < width else \
+            np.broadcast_to(np.arange(width), picked.shape)
     out = []
-    width = logp.shape[-1]
     for r, (token, k) in enumerate(zip(tokens, tops, strict=True)):
-        row = logp[r]
-        chosen = float(row[token]) if 0 <= token < width else LOGPROB_FLOOR
+        chosen = _floored(picked[r, token] - norm[r, 0]) if 0 <= token < width else LOGPROB_FLOOR
         pairs: tuple[tuple[int, float], ...] = ()
-        k = min(int(k), width)
-        if k > 0:
-            candidates = np.argpartition(-row, k - 1)[:k] if k < width else np.arange(width)
+        if k and candidates is not None:
+            ids = candidates[r]
+            values = picked[r, ids] - norm[r, 0]
             # most likely first, ties by id; a tie across the cut is settled by the partition, as torch.topk's is
-            order = candidates[np.lexsort((candidates, -row[candidates]))]
-            pairs = tuple((int(i), float(row[i])) for i in order)
+            order = np.lexsort((ids, -values))[:min(int(k), width)]
+            pairs = tuple((int(ids[i]), _floored(values[i])) for i in order)
         out.append(TokenLogprob(int(token), chosen, pairs))
     return out
+
+
+def _floored(value: Any) -> float:
+    """A log-probability as a float of at least :data:`LOGPROB_FLOOR` (NaN and -inf: the floor)."""
+    value = float(value)
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 @dataclasses.dataclass(eq=False)

@@ -212,7 +212,7 @@ def test_completion_logprobs_zero_lists_the_chosen_token_alone(llm, session, ref
     ("completions", {"logprobs": 21}, "logprobs", "from 0 to 20"),
     ("completions", {"logprobs": -1}, "logprobs", "from 0 to 20"),
     ("completions", {"extra_body": {"logprobs": True}}, "logprobs", "from 0 to 20"),
-    ("completions", {"extra_body": {"top_logprobs": 2}}, "top_logprobs", "logprobs"),
+    ("completions", {"extra_body": {"top_logprobs": 2}}, "top_logprobs", "completions take \"logprobs\""),
     ("completions", {"logprobs": 2, "echo": True}, "echo", "logprobs"),
 ])
 def test_logprobs_out_of_range_are_refused_by_name(llm, route, extra, param, says):
@@ -223,3 +223,31 @@ def test_logprobs_out_of_range_are_refused_by_name(llm, route, extra, param, say
             llm.completions.create(model="a0", prompt="the day", max_tokens=2, **extra)
     assert caught.value.body["param"] == param and says in caught.value.body["message"], caught.value.body
     assert caught.value.status_code == 400 and caught.value.body["type"] == "invalid_request"
+
+
+def test_a_token_cut_by_a_stop_string_is_listed_streamed_or_not(llm, session, ref):
+    """A stop string ends the row inside the text of its last token: that token is still listed (``usage`` counts
+    it, as vLLM lists it), with its text offset where its text would start; streamed, its log-probability comes with
+    the last chunk. Streamed and unstreamed answers list the same tokens, numbers and offsets."""
+    prompt = session.tokenize([PROMPTS[0]], truncate=False)[0]
+    tokens = ref.greedy(prompt, "a1", 6)
+    # the first word from the second on that the text before it does not hold ends the row
+    last = next(j for j in range(1, 6) if " " + ref.text(tokens[j]) not in continuation(session, prompt, tokens[:j]))
+    stop = " " + ref.text(tokens[last])
+    request = dict(model="a1", prompt=PROMPTS[0], max_tokens=6, temperature=0, stop=[stop], logprobs=1)
+    whole = llm.completions.create(**request)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "stop" and whole.usage.completion_tokens == last + 1
+    assert [ref.ids[t] for t in choice.logprobs.tokens] == tokens[:last + 1]
+    assert choice.text == continuation(session, prompt, tokens[:last])
+    assert choice.logprobs.text_offset == [len(continuation(session, prompt, tokens[:j])) for j in range(last + 1)]
+    text, got = "", {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in llm.completions.create(**request, stream=True):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                for key in got:
+                    got[key] += getattr(c.logprobs, key)
+    assert text == choice.text and got["tokens"] == choice.logprobs.tokens
+    assert got["text_offset"] == choice.logprobs.text_offset
+    assert got["token_logprobs"] == pytest.approx(choice.logprobs.token_logprobs, abs=ATOL)
