@@ -17,7 +17,7 @@ Native endpoints (JSON in and out):
 
 and the OpenAI-compatible ones of :mod:`bca_deploy.serving.openai` (``/v1/models``,
 ``/v1/embeddings`` with ``model``, ``/v1/completions``, ``/v1/chat/completions``,
-``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``).
+``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, and vLLM's ``/tokenize``, ``/detokenize`` and ``/version``).
 
 ``input`` is a text, a list of texts, a token-id list, or a list of token-id lists; ``adapter`` is a loaded adapter's
 name, or null for the base model. Errors follow :mod:`bca_deploy.serving.wire` (one status per error
@@ -782,16 +782,36 @@ class Server:
         return await validate_body(model, data, len(body), self.options.max_request_rows)
 
     async def prepare(self, rows: list, max_new_tokens: int = 0, param: str = "input",
-                      max_text_tokens: int | None = None) -> list[list[int]]:
+                      max_text_tokens: int | None = None, keep_tokens: int | None = None) -> list[list[int]]:
         """Token-id rows of a request (texts tokenized here, once), checked against the vocabulary and positions
-        (``param``: the field that holds the rows, named by a :class:`ContextLengthError`)."""
+        (``param``: the field that holds the rows, named by a :class:`ContextLengthError`); ``keep_tokens``: each row
+        cut as vLLM's ``truncate_prompt_tokens`` cuts it (:meth:`MultiAdapterSession.prepare`)."""
         with field_errors(param):  # empty rows, token ids outside the vocabulary: the field is named
-            return await run_in_threadpool(self.session.prepare, rows, max_new_tokens, param, max_text_tokens)
+            return await run_in_threadpool(self.session.prepare, rows, max_new_tokens, param, max_text_tokens,
+                                           keep_tokens)
+
+    @property
+    def max_model_len(self) -> int | None:
+        """vLLM's ``max_model_len`` of this server (``/v1/models``, ``/tokenize``): the most tokens a row may hold
+        (prompt and generated tokens) where it generates; for an encoder, the tokens a text is cut at (the model's
+        positions, the tokenizer's ``model_max_length`` and a sentence-transformers ``max_seq_length`` where lower,
+        512 where none is known), as vLLM gives a sentence-transformers model's."""
+        session = self.session
+        if session.with_past:
+            return session.max_positions
+        tokenizer = None
+        with contextlib.suppress(ServingError):  # an export without a tokenizer: its positions alone
+            tokenizer = session.tokenizer
+        limit = session.text_limit(tokenizer) or 512
+        seq = self.embeddings.max_text_tokens if self.embeddings is not None else None
+        return min(limit, seq) if seq else limit
 
     async def infer(self, request: Request, kind: str, rows: list, adapter: str | None, params: dict[str, Any],
-                    max_new_tokens: int = 0, max_text_tokens: int | None = None) -> tuple[list, list[list[int]]]:
+                    max_new_tokens: int = 0, max_text_tokens: int | None = None,
+                    keep_tokens: int | None = None) -> tuple[list, list[list[int]]]:
         """Admit, tokenize and run ``rows`` through the batcher; (results, token rows). ``max_text_tokens``: texts are
-        cut there where that is below the model's limit (a sentence-transformers ``max_seq_length``)."""
+        cut there where that is below the model's limit (a sentence-transformers ``max_seq_length``); ``keep_tokens``:
+        vLLM's ``truncate_prompt_tokens`` (:meth:`prepare`)."""
         log = request.state.log
         log.update({"rows": len(rows), "kind": kind})
         self.check_rows(len(rows))
@@ -799,7 +819,8 @@ class Server:
             if kind == "classify":  # texts for a head trained on text pairs (or the other way): refused, named
                 with field_errors("input"):
                     self.session.check_text_pairs(rows, adapter)
-            token_rows = await self.prepare(rows, max_new_tokens, max_text_tokens=max_text_tokens)
+            token_rows = await self.prepare(rows, max_new_tokens, max_text_tokens=max_text_tokens,
+                                            keep_tokens=keep_tokens)
             result, job = await _answered(request, self.batcher.submit(kind, token_rows, adapter, params))
         log.update({"batch_rows": job.batch_rows, "batch_requests": job.batch_requests,
                     "queue_ms": round((job.started - job.enqueued) * 1000, 3)})
@@ -815,7 +836,8 @@ class Server:
 
     async def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None, *,
                           add_generation_prompt: bool = True, continue_final_message: bool = False,
-                          template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
+                          template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
+                          count_only: bool = False) -> list[int]:
         """Token ids of ``messages`` through the tokenizer's chat template, rendered by :attr:`chat_templates` in a
         worker process within ``--chat-template-timeout-s`` and ``--chat-template-memory-mb``
         (:class:`~bca_deploy.serving.chat_template.ChatTemplateLimitError` past them); ``adapter`` (None: the base
@@ -824,11 +846,13 @@ class Server:
         The text is ``apply_chat_template(messages, add_generation_prompt=..., continue_final_message=...,
         **template_kwargs)``'s (vLLM's request fields; ``template_kwargs`` checked by
         :func:`~bca_deploy.serving.chat_template.template_kwargs_problems`), tokenized without special tokens unless
-        ``add_special_tokens`` (vLLM's: a BOS added on top of the template's own)."""
+        ``add_special_tokens`` (vLLM's: a BOS added on top of the template's own). ``count_only`` (vLLM's
+        ``/tokenize``): the ids of a conversation past the model's context too, unchecked against the vocabulary (the
+        rendered text is still bounded in characters)."""
         if not self._chat_ready:  # the tokenizer may load now (seconds): off the event loop
             await run_in_threadpool(self._require_chat_template)
         limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
-        ids = functools.partial(self._chat_ids, add_special_tokens=add_special_tokens)
+        ids = functools.partial(self._chat_ids, add_special_tokens=add_special_tokens, count_only=count_only)
         try:  # tokenized in the render's thread: one thread hop for both
             return await self.chat_templates.render(messages, limit, then=ids, tenant=adapter,
                                                     add_generation_prompt=add_generation_prompt,
@@ -856,12 +880,14 @@ class Server:
                                "a prompt; use /v1/completions with a prompt instead")
         self._chat_ready = True
 
-    def _chat_ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def _chat_ids(self, text: str, add_special_tokens: bool = False, count_only: bool = False) -> list[int]:
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
         # as transformers' apply_chat_template(tokenize=True) does (unless the request asks, vLLM's
         # add_special_tokens); with one of the session's tokenizer copies, no more of a conversation past the context
         # than shows it is (refused naming "messages")
         options = {**CHAT_TOKENIZE_OPTIONS, "add_special_tokens": True} if add_special_tokens else CHAT_TOKENIZE_OPTIONS
+        if count_only:  # /tokenize: every token counted, as vLLM counts them (the render bounded the characters)
+            return self.session.tokenize([text], truncate=False, **options)[0]
         ids = self.session.tokenize([text], refuse_param="messages", **options)[0]
         return self.session.prepare([ids], input_param="messages")[0]
 

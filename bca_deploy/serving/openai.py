@@ -4,9 +4,11 @@ The official ``openai`` client (and anything that speaks its API: vLLM, LoRAX an
 works against the server with ``base_url="http://HOST:PORT/v1"``; the request's ``model`` picks the
 adapter, as with vLLM's ``--lora-modules``:
 
-    GET  /v1/models                 the base model (its served name) and every loaded adapter
+    GET  /v1/models                 the base model (its served name) and every loaded adapter, each with vLLM's
+                                    max_model_len
     GET  /v1/models/{model}         one of them
-    POST /v1/embeddings             {"model", "input", "encoding_format"?, "dimensions"?}      encoders
+    POST /v1/embeddings             {"model", "input", "encoding_format"?, "dimensions"?,
+                                     "truncate_prompt_tokens"?}                                encoders
     POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?, "n"?,
                                      "stop"?, "presence_penalty"?, "frequency_penalty"?, "logprobs"? (0..20),
                                      "stream"?, "stream_options"?}                             decoders
@@ -14,6 +16,21 @@ adapter, as with vLLM's ``--lora-modules``:
                                      "top_logprobs"? (0..20)}                                  a chat template
     POST /v1/load_lora_adapter      {"lora_name", "lora_path"?}: load a store entry (vLLM's shape)
     POST /v1/unload_lora_adapter    {"lora_name"}
+
+and vLLM's routes outside OpenAI's API, in vLLM's shapes:
+
+    POST /tokenize                  {"model"?, "prompt", "add_special_tokens"?: true, "return_token_strs"?}
+                                    or {"model"?, "messages", "add_generation_prompt"?: true,
+                                    "continue_final_message"?, "add_special_tokens"?: false, "chat_template_kwargs"?,
+                                    "return_token_strs"?} -> {"count", "max_model_len", "tokens", "token_strs"?}
+    POST /detokenize                {"model"?, "tokens"} -> {"prompt"}
+    GET  /version                   {"version"}: bca-deploy's
+
+``/tokenize`` counts every token of a text past the context too, as vLLM does (a client asks to learn whether it
+fits); the work is bounded by ``--max-text-chars`` (a prompt) and the chat route's rendered-characters limit
+(messages). ``/detokenize`` decodes with the special tokens, as vLLM does; an id outside the model's vocabulary or not
+an integer, or more ids than the larger of ``max_model_len`` and ``--max-text-chars``, is a 400 naming ``tokens``.
+``model`` (optional, as in vLLM: the base model) is checked as every route checks it (404 for one not loaded).
 
 ``model`` is an adapter's name, or the base model's served name (``--served-model-name``, default: the
 export directory's name) or ``"__base__"`` for no adapter. ``temperature`` 0 is greedy decoding
@@ -56,8 +73,13 @@ value (``best_of`` > 1, ``echo``, ``suffix``, ``logit_bias``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens`` and ``stream_options.continuous_usage_stats`` are served, and
 chat's ``chat_template_kwargs``, ``documents``, ``add_generation_prompt``, ``continue_final_message``, ``echo`` and
 ``add_special_tokens`` (see :class:`ChatCompletionRequest`); ``min_p``, ``skip_special_tokens``,
-``spaces_between_special_tokens``, ``include_stop_str_in_output`` and ``truncate_prompt_tokens`` are accepted at
-vLLM's default only, and a request's ``chat_template`` is refused.
+``spaces_between_special_tokens`` and ``include_stop_str_in_output`` are accepted at vLLM's default only, and a
+request's ``chat_template`` is refused. ``truncate_prompt_tokens`` (completions and embeddings; chat: its default
+only) cuts each prompt to that many tokens as vLLM cuts it: a completion's text keeps its *last* tokens (vLLM's
+tokenizer for generation truncates on the left; its special tokens kept), an embedding's text its first ones (vLLM's
+for pooling truncates on the right; at most where texts are cut anyway), a token-id prompt its last ones (both
+routes, as vLLM slices them); -1 is the model's ``max_model_len``; above it, 0 or below -1 is a 400. A long text is
+not tokenized whole for it (:func:`~bca_deploy.serving.prefix.bounded_ids`: a suffix or prefix cut at a space).
 Other fields outside OpenAI's schema are refused. Errors have OpenAI's shape (see :mod:`bca_deploy.serving.wire`),
 so the client raises its typed exceptions.
 """
@@ -77,6 +99,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import numpy as np
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from ..config import show_json_value
@@ -121,11 +144,12 @@ def _is_count(value: Any) -> bool:
 
 
 class EmbeddingsRequest(_OpenAIRequest):
-    """``POST /v1/embeddings`` in OpenAI's shape."""
+    """``POST /v1/embeddings`` in OpenAI's shape, with vLLM's ``truncate_prompt_tokens``."""
 
     input: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = Field(default=None, ge=1)
+    truncate_prompt_tokens: StrictInt | None = None  # vLLM's: see truncate_prompt_tokens()
 
 
 #: Sampling fields whose OpenAI schema allows null, meaning the default (clients generated from the schema send
@@ -186,9 +210,6 @@ class _Sampling(_OpenAIRequest):
                 "special tokens are left out of text")
         _refuse(problems, "include_stop_str_in_output", self.include_stop_str_in_output, False,
                 "the text is cut before a stop string")
-        _refuse(problems, "truncate_prompt_tokens", self.truncate_prompt_tokens, None,
-                "prompts are not truncated: one longer than the model's context is refused with "
-                "context_length_exceeded; send a shorter prompt")
         if self.stream_options is not None:
             # OpenAI's keys, and vLLM's continuous_usage_stats (usage in every chunk, with include_usage)
             extra = set(self.stream_options) - {"include_usage", "include_obfuscation", "continuous_usage_stats"}
@@ -377,6 +398,9 @@ class ChatCompletionRequest(_Sampling):
         from .chat_template import template_kwargs_problems
 
         problems = super().unsupported()
+        _refuse(problems, "truncate_prompt_tokens", self.truncate_prompt_tokens, None,
+                "a conversation is not truncated: one longer than the model's context is refused with "
+                "context_length_exceeded; /v1/completions takes truncate_prompt_tokens")
         if self.chat_template is not None:
             problems.append("chat_template: a chat template sent with a request is not accepted (a template is code "
                             "the server would run; vLLM refuses it too unless started with "
@@ -442,6 +466,53 @@ class ChatCompletionRequest(_Sampling):
         return last.text() if self.echo and last.role == self.answer_role() else ""
 
 
+class TokenizeCompletionRequest(_OpenAIRequest):
+    """vLLM's ``POST /tokenize`` of a prompt: its ids as ``tokenizer(prompt, add_special_tokens=...)`` gives them."""
+
+    model: StrictStr | None = None  # vLLM's: optional (the base model)
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool | None = False
+
+
+class TokenizeChatRequest(_OpenAIRequest):
+    """vLLM's ``POST /tokenize`` of chat messages: the ids of the chat template's text, as the chat route makes its
+    prompt (``add_generation_prompt``, ``continue_final_message``, ``add_special_tokens`` and
+    ``chat_template_kwargs`` as :class:`ChatCompletionRequest` reads them; vLLM's defaults)."""
+
+    model: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool | None = False
+    chat_template: StrictStr | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        from .chat_template import template_kwargs_problems
+
+        problems: list[str] = []
+        if self.chat_template is not None:
+            problems.append("chat_template: a chat template sent with a request is not accepted; this server renders "
+                            "the model's own template")
+        if self.chat_template_kwargs:
+            problems += template_kwargs_problems(self.chat_template_kwargs)
+        if self.continue_final_message and self.add_generation_prompt:
+            problems.append('continue_final_message: cannot be true with add_generation_prompt true (its default), '
+                            'as in vLLM: send "add_generation_prompt": false to continue the last message')
+        _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
+        return problems
+
+
+class DetokenizeRequest(_OpenAIRequest):
+    """vLLM's ``POST /detokenize``: ``tokenizer.decode(tokens)`` (special tokens kept, as vLLM decodes them)."""
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
 class LoadLoraRequest(BaseModel):
     """``POST /v1/load_lora_adapter`` (vLLM's shape): ``lora_path`` is a store name, never a path."""
 
@@ -457,6 +528,25 @@ class UnloadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: StrictStr
     lora_int_id: StrictInt | None = None  # vLLM sends it; names identify adapters here
+
+
+def truncate_prompt_tokens(server: Server, value: int | None) -> int | None:
+    """vLLM's ``truncate_prompt_tokens`` as a count of tokens to keep (None: not truncated): -1 is the model's
+    ``max_model_len`` (:attr:`~bca_deploy.serving.http.Server.max_model_len`), a count above it is refused as vLLM
+    refuses it, and 0 (no prompt left) or below -1 is refused."""
+    if value is None:
+        return None
+    limit = server.max_model_len
+    if value == -1:
+        return limit
+    if value < 1:
+        raise InvalidRequestError(f"truncate_prompt_tokens: {value} is not a number of tokens to keep; send -1 (the "
+                                  "model's maximum length) or at least 1", param="truncate_prompt_tokens")
+    if limit and value > limit:
+        raise InvalidRequestError(f"truncate_prompt_tokens: {value} is greater than the model's max_model_len of "
+                                  f"{limit} tokens; send a smaller truncation size (or -1)",
+                                  param="truncate_prompt_tokens")
+    return value
 
 
 def _as_rows(value: Any) -> list:
@@ -485,15 +575,16 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     options = server.options
     created = int(time.time())
 
-    def check(body: _Sampling | EmbeddingsRequest) -> None:
-        problems = body.unsupported() if isinstance(body, _Sampling) else []
+    def check(body: _Sampling | EmbeddingsRequest | TokenizeChatRequest) -> None:
+        problems = body.unsupported() if isinstance(body, (_Sampling, TokenizeChatRequest)) else []
         if problems:
             field = problems[0].split(":")[0]
             raise InvalidRequestError("; ".join(problems), param=field if field.isidentifier() else None)
 
     def model_card(name: str, parent: str | None) -> dict[str, Any]:
+        # max_model_len: vLLM's field (clients size prompts by it), the same for the base model and every adapter
         return {"id": name, "object": "model", "created": created, "owned_by": "bca-deploy", "root": name,
-                "parent": parent}
+                "parent": parent, "max_model_len": server.max_model_len}
 
     @app.api_route("/v1/models", methods=READ_METHODS)
     async def list_models():
@@ -528,7 +619,8 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         recipe = server.embeddings
         vectors, token_rows = await server.infer(request, "embed", rows, adapter,
                                                  {"pooling": recipe.pooling, "normalize": recipe.normalize},
-                                                 max_text_tokens=recipe.max_text_tokens)
+                                                 max_text_tokens=recipe.max_text_tokens,
+                                                 keep_tokens=truncate_prompt_tokens(server, req.truncate_prompt_tokens))
         tokens = sum(len(r) for r in token_rows)
         if req.encoding_format == "base64":
             items = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
@@ -547,7 +639,8 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         rows = _as_rows(req.prompt)
         server.check_rows(len(rows), "prompt")
         server.check_rows(len(rows) * req.n, "n")  # every choice is a row
-        prompts = await server.prepare(rows, param="prompt")
+        prompts = await server.prepare(rows, param="prompt",
+                                       keep_tokens=truncate_prompt_tokens(server, req.truncate_prompt_tokens))
         return await _generate(request, server, req, adapter, prompts, "text_completion", default_max_tokens=16)
 
     @app.post("/v1/chat/completions")
@@ -563,6 +656,63 @@ def add_routes(app, server: Server, native_embeddings) -> None:
                                           template_kwargs=req.template_kwargs() or None,
                                           add_special_tokens=bool(req.add_special_tokens))
         return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        # vLLM's: a prompt (or chat messages) as token ids, every token counted (a text past the context too, as
+        # vLLM counts it: a client asks to find out whether it fits); the work is bounded by --max-text-chars (a
+        # prompt) and the chat route's rendered-characters limit (messages)
+        body = await server.body(request)
+        data = await parse_body(body, options, request.headers)
+        chat = isinstance(data, dict) and "messages" in data
+        req = await validate_body(TokenizeChatRequest if chat else TokenizeCompletionRequest, data, len(body),
+                                  options.max_request_rows)
+        if isinstance(req, TokenizeChatRequest):
+            check(req)
+        adapter = server.select(request, req.model, param="model")
+        if isinstance(req, TokenizeChatRequest):
+            ids = await server.chat_prompt([m.for_template() for m in req.messages], adapter,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           continue_final_message=req.continue_final_message,
+                                           template_kwargs=req.chat_template_kwargs or None,
+                                           add_special_tokens=req.add_special_tokens, count_only=True)
+        else:
+            with field_errors("prompt"):  # no tokenizer: the field that needed one is named
+                ids = await run_in_threadpool(server.session.tokenize, [req.prompt], False,
+                                              add_special_tokens=req.add_special_tokens)
+            ids = ids[0]
+        answer: dict[str, Any] = {"count": len(ids), "max_model_len": server.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            answer["token_strs"] = await run_in_threadpool(server.session.token_strings, ids)
+        return answer
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        # vLLM's: the text of token ids, special tokens kept (tokenizer.decode(tokens), as vLLM decodes them)
+        req = await server.read(request, DetokenizeRequest)
+        server.select(request, req.model, param="model")
+        # bounded as texts are: a 4 MB body of ids took a WordPiece decode 2 s; no row of the model, nor any text
+        # /tokenize takes, has more ids than this
+        most = max(server.max_model_len or 0, options.max_text_chars)
+        if len(req.tokens) > most:
+            raise InvalidRequestError(f"tokens: {len(req.tokens):,} ids; this server decodes at most {most:,} (the "
+                                      "larger of the model's max_model_len and --max-text-chars)", param="tokens")
+        vocabulary = server.session.vocabulary
+        outside = [t for t in req.tokens if t < 0 or (vocabulary and t >= vocabulary)]
+        if outside:
+            shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+            raise InvalidRequestError(f"tokens: {len(outside)} id(s) outside this model's vocabulary of {vocabulary} "
+                                      f"token ids ({shown}); each must be an integer in [0, {vocabulary})",
+                                      param="tokens")
+        with field_errors("tokens"):
+            text = await run_in_threadpool(server.session.decode, req.tokens, False)
+        return {"prompt": text}
+
+    @app.api_route("/version", methods=READ_METHODS)
+    async def version():
+        from .. import __version__
+
+        return {"version": __version__}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request):

@@ -14,7 +14,9 @@ Two deployments (``pip install 'bca-deploy[onnx,ray]'``):
   ``multiplexed_model_id=<adapter>``, so Ray sends it to a replica that holds the adapter (and loads it
   on one otherwise); base-model requests go to any replica. Answers, streamed ones included, come back
   unchanged. ``GET /v1/models`` lists the base model, the exported adapters and the store's entries
-  (all can be served, each loaded on demand). The answers it gives itself (its refusals, the model listing)
+  (all can be served, each loaded on demand), with the ``max_model_len`` a replica gives (asked once). vLLM's
+  ``/tokenize`` and ``/detokenize`` are routed by their ``model`` as the other routes are, ``/version`` goes to any
+  replica: each answers them as ``bca-deploy serve`` does. The answers it gives itself (its refusals, the model listing)
   are counted in serve's request metrics (:func:`~bca_deploy.serving.http.record_request`: same families and
   labels, same access line) and added to the replica's ``GET /metrics`` it passes on
   (:func:`~bca_deploy.serving.metrics.with_requests_of`).
@@ -138,6 +140,11 @@ class AdapterReplicas:
 
         # Ray Serve's multiplexed loader, made here so that its LRU size is this deployment's setting.
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)(get_adapter)
+
+    def max_model_len(self) -> int | None:
+        """The served model's ``max_model_len`` (:attr:`~bca_deploy.serving.http.Server.max_model_len`), for the
+        router's model cards (every replica loads the same export)."""
+        return self.server.max_model_len
 
     def startup_notes(self) -> list[str]:
         """What this replica's server would tell its operator at start-up (:func:`~bca_deploy.serving.http.startup_notes`):
@@ -355,6 +362,7 @@ class Router:
         # the answers this router gives itself (never forwarded), in serve's families and labels; added to the
         # replicas' GET /metrics
         self.metrics = ServerMetrics(lambda: (), lambda: 0, show_adapters=self.options.list_adapters)
+        self._max_model_len: int | None = None  # a replica's, asked once (AdapterReplicas.max_model_len)
 
     async def __call__(self, request: Request):
         start = time.perf_counter()
@@ -394,9 +402,11 @@ class Router:
         request.state.body = body = await self._body(request)
         # the store's listing takes seconds for a large store: off the event loop, which every request shares
         if request.method in READ_METHODS and request.url.path == "/v1/models":
+            await self._model_len()
             return JSONResponse(await run_in_threadpool(self._models))
         if request.method in READ_METHODS and request.url.path.startswith("/v1/models/"):
             # answered here from the listing: a replica knows only the adapters it holds now
+            await self._model_len()
             return JSONResponse(await run_in_threadpool(self._model, request.url.path.removeprefix("/v1/models/")))
         request.state.adapter = await self._adapter(request, body)
         return None
@@ -479,9 +489,14 @@ class Router:
             return ""  # the replica answers (base model, or the documented error for a bad name)
         return name
 
+    async def _model_len(self) -> None:
+        """Ask a replica for the model's ``max_model_len`` once (the cards carry it, as a single server's do)."""
+        if self._max_model_len is None:
+            self._max_model_len = await self.replicas.max_model_len.remote()
+
     def _card(self, name: str, parent: str | None) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "bca-deploy", "root": name,
-                "parent": parent}
+                "parent": parent, "max_model_len": self._max_model_len}
 
     def _servable(self) -> list[str]:
         """The adapters a request may name: the exported ones and the store's entries (each loads on demand)."""

@@ -943,12 +943,14 @@ class MultiAdapterSession:
         return self._tokenizer_mismatch
 
     def tokenize(self, texts: Sequence[str], truncate: bool | None = None, max_length: int | None = None,
-                 refuse_param: str | None = None, max_new_tokens: int = 0, **options: Any) -> list[list[int]]:
+                 refuse_param: str | None = None, max_new_tokens: int = 0, side: str | None = None,
+                 **options: Any) -> list[list[int]]:
         """Token ids of each text (thread-safe). ``truncate`` (default: for encoders, not for decoders)
         cuts each text at the model's maximum length, or at ``max_length`` where that is lower (a
-        sentence-transformers model's ``max_seq_length``); ``options``: more of the tokenizer's (chat prompts:
-        ``add_special_tokens=False``). No more of a long text is tokenized than its answer needs
-        (:func:`~bca_deploy.serving.prefix.bounded_ids`).
+        sentence-transformers model's ``max_seq_length``), keeping its first tokens, or its last ones with ``side``
+        "left" (vLLM's ``truncate_prompt_tokens`` on a prompt; None: the tokenizer's own ``truncation_side``);
+        ``options``: more of the tokenizer's (chat prompts: ``add_special_tokens=False``). No more of a long text is
+        tokenized than its answer needs (:func:`~bca_deploy.serving.prefix.bounded_ids`).
 
         ``refuse_param`` (texts not truncated): the request field holding the texts; each is then held to the model's
         positions as it is tokenized, and the first one longer is refused (:class:`ContextLengthError` naming that
@@ -960,7 +962,7 @@ class MultiAdapterSession:
         if truncate:
             limit = self._truncation_length(max_length)
             # a copy per text: another request's text goes next, not after all of these
-            return [self.text_ids(text, truncation=True, max_length=limit, **options) for text in texts]
+            return [self.text_ids(text, side=side, truncation=True, max_length=limit, **options) for text in texts]
         if refuse_param is None:
             return [self.text_ids(text, **options) for text in texts]
         limit, rows = self.max_positions, []
@@ -976,13 +978,26 @@ class MultiAdapterSession:
             rows.append(ids)
         return rows
 
-    def text_ids(self, text: str, most: int | None = None, **options: Any) -> list[int]:
+    def text_ids(self, text: str, most: int | None = None, side: str | None = None, **options: Any) -> list[int]:
         """The token ids of one text, ``options`` passed to the tokenizer (thread-safe: one of the session's copies);
         ``most``: raise :class:`~bca_deploy.serving.prefix.TextPastLimit` once the text is shown to have more tokens,
         having tokenized only a prefix (:func:`~bca_deploy.serving.prefix.bounded_ids`, which also reads only as
-        much of a text as ``truncation=True`` keeps)."""
+        much of a text as ``truncation=True`` keeps); ``side``: the copy's ``truncation_side`` for this text ("left":
+        the last tokens kept, read from a suffix), set back after it."""
         with self._tokenizer_copy() as tok:
-            return bounded_ids(tok, text, most, **options)
+            kept = getattr(tok, "truncation_side", None)
+            if side is None or side == kept:
+                return bounded_ids(tok, text, most, **options)
+            tok.truncation_side = side
+            try:
+                return bounded_ids(tok, text, most, **options)
+            finally:
+                tok.truncation_side = kept
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """The tokenizer's string of each id (``convert_ids_to_tokens``: vLLM's ``return_token_strs``; thread-safe)."""
+        with self._tokenizer_copy() as tok:
+            return [str(t) for t in tok.convert_ids_to_tokens(list(token_ids))]
 
     def tokenize_pairs(self, pairs: Sequence[Sequence[str]], max_length: int | None = None) -> list[PairRow]:
         """Token ids (and token types) of each text pair, as ``tokenizer(first, second, truncation=True,
@@ -1006,10 +1021,10 @@ class MultiAdapterSession:
                 rows.append(PairRow(encoding["input_ids"], encoding.get("token_type_ids")))
         return rows
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of ``token_ids`` without special tokens (thread-safe)."""
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``token_ids``, without special tokens unless ``skip_special_tokens`` is false (thread-safe)."""
         with self._tokenizer_copy() as tok:
-            return tok.decode(list(token_ids), skip_special_tokens=True)
+            return tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         """Each token's own text, as vLLM shows tokens in log-probabilities: the id decoded alone, special tokens
@@ -1164,12 +1179,17 @@ class MultiAdapterSession:
         return results
 
     def prepare(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0,
-                input_param: str = "input", max_text_tokens: int | None = None) -> list[list[int]]:
+                input_param: str = "input", max_text_tokens: int | None = None,
+                keep_tokens: int | None = None) -> list[list[int]]:
         """Check a request's rows before it joins a batch and return them as token-id lists.
 
         Texts are tokenized here, once (encoders truncate them at the model's maximum length), so a
         batch never waits on the tokenizer. A classifier's rows may be text pairs (``[first, second]``,
         :meth:`tokenize_pairs`): each becomes a :class:`PairRow`, whose token types the graph gets.
+
+        ``keep_tokens`` (vLLM's ``truncate_prompt_tokens``, a count): each row is cut to that many tokens as vLLM cuts
+        it: a decoder's text keeps its last tokens (vLLM's left truncation of prompts, special tokens kept), an
+        encoder's its first ones (at most where it is cut anyway), a token-id row its last ones.
 
         Raises:
             ServingError: no rows, a mix of texts, pairs and token ids, an empty row, texts without a
@@ -1185,11 +1205,15 @@ class MultiAdapterSession:
             raise ServingError("inputs must be all texts or all token-id lists, not a mix")
         if pairs:
             rows = self.tokenize_pairs(inputs, max_length=max_text_tokens)
+        elif all(texts) and keep_tokens is not None and self.with_past:
+            rows = self.tokenize(inputs, truncate=True, max_length=keep_tokens, side="left")
         elif all(texts):
+            if keep_tokens is not None:
+                max_text_tokens = min(keep_tokens, max_text_tokens or keep_tokens)
             rows = self.tokenize(inputs, max_length=max_text_tokens, refuse_param=input_param,
                                  max_new_tokens=max_new_tokens)
         else:
-            rows = [list(x) for x in inputs]
+            rows = [list(x)[-keep_tokens:] if keep_tokens else list(x) for x in inputs]
         if (pairs or all(texts)) and self._tokenizer_mismatch:
             self._refuse_unembeddable_texts(rows)
         self.pad_ids(rows)  # raises on empty rows and out-of-vocabulary ids

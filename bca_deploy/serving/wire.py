@@ -201,12 +201,13 @@ ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
 }
 
 
-#: The OpenAI-compatible routes that take a body (:mod:`bca_deploy.serving.openai`); ``/v1/embeddings`` is one only
+#: The OpenAI-compatible routes that take a body (:mod:`bca_deploy.serving.openai`, vLLM's ``/tokenize`` and
+#: ``/detokenize`` with them); ``/v1/embeddings`` is one only
 #: for a body with ``model`` (without, it is the native route). What an OpenAI request is refused for as invalid (422
 #: on the native routes) is a 400, as OpenAI and vLLM answer: the ``openai`` client raises ``BadRequestError`` for
 #: it, which is what code written against OpenAI catches.
 OPENAI_BODY_ROUTES = frozenset({"/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
-                                "/v1/unload_lora_adapter"})
+                                "/v1/unload_lora_adapter", "/tokenize", "/detokenize"})
 
 
 #: Every route that reads a JSON body (all ``POST``; :func:`~bca_deploy.serving.http.create_app`'s and

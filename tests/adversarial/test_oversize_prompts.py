@@ -40,6 +40,12 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
 
+    def __setattr__(self, name, value):  # truncation_side, set by the server for a text kept from its end
+        if name in ("tokenizer", "chars"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.tokenizer, name, value)
+
 
 def _serve(art):
     from bca_deploy.serving.http import ServerThread, build
@@ -86,6 +92,28 @@ def test_many_prompts_past_the_context_are_refused_from_a_prefix_of_the_first(ll
     message = _refused(answer, field)
     assert recording.chars <= READ_AT_MOST, recording.chars  # before: 3,876,000
     assert message.startswith(f"{field}: more than 128 tokens (its first "), message
+
+
+def test_many_prompts_cut_to_their_last_tokens_are_read_from_a_suffix_each(llama):
+    """vLLM's truncate_prompt_tokens on 120 prompts of 32,300 characters (3.9 MB): each is cut to its last 16 tokens
+    from a suffix of about a thousand characters (one look, one truncation of it), not tokenized whole."""
+    from transformers import AutoTokenizer
+
+    art, url, recording = llama
+    tokenizer = AutoTokenizer.from_pretrained(art["onnx"])
+    recording.chars = 0
+    status, answer = call(url + "/v1/completions", "POST", {"model": "a0", "prompt": [LONG] * 120, "max_tokens": 1,
+                                                            "temperature": 0, "truncate_prompt_tokens": 16})
+    assert status == 200, answer
+    assert answer["usage"]["prompt_tokens"] == 120 * 16
+    assert recording.chars <= 120 * 2 * ((16 + 1 + 16) * 8 + 256), recording.chars  # whole: 3,876,000
+    assert recording.truncation_side == "right"  # the server's copy is left as it was
+    # the same answer as the tokenizer's own last 16 tokens sent as ids
+    tokenizer.truncation_side = "left"
+    kept = tokenizer(LONG, truncation=True, max_length=16)["input_ids"]
+    status, by_ids = call(url + "/v1/completions", "POST", {"model": "a0", "prompt": kept, "max_tokens": 1,
+                                                            "temperature": 0})
+    assert status == 200 and {c["text"] for c in answer["choices"]} == {by_ids["choices"][0]["text"]}, by_ids
 
 
 def test_a_conversation_past_the_context_is_refused_from_a_prefix(llama):

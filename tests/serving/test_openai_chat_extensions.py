@@ -219,9 +219,7 @@ def test_what_cannot_be_served_is_refused_naming_the_field(llm, server):
                          ({"documents": [{"title": "a", "text": 3}]}, "documents"),
                          ({"echo": "yes"}, "echo")):
         assert refused(extra)["param"] == field, extra
-    status, body = call(server.url + "/v1/completions", "POST", {"model": "a1", "prompt": "the day", "max_tokens": 2,
-                                                                 "truncate_prompt_tokens": 3})
-    assert status == 400 and body["error"]["param"] == "truncate_prompt_tokens", body
+    # (completions serve truncate_prompt_tokens: tests/serving/test_vllm_utility_routes.py; a chat request refuses it)
     # a template variable the template cannot use ({% join %} of a number): the refusal names the variables it was
     # given, not only the messages (it said "messages: the chat template refused them (TypeError)")
     body = refused({"chat_template_kwargs": {"extra_words": 5}})

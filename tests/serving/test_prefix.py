@@ -28,6 +28,7 @@ from bca_deploy.serving.prefix import (  # noqa: E402
     TextPastLimit,
     bounded_ids,
     prefix_cut,
+    suffix_cut,
 )
 
 WORDS = ("the", "water", "is", "hot", "of", "and", "a", "to", "in", "that", "it", "was", "for", "on", "are", "with",
@@ -242,7 +243,7 @@ def test_text_a_normalizer_deletes_only_makes_the_prefix_grow():
     assert recording.chars < 4 * (len(head) + 120 * 17)  # doubled past the deleted text, not read to the end
 
 
-def test_a_text_with_no_offsets_or_kept_from_its_end_is_tokenized_whole():
+def test_a_text_with_no_offsets_is_tokenized_whole():
     tokenizer = _wordpiece()
     text = "the water is hot " * 500
     slow = Recording(tokenizer)
@@ -250,12 +251,79 @@ def test_a_text_with_no_offsets_or_kept_from_its_end_is_tokenized_whole():
     assert bounded_ids(slow, text, 16) == _ids(tokenizer, text) and slow.chars == len(text)
     tokenizer.truncation_side = "left"
     try:
-        recording = Recording(tokenizer)
-        assert bounded_ids(recording, text, truncation=True, max_length=16) == _ids(
+        slow = Recording(tokenizer)
+        slow.is_fast = False
+        assert bounded_ids(slow, text, truncation=True, max_length=16) == _ids(
             tokenizer, text, truncation=True, max_length=16)
-        assert recording.chars == len(text)
+        assert slow.chars == len(text)
     finally:
         tokenizer.truncation_side = "right"
+
+
+@pytest.fixture
+def left(tokenizer):
+    """The family's tokenizer keeping a text's last tokens (vLLM's tokenizer of a generating model)."""
+    tokenizer.truncation_side = "left"
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.truncation_side = "right"
+
+
+def test_texts_truncated_from_the_left_keep_exactly_the_ids_truncation_keeps(left):
+    """vLLM's ``truncate_prompt_tokens`` on a prompt: the last ``max_length`` tokens, special tokens around them, as
+    the tokenizer gives them from the whole text; a length below the special tokens (transformers then cuts
+    nothing) included."""
+    rng = random.Random(12)
+    bounded = 0
+    for i in range(30):
+        text = _text(rng, rng.choice([1_500, 6_000, 20_000]))
+        options = {"add_special_tokens": False} if i % 2 else {}
+        for length in (1, 2, 8, 64, 512):
+            expected = _ids(left, text, truncation=True, max_length=length, **options)
+            recording = Recording(left)
+            assert bounded_ids(recording, text, truncation=True, max_length=length, **options) == expected, length
+            bounded += recording.chars < len(text)
+    assert bounded > 15  # the suffix was taken, not only the whole text
+
+
+def test_a_suffix_cut_at_a_space_settles_the_whole_texts_last_tokens(tokenizer):
+    """The suffix argument of the module docstring, checked: from a space after a non-space on, the suffix's tokens
+    starting past its second word end and the margin are exactly the whole text's over the same characters, also
+    where a run of thousands of one piece follows the cut."""
+    from bca_deploy.serving.prefix import _WORD_END
+
+    rng = random.Random(13)
+    checked = 0
+    for _ in range(40):
+        text = _text(rng, rng.choice([3_000, 12_000]))
+        if rng.random() < 0.4:  # a long run of one piece right after a word end
+            k = rng.randint(300, len(text) - 300)
+            text = text[:k] + "x " + rng.choice(["ab", "x", "aab"]) * rng.randint(200, 2000) + " " + text[k:]
+        whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for _ in range(6):
+            cut, at_space = suffix_cut(text, rng.randint(600, len(text) - 1))
+            assert 0 < cut < len(text) and (text[cut] == " " and not text[cut - 1].isspace()) == at_space
+            second = _WORD_END.search(text, cut + 1)
+            if not at_space or second is None:
+                continue
+            settled = max(PREFIX_MARGIN_CHARS, second.start() - cut)
+            suffix = tokenizer(text[cut:], add_special_tokens=False, return_offsets_mapping=True)
+            mine = [t for t, (s, _) in zip(suffix["input_ids"], suffix["offset_mapping"]) if s >= settled]
+            theirs = [t for t, (s, _) in zip(whole["input_ids"], whole["offset_mapping"]) if s >= cut + settled]
+            assert mine == theirs, cut
+            checked += 1
+    assert checked > 100
+
+
+def test_the_work_before_a_left_truncation_is_bounded_by_the_length_not_the_text(left):
+    text = "the water is hot " * 1_900  # 32,300 characters, ~7,600 tokens
+    first = (128 + 1 + PREFIX_SLACK_TOKENS) * PREFIX_CHARS_PER_TOKEN + PREFIX_MARGIN_CHARS
+    recording = Recording(left)
+    assert bounded_ids(recording, text, truncation=True, max_length=128) == _ids(left, text, truncation=True,
+                                                                                 max_length=128)
+    # one look at the suffix, one truncation of it: twice the first suffix at most, whatever the text's length
+    assert recording.calls == 2 and recording.chars <= 2 * first, (recording.calls, recording.chars)
 
 
 def test_prefix_cut_ends_before_a_space_after_a_word():
@@ -263,3 +331,11 @@ def test_prefix_cut_ends_before_a_space_after_a_word():
     assert prefix_cut(text, 12) == (7, True)  # "aaa bbb" | "   ccc": the space after the word, not in the run
     assert prefix_cut("x" * 100, 60) == (60, False)
     assert prefix_cut("ab " + "x" * 100, 90) == (90, False)  # the only space is in the first half: mid-word
+
+
+def test_suffix_cut_starts_at_a_space_after_a_word():
+    text = "d" * 50 + " aaa   bbb ccc"
+    assert suffix_cut(text, 12) == (54, True)  # "   bbb ccc": from the space after a word, its whole run kept
+    assert suffix_cut(text, 8) == (60, True)  # " ccc"
+    assert suffix_cut("x" * 100, 60) == (40, False)
+    assert suffix_cut("x" * 100 + " ab", 90) == (13, False)  # the only space is in the last half: mid-word

@@ -119,6 +119,31 @@ def test_adapters_are_routed_loaded_on_demand_and_answered_correctly(ray_app):
     assert np.abs(session.embed(TEXTS, ["s1"] * 3) - session.embed(TEXTS, ["s2"] * 3)).max() > 1e-2
 
 
+def test_vllms_utility_routes_and_max_model_len_through_ray(ray_app):
+    # /tokenize, /detokenize, /version and max_model_len on every card, as a single server answers them (they were
+    # 404s, and the cards had no max_model_len)
+    import bca_deploy
+    from transformers import AutoTokenizer
+
+    url, table = ray_app["url"], ray_app["table"]
+    tokenizer = AutoTokenizer.from_pretrained(ray_app["export"])
+    cards = openai_client(url).models.list().data
+    assert [c.model_extra["max_model_len"] for c in cards] == [table] * len(cards)  # the graph's table, not config
+    assert call(url + "/v1/models/s2")[1]["max_model_len"] == table
+    assert call(url + "/version") == (200, {"version": bca_deploy.__version__})
+    for model in ("s1", "a0", "tiny-bert"):  # a store adapter loads on a replica, as for any other route
+        status, body = call(url + "/tokenize", "POST", {"model": model, "prompt": "the water is hot"})
+        expected = tokenizer("the water is hot")["input_ids"]
+        assert (status, body) == (200, {"count": len(expected), "max_model_len": table, "tokens": expected})
+    status, body = call(url + "/detokenize", "POST", {"model": "a1", "tokens": expected})
+    assert (status, body) == (200, {"prompt": tokenizer.decode(expected)})
+    status, body = call(url + "/detokenize", "POST", {"model": "a1", "tokens": [5, 10**6]})
+    assert_error(status, body, 400)
+    assert body["error"]["param"] == "tokens"
+    status, body = call(url + "/tokenize", "POST", {"model": "nope", "prompt": "the day"})
+    assert_error(status, body, 404, "unknown_adapter", words=("nope",))
+
+
 def test_the_start_up_line_carries_the_replicas_notes_once(ray_app):
     # the single server's start-up notes (here: config.json claims more positions than the graph's table),
     # fetched from one replica and printed once under the URL line, as bca-deploy serve prints them

@@ -243,8 +243,14 @@ def test_the_routers_own_answers_are_counted_and_logged_as_serves_are(tmp_path_f
     from bca_deploy.serving.options import ServeOptions
     from bca_deploy.serving.ray import Router, _ray_fields
 
+    class Replicas:  # the one call the router makes of a replica itself: max_model_len, for its model cards
+        class max_model_len:  # noqa: N801 - Ray's handle.method.remote()
+            @staticmethod
+            async def remote():
+                return 512
+
     art = bank("bert", tmp_path_factory)
-    router = Router.func_or_class(None, str(art["onnx"]), str(art["store"]),
+    router = Router.func_or_class(Replicas(), str(art["onnx"]), str(art["store"]),
                                   _ray_fields(ServeOptions(manage_adapters=False)))
 
     def call(method: str, path: str, headers: list[tuple[bytes, bytes]], request_id: bytes):
