@@ -122,7 +122,8 @@ from .wire import (
 if TYPE_CHECKING:
     from .http import Server
 
-__all__ = ["add_routes", "EmbeddingsRequest", "CompletionRequest", "ChatCompletionRequest"]
+__all__ = ["add_routes", "EmbeddingsRequest", "CompletionRequest", "ChatCompletionRequest", "TokenizeCompletionRequest",
+           "TokenizeChatRequest", "DetokenizeRequest"]
 
 
 class _OpenAIRequest(BaseModel):
@@ -691,8 +692,8 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         # vLLM's: the text of token ids, special tokens kept (tokenizer.decode(tokens), as vLLM decodes them)
         req = await server.read(request, DetokenizeRequest)
         server.select(request, req.model, param="model")
-        # bounded as texts are: a 4 MB body of ids took a WordPiece decode 2 s; no row of the model, nor any text
-        # /tokenize takes, has more ids than this
+        # bounded as texts are (a 4 MB body holds up to 2 million ids; a million took a WordPiece decode 1.2 s): no
+        # row of the model holds more ids, and a prompt /tokenize takes (--max-text-chars) rarely tokenizes to more
         most = max(server.max_model_len or 0, options.max_text_chars)
         if len(req.tokens) > most:
             raise InvalidRequestError(f"tokens: {len(req.tokens):,} ids; this server decodes at most {most:,} (the "

@@ -103,13 +103,13 @@ def test_tokenize_messages_gives_the_chat_templates_ids(server, tokenizer):
                            ({"add_generation_prompt": False, "continue_final_message": True},
                             {"add_generation_prompt": False, "continue_final_message": True})):
         status, answer = call(server.url + "/tokenize", "POST", {"model": "a2", "messages": messages, **extra})
-        expected = tokenizer.apply_chat_template(messages, tokenize=True, **options)
+        expected = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **options)
         assert status == 200 and answer["tokens"] == expected and answer["count"] == len(expected), (extra, answer)
     # a conversation past the context is counted too
     status, answer = call(server.url + "/tokenize", "POST", {"model": "a2", "messages": [
         {"role": "user", "content": LONG}]})
     assert status == 200 and answer["count"] == len(tokenizer.apply_chat_template(
-        [{"role": "user", "content": LONG}], tokenize=True, add_generation_prompt=True)) > POSITIONS
+        [{"role": "user", "content": LONG}], tokenize=True, return_dict=False, add_generation_prompt=True)) > POSITIONS
     status, answer = call(server.url + "/tokenize", "POST", {"model": "a2", "messages": messages,
                                                              "continue_final_message": True})
     assert_error(status, answer, 400, words=("add_generation_prompt",))
@@ -117,7 +117,8 @@ def test_tokenize_messages_gives_the_chat_templates_ids(server, tokenizer):
 
 
 def test_detokenize_gives_the_tokenizers_text_and_refuses_ids_outside_the_vocabulary(server, tokenizer):
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "the water is hot"}], tokenize=True)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "the water is hot"}], tokenize=True,
+                                        return_dict=False)
     for model in ("tiny-llama", "a0"):
         status, answer = call(server.url + "/detokenize", "POST", {"model": model, "tokens": ids})
         assert status == 200 and answer == {"prompt": tokenizer.decode(ids)}  # special tokens kept, as vLLM
