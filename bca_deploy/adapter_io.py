@@ -28,6 +28,7 @@ from .config import (
     WEIGHTS_FILE,
     AdapterConfig,
     PathOwners,
+    local_base_dir,
     nested_adapters_hint,
     read_json,
     show_names,
@@ -50,6 +51,7 @@ from .fit import (
     base_weights,
     check_adapter,
     model_target,
+    model_type_problem,
     resolve_tied,
     split_base_key,
     split_saved_key,
@@ -810,17 +812,6 @@ def _recorded_base_config(config: AdapterConfig) -> Any:
     return load_config(recorded) if recorded is not None else None
 
 
-def local_base_dir(recorded: Any) -> Path | None:
-    """An adapter's recorded ``base_model_name_or_path`` when it is a local directory with a ``config.json`` (as
-    PEFT's ``AutoPeftModel*`` would load it), else None: a hub name (nothing is downloaded), or not a string."""
-    if not isinstance(recorded, str) or not recorded:
-        return None
-    try:
-        return Path(recorded) if (Path(recorded) / "config.json").is_file() else None
-    except (OSError, ValueError):  # a name too long, a NUL byte: not a directory of this machine
-        return None
-
-
 def describe_recorded_base(config: AdapterConfig) -> str:
     """The base model an adapter records, for ``inspect``, as the commands resolve it (:func:`local_base_dir`): a
     local model directory with its ``model_type`` and architecture read from its ``config.json`` (the adapter's
@@ -921,6 +912,10 @@ def convert_adapter(
         # checked against layers that are the adapter's at all: a model without its modules matches no rule, and
         # the check would pass having checked nothing
         target = model_target(layers)
+        # another model type first: a PEFT adapter of a BERT fits a RoBERTa's layers by name and shape
+        if (problem := model_type_problem(config, target.model_type, f"the base model checked against "
+                                          f"({type(layers).__name__})")) is not None:
+            raise AdapterMismatchError(f"{source}: {problem}")
         aligned, _ = align_to_target(config, state, target)
         absent = sorted(m for m in aligned.modules if m not in target.modules)
         if absent:

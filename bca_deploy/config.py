@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ __all__ = [
     "task_spec_from_config",
     "task_architecture",
     "AdapterConfig",
+    "local_base_dir",
+    "recorded_base_type",
     "block_size_for",
     "valid_block_sizes",
 ]
@@ -613,6 +616,39 @@ def read_json(path: Path, what: str = "file", allow_nan: bool = False, unique_ke
     return _object(read_json_value(path, what, allow_nan, unique_keys), str(Path(path)))
 
 
+def local_base_dir(recorded: Any) -> Path | None:
+    """An adapter's recorded ``base_model_name_or_path`` when it is a local directory with a ``config.json`` (as
+    PEFT's ``AutoPeftModel*`` would load it), else None: a hub name (nothing is downloaded), or not a string."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    try:
+        return Path(recorded) if (Path(recorded) / "config.json").is_file() else None
+    except (OSError, ValueError):  # a name too long, a NUL byte: not a directory of this machine
+        return None
+
+
+def recorded_base_type(config: AdapterConfig) -> tuple[str | None, str]:
+    """The ``model_type`` of the base model an adapter was trained on, and where it was read (for messages).
+
+    The adapter's own record first (bca-deploy's ``base_model.model_type``; a PEFT copy bca-deploy wrote carries it in
+    its safetensors metadata). PEFT itself records no type, only ``base_model_name_or_path``: when that is a local
+    model directory (:func:`local_base_dir`: the base PEFT's ``AutoPeftModel*`` would load), its ``config.json``'s
+    ``model_type`` is the adapter's, as it is for PEFT. ``(None, "")`` when neither tells (a hub id: nothing is
+    downloaded; a config.json that does not read or records no type).
+    """
+    if config.base_model_type:
+        return config.base_model_type, ""
+    base = local_base_dir(config.base_model_name_or_path)
+    if base is None:
+        return None, ""
+    try:
+        model_type, _ = model_identity(base)
+    except (AdapterFormatError, OSError):  # a config.json that does not read tells nothing: as if no base recorded
+        return None, ""
+    return model_type, (f" (the type of the base model it records, {str(base)[:200]}, read from its config.json: "
+                        "PEFT records no type)")
+
+
 def model_identity(directory: str | Path) -> tuple[str | None, str | None]:
     """``(model_type, architecture)`` that a transformers model directory's ``config.json`` records (``architecture``:
     the first of its ``architectures``), each None where it records no string; read as transformers reads a model
@@ -677,8 +713,9 @@ def parse_json_value(text: str, source: str, what: str = "file", allow_nan: bool
         raise AdapterFormatError(f"{source}: {len(text)} characters; {_a(what)} of more than {MAX_JSON_BYTES} is refused")
     hook = unique_key_object if unique_keys else None
     try:
-        data = json.loads(text, object_pairs_hook=hook) if allow_nan else json.loads(
-            text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=hook)
+        data = json.loads(text, object_pairs_hook=hook, parse_int=_json_int) if allow_nan else json.loads(
+            text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_json_int,
+            object_pairs_hook=hook)
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{source}: not valid JSON ({exc})") from exc
     except RecursionError:
@@ -709,6 +746,15 @@ def unique_key_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON (write a finite number)")
+
+
+def _json_int(literal: str) -> int:
+    """A JSON integer, one too long for Python to read (``sys.get_int_max_str_digits()``: 4300 digits) refused in
+    words: Python's own error told the user to call ``sys.set_int_max_str_digits()``."""
+    digits = len(literal.lstrip("-"))
+    if digits > (limit := sys.get_int_max_str_digits() or digits):
+        raise ValueError(f"a number of {digits} digits ({literal[:12]}...) is too long to be read (at most {limit})")
+    return int(literal)
 
 
 def _finite_float(literal: str) -> float:

@@ -30,13 +30,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import re
+import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .config import KERNEL_SUFFIX, LAYER_TYPES, AdapterConfig, ModuleSpec, PathOwners, show_names
+from .config import (
+    KERNEL_SUFFIX,
+    LAYER_TYPES,
+    AdapterConfig,
+    ModuleSpec,
+    PathOwners,
+    recorded_base_type,
+    show_names,
+)
 from .errors import AdapterFormatError, AdapterMismatchError, format_problems
 from .layers import BCALinear, is_adaptable, layer_dims, layer_type_of
 
@@ -51,6 +62,8 @@ __all__ = [
     "target_problems",
     "module_problem",
     "check_adapter",
+    "base_name_note",
+    "ForeignBaseWarning",
     "align_paths",
     "align_to_target",
     "resolve_tied",
@@ -145,6 +158,9 @@ class Target:
             base weight, whatever ``params`` lists. None: a target without ``params`` refuses every base weight.
         renamed: for a module path the target lacks, why the installed transformers has it under another name or
             not as a layer (:func:`line_naming`: an adapter made with the other transformers line), or None.
+        name_or_path: the checkpoint the target was loaded from (``config._name_or_path``, a merged checkpoint's
+            directory), when known: an adapter recording another base is applied with a warning
+            (:func:`base_name_note`).
     """
 
     description: str
@@ -161,6 +177,7 @@ class Target:
     head_advice: str = "use a {cls} ({auto})"
     base_matches: Callable[[str, torch.Tensor], bool | str] | None = None
     renamed: Callable[[str], str | None] | None = None
+    name_or_path: str | None = None
     _owners: set[str] | None = field(default=None, repr=False, compare=False)
 
     def has_path(self, path: str) -> bool:
@@ -248,6 +265,7 @@ def model_target(model: nn.Module, description: str | None = None) -> Target:
         tied={n: tuple(group) for group in names.values() if len(group) > 1 for n in group},
         head_advice="load it into {cls} ({auto})",
         renamed=line_naming(model, modules, params),
+        name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
 
 
@@ -795,10 +813,54 @@ def _kind_name(kind: str) -> str:
 
 def model_type_problem(config: AdapterConfig, model_type: str | None, description: str) -> str | None:
     """The adapter was trained on another ``model_type`` than the target's (``description``); None when they agree
-    or either is unknown (PEFT adapters do not record it)."""
-    if config.base_model_type and model_type and config.base_model_type != model_type:
-        return f"base model_type is {config.base_model_type!r} but {description} is {model_type!r}"
+    or either is unknown. The adapter's type is :func:`bca_deploy.config.recorded_base_type`'s: its own record, else
+    (PEFT records none) the type of the local base model directory it records, so that a PEFT adapter of a BERT is
+    not merged into a RoBERTa whose module names and shapes it happens to fit."""
+    recorded, where = recorded_base_type(config)
+    if recorded and model_type and recorded != model_type:
+        return f"base model_type is {recorded!r}{where} but {description} is {model_type!r}"
     return None
+
+
+class ForeignBaseWarning(UserWarning):
+    """An adapter is applied to a model other than the base it records (:func:`base_name_note`)."""
+
+
+_HUB_CACHE_DIR = re.compile(r"models--(?:[^/]+--)?(?P<name>[^/]+)/snapshots/[^/]+")
+
+
+def _base_name(name_or_path: str) -> str:
+    """The model's own name in a ``base_model_name_or_path`` / ``_name_or_path``: a hub id's name (``org/NAME``), a
+    local directory's folder name, a hub cache snapshot's model name (``models--org--NAME/snapshots/<sha>``); lower
+    case. Two spellings of one checkpoint (a hub id and the directory it was downloaded to) get the same name."""
+    text = name_or_path.replace("\\", "/").rstrip("/")
+    if (match := _HUB_CACHE_DIR.search(text)) is not None:
+        return match.group("name").lower()
+    return text.rpartition("/")[2].lower()
+
+
+def base_name_note(config: AdapterConfig, target: Target, source: str = "adapter") -> str | None:
+    """A warning when the adapter records a base checkpoint (``base_model_name_or_path``) that is not the one
+    ``target`` was loaded from, by name (:func:`_base_name`) and, for two local directories, by file; None when they
+    agree or either is unknown.
+
+    Only a warning: a model fine-tuned from the recorded base, or a copy of it under another name, is what one
+    applies an adapter to too, and the names alone cannot tell it from another model of the same type and shapes
+    (another model type is refused by :func:`model_type_problem`). The user is told which base the adapter records,
+    so that a kernel learned on another model is not merged into this one without a word (PEFT says nothing).
+    """
+    recorded, applied = config.base_model_name_or_path, target.name_or_path
+    if not isinstance(recorded, str) or not recorded.strip() or not isinstance(applied, str) or not applied.strip():
+        return None
+    if _base_name(recorded) == _base_name(applied):
+        return None
+    with contextlib.suppress(OSError, ValueError):  # not two files of this machine: compared by name alone
+        if os.path.samefile(recorded, applied):
+            return None
+    where = target.description if applied in target.description else f"{target.description} ({applied[:200]})"
+    return (f"{source} records base model {recorded[:200]!r}, but is applied to {where}: its modules and shapes fit, so it is applied; unless this is that model, a copy of it "
+            "or a model fine-tuned from it, the adapter's kernels were learned on other weights and the result is "
+            "wrong")
 
 
 def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], target: Target) -> list[str]:
@@ -1005,6 +1067,8 @@ def check_adapter(
     problems += target_problems(config, state, target)
     if problems:
         raise AdapterMismatchError(format_problems(f"{source} does not fit {target.description}:", problems))
+    if (note := base_name_note(config, target, source)) is not None:
+        warnings.warn(note, ForeignBaseWarning, stacklevel=2)
 
 
 def slot_problems(tensors: Mapping[str, object], layout: Mapping[str, object]) -> list[str]:

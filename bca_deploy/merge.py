@@ -82,11 +82,13 @@ from .errors import (
     why_not_readable,
 )
 from .fit import (
+    ForeignBaseWarning,
     ModuleInfo,
     ParamInfo,
     Target,
     adapter_problems,
     align_paths,
+    base_name_note,
     conversion_mapping,
     converted_key,
     model_target,
@@ -1058,7 +1060,7 @@ def _checkpoint_target(ckpt: _Checkpoint, head_task: TaskSpec | None) -> _Checkp
             params[name] = ParamInfo(info.shape, default_dtype, True, key)
     description = f"checkpoint {ckpt.directory}" + (f" (as {architecture})" if architecture else "")
     target = Target(description, modules, params, ckpt.model_type, structure.prefixes, _MERGEABLE,
-                    tied=structure.tied, renamed=structure.renamed)
+                    tied=structure.tied, renamed=structure.renamed, name_or_path=str(ckpt.directory))
     if head_task is None:
         return _CheckpointTarget(target, {k: k for k in locations}, None, model=model, tied=tied)
     # The output keeps each tensor's stored name, the base_model_prefix added or dropped as the head's architecture
@@ -1121,7 +1123,8 @@ def _shapes_only_target(ckpt: _Checkpoint, reason: str) -> _CheckpointTarget:
             modules[key[: -len(".weight")]] = ModuleInfo("unknown", weight_shape=t.shape, dtype=t.dtype, key=key)
         params[key] = ParamInfo(t.shape, t.dtype, t.dtype in _MERGEABLE, key)
     prefixes = tuple(sorted({k.split(".", 1)[0] for k in params if "." in k}))
-    target = Target(f"checkpoint {ckpt.directory}", modules, params, ckpt.model_type, prefixes, _MERGEABLE)
+    target = Target(f"checkpoint {ckpt.directory}", modules, params, ckpt.model_type, prefixes, _MERGEABLE,
+                    name_or_path=str(ckpt.directory))
     return _CheckpointTarget(target, {k: k for k in params}, None, structure_note=reason)
 
 
@@ -1154,6 +1157,7 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
     view = _checkpoint_target(ckpt, head_task)
     target = view.target
     problems: list[str] = []
+    notes: list[str] = []  # fit.base_name_note's: an adapter recording another base checkpoint than this one
     for a in adapters:
         if a.peft and view.model is not None:
             # A PEFT config adapts modules by rules (target_modules, layers_to_transform...), and PEFT gives a module
@@ -1183,6 +1187,8 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
         problems += [f"{a.directory}: {p}" for p in found]
         if found:
             continue
+        if (note := base_name_note(config, target, str(a.directory))) is not None:
+            notes.append(note)  # said once every adapter fits: a refused merge says only why it is refused
         for module, spec in sorted(config.modules.items()):
             factor = a.weight * float(spec.scaling)
             term = _Term(f"{a.directory}:{module}", tensors[module + KERNEL_SUFFIX], spec, factor)
@@ -1241,6 +1247,8 @@ def _plan_merge(ckpt: _Checkpoint, adapters: list[_Adapter]) -> _Plan:
         if view.structure_note:
             problems.append(f"(layer types not checked: {view.structure_note})")
         raise AdapterMismatchError(format_problems(f"adapters do not fit the checkpoint {ckpt.directory}:", problems))
+    for note in notes:
+        warnings.warn(note, ForeignBaseWarning, stacklevel=3)
     for name, (key, value, _) in sorted(based_by.items()):  # the base weight, and the deltas added to it
         terms = plan.terms.pop(name, None)
         plan.replace[name] = value if not terms else _tied_value(ckpt, key, value, terms, name)

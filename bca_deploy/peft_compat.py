@@ -51,6 +51,9 @@ PEFT_KERNEL_SUFFIX = ".c3a_kernel"
 _PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release this writer was verified against
 #: bca-deploy task type -> PEFT ``task_type`` (what ``AutoPeftModelFor*`` and ``PeftModel.from_pretrained`` read).
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
+#: Every ``task_type`` PEFT reads (its ``TaskType``); another value (``"FOO"``, ``"seq_cls"``, ``1``) makes PEFT refuse
+#: the file ("Invalid task type").
+PEFT_ALL_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 #: safetensors metadata key of a PEFT copy's bca-deploy task record (JSON of :meth:`TaskSpec.to_dict`).
 TASK_METADATA_KEY = "bca_deploy.task"
 #: safetensors metadata key of a PEFT copy's recorded base ``model_type`` (PEFT's config has no field for it, and
@@ -162,6 +165,11 @@ def from_peft(
     if init is not None and not isinstance(init, (bool, str)):
         problems.append(f"init_weights must be true, false or a method name such as 'gaussian', "
                         f"got {show_json_value(init)}")
+    task_type = peft_config.get("task_type")
+    if task_type is not None and task_type not in PEFT_ALL_TASK_TYPES:
+        # it was taken for no task (a classifier for its bare base model's task); PEFT refuses the file
+        problems.append(f"task_type must be one of PEFT's task types ({', '.join(PEFT_ALL_TASK_TYPES)}) or null, got "
+                        f"{show_json_value(task_type)} (PEFT refuses it: 'Invalid task type')")
     if not isinstance(peft_config.get("base_model_name_or_path"), (str, type(None))):
         problems.append(f"base_model_name_or_path must be a string, got {show_json_value(peft_config['base_model_name_or_path'])}")
     pattern = peft_config.get("block_size_pattern")

@@ -512,16 +512,17 @@ def test_convert_records_label_names_for_a_peft_classifier(tmp_path, input_ids):
                      "--model", str(base))
     assert result.exit_code == 0 and 'labels: ["bad, very", "neutral", "good, very"]' in result.output, result.output
     assert resolve_task(base, [out]).head.id2label == {0: "bad, very", 1: "neutral", 2: "good, very"}
-    # a --model of another architecture is refused naming it (it said the adapter saved no classifier); nothing of it
-    # is recorded (a config alone does not tell that the adapter's modules are that model's)
+    # a --model of another architecture is refused naming it (it said the adapter saved no classifier): the adapter's
+    # recorded base (a local BERT directory) is of another type; nothing of it is recorded
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2,
                                                    "vocab_size": 100}))
     result = convert("--to", "bca", "--out", str(tmp_path / "other-out"), "--label-names", "a,b,c", "--model",
                      str(other))
-    assert result.exit_code == 2 and "the given base model (gpt2) has no classifier among the modules the adapter " \
-        "saves (classifier)" in result.output, result.output
+    assert result.exit_code == 2 and f"base model_type is 'bert' (the type of the base model it records, {base}, " \
+        "read from its config.json: PEFT records no type) but the given base model is 'gpt2'" in result.output, \
+        result.output
     assert bd.read_adapter(tmp_path / "named-bca")[0].base_model_type is None
     from bca_deploy.merge import merge_checkpoint
 

@@ -339,6 +339,10 @@ MALFORMATIONS: list[Malformation] = [
     Malformation("config-nan-literal", "format", lambda d: (d / CONFIG).write_text(
         (d / CONFIG).read_text().replace('"scaling": 1.0', '"scaling": NaN')), "NaN"),
     Malformation("config-empty-file", "format", raw_config(b""), "not valid JSON"),
+    # Python's own error told the user to call sys.set_int_max_str_digits()
+    Malformation("config-number-of-100k-digits", "format",
+                 raw_config(b'{"format": "bca-deploy", "block_size": ' + b"9" * 100_000 + b"}"),
+                 "a number of 100000 digits (999999999999...) is too long to be read (at most 4300)"),
     Malformation("format-version-99", "format", edit_config(lambda d: d.__setitem__("format_version", 99)),
                  "format_version 99"),
     Malformation("format-missing", "format", edit_config(lambda d: d.pop("format")), "'format'"),
@@ -434,6 +438,9 @@ MALFORMATIONS: list[Malformation] = [
     Malformation("peft-kernel-float8", "format", _peft(lambda c, s: s.__setitem__(
         sorted(s)[0], s[sorted(s)[0]].to(torch.float8_e5m2))), "float8_e5m2; adapter tensors must be real floating"),
     Malformation("peft-lora", "format", _peft(lambda c, s: c.__setitem__("peft_type", "LORA")), "LORA"),
+    # taken for no task (a classifier for its bare base model's task) where PEFT refuses the file
+    Malformation("peft-task-type-unknown", "format", _peft(lambda c, s: c.__setitem__("task_type", "seq_cls")),
+                 "task_type must be one of PEFT's task types"),
     # the fuzz report's: a TypeError each, before the fields were checked
     Malformation("peft-init-weights-list", "format", _peft(lambda c, s: c.__setitem__("init_weights", ["x"])),
                  "init_weights"),

@@ -1,0 +1,189 @@
+"""An adapter applied to a model other than the base it was trained on, whose module names and shapes it fits.
+
+PEFT records a C3A adapter's base only as ``base_model_name_or_path`` (no ``model_type``); a BERT adapter then fitted a
+RoBERTa or ELECTRA of the same sizes by name and shape and was merged, exported and served without a word (PEFT loads
+it too). Now the type of the local base directory it records is the adapter's type for the one fit rule
+(:func:`bca_deploy.fit.model_type_problem`): another type is refused by every command, nothing written. A checkpoint
+of the same type under another name (another BERT, or one fine-tuned from it) is applied with a warning naming the
+recorded base (:func:`bca_deploy.fit.base_name_note`): the merged weights are still PEFT's own merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adversarial_helpers import assert_clean_cli_error, leftovers, model_digest, run_cli, same_model, tree_digest  # noqa: E402
+from serving_helpers import banks  # noqa: E402,F401  (the session-wide bank exports)
+
+from bca_deploy.adapter_io import load_adapter, read_adapter, write_adapter_dir  # noqa: E402
+from bca_deploy.errors import AdapterMismatchError  # noqa: E402
+from bca_deploy.fit import ForeignBaseWarning, base_name_note, model_target  # noqa: E402
+from bca_deploy.merge import merge_checkpoint  # noqa: E402
+from bca_deploy.peft_compat import to_peft  # noqa: E402
+
+_SIZES = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def _save(model: torch.nn.Module, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict[str, Path]:
+    """Three checkpoints of one size: a BERT (the adapter's base), another BERT, a RoBERTa and an ELECTRA (module
+    names as BERT's); and a C3A adapter PEFT itself trained on the first, recording it as its base."""
+    from peft import C3AConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("foreign")
+    torch.manual_seed(0)
+    bert = _save(tf.BertModel(tf.BertConfig(max_position_embeddings=64, **_SIZES), add_pooling_layer=False),
+                 root / "bert")
+    torch.manual_seed(1)
+    other = _save(tf.BertModel(tf.BertConfig(max_position_embeddings=64, **_SIZES), add_pooling_layer=False),
+                  root / "bert-other")
+    roberta = _save(tf.RobertaModel(tf.RobertaConfig(max_position_embeddings=66, **_SIZES), add_pooling_layer=False),
+                    root / "roberta")
+    electra = _save(tf.ElectraModel(tf.ElectraConfig(embedding_size=32, max_position_embeddings=64, **_SIZES)),
+                    root / "electra")
+    peft_model = get_peft_model(tf.BertModel.from_pretrained(bert, add_pooling_layer=False),
+                                C3AConfig(target_modules=["query", "value"], block_size=8))
+    torch.manual_seed(2)
+    for name, param in peft_model.named_parameters():
+        if "c3a_kernel" in name:
+            param.data.normal_(0, 0.05)
+    peft_model.save_pretrained(root / "adapter")
+    recorded = json.loads((root / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(bert) and "model_type" not in recorded  # PEFT's own record: the path, no type
+    return {"bert": bert, "other": other, "roberta": roberta, "electra": electra, "adapter": root / "adapter"}
+
+
+@pytest.mark.parametrize("kind", ["roberta", "electra"])
+def test_a_peft_adapter_of_a_bert_is_refused_on_another_type_by_every_command(made, kind, tmp_path):
+    adapter, base = made["adapter"], made[kind]
+    inputs = {p: tree_digest(p) for p in (adapter, base)}
+    needles = ["'bert'", repr(kind), str(made["bert"])]
+
+    with pytest.raises(AdapterMismatchError) as caught:
+        merge_checkpoint(base, [(adapter, 1.0)], tmp_path / "merged", progress=False)
+    assert all(n in str(caught.value) for n in needles), str(caught.value)
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path, "merged") == []
+
+    model = getattr(tf, {"roberta": "RobertaModel", "electra": "ElectraModel"}[kind]).from_pretrained(base)
+    before = model_digest(model)
+    with pytest.raises(AdapterMismatchError) as caught:
+        load_adapter(model, adapter)
+    assert all(n in str(caught.value) for n in needles), str(caught.value)
+    assert same_model(before, model_digest(model))
+
+    for args in (["merge", "--model", base, "--adapter", adapter, "--out", tmp_path / "cli", "--no-progress"],
+                 ["export", "--model", base, "--adapter", adapter, "--merge", "--task", "feature-extraction",
+                  "--no-validate", "--out", tmp_path / "onnx"],
+                 ["convert", "--adapter", adapter, "--model", base, "--to", "bca", "--out", tmp_path / "conv"]):
+        result = run_cli(args)
+        assert_clean_cli_error(result, args)
+        assert all(n in result.output for n in needles), (args, result.output)
+    assert not any((tmp_path / n).exists() for n in ("cli", "onnx", "conv"))
+    assert {p: tree_digest(p) for p in inputs} == inputs
+
+
+def test_another_checkpoint_of_the_type_is_merged_as_peft_merges_it_with_a_warning(made, tmp_path):
+    from peft import PeftModel
+
+    with pytest.warns(ForeignBaseWarning) as caught:
+        merge_checkpoint(made["other"], [(made["adapter"], 1.0)], tmp_path / "merged", progress=False)
+    message = str(caught[0].message)
+    assert str(made["bert"]) in message and str(made["other"]) in message, message
+    # applied all the same: the weights are PEFT's own merge of the adapter into that model
+    reference = PeftModel.from_pretrained(tf.BertModel.from_pretrained(made["other"], add_pooling_layer=False),
+                                          made["adapter"]).merge_and_unload().state_dict()
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for key in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.value.weight"):
+        torch.testing.assert_close(merged[key], reference[key], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(merged[key], load_file(str(made["other"] / "model.safetensors"))[key])
+
+    model = tf.BertModel.from_pretrained(made["other"], add_pooling_layer=False)
+    with pytest.warns(ForeignBaseWarning, match="bert-other"):
+        load_adapter(model, made["adapter"])
+
+    args = ["merge", "--model", made["other"], "--adapter", made["adapter"], "--out", tmp_path / "cli", "--no-progress"]
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert f"warning: {made['adapter']} records base model '{made['bert']}'" in result.output, result.output
+
+    # the recorded base itself: without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForeignBaseWarning)
+        merge_checkpoint(made["bert"], [(made["adapter"], 1.0)], tmp_path / "merged-base", progress=False)
+        load_adapter(tf.BertModel.from_pretrained(made["bert"], add_pooling_layer=False), made["adapter"])
+        # the same directory by another spelling (a trailing slash, a relative path)
+        load_adapter(tf.BertModel.from_pretrained(str(made["bert"]) + "/", add_pooling_layer=False), made["adapter"])
+
+
+@pytest.mark.parametrize("recorded, applied, warned", [
+    ("google-bert/bert-base-uncased", "/models/bert-base-uncased", False),  # the hub id and where it was put
+    ("google-bert/bert-base-uncased",
+     "/home/u/.cache/huggingface/hub/models--google-bert--bert-base-uncased/snapshots/86b5e0934494bd15c9632b12f734a8a67f723594",
+     False),
+    ("bert-base-uncased", "BERT-base-uncased", False),
+    ("google-bert/bert-base-uncased", "FacebookAI/roberta-base", True),
+    ("google-bert/bert-base-uncased", "/models/bert-base-cased", True),
+    (None, "/models/x", False), ("", "/models/x", False), ("/models/x", None, False),
+])
+def test_base_names_are_compared_by_the_models_own_name(recorded, applied, warned):
+    from bca_deploy.config import AdapterConfig
+
+    config = AdapterConfig(target_modules=["query"], block_size=8, base_model_name_or_path=recorded)
+    target = dataclasses.replace(model_target(torch.nn.Linear(2, 2)), name_or_path=applied)
+    assert (base_name_note(config, target) is not None) == warned
+
+
+def test_a_recorded_base_whose_config_is_a_fifo_is_not_read(made, tmp_path):
+    """The recorded base is a path the adapter file names: a config.json there that is a named pipe is not opened
+    (the adapter is then as one recording no base), in a bounded time."""
+    import shutil
+
+    base = tmp_path / "base"
+    base.mkdir()
+    os.mkfifo(base / "config.json")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(made["adapter"], adapter)
+    data = json.loads((adapter / "adapter_config.json").read_text())
+    data["base_model_name_or_path"] = str(base)
+    (adapter / "adapter_config.json").write_text(json.dumps(data))
+    run = subprocess.run([sys.executable, "-m", "bca_deploy.cli", "merge", "--model", str(made["roberta"]), "--adapter",
+                          str(adapter), "--out", str(tmp_path / "merged"), "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr  # nothing tells its type: merged, as PEFT would
+    assert "warning:" in run.stderr and str(base) in run.stderr  # but not without a word
+
+
+def test_a_peft_copy_served_from_a_store_is_refused_when_its_base_is_another_type(banks, made, tmp_path):  # noqa: F811
+    """A bank's session takes an adapter by the same rule: a PEFT file that fits the BERT bank's layout but records
+    a RoBERTa directory as its base is refused, and the session is as it was."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    art = banks("bert")
+    config, state = read_adapter(art["adapters"]["a0"])
+    config.base_model_type = None  # as PEFT writes it: the base named by its path alone
+    peft_config, peft_state = to_peft(config, state, base_model_name_or_path=str(made["roberta"]))
+    directory = write_adapter_dir(tmp_path / "peft", peft_config, peft_state)
+    session = MultiAdapterSession(art["onnx"])
+    adapters, snapshot = session.adapters(), session.snapshot()
+    with pytest.raises(AdapterMismatchError, match="'roberta'"):
+        session.register("foreign", directory)
+    assert session.adapters() == adapters and session.snapshot() is snapshot
+    with pytest.raises(AdapterMismatchError, match="'roberta'"):
+        merge_checkpoint(art["model"], [(directory, 1.0)], tmp_path / "merged", progress=False)
