@@ -144,8 +144,13 @@ def _echo_error(text: str) -> None:
     # Messages may carry undecodable file names (lone surrogates from os.fsdecode): never fail printing them.
     stream = sys.stderr
     encoding = getattr(stream, "encoding", None) or "utf-8"
-    lines = [line if len(line) <= MAX_ERROR_LINE else
-             f"{line[:MAX_ERROR_LINE]}... ({len(line) - MAX_ERROR_LINE:,} more characters)" for line in text.split("\n")]
+    from .errors import printable
+
+    # each line's characters that are not printable escaped (a tensor name from a file can hold ESC sequences that
+    # retitle or recolour the terminal, NUL, U+202E that reverses what follows): the line breaks are the message's
+    lines = [printable(line) if len(line) <= MAX_ERROR_LINE else
+             f"{printable(line[:MAX_ERROR_LINE])}... ({len(line) - MAX_ERROR_LINE:,} more characters)"
+             for line in text.split("\n")]
     click.echo("\n".join(lines).encode(encoding, "backslashreplace").decode(encoding, "replace"), err=True)
 
 

@@ -751,6 +751,8 @@ def _refuse_constant(name: str) -> Any:
 def _json_int(literal: str) -> int:
     """A JSON integer, one too long for Python to read (``sys.get_int_max_str_digits()``: 4300 digits) refused in
     words: Python's own error told the user to call ``sys.set_int_max_str_digits()``."""
+    if len(literal) <= 4300:  # Python's default limit, the case of every real file: one comparison
+        return int(literal)
     digits = len(literal.lstrip("-"))
     if digits > (limit := sys.get_int_max_str_digits() or digits):
         raise ValueError(f"a number of {digits} digits ({literal[:12]}...) is too long to be read (at most {limit})")

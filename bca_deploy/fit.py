@@ -48,7 +48,7 @@ from .config import (
     recorded_base_type,
     show_names,
 )
-from .errors import AdapterFormatError, AdapterMismatchError, format_problems
+from .errors import AdapterFormatError, AdapterMismatchError, format_problems, printable
 from .layers import BCALinear, is_adaptable, layer_dims, layer_type_of
 
 __all__ = [
@@ -723,6 +723,12 @@ def tensor_problem(tensor: torch.Tensor) -> str | None:
     return None
 
 
+def _shown_key(key: str, limit: int = 200) -> str:
+    """A tensor name from the file, for a message: its first ``limit`` characters, those that are not printable escaped
+    (a line break in a name forged a line of the message)."""
+    return printable(key[:limit]) + (f"... ({len(key):,} characters)" if len(key) > limit else "")
+
+
 def adapter_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Every way ``state`` does not match ``config`` or holds unusable values (no target needed)."""
     problems: list[str] = []
@@ -747,12 +753,12 @@ def adapter_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -
     for key, tensor in sorted(state.items()):
         if key.endswith(KERNEL_SUFFIX):
             if key[: -len(KERNEL_SUFFIX)] not in config.modules:
-                problems.append(f"tensor {key}: unexpected (its module is not in the config's 'modules'"
+                problems.append(f"tensor {_shown_key(key)}: unexpected (its module is not in the config's 'modules'"
                                 + (", which is empty)" if not config.modules else ")"))
             continue
         owner, _ = split_saved_key(key, saved)
         if owner is None and split_base_key(key) is None:
-            problems.append(f"tensor {key}: unexpected (not a kernel, not under any of modules_to_save "
+            problems.append(f"tensor {_shown_key(key)}: unexpected (not a kernel, not under any of modules_to_save "
                             f"{show_names(config.modules_to_save)}, and not a base weight <module>.{BASE_LAYER}.<param>)")
             continue
         if owner is not None:
@@ -900,7 +906,7 @@ def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], ta
                 continue  # said once for its module
             info = target.params.get(key)
             if info is None:
-                problems.append(f"tensor {key}: no such parameter in {target.description}")
+                problems.append(f"tensor {_shown_key(key)}: no such parameter in {target.description}")
             elif not info.floating:
                 problems.append(f"tensor {key}: {target.description} holds it as {info.dtype}, not floating point")
             elif tuple(state[key].shape) != tuple(info.shape) and key not in target.resizable:
