@@ -52,6 +52,7 @@ from .fit import (
     check_adapter,
     model_target,
     model_type_problem,
+    module_problem,
     resolve_tied,
     split_base_key,
     split_saved_key,
@@ -922,6 +923,14 @@ def convert_adapter(
             raise AdapterMismatchError(
                 f"{source}: the base model checked against ({type(layers).__name__}) lacks module(s) the adapter "
                 f"adapts: {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}; not the model it was trained on")
+        # each kernel of its module's shape, as loading checks it (the output said "checked against the layers" of a
+        # model whose Linear(32 -> 32) the kernel of a (32 -> 64) weight was written for)
+        misfits = [p for m, spec in sorted(aligned.modules.items())
+                   if (p := module_problem(m, spec, target.modules[m], f"the base model checked against "
+                                           f"({type(layers).__name__})")) is not None]
+        if misfits:
+            raise AdapterMismatchError(format_problems(f"{source} does not fit the base model checked against:",
+                                                       misfits))
     config = with_task(config)
     if label_names is not None:
         config = with_label_names(config, {k: tuple(v.shape) for k, v in state.items()}, label_names, model_config,

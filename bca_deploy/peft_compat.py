@@ -48,6 +48,7 @@ __all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "with_task
 
 PEFT_PREFIX = "base_model.model."
 PEFT_KERNEL_SUFFIX = ".c3a_kernel"
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release this writer was verified against
 #: bca-deploy task type -> PEFT ``task_type`` (what ``AutoPeftModelFor*`` and ``PeftModel.from_pretrained`` read).
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
@@ -216,6 +217,12 @@ def from_peft(
             found = specs[module].problems(key)
             if found:  # checked before converting: a sparse file must not make us allocate its apparent size
                 problems += found
+                continue
+            if tensor.dtype == torch.float64 and not tensor.is_meta and (largest := float(torch.where(
+                    torch.isfinite(tensor), tensor.abs(), 0).max())) > _FLOAT32_MAX:  # (a header read: no values)
+                # finite in the file, Inf once held in float32 as every path holds kernels: was "has NaN/Inf values"
+                problems.append(f"tensor {key!r}: float64 values up to {largest:.3g} overflow float32 (largest "
+                                f"{_FLOAT32_MAX:.3g}), in which kernels are held: they would become Inf")
                 continue
             kernels[module] = tensor
         elif split_base_key(path) is not None:

@@ -438,6 +438,9 @@ MALFORMATIONS: list[Malformation] = [
     Malformation("peft-kernel-float8", "format", _peft(lambda c, s: s.__setitem__(
         sorted(s)[0], s[sorted(s)[0]].to(torch.float8_e5m2))), "float8_e5m2; adapter tensors must be real floating"),
     Malformation("peft-lora", "format", _peft(lambda c, s: c.__setitem__("peft_type", "LORA")), "LORA"),
+    # finite float64 values past float32's range: refused as "has NaN/Inf values", which the file does not hold
+    Malformation("peft-kernel-float64-past-float32", "format", _peft(lambda c, s: s.__setitem__(
+        sorted(s)[0], s[sorted(s)[0]].double() * 1e300)), "float64 values up to"),
     # taken for no task (a classifier for its bare base model's task) where PEFT refuses the file
     Malformation("peft-task-type-unknown", "format", _peft(lambda c, s: c.__setitem__("task_type", "seq_cls")),
                  "task_type must be one of PEFT's task types"),

@@ -187,3 +187,25 @@ def test_a_peft_copy_served_from_a_store_is_refused_when_its_base_is_another_typ
     assert session.adapters() == adapters and session.snapshot() is snapshot
     with pytest.raises(AdapterMismatchError, match="'roberta'"):
         merge_checkpoint(art["model"], [(directory, 1.0)], tmp_path / "merged", progress=False)
+
+
+def test_convert_against_a_model_checks_each_kernels_output_size(made, tmp_path):
+    """A kernel that fits its module's d_in/p but not its d_out (ΔW of a 64x32 weight on a 32x32 Linear): ``convert
+    --model`` said "checked against the layers of" the model and wrote it; merge refused it. Now both refuse it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(made["adapter"], adapter)
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(k for k in sorted(state) if "layer.0.attention.self.query" in k)
+    state[key] = torch.full((8, 4, 8), 0.01)  # d_in/p = 4 as the module's; d_out/p = 8, twice its
+    save_file(state, str(adapter / "adapter_model.safetensors"))
+    for args in (["convert", "--adapter", adapter, "--model", made["bert"], "--to", "bca", "--out", tmp_path / "c"],
+                 ["merge", "--model", made["bert"], "--adapter", adapter, "--out", tmp_path / "m", "--no-progress"]):
+        result = run_cli(args)
+        assert_clean_cli_error(result, args)
+        assert "module encoder.layer.0.attention.self.query: weight (32, 32) (in=32, out=32) but the adapter was " \
+               "trained on in=32, out=64" in result.output, (args, result.output)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
