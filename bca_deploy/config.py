@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError, format_problems, why_not_readable
+from .errors import AdapterFormatError, format_problems, open_regular, why_not_readable
 
 __all__ = [
     "RUN_ADAPTER_FOLDERS",
@@ -680,7 +680,13 @@ def read_json_value(path: Path, what: str = "file", allow_nan: bool = False, uni
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
             raise AdapterFormatError(f"{path}: {size} bytes; {_a(what)} of more than {MAX_JSON_BYTES} bytes is refused")
-        raw = path.read_bytes()
+        # opened as a regular file without blocking, and read to the bound only: a named pipe or a larger file put
+        # there since the look above (a path an adapter records, outside any store) is refused, never waited on
+        with open_regular(path) as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise AdapterFormatError(f"{path}: more than {MAX_JSON_BYTES} bytes; {_a(what)} of more than "
+                                     f"{MAX_JSON_BYTES} bytes is refused")
     except OSError as exc:
         raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:

@@ -209,3 +209,26 @@ def test_convert_against_a_model_checks_each_kernels_output_size(made, tmp_path)
         assert "module encoder.layer.0.attention.self.query: weight (32, 32) (in=32, out=32) but the adapter was " \
                "trained on in=32, out=64" in result.output, (args, result.output)
     assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_named_pipe_put_in_place_of_a_json_file_after_the_look_is_refused_not_waited_on(tmp_path):
+    """Every JSON file is looked at (a regular file?) and then read: a named pipe put there in between (a base model
+    directory an adapter records is read where no store snapshots it) blocked the reader forever. The swap is
+    simulated by a first look that says "a file"; the read must then refuse the pipe, in a bounded time."""
+    fifo = tmp_path / "base" / "config.json"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    code = (
+        "import pathlib, sys\n"
+        "looked = pathlib.Path.is_file\n"
+        f"pathlib.Path.is_file = lambda self: True if str(self) == {str(fifo)!r} else looked(self)\n"
+        "from bca_deploy.config import read_json\n"
+        "from bca_deploy.errors import BCAError\n"
+        "try:\n"
+        f"    read_json(pathlib.Path({str(fifo)!r}), what='model config')\n"
+        "except BCAError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and f"refused: {fifo}: cannot read (a named pipe (FIFO), not a regular file)" \
+        in run.stdout, (run.stdout, run.stderr)
