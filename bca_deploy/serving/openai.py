@@ -93,7 +93,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import numpy as np
@@ -358,6 +358,26 @@ class ChatMessage(BaseModel):
         return message
 
 
+def _rendering_problems(chat_template: str | None, chat_template_kwargs: Mapping[str, Any] | None,
+                        continue_final_message: bool | None, add_generation_prompt: bool) -> list[str]:
+    """What is wrong with how a request asks its messages rendered (the chat route's and ``/tokenize``'s one rule):
+    a template of its own, reserved or bad ``chat_template_kwargs``, ``continue_final_message`` with a generation
+    prompt."""
+    from .chat_template import template_kwargs_problems
+
+    problems: list[str] = []
+    if chat_template is not None:
+        problems.append("chat_template: a chat template sent with a request is not accepted (a template is code the "
+                        "server would run; vLLM refuses it too unless started with --trust-request-chat-template); "
+                        "this server renders the model's own template")
+    if chat_template_kwargs:
+        problems += template_kwargs_problems(chat_template_kwargs)
+    if continue_final_message and add_generation_prompt:
+        problems.append('continue_final_message: cannot be true with add_generation_prompt true (its default), as in '
+                        'vLLM: send "add_generation_prompt": false to continue the last message')
+    return problems
+
+
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``: messages through the tokenizer's chat template.
 
@@ -396,21 +416,12 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
-        from .chat_template import template_kwargs_problems
-
         problems = super().unsupported()
         _refuse(problems, "truncate_prompt_tokens", self.truncate_prompt_tokens, None,
                 "a conversation is not truncated: one longer than the model's context is refused with "
                 "context_length_exceeded; /v1/completions takes truncate_prompt_tokens")
-        if self.chat_template is not None:
-            problems.append("chat_template: a chat template sent with a request is not accepted (a template is code "
-                            "the server would run; vLLM refuses it too unless started with "
-                            "--trust-request-chat-template); this server renders the model's own template")
-        if self.chat_template_kwargs:
-            problems += template_kwargs_problems(self.chat_template_kwargs)
-        if self.continue_final_message and self.generation_prompt:
-            problems.append('continue_final_message: cannot be true with add_generation_prompt true (its default), '
-                            'as in vLLM: send "add_generation_prompt": false to continue the last message')
+        problems += _rendering_problems(self.chat_template, self.chat_template_kwargs, self.continue_final_message,
+                                        self.generation_prompt)
         _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
         _refuse(problems, "tool_choice", self.tool_choice, ("none", "auto"), "tool calling is not implemented")
         _refuse(problems, "functions", self.functions or None, None, "function calling is not implemented")
@@ -492,17 +503,8 @@ class TokenizeChatRequest(_OpenAIRequest):
     tools: list[Any] | None = None
 
     def unsupported(self) -> list[str]:
-        from .chat_template import template_kwargs_problems
-
-        problems: list[str] = []
-        if self.chat_template is not None:
-            problems.append("chat_template: a chat template sent with a request is not accepted; this server renders "
-                            "the model's own template")
-        if self.chat_template_kwargs:
-            problems += template_kwargs_problems(self.chat_template_kwargs)
-        if self.continue_final_message and self.add_generation_prompt:
-            problems.append('continue_final_message: cannot be true with add_generation_prompt true (its default), '
-                            'as in vLLM: send "add_generation_prompt": false to continue the last message')
+        problems = _rendering_problems(self.chat_template, self.chat_template_kwargs, self.continue_final_message,
+                                       self.add_generation_prompt)
         _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
         return problems
 
