@@ -18,11 +18,13 @@ dashboard query, stays the same; only the adapter names are gone).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
-__all__ = ["ServerMetrics", "with_requests_of", "REQUEST_FAMILIES", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER",
+__all__ = ["ServerMetrics", "with_requests_of", "merge_expositions", "REQUEST_FAMILIES", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER",
            "HIDDEN_ADAPTER", "CONNECTION_REFUSAL_REASONS"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -179,6 +181,81 @@ def with_requests_of(text: bytes, metrics: ServerMetrics) -> bytes:
     class _Merged:
         def collect(self):
             return iter(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)
+
+
+#: Family types whose samples only grow while a process lives (a counter, a histogram's buckets, ``_count`` and
+#: ``_sum``, a summary's): summed over every process that reported, its last report kept once it is gone.
+_CUMULATIVE_TYPES = frozenset({"counter", "histogram", "summary"})
+
+
+def merge_expositions(live: Iterable[bytes | str], gone: Iterable[bytes | str] = (),
+                      extra: Iterable[Any] = ()) -> bytes:
+    """One text exposition summing several processes' ``/metrics`` texts (Ray Serve: one per replica).
+
+    - counters, histograms (every bucket, ``_count``, ``_sum``) and summaries: summed per series over ``live`` and
+      ``gone`` texts, ``gone`` being the last report of a process that has stopped (so totals never go down when a
+      replica dies or is scaled down);
+    - a ``<family>_created`` gauge of such a family: the earliest (the sum has counted since the first of them);
+    - gauges (and untyped samples): summed over ``live`` texts only, a stopped process's value being gone with it;
+      other types (info, stateset): the largest value over ``live`` texts.
+
+    Families keep their help and type (the first text's where they differ; a family that another text gives
+    another type is skipped there), and the series of one family stay grouped (a histogram's buckets together, in
+    their order). ``extra``: metric families (prometheus_client ``Metric``) added as they are. Returns valid
+    text exposition (``generate_latest`` of the merged families).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    parsed = []
+    for texts, is_live in ((live, True), (gone, False)):
+        for text in texts:
+            text = text.decode("utf-8") if isinstance(text, bytes) else text
+            parsed.append((list(text_string_to_metric_families(text)), is_live))
+    cumulative = {f.name for families, _ in parsed for f in families if f.type in _CUMULATIVE_TYPES}
+    merged: dict[str, Any] = {}  # name -> (family, {series key: [sample name, labels, value]}) in first-seen order
+    for families, is_live in parsed:
+        for family in families:
+            if family.type == "gauge" and family.name.endswith("_created") and \
+                    family.name[:-len("_created")] in cumulative:
+                how = "min"
+            elif family.type in _CUMULATIVE_TYPES:
+                how = "sum"
+            elif not is_live:
+                continue  # a stopped process's gauge: not a quantity of now
+            else:
+                how = "sum" if family.type in ("gauge", "unknown", "untyped") else "max"
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = (family, {})
+            elif into[0].type != family.type:
+                continue
+            series = into[1]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = series.get(key)
+                if old is None:
+                    series[key] = sample
+                    continue
+                value = {"sum": lambda a, b: a + b, "min": min, "max": max}[how](old.value, sample.value)
+                series[key] = old._replace(value=value)
+    out = []
+    for family, series in merged.values():
+        # the series of one label set together (a histogram's buckets, then its _count and _sum), in first-seen order
+        groups: dict[tuple, list] = {}
+        for (_, labels), sample in series.items():
+            groups.setdefault(tuple(kv for kv in labels if kv[0] not in ("le", "quantile")), []).append(sample)
+        family = Metric(family.name, family.documentation, family.type, family.unit)
+        family.samples = [sample for group in groups.values() for sample in group]
+        out.append(family)
+    out.extend(extra)
+
+    class _Merged:
+        def collect(self):
+            return iter(out)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged())

@@ -16,10 +16,23 @@ Two deployments (``pip install 'bca-deploy[onnx,ray]'``):
   unchanged. ``GET /v1/models`` lists the base model, the exported adapters and the store's entries
   (all can be served, each loaded on demand), with the ``max_model_len`` a replica gives (asked once). vLLM's
   ``/tokenize`` and ``/detokenize`` are routed by their ``model`` as the other routes are, ``/version`` goes to any
-  replica: each answers them as ``bca-deploy serve`` does. The answers it gives itself (its refusals, the model listing)
-  are counted in serve's request metrics (:func:`~bca_deploy.serving.http.record_request`: same families and
-  labels, same access line) and added to the replica's ``GET /metrics`` it passes on
-  (:func:`~bca_deploy.serving.metrics.with_requests_of`).
+  replica: each answers them as ``bca-deploy serve`` does. The answers it gives itself (its refusals, the model listing,
+  ``GET /metrics``) are counted in serve's request metrics (:func:`~bca_deploy.serving.http.record_request`: same
+  families and labels, same access line).
+- :class:`MetricsHub` (a Ray actor, ``num_cpus=0``, named after the application, started by the router and living
+  as long as it): each replica pushes its whole metrics text there every :data:`METRICS_PUSH_S` seconds and when it
+  shuts down (a thread of its own: serving never waits on it). The router's ``GET /metrics`` is the deployment's:
+  :func:`~bca_deploy.serving.metrics.merge_expositions` of the latest texts, with the router's own answers and
+  ``bca_metrics_replicas{state="live"|"gone"}`` added. Counters and histograms are summed over every replica that
+  has reported, a gone one (scaled down, shut down, or silent for :data:`METRICS_STALE_S`) with its last text, so
+  totals never go down (but when a replica drops an unloaded adapter's series, as a single server does); the
+  ``_created`` samples are the earliest; the gauges are summed over the live replicas: ``bca_queued_rows`` is the
+  rows queued in the whole deployment, ``bca_adapters_loaded`` the adapters loaded summed over replicas (an adapter
+  held by two replicas counts twice; the exported ones once per replica). The answer is at most one push interval
+  old (:data:`METRICS_HEADER` says how many replicas it sums). A hub that is gone or does not answer in
+  :data:`METRICS_HUB_TIMEOUT_S` makes it one replica's text with the router's answers added
+  (:func:`~bca_deploy.serving.metrics.with_requests_of`), the header saying why; the router starts a new hub
+  at a later scrape, and the live replicas refill it within one push (the gone ones' counts are lost then).
 
 The load routes answer as a single server does (201/200, or 409 ``adapter_exists`` when the replica the
 request reaches holds the adapter already, as every replica holds the exported ones); replacing an
@@ -45,8 +58,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -60,7 +75,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems
 from .openai import ClosingStreamingResponse
-from .metrics import ServerMetrics, with_requests_of
+from .metrics import CONTENT_TYPE, ServerMetrics, merge_expositions, with_requests_of
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
 from .wire import (
@@ -79,7 +94,7 @@ from .wire import (
     validate,
 )
 
-__all__ = ["AdapterReplicas", "Router", "build_app", "run", "REPLICA_HEADER"]
+__all__ = ["AdapterReplicas", "Router", "MetricsHub", "build_app", "run", "REPLICA_HEADER", "METRICS_HEADER"]
 
 #: Response header naming the replica that answered (for routing checks and debugging).
 REPLICA_HEADER = "x-bca-replica"
@@ -90,6 +105,24 @@ _EVICT_WAIT_S = 60.0
 #: How long the driver waits for a replica's start-up notes (seconds): the replicas are up, so it answers at once.
 _NOTES_TIMEOUT_S = 30.0
 ADDRESS_TIMEOUT_S = 5.0  # how long --address host:port may take to accept a connection
+#: Response header of the router's ``GET /metrics``: ``deployment (N replicas reporting, M gone)`` when the answer is
+#: the deployment's sum, ``one replica (<why>)`` when the metrics hub could not answer and one replica's text is given.
+METRICS_HEADER = "x-bca-metrics"
+#: Seconds between two pushes of a replica's metrics to the hub: the staleness bound of the router's ``GET /metrics``.
+METRICS_PUSH_S = 1.0
+#: How long a push, or the router's question to the hub, may take before it is given up (serving never waits on it).
+METRICS_HUB_TIMEOUT_S = 2.0
+#: A replica that has not pushed for this long is counted as gone: its gauges leave the sums, its counters stay.
+METRICS_STALE_S = 10.0
+#: The largest metrics text a replica may push (a larger one is refused, its previous one kept): bounds the hub.
+METRICS_MAX_BYTES = 8 * 2**20
+#: Gone replicas whose last texts the hub keeps apart; beyond this, the oldest are folded into one retired sum.
+METRICS_MAX_GONE = 16
+
+#: Names of folded replicas the hub remembers (to refuse one that comes back rather than count it twice).
+_MAX_FOLDED = 4096
+
+_log = logging.getLogger(__name__)
 
 
 class _StoreAdapter:
@@ -134,12 +167,22 @@ class AdapterReplicas:
         self._in_use: Counter[str] = Counter()
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context is not None else "local"
+        # this replica's metrics, pushed to the deployment's hub for the router's GET /metrics (on Ray only)
+        self._pusher = _MetricsPusher(_hub_name(context.replica_id.deployment_id.app_name), self.replica_id,
+                                      self.server.metrics.render) \
+            if context is not None and self.options.metrics else None
 
         async def get_adapter(name: str):
             return await self._load(name)
 
         # Ray Serve's multiplexed loader, made here so that its LRU size is this deployment's setting.
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)(get_adapter)
+
+    def __del__(self) -> None:
+        """Ray Serve's shutdown of this replica (scale-down, redeploy, ``serve.shutdown``): its last metrics pushed."""
+        pusher = getattr(self, "_pusher", None)
+        if pusher is not None:
+            pusher.close()
 
     def max_model_len(self) -> int | None:
         """The served model's ``max_model_len`` (:attr:`~bca_deploy.serving.http.Server.max_model_len`), for the
@@ -270,7 +313,7 @@ def _adapter_field(data: Any) -> str | None:
 
 #: The routes of serve's app that the router answers or refuses itself, by (methods, template): its answers are
 #: counted under these templates, as serve's app counts them (any other path: "unmatched", as serve counts it).
-_ROUTER_ROUTES = ((READ_METHODS, "/v1/models"), (READ_METHODS, "/v1/models/{model}"),
+_ROUTER_ROUTES = ((READ_METHODS, "/metrics"), (READ_METHODS, "/v1/models"), (READ_METHODS, "/v1/models/{model}"),
                   (frozenset({"DELETE"}), "/v1/adapters/{name}"),
                   *((frozenset({"POST"}), path) for path in sorted(BODY_ROUTES)))
 
@@ -345,6 +388,128 @@ async def _call_asgi(app, method: str, path: str, query: bytes, headers, body: b
             await task
 
 
+def _replica_context():
+    """Ray Serve's context of this replica, or None outside a deployment (a router built in a test)."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context()
+    except RayServeException:
+        return None
+
+
+def _hub_name(app_name: str) -> str:
+    """The Ray actor name of an application's metrics hub (replicas find it by name; one per Serve application)."""
+    return f"bca-deploy-metrics-hub:{app_name}"
+
+
+class MetricsHub:
+    """The latest metrics text of every replica of one application, for the router's ``GET /metrics``.
+
+    A Ray actor (``num_cpus=0``) the router starts (it lives as long as the router that started it); each replica
+    pushes its whole registry's text every :data:`METRICS_PUSH_S` and once more when it shuts down. A text is
+    cumulative, so the latest one of each replica is all that is kept: its memory is bounded by the replicas
+    (:data:`METRICS_MAX_BYTES` each), :data:`METRICS_MAX_GONE` gone ones kept apart, and older gone ones folded into
+    one retired sum of their counters and histograms (a restarted hub has lost only that: the live replicas refill it
+    within one push).
+    """
+
+    def __init__(self, max_bytes: int = METRICS_MAX_BYTES, max_gone: int = METRICS_MAX_GONE,
+                 stale_s: float = METRICS_STALE_S) -> None:
+        self.max_bytes, self.max_gone, self.stale_s = max_bytes, max_gone, stale_s
+        self.texts: dict[str, tuple[bytes, float, bool]] = {}  # replica -> (text, monotonic time, final)
+        self.retired: bytes | None = None  # the counters and histograms of the gone replicas folded together
+        self.folded: dict[str, None] = {}  # the replicas folded into it, the latest _MAX_FOLDED (refused if back)
+
+    def push(self, replica: str, text: bytes, final: bool = False) -> str | None:
+        """Keep ``text`` as ``replica``'s latest (``final``: its last, it is shutting down); returns why it was
+        refused (too large), else None."""
+        if len(text) > self.max_bytes:
+            return f"{len(text)} bytes of metrics, over the hub's {self.max_bytes}: the previous text is kept"
+        if replica in self.folded:  # silent so long that it was counted as gone and folded: never counted twice
+            return "this replica was counted as gone (silent too long) and its counts folded; later ones are not kept"
+        self.texts[replica] = (bytes(text), time.monotonic(), final)
+        self._fold()
+        return None
+
+    def _gone(self, when: float, final: bool, now: float) -> bool:
+        return final or now - when > self.stale_s
+
+    def _fold(self) -> None:
+        """Fold the oldest gone replicas beyond :attr:`max_gone` into :attr:`retired` (their gauges dropped)."""
+        now = time.monotonic()
+        gone = sorted((when, name) for name, (_, when, final) in self.texts.items() if self._gone(when, final, now))
+        for _, name in gone[:max(0, len(gone) - self.max_gone)]:
+            text = self.texts.pop(name)[0]
+            self.folded[name] = None
+            while len(self.folded) > _MAX_FOLDED:
+                del self.folded[next(iter(self.folded))]
+            folded = merge_expositions((), [t for t in (self.retired, text) if t is not None])
+            if len(folded) <= self.max_bytes:
+                self.retired = folded
+            else:  # the bound holds; that replica's contribution is lost (logged)
+                _log.warning("metrics hub: the retired replicas' sum would exceed %d bytes; %s's metrics are "
+                             "dropped from the deployment's totals", self.max_bytes, name)
+
+    def snapshots(self) -> dict[str, Any]:
+        """``{"live": [text...], "gone": [text...], "replicas": {"live": n, "gone": m}}``: the latest texts of the
+        replicas reporting now and of those gone (the retired sum among them)."""
+        self._fold()
+        now = time.monotonic()
+        live, gone = [], []
+        for text, when, final in self.texts.values():
+            (gone if self._gone(when, final, now) else live).append(text)
+        counts = {"live": len(live), "gone": len(gone)}
+        if self.retired is not None:
+            gone.append(self.retired)
+        return {"live": live, "gone": gone, "replicas": counts}
+
+
+class _MetricsPusher:
+    """A replica's thread pushing its metrics text to the hub every :data:`METRICS_PUSH_S` (a thread: neither the
+    rendering nor a slow or missing hub ever holds the replica's event loop). A push that fails is given up; the
+    hub is looked up by name again at the next one (the router may not have started it yet, or started a new one)."""
+
+    def __init__(self, hub_name: str, replica_id: str, render: Callable[[], bytes],
+                 interval: float = METRICS_PUSH_S) -> None:
+        self.hub_name, self.replica_id, self.render, self.interval = hub_name, replica_id, render, interval
+        self._hub = None
+        self._stop = threading.Event()
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name="bca-metrics-push", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._push(final=False)
+        while not self._stop.wait(self.interval):
+            self._push(final=False)
+        self._push(final=True)
+
+    def _push(self, final: bool) -> None:
+        import ray
+
+        try:
+            if self._hub is None:
+                self._hub = ray.get_actor(self.hub_name)
+            refused = ray.get(self._hub.push.remote(self.replica_id, self.render(), final),
+                              timeout=METRICS_HUB_TIMEOUT_S)
+            if refused and not self._warned:
+                self._warned = True
+                _log.warning("metrics hub refused this replica's metrics: %s", refused)
+        except Exception as exc:  # Ray's own types: no hub (yet), a hub that died, a timeout
+            self._hub = None
+            # ValueError: no hub of that name yet; a final push may find the router (and its hub) gone already
+            if not self._warned and not final and not isinstance(exc, ValueError):
+                self._warned = True
+                _log.warning("could not push this replica's metrics to %s (%s: %s); retrying every %g s",
+                             self.hub_name, type(exc).__name__, first_line(exc, 200), self.interval)
+
+    def close(self, timeout: float = METRICS_HUB_TIMEOUT_S + 1) -> None:
+        """Push the last text (``final``) and stop, waiting at most ``timeout`` seconds."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Router:
     """The HTTP ingress: reads the request once, picks the adapter, forwards it multiplexed (see the module docstring)."""
@@ -360,9 +525,62 @@ class Router:
         self.model_name = served_model_name(self.options.served_model_name, Path(export_dir), self.exported)
         self.created = int(time.time())  # the models' "created", as a single server gives it
         # the answers this router gives itself (never forwarded), in serve's families and labels; added to the
-        # replicas' GET /metrics
+        # replicas' sum in GET /metrics
         self.metrics = ServerMetrics(lambda: (), lambda: 0, show_adapters=self.options.list_adapters)
         self._max_model_len: int | None = None  # a replica's, asked once (AdapterReplicas.max_model_len)
+        context = _replica_context()
+        self._hub_name = _hub_name(context.replica_id.deployment_id.app_name) if context is not None else None
+        self._hub = None
+        self._hub_problem = "no metrics hub"
+        self._hub_retry_at = 0.0
+        self._start_hub()
+
+    def _start_hub(self) -> None:
+        """Start (or join) this application's :class:`MetricsHub` (on Ray, with metrics on); never raises."""
+        if self._hub_name is None or not self.options.metrics:
+            return
+        import ray
+
+        try:
+            self._hub = ray.remote(MetricsHub).options(name=self._hub_name, get_if_exists=True,
+                                                       num_cpus=0).remote()
+        except Exception as exc:  # Ray's own types: GET /metrics falls back to one replica's, saying why
+            self._hub = None
+            self._hub_problem = f"the metrics hub could not start: {type(exc).__name__}: {first_line(exc, 200)}"
+
+    async def _deployment_metrics(self) -> tuple[bytes | None, str]:
+        """The deployment's metrics (every replica's summed, with the router's own answers), and the
+        :data:`METRICS_HEADER` value; ``(None, why)`` when the hub cannot answer (the caller falls back)."""
+        if self._hub is None:
+            if self._hub_name is None:
+                return None, "not on Ray"
+            if time.monotonic() < self._hub_retry_at:
+                return None, self._hub_problem
+            self._hub_retry_at = time.monotonic() + METRICS_STALE_S
+            self._start_hub()
+            if self._hub is None:
+                return None, self._hub_problem
+        try:
+            got = await asyncio.wait_for(self._hub.snapshots.remote(), METRICS_HUB_TIMEOUT_S)
+        except Exception as exc:  # a hub that died (started again at a later scrape) or did not answer in time
+            if not isinstance(exc, asyncio.TimeoutError):
+                self._hub, self._hub_retry_at = None, time.monotonic() + METRICS_STALE_S
+            self._hub_problem = (f"the metrics hub did not answer ({type(exc).__name__}: "
+                                 f"{first_line(exc, 200) or f'{METRICS_HUB_TIMEOUT_S:g} s'})")
+            return None, self._hub_problem
+        counts = got["replicas"]
+        if not counts["live"] and not counts["gone"]:
+            return None, "no replica has reported its metrics yet"
+        from prometheus_client.core import GaugeMetricFamily
+
+        replicas = GaugeMetricFamily("bca_metrics_replicas", "Replicas whose metrics this answer sums: live ones "
+                                     "(pushed within the staleness bound) and gone ones (their last counters kept).",
+                                     labels=["state"])
+        for state in ("live", "gone"):
+            replicas.add_metric([state], counts[state])
+        text = await run_in_threadpool(merge_expositions, [*got["live"], self.metrics.render()], got["gone"],
+                                       [replicas])
+        return text, f"deployment ({counts['live']} replicas reporting, {counts['gone']} gone)"
 
     async def __call__(self, request: Request):
         start = time.perf_counter()
@@ -388,6 +606,7 @@ class Router:
                 and start_message["status"] == 200:
             # the replica's metrics, with the answers this router gave itself added (they never reach a replica)
             text = b"".join([chunk async for chunk in _rest(stream)])
+            headers[METRICS_HEADER] = f"one replica ({getattr(request.state, 'metrics_scope', 'no metrics hub')})"
             return Response(with_requests_of(text, self.metrics), status_code=200, headers=headers)
         return ClosingStreamingResponse(_rest(stream), status_code=start_message["status"], headers=headers)
 
@@ -400,6 +619,11 @@ class Router:
             # a body its headers refuse (415) is refused before it is read, as serve's routes refuse it
             check_body_headers(request.headers)
         request.state.body = body = await self._body(request)
+        if request.method in READ_METHODS and request.url.path == "/metrics" and self.options.metrics:
+            text, scope = await self._deployment_metrics()
+            if text is not None:
+                return Response(text, media_type=CONTENT_TYPE, headers={METRICS_HEADER: scope})
+            request.state.metrics_scope = scope  # forwarded to one replica below, saying why
         # the store's listing takes seconds for a large store: off the event loop, which every request shares
         if request.method in READ_METHODS and request.url.path == "/v1/models":
             await self._model_len()

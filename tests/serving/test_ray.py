@@ -119,6 +119,86 @@ def test_adapters_are_routed_loaded_on_demand_and_answered_correctly(ray_app):
     assert np.abs(session.embed(TEXTS, ["s1"] * 3) - session.embed(TEXTS, ["s2"] * 3)).max() > 1e-2
 
 
+def test_metrics_through_the_router_are_the_whole_deployments(ray_app):
+    # GET /metrics went to whichever replica Ray picked: one replica's counts, going up and down between scrapes.
+    # Now: every replica's counters and histograms summed (pushed to a metrics hub every second), the router's own
+    # answers added, the same totals at every scrape once the pushes are in.
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = ray_app["url"]
+    client = openai_client(url)
+
+    def scrape() -> tuple[str | None, dict]:
+        with urllib.request.urlopen(url + "/metrics", timeout=60) as response:
+            scope, text = response.headers.get("x-bca-metrics"), response.read().decode()
+        values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                  for f in text_string_to_metric_families(text) for s in f.samples}
+        return scope, values
+
+    def requests(values: dict, endpoint: str, method: str, status: str, adapter: str) -> float:
+        labels = (("adapter", adapter), ("endpoint", endpoint), ("method", method), ("status", status))
+        return values.get(("bca_requests_total", labels), 0.0)
+
+    deadline = time.monotonic() + 60
+    while True:  # both replicas report within a push or two of starting
+        scope, _ = scrape()
+        if (scope or "").startswith("deployment (2 replicas reporting") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert (scope or "").startswith("deployment (2 replicas reporting"), scope
+    sent = {"a0": 3, "a1": 3, "a2": 3, "tiny-bert": 6}  # exported adapters: never unloaded, their series stay
+    keys = {m: ("/v1/embeddings", "POST", "200", "__base__" if m == "tiny-bert" else m) for m in sent}
+    keys["models"] = ("/v1/models", "GET", "200", "")  # the router's own answers, added in
+    sent["models"] = 2
+    # the counts as of now: the earlier tests' last requests are in within a push or two (1 s each)
+    _, before = scrape()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        _, again = scrape()
+        settled = all(requests(again, *keys[m]) == requests(before, *keys[m]) for m in keys)
+        before = again
+        if settled:
+            break
+    replicas = set()
+    for model, times in sent.items():
+        for _ in range(times):
+            if model == "models":
+                client.models.list()
+                continue
+            raw = client.embeddings.with_raw_response.create(model=model, input=TEXTS[:1])
+            replicas.add(raw.headers["x-bca-replica"])
+    assert len(replicas) == 2, replicas  # the requests were spread over both replicas
+
+    def deltas(values: dict) -> dict:
+        return {m: requests(values, *keys[m]) - requests(before, *keys[m]) for m in sent}
+
+    deadline = time.monotonic() + 30
+    while True:  # within a push interval or two, every replica's counts are in
+        _, values = scrape()
+        if deltas(values) == sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    previous = values
+    embeddings = sum(n for m, n in sent.items() if m != "models")
+    for _ in range(5):  # the same totals at every scrape (nothing else is sent): no replica's alone, none going down
+        scope, values = scrape()
+        assert scope.startswith("deployment (2 replicas reporting"), scope
+        assert deltas(values) == sent
+        count = ("bca_request_duration_seconds_count", (("endpoint", "/v1/embeddings"),))
+        assert values[count] - before[count] == embeddings  # a histogram summed too
+        assert values[("bca_request_duration_seconds_bucket", (("endpoint", "/v1/embeddings"), ("le", "+Inf")))] \
+            == values[count]
+        fell = {k: (previous[k], v) for k, v in values.items() if k[0].endswith("_total") and k in previous
+                and v < previous[k]}
+        assert not fell, fell
+        assert values[("bca_metrics_replicas", (("state", "live"),))] == 2
+        previous = values
+        time.sleep(0.4)
+
+
 def test_vllms_utility_routes_and_max_model_len_through_ray(ray_app):
     # /tokenize, /detokenize, /version and max_model_len on every card, as a single server answers them (they were
     # 404s, and the cards had no max_model_len)
