@@ -205,3 +205,41 @@ def test_the_router_answers_the_deployments_sum_and_falls_back_to_one_replica_sa
     answer = _scrape(router)
     assert answer.status_code == 200 and answer.headers["x-bca-metrics"].startswith("one replica (the metrics hub did")
     assert time.monotonic() - start < 20  # the hub's timeout, not the hub's hour
+
+
+def test_a_replica_pushes_every_interval_and_a_final_text_when_it_shuts_down(monkeypatch):
+    # the replica's side: its thread pushes its text to the hub found by name, keeps pushing when the hub is not
+    # there yet (no error reaches serving), and pushes once more, marked final, when Ray shuts the replica down
+    ray = pytest.importorskip("ray")
+    from bca_deploy.serving.ray import MetricsHub, _MetricsPusher
+
+    hub, lookups = MetricsHub(), []
+
+    class Handle:
+        class push:  # noqa: N801 - Ray's handle.method.remote()
+            @staticmethod
+            def remote(*args):
+                return hub.push(*args)
+
+    def get_actor(name):
+        lookups.append(name)
+        if len(lookups) < 3:
+            raise ValueError(f"Failed to look up actor with name '{name}'")  # the router has not started it yet
+        return Handle()
+
+    monkeypatch.setattr(ray, "get_actor", get_actor)
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
+    registry, metrics = _replica(1)
+    pusher = _MetricsPusher("hub:app", "r1", lambda: generate_latest(registry), interval=0.05)
+    deadline = time.monotonic() + 20
+    while "r1" not in hub.texts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(lookups) == {"hub:app"} and len(lookups) >= 3 and not hub.texts["r1"][2]
+    metrics["plain"].inc(4)  # counted since: in the final text
+    pusher.close()
+    assert not pusher._thread.is_alive()
+    text, _, final = hub.texts["r1"]
+    assert final and _samples(text)[("jobs_total", ())] == 5
+    got = hub.snapshots()
+    assert got["replicas"] == {"live": 0, "gone": 1}  # gone at once: its gauges out, its counters kept
+    assert _samples(merge_expositions(got["live"], got["gone"]))[("jobs_total", ())] == 5
