@@ -19,8 +19,8 @@ Two deployments (``pip install 'bca-deploy[onnx,ray]'``):
   replica: each answers them as ``bca-deploy serve`` does. The answers it gives itself (its refusals, the model listing,
   ``GET /metrics``) are counted in serve's request metrics (:func:`~bca_deploy.serving.http.record_request`: same
   families and labels, same access line).
-- :class:`MetricsHub` (a Ray actor, ``num_cpus=0``, named after the application, started by the router and living
-  as long as it): each replica pushes its whole metrics text there every :data:`METRICS_PUSH_S` seconds and when it
+- :class:`MetricsHub` (a detached Ray actor, ``num_cpus=0``, named after the application, started or joined by the
+  router, ending itself after :data:`METRICS_HUB_IDLE_S` without pushes or scrapes): each replica pushes its whole metrics text there every :data:`METRICS_PUSH_S` seconds and when it
   shuts down (a thread of its own: serving never waits on it). The router's ``GET /metrics`` is the deployment's:
   :func:`~bca_deploy.serving.metrics.merge_expositions` of the latest texts, with the router's own answers and
   ``bca_metrics_replicas{state="live"|"gone"}`` added. Counters and histograms are summed over every replica that
@@ -32,7 +32,8 @@ Two deployments (``pip install 'bca-deploy[onnx,ray]'``):
   old (:data:`METRICS_HEADER` says how many replicas it sums). A hub that is gone or does not answer in
   :data:`METRICS_HUB_TIMEOUT_S` makes it one replica's text with the router's answers added
   (:func:`~bca_deploy.serving.metrics.with_requests_of`), the header saying why; the router starts a new hub
-  at a later scrape, and the live replicas refill it within one push (the gone ones' counts are lost then).
+  at a later scrape, and the live replicas refill it within one push (the gone ones' counts are lost then). A
+  redeploy (new router, new replicas) joins the same hub: the totals go on, the old replicas among the gone.
 
 The load routes answer as a single server does (201/200, or 409 ``adapter_exists`` when the replica the
 request reaches holds the adapter already, as every replica holds the exported ones); replacing an
@@ -119,6 +120,8 @@ METRICS_MAX_BYTES = 8 * 2**20
 #: Gone replicas whose last texts the hub keeps apart; beyond this, the oldest are folded into one retired sum.
 METRICS_MAX_GONE = 16
 
+#: A hub nobody pushed to or asked for this long (the application was deleted or Serve shut down) ends itself.
+METRICS_HUB_IDLE_S = 600.0
 #: Names of folded replicas the hub remembers (to refuse one that comes back rather than count it twice).
 _MAX_FOLDED = 4096
 
@@ -406,24 +409,40 @@ def _hub_name(app_name: str) -> str:
 class MetricsHub:
     """The latest metrics text of every replica of one application, for the router's ``GET /metrics``.
 
-    A Ray actor (``num_cpus=0``) the router starts (it lives as long as the router that started it); each replica
-    pushes its whole registry's text every :data:`METRICS_PUSH_S` and once more when it shuts down. A text is
-    cumulative, so the latest one of each replica is all that is kept: its memory is bounded by the replicas
-    (:data:`METRICS_MAX_BYTES` each), :data:`METRICS_MAX_GONE` gone ones kept apart, and older gone ones folded into
-    one retired sum of their counters and histograms (a restarted hub has lost only that: the live replicas refill it
-    within one push).
+    A detached Ray actor (``num_cpus=0``) named after the application, started by the router (or joined: a router
+    restarted by a redeploy finds the same hub, so the totals go on); it ends itself once nobody has pushed to it or
+    asked it for ``idle_s`` (the application was deleted, or Serve shut down). Each replica pushes its whole
+    registry's text every :data:`METRICS_PUSH_S` and once more when it shuts down. A text is cumulative, so the
+    latest one of each replica is all that is kept: its memory is bounded by the replicas (:data:`METRICS_MAX_BYTES`
+    each), :data:`METRICS_MAX_GONE` gone ones kept apart, and older gone ones folded into one retired sum of their
+    counters and histograms (a hub that died has lost only the gone ones: the live replicas refill a new one within
+    one push).
     """
 
     def __init__(self, max_bytes: int = METRICS_MAX_BYTES, max_gone: int = METRICS_MAX_GONE,
-                 stale_s: float = METRICS_STALE_S) -> None:
+                 stale_s: float = METRICS_STALE_S, idle_s: float | None = None) -> None:
         self.max_bytes, self.max_gone, self.stale_s = max_bytes, max_gone, stale_s
+        self._touched = time.monotonic()
+        if idle_s is not None:  # in a Ray actor: end when idle (a detached actor would outlive its application)
+            threading.Thread(target=self._expire, args=(idle_s,), name="bca-metrics-hub-idle", daemon=True).start()
         self.texts: dict[str, tuple[bytes, float, bool]] = {}  # replica -> (text, monotonic time, final)
         self.retired: bytes | None = None  # the counters and histograms of the gone replicas folded together
         self.folded: dict[str, None] = {}  # the replicas folded into it, the latest _MAX_FOLDED (refused if back)
 
+    def _expire(self, idle_s: float) -> None:
+        import ray
+
+        while True:
+            time.sleep(min(idle_s, 30.0))
+            if time.monotonic() - self._touched > idle_s:
+                _log.info("metrics hub: nothing pushed or asked for %g s; ending", idle_s)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
+
     def push(self, replica: str, text: bytes, final: bool = False) -> str | None:
         """Keep ``text`` as ``replica``'s latest (``final``: its last, it is shutting down); returns why it was
         refused (too large), else None."""
+        self._touched = time.monotonic()
         if len(text) > self.max_bytes:
             return f"{len(text)} bytes of metrics, over the hub's {self.max_bytes}: the previous text is kept"
         if replica in self.folded:  # silent so long that it was counted as gone and folded: never counted twice
@@ -454,6 +473,7 @@ class MetricsHub:
     def snapshots(self) -> dict[str, Any]:
         """``{"live": [text...], "gone": [text...], "replicas": {"live": n, "gone": m}}``: the latest texts of the
         replicas reporting now and of those gone (the retired sum among them)."""
+        self._touched = time.monotonic()
         self._fold()
         now = time.monotonic()
         live, gone = [], []
@@ -542,8 +562,9 @@ class Router:
         import ray
 
         try:
-            self._hub = ray.remote(MetricsHub).options(name=self._hub_name, get_if_exists=True,
-                                                       num_cpus=0).remote()
+            # detached: a redeploy restarts this router, and the hub (with the gone replicas' counts) lives on
+            self._hub = ray.remote(MetricsHub).options(name=self._hub_name, get_if_exists=True, num_cpus=0,
+                                                       lifetime="detached").remote(idle_s=METRICS_HUB_IDLE_S)
         except Exception as exc:  # Ray's own types: GET /metrics falls back to one replica's, saying why
             self._hub = None
             self._hub_problem = f"the metrics hub could not start: {type(exc).__name__}: {first_line(exc, 200)}"

@@ -243,3 +243,31 @@ def test_a_replica_pushes_every_interval_and_a_final_text_when_it_shuts_down(mon
     got = hub.snapshots()
     assert got["replicas"] == {"live": 0, "gone": 1}  # gone at once: its gauges out, its counters kept
     assert _samples(merge_expositions(got["live"], got["gone"]))[("jobs_total", ())] == 5
+
+
+def test_an_idle_hub_ends_itself_and_a_used_one_does_not(monkeypatch):
+    # the hub is detached (a redeploy's new router joins it); with no push and no scrape for idle_s (the
+    # application deleted, Serve shut down) it ends itself rather than outlive its application
+    ray = pytest.importorskip("ray")
+    from bca_deploy.serving.ray import MetricsHub
+
+    killed = []
+
+    class Context:
+        current_actor = "this hub"
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=False: killed.append((actor, no_restart)))
+    hub = MetricsHub(idle_s=1.0)
+    text = generate_latest(_replica(1)[0])
+    for step in range(20):  # used: a push or a scrape every 0.1 s, 2 s in all
+        if step % 2:
+            hub.snapshots()
+        else:
+            hub.push("r1", text)
+        time.sleep(0.1)
+    assert killed == []
+    deadline = time.monotonic() + 20
+    while not killed and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert killed == [("this hub", True)]
