@@ -38,7 +38,7 @@ from ..config import show_json_value
 from ..errors import ServingError
 from ..exporters.bank import LOGITS_TO_KEEP
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
-from .limits import MAX_LOGPROBS, MAX_NEW_TOKENS
+from .limits import MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_SCORE_LOGITS
 
 __all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "Penalties", "DecodeRow", "DecodeBatch", "PrefillJob",
            "MAX_NEW_TOKENS", "MAX_LOGPROBS", "LOGPROB_FLOOR", "TokenLogprob", "choose_tokens", "apply_penalties", "token_logprobs"]
@@ -97,10 +97,16 @@ class SamplingParams:
     the ``logprobs`` most likely tokens (:class:`TokenLogprob`), from the model's raw distribution: log_softmax of the
     logits as the graph gave them, before penalties, ``min_tokens`` masking, temperature and top-k/top-p (vLLM's
     default, ``logprobs_mode="raw_logprobs"``), so they are the same however the row samples. ``None``: none computed.
+    ``prompt_logprobs`` (vLLM's): the same for the prompt's tokens, teacher-forced: token t's log-probability under the
+    logits of position t - 1, for every prompt token but the first (nothing comes before it), with the
+    ``prompt_logprobs`` most likely tokens there; what evaluation harnesses score a continuation by (OpenAI's
+    ``echo`` with ``logprobs``). With ``max_new_tokens`` 0 nothing is generated: the prompt alone is scored.
     """
 
     max_new_tokens: int = dataclasses.field(default=32, metadata={"help": f"new tokens at most (1..{MAX_NEW_TOKENS}; "
-                                                                           "prompt + new tokens <= the graph's context)"})
+                                                                           "prompt + new tokens <= the graph's context; "
+                                                                           "0 with prompt_logprobs: the prompt "
+                                                                           "scored alone)"})
     do_sample: bool = dataclasses.field(default=False, metadata={"help": "sample instead of taking the argmax"})
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "> 0; divides the logits when sampling"})
     top_k: int = dataclasses.field(default=0, metadata={"help": ">= 0; keep the k most likely tokens (0: all)"})
@@ -125,12 +131,17 @@ class SamplingParams:
     logprobs: int | None = dataclasses.field(default=None, metadata={
         "help": f"None (off) or 0..{MAX_LOGPROBS}: each token's log-probability and this many most likely "
                 "alternatives' (see token_logprobs)"})
+    prompt_logprobs: int | None = dataclasses.field(default=None, metadata={
+        "help": f"None (off) or 0..{MAX_LOGPROBS}: each prompt token's log-probability after the first (at the "
+                "position before it) and this many most likely alternatives' there"})
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            problems["max_new_tokens"] = (f"must be an integer in [1, {MAX_NEW_TOKENS}], "
-                                          f"got {show_json_value(self.max_new_tokens)}")
+        # 0 (no token) only for a prompt scored alone (prompt_logprobs): a row that asks nothing has nothing to run
+        low = 0 if self.prompt_logprobs is not None else 1
+        if not _is_int(self.max_new_tokens) or not low <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            problems["max_new_tokens"] = (f"must be an integer in [1, {MAX_NEW_TOKENS}] (0 only with "
+                                          f"prompt_logprobs), got {show_json_value(self.max_new_tokens)}")
         if not isinstance(self.do_sample, (bool, np.bool_)):
             problems["do_sample"] = f"must be true or false, got {show_json_value(self.do_sample)}"
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
@@ -185,6 +196,10 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             problems["logprobs"] = (f"must be null (off) or an integer from 0 to {MAX_LOGPROBS}, "
                                     f"got {show_json_value(self.logprobs)}")
+        prompt = self.prompt_logprobs
+        if prompt is not None and (not _is_int(prompt) or not 0 <= prompt <= MAX_LOGPROBS):
+            problems["prompt_logprobs"] = (f"must be null (off) or an integer from 0 to {MAX_LOGPROBS}, "
+                                           f"got {show_json_value(prompt)}")
         if problems:
             raise SamplingParamsError(problems)
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
@@ -201,6 +216,8 @@ class SamplingParams:
             object.__setattr__(self, "seed", int(self.seed))
         if self.logprobs is not None:
             object.__setattr__(self, "logprobs", int(self.logprobs))
+        if self.prompt_logprobs is not None:
+            object.__setattr__(self, "prompt_logprobs", int(self.prompt_logprobs))
 
     @property
     def penalized(self) -> bool:
@@ -463,7 +480,9 @@ class DecodeRow:
 
     ``prompt``: its token ids; ``adapter``: a name in ``snapshot`` or ``None`` (base model);
     ``length``: tokens in its past so far; ``next_token``: the token the next step feeds (set by the
-    caller after each prefill/step); ``owner``: anything the caller wants to find the row's request by.
+    caller after each prefill/step); ``owner``: anything the caller wants to find the row's request by;
+    ``score``: its prefill scores its prompt (``None``: not), listing this many alternatives per position
+    (:attr:`PrefillJob.scores`).
     """
 
     prompt: list[int]
@@ -472,6 +491,7 @@ class DecodeRow:
     owner: Any = None
     length: int = 0
     next_token: int | None = None
+    score: int | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -481,7 +501,10 @@ class PrefillJob:
     ``rows``: as given; ``live``: indices of the rows still in it (never empty until ``finished``);
     ``failures``: ``{index in rows: exception}``;
     ``logits``: once ``finished``, last-position logits (len(rows), V) float32, NaN for rows not prefilled;
-    ``width``/``done``/``columns``: prompt columns in all, run so far, and per run.
+    ``width``/``done``/``columns``: prompt columns in all, run so far, and per run;
+    ``scores``: in a scoring prefill (its rows' ``score`` set), ``{index in rows: [TokenLogprob of prompt token 1,
+    2, ...]}`` so far: each prompt token after the first under the logits of the position before it (teacher-forced),
+    computed chunk by chunk, so a chunk's every-position logits are the only ones held.
     """
 
     rows: list[DecodeRow]
@@ -496,6 +519,8 @@ class PrefillJob:
     finished: bool = False
     reported: set[int] = dataclasses.field(default_factory=set)  # failures the caller has handled (indices in rows)
     last_run: tuple[int, int] = (0, 0)  # (rows, padded tokens) of the last prefill_chunk's run; (0, 0): it ran none
+    scoring: bool = False  # every position's logits are run and scored (rows asking score)
+    scores: dict[int, list] = dataclasses.field(default_factory=dict)
 
     @property
     def tokens_left(self) -> int:
@@ -532,12 +557,17 @@ class DecodeBatch:
     Not thread-safe: one thread steps a batch. Runs go through ``session.run_ortvalues``; a run that
     raises is retried row by row, so a row that breaks the graph fails alone (``failures`` of the
     result) and every other row gets its logits. ``before_run`` is called right before each run.
+
+    Scoring prefills (rows with ``score``, see :meth:`start_prefill`) keep every position's logits, at most
+    ``max_score_logits`` of them (positions x vocabulary) per run.
     """
 
-    def __init__(self, session, *, compact_at: float = 0.25, before_run: Callable[[], None] | None = None) -> None:
+    def __init__(self, session, *, compact_at: float = 0.25, before_run: Callable[[], None] | None = None,
+                 max_score_logits: int = MAX_SCORE_LOGITS) -> None:
         session.require("generate")
         self.session = session
         self.compact_at = float(compact_at)
+        self.max_score_logits = int(max_score_logits)
         self.slots: list[DecodeRow | None] = []
         self.width = 0  # P: columns of the past
         # past input -> (slots, kv_heads, P, head_dim): the last run's present OrtValues as they came (on the
@@ -618,9 +648,14 @@ class DecodeBatch:
         Chunks let the caller step the running rows between them: a long prompt then holds them up for
         one chunk at a time, never for its whole prefill (chunked prefill, as vLLM and TGI schedule it).
         A row whose ids the graph refuses fails at once, alone.
+
+        Rows with ``score`` make a scoring prefill (:attr:`PrefillJob.scores`): every position's logits are run (the
+        graph's ``logits_to_keep`` 0), so its chunks are also held to ``max_score_logits`` logits (at least one
+        column); the caller keeps rows that do not score out of it, as they would pay for the whole output layer.
         """
         rows = list(rows)
-        job = PrefillJob(rows, logits=np.full((len(rows), 0), np.nan, dtype=np.float32))
+        job = PrefillJob(rows, logits=np.full((len(rows), 0), np.nan, dtype=np.float32),
+                         scoring=any(row.score is not None for row in rows))
         try:  # every row at once (checks ids and empty rows); padding: masked, at position 1 (as generate pads)
             job.feeds = self.session.pad_ids([row.prompt for row in rows], side="left", pad_id=self._pad)
             job.live = list(range(len(rows)))
@@ -638,6 +673,10 @@ class DecodeBatch:
         width = job.feeds["input_ids"].shape[1]
         job.width = width
         job.columns = width if chunk_tokens is None else max(1, int(chunk_tokens) // len(job.live))
+        if job.scoring:  # a chunk's logits: rows x columns x vocabulary floats, held under max_score_logits
+            vocab = max(1, int(getattr(self.session.config, "vocab_size", 0) or 0) or (self.session.vocabulary or 1))
+            job.columns = max(1, min(job.columns, self.max_score_logits // (vocab * len(job.live))))
+            job.scores = {i: [] for i in job.live}
         self._prefilling.append(job)
         return job
 
@@ -663,11 +702,16 @@ class DecodeBatch:
             else:
                 index = np.array(subset)
                 out.update({k: _host(v)[index] for k, v in job.past.items()})
-            if self.session.keeps_last_logits:  # the output layer on the last position only
-                out[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)
+            if self.session.keeps_last_logits:  # the output layer on the last position only (scoring: on all)
+                out[LOGITS_TO_KEEP] = np.array(0 if job.scoring else 1, dtype=np.int64)
             return out
 
-        logits, presents, failures = self._run_isolated([job.rows[i] for i in everyone], feeds)
+        logits, presents, failures = self._run_isolated([job.rows[i] for i in everyone], feeds,
+                                                        all_positions=job.scoring)
+        if job.scoring:
+            if logits.shape[-1]:
+                self._score(job, everyone, start, stop, logits, failures)
+            logits = _last(logits) if logits.ndim == 3 else logits
         job.done = stop
         if failures:  # rows that fail alone leave the job; the others keep their past
             keep = [k for k in range(len(everyone)) if k not in failures]
@@ -681,6 +725,28 @@ class DecodeBatch:
         if job.done < job.width and job.live:
             return False
         return self._finish_prefill(job, logits)
+
+    def _score(self, job: PrefillJob, everyone: list[int], start: int, stop: int, logits: np.ndarray,
+               failures: Mapping[int, Exception]) -> None:
+        """Add to ``job.scores`` the prompt tokens this chunk's positions predict: column c's logits (``logits``:
+        (rows, stop - start, V), every position) score the token in column c + 1, for each real column c of a row
+        (its prompt is left-padded) before the last (whose logits choose the first new token)."""
+        ids = job.feeds["input_ids"]  # (live rows, width): every column's token, the next chunk's too
+        flat = logits.reshape(-1, logits.shape[-1])  # a view: row k, column c -> k * columns + (c - start)
+        columns = stop - start
+        picks, tokens, tops, owners = [], [], [], []
+        for k, i in enumerate(everyone):
+            if k in failures:
+                continue
+            row = job.rows[i]
+            first = max(start, job.width - len(row.prompt))
+            for c in range(first, min(stop, job.width - 1)):
+                picks.append(k * columns + c - start)
+                tokens.append(int(ids[k, c + 1]))
+                tops.append(row.score or 0)
+                owners.append(i)
+        for owner, item in zip(owners, token_logprobs(flat, picks, tokens, tops), strict=True):
+            job.scores[owner].append(item)
 
     def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
         """Zero-length past feeds for ``rows`` rows (:func:`empty_past`, its shapes read from the graph once)."""
@@ -823,22 +889,26 @@ class DecodeBatch:
 
     # ---- running ------------------------------------------------------------------------------------------------
 
-    def _run_isolated(self, slots: Sequence[DecodeRow | None], feeds: Callable[[list[int]], dict[str, Any]]
-                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, Exception]]:
+    def _run_isolated(self, slots: Sequence[DecodeRow | None], feeds: Callable[[list[int]], dict[str, Any]],
+                      all_positions: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, Exception]]:
         """One run over every slot; if it raises, one run per row, so only the rows that fail alone fail.
 
         Returns ``(logits (slots, V) float32, presents (slots, ...) as OrtValues or numpy, {slot: exception})``; free
         and failed slots get NaN logits and zero presents. When every row fails alone too, the logits have
         no columns and ``presents`` is empty: the caller drops those rows and nothing else (a prefill of
-        bad prompts alone must not fail the rows already decoding).
+        bad prompts alone must not fail the rows already decoding). ``all_positions``: the logits of every position
+        the run fed, (slots, positions, V), as the graph gave them (a scoring prefill).
         """
+        def kept(logits: np.ndarray) -> np.ndarray:
+            return logits.astype(np.float32, copy=False) if all_positions else _last(logits)
+
         everyone = list(range(len(slots)))
         try:
             out = self._run(slots, feeds(everyone))
         except Exception:  # noqa: BLE001, S110 - isolated below: each row is run alone
             pass
         else:  # the presents stay OrtValues (on the device that made them): the next step feeds them back
-            return _last(out["logits"].numpy()), {k: out[k] for k in self._presents}, {}
+            return kept(out["logits"].numpy()), {k: out[k] for k in self._presents}, {}
         failures: dict[int, Exception] = {}
         done: dict[int, dict[str, Any]] = {}
         for s, row in enumerate(slots):
@@ -851,12 +921,12 @@ class DecodeBatch:
         if not done:
             return np.full((len(slots), 0), np.nan, dtype=np.float32), {}, failures
         first = next(iter(done.values()))
-        vocab = first["logits"].numpy().shape[-1]
-        logits = np.full((len(slots), vocab), np.nan, dtype=np.float32)
+        shape = kept(first["logits"].numpy()).shape[1:]
+        logits = np.full((len(slots), *shape), np.nan, dtype=np.float32)
         presents = {k: np.zeros((len(slots), *first[k].numpy().shape[1:]), first[k].numpy().dtype)
                     for k in self._presents}
         for s, out in done.items():
-            logits[s] = _last(out["logits"].numpy())[0]
+            logits[s] = kept(out["logits"].numpy())[0]
             for k in self._presents:
                 presents[k][s] = out[k].numpy()[0]
         return logits, presents, failures

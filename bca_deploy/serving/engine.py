@@ -18,6 +18,11 @@ adapter-bank ``text-generation-with-past`` graph served by :class:`~bca_deploy.s
 - a row whose settings ask ``logprobs`` gets each token's log-probability and its most likely alternatives'
   (:class:`TokenEvent` ``logprob``; the raw distribution, see :class:`SamplingParams`), computed on that row's
   logits alone after its token is chosen: rows that do not ask cost nothing more;
+- a row whose settings ask ``prompt_logprobs`` (vLLM's) gets its prompt scored, teacher-forced, before its first
+  token (:attr:`GenerationStream.prompt_logprobs`): the rows admitted in a step that ask are prefilled in a prefill of
+  their own that keeps every position's logits (the others' prefill keeps the last position's only, as before), in
+  chunks of at most ``max_score_logits`` logits, under the same admission, token budget and turns as every prefill,
+  on the bank snapshot the row started with; with ``max_new_tokens`` 0 the row ends there (``"length"``, no token);
 - at most ``max_batch_rows`` rows run at once; at most ``max_queued_rows`` wait (then
   :class:`EngineOverloadedError`);
 - chunked prefill: newcomers admitted in one step are bounded by ``max_prefill_tokens`` (padded prompt
@@ -90,7 +95,7 @@ from .decoding import (
     choose_tokens,
     token_logprobs,
 )
-from .limits import PREEMPT_WAIT_STEPS
+from .limits import MAX_SCORE_LOGITS, PREEMPT_WAIT_STEPS
 from .session import BASE, MultiAdapterSession, not_loaded
 
 __all__ = ["GenerationEngine", "GenerationStream", "GenerationResult", "TokenEvent", "TokenLogprob", "SamplingParams",
@@ -121,7 +126,8 @@ class GenerationResult:
     """A whole generation: every token id, the text, why it ended, and the token counts; ``logprobs``: one
     :class:`TokenLogprob` per token id when the row asked them (``SamplingParams.logprobs``), else ``None``, and
     ``text_offsets``: where each token's text starts in ``text`` (a token whose text is empty, held back or cut: where
-    the next text starts)."""
+    the next text starts); ``prompt_logprobs``: when the row asked them (``SamplingParams.prompt_logprobs``), one per
+    prompt token after the first, each under the logits of the position before it."""
 
     token_ids: list[int]
     text: str
@@ -130,6 +136,14 @@ class GenerationResult:
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
     text_offsets: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _PromptScores:
+    """A delivery: the row's prompt log-probabilities (:attr:`GenerationStream.prompt_logprobs`)."""
+
+    items: list[TokenLogprob]
 
 
 _END = object()
@@ -171,6 +185,8 @@ class GenerationStream:
         # one per token id when the row asks them (every token's, its text empty or not)
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.text_offsets: list[int] | None = [] if params.logprobs is not None else None
+        # set before the first token is delivered (and before the end of a row of max_new_tokens 0) when asked
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.queued_at = time.perf_counter()
@@ -233,7 +249,8 @@ class GenerationStream:
         assert self.finish_reason is not None
         return GenerationResult(list(self.token_ids), self.text, self.finish_reason, self.prompt_tokens,
                                 self.completion_tokens, None if self.logprobs is None else list(self.logprobs),
-                                None if self.text_offsets is None else list(self.text_offsets))
+                                None if self.text_offsets is None else list(self.text_offsets),
+                                None if self.prompt_logprobs is None else list(self.prompt_logprobs))
 
     # ---- called on the loop by the engine's deliveries ----------------------------------------------------
 
@@ -377,6 +394,12 @@ class _Request:
     tokens: list[int] = dataclasses.field(default_factory=list)  # generated so far (a pre-empted row's recompute)
     snapshot: Any = None  # the bank snapshot it was first admitted with (kept across pre-emptions)
     admitted: int = 0  # admission order (the latest admitted is pre-empted first among equals)
+    scored: bool = False  # its prompt log-probabilities were delivered (a row pre-empted before: scored again)
+
+    @property
+    def scores(self) -> bool:
+        """Its next prefill scores its prompt: it asks ``prompt_logprobs`` and has not had them."""
+        return self.params.prompt_logprobs is not None and not self.scored
 
     @property
     def resuming(self) -> bool:
@@ -428,10 +451,11 @@ class GenerationEngine:
 
     def __init__(self, session: MultiAdapterSession, *, max_batch_rows: int = 32, max_queued_rows: int = 256,
                  max_prefill_tokens: int = 4096, observer: Observer | None = None, preempt: bool = True,
-                 preempt_wait_steps: int = PREEMPT_WAIT_STEPS) -> None:
+                 preempt_wait_steps: int = PREEMPT_WAIT_STEPS, max_score_logits: int = MAX_SCORE_LOGITS) -> None:
         problems = {name: f"must be an integer >= 1, got {value!r}" for name, value in
                     (("max_batch_rows", max_batch_rows), ("max_queued_rows", max_queued_rows),
-                     ("max_prefill_tokens", max_prefill_tokens)) if not isinstance(value, int) or value < 1}
+                     ("max_prefill_tokens", max_prefill_tokens), ("max_score_logits", max_score_logits))
+                    if not isinstance(value, int) or value < 1}
         if not isinstance(preempt, bool):
             problems["preempt"] = f"must be true or false, got {preempt!r}"
         if not isinstance(preempt_wait_steps, int) or isinstance(preempt_wait_steps, bool) or preempt_wait_steps < 0:
@@ -445,6 +469,7 @@ class GenerationEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.preempt = preempt
         self.preempt_wait_steps = preempt_wait_steps
+        self.max_score_logits = max_score_logits
         self.observer = observer
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -633,7 +658,7 @@ class GenerationEngine:
         # Where tokens go to the event loop (see OVERLAP_MIN_STEP_S): right before the next onnxruntime run, which
         # releases the GIL, so the loop thread handles them while the run computes, when steps are long; right after
         # each step when they are short, so the loop's work does not stall the run's intra-op threads.
-        batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
+        batch = self._new_batch()
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._running and not batch.has_prefills:
@@ -661,9 +686,13 @@ class GenerationEngine:
                 _log.error("generation step failed: %s", "".join(traceback.format_exception(exc)))
                 for request in list(self._running):
                     self._fail(request, exc)
-                batch = DecodeBatch(self.session, before_run=self._deliver_if_overlapping)
+                batch = self._new_batch()
             if not self._overlapping or not batch.has_joined:  # no run follows soon, or runs are short: deliver now
                 self._deliver_later()
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.session, before_run=self._deliver_if_overlapping,
+                           max_score_logits=self.max_score_logits)
 
     def _deliver_if_overlapping(self) -> None:
         if self._overlapping:
@@ -843,11 +872,13 @@ class GenerationEngine:
                     continue
                 request.snapshot = snapshot
             request.row = DecodeRow([*request.prompt, *request.tokens], request.adapter, request.snapshot,
-                                    owner=request)
+                                    owner=request, score=request.params.prompt_logprobs if request.scores else None)
             rows.append(request.row)
-        if not rows:
-            return
-        self._fail_prefilling(batch.start_prefill(rows, chunk_tokens=self.max_prefill_tokens))
+        # rows scoring their prompt run every position's logits: a prefill of their own, so the others' keeps the
+        # last position's only (they never pay for the output layer on prompts they do not score)
+        for group in ([r for r in rows if r.score is None], [r for r in rows if r.score is not None]):
+            if group:
+                self._fail_prefilling(batch.start_prefill(group, chunk_tokens=self.max_prefill_tokens))
 
     def _prefill_chunks(self, batch: DecodeBatch) -> None:
         """This step's prefill runs: ``max_prefill_tokens`` shared by the prefills in progress, the one with the
@@ -874,7 +905,21 @@ class GenerationEngine:
             self._observe("prefill", rows=rows, tokens=tokens, seconds=now - start, inter_token_s=gaps)
             self._fail_prefilling(job)
             if done:
-                self._emit(batch, done, job.logits[np.array(job.live)], {}, first=True)
+                logits = job.logits[np.array(job.live)]
+                if job.scoring:  # the prompt's log-probabilities go before the first token (or the end)
+                    for i in job.live:
+                        request = job.rows[i].owner
+                        request.scored = True
+                        self._outbox.append((request.stream, _PromptScores(job.scores.get(i, []))))
+                    keep = [k for k, row in enumerate(done) if row.owner.params.max_new_tokens > 0]
+                    if len(keep) < len(done):  # max_new_tokens 0: the prompt alone was asked for
+                        scored_only = [row for row in done if row.owner.params.max_new_tokens == 0]
+                        batch.remove(scored_only)
+                        for row in scored_only:
+                            self._end(row.owner, "length")
+                        done, logits = [done[k] for k in keep], logits[keep]
+                if done:
+                    self._emit(batch, done, logits, {}, first=True)
 
     def _fail_prefilling(self, job: PrefillJob) -> None:
         """Rows that failed in ``job`` since the last call fail now (their neighbours go on)."""
@@ -1036,6 +1081,9 @@ class GenerationEngine:
         for stream, item in items:
             if isinstance(item, TokenEvent):
                 stream._push(item)
+            elif isinstance(item, _PromptScores):
+                if not stream.done:
+                    stream.prompt_logprobs = item.items
             elif isinstance(item, BaseException):
                 stream._finish(None, item)
             else:

@@ -6,7 +6,7 @@ runtime (:mod:`bca_deploy.serving.decoding`) share them without the options impo
 
 from __future__ import annotations
 
-__all__ = ["MAX_NEW_TOKENS", "MAX_LOGPROBS", "PREEMPT_WAIT_STEPS"]
+__all__ = ["MAX_NEW_TOKENS", "MAX_LOGPROBS", "PREEMPT_WAIT_STEPS", "MAX_SCORE_LOGITS"]
 
 #: The most new tokens one row may generate (:class:`~bca_deploy.serving.decoding.SamplingParams`); the
 #: graph's positions limit it further, and ``--max-new-tokens`` may not be set above it.
@@ -20,3 +20,9 @@ MAX_LOGPROBS = 20
 #: a waiting tenant below its share pre-empts a row only if the rows that could give it one will not all have ended
 #: within this many steps (their ``max_new_tokens`` left) anyway.
 PREEMPT_WAIT_STEPS = 8
+
+#: The most logits (positions x vocabulary floats) one prefill run keeps when it scores prompts
+#: (:class:`~bca_deploy.serving.decoding.SamplingParams` ``prompt_logprobs``): such a prompt is run a chunk of columns
+#: at a time so that its chunk's every-position logits stay under this (64 MB of float32; 512 positions of a 32k
+#: vocabulary, 110 of a 152k one), whatever the prompt's length; at least one column of its rows runs.
+MAX_SCORE_LOGITS = 2**24

@@ -11,7 +11,7 @@ adapter, as with vLLM's ``--lora-modules``:
                                      "truncate_prompt_tokens"?}                                encoders
     POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?, "n"?,
                                      "stop"?, "presence_penalty"?, "frequency_penalty"?, "logprobs"? (0..20),
-                                     "stream"?, "stream_options"?}                             decoders
+                                     "echo"?, "stream"?, "stream_options"?}                    decoders
     POST /v1/chat/completions       {"model", "messages", ...same..., "logprobs"? (true/false),  decoders with
                                      "top_logprobs"? (0..20)}                                  a chat template
     POST /v1/load_lora_adapter      {"lora_name", "lora_path"?}: load a store entry (vLLM's shape)
@@ -58,8 +58,23 @@ each chunk carries the log-probabilities of its tokens (a token with no text of 
 The distribution is the model's raw one, vLLM's default: log_softmax of the logits of the adapter's model, before
 penalties, ``min_tokens`` masking, temperature, top-k and top-p, so the numbers are the same however a choice
 samples (``n`` > 1, streamed or not); each row's are computed on its own logits, only for the rows that ask.
-``echo`` with ``logprobs`` (the prompt's log-probabilities) is refused: the prefill computes the last position's
-logits only. The native ``/v1/generate`` returns no log-probabilities.
+The native ``/v1/generate`` returns no log-probabilities.
+
+Completions' ``echo: true`` (OpenAI's, vLLM's) puts the prompt before each choice's text: a text prompt as sent, token
+ids decoded (special tokens left out, as in every text here). With ``logprobs`` N it also scores the prompt, what
+evaluation harnesses (lm-evaluation-harness' ``local-completions``: ``"echo": true, "max_tokens": 0`` or 1,
+``"logprobs": 1``) read a continuation's log-likelihood from: the prompt's tokens come first in ``tokens``,
+``token_logprobs``, ``top_logprobs`` and ``text_offset``, then the generated ones; the first prompt token's
+``token_logprobs`` and ``top_logprobs`` are null (nothing comes before it), each other's is its log-probability under
+the logits of the position before it (teacher-forced, the adapter's model, the raw distribution as for generated
+tokens), with the N most likely tokens there (plus itself). ``text_offset`` runs over the whole echoed text (a prompt
+token's text starts where the token before it ends in the prompt). ``max_tokens: 0`` (with ``echo`` only, as in
+vLLM) generates nothing: the prompt alone, ``finish_reason`` ``"length"``, ``completion_tokens`` 0. Streamed, each
+choice's first chunk is its echoed prompt (with its log-probabilities), as vLLM sends it. The prompt is scored in
+the engine's prefill (:attr:`~bca_deploy.serving.decoding.SamplingParams.prompt_logprobs`), under the same admission
+and turns as any row; every position's logits are held a chunk at a time (``MAX_SCORE_LOGITS``). An answer of more
+than ``MAX_ECHO_LOGPROB_ENTRIES`` prompt log-probability entries (prompt tokens x choices x (N + 1)) is refused
+(400, ``logprobs``).
 
 Chat messages reach the template as vLLM passes them: text parts joined with a line break, ``name`` kept.
 An assistant message sent back as the client got it (``message.model_dump()``: ``refusal``, ``tool_calls``...
@@ -68,7 +83,7 @@ null) is read as its text.
 Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
 ``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
 are refused with 400 (``invalid_request``; the native routes answer 422) unless they hold their neutral
-value (``best_of`` > 1, ``echo``, ``suffix``, ``logit_bias``,
+value (``best_of`` > 1, ``suffix``, ``logit_bias``,
 ``tools``, ``response_format`` other than text, ...). vLLM's extensions: ``top_k``, ``stop_token_ids``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens`` and ``stream_options.continuous_usage_stats`` are served, and
 chat's ``chat_template_kwargs``, ``documents``, ``add_generation_prompt``, ``continue_final_message``, ``echo`` and
@@ -99,8 +114,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import numpy as np
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from starlette.concurrency import run_in_threadpool
 
 from ..config import show_json_value
 from ..errors import BCAError, ContextLengthError
@@ -249,6 +264,7 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (OpenAI's legacy completions): one choice per prompt."""
 
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    max_tokens: StrictInt | None = Field(default=None, ge=0)  # 0: with echo only (the prompt alone)
     best_of: StrictInt | None = None
     echo: StrictBool | None = None
     suffix: StrictStr | None = None
@@ -270,13 +286,10 @@ class CompletionRequest(_Sampling):
     def unsupported(self) -> list[str]:
         problems = super().unsupported()
         _refuse(problems, "best_of", self.best_of, 1, "one candidate per prompt")
-        if self.echo and self.logprobs is not None:
-            problems.append("echo: true is not supported with logprobs (echo with logprobs lists the prompt's tokens' "
-                            "log-probabilities, which are not computed here: the prefill runs the output layer on "
-                            "the prompt's last position only); send logprobs without echo for the generated tokens' "
-                            "log-probabilities")
-        else:
-            _refuse(problems, "echo", self.echo, False, "the prompt is not repeated in the answer")
+        if self.max_tokens == 0 and not self.echo:
+            # vLLM's rule: no token and no prompt is an empty answer; with echo it is the prompt (scored with logprobs)
+            problems.append('max_tokens: 0 is taken with "echo": true only (the prompt alone, scored with "logprobs"); '
+                            "ask for at least 1 token")
         _refuse(problems, "suffix", self.suffix, "", "no insertion mode")
         return problems
 
@@ -642,9 +655,17 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         rows = _as_rows(req.prompt)
         server.check_rows(len(rows), "prompt")
         server.check_rows(len(rows) * req.n, "n")  # every choice is a row
-        prompts = await server.prepare(rows, param="prompt",
-                                       keep_tokens=truncate_prompt_tokens(server, req.truncate_prompt_tokens))
-        return await _generate(request, server, req, adapter, prompts, "text_completion", default_max_tokens=16)
+        keep = truncate_prompt_tokens(server, req.truncate_prompt_tokens)
+        prompts = await server.prepare(rows, param="prompt", keep_tokens=keep)
+        echoes = None
+        if req.echo:
+            if req.logprobs is not None:
+                _check_echo_entries(prompts, req.n, req.logprobs)
+            # a prompt cut by truncate_prompt_tokens is echoed as what the model read: its kept ids, decoded
+            echoes = await run_in_threadpool(_echoes, server, rows if keep is None else prompts, prompts,
+                                             req.logprobs is not None)
+        return await _generate(request, server, req, adapter, prompts, "text_completion", default_max_tokens=16,
+                               echoes=echoes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -772,6 +793,71 @@ def _store_name(lora_path: str) -> str:
 # ---- generation ----------------------------------------------------------------------------------------
 
 
+#: The most prompt log-probability entries one answer lists (prompt tokens x choices x (``logprobs`` + 1): each
+#: position's token and its alternatives): 2M entries are about 60 MB of JSON. An evaluation harness's batch (64
+#: prompts of 2,048 tokens, ``logprobs`` 1: 262,144) is far below it.
+MAX_ECHO_LOGPROB_ENTRIES = 2**21
+
+
+def _check_echo_entries(prompts: list[list[int]], n: int, logprobs: int) -> None:
+    """Refuse an echo whose prompt log-probabilities alone would make an answer past
+    :data:`MAX_ECHO_LOGPROB_ENTRIES` (400 naming ``logprobs``), before any work."""
+    tokens = sum(len(p) for p in prompts)
+    entries = tokens * n * (logprobs + 1)
+    if entries > MAX_ECHO_LOGPROB_ENTRIES:
+        raise InvalidRequestError(
+            f"logprobs: echoing {tokens:,} prompt tokens x {n} choice(s) with logprobs {logprobs} lists {entries:,} "
+            f"log-probabilities (each token and its {logprobs} alternatives); this server lists at most "
+            f"{MAX_ECHO_LOGPROB_ENTRIES:,} per answer: send fewer or shorter prompts per request, or a lower logprobs",
+            param="logprobs")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Echo:
+    """A prompt as completions' ``echo`` shows it: its ``text``, its first token (listed with null log-probabilities)
+    and, when log-probabilities are asked, where each of its tokens' text starts in ``text`` (``offsets``)."""
+
+    text: str
+    first: int
+    offsets: list[int] | None = None
+
+
+def _echoes(server: Server, rows: list, prompts: list[list[int]], offsets: bool) -> list[_Echo]:
+    """Each prompt's :class:`_Echo` (in a worker thread: it decodes). A text prompt is echoed as sent, its tokens'
+    offsets from the tokenizer's offset mapping (:meth:`~bca_deploy.serving.MultiAdapterSession.text_offsets`); token
+    ids are decoded, and so is a text whose tokenizer gives no offsets, token by token (the generated tokens'
+    detokenizer): each token's offset is where its text starts in the decoded text (held to the text's length)."""
+    session = server.session
+    echoes = []
+    for row, ids in zip(rows, prompts, strict=True):
+        text = row if isinstance(row, str) else None
+        where = session.text_offsets(text, ids) if text is not None and offsets else None
+        if text is None or (offsets and where is None):
+            decoded, by_token = _decoded(server, ids)
+            text = decoded if text is None else text
+            where = [min(o, len(text)) for o in by_token] if offsets else None
+        echoes.append(_Echo(text, int(ids[0]), where))
+    return echoes
+
+
+def _decoded(server: Server, ids: list[int]) -> tuple[str, list[int]]:
+    """The text of ``ids`` and where each token's text starts in it, decoded a token at a time as generated tokens
+    are (a short window, whole characters only: a token that ends inside a character adds no text)."""
+    from .engine import _Detokenizer
+
+    try:
+        server.session.tokenizer  # noqa: B018
+    except BCAError:  # no tokenizer: no text (every token at 0)
+        return "", [0] * len(ids)
+    detokenizer = _Detokenizer(server.session.decode, ())
+    text, offsets = "", []
+    for token in ids:
+        offsets.append(len(text))
+        delta, _ = detokenizer.push(token)
+        text += delta
+    return text + detokenizer.flush(), offsets
+
+
 def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_max_tokens: int | None):
     """The engine's settings for a prompt of ``req`` (OpenAI's temperature 0 is greedy decoding), for its first
     choice (:func:`_choices` makes the others').
@@ -798,9 +884,14 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_ma
                                repetition_penalty=server.repetition_penalty(req.repetition_penalty),
                                frequency_penalty=float(req.frequency_penalty or 0.0),
                                presence_penalty=float(req.presence_penalty or 0.0),
-                               logprobs=req.logprob_count())
+                               logprobs=req.logprob_count(), prompt_logprobs=_prompt_logprobs(req))
     except InvalidRequestError as exc:
         raise _renamed(exc, param) from None
+
+
+def _prompt_logprobs(req: _Sampling) -> int | None:
+    """The engine's ``prompt_logprobs``: completions' ``logprobs`` when the prompt is echoed (vLLM's reading)."""
+    return req.logprobs if isinstance(req, CompletionRequest) and req.echo else None
 
 
 def _engine_seed(seed: int | None) -> int | None:
@@ -850,10 +941,12 @@ def _renamed(exc: InvalidRequestError | ContextLengthError, param: str) -> Inval
 
 
 async def _generate(request: Request, server: Server, req: _Sampling, adapter: str | None, prompts: list[list[int]],
-                    kind: str, default_max_tokens: int | None):
+                    kind: str, default_max_tokens: int | None, echoes: list[_Echo] | None = None):
     """Check every prompt, submit its ``n`` choices to the engine (choice ``i * n + j``: prompt i's j-th, as vLLM
-    numbers them), then answer whole or as server-sent events."""
+    numbers them), then answer whole or as server-sent events. ``echoes``: completions' echoed prompts."""
     n = req.n
+    if echoes is not None and req.max_tokens == 0 and req.logprobs is None:
+        return _echo_only(req, prompts, echoes)  # nothing to compute: the prompts are the answer
     params = [p for prompt in prompts for p in _choices(_sampling_params(server, req, len(prompt), default_max_tokens),
                                                          n)]
     rows = [prompt for prompt in prompts for _ in range(n)]
@@ -870,7 +963,8 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         # (its adapter unloaded while they queued, the graph refusing them) is answered with the error's status
         # (404 unknown_adapter...), as the same request unstreamed is, instead of a 200 and an error event that
         # OpenAI clients raise as an untyped APIError; the first token is sent with the status, so TTFT is the same
-        pumps = _Pumps(request, server, streams, release)
+        pumps = _Pumps(request, server, streams, release,
+                       echoes=None if echoes is None else [e for e in echoes for _ in range(n)])
         try:
             first = await server.unless_gone(request, pumps.queue.get())
         except BaseException:
@@ -897,6 +991,15 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
             choices.append({"index": i, "message": {"role": role, "content": echo + result.text},
                             "logprobs": _chat_logprobs(server, result.logprobs),
                             "finish_reason": result.finish_reason})
+        elif echoes is not None:
+            shown = echoes[i // n]
+            logprobs = None
+            if result.logprobs is not None:
+                offsets = [*(shown.offsets or []), *(len(shown.text) + o for o in result.text_offsets or [])]
+                logprobs = _completion_logprobs(server, [*(result.prompt_logprobs or []), *result.logprobs], offsets,
+                                                first=shown.first)
+            choices.append({"index": i, "text": shown.text + result.text, "logprobs": logprobs,
+                            "finish_reason": result.finish_reason})
         else:
             choices.append({"index": i, "text": result.text,
                             "logprobs": _completion_logprobs(server, result.logprobs, result.text_offsets),
@@ -921,17 +1024,59 @@ def _chat_logprobs(server: Server, items: list | None) -> dict[str, Any] | None:
                         for item in items]}
 
 
-def _completion_logprobs(server: Server, items: list | None, offsets: list[int] | None) -> dict[str, Any] | None:
+def _echo_only(req: CompletionRequest, prompts: list[list[int]], echoes: list[_Echo]):
+    """The answer to ``echo`` with ``max_tokens`` 0 and no ``logprobs``: each prompt's text, ``n`` times, nothing
+    generated (``finish_reason`` ``"length"``, as vLLM answers it), whole or as vLLM streams it (one chunk per choice).
+    """
+    ident, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+    texts = [e.text for e in echoes for _ in range(req.n)]
+    prompt = sum(len(p) for p in prompts)
+    usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+    if not req.stream:
+        return {"id": ident, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": "length"}
+                            for i, t in enumerate(texts)], "usage": usage}
+    include_usage, continuous = req.usage_options()
+
+    async def events() -> AsyncIterator[bytes]:
+        for i, text in enumerate(texts):
+            payload: dict[str, Any] = {"id": ident, "object": "text_completion", "created": created,
+                                       "model": req.model, "choices": [{"index": i, "text": text, "logprobs": None,
+                                                                        "finish_reason": "length"}]}
+            if include_usage:
+                tokens = len(prompts[i // req.n])
+                payload["usage"] = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens} \
+                    if continuous else None
+            yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+        if include_usage:
+            payload = {"id": ident, "object": "text_completion", "created": created, "model": req.model,
+                       "choices": [], "usage": usage}
+            yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+def _completion_logprobs(server: Server, items: list | None, offsets: list[int] | None,
+                         first: int | None = None) -> dict[str, Any] | None:
     """A completion choice's ``logprobs`` (OpenAI's legacy shape) of the tokens ``items`` (``None``: not asked):
     ``tokens`` (each token's own text), ``token_logprobs``, ``top_logprobs`` (per token, ``{text: logprob}`` of the
     most likely tokens, then the chosen one when it is not among them: up to ``logprobs`` + 1 entries, as OpenAI and
     vLLM give them; two ids of the same text keep the likelier) and ``text_offset``: ``offsets``, where each token's
     text starts in the choice's text (OpenAI's meaning, the same streamed or not; a token that adds no text of its
-    own, e.g. the end-of-sequence token, is where the next text starts)."""
+    own, e.g. the end-of-sequence token, is where the next text starts). ``first``: a token listed before ``items``
+    with null log-probabilities (an echoed prompt's first token: nothing comes before it; ``offsets`` include it)."""
     if items is None:
         return None
-    texts = _texts(server, items)
-    tokens, logprobs, tops = [], [], []
+    texts = _texts(server, items, () if first is None else (first,))
+    tokens: list[str] = []
+    logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    if first is not None:
+        tokens.append(texts[first])
+        logprobs.append(None)
+        tops.append(None)
     for item in items:
         text = texts[item.token_id]
         top: dict[str, float] = {}
@@ -944,10 +1089,10 @@ def _completion_logprobs(server: Server, items: list | None, offsets: list[int] 
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": list(offsets or [])}
 
 
-def _texts(server: Server, items: list) -> dict[int, str]:
-    """Each token id of ``items`` (chosen and alternatives) -> its own text (:meth:`~bca_deploy.serving.
+def _texts(server: Server, items: list, more: tuple[int, ...] = ()) -> dict[int, str]:
+    """Each token id of ``items`` (chosen and alternatives) and ``more`` -> its own text (:meth:`~bca_deploy.serving.
     MultiAdapterSession.token_texts`)."""
-    ids = list(dict.fromkeys([item.token_id for item in items] + [t for item in items for t, _ in item.top]))
+    ids = list(dict.fromkeys([*more, *(item.token_id for item in items), *(t for item in items for t, _ in item.top)]))
     return dict(zip(ids, server.session.token_texts(ids), strict=True))
 
 
@@ -987,33 +1132,52 @@ class _Pumps:
     """The engine streams of a streamed answer, read into one queue of ``(index, text, None, tokens, logprobs)`` per
     token text, ``(index, None, finish_reason, tokens, logprobs)`` per row's end and ``(index, exception, "error",
     tokens, None)`` per failure (``tokens``: the row's tokens so far; ``logprobs``: ``(TokenLogprob list, text offsets
-    in the choice's text)`` of the row's tokens since its last item, those whose text was empty included, or
-    ``None``: none asked or none new);
+    in the choice's text, first)`` of the row's tokens since its last item, those whose text was empty included, or
+    ``None``: none asked or none new; ``first``: a token listed before them with null log-probabilities, or None).
+    ``echoes`` (completions' ``echo``, one per stream): each row's first item is its echoed prompt, put when the row's
+    first token or end comes (so a row that fails before answers with its error), with the prompt's log-probabilities
+    when asked; the generated tokens' offsets follow its text.
     :meth:`close` (once, however the answer ends) logs the streams, cancels their rows and frees their place in the
     queue."""
 
-    def __init__(self, request: Request, server: Server, streams, release) -> None:
+    def __init__(self, request: Request, server: Server, streams, release, echoes: list[_Echo] | None = None) -> None:
         self.request, self.server, self.streams, self._release = request, server, streams, release
         self.queue: asyncio.Queue = asyncio.Queue()
+        self._echoes = echoes
         self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
         self._closed = False
 
+    async def _echo(self, index: int, stream, echo: _Echo) -> int:
+        """Put row ``index``'s echoed prompt; returns the characters it takes in the choice's text."""
+        logprobs = None
+        if stream.params.logprobs is not None:
+            logprobs = (list(stream.prompt_logprobs or []), list(echo.offsets or []), echo.first)
+        await self.queue.put((index, echo.text, None, 0, logprobs))
+        return len(echo.text)
+
     async def _pump(self, index: int, stream) -> None:
         tokens = chars = 0
+        echo = self._echoes[index] if self._echoes is not None else None
         # log-probabilities of tokens not sent yet (a token without text is sent with the next), their text offsets
         pending: list = []
         offsets: list[int] = []
         try:
             async for token in stream:
+                if echo is not None:
+                    chars, echo = await self._echo(index, stream, echo), None
                 tokens += 1
                 if token.logprob is not None:
                     pending.append(token.logprob)
                     offsets.append(chars)
                 if token.text:
                     chars += len(token.text)
-                    await self.queue.put((index, token.text, None, tokens, (pending, offsets) if pending else None))
+                    await self.queue.put((index, token.text, None, tokens,
+                                          (pending, offsets, None) if pending else None))
                     pending, offsets = [], []
-            await self.queue.put((index, None, stream.finish_reason, tokens, (pending, offsets) if pending else None))
+            if echo is not None:  # no token (max_tokens 0): the prompt, then the end
+                await self._echo(index, stream, echo)
+            await self.queue.put((index, None, stream.finish_reason, tokens,
+                                  (pending, offsets, None) if pending else None))
         except Exception as exc:  # noqa: BLE001 - sent to the client as an error answer or event
             await self.queue.put((index, exc, "error", tokens, None))
 
@@ -1052,16 +1216,16 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False, tokens: int = 0,
-              logprobs: tuple[list, list[int]] | None = None) -> bytes:
-        items, offsets = logprobs if logprobs is not None else (None, None)
+              logprobs: tuple[list, list[int], int | None] | None = None) -> bytes:
+        items, offsets, unscored = logprobs if logprobs is not None else (None, None, None)
         if kind == "chat.completion":
             delta: dict[str, Any] = {"role": role, "content": ""} if first else \
                 ({"content": text} if text is not None else {})
             choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": _chat_logprobs(server, items),
                                       "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": _completion_logprobs(server, items, offsets),
-                      "finish_reason": finish}
+            choice = {"index": index, "text": text or "",
+                      "logprobs": _completion_logprobs(server, items, offsets, first=unscored), "finish_reason": finish}
         payload = {"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
         if continuous:
             prompt = streams[index].prompt_tokens

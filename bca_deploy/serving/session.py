@@ -1041,6 +1041,27 @@ class MultiAdapterSession:
             texts.update(found)  # one dict update (atomic under the GIL); a race decodes an id twice, same text
         return [texts[int(t)] for t in token_ids]
 
+    def text_offsets(self, text: str, token_ids: Sequence[int]) -> list[int] | None:
+        """Where each token of ``token_ids`` (``text``'s tokenization, as :meth:`tokenize` gives it) starts in
+        ``text``, OpenAI's ``text_offset``: the end of the token before it in the tokenizer's offset mapping, so the
+        characters between two tokens' spans (a word-level tokenizer's spaces) go with the next token, as its decoded
+        text holds them, and a token with no characters (an added special token) is where the next text starts.
+        ``None`` where the tokenizer gives no offsets (a slow tokenizer, none) or tokenizes ``text`` to other ids."""
+        try:
+            with self._tokenizer_copy() as tok:
+                if not getattr(tok, "is_fast", False):
+                    return None
+                encoding = tok(text, return_offsets_mapping=True)
+        except ServingError:  # no tokenizer
+            return None
+        if list(encoding["input_ids"]) != [int(t) for t in token_ids]:
+            return None
+        offsets, end = [], 0
+        for _, stop in encoding["offset_mapping"]:
+            offsets.append(end)
+            end = max(end, int(stop))
+        return offsets
+
     def private_decoder(self) -> Callable[[Sequence[int]], str]:
         """:meth:`decode` over a tokenizer copy of its own, for one thread that must never wait behind other requests'
         texts in the shared copies (the generation engine's, whose detokenizers every stream waits for)."""

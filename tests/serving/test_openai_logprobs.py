@@ -213,7 +213,6 @@ def test_completion_logprobs_zero_lists_the_chosen_token_alone(llm, session, ref
     ("completions", {"logprobs": -1}, "logprobs", "from 0 to 20"),
     ("completions", {"extra_body": {"logprobs": True}}, "logprobs", "from 0 to 20"),
     ("completions", {"extra_body": {"top_logprobs": 2}}, "top_logprobs", "completions take \"logprobs\""),
-    ("completions", {"logprobs": 2, "echo": True}, "echo", "logprobs"),
 ])
 def test_logprobs_out_of_range_are_refused_by_name(llm, route, extra, param, says):
     with pytest.raises(openai.BadRequestError) as caught:
