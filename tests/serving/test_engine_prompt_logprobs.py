@@ -87,11 +87,12 @@ def test_chunked_scoring_prefills_next_to_a_decoding_row_equal_pytorchs(llama):
                 [lp[len(prompt) - 1 + j, t].item() for j, t in enumerate(result.token_ids)], abs=ATOL)
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [({"max_new_tokens": 0}, "max_new_tokens"),
-                                               ({"prompt_logprobs": 21}, "prompt_logprobs"),
-                                               ({"prompt_logprobs": True}, "prompt_logprobs")])
-def test_prompt_logprobs_and_zero_new_tokens_are_checked_by_name(kwargs, field):
-    """``max_new_tokens`` 0 is a prompt scored alone: refused without ``prompt_logprobs`` (nothing to run)."""
-    with pytest.raises(SamplingParamsError) as caught:
-        SamplingParams(**kwargs)
-    assert caught.value.field == field
+def test_prompt_logprobs_and_zero_new_tokens_are_checked_by_name():
+    """``max_new_tokens`` 0 is a prompt scored alone: taken with ``prompt_logprobs``, refused without (nothing to
+    run); ``prompt_logprobs`` is null or 0..20, as ``logprobs``."""
+    assert SamplingParams(max_new_tokens=0, prompt_logprobs=0).max_new_tokens == 0
+    for kwargs, field in (({"max_new_tokens": 0}, "max_new_tokens"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
+                          ({"prompt_logprobs": True}, "prompt_logprobs")):
+        with pytest.raises(SamplingParamsError) as caught:
+            SamplingParams(**kwargs)
+        assert caught.value.field == field, kwargs
