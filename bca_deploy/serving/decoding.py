@@ -581,7 +581,9 @@ class DecodeBatch:
         self._outputs = ["logits", *self._presents]
         self._pending: list[tuple[list[DecodeRow], dict[str, np.ndarray], int]] = []  # prefilled, not joined yet
         self._prefilling: list[PrefillJob] = []  # started, not finished
-        self._leaving: set[int] = set()  # id() of rows to drop before the next step
+        # id() of rows to drop before the next step -> the row: held, so that its id is not a new row's meanwhile (a
+        # row removed while nothing decodes waits here until a step; a newcomer allocated where it was got dropped)
+        self._leaving: dict[int, DecodeRow] = {}
         self._composite: tuple[tuple, Any] | None = None  # (key, BankSnapshot) for rows of several snapshots
         self._pad = session.pad_token_id
         self._empty: dict[str, np.ndarray] | None = None  # _empty_past's template
@@ -771,7 +773,7 @@ class DecodeBatch:
     def remove(self, rows: Iterable[DecodeRow]) -> None:
         """Rows leave the batch (finished, cancelled): their slots are freed before the next step, and a row still
         being prefilled leaves its prefill before its next chunk."""
-        gone = {id(row) for row in rows}
+        gone = {id(row): row for row in rows}
         self._leaving.update(gone)
         for job in list(self._prefilling):
             job.drop([i for i in job.live if id(job.rows[i]) in gone])
@@ -784,7 +786,7 @@ class DecodeBatch:
             self.slots = [None if r is not None and id(r) in self._leaving else r for r in self.slots]
         newcomers = [(r, past, i, w) for group, past, w in self._pending for i, r in enumerate(group)
                      if id(r) not in self._leaving]
-        self._pending, self._leaving = [], set()
+        self._pending, self._leaving = [], {}
         free = [s for s, r in enumerate(self.slots) if r is None]
         if len(newcomers) > len(free) or any(r.length > self.width for r, *_ in newcomers):
             self._rebuild(newcomers)
