@@ -10,6 +10,10 @@ folder on ``sys.path`` and import what they use. Exports are cached per pytest s
   ``no_template`` copy is the same export without the chat template.
 - :class:`ServeProcess`: ``python -m bca_deploy.cli serve ...`` on 127.0.0.1 and a free port, as a user
   runs it; stopped (SIGINT, then SIGKILL) on exit.
+- module fixtures over the tiny Llama, for the OpenAI test modules that import them: ``llama`` (its artefacts),
+  ``server`` (``bca-deploy serve`` of it, :func:`llama_serve`; one per module), ``llm`` (the ``openai`` client on it),
+  ``session`` (an in-process :class:`~bca_deploy.serving.MultiAdapterSession` of the export), ``torch_llama`` (the
+  PyTorch Llama with adapters a0..a2 loaded: the reference).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
@@ -256,3 +261,42 @@ def assert_error(status: int, body: dict, expected_status: int, kind: str | None
         assert body["error"]["type"] == kind, body
     for word in words:
         assert word in message, body
+
+
+# ---- module fixtures of the tiny Llama (imported by the OpenAI test modules) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> dict:
+    return bank("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(llama, tmp_path_factory, request):
+    log = tmp_path_factory.mktemp("logs") / f"{request.module.__name__.rpartition('.')[2]}-serve.log"
+    with llama_serve(llama["onnx"], llama["store"], log) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def llm(server):
+    return openai_client(server.url)
+
+
+@pytest.fixture(scope="module")
+def session(llama):
+    from bca_deploy.serving import MultiAdapterSession
+
+    return MultiAdapterSession(llama["onnx"], intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def torch_llama(llama):
+    import transformers
+
+    from bca_deploy import load_adapter
+
+    model = transformers.LlamaForCausalLM.from_pretrained(llama["model"])
+    for name in ("a0", "a1", "a2"):
+        load_adapter(model, llama["root"] / "adapters" / name, adapter_name=name)
+    return model.eval()

@@ -20,47 +20,14 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import bank, continuation, llama_serve, openai_client
+from http_helpers import continuation
+from http_helpers import llama, llm, server, session, torch_llama  # noqa: F401 - module fixtures
 from serving_helpers import row_alone
 
-from bca_deploy import load_adapter
-from bca_deploy.serving import MultiAdapterSession
 
 ATOL = 1e-4
 CHAT = [{"role": "user", "content": "what is the water"}]
 PROMPTS = ["the water is hot and", "you can see the"]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return bank("llama", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def server(llama, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "logprobs-serve.log"
-    with llama_serve(llama["onnx"], llama["store"], log) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def llm(server):
-    return openai_client(server.url)
-
-
-@pytest.fixture(scope="module")
-def session(llama):
-    return MultiAdapterSession(llama["onnx"], intra_op_threads=1)
-
-
-@pytest.fixture(scope="module")
-def torch_llama(llama):
-    import transformers
-
-    model = transformers.LlamaForCausalLM.from_pretrained(llama["model"])
-    for name in ("a0", "a1", "a2"):
-        load_adapter(model, llama["root"] / "adapters" / name, adapter_name=name)
-    return model.eval()
 
 
 class Reference:

@@ -29,7 +29,8 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import bank, continuation, llama_serve, openai_client  # noqa: E402
+from http_helpers import continuation  # noqa: E402
+from http_helpers import llama, llm, server, session  # noqa: E402,F401 - module fixtures
 from serving_helpers import StepGate  # noqa: E402
 
 from bca_deploy import load_adapter  # noqa: E402
@@ -39,28 +40,6 @@ from bca_deploy.serving.engine import GenerationEngine, SamplingParams, Sampling
 
 EOS = {2}  # the tiny Llama's end-of-sequence id (config.json and the tokenizer's </s>)
 PROMPTS = ["the water is hot and", "you can see the"]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return bank("llama", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def server(llama, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "vllm-fields-serve.log"
-    with llama_serve(llama["onnx"], llama["store"], log) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def llm(server):
-    return openai_client(server.url)
-
-
-@pytest.fixture(scope="module")
-def session(llama):
-    return MultiAdapterSession(llama["onnx"], intra_op_threads=1)
 
 
 @functools.cache
