@@ -106,6 +106,9 @@ _EVICT_WAIT_S = 60.0
 #: How long the driver waits for a replica's start-up notes (seconds): the replicas are up, so it answers at once.
 _NOTES_TIMEOUT_S = 30.0
 ADDRESS_TIMEOUT_S = 5.0  # how long --address host:port may take to accept a connection
+#: How long the router's model listing waits for a replica's ``max_model_len`` (asked once; null on the cards until
+#: a replica answers).
+MODEL_LEN_WAIT_S = 5.0
 #: Response header of the router's ``GET /metrics``: ``deployment (N replicas reporting, M gone)`` when the answer is
 #: the deployment's sum, ``one replica (<why>)`` when the metrics hub could not answer and one replica's text is given.
 METRICS_HEADER = "x-bca-metrics"
@@ -735,9 +738,16 @@ class Router:
         return name
 
     async def _model_len(self) -> None:
-        """Ask a replica for the model's ``max_model_len`` once (the cards carry it, as a single server's do)."""
-        if self._max_model_len is None:
-            self._max_model_len = await self.replicas.max_model_len.remote()
+        """Ask a replica for the model's ``max_model_len`` once (the cards carry it, as a single server's do). A
+        replica that does not answer within :data:`MODEL_LEN_WAIT_S` (starting, or gone) never holds the listing up:
+        the cards carry null until one does, and the next listing asks again."""
+        if self._max_model_len is not None:
+            return
+        try:
+            self._max_model_len = await asyncio.wait_for(self.replicas.max_model_len.remote(), MODEL_LEN_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - the listing is answered without it
+            _log.warning("no replica gave max_model_len for the model listing (%s: %s); listed as null",
+                         type(exc).__name__, exc)
 
     def _card(self, name: str, parent: str | None) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "bca-deploy", "root": name,
