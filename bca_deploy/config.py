@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError, format_problems, open_regular, why_not_readable
+from .errors import AdapterFormatError, format_problems, open_regular, read_at_most, why_not_readable
 
 __all__ = [
     "RUN_ADAPTER_FOLDERS",
@@ -683,7 +683,7 @@ def read_json_value(path: Path, what: str = "file", allow_nan: bool = False, uni
         # opened as a regular file without blocking, and read to the bound only: a named pipe or a larger file put
         # there since the look above (a path an adapter records, outside any store) is refused, never waited on
         with open_regular(path) as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
+            raw = read_at_most(f, MAX_JSON_BYTES)
         if len(raw) > MAX_JSON_BYTES:
             raise AdapterFormatError(f"{path}: more than {MAX_JSON_BYTES} bytes; {_a(what)} of more than "
                                      f"{MAX_JSON_BYTES} bytes is refused")

@@ -31,6 +31,7 @@ __all__ = [
     "format_problems",
     "first_line",
     "open_regular",
+    "read_at_most",
     "require_readable",
 ]
 
@@ -187,6 +188,20 @@ def open_regular(path: object) -> BinaryIO:
         os.close(fd)
         raise
     return os.fdopen(fd, "rb")
+
+
+def read_at_most(handle: BinaryIO, limit: int) -> bytes:
+    """What is left of ``handle``, but no more than ``limit`` + 1 bytes (one more than ``limit``: the caller tells a
+    file over its bound by the length), read in pieces of at most 1 MiB: ``handle.read(limit + 1)`` sets aside
+    ``limit`` + 1 bytes before it reads one (16 MiB for a 2 KB config.json under a 16 MiB bound)."""
+    pieces, total = [], 0
+    while total <= limit:
+        piece = handle.read(min(1 << 20, limit + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
 
 
 def require_readable(path: object) -> None:

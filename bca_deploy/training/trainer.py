@@ -1161,13 +1161,13 @@ _MAX_LOG_BYTES = 1 << 30  # a training log past this (millions of steps) is left
 def _trim_log(path: Path, step: int) -> None:
     """Drop the records of steps after ``step`` (the resumed checkpoint's) from the log: the resumed run logs those
     steps again, and the log then reads as an uninterrupted run's. A line cut short by a kill is dropped too."""
-    from ..errors import open_regular
+    from ..errors import open_regular, read_at_most
 
     try:  # a regular file of a plausible size only: a link to /dev/zero filled 22 GB, a FIFO blocked the resume
         with open_regular(path) as handle:
             if os.fstat(handle.fileno()).st_size > _MAX_LOG_BYTES:
                 return
-            lines = handle.read(_MAX_LOG_BYTES + 1).decode("utf-8").splitlines(keepends=True)
+            lines = read_at_most(handle, _MAX_LOG_BYTES).decode("utf-8").splitlines(keepends=True)
     except (OSError, UnicodeDecodeError):
         return
     kept = []
