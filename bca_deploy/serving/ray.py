@@ -14,8 +14,9 @@ Two deployments (``pip install 'bca-deploy[onnx,ray]'``):
   ``multiplexed_model_id=<adapter>``, so Ray sends it to a replica that holds the adapter (and loads it
   on one otherwise); base-model requests go to any replica. Answers, streamed ones included, come back
   unchanged. ``GET /v1/models`` lists the base model, the exported adapters and the store's entries
-  (all can be served, each loaded on demand), with the ``max_model_len`` a replica gives (asked once). vLLM's
-  ``/tokenize`` and ``/detokenize`` are routed by their ``model`` as the other routes are, ``/version`` goes to any
+  (all can be served, each loaded on demand), with the ``max_model_len`` a replica gives (asked once; null until
+  one answers). vLLM's ``/tokenize`` and ``/detokenize`` are routed by their ``model`` as the other routes are,
+  ``/version`` goes to any
   replica: each answers them as ``bca-deploy serve`` does. The answers it gives itself (its refusals, the model listing,
   ``GET /metrics``) are counted in serve's request metrics (:func:`~bca_deploy.serving.http.record_request`: same
   families and labels, same access line).
