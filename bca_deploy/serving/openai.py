@@ -137,8 +137,8 @@ from .wire import (
 if TYPE_CHECKING:
     from .http import Server
 
-__all__ = ["add_routes", "EmbeddingsRequest", "CompletionRequest", "ChatCompletionRequest", "TokenizeCompletionRequest",
-           "TokenizeChatRequest", "DetokenizeRequest"]
+__all__ = ["add_routes", "model_card", "EmbeddingsRequest", "CompletionRequest", "ChatCompletionRequest",
+           "TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"]
 
 
 class _OpenAIRequest(BaseModel):
@@ -565,6 +565,14 @@ def truncate_prompt_tokens(server: Server, value: int | None) -> int | None:
     return value
 
 
+def model_card(name: str, parent: str | None, created: int, max_model_len: int | None) -> dict[str, Any]:
+    """One ``/v1/models`` entry, as ``bca-deploy serve`` and the Ray router list them: ``parent`` the base model's name
+    for an adapter (None for the base model); ``max_model_len`` vLLM's field (clients size prompts by it), the same
+    for the base model and every adapter."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "bca-deploy", "root": name,
+            "parent": parent, "max_model_len": max_model_len}
+
+
 def _as_rows(value: Any) -> list:
     """OpenAI's input/prompt shapes as rows: a text, texts, one token list, or token lists."""
     if isinstance(value, str):
@@ -597,24 +605,22 @@ def add_routes(app, server: Server, native_embeddings) -> None:
             field = problems[0].split(":")[0]
             raise InvalidRequestError("; ".join(problems), param=field if field.isidentifier() else None)
 
-    def model_card(name: str, parent: str | None) -> dict[str, Any]:
-        # max_model_len: vLLM's field (clients size prompts by it), the same for the base model and every adapter
-        return {"id": name, "object": "model", "created": created, "owned_by": "bca-deploy", "root": name,
-                "parent": parent, "max_model_len": server.max_model_len}
+    def card(name: str, parent: str | None) -> dict[str, Any]:
+        return model_card(name, parent, created, server.max_model_len)
 
     @app.api_route("/v1/models", methods=READ_METHODS)
     async def list_models():
-        cards = [model_card(server.model_name, None)]
+        cards = [card(server.model_name, None)]
         if options.list_adapters:
-            cards += [model_card(name, server.model_name) for name in sorted(server.session.snapshot().slots)]
+            cards += [card(name, server.model_name) for name in sorted(server.session.snapshot().slots)]
         return {"object": "list", "data": cards}
 
     @app.api_route("/v1/models/{model}", methods=READ_METHODS)
     async def get_model(model: str):
         if model in (server.model_name, BASE):
-            return model_card(server.model_name, None)
+            return card(server.model_name, None)
         server.adapter(model, param="model")
-        return model_card(model, server.model_name)
+        return card(model, server.model_name)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
@@ -977,7 +983,7 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         events = _stream_events(request, server, pumps, first, kind, ident, created, req.model, include_usage,
                                 continuous, n, role=role, echo=echo)
         return ClosingStreamingResponse(events, media_type="text/event-stream", on_close=pumps.close,
-                                        headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                                        headers=_SSE_HEADERS)
     try:
         results = await server.collect(request, streams)
     finally:
@@ -1024,6 +1030,17 @@ def _chat_logprobs(server: Server, items: list | None) -> dict[str, Any] | None:
                         for item in items]}
 
 
+#: Headers of a server-sent events answer: no cache, and no buffering by a proxy (nginx) between the tokens.
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+#: The last event of a stream, as OpenAI ends one.
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    """One server-sent event holding ``payload`` as compact JSON."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
 def _echo_only(req: CompletionRequest, prompts: list[list[int]], echoes: list[_Echo]):
     """The answer to ``echo`` with ``max_tokens`` 0 and no ``logprobs``: each prompt's text, ``n`` times, nothing
     generated (``finish_reason`` ``"length"``, as vLLM answers it), whole or as vLLM streams it (one chunk per choice).
@@ -1047,15 +1064,15 @@ def _echo_only(req: CompletionRequest, prompts: list[list[int]], echoes: list[_E
                 tokens = len(prompts[i // req.n])
                 payload["usage"] = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens} \
                     if continuous else None
-            yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+            yield _sse(payload)
         if include_usage:
             payload = {"id": ident, "object": "text_completion", "created": created, "model": req.model,
                        "choices": [], "usage": usage}
-            yield b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
+            yield _sse(payload)
+        yield _SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                             headers=_SSE_HEADERS)
 
 
 def _completion_logprobs(server: Server, items: list | None, offsets: list[int] | None,
@@ -1212,9 +1229,6 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     streams = pumps.streams
 
-    def event(payload: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False, tokens: int = 0,
               logprobs: tuple[list, list[int], int | None] | None = None) -> bytes:
         items, offsets, unscored = logprobs if logprobs is not None else (None, None, None)
@@ -1232,7 +1246,7 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
             payload["usage"] = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
         elif include_usage:
             payload["usage"] = None
-        return event(payload)
+        return _sse(payload)
 
     try:
         if kind == "chat.completion":
@@ -1251,7 +1265,7 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
                 message = server.redact(str(text)) if isinstance(text, BCAError) else \
                     f"internal error (request id {request.state.request_id}); the server log has the details"
                 request.state.log["error"] = f"{type(text).__name__}: {text}"
-                yield event(error_body(status, error_type, message, server.error_param(text, request.scope["state"])))
+                yield _sse(error_body(status, error_type, message, server.error_param(text, request.scope["state"])))
                 break
             if finish is None:
                 yield chunk(index, text, None, tokens=tokens, logprobs=logprobs)
@@ -1260,8 +1274,8 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
                 yield chunk(index, None, finish, tokens=tokens, logprobs=logprobs)
         else:
             if include_usage:
-                yield event({"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],
+                yield _sse({"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],
                              "usage": _usage(streams, n)})
-        yield b"data: [DONE]\n\n"
+        yield _SSE_DONE
     finally:  # the end, or the client went away: free the rows at once
         await pumps.close()

@@ -76,7 +76,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import BCAError, ServingError, UnknownAdapterError, first_line, format_problems
-from .openai import ClosingStreamingResponse
+from .openai import ClosingStreamingResponse, model_card
 from .metrics import CONTENT_TYPE, ServerMetrics, merge_expositions, with_requests_of
 from .options import NOT_ON_RAY, ServeOptions
 from .session import BASE, ADAPTER_NAME_PATTERN, bank_metadata, not_loaded
@@ -751,8 +751,7 @@ class Router:
                          type(exc).__name__, exc)
 
     def _card(self, name: str, parent: str | None) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "bca-deploy", "root": name,
-                "parent": parent, "max_model_len": self._max_model_len}
+        return model_card(name, parent, self.created, self._max_model_len)
 
     def _servable(self) -> list[str]:
         """The adapters a request may name: the exported ones and the store's entries (each loads on demand)."""
