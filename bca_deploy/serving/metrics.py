@@ -24,8 +24,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
-__all__ = ["ServerMetrics", "with_requests_of", "merge_expositions", "REQUEST_FAMILIES", "CONTENT_TYPE", "UNKNOWN_ADAPTER", "BASE_ADAPTER",
-           "HIDDEN_ADAPTER", "CONNECTION_REFUSAL_REASONS"]
+__all__ = ["ServerMetrics", "with_requests_of", "merge_expositions", "REQUEST_FAMILIES", "CONTENT_TYPE", "UNKNOWN_ADAPTER",
+           "BASE_ADAPTER", "HIDDEN_ADAPTER", "CONNECTION_REFUSAL_REASONS"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNKNOWN_ADAPTER = "__unknown__"
@@ -177,14 +177,7 @@ def with_requests_of(text: bytes, metrics: ServerMetrics) -> bytes:
                 into.samples.append(sample)
             else:
                 into.samples[i] = into.samples[i]._replace(value=into.samples[i].value + sample.value)
-
-    class _Merged:
-        def collect(self):
-            return iter(families.values())
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged())
-    return generate_latest(registry)
+    return _exposition(families.values())
 
 
 #: Family types whose samples only grow while a process lives (a counter, a histogram's buckets, ``_count`` and
@@ -252,11 +245,18 @@ def merge_expositions(live: Iterable[bytes | str], gone: Iterable[bytes | str] =
         family.samples = [sample for group in groups.values() for sample in group]
         out.append(family)
     out.extend(extra)
+    return _exposition(out)
 
-    class _Merged:
+
+def _exposition(families: Iterable[Any]) -> bytes:
+    """The text exposition of ``families`` (prometheus_client ``Metric`` objects, parsed or made), as
+    ``generate_latest`` renders a registry's."""
+    families = list(families)
+
+    class _Families:
         def collect(self):
-            return iter(out)
+            return iter(families)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged())
+    registry.register(_Families())
     return generate_latest(registry)
