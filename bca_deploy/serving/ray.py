@@ -633,7 +633,7 @@ class Router:
             text = b"".join([chunk async for chunk in _rest(stream)])
             headers[METRICS_HEADER] = f"one replica ({getattr(request.state, 'metrics_scope', 'no metrics hub')})"
             return Response(with_requests_of(text, self.metrics), status_code=200, headers=headers)
-        return ClosingStreamingResponse(_rest(stream), status_code=start_message["status"], headers=headers)
+        return _ForwardedAnswer(_rest(stream), status_code=start_message["status"], headers=headers)
 
     async def _own_answer(self, request: Request) -> Response | None:
         """The router's own answer to ``request`` (a refusal is raised), or None: a replica answers it (then
@@ -772,6 +772,27 @@ class Router:
         if name not in self._servable():
             raise not_loaded(name, param="model")
         return self._card(name, self.model_name)
+
+
+class _ForwardedAnswer(ClosingStreamingResponse):
+    """A replica's streamed answer, as the router passes it on.
+
+    Ray's proxy cancels the router's call when the client hangs up mid-answer (or Serve shuts down), and Ray's
+    ``receive`` then raises ``TaskCancelledError`` in Starlette's disconnect listener instead of answering
+    ``http.disconnect``: it escaped as a "Future exception was never retrieved" traceback in Ray's log for clients
+    that simply stopped reading (and for a probe still in flight at Ctrl-C). A cancelled call is a disconnect.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        from ray.exceptions import TaskCancelledError
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await super().__call__(scope, receive_or_disconnect, send)
 
 
 async def _rest(stream) -> AsyncIterator[bytes]:
