@@ -21,8 +21,10 @@ Two deployments (``pip install 'bca-deploy[onnx,ray]'``):
   ``GET /metrics``) are counted in serve's request metrics (:func:`~bca_deploy.serving.http.record_request`: same
   families and labels, same access line).
 - :class:`MetricsHub` (a detached Ray actor, ``num_cpus=0``, named after the application, started or joined by the
-  router, ending itself after :data:`METRICS_HUB_IDLE_S` without pushes or scrapes): each replica pushes its whole metrics text there every :data:`METRICS_PUSH_S` seconds and when it
-  shuts down (a thread of its own: serving never waits on it). The router's ``GET /metrics`` is the deployment's:
+  router, in the :data:`METRICS_HUB_NAMESPACE` namespace; ended by ``serve-ray``'s shutdown
+  (:func:`end_metrics_hub`), and ending itself after :data:`METRICS_HUB_IDLE_S` without pushes or scrapes): each
+  replica pushes its whole metrics text there every :data:`METRICS_PUSH_S` seconds and when it shuts down (a
+  thread of its own: serving never waits on it). The router's ``GET /metrics`` is the deployment's:
   :func:`~bca_deploy.serving.metrics.merge_expositions` of the latest texts, with the router's own answers and
   ``bca_metrics_replicas{state="live"|"gone"}`` added. Counters and histograms are summed over every replica that
   has reported, a gone one (scaled down, shut down, or silent for :data:`METRICS_STALE_S`) with its last text, so
@@ -96,7 +98,8 @@ from .wire import (
     validate,
 )
 
-__all__ = ["AdapterReplicas", "Router", "MetricsHub", "build_app", "run", "REPLICA_HEADER", "METRICS_HEADER"]
+__all__ = ["AdapterReplicas", "Router", "MetricsHub", "build_app", "run", "end_metrics_hub", "REPLICA_HEADER",
+           "METRICS_HEADER"]
 
 #: Response header naming the replica that answered (for routing checks and debugging).
 REPLICA_HEADER = "x-bca-replica"
@@ -117,6 +120,8 @@ METRICS_HEADER = "x-bca-metrics"
 METRICS_PUSH_S = 1.0
 #: How long a push, or the router's question to the hub, may take before it is given up (serving never waits on it).
 METRICS_HUB_TIMEOUT_S = 2.0
+#: The Serve application name ``bca-deploy serve-ray`` deploys under.
+APP_NAME = "bca-deploy"
 #: A replica that has not pushed for this long is counted as gone: its gauges leave the sums, its counters stay.
 METRICS_STALE_S = 10.0
 #: The largest metrics text a replica may push (a larger one is refused, its previous one kept): bounds the hub.
@@ -126,6 +131,9 @@ METRICS_MAX_GONE = 16
 
 #: A hub nobody pushed to or asked for this long (the application was deleted or Serve shut down) ends itself.
 METRICS_HUB_IDLE_S = 600.0
+#: The Ray namespace of the metrics hubs: a fixed one, so that the driver that deployed the application finds its hub
+#: to end it at shutdown (in the job's anonymous namespace Ray warns that a detached actor there cannot be found).
+METRICS_HUB_NAMESPACE = "bca-deploy"
 #: Names of folded replicas the hub remembers (to refuse one that comes back rather than count it twice).
 _MAX_FOLDED = 4096
 
@@ -410,6 +418,22 @@ def _hub_name(app_name: str) -> str:
     return f"bca-deploy-metrics-hub:{app_name}"
 
 
+def end_metrics_hub(app_name: str = APP_NAME) -> bool:
+    """End the metrics hub of the Serve application ``app_name`` (after ``serve.shutdown`` or ``serve.delete``: the
+    replicas' last pushes are in, and nobody will ask it again); True if there was one. Without this a hub on a
+    cluster that outlives the driver lingers for :data:`METRICS_HUB_IDLE_S` (it ends itself then)."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(_hub_name(app_name), namespace=METRICS_HUB_NAMESPACE), no_restart=True)
+    except ValueError:  # none of that name: metrics off, or never started
+        return False
+    except Exception as exc:  # Ray's own types (a cluster gone meanwhile): the hub still ends itself when idle
+        _log.warning("could not end the metrics hub of %s (%s: %s)", app_name, type(exc).__name__, first_line(exc, 200))
+        return False
+    return True
+
+
 class MetricsHub:
     """The latest metrics text of every replica of one application, for the router's ``GET /metrics``.
 
@@ -514,7 +538,7 @@ class _MetricsPusher:
 
         try:
             if self._hub is None:
-                self._hub = ray.get_actor(self.hub_name)
+                self._hub = ray.get_actor(self.hub_name, namespace=METRICS_HUB_NAMESPACE)
             refused = ray.get(self._hub.push.remote(self.replica_id, self.render(), final),
                               timeout=METRICS_HUB_TIMEOUT_S)
             if refused and not self._warned:
@@ -567,8 +591,9 @@ class Router:
 
         try:
             # detached: a redeploy restarts this router, and the hub (with the gone replicas' counts) lives on
-            self._hub = ray.remote(MetricsHub).options(name=self._hub_name, get_if_exists=True, num_cpus=0,
-                                                       lifetime="detached").remote(idle_s=METRICS_HUB_IDLE_S)
+            self._hub = ray.remote(MetricsHub).options(
+                name=self._hub_name, namespace=METRICS_HUB_NAMESPACE, get_if_exists=True, num_cpus=0,
+                lifetime="detached").remote(idle_s=METRICS_HUB_IDLE_S)
         except Exception as exc:  # Ray's own types: GET /metrics falls back to one replica's, saying why
             self._hub = None
             self._hub_problem = f"the metrics hub could not start: {type(exc).__name__}: {first_line(exc, 200)}"
@@ -980,7 +1005,7 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
     previous = _stop_on_signals() if blocking else {}  # from here on, a signal shuts Serve down
     try:
         try:
-            handle = serve.run(app, name="bca-deploy", route_prefix="/", blocking=False)
+            handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except BCAError:
             raise
         except RuntimeError as exc:  # "Deploying application bca-deploy failed: ...": a replica could not start
@@ -997,6 +1022,7 @@ def run(export_dir: str | Path, *, adapter_store: str | Path | None = None, repl
     finally:
         if blocking:
             serve.shutdown()
+            end_metrics_hub(APP_NAME)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
