@@ -86,6 +86,7 @@ from .wire import (
     BODY_ROUTES,
     READ_METHODS,
     AdapterExistsError,
+    ClientClosedRequestError,
     InvalidRequestError,
     body_too_large,
     body_too_slow,
@@ -712,6 +713,9 @@ class Router:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise body_too_large(limit, length)
+        from ray.exceptions import TaskCancelledError
+        from starlette.requests import ClientDisconnect
+
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         chunks, size = [], 0
@@ -723,6 +727,10 @@ class Router:
                 break
             except asyncio.TimeoutError:
                 raise body_too_slow(seconds) from None
+            except (ClientDisconnect, TaskCancelledError):  # gone mid-body: 499 in the access log, as serve logs it
+                # (Ray logged a "Request failed" traceback and a 500 for the client's own doing)
+                raise ClientClosedRequestError(f"the client closed the connection after {size} bytes of its "
+                                               "body") from None
             size += len(chunk)
             if size > limit:
                 raise body_too_large(limit)
