@@ -837,7 +837,7 @@ class Server:
     async def chat_prompt(self, messages: list[dict[str, str]], adapter: str | None = None, *,
                           add_generation_prompt: bool = True, continue_final_message: bool = False,
                           template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
-                          count_only: bool = False) -> list[int]:
+                          count_only: bool = False, keep_tokens: int | None = None) -> list[int]:
         """Token ids of ``messages`` through the tokenizer's chat template, rendered by :attr:`chat_templates` in a
         worker process within ``--chat-template-timeout-s`` and ``--chat-template-memory-mb``
         (:class:`~bca_deploy.serving.chat_template.ChatTemplateLimitError` past them); ``adapter`` (None: the base
@@ -848,11 +848,14 @@ class Server:
         :func:`~bca_deploy.serving.chat_template.template_kwargs_problems`), tokenized without special tokens unless
         ``add_special_tokens`` (vLLM's: a BOS added on top of the template's own). ``count_only`` (vLLM's
         ``/tokenize``): the ids of a conversation past the model's context too, unchecked against the vocabulary (the
-        rendered text is still bounded in characters)."""
+        rendered text is still bounded in characters). ``keep_tokens`` (vLLM's ``truncate_prompt_tokens``, a count):
+        the rendered text's ids cut to their last ``keep_tokens`` as a completion's prompt is cut
+        (:meth:`MultiAdapterSession.prepare`: the tokenizer's left truncation, its special tokens kept)."""
         if not self._chat_ready:  # the tokenizer may load now (seconds): off the event loop
             await run_in_threadpool(self._require_chat_template)
         limit = max(self.options.max_text_chars, CHAT_CHARS_PER_POSITION * (self.session.max_positions or 0))
-        ids = functools.partial(self._chat_ids, add_special_tokens=add_special_tokens, count_only=count_only)
+        ids = functools.partial(self._chat_ids, add_special_tokens=add_special_tokens, count_only=count_only,
+                                keep_tokens=keep_tokens)
         try:  # tokenized in the render's thread: one thread hop for both
             return await self.chat_templates.render(messages, limit, then=ids, tenant=adapter,
                                                     add_generation_prompt=add_generation_prompt,
@@ -880,16 +883,17 @@ class Server:
                                "a prompt; use /v1/completions with a prompt instead")
         self._chat_ready = True
 
-    def _chat_ids(self, text: str, add_special_tokens: bool = False, count_only: bool = False) -> list[int]:
+    def _chat_ids(self, text: str, add_special_tokens: bool = False, count_only: bool = False,
+                  keep_tokens: int | None = None) -> list[int]:
         # The template writes special tokens (bos, role markers) as text: tokenize without adding them again,
         # as transformers' apply_chat_template(tokenize=True) does (unless the request asks, vLLM's
         # add_special_tokens); with one of the session's tokenizer copies, no more of a conversation past the context
-        # than shows it is (refused naming "messages")
+        # than shows it is (refused naming "messages"), or, with keep_tokens, than its last tokens need (a suffix:
+        # the completions' rule, one definition in MultiAdapterSession.prepare)
         options = {**CHAT_TOKENIZE_OPTIONS, "add_special_tokens": True} if add_special_tokens else CHAT_TOKENIZE_OPTIONS
         if count_only:  # /tokenize: every token counted, as vLLM counts them (the render bounded the characters)
             return self.session.tokenize([text], truncate=False, **options)[0]
-        ids = self.session.tokenize([text], refuse_param="messages", **options)[0]
-        return self.session.prepare([ids], input_param="messages")[0]
+        return self.session.prepare([text], input_param="messages", keep_tokens=keep_tokens, text_options=options)[0]
 
     def check_chat_template(self) -> None:
         """Start-up: render a one-message conversation through the chat template under the request bounds, so a

@@ -11,7 +11,8 @@ adapter, as with vLLM's ``--lora-modules``:
                                      "truncate_prompt_tokens"?}                                encoders
     POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?, "n"?,
                                      "stop"?, "presence_penalty"?, "frequency_penalty"?, "logprobs"? (0..20),
-                                     "echo"?, "stream"?, "stream_options"?}                    decoders
+                                     "echo"?, "stream"?, "stream_options"?,
+                                     "truncate_prompt_tokens"?}                                decoders
     POST /v1/chat/completions       {"model", "messages", ...same..., "logprobs"? (true/false),  decoders with
                                      "top_logprobs"? (0..20)}                                  a chat template
     POST /v1/load_lora_adapter      {"lora_name", "lora_path"?}: load a store entry (vLLM's shape)
@@ -53,7 +54,11 @@ alternatives, 0..20, only with ``logprobs: true``) gives each choice ``logprobs.
 "text_offset"}`` (``top_logprobs``: the N most likely tokens, plus the chosen one when it is not among them;
 ``text_offset``: where each token's text starts in the choice's text, streamed or not). Every
 generated token is listed, the end-of-sequence token and one cut by a stop string included (as ``usage`` counts
-them); a token's ``token`` is its own text (the id decoded alone, special tokens kept, as vLLM shows it). Streamed,
+them); a token's ``token`` is its own text (the id decoded alone, special tokens kept, as vLLM shows it), except a
+byte-level token that is only part of a character (an emoji's or a CJK character's first bytes: its decode is
+U+FFFD, the same for all of them), written as OpenAI writes it, ``"bytes:\\xe2\\x80"``, chat's ``bytes`` then its
+true bytes (:meth:`~bca_deploy.serving.MultiAdapterSession.token_texts`, ``token_bytes``), so two such alternatives
+are two keys of completions' ``top_logprobs``. Streamed,
 each chunk carries the log-probabilities of its tokens (a token with no text of its own goes with the next chunk).
 The distribution is the model's raw one, vLLM's default: log_softmax of the logits of the adapter's model, before
 penalties, ``min_tokens`` masking, temperature, top-k and top-p, so the numbers are the same however a choice
@@ -89,9 +94,11 @@ value (``best_of`` > 1, ``suffix``, ``logit_bias``,
 chat's ``chat_template_kwargs``, ``documents``, ``add_generation_prompt``, ``continue_final_message``, ``echo`` and
 ``add_special_tokens`` (see :class:`ChatCompletionRequest`); ``min_p``, ``skip_special_tokens``,
 ``spaces_between_special_tokens`` and ``include_stop_str_in_output`` are accepted at vLLM's default only, and a
-request's ``chat_template`` is refused. ``truncate_prompt_tokens`` (completions and embeddings; chat: its default
-only) cuts each prompt to that many tokens as vLLM cuts it: a completion's text keeps its *last* tokens (vLLM's
-tokenizer for generation truncates on the left; its special tokens kept), an embedding's text its first ones (vLLM's
+request's ``chat_template`` is refused. ``truncate_prompt_tokens`` (completions, chat and embeddings) cuts each
+prompt to that many tokens as vLLM cuts it: a completion's text keeps its *last* tokens (vLLM's tokenizer for
+generation truncates on the left; its special tokens kept), and so does a chat conversation's text once the template
+has rendered it (the same rule, :meth:`~bca_deploy.serving.MultiAdapterSession.prepare`; ``echo`` is still the last
+message's text as sent, as in vLLM), an embedding's text its first ones (vLLM's
 for pooling truncates on the right; at most where texts are cut anyway), a token-id prompt its last ones (both
 routes, as vLLM slices them); -1 is the model's ``max_model_len``; above it, 0 or below -1 is a 400. A long text is
 not tokenized whole for it (:func:`~bca_deploy.serving.prefix.bounded_ids`: a suffix or prefix cut at a space).
@@ -430,9 +437,6 @@ class ChatCompletionRequest(_Sampling):
 
     def unsupported(self) -> list[str]:
         problems = super().unsupported()
-        _refuse(problems, "truncate_prompt_tokens", self.truncate_prompt_tokens, None,
-                "a conversation is not truncated: one longer than the model's context is refused with "
-                "context_length_exceeded; /v1/completions takes truncate_prompt_tokens")
         problems += _rendering_problems(self.chat_template, self.chat_template_kwargs, self.continue_final_message,
                                         self.generation_prompt)
         _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
@@ -680,11 +684,13 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         check(req)
         adapter = server.select(request, req.model, param="model")
         server.check_rows(req.n, "n")  # every choice is a row
+        # vLLM's truncate_prompt_tokens: the rendered conversation's ids cut to their last k, as a completion's prompt
         prompt = await server.chat_prompt([m.for_template() for m in req.messages], adapter,
                                           add_generation_prompt=req.generation_prompt,
                                           continue_final_message=bool(req.continue_final_message),
                                           template_kwargs=req.template_kwargs() or None,
-                                          add_special_tokens=bool(req.add_special_tokens))
+                                          add_special_tokens=bool(req.add_special_tokens),
+                                          keep_tokens=truncate_prompt_tokens(server, req.truncate_prompt_tokens))
         return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None)
 
     @app.post("/tokenize")
@@ -1017,14 +1023,17 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
 def _chat_logprobs(server: Server, items: list | None) -> dict[str, Any] | None:
     """A chat choice's ``logprobs`` (OpenAI's shape) of the tokens ``items`` (:class:`~bca_deploy.serving.engine.
     TokenLogprob`; ``None``: not asked): ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
-    "logprob", "bytes"}, ...]}, ...]}``, the alternatives most likely first; ``bytes``: the token text's UTF-8."""
+    "logprob", "bytes"}, ...]}, ...]}``, the alternatives most likely first; ``bytes``: the token's own bytes (a
+    byte-level token that is part of a character: its true bytes, its ``token`` ``"bytes:\\xe2\\x80"``; see
+    :meth:`~bca_deploy.serving.MultiAdapterSession.token_bytes`)."""
     if items is None:
         return None
     texts = _texts(server, items)
+    ids = list(texts)
+    raw = dict(zip(ids, server.session.token_bytes(ids), strict=True))
 
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        text = texts[token]
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+        return {"token": texts[token], "logprob": logprob, "bytes": list(raw[token])}
 
     return {"content": [{**entry(item.token_id, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
                         for item in items]}
@@ -1080,9 +1089,10 @@ def _completion_logprobs(server: Server, items: list | None, offsets: list[int] 
     """A completion choice's ``logprobs`` (OpenAI's legacy shape) of the tokens ``items`` (``None``: not asked):
     ``tokens`` (each token's own text), ``token_logprobs``, ``top_logprobs`` (per token, ``{text: logprob}`` of the
     most likely tokens, then the chosen one when it is not among them: up to ``logprobs`` + 1 entries, as OpenAI and
-    vLLM give them; two ids of the same text keep the likelier) and ``text_offset``: ``offsets``, where each token's
-    text starts in the choice's text (OpenAI's meaning, the same streamed or not; a token that adds no text of its
-    own, e.g. the end-of-sequence token, is where the next text starts). ``first``: a token listed before ``items``
+    vLLM give them; two ids of the same text keep the likelier; a token that is part of a character is keyed by its
+    bytes, ``"bytes:\\xe2\\x80"``, so two such tokens are two entries) and ``text_offset``: ``offsets``, where each
+    token's text starts in the choice's text (OpenAI's meaning, the same streamed or not; a token that adds no text of
+    its own, e.g. the end-of-sequence token, is where the next text starts). ``first``: a token listed before ``items``
     with null log-probabilities (an echoed prompt's first token: nothing comes before it; ``offsets`` include it)."""
     if items is None:
         return None

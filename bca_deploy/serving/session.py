@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import itertools
+import json
 import math
 import os
 import re
@@ -364,7 +365,7 @@ class MultiAdapterSession:
         # go through TOKENIZER_COPIES copies, one text per copy at a time, in the order asked for, so neither one
         # request's many texts nor one long text holds every other request's text (and every stream's detokenizer).
         self._tokenizers: TurnPool | None = None
-        self._token_texts: dict[int, str] = {}  # token_texts' (a token's own text)
+        self._token_texts: dict[int, tuple[str, bytes]] = {}  # token_texts' and token_bytes' (a token's own text)
         self._lock = threading.Lock()
         self._adapters: dict[str, _Adapter] = {}
         self._versions = itertools.count(1)
@@ -1028,18 +1029,29 @@ class MultiAdapterSession:
 
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         """Each token's own text, as vLLM shows tokens in log-probabilities: the id decoded alone, special tokens
-        kept (``"</s>"``, not ``""``); ``"token_id:<id>"`` (vLLM's placeholder) without a tokenizer. Remembered per
-        id (a vocabulary's worth at most), so the same tokens cost one decode each however often they are asked."""
-        texts = self._token_texts
-        missing = sorted({int(t) for t in token_ids} - texts.keys())
+        kept (``"</s>"``, not ``""``); ``"token_id:<id>"`` (vLLM's placeholder) without a tokenizer. A byte-level
+        token that is only part of a character (an emoji's or a CJK character's first bytes) is written as OpenAI
+        writes it, ``"bytes:\\xe2\\x80"`` (each of its bytes escaped), not as the ``"\ufffd"`` its decode gives, so
+        two such tokens no longer read as the same text (:func:`token_pieces`). Remembered per id (a vocabulary's
+        worth at most), so the same tokens cost one decode each however often they are asked."""
+        return [text for text, _ in self._token_pieces(token_ids)]
+
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Each token's own bytes (OpenAI's chat ``bytes``): a byte-level token's true bytes, also where they are not
+        a whole character alone; else the UTF-8 of its :meth:`token_texts` text."""
+        return [raw for _, raw in self._token_pieces(token_ids)]
+
+    def _token_pieces(self, token_ids: Sequence[int]) -> list[tuple[str, bytes]]:
+        pieces = self._token_texts
+        missing = sorted({int(t) for t in token_ids} - pieces.keys())
         if missing:
             try:
                 with self._tokenizer_copy() as tok:
-                    found = {t: tok.decode([t], skip_special_tokens=False) for t in missing}
+                    found = token_pieces(tok, missing)
             except ServingError:  # no tokenizer: the ids themselves
-                found = {t: f"token_id:{t}" for t in missing}
-            texts.update(found)  # one dict update (atomic under the GIL); a race decodes an id twice, same text
-        return [texts[int(t)] for t in token_ids]
+                found = {t: (f"token_id:{t}", f"token_id:{t}".encode()) for t in missing}
+            pieces.update(found)  # one dict update (atomic under the GIL); a race decodes an id twice, same text
+        return [pieces[int(t)] for t in token_ids]
 
     def text_offsets(self, text: str, token_ids: Sequence[int]) -> list[int] | None:
         """Where each token of ``token_ids`` (``text``'s tokenization, as :meth:`tokenize` gives it) starts in
@@ -1201,7 +1213,7 @@ class MultiAdapterSession:
 
     def prepare(self, inputs: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 0,
                 input_param: str = "input", max_text_tokens: int | None = None,
-                keep_tokens: int | None = None) -> list[list[int]]:
+                keep_tokens: int | None = None, text_options: Mapping[str, Any] | None = None) -> list[list[int]]:
         """Check a request's rows before it joins a batch and return them as token-id lists.
 
         Texts are tokenized here, once (encoders truncate them at the model's maximum length), so a
@@ -1210,7 +1222,9 @@ class MultiAdapterSession:
 
         ``keep_tokens`` (vLLM's ``truncate_prompt_tokens``, a count): each row is cut to that many tokens as vLLM cuts
         it: a decoder's text keeps its last tokens (vLLM's left truncation of prompts, special tokens kept), an
-        encoder's its first ones (at most where it is cut anyway), a token-id row its last ones.
+        encoder's its first ones (at most where it is cut anyway), a token-id row its last ones. ``text_options``: more
+        of the tokenizer's for texts (a chat prompt's ``add_special_tokens``: the chat route's rendered text is cut by
+        this same rule).
 
         Raises:
             ServingError: no rows, a mix of texts, pairs and token ids, an empty row, texts without a
@@ -1227,12 +1241,12 @@ class MultiAdapterSession:
         if pairs:
             rows = self.tokenize_pairs(inputs, max_length=max_text_tokens)
         elif all(texts) and keep_tokens is not None and self.with_past:
-            rows = self.tokenize(inputs, truncate=True, max_length=keep_tokens, side="left")
+            rows = self.tokenize(inputs, truncate=True, max_length=keep_tokens, side="left", **(text_options or {}))
         elif all(texts):
             if keep_tokens is not None:
                 max_text_tokens = min(keep_tokens, max_text_tokens or keep_tokens)
             rows = self.tokenize(inputs, max_length=max_text_tokens, refuse_param=input_param,
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens, **(text_options or {}))
         else:
             rows = [list(x)[-keep_tokens:] if keep_tokens else list(x) for x in inputs]
         if (pairs or all(texts)) and self._tokenizer_mismatch:
@@ -1610,6 +1624,72 @@ class MultiAdapterSession:
 
 
 #: What a head file (``.npz``) may hold on top of its arrays' bytes at 8 bytes a value: .npy headers, zip records.
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's characters -> the bytes they stand for (GPT-2's ``bytes_to_unicode``, which RoBERTa, Llama 3,
+    Qwen and every ``tokenizers`` ``ByteLevel`` model share): printable Latin-1 bytes are themselves, the 68 others
+    are written as the characters from U+0100 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+#: SentencePiece's byte-fallback pieces (Llama 2, Mistral, Gemma): one byte each.
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_decoders(tok) -> frozenset[str]:
+    """Which of the byte decoders ("ByteLevel", "ByteFallback") the tokenizer's decoder uses (a fast tokenizer's
+    decoder, its sequence's parts included; a slow GPT-2 tokenizer: "ByteLevel")."""
+    if getattr(tok, "byte_decoder", None):
+        return frozenset({"ByteLevel"})
+    decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+    try:
+        state = json.loads(decoder.__getstate__()) if decoder is not None else {}
+    except (TypeError, ValueError, AttributeError):
+        return frozenset()
+    kinds, todo = set(), [state]
+    while todo:
+        part = todo.pop()
+        if isinstance(part, dict):
+            kinds.add(part.get("type"))
+            todo += part.get("decoders") or []
+    return frozenset(kinds & {"ByteLevel", "ByteFallback"})
+
+
+def token_pieces(tok, token_ids: Sequence[int]) -> dict[int, tuple[str, bytes]]:
+    """Each token id's ``(text, bytes)`` in log-probabilities (:meth:`MultiAdapterSession.token_texts`,
+    :meth:`~MultiAdapterSession.token_bytes`): the id decoded alone (special tokens kept) and its UTF-8, except a
+    token of a byte decoder (byte-level BPE's, SentencePiece's byte fallback) whose bytes are not valid UTF-8 alone
+    (a character's first or last bytes): its decode is ``"\ufffd"``, the same for every such token, so it is written
+    as OpenAI writes it, ``"bytes:"`` and each byte as ``\\xNN``, with its true bytes."""
+    kinds = _byte_decoders(tok)
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    out: dict[int, tuple[str, bytes]] = {}
+    for token in token_ids:
+        text = tok.decode([token], skip_special_tokens=False)
+        raw = None
+        if "\ufffd" in text and kinds and token not in added:  # only a partial character decodes to U+FFFD
+            raw = _token_raw_bytes(str(tok.convert_ids_to_tokens(token)), kinds)
+        if raw is not None:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                out[token] = ("bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw)
+                continue
+        out[token] = (text, text.encode("utf-8"))
+    return out
+
+
+def _token_raw_bytes(piece: str, kinds: frozenset[str]) -> bytes | None:
+    """The bytes a vocabulary piece stands for under a byte decoder, or None where it is not a byte piece."""
+    if "ByteFallback" in kinds and (match := _BYTE_PIECE.fullmatch(piece)):
+        return bytes([int(match.group(1), 16)])
+    if "ByteLevel" in kinds and all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    return None
+
+
 _HEAD_FILE_SLACK = 64 * 1024
 _HEAD_FILE_SLACK_PER_MEMBER = 16 * 1024
 

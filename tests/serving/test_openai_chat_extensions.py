@@ -13,7 +13,10 @@ against PyTorch). vLLM's rules (``vllm/entrypoints/openai/chat_completion/protoc
 ``vllm/renderers``): both ``add_generation_prompt`` and ``continue_final_message`` true is a 400; without the generation
 prompt the answer's role is the last message's; ``echo`` puts the last message's text before the answer when that
 message has the answer's role; ``chat_template`` and ``chat_template_kwargs``' ``tokenize`` / ``chat_template`` are
-refused.
+refused. ``truncate_prompt_tokens`` (vLLM's ``_normalize_prompt_text_to_input``: the rendered text tokenized with
+``truncation=True, max_length=k`` by a tokenizer whose ``truncation_side`` is "left"; -1: ``max_model_len``) keeps the
+rendered conversation's last k tokens; the reference is the tokenizer's own left truncation of the rendered text. It
+was refused on chat (a 400) before: its tests fail on that code.
 """
 
 from __future__ import annotations
@@ -213,19 +216,102 @@ def test_what_cannot_be_served_is_refused_naming_the_field(llm, server):
         assert "enable_thinking" not in body["message"]
     body = refused({"chat_template_kwargs": {f"text{i}": "x" * 30_000 for i in range(3)}})  # each under 32,768
     assert body["param"] == "chat_template_kwargs" and "65,536" in body["message"]
-    for extra, field in (({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
-                         ({"skip_special_tokens": False}, "skip_special_tokens"),
+    for extra, field in (({"skip_special_tokens": False}, "skip_special_tokens"),
                          ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
                          ({"documents": [{"title": "a", "text": 3}]}, "documents"),
                          ({"echo": "yes"}, "echo")):
         assert refused(extra)["param"] == field, extra
-    # (completions serve truncate_prompt_tokens: tests/serving/test_vllm_utility_routes.py; a chat request refuses it)
     # a template variable the template cannot use ({% join %} of a number): the refusal names the variables it was
     # given, not only the messages (it said "messages: the chat template refused them (TypeError)")
     body = refused({"chat_template_kwargs": {"extra_words": 5}})
     assert body["param"] == "messages" and "'extra_words'" in body["message"], body
     # nothing of this is left in the server: a plain request after them is answered
     assert ask(llm, CHAT).choices[0].finish_reason in ("stop", "length")
+
+
+def left_truncated(session, messages, keep: int, add_special_tokens=False, **kwargs) -> list[int]:
+    """transformers' ids of the rendered conversation cut to ``keep`` by the tokenizer itself with
+    ``truncation_side`` "left" (vLLM's tokenizer for a generating model: ``truncation=True, max_length=k``)."""
+    tokenizer = session.tokenizer
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    tokenizer.truncation_side = "left"
+    try:
+        return list(tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
+                              max_length=keep)["input_ids"])
+    finally:
+        tokenizer.truncation_side = "right"
+
+
+def test_truncate_prompt_tokens_keeps_the_rendered_conversations_last_tokens(llm, server, session):
+    """vLLM's ``truncate_prompt_tokens`` on chat: the conversation rendered by the template, tokenized, then cut to
+    its last k tokens (vLLM's left truncation); the answer is the completions route's for those ids (and the
+    in-process session's), ``usage.prompt_tokens`` is k, streamed or not. It was a 400 before."""
+    ids = reference_ids(session, CHAT)
+    kept = left_truncated(session, CHAT, 6, add_generation_prompt=True)
+    assert len(ids) > 6 and kept == ids[-6:]
+    text, finish, n = greedy(session, kept, "a1", 8)
+    answer = ask(llm, CHAT, "a1", truncate_prompt_tokens=6)
+    assert answer.choices[0].message.content == text and answer.choices[0].finish_reason == finish
+    assert answer.usage.prompt_tokens == 6 and answer.usage.completion_tokens == n
+    completion = llm.completions.create(model="a1", prompt=kept, max_tokens=8, temperature=0)
+    assert completion.choices[0].text == text  # the completions route fed the last 6 ids
+    assert streamed(ask(llm, CHAT, "a1", stream=True, truncate_prompt_tokens=6)) == ("assistant", text, finish)
+    # with the tokenizer's special tokens added (vLLM's add_special_tokens): its left truncation keeps <s>, as a
+    # completion's text prompt is cut
+    kept = left_truncated(session, CHAT, 6, add_special_tokens=True, add_generation_prompt=True)
+    assert kept[0] == 1 and kept[1:] == ids[-5:]
+    answer = ask(llm, CHAT, "a2", add_special_tokens=True, truncate_prompt_tokens=6)
+    assert answer.choices[0].message.content == greedy(session, kept, "a2", 8)[0]
+    assert answer.usage.prompt_tokens == 6
+    # -1: the model's max_model_len (128): this conversation is shorter, so the answer is the untruncated one
+    whole = greedy(session, ids, "a1", 8)[0]
+    assert ask(llm, CHAT, "a1", truncate_prompt_tokens=-1).choices[0].message.content == whole
+
+
+def test_truncate_prompt_tokens_answers_a_conversation_past_the_context(llm, session):
+    """A conversation longer than the model's 128 positions is refused (context_length_exceeded) as it was; cut to its
+    last 20 tokens it is answered, as vLLM answers it."""
+    messages = [{"role": "user", "content": " ".join(["the water is hot and you can see the day"] * 30)}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(llm, messages, "a0")
+    assert refused.value.body["type"] == "context_length_exceeded" and refused.value.body["param"] == "messages"
+    kept = left_truncated(session, messages, 20, add_generation_prompt=True)
+    assert len(kept) == 20 and kept == reference_ids(session, messages)[-20:]
+    text, finish, _ = greedy(session, kept, "a0", 8)
+    answer = ask(llm, messages, "a0", truncate_prompt_tokens=20)
+    assert answer.choices[0].message.content == text and answer.usage.prompt_tokens == 20
+    assert streamed(ask(llm, messages, "a0", stream=True, truncate_prompt_tokens=20)) == ("assistant", text, finish)
+
+
+def test_truncate_prompt_tokens_with_a_continued_message_and_echo(llm, session):
+    """``continue_final_message`` renders the last message open; the cut keeps its last tokens, so the model continues
+    it; ``echo`` still puts the message's text before the answer (vLLM's: the message as sent)."""
+    extra = {"add_generation_prompt": False, "continue_final_message": True}
+    kept = left_truncated(session, PREFILL, 5, **extra)
+    assert kept == reference_ids(session, PREFILL, **extra)[-5:]
+    text, finish, _ = greedy(session, kept, "a0", 8)
+    answer = ask(llm, PREFILL, "a0", truncate_prompt_tokens=5, **extra)
+    assert answer.choices[0].message.content == text and answer.usage.prompt_tokens == 5
+    answer = ask(llm, PREFILL, "a0", truncate_prompt_tokens=5, echo=True, **extra)
+    assert answer.choices[0].message.content == "the water is" + text
+    assert streamed(ask(llm, PREFILL, "a0", stream=True, truncate_prompt_tokens=5, echo=True, **extra)) == (
+        "assistant", "the water is" + text, finish)
+
+
+def test_truncate_prompt_tokens_bounds_are_completions_own(llm, session):
+    """1 and max_model_len (128) are taken; above max_model_len, 0 or below -1 is a 400 naming the field, in the words
+    completions refuse it with."""
+    ids = reference_ids(session, CHAT)
+    for value, kept in ((1, ids[-1:]), (128, ids)):
+        answer = ask(llm, CHAT, "a1", truncate_prompt_tokens=value)
+        assert answer.choices[0].message.content == greedy(session, kept, "a1", 8)[0]
+        assert answer.usage.prompt_tokens == len(kept)
+    for value, says in ((129, "greater than the model's max_model_len of 128"), (10**6, "max_model_len"),
+                        (0, "send -1"), (-2, "send -1")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask(llm, CHAT, "a1", truncate_prompt_tokens=value)
+        assert refused.value.body["param"] == "truncate_prompt_tokens", refused.value.body
+        assert says in refused.value.body["message"] and str(value) in refused.value.body["message"]
 
 
 def test_a_continuation_the_template_cannot_write_is_refused_in_transformers_words(export):
