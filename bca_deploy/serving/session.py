@@ -1623,7 +1623,6 @@ class MultiAdapterSession:
         }
 
 
-#: What a head file (``.npz``) may hold on top of its arrays' bytes at 8 bytes a value: .npy headers, zip records.
 def _byte_level_alphabet() -> dict[str, int]:
     """Byte-level BPE's characters -> the bytes they stand for (GPT-2's ``bytes_to_unicode``, which RoBERTa, Llama 3,
     Qwen and every ``tokenizers`` ``ByteLevel`` model share): printable Latin-1 bytes are themselves, the 68 others
@@ -1690,6 +1689,7 @@ def _token_raw_bytes(piece: str, kinds: frozenset[str]) -> bytes | None:
     return None
 
 
+#: What a head file (``.npz``) may hold on top of its arrays' bytes at 8 bytes a value: .npy headers, zip records.
 _HEAD_FILE_SLACK = 64 * 1024
 _HEAD_FILE_SLACK_PER_MEMBER = 16 * 1024
 
