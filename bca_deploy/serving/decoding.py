@@ -38,14 +38,18 @@ from ..config import show_json_value
 from ..errors import ServingError
 from ..exporters.bank import LOGITS_TO_KEEP
 from ..exporters.validate import PAST_INPUT, PRESENT_OUTPUT, empty_past
-from .limits import MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_SCORE_LOGITS
+from .limits import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_SCORE_LOGITS
 
 __all__ = ["SamplingParams", "SamplingParamsError", "Sampler", "Penalties", "DecodeRow", "DecodeBatch", "PrefillJob",
-           "MAX_NEW_TOKENS", "MAX_LOGPROBS", "LOGPROB_FLOOR", "TokenLogprob", "choose_tokens", "apply_penalties", "token_logprobs"]
+           "MAX_NEW_TOKENS", "MAX_LOGPROBS", "MAX_LOGIT_BIAS", "LOGPROB_FLOOR", "TokenLogprob", "choose_tokens",
+           "apply_penalties", "token_logprobs", "LOGIT_BIAS_RANGE"]
 
 #: The repetition penalties taken (vLLM takes any > 0): logits of up to ~1e4 divided or multiplied by these stay far
 #: inside float32 (3.4e38), so no row's logits become inf or NaN.
 REPETITION_PENALTY_RANGE = (1e-30, 1e30)
+
+#: OpenAI's range of a ``logit_bias`` value (vLLM clamps to it; OpenAI refuses a value outside it, and so do we).
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 _MAX_STOP = 16  # stop strings / stop token ids per request
 _MAX_STOP_CHARS = 256
@@ -87,6 +91,16 @@ class SamplingParams:
     ``repetition_penalty`` here defaults to 1 (off); the server's routes and
     :meth:`~bca_deploy.serving.MultiAdapterSession.generate` default it to the export's ``generation_config.json``.
 
+    ``logit_bias`` (OpenAI's; vLLM's ``LogitBiasLogitsProcessor``): ``{token id: bias in [-100, 100]}``, each bias
+    added to that token's logit, greedy rows too (+100 all but forces a token, -100 all but bans it). As in vLLM's
+    sampler it comes first, before the penalties and the ``min_tokens`` masking. At most :data:`MAX_LOGIT_BIAS`
+    ids; keys may be ints or their decimal strings (JSON's object keys), kept as sorted ``(id, bias)`` pairs.
+    ``min_p`` (vLLM's and transformers' ``MinPLogitsWarper``): when sampling, tokens whose probability after the
+    temperature is below ``min_p`` times the most likely token's are dropped; applied after the temperature and
+    before top-k and top-p, in vLLM's order (transformers applies it after them: the same set with top-k, whose
+    kept tokens are a prefix by probability too, and a larger one with top-p, whose mass vLLM counts over the
+    tokens min-p kept). 0: off; greedy rows are unaffected (the most likely token is always kept).
+
     Ends (vLLM's ``ignore_eos`` and ``min_tokens``): with ``ignore_eos`` the model's end-of-sequence ids do not end
     the row (their text is left out; ``stop_token_ids`` still end it). For its first ``min_tokens`` tokens a row
     cannot end: its end ids (the end-of-sequence ids the row ends at, and ``stop_token_ids``) are never chosen
@@ -95,8 +109,9 @@ class SamplingParams:
 
     ``logprobs`` (vLLM's ``SamplingParams.logprobs``): each chosen token comes with its log-probability and those of
     the ``logprobs`` most likely tokens (:class:`TokenLogprob`), from the model's raw distribution: log_softmax of the
-    logits as the graph gave them, before penalties, ``min_tokens`` masking, temperature and top-k/top-p (vLLM's
-    default, ``logprobs_mode="raw_logprobs"``), so they are the same however the row samples. ``None``: none computed.
+    logits as the graph gave them, before ``logit_bias``, penalties, ``min_tokens`` masking, temperature, min-p and
+    top-k/top-p (vLLM's default, ``logprobs_mode="raw_logprobs"``), so they are the same however the row samples.
+    ``None``: none computed.
     ``prompt_logprobs`` (vLLM's): the same for the prompt's tokens, teacher-forced: token t's log-probability under the
     logits of position t - 1, for every prompt token but the first (nothing comes before it), with the
     ``prompt_logprobs`` most likely tokens there; what evaluation harnesses score a continuation by (OpenAI's
@@ -134,6 +149,12 @@ class SamplingParams:
     prompt_logprobs: int | None = dataclasses.field(default=None, metadata={
         "help": f"None (off) or 0..{MAX_LOGPROBS}: each prompt token's log-probability after the first (at the "
                 "position before it) and this many most likely alternatives' there"})
+    min_p: float = dataclasses.field(default=0.0, metadata={
+        "help": "in [0, 1]; when sampling, drop tokens less likely than min_p times the most likely one (after the "
+                "temperature, before top-k/top-p); 0: off"})
+    logit_bias: Mapping[int | str, float] | tuple[tuple[int, float], ...] | None = dataclasses.field(
+        default=None, metadata={"help": f"{{token id: bias in [-100, 100]}} (at most {MAX_LOGIT_BIAS} ids) added to "
+                                        "those logits before anything else, greedy too; None: off"})
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
@@ -200,8 +221,15 @@ class SamplingParams:
         if prompt is not None and (not _is_int(prompt) or not 0 <= prompt <= MAX_LOGPROBS):
             problems["prompt_logprobs"] = (f"must be null (off) or an integer from 0 to {MAX_LOGPROBS}, "
                                            f"got {show_json_value(prompt)}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:  # NaN fails both comparisons
+            problems["min_p"] = f"must be a number in [0, 1] (0: off), got {show_json_value(self.min_p)}"
+        bias, wrong = _read_logit_bias(self.logit_bias)
+        if wrong:
+            problems["logit_bias"] = wrong
         if problems:
             raise SamplingParamsError(problems)
+        object.__setattr__(self, "logit_bias", bias)
+        object.__setattr__(self, "min_p", float(self.min_p))
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
         object.__setattr__(self, "frequency_penalty", float(self.frequency_penalty))
         object.__setattr__(self, "presence_penalty", float(self.presence_penalty))
@@ -219,10 +247,78 @@ class SamplingParams:
         if self.prompt_logprobs is not None:
             object.__setattr__(self, "prompt_logprobs", int(self.prompt_logprobs))
 
+    def check_vocabulary(self, vocabulary: int | None) -> None:
+        """Refuse ``stop_token_ids`` and ``logit_bias`` ids outside the vocabulary, [0, ``vocabulary``) (``None``: not
+        known, the ids' int64 range), as vLLM checks both, by the prompt's rule (``pad_ids``): an id no step can choose
+        ends nothing and biases nothing (a client's mistake, not a no-op), and one past int64 made the ``min_tokens``
+        mask (:attr:`Sampler.held_ids`) raise OverflowError: a 500.
+
+        Raises:
+            SamplingParamsError: naming each field with ids outside (the first five of each).
+        """
+        vocab = vocabulary or 2**63
+        problems = {}
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias or ()])):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                shown = ", ".join(show_json_value(t) if name == "stop_token_ids" else repr(str(t)) for t in outside[:5])
+                more = f" (and {len(outside) - 5} more)" if len(outside) > 5 else ""
+                what = "token ids must be" if name == "stop_token_ids" else "keys must be token ids"
+                problems[name] = f"{what} in the vocabulary, [0, {vocab}); got {shown}{more}"
+        if problems:
+            raise SamplingParamsError(problems)
+
     @property
     def penalized(self) -> bool:
         """Whether any penalty is on (not at its neutral value)."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def _read_logit_bias(value: Any) -> tuple[tuple[tuple[int, float], ...] | None, str | None]:
+    """``(pairs, None)``: ``value`` (a mapping of token ids, ints or their decimal strings, to biases; or the
+    ``(id, bias)`` pairs this returns) as ``(id, bias)`` pairs sorted by id (``None`` when empty or ``None``); or
+    ``(None, why)`` naming every offending key (the first five)."""
+    if value is None:
+        return None, None
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, tuple) and all(isinstance(item, tuple) and len(item) == 2 for item in value):
+        items = list(value)  # this function's own output (dataclasses.replace passes it back)
+    else:
+        return None, (f"must be an object mapping token ids to biases in [-100, 100], got "
+                      f"{show_json_value(value)}")
+    if len(items) > MAX_LOGIT_BIAS:
+        return None, f"at most {MAX_LOGIT_BIAS} token ids may be biased, got {len(items):,}"
+    low, high = LOGIT_BIAS_RANGE
+    pairs: dict[int, float] = {}
+    wrong: list[str] = []
+    for key, bias in items:
+        token = _token_key(key)
+        shown = f"key {show_json_value(str(key) if _is_int(key) else key)}"
+        if token is None:
+            wrong.append(f"{shown} is not a token id (an integer >= 0 written in decimal)")
+        elif token in pairs:
+            wrong.append(f"{shown} names token {token} again")
+        elif not _is_number(bias) or not low <= bias <= high:  # NaN fails both comparisons
+            wrong.append(f"{shown}: the bias must be a number in [{low:g}, {high:g}], got {show_json_value(bias)}")
+        else:
+            pairs[token] = float(bias)
+    if wrong:
+        more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        return None, "; ".join(wrong[:5]) + more
+    return (tuple(sorted(pairs.items())) or None), None
+
+
+def _token_key(key: Any) -> int | None:
+    """A ``logit_bias`` key as a token id: an integer in [0, 2**63), or its canonical decimal string ("50256"; not
+    "050256", "+5" or " 5", so that no two keys name one token); else ``None``."""
+    if _is_int(key):
+        token = int(key)
+    elif isinstance(key, str) and 0 < len(key) <= 19 and key.isascii() and key.isdigit() and str(int(key)) == key:
+        token = int(key)
+    else:
+        return None
+    return token if 0 <= token < 2**63 else None
 
 
 class Penalties:
@@ -307,7 +403,8 @@ def apply_penalties(logits: np.ndarray, penalties: Sequence[Penalties],
 
 class Sampler:
     """One row's token chooser: the argmax, or a draw from the row's own generator (seeded once), after the row's
-    penalties (:class:`Penalties`, given the row's prompt; ``None`` when every penalty is off).
+    ``logit_bias`` (:attr:`bias_ids`, :attr:`bias_values`; ``None`` without one) and penalties (:class:`Penalties`,
+    given the row's prompt; ``None`` when every penalty is off).
 
     ``end_ids``: the end-of-sequence ids the row ends at (none with ``ignore_eos``); with them and
     ``stop_token_ids``, the ids masked while the row has fewer than ``min_tokens`` tokens (:attr:`held_ids`).
@@ -317,6 +414,11 @@ class Sampler:
         self.params = params
         self.generator = np.random.default_rng(params.seed) if params.do_sample else None
         self.penalties = Penalties(params, prompt) if params.penalized else None
+        self.bias_ids: np.ndarray | None = None  # (N,) int64, sorted
+        self.bias_values: np.ndarray | None = None  # (N,) float32: added as float32 logits meet it
+        if params.logit_bias:
+            self.bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+            self.bias_values = np.array([b for _, b in params.logit_bias], dtype=np.float32)
         held = (set(end_ids) | set(params.stop_token_ids)) if params.min_tokens else ()
         self.held_ids = np.array(sorted(held), dtype=np.int64)  # (H,)
         self.generated = 0  # tokens chosen so far (a pre-empted row keeps its sampler, so its count)
@@ -327,11 +429,26 @@ class Sampler:
         return self.generated < self.params.min_tokens and self.held_ids.size > 0
 
     def draw(self, logits: np.ndarray) -> int:
-        """A token drawn from softmax(logits (V,) / temperature) after top-k and top-p filtering.
+        """A token drawn from :meth:`distribution` (``logits``: (V,), after the row's bias and penalties).
 
         Raises:
             FloatingPointError: the row's logits hold NaN or +Inf (the model's output overflowed): nothing
                 can be drawn. The caller fails this row alone.
+        """
+        probs = self.distribution(logits)
+        assert self.generator is not None
+        return int(self.generator.choice(probs.size, p=probs))
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The probabilities (V,) float64 a sampled row draws from: softmax(logits / temperature), then min-p, top-k
+        and top-p filtering (vLLM's order; each renormalises), ``logits`` not changed.
+
+        Min-p keeps the tokens whose probability is at least ``min_p`` times the largest (transformers'
+        ``MinPLogitsWarper`` and vLLM's rule, compared on probabilities as they compare them: ties are kept or
+        dropped together, the most likely token always kept).
+
+        Raises:
+            FloatingPointError: the row's logits hold NaN or +Inf.
         """
         p = self.params
         scores = logits.astype(np.float64)
@@ -342,6 +459,11 @@ class Sampler:
         # shift before dividing: any temperature > 0, however small, gives scores in [-inf, 0] (never inf - inf)
         with np.errstate(over="ignore"):  # a tiny temperature sends the other scores to -inf, as it should
             scores = (scores - top) / p.temperature
+        if p.min_p > 0.0:
+            probs = np.exp(scores)
+            probs /= probs.sum()
+            # probs.max() is the top token's (its score is 0): below min_p times it is out, as MinPLogitsWarper says
+            scores = np.where(probs < p.min_p * probs.max(), -np.inf, scores)
         if 0 < p.top_k < scores.size:
             cutoff = np.partition(scores, -p.top_k)[-p.top_k]
             scores = np.where(scores < cutoff, -np.inf, scores)
@@ -354,30 +476,41 @@ class Sampler:
             filtered = np.zeros_like(probs)
             filtered[order[keep]] = probs[order[keep]]
             probs = filtered / filtered.sum()
-        assert self.generator is not None
-        return int(self.generator.choice(probs.size, p=probs))
+        return probs
 
 
 def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list[int], dict[int, Exception]]:
     """Next token of each row from its last-position logits (B, V): argmax, or its sampler's draw, after the row's
-    penalties and, for a row short of its ``min_tokens``, with its end ids masked (:attr:`Sampler.holding`); each
-    chosen token then counts in its row's penalties and in its sampler's :attr:`~Sampler.generated`.
+    ``logit_bias``, then its penalties and, for a row short of its ``min_tokens``, with its end ids masked
+    (:attr:`Sampler.holding`), in vLLM's order; each chosen token then counts in its row's penalties and in its
+    sampler's :attr:`~Sampler.generated`.
 
-    The penalized rows' seen ids are penalized in ``logits`` itself, all rows together, and the held rows' end ids
-    set to -inf, then both put back before this returns (``logits`` is unchanged afterwards; not for arrays other
-    threads read meanwhile): no row is copied, so rows without penalties cost what they did, and a penalized row
-    costs the ids it has seen, not the vocabulary.
+    The biased rows' ids are biased in ``logits`` itself, the penalized rows' seen ids penalized, all rows together,
+    and the held rows' end ids set to -inf, then all put back (last first) before this returns (``logits`` is
+    unchanged afterwards, so log-probabilities read from it are the raw ones; not for arrays other threads read
+    meanwhile): no row is copied, so rows that ask none of these cost what they did, and a biased or penalized row
+    costs the ids it names or has seen, not the vocabulary.
 
     Returns:
         ``(tokens, failures)``: one token per row (-1 for a row that failed), and ``{row: exception}`` for
         rows whose draw raised. A row that cannot be sampled fails alone, never the rows beside it.
     """
+    biased = [b for b, sampler in enumerate(samplers) if sampler.bias_ids is not None]
     penalized = [b for b, sampler in enumerate(samplers) if sampler.penalties is not None]
     holding = [b for b, sampler in enumerate(samplers) if sampler.holding]
-    changed = masked = None
-    if penalized or holding:
+    changed = masked = shifted = None
+    if biased or penalized or holding:
         if not (logits.flags.c_contiguous and logits.flags.writeable and logits.dtype == np.float32):
             logits = np.array(logits, dtype=np.float32, order="C")  # a copy of our own: nothing to put back
+    if biased:  # first, as vLLM's LogitBiasLogitsProcessor runs before its penalties
+        width = logits.shape[-1]
+        # ids past the logits' width (an embedding larger than the output layer) are skipped, as the penalties skip them
+        inside = [samplers[b].bias_ids < width for b in biased]
+        positions = np.concatenate([b * width + samplers[b].bias_ids[keep] for b, keep in zip(biased, inside)])
+        values = np.concatenate([samplers[b].bias_values[keep] for b, keep in zip(biased, inside)])
+        flat = logits.reshape(-1)
+        shifted = (positions, flat[positions])
+        flat[positions] = shifted[1] + values
     if penalized:
         changed = apply_penalties(logits, [samplers[b].penalties for b in penalized], penalized)
     if holding:  # after the penalties (they leave -inf as it is); put back first, then the penalties' values
@@ -399,11 +532,13 @@ def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list
             except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its request alone
                 tokens.append(-1)
                 failures[b] = exc
-    finally:
+    finally:  # last change first: each saved what the one before it had left
         if masked is not None:
             logits.reshape(-1)[masked[0]] = masked[1]
         if changed is not None:
             logits.reshape(-1)[changed[0]] = changed[1]
+        if shifted is not None:
+            logits.reshape(-1)[shifted[0]] = shifted[1]
     for b in penalized:
         if b not in failures:
             samplers[b].penalties.add(tokens[b])

@@ -81,7 +81,6 @@ from typing import Any
 
 import numpy as np
 
-from ..config import show_json_value
 from ..errors import ServingError
 from .decoding import (
     MAX_NEW_TOKENS,
@@ -556,7 +555,7 @@ class GenerationEngine:
             ContextLengthError: prompt + ``max_new_tokens`` exceed the graph's positions
                 (:meth:`MultiAdapterSession.check_positions`).
             SamplingParamsError: ``params`` is not a SamplingParams; stop strings without a tokenizer (``stop``);
-                ``stop_token_ids`` outside the vocabulary.
+                ``stop_token_ids`` or ``logit_bias`` ids outside the vocabulary.
         """
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
             raise ServingError(f"the prompt must be a list of token ids, got {type(prompt_ids).__name__}")
@@ -571,14 +570,7 @@ class GenerationEngine:
         if params.stop and self._decoder() is None:
             raise SamplingParamsError({"stop": "stop strings need a tokenizer, and this export has none; use "
                                                "stop_token_ids"})
-        # the prompt's rule (pad_ids), as vLLM checks stop_token_ids: an id no step can choose ends nothing, and one
-        # past int64 made the min_tokens mask (Sampler.held_ids) raise OverflowError: a 500 (unknown vocabulary: the
-        # ids' int64 range)
-        vocab = self.session.vocabulary or 2**63
-        outside = [t for t in params.stop_token_ids if t >= vocab]
-        if outside:
-            raise SamplingParamsError({"stop_token_ids": f"token ids must be in the vocabulary, [0, {vocab}); got "
-                                                         f"{', '.join(show_json_value(t) for t in outside[:5])}"})
+        params.check_vocabulary(self.session.vocabulary)
         return prompt
 
     def submit(self, prompt_ids: Sequence[int], adapter: str | None = None, params: SamplingParams | None = None,

@@ -12,7 +12,7 @@ Native endpoints (JSON in and out):
     POST   /v1/generate                {"input", "adapter"?, "max_new_tokens"?, "do_sample"?,
                                         "temperature"?, "top_k"?, "top_p"?, "seed"?,
                                         "repetition_penalty"?, "frequency_penalty"?,
-                                        "presence_penalty"?}                               decoders with past
+                                        "presence_penalty"?, "min_p"?, "logit_bias"?}      decoders with past
     GET    /metrics                    Prometheus metrics (:mod:`bca_deploy.serving.metrics`)
 
 and the OpenAI-compatible ones of :mod:`bca_deploy.serving.openai` (``/v1/models``,
@@ -439,7 +439,8 @@ class MicroBatcher:
         elif kind == "generate":
             per_row = {key: [p.job.params[key] for p in pieces for _ in range(p.start, p.end)]
                        for key in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                                   "repetition_penalty", "frequency_penalty", "presence_penalty")
+                                   "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p",
+                                   "logit_bias")
                        if all(key in p.job.params for p in pieces)}
             # Each row of a request gets its own generator: seed + row index, so rows differ but stay reproducible.
             per_row["seed"] = [None if p.job.params["seed"] is None else p.job.params["seed"] + i
@@ -554,6 +555,10 @@ class GenerateRequest(_Request):
                                                   "generation_config.json value, else 1 (off)")
     frequency_penalty: JSONNumber = Field(default=0.0, ge=-2, le=2)
     presence_penalty: JSONNumber = Field(default=0.0, ge=-2, le=2)
+    # vLLM's min_p (after the temperature, before top-k/top-p; 0: off) and OpenAI's logit_bias ({"token id": bias in
+    # [-100, 100]}, checked in full by SamplingParams): the OpenAI routes' rules (see SamplingParams)
+    min_p: JSONNumber = Field(default=0.0, ge=0, le=1)
+    logit_bias: dict[str, Any] | None = None
 
 
 class LoadRequest(BaseModel):
@@ -1606,7 +1611,8 @@ def create_app(
                                   do_sample=body.do_sample, temperature=body.temperature, top_k=body.top_k,
                                   top_p=body.top_p, seed=None if body.seed is None else body.seed + i,
                                   repetition_penalty=repetition, frequency_penalty=body.frequency_penalty,
-                                  presence_penalty=body.presence_penalty)
+                                  presence_penalty=body.presence_penalty, min_p=body.min_p,
+                                  logit_bias=body.logit_bias)
                   for i, prompt in enumerate(prompts)]
         streams, release = server.submit(request, prompts, adapter, params)
         try:

@@ -6,7 +6,7 @@ runtime (:mod:`bca_deploy.serving.decoding`) share them without the options impo
 
 from __future__ import annotations
 
-__all__ = ["MAX_NEW_TOKENS", "MAX_LOGPROBS", "PREEMPT_WAIT_STEPS", "MAX_SCORE_LOGITS"]
+__all__ = ["MAX_NEW_TOKENS", "MAX_LOGPROBS", "PREEMPT_WAIT_STEPS", "MAX_SCORE_LOGITS", "MAX_LOGIT_BIAS"]
 
 #: The most new tokens one row may generate (:class:`~bca_deploy.serving.decoding.SamplingParams`); the
 #: graph's positions limit it further, and ``--max-new-tokens`` may not be set above it.
@@ -15,6 +15,11 @@ MAX_NEW_TOKENS = 4096
 #: The most alternatives per token a row may ask log-probabilities of (:class:`~bca_deploy.serving.decoding.
 #: SamplingParams` ``logprobs``): OpenAI's ``top_logprobs`` bound, and vLLM's default ``--max-logprobs``.
 MAX_LOGPROBS = 20
+
+#: The most token ids one row's ``logit_bias`` may name (:class:`~bca_deploy.serving.decoding.SamplingParams`):
+#: OpenAI's bound (its API refuses more than 300), so a client written for OpenAI is never refused here; each step
+#: touches a biased row's named ids only, so a row costs what it names, never the vocabulary.
+MAX_LOGIT_BIAS = 300
 
 #: Default ``preempt_wait_steps`` (:class:`~bca_deploy.serving.engine.GenerationEngine`, ``--preempt-wait-steps``):
 #: a waiting tenant below its share pre-empts a row only if the rows that could give it one will not all have ended

@@ -10,8 +10,8 @@ adapter, as with vLLM's ``--lora-modules``:
     POST /v1/embeddings             {"model", "input", "encoding_format"?, "dimensions"?,
                                      "truncate_prompt_tokens"?}                                encoders
     POST /v1/completions            {"model", "prompt", "max_tokens"?, "temperature"?, "top_p"?, "seed"?, "n"?,
-                                     "stop"?, "presence_penalty"?, "frequency_penalty"?, "logprobs"? (0..20),
-                                     "echo"?, "stream"?, "stream_options"?,
+                                     "stop"?, "presence_penalty"?, "frequency_penalty"?, "logit_bias"?,
+                                     "logprobs"? (0..20), "echo"?, "stream"?, "stream_options"?,
                                      "truncate_prompt_tokens"?}                                decoders
     POST /v1/chat/completions       {"model", "messages", ...same..., "logprobs"? (true/false),  decoders with
                                      "top_logprobs"? (0..20)}                                  a chat template
@@ -42,7 +42,14 @@ prompt of a request with ``seed`` itself (as vLLM: a prompt samples as it would 
 defaults (1, 1, off). ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, in [-2, 2]) and vLLM's
 ``repetition_penalty`` (> 0; left out: the ``generation_config.json`` value, else 1) are applied as vLLM applies
 them, to the raw logits before the temperature (see :class:`~bca_deploy.serving.decoding.SamplingParams`); greedy
-decoding with a ``repetition_penalty`` is token-equal to ``generate(repetition_penalty=...)``. A row ends at any
+decoding with a ``repetition_penalty`` is token-equal to ``generate(repetition_penalty=...)``. ``logit_bias``
+(OpenAI's: ``{"token id": bias in [-100, 100]}``, ids in the vocabulary written in decimal, at most
+:data:`~bca_deploy.serving.limits.MAX_LOGIT_BIAS` (OpenAI's 300); each problem a 400 naming ``logit_bias`` and the
+keys; vLLM would clamp a value outside the range, OpenAI refuses it, as here) is added to those logits first, before
+the penalties (vLLM's order), greedy rows too. vLLM's ``min_p`` (in [0, 1], 0: off; left out or null: the
+``generation_config.json`` value, else 0, as vLLM reads it) drops, when sampling, the tokens less likely than ``min_p``
+times the most likely one after the temperature, before top-k and top-p (vLLM's order; transformers' ``MinPLogitsWarper``
+rule). A row ends at any
 end-of-sequence id of ``config.json``, ``generation_config.json`` or the tokenizer
 (:attr:`~bca_deploy.serving.MultiAdapterSession.eos_token_ids`).
 ``lora_path`` is a name in the adapter store, never a filesystem path.
@@ -61,7 +68,8 @@ true bytes (:meth:`~bca_deploy.serving.MultiAdapterSession.token_texts`, ``token
 are two keys of completions' ``top_logprobs``. Streamed,
 each chunk carries the log-probabilities of its tokens (a token with no text of its own goes with the next chunk).
 The distribution is the model's raw one, vLLM's default: log_softmax of the logits of the adapter's model, before
-penalties, ``min_tokens`` masking, temperature, top-k and top-p, so the numbers are the same however a choice
+``logit_bias``, penalties, ``min_tokens`` masking, temperature, min-p, top-k and top-p, so the numbers are the same
+however a choice
 samples (``n`` > 1, streamed or not); each row's are computed on its own logits, only for the rows that ask.
 The native ``/v1/generate`` returns no log-probabilities.
 
@@ -88,11 +96,12 @@ null) is read as its text.
 Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
 ``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
 are refused with 400 (``invalid_request``; the native routes answer 422) unless they hold their neutral
-value (``best_of`` > 1, ``suffix``, ``logit_bias``,
+value (``best_of`` > 1, ``suffix``,
 ``tools``, ``response_format`` other than text, ...). vLLM's extensions: ``top_k``, ``stop_token_ids``,
-``repetition_penalty``, ``ignore_eos``, ``min_tokens`` and ``stream_options.continuous_usage_stats`` are served, and
+``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``min_p`` and ``stream_options.continuous_usage_stats`` are
+served, and
 chat's ``chat_template_kwargs``, ``documents``, ``add_generation_prompt``, ``continue_final_message``, ``echo`` and
-``add_special_tokens`` (see :class:`ChatCompletionRequest`); ``min_p``, ``skip_special_tokens``,
+``add_special_tokens`` (see :class:`ChatCompletionRequest`); ``skip_special_tokens``,
 ``spaces_between_special_tokens`` and ``include_stop_str_in_output`` are accepted at vLLM's default only, and a
 request's ``chat_template`` is refused. ``truncate_prompt_tokens`` (completions, chat and embeddings) cuts each
 prompt to that many tokens as vLLM cuts it: a completion's text keeps its *last* tokens (vLLM's tokenizer for
@@ -176,8 +185,9 @@ class EmbeddingsRequest(_OpenAIRequest):
 
 
 #: Sampling fields whose OpenAI schema allows null, meaning the default (clients generated from the schema send
-#: null for a value left unset); the others with a non-None default here are not nullable there.
-_NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream"})
+#: null for a value left unset); the others with a non-None default here are not nullable there. (vLLM's ``min_p``:
+#: null is its default too, generation_config.json's value, as vLLM reads it.)
+_NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream", "min_p"})
 
 
 class _Sampling(_OpenAIRequest):
@@ -205,13 +215,14 @@ class _Sampling(_OpenAIRequest):
     # OpenAI's ranges, as vLLM checks them (null: 0, off)
     presence_penalty: JSONNumber | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: JSONNumber | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, Any] | None = None
-    # vLLM's sampling extensions (clients written for vLLM send them): stop_token_ids, repetition_penalty, ignore_eos
-    # and min_tokens are served; the others are accepted at their neutral value (vLLM's default) and refused otherwise.
+    logit_bias: dict[str, Any] | None = None  # {"token id": bias in [-100, 100]}, checked by SamplingParams
+    # vLLM's sampling extensions (clients written for vLLM send them): stop_token_ids, repetition_penalty, ignore_eos,
+    # min_tokens and min_p are served; the others are accepted at their neutral value (vLLM's default) and refused
+    # otherwise.
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool | None = None
     min_tokens: StrictInt | None = Field(default=None, ge=0)  # at most the row's max tokens (SamplingParams)
-    min_p: JSONNumber | None = None
+    min_p: JSONNumber | None = Field(default=None, ge=0, le=1)  # null: generation_config.json's, else 0 (off)
     repetition_penalty: JSONNumber | None = Field(default=None, gt=0)  # null: generation_config.json's, else 1 (off)
     skip_special_tokens: StrictBool | None = None
     spaces_between_special_tokens: StrictBool | None = None
@@ -226,8 +237,6 @@ class _Sampling(_OpenAIRequest):
 
     def unsupported(self) -> list[str]:
         problems = self.logprobs_problems()
-        _refuse(problems, "logit_bias", self.logit_bias or None, None, "logit bias is not implemented")
-        _refuse(problems, "min_p", self.min_p, 0, "min-p filtering is not implemented; use top_p or top_k")
         _refuse(problems, "skip_special_tokens", self.skip_special_tokens, True, "special tokens are left out of text")
         _refuse(problems, "spaces_between_special_tokens", self.spaces_between_special_tokens, True,
                 "special tokens are left out of text")
@@ -884,7 +893,7 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_ma
     max_new = server.new_tokens(asked, prompt_len, default_max_tokens, param)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     # What the request leaves out comes from the checkpoint's generation_config.json, as vLLM does; else OpenAI's
-    temperature, top_p, top_k = _sampling_defaults(server, req)
+    temperature, top_p, top_k, min_p = _sampling_defaults(server, req)
     greedy = temperature == 0
     try:
         return server.sampling(max_new_tokens=max_new, do_sample=not greedy,
@@ -896,6 +905,7 @@ def _sampling_params(server: Server, req: _Sampling, prompt_len: int, default_ma
                                repetition_penalty=server.repetition_penalty(req.repetition_penalty),
                                frequency_penalty=float(req.frequency_penalty or 0.0),
                                presence_penalty=float(req.presence_penalty or 0.0),
+                               min_p=0.0 if greedy else float(min_p), logit_bias=req.logit_bias,
                                logprobs=req.logprob_count(), prompt_logprobs=_prompt_logprobs(req))
     except InvalidRequestError as exc:
         raise _renamed(exc, param) from None
@@ -924,9 +934,9 @@ def _choices(params, n: int) -> list:
     return [params] + [dataclasses.replace(params, seed=(params.seed + j) % 2**64) for j in range(1, n)]
 
 
-def _sampling_defaults(server: Server, req: _Sampling) -> tuple[float, float, int | None]:
-    """``(temperature, top_p, top_k)`` of ``req``: each the request's own, else the export's
-    ``generation_config.json`` value, else OpenAI's default (1, 1, off)."""
+def _sampling_defaults(server: Server, req: _Sampling) -> tuple[float, float, int | None, float]:
+    """``(temperature, top_p, top_k, min_p)`` of ``req``: each the request's own, else the export's
+    ``generation_config.json`` value (as vLLM reads all four from it), else OpenAI's default (1, 1, off, off)."""
     given, defaults = req.model_fields_set, server.session.generation_defaults
 
     def pick(name: str, fallback):
@@ -935,7 +945,7 @@ def _sampling_defaults(server: Server, req: _Sampling) -> tuple[float, float, in
             return own if own is not None else fallback
         return getattr(defaults, name)
 
-    return pick("temperature", 1.0), pick("top_p", 1.0), pick("top_k", None)
+    return pick("temperature", 1.0), pick("top_p", 1.0), pick("top_k", None), pick("min_p", 0.0)
 
 
 def _max_tokens_param(req: _Sampling) -> str:

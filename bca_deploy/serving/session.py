@@ -1371,6 +1371,8 @@ class MultiAdapterSession:
         repetition_penalty: float | None | Sequence[float | None] = None,
         frequency_penalty: float | Sequence[float] = 0.0,
         presence_penalty: float | Sequence[float] = 0.0,
+        min_p: float | Sequence[float] = 0.0,
+        logit_bias: Mapping[int, float] | None | Sequence[Mapping[int, float] | None] = None,
         eos_token_id: int | Sequence[int] | None = None,
         snapshot: BankSnapshot | None = None,
     ) -> list[list[int]]:
@@ -1382,15 +1384,19 @@ class MultiAdapterSession:
         different times, :class:`~bca_deploy.serving.engine.GenerationEngine` lets rows join a running batch.
         Every sampling parameter is a scalar or one value per row: greedy rows take the argmax (PyTorch's
         ``generate(do_sample=False)`` token for token); sampled rows draw from softmax(logits / temperature)
-        after top-k and top-p filtering, from their own generator seeded by ``seed`` (so a row's tokens do
-        not depend on its batch). Penalties come first, on the raw logits, as vLLM applies them (see
-        :class:`~bca_deploy.serving.decoding.SamplingParams`).
+        after min-p, top-k and top-p filtering, from their own generator seeded by ``seed`` (so a row's tokens do
+        not depend on its batch). ``logit_bias`` then penalties come first, on the raw logits, as vLLM applies them
+        (see :class:`~bca_deploy.serving.decoding.SamplingParams`).
 
         Args:
             repetition_penalty: transformers' and vLLM's (> 0; 1: off) over the prompt and the output so far;
                 ``None``: the export's ``generation_config.json`` value (:attr:`generation_defaults`), else 1, as
                 ``generate`` with the checkpoint's generation config applies it.
             frequency_penalty, presence_penalty: OpenAI's, in [-2, 2], over the output so far (0: off).
+            min_p: vLLM's and transformers', in [0, 1] (0: off): a sampled row drops the tokens less likely than
+                ``min_p`` times the most likely one, after the temperature.
+            logit_bias: OpenAI's ``{token id: bias in [-100, 100]}`` added to those logits (greedy rows too); one
+                mapping for every row, or a list of one per row (``None``: off).
             eos_token_id: the id(s) that end a row (default: :attr:`eos_token_ids`: the end-of-sequence ids of
                 ``config.json``, ``generation_config.json`` and the tokenizer).
             snapshot: the bank to use (default: the current one) for every step.
@@ -1419,7 +1425,8 @@ class MultiAdapterSession:
         per_row = {name: _per_row(value, name, rows) for name, value in (
             ("max_new_tokens", max_new_tokens), ("do_sample", do_sample), ("temperature", temperature),
             ("top_k", top_k), ("top_p", top_p), ("seed", seed), ("repetition_penalty", repetition_penalty),
-            ("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty))}
+            ("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty), ("min_p", min_p),
+            ("logit_bias", logit_bias))}
         default_repetition = self.generation_defaults.repetition_penalty or 1.0
         per_row["repetition_penalty"] = [default_repetition if r is None else r for r in per_row["repetition_penalty"]]
         params = [SamplingParams(**{k: v[b] for k, v in per_row.items()}) for b in range(rows)]
@@ -1430,6 +1437,7 @@ class MultiAdapterSession:
         self.pad_ids(prompts)  # empty rows and ids outside the vocabulary fail before any work
         for prompt, row_params in zip(prompts, params, strict=True):  # as the engine checks each row it takes
             self.check_positions(len(prompt), row_params.max_new_tokens, "inputs")
+            row_params.check_vocabulary(self.vocabulary)
         batch = DecodeBatch(self)
         todo = [DecodeRow(prompt, adapter, snapshot, owner=b) for b, (prompt, adapter) in enumerate(zip(prompts, adapters))]
         generated: list[list[int]] = [[] for _ in range(rows)]
@@ -1904,9 +1912,10 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 #: generation_config.json settings that change what transformers' generate() answers, with their neutral values: a
 #: checkpoint that sets one is named at start, as not applied. (``repetition_penalty``, which Qwen2.5-Instruct ships
-#: at 1.05, is applied: :attr:`GenerationDefaults.repetition_penalty`.)
+#: at 1.05, is applied: :attr:`GenerationDefaults.repetition_penalty`; so is ``min_p``, as vLLM reads it:
+#: :attr:`GenerationDefaults.min_p`.)
 _NOT_APPLIED: dict[str, Any] = {
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_p": 0.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_new_tokens": 0, "min_length": 0,
     "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
     "forced_eos_token_id": None, "sequence_bias": None, "num_beams": 1, "penalty_alpha": None,
@@ -1917,7 +1926,8 @@ _NOT_APPLIED: dict[str, Any] = {
 class GenerationDefaults:
     """The generation settings a checkpoint ships in ``generation_config.json`` (export copies it), as vLLM reads
     them: its end-of-sequence ids stop every row, and its sampling values are the defaults of an OpenAI request
-    that does not give its own (``temperature``, ``top_p``, ``top_k``), and its ``repetition_penalty`` that of every
+    that does not give its own (``temperature``, ``top_p``, ``top_k``, ``min_p``), and its ``repetition_penalty`` that of
+    every
     generation request (OpenAI's, the native ``/v1/generate``, :meth:`MultiAdapterSession.generate`), greedy or
     sampled, as vLLM (``--generation-config auto``) and transformers' ``generate`` apply it. None: the file does not
     say.
@@ -1931,14 +1941,16 @@ class GenerationDefaults:
     top_k: int | None = None
     problems: tuple[str, ...] = ()
     repetition_penalty: float | None = None
+    min_p: float | None = None
 
     @property
     def applied(self) -> dict[str, float | int]:
         """The sampling defaults the file sets (those it leaves out or holds at their neutral value are not listed),
         for the operator at start, as vLLM lists them."""
         values = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                  "repetition_penalty": self.repetition_penalty}
-        return {k: v for k, v in values.items() if v is not None and not (k == "repetition_penalty" and v == 1.0)}
+                  "min_p": self.min_p, "repetition_penalty": self.repetition_penalty}
+        neutral = {"repetition_penalty": 1.0, "min_p": 0.0}
+        return {k: v for k, v in values.items() if v is not None and not (k in neutral and v == neutral[k])}
 
     @classmethod
     def read(cls, path: Path) -> GenerationDefaults:
@@ -1967,6 +1979,7 @@ class GenerationDefaults:
         # (temperature: any finite value >= 0, as transformers takes it; a request's own is held to OpenAI's 0..2)
         temperature, top_p = number("temperature", 0, math.inf), number("top_p", 0, 1, low_open=True)
         repetition_penalty = number("repetition_penalty", 0, math.inf, low_open=True)  # transformers: > 0
+        min_p = number("min_p", 0, 1)  # transformers' MinPLogitsWarper and vLLM: [0, 1]
         top_k = data.get("top_k")
         if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= -1):
             problems.append(f"top_k {show_json_value(top_k)} is not an integer >= -1")
@@ -1984,7 +1997,8 @@ class GenerationDefaults:
                                 "from transformers' generate() with this file")
         where = f"{path}: "
         return cls(eos_token_ids=ids, temperature=temperature, top_p=top_p, top_k=top_k,
-                   problems=tuple(where + p + " (ignored)" for p in problems), repetition_penalty=repetition_penalty)
+                   problems=tuple(where + p + " (ignored)" for p in problems), repetition_penalty=repetition_penalty,
+                   min_p=min_p)
 
 
 def _eos_ids(config, eos_token_id) -> set[int]:

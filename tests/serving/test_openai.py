@@ -370,7 +370,8 @@ def test_a_vanishing_temperature_is_greedy_and_fails_no_other_request(llm):
 def test_generation_refusals_are_typed(llm, llama, tmp_path_factory):
     for extra, field in (({"n": 0}, "n"), ({"logprobs": 21}, "logprobs"),
                          ({"presence_penalty": 2.5}, "presence_penalty"),  # served: refused outside [-2, 2] only
-                         ({"logit_bias": {"5": 10}}, "logit_bias"), ({"max_tokens": 0}, "max_tokens"),
+                         ({"logit_bias": {"5": 101}}, "logit_bias"),  # served: refused outside [-100, 100] only
+                         ({"max_tokens": 0}, "max_tokens"),
                          ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"), ({"max_tokens": 5000}, "max_tokens"),
                          ({"top_p": 0}, "top_p"),
                          # a JSON number is a number: not a boolean (lax float took true as 1.0), not a string

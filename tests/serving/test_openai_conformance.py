@@ -196,8 +196,8 @@ def test_vllm_sampling_extensions(llm, session):
     """``stop_token_ids`` ends a row at that token, kept in the text and usage as vLLM keeps it (its docs: "the
     returned output will contain the stop tokens unless the stop tokens are special tokens"); vLLM's other sampling
     extensions are accepted at their default and refused, naming the field, anywhere else (``repetition_penalty``,
-    ``ignore_eos`` and ``min_tokens`` are served: refused only outside vLLM's range; see test_penalties.py and
-    test_openai_vllm_fields.py)."""
+    ``ignore_eos``, ``min_tokens`` and ``min_p`` are served: refused only outside vLLM's range; see test_penalties.py,
+    test_openai_vllm_fields.py and test_logit_bias_min_p.py)."""
     ids = session.tokenize([PROMPTS[0]])[0]
     tokens = session.generate([ids], ["a0"], max_new_tokens=8, eos_token_id=[])[0]
     stop = next(t for i, t in enumerate(tokens) if i >= 2 and t not in tokens[:i])
@@ -211,7 +211,7 @@ def test_vllm_sampling_extensions(llm, session):
     plain = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0)
     same = llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0, extra_body=neutral)
     assert same.choices[0].text == plain.choices[0].text
-    for field, value in (("ignore_eos", "yes"), ("min_tokens", -1), ("min_p", 0.1), ("repetition_penalty", 0),
+    for field, value in (("ignore_eos", "yes"), ("min_tokens", -1), ("min_p", 1.1), ("repetition_penalty", 0),
                          ("include_stop_str_in_output", True)):
         with pytest.raises(openai.BadRequestError) as caught:
             llm.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, extra_body={field: value})
