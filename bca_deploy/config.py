@@ -45,6 +45,7 @@ __all__ = [
     "PathOwners",
     "ModuleSpec",
     "HeadSpec",
+    "text_pair_mismatch",
     "TaskSpec",
     "task_spec_from_config",
     "task_architecture",
@@ -174,6 +175,22 @@ class HeadSpec:
         if self.pad_token_id is not None:
             values["pad_token_id"] = self.pad_token_id
         return values
+
+
+def text_pair_mismatch(text_pair: bool | None, pairs: bool, record: str | None = None) -> str | None:
+    """How a classifier head was trained, when inputs that are text pairs (``pairs`` true) or single texts are not
+    what it was trained on: its recorded ``text_pair`` (:attr:`HeadSpec.text_pair`) is the other kind. None when
+    they are the kind it was trained on, or when it records nothing (an adapter made elsewhere, or before it was
+    recorded: either kind is taken). ``record``: where ``text_pair`` was read, for the message (default: the head's
+    ``text_pair``).
+
+    The one rule for every stage that feeds a trained head texts (the server's ``/v1/classify``, ``evaluate``):
+    a head fed the other kind answers without a word, a label read off an input it never saw.
+    """
+    if text_pair is None or text_pair == pairs:
+        return None
+    record = record or f"its head's text_pair is {'true' if text_pair else 'false'}"
+    return f"was trained on {'text pairs' if text_pair else 'single texts'} ({record})"
 
 
 @dataclass

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import text_pair_mismatch
 from ..errors import (
     AdapterExistsError,
     AdapterMismatchError,
@@ -397,7 +398,7 @@ class MultiAdapterSession:
     # ---- adapters ----------------------------------------------------------------------------------
 
     def register(self, name: str, adapter_dir: str | Path, *, replace: bool = False,
-                 source: str | Path | None = None) -> AdapterInfo:
+                 source: str | Path | None = None, warn: Callable[[str], object] | None = None) -> AdapterInfo:
         """Load the adapter directory ``adapter_dir`` (bca-deploy or PEFT C3A) as ``name``.
 
         The adapter is read and checked against the graph (modules, block sizes, shapes, model type,
@@ -411,6 +412,11 @@ class MultiAdapterSession:
 
         ``source``: where the adapter came from, for its :class:`AdapterInfo` (default: ``adapter_dir``; a server
         reads a private copy of a store entry and records the entry).
+
+        An adapter that fits but records another base checkpoint (``base_model_name_or_path``) than the model the
+        graph was exported from (``bca_export.json``'s ``base_model``) is registered with the warning load, merge and
+        export give (:func:`bca_deploy.fit.base_name_note`): to ``warn`` when given (a server logs it), else as a
+        :class:`~bca_deploy.fit.ForeignBaseWarning`.
 
         Raises:
             AdapterNameError: ``name`` is not a valid adapter name.
@@ -428,7 +434,8 @@ class MultiAdapterSession:
         config, state = read_adapter(adapter_dir, validate=False, max_bytes=self.max_adapter_bytes)
         tensors, head = adapter_slot(config, state, self.layout, self.base_model_prefix, source=str(adapter_dir),
                                      head=self.head, base_head=self._base_head, model_type=self.model_type,
-                                     unused=self.unused_modules, base_matches=self._base_matches, task=self.task)
+                                     unused=self.unused_modules, base_matches=self._base_matches, task=self.task,
+                                     name_or_path=self.metadata.base_model, warn=warn)
         info = AdapterInfo(name=name, source=str(source or adapter_dir), num_parameters=config.num_parameters,
                            block_sizes=tuple(sorted({s.block_size for s in config.modules.values()})),
                            modules=len(config.modules), registered_at=time.time(), **self._head_info(head))
@@ -1271,16 +1278,16 @@ class MultiAdapterSession:
         for index, row in enumerate(inputs):
             adapter = adapters if adapters is None or isinstance(adapters, str) else adapters[index]
             labels = snapshot.labels.get(BASE if adapter is None else adapter)
-            recorded = getattr(labels, "text_pair", None)
-            if recorded is None or not (isinstance(row, str) or is_text_pair(row)):
+            if not (isinstance(row, str) or is_text_pair(row)):
+                continue
+            trained = text_pair_mismatch(getattr(labels, "text_pair", None), is_text_pair(row))
+            if trained is None:
                 continue
             name = f"adapter {adapter!r}" if adapter is not None else "the base model"
-            if recorded and isinstance(row, str):
-                raise ServingError(f"input {index}: a single text, but {name} was trained on text pairs (its head's "
-                                   "text_pair is true): send each row as a pair, [first text, second text]")
-            if not recorded and is_text_pair(row):
-                raise ServingError(f"input {index}: a text pair, but {name} was trained on single texts (its head's "
-                                   "text_pair is false): send each row as one text")
+            if isinstance(row, str):
+                raise ServingError(f"input {index}: a single text, but {name} {trained}: send each row as a pair, "
+                                   "[first text, second text]")
+            raise ServingError(f"input {index}: a text pair, but {name} {trained}: send each row as one text")
 
     def _text_pairs(self, inputs: Sequence[Any]) -> bool:
         """Whether ``inputs`` are text pairs (:func:`is_text_pair`); a mix of pairs and other rows is refused.

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..config import MAX_NUM_LABELS, DuplicateKeyError, unique_key_object
+from ..config import MAX_NUM_LABELS, DuplicateKeyError, text_pair_mismatch, unique_key_object
 from ..errors import format_problems
 from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
@@ -778,6 +778,9 @@ def load_seq_cls(
     require_labels: bool = True,
     label_names: Sequence[str] | None = None,
     columns_from: str | None = None,
+    head_text_pair: bool | None = None,
+    head_of: str = "the model",
+    head_record: str | None = None,
 ) -> SeqClsExamples:
     """Read a sequence-classification file and check it.
 
@@ -795,11 +798,17 @@ def load_seq_cls(
         label_names: the class names, in id order; a name label outside them is refused.
         columns_from: where ``text_columns`` / ``label_column`` came from when the user did not name them (an
             adapter's training record), added to the message when the file lacks one.
+        head_text_pair: whether the head that will read the examples was trained on text pairs (its recorded
+            :attr:`~bca_deploy.config.HeadSpec.text_pair`; None: not recorded, either kind is read), ``head_of``
+            naming whose head it is and ``head_record`` where that was read (default: the head's ``text_pair``):
+            text columns of the other kind are refused, by the rule the server's ``/v1/classify`` applies
+            (:func:`~bca_deploy.config.text_pair_mismatch`).
 
     Raises:
         DataFileNotFoundError, DataError: see :func:`read_records`; also missing columns (the message
-            lists the columns found), no examples, empty or non-string texts, labels that are neither
-            numbers nor names, more than :data:`~bca_deploy.config.MAX_NUM_LABELS` classes.
+            lists the columns found), text columns of the other kind than ``head_text_pair``, no examples, empty
+            or non-string texts, labels that are neither numbers nor names, more than
+            :data:`~bca_deploy.config.MAX_NUM_LABELS` classes.
     """
     path = Path(path)
     # only the columns that may be read are kept: those named, else every candidate (one is picked once the header is
@@ -856,6 +865,16 @@ def load_seq_cls(
             problems.append(f"these look like conversations for a language model: pass --task causal-lm "
                             f"(task='causal-lm'); {also}")
         raise DataError(format_problems(f"{path}: cannot read sequence-classification data:", problems))
+    pairs = len(text_columns) == 2
+    if (trained := text_pair_mismatch(head_text_pair, pairs, head_record)) is not None:
+        # checked before a text is read: scored, every example would be a label read off an input the head never saw
+        read = (f"text pairs (text columns {_short(text_columns[0])} + {_short(text_columns[1])})" if pairs
+                else f"single texts (text column {_short(text_columns[0])})")
+        fix = ("pass --text-columns naming the one text column of a file of single texts (text_columns=[...])"
+               if pairs else "pass --text-columns FIRST,SECOND naming the two text columns of a file of text pairs "
+               "(text_columns=[first, second])")
+        raise DataError(format_problems(f"{path}: not the kind of input {head_of} was trained on:", [
+            f"it is read as {read}, but {head_of} {trained}", fix, _columns_message(path, columns)]))
     if not records:
         raise DataError(f"{path}: the data set is empty (a header but no examples)")
 
@@ -1647,16 +1666,20 @@ def load_dataset(
     warn: Callable[[str], Any] | None = None,
     columns_from: str | None = None,
     model: str | Path | None = None,
+    head_text_pair: bool | None = None,
+    head_of: str = "the model",
+    head_record: str | None = None,
 ):
     """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``.
 
-    ``label_names``, ``columns_from`` (seq-cls): see :func:`load_seq_cls`. ``warn``
+    ``label_names``, ``columns_from``, ``head_*`` (seq-cls): see :func:`load_seq_cls`. ``warn``
     (causal-lm): gets lines about examples tokenized or left out unlike the rest (:func:`tokenize_causal_lm`).
     ``model`` (causal-lm conversations): the model directory, named when its tokenizer has no chat template.
     """
     if task == "seq-cls":
         examples = load_seq_cls(path, text_columns, label_column, regression, label_names=label_names,
-                                columns_from=columns_from)
+                                columns_from=columns_from, head_text_pair=head_text_pair, head_of=head_of,
+                                head_record=head_record)
         return examples, tokenize_seq_cls(examples, tokenizer, max_length)
     if task == "causal-lm":
         examples = load_causal_lm(path, prompt_column, response_column, text_column, messages_column)

@@ -73,6 +73,7 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
     def pick(given, key, default):
         return given if given is not None else info.get(key, default)
 
+    trained_on_pairs, pairs_record = _trained_on_pairs(spec, info)
     d, dev = init_distributed(config.device)
     try:
         def prepare() -> tuple[str, nn.Module, Any, int, bool]:
@@ -101,6 +102,7 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
                 label_names=names if names and not regression else None,
                 warn=lambda line: print(f"note: {line}", file=sys.stderr),
                 columns_from=_recorded_columns(adapter, config, info),
+                head_text_pair=trained_on_pairs, head_of=f"adapter {adapter}", head_record=pairs_record,
             )
             regression = bool(task == "seq-cls" and examples.regression)
             if model is None:
@@ -148,6 +150,19 @@ def _recorded_columns(adapter: Path | None, config: EvaluateConfig, info: dict[s
         return None
     return (f"the columns are those {adapter} was trained on ({'; '.join(taken)}, recorded in its "
             "bca_training.json); pass --text-columns / --label-column to name this file's")
+
+
+def _trained_on_pairs(spec: TaskSpec | None, info: dict[str, Any]) -> tuple[bool | None, str | None]:
+    """Whether the adapter's head was trained on text pairs, and where that was read (None: the head's own
+    ``text_pair``, :attr:`~bca_deploy.config.HeadSpec.text_pair`): else its training record's text columns (a
+    ``head-only`` or ``custom`` run, or one from before the head recorded it); ``(None, None)`` when neither tells
+    (evaluated as given)."""
+    if spec is not None and spec.head is not None and spec.head.text_pair is not None:
+        return spec.head.text_pair, None
+    columns = info.get("text_columns")
+    if not columns:
+        return None, None
+    return len(columns) == 2, f"its {TRAINING_FILE} records text_columns {', '.join(columns)}"
 
 
 def _is_names(value: Any) -> bool:
