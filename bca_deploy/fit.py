@@ -434,6 +434,7 @@ def bank_target(
     description: str = "the bank graph",
     params: Mapping[str, ParamInfo] | None = None,
     base_matches: Callable[[str, torch.Tensor], bool | str] | None = None,
+    name_or_path: str | None = None,
 ) -> Target:
     """The :class:`Target` of an adapter-bank graph from its layout.
 
@@ -446,6 +447,8 @@ def bank_target(
         params: whole-module tensors the graph can take per adapter (a head bank); None: none.
         base_matches: whether the graph's own value of a base-model parameter (by name) equals a given tensor (see
             :class:`Target`): an adapter's base weights equal to the graph's are accepted, any other is refused.
+        name_or_path: the model directory the graph was exported from (``bca_export.json``'s ``base_model``): an
+            adapter recording another base checkpoint is taken with a warning (:func:`base_name_note`).
     """
     sizes: dict[str, list[int]] = {}
     dims: dict[str, tuple[str, int, int]] = {}
@@ -467,6 +470,7 @@ def bank_target(
         absent="not adapted in",
         lists_every_module=False,
         base_matches=base_matches,
+        name_or_path=name_or_path,
     )
 
 
@@ -869,6 +873,20 @@ def base_name_note(config: AdapterConfig, target: Target, source: str = "adapter
             "wrong")
 
 
+def note_foreign_base(config: AdapterConfig, target: Target, source: str = "adapter",
+                      warn: Callable[[str], object] | None = None, stacklevel: int = 2) -> None:
+    """Say :func:`base_name_note`'s warning when the adapter records another base checkpoint than ``target``'s: to
+    ``warn`` when given (a server's log), else as a :class:`ForeignBaseWarning` attributed ``stacklevel`` frames up
+    from the caller (as :func:`warnings.warn` counts them). Every path that applies an adapter once it fits says it
+    so: load, convert, export, a bank session's ``register``."""
+    if (note := base_name_note(config, target, source)) is None:
+        return
+    if warn is not None:
+        warn(note)
+    else:
+        warnings.warn(note, ForeignBaseWarning, stacklevel=stacklevel + 1)
+
+
 def target_problems(config: AdapterConfig, state: Mapping[str, torch.Tensor], target: Target) -> list[str]:
     """Every way ``config``/``state`` do not fit ``target`` (paths already aligned).
 
@@ -1073,8 +1091,7 @@ def check_adapter(
     problems += target_problems(config, state, target)
     if problems:
         raise AdapterMismatchError(format_problems(f"{source} does not fit {target.description}:", problems))
-    if (note := base_name_note(config, target, source)) is not None:
-        warnings.warn(note, ForeignBaseWarning, stacklevel=2)
+    note_foreign_base(config, target, source, stacklevel=2)
 
 
 def slot_problems(tensors: Mapping[str, object], layout: Mapping[str, object]) -> list[str]:

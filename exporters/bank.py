@@ -509,6 +509,8 @@ def adapter_slot(
     unused: Sequence[UnusedModule] = (),
     base_matches: Callable[[str, torch.Tensor], bool | str] | None = None,
     task: str | None = None,
+    name_or_path: str | None = None,
+    warn: Callable[[str], object] | None = None,
 ) -> tuple[dict[str, np.ndarray], HeadWeights | None]:
     """An adapter read from disk (:func:`bca_deploy.read_adapter`) → its slot: kernels and classifier head.
 
@@ -532,6 +534,10 @@ def adapter_slot(
             (:func:`bank_base_matches` of the bank's record); None: every base weight is refused.
         task: the graph's export task: an adapter recording another task is refused, as ``export`` refuses it
             (a causal-lm adapter with a classifier in a classification bank served its rows as LABEL_0/1).
+        name_or_path: the model directory the graph was exported from (:attr:`ExportMetadata.base_model`): an
+            adapter that fits but records another base checkpoint is taken with the warning load, merge and export
+            give (:func:`bca_deploy.fit.note_foreign_base`), to ``warn`` when given, else as a
+            :class:`~bca_deploy.fit.ForeignBaseWarning`.
 
     Returns:
         ``({bank input: (1, R, q, o)}, head)``: the frequency-domain kernels of every bank input the
@@ -543,10 +549,18 @@ def adapter_slot(
             ``model_type``, ``modules_to_save`` that are not a head the bank holds, or a base weight that is not
             the graph's own value (each named).
     """
-    from bca_deploy.fit import ModuleInfo, adapter_problems, align_to_target, bank_target, target_problems
+    from bca_deploy.fit import (
+        ModuleInfo,
+        adapter_problems,
+        align_to_target,
+        bank_target,
+        note_foreign_base,
+        target_problems,
+    )
 
     params, resizable = (None, frozenset()) if head is None else head_params(head)
-    target = bank_target(layout, model_type, base_model_prefix, params=params, base_matches=base_matches)
+    target = bank_target(layout, model_type, base_model_prefix, params=params, base_matches=base_matches,
+                         name_or_path=name_or_path)
     ignored = {u.module for u in unused if u.module not in target.modules}
     modules = dict(target.modules)
     for u in unused:
@@ -574,6 +588,7 @@ def adapter_slot(
     problems += head_problems
     if problems:
         raise AdapterMismatchError(format_problems(f"{source} does not fit {target.description}:", problems))
+    note_foreign_base(config, target, source, warn, stacklevel=2)
     return tensors, own_head
 
 

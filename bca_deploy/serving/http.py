@@ -1079,9 +1079,17 @@ def register_from_store(session: MultiAdapterSession, store: AdapterStore, name:
     """Register store entry ``entry`` (at ``path``, from :meth:`AdapterStore.path`) as adapter ``name``, read from a
     private copy: one state of the entry, read without a memory map or a blocking open (:meth:`AdapterStore.snapshot`),
     so an entry rewritten, renamed or swapped for a pipe while it loads cannot crash, hang or mix the load. Every
-    load from a store goes through here: a client's, Ray's on-demand ones and ``serve --load`` at start-up."""
+    load from a store goes through here: a client's, Ray's on-demand ones and ``serve --load`` at start-up.
+
+    An entry that fits but records another base checkpoint than the export's is loaded, as load, merge and export
+    apply it, and the warning they give is logged for the operator (event ``adapter_foreign_base``, naming the entry's
+    own path); the client's answer stays the adapter's description, which never holds a server path."""
+    def warn(note: str) -> None:
+        _log_json({"ts": round(time.time(), 3), "event": "adapter_foreign_base", "adapter": name,
+                   "warning": store.unsnapshotted(note)}, logging.WARNING)
+
     with store.snapshot(entry, path, max_bytes=session.max_adapter_bytes) as copy:
-        return session.register(name, copy, replace=replace, source=path)
+        return session.register(name, copy, replace=replace, source=path, warn=warn)
 
 
 def default_model_name(export_dir: Path) -> str:

@@ -232,3 +232,83 @@ def test_a_named_pipe_put_in_place_of_a_json_file_after_the_look_is_refused_not_
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert run.returncode == 0 and f"refused: {fifo}: cannot read (a named pipe (FIFO), not a regular file)" \
         in run.stdout, (run.stdout, run.stderr)
+
+
+def _recording(directory: Path, base: Path | str | None, out: Path) -> Path:
+    """A copy of adapter ``directory`` that records ``base`` as the checkpoint it was trained on."""
+    import shutil
+
+    shutil.copytree(directory, out)
+    data = json.loads((out / "adapter_config.json").read_text())
+    data["base_model"]["name_or_path"] = None if base is None else str(base)
+    (out / "adapter_config.json").write_text(json.dumps(data))
+    return out
+
+
+def test_a_bank_session_registers_an_adapter_of_another_checkpoint_with_the_warning(banks, tmp_path):  # noqa: F811
+    """``MultiAdapterSession.register`` (what ``serve``, its store loads and Ray use) applied the model-type refusal
+    but said nothing of an adapter recording another checkpoint of the type, which load, merge and export warn of:
+    now it registers it with the same warning, naming the recorded base and the model the bank was exported from;
+    the bank's own base, or none recorded, without a word."""
+    from bca_deploy.serving import MultiAdapterSession
+
+    art = banks("bert")
+    foreign = _recording(art["adapters"]["a0"], "/elsewhere/bert-other", tmp_path / "foreign")
+    session = MultiAdapterSession(art["onnx"], load_exported=False)
+    with pytest.warns(ForeignBaseWarning) as caught:
+        session.register("foreign", foreign)
+    message = str(caught[0].message)
+    assert f"{foreign} records base model '/elsewhere/bert-other'" in message, message
+    assert str(art["model"].resolve()) in message, message
+    with pytest.warns(ForeignBaseWarning, match="records base model '/elsewhere/bert-other'"):  # as merge says it
+        merge_checkpoint(art["model"], [(foreign, 1.0)], tmp_path / "merged", progress=False)
+
+    heard: list[str] = []  # a caller's own channel (the server's log): said there, not as a Python warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForeignBaseWarning)
+        session.register("heard", foreign, warn=heard.append)
+        assert len(heard) == 1 and "'/elsewhere/bert-other'" in heard[0], heard
+        for name, base in (("own", art["model"]), ("unrecorded", None)):
+            session.register(name, _recording(art["adapters"]["a0"], base, tmp_path / name))
+    assert {a.name for a in session.adapters()} == {"foreign", "heard", "own", "unrecorded"}
+
+
+def test_the_server_logs_the_warning_of_a_store_entry_and_answers_as_usual(banks, tmp_path):  # noqa: F811
+    """Loaded from the adapter store (``serve --load``, ``POST /v1/adapters``), the warning goes to the server's log
+    (event ``adapter_foreign_base``, with the entry's own path): the client's answer is the adapter's description as
+    for any load, which never holds a server path (the paths are the operator's)."""
+    import logging
+
+    from bca_deploy.serving.http import LOGGER_NAME, ServerThread, build
+    from http_helpers import call
+
+    art = banks("bert")
+    store = tmp_path / "store"
+    store.mkdir()
+    _recording(art["adapters"]["a0"], "/elsewhere/bert-other", store / "foreign")
+    _recording(art["adapters"]["a0"], art["model"], store / "own")
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, keep = logging.getLogger(LOGGER_NAME), Keep(logging.WARNING)
+    logger.addHandler(keep)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        app = build(art["onnx"], adapter_store=store, load=["foreign"], threads=1)
+        events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
+        assert len(events) == 1 and events[0]["adapter"] == "foreign", lines
+        assert events[0]["warning"].startswith(f"{store / 'foreign'} records base model '/elsewhere/bert-other'")
+        with ServerThread(app) as server:
+            status, answer = call(server.url + "/v1/adapters", "POST", {"name": "foreign", "replace": True})
+            assert status == 201 and answer["name"] == "foreign" and answer["source"] == "store", answer
+            assert str(tmp_path) not in json.dumps(answer)
+            assert call(server.url + "/v1/adapters", "POST", {"name": "own"})[0] == 201
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+    events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
+    assert [e["adapter"] for e in events] == ["foreign", "foreign"], lines
