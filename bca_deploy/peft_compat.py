@@ -38,7 +38,7 @@ from .config import (
     show_json_value,
 )
 from .errors import AdapterFormatError, format_problems
-from .fit import base_key, dtype_problem, split_base_key
+from .fit import base_key, dtype_problem, split_base_key, tensor_problem
 from .ops import flip_circulant_layout
 
 __all__ = ["is_peft_config", "from_peft", "to_peft", "peft_metadata", "with_task_type", "describe_format",
@@ -223,6 +223,11 @@ def from_peft(
                 # finite in the file, Inf once held in float32 as every path holds kernels: was "has NaN/Inf values"
                 problems.append(f"tensor {key!r}: float64 values up to {largest:.3g} overflow float32 (largest "
                                 f"{_FLOAT32_MAX:.3g}), in which kernels are held: they would become Inf")
+                continue
+            if not tensor.is_meta and (bad := tensor_problem(tensor)) is not None:
+                # said here, under the file's own name: converted, the check of every adapter would name the kernel
+                # by bca-deploy's key (<module>.bca_kernel), which is in no file the user has
+                problems.append(f"tensor {key!r} (module {module}): {bad}")
                 continue
             kernels[module] = tensor
         elif split_base_key(path) is not None:

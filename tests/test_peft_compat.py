@@ -614,3 +614,37 @@ def test_a_peft_classifier_saved_without_task_type_gets_its_task_recorded_by_con
                                        str(tmp_path / "contradicted"), "--task-type", "CAUSAL_LM"])
     assert result.exit_code == 2 and "contradicts the adapter, which was trained for seq-cls" in result.output
     assert not (tmp_path / "contradicted").exists()
+
+
+def test_a_non_finite_peft_kernel_is_named_by_the_files_own_key(tmp_path):
+    """A NaN or Inf in a PEFT C3A kernel was reported under bca-deploy's converted name (``<module>.bca_kernel``),
+    a key in no file the user has; now under the file's own key (``base_model.model.<module>.c3a_kernel``) and its
+    module, by every reader (read, load, convert, merge, inspect)."""
+    from safetensors.torch import save_file
+
+    model = peft_model_with_random_kernels(tiny_llama, ["q_proj", "v_proj"], {})
+    model.save_pretrained(tmp_path / "peft")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    nan_key, inf_key = (k for k in sorted(state) if k.endswith(".c3a_kernel") and ".layers.0." in k)
+    state[nan_key][0, 1, 2] = float("nan")
+    state[inf_key][1, 0, 3] = float("-inf")
+    save_file(state, str(weights))
+    wanted = [f"tensor {key!r} (module {key.removeprefix('base_model.model.').removesuffix('.c3a_kernel')}): "
+              "has NaN/Inf values" for key in (nan_key, inf_key)]
+
+    with pytest.raises(AdapterFormatError) as caught:
+        bd.read_adapter(tmp_path / "peft")
+    assert all(w in str(caught.value) for w in wanted) and "bca_kernel" not in str(caught.value), str(caught.value)
+    with pytest.raises(AdapterFormatError) as caught:
+        bd.load_adapter(tiny_llama(), tmp_path / "peft")
+    assert all(w in str(caught.value) for w in wanted), str(caught.value)
+    for args in (["inspect", str(tmp_path / "peft")],
+                 ["convert", "--adapter", str(tmp_path / "peft"), "--to", "bca", "--out", str(tmp_path / "c")],
+                 ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "peft"), "--out",
+                  str(tmp_path / "m"), "--no-progress"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and all(w in result.output for w in wanted), (args, result.output)
+        assert "bca_kernel" not in result.output, (args, result.output)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
