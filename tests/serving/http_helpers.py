@@ -18,6 +18,7 @@ folder on ``sys.path`` and import what they use. Exports are cached per pytest s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -146,6 +147,22 @@ def bank(name: str, tmp_path_factory) -> dict:
 
 
 # ---- a real server process ------------------------------------------------------------------------------
+
+
+@functools.cache
+def reference_llama(root: str, store_entries: tuple[str, ...] = ()):
+    """The PyTorch tiny Llama of :func:`bank` ``("llama")`` at ``root``, with the exported adapters a0, a1, a2 and the
+    store's ``store_entries`` loaded by name (one per root and entries: the references of a module share it)."""
+    from transformers import AutoModelForCausalLM
+
+    from bca_deploy import load_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(Path(root) / "model").eval()
+    for name in ("a0", "a1", "a2"):
+        load_adapter(model, Path(root) / "adapters" / name, adapter_name=name)
+    for name in store_entries:
+        load_adapter(model, Path(root) / "store" / name, adapter_name=name)
+    return model
 
 
 def continuation(session, prompt: list[int], tokens: list[int]) -> str:

@@ -34,11 +34,10 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import call, continuation, openai_client  # noqa: E402
+from http_helpers import call, continuation, openai_client, reference_llama  # noqa: E402
 from http_helpers import llama, llm, server, session  # noqa: E402,F401 - module fixtures
 from serving_helpers import StepGate  # noqa: E402
 
-from bca_deploy import load_adapter  # noqa: E402
 from bca_deploy.inject import mixed_adapters  # noqa: E402
 from bca_deploy.serving import MultiAdapterSession  # noqa: E402
 from bca_deploy.serving.decoding import Sampler, choose_tokens, token_logprobs  # noqa: E402
@@ -47,17 +46,6 @@ from bca_deploy.serving.session import GenerationDefaults  # noqa: E402
 
 TIMEOUT = 60.0
 TEXT = "the water is hot and the water is"
-
-
-@functools.cache
-def reference_model(root: str):
-    """The PyTorch tiny Llama with the exported adapters a0, a1, a2 loaded by name."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(Path(root) / "model").eval()
-    for name in ("a0", "a1", "a2"):
-        load_adapter(model, Path(root) / "adapters" / name, adapter_name=name)
-    return model
 
 
 def _bias_processor(bias: dict[int, float], repetition: float):
@@ -83,7 +71,7 @@ def _hf_generate(root: str, prompt: tuple[int, ...], adapter: str | None, new: i
                  bias: tuple[tuple[int, float], ...], repetition: float) -> list[int]:
     from transformers import LogitsProcessorList
 
-    model = reference_model(root)
+    model = reference_llama(root)
     ids = torch.tensor([list(prompt)])
     with torch.no_grad(), mixed_adapters(model, [adapter]):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,

@@ -29,11 +29,10 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import continuation  # noqa: E402
+from http_helpers import continuation, reference_llama  # noqa: E402
 from http_helpers import llama, llm, server, session  # noqa: E402,F401 - module fixtures
 from serving_helpers import StepGate  # noqa: E402
 
-from bca_deploy import load_adapter  # noqa: E402
 from bca_deploy.inject import mixed_adapters  # noqa: E402
 from bca_deploy.serving import MultiAdapterSession  # noqa: E402
 from bca_deploy.serving.engine import GenerationEngine, SamplingParams, SamplingParamsError  # noqa: E402
@@ -43,20 +42,9 @@ PROMPTS = ["the water is hot and", "you can see the"]
 
 
 @functools.cache
-def reference_model(root: str):
-    """The PyTorch tiny Llama with the exported adapters a0, a1, a2 loaded by name."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(Path(root) / "model").eval()
-    for name in ("a0", "a1", "a2"):
-        load_adapter(model, Path(root) / "adapters" / name, adapter_name=name)
-    return model
-
-
-@functools.cache
 def _hand_loop(root: str, prompt: tuple[int, ...], adapter: str | None, new: int, ignore_eos: bool, min_tokens: int,
                stop_ids: tuple[int, ...]) -> tuple[int, ...]:
-    model = reference_model(root)
+    model = reference_llama(root)
     ends = set(stop_ids) | (set() if ignore_eos else EOS)
     ids, out = list(prompt), []
     for _ in range(new):

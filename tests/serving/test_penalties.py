@@ -35,10 +35,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import bank, continuation, openai_client  # noqa: E402
+from http_helpers import bank, continuation, openai_client, reference_llama  # noqa: E402
 from serving_helpers import StepGate  # noqa: E402
 
-from bca_deploy import load_adapter  # noqa: E402
 from bca_deploy.inject import mixed_adapters  # noqa: E402
 from bca_deploy.serving import MultiAdapterSession  # noqa: E402
 from bca_deploy.serving.decoding import Sampler, choose_tokens  # noqa: E402
@@ -55,21 +54,9 @@ def llama(tmp_path_factory):
 
 
 @functools.cache
-def reference_model(root: str):
-    """The PyTorch tiny Llama with a0, a1, a2 (exported) and ``extra`` (the store's) loaded by name."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(Path(root) / "model").eval()
-    for name in ("a0", "a1", "a2"):
-        load_adapter(model, Path(root) / "adapters" / name, adapter_name=name)
-    load_adapter(model, Path(root) / "store" / "extra", adapter_name="extra")
-    return model
-
-
-@functools.cache
 def _hf_generate(root: str, prompt: tuple[int, ...], adapter: str | None, new: int, penalty: float,
                  config_dir: str | None = None) -> list[int]:
-    model = reference_model(root)
+    model = reference_llama(root, ("extra",))
     ids = torch.tensor([list(prompt)])
     kwargs = {"repetition_penalty": penalty}
     if config_dir is not None:  # the checkpoint's own generation config (its repetition_penalty), greedy
@@ -91,7 +78,7 @@ def hf_generate(llama, prompt, adapter, new, repetition_penalty=1.0, config_dir=
 @functools.cache
 def _hand_loop(root: str, prompt: tuple[int, ...], adapter: str | None, new: int, r: float, f: float,
                p: float) -> list[int]:
-    model = reference_model(root)
+    model = reference_llama(root, ("extra",))
     ids, out = list(prompt), []
     for _ in range(new):
         x = torch.tensor([ids])
