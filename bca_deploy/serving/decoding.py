@@ -295,8 +295,11 @@ def _read_logit_bias(value: Any) -> tuple[tuple[tuple[int, float], ...] | None, 
     for key, bias in items:
         token = _token_key(key)
         shown = f"key {show_json_value(str(key) if _is_int(key) else key)}"
-        if token is None:
-            wrong.append(f"{shown} is not a token id (an integer >= 0 written in decimal)")
+        if token is None and (_is_decimal(key) or (_is_int(key) and key >= 0)):  # past int64: past any vocabulary
+            wrong.append(f"{shown} is past the largest token id, {2**63 - 1}")
+        elif token is None:
+            wrong.append(f"{shown} is not a token id (an integer >= 0 in plain decimal: no sign, spaces or leading "
+                         "zeros)")
         elif token in pairs:
             wrong.append(f"{shown} names token {token} again")
         elif not _is_number(bias) or not low <= bias <= high:  # NaN fails both comparisons
@@ -314,11 +317,16 @@ def _token_key(key: Any) -> int | None:
     "050256", "+5" or " 5", so that no two keys name one token); else ``None``."""
     if _is_int(key):
         token = int(key)
-    elif isinstance(key, str) and 0 < len(key) <= 19 and key.isascii() and key.isdigit() and str(int(key)) == key:
+    elif _is_decimal(key) and len(key) <= 19:
         token = int(key)
     else:
         return None
     return token if 0 <= token < 2**63 else None
+
+
+def _is_decimal(key: Any) -> bool:
+    """Whether ``key`` is a canonical decimal string of an integer >= 0 (ASCII digits, no sign, no leading zero)."""
+    return isinstance(key, str) and key.isascii() and key.isdigit() and (key == "0" or key[0] != "0")
 
 
 class Penalties:

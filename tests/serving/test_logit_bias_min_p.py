@@ -283,6 +283,21 @@ def test_sampling_params_refuse_min_p_outside_0_1(value):
     assert caught.value.fields == ["min_p"]
 
 
+@pytest.mark.parametrize("key", [str(2**63), "9" * 5000, 2**70])
+def test_a_decimal_key_past_int64_is_named_as_too_large_not_as_not_decimal(key):
+    """A key that is a plain decimal integer, only too large for any token id, was told it is "not a token id (an
+    integer >= 0 written in decimal)", which it is; now the message says what is wrong with it (and a 5000-digit key
+    is not converted: CPython's int() refuses strings past 4300 digits)."""
+    with pytest.raises(SamplingParamsError) as caught:
+        SamplingParams(logit_bias={key: 1})
+    message = str(caught.value)
+    assert caught.value.fields == ["logit_bias"] and f"past the largest token id, {2**63 - 1}" in message
+    assert "not a token id" not in message and len(message) < 300
+    # a key that is not plain decimal says how one is written
+    with pytest.raises(SamplingParamsError, match="no sign, spaces or leading zeros"):
+        SamplingParams(logit_bias={"+5": 1})
+
+
 def test_sampling_params_take_logit_bias_at_openais_bounds():
     bias = {str(i): (-100 if i % 2 else 100) for i in range(300)}
     params = SamplingParams(logit_bias=bias, min_p=1)
