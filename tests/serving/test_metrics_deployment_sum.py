@@ -211,7 +211,7 @@ def test_a_replica_pushes_every_interval_and_a_final_text_when_it_shuts_down(mon
     # the replica's side: its thread pushes its text to the hub found by name, keeps pushing when the hub is not
     # there yet (no error reaches serving), and pushes once more, marked final, when Ray shuts the replica down
     ray = pytest.importorskip("ray")
-    from bca_deploy.serving.ray import MetricsHub, _MetricsPusher
+    from bca_deploy.serving.ray import METRICS_HUB_NAMESPACE, MetricsHub, _MetricsPusher
 
     hub, lookups = MetricsHub(), []
 
@@ -221,7 +221,8 @@ def test_a_replica_pushes_every_interval_and_a_final_text_when_it_shuts_down(mon
             def remote(*args):
                 return hub.push(*args)
 
-    def get_actor(name):
+    def get_actor(name, namespace=None):
+        assert namespace == METRICS_HUB_NAMESPACE  # the fixed one the router starts it in (and serve-ray ends it in)
         lookups.append(name)
         if len(lookups) < 3:
             raise ValueError(f"Failed to look up actor with name '{name}'")  # the router has not started it yet
