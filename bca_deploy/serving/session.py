@@ -352,6 +352,9 @@ class MultiAdapterSession:
         # Generation banks exported since logits_to_keep: a prefill asks for the last position's logits only.
         self.keeps_last_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self._config = None
+        # vocabulary and max_positions, read once: config.json and the graph do not change under a session, and
+        # transformers' config attribute reads made them ~10 us each, on every request (engine.submit's checks)
+        self._limits: dict[str, int | None] = {}
         self._generation_defaults: GenerationDefaults | None = None
         self._eos_token_ids: frozenset[int] | None = None
         self._tokenizer = None
@@ -1478,8 +1481,10 @@ class MultiAdapterSession:
     def vocabulary(self) -> int | None:
         """How many token ids rows may use (``0..vocabulary-1``; None: unknown): ``config.json``'s ``vocab_size``, or
         the graph's word-embedding rows where those are fewer (:attr:`embedding_rows`; see :attr:`vocabulary_note`)."""
-        bounds = [b for b in (vocabulary_size(self.config), self.embedding_rows) if b]
-        return min(bounds) if bounds else None
+        if "vocabulary" not in self._limits:
+            bounds = [b for b in (vocabulary_size(self.config), self.embedding_rows) if b]
+            self._limits["vocabulary"] = min(bounds) if bounds else None
+        return self._limits["vocabulary"]
 
     @property
     def vocabulary_note(self) -> str | None:
@@ -1538,11 +1543,13 @@ class MultiAdapterSession:
         see :attr:`positions_note`), and for a graph with past of a sliding-window model its window
         (:func:`bca_deploy.models.attention_window`: the graph's past stops growing there, so a longer row could not
         be continued), whichever is lowest."""
-        limit = position_limit(self.config)
-        table = self.position_table.limit if self.position_table is not None else None
-        window = attention_window(self.config) if self.with_past else None
-        bounds = [int(b) for b in (limit, table, window) if b]
-        return min(bounds) if bounds else None
+        if "max_positions" not in self._limits:
+            limit = position_limit(self.config)
+            table = self.position_table.limit if self.position_table is not None else None
+            window = attention_window(self.config) if self.with_past else None
+            bounds = [int(b) for b in (limit, table, window) if b]
+            self._limits["max_positions"] = min(bounds) if bounds else None
+        return self._limits["max_positions"]
 
     def _truncation_length(self, max_length: int | None) -> int:
         """The tokens a truncated text (an encoder's text, a text pair) is cut to: :meth:`text_limit` (512 where
