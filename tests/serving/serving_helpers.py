@@ -185,6 +185,38 @@ class StepGate:
         raise AssertionError(f"no {event} event for {adapter}")
 
 
+def run_in_waves(session, waves, submit, *, max_batch_rows: int = 8, before_wave=None, timeout: float = 120.0):
+    """``waves[k]``'s jobs joined to a running :class:`~bca_deploy.serving.engine.GenerationEngine` over ``session``
+    after its decode step k (0: at the start), each by ``submit(engine, job)`` (its stream), the engine held by a
+    :class:`StepGate` while a later wave joins, which must find rows still decoding; ``before_wave(k)``: an async
+    hook run just before wave k joins (e.g. a load). Returns ``(streams, results)`` in submission order (waves by k,
+    each wave's jobs in order), every stream collected."""
+    from bca_deploy.serving.engine import GenerationEngine
+
+    gate = StepGate(steps=[k for k in waves if k])
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=max_batch_rows, observer=gate)
+        await engine.start()
+        streams = []
+        try:
+            for k in sorted(waves):
+                if k:
+                    await gate.paused()
+                    assert any(not s.done for s in streams), f"nothing was decoding at step {k}"
+                if before_wave is not None:
+                    await before_wave(k)
+                streams += [submit(engine, job) for job in waves[k]]
+                if k:
+                    gate.go()
+            return streams, [await s.collect() for s in streams]
+        finally:
+            gate.go()
+            await engine.stop()
+
+    return asyncio.run(asyncio.wait_for(main(), timeout))
+
+
 @pytest.fixture(scope="module")
 def llama(banks):
     """The tiny Llama bank (``banks("llama")``), for engine tests."""

@@ -33,6 +33,7 @@ from serving_helpers import (  # noqa: F401
     StepGate,
     banks,
     row_alone,
+    run_in_waves,
     save_tiny_adapter,
     token_rows,
     torch_model,
@@ -279,28 +280,8 @@ def test_staggered_requests_match_pytorch_alone(decoder):
     prompts = token_rows(12, seed=41, low=2, high=13)
     jobs = [(p, choices[i % len(choices)], 4 + (7 * i) % 15) for i, p in enumerate(prompts)]
     waves = {0: jobs[:3], 2: jobs[3:6], 5: jobs[6:9], 9: jobs[9:]}  # joined after decode step k
-    gate = StepGate(steps=[k for k in waves if k])
-
-    async def main():
-        engine = GenerationEngine(session, max_batch_rows=8, observer=gate)
-        await engine.start()
-        streams = []
-        try:
-            for k in sorted(waves):
-                if k:
-                    await gate.paused()
-                    running = [s for s in streams if not s.done]
-                streams += [engine.submit(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in waves[k]]
-                if k:
-                    assert running, f"nothing was decoding at step {k}"
-                    gate.go()
-            results = [await s.collect() for s in streams]
-        finally:
-            gate.go()
-            await engine.stop()
-        return streams, results
-
-    streams, results = run(main())
+    streams, results = run_in_waves(session, waves, lambda engine, job: engine.submit(
+        job[0], job[1], SamplingParams(max_new_tokens=job[2])), timeout=TIMEOUT * 2)
     for (prompt, adapter, n), stream, result in zip(jobs, streams, results, strict=True):
         assert result.token_ids == ref_generate(decoder, prompt, adapter, n), (prompt, adapter)
         assert result.prompt_tokens == len(prompt) and result.completion_tokens == len(result.token_ids)

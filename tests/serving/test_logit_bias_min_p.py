@@ -36,12 +36,12 @@ openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from http_helpers import call, continuation, openai_client, reference_llama  # noqa: E402
 from http_helpers import llama, llm, server, session  # noqa: E402,F401 - module fixtures
-from serving_helpers import StepGate  # noqa: E402
+from serving_helpers import run_in_waves  # noqa: E402
 
 from bca_deploy.inject import mixed_adapters  # noqa: E402
 from bca_deploy.serving import MultiAdapterSession  # noqa: E402
 from bca_deploy.serving.decoding import Sampler, choose_tokens, token_logprobs  # noqa: E402
-from bca_deploy.serving.engine import GenerationEngine, SamplingParams, SamplingParamsError  # noqa: E402
+from bca_deploy.serving.engine import SamplingParams, SamplingParamsError  # noqa: E402
 from bca_deploy.serving.session import GenerationDefaults  # noqa: E402
 
 TIMEOUT = 60.0
@@ -197,26 +197,8 @@ def test_biased_rows_joining_a_running_batch_match_transformers(llama):
             (other, "a0", 8, {}, {}),
             (prompt, "a2", 8, {"logit_bias": {2: -100, banned: 3}, "do_sample": True, "seed": 3, "min_p": 1.0}, {})],
     }
-    gate = StepGate(steps=[3])
-
-    async def main():
-        engine = GenerationEngine(session, max_batch_rows=8, observer=gate)
-        await engine.start()
-        streams = []
-        try:
-            for k in sorted(waves):
-                if k:
-                    await gate.paused()
-                    assert any(not s.done for s in streams)
-                streams += [engine.submit(p, a, SamplingParams(max_new_tokens=n, **kw)) for p, a, n, kw, _ in waves[k]]
-                if k:
-                    gate.go()
-            return [await s.collect() for s in streams], streams
-        finally:
-            gate.go()
-            await engine.stop()
-
-    results, streams = run(main())
+    streams, results = run_in_waves(session, waves, lambda engine, job: engine.submit(
+        job[0], job[1], SamplingParams(max_new_tokens=job[2], **job[3])), timeout=TIMEOUT * 2)
     jobs = [job for k in sorted(waves) for job in waves[k]]
     assert results[0].token_ids == [water] * 10
     assert banned not in results[1].token_ids and results[2].token_ids == plain_a1

@@ -36,7 +36,7 @@ pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from http_helpers import bank, continuation, openai_client, reference_llama  # noqa: E402
-from serving_helpers import StepGate  # noqa: E402
+from serving_helpers import StepGate, run_in_waves  # noqa: E402
 
 from bca_deploy.inject import mixed_adapters  # noqa: E402
 from bca_deploy.serving import MultiAdapterSession  # noqa: E402
@@ -152,28 +152,14 @@ def test_rows_with_their_own_penalties_joining_a_running_batch_match_their_refer
             (prompts[3], "a2", 8, {"presence_penalty": -1.0, "frequency_penalty": -2.0}),
             (prompts[4], "a0", 10, {})],
     }
-    gate = StepGate(steps=[k for k in waves if k])
 
-    async def main():
-        engine = GenerationEngine(session, max_batch_rows=12, observer=gate)
-        await engine.start()
-        streams = []
-        try:
-            for k in sorted(waves):
-                if k:
-                    await gate.paused()
-                    assert any(not s.done for s in streams), f"nothing was decoding at step {k}"
-                if k == 2:
-                    await asyncio.to_thread(session.register, "extra", llama["store"] / "extra")
-                streams += [engine.submit(p, a, SamplingParams(max_new_tokens=n, **kw)) for p, a, n, kw in waves[k]]
-                if k:
-                    gate.go()
-            return [await s.collect() for s in streams], streams
-        finally:
-            gate.go()
-            await engine.stop()
+    async def load_extra(k: int) -> None:  # a load while rows decode: the rows that join after use it
+        if k == 2:
+            await asyncio.to_thread(session.register, "extra", llama["store"] / "extra")
 
-    results, streams = run(main())
+    streams, results = run_in_waves(session, waves, lambda engine, job: engine.submit(
+        job[0], job[1], SamplingParams(max_new_tokens=job[2], **job[3])), max_batch_rows=12, before_wave=load_extra,
+        timeout=TIMEOUT * 2)
     jobs = [job for k in sorted(waves) for job in waves[k]]
     changed = 0
     for (prompt, adapter, n, kw), result in zip(jobs, results, strict=True):
