@@ -512,7 +512,7 @@ def _top_p_prefix(probs: np.ndarray, top_p: float) -> tuple[np.ndarray, int]:
     size = probs.size
     if np.count_nonzero(probs) < size // 2:
         support = np.flatnonzero(probs)  # ascending ids: the stable sorts break ties by id, as the whole sort does
-        values = support_probs = probs[support]
+        values = probs[support]
     else:
         support, values = None, probs
     count = values.size
@@ -537,7 +537,7 @@ def _top_p_prefix(probs: np.ndarray, top_p: float) -> tuple[np.ndarray, int]:
     if support is None:
         order = np.argsort(-probs, kind="stable")
     else:
-        order = support[np.argsort(-support_probs, kind="stable")]
+        order = support[np.argsort(-values, kind="stable")]
     sorted_probs = probs[order]
     return order, int((np.cumsum(sorted_probs) - sorted_probs < top_p).sum())
 

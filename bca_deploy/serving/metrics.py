@@ -18,6 +18,7 @@ dashboard query, stays the same; only the adapter names are gone).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -183,6 +184,8 @@ def with_requests_of(text: bytes, metrics: ServerMetrics) -> bytes:
 #: Family types whose samples only grow while a process lives (a counter, a histogram's buckets, ``_count`` and
 #: ``_sum``, a summary's): summed over every process that reported, its last report kept once it is gone.
 _CUMULATIVE_TYPES = frozenset({"counter", "histogram", "summary"})
+#: How :func:`merge_expositions` combines one series' values from two texts.
+_COMBINE: dict[str, Callable[[float, float], float]] = {"sum": operator.add, "min": min, "max": max}
 
 
 def merge_expositions(live: Iterable[bytes | str], gone: Iterable[bytes | str] = (),
@@ -226,15 +229,14 @@ def merge_expositions(live: Iterable[bytes | str], gone: Iterable[bytes | str] =
                 into = merged[family.name] = (family, {})
             elif into[0].type != family.type:
                 continue
-            series = into[1]
+            series, combine = into[1], _COMBINE[how]
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 old = series.get(key)
                 if old is None:
                     series[key] = sample
                     continue
-                value = {"sum": lambda a, b: a + b, "min": min, "max": max}[how](old.value, sample.value)
-                series[key] = old._replace(value=value)
+                series[key] = old._replace(value=combine(old.value, sample.value))
     out = []
     for family, series in merged.values():
         # the series of one label set together (a histogram's buckets, then its _count and _sum), in first-seen order

@@ -1090,8 +1090,7 @@ def _echo_only(req: CompletionRequest, prompts: list[list[int]], echoes: list[_E
             yield _sse(payload)
         yield _SSE_DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers=_SSE_HEADERS)
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 def _completion_logprobs(server: Server, items: list | None, offsets: list[int] | None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -352,9 +353,6 @@ class MultiAdapterSession:
         # Generation banks exported since logits_to_keep: a prefill asks for the last position's logits only.
         self.keeps_last_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self._config = None
-        # vocabulary and max_positions, read once: config.json and the graph do not change under a session, and
-        # transformers' config attribute reads made them ~10 us each, on every request (engine.submit's checks)
-        self._limits: dict[str, int | None] = {}
         self._generation_defaults: GenerationDefaults | None = None
         self._eos_token_ids: frozenset[int] | None = None
         self._tokenizer = None
@@ -369,7 +367,7 @@ class MultiAdapterSession:
         # go through TOKENIZER_COPIES copies, one text per copy at a time, in the order asked for, so neither one
         # request's many texts nor one long text holds every other request's text (and every stream's detokenizer).
         self._tokenizers: TurnPool | None = None
-        self._token_texts: dict[int, tuple[str, bytes]] = {}  # token_texts' and token_bytes' (a token's own text)
+        self._token_pieces_of: dict[int, tuple[str, bytes]] = {}  # token_texts' and token_bytes': (text, bytes) per id
         self._lock = threading.Lock()
         self._adapters: dict[str, _Adapter] = {}
         self._versions = itertools.count(1)
@@ -1052,7 +1050,7 @@ class MultiAdapterSession:
         return [raw for _, raw in self._token_pieces(token_ids)]
 
     def _token_pieces(self, token_ids: Sequence[int]) -> list[tuple[str, bytes]]:
-        pieces = self._token_texts
+        pieces = self._token_pieces_of
         missing = sorted({int(t) for t in token_ids} - pieces.keys())
         if missing:
             try:
@@ -1477,14 +1475,14 @@ class MultiAdapterSession:
         """The id padding positions get (tokenizer's or config's pad id, else its end-of-sequence id, else 0)."""
         return _pad_id(self.config, self._tokenizer)
 
-    @property
+    # vocabulary and max_positions are computed once: config.json and the graph do not change under a session, and
+    # transformers' config attribute reads made them ~10 us each, on every request (engine.submit's checks)
+    @functools.cached_property
     def vocabulary(self) -> int | None:
         """How many token ids rows may use (``0..vocabulary-1``; None: unknown): ``config.json``'s ``vocab_size``, or
         the graph's word-embedding rows where those are fewer (:attr:`embedding_rows`; see :attr:`vocabulary_note`)."""
-        if "vocabulary" not in self._limits:
-            bounds = [b for b in (vocabulary_size(self.config), self.embedding_rows) if b]
-            self._limits["vocabulary"] = min(bounds) if bounds else None
-        return self._limits["vocabulary"]
+        bounds = [b for b in (vocabulary_size(self.config), self.embedding_rows) if b]
+        return min(bounds) if bounds else None
 
     @property
     def vocabulary_note(self) -> str | None:
@@ -1536,20 +1534,18 @@ class MultiAdapterSession:
             self._generation_defaults = GenerationDefaults.read(self.export_dir / GENERATION_CONFIG_FILE)
         return self._generation_defaults
 
-    @property
+    @functools.cached_property
     def max_positions(self) -> int | None:
         """The most tokens (prompt + generated) one row can hold (None: unknown): the config's position limit,
         the graph's own position table (:attr:`position_table`, where it has one: the config only claims a limit,
         see :attr:`positions_note`), and for a graph with past of a sliding-window model its window
         (:func:`bca_deploy.models.attention_window`: the graph's past stops growing there, so a longer row could not
         be continued), whichever is lowest."""
-        if "max_positions" not in self._limits:
-            limit = position_limit(self.config)
-            table = self.position_table.limit if self.position_table is not None else None
-            window = attention_window(self.config) if self.with_past else None
-            bounds = [int(b) for b in (limit, table, window) if b]
-            self._limits["max_positions"] = min(bounds) if bounds else None
-        return self._limits["max_positions"]
+        limit = position_limit(self.config)
+        table = self.position_table.limit if self.position_table is not None else None
+        window = attention_window(self.config) if self.with_past else None
+        bounds = [int(b) for b in (limit, table, window) if b]
+        return min(bounds) if bounds else None
 
     def _truncation_length(self, max_length: int | None) -> int:
         """The tokens a truncated text (an encoder's text, a text pair) is cut to: :meth:`text_limit` (512 where
