@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from http_helpers import call  # noqa: E402
-from training_helpers import config, one_thread, sst2_rows, tiny_model_dir, write_tsv  # noqa: E402,F401
+from training_helpers import config, one_thread, text_pair_data  # noqa: E402,F401
 
 from bca_deploy.errors import ServingError  # noqa: E402
 
@@ -27,11 +27,7 @@ def bank(tmp_path_factory):
     from bca_deploy.training import train
 
     root = tmp_path_factory.mktemp("pair_record")
-    rows = sst2_rows("train", 32)
-    model = tiny_model_dir(root / "bare", "bert-bare", [s for s, _ in rows])
-    pairs = write_tsv(root / "pairs.tsv", [(s, rows[i - 1][0], y) for i, (s, y) in enumerate(rows)],
-                      header=("sentence1", "sentence2", "label"))
-    single = write_tsv(root / "single.tsv", rows)
+    model, pairs, single = text_pair_data(root)
     adapters = {"pair": train(config(model, pairs, root / "pair", max_steps=1)).last_dir,
                 "single": train(config(model, single, root / "single", max_steps=1)).last_dir}
     # the pair adapter as written before the record: no text_pair in its task entry

@@ -31,7 +31,8 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import ServeProcess, bank, call, continuation, openai_client  # noqa: E402
+from http_helpers import bank, call, continuation, llama_serve  # noqa: E402
+from http_helpers import llm  # noqa: E402,F401 - a module fixture (over this module's server)
 
 from bca_deploy.serving import MultiAdapterSession  # noqa: E402
 
@@ -67,14 +68,8 @@ def export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(export, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "chat-extensions-serve.log"
-    with ServeProcess(export["dir"], "--adapter-store", str(export["store"]), "--served-model-name", "tiny-llama",
-                      "--max-wait-ms", "2", log=log) as process:
+    with llama_serve(export["dir"], export["store"], log) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def llm(server):
-    return openai_client(server.url)
 
 
 @pytest.fixture(scope="module")

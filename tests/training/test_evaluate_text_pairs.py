@@ -18,10 +18,8 @@ from bca_deploy.training import DataError, EvaluateConfig, evaluate, train
 from training_helpers import (  # noqa: F401 - one_thread is an autouse fixture
     config,
     one_thread,
-    sst2_rows,
     subprocess_env,
-    tiny_model_dir,
-    write_tsv,
+    text_pair_data,
 )
 
 
@@ -31,11 +29,7 @@ def runs(tmp_path_factory):
     record (an adapter handed on alone: only its adapter_config.json tells how its head was trained); and the pair
     run as written before the head recorded text_pair (its training record's columns tell)."""
     root = tmp_path_factory.mktemp("evaluate_pairs")
-    rows = sst2_rows("train", 32)
-    model = tiny_model_dir(root / "bare", "bert-bare", [s for s, _ in rows])
-    pairs = write_tsv(root / "pairs.tsv", [(s, rows[i - 1][0], y) for i, (s, y) in enumerate(rows)],
-                      header=("sentence1", "sentence2", "label"))
-    single = write_tsv(root / "single.tsv", rows)
+    model, pairs, single = text_pair_data(root)
     out = {"model": model, "pairs": pairs, "single": single,
            "pair": train(config(model, pairs, root / "pair", max_steps=1)).last_dir,
            "one": train(config(model, single, root / "one", max_steps=1)).last_dir}

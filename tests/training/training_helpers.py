@@ -35,6 +35,17 @@ def write_tsv(path: Path, rows, header=("sentence", "label")) -> Path:
     return path
 
 
+def text_pair_data(root: Path) -> tuple[Path, Path, Path]:
+    """``(model, pairs, single)``: a tiny bare BERT over 32 SST-2 training sentences, and those sentences as a file of
+    text pairs (``sentence1`` each, ``sentence2`` the one before it) and as a file of single texts, both labelled:
+    what a pair-trained and a single-text-trained adapter of one model are trained on."""
+    rows = sst2_rows("train", 32)
+    model = tiny_model_dir(root / "bare", "bert-bare", [s for s, _ in rows])
+    pairs = write_tsv(root / "pairs.tsv", [(s, rows[i - 1][0], y) for i, (s, y) in enumerate(rows)],
+                      header=("sentence1", "sentence2", "label"))
+    return model, pairs, write_tsv(root / "single.tsv", rows)
+
+
 def word_tokenizer(directory: Path, texts, vocab_size: int = 100):
     """A BertTokenizerFast over the ``vocab_size - 5`` most frequent words of ``texts``."""
     from conftest import wordpiece_tokenizer
