@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,18 +349,25 @@ def train(
     config.validate(has_model=model is not None, has_tokenizer=tokenizer is not None)
     resolved = config.resolved()
     d, dev = init_distributed(resolved.device)
-    try:
-        return _TrainingRun(resolved, config, d, dev, model, tokenizer, on_step).run()
-    finally:
-        destroy(d)
+    with _termination_interrupts() as signals:
+        try:
+            return _TrainingRun(resolved, config, d, dev, model, tokenizer, on_step, signals).run()
+        finally:
+            # Under torchrun, a process killed beside this one gets this one SIGTERM from the launcher while it is
+            # finding that out (gloo's "connection closed by peer") and tearing down: the signal, at its default
+            # action then, killed it before anything said what --out holds. From here on it is ignored.
+            signals.ignore()
+            destroy(d)
 
 
 class _TrainingRun:
     """One training run, in the order :meth:`run` calls its steps; ``cfg`` has the recipe filled in."""
 
     def __init__(self, cfg: TrainConfig, given: TrainConfig, d: Dist, dev: torch.device, model: nn.Module | None,
-                 tokenizer: Any, on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
+                 tokenizer: Any, on_step: Callable[[int, dict[str, Any]], None] | None,
+                 signals: _TerminationSignals | None = None) -> None:
         self.cfg, self.given, self.d, self.dev = cfg, given, d, dev
+        self.signals = signals if signals is not None else _TerminationSignals()
         self.model, self.tokenizer, self.on_step = model, tokenizer, on_step
         self.model_given = model is not None
         self.recipe = recipe_for(cfg.recipe, cfg.task)
@@ -391,29 +398,30 @@ class _TrainingRun:
 
     def run(self) -> TrainResult:
         try:
-            with _termination_interrupts():
-                self.setup_output()
-                on_every_rank(self.d, self.setup_data)
-                self.setup_model()
-                self.setup_optimizer()
-                self.restore()
-                if self.resumed_from is not None and self.step >= self.cfg.max_steps:
-                    finished = self._finished_result()
-                    if finished is not None:
-                        return finished
-                self.printer.start(self)
-                self.train_loop()
-                result = self.result()
-                if self.d.is_main:
-                    _write_json(self.out / RESULT_FILE, result.to_dict())
-                return result
+            self.setup_output()
+            on_every_rank(self.d, self.setup_data)
+            self.setup_model()
+            self.setup_optimizer()
+            self.restore()
+            if self.resumed_from is not None and self.step >= self.cfg.max_steps:
+                finished = self._finished_result()
+                if finished is not None:
+                    return finished
+            self.printer.start(self)
+            self.train_loop()
+            result = self.result()
+            if self.d.is_main:
+                _write_json(self.out / RESULT_FILE, result.to_dict())
+            return result
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (TrainingTerminated): say what is left, how to go on
+            self.signals.ignore()
             if self.d.is_main:
                 with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone: the unwind goes on
                     how = f"terminated ({exc.signal_name})" if isinstance(exc, TrainingTerminated) else "interrupted"
                     print(self._stopped_note(how), file=sys.stderr, flush=True)
             raise
         except RuntimeError as exc:
+            self.signals.ignore()  # the launcher's SIGTERM often comes now: it must not cut short what is said below
             if not peer_failure(self.d, exc):
                 raise
             # Another process is gone (killed, out of memory, its own error): not a bug here. Say so, and what is left
@@ -1128,28 +1136,41 @@ class _TrainingRun:
 TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+class _TerminationSignals:
+    """What :func:`_termination_interrupts` does with the next SIGTERM/SIGHUP: raise :class:`TrainingTerminated`
+    until :meth:`ignore` (or a first signal), nothing after."""
+
+    def __init__(self) -> None:
+        self.ignoring = False
+
+    def ignore(self) -> None:
+        """From now until the end of the ``with`` block, the signals do nothing: the run is unwinding (after a first
+        signal, or an error) and says what ``--out`` holds; a signal then must not end the process before it has."""
+        self.ignoring = True
+
+
 @contextlib.contextmanager
-def _termination_interrupts():
+def _termination_interrupts() -> Iterator[_TerminationSignals]:
     """While training, :data:`TERMINATION_SIGNALS` raise :class:`TrainingTerminated` where the run is, as Ctrl-C raises
     ``KeyboardInterrupt``: the run unwinds (a staging directory is removed, the lock file released) instead of
     dying on the spot with both left beside ``--out``. Only in the main thread, and only for a signal that still
     has its default action (a handler the program installed, or SIGHUP ignored by ``nohup``, is left alone); a
-    second signal while unwinding is ignored."""
+    second signal while unwinding, or one after the run called :meth:`_TerminationSignals.ignore`, is ignored."""
+    signals = _TerminationSignals()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield signals
         return
     handled = [number for number in TERMINATION_SIGNALS if signal.getsignal(number) is signal.SIG_DFL]
-    received = []
 
     def handler(signum, frame):
-        if not received:
-            received.append(signum)
+        if not signals.ignoring:
+            signals.ignore()
             raise TrainingTerminated(signum)
 
     for number in handled:
         signal.signal(number, handler)
     try:
-        yield
+        yield signals
     finally:
         for number in handled:
             signal.signal(number, signal.SIG_DFL)

@@ -237,6 +237,52 @@ def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(files, tmp_path):
     assert _log(out) == _log(reference.out_dir)
 
 
+# ---- the launcher's SIGTERM while a process finds its peer gone -------------------------------------------------------
+
+# Under torchrun, when one process dies the launcher sends the others SIGTERM, often just as they find the peer gone
+# in a collective (gloo's "Connection closed by peer") and unwind. The child below pretends that in one process: after
+# step 2 (a checkpoint written) the step raises gloo's error, and SIGTERM comes at a chosen point of the unwind:
+# while the error is being identified ("finding"), or while the process group is torn down ("teardown").
+_PEER_GONE_THEN_SIGTERM = """
+import os, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+from bca_deploy.training import trainer
+after = trainer._TrainingRun._after_step
+def _after_step(self, logs, save_every):
+    after(self, logs, save_every)
+    if self.step == 2:
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+trainer._TrainingRun._after_step = _after_step
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+if sys.argv[1] == "finding":
+    trainer.peer_failure = lambda d, exc: (sigterm(), True)[1]
+else:
+    trainer.peer_failure = lambda d, exc: True
+    trainer.destroy = lambda d: sigterm()
+from bca_deploy.cli import main
+main(["train", *sys.argv[2:]])
+"""
+
+
+@pytest.mark.parametrize("when", ["finding", "teardown"])
+def test_the_launchers_sigterm_while_a_peer_failure_unwinds_does_not_silence_it(files, tmp_path, when):
+    """A flake of the torchrun kill test (ci119): rank 0 found its killed peer gone, and the launcher's SIGTERM,
+    arriving then, killed it at the signal's default action (the handler was already gone): exit -15 and not a word
+    of what --out held. Now the signal is ignored from the moment the run unwinds, and the message comes."""
+    out = tmp_path / "run"
+    args = ["--model", str(files["bert"]), "--data", str(files["small"]), "--block-size", "8", "--batch-size", "16",
+            "--max-length", "32", "--no-progress", "--out", str(out), "--max-steps", "10", "--save-every", "2"]
+    proc = subprocess.run([sys.executable, "-c", _PEER_GONE_THEN_SIGTERM, when, *args], capture_output=True,
+                          text=True, cwd=REPO, env=subprocess_env(), timeout=300)
+    assert proc.returncode not in (0, -signal.SIGTERM, 128 + signal.SIGTERM), (proc.returncode, proc.stderr[-2000:])
+    assert ("rank 0: another process of this distributed run stopped (its own error, and the launcher's summary, say "
+            f"why); training stopped at step 2 of 10: {out / 'last'} holds the checkpoint of step 2") in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert (out / "last" / "adapter_model.safetensors").is_file()
+
+
 # ---- an --out that is a mount point (a container's volume, `docker run -v $PWD/runs:/out ... --out /out`) ------------
 
 
