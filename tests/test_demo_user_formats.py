@@ -1,0 +1,40 @@
+"""The demo's split of a user's data file: its training and held-out parts are written in a format train reads back
+as the same rows, whatever format the user's file is in (a .parquet, .tab or .json file's rows were written as
+comma-separated text under the user's extension, which train could not read)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bca_deploy.demo import DemoConfig, _Demo, _UserData
+from bca_deploy.training.data import read_records
+
+ROWS = [{"text": f"sentence number {i}", "label": i % 2} for i in range(10)]
+
+
+def _user_file(path):
+    """``ROWS`` saved as ``path``'s format says."""
+    if path.suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(ROWS))
+    else:
+        path.write_text("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in ROWS))
+    return path
+
+
+@pytest.mark.parametrize("name", ["data.parquet", "data.tab", "data.json"])
+def test_the_split_of_a_users_file_reads_back_as_its_rows(tmp_path, name):
+    path = _user_file(tmp_path / name)
+    records, columns, _ = read_records(path)
+    user = _UserData(path, records[:8], records[8:], columns, "text", None, 2, len(records))
+    demo = _Demo(DemoConfig(out=tmp_path / "out"), tmp_path / "model", tmp_path / "tmp", tmp_path / "out", print)
+    task = demo.prepare_data(user)[0]
+    as_written = [{k: str(v) for k, v in r.items()} for r in read_records(task.train_file)[0]]
+    assert as_written == [{k: str(v) for k, v in r.items()} for r in ROWS[:8]], task.train_file
+    assert [r["text"] for r in read_records(task.heldout_file)[0]] == [r["text"] for r in ROWS[8:]]
