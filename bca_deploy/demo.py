@@ -345,7 +345,10 @@ def _read_user_data(data: Path, seed: int, tokenizer: Any, model_config: Any, mo
                       "labels are class ids counted from 0, or class names")
     tokenized = tokenize_seq_cls(examples, tokenizer, position_limit(model_config, tokenizer) or 512)
     check_token_range(tokenized, vocabulary_size(model_config), data, tokenizer, model_dir)
-    records, columns, _ = read_records(data)
+    # the columns read, as train reads them (a Parquet file's other columns, an embedding list, are not decoded)
+    kept = [*examples.text_columns, examples.label_column]
+    records, columns, _ = read_records(data, keep=kept)
+    columns = [c for c in columns if c in kept]
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_heldout = min(MAX_HELDOUT_ROWS, max(2, len(records) // 5))

@@ -38,3 +38,26 @@ def test_the_split_of_a_users_file_reads_back_as_its_rows(tmp_path, name):
     as_written = [{k: str(v) for k, v in r.items()} for r in read_records(task.train_file)[0]]
     assert as_written == [{k: str(v) for k, v in r.items()} for r in ROWS[:8]], task.train_file
     assert [r["text"] for r in read_records(task.heldout_file)[0]] == [r["text"] for r in ROWS[8:]]
+
+
+def test_a_parquet_file_with_a_column_the_demo_does_not_read_is_split(tmp_path):
+    """An embedding column (a list) beside the text and label: not read, not refused (it was, read whole)."""
+    import sys
+    from pathlib import Path
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from transformers import AutoConfig, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "training"))
+    from training_helpers import tiny_model_dir
+
+    from bca_deploy.demo import _read_user_data
+
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "embedding": [0.5, float(i)]} for i, r in enumerate(ROWS)]), path)
+    model = tiny_model_dir(tmp_path / "bert", "bert", [r["text"] for r in ROWS])
+    user = _read_user_data(path, 0, AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model), model)
+    assert user.columns == ["text", "label"] and user.total == len(ROWS)
+    assert sorted(r["text"] for r in user.train + user.heldout) == sorted(r["text"] for r in ROWS)
+    assert all(set(r) == {"text", "label"} for r in user.train + user.heldout)
