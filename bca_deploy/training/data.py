@@ -656,8 +656,16 @@ def _parquet_type_problem(name: str, kind: Any, nested: bool) -> str | None:
         return None
     if nested and (pt.is_list(kind) or pt.is_large_list(kind)) and pt.is_struct(kind.value_type):
         return None
-    what = ("binary bytes, not text (decode them to strings)" if pt.is_binary(kind) or pt.is_large_binary(kind)
-            or pt.is_fixed_size_binary(kind) else "a nested value" if pt.is_nested(kind) else "not read")
+    if pt.is_binary(kind) or pt.is_large_binary(kind) or pt.is_fixed_size_binary(kind):
+        what = "binary bytes, not text: decode them to strings"
+    elif pt.is_nested(kind):
+        what = "a nested value"
+    elif pt.is_temporal(kind):
+        what = "a date or time: write it as a string"
+    elif pt.is_decimal(kind):
+        what = "a decimal: cast it to float64"
+    else:
+        what = "a type not read"
     wanted = ("a list of {role, content} structs, " if nested else "") + "numbers, booleans or strings"
     return f"column {name!r} has Parquet/Arrow type {kind} ({what}); expected {wanted}"
 
@@ -743,7 +751,7 @@ def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[s
                     continue
                 for name, array in zip(batch.schema.names, batch.columns):
                     try:
-                        values[name] = _python_values(pa, pc, array)
+                        values[name] = _python_values(pa, array)
                     except UnicodeDecodeError:  # a writer that did not check its strings (Parquet's are UTF-8)
                         problems.append(f"row {first + _first_not_utf8(array)}: column {name!r} holds bytes that "
                                         "are not UTF-8 text; write the column as UTF-8 strings")
@@ -832,15 +840,18 @@ def _cell_lengths(pa: Any, pc: Any, array: Any) -> Any:
     return None
 
 
-def _python_values(pa: Any, pc: Any, array: Any) -> list[Any]:
-    """``array``'s cells as the values JSON would hold. float32/float16 cells as their shortest decimal: written as
-    3.8 and stored in 32 bits, a score read as 3.799999952316284 would differ from the same data read from TSV."""
+def _python_values(pa: Any, array: Any) -> list[Any]:
+    """``array``'s cells as the values JSON would hold. float32/float16 cells as their shortest decimal in that
+    precision: written as 3.8 and stored in 32 bits, a score read as 3.799999952316284 would differ from the same data
+    read from TSV."""
+    import numpy as np
+
     kind = array.type.value_type if pa.types.is_dictionary(array.type) else array.type
-    if pa.types.is_float16(kind) or pa.types.is_float32(kind):
-        if pa.types.is_dictionary(array.type):
-            array = array.dictionary_decode()
-        return [None if v is None else float(v) for v in pc.cast(array, pa.string()).to_pylist()]
-    return array.to_pylist()
+    narrow = np.float16 if pa.types.is_float16(kind) else np.float32 if pa.types.is_float32(kind) else None
+    values = array.to_pylist()
+    if narrow is None:
+        return values
+    return [None if v is None else float(str(narrow(v))) for v in values]  # numpy's str: the shortest round trip
 
 
 #: The most characters a data file's header row may hold (column names together): far beyond any real header, and

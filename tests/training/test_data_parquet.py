@@ -60,7 +60,7 @@ def _examples(examples):
 
 SST2_LIKE = [{"sentence": s, "label": y, "idx": i} for i, (s, y) in enumerate(sst2_rows("dev", 7))]
 #: GLUE's layouts as the hub stores them: SST-2 (sentence, ClassLabel int, idx), MNLI-like pairs with string labels
-#: stored as a dictionary (pandas' categorical), STS-B scores as float32, booleans.
+#: stored as a dictionary (pandas' categorical), STS-B scores as float32 (and float16), booleans.
 TABLES = {
     "sst2": (SST2_LIKE, {"label": pa.int64(), "idx": pa.int32()}),
     "pairs-named": ([{"premise": f"a man sleeps {i}", "hypothesis": f"a man is awake {i}",
@@ -68,6 +68,8 @@ TABLES = {
                     {"label": "dictionary"}),
     "stsb": ([{"sentence1": f"a cat {i}", "sentence2": f"the cat {i}", "label": v}
               for i, v in enumerate([3.8, 0.0, 5.0, 2.6, 4.2, 1.75, 3.0])], {"label": pa.float32()}),
+    "stsb-float16": ([{"sentence1": f"a cat {i}", "sentence2": f"the cat {i}", "label": v}
+                      for i, v in enumerate([3.8, 0.0, 5.0, 2.6, 4.2, 1.75, 3.0])], {"label": pa.float16()}),
     "booleans": ([{"question1": f"q {i}?", "question2": f"r {i}?", "label": bool(i % 2)} for i in range(5)], None),
     "ints-as-int8": ([{"text": f"t {i}", "label": i % 4} for i in range(9)], {"label": pa.int8()}),
 }
@@ -118,6 +120,7 @@ def test_nulls_are_named_by_row_and_column(tmp_path):
     (pa.array([[1, 2], [3]]), "column 'label' has Parquet/Arrow type list<element: int64>"),
     (pa.array([{"a": 1}, {"a": 2}]), "column 'label' has Parquet/Arrow type struct<a: int64>"),
     (pa.array([b"\x00", b"\x01"]), "column 'label' has Parquet/Arrow type binary (binary bytes, not text"),
+    (pa.array([1, 2], pa.timestamp("s")), "column 'label' has Parquet/Arrow type timestamp[ms] (a date or time"),
 ])
 def test_a_nested_or_binary_column_that_is_read_is_refused_naming_its_type(tmp_path, column, message):
     path = tmp_path / "typed.parquet"
