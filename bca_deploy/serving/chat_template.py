@@ -73,7 +73,7 @@ _RESERVED_TEMPLATE_KWARGS = {
     "continue_final_message": 'send "continue_final_message" as a field of the request',
     "documents": 'send "documents" as a field of the request',
     "chat_template": "a chat template sent with a request is not accepted (see chat_template)",
-    "tools": "tool calling is not implemented",
+    "tools": 'send "tools" as a field of the request',
 }
 
 #: The conversation ``serve`` renders once at start (under the same bounds) before it takes requests.

@@ -873,13 +873,12 @@ class Server:
                 f"characters per position of the model's maximum context length of {self.session.max_positions or 0} "
                 "positions)", param="messages") from None
         except ChatTemplateRenderError as exc:  # the template's own refusal (e.g. roles that must alternate)
-            # with template variables (chat_template_kwargs, documents) the template read them too: say which, a
-            # value of the wrong type ({"x": 5} where it loops over x) fails there, not in the messages
+            # with template variables (chat_template_kwargs, documents, tools) the template read them too: say which,
+            # a value of the wrong type ({"x": 5} where it loops over x) fails there, not in the messages
             given = sorted(template_kwargs or ())
             shown = ", ".join(repr(k[:40]) for k in given[:5]) + (", ..." if len(given) > 5 else "")
-            raise InvalidRequestError(f"messages: {exc}" + (f", rendered with the template variables {shown} "
-                                                             "(chat_template_kwargs, documents)" if given else ""),
-                                      param="messages") from None
+            variables = f", rendered with the template variables {shown} (chat_template_kwargs, documents, tools)"
+            raise InvalidRequestError(f"messages: {exc}" + (variables if given else ""), param="messages") from None
 
     def _require_chat_template(self) -> None:
         tokenizer = self.session.tokenizer  # ServingError if the export has none

@@ -6,7 +6,8 @@ runtime (:mod:`bca_deploy.serving.decoding`) share them without the options impo
 
 from __future__ import annotations
 
-__all__ = ["MAX_NEW_TOKENS", "MAX_LOGPROBS", "PREEMPT_WAIT_STEPS", "MAX_SCORE_LOGITS", "MAX_LOGIT_BIAS"]
+__all__ = ["MAX_NEW_TOKENS", "MAX_LOGPROBS", "PREEMPT_WAIT_STEPS", "MAX_SCORE_LOGITS", "MAX_LOGIT_BIAS",
+           "TOOL_CALL_PARSERS"]
 
 #: The most new tokens one row may generate (:class:`~bca_deploy.serving.decoding.SamplingParams`); the
 #: graph's positions limit it further, and ``--max-new-tokens`` may not be set above it.
@@ -31,3 +32,7 @@ PREEMPT_WAIT_STEPS = 8
 #: at a time so that its chunk's every-position logits stay under this (64 MB of float32; 512 positions of a 32k
 #: vocabulary, 110 of a 152k one), whatever the prompt's length; at least one column of its rows runs.
 MAX_SCORE_LOGITS = 2**24
+
+#: vLLM's names of the tool call parsers the chat route has (``--tool-call-parser``;
+#: :mod:`bca_deploy.serving.tools`).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")

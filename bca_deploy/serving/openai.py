@@ -93,11 +93,21 @@ Chat messages reach the template as vLLM passes them: text parts joined with a l
 An assistant message sent back as the client got it (``message.model_dump()``: ``refusal``, ``tool_calls``...
 null) is read as its text.
 
+Tool calling, as vLLM serves it (:mod:`bca_deploy.serving.tools`): a request's ``tools`` reach the template as
+``apply_chat_template(..., tools=...)`` takes them (on ``/tokenize`` too); assistant messages with ``tool_calls``
+(their ``arguments`` given to the template as dicts, as vLLM passes them) and ``tool`` messages (``tool_call_id``)
+are taken; ``tool_choice`` ``"auto"`` (the default with tools) reads each choice's text with the server's
+``--tool-call-parser`` (``hermes`` or ``llama3_json``; a 400 naming ``--enable-auto-tool-choice`` and
+``--tool-call-parser`` when the server has none) into ``message.tool_calls`` / streamed ``delta.tool_calls``,
+``finish_reason`` ``"tool_calls"``; ``"none"`` renders the tools and reads nothing; ``"required"`` and a named
+function are refused (they need constrained decoding).
+
 Fields of OpenAI's schema that do not change the answer (``user``, ``metadata``, ``store``,
 ``service_tier``...) are accepted and ignored; fields that would change it and are not implemented
 are refused with 400 (``invalid_request``; the native routes answer 422) unless they hold their neutral
 value (``best_of`` > 1, ``suffix``,
-``tools``, ``response_format`` other than text, ...). vLLM's extensions: ``top_k``, ``stop_token_ids``,
+``tool_choice`` ``"required"``, ``response_format`` other than text, ...). vLLM's extensions: ``top_k``,
+``stop_token_ids``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``min_p`` and ``stream_options.continuous_usage_stats`` are
 served, and
 chat's ``chat_template_kwargs``, ``documents``, ``add_generation_prompt``, ``continue_final_message``, ``echo`` and
@@ -122,6 +132,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -317,21 +328,24 @@ class _TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message: a role and its text (a string, or text parts).
+    """One chat message: a role and its text (a string, or text parts); an assistant message may carry the
+    ``tool_calls`` it made (its content then null or absent), and a ``tool`` message answers one of them
+    (``tool_call_id``).
 
     An assistant message a client sends back as it got it (``message.model_dump()`` of the ``openai`` client, or a
-    vLLM answer) carries the answer's other fields, empty: ``refusal``, ``tool_calls``, ``function_call``,
-    ``audio``, ``annotations`` (and vLLM's ``reasoning_content``) are accepted when null (or an empty list), as
-    they say nothing; with a value they are refused (tool calls, audio, reasoning are not implemented).
+    vLLM answer) carries the answer's other fields, empty: ``refusal``, ``function_call``, ``audio``,
+    ``annotations`` (and vLLM's ``reasoning_content``) are accepted when null (or an empty list), as they say
+    nothing; with a value they are refused (audio, refusals and reasoning are not implemented).
     """
 
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[StrictStr, list[_TextPart], None] = None
     name: StrictStr | None = None
+    tool_calls: Any = None  # an assistant's: checked by tools.tool_calls_problems (each problem with its path)
+    tool_call_id: StrictStr | None = None  # a tool message's: the call it answers
     # fields of an answer's message, sent back with the conversation: accepted empty only (see _has_content)
     refusal: Any = None
-    tool_calls: Any = None
     function_call: Any = None
     audio: Any = None
     annotations: Any = None
@@ -364,26 +378,53 @@ class ChatMessage(BaseModel):
             raise ValueError(f"part {i} {problem}: send a string or {{\"type\": \"text\", \"text\": ...}} parts")
         return content
 
+    @field_validator("tool_calls", mode="after")
+    @classmethod
+    def _tool_calls(cls, calls: Any) -> Any:
+        from .tools import tool_calls_problems
+
+        if calls is None or calls == []:  # an answer sent back as it came (no calls): nothing
+            return None
+        problems = tool_calls_problems(calls, "tool_calls")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return calls
+
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
-        for field in ("refusal", "tool_calls", "function_call", "audio", "annotations", "reasoning_content"):
+        for field in ("refusal", "function_call", "audio", "annotations", "reasoning_content"):
             value = getattr(self, field)
             if value is not None and value != []:
-                raise ValueError(f"{field}: only null is supported in a message (tool calls, audio, refusals and "
-                                 "reasoning are not implemented)")
-        if self.content is None:
-            raise ValueError("content: a message needs text (tool calls are not supported)")
+                raise ValueError(f"{field}: only null is supported in a message (audio, refusals, legacy function "
+                                 "calls and reasoning are not implemented)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls: only an assistant message carries tool calls, not a {self.role} message")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: a tool message must name the tool call it answers (the id of a call in "
+                             "an earlier assistant message's tool_calls)")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"tool_call_id: only a tool message answers a tool call, not a {self.role} message")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content: a message needs text (an assistant message may have tool_calls instead)")
         return self
 
     def text(self) -> str:
         # text parts are joined with a line break, as vLLM (and SGLang, TensorRT-LLM) join them
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
 
-    def for_template(self) -> dict[str, str]:
-        """The message as the chat template sees it: role, text, and ``name`` when given (vLLM passes it too)."""
-        message = {"role": self.role, "content": self.text()}
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template sees it, as vLLM passes it: role, text ("" for an assistant message
+        with tool calls and no content), ``name`` when given, an assistant's ``tool_calls`` with their arguments as
+        dicts (:func:`~bca_deploy.serving.tools.template_tool_calls`), a tool message's ``tool_call_id``."""
+        from .tools import template_tool_calls
+
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls is not None:
+            message["tool_calls"] = template_tool_calls(self.tool_calls)
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -404,6 +445,33 @@ def _rendering_problems(chat_template: str | None, chat_template_kwargs: Mapping
     if continue_final_message and add_generation_prompt:
         problems.append('continue_final_message: cannot be true with add_generation_prompt true (its default), as in '
                         'vLLM: send "add_generation_prompt": false to continue the last message')
+    return problems
+
+
+def _tools_problems(tools: list[Any] | None, tool_choice: Any) -> list[str]:
+    """What is wrong with a request's ``tools`` (:func:`~bca_deploy.serving.tools.tools_problems`: each problem with
+    its path) and ``tool_choice`` (OpenAI's: ``"none"``, ``"auto"``, ``"required"`` or ``{"type": "function",
+    "function": {"name"}}``). ``"required"`` and a named function are refused: both need decoding constrained to
+    the tools' schemas (vLLM's structured outputs), which this server does not have; without tools they are refused
+    as vLLM refuses them."""
+    from .tools import tools_problems
+
+    problems = tools_problems(tools) if tools else []
+    if tool_choice is None or tool_choice in ("none", "auto"):
+        return problems
+    named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function" \
+        and isinstance(tool_choice.get("function"), dict) and isinstance(tool_choice["function"].get("name"), str) \
+        and set(tool_choice) == {"type", "function"} and set(tool_choice["function"]) == {"name"}
+    if tool_choice != "required" and not named:
+        problems.append(f'tool_choice: must be "none", "auto", "required" or {{"type": "function", "function": '
+                        f'{{"name": ...}}}}, got {show_json_value(tool_choice)}')
+    elif not tools:
+        problems.append("tool_choice: names a tool choice but the request has no tools")
+    else:
+        what = '"required"' if tool_choice == "required" else f"a named function ({tool_choice['function']['name']!r})"
+        problems.append(f'tool_choice: {what} is not supported: it needs decoding constrained to the tools\' schemas, '
+                        'which this server does not have; send "auto" (the model chooses; the server needs '
+                        '--enable-auto-tool-choice and --tool-call-parser) or "none"')
     return problems
 
 
@@ -448,8 +516,7 @@ class ChatCompletionRequest(_Sampling):
         problems = super().unsupported()
         problems += _rendering_problems(self.chat_template, self.chat_template_kwargs, self.continue_final_message,
                                         self.generation_prompt)
-        _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
-        _refuse(problems, "tool_choice", self.tool_choice, ("none", "auto"), "tool calling is not implemented")
+        problems += _tools_problems(self.tools, self.tool_choice)
         _refuse(problems, "functions", self.functions or None, None, "function calling is not implemented")
         _refuse(problems, "function_call", self.function_call, ("none", "auto"), "function calling is not implemented")
         if self.response_format is not None and self.response_format != {"type": "text"}:
@@ -490,7 +557,24 @@ class ChatCompletionRequest(_Sampling):
         kwargs = dict(self.chat_template_kwargs or {})
         if self.documents is not None:
             kwargs["documents"] = self.documents
+        if self.tools:  # transformers' argument, as vLLM passes it (tool_choice "none" too: the model sees them)
+            kwargs["tools"] = self.tools
         return kwargs
+
+    def tool_parser(self, options) -> str | None:
+        """The ``--tool-call-parser`` that reads this request's answer, or None when it is not read for calls (no
+        tools, or ``tool_choice`` ``"none"``). ``"auto"`` (the default with tools, as in vLLM) needs the server
+        started with ``--enable-auto-tool-choice`` and a ``--tool-call-parser``: a 400 naming them otherwise, as
+        vLLM answers it (the request's ``tool_choice`` named, else ``tools``)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if not (options.enable_auto_tool_choice and options.tool_call_parser):
+            raise InvalidRequestError(
+                '"auto" tool choice (the default when tools are given) requires the server to be started with '
+                "--enable-auto-tool-choice and --tool-call-parser (hermes or llama3_json: the format the model writes "
+                'its calls in); send "tool_choice": "none" to render the tools without reading calls',
+                param="tool_choice" if self.tool_choice is not None else "tools")
+        return options.tool_call_parser
 
     def answer_role(self) -> str:
         """The answer's role, as vLLM gives it: the assistant's after the generation prompt, else the last message's
@@ -515,8 +599,8 @@ class TokenizeCompletionRequest(_OpenAIRequest):
 
 class TokenizeChatRequest(_OpenAIRequest):
     """vLLM's ``POST /tokenize`` of chat messages: the ids of the chat template's text, as the chat route makes its
-    prompt (``add_generation_prompt``, ``continue_final_message``, ``add_special_tokens`` and
-    ``chat_template_kwargs`` as :class:`ChatCompletionRequest` reads them; vLLM's defaults)."""
+    prompt (``add_generation_prompt``, ``continue_final_message``, ``add_special_tokens``, ``chat_template_kwargs``
+    and ``tools`` as :class:`ChatCompletionRequest` reads them; vLLM's defaults)."""
 
     model: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -531,8 +615,15 @@ class TokenizeChatRequest(_OpenAIRequest):
     def unsupported(self) -> list[str]:
         problems = _rendering_problems(self.chat_template, self.chat_template_kwargs, self.continue_final_message,
                                        self.add_generation_prompt)
-        _refuse(problems, "tools", self.tools or None, None, "tool calling is not implemented")
+        problems += _tools_problems(self.tools, None)
         return problems
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The render's template variables: ``chat_template_kwargs``, and ``tools`` when given (vLLM's)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.tools:
+            kwargs["tools"] = self.tools
+        return kwargs
 
 
 class DetokenizeRequest(_OpenAIRequest):
@@ -615,8 +706,9 @@ def add_routes(app, server: Server, native_embeddings) -> None:
     def check(body: _Sampling | EmbeddingsRequest | TokenizeChatRequest) -> None:
         problems = body.unsupported() if isinstance(body, (_Sampling, TokenizeChatRequest)) else []
         if problems:
-            field = problems[0].split(":")[0]
-            raise InvalidRequestError("; ".join(problems), param=field if field.isidentifier() else None)
+            # the problem's top-level field: "tools" of "tools[2].function.name: ..."
+            field = re.match(r"[A-Za-z_]\w*", problems[0].split(":")[0])
+            raise InvalidRequestError("; ".join(problems), param=field.group() if field else None)
 
     def card(name: str, parent: str | None) -> dict[str, Any]:
         return model_card(name, parent, created, server.max_model_len)
@@ -693,6 +785,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         check(req)
         adapter = server.select(request, req.model, param="model")
         server.check_rows(req.n, "n")  # every choice is a row
+        tool_parser = req.tool_parser(options)  # refused before any work when "auto" has no parser
         # vLLM's truncate_prompt_tokens: the rendered conversation's ids cut to their last k, as a completion's prompt
         prompt = await server.chat_prompt([m.for_template() for m in req.messages], adapter,
                                           add_generation_prompt=req.generation_prompt,
@@ -700,7 +793,8 @@ def add_routes(app, server: Server, native_embeddings) -> None:
                                           template_kwargs=req.template_kwargs() or None,
                                           add_special_tokens=bool(req.add_special_tokens),
                                           keep_tokens=truncate_prompt_tokens(server, req.truncate_prompt_tokens))
-        return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None)
+        return await _generate(request, server, req, adapter, [prompt], "chat.completion", default_max_tokens=None,
+                               tool_parser=tool_parser)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -719,7 +813,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
             ids = await server.chat_prompt([m.for_template() for m in req.messages], adapter,
                                            add_generation_prompt=req.add_generation_prompt,
                                            continue_final_message=req.continue_final_message,
-                                           template_kwargs=req.chat_template_kwargs or None,
+                                           template_kwargs=req.template_kwargs() or None,
                                            add_special_tokens=req.add_special_tokens, count_only=True)
         else:
             with field_errors("prompt"):  # no tokenizer: the field that needed one is named
@@ -963,9 +1057,11 @@ def _renamed(exc: InvalidRequestError | ContextLengthError, param: str) -> Inval
 
 
 async def _generate(request: Request, server: Server, req: _Sampling, adapter: str | None, prompts: list[list[int]],
-                    kind: str, default_max_tokens: int | None, echoes: list[_Echo] | None = None):
+                    kind: str, default_max_tokens: int | None, echoes: list[_Echo] | None = None,
+                    tool_parser: str | None = None):
     """Check every prompt, submit its ``n`` choices to the engine (choice ``i * n + j``: prompt i's j-th, as vLLM
-    numbers them), then answer whole or as server-sent events. ``echoes``: completions' echoed prompts."""
+    numbers them), then answer whole or as server-sent events. ``echoes``: completions' echoed prompts.
+    ``tool_parser``: chat's ``--tool-call-parser`` reading each choice's text for tool calls (None: not read)."""
     n = req.n
     if echoes is not None and req.max_tokens == 0 and req.logprobs is None:
         return _echo_only(req, prompts, echoes)  # nothing to compute: the prompts are the answer
@@ -997,7 +1093,8 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
             raise first[1]
         include_usage, continuous = req.usage_options()
         events = _stream_events(request, server, pumps, first, kind, ident, created, req.model, include_usage,
-                                continuous, n, role=role, echo=echo)
+                                continuous, n, role=role, echo=echo, tool_parser=tool_parser,
+                                one_call=_one_call(req))
         return ClosingStreamingResponse(events, media_type="text/event-stream", on_close=pumps.close,
                                         headers=_SSE_HEADERS)
     try:
@@ -1010,9 +1107,19 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
     choices = []
     for i, result in enumerate(results):
         if kind == "chat.completion":
-            choices.append({"index": i, "message": {"role": role, "content": echo + result.text},
-                            "logprobs": _chat_logprobs(server, result.logprobs),
-                            "finish_reason": result.finish_reason})
+            message: dict[str, Any] = {"role": role, "content": echo + result.text}
+            finish = result.finish_reason
+            if tool_parser is not None:
+                from .tools import parse_tool_calls
+
+                content, calls = parse_tool_calls(tool_parser, result.text)
+                if calls:  # vLLM's answer: the calls, the text outside them (null if none), finish_reason tool_calls
+                    calls = calls[:1] if _one_call(req) else calls
+                    message = {"role": role, "content": echo + content if content is not None else (echo or None),
+                               "tool_calls": [call.message() for call in calls]}
+                    finish = "tool_calls"
+            choices.append({"index": i, "message": message, "logprobs": _chat_logprobs(server, result.logprobs),
+                            "finish_reason": finish})
         elif echoes is not None:
             shown = echoes[i // n]
             logprobs = None
@@ -1028,6 +1135,11 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
                             "finish_reason": result.finish_reason})
     return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": choices,
             "usage": _usage(streams, n)}
+
+
+def _one_call(req: _Sampling) -> bool:
+    """``parallel_tool_calls: false``: an answer keeps its first tool call only (vLLM's reading)."""
+    return isinstance(req, ChatCompletionRequest) and req.parallel_tool_calls is False
 
 
 def _chat_logprobs(server: Server, items: list | None) -> dict[str, Any] | None:
@@ -1234,7 +1346,8 @@ class _Pumps:
 
 async def _stream_events(request: Request, server: Server, pumps: _Pumps, first: tuple, kind: str, ident: str,
                          created: int, model: str, include_usage: bool, continuous: bool = False,
-                         n: int = 1, role: str = "assistant", echo: str = "") -> AsyncIterator[bytes]:
+                         n: int = 1, role: str = "assistant", echo: str = "", tool_parser: str | None = None,
+                         one_call: bool = False) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per token and choice, a last chunk per choice with its finish_reason, [DONE].
 
     ``first``: the first item of ``pumps`` (read before the answer started). A failure after the answer started is
@@ -1244,16 +1357,29 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
     last chunk with no choices carries the request's usage (each prompt's ``n`` choices counted as :func:`_usage`).
     Chat: each choice's first chunk has the answer's ``role``; ``echo`` (vLLM's, see
     :meth:`ChatCompletionRequest.echoed`), when not empty, is each choice's next chunk, as vLLM sends it.
+    ``tool_parser`` (chat with tools, ``"auto"``): each choice's text goes through its own
+    :class:`~bca_deploy.serving.tools.ToolCallParser`: text outside calls streams as content, a call is held until
+    it is whole and sent as one ``delta.tool_calls`` entry (index, id, type, name, arguments), and the choice ends
+    with ``finish_reason`` ``"tool_calls"`` when it made one; the log-probabilities of held tokens go with the next
+    chunk. ``one_call``: ``parallel_tool_calls: false``, the calls after a choice's first are dropped.
     """
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     streams = pumps.streams
+    parsers = None
+    if tool_parser is not None:
+        from .tools import make_parser
+
+        parsers = [make_parser(tool_parser) for _ in streams]
+    held: list[list] = [[] for _ in streams]  # per choice: log-probabilities of tokens whose text is held
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False, tokens: int = 0,
-              logprobs: tuple[list, list[int], int | None] | None = None) -> bytes:
+              logprobs: tuple[list, list[int], int | None] | None = None, call: dict[str, Any] | None = None) -> bytes:
         items, offsets, unscored = logprobs if logprobs is not None else (None, None, None)
         if kind == "chat.completion":
             delta: dict[str, Any] = {"role": role, "content": ""} if first else \
                 ({"content": text} if text is not None else {})
+            if call is not None:
+                delta = {"tool_calls": [call]}
             choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": _chat_logprobs(server, items),
                                       "finish_reason": finish}
         else:
@@ -1286,11 +1412,31 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
                 request.state.log["error"] = f"{type(text).__name__}: {text}"
                 yield _sse(error_body(status, error_type, message, server.error_param(text, request.scope["state"])))
                 break
-            if finish is None:
-                yield chunk(index, text, None, tokens=tokens, logprobs=logprobs)
-            else:
+            if parsers is None:
+                if finish is None:
+                    yield chunk(index, text, None, tokens=tokens, logprobs=logprobs)
+                else:
+                    left -= 1
+                    yield chunk(index, None, finish, tokens=tokens, logprobs=logprobs)
+                continue
+            parser = parsers[index]
+            if logprobs is not None:
+                held[index] += logprobs[0]
+            made = parser.calls
+            events = parser.feed(text) if finish is None else parser.finish()
+            for event_kind, value in events:
+                scored = (held[index], [], None) if held[index] else None
+                held[index] = []
+                if event_kind == "content":
+                    yield chunk(index, value, None, tokens=tokens, logprobs=scored)
+                elif not (one_call and made):
+                    yield chunk(index, None, None, tokens=tokens, logprobs=scored, call=value.delta(made))
+                    made += 1
+            if finish is not None:
                 left -= 1
-                yield chunk(index, None, finish, tokens=tokens, logprobs=logprobs)
+                scored = (held[index], [], None) if held[index] else None
+                held[index] = []
+                yield chunk(index, None, "tool_calls" if parser.calls else finish, tokens=tokens, logprobs=scored)
         else:
             if include_usage:
                 yield _sse({"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],

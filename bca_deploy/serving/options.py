@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ServingError, format_problems
-from .limits import MAX_NEW_TOKENS, PREEMPT_WAIT_STEPS
+from .limits import MAX_NEW_TOKENS, PREEMPT_WAIT_STEPS, TOOL_CALL_PARSERS
 
 __all__ = ["ServeOptions", "click_options", "NOT_ON_RAY"]
 
@@ -109,6 +109,16 @@ class ServeOptions:
     chat_template_workers: int = _opt(2, "Worker processes rendering chat templates (~60 MB each, started on first "
                                          "use); a render stopped at its bound holds one until then, and a request "
                                          "that finds none free for --chat-template-timeout-s is answered 503.")
+    # ---- tool calling (vLLM's pair of options) ----
+    enable_auto_tool_choice: bool = _opt(False, "Chat: read the model's tool calls out of its answers when a request "
+                                                "sends tools with tool_choice \"auto\" (the default with tools), "
+                                                "as vLLM's --enable-auto-tool-choice; needs --tool-call-parser. Off: "
+                                                "such a request is answered 400 (tool_choice \"none\" still renders "
+                                                "the tools).")
+    tool_call_parser: str | None = _opt(None, "Chat: the format the model writes its tool calls in, vLLM's names: "
+                                              "hermes (<tool_call>{...}</tool_call>: Hermes 2 Pro, Qwen2.5, Qwen3) or "
+                                              "llama3_json (an answer of JSON {\"name\", \"parameters\"}: Llama "
+                                              "3.1/3.2).", choices=TOOL_CALL_PARSERS)
     # ---- slow or stalled clients ----
     header_timeout_s: float = _opt(10.0, "Seconds a new connection has to send its request headers.", ray=False)
     body_timeout_s: float = _opt(30.0, "Seconds a request has to send its whole body, and the longest a client may "
@@ -183,6 +193,9 @@ class ServeOptions:
             at_least(name, 0.001, 86_400)
         at_least("max_connections", 1)
         at_least("max_header_bytes", 1024)
+        if self.enable_auto_tool_choice is True and self.tool_call_parser is None:
+            problems.append("enable_auto_tool_choice: needs tool_call_parser (--tool-call-parser hermes or llama3_json: "
+                            "the format the model writes its tool calls in), as vLLM requires")
         if "host" not in mistyped and not self.host:
             problems.append("host: empty; expected an interface address such as 127.0.0.1")
         if self.served_model_name is not None and "served_model_name" not in mistyped:

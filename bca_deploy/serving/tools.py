@@ -1,0 +1,395 @@
+"""Tool calling on the chat route: what a request's ``tools`` and tool messages may hold, and the parsers that read a
+model's tool calls out of its text (vLLM's ``--tool-call-parser`` ``hermes`` and ``llama3_json``).
+
+Input: ``tools`` (``[{"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}]``) and a
+conversation's assistant ``tool_calls`` (``[{"id", "type": "function", "function": {"name", "arguments": <JSON
+string>}}]``) are checked here, each problem naming its field path (``tools[3].function.name``); the checks are
+bounded by :data:`MAX_TOOLS`, :data:`MAX_TOOLS_BYTES` and the body's own limits (``--max-json-depth``,
+``--max-text-chars``). An assistant call's ``arguments`` reach the chat template as a dict, as vLLM passes them
+(transformers' templates read ``tool_call.function.arguments`` as a mapping: ``arguments | tojson``, ``.items()``).
+
+Output: :class:`ToolCallParser` reads a choice's text as it is generated (:meth:`~ToolCallParser.feed`, then
+:meth:`~ToolCallParser.finish`) into events: text to send as content, or a whole :class:`ToolCall`. The same parser
+reads a whole answer (:func:`parse_tool_calls`), so a streamed answer's deltas add up to the unstreamed one.
+
+- ``hermes`` (Hermes 2 Pro, Qwen2.5, Qwen3): each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+  block is a call; text outside the blocks is content. A block whose JSON is not such an object (bad JSON, a
+  nested ``<tool_call>``, arguments that are not an object) and a block never closed (the answer cut by
+  ``max_tokens``) are content as generated: never a 500, never a call the model did not finish.
+- ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): an answer that is, after white space and an optional
+  ``<|python_tag|>``, one or more JSON objects ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``) separated
+  by ``;`` is that many calls and no content; any other answer is content, whole. (vLLM's parser looks for JSON
+  anywhere in the text with a regular expression that reads at most two levels of nested braces; this one reads
+  the whole answer with Python's JSON decoder, so nesting is not limited and text around JSON is not dropped.)
+
+White space between or around calls is not content (the answer's ``content`` is null when only calls and white
+space were generated; ``"Sure.\n<tool_call>..."`` has content ``"Sure."``); white space followed by text is sent
+with that text, and an answer without calls is its text, unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import show_json_value
+from .limits import TOOL_CALL_PARSERS
+
+__all__ = ["TOOL_CALL_PARSERS", "MAX_TOOLS", "MAX_TOOLS_BYTES", "ToolCall", "ToolCallParser", "make_parser",
+           "parse_tool_calls", "tools_problems", "tool_calls_problems", "template_tool_calls"]
+
+
+#: The most tools one request may list, and the most calls one assistant message may carry: OpenAI's bound (its API
+#: refuses more than 128 tools).
+MAX_TOOLS = 128
+
+#: The most bytes a request's ``tools`` may hold as compact JSON: each render sends them to a chat template worker
+#: and most templates write them whole into the prompt (128 detailed schemas are well under it).
+MAX_TOOLS_BYTES = 1 << 20
+
+#: OpenAI's rule for a function's name.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+#: The keys of a tool's ``function`` (OpenAI's schema).
+_FUNCTION_KEYS = frozenset({"name", "description", "parameters", "strict"})
+
+
+def _name_problem(where: str, name: Any) -> str | None:
+    if not isinstance(name, str):
+        return f"{where}: must be a string, got {show_json_value(name)}"
+    if not _NAME.fullmatch(name):
+        return (f"{where}: {show_json_value(name)} is not a function name (1 to 64 letters, digits, '_' or '-', as "
+                "OpenAI requires)")
+    return None
+
+
+def tools_problems(tools: Any, field: str = "tools") -> list[str]:
+    """What is wrong with a request's ``tools``, each problem naming its path (``tools[2].function.parameters``):
+    a list of at most :data:`MAX_TOOLS` ``{"type": "function", "function": {"name", "description"?, "parameters"?,
+    "strict"?}}``, ``parameters`` a JSON object (a JSON Schema), the whole at most :data:`MAX_TOOLS_BYTES` as JSON,
+    no name twice. At most 20 problems are listed."""
+    if not isinstance(tools, list):
+        return [f"{field}: must be a list of tools, got {show_json_value(tools)}"]
+    if len(tools) > MAX_TOOLS:
+        return [f"{field}: {len(tools):,} tools; at most {MAX_TOOLS} are taken (OpenAI's bound)"]
+    size = len(json.dumps(tools, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_TOOLS_BYTES:
+        return [f"{field}: {size:,} bytes as JSON; at most {MAX_TOOLS_BYTES:,} are taken (every render writes the "
+                "tools into the prompt)"]
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        where = f"{field}[{i}]"
+        if not isinstance(tool, dict):
+            problems.append(f"{where}: must be an object {{\"type\": \"function\", \"function\": {{...}}}}, got "
+                            f"{show_json_value(tool)}")
+            continue
+        extra = sorted(set(tool) - {"type", "function"})
+        if extra:
+            problems.append(f"{where}: fields a tool does not take ({', '.join(repr(k[:40]) for k in extra[:5])})")
+        if tool.get("type") != "function":
+            problems.append(f"{where}.type: must be \"function\" (the only kind of tool on chat completions), got "
+                            f"{show_json_value(tool.get('type'))}")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            problems.append(f"{where}.function: must be an object with a name, got {show_json_value(function)}")
+            continue
+        extra = sorted(set(function) - _FUNCTION_KEYS)
+        if extra:
+            problems.append(f"{where}.function: fields a function does not take "
+                            f"({', '.join(repr(k[:40]) for k in extra[:5])}); it takes name, description, "
+                            "parameters, strict")
+        problem = _name_problem(f"{where}.function.name", function.get("name"))
+        if problem:
+            problems.append(problem)
+        elif function["name"] in seen:
+            problems.append(f"{where}.function.name: {function['name']!r} is the name of an earlier tool too")
+        else:
+            seen.add(function["name"])
+        for key, kinds, what in (("description", str, "a string"), ("parameters", dict, "a JSON Schema object"),
+                                 ("strict", bool, "true or false")):
+            value = function.get(key)
+            if value is not None and not isinstance(value, kinds):
+                problems.append(f"{where}.function.{key}: must be {what}, got {show_json_value(value)}")
+        if len(problems) >= 20:
+            break
+    return problems[:20]
+
+
+def tool_calls_problems(calls: Any, field: str) -> list[str]:
+    """What is wrong with an assistant message's ``tool_calls`` (``field``: its path, ``messages[2].tool_calls``):
+    a list of at most :data:`MAX_TOOLS` ``{"id", "type": "function", "function": {"name", "arguments"}}``,
+    ``arguments`` a string holding a JSON object (OpenAI's shape; what :func:`template_tool_calls` gives the
+    template as a dict). At most 20 problems are listed."""
+    if not isinstance(calls, list):
+        return [f"{field}: must be a list of tool calls, got {show_json_value(calls)}"]
+    if len(calls) > MAX_TOOLS:
+        return [f"{field}: {len(calls):,} tool calls; at most {MAX_TOOLS} are taken"]
+    problems: list[str] = []
+    for i, call in enumerate(calls):
+        where = f"{field}[{i}]"
+        if not isinstance(call, dict):
+            problems.append(f"{where}: must be an object {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                            f"\"arguments\"}}}}, got {show_json_value(call)}")
+            continue
+        extra = sorted(set(call) - {"id", "type", "function", "index"})
+        if extra:
+            problems.append(f"{where}: fields a tool call does not take ({', '.join(repr(k[:40]) for k in extra[:5])})")
+        if not isinstance(call.get("id"), str):
+            problems.append(f"{where}.id: must be a string (the id a tool message answers), got "
+                            f"{show_json_value(call.get('id'))}")
+        if call.get("type", "function") != "function":
+            problems.append(f"{where}.type: must be \"function\", got {show_json_value(call.get('type'))}")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            problems.append(f"{where}.function: must be an object {{\"name\", \"arguments\"}}, got "
+                            f"{show_json_value(function)}")
+            continue
+        extra = sorted(set(function) - {"name", "arguments"})
+        if extra:
+            problems.append(f"{where}.function: fields a function call does not take "
+                            f"({', '.join(repr(k[:40]) for k in extra[:5])})")
+        problem = _name_problem(f"{where}.function.name", function.get("name"))
+        if problem:
+            problems.append(problem)
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            problems.append(f"{where}.function.arguments: must be a string of JSON (OpenAI's shape, as the answer "
+                            f"gave it), got {show_json_value(arguments)}")
+        elif not isinstance(_json_object(arguments), dict):
+            problems.append(f"{where}.function.arguments: must be a JSON object written as a string, got "
+                            f"{show_json_value(arguments)}")
+        if len(problems) >= 20:
+            break
+    return problems[:20]
+
+
+def _json_object(text: str) -> Any:
+    """``json.loads(text)``, or None when it is not JSON (nesting too deep for the decoder included)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def template_tool_calls(calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant message's checked ``tool_calls`` as the chat template reads them: ``arguments`` parsed into a
+    dict, as vLLM passes them (transformers' convention: templates write ``arguments | tojson``)."""
+    return [{"id": call["id"], "type": "function",
+             "function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}}
+            for call in calls]
+
+
+# ---- reading calls out of generated text ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """One call the model made: ``arguments`` is its arguments object as compact JSON (OpenAI's string)."""
+
+    name: str
+    arguments: str
+    id: str = dataclasses.field(default_factory=lambda: "chatcmpl-tool-" + uuid.uuid4().hex)
+
+    def message(self) -> dict[str, Any]:
+        """The call in an answer's ``message.tool_calls``."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+    def delta(self, index: int) -> dict[str, Any]:
+        """The call as one streamed ``delta.tool_calls`` entry (the client's accumulator takes it whole)."""
+        return {"index": index, **self.message()}
+
+
+def _call(obj: Any, argument_keys: tuple[str, ...]) -> ToolCall | None:
+    """``obj`` (decoded JSON) as a call: an object with a function ``name`` and exactly one of ``argument_keys`` holding
+    an object; None otherwise."""
+    if not isinstance(obj, dict) or _name_problem("name", obj.get("name")) is not None:
+        return None
+    given = [k for k in argument_keys if k in obj]
+    if len(given) != 1 or not isinstance(obj[given[0]], dict):
+        return None
+    arguments = json.dumps(obj[given[0]], ensure_ascii=False)
+    try:
+        arguments.encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the model's JSON): kept escaped, the answer stays UTF-8
+        arguments = json.dumps(obj[given[0]])
+    return ToolCall(obj["name"], arguments)
+
+
+class ToolCallParser:
+    """Reads one choice's text, piece by piece, into ``("content", text)`` and ``("call", ToolCall)`` events (see the
+    module docstring); :attr:`calls` counts the calls so far. White space alone is held until text follows it (then
+    sent with it) or the answer ends (then sent only if no call was made): the same text gives the same events
+    however it is cut into pieces."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._space = ""  # white space not sent yet
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        """The events ``text`` (the next piece of the choice's text) completes."""
+        raise NotImplementedError
+
+    def finish(self) -> list[tuple[str, Any]]:
+        """The events of what is left once the choice has ended."""
+        raise NotImplementedError
+
+    def _content(self, text: str, events: list[tuple[str, Any]]) -> None:
+        # white space at the end is held (whatever the pieces, the same answer: "Sure.\n" then a call is "Sure.")
+        body = text.rstrip()
+        if body:
+            events.append(("content", self._space + body))
+            self._space = ""
+        self._space += text[len(body):]
+
+    def _found(self, call: ToolCall, events: list[tuple[str, Any]]) -> None:
+        self._space = ""  # white space around calls is not content
+        self.calls += 1
+        events.append(("call", call))
+
+    def _end(self, events: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        if self._space and not self.calls:
+            events.append(("content", self._space))
+        self._space = ""
+        return events
+
+
+class HermesParser(ToolCallParser):
+    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (vLLM's ``hermes``)."""
+
+    START, END = "<tool_call>", "</tool_call>"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = ""  # text after the last event: a tag's beginning, or an open block's text
+        self._open = False  # inside a block
+        self._searched = 0  # where the next search for the end tag starts (each character is searched once)
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        self._pending += text
+        events: list[tuple[str, Any]] = []
+        while True:
+            if self._open:
+                end = self._pending.find(self.END, self._searched)
+                if end < 0:
+                    self._searched = max(0, len(self._pending) - len(self.END) + 1)
+                    return events
+                block, self._pending = self._pending[:end], self._pending[end + len(self.END):]
+                self._open, self._searched = False, 0
+                call = _call(_json_object(block), ("arguments",))
+                if call is None:  # not a call: the block is text, as generated
+                    self._content(self.START + block + self.END, events)
+                else:
+                    self._found(call, events)
+                continue
+            start = self._pending.find(self.START)
+            if start >= 0:
+                self._content(self._pending[:start], events)
+                self._pending = self._pending[start + len(self.START):]
+                self._open = True
+                continue
+            keep = _partial_suffix(self._pending, self.START)  # "<tool" may be the start of a tag: held
+            cut = len(self._pending) - keep
+            self._content(self._pending[:cut], events)
+            self._pending = self._pending[cut:]
+            return events
+
+    def finish(self) -> list[tuple[str, Any]]:
+        events: list[tuple[str, Any]] = []
+        self._content((self.START if self._open else "") + self._pending, events)  # an unclosed block is text
+        self._pending, self._open = "", False
+        return self._end(events)
+
+
+class Llama3JsonParser(ToolCallParser):
+    """An answer that is JSON calls ``{"name", "parameters"}`` separated by ``;`` (vLLM's ``llama3_json``)."""
+
+    TAG = "<|python_tag|>"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held = ""  # the answer so far while it may be calls
+        self._calls: bool | None = None  # None: undecided; True: it starts as JSON (held whole); False: text
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        events: list[tuple[str, Any]] = []
+        if self._calls is False:
+            self._content(text, events)
+            return events
+        self._held += text
+        if self._calls is None:
+            head = self._held.lstrip()
+            if not head or (self.TAG.startswith(head) and head != self.TAG):
+                return events  # white space, or the tag's beginning: undecided
+            self._calls = head.startswith("{") or head.startswith(self.TAG)
+            if not self._calls:
+                held, self._held = self._held, ""
+                self._content(held, events)
+        return events
+
+    def finish(self) -> list[tuple[str, Any]]:
+        events: list[tuple[str, Any]] = []
+        held, self._held = self._held, ""
+        calls = self._read(held) if self._calls else None
+        if calls is None:
+            self._content(held, events)
+        else:
+            for call in calls:
+                self._found(call, events)
+        return self._end(events)
+
+    def _read(self, text: str) -> list[ToolCall] | None:
+        """The calls ``text`` is, or None when it is not only calls."""
+        text = text.strip()
+        if text.startswith(self.TAG):
+            text = text[len(self.TAG):].lstrip()
+        decoder = json.JSONDecoder()
+        calls: list[ToolCall] = []
+        at = 0
+        try:
+            while True:
+                obj, at = decoder.raw_decode(text, at)
+                call = _call(obj, ("parameters", "arguments"))
+                if call is None:
+                    return None
+                calls.append(call)
+                rest = text[at:].lstrip()
+                if not rest:
+                    return calls
+                if not rest.startswith(";"):
+                    return None
+                at = len(text) - len(rest) + 1
+                while at < len(text) and text[at].isspace():
+                    at += 1
+        except (ValueError, RecursionError):
+            return None
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of ``text`` that is a beginning of ``tag`` (shorter than it)."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0
+
+
+_PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+
+
+def make_parser(name: str) -> ToolCallParser:
+    """A new parser of one choice's text (``name``: one of :data:`TOOL_CALL_PARSERS`)."""
+    return _PARSERS[name]()
+
+
+def parse_tool_calls(name: str, text: str) -> tuple[str | None, list[ToolCall]]:
+    """``(content, calls)`` of a whole answer's ``text`` read by parser ``name``: content is the text outside the
+    calls (None when there is none but white space and there are calls; ``""`` stays ``""`` without calls)."""
+    parser = make_parser(name)
+    events = parser.feed(text) + parser.finish()
+    content = "".join(value for kind, value in events if kind == "content")
+    calls = [value for kind, value in events if kind == "call"]
+    return (content if content or not calls else None), calls
