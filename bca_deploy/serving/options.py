@@ -194,8 +194,8 @@ class ServeOptions:
         at_least("max_connections", 1)
         at_least("max_header_bytes", 1024)
         if self.enable_auto_tool_choice is True and self.tool_call_parser is None:
-            problems.append("enable_auto_tool_choice: needs tool_call_parser (--tool-call-parser hermes or llama3_json: "
-                            "the format the model writes its tool calls in), as vLLM requires")
+            problems.append("enable_auto_tool_choice: needs tool_call_parser (--tool-call-parser hermes or "
+                            "llama3_json: the format the model writes its tool calls in), as vLLM requires")
         if "host" not in mistyped and not self.host:
             problems.append("host: empty; expected an interface address such as 127.0.0.1")
         if self.served_model_name is not None and "served_model_name" not in mistyped:

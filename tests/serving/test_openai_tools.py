@@ -11,7 +11,9 @@ References, independent of the serving code:
   character-level tokenizer (so equal ids are equal text), and the in-process session's greedy tokens for those ids;
 - the output: the model's own text, forced with ``logit_bias`` to ``Let me check.<tool_call>{"name": "lookup",
   "arguments": {"city": "paris"}}</tool_call>`` (four tokens of the test tokenizer, one bias each, repeats penalised)
-  and read back raw with ``tool_choice: "none"``; the expected calls are written by hand.
+  and read back raw with ``tool_choice: "none"``; the expected calls are written by hand (a second server of the same
+  export reads Llama 3.1's JSON calls, ``--tool-call-parser llama3_json``); streamed, the ``openai`` client's own
+  accumulator (``chat.completions.stream``) reads the deltas back into the call;
 - the parsers: hand-written strings (vLLM's formats: ``hermes``, ``llama3_json``).
 """
 
@@ -48,7 +50,8 @@ TEMPLATE = (
 TEXT, START, BODY, END = "Let me check.", "<tool_call>", '{"name": "lookup", "arguments": {"city": "paris"}}', \
     "</tool_call>"
 BAD = '{"name": "lookup", "arguments": '  # JSON never closed
-PIECES = (TEXT, START, BODY, END, BAD, "</tool_response>", "<tool_response>")
+LLAMA_BODY = '{"name": "lookup", "parameters": {"city": "paris"}}'  # Llama 3.1's JSON call
+PIECES = (TEXT, START, BODY, END, BAD, LLAMA_BODY, "</tool_response>", "<tool_response>")
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Find a city's weather.",
                                            "parameters": {"type": "object",
@@ -120,6 +123,15 @@ def server(export, tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(server):
     return openai_client(server.url)
+
+
+@pytest.fixture(scope="module")
+def llama_json(export, tmp_path_factory):
+    """The ``openai`` client on a server of the same export reading Llama 3.1's JSON calls."""
+    log = tmp_path_factory.mktemp("logs") / "tools-llama3-json-serve.log"
+    with ServeProcess(export["dir"], "--max-wait-ms", "2", "--enable-auto-tool-choice", "--tool-call-parser",
+                      "llama3_json", log=log) as process:
+        yield openai_client(process.url)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +238,39 @@ def test_a_streamed_tool_call_arrives_whole_after_the_text(llm, export):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == START + BAD + END
     assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_the_openai_clients_stream_accumulator_reads_the_streamed_call(llm, export):
+    # client.chat.completions.stream() adds the deltas up as it does for OpenAI's and vLLM's answers
+    with llm.chat.completions.stream(model="a0", messages=HISTORY, tools=TOOLS,
+                                     **forcing(export, TEXT, START, BODY, END)) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == TEXT
+    [made] = choice.message.tool_calls
+    assert made.function.name == "lookup" and json.loads(made.function.arguments) == {"city": "paris"}
+
+
+def test_a_llama3_json_call_is_read_whole_streamed_or_not(llama_json, export):
+    sampling = forcing(export, LLAMA_BODY)
+    raw = llama_json.chat.completions.create(model="a0", messages=HISTORY, tools=TOOLS, tool_choice="none", **sampling)
+    assert raw.choices[0].message.content == LLAMA_BODY
+    answer = llama_json.chat.completions.create(model="a0", messages=HISTORY, tools=TOOLS, **sampling)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [made] = choice.message.tool_calls
+    assert made.function.name == "lookup" and json.loads(made.function.arguments) == {"city": "paris"}
+    chunks = list(llama_json.chat.completions.create(model="a0", messages=HISTORY, tools=TOOLS, stream=True,
+                                                     **sampling))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    [made] = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert made.index == 0 and made.function.name == "lookup"
+    assert json.loads(made.function.arguments) == {"city": "paris"} and chunks[-1].choices[0].finish_reason == \
+        "tool_calls"
+    # text first: an answer, not a call (the hermes tags are text to this parser)
+    sampling = forcing(export, TEXT, LLAMA_BODY)
+    answer = llama_json.chat.completions.create(model="a0", messages=HISTORY, tools=TOOLS, **sampling)
+    assert answer.choices[0].message.content == TEXT + LLAMA_BODY and answer.choices[0].message.tool_calls is None
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call(llm, export):
