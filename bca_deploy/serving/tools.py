@@ -265,21 +265,25 @@ class HermesParser(ToolCallParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._pending = ""  # text after the last event: a tag's beginning, or an open block's text
+        self._pending = ""  # text not read yet: a tag's beginning, or the end of an open block's text
+        self._block: list[str] = []  # an open block's text before _pending (searched already: no end tag in it)
         self._open = False  # inside a block
-        self._searched = 0  # where the next search for the end tag starts (each character is searched once)
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
+        # Work linear in the text however it is cut: each character is searched once, and an open block's text is
+        # kept as pieces (joined once, when the block closes), never copied again with each piece.
         self._pending += text
         events: list[tuple[str, Any]] = []
         while True:
             if self._open:
-                end = self._pending.find(self.END, self._searched)
+                end = self._pending.find(self.END)
                 if end < 0:
-                    self._searched = max(0, len(self._pending) - len(self.END) + 1)
+                    cut = max(0, len(self._pending) - len(self.END) + 1)  # the rest may be the end tag's beginning
+                    self._block.append(self._pending[:cut])
+                    self._pending = self._pending[cut:]
                     return events
-                block, self._pending = self._pending[:end], self._pending[end + len(self.END):]
-                self._open, self._searched = False, 0
+                block = "".join(self._block) + self._pending[:end]
+                self._pending, self._block, self._open = self._pending[end + len(self.END):], [], False
                 call = _call(_json_object(block), ("arguments",))
                 if call is None:  # not a call: the block is text, as generated
                     self._content(self.START + block + self.END, events)
@@ -300,8 +304,9 @@ class HermesParser(ToolCallParser):
 
     def finish(self) -> list[tuple[str, Any]]:
         events: list[tuple[str, Any]] = []
-        self._content((self.START if self._open else "") + self._pending, events)  # an unclosed block is text
-        self._pending, self._open = "", False
+        opened = self.START + "".join(self._block) if self._open else ""
+        self._content(opened + self._pending, events)  # an unclosed block is text, as generated
+        self._pending, self._block, self._open = "", [], False
         return self._end(events)
 
 
@@ -312,7 +317,8 @@ class Llama3JsonParser(ToolCallParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._held = ""  # the answer so far while it may be calls
+        self._held: list[str] = []  # the answer so far while it may be calls (pieces: joined once, at the end)
+        self._head = ""  # its beginning less white space, while undecided (at most the tag's length and a piece)
         self._calls: bool | None = None  # None: undecided; True: it starts as JSON (held whole); False: text
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
@@ -320,20 +326,20 @@ class Llama3JsonParser(ToolCallParser):
         if self._calls is False:
             self._content(text, events)
             return events
-        self._held += text
+        self._held.append(text)
         if self._calls is None:
-            head = self._held.lstrip()
-            if not head or (self.TAG.startswith(head) and head != self.TAG):
+            self._head = (self._head + text) if self._head else text.lstrip()
+            if not self._head or (self.TAG.startswith(self._head) and self._head != self.TAG):
                 return events  # white space, or the tag's beginning: undecided
-            self._calls = head.startswith("{") or head.startswith(self.TAG)
+            self._calls = self._head.startswith("{") or self._head.startswith(self.TAG)
             if not self._calls:
-                held, self._held = self._held, ""
+                held, self._held = "".join(self._held), []
                 self._content(held, events)
         return events
 
     def finish(self) -> list[tuple[str, Any]]:
         events: list[tuple[str, Any]] = []
-        held, self._held = self._held, ""
+        held, self._held = "".join(self._held), []
         calls = self._read(held) if self._calls else None
         if calls is None:
             self._content(held, events)

@@ -436,6 +436,8 @@ def test_parsers_take_hostile_output_in_bounded_work():
     # each character searched once however the pieces come
     huge = START + "x" * 10_000_000
     assert _events_in_pieces("hermes", huge, 4096) == (huge, [])
+    assert _events_in_pieces("llama3_json", "{" + huge, 4096) == ("{" + huge, [])
+    assert _events_in_pieces("llama3_json", " " * 1_000_000 + "x", 4096) == (" " * 1_000_000 + "x", [])
     nested = START * 200_000 + END * 200_000
     assert parse_tool_calls("hermes", nested) == (nested, [])
     deep = START + '{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}" + END
