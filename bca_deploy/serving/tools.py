@@ -14,7 +14,8 @@ reads a whole answer (:func:`parse_tool_calls`), so a streamed answer's deltas a
 
 - ``hermes`` (Hermes 2 Pro, Qwen2.5, Qwen3): each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   block is a call; text outside the blocks is content. A block whose JSON is not such an object (bad JSON, a
-  nested ``<tool_call>``, arguments that are not an object) and a block never closed (the answer cut by
+  nested ``<tool_call>``, arguments that are not an object, NaN, Infinity or a lone surrogate escape: what a
+  request's arguments may not hold, so that every call returned can be sent back) and a block never closed (the answer cut by
   ``max_tokens``) are content as generated: never a 500, never a call the model did not finish.
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): an answer that is, after white space and an optional
   ``<|python_tag|>``, one or more JSON objects ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``) separated
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -160,12 +162,34 @@ def tool_calls_problems(calls: Any, field: str) -> list[str]:
         if not isinstance(arguments, str):
             problems.append(f"{where}.function.arguments: must be a string of JSON (OpenAI's shape, as the answer "
                             f"gave it), got {show_json_value(arguments)}")
-        elif not isinstance(_json_object(arguments), dict):
-            problems.append(f"{where}.function.arguments: must be a JSON object written as a string, got "
-                            f"{show_json_value(arguments)}")
+        else:
+            value, why = _read_json(arguments)
+            if why is not None:  # read as the body is read: what the body may not hold, its arguments may not either
+                problems.append(f"{where}.function.arguments: {why}")
+            elif not isinstance(value, dict):
+                problems.append(f"{where}.function.arguments: must be a JSON object written as a string, got "
+                                f"{show_json_value(arguments)}")
         if len(problems) >= 20:
             break
     return problems[:20]
+
+
+def _read_json(text: str) -> tuple[Any, str | None]:
+    """``(value, None)`` of ``text`` read by the rules a request body is read by (:func:`~bca_deploy.serving.wire.
+    read_json`: no NaN or Infinity, no number out of a float's range, no key twice in one object, no lone surrogate
+    escape such as ``"\\ud800"``), or ``(None, why)``. An assistant call's ``arguments`` are JSON inside the body's
+    JSON: read by looser rules, a lone surrogate reached the template and the tokenizer (a 500) and a repeated key
+    meant the last one here and maybe the first to a proxy."""
+    from .wire import InvalidJSONError, read_json
+
+    try:
+        return read_json(text.encode(), max_depth=sys.maxsize, max_chars=sys.maxsize), None
+    except UnicodeEncodeError:  # a lone surrogate character (only a model's decoded escape can make one)
+        return None, "holds a lone surrogate, which UTF-8 cannot encode"
+    except InvalidJSONError as exc:
+        return None, "must be a JSON object written as a string: " + str(exc).replace("the body", "the arguments")
+    except ValueError:  # nested past the decoder's recursion (RequestTooLargeError)
+        return None, "must be a JSON object written as a string: it is nested too deeply to read"
 
 
 def _json_object(text: str) -> Any:
@@ -213,10 +237,10 @@ def _call(obj: Any, argument_keys: tuple[str, ...]) -> ToolCall | None:
     if len(given) != 1 or not isinstance(obj[given[0]], dict):
         return None
     arguments = json.dumps(obj[given[0]], ensure_ascii=False)
-    try:
-        arguments.encode()
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the model's JSON): kept escaped, the answer stays UTF-8
-        arguments = json.dumps(obj[given[0]])
+    # a call is one the client can send back: NaN, Infinity or a lone surrogate ("\ud800" in the model's JSON) is
+    # refused in a request's arguments (_read_json), so such a block stays text, as bad JSON does
+    if _read_json(arguments)[1] is not None:
+        return None
     return ToolCall(obj["name"], arguments)
 
 

@@ -339,6 +339,23 @@ def test_bad_tools_and_tool_messages_are_400s_naming_the_field_path(server):
              "nested deeper", status=413)
 
 
+def test_arguments_are_read_by_the_bodys_json_rules(server):
+    # an assistant call's arguments are JSON inside the body's JSON: what the body may not hold (a lone surrogate
+    # escape: a 500 from the tokenizer before; NaN, Infinity, a key twice: taken before) is a 400 naming the call
+    user, assistant = HISTORY[1], HISTORY[2]
+    for arguments, words in (('{"city": "\\ud800"}', ("surrogate",)), ('{"city": NaN}', ("NaN",)),
+                             ('{"city": 1e999}', ("out of range",)), ('{"city": "a", "city": "b"}', ("'city'",
+                                                                                                      "more than once"))):
+        call_ = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+        messages = [user, {**assistant, "tool_calls": [call_]}, {"role": "tool", "tool_call_id": "c1", "content": "x"},
+                    user]
+        _refused(server, {"messages": messages}, "messages", "messages.1.tool_calls", "tool_calls[0].function.arguments",
+                 *words)
+    status, answer = call(server.url + "/v1/chat/completions", "POST",
+                          {"model": "a0", "messages": HISTORY, "max_tokens": 1})
+    assert status == 200, answer
+
+
 def test_auto_without_a_parser_names_the_options():
     from bca_deploy.serving.openai import ChatCompletionRequest
     from bca_deploy.serving.options import ServeOptions
@@ -444,7 +461,9 @@ def test_parsers_take_hostile_output_in_bounded_work():
     assert parse_tool_calls("hermes", deep)[1] == []
     deep_llama = '{"name": "f", "parameters": ' + "{\"a\": " * 50_000 + "1" + "}" * 50_001
     assert parse_tool_calls("llama3_json", deep_llama) == (deep_llama, [])
-    # a lone surrogate written as a JSON escape: the arguments stay valid UTF-8 (escaped)
-    content, [made] = parse_tool_calls("hermes", START + '{"name": "f", "arguments": {"a": "\\ud800"}}' + END)
-    made.arguments.encode()
-    assert json.loads(made.arguments) == {"a": "\ud800"}
+    # JSON a request's arguments may not hold (a lone surrogate escape, NaN, Infinity): text, never a call the
+    # client could not send back (see test_arguments_are_read_by_the_bodys_json_rules)
+    for value in ('"\\ud800"', "NaN", "-Infinity", "1e999"):
+        for name, text in (("hermes", START + '{"name": "f", "arguments": {"a": %s}}' % value + END),
+                           ("llama3_json", '{"name": "f", "parameters": {"a": %s}}' % value)):
+            assert parse_tool_calls(name, text) == (text, []), (name, value)
