@@ -643,6 +643,32 @@ def _refuse_parquet_folder(path: Path, shards: Sequence[str]) -> str:
             f"pq; pq.write_table(pq.read_table('{path}'), 'all.parquet')\"")
 
 
+def _is_text(types: Any, kind: Any) -> bool:
+    """Whether the Arrow type ``kind`` is a string type (``types``: ``pyarrow.types``): string, large_string, or
+    string_view (pyarrow 16+ writes and reads it back as such: the file keeps the Arrow schema)."""
+    return types.is_string(kind) or types.is_large_string(kind) or (hasattr(types, "is_string_view")
+                                                                    and types.is_string_view(kind))
+
+
+#: Parquet encodings of string pages that pyarrow cannot decode into a dictionary (``read_dictionary``: "Not yet
+#: implemented: DecodeArrow of DictAccumulator for DeltaLengthByteArrayDecoder"): what Parquet's v2 writers use for
+#: strings (Spark's and DuckDB's v2 files, pyarrow's ``column_encoding``).
+_DELTA_STRING_ENCODINGS = frozenset({"DELTA_BYTE_ARRAY", "DELTA_LENGTH_BYTE_ARRAY"})
+
+
+def _delta_encoded(metadata: Any) -> set[str]:
+    """The top-level columns of a Parquet file (``metadata``: its footer) with a page in a delta string encoding in
+    any row group: read as strings, a batch at a time, not as dictionaries."""
+    found: set[str] = set()
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        for j in range(group.num_columns):
+            chunk = group.column(j)
+            if _DELTA_STRING_ENCODINGS.intersection(chunk.encodings):
+                found.add(chunk.path_in_schema)
+    return found
+
+
 def _parquet_type_problem(name: str, kind: Any, nested: bool) -> str | None:
     """Why a kept Parquet column of Arrow type ``kind`` cannot be read (None when it can): numbers, booleans, strings
     (and their dictionaries, as pandas writes a categorical), all-null columns, and for ``nested`` columns lists of
@@ -650,8 +676,7 @@ def _parquet_type_problem(name: str, kind: Any, nested: bool) -> str | None:
     import pyarrow.types as pt
 
     def scalar(t: Any) -> bool:
-        return (pt.is_integer(t) or pt.is_floating(t) or pt.is_boolean(t) or pt.is_string(t)
-                or pt.is_large_string(t) or pt.is_null(t) or (hasattr(pt, "is_string_view") and pt.is_string_view(t)))
+        return pt.is_integer(t) or pt.is_floating(t) or pt.is_boolean(t) or _is_text(pt, t) or pt.is_null(t)
 
     if scalar(kind) or (pt.is_dictionary(kind) and scalar(kind.value_type)):
         return None
@@ -723,8 +748,11 @@ def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[s
     budget = _PARQUET_FREE_BYTES + MAX_PARQUET_EXPANSION * path.stat().st_size
     if metadata.num_rows * _ROW_BYTES > budget:  # refused before a row is read (41,943,040 rows in 418 kB: 1.8 s)
         raise DataError(_too_much(path, metadata.num_rows * _ROW_BYTES, budget, f"its {metadata.num_rows:,} rows"))
-    dictionaries = [c for c in needed if pa.types.is_string(schema.field(c).type)
-                    or pa.types.is_large_string(schema.field(c).type) or pa.types.is_dictionary(schema.field(c).type)]
+    # (a delta-encoded column cannot be decoded into a dictionary: such a valid file was refused as "truncated or
+    # corrupt"; it is read as strings, a batch at a time, its cells still checked before they become Python strings)
+    delta = _delta_encoded(metadata)
+    dictionaries = [c for c in needed if c not in delta and (_is_text(pa.types, schema.field(c).type)
+                                                             or pa.types.is_dictionary(schema.field(c).type))]
     records: list[dict[str, Any]] = []
     used = 0
     problems = []
@@ -835,11 +863,13 @@ def _cell_lengths(pa: Any, pc: Any, array: Any) -> Any:
     """The characters in each string cell of ``array`` (an Arrow array; dictionaries by their entries, without
     decoding them per row), or None for a column of another type."""
     if pa.types.is_dictionary(array.type):
-        if not (pa.types.is_string(array.type.value_type) or pa.types.is_large_string(array.type.value_type)):
+        if not _is_text(pa.types, array.type.value_type):
             return None
-        return pc.take(pc.utf8_length(array.dictionary), array.indices)
+        return pc.take(_cell_lengths(pa, pc, array.dictionary), array.indices)
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         return pc.utf8_length(array)
+    if _is_text(pa.types, array.type):  # string_view: utf8_length has no kernel for it (pyarrow 26); one batch cast
+        return pc.utf8_length(array.cast(pa.large_string()))
     return None
 
 

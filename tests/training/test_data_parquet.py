@@ -152,6 +152,35 @@ def test_a_cell_over_the_field_bound_is_refused_by_row(tmp_path, monkeypatch):
     assert "row 2: column 'sentence'" in str(caught.value) and "row 3: column 'sentence'" in str(caught.value)
 
 
+@pytest.mark.parametrize("encoding", ["DELTA_BYTE_ARRAY", "DELTA_LENGTH_BYTE_ARRAY"])
+def test_delta_encoded_strings_read_as_pyarrow_reads_them(tmp_path, encoding):
+    """Parquet v2 writers' string encodings (Spark's, DuckDB's; pyarrow's column_encoding): pyarrow cannot decode them
+    into a dictionary, and such a valid file was refused as "truncated or corrupt"."""
+    rows = [{"sentence": s, "label": y} for s, y in sst2_rows("dev", 9)]
+    for kind in (pa.string(), pa.large_string(), pa.string_view()):
+        path = tmp_path / f"delta-{kind}.parquet"
+        table = pa.table({"sentence": pa.array([r["sentence"] for r in rows], kind), "label": [r["label"] for r in rows]})
+        pq.write_table(table, path, use_dictionary=False, column_encoding={"sentence": encoding}, row_group_size=4)
+        assert encoding in pq.ParquetFile(path).metadata.row_group(0).column(0).encodings  # what is tested
+        records, columns, _ = read_records(path)
+        assert records == pq.read_table(path).to_pylist() == rows and columns == ["sentence", "label"], kind
+        assert load_seq_cls(path).texts[0] == [r["sentence"] for r in rows]
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_a_string_view_cell_over_the_field_bound_is_refused_by_row(tmp_path, monkeypatch, delta):
+    # pyarrow 16+ writes string_view columns and reads them back as such: their cells went unchecked
+    monkeypatch.setattr(data_module, "MAX_FIELD_CHARS", 50)
+    path = tmp_path / "long-view.parquet"
+    texts = ["short", "x" * 51, "y" * 51]
+    encodings = {"use_dictionary": False, "column_encoding": {"sentence": "DELTA_LENGTH_BYTE_ARRAY"}} if delta else {}
+    pq.write_table(pa.table({"sentence": pa.array(texts, pa.string_view()), "label": [0, 1, 0]}), path, **encodings)
+    assert pa.types.is_string_view(pq.ParquetFile(path).schema_arrow.field("sentence").type)
+    with pytest.raises(DataError, match="malformed Parquet rows") as caught:
+        load_seq_cls(path)
+    assert "row 2: column 'sentence'" in str(caught.value) and "row 3: column 'sentence'" in str(caught.value)
+
+
 def test_rows_that_decode_to_far_more_than_the_file_are_refused(tmp_path, monkeypatch):
     """200,000 equal rows compress to a few kB (run-length and dictionary encoding): bounded by the file's size."""
     monkeypatch.setattr(data_module, "_PARQUET_FREE_BYTES", 0)
