@@ -36,12 +36,13 @@ import csv
 import errno
 import json
 import math
+import os
 import re
 import stat
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -710,7 +711,17 @@ def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[s
             repeats, a kept column has a type that is not read (named with its type), a cell is too long, or
             it decodes to too much.
     """
-    problem = _parquet_frame_problem(path)
+    # One open file for every read (the frame, the footer, the rows), the footer read once: a file replaced between
+    # them (written to a temporary name and renamed over, as pipelines and pyarrow's own writers of data sets do) was
+    # read as the old footer over the new rows, and a column the new file lacks was a KeyError traceback.
+    with path.open("rb") as handle:
+        return _read_parquet_file(path, handle, keep, nested)
+
+
+def _read_parquet_file(path: Path, handle: BinaryIO, keep: Collection[str] | None, nested: Collection[str],
+                       ) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+    """:func:`_read_parquet` of ``path`` open as ``handle``."""
+    problem = _parquet_frame_problem(handle)
     if problem is not None:
         raise DataError(f"{path}: {problem}")
     try:
@@ -721,7 +732,7 @@ def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[s
         raise DataError(f"{path}: reading Parquet files needs pyarrow ({exc}); install it with: "
                         f"{_PARQUET_INSTALL}") from None
     try:
-        with pq.ParquetFile(path) as probe:
+        with pq.ParquetFile(handle) as probe:
             schema, metadata = probe.schema_arrow, probe.metadata
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable Parquet file: its footer is corrupt "
@@ -745,7 +756,7 @@ def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[s
     problems = [p for c in needed if (p := _parquet_type_problem(c, schema.field(c).type, c in nested))]
     if problems:
         raise DataError(format_problems(f"{path}: columns that cannot be read:", problems, limit=10))
-    budget = _PARQUET_FREE_BYTES + MAX_PARQUET_EXPANSION * path.stat().st_size
+    budget = _PARQUET_FREE_BYTES + MAX_PARQUET_EXPANSION * os.fstat(handle.fileno()).st_size
     if metadata.num_rows * _ROW_BYTES > budget:  # refused before a row is read (41,943,040 rows in 418 kB: 1.8 s)
         raise DataError(_too_much(path, metadata.num_rows * _ROW_BYTES, budget, f"its {metadata.num_rows:,} rows"))
     # (a delta-encoded column cannot be decoded into a dictionary: such a valid file was refused as "truncated or
@@ -759,7 +770,7 @@ def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[s
     try:
         # strings read as dictionaries: a dictionary-encoded column (how Parquet writers store repeated texts) stays
         # one entry per distinct text until its lengths are checked, not a copy per row
-        with pq.ParquetFile(path, read_dictionary=dictionaries) as parquet:
+        with pq.ParquetFile(handle, metadata=metadata, read_dictionary=dictionaries) as parquet:
             for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=needed, use_threads=False):
                 first = len(records) + 1
                 values: dict[str, list[Any]] = {}
@@ -796,7 +807,7 @@ def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[s
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: the Parquet file cannot be read after row {len(records):,} (is it truncated or "
-                        f"corrupt? {_first_line(exc)})") from None
+                        f"corrupt, or was it rewritten while it was read? {_first_line(exc)})") from None
     if problems:
         raise DataError(format_problems(f"{path}: malformed Parquet rows:", problems, limit=10))
     if len(records) != metadata.num_rows:
@@ -815,19 +826,19 @@ def _first_not_utf8(array: Any) -> int:
     return 0
 
 
-def _parquet_frame_problem(path: Path) -> str | None:
+def _parquet_frame_problem(f: BinaryIO) -> str | None:
     """What is wrong with ``path``'s Parquet frame (None: nothing), read from its first and last bytes: the magic
     ``PAR1`` at both ends and a footer length that fits the file and :data:`MAX_PARQUET_FOOTER_BYTES`. Checked
     before pyarrow reads it, so a footer length claiming gigabytes is never allocated."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(4)
-        if size < 12:
-            return (f"not a Parquet file ({size} bytes; a Parquet file starts and ends with {_PARQUET_MAGIC!r} around "
-                    "its footer)" if head != _PARQUET_MAGIC else
-                    f"a truncated Parquet file ({size} bytes: it ends before its footer)")
-        f.seek(size - 8)
-        tail = f.read(8)
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(4)
+    if size < 12:
+        return (f"not a Parquet file ({size} bytes; a Parquet file starts and ends with {_PARQUET_MAGIC!r} around "
+                "its footer)" if head != _PARQUET_MAGIC else
+                f"a truncated Parquet file ({size} bytes: it ends before its footer)")
+    f.seek(size - 8)
+    tail = f.read(8)
     if head != _PARQUET_MAGIC:
         return (f"not a Parquet file (it starts with {head!r}, not {_PARQUET_MAGIC!r}); .parquet files are read as "
                 "Parquet: name a text file .tsv, .csv or .jsonl")

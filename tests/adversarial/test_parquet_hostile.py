@@ -124,6 +124,36 @@ def test_a_footer_past_the_bound_is_refused_before_it_is_read(tmp_path, monkeypa
     assert "at most 64 are read" in str(error)
 
 
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+def test_a_file_rewritten_while_it_is_read_is_refused_or_read_as_it_was(tmp_path, monkeypatch, how):
+    """Another program rewrites the data file (other columns) after its footer is read and before its rows are: in
+    place, a DataError naming the file (it was a KeyError traceback: the old footer's columns asked of the new file);
+    written to a temporary name and renamed over it, the file as it was when opened (it was the new file's rows
+    under the old footer's schema)."""
+    path = tmp_path / "d.parquet"
+    _good(path)
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"other": list(range(3))}), other)
+    original = data_module._parquet_type_problem
+
+    def rewrite(*args, **kwargs):  # called between the footer's read and the rows'
+        if how == "in place":
+            path.write_bytes(other.read_bytes())
+        else:
+            other.replace(path)
+        monkeypatch.setattr(data_module, "_parquet_type_problem", original)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "_parquet_type_problem", rewrite)
+    if how == "in place":
+        error = assert_bca_error(lambda: load_seq_cls(path), "rewritten in place")
+        assert str(path) in str(error) and "rewritten while it was read" in str(error), str(error)
+    else:
+        examples = load_seq_cls(path)
+        assert (examples.texts[0], examples.labels) == ([s for s, _ in ROWS], [y for _, y in ROWS])
+        assert pq.read_table(path).column_names == ["other"]  # (what the test did)
+
+
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("bert"), "bert", [s for s, _ in ROWS])
