@@ -603,6 +603,16 @@ class OpenAIEmbeddings:
                    recipe.problems)
 
 
+
+def _rendered_with(template_kwargs: Mapping[str, Any] | None) -> str:
+    """``", rendered with the template variables 'tools' (chat_template_kwargs, documents, tools)"`` for a render's
+    variables (its messages' errors name them: the template wrote and read them too); "" without any."""
+    given = sorted(template_kwargs or ())
+    if not given:
+        return ""
+    shown = ", ".join(repr(k[:40]) for k in given[:5]) + (", ..." if len(given) > 5 else "")
+    return f", rendered with the template variables {shown} (chat_template_kwargs, documents, tools)"
+
 class Server:
     """One served session: its store, options, batcher, queue and metrics, and the checks every route uses."""
 
@@ -867,18 +877,17 @@ class Server:
                                                     continue_final_message=continue_final_message,
                                                     template_kwargs=template_kwargs)
         except RenderedTooLongError as exc:  # bounded before tokenizing: 4 MB of messages took 5 s of it
+            # the template writes its variables too (a request's 128 tools: 900,000 characters of a 20-word chat):
+            # named, or the client shortens the wrong thing
             raise ContextLengthError(
-                f"messages: the conversation, as the chat template writes it, is {exc.chars:,} characters; this "
-                f"server tokenizes at most {limit:,} (the larger of --max-text-chars and {CHAT_CHARS_PER_POSITION} "
-                f"characters per position of the model's maximum context length of {self.session.max_positions or 0} "
-                "positions)", param="messages") from None
+                f"messages: the conversation, as the chat template writes it{_rendered_with(template_kwargs)}, is "
+                f"{exc.chars:,} characters; this server tokenizes at most {limit:,} (the larger of --max-text-chars "
+                f"and {CHAT_CHARS_PER_POSITION} characters per position of the model's maximum context length of "
+                f"{self.session.max_positions or 0} positions)", param="messages") from None
         except ChatTemplateRenderError as exc:  # the template's own refusal (e.g. roles that must alternate)
             # with template variables (chat_template_kwargs, documents, tools) the template read them too: say which,
             # a value of the wrong type ({"x": 5} where it loops over x) fails there, not in the messages
-            given = sorted(template_kwargs or ())
-            shown = ", ".join(repr(k[:40]) for k in given[:5]) + (", ..." if len(given) > 5 else "")
-            variables = f", rendered with the template variables {shown} (chat_template_kwargs, documents, tools)"
-            raise InvalidRequestError(f"messages: {exc}" + (variables if given else ""), param="messages") from None
+            raise InvalidRequestError(f"messages: {exc}{_rendered_with(template_kwargs)}", param="messages") from None
 
     def _require_chat_template(self) -> None:
         tokenizer = self.session.tokenizer  # ServingError if the export has none

@@ -356,6 +356,19 @@ def test_arguments_are_read_by_the_bodys_json_rules(server):
     assert status == 200, answer
 
 
+def test_a_conversation_too_long_for_its_tools_names_them(server):
+    # 128 tools of 7,000 characters (within the tools' bound) and a 20-word chat: the template writes 900,000
+    # characters, nearly all tools; the refusal said only "messages: the conversation ... is 909,408 characters"
+    big = [{"type": "function", "function": {"name": f"f{i}", "description": "d" * 7000}} for i in range(128)]
+    for route, extra in (("/v1/chat/completions", {"tool_choice": "none", "max_tokens": 1}), ("/tokenize", {})):
+        status, answer = call(server.url + route, "POST", {"model": "a0", "messages": HISTORY, "tools": big, **extra})
+        assert_error(status, answer, 400, "context_length_exceeded",
+                     words=("the conversation, as the chat template writes it, rendered with the template variables "
+                            "'tools'", "characters"))
+    status, answer = call(server.url + "/tokenize", "POST", {"model": "a0", "messages": HISTORY * 400})
+    assert_error(status, answer, 400, "context_length_exceeded", words=("as the chat template writes it, is",))
+
+
 def test_auto_without_a_parser_names_the_options():
     from bca_deploy.serving.openai import ChatCompletionRequest
     from bca_deploy.serving.options import ServeOptions
