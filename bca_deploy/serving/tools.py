@@ -15,8 +15,8 @@ reads a whole answer (:func:`parse_tool_calls`), so a streamed answer's deltas a
 - ``hermes`` (Hermes 2 Pro, Qwen2.5, Qwen3): each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   block is a call; text outside the blocks is content. A block whose JSON is not such an object (bad JSON, a
   nested ``<tool_call>``, arguments that are not an object, NaN, Infinity or a lone surrogate escape: what a
-  request's arguments may not hold, so that every call returned can be sent back) and a block never closed (the answer cut by
-  ``max_tokens``) are content as generated: never a 500, never a call the model did not finish.
+  request's arguments may not hold, so that every call returned can be sent back) and a block never closed (the
+  answer cut by ``max_tokens``) are content as generated: never a 500, never a call the model did not finish.
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): an answer that is, after white space and an optional
   ``<|python_tag|>``, one or more JSON objects ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``) separated
   by ``;`` is that many calls and no content; any other answer is content, whole. (vLLM's parser looks for JSON

@@ -344,13 +344,13 @@ def test_arguments_are_read_by_the_bodys_json_rules(server):
     # escape: a 500 from the tokenizer before; NaN, Infinity, a key twice: taken before) is a 400 naming the call
     user, assistant = HISTORY[1], HISTORY[2]
     for arguments, words in (('{"city": "\\ud800"}', ("surrogate",)), ('{"city": NaN}', ("NaN",)),
-                             ('{"city": 1e999}', ("out of range",)), ('{"city": "a", "city": "b"}', ("'city'",
-                                                                                                      "more than once"))):
+                             ('{"city": 1e999}', ("out of range",)),
+                             ('{"city": "a", "city": "b"}', ("'city'", "more than once"))):
         call_ = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
         messages = [user, {**assistant, "tool_calls": [call_]}, {"role": "tool", "tool_call_id": "c1", "content": "x"},
                     user]
-        _refused(server, {"messages": messages}, "messages", "messages.1.tool_calls", "tool_calls[0].function.arguments",
-                 *words)
+        _refused(server, {"messages": messages}, "messages", "messages.1.tool_calls",
+                 "tool_calls[0].function.arguments", *words)
     status, answer = call(server.url + "/v1/chat/completions", "POST",
                           {"model": "a0", "messages": HISTORY, "max_tokens": 1})
     assert status == 200, answer

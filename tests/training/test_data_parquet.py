@@ -159,7 +159,8 @@ def test_delta_encoded_strings_read_as_pyarrow_reads_them(tmp_path, encoding):
     rows = [{"sentence": s, "label": y} for s, y in sst2_rows("dev", 9)]
     for kind in (pa.string(), pa.large_string(), pa.string_view()):
         path = tmp_path / f"delta-{kind}.parquet"
-        table = pa.table({"sentence": pa.array([r["sentence"] for r in rows], kind), "label": [r["label"] for r in rows]})
+        table = pa.table({"sentence": pa.array([r["sentence"] for r in rows], kind),
+                          "label": [r["label"] for r in rows]})
         pq.write_table(table, path, use_dictionary=False, column_encoding={"sentence": encoding}, row_group_size=4)
         assert encoding in pq.ParquetFile(path).metadata.row_group(0).column(0).encodings  # what is tested
         records, columns, _ = read_records(path)
