@@ -930,23 +930,37 @@ class DecodeBatch:
                failures: Mapping[int, Exception]) -> None:
         """Add to ``job.scores`` the prompt tokens this chunk's positions predict: column c's logits (``logits``:
         (rows, stop - start, V), every position) score the token in column c + 1, for each real column c of a row
-        (its prompt is left-padded) before the last (whose logits choose the first new token)."""
+        (its prompt is left-padded) before the last (whose logits choose the first new token).
+
+        Rows that read the same prompt on the same adapter and bank, asking as many alternatives (a request's ``n``
+        choices of one prompt, each a row), have the same logits (a row's logits are its own, whatever runs beside
+        it): such twins are scored once, on the first of them in the chunk, and share that list of scores."""
         ids = job.feeds["input_ids"]  # (live rows, width): every column's token, the next chunk's too
         flat = logits.reshape(-1, logits.shape[-1])  # a view: row k, column c -> k * columns + (c - start)
         columns = stop - start
         picks, tokens, tops, owners = [], [], [], []
+        twins: dict[tuple, list[int]] = {}  # (prompt, adapter, bank, alternatives) -> rows (indices in job.rows)
         for k, i in enumerate(everyone):
             if k in failures:
                 continue
             row = job.rows[i]
+            same = twins.setdefault((tuple(row.prompt), row.adapter, id(row.snapshot), row.score), [])
+            same.append(i)
+            if len(same) > 1:
+                continue  # scored with the first of its twins, below
             first = max(start, job.width - len(row.prompt))
             for c in range(first, min(stop, job.width - 1)):
                 picks.append(k * columns + c - start)
                 tokens.append(int(ids[k, c + 1]))
                 tops.append(row.score or 0)
                 owners.append(i)
+        scored: dict[int, list] = {i: [] for same in twins.values() for i in same[:1]}
         for owner, item in zip(owners, token_logprobs(flat, picks, tokens, tops), strict=True):
-            job.scores[owner].append(item)
+            scored[owner].append(item)
+        for first, *others in twins.values():
+            job.scores[first].extend(scored[first])
+            for i in others:
+                job.scores[i].extend(scored[first])
 
     def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
         """Zero-length past feeds for ``rows`` rows (:func:`empty_past`, its shapes read from the graph once)."""

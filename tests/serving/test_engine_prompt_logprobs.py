@@ -190,3 +190,44 @@ def test_prompt_logprobs_and_zero_new_tokens_are_checked_by_name():
         with pytest.raises(SamplingParamsError) as caught:
             SamplingParams(**kwargs)
         assert caught.value.field == field, kwargs
+
+
+def test_a_prompts_choices_are_scored_once_and_share_pytorchs_numbers(llama, monkeypatch):  # noqa: F811
+    """A request's four choices of one prompt (four rows of one group, sampling with their own seeds) join one scoring
+    prefill, in chunks: the prompt's positions are scored once for them all (``token_logprobs`` gets each position
+    once), not once per choice, and every choice gets PyTorch's numbers. The same prompt under another adapter, or
+    asking another number of alternatives, is another distribution (or list): scored on its own."""
+    import bca_deploy.serving.decoding as decoding
+
+    session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
+    prompt = token_rows(1, seed=17, low=20, high=24)[0]
+    scored_positions = []
+    real = decoding.token_logprobs
+
+    def counting(logits, rows, tokens, tops):
+        scored_positions.append(len(rows))
+        return real(logits, rows, tokens, tops)
+
+    monkeypatch.setattr(decoding, "token_logprobs", counting)
+    group = object()
+    jobs = [("a0", SamplingParams(max_new_tokens=3, do_sample=True, temperature=2.0, seed=j, prompt_logprobs=3), group)
+            for j in range(4)]
+    jobs += [("a1", SamplingParams(max_new_tokens=1, prompt_logprobs=3), None),
+             ("a0", SamplingParams(max_new_tokens=0, prompt_logprobs=1), None)]
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=8, max_score_logits=6 * 3 * VOCAB)
+        await engine.start()
+        try:
+            streams = [engine.submit(prompt, adapter, params, group=g) for adapter, params, g in jobs]
+            return [await s.collect() for s in streams], engine.prefills
+        finally:
+            await engine.stop()
+
+    results, prefills = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    assert prefills > 3  # the scoring prefill ran in chunks
+    # three distributions or lists (a0 top 3, a1 top 3, a0 top 1), each position of each once
+    assert sum(scored_positions) == 3 * (len(prompt) - 1)
+    for (adapter, params, _), result in zip(jobs, results, strict=True):
+        check_scores(result, prompt, adapter, params.prompt_logprobs)
+    assert len({tuple(r.token_ids) for r in results[:4]}) > 1  # the choices sampled apart all the same
