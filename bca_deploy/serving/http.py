@@ -12,7 +12,8 @@ Native endpoints (JSON in and out):
     POST   /v1/generate                {"input", "adapter"?, "max_new_tokens"?, "do_sample"?,
                                         "temperature"?, "top_k"?, "top_p"?, "seed"?,
                                         "repetition_penalty"?, "frequency_penalty"?,
-                                        "presence_penalty"?, "min_p"?, "logit_bias"?}      decoders with past
+                                        "presence_penalty"?, "min_p"?, "logit_bias"?,
+                                        "logprobs"?, "prompt_logprobs"?}                    decoders with past
     GET    /metrics                    Prometheus metrics (:mod:`bca_deploy.serving.metrics`)
 
 and the OpenAI-compatible ones of :mod:`bca_deploy.serving.openai` (``/v1/models``,
@@ -74,6 +75,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError
 from .chat_template import (CHAT_TOKENIZE_OPTIONS, ChatTemplateRenderer, ChatTemplateRenderError, RenderedTooLongError,
                             chat_template_source)
+from .limits import MAX_LOGPROBS
+from .openai import check_prompt_logprob_entries
 from .options import ServeOptions
 from .session import BASE, KIND_NEEDS, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
@@ -559,6 +562,13 @@ class GenerateRequest(_Request):
     # [-100, 100]}, checked in full by SamplingParams): the OpenAI routes' rules (see SamplingParams)
     min_p: JSONNumber = Field(default=0.0, ge=0, le=1)
     logit_bias: dict[str, Any] | None = None
+    # log-probabilities (TGI's details / decoder_input_details / top_n_tokens, vLLM's names): the engine's numbers, as
+    # the OpenAI routes list them (the raw distribution), bounded as theirs (MAX_LOGPROBS alternatives)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="each new token's "
+                                       "log-probability and this many most likely alternatives'; null: off")
+    prompt_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="each prompt "
+                                              "token's log-probability (the first: null) and this many alternatives'; "
+                                              "null: off")
 
 
 class LoadRequest(BaseModel):
@@ -1628,8 +1638,11 @@ def create_app(
                                   top_p=body.top_p, seed=None if body.seed is None else body.seed + i,
                                   repetition_penalty=repetition, frequency_penalty=body.frequency_penalty,
                                   presence_penalty=body.presence_penalty, min_p=body.min_p,
-                                  logit_bias=body.logit_bias)
+                                  logit_bias=body.logit_bias, logprobs=body.logprobs,
+                                  prompt_logprobs=body.prompt_logprobs)
                   for i, prompt in enumerate(prompts)]
+        if body.prompt_logprobs is not None:  # the OpenAI routes' bound on an answer's prompt entries
+            check_prompt_logprob_entries(prompts, 1, body.prompt_logprobs, param="prompt_logprobs")
         streams, release = server.submit(request, prompts, adapter, params)
         try:
             results = await server.collect(request, streams)
@@ -1644,6 +1657,10 @@ def create_app(
             item: dict[str, Any] = {"index": i, "token_ids": result.token_ids}
             if texts:
                 item["text"] = session.decode(result.token_ids)
+            if body.logprobs is not None:
+                item["logprobs"] = [_logprob_entry(t) for t in result.logprobs or []]
+            if body.prompt_logprobs is not None:  # nothing comes before the first prompt token (vLLM's null)
+                item["prompt_logprobs"] = [None, *(_logprob_entry(t) for t in result.prompt_logprobs or [])]
             data.append(item)
         return {"adapter": adapter, "data": data}
 
@@ -1659,6 +1676,13 @@ def create_app(
 
     add_routes(app, server, native_embeddings=_native_embeddings(server))
     return app
+
+
+def _logprob_entry(item) -> dict[str, Any]:
+    """A :class:`~bca_deploy.serving.engine.TokenLogprob` as ``/v1/generate`` lists it, by token id:
+    ``{"token_id", "logprob", "top_logprobs": [{"token_id", "logprob"}, ...]}``, the alternatives most likely first."""
+    return {"token_id": item.token_id, "logprob": item.logprob,
+            "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in item.top]}
 
 
 def _non_finite_row(kind: str, result: list) -> int | None:

@@ -164,8 +164,8 @@ from .wire import (
 if TYPE_CHECKING:
     from .http import Server
 
-__all__ = ["add_routes", "model_card", "EmbeddingsRequest", "CompletionRequest", "ChatCompletionRequest",
-           "TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"]
+__all__ = ["add_routes", "model_card", "check_prompt_logprob_entries", "EmbeddingsRequest", "CompletionRequest",
+           "ChatCompletionRequest", "TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"]
 
 
 class _OpenAIRequest(BaseModel):
@@ -771,7 +771,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         echoes = None
         if req.echo:
             if req.logprobs is not None:
-                _check_echo_entries(prompts, req.n, req.logprobs)
+                check_prompt_logprob_entries(prompts, req.n, req.logprobs)
             # a prompt cut by truncate_prompt_tokens is echoed as what the model read: its kept ids, decoded
             echoes = await run_in_threadpool(_echoes, server, rows if keep is None else prompts, prompts,
                                              req.logprobs is not None)
@@ -910,21 +910,23 @@ def _store_name(lora_path: str) -> str:
 
 #: The most prompt log-probability entries one answer lists (prompt tokens x choices x (``logprobs`` + 1): each
 #: position's token and its alternatives): 2M entries are about 60 MB of JSON. An evaluation harness's batch (64
-#: prompts of 2,048 tokens, ``logprobs`` 1: 262,144) is far below it.
+#: prompts of 2,048 tokens, ``logprobs`` 1: 262,144) is far below it. Completions' ``echo`` and the native
+#: ``/v1/generate``'s ``prompt_logprobs`` are held to it (:func:`check_prompt_logprob_entries`).
 MAX_ECHO_LOGPROB_ENTRIES = 2**21
 
 
-def _check_echo_entries(prompts: list[list[int]], n: int, logprobs: int) -> None:
-    """Refuse an echo whose prompt log-probabilities alone would make an answer past
-    :data:`MAX_ECHO_LOGPROB_ENTRIES` (400 naming ``logprobs``), before any work."""
+def check_prompt_logprob_entries(prompts: list[list[int]], n: int, logprobs: int, param: str = "logprobs") -> None:
+    """Refuse a request whose prompt log-probabilities alone (each prompt's tokens x ``n`` choices x ``logprobs`` + 1)
+    would make an answer past :data:`MAX_ECHO_LOGPROB_ENTRIES` (400 naming ``param``, the field that asked them),
+    before any work."""
     tokens = sum(len(p) for p in prompts)
     entries = tokens * n * (logprobs + 1)
     if entries > MAX_ECHO_LOGPROB_ENTRIES:
         raise InvalidRequestError(
-            f"logprobs: echoing {tokens:,} prompt tokens x {n} choice(s) with logprobs {logprobs} lists {entries:,} "
+            f"{param}: scoring {tokens:,} prompt tokens x {n} choice(s) with {param} {logprobs} lists {entries:,} "
             f"log-probabilities (each token and its {logprobs} alternatives); this server lists at most "
-            f"{MAX_ECHO_LOGPROB_ENTRIES:,} per answer: send fewer or shorter prompts per request, or a lower logprobs",
-            param="logprobs")
+            f"{MAX_ECHO_LOGPROB_ENTRIES:,} per answer: send fewer or shorter prompts per request, or a lower {param}",
+            param=param)
 
 
 @dataclasses.dataclass(frozen=True)

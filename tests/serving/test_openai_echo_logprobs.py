@@ -209,8 +209,8 @@ def test_echo_logprob_entries_past_the_bound_are_refused_by_name(monkeypatch):
     from bca_deploy.errors import BCAError
     from bca_deploy.serving import openai as routes
 
-    routes._check_echo_entries([[1] * 100] * 4, 2, 20)  # 16,800 entries: taken
+    routes.check_prompt_logprob_entries([[1] * 100] * 4, 2, 20)  # 16,800 entries: taken
     monkeypatch.setattr(routes, "MAX_ECHO_LOGPROB_ENTRIES", 1000)
     with pytest.raises(BCAError) as caught:
-        routes._check_echo_entries([[1] * 100] * 4, 2, 20)
+        routes.check_prompt_logprob_entries([[1] * 100] * 4, 2, 20)
     assert caught.value.param == "logprobs" and "16,800" in str(caught.value)
