@@ -248,10 +248,12 @@ class SamplingParams:
             object.__setattr__(self, "prompt_logprobs", int(self.prompt_logprobs))
 
     def check_vocabulary(self, vocabulary: int | None) -> None:
-        """Refuse ``stop_token_ids`` and ``logit_bias`` ids outside the vocabulary, [0, ``vocabulary``) (``None``: not
-        known, the ids' int64 range), as vLLM checks both, by the prompt's rule (``pad_ids``): an id no step can choose
-        ends nothing and biases nothing (a client's mistake, not a no-op), and one past int64 made the ``min_tokens``
-        mask (:attr:`Sampler.held_ids`) raise OverflowError: a 500.
+        """Refuse ``stop_token_ids`` and ``logit_bias`` ids outside the vocabulary a row can generate, [0,
+        ``vocabulary``) (``None``: not known, the ids' int64 range; the callers pass
+        :attr:`~bca_deploy.serving.MultiAdapterSession.generated_vocabulary`, which an output layer narrower than the
+        embedding lowers), as vLLM checks both: an id no step can choose ends nothing and biases nothing (a client's
+        mistake, not a no-op; the penalties, which also count prompt ids, skip such ids instead), and one past int64
+        made the ``min_tokens`` mask (:attr:`Sampler.held_ids`) raise OverflowError: a 500.
 
         Raises:
             SamplingParamsError: naming each field with ids outside (the first five of each).
@@ -264,7 +266,7 @@ class SamplingParams:
                 shown = ", ".join(show_json_value(t) if name == "stop_token_ids" else repr(str(t)) for t in outside[:5])
                 more = f" (and {len(outside) - 5} more)" if len(outside) > 5 else ""
                 what = "token ids must be" if name == "stop_token_ids" else "keys must be token ids"
-                problems[name] = f"{what} in the vocabulary, [0, {vocab}); got {shown}{more}"
+                problems[name] = f"{what} in the vocabulary the model generates from, [0, {vocab}); got {shown}{more}"
         if problems:
             raise SamplingParamsError(problems)
 

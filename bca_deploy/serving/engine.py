@@ -570,7 +570,7 @@ class GenerationEngine:
         if params.stop and self._decoder() is None:
             raise SamplingParamsError({"stop": "stop strings need a tokenizer, and this export has none; use "
                                                "stop_token_ids"})
-        params.check_vocabulary(self.session.vocabulary)
+        params.check_vocabulary(self.session.generated_vocabulary)
         return prompt
 
     def submit(self, prompt_ids: Sequence[int], adapter: str | None = None, params: SamplingParams | None = None,

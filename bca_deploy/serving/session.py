@@ -1445,7 +1445,7 @@ class MultiAdapterSession:
         self.pad_ids(prompts)  # empty rows and ids outside the vocabulary fail before any work
         for prompt, row_params in zip(prompts, params, strict=True):  # as the engine checks each row it takes
             self.check_positions(len(prompt), row_params.max_new_tokens, "inputs")
-            row_params.check_vocabulary(self.vocabulary)
+            row_params.check_vocabulary(self.generated_vocabulary)
         batch = DecodeBatch(self)
         todo = [DecodeRow(prompt, adapter, snapshot, owner=b) for b, (prompt, adapter) in enumerate(zip(prompts, adapters))]
         generated: list[list[int]] = [[] for _ in range(rows)]
@@ -1482,6 +1482,25 @@ class MultiAdapterSession:
         """How many token ids rows may use (``0..vocabulary-1``; None: unknown): ``config.json``'s ``vocab_size``, or
         the graph's word-embedding rows where those are fewer (:attr:`embedding_rows`; see :attr:`vocabulary_note`)."""
         bounds = [b for b in (vocabulary_size(self.config), self.embedding_rows) if b]
+        return min(bounds) if bounds else None
+
+    @functools.cached_property
+    def logits_width(self) -> int | None:
+        """How many token ids a generation step scores: the last dimension of the graph's ``logits`` output where the
+        graph fixes it (None: not fixed, or no ``logits``). Usually :attr:`vocabulary`; fewer where the output layer is
+        narrower than the embedding (ids from there on are in prompts but never generated)."""
+        for output in self.session.get_outputs():
+            if output.name == "logits" and output.shape and isinstance(output.shape[-1], int) and output.shape[-1] > 0:
+                return int(output.shape[-1])
+        return None
+
+    @functools.cached_property
+    def generated_vocabulary(self) -> int | None:
+        """How many token ids a generated row can choose (``0..n-1``; None: unknown): :attr:`vocabulary`, or
+        :attr:`logits_width` where that is fewer. The bound of the ids a row's settings name (``logit_bias``,
+        ``stop_token_ids``: :meth:`~bca_deploy.serving.decoding.SamplingParams.check_vocabulary`): one past it biases
+        or ends nothing, a client's mistake, as vLLM refuses a ``logit_bias`` id past the model's vocabulary size."""
+        bounds = [b for b in (self.vocabulary, self.logits_width) if b]
         return min(bounds) if bounds else None
 
     @property

@@ -425,3 +425,53 @@ def test_generation_config_min_p_is_the_openai_default(llama, tmp_path_factory):
         own = client.completions.create(model="tiny-llama", prompt=TEXT, max_tokens=8, temperature=1.9, seed=2,
                                         extra_body={"min_p": 0})
         assert own.choices[0].text != greedy
+
+
+# ---- an output layer narrower than the embedding: ids past the logits' width --------------------------------------
+
+
+def _narrow_logits_export(llama, root: Path, width: int) -> Path:
+    """A copy of the tiny Llama export whose graph's ``logits`` keep their first ``width`` columns (a Slice after the
+    output layer): the embedding still takes every id of the vocabulary (128), a step scores ``width`` of them."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    export = root / "narrow"
+    shutil.copytree(llama["onnx"], export)
+    model = onnx.load(str(export / "model.onnx"))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["logits_all" if name == "logits" else name for name in node.output]
+    for name, value in (("narrow_starts", 0), ("narrow_ends", width), ("narrow_axes", -1)):
+        graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+    graph.node.append(helper.make_node("Slice", ["logits_all", "narrow_starts", "narrow_ends", "narrow_axes"],
+                                       ["logits"]))
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[-1].dim_value = width
+    onnx.save(model, str(export / "model.onnx"))
+    return export
+
+
+def test_a_logit_bias_id_past_the_logits_width_is_refused_by_name(llama, tmp_path):  # noqa: F811
+    """An export whose output layer scores 120 ids while its embedding takes 128: a ``logit_bias`` (or
+    ``stop_token_ids``) id in 120..127 biases (or ends) nothing, as no step can choose it. It used to be skipped
+    silently (the penalties' rule, right for them: they count prompt ids, which may lie there); now it is refused
+    naming the id and the bound, as vLLM refuses an id past the model's vocabulary size, on the engine and
+    ``MultiAdapterSession.generate`` alike. A prompt id there is still taken, and an id below 120 still biases."""
+    from bca_deploy.serving.engine import GenerationEngine
+
+    session = MultiAdapterSession(_narrow_logits_export(llama, tmp_path, 120), intra_op_threads=1)
+    assert session.vocabulary == 128
+    prompt = [1, 40, 125, 41]  # 125: an id the embedding takes
+    with pytest.raises(SamplingParamsError) as caught:
+        session.generate([prompt], ["a0"], max_new_tokens=2, logit_bias={125: 5, 7: 1})
+    assert caught.value.fields == ["logit_bias"] and "'125'" in str(caught.value) and "120" in str(caught.value)
+    assert "'7'" not in str(caught.value)
+    engine = GenerationEngine(session)
+    for params, field in ((SamplingParams(logit_bias={"121": -100}), "logit_bias"),
+                          (SamplingParams(stop_token_ids=[119, 127]), "stop_token_ids")):
+        with pytest.raises(SamplingParamsError) as caught:
+            engine.check(prompt, "a0", params)
+        assert caught.value.fields == [field] and "120" in str(caught.value), str(caught.value)
+    assert session.generate([prompt], ["a0"], max_new_tokens=3, logit_bias={119: 100}) == [[119] * 3]
+    assert session.logits_width == session.generated_vocabulary == 120
