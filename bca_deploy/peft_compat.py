@@ -224,10 +224,8 @@ def from_peft(
                 problems.append(f"tensor {key!r}: float64 values up to {largest:.3g} overflow float32 (largest "
                                 f"{_FLOAT32_MAX:.3g}), in which kernels are held: they would become Inf")
                 continue
-            if not tensor.is_meta and (bad := tensor_problem(tensor)) is not None:
-                # said here, under the file's own name: converted, the check of every adapter would name the kernel
-                # by bca-deploy's key (<module>.bca_kernel), which is in no file the user has
-                problems.append(f"tensor {key!r} (module {module}): {bad}")
+            if (bad := _own_tensor_problem(key, module, tensor)) is not None:
+                problems.append(bad)
                 continue
             kernels[module] = tensor
         elif split_base_key(path) is not None:
@@ -237,6 +235,9 @@ def from_peft(
             base_copies[path] = tensor
         elif (module := peft_saved_module(path.rpartition(".")[0], saved_entries)) is not None:
             # modules_to_save: PEFT stores the trained copy under the plain module path.
+            if (bad := _own_tensor_problem(key, module, tensor)) is not None:
+                problems.append(bad)
+                continue
             tensors[path] = tensor
             if module not in extra_modules:
                 extra_modules.append(module)
@@ -281,6 +282,21 @@ def from_peft(
         tensors[module + KERNEL_SUFFIX] = flip_circulant_layout(kernel.float())
     tensors.update(base_copies)  # <module>.base_layer.<param>: PEFT's name is bca-deploy's
     return config, tensors
+
+
+def _own_tensor_problem(key: str, module: str, tensor: torch.Tensor) -> str | None:
+    """The problem (:func:`~bca_deploy.fit.tensor_problem`: dtype, emptiness, NaN/Inf; a header's meta tensor: its dtype
+    only) of one of the adapter's own tensors in a PEFT file, a kernel or a ``modules_to_save`` copy, named by the
+    file's own key ``key`` and its ``module``, else None.
+
+    The one rule for the name a user sees for a PEFT file's tensor: the adapter's own tensors are named as the file
+    names them (``safetensors`` lists that key; converted, the later checks would name them by bca-deploy's keys,
+    ``<module>.bca_kernel`` or ``classifier.weight``, which are in no file the user has), so they are checked here.
+    Base weights (``save_embedding_layers``) are left to those checks, which name them by bca-deploy's
+    ``<module>.base_layer.<param>`` beside "the base model's own <param> the adapter was trained with": what they are,
+    whichever file held them."""
+    bad = dtype_problem(tensor.dtype) if tensor.is_meta else tensor_problem(tensor)
+    return None if bad is None else f"tensor {key!r} (module {module}): {bad}"
 
 
 # ---- which modules a PEFT C3A config adapts, and with which block size (PEFT 0.21's rules) ---------------

@@ -648,3 +648,56 @@ def test_a_non_finite_peft_kernel_is_named_by_the_files_own_key(tmp_path):
         assert result.exit_code == 2 and all(w in result.output for w in wanted), (args, result.output)
         assert "bca_kernel" not in result.output, (args, result.output)
     assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_bad_saved_module_tensor_in_a_peft_file_is_named_by_the_files_own_key(tmp_path):
+    """A NaN (or a dtype no adapter tensor may have) in a tensor PEFT saved for ``modules_to_save`` (the classifier
+    of a real ``C3AConfig(modules_to_save=["classifier"])`` save) was reported under bca-deploy's converted name
+    (``classifier.weight``), a key in no file the user has; now under the file's own key and its module, as a kernel's,
+    by every reader (read, load, convert, merge, inspect; a dtype by the header read too). Base weights keep their own
+    naming (see ``test_saved_base_weights.py``)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from bca_deploy.adapter_io import read_adapter_header
+
+    torch.manual_seed(3)
+    model = get_peft_model(tiny_bert(num_labels=2), C3AConfig(block_size=8, target_modules=["query", "value"],
+                                                              modules_to_save=["classifier"]))
+    model.save_pretrained(tmp_path / "peft")
+    tiny_bert(num_labels=2).save_pretrained(tmp_path / "base")
+    state = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    saved = sorted(k for k in state if ".classifier." in k)
+    assert saved, sorted(state)  # PEFT saved the trained classifier
+    weight = next(k for k in saved if k.endswith("weight"))
+    bias = next(k for k in saved if k.endswith("bias"))
+    cases = []
+    for name, key, change, wanted in (
+            ("nan", weight, lambda t: t.index_fill(1, torch.tensor([3]), float("nan")), "has NaN/Inf values"),
+            ("int", bias, lambda t: t.to(torch.int32), "dtype int32")):
+        shutil.copytree(tmp_path / "peft", tmp_path / name)
+        broken = dict(state)
+        broken[key] = change(state[key])
+        save_file(broken, str(tmp_path / name / "adapter_model.safetensors"))
+        cases.append((tmp_path / name, f"tensor {key!r} (module classifier): {wanted}"))
+
+    def named_as_in_file(message: str, wanted: str) -> bool:
+        return wanted in message and "tensor classifier." not in message
+
+    for directory, wanted in cases:
+        readers = [lambda: bd.read_adapter(directory),
+                   lambda: bd.load_adapter(tiny_bert(num_labels=2), directory)]
+        if "dtype" in wanted:
+            readers.append(lambda: read_adapter_header(directory))  # a header read: dtypes only
+        for read in readers:
+            with pytest.raises(AdapterFormatError) as caught:
+                read()
+            assert named_as_in_file(str(caught.value), wanted), str(caught.value)
+        for args in (["inspect", str(directory)],
+                     ["convert", "--adapter", str(directory), "--to", "bca", "--out", str(tmp_path / "c")],
+                     ["merge", "--model", str(tmp_path / "base"), "--adapter", str(directory), "--out",
+                      str(tmp_path / "m"), "--no-progress"]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 2 and named_as_in_file(result.output, wanted), (args, result.output)
+        assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
