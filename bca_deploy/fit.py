@@ -63,6 +63,8 @@ __all__ = [
     "module_problem",
     "check_adapter",
     "base_name_note",
+    "recorded_base_note",
+    "say_base_note",
     "ForeignBaseWarning",
     "align_paths",
     "align_to_target",
@@ -859,7 +861,13 @@ def base_name_note(config: AdapterConfig, target: Target, source: str = "adapter
     (another model type is refused by :func:`model_type_problem`). The user is told which base the adapter records,
     so that a kernel learned on another model is not merged into this one without a word (PEFT says nothing).
     """
-    recorded, applied = config.base_model_name_or_path, target.name_or_path
+    return recorded_base_note(config.base_model_name_or_path, target.name_or_path, target.description, source)
+
+
+def recorded_base_note(recorded: object, applied: object, description: str, source: str = "adapter") -> str | None:
+    """:func:`base_name_note` of the base checkpoint an adapter records (``recorded``) against the one a target was
+    loaded from (``applied``, named ``description`` in the message): for what carries the recorded name without its
+    config (a bank's exported adapter, :meth:`~bca_deploy.serving.MultiAdapterSession.register_exported`)."""
     if not isinstance(recorded, str) or not recorded.strip() or not isinstance(applied, str) or not applied.strip():
         return None
     if _base_name(recorded) == _base_name(applied):
@@ -867,7 +875,7 @@ def base_name_note(config: AdapterConfig, target: Target, source: str = "adapter
     with contextlib.suppress(OSError, ValueError):  # not two files of this machine: compared by name alone
         if os.path.samefile(recorded, applied):
             return None
-    where = target.description if applied in target.description else f"{target.description} ({applied[:200]})"
+    where = description if applied in description else f"{description} ({applied[:200]})"
     return (f"{source} records base model {recorded[:200]!r}, but is applied to {where}: its modules and shapes fit, so it is applied; unless this is that model, a copy of it "
             "or a model fine-tuned from it, the adapter's kernels were learned on other weights and the result is "
             "wrong")
@@ -878,8 +886,14 @@ def note_foreign_base(config: AdapterConfig, target: Target, source: str = "adap
     """Say :func:`base_name_note`'s warning when the adapter records another base checkpoint than ``target``'s: to
     ``warn`` when given (a server's log), else as a :class:`ForeignBaseWarning` attributed ``stacklevel`` frames up
     from the caller (as :func:`warnings.warn` counts them). Every path that applies an adapter once it fits says it
-    so: load, convert, export, a bank session's ``register``."""
-    if (note := base_name_note(config, target, source)) is None:
+    so: load, convert, export, a bank session's ``register`` and ``register_exported``."""
+    say_base_note(base_name_note(config, target, source), warn, stacklevel=stacklevel + 1)
+
+
+def say_base_note(note: str | None, warn: Callable[[str], object] | None = None, stacklevel: int = 2) -> None:
+    """Say a foreign-base ``note`` (:func:`base_name_note`, :func:`recorded_base_note`; None: nothing to say) to
+    ``warn`` when given, else as a :class:`ForeignBaseWarning` attributed ``stacklevel`` frames up from the caller."""
+    if note is None:
         return
     if warn is not None:
         warn(note)

@@ -865,6 +865,13 @@ def _export_file(value: Any, field: str, problems: list[str]) -> str | None:
     return None
 
 
+def _recorded_base(value: Any) -> str:
+    """A ``bank.adapter_bases`` entry: the base checkpoint an adapter records, a non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be the name or path of the base checkpoint the adapter records, got {value!r}"[:200])
+    return value
+
+
 def _record_map(data: Mapping[str, Any], field: str, parse: Callable[[Any], Any], problems: list[str]) -> dict | None:
     """``bank.<field>``, an object of name -> entry, each read by ``parse`` (a ValueError: malformed); None where absent
     (banks exported before it was recorded). At most five malformed entries are named: a file of 100,000 bad entries
@@ -953,6 +960,10 @@ class BankRecord:
         adapter_digests: adapter name -> the :class:`FileDigest` of its adapter file as the export wrote it
             (``bank.adapter_digests``), checked before the file is used (:meth:`adapter_file_problem`); None for a
             bank exported before they were recorded.
+        adapter_bases: adapter name -> the base checkpoint its config records (``base_model_name_or_path``,
+            ``bank.adapter_bases``), for those that record one: its adapter file carries no config, and registering
+            it says what :func:`bca_deploy.fit.base_name_note` says of another base. Empty for a bank exported before
+            they were recorded.
     """
 
     ids_input: str
@@ -968,6 +979,7 @@ class BankRecord:
     unused: tuple[UnusedModule, ...] = ()
     base_weights: Mapping[str, BaseDigest] | None = None
     adapter_digests: Mapping[str, FileDigest] | None = None
+    adapter_bases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def adapters(self) -> list[str]:
@@ -1070,10 +1082,11 @@ class BankRecord:
         if adapter_digests is not None and names and set(data["adapter_digests"]) != set(names):
             problems.append(f"bank.adapter_digests must have one entry per slot's adapter ({str(names)[:200]}), has "
                             f"{str(sorted(data['adapter_digests']))[:200]}")
+        adapter_bases = _record_map(data, "adapter_bases", _recorded_base, problems) or {}
         if problems:
             raise ValueError("; ".join(problems) + "; re-export the bank (bca-deploy export --bank)")
         return cls(ids_input, tuple(slots), adapter_files, layout, prefix or "", model_type, head, base_file,
-                   base_labels, adapter_labels, tuple(unused), base_weights, adapter_digests)
+                   base_labels, adapter_labels, tuple(unused), base_weights, adapter_digests, adapter_bases)
 
     def adapter_file_problem(self, name: str, path: Path) -> str | None:
         """Why ``path`` is not exported adapter ``name``'s file, or None: it is larger than any adapter file of this
@@ -2119,7 +2132,8 @@ class BankPlan:
 
     def __init__(self, model: nn.Module, names: Sequence[str], task: str, *, head: HeadLayout | None = None,
                  base_head: HeadWeights | None = None, heads: Mapping[str, HeadWeights | None] | None = None,
-                 source: tuple[Path, Sequence[Path]] | None = None, model_task: Any = None) -> None:
+                 source: tuple[Path, Sequence[Path]] | None = None, model_task: Any = None,
+                 adapter_bases: Mapping[str, str] | None = None) -> None:
         self.model = model
         self.model_task = model_task  # the bca_deploy.models.ModelTask the model was loaded for
         self.names = list(names)
@@ -2136,6 +2150,8 @@ class BankPlan:
         self.model_type = getattr(getattr(model, "config", None), "model_type", None)
         self.unused: list[UnusedModule] = []  # adapted modules the graph does not use (see leave_out)
         self.adapter_digests: dict[str, FileDigest] = {}  # each adapter file as write() wrote it
+        # the base checkpoint each adapter records (its base_model_name_or_path), for registration's foreign-base note
+        self.adapter_bases = {n: b for n, b in (adapter_bases or {}).items() if isinstance(b, str) and b.strip()}
 
     @classmethod
     def load(cls, model_dir: str | Path, adapter_dirs: Sequence[str | Path], task: Any = None,
@@ -2206,7 +2222,8 @@ class BankPlan:
             _load_kernels(model, name, config, state, str(directory))
         model.requires_grad_(False)
         return cls(model.eval(), names, model_task.export_task, head=head, base_head=base_head, heads=heads,
-                   source=(model_dir, adapter_dirs), model_task=model_task)
+                   source=(model_dir, adapter_dirs), model_task=model_task,
+                   adapter_bases={n: c.base_model_name_or_path for n, (c, _) in zip(names, adapters, strict=True)})
 
     def reference_model(self) -> nn.Module:
         """The fp32 PyTorch model to validate against: :attr:`model` unless it was cast, else a fresh load."""
@@ -2403,6 +2420,8 @@ class BankPlan:
             "base_weights": {name: d.to_dict() for name, d in sorted(self.base_digests().items())},
             # what serve and validate check an adapter file against before reading it
             "adapter_digests": {name: self.adapter_digests[name].to_dict() for name in self.names},
+            # what registering an exported adapter compares with the graph's base (its file carries no config)
+            "adapter_bases": {name: self.adapter_bases[name] for name in self.names if name in self.adapter_bases},
         }
 
     def base_digests(self) -> dict[str, BaseDigest]:

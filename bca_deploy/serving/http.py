@@ -1063,7 +1063,8 @@ class Server:
                         raise
             try:
                 if path is None:
-                    info = await run_in_threadpool(self.session.register_exported, source, name=name, replace=replace)
+                    info = await run_in_threadpool(self.session.register_exported, source, name=name, replace=replace,
+                                                   warn=functools.partial(log_foreign_base, name))
                 else:
                     info = await run_in_threadpool(self._register_from_store, name, source, path, replace)
             except BCAError:
@@ -1102,12 +1103,16 @@ def register_from_store(session: MultiAdapterSession, store: AdapterStore, name:
     An entry that fits but records another base checkpoint than the export's is loaded, as load, merge and export
     apply it, and the warning they give is logged for the operator (event ``adapter_foreign_base``, naming the entry's
     own path); the client's answer stays the adapter's description, which never holds a server path."""
-    def warn(note: str) -> None:
-        _log_json({"ts": round(time.time(), 3), "event": "adapter_foreign_base", "adapter": name,
-                   "warning": store.unsnapshotted(note)}, logging.WARNING)
-
     with store.snapshot(entry, path, max_bytes=session.max_adapter_bytes) as copy:
-        return session.register(name, copy, replace=replace, source=path, warn=warn)
+        return session.register(name, copy, replace=replace, source=path,
+                                warn=lambda note: log_foreign_base(name, store.unsnapshotted(note)))
+
+
+def log_foreign_base(adapter: str, note: str) -> None:
+    """Log an adapter's foreign-base warning for the operator (event ``adapter_foreign_base``): what every load of
+    the server (a store entry, an exported adapter) says of an adapter recording another base checkpoint."""
+    _log_json({"ts": round(time.time(), 3), "event": "adapter_foreign_base", "adapter": adapter, "warning": note},
+              logging.WARNING)
 
 
 def default_model_name(export_dir: Path) -> str:
@@ -1755,7 +1760,10 @@ def build(
         raise ServingError(f"--load names {', '.join(map(repr, twice))} more than once; give each adapter once")
     paths = {name: store.path(name) for name in load}  # type: ignore[union-attr]  # a missing one: before any load
     session = MultiAdapterSession(export_dir, provider=options.provider, intra_op_threads=options.threads,
-                                  spin=options.spin, load_exported=load_exported, max_labels=options.max_labels)
+                                  spin=options.spin, load_exported=False, max_labels=options.max_labels)
+    if load_exported:  # as the session would register them, with a foreign base logged as a store entry's is
+        for name in session.exported_adapters:
+            session.register_exported(name, warn=functools.partial(log_foreign_base, name))
     for name, path in paths.items():
         try:
             register_from_store(session, store, name, name, path, replace=True)  # type: ignore[arg-type]

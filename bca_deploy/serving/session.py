@@ -446,7 +446,12 @@ class MultiAdapterSession:
     def register_tensors(self, name: str, tensors: Mapping[str, np.ndarray], source: str = "tensors",
                          *, replace: bool = False, head: HeadWeights | None = None) -> AdapterInfo:
         """Register bank slots computed elsewhere (``{bank input: (1, R, q, o)}``, e.g. from an adapter file),
-        with ``head`` (:class:`~bca_deploy.exporters.bank.HeadWeights`, complete) as its own classifier head."""
+        with ``head`` (:class:`~bca_deploy.exporters.bank.HeadWeights`, complete) as its own classifier head.
+
+        Slots are arrays alone: they carry no base checkpoint, so no foreign-base warning is given (:meth:`register`
+        and :meth:`register_exported` give it, from the adapter's config or the export's record). A caller that
+        knows the base its slots were computed for can say it with :func:`bca_deploy.fit.recorded_base_note` against
+        ``metadata.base_model``."""
         check_adapter_name(name)
         if name in self._adapters and not replace:
             raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
@@ -735,9 +740,17 @@ class MultiAdapterSession:
         (:meth:`register_exported`), whether or not it is registered now."""
         return tuple(self.metadata.bank.adapters)
 
-    def register_exported(self, adapter: str, *, name: str | None = None, replace: bool = False) -> AdapterInfo:
+    def register_exported(self, adapter: str, *, name: str | None = None, replace: bool = False,
+                          warn: Callable[[str], object] | None = None) -> AdapterInfo:
         """Register exported adapter ``adapter`` (one of :attr:`exported_adapters`) from the export's own adapter
-        file, as ``name`` (default: ``adapter``): how an exported adapter that was unregistered comes back.
+        file, as ``name`` (default: ``adapter``): how an exported adapter that was unregistered comes back (and how
+        the session registers them all as it starts, unless ``load_exported`` is off).
+
+        An adapter that records another base checkpoint (``bca_export.json``'s ``bank.adapter_bases``, written from
+        its config at export) than the model the graph was exported from is registered with the warning
+        :meth:`register` gives (:func:`bca_deploy.fit.recorded_base_note`): to ``warn`` when given (a server logs
+        it), else as a :class:`~bca_deploy.fit.ForeignBaseWarning`. A bank exported before the bases were recorded
+        says nothing (its adapter files carry no config).
 
         Raises:
             UnknownAdapterError: the graph was not exported with ``adapter``.
@@ -752,7 +765,14 @@ class MultiAdapterSession:
         if name in self._adapters and not replace:
             raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
         tensors, head, source = self._exported_slot(bank, adapter)
-        return self.register_tensors(name, tensors, source=source, head=head, replace=replace)
+        info = self.register_tensors(name, tensors, source=source, head=head, replace=replace)
+        from bca_deploy.fit import bank_target, recorded_base_note, say_base_note
+
+        target = bank_target(self.layout, self.model_type, self.base_model_prefix,
+                             name_or_path=self.metadata.base_model)
+        say_base_note(recorded_base_note(bank.adapter_bases.get(adapter), target.name_or_path, target.description,
+                                         f"exported adapter {adapter!r} ({source})"), warn, stacklevel=2)
+        return info
 
     def _register_exported(self, bank: BankRecord) -> None:
         for name in bank.adapters:

@@ -312,3 +312,50 @@ def test_the_server_logs_the_warning_of_a_store_entry_and_answers_as_usual(banks
         logger.setLevel(level)
     events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
     assert [e["adapter"] for e in events] == ["foreign", "foreign"], lines
+
+
+def test_exported_adapters_recording_another_checkpoint_are_registered_with_the_warning(banks, tmp_path):  # noqa: F811
+    """A bank exported with an adapter that records another checkpoint (export warns) was served without a word: its
+    adapter file carries no config, and ``register_exported`` (every exported adapter as a session starts, and a
+    ``POST /v1/adapters`` naming one) said nothing. The export now records each adapter's base (``bank.adapter_bases``)
+    and registering it gives :meth:`register`'s warning, to ``warn`` (the server's log) or as a ForeignBaseWarning;
+    an adapter recording the bank's own base, or none, says nothing."""
+    import logging
+
+    from bca_deploy.exporters import export
+    from bca_deploy.serving import MultiAdapterSession
+    from bca_deploy.serving.http import LOGGER_NAME, build
+
+    art = banks("bert")
+    foreign = _recording(art["adapters"]["a0"], "/elsewhere/bert-other", tmp_path / "adapters" / "foreign")
+    own = _recording(art["adapters"]["a1"], art["model"], tmp_path / "adapters" / "own")
+    with pytest.warns(ForeignBaseWarning, match="'/elsewhere/bert-other'"):  # the export says it, as before
+        onnx = export(art["model"], tmp_path / "onnx", [foreign, own], merge=False, bank=True,
+                      task="feature-extraction", verbose=False)
+    with pytest.warns(ForeignBaseWarning) as caught:
+        session = MultiAdapterSession(onnx)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ForeignBaseWarning)]
+    assert len(messages) == 1 and "exported adapter 'foreign'" in messages[0], messages
+    assert "records base model '/elsewhere/bert-other'" in messages[0] and str(art["model"].resolve()) in messages[0]
+    heard: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForeignBaseWarning)
+        session.register_exported("own", name="own-again")
+        session.register_exported("foreign", name="again", warn=heard.append)
+    assert len(heard) == 1 and "'/elsewhere/bert-other'" in heard[0], heard
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, keep = logging.getLogger(LOGGER_NAME), Keep(logging.WARNING)
+    logger.addHandler(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ForeignBaseWarning)  # serve logs it: no Python warning
+            build(onnx, threads=1)
+    finally:
+        logger.removeHandler(keep)
+    events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
+    assert [e["adapter"] for e in events] == ["foreign"], lines
