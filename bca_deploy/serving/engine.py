@@ -76,6 +76,7 @@ import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -143,6 +144,14 @@ class _PromptScores:
     """A delivery: the row's prompt log-probabilities (:attr:`GenerationStream.prompt_logprobs`)."""
 
     items: list[TokenLogprob]
+
+
+@dataclasses.dataclass(eq=False)
+class _SharedScores:
+    """The prompt log-probabilities of a request's rows that read one prompt on one adapter and bank snapshot, asking
+    as many alternatives (its ``n`` choices): ``items`` once the first of them is scored, for the others to take."""
+
+    items: list[TokenLogprob] | None = None
 
 
 _END = object()
@@ -394,6 +403,7 @@ class _Request:
     snapshot: Any = None  # the bank snapshot it was first admitted with (kept across pre-emptions)
     admitted: int = 0  # admission order (the latest admitted is pre-empted first among equals)
     scored: bool = False  # its prompt log-probabilities were delivered (a row pre-empted before: scored again)
+    shared: _SharedScores | None = None  # its request's scores of its prompt (kept alive by the rows that share it)
 
     @property
     def scores(self) -> bool:
@@ -480,6 +490,9 @@ class GenerationEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._outbox: list[tuple[GenerationStream, Any]] = []  # this step's deliveries (engine thread only)
+        # (group, prompt, adapter, snapshot id, alternatives) -> the scores its rows share; an entry lives while a row
+        # holds it (engine thread only)
+        self._shared_scores: weakref.WeakValueDictionary[tuple, _SharedScores] = weakref.WeakValueDictionary()
         self._handed: list[tuple[GenerationStream, Any]] = []  # handed to the loop, not yet delivered
         self._hand_lock = threading.Lock()
         self._wakeup_pending = False
@@ -863,6 +876,9 @@ class GenerationEngine:
                     self._fail(request, not_loaded(request.adapter))
                     continue
                 request.snapshot = snapshot
+            if request.scores and self._take_shared_scores(request) and request.params.max_new_tokens == 0:
+                self._end(request, "length")  # the prompt alone was asked for, and another row scored it
+                continue
             request.row = DecodeRow([*request.prompt, *request.tokens], request.adapter, request.snapshot,
                                     owner=request, score=request.params.prompt_logprobs if request.scores else None)
             rows.append(request.row)
@@ -871,6 +887,24 @@ class GenerationEngine:
         for group in ([r for r in rows if r.score is None], [r for r in rows if r.score is not None]):
             if group:
                 self._fail_prefilling(batch.start_prefill(group, chunk_tokens=self.max_prefill_tokens))
+
+    def _take_shared_scores(self, request: _Request) -> bool:
+        """Whether another row of ``request``'s request scored the same prompt on the same adapter and bank snapshot,
+        asking as many alternatives (its ``n`` choices, admitted in an earlier step: a full batch): then its scores are
+        ``request``'s, delivered now (before its first token), and its prefill need not score. Else the scores it
+        gets are kept for those rows (rows admitted in one step are scored once in their prefill, see
+        :meth:`DecodeBatch._score <bca_deploy.serving.decoding.DecodeBatch>`)."""
+        key = (request.group, tuple(request.prompt), request.adapter, id(request.snapshot),
+               request.params.prompt_logprobs)
+        shared = self._shared_scores.get(key)
+        if shared is None:
+            shared = self._shared_scores[key] = _SharedScores()
+        request.shared = shared
+        if shared.items is None:
+            return False
+        request.scored = True
+        self._outbox.append((request.stream, _PromptScores(shared.items)))
+        return True
 
     def _prefill_chunks(self, batch: DecodeBatch) -> None:
         """This step's prefill runs: ``max_prefill_tokens`` shared by the prefills in progress, the one with the
@@ -903,6 +937,8 @@ class GenerationEngine:
                         request = job.rows[i].owner
                         request.scored = True
                         self._outbox.append((request.stream, _PromptScores(job.scores.get(i, []))))
+                        if request.shared is not None and request.shared.items is None:
+                            request.shared.items = job.scores.get(i, [])
                     keep = [k for k, row in enumerate(done) if row.owner.params.max_new_tokens > 0]
                     if len(keep) < len(done):  # max_new_tokens 0: the prompt alone was asked for
                         scored_only = [row for row in done if row.owner.params.max_new_tokens == 0]

@@ -231,3 +231,44 @@ def test_a_prompts_choices_are_scored_once_and_share_pytorchs_numbers(llama, mon
     for (adapter, params, _), result in zip(jobs, results, strict=True):
         check_scores(result, prompt, adapter, params.prompt_logprobs)
     assert len({tuple(r.token_ids) for r in results[:4]}) > 1  # the choices sampled apart all the same
+
+
+@pytest.mark.parametrize("new_tokens", [0, 2])
+def test_choices_admitted_in_later_steps_take_the_scores_of_the_first(llama, monkeypatch, new_tokens):  # noqa: F811
+    """A request's four choices of one prompt on a batch of two rows: two are admitted (and scored once, together),
+    the other two only when those end. They take the scores already made (the prompt is not scored again; with
+    ``max_new_tokens`` 0 they end at admission, nothing run), each PyTorch's numbers; another request of the same
+    prompt is scored on its own."""
+    import bca_deploy.serving.decoding as decoding
+
+    session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
+    prompt = token_rows(1, seed=29, low=12, high=16)[0]
+    scored_positions = []
+    real = decoding.token_logprobs
+
+    def counting(logits, rows, tokens, tops):
+        scored_positions.append(len(rows))
+        return real(logits, rows, tokens, tops)
+
+    monkeypatch.setattr(decoding, "token_logprobs", counting)
+    params = [SamplingParams(max_new_tokens=new_tokens, do_sample=True, seed=j, prompt_logprobs=2) for j in range(4)]
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=2)
+        await engine.start()
+        try:
+            group = object()
+            streams = [engine.submit(prompt, "a1", p, group=group) for p in params]
+            results = [await s.collect() for s in streams]
+            other = await engine.submit(prompt, "a1", params[0], group=object()).collect()
+            return results, other, engine.prefills
+        finally:
+            await engine.stop()
+
+    results, other, prefills = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    # the first two choices' prefill, choices 3 and 4's (to generate; not scoring), the other request's
+    assert prefills == (3 if new_tokens else 2)  # with max_new_tokens 0, choices 3 and 4 run nothing
+    assert sum(scored_positions) == 2 * (len(prompt) - 1)  # once for the request, once for the other request
+    for result in (*results, other):
+        check_scores(result, prompt, "a1", 2)
+        assert result.completion_tokens == new_tokens and result.finish_reason == "length"
