@@ -993,6 +993,13 @@ class DecodeBatch:
             job.drop([i for i in job.live if id(job.rows[i]) in gone])
             if not job.live:  # every row left: the prefill ends without another run
                 self._finish_prefill(job, None)
+        # a prefilled row waits in _pending, its past with it, until a step joins it; a row that ends at its first
+        # token (max_new_tokens 1, a prompt scored alone: an evaluation harness's every loglikelihood request) never
+        # steps, so while no row decoded their pasts and rows piled up here. A group all of whose rows left goes now;
+        # only rows still in a slot or in a pending group wait for the next step (to be taken out there)
+        self._pending = [p for p in self._pending if any(id(r) not in self._leaving for r in p[0])]
+        held = {id(r) for r in self.slots if r is not None} | {id(r) for group, _, _ in self._pending for r in group}
+        self._leaving = {key: row for key, row in self._leaving.items() if key in held}
 
     def _prepare(self) -> None:
         """Apply removals and joins before a step: free slots, write newcomers in place, or rebuild."""

@@ -490,8 +490,8 @@ class GenerationEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._outbox: list[tuple[GenerationStream, Any]] = []  # this step's deliveries (engine thread only)
-        # (group, prompt, adapter, snapshot id, alternatives) -> the scores its rows share; an entry lives while a row
-        # holds it (engine thread only)
+        # (group id, prompt, adapter, snapshot id, alternatives) -> the scores its rows share; an entry lives while a
+        # row holds it (engine thread only)
         self._shared_scores: weakref.WeakValueDictionary[tuple, _SharedScores] = weakref.WeakValueDictionary()
         self._handed: list[tuple[GenerationStream, Any]] = []  # handed to the loop, not yet delivered
         self._hand_lock = threading.Lock()
@@ -894,7 +894,9 @@ class GenerationEngine:
         ``request``'s, delivered now (before its first token), and its prefill need not score. Else the scores it
         gets are kept for those rows (rows admitted in one step are scored once in their prefill, see
         :meth:`DecodeBatch._score <bca_deploy.serving.decoding.DecodeBatch>`)."""
-        key = (request.group, tuple(request.prompt), request.adapter, id(request.snapshot),
+        # ids, not the objects: a key holding the group (the request itself, for a row of its own) would keep its
+        # value alive through it, a leak; an id is not reused while the entry lives (its rows hold group and snapshot)
+        key = (id(request.group), tuple(request.prompt), request.adapter, id(request.snapshot),
                request.params.prompt_logprobs)
         shared = self._shared_scores.get(key)
         if shared is None:

@@ -272,3 +272,41 @@ def test_choices_admitted_in_later_steps_take_the_scores_of_the_first(llama, mon
     for result in (*results, other):
         check_scores(result, prompt, "a1", 2)
         assert result.completion_tokens == new_tokens and result.finish_reason == "length"
+
+
+def test_rows_ending_at_their_first_token_are_not_kept_until_a_step(llama):  # noqa: F811
+    """A row that ends at its first token (``max_new_tokens`` 1, a prompt scored alone: every loglikelihood request of
+    an evaluation harness) is prefilled and removed without a step. The batch kept it, and its past, until the next
+    step: with no row decoding, every such request's row and past piled up. Now a prefilled row removed before it
+    joins is let go at once; one removed beside a row of its prefill that stays goes at the next step, which runs the
+    staying row alone, with PyTorch's greedy tokens."""
+    import gc
+    import weakref
+
+    from bca_deploy.serving.decoding import DecodeBatch, DecodeRow
+
+    session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
+    snapshot = session.snapshot()
+    batch = DecodeBatch(session)
+    refs = []
+    for k in range(6):
+        row = DecodeRow([5, 6, 7 + k], "a0", snapshot)
+        _, failures = batch.prefill([row])
+        assert not failures
+        batch.remove([row])
+        refs.append(weakref.ref(row))
+        del row
+    gc.collect()
+    assert all(r() is None for r in refs)  # neither the rows nor their past wait for a step that may not come
+    prompt = [9, 10, 11]
+    gone, staying = DecodeRow([5, 6, 8], "a0", snapshot), DecodeRow(prompt, "a1", snapshot)
+    logits, failures = batch.prefill([gone, staying])
+    assert not failures
+    batch.remove([gone])
+    tokens = [int(logits[1].argmax())]
+    for _ in range(3):
+        staying.next_token = tokens[-1]
+        rows, logits, failures = batch.step()
+        assert rows == [staying] and not failures
+        tokens.append(int(logits[0].argmax()))
+    assert tokens == greedy(prompt, "a1", 4)
