@@ -69,6 +69,15 @@ def _name_problem(where: str, name: Any) -> str | None:
     return None
 
 
+def _unknown_fields(where: str, value: dict[str, Any], known: set[str] | frozenset[str], what: str) -> list[str]:
+    """The problem of ``value``'s fields outside ``known`` (``what``: "a tool"...), as a list of none or one."""
+    extra = sorted(set(value) - known)
+    if not extra:
+        return []
+    return [f"{where}: fields {what} does not take ({', '.join(repr(k[:40]) for k in extra[:5])}); it takes "
+            f"{', '.join(sorted(known))}"]
+
+
 def tools_problems(tools: Any, field: str = "tools") -> list[str]:
     """What is wrong with a request's ``tools``, each problem naming its path (``tools[2].function.parameters``):
     a list of at most :data:`MAX_TOOLS` ``{"type": "function", "function": {"name", "description"?, "parameters"?,
@@ -90,9 +99,7 @@ def tools_problems(tools: Any, field: str = "tools") -> list[str]:
             problems.append(f"{where}: must be an object {{\"type\": \"function\", \"function\": {{...}}}}, got "
                             f"{show_json_value(tool)}")
             continue
-        extra = sorted(set(tool) - {"type", "function"})
-        if extra:
-            problems.append(f"{where}: fields a tool does not take ({', '.join(repr(k[:40]) for k in extra[:5])})")
+        problems += _unknown_fields(where, tool, {"type", "function"}, "a tool")
         if tool.get("type") != "function":
             problems.append(f"{where}.type: must be \"function\" (the only kind of tool on chat completions), got "
                             f"{show_json_value(tool.get('type'))}")
@@ -100,11 +107,7 @@ def tools_problems(tools: Any, field: str = "tools") -> list[str]:
         if not isinstance(function, dict):
             problems.append(f"{where}.function: must be an object with a name, got {show_json_value(function)}")
             continue
-        extra = sorted(set(function) - _FUNCTION_KEYS)
-        if extra:
-            problems.append(f"{where}.function: fields a function does not take "
-                            f"({', '.join(repr(k[:40]) for k in extra[:5])}); it takes name, description, "
-                            "parameters, strict")
+        problems += _unknown_fields(f"{where}.function", function, _FUNCTION_KEYS, "a function")
         problem = _name_problem(f"{where}.function.name", function.get("name"))
         if problem:
             problems.append(problem)
@@ -138,9 +141,7 @@ def tool_calls_problems(calls: Any, field: str) -> list[str]:
             problems.append(f"{where}: must be an object {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
                             f"\"arguments\"}}}}, got {show_json_value(call)}")
             continue
-        extra = sorted(set(call) - {"id", "type", "function", "index"})
-        if extra:
-            problems.append(f"{where}: fields a tool call does not take ({', '.join(repr(k[:40]) for k in extra[:5])})")
+        problems += _unknown_fields(where, call, {"id", "type", "function", "index"}, "a tool call")
         if not isinstance(call.get("id"), str):
             problems.append(f"{where}.id: must be a string (the id a tool message answers), got "
                             f"{show_json_value(call.get('id'))}")
@@ -151,10 +152,7 @@ def tool_calls_problems(calls: Any, field: str) -> list[str]:
             problems.append(f"{where}.function: must be an object {{\"name\", \"arguments\"}}, got "
                             f"{show_json_value(function)}")
             continue
-        extra = sorted(set(function) - {"name", "arguments"})
-        if extra:
-            problems.append(f"{where}.function: fields a function call does not take "
-                            f"({', '.join(repr(k[:40]) for k in extra[:5])})")
+        problems += _unknown_fields(f"{where}.function", function, {"name", "arguments"}, "a function call")
         problem = _name_problem(f"{where}.function.name", function.get("name"))
         if problem:
             problems.append(problem)

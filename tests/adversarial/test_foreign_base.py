@@ -10,12 +10,14 @@ recorded base (:func:`bca_deploy.fit.base_name_note`): the merged weights are st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -273,12 +275,33 @@ def test_a_bank_session_registers_an_adapter_of_another_checkpoint_with_the_warn
     assert {a.name for a in session.adapters()} == {"foreign", "heard", "own", "unrecorded"}
 
 
+@contextlib.contextmanager
+def _server_log_lines(name: str) -> Iterator[list[str]]:
+    """The messages the logger ``name`` gets at WARNING and above while the block runs (its level lowered to INFO
+    meanwhile, as serve sets it)."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, keep = logging.getLogger(name), Keep(logging.WARNING)
+    logger.addHandler(keep)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+
+
 def test_the_server_logs_the_warning_of_a_store_entry_and_answers_as_usual(banks, tmp_path):  # noqa: F811
     """Loaded from the adapter store (``serve --load``, ``POST /v1/adapters``), the warning goes to the server's log
     (event ``adapter_foreign_base``, with the entry's own path): the client's answer is the adapter's description as
     for any load, which never holds a server path (the paths are the operator's)."""
-    import logging
-
     from bca_deploy.serving.http import LOGGER_NAME, ServerThread, build
     from http_helpers import call
 
@@ -287,17 +310,7 @@ def test_the_server_logs_the_warning_of_a_store_entry_and_answers_as_usual(banks
     store.mkdir()
     _recording(art["adapters"]["a0"], "/elsewhere/bert-other", store / "foreign")
     _recording(art["adapters"]["a0"], art["model"], store / "own")
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger, keep = logging.getLogger(LOGGER_NAME), Keep(logging.WARNING)
-    logger.addHandler(keep)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with _server_log_lines(LOGGER_NAME) as lines:
         app = build(art["onnx"], adapter_store=store, load=["foreign"], threads=1)
         events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
         assert len(events) == 1 and events[0]["adapter"] == "foreign", lines
@@ -307,9 +320,6 @@ def test_the_server_logs_the_warning_of_a_store_entry_and_answers_as_usual(banks
             assert status == 201 and answer["name"] == "foreign" and answer["source"] == "store", answer
             assert str(tmp_path) not in json.dumps(answer)
             assert call(server.url + "/v1/adapters", "POST", {"name": "own"})[0] == 201
-    finally:
-        logger.removeHandler(keep)
-        logger.setLevel(level)
     events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
     assert [e["adapter"] for e in events] == ["foreign", "foreign"], lines
 
@@ -320,7 +330,6 @@ def test_exported_adapters_recording_another_checkpoint_are_registered_with_the_
     ``POST /v1/adapters`` naming one) said nothing. The export now records each adapter's base (``bank.adapter_bases``)
     and registering it gives :meth:`register`'s warning, to ``warn`` (the server's log) or as a ForeignBaseWarning;
     an adapter recording the bank's own base, or none, says nothing."""
-    import logging
 
     from bca_deploy.exporters import export
     from bca_deploy.serving import MultiAdapterSession
@@ -343,19 +352,8 @@ def test_exported_adapters_recording_another_checkpoint_are_registered_with_the_
         session.register_exported("own", name="own-again")
         session.register_exported("foreign", name="again", warn=heard.append)
     assert len(heard) == 1 and "'/elsewhere/bert-other'" in heard[0], heard
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger, keep = logging.getLogger(LOGGER_NAME), Keep(logging.WARNING)
-    logger.addHandler(keep)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", ForeignBaseWarning)  # serve logs it: no Python warning
-            build(onnx, threads=1)
-    finally:
-        logger.removeHandler(keep)
+    with _server_log_lines(LOGGER_NAME) as lines, warnings.catch_warnings():
+        warnings.simplefilter("error", ForeignBaseWarning)  # serve logs it: no Python warning
+        build(onnx, threads=1)
     events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
     assert [e["adapter"] for e in events] == ["foreign"], lines

@@ -192,16 +192,11 @@ def test_prompt_logprobs_and_zero_new_tokens_are_checked_by_name():
         assert caught.value.field == field, kwargs
 
 
-def test_a_prompts_choices_are_scored_once_and_share_pytorchs_numbers(llama, monkeypatch):  # noqa: F811
-    """A request's four choices of one prompt (four rows of one group, sampling with their own seeds) join one scoring
-    prefill, in chunks: the prompt's positions are scored once for them all (``token_logprobs`` gets each position
-    once), not once per choice, and every choice gets PyTorch's numbers. The same prompt under another adapter, or
-    asking another number of alternatives, is another distribution (or list): scored on its own."""
+def _count_scored_positions(monkeypatch) -> list[int]:
+    """A list that gets the number of positions of every ``token_logprobs`` call the engine makes from now on."""
     import bca_deploy.serving.decoding as decoding
 
-    session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
-    prompt = token_rows(1, seed=17, low=20, high=24)[0]
-    scored_positions = []
+    scored_positions: list[int] = []
     real = decoding.token_logprobs
 
     def counting(logits, rows, tokens, tops):
@@ -209,6 +204,17 @@ def test_a_prompts_choices_are_scored_once_and_share_pytorchs_numbers(llama, mon
         return real(logits, rows, tokens, tops)
 
     monkeypatch.setattr(decoding, "token_logprobs", counting)
+    return scored_positions
+
+
+def test_a_prompts_choices_are_scored_once_and_share_pytorchs_numbers(llama, monkeypatch):  # noqa: F811
+    """A request's four choices of one prompt (four rows of one group, sampling with their own seeds) join one scoring
+    prefill, in chunks: the prompt's positions are scored once for them all (``token_logprobs`` gets each position
+    once), not once per choice, and every choice gets PyTorch's numbers. The same prompt under another adapter, or
+    asking another number of alternatives, is another distribution (or list): scored on its own."""
+    session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
+    prompt = token_rows(1, seed=17, low=20, high=24)[0]
+    scored_positions = _count_scored_positions(monkeypatch)
     group = object()
     jobs = [("a0", SamplingParams(max_new_tokens=3, do_sample=True, temperature=2.0, seed=j, prompt_logprobs=3), group)
             for j in range(4)]
@@ -239,18 +245,9 @@ def test_choices_admitted_in_later_steps_take_the_scores_of_the_first(llama, mon
     the other two only when those end. They take the scores already made (the prompt is not scored again; with
     ``max_new_tokens`` 0 they end at admission, nothing run), each PyTorch's numbers; another request of the same
     prompt is scored on its own."""
-    import bca_deploy.serving.decoding as decoding
-
     session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
     prompt = token_rows(1, seed=29, low=12, high=16)[0]
-    scored_positions = []
-    real = decoding.token_logprobs
-
-    def counting(logits, rows, tokens, tops):
-        scored_positions.append(len(rows))
-        return real(logits, rows, tokens, tops)
-
-    monkeypatch.setattr(decoding, "token_logprobs", counting)
+    scored_positions = _count_scored_positions(monkeypatch)
     params = [SamplingParams(max_new_tokens=new_tokens, do_sample=True, seed=j, prompt_logprobs=2) for j in range(4)]
 
     async def main():
