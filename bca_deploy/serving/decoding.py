@@ -699,6 +699,11 @@ class PrefillJob:
     """A prefill in progress (:meth:`DecodeBatch.start_prefill`): its rows' padded prompts and the past so far.
 
     ``rows``: as given; ``live``: indices of the rows still in it (never empty until ``finished``);
+    ``running``: those of them that run (the *leaders*; ``feeds`` and ``past`` hold one row each, in this order) and
+    ``follows``: ``{index of a row still in it: index of its leader}`` for the others. Rows that read the same prompt
+    on the same adapter and bank snapshot, scoring as many alternatives (a request's ``n`` choices, pass@k sampling),
+    have the same logits and past (a row's numbers are its own, whatever runs beside it), so they are run once: the
+    first is the leader, the others follow and get copies of its last logits, past and scores when the prefill ends;
     ``failures``: ``{index in rows: exception}``;
     ``logits``: once ``finished``, last-position logits (len(rows), V) float32, NaN for rows not prefilled;
     ``width``/``done``/``columns``: prompt columns in all, run so far, and per run;
@@ -711,8 +716,10 @@ class PrefillJob:
     logits: np.ndarray
     failures: dict[int, Exception] = dataclasses.field(default_factory=dict)
     live: list[int] = dataclasses.field(default_factory=list)
-    feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (live, width) inputs, mask included
-    past: dict[str, Any] = dataclasses.field(default_factory=dict)  # past input -> (live, heads, done, head_dim)
+    running: list[int] = dataclasses.field(default_factory=list)
+    follows: dict[int, int] = dataclasses.field(default_factory=dict)
+    feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (running, width) inputs, mask included
+    past: dict[str, Any] = dataclasses.field(default_factory=dict)  # past input -> (running, heads, done, head_dim)
     width: int = 0
     done: int = 0
     columns: int = 0
@@ -724,18 +731,46 @@ class PrefillJob:
 
     @property
     def tokens_left(self) -> int:
-        """Padded prompt tokens still to run."""
-        return len(self.live) * (self.width - self.done)
+        """Padded prompt tokens still to run (the leaders' only: followers run none)."""
+        return len(self.running) * (self.width - self.done)
 
     def drop(self, indices: Sequence[int]) -> None:
-        """Rows (indices in ``rows``) leave the prefill; their inputs and past go."""
+        """Rows (indices in ``rows``) leave the prefill; their inputs and past go. A leader that leaves while rows
+        follow it hands its place (its inputs, past and scores so far: the same numbers) to the first of them."""
         if not indices:
             return
         gone = set(indices)
-        keep = np.array([k for k, i in enumerate(self.live) if i not in gone], dtype=np.int64)
         self.live = [i for i in self.live if i not in gone]
-        self.feeds = {name: value[keep] for name, value in self.feeds.items()}
-        self.past = {name: _host(value)[keep] for name, value in self.past.items()}
+        for i in gone:
+            self.follows.pop(i, None)
+        running, keep = [], []
+        for k, leader in enumerate(self.running):
+            if leader in gone:
+                heirs = [f for f in self.live if self.follows.get(f) == leader]
+                if not heirs:
+                    continue
+                heir = heirs[0]
+                del self.follows[heir]
+                for f in heirs[1:]:
+                    self.follows[f] = heir
+                if leader in self.scores:
+                    self.scores[heir] = self.scores.pop(leader)
+                leader = heir
+            running.append(leader)
+            keep.append(k)
+        if len(keep) < len(self.running):
+            index = np.array(keep, dtype=np.int64)
+            self.feeds = {name: value[index] for name, value in self.feeds.items()}
+            self.past = {name: _host(value)[index] for name, value in self.past.items()}
+        self.running = running
+
+    def fail(self, leader: int, exc: Exception) -> None:
+        """Running row ``leader`` failed (its inputs and past are taken out by the caller): it and the rows following
+        it (the same inputs: they would fail the same way) leave with ``exc``."""
+        for i in [leader, *(f for f, lead in self.follows.items() if lead == leader)]:
+            self.failures[i] = exc
+            self.follows.pop(i, None)
+        self.live = [i for i in self.live if i not in self.failures]
 
 
 class DecodeBatch:
@@ -844,12 +879,13 @@ class DecodeBatch:
     def start_prefill(self, rows: Sequence[DecodeRow], *, chunk_tokens: int | None = None) -> PrefillJob:
         """A prefill of ``rows`` to run a chunk at a time with :meth:`prefill_chunk` (nothing runs yet).
 
-        The prompts are left-padded to the longest; each run feeds the next ``max(1, chunk_tokens // rows)``
-        columns with the past of the columns before (``None``: every column in one run). A chunk's queries
-        see exactly the keys they would see in one run, so the logits and the past are those of one run.
-        Chunks let the caller step the running rows between them: a long prompt then holds them up for
-        one chunk at a time, never for its whole prefill (chunked prefill, as vLLM and TGI schedule it).
-        A row whose ids the graph refuses fails at once, alone.
+        Rows of the same prompt, adapter, bank snapshot and alternatives scored run once (:class:`PrefillJob`'s
+        leaders and followers): ``n`` choices of one prompt cost one row's prefill. The prompts are left-padded to the
+        longest; each run feeds the next ``max(1, chunk_tokens // running rows)`` columns with the past of the columns
+        before (``None``: every column in one run). A chunk's queries see exactly the keys they would see in one run,
+        so the logits and the past are those of one run. Chunks let the caller step the running rows between them: a
+        long prompt then holds them up for one chunk at a time, never for its whole prefill (chunked prefill, as vLLM
+        and TGI schedule it). A row whose ids the graph refuses fails at once, alone (with the rows following it).
 
         Rows with ``score`` make a scoring prefill (:attr:`PrefillJob.scores`): every position's logits are run (the
         graph's ``logits_to_keep`` 0), so its chunks are also held to ``max_score_logits`` logits (at least one
@@ -858,27 +894,37 @@ class DecodeBatch:
         rows = list(rows)
         job = PrefillJob(rows, logits=np.full((len(rows), 0), np.nan, dtype=np.float32),
                          scoring=any(row.score is not None for row in rows))
+        # rows of the same numbers (prompt, adapter, bank snapshot, alternatives scored) run once: the first leads. The
+        # key holds everything a row's logits and past depend on, so rows of different requests share as safely as a
+        # request's own choices (the snapshot by identity: the rows hold it, so its id is not reused meanwhile)
+        leaders: dict[tuple, int] = {}
+        for i, row in enumerate(rows):
+            leader = leaders.setdefault((tuple(row.prompt), row.adapter, id(row.snapshot), row.score), i)
+            if leader != i:
+                job.follows[i] = leader
+        job.running = [i for i in range(len(rows)) if i not in job.follows]
         try:  # every row at once (checks ids and empty rows); padding: masked, at position 1 (as generate pads)
-            job.feeds = self.session.pad_ids([row.prompt for row in rows], side="left", pad_id=self._pad)
+            job.feeds = self.session.pad_ids([rows[i].prompt for i in job.running], side="left", pad_id=self._pad)
+        except Exception:  # noqa: BLE001 - a row the session refuses: found below, it fails alone (with its followers)
             job.live = list(range(len(rows)))
-        except Exception:  # noqa: BLE001 - a row the session refuses: found below, it fails alone
-            for i, row in enumerate(rows):
+            for i in list(job.running):
                 try:
-                    self.session.pad_ids([row.prompt], side="left")
+                    self.session.pad_ids([rows[i].prompt], side="left")
                 except Exception as exc:  # noqa: BLE001 - this row fails alone
-                    job.failures[i] = exc
-            job.live = [i for i in range(len(rows)) if i not in job.failures]
-            if not job.live:
+                    job.fail(i, exc)
+            job.running = [i for i in job.running if i not in job.failures]
+            if not job.running:
                 job.finished = True
                 return job
-            job.feeds = self.session.pad_ids([rows[i].prompt for i in job.live], side="left", pad_id=self._pad)
+            job.feeds = self.session.pad_ids([rows[i].prompt for i in job.running], side="left", pad_id=self._pad)
+        job.live = [i for i in range(len(rows)) if i not in job.failures]
         width = job.feeds["input_ids"].shape[1]
         job.width = width
-        job.columns = width if chunk_tokens is None else max(1, int(chunk_tokens) // len(job.live))
+        job.columns = width if chunk_tokens is None else max(1, int(chunk_tokens) // len(job.running))
         if job.scoring:  # a chunk's logits: rows x columns x vocabulary floats, held under max_score_logits
             vocab = max(1, int(getattr(self.session.config, "vocab_size", 0) or 0) or (self.session.vocabulary or 1))
-            job.columns = max(1, min(job.columns, self.max_score_logits // (vocab * len(job.live))))
-            job.scores = {i: [] for i in job.live}
+            job.columns = max(1, min(job.columns, self.max_score_logits // (vocab * len(job.running))))
+            job.scores = {i: [] for i in job.running}
         self._prefilling.append(job)
         return job
 
@@ -891,10 +937,10 @@ class DecodeBatch:
         if job.finished:
             return True
         start, stop = job.done, min(job.done + max(1, columns or job.columns), job.width)
-        job.last_run = (len(job.live), len(job.live) * (stop - start))
-        everyone = job.live
+        job.last_run = (len(job.running), len(job.running) * (stop - start))  # rows and tokens run: leaders only
+        everyone = job.running
 
-        def feeds(subset: list[int]) -> dict[str, Any]:  # subset: positions in job.live
+        def feeds(subset: list[int]) -> dict[str, Any]:  # subset: positions in job.running
             out = {name: value[subset, :stop] if name == "attention_mask" else value[subset, start:stop]
                    for name, value in job.feeds.items()}
             if not job.past:
@@ -915,16 +961,16 @@ class DecodeBatch:
                 self._score(job, everyone, start, stop, logits, failures)
             logits = _last(logits) if logits.ndim == 3 else logits
         job.done = stop
-        if failures:  # rows that fail alone leave the job; the others keep their past
+        if failures:  # rows that fail alone leave the job (their followers with them); the others keep their past
             keep = [k for k in range(len(everyone)) if k not in failures]
             for k, exc in failures.items():
-                job.failures[everyone[k]] = exc
-            job.live = [everyone[k] for k in keep]
+                job.fail(everyone[k], exc)
+            job.running = [everyone[k] for k in keep]
             index = np.array(keep, dtype=np.int64)
             presents = {k: _host(v)[index] for k, v in presents.items()} if keep else {}
             logits = logits[index] if keep else logits[:0]
         job.past = {self._past_of[k]: v for k, v in presents.items()}
-        if job.done < job.width and job.live:
+        if job.done < job.width and job.running:
             return False
         return self._finish_prefill(job, logits)
 
@@ -934,35 +980,24 @@ class DecodeBatch:
         (rows, stop - start, V), every position) score the token in column c + 1, for each real column c of a row
         (its prompt is left-padded) before the last (whose logits choose the first new token).
 
-        Rows that read the same prompt on the same adapter and bank, asking as many alternatives (a request's ``n``
-        choices of one prompt, each a row), have the same logits (a row's logits are its own, whatever runs beside
-        it): such twins are scored once, on the first of them in the chunk, and share that list of scores."""
-        ids = job.feeds["input_ids"]  # (live rows, width): every column's token, the next chunk's too
+        ``everyone``: the running rows (leaders); rows following one (its twins: a request's ``n`` choices of one
+        prompt) take its scores when the prefill ends."""
+        ids = job.feeds["input_ids"]  # (running rows, width): every column's token, the next chunk's too
         flat = logits.reshape(-1, logits.shape[-1])  # a view: row k, column c -> k * columns + (c - start)
         columns = stop - start
         picks, tokens, tops, owners = [], [], [], []
-        twins: dict[tuple, list[int]] = {}  # (prompt, adapter, bank, alternatives) -> rows (indices in job.rows)
         for k, i in enumerate(everyone):
             if k in failures:
                 continue
             row = job.rows[i]
-            same = twins.setdefault((tuple(row.prompt), row.adapter, id(row.snapshot), row.score), [])
-            same.append(i)
-            if len(same) > 1:
-                continue  # scored with the first of its twins, below
             first = max(start, job.width - len(row.prompt))
             for c in range(first, min(stop, job.width - 1)):
                 picks.append(k * columns + c - start)
                 tokens.append(int(ids[k, c + 1]))
                 tops.append(row.score or 0)
                 owners.append(i)
-        scored: dict[int, list] = {i: [] for same in twins.values() for i in same[:1]}
         for owner, item in zip(owners, token_logprobs(flat, picks, tokens, tops), strict=True):
-            scored[owner].append(item)
-        for first, *others in twins.values():
-            job.scores[first].extend(scored[first])
-            for i in others:
-                job.scores[i].extend(scored[first])
+            job.scores[owner].append(item)
 
     def _empty_past(self, rows: int) -> dict[str, np.ndarray]:
         """Zero-length past feeds for ``rows`` rows (:func:`empty_past`, its shapes read from the graph once)."""
@@ -971,22 +1006,32 @@ class DecodeBatch:
         return {name: np.zeros((rows, *value.shape[1:]), dtype=value.dtype) for name, value in self._empty.items()}
 
     def _finish_prefill(self, job: PrefillJob, logits: Any) -> bool:
+        """``job`` ends: ``logits`` (len(job.running), V) are its leaders' last; each follower gets copies of its
+        leader's logits, past and scores, and every row still in it waits in ``_pending`` to join at the next step."""
         job.finished = True
         self._prefilling = [j for j in self._prefilling if j is not job]
-        if job.live:
+        if job.running:
             vocab = logits.shape[-1]
             job.logits = np.full((len(job.rows), vocab), np.nan, dtype=np.float32)
-            job.logits[np.array(job.live)] = logits
+            job.logits[np.array(job.running)] = logits
+            past = {k: _host(v) for k, v in job.past.items()}  # newcomers are written into the past on the host
+            if job.follows:  # a past row (and logits) per row, followers' copied from their leader's
+                position = {i: k for k, i in enumerate(job.running)}
+                index = np.array([position[job.follows.get(i, i)] for i in job.live], dtype=np.int64)
+                job.logits[np.array(job.live)] = logits[index]
+                past = {k: v[index] for k, v in past.items()}
+                for follower, leader in job.follows.items():
+                    if leader in job.scores:
+                        job.scores[follower] = list(job.scores[leader])
             for i in job.live:
                 job.rows[i].length = len(job.rows[i].prompt)
-            past = {k: _host(v) for k, v in job.past.items()}  # newcomers are written into the past on the host
             self._pending.append(([job.rows[i] for i in job.live], past, job.width))
         job.past = {}
         return True
 
     def remove(self, rows: Iterable[DecodeRow]) -> None:
         """Rows leave the batch (finished, cancelled): their slots are freed before the next step, and a row still
-        being prefilled leaves its prefill before its next chunk."""
+        being prefilled leaves its prefill before its next chunk (a leader's followers go on: one of them runs)."""
         gone = {id(row): row for row in rows}
         self._leaving.update(gone)
         for job in list(self._prefilling):

@@ -917,7 +917,7 @@ class GenerationEngine:
         leave of each step's budget. Rows whose prefill is done get their first token."""
         left = self.max_prefill_tokens
         for job in sorted(batch.prefilling, key=lambda j: j.tokens_left):  # stable: the earliest among equals
-            columns = min(job.columns, left // len(job.live))
+            columns = min(job.columns, left // len(job.running))  # rows that run: followers cost nothing
             if columns == 0 and left < self.max_prefill_tokens:
                 continue  # the budget is spent: next step
             start = time.perf_counter()

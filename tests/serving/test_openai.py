@@ -442,6 +442,26 @@ def test_generation_metrics(llm, llama_server):
     assert after[prefilled] - before.get(prefilled, 0.0) == sum(a.usage.prompt_tokens for a in answers)
 
 
+def test_n_seeded_choices_are_each_seed_alone_from_one_prefill_row(llm, llama_server):
+    """``n``=4 sampled with seed 21, whole and streamed: choice j is the text of the prompt sampled alone with seed
+    21 + j (the same bytes), and the request's prefill ran the prompt once (``bca_prefill_tokens_total``)."""
+    kwargs = dict(model="a1", prompt=PROMPTS[0], max_tokens=8, temperature=1.3)
+    alone = [llm.completions.create(**kwargs, seed=21 + j) for j in range(4)]
+    before = metric_samples(llama_server.url)
+    whole = llm.completions.create(**kwargs, seed=21, n=4)
+    after = metric_samples(llama_server.url)
+    prefilled = ("bca_prefill_tokens_total", ())
+    assert after[prefilled] - before.get(prefilled, 0.0) == alone[0].usage.prompt_tokens
+    streamed = ["", "", "", ""]
+    for chunk in llm.completions.create(**kwargs, seed=21, n=4, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    texts = [a.choices[0].text for a in alone]
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == texts
+    assert streamed == texts
+    assert len(set(texts)) > 1  # the seeds really differ
+
+
 @pytest.mark.parametrize(("path", "stream"), [("/v1/completions", False), ("/v1/generate", False),
                                               ("/v1/completions", True)], ids=["completions", "generate", "streamed"])
 def test_a_client_that_leaves_before_its_whole_answer_stops_its_rows(llama_server, llama_session, path, stream):
