@@ -1015,14 +1015,18 @@ class DecodeBatch:
             job.logits = np.full((len(job.rows), vocab), np.nan, dtype=np.float32)
             job.logits[np.array(job.running)] = logits
             past = {k: _host(v) for k, v in job.past.items()}  # newcomers are written into the past on the host
-            if job.follows:  # a past row (and logits) per row, followers' copied from their leader's
-                position = {i: k for k, i in enumerate(job.running)}
-                index = np.array([position[job.follows.get(i, i)] for i in job.live], dtype=np.int64)
+            # a past row (and logits) per row in job.live's order, followers' copied from their leader's. The leaders
+            # run in job.running's order, which is not always job.live's: an heir takes its cancelled leader's place,
+            # which may come before a row of another prompt listed ahead of the heir
+            position = {i: k for k, i in enumerate(job.running)}
+            index = [position[job.follows.get(i, i)] for i in job.live]
+            if index != list(range(len(job.running))):
+                index = np.array(index, dtype=np.int64)
                 job.logits[np.array(job.live)] = logits[index]
                 past = {k: v[index] for k, v in past.items()}
-                for follower, leader in job.follows.items():
-                    if leader in job.scores:
-                        job.scores[follower] = list(job.scores[leader])
+            for follower, leader in job.follows.items():
+                if leader in job.scores:
+                    job.scores[follower] = list(job.scores[leader])
             for i in job.live:
                 job.rows[i].length = len(job.rows[i].prompt)
             self._pending.append(([job.rows[i] for i in job.live], past, job.width))

@@ -195,3 +195,36 @@ def test_scoring_twins_run_once_under_the_logits_budget_and_keep_their_scores_wh
             assert abs(item.logprob - float(want[k, prompt[k + 1]])) < 1e-4, (i, k)
             assert [t for t, _ in item.top] == want[k].topk(2).indices.tolist(), (i, k)
     assert job.scores[1] == job.scores[2] and job.scores[1] is not job.scores[2]
+
+
+def test_an_heir_placed_after_another_prompts_leader_keeps_its_own_past(llama):
+    """Prompt A's leader (row 0), prompt B (row 1), A's follower (row 2): the leader cancelled mid-prefill makes row 2
+    the leader in row 0's place, so the rows run in the order 2, 1 while the batch lists them 1, 2. Each row's logits,
+    at the end of the prefill and at the steps after it, are its own (PyTorch's): the past rows go with their rows."""
+    session = MultiAdapterSession(llama["onnx"])
+    model = torch_model("llama")
+    a, b = token_rows(2, seed=137, low=7, high=12)
+    snapshot = session.snapshot()
+    spec = [(a, "a0"), (b, "a0"), (a, "a0")]
+    rows = [DecodeRow(list(p), adapter, snapshot, owner=i) for i, (p, adapter) in enumerate(spec)]
+    batch = DecodeBatch(session)
+    job = batch.start_prefill(rows, chunk_tokens=4)
+    assert batch.prefill_chunk(job) is False
+    batch.remove([rows[0]])
+    while not batch.prefill_chunk(job):
+        pass
+    assert job.live == [1, 2]
+    sequences = {i: list(p) for i, (p, _) in enumerate(spec)}
+    for row in (rows[1], rows[2]):
+        want = row_alone(model, sequences[row.owner], row.adapter)[-1].numpy()
+        np.testing.assert_allclose(job.logits[row.owner], want, atol=ATOL, rtol=0, err_msg=f"prefill of {row.owner}")
+        row.next_token = int(np.argmax(want))
+        sequences[row.owner].append(row.next_token)
+    for step in range(2):
+        ran, logits, failures = batch.step()
+        assert not failures and sorted(r.owner for r in ran) == [1, 2]
+        for row, row_logits in zip(ran, logits, strict=True):
+            want = row_alone(model, sequences[row.owner], row.adapter)[-1].numpy()
+            np.testing.assert_allclose(row_logits, want, atol=ATOL, rtol=0, err_msg=f"row {row.owner}, step {step}")
+            row.next_token = int(np.argmax(row_logits))
+            sequences[row.owner].append(row.next_token)
