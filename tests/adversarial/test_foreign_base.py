@@ -31,7 +31,7 @@ from serving_helpers import banks  # noqa: E402,F401  (the session-wide bank exp
 
 from bca_deploy.adapter_io import load_adapter, read_adapter, write_adapter_dir  # noqa: E402
 from bca_deploy.errors import AdapterMismatchError  # noqa: E402
-from bca_deploy.fit import ForeignBaseWarning, base_name_note, model_target  # noqa: E402
+from bca_deploy.fit import ForeignBaseWarning, base_name_note, model_target, recorded_base_note  # noqa: E402
 from bca_deploy.merge import merge_checkpoint  # noqa: E402
 from bca_deploy.peft_compat import to_peft  # noqa: E402
 
@@ -150,6 +150,26 @@ def test_base_names_are_compared_by_the_models_own_name(recorded, applied, warne
     config = AdapterConfig(target_modules=["query"], block_size=8, base_model_name_or_path=recorded)
     target = dataclasses.replace(model_target(torch.nn.Linear(2, 2)), name_or_path=applied)
     assert (base_name_note(config, target) is not None) == warned
+
+
+def test_a_huge_recorded_base_is_compared_in_a_bounded_time():
+    """A recorded base nothing bounds (an adapter config's ``base_model_name_or_path``, an export's
+    ``bank.adapter_bases`` entry) of 800,000 characters made of ``models--``: the hub-cache name was read with a regex
+    that backtracked cubically (16,000 characters: a minute; this one: days), holding the load that warns. Now the
+    note comes at once, naming the base cut to 200 characters; hub cache paths still give the model's own name."""
+    code = (
+        "from bca_deploy.fit import recorded_base_note\n"
+        "for tail in ('', '/snapshots/x'):\n"
+        "    note = recorded_base_note('models--' * 100_000 + tail, 'org/model', 'the model')\n"
+        "    assert note is not None and len(note) < 1_000, len(note or '')\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    cache = "/hub/models--org--my-model/snapshots/abc"
+    for recorded, applied, warned in ((cache, "org/my-model", False), (cache + "/sub", "my-model", False),
+                                      ("/hub/models--my-model/snapshots/abc", "x/my-model", False),
+                                      (cache, "org/other", True), ("/hub/models--org--m/snapshots/", "org/m", True)):
+        assert (recorded_base_note(recorded, applied, "the model") is not None) == warned, recorded
 
 
 def test_a_recorded_base_whose_config_is_a_fifo_is_not_read(made, tmp_path):
