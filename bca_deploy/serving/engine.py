@@ -149,9 +149,11 @@ class _PromptScores:
 @dataclasses.dataclass(eq=False)
 class _SharedScores:
     """The prompt log-probabilities of a request's rows that read one prompt on one adapter and bank snapshot, asking
-    as many alternatives (its ``n`` choices): ``items`` once the first of them is scored, for the others to take."""
+    as many alternatives (its ``n`` choices): ``items`` once the first of them is scored, for the others to take. A
+    tuple, and each taker gets a list of its own: a stream's ``prompt_logprobs`` is its caller's to change, and one
+    choice's caller changing it changed the choices admitted after it."""
 
-    items: list[TokenLogprob] | None = None
+    items: tuple[TokenLogprob, ...] | None = None
 
 
 _END = object()
@@ -905,7 +907,7 @@ class GenerationEngine:
         if shared.items is None:
             return False
         request.scored = True
-        self._outbox.append((request.stream, _PromptScores(shared.items)))
+        self._outbox.append((request.stream, _PromptScores(list(shared.items))))
         return True
 
     def _prefill_chunks(self, batch: DecodeBatch) -> None:
@@ -940,7 +942,7 @@ class GenerationEngine:
                         request.scored = True
                         self._outbox.append((request.stream, _PromptScores(job.scores.get(i, []))))
                         if request.shared is not None and request.shared.items is None:
-                            request.shared.items = job.scores.get(i, [])
+                            request.shared.items = tuple(job.scores.get(i, ()))
                     keep = [k for k, row in enumerate(done) if row.owner.params.max_new_tokens > 0]
                     if len(keep) < len(done):  # max_new_tokens 0: the prompt alone was asked for
                         scored_only = [row for row in done if row.owner.params.max_new_tokens == 0]

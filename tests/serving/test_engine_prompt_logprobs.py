@@ -271,6 +271,34 @@ def test_choices_admitted_in_later_steps_take_the_scores_of_the_first(llama, mon
         assert result.completion_tokens == new_tokens and result.finish_reason == "length"
 
 
+def test_each_choice_owns_the_prompt_scores_it_was_given(llama):  # noqa: F811
+    """A request's four choices on a batch of two rows, the prompt alone asked (``max_new_tokens`` 0): the first two
+    are scored, the other two take those scores. A stream's ``prompt_logprobs`` is its caller's list: the first
+    choice's caller clearing its list (or putting vLLM's leading None in) emptied the lists of the two choices that
+    took the scores, one list shared by three streams; now each is its own, every one PyTorch's."""
+    session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
+    prompt = token_rows(1, seed=37, low=10, high=14)[0]
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=2)
+        await engine.start()
+        try:
+            group = object()
+            streams = [engine.submit(prompt, "a2", SamplingParams(max_new_tokens=0, prompt_logprobs=1), group=group)
+                       for _ in range(4)]
+            for stream in streams:
+                await stream.collect()
+            return streams
+        finally:
+            await engine.stop()
+
+    streams = asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    streams[0].prompt_logprobs.clear()
+    streams[2].prompt_logprobs.insert(0, None)
+    check_scores(streams[1], prompt, "a2", 1)
+    check_scores(streams[3], prompt, "a2", 1)
+
+
 def test_rows_ending_at_their_first_token_are_not_kept_until_a_step(llama):  # noqa: F811
     """A row that ends at its first token (``max_new_tokens`` 1, a prompt scored alone: every loglikelihood request of
     an evaluation harness) is prefilled and removed without a step. The batch kept it, and its past, until the next
