@@ -474,6 +474,9 @@ class GenerationEngine:
         if problems:
             raise ServingError("invalid engine settings: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
         session.require("generate")
+        # the ids a row's settings may name (check), read now: a graph whose logits' width is symbolic is run once for
+        # it (MultiAdapterSession.logits_width), at start, not on the event loop as the first request is checked
+        session.generated_vocabulary  # noqa: B018 - a cached property, computed here
         self.session = session
         self.max_batch_rows = max_batch_rows
         self.max_queued_rows = max_queued_rows

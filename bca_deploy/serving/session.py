@@ -1507,11 +1507,25 @@ class MultiAdapterSession:
     @functools.cached_property
     def logits_width(self) -> int | None:
         """How many token ids a generation step scores: the last dimension of the graph's ``logits`` output where the
-        graph fixes it (None: not fixed, or no ``logits``). Usually :attr:`vocabulary`; fewer where the output layer is
-        narrower than the embedding (ids from there on are in prompts but never generated)."""
-        for output in self.session.get_outputs():
-            if output.name == "logits" and output.shape and isinstance(output.shape[-1], int) and output.shape[-1] > 0:
-                return int(output.shape[-1])
+        graph fixes it, else (a symbolic dimension, as a graph whose output layer is sliced by a computed bound has)
+        the width one step of the base model on one token gives, run once (None: no ``logits``, not a decoder, or
+        that run failed). Usually :attr:`vocabulary`; fewer where the output layer is narrower than the embedding (ids
+        from there on are in prompts but never generated)."""
+        output = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if output is None:
+            return None
+        if output.shape and isinstance(output.shape[-1], int) and output.shape[-1] > 0:
+            return int(output.shape[-1])
+        if not self.serves("generate"):
+            return None
+        from .decoding import DecodeBatch, DecodeRow
+
+        # the width is the graph's whatever the row: a symbolic one left unread let a logit_bias id past it through,
+        # biasing nothing (what generated_vocabulary refuses)
+        with contextlib.suppress(Exception):
+            logits, failures = DecodeBatch(self).prefill([DecodeRow([self.pad_token_id], None, self.snapshot())])
+            if not failures and logits.ndim == 2 and logits.shape[-1] > 0:
+                return int(logits.shape[-1])
         return None
 
     @functools.cached_property

@@ -430,24 +430,34 @@ def test_generation_config_min_p_is_the_openai_default(llama, tmp_path_factory):
 # ---- an output layer narrower than the embedding: ids past the logits' width --------------------------------------
 
 
-def _narrow_logits_export(llama, root: Path, width: int) -> Path:
+def _narrow_logits_export(llama, root: Path, width: int, symbolic: bool = False) -> Path:
     """A copy of the tiny Llama export whose graph's ``logits`` keep their first ``width`` columns (a Slice after the
-    output layer): the embedding still takes every id of the vocabulary (128), a step scores ``width`` of them."""
+    output layer): the embedding still takes every id of the vocabulary (128), a step scores ``width`` of them.
+    ``symbolic``: the Slice's end is computed from the input's shape (``width`` + 0 x batch) and the output's last
+    dimension is named, not given, so that neither the graph nor onnxruntime's shape inference states the width."""
     import onnx
     from onnx import TensorProto, helper
 
-    export = root / "narrow"
+    export = root / ("narrow-symbolic" if symbolic else "narrow")
     shutil.copytree(llama["onnx"], export)
     model = onnx.load(str(export / "model.onnx"))
     graph = model.graph
     for node in graph.node:
         node.output[:] = ["logits_all" if name == "logits" else name for name in node.output]
-    for name, value in (("narrow_starts", 0), ("narrow_ends", width), ("narrow_axes", -1)):
+    for name, value in (("narrow_starts", 0), ("narrow_ends", width), ("narrow_axes", -1), ("narrow_zero", 0)):
         graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
-    graph.node.append(helper.make_node("Slice", ["logits_all", "narrow_starts", "narrow_ends", "narrow_axes"],
-                                       ["logits"]))
+    ends = "narrow_ends"
+    if symbolic:
+        graph.node.extend([helper.make_node("Shape", ["input_ids"], ["narrow_shape"], start=0, end=1),
+                           helper.make_node("Mul", ["narrow_shape", "narrow_zero"], ["narrow_none"]),
+                           helper.make_node("Add", ["narrow_none", "narrow_ends"], ["narrow_computed"])])
+        ends = "narrow_computed"
+    graph.node.append(helper.make_node("Slice", ["logits_all", "narrow_starts", ends, "narrow_axes"], ["logits"]))
     logits = next(o for o in graph.output if o.name == "logits")
-    logits.type.tensor_type.shape.dim[-1].dim_value = width
+    if symbolic:
+        logits.type.tensor_type.shape.dim[-1].dim_param = "narrow_vocab"
+    else:
+        logits.type.tensor_type.shape.dim[-1].dim_value = width
     onnx.save(model, str(export / "model.onnx"))
     return export
 
@@ -475,3 +485,23 @@ def test_a_logit_bias_id_past_the_logits_width_is_refused_by_name(llama, tmp_pat
         assert caught.value.fields == [field] and "120" in str(caught.value), str(caught.value)
     assert session.generate([prompt], ["a0"], max_new_tokens=3, logit_bias={119: 100}) == [[119] * 3]
     assert session.logits_width == session.generated_vocabulary == 120
+
+
+def test_a_logit_bias_id_past_a_symbolic_logits_width_is_refused_by_name(llama, tmp_path):  # noqa: F811
+    """The same narrower output layer where the graph does not state the logits' width (its last dimension named, the
+    Slice's end computed): the width was taken as unknown, so a ``logit_bias`` id in 120..127 went through to bias
+    nothing, as before the rule. Now the width is read from one step of the graph (at the engine's start) and the id
+    is refused naming the bound; an id below it still biases."""
+    from bca_deploy.serving.engine import GenerationEngine
+
+    export = _narrow_logits_export(llama, tmp_path, 120, symbolic=True)
+    session = MultiAdapterSession(export, intra_op_threads=1)
+    assert all(o.shape[-1] != 120 for o in session.session.get_outputs() if o.name == "logits")  # not stated
+    engine = GenerationEngine(session)
+    prompt = [1, 40, 125, 41]
+    with pytest.raises(SamplingParamsError) as caught:
+        engine.check(prompt, "a0", SamplingParams(logit_bias={"125": 100}))
+    assert caught.value.fields == ["logit_bias"] and "'125'" in str(caught.value) and "120" in str(caught.value)
+    assert session.generate([prompt], ["a0"], max_new_tokens=3, logit_bias={119: 100}) == [[119] * 3]
+    assert session.logits_width == session.generated_vocabulary == 120
+
