@@ -824,6 +824,7 @@ class DecodeBatch:
         self._empty: dict[str, np.ndarray] | None = None  # _empty_past's template
         self._step_inputs = ("attention_mask" in session.inputs, "position_ids" in session.inputs)
         self.rebuilds = 0  # times the past was copied whole (growth or compaction)
+        self._columns = session.vocabulary  # the logits' columns kept: the ids a row may hold (None: all)
         self.before_run = before_run  # called right before each onnxruntime run (which releases the GIL)
 
     @property
@@ -1172,7 +1173,12 @@ class DecodeBatch:
         the run fed, (slots, positions, V), as the graph gave them (a scoring prefill).
         """
         def kept(logits: np.ndarray) -> np.ndarray:
-            return logits.astype(np.float32, copy=False) if all_positions else _last(logits)
+            logits = logits.astype(np.float32, copy=False) if all_positions else _last(logits)
+            if self._columns is not None and logits.shape[-1] > self._columns:
+                # an output layer wider than the ids a row may hold (padded): those columns are never chosen nor
+                # scored, as vLLM cuts the logits to the model's vocabulary; a chosen one failed the next step
+                logits = np.ascontiguousarray(logits[..., :self._columns])
+            return logits
 
         everyone = list(range(len(slots)))
         try:

@@ -505,3 +505,53 @@ def test_a_logit_bias_id_past_a_symbolic_logits_width_is_refused_by_name(llama, 
     assert session.generate([prompt], ["a0"], max_new_tokens=3, logit_bias={119: 100}) == [[119] * 3]
     assert session.logits_width == session.generated_vocabulary == 120
 
+
+def test_logits_wider_than_the_vocabulary_never_give_an_id_past_it(llama, tmp_path):  # noqa: F811
+    """An export whose output layer is padded past the vocabulary (136 columns for 128 ids, the 8 extra ones scoring
+    +50, as a padded head's columns can): a step chose id 128, and the next step failed in the graph's embedding
+    (onnxruntime's Gather error, a 500). Now the columns past the vocabulary are cut (vLLM cuts the logits to the
+    model's vocabulary): the tokens are transformers' greedy ones for the unpadded model, and the tokens' and the
+    prompt's log-probabilities are PyTorch's log_softmax over the 128 ids, on the engine and
+    ``MultiAdapterSession.generate`` alike."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bca_deploy.serving.engine import GenerationEngine
+
+    export = tmp_path / "wide"
+    shutil.copytree(llama["onnx"], export)
+    model = onnx.load(str(export / "model.onnx"))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["logits_all" if name == "logits" else name for name in node.output]
+    graph.initializer.extend([helper.make_tensor("wide_pads", TensorProto.INT64, [6], [0, 0, 0, 0, 0, 8]),
+                              helper.make_tensor("wide_value", TensorProto.FLOAT, [], [50.0])])
+    graph.node.append(helper.make_node("Pad", ["logits_all", "wide_pads", "wide_value"], ["logits"]))
+    next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim[-1].dim_value = 136
+    onnx.save(model, str(export / "model.onnx"))
+    session = MultiAdapterSession(export, intra_op_threads=1)
+    assert session.vocabulary == 128 and session.logits_width == 136
+    prompt = [1, 40, 41, 42]
+    want = hf_generate(llama, prompt, "a0", 4)
+    assert session.generate([prompt], ["a0"], max_new_tokens=4) == [want]
+
+    async def main():
+        engine = GenerationEngine(session)
+        await engine.start()
+        try:
+            return await engine.submit(prompt, "a0", SamplingParams(max_new_tokens=4, logprobs=2,
+                                                                    prompt_logprobs=1)).collect()
+        finally:
+            await engine.stop()
+
+    result = asyncio.run(asyncio.wait_for(main(), 60))
+    assert result.token_ids == want
+    reference = reference_llama(str(llama["root"]))
+    ids = torch.tensor([[*prompt, *want]])
+    with torch.no_grad(), mixed_adapters(reference, ["a0"]):
+        lp = torch.log_softmax(reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double(), -1)
+    full = [*prompt, *want]
+    for t, item in enumerate([*result.prompt_logprobs, *result.logprobs], start=1):
+        assert item.token_id == full[t]
+        assert item.logprob == pytest.approx(lp[t - 1, full[t]].item(), abs=1e-4), t
+        assert [i for i, _ in item.top] == torch.topk(lp[t - 1], len(item.top)).indices.tolist(), t
