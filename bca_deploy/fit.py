@@ -840,8 +840,9 @@ class ForeignBaseWarning(UserWarning):
 def _hub_cache_name(text: str) -> str | None:
     """The model name of the first hub cache snapshot path in ``text`` (``...models--org--NAME/snapshots/<sha>...``:
     ``NAME``, what follows the folder's last ``--``), else None. Read by splitting at ``/``, in one pass: the regex it
-    replaces (``models--(?:[^/]+--)?(?P<name>[^/]+)/snapshots/``) backtracked cubically, so a recorded base of 16,000
-    characters (an adapter config's or ``bank.adapter_bases``' string, which nothing bounds) held a load for a minute."""
+    replaces (``models--(?:[^/]+--)?(?P<name>[^/]+)/snapshots/``) backtracked cubically, so a recorded base of
+    16,000 characters (an adapter config's or ``bank.adapter_bases``' string, which nothing bounds) held a load for a
+    minute."""
     parts = text.split("/")
     for k in range(len(parts) - 2):
         at = parts[k].find("models--")
