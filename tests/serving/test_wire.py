@@ -346,6 +346,27 @@ def test_redaction_removes_roots_only_where_they_are_paths():
     assert redact_roots("C:\\x in tok", ["tok"], "<e\\x>") == "C:\\x in <e\\x>"
 
 
+def test_a_relative_store_named_like_a_word_leaves_the_messages_prose_alone(tmp_path, monkeypatch):
+    """README's ``serve onnx-bank --adapter-store adapters/``: a classify request to a generation bank answered
+    "... export (of seq-cls <store>)", and a store named ``store`` turned "no adapter 'x' in the adapter store" into
+    "... in the adapter <store>": the relative store was replaced wherever its name stood alone as a word."""
+    from bca_deploy.errors import UnknownAdapterError
+    from bca_deploy.serving.session import KIND_NEEDS
+
+    for name in ("adapters", "store"):
+        (tmp_path / name / "good").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    adapters, store = AdapterStore("adapters/"), AdapterStore("store")
+    assert adapters.redact(KIND_NEEDS["classify"]) == KIND_NEEDS["classify"]
+    with pytest.raises(UnknownAdapterError) as caught:
+        store.path("missing")
+    assert store.redact(str(caught.value)) == "no adapter 'missing' in the adapter store"
+    # still removed where it is a path, relative or resolved
+    for s, given in ((adapters, "adapters"), (store, "store")):
+        assert s.redact(f"{given}/good/adapter_config.json: bad") == "good/adapter_config.json: bad"
+        assert s.redact(f"{tmp_path / given}/good/x: bad; at {tmp_path / given}") == "good/x: bad; at <store>"
+
+
 def test_store_skips_and_refuses_symbolic_link_loops(tmp_path):
     """A loop (Path.resolve raises RuntimeError on Python < 3.13) used to be a 500 for every listing."""
     store = tmp_path / "store"
