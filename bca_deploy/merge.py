@@ -1394,11 +1394,12 @@ def _check_paths(model_dir: Path, out_dir: Path, adapter_dirs: list[Path], overw
     out_dir = out_dir.parent.resolve() / out_dir.name  # compare real locations (model_dir is resolved)
     if out_dir == model_dir:
         raise OutputExistsError(
-            f"out_dir {out_dir} is the model directory; merging in place would destroy the base checkpoint: "
-            "choose another out_dir"
+            f"--out (out_dir in Python) {out_dir} is the model directory; merging in place would destroy the base "
+            "checkpoint: choose another --out"
         )
     if model_dir in out_dir.parents:
-        raise OutputExistsError(f"out_dir {out_dir} is inside the model directory {model_dir}; choose a path outside it")
+        raise OutputExistsError(f"--out (out_dir in Python) {out_dir} is inside the model directory {model_dir}; "
+                                "choose a path outside it")
     check_inputs_outside(out_dir, [("the model directory", model_dir), *(("the adapter", a) for a in adapter_dirs)])
     recover(out_dir)  # a merge killed earlier: its temporary tree removed, a replaced tree restored
     check_target(out_dir, overwrite, checkpoint=True)

@@ -396,6 +396,22 @@ def test_refuses_output_equal_to_or_inside_model_dir(llama_setup):
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == before
 
 
+def test_an_output_in_the_model_directory_is_refused_naming_the_option_the_user_typed(llama_setup):
+    """``bca-deploy merge --model base --out base/x`` said "out_dir ... is inside the model directory": the CLI user
+    never typed out_dir. The refusal names ``--out`` (and ``out_dir`` for Python callers), as --overwrite's does."""
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+
+    tmp_path, _, _ = llama_setup
+    for out, words in ((tmp_path / "base", "is the model directory"), (tmp_path / "base" / "x", "is inside the model")):
+        result = CliRunner().invoke(main, ["merge", "--model", str(tmp_path / "base"), "--adapter",
+                                           str(tmp_path / "adapter"), "--out", str(out), "--overwrite"])
+        assert result.exit_code == 2, result.output
+        assert "--out (out_dir in Python)" in result.output and words in result.output, result.output
+    assert not (tmp_path / "base" / "x").exists()
+
+
 def test_refuses_mismatched_adapter_listing_every_problem(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
