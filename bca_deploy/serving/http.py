@@ -623,6 +623,11 @@ def _rendered_with(template_kwargs: Mapping[str, Any] | None) -> str:
     shown = ", ".join(repr(k[:40]) for k in given[:5]) + (", ..." if len(given) > 5 else "")
     return f", rendered with the template variables {shown} (chat_template_kwargs, documents, tools)"
 
+def export_roots(export_dir: Path) -> list[str]:
+    """The ways messages name the export's folder (as given, absolute, resolved), for :func:`redact_roots`."""
+    return sorted({str(p) for p in (export_dir, export_dir.absolute(), export_dir.resolve())}, key=len, reverse=True)
+
+
 class Server:
     """One served session: its store, options, batcher, queue and metrics, and the checks every route uses."""
 
@@ -657,8 +662,7 @@ class Server:
         self.startup_error: BaseException | None = None  # why they did not, on the start of an app (ServerThread)
         self.stopping = False  # set by begin_shutdown
         self._load_lock: asyncio.Lock | None = None
-        self._roots = sorted({str(p) for p in (session.export_dir, session.export_dir.absolute(),
-                                               session.export_dir.resolve())}, key=len, reverse=True)
+        self._roots = export_roots(session.export_dir)
 
     # -- lifecycle --
     async def start(self) -> None:

@@ -76,17 +76,20 @@ _LISTINGS: dict[Path, _Listing] = {}
 _LISTINGS_LOCK = threading.Lock()
 
 
-def redact_roots(message: str, roots: Iterable[str], placeholder: str, alone: bool = True) -> str:
-    """``message`` with each directory in ``roots`` removed where it appears as a path: ``root/x`` becomes ``x``,
-    ``root`` alone becomes ``placeholder`` (unless ``alone`` is false). Only whole path occurrences count (not
-    preceded or followed by a path character), so a short relative root such as ``tok`` or ``.`` leaves
-    "tokenizer" and full stops alone. Longer roots go first (an absolute path before the relative one inside it)."""
+def redact_roots(message: str, roots: Iterable[str], placeholder: str) -> str:
+    """``message`` with each directory in ``roots`` removed where it appears as a path: ``root/x`` becomes ``x``, and
+    ``root`` alone becomes ``placeholder`` where it is unmistakably a path (absolute, or with a separator in it). Only
+    whole path occurrences count (not preceded or followed by a path character), so a short relative root such as
+    ``tok`` or ``.`` leaves "tokenizer" and full stops alone; and a relative root that is one bare name (``serve
+    export``, ``--adapter-store adapters/``) is not replaced where it stands alone, as a word of the message's own
+    prose ("a feature-extraction export", "seq-cls adapters") would be: alone it is a folder name, no location.
+    Longer roots go first (an absolute path before the relative one inside it)."""
     for root in sorted(set(roots), key=len, reverse=True):
         if not root:
             continue
         edge = r"(?<![\w./~-])" + re.escape(root)
         message = re.sub(edge + re.escape(os.sep) + r"(?=[\w.~-])", "", message)
-        if alone:
+        if os.path.isabs(root) or os.sep in root or (os.altsep and os.altsep in root):
             message = re.sub(edge + r"(?![\w./~-])", placeholder.replace("\\", "\\\\"), message)
     return message
 
@@ -255,12 +258,7 @@ class AdapterStore:
         """``message`` with the store's location removed (paths become relative to the store), and a snapshot's
         (:meth:`snapshot`: its copy of an entry has the entry's path under it)."""
         message = re.sub(_snapshot_root(), "", message)
-        message = redact_roots(message, (str(self.root), str(self.given.absolute())), "<store>")
-        # The store as given on the command line (``--adapter-store adapters/``), when relative, only where it is
-        # a path (``adapters/x``): alone it is a word the messages' own prose holds ("seq-cls adapters", "in the
-        # adapter store"), which came back as "<store>"; the store's messages name it by its resolved path.
-        return message if self.given.is_absolute() else redact_roots(message, [str(self.given)], "<store>",
-                                                                        alone=False)
+        return redact_roots(message, (str(self.root), str(self.given.absolute()), str(self.given)), "<store>")
 
     def unsnapshotted(self, message: str) -> str:
         """``message`` with the paths of :meth:`snapshot` copies turned back into the entries' own paths in the store:

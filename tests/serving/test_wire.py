@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -338,12 +339,32 @@ def test_redaction_removes_roots_only_where_they_are_paths():
     from bca_deploy.serving.store import redact_roots
 
     roots = ["tok", "/srv/exports/tok", "."]
-    assert redact_roots("cannot load the tokenizer saved in tok (x); send token ids.", roots, "<export>") == \
-        "cannot load the tokenizer saved in <export> (x); send token ids."
+    assert redact_roots("cannot load the tokenizer saved in /srv/exports/tok (x); send token ids.", roots,
+                        "<export>") == "cannot load the tokenizer saved in <export> (x); send token ids."
     assert redact_roots("/srv/exports/tok/config.json: bad; tok/a.onnx too; tok-2 and stock stay", roots, "<export>") \
         == "config.json: bad; a.onnx too; tok-2 and stock stay"
     assert redact_roots("./model.onnx is missing. Re-export.", roots, "<export>") == "model.onnx is missing. Re-export."
-    assert redact_roots("C:\\x in tok", ["tok"], "<e\\x>") == "C:\\x in <e\\x>"
+    assert redact_roots("C:\\x in /srv/tok", ["/srv/tok"], "<e\\x>") == "C:\\x in <e\\x>"
+    # a relative root with a separator is a path wherever it stands; a bare name alone is a word of the prose
+    assert redact_roots("saved in exports/tok (x)", ["exports/tok"], "<export>") == "saved in <export> (x)"
+    assert redact_roots("saved in tok (x)", roots, "<export>") == "saved in tok (x)"
+
+
+def test_a_relative_export_named_like_a_word_leaves_the_messages_prose_alone(tmp_path, monkeypatch):
+    """``bca-deploy serve export`` (a folder named for what it holds): an embeddings request to a generation bank
+    answered "embeddings need a feature-extraction <export> (bca-deploy <export> --bank ...)", the folder's name
+    replaced wherever it stood alone as a word. The server's redaction keeps prose and still removes the export's
+    location (its absolute and resolved paths, and the relative one as a path)."""
+    from bca_deploy.serving.http import export_roots
+    from bca_deploy.serving.session import KIND_NEEDS
+    from bca_deploy.serving.store import redact_roots
+
+    (tmp_path / "export").mkdir()
+    monkeypatch.chdir(tmp_path)
+    roots = export_roots(Path("export"))
+    assert redact_roots(KIND_NEEDS["embed"], roots, "<export>") == KIND_NEEDS["embed"]
+    assert redact_roots(f"{tmp_path / 'export'}/model.onnx is missing; export/tokenizer.json too; see {tmp_path}"
+                        f"/export", roots, "<export>") == "model.onnx is missing; tokenizer.json too; see <export>"
 
 
 def test_a_relative_store_named_like_a_word_leaves_the_messages_prose_alone(tmp_path, monkeypatch):
