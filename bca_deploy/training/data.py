@@ -98,6 +98,8 @@ _ROW_NUMBER_COLUMNS = ("", "unnamed: 0", "index", "idx", "id", "__index_level_0_
 IGNORE_INDEX = -100  # label id that the loss skips (prompt tokens, padding)
 _EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
                ".parquet": "parquet"}
+#: The data files' extensions, for messages: every one :data:`_EXTENSIONS` reads (a .json file was not named).
+_FORMATS = ".tsv (.tab), .csv, .jsonl (.ndjson, .json) or .parquet"
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -146,11 +148,11 @@ def read_records(path: str | Path, keep: Collection[str] | None = None, nested: 
     if not path.is_file():
         if path.is_dir() and (shards := _parquet_shards(path)):
             raise DataFileNotFoundError(_refuse_parquet_folder(path, shards))
-        raise DataFileNotFoundError(f"{path}: {_not_a_file(path)}; expected a .tsv, .csv, .jsonl or .parquet data file")
+        raise DataFileNotFoundError(f"{path}: {_not_a_file(path)}; the data files read are {_FORMATS}")
     kind = _EXTENSIONS.get(path.suffix.lower())
     if kind is None:
         raise DataError(
-            f"{path}: unknown data format {path.suffix!r}; use .tsv, .csv, .jsonl or .parquet "
+            f"{path}: unknown data format {path.suffix!r}; use {_FORMATS} "
             "(a header row for TSV/CSV, one JSON object per line for JSONL)"
         )
     try:

@@ -84,8 +84,8 @@ CASES = {
                          "row 2: column 'sentence' holds bytes that are not UTF-8 text"),
     "zero-rows": (lambda good, path: _zero_rows(path), "holds no rows (1 row group(s)"),
     "zero-row-groups": (lambda good, path: _zero_row_groups(path), "holds no rows (0 row group(s)"),
-    "directory": (lambda good, path: path.mkdir(), "a directory, not a data file; expected a .tsv, .csv, .jsonl or "
-                                                   ".parquet data file"),
+    "directory": (lambda good, path: path.mkdir(), "a directory, not a data file; the data files read are .tsv (.tab), "
+                                                   ".csv, .jsonl (.ndjson, .json) or .parquet"),
     "folder-of-shards": (lambda good, path: (path.mkdir(), (path / "train-00000-of-00002.parquet").write_bytes(good),
                                              (path / "train-00001-of-00002.parquet").write_bytes(good)),
                          "a folder of Parquet files (train-00000-of-00002.parquet, train-00001-of-00002.parquet)"),
