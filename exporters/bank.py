@@ -1083,6 +1083,11 @@ class BankRecord:
             problems.append(f"bank.adapter_digests must have one entry per slot's adapter ({str(names)[:200]}), has "
                             f"{str(sorted(data['adapter_digests']))[:200]}")
         adapter_bases = _record_map(data, "adapter_bases", _recorded_base, problems) or {}
+        strangers = sorted(set(adapter_bases) - set(names)) if names else []
+        if strangers:  # a typo'd name would silently turn its adapter's warning off
+            problems.append(f"bank.adapter_bases names adapters the bank does not hold ({str(strangers[:5])[:200]}"
+                            f"{f' and {len(strangers) - 5:,} more' if len(strangers) > 5 else ''}); its adapters are "
+                            f"{str(names)[:200]}")
         if problems:
             raise ValueError("; ".join(problems) + "; re-export the bank (bca-deploy export --bank)")
         return cls(ids_input, tuple(slots), adapter_files, layout, prefix or "", model_type, head, base_file,

@@ -377,3 +377,28 @@ def test_exported_adapters_recording_another_checkpoint_are_registered_with_the_
         build(onnx, threads=1)
     events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
     assert [e["adapter"] for e in events] == ["foreign"], lines
+
+
+def test_bases_recorded_for_adapters_the_bank_does_not_hold_are_refused_by_name(banks, tmp_path):  # noqa: F811
+    """``bank.adapter_bases`` naming an adapter the bank does not hold (a hand-edited ``bca_export.json``: a typo of
+    the adapter's name) was read without a word, and the misspelt adapter's warning silently went with it; it is now
+    refused as the other per-adapter records are, naming the strangers and the bank's adapters."""
+    import shutil
+
+    from bca_deploy.exporters.errors import ExportMetadataError
+    from bca_deploy.serving import MultiAdapterSession
+
+    art = banks("bert")
+    copy = tmp_path / "bank"
+    shutil.copytree(art["onnx"], copy)
+    meta = json.loads((copy / "bca_export.json").read_text())
+    slots = meta["bank"]["slots"][1:]
+    meta["bank"]["adapter_bases"] = {f"{slots[0]}x": "/elsewhere/bert-other"}
+    (copy / "bca_export.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportMetadataError, match=rf"bank.adapter_bases names adapters the bank does not hold "
+                                                  rf"\(\['{slots[0]}x'\]\); its adapters are"):
+        MultiAdapterSession(copy)
+    meta["bank"]["adapter_bases"] = {slots[0]: "/elsewhere/bert-other"}
+    (copy / "bca_export.json").write_text(json.dumps(meta))
+    with pytest.warns(ForeignBaseWarning, match="'/elsewhere/bert-other'"):
+        MultiAdapterSession(copy)
