@@ -890,10 +890,12 @@ def recorded_base_note(recorded: object, applied: object, description: str, sour
     with contextlib.suppress(OSError, ValueError):  # not two files of this machine: compared by name alone
         if os.path.samefile(recorded, applied):
             return None
-    where = description if applied in description else f"{description} ({applied[:200]})"
-    return (f"{source} records base model {recorded[:200]!r}, but is applied to {where}: its modules and shapes fit, so it is applied; unless this is that model, a copy of it "
-            "or a model fine-tuned from it, the adapter's kernels were learned on other weights and the result is "
-            "wrong")
+    # both names quoted (repr): they come from files (bca_export.json's base_model, an adapter's config), and a
+    # control character in one must not reach the operator's terminal as itself
+    where = description if applied in description else f"{description} ({applied[:200]!r})"
+    return (f"{source} records base model {recorded[:200]!r}, but is applied to {where}: its modules and shapes fit, "
+            "so it is applied; unless this is that model, a copy of it or a model fine-tuned from it, the adapter's "
+            "kernels were learned on other weights and the result is wrong")
 
 
 def note_foreign_base(config: AdapterConfig, target: Target, source: str = "adapter",

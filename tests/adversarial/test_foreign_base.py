@@ -402,3 +402,23 @@ def test_bases_recorded_for_adapters_the_bank_does_not_hold_are_refused_by_name(
     (copy / "bca_export.json").write_text(json.dumps(meta))
     with pytest.warns(ForeignBaseWarning, match="'/elsewhere/bert-other'"):
         MultiAdapterSession(copy)
+
+
+def test_the_warning_quotes_a_recorded_base_model_holding_control_characters(banks, tmp_path):  # noqa: F811
+    """``bca_export.json``'s ``base_model`` (the checkpoint the bank was exported from) went into the foreign-base
+    warning as it was written: an escape sequence in it reached the operator's terminal as itself. It is quoted."""
+    import shutil
+
+    from bca_deploy.serving import MultiAdapterSession
+
+    art = banks("bert")
+    copy = tmp_path / "bank"
+    shutil.copytree(art["onnx"], copy)
+    meta = json.loads((copy / "bca_export.json").read_text())
+    meta["base_model"] = "/models/bert\x1b]0;pwned\x07"
+    meta["bank"]["adapter_bases"] = {meta["bank"]["slots"][1]: "/elsewhere/bert-other"}
+    (copy / "bca_export.json").write_text(json.dumps(meta))
+    with pytest.warns(ForeignBaseWarning) as caught:
+        MultiAdapterSession(copy)
+    text = " ".join(str(w.message) for w in caught if issubclass(w.category, ForeignBaseWarning))
+    assert "'/models/bert\\x1b]0;pwned\\x07'" in text and "\x1b" not in text and "\x07" not in text, text
