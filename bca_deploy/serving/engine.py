@@ -789,17 +789,26 @@ class GenerationEngine:
             turns.append((held_by_tenant[tenant], groups[0][2], tenant))
         heapq.heapify(turns)
         admitted: list[_Request] = []
+        # the prefill this admits runs each distinct context once (DecodeBatch.start_prefill: a request's n choices
+        # of one prompt are one row), so the budget counts distinct contexts: n = 200 choices of a 512-token prompt
+        # were admitted 8 a step under a budget of 4096, each step's prefill running one of them
+        contexts: set[tuple] = set()
         longest = 0
         while turns and len(admitted) < free:
             count, _, tenant = turns[0]
             groups = tenants[tenant]
             _, group_count, order, group = groups[0]
-            longest_if = max(longest, queues[group][0].context)
-            if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
+            head = queues[group][0]
+            context = (tuple(head.prompt), tuple(head.tokens), head.adapter,
+                       head.params.prompt_logprobs if head.scores else None)
+            fresh = context not in contexts
+            longest_if = max(longest, head.context)
+            if admitted and fresh and longest_if * (len(contexts) + 1) > self.max_prefill_tokens:
                 break
             heapq.heappop(turns)
             heapq.heappop(groups)
             admitted.append(queues[group].popleft())
+            contexts.add(context)
             longest = longest_if
             if queues[group]:
                 heapq.heappush(groups, (not queues[group][0].resuming, group_count + 1, order, group))

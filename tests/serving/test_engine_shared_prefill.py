@@ -228,3 +228,38 @@ def test_an_heir_placed_after_another_prompts_leader_keeps_its_own_past(llama):
             np.testing.assert_allclose(row_logits, want, atol=ATOL, rtol=0, err_msg=f"row {row.owner}, step {step}")
             row.next_token = int(np.argmax(row_logits))
             sequences[row.owner].append(row.next_token)
+
+
+def test_a_prompts_n_choices_are_admitted_together_under_a_budget_one_of_them_fits(llama):
+    """Admission charged each of a request's choices its whole prompt against ``max_prefill_tokens``: eight choices of
+    a 16-token prompt under a budget of 32 were admitted two a step, and each step's prefill ran the prompt again
+    (four prefill runs). The prefill runs one row per distinct prompt, so admission counts distinct prompts: one
+    step admits all eight, one prefill run, and each choice is still the session's generation with its seed alone."""
+    session = MultiAdapterSession(llama["onnx"], intra_op_threads=1)
+    prompt = token_rows(1, seed=141, low=16, high=17)[0]
+    other = token_rows(1, seed=142, low=16, high=17)[0]
+    events: list[tuple[str, dict]] = []
+    params = [SamplingParams(max_new_tokens=4, do_sample=True, temperature=1.1, seed=40 + j) for j in range(8)]
+
+    async def main():
+        engine = GenerationEngine(session, max_batch_rows=16, max_prefill_tokens=32,
+                                  observer=lambda e, v: events.append((e, dict(v))))
+        await engine.start()
+        try:
+            group = object()
+            streams = [engine.submit(prompt, "a0", p, group=group) for p in params]
+            streams += [engine.submit(other, "a0", SamplingParams(max_new_tokens=4), group=object()) for _ in range(2)]
+            return [await s.collect() for s in streams]
+        finally:
+            await engine.stop()
+
+    results = run(main())
+    prefills = [(v["rows"], v["tokens"]) for e, v in events if e == "prefill"]
+    # the eight choices and one of the other prompt's requests in the first step (two distinct prompts: 32 tokens),
+    # the second request of the other prompt joins them (no new prompt to pay for): one prefill of two rows
+    assert prefills == [(2, 2 * len(prompt))], prefills
+    for j, result in enumerate(results[:8]):
+        alone = session.generate([prompt], ["a0"], max_new_tokens=4, do_sample=True, temperature=1.1, seed=40 + j)[0]
+        assert result.token_ids == alone, j
+    greedy = session.generate([other], ["a0"], max_new_tokens=4)[0]
+    assert [r.token_ids for r in results[8:]] == [greedy, greedy]
