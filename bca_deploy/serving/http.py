@@ -613,7 +613,6 @@ class OpenAIEmbeddings:
                    recipe.problems)
 
 
-
 def _rendered_with(template_kwargs: Mapping[str, Any] | None) -> str:
     """``", rendered with the template variables 'tools' (chat_template_kwargs, documents, tools)"`` for a render's
     variables (its messages' errors name them: the template wrote and read them too); "" without any."""
@@ -622,6 +621,7 @@ def _rendered_with(template_kwargs: Mapping[str, Any] | None) -> str:
         return ""
     shown = ", ".join(repr(k[:40]) for k in given[:5]) + (", ..." if len(given) > 5 else "")
     return f", rendered with the template variables {shown} (chat_template_kwargs, documents, tools)"
+
 
 def export_roots(export_dir: Path) -> list[str]:
     """The ways messages name the export's folder (as given, absolute, resolved), for :func:`redact_roots`."""

@@ -600,8 +600,8 @@ def _json_type(value: Any) -> str:
 _PARQUET_MAGIC = b"PAR1"
 _PARQUET_INSTALL = 'pip install "bca-deploy[parquet]"'
 #: The largest Parquet footer (schema and row-group metadata) read: a footer is KBs for a data set of a few columns
-#: (SST-2's train split written by pyarrow: 802 bytes); a corrupt or hostile length field claiming gigabytes is refused before a byte of it is
-#: read (the TSV header has its bound too: :data:`MAX_HEADER_CHARS`).
+#: (SST-2's train split written by pyarrow: 802 bytes); a corrupt or hostile length field claiming gigabytes is
+#: refused before a byte of it is read (the TSV header has its bound too: :data:`MAX_HEADER_CHARS`).
 MAX_PARQUET_FOOTER_BYTES = 64 * 1024 * 1024
 #: Rows decoded from a Parquet file per batch: what one batch holds in memory beyond the records (its cells are checked
 #: against :data:`MAX_FIELD_CHARS`, as a CSV field is, before they become Python strings).

@@ -237,7 +237,7 @@ def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(files, tmp_path):
     assert _log(out) == _log(reference.out_dir)
 
 
-# ---- the launcher's SIGTERM while a process finds its peer gone -------------------------------------------------------
+# ---- the launcher's SIGTERM while a process finds its peer gone ------------------------------------------------
 
 # Under torchrun, when one process dies the launcher sends the others SIGTERM, often just as they find the peer gone
 # in a collective (gloo's "Connection closed by peer") and unwind. The child below pretends that in one process: after
@@ -251,7 +251,7 @@ after = trainer._TrainingRun._after_step
 def _after_step(self, logs, save_every):
     after(self, logs, save_every)
     if self.step == 2:
-        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
 trainer._TrainingRun._after_step = _after_step
 def sigterm():
     os.kill(os.getpid(), signal.SIGTERM)
