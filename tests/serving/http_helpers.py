@@ -192,6 +192,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_beside_ray() -> int:
+    """A free port for serve-ray's HTTP proxy that Ray's own services cannot take while it starts: they bind port 0
+    (the kernel's ephemeral range, where :func:`free_port` also draws) or Ray's worker ports (10002-19999), so a port
+    drawn there was sometimes taken by one of them before the proxy bound it, and the test's health probe read that
+    service's binary reply (ci133: ``BadStatusLine: @@@...``). Drawn from 20000 up to the ephemeral range instead."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = max(20001, min(30000, low))
+    for _ in range(500):
+        port = random.randrange(20000, top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class ServeProcess:
     """``bca-deploy serve EXPORT [args]`` on 127.0.0.1:<free port>, in a child process; ``url`` once it answers."""
 

@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporters"))
 from exporters_helpers import build_model
-from http_helpers import assert_error, bank, call, free_port, openai_client
+from http_helpers import assert_error, bank, call, free_port_beside_ray, openai_client
 
 from bca_deploy import inject, save_adapter
 from bca_deploy.serving import MultiAdapterSession
@@ -58,7 +58,7 @@ def ray_app(tmp_path_factory):
         inject(model, targets, block_size=p, init="normal", init_std=0.05, seed=seed)
         save_adapter(model, store / name)
     (store / "misfit").symlink_to(art["store"] / "misfit", target_is_directory=True)  # a link out of this store
-    port = free_port()
+    port = free_port_beside_ray()
     for attempt in range(3):  # Ray gives its raylet a fixed 30 s to start: a busy machine can miss that
         try:
             ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

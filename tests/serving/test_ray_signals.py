@@ -26,7 +26,7 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import bank, free_port
+from http_helpers import bank, free_port_beside_ray
 
 
 def _ignore_sigint() -> None:  # what a shell does for a job it starts with &
@@ -36,7 +36,7 @@ def _ignore_sigint() -> None:  # what a shell does for a job it starts with &
 @contextlib.contextmanager
 def _serve_ray(export_dir: Path, log: Path):
     """``bca-deploy serve-ray EXPORT`` (one replica) once its health route answers: yields ``(process, url)``."""
-    port = free_port()
+    port = free_port_beside_ray()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_DISABLE_USAGE_STATS": "1"}
     command = [sys.executable, "-m", "bca_deploy.cli", "serve-ray", str(export_dir), "--replicas", "1",
                "--replica-cpus", "0", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
@@ -51,7 +51,7 @@ def _serve_ray(export_dir: Path, log: Path):
                         response.read()
                         if response.status == 200:
                             break
-                except OSError:
+                except (OSError, http.client.HTTPException):  # not up yet (or, at worst, another service's port)
                     pass
                 assert time.monotonic() < deadline, "serve-ray did not come up"
                 time.sleep(0.5)
