@@ -10,7 +10,6 @@ and counted.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import socket
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
-from http_helpers import bank, call  # noqa: E402
+from http_helpers import bank, call, log_lines  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +85,6 @@ def test_an_empty_path_is_the_root(url):
     assert status == 404 and got["error"]["message"] == "no endpoint GET /"
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 @pytest.mark.parametrize(("target", "word"), [
     (b"ftp://host/health", "scheme"),
     (b"http:///health", "host is empty"),
@@ -105,22 +95,15 @@ class _Lines(logging.Handler):
     (b"*", "neither a path"),
 ])
 def test_a_malformed_target_is_a_400_logged_and_counted(url, target, word):
-    logger, lines = logging.getLogger("bca_deploy.serve"), _Lines()
-    logger.addHandler(lines)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with log_lines() as lines:
         before = _count(url, "unmatched", 400)
         status, got = _request(url, target)
         deadline = time.monotonic() + 5
-        while not any('"status":400' in line for line in lines.lines) and time.monotonic() < deadline:
+        while not any('"status":400' in line for line in lines) and time.monotonic() < deadline:
             time.sleep(0.02)  # the log line is written once the answer is out
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
     assert status == 400 and got["error"]["type"] == "invalid_http" and word in got["error"]["message"], got
     assert _count(url, "unmatched", 400) == before + 1
-    entry = json.loads(next(line for line in lines.lines if '"status":400' in line))
+    entry = json.loads(next(line for line in lines if '"status":400' in line))
     assert entry["error_type"] == "invalid_http"
     # user information (it may be a password) is neither echoed nor logged
     assert entry["path"] == target.decode().replace("user:secret@", "...@")

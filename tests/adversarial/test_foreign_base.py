@@ -10,14 +10,13 @@ recorded base (:func:`bca_deploy.fit.base_name_note`): the merged weights are st
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import logging
 import json
 import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adversarial_helpers import assert_clean_cli_error, leftovers, model_digest, run_cli, same_model, tree_digest  # noqa: E402
+from http_helpers import log_lines  # noqa: E402
 from serving_helpers import banks  # noqa: E402,F401  (the session-wide bank exports)
 
 from bca_deploy.adapter_io import load_adapter, read_adapter, write_adapter_dir  # noqa: E402
@@ -295,29 +295,6 @@ def test_a_bank_session_registers_an_adapter_of_another_checkpoint_with_the_warn
     assert {a.name for a in session.adapters()} == {"foreign", "heard", "own", "unrecorded"}
 
 
-@contextlib.contextmanager
-def _server_log_lines(name: str) -> Iterator[list[str]]:
-    """The messages the logger ``name`` gets at WARNING and above while the block runs (its level lowered to INFO
-    meanwhile, as serve sets it)."""
-    import logging
-
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger, keep = logging.getLogger(name), Keep(logging.WARNING)
-    logger.addHandler(keep)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(keep)
-        logger.setLevel(level)
-
-
 def test_the_server_logs_the_warning_of_a_store_entry_and_answers_as_usual(banks, tmp_path):  # noqa: F811
     """Loaded from the adapter store (``serve --load``, ``POST /v1/adapters``), the warning goes to the server's log
     (event ``adapter_foreign_base``, with the entry's own path): the client's answer is the adapter's description as
@@ -330,7 +307,7 @@ def test_the_server_logs_the_warning_of_a_store_entry_and_answers_as_usual(banks
     store.mkdir()
     _recording(art["adapters"]["a0"], "/elsewhere/bert-other", store / "foreign")
     _recording(art["adapters"]["a0"], art["model"], store / "own")
-    with _server_log_lines(LOGGER_NAME) as lines:
+    with log_lines(LOGGER_NAME, logging.WARNING) as lines:
         app = build(art["onnx"], adapter_store=store, load=["foreign"], threads=1)
         events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]
         assert len(events) == 1 and events[0]["adapter"] == "foreign", lines
@@ -372,7 +349,7 @@ def test_exported_adapters_recording_another_checkpoint_are_registered_with_the_
         session.register_exported("own", name="own-again")
         session.register_exported("foreign", name="again", warn=heard.append)
     assert len(heard) == 1 and "'/elsewhere/bert-other'" in heard[0], heard
-    with _server_log_lines(LOGGER_NAME) as lines, warnings.catch_warnings():
+    with log_lines(LOGGER_NAME, logging.WARNING) as lines, warnings.catch_warnings():
         warnings.simplefilter("error", ForeignBaseWarning)  # serve logs it: no Python warning
         build(onnx, threads=1)
     events = [json.loads(line) for line in lines if '"adapter_foreign_base"' in line]

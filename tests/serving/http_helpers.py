@@ -18,8 +18,10 @@ folder on ``sys.path`` and import what they use. Exports are cached per pytest s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,6 +32,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -184,6 +187,27 @@ def llama_serve(export_dir: Path, store: Path, log: Path) -> ServeProcess:
     within 2 ms (use as a context manager)."""
     return ServeProcess(export_dir, "--adapter-store", str(store), "--served-model-name", "tiny-llama",
                         "--max-wait-ms", "2", log=log)
+
+
+@contextlib.contextmanager
+def log_lines(name: str = "bca_deploy.serve", level: int = logging.NOTSET) -> Iterator[list[str]]:
+    """The messages the logger ``name`` (the server's by default) gets at ``level`` and above while the block runs
+    (the logger's own level lowered to INFO meanwhile, as serve sets it), as they come."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, keep = logging.getLogger(name), Keep(level)
+    logger.addHandler(keep)
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(before)
 
 
 def free_port() -> int:
