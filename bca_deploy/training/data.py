@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ..config import MAX_NUM_LABELS, DuplicateKeyError, text_pair_mismatch, unique_key_object
-from ..errors import format_problems
+from ..errors import first_line, format_problems
 from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
 from .errors import DataError, DataFileNotFoundError
@@ -738,7 +738,7 @@ def _read_parquet_file(path: Path, handle: BinaryIO, keep: Collection[str] | Non
             schema, metadata = probe.schema_arrow, probe.metadata
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable Parquet file: its footer is corrupt "
-                        f"({_first_line(exc)})") from None
+                        f"({first_line(exc, 200)})") from None
     columns = list(schema.names)
     repeated = sorted(c for c, n in collections.Counter(columns).items() if n > 1)
     if repeated:
@@ -809,7 +809,7 @@ def _read_parquet_file(path: Path, handle: BinaryIO, keep: Collection[str] | Non
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: the Parquet file cannot be read after row {len(records):,} (is it truncated or "
-                        f"corrupt, or was it rewritten while it was read? {_first_line(exc)})") from None
+                        f"corrupt, or was it rewritten while it was read? {first_line(exc, 200)})") from None
     if problems:
         raise DataError(format_problems(f"{path}: malformed Parquet rows:", problems, limit=10))
     if len(records) != metadata.num_rows:
@@ -857,12 +857,6 @@ def _parquet_frame_problem(f: BinaryIO) -> str | None:
         return (f"its Parquet footer is {footer:,} bytes; at most {MAX_PARQUET_FOOTER_BYTES:,} are read (a data set's "
                 "footer is kilobytes: rewrite the file with fewer columns or larger row groups)")
     return None
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, cut at ``limit`` characters (pyarrow's can be long)."""
-    text = str(exc).strip().splitlines()
-    return (text[0][:limit] if text else type(exc).__name__) or type(exc).__name__
 
 
 def _too_much(path: Path, used: int, budget: int, rows: str) -> str:
