@@ -365,9 +365,9 @@ class _TrainingRun:
 
     def __init__(self, cfg: TrainConfig, given: TrainConfig, d: Dist, dev: torch.device, model: nn.Module | None,
                  tokenizer: Any, on_step: Callable[[int, dict[str, Any]], None] | None,
-                 signals: _TerminationSignals | None = None) -> None:
+                 signals: _TerminationSignals) -> None:
         self.cfg, self.given, self.d, self.dev = cfg, given, d, dev
-        self.signals = signals if signals is not None else _TerminationSignals()
+        self.signals = signals  # train()'s termination handler: ignored once the run unwinds
         self.model, self.tokenizer, self.on_step = model, tokenizer, on_step
         self.model_given = model is not None
         self.recipe = recipe_for(cfg.recipe, cfg.task)
