@@ -133,6 +133,23 @@ def row_alone(model, ids: list[int], adapter: str | None) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state)[0]
 
 
+def run_shapes(session, refuse: int | None = None) -> list[tuple[int, int]]:
+    """From now on, the ``input_ids`` shape ``(rows, columns)`` of every run of ``session``, as they come; a prompt
+    run (more than one column) holding token ``refuse`` raises instead (simulated: the graph refuses it)."""
+    shapes: list[tuple[int, int]] = []
+    real_run = session.run_ortvalues
+
+    def recording_run(feeds, adapters, output_names=None, snapshot=None, **kwargs):
+        ids = feeds["input_ids"]
+        shapes.append(ids.shape)
+        if refuse is not None and ids.shape[1] > 1 and (ids == refuse).any():
+            raise RuntimeError(f"simulated: the graph refuses token {refuse}")
+        return real_run(feeds, adapters, output_names, snapshot, **kwargs)
+
+    session.run_ortvalues = recording_run
+    return shapes
+
+
 def token_rows(n: int, seed: int, low: int = 2, high: int = 9) -> list[list[int]]:
     """``n`` random token-id rows of lengths in [low, high), ids in [3, VOCAB) (no bos/eos/pad ids)."""
     rng = np.random.default_rng(seed)

@@ -34,6 +34,7 @@ from serving_helpers import (  # noqa: F401
     banks,
     row_alone,
     run_in_waves,
+    run_shapes,
     save_tiny_adapter,
     token_rows,
     torch_model,
@@ -224,14 +225,7 @@ def test_a_prefill_run_in_chunks_gives_every_row_the_logits_of_the_row_alone(dec
     after it, every row's PyTorch logits for its whole sequence alone. Each run feeds at most ``chunk_tokens``
     padded tokens (at least one column), and a row cancelled mid-prefill leaves before the next chunk."""
     session = MultiAdapterSession(decoder["onnx"])
-    shapes: list[tuple[int, int]] = []  # input_ids shape of each run
-    real_run = session.run_ortvalues
-
-    def recording_run(feeds, adapters, output_names=None, snapshot=None, **kwargs):
-        shapes.append(feeds["input_ids"].shape)
-        return real_run(feeds, adapters, output_names, snapshot, **kwargs)
-
-    session.run_ortvalues = recording_run
+    shapes = run_shapes(session)  # input_ids shape of each run
     model = reference_model(decoder["name"])
     choices = CHOICES[decoder["name"]]
     prompts = token_rows(5, seed=71, low=3, high=14)

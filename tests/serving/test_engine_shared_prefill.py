@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import banks, llama, row_alone, token_rows, torch_model  # noqa: F401
+from serving_helpers import banks, llama, row_alone, run_shapes, token_rows, torch_model  # noqa: F401
 
 from bca_deploy.serving import MultiAdapterSession
 from bca_deploy.serving.decoding import DecodeBatch, DecodeRow
@@ -23,23 +23,6 @@ from bca_deploy.serving.engine import GenerationEngine, SamplingParams
 
 TIMEOUT = 60.0
 ATOL = 1e-4
-
-
-def spied(session: MultiAdapterSession, refuse: int | None = None) -> list[tuple[int, int]]:
-    """Record ``(rows, columns)`` of every run of ``session``; a prompt run holding token ``refuse`` raises
-    (simulated: the graph refuses it)."""
-    shapes: list[tuple[int, int]] = []
-    real_run = session.run_ortvalues
-
-    def recording_run(feeds, adapters, output_names=None, snapshot=None, **kwargs):
-        ids = feeds["input_ids"]
-        shapes.append(ids.shape)
-        if refuse is not None and ids.shape[1] > 1 and (ids == refuse).any():
-            raise RuntimeError(f"simulated: the graph refuses token {refuse}")
-        return real_run(feeds, adapters, output_names, snapshot, **kwargs)
-
-    session.run_ortvalues = recording_run
-    return shapes
 
 
 def run(coro):
@@ -53,7 +36,7 @@ def test_twins_are_prefilled_once_in_chunks_and_a_cancelled_leader_hands_over(ll
     runs still feed 4 rows (A's next choice leads). Every row left gets its PyTorch logits at the end of the prefill
     and, each choosing another token (they diverge), at two steps after it."""
     session = MultiAdapterSession(llama["onnx"])
-    shapes = spied(session)
+    shapes = run_shapes(session)
     model = torch_model("llama")
     a, b, c = token_rows(3, seed=131, low=7, high=12)
     snapshot = session.snapshot()
@@ -94,7 +77,7 @@ def test_a_refused_leader_fails_with_its_followers_and_a_removed_one_ends_the_pr
     whose ids the session refuses (out of the vocabulary) fails for both of its twins; the other prompt's row gets its
     PyTorch logits. A prefill whose leader and followers are all removed ends without another run."""
     session = MultiAdapterSession(llama["onnx"])
-    shapes = spied(session, refuse=99)
+    shapes = run_shapes(session, refuse=99)
     good, bad = [5, 6, 7, 8], [5, 99, 7]
     snapshot = session.snapshot()
     rows = [DecodeRow(list(p), "a0", snapshot, owner=i)
@@ -171,7 +154,7 @@ def test_scoring_twins_run_once_under_the_logits_budget_and_keep_their_scores_wh
     first scored (PyTorch's teacher-forced log-probability and top-2), the scores of the columns run before the
     cancellation included."""
     session = MultiAdapterSession(llama["onnx"])
-    shapes = spied(session)
+    shapes = run_shapes(session)
     a, b = token_rows(2, seed=133, low=6, high=9)
     snapshot = session.snapshot()
     spec = [(a, "a2")] * 3 + [(b, None)]
