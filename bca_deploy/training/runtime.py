@@ -18,7 +18,7 @@ from .errors import DataError, TrainingConfigError
 from .metrics import MetricAccumulator
 
 __all__ = ["Dist", "init_distributed", "barrier", "on_main", "on_every_rank", "any_rank",
-           "peer_failure", "destroy", "resolve_precision",
+           "peer_failure", "destroy", "joined_process_group", "resolve_precision",
            "autocast", "place_model", "model_inputs", "task_loss", "to_device", "run_eval"]
 
 
@@ -67,8 +67,19 @@ def usable_device(request: str) -> torch.device:
     return device
 
 
+#: Whether this process created a torchrun process group (see :func:`joined_process_group`).
+_joined_group = False
+
+
+def joined_process_group() -> bool:
+    """Whether :func:`init_distributed` joined a process group in this process: the CLI then ends the process
+    without the interpreter's teardown (``bca_deploy.cli``), where gloo was seen to abort a finished worker."""
+    return _joined_group
+
+
 def init_distributed(device_request: str | None) -> tuple[Dist, torch.device]:
     """Join the torchrun process group when ``WORLD_SIZE > 1``; pick this rank's device."""
+    global _joined_group
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -86,7 +97,7 @@ def init_distributed(device_request: str | None) -> tuple[Dist, torch.device]:
     owns = False
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        owns = True
+        owns = _joined_group = True
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns), device
 
 
