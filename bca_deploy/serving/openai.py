@@ -397,15 +397,11 @@ class ChatMessage(BaseModel):
             if value is not None and value != []:
                 raise ValueError(f"{field}: only null is supported in a message (audio, refusals, legacy function "
                                  "calls and reasoning are not implemented)")
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError(f"tool_calls: only an assistant message carries tool calls, not a {self.role} message")
-        if self.role == "tool" and self.tool_call_id is None:
-            raise ValueError("tool_call_id: a tool message must name the tool call it answers (the id of a call in "
-                             "an earlier assistant message's tool_calls)")
-        if self.tool_call_id is not None and self.role != "tool":
-            raise ValueError(f"tool_call_id: only a tool message answers a tool call, not a {self.role} message")
-        if self.content is None and self.tool_calls is None:
-            raise ValueError("content: a message needs text (an assistant message may have tool_calls instead)")
+        from .tools import message_tool_problems
+
+        problems = message_tool_problems(self.role, self.content is not None, self.tool_calls, self.tool_call_id)
+        if problems:
+            raise ValueError(problems[0])
         return self
 
     def text(self) -> str:
@@ -416,16 +412,9 @@ class ChatMessage(BaseModel):
         """The message as the chat template sees it, as vLLM passes it: role, text ("" for an assistant message
         with tool calls and no content), ``name`` when given, an assistant's ``tool_calls`` with their arguments as
         dicts (:func:`~bca_deploy.serving.tools.template_tool_calls`), a tool message's ``tool_call_id``."""
-        from .tools import template_tool_calls
+        from .tools import template_message
 
-        message: dict[str, Any] = {"role": self.role, "content": self.text()}
-        if self.name is not None:
-            message["name"] = self.name
-        if self.tool_calls is not None:
-            message["tool_calls"] = template_tool_calls(self.tool_calls)
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        return message
+        return template_message(self.role, self.text(), self.name, self.tool_calls, self.tool_call_id)
 
 
 def _rendering_problems(chat_template: str | None, chat_template_kwargs: Mapping[str, Any] | None,

@@ -42,7 +42,8 @@ from ..config import show_json_value
 from .limits import TOOL_CALL_PARSERS
 
 __all__ = ["TOOL_CALL_PARSERS", "MAX_TOOLS", "MAX_TOOLS_BYTES", "ToolCall", "ToolCallParser", "make_parser",
-           "parse_tool_calls", "tools_problems", "tool_calls_problems", "template_tool_calls"]
+           "parse_tool_calls", "tools_problems", "tool_calls_problems", "template_tool_calls",
+           "message_tool_problems", "template_message"]
 
 
 #: The most tools one request may list, and the most calls one assistant message may carry: OpenAI's bound (its API
@@ -204,6 +205,41 @@ def template_tool_calls(calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     return [{"id": call["id"], "type": "function",
              "function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}}
             for call in calls]
+
+
+def message_tool_problems(role: str, has_content: bool, tool_calls: Any, tool_call_id: Any) -> list[str]:
+    """What is wrong with how one message uses the tool fields (a chat request's message, a training conversation's),
+    ``tool_calls`` and ``tool_call_id`` already checked for their own shape (None: absent): tool calls only on an
+    assistant message, a tool message naming the call it answers, ``tool_call_id`` only on a tool message, and text
+    or tool calls in every message."""
+    problems = []
+    if tool_calls is not None and role != "assistant":
+        problems.append(f"tool_calls: only an assistant message carries tool calls, not a {role} message")
+    if role == "tool" and tool_call_id is None:
+        problems.append("tool_call_id: a tool message must name the tool call it answers (the id of a call in an "
+                        "earlier assistant message's tool_calls)")
+    if tool_call_id is not None and role != "tool":
+        problems.append(f"tool_call_id: only a tool message answers a tool call, not a {role} message")
+    if not has_content and tool_calls is None:
+        problems.append("content: a message needs text (an assistant message may have tool_calls instead)")
+    return problems
+
+
+def template_message(role: str, text: str, name: str | None = None,
+                     tool_calls: Sequence[dict[str, Any]] | None = None,
+                     tool_call_id: str | None = None) -> dict[str, Any]:
+    """One checked message as the chat template sees it, as vLLM passes it: role, text (``""`` for an assistant
+    message with tool calls and no content), ``name`` when given, an assistant's ``tool_calls`` with their arguments
+    as dicts (:func:`template_tool_calls`), a tool message's ``tool_call_id``. The server's chat route and training's
+    conversations both render this shape, so an adapter trains on the prompt it is served."""
+    message: dict[str, Any] = {"role": role, "content": text}
+    if name is not None:
+        message["name"] = name
+    if tool_calls is not None:
+        message["tool_calls"] = template_tool_calls(tool_calls)
+    if tool_call_id is not None:
+        message["tool_call_id"] = tool_call_id
+    return message
 
 
 # ---- reading calls out of generated text ---------------------------------------------------------------------------

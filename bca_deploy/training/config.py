@@ -280,8 +280,9 @@ class TrainConfig:
                                 "default, a file without it has its 'completion' read).", "str", group="columns")
     messages_column: str = _opt(
         "messages", "causal-lm: the conversation column (JSON: a list of {\"role\", \"content\"} objects, roles "
-        "system/user/assistant), rendered with the model's chat template, loss on the assistant turns; used when "
-        "there is no prompt/response pair.", "str", group="columns")
+        "system/user/assistant/tool, assistant tool_calls; a 'tools' column beside it gives the functions), rendered "
+        "with the model's chat template, loss on the assistant turns; used when there is no prompt/response pair.",
+        "str", group="columns")
     text_column: str = _opt("text", "causal-lm: the plain-text column (loss on every token), used when there is "
                             "no prompt/response pair, messages column nor Alpaca instruction/output.", "str",
                             group="columns")

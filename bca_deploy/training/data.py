@@ -1032,7 +1032,8 @@ class LMExamples:
     texts: list[str] | None
     lines: list[int]
     path: Path
-    conversations: list[list[dict[str, str]]] | None = None
+    conversations: list[list[dict[str, Any]]] | None = None
+    tools: list[list[Any] | None] | None = None  # per conversation, the functions its template is given (None: none)
     columns: str = ""  # the columns read, for the start-up summary ("prompt+completion", ...)
 
     def __len__(self) -> int:
@@ -1407,13 +1408,24 @@ def classes_needed(examples: SeqClsExamples) -> int:
     return max(2, largest + 1)
 
 
-#: The roles a training conversation's messages may have (what every chat template takes).
-CHAT_ROLES = ("system", "user", "assistant")
+#: The roles a training conversation's messages may have (what every chat template takes, and ``tool``: a tool's
+#: answer to an assistant's call, as the server takes it).
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+#: The column read beside a conversation column, when the file has it: the functions the conversation's model may
+#: call (``[{"type": "function", "function": {"name", "description"?, "parameters"?}}]``, or that list as a JSON
+#: string, as Hugging Face data sets often store it), handed to the chat template as ``serve`` hands a request's
+#: ``tools``: ``apply_chat_template(..., tools=...)``.
+TOOLS_COLUMN = "tools"
 
 
 def _conversation_problem(value: Any, column: str) -> str | None:
     """What is wrong with one row's conversation (None: nothing): a list of ``{"role", "content"}`` objects, roles
-    among :data:`CHAT_ROLES`, contents strings, at least one assistant turn."""
+    among :data:`CHAT_ROLES`, contents strings, at least one assistant turn; an assistant's ``tool_calls`` and a
+    tool message's ``tool_call_id`` by the server's rules (:mod:`bca_deploy.serving.tools`: the same shapes and
+    bounds, each problem with its path), the content of an assistant message with calls null or absent."""
+    from ..serving.tools import message_tool_problems, tool_calls_problems
+
     if not isinstance(value, list) or not value:
         return (f"{column!r} must be a non-empty list of {{\"role\", \"content\"}} objects, got "
                 f"{_json_type(value) if value != [] else 'an empty list'}")
@@ -1428,15 +1440,68 @@ def _conversation_problem(value: Any, column: str) -> str | None:
         if not isinstance(role, str) or role not in CHAT_ROLES:
             got = "none" if "role" not in message else repr(role)[:40]
             return f"{where}.role must be one of {', '.join(map(repr, CHAT_ROLES))}, got {got}"
-        if not isinstance(content, str):
+        calls = _tool_calls(message)
+        if calls is not None and (problems := tool_calls_problems(calls, f"{where}.tool_calls")):
+            return "; ".join(problems)
+        call_id = message.get("tool_call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            return f"{where}.tool_call_id must be a string, got {_json_type(call_id)}"
+        if content is not None and not isinstance(content, str) or content is None and calls is None:
             got = "none" if "content" not in message else _json_type(content)
-            return f"{where}.content must be a string, got {got}"
-        text = _text_problem(content, f"{where}.content", allow_empty=True)  # NUL, lone surrogate: the text rule
-        if text:
+            return f"{where}.content must be a string, got {got}" + (
+                " (an assistant message may have tool_calls instead)" if role == "assistant" else "")
+        problems = message_tool_problems(role, content is not None, calls, call_id)
+        if problems:
+            return "; ".join(f"{where}.{p}" for p in problems)
+        text = _text_problem(content, f"{where}.content", allow_empty=True) if content is not None else None
+        if text:  # NUL, lone surrogate: the text rule
             return text
     if not any(m["role"] == "assistant" for m in value):
         return f"{column!r} has no \"assistant\" message: nothing to train on (the loss is on the assistant turns)"
     return None
+
+
+def _tool_calls(message: dict[str, Any]) -> Any:
+    """A message's ``tool_calls``, None when absent, null or empty (a Parquet struct's field of a message without
+    calls is null; an answer sent back without calls has ``[]``: the server reads both as none)."""
+    calls = message.get("tool_calls")
+    return None if calls is None or calls == [] else calls
+
+
+def _template_conversation(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A checked conversation as the chat template sees it: each message as ``serve`` hands a request's message to
+    the template (:func:`~bca_deploy.serving.tools.template_message`: an assistant's call arguments as dicts, a
+    tool message's ``tool_call_id``)."""
+    from ..serving.tools import template_message
+
+    return [template_message(m["role"], m.get("content") or "", None, _tool_calls(m), m.get("tool_call_id"))
+            for m in messages]
+
+
+def _tools_value(value: Any) -> tuple[list[Any] | None, str | None]:
+    """``(tools, problem)`` of a row's :data:`TOOLS_COLUMN` cell: null, an empty list or ``""`` is no tools; a list
+    or a string of a JSON list is checked by the server's rules (:func:`~bca_deploy.serving.tools.tools_problems`:
+    at most 128 tools, 1 MiB as JSON, each problem with its path)."""
+    from ..serving.tools import MAX_TOOLS_BYTES, tools_problems
+
+    if value is None or value == [] or value == "":
+        return None, None
+    if isinstance(value, str):
+        if len(value) > 4 * MAX_TOOLS_BYTES:
+            return None, f"{TOOLS_COLUMN}: {len(value):,} characters; at most {MAX_TOOLS_BYTES:,} bytes are taken"
+        try:
+            value = json.loads(value, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            return None, (f"{TOOLS_COLUMN}: a string that is not JSON ({first_line(exc, 120)}); expected a list of "
+                          "tools, or that list written as JSON")
+    problems = tools_problems(value, TOOLS_COLUMN)
+    if problems:
+        return None, "; ".join(problems)
+    return value or None, None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 #: Stanford Alpaca's prompts, with the newline after ``### Response:`` that Axolotl's ``alpaca`` type adds (the
@@ -1507,8 +1572,8 @@ def load_causal_lm(
     """
     path = Path(path)
     keep = {c for c in (prompt_column, response_column, messages_column, text_column, COMPLETION_COLUMN,
-                        *ALPACA_COLUMNS, *_INSTRUCTION_PARTS) if isinstance(c, str)}
-    records, columns, lines = read_records(path, keep, nested={messages_column})
+                        TOOLS_COLUMN, *ALPACA_COLUMNS, *_INSTRUCTION_PARTS) if isinstance(c, str)}
+    records, columns, lines = read_records(path, keep, nested={messages_column, TOOLS_COLUMN})
     layout = causal_lm_fields(columns, prompt_column, response_column, messages_column, text_column)
     if layout is None:
         hint = _causal_lm_hint(columns)
@@ -1523,17 +1588,23 @@ def load_causal_lm(
     if not records:
         raise DataError(f"{path}: the data set is empty (no examples)")
     if fields == [messages_column]:
-        conversations, problems = [], []
+        conversations, tools, problems = [], [], []
+        with_tools = TOOLS_COLUMN in columns and TOOLS_COLUMN != messages_column
         for record, line in zip(records, lines):
             value = record.get(messages_column)
             problem = _conversation_problem(value, messages_column)
-            if problem:
-                problems.append(f"{_at(line)}: {problem}")
+            row_tools, tools_problem = _tools_value(record.get(TOOLS_COLUMN)) if with_tools else (None, None)
+            for found in (problem, tools_problem):
+                if found:
+                    problems.append(f"{_at(line)}: {found}")
+            if problem or tools_problem:
                 continue
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in value])
+            conversations.append(_template_conversation(value))
+            tools.append(row_tools)
         if problems:
             raise DataError(format_problems(f"{path}: bad conversations:", problems, limit=10))
-        return LMExamples(None, None, None, lines, path, conversations=conversations, columns=messages_column)
+        return LMExamples(None, None, None, lines, path, conversations=conversations, tools=tools,
+                          columns=messages_column + (f"+{TOOLS_COLUMN}" if with_tools else ""))
     if prompt_column in _INSTRUCTION_PARTS and len(fields) == 2 and not alpaca:
         _refuse_unread_context(path, records, lines, columns, fields)
     values: dict[str, list[str]] = {f: [] for f in fields}
@@ -1832,12 +1903,17 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
     limit = max(1, max_length) * CHARS_PER_TOKEN_BOUND
     out, problems = [], []
 
-    def ids_of(messages, prompt: bool) -> list[int]:
-        text = renderer.render_sync(messages, limit, add_generation_prompt=prompt)
-        return list(tokenizer(text, **CHAT_TOKENIZE_OPTIONS)["input_ids"])
+    def render(messages, prompt: bool) -> str:
+        # a row's tools as serve hands a request's to the template: apply_chat_template(..., tools=tools)
+        return renderer.render_sync(messages, limit, add_generation_prompt=prompt,
+                                    template_kwargs={"tools": tools} if tools else None)
 
+    def ids_of(messages, prompt: bool) -> list[int]:
+        return list(tokenizer(render(messages, prompt), **CHAT_TOKENIZE_OPTIONS)["input_ids"])
+
+    conversations = examples.conversations or []
     try:
-        for line, messages in zip(examples.lines, examples.conversations or []):
+        for line, messages, tools in zip(examples.lines, conversations, examples.tools or [None] * len(conversations)):
             if len(problems) > 10:  # enough to show; each refused render may have taken the full time bound
                 break
             try:
@@ -1868,9 +1944,7 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
                 continue
             if bad is not None:
                 problems.append(f"{_at(line)}: message {bad} (assistant): " + _not_a_turn_prefix(
-                    renderer.render_sync(messages[:bad], limit, add_generation_prompt=True),
-                    renderer.render_sync(messages[:bad + 1], limit, add_generation_prompt=False),
-                    renderer.render_sync(messages, limit, add_generation_prompt=False)))
+                    render(messages[:bad], True), render(messages[:bad + 1], False), render(messages, False)))
                 continue
             out.append((line, whole[:max_length], target[:max_length]))
     except ServingError as exc:  # a worker could not start or died

@@ -169,7 +169,7 @@ def test_bad_conversations_are_refused_by_line_and_field(chat_model, tmp_path):
     tokenizer = _tokenizer(chat_model)
     user = {"role": "user", "content": "how is the water"}
     rows = [{"messages": TWO_TURNS},
-            {"messages": [user, {"role": "tool", "content": "hot"}]},
+            {"messages": [user, {"role": "function", "content": "hot"}]},
             {"messages": [user, {"role": "assistant", "content": 3}]},
             {"messages": [user]},
             {"messages": "how is the water"},
@@ -180,11 +180,12 @@ def test_bad_conversations_are_refused_by_line_and_field(chat_model, tmp_path):
         load_dataset(path, "causal-lm", tokenizer, 64, model=chat_model)
     message = str(caught.value)
     assert str(path) in message and "line 1:" not in message
-    for expected in ("line 2: messages[1].role must be one of 'system', 'user', 'assistant', got 'tool'",
+    for expected in ("line 2: messages[1].role must be one of 'system', 'user', 'assistant', 'tool', "
+                     "got 'function'",
                      "line 3: messages[1].content must be a string, got a number",
                      "line 4: 'messages' has no \"assistant\" message",
                      "line 5: 'messages' must be a non-empty list",
-                     "line 6: messages[1].role must be one of 'system', 'user', 'assistant', got none",
+                     "line 6: messages[1].role must be one of 'system', 'user', 'assistant', 'tool', got none",
                      "line 7: 'messages' must be a non-empty list"):
         assert expected in message, message
 

@@ -1,0 +1,160 @@
+"""Causal-lm training on function-calling conversations: ``tool`` messages, assistant messages with ``tool_calls``
+and a ``tools`` column, rendered as ``serve`` renders a chat request (the reference: transformers'
+``apply_chat_template(messages, tools=tools)`` with the arguments as dicts, as transformers documents it), the loss
+on the assistant turns only; bad rows refused by row and field with the server's rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from training_helpers import write_jsonl
+
+from bca_deploy.training import DataError
+from bca_deploy.training.data import IGNORE_INDEX, load_dataset
+
+#: A Hermes-like template (the tools in a system turn, calls in <tool_call> blocks, results in <tool_response>),
+#: each turn ``<s>ROLE\nTEXT</s>``.
+TEMPLATE = (
+    "{%- if tools %}<s>system\nYou may call these tools:{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}"
+    "</s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<s>user\n<tool_response>{{ m.tool_call_id }} {{ m.content }}</tool_response></s>"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}<s>assistant\n{{ m.content }}"
+    "{%- for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}</tool_call>{%- endfor %}</s>"
+    "{%- else %}<s>{{ m.role }}\n{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Find a city's weather.",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "noop"}}]
+#: A function-calling conversation in OpenAI's message form (arguments a JSON string, no content beside calls) ...
+CONVERSATION = [{"role": "system", "content": "be short"},
+                {"role": "user", "content": "weather in rome?"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "call_1", "type": "function",
+                                 "function": {"name": "lookup", "arguments": '{"city": "rome"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "assistant", "content": "sunny in rome"}]
+#: ... and as transformers documents it for apply_chat_template (arguments a dict; no content: "")
+AS_TEMPLATE_READS = [CONVERSATION[0], CONVERSATION[1],
+                     {"role": "assistant", "content": "",
+                      "tool_calls": [{"id": "call_1", "type": "function",
+                                      "function": {"name": "lookup", "arguments": {"city": "rome"}}}]},
+                     CONVERSATION[3], CONVERSATION[4]]
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory) -> Path:
+    """A directory holding a character-level tokenizer (``<s>``, ``</s>`` and the tags single tokens) carrying
+    :data:`TEMPLATE` (what the data path reads: the tokenizer and its template)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "\n", *(chr(c) for c in range(32, 127)), "<tool_call>", "</tool_call>",
+             "<tool_response>", "</tool_response>"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"</?tool_call>|</?tool_response>|</?s>|[\s\S]"),
+                                              behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = TEMPLATE
+    directory = tmp_path_factory.mktemp("tools") / "model"
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _reference(tokenizer, messages, tools) -> tuple[list[int], list[int]]:
+    """By hand: transformers' render with ``tools``, tokenized; the labels are the tokens of each assistant turn's
+    text past ``<s>assistant\\n`` through its ``</s>`` (found in the text, mapped by the tokens' offsets)."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    spans, at = [], 0
+    while (start := text.find("<s>assistant\n", at)) >= 0:
+        end = text.index("</s>", start) + len("</s>")
+        spans.append((start + len("<s>assistant\n"), end))
+        at = end
+    labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX for t, (s, _) in zip(ids, offsets)]
+    return ids, labels
+
+
+def test_tool_conversations_train_as_transformers_renders_them_with_tools(tool_model, tmp_path):
+    tokenizer = _tokenizer(tool_model)
+    ids, labels = _reference(tokenizer, AS_TEMPLATE_READS, TOOLS)
+    plain_ids, plain_labels = _reference(tokenizer, AS_TEMPLATE_READS, None)
+    assert ids != plain_ids  # the tools are in the prompt
+    rows = [{"messages": CONVERSATION, "tools": TOOLS},
+            {"messages": CONVERSATION, "tools": json.dumps(TOOLS)},  # a JSON string, as HF data sets store it
+            {"messages": CONVERSATION},  # no tools for this row
+            {"messages": CONVERSATION, "tools": []}]
+    path = write_jsonl(tmp_path / "calls.jsonl", rows)
+    examples, data = load_dataset(path, "causal-lm", tokenizer, 1024, model=tool_model)
+    assert examples.format == "messages" and examples.columns == "messages+tools"
+    assert data.input_ids == [ids, ids, plain_ids, plain_ids]
+    assert data.labels == [labels, labels, plain_labels, plain_labels]
+    trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    assert trained == ('<tool_call>{"name": "lookup", "arguments": {"city": "rome"}}</tool_call></s>'
+                       'sunny in rome</s>')
+
+
+def test_tool_conversations_read_from_parquet(tool_model, tmp_path):
+    """Parquet: messages a list of structs (a message's absent fields null), tools a JSON string column."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    tokenizer = _tokenizer(tool_model)
+    path = tmp_path / "calls.parquet"
+    pq.write_table(pa.table({"messages": [CONVERSATION, CONVERSATION], "tools": [json.dumps(TOOLS), None]}), path)
+    _, data = load_dataset(path, "causal-lm", tokenizer, 1024, model=tool_model)
+    assert (data.input_ids[0], data.labels[0]) == _reference(tokenizer, AS_TEMPLATE_READS, TOOLS)
+    assert (data.input_ids[1], data.labels[1]) == _reference(tokenizer, AS_TEMPLATE_READS, None)
+
+
+def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
+    user = {"role": "user", "content": "weather in rome?"}
+    answer = {"role": "assistant", "content": "sunny"}
+
+    def call(arguments) -> dict:
+        function = {"name": "lookup", "arguments": arguments}
+        return {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": function}]}
+
+    rows = [{"messages": CONVERSATION, "tools": TOOLS},
+            {"messages": [user, {"role": "tool", "content": "sunny"}, answer]},
+            {"messages": [{**user, "tool_calls": CONVERSATION[2]["tool_calls"]}, answer]},
+            {"messages": [user, call("{not json"), answer]},
+            {"messages": [user, call({"city": "rome"}), answer]},
+            {"messages": [user, answer], "tools": {"name": "lookup"}},
+            {"messages": [user, answer], "tools": "[{not json"},
+            {"messages": [user, answer], "tools": [{"type": "function", "function": {"name": "no spaces"}}]},
+            {"messages": [user, answer], "tools": [{"type": "function", "function": {"name": f"f{i}"}}
+                                                   for i in range(129)]},
+            {"messages": [user, {"role": "assistant"}]}]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as caught:
+        load_dataset(path, "causal-lm", _tokenizer(tool_model), 1024, model=tool_model)
+    message = str(caught.value)
+    assert "line 1:" not in message, message
+    for expected in (
+            "line 2: messages[1].tool_call_id: a tool message must name the tool call it answers",
+            "line 3: messages[0].tool_calls: only an assistant message carries tool calls, not a user message",
+            "line 4: messages[1].tool_calls[0].function.arguments: must be a JSON object written as a string",
+            "line 5: messages[1].tool_calls[0].function.arguments: must be a string of JSON",
+            "line 6: tools: must be a list of tools",
+            "line 7: tools: a string that is not JSON",
+            "line 8: tools[0].function.name: 'no spaces' is not a function name",
+            "line 9: tools: 129 tools; at most 128 are taken",
+            "line 10: messages[1].content must be a string, got none (an assistant message may have tool_calls "
+            "instead)"):
+        assert expected in message, message
