@@ -765,14 +765,15 @@ class MultiAdapterSession:
         if name in self._adapters and not replace:
             raise AdapterExistsError(f"adapter {name!r} is already loaded; unregister it first or pass replace=True")
         tensors, head, source = self._exported_slot(bank, adapter)
-        info = self.register_tensors(name, tensors, source=source, head=head, replace=replace)
         from bca_deploy.fit import bank_target, recorded_base_note, say_base_note
 
+        # said before the adapter is registered, as register says it (during its fit check): a warning turned into an
+        # error (-W error::ForeignBaseWarning) left the adapter registered while the caller got the exception
         target = bank_target(self.layout, self.model_type, self.base_model_prefix,
                              name_or_path=self.metadata.base_model)
         say_base_note(recorded_base_note(bank.adapter_bases.get(adapter), target.name_or_path, target.description,
                                          f"exported adapter {adapter!r} ({source})"), warn, stacklevel=2)
-        return info
+        return self.register_tensors(name, tensors, source=source, head=head, replace=replace)
 
     def _register_exported(self, bank: BankRecord) -> None:
         for name in bank.adapters:

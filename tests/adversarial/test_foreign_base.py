@@ -349,6 +349,15 @@ def test_exported_adapters_recording_another_checkpoint_are_registered_with_the_
         session.register_exported("own", name="own-again")
         session.register_exported("foreign", name="again", warn=heard.append)
     assert len(heard) == 1 and "'/elsewhere/bert-other'" in heard[0], heard
+    # the warning made an error (-W error::ForeignBaseWarning): nothing is registered, nothing replaced (before: the
+    # adapter was registered when the exception came)
+    before = {a.name: a.source for a in session.adapters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForeignBaseWarning)
+        for name, replace in (("refused", False), ("own-again", True)):
+            with pytest.raises(ForeignBaseWarning, match="exported adapter 'foreign'"):
+                session.register_exported("foreign", name=name, replace=replace)
+    assert {a.name: a.source for a in session.adapters()} == before
     with log_lines(LOGGER_NAME, logging.WARNING) as lines, warnings.catch_warnings():
         warnings.simplefilter("error", ForeignBaseWarning)  # serve logs it: no Python warning
         build(onnx, threads=1)
