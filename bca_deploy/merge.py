@@ -55,7 +55,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from .adapter_io import peft_copied_modules, read_adapter
-from .atomic import atomic_dir, check_inputs_outside, check_target, copied_link_problem, recover
+from .atomic import (atomic_dir, check_inputs_outside, check_outside_adapters, check_target, copied_link_problem,
+                     recover)
 from .config import (
     CONFIG_FILE,
     KERNEL_SUFFIX,
@@ -1401,6 +1402,7 @@ def _check_paths(model_dir: Path, out_dir: Path, adapter_dirs: list[Path], overw
         raise OutputExistsError(f"--out (out_dir in Python) {out_dir} is inside the model directory {model_dir}; "
                                 "choose a path outside it")
     check_inputs_outside(out_dir, [("the model directory", model_dir), *(("the adapter", a) for a in adapter_dirs)])
+    check_outside_adapters(out_dir, [("the adapter", a) for a in adapter_dirs])
     recover(out_dir)  # a merge killed earlier: its temporary tree removed, a replaced tree restored
     check_target(out_dir, overwrite, checkpoint=True)
 

@@ -113,11 +113,12 @@ def _resolve_opset(opset: int | None, merge: bool, fft: str, default: int) -> in
     return opset
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool, protected: Sequence[Path]) -> None:
-    from bca_deploy.atomic import check_inputs_outside, check_target, recover
+def _check_out_dir(out_dir: Path, overwrite: bool, protected: Sequence[Path], adapters: Sequence[Path] = ()) -> None:
+    from bca_deploy.atomic import check_inputs_outside, check_outside_adapters, check_target, recover
 
     recover(out_dir)  # an export killed earlier: its temporary tree removed, a replaced tree restored
     check_inputs_outside(out_dir, [("the input", path) for path in protected])  # named first: the sharper reason
+    check_outside_adapters(out_dir, [("the adapter", path) for path in adapters])
     check_target(out_dir, overwrite)
 
 
@@ -233,7 +234,7 @@ def export(
     if merge and fft == "dft":
         raise UnsupportedExportError("fft='dft' (--fft dft) shapes the BCA subgraph of an unmerged graph; a merged "
                                      "graph has none: leave it out, or export unmerged (--no-merge)")
-    _check_out_dir(out_dir, overwrite, [model_dir, *adapter_dirs])
+    _check_out_dir(out_dir, overwrite, [model_dir, *adapter_dirs], adapter_dirs)
     check_runtime(None if merge else fft, validate)
     if validate:
         onnx_providers(provider)

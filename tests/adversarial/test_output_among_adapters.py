@@ -1,0 +1,88 @@
+"""``merge --out`` and ``export --out`` inside the adapter they read (``--adapter a0 --out a0/merged``), or in a folder
+of adapter directories (an adapter store, which ``serve --adapter-store`` reads folder by folder): both were written
+there. Now refused before anything is written, naming the output and the adapter or the store folder (exit 2 in the
+CLI); a folder holding an adapter beside other things (a model, data) is not a store, and stays a valid output's
+place."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adversarial_helpers import assert_clean_cli_error, run_cli  # noqa: E402
+
+import bca_deploy as bd  # noqa: E402
+from bca_deploy.errors import OutputExistsError  # noqa: E402
+from bca_deploy.merge import merge_checkpoint  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    """``base/`` (a tiny Llama) and ``store/a0``, ``store/a1`` (two adapters: a folder of adapters only)."""
+    root = tmp_path_factory.mktemp("among")
+    tiny_llama().save_pretrained(root / "base")
+    model = bd.inject(tiny_llama(), ["q_proj", "v_proj"], block_size=8, init="normal", seed=0)
+    bd.save_adapter(model, root / "store" / "a0")
+    shutil.copytree(root / "store" / "a0", root / "store" / "a1")
+    return root
+
+
+def _snapshot(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _cases(root: Path) -> list[tuple[Path, list[str]]]:
+    adapter, store = root / "store" / "a0", root / "store"
+    return [(adapter / "merged", [f"{adapter / 'merged'}: is inside the adapter {adapter}"]),
+            (adapter / "sub" / "merged", [f"is inside the adapter {adapter}"]),
+            (store / "merged", [f"{store / 'merged'}: is in {store}, a folder of adapter directories",
+                                "serve --adapter-store"])]
+
+
+def test_merge_into_an_adapter_or_a_store_is_refused_naming_both(setup):
+    before = _snapshot(setup)
+    for out, words in _cases(setup):
+        with pytest.raises(OutputExistsError) as caught:
+            merge_checkpoint(setup / "base", [(setup / "store" / "a0", 1.0)], out, progress=False)
+        for word in words:
+            assert word in str(caught.value), str(caught.value)
+        args = ["merge", "--model", setup / "base", "--adapter", setup / "store" / "a0", "--out", out]
+        result = run_cli(args)
+        assert_clean_cli_error(result, args)
+        assert words[0] in " ".join(result.output.split()), result.output
+    assert _snapshot(setup) == before  # nothing written
+
+
+def test_export_into_an_adapter_or_a_store_is_refused_naming_both(setup):
+    from bca_deploy.exporters import export
+
+    before = _snapshot(setup)
+    for out, words in _cases(setup):
+        with pytest.raises(OutputExistsError) as caught:
+            export(setup / "base", out, [setup / "store" / "a0"], merge=False, task="text-generation", verbose=False)
+        for word in words:
+            assert word in str(caught.value), str(caught.value)
+        args = ["export", "--model", setup / "base", "--adapter", setup / "store" / "a0", "--out", out]
+        result = run_cli(args)
+        assert_clean_cli_error(result, args)
+        assert words[0] in " ".join(result.output.split()), result.output
+    assert _snapshot(setup) == before
+
+
+def test_a_folder_holding_an_adapter_among_other_things_is_not_a_store(setup, tmp_path):
+    """The usual layouts (``./adapter``, ``./base``, ``--out ./merged``; a folder of one adapter) merge as before."""
+    shutil.copytree(setup / "store" / "a0", tmp_path / "adapter")
+    shutil.copytree(setup / "base", tmp_path / "base")
+    merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "merged", progress=False)
+    assert (tmp_path / "merged" / "config.json").is_file()
+    shutil.copytree(setup / "store" / "a0", tmp_path / "one" / "adapter")
+    merge_checkpoint(tmp_path / "base", [(tmp_path / "one" / "adapter", 1.0)], tmp_path / "one" / "merged",
+                     progress=False)
+    assert (tmp_path / "one" / "merged" / "config.json").is_file()
