@@ -728,12 +728,15 @@ class _Demo:
         first = self.result.classifiers[0]
         model, adapter = q(str(self.model_dir)), q(str(first.adapter_dir))
         data = q(str(self.cfg.data)) if self.cfg.data else "YOUR_TRAIN.tsv"
+        # the held-out file in the user's own format (a .jsonl user's dev set is .jsonl too; train reads each file by
+        # its extension)
+        dev = "YOUR_DEV" + ((Path(self.cfg.data).suffix or ".tsv") if self.cfg.data else ".tsv")
         # the adapter options this run trained with, where train's own defaults differ (a decoder's
         # --block-size 16: train's 64 would not divide its layers)
         options = "".join([f" --block-size {self.cfg.block_size}" if self.cfg.block_size != TRAIN_BLOCK_SIZE else "",
                            f" --targets {q(','.join(self.cfg.targets))}" if self.cfg.targets else ""])
         commands = [
-            f"bca-deploy train --model {model} --data {data} --eval-data YOUR_DEV.tsv{options} --out runs/mine",
+            f"bca-deploy train --model {model} --data {data} --eval-data {q(dev)}{options} --out runs/mine",
             f"bca-deploy merge --model {model} --adapter {adapter} --out merged-{first.name}",
             f"bca-deploy export --model {model} --adapter {adapter} --merge --out onnx-{first.name}",
         ]

@@ -61,3 +61,22 @@ def test_a_parquet_file_with_a_column_the_demo_does_not_read_is_split(tmp_path):
     assert user.columns == ["text", "label"] and user.total == len(ROWS)
     assert sorted(r["text"] for r in user.train + user.heldout) == sorted(r["text"] for r in ROWS)
     assert all(set(r) == {"text", "label"} for r in user.train + user.heldout)
+
+
+@pytest.mark.parametrize("data, dev", [(None, "YOUR_DEV.tsv"), ("reviews.tsv", "YOUR_DEV.tsv"),
+                                       ("reviews.csv", "YOUR_DEV.csv"), ("reviews.jsonl", "YOUR_DEV.jsonl"),
+                                       ("reviews.parquet", "YOUR_DEV.parquet"), ("reviews.json", "YOUR_DEV.json")])
+def test_the_next_train_command_names_a_dev_file_in_the_users_format(tmp_path, data, dev):
+    """``demo --data reviews.jsonl`` printed ``--eval-data YOUR_DEV.tsv``: copied with a dev file of the user's own
+    format, the name (train reads a file by its extension) did not match it. Now the dev placeholder has the data's
+    extension."""
+    from bca_deploy.demo import Classifier
+
+    path = tmp_path / data if data else None
+    demo = _Demo(DemoConfig(data=path, export_onnx=False), tmp_path / "model", tmp_path / "tmp", tmp_path / "out",
+                 lambda line: None)
+    demo.result.classifiers = [Classifier("yours", ["bad", "good"], "yours", 8, 2, [(1, 0.5)], tmp_path / "a",
+                                          tmp_path / "s")]
+    train = next(c for c in demo.next_commands() if c.startswith("bca-deploy train"))
+    assert f" --eval-data {dev} " in train, train
+    assert f" --data {path if data else 'YOUR_TRAIN.tsv'} " in train, train
