@@ -437,12 +437,13 @@ def _rendering_problems(chat_template: str | None, chat_template_kwargs: Mapping
     return problems
 
 
-def _tools_problems(tools: list[Any] | None, tool_choice: Any) -> list[str]:
+def _tools_problems(tools: list[Any] | None, tool_choice: Any, decoded: bool = True) -> list[str]:
     """What is wrong with a request's ``tools`` (:func:`~bca_deploy.serving.tools.tools_problems`: each problem with
     its path) and ``tool_choice`` (OpenAI's: ``"none"``, ``"auto"``, ``"required"`` or ``{"type": "function",
-    "function": {"name"}}``). ``"required"`` and a named function are refused: both need decoding constrained to
-    the tools' schemas (vLLM's structured outputs), which this server does not have; without tools they are refused
-    as vLLM refuses them."""
+    "function": {"name"}}``). ``"required"`` and a named function are refused when the request is ``decoded`` (the
+    chat route): both need decoding constrained to the tools' schemas (vLLM's structured outputs), which this server
+    does not have; ``/tokenize`` (not decoded: the prompt is the same whatever the choice) takes them, a named function
+    being one of the tools. Without tools they are refused as vLLM refuses them."""
     from .tools import tools_problems
 
     problems = tools_problems(tools) if tools else []
@@ -456,6 +457,12 @@ def _tools_problems(tools: list[Any] | None, tool_choice: Any) -> list[str]:
                         f'{{"name": ...}}}}, got {show_json_value(tool_choice)}')
     elif not tools:
         problems.append("tool_choice: names a tool choice but the request has no tools")
+    elif not decoded:
+        names = {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
+                 and isinstance(t["function"].get("name"), str)}
+        if named and tool_choice["function"]["name"] not in names:
+            problems.append(f"tool_choice: names function {show_json_value(tool_choice['function']['name'])}, which is "
+                            "not one of the request's tools")
     else:
         what = '"required"' if tool_choice == "required" else f"a named function ({tool_choice['function']['name']!r})"
         problems.append(f'tool_choice: {what} is not supported: it needs decoding constrained to the tools\' schemas, '
@@ -589,7 +596,9 @@ class TokenizeCompletionRequest(_OpenAIRequest):
 class TokenizeChatRequest(_OpenAIRequest):
     """vLLM's ``POST /tokenize`` of chat messages: the ids of the chat template's text, as the chat route makes its
     prompt (``add_generation_prompt``, ``continue_final_message``, ``add_special_tokens``, ``chat_template_kwargs``
-    and ``tools`` as :class:`ChatCompletionRequest` reads them; vLLM's defaults)."""
+    and ``tools`` as :class:`ChatCompletionRequest` reads them; vLLM's defaults). ``tool_choice``, which vLLM's
+    ``/tokenize`` ignores (a chat body sent here as it is, to count its prompt), is checked as the chat route checks
+    its form and does not change the prompt (the chat route renders the tools whatever the choice)."""
 
     model: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -600,11 +609,12 @@ class TokenizeChatRequest(_OpenAIRequest):
     chat_template: StrictStr | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
 
     def unsupported(self) -> list[str]:
         problems = _rendering_problems(self.chat_template, self.chat_template_kwargs, self.continue_final_message,
                                        self.add_generation_prompt)
-        problems += _tools_problems(self.tools, None)
+        problems += _tools_problems(self.tools, self.tool_choice, decoded=False)
         return problems
 
     def template_kwargs(self) -> dict[str, Any]:

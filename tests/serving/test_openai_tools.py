@@ -182,6 +182,25 @@ def test_tools_and_tool_messages_reach_the_template_as_transformers_renders_them
 # ---- the output -----------------------------------------------------------------------------------------------------
 
 
+def test_tokenize_takes_a_chat_bodys_tool_choice_and_counts_the_same_prompt(server, session):
+    """A chat body sent to ``/tokenize`` as it is (to count its prompt) carries ``tool_choice``: vLLM's ``/tokenize``
+    ignores it, this one answered 400 ("not a field"). Now taken, checked as the chat route checks its form (a named
+    function: one of the tools), and the ids are transformers' render with the tools whatever the choice."""
+    expected = list(session.tokenizer.apply_chat_template(AS_TEMPLATE_READS, tools=TOOLS, add_generation_prompt=True,
+                                                          tokenize=True, return_dict=False))
+    body = {"model": "a0", "messages": HISTORY, "tools": TOOLS}
+    for choice in ("auto", "none", "required", {"type": "function", "function": {"name": "lookup"}}):
+        status, answer = call(server.url + "/tokenize", "POST", {**body, "tool_choice": choice})
+        assert status == 200 and answer["tokens"] == expected, (choice, answer)
+    for sent, words in (({**body, "tool_choice": "sometimes"}, ("tool_choice", '"none", "auto", "required"')),
+                        ({**body, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                         ("tool_choice", "'nope'", "not one of the request's tools")),
+                        ({"model": "a0", "messages": HISTORY, "tool_choice": "required"}, ("tool_choice", "no tools"))):
+        status, answer = call(server.url + "/tokenize", "POST", sent)
+        assert_error(status, answer, 400, words=words)
+        assert answer["error"]["param"] == "tool_choice", answer
+
+
 def test_a_hermes_tool_call_is_returned_in_message_tool_calls(llm, export):
     sampling = forcing(export, TEXT, START, BODY, END)
     raw = llm.chat.completions.create(model="a0", messages=HISTORY, tools=TOOLS, tool_choice="none", **sampling)
