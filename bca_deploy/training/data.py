@@ -1489,11 +1489,13 @@ def _tools_value(value: Any) -> tuple[list[Any] | None, str | None]:
     if isinstance(value, str):
         if len(value) > 4 * MAX_TOOLS_BYTES:
             return None, f"{TOOLS_COLUMN}: {len(value):,} characters; at most {MAX_TOOLS_BYTES:,} bytes are taken"
-        try:
-            value = json.loads(value, parse_constant=_no_constant)
+        try:  # read as the file's own JSON is read (no key twice), and as a request's body (no NaN, no Infinity)
+            value = json.loads(value, parse_constant=_no_constant, object_pairs_hook=unique_key_object)
         except (ValueError, RecursionError) as exc:
-            return None, (f"{TOOLS_COLUMN}: a string that is not JSON ({first_line(exc, 120)}); expected a list of "
-                          "tools, or that list written as JSON")
+            why = (f"key {exc.key!r} appears more than once" if isinstance(exc, DuplicateKeyError)
+                   else "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc, 120))
+            return None, (f"{TOOLS_COLUMN}: a string that is not JSON ({why}); expected a list of tools, or that list "
+                          "written as JSON")
     problems = tools_problems(value, TOOLS_COLUMN)
     if problems:
         return None, "; ".join(problems)

@@ -140,7 +140,8 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             {"messages": [user, answer], "tools": [{"type": "function", "function": {"name": "no spaces"}}]},
             {"messages": [user, answer], "tools": [{"type": "function", "function": {"name": f"f{i}"}}
                                                    for i in range(129)]},
-            {"messages": [user, {"role": "assistant"}]}]
+            {"messages": [user, {"role": "assistant"}]},
+            {"messages": [user, answer], "tools": '[{"type": "function", "type": "function"}]'}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError) as caught:
         load_dataset(path, "causal-lm", _tokenizer(tool_model), 1024, model=tool_model)
@@ -156,5 +157,6 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             "line 8: tools[0].function.name: 'no spaces' is not a function name",
             "line 9: tools: 129 tools; at most 128 are taken",
             "line 10: messages[1].content must be a string, got none (an assistant message may have tool_calls "
-            "instead)"):
+            "instead)",
+            "line 11: tools: a string that is not JSON (key 'type' appears more than once)"):
         assert expected in message, message
