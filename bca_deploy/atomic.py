@@ -148,21 +148,15 @@ def check_inputs_outside(target: str | Path, inputs: Iterable[tuple[str, str | P
                                     "output there would delete it: choose another output directory")
 
 
-#: The most entries of the output's folder :func:`check_outside_adapters` reads to tell an adapter store (a store of
-#: 20,000 entries is judged by its first ones).
-_STORE_SCAN_LIMIT = 1000
-
-
 def check_outside_adapters(target: str | Path, adapters: Iterable[tuple[str, str | Path | None]]) -> None:
     """Refuse an output directory (a merged model, an export) inside one of the command's input adapter directories
-    (``adapters``: ``(what, path)`` pairs, None paths skipped), or in a folder of two or more adapter directories and
-    nothing else (an adapter store: ``serve --adapter-store`` reads each of its folders as an adapter). The first
-    writes a model into the adapter it reads (saving that adapter again, ``--overwrite``, replaces its directory and
-    deletes the model); the second puts a model among a server's adapters. Compared where the paths really are, the output where
-    the writer puts it, as :func:`check_inputs_outside` compares them.
+    (``adapters``: ``(what, path)`` pairs, None paths skipped): it writes a model into the adapter it reads, and
+    saving that adapter again (``--overwrite``) replaces its directory and deletes the model. Compared where the
+    paths really are, the output where the writer puts it, as :func:`check_inputs_outside` compares them. (A folder
+    of adapters, a store, is a valid place: ``serve --adapter-store`` lists only the adapter directories in it.)
 
     Raises:
-        OutputExistsError: naming the output and the adapter or store folder, before anything is written.
+        OutputExistsError: naming the output and the adapter, before anything is written.
     """
     target = Path(target)
     written = Path(os.path.abspath(target))
@@ -175,35 +169,6 @@ def check_outside_adapters(target: str | Path, adapters: Iterable[tuple[str, str
             raise OutputExistsError(f"{target}: is inside {what} {path}, an input of this command; writing the output "
                                     "there puts it in the adapter's own directory (saving the adapter again replaces "
                                     "that directory and deletes it): choose an output directory outside it")
-    held = _adapters_only(real.parent, real.name)
-    if held:
-        raise OutputExistsError(f"{target}: is in {real.parent}, a folder of adapter directories and nothing else ("
-                                f"{held}...): an adapter store, which serve --adapter-store reads folder by folder as "
-                                "adapters; writing the output there puts it among them: choose an output directory "
-                                "outside it")
-
-
-def _adapters_only(folder: Path, skip: str) -> str | None:
-    """The name of an adapter directory (or training run) in ``folder`` when the folder holds two or more adapter
-    directories and nothing else besides ``skip`` (the output itself, replaced with ``--overwrite``) and hidden
-    entries (a writer's siblings), among its first :data:`_STORE_SCAN_LIMIT` entries; None otherwise. One adapter
-    alone is a user's working folder (``./adapter`` beside ``--out ./merged``), not a store."""
-    from .config import CONFIG_FILE, run_adapter_dir
-
-    found: list[str] = []
-    try:
-        with os.scandir(folder) as entries:
-            for count, entry in enumerate(entries):
-                if count >= _STORE_SCAN_LIMIT:
-                    break
-                if entry.name == skip or entry.name.startswith("."):
-                    continue
-                if not entry.is_dir() or not (run_adapter_dir(entry.path) / CONFIG_FILE).is_file():
-                    return None
-                found.append(entry.name)
-    except OSError:  # not readable: nothing to say about it here (the writer names what is wrong)
-        return None
-    return ", ".join(sorted(found)[:2]) if len(found) >= 2 else None
 
 
 def copied_link_problem(path: str | Path, directory: str | Path, what: str, copier: str) -> str | None:

@@ -30,8 +30,6 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator
-
 from ..config import DuplicateKeyError, unique_key_object
 from ..errors import (
     AdapterExistsError,
@@ -81,7 +79,6 @@ __all__ = [
     "ForbiddenError",
     "WrongTaskError",
     "InternalServerError",
-    "JSONNumber",
     "field_errors",
 ]
 
@@ -96,9 +93,17 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-#: A JSON number in a request, as a float: an integer or a decimal, never a boolean or a numeric string (pydantic's
-#: lax ``float`` would take ``true`` as 1.0 and ``"0.5"`` as 0.5, changing the answer without a word).
-JSONNumber = Annotated[float, BeforeValidator(_json_number)]
+def __getattr__(name: str) -> Any:
+    """``JSONNumber``: a JSON number in a request, as a float: an integer or a decimal, never a boolean or a numeric
+    string (pydantic's lax ``float`` would take ``true`` as 1.0 and ``"0.5"`` as 0.5, changing the answer without a
+    word). Made on first use: it needs pydantic (the serve extra), which the rest of this module does not; training
+    reads tool-call arguments by :func:`read_json` in an install without it."""
+    if name == "JSONNumber":
+        from pydantic import BeforeValidator
+
+        globals()[name] = value = Annotated[float, BeforeValidator(_json_number)]
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class InvalidRequestError(ServingError, ValueError):

@@ -1,8 +1,7 @@
-"""``merge --out`` and ``export --out`` inside the adapter they read (``--adapter a0 --out a0/merged``), or in a folder
-of adapter directories (an adapter store, which ``serve --adapter-store`` reads folder by folder): both were written
-there. Now refused before anything is written, naming the output and the adapter or the store folder (exit 2 in the
-CLI); a folder holding an adapter beside other things (a model, data) is not a store, and stays a valid output's
-place."""
+"""``merge --out`` and ``export --out`` inside the adapter they read (``--adapter a0 --out a0/merged``) were written
+there (saving the adapter again deletes them). Now refused before anything is written, naming the output and the
+adapter (exit 2 in the CLI). A folder of adapters (a store, of adapters or training runs) stays a valid place for an
+output: ``serve --adapter-store`` lists only the adapter directories in it."""
 
 from __future__ import annotations
 
@@ -39,14 +38,12 @@ def _snapshot(root: Path) -> list[str]:
 
 
 def _cases(root: Path) -> list[tuple[Path, list[str]]]:
-    adapter, store = root / "store" / "a0", root / "store"
+    adapter = root / "store" / "a0"
     return [(adapter / "merged", [f"{adapter / 'merged'}: is inside the adapter {adapter}"]),
-            (adapter / "sub" / "merged", [f"is inside the adapter {adapter}"]),
-            (store / "merged", [f"{store / 'merged'}: is in {store}, a folder of adapter directories",
-                                "serve --adapter-store"])]
+            (adapter / "sub" / "merged", [f"is inside the adapter {adapter}"])]
 
 
-def test_merge_into_an_adapter_or_a_store_is_refused_naming_both(setup):
+def test_merge_into_an_adapter_is_refused_naming_both(setup):
     before = _snapshot(setup)
     for out, words in _cases(setup):
         with pytest.raises(OutputExistsError) as caught:
@@ -60,7 +57,7 @@ def test_merge_into_an_adapter_or_a_store_is_refused_naming_both(setup):
     assert _snapshot(setup) == before  # nothing written
 
 
-def test_export_into_an_adapter_or_a_store_is_refused_naming_both(setup):
+def test_export_into_an_adapter_is_refused_naming_both(setup):
     from bca_deploy.exporters import export
 
     before = _snapshot(setup)
@@ -76,8 +73,9 @@ def test_export_into_an_adapter_or_a_store_is_refused_naming_both(setup):
     assert _snapshot(setup) == before
 
 
-def test_a_folder_holding_an_adapter_among_other_things_is_not_a_store(setup, tmp_path):
-    """The usual layouts (``./adapter``, ``./base``, ``--out ./merged``; a folder of one adapter) merge as before."""
+def test_beside_adapters_is_a_valid_output_place(setup, tmp_path):
+    """The usual layouts (``./adapter``, ``./base``, ``--out ./merged``; a folder of adapters or runs, ``--out
+    runs/merged``) merge as before, and a store with a merged model in it still lists its adapters only."""
     shutil.copytree(setup / "store" / "a0", tmp_path / "adapter")
     shutil.copytree(setup / "base", tmp_path / "base")
     merge_checkpoint(tmp_path / "base", [(tmp_path / "adapter", 1.0)], tmp_path / "merged", progress=False)
@@ -86,3 +84,10 @@ def test_a_folder_holding_an_adapter_among_other_things_is_not_a_store(setup, tm
     merge_checkpoint(tmp_path / "base", [(tmp_path / "one" / "adapter", 1.0)], tmp_path / "one" / "merged",
                      progress=False)
     assert (tmp_path / "one" / "merged" / "config.json").is_file()
+    store = tmp_path / "store"
+    shutil.copytree(setup / "store", store)
+    merge_checkpoint(tmp_path / "base", [(store / "a0", 1.0)], store / "merged", progress=False)
+    assert (store / "merged" / "config.json").is_file()
+    from bca_deploy.serving.store import AdapterStore
+
+    assert AdapterStore(store).names() == ["a0", "a1"]

@@ -160,3 +160,24 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             "instead)",
             "line 11: tools: a string that is not JSON (key 'type' appears more than once)"):
         assert expected in message, message
+
+
+def test_tool_conversations_train_without_the_serving_packages(tool_model, tmp_path):
+    """A call's arguments are read by the server's JSON rules (``serving.wire.read_json``), whose module also held a
+    pydantic type: in an install without the serve extra (no pydantic) reading such a row was a ModuleNotFoundError.
+    Here pydantic cannot be imported; the rows read as with it."""
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "calls.jsonl", [{"messages": CONVERSATION, "tools": TOOLS}])
+    code = ("import sys; sys.modules['pydantic'] = None\n"
+            "from transformers import AutoTokenizer\n"
+            "from bca_deploy.training.data import load_dataset\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(tool_model)!r})\n"
+            f"_, data = load_dataset({str(path)!r}, 'causal-lm', tokenizer, 1024, model={str(tool_model)!r})\n"
+            "print(data.input_ids[0])\n"
+            "assert 'pydantic' not in sys.modules or sys.modules['pydantic'] is None\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids, _ = _reference(_tokenizer(tool_model), AS_TEMPLATE_READS, TOOLS)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ids
