@@ -104,6 +104,7 @@ from .wire import (
     error_body,
     error_status,
     is_openai_request,
+    json_answer,
     parse_body,
     validate_body,
 )
@@ -1625,7 +1626,8 @@ def create_app(
         body = await server.read(request, ClassifyRequest)
         adapter = server.select(request, body.adapter)
         result, _ = await server.infer(request, "classify", _rows(body.input), adapter, {})
-        return {"adapter": adapter, "data": [{"index": i, **r} for i, r in enumerate(result)]}
+        return await json_answer(lambda: {"adapter": adapter,
+                                          "data": [{"index": i, **r} for i, r in enumerate(result)]})
 
     @app.post("/v1/generate")
     async def generate(request: Request):
@@ -1661,17 +1663,21 @@ def create_app(
                 stream.cancel()
             release()
         texts = isinstance(body.input, str) or bool(rows and isinstance(rows[0], str))
-        data = []
-        for i, result in enumerate(results):
-            item: dict[str, Any] = {"index": i, "token_ids": result.token_ids}
-            if texts:
-                item["text"] = session.decode(result.token_ids)
-            if body.logprobs is not None:
-                item["logprobs"] = [_logprob_entry(t) for t in result.logprobs or []]
-            if body.prompt_logprobs is not None:  # nothing comes before the first prompt token (vLLM's null)
-                item["prompt_logprobs"] = [None, *(_logprob_entry(t) for t in result.prompt_logprobs or [])]
-            data.append(item)
-        return {"adapter": adapter, "data": data}
+
+        def answer() -> dict[str, Any]:  # in a worker thread: it decodes, and may list many log-probabilities
+            data = []
+            for i, result in enumerate(results):
+                item: dict[str, Any] = {"index": i, "token_ids": result.token_ids}
+                if texts:
+                    item["text"] = session.decode(result.token_ids)
+                if body.logprobs is not None:
+                    item["logprobs"] = [_logprob_entry(t) for t in result.logprobs or []]
+                if body.prompt_logprobs is not None:  # nothing comes before the first prompt token (vLLM's null)
+                    item["prompt_logprobs"] = [None, *(_logprob_entry(t) for t in result.prompt_logprobs or [])]
+                data.append(item)
+            return {"adapter": adapter, "data": data}
+
+        return await json_answer(answer)
 
     @app.api_route("/metrics", methods=READ_METHODS)
     async def metrics():
@@ -1712,8 +1718,8 @@ def _native_embeddings(server: Server):
         adapter = server.select(request, body.adapter)
         result, _ = await server.infer(request, "embed", _rows(body.input), adapter,
                                        {"pooling": body.pooling, "normalize": body.normalize})
-        return {"adapter": adapter, "data": [{"index": i, "embedding": np.asarray(v).tolist()}
-                                             for i, v in enumerate(result)]}
+        return await json_answer(lambda: {"adapter": adapter, "data": [{"index": i, "embedding": np.asarray(v).tolist()}
+                                                                       for i, v in enumerate(result)]})
 
     return embed
 

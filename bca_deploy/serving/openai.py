@@ -157,6 +157,7 @@ from .wire import (
     error_status,
     is_openai_request,
     field_errors,
+    json_answer,
     parse_body,
     validate_body,
 )
@@ -748,13 +749,17 @@ def add_routes(app, server: Server, native_embeddings) -> None:
                                                  max_text_tokens=recipe.max_text_tokens,
                                                  keep_tokens=truncate_prompt_tokens(server, req.truncate_prompt_tokens))
         tokens = sum(len(r) for r in token_rows)
-        if req.encoding_format == "base64":
-            items = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
-        else:
-            items = [np.asarray(v, dtype=np.float32).tolist() for v in vectors]
-        return {"object": "list", "model": req.model,
-                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        def answer() -> dict[str, Any]:  # in a worker thread: 256 vectors of thousands of floats each
+            if req.encoding_format == "base64":
+                items = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
+            else:
+                items = [np.asarray(v, dtype=np.float32).tolist() for v in vectors]
+            return {"object": "list", "model": req.model,
+                    "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)],
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return await json_answer(answer)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -822,7 +827,7 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         answer: dict[str, Any] = {"count": len(ids), "max_model_len": server.max_model_len, "tokens": ids}
         if req.return_token_strs:
             answer["token_strs"] = await run_in_threadpool(server.session.token_strings, ids)
-        return answer
+        return await json_answer(lambda: answer)  # up to a rendered conversation's worth of ids
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
@@ -1065,7 +1070,7 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
     ``tool_parser``: chat's ``--tool-call-parser`` reading each choice's text for tool calls (None: not read)."""
     n = req.n
     if echoes is not None and req.max_tokens == 0 and req.logprobs is None:
-        return _echo_only(req, prompts, echoes)  # nothing to compute: the prompts are the answer
+        return await _echo_only(req, prompts, echoes)  # nothing to compute: the prompts are the answer
     params = [p for prompt in prompts for p in _choices(_sampling_params(server, req, len(prompt), default_max_tokens),
                                                          n)]
     rows = [prompt for prompt in prompts for _ in range(n)]
@@ -1105,6 +1110,16 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         for stream in streams:
             stream.cancel()
         release()
+    return await json_answer(lambda: _answer(server, req, results, streams, kind, ident, created, role, echo, echoes,
+                                             tool_parser))
+
+
+def _answer(server: Server, req: _Sampling, results: list, streams: list, kind: str, ident: str, created: int,
+            role: str, echo: str, echoes: list[_Echo] | None, tool_parser: str | None) -> dict[str, Any]:
+    """The whole answer of :func:`_generate` (not streamed) from its rows' ``results``; in a worker thread, since
+    their tokens' texts and log-probabilities may be hundreds of thousands of values (:func:`~bca_deploy.serving.wire.
+    json_answer`)."""
+    n = req.n
     choices = []
     for i, result in enumerate(results):
         if kind == "chat.completion":
@@ -1173,7 +1188,7 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _echo_only(req: CompletionRequest, prompts: list[list[int]], echoes: list[_Echo]):
+async def _echo_only(req: CompletionRequest, prompts: list[list[int]], echoes: list[_Echo]):
     """The answer to ``echo`` with ``max_tokens`` 0 and no ``logprobs``: each prompt's text, ``n`` times, nothing
     generated (``finish_reason`` ``"length"``, as vLLM answers it), whole or as vLLM streams it (one chunk per choice).
     """
@@ -1182,9 +1197,11 @@ def _echo_only(req: CompletionRequest, prompts: list[list[int]], echoes: list[_E
     prompt = sum(len(p) for p in prompts)
     usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
     if not req.stream:
-        return {"id": ident, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": "length"}
-                            for i, t in enumerate(texts)], "usage": usage}
+        return await json_answer(lambda: {"id": ident, "object": "text_completion", "created": created,
+                                          "model": req.model,
+                                          "choices": [{"index": i, "text": t, "logprobs": None,
+                                                       "finish_reason": "length"} for i, t in enumerate(texts)],
+                                          "usage": usage})
     include_usage, continuous = req.usage_options()
 
     async def events() -> AsyncIterator[bytes]:
