@@ -310,6 +310,14 @@ class GenerationStream:
 PROMPT_CONTEXT_TOKENS = 5
 
 
+#: The most tokens in a row a detokenizer holds back without new text (a UTF-8 character is at most 4 bytes, a
+#: byte-level token at least one; a lone "\u2581" adds no text at the start of a SentencePiece window): past it they
+#: are bytes that never make a character, whose replacement characters then go out as decoding gives them, or tokens
+#: that add no text at all (skipped special tokens), which leave the window. A row can be made to generate either;
+#: either way the window decoded at each token stays a few ids long.
+MAX_PENDING_TOKENS = 8
+
+
 class _Detokenizer:
     """A row's text, token by token: only whole characters are sent, stop strings are held back and cut.
 
@@ -355,7 +363,15 @@ class _Detokenizer:
         before = self._decode(self._ids[self._prefix:self._read])
         after = self._decode(self._ids[self._prefix:])
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return ""  # nothing new, or a character whose bytes have not all arrived
+            if len(self._ids) - self._read < MAX_PENDING_TOKENS:
+                return ""  # nothing new yet, or a character whose bytes have not all arrived
+            if after == before:
+                # that many tokens in a row adding no text at all: special tokens, which decoding skips. They leave
+                # the window: kept, they made it grow by one id per token, and a row made (logit_bias) to generate
+                # 4,096 of them decoded 4,096 ids twice per token, 2.9 s of the engine thread every row waits for
+                del self._ids[self._read:]
+                return ""
+            # bytes that never make a character: their replacement characters go out, as decoding gives them
         self._prefix, self._read = self._read, len(self._ids)
         return after[len(before):]
 

@@ -953,6 +953,68 @@ def test_detokenizer_continues_the_prompt_as_decoding_both_would():
     assert sent[:2] == [(" a", False), ("", True)]
 
 
+def _windows(decode):
+    """``decode`` and the list of the id counts it was called with (the detokenizer's window at each call)."""
+    sizes: list[int] = []
+
+    def counted(ids):
+        sizes.append(len(ids))
+        return decode(ids)
+
+    return counted, sizes
+
+
+def test_detokenizer_window_stays_short_through_tokens_without_text():
+    """A row made (``logit_bias``) to generate special tokens, which decoding skips, made its detokenizer's window grow
+    by one id per token: 4,096 of them decoded 4,096 ids twice per token, 2.9 s of the engine thread every row waits
+    for (helper-135's probe). Dropped from the window, they leave the text as decoding the whole sequence gives it
+    (the space of the word after them included), and each decode reads a few ids. A lone "\u2581" first (no text at
+    a window's start, a space before the next word) keeps its space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "\u2581the", "\u2581movie", "\u2581is", "\u2581a", "\u2581good", "\u2581one", "\u2581"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>")
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)  # as the engine decodes
+    prompt = tokenizer("the movie is")["input_ids"]
+    special = tokenizer.bos_token_id
+    answer = [words.index("\u2581a"), *[special] * 2000, words.index("\u2581good"), *[special] * 50,
+              words.index("\u2581one"), special]
+    expected = decode(prompt + answer)[len(decode(prompt)):]
+    assert expected == " a good one"
+    counted, sizes = _windows(decode)
+    detok = _Detokenizer(counted, (), context=prompt[-PROMPT_CONTEXT_TOKENS:])
+    assert "".join(detok.push(t)[0] for t in answer) + detok.flush() == expected
+    spaced = [words.index("\u2581"), words.index("\u2581a"), words.index("\u2581good")]
+    fresh = _Detokenizer(decode, ())  # no context: how completions' echo decodes a prompt
+    assert "".join(fresh.push(t)[0] for t in spaced) + fresh.flush() == decode(spaced) == " a good"
+    assert max(sizes) <= len(prompt) + 10, f"the window grew to {max(sizes)} ids"  # + MAX_PENDING_TOKENS (8) + 2
+
+
+def test_detokenizer_window_stays_short_through_bytes_that_make_no_character(tmp_path):
+    """Byte tokens that never complete a character (lone UTF-8 continuation bytes) were held back for ever, the window
+    growing by one id per token; past MAX_PENDING_TOKENS their replacement characters go out, as decoding the whole
+    sequence gives them, and a character that follows is whole."""
+    from transformers import AutoTokenizer
+
+    write_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ["a", "b", "<0xA9>", "<0xC3>"]}
+    answer = [ids["a"], *[ids["<0xA9>"]] * 2000, ids["b"], ids["<0xC3>"], ids["<0xA9>"]]
+    expected = decode(answer)
+    assert expected == "a" + "\ufffd" * 2000 + "b\u00e9"
+    counted, sizes = _windows(decode)
+    detok = _Detokenizer(counted, ())
+    texts = [detok.push(t)[0] for t in answer]
+    assert "".join(texts) + detok.flush() == expected
+    assert texts[-2:] == ["", "\u00e9"]  # a character still arriving is held back as before
+    assert max(sizes) <= 17, f"the window grew to {max(sizes)} ids"  # 2 x MAX_PENDING_TOKENS (8) + 1
+
+
 def test_text_stop_strings_and_stop_tokens(llama_text):
     session = MultiAdapterSession(llama_text)
     prompts = token_rows(6, seed=49, low=3, high=8)
