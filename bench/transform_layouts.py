@@ -6,10 +6,10 @@ the input, ``X = F(x)``: x (N·q, p) → X (R, N·q), and an inverse one added t
 and times it alone, so that a layout can be judged without the noise of a whole layer:
 
 forward
-  - ``two-stage``: Transpose(x) then the two stage MatMuls (Cooley–Tukey, p = A·C; what graphs use for p > 64);
+  - ``two-stage``: Transpose(x) then the two stage MatMuls (Cooley–Tukey, p = A·C);
   - ``two-stage-no-transpose``: the first stage as a broadcast MatMul over x viewed (N·q, A, C) and the second
     reading that result through a Transpose that onnxruntime fuses into its FusedMatMul (transB + transBatchB),
-    so no activation is copied; the same constants and the same numbers;
+    so no activation is copied; the same constants and the same numbers (what graphs use for p > 64);
   - ``one-matmul``: Cf @ xᵀ (onnxruntime packs xᵀ inside the GEMM; what graphs use up to p = 64);
 inverse
   - ``two-stage``: the two stage MatMuls, then Transpose and Add (every two-stage plan: p >= 64, divisible by 4);
@@ -152,7 +152,7 @@ def landed(kind: str, p: int) -> str:
     if not spectral_plan(p).two_stage:
         return "one-matmul" if kind == "forward" else "one-gemm"
     if kind == "forward":
-        return "one-matmul" if p <= _ONE_STAGE_FORWARD_MAX_P else "two-stage"
+        return "one-matmul" if p <= _ONE_STAGE_FORWARD_MAX_P else "two-stage-no-transpose"
     return "two-stage"
 
 

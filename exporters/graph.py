@@ -31,17 +31,19 @@ with Cf, Ci of shape (R, p): a block costs 1.5·p multiply-adds per element each
 block position t = a·C + c; a length-A real DFT over a, then per group of residues k mod A a twiddled
 length-C DFT over c that emits the group's spectral rows directly::
 
-    xt = Transpose(x (N·q, p))           (p, N·q)    = (A, C, N·q): a 2-D transpose, cheap in onnxruntime
-    Z  = T₁ @ xt.view(A, C·N·q)          (A, C·N·q)  T₁ (A, A): rows (group, re/im)
-    X  = T₂ @ Z.view(A/2, 2C, N·q)       (A/2, 3C, N·q) = (R, N·q): T₂ (A/2, 3C, 2C), per group
+    Z  = T₁ @ x.view(N·q, A, C)          (N·q, A, C) T₁ (A, A): rows (group, re/im); one A×A by A×C product
+                                                     per block (a batched MatMul: x is read in place)
+    X  = T₂ @ Z.view(N·q, A/2, 2C).permute(1, 2, 0)
+                                         (A/2, 3C, N·q) = (R, N·q): T₂ (A/2, 3C, 2C), per group; onnxruntime
+                                         reads the permuted Z inside its GEMM (FusedMatMul transB, transBatchB)
     P  = X.view(1, R, N, q) @ W          as above
     U  = T₂ⁱ @ P.view(A/2, 3C, N·o)      (A/2, 2C, N·o)  T₂ⁱ (A/2, 2C, 3C)
     yt = T₁ⁱ @ U.view(A, C·N·o)          (p, N·o)     T₁ⁱ (A, A)
-    y  = base + Transpose(yt)            (N·o, p)
+    y  = base + Transpose(yt)            (N·o, p)    the one activation copy: a 2-D transpose
 
 (A + 3C multiply-adds per element each way instead of 1.5·p: 28 instead of 96 at p = 64). At p = 64 the
-forward transform is still the one MatMul: its input transpose is a tall-thin copy that costs onnxruntime
-more than the GEMM work it saves, while ``Cf @ xᵀ`` packs xᵀ inside the GEMM (see ``_ONE_STAGE_FORWARD_MAX_P``).
+forward transform is still the one MatMul, ``Cf @ xᵀ``, which packs xᵀ inside the GEMM: the two-stage
+forward's batched A×A by A×C products are too small there (C = 4) to pay (see ``_ONE_STAGE_FORWARD_MAX_P``).
 
 **The transforms as DFT-20 nodes** (``fft="dft"``). onnxruntime's CPU DFT runs its transforms one
 after another on one thread, and a real input costs it a full complex transform; so when a layer has
@@ -117,11 +119,18 @@ _CONST_PREFIX = "bca_dft_p"  # + f"{p}_{role}" for the shared transform constant
 # the earlier single-stage four-product graph): 0.85x at 4096x4096, p = 64; 0.59x at p = 256; 0.94x
 # at 384x384, p = 64 (1024 tokens).
 _TWO_STAGE_MIN_P = 64
-# The forward transform stays one MatMul up to this p, even in a two-stage plan: its input transpose is the
-# slow one, (N·q, p) -> (p, N·q), a tall-thin copy (onnxruntime took 9.0 ms for the (88064, 64) one of a
-# Llama-7B down_proj at 512 tokens, 1.6x the time per element of the output's (64, N·o) -> (N·o, 64)), while
-# the one-MatMul forward reads xᵀ through the GEMM's own packing (a FusedMatMul with transB, no copy): 10.5-11.8
-# ms for that down_proj against 15.6 for transpose + two stages (profiled, 2 threads, 2-core Xeon).
+# The forward transform stays one MatMul up to this p, even in a two-stage plan: Cf @ xᵀ reads xᵀ through the
+# GEMM's own packing (a FusedMatMul with transB, no copy). Above it the two-stage forward reads x in place too:
+# its first stage is one A×A by A×C product per block (a batched MatMul over x viewed (N·q, A, C)) and its second
+# reads that result permuted inside a FusedMatMul (transB, transBatchB), where it used to start with the
+# tall-thin input transpose (N·q, p) -> (p, N·q) (9.0 ms for the (88064, 64) one of a Llama-7B down_proj at 512
+# tokens). With C = 4 (p = 64) those products are too small: the forward alone, 512 tokens, 2 threads, wall
+# time, 2-core Xeon under load (bench/results/transform_layouts.md has the 1-thread CPU times): one MatMul 0.53x
+# the transposing two-stage form and the no-copy one 1.31x at q_proj, p = 64; at p = 256 the no-copy one
+# 0.71x (gate/up input) and 0.86x (q/k/v input), one MatMul 0.73x and 0.92x. The whole Llama-7B layer at
+# p = 256, 512 tokens, old and new graphs interleaved (24 rounds, load 5-6.5): new / old 0.96 (quartiles
+# 0.92-1.02). The inverse keeps its output transpose: one Gemm (Pᵀ @ Ci + base) in its place measured 0.58-1.06x
+# at p = 64 in the same kind of run but 1.03x (0.96-1.10) on the whole layer, and 1.5-1.8x at p = 256.
 _ONE_STAGE_FORWARD_MAX_P = 64
 
 
@@ -423,8 +432,9 @@ def _spectrum_math(x: torch.Tensor, p: int, mode: str, consts: tuple[torch.Tenso
         (fwd,) = consts
         return fwd @ blocks.T  # (R, N·q)
     outer, inner = consts
-    z = outer @ blocks.T.reshape(plan.outer, -1)  # (A, C·N·q)
-    return (inner @ z.reshape(plan.groups, 2 * plan.inner, -1)).reshape(plan.rows, -1)  # (R, N·q)
+    z = outer @ blocks.reshape(-1, plan.outer, plan.inner)  # (N·q, A, C)
+    z = z.reshape(-1, plan.groups, 2 * plan.inner).permute(1, 2, 0)  # (A/2, 2C, N·q): a view, as onnxruntime reads it
+    return (inner @ z).reshape(plan.rows, -1)  # (R, N·q)
 
 
 def _synthesis_math(spec: torch.Tensor, base: torch.Tensor, w_freq: torch.Tensor, p: int, mode: str,
@@ -512,14 +522,17 @@ class _Spectrum(torch.autograd.Function):
             total = g.op("ReduceSum", spec, _const(g, [0]), keepdims_i=0)  # (F, N·q): re + im
             table = g.op("Concat", g.op("Reshape", spec, _const(g, [2 * f, -1])), total, axis_i=0)  # (3F, N·q)
             return g.op("Gather", table, rows, axis_i=0)  # (R, N·q)
-        xb = g.op("Reshape", x, _const(g, [-1, p]))  # (N·q, p)
         if mode == _MATMUL_ONE:
             (fwd,) = consts
+            xb = g.op("Reshape", x, _const(g, [-1, p]))  # (N·q, p)
             return g.op("MatMul", fwd, _transpose2d(g, xb))  # (R, N·q); onnxruntime fuses the transpose
         outer, inner = consts
-        xt = g.op("Reshape", _transpose2d(g, xb), _const(g, [plan.outer, -1]))  # (A, C·N·q)
-        z = g.op("MatMul", outer, xt)  # (A, C·N·q): rows (group, re/im)
-        z = g.op("Reshape", z, _const(g, [plan.groups, 2 * plan.inner, -1]))  # (A/2, 2C, N·q)
+        xb = g.op("Reshape", x, _const(g, [-1, plan.outer, plan.inner]))  # (N·q, A, C)
+        z = g.op("MatMul", outer, xb)  # (N·q, A, C): rows (group, re/im), one A×A by A×C product per block
+        z = g.op("Reshape", z, _const(g, [-1, plan.groups, 2 * plan.inner]))  # (N·q, A/2, 2C)
+        # (A/2, 2C, N·q): onnxruntime fuses this Transpose into the MatMul below (a FusedMatMul with transB and
+        # transBatchB reads z in place), so the forward copies no activation.
+        z = g.op("Transpose", z, perm_i=[1, 2, 0])
         spec = g.op("MatMul", inner, z)  # (A/2, 3C, N·q)
         return g.op("Reshape", spec, _const(g, [plan.rows, -1]))  # (R, N·q)
 
