@@ -392,7 +392,8 @@ the dense layer with W + ΔW(p=64); its cost does not depend on p. Load average 
 
 unmerged-matmul: the real DFTs as MatMuls: spectral rows by Gauss's trick (3 real GEMMs per frequency bin,
 no sum afterwards), packed real bins; for p >= 64 a two-stage (Cooley-Tukey) inverse with one 2-D
-transpose, and above 64 a two-stage forward with another; otherwise one MatMul each way (xᵀ read inside the
+transpose, and above 64 a two-stage forward that reads its input in place (a batched MatMul, then a
+FusedMatMul reading the permuted result); otherwise one MatMul each way (xᵀ read inside the
 GEMM; the inverse and the residual add in one Gemm); q/k/v and
 gate/up share one forward transform. unmerged-dft: the same mix between one-sided DFT-20 nodes (onnxruntime's
 CPU DFT runs its transforms one after another on one thread), the spectral rows picked by Gathers. Total

@@ -113,11 +113,10 @@ _MATMUL_TWO = "matmul-2"  # two-stage MatMuls
 _DFT_PAIRED = "dft-paired"  # DFT-20, two real blocks per complex transform ("dft": one real block each)
 _CONST_PREFIX = "bca_dft_p"  # + f"{p}_{role}" for the shared transform constants of block size p
 
-# Two-stage transforms pay two activation transposes (2-D, so onnxruntime runs each as one
-# MlasTranspose) to cut the transform work from 1.5·p to A + 3C multiply-adds per element. Measured on
-# the 2-core EPYC (one layer, 512 tokens, BCA part alone, paired CPU time, Gauss rows + two-stage vs
-# the earlier single-stage four-product graph): 0.85x at 4096x4096, p = 64; 0.59x at p = 256; 0.94x
-# at 384x384, p = 64 (1024 tokens).
+# Two-stage transforms cut the transform work from 1.5·p to A + 3C multiply-adds per element, for the
+# output's 2-D transpose (and, when this was measured, one of the input too). Measured on the 2-core EPYC
+# (one layer, 512 tokens, BCA part alone, paired CPU time, Gauss rows + two-stage vs the earlier single-stage
+# four-product graph): 0.85x at 4096x4096, p = 64; 0.59x at p = 256; 0.94x at 384x384, p = 64 (1024 tokens).
 _TWO_STAGE_MIN_P = 64
 # The forward transform stays one MatMul up to this p, even in a two-stage plan: Cf @ xᵀ reads xᵀ through the
 # GEMM's own packing (a FusedMatMul with transB, no copy). Above it the two-stage forward reads x in place too:
