@@ -127,8 +127,9 @@ _TWO_STAGE_MIN_P = 64
 # time, 2-core Xeon under load (bench/results/transform_layouts.md has the 1-thread CPU times): one MatMul 0.53x
 # the transposing two-stage form and the no-copy one 1.31x at q_proj, p = 64; at p = 256 the no-copy one
 # 0.71x (gate/up input) and 0.86x (q/k/v input), one MatMul 0.73x and 0.92x. The whole Llama-7B layer at
-# p = 256, 512 tokens, old and new graphs interleaved (24 rounds, load 5-6.5): new / old 0.96 (quartiles
-# 0.92-1.02). The inverse keeps its output transpose: one Gemm (Pᵀ @ Ci + base) in its place measured 0.58-1.06x
+# p = 256, 512 tokens, old and new graphs interleaved: new / old 0.958, 0.965, 0.974 (medians of 24, 30, 18
+# paired rounds, load 1.3-6.5), though the BCA nodes' kernel time stayed 245-246 ms in a profile (the input
+# transposes' 37 ms went to the batched first stage). The inverse keeps its output transpose: one Gemm (Pᵀ @ Ci + base) in its place measured 0.58-1.06x
 # at p = 64 in the same kind of run but 1.03x (0.96-1.10) on the whole layer, and 1.5-1.8x at p = 256.
 _ONE_STAGE_FORWARD_MAX_P = 64
 
