@@ -43,34 +43,30 @@ def _cases(root: Path) -> list[tuple[Path, list[str]]]:
             (adapter / "sub" / "merged", [f"is inside the adapter {adapter}"])]
 
 
-def test_merge_into_an_adapter_is_refused_naming_both(setup):
+def _merge(base: Path, adapter: Path, out: Path) -> None:
+    merge_checkpoint(base, [(adapter, 1.0)], out, progress=False)
+
+
+def _export(base: Path, adapter: Path, out: Path) -> None:
+    from bca_deploy.exporters import export
+
+    export(base, out, [adapter], merge=False, task="text-generation", verbose=False)
+
+
+@pytest.mark.parametrize("command, write", [("merge", _merge), ("export", _export)])
+def test_output_into_an_adapter_is_refused_naming_both(setup, command, write):
     before = _snapshot(setup)
+    adapter = setup / "store" / "a0"
     for out, words in _cases(setup):
         with pytest.raises(OutputExistsError) as caught:
-            merge_checkpoint(setup / "base", [(setup / "store" / "a0", 1.0)], out, progress=False)
+            write(setup / "base", adapter, out)
         for word in words:
             assert word in str(caught.value), str(caught.value)
-        args = ["merge", "--model", setup / "base", "--adapter", setup / "store" / "a0", "--out", out]
+        args = [command, "--model", setup / "base", "--adapter", adapter, "--out", out]
         result = run_cli(args)
         assert_clean_cli_error(result, args)
         assert words[0] in " ".join(result.output.split()), result.output
     assert _snapshot(setup) == before  # nothing written
-
-
-def test_export_into_an_adapter_is_refused_naming_both(setup):
-    from bca_deploy.exporters import export
-
-    before = _snapshot(setup)
-    for out, words in _cases(setup):
-        with pytest.raises(OutputExistsError) as caught:
-            export(setup / "base", out, [setup / "store" / "a0"], merge=False, task="text-generation", verbose=False)
-        for word in words:
-            assert word in str(caught.value), str(caught.value)
-        args = ["export", "--model", setup / "base", "--adapter", setup / "store" / "a0", "--out", out]
-        result = run_cli(args)
-        assert_clean_cli_error(result, args)
-        assert words[0] in " ".join(result.output.split()), result.output
-    assert _snapshot(setup) == before
 
 
 def test_beside_adapters_is_a_valid_output_place(setup, tmp_path):
