@@ -43,7 +43,7 @@ from .limits import TOOL_CALL_PARSERS
 
 __all__ = ["TOOL_CALL_PARSERS", "MAX_TOOLS", "MAX_TOOLS_BYTES", "ToolCall", "ToolCallParser", "make_parser",
            "parse_tool_calls", "tools_problems", "tool_calls_problems", "template_tool_calls",
-           "message_tool_problems", "template_message"]
+           "message_tool_problems", "template_message", "lone_surrogate_problem"]
 
 
 #: The most tools one request may list, and the most calls one assistant message may carry: OpenAI's bound (its API
@@ -88,7 +88,10 @@ def tools_problems(tools: Any, field: str = "tools") -> list[str]:
         return [f"{field}: must be a list of tools, got {show_json_value(tools)}"]
     if len(tools) > MAX_TOOLS:
         return [f"{field}: {len(tools):,} tools; at most {MAX_TOOLS} are taken (OpenAI's bound)"]
-    size = len(json.dumps(tools, separators=(",", ":"), ensure_ascii=False).encode())
+    try:
+        size = len(json.dumps(tools, separators=(",", ":"), ensure_ascii=False).encode())
+    except UnicodeEncodeError as exc:  # a request body cannot hold one (wire.read_json); a training file's cell can
+        return [f"{field}: holds a lone surrogate {exc.object[exc.start]!r} (not valid Unicode text)"]
     if size > MAX_TOOLS_BYTES:
         return [f"{field}: {size:,} bytes as JSON; at most {MAX_TOOLS_BYTES:,} are taken (every render writes the "
                 "tools into the prompt)"]
@@ -146,6 +149,8 @@ def tool_calls_problems(calls: Any, field: str) -> list[str]:
         if not isinstance(call.get("id"), str):
             problems.append(f"{where}.id: must be a string (the id a tool message answers), got "
                             f"{show_json_value(call.get('id'))}")
+        elif (problem := lone_surrogate_problem(call["id"])) is not None:  # the template writes it into the prompt
+            problems.append(f"{where}.id: {problem}")
         if call.get("type", "function") != "function":
             problems.append(f"{where}.type: must be \"function\", got {show_json_value(call.get('type'))}")
         function = call.get("function")
@@ -171,6 +176,17 @@ def tool_calls_problems(calls: Any, field: str) -> list[str]:
         if len(problems) >= 20:
             break
     return problems[:20]
+
+
+def lone_surrogate_problem(text: str) -> str | None:
+    """Why ``text`` cannot reach a chat template (None when it can): a lone surrogate (``"\\ud800"`` in JSON), which
+    has no UTF-8 form, so the tokenizer refuses the rendered prompt. A request body cannot hold one (wire.read_json
+    refuses the escape); a training file's JSON line can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds a lone surrogate {text[exc.start]!r} at character {exc.start + 1} (not valid Unicode text)"
+    return None
 
 
 def _read_json(text: str) -> tuple[Any, str | None]:
