@@ -1504,6 +1504,18 @@ def _tools_value(value: Any) -> tuple[list[Any] | None, str | None]:
     return value or None, None
 
 
+def _without_struct_nulls(value: Any) -> Any:
+    """A Parquet cell of structs as the JSON it was written from: Arrow gives every struct in a column every field
+    any of them has, null where the row had none (a tool without a description got ``"description": null``, one
+    tool's schema another's properties as nulls), so a null field is read as absent, as a message's null
+    ``tool_calls`` is. (A JSON string column keeps its nulls: it is read as written.)"""
+    if isinstance(value, dict):
+        return {k: _without_struct_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_struct_nulls(v) for v in value]
+    return value
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
@@ -1597,6 +1609,7 @@ def load_causal_lm(
         # a tools string read once per distinct value: a data set gives every row the same tools (100,000 rows of
         # one 15 kB string were parsed and checked 100,000 times, each row holding its own copy of the parsed list)
         read_tools: dict[str, tuple[list[Any] | None, str | None]] = {}
+        parquet = _EXTENSIONS.get(path.suffix.lower()) == "parquet"
         for record, line in zip(records, lines):
             value = record.get(messages_column)
             problem = _conversation_problem(value, messages_column)
@@ -1606,7 +1619,7 @@ def load_causal_lm(
                     read_tools[cell] = _tools_value(cell)
                 row_tools, tools_problem = read_tools[cell]
             else:
-                row_tools, tools_problem = _tools_value(cell)
+                row_tools, tools_problem = _tools_value(_without_struct_nulls(cell) if parquet else cell)
             for found in (problem, tools_problem):
                 if found:
                     problems.append(f"{_at(line)}: {found}")

@@ -238,3 +238,21 @@ def test_one_tools_string_on_every_row_is_read_once(tool_model, tmp_path, monkey
     _, encoded = load_dataset(path, "causal-lm", tokenizer, 1024, model=tool_model)
     assert encoded.input_ids[0] == encoded.input_ids[299] == _reference(tokenizer, AS_TEMPLATE_READS, TOOLS)[0]
     assert encoded.input_ids[300] == _reference(tokenizer, AS_TEMPLATE_READS, other)[0]
+
+
+def test_parquet_tools_of_structs_render_as_written(tool_model, tmp_path):
+    """A Parquet ``tools`` column of structs (not a JSON string): Arrow gives every tool every field any tool in the
+    column has, null where it had none, so ``noop`` was rendered with ``"description": null, "parameters": null``
+    and ``lookup``'s schema with ``when``'s ``date`` property as null: a prompt ``serve`` never renders for those
+    tools. A null struct field is read as absent; each row renders as transformers renders its tools as written."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    when = {"type": "function", "function": {"name": "when", "parameters": {
+        "type": "object", "properties": {"date": {"type": "string"}}}}}
+    tokenizer = _tokenizer(tool_model)
+    path = tmp_path / "struct-tools.parquet"
+    pq.write_table(pa.table({"messages": [CONVERSATION] * 3, "tools": [TOOLS, [when], None]}), path)
+    assert pq.read_table(path).to_pylist()[0]["tools"][1]["function"]["description"] is None  # what Arrow gives
+    _, data = load_dataset(path, "causal-lm", tokenizer, 1024, model=tool_model)
+    for row, tools in enumerate((TOOLS, [when], None)):
+        assert (data.input_ids[row], data.labels[row]) == _reference(tokenizer, AS_TEMPLATE_READS, tools), row
