@@ -1443,11 +1443,13 @@ def _conversation_problem(value: Any, column: str) -> str | None:
         calls = _tool_calls(message)
         if calls is not None and (problems := tool_calls_problems(calls, f"{where}.tool_calls")):
             return "; ".join(problems)
+        for key in ("tool_call_id", "name"):  # strings the template may write into the prompt, as serve takes them
+            field = message.get(key)
+            if field is not None and not isinstance(field, str):
+                return f"{where}.{key} must be a string, got {_json_type(field)}"
+            if field is not None and (problem := _text_problem(field, f"{where}.{key}", allow_empty=True)):
+                return problem  # a lone surrogate was the tokenizer's TypeError on the rendered prompt
         call_id = message.get("tool_call_id")
-        if call_id is not None and not isinstance(call_id, str):
-            return f"{where}.tool_call_id must be a string, got {_json_type(call_id)}"
-        if call_id is not None and (problem := _text_problem(call_id, f"{where}.tool_call_id", allow_empty=True)):
-            return problem  # the template writes it into the prompt: a lone surrogate was the tokenizer's TypeError
         if content is not None and not isinstance(content, str) or content is None and calls is None:
             got = "none" if "content" not in message else _json_type(content)
             return f"{where}.content must be a string, got {got}" + (
@@ -1473,10 +1475,10 @@ def _tool_calls(message: dict[str, Any]) -> Any:
 def _template_conversation(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A checked conversation as the chat template sees it: each message as ``serve`` hands a request's message to
     the template (:func:`~bca_deploy.serving.tools.template_message`: an assistant's call arguments as dicts, a
-    tool message's ``tool_call_id``)."""
+    tool message's ``tool_call_id``, a message's ``name`` when given: serve keeps it, so training does)."""
     from ..serving.tools import template_message
 
-    return [template_message(m["role"], m.get("content") or "", None, _tool_calls(m), m.get("tool_call_id"))
+    return [template_message(m["role"], m.get("content") or "", m.get("name"), _tool_calls(m), m.get("tool_call_id"))
             for m in messages]
 
 

@@ -256,3 +256,27 @@ def test_parquet_tools_of_structs_render_as_written(tool_model, tmp_path):
     _, data = load_dataset(path, "causal-lm", tokenizer, 1024, model=tool_model)
     for row, tools in enumerate((TOOLS, [when], None)):
         assert (data.input_ids[row], data.labels[row]) == _reference(tokenizer, AS_TEMPLATE_READS, tools), row
+
+
+def test_a_message_name_is_rendered_as_serve_renders_it(tool_model, tmp_path):
+    """``serve`` hands a message's ``name`` to the template (as vLLM does); training dropped it without a word, so a
+    template that writes names (``<s>user bob``) trained on a prompt it was never served. Kept now; a name that is
+    not a string is refused by line and field."""
+    import shutil
+
+    directory = tmp_path / "named"
+    shutil.copytree(tool_model, directory)
+    template = TEMPLATE.replace("<s>{{ m.role }}\n", "<s>{{ m.role }}{{ (' ' + m.name) if m.name else '' }}\n")
+    (directory / "chat_template.jinja").write_text(template)
+    tokenizer = _tokenizer(directory)
+    assert tokenizer.chat_template == template
+    named = [{**CONVERSATION[0], "name": "ops"}, {**CONVERSATION[1], "name": "bob"}, *CONVERSATION[2:]]
+    path = write_jsonl(tmp_path / "named.jsonl", [{"messages": named, "tools": TOOLS}])
+    _, data = load_dataset(path, "causal-lm", tokenizer, 1024, model=directory)
+    expected = [{**AS_TEMPLATE_READS[0], "name": "ops"}, {**AS_TEMPLATE_READS[1], "name": "bob"}, *AS_TEMPLATE_READS[2:]]
+    assert (data.input_ids[0], data.labels[0]) == _reference(tokenizer, expected, TOOLS)
+    assert "<s>user bob\n" in tokenizer.decode(data.input_ids[0])
+    bad = write_jsonl(tmp_path / "bad-name.jsonl", [{"messages": named}, {"messages": [{**named[1], "name": 7},
+                                                                                         CONVERSATION[4]]}])
+    with pytest.raises(DataError, match=r"line 2: messages\[0\]\.name must be a string, got a number"):
+        load_dataset(bad, "causal-lm", tokenizer, 1024, model=directory)
