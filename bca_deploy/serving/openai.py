@@ -148,6 +148,7 @@ from ..config import show_json_value
 from ..errors import BCAError, ContextLengthError
 from .limits import MAX_LOGPROBS
 from .session import BASE
+from .tools import CHAT_ROLES
 from .wire import (
     READ_METHODS,
     AdapterExistsError,
@@ -322,12 +323,6 @@ class CompletionRequest(_Sampling):
         return problems
 
 
-class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: StrictStr
-
-
 class ChatMessage(BaseModel):
     """One chat message: a role and its text (a string, or text parts); an assistant message may carry the
     ``tool_calls`` it made (its content then null or absent), and a ``tool`` message answers one of them
@@ -340,8 +335,8 @@ class ChatMessage(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[StrictStr, list[_TextPart], None] = None
+    role: Literal[CHAT_ROLES]  # type: ignore[valid-type]  # (one constant: training's conversations take these too)
+    content: StrictStr | None = None  # a string or text parts, read into their text by _text_parts_only
     name: StrictStr | None = None
     tool_calls: Any = None  # an assistant's: checked by tools.tool_calls_problems (each problem with its path)
     tool_call_id: StrictStr | None = None  # a tool message's: the call it answers
@@ -355,29 +350,16 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts_only(cls, content: Any) -> Any:
-        # a content that is not a string or text parts (an image or audio part: what a client sends a vision model; a
-        # number) was refused with pydantic's attempt at each branch of the union ("content.str: ...; content.list[
-        # _TextPart].0.text: Field required; ... image_url: Extra inputs are not permitted"): one line saying which
-        # part is wrong and what is taken instead. null is left to _has_content.
-        if content is None or isinstance(content, str):
-            return content
-        if not isinstance(content, list):
-            raise ValueError(f"must be a string or a list of text parts, got {show_json_value(content)}")
-        for i, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if not isinstance(part, dict) or kind is None:
-                problem = f"is {show_json_value(part)}" if not isinstance(part, dict) else "has no type"
-            elif kind != "text":
-                problem = f"has type {show_json_value(kind)}; this server's model reads text only"
-            elif not isinstance(part.get("text"), str):
-                problem = f"has text {show_json_value(part.get('text'))}, not a string"
-            elif len(part) > 2:
-                extra = ", ".join(repr(k[:40]) for k in part if k not in ("type", "text"))
-                problem = f"has fields a text part does not take ({extra})"
-            else:
-                continue
-            raise ValueError(f"part {i} {problem}: send a string or {{\"type\": \"text\", \"text\": ...}} parts")
-        return content
+        # text parts read into their text by the one rule training's conversations are read by (tools.content_text):
+        # a content that is not a string or text parts (an image or audio part, a number) named by its first wrong
+        # part and what is taken instead, not with pydantic's attempt at each branch of a union. null is left to
+        # _has_content.
+        from .tools import content_text
+
+        text, problem = content_text(content)
+        if problem is not None:
+            raise ValueError(problem)
+        return text
 
     @field_validator("tool_calls", mode="after")
     @classmethod
@@ -406,8 +388,9 @@ class ChatMessage(BaseModel):
         return self
 
     def text(self) -> str:
-        # text parts are joined with a line break, as vLLM (and SGLang, TensorRT-LLM) join them
-        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
+        # text parts were joined with a line break when read (tools.content_text), as vLLM (and SGLang, TensorRT-LLM)
+        # join them
+        return self.content or ""
 
     def for_template(self) -> dict[str, Any]:
         """The message as the chat template sees it, as vLLM passes it: role, text ("" for an assistant message

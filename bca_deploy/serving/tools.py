@@ -43,7 +43,7 @@ from .limits import TOOL_CALL_PARSERS
 
 __all__ = ["TOOL_CALL_PARSERS", "MAX_TOOLS", "MAX_TOOLS_BYTES", "ToolCall", "ToolCallParser", "make_parser",
            "parse_tool_calls", "tools_problems", "tool_calls_problems", "template_tool_calls",
-           "message_tool_problems", "template_message", "lone_surrogate_problem"]
+           "message_tool_problems", "template_message", "lone_surrogate_problem", "CHAT_ROLES", "content_text"]
 
 
 #: The most tools one request may list, and the most calls one assistant message may carry: OpenAI's bound (its API
@@ -53,6 +53,11 @@ MAX_TOOLS = 128
 #: The most bytes a request's ``tools`` may hold as compact JSON: each render sends them to a chat template worker
 #: and most templates write them whole into the prompt (128 detailed schemas are well under it).
 MAX_TOOLS_BYTES = 1 << 20
+
+#: The roles a chat message may have: OpenAI's (``developer``: its newer models' system turn), as the chat route and
+#: training's conversations take them; each reaches the chat template as it was given (vLLM passes ``developer`` on
+#: as it is, and so does serve: a template that knows no ``developer`` says so, as it does under vLLM).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 #: OpenAI's rule for a function's name.
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -239,6 +244,38 @@ def message_tool_problems(role: str, has_content: bool, tool_calls: Any, tool_ca
     if not has_content and tool_calls is None:
         problems.append("content: a message needs text (an assistant message may have tool_calls instead)")
     return problems
+
+
+def content_text(content: Any) -> tuple[str | None, str | None]:
+    """``(text, None)``: a message's ``content`` as the chat template gets it, or ``(None, problem)`` (the problem
+    without its field: the caller names it, the chat route ``messages.0.content``, training ``line 3:
+    messages[2].content``). A string is itself; a list of OpenAI text parts (``[{"type": "text", "text": ...}]``) is
+    their texts joined with a line break, as vLLM (and SGLang, TensorRT-LLM) join them; null is ``(None, None)``
+    (whether a message may have no text is :func:`message_tool_problems`'). Anything else (an image or audio part:
+    what a client sends a vision model; a part with other fields; a number) is refused naming the first wrong part
+    and what is taken instead: an adapter trains on the text serve renders, and neither reads what the other would
+    drop."""
+    if content is None or isinstance(content, str):
+        return content, None
+    if not isinstance(content, list):
+        return None, f"must be a string or a list of text parts, got {show_json_value(content)}"
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or kind is None:
+            problem = f"is {show_json_value(part)}" if not isinstance(part, dict) else "has no type"
+        elif kind != "text":
+            problem = f"has type {show_json_value(kind)}; the model reads text only"
+        elif "text" not in part:
+            problem = "has no text"
+        elif not isinstance(part["text"], str):
+            problem = f"has text {show_json_value(part['text'])}, not a string"
+        elif len(part) > 2:
+            extra = ", ".join(repr(k[:40]) for k in part if k not in ("type", "text"))
+            problem = f"has fields a text part does not take ({extra})"
+        else:
+            continue
+        return None, f"part {i} {problem}: expected a string or {{\"type\": \"text\", \"text\": ...}} parts"
+    return "\n".join(part["text"] for part in content), None
 
 
 def template_message(role: str, text: str, name: str | None = None,

@@ -279,10 +279,15 @@ class TrainConfig:
     response_column: str = _opt("response", "causal-lm: the response column (loss on it, EOS appended; left at its "
                                 "default, a file without it has its 'completion' read).", "str", group="columns")
     messages_column: str = _opt(
-        "messages", "causal-lm: the conversation column (JSON: a list of {\"role\", \"content\"} objects, roles "
-        "system/user/assistant/tool, assistant tool_calls; a 'tools' column beside it gives the functions), rendered "
-        "with the model's chat template, loss on the assistant turns; used when there is no prompt/response pair.",
+        "messages", "causal-lm: the conversation column (JSON: a list of {\"role\", \"content\"} objects as the "
+        "chat route takes them: roles system/developer/user/assistant/tool, content a string or text parts, "
+        "assistant tool_calls; the --tools-column beside it gives the functions), rendered with the model's chat "
+        "template, loss on the assistant turns; used when there is no prompt/response pair.",
         "str", group="columns")
+    tools_column: str = _opt(
+        "tools", "causal-lm: the column beside the conversations giving each row's functions (a list of "
+        "{\"type\": \"function\", \"function\": {...}}, or that list as a JSON string; null: none), handed to the "
+        "chat template as serve hands a request's tools; read when the file has it.", "str", group="columns")
     text_column: str = _opt("text", "causal-lm: the plain-text column (loss on every token), used when there is "
                             "no prompt/response pair, messages column nor Alpaca instruction/output.", "str",
                             group="columns")
@@ -504,6 +509,7 @@ class EvaluateConfig:
     prompt_column: str | None = _opt(None, "causal-lm prompt column (default: as trained).", "str")
     response_column: str | None = _opt(None, "causal-lm response column (default: as trained).", "str")
     messages_column: str | None = _opt(None, "causal-lm conversation column (default: as trained).", "str")
+    tools_column: str | None = _opt(None, "causal-lm conversations' tools column (default: as trained).", "str")
     text_column: str | None = _opt(None, "causal-lm text column (default: as trained).", "str")
     label_names: list[str] | None = _opt(
         None, "seq-cls, a file of class ids: what its ids 0..K-1 mean, as the adapter's class names in the ids' order "

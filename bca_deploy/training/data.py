@@ -21,8 +21,9 @@ Tasks:
   column so) mean regression (one output, MSE loss), as HF's ``run_glue`` takes a float column for regression
   (:func:`decide_regression`).
 - ``causal-lm``: ``prompt`` + ``response`` (or ``completion``) columns (loss on the response tokens only, an EOS
-  token is appended), else a ``messages`` column (a conversation: a list of ``{"role", "content"}`` objects rendered
-  with the tokenizer's chat template, loss on the assistant turns only), else Alpaca's ``instruction`` + ``input`` +
+  token is appended), else a ``messages`` column (a conversation: a list of ``{"role", "content"}`` objects as the
+  chat route takes them, read by its rules in :mod:`bca_deploy.serving.tools`, rendered with the tokenizer's chat
+  template, loss on the assistant turns only), else Alpaca's ``instruction`` + ``input`` +
   ``output`` (:data:`ALPACA_PROMPT`, loss on the output), else one ``text`` column (loss on every token).
 
 Every reader collects all problems (missing columns with the columns found, unparsable labels with
@@ -50,6 +51,7 @@ from ..config import MAX_NUM_LABELS, DuplicateKeyError, text_pair_mismatch, uniq
 from ..errors import first_line, format_problems
 from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
+from ..serving import tools as _serving_tools  # (no pydantic, no onnxruntime: the chat rules serve and training share)
 from .errors import DataError, DataFileNotFoundError
 
 __all__ = [
@@ -1408,23 +1410,24 @@ def classes_needed(examples: SeqClsExamples) -> int:
     return max(2, largest + 1)
 
 
-#: The roles a training conversation's messages may have (what every chat template takes, and ``tool``: a tool's
-#: answer to an assistant's call, as the server takes it).
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+#: The roles a training conversation's messages may have: the chat route's (one constant), ``developer`` included,
+#: each handed to the chat template as serve hands it.
+CHAT_ROLES = _serving_tools.CHAT_ROLES
 
-#: The column read beside a conversation column, when the file has it: the functions the conversation's model may
-#: call (``[{"type": "function", "function": {"name", "description"?, "parameters"?}}]``, or that list as a JSON
-#: string, as Hugging Face data sets often store it), handed to the chat template as ``serve`` hands a request's
-#: ``tools``: ``apply_chat_template(..., tools=...)``.
+#: The column read beside a conversation column, when the file has it (the default of ``--tools-column``): the
+#: functions the conversation's model may call (``[{"type": "function", "function": {"name", "description"?,
+#: "parameters"?}}]``, or that list as a JSON string, as Hugging Face data sets often store it), handed to the chat
+#: template as ``serve`` hands a request's ``tools``: ``apply_chat_template(..., tools=...)``.
 TOOLS_COLUMN = "tools"
 
 
 def _conversation_problem(value: Any, column: str) -> str | None:
     """What is wrong with one row's conversation (None: nothing): a list of ``{"role", "content"}`` objects, roles
-    among :data:`CHAT_ROLES`, contents strings, at least one assistant turn; an assistant's ``tool_calls`` and a
-    tool message's ``tool_call_id`` by the server's rules (:mod:`bca_deploy.serving.tools`: the same shapes and
-    bounds, each problem with its path), the content of an assistant message with calls null or absent."""
-    from ..serving.tools import message_tool_problems, tool_calls_problems
+    among :data:`CHAT_ROLES`, at least one assistant turn; by the chat route's rules (:mod:`bca_deploy.serving.tools`:
+    the same shapes and bounds, each problem with its path) a content a string or a list of text parts
+    (:func:`~bca_deploy.serving.tools.content_text`), an assistant's ``tool_calls``, a tool message's
+    ``tool_call_id``, the content of an assistant message with calls null or absent."""
+    from ..serving.tools import content_text, message_tool_problems, tool_calls_problems
 
     if not isinstance(value, list) or not value:
         return (f"{column!r} must be a non-empty list of {{\"role\", \"content\"}} objects, got "
@@ -1450,10 +1453,13 @@ def _conversation_problem(value: Any, column: str) -> str | None:
             if field is not None and (problem := _text_problem(field, f"{where}.{key}", allow_empty=True)):
                 return problem  # a lone surrogate was the tokenizer's TypeError on the rendered prompt
         call_id = message.get("tool_call_id")
-        if content is not None and not isinstance(content, str) or content is None and calls is None:
+        if content is None and calls is None:
             got = "none" if "content" not in message else _json_type(content)
-            return f"{where}.content must be a string, got {got}" + (
+            return f"{where}.content must be a string or a list of text parts, got {got}" + (
                 " (an assistant message may have tool_calls instead)" if role == "assistant" else "")
+        content, problem = content_text(content)  # text parts joined as serve joins them
+        if problem is not None:
+            return f"{where}.content: {problem}"
         problems = message_tool_problems(role, content is not None, calls, call_id)
         if problems:
             return "; ".join(f"{where}.{p}" for p in problems)
@@ -1474,33 +1480,36 @@ def _tool_calls(message: dict[str, Any]) -> Any:
 
 def _template_conversation(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A checked conversation as the chat template sees it: each message as ``serve`` hands a request's message to
-    the template (:func:`~bca_deploy.serving.tools.template_message`: an assistant's call arguments as dicts, a
-    tool message's ``tool_call_id``, a message's ``name`` when given: serve keeps it, so training does)."""
-    from ..serving.tools import template_message
+    the template (:func:`~bca_deploy.serving.tools.template_message`: text parts joined into one text by
+    :func:`~bca_deploy.serving.tools.content_text`, an assistant's call arguments as dicts, a tool message's
+    ``tool_call_id``, a message's ``name`` when given: serve keeps it, so training does)."""
+    from ..serving.tools import content_text, template_message
 
-    return [template_message(m["role"], m.get("content") or "", m.get("name"), _tool_calls(m), m.get("tool_call_id"))
+    return [template_message(m["role"], content_text(m.get("content"))[0] or "", m.get("name"), _tool_calls(m),
+                             m.get("tool_call_id"))
             for m in messages]
 
 
-def _tools_value(value: Any) -> tuple[list[Any] | None, str | None]:
-    """``(tools, problem)`` of a row's :data:`TOOLS_COLUMN` cell: null, an empty list or ``""`` is no tools; a list
-    or a string of a JSON list is checked by the server's rules (:func:`~bca_deploy.serving.tools.tools_problems`:
-    at most 128 tools, 1 MiB as JSON, each problem with its path)."""
+def _tools_value(value: Any, column: str = TOOLS_COLUMN) -> tuple[list[Any] | None, str | None]:
+    """``(tools, problem)`` of a row's tools cell (of ``column``, named in the problem): null, an empty list or ``""``
+    is no tools; a list or a string of a JSON list is checked by the server's rules
+    (:func:`~bca_deploy.serving.tools.tools_problems`: at most 128 tools, 1 MiB as JSON, each problem with its
+    path)."""
     from ..serving.tools import MAX_TOOLS_BYTES, tools_problems
 
     if value is None or value == [] or value == "":
         return None, None
     if isinstance(value, str):
         if len(value) > 4 * MAX_TOOLS_BYTES:
-            return None, f"{TOOLS_COLUMN}: {len(value):,} characters; at most {MAX_TOOLS_BYTES:,} bytes are taken"
+            return None, f"{column}: {len(value):,} characters; at most {MAX_TOOLS_BYTES:,} bytes are taken"
         try:  # read as the file's own JSON is read (no key twice), and as a request's body (no NaN, no Infinity)
             value = json.loads(value, parse_constant=_no_constant, object_pairs_hook=unique_key_object)
         except (ValueError, RecursionError) as exc:
             why = (f"key {exc.key!r} appears more than once" if isinstance(exc, DuplicateKeyError)
                    else "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc, 120))
-            return None, (f"{TOOLS_COLUMN}: a string that is not JSON ({why}); expected a list of tools, or that list "
+            return None, (f"{column}: a string that is not JSON ({why}); expected a list of tools, or that list "
                           "written as JSON")
-    problems = tools_problems(value, TOOLS_COLUMN)
+    problems = tools_problems(value, column)
     if problems:
         return None, "; ".join(problems)
     return value or None, None
@@ -1509,8 +1518,9 @@ def _tools_value(value: Any) -> tuple[list[Any] | None, str | None]:
 def _without_struct_nulls(value: Any) -> Any:
     """A Parquet cell of structs as the JSON it was written from: Arrow gives every struct in a column every field
     any of them has, null where the row had none (a tool without a description got ``"description": null``, one
-    tool's schema another's properties as nulls), so a null field is read as absent, as a message's null
-    ``tool_calls`` is. (A JSON string column keeps its nulls: it is read as written.)"""
+    tool's schema another's properties as nulls, a text part beside an image part ``"image_url": null``), so a null
+    field is read as absent, as a message's null ``tool_calls`` is. (A JSON string column keeps its nulls: it is
+    read as written.)"""
     if isinstance(value, dict):
         return {k: _without_struct_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
@@ -1578,10 +1588,12 @@ def load_causal_lm(
     response_column: str = "response",
     text_column: str = "text",
     messages_column: str = "messages",
+    tools_column: str = TOOLS_COLUMN,
 ) -> LMExamples:
     """Read a causal-LM file, by the first of these its columns hold: ``prompt_column`` + ``response_column`` (or
-    :data:`COMPLETION_COLUMN` for the default response column), ``messages_column`` (conversations), Alpaca's
-    ``instruction`` + ``output`` (+ ``input``, put in :data:`ALPACA_PROMPT`), ``text_column``.
+    :data:`COMPLETION_COLUMN` for the default response column), ``messages_column`` (conversations, with each row's
+    functions in ``tools_column`` when the file has it), Alpaca's ``instruction`` + ``output`` (+ ``input``, put in
+    :data:`ALPACA_PROMPT`), ``text_column``.
 
     Raises:
         DataFileNotFoundError, DataError: see :func:`read_records`; also no such columns (the columns found, and the
@@ -1590,8 +1602,8 @@ def load_causal_lm(
     """
     path = Path(path)
     keep = {c for c in (prompt_column, response_column, messages_column, text_column, COMPLETION_COLUMN,
-                        TOOLS_COLUMN, *ALPACA_COLUMNS, *_INSTRUCTION_PARTS) if isinstance(c, str)}
-    records, columns, lines = read_records(path, keep, nested={messages_column, TOOLS_COLUMN})
+                        tools_column, *ALPACA_COLUMNS, *_INSTRUCTION_PARTS) if isinstance(c, str)}
+    records, columns, lines = read_records(path, keep, nested={messages_column, tools_column})
     layout = causal_lm_fields(columns, prompt_column, response_column, messages_column, text_column)
     if layout is None:
         hint = _causal_lm_hint(columns)
@@ -1607,21 +1619,23 @@ def load_causal_lm(
         raise DataError(f"{path}: the data set is empty (no examples)")
     if fields == [messages_column]:
         conversations, tools, problems = [], [], []
-        with_tools = TOOLS_COLUMN in columns and TOOLS_COLUMN != messages_column
+        with_tools = tools_column in columns and tools_column != messages_column
         # a tools string read once per distinct value: a data set gives every row the same tools (100,000 rows of
         # one 15 kB string were parsed and checked 100,000 times, each row holding its own copy of the parsed list)
         read_tools: dict[str, tuple[list[Any] | None, str | None]] = {}
         parquet = _EXTENSIONS.get(path.suffix.lower()) == "parquet"
         for record, line in zip(records, lines):
             value = record.get(messages_column)
+            if parquet:  # a text part beside an image part in the column got "image_url": null: absent, as written
+                value = _without_struct_nulls(value)
             problem = _conversation_problem(value, messages_column)
-            cell = record.get(TOOLS_COLUMN) if with_tools else None
+            cell = record.get(tools_column) if with_tools else None
             if isinstance(cell, str):
                 if cell not in read_tools:
-                    read_tools[cell] = _tools_value(cell)
+                    read_tools[cell] = _tools_value(cell, tools_column)
                 row_tools, tools_problem = read_tools[cell]
             else:
-                row_tools, tools_problem = _tools_value(_without_struct_nulls(cell) if parquet else cell)
+                row_tools, tools_problem = _tools_value(_without_struct_nulls(cell) if parquet else cell, tools_column)
             for found in (problem, tools_problem):
                 if found:
                     problems.append(f"{_at(line)}: {found}")
@@ -1632,7 +1646,7 @@ def load_causal_lm(
         if problems:
             raise DataError(format_problems(f"{path}: bad conversations:", problems, limit=10))
         return LMExamples(None, None, None, lines, path, conversations=conversations, tools=tools,
-                          columns=messages_column + (f"+{TOOLS_COLUMN}" if with_tools else ""))
+                          columns=messages_column + (f"+{tools_column}" if with_tools else ""))
     if prompt_column in _INSTRUCTION_PARTS and len(fields) == 2 and not alpaca:
         _refuse_unread_context(path, records, lines, columns, fields)
     values: dict[str, list[str]] = {f: [] for f in fields}
@@ -2080,6 +2094,7 @@ def load_dataset(
     response_column: str = "response",
     text_column: str = "text",
     messages_column: str = "messages",
+    tools_column: str = TOOLS_COLUMN,
     label_names: Sequence[str] | None = None,
     warn: Callable[[str], Any] | None = None,
     columns_from: str | None = None,
@@ -2093,6 +2108,7 @@ def load_dataset(
     ``label_names``, ``columns_from``, ``head_*`` (seq-cls): see :func:`load_seq_cls`. ``warn``
     (causal-lm): gets lines about examples tokenized or left out unlike the rest (:func:`tokenize_causal_lm`).
     ``model`` (causal-lm conversations): the model directory, named when its tokenizer has no chat template.
+    ``tools_column`` (causal-lm conversations): the column of each row's functions (:data:`TOOLS_COLUMN`).
     """
     if task == "seq-cls":
         examples = load_seq_cls(path, text_columns, label_column, regression, label_names=label_names,
@@ -2100,7 +2116,7 @@ def load_dataset(
                                 head_record=head_record)
         return examples, tokenize_seq_cls(examples, tokenizer, max_length)
     if task == "causal-lm":
-        examples = load_causal_lm(path, prompt_column, response_column, text_column, messages_column)
+        examples = load_causal_lm(path, prompt_column, response_column, text_column, messages_column, tools_column)
         dataset, dropped = tokenize_causal_lm(examples, tokenizer, max_length,
                                               warn=None if warn is None else lambda line: warn(f"{path}: {line}"),
                                               model=model)

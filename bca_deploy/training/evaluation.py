@@ -98,7 +98,8 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
                 regression=regression, prompt_column=pick(config.prompt_column, "prompt_column", "prompt"),
                 response_column=pick(config.response_column, "response_column", "response"),
                 text_column=pick(config.text_column, "text_column", "text"),
-                messages_column=pick(config.messages_column, "messages_column", "messages"), model=config.model,
+                messages_column=pick(config.messages_column, "messages_column", "messages"),
+                tools_column=pick(config.tools_column, "tools_column", "tools"), model=config.model,
                 label_names=names if names and not regression else None,
                 warn=lambda line: print(f"note: {line}", file=sys.stderr),
                 columns_from=_recorded_columns(adapter, config, info),
@@ -186,7 +187,8 @@ _INFO_FIELDS: dict[str, tuple[Any, str]] = {
     "max_length": (lambda v: _is_count(v, 1 << 20), "a positive integer"),
     "eval_batch_size": (lambda v: _is_count(v, 1 << 20), "a positive integer"),
     **{key: (lambda v: isinstance(v, str) and bool(v), "a column name")
-       for key in ("label_column", "prompt_column", "response_column", "text_column", "messages_column")},
+       for key in ("label_column", "prompt_column", "response_column", "text_column", "messages_column",
+                   "tools_column")},
 }
 
 

@@ -513,7 +513,8 @@ class _TrainingRun:
         regression = False if cfg.regression is None and (cfg.num_labels or 0) > 1 else cfg.regression
         kwargs = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, regression=regression,
                       prompt_column=cfg.prompt_column, response_column=cfg.response_column,
-                      text_column=cfg.text_column, messages_column=cfg.messages_column, warn=note, model=cfg.model)
+                      text_column=cfg.text_column, messages_column=cfg.messages_column,
+                      tools_column=cfg.tools_column, warn=note, model=cfg.model)
         fitted = fit_max_length(cfg.max_length, model_config, self.tokenizer, warn=note)
         if fitted != cfg.max_length:
             cfg = self.cfg = dataclasses.replace(cfg, max_length=fitted)
@@ -819,7 +820,7 @@ class _TrainingRun:
             "text_columns": self.train_examples.text_columns if cfg.task == "seq-cls" else None,
             "label_column": cfg.label_column, "prompt_column": cfg.prompt_column,
             "response_column": cfg.response_column, "text_column": cfg.text_column,
-            "messages_column": cfg.messages_column, "max_length": cfg.max_length,
+            "messages_column": cfg.messages_column, "tools_column": cfg.tools_column, "max_length": cfg.max_length,
             "eval_batch_size": cfg.eval_batch_size or cfg.batch_size, "modules_to_save": self.modules_to_save,
             "metric": self.metric, "model_dir": None if cfg.model is None else str(cfg.model),
             "precision": self.precision, "recipe": cfg.recipe, "no_head": cfg.no_head,

@@ -84,7 +84,7 @@ def test_a_chat_part_that_is_not_text_is_named(url, part, words):
     body = {"model": "a0", "max_tokens": 2,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"}, part]}]}
     status, answer = call(url + "/v1/chat/completions", "POST", body)
-    assert_error(status, answer, 400, "invalid_request", words=[f"messages.0.content: {words}", "send a string"])
+    assert_error(status, answer, 400, "invalid_request", words=[f"messages.0.content: {words}", "expected a string or"])
     assert answer["error"]["param"] == "messages" and "_TextPart" not in answer["error"]["message"]
 
 

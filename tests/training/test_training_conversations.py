@@ -147,7 +147,7 @@ def test_training_on_conversations_lowers_the_loss(chat_model, tmp_path):
     # the loss is taken on the assistant turns alone: 'the THING is COLOUR <|eot|>' and 'yes <|eot|>', 7 tokens each
     assert result.history[-1]["tokens"] == 7 * len(records)
     info = json.loads((result.last_dir / "bca_training.json").read_text())
-    assert info["messages_column"] == "messages"
+    assert info["messages_column"] == "messages" and info["tools_column"] == "tools"
     # evaluate reads the file as train did (the column recorded with the adapter)
     last = {k: v for k, v in result.history[-1].items() if k != "step"}
     assert evaluate(EvaluateConfig(model=chat_model, adapter=result.out_dir / "best", data=path)) == last
@@ -180,12 +180,13 @@ def test_bad_conversations_are_refused_by_line_and_field(chat_model, tmp_path):
         load_dataset(path, "causal-lm", tokenizer, 64, model=chat_model)
     message = str(caught.value)
     assert str(path) in message and "line 1:" not in message
-    for expected in ("line 2: messages[1].role must be one of 'system', 'user', 'assistant', 'tool', "
+    for expected in ("line 2: messages[1].role must be one of 'system', 'developer', 'user', 'assistant', 'tool', "
                      "got 'function'",
-                     "line 3: messages[1].content must be a string, got a number",
+                     "line 3: messages[1].content: must be a string or a list of text parts, got 3",
                      "line 4: 'messages' has no \"assistant\" message",
                      "line 5: 'messages' must be a non-empty list",
-                     "line 6: messages[1].role must be one of 'system', 'user', 'assistant', 'tool', got none",
+                     "line 6: messages[1].role must be one of 'system', 'developer', 'user', 'assistant', 'tool', "
+                     "got none",
                      "line 7: 'messages' must be a non-empty list"):
         assert expected in message, message
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from training_helpers import write_jsonl
+from training_helpers import char_chat_tokenizer, chat_reference, write_jsonl
 
 from bca_deploy.training import DataError
 from bca_deploy.training.data import IGNORE_INDEX, load_dataset
@@ -53,21 +53,7 @@ AS_TEMPLATE_READS = [CONVERSATION[0], CONVERSATION[1],
 def tool_model(tmp_path_factory) -> Path:
     """A directory holding a character-level tokenizer (``<s>``, ``</s>`` and the tags single tokens) carrying
     :data:`TEMPLATE` (what the data path reads: the tokenizer and its template)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "\n", *(chr(c) for c in range(32, 127)), "<tool_call>", "</tool_call>",
-             "<tool_response>", "</tool_response>"]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"</?tool_call>|</?tool_response>|</?s>|[\s\S]"),
-                                              behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = TEMPLATE
-    directory = tmp_path_factory.mktemp("tools") / "model"
-    tokenizer.save_pretrained(directory)
-    return directory
+    return char_chat_tokenizer(tmp_path_factory.mktemp("tools") / "model", TEMPLATE)
 
 
 def _tokenizer(directory: Path):
@@ -79,16 +65,7 @@ def _tokenizer(directory: Path):
 def _reference(tokenizer, messages, tools) -> tuple[list[int], list[int]]:
     """By hand: transformers' render with ``tools``, tokenized; the labels are the tokens of each assistant turn's
     text past ``<s>assistant\\n`` through its ``</s>`` (found in the text, mapped by the tokens' offsets)."""
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    spans, at = [], 0
-    while (start := text.find("<s>assistant\n", at)) >= 0:
-        end = text.index("</s>", start) + len("</s>")
-        spans.append((start + len("<s>assistant\n"), end))
-        at = end
-    labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX for t, (s, _) in zip(ids, offsets)]
-    return ids, labels
+    return chat_reference(tokenizer, messages, tools, IGNORE_INDEX)
 
 
 def test_tool_conversations_train_as_transformers_renders_them_with_tools(tool_model, tmp_path):
@@ -156,8 +133,8 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             "line 7: tools: a string that is not JSON",
             "line 8: tools[0].function.name: 'no spaces' is not a function name",
             "line 9: tools: 129 tools; at most 128 are taken",
-            "line 10: messages[1].content must be a string, got none (an assistant message may have tool_calls "
-            "instead)",
+            "line 10: messages[1].content must be a string or a list of text parts, got none (an assistant message "
+            "may have tool_calls instead)",
             "line 11: tools: a string that is not JSON (key 'type' appears more than once)"):
         assert expected in message, message
 
@@ -226,7 +203,7 @@ def test_one_tools_string_on_every_row_is_read_once(tool_model, tmp_path, monkey
 
     reads = []
     real = data._tools_value
-    monkeypatch.setattr(data, "_tools_value", lambda value: reads.append(value) or real(value))
+    monkeypatch.setattr(data, "_tools_value", lambda value, *column: reads.append(value) or real(value, *column))
     other = TOOLS[:1]
     rows = [{"messages": CONVERSATION, "tools": json.dumps(TOOLS)} for _ in range(300)]
     rows += [{"messages": CONVERSATION, "tools": json.dumps(other)}, {"messages": CONVERSATION, "tools": TOOLS}]
@@ -280,3 +257,25 @@ def test_a_message_name_is_rendered_as_serve_renders_it(tool_model, tmp_path):
                                                                                          CONVERSATION[4]]}])
     with pytest.raises(DataError, match=r"line 2: messages\[0\]\.name must be a string, got a number"):
         load_dataset(bad, "causal-lm", tokenizer, 1024, model=directory)
+
+
+def test_a_tools_column_of_another_name_is_read_with_tools_column(tool_model, tmp_path):
+    """A data set naming its functions column otherwise (``functions``, beside ``chat``) had its tools dropped without
+    a word (only a column named ``tools`` was read): ``--tools-column`` (``tools_column=``) names it, as
+    ``--messages-column`` names the conversations; train records it and evaluate reads it (its option too)."""
+    from bca_deploy.training.cli import evaluate_command, train_command
+
+    tokenizer = _tokenizer(tool_model)
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"chat": CONVERSATION, "functions": json.dumps(TOOLS)}])
+    examples, data = load_dataset(path, "causal-lm", tokenizer, 1024, messages_column="chat",
+                                  tools_column="functions", model=tool_model)
+    assert examples.columns == "chat+functions"
+    assert (data.input_ids[0], data.labels[0]) == _reference(tokenizer, AS_TEMPLATE_READS, TOOLS)
+    _, plain = load_dataset(path, "causal-lm", tokenizer, 1024, messages_column="chat", model=tool_model)
+    assert plain.input_ids[0] == _reference(tokenizer, AS_TEMPLATE_READS, None)[0]  # not named: not read
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chat": CONVERSATION, "functions": "[{not json"}])
+    with pytest.raises(DataError, match="line 1: functions: a string that is not JSON"):
+        load_dataset(bad, "causal-lm", tokenizer, 1024, messages_column="chat", tools_column="functions",
+                     model=tool_model)
+    for command in (train_command, evaluate_command):
+        assert "--tools-column" in [o for p in command.params for o in p.opts], command.name

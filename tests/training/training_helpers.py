@@ -105,6 +105,41 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
+def char_chat_tokenizer(directory: Path, chat_template: str) -> Path:
+    """Save at ``directory`` a character-level tokenizer (``<s>``, ``</s>`` and the tool tags single tokens; 103
+    tokens) carrying ``chat_template``: what the conversation path reads (the tokenizer and its template)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "\n", *(chr(c) for c in range(32, 127)), "<tool_call>", "</tool_call>",
+             "<tool_response>", "</tool_response>"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"</?tool_call>|</?tool_response>|</?s>|[\s\S]"),
+                                              behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def chat_reference(tokenizer, messages, tools=None, ignore_index: int = -100) -> tuple[list[int], list[int]]:
+    """By hand: transformers' render of ``messages`` (with ``tools``), tokenized; the labels are the tokens of each
+    assistant turn's text past ``<s>assistant\\n`` through its ``</s>`` (found in the text, mapped by the tokens'
+    offsets), ``ignore_index`` elsewhere. For templates writing each turn as ``<s>ROLE\\nTEXT</s>``."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    spans, at = [], 0
+    while (start := text.find("<s>assistant\n", at)) >= 0:
+        end = text.index("</s>", start) + len("</s>")
+        spans.append((start + len("<s>assistant\n"), end))
+        at = end
+    labels = [t if any(a <= s < b for a, b in spans) else ignore_index for t, (s, _) in zip(ids, offsets)]
+    return ids, labels
+
+
 def read_tensors(directory: Path) -> dict:
     """Every tensor an adapter directory (or trainer state) holds, by name."""
     import torch
