@@ -47,8 +47,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ..config import MAX_NUM_LABELS, DuplicateKeyError, text_pair_mismatch, unique_key_object
-from ..errors import first_line, format_problems
+from ..config import MAX_NUM_LABELS, DuplicateKeyError, parse_json_value, text_pair_mismatch, unique_key_object
+from ..errors import AdapterFormatError, first_line, format_problems
 from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
 from ..serving import tools as _serving_tools  # (no pydantic, no onnxruntime: the chat rules serve and training share)
@@ -1502,13 +1502,10 @@ def _tools_value(value: Any, column: str = TOOLS_COLUMN) -> tuple[list[Any] | No
     if isinstance(value, str):
         if len(value) > 4 * MAX_TOOLS_BYTES:
             return None, f"{column}: {len(value):,} characters; at most {MAX_TOOLS_BYTES:,} bytes are taken"
-        try:  # read as the file's own JSON is read (no key twice), and as a request's body (no NaN, no Infinity)
-            value = json.loads(value, parse_constant=_no_constant, object_pairs_hook=unique_key_object)
-        except (ValueError, RecursionError) as exc:
-            why = (f"key {exc.key!r} appears more than once" if isinstance(exc, DuplicateKeyError)
-                   else "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc, 120))
-            return None, (f"{column}: a string that is not JSON ({why}); expected a list of tools, or that list "
-                          "written as JSON")
+        try:  # by the one rule every JSON file is read by: no key twice, no NaN or Infinity, nesting bounded
+            value = parse_json_value(value, column, "tools string")
+        except AdapterFormatError as exc:
+            return None, f"{first_line(exc, 200)}; expected a list of tools, or that list written as JSON"
     problems = tools_problems(value, column)
     if problems:
         return None, "; ".join(problems)
@@ -1526,10 +1523,6 @@ def _without_struct_nulls(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_struct_nulls(v) for v in value]
     return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
 
 
 #: Stanford Alpaca's prompts, with the newline after ``### Response:`` that Axolotl's ``alpaca`` type adds (the

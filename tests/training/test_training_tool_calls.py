@@ -130,12 +130,12 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             "line 4: messages[1].tool_calls[0].function.arguments: must be a JSON object written as a string",
             "line 5: messages[1].tool_calls[0].function.arguments: must be a string of JSON",
             "line 6: tools: must be a list of tools",
-            "line 7: tools: a string that is not JSON",
+            "line 7: tools: not valid JSON (Expecting property name enclosed in double quotes",
             "line 8: tools[0].function.name: 'no spaces' is not a function name",
             "line 9: tools: 129 tools; at most 128 are taken",
             "line 10: messages[1].content must be a string or a list of text parts, got none (an assistant message "
             "may have tool_calls instead)",
-            "line 11: tools: a string that is not JSON (key 'type' appears more than once)"):
+            "line 11: tools: key 'type' appears twice in one object (which one is meant?); expected a list of tools"):
         assert expected in message, message
 
 
@@ -273,9 +273,14 @@ def test_a_tools_column_of_another_name_is_read_with_tools_column(tool_model, tm
     assert (data.input_ids[0], data.labels[0]) == _reference(tokenizer, AS_TEMPLATE_READS, TOOLS)
     _, plain = load_dataset(path, "causal-lm", tokenizer, 1024, messages_column="chat", model=tool_model)
     assert plain.input_ids[0] == _reference(tokenizer, AS_TEMPLATE_READS, None)[0]  # not named: not read
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chat": CONVERSATION, "functions": "[{not json"}])
-    with pytest.raises(DataError, match="line 1: functions: a string that is not JSON"):
+    nan = '[{"type": "function", "function": {"name": "f", "parameters": {"default": NaN}}}]'
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chat": CONVERSATION, "functions": "[{not json"},
+                                               {"chat": CONVERSATION, "functions": nan}])
+    with pytest.raises(DataError) as caught:
         load_dataset(bad, "causal-lm", tokenizer, 1024, messages_column="chat", tools_column="functions",
                      model=tool_model)
+    for expected in ("line 1: functions: not valid JSON",  # a file's JSON rule: no NaN, as in a request body
+                     "line 2: functions: NaN is not valid JSON (write a finite number); expected a list of tools"):
+        assert expected in str(caught.value), str(caught.value)
     for command in (train_command, evaluate_command):
         assert "--tools-column" in [o for p in command.params for o in p.opts], command.name
