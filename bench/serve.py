@@ -581,6 +581,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-max-positions", type=int, default=256, help="the decoders' context")
     parser.add_argument("--gen-prompt", type=int, nargs=2, default=[8, 64], help="prompt tokens: min max")
     parser.add_argument("--gen-new", type=int, nargs=2, default=[8, 64], help="new tokens: min max")
+    parser.add_argument("--gen-workloads", nargs="+", choices=["uniform", "heavy-tail"], default=["uniform", "heavy-tail"],
+                        help="new-token lengths: uniform in --gen-new (the first workload named is the goal's), "
+                             "heavy-tail: a capped log-normal (see bench/serve_generation.py)")
     parser.add_argument("--gen-requests-min", type=int, default=16, help="requests per level at least")
     parser.add_argument("--gen-requests-per-client", type=int, default=3, help="requests per client per level")
     parser.add_argument("--gen-repeats", type=int, default=2, help="times each level runs (schedulers alternate)")
