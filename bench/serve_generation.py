@@ -585,7 +585,7 @@ def report(result: dict[str, Any], args, load_start, load_end, total_s: float) -
             table.append(out)
     goals = []
     top, one = max(args.concurrency), min(args.concurrency)
-    goal_workload = args.gen_workloads[0]  # the goal's workload (uniform by default); the others are for comparison
+    goal_workload = args.gen_workloads[0]  # the TTFT goals read the first workload; the tokens/s goal is uniform's only
     for kind in args.gen_models:
         for workload in args.gen_workloads:
             for baseline in (TODAY, REQUEST_LEVEL):
@@ -595,7 +595,7 @@ def report(result: dict[str, Any], args, load_start, load_end, total_s: float) -
                               "goal": f"tokens/s continuous / {baseline} at {top} clients >= {GOAL_SPEEDUP}",
                               "value": ratio, "row_step_bound": bound,
                               "status": ("met" if ratio >= GOAL_SPEEDUP else "NOT met")
-                              if baseline == TODAY and workload == goal_workload else "(for comparison)"})
+                              if baseline == TODAY and workload == "uniform" else "(for comparison)"})
         base = next(r for r in table if r["model"] == kind and r["workload"] == goal_workload and r["clients"] == one
                     and r["scheduler"] == TODAY)
         for clients in args.concurrency:
