@@ -53,6 +53,7 @@ from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
 from ..serving import tools as _serving_tools  # (no pydantic, no onnxruntime: the chat rules serve and training share)
 from .errors import DataError, DataFileNotFoundError
+from .loading import quiet_loading
 
 __all__ = [
     "TASKS",
@@ -1812,29 +1813,24 @@ def tokenize_seq_cls(examples: SeqClsExamples, tokenizer, max_length: int) -> To
                             task="seq-cls", regression=examples.regression, lines=examples.lines)
 
 
-def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
-                       warn: Callable[[str], Any] | None = None,
-                       model: str | Path | None = None) -> tuple[TokenizedDataset, int]:
-    """Tokenize for next-token prediction, truncated on the right to ``max_length``.
+def _no_longer_max_length(max_length: int, positions: int | None, option: str) -> str | None:
+    """Where ``max_length`` is the model's ``positions`` (:func:`bca_deploy.models.position_limit`) already, why a
+    longer ``option`` cannot hold an example that fills it (the model reads no more tokens, trained or served);
+    else None."""
+    if positions is None or max_length < positions:
+        return None
+    return (f"the model reads at most {positions:,} tokens (its positions), so no longer {option} holds them: shorten "
+            "them (a shorter system prompt, fewer or shorter tools and turns)")
 
-    messages: each conversation rendered with the tokenizer's chat template and tokenized as ``serve`` tokenizes a
-    chat prompt; labels on the assistant turns only (:func:`_tokenize_conversations`; ``model``: the model directory,
-    named when its tokenizer has no chat template).
 
-    prompt/response: ``prompt ids (with the tokenizer's special tokens) + response ids + EOS``, labels
-    :data:`IGNORE_INDEX` on the prompt; the response ids are those prompt + response gets past the prompt's
-    (:func:`_response_in_context`), else the response tokenized alone. text: every token is a target. Examples
-    left with no target token after truncation (a prompt longer than ``max_length``) are dropped. ``warn`` gets a line
-    naming the responses tokenized alone (TRL warns of the same mismatch) and the examples dropped, by data line.
-
-    Returns:
-        The dataset and how many examples were dropped.
-    """
+def _causal_lm_rows(examples: LMExamples, tokenizer, max_length: int, warn: Callable[[str], Any] | None,
+                    model: str | Path | None) -> list[tuple[int, list[int], list[int]]]:
+    """``(line, ids, target)`` per example, in order, cut at ``max_length`` (see :func:`tokenize_causal_lm`)."""
     eos = _eos_token_id(tokenizer)
-    rows: list[tuple[int, list[int], list[int]]] = []  # (line, ids, target) per example, in order
+    rows: list[tuple[int, list[int], list[int]]] = []
     if examples.format == "messages":
-        rows = list(_tokenize_conversations(examples, tokenizer, max_length, model))
-    elif examples.format == "text":
+        return list(_tokenize_conversations(examples, tokenizer, max_length, model))
+    if examples.format == "text":
         encoded, _ = _encode(tokenizer, [cut_texts(examples.texts, max_length)], truncation=True, max_length=max_length)
         rows = [(line, list(ids), list(ids)) for line, ids in zip(examples.lines, encoded)]
     else:
@@ -1858,6 +1854,35 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
             # Some tokenizers add a trailing special token (BERT's [SEP]) to the prompt; keep it as a separator.
             rows.append((line, (list(p_ids) + list(r_ids) + end)[:max_length],
                          ([IGNORE_INDEX] * len(p_ids) + list(r_ids) + end)[:max_length]))
+    return rows
+
+
+def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
+                       warn: Callable[[str], Any] | None = None,
+                       model: str | Path | None = None,
+                       positions: int | None = None) -> tuple[TokenizedDataset, int]:
+    """Tokenize for next-token prediction, truncated on the right to ``max_length``.
+
+    messages: each conversation rendered with the tokenizer's chat template and tokenized as ``serve`` tokenizes a
+    chat prompt; labels on the assistant turns only (:func:`_tokenize_conversations`; ``model``: the model directory,
+    named when its tokenizer has no chat template).
+
+    prompt/response: ``prompt ids (with the tokenizer's special tokens) + response ids + EOS``, labels
+    :data:`IGNORE_INDEX` on the prompt; the response ids are those prompt + response gets past the prompt's
+    (:func:`_response_in_context`), else the response tokenized alone. text: every token is a target. Examples
+    left with no target token after truncation (a prompt longer than ``max_length``) are dropped. ``warn`` gets a line
+    naming the responses tokenized alone (TRL warns of the same mismatch) and the examples dropped, by data line;
+    where ``max_length`` is the model's ``positions`` (:func:`bca_deploy.models.position_limit`) it says that no
+    longer ``--max-length`` holds them, rather than to raise it.
+
+    Returns:
+        The dataset and how many examples were dropped.
+    """
+    # a conversation (or prompt) longer than the tokenizer's model_max_length is tokenized whole to find its turns,
+    # then cut: transformers' "Token indices sequence length is longer than the specified maximum sequence length
+    # for this model ... will result in indexing errors" would be about a sequence no model runs
+    with quiet_loading():
+        rows = _causal_lm_rows(examples, tokenizer, max_length, warn, model)
     input_ids, labels, lines = [], [], []
     gone: list[int] = []  # examples left with no target token (the first token is never one: nothing precedes it)
     for index, (line, ids, target) in enumerate(rows):
@@ -1876,7 +1901,9 @@ def tokenize_causal_lm(examples: LMExamples, tokenizer, max_length: int,
         else:
             warn(f"{dropped:,} {'example has' if one else 'examples have'} no target token within "
                  f"max_length={max_length} (the prompt fills it) and {'is' if one else 'are'} left out "
-                 f"({_lines_of(examples.lines, gone)}); raise --max-length to train on them")
+                 f"({_lines_of(examples.lines, gone)}); "
+                 f"{_no_longer_max_length(max_length, positions, '--max-length') or 'raise --max-length'} to train "
+                 "on them")
     return TokenizedDataset(input_ids, labels, pad_token_id(tokenizer), task="causal-lm", lines=lines), dropped
 
 
@@ -2060,9 +2087,13 @@ def _token_names(tokenizer, ids: Sequence[int]) -> str:
     return f" ({', '.join(names)})" if names else ""
 
 
-def _max_length_advice(examples: LMExamples, tokenizer, max_length: int) -> str:
+def _max_length_advice(examples: LMExamples, tokenizer, max_length: int, positions: int | None = None) -> str:
     """How far to raise ``max_length`` when every prompt fills it: the shortest prompt's length in tokens (read
-    up to 16 × ``max_length``), for prompt/response data; conversations and texts get the plain advice."""
+    up to 16 × ``max_length``), for prompt/response data; conversations and texts get the plain advice. Where
+    ``max_length`` is the model's ``positions`` already, no longer one helps: the examples must be shortened."""
+    at_limit = _no_longer_max_length(max_length, positions, "max_length (CLI: --max-length)")
+    if at_limit is not None:
+        return at_limit
     if examples.format != "prompt-response":
         return "raise max_length (CLI: --max-length)"
     reach = 16 * max_length
@@ -2095,6 +2126,7 @@ def load_dataset(
     head_text_pair: bool | None = None,
     head_of: str = "the model",
     head_record: str | None = None,
+    positions: int | None = None,
 ):
     """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``.
 
@@ -2102,6 +2134,8 @@ def load_dataset(
     (causal-lm): gets lines about examples tokenized or left out unlike the rest (:func:`tokenize_causal_lm`).
     ``model`` (causal-lm conversations): the model directory, named when its tokenizer has no chat template.
     ``tools_column`` (causal-lm conversations): the column of each row's functions (:data:`TOOLS_COLUMN`).
+    ``positions`` (causal-lm): the model's :func:`~bca_deploy.models.position_limit`, named instead of "raise
+    max_length" for examples that do not fit where ``max_length`` is that limit already.
     """
     if task == "seq-cls":
         examples = load_seq_cls(path, text_columns, label_column, regression, label_names=label_names,
@@ -2112,9 +2146,9 @@ def load_dataset(
         examples = load_causal_lm(path, prompt_column, response_column, text_column, messages_column, tools_column)
         dataset, dropped = tokenize_causal_lm(examples, tokenizer, max_length,
                                               warn=None if warn is None else lambda line: warn(f"{path}: {line}"),
-                                              model=model)
+                                              model=model, positions=positions)
         if len(dataset) == 0:
             raise DataError(f"{path}: no example has a target token within max_length={max_length} ({dropped} "
-                            f"dropped: prompts too long); {_max_length_advice(examples, tokenizer, max_length)}")
+                            f"dropped: prompts too long); {_max_length_advice(examples, tokenizer, max_length, positions)}")
         return examples, dataset
     raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import MAX_NUM_LABELS, TRAINING_RECORD_FILE, TaskSpec, show_json_value, read_json, run_adapter_dir
 from ..errors import format_problems
-from ..models import classifier_pad_id, vocabulary_size
+from ..models import classifier_pad_id, position_limit, vocabulary_size
 from .config import METHODS, PRECISIONS, EvaluateConfig
 from .data import TASKS, check_ids_mean_these_names, check_label_range, check_token_range, ids_named, load_dataset
 from .errors import DataError, TrainingConfigError
@@ -104,6 +104,7 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
                 warn=lambda line: print(f"note: {line}", file=sys.stderr),
                 columns_from=_recorded_columns(adapter, config, info),
                 head_text_pair=trained_on_pairs, head_of=f"adapter {adapter}", head_record=pairs_record,
+                positions=position_limit(model_config, tokenizer),
             )
             regression = bool(task == "seq-cls" and examples.regression)
             if model is None:

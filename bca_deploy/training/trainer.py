@@ -50,7 +50,8 @@ from torch import nn
 from ..atomic import check_inputs_outside, write_text
 from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
 from ..errors import format_problems
-from ..models import describe_ids_past_vocabulary, classifier_pad_id, ids_past_vocabulary, vocabulary_size
+from ..models import (describe_ids_past_vocabulary, classifier_pad_id, ids_past_vocabulary, position_limit,
+                      vocabulary_size)
 from .checkpoint import (LOG_FILE, RESULT_FILE, STATE_FILE, RunDirectory, load_state, rng_state, save_state,
                          set_rng_state, write_dir_atomically)
 from .config import Recipe, TrainConfig, recipe_for
@@ -514,7 +515,8 @@ class _TrainingRun:
         kwargs = dict(text_columns=cfg.text_columns, label_column=cfg.label_column, regression=regression,
                       prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                       text_column=cfg.text_column, messages_column=cfg.messages_column,
-                      tools_column=cfg.tools_column, warn=note, model=cfg.model)
+                      tools_column=cfg.tools_column, warn=note, model=cfg.model,
+                      positions=position_limit(model_config, self.tokenizer))
         fitted = fit_max_length(cfg.max_length, model_config, self.tokenizer, warn=note)
         if fitted != cfg.max_length:
             cfg = self.cfg = dataclasses.replace(cfg, max_length=fitted)
