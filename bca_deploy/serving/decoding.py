@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -246,6 +247,19 @@ class SamplingParams:
             object.__setattr__(self, "logprobs", int(self.logprobs))
         if self.prompt_logprobs is not None:
             object.__setattr__(self, "prompt_logprobs", int(self.prompt_logprobs))
+
+    def logprob_entries(self, prompt_tokens: int, generated: bool = True) -> int:
+        """The most log-probability entries a row of these settings over a prompt of ``prompt_tokens`` tokens may list
+        (each listed token and its alternatives; every token up to ``max_new_tokens`` generated; ``generated`` False:
+        the prompt's alone): what its answer holds, bounded per answer by ``--max-logprob-entries``
+        (:func:`~bca_deploy.serving.openai.check_logprob_entries`). The prompt's first token, which lists nothing, is
+        counted too."""
+        entries = 0
+        if self.prompt_logprobs is not None:
+            entries += prompt_tokens * (self.prompt_logprobs + 1)
+        if self.logprobs is not None and generated:
+            entries += self.max_new_tokens * (self.logprobs + 1)
+        return entries
 
     def check_vocabulary(self, vocabulary: int | None) -> None:
         """Refuse ``stop_token_ids`` and ``logit_bias`` ids outside the vocabulary a row can generate, [0,
@@ -613,19 +627,30 @@ def choose_tokens(logits: np.ndarray, samplers: Sequence[Sampler]) -> tuple[list
     return tokens, failures
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TokenLogprob:
     """A chosen token's log-probability and the ``k`` most likely tokens' (:func:`token_logprobs`).
 
-    ``top``: ``(token_id, logprob)`` pairs, most likely first (ties: the lower id first); the chosen token is among
-    them only if it is one of the ``k`` most likely. Log-probabilities are floats >= :data:`LOGPROB_FLOOR` (vLLM's and
-    OpenAI's floor for a probability that underflows; a non-finite logit gives the floor too), never inf or NaN, so
-    they go into JSON as they are.
+    ``top_ids`` / ``top_logprobs``: the ``k`` most likely tokens' ids and log-probabilities, most likely first (ties:
+    the lower id first), as compact arrays (``array('i')``, ``array('d')``; ``()`` when ``k`` is 0); :attr:`top` reads
+    them as ``(token_id, logprob)`` pairs. The chosen token is among them only if it is one of the ``k`` most likely.
+    Log-probabilities are floats >= :data:`LOGPROB_FLOOR` (vLLM's and OpenAI's floor for a probability that
+    underflows; a non-finite logit gives the floor too), never inf or NaN, so they go into JSON as they are.
+
+    Compact because an answer holds one per listed token until it is rendered (rows x tokens of them): pairs of Python
+    ints and floats in a tuple, in an object with a ``__dict__``, took ~92 bytes per alternative; slots and two arrays
+    take ~21 at ``k`` 20 (the float64 values unchanged, so the JSON is byte-equal).
     """
 
     token_id: int
     logprob: float
-    top: tuple[tuple[int, float], ...] = ()
+    top_ids: Sequence[int] = ()
+    top_logprobs: Sequence[float] = ()
+
+    @property
+    def top(self) -> tuple[tuple[int, float], ...]:
+        """The alternatives as ``(token_id, logprob)`` pairs, most likely first."""
+        return tuple(zip(self.top_ids, self.top_logprobs))
 
 
 #: The lowest log-probability reported (vLLM clamps to it, as OpenAI does: -inf is not JSON).
@@ -657,14 +682,17 @@ def token_logprobs(logits: np.ndarray, rows: Sequence[int], tokens: Sequence[int
     out = []
     for r, (token, k) in enumerate(zip(tokens, tops, strict=True)):
         chosen = _floored(picked[r, token] - norm[r, 0]) if 0 <= token < width else LOGPROB_FLOOR
-        pairs: tuple[tuple[int, float], ...] = ()
         if k and candidates is not None:
             ids = candidates[r]
             values = picked[r, ids] - norm[r, 0]
             # most likely first, ties by id; a tie across the cut is settled by the partition, as torch.topk's is
             order = np.lexsort((ids, -values))[:min(int(k), width)]
-            pairs = tuple((int(ids[i]), _floored(values[i])) for i in order)
-        out.append(TokenLogprob(int(token), chosen, pairs))
+            best = values[order].astype(np.float64)
+            # _floored's rule on the whole array (NaN and -inf: the floor); int32 ids: every vocabulary fits
+            best = np.where(best >= LOGPROB_FLOOR, best, LOGPROB_FLOOR)
+            out.append(TokenLogprob(int(token), chosen, array("i", ids[order].tolist()), array("d", best.tolist())))
+        else:
+            out.append(TokenLogprob(int(token), chosen))
     return out
 
 

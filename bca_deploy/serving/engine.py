@@ -192,9 +192,8 @@ class GenerationStream:
         self.completion_tokens = 0
         self.token_ids: list[int] = []
         self.text = ""
-        # one per token id when the row asks them (every token's, its text empty or not)
-        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
-        self.text_offsets: list[int] | None = [] if params.logprobs is not None else None
+        # a token's log-probabilities travel in its TokenEvent only: a consumer reading the events (a streamed
+        # answer) holds them no longer than it keeps each event; collect() gathers them for a whole answer
         # set before the first token is delivered (and before the end of a row of max_new_tokens 0) when asked
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
@@ -253,13 +252,21 @@ class GenerationStream:
         self.cancel()
 
     async def collect(self) -> GenerationResult:
-        """Wait for the whole generation (raises the row's error if it failed)."""
-        async for _ in self:
-            pass
+        """Wait for the whole generation (raises the row's error if it failed), read from its first event: call it
+        instead of iterating, not after. The log-probabilities asked (``SamplingParams.logprobs``) are gathered here,
+        with where each token's text starts, not by the stream: a stream read event by event holds none of them."""
+        asked = self.params.logprobs is not None
+        logprobs: list[TokenLogprob] | None = [] if asked else None
+        offsets: list[int] | None = [] if asked else None
+        chars = 0
+        async for event in self:
+            if logprobs is not None and event.logprob is not None:
+                logprobs.append(event.logprob)
+                offsets.append(chars)
+            chars += len(event.text)
         assert self.finish_reason is not None
         return GenerationResult(list(self.token_ids), self.text, self.finish_reason, self.prompt_tokens,
-                                self.completion_tokens, None if self.logprobs is None else list(self.logprobs),
-                                None if self.text_offsets is None else list(self.text_offsets),
+                                self.completion_tokens, logprobs, offsets,
                                 None if self.prompt_logprobs is None else list(self.prompt_logprobs))
 
     # ---- called on the loop by the engine's deliveries ----------------------------------------------------
@@ -267,9 +274,6 @@ class GenerationStream:
     def _push(self, event: TokenEvent) -> None:
         if self._ended:
             return
-        if self.logprobs is not None and event.logprob is not None:
-            self.logprobs.append(event.logprob)
-            self.text_offsets.append(len(self.text))
         self.token_ids.append(event.token_id)
         self.text += event.text
         self.completion_tokens += 1

@@ -58,7 +58,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -76,7 +76,7 @@ from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterE
 from .chat_template import (CHAT_TOKENIZE_OPTIONS, ChatTemplateRenderer, ChatTemplateRenderError, RenderedTooLongError,
                             chat_template_source)
 from .limits import MAX_LOGPROBS
-from .openai import check_prompt_logprob_entries
+from .openai import check_logprob_entries
 from .options import ServeOptions
 from .session import BASE, KIND_NEEDS, AdapterInfo, MultiAdapterSession, check_adapter_name, not_loaded
 from .store import AdapterStore, redact_roots
@@ -1652,8 +1652,14 @@ def create_app(
                                   logit_bias=body.logit_bias, logprobs=body.logprobs,
                                   prompt_logprobs=body.prompt_logprobs)
                   for i, prompt in enumerate(prompts)]
-        if body.prompt_logprobs is not None:  # the OpenAI routes' bound on an answer's prompt entries
-            check_prompt_logprob_entries(prompts, 1, body.prompt_logprobs, param="prompt_logprobs")
+        if body.logprobs is not None or body.prompt_logprobs is not None:  # the OpenAI routes' bound on an answer
+            fields = {name: value for name, value in (("logprobs", body.logprobs),
+                                                      ("prompt_logprobs", body.prompt_logprobs)) if value is not None}
+            fields["max_new_tokens"] = max(p.max_new_tokens for p in params)
+            fields["input"] = f"{len(prompts)} row(s)"
+            scored = [name for name in ("logprobs", "prompt_logprobs") if name in fields]
+            check_logprob_entries(server.options.max_logprob_entries, prompts, params, fields, scored[0],
+                                  f"send fewer rows, a lower max_new_tokens or a lower {' or '.join(scored)}")
         streams, release = server.submit(request, prompts, adapter, params)
         try:
             results = await server.collect(request, streams)
@@ -1664,9 +1670,9 @@ def create_app(
             release()
         texts = isinstance(body.input, str) or bool(rows and isinstance(rows[0], str))
 
-        def answer() -> dict[str, Any]:  # in a worker thread: it decodes, and may list many log-probabilities
-            data = []
-            for i, result in enumerate(results):
+        def rows_of() -> Iterator[dict[str, Any]]:  # one at a time, each result let go once used (render_answer)
+            for i in range(len(results)):
+                result, results[i] = results[i], None
                 item: dict[str, Any] = {"index": i, "token_ids": result.token_ids}
                 if texts:
                     item["text"] = session.decode(result.token_ids)
@@ -1674,8 +1680,10 @@ def create_app(
                     item["logprobs"] = [_logprob_entry(t) for t in result.logprobs or []]
                 if body.prompt_logprobs is not None:  # nothing comes before the first prompt token (vLLM's null)
                     item["prompt_logprobs"] = [None, *(_logprob_entry(t) for t in result.prompt_logprobs or [])]
-                data.append(item)
-            return {"adapter": adapter, "data": data}
+                yield item
+
+        def answer() -> dict[str, Any]:  # in a worker thread: it decodes, and may list many log-probabilities
+            return {"adapter": adapter, "data": rows_of()}
 
         return await json_answer(answer)
 
@@ -1697,7 +1705,8 @@ def _logprob_entry(item) -> dict[str, Any]:
     """A :class:`~bca_deploy.serving.engine.TokenLogprob` as ``/v1/generate`` lists it, by token id:
     ``{"token_id", "logprob", "top_logprobs": [{"token_id", "logprob"}, ...]}``, the alternatives most likely first."""
     return {"token_id": item.token_id, "logprob": item.logprob,
-            "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in item.top]}
+            "top_logprobs": [{"token_id": t, "logprob": lp}
+                             for t, lp in zip(item.top_ids, item.top_logprobs, strict=True)]}
 
 
 def _non_finite_row(kind: str, result: list) -> int | None:

@@ -6,8 +6,8 @@ runtime (:mod:`bca_deploy.serving.decoding`) share them without the options impo
 
 from __future__ import annotations
 
-__all__ = ["MAX_NEW_TOKENS", "MAX_LOGPROBS", "PREEMPT_WAIT_STEPS", "MAX_SCORE_LOGITS", "MAX_LOGIT_BIAS",
-           "TOOL_CALL_PARSERS"]
+__all__ = ["MAX_NEW_TOKENS", "MAX_LOGPROBS", "MAX_LOGPROB_ENTRIES", "PREEMPT_WAIT_STEPS", "MAX_SCORE_LOGITS",
+           "MAX_LOGIT_BIAS", "TOOL_CALL_PARSERS"]
 
 #: The most new tokens one row may generate (:class:`~bca_deploy.serving.decoding.SamplingParams`); the
 #: graph's positions limit it further, and ``--max-new-tokens`` may not be set above it.
@@ -16,6 +16,17 @@ MAX_NEW_TOKENS = 4096
 #: The most alternatives per token a row may ask log-probabilities of (:class:`~bca_deploy.serving.decoding.
 #: SamplingParams` ``logprobs``): OpenAI's ``top_logprobs`` bound, and vLLM's default ``--max-logprobs``.
 MAX_LOGPROBS = 20
+
+#: Default ``--max-logprob-entries`` (:class:`~bca_deploy.serving.options.ServeOptions` ``max_logprob_entries``): the
+#: most log-probability entries (each listed token and its alternatives, prompt and generated tokens alike, over every
+#: choice) one answer that is not streamed may list, counted at the request's worst case before any work. It admits
+#: what OpenAI clients ask (n 1 x 4,096 tokens x top_logprobs 20: 86,016; n 16 x 1,024 x 5: 98,304) and an evaluation
+#: harness's echo batch (64 prompts of 2,048 tokens, logprobs 1: 262,144). An answer holds about 75 bytes per entry
+#: at its peak (measured: a 1,048,320-entry completions answer, 416 prompts x 120 tokens x logprobs 20, raised a
+#: server's peak RSS by 76 MB; 238 MB before the entries were kept compact and rendered a choice at a time), so the
+#: default admits ~80 MB per answer. Streamed answers hold a chunk at a time; what a slow reader leaves queued is held
+#: to the same bound.
+MAX_LOGPROB_ENTRIES = 2**20
 
 #: The most token ids one row's ``logit_bias`` may name (:class:`~bca_deploy.serving.decoding.SamplingParams`):
 #: OpenAI's bound (its API refuses more than 300), so a client written for OpenAI is never refused here; each step

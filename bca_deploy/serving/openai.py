@@ -71,7 +71,16 @@ The distribution is the model's raw one, vLLM's default: log_softmax of the logi
 ``logit_bias``, penalties, ``min_tokens`` masking, temperature, min-p, top-k and top-p, so the numbers are the same
 however a choice
 samples (``n`` > 1, streamed or not); each row's are computed on its own logits, only for the rows that ask.
-The native ``/v1/generate`` returns no log-probabilities.
+The native ``/v1/generate`` lists them by token id (its ``logprobs`` and ``prompt_logprobs``).
+
+An answer that is not streamed holds every log-probability it lists until it is sent: one whose worst case (rows x
+(echoed prompt tokens + ``max_tokens``) x (``logprobs`` + 1), each prompt's ``n`` choices a row each) is past
+``--max-logprob-entries`` (:func:`check_logprob_entries`, default
+:data:`~bca_deploy.serving.limits.MAX_LOGPROB_ENTRIES`) is refused before any work (400 naming the fields that asked:
+``logprobs`` / ``top_logprobs``, ``max_tokens``, ``n``, the prompts; stream it, or ask fewer). A streamed answer
+sends its tokens' log-probabilities a chunk at a time and is held to the bound for what it keeps: its echoed prompts'
+(and, read for tool calls, all of them: a call is held until it is whole); a client that leaves more than the bound
+unread has its rows stopped and gets a 408 error event after what was queued.
 
 Completions' ``echo: true`` (OpenAI's, vLLM's) puts the prompt before each choice's text: a text prompt as sent, token
 ids decoded (special tokens left out, as in every text here). With ``logprobs`` N it also scores the prompt, what
@@ -85,9 +94,8 @@ token's text starts where the token before it ends in the prompt). ``max_tokens:
 vLLM) generates nothing: the prompt alone, ``finish_reason`` ``"length"``, ``completion_tokens`` 0. Streamed, each
 choice's first chunk is its echoed prompt (with its log-probabilities), as vLLM sends it. The prompt is scored in
 the engine's prefill (:attr:`~bca_deploy.serving.decoding.SamplingParams.prompt_logprobs`), under the same admission
-and turns as any row; every position's logits are held a chunk at a time (``MAX_SCORE_LOGITS``). An answer of more
-than ``MAX_ECHO_LOGPROB_ENTRIES`` prompt log-probability entries (prompt tokens x choices x (N + 1)) is refused
-(400, ``logprobs``).
+and turns as any row; every position's logits are held a chunk at a time (``MAX_SCORE_LOGITS``). The prompt's
+entries count toward ``--max-logprob-entries`` as the generated tokens' do (above), streamed or not.
 
 Chat messages reach the template as vLLM passes them: text parts joined with a line break, ``name`` kept.
 An assistant message sent back as the client got it (``message.model_dump()``: ``refusal``, ``tool_calls``...
@@ -154,6 +162,7 @@ from .wire import (
     AdapterExistsError,
     InvalidRequestError,
     JSONNumber,
+    RequestTimeoutError,
     error_body,
     error_status,
     is_openai_request,
@@ -166,7 +175,7 @@ from .wire import (
 if TYPE_CHECKING:
     from .http import Server
 
-__all__ = ["add_routes", "model_card", "check_prompt_logprob_entries", "EmbeddingsRequest", "CompletionRequest",
+__all__ = ["add_routes", "model_card", "check_logprob_entries", "EmbeddingsRequest", "CompletionRequest",
            "ChatCompletionRequest", "TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"]
 
 
@@ -755,15 +764,10 @@ def add_routes(app, server: Server, native_embeddings) -> None:
         server.check_rows(len(rows) * req.n, "n")  # every choice is a row
         keep = truncate_prompt_tokens(server, req.truncate_prompt_tokens)
         prompts = await server.prepare(rows, param="prompt", keep_tokens=keep)
-        echoes = None
-        if req.echo:
-            if req.logprobs is not None:
-                check_prompt_logprob_entries(prompts, req.n, req.logprobs)
-            # a prompt cut by truncate_prompt_tokens is echoed as what the model read: its kept ids, decoded
-            echoes = await run_in_threadpool(_echoes, server, rows if keep is None else prompts, prompts,
-                                             req.logprobs is not None)
+        # a prompt cut by truncate_prompt_tokens is echoed as what the model read: its kept ids, decoded
+        echo_rows = (rows if keep is None else prompts) if req.echo else None
         return await _generate(request, server, req, adapter, prompts, "text_completion", default_max_tokens=16,
-                               echoes=echoes)
+                               echo_rows=echo_rows)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -895,25 +899,59 @@ def _store_name(lora_path: str) -> str:
 # ---- generation ----------------------------------------------------------------------------------------
 
 
-#: The most prompt log-probability entries one answer lists (prompt tokens x choices x (``logprobs`` + 1): each
-#: position's token and its alternatives): 2M entries are about 60 MB of JSON. An evaluation harness's batch (64
-#: prompts of 2,048 tokens, ``logprobs`` 1: 262,144) is far below it. Completions' ``echo`` and the native
-#: ``/v1/generate``'s ``prompt_logprobs`` are held to it (:func:`check_prompt_logprob_entries`).
-MAX_ECHO_LOGPROB_ENTRIES = 2**21
+def check_logprob_entries(limit: int, prompts: list[list[int]], params: list, fields: Mapping[str, Any],
+                          param: str, advice: str, generated: bool = True) -> None:
+    """Refuse, before any work, an answer that may hold more than ``limit`` log-probability entries (``--max-logprob-
+    entries``, :attr:`~bca_deploy.serving.options.ServeOptions.max_logprob_entries`): the one bound on what an answer
+    holds, its prompts' (completions' ``echo``, the native ``prompt_logprobs``) and its generated tokens' alike.
 
-
-def check_prompt_logprob_entries(prompts: list[list[int]], n: int, logprobs: int, param: str = "logprobs") -> None:
-    """Refuse a request whose prompt log-probabilities alone (each prompt's tokens x ``n`` choices x ``logprobs`` + 1)
-    would make an answer past :data:`MAX_ECHO_LOGPROB_ENTRIES` (400 naming ``param``, the field that asked them),
-    before any work."""
-    tokens = sum(len(p) for p in prompts)
-    entries = tokens * n * (logprobs + 1)
-    if entries > MAX_ECHO_LOGPROB_ENTRIES:
+    ``prompts[i]`` is row ``i``'s prompt and ``params[i]`` its :class:`~bca_deploy.serving.decoding.SamplingParams`
+    (a request's every row, its ``n`` choices each a row); a row may hold
+    :meth:`~bca_deploy.serving.decoding.SamplingParams.logprob_entries`, its worst case (every token up to its
+    ``max_new_tokens`` generated; ``generated`` False: its prompt's alone, what a streamed row holds to its end).
+    Refused with a 400 naming ``param`` (the field that asked log-probabilities), the request's ``fields`` that made
+    the count (shown as ``name value``, a text as ``name (text)``) and ``advice`` (what to send instead)."""
+    entries = sum(p.logprob_entries(len(prompt), generated) for prompt, p in zip(prompts, params, strict=True))
+    if entries > limit:
+        shown = ", ".join(f"{name} ({value})" if isinstance(value, str) else f"{name} {show_json_value(value)}"
+                          for name, value in fields.items())
         raise InvalidRequestError(
-            f"{param}: scoring {tokens:,} prompt tokens x {n} choice(s) with {param} {logprobs} lists {entries:,} "
-            f"log-probabilities (each token and its {logprobs} alternatives); this server lists at most "
-            f"{MAX_ECHO_LOGPROB_ENTRIES:,} per answer: send fewer or shorter prompts per request, or a lower {param}",
-            param=param)
+            f"{param}: with {shown}, this answer may hold {entries:,} log-probabilities (each listed token and its "
+            f"alternatives, in every choice); this server holds at most {limit:,} for one answer "
+            f"(--max-logprob-entries): {advice}", param=param)
+
+
+def _check_answer_entries(server: Server, req: _Sampling, prompts: list[list[int]], params: list,
+                          tool_parser: str | None = None) -> None:
+    """:func:`check_logprob_entries` of a completions or chat request (rows: each prompt's ``n`` choices), naming its
+    fields. A streamed answer's generated tokens are not counted: their log-probabilities are sent a chunk at a time
+    and held no longer (a client that falls behind is held to the bound by :class:`_Pumps`); its echoed prompts'
+    are (each row holds them to its end), and so are all of a streamed chat answer read for tool calls (a call's
+    tokens are held until the call is whole, up to the whole answer)."""
+    if req.logprob_count() is None:
+        return
+    chat = isinstance(req, ChatCompletionRequest)
+    generated = not req.stream or tool_parser is not None
+    ask = "top_logprobs" if chat and req.top_logprobs else "logprobs"
+    tokens = _max_tokens_param(req)
+    fields: dict[str, Any] = {"logprobs": req.logprobs}  # as sent: chat's true (with top_logprobs), completions' N
+    if chat and req.top_logprobs:
+        fields["top_logprobs"] = req.top_logprobs
+    if generated:
+        fields[tokens] = max(p.max_new_tokens for p in params)
+    if not chat:
+        fields["prompt"] = f"{len(prompts)} prompt(s)" + (f", {sum(map(len, prompts)):,} tokens echoed"
+                                                         if req.echo else "")
+    fields["n"] = req.n
+    rows = [prompt for prompt in prompts for _ in range(req.n)]
+    if not generated:
+        advice = f"send fewer or shorter prompts, a lower n or a lower {ask}"
+    elif req.stream:
+        advice = f"send a lower n, a lower {tokens} or a lower {ask}"
+    else:
+        advice = (f'stream it ("stream": true: a streamed answer holds a chunk at a time), or send '
+                  f"{'' if chat else 'fewer prompts, '}a lower n, a lower {tokens} or a lower {ask}")
+    check_logprob_entries(server.options.max_logprob_entries, rows, params, fields, ask, advice, generated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1046,17 +1084,26 @@ def _renamed(exc: InvalidRequestError | ContextLengthError, param: str) -> Inval
 
 
 async def _generate(request: Request, server: Server, req: _Sampling, adapter: str | None, prompts: list[list[int]],
-                    kind: str, default_max_tokens: int | None, echoes: list[_Echo] | None = None,
+                    kind: str, default_max_tokens: int | None, echo_rows: list | None = None,
                     tool_parser: str | None = None):
-    """Check every prompt, submit its ``n`` choices to the engine (choice ``i * n + j``: prompt i's j-th, as vLLM
-    numbers them), then answer whole or as server-sent events. ``echoes``: completions' echoed prompts.
-    ``tool_parser``: chat's ``--tool-call-parser`` reading each choice's text for tool calls (None: not read)."""
+    """Check every prompt and the log-probabilities the answer may list (:func:`_check_answer_entries`), submit each
+    prompt's ``n`` choices to the engine (choice ``i * n + j``: prompt i's j-th, as vLLM numbers them), then answer
+    whole or as server-sent events. ``echo_rows``: completions' ``echo``, the rows as their prompts are echoed (texts as
+    sent, token ids decoded; :func:`_echoes`). ``tool_parser``: chat's ``--tool-call-parser`` reading each choice's
+    text for tool calls (None: not read)."""
     n = req.n
-    if echoes is not None and req.max_tokens == 0 and req.logprobs is None:
-        return await _echo_only(req, prompts, echoes)  # nothing to compute: the prompts are the answer
-    params = [p for prompt in prompts for p in _choices(_sampling_params(server, req, len(prompt), default_max_tokens),
-                                                         n)]
-    rows = [prompt for prompt in prompts for _ in range(n)]
+    echo_only = echo_rows is not None and req.max_tokens == 0 and req.logprobs is None
+    params = rows = None
+    if not echo_only:  # nothing to compute for the prompts alone: they are the answer
+        params = [p for prompt in prompts
+                  for p in _choices(_sampling_params(server, req, len(prompt), default_max_tokens), n)]
+        _check_answer_entries(server, req, prompts, params, tool_parser)
+        rows = [prompt for prompt in prompts for _ in range(n)]
+    echoes = None
+    if echo_rows is not None:
+        echoes = await run_in_threadpool(_echoes, server, echo_rows, prompts, req.logprobs is not None)
+    if echo_only:
+        return await _echo_only(req, prompts, echoes)
     try:
         streams, release = server.submit(request, rows, adapter, params)
     except (InvalidRequestError, ContextLengthError) as exc:
@@ -1073,7 +1120,7 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
         pumps = _Pumps(request, server, streams, release,
                        echoes=None if echoes is None else [e for e in echoes for _ in range(n)])
         try:
-            first = await server.unless_gone(request, pumps.queue.get())
+            first = await server.unless_gone(request, pumps.get())
         except BaseException:
             await pumps.close()
             raise
@@ -1101,10 +1148,19 @@ def _answer(server: Server, req: _Sampling, results: list, streams: list, kind: 
             role: str, echo: str, echoes: list[_Echo] | None, tool_parser: str | None) -> dict[str, Any]:
     """The whole answer of :func:`_generate` (not streamed) from its rows' ``results``; in a worker thread, since
     their tokens' texts and log-probabilities may be hundreds of thousands of values (:func:`~bca_deploy.serving.wire.
-    json_answer`)."""
+    json_answer`). Its ``choices`` are an iterator: :func:`~bca_deploy.serving.wire.render_answer` makes, renders and
+    drops one choice at a time, and each row's result is let go once its choice is made (``results`` is emptied)."""
+    return {"id": ident, "object": kind, "created": created, "model": req.model,
+            "choices": _answer_choices(server, req, results, kind, role, echo, echoes, tool_parser),
+            "usage": _usage(streams, req.n)}
+
+
+def _answer_choices(server: Server, req: _Sampling, results: list, kind: str, role: str, echo: str,
+                    echoes: list[_Echo] | None, tool_parser: str | None) -> Iterator[dict[str, Any]]:
+    """The choices of :func:`_answer`, one at a time, each row's result dropped from ``results`` as it is used."""
     n = req.n
-    choices = []
-    for i, result in enumerate(results):
+    for i in range(len(results)):
+        result, results[i] = results[i], None
         if kind == "chat.completion":
             message: dict[str, Any] = {"role": role, "content": echo + result.text}
             finish = result.finish_reason
@@ -1117,8 +1173,8 @@ def _answer(server: Server, req: _Sampling, results: list, streams: list, kind: 
                     message = {"role": role, "content": echo + content if content is not None else (echo or None),
                                "tool_calls": [call.message() for call in calls]}
                     finish = "tool_calls"
-            choices.append({"index": i, "message": message, "logprobs": _chat_logprobs(server, result.logprobs),
-                            "finish_reason": finish})
+            yield {"index": i, "message": message, "logprobs": _chat_logprobs(server, result.logprobs),
+                   "finish_reason": finish}
         elif echoes is not None:
             shown = echoes[i // n]
             logprobs = None
@@ -1126,14 +1182,12 @@ def _answer(server: Server, req: _Sampling, results: list, streams: list, kind: 
                 offsets = [*(shown.offsets or []), *(len(shown.text) + o for o in result.text_offsets or [])]
                 logprobs = _completion_logprobs(server, [*(result.prompt_logprobs or []), *result.logprobs], offsets,
                                                 first=shown.first)
-            choices.append({"index": i, "text": shown.text + result.text, "logprobs": logprobs,
-                            "finish_reason": result.finish_reason})
+            yield {"index": i, "text": shown.text + result.text, "logprobs": logprobs,
+                   "finish_reason": result.finish_reason}
         else:
-            choices.append({"index": i, "text": result.text,
-                            "logprobs": _completion_logprobs(server, result.logprobs, result.text_offsets),
-                            "finish_reason": result.finish_reason})
-    return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": choices,
-            "usage": _usage(streams, n)}
+            yield {"index": i, "text": result.text,
+                   "logprobs": _completion_logprobs(server, result.logprobs, result.text_offsets),
+                   "finish_reason": result.finish_reason}
 
 
 def _one_call(req: _Sampling) -> bool:
@@ -1156,7 +1210,8 @@ def _chat_logprobs(server: Server, items: list | None) -> dict[str, Any] | None:
     def entry(token: int, logprob: float) -> dict[str, Any]:
         return {"token": texts[token], "logprob": logprob, "bytes": list(raw[token])}
 
-    return {"content": [{**entry(item.token_id, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
+    return {"content": [{**entry(item.token_id, item.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in zip(item.top_ids, item.top_logprobs)]}
                         for item in items]}
 
 
@@ -1229,7 +1284,7 @@ def _completion_logprobs(server: Server, items: list | None, offsets: list[int] 
     for item in items:
         text = texts[item.token_id]
         top: dict[str, float] = {}
-        for token, logprob in item.top:
+        for token, logprob in zip(item.top_ids, item.top_logprobs):
             top.setdefault(texts[token], logprob)
         top.setdefault(text, item.logprob)
         tokens.append(text)
@@ -1241,7 +1296,8 @@ def _completion_logprobs(server: Server, items: list | None, offsets: list[int] 
 def _texts(server: Server, items: list, more: tuple[int, ...] = ()) -> dict[int, str]:
     """Each token id of ``items`` (chosen and alternatives) and ``more`` -> its own text (:meth:`~bca_deploy.serving.
     MultiAdapterSession.token_texts`)."""
-    ids = list(dict.fromkeys([*more, *(item.token_id for item in items), *(t for item in items for t, _ in item.top)]))
+    ids = list(dict.fromkeys([*more, *(item.token_id for item in items),
+                              *(t for item in items for t in item.top_ids)]))
     return dict(zip(ids, server.session.token_texts(ids), strict=True))
 
 
@@ -1286,6 +1342,11 @@ class _Pumps:
     ``echoes`` (completions' ``echo``, one per stream): each row's first item is its echoed prompt, put when the row's
     first token or end comes (so a row that fails before answers with its error), with the prompt's log-probabilities
     when asked; the generated tokens' offsets follow its text.
+    Read with :meth:`get`. The generated tokens' log-probability entries queued and not read yet (a client reading
+    slower than its rows generate) are held to ``--max-logprob-entries``: past it the rows are stopped and the answer
+    ends, once what was queued is sent, with an error event (408,
+    :class:`~bca_deploy.serving.wire.RequestTimeoutError`); the echoed prompts' are bounded before any work
+    (:func:`_check_answer_entries`).
     :meth:`close` (once, however the answer ends) logs the streams, cancels their rows and frees their place in the
     queue."""
 
@@ -1293,15 +1354,42 @@ class _Pumps:
         self.request, self.server, self.streams, self._release = request, server, streams, release
         self.queue: asyncio.Queue = asyncio.Queue()
         self._echoes = echoes
+        self.held = 0  # log-probability entries in the queue
+        self._limit = server.options.max_logprob_entries
+        self._stopped = False  # the backlog passed the bound: nothing more is queued
         self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
         self._closed = False
+
+    async def get(self) -> tuple:
+        """The next item (waits for one)."""
+        item = await self.queue.get()
+        self.held -= _entries(item[4])
+        return item
+
+    async def _put(self, item: tuple) -> None:
+        """Queue ``item``, unless the backlog of log-probabilities passed the bound (then stop every row, once)."""
+        if self._stopped:
+            return
+        entries = _entries(item[4])
+        if self.held + entries > self._limit:
+            self._stopped = True
+            for stream in self.streams:  # no row makes more; their pumps end with nothing more queued
+                stream.cancel()
+            error = RequestTimeoutError(
+                f"the log-probabilities of this stream waiting for the client to read them passed this server's "
+                f"--max-logprob-entries ({self._limit:,}); its rows were stopped: read the stream as it comes, or ask "
+                "fewer log-probabilities")
+            await self.queue.put((item[0], error, "error", item[3], None))
+            return
+        self.held += entries
+        await self.queue.put(item)
 
     async def _echo(self, index: int, stream, echo: _Echo) -> int:
         """Put row ``index``'s echoed prompt; returns the characters it takes in the choice's text."""
         logprobs = None
         if stream.params.logprobs is not None:
             logprobs = (list(stream.prompt_logprobs or []), list(echo.offsets or []), echo.first)
-        await self.queue.put((index, echo.text, None, 0, logprobs))
+        await self._put((index, echo.text, None, 0, logprobs))
         return len(echo.text)
 
     async def _pump(self, index: int, stream) -> None:
@@ -1320,15 +1408,13 @@ class _Pumps:
                     offsets.append(chars)
                 if token.text:
                     chars += len(token.text)
-                    await self.queue.put((index, token.text, None, tokens,
-                                          (pending, offsets, None) if pending else None))
+                    await self._put((index, token.text, None, tokens, (pending, offsets, None) if pending else None))
                     pending, offsets = [], []
             if echo is not None:  # no token (max_tokens 0): the prompt, then the end
                 await self._echo(index, stream, echo)
-            await self.queue.put((index, None, stream.finish_reason, tokens,
-                                  (pending, offsets, None) if pending else None))
+            await self._put((index, None, stream.finish_reason, tokens, (pending, offsets, None) if pending else None))
         except Exception as exc:  # noqa: BLE001 - sent to the client as an error answer or event
-            await self.queue.put((index, exc, "error", tokens, None))
+            await self._put((index, exc, "error", tokens, None))
 
     async def close(self) -> None:
         if self._closed:
@@ -1343,6 +1429,16 @@ class _Pumps:
             with contextlib.suppress(BaseException):
                 await task
         self._release()
+
+
+def _entries(logprobs: tuple[list, list[int], int | None] | None) -> int:
+    """The generated tokens' log-probability entries of a :class:`_Pumps` item's ``logprobs`` (each token and its
+    alternatives). An echoed prompt's (the item whose ``first`` is set) count 0: they are held to the bound before
+    any work (:func:`_check_answer_entries`), and counted again here a request the check took, its prompts' entries
+    near the bound, would be stopped before its client could read its first chunk."""
+    if logprobs is None or logprobs[2] is not None:
+        return 0
+    return sum(len(item.top_ids) + 1 for item in logprobs[0])
 
 
 async def _stream_events(request: Request, server: Server, pumps: _Pumps, first: tuple, kind: str, ident: str,
@@ -1404,7 +1500,7 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
         left = len(streams)
         item = first
         while left:
-            index, text, finish, tokens, logprobs = item if item is not None else await pumps.queue.get()
+            index, text, finish, tokens, logprobs = item if item is not None else await pumps.get()
             item = None
             if finish == "error":
                 status, error_type = error_status(text, openai=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ServingError, format_problems
-from .limits import MAX_NEW_TOKENS, PREEMPT_WAIT_STEPS, TOOL_CALL_PARSERS
+from .limits import MAX_LOGPROB_ENTRIES, MAX_NEW_TOKENS, PREEMPT_WAIT_STEPS, TOOL_CALL_PARSERS
 
 __all__ = ["ServeOptions", "click_options", "NOT_ON_RAY"]
 
@@ -90,6 +90,13 @@ class ServeOptions:
                                        "characters (413 above).")
     max_new_tokens: int = _opt(1024, "Largest max_new_tokens / max_tokens a request may ask for (422 above); at "
                                      f"most {MAX_NEW_TOKENS}, the most one row can generate.")
+    max_logprob_entries: int = _opt(MAX_LOGPROB_ENTRIES, "Most log-probabilities one answer that is not streamed may "
+                                    "list (each listed token and its alternatives, over every choice: prompts x n x "
+                                    "(echoed prompt tokens + max_tokens) x (logprobs + 1), counted before any work; "
+                                    "400 above, naming the fields: stream it or ask fewer). An answer holds them "
+                                    "until it is sent, ~75 bytes each at its peak (the default: ~80 MB). A streamed "
+                                    "answer's generated tokens are not counted (it holds a chunk at a time); a client "
+                                    "that leaves more than this many unread has its rows stopped (408 event).")
     max_queued_rows: int = _opt(2048, "Most rows admitted and not yet done, over all requests (a generated row is "
                                       "done at its last token, a slow client still reading it or not); a request "
                                       "that would go beyond is answered 503 at once.")
@@ -184,6 +191,7 @@ class ServeOptions:
         at_least("max_text_chars", 1)
         at_least("max_new_tokens", 1, MAX_NEW_TOKENS)  # what SamplingParams allows one row
         at_least("max_queued_rows", 1)
+        at_least("max_logprob_entries", 1)
         at_least("max_json_depth", 2, 1000)
         at_least("chat_template_timeout_s", 0.01, 3600)
         at_least("chat_template_memory_mb", 16, 1 << 20)

@@ -137,7 +137,7 @@ class RequestTooLargeError(ServingError, ValueError):
 
 
 class RequestTimeoutError(ServingError, TimeoutError):
-    """A client that did not send its whole body in time."""
+    """A client that did not send its whole body in time, or read its answer too slowly."""
 
 
 class ClientClosedRequestError(ServingError, ConnectionError):
@@ -365,17 +365,28 @@ _dumps = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False, inde
 def render_answer(content: dict[str, Any]) -> bytes:
     """``content`` as Starlette's ``JSONResponse`` renders it (compact UTF-8, NaN refused), each item of its top-level
     lists of objects or lists (an answer's choices, rows) rendered alone: the C encoder holds the GIL for a whole
-    call, and one call over a 20 MB answer held the event loop for as long, whatever thread it ran in."""
-    parts = []
+    call, and one call over a 20 MB answer held the event loop for as long, whatever thread it ran in.
+
+    A top-level value may also be an iterator (of what a list holds): its items are made, rendered and dropped one at
+    a time, so an answer of many choices holds one choice's objects at once beside the bytes rendered so far. Each
+    part is encoded to UTF-8 as it is rendered and the bytes are joined once: the answer exists as text only a part at
+    a time (a whole-answer ``str`` joined, then encoded, held the answer three to four times over at its peak)."""
+    parts: list[bytes] = []
     for key, value in content.items():
         if not isinstance(key, str):
             raise TypeError(f"answer keys are strings, got {key!r}")
-        if isinstance(value, list) and value and isinstance(value[0], (dict, list)):
-            text = "[" + ",".join(map(_dumps, value)) + "]"
+        parts.append((b"," if parts else b"{") + _dumps(key).encode("utf-8") + b":")
+        if isinstance(value, Iterator) or (isinstance(value, list) and value and isinstance(value[0], (dict, list))):
+            parts.append(b"[")
+            separator = b""
+            for item in value:  # not enumerate(): its reused tuple held each item until the next was made
+                parts.append(separator + _dumps(item).encode("utf-8"))
+                separator, item = b",", None  # let it go before the next is made
+            parts.append(b"]")
         else:
-            text = _dumps(value)
-        parts.append(f"{_dumps(key)}:{text}")
-    return ("{" + ",".join(parts) + "}").encode("utf-8")
+            parts.append(_dumps(value).encode("utf-8"))
+    parts.append(b"}" if parts else b"{}")
+    return b"".join(parts)
 
 
 def check_content_encoding(value: str | None) -> None:

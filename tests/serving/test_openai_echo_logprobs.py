@@ -205,12 +205,14 @@ def test_echo_without_logprobs_and_max_tokens_zero_refusals(llm, session):
     assert caught.value.body["param"] == "max_tokens" and '"echo": true' in caught.value.body["message"]
 
 
-def test_echo_logprob_entries_past_the_bound_are_refused_by_name(monkeypatch):
+def test_echo_logprob_entries_past_the_bound_are_refused_by_name():
     from bca_deploy.errors import BCAError
     from bca_deploy.serving import openai as routes
+    from bca_deploy.serving.decoding import SamplingParams
 
-    routes.check_prompt_logprob_entries([[1] * 100] * 4, 2, 20)  # 16,800 entries: taken
-    monkeypatch.setattr(routes, "MAX_ECHO_LOGPROB_ENTRIES", 1000)
+    # 4 prompts x 2 choices of 100 tokens, echoed with logprobs 20 and no new token: 16,800 prompt entries
+    rows, params = [[1] * 100] * 8, [SamplingParams(max_new_tokens=0, prompt_logprobs=20)] * 8
+    routes.check_logprob_entries(2**20, rows, params, {"logprobs": 20}, "logprobs", "ask fewer")  # taken
     with pytest.raises(BCAError) as caught:
-        routes.check_prompt_logprob_entries([[1] * 100] * 4, 2, 20)
+        routes.check_logprob_entries(1000, rows, params, {"logprobs": 20}, "logprobs", "ask fewer")
     assert caught.value.param == "logprobs" and "16,800" in str(caught.value)
