@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from training_helpers import char_chat_tokenizer, chat_reference, write_jsonl
+from training_helpers import char_chat_tokenizer, chat_reference, refused_conversations, write_jsonl
 
 from bca_deploy.training import DataError
 from bca_deploy.training.data import IGNORE_INDEX, load_dataset
@@ -112,11 +112,7 @@ def test_bad_chat_rows_are_refused_by_line_and_field(chat_model, tmp_path):
             {"messages": [{"role": "user", "content": ["a string, not a part"]}, answer]},
             {"messages": [{"role": "user", "content": {"type": "text", "text": "a"}}, answer]}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError) as caught:
-        load_dataset(path, "causal-lm", _tokenizer(chat_model), 1024, model=chat_model)
-    message = str(caught.value)
-    assert "line 1:" not in message, message
-    for expected in (
+    message = refused_conversations(path, _tokenizer(chat_model), chat_model, (
             "line 2: messages[1].content: part 1 has type 'image_url'; the model reads text only",
             "line 3: messages[0].content: part 0 has no text",
             "line 4: messages[0].content: part 0 has fields a text part does not take ('cache_control')",
@@ -124,8 +120,7 @@ def test_bad_chat_rows_are_refused_by_line_and_field(chat_model, tmp_path):
             "line 6: messages[1].role must be one of 'system', 'developer', 'user', 'assistant', 'tool', got "
             "'function'",
             "line 7: messages[0].content: part 0 is 'a string, not a part'",
-            "line 8: messages[0].content: must be a string or a list of text parts, got an object"):
-        assert expected in message, message
+            "line 8: messages[0].content: must be a string or a list of text parts, got an object"))
     assert 'expected a string or {"type": "text", "text": ...} parts' in message, message
 
 

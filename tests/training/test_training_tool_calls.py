@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from training_helpers import char_chat_tokenizer, chat_reference, write_jsonl
+from training_helpers import char_chat_tokenizer, chat_reference, refused_conversations, write_jsonl
 
 from bca_deploy.training import DataError
 from bca_deploy.training.data import IGNORE_INDEX, load_dataset
@@ -120,11 +120,7 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             {"messages": [user, {"role": "assistant"}]},
             {"messages": [user, answer], "tools": '[{"type": "function", "type": "function"}]'}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError) as caught:
-        load_dataset(path, "causal-lm", _tokenizer(tool_model), 1024, model=tool_model)
-    message = str(caught.value)
-    assert "line 1:" not in message, message
-    for expected in (
+    refused_conversations(path, _tokenizer(tool_model), tool_model, (
             "line 2: messages[1].tool_call_id: a tool message must name the tool call it answers",
             "line 3: messages[0].tool_calls: only an assistant message carries tool calls, not a user message",
             "line 4: messages[1].tool_calls[0].function.arguments: must be a JSON object written as a string",
@@ -135,8 +131,7 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             "line 9: tools: 129 tools; at most 128 are taken",
             "line 10: messages[1].content must be a string or a list of text parts, got none (an assistant message "
             "may have tool_calls instead)",
-            "line 11: tools: key 'type' appears twice in one object (which one is meant?); expected a list of tools"):
-        assert expected in message, message
+            "line 11: tools: key 'type' appears twice in one object (which one is meant?); expected a list of tools"))
 
 
 def test_tool_conversations_train_without_the_serving_packages(tool_model, tmp_path):

@@ -140,6 +140,21 @@ def chat_reference(tokenizer, messages, tools=None, ignore_index: int = -100) ->
     return ids, labels
 
 
+def refused_conversations(path: Path, tokenizer, model: Path, expected) -> str:
+    """``load_dataset`` of the causal-lm file ``path`` refuses it; every line of ``expected`` is in the message, which
+    names no problem on line 1 (the good row every bad-rows file starts with). Returns the message."""
+    from bca_deploy.training import DataError
+    from bca_deploy.training.data import load_dataset
+
+    with pytest.raises(DataError) as caught:
+        load_dataset(path, "causal-lm", tokenizer, 1024, model=model)
+    message = str(caught.value)
+    assert "line 1:" not in message, message
+    for line in expected:
+        assert line in message, message
+    return message
+
+
 def read_tensors(directory: Path) -> dict:
     """Every tensor an adapter directory (or trainer state) holds, by name."""
     import torch
