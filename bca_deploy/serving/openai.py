@@ -80,7 +80,8 @@ An answer that is not streamed holds every log-probability it lists until it is 
 ``logprobs`` / ``top_logprobs``, ``max_tokens``, ``n``, the prompts; stream it, or ask fewer). A streamed answer
 sends its tokens' log-probabilities a chunk at a time and is held to the bound for what it keeps: its echoed prompts'
 (and, read for tool calls, all of them: a call is held until it is whole); a client that leaves more than the bound
-unread has its rows stopped and gets a 408 error event after what was queued.
+unread, its connection full (:meth:`_Pumps._reader_behind`), has its rows stopped and gets a 408 error event after what
+was queued.
 
 Completions' ``echo: true`` (OpenAI's, vLLM's) puts the prompt before each choice's text: a text prompt as sent, token
 ids decoded (special tokens left out, as in every text here). With ``logprobs`` N it also scores the prompt, what
@@ -1343,10 +1344,12 @@ class _Pumps:
     first token or end comes (so a row that fails before answers with its error), with the prompt's log-probabilities
     when asked; the generated tokens' offsets follow its text.
     Read with :meth:`get`. The generated tokens' log-probability entries queued and not read yet (a client reading
-    slower than its rows generate) are held to ``--max-logprob-entries``: past it the rows are stopped and the answer
-    ends, once what was queued is sent, with an error event (408,
-    :class:`~bca_deploy.serving.wire.RequestTimeoutError`); the echoed prompts' are bounded before any work
-    (:func:`_check_answer_entries`).
+    slower than its rows generate) are held to ``--max-logprob-entries``: past it, while the client is behind (its
+    connection full: :meth:`_reader_behind`), the rows are stopped and the answer ends, once what was queued is sent,
+    with an error event (408, :class:`~bca_deploy.serving.wire.RequestTimeoutError`); the echoed prompts' are bounded
+    before any work (:func:`_check_answer_entries`). A queue past the bound while the client takes all that is sent
+    is the server's own lag (the event loop rendering chunks slower than the engine makes tokens), not the client's:
+    it is not stopped for it.
     :meth:`close` (once, however the answer ends) logs the streams, cancels their rows and frees their place in the
     queue."""
 
@@ -1357,6 +1360,10 @@ class _Pumps:
         self.held = 0  # log-probability entries in the queue
         self._limit = server.options.max_logprob_entries
         self._stopped = False  # the backlog passed the bound: nothing more is queued
+        from .http import WRITE_WATCH  # (http imports this module)
+
+        # the connection's WriteWatch (bca-deploy serve's protocol); None elsewhere (the Ray router's replicas)
+        self._watch = request.scope.get("extensions", {}).get(WRITE_WATCH)
         self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
         self._closed = False
 
@@ -1371,7 +1378,7 @@ class _Pumps:
         if self._stopped:
             return
         entries = _entries(item[4])
-        if self.held + entries > self._limit:
+        if self.held + entries > self._limit and self._reader_behind():
             self._stopped = True
             for stream in self.streams:  # no row makes more; their pumps end with nothing more queued
                 stream.cancel()
@@ -1383,6 +1390,14 @@ class _Pumps:
             return
         self.held += entries
         await self.queue.put(item)
+
+    def _reader_behind(self) -> bool:
+        """Whether the client is not taking what is sent: the server's write buffer holds bytes the kernel, its
+        socket's send buffer full, would not take (:meth:`~bca_deploy.serving.http.WriteWatch.buffered`). A client
+        reading as it comes leaves it empty however long the queue is: counted alone, the queue grew past the bound
+        when the event loop rendered 256 rows' chunks slower than the engine made them, and clients reading at once
+        were cut with this 408. Without a watch (not bca-deploy serve's protocol), the queue alone decides."""
+        return self._watch is None or self._watch.buffered() > 0
 
     async def _echo(self, index: int, stream, echo: _Echo) -> int:
         """Put row ``index``'s echoed prompt; returns the characters it takes in the choice's text."""

@@ -96,7 +96,8 @@ class ServeOptions:
                                     "400 above, naming the fields: stream it or ask fewer). An answer holds them "
                                     "until it is sent, ~75 bytes each at its peak (the default: ~80 MB). A streamed "
                                     "answer's generated tokens are not counted (it holds a chunk at a time); a client "
-                                    "that leaves more than this many unread has its rows stopped (408 event).")
+                                    "that leaves more than this many unread, its connection full, has its rows "
+                                    "stopped (408 event).")
     max_queued_rows: int = _opt(2048, "Most rows admitted and not yet done, over all requests (a generated row is "
                                       "done at its last token, a slow client still reading it or not); a request "
                                       "that would go beyond is answered 503 at once.")

@@ -1,0 +1,85 @@
+"""A streamed answer's log-probability bound stops a reader that is behind, never one that reads as it comes.
+
+``--max-logprob-entries`` holds what a streamed answer queues for its client (``openai._Pumps``). Counted alone, the
+queue also grew when the server itself rendered chunks slower than the engine made tokens (the event loop renders
+every row's chunk; the engine thread hands it several steps at once while the loop is busy): a client reading its
+socket as fast as it could (1 MiB ``recv`` calls, nothing else) of 16 prompts x ``n`` 16 x 120 tokens x ``logprobs`` 20
+was cut with the 408 "waiting for the client to read them" in 4 of 5 tries on a 20,000-entry server. Now the rows are
+stopped only while the connection is full (the server's write buffer holds bytes the kernel would not take: the
+client is not reading); a reader that does not read is still stopped (``test_logprob_answer_bound``). Against a real
+``bca-deploy serve`` of the tiny Llama (``http_helpers``) with ``--max-logprob-entries 6000``: a little more than one
+engine step of 256 rows x 21 entries (5,376).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from http_helpers import ServeProcess
+from http_helpers import llama  # noqa: F401 - module fixture
+
+BOUND = 6000
+PROMPTS = ["the water is hot and", "you can", "what", "the day is"] * 4  # x n 16: 256 rows
+
+
+@pytest.fixture(scope="module")
+def tight(llama, tmp_path_factory):  # noqa: F811
+    log = tmp_path_factory.mktemp("logs") / "tight-serve.log"
+    with ServeProcess(llama["onnx"], "--adapter-store", str(llama["store"]), "--served-model-name", "tiny-llama",
+                      "--max-wait-ms", "2", "--max-logprob-entries", str(BOUND), log=log) as process:
+        yield process
+
+
+def _read_fast(port: int, path: str, body: dict) -> tuple[bytes, list[dict]]:
+    """POST ``body`` on a raw socket and read the answer as fast as the socket gives it; (status line, events)."""
+    raw = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                     b"connection: close\r\n\r\n" % (path.encode(), len(raw)) + raw)
+        data = bytearray()
+        while piece := sock.recv(1 << 20):
+            data += piece
+    head, _, rest = bytes(data).partition(b"\r\n\r\n")
+    events = [json.loads(line[6:]) for line in rest.decode().splitlines() if line.startswith("data: {")]
+    return head.split(b"\r\n")[0], events
+
+
+def _queued_rows(url: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=15).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("bca_queued_rows"))
+
+
+def test_a_prompt_reader_of_many_rows_is_never_cut(tight):
+    """Completions (logprobs 20, twice) and chat (top_logprobs 20), 256 rows x 60 tokens streamed, read at once:
+    every choice ends with its tokens scored, no error event (past the bound, at 5,376 entries
+    a step, within two steps of the engine), and the queue is empty after."""
+    completions = {"model": "a0", "prompt": PROMPTS, "n": 16, "max_tokens": 60, "logprobs": 20, "ignore_eos": True,
+                   "stream": True}
+    chat = {"model": "a0", "messages": [{"role": "user", "content": "what is the water"}], "n": 256,
+            "max_tokens": 60, "logprobs": True, "top_logprobs": 20, "ignore_eos": True, "stream": True}
+    for path, body in [("/v1/completions", completions), ("/v1/chat/completions", chat), ("/v1/completions",
+                                                                                                completions)]:
+        status, events = _read_fast(tight.port, path, body)
+        assert status == b"HTTP/1.1 200 OK"
+        errors = [e["error"] for e in events if "error" in e]
+        assert not errors, (path, errors[0])
+        ends = [c for e in events for c in e["choices"] if c["finish_reason"] is not None]
+        assert sorted(c["index"] for c in ends) == list(range(256)) and {c["finish_reason"] for c in ends} == {
+            "length"}
+        listed = [c["logprobs"]["tokens" if path == "/v1/completions" else "content"] for e in events
+                  for c in e["choices"] if c["logprobs"]]
+        assert sum(map(len, listed)) == 256 * body["max_tokens"]
+    deadline = time.monotonic() + 10
+    while _queued_rows(tight.url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _queued_rows(tight.url) == 0
