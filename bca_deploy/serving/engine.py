@@ -208,6 +208,7 @@ class GenerationStream:
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
         self._ended = False  # the end (or an error) was delivered
+        self._read = False  # an event was taken (collect() must be the first reader: the events are its only source)
         self._end_callbacks: list[Callable[[], None]] = []
         self.cancelled = False
 
@@ -235,6 +236,7 @@ class GenerationStream:
         if isinstance(item, BaseException):
             self._items.appendleft(item)
             raise item
+        self._read = True
         return item
 
     def cancel(self) -> None:
@@ -254,8 +256,15 @@ class GenerationStream:
     async def collect(self) -> GenerationResult:
         """Wait for the whole generation (raises the row's error if it failed), read from its first event: call it
         instead of iterating, not after. The log-probabilities asked (``SamplingParams.logprobs``) are gathered here,
-        with where each token's text starts, not by the stream: a stream read event by event holds none of them."""
+        with where each token's text starts, not by the stream: a stream read event by event holds none of them.
+        Called on a stream whose events were taken already (iterated, or collected once), when log-probabilities were
+        asked, it raises ``RuntimeError``: they left with those events, and the result would list fewer than its
+        tokens."""
         asked = self.params.logprobs is not None
+        if asked and self._read:
+            raise RuntimeError("GenerationStream.collect() reads the stream from its first event, and some of its "
+                               "events (with their log-probabilities) were taken already: call collect() once, "
+                               "instead of iterating the stream")
         logprobs: list[TokenLogprob] | None = [] if asked else None
         offsets: list[int] | None = [] if asked else None
         chars = 0
