@@ -157,7 +157,8 @@ from ..config import show_json_value
 from ..errors import BCAError, ContextLengthError
 from .limits import MAX_LOGPROBS
 from .session import BASE
-from .tools import CHAT_ROLES
+from .tools import (CHAT_ROLES, content_text, make_parser, message_tool_problems, parse_tool_calls,
+                    template_message, tool_calls_problems, tools_problems)
 from .wire import (
     READ_METHODS,
     AdapterExistsError,
@@ -364,8 +365,6 @@ class ChatMessage(BaseModel):
         # a content that is not a string or text parts (an image or audio part, a number) named by its first wrong
         # part and what is taken instead, not with pydantic's attempt at each branch of a union. null is left to
         # _has_content.
-        from .tools import content_text
-
         text, problem = content_text(content)
         if problem is not None:
             raise ValueError(problem)
@@ -374,8 +373,6 @@ class ChatMessage(BaseModel):
     @field_validator("tool_calls", mode="after")
     @classmethod
     def _tool_calls(cls, calls: Any) -> Any:
-        from .tools import tool_calls_problems
-
         if calls is None or calls == []:  # an answer sent back as it came (no calls): nothing
             return None
         problems = tool_calls_problems(calls, "tool_calls")
@@ -390,8 +387,6 @@ class ChatMessage(BaseModel):
             if value is not None and value != []:
                 raise ValueError(f"{field}: only null is supported in a message (audio, refusals, legacy function "
                                  "calls and reasoning are not implemented)")
-        from .tools import message_tool_problems
-
         problems = message_tool_problems(self.role, self.content is not None, self.tool_calls, self.tool_call_id)
         if problems:
             raise ValueError(problems[0])
@@ -406,8 +401,6 @@ class ChatMessage(BaseModel):
         """The message as the chat template sees it, as vLLM passes it: role, text ("" for an assistant message
         with tool calls and no content), ``name`` when given, an assistant's ``tool_calls`` with their arguments as
         dicts (:func:`~bca_deploy.serving.tools.template_tool_calls`), a tool message's ``tool_call_id``."""
-        from .tools import template_message
-
         return template_message(self.role, self.text(), self.name, self.tool_calls, self.tool_call_id)
 
 
@@ -438,8 +431,6 @@ def _tools_problems(tools: list[Any] | None, tool_choice: Any, decoded: bool = T
     chat route): both need decoding constrained to the tools' schemas (vLLM's structured outputs), which this server
     does not have; ``/tokenize`` (not decoded: the prompt is the same whatever the choice) takes them, a named function
     being one of the tools. Without tools they are refused as vLLM refuses them."""
-    from .tools import tools_problems
-
     problems = tools_problems(tools) if tools else []
     if tool_choice is None or tool_choice in ("none", "auto"):
         return problems
@@ -922,13 +913,13 @@ def check_logprob_entries(limit: int, prompts: list[list[int]], params: list, fi
             f"(--max-logprob-entries): {advice}", param=param)
 
 
-def _check_answer_entries(server: Server, req: _Sampling, prompts: list[list[int]], params: list,
-                          tool_parser: str | None = None) -> None:
-    """:func:`check_logprob_entries` of a completions or chat request (rows: each prompt's ``n`` choices), naming its
-    fields. A streamed answer's generated tokens are not counted: their log-probabilities are sent a chunk at a time
-    and held no longer (a client that falls behind is held to the bound by :class:`_Pumps`); its echoed prompts'
-    are (each row holds them to its end), and so are all of a streamed chat answer read for tool calls (a call's
-    tokens are held until the call is whole, up to the whole answer)."""
+def _check_answer_entries(server: Server, req: _Sampling, prompts: list[list[int]], rows: list[list[int]],
+                          params: list, tool_parser: str | None = None) -> None:
+    """:func:`check_logprob_entries` of a completions or chat request (``rows``: each prompt's ``n`` choices, with their
+    ``params``), naming its fields. A streamed answer's generated tokens are not counted: their log-probabilities are
+    sent a chunk at a time and held no longer (a client that falls behind is held to the bound by :class:`_Pumps`);
+    its echoed prompts' are (each row holds them to its end), and so are all of a streamed chat answer read for tool
+    calls (a call's tokens are held until the call is whole, up to the whole answer)."""
     if req.logprob_count() is None:
         return
     chat = isinstance(req, ChatCompletionRequest)
@@ -944,7 +935,6 @@ def _check_answer_entries(server: Server, req: _Sampling, prompts: list[list[int
         fields["prompt"] = f"{len(prompts)} prompt(s)" + (f", {sum(map(len, prompts)):,} tokens echoed"
                                                          if req.echo else "")
     fields["n"] = req.n
-    rows = [prompt for prompt in prompts for _ in range(req.n)]
     if not generated:
         advice = f"send fewer or shorter prompts, a lower n or a lower {ask}"
     elif req.stream:
@@ -1098,8 +1088,8 @@ async def _generate(request: Request, server: Server, req: _Sampling, adapter: s
     if not echo_only:  # nothing to compute for the prompts alone: they are the answer
         params = [p for prompt in prompts
                   for p in _choices(_sampling_params(server, req, len(prompt), default_max_tokens), n)]
-        _check_answer_entries(server, req, prompts, params, tool_parser)
         rows = [prompt for prompt in prompts for _ in range(n)]
+        _check_answer_entries(server, req, prompts, rows, params, tool_parser)
     echoes = None
     if echo_rows is not None:
         echoes = await run_in_threadpool(_echoes, server, echo_rows, prompts, req.logprobs is not None)
@@ -1166,8 +1156,6 @@ def _answer_choices(server: Server, req: _Sampling, results: list, kind: str, ro
             message: dict[str, Any] = {"role": role, "content": echo + result.text}
             finish = result.finish_reason
             if tool_parser is not None:
-                from .tools import parse_tool_calls
-
                 content, calls = parse_tool_calls(tool_parser, result.text)
                 if calls:  # vLLM's answer: the calls, the text outside them (null if none), finish_reason tool_calls
                     calls = calls[:1] if _one_call(req) else calls
@@ -1479,8 +1467,6 @@ async def _stream_events(request: Request, server: Server, pumps: _Pumps, first:
     streams = pumps.streams
     parsers = None
     if tool_parser is not None:
-        from .tools import make_parser
-
         parsers = [make_parser(tool_parser) for _ in streams]
     held: list[list] = [[] for _ in streams]  # per choice: log-probabilities of tokens whose text is held
 

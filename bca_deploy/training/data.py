@@ -51,7 +51,9 @@ from ..config import MAX_NUM_LABELS, DuplicateKeyError, parse_json_value, text_p
 from ..errors import AdapterFormatError, first_line, format_problems
 from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
-from ..serving import tools as _serving_tools  # (no pydantic, no onnxruntime: the chat rules serve and training share)
+# the chat rules serve and training share (serving.tools imports no pydantic, no onnxruntime)
+from ..serving.tools import (CHAT_ROLES, MAX_TOOLS_BYTES, content_text, lone_surrogate_problem, message_tool_problems,
+                             template_message, tool_calls_problems, tools_problems)
 from .errors import DataError, DataFileNotFoundError
 from .loading import quiet_loading
 
@@ -975,12 +977,8 @@ def _text_problem(value: Any, column: str, allow_empty: bool = False) -> str | N
     if "\x00" in value:  # no text holds one: binary data, or UTF-16 read as UTF-8 (tokenizers drop it, or keep it)
         return (f"column {column!r} holds a NUL character at character {value.index(chr(0)) + 1} (text has none: "
                 "is the file binary, or UTF-16? save it as UTF-8 text)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form
-        return (f"column {column!r} holds a lone surrogate {value[exc.start]!r} at character {exc.start + 1} "
-                "(not valid Unicode text)")
-    return None
+    surrogate = lone_surrogate_problem(value)  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form
+    return None if surrogate is None else f"column {column!r} {surrogate}"
 
 
 # ---- examples -----------------------------------------------------------------------------------
@@ -1411,10 +1409,6 @@ def classes_needed(examples: SeqClsExamples) -> int:
     return max(2, largest + 1)
 
 
-#: The roles a training conversation's messages may have: the chat route's (one constant), ``developer`` included,
-#: each handed to the chat template as serve hands it.
-CHAT_ROLES = _serving_tools.CHAT_ROLES
-
 #: The column read beside a conversation column, when the file has it (the default of ``--tools-column``): the
 #: functions the conversation's model may call (``[{"type": "function", "function": {"name", "description"?,
 #: "parameters"?}}]``, or that list as a JSON string, as Hugging Face data sets often store it), handed to the chat
@@ -1428,8 +1422,6 @@ def _conversation_problem(value: Any, column: str) -> str | None:
     the same shapes and bounds, each problem with its path) a content a string or a list of text parts
     (:func:`~bca_deploy.serving.tools.content_text`), an assistant's ``tool_calls``, a tool message's
     ``tool_call_id``, the content of an assistant message with calls null or absent."""
-    from ..serving.tools import content_text, message_tool_problems, tool_calls_problems
-
     if not isinstance(value, list) or not value:
         return (f"{column!r} must be a non-empty list of {{\"role\", \"content\"}} objects, got "
                 f"{_json_type(value) if value != [] else 'an empty list'}")
@@ -1484,8 +1476,6 @@ def _template_conversation(messages: list[dict[str, Any]]) -> list[dict[str, Any
     the template (:func:`~bca_deploy.serving.tools.template_message`: text parts joined into one text by
     :func:`~bca_deploy.serving.tools.content_text`, an assistant's call arguments as dicts, a tool message's
     ``tool_call_id``, a message's ``name`` when given: serve keeps it, so training does)."""
-    from ..serving.tools import content_text, template_message
-
     return [template_message(m["role"], content_text(m.get("content"))[0] or "", m.get("name"), _tool_calls(m),
                              m.get("tool_call_id"))
             for m in messages]
@@ -1496,8 +1486,6 @@ def _tools_value(value: Any, column: str = TOOLS_COLUMN) -> tuple[list[Any] | No
     is no tools; a list or a string of a JSON list is checked by the server's rules
     (:func:`~bca_deploy.serving.tools.tools_problems`: at most 128 tools, 1 MiB as JSON, each problem with its
     path)."""
-    from ..serving.tools import MAX_TOOLS_BYTES, tools_problems
-
     if value is None or value == [] or value == "":
         return None, None
     if isinstance(value, str):
@@ -2149,6 +2137,7 @@ def load_dataset(
                                               model=model, positions=positions)
         if len(dataset) == 0:
             raise DataError(f"{path}: no example has a target token within max_length={max_length} ({dropped} "
-                            f"dropped: prompts too long); {_max_length_advice(examples, tokenizer, max_length, positions)}")
+                            f"dropped: prompts too long); "
+                            f"{_max_length_advice(examples, tokenizer, max_length, positions)}")
         return examples, dataset
     raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
