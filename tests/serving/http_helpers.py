@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -182,11 +183,18 @@ def openai_client(url: str, timeout: float = 120.0):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
-def llama_serve(export_dir: Path, store: Path, log: Path) -> ServeProcess:
+def llama_serve(export_dir: Path, store: Path, log: Path, *options: str) -> ServeProcess:
     """``bca-deploy serve`` of a tiny Llama export with its adapter store, served as ``tiny-llama``, batches formed
-    within 2 ms (use as a context manager)."""
+    within 2 ms, and any further ``options`` (use as a context manager)."""
     return ServeProcess(export_dir, "--adapter-store", str(store), "--served-model-name", "tiny-llama",
-                        "--max-wait-ms", "2", log=log)
+                        "--max-wait-ms", "2", *options, log=log)
+
+
+def metric_total(url: str, name: str) -> float:
+    """The sum of the server's /metrics samples named ``name`` (over all their labels)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=15) as response:
+        text = response.read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 @contextlib.contextmanager

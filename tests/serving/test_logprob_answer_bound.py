@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import re
 import socket
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import ServeProcess, call, free_port, openai_client
+from http_helpers import call, free_port, llama_serve, metric_total, openai_client
 from http_helpers import llama, llm, server, session, torch_llama  # noqa: F401 - module fixtures
 from serving_helpers import row_alone
 
@@ -43,19 +41,13 @@ CHAT = [{"role": "user", "content": "what is the water"}]
 @pytest.fixture(scope="module")
 def bounded(llama, tmp_path_factory):  # noqa: F811
     log = tmp_path_factory.mktemp("logs") / "bounded-serve.log"
-    with ServeProcess(llama["onnx"], "--adapter-store", str(llama["store"]), "--served-model-name", "tiny-llama",
-                      "--max-wait-ms", "2", "--max-logprob-entries", str(BOUND), log=log) as process:
+    with llama_serve(llama["onnx"], llama["store"], log, "--max-logprob-entries", str(BOUND)) as process:
         yield process
-
-
-def _counter(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=15).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def _engine_work(url: str) -> tuple[float, float]:
     """Prompt tokens prefilled and tokens generated so far: what any row the engine got would add to."""
-    return _counter(url, "bca_prefill_tokens_total"), _counter(url, "bca_generated_tokens_total")
+    return metric_total(url, "bca_prefill_tokens_total"), metric_total(url, "bca_generated_tokens_total")
 
 
 def _refused(status: int, body: dict, param: str, words: list[str], expected: int = 400) -> str:
@@ -194,7 +186,7 @@ def test_a_stream_left_unread_past_the_bound_stops_its_rows(bounded):
     others meanwhile and its queue is free again."""
     body = json.dumps({"model": "a0", "prompt": ["the water is"] * 256, "max_tokens": 100, "logprobs": 20,
                        "ignore_eos": True, "stream": True}).encode()
-    generated = _counter(bounded.url, "bca_generated_tokens_total")
+    generated = metric_total(bounded.url, "bca_generated_tokens_total")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", bounded.port))
@@ -207,10 +199,10 @@ def test_a_stream_left_unread_past_the_bound_stops_its_rows(bounded):
         assert status == 200 and len(answer["choices"]) == 1
         # read nothing until the rows are done (stopped, or all generated), well within --body-timeout-s (30 s)
         deadline = time.monotonic() + 20
-        while _counter(bounded.url, "bca_queued_rows") and time.monotonic() < deadline:
+        while metric_total(bounded.url, "bca_queued_rows") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _counter(bounded.url, "bca_queued_rows") == 0
-        assert _counter(bounded.url, "bca_generated_tokens_total") - generated - 3 < 256 * 100 // 2
+        assert metric_total(bounded.url, "bca_queued_rows") == 0
+        assert metric_total(bounded.url, "bca_generated_tokens_total") - generated - 3 < 256 * 100 // 2
         sock.settimeout(60)
         data = b""
         while chunk := sock.recv(1 << 16):

@@ -17,7 +17,6 @@ import json
 import socket
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import ServeProcess
+from http_helpers import llama_serve, metric_total
 from http_helpers import llama  # noqa: F401 - module fixture
 
 BOUND = 6000
@@ -35,8 +34,7 @@ PROMPTS = ["the water is hot and", "you can", "what", "the day is"] * 4  # x n 1
 @pytest.fixture(scope="module")
 def tight(llama, tmp_path_factory):  # noqa: F811
     log = tmp_path_factory.mktemp("logs") / "tight-serve.log"
-    with ServeProcess(llama["onnx"], "--adapter-store", str(llama["store"]), "--served-model-name", "tiny-llama",
-                      "--max-wait-ms", "2", "--max-logprob-entries", str(BOUND), log=log) as process:
+    with llama_serve(llama["onnx"], llama["store"], log, "--max-logprob-entries", str(BOUND)) as process:
         yield process
 
 
@@ -52,11 +50,6 @@ def _read_fast(port: int, path: str, body: dict) -> tuple[bytes, list[dict]]:
     head, _, rest = bytes(data).partition(b"\r\n\r\n")
     events = [json.loads(line[6:]) for line in rest.decode().splitlines() if line.startswith("data: {")]
     return head.split(b"\r\n")[0], events
-
-
-def _queued_rows(url: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=15).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("bca_queued_rows"))
 
 
 def test_a_prompt_reader_of_many_rows_is_never_cut(tight):
@@ -80,6 +73,6 @@ def test_a_prompt_reader_of_many_rows_is_never_cut(tight):
                   for c in e["choices"] if c["logprobs"]]
         assert sum(map(len, listed)) == 256 * body["max_tokens"]
     deadline = time.monotonic() + 10
-    while _queued_rows(tight.url) and time.monotonic() < deadline:
+    while metric_total(tight.url, "bca_queued_rows") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _queued_rows(tight.url) == 0
+    assert metric_total(tight.url, "bca_queued_rows") == 0
