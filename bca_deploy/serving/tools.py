@@ -42,7 +42,7 @@ from ..config import show_json_value
 from .limits import TOOL_CALL_PARSERS
 
 __all__ = ["TOOL_CALL_PARSERS", "MAX_TOOLS", "MAX_TOOLS_BYTES", "ToolCall", "ToolCallParser", "make_parser",
-           "parse_tool_calls", "tools_problems", "tool_calls_problems", "template_tool_calls",
+           "parse_tool_calls", "parsers_reading", "tools_problems", "tool_calls_problems", "template_tool_calls",
            "message_tool_problems", "template_message", "lone_surrogate_problem", "CHAT_ROLES", "content_text"]
 
 
@@ -510,3 +510,18 @@ def parse_tool_calls(name: str, text: str) -> tuple[str | None, list[ToolCall]]:
     content = "".join(value for kind, value in events if kind == "content")
     calls = [value for kind, value in events if kind == "call"]
     return (content if content or not calls else None), calls
+
+
+def parsers_reading(text: str, calls: Sequence[tuple[str, Any]]) -> list[str]:
+    """The ``--tool-call-parser`` names (of :data:`TOOL_CALL_PARSERS`, in that order) that read exactly ``calls``
+    (``(name, arguments object)`` pairs, in order) out of ``text``, an assistant turn as the model writes it (its
+    tokens decoded without special tokens, as the server decodes an answer): the parsers a server of a model trained
+    on such turns is to be started with. Empty when none reads them (the calls would be answered as text)."""
+    fitting = []
+    for name in TOOL_CALL_PARSERS:
+        found = parse_tool_calls(name, text)[1]
+        if len(found) == len(calls) and all(
+                call.name == want and _json_object(call.arguments) == arguments
+                for call, (want, arguments) in zip(found, calls)):
+            fitting.append(name)
+    return fitting

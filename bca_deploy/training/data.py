@@ -53,7 +53,7 @@ from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
 # the chat rules serve and training share (serving.tools imports no pydantic, no onnxruntime)
 from ..serving.tools import (CHAT_ROLES, MAX_TOOLS_BYTES, content_text, lone_surrogate_problem, message_tool_problems,
-                             template_message, tool_calls_problems, tools_problems)
+                             parsers_reading, template_message, tool_calls_problems, tools_problems)
 from .errors import DataError, DataFileNotFoundError
 from .loading import quiet_loading
 
@@ -1036,6 +1036,10 @@ class LMExamples:
     conversations: list[list[dict[str, Any]]] | None = None
     tools: list[list[Any] | None] | None = None  # per conversation, the functions its template is given (None: none)
     columns: str = ""  # the columns read, for the start-up summary ("prompt+completion", ...)
+    # set when the conversations are tokenized: how many assistant turns with tool calls were read back, and the
+    # --tool-call-parser names that read each of them back (see _tokenize_conversations)
+    tool_call_turns: int = 0
+    tool_call_parsers: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -1919,6 +1923,24 @@ CHAT_RENDER_TIMEOUT_S = 5.0
 CHAT_RENDER_MEMORY_MB = 512
 
 
+#: How many assistant turns with tool calls are read back by the parsers (the first ones; a data set writes every
+#: turn with one template, and each read is two parses of one turn).
+TOOL_CALL_TURNS_READ = 16
+
+
+def _read_back_tool_calls(examples: LMExamples, tokenizer, span: list[int], message: dict[str, Any]) -> None:
+    """Which ``--tool-call-parser`` reads an assistant turn's calls back out of the text the model is trained to
+    write for it (``span``: the turn's token ids, decoded as the server decodes an answer, special tokens left out):
+    the parsers that read every turn so far stay in ``examples.tool_call_parsers``. A run trained on calls only one
+    parser reads prints that parser in its serve command."""
+    text = tokenizer.decode(span, skip_special_tokens=True)
+    calls = [(call["function"]["name"], call["function"]["arguments"]) for call in message["tool_calls"]]
+    fitting = parsers_reading(text, calls)
+    examples.tool_call_parsers = tuple(fitting) if examples.tool_call_turns == 0 else \
+        tuple(name for name in examples.tool_call_parsers if name in fitting)
+    examples.tool_call_turns += 1
+
+
 def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
                             model: str | Path | None) -> list[tuple[int, list[int], list[int]]]:
     """``(line, ids, labels)`` per conversation: the conversation rendered with the tokenizer's chat template, as
@@ -1981,6 +2003,8 @@ def _tokenize_conversations(examples: LMExamples, tokenizer, max_length: int,
                         bad = i
                         break
                     target[len(before):len(through)] = whole[len(before):len(through)]
+                    if message.get("tool_calls") and examples.tool_call_turns < TOOL_CALL_TURNS_READ:
+                        _read_back_tool_calls(examples, tokenizer, whole[len(before):len(through)], message)
             except RenderedTooLongError as exc:
                 problems.append(f"{_at(line)}: the chat template writes the conversation as {exc.chars:,} characters; "
                                 f"at most {limit:,} are read at max_length={max_length} (shorten it, or raise "

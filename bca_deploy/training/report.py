@@ -167,11 +167,27 @@ def final_summary(result: TrainResult, model_dir: str | Path | None, eval_data: 
         refusal = export_refusal(model_dir)
         if refusal is None:
             lines.append(f"  bca-deploy export --model {m} --adapter {a} --merge --out {beside('onnx')}")
+            serve, note = _tool_call_serving((result.config or {}).get("tool_call_parsers"))
             lines.append(f"  bca-deploy export --model {m} --adapter {a} --bank --out {beside('bank')} && "
-                         f"bca-deploy serve {beside('bank')}")
+                         f"bca-deploy serve {beside('bank')}{serve}")
+            if note:
+                lines.append(f"  ({note})")
         else:
             lines.append(f"  (no ONNX export or serving for this model: {refusal})")
     return "\n".join(lines)
+
+
+def _tool_call_serving(parsers: list[str] | None) -> tuple[str, str | None]:
+    """``(serve options, note)`` for a run whose training conversations had tool calls (``parsers``: the
+    ``--tool-call-parser`` names that read them back; None: no calls): the options that have the chat route return
+    the calls the adapter was trained to write as ``tool_calls``, or a note when no parser reads them."""
+    if parsers is None:
+        return "", None
+    if parsers:
+        return f" --enable-auto-tool-choice --tool-call-parser {parsers[0]}", None
+    from ..serving.limits import TOOL_CALL_PARSERS
+    return "", (f"the training conversations' tool calls are written in a form no --tool-call-parser "
+                f"({', '.join(TOOL_CALL_PARSERS)}) reads back: the chat route answers them as text")
 
 
 def export_refusal(model_dir: str | Path) -> str | None:

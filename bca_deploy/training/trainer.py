@@ -814,6 +814,9 @@ class _TrainingRun:
             "label_names": self.labels.names if self.labels else None, "precision": self.precision,
             "train_examples": len(self.train_data), "adadelta_rho": self.recipe.adadelta_rho,
             "adadelta_eps": self.recipe.adadelta_eps, "given": self.given.overrides(),
+            # the --tool-call-parser names that read the training conversations' tool calls back (None: no calls)
+            "tool_call_parsers": list(self.train_examples.tool_call_parsers)
+            if getattr(self.train_examples, "tool_call_turns", 0) else None,
         }
         self.training_info = {
             "task": cfg.task, "method": cfg.method, "num_labels": self.run_config["num_labels"],

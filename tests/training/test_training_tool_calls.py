@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from training_helpers import char_chat_tokenizer, chat_reference, refused_conversations, write_jsonl
+from training_helpers import char_chat_tokenizer, chat_reference, config, refused_conversations, write_jsonl
 
 from bca_deploy.training import DataError
 from bca_deploy.training.data import IGNORE_INDEX, load_dataset
@@ -279,3 +279,82 @@ def test_a_tools_column_of_another_name_is_read_with_tools_column(tool_model, tm
         assert expected in str(caught.value), str(caught.value)
     for command in (train_command, evaluate_command):
         assert "--tools-column" in [o for p in command.params for o in p.opts], command.name
+
+
+#: The same turns, with the calls written as Llama 3.1's template writes them: the call's JSON object alone, its
+#: arguments under "parameters".
+LLAMA3_TEMPLATE = TEMPLATE.replace(
+    '<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>',
+    '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}')
+#: ... and in a form neither parser reads (a Python-like call).
+PYTHONIC_TEMPLATE = TEMPLATE.replace(
+    '<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>',
+    '[{{ c.function.name }}(city={{ c.function.arguments.city }})]')
+
+
+@pytest.mark.parametrize("template, parsers", [(TEMPLATE, ("hermes",)), (LLAMA3_TEMPLATE, ("llama3_json",)),
+                                               (PYTHONIC_TEMPLATE, ())], ids=["hermes", "llama3", "pythonic"])
+def test_the_parser_that_reads_the_trained_calls_back_is_found(template, parsers, tmp_path):
+    """Which ``--tool-call-parser`` reads the calls the model is trained to write: each assistant turn with calls is
+    decoded as the server decodes an answer and read by each parser (the reference: the server's own parse of that
+    text, and the calls the conversation holds)."""
+    from bca_deploy.serving.tools import parse_tool_calls
+
+    model = char_chat_tokenizer(tmp_path / "model", template)
+    tokenizer = _tokenizer(model)
+    assert len({TEMPLATE, LLAMA3_TEMPLATE, PYTHONIC_TEMPLATE}) == 3
+    two_calls = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "lookup", "arguments": '{"city": "rome"}'}},
+        {"id": "b", "type": "function", "function": {"name": "lookup", "arguments": '{"city": "oslo"}'}}]}
+    rows = [{"messages": CONVERSATION, "tools": TOOLS}, {"messages": [CONVERSATION[1], two_calls]}]
+    if template is LLAMA3_TEMPLATE:  # Llama's form holds one call a turn (its parser reads ";"-separated ones)
+        rows = rows[:1]
+    examples, data = load_dataset(write_jsonl(tmp_path / "calls.jsonl", rows), "causal-lm", tokenizer, 1024,
+                                  model=model)
+    assert examples.tool_call_turns == len(rows) and examples.tool_call_parsers == parsers
+    # the text trained on, read by the server's parser, gives the conversation's call
+    trained = tokenizer.decode([t for t in data.labels[0] if t != IGNORE_INDEX], skip_special_tokens=True)
+    call_turn = trained[:trained.index("sunny")]
+    for name in ("hermes", "llama3_json"):
+        calls = parse_tool_calls(name, call_turn)[1]
+        read = [(c.name, json.loads(c.arguments)) for c in calls] == [("lookup", {"city": "rome"})]
+        assert read == (name in parsers), (name, call_turn)
+    plain, _ = load_dataset(write_jsonl(tmp_path / "plain.jsonl", [{"messages": CONVERSATION[:2] + [
+        {"role": "assistant", "content": "no idea"}]}]), "causal-lm", tokenizer, 1024, model=model)
+    assert (plain.tool_call_turns, plain.tool_call_parsers) == (0, ())
+
+
+def test_a_run_trained_on_tool_calls_prints_the_serve_command_that_reads_them(tool_model, tmp_path):
+    """train's "next:" commands end with ``serve`` started with ``--enable-auto-tool-choice`` and the parser that
+    reads the trained calls back (without them the chat route answers the calls as text); a run without calls, or
+    with calls no parser reads, says so instead of naming a parser."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bca_deploy.training import train
+    from bca_deploy.training.report import final_summary
+
+    def run(template: str, rows: list, name: str) -> str:
+        model = char_chat_tokenizer(tmp_path / name / "model", template)
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, vocab_size=103,
+                                     max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2)).save_pretrained(model)
+        data = write_jsonl(tmp_path / name / "data.jsonl", rows)
+        result = train(config(model, data, tmp_path / name / "run", task="causal-lm", max_steps=1, max_length=1024,
+                              block_size=4))
+        shutil.rmtree(model / "unused", ignore_errors=True)
+        return final_summary(result, model)
+
+    serve = [line for line in run(TEMPLATE, [{"messages": CONVERSATION, "tools": TOOLS}] * 4, "hermes").splitlines()
+             if "bca-deploy serve" in line]
+    assert len(serve) == 1 and serve[0].endswith("-bank --enable-auto-tool-choice --tool-call-parser hermes"), serve
+    llama = run(LLAMA3_TEMPLATE, [{"messages": CONVERSATION, "tools": TOOLS}] * 4, "llama3")
+    assert "-bank --enable-auto-tool-choice --tool-call-parser llama3_json\n" in llama + "\n", llama
+    plain = run(TEMPLATE, [{"messages": CONVERSATION[:2] + [{"role": "assistant", "content": "sunny"}]}] * 4, "plain")
+    assert "-bank\n" in plain + "\n" and "tool-call-parser" not in plain and "auto-tool-choice" not in plain, plain
+    pythonic = run(PYTHONIC_TEMPLATE, [{"messages": CONVERSATION, "tools": TOOLS}] * 4, "pythonic")
+    assert "-bank\n" in pythonic and "no --tool-call-parser (hermes, llama3_json) reads back" in pythonic, pythonic
