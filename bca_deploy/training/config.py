@@ -210,7 +210,8 @@ def _at_least(config: Any, problems: list[str], low: float, *names: str, strict:
 
 def _column_problems(config: Any, problems: list[str]) -> None:
     """Columns that cannot mean what the options say: a column named twice as text, the label column read as
-    text, a response that is its own prompt (each was accepted and trained on silently)."""
+    text, a response that is its own prompt, conversations read as their own tools (each was accepted and trained
+    on silently)."""
     columns = config.text_columns
     if isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns):
         twice = sorted({c for c in columns if list(columns).count(c) > 1})
@@ -222,6 +223,9 @@ def _column_problems(config: Any, problems: list[str]) -> None:
     if isinstance(config.prompt_column, str) and config.prompt_column == config.response_column:
         problems.append(f"--prompt-column and --response-column are both {config.prompt_column!r}: the response "
                         "would be its own prompt")
+    if isinstance(config.tools_column, str) and config.tools_column == config.messages_column:
+        problems.append(f"--tools-column and --messages-column are both {config.tools_column!r}: the tools are a "
+                        "column of their own beside the conversations (each row's list of functions)")
 
 
 #: Seeds are what torch's generators take (a 64-bit signed integer), from 0.

@@ -59,6 +59,11 @@ def test_columns_seeds_and_devices_that_cannot_mean_what_they_say(tmp_path):
                                                            text_columns=["a", "a"]).problems()
     same = TrainConfig(model=tmp_path, data="d", out="o", task="causal-lm", prompt_column="r", response_column="r")
     assert any("--prompt-column and --response-column are both 'r'" in p for p in same.problems())
+    # the conversation column named as the tools column was ignored without a word (no tools read)
+    for cfg in (TrainConfig(model=tmp_path, data="d", out="o", task="causal-lm", tools_column="messages"),
+                EvaluateConfig(model=tmp_path, data="d", messages_column="chat", tools_column="chat")):
+        assert any(p.startswith(f"--tools-column and --messages-column are both {cfg.tools_column!r}")
+                   for p in cfg.problems()), cfg.problems()
     assert any("the label column" in p for p in EvaluateConfig(model=tmp_path, data="d", text_columns=["y"],
                                                                label_column="y").problems())
     assert TrainConfig(model=tmp_path, data="d", out="o", seed=2**63 - 1).problems() == []
