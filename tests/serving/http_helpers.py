@@ -247,6 +247,56 @@ def free_port_beside_ray() -> int:
     return free_port()
 
 
+def read_at_once(port: int, path: str, body: dict) -> tuple[bytes, list[dict]]:
+    """POST ``body`` on a raw socket and read the answer as fast as the socket gives it; (status line, events)."""
+    raw = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                     b"connection: close\r\n\r\n" % (path.encode(), len(raw)) + raw)
+        data = bytearray()
+        while piece := sock.recv(1 << 20):
+            data += piece
+    head, _, rest = bytes(data).partition(b"\r\n\r\n")
+    events = [json.loads(line[6:]) for line in rest.decode().splitlines() if line.startswith("data: {")]
+    return head.split(b"\r\n")[0], events
+
+
+def _ignore_sigint() -> None:  # what a shell does for a job it starts with &
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def serve_ray(export_dir: Path, log: Path, *options: str):
+    """``bca-deploy serve-ray EXPORT [options]`` (one replica, its own local Ray instance), started as a shell's ``&``
+    starts it (SIGINT ignored), once its health route answers: yields ``(process, url)``; killed on exit."""
+    import http.client
+
+    port = free_port_beside_ray()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_DISABLE_USAGE_STATS": "1"}
+    command = [sys.executable, "-m", "bca_deploy.cli", "serve-ray", str(export_dir), "--replicas", "1",
+               "--replica-cpus", "0", "--host", "127.0.0.1", "--port", str(port), "--threads", "1", *options]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_ignore_sigint)
+        try:
+            deadline = time.monotonic() + 240
+            while True:  # up: the health route answers (the signal may come before the "serving" line)
+                assert process.poll() is None, log.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as response:
+                        response.read()
+                        if response.status == 200:
+                            break
+                except (OSError, http.client.HTTPException):  # not up yet (or, at worst, another service's port)
+                    pass
+                assert time.monotonic() < deadline, "serve-ray did not come up"
+                time.sleep(0.5)
+            yield process, f"http://127.0.0.1:{port}"
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+
+
 class ServeProcess:
     """``bca-deploy serve EXPORT [args]`` on 127.0.0.1:<free port>, in a child process; ``url`` once it answers."""
 

@@ -13,8 +13,6 @@ engine step of 256 rows x 21 entries (5,376).
 
 from __future__ import annotations
 
-import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import llama_serve, metric_total
+from http_helpers import llama_serve, metric_total, read_at_once
 from http_helpers import llama  # noqa: F401 - module fixture
 
 BOUND = 6000
@@ -38,20 +36,6 @@ def tight(llama, tmp_path_factory):  # noqa: F811
         yield process
 
 
-def _read_fast(port: int, path: str, body: dict) -> tuple[bytes, list[dict]]:
-    """POST ``body`` on a raw socket and read the answer as fast as the socket gives it; (status line, events)."""
-    raw = json.dumps(body).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
-        sock.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                     b"connection: close\r\n\r\n" % (path.encode(), len(raw)) + raw)
-        data = bytearray()
-        while piece := sock.recv(1 << 20):
-            data += piece
-    head, _, rest = bytes(data).partition(b"\r\n\r\n")
-    events = [json.loads(line[6:]) for line in rest.decode().splitlines() if line.startswith("data: {")]
-    return head.split(b"\r\n")[0], events
-
-
 def test_a_prompt_reader_of_many_rows_is_never_cut(tight):
     """Completions (logprobs 20, twice) and chat (top_logprobs 20), 256 rows x 60 tokens streamed, read at once:
     every choice ends with its tokens scored, no error event (past the bound, at 5,376 entries
@@ -62,7 +46,7 @@ def test_a_prompt_reader_of_many_rows_is_never_cut(tight):
             "max_tokens": 60, "logprobs": True, "top_logprobs": 20, "ignore_eos": True, "stream": True}
     for path, body in [("/v1/completions", completions), ("/v1/chat/completions", chat), ("/v1/completions",
                                                                                                 completions)]:
-        status, events = _read_fast(tight.port, path, body)
+        status, events = read_at_once(tight.port, path, body)
         assert status == b"HTTP/1.1 200 OK"
         errors = [e["error"] for e in events if "error" in e]
         assert not errors, (path, errors[0])

@@ -8,10 +8,8 @@ starts its own local Ray instance (test_ray.py keeps one up in the pytest proces
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -26,40 +24,7 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_helpers import bank, free_port_beside_ray
-
-
-def _ignore_sigint() -> None:  # what a shell does for a job it starts with &
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _serve_ray(export_dir: Path, log: Path):
-    """``bca-deploy serve-ray EXPORT`` (one replica) once its health route answers: yields ``(process, url)``."""
-    port = free_port_beside_ray()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_DISABLE_USAGE_STATS": "1"}
-    command = [sys.executable, "-m", "bca_deploy.cli", "serve-ray", str(export_dir), "--replicas", "1",
-               "--replica-cpus", "0", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_ignore_sigint)
-        try:
-            deadline = time.monotonic() + 240
-            while True:  # up: the health route answers (the signal may come before the "serving" line)
-                assert process.poll() is None, log.read_text()[-3000:]
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as response:
-                        response.read()
-                        if response.status == 200:
-                            break
-                except (OSError, http.client.HTTPException):  # not up yet (or, at worst, another service's port)
-                    pass
-                assert time.monotonic() < deadline, "serve-ray did not come up"
-                time.sleep(0.5)
-            yield process, f"http://127.0.0.1:{port}"
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
+from http_helpers import bank, serve_ray
 
 
 def _stopped_cleanly(process: subprocess.Popen, signum: int, log: Path) -> None:
@@ -73,7 +38,7 @@ def _stopped_cleanly(process: subprocess.Popen, signum: int, log: Path) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_ray_stops_gracefully_on_a_signal(tmp_path_factory, tmp_path, signum):
     log = tmp_path / "serve-ray.log"
-    with _serve_ray(bank("bert", tmp_path_factory)["onnx"], log) as (process, url):
+    with serve_ray(bank("bert", tmp_path_factory)["onnx"], log) as (process, url):
         # a client that reads the status and hangs up: its answer may still be in flight in the router when the
         # signal comes (Ray cancels it: before, a traceback in the log, now and then)
         with urllib.request.urlopen(url + "/health", timeout=60) as response:
@@ -87,7 +52,7 @@ def test_serve_ray_logs_no_traceback_for_clients_that_hang_up_mid_answer(tmp_pat
     The rows are cancelled on the replica (499 in its access log), and the next client is answered in full. A client
     gone before its body is whole is a 499 in the router's access log (or Ray's own CANCELLED line), not a 500."""
     log = tmp_path / "serve-ray.log"
-    with _serve_ray(bank("llama", tmp_path_factory)["onnx"], log) as (process, url):
+    with serve_ray(bank("llama", tmp_path_factory)["onnx"], log) as (process, url):
         host, port = url.removeprefix("http://").split(":")
         body = json.dumps({"model": "a0", "prompt": "a b c", "max_tokens": 120, "min_tokens": 120, "stream": True})
         for _ in range(6):
