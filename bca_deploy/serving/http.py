@@ -1160,6 +1160,10 @@ BODY_PIECES_FREE = 4096
 MIN_BODY_PIECE_BYTES = 256
 
 WRITE_WATCH = "bca.write_watch"  # the scope extension holding the connection's WriteWatch
+#: What a connection holds of an answer before its send waits: asyncio's default high-water mark of a transport's write
+#: buffer, past which uvicorn's send waits for it to drain. A Ray replica's in-process connection (``ray._Outbox``)
+#: holds as much for Ray to take.
+ANSWER_BUFFER_BYTES = 64 * 1024
 _READ_POLL_S = 0.25
 
 

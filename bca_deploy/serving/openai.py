@@ -1350,7 +1350,8 @@ class _Pumps:
         self._stopped = False  # the backlog passed the bound: nothing more is queued
         from .http import WRITE_WATCH  # (http imports this module)
 
-        # the connection's WriteWatch (bca-deploy serve's protocol); None elsewhere (the Ray router's replicas)
+        # the connection's WriteWatch: bca-deploy serve's protocol, or a Ray replica's in-process connection
+        # (ray._Outbox, which takes Ray's streaming call for the client); None elsewhere
         self._watch = request.scope.get("extensions", {}).get(WRITE_WATCH)
         self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
         self._closed = False

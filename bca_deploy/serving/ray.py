@@ -60,6 +60,7 @@ nodes and gives each its own device.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -362,13 +363,101 @@ def _adapter_field_of(body: bytes) -> str | None:
     return _adapter_field(_json_or_none(body))
 
 
+class _Outbox:
+    """The in-process connection of one request the app answers on a replica (:func:`_call_asgi`): what the app sends,
+    held until Ray's streaming call takes it, and the connection's :class:`~bca_deploy.serving.http.WriteWatch` for the
+    app (the ``WRITE_WATCH`` scope extension).
+
+    It holds what a connection of ``bca-deploy serve`` holds before its send waits: up to
+    :data:`~bca_deploy.serving.http.ANSWER_BUFFER_BYTES` (the part the kernel takes at once there); past it the send
+    waits until Ray has taken some, and :meth:`buffered` is the part waiting (a transport's buffer the kernel would not
+    take). So the app applies serve's rules to whoever takes the answer: a streamed answer's rows stopped with the 408
+    event at ``--max-logprob-entries`` only while the consumer is behind (:meth:`~bca_deploy.serving.openai._Pumps.
+    _reader_behind`), the answer cut when the consumer takes nothing for ``--body-timeout-s``. Before, the send never
+    waited: nothing bounded what an answer queued here, and ``_Pumps``, with no watch, stopped the rows of a reader
+    that kept up whenever this replica itself rendered chunks slower than the engine made them.
+
+    The consumer is Ray, not the client: Serve's streaming calls have no flow control (``handle_request_streaming`` is
+    called without ``_generator_backpressure_num_objects``; the router's sends go into Serve's queue without waiting),
+    so on Serve's default HTTP path Ray takes each chunk at once and a slow client's unread answer waits in Ray's proxy,
+    which does not bound it per request. The client's pace reaches this connection only where Ray passes it on (direct
+    ingress, gRPC between deployments: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._messages: collections.deque = collections.deque()
+        self.held = 0  # body bytes sent by the app and not taken yet
+        self.peak = 0  # the most held at once (reported in the debug log)
+        self._limit = limit
+        self._ready = asyncio.Event()  # a message to take, or the end
+        self._room = asyncio.Event()  # some were taken, or nobody will take more
+        self._closed = False  # the app is done: nothing more comes
+        self._gone = False  # nobody takes more (the consumer left, or the answer was cut): sends are dropped
+
+    async def send(self, message: dict) -> None:
+        """The app's ASGI ``send``: waits while more than the limit is held (dropped once nobody takes more, as a
+        closed connection's sends are)."""
+        if self._gone:
+            return
+        self._messages.append(message)
+        self.held += len(message.get("body", b"")) if message["type"] == "http.response.body" else 0
+        self.peak = max(self.peak, self.held)
+        self._ready.set()
+        while self.held > self._limit and not self._gone:
+            self._room.clear()
+            await self._room.wait()
+
+    async def take(self) -> dict | None:
+        """The next message the app sent (waits for one); None at the end (the app is done, or the answer was cut)."""
+        while not self._messages:
+            if self._closed or self._gone:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        message = self._messages.popleft()
+        if message["type"] == "http.response.body":
+            self.held -= len(message.get("body", b""))
+        self._room.set()
+        return message
+
+    def close(self) -> None:
+        """The app is done: what it sent is still taken, then :meth:`take` ends."""
+        self._closed = True
+        self._ready.set()
+
+    def leave(self) -> None:
+        """The consumer is gone: a send waiting for room returns, later ones are dropped."""
+        self._gone = True
+        self._room.set()
+
+    def buffered(self) -> int:
+        """Bytes the app sent past what the connection takes at once: its send waits for them (a transport's buffer)."""
+        return max(0, self.held - self._limit)
+
+    def unread(self) -> int:
+        """Bytes the app sent that were not taken yet: falls only while they are taken."""
+        return self.held
+
+    def abort(self) -> None:
+        """Cut the answer here (the consumer took nothing for ``--body-timeout-s``): what is held is dropped, and the
+        answer ends after what was taken, as a reset connection's does."""
+        self._messages.clear()
+        self.held = 0
+        self.leave()
+        self._ready.set()
+
+
 async def _call_asgi(app, method: str, path: str, query: bytes, headers, body: bytes) -> AsyncIterator[Any]:
-    """One request through an ASGI app in this process: the response start, then its body chunks."""
+    """One request through an ASGI app in this process: the response start, then its body chunks, each as Ray takes it
+    (:class:`_Outbox`: the app's send waits while Ray is behind)."""
+    from .http import ANSWER_BUFFER_BYTES, WRITE_WATCH
+
+    outbox = _Outbox(ANSWER_BUFFER_BYTES)
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
              "root_path": "", "headers": [(bytes(k), bytes(v)) for k, v in headers],
-             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {}}
-    sent: asyncio.Queue = asyncio.Queue()
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {},
+             "extensions": {WRITE_WATCH: outbox}}
     delivered = asyncio.Event()
     done = asyncio.Event()
 
@@ -379,29 +468,24 @@ async def _call_asgi(app, method: str, path: str, query: bytes, headers, body: b
         await done.wait()  # the response was consumed (or abandoned): the client is gone
         return {"type": "http.disconnect"}
 
-    async def send(message) -> None:
-        await sent.put(message)
-
-    task = asyncio.create_task(app(scope, receive, send))
-    task.add_done_callback(lambda _: sent.put_nowait(None))
+    task = asyncio.create_task(app(scope, receive, outbox.send))
+    task.add_done_callback(lambda _: outbox.close())
     try:
-        while True:
-            message = await sent.get()
-            if message is None:
-                break
+        # to the end of the app's task, not to its last message: cancelled after its last message (as before), the
+        # app logged and counted every answer on Ray as its client's hang-up (error_type client_closed_request)
+        while (message := await outbox.take()) is not None:
             if message["type"] == "http.response.start":
                 yield {"status": message["status"], "headers": list(message.get("headers", []))}
-            elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield message["body"]
-                if not message.get("more_body", False):
-                    break
+            elif message["type"] == "http.response.body" and message.get("body"):
+                yield message["body"]
     finally:
         done.set()
+        outbox.leave()
         if not task.done():
             task.cancel()
         with contextlib.suppress(BaseException):
             await task
+        _log.debug("answer of %s %s: at most %d bytes held for Ray", method, path, outbox.peak)
 
 
 def _replica_context():
