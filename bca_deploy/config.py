@@ -976,7 +976,7 @@ def nested_adapters(directory: str | Path) -> list[str]:
 _TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def nested_adapters_hint(directory: str | Path) -> str:
+def nested_adapters_hint(directory: str | Path, entry: str | None = None) -> str:
     """For a directory without ``adapter_config.json``: the adapter directories right inside it
     (:func:`nested_adapters`), as a hint ("" when none); users pass the parent.
 
@@ -984,24 +984,33 @@ def nested_adapters_hint(directory: str | Path) -> str:
     a transformers ``Trainer``'s ``output_dir`` (``checkpoint-<step>`` folders, each an adapter saved during training):
     there the hint names the last checkpoint by step (the first by name was ``checkpoint-2`` of 2 and 4, or
     ``checkpoint-1000`` of 500, 1000 and 1500), and the best one when its ``trainer_state.json`` records one here.
+
+    ``entry``: the directory is adapter store entry ``entry`` (:class:`~bca_deploy.serving.AdapterStore`), whose
+    adapters are loaded by name, one folder each: the hint names the folders inside the entry (``entry/b``, never
+    the store's location) and says to give the one wanted an entry of its own.
     """
     path = Path(directory)
     names = nested_adapters(path)
     if not names:
         return ""
+    # a store loads a folder of its own by name (a link inside the store is followed)
+    own = "an entry of its own in the adapter store (move or link it there) and load it by that name"
+    shown = (lambda name: str(path / name)) if entry is None else (lambda name: f"{entry}/{name}")  # noqa: E731
     steps = {n: int(m.group(1)) for n in names if (m := _TRAINER_CHECKPOINT.fullmatch(n))}
     if len(steps) == len(names):
         ordered = sorted(names, key=steps.__getitem__)
-        shown = ", ".join(f"{n}/" for n in ordered) if len(ordered) <= 5 else \
+        listed = ", ".join(f"{n}/" for n in ordered) if len(ordered) <= 5 else \
             ", ".join(f"{n}/" for n in ordered[:2]) + ", ..., " + ", ".join(f"{n}/" for n in ordered[-2:])
         best = _trainer_best_checkpoint(path / ordered[-1])
-        chosen = (f"the best, {path / best} (trainer_state.json's best_model_checkpoint), or the last, "
-                  f"{path / ordered[-1]}" if best in steps and best != ordered[-1] else f"the last, {path / ordered[-1]}")
-        return (f"; it holds the checkpoint{'' if len(names) == 1 else 's'} {shown} of a transformers Trainer run "
-                f"(its output_dir; each checkpoint is an adapter saved during training): pass one, such as {chosen}")
-    shown = ", ".join(f"{n}/" for n in names[:5]) + (", ..." if len(names) > 5 else "")
-    return (f"; it holds the adapter director{'y' if len(names) == 1 else 'ies'} {shown} (PEFT saves an adapter not "
-            f"named 'default' in a folder of its name): pass {path / names[0]}")
+        chosen = (f"the best, {shown(best)} (trainer_state.json's best_model_checkpoint), or the last, "
+                  f"{shown(ordered[-1])}" if best in steps and best != ordered[-1] else f"the last, {shown(ordered[-1])}")
+        which = "pass one, such as" if entry is None else f"give one {own}, such as"
+        return (f"; it holds the checkpoint{'' if len(names) == 1 else 's'} {listed} of a transformers Trainer run "
+                f"(its output_dir; each checkpoint is an adapter saved during training): {which} {chosen}")
+    listed = ", ".join(f"{n}/" for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    return (f"; it holds the adapter director{'y' if len(names) == 1 else 'ies'} {listed} (PEFT saves an adapter not "
+            f"named 'default' in a folder of its name): " + (
+        f"pass {shown(names[0])}" if entry is None else f"give {shown(names[0])} {own}"))
 
 
 def _trainer_best_checkpoint(checkpoint: Path) -> str | None:

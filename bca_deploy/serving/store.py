@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import CONFIG_FILE, MAX_JSON_BYTES, WEIGHTS_FILE, run_adapter_dir
+from ..config import CONFIG_FILE, MAX_JSON_BYTES, WEIGHTS_FILE, nested_adapters_hint, run_adapter_dir
 from ..errors import AdapterFormatError, AdapterNameError, InputNotFoundError, UnknownAdapterError
 from .session import check_adapter_name
 
@@ -159,6 +159,10 @@ class AdapterStore:
                 raise AdapterFormatError(f"adapter {name!r}: {where} is {_file_kind(mode)}, not a regular file")
             if os.path.islink(adapter / CONFIG_FILE):  # there by name: not "no adapter of that name"
                 raise AdapterFormatError(f"adapter {name!r}: {where} is a symbolic link that leads to no file")
+            if adapter == candidate and (hint := nested_adapters_hint(candidate, entry=name)):
+                # PEFT's save_pretrained folder of named adapters, or a transformers Trainer's output_dir: the entry
+                # is there, holding adapters, which was answered "no adapter of that name in the store"
+                raise AdapterFormatError(f"adapter {name!r}: its folder has no {CONFIG_FILE}{hint}")
             return None
         except PermissionError:  # one entry this user may not read is that entry's problem, not the store's
             raise AdapterNameError(f"adapter {name!r}: its directory in the adapter store cannot be read by the "
