@@ -53,6 +53,7 @@ from .fit import (
     model_target,
     model_type_problem,
     module_problem,
+    output_layer_named_otherwise,
     resolve_tied,
     split_base_key,
     split_saved_key,
@@ -284,7 +285,8 @@ def read_adapter(
     header = _read_header(directory, data, weights, size, model, largest_elements)
     state, metadata = _read_tensors(weights, max_bytes)
     if is_peft_config(data):
-        config, state = from_peft(data, state, _layer_types(model), source=str(directory), metadata=metadata)
+        config, state = from_peft(data, state, _layer_types(model), source=str(directory), metadata=metadata,
+                                  output_named_otherwise=_output_named_otherwise(model))
     else:
         config = header.config
     if validate:
@@ -422,6 +424,11 @@ def _layer_types(model: nn.Module | None) -> dict[str, str] | None:
             for n, m in model.named_modules() if n and (is_adaptable(m) or isinstance(m, BCALinear))}
 
 
+def _output_named_otherwise(model: nn.Module | None) -> str | None:
+    """:func:`bca_deploy.fit.output_layer_named_otherwise` of ``model`` (None without a model), for PEFT configs."""
+    return None if model is None else output_layer_named_otherwise(model)
+
+
 def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int,
                  model: nn.Module | None, largest_elements: int | None = None) -> AdapterHeader:
     """The config and the header of ``weights`` (``size`` bytes), checked against each other and, with
@@ -439,7 +446,8 @@ def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int
             if tensor is None:
                 raise AdapterFormatError(f"{weights}: tensor {t.name}: dtype {t.dtype!r}, which torch has no type for")
             meta[t.name] = tensor
-        config, converted = from_peft(data, meta, _layer_types(model), source=str(directory), metadata=header.metadata)
+        config, converted = from_peft(data, meta, _layer_types(model), source=str(directory), metadata=header.metadata,
+                                      output_named_otherwise=_output_named_otherwise(model))
         shapes = {name: tuple(t.shape) for name, t in converted.items()}
     else:
         config = AdapterConfig.from_dict(data, source=str(directory / CONFIG_FILE))

@@ -386,12 +386,7 @@ def line_naming(model: nn.Module, modules: Mapping[str, ModuleInfo],
 
             found["version"] = transformers.__version__
             found["renamings"], found["converters"] = conversion_mapping(model)
-            found["output"] = None
-            if not found["renamings"] and not found["converters"]:
-                with contextlib.suppress(Exception):  # a model without (a working) get_output_embeddings
-                    head = model.get_output_embeddings()
-                    found["output"] = next((n for n, m in model.named_modules() if head is not None and m is head),
-                                           None)
+            found["output"] = None if found["renamings"] or found["converters"] else _output_layer(model)
         return found
 
     def naming(path: str) -> str | None:
@@ -410,13 +405,34 @@ def line_naming(model: nn.Module, modules: Mapping[str, ModuleInfo],
                         + advice.format(line="4.x"))
             return None
         top, dot, rest = path.partition(".")
-        if top == "lm_head" and output not in (None, "lm_head") and f"{output}{dot}{rest}" in modules:
+        if top == "lm_head" and output is not None and f"{output}{dot}{rest}" in modules:
             return (f"module {path}: {cls} names its language-modeling head {output} in transformers {version} "
                     "(transformers 5.x renames it lm_head): the adapter was made with transformers 5.x; "
                     + advice.format(line="5.x"))
         return None
 
     return naming
+
+
+def _output_layer(model: nn.Module) -> str | None:
+    """The path of ``model``'s output layer (``get_output_embeddings``) where it is not named ``lm_head``, else None."""
+    with contextlib.suppress(Exception):  # a model without (a working) get_output_embeddings
+        head = model.get_output_embeddings()
+        path = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+        if path and path != "lm_head":
+            return path
+    return None
+
+
+def output_layer_named_otherwise(model: nn.Module) -> str | None:
+    """The path of ``model``'s output layer where the installed transformers is 4.x (loads checkpoints as stored:
+    :func:`conversion_mapping` is empty) and names this top-level module otherwise than ``lm_head``, the name
+    transformers 5.x gives it as it loads (GPT-NeoX's ``embed_out``), else None: :func:`line_naming`'s rule, for a
+    PEFT config that adapts the layer by its 4.x name while its file, made on 5.x where that name matches nothing,
+    has no kernel for it. (A nested output layer, BERT's ``cls.predictions.decoder``, keeps its name on 5.x.)"""
+    renamings, converters = conversion_mapping(model)
+    path = None if renamings or converters else _output_layer(model)
+    return path if path is not None and "." not in path else None
 
 
 def prefix_forms(name: str, prefix: str) -> list[str]:

@@ -99,6 +99,7 @@ def from_peft(
     model_layer_types: dict[str, str] | None = None,
     source: str = "PEFT adapter",
     metadata: dict[str, str] | None = None,
+    output_named_otherwise: str | None = None,
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Convert a PEFT C3A config + state dict to a bca-deploy config + tensors.
 
@@ -127,6 +128,9 @@ def from_peft(
         metadata: the safetensors file's metadata; a task record written by :func:`peft_metadata` is used
             when it is for the same task as PEFT's ``task_type`` (a copy whose ``task_type`` was edited
             since keeps the edit).
+        output_named_otherwise: the target model's output layer where transformers 4.x names it otherwise than
+            5.x's ``lm_head`` (:func:`bca_deploy.fit.output_layer_named_otherwise`): a config adapting it whose file
+            has no kernel for it is said to be of transformers 5.x, where that name matches nothing.
 
     Returns:
         (config, tensors) where tensors are keyed as in bca-deploy files: ``<path>.bca_kernel`` in
@@ -257,7 +261,7 @@ def from_peft(
     problems += _layer_type_problems(set(specs) | bad_kernels, model_layer_types)
     if rules is not None:
         problems += _rule_problems(rules, kernels, set(specs) | bad_kernels, model_layer_types,
-                                   peft_config.get("init_weights", "xavier_uniform"))
+                                   peft_config.get("init_weights", "xavier_uniform"), output_named_otherwise)
     if problems:
         raise AdapterFormatError(format_problems(f"{source}: not a valid PEFT C3A adapter:", problems))
     if not specs:
@@ -587,7 +591,8 @@ def _is_index(value: Any) -> bool:
 
 
 def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_paths: set[str],
-                   model_layer_types: dict[str, str] | None, init_weights: Any) -> list[str]:
+                   model_layer_types: dict[str, str] | None, init_weights: Any,
+                   output_named_otherwise: str | None = None) -> list[str]:
     """Every way the file's kernels disagree with the config's rules (:class:`_PeftRules`): a kernel whose block size
     is not the one the config gives its module (PEFT refuses to load it: size mismatch); a kernel for a module the
     rules do not adapt (PEFT ignores it: the module runs unadapted); and, given the model's layers
@@ -597,7 +602,9 @@ def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_p
     was expected.
 
     ``kernels``: PEFT's valid kernels by module path; ``source_paths``: every module path the file has a kernel
-    tensor for (valid or not).
+    tensor for (valid or not); ``output_named_otherwise``: see :func:`from_peft` (the model's output layer, which
+    transformers 5.x names ``lm_head``: a config adapting it by its other name without its kernel in the file was
+    made on 5.x, where the name matched nothing and PEFT adapted no output layer).
     """
     problems: list[str] = []
     if any(len(path) > _MAX_MATCHED_PATH for path in (*source_paths, *(model_layer_types or ()))):
@@ -640,13 +647,31 @@ def _rule_problems(rules: _PeftRules, kernels: dict[str, torch.Tensor], source_p
         for path, module in missing:
             if (path, module) not in experts:
                 named = f" ({path} in this model)" if path != module else ""
-                problems.append(
-                    f"module {module}{named}: the config adapts it ({rules.describe()}), but the file has no kernel "
-                    f"for it ({PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX} is missing); PEFT would give it {fresh}: "
-                    "fix the config (layers_to_transform, target_modules, exclude_modules) to name the trained modules")
+                problem = (f"module {module}{named}: the config adapts it ({rules.describe()}), but the file has no "
+                           f"kernel for it ({PEFT_PREFIX + module + PEFT_KERNEL_SUFFIX} is missing); PEFT would give it "
+                           f"{fresh}")
+                if path == output_named_otherwise:
+                    problems.append(_output_named_otherwise_problem(problem, module))
+                else:
+                    problems.append(problem + ": fix the config (layers_to_transform, target_modules, exclude_modules) "
+                                    "to name the trained modules")
         if experts:
             problems.append(_unfused_experts_problem([m for _, m in experts], source_paths, rules, fresh))
     return problems
+
+
+def _output_named_otherwise_problem(problem: str, module: str) -> str:
+    """:func:`_rule_problems`' line for the model's output layer ``module`` (transformers 4.x's name, 5.x's
+    ``lm_head``) that the config adapts while the file has no kernel for it: the file of an adapter made with
+    transformers 5.x, where ``target_modules`` naming ``module`` matched nothing (PEFT adapted the other layers alone);
+    PEFT on 4.x gives the layer a new random kernel. ``problem``: the line's start, what is missing."""
+    import transformers
+
+    return (f"{problem}. It is this model's output layer, which transformers 5.x names lm_head as it loads the "
+            f"checkpoint: the adapter was made with transformers 5.x, where the config's {module!r} names no module "
+            f"and PEFT adapted no output layer. Apply it with transformers 5.x (the line it was made with); on "
+            f"transformers {transformers.__version__}, remove {module!r} from target_modules to apply the trained "
+            "modules alone")
 
 
 #: A path inside a mixture of experts' list of routed experts (``mlp.experts.3.gate_proj``, Mixtral's
