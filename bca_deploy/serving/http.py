@@ -2114,6 +2114,15 @@ def startup_notes(server: Server) -> list[str]:
         notes.append(f"{len(unnamed)} folder(s) of the adapter store cannot be served, their names not being adapter "
                      f"names (1-128 letters, digits, '.', '_' or '-', a letter or digit first): {shown}; rename them "
                      "to load them")
+    nested = server.store.nested() if server.store is not None else []
+    if nested:  # loaded by the folder's name, each is refused naming what it holds (AdapterStore.path)
+        shown = "; ".join(f"{entry[:60]!r} ({', '.join(n[:60] + '/' for n in inside[:3])}"
+                          f"{', ...' if len(inside) > 3 else ''})" for entry, inside in nested[:5]) + (
+            f"; and {len(nested) - 5} more" if len(nested) > 5 else "")
+        notes.append(f"{len(nested)} folder(s) of the adapter store hold adapters only in folders inside them (as PEFT "
+                     "saves adapters not named 'default', or a transformers Trainer its checkpoints), which no request "
+                     f"can name: {shown}; give each adapter to serve an entry of its own (move or link it into the "
+                     "store)")
     if not session.snapshot().slots and server.store is None:
         notes.append("no adapter is loaded and none can be (no --adapter-store): every request gets the base model "
                      f"({server.model_name!r}); one naming an adapter gets 404")

@@ -29,7 +29,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import CONFIG_FILE, MAX_JSON_BYTES, WEIGHTS_FILE, nested_adapters_hint, run_adapter_dir
+from ..config import (
+    CONFIG_FILE,
+    MAX_JSON_BYTES,
+    WEIGHTS_FILE,
+    nested_adapters,
+    nested_adapters_hint,
+    run_adapter_dir,
+)
 from ..errors import AdapterFormatError, AdapterNameError, InputNotFoundError, UnknownAdapterError
 from .session import check_adapter_name
 
@@ -200,6 +207,32 @@ class AdapterStore:
                 if current == directory or not isinstance(exc, (PermissionError, FileNotFoundError)):
                     raise AdapterNameError(f"adapter {name!r}: its directory in the adapter store cannot be read "
                                            f"({exc.strerror or type(exc).__name__})") from None
+
+    def nested(self) -> list[tuple[str, list[str]]]:
+        """Folders of the store (valid names, inside it) with no adapter at their top but adapter directories inside
+        them, each with those folders' names (:func:`~bca_deploy.config.nested_adapters`): a folder PEFT's
+        ``save_pretrained`` wrote adapters not named ``default`` to, or a transformers Trainer's output_dir. No request
+        can name the adapters inside (a name is one path component), unless an entry of the store is (a link to) it:
+        those are left out. Said at start-up, as :meth:`path` says it to a request naming the folder."""
+        entries: dict[str, Path] = {}
+        for child in sorted(self.root.iterdir()):
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            try:
+                check_adapter_name(child.name)
+                if self._inside(resolved := self._resolved(child, child.name)):
+                    entries[child.name] = resolved
+            except AdapterNameError:
+                continue
+        served = set(entries.values())
+        out = []
+        for name, folder in entries.items():
+            if os.path.lexists(run_adapter_dir(folder) / CONFIG_FILE):
+                continue
+            inside = [n for n in nested_adapters(folder) if (folder / n).resolve() not in served]
+            if inside:
+                out.append((name, inside))
+        return out
 
     def unnamed(self) -> list[str]:
         """Folders of the store no request can name (their names are not valid adapter names: a space, a leading

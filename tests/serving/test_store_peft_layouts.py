@@ -145,3 +145,25 @@ def test_the_server_answers_a_folder_of_named_adapters_with_what_it_holds(made, 
         assert_error(status, body, 422, "invalid_adapter", ["adapter 'run'", "neg/, pos/", "give run/neg an entry"])
         status, body = call(server.url + "/v1/adapters", "POST", {"name": "nothing"})
         assert_error(status, body, 404, "unknown_adapter", ["no adapter 'nothing' in the adapter store"])
+
+
+def test_folders_holding_adapters_only_inside_them_are_said_at_start(made, tmp_path):
+    """Left out of the listing without a word, as folders with invalid names were (those are said at start too)."""
+    from bca_deploy.serving.http import build, startup_notes
+
+    store = tmp_path / "store"
+    shutil.copytree(made["store"], store)
+    shutil.copytree(made["store"] / "run" / "pos", store / "out" / "checkpoint-5")
+    shutil.copytree(made["store"] / "run" / "pos", store / "plain")  # an adapter: not said
+    notes = startup_notes(build(made["bank"], adapter_store=store, threads=1).state.server)
+    said = [n for n in notes if "hold adapters only in folders inside them" in n]
+    assert said == ["2 folder(s) of the adapter store hold adapters only in folders inside them (as PEFT saves adapters "
+                    "not named 'default', or a transformers Trainer its checkpoints), which no request can name: "
+                    "'out' (checkpoint-5/); 'run' (neg/, pos/); give each adapter to serve an entry of its own (move or "
+                    "link it into the store)"], notes
+    # done as it says: each adapter inside an entry of its own (a link), nothing left to say
+    (store / "neg").symlink_to("run/neg", target_is_directory=True)
+    (store / "pos").symlink_to("run/pos", target_is_directory=True)
+    shutil.move(store / "out" / "checkpoint-5", store / "checkpoint-5")
+    notes = startup_notes(build(made["bank"], adapter_store=store, threads=1).state.server)
+    assert not any("hold adapters only in folders" in n for n in notes), notes
