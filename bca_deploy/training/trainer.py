@@ -267,6 +267,47 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+#: Every field of ``train_result.json`` and what it must hold for a finished resume to print it (null allowed only
+#: where :class:`TrainResult` allows None).
+_RESULT_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "out_dir": lambda v: isinstance(v, str), "last_dir": lambda v: isinstance(v, str),
+    "best_dir": lambda v: v is None or isinstance(v, str), "step": _is_count, "metric": lambda v: isinstance(v, str),
+    "best_metric": lambda v: v is None or _is_number(v), "best_step": lambda v: v is None or _is_count(v),
+    "final_metrics": lambda v: v is None or (isinstance(v, dict) and all(map(_is_number, v.values()))),
+    "history": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+    **dict.fromkeys(("train_loss", "samples_per_second", "tokens_per_second", "train_seconds", "train_cpu_seconds"),
+                    _is_number),
+    "peak_memory_bytes": _is_count, "peak_memory_kind": lambda v: isinstance(v, str),
+    "trainable_parameters": lambda v: isinstance(v, dict) and all(_is_count(v.get(k)) for k in ("adapter", "head")),
+    "world_size": _is_count, "device": lambda v: isinstance(v, str), "precision": lambda v: isinstance(v, str),
+    "base_parameters": _is_count, "task": lambda v: v is None or isinstance(v, dict),
+    "recipe": lambda v: isinstance(v, str), "resumed_from": lambda v: v is None or _is_count(v),
+    "config": lambda v: isinstance(v, dict),
+}
+
+
+def _recorded_result(data: dict[str, Any], out: Path, step: int, evaluated: bool) -> TrainResult | None:
+    """``data`` (a ``train_result.json``) as the :class:`TrainResult` of the finished run in ``out`` at ``step``, or
+    None when it is not one: a field missing, unknown or of another type (a hand-edited file printed its strings as
+    numbers, or failed in the summary with a traceback), or paths and step other than this run's (a run moved to
+    another folder printed its old paths as the adapter to use)."""
+    if set(data) != set(_RESULT_FIELDS) or not all(ok(data[key]) for key, ok in _RESULT_FIELDS.items()):
+        return None
+    best = out / "best" if evaluated else None
+    if (data["out_dir"], data["last_dir"], data["best_dir"], data["step"]) != \
+            (str(out), str(out / "last"), None if best is None else str(best), step):
+        return None
+    return TrainResult(**{**data, "out_dir": out, "last_dir": out / "last", "best_dir": best})
+
+
 def _scale_by_block_size(model: nn.Module, adapter: str = "default") -> None:
     """Set each module's scale to its block size p (ΔW = p · B(w)), in the layers and in the recorded config."""
     import dataclasses as dc
@@ -455,13 +496,17 @@ class _TrainingRun:
                 "final adapter is the one an uninterrupted run gives)")
 
     def _finished_result(self) -> TrainResult | None:
-        """The result a finished run wrote, when ``--resume`` finds nothing left to do (None: none readable)."""
-        try:
-            data = json.loads((self.out / RESULT_FILE).read_text())
-            data.update(out_dir=Path(data["out_dir"]), last_dir=Path(data["last_dir"]),
-                        best_dir=Path(data["best_dir"]) if data.get("best_dir") else None)
-            result = TrainResult(**data)
-        except (OSError, ValueError, TypeError, KeyError):
+        """The result a finished run wrote, when ``--resume`` finds nothing left to do (None: none readable, or not
+        this run's: the caller then writes it again from the checkpoint, as it does for a missing one)."""
+        from ..config import read_json
+        from ..errors import BCAError
+
+        try:  # by the one JSON rule (a regular file within its bound): a link to /dev/zero was read until memory ran
+            data = read_json(self.out / RESULT_FILE, what="training result")  # out, a named pipe blocked for ever
+        except BCAError:
+            return None
+        result = _recorded_result(data, self.out, self.step, self.eval_data is not None)
+        if result is None:
             return None
         if self.d.is_main:
             print(f"note: {self.out} already reached step {self.step} (--max-steps {self.cfg.max_steps}): nothing to "

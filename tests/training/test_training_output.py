@@ -401,6 +401,67 @@ def test_resuming_a_finished_run_changes_nothing_and_says_so(files, earlier, cap
     assert "nothing to resume" in capsys.readouterr().err
 
 
+_RESUME_IN_A_CHILD = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a reader of /dev/zero fails here, not the machine
+sys.path.insert(0, sys.argv[1])
+from training_helpers import config
+from bca_deploy.training import train
+model, data, out = sys.argv[2:5]
+result = train(config(model, data, out, eval_data=data, max_steps=2, lr=1e-2, resume=True))
+print(json.dumps({"out_dir": str(result.out_dir), "step": result.step}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["named-pipe", "link-to-dev-zero"])
+def test_a_finished_runs_result_that_is_not_a_file_is_written_again_not_read(files, earlier, kind):
+    """--resume of a finished run read its train_result.json with read_text(): a named pipe there blocked it for ever,
+    a link to /dev/zero read until memory ran out (MemoryError at a 4 GB limit). It is read by the one JSON rule (a
+    regular file within its bound) and, not being one, written again from the checkpoint."""
+    out, before = earlier
+    result_file = out / "train_result.json"
+    result_file.unlink()
+    if kind == "named-pipe":
+        os.mkfifo(result_file)
+    else:
+        result_file.symlink_to("/dev/zero")
+    run = subprocess.run([sys.executable, "-c", _RESUME_IN_A_CHILD, str(Path(__file__).parent), str(files["bert"]),
+                          str(files["small"]), str(out)], capture_output=True, text=True, timeout=60,
+                         env=subprocess_env(), cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"out_dir": str(out), "step": 2}
+    assert result_file.is_file() and not result_file.is_symlink()
+    assert json.loads(result_file.read_text())["out_dir"] == str(out)
+    assert {k: v for k, v in tree(out).items() if k != "train_result.json"} == \
+        {k: v for k, v in before.items() if k != "train_result.json"}
+
+
+@pytest.mark.parametrize("edit", ["moved", "loss-a-string", "unknown-field"])
+def test_a_finished_runs_result_of_another_place_or_kind_is_written_again(files, earlier, edit):
+    """A train_result.json that is not this run's was printed as it stood: a run moved to another folder named its old
+    folder as the adapter to use next, and a hand-edited loss "0.5" failed in the summary with a traceback. Such a
+    record is written again from the checkpoint, with this run's paths."""
+    from bca_deploy.training.report import final_summary
+
+    out, _ = earlier
+    result_file = out / "train_result.json"
+    data = json.loads(result_file.read_text())
+    if edit == "moved":
+        data.update(out_dir="/elsewhere/run", last_dir="/elsewhere/run/last", best_dir="/elsewhere/run/best")
+    elif edit == "loss-a-string":
+        data["train_loss"] = "0.5"
+    else:
+        data["note"] = "mine"
+    result_file.write_text(json.dumps(data))
+    result = train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2,
+                          resume=True), on_step=_never)
+    assert (result.out_dir, result.last_dir, result.best_dir, result.step) == (out, out / "last", out / "best", 2)
+    summary = final_summary(result, files["bert"], files["small"])
+    assert f"adapter: {out / 'best'}" in summary and "/elsewhere" not in summary
+    rewritten = json.loads(result_file.read_text())
+    assert rewritten["out_dir"] == str(out) and isinstance(rewritten["train_loss"], float) and "note" not in rewritten
+
+
 def test_a_diverging_run_is_a_refused_input_not_a_bug(files, tmp_path):
     from bca_deploy.errors import BCAError
     from bca_deploy.training import TrainingDivergedError
