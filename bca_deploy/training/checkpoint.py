@@ -21,14 +21,15 @@ import fcntl
 import os
 import random
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from ..atomic import atomic_dir, check_target, recover, write_dir
-from ..errors import first_line, format_problems
+from ..errors import first_line, format_problems, open_regular
 from .errors import CheckpointError, TrainingConfigError
 
 __all__ = [
@@ -267,20 +268,49 @@ _STATE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
 }
 
 
+def _archive_problem(handle: BinaryIO) -> str | None:
+    """Why the open ``handle`` is not a zip archive as ``torch.save`` writes it (None: it is one), from its directory
+    alone: every member stored as it is, and no more bytes in them than the file holds. ``torch.load`` expands a
+    compressed member in memory whatever the tensor it holds declares: a 973 KB file of one deflated 1 GB member took
+    1.2 GB to load before any check (``weights_only`` stops code, not size). The handle is left at its start."""
+    size = os.fstat(handle.fileno()).st_size
+    try:
+        with zipfile.ZipFile(handle) as archive:  # a passed handle stays open
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        return f"not a zip archive as torch.save writes ({first_line(exc)})"
+    finally:
+        handle.seek(0)
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED or member.file_size != member.compress_size:
+            return (f"member {member.filename[:200]!r} is compressed ({member.compress_size:,} bytes that expand to "
+                    f"{member.file_size:,}); torch.save stores every member as it is")
+    if sum(m.file_size for m in members) > size:
+        return f"its members claim more bytes than the file's {size:,}"
+    return None
+
+
 def load_state(directory: Path) -> dict[str, Any]:
     """Read and check ``directory/trainer_state.pt``.
 
     Raises:
-        CheckpointError: the file is missing, not a torch checkpoint, holds something other than plain
-            data (``weights_only`` refuses it), or lacks an entry the trainer needs.
+        CheckpointError: the file is missing, not a regular file, not a zip archive as torch.save writes it (a
+            compressed member is refused before anything is expanded: :func:`_archive_problem`), holds something
+            other than plain data (``weights_only`` refuses it), or lacks an entry the trainer needs.
     """
     path = directory / STATE_FILE
     fix = "pass --overwrite to start the run over (the damaged checkpoint is replaced only once the new run " \
           "has written its first one)"
     if not path.is_file():
         raise CheckpointError(f"{path}: no trainer state to resume from; {fix}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # opened once, as a regular file without blocking (a named pipe swapped in since the look is refused)
+        with open_regular(path) as handle:
+            problem = _archive_problem(handle)
+            if problem:
+                raise CheckpointError(f"{path}: cannot read the trainer state ({problem}); {fix}")
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... for a damaged file
         raise CheckpointError(f"{path}: cannot read the trainer state ({first_line(exc)}); {fix}") from None
     if not isinstance(state, dict):

@@ -109,7 +109,7 @@ def test_resume_with_nothing_to_resume_says_what_is_missing(files, tmp_path, ear
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-mapping", "missing-key", "wrong-shape",
-                                    "optimizer-shape", "history-records"])
+                                    "optimizer-shape", "history-records", "deflated"])
 def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
     out, _ = earlier
     state_path = out / "last" / "trainer_state.pt"
@@ -118,6 +118,14 @@ def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
         state_path.write_bytes(raw[: len(raw) // 2])
     elif damage == "garbage":
         state_path.write_bytes(b"\x00\x01not a checkpoint" * 10)
+    elif damage == "deflated":  # torch.load expands a deflated member whatever it declares: 973 KB of one 1 GB
+        import zipfile           # member took 1.2 GB to read (helper-146); torch.save stores members as they are
+
+        with zipfile.ZipFile(state_path) as archive:
+            members = [(m.filename, archive.read(m)) for m in archive.infolist()]
+        with zipfile.ZipFile(state_path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members:
+                archive.writestr(name, data)
     else:
         state = torch.load(state_path, weights_only=True)
         if damage == "not-a-mapping":
@@ -138,7 +146,8 @@ def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
     match = {"truncated": "cannot read the trainer state", "garbage": "cannot read the trainer state",
              "not-a-mapping": "expected a mapping", "missing-key": "'optimizer' is missing",
              "wrong-shape": "does not fit this run", "optimizer-shape": r"optimizer state '\w+' .* shape \(7,\)",
-             "history-records": "history entry 0 is not an evaluation record"}[damage]
+             "history-records": "history entry 0 is not an evaluation record",
+             "deflated": r"cannot read the trainer state \(member '.*' is compressed .* torch.save stores"}[damage]
     with pytest.raises(CheckpointError, match=match) as info:
         train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2,
                      resume=True), on_step=_never)
