@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import csv
 import errno
+import io
 import json
 import math
 import os
@@ -43,12 +44,12 @@ import stat
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 import torch
 
 from ..config import MAX_NUM_LABELS, DuplicateKeyError, parse_json_value, text_pair_mismatch, unique_key_object
-from ..errors import AdapterFormatError, first_line, format_problems
+from ..errors import AdapterFormatError, first_line, format_problems, open_regular
 from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
 # the chat rules serve and training share (serving.tools imports no pydantic, no onnxruntime)
@@ -174,16 +175,26 @@ def read_records(path: str | Path, keep: Collection[str] | None = None, nested: 
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
 
+def _open_text(path: Path, newline: str | None = None) -> TextIO:
+    """``path`` open as UTF-8 text (a byte-order mark skipped) once it is known to be a regular file
+    (:func:`~bca_deploy.errors.open_regular`): :func:`read_records` looks at the path first, and a named pipe put
+    there since was opened and waited on for ever (a device read on and on)."""
+    return io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline=newline)
+
+
 def _not_utf8(path: Path) -> str:
     """Where the first byte that is not UTF-8 is: found by decoding the file line by line."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                byte = raw[exc.start]
-                return (f"{path}: line {number} is not UTF-8 text (byte 0x{byte:02x} at column {exc.start + 1}); "
-                        "save the file as UTF-8")
+    try:
+        with open_regular(path) as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    byte = raw[exc.start]
+                    return (f"{path}: line {number} is not UTF-8 text (byte 0x{byte:02x} at column {exc.start + 1}); "
+                            "save the file as UTF-8")
+    except OSError as exc:  # replaced since it was read
+        return f"{path}: the file is not UTF-8 text ({exc.strerror or exc} when read again); save it as UTF-8"
     return f"{path}: the file is not UTF-8 text; save it as UTF-8"
 
 
@@ -300,7 +311,7 @@ def _read_rows(path: Path, kind: str, keep: Collection[str] | None, quoted: bool
     quote_opens = False
     # utf-8-sig: a byte-order mark (as some editors write) is not part of the first column's name
     example = "sentence\tlabel" if kind == "tsv" else "sentence,label"  # a header, for messages
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    with _open_text(path, newline="") as f:
         # bounded before csv reads it: a file with no line break (a sparse file of zeros) was read whole as one column
         # name and put into the messages (a 300 MB file peaked at 5.6 GB before its refusal)
         if len(f.readline(MAX_HEADER_CHARS + 2).rstrip("\r\n")) > MAX_HEADER_CHARS:
@@ -401,7 +412,7 @@ def _read_jsonl(path: Path, keep: Collection[str] | None = None,
     """One JSON object per line of ``path`` (each with only the keys in ``keep``, when given)."""
     problems: list[str] = []
     records, lines, columns = [], [], {}
-    with path.open(encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         for number, raw in enumerate(iter(lambda: f.readline(MAX_FIELD_CHARS + 1), ""), start=1):
             if len(raw) > MAX_FIELD_CHARS:  # read in bounded pieces: one 300 MB line took 1 GB to refuse
                 problems.append(f"line {number}: {_TOO_LONG}")
@@ -444,7 +455,8 @@ def _read_json(path: Path, keep: Collection[str] | None = None,
     (pretty-printed) is refused in one line saying which layouts are read, not with a problem per line.
     """
     if _first_json_character(path) == "[":  # an array is parsed whole
-        text = path.read_text(encoding="utf-8-sig")
+        with _open_text(path) as f:
+            text = f.read()
         return _read_json_array(path, text, _JSON_SPACE.match(text).end(), keep)
     try:
         # read line by line, as a .jsonl file: a .json file read whole first took 2.8 GB and 39 s to refuse a
@@ -453,7 +465,8 @@ def _read_json(path: Path, keep: Collection[str] | None = None,
     except DataError:
         if path.stat().st_size > MAX_FIELD_CHARS:  # too large to read whole for a better message
             raise
-        text = path.read_text(encoding="utf-8-sig")
+        with _open_text(path) as f:
+            text = f.read()
         start = _JSON_SPACE.match(text).end()
         try:
             whole = json.loads(text)
@@ -502,7 +515,7 @@ def _refuse_a_table_in_one_object(path: Path, obj: dict[str, Any], line: int) ->
 
 def _first_json_character(path: Path) -> str:
     """The first character of ``path`` past JSON whitespace ('' for none), read a piece at a time."""
-    with path.open(encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         while piece := f.read(1 << 16):
             text = piece.lstrip(" \t\n\r")
             if text:
@@ -721,7 +734,7 @@ def _read_parquet(path: Path, keep: Collection[str] | None, nested: Collection[s
     # One open file for every read (the frame, the footer, the rows), the footer read once: a file replaced between
     # them (written to a temporary name and renamed over, as pipelines and pyarrow's own writers of data sets do) was
     # read as the old footer over the new rows, and a column the new file lacks was a KeyError traceback.
-    with path.open("rb") as handle:
+    with open_regular(path) as handle:
         return _read_parquet_file(path, handle, keep, nested)
 
 

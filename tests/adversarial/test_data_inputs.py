@@ -8,6 +8,8 @@ classes are checked when training starts: tests/training.)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,3 +80,32 @@ def test_byte_order_mark_is_accepted(tmp_path):
     jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"sentence": s, "label": y})
                                                 for s, y in (("good", 1), ("bad", 0))).encode())
     assert list(load_seq_cls(jsonl).labels) == [1, 0]
+
+
+def test_a_named_pipe_put_in_place_of_a_data_file_after_the_look_is_refused_not_waited_on(tmp_path):
+    """read_records looks at the path (a regular file?) and its reader then opens it again: a named pipe put there in
+    between blocked train and evaluate for ever, in every format. The swap is simulated by a first look that says "a
+    file"; each reader must then refuse the pipe, in a bounded time."""
+    pipes = []
+    for suffix in (".tsv", ".csv", ".jsonl", ".json", ".parquet"):
+        pipes.append(tmp_path / f"data{suffix}")
+        os.mkfifo(pipes[-1])
+    code = (
+        "import pathlib, sys\n"
+        "pipes = sys.argv[1:]\n"
+        "looked = pathlib.Path.is_file\n"
+        "pathlib.Path.is_file = lambda self: True if str(self) in pipes else looked(self)\n"
+        "from bca_deploy.training.data import read_records\n"
+        "from bca_deploy.errors import BCAError\n"
+        "for pipe in pipes:\n"
+        "    try:\n"
+        "        read_records(pathlib.Path(pipe))\n"
+        "    except BCAError as exc:\n"
+        "        print('refused:', exc, flush=True)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, *map(str, pipes)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for pipe in pipes:
+        assert f"refused: {pipe}: cannot read the file (a named pipe (FIFO), not a regular file)" in run.stdout, \
+            (pipe, run.stdout)
+    count("train data reader")
