@@ -753,6 +753,16 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
             raise CheckpointFormatError(f"{index_path}: shard names must be plain file names, got {str(bad[:3])[:300]}")
         shards = sorted(set(weight_map.values()))
     else:
+        there = [p for p in (single, index_path) if os.path.lexists(p)]
+        if there:  # a FIFO, a device, a directory, a link to nothing: said as what it is, not taken for absent (the
+            # message said "no model.safetensors ...; it has model.safetensors: convert the checkpoint to safetensors")
+            def what(path: Path) -> str:
+                why = why_not_readable(path)
+                return f"a symbolic link that leads to no file ({why})" if not path.exists() else why
+
+            raise CheckpointFormatError("; ".join(
+                f"{p}: {what(p)}, expected {'a safetensors file' if p == single else 'a JSON index of shards'}"
+                for p in there))
         others = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
         hint = adapter_as_model_hint(model_dir) or ((
             f"; it has {', '.join(others)}: convert the checkpoint to safetensors first "

@@ -132,7 +132,7 @@ BROKEN: dict[str, tuple[bool, Callable[[Path], None], str]] = {
                                                           "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}),
                               "contiguous"),
     "shard-is-directory": (False, lambda d: ((d / "model.safetensors").unlink(), (d / "model.safetensors").mkdir()),
-                           "no model.safetensors"),
+                           "model.safetensors: a directory, not a regular file, expected a safetensors file"),
     "weights-pickle-only": (False, _pickle_only, "convert the checkpoint to safetensors"),
     # other files are copied: a link to a device was copied until the disk was full; a named pipe waited forever
     "other-file-links-to-dev-zero": (False, lambda d: (d / "notes.txt").symlink_to("/dev/zero"), "a character device, not a regular file (through a link)"),

@@ -189,6 +189,31 @@ def test_a_config_json_there_but_not_a_file_is_refused_by_merge_not_called_absen
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind, said", [("dangling-link", "a symbolic link that leads to no file"),
+                                        ("fifo", "a named pipe (FIFO), not a regular file"),
+                                        ("dev-zero", "a character device, not a regular file")])
+def test_weights_there_but_not_a_file_are_refused_by_merge_as_what_they_are(made, tmp_path, kind, said):
+    """A model.safetensors that is a pipe, a device or a link to nothing (a cache's missing blob) was said to be absent
+    and present at once: "no model.safetensors or model.safetensors.index.json; it has model.safetensors: convert the
+    checkpoint to safetensors first". It is named as what it is."""
+    from bca_deploy.merge import merge_checkpoint
+
+    model_dir = _copy(made, "single", tmp_path)
+    weights = model_dir / "model.safetensors"
+    weights.unlink()
+    if kind == "fifo":
+        os.mkfifo(weights)
+    else:
+        weights.symlink_to(tmp_path / "gone" if kind == "dangling-link" else "/dev/zero")
+    with pytest.raises(CheckpointFormatError) as caught:
+        merge_checkpoint(model_dir, [(made / "adapter", 1.0)], tmp_path / "out", progress=False)
+    assert str(caught.value).startswith(f"{weights}: {said}") and "expected a safetensors file" in str(caught.value) \
+        and "convert" not in str(caught.value), str(caught.value)
+    assert not (tmp_path / "out").exists()
+    result = _run(["merge", "--model", str(model_dir), "--adapter", str(made / "adapter"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"Error: {weights}: {said}" in result.output, result.output
+
+
 def test_a_config_transformers_cannot_build_is_merged_with_a_warning(made, tmp_path):
     from bca_deploy.merge import merge_checkpoint
 
