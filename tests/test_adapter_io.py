@@ -392,6 +392,20 @@ def test_a_tensor_the_config_has_no_place_for_is_refused_unread(bert_adapter, mo
         bd.read_adapter(bad)
 
 
+def test_many_empty_tensors_the_config_has_no_place_for_are_refused_unread(bert_adapter, monkeypatch):
+    """An empty tensor declares 0 bytes, which was taken as fitting its room of 0: 240,000 of them (a 16 MB header)
+    were all read, taking 52.8 s and 711 MB to refuse. Each tensor with no place now counts what reading it costs."""
+    good, tensors = bert_adapter
+    bad = _copy(good, "bad")
+    _rewrite(bad, {**tensors, **{f"junk.{i}": torch.zeros(0) for i in range(5_000)}})
+    _no_data_read(monkeypatch)
+    with pytest.raises(AdapterFormatError) as refused:
+        bd.read_adapter(bad)
+    message = str(refused.value)
+    assert "refused before reading any tensor data" in message and \
+        "tensor junk.0: declares F32 [0], 0 bytes; unexpected (not a kernel" in message and "and 4950 more" in message
+
+
 def test_small_misfits_are_still_read_and_listed_with_every_other_problem(bert_adapter):
     """Misfits of a few bytes are read, so that the usual check lists them with the rest (values included)."""
     good, tensors = bert_adapter
