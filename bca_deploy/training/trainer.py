@@ -323,7 +323,8 @@ def _scale_by_block_size(model: nn.Module, adapter: str = "default") -> None:
 
 def _optimizer_state_problems(opt: torch.optim.Optimizer) -> list[str]:
     """Where a restored optimizer's per-parameter state does not fit its parameters (a tensor of another shape, as
-    a hand-edited or foreign ``trainer_state.pt`` holds): torch loads it as given and fails at the first step."""
+    a hand-edited or foreign ``trainer_state.pt`` holds: torch loads it as given and fails at the first step) or
+    holds NaN/Inf (the run went on and was said to diverge)."""
     problems = []
     for g, group in enumerate(opt.param_groups):
         for i, param in enumerate(group["params"]):
@@ -331,6 +332,9 @@ def _optimizer_state_problems(opt: torch.optim.Optimizer) -> list[str]:
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
                     problems.append(f"optimizer state {key!r} of parameter {i} of group {g} has shape "
                                     f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+                elif isinstance(value, torch.Tensor) and value.is_floating_point() and \
+                        not bool(torch.isfinite(value).all()):  # trained on, then blamed on the learning rate
+                    problems.append(f"optimizer state {key!r} of parameter {i} of group {g} holds NaN/Inf values")
     return problems
 
 
@@ -898,6 +902,16 @@ class _TrainingRun:
             problems += [f"{n}: trained by this run, missing from the checkpoint" for n in params if n not in saved_params]
             problems += [f"{n}: shape {tuple(t.shape)} in the checkpoint, {tuple(params[n].shape)} here"
                          for n, t in saved_params.items() if n in params and t.shape != params[n].shape]
+            # values no run writes: integers were cast into the parameters silently (kernels truncated to whole
+            # numbers, the run went on), NaN/Inf trained on and was then blamed on the learning rate ("diverged")
+            damaged = [f"{n}: {t.dtype}, expected floating-point values"
+                       for n, t in saved_params.items() if not t.is_floating_point()]
+            damaged += [f"{n}: holds NaN/Inf values" for n, t in saved_params.items()
+                        if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if damaged:
+                raise CheckpointError(format_problems(
+                    f"{last / STATE_FILE}: the trainer state is damaged; pass --overwrite to start the run over:",
+                    damaged))
             if problems:
                 raise CheckpointError(format_problems(
                     f"{last / STATE_FILE} does not fit this run (resume with the options it was written with, or "

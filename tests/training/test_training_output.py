@@ -109,7 +109,8 @@ def test_resume_with_nothing_to_resume_says_what_is_missing(files, tmp_path, ear
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-mapping", "missing-key", "wrong-shape",
-                                    "optimizer-shape", "history-records", "deflated"])
+                                    "optimizer-shape", "history-records", "deflated", "kernel-nan",
+                                    "kernel-integers", "optimizer-nan"])
 def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
     out, _ = earlier
     state_path = out / "last" / "trainer_state.pt"
@@ -138,6 +139,15 @@ def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
             slot[key] = torch.zeros(7)
         elif damage == "history-records":  # a list, but not of records: a KeyError at the first save (exit 70)
             state["history_json"] = "[{}, {}]"
+        elif damage in ("kernel-nan", "kernel-integers"):  # trained on and blamed on the learning rate ("diverged"),
+            name = next(iter(state["trainable"]))           # or cast into the kernels silently (truncated)
+            kernel = state["trainable"][name]
+            state["trainable"][name] = torch.full_like(kernel, float("nan")) if damage == "kernel-nan" \
+                else (kernel * 100).to(torch.int64)
+        elif damage == "optimizer-nan":
+            slot = next(iter(state["optimizer"]["state"].values()))
+            key = next(k for k, v in slot.items() if v.dim() > 0)
+            slot[key] = torch.full_like(slot[key], float("inf"))
         else:
             name = next(iter(state["trainable"]))
             state["trainable"][name] = torch.zeros(3)
@@ -147,7 +157,10 @@ def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
              "not-a-mapping": "expected a mapping", "missing-key": "'optimizer' is missing",
              "wrong-shape": "does not fit this run", "optimizer-shape": r"optimizer state '\w+' .* shape \(7,\)",
              "history-records": "history entry 0 is not an evaluation record",
-             "deflated": r"cannot read the trainer state \(member '.*' is compressed .* torch.save stores"}[damage]
+             "deflated": r"cannot read the trainer state \(member '.*' is compressed .* torch.save stores",
+             "kernel-nan": r"the trainer state is damaged; .*\n  - .*bca_kernels.default: holds NaN/Inf values",
+             "kernel-integers": r"the trainer state is damaged; .*\n  - .*: torch.int64, expected floating-point",
+             "optimizer-nan": r"optimizer state '\w+' of parameter 0 of group 0 holds NaN/Inf values"}[damage]
     with pytest.raises(CheckpointError, match=match) as info:
         train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2,
                      resume=True), on_step=_never)
