@@ -338,6 +338,10 @@ def base_head(model_config: Any, model: nn.Module | None) -> BaseHead:
     return BaseHead(trained, num, names, architectures[0] if architectures else None)
 
 
+#: The safetensors dtypes of the trainable tensors a head-only/custom run may have saved.
+_FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
+
+
 def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> set[str]:
     """Apply what :func:`train` saved: a BCA adapter, or the trainable parameters (head-only/custom).
 
@@ -353,18 +357,31 @@ def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> set[str]:
     if not path.is_file():
         raise TrainingConfigError(f"{adapter_dir}: neither adapter_config.json nor {TRAINABLE_FILE} found")
     from ..adapter_io import load_safetensors
-    from ..errors import AdapterMismatchError
+    from ..errors import AdapterMismatchError, CheckpointFormatError
+    from ..merge import read_safetensors_header
 
+    try:  # the one header rule (offsets, sizes, the file's length), then names, shapes and dtypes, before any data:
+        header = read_safetensors_header(path)  # a tensor declared larger than its parameter was read whole first
+    except CheckpointFormatError as exc:
+        raise TrainingConfigError(str(exc)) from None
+    params = dict(model.named_parameters())
+    problems = [f"{t.name}: no such parameter in {type(model).__name__}" for t in header.tensors
+                if t.name not in params]
+    problems += [f"{t.name}: shape {t.shape}, the model's is {tuple(params[t.name].shape)}"
+                 for t in header.tensors if t.name in params and tuple(params[t.name].shape) != t.shape]
+    # what train writes: its parameters' floating-point values (integers were cast in silently, truncated)
+    problems += [f"{t.name}: dtype {t.dtype}, expected floating-point values (F32, F16, BF16 or F64)"
+                 for t in header.tensors if t.dtype not in _FLOAT_DTYPES]
+    if problems:
+        raise AdapterMismatchError(format_problems(f"{path} does not fit the model:", problems))
     try:
         state, _ = load_safetensors(path)
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise TrainingConfigError(f"{path}: cannot read safetensors file ({exc})") from None
-    params = dict(model.named_parameters())
-    problems = [f"{k}: no such parameter in {type(model).__name__}" for k in state if k not in params]
-    problems += [f"{k}: shape {tuple(t.shape)}, the model's is {tuple(params[k].shape)}"
-                 for k, t in state.items() if k in params and params[k].shape != t.shape]
-    if problems:
-        raise AdapterMismatchError(format_problems(f"{path} does not fit the model:", problems))
+    nonfinite = [k for k, t in state.items() if not bool(torch.isfinite(t).all())]
+    if nonfinite:  # evaluated as given, they printed a NaN loss beside an accuracy
+        raise TrainingConfigError(format_problems(f"{path}: tensors holding NaN/Inf values (a damaged checkpoint):",
+                                                  nonfinite))
     with torch.no_grad():
         for key, tensor in state.items():
             params[key].copy_(tensor.to(params[key].dtype))

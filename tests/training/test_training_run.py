@@ -318,6 +318,50 @@ def test_a_head_only_run_with_a_new_head_of_another_size_is_evaluated_from_its_r
         bd.read_adapter(bd.config.run_adapter_dir(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("damage", ["nan", "integers", "declared-larger"])
+def test_a_head_only_checkpoint_with_values_no_run_writes_is_refused_by_evaluate(files, tmp_path, monkeypatch, damage):
+    """evaluate restored a head-only run's trainable tensors as given: NaN weights printed a NaN loss beside an
+    accuracy, integer ones were cast in silently (truncated: another loss), and a tensor declared larger than its
+    parameter was read whole before its shape was compared. Names, shapes and dtypes are checked from the header,
+    before any data is read; NaN/Inf is refused once read."""
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    import bca_deploy.adapter_io as adapter_io
+    from bca_deploy.config import TRAINABLE_FILE
+    from bca_deploy.errors import BCAError
+
+    run = train(config(files["bert"], files["small"], tmp_path / "run", method="head-only", lr=1e-2, head_lr=1e-2,
+                       max_steps=1))
+    path = run.last_dir / TRAINABLE_FILE
+    state = load_file(path)
+    if damage == "declared-larger":  # a sparse file: 1 GiB declared, nothing on disk
+        rows = 2**23
+        header = json.dumps({"classifier.weight": {"dtype": "F32", "shape": [rows, 32],
+                                                   "data_offsets": [0, rows * 32 * 4]}}).encode()
+        header += b" " * (-len(header) % 8)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            f.truncate(8 + len(header) + rows * 32 * 4)
+
+        def refuse(p):
+            raise AssertionError(f"{p}: tensor data read")
+
+        monkeypatch.setattr(adapter_io, "load_safetensors", refuse)
+        needle = f"classifier.weight: shape ({rows}, 32), the model's is (2, 32)"
+    else:
+        weight = state["classifier.weight"]
+        state["classifier.weight"] = torch.full_like(weight, float("nan")) if damage == "nan" \
+            else (weight * 100).to(torch.int64)
+        save_file(state, path)
+        needle = "tensors holding NaN/Inf values (a damaged checkpoint):\n  - classifier.weight" if damage == "nan" \
+            else "classifier.weight: dtype I64, expected floating-point values"
+    with pytest.raises(BCAError) as refused:
+        _evaluate(files["bert"], run.last_dir, files["small"])
+    assert str(refused.value).startswith(str(path)) and needle in str(refused.value), str(refused.value)
+
+
 def test_prepared_peft_model(files, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
