@@ -938,7 +938,7 @@ class DecodeBatch:
             job.live = list(range(len(rows)))
             for i in list(job.running):
                 try:
-                    self.session.pad_ids([rows[i].prompt], side="left")
+                    self.session.check_ids([rows[i].prompt])
                 except Exception as exc:  # noqa: BLE001 - this row fails alone
                     job.fail(i, exc)
             job.running = [i for i in job.running if i not in job.failures]

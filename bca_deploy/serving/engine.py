@@ -607,7 +607,7 @@ class GenerationEngine:
         if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
             raise ServingError(f"the prompt must be a list of token ids, got {type(prompt_ids).__name__}")
         prompt = list(prompt_ids)
-        self.session.pad_ids([prompt])  # every row needs a token; ids must be integers inside the vocabulary
+        self.session.check_ids([prompt])  # every row needs a token; ids must be integers inside the vocabulary
         prompt = [int(t) for t in prompt]
         if adapter is not None and adapter != BASE and adapter not in self.session.snapshot().slots:
             raise not_loaded(adapter)

@@ -696,6 +696,29 @@ def test_backpressure_refuses_beyond_the_queue_bound(llama):
     assert [v["reason"] for v in gate.of("rejected")] == ["queue full"]
 
 
+def test_check_refuses_bad_prompts_without_padding_them(llama, monkeypatch):
+    """``GenerationEngine.check`` runs on the event loop for every request (``submit``): it refuses an empty prompt
+    and ids that are not integers inside the vocabulary with the session's own messages
+    (``MultiAdapterSession.check_ids``, the rule ``pad_ids`` applies), and pads nothing: it padded each prompt into
+    arrays (ids, mask, positions) only to check it, 4x the cost of the check, on the loop that serves every stream."""
+    session = MultiAdapterSession(llama["onnx"])
+    engine = GenerationEngine(session)
+    params = SamplingParams(max_new_tokens=4)
+
+    def padded(*args, **kwargs):
+        raise AssertionError("check padded the prompt")
+
+    monkeypatch.setattr(session, "pad_ids", padded)
+    vocab = session.vocabulary
+    assert engine.check((5, np.int64(7), 9), "a0", params) == [5, 7, 9]
+    with pytest.raises(ServingError, match="every row needs at least one token"):
+        engine.check([], "a0", params)
+    with pytest.raises(ServingError, match=rf"token ids must be integers in \[0, {vocab}\); got \[{vocab}, -1\]"):
+        engine.check([3, vocab, -1], "a0", params)
+    with pytest.raises(ServingError, match=r"token ids must be integers .*got \[1.5\]"):
+        engine.check([3, 1.5], "a0", params)
+
+
 def picky_session(llama) -> MultiAdapterSession:
     """A session whose graph refuses (simulated) any prompt run holding token 99, and adapter a2 at a decoding step."""
     session = MultiAdapterSession(llama["onnx"])
