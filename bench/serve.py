@@ -589,6 +589,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-repeats", type=int, default=2, help="times each level runs (schedulers alternate)")
     parser.add_argument("--gen-max-batch-rows", type=int, default=32, help="rows per batch, both schedulers")
     parser.add_argument("--gen-check", type=int, default=4, help="requests checked against PyTorch per model")
+    parser.add_argument("--gen-no-spin", action="store_true",
+                        help="the decoders' sessions, both schedulers', with onnxruntime's intra-op threads sleeping "
+                             "between runs (serve --no-spin) instead of spinning (onnxruntime's default)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:

@@ -459,8 +459,9 @@ def run(args, work: Path) -> dict[str, Any]:
                             "validation_max_abs_diff": art["validation_max_abs_diff"], **MODELS[kind]})
         print(f"    exported in {art['export_s']:.0f} s (validation max |diff| {art['validation_max_abs_diff']})",
               flush=True)
-        engine_session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
-        batch_session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads)
+        spin = not args.gen_no_spin
+        engine_session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads, spin=spin)
+        batch_session = MultiAdapterSession(art["onnx"], intra_op_threads=args.threads, spin=spin)
         meters = {CONTINUOUS: RunMeter(engine_session), REQUEST_LEVEL: RunMeter(batch_session)}
         vocab = MODELS[kind]["vocab_size"]
         steps: list[dict] = []
@@ -632,7 +633,9 @@ measured on it), **heavy-tail** a log-normal of median {HEAVY_TAIL["median"]} an
 in [{args.gen_new[0]}, {HEAVY_TAIL["cap"]}] (many short answers, a few long ones, as chat traffic; for comparison: its
 ratio is not the goal); adapters uniform over {args.gen_adapters};
 `max_batch_rows` {args.gen_max_batch_rows} for every scheduler; request-level `max_wait_ms` {args.max_wait_ms};
-onnxruntime CPU, {args.threads} intra-op threads; clients are asyncio tasks in the benchmark process (no HTTP).
+onnxruntime CPU, {args.threads} intra-op threads, {"sleeping" if args.gen_no_spin else "spinning"}
+between runs{" (`--gen-no-spin`)" if args.gen_no_spin else " (onnxruntime's default)"}; clients are
+asyncio tasks in the benchmark process (no HTTP).
 
 - **continuous**: `GenerationEngine`; rows join at the next step, leave when done; clients read streams.
 - **request-level (today)**: what `/v1/generate` did before the engine: a batch forms (requests within
