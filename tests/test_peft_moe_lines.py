@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import warnings
 
-import pytest
 import torch
 import transformers
 from peft import C3AConfig, PeftModel, get_peft_model
 
-from bca_deploy.errors import AdapterFormatError, AdapterMismatchError
-from bca_deploy.merge import merge_checkpoint
 from bca_deploy.models import load_model
+from line_helpers import load_and_merge_refusals
 from test_merge_moe import CONFIGS, IDS, close
 
 FIVE = int(transformers.__version__.split(".")[0]) >= 5
@@ -67,12 +65,7 @@ def test_a_5x_peft_moe_adapter_gives_pefts_numbers_on_5x_and_is_refused_on_4x_na
         return
     # PEFT on 4.x: every routed expert's gate_proj adapted with a kernel the file does not hold
     assert "mlp.experts.0.gate_proj" in missing and "shared_expert" not in missing, missing
-    for what, run in (("load_model", lambda: load_model(base, [adapter])),
-                      ("merge", lambda: merge_checkpoint(base, [(adapter, 1.0)], tmp_path / "merged",
-                                                         progress=False))):
-        with pytest.raises((AdapterFormatError, AdapterMismatchError)) as caught:
-            run()
-        message = str(caught.value)
+    for what, message in load_and_merge_refusals(base, adapter, tmp_path / "merged").items():
         for needle in ("8 modules (model.layers.0.mlp.experts.0.gate_proj", "routed experts' Linears the config "
                        "adapts (target_modules ['gate_proj', 'q_proj'])", "only for other layers of those names "
                        "(model.layers.0.mlp.shared_expert.gate_proj", "made with transformers 5.x, which fuses the "
@@ -80,4 +73,3 @@ def test_a_5x_peft_moe_adapter_gives_pefts_numbers_on_5x_and_is_refused_on_4x_na
                        "target_modules by paths no expert's ends with (shared_expert.gate_proj)"):
             assert needle in message, (what, needle, message)
         assert message.count("experts.") < 12, message  # one line for the experts, not one per expert
-    assert not (tmp_path / "merged").exists()

@@ -13,14 +13,13 @@ same kernels), then ``target_modules`` as the user gave it. Tiny random model fr
 
 import json
 
-import pytest
 import torch
 import transformers
 from peft import C3AConfig, PeftModel, get_peft_model
 
-from bca_deploy.errors import AdapterFormatError, AdapterMismatchError
 from bca_deploy.merge import merge_checkpoint
 from bca_deploy.models import load_model
+from line_helpers import load_and_merge_refusals
 
 FIVE = int(transformers.__version__.split(".")[0]) >= 5
 IDS = torch.randint(5, 90, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -65,12 +64,7 @@ def test_a_5x_peft_adapter_naming_embed_out_gives_pefts_numbers_on_5x_and_on_4x_
         _close(_logits(transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "merged").eval()), trained)
         return
     assert not torch.allclose(_logits(peft), trained, rtol=1e-3)  # PEFT on 4.x: embed_out with a random kernel
-    for what, run in (("load_model", lambda: load_model(base, [adapter])),
-                      ("merge", lambda: merge_checkpoint(base, [(adapter, 1.0)], tmp_path / "merged",
-                                                         progress=False))):
-        with pytest.raises((AdapterFormatError, AdapterMismatchError)) as caught:
-            run()
-        message = str(caught.value)
+    for what, message in load_and_merge_refusals(base, adapter, tmp_path / "merged").items():
         for needle in ("module embed_out: the config adapts it (target_modules ['embed_out', 'query_key_value']), "
                        "but the file has no kernel for it", "It is this model's output layer, which transformers 5.x "
                        "names lm_head as it loads the checkpoint: the adapter was made with transformers 5.x, where "
@@ -78,7 +72,6 @@ def test_a_5x_peft_adapter_naming_embed_out_gives_pefts_numbers_on_5x_and_on_4x_
                        "made with); on transformers 4.", "remove 'embed_out' from target_modules to apply the trained "
                        "modules alone"):
             assert needle in message, (what, needle, message)
-    assert not (tmp_path / "merged").exists()
     # as the message says: the trained numbers, which PEFT on 4.x gives too once the config names them
     path = adapter / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": ["query_key_value"]}))
