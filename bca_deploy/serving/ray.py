@@ -393,6 +393,8 @@ class _Outbox:
         self._room = asyncio.Event()  # some were taken, or nobody will take more
         self._closed = False  # the app is done: nothing more comes
         self._gone = False  # nobody takes more (the consumer left, or the answer was cut): sends are dropped
+        # the response was sent whole, or nobody takes more: the app's receive() answers http.disconnect from then on
+        self.over = asyncio.Event()
 
     async def send(self, message: dict) -> None:
         """The app's ASGI ``send``: waits while more than the limit is held (dropped once nobody takes more, as a
@@ -400,7 +402,10 @@ class _Outbox:
         if self._gone:
             return
         self._messages.append(message)
-        self.held += len(message.get("body", b"")) if message["type"] == "http.response.body" else 0
+        if message["type"] == "http.response.body":
+            self.held += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.over.set()
         self.peak = max(self.peak, self.held)
         self._ready.set()
         while self.held > self._limit and not self._gone:
@@ -429,6 +434,7 @@ class _Outbox:
         """The consumer is gone: a send waiting for room returns, later ones are dropped."""
         self._gone = True
         self._room.set()
+        self.over.set()
 
     def buffered(self) -> int:
         """Bytes the app sent past what the connection takes at once: its send waits for them (a transport's buffer)."""
@@ -459,13 +465,14 @@ async def _call_asgi(app, method: str, path: str, query: bytes, headers, body: b
              "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {},
              "extensions": {WRITE_WATCH: outbox}}
     delivered = asyncio.Event()
-    done = asyncio.Event()
 
     async def receive():
         if not delivered.is_set():
             delivered.set()
             return {"type": "http.request", "body": body, "more_body": False}
-        await done.wait()  # the response was consumed (or abandoned): the client is gone
+        # once the response is whole (or nobody takes more), as uvicorn answers: this generator now runs to the end of
+        # the app's task, so an app awaiting receive() after its response (legal ASGI) would otherwise hold it for ever
+        await outbox.over.wait()
         return {"type": "http.disconnect"}
 
     task = asyncio.create_task(app(scope, receive, outbox.send))
@@ -479,7 +486,6 @@ async def _call_asgi(app, method: str, path: str, query: bytes, headers, body: b
             elif message["type"] == "http.response.body" and message.get("body"):
                 yield message["body"]
     finally:
-        done.set()
         outbox.leave()
         if not task.done():
             task.cancel()

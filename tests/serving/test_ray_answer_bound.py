@@ -104,6 +104,30 @@ def test_a_consumer_that_takes_every_chunk_is_never_cut(app):
         assert sum(len(c["logprobs"]["tokens"]) for e in events for c in e["choices"] if c["logprobs"]) == 256 * 60
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_an_app_awaiting_receive_after_its_response_ends_the_answer(chunks):
+    """An app that awaits ``receive()`` once its response is whole (legal ASGI: uvicorn answers ``http.disconnect``
+    then) gets the disconnect, and the replica's answer ends with the app's task (before: the answer, which runs to the
+    end of the app's task, waited for that disconnect, which came only once the answer had ended: it never ended)."""
+    from bca_deploy.serving.ray import _call_asgi
+
+    seen = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(chunks):
+            await send({"type": "http.response.body", "body": b"x" * 10, "more_body": i < chunks - 1})
+        seen.append(await receive())
+
+    async def run() -> list:
+        return [item async for item in _call_asgi(app, "GET", "/x", b"", [], b"")]
+
+    items = asyncio.run(asyncio.wait_for(run(), 10.0))
+    assert items == [{"status": 200, "headers": []}, *[b"x" * 10] * chunks]
+    assert seen == [{"type": "http.disconnect"}]
+
+
 def test_through_ray_a_reader_that_keeps_up_is_never_cut_nor_logged_as_gone(tmp_path_factory, tmp_path):
     """``bca-deploy serve-ray --max-logprob-entries 6000`` (its own local Ray instance, one replica): the same answer
     read at once through Ray's proxy, twice, is whole; each is logged by the replica as answered (before: the 408 event,
