@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -959,14 +959,18 @@ def has_tokenizer_files(directory: str | Path) -> bool:
 RUN_ADAPTER_FOLDERS = ("best", "last")
 
 
-def nested_adapters(directory: str | Path) -> list[str]:
+def nested_adapters(directory: str | Path, keep: Callable[[Path], bool] | None = None) -> list[str]:
     """The names of the adapter directories right inside ``directory`` (sorted; of its first 1,000 entries).
 
     PEFT's ``save_pretrained`` writes an adapter not named ``default`` into a folder of its name, beside (or, with no
-    ``default``, instead of) the ``adapter_config.json`` of ``default``."""
+    ``default``, instead of) the ``adapter_config.json`` of ``default``.
+
+    ``keep``: only folders whose ``adapter_config.json`` path it accepts, asked before that file is looked at (an
+    adapter store's rule: nothing reached through a link out of the store is stat'ed or named)."""
     path = Path(directory)
     try:
-        return sorted(c.name for c in itertools.islice(path.iterdir(), 1000) if (c / CONFIG_FILE).is_file())
+        return sorted(c.name for c in itertools.islice(path.iterdir(), 1000)
+                      if (keep is None or keep(c / CONFIG_FILE)) and (c / CONFIG_FILE).is_file())
     except OSError:
         return []
 
@@ -976,7 +980,8 @@ def nested_adapters(directory: str | Path) -> list[str]:
 _TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def nested_adapters_hint(directory: str | Path, entry: str | None = None) -> str:
+def nested_adapters_hint(directory: str | Path, entry: str | None = None,
+                         keep: Callable[[Path], bool] | None = None) -> str:
     """For a directory without ``adapter_config.json``: the adapter directories right inside it
     (:func:`nested_adapters`), as a hint ("" when none); users pass the parent.
 
@@ -987,10 +992,10 @@ def nested_adapters_hint(directory: str | Path, entry: str | None = None) -> str
 
     ``entry``: the directory is adapter store entry ``entry`` (:class:`~bca_deploy.serving.AdapterStore`), whose
     adapters are loaded by name, one folder each: the hint names the folders inside the entry (``entry/b``, never
-    the store's location) and says to give the one wanted an entry of its own.
+    the store's location) and says to give the one wanted an entry of its own; ``keep``: :func:`nested_adapters`'s.
     """
     path = Path(directory)
-    names = nested_adapters(path)
+    names = nested_adapters(path, keep)
     if not names:
         return ""
     # a store loads a folder of its own by name (a link inside the store is followed)

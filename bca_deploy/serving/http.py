@@ -72,7 +72,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError
+from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError, printable
 from .chat_template import (CHAT_TOKENIZE_OPTIONS, ChatTemplateRenderer, ChatTemplateRenderError, RenderedTooLongError,
                             chat_template_source)
 from .limits import MAX_LOGPROBS
@@ -2116,7 +2116,7 @@ def startup_notes(server: Server) -> list[str]:
                      "to load them")
     nested = server.store.nested() if server.store is not None else []
     if nested:  # loaded by the folder's name, each is refused naming what it holds (AdapterStore.path)
-        shown = "; ".join(f"{entry[:60]!r} ({', '.join(n[:60] + '/' for n in inside[:3])}"
+        shown = "; ".join(f"{entry[:60]!r} ({', '.join(printable(n[:60]) + '/' for n in inside[:3])}"
                           f"{', ...' if len(inside) > 3 else ''})" for entry, inside in nested[:5]) + (
             f"; and {len(nested) - 5} more" if len(nested) > 5 else "")
         notes.append(f"{len(nested)} folder(s) of the adapter store hold adapters only in folders inside them (as PEFT "

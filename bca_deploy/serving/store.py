@@ -166,7 +166,7 @@ class AdapterStore:
                 raise AdapterFormatError(f"adapter {name!r}: {where} is {_file_kind(mode)}, not a regular file")
             if os.path.islink(adapter / CONFIG_FILE):  # there by name: not "no adapter of that name"
                 raise AdapterFormatError(f"adapter {name!r}: {where} is a symbolic link that leads to no file")
-            if adapter == candidate and (hint := nested_adapters_hint(candidate, entry=name)):
+            if adapter == candidate and (hint := nested_adapters_hint(candidate, entry=name, keep=self._holds)):
                 # PEFT's save_pretrained folder of named adapters, or a transformers Trainer's output_dir: the entry
                 # is there, holding adapters, which was answered "no adapter of that name in the store"
                 raise AdapterFormatError(f"adapter {name!r}: its folder has no {CONFIG_FILE}{hint}")
@@ -177,6 +177,14 @@ class AdapterStore:
 
     def _inside(self, path: Path) -> bool:
         return path == self.root or self.root in path.parents
+
+    def _holds(self, path: Path) -> bool:
+        """Whether ``path`` resolves inside the store (its links read, as :meth:`_check_contents` reads them; False for
+        a loop): asked before the file it leads to is looked at."""
+        try:
+            return self._inside(path.resolve())
+        except (OSError, RuntimeError):  # a loop (RuntimeError before Python 3.13)
+            return False
 
     def _check_contents(self, name: str, directory: Path) -> None:
         # Every entry (files, folders, links at any depth) must resolve inside the store; nothing is opened.
@@ -229,7 +237,7 @@ class AdapterStore:
         for name, folder in entries.items():
             if os.path.lexists(run_adapter_dir(folder) / CONFIG_FILE):
                 continue
-            inside = [n for n in nested_adapters(folder) if (folder / n).resolve() not in served]
+            inside = [n for n in nested_adapters(folder, self._holds) if (folder / n).resolve() not in served]
             if inside:
                 out.append((name, inside))
         return out

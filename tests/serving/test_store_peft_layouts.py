@@ -167,3 +167,42 @@ def test_folders_holding_adapters_only_inside_them_are_said_at_start(made, tmp_p
     shutil.move(store / "out" / "checkpoint-5", store / "checkpoint-5")
     notes = startup_notes(build(made["bank"], adapter_store=store, threads=1).state.server)
     assert not any("hold adapters only in folders" in n for n in notes), notes
+
+
+def test_folders_inside_an_entry_linked_out_of_the_store_are_neither_named_nor_looked_through(tmp_path):
+    """A folder inside an entry that is (or whose config is) a link out of the store is no adapter the store could
+    serve, even given an entry of its own: it is not named, in a request's answer or at start, and its config is not
+    looked at (before: named, with the advice to link it into the store, which the store then refuses)."""
+    from bca_deploy.errors import UnknownAdapterError
+    from bca_deploy.serving.store import AdapterStore
+
+    outside, store = tmp_path / "outside", tmp_path / "store"
+    for folder in (outside / "secret", outside / "ckpt", store / "tr" / "checkpoint-1", store / "run" / "b"):
+        folder.mkdir(parents=True)
+    for config in (outside / "secret", outside / "ckpt", store / "tr" / "checkpoint-1"):
+        (config / "adapter_config.json").write_text("{}")
+    (store / "run" / "a").symlink_to(outside / "secret", target_is_directory=True)
+    (store / "run" / "b" / "adapter_config.json").symlink_to(outside / "secret" / "adapter_config.json")
+    (store / "tr" / "checkpoint-9").symlink_to(outside / "ckpt", target_is_directory=True)
+    (store / "loop").mkdir()
+    (store / "loop" / "l").symlink_to(store / "loop" / "l")  # a link loop beside nothing else: no adapter inside
+
+    with pytest.raises(UnknownAdapterError, match="^no adapter 'run' in the adapter store$"):
+        AdapterStore(store).path("run")
+    with pytest.raises(AdapterFormatError) as caught:
+        AdapterStore(store).path("tr")
+    assert "the checkpoint checkpoint-1/ of" in str(caught.value) and "checkpoint-9" not in str(caught.value)
+    assert AdapterStore(store).nested() == [("tr", ["checkpoint-1"])]
+
+
+def test_folder_names_inside_entries_are_said_at_start_without_control_characters(made, tmp_path):
+    """A folder's name is the file system's: a line break or a terminal escape in it is shown escaped in the start-up
+    note that ``serve`` prints to the operator's terminal (before: written raw, as the entries' names never were)."""
+    from bca_deploy.serving.http import build, startup_notes
+
+    store = tmp_path / "store"
+    shutil.copytree(made["store"] / "run" / "pos", store / "run" / "a\nnote: forged\x1b]0;title\x07")
+    notes = startup_notes(build(made["bank"], adapter_store=store, threads=1).state.server)
+    said = [n for n in notes if "hold adapters only in folders inside them" in n]
+    assert len(said) == 1 and "'run' (a\\nnote: forged\\x1b]0;title\\x07/)" in said[0], notes
+    assert all(c.isprintable() for n in notes for c in n)
