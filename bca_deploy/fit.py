@@ -414,12 +414,23 @@ def line_naming(model: nn.Module, modules: Mapping[str, ModuleInfo],
     return naming
 
 
+#: The models whose output layer (``get_output_embeddings``) transformers 5.x renames ``lm_head`` as it loads a
+#: checkpoint, by class, with that layer's stored (4.x) name: 5.x's ``conversion_mapping`` (``^embed_out.`` ->
+#: ``lm_head.``), which 4.x lacks. Other output layers named otherwise keep their names on 5.x (DistilBERT's
+#: ``vocab_projector``, ELECTRA's ``generator_lm_head``, BioGPT's ``output_projection``, GPT-NeoX-Japanese's
+#: ``embed_out``): nothing about the line follows from their names.
+OUTPUT_LAYERS_5X_RENAMES = {"GPTNeoXForCausalLM": "embed_out"}
+
+
 def _output_layer(model: nn.Module) -> str | None:
-    """The path of ``model``'s output layer (``get_output_embeddings``) where it is not named ``lm_head``, else None."""
+    """The path of ``model``'s output layer (``get_output_embeddings``) where transformers 5.x renames it ``lm_head``
+    (:data:`OUTPUT_LAYERS_5X_RENAMES`), else None."""
+    if (stored := OUTPUT_LAYERS_5X_RENAMES.get(type(model).__name__)) is None:
+        return None
     with contextlib.suppress(Exception):  # a model without (a working) get_output_embeddings
         head = model.get_output_embeddings()
         path = next((n for n, m in model.named_modules() if head is not None and m is head), None)
-        if path and path != "lm_head":
+        if path == stored:
             return path
     return None
 

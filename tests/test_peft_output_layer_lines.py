@@ -80,3 +80,23 @@ def test_a_5x_peft_adapter_naming_embed_out_gives_pefts_numbers_on_5x_and_on_4x_
     _close(_logits(transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "merged").eval()), trained)
     _close(_logits(PeftModel.from_pretrained(transformers.GPTNeoXForCausalLM.from_pretrained(base), adapter).eval()),
            trained)
+
+
+def test_an_output_layer_5x_does_not_rename_is_never_said_to_be_of_5x(tmp_path):
+    """DistilBERT's output layer is ``vocab_projector`` on both lines (5.x renames only GPT-NeoX's ``embed_out``): a
+    config adapting it whose file has no kernel for it gets the plain refusal (before: on 4.x, "which transformers 5.x
+    names lm_head ... the adapter was made with transformers 5.x", false of this model)."""
+    from bca_deploy import load_adapter
+
+    config = transformers.DistilBertConfig(vocab_size=96, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                           max_position_embeddings=32)
+    torch.manual_seed(0)
+    peft = get_peft_model(transformers.DistilBertForMaskedLM(config), C3AConfig(block_size=8, target_modules=["q_lin"]))
+    peft.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": ["q_lin", "vocab_projector"]}))
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(transformers.DistilBertForMaskedLM(config), tmp_path / "adapter")
+    message = str(caught.value)
+    assert "module vocab_projector: the config adapts it" in message and "fix the config" in message, message
+    assert "5.x" not in message, message
