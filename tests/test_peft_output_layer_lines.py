@@ -13,10 +13,12 @@ same kernels), then ``target_modules`` as the user gave it. Tiny random model fr
 
 import json
 
+import pytest
 import torch
 import transformers
 from peft import C3AConfig, PeftModel, get_peft_model
 
+from bca_deploy.errors import AdapterFormatError
 from bca_deploy.merge import merge_checkpoint
 from bca_deploy.models import load_model
 from line_helpers import load_and_merge_refusals
