@@ -1609,16 +1609,19 @@ def load_causal_lm(
     text_column: str = "text",
     messages_column: str = "messages",
     tools_column: str = TOOLS_COLUMN,
+    columns_from: str | None = None,
 ) -> LMExamples:
     """Read a causal-LM file, by the first of these its columns hold: ``prompt_column`` + ``response_column`` (or
     :data:`COMPLETION_COLUMN` for the default response column), ``messages_column`` (conversations, with each row's
     functions in ``tools_column`` when the file has it), Alpaca's ``instruction`` + ``output`` (+ ``input``, put in
-    :data:`ALPACA_PROMPT`), ``text_column``.
+    :data:`ALPACA_PROMPT`), ``text_column``. ``columns_from``: where ``tools_column`` came from when the user did not
+    name it (an adapter's training record), added to the message when the file lacks it.
 
     Raises:
         DataFileNotFoundError, DataError: see :func:`read_records`; also no such columns (the columns found, and the
             options for those the file has), bad values by line, and a prompt column of one part of an instruction
-            (``instruction``, ``input``, ``context``) beside another part holding text that it would leave out.
+            (``instruction``, ``input``, ``context``) beside another part holding text that it would leave out;
+            conversations beside no ``tools_column`` named otherwise than :data:`TOOLS_COLUMN` (the columns found).
     """
     path = Path(path)
     keep = {c for c in (prompt_column, response_column, messages_column, text_column, COMPLETION_COLUMN,
@@ -1638,6 +1641,13 @@ def load_causal_lm(
     if not records:
         raise DataError(f"{path}: the data set is empty (no examples)")
     if fields == [messages_column]:
+        if tools_column != TOOLS_COLUMN and tools_column not in columns:
+            # a column named for the functions and not in the file: its conversations trained on their calls without
+            # the functions in the prompts (a run with tools in every request served them), without a word
+            raise DataError(f"{path}: --tools-column {_short(tools_column)} is not a column of the file, so its "
+                            "conversations would be read without their functions; name the column holding each row's "
+                            f"functions ({_columns_message(path, columns)})"
+                            + (f"; {columns_from}" if columns_from else ""))
         conversations, tools, problems = [], [], []
         with_tools = tools_column in columns and tools_column != messages_column
         # a tools string read once per distinct value: a data set gives every row the same tools (100,000 rows of
@@ -2176,7 +2186,8 @@ def load_dataset(
 ):
     """Read and tokenize ``path`` for ``task``; returns ``(examples, dataset)``.
 
-    ``label_names``, ``columns_from``, ``head_*`` (seq-cls): see :func:`load_seq_cls`. ``warn``
+    ``label_names``, ``head_*`` (seq-cls): see :func:`load_seq_cls`; ``columns_from``: see it and
+    :func:`load_causal_lm`. ``warn``
     (causal-lm): gets lines about examples tokenized or left out unlike the rest (:func:`tokenize_causal_lm`).
     ``model`` (causal-lm conversations): the model directory, named when its tokenizer has no chat template.
     ``tools_column`` (causal-lm conversations): the column of each row's functions (:data:`TOOLS_COLUMN`).
@@ -2189,7 +2200,8 @@ def load_dataset(
                                 head_record=head_record)
         return examples, tokenize_seq_cls(examples, tokenizer, max_length)
     if task == "causal-lm":
-        examples = load_causal_lm(path, prompt_column, response_column, text_column, messages_column, tools_column)
+        examples = load_causal_lm(path, prompt_column, response_column, text_column, messages_column, tools_column,
+                                  columns_from=columns_from)
         dataset, dropped = tokenize_causal_lm(examples, tokenizer, max_length,
                                               warn=None if warn is None else lambda line: warn(f"{path}: {line}"),
                                               model=model, positions=positions)

@@ -102,7 +102,7 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
                 tools_column=pick(config.tools_column, "tools_column", "tools"), model=config.model,
                 label_names=names if names and not regression else None,
                 warn=lambda line: print(f"note: {line}", file=sys.stderr),
-                columns_from=_recorded_columns(adapter, config, info),
+                columns_from=_recorded_columns(adapter, config, info, task),
                 head_text_pair=trained_on_pairs, head_of=f"adapter {adapter}", head_record=pairs_record,
                 positions=position_limit(model_config, tokenizer),
             )
@@ -143,15 +143,19 @@ def evaluate(config: EvaluateConfig, *, model: nn.Module | None = None, tokenize
         destroy(d)
 
 
-def _recorded_columns(adapter: Path | None, config: EvaluateConfig, info: dict[str, Any]) -> str | None:
-    """Whose seq-cls column names the data is read by when they come from the adapter's training record, not from
-    the user (for the message of a file that lacks them; None when the user named them all)."""
+def _recorded_columns(adapter: Path | None, config: EvaluateConfig, info: dict[str, Any], task: str) -> str | None:
+    """Whose column names the data is read by when they come from the adapter's training record, not from the user
+    (seq-cls: the text and label columns; causal-lm: the conversations' tools column), for the message of a file
+    that lacks them; None when the user named them all."""
+    keys = ("text_columns", "label_column") if task == "seq-cls" else ("tools_column",)
     taken = [f"--{key.replace('_', '-')} {', '.join(info[key]) if isinstance(info[key], list) else info[key]}"
-             for key in ("text_columns", "label_column") if getattr(config, key) is None and info.get(key)]
+             for key in keys if getattr(config, key) is None and info.get(key)]
     if not taken:
         return None
+    named = ("pass --text-columns / --label-column to name this file's" if task == "seq-cls" else
+             "pass --tools-column to name this file's (--tools-column tools: conversations without functions)")
     return (f"the columns are those {adapter} was trained on ({'; '.join(taken)}, recorded in its "
-            "bca_training.json); pass --text-columns / --label-column to name this file's")
+            f"bca_training.json); {named}")
 
 
 def _trained_on_pairs(spec: TaskSpec | None, info: dict[str, Any]) -> tuple[bool | None, str | None]:

@@ -62,6 +62,18 @@ def _tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
+def _tiny_llama(directory: Path) -> Path:
+    """Save a tiny random ``LlamaForCausalLM`` over :func:`char_chat_tokenizer`'s 103 tokens into ``directory``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=103, max_position_embeddings=1024, pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2)).save_pretrained(directory)
+    return directory
+
+
 def _reference(tokenizer, messages, tools) -> tuple[list[int], list[int]]:
     """By hand: transformers' render with ``tools``, tokenized; the labels are the tokens of each assistant turn's
     text past ``<s>assistant\\n`` through its ``</s>`` (found in the text, mapped by the tokens' offsets)."""
@@ -281,6 +293,46 @@ def test_a_tools_column_of_another_name_is_read_with_tools_column(tool_model, tm
         assert "--tools-column" in [o for p in command.params for o in p.opts], command.name
 
 
+def test_a_tools_column_the_file_does_not_have_is_refused(tool_model, tmp_path):
+    """``--tools-column`` naming a column the file does not have (a misspelling: ``functionz`` beside ``functions``)
+    was accepted without a word: the conversations trained on their calls with no functions in the prompts (serve
+    renders a request's tools) and train printed the serve command for those calls. Refused now, naming the file's
+    columns, before a run writes anything (evaluate's too, saying the name is the one the run recorded); the default
+    name, absent, still reads conversations without tools."""
+    import shutil
+
+    from bca_deploy.training import EvaluateConfig, evaluate, train
+
+    tokenizer = _tokenizer(tool_model)
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"chat": CONVERSATION, "functions": json.dumps(TOOLS)}])
+    with pytest.raises(DataError) as caught:
+        load_dataset(path, "causal-lm", tokenizer, 1024, messages_column="chat", tools_column="functionz",
+                     model=tool_model)
+    assert str(caught.value) == (
+        f"{path}: --tools-column 'functionz' is not a column of the file, so its conversations would be read without "
+        f"their functions; name the column holding each row's functions (columns found in {path}: 'chat', "
+        "'functions')")
+    _, plain = load_dataset(path, "causal-lm", tokenizer, 1024, messages_column="chat", model=tool_model)
+    assert plain.input_ids[0] == _reference(tokenizer, AS_TEMPLATE_READS, None)[0]  # "tools", absent: no tools
+    model, out = _tiny_llama(shutil.copytree(tool_model, tmp_path / "model")), tmp_path / "run"
+    options = dict(task="causal-lm", max_steps=1, max_length=1024, block_size=4, messages_column="chat")
+    with pytest.raises(DataError, match="--tools-column 'functionz' is not a column of the file"):
+        train(config(model, path, out, tools_column="functionz", **options))
+    assert not out.exists() or not any(out.iterdir())
+    # evaluate reads the column the run was trained with: a file without it is refused, saying whose name it is
+    trained = train(config(model, path, out, tools_column="functions", **options)).last_dir
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"chat": CONVERSATION}])
+    with pytest.raises(DataError) as caught:
+        evaluate(EvaluateConfig(model=model, adapter=trained, data=plain))
+    assert str(caught.value).endswith(
+        f"(columns found in {plain}: 'chat'); the columns are those {trained} was trained on (--tools-column "
+        "functions, recorded in its bca_training.json); pass --tools-column to name this file's (--tools-column "
+        "tools: conversations without functions)"), str(caught.value)
+    metrics = evaluate(EvaluateConfig(model=model, adapter=trained, data=plain, tools_column="tools"))
+    _, labels = _reference(tokenizer, AS_TEMPLATE_READS, None)  # the default name, absent: evaluated, every target
+    assert metrics["tokens"] == sum(t != IGNORE_INDEX for t in labels), metrics
+
+
 #: The same turns, with the calls written as Llama 3.1's template writes them: the call's JSON object alone, its
 #: arguments under "parameters".
 LLAMA3_TEMPLATE = TEMPLATE.replace(
@@ -330,19 +382,11 @@ def test_a_run_trained_on_tool_calls_prints_the_serve_command_that_reads_them(to
     with calls no parser reads, says so instead of naming a parser."""
     import shutil
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from bca_deploy.training import train
     from bca_deploy.training.report import final_summary
 
     def run(template: str, rows: list, name: str) -> str:
-        model = char_chat_tokenizer(tmp_path / name / "model", template)
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1, vocab_size=103,
-                                     max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
-                                     eos_token_id=2)).save_pretrained(model)
+        model = _tiny_llama(char_chat_tokenizer(tmp_path / name / "model", template))
         data = write_jsonl(tmp_path / name / "data.jsonl", rows)
         result = train(config(model, data, tmp_path / name / "run", task="causal-lm", max_steps=1, max_length=1024,
                               block_size=4))
