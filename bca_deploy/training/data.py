@@ -1610,12 +1610,14 @@ def load_causal_lm(
     messages_column: str = "messages",
     tools_column: str = TOOLS_COLUMN,
     columns_from: str | None = None,
+    warn: Callable[[str], Any] | None = None,
 ) -> LMExamples:
     """Read a causal-LM file, by the first of these its columns hold: ``prompt_column`` + ``response_column`` (or
     :data:`COMPLETION_COLUMN` for the default response column), ``messages_column`` (conversations, with each row's
     functions in ``tools_column`` when the file has it), Alpaca's ``instruction`` + ``output`` (+ ``input``, put in
     :data:`ALPACA_PROMPT`), ``text_column``. ``columns_from``: where ``tools_column`` came from when the user did not
-    name it (an adapter's training record), added to the message when the file lacks it.
+    name it (an adapter's training record), added to the message when the file lacks it. ``warn``: gets a line when
+    conversations have tool calls and no row lists its functions.
 
     Raises:
         DataFileNotFoundError, DataError: see :func:`read_records`; also no such columns (the columns found, and the
@@ -1675,6 +1677,14 @@ def load_causal_lm(
             tools.append(row_tools)
         if problems:
             raise DataError(format_problems(f"{path}: bad conversations:", problems, limit=10))
+        calling = sum(any(m.get("tool_calls") for m in c) for c in conversations)
+        if calling and not any(tools) and warn is not None:
+            # trained to call functions its prompts never list, while a served request lists them in its tools: the
+            # functions are likely in a column of another name
+            warn(f"{path}: {calling:,} conversation{'s have' if calling > 1 else ' has'} tool calls and no row "
+                 f"lists its functions (no {tools_column!r} column, or it is empty): the model learns to call "
+                 f"functions its prompts never show; name the column holding them with --tools-column "
+                 f"({_columns_message(path, columns)})")
         return LMExamples(None, None, None, lines, path, conversations=conversations, tools=tools,
                           columns=messages_column + (f"+{tools_column}" if with_tools else ""))
     if prompt_column in _INSTRUCTION_PARTS and len(fields) == 2 and not alpaca:
@@ -2201,7 +2211,7 @@ def load_dataset(
         return examples, tokenize_seq_cls(examples, tokenizer, max_length)
     if task == "causal-lm":
         examples = load_causal_lm(path, prompt_column, response_column, text_column, messages_column, tools_column,
-                                  columns_from=columns_from)
+                                  columns_from=columns_from, warn=warn)
         dataset, dropped = tokenize_causal_lm(examples, tokenizer, max_length,
                                               warn=None if warn is None else lambda line: warn(f"{path}: {line}"),
                                               model=model, positions=positions)

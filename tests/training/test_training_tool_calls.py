@@ -402,3 +402,23 @@ def test_a_run_trained_on_tool_calls_prints_the_serve_command_that_reads_them(to
     assert "-bank\n" in plain + "\n" and "tool-call-parser" not in plain and "auto-tool-choice" not in plain, plain
     pythonic = run(PYTHONIC_TEMPLATE, [{"messages": CONVERSATION, "tools": TOOLS}] * 4, "pythonic")
     assert "-bank\n" in pythonic and "no --tool-call-parser (hermes, llama3_json) reads back" in pythonic, pythonic
+
+
+def test_tool_calls_without_any_functions_read_are_said(tool_model, tmp_path):
+    """Conversations with tool calls whose functions sit in a column of another name (``functions``, read only when
+    ``--tools-column`` names it) trained on the calls with no function listed in any prompt, without a word: a note
+    says so and names the file's columns. No note when the functions are read, or when no conversation calls one."""
+    tokenizer = _tokenizer(tool_model)
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"messages": CONVERSATION, "functions": json.dumps(TOOLS)}] * 3)
+    notes: list[str] = []
+    load_dataset(path, "causal-lm", tokenizer, 1024, model=tool_model, warn=notes.append)
+    assert len(notes) == 1, notes
+    assert notes[0].startswith(f"{path}: 3 conversations have tool calls and no row lists its functions (no 'tools' "
+                               "column, or it is empty)"), notes
+    assert "name the column holding them with --tools-column" in notes[0] and "'functions'" in notes[0], notes
+    for quiet, options in ((path, {"tools_column": "functions"}),
+                           (write_jsonl(tmp_path / "plain.jsonl", [{"messages": CONVERSATION[:2] + [
+                               {"role": "assistant", "content": "sunny"}]}]), {})):
+        notes.clear()
+        load_dataset(quiet, "causal-lm", tokenizer, 1024, model=tool_model, warn=notes.append, **options)
+        assert notes == [], notes
