@@ -22,12 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "training"))
 from http_helpers import ServeProcess, assert_error, call, openai_client  # noqa: E402
 from test_training_tool_calls import CONVERSATION, TEMPLATE, TOOLS  # noqa: E402
-from training_helpers import (  # noqa: E402,F401 - one_thread is an autouse fixture
-    char_chat_tokenizer,
-    config,
-    one_thread,
-    write_jsonl,
-)
+# one_thread: the autouse fixture that keeps torch to one thread
+from training_helpers import char_chat_tokenizer, config, one_thread, write_jsonl  # noqa: E402,F401
 
 #: The turns trained on (the system and user turns, then the assistant's call) and the prompt that asks for the call.
 TRAINED, PROMPT = CONVERSATION[:3], CONVERSATION[:2]
