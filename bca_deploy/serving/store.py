@@ -130,7 +130,7 @@ class AdapterStore:
             AdapterNameError: an invalid name, or an entry that is (or holds) a symbolic link out of the store.
             UnknownAdapterError: no adapter directory of that name in the store.
         """
-        candidate = self._resolve(name)
+        candidate = self._resolve(name, explain=True)
         if candidate is None:
             raise UnknownAdapterError(f"no adapter {name!r} in the adapter store")
         self._check_contents(name, candidate)
@@ -146,8 +146,10 @@ class AdapterStore:
             what = "is a symbolic-link loop" if exc.errno == errno.ELOOP else f"cannot be resolved ({exc.strerror})"
             raise AdapterNameError(f"adapter {name!r}: {path.name} {what}") from None
 
-    def _resolve(self, name: str) -> Path | None:
-        """The checked directory of ``name``, or None if the store has no adapter directory of that name."""
+    def _resolve(self, name: str, explain: bool = False) -> Path | None:
+        """The checked directory of ``name``, or None if the store has no adapter directory of that name. ``explain``
+        (a request naming it): an entry holding adapters only in folders inside it is refused naming them, which
+        costs a look inside (the listing leaves such an entry out without one)."""
         check_adapter_name(name)
         candidate = self._resolved(self.root / name, name)
         if not self._inside(candidate):
@@ -166,7 +168,8 @@ class AdapterStore:
                 raise AdapterFormatError(f"adapter {name!r}: {where} is {_file_kind(mode)}, not a regular file")
             if os.path.islink(adapter / CONFIG_FILE):  # there by name: not "no adapter of that name"
                 raise AdapterFormatError(f"adapter {name!r}: {where} is a symbolic link that leads to no file")
-            if adapter == candidate and (hint := nested_adapters_hint(candidate, entry=name, keep=self._holds)):
+            if explain and adapter == candidate and (
+                    hint := nested_adapters_hint(candidate, entry=name, keep=self._holds)):
                 # PEFT's save_pretrained folder of named adapters, or a transformers Trainer's output_dir: the entry
                 # is there, holding adapters, which was answered "no adapter of that name in the store"
                 raise AdapterFormatError(f"adapter {name!r}: its folder has no {CONFIG_FILE}{hint}")
