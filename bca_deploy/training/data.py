@@ -33,8 +33,10 @@ their line numbers, an empty file) and raises one :class:`~bca_deploy.training.e
 from __future__ import annotations
 
 import collections
+import array
 import csv
 import errno
+import hashlib
 import io
 import json
 import math
@@ -1778,6 +1780,30 @@ class TokenizedDataset:
 
     def num_tokens(self, indices: Sequence[int]) -> int:
         return sum(len(self.input_ids[i]) for i in indices)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what training reads, in order: each example's token ids, token types and labels.
+
+        What a resumed run must see again to continue the same trajectory: the count alone let a resume go on
+        with another file of as many rows, other columns, another ``--tools-column`` or chat template, and skip
+        ahead by the old data position into examples the first part never trained on."""
+        digest = hashlib.sha256(f"{self.task}:{self.regression}:{self.pad_id}:{len(self.input_ids)}".encode())
+
+        def add(values: Sequence[int] | Sequence[float], typecode: str = "q") -> None:
+            digest.update(len(values).to_bytes(8, "little"))  # delimits one example's list from the next
+            digest.update(array.array(typecode, values).tobytes())
+
+        for i in range(len(self.input_ids)):
+            add(self.input_ids[i])
+            if self.token_type_ids is not None:
+                add(self.token_type_ids[i])
+            if self.labels is not None:
+                label = self.labels[i]
+                if self.task == "causal-lm":
+                    add(label)
+                else:
+                    add([label], "d" if self.regression else "q")
+        return digest.hexdigest()
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Batch of ``indices``: ``input_ids``, ``attention_mask`` (B, T), ``token_type_ids`` if any,

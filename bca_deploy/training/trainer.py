@@ -861,7 +861,8 @@ class _TrainingRun:
             "modules_to_save": self.modules_to_save, "warmup": cfg.warmup, "world_size": self.d.world_size,
             "num_labels": self.labels.num_labels if self.labels else None, "regression": self.regression,
             "label_names": self.labels.names if self.labels else None, "precision": self.precision,
-            "train_examples": len(self.train_data), "adadelta_rho": self.recipe.adadelta_rho,
+            "train_examples": len(self.train_data), "train_data_sha256": self.train_data.fingerprint(),
+            "adadelta_rho": self.recipe.adadelta_rho,
             "adadelta_eps": self.recipe.adadelta_eps, "given": self.given.overrides(),
             # the --tool-call-parser names that read the training conversations' tool calls back (None: no calls)
             "tool_call_parsers": list(self.train_examples.tool_call_parsers)
@@ -892,6 +893,12 @@ class _TrainingRun:
             keys = list(_RESUME_KEYS) + (["max_steps"] if cfg.scheduler != "constant" else [])
             diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {self.run_config.get(k)!r}"
                      for k in keys if _norm(saved.get(k)) != _norm(self.run_config.get(k))]
+            # the examples themselves (a checkpoint written before they were recorded is not held to them)
+            if saved.get("train_examples") == self.run_config["train_examples"] \
+                    and saved.get("train_data_sha256") not in (None, self.run_config["train_data_sha256"]):
+                diffs.append(f"training data: the {self.run_config['train_examples']} examples read from "
+                             f"{cfg.data} (columns, labels, chat template, tools, --max-length applied) are not the "
+                             "ones the checkpoint was trained on")
             if diffs:
                 raise CheckpointError(format_problems(
                     f"{last} was written by a run with other options; resume with the same options "

@@ -378,6 +378,29 @@ def test_resume_reaches_the_same_weights(files, tmp_path):
             assert torch.equal(ref_opt[key][buf], got_opt[key][buf])
 
 
+def test_resume_on_other_examples_of_the_same_count_is_refused(files, tmp_path):
+    """The count alone let a resume go on with another file of as many rows (or other columns, another template)."""
+    options = dict(max_steps=4, save_every=2)
+
+    def kill_at_3(step, logs):
+        if step == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(config(files["bert"], files["small"], tmp_path / "run", **options), on_step=kill_at_3)
+    lines = Path(files["small"]).read_text().splitlines(keepends=True)
+    shuffled = tmp_path / "shuffled.tsv"  # the same rows, in another order: another trajectory
+    shuffled.write_text("".join(lines[:1] + lines[2:] + lines[1:2]))
+    with pytest.raises(CheckpointError, match=r"training data: the \d+ examples read from .*shuffled\.tsv .* are "
+                                              r"not the ones the checkpoint was trained on"):
+        train(config(files["bert"], shuffled, tmp_path / "run", resume=True, **options))
+    moved = tmp_path / "moved" / "train.tsv"  # the same bytes elsewhere: the same examples, resumed
+    moved.parent.mkdir()
+    moved.write_text("".join(lines))
+    resumed = train(config(files["bert"], moved, tmp_path / "run", resume=True, **options))
+    assert resumed.resumed_from == 2 and resumed.step == 4
+
+
 def test_resume_after_sigkill(files, tmp_path):
     """A real process killed at an arbitrary moment (maybe mid-checkpoint) resumes to the same weights."""
     args = ["--model", str(files["bert"]), "--data", str(files["small"]), "--block-size", "8", "--batch-size", "16",
