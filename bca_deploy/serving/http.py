@@ -72,7 +72,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError, printable
+from ..errors import BCAError, ContextLengthError, ServingError, UnknownAdapterError, first_line, printable
 from .chat_template import (CHAT_TOKENIZE_OPTIONS, ChatTemplateRenderer, ChatTemplateRenderError, RenderedTooLongError,
                             chat_template_source)
 from .limits import MAX_LOGPROBS
@@ -1898,6 +1898,13 @@ def _refusal_recorder(metrics: ServerMetrics) -> Callable[[str, int | None, str,
     return record
 
 
+class _DropInvalidHTTPLine(logging.Filter):
+    """Drops uvicorn's 'Invalid HTTP request received.' (see :func:`_guarded_h11`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Invalid HTTP request received."
+
+
 def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: int, linger_s: float,
                  refused: Callable[[str, int | None, str, Any], None]):
     """uvicorn's h11 protocol with a deadline and a size limit for each request's head (uvicorn has neither
@@ -1907,6 +1914,13 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
     refusal is passed to ``refused(reason, status, message, client)`` (:func:`_refusal_recorder`)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    # uvicorn logs 'WARNING:  Invalid HTTP request received.' (plain text, nothing of what was wrong) before each
+    # 400 for malformed HTTP, beside the one JSON line (``connection_refused``) the log promises: this child of its
+    # logger drops that line and passes everything else on to uvicorn's handlers
+    quiet = logging.getLogger("uvicorn.error.bca_guard")
+    if not any(isinstance(f, _DropInvalidHTTPLine) for f in quiet.filters):
+        quiet.addFilter(_DropInvalidHTTPLine())
 
     def raw_error(exc: ServingError) -> bytes:
         status, kind = error_status(exc)
@@ -1920,6 +1934,7 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
         _head_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
+            self.logger = quiet  # uvicorn's plain-text line for malformed HTTP: the refusal's JSON line says it
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 error = ServerBusyError(f"the server holds its limit of {max_connections} connections; retry in "
@@ -1950,7 +1965,14 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
             next_event = self.conn.next_event
 
             def counted():
-                event = next_event()
+                try:
+                    event = next_event()
+                except h11.RemoteProtocolError as exc:
+                    # h11's own words name what is wrong (the request line, a header line, a Content-Length, a chunk
+                    # header); uvicorn answered every such request 'Invalid HTTP request received' alone
+                    if self._refusal is None:
+                        self._refusal = ("invalid_http", first_line(exc, limit=200))
+                    raise
                 if type(event) is h11.Data:
                     self._pieces += 1
                     self._piece_bytes += len(event.data)

@@ -422,6 +422,52 @@ def test_malformed_http_and_oversized_heads_get_json_errors(traffic, servers):
     assert call(url + "/health")[0] == 200
 
 
+def test_malformed_http_is_answered_with_what_is_wrong_and_logged_as_json_only(arts, caplog):
+    """A request h11 cannot parse was answered 'the request is not valid HTTP/1.1 (Invalid HTTP request received)',
+    whatever was wrong, and uvicorn wrote 'WARNING:  Invalid HTTP request received.' (plain text) into the log of
+    JSON lines beside the refusal's own line. The 400 names what h11 found wrong; the refusal's JSON line is the
+    only line."""
+    import logging
+
+    from bca_deploy.serving.http import LOGGER_NAME, ServerThread, build
+
+    uvicorn_lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            uvicorn_lines.append(record.getMessage())
+
+    keep, uvicorn_logger = Keep(logging.WARNING), logging.getLogger("uvicorn.error")
+    post = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cases = {  # raw request -> what the answer must name
+        post + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}": "conflicting Content-Length headers",
+        post + b"X-A: 1\x002\r\nContent-Length: 2\r\n\r\n{}": "illegal header line",
+        post + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n": "illegal chunk header",
+        b"GET /health HTTP/1.1\r\n\r\n": "Missing mandatory Host: header",
+    }
+    app = build(arts["bert"]["onnx"], **LIMITS)
+    try:
+        with caplog.at_level("INFO", logger=LOGGER_NAME), ServerThread(app) as server:
+            uvicorn_logger.addHandler(keep)  # once uvicorn has configured its loggers (which drops their handlers)
+            for raw, needle in cases.items():
+                sock = _connect(server.url)
+                sock.sendall(raw)
+                data, took = _read_all(sock, 10)
+                sock.close()
+                head, _, body = data.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 400") and took < 9, (raw, data[:300])
+                error = json.loads(body)["error"]
+                assert error["type"] == "invalid_http" and needle in error["message"], (raw, error)
+            assert call(server.url + "/health")[0] == 200
+    finally:
+        uvicorn_logger.removeHandler(keep)
+    refusals = [json.loads(r.getMessage()) for r in caplog.records
+                if r.name == LOGGER_NAME and '"connection_refused"' in r.getMessage()]
+    assert [(r["reason"], r["status"]) for r in refusals] == [("invalid_http", 400)] * len(cases), refusals
+    assert all(needle in r["message"] for r, needle in zip(refusals, cases.values())), refusals
+    assert uvicorn_lines == [], uvicorn_lines
+
+
 def test_a_body_framed_both_ways_is_refused_and_its_connection_closed(traffic, servers):
     # Content-Length and Transfer-Encoding together: a proxy in front that frames by Content-Length would pass
     # the chunked remainder on as a request of its own (request smuggling). Refused, and the connection closed
