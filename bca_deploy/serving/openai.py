@@ -150,7 +150,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import numpy as np
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..config import show_json_value
@@ -158,7 +158,7 @@ from ..errors import BCAError, ContextLengthError
 from .limits import MAX_LOGPROBS
 from .session import BASE
 from .tools import (CHAT_ROLES, content_text, make_parser, message_tool_problems, parse_tool_calls,
-                    template_message, tool_calls_problems, tools_problems)
+                    template_message, tool_calls_problems, tools_problems, unanswered_tool_message)
 from .wire import (
     READ_METHODS,
     AdapterExistsError,
@@ -456,6 +456,18 @@ def _tools_problems(tools: list[Any] | None, tool_choice: Any, decoded: bool = T
     return problems
 
 
+def _tool_messages_answer_calls(messages: list[ChatMessage]) -> list[ChatMessage]:
+    found = unanswered_tool_message([(m.role, m.tool_calls, m.tool_call_id) for m in messages])
+    if found is not None:
+        raise ValueError(f"message {found[0]} (a tool message): {found[1]}")
+    return messages
+
+
+#: A chat request's messages (the chat route's and /tokenize's): each checked alone, then each tool message against
+#: the calls it answers (tools.unanswered_tool_message).
+ChatMessages = Annotated[list[ChatMessage], Field(min_length=1), AfterValidator(_tool_messages_answer_calls)]
+
+
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``: messages through the tokenizer's chat template.
 
@@ -470,7 +482,7 @@ class ChatCompletionRequest(_Sampling):
     vLLM refuses it unless started with ``--trust-request-chat-template``.
     """
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: ChatMessages
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -586,7 +598,7 @@ class TokenizeChatRequest(_OpenAIRequest):
     its form and does not change the prompt (the chat route renders the tools whatever the choice)."""
 
     model: StrictStr | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: ChatMessages
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = False

@@ -43,7 +43,7 @@ from .limits import TOOL_CALL_PARSERS
 
 __all__ = ["TOOL_CALL_PARSERS", "MAX_TOOLS", "MAX_TOOLS_BYTES", "ToolCall", "ToolCallParser", "make_parser",
            "parse_tool_calls", "parsers_reading", "tools_problems", "tool_calls_problems", "template_tool_calls",
-           "message_tool_problems", "template_message", "lone_surrogate_problem", "CHAT_ROLES", "content_text"]
+           "message_tool_problems", "unanswered_tool_message", "template_message", "lone_surrogate_problem", "CHAT_ROLES", "content_text"]
 
 
 #: The most tools one request may list, and the most calls one assistant message may carry: OpenAI's bound (its API
@@ -244,6 +244,34 @@ def message_tool_problems(role: str, has_content: bool, tool_calls: Any, tool_ca
     if not has_content and tool_calls is None:
         problems.append("content: a message needs text (an assistant message may have tool_calls instead)")
     return problems
+
+
+def unanswered_tool_message(conversation: Sequence[tuple[str, Any, Any]]) -> tuple[int, str] | None:
+    """The first tool message of a conversation that answers no call of the assistant message it follows, as
+    ``(index, problem)`` (the problem starting with its field, ``tool_call_id``), or None.
+
+    ``conversation``: each message's ``(role, tool_calls, tool_call_id)``, every message already checked alone
+    (:func:`message_tool_problems`, :func:`tool_calls_problems`). OpenAI's rule: a tool message responds to the
+    assistant message with ``tool_calls`` before it (other tool messages answering the same calls may come between),
+    and its ``tool_call_id`` is the id of one of those calls. Checked only alone, a tool message answering no call
+    (after a user message, or with an id no call has) was rendered as the answer to one, and templates that write the
+    id wrote it; a chat request and a training conversation are read by this one rule, so an adapter never trains on
+    a conversation serve refuses."""
+    calls: list[Any] | None = None  # the ids of the calls the next tool message may answer
+    for index, (role, tool_calls, call_id) in enumerate(conversation):
+        if role != "tool":
+            calls = [call.get("id") for call in tool_calls] if role == "assistant" and tool_calls else None
+        elif call_id is None:  # message_tool_problems' refusal
+            continue
+        elif calls is None:
+            return index, (f"tool_call_id: {show_json_value(call_id)} answers no tool call: a tool message follows "
+                           "the assistant message whose tool_calls it answers (or another tool message answering "
+                           "them), as OpenAI requires")
+        elif call_id not in calls:
+            shown = ", ".join(show_json_value(c) for c in calls[:5]) + (", ..." if len(calls) > 5 else "")
+            return index, (f"tool_call_id: {show_json_value(call_id)} is not the id of a call of the assistant "
+                           f"message it answers (its calls: {shown})")
+    return None
 
 
 def content_text(content: Any) -> tuple[str | None, str | None]:

@@ -56,7 +56,8 @@ from ..models import token_names
 from ..models import tokenizer_pad_id as pad_token_id
 # the chat rules serve and training share (serving.tools imports no pydantic, no onnxruntime)
 from ..serving.tools import (CHAT_ROLES, MAX_TOOLS_BYTES, content_text, lone_surrogate_problem, message_tool_problems,
-                             parsers_reading, template_message, tool_calls_problems, tools_problems)
+                             parsers_reading, template_message, tool_calls_problems, tools_problems,
+                             unanswered_tool_message)
 from .errors import DataError, DataFileNotFoundError
 from .loading import quiet_loading
 
@@ -1499,6 +1500,9 @@ def _conversation_problem(value: Any, column: str) -> str | None:
         text = _text_problem(content, f"{where}.content", allow_empty=True) if content is not None else None
         if text:  # NUL, lone surrogate: the text rule
             return text
+    found = unanswered_tool_message([(m["role"], _tool_calls(m), m.get("tool_call_id")) for m in value])
+    if found is not None:  # serve's rule: a tool message answers a call of the assistant message it follows
+        return f"{column}[{found[0]}].{found[1]}"
     if not any(m["role"] == "assistant" for m in value):
         return f"{column!r} has no \"assistant\" message: nothing to train on (the loss is on the assistant turns)"
     return None

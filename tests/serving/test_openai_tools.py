@@ -358,6 +358,26 @@ def test_bad_tools_and_tool_messages_are_400s_naming_the_field_path(server):
              "nested deeper", status=413)
 
 
+def test_a_tool_message_must_answer_a_call_of_the_assistant_message_it_follows(server):
+    # each message was checked alone: a tool message naming an id no call has, or following a user message, was
+    # rendered as the answer to a call (this template writes its id into the prompt) and answered 200; OpenAI refuses
+    # both. Refused naming the message and the calls it could answer, on the chat route and /tokenize alike
+    user, assistant = HISTORY[1], HISTORY[2]
+    calls = {**assistant, "tool_calls": [{**assistant["tool_calls"][0], "id": i} for i in ("c1", "c2")]}
+    tool = {"role": "tool", "tool_call_id": "c1", "content": "sunny"}
+    for messages, words in (([user, calls, {**tool, "tool_call_id": "c3"}], ("message 2", "'c3'", "'c1', 'c2'")),
+                            ([user, tool], ("message 1", "'c1'", "answers no tool call")),
+                            ([user, calls, tool, user, {**tool, "tool_call_id": "c2"}], ("message 4", "'c2'"))):
+        _refused(server, {"messages": messages}, "messages", *words)
+        got, answer = call(server.url + "/tokenize", "POST", {"model": "a0", "messages": messages})
+        assert_error(got, answer, 400, words=words)
+    # the calls answered in any order, each tool message after the calls or after another answer: served
+    answered = [user, calls, {**tool, "tool_call_id": "c2"}, tool, HISTORY[4]]
+    status, answer = call(server.url + "/v1/chat/completions", "POST",
+                          {"model": "a0", "messages": answered, "max_tokens": 1})
+    assert status == 200, answer
+
+
 def test_arguments_are_read_by_the_bodys_json_rules(server):
     # an assistant call's arguments are JSON inside the body's JSON: what the body may not hold (a lone surrogate
     # escape: a 500 from the tokenizer before; NaN, Infinity, a key twice: taken before) is a 400 naming the call

@@ -146,6 +146,23 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             "line 11: tools: key 'type' appears twice in one object (which one is meant?); expected a list of tools"))
 
 
+def test_a_tool_message_answering_no_call_is_refused_as_serve_refuses_it(tool_model, tmp_path):
+    """A tool message naming an id no call of the assistant message before it has, or following a user message, was
+    trained on as the answer to a call (this template writes the id into the prompt); serve refuses such a
+    conversation (tools.unanswered_tool_message, OpenAI's rule), so training does, by row and message."""
+    user, answer = {"role": "user", "content": "weather in rome?"}, {"role": "assistant", "content": "sunny"}
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    rows = [{"messages": CONVERSATION, "tools": TOOLS},
+            {"messages": [user, CONVERSATION[2], {**tool, "tool_call_id": "call_2"}, answer]},
+            {"messages": [user, tool, answer]},
+            {"messages": [user, CONVERSATION[2], user, tool, answer]}]
+    refused_conversations(write_jsonl(tmp_path / "unanswered.jsonl", rows), _tokenizer(tool_model), tool_model, (
+        "line 2: messages[2].tool_call_id: 'call_2' is not the id of a call of the assistant message it answers "
+        "(its calls: 'call_1')",
+        "line 3: messages[1].tool_call_id: 'call_1' answers no tool call",
+        "line 4: messages[3].tool_call_id: 'call_1' answers no tool call"))
+
+
 def test_tool_conversations_train_without_the_serving_packages(tool_model, tmp_path):
     """A call's arguments are read by the server's JSON rules (``serving.wire.read_json``), whose module also held a
     pydantic type: in an install without the serve extra (no pydantic) reading such a row was a ModuleNotFoundError.
