@@ -134,11 +134,15 @@ def tools_problems(tools: Any, field: str = "tools") -> list[str]:
     return problems[:20]
 
 
-def tool_calls_problems(calls: Any, field: str) -> list[str]:
+def tool_calls_problems(calls: Any, field: str, *, openai_shape: bool = True) -> list[str]:
     """What is wrong with an assistant message's ``tool_calls`` (``field``: its path, ``messages[2].tool_calls``):
     a list of at most :data:`MAX_TOOLS` ``{"id", "type": "function", "function": {"name", "arguments"}}``,
     ``arguments`` a string holding a JSON object (OpenAI's shape; what :func:`template_tool_calls` gives the
-    template as a dict). At most 20 problems are listed."""
+    template as a dict). At most 20 problems are listed.
+
+    ``openai_shape=False`` (training data) also takes the shape transformers' tool-use guide writes, as many
+    tool-calling data sets do: ``arguments`` the JSON object itself, no ``id`` (a template that writes ids writes
+    what it writes for none). A request's calls are what a client sends back of an answer, so serve keeps OpenAI's."""
     if not isinstance(calls, list):
         return [f"{field}: must be a list of tool calls, got {show_json_value(calls)}"]
     if len(calls) > MAX_TOOLS:
@@ -151,10 +155,11 @@ def tool_calls_problems(calls: Any, field: str) -> list[str]:
                             f"\"arguments\"}}}}, got {show_json_value(call)}")
             continue
         problems += _unknown_fields(where, call, {"id", "type", "function", "index"}, "a tool call")
-        if not isinstance(call.get("id"), str):
+        if not isinstance(call.get("id"), str) and (openai_shape or call.get("id") is not None):
             problems.append(f"{where}.id: must be a string (the id a tool message answers), got "
                             f"{show_json_value(call.get('id'))}")
-        elif (problem := lone_surrogate_problem(call["id"])) is not None:  # the template writes it into the prompt
+        elif call.get("id") is not None and (problem := lone_surrogate_problem(call["id"])) is not None:
+            # the template writes it into the prompt
             problems.append(f"{where}.id: {problem}")
         if call.get("type", "function") != "function":
             problems.append(f"{where}.type: must be \"function\", got {show_json_value(call.get('type'))}")
@@ -168,12 +173,20 @@ def tool_calls_problems(calls: Any, field: str) -> list[str]:
         if problem:
             problems.append(problem)
         arguments = function.get("arguments")
-        if not isinstance(arguments, str):
-            problems.append(f"{where}.function.arguments: must be a string of JSON (OpenAI's shape, as the answer "
-                            f"gave it), got {show_json_value(arguments)}")
+        as_object = isinstance(arguments, dict) and not openai_shape
+        if as_object:  # read as the string it stands for would be
+            arguments = _json_text(arguments) or arguments
+        if isinstance(arguments, dict) and not openai_shape:
+            problems.append(f"{where}.function.arguments: must be a JSON object, got {show_json_value(arguments)}")
+        elif not isinstance(arguments, str):
+            shapes = "a string of JSON (OpenAI's shape, as the answer gave it)" if openai_shape else \
+                "a JSON object, or a string of one (OpenAI's shape)"
+            problems.append(f"{where}.function.arguments: must be {shapes}, got {show_json_value(arguments)}")
         else:
             value, why = _read_json(arguments)
             if why is not None:  # read as the body is read: what the body may not hold, its arguments may not either
+                if as_object:
+                    why = why.replace("a JSON object written as a string", "a JSON object")
                 problems.append(f"{where}.function.arguments: {why}")
             elif not isinstance(value, dict):
                 problems.append(f"{where}.function.arguments: must be a JSON object written as a string, got "
@@ -220,23 +233,39 @@ def _json_object(text: str) -> Any:
         return None
 
 
+def _json_text(value: Any) -> str | None:
+    """``value`` (an object read from a data file) written as JSON, or None when it has no JSON form."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
 def template_tool_calls(calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """An assistant message's checked ``tool_calls`` as the chat template reads them: ``arguments`` parsed into a
-    dict, as vLLM passes them (transformers' convention: templates write ``arguments | tojson``)."""
-    return [{"id": call["id"], "type": "function",
-             "function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}}
-            for call in calls]
+    dict, as vLLM passes them (transformers' convention: templates write ``arguments | tojson``); arguments already
+    an object (training data in transformers' shape) as they are; ``id`` only when the call has one."""
+    rendered = []
+    for call in calls:
+        arguments = call["function"]["arguments"]
+        function = {"name": call["function"]["name"],
+                    "arguments": json.loads(arguments) if isinstance(arguments, str) else arguments}
+        rendered.append({**({"id": call["id"]} if call.get("id") is not None else {}), "type": "function",
+                         "function": function})
+    return rendered
 
 
-def message_tool_problems(role: str, has_content: bool, tool_calls: Any, tool_call_id: Any) -> list[str]:
+def message_tool_problems(role: str, has_content: bool, tool_calls: Any, tool_call_id: Any, *,
+                          openai_shape: bool = True) -> list[str]:
     """What is wrong with how one message uses the tool fields (a chat request's message, a training conversation's),
     ``tool_calls`` and ``tool_call_id`` already checked for their own shape (None: absent): tool calls only on an
-    assistant message, a tool message naming the call it answers, ``tool_call_id`` only on a tool message, and text
-    or tool calls in every message."""
+    assistant message, a tool message naming the call it answers (``openai_shape=False``, training data in the
+    shape transformers documents: it may name none), ``tool_call_id`` only on a tool message, and text or tool calls
+    in every message."""
     problems = []
     if tool_calls is not None and role != "assistant":
         problems.append(f"tool_calls: only an assistant message carries tool calls, not a {role} message")
-    if role == "tool" and tool_call_id is None:
+    if role == "tool" and tool_call_id is None and openai_shape:
         problems.append("tool_call_id: a tool message must name the tool call it answers (the id of a call in an "
                         "earlier assistant message's tool_calls)")
     if tool_call_id is not None and role != "tool":
@@ -261,12 +290,12 @@ def unanswered_tool_message(conversation: Sequence[tuple[str, Any, Any]]) -> tup
     for index, (role, tool_calls, call_id) in enumerate(conversation):
         if role != "tool":
             calls = [call.get("id") for call in tool_calls] if role == "assistant" and tool_calls else None
-        elif call_id is None:  # message_tool_problems' refusal
-            continue
         elif calls is None:
-            return index, (f"tool_call_id: {show_json_value(call_id)} answers no tool call: a tool message follows "
-                           "the assistant message whose tool_calls it answers (or another tool message answering "
-                           "them), as OpenAI requires")
+            what = f"tool_call_id: {show_json_value(call_id)}" if call_id is not None else "role: this tool message"
+            return index, (f"{what} answers no tool call: a tool message follows the assistant message whose "
+                           "tool_calls it answers (or another tool message answering them), as OpenAI requires")
+        elif call_id is None:  # training data in transformers' shape names no call: it answers the calls before it
+            continue
         elif call_id not in calls:
             shown = ", ".join(show_json_value(c) for c in calls[:5]) + (", ..." if len(calls) > 5 else "")
             return index, (f"tool_call_id: {show_json_value(call_id)} is not the id of a call of the assistant "

@@ -33,7 +33,7 @@ their line numbers, an empty file) and raises one :class:`~bca_deploy.training.e
 from __future__ import annotations
 
 import collections
-import array
+from array import array as typed_array
 import csv
 import errno
 import hashlib
@@ -1478,7 +1478,8 @@ def _conversation_problem(value: Any, column: str) -> str | None:
             got = "none" if "role" not in message else repr(role)[:40]
             return f"{where}.role must be one of {', '.join(map(repr, CHAT_ROLES))}, got {got}"
         calls = _tool_calls(message)
-        if calls is not None and (problems := tool_calls_problems(calls, f"{where}.tool_calls")):
+        # transformers' documented shape (arguments an object, no ids) as well as OpenAI's: what data sets hold
+        if calls is not None and (problems := tool_calls_problems(calls, f"{where}.tool_calls", openai_shape=False)):
             return "; ".join(problems)
         for key in ("tool_call_id", "name"):  # strings the template may write into the prompt, as serve takes them
             field = message.get(key)
@@ -1494,7 +1495,7 @@ def _conversation_problem(value: Any, column: str) -> str | None:
         content, problem = content_text(content)  # text parts joined as serve joins them
         if problem is not None:
             return f"{where}.content: {problem}"
-        problems = message_tool_problems(role, content is not None, calls, call_id)
+        problems = message_tool_problems(role, content is not None, calls, call_id, openai_shape=False)
         if problems:
             return "; ".join(f"{where}.{p}" for p in problems)
         text = _text_problem(content, f"{where}.content", allow_empty=True) if content is not None else None
@@ -1795,7 +1796,7 @@ class TokenizedDataset:
 
         def add(values: Sequence[int] | Sequence[float], typecode: str = "q") -> None:
             digest.update(len(values).to_bytes(8, "little"))  # delimits one example's list from the next
-            digest.update(array.array(typecode, values).tobytes())
+            digest.update(typed_array(typecode, values).tobytes())
 
         for i in range(len(self.input_ids)):
             add(self.input_ids[i])

@@ -99,6 +99,36 @@ def test_tool_conversations_train_as_transformers_renders_them_with_tools(tool_m
                        'sunny in rome</s>')
 
 
+#: The same conversation in the shape transformers' tool-use guide writes (as many tool-calling data sets do):
+#: the arguments an object, no call ids, the tool message naming the function instead of a call id.
+TRANSFORMERS_SHAPE = [CONVERSATION[0], CONVERSATION[1],
+                      {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                          "name": "lookup", "arguments": {"city": "rome"}}}]},
+                      {"role": "tool", "name": "lookup", "content": "sunny"},
+                      CONVERSATION[4]]
+
+
+def test_tool_conversations_in_transformers_shape_train_as_transformers_renders_them(tool_model, tmp_path):
+    """Data sets written for transformers' chat templates hold calls without ids and their arguments as
+    objects: they were refused ('id: must be a string', 'arguments: must be a string of JSON'), so such a data set
+    could not be trained on. Rendered as transformers renders those messages (the reference: apply_chat_template of
+    the row as it stands); a tool message still has to follow the calls it answers."""
+    tokenizer = _tokenizer(tool_model)
+    ids, labels = _reference(tokenizer, TRANSFORMERS_SHAPE, TOOLS)
+    assert tokenizer.decode(ids).count("<tool_response>") == 1 and '"arguments": {"city": "rome"}' in tokenizer.decode(ids)
+    path = write_jsonl(tmp_path / "trl.jsonl", [{"messages": TRANSFORMERS_SHAPE, "tools": TOOLS}])
+    examples, data = load_dataset(path, "causal-lm", tokenizer, 1024, model=tool_model)
+    assert data.input_ids == [ids] and data.labels == [labels]
+    assert examples.tool_call_turns == 1 and examples.tool_call_parsers == ("hermes",)
+    bad = [{"messages": TRANSFORMERS_SHAPE, "tools": TOOLS},
+           {"messages": [CONVERSATION[1], TRANSFORMERS_SHAPE[3], CONVERSATION[4]]},
+           {"messages": [CONVERSATION[1], {**TRANSFORMERS_SHAPE[2], "tool_calls": [
+               {"type": "function", "function": {"name": "lookup", "arguments": {"city": float("nan")}}}]}]}]
+    refused_conversations(write_jsonl(tmp_path / "bad.jsonl", bad), tokenizer, tool_model, (
+        "line 2: messages[1].role: this tool message answers no tool call",
+        "line 3: messages[1].tool_calls[0].function.arguments: must be a JSON object: "))
+
+
 def test_tool_conversations_read_from_parquet(tool_model, tmp_path):
     """Parquet: messages a list of structs (a message's absent fields null), tools a JSON string column."""
     pa = pytest.importorskip("pyarrow")
@@ -123,7 +153,7 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             {"messages": [user, {"role": "tool", "content": "sunny"}, answer]},
             {"messages": [{**user, "tool_calls": CONVERSATION[2]["tool_calls"]}, answer]},
             {"messages": [user, call("{not json"), answer]},
-            {"messages": [user, call({"city": "rome"}), answer]},
+            {"messages": [user, call(["rome"]), answer]},
             {"messages": [user, answer], "tools": {"name": "lookup"}},
             {"messages": [user, answer], "tools": "[{not json"},
             {"messages": [user, answer], "tools": [{"type": "function", "function": {"name": "no spaces"}}]},
@@ -133,10 +163,12 @@ def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
             {"messages": [user, answer], "tools": '[{"type": "function", "type": "function"}]'}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     refused_conversations(path, _tokenizer(tool_model), tool_model, (
-            "line 2: messages[1].tool_call_id: a tool message must name the tool call it answers",
+            "line 2: messages[1].role: this tool message answers no tool call: a tool message follows the assistant "
+            "message whose tool_calls it answers",
             "line 3: messages[0].tool_calls: only an assistant message carries tool calls, not a user message",
             "line 4: messages[1].tool_calls[0].function.arguments: must be a JSON object written as a string",
-            "line 5: messages[1].tool_calls[0].function.arguments: must be a string of JSON",
+            "line 5: messages[1].tool_calls[0].function.arguments: must be a JSON object, or a string of one "
+            "(OpenAI's shape), got a list ['rome']",
             "line 6: tools: must be a list of tools",
             "line 7: tools: not valid JSON (Expecting property name enclosed in double quotes",
             "line 8: tools[0].function.name: 'no spaces' is not a function name",
