@@ -244,6 +244,11 @@ class TaskSpec:
             out.append("task.head.id2label values must be strings (valid UTF-8 text)")
         elif any(len(v) > MAX_LABEL_CHARS for v in head.id2label.values()):
             out.append(f"task.head.id2label values must be label names of at most {MAX_LABEL_CHARS} characters")
+        elif repeated := _repeated_label(head.id2label):
+            # label2id, the inverse, cannot show it (a name twice keeps one of its classes there, as written), and a
+            # classifier's answer keys its scores by name: one class's score was dropped without a word
+            out.append(f"task.head.id2label names must be distinct (an answer's scores are keyed by label name): "
+                       f"{repeated}")
         elif {v: k for k, v in head.id2label.items()} != head.label2id:
             out.append("task.head.label2id must be the inverse of id2label (label names must be unique)")
         if head.problem_type is not None and head.problem_type not in PROBLEM_TYPES:
@@ -885,6 +890,17 @@ def show_names(names: Sequence[str], limit: int = 8) -> str:
     if len(names) <= limit:
         return repr(names)
     return f"{repr(names[:limit])[:-1]}, ...] ({len(names):,} in all)"
+
+
+def _repeated_label(id2label: dict[int, str]) -> str | None:
+    """The first label name ``id2label`` gives two classes, as ``'name' names classes i and j``; None if none."""
+    first: dict[str, int] = {}
+    for index in sorted(id2label):
+        name = id2label[index]
+        if name in first:
+            return f"{show_json_value(name)} names classes {first[name]} and {index}"
+        first[name] = index
+    return None
 
 
 def show_json_value(value: Any, limit: int = 80) -> str:

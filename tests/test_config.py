@@ -101,6 +101,9 @@ def test_adapters_without_task_still_load(tmp_path):
         ({"num_labels": 10**9}, "num_labels must be an integer"),
         ({"id2label": {0: "neg"}, "label2id": {"neg": 0}}, r"id2label must name every class 0..1"),
         ({"label2id": {"neg": 1, "pos": 0}}, "label2id must be the inverse of id2label"),
+        # label2id built from id2label (as transformers builds it) keeps one class of a name given twice
+        ({"id2label": {0: "dup", 1: "dup"}, "label2id": {"dup": 1}}, "id2label names must be distinct .*'dup' names "
+                                                                     "classes 0 and 1"),
         ({"modules": ["score"]}, r"task.head.modules \['score'\] are not in modules_to_save"),
         ({"problem_type": "ranking"}, "problem_type 'ranking'"),
     ],

@@ -213,6 +213,25 @@ def test_a_head_registered_at_run_time(heads):
     _check_rows(session.classify(rows[:1], ["pos2"]), rows[:1], ["late5"], heads["models"], labels)
 
 
+def test_a_head_naming_two_classes_alike_is_refused_at_load(heads, tmp_path):
+    """An adapter whose id2label gives two classes one name (label2id built from it, as transformers builds it, keeps
+    one of them) was loaded, and its answers keyed the scores by name: classes 1 and 2 both 'dup', the answer said
+    "label": "dup" with class 1's score while "scores" held class 2's alone, class 1 gone. Refused at load, naming the
+    name and its classes (the adapter config's rule, as the bank record's HeadLabels already held it)."""
+    from bca_deploy.errors import AdapterFormatError
+    from bca_deploy.serving import MultiAdapterSession
+
+    twice = shutil.copytree(heads["dirs"]["tri3"], tmp_path / "twice")
+    config = json.loads((twice / "adapter_config.json").read_text())
+    config["task"]["head"]["id2label"] = {"0": "red", "1": "dup", "2": "dup"}
+    config["task"]["head"]["label2id"] = {"red": 0, "dup": 2}
+    (twice / "adapter_config.json").write_text(json.dumps(config))
+    session = MultiAdapterSession(heads["onnx"])
+    with pytest.raises(AdapterFormatError, match=r"id2label names must be distinct .*'dup' names classes 1 and 2"):
+        session.register("twice", twice)
+    assert "twice" not in [a.name for a in session.adapters()]
+
+
 def test_a_head_wider_than_max_labels_is_refused_and_the_label_axis_narrows_again(heads, tmp_path):
     """One adapter of 100,000 labels (within the format's limit) made every tenant's rows compute 100,000 labels from
     its load on, unload included (23 -> 174 ms for another tenant's 8 rows), and a 64-row answer 337 MB (helper-61).
