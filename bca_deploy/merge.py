@@ -756,13 +756,9 @@ def _read_checkpoint(model_dir: Path) -> _Checkpoint:
         there = [p for p in (single, index_path) if os.path.lexists(p)]
         if there:  # a FIFO, a device, a directory, a link to nothing: said as what it is, not taken for absent (the
             # message said "no model.safetensors ...; it has model.safetensors: convert the checkpoint to safetensors")
-            def what(path: Path) -> str:
-                why = why_not_readable(path)
-                return f"a symbolic link that leads to no file ({why})" if not path.exists() else why
+            from .models import weights_file_problem
 
-            raise CheckpointFormatError("; ".join(
-                f"{p}: {what(p)}, expected {'a safetensors file' if p == single else 'a JSON index of shards'}"
-                for p in there))
+            raise CheckpointFormatError("; ".join(filter(None, map(weights_file_problem, there))))
         others = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
         hint = adapter_as_model_hint(model_dir) or ((
             f"; it has {', '.join(others)}: convert the checkpoint to safetensors first "

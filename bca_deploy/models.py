@@ -55,6 +55,7 @@ __all__ = [
     "require_config_fits_weights",
     "MAX_CONFIG_COUNT",
     "require_readable_weights",
+    "weights_file_problem",
     "load_model",
     "adapter_name_of",
     "adapter_names",
@@ -541,14 +542,37 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
+def weights_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a weights file (or shard index) there by name that is not a regular file, for a message
+    naming it ("<path>: a named pipe (FIFO), not a regular file, expected a safetensors file"; a link to nothing, a
+    cache's missing blob, says so); None for a regular file. The one rule merge, train, evaluate, export and validate
+    refuse such a file by, as a :class:`CheckpointFormatError` (exit code 2), before anything reads it."""
+    from .errors import why_not_readable
+
+    path = Path(path)
+    if path.is_file():
+        return None
+    why = why_not_readable(path)
+    what = f"a symbolic link that leads to no file ({why})" if os.path.islink(path) and not path.exists() else why
+    expected = ("a JSON index of shards" if path.name.endswith(".index.json") else
+                "a safetensors file" if path.suffix == ".safetensors" else "a PyTorch weights file")
+    return f"{path}: {what}, expected {expected}"
+
+
 def require_readable_weights(model_dir: str | Path) -> None:
-    """Raise the ``PermissionError`` naming a weights file (or shard index) of ``model_dir`` this user may not read:
-    transformers reports one as "No such file or directory". Every loader of a checkpoint calls it first."""
+    """Refuse ``model_dir``'s weights files (and shard indexes) that are not regular files (a named pipe, a device, a
+    directory, a link to nothing: :func:`weights_file_problem`, a :class:`CheckpointFormatError` naming each), then
+    raise the ``PermissionError`` naming one this user may not read: transformers reports one as "No such file or
+    directory", and blocks for ever on a pipe. Every loader of a checkpoint calls it first."""
     if not Path(model_dir).is_dir():
         return  # what is missing is for the loader to say
-    for path in sorted(Path(model_dir).iterdir()):
-        if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
-            require_readable(path)
+    paths = [path for path in sorted(Path(model_dir).iterdir())
+             if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")]
+    problems = [problem for problem in map(weights_file_problem, paths) if problem]
+    if problems:
+        raise CheckpointFormatError("; ".join(problems))
+    for path in paths:
+        require_readable(path)
 
 
 def load_base(

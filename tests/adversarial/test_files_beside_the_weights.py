@@ -214,6 +214,36 @@ def test_weights_there_but_not_a_file_are_refused_by_merge_as_what_they_are(made
     assert result.exit_code == 2 and f"Error: {weights}: {said}" in result.output, result.output
 
 
+@pytest.mark.parametrize("kind, said", [("fifo", "a named pipe (FIFO), not a regular file"),
+                                        ("dangling-link", "a symbolic link that leads to no file")])
+def test_weights_there_but_not_a_file_are_refused_by_every_command_as_train_and_merge_refuse_them(made, tmp_path,
+                                                                                                kind, said):
+    """evaluate, export and validate exited 1 (the operating-system error path) on a model.safetensors that is a pipe
+    or a link to nothing, where train and merge exit 2 naming the file: every command refuses it by one rule
+    (models.weights_file_problem), with the same message and exit code, before anything is read or written."""
+    model_dir = _copy(made, "tokenized", tmp_path)
+    weights = model_dir / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights) if kind == "fifo" else weights.symlink_to(tmp_path / "gone")
+    data = tmp_path / "data.tsv"
+    data.write_text("sentence\tlabel\n" + "a b c\t0\nb c d\t1\n" * 4)
+    out = tmp_path / "out"
+    commands = {
+        "train": ["train", "--model", model_dir, "--data", data, "--out", out, "--max-steps", 1, "--block-size", 8,
+                  "--no-progress"],
+        "evaluate": ["evaluate", "--model", model_dir, "--adapter", made / "adapter", "--data", data],
+        "export": ["export", "--model", model_dir, "--adapter", made / "adapter", "--merge", "--out", out],
+        "export --bank": ["export", "--model", model_dir, "--adapter", made / "adapter", "--bank", "--out", out],
+        "merge": ["merge", "--model", model_dir, "--adapter", made / "adapter", "--out", out],
+        "validate": ["validate", "--onnx", made / "onnx", "--model", model_dir, "--adapter", made / "adapter"],
+    }
+    for name, args in commands.items():
+        result = _run(args)
+        assert result.exit_code == 2 and f"{weights}: {said}" in result.output \
+            and "expected a safetensors file" in result.output, (name, result.output)
+        assert not out.exists(), name
+
+
 def test_a_config_transformers_cannot_build_is_merged_with_a_warning(made, tmp_path):
     from bca_deploy.merge import merge_checkpoint
 
