@@ -1038,6 +1038,9 @@ class BankRecord:
         for field, value in (("base_model_prefix", prefix), ("model_type", model_type)):
             if not isinstance(value, (str, type(None))):
                 problems.append(f"bank.{field} must be a string or null, got {type(value).__name__}")
+        if model_type == "":  # read as "no type": any adapter's fit check passed it
+            problems.append("bank.model_type must be the model type the graph was exported from (config.json's "
+                            "model_type, such as 'bert') or null, got ''")
         head = base_labels = base_file = None
         adapter_labels: dict[str, HeadLabels | None] = {}
         raw_head = data.get("head")

@@ -116,9 +116,35 @@ def read_export_metadata(export_dir: str | Path) -> ExportMetadata | None:
             bank = BankRecord.from_dict(data["bank"])
         except ValueError as exc:
             problems.append(str(exc))
+        else:
+            problem = _bank_model_type_problem(Path(export_dir), bank.model_type)
+            if problem:
+                problems.append(problem)
     if problems:
         raise ExportMetadataError(f"{path}: malformed export metadata: {'; '.join(problems)}")
     return ExportMetadata(path, task, dtype, merged, bank, data)
+
+
+def _bank_model_type_problem(export_dir: Path, model_type: str | None) -> str | None:
+    """Why ``bank.model_type`` (the type of the model the bank's graph was exported from, which every adapter
+    registered on it must have been trained on) is not the ``model_type`` of the ``config.json`` the export ships
+    beside the graph, or None. Edited (``"bert"`` -> ``"llama"``), it refused every adapter as trained on the wrong
+    model ("base model_type is 'bert' but the bank graph is 'llama'"); emptied, it let any be registered. Nothing is
+    compared where the export has no readable config.json (its reader names that) or the bank records no type."""
+    from bca_deploy.config import model_identity
+
+    config = export_dir / "config.json"
+    if model_type is None or not config.is_file():
+        return None
+    try:
+        shipped = model_identity(export_dir)[0]
+    except (OSError, ValueError):  # a malformed config.json: refused by name where it is read (the session's config)
+        return None
+    if shipped is None or shipped == model_type:
+        return None
+    return (f"bank.model_type is {printable(repr(model_type)[:60])}, but the graph was exported from a "
+            f"{printable(repr(shipped)[:60])} model (model_type in {config} beside it): one of the two files was "
+            "edited or comes from another export; re-export the bank (bca-deploy export --bank)")
 
 
 def write_export_metadata(directory: Path, model_dir: Path, adapter_dirs: Sequence[Path], task: str, opset: int,

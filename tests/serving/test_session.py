@@ -186,6 +186,38 @@ def test_hostile_export_metadata_is_refused_naming_the_file(tmp_path, bert):
     assert "NOT servable" in result.output and "serve with" not in result.output, result.output
 
 
+@pytest.mark.parametrize("model_type", ["llama", ""])
+def test_a_bank_model_type_edited_away_from_the_shipped_config_is_refused_naming_both_files(tmp_path, bert,
+                                                                                            model_type):
+    """bank.model_type edited in bca_export.json ("bert" -> "llama") made every registration fail as the adapter's
+    fault ("base model_type is 'bert' but the bank graph is 'llama'") while serve started; emptied, any adapter was
+    registered unchecked. The export is refused where its metadata is read (serve, register, validate, inspect),
+    naming the file, the field and the config.json the graph ships with."""
+    import json
+
+    from click.testing import CliRunner
+
+    from bca_deploy.cli import main
+    from bca_deploy.exporters.errors import ExportMetadataError
+
+    directory = tmp_path / "bank"
+    shutil.copytree(bert["onnx"], directory)
+    meta = json.loads((directory / "bca_export.json").read_text())
+    assert meta["bank"]["model_type"] == "bert"
+    meta["bank"]["model_type"] = model_type
+    (directory / "bca_export.json").write_text(json.dumps(meta))
+    needle = (f"bank.model_type is 'llama', but the graph was exported from a 'bert' model (model_type in "
+              f"{directory / 'config.json'} beside it)" if model_type else
+              "bank.model_type must be the model type the graph was exported from (config.json's model_type, such as "
+              "'bert') or null, got ''")
+    with pytest.raises(ExportMetadataError) as caught:
+        MultiAdapterSession(directory).register("again", bert["adapters"]["a0"])
+    assert str(caught.value).startswith(f"{directory / 'bca_export.json'}: ") and needle in str(caught.value), \
+        str(caught.value)
+    result = CliRunner().invoke(main, ["inspect", str(directory)])
+    assert result.exit_code == 2 and needle in result.output, result.output
+
+
 def test_an_adapter_file_holding_tensors_the_graph_has_no_input_for_is_refused(tmp_path, bert):
     """A bank exported before the digests were recorded (or one whose digests were rewritten) with a file of
     another export (another block size: its kernels are no input of this graph) had those tensors dropped, and the
