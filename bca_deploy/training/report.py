@@ -23,7 +23,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     """``accuracy 0.8331, f1 0.8412, loss 0.3811, n 872``: rounded, in a stable order."""
     parts = []
     for name, value in metrics.items():
-        if isinstance(value, float):
+        if value is None:  # a number that was not finite, as train_result.json holds it
+            parts.append(f"{name} n/a")
+        elif isinstance(value, float):
             parts.append(f"{name} {value:.{_DECIMALS.get(name, 4)}f}")
         else:
             parts.append(f"{name} {value:,}" if isinstance(value, int) else f"{name} {value}")
@@ -130,7 +132,9 @@ def _q(path: Any) -> str:
 def final_summary(result: TrainResult, model_dir: str | Path | None, eval_data: str | Path | None = None) -> str:
     """Where the adapter went, the metrics (rounded), and the next commands with the real paths."""
     lines = [f"done: {result.step} steps in {format_duration(result.train_seconds)} "
-             f"({result.samples_per_second:.1f} samples/s), final train loss {result.train_loss:.4f}"]
+             f"({result.samples_per_second:.1f} samples/s), final train loss "
+             + (f"{result.train_loss:.4f}" if result.train_loss is not None else
+                f"not recorded (no step trained now, and train_log.jsonl records no loss for step {result.step})")]
     if result.final_metrics:
         best = f" (best {result.metric} {result.best_metric:.4f} at step {result.best_step})" \
             if result.best_metric is not None else ""

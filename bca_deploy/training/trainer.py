@@ -141,7 +141,9 @@ class TrainResult:
         best_metric / best_step: its best value and the step it was reached.
         final_metrics: evaluation metrics at the last step (None without evaluation data).
         history: every evaluation, ``{"step": s, **metrics}``.
-        train_loss: mean training loss over the last logging window.
+        train_loss: mean training loss over the last logging window; a resume that trained no step (the run was
+            at --max-steps already) keeps the one ``train_log.jsonl`` records for its step, else None (written as
+            null, as every number that is not finite: JSON has no NaN, and the next resume reads this file back).
         samples_per_second / tokens_per_second: training throughput of this invocation (all ranks,
             evaluation and checkpoint time excluded; tokens are non-padding tokens).
         train_seconds: time spent in training steps in this invocation.
@@ -165,7 +167,7 @@ class TrainResult:
     best_step: int | None
     final_metrics: dict[str, float] | None
     history: list[dict[str, Any]]
-    train_loss: float
+    train_loss: float | None
     samples_per_second: float
     tokens_per_second: float
     train_seconds: float
@@ -188,7 +190,20 @@ class TrainResult:
         return self.best_dir if self.best_dir is not None else self.last_dir
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        """The fields as ``train_result.json`` holds them: paths as strings, numbers that are not finite (a metric
+        undefined on the data, such as the Pearson correlation of constant predictions) as None."""
+        return _finite_or_none(json.loads(json.dumps(dataclasses.asdict(self), default=str)))
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` (parsed JSON) with every float that is not finite replaced by None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 # ---- optimisation ---------------------------------------------------------------------------------
@@ -271,20 +286,25 @@ def _is_number(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
+def _is_number_or_none(value: Any) -> bool:
+    """A number, or None where :meth:`TrainResult.to_dict` wrote one that is not finite (or none was recorded)."""
+    return value is None or _is_number(value)
+
+
 def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
 #: Every field of ``train_result.json`` and what it must hold for a finished resume to print it (null allowed only
-#: where :class:`TrainResult` allows None).
+#: where :class:`TrainResult` allows None, or :meth:`TrainResult.to_dict` writes it for a number that is not finite).
 _RESULT_FIELDS: dict[str, Callable[[Any], bool]] = {
     "out_dir": lambda v: isinstance(v, str), "last_dir": lambda v: isinstance(v, str),
     "best_dir": lambda v: v is None or isinstance(v, str), "step": _is_count, "metric": lambda v: isinstance(v, str),
-    "best_metric": lambda v: v is None or _is_number(v), "best_step": lambda v: v is None or _is_count(v),
-    "final_metrics": lambda v: v is None or (isinstance(v, dict) and all(map(_is_number, v.values()))),
+    "best_metric": _is_number_or_none, "best_step": lambda v: v is None or _is_count(v),
+    "final_metrics": lambda v: v is None or (isinstance(v, dict) and all(map(_is_number_or_none, v.values()))),
     "history": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
-    **dict.fromkeys(("train_loss", "samples_per_second", "tokens_per_second", "train_seconds", "train_cpu_seconds"),
-                    _is_number),
+    "train_loss": _is_number_or_none,
+    **dict.fromkeys(("samples_per_second", "tokens_per_second", "train_seconds", "train_cpu_seconds"), _is_number),
     "peak_memory_bytes": _is_count, "peak_memory_kind": lambda v: isinstance(v, str),
     "trainable_parameters": lambda v: isinstance(v, dict) and all(_is_count(v.get(k)) for k in ("adapter", "head")),
     "world_size": _is_count, "device": lambda v: isinstance(v, str), "precision": lambda v: isinstance(v, str),
@@ -429,6 +449,7 @@ class _TrainingRun:
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self.saved_step: int | None = None  # the step of the checkpoint in --out/last (None: none of this run's yet)
+        self.logged_loss: float | None = None  # the loss train_log.jsonl records for the step resumed from
         self.printer = _Printer(enabled=cfg.progress and d.is_main)
         self.sharding = sharding_source(cfg.fsdp)
         ignored = ignored_accelerate_settings()
@@ -944,7 +965,7 @@ class _TrainingRun:
             self.history = history
             self.resumed_from = self.saved_step = self.step
             if self.d.is_main:
-                _trim_log(self.out / LOG_FILE, self.step)
+                self.logged_loss = _trim_log(self.out / LOG_FILE, self.step)
         random.seed(cfg.seed + self.d.rank)
         torch.manual_seed(cfg.seed + self.d.rank)  # dropout differs per rank, repeatable per seed
         if state is not None:
@@ -1060,7 +1081,8 @@ class _TrainingRun:
         self.samples = self.tokens = 0
         window_loss: list[float] = []
         window_tokens, window_time = 0, 0.0
-        self.last_loss = float("nan")
+        # a resume with no step left to train reports the loss its last logging window recorded
+        self.last_loss: float | None = self.logged_loss
         self.initial_loss: float | None = None
         self.final_metrics = None
         bar = self.printer.bar(cfg.max_steps, self.step)
@@ -1116,7 +1138,7 @@ class _TrainingRun:
                                "tokens_per_s": window_tokens / window_time if window_time else 0.0,
                                "epoch": self.micro / self.batches_per_epoch})
                     window_loss, window_tokens, window_time = [], 0, 0.0
-                self.printer.update(bar, self.last_loss if math.isfinite(self.last_loss) else step_loss, lrs)
+                self.printer.update(bar, self.last_loss if self.last_loss is not None else step_loss, lrs)
                 self._after_step(logs, save_every)
                 if self.on_step is not None:
                     self.on_step(self.step, logs)
@@ -1132,7 +1154,8 @@ class _TrainingRun:
         """Say so when the training loss ended far above where it started: the run diverged without reaching NaN
         (a learning rate far too high), and its adapter is worse than none."""
         start, end = self.initial_loss, self.last_loss
-        if not self.d.is_main or start is None or not math.isfinite(end) or end <= max(3 * start, start + 1):
+        if not self.d.is_main or start is None or end is None or not math.isfinite(end) \
+                or end <= max(3 * start, start + 1):
             return
         cfg = self.cfg
         rates = f"--lr {cfg.lr:g}" + (f", --head-lr {cfg.head_lr:g}" if cfg.head_lr is not None else "")
@@ -1251,19 +1274,23 @@ def _termination_interrupts() -> Iterator[_TerminationSignals]:
 _MAX_LOG_BYTES = 1 << 30  # a training log past this (millions of steps) is left as it is on resume
 
 
-def _trim_log(path: Path, step: int) -> None:
+def _trim_log(path: Path, step: int) -> float | None:
     """Drop the records of steps after ``step`` (the resumed checkpoint's) from the log: the resumed run logs those
-    steps again, and the log then reads as an uninterrupted run's. A line cut short by a kill is dropped too."""
+    steps again, and the log then reads as an uninterrupted run's. A line cut short by a kill is dropped too.
+
+    Returns:
+        The training loss the log records for ``step`` (its logging window's mean), None when it records none.
+    """
     from ..errors import open_regular, read_at_most
 
     try:  # a regular file of a plausible size only: a link to /dev/zero filled 22 GB, a FIFO blocked the resume
         with open_regular(path) as handle:
             if os.fstat(handle.fileno()).st_size > _MAX_LOG_BYTES:
-                return
+                return None
             lines = read_at_most(handle, _MAX_LOG_BYTES).decode("utf-8").splitlines(keepends=True)
     except (OSError, UnicodeDecodeError):
-        return
-    kept = []
+        return None
+    kept, loss = [], None
     for line in lines:
         try:
             record = json.loads(line)
@@ -1272,10 +1299,12 @@ def _trim_log(path: Path, step: int) -> None:
             done = False
         if done and line.endswith("\n"):
             kept.append(line)
-    if len(kept) == len(lines):
-        return
-    with contextlib.suppress(OSError):  # a log that cannot be rewritten keeps its extra lines
-        write_text(path, "".join(kept))
+            if record["step"] == step and "loss" in record:
+                loss = record["loss"] if _is_number(record["loss"]) else None
+    if len(kept) != len(lines):
+        with contextlib.suppress(OSError):  # a log that cannot be rewritten keeps its extra lines
+            write_text(path, "".join(kept))
+    return loss
 
 
 def _terminal_size(stream) -> tuple[int, int] | None:

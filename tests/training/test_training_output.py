@@ -446,6 +446,42 @@ def test_resuming_a_finished_run_changes_nothing_and_says_so(files, earlier, cap
     assert "nothing to resume" in capsys.readouterr().err
 
 
+def test_a_finished_runs_result_written_again_keeps_the_logged_loss_and_is_read_back(files, earlier, capsys):
+    """A finished run resumed without its train_result.json (lost, or not this run's) had it written again with the
+    loss NaN ('"train_loss": NaN', which is not JSON): the next resume's reader refused it, so every resume wrote it
+    again. It keeps the loss train_log.jsonl records for the step (null when the log has none, said in the summary),
+    and the next resume reads it back as it stands."""
+    from bca_deploy.training.report import final_summary
+
+    out, before = earlier
+    result_file = out / "train_result.json"
+    recorded = json.loads(before["train_result.json"])["train_loss"]
+
+    def resume():
+        return train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2,
+                            resume=True), on_step=_never)
+
+    for logged in (True, False):
+        if not logged:  # the log's record of step 2 without its loss: nothing to keep
+            log = out / "train_log.jsonl"
+            records = [json.loads(line) for line in log.read_text().splitlines()]
+            log.write_text("".join(json.dumps({k: v for k, v in r.items() if not (r["step"] == 2 and k == "loss")})
+                                   + "\n" for r in records))
+        result_file.unlink()
+        result = resume()
+        text = result_file.read_text()
+        assert "NaN" not in text and json.loads(text)["train_loss"] == (recorded if logged else None), text
+        assert result.train_loss == (recorded if logged else None)
+        summary = final_summary(result, files["bert"], files["small"])
+        assert (f"final train loss {recorded:.4f}" if logged else
+                "final train loss not recorded (no step trained now, and train_log.jsonl records no loss for step 2)") \
+            in summary, summary
+        capsys.readouterr()
+        again = resume()  # reads it back: nothing written
+        assert "nothing to resume; its train_result.json is kept as it was" in capsys.readouterr().err
+        assert result_file.read_text() == text and again.train_loss == result.train_loss
+
+
 _RESUME_IN_A_CHILD = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a reader of /dev/zero fails here, not the machine
