@@ -130,6 +130,14 @@ _UNREAD_MISFIT_BYTES = 16 << 20
 #: about this much whatever its size (a tensor object, its name, its problem line), and 240,000 empty tensors the
 #: config has no place for (a 16 MB header) took 52.8 s and 711 MB to read and refuse (so 4,096 at most are read).
 _MISFIT_READ_COST = 4096
+#: Tensors a file may hold under one ``modules_to_save`` entry (a module saved whole: a classifier head holds 2 to 4,
+#: a whole decoder layer of a large MoE model a few thousand), and under no entry as base weights beyond the adapted
+#: modules' own (resized embeddings). With each adapted module's kernel and base weight and bias, the most tensors an
+#: adapter's file may declare (:func:`adapter_tensor_limit`), checked before any per-tensor work.
+_TENSORS_PER_SAVED_MODULE = 4096
+#: The adapted modules a PEFT C3A config may name where no model says how many layers its target_modules match: more
+#: than any model's linear layers (DeepSeek-V3's 61 layers of 256 experts hold ~47,000).
+_PEFT_MAX_KERNELS = 1 << 16
 
 
 def adapter_state(
@@ -433,6 +441,29 @@ def _output_named_otherwise(model: nn.Module | None) -> str | None:
     return None if model is None else output_layer_named_otherwise(model)
 
 
+def adapter_tensor_limit(data: dict[str, Any], model: nn.Module | None = None) -> tuple[int, str] | None:
+    """``(most tensors, why)`` the weights file of an adapter whose ``adapter_config.json`` is ``data`` may declare:
+    per adapted module its kernel, base weight and bias (a bca-deploy config lists its modules; a PEFT C3A config's
+    target_modules match at most ``model``'s adaptable layers, or :data:`_PEFT_MAX_KERNELS` without one), and
+    :data:`_TENSORS_PER_SAVED_MODULE` per ``modules_to_save`` entry and once more for other base weights. None where
+    the config is too malformed to say (its own error is reported, by the reader of the config)."""
+    saved = data.get("modules_to_save")
+    saved = len(saved) if isinstance(saved, list) else 0
+    if is_peft_config(data):
+        layers = _layer_types(model)
+        modules = len(layers) if layers is not None else _PEFT_MAX_KERNELS
+        what = f"{modules:,} adaptable layers" if layers is not None else f"{modules:,} adapted modules"
+    else:
+        modules = data.get("modules")
+        if not isinstance(modules, dict):
+            return None
+        modules = len(modules)
+        what = f"{modules:,} adapted modules"
+    limit = 3 * modules + _TENSORS_PER_SAVED_MODULE * (saved + 1)
+    return limit, f"its config allows ({what}: a kernel, base weight and bias each; {saved:,} modules_to_save: " \
+                  f"{_TENSORS_PER_SAVED_MODULE:,} tensors each, and as many other base weights)"
+
+
 def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int,
                  model: nn.Module | None, largest_elements: int | None = None) -> AdapterHeader:
     """The config and the header of ``weights`` (``size`` bytes), checked against each other and, with
@@ -440,7 +471,7 @@ def _read_header(directory: Path, data: dict[str, Any], weights: Path, size: int
     from .merge import read_safetensors_header
 
     try:
-        header = read_safetensors_header(weights)
+        header = read_safetensors_header(weights, max_tensors=adapter_tensor_limit(data, model))
     except CheckpointFormatError as exc:  # the one header rule, as an adapter's error (it names the file)
         raise AdapterFormatError(str(exc)) from None
     if is_peft_config(data):  # from_peft checks shapes and dtypes only, before it converts: meta tensors serve

@@ -394,16 +394,47 @@ def test_a_tensor_the_config_has_no_place_for_is_refused_unread(bert_adapter, mo
 
 def test_many_empty_tensors_the_config_has_no_place_for_are_refused_unread(bert_adapter, monkeypatch):
     """An empty tensor declares 0 bytes, which was taken as fitting its room of 0: 240,000 of them (a 16 MB header)
-    were all read, taking 52.8 s and 711 MB to refuse. Each tensor with no place now counts what reading it costs."""
+    were all read, taking 52.8 s and 711 MB to refuse. Each tensor with no place now counts what reading it costs
+    (4,100 of them: within the count the config allows, adapter_tensor_limit, and over what is read)."""
     good, tensors = bert_adapter
     bad = _copy(good, "bad")
-    _rewrite(bad, {**tensors, **{f"junk.{i}": torch.zeros(0) for i in range(5_000)}})
+    _rewrite(bad, {**tensors, **{f"junk.{i}": torch.zeros(0) for i in range(4_100)}})
     _no_data_read(monkeypatch)
     with pytest.raises(AdapterFormatError) as refused:
         bd.read_adapter(bad)
     message = str(refused.value)
     assert "refused before reading any tensor data" in message and \
-        "tensor junk.0: declares F32 [0], 0 bytes; unexpected (not a kernel" in message and "and 4950 more" in message
+        "tensor junk.0: declares F32 [0], 0 bytes; unexpected (not a kernel" in message and "and 4050 more" in message
+
+
+@pytest.mark.parametrize("key", ["data_offsets", "data\\u005foffsets"])
+def test_a_header_declaring_more_tensors_than_the_config_allows_is_refused_before_they_are_checked(
+        bert_adapter, monkeypatch, key):
+    """A 16 MB header declaring 240,000 empty tensors was parsed and checked one by one (~9 s) before its refusal.
+    The count is bounded by what the config can hold (adapter_tensor_limit: 4 adapted modules here) and checked
+    before any per-tensor work: counted before the parse; a key written with escapes, once parsed."""
+    import struct
+
+    import bca_deploy.merge as merge
+    from bca_deploy.adapter_io import adapter_tensor_limit
+
+    good, _ = bert_adapter
+    bad = _copy(good, "bad")
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"{key}":[0,0]}}' for i in range(240_000))
+    raw = ("{" + entries + "}").encode()
+    (bad / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    limit = adapter_tensor_limit(json.loads((bad / "adapter_config.json").read_text()))
+    assert limit is not None and limit[0] == 3 * 4 + 4096, limit
+    _no_data_read(monkeypatch)
+    if key == "data_offsets":  # refused before the parse, whose hooks were most of the time
+        monkeypatch.setattr(merge, "parse_json_object", lambda *a, **k: pytest.fail("the header was parsed"))
+    for read in (lambda: bd.read_adapter(bad), lambda: bd.load_adapter(tiny_bert(), bad), lambda: _header(bad)):
+        with pytest.raises(AdapterFormatError) as refused:
+            read()
+        assert str(refused.value) == (
+            f"{bad / 'adapter_model.safetensors'}: the header declares 240,000 tensors, more than its config allows "
+            "(4 adapted modules: a kernel, base weight and bias each; 0 modules_to_save: 4,096 tensors each, and as "
+            f"many other base weights) ({limit[0]:,} at most); refused before reading them"), str(refused.value)
 
 
 def test_small_misfits_are_still_read_and_listed_with_every_other_problem(bert_adapter):
