@@ -252,6 +252,13 @@ _META_DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("U32", "uint32"), ("I64", "int64"), ("U64", "uint64"), ("F16", "float16"), ("BF16", "bfloat16"),
     ("F32", "float32"), ("F64", "float64"), ("C64", "complex64"), ("F8_E5M2", "float8_e5m2"),
     ("F8_E4M3", "float8_e4m3fn"), ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
+
+
+def safetensors_dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``"F32"``, ``"I64"``, ``"F8_E4M3"``), else torch's without its prefix."""
+    return next((name for name, value in _META_DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
+
+
 _DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()} | {
     torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",

@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,6 +31,33 @@ import torch
 from ..atomic import atomic_dir, check_target, recover, write_dir
 from ..errors import first_line, format_problems, open_regular
 from .errors import CheckpointError, TrainingConfigError
+
+#: The dtypes of the values training writes (its parameters' floating-point types), by their safetensors names.
+TRAINED_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def trained_value_problems(tensors: Mapping[str, Any]) -> list[str]:
+    """One line for each tensor to be restored into a model's parameters that is not what training writes: the rule
+    of a resume's trainer state (``last/trainer_state.pt``) and of evaluate's ``trainable_parameters.safetensors``.
+
+    ``tensors`` maps names to tensors read (``torch.Tensor``: dtype and values checked) or to header entries not read
+    yet (anything with a safetensors ``dtype`` string, such as :class:`bca_deploy.merge.TensorInfo`: dtype only, so
+    that a file is refused before its data is read). A dtype other than :data:`TRAINED_DTYPES` is refused (integers
+    were cast into the parameters silently, truncated; float8 values lost all but a few bits), and so are NaN/Inf
+    values (trained on, the run was then said to diverge; evaluated, a NaN loss printed beside an accuracy).
+    """
+    from ..merge import safetensors_dtype_name
+
+    problems = []
+    for name, tensor in tensors.items():
+        read = isinstance(tensor, torch.Tensor)
+        dtype = safetensors_dtype_name(tensor.dtype) if read else str(tensor.dtype)
+        if dtype not in TRAINED_DTYPES:
+            problems.append(f"{name}: dtype {dtype}, expected floating-point values ({', '.join(TRAINED_DTYPES[:-1])} "
+                            f"or {TRAINED_DTYPES[-1]})")
+        elif read and not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{name}: holds NaN/Inf values")
+    return problems
 
 __all__ = [
     "STATE_FILE",

@@ -338,10 +338,6 @@ def base_head(model_config: Any, model: nn.Module | None) -> BaseHead:
     return BaseHead(trained, num, names, architectures[0] if architectures else None)
 
 
-#: The safetensors dtypes of the trainable tensors a head-only/custom run may have saved.
-_FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
-
-
 def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> set[str]:
     """Apply what :func:`train` saved: a BCA adapter, or the trainable parameters (head-only/custom).
 
@@ -359,6 +355,7 @@ def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> set[str]:
     from ..adapter_io import load_safetensors
     from ..errors import AdapterMismatchError, CheckpointFormatError
     from ..merge import read_safetensors_header
+    from .checkpoint import trained_value_problems
 
     try:  # the one header rule (offsets, sizes, the file's length), then names, shapes and dtypes, before any data:
         header = read_safetensors_header(path)  # a tensor declared larger than its parameter was read whole first
@@ -369,19 +366,17 @@ def load_trained(model: nn.Module, adapter_dir: Path, method: str) -> set[str]:
                 if t.name not in params]
     problems += [f"{t.name}: shape {t.shape}, the model's is {tuple(params[t.name].shape)}"
                  for t in header.tensors if t.name in params and tuple(params[t.name].shape) != t.shape]
-    # what train writes: its parameters' floating-point values (integers were cast in silently, truncated)
-    problems += [f"{t.name}: dtype {t.dtype}, expected floating-point values (F32, F16, BF16 or F64)"
-                 for t in header.tensors if t.dtype not in _FLOAT_DTYPES]
+    # what train writes (the rule resume reads its trainer state by): dtypes from the header, before any data
+    problems += trained_value_problems({t.name: t for t in header.tensors})
     if problems:
         raise AdapterMismatchError(format_problems(f"{path} does not fit the model:", problems))
     try:
         state, _ = load_safetensors(path)
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise TrainingConfigError(f"{path}: cannot read safetensors file ({exc})") from None
-    nonfinite = [k for k, t in state.items() if not bool(torch.isfinite(t).all())]
-    if nonfinite:  # evaluated as given, they printed a NaN loss beside an accuracy
-        raise TrainingConfigError(format_problems(f"{path}: tensors holding NaN/Inf values (a damaged checkpoint):",
-                                                  nonfinite))
+    damaged = trained_value_problems(state)  # the values, once read
+    if damaged:
+        raise TrainingConfigError(format_problems(f"{path}: the trained tensors are damaged:", damaged))
     with torch.no_grad():
         for key, tensor in state.items():
             params[key].copy_(tensor.to(params[key].dtype))

@@ -53,7 +53,7 @@ from ..errors import format_problems
 from ..models import (describe_ids_past_vocabulary, classifier_pad_id, ids_past_vocabulary, position_limit,
                       vocabulary_size)
 from .checkpoint import (LOG_FILE, RESULT_FILE, STATE_FILE, RunDirectory, load_state, rng_state, save_state,
-                         set_rng_state, write_dir_atomically)
+                         set_rng_state, trained_value_problems, write_dir_atomically)
 from .config import Recipe, TrainConfig, recipe_for
 from .data import (UNLABELLED_MARKS, SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range,
                    classes_needed, load_dataset)
@@ -932,10 +932,7 @@ class _TrainingRun:
                          for n, t in saved_params.items() if n in params and t.shape != params[n].shape]
             # values no run writes: integers were cast into the parameters silently (kernels truncated to whole
             # numbers, the run went on), NaN/Inf trained on and was then blamed on the learning rate ("diverged")
-            damaged = [f"{n}: {t.dtype}, expected floating-point values"
-                       for n, t in saved_params.items() if not t.is_floating_point()]
-            damaged += [f"{n}: holds NaN/Inf values" for n, t in saved_params.items()
-                        if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            damaged = trained_value_problems(saved_params)
             if damaged:
                 raise CheckpointError(format_problems(
                     f"{last / STATE_FILE}: the trainer state is damaged; pass --overwrite to start the run over:",

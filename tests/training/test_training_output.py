@@ -110,7 +110,7 @@ def test_resume_with_nothing_to_resume_says_what_is_missing(files, tmp_path, ear
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-mapping", "missing-key", "wrong-shape",
                                     "optimizer-shape", "history-records", "deflated", "kernel-nan",
-                                    "kernel-integers", "optimizer-nan"])
+                                    "kernel-integers", "kernel-float8", "optimizer-nan"])
 def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
     out, _ = earlier
     state_path = out / "last" / "trainer_state.pt"
@@ -139,11 +139,11 @@ def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
             slot[key] = torch.zeros(7)
         elif damage == "history-records":  # a list, but not of records: a KeyError at the first save (exit 70)
             state["history_json"] = "[{}, {}]"
-        elif damage in ("kernel-nan", "kernel-integers"):  # trained on and blamed on the learning rate ("diverged"),
-            name = next(iter(state["trainable"]))           # or cast into the kernels silently (truncated)
-            kernel = state["trainable"][name]
+        elif damage.startswith("kernel-"):  # trained on and blamed on the learning rate ("diverged"), or cast into
+            name = next(iter(state["trainable"]))  # the kernels silently (integers truncated; float8, a floating-point
+            kernel = state["trainable"][name]      # type evaluate refused, was taken here: its values a few bits each)
             state["trainable"][name] = torch.full_like(kernel, float("nan")) if damage == "kernel-nan" \
-                else (kernel * 100).to(torch.int64)
+                else kernel.to(torch.float8_e4m3fn) if damage == "kernel-float8" else (kernel * 100).to(torch.int64)
         elif damage == "optimizer-nan":
             slot = next(iter(state["optimizer"]["state"].values()))
             key = next(k for k, v in slot.items() if v.dim() > 0)
@@ -159,7 +159,10 @@ def test_damaged_trainer_state_is_a_typed_error(files, earlier, damage):
              "history-records": "history entry 0 is not an evaluation record",
              "deflated": r"cannot read the trainer state \(member '.*' is compressed .* torch.save stores",
              "kernel-nan": r"the trainer state is damaged; .*\n  - .*bca_kernels.default: holds NaN/Inf values",
-             "kernel-integers": r"the trainer state is damaged; .*\n  - .*: torch.int64, expected floating-point",
+             "kernel-integers": r"the trainer state is damaged; .*\n  - .*: dtype I64, expected floating-point values "
+                                r"\(F32, F16, BF16 or F64\)",
+             "kernel-float8": r"the trainer state is damaged; .*\n  - .*: dtype F8_E4M3, expected floating-point values "
+                              r"\(F32, F16, BF16 or F64\)",
              "optimizer-nan": r"optimizer state '\w+' of parameter 0 of group 0 holds NaN/Inf values"}[damage]
     with pytest.raises(CheckpointError, match=match) as info:
         train(config(files["bert"], files["small"], out, eval_data=files["small"], max_steps=2, lr=1e-2,

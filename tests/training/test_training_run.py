@@ -355,8 +355,9 @@ def test_a_head_only_checkpoint_with_values_no_run_writes_is_refused_by_evaluate
         state["classifier.weight"] = torch.full_like(weight, float("nan")) if damage == "nan" \
             else (weight * 100).to(torch.int64)
         save_file(state, path)
-        needle = "tensors holding NaN/Inf values (a damaged checkpoint):\n  - classifier.weight" if damage == "nan" \
-            else "classifier.weight: dtype I64, expected floating-point values"
+        # the lines resume's trainer state is refused with (training.checkpoint.trained_value_problems)
+        needle = "the trained tensors are damaged:\n  - classifier.weight: holds NaN/Inf values" if damage == "nan" \
+            else "classifier.weight: dtype I64, expected floating-point values (F32, F16, BF16 or F64)"
     with pytest.raises(BCAError) as refused:
         _evaluate(files["bert"], run.last_dir, files["small"])
     assert str(refused.value).startswith(str(path)) and needle in str(refused.value), str(refused.value)
