@@ -70,6 +70,7 @@ __all__ = [
     "LMExamples",
     "load_seq_cls",
     "load_causal_lm",
+    "seen_in_training",
     "causal_lm_fields",
     "CHAT_ROLES",
     "check_label_range",
@@ -2123,6 +2124,41 @@ def _lines_of(lines: Sequence[Any], indices: Sequence[int], shown: int = 5) -> s
     more = f" and {len(indices) - shown:,} more" if len(indices) > shown else ""
     word = "row" if indices and isinstance(lines[indices[0]], _Row) else "line"  # (a Parquet file has no lines)
     return f"{word}{'s' if len(indices) > 1 else ''} {', '.join(named)}{more}"
+
+
+def _example_key(examples: SeqClsExamples | LMExamples, i: int) -> Any:
+    """What example ``i`` of ``examples`` is as a model input, for comparing two files: its text(s) with runs of
+    white space as one space (a TSV's trailing space, a JSON copy's stripped one: the tokenizer reads them alike);
+    a conversation with its tools, as JSON."""
+    if isinstance(examples, SeqClsExamples):
+        return tuple(" ".join(column[i].split()) for column in examples.texts)
+    if examples.conversations is not None:
+        tools = examples.tools[i] if examples.tools is not None else None
+        return json.dumps([examples.conversations[i], tools], sort_keys=True, default=str)
+    if examples.texts is not None:
+        return " ".join(examples.texts[i].split())
+    return (" ".join(examples.prompts[i].split()), " ".join(examples.responses[i].split()))
+
+
+def seen_in_training(training: SeqClsExamples | LMExamples, held_out: SeqClsExamples | LMExamples) -> list[int]:
+    """The indices of the examples of ``held_out`` whose input is also an example of ``training`` (the same text or
+    texts, conversation or prompt and response, white space aside): scored, they measure what was learnt by heart,
+    not what carries over (the same file passed twice, or a held-out split cut from rows the training file holds)."""
+    if type(training) is not type(held_out):
+        return []
+    trained = {_example_key(training, i) for i in range(len(training))}
+    return [i for i in range(len(held_out)) if _example_key(held_out, i) in trained]
+
+
+def seen_in_training_note(training: SeqClsExamples | LMExamples, held_out: SeqClsExamples | LMExamples) -> str | None:
+    """The note for held-out examples that are training examples too (None: there are none)."""
+    seen = seen_in_training(training, held_out)
+    if not seen:
+        return None
+    return (f"{held_out.path}: {len(seen):,} of its {len(held_out):,} examples ({len(seen) / len(held_out):.0%}) are "
+            f"also in the training data {training.path} ({_lines_of(held_out.lines, seen)}): the held-out metrics, "
+            "and the best/ checkpoint they pick, are partly of examples the adapter was trained on; hold out rows "
+            "the training file does not have")
 
 
 def _appended_special_tokens(tokenizer) -> int:

@@ -56,7 +56,7 @@ from .checkpoint import (LOG_FILE, RESULT_FILE, STATE_FILE, RunDirectory, load_s
                          set_rng_state, trained_value_problems, write_dir_atomically)
 from .config import Recipe, TrainConfig, recipe_for
 from .data import (UNLABELLED_MARKS, SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range,
-                   classes_needed, load_dataset)
+                   classes_needed, load_dataset, seen_in_training_note)
 from .errors import (CheckpointError, DataError, DataFileNotFoundError, PeerFailedError, TrainingConfigError,
                      TrainingDivergedError, TrainingTerminated)
 from .evaluation import TRAINING_FILE, evaluate
@@ -620,6 +620,8 @@ class _TrainingRun:
         if errors:  # both files are bad: report both at once
             kind = DataFileNotFoundError if all(isinstance(e, DataFileNotFoundError) for e in errors) else DataError
             raise kind("\n".join(str(e) for e in errors))
+        if eval_ex is not None and (seen := seen_in_training_note(train_ex, eval_ex)):
+            note(seen)  # scored as held out, they would pick best/ by what was learnt by heart
         extra = ids_past_vocabulary(self.tokenizer, vocabulary)
         if extra and self.d.is_main:  # this data does not use them; served texts that do will be refused
             print(f"note: {describe_ids_past_vocabulary(self.tokenizer, extra, vocabulary)}: this data does not use "
