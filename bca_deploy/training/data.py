@@ -1285,6 +1285,7 @@ def ids_named(examples: SeqClsExamples, file_names: Sequence[str], class_names: 
     if unknown:
         raise DataError(f"--label-names {', '.join(map(repr, unknown[:10]))}: not classes of the adapter, whose "
                         f"classes are {_shown(list(class_names))}")
+    _refuse_unlabelled(examples, len(file_names))
     problems = [f"{_at(line)}: label {y} has no name in --label-names ({len(file_names)} given)"
                 for line, y in zip(examples.lines, examples.labels) if not 0 <= y < len(file_names)]
     if problems:
@@ -1303,6 +1304,7 @@ def check_ids_mean_these_names(examples: SeqClsExamples, names: Sequence[str], n
     """
     if not examples.class_ids:
         return
+    _refuse_unlabelled(examples, len(names))
     shown = ", ".join(f"{i}={n}" for i, n in enumerate(names[:10])) + (" ..." if len(names) > 10 else "")
     raise DataError(f"{examples.path}: its labels are class ids, but the classes were named by the training file "
                     f"{named_by} and numbered in sorted order ({shown}), which need not be what these ids mean: write "
@@ -1390,6 +1392,11 @@ def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool |
         folded = collections.defaultdict(list)  # a name in another case: said, not matched (which one is meant?)
         for name in names:
             folded[name.casefold()].append(name)
+        if names == [f"LABEL_{i}" for i in range(len(names))] and not all(t in index for t in as_text):
+            # the names transformers gives numbered classes (the classes were trained as ids): no other name means
+            # one of them, and the fix is said first, before the lines it is about
+            problems.append(f"the classes {_shown(names)} are the names transformers gives classes trained as ids "
+                            f"0..{len(names) - 1}: write the labels of column {column!r} as those ids")
         problems += [f"{_at(line)}: label {t!r} is not one of the classes {_shown(names)}"
                      + (f" (it differs only in case from {folded[t.casefold()][0]!r}: class names are matched exactly)"
                         if len(folded[t.casefold()]) == 1 else "")
@@ -1428,6 +1435,13 @@ def check_label_range(examples: SeqClsExamples, num_labels: int, head: str = "th
             f"{examples.path}: {len(bad)} label(s) outside {head}'s range 0..{num_labels - 1} "
             f"(num_labels={num_labels}); {fix}:", shown, limit=10,
         ))
+
+
+def _refuse_unlabelled(examples: SeqClsExamples, num_labels: int) -> None:
+    """Refuse class ids of -1 (an unlabelled example, as ``datasets`` writes GLUE's test splits) by
+    :func:`check_label_range`'s message, before a check of what the ids mean would blame them on the numbering."""
+    if any(y == -1 for y in examples.labels or ()):
+        check_label_range(examples, num_labels, "the head", "fix the labels")
 
 
 def classes_needed(examples: SeqClsExamples) -> int:

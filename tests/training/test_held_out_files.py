@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bca_deploy.training import train
+from bca_deploy.training import DataError, EvaluateConfig, evaluate, train
 from bca_deploy.training.data import load_causal_lm, load_seq_cls, seen_in_training
 from training_helpers import config, data_and_bert, one_thread, write_jsonl  # noqa: F401 - one_thread: autouse
 
@@ -53,3 +53,42 @@ def test_the_same_example_is_found_for_each_kind_of_file(tmp_path):
     prompts = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "p", "completion": "q"}, {"prompt": "p", "completion": "r"}])
     held_prompts = write_jsonl(tmp_path / "hpr.jsonl", [{"prompt": "p", "completion": "r "}])
     assert seen_in_training(load_causal_lm(prompts), load_causal_lm(held_prompts)) == [0]
+
+
+def _evaluate(files, adapter, data, **options):
+    return evaluate(EvaluateConfig(model=files["bert"], adapter=adapter, data=data, device="cpu", **options))
+
+
+def test_an_unlabelled_split_is_said_to_be_one_beside_class_names(files, tmp_path):
+    """A held-out file of -1 labels (datasets' GLUE test splits) beside an adapter whose classes are names was blamed
+    on the numbering of its ids ('its labels are class ids, but the classes were named by the training file'), or
+    with --label-names on names it lacks ('label -1 has no name'): now the unlabelled split is named, as where the
+    classes are ids."""
+    names = {"1": "good", "0": "not_good"}
+    named = tmp_path / "named.tsv"
+    named.write_text("sentence\tlabel\n" + "".join(f"{s}\t{names[y]}\n" for s, y in _rows(files["small"])))
+    unlabelled = tmp_path / "test.tsv"
+    unlabelled.write_text("sentence\tlabel\n" + "".join(f"{s}\t-1\n" for s, _ in _rows(files["dev"])[:8]))
+    said = r"8 label\(s\) outside the (classification )?head's range 0\.\.1 .*-1 marks an unlabelled example"
+    with pytest.raises(DataError, match=said):
+        train(config(files["bert"], named, tmp_path / "refused", max_steps=1, new_head=True, eval_data=unlabelled))
+    run = train(config(files["bert"], named, tmp_path / "run", max_steps=1, new_head=True))
+    with pytest.raises(DataError, match=said):
+        _evaluate(files, run.last_dir, unlabelled)
+    with pytest.raises(DataError, match=said):
+        _evaluate(files, run.last_dir, unlabelled, label_names=["not_good", "good"])
+
+
+def test_class_names_beside_an_adapter_trained_on_ids_say_to_write_the_ids(files, tmp_path):
+    """An adapter trained on ids 0/1 records the classes as transformers names them (LABEL_0, LABEL_1); a held-out
+    file naming its classes (negative/positive) was refused line by line with no word of what to write."""
+    run = train(config(files["bert"], files["small"], tmp_path / "run", max_steps=1))
+    names = {"1": "positive", "0": "negative"}
+    named = tmp_path / "named.tsv"
+    named.write_text("sentence\tlabel\n" + "".join(f"{s}\t{names[y]}\n" for s, y in _rows(files["dev"])[:8]))
+    with pytest.raises(DataError) as caught:
+        _evaluate(files, run.last_dir, named)
+    message = str(caught.value)
+    assert ("- the classes 'LABEL_0', 'LABEL_1' are the names transformers gives classes trained as ids 0..1: write "
+            "the labels of column 'label' as those ids\n  - line 2: label ") in message, message
+    assert _evaluate(files, run.last_dir, files["dev"])["n"] == 128  # the ids themselves read as before
