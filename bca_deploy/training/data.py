@@ -1359,6 +1359,23 @@ def decide_regression(parsed: Sequence[Any]) -> bool:
     return not any(isinstance(v, _Name) for v in parsed) and any(isinstance(v, float) for v in parsed)
 
 
+#: Label columns whose name says they hold scores on a scale (STS-B's ``score``, review ``rating``/``stars``,
+#: SICK's ``relatedness_score``): integers there are read as class ids all the same (decide_regression), with a note.
+SCORE_COLUMNS = ("score", "scores", "rating", "ratings", "stars", "similarity", "similarity_score", "relatedness",
+                 "relatedness_score")
+
+
+def scores_read_as_classes(examples: SeqClsExamples, num_labels: int) -> str | None:
+    """The note for integer labels read as ``num_labels`` class ids (more than two) from a column whose name says it
+    holds scores (:data:`SCORE_COLUMNS`): STS-B's scores written as integers (pandas' int column, ``round()``) trained
+    a 6-class classifier picked by accuracy, where a user of the data set expects regression; None otherwise."""
+    if not examples.class_ids or num_labels <= 2 or examples.label_column.strip().casefold() not in SCORE_COLUMNS:
+        return None
+    return (f"{examples.path}: the labels in column {examples.label_column!r} are integers, read as class ids: a "
+            f"{num_labels}-class classifier, judged by accuracy; if they are scores on a scale (as STS-B's 0-5), pass "
+            "--regression: one output, MSE loss, judged by pearson")
+
+
 def _labels(parsed: list[Any], lines: list[int], column: str, regression: bool | None, names: list[str] | None,
             problems: list[str]) -> tuple[list[Any], list[str] | None, bool]:
     """Turn parsed labels into ids (or floats), deciding the label kind; appends problems."""

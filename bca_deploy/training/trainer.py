@@ -56,7 +56,7 @@ from .checkpoint import (LOG_FILE, RESULT_FILE, STATE_FILE, RunDirectory, load_s
                          set_rng_state, trained_value_problems, write_dir_atomically)
 from .config import Recipe, TrainConfig, recipe_for
 from .data import (UNLABELLED_MARKS, SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range,
-                   classes_needed, load_dataset, seen_in_training_note)
+                   classes_needed, load_dataset, scores_read_as_classes, seen_in_training_note)
 from .errors import (CheckpointError, DataError, DataFileNotFoundError, PeerFailedError, TrainingConfigError,
                      TrainingDivergedError, TrainingTerminated)
 from .evaluation import TRAINING_FILE, evaluate
@@ -638,6 +638,9 @@ class _TrainingRun:
                       "real-valued scores: regression, one output, MSE loss (as HF's run_glue reads a float column); "
                       "every one is a whole number: pass --no-regression to read them as class ids instead",
                       file=sys.stderr)
+            if regression is None and cfg.num_labels is None and self.d.is_main and \
+                    (scores := scores_read_as_classes(train_ex, self.labels.num_labels)):
+                print(f"note: {scores}", file=sys.stderr)
             unlabelled = [n for n in (self.labels.names or []) if n.strip() in UNLABELLED_MARKS]
             if unlabelled and not self.regression and self.d.is_main:
                 # SNLI and MNLI's files write "-" for a pair without a gold label; HF datasets maps it to -1 and

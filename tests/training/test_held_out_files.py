@@ -92,3 +92,26 @@ def test_class_names_beside_an_adapter_trained_on_ids_say_to_write_the_ids(files
     assert ("- the classes 'LABEL_0', 'LABEL_1' are the names transformers gives classes trained as ids 0..1: write "
             "the labels of column 'label' as those ids\n  - line 2: label ") in message, message
     assert _evaluate(files, run.last_dir, files["dev"])["n"] == 128  # the ids themselves read as before
+
+
+def test_integer_scores_read_as_classes_are_noted(files, tmp_path, capsys):
+    """STS-B-like scores 0-5 written as integers in a column called score trained a 6-class classifier judged by
+    accuracy, with no word of it (a user of the data set expects regression): noted with --regression; given, the run
+    is regression; a label column of other ids, or --num-labels, says nothing."""
+    rows = _rows(files["small"])
+    scores = tmp_path / "scores.tsv"
+    scores.write_text("sentence\tscore\n" + "".join(f"{s}\t{i % 6}\n" for i, (s, _) in enumerate(rows)))
+    train(config(files["bert"], scores, tmp_path / "classes", max_steps=1, label_column="score", new_head=True))
+    said = (f"note: {scores}: the labels in column 'score' are integers, read as class ids: a 6-class classifier, "
+            "judged by accuracy; if they are scores on a scale (as STS-B's 0-5), pass --regression")
+    assert said in capsys.readouterr().err
+    result = train(config(files["bert"], scores, tmp_path / "regression", max_steps=1, label_column="score",
+                          new_head=True, regression=True))
+    assert "read as class ids" not in capsys.readouterr().err
+    assert _evaluate(files, result.last_dir, scores).keys() >= {"pearson", "mse"}
+    train(config(files["bert"], scores, tmp_path / "six", max_steps=1, label_column="score", new_head=True,
+                 num_labels=6))
+    classes = tmp_path / "classes.tsv"
+    classes.write_text(scores.read_text().replace("\tscore\n", "\tlabel\n", 1))
+    train(config(files["bert"], classes, tmp_path / "ids", max_steps=1, new_head=True))
+    assert "read as class ids" not in capsys.readouterr().err
