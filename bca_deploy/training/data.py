@@ -1125,6 +1125,9 @@ def _parse_label(value: Any) -> int | float | _Name | str:
             return _Name(text)
         number = float(text)
         return number if math.isfinite(number) else f"{text[:40]!r} is not a finite number"
+    if isinstance(value, list):  # a multi-label row, as datasets writes a Sequence(ClassLabel) column (GoEmotions)
+        return (f"{_json_type(value)} is not a label: one class per example (multi-label classification, several "
+                "classes per example, is not supported)")
     return f"{_json_type(value)} is not a label"
 
 

@@ -115,3 +115,13 @@ def test_integer_scores_read_as_classes_are_noted(files, tmp_path, capsys):
     classes.write_text(scores.read_text().replace("\tscore\n", "\tlabel\n", 1))
     train(config(files["bert"], classes, tmp_path / "ids", max_steps=1, new_head=True))
     assert "read as class ids" not in capsys.readouterr().err
+
+
+def test_a_multi_label_row_says_one_class_per_example(tmp_path):
+    """A row of several classes (datasets' Sequence(ClassLabel), GoEmotions' JSON) was 'an array is not a label':
+    now it says what is read instead."""
+    path = write_jsonl(tmp_path / "multi.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": [0, 2]}])
+    with pytest.raises(DataError, match=r"line 2: label in column 'label': an array is not a label: one class per "
+                                        r"example \(multi-label classification, several classes per example, is not "
+                                        r"supported\)"):
+        load_seq_cls(path)
