@@ -2191,7 +2191,7 @@ def seen_in_training_note(training: SeqClsExamples | LMExamples, held_out: SeqCl
         return None
     return (f"{held_out.path}: {len(seen):,} of its {len(held_out):,} examples ({len(seen) / len(held_out):.0%}) are "
             f"also in the training data {training.path} ({_lines_of(held_out.lines, seen)}): the held-out metrics, "
-            "and the best/ checkpoint they pick, are partly of examples the adapter was trained on; hold out rows "
+            "and the best/ checkpoint they pick, count examples the adapter was trained on; hold out rows "
             "the training file does not have")
 
 
