@@ -44,6 +44,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Collection, Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -861,6 +862,31 @@ def _read_parquet_file(path: Path, handle: BinaryIO, keep: Collection[str] | Non
     return records, columns, [_Row(n) for n in range(1, len(records) + 1)]
 
 
+def parquet_class_names(path: Path, column: str) -> list[str] | None:
+    """The class names a Parquet file written by ``datasets`` gives its integer ``column`` (a ``ClassLabel``: the
+    ``huggingface`` schema metadata, ``info.features[column].names``, in id order), or None: not recorded, or not a
+    list of distinct non-empty names. As HF's ``run_glue`` reads ``features["label"].names``: GLUE's hub files write
+    ids, and these names say what they mean."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with open_regular(path) as handle, pq.ParquetFile(handle) as parquet:
+            raw = (parquet.schema_arrow.metadata or {}).get(b"huggingface")
+        if raw is None:
+            return None
+        feature = json.loads(raw).get("info", {}).get("features", {}).get(column)
+    except (pa.ArrowException, OSError, ValueError, AttributeError, RecursionError):
+        return None  # (the rows were read: metadata that does not read as datasets writes it is not used)
+    if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
+        return None
+    names = feature.get("names")
+    if (not isinstance(names, list) or not 2 <= len(names) <= MAX_NUM_LABELS
+            or not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names)):
+        return None
+    return names
+
+
 def _first_not_utf8(array: Any) -> int:
     """The 0-based index of the first cell of a string ``array`` that is not UTF-8 (0 if none is found)."""
     for i in range(len(array)):
@@ -1260,7 +1286,7 @@ def load_seq_cls(
         labels, names, regression = _labels(parsed, lines, label_column, regression, names, problems)
     if problems:
         raise DataError(format_problems(f"{path}: bad examples:", problems, limit=10))
-    return SeqClsExamples(
+    examples = SeqClsExamples(
         texts=texts,
         labels=labels,
         regression=bool(regression),
@@ -1272,6 +1298,17 @@ def load_seq_cls(
         named_labels=not regression and any(isinstance(v, _Name) for v in parsed),
         whole_scores=bool(regression) and bool(labels) and all(float(v).is_integer() for v in labels),
     )
+    written = parquet_class_names(path, label_column) if examples.class_ids and path.suffix.lower() == ".parquet" \
+        else None
+    if written is not None:
+        # the file says what its ids mean: its names, in the ids' order, name the classes of a file read alone (a run
+        # trained on it records them); beside given classes holding them, its ids are read as those classes, as a
+        # file of the names is (a held-out hub file of 0/1 beside a run trained on the words was refused)
+        if names is None:
+            examples = dataclasses.replace(examples, label_names=list(written))
+        elif names != written and set(written) <= set(names):
+            examples = dataclasses.replace(examples, labels=ids_named(examples, written, names), named_labels=True)
+    return examples
 
 
 def ids_named(examples: SeqClsExamples, file_names: Sequence[str], class_names: Sequence[str]) -> list[int]:

@@ -50,7 +50,8 @@ def test_the_same_example_is_found_for_each_kind_of_file(tmp_path):
         {"role": "assistant", "content": "bye"}]}])
     held_chat = write_jsonl(tmp_path / "held.jsonl", [{"messages": chat, "tools": tools}, {"messages": chat}])
     assert seen_in_training(load_causal_lm(trained), load_causal_lm(held_chat)) == [1]
-    prompts = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "p", "completion": "q"}, {"prompt": "p", "completion": "r"}])
+    prompts = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "p", "completion": "q"},
+                                                  {"prompt": "p", "completion": "r"}])
     held_prompts = write_jsonl(tmp_path / "hpr.jsonl", [{"prompt": "p", "completion": "r "}])
     assert seen_in_training(load_causal_lm(prompts), load_causal_lm(held_prompts)) == [0]
 
@@ -125,3 +126,45 @@ def test_a_multi_label_row_says_one_class_per_example(tmp_path):
                                         r"example \(multi-label classification, several classes per example, is not "
                                         r"supported\)"):
         load_seq_cls(path)
+
+
+def _hub_parquet(path, rows, names):
+    """``rows`` (text, class id) as ``datasets``' ``to_parquet`` writes a ``ClassLabel`` column (GLUE's hub files):
+    int64 ids, the names in the schema's ``huggingface`` metadata."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {"sentence": {"dtype": "string", "_type": "Value"}, "label": {"names": names, "_type": "ClassLabel"},
+                "idx": {"dtype": "int32", "_type": "Value"}}
+    table = pa.table({"sentence": [s for s, _ in rows], "label": pa.array([int(y) for _, y in rows], pa.int64()),
+                      "idx": pa.array(range(len(rows)), pa.int32())})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}), path)
+    return path
+
+
+def test_a_hub_parquet_files_class_names_say_what_its_ids_mean(files, tmp_path):
+    """datasets writes a ClassLabel column as ids with the names in the file's metadata (GLUE's sst2 on the hub:
+    negative, positive; MNLI: entailment, neutral, contradiction, not in sorted order). A run trained on it recorded
+    LABEL_0, LABEL_1, and the same held-out file beside a run trained on the names was refused as ids of unknown
+    meaning: now the names are the classes (in the ids' order) and the ids are read as them, scored as the names
+    file scores."""
+    pytest.importorskip("pyarrow")
+    mnli = ["entailment", "neutral", "contradiction"]  # ids' order; sorted: contradiction, entailment, neutral
+    rows = [(s, int(y) + (i % 2)) for i, (s, y) in enumerate(_rows(files["small"]))]  # ids 0..2
+    hub = _hub_parquet(tmp_path / "train.parquet", rows, mnli)
+    by_hub = train(config(files["bert"], hub, tmp_path / "hub", max_steps=1, new_head=True))
+    import json
+
+    assert json.loads((by_hub.last_dir / "bca_training.json").read_text())["label_names"] == mnli
+    named = tmp_path / "named.tsv"  # the same rows with their names: numbered in sorted order by the run
+    named.write_text("sentence\tlabel\n" + "".join(f"{s}\t{mnli[y]}\n" for s, y in rows))
+    by_names = train(config(files["bert"], named, tmp_path / "names", max_steps=1, new_head=True, eval_data=hub))
+    assert by_names.final_metrics == train(config(files["bert"], named, tmp_path / "names2", max_steps=1, new_head=True,
+                                                  eval_data=named)).final_metrics
+    assert _evaluate(files, by_names.last_dir, hub) == _evaluate(files, by_names.last_dir, named)
+    # ids beside classes the metadata does not name (an adapter trained on ids): read as ids, as before
+    ids = train(config(files["bert"], _hub_parquet(tmp_path / "ids.parquet", rows, ["a", "b", "c"]), tmp_path / "ids",
+                       max_steps=1, new_head=True, label_names=["x", "y", "z"]))
+    assert _evaluate(files, ids.last_dir, hub)["n"] == len(rows)
