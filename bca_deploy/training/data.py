@@ -1306,7 +1306,7 @@ def load_seq_cls(
         # file of the names is (a held-out hub file of 0/1 beside a run trained on the words was refused)
         if names is None:
             examples = dataclasses.replace(examples, label_names=list(written))
-        elif names != written and set(written) <= set(names):
+        elif set(written) <= set(names):  # (the same order too: the ids are then known to mean those names)
             examples = dataclasses.replace(examples, labels=ids_named(examples, written, names), named_labels=True)
     return examples
 

@@ -164,6 +164,13 @@ def test_a_hub_parquet_files_class_names_say_what_its_ids_mean(files, tmp_path):
     assert by_names.final_metrics == train(config(files["bert"], named, tmp_path / "names2", max_steps=1, new_head=True,
                                                   eval_data=named)).final_metrics
     assert _evaluate(files, by_names.last_dir, hub) == _evaluate(files, by_names.last_dir, named)
+    # names whose sorted order is the ids' (SST-2's negative, positive): known to mean them, not refused as ids
+    sst2 = [(s, y % 2) for s, y in rows]
+    words = tmp_path / "words.tsv"
+    words.write_text("sentence\tlabel\n" + "".join(f"{s}\t{['negative', 'positive'][y]}\n" for s, y in sst2))
+    by_words = train(config(files["bert"], words, tmp_path / "words", max_steps=1, new_head=True))
+    binary = _hub_parquet(tmp_path / "sst2.parquet", sst2, ["negative", "positive"])
+    assert _evaluate(files, by_words.last_dir, binary) == _evaluate(files, by_words.last_dir, words)
     # ids beside classes the metadata does not name (an adapter trained on ids): read as ids, as before
     ids = train(config(files["bert"], _hub_parquet(tmp_path / "ids.parquet", rows, ["a", "b", "c"]), tmp_path / "ids",
                        max_steps=1, new_head=True, label_names=["x", "y", "z"]))
