@@ -5,8 +5,7 @@ unmerged with ``--fft matmul`` for each block size and profiled with onnxruntime
 warm-up run (dropped), then ``--runs`` runs, the graphs taking turns. Each BCA node (inside an adapted module's
 scope, not in its ``base_layer``) is put in its stage by the transform constant it reads (forward stages, the
 mix, inverse stages) or its operator (the output's 2-D transpose, the residual add); ``bench/export.py`` reports
-the same time by operator. ``--compare-add`` also exports the graph as it was before the residual add moved into
-the base Gemm (``Add(base, Δ)`` after a 3-D MatMul), profiled in the same turns.
+the same time by operator.
 
     python3 bench/export_stages.py                   # writes bench/results/export_stages.{json,md}
     python3 bench/export_stages.py --runs 2 --block-sizes 256 --no-write
@@ -87,17 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     parser.add_argument("--runs", type=int, default=4, help="profiled runs per graph after the warm-up (default 4)")
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--compare-add", action="store_true",
-                        help="also profile each graph with the residual Add after a 3-D base MatMul (the earlier form)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/export_stages.*")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.threads < 1 or args.tokens < 1:
         parser.error("--runs, --threads and --tokens must be at least 1")
     from bca_deploy import inject
-    from bca_deploy.exporters import graph
-
-    if args.compare_add and not hasattr(graph, "_fused_block_size"):
-        parser.error("--compare-add: this tree's exporter has no residual add in the base Gemm to compare with")
 
     torch.manual_seed(0)
     config = _llama_config()
@@ -116,14 +109,6 @@ def main(argv: list[str] | None = None) -> int:
             inject(block, LLAMA_TARGETS, block_size=p, init="normal", init_std=0.02, seed=0)
             paths[f"p={p}"] = Path(tmp) / f"p{p}.onnx"
             _export_block(block, paths[f"p={p}"], "matmul")
-            if args.compare_add:
-                fused = graph._fused_block_size
-                graph._fused_block_size = lambda *a: None  # the earlier graph: Add(base, Δ) after a 3-D MatMul
-                try:
-                    paths[f"p={p} add"] = Path(tmp) / f"p{p}_add.onnx"
-                    _export_block(block, paths[f"p={p} add"], "matmul")
-                finally:
-                    graph._fused_block_size = fused
             del block
         split = profile_stages(paths, args.threads, args.runs, args.tokens)
     load_end = list(os.getloadavg())
@@ -148,9 +133,7 @@ BCA nodes' time; `share_of_kernel`: of all the graph's kernel time (the BCA node
 1 / (1 - share) slower). Stages: forward stage 1 (A x A by A x C per block, batched), forward stage 2 (a FusedMatMul
 reading stage 1 permuted), forward (one MatMul, Cf @ x^T, up to p = 64), the mix (R batched q x o GEMMs),
 inverse stage 1 (per group), inverse stage 2 (one A x A GEMM), the transpose (after onnxruntime's fusions the
-one left is the output's 2-D transpose), and the residual
-add (graphs marked `add`: the earlier form, Add(base, Δ) after the 3-D base MatMul; the others accumulate Δ
-in the base Gemm). Load average (1, 5, 15 min) at the start {load_start}, at the end {load_end} (2 cores).
+one left is the output's 2-D transpose), and the residual add (Add(base, Δ) after the 3-D base MatMul). Load average (1, 5, 15 min) at the start {load_start}, at the end {load_end} (2 cores).
 """
     json_path, md_path = write_results("export_stages", rows, title="Unmerged matmul graph: BCA kernel time by stage",
                                        notes=notes, extra={"graphs": split, "threads": args.threads, "runs": args.runs,
