@@ -56,7 +56,8 @@ from .checkpoint import (LOG_FILE, RESULT_FILE, STATE_FILE, RunDirectory, load_s
                          set_rng_state, trained_value_problems, write_dir_atomically)
 from .config import Recipe, TrainConfig, recipe_for
 from .data import (UNLABELLED_MARKS, SeqClsExamples, check_ids_mean_these_names, check_label_range, check_token_range,
-                   classes_needed, load_dataset, scores_read_as_classes, seen_in_training_note)
+                   classes_needed, load_dataset, parquet_class_names, scores_read_as_classes,
+                   seen_in_training_note)
 from .errors import (CheckpointError, DataError, DataFileNotFoundError, PeerFailedError, TrainingConfigError,
                      TrainingDivergedError, TrainingTerminated)
 from .evaluation import TRAINING_FILE, evaluate
@@ -909,6 +910,25 @@ class _TrainingRun:
 
     # -- resume -------------------------------------------------------------------------------------
 
+    def _names_read_since(self, saved_names: Any) -> bool:
+        """Whether a checkpoint's ``label_names`` are transformers' ``LABEL_0 .. LABEL_{K-1}`` of a run on class ids
+        whose training file is a Parquet file naming those ids in its ``datasets`` metadata (GLUE's hub files), which
+        the code before :func:`~bca_deploy.training.data.parquet_class_names` did not read: the same ids, the same
+        classes, now named, so the resume goes on (noted), the adapter recording the names."""
+        names = self.labels.names if self.labels is not None and not self.regression else None
+        if not names or saved_names != [f"LABEL_{i}" for i in range(len(names))] or names == saved_names:
+            return False
+        examples = self.train_examples
+        if not (isinstance(examples, SeqClsExamples) and examples.class_ids and examples.label_names == names
+                and self.cfg.label_names is None
+                and parquet_class_names(examples.path, examples.label_column) == names):
+            return False
+        if self.d.is_main:
+            print(f"note: {self.out / 'last'} numbers its classes LABEL_0 .. LABEL_{len(names) - 1}: it was written "
+                  f"before the class names in {examples.path}'s metadata were read; the resumed run names the same "
+                  f"ids {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}", file=sys.stderr)
+        return True
+
     def restore(self) -> None:
         """Continue exactly where ``last/`` stopped: weights, optimizer, schedule, data position, RNGs."""
         state = self.resume_state
@@ -917,6 +937,8 @@ class _TrainingRun:
             last = self.out / "last"
             saved = state["run_config"]
             keys = list(_RESUME_KEYS) + (["max_steps"] if cfg.scheduler != "constant" else [])
+            if self._names_read_since(saved.get("label_names")):  # the same classes, now named: not another run
+                keys.remove("label_names")
             diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {self.run_config.get(k)!r}"
                      for k in keys if _norm(saved.get(k)) != _norm(self.run_config.get(k))]
             # the examples themselves (a checkpoint written before they were recorded is not held to them)

@@ -175,3 +175,38 @@ def test_a_hub_parquet_files_class_names_say_what_its_ids_mean(files, tmp_path):
     ids = train(config(files["bert"], _hub_parquet(tmp_path / "ids.parquet", rows, ["a", "b", "c"]), tmp_path / "ids",
                        max_steps=1, new_head=True, label_names=["x", "y", "z"]))
     assert _evaluate(files, ids.last_dir, hub)["n"] == len(rows)
+
+
+def test_a_run_on_a_hub_parquet_file_checkpointed_before_its_names_were_read_resumes(files, tmp_path, capsys):
+    """A checkpoint written by the code before the file's ClassLabel names were read records LABEL_0, LABEL_1 (and no
+    train_data_sha256); the same file now names those ids, and --resume was refused as another run ('label_names:
+    checkpoint has ['LABEL_0', 'LABEL_1'], this run has ['negative', 'positive']'): the same classes, resumed, noted.
+    Other names (a run given --label-names before) are still another run."""
+    import json
+
+    import torch
+
+    from bca_deploy.training import CheckpointError
+
+    pytest.importorskip("pyarrow")
+    hub = _hub_parquet(tmp_path / "sst2.parquet", [(s, int(y)) for s, y in _rows(files["small"])],
+                       ["negative", "positive"])
+    out = tmp_path / "run"
+    train(config(files["bert"], hub, out, max_steps=2, new_head=True, scheduler="constant"))
+    state_path = out / "last" / "trainer_state.pt"
+
+    def written_before(names):  # the run config as the code before wrote it
+        state = torch.load(state_path, weights_only=True)
+        state["run_config"].pop("train_data_sha256")
+        state["run_config"]["label_names"] = names
+        torch.save(state, state_path)
+
+    written_before(["LABEL_0", "LABEL_1"])
+    capsys.readouterr()
+    resumed = train(config(files["bert"], hub, out, max_steps=4, new_head=True, scheduler="constant", resume=True))
+    assert resumed.resumed_from == 2 and resumed.step == 4
+    assert "numbers its classes LABEL_0 .. LABEL_1: it was written before the class names in" in capsys.readouterr().err
+    assert json.loads((resumed.last_dir / "bca_training.json").read_text())["label_names"] == ["negative", "positive"]
+    written_before(["bad", "good"])
+    with pytest.raises(CheckpointError, match=r"label_names: checkpoint has \['bad', 'good'\]"):
+        train(config(files["bert"], hub, out, max_steps=6, new_head=True, scheduler="constant", resume=True))
