@@ -176,8 +176,12 @@ def tool_calls_problems(calls: Any, field: str, *, openai_shape: bool = True) ->
         as_object = isinstance(arguments, dict) and not openai_shape
         if as_object:  # read as the string it stands for would be
             arguments = _json_text(arguments) or arguments
-        if isinstance(arguments, dict) and not openai_shape:
-            problems.append(f"{where}.function.arguments: must be a JSON object, got {show_json_value(arguments)}")
+        if isinstance(arguments, dict) and not openai_shape:  # a value a Parquet struct holds (a date, bytes)
+            try:
+                found = _unwritable(arguments, "arguments")
+            except RecursionError:
+                found = None
+            problems.append(f"{where}.function.arguments: must be a JSON object, but {found or 'it'} has no JSON form")
         elif not isinstance(arguments, str):
             shapes = "a string of JSON (OpenAI's shape, as the answer gave it)" if openai_shape else \
                 "a JSON object, or a string of one (OpenAI's shape)"
@@ -231,6 +235,24 @@ def _json_object(text: str) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError):
         return None
+
+
+def _unwritable(value: Any, path: str) -> str | None:
+    """Where in ``value`` (an object read from a data file) the first value JSON cannot write is, as
+    ``arguments.when (a date value)``; None where every value is JSON's (a Parquet struct's field may hold a
+    date, a timestamp or bytes: the row is then refused naming it)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not (key is None or isinstance(key, (str, int, float, bool))):  # the keys json.dumps writes
+                return f"{path} (a key of type {type(key).__name__})"
+            if (found := _unwritable(item, f"{path}.{key}")) is not None:
+                return found
+        return None
+    if isinstance(value, list):
+        return next((found for i, item in enumerate(value) if (found := _unwritable(item, f"{path}[{i}]"))), None)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return None
+    return f"{path} (a {type(value).__name__} value)"
 
 
 def _json_text(value: Any) -> str | None:

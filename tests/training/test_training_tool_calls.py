@@ -141,6 +141,33 @@ def test_tool_conversations_read_from_parquet(tool_model, tmp_path):
     assert (data.input_ids[1], data.labels[1]) == _reference(tokenizer, AS_TEMPLATE_READS, None)
 
 
+def test_tool_calls_in_transformers_shape_read_from_parquet(tool_model, tmp_path):
+    """Parquet in transformers' shape: a call's arguments a struct (read as the object it is, rendered as
+    apply_chat_template renders the row), in one file with the OpenAI-shaped rows of a JSON file beside it. A struct
+    field JSON has no form for (a date) was refused as 'must be a JSON object, got an object {...}': it names the
+    field and what it holds."""
+    import datetime
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    tokenizer = _tokenizer(tool_model)
+    path = tmp_path / "calls.parquet"
+    pq.write_table(pa.table({"messages": [TRANSFORMERS_SHAPE], "tools": [json.dumps(TOOLS)]}), path)
+    _, data = load_dataset(path, "causal-lm", tokenizer, 1024, model=tool_model)
+    assert (data.input_ids[0], data.labels[0]) == _reference(tokenizer, TRANSFORMERS_SHAPE, TOOLS)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": TRANSFORMERS_SHAPE, "tools": TOOLS},
+                                                   {"messages": CONVERSATION, "tools": TOOLS}])
+    _, data = load_dataset(mixed, "causal-lm", tokenizer, 1024, model=tool_model)
+    assert data.input_ids == [_reference(tokenizer, TRANSFORMERS_SHAPE, TOOLS)[0],
+                              _reference(tokenizer, AS_TEMPLATE_READS, TOOLS)[0]]
+    dated = [CONVERSATION[1], {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "lookup", "arguments": {"city": "rome", "on": datetime.date(2024, 1, 2)}}}]}, CONVERSATION[4]]
+    pq.write_table(pa.table({"messages": [dated]}), tmp_path / "dated.parquet")
+    refused_conversations(tmp_path / "dated.parquet", tokenizer, tool_model, (
+        "row 1: messages[1].tool_calls[0].function.arguments: must be a JSON object, but arguments.on (a date "
+        "value) has no JSON form",))
+
+
 def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
     user = {"role": "user", "content": "weather in rome?"}
     answer = {"role": "assistant", "content": "sunny"}
