@@ -23,6 +23,7 @@ from .errors import AdapterFormatError, format_problems, open_regular, read_at_m
 __all__ = [
     "RUN_ADAPTER_FOLDERS",
     "show_json_value",
+    "repeated_label",
     "run_adapter_dir",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -244,7 +245,7 @@ class TaskSpec:
             out.append("task.head.id2label values must be strings (valid UTF-8 text)")
         elif any(len(v) > MAX_LABEL_CHARS for v in head.id2label.values()):
             out.append(f"task.head.id2label values must be label names of at most {MAX_LABEL_CHARS} characters")
-        elif repeated := _repeated_label(head.id2label):
+        elif repeated := repeated_label(head.id2label):
             # label2id, the inverse, cannot show it (a name twice keeps one of its classes there, as written), and a
             # classifier's answer keys its scores by name: one class's score was dropped without a word
             out.append(f"task.head.id2label names must be distinct (an answer's scores are keyed by label name): "
@@ -892,7 +893,7 @@ def show_names(names: Sequence[str], limit: int = 8) -> str:
     return f"{repr(names[:limit])[:-1]}, ...] ({len(names):,} in all)"
 
 
-def _repeated_label(id2label: dict[int, str]) -> str | None:
+def repeated_label(id2label: dict[int, str]) -> str | None:
     """The first label name ``id2label`` gives two classes, as ``'name' names classes i and j``; None if none."""
     first: dict[str, int] = {}
     for index in sorted(id2label):

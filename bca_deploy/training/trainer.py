@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..atomic import check_inputs_outside, write_text
-from ..config import MAX_NUM_LABELS, TaskSpec, task_spec_from_config
+from ..config import MAX_NUM_LABELS, TaskSpec, repeated_label, task_spec_from_config
 from ..errors import format_problems
 from ..models import (describe_ids_past_vocabulary, classifier_pad_id, ids_past_vocabulary, position_limit,
                       vocabulary_size)
@@ -580,6 +580,12 @@ class _TrainingRun:
                 )
             if names_to_read is None and self.base.trained and not cfg.new_head and cfg.method != "custom":
                 names_to_read = self.base.names
+                repeated = repeated_label(dict(enumerate(names_to_read))) if names_to_read else None
+                if repeated:  # the adapter would record them, and an answer's scores are keyed by name
+                    raise TrainingConfigError(
+                        f"--model {cfg.model}: the base model's classification head names its classes in its "
+                        f"config's id2label, where {repeated}; the adapter's classes need distinct names: pass "
+                        f"--label-names with one name per class ({self.base.num_labels}, in id order)")
         note = lambda line: self.d.is_main and print(f"note: {line}", file=sys.stderr)  # noqa: E731
         # --num-labels K > 1 says classification: whole decimals are then class ids, not scores (decide_regression)
         regression = False if cfg.regression is None and (cfg.num_labels or 0) > 1 else cfg.regression

@@ -269,6 +269,22 @@ def test_names_from_a_trained_head_are_kept(files, tmp_path):
     assert bd.read_adapter(result.last_dir)[0].task.head.id2label == {0: "neg", 1: "pos"}
 
 
+def test_a_trained_head_naming_two_classes_alike_is_refused_naming_it_and_the_fix(files, tmp_path):
+    """A base classifier whose config.json id2label gives two classes one name was refused as 'task.head.id2label
+    names must be distinct', a field the user never wrote: it names the base model's config and --label-names, which
+    trains."""
+    twice = tiny_model_dir(tmp_path / "twice", "bert", [s for s, _ in sst2_rows("train", 64)],
+                           id2label={0: "sentiment", 1: "sentiment"})
+    data = write_tsv(tmp_path / "d.tsv", sst2_rows("train", 32))
+    with pytest.raises(TrainingConfigError, match=r"--model .*twice: the base model's classification head names its "
+                                                  r"classes in its config's id2label, where 'sentiment' names classes "
+                                                  r"0 and 1; .* pass --label-names"):
+        train(config(twice, data, tmp_path / "out", max_steps=1))
+    assert not (tmp_path / "out").exists()
+    result = train(config(twice, data, tmp_path / "named", max_steps=1, label_names=["neg", "pos"]))
+    assert bd.read_adapter(result.last_dir)[0].task.head.id2label == {0: "neg", 1: "pos"}
+
+
 # ---- recipes ------------------------------------------------------------------------------------------
 
 
