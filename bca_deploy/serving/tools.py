@@ -319,7 +319,12 @@ def unanswered_tool_message(conversation: Sequence[tuple[str, Any, Any]]) -> tup
         elif call_id is None:  # training data in transformers' shape names no call: it answers the calls before it
             continue
         elif call_id not in calls:
-            shown = ", ".join(show_json_value(c) for c in calls[:5]) + (", ..." if len(calls) > 5 else "")
+            if all(c is None for c in calls):  # calls in transformers' shape (training data): there is no id to name
+                return index, (f"tool_call_id: {show_json_value(call_id)} names no call: the calls of the assistant "
+                               "message it answers have no id (give each call the id its tool message names, or "
+                               "leave tool_call_id out)")
+            shown = ", ".join(show_json_value(c) for c in calls[:5] if c is not None) + (", ..." if len(calls) > 5
+                                                                                          else "")
             return index, (f"tool_call_id: {show_json_value(call_id)} is not the id of a call of the assistant "
                            f"message it answers (its calls: {shown})")
     return None

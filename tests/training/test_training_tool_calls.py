@@ -145,7 +145,7 @@ def test_tool_calls_in_transformers_shape_read_from_parquet(tool_model, tmp_path
     """Parquet in transformers' shape: a call's arguments a struct (read as the object it is, rendered as
     apply_chat_template renders the row), in one file with the OpenAI-shaped rows of a JSON file beside it. A struct
     field JSON has no form for (a date) was refused as 'must be a JSON object, got an object {...}': it names the
-    field and what it holds."""
+    field and what it holds; a tool call id named beside calls without one is said to be that."""
     import datetime
 
     pa = pytest.importorskip("pyarrow")
@@ -166,6 +166,12 @@ def test_tool_calls_in_transformers_shape_read_from_parquet(tool_model, tmp_path
     refused_conversations(tmp_path / "dated.parquet", tokenizer, tool_model, (
         "row 1: messages[1].tool_calls[0].function.arguments: must be a JSON object, but arguments.on (a date "
         "value) has no JSON form",))
+    # a tool message naming a call id beside calls that have none was refused as '... (its calls: null)'
+    named = [*TRANSFORMERS_SHAPE[:3], {**TRANSFORMERS_SHAPE[3], "tool_call_id": "call_1"}, TRANSFORMERS_SHAPE[4]]
+    refused_conversations(write_jsonl(tmp_path / "named.jsonl", [{"messages": TRANSFORMERS_SHAPE},
+                                                                 {"messages": named}]), tokenizer, tool_model, (
+        "line 2: messages[3].tool_call_id: 'call_1' names no call: the calls of the assistant message it answers "
+        "have no id (give each call the id its tool message names, or leave tool_call_id out)",))
 
 
 def test_bad_tool_rows_are_refused_by_row_and_field(tool_model, tmp_path):
