@@ -1898,6 +1898,21 @@ def _refusal_recorder(metrics: ServerMetrics) -> Callable[[str, int | None, str,
     return record
 
 
+_HEADER_LINE = re.compile(r"illegal header line: (?:bytearray\()?b['\"]([^:'\"]{0,64})")
+
+
+def _h11_problem(exc: Exception) -> str:
+    """What h11 found wrong with a request, for its 400 and the log: its first line, 200 characters; for a header
+    line, only the header's name (h11 quotes the whole line, and an ``Authorization`` or ``Cookie`` value, a
+    client's secret, would be written into the server's log and echoed in the answer)."""
+    text = first_line(exc, limit=200)
+    if text.startswith("illegal header line"):
+        name = _HEADER_LINE.match(text)
+        shown = f"header {name.group(1)!r}" if name and name.group(1) else "a header line"
+        return f"illegal header line ({shown}; its value is not shown)"
+    return text
+
+
 class _DropInvalidHTTPLine(logging.Filter):
     """Drops uvicorn's 'Invalid HTTP request received.' (see :func:`_guarded_h11`)."""
 
@@ -1971,7 +1986,7 @@ def _guarded_h11(header_timeout: float, max_connections: int, max_header_bytes: 
                     # h11's own words name what is wrong (the request line, a header line, a Content-Length, a chunk
                     # header); uvicorn answered every such request 'Invalid HTTP request received' alone
                     if self._refusal is None:
-                        self._refusal = ("invalid_http", first_line(exc, limit=200))
+                        self._refusal = ("invalid_http", _h11_problem(exc))
                     raise
                 if type(event) is h11.Data:
                     self._pieces += 1
