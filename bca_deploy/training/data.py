@@ -1104,6 +1104,9 @@ class LMExamples:
     # --tool-call-parser names that read each of them back (see _tokenize_conversations)
     tool_call_turns: int = 0
     tool_call_parsers: tuple[str, ...] = ()
+    # where no parser reads a turn's calls as the server decodes them but one does with its special tokens kept: those
+    # special tokens (e.g. '<tool_call>' saved as special), which the server's decode leaves out of an answer
+    tool_call_special_tags: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -1978,7 +1981,19 @@ def _causal_lm_rows(examples: LMExamples, tokenizer, max_length: int, warn: Call
     eos = _eos_token_id(tokenizer)
     rows: list[tuple[int, list[int], list[int]]] = []
     if examples.format == "messages":
-        return list(_tokenize_conversations(examples, tokenizer, max_length, model))
+        rows = list(_tokenize_conversations(examples, tokenizer, max_length, model))
+        if examples.tool_call_turns and not examples.tool_call_parsers and examples.tool_call_special_tags \
+                and warn is not None:
+            # the calls are trained on as the template writes them, but a served answer is decoded without special
+            # tokens (as vLLM decodes one): no --tool-call-parser would find the calls, and train's serve line says
+            # only that; say why while the run can still be changed
+            tags = ", ".join(map(repr, examples.tool_call_special_tags))
+            warn(f"the tool calls the chat template writes are read back only with the tokenizer's "
+                 f"special tokens {tags} kept, and a served answer is decoded without special tokens, so "
+                 "no --tool-call-parser finds them (the chat route answers them as text); save the tokenizer with "
+                 "those tags as added tokens that are not special (special: false in tokenizer.json's added_tokens, "
+                 "as Qwen2.5 and Hermes ship '<tool_call>')")
+        return rows
     if examples.format == "text":
         encoded, _ = _encode(tokenizer, [cut_texts(examples.texts, max_length)], truncation=True, max_length=max_length)
         rows = [(line, list(ids), list(ids)) for line, ids in zip(examples.lines, encoded)]
@@ -2093,6 +2108,12 @@ def _read_back_tool_calls(examples: LMExamples, tokenizer, span: list[int], mess
     text = tokenizer.decode(span, skip_special_tokens=True)
     calls = [(call["function"]["name"], call["function"]["arguments"]) for call in message["tool_calls"]]
     fitting = parsers_reading(text, calls)
+    if not fitting and not examples.tool_call_special_tags:
+        special = set(tokenizer.all_special_ids)
+        tags = tuple(dict.fromkeys(tokenizer.convert_ids_to_tokens(t) for t in span if t in special
+                                   and t != tokenizer.eos_token_id))
+        if tags and parsers_reading(tokenizer.decode(span, skip_special_tokens=False), calls):
+            examples.tool_call_special_tags = tags
     examples.tool_call_parsers = tuple(fitting) if examples.tool_call_turns == 0 else \
         tuple(name for name in examples.tool_call_parsers if name in fitting)
     examples.tool_call_turns += 1

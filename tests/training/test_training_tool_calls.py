@@ -504,3 +504,34 @@ def test_tool_calls_without_any_functions_read_are_said(tool_model, tmp_path):
         notes.clear()
         load_dataset(quiet, "causal-lm", tokenizer, 1024, model=tool_model, warn=notes.append, **options)
         assert notes == [], notes
+
+
+def test_tool_call_tags_saved_as_special_tokens_are_named(tool_model, tmp_path):
+    """A tokenizer saving '<tool_call>' as a special token: the calls are trained on as the template writes them,
+    but the server decodes an answer without special tokens, so no parser reads them back. train said only that
+    no --tool-call-parser reads them (in its closing lines, after the run); the start-up now names the tags and the
+    fix, while the run can still be changed. Reference: transformers' own decode drops the tags."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tool_model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    special = tmp_path / "special"
+    tokenizer.save_pretrained(special)
+    tokenizer = AutoTokenizer.from_pretrained(special)
+    assert len(tokenizer) == len(_tokenizer(tool_model))  # the same ids: only marked special
+    ids = tokenizer('<tool_call>{"a": 1}</tool_call>', add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == '{"a": 1}'
+    # two calls a turn: with the tags dropped, '{...}{...}' is no form a parser reads (one call alone reads as
+    # llama3_json's JSON object with "arguments", and train's serve line then names that parser)
+    two_calls = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "lookup", "arguments": '{"city": "rome"}'}},
+        {"id": "b", "type": "function", "function": {"name": "lookup", "arguments": '{"city": "oslo"}'}}]}
+    path = write_jsonl(tmp_path / "calls.jsonl", [{"messages": [CONVERSATION[1], two_calls], "tools": TOOLS}])
+    notes: list[str] = []
+    examples, _ = load_dataset(path, "causal-lm", tokenizer, 1024, model=special, warn=notes.append)
+    assert examples.tool_call_turns == 1 and examples.tool_call_parsers == ()
+    assert [n for n in notes if "special tokens '<tool_call>', '</tool_call>' kept" in n] == notes and len(notes) == 1
+    assert notes[0].startswith(f"{path}: ") and "no --tool-call-parser finds them" in notes[0], notes
+    notes.clear()
+    load_dataset(path, "causal-lm", _tokenizer(tool_model), 1024, model=tool_model, warn=notes.append)
+    assert notes == []
