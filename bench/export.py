@@ -232,6 +232,18 @@ def _llama_config():
     return config
 
 
+def llama_layer_weights() -> tuple[object, dict[str, torch.Tensor]]:
+    """The Llama-7B layer's config and the state every benchmark of it starts from (seed 0, matrices ~ N(0, 0.02))."""
+    torch.manual_seed(0)
+    config = _llama_config()
+    base = LlamaLayerBlock(config).eval()
+    with torch.no_grad():
+        for param in base.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.02)
+    return config, {k: v.clone() for k, v in base.state_dict().items()}
+
+
 def _export_block(block: nn.Module, path: Path, fft: str | None) -> float:
     from bca_deploy.exporters import exportable_adapters
 
@@ -252,14 +264,7 @@ def _export_block(block: nn.Module, path: Path, fft: str | None) -> float:
 def bench_llama(work: Path, args) -> list[dict]:
     from bca_deploy import inject, remove_adapters
 
-    torch.manual_seed(0)
-    config = _llama_config()
-    base = LlamaLayerBlock(config).eval()
-    with torch.no_grad():
-        for param in base.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.02)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
+    config, state = llama_layer_weights()
     paths, info, references = {}, {}, {}
     x_check = torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1))
     for p in args.block_sizes:
@@ -277,7 +282,6 @@ def bench_llama(work: Path, args) -> list[dict]:
             paths["merged"] = work / "llama_merged.onnx"
             info["merged"] = {"p": "any", "export_s": _export_block(block, paths["merged"], None), "check_p": p}
         del block
-    del base
     for name, path in paths.items():
         info[name]["graph_mb"] = _size_mb(path)
         print(f"  exported Llama layer {name}: {info[name]['export_s']:.1f} s, {info[name]['graph_mb']:.0f} MB", flush=True)

@@ -22,11 +22,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ort_profile_after_warmup, write_results  # noqa: E402
-from export import LLAMA_TARGETS, LlamaLayerBlock, _export_block, _llama_config  # noqa: E402
+from export import LLAMA_TARGETS, LlamaLayerBlock, _export_block, llama_layer_weights  # noqa: E402
 
 _SCOPE = re.compile(r"/(" + "|".join(LLAMA_TARGETS) + r")/(?!base_layer/)")
 # (substring of a constant the node reads, stage), first match wins; the constants are bca_dft_p<p>_<role>.
@@ -92,14 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs, --threads and --tokens must be at least 1")
     from bca_deploy import inject
 
-    torch.manual_seed(0)
-    config = _llama_config()
-    base = LlamaLayerBlock(config).eval()
-    with torch.no_grad():
-        for param in base.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.02)
-    state = base.state_dict()
+    config, state = llama_layer_weights()
     load_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="bca_export_stages_") as tmp:
         paths = {}

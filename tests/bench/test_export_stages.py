@@ -3,27 +3,13 @@ over but shape bookkeeping), and the stages are the ones the graph's plan has.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import onnx
 import pytest
 import torch
+from bench_helpers import load_bench_script
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_export_stages", REPO / "bench" / "export_stages.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stages_bench = _load()
+stages_bench = load_bench_script("export_stages.py", "bench_export_stages")
 
 
 class _Projection(nn.Module):

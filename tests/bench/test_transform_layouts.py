@@ -3,26 +3,12 @@ the layout it marks as exported is the one the exporter emits."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from bench_helpers import load_bench_script
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_transform_layouts", REPO / "bench" / "transform_layouts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-layouts = _load()
+layouts = load_bench_script("transform_layouts.py", "bench_transform_layouts")
 
 
 def _spectral_rows_by_fft(x: np.ndarray, p: int) -> np.ndarray:
