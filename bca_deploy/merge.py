@@ -254,9 +254,13 @@ _META_DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("F8_E4M3", "float8_e4m3fn"), ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
 
 
+#: The inverse of :data:`_META_DTYPES`: a torch dtype -> its safetensors name (those this torch has).
+_META_DTYPE_NAMES = {dtype: name for name, dtype in _META_DTYPES.items()}
+
+
 def safetensors_dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (``"F32"``, ``"I64"``, ``"F8_E4M3"``), else torch's without its prefix."""
-    return next((name for name, value in _META_DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
+    return _META_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 _DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()} | {

@@ -174,20 +174,19 @@ def tool_calls_problems(calls: Any, field: str, *, openai_shape: bool = True) ->
             problems.append(problem)
         arguments = function.get("arguments")
         as_object = isinstance(arguments, dict) and not openai_shape
-        if as_object:  # read as the string it stands for would be
-            arguments = _json_text(arguments) or arguments
-        if isinstance(arguments, dict) and not openai_shape:  # a value a Parquet struct holds (a date, bytes)
+        text = _json_text(arguments) if as_object else arguments  # an object read as the string it stands for
+        if as_object and text is None:  # a value a Parquet struct holds (a date, bytes)
             try:
                 found = _unwritable(arguments, "arguments")
             except RecursionError:
                 found = None
             problems.append(f"{where}.function.arguments: must be a JSON object, but {found or 'it'} has no JSON form")
-        elif not isinstance(arguments, str):
+        elif not isinstance(text, str):
             shapes = "a string of JSON (OpenAI's shape, as the answer gave it)" if openai_shape else \
                 "a JSON object, or a string of one (OpenAI's shape)"
             problems.append(f"{where}.function.arguments: must be {shapes}, got {show_json_value(arguments)}")
         else:
-            value, why = _read_json(arguments)
+            value, why = _read_json(text)
             if why is not None:  # read as the body is read: what the body may not hold, its arguments may not either
                 if as_object:
                     why = why.replace("a JSON object written as a string", "a JSON object")

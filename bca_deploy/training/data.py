@@ -33,8 +33,8 @@ their line numbers, an empty file) and raises one :class:`~bca_deploy.training.e
 from __future__ import annotations
 
 import collections
-from array import array as typed_array
 import csv
+import dataclasses
 import errno
 import hashlib
 import io
@@ -43,8 +43,8 @@ import math
 import os
 import re
 import stat
+from array import array as typed_array
 from collections.abc import Callable, Collection, Iterator, Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -866,7 +866,9 @@ def parquet_class_names(path: Path, column: str) -> list[str] | None:
     """The class names a Parquet file written by ``datasets`` gives its integer ``column`` (a ``ClassLabel``: the
     ``huggingface`` schema metadata, ``info.features[column].names``, in id order), or None: not recorded, or not a
     list of distinct non-empty names. As HF's ``run_glue`` reads ``features["label"].names``: GLUE's hub files write
-    ids, and these names say what they mean."""
+    ids, and these names say what they mean. None for a file read as another format (read_records' extensions)."""
+    if _EXTENSIONS.get(Path(path).suffix.lower()) != "parquet":
+        return None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1301,8 +1303,7 @@ def load_seq_cls(
         named_labels=not regression and any(isinstance(v, _Name) for v in parsed),
         whole_scores=bool(regression) and bool(labels) and all(float(v).is_integer() for v in labels),
     )
-    written = parquet_class_names(path, label_column) if examples.class_ids and path.suffix.lower() == ".parquet" \
-        else None
+    written = parquet_class_names(path, label_column) if examples.class_ids else None
     if written is not None:
         # the file says what its ids mean: its names, in the ids' order, name the classes of a file read alone (a run
         # trained on it records them); beside given classes holding them, its ids are read as those classes, as a
